@@ -1,0 +1,158 @@
+"""``shoal simulate``: run a federated training job in the deterministic simulator."""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from shoal.cli.app import app, user_errors
+from shoal.config import Config, load_config, parse_config
+from shoal.core.errors import ConfigError
+from shoal.simulation.runner import Simulation, load_run_config
+
+console = Console(highlight=False)
+
+
+def default_config_path() -> Path:
+    """The embedded default scenario (digits, cross-device)."""
+    return Path(str(resources.files("shoal.simulation").joinpath("default.toml")))
+
+
+def _resolve(
+    config_path: Path | None, resume: Path | None, overrides: list[str]
+) -> tuple[Config, Path | None]:
+    if resume is None:
+        return load_config(config_path or default_config_path(), overrides), None
+    if config_path is not None:
+        raise ConfigError("--resume takes the run's own config; do not pass CONFIG as well")
+    changed = [item for item in overrides if not item.startswith("run.rounds=")]
+    if changed:
+        raise ConfigError(f"--resume can only change run.rounds, not {', '.join(changed)}")
+    base = load_run_config(resume)
+    data = base.model_dump(mode="json", exclude_none=True)
+    for item in overrides:
+        data["run"]["rounds"] = int(item.split("=", 1)[1])
+    return parse_config(data), resume
+
+
+@app.command()
+@user_errors
+def simulate(
+    config_path: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[CONFIG.toml]",
+            help="Run configuration; the embedded digits scenario if omitted.",
+        ),
+    ] = None,
+    rounds: Annotated[
+        int | None, typer.Option("--rounds", "-r", min=1, help="Number of training rounds.")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", "-s", min=0, help="Seed of the whole run.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/NAME-TIMESTAMP).")
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume", help="Continue the stopped run in this folder from its last version."
+        ),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override a config value, as section.key=value (TOML value); repeatable."
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only the final summary.")
+    ] = False,
+) -> None:
+    """Simulate federated training in virtual time: same seed, same run, bit for bit.
+
+    Writes metrics.jsonl (one line per round and phase), summary.json and
+    every model version into the run folder.
+    """
+    extra = list(overrides or [])
+    if rounds is not None:
+        extra.append(f"run.rounds={rounds}")
+    if seed is not None:
+        if resume is not None:
+            raise ConfigError("--resume keeps the run's own seed; do not pass --seed")
+        extra.append(f"run.seed={seed}")
+    config, resume_dir = _resolve(config_path, resume, extra)
+    folder = (
+        resume_dir or out or Path("runs") / f"{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    simulation = Simulation(config, folder, resume=resume_dir is not None)
+    console.print(f"run folder: {folder}")
+    summary = _run_with_progress(simulation, config, quiet=quiet)
+    _print_summary(summary)
+
+
+def _run_with_progress(simulation: Simulation, config: Config, *, quiet: bool) -> dict[str, Any]:
+    progress = Progress(
+        TextColumn("[bold]rounds"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=quiet,
+    )
+    if not quiet:
+        console.print(
+            f"{'round':>5} {'phase':<8} {'sel':>4} {'rep':>4} {'drop':>4} {'loss':>8} {'acc':>7} "
+            f"{'virtual':>9} {'wall':>7}"
+        )
+    with progress:
+        task = progress.add_task("rounds", total=config.run.rounds)
+
+        def on_round(row: dict[str, Any]) -> None:
+            if not quiet:
+                progress.console.print(_format_row(row))
+            if row["phase"] == "fit":
+                progress.update(task, completed=row["round"])
+
+        return simulation.run(on_round=on_round)
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _format_row(row: dict[str, Any]) -> str:
+    status = "" if row["committed"] else f"  aborted: {row['abort_reason']}"
+    return (
+        f"{row['round']:>5} {row['phase']:<8} {row['selected']:>4} {row['reported']:>4} {row['dropped']:>4} "
+        f"{_number(row['loss'], '8.4f')} {_number(row['accuracy'], '7.2%')} "
+        f"{row['virtual_time_s']:>8.1f}s {row['wall_time_s']:>6.2f}s{status}"
+    )
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title="summary", show_header=False)
+    for key in (
+        "rounds_completed",
+        "rounds_aborted",
+        "final_accuracy",
+        "final_loss",
+        "virtual_time_s",
+        "wall_time_s",
+        "num_parameters",
+        "bytes_up",
+        "bytes_down",
+        "model_version",
+    ):
+        value = summary.get(key)
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)

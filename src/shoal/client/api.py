@@ -1,0 +1,134 @@
+"""The client API: what a user's model implements to join a federation.
+
+A client answers three calls, as in Flower: ``get_parameters``,
+``fit(parameters, config)`` and ``evaluate(parameters, config)``. Results are
+typed: a :class:`FitResult` carries the new local parameters (or the update
+relative to the received ones), the number of examples and metrics; an
+:class:`EvaluateResult` carries a loss, the number of examples and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shoal.core.errors import ClientError
+from shoal.core.parameters import Parameters
+
+Metrics = Mapping[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class FitConfig:
+    """What the coordinator asks of one client in one training round.
+
+    ``epochs`` may be fractional for a straggler allowed partial work
+    (FedProx): the client then runs that share of its steps. ``batch_size``
+    0 means full batch. ``seed`` makes the client's shuffling reproducible.
+    """
+
+    round: int
+    epochs: float = 1.0
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    proximal_mu: float = 0.0
+    seed: int = 0
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0 or not math.isfinite(self.epochs):
+            raise ClientError(f"epochs must be positive, got {self.epochs}")
+        if self.batch_size < 0:
+            raise ClientError(f"batch_size must be >= 0 (0 is full batch), got {self.batch_size}")
+        if self.learning_rate <= 0:
+            raise ClientError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.proximal_mu < 0:
+            raise ClientError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluateConfig:
+    """What the coordinator asks of one client in one evaluation round."""
+
+    round: int
+    batch_size: int = 0
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class FitResult:
+    """A client's answer to ``fit``.
+
+    Give ``parameters`` (the new local model, as ``Parameters`` or a list of
+    arrays in the model's order) or, with ``is_update=True``, the update
+    relative to the parameters received.
+    """
+
+    parameters: Parameters | Sequence[np.ndarray]
+    num_examples: int
+    metrics: Metrics = field(default_factory=dict)
+    is_update: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_examples < 0:
+            raise ClientError(f"num_examples must be >= 0, got {self.num_examples}")
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluateResult:
+    """A client's answer to ``evaluate``: loss, examples evaluated, metrics."""
+
+    loss: float
+    num_examples: int
+    metrics: Metrics = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_examples < 0:
+            raise ClientError(f"num_examples must be >= 0, got {self.num_examples}")
+
+
+class Client(ABC):
+    """Base class of a federated client; subclass it and implement the three calls."""
+
+    @abstractmethod
+    def get_parameters(self) -> Parameters:
+        """The client's current (initial) parameters."""
+
+    @abstractmethod
+    def fit(self, parameters: Parameters, config: FitConfig) -> FitResult:
+        """Train locally starting from ``parameters``."""
+
+    @abstractmethod
+    def evaluate(self, parameters: Parameters, config: EvaluateConfig) -> EvaluateResult:
+        """Evaluate ``parameters`` on the client's local held-out data."""
+
+
+def fit_update(result: FitResult, received: Parameters) -> Parameters:
+    """The update (local minus received) that a fit result stands for.
+
+    Raises ``ClientError`` when the result's shape does not match the model.
+    """
+    if isinstance(result.parameters, Parameters):
+        local = result.parameters
+        if local.layout.size != received.layout.size:
+            raise ClientError(
+                f"fit returned {local.layout.size} values, the model has {received.layout.size}"
+            )
+        vector = local.vector
+    else:
+        try:
+            vector = Parameters.from_arrays(list(result.parameters)).vector
+        except Exception as exc:
+            raise ClientError(f"fit returned arrays that cannot be flattened: {exc}") from exc
+        if vector.size != received.layout.size:
+            raise ClientError(
+                f"fit returned {vector.size} values, the model has {received.layout.size}"
+            )
+    if result.is_update:
+        return received.with_vector(np.array(vector, dtype=np.float32))
+    return received.with_vector(vector - received.vector)

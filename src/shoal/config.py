@@ -1,0 +1,248 @@
+"""Run configuration: TOML validated by pydantic, with ``section.key=value`` overrides.
+
+An unknown key or a bad value is a :class:`ConfigError` whose one-line
+message names the key and what is allowed. Every section has defaults, so an
+empty file is a valid (small) run.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shoal.core.errors import ConfigError
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class RunSection(_Section):
+    """[run]: naming, seeding and length of the run."""
+
+    name: str = "shoal"
+    seed: int = Field(0, ge=0)
+    rounds: int = Field(10, ge=1)
+
+
+class DataSection(_Section):
+    """[data]: the federated dataset and how it is split across clients."""
+
+    dataset: Literal["digits", "synthetic", "synthetic_iid", "gaussian"] = "digits"
+    num_clients: int = Field(100, ge=1)
+    partition: Literal["iid", "dirichlet", "shards", "power_law"] = "dirichlet"
+    dirichlet_alpha: PositiveFloat = 0.5
+    shards_per_client: int = Field(2, ge=1)
+    power_law_exponent: PositiveFloat = 1.5
+    min_samples: int = Field(2, ge=1)
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
+    local_eval_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    synthetic_alpha: float = Field(1.0, ge=0)
+    synthetic_beta: float = Field(1.0, ge=0)
+    max_samples_per_client: int | None = Field(None, ge=1)
+    samples_per_client: int = Field(200, ge=1)
+    num_features: int = Field(64, ge=1)
+    num_classes: int = Field(10, ge=2)
+
+
+class ModelSection(_Section):
+    """[model]: the reference NumPy model the clients train."""
+
+    kind: Literal["softmax", "mlp"] = "softmax"
+    hidden: int = Field(32, ge=1)
+
+
+class StrategySection(_Section):
+    """[strategy]: a preset by name, with any of its settings overridden."""
+
+    name: str = "fedavg"
+    server_learning_rate: PositiveFloat | None = None
+    server_momentum: Annotated[float, Field(ge=0, lt=1)] | None = None
+    beta1: Annotated[float, Field(ge=0, lt=1)] | None = None
+    beta2: Annotated[float, Field(ge=0, lt=1)] | None = None
+    tau: PositiveFloat | None = None
+    proximal_mu: Annotated[float, Field(ge=0)] | None = None
+    aggregator: str | None = None
+    trim_ratio: Annotated[float, Field(ge=0, lt=0.5)] | None = None
+    num_byzantine: Annotated[int, Field(ge=0)] | None = None
+    num_selected: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known_preset(cls, name: str) -> str:
+        from shoal.aggregation.strategy import PRESETS
+
+        if name not in PRESETS:
+            raise ValueError(f"unknown strategy {name!r}; allowed: {', '.join(PRESETS)}")
+        return name
+
+    @field_validator("aggregator")
+    @classmethod
+    def _known_aggregator(cls, name: str | None) -> str | None:
+        from shoal.aggregation.strategy import AGGREGATORS
+
+        if name is not None and name not in AGGREGATORS:
+            raise ValueError(f"unknown aggregator {name!r}; allowed: {', '.join(AGGREGATORS)}")
+        return name
+
+
+class ClientSection(_Section):
+    """[client]: local training on every client."""
+
+    epochs: PositiveFloat = 1.0
+    batch_size: int = Field(16, ge=0)
+    learning_rate: PositiveFloat = 0.1
+
+
+class RoundSection(_Section):
+    """[round]: cohort size, over-selection, quorum and deadline."""
+
+    clients_per_round: int = Field(10, ge=1)
+    over_selection: Annotated[float, Field(ge=1)] = 1.3
+    quorum: Annotated[float, Field(gt=0, le=1)] = 0.8
+    deadline_s: PositiveFloat = 600.0
+
+
+class EvaluationSection(_Section):
+    """[evaluation]: federated evaluation rounds and the central held-out test."""
+
+    every: int = Field(5, ge=0)
+    clients: int = Field(10, ge=1)
+    centralized: bool = True
+
+
+class DeviceClass(_Section):
+    """One class of device in the population (``[[devices.classes]]``)."""
+
+    name: str
+    share: PositiveFloat
+    examples_per_second: PositiveFloat = 200.0
+    download_mbps: PositiveFloat = 20.0
+    upload_mbps: PositiveFloat = 5.0
+    latency_s: Annotated[float, Field(ge=0)] = 0.2
+    availability: Fraction = 1.0
+    dropout: Fraction = 0.0
+
+
+def _default_device_classes() -> list[DeviceClass]:
+    return [DeviceClass(name="uniform", share=1.0)]
+
+
+class DevicesSection(_Section):
+    """[devices]: device classes, per-round speed jitter, and straggler policy."""
+
+    classes: list[DeviceClass] = Field(default_factory=_default_device_classes, min_length=1)
+    speed_jitter: Annotated[float, Field(ge=0)] = 0.3
+    straggler_fraction: Fraction = 0.0
+    straggler_policy: Literal["drop", "partial"] = "drop"
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_names(cls, classes: list[DeviceClass]) -> list[DeviceClass]:
+        names = [device.name for device in classes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"device class names must be unique, got {names}")
+        return classes
+
+
+class SimulationSection(_Section):
+    """[simulation]: how local training is executed."""
+
+    workers: int = Field(2, ge=0)
+
+
+class Config(_Section):
+    """A whole run: every section with its defaults."""
+
+    run: RunSection = RunSection()
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    strategy: StrategySection = StrategySection()
+    client: ClientSection = ClientSection()
+    round: RoundSection = RoundSection()
+    evaluation: EvaluationSection = EvaluationSection()
+    devices: DevicesSection = DevicesSection()
+    simulation: SimulationSection = SimulationSection()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.round.clients_per_round > self.data.num_clients:
+            raise ValueError(
+                f"round.clients_per_round ({self.round.clients_per_round}) exceeds "
+                f"data.num_clients ({self.data.num_clients})"
+            )
+        return self
+
+
+def _format_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"]) or "config"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"{location}: unknown key"
+    if first["type"] in {"literal_error", "enum"}:
+        return f"{location}: {message}, got {first.get('input')!r}"
+    return f"{location}: {message}"
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    """Validate a mapping (as read from TOML) into a :class:`Config`."""
+    try:
+        return Config.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file; a missing or malformed file is a ConfigError."""
+    try:
+        with Path(path).open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides; values are parsed as TOML literals."""
+    merged: dict[str, Any] = json.loads(json.dumps(dict(data)))
+    for override in overrides:
+        path, separator, raw = override.partition("=")
+        keys = [key.strip() for key in path.split(".")]
+        if not separator or len(keys) < 2 or not all(keys):
+            raise ConfigError(f"--set expects section.key=value, got {override!r}")
+        node = merged
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(keys[:-1])}: is a value, not a section")
+            node = child
+        node[keys[-1]] = _parse_value(raw.strip())
+    return merged
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare word such as fedprox is taken as a string
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """The config in ``path`` (or the defaults) with ``overrides`` applied."""
+    data = read_toml(path) if path is not None else {}
+    return parse_config(apply_overrides(data, overrides))
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """A plain, JSON-ready mapping of the config, None values dropped."""
+    return config.model_dump(mode="json", exclude_none=True)

@@ -1,0 +1,401 @@
+"""The coordinator's round engine: a sans-IO state machine over rounds.
+
+``Coordinator.handle(event)`` takes one event and returns the actions the
+shell must carry out. It never reads a clock, sleeps or touches a socket:
+the simulator and the network service drive the very same object.
+
+>>> actions = coordinator.handle(StartRound(round=1, phase=Phase.FIT, now=0.0, candidates=ids))
+>>> tasks = [a for a in actions if isinstance(a, SendFitTask)]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shoal.aggregation.strategy import Strategy
+from shoal.client.api import EvaluateConfig, FitConfig
+from shoal.coordinator.events import (
+    Action,
+    ClientFailed,
+    CommitVersion,
+    DeadlineReached,
+    EvaluationReceived,
+    Event,
+    FinishRun,
+    Phase,
+    RejectReason,
+    RejectSubmission,
+    RoundClosed,
+    RoundSummary,
+    ScheduleDeadline,
+    SendEvaluateTask,
+    SendFitTask,
+    StartRound,
+    UpdateReceived,
+)
+from shoal.coordinator.selection import Stream, client_seed, cohort_size, round_rng, select_cohort
+from shoal.coordinator.state import RoundState, Step, Trigger, next_state
+from shoal.core.errors import ConfigError, IllegalTransition, StrategyError
+from shoal.core.parameters import Parameters
+from shoal.core.transforms import TransformState
+
+log = logging.getLogger("shoal.coordinator")
+
+
+@dataclass(frozen=True, slots=True)
+class RoundSettings:
+    """How rounds run: cohort sizes, quorum, deadlines and the clients' training."""
+
+    clients_per_round: int
+    over_selection: float = 1.3
+    quorum: float = 0.8
+    deadline_s: float = 600.0
+    evaluation_clients: int = 10
+    epochs: float = 1.0
+    batch_size: int = 32
+    learning_rate: float = 0.05
+
+    def __post_init__(self) -> None:
+        cohort_size(target=self.clients_per_round, over_selection=self.over_selection)
+        cohort_size(target=self.evaluation_clients, over_selection=self.over_selection)
+        if not 0 < self.quorum <= 1:
+            raise ConfigError(f"quorum must be in (0, 1], got {self.quorum}")
+        if not self.deadline_s > 0:
+            raise ConfigError(f"deadline_s must be positive, got {self.deadline_s}")
+
+    def target(self, phase: Phase) -> int:
+        return self.clients_per_round if phase is Phase.FIT else self.evaluation_clients
+
+    def quorum_count(self, phase: Phase) -> int:
+        return max(1, math.ceil(self.quorum * self.target(phase) - 1e-9))
+
+
+@dataclass(slots=True)
+class _Round:
+    """The books of the round in progress."""
+
+    number: int
+    phase: Phase
+    started_at: float
+    cohort: frozenset[str]
+    target: int
+    aggregation: Any = None
+    reported: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    rejected: Counter[str] = field(default_factory=Counter)
+    num_examples: int = 0
+    loss_sum: float = 0.0
+    metric_sums: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def accounted(self) -> int:
+        return len(self.reported) + len(self.failed)
+
+
+class Coordinator:
+    """Runs rounds over a global model with a strategy; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        settings: RoundSettings,
+        strategy: Strategy,
+        parameters: Parameters,
+        seed: int,
+        optimizer_state: TransformState | None = None,
+    ) -> None:
+        self.settings = settings
+        self.strategy = strategy
+        self.parameters = parameters
+        self.seed = seed
+        self.optimizer_state = (
+            strategy.server_optimizer.init(parameters.vector)
+            if optimizer_state is None
+            else optimizer_state
+        )
+        self.state = RoundState.IDLE
+        self.rejections: Counter[str] = Counter()
+        self.last_round: int | None = None
+        self._round: _Round | None = None
+
+    # --- the one entry point ---------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Action]:
+        """Apply one event; returns the actions for the shell, in order."""
+        self._move(type(event))
+        match event:
+            case StartRound():
+                return self._start(event)
+            case UpdateReceived():
+                return self._receive_update(event)
+            case EvaluationReceived():
+                return self._receive_evaluation(event)
+            case ClientFailed():
+                return self._fail(event)
+            case DeadlineReached():
+                return self._deadline(event)
+            case FinishRun():
+                return []
+
+    def restore(
+        self, parameters: Parameters, optimizer_state: TransformState | None = None
+    ) -> None:
+        """Replace the global model between rounds (resume, rollback)."""
+        if self.state is not RoundState.IDLE:
+            raise IllegalTransition(
+                f"cannot restore a model while the coordinator is {self.state.value}"
+            )
+        if parameters.layout != self.parameters.layout:
+            raise StrategyError("the restored model's layout differs from the running one")
+        self.parameters = parameters
+        self.optimizer_state = (
+            self.strategy.server_optimizer.init(parameters.vector)
+            if optimizer_state is None
+            else optimizer_state
+        )
+
+    # --- round start ---------------------------------------------------------------------
+
+    def _move(self, trigger: Trigger) -> None:
+        self.state = next_state(self.state, trigger)
+
+    def _start(self, event: StartRound) -> list[Action]:
+        phase, settings = event.phase, self.settings
+        stream = Stream.SELECT_FIT if phase is Phase.FIT else Stream.SELECT_EVALUATE
+        size = cohort_size(target=settings.target(phase), over_selection=settings.over_selection)
+        rng = round_rng(seed=self.seed, round_number=event.round, stream=stream)
+        cohort = select_cohort(event.candidates, size=size, rng=rng)
+        self.last_round = event.round
+        self._round = _Round(
+            number=event.round,
+            phase=phase,
+            started_at=event.now,
+            cohort=frozenset(cohort),
+            target=settings.target(phase),
+        )
+        if len(cohort) < settings.quorum_count(phase):
+            self._move(Step.TOO_FEW_CANDIDATES)
+            reason = (
+                f"{len(cohort)} eligible clients, the quorum needs {settings.quorum_count(phase)}"
+            )
+            return [RoundClosed(self._summary(event.now, committed=False, abort_reason=reason))]
+        self._move(Step.COHORT_SELECTED)
+        if phase is Phase.FIT:
+            self._round.aggregation = self.strategy.aggregator.init(
+                num_parameters=len(self.parameters)
+            )
+        actions: list[Action] = [self._task(client_id, event.round, phase) for client_id in cohort]
+        self._move(Step.TASKS_SENT)
+        actions.append(ScheduleDeadline(round=event.round, at=event.now + settings.deadline_s))
+        return actions
+
+    def _task(self, client_id: str, round_number: int, phase: Phase) -> Action:
+        if phase is Phase.EVALUATE:
+            return SendEvaluateTask(
+                client_id, round_number, self.parameters, EvaluateConfig(round=round_number)
+            )
+        settings = self.settings
+        config = FitConfig(
+            round=round_number,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            learning_rate=settings.learning_rate,
+            proximal_mu=self.strategy.proximal_mu,
+            seed=client_seed(seed=self.seed, round_number=round_number, client_id=client_id),
+        )
+        return SendFitTask(client_id, round_number, self.parameters, config)
+
+    # --- collecting --------------------------------------------------------------------
+
+    def _screen(self, client_id: str, round_number: int, phase: Phase) -> RejectSubmission | None:
+        """Why a submission cannot count in the current round, or None if it can."""
+        current = self._round
+        if self.state is not RoundState.COLLECTING or current is None:
+            return self._reject(
+                client_id, round_number, RejectReason.LATE, "no round is collecting"
+            )
+        if round_number != current.number:
+            reason = (
+                RejectReason.LATE if round_number < current.number else RejectReason.WRONG_ROUND
+            )
+            return self._reject(
+                client_id, round_number, reason, f"the current round is {current.number}"
+            )
+        if phase is not current.phase:
+            return self._reject(
+                client_id, round_number, RejectReason.WRONG_PHASE, f"round is {current.phase.value}"
+            )
+        if client_id not in current.cohort:
+            return self._reject(
+                client_id, round_number, RejectReason.NOT_SELECTED, "client is not in the cohort"
+            )
+        if client_id in current.reported or client_id in current.failed:
+            return self._reject(
+                client_id, round_number, RejectReason.DUPLICATE, "client already answered"
+            )
+        return None
+
+    def _reject(
+        self, client_id: str, round_number: int, reason: RejectReason, detail: str
+    ) -> RejectSubmission:
+        self.rejections[reason.value] += 1
+        if self._round is not None and self.state is RoundState.COLLECTING:
+            self._round.rejected[reason.value] += 1
+        log.info(
+            "rejected %s from %s in round %d: %s", reason.value, client_id, round_number, detail
+        )
+        return RejectSubmission(client_id, round_number, reason, detail)
+
+    def _receive_update(self, event: UpdateReceived) -> list[Action]:
+        rejection = self._screen(event.client_id, event.round, Phase.FIT)
+        if rejection is not None:
+            return [rejection]
+        current = self._require_round()
+        problem = self._invalid_update(event)
+        if problem is not None:
+            current.failed.add(event.client_id)
+            rejection = self._reject(
+                event.client_id, event.round, RejectReason.INVALID_UPDATE, problem
+            )
+            return [rejection, *self._maybe_close(event.now)]
+        current.aggregation = self.strategy.aggregator.accumulate(
+            current.aggregation, event.update, weight=float(event.num_examples)
+        )
+        self._book(current, event.client_id, event.num_examples, event.metrics)
+        return self._maybe_close(event.now)
+
+    def _invalid_update(self, event: UpdateReceived) -> str | None:
+        update = event.update
+        if update.ndim != 1 or update.size != len(self.parameters):
+            return f"update has shape {update.shape}, the model has {len(self.parameters)} values"
+        if update.dtype != np.float32:
+            return f"update has dtype {update.dtype}, expected float32"
+        if not np.isfinite(update).all():
+            return "update holds NaN or infinite values"
+        if event.num_examples == 0:
+            return "update was trained on zero examples"
+        return None
+
+    def _receive_evaluation(self, event: EvaluationReceived) -> list[Action]:
+        rejection = self._screen(event.client_id, event.round, Phase.EVALUATE)
+        if rejection is not None:
+            return [rejection]
+        current = self._require_round()
+        if not math.isfinite(event.loss):
+            current.failed.add(event.client_id)
+            rejection = self._reject(
+                event.client_id, event.round, RejectReason.INVALID_UPDATE, "loss is not finite"
+            )
+            return [rejection, *self._maybe_close(event.now)]
+        metrics = {**event.metrics, "loss": event.loss}
+        self._book(current, event.client_id, event.num_examples, metrics)
+        return self._maybe_close(event.now)
+
+    def _book(self, current: _Round, client_id: str, num_examples: int, metrics: Any) -> None:
+        current.reported.add(client_id)
+        current.num_examples += num_examples
+        for name, value in metrics.items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                current.metric_sums[name] += float(value) * num_examples
+
+    def _fail(self, event: ClientFailed) -> list[Action]:
+        current = self._round
+        if (
+            self.state is not RoundState.COLLECTING
+            or current is None
+            or event.round != current.number
+        ):
+            return []
+        if event.client_id not in current.cohort or event.client_id in current.reported:
+            return []
+        log.warning("client %s failed in round %d: %s", event.client_id, event.round, event.reason)
+        current.failed.add(event.client_id)
+        return self._maybe_close(event.now)
+
+    def _deadline(self, event: DeadlineReached) -> list[Action]:
+        current = self._round
+        if (
+            self.state is not RoundState.COLLECTING
+            or current is None
+            or event.round != current.number
+        ):
+            return []
+        return self._close(event.now)
+
+    def _require_round(self) -> _Round:
+        if self._round is None:
+            raise IllegalTransition("no round in progress")
+        return self._round
+
+    # --- closing -------------------------------------------------------------------------
+
+    def _maybe_close(self, now: float) -> list[Action]:
+        current = self._require_round()
+        if len(current.reported) >= current.target or current.accounted >= len(current.cohort):
+            return self._close(now)
+        return []
+
+    def _close(self, now: float) -> list[Action]:
+        current = self._require_round()
+        self._move(Step.ROUND_CLOSED)
+        quorum = self.settings.quorum_count(current.phase)
+        if len(current.reported) < quorum:
+            self._move(Step.QUORUM_MISSED)
+            reason = f"{len(current.reported)} of {current.target} reported, the quorum is {quorum}"
+            return [RoundClosed(self._summary(now, committed=False, abort_reason=reason))]
+        if current.phase is Phase.EVALUATE:
+            self._move(Step.QUORUM_MET)
+            self._move(Step.COMMITTED)
+            return [RoundClosed(self._summary(now, committed=True))]
+        return self._aggregate_and_commit(current, now)
+
+    def _aggregate_and_commit(self, current: _Round, now: float) -> list[Action]:
+        try:
+            delta = self.strategy.aggregator.finalize(current.aggregation)
+            step, optimizer_state = self.strategy.server_optimizer.update(
+                delta, self.optimizer_state, self.parameters.vector
+            )
+            vector = (self.parameters.vector + step).astype(np.float32, copy=False)
+            if not np.isfinite(vector).all():
+                raise StrategyError("the aggregated model holds NaN or infinite values")
+        except StrategyError as exc:
+            self._move(Step.QUORUM_MISSED)
+            log.error("round %d aborted in aggregation: %s", current.number, exc)
+            return [RoundClosed(self._summary(now, committed=False, abort_reason=str(exc)))]
+        self._move(Step.QUORUM_MET)
+        self.parameters = self.parameters.with_vector(vector)
+        self.optimizer_state = optimizer_state
+        summary = self._summary(now, committed=True)
+        self._move(Step.COMMITTED)
+        return [CommitVersion(current.number, self.parameters, summary), RoundClosed(summary)]
+
+    def _summary(
+        self, now: float, *, committed: bool, abort_reason: str | None = None
+    ) -> RoundSummary:
+        current = self._require_round()
+        weight = current.num_examples
+        metrics = (
+            {name: total / weight for name, total in current.metric_sums.items()} if weight else {}
+        )
+        return RoundSummary(
+            round=current.number,
+            phase=current.phase,
+            started_at=current.started_at,
+            closed_at=now,
+            selected=len(current.cohort),
+            reported=len(current.reported),
+            failed=len(current.failed),
+            outstanding=len(current.cohort) - current.accounted,
+            rejected=dict(sorted(current.rejected.items())),
+            num_examples=weight,
+            loss=metrics.get("loss"),
+            metrics=metrics,
+            committed=committed,
+            abort_reason=abort_reason,
+        )

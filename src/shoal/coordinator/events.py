@@ -1,0 +1,226 @@
+"""Events into the coordinator and actions out of it: frozen, self-validating.
+
+The coordinator is sans-IO: a shell (the simulator or the network service)
+turns the world into these events and carries out the actions it gets back.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shoal.client.api import EvaluateConfig, FitConfig
+from shoal.core.errors import ProtocolError
+from shoal.core.parameters import Parameters, Vector
+
+
+class Phase(enum.Enum):
+    """What a round asks of its cohort."""
+
+    FIT = "fit"
+    EVALUATE = "evaluate"
+
+
+class RejectReason(enum.Enum):
+    """Why a submission was refused; each is counted in the round's summary."""
+
+    LATE = "late"
+    WRONG_ROUND = "wrong_round"
+    DUPLICATE = "duplicate"
+    NOT_SELECTED = "not_selected"
+    WRONG_PHASE = "wrong_phase"
+    INVALID_UPDATE = "invalid_update"
+
+
+def _check_time(now: float) -> None:
+    if not math.isfinite(now) or now < 0:
+        raise ProtocolError(f"event time must be a finite non-negative number, got {now}")
+
+
+def _check_round(round_number: int) -> None:
+    if round_number < 0:
+        raise ProtocolError(f"round numbers start at 0, got {round_number}")
+
+
+# --- events in ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StartRound:
+    """Begin round ``round`` of ``phase`` at ``now``, choosing among ``candidates``."""
+
+    round: int
+    phase: Phase
+    now: float
+    candidates: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _check_round(self.round)
+        _check_time(self.now)
+        if len(set(self.candidates)) != len(self.candidates):
+            raise ProtocolError("candidate client ids must be unique")
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateReceived:
+    """A client's training result: its update (local minus global) and weight."""
+
+    client_id: str
+    round: int
+    now: float
+    update: Vector
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_round(self.round)
+        _check_time(self.now)
+        if self.num_examples < 0:
+            raise ProtocolError(f"num_examples must be >= 0, got {self.num_examples}")
+        if not isinstance(self.update, np.ndarray):
+            raise ProtocolError("an update must be a numpy array")
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationReceived:
+    """A client's evaluation result for round ``round``."""
+
+    client_id: str
+    round: int
+    now: float
+    loss: float
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_round(self.round)
+        _check_time(self.now)
+        if self.num_examples < 0:
+            raise ProtocolError(f"num_examples must be >= 0, got {self.num_examples}")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientFailed:
+    """A selected client reported a failure (it raised, or gave up)."""
+
+    client_id: str
+    round: int
+    now: float
+    reason: str
+
+    def __post_init__(self) -> None:
+        _check_round(self.round)
+        _check_time(self.now)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlineReached:
+    """The timer the coordinator asked for round ``round`` went off."""
+
+    round: int
+    now: float
+
+    def __post_init__(self) -> None:
+        _check_round(self.round)
+        _check_time(self.now)
+
+
+@dataclass(frozen=True, slots=True)
+class FinishRun:
+    """No more rounds: the coordinator closes for good."""
+
+
+Event = (
+    StartRound | UpdateReceived | EvaluationReceived | ClientFailed | DeadlineReached | FinishRun
+)
+
+
+# --- actions out ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendFitTask:
+    """Ask ``client_id`` to train from the global ``parameters`` with ``config``."""
+
+    client_id: str
+    round: int
+    parameters: Parameters
+    config: FitConfig
+
+
+@dataclass(frozen=True, slots=True)
+class SendEvaluateTask:
+    """Ask ``client_id`` to evaluate the global ``parameters``."""
+
+    client_id: str
+    round: int
+    parameters: Parameters
+    config: EvaluateConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleDeadline:
+    """Deliver ``DeadlineReached(round, at)`` when the clock reaches ``at``."""
+
+    round: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RejectSubmission:
+    """A submission was refused; the shell tells the client why."""
+
+    client_id: str
+    round: int
+    reason: RejectReason
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoundSummary:
+    """What happened in one round, for metrics and for the version's record."""
+
+    round: int
+    phase: Phase
+    started_at: float
+    closed_at: float
+    selected: int
+    reported: int
+    failed: int
+    outstanding: int
+    rejected: Mapping[str, int]
+    num_examples: int
+    loss: float | None
+    metrics: Mapping[str, float]
+    committed: bool
+    abort_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommitVersion:
+    """A new global model: persist it before acting on it."""
+
+    round: int
+    parameters: Parameters
+    summary: RoundSummary
+
+
+@dataclass(frozen=True, slots=True)
+class RoundClosed:
+    """The round is over (committed, evaluated or aborted); here is its summary."""
+
+    summary: RoundSummary
+
+
+Action = (
+    SendFitTask
+    | SendEvaluateTask
+    | ScheduleDeadline
+    | RejectSubmission
+    | CommitVersion
+    | RoundClosed
+)

@@ -1,0 +1,71 @@
+"""Shoal's exception hierarchy: every error the platform raises on purpose.
+
+    ShoalError
+    ├── ConfigError            a configuration key or value is not allowed
+    ├── ModelError             a parameter vector or layout is inconsistent
+    │   └── IntegrityError     a blob's sha256 does not match its content
+    ├── StrategyError          an aggregator or optimizer cannot run as configured
+    ├── ProtocolError          an event is illegal in the current state
+    │   └── IllegalTransition  the round state machine refused an event
+    ├── ClientError            a client failed while fitting or evaluating
+    ├── DataError              a dataset or partition request cannot be met
+    ├── RunError               a run folder is missing, corrupt or incompatible
+    └── MissingExtraError      an optional dependency is not installed
+
+Foreign errors (numpy, safetensors, pydantic, torch) are translated into this
+hierarchy at the boundary with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class ShoalError(Exception):
+    """Base class of every error Shoal raises on purpose."""
+
+
+class ConfigError(ShoalError):
+    """A configuration key or value is not allowed."""
+
+
+class ModelError(ShoalError):
+    """A parameter vector, layout or tensor is inconsistent."""
+
+
+class IntegrityError(ModelError):
+    """Content does not match the sha256 that was recorded for it."""
+
+
+class StrategyError(ShoalError):
+    """An aggregator, server optimizer or preset cannot run as configured."""
+
+
+class ProtocolError(ShoalError):
+    """An event is not acceptable in the protocol's current state."""
+
+
+class IllegalTransition(ProtocolError):
+    """The round state machine refused an event in its current state."""
+
+
+class ClientError(ShoalError):
+    """A client raised while fitting or evaluating."""
+
+
+class DataError(ShoalError):
+    """A dataset or partitioning request cannot be satisfied."""
+
+
+class RunError(ShoalError):
+    """A run folder is missing, corrupt, or incompatible with the request."""
+
+
+class MissingExtraError(ShoalError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+    def __init__(self, *, extra: str, package: str, feature: str) -> None:
+        super().__init__(
+            f"{feature} needs the '{package}' package: install it with "
+            f"pip install 'shoal[{extra}]'"
+        )
+        self.extra = extra
+        self.package = package

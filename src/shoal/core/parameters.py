@@ -1,0 +1,279 @@
+"""Model parameters as one flat float32 vector plus a layout of named tensors.
+
+Every stage of Shoal (aggregation, clipping, noise, masking, compression)
+works on the flat vector; the layout gives zero-copy per-tensor views and
+restores the original dtypes on the way out. Serialization is safetensors,
+with a sha256 of the content stored beside the tensors and checked on load.
+
+>>> params = Parameters.from_arrays([np.ones((2, 3)), np.zeros(3)], names=["w", "b"])
+>>> params.vector.shape
+(9,)
+>>> params.views()["w"].shape
+(2, 3)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import safetensors
+import safetensors.numpy
+
+from shoal.core.errors import IntegrityError, ModelError
+
+Vector = npt.NDArray[np.float32]
+
+_SHA_KEY = "shoal.sha256"
+_LAYOUT_KEY = "shoal.layout"
+_FORMAT_KEY = "format"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One named tensor inside a flat vector: its shape and original dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ModelError("a tensor needs a non-empty name")
+        if any(dim < 0 for dim in self.shape):
+            raise ModelError(f"tensor {self.name!r} has a negative dimension: {self.shape}")
+        try:
+            np.dtype(self.dtype)
+        except TypeError as exc:
+            raise ModelError(f"tensor {self.name!r} has an unknown dtype {self.dtype!r}") from exc
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """The ordered tensors that make up a flat parameter vector."""
+
+    specs: tuple[TensorSpec, ...]
+
+    def __post_init__(self) -> None:
+        names = [spec.name for spec in self.specs]
+        if len(set(names)) != len(names):
+            duplicated = sorted({name for name in names if names.count(name) > 1})
+            raise ModelError(f"tensor names must be unique, repeated: {duplicated}")
+
+    @property
+    def size(self) -> int:
+        return sum(spec.size for spec in self.specs)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.specs)
+
+    def offsets(self) -> list[tuple[int, int]]:
+        """The [start, end) slice of each tensor in the flat vector, in order."""
+        spans, start = [], 0
+        for spec in self.specs:
+            spans.append((start, start + spec.size))
+            start += spec.size
+        return spans
+
+    def to_json(self) -> str:
+        return json.dumps(
+            [[spec.name, list(spec.shape), spec.dtype] for spec in self.specs],
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Layout:
+        try:
+            rows = json.loads(text)
+            return cls(
+                tuple(TensorSpec(str(n), tuple(int(d) for d in s), str(t)) for n, s, t in rows)
+            )
+        except (ValueError, TypeError) as exc:
+            raise ModelError(f"malformed layout: {exc}") from exc
+
+    @classmethod
+    def of_arrays(
+        cls, arrays: Sequence[npt.ArrayLike], names: Sequence[str] | None = None
+    ) -> Layout:
+        arrays = [np.asarray(array) for array in arrays]
+        if names is None:
+            names = [f"tensor_{index}" for index in range(len(arrays))]
+        if len(names) != len(arrays):
+            raise ModelError(f"{len(names)} names for {len(arrays)} arrays")
+        return cls(
+            tuple(
+                TensorSpec(name, tuple(array.shape), array.dtype.name)
+                for name, array in zip(names, arrays, strict=True)
+            )
+        )
+
+
+class Parameters:
+    """A flat float32 vector and the layout that names its pieces.
+
+    The vector is owned: operations that produce new values return new
+    ``Parameters`` (see :meth:`with_vector`); views share its memory.
+    """
+
+    __slots__ = ("layout", "vector")
+
+    def __init__(self, vector: npt.ArrayLike, layout: Layout) -> None:
+        array = np.asarray(vector)
+        if array.ndim != 1:
+            raise ModelError(f"a parameter vector must be 1-D, got shape {array.shape}")
+        if array.dtype != np.float32:
+            raise ModelError(f"a parameter vector must be float32, got {array.dtype}")
+        if array.size != layout.size:
+            raise ModelError(
+                f"vector has {array.size} values but the layout describes {layout.size}"
+            )
+        self.vector: Vector = np.ascontiguousarray(array)
+        self.layout = layout
+
+    def __repr__(self) -> str:
+        return f"Parameters({len(self.layout.specs)} tensors, {self.layout.size} values)"
+
+    def __len__(self) -> int:
+        return int(self.vector.size)
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: Sequence[npt.ArrayLike], names: Sequence[str] | None = None
+    ) -> Parameters:
+        """Flatten a list of arrays (any real dtype) into one float32 vector."""
+        arrays = [np.asarray(array) for array in arrays]
+        for array in arrays:
+            if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+                raise ModelError(f"cannot flatten an array of dtype {array.dtype}")
+        layout = Layout.of_arrays(arrays, names)
+        if not arrays:
+            return cls(np.zeros(0, dtype=np.float32), layout)
+        vector = np.concatenate([array.astype(np.float32).ravel() for array in arrays])
+        return cls(vector, layout)
+
+    @classmethod
+    def from_mapping(cls, tensors: Mapping[str, npt.ArrayLike]) -> Parameters:
+        """Flatten a name-to-array mapping, keeping its iteration order."""
+        return cls.from_arrays(list(tensors.values()), names=list(tensors.keys()))
+
+    @classmethod
+    def zeros(cls, layout: Layout) -> Parameters:
+        return cls(np.zeros(layout.size, dtype=np.float32), layout)
+
+    def with_vector(self, vector: npt.ArrayLike) -> Parameters:
+        """New parameters with the same layout and another vector."""
+        return Parameters(vector, self.layout)
+
+    def copy(self) -> Parameters:
+        return Parameters(self.vector.copy(), self.layout)
+
+    def views(self) -> dict[str, Vector]:
+        """Zero-copy float32 views of each tensor, shaped as the layout says."""
+        return {
+            spec.name: self.vector[start:end].reshape(spec.shape)
+            for spec, (start, end) in zip(self.layout.specs, self.layout.offsets(), strict=True)
+        }
+
+    def to_arrays(self) -> list[np.ndarray]:
+        """Each tensor in its original dtype (a view when that dtype is float32)."""
+        arrays = []
+        for spec, view in zip(self.layout.specs, self.views().values(), strict=True):
+            if spec.dtype == "float32":
+                arrays.append(view)
+            elif np.issubdtype(np.dtype(spec.dtype), np.integer):
+                arrays.append(np.rint(view).astype(spec.dtype))
+            else:
+                arrays.append(view.astype(spec.dtype))
+        return arrays
+
+    def sha256(self) -> str:
+        """The sha256 of the layout and the vector's little-endian bytes."""
+        digest = hashlib.sha256(self.layout.to_json().encode())
+        digest.update(b"\0")
+        digest.update(self.vector.astype("<f4", copy=False).tobytes())
+        return digest.hexdigest()
+
+    def to_bytes(self, metadata: Mapping[str, str] | None = None) -> bytes:
+        """Serialize as safetensors; the layout and sha256 travel in the metadata."""
+        header = dict(metadata or {})
+        header.update(
+            {_FORMAT_KEY: "shoal", _LAYOUT_KEY: self.layout.to_json(), _SHA_KEY: self.sha256()}
+        )
+        tensors = {name: np.ascontiguousarray(view) for name, view in self.views().items()}
+        return safetensors.numpy.save(tensors, metadata=header)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, expected_sha256: str | None = None) -> Parameters:
+        """Deserialize safetensors bytes and verify the content's sha256."""
+        try:
+            tensors = safetensors.numpy.load(data)
+            metadata = _read_metadata(data)
+        except (safetensors.SafetensorError, ValueError, KeyError, OSError) as exc:
+            raise ModelError(f"not a readable safetensors payload: {exc}") from exc
+        if _LAYOUT_KEY in metadata:
+            layout = Layout.from_json(metadata[_LAYOUT_KEY])
+        else:
+            layout = Layout.of_arrays(list(tensors.values()), list(tensors.keys()))
+        missing = [name for name in layout.names if name not in tensors]
+        if missing:
+            raise ModelError(f"payload lacks tensors named in its layout: {missing}")
+        params = cls.from_arrays([tensors[name] for name in layout.names], names=layout.names)
+        params = cls(params.vector, layout)
+        for claimed in (metadata.get(_SHA_KEY), expected_sha256):
+            if claimed is not None and claimed != params.sha256():
+                raise IntegrityError(
+                    f"sha256 mismatch: content hashes to {params.sha256()[:16]}..., "
+                    f"expected {claimed[:16]}..."
+                )
+        return params
+
+    def save(self, path: str | Path, metadata: Mapping[str, str] | None = None) -> str:
+        """Write a safetensors file atomically; returns the content sha256."""
+        target = Path(path)
+        partial = target.with_name(target.name + ".partial")
+        partial.write_bytes(self.to_bytes(metadata))
+        partial.replace(target)
+        return self.sha256()
+
+    @classmethod
+    def load(cls, path: str | Path, *, expected_sha256: str | None = None) -> Parameters:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ModelError(f"cannot read parameters from {path}: {exc}") from exc
+        return cls.from_bytes(data, expected_sha256=expected_sha256)
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` block of a safetensors payload's JSON header."""
+    if len(data) < 8:
+        raise ValueError("payload shorter than a safetensors header")
+    header_size = int.from_bytes(data[:8], "little")
+    if header_size > len(data) - 8:
+        raise ValueError("safetensors header runs past the end of the payload")
+    header = json.loads(data[8 : 8 + header_size])
+    metadata = header.get("__metadata__") or {}
+    return {str(key): str(value) for key, value in metadata.items()}
+
+
+def stack_vectors(parameters: Iterable[Parameters]) -> npt.NDArray[np.float32]:
+    """Stack the vectors of parameters sharing one layout into a (K, P) matrix."""
+    items = list(parameters)
+    if not items:
+        raise ModelError("cannot stack an empty list of parameters")
+    layout = items[0].layout
+    for item in items[1:]:
+        if item.layout != layout:
+            raise ModelError("cannot stack parameters with different layouts")
+    return np.stack([item.vector for item in items])

@@ -1,0 +1,162 @@
+"""Runs clients' local work, in this process or in a pool of worker processes.
+
+An executor takes the global parameters and a batch of jobs and returns one
+outcome per job, in order. A client that raises is an outcome with an error,
+never a crash. Results do not depend on the executor: every job carries its
+own seed, so serial and parallel runs are bit-for-bit identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from shoal.client.api import Client, EvaluateConfig, FitConfig, fit_update
+from shoal.core.parameters import Layout, Parameters, Vector
+
+log = logging.getLogger("shoal.simulation")
+
+ClientFactory = Callable[[str], Client]
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One client's task: train with a FitConfig or evaluate with an EvaluateConfig."""
+
+    client_id: str
+    config: FitConfig | EvaluateConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One client's answer: an update, or a loss, or the error it raised."""
+
+    client_id: str
+    num_examples: int = 0
+    update: Vector | None = None
+    loss: float = math.nan
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+def run_job(factory: ClientFactory, parameters: Parameters, job: Job) -> Outcome:
+    """Run one job against a fresh client; exceptions become an errored outcome."""
+    try:
+        client = factory(job.client_id)
+        if isinstance(job.config, FitConfig):
+            result = client.fit(parameters, job.config)
+            update = fit_update(result, parameters).vector
+            return Outcome(
+                job.client_id, result.num_examples, update=update, metrics=dict(result.metrics)
+            )
+        evaluation = client.evaluate(parameters, job.config)
+        return Outcome(
+            job.client_id,
+            evaluation.num_examples,
+            loss=float(evaluation.loss),
+            metrics=dict(evaluation.metrics),
+        )
+    except Exception as exc:  # a client's failure is the client's, never the run's
+        log.warning("client %s failed: %s", job.client_id, exc)
+        detail = "".join(traceback.format_exception_only(exc)).strip()
+        return Outcome(job.client_id, error=detail)
+
+
+class Executor(Protocol):
+    """Runs batches of jobs; ``close`` releases any workers."""
+
+    def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]: ...
+
+    def close(self) -> None: ...
+
+
+class SerialExecutor:
+    """Runs every job in this process, one after another."""
+
+    def __init__(self, factory: ClientFactory) -> None:
+        self.factory = factory
+
+    def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
+        return [run_job(self.factory, parameters, job) for job in jobs]
+
+    def close(self) -> None:
+        return None
+
+
+_worker_factory: ClientFactory | None = None
+
+
+def _start_worker(factory: ClientFactory) -> None:
+    global _worker_factory
+    _worker_factory = factory
+
+
+def _run_chunk(vector: Vector, layout: Layout, jobs: Sequence[Job]) -> list[Outcome]:
+    if _worker_factory is None:
+        raise RuntimeError("worker started without a client factory")
+    parameters = Parameters(vector, layout)
+    return [run_job(_worker_factory, parameters, job) for job in jobs]
+
+
+def _warm_up() -> int:
+    return 0
+
+
+class ProcessExecutor:
+    """Spreads each batch over ``workers`` processes, one chunk per worker.
+
+    Workers come from a forkserver that has Shoal and NumPy imported, so they
+    start fast and are safe beside threads (the progress bar has one). The
+    client factory is sent once per worker, the parameters once per chunk.
+    """
+
+    def __init__(self, factory: ClientFactory, *, workers: int) -> None:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(
+            ["numpy", "shoal.simulation.executor", "shoal.simulation.scenario"]
+        )
+        self.workers = workers
+        self._pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=_start_worker, initargs=(factory,)
+        )
+        warm = [self._pool.submit(_warm_up) for _ in range(workers)]
+        for future in warm:
+            future.result()
+
+    def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
+        if not jobs:
+            return []
+        chunks = [
+            list(jobs[index :: self.workers]) for index in range(min(self.workers, len(jobs)))
+        ]
+        futures: list[Future[list[Outcome]]] = [
+            self._pool.submit(_run_chunk, parameters.vector, parameters.layout, chunk)
+            for chunk in chunks
+        ]
+        by_client = {
+            outcome.client_id: outcome for future in futures for outcome in future.result()
+        }
+        return [by_client[job.client_id] for job in jobs]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def make_executor(factory: ClientFactory, *, workers: int) -> Executor:
+    """A process pool for ``workers`` >= 2, otherwise in-process execution."""
+    if workers >= 2:
+        return ProcessExecutor(factory, workers=workers)
+    return SerialExecutor(factory)
+
+
+def finite_update(outcome: Outcome) -> bool:
+    """Whether an outcome carries an update free of NaN and infinity."""
+    return outcome.update is not None and bool(np.isfinite(outcome.update).all())

@@ -1,0 +1,421 @@
+"""The deterministic simulator: the coordinator driven by a discrete-event loop in virtual time.
+
+Each round, the coordinator picks a cohort; the device fleet says when each
+client's result would arrive (or that it never will); events are delivered
+in virtual-time order until the round closes. Local training runs for real,
+only for the results the coordinator will actually receive, batched over
+the executor's workers. Nothing sleeps, and the same seed gives the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shoal.aggregation.strategy import make_strategy
+from shoal.config import Config, config_to_dict, parse_config
+from shoal.coordinator.engine import Coordinator, RoundSettings
+from shoal.coordinator.events import (
+    Action,
+    ClientFailed,
+    CommitVersion,
+    DeadlineReached,
+    EvaluationReceived,
+    Event,
+    Phase,
+    RoundClosed,
+    RoundSummary,
+    ScheduleDeadline,
+    SendEvaluateTask,
+    SendFitTask,
+    StartRound,
+    UpdateReceived,
+)
+from shoal.coordinator.versions import ModelVersion, VersionStore
+from shoal.core.errors import ConfigError, RunError, StrategyError
+from shoal.core.parameters import Parameters
+from shoal.simulation.devices import Attempt, DeviceFleet
+from shoal.simulation.executor import Executor, Job, Outcome, make_executor
+from shoal.simulation.scenario import Scenario, build_scenario
+from shoal.telemetry.metrics import MetricsLog
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+_CONFIG_FILE = "config.json"
+_SUMMARY_FILE = "summary.json"
+_METRICS_FILE = "metrics.jsonl"
+_EVALUATION_UPLOAD_BYTES = 256
+
+
+@dataclass(slots=True)
+class _Delivery:
+    """A result on its way to the coordinator, ordered by virtual arrival time."""
+
+    at: float
+    order: int
+    client_id: str
+
+    def __lt__(self, other: _Delivery) -> bool:
+        return (self.at, self.order) < (other.at, other.order)
+
+
+class Simulation:
+    """One simulated run in ``out``; ``resume=True`` continues the run found there."""
+
+    def __init__(self, config: Config, out: str | Path, *, resume: bool = False) -> None:
+        self.config = config
+        self.out = Path(out)
+        self.resume = resume
+        self.scenario: Scenario = build_scenario(config)
+        self.fleet = DeviceFleet(self.scenario.client_ids, config.devices, seed=config.run.seed)
+        try:
+            self.strategy = make_strategy(
+                config.strategy.name, **config.strategy.model_dump(exclude={"name"})
+            )
+        except StrategyError as exc:
+            raise ConfigError(f"strategy: {exc}") from None
+        self.settings = RoundSettings(
+            clients_per_round=config.round.clients_per_round,
+            over_selection=config.round.over_selection,
+            quorum=config.round.quorum,
+            deadline_s=config.round.deadline_s,
+            evaluation_clients=min(config.evaluation.clients, len(self.scenario.client_ids)),
+            epochs=config.client.epochs,
+            batch_size=config.client.batch_size,
+            learning_rate=config.client.learning_rate,
+        )
+        initial = self.scenario.initial_parameters()
+        self.coordinator = Coordinator(
+            settings=self.settings, strategy=self.strategy, parameters=initial, seed=config.run.seed
+        )
+        self.model_bytes = len(initial.to_bytes())
+        self.versions = VersionStore(self.out / "versions")
+        self.metrics = MetricsLog(self.out / _METRICS_FILE)
+
+    # --- public ---------------------------------------------------------------------------
+
+    def run(self, *, on_round: RoundCallback | None = None) -> dict[str, Any]:
+        """Play every remaining round; returns the summary also written to summary.json."""
+        started = time.perf_counter()
+        first_round, now, wall_offset = self._prepare()
+        with self._executor() as executor:
+            if first_round > 1 and self._evaluation_due(first_round - 1):
+                self._emit(
+                    self._play(executor, first_round - 1, Phase.EVALUATE, now),
+                    started,
+                    wall_offset,
+                    on_round,
+                )
+            for round_number in range(first_round, self.config.run.rounds + 1):
+                row = self._emit(
+                    self._play(executor, round_number, Phase.FIT, now),
+                    started,
+                    wall_offset,
+                    on_round,
+                )
+                now = row["virtual_time_s"]
+                if self._evaluation_due(round_number):
+                    row = self._emit(
+                        self._play(executor, round_number, Phase.EVALUATE, now),
+                        started,
+                        wall_offset,
+                        on_round,
+                    )
+                    now = row["virtual_time_s"]
+        summary = self._summary()
+        (self.out / _SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        return summary
+
+    # --- setup and resume ---------------------------------------------------------------
+
+    def _prepare(self) -> tuple[int, float, float]:
+        """The first round to play, the virtual time and wall time already spent."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        head = self.versions.head()
+        if not self.resume:
+            if head is not None or self.metrics.path.exists():
+                raise RunError(f"{self.out} already holds a run; use --resume or another --out")
+            (self.out / _CONFIG_FILE).write_text(
+                json.dumps(config_to_dict(self.config), indent=2) + "\n"
+            )
+            self._commit_initial()
+            return 1, 0.0, 0.0
+        if head is None:
+            raise RunError(f"{self.out} holds no committed version to resume from")
+        self._restore(head)
+        rows = self.metrics.truncate(
+            lambda row: (
+                row["round"] < head.round or (row["round"] == head.round and row["phase"] == "fit")
+            )
+        )
+        wall = max((row.get("wall_time_s", 0.0) for row in rows), default=0.0)
+        return head.round + 1, head.virtual_time_s, wall
+
+    def _commit_initial(self) -> None:
+        self.versions.commit(
+            self.coordinator.parameters,
+            round_number=0,
+            virtual_time_s=0.0,
+            metrics={},
+            optimizer_state=self.coordinator.optimizer_state,
+        )
+
+    def _restore(self, head: ModelVersion) -> None:
+        parameters = self.versions.load(head.version)
+        template = self.strategy.server_optimizer.init(parameters.vector)
+        self.coordinator.restore(parameters, self.versions.load_state(head.version, template))
+
+    @contextmanager
+    def _executor(self) -> Iterator[Executor]:
+        executor = make_executor(
+            self.scenario.client_factory(), workers=self.config.simulation.workers
+        )
+        try:
+            yield executor
+        finally:
+            executor.close()
+
+    def _evaluation_due(self, round_number: int) -> bool:
+        every = self.config.evaluation.every
+        return every > 0 and round_number % every == 0
+
+    # --- one round ------------------------------------------------------------------------
+
+    def _play(
+        self, executor: Executor, round_number: int, phase: Phase, now: float
+    ) -> dict[str, Any]:
+        """Run one round in virtual time; returns its metrics row (without wall time)."""
+        candidates = tuple(self.fleet.available(round_number))
+        actions = self.coordinator.handle(StartRound(round_number, phase, now, candidates))
+        tasks = {a.client_id: a for a in actions if isinstance(a, SendFitTask | SendEvaluateTask)}
+        closed = _closed(actions)
+        if closed is not None:
+            return self._row(closed, attempts={}, uploads=0, commit=None)
+        deadline = next(a.at for a in actions if isinstance(a, ScheduleDeadline))
+        attempts = {client: self._plan(task, now, deadline) for client, task in tasks.items()}
+        arrivals = sorted(
+            _Delivery(attempt.arrives_at, index, client)
+            for index, (client, attempt) in enumerate(attempts.items())
+            if attempt.arrives_at is not None and attempt.arrives_at <= deadline
+        )
+        outcomes: dict[str, Outcome] = {}
+        queue = [*arrivals, _Delivery(deadline, len(attempts), "")]
+        heapq.heapify(queue)
+        uploads, commit = 0, None
+        while queue:
+            delivery = heapq.heappop(queue)
+            if not delivery.client_id:
+                actions = self.coordinator.handle(DeadlineReached(round_number, delivery.at))
+            else:
+                if delivery.client_id not in outcomes:
+                    self._compute(executor, tasks, attempts, arrivals, outcomes, delivery)
+                uploads += 1
+                actions = self.coordinator.handle(
+                    self._event(outcomes[delivery.client_id], round_number, delivery.at)
+                )
+            commit = next((a for a in actions if isinstance(a, CommitVersion)), commit)
+            closed = _closed(actions)
+            if closed is not None:
+                return self._row(closed, attempts=attempts, uploads=uploads, commit=commit)
+        raise RunError(f"round {round_number} never closed")  # the deadline always closes it
+
+    def _plan(self, task: SendFitTask | SendEvaluateTask, now: float, deadline: float) -> Attempt:
+        if isinstance(task, SendFitTask):
+            return self.fleet.plan_fit(
+                task.client_id,
+                round_number=task.round,
+                start=now,
+                deadline_at=deadline,
+                num_examples=self.scenario.num_train_examples(task.client_id),
+                epochs=task.config.epochs,
+                model_bytes=self.model_bytes,
+            )
+        return self.fleet.plan_evaluate(
+            task.client_id,
+            round_number=task.round,
+            start=now,
+            num_examples=self.scenario.num_eval_examples(task.client_id),
+            model_bytes=self.model_bytes,
+        )
+
+    def _compute(
+        self,
+        executor: Executor,
+        tasks: dict[str, SendFitTask | SendEvaluateTask],
+        attempts: dict[str, Attempt],
+        arrivals: Sequence[_Delivery],
+        outcomes: dict[str, Outcome],
+        delivery: _Delivery,
+    ) -> None:
+        """Train the results that will be needed next, as one parallel batch."""
+        still_needed = max(1, self.settings.target(_phase(tasks)) - len(outcomes))
+        waiting = [
+            d.client_id for d in arrivals if d.client_id not in outcomes and not d < delivery
+        ]
+        jobs = [self._job(tasks[client], attempts[client]) for client in waiting[:still_needed]]
+        for outcome in executor.run(self.coordinator.parameters, jobs):
+            outcomes[outcome.client_id] = outcome
+
+    @staticmethod
+    def _job(task: SendFitTask | SendEvaluateTask, attempt: Attempt) -> Job:
+        if isinstance(task, SendFitTask) and attempt.epochs != task.config.epochs:
+            config: Any = dataclasses.replace(task.config, epochs=attempt.epochs)
+            return Job(task.client_id, config)
+        return Job(task.client_id, task.config)
+
+    @staticmethod
+    def _event(outcome: Outcome, round_number: int, at: float) -> Event:
+        if outcome.error is not None:
+            return ClientFailed(outcome.client_id, round_number, at, outcome.error)
+        if outcome.update is not None:
+            return UpdateReceived(
+                outcome.client_id,
+                round_number,
+                at,
+                outcome.update,
+                outcome.num_examples,
+                outcome.metrics,
+            )
+        return EvaluationReceived(
+            outcome.client_id, round_number, at, outcome.loss, outcome.num_examples, outcome.metrics
+        )
+
+    # --- outputs ---------------------------------------------------------------------------
+
+    def _row(
+        self,
+        summary: RoundSummary,
+        *,
+        attempts: dict[str, Attempt],
+        uploads: int,
+        commit: CommitVersion | None,
+    ) -> dict[str, Any]:
+        fit = summary.phase is Phase.FIT
+        dropped = sum(1 for attempt in attempts.values() if attempt.dropped) + summary.failed
+        row: dict[str, Any] = {
+            "round": summary.round,
+            "phase": summary.phase.value,
+            "selected": summary.selected,
+            "reported": summary.reported,
+            "dropped": dropped,
+            "stragglers": sum(
+                1
+                for a in attempts.values()
+                if a.straggler and a.arrives_at is not None and a.arrives_at > summary.closed_at
+            ),
+            "partial": sum(
+                1
+                for a in attempts.values()
+                if a.straggler and a.arrives_at is not None and a.arrives_at <= summary.closed_at
+            ),
+            "rejected": dict(summary.rejected),
+            "committed": summary.committed,
+            "abort_reason": summary.abort_reason,
+            "num_examples": summary.num_examples,
+            "loss": summary.loss,
+            "accuracy": summary.metrics.get("accuracy"),
+            "virtual_time_s": summary.closed_at,
+            "model_version": None,
+            "bytes_down": self.model_bytes * summary.selected,
+            "bytes_up": uploads * (self.model_bytes if fit else _EVALUATION_UPLOAD_BYTES),
+        }
+        if commit is not None:
+            row.update(self._commit(commit))
+        else:
+            head = self.versions.head()
+            row["model_version"] = None if head is None else head.version
+        return row
+
+    def _commit(self, commit: CommitVersion) -> dict[str, Any]:
+        """Evaluate the new model centrally, then persist it as a version."""
+        extra: dict[str, Any] = {}
+        if self.config.evaluation.centralized:
+            loss, accuracy = self.scenario.evaluate_centrally(commit.parameters)
+            extra = {"test_loss": loss, "test_accuracy": accuracy, "accuracy": accuracy}
+        record = self.versions.commit(
+            commit.parameters,
+            round_number=commit.round,
+            virtual_time_s=commit.summary.closed_at,
+            metrics={"train_loss": commit.summary.loss, **extra},
+            optimizer_state=self.coordinator.optimizer_state,
+        )
+        return {**extra, "model_version": record.version, "sha256": record.sha256}
+
+    def _emit(
+        self,
+        row: dict[str, Any],
+        started: float,
+        wall_offset: float,
+        on_round: RoundCallback | None,
+    ) -> dict[str, Any]:
+        row["wall_time_s"] = round(wall_offset + time.perf_counter() - started, 6)
+        self.metrics.append(row)
+        if on_round is not None:
+            on_round(row)
+        return row
+
+    def _summary(self) -> dict[str, Any]:
+        rows = self.metrics.rows()
+        fits = [row for row in rows if row["phase"] == "fit"]
+        committed = [row for row in fits if row["committed"]]
+        last = committed[-1] if committed else {}
+        evaluations = [row for row in rows if row["phase"] == "evaluate" and row["committed"]]
+        final_accuracy = last.get("test_accuracy")
+        if final_accuracy is None and evaluations:
+            final_accuracy = evaluations[-1]["accuracy"]
+        head = self.versions.head()
+        return {
+            "rounds_completed": len(committed),
+            "rounds_aborted": len(fits) - len(committed),
+            "final_accuracy": final_accuracy,
+            "final_loss": last.get("loss"),
+            "final_test_loss": last.get("test_loss"),
+            "final_federated_accuracy": evaluations[-1]["accuracy"] if evaluations else None,
+            "wall_time_s": max((row["wall_time_s"] for row in rows), default=0.0),
+            "virtual_time_s": rows[-1]["virtual_time_s"] if rows else 0.0,
+            "num_parameters": len(self.coordinator.parameters),
+            "bytes_up": sum(row["bytes_up"] for row in rows),
+            "bytes_down": sum(row["bytes_down"] for row in rows),
+            "model_version": None if head is None else head.version,
+            "model_sha256": None if head is None else head.sha256,
+            "strategy": self.config.strategy.name,
+            "seed": self.config.run.seed,
+            "clients": len(self.scenario.client_ids),
+        }
+
+
+def _closed(actions: Sequence[Action]) -> RoundSummary | None:
+    return next((a.summary for a in actions if isinstance(a, RoundClosed)), None)
+
+
+def _phase(tasks: dict[str, SendFitTask | SendEvaluateTask]) -> Phase:
+    first = next(iter(tasks.values()))
+    return Phase.FIT if isinstance(first, SendFitTask) else Phase.EVALUATE
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The config a run folder was started with."""
+    path = Path(run_dir) / _CONFIG_FILE
+    if not path.exists():
+        raise RunError(f"{run_dir} is not a Shoal run folder (no {_CONFIG_FILE})")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise RunError(f"{path} is corrupt: {exc}") from exc
+    return parse_config(data)
+
+
+def final_parameters(run_dir: str | Path) -> Parameters:
+    """The model at HEAD of a run folder."""
+    store = VersionStore(Path(run_dir) / "versions")
+    head = store.head()
+    if head is None:
+        raise RunError(f"{run_dir} holds no committed version")
+    return store.load(head.version)

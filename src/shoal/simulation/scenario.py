@@ -1,0 +1,277 @@
+"""Scenarios: a config's dataset, partition and model turned into clients.
+
+A scenario names its clients, knows how many examples each holds (for the
+device timing), builds any client on demand in any process (the factory is
+picklable and caches its data per process), and evaluates a model on the
+central held-out test set.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from shoal.client.api import Client
+from shoal.client.numpy_models import MLP, NumpyClient, SoftmaxRegression
+from shoal.config import Config
+from shoal.core.errors import DataError
+from shoal.core.parameters import Parameters
+from shoal.simulation.datasets import Dataset, SyntheticFederation, load_digits_split
+from shoal.simulation.partition import (
+    partition_dirichlet,
+    partition_iid,
+    partition_power_law,
+    partition_shards,
+)
+
+Features = npt.NDArray[np.float32]
+Labels = npt.NDArray[np.int64]
+NumpyModel = SoftmaxRegression | MLP
+
+_CENTRAL_TEST_DEVICES = 200
+_CACHED_CLIENTS = 4096
+_GAUSSIAN_TEST_SAMPLES = 2000
+_GAUSSIAN_SEPARATION = 1.5
+
+
+def client_name(index: int) -> str:
+    return f"client-{index:05d}"
+
+
+def client_index(client_id: str) -> int:
+    try:
+        return int(client_id.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        raise DataError(f"not a simulated client id: {client_id!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class LocalData:
+    """One client's data: a training part and a local evaluation part."""
+
+    train_x: Features
+    train_y: Labels
+    eval_x: Features
+    eval_y: Labels
+
+
+class Scenario(Protocol):
+    """What the simulator needs from a scenario."""
+
+    @property
+    def client_ids(self) -> list[str]: ...
+
+    def num_train_examples(self, client_id: str) -> int: ...
+
+    def num_eval_examples(self, client_id: str) -> int: ...
+
+    def initial_parameters(self) -> Parameters: ...
+
+    def client_factory(self) -> Callable[[str], Client]: ...
+
+    def evaluate_centrally(self, parameters: Parameters) -> tuple[float, float]: ...
+
+
+class DataScenario:
+    """The built-in scenarios: digits, FedProx synthetic and Gaussian classes."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.client_ids = [client_name(index) for index in range(config.data.num_clients)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"config": self.config, "client_ids": self.client_ids}  # caches stay per process
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.config = state["config"]
+        self.client_ids = state["client_ids"]
+
+    # --- sizes ---------------------------------------------------------------------------
+
+    def num_train_examples(self, client_id: str) -> int:
+        if self.config.data.dataset in {"synthetic", "synthetic_iid"}:
+            return self._synthetic.num_train_samples(client_index(client_id))
+        return int(self.local_data(client_id).train_y.size)
+
+    def num_eval_examples(self, client_id: str) -> int:
+        return int(self.local_data(client_id).eval_y.size)
+
+    # --- model and clients ---------------------------------------------------------------
+
+    @functools.cached_property
+    def model(self) -> NumpyModel:
+        features, classes = self._shape()
+        if self.config.model.kind == "mlp":
+            return MLP(
+                num_features=features, num_hidden=self.config.model.hidden, num_classes=classes
+            )
+        return SoftmaxRegression(num_features=features, num_classes=classes)
+
+    def initial_parameters(self) -> Parameters:
+        return self._initial
+
+    @functools.cached_property
+    def _initial(self) -> Parameters:
+        return self.model.init_parameters(np.random.default_rng([self.config.run.seed, 0x1A17]))
+
+    def client_factory(self) -> Callable[[str], Client]:
+        return self.build_client
+
+    def build_client(self, client_id: str) -> Client:
+        data = self.local_data(client_id)
+        return NumpyClient(
+            self.model,
+            train_data=(data.train_x, data.train_y),
+            eval_data=(data.eval_x, data.eval_y),
+            parameters=self._initial,
+        )
+
+    def evaluate_centrally(self, parameters: Parameters) -> tuple[float, float]:
+        test_x, test_y = self._central_test
+        loss, accuracy = self.model.evaluate(parameters.vector, test_x, test_y)
+        return float(loss), float(accuracy)
+
+    # --- data ----------------------------------------------------------------------------
+
+    def _shape(self) -> tuple[int, int]:
+        data = self.config.data
+        if data.dataset == "digits":
+            return 64, 10
+        if data.dataset == "gaussian":
+            return data.num_features, data.num_classes
+        return 60, 10
+
+    def local_data(self, client_id: str) -> LocalData:
+        index = client_index(client_id)
+        if not 0 <= index < len(self.client_ids):
+            raise DataError(f"no client {client_id!r} in a population of {len(self.client_ids)}")
+        return self._local_data(index)
+
+    def _local_data(self, index: int) -> LocalData:
+        cache = self._cache
+        if index not in cache:
+            if len(cache) >= _CACHED_CLIENTS:
+                cache.clear()
+            cache[index] = self._make_local_data(index)
+        return cache[index]
+
+    @functools.cached_property
+    def _cache(self) -> dict[int, LocalData]:
+        return {}
+
+    def _make_local_data(self, index: int) -> LocalData:
+        dataset = self.config.data.dataset
+        if dataset == "digits":
+            x, y = self._digits_partition[index]
+            return self._split_local(x, y, index)
+        if dataset == "gaussian":
+            x, y = self._gaussian(
+                np.random.default_rng([self.config.run.seed, 0x6A55, index]),
+                self.config.data.samples_per_client,
+            )
+            return self._split_local(x, y, index)
+        train, test = self._synthetic.device(index)
+        return LocalData(train.features, train.labels, test.features, test.labels)
+
+    def _split_local(self, x: Features, y: Labels, index: int) -> LocalData:
+        rng = np.random.default_rng([self.config.run.seed, 0x10CA1, index])
+        order = rng.permutation(y.size)
+        held = int(round(self.config.data.local_eval_fraction * y.size))
+        if y.size - held < 1:
+            held = 0
+        evaluation, training = order[:held], order[held:]
+        return LocalData(x[training], y[training], x[evaluation], y[evaluation])
+
+    @functools.cached_property
+    def _digits(self) -> tuple[Dataset, Dataset]:
+        return load_digits_split(
+            test_fraction=self.config.data.test_fraction, seed=self.config.run.seed
+        )
+
+    @functools.cached_property
+    def _digits_partition(self) -> list[tuple[Features, Labels]]:
+        train, _ = self._digits
+        data = self.config.data
+        rng = np.random.default_rng([self.config.run.seed, 0x9A27])
+        if data.partition == "iid":
+            parts = partition_iid(
+                num_examples=train.labels.size, num_clients=data.num_clients, rng=rng
+            )
+        elif data.partition == "dirichlet":
+            parts = partition_dirichlet(
+                train.labels,
+                num_clients=data.num_clients,
+                alpha=data.dirichlet_alpha,
+                rng=rng,
+                min_size=data.min_samples,
+            )
+        elif data.partition == "shards":
+            parts = partition_shards(
+                train.labels,
+                num_clients=data.num_clients,
+                shards_per_client=data.shards_per_client,
+                rng=rng,
+            )
+        else:
+            parts = partition_power_law(
+                num_examples=train.labels.size,
+                num_clients=data.num_clients,
+                exponent=data.power_law_exponent,
+                min_size=data.min_samples,
+                rng=rng,
+            )
+        return [(train.features[part], train.labels[part]) for part in parts]
+
+    @functools.cached_property
+    def _synthetic(self) -> SyntheticFederation:
+        data = self.config.data
+        return SyntheticFederation(
+            alpha=data.synthetic_alpha,
+            beta=data.synthetic_beta,
+            iid=data.dataset == "synthetic_iid",
+            num_devices=data.num_clients,
+            seed=self.config.run.seed,
+            max_samples=data.max_samples_per_client,
+        )
+
+    @functools.cached_property
+    def _gaussian_means(self) -> Features:
+        data = self.config.data
+        rng = np.random.default_rng([self.config.run.seed, 0x6A55])
+        return (
+            rng.normal(size=(data.num_classes, data.num_features))
+            * _GAUSSIAN_SEPARATION
+            / np.sqrt(data.num_features)
+        ).astype(np.float32)
+
+    def _gaussian(self, rng: np.random.Generator, count: int) -> tuple[Features, Labels]:
+        labels = rng.integers(0, self.config.data.num_classes, size=count)
+        noise = rng.normal(size=(count, self.config.data.num_features)).astype(np.float32)
+        return self._gaussian_means[labels] + noise * np.float32(0.5), labels.astype(np.int64)
+
+    @functools.cached_property
+    def _central_test(self) -> tuple[Features, Labels]:
+        dataset = self.config.data.dataset
+        if dataset == "digits":
+            test = self._digits[1]
+            return test.features, test.labels
+        if dataset == "gaussian":
+            return self._gaussian(
+                np.random.default_rng([self.config.run.seed, 0x7E57]), _GAUSSIAN_TEST_SAMPLES
+            )
+        count = len(self.client_ids)
+        picks = np.unique(np.linspace(0, count - 1, min(count, _CENTRAL_TEST_DEVICES)).astype(int))
+        parts = [self._synthetic.device(int(index))[1] for index in picks]
+        return np.concatenate([p.features for p in parts]), np.concatenate(
+            [p.labels for p in parts]
+        )
+
+
+def build_scenario(config: Config) -> DataScenario:
+    """The scenario a config describes."""
+    return DataScenario(config)

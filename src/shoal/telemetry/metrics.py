@@ -1,0 +1,55 @@
+"""The run's metrics log: one JSON object per round and phase in ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+
+
+def _clean(value: Any) -> Any:
+    """NaN and infinity are not JSON: they are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _clean(item) for key, item in value.items()}
+    return value
+
+
+class MetricsLog:
+    """Append-only JSON lines; each append is flushed to disk before returning."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def append(self, row: Row) -> None:
+        line = json.dumps(_clean(row), sort_keys=True)
+        with self.path.open("a") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def rows(self) -> list[Row]:
+        """Every complete row; a line torn by a crash is skipped."""
+        if not self.path.exists():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        return rows
+
+    def truncate(self, keep: Callable[[Row], bool]) -> list[Row]:
+        """Keep only the rows ``keep`` accepts (atomically); returns them."""
+        kept = [row for row in self.rows() if keep(row)]
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in kept))
+        partial.replace(self.path)
+        return kept

@@ -1,0 +1,238 @@
+"""The round engine: selection, collection, quorum, rejections, commit and abort."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from shoal.aggregation.strategy import make_strategy
+from shoal.coordinator import (
+    ClientFailed,
+    CommitVersion,
+    Coordinator,
+    DeadlineReached,
+    EvaluationReceived,
+    Phase,
+    RejectReason,
+    RejectSubmission,
+    RoundClosed,
+    RoundSettings,
+    RoundState,
+    ScheduleDeadline,
+    SendEvaluateTask,
+    SendFitTask,
+    StartRound,
+    UpdateReceived,
+)
+from shoal.core import IllegalTransition, Parameters
+
+CANDIDATES = tuple(f"c{index:02d}" for index in range(30))
+SIZE = 4
+
+
+def make(
+    *, target: int = 5, quorum: float = 0.8, strategy: str = "fedavg", seed: int = 7, **options: float
+) -> Coordinator:
+    return Coordinator(
+        settings=RoundSettings(clients_per_round=target, quorum=quorum, deadline_s=100.0, evaluation_clients=4),
+        strategy=make_strategy(strategy, **options),  # type: ignore[arg-type]
+        parameters=Parameters.from_arrays([np.zeros(SIZE)]),
+        seed=seed,
+    )
+
+
+def start(coordinator: Coordinator, round_number: int = 1, phase: Phase = Phase.FIT) -> list[str]:
+    actions = coordinator.handle(StartRound(round_number, phase, 10.0, CANDIDATES))
+    return [a.client_id for a in actions if isinstance(a, SendFitTask | SendEvaluateTask)]
+
+
+def update(client: str, value: float, *, round_number: int = 1, examples: int = 10) -> UpdateReceived:
+    return UpdateReceived(client, round_number, 20.0, np.full(SIZE, value, np.float32), examples, {"loss": value})
+
+
+def closed(actions: list[object]) -> RoundClosed:
+    return next(a for a in actions if isinstance(a, RoundClosed))
+
+
+def test_start_over_selects_and_schedules_the_deadline() -> None:
+    coordinator = make(target=5)
+    actions = coordinator.handle(StartRound(1, Phase.FIT, 10.0, CANDIDATES))
+    tasks = [a for a in actions if isinstance(a, SendFitTask)]
+    assert len(tasks) == math.ceil(5 * 1.3)
+    assert len({task.client_id for task in tasks}) == len(tasks)
+    assert {task.config.seed for task in tasks}.__len__() == len(tasks)
+    assert ScheduleDeadline(round=1, at=110.0) in actions
+    assert coordinator.state is RoundState.COLLECTING
+
+
+def test_selection_is_deterministic_per_seed_and_round() -> None:
+    assert start(make(seed=3)) == start(make(seed=3))
+    assert start(make(seed=3)) != start(make(seed=4))
+    assert start(make(seed=3), round_number=1) != start(make(seed=3), round_number=2)
+
+
+def test_target_count_commits_the_weighted_mean() -> None:
+    coordinator = make(target=3)
+    cohort = start(coordinator)
+    actions: list[object] = []
+    for client, (value, examples) in zip(cohort, [(1.0, 10), (2.0, 30), (4.0, 60)], strict=False):
+        actions = coordinator.handle(update(client, value, examples=examples))
+    commit = next(a for a in actions if isinstance(a, CommitVersion))
+    expected = (1 * 10 + 2 * 30 + 4 * 60) / 100
+    np.testing.assert_allclose(commit.parameters.vector, expected, rtol=1e-6)
+    summary = closed(actions).summary
+    assert summary.committed and summary.reported == 3 and summary.outstanding == len(cohort) - 3
+    assert summary.loss == pytest.approx(expected)
+    assert coordinator.state is RoundState.IDLE
+
+
+def test_deadline_with_quorum_aggregates_partial_results() -> None:
+    coordinator = make(target=5, quorum=0.6)
+    cohort = start(coordinator)
+    for client in cohort[:3]:
+        assert coordinator.handle(update(client, 1.0)) == []
+    summary = closed(coordinator.handle(DeadlineReached(1, 110.0))).summary
+    assert summary.committed and summary.reported == 3
+    np.testing.assert_allclose(coordinator.parameters.vector, 1.0)
+
+
+def test_deadline_below_quorum_aborts_and_keeps_the_model() -> None:
+    coordinator = make(target=5, quorum=0.8)
+    cohort = start(coordinator)
+    for client in cohort[:3]:
+        coordinator.handle(update(client, 1.0))
+    actions = coordinator.handle(DeadlineReached(1, 110.0))
+    summary = closed(actions).summary
+    assert not summary.committed and "quorum is 4" in (summary.abort_reason or "")
+    assert not any(isinstance(a, CommitVersion) for a in actions)
+    np.testing.assert_array_equal(coordinator.parameters.vector, 0.0)
+    assert coordinator.state is RoundState.IDLE
+
+
+def test_too_few_candidates_aborts_at_once() -> None:
+    coordinator = make(target=5)
+    actions = coordinator.handle(StartRound(1, Phase.FIT, 0.0, CANDIDATES[:2]))
+    summary = closed(actions).summary
+    assert not summary.committed and summary.selected == 2
+    assert coordinator.state is RoundState.IDLE
+
+
+@pytest.mark.parametrize(
+    ("make_event", "reason"),
+    [
+        (lambda cohort: update(cohort[0], 1.0, round_number=2), RejectReason.WRONG_ROUND),
+        (lambda cohort: update(cohort[0], 1.0, round_number=0), RejectReason.LATE),
+        (lambda cohort: update("stranger", 1.0), RejectReason.NOT_SELECTED),
+        (lambda cohort: EvaluationReceived(cohort[0], 1, 5.0, 0.1, 3), RejectReason.WRONG_PHASE),
+        (lambda cohort: update(cohort[0], float("nan")), RejectReason.INVALID_UPDATE),
+        (
+            lambda cohort: UpdateReceived(cohort[0], 1, 5.0, np.zeros(SIZE + 1, np.float32), 3),
+            RejectReason.INVALID_UPDATE,
+        ),
+        (
+            lambda cohort: UpdateReceived(cohort[0], 1, 5.0, np.zeros(SIZE, np.float64), 3),
+            RejectReason.INVALID_UPDATE,
+        ),
+        (lambda cohort: update(cohort[0], 1.0, examples=0), RejectReason.INVALID_UPDATE),
+    ],
+)
+def test_bad_submissions_are_rejected_and_counted(make_event: object, reason: RejectReason) -> None:
+    coordinator = make()
+    cohort = start(coordinator)
+    actions = coordinator.handle(make_event(cohort))  # type: ignore[operator]
+    rejection = next(a for a in actions if isinstance(a, RejectSubmission))
+    assert rejection.reason is reason and rejection.detail
+    assert coordinator.rejections[reason.value] == 1
+    assert coordinator.state is RoundState.COLLECTING
+    np.testing.assert_array_equal(coordinator.parameters.vector, 0.0)
+
+
+def test_duplicate_and_late_submissions() -> None:
+    coordinator = make(target=2)
+    cohort = start(coordinator)
+    coordinator.handle(update(cohort[0], 1.0))
+    duplicate = coordinator.handle(update(cohort[0], 1.0))
+    assert isinstance(duplicate[0], RejectSubmission) and duplicate[0].reason is RejectReason.DUPLICATE
+    summary = closed(coordinator.handle(update(cohort[1], 1.0))).summary
+    assert summary.rejected == {"duplicate": 1}
+    late = coordinator.handle(update(cohort[2], 1.0))
+    assert isinstance(late[0], RejectSubmission) and late[0].reason is RejectReason.LATE
+    assert coordinator.rejections == {"duplicate": 1, "late": 1}
+
+
+def test_failures_are_counted_and_close_the_round_when_everyone_answered() -> None:
+    coordinator = make(target=3, quorum=0.5)
+    cohort = start(coordinator)
+    actions: list[object] = []
+    for client in cohort[:-2]:
+        actions = coordinator.handle(ClientFailed(client, 1, 30.0, "out of memory"))
+    for client in cohort[-2:]:
+        actions = coordinator.handle(update(client, 2.0))
+    summary = closed(actions).summary
+    assert summary.committed and summary.failed == len(cohort) - 2 and summary.reported == 2
+
+
+def test_failures_from_outside_the_round_are_ignored() -> None:
+    coordinator = make()
+    cohort = start(coordinator)
+    assert coordinator.handle(ClientFailed("stranger", 1, 30.0, "x")) == []
+    assert coordinator.handle(ClientFailed(cohort[0], 9, 30.0, "x")) == []
+    assert coordinator.handle(DeadlineReached(9, 30.0)) == []
+    assert coordinator.state is RoundState.COLLECTING
+
+
+def test_stale_deadline_between_rounds_is_ignored() -> None:
+    coordinator = make(target=1)
+    cohort = start(coordinator)
+    coordinator.handle(update(cohort[0], 1.0))
+    assert coordinator.handle(DeadlineReached(1, 110.0)) == []
+    assert coordinator.state is RoundState.IDLE
+
+
+def test_evaluation_round_weights_metrics_by_examples() -> None:
+    coordinator = make()
+    cohort = start(coordinator, phase=Phase.EVALUATE)
+    assert len(cohort) == math.ceil(4 * 1.3)
+    actions: list[object] = []
+    for client, (loss, accuracy, examples) in zip(
+        cohort, [(1.0, 0.5, 10), (2.0, 1.0, 30), (0.0, 0.0, 0), (4.0, 0.25, 60)], strict=False
+    ):
+        actions = coordinator.handle(EvaluationReceived(client, 1, 50.0, loss, examples, {"accuracy": accuracy}))
+    summary = closed(actions).summary
+    assert summary.phase is Phase.EVALUATE and summary.committed
+    assert summary.loss == pytest.approx((10 + 60 + 240) / 100)
+    assert summary.metrics["accuracy"] == pytest.approx((5 + 30 + 15) / 100)
+    assert not any(isinstance(a, CommitVersion) for a in actions)
+
+
+def test_aggregation_failure_aborts_the_round_and_the_coordinator_goes_on() -> None:
+    coordinator = make(target=3, quorum=0.5, strategy="krum")
+    cohort = start(coordinator)
+    actions: list[object] = []
+    for client in cohort[:3]:
+        actions = coordinator.handle(update(client, 1.0))
+    summary = closed(actions).summary
+    assert not summary.committed and "2f + 2 < n - m" in (summary.abort_reason or "").replace("·", "")
+    assert coordinator.state is RoundState.IDLE
+    start(coordinator, round_number=2)
+    assert coordinator.state is RoundState.COLLECTING
+
+
+def test_server_momentum_carries_across_rounds() -> None:
+    coordinator = make(target=1, quorum=1.0, strategy="fedavgm", server_momentum=0.5)
+    for round_number in (1, 2):
+        cohort = start(coordinator, round_number=round_number)
+        coordinator.handle(update(cohort[0], 1.0, round_number=round_number))
+    np.testing.assert_allclose(coordinator.parameters.vector, 1.0 + 1.5)
+
+
+def test_restore_only_between_rounds() -> None:
+    coordinator = make()
+    replacement = Parameters.from_arrays([np.ones(SIZE)])
+    coordinator.restore(replacement)
+    np.testing.assert_array_equal(coordinator.parameters.vector, 1.0)
+    start(coordinator)
+    with pytest.raises(IllegalTransition):
+        coordinator.restore(replacement)
