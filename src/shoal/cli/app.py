@@ -19,12 +19,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()
 def _root() -> None:
     """Shoal: federated learning at scale."""
+
 
 P = ParamSpec("P")
 R = TypeVar("R")

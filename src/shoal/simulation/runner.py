@@ -106,29 +106,18 @@ class Simulation:
         started = time.perf_counter()
         first_round, now, wall_offset = self._prepare()
         with self._executor() as executor:
+            plays: list[tuple[int, Phase]] = []
             if first_round > 1 and self._evaluation_due(first_round - 1):
-                self._emit(
-                    self._play(executor, first_round - 1, Phase.EVALUATE, now),
-                    started,
-                    wall_offset,
-                    on_round,
-                )
+                plays.append(
+                    (first_round - 1, Phase.EVALUATE)
+                )  # the crash came before it was recorded
             for round_number in range(first_round, self.config.run.rounds + 1):
-                row = self._emit(
-                    self._play(executor, round_number, Phase.FIT, now),
-                    started,
-                    wall_offset,
-                    on_round,
-                )
-                now = row["virtual_time_s"]
+                plays.append((round_number, Phase.FIT))
                 if self._evaluation_due(round_number):
-                    row = self._emit(
-                        self._play(executor, round_number, Phase.EVALUATE, now),
-                        started,
-                        wall_offset,
-                        on_round,
-                    )
-                    now = row["virtual_time_s"]
+                    plays.append((round_number, Phase.EVALUATE))
+            for round_number, phase in plays:
+                row = self._play(executor, round_number, phase, now)
+                now = self._emit(row, started, wall_offset, on_round)["virtual_time_s"]
         summary = self._summary()
         (self.out / _SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         return summary
@@ -156,6 +145,10 @@ class Simulation:
             )
         )
         wall = max((row.get("wall_time_s", 0.0) for row in rows), default=0.0)
+        if head.round > 0 and not any(row["round"] == head.round for row in rows):
+            # the crash came between committing the version and logging its row
+            recovered = {**head.metrics, "model_version": head.version, "sha256": head.sha256}
+            self.metrics.append({**recovered, "wall_time_s": wall})
         return head.round + 1, head.virtual_time_s, wall
 
     def _commit_initial(self) -> None:
@@ -326,27 +319,22 @@ class Simulation:
             "bytes_down": self.model_bytes * summary.selected,
             "bytes_up": uploads * (self.model_bytes if fit else _EVALUATION_UPLOAD_BYTES),
         }
-        if commit is not None:
-            row.update(self._commit(commit))
-        else:
+        if commit is None:
             head = self.versions.head()
             row["model_version"] = None if head is None else head.version
-        return row
-
-    def _commit(self, commit: CommitVersion) -> dict[str, Any]:
-        """Evaluate the new model centrally, then persist it as a version."""
-        extra: dict[str, Any] = {}
+            return row
         if self.config.evaluation.centralized:
             loss, accuracy = self.scenario.evaluate_centrally(commit.parameters)
-            extra = {"test_loss": loss, "test_accuracy": accuracy, "accuracy": accuracy}
+            row.update(test_loss=loss, test_accuracy=accuracy, accuracy=accuracy)
         record = self.versions.commit(
             commit.parameters,
             round_number=commit.round,
             virtual_time_s=commit.summary.closed_at,
-            metrics={"train_loss": commit.summary.loss, **extra},
+            metrics=row,  # the whole row: a crash before metrics.jsonl is written loses nothing
             optimizer_state=self.coordinator.optimizer_state,
         )
-        return {**extra, "model_version": record.version, "sha256": record.sha256}
+        row.update(model_version=record.version, sha256=record.sha256)
+        return row
 
     def _emit(
         self,

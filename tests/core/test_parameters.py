@@ -1,0 +1,127 @@
+"""Flat parameter vectors: layouts, zero-copy views, dtypes, safetensors and sha256."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from shoal.core import IntegrityError, Layout, ModelError, Parameters, TensorSpec, stack_vectors
+
+shapes = st.lists(
+    hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4), min_size=0, max_size=5
+)
+
+
+def sample(shape_list: list[tuple[int, ...]]) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.normal(size=shape).astype(np.float32) for shape in shape_list]
+
+
+@given(shapes)
+def test_round_trip_through_arrays_and_bytes(shape_list: list[tuple[int, ...]]) -> None:
+    arrays = sample(shape_list)
+    params = Parameters.from_arrays(arrays)
+    assert len(params) == sum(array.size for array in arrays)
+    for original, restored in zip(arrays, params.to_arrays(), strict=True):
+        np.testing.assert_array_equal(original, restored)
+    again = Parameters.from_bytes(params.to_bytes())
+    assert again.layout == params.layout and again.sha256() == params.sha256()
+    np.testing.assert_array_equal(again.vector, params.vector)
+
+
+def test_views_share_memory_with_the_vector() -> None:
+    params = Parameters.from_arrays(
+        [np.zeros((2, 3), np.float32), np.zeros(4, np.float32)], names=["w", "b"]
+    )
+    views = params.views()
+    views["w"][1, 2] = 5.0
+    assert params.vector[5] == 5.0
+    assert np.shares_memory(views["b"], params.vector)
+    assert np.shares_memory(params.to_arrays()[0], params.vector)  # float32 tensors are views
+
+
+def test_original_dtypes_come_back() -> None:
+    params = Parameters.from_arrays([np.arange(3, dtype=np.int64), np.ones(2, dtype=np.float64)])
+    ints, floats = params.to_arrays()
+    assert ints.dtype == np.int64 and floats.dtype == np.float64
+    np.testing.assert_array_equal(ints, [0, 1, 2])
+
+
+def test_empty_model() -> None:
+    params = Parameters.from_arrays([])
+    assert len(params) == 0 and params.views() == {}
+    assert Parameters.from_bytes(params.to_bytes()).sha256() == params.sha256()
+
+
+def test_sha256_depends_on_values_and_layout() -> None:
+    base = Parameters.from_arrays([np.zeros(4)], names=["a"])
+    assert base.sha256() != base.with_vector(np.ones(4, np.float32)).sha256()
+    assert base.sha256() != Parameters.from_arrays([np.zeros((2, 2))], names=["a"]).sha256()
+
+
+def test_payload_is_standard_safetensors() -> None:
+    params = Parameters.from_arrays([np.ones((2, 2))], names=["layer.weight"])
+    tensors = safetensors.numpy.load(params.to_bytes())
+    np.testing.assert_array_equal(tensors["layer.weight"], np.ones((2, 2), np.float32))
+
+
+def test_tampered_payload_is_rejected(tmp_path: Path) -> None:
+    params = Parameters.from_arrays([np.ones(8)])
+    data = bytearray(params.to_bytes())
+    data[-1] ^= 0x01
+    with pytest.raises(IntegrityError):
+        Parameters.from_bytes(bytes(data))
+    path = tmp_path / "model.safetensors"
+    params.save(path)
+    with pytest.raises(IntegrityError):
+        Parameters.load(path, expected_sha256="0" * 64)
+    assert Parameters.load(path).sha256() == params.sha256()
+
+
+@pytest.mark.parametrize(
+    "payload", [b"", b"garbage", b"\xff" * 8 + b"{}", (10**6).to_bytes(8, "little") + b"{}"]
+)
+def test_malformed_payload_is_a_model_error(payload: bytes) -> None:
+    with pytest.raises(ModelError):
+        Parameters.from_bytes(payload)
+
+
+@pytest.mark.parametrize(
+    ("vector", "layout"),
+    [
+        (np.zeros((2, 2), np.float32), Layout((TensorSpec("a", (4,)),))),
+        (np.zeros(4, np.float64), Layout((TensorSpec("a", (4,)),))),
+        (np.zeros(3, np.float32), Layout((TensorSpec("a", (4,)),))),
+    ],
+)
+def test_inconsistent_vectors_are_refused(vector: np.ndarray, layout: Layout) -> None:
+    with pytest.raises(ModelError):
+        Parameters(vector, layout)
+
+
+def test_layout_validation() -> None:
+    with pytest.raises(ModelError, match="unique"):
+        Layout((TensorSpec("a", (1,)), TensorSpec("a", (2,))))
+    with pytest.raises(ModelError):
+        TensorSpec("", (1,))
+    with pytest.raises(ModelError):
+        TensorSpec("a", (-1,))
+    with pytest.raises(ModelError):
+        TensorSpec("a", (1,), "not-a-dtype")
+    with pytest.raises(ModelError):
+        Parameters.from_arrays([np.array(["text"])])
+
+
+def test_stack_vectors() -> None:
+    items = [Parameters.from_arrays([np.full(3, value)]) for value in range(4)]
+    assert stack_vectors(items).shape == (4, 3)
+    with pytest.raises(ModelError):
+        stack_vectors([])
+    with pytest.raises(ModelError):
+        stack_vectors([items[0], Parameters.from_arrays([np.zeros((3, 1))])])

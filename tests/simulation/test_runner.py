@@ -1,0 +1,172 @@
+"""The simulator end to end: determinism, resume, quorum, failures, outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from shoal.client.api import Client
+from shoal.config import Config, load_config
+from shoal.core import RunError
+from shoal.simulation import runner as runner_module
+from shoal.simulation.runner import Simulation, final_parameters, load_run_config
+from shoal.simulation.scenario import DataScenario
+
+DESIGN_ROW_KEYS = {
+    "round", "phase", "selected", "reported", "dropped", "loss", "accuracy", "virtual_time_s",
+    "wall_time_s", "model_version", "bytes_up", "bytes_down",
+}  # fmt: skip
+DESIGN_SUMMARY_KEYS = {
+    "rounds_completed", "final_accuracy", "final_loss", "wall_time_s", "virtual_time_s",
+    "num_parameters", "bytes_up", "bytes_down",
+}  # fmt: skip
+
+
+def small(*overrides: str) -> Config:
+    base = [
+        "run.rounds=4",
+        "data.num_clients=20",
+        "round.clients_per_round=5",
+        "round.deadline_s=20",
+        "evaluation.every=2",
+        "evaluation.clients=4",
+        "simulation.workers=0",
+        'devices.classes=[{name="a", share=1.0, examples_per_second=10, dropout=0.15, availability=0.9}]',
+    ]
+    return load_config(None, [*base, *overrides])
+
+
+def rows_without_wall(folder: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("wall_time_s")
+    return rows
+
+
+def test_run_writes_the_design_outputs(tmp_path: Path) -> None:
+    summary = Simulation(small(), tmp_path).run()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["round"], row["phase"]) for row in rows] == [
+        (1, "fit"), (2, "fit"), (2, "evaluate"), (3, "fit"), (4, "fit"), (4, "evaluate"),
+    ]  # fmt: skip
+    for row in rows:
+        assert DESIGN_ROW_KEYS <= row.keys()
+    assert DESIGN_SUMMARY_KEYS <= summary.keys()
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert summary["num_parameters"] == 650
+    assert summary["bytes_up"] == sum(row["bytes_up"] for row in rows) > 0
+    assert load_run_config(tmp_path) == small()
+    assert final_parameters(tmp_path).sha256() == summary["model_sha256"]
+
+
+def test_same_seed_same_run_whatever_the_workers(tmp_path: Path) -> None:
+    Simulation(small(), tmp_path / "serial").run()
+    Simulation(small(), tmp_path / "again").run()
+    Simulation(small("simulation.workers=2"), tmp_path / "pool").run()
+    Simulation(small("run.seed=1"), tmp_path / "other").run()
+    reference = rows_without_wall(tmp_path / "serial")
+    assert rows_without_wall(tmp_path / "again") == reference
+    assert rows_without_wall(tmp_path / "pool") == reference
+    assert rows_without_wall(tmp_path / "other") != reference
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    Simulation(small("run.rounds=6"), tmp_path / "whole").run()
+    Simulation(small("run.rounds=3"), tmp_path / "parts").run()
+    Simulation(small("run.rounds=6"), tmp_path / "parts", resume=True).run()
+    assert rows_without_wall(tmp_path / "parts") == rows_without_wall(tmp_path / "whole")
+    assert final_parameters(tmp_path / "parts").sha256() == final_parameters(tmp_path / "whole").sha256()
+
+
+def test_resume_after_a_crash_mid_run(tmp_path: Path) -> None:
+    Simulation(small("run.rounds=6"), tmp_path / "whole").run()
+
+    def crash(row: dict[str, Any]) -> None:
+        if row["round"] == 4 and row["phase"] == "evaluate":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Simulation(small("run.rounds=6"), tmp_path / "crashed").run(on_round=crash)
+    Simulation(small("run.rounds=6"), tmp_path / "crashed", resume=True).run()
+    assert rows_without_wall(tmp_path / "crashed") == rows_without_wall(tmp_path / "whole")
+
+
+def test_a_started_run_is_not_overwritten(tmp_path: Path) -> None:
+    Simulation(small("run.rounds=1"), tmp_path).run()
+    with pytest.raises(RunError, match="already holds a run"):
+        Simulation(small("run.rounds=1"), tmp_path).run()
+    with pytest.raises(RunError, match="no committed version"):
+        Simulation(small(), tmp_path / "empty", resume=True).run()
+
+
+def test_rounds_below_quorum_abort_and_keep_the_model(tmp_path: Path) -> None:
+    config = small(
+        "round.quorum=1.0",
+        "round.over_selection=1.0",
+        'devices.classes=[{name="flaky", share=1.0, dropout=0.5}]',
+    )
+    Simulation(config, tmp_path).run()
+    rows = [row for row in rows_without_wall(tmp_path) if row["phase"] == "fit"]
+    aborted = [row for row in rows if not row["committed"]]
+    assert aborted, "with half the fleet dropping and a full quorum some round must abort"
+    for row in aborted:
+        assert "quorum" in row["abort_reason"]
+        previous = [r for r in rows if r["round"] < row["round"]]
+        expected = previous[-1]["model_version"] if previous else 0
+        assert row["model_version"] == expected
+
+
+class FlakyScenario(DataScenario):
+    """Client 3 raises on every fit: a failure of that client, never of the run."""
+
+    def build_client(self, client_id: str) -> Client:
+        client = super().build_client(client_id)
+        if client_id == "client-00003":
+
+            def broken(*args: object) -> Any:
+                raise MemoryError("device out of memory")
+
+            client.fit = broken  # type: ignore[method-assign]
+        return client
+
+
+def test_a_client_that_raises_is_a_failure_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner_module, "build_scenario", FlakyScenario)
+    config = small("run.rounds=6", "round.clients_per_round=19", "round.over_selection=1.0", "round.quorum=0.5")
+    summary = Simulation(config, tmp_path).run()
+    assert summary["rounds_completed"] == 6
+    rows = [row for row in rows_without_wall(tmp_path) if row["phase"] == "fit"]
+    assert all(row["reported"] < row["selected"] for row in rows)
+
+
+def test_partial_work_is_aggregated_and_dropped_work_is_not(tmp_path: Path) -> None:
+    common = ["devices.straggler_fraction=0.5", "round.over_selection=1.0", "round.quorum=0.2", "run.rounds=2"]
+    Simulation(small(*common, "devices.straggler_policy=partial"), tmp_path / "partial").run()
+    Simulation(small(*common, "devices.straggler_policy=drop"), tmp_path / "drop").run()
+    partial = [row for row in rows_without_wall(tmp_path / "partial") if row["phase"] == "fit"]
+    drop = [row for row in rows_without_wall(tmp_path / "drop") if row["phase"] == "fit"]
+    assert sum(row["partial"] for row in partial) > 0 and sum(row["partial"] for row in drop) == 0
+    assert sum(row["reported"] for row in partial) > sum(row["reported"] for row in drop)
+
+
+def test_model_is_saved_every_committed_round(tmp_path: Path) -> None:
+    Simulation(small(), tmp_path).run()
+    versions = sorted((tmp_path / "versions").glob("v*.state.safetensors"))
+    rows = [row for row in rows_without_wall(tmp_path) if row["phase"] == "fit" and row["committed"]]
+    assert len(versions) == len(rows) + 1  # plus the initial model, version 0
+    assert np.isfinite(final_parameters(tmp_path).vector).all()
+
+
+def test_resume_recovers_a_row_lost_between_commit_and_log(tmp_path: Path) -> None:
+    Simulation(small("run.rounds=6"), tmp_path / "whole").run()
+    Simulation(small("run.rounds=3"), tmp_path / "parts").run()
+    metrics = tmp_path / "parts" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    assert json.loads(lines[-1])["round"] == 3
+    metrics.write_text("".join(lines[:-1]) + lines[-1][:20])  # the last row, torn mid-write
+    Simulation(small("run.rounds=6"), tmp_path / "parts", resume=True).run()
+    assert rows_without_wall(tmp_path / "parts") == rows_without_wall(tmp_path / "whole")
