@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -63,16 +63,14 @@ class Layout:
     """The ordered tensors that make up a flat parameter vector."""
 
     specs: tuple[TensorSpec, ...]
+    size: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         names = [spec.name for spec in self.specs]
         if len(set(names)) != len(names):
             duplicated = sorted({name for name in names if names.count(name) > 1})
             raise ModelError(f"tensor names must be unique, repeated: {duplicated}")
-
-    @property
-    def size(self) -> int:
-        return sum(spec.size for spec in self.specs)
+        object.__setattr__(self, "size", sum(spec.size for spec in self.specs))
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -1,0 +1,140 @@
+"""Benchmark of the simulator's overhead against the same math in a bare numpy loop.
+
+Runs ``examples/overhead-100.toml`` and ``examples/overhead-1000.toml``
+through the real simulator (coordinator, device fleet, process pool, version
+store, metrics log) and times seconds per round after the first. The
+baseline is a bare single-process numpy loop doing the same math on data it
+already holds: pick the cohort, run 5 full-batch softmax-regression steps per
+client, average the deltas weighted by examples. A third figure is the time
+from launching ``shoal simulate`` as a fresh process until it prints its
+first round. Prints one JSON object per workload.
+
+    python benchmarks/simulation.py --rounds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from shoal.config import Config, load_config
+from shoal.simulation.runner import Simulation
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+Matrix = npt.NDArray[np.float32]
+
+
+def bare_numpy_seconds_per_round(config: Config, *, rounds: int) -> float:
+    """The same math with nothing around it: the loop an expert would write by hand."""
+    data, model = config.data, config.client
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(data.num_classes, data.num_features)).astype(np.float32)
+    features = []
+    labels = []
+    for _ in range(data.num_clients):
+        y = rng.integers(0, data.num_classes, data.samples_per_client)
+        features.append(means[y] + rng.normal(size=(y.size, data.num_features)).astype(np.float32))
+        labels.append(np.eye(data.num_classes, dtype=np.float32)[y])
+    weights = np.zeros((data.num_features + 1) * data.num_classes, np.float32)
+    steps = int(model.epochs)
+    timings = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        cohort = rng.choice(data.num_clients, config.round.clients_per_round, replace=False)
+        total = np.zeros_like(weights)
+        for client in cohort:
+            local = _train(weights, features[client], labels[client], steps=steps, lr=model.learning_rate)
+            total += (local - weights) * len(labels[client])
+        weights = weights + total / (len(cohort) * data.samples_per_client)
+        timings.append(time.perf_counter() - start)
+    return float(np.median(timings[1:]))
+
+
+def _train(weights: Matrix, x: Matrix, onehot: Matrix, *, steps: int, lr: float) -> Matrix:
+    local = weights.copy()
+    num_features = x.shape[1]
+    w = local[: num_features * onehot.shape[1]].reshape(num_features, -1)
+    b = local[num_features * onehot.shape[1] :]
+    for _ in range(steps):
+        logits = x @ w + b
+        logits -= logits.max(axis=1, keepdims=True)
+        probabilities = np.exp(logits)
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        error = (probabilities - onehot) / len(x)
+        w -= lr * (x.T @ error)
+        b -= lr * error.sum(axis=0)
+    return local
+
+
+def simulator_seconds_per_round(config: Config) -> tuple[float, float]:
+    """Median seconds per round after the first, and seconds until round 1 is done."""
+    stamps: list[float] = []
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        Simulation(config, Path(folder) / "run").run(on_round=lambda row: stamps.append(time.perf_counter()))
+    gaps = np.diff(stamps)
+    return float(np.median(gaps)), stamps[0] - start
+
+
+def seconds_to_first_round(config_path: Path) -> float:
+    """Launch ``shoal simulate`` as a new process; time until it prints round 1."""
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        process = subprocess.Popen(
+            [sys.executable, "-c", "from shoal.cli import main; main()", "simulate", str(config_path),
+             "--rounds", "2", "--out", str(Path(folder) / "run")],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        assert process.stdout is not None
+        elapsed = float("nan")
+        for line in process.stdout:
+            if line.split()[:2] == ["1", "fit"]:
+                elapsed = time.perf_counter() - start
+                break
+        process.communicate()
+        return elapsed
+
+
+def measure(name: str, *, rounds: int) -> dict[str, Any]:
+    path = EXAMPLES / f"{name}.toml"
+    config = load_config(path, [f"run.rounds={rounds}"])
+    per_round, first_round = simulator_seconds_per_round(config)
+    serial, _ = simulator_seconds_per_round(load_config(path, [f"run.rounds={rounds}", "simulation.workers=0"]))
+    baseline = bare_numpy_seconds_per_round(config, rounds=rounds)
+    return {
+        "benchmark": "simulation_overhead",
+        "workload": name,
+        "clients": config.data.num_clients,
+        "clients_per_round": config.round.clients_per_round,
+        "rounds": rounds,
+        "seconds_per_round": round(per_round, 5),
+        "seconds_per_round_in_process": round(serial, 5),
+        "bare_numpy_seconds_per_round": round(baseline, 5),
+        "ratio_to_bare_numpy": round(per_round / baseline, 3),
+        "ratio_in_process_to_bare_numpy": round(serial / baseline, 3),
+        "seconds_to_first_round_in_process": round(first_round, 3),
+        "seconds_from_launch_to_first_round": round(seconds_to_first_round(path), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--workloads", nargs="+", default=["overhead-100", "overhead-1000"])
+    args = parser.parse_args()
+    for name in args.workloads:
+        print(json.dumps(measure(name, rounds=args.rounds)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
