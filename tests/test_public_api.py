@@ -17,11 +17,17 @@ PACKAGES = [
 ]
 
 
+def isort_style(name: str) -> tuple[int, str]:
+    """Constants, then classes, then functions: the order ruff's RUF022 keeps."""
+    kind = 0 if name.isupper() else 1 if name[0].isupper() else 2
+    return kind, name
+
+
 @pytest.mark.parametrize("name", PACKAGES)
 def test_all_is_sorted_and_importable(name: str) -> None:
     package = importlib.import_module(name)
     exported = list(package.__all__)
-    assert exported == sorted(exported)
+    assert exported == sorted(exported, key=isort_style)
     assert len(set(exported)) == len(exported)
     for symbol in exported:
         assert hasattr(package, symbol), f"{name} lacks {symbol}"

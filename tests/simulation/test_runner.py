@@ -35,7 +35,8 @@ def small(*overrides: str) -> Config:
         "evaluation.every=2",
         "evaluation.clients=4",
         "simulation.workers=0",
-        'devices.classes=[{name="a", share=1.0, examples_per_second=10, dropout=0.15, availability=0.9}]',
+        "devices.classes=[{name='a', share=1.0, examples_per_second=10, dropout=0.15, "
+        "availability=0.9}]",
     ]
     return load_config(None, [*base, *overrides])
 
@@ -54,8 +55,8 @@ def test_run_writes_the_design_outputs(tmp_path: Path) -> None:
         (1, "fit"), (2, "fit"), (2, "evaluate"), (3, "fit"), (4, "fit"), (4, "evaluate"),
     ]  # fmt: skip
     for row in rows:
-        assert DESIGN_ROW_KEYS <= row.keys()
-    assert DESIGN_SUMMARY_KEYS <= summary.keys()
+        assert row.keys() >= DESIGN_ROW_KEYS
+    assert summary.keys() >= DESIGN_SUMMARY_KEYS
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert summary["num_parameters"] == 650
     assert summary["bytes_up"] == sum(row["bytes_up"] for row in rows) > 0
@@ -79,7 +80,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     Simulation(small("run.rounds=3"), tmp_path / "parts").run()
     Simulation(small("run.rounds=6"), tmp_path / "parts", resume=True).run()
     assert rows_without_wall(tmp_path / "parts") == rows_without_wall(tmp_path / "whole")
-    assert final_parameters(tmp_path / "parts").sha256() == final_parameters(tmp_path / "whole").sha256()
+    assert (
+        final_parameters(tmp_path / "parts").sha256()
+        == final_parameters(tmp_path / "whole").sha256()
+    )
 
 
 def test_resume_after_a_crash_mid_run(tmp_path: Path) -> None:
@@ -134,9 +138,13 @@ class FlakyScenario(DataScenario):
         return client
 
 
-def test_a_client_that_raises_is_a_failure_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_client_that_raises_is_a_failure_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(runner_module, "build_scenario", FlakyScenario)
-    config = small("run.rounds=6", "round.clients_per_round=19", "round.over_selection=1.0", "round.quorum=0.5")
+    config = small(
+        "run.rounds=6", "round.clients_per_round=19", "round.over_selection=1.0", "round.quorum=0.5"
+    )
     summary = Simulation(config, tmp_path).run()
     assert summary["rounds_completed"] == 6
     rows = [row for row in rows_without_wall(tmp_path) if row["phase"] == "fit"]
@@ -144,7 +152,12 @@ def test_a_client_that_raises_is_a_failure_not_a_crash(tmp_path: Path, monkeypat
 
 
 def test_partial_work_is_aggregated_and_dropped_work_is_not(tmp_path: Path) -> None:
-    common = ["devices.straggler_fraction=0.5", "round.over_selection=1.0", "round.quorum=0.2", "run.rounds=2"]
+    common = [
+        "devices.straggler_fraction=0.5",
+        "round.over_selection=1.0",
+        "round.quorum=0.2",
+        "run.rounds=2",
+    ]
     Simulation(small(*common, "devices.straggler_policy=partial"), tmp_path / "partial").run()
     Simulation(small(*common, "devices.straggler_policy=drop"), tmp_path / "drop").run()
     partial = [row for row in rows_without_wall(tmp_path / "partial") if row["phase"] == "fit"]
@@ -156,7 +169,9 @@ def test_partial_work_is_aggregated_and_dropped_work_is_not(tmp_path: Path) -> N
 def test_model_is_saved_every_committed_round(tmp_path: Path) -> None:
     Simulation(small(), tmp_path).run()
     versions = sorted((tmp_path / "versions").glob("v*.state.safetensors"))
-    rows = [row for row in rows_without_wall(tmp_path) if row["phase"] == "fit" and row["committed"]]
+    rows = [
+        row for row in rows_without_wall(tmp_path) if row["phase"] == "fit" and row["committed"]
+    ]
     assert len(versions) == len(rows) + 1  # plus the initial model, version 0
     assert np.isfinite(final_parameters(tmp_path).vector).all()
 

@@ -14,7 +14,7 @@ from shoal.core.errors import ConfigError, ShoalError
 
 app = typer.Typer(
     name="shoal",
-    help="Shoal: federated learning at scale. Train a global model across clients that keep their data.",
+    help="Shoal: federated learning at scale, across clients that keep their data.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

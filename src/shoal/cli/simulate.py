@@ -133,7 +133,8 @@ def _number(value: float | None, spec: str) -> str:
 def _format_row(row: dict[str, Any]) -> str:
     status = "" if row["committed"] else f"  aborted: {row['abort_reason']}"
     return (
-        f"{row['round']:>5} {row['phase']:<8} {row['selected']:>4} {row['reported']:>4} {row['dropped']:>4} "
+        f"{row['round']:>5} {row['phase']:<8} {row['selected']:>4} {row['reported']:>4} "
+        f"{row['dropped']:>4} "
         f"{_number(row['loss'], '8.4f')} {_number(row['accuracy'], '7.2%')} "
         f"{row['virtual_time_s']:>8.1f}s {row['wall_time_s']:>6.2f}s{status}"
     )

@@ -91,7 +91,7 @@ class _Round:
     rejected: Counter[str] = field(default_factory=Counter)
     num_examples: int = 0
     loss_sum: float = 0.0
-    metric_sums: Counter[str] = field(default_factory=Counter)
+    metric_sums: dict[str, float] = field(default_factory=dict)
 
     @property
     def accounted(self) -> int:
@@ -302,7 +302,8 @@ class Coordinator:
         current.num_examples += num_examples
         for name, value in metrics.items():
             if isinstance(value, int | float) and math.isfinite(value):
-                current.metric_sums[name] += float(value) * num_examples
+                total = current.metric_sums.get(name, 0.0)
+                current.metric_sums[name] = total + float(value) * num_examples
 
     def _fail(self, event: ClientFailed) -> list[Action]:
         current = self._round

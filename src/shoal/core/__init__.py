@@ -14,6 +14,7 @@ from shoal.core.errors import (
     StrategyError,
 )
 from shoal.core.parameters import Layout, Parameters, TensorSpec, Vector, stack_vectors
+from shoal.core.torch_interop import parameters_from_state_dict, state_dict_from_parameters
 from shoal.core.transforms import (
     Transform,
     TransformResult,
@@ -45,7 +46,9 @@ __all__ = [
     "chain",
     "identity",
     "map_updates",
+    "parameters_from_state_dict",
     "stack_vectors",
+    "state_dict_from_parameters",
     "tree_leaves",
     "tree_unflatten",
 ]

@@ -104,15 +104,15 @@ class Layout:
     def of_arrays(
         cls, arrays: Sequence[npt.ArrayLike], names: Sequence[str] | None = None
     ) -> Layout:
-        arrays = [np.asarray(array) for array in arrays]
+        tensors = [np.asarray(array) for array in arrays]
         if names is None:
-            names = [f"tensor_{index}" for index in range(len(arrays))]
-        if len(names) != len(arrays):
-            raise ModelError(f"{len(names)} names for {len(arrays)} arrays")
+            names = [f"tensor_{index}" for index in range(len(tensors))]
+        if len(names) != len(tensors):
+            raise ModelError(f"{len(names)} names for {len(tensors)} arrays")
         return cls(
             tuple(
-                TensorSpec(name, tuple(array.shape), array.dtype.name)
-                for name, array in zip(names, arrays, strict=True)
+                TensorSpec(name, tuple(tensor.shape), tensor.dtype.name)
+                for name, tensor in zip(names, tensors, strict=True)
             )
         )
 
@@ -150,14 +150,14 @@ class Parameters:
         cls, arrays: Sequence[npt.ArrayLike], names: Sequence[str] | None = None
     ) -> Parameters:
         """Flatten a list of arrays (any real dtype) into one float32 vector."""
-        arrays = [np.asarray(array) for array in arrays]
-        for array in arrays:
-            if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-                raise ModelError(f"cannot flatten an array of dtype {array.dtype}")
-        layout = Layout.of_arrays(arrays, names)
-        if not arrays:
+        tensors = [np.asarray(array) for array in arrays]
+        for tensor in tensors:
+            if not (np.issubdtype(tensor.dtype, np.number) or tensor.dtype == np.bool_):
+                raise ModelError(f"cannot flatten an array of dtype {tensor.dtype}")
+        layout = Layout.of_arrays(tensors, names)
+        if not tensors:
             return cls(np.zeros(0, dtype=np.float32), layout)
-        vector = np.concatenate([array.astype(np.float32).ravel() for array in arrays])
+        vector = np.concatenate([tensor.astype(np.float32).ravel() for tensor in tensors])
         return cls(vector, layout)
 
     @classmethod

@@ -6,8 +6,8 @@ pseudo-gradient) to a new update vector, carrying whatever state it needs
 composes transforms into a pipeline; the same mechanism serves the client
 side (clip, noise, quantize, encode) and the server side (optimizers).
 
->>> scale_by_two = Transform(init=lambda params: (), update=lambda u, s, p=None: TransformResult(2 * u, s))
->>> pipeline = chain(scale_by_two, scale_by_two)
+>>> double = map_updates(lambda updates: 2 * updates)
+>>> pipeline = chain(double, double)
 >>> state = pipeline.init(np.zeros(3, np.float32))
 >>> pipeline.update(np.ones(3, np.float32), state).updates
 array([4., 4., 4.], dtype=float32)

@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from shoal.client.api import Client, EvaluateConfig, FitConfig, fit_update
+from shoal.coordinator.selection import client_key
 from shoal.core.parameters import Layout, Parameters, Vector
 
 log = logging.getLogger("shoal.simulation")
@@ -134,12 +135,15 @@ class ProcessExecutor:
     def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
         if not jobs:
             return []
-        chunks = [
-            list(jobs[index :: self.workers]) for index in range(min(self.workers, len(jobs)))
-        ]
+        # a client always goes to the same worker, so each worker builds and caches
+        # the data of its own share of the population only
+        chunks: list[list[Job]] = [[] for _ in range(self.workers)]
+        for job in jobs:
+            chunks[client_key(job.client_id) % self.workers].append(job)
         futures: list[Future[list[Outcome]]] = [
             self._pool.submit(_run_chunk, parameters.vector, parameters.layout, chunk)
             for chunk in chunks
+            if chunk
         ]
         by_client = {
             outcome.client_id: outcome for future in futures for outcome in future.result()

@@ -94,8 +94,11 @@ class DataScenario:
     # --- sizes ---------------------------------------------------------------------------
 
     def num_train_examples(self, client_id: str) -> int:
-        if self.config.data.dataset in {"synthetic", "synthetic_iid"}:
+        data = self.config.data
+        if data.dataset in {"synthetic", "synthetic_iid"}:
             return self._synthetic.num_train_samples(client_index(client_id))
+        if data.dataset == "gaussian":
+            return data.samples_per_client - self._held_out(data.samples_per_client)
         return int(self.local_data(client_id).train_y.size)
 
     def num_eval_examples(self, client_id: str) -> int:
@@ -181,11 +184,14 @@ class DataScenario:
     def _split_local(self, x: Features, y: Labels, index: int) -> LocalData:
         rng = np.random.default_rng([self.config.run.seed, 0x10CA1, index])
         order = rng.permutation(y.size)
-        held = int(round(self.config.data.local_eval_fraction * y.size))
-        if y.size - held < 1:
-            held = 0
+        held = self._held_out(y.size)
         evaluation, training = order[:held], order[held:]
         return LocalData(x[training], y[training], x[evaluation], y[evaluation])
+
+    def _held_out(self, count: int) -> int:
+        """How many of a client's ``count`` examples it keeps for local evaluation."""
+        held = round(self.config.data.local_eval_fraction * count)
+        return 0 if count - held < 1 else held
 
     @functools.cached_property
     def _digits(self) -> tuple[Dataset, Dataset]:
@@ -243,15 +249,15 @@ class DataScenario:
     def _gaussian_means(self) -> Features:
         data = self.config.data
         rng = np.random.default_rng([self.config.run.seed, 0x6A55])
-        return (
-            rng.normal(size=(data.num_classes, data.num_features))
-            * _GAUSSIAN_SEPARATION
-            / np.sqrt(data.num_features)
-        ).astype(np.float32)
+        means = rng.normal(size=(data.num_classes, data.num_features))
+        scaled: Features = (means * _GAUSSIAN_SEPARATION / np.sqrt(data.num_features)).astype(
+            np.float32
+        )
+        return scaled
 
     def _gaussian(self, rng: np.random.Generator, count: int) -> tuple[Features, Labels]:
         labels = rng.integers(0, self.config.data.num_classes, size=count)
-        noise = rng.normal(size=(count, self.config.data.num_features)).astype(np.float32)
+        noise = rng.standard_normal((count, self.config.data.num_features), dtype=np.float32)
         return self._gaussian_means[labels] + noise * np.float32(0.5), labels.astype(np.int64)
 
     @functools.cached_property
