@@ -52,7 +52,9 @@ def bare_numpy_seconds_per_round(config: Config, *, rounds: int) -> float:
         cohort = rng.choice(data.num_clients, config.round.clients_per_round, replace=False)
         total = np.zeros_like(weights)
         for client in cohort:
-            local = _train(weights, features[client], labels[client], steps=steps, lr=model.learning_rate)
+            local = _train(
+                weights, features[client], labels[client], steps=steps, lr=model.learning_rate
+            )
             total += (local - weights) * len(labels[client])
         weights = weights + total / (len(cohort) * data.samples_per_client)
         timings.append(time.perf_counter() - start)
@@ -80,7 +82,9 @@ def simulator_seconds_per_round(config: Config) -> tuple[float, float]:
     stamps: list[float] = []
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        Simulation(config, Path(folder) / "run").run(on_round=lambda row: stamps.append(time.perf_counter()))
+        Simulation(config, Path(folder) / "run").run(
+            on_round=lambda row: stamps.append(time.perf_counter())
+        )
     gaps = np.diff(stamps)
     return float(np.median(gaps)), stamps[0] - start
 
@@ -90,7 +94,7 @@ def seconds_to_first_round(config_path: Path) -> float:
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         process = subprocess.Popen(
-            [sys.executable, "-c", "from shoal.cli import main; main()", "simulate", str(config_path),
+            [sys.executable, "-m", "shoal", "simulate", str(config_path),
              "--rounds", "2", "--out", str(Path(folder) / "run")],
             stdout=subprocess.PIPE,
             text=True,
@@ -109,7 +113,9 @@ def measure(name: str, *, rounds: int) -> dict[str, Any]:
     path = EXAMPLES / f"{name}.toml"
     config = load_config(path, [f"run.rounds={rounds}"])
     per_round, first_round = simulator_seconds_per_round(config)
-    serial, _ = simulator_seconds_per_round(load_config(path, [f"run.rounds={rounds}", "simulation.workers=0"]))
+    serial, _ = simulator_seconds_per_round(
+        load_config(path, [f"run.rounds={rounds}", "simulation.workers=0"])
+    )
     baseline = bare_numpy_seconds_per_round(config, rounds=rounds)
     return {
         "benchmark": "simulation_overhead",
@@ -128,7 +134,9 @@ def measure(name: str, *, rounds: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--workloads", nargs="+", default=["overhead-100", "overhead-1000"])
     args = parser.parse_args()

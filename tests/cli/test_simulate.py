@@ -39,7 +39,9 @@ def test_simulate_prints_rounds_and_writes_the_run_folder(tmp_path: Path) -> Non
     result = shoal("simulate", "--rounds", "2", "--seed", "3", "--out", str(out), *SMALL)
     assert result.returncode == 0, result.stderr
     assert "rounds_completed" in result.stdout
-    lines = [line for line in result.stdout.splitlines() if line.strip().startswith(("1 fit", "2 fit"))]
+    lines = [
+        line for line in result.stdout.splitlines() if line.strip().startswith(("1 fit", "2 fit"))
+    ]
     assert len(lines) == 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in rows] == [1, 2]
@@ -70,7 +72,9 @@ def test_resume_continues_a_stopped_run(tmp_path: Path) -> None:
         (["missing.toml"], "config file not found"),
     ],
 )
-def test_bad_config_is_one_line_and_exit_code_2(tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_config_is_one_line_and_exit_code_2(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
     result = shoal("simulate", "--out", str(tmp_path / "run"), *args)
     assert result.returncode == 2
     assert message in result.stderr

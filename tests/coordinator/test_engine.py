@@ -33,10 +33,17 @@ SIZE = 4
 
 
 def make(
-    *, target: int = 5, quorum: float = 0.8, strategy: str = "fedavg", seed: int = 7, **options: float
+    *,
+    target: int = 5,
+    quorum: float = 0.8,
+    strategy: str = "fedavg",
+    seed: int = 7,
+    **options: float,
 ) -> Coordinator:
     return Coordinator(
-        settings=RoundSettings(clients_per_round=target, quorum=quorum, deadline_s=100.0, evaluation_clients=4),
+        settings=RoundSettings(
+            clients_per_round=target, quorum=quorum, deadline_s=100.0, evaluation_clients=4
+        ),
         strategy=make_strategy(strategy, **options),  # type: ignore[arg-type]
         parameters=Parameters.from_arrays([np.zeros(SIZE)]),
         seed=seed,
@@ -48,8 +55,12 @@ def start(coordinator: Coordinator, round_number: int = 1, phase: Phase = Phase.
     return [a.client_id for a in actions if isinstance(a, SendFitTask | SendEvaluateTask)]
 
 
-def update(client: str, value: float, *, round_number: int = 1, examples: int = 10) -> UpdateReceived:
-    return UpdateReceived(client, round_number, 20.0, np.full(SIZE, value, np.float32), examples, {"loss": value})
+def update(
+    client: str, value: float, *, round_number: int = 1, examples: int = 10
+) -> UpdateReceived:
+    return UpdateReceived(
+        client, round_number, 20.0, np.full(SIZE, value, np.float32), examples, {"loss": value}
+    )
 
 
 def closed(actions: list[object]) -> RoundClosed:
@@ -154,7 +165,9 @@ def test_duplicate_and_late_submissions() -> None:
     cohort = start(coordinator)
     coordinator.handle(update(cohort[0], 1.0))
     duplicate = coordinator.handle(update(cohort[0], 1.0))
-    assert isinstance(duplicate[0], RejectSubmission) and duplicate[0].reason is RejectReason.DUPLICATE
+    assert (
+        isinstance(duplicate[0], RejectSubmission) and duplicate[0].reason is RejectReason.DUPLICATE
+    )
     summary = closed(coordinator.handle(update(cohort[1], 1.0))).summary
     assert summary.rejected == {"duplicate": 1}
     late = coordinator.handle(update(cohort[2], 1.0))
@@ -199,7 +212,9 @@ def test_evaluation_round_weights_metrics_by_examples() -> None:
     for client, (loss, accuracy, examples) in zip(
         cohort, [(1.0, 0.5, 10), (2.0, 1.0, 30), (0.0, 0.0, 0), (4.0, 0.25, 60)], strict=False
     ):
-        actions = coordinator.handle(EvaluationReceived(client, 1, 50.0, loss, examples, {"accuracy": accuracy}))
+        actions = coordinator.handle(
+            EvaluationReceived(client, 1, 50.0, loss, examples, {"accuracy": accuracy})
+        )
     summary = closed(actions).summary
     assert summary.phase is Phase.EVALUATE and summary.committed
     assert summary.loss == pytest.approx((10 + 60 + 240) / 100)
@@ -214,7 +229,9 @@ def test_aggregation_failure_aborts_the_round_and_the_coordinator_goes_on() -> N
     for client in cohort[:3]:
         actions = coordinator.handle(update(client, 1.0))
     summary = closed(actions).summary
-    assert not summary.committed and "2f + 2 < n - m" in (summary.abort_reason or "").replace("·", "")
+    assert not summary.committed and "2f + 2 < n - m" in (summary.abort_reason or "").replace(
+        "·", ""
+    )
     assert coordinator.state is RoundState.IDLE
     start(coordinator, round_number=2)
     assert coordinator.state is RoundState.COLLECTING

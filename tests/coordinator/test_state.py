@@ -62,7 +62,9 @@ def _coordinator() -> Coordinator:
         if (state, type(event)) not in TRANSITIONS
     ],
 )
-def test_engine_refuses_every_illegal_event_and_changes_nothing(state: RoundState, event: object) -> None:
+def test_engine_refuses_every_illegal_event_and_changes_nothing(
+    state: RoundState, event: object
+) -> None:
     coordinator = _coordinator()
     coordinator.state = state
     before = coordinator.parameters.vector.copy()

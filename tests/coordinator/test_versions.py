@@ -73,7 +73,9 @@ def test_optimizer_state_round_trips(tmp_path: Path) -> None:
     vector = params(0).vector
     state = optimizer.init(vector)
     _, state = optimizer.update(np.ones_like(vector), state, vector)
-    record = store.commit(params(0), round_number=1, virtual_time_s=0.0, metrics={}, optimizer_state=state)
+    record = store.commit(
+        params(0), round_number=1, virtual_time_s=0.0, metrics={}, optimizer_state=state
+    )
     restored = store.load_state(record.version, optimizer.init(vector))
     for saved, loaded in zip(state, restored, strict=True):
         np.testing.assert_array_equal(np.asarray(saved), np.asarray(loaded))

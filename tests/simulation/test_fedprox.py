@@ -33,7 +33,12 @@ def training_loss(config: Config, folder: Path) -> float:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fedprox_beats_fedavg_with_90_percent_stragglers(tmp_path: Path, seed: int) -> None:
-    common = [f"run.seed={seed}", "run.rounds=10", "data.max_samples_per_client=200", "simulation.workers=0"]
+    common = [
+        f"run.seed={seed}",
+        "run.rounds=10",
+        "data.max_samples_per_client=200",
+        "simulation.workers=0",
+    ]
     fedprox = load_config(EXAMPLE, common)
     fedavg = load_config(EXAMPLE, [*common, *FEDAVG])
     assert fedprox.strategy.proximal_mu == 1.0 and fedprox.devices.straggler_fraction == 0.9

@@ -42,7 +42,7 @@ from shoal.coordinator.events import (
 from shoal.coordinator.selection import Stream, client_seed, cohort_size, round_rng, select_cohort
 from shoal.coordinator.state import RoundState, Step, Trigger, next_state
 from shoal.core.errors import ConfigError, IllegalTransition, StrategyError
-from shoal.core.parameters import Parameters
+from shoal.core.parameters import Parameters, all_finite
 from shoal.core.transforms import TransformState
 
 log = logging.getLogger("shoal.coordinator")
@@ -276,7 +276,7 @@ class Coordinator:
             return f"update has shape {update.shape}, the model has {len(self.parameters)} values"
         if update.dtype != np.float32:
             return f"update has dtype {update.dtype}, expected float32"
-        if not np.isfinite(update).all():
+        if not all_finite(update):
             return "update holds NaN or infinite values"
         if event.num_examples == 0:
             return "update was trained on zero examples"
@@ -363,7 +363,7 @@ class Coordinator:
                 delta, self.optimizer_state, self.parameters.vector
             )
             vector = (self.parameters.vector + step).astype(np.float32, copy=False)
-            if not np.isfinite(vector).all():
+            if not all_finite(vector):
                 raise StrategyError("the aggregated model holds NaN or infinite values")
         except StrategyError as exc:
             self._move(Step.QUORUM_MISSED)

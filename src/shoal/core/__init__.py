@@ -13,7 +13,14 @@ from shoal.core.errors import (
     ShoalError,
     StrategyError,
 )
-from shoal.core.parameters import Layout, Parameters, TensorSpec, Vector, stack_vectors
+from shoal.core.parameters import (
+    Layout,
+    Parameters,
+    TensorSpec,
+    Vector,
+    all_finite,
+    stack_vectors,
+)
 from shoal.core.torch_interop import parameters_from_state_dict, state_dict_from_parameters
 from shoal.core.transforms import (
     Transform,
@@ -43,6 +50,7 @@ __all__ = [
     "Transform",
     "TransformResult",
     "Vector",
+    "all_finite",
     "chain",
     "identity",
     "map_updates",

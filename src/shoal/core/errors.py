@@ -64,8 +64,7 @@ class MissingExtraError(ShoalError, ImportError):
 
     def __init__(self, *, extra: str, package: str, feature: str) -> None:
         super().__init__(
-            f"{feature} needs the '{package}' package: install it with "
-            f"pip install 'shoal[{extra}]'"
+            f"{feature} needs the '{package}' package: install it with pip install 'shoal[{extra}]'"
         )
         self.extra = extra
         self.package = package

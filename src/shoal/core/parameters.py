@@ -20,11 +20,13 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import safetensors
 import safetensors.numpy
+from scipy.linalg import blas as scipy_blas  # type: ignore[import-untyped]
 
 from shoal.core.errors import IntegrityError, ModelError
 
@@ -263,6 +265,24 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     header = json.loads(data[8 : 8 + header_size])
     metadata = header.get("__metadata__") or {}
     return {str(key): str(value) for key, value in metadata.items()}
+
+
+def all_finite(vector: npt.NDArray[np.floating[Any]]) -> bool:
+    """Whether a vector holds no NaN and no infinity, in one fast pass.
+
+    A dot product propagates NaN and infinity, and reads the vector once
+    without allocating; only when it overflows (huge but finite values) does
+    the exact elementwise test run.
+    """
+    if vector.size == 0:
+        return True
+    if (
+        vector.dtype == np.float32
+        and vector.ndim == 1
+        and math.isfinite(scipy_blas.sdot(vector, vector))
+    ):
+        return True  # BLAS overflows silently, where numpy's dot would warn
+    return bool(np.isfinite(vector).all())
 
 
 def stack_vectors(parameters: Iterable[Parameters]) -> npt.NDArray[np.float32]:
