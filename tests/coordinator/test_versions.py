@@ -63,8 +63,11 @@ def test_torn_index_line_is_ignored(tmp_path: Path) -> None:
     store.commit(params(1), round_number=1, virtual_time_s=0.0, metrics={})
     with (tmp_path / "index.jsonl").open("a") as index:
         index.write('{"version": 1, "rou')
-    assert [record.version for record in store.versions()] == [0]
-    assert store.head().version == 0  # type: ignore[union-attr]
+    reopened = VersionStore(tmp_path)
+    assert [record.version for record in reopened.versions()] == [0]
+    assert reopened.head().version == 0  # type: ignore[union-attr]
+    reopened.commit(params(2), round_number=1, virtual_time_s=1.0, metrics={})
+    assert [record.version for record in VersionStore(tmp_path).versions()] == [0, 1]
 
 
 def test_optimizer_state_round_trips(tmp_path: Path) -> None:

@@ -57,30 +57,41 @@ class VersionStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._index = self.folder / "index.jsonl"
         self._head = self.folder / "HEAD"
+        self._records = self._read_index()
+        self._head_version = int(self._head.read_text().strip()) if self._head.exists() else None
 
-    def versions(self) -> list[ModelVersion]:
-        """Every committed version, oldest first (torn trailing lines ignored)."""
+    def _read_index(self) -> dict[int, ModelVersion]:
+        records: dict[int, ModelVersion] = {}
         if not self._index.exists():
-            return []
-        records = []
-        for line in self._index.read_text().splitlines():
+            return records
+        text = self._index.read_text()
+        if text and not text.endswith("\n"):
+            # a crash tore the last line; cut it so the next append starts clean
+            text = text[: text.rfind("\n") + 1]
+            partial = self._index.with_name("index.jsonl.partial")
+            partial.write_text(text)
+            partial.replace(self._index)
+        for line in text.splitlines():
             try:
-                records.append(ModelVersion(**json.loads(line)))
+                record = ModelVersion(**json.loads(line))
             except (ValueError, TypeError):
                 continue  # a line torn by a crash mid-append never had its HEAD written
+            records[record.version] = record
         return records
 
+    def versions(self) -> list[ModelVersion]:
+        """Every committed version, oldest first (torn lines ignored)."""
+        return list(self._records.values())
+
     def get(self, version: int) -> ModelVersion:
-        for record in self.versions():
-            if record.version == version:
-                return record
-        raise RunError(f"no version {version} in {self.folder}")
+        try:
+            return self._records[version]
+        except KeyError:
+            raise RunError(f"no version {version} in {self.folder}") from None
 
     def head(self) -> ModelVersion | None:
         """The version new rounds build on, or None for an empty store."""
-        if not self._head.exists():
-            return None
-        return self.get(int(self._head.read_text().strip()))
+        return None if self._head_version is None else self.get(self._head_version)
 
     def commit(
         self,
@@ -92,10 +103,9 @@ class VersionStore:
         optimizer_state: TransformState = (),
     ) -> ModelVersion:
         """Persist a new version on top of HEAD and move HEAD to it."""
-        existing = self.versions()
         head = self.head()
         record = ModelVersion(
-            version=existing[-1].version + 1 if existing else 0,
+            version=max(self._records, default=-1) + 1,
             round=round_number,
             parent=None if head is None else head.version,
             sha256=parameters.sha256(),
@@ -110,6 +120,7 @@ class VersionStore:
             index.write(json.dumps(asdict(record), sort_keys=True) + "\n")
             index.flush()
             os.fsync(index.fileno())
+        self._records[record.version] = record
         self._write_head(record.version)
         return record
 
@@ -144,6 +155,7 @@ class VersionStore:
         partial = self._head.with_name("HEAD.partial")
         partial.write_text(f"{version}\n")
         partial.replace(self._head)
+        self._head_version = version
 
 
 def _save_state(path: Path, state: TransformState) -> None:

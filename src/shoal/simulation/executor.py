@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import threadpoolctl
 
 from shoal.client.api import Client, EvaluateConfig, FitConfig, fit_update
 from shoal.coordinator.selection import client_key
@@ -98,6 +99,9 @@ _worker_factory: ClientFactory | None = None
 def _start_worker(factory: ClientFactory) -> None:
     global _worker_factory
     _worker_factory = factory
+    # the pool already uses every core: a BLAS thread pool inside each worker
+    # would only oversubscribe them
+    threadpoolctl.threadpool_limits(limits=1)
 
 
 def _run_chunk(vector: Vector, layout: Layout, jobs: Sequence[Job]) -> list[Outcome]:
