@@ -305,28 +305,26 @@ class Coordinator:
                 total = current.metric_sums.get(name, 0.0)
                 current.metric_sums[name] = total + float(value) * num_examples
 
-    def _fail(self, event: ClientFailed) -> list[Action]:
+    def _collecting(self, round_number: int) -> _Round | None:
+        """The round in progress if it is ``round_number`` and still collecting."""
         current = self._round
-        if (
-            self.state is not RoundState.COLLECTING
-            or current is None
-            or event.round != current.number
-        ):
+        if self.state is not RoundState.COLLECTING or current is None:
+            return None
+        return current if current.number == round_number else None
+
+    def _fail(self, event: ClientFailed) -> list[Action]:
+        current = self._collecting(event.round)
+        if current is None or event.client_id not in current.cohort:
             return []
-        if event.client_id not in current.cohort or event.client_id in current.reported:
+        if event.client_id in current.reported:
             return []
         log.warning("client %s failed in round %d: %s", event.client_id, event.round, event.reason)
         current.failed.add(event.client_id)
         return self._maybe_close(event.now)
 
     def _deadline(self, event: DeadlineReached) -> list[Action]:
-        current = self._round
-        if (
-            self.state is not RoundState.COLLECTING
-            or current is None
-            or event.round != current.number
-        ):
-            return []
+        if self._collecting(event.round) is None:
+            return []  # a stale timer of a round already closed
         return self._close(event.now)
 
     def _require_round(self) -> _Round:

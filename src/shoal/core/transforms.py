@@ -55,18 +55,7 @@ class Transform:
 
 def identity() -> Transform:
     """The transform that passes updates through unchanged."""
-
-    def init(params: Vector) -> TransformState:
-        del params
-        return ()
-
-    def update(
-        updates: Vector, state: TransformState, params: Vector | None = None
-    ) -> TransformResult:
-        del params
-        return TransformResult(updates, state)
-
-    return Transform(init, update)
+    return map_updates(lambda updates: updates)
 
 
 def chain(*transforms: Transform) -> Transform:

@@ -17,7 +17,6 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
 import threadpoolctl
 
 from shoal.client.api import Client, EvaluateConfig, FitConfig, fit_update
@@ -163,8 +162,3 @@ def make_executor(factory: ClientFactory, *, workers: int) -> Executor:
     if workers >= 2:
         return ProcessExecutor(factory, workers=workers)
     return SerialExecutor(factory)
-
-
-def finite_update(outcome: Outcome) -> bool:
-    """Whether an outcome carries an update free of NaN and infinity."""
-    return outcome.update is not None and bool(np.isfinite(outcome.update).all())
