@@ -11,6 +11,7 @@ import pytest
 
 from shoal.client.api import Client
 from shoal.config import Config, load_config
+from shoal.coordinator import VersionStore
 from shoal.core import RunError
 from shoal.simulation import runner as runner_module
 from shoal.simulation.runner import Simulation, final_parameters, load_run_config
@@ -185,3 +186,22 @@ def test_resume_recovers_a_row_lost_between_commit_and_log(tmp_path: Path) -> No
     metrics.write_text("".join(lines[:-1]) + lines[-1][:20])  # the last row, torn mid-write
     Simulation(small("run.rounds=6"), tmp_path / "parts", resume=True).run()
     assert rows_without_wall(tmp_path / "parts") == rows_without_wall(tmp_path / "whole")
+
+
+def test_rollback_then_resume_branches_from_the_good_version(tmp_path: Path) -> None:
+    Simulation(small("run.rounds=4"), tmp_path).run()
+    store = VersionStore(tmp_path / "versions")
+    good = next(record for record in store.versions() if record.round == 2)
+    last = max(record.version for record in store.versions())
+    store.rollback(good.version)
+    Simulation(small("run.rounds=4"), tmp_path, resume=True).run()
+    rows = rows_without_wall(tmp_path)
+    assert [(row["round"], row["phase"]) for row in rows][-3:] == [
+        (3, "fit"),
+        (4, "fit"),
+        (4, "evaluate"),
+    ]
+    branch = VersionStore(tmp_path / "versions")
+    new = [record for record in branch.versions() if record.version > last]
+    assert new and new[0].parent == good.version
+    assert len(branch.versions()) == len(store.versions()) + len(new)  # nothing was deleted

@@ -1,0 +1,47 @@
+"""Executors: a client's exception is an outcome, and serial equals parallel."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shoal.client.api import Client, EvaluateConfig, FitConfig
+from shoal.config import load_config
+from shoal.simulation.executor import Job, ProcessExecutor, SerialExecutor, run_job
+from shoal.simulation.scenario import DataScenario
+
+
+def broken_factory(client_id: str) -> Client:
+    raise MemoryError(f"{client_id} ran out of memory")
+
+
+def test_a_raising_client_is_an_errored_outcome() -> None:
+    scenario = DataScenario(load_config(None, ["data.num_clients=4", "round.clients_per_round=2"]))
+    outcome = run_job(
+        broken_factory, scenario.initial_parameters(), Job("client-00000", FitConfig(round=1))
+    )
+    assert outcome.error is not None and "out of memory" in outcome.error
+    assert outcome.update is None
+
+
+def test_serial_and_process_executors_agree() -> None:
+    scenario = DataScenario(load_config(None, ["data.num_clients=8", "round.clients_per_round=4"]))
+    parameters = scenario.initial_parameters()
+    jobs = [
+        Job(client, FitConfig(round=1, epochs=2, seed=index))
+        for index, client in enumerate(scenario.client_ids)
+    ]
+    jobs.append(Job(scenario.client_ids[0], EvaluateConfig(round=1)))
+    jobs.pop(0)
+    serial = SerialExecutor(scenario.build_client).run(parameters, jobs)
+    pool = ProcessExecutor(scenario.build_client, workers=2)
+    try:
+        parallel = pool.run(parameters, jobs)
+        assert pool.run(parameters, []) == []
+    finally:
+        pool.close()
+    assert [outcome.client_id for outcome in parallel] == [job.client_id for job in jobs]
+    for one, other in zip(serial, parallel, strict=True):
+        assert one.error is None and other.error is None
+        assert one.num_examples == other.num_examples and one.metrics == other.metrics
+        if one.update is not None:
+            np.testing.assert_array_equal(one.update, other.update)  # type: ignore[arg-type]

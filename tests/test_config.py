@@ -1,0 +1,81 @@
+"""Run configuration: defaults, overrides, and one clear line per mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shoal.config import Config, apply_overrides, config_to_dict, load_config, parse_config
+from shoal.core import ConfigError
+
+
+def test_empty_config_is_valid_with_defaults() -> None:
+    config = load_config()
+    assert config == Config()
+    assert config.round.over_selection == 1.3 and config.round.quorum == 0.8
+    assert parse_config(config_to_dict(config)) == config
+
+
+@pytest.mark.parametrize(
+    ("override", "check"),
+    [
+        ("run.rounds=7", lambda c: c.run.rounds == 7),
+        ("strategy.name=fedadam", lambda c: c.strategy.name == "fedadam"),
+        ('strategy.name="fedyogi"', lambda c: c.strategy.name == "fedyogi"),
+        ("client.epochs=0.5", lambda c: c.client.epochs == 0.5),
+        ("evaluation.centralized=false", lambda c: c.evaluation.centralized is False),
+        ("devices.classes=[{name='x', share=2.0}]", lambda c: c.devices.classes[0].share == 2.0),
+    ],
+)
+def test_overrides_are_toml_values(override: str, check: object) -> None:
+    assert check(load_config(None, [override]))  # type: ignore[operator]
+
+
+def test_overrides_apply_on_top_of_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text("[run]\nrounds = 3\nseed = 9\n")
+    config = load_config(path, ["run.rounds=5"])
+    assert (config.run.rounds, config.run.seed) == (5, 9)
+
+
+def test_overrides_do_not_touch_the_input() -> None:
+    data = {"run": {"rounds": 1}}
+    merged = apply_overrides(data, ["run.rounds=2"])
+    assert data == {"run": {"rounds": 1}} and merged == {"run": {"rounds": 2}}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("nope.key=1", "nope: unknown key"),
+        ("run.rounds=0", "run.rounds: Input should be greater than or equal to 1"),
+        ("round.over_selection=0.9", "round.over_selection"),
+        ("model.kind=cnn", "model.kind: Input should be 'softmax' or 'mlp', got 'cnn'"),
+        ("strategy.aggregator=mode", "strategy.aggregator: unknown aggregator 'mode'"),
+        ("round.clients_per_round=500", "exceeds data.num_clients"),
+        ("devices.classes=[{name='a', share=1}, {name='a', share=1}]", "unique"),
+        ("devices.classes=[]", "devices.classes"),
+        ("run.rounds.deep=1", "run.rounds: Input should be a valid integer"),
+        ("rounds=3", "--set expects section.key=value"),
+    ],
+)
+def test_mistakes_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [override])
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_value_is_not_a_section() -> None:
+    with pytest.raises(ConfigError, match=r"run.rounds: is a value, not a section"):
+        load_config(None, ["run.rounds=3", "run.rounds.deep=1"])
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("run = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
