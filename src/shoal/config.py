@@ -154,9 +154,11 @@ class DevicesSection(_Section):
 
 
 class SimulationSection(_Section):
-    """[simulation]: how local training is executed."""
+    """[simulation]: how and where local training is executed."""
 
     workers: int = Field(2, ge=0)
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
 
 
 class Config(_Section):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+import pytest
 
 from shoal.client.api import Client, EvaluateConfig, FitConfig
 from shoal.config import load_config
-from shoal.simulation.executor import Job, ProcessExecutor, SerialExecutor, run_job
+from shoal.core import MissingExtraError
+from shoal.simulation.executor import Job, ProcessExecutor, SerialExecutor, make_executor, run_job
 from shoal.simulation.scenario import DataScenario
 
 
@@ -45,3 +49,9 @@ def test_serial_and_process_executors_agree() -> None:
         assert one.num_examples == other.num_examples and one.metrics == other.metrics
         if one.update is not None:
             np.testing.assert_array_equal(one.update, other.update)  # type: ignore[arg-type]
+
+
+def test_ray_backend_without_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
+    with pytest.raises(MissingExtraError, match=r"pip install 'shoal\[ray\]'"):
+        make_executor(broken_factory, workers=2, backend="ray")

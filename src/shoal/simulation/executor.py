@@ -95,12 +95,30 @@ class SerialExecutor:
 _worker_factory: ClientFactory | None = None
 
 
+def split_by_worker(jobs: Sequence[Job], *, workers: int) -> list[list[Job]]:
+    """One chunk per worker; a client always lands on the same worker, so each
+    worker builds and caches the data of its own share of the population only."""
+    chunks: list[list[Job]] = [[] for _ in range(workers)]
+    for job in jobs:
+        chunks[client_key(job.client_id) % workers].append(job)
+    return chunks
+
+
+def in_job_order(jobs: Sequence[Job], chunks: Sequence[Sequence[Outcome]]) -> list[Outcome]:
+    """The outcomes of the chunks, back in the order of the jobs."""
+    by_client = {outcome.client_id: outcome for chunk in chunks for outcome in chunk}
+    return [by_client[job.client_id] for job in jobs]
+
+
+def limit_blas_threads() -> None:
+    """Workers already use every core: a BLAS thread pool inside each would oversubscribe them."""
+    threadpoolctl.threadpool_limits(limits=1)
+
+
 def _start_worker(factory: ClientFactory) -> None:
     global _worker_factory
     _worker_factory = factory
-    # the pool already uses every core: a BLAS thread pool inside each worker
-    # would only oversubscribe them
-    threadpoolctl.threadpool_limits(limits=1)
+    limit_blas_threads()
 
 
 def _run_chunk(vector: Vector, layout: Layout, jobs: Sequence[Job]) -> list[Outcome]:
@@ -138,27 +156,26 @@ class ProcessExecutor:
     def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
         if not jobs:
             return []
-        # a client always goes to the same worker, so each worker builds and caches
-        # the data of its own share of the population only
-        chunks: list[list[Job]] = [[] for _ in range(self.workers)]
-        for job in jobs:
-            chunks[client_key(job.client_id) % self.workers].append(job)
         futures: list[Future[list[Outcome]]] = [
             self._pool.submit(_run_chunk, parameters.vector, parameters.layout, chunk)
-            for chunk in chunks
+            for chunk in split_by_worker(jobs, workers=self.workers)
             if chunk
         ]
-        by_client = {
-            outcome.client_id: outcome for future in futures for outcome in future.result()
-        }
-        return [by_client[job.client_id] for job in jobs]
+        return in_job_order(jobs, [future.result() for future in futures])
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def make_executor(factory: ClientFactory, *, workers: int) -> Executor:
-    """A process pool for ``workers`` >= 2, otherwise in-process execution."""
+def make_executor(
+    factory: ClientFactory, *, workers: int, backend: str = "local", ray_address: str | None = None
+) -> Executor:
+    """Ray actors with ``backend="ray"``; else a process pool for ``workers`` >= 2,
+    and in-process execution below that."""
+    if backend == "ray":
+        from shoal.simulation.ray_executor import RayExecutor
+
+        return RayExecutor(factory, workers=max(1, workers), address=ray_address)
     if workers >= 2:
         return ProcessExecutor(factory, workers=workers)
     return SerialExecutor(factory)

@@ -167,8 +167,12 @@ class Simulation:
 
     @contextmanager
     def _executor(self) -> Iterator[Executor]:
+        settings = self.config.simulation
         executor = make_executor(
-            self.scenario.client_factory(), workers=self.config.simulation.workers
+            self.scenario.client_factory(),
+            workers=settings.workers,
+            backend=settings.backend,
+            ray_address=settings.ray_address,
         )
         try:
             yield executor
