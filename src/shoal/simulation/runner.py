@@ -252,7 +252,8 @@ class Simulation:
         delivery: _Delivery,
     ) -> None:
         """Train the results that will be needed next, as one parallel batch."""
-        still_needed = max(1, self.settings.target(_phase(tasks)) - len(outcomes))
+        answered = sum(1 for outcome in outcomes.values() if outcome.error is None)
+        still_needed = max(1, self.settings.target(_phase(tasks)) - answered)
         waiting = [
             d.client_id for d in arrivals if d.client_id not in outcomes and not d < delivery
         ]
