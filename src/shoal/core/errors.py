@@ -10,9 +10,14 @@
     ├── ClientError            a client failed while fitting or evaluating
     ├── DataError              a dataset or partition request cannot be met
     ├── RunError               a run folder is missing, corrupt or incompatible
+    ├── RegistryError          the client or model registry refused or failed a request
+    │   └── NotFoundError      no such client or model version
+    ├── TransportError         a network peer could not be reached or broke the protocol
+    ├── SecurityError          a signature, certificate or credential is not acceptable
     └── MissingExtraError      an optional dependency is not installed
 
-Foreign errors (numpy, safetensors, pydantic, torch) are translated into this
+Foreign errors (numpy, safetensors, pydantic, torch, sqlalchemy, grpc,
+cryptography) are translated into this
 hierarchy at the boundary with ``raise ... from exc``.
 """
 
@@ -57,6 +62,22 @@ class DataError(ShoalError):
 
 class RunError(ShoalError):
     """A run folder is missing, corrupt, or incompatible with the request."""
+
+
+class RegistryError(ShoalError):
+    """The client or model registry refused or failed a request."""
+
+
+class NotFoundError(RegistryError):
+    """No client or model version has the requested id."""
+
+
+class TransportError(ShoalError):
+    """A network peer could not be reached or broke the protocol."""
+
+
+class SecurityError(ShoalError):
+    """A signature, certificate, credential or nonce is not acceptable."""
 
 
 class MissingExtraError(ShoalError, ImportError):
