@@ -1,5 +1,6 @@
 """The coordinator: round lifecycle, cohort selection, aggregation and model versions."""
 
+from shoal.coordinator.driver import DriverSettings, RetryLater, RoundDriver, TaskOffer
 from shoal.coordinator.engine import Coordinator, RoundSettings
 from shoal.coordinator.events import (
     Action,
@@ -31,6 +32,7 @@ __all__ = [
     "CommitVersion",
     "Coordinator",
     "DeadlineReached",
+    "DriverSettings",
     "EvaluationReceived",
     "Event",
     "FinishRun",
@@ -38,7 +40,9 @@ __all__ = [
     "Phase",
     "RejectReason",
     "RejectSubmission",
+    "RetryLater",
     "RoundClosed",
+    "RoundDriver",
     "RoundSettings",
     "RoundState",
     "RoundSummary",
@@ -46,6 +50,7 @@ __all__ = [
     "SendEvaluateTask",
     "SendFitTask",
     "StartRound",
+    "TaskOffer",
     "Step",
     "UpdateReceived",
     "VersionStore",
