@@ -26,8 +26,9 @@ run: $(VENV)/.core
 	$(BIN)/shoal simulate
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
+	$(BIN)/python scripts/generate_protos.py --check
 
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy

@@ -14,6 +14,7 @@ PACKAGES = [
     "shoal.core",
     "shoal.simulation",
     "shoal.telemetry",
+    "shoal.transport",
 ]
 
 

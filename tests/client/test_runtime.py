@@ -17,13 +17,9 @@ from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.core import Parameters
 from shoal.simulation.scenario import DataScenario
 from shoal.transport.inprocess import InProcessLink
+from shoal.transport.signing import generate_client_key
 
 CLIENTS = 8
-
-
-def fake_key() -> tuple[bytes, bytes]:
-    secret = random.randbytes(32)
-    return secret, secret[::-1]
 
 
 class Exploding(Client):
@@ -75,7 +71,7 @@ async def federate(
     )
     runtimes = []
     for index, client_id in enumerate(scenario.client_ids):
-        enrollment = load_or_create_enrollment(tmp_path / client_id, fake_key)
+        enrollment = load_or_create_enrollment(tmp_path / client_id, generate_client_key)
         link_ids.append(enrollment.client_id)
         client = scenario.build_client(client_id)
         if index < exploding:
@@ -109,8 +105,8 @@ def test_a_failing_model_is_reported_and_the_rounds_go_on(tmp_path: Path) -> Non
 
 
 def test_enrollment_survives_a_restart(tmp_path: Path) -> None:
-    first = load_or_create_enrollment(tmp_path, fake_key)
-    again = load_or_create_enrollment(tmp_path, fake_key)
+    first = load_or_create_enrollment(tmp_path, generate_client_key)
+    again = load_or_create_enrollment(tmp_path, generate_client_key)
     assert first == again
     assert (tmp_path / "enrollment.json").stat().st_mode & 0o777 == 0o600
     assert np.frombuffer(first.public_key, np.uint8).size == 32

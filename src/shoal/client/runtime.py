@@ -26,26 +26,12 @@ from shoal.coordinator.driver import RetryLater, TaskOffer
 from shoal.coordinator.events import Phase, RejectSubmission
 from shoal.core.errors import ClientError, TransportError
 from shoal.core.parameters import Parameters
+from shoal.transport.messages import DeviceState
 
 log = logging.getLogger("shoal.client")
 
 T = TypeVar("T")
 Upload = Awaitable[RejectSubmission | None]
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceState:
-    """What a device reports at every check-in (the seed's registry record)."""
-
-    device_class: str = "server"
-    battery_level: float = 1.0
-    charging: bool = True
-    wifi: bool = True
-    app_version: str = "1.0.0"
-    runtime_version: str = "1.0.0"
-    model_architecture_version: str = "1"
-    feature_extractor_version: str = "1"
-    ram_gb: float = 8.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,307 @@
+"""The typed messages of the coordinator protocol: frozen dataclasses that validate themselves.
+
+Each mirrors a message of ``proto/shoal/v1/coordinator.proto``; ``serde``
+converts between the two. Construction checks what a well-behaved peer
+always sends (sizes, hash formats, ranges) and raises ``ProtocolError``
+otherwise, so that a malformed message is refused before it reaches the
+coordinator. What only the coordinator can judge (a NaN loss, the wrong
+round) is left to it.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from shoal.client.api import EvaluateConfig, FitConfig
+from shoal.coordinator.events import Phase, RejectReason
+from shoal.core.errors import ProtocolError
+from shoal.transport.signing import check_sha256_hex
+
+_MAX_TEXT = 256
+_VERSION_FIELDS = (
+    "app_version",
+    "runtime_version",
+    "model_architecture_version",
+    "feature_extractor_version",
+)
+ED25519_PUBLIC_KEY_BYTES = 32
+
+
+class RejectCode(enum.Enum):
+    """Why a request was refused: the coordinator's reasons plus the transport's own."""
+
+    LATE = "late"
+    WRONG_ROUND = "wrong_round"
+    DUPLICATE = "duplicate"
+    NOT_SELECTED = "not_selected"
+    WRONG_PHASE = "wrong_phase"
+    INVALID_UPDATE = "invalid_update"
+    WRONG_MODEL_HASH = "wrong_model_hash"
+    OVERSIZED = "oversized"
+    UNKNOWN_CLIENT = "unknown_client"
+    BAD_SIGNATURE = "bad_signature"
+    REPLAYED = "replayed"
+    MALFORMED = "malformed"
+    INCOMPATIBLE = "incompatible"
+    SUSPENDED = "suspended"
+    BAD_TOKEN = "bad_token"
+
+    @classmethod
+    def from_reason(cls, reason: RejectReason) -> RejectCode:
+        """The wire code of one of the coordinator's rejection reasons."""
+        return cls(reason.value)
+
+
+def _check_text(value: str, what: str, *, required: bool = False) -> None:
+    if required and not value:
+        raise ProtocolError(f"{what} must not be empty")
+    if len(value) > _MAX_TEXT:
+        raise ProtocolError(f"{what} is longer than {_MAX_TEXT} characters")
+
+
+def _check_count(value: int, what: str) -> None:
+    if value < 0:
+        raise ProtocolError(f"{what} must be >= 0, got {value}")
+
+
+def _check_duration(value: float, what: str) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ProtocolError(f"{what} must be a finite number of seconds >= 0, got {value}")
+
+
+def _check_round(value: int) -> None:
+    if value < 0:
+        raise ProtocolError(f"round numbers start at 0, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """What a device reports at enrollment, check-in and heartbeat (the seed's registry record).
+
+    The four versions are what the versioning matrix checks before a client
+    may train a given model.
+    """
+
+    device_class: str = "server"
+    battery_level: float = 1.0
+    charging: bool = True
+    wifi: bool = True
+    app_version: str = "1.0.0"
+    runtime_version: str = "1.0.0"
+    model_architecture_version: str = "1"
+    feature_extractor_version: str = "1"
+    ram_gb: float = 8.0
+
+    def __post_init__(self) -> None:
+        _check_text(self.device_class, "device class", required=True)
+        for name in _VERSION_FIELDS:
+            _check_text(getattr(self, name), name)
+        if not 0.0 <= self.battery_level <= 1.0:  # also refuses NaN
+            raise ProtocolError(f"battery level must be in [0, 1], got {self.battery_level}")
+        if not (math.isfinite(self.ram_gb) and self.ram_gb >= 0):
+            raise ProtocolError(f"ram_gb must be a finite number >= 0, got {self.ram_gb}")
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentRequest:
+    """A client asks to join: its device, its Ed25519 public key, its enrollment token."""
+
+    device: DeviceState
+    public_key: bytes
+    enrollment_token: str
+
+    def __post_init__(self) -> None:
+        if len(self.public_key) != ED25519_PUBLIC_KEY_BYTES:
+            raise ProtocolError(f"an Ed25519 public key has 32 bytes, got {len(self.public_key)}")
+        _check_text(self.enrollment_token, "enrollment token", required=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What an accepted enrollment grants: the client's id, and when it expires (or never)."""
+
+    client_id: str
+    expires_at: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_text(self.client_id, "client id", required=True)
+        if self.expires_at is not None and not (
+            math.isfinite(self.expires_at) and self.expires_at > 0
+        ):
+            raise ProtocolError(f"expires_at must be a positive timestamp, got {self.expires_at}")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The answer to a submission: accepted (``code`` is None), or rejected with a code."""
+
+    accepted: bool
+    code: RejectCode | None = None
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.accepted != (self.code is None):
+            raise ProtocolError("a verdict has a reject code exactly when it is not accepted")
+
+    @classmethod
+    def accept(cls, detail: str = "") -> Verdict:
+        return cls(True, None, detail)
+
+    @classmethod
+    def reject(cls, code: RejectCode, detail: str) -> Verdict:
+        return cls(False, code, detail)
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollReply:
+    """The coordinator's answer to an enrollment; credentials exactly when accepted."""
+
+    verdict: Verdict
+    credentials: Credentials | None = None
+
+    def __post_init__(self) -> None:
+        if self.verdict.accepted != (self.credentials is not None):
+            raise ProtocolError("an enrollment reply carries credentials exactly when accepted")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """Which global model a task uses: its version, content sha256, and download size."""
+
+    version_id: str
+    sha256: str
+    size_bytes: int
+
+    def __post_init__(self) -> None:
+        _check_text(self.version_id, "model version id", required=True)
+        check_sha256_hex(self.sha256, "model sha256")
+        _check_count(self.size_bytes, "model size")
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """Work for one client: train or evaluate ``model`` in ``round``, within ``deadline_in_s``."""
+
+    round: int
+    run_id: str
+    phase: Phase
+    model: ModelRef
+    config: FitConfig | EvaluateConfig
+    deadline_in_s: float
+
+    def __post_init__(self) -> None:
+        _check_round(self.round)
+        _check_text(self.run_id, "run id", required=True)
+        expected = FitConfig if self.phase is Phase.FIT else EvaluateConfig
+        if not isinstance(self.config, expected):
+            raise ProtocolError(f"a {self.phase.value} task needs a {expected.__name__}")
+        if self.config.round != self.round:
+            raise ProtocolError(f"task for round {self.round} has a config for {self.config.round}")
+        _check_duration(self.deadline_in_s, "deadline_in_s")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryAfter:
+    """No work now: check in again after ``seconds`` (the coordinator's pace steering)."""
+
+    seconds: float
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        _check_duration(self.seconds, "retry-after seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A check-in refused for good reason (unknown, suspended or incompatible client...)."""
+
+    code: RejectCode
+    detail: str = ""
+
+
+CheckInOutcome = Task | RetryAfter | Rejected
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRequest:
+    """Ask for a model version's bytes, from ``offset`` on (to resume a broken download)."""
+
+    version_id: str
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        _check_text(self.version_id, "model version id", required=True)
+        _check_count(self.offset, "offset")
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A piece of a byte payload; each chunk repeats the payload's total size and sha256."""
+
+    offset: int
+    total_size: int
+    sha256: str
+    data: bytes
+
+    def __post_init__(self) -> None:
+        _check_count(self.offset, "chunk offset")
+        _check_count(self.total_size, "chunk total size")
+        check_sha256_hex(self.sha256, "chunk sha256")
+        if self.offset + len(self.data) > self.total_size:
+            raise ProtocolError(
+                f"chunk [{self.offset}, {self.offset + len(self.data)}) runs past "
+                f"the payload's {self.total_size} bytes"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateHeader:
+    """The first message of an update upload: what the payload chunks that follow are."""
+
+    round: int
+    run_id: str
+    num_examples: int
+    payload_sha256: str
+    total_size: int
+    base_model_sha256: str
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_round(self.round)
+        _check_text(self.run_id, "run id", required=True)
+        _check_count(self.num_examples, "num_examples")
+        check_sha256_hex(self.payload_sha256, "payload sha256")
+        _check_count(self.total_size, "total size")
+        check_sha256_hex(self.base_model_sha256, "base model sha256")
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationReport:
+    """A client's evaluation of ``model_sha256`` in ``round``."""
+
+    round: int
+    run_id: str
+    loss: float
+    num_examples: int
+    model_sha256: str
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_round(self.round)
+        _check_text(self.run_id, "run id", required=True)
+        _check_count(self.num_examples, "num_examples")
+        check_sha256_hex(self.model_sha256, "model sha256")
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReply:
+    """The coordinator's answer to a heartbeat, with when to send the next one."""
+
+    verdict: Verdict
+    next_heartbeat_in_s: float
+
+    def __post_init__(self) -> None:
+        _check_duration(self.next_heartbeat_in_s, "next_heartbeat_in_s")

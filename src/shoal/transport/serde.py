@@ -1,0 +1,541 @@
+"""Protobuf messages to Shoal's typed messages and back: the one module that knows both.
+
+Every ``encode_*`` function builds a message of ``coordinator.proto`` from a
+typed message (``shoal.transport.messages``, ``FitConfig``...); every
+``decode_*`` function does the reverse and raises ``ProtocolError`` for a
+message no well-behaved peer sends (a missing field, an unknown enum value,
+a value out of range). Requests are signed over their body's digest
+(:func:`request_digest`): :func:`sign_message` on the client,
+:func:`verify_message` on the coordinator. Byte payloads (models, updates)
+travel as chunks: see ``shoal.transport.chunks``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from typing import Any, TypeVar
+
+import numpy as np
+
+from shoal.client.api import EvaluateConfig, FitConfig
+from shoal.coordinator.events import Phase, RejectSubmission
+from shoal.core.errors import ClientError, ProtocolError
+from shoal.transport._generated import coordinator_pb2 as pb
+from shoal.transport.chunks import DEFAULT_CHUNK_SIZE, chunk_payload
+from shoal.transport.messages import (
+    CheckInOutcome,
+    Chunk,
+    Credentials,
+    DeviceState,
+    EnrollmentRequest,
+    EnrollReply,
+    EvaluationReport,
+    HeartbeatReply,
+    ModelRef,
+    ModelRequest,
+    RejectCode,
+    Rejected,
+    RetryAfter,
+    Task,
+    UpdateHeader,
+    Verdict,
+)
+from shoal.transport.signing import RequestAuth, create_request_auth, verify_request
+
+AuthenticatedRequest = (
+    pb.EnrollRequest
+    | pb.CheckInRequest
+    | pb.FetchModelRequest
+    | pb.UpdateHeader
+    | pb.ReportEvaluationRequest
+    | pb.HeartbeatRequest
+)
+"""The messages that carry a signed ``RequestAuth``."""
+
+_T = TypeVar("_T")
+_INT64 = 2**63
+_REJECT_PREFIX = "REJECT_CODE_"
+_PHASES = {Phase.FIT: pb.PHASE_FIT, Phase.EVALUATE: pb.PHASE_EVALUATE}
+_PHASE_OF = {value: phase for phase, value in _PHASES.items()}
+
+
+def _checked(build: Callable[[], _T], what: str) -> _T:
+    """Run ``build``, mapping protobuf's and the typed messages' value errors to ProtocolError."""
+    try:
+        return build()
+    except (ValueError, TypeError, OverflowError, ClientError) as exc:
+        raise ProtocolError(f"malformed {what}: {exc}") from exc
+
+
+def _require(message: Any, field: str, what: str) -> None:
+    if not message.HasField(field):
+        raise ProtocolError(f"{what} lacks its {field!r} field")
+
+
+# --- request authentication ---------------------------------------------------------
+
+
+def request_digest(message: AuthenticatedRequest) -> str:
+    """The sha256 a request's signature covers: its type's name and its body without ``auth``.
+
+    Deterministic serialization makes both ends hash the same bytes for the
+    same field values (maps in key order, fields in number order).
+    """
+    body = type(message)()
+    body.CopyFrom(message)  # type: ignore[arg-type]  # the same type, as mypy cannot see
+    body.ClearField("auth")
+    digest = hashlib.sha256(message.DESCRIPTOR.full_name.encode())
+    digest.update(b"\0")
+    digest.update(body.SerializeToString(deterministic=True))
+    return digest.hexdigest()
+
+
+def encode_auth(auth: RequestAuth) -> pb.RequestAuth:
+    return pb.RequestAuth(
+        client_id=auth.client_id,
+        run_id=auth.run_id,
+        round=auth.round,
+        nonce=auth.nonce,
+        timestamp=auth.timestamp,
+        payload_sha256=auth.payload_sha256,
+        signature=auth.signature,
+    )
+
+
+def decode_auth(message: AuthenticatedRequest) -> RequestAuth:
+    """The typed ``RequestAuth`` of a request; ``ProtocolError`` if absent or malformed."""
+    _require(message, "auth", type(message).__name__)
+    auth = message.auth
+    return RequestAuth(
+        auth.client_id,
+        auth.run_id,
+        auth.round,
+        auth.nonce,
+        auth.timestamp,
+        auth.payload_sha256,
+        auth.signature,
+    )
+
+
+def sign_message(
+    message: AuthenticatedRequest,
+    private_key: bytes,
+    *,
+    client_id: str,
+    run_id: str,
+    round: int,
+    timestamp: float,
+) -> RequestAuth:
+    """Sign a request in place (fills its ``auth`` field, with a fresh nonce) and return the auth.
+
+    Set every other field first: the signature covers the body as it is now.
+    """
+    auth = create_request_auth(
+        private_key,
+        client_id=client_id,
+        run_id=run_id,
+        round=round,
+        payload_sha256=request_digest(message),
+        timestamp=timestamp,
+    )
+    message.auth.CopyFrom(encode_auth(auth))
+    return auth
+
+
+def verify_message(message: AuthenticatedRequest, public_key: bytes) -> RequestAuth:
+    """Check a request's signature against its body; ``SecurityError`` if it does not verify.
+
+    Freshness (nonce and timestamp) is the ``ReplayGuard``'s job, after this.
+    """
+    auth = decode_auth(message)
+    verify_request(public_key, auth, payload_sha256=request_digest(message))
+    return auth
+
+
+# --- enums ---------------------------------------------------------------------------
+
+
+def encode_reject_code(code: RejectCode) -> pb.RejectCode.ValueType:
+    return pb.RejectCode.Value(_REJECT_PREFIX + code.name)
+
+
+def decode_reject_code(value: int) -> RejectCode:
+    """The typed code of a wire value; ``ProtocolError`` for unspecified or unknown values."""
+    try:
+        name = pb.RejectCode.Name(pb.RejectCode.ValueType(value)).removeprefix(_REJECT_PREFIX)
+        return RejectCode[name]
+    except (ValueError, KeyError) as exc:
+        raise ProtocolError(f"unknown reject code {value}") from exc
+
+
+def _decode_phase(value: int) -> Phase:
+    try:
+        return _PHASE_OF[pb.Phase.ValueType(value)]
+    except KeyError as exc:
+        raise ProtocolError(f"unknown phase {value}") from exc
+
+
+# --- device, enrollment --------------------------------------------------------------
+
+
+def encode_device_state(state: DeviceState) -> pb.DeviceState:
+    return _checked(
+        lambda: pb.DeviceState(
+            device_class=state.device_class,
+            battery_level=state.battery_level,
+            charging=state.charging,
+            wifi=state.wifi,
+            app_version=state.app_version,
+            runtime_version=state.runtime_version,
+            model_architecture_version=state.model_architecture_version,
+            feature_extractor_version=state.feature_extractor_version,
+            ram_gb=state.ram_gb,
+        ),
+        "device state",
+    )
+
+
+def decode_device_state(message: pb.DeviceState) -> DeviceState:
+    return DeviceState(
+        device_class=message.device_class,
+        battery_level=message.battery_level,
+        charging=message.charging,
+        wifi=message.wifi,
+        app_version=message.app_version,
+        runtime_version=message.runtime_version,
+        model_architecture_version=message.model_architecture_version,
+        feature_extractor_version=message.feature_extractor_version,
+        ram_gb=message.ram_gb,
+    )
+
+
+def encode_enroll_request(request: EnrollmentRequest) -> pb.EnrollRequest:
+    return pb.EnrollRequest(
+        device=encode_device_state(request.device),
+        public_key=request.public_key,
+        enrollment_token=request.enrollment_token,
+    )
+
+
+def decode_enroll_request(message: pb.EnrollRequest) -> EnrollmentRequest:
+    _require(message, "device", "EnrollRequest")
+    return EnrollmentRequest(
+        decode_device_state(message.device), message.public_key, message.enrollment_token
+    )
+
+
+def encode_enroll_response(reply: EnrollReply) -> pb.EnrollResponse:
+    message = pb.EnrollResponse(verdict=encode_verdict(reply.verdict))
+    if reply.credentials is not None:
+        message.credentials.client_id = reply.credentials.client_id
+        message.credentials.expires_at = reply.credentials.expires_at or 0.0
+    return message
+
+
+def decode_enroll_response(message: pb.EnrollResponse) -> EnrollReply:
+    _require(message, "verdict", "EnrollResponse")
+    credentials = None
+    if message.HasField("credentials"):
+        expires_at = message.credentials.expires_at or None
+        credentials = Credentials(message.credentials.client_id, expires_at)
+    return EnrollReply(decode_verdict(message.verdict), credentials)
+
+
+def encode_check_in_request(state: DeviceState) -> pb.CheckInRequest:
+    return pb.CheckInRequest(device=encode_device_state(state))
+
+
+def decode_check_in_request(message: pb.CheckInRequest) -> DeviceState:
+    _require(message, "device", "CheckInRequest")
+    return decode_device_state(message.device)
+
+
+def encode_heartbeat_request(state: DeviceState) -> pb.HeartbeatRequest:
+    return pb.HeartbeatRequest(device=encode_device_state(state))
+
+
+def decode_heartbeat_request(message: pb.HeartbeatRequest) -> DeviceState:
+    _require(message, "device", "HeartbeatRequest")
+    return decode_device_state(message.device)
+
+
+# --- verdicts ------------------------------------------------------------------------
+
+
+def encode_verdict(verdict: Verdict) -> pb.Verdict:
+    code = pb.REJECT_CODE_UNSPECIFIED if verdict.code is None else encode_reject_code(verdict.code)
+    return pb.Verdict(accepted=verdict.accepted, code=code, detail=verdict.detail)
+
+
+def decode_verdict(message: pb.Verdict) -> Verdict:
+    if message.accepted:
+        if message.code != pb.REJECT_CODE_UNSPECIFIED:
+            raise ProtocolError("an accepted verdict carries a reject code")
+        return Verdict.accept(message.detail)
+    return Verdict.reject(decode_reject_code(message.code), message.detail)
+
+
+def verdict_of(rejection: RejectSubmission | None) -> Verdict:
+    """The verdict for what the coordinator said of a submission (None: it counted)."""
+    if rejection is None:
+        return Verdict.accept()
+    return Verdict.reject(RejectCode.from_reason(rejection.reason), rejection.detail)
+
+
+def encode_submit_update_response(verdict: Verdict) -> pb.SubmitUpdateResponse:
+    return pb.SubmitUpdateResponse(verdict=encode_verdict(verdict))
+
+
+def decode_submit_update_response(message: pb.SubmitUpdateResponse) -> Verdict:
+    _require(message, "verdict", "SubmitUpdateResponse")
+    return decode_verdict(message.verdict)
+
+
+def encode_report_evaluation_response(verdict: Verdict) -> pb.ReportEvaluationResponse:
+    return pb.ReportEvaluationResponse(verdict=encode_verdict(verdict))
+
+
+def decode_report_evaluation_response(message: pb.ReportEvaluationResponse) -> Verdict:
+    _require(message, "verdict", "ReportEvaluationResponse")
+    return decode_verdict(message.verdict)
+
+
+def encode_heartbeat_response(reply: HeartbeatReply) -> pb.HeartbeatResponse:
+    return pb.HeartbeatResponse(
+        verdict=encode_verdict(reply.verdict), next_heartbeat_in_s=reply.next_heartbeat_in_s
+    )
+
+
+def decode_heartbeat_response(message: pb.HeartbeatResponse) -> HeartbeatReply:
+    _require(message, "verdict", "HeartbeatResponse")
+    return HeartbeatReply(decode_verdict(message.verdict), message.next_heartbeat_in_s)
+
+
+# --- tasks ---------------------------------------------------------------------------
+
+
+def _encode_scalar(key: str, value: object) -> pb.Scalar:
+    if isinstance(value, bool | np.bool_):
+        return pb.Scalar(bool_value=bool(value))
+    if isinstance(value, int | np.integer):
+        if not -_INT64 <= int(value) < _INT64:
+            raise ProtocolError(f"extras[{key!r}] = {value} does not fit in 64 bits")
+        return pb.Scalar(int_value=int(value))
+    if isinstance(value, float | np.floating):
+        return pb.Scalar(float_value=float(value))
+    if isinstance(value, str):
+        return pb.Scalar(string_value=value)
+    raise ProtocolError(
+        f"extras[{key!r}] is a {type(value).__name__}: only bool, int, float and str travel"
+    )
+
+
+def _encode_extras(extras: Mapping[str, Any], target: MutableMapping[str, pb.Scalar]) -> None:
+    for key, value in extras.items():
+        if not isinstance(key, str):
+            raise ProtocolError(f"extras keys must be strings, got {key!r}")
+        target[key].CopyFrom(_encode_scalar(key, value))
+
+
+def _decode_extras(source: Mapping[str, pb.Scalar]) -> dict[str, Any]:
+    extras: dict[str, Any] = {}
+    for key, scalar in source.items():
+        kind = scalar.WhichOneof("kind")
+        if kind is None:
+            raise ProtocolError(f"extras[{key!r}] has no value")
+        extras[key] = getattr(scalar, kind)
+    return extras
+
+
+def encode_task(task: Task) -> pb.Task:
+    message = pb.Task(
+        round=task.round,
+        run_id=task.run_id,
+        phase=_PHASES[task.phase],
+        model=pb.ModelRef(
+            version_id=task.model.version_id,
+            sha256=task.model.sha256,
+            size_bytes=task.model.size_bytes,
+        ),
+        deadline_in_s=task.deadline_in_s,
+    )
+    config = task.config
+    if isinstance(config, FitConfig):
+        _checked(
+            lambda: message.fit.MergeFrom(
+                pb.FitConfig(
+                    epochs=config.epochs,
+                    batch_size=config.batch_size,
+                    learning_rate=config.learning_rate,
+                    proximal_mu=config.proximal_mu,
+                    seed=config.seed,
+                )
+            ),
+            "fit config",
+        )
+        _encode_extras(config.extras, message.fit.extras)
+    else:
+        _checked(lambda: setattr(message.evaluate, "batch_size", config.batch_size), "config")
+        _encode_extras(config.extras, message.evaluate.extras)
+    return message
+
+
+def decode_task(message: pb.Task) -> Task:
+    _require(message, "model", "Task")
+    model = ModelRef(message.model.version_id, message.model.sha256, message.model.size_bytes)
+    config: FitConfig | EvaluateConfig
+    kind = message.WhichOneof("config")
+    if kind == "fit":
+        fit = message.fit
+        config = _checked(
+            lambda: FitConfig(
+                round=message.round,
+                epochs=fit.epochs,
+                batch_size=fit.batch_size,
+                learning_rate=fit.learning_rate,
+                proximal_mu=fit.proximal_mu,
+                seed=fit.seed,
+                extras=_decode_extras(fit.extras),
+            ),
+            "fit config",
+        )
+    elif kind == "evaluate":
+        evaluate = message.evaluate
+        config = EvaluateConfig(message.round, evaluate.batch_size, _decode_extras(evaluate.extras))
+    else:
+        raise ProtocolError("a task has neither a fit nor an evaluate config")
+    phase = _decode_phase(message.phase)
+    return Task(message.round, message.run_id, phase, model, config, message.deadline_in_s)
+
+
+def encode_check_in_response(outcome: CheckInOutcome) -> pb.CheckInResponse:
+    if isinstance(outcome, Task):
+        return pb.CheckInResponse(task=encode_task(outcome))
+    if isinstance(outcome, RetryAfter):
+        retry = pb.RetryAfter(seconds=outcome.seconds, reason=outcome.reason)
+        return pb.CheckInResponse(retry_after=retry)
+    rejected = pb.Rejected(code=encode_reject_code(outcome.code), detail=outcome.detail)
+    return pb.CheckInResponse(rejected=rejected)
+
+
+def decode_check_in_response(message: pb.CheckInResponse) -> CheckInOutcome:
+    kind = message.WhichOneof("outcome")
+    if kind == "task":
+        return decode_task(message.task)
+    if kind == "retry_after":
+        return RetryAfter(message.retry_after.seconds, message.retry_after.reason)
+    if kind == "rejected":
+        return Rejected(decode_reject_code(message.rejected.code), message.rejected.detail)
+    raise ProtocolError("a check-in response has no outcome")
+
+
+# --- models, updates, evaluations ----------------------------------------------------
+
+
+def encode_fetch_model_request(request: ModelRequest) -> pb.FetchModelRequest:
+    return pb.FetchModelRequest(version_id=request.version_id, offset=request.offset)
+
+
+def decode_fetch_model_request(message: pb.FetchModelRequest) -> ModelRequest:
+    return ModelRequest(message.version_id, message.offset)
+
+
+def encode_chunk(chunk: Chunk) -> pb.Chunk:
+    return pb.Chunk(
+        offset=chunk.offset, total_size=chunk.total_size, sha256=chunk.sha256, data=chunk.data
+    )
+
+
+def decode_chunk(message: pb.Chunk) -> Chunk:
+    return Chunk(message.offset, message.total_size, message.sha256, message.data)
+
+
+def _check_matches_auth(message: pb.UpdateHeader | pb.ReportEvaluationRequest) -> None:
+    """A body's round and run must be the ones its signature names."""
+    if message.HasField("auth") and (
+        message.round != message.auth.round or message.run_id != message.auth.run_id
+    ):
+        raise ProtocolError(
+            f"{type(message).__name__} is about run {message.run_id!r} round {message.round} "
+            f"but signed for run {message.auth.run_id!r} round {message.auth.round}"
+        )
+
+
+def encode_update_header(header: UpdateHeader) -> pb.UpdateHeader:
+    return _checked(
+        lambda: pb.UpdateHeader(
+            round=header.round,
+            run_id=header.run_id,
+            num_examples=header.num_examples,
+            metrics={str(name): float(value) for name, value in header.metrics.items()},
+            payload_sha256=header.payload_sha256,
+            total_size=header.total_size,
+            base_model_sha256=header.base_model_sha256,
+        ),
+        "update header",
+    )
+
+
+def decode_update_header(message: pb.UpdateHeader) -> UpdateHeader:
+    _check_matches_auth(message)
+    return UpdateHeader(
+        round=message.round,
+        run_id=message.run_id,
+        num_examples=message.num_examples,
+        payload_sha256=message.payload_sha256,
+        total_size=message.total_size,
+        base_model_sha256=message.base_model_sha256,
+        metrics=dict(message.metrics),
+    )
+
+
+def update_parts(
+    header: pb.UpdateHeader, payload: bytes, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Iterator[pb.UpdatePart]:
+    """The client-streamed messages of an upload: the (signed) header, then the chunks."""
+    if header.payload_sha256 != hashlib.sha256(payload).hexdigest():
+        raise ProtocolError("the update header's payload_sha256 is not the payload's sha256")
+    yield pb.UpdatePart(header=header)
+    for chunk in chunk_payload(payload, chunk_size):
+        yield pb.UpdatePart(chunk=encode_chunk(chunk))
+
+
+def header_of(part: pb.UpdatePart) -> pb.UpdateHeader:
+    """The header an upload must open with; ``ProtocolError`` for anything else."""
+    if part.WhichOneof("part") != "header":
+        raise ProtocolError("an update upload must start with its header")
+    return part.header
+
+
+def chunk_of(part: pb.UpdatePart) -> Chunk:
+    """A payload chunk of an upload; ``ProtocolError`` for a second header or an empty part."""
+    if part.WhichOneof("part") != "chunk":
+        raise ProtocolError("after its header, an update upload carries only chunks")
+    return decode_chunk(part.chunk)
+
+
+def encode_evaluation_report(report: EvaluationReport) -> pb.ReportEvaluationRequest:
+    return _checked(
+        lambda: pb.ReportEvaluationRequest(
+            round=report.round,
+            run_id=report.run_id,
+            loss=report.loss,
+            num_examples=report.num_examples,
+            metrics={str(name): float(value) for name, value in report.metrics.items()},
+            model_sha256=report.model_sha256,
+        ),
+        "evaluation report",
+    )
+
+
+def decode_evaluation_report(message: pb.ReportEvaluationRequest) -> EvaluationReport:
+    _check_matches_auth(message)
+    return EvaluationReport(
+        round=message.round,
+        run_id=message.run_id,
+        loss=message.loss,
+        num_examples=message.num_examples,
+        model_sha256=message.model_sha256,
+        metrics=dict(message.metrics),
+    )
