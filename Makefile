@@ -19,7 +19,7 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 # to the CPU build, so that the extra's range installs nothing more)
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install --quiet -e ".[dev,torch,ray,he,mlflow]"
+	$(BIN)/pip install --quiet -e ".[dev,torch,ray,he,mlflow,postgres]"
 	touch $@ $(VENV)/.core
 
 run: $(VENV)/.core
@@ -39,6 +39,7 @@ test: lint typecheck
 bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/aggregation.py
 	$(BIN)/python benchmarks/simulation.py
+	$(BIN)/python benchmarks/registry.py
 
 clean:
 	rm -rf $(VENV) runs .mypy_cache .ruff_cache .pytest_cache

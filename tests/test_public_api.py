@@ -11,6 +11,7 @@ PACKAGES = [
     "shoal.cli",
     "shoal.client",
     "shoal.coordinator",
+    "shoal.registry",
     "shoal.core",
     "shoal.simulation",
     "shoal.telemetry",

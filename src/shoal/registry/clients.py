@@ -1,0 +1,429 @@
+"""The client registry: enrolled devices, their latest state, and batched heartbeat ingest.
+
+A client record holds what the seed's registry record holds (device class,
+battery and WiFi, app version, last seen, eligibility with a rejection
+reason) plus the runtime, model-architecture and feature-extractor versions,
+RAM, a status (:class:`ClientStatus`), an expiry, the client's Ed25519
+public key and its ``sample_key``: a uniform random 63-bit integer drawn
+at enrollment, which the selector walks to sample clients without scanning
+the table (see :mod:`shoal.registry.selector`).
+
+Heartbeats arrive far more often than anything else: they are written in
+batches, one executemany per batch, by :meth:`ClientRegistry.record_heartbeats`
+or through a :class:`HeartbeatBuffer`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from shoal.core.errors import NotFoundError, RegistryError, SecurityError
+from shoal.registry.database import Database
+from shoal.registry.schema import ClientStatus, UtcDateTime, clients
+from shoal.registry.versioning import Component, Eligibility, version_key
+
+PUBLIC_KEY_BYTES = 32  # an Ed25519 public key
+SAMPLE_KEY_LIMIT = 2**63
+
+_TRANSITIONS: dict[ClientStatus, frozenset[ClientStatus]] = {
+    ClientStatus.ACTIVE: frozenset(ClientStatus),
+    ClientStatus.SUSPENDED: frozenset(ClientStatus),
+    ClientStatus.RETIRED: frozenset({ClientStatus.RETIRED}),
+}
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def require_aware(moment: datetime, name: str) -> datetime:
+    if moment.tzinfo is None:
+        raise RegistryError(f"{name} must be a timezone-aware datetime, got {moment!r}")
+    return moment
+
+
+def _require_text(value: str, name: str, *, limit: int) -> None:
+    if not value or len(value) > limit:
+        raise RegistryError(f"{name} must have 1 to {limit} characters, got {value!r}")
+
+
+def _require_fraction(value: float, name: str) -> None:
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise RegistryError(f"{name} must lie in [0, 1], got {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceState:
+    """What a client reports about itself at enrollment and check-in."""
+
+    device_class: str
+    battery_level: float
+    charging: bool
+    wifi: bool
+    ram_gb: float
+    app_version: str
+    runtime_version: str
+    model_architecture_version: str
+    feature_extractor_version: str | None = None
+
+    def __post_init__(self) -> None:
+        _require_text(self.device_class, "device_class", limit=64)
+        _require_fraction(self.battery_level, "battery_level")
+        if not (math.isfinite(self.ram_gb) and self.ram_gb >= 0):
+            raise RegistryError(f"ram_gb must be a finite number >= 0, got {self.ram_gb!r}")
+        for component in Component:
+            version = getattr(self, component.column)
+            if version is not None or component is not Component.FEATURE_EXTRACTOR:
+                _require_text(version, component.column, limit=64)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat:
+    """A client's periodic sign of life: when it was seen and its power and network state."""
+
+    client_id: str
+    seen_at: datetime
+    battery_level: float
+    charging: bool
+    wifi: bool
+
+    def __post_init__(self) -> None:
+        _require_text(self.client_id, "client_id", limit=128)
+        require_aware(self.seen_at, "seen_at")
+        _require_fraction(self.battery_level, "battery_level")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientRecord:
+    """One enrolled client, as the registry holds it."""
+
+    client_id: str
+    device: DeviceState
+    status: ClientStatus
+    status_reason: str | None
+    eligibility: Eligibility
+    public_key: bytes | None
+    sample_key: int
+    enrolled_at: datetime
+    last_seen: datetime
+    expires_at: datetime | None
+
+    @property
+    def app_version(self) -> str:
+        return self.device.app_version
+
+    @property
+    def runtime_version(self) -> str:
+        return self.device.runtime_version
+
+    @property
+    def model_architecture_version(self) -> str:
+        return self.device.model_architecture_version
+
+    @property
+    def feature_extractor_version(self) -> str | None:
+        return self.device.feature_extractor_version
+
+
+def device_columns(device: DeviceState) -> dict[str, Any]:
+    """The clients-table columns that hold ``device``, version keys included."""
+    columns: dict[str, Any] = {
+        "device_class": device.device_class,
+        "battery_level": device.battery_level,
+        "charging": device.charging,
+        "wifi": device.wifi,
+        "ram_gb": device.ram_gb,
+    }
+    for component in Component:
+        version = getattr(device, component.column)
+        columns[component.column] = version
+        columns[f"{component.column}_key"] = None if version is None else version_key(version)
+    return columns
+
+
+def record_from_row(row: sa.Row[Any]) -> ClientRecord:
+    device = DeviceState(
+        device_class=row.device_class,
+        battery_level=row.battery_level,
+        charging=bool(row.charging),
+        wifi=bool(row.wifi),
+        ram_gb=row.ram_gb,
+        app_version=row.app_version,
+        runtime_version=row.runtime_version,
+        model_architecture_version=row.model_architecture_version,
+        feature_extractor_version=row.feature_extractor_version,
+    )
+    return ClientRecord(
+        client_id=row.client_id,
+        device=device,
+        status=row.status,
+        status_reason=row.status_reason,
+        eligibility=Eligibility(bool(row.can_train), row.rejection_reason),
+        public_key=None if row.public_key is None else bytes(row.public_key),
+        sample_key=int(row.sample_key),
+        enrolled_at=row.enrolled_at,
+        last_seen=row.last_seen,
+        expires_at=row.expires_at,
+    )
+
+
+_HEARTBEAT_UPDATE = (
+    sa.update(clients)
+    .where(
+        clients.c.client_id == sa.bindparam("b_client_id"),
+        # an out-of-order heartbeat never rolls a client's state back
+        clients.c.last_seen <= sa.bindparam("b_seen_at", type_=UtcDateTime),
+    )
+    .values(
+        battery_level=sa.bindparam("b_battery_level"),
+        charging=sa.bindparam("b_charging"),
+        wifi=sa.bindparam("b_wifi"),
+        last_seen=sa.bindparam("b_seen_at", type_=UtcDateTime),
+    )
+)
+
+
+class ClientRegistry:
+    """Every enrolled client: enrollment, status, heartbeats and listings.
+
+    ``seed`` fixes the sample keys drawn at enrollment (for reproducible
+    tests); by default they come from fresh OS entropy.
+    """
+
+    def __init__(self, database: Database, *, seed: int | None = None) -> None:
+        self.database = database
+        self._rng = np.random.default_rng(seed)
+        self._rng_lock = threading.Lock()
+
+    def new_sample_key(self) -> int:
+        with self._rng_lock:
+            return int(self._rng.integers(0, SAMPLE_KEY_LIMIT, dtype=np.int64))
+
+    def enroll(
+        self,
+        client_id: str,
+        device: DeviceState,
+        *,
+        now: datetime | None = None,
+        public_key: bytes | None = None,
+        expires_at: datetime | None = None,
+    ) -> ClientRecord:
+        """Enroll a client, or refresh an enrolled one (idempotent).
+
+        Re-enrolling updates the device state and ``last_seen`` and, when
+        given, the expiry; it keeps the status, the enrollment time and the
+        sample key. A retired client cannot come back, and a client enrolled
+        with a public key cannot change it (:class:`SecurityError`).
+        """
+        _require_text(client_id, "client_id", limit=128)
+        now = require_aware(now or utc_now(), "now")
+        if expires_at is not None:
+            require_aware(expires_at, "expires_at")
+        if public_key is not None and len(public_key) != PUBLIC_KEY_BYTES:
+            raise RegistryError(
+                f"a public key must be {PUBLIC_KEY_BYTES} bytes (Ed25519), got {len(public_key)}"
+            )
+        with self.database.write() as connection:
+            inserted = connection.execute(
+                _insert_if_absent(connection)
+                .values(
+                    client_id=client_id,
+                    **device_columns(device),
+                    status=ClientStatus.ACTIVE,
+                    can_train=True,
+                    public_key=public_key,
+                    sample_key=self.new_sample_key(),
+                    enrolled_at=now,
+                    last_seen=now,
+                    expires_at=expires_at,
+                )
+                .returning(clients.c.client_id)
+            )
+            if inserted.first() is None:
+                existing = _fetch(connection, client_id)
+                _check_reenrollment(existing, public_key)
+                changes = device_columns(device) | {"last_seen": max(now, existing.last_seen)}
+                if expires_at is not None:
+                    changes["expires_at"] = expires_at
+                if existing.public_key is None and public_key is not None:
+                    changes["public_key"] = public_key
+                connection.execute(_by_id(client_id).values(**changes))
+            return _fetch(connection, client_id)
+
+    def get(self, client_id: str) -> ClientRecord:
+        """The record of ``client_id`` (:class:`NotFoundError` when none)."""
+        with self.database.read() as connection:
+            return _fetch(connection, client_id)
+
+    def list(
+        self,
+        *,
+        status: ClientStatus | None = None,
+        device_class: str | None = None,
+        seen_since: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> builtins.list[ClientRecord]:
+        """Clients matching every given filter, ordered by id, one page at a time."""
+        if limit < 0 or offset < 0:
+            raise RegistryError(f"limit and offset must be >= 0, got {limit} and {offset}")
+        query = sa.select(clients).order_by(clients.c.client_id).limit(limit).offset(offset)
+        if status is not None:
+            query = query.where(clients.c.status == status)
+        if device_class is not None:
+            query = query.where(clients.c.device_class == device_class)
+        if seen_since is not None:
+            query = query.where(clients.c.last_seen >= require_aware(seen_since, "seen_since"))
+        with self.database.read() as connection:
+            return [record_from_row(row) for row in connection.execute(query)]
+
+    def count(self, *, status: ClientStatus | None = None) -> int:
+        """How many clients are enrolled (with ``status``, when given)."""
+        query = sa.select(sa.func.count()).select_from(clients)
+        if status is not None:
+            query = query.where(clients.c.status == status)
+        with self.database.read() as connection:
+            return int(connection.execute(query).scalar_one())
+
+    def set_status(
+        self, client_id: str, status: ClientStatus, reason: str | None = None
+    ) -> ClientRecord:
+        """Suspend, resume or retire a client; retirement is final."""
+        with self.database.write() as connection:
+            current = _fetch(connection, client_id).status
+            if status not in _TRANSITIONS[current]:
+                raise RegistryError(
+                    f"client {client_id} is {current.value}: it cannot become {status.value}"
+                )
+            connection.execute(_by_id(client_id).values(status=status, status_reason=reason))
+            return _fetch(connection, client_id)
+
+    def record_eligibility(self, client_id: str, eligibility: Eligibility) -> None:
+        """Keep the verdict a client was last told (shown to operators)."""
+        with self.database.write() as connection:
+            result = connection.execute(
+                _by_id(client_id).values(
+                    can_train=eligibility.can_train, rejection_reason=eligibility.reason
+                )
+            )
+            if result.rowcount == 0:
+                raise NotFoundError(f"no client {client_id!r} is enrolled")
+
+    def record_heartbeats(self, batch: Sequence[Heartbeat]) -> int:
+        """Write a batch of heartbeats in one statement; returns how many rows changed.
+
+        Heartbeats of unknown clients and heartbeats older than the client's
+        ``last_seen`` change nothing. Of several heartbeats of one client in
+        the batch, the latest wins.
+        """
+        latest: dict[str, Heartbeat] = {}
+        for heartbeat in batch:
+            kept = latest.get(heartbeat.client_id)
+            if kept is None or heartbeat.seen_at >= kept.seen_at:
+                latest[heartbeat.client_id] = heartbeat
+        if not latest:
+            return 0
+        parameters = [
+            {
+                "b_client_id": heartbeat.client_id,
+                "b_seen_at": heartbeat.seen_at,
+                "b_battery_level": heartbeat.battery_level,
+                "b_charging": heartbeat.charging,
+                "b_wifi": heartbeat.wifi,
+            }
+            for heartbeat in latest.values()
+        ]
+        with self.database.write() as connection:
+            return connection.execute(_HEARTBEAT_UPDATE, parameters).rowcount
+
+
+class HeartbeatBuffer:
+    """Collects heartbeats and writes them as one batch every ``max_items`` (thread-safe).
+
+    >>> buffer = HeartbeatBuffer(registry, max_items=1000)  # doctest: +SKIP
+    >>> buffer.add(heartbeat)  # doctest: +SKIP
+
+    Heartbeats are soft state: if a flush fails, its batch is dropped and the
+    error raised; each client's next heartbeat restores what was lost.
+    """
+
+    def __init__(self, registry: ClientRegistry, *, max_items: int = 1000) -> None:
+        if max_items < 1:
+            raise RegistryError(f"max_items must be >= 1, got {max_items}")
+        self.registry = registry
+        self.max_items = max_items
+        self._pending: builtins.list[Heartbeat] = []
+        self._lock = threading.Lock()
+        self.flushed = 0  # heartbeats handed to the registry so far
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, heartbeat: Heartbeat) -> int:
+        """Queue a heartbeat; flushes (returning the rows written) when the buffer is full."""
+        with self._lock:
+            self._pending.append(heartbeat)
+            if len(self._pending) < self.max_items:
+                return 0
+            batch, self._pending = self._pending, []
+        return self._write(batch)
+
+    def flush(self) -> int:
+        """Write whatever is queued now; returns the rows written."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+        return self._write(batch)
+
+    def _write(self, batch: builtins.list[Heartbeat]) -> int:
+        written = self.registry.record_heartbeats(batch)
+        self.flushed += len(batch)
+        return written
+
+    def __enter__(self) -> HeartbeatBuffer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.flush()
+
+
+def _by_id(client_id: str) -> sa.Update:
+    return sa.update(clients).where(clients.c.client_id == client_id)
+
+
+def _fetch(connection: Connection, client_id: str) -> ClientRecord:
+    row = connection.execute(sa.select(clients).where(clients.c.client_id == client_id)).first()
+    if row is None:
+        raise NotFoundError(f"no client {client_id!r} is enrolled")
+    return record_from_row(row)
+
+
+def _insert_if_absent(connection: Connection) -> Any:
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    return dialect.insert(clients).on_conflict_do_nothing(index_elements=["client_id"])
+
+
+def _check_reenrollment(existing: ClientRecord, public_key: bytes | None) -> None:
+    if existing.status is ClientStatus.RETIRED:
+        raise RegistryError(f"client {existing.client_id} is retired: enroll it under a new id")
+    if existing.public_key is not None and public_key not in (None, existing.public_key):
+        raise SecurityError(
+            f"client {existing.client_id} is enrolled with another public key; "
+            "retire it and enroll a new id to change keys"
+        )

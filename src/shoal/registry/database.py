@@ -1,0 +1,222 @@
+"""Opening the registry database: SQLite (embedded, WAL) by default, PostgreSQL by URL.
+
+>>> database = open_database("sqlite:///:memory:")
+>>> database.dialect
+'sqlite'
+
+``open_database`` applies the schema migrations before it returns, so every
+``Database`` it hands out holds the schema this code expects. Work happens
+in short transactions: :meth:`Database.read` for queries and
+:meth:`Database.write` for changes (on SQLite a write transaction takes the
+write lock when it starts, so two writers queue on the busy timeout instead
+of failing when one upgrades a read lock). SQLAlchemy's errors leave these
+context managers as :class:`~shoal.core.errors.RegistryError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+
+from shoal.core.errors import ConfigError, MissingExtraError, RegistryError
+
+DEFAULT_FILE_NAME = "registry.db"
+BUSY_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 5
+SQLITE_CACHE_KIB = 64 * 1024
+SQLITE_MMAP_BYTES = 1 << 30
+
+_BEGIN_OPTION = "shoal_sqlite_begin"
+
+
+@dataclass(frozen=True, slots=True)
+class Database:
+    """A SQLAlchemy engine holding the registry schema, and its transactions."""
+
+    engine: Engine
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self.engine.dialect.name
+
+    @property
+    def url(self) -> str:
+        """The database URL, password hidden."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A transaction for queries; committed (a no-op) when the block ends."""
+        with self._transaction(immediate=False) as connection:
+            yield connection
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A transaction for changes: committed when the block ends, rolled back on error."""
+        with self._transaction(immediate=True) as connection:
+            yield connection
+
+    @contextmanager
+    def _transaction(self, *, immediate: bool) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as connection:
+                if immediate:
+                    connection = connection.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+                with connection.begin():
+                    yield connection
+        except SQLAlchemyError as exc:
+            raise translate_error(exc, url=self.url) from exc
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# The first of pg_advisory_xact_lock's two keys for Shoal's locks: "Shoa" in ASCII.
+ADVISORY_LOCK_CLASS = 0x53686F61
+
+
+def lock_name(connection: Connection, name: str) -> None:
+    """Serialize write transactions that touch ``name`` until this transaction ends.
+
+    On PostgreSQL a transaction-scoped advisory lock keyed by ``name`` and
+    the current schema; on SQLite a write transaction already holds the
+    database's write lock, so there is nothing more to take.
+    """
+    if connection.dialect.name == "postgresql":
+        connection.execute(
+            sa.text(
+                "SELECT pg_advisory_xact_lock(:lock_class, hashtext(current_schema() || :name))"
+            ),
+            {"lock_class": ADVISORY_LOCK_CLASS, "name": f"/{name}"},
+        )
+
+
+def translate_error(exc: SQLAlchemyError, *, url: str) -> RegistryError:
+    """Shoal's error for a SQLAlchemy one (the caller raises it ``from exc``)."""
+    original = str(getattr(exc, "orig", None) or exc).strip()
+    detail = original.splitlines()[0] if original else type(exc).__name__
+    if isinstance(exc, sa.exc.OperationalError):
+        return RegistryError(f"database {url} is unreachable or failed: {detail}")
+    return RegistryError(f"database {url} refused the request: {detail}")
+
+
+def open_database(url: str | None, *, folder: Path | None = None) -> Database:
+    """Open (and migrate) the registry database.
+
+    ``url`` None means the embedded default, the SQLite file
+    ``folder/registry.db`` (the folder is created). ``postgresql://`` and
+    ``postgres://`` URLs use the psycopg (v3) driver; ``sqlite:///:memory:``
+    gives a private in-memory database (one connection, for tests).
+    """
+    from shoal.registry.migrations import apply_migrations
+
+    engine = create_engine(resolve_database_url(url, folder=folder))
+    database = Database(engine)
+    try:
+        apply_migrations(database)
+    except BaseException:
+        engine.dispose()
+        raise
+    return database
+
+
+def create_engine(url: sa.URL) -> Engine:
+    """An engine configured for the registry (no migrations applied)."""
+    try:
+        if url.get_backend_name() == "sqlite":
+            return _sqlite_engine(url)
+        return _postgresql_engine(url)
+    except NoSuchModuleError as exc:
+        raise ConfigError(f"no SQLAlchemy driver for {url.drivername!r}: {exc}") from exc
+    except ArgumentError as exc:
+        raise ConfigError(f"bad database URL: {exc}") from exc
+
+
+def resolve_database_url(url: str | None, *, folder: Path | None = None) -> sa.URL:
+    """The URL ``open_database`` connects to: the default SQLite file, or ``url`` normalised."""
+    if url is None:
+        if folder is None:
+            raise ConfigError("the registry needs a database URL or a folder for its SQLite file")
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return sa.URL.create("sqlite", database=str(Path(folder) / DEFAULT_FILE_NAME))
+    try:
+        parsed = sa.make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(f"not a database URL: {url!r}") from exc
+    if parsed.drivername in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername in ("postgresql+psycopg", "sqlite", "sqlite+pysqlite"):
+        return parsed
+    raise ConfigError(
+        f"unsupported registry database {parsed.drivername!r}: "
+        "use sqlite:///PATH or postgresql://USER@HOST/DATABASE"
+    )
+
+
+def _sqlite_engine(url: sa.URL) -> Engine:
+    in_memory = url.database in (None, "", ":memory:")
+    extra: dict[str, Any] = {}
+    if in_memory:
+        # one shared connection, so every checkout sees the same database
+        extra = {"poolclass": StaticPool}
+    engine = sa.create_engine(
+        url, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False}, **extra
+    )
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: object) -> None:
+        # SQLAlchemy, not the sqlite3 module, decides when a transaction begins
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        if not in_memory:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints, never corrupt
+            # the default 2 MiB page cache thrashes on a registry of a million clients
+            cursor.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+            cursor.execute(f"PRAGMA mmap_size = {SQLITE_MMAP_BYTES}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        mode = connection.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def _postgresql_engine(url: sa.URL) -> Engine:
+    try:
+        import psycopg  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError(
+            extra="postgres", package="psycopg", feature="a PostgreSQL registry"
+        ) from exc
+    connect_args: dict[str, Any] = {}
+    if "connect_timeout" not in url.query:
+        connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
+    return sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True)

@@ -1,0 +1,173 @@
+"""Versioned schema migrations, applied in order and recorded in ``shoal_schema_version``.
+
+Each migration is a small function over alembic's programmatic
+:class:`~alembic.operations.Operations` (no alembic script directory): it
+says exactly what changes, so that an old database and a new one end with
+the same schema. Never edit a released migration; append a new one.
+
+Applying is idempotent and safe to run from several processes at once: the
+whole run is one transaction that first takes a lock (a transaction-scoped
+advisory lock on PostgreSQL, keyed by the current schema; the write lock on
+SQLite), reads the recorded version, applies what is missing and records
+it. A database recorded at a version newer than this code knows is refused
+with a :class:`~shoal.core.errors.RegistryError` and left untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from alembic.operations import Operations
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy.engine import Connection
+
+from shoal.core.errors import RegistryError
+from shoal.registry.database import Database, lock_name
+from shoal.registry.schema import (
+    ClientStatus,
+    ModelStatus,
+    UtcDateTime,
+    enum_type,
+    schema_version,
+    version_key_type,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One step of the schema: its number, a line for the record, and the change."""
+
+    version: int
+    description: str
+    upgrade: Callable[[Operations], None]
+
+
+def _create_client_registry(op: Operations) -> None:
+    op.create_table(
+        "clients",
+        sa.Column("client_id", sa.String(128), nullable=False),
+        sa.Column("device_class", sa.String(64), nullable=False),
+        sa.Column("battery_level", sa.Float, nullable=False),
+        sa.Column("charging", sa.Boolean, nullable=False),
+        sa.Column("wifi", sa.Boolean, nullable=False),
+        sa.Column("ram_gb", sa.Float, nullable=False),
+        sa.Column("app_version", sa.String(64), nullable=False),
+        sa.Column("app_version_key", version_key_type()),
+        sa.Column("runtime_version", sa.String(64), nullable=False),
+        sa.Column("runtime_version_key", version_key_type()),
+        sa.Column("model_architecture_version", sa.String(64), nullable=False),
+        sa.Column("model_architecture_version_key", version_key_type()),
+        sa.Column("feature_extractor_version", sa.String(64)),
+        sa.Column("feature_extractor_version_key", version_key_type()),
+        sa.Column("status", enum_type(ClientStatus, "client_status"), nullable=False),
+        sa.Column("status_reason", sa.Text),
+        sa.Column("can_train", sa.Boolean, nullable=False),
+        sa.Column("rejection_reason", sa.Text),
+        sa.Column("public_key", sa.LargeBinary),
+        sa.Column("sample_key", sa.BigInteger, nullable=False),
+        sa.Column("enrolled_at", UtcDateTime, nullable=False),
+        sa.Column("last_seen", UtcDateTime, nullable=False),
+        sa.Column("expires_at", UtcDateTime),
+        sa.PrimaryKeyConstraint("client_id", name="pk_clients"),
+    )
+    op.create_index("ix_clients_sampling", "clients", ["status", "sample_key"])
+    if op.get_context().dialect.name == "postgresql":
+        # room on each page for the new row version a heartbeat writes (a HOT update)
+        op.execute("ALTER TABLE clients SET (fillfactor = 80)")
+    op.create_table(
+        "version_requirements",
+        sa.Column("model", sa.String(128), nullable=False),
+        sa.Column("component", sa.String(32), nullable=False),
+        sa.Column("minimum_version", sa.String(64)),
+        sa.Column("minimum_key", version_key_type()),
+        sa.Column("allowed_versions", sa.JSON),
+        sa.PrimaryKeyConstraint("model", "component", name="pk_version_requirements"),
+    )
+
+
+def _create_model_registry(op: Operations) -> None:
+    op.create_table(
+        "model_versions",
+        sa.Column("name", sa.String(128), nullable=False),
+        sa.Column("version", sa.Integer, nullable=False, autoincrement=False),
+        sa.Column("round", sa.Integer, nullable=False),
+        sa.Column("parent", sa.Integer),
+        sa.Column("sha256", sa.String(64), nullable=False),
+        sa.Column("blob", sa.String(64), nullable=False),
+        sa.Column("state_blob", sa.String(64)),
+        sa.Column("created_at", UtcDateTime, nullable=False),
+        sa.Column("metrics", sa.JSON, nullable=False),
+        sa.Column("status", enum_type(ModelStatus, "model_status"), nullable=False),
+        sa.Column("architecture_version", sa.String(64), nullable=False),
+        sa.PrimaryKeyConstraint("name", "version", name="pk_model_versions"),
+        sa.ForeignKeyConstraint(
+            ["name", "parent"],
+            ["model_versions.name", "model_versions.version"],
+            name="fk_model_versions_name_parent",
+        ),
+    )
+    op.create_table(
+        "model_heads",
+        sa.Column("name", sa.String(128), nullable=False),
+        sa.Column("version", sa.Integer, nullable=False),
+        sa.Column("moved_at", UtcDateTime, nullable=False),
+        sa.PrimaryKeyConstraint("name", name="pk_model_heads"),
+        sa.ForeignKeyConstraint(
+            ["name", "version"],
+            ["model_versions.name", "model_versions.version"],
+            name="fk_model_heads_name_version",
+        ),
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "client registry and versioning matrix", _create_client_registry),
+    Migration(2, "model registry", _create_model_registry),
+)
+
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+def apply_migrations(database: Database, *, migrations: tuple[Migration, ...] = MIGRATIONS) -> int:
+    """Bring the database up to the newest migration; returns the version it is at."""
+    _check_sequence(migrations)
+    newest = migrations[-1].version if migrations else 0
+    with database.write() as connection:
+        lock_name(connection, "schema migrations")
+        schema_version.create(connection, checkfirst=True)
+        current = recorded_version(connection)
+        if current > newest:
+            raise RegistryError(
+                f"the registry database {database.url} is at schema version {current}, "
+                f"newer than this Shoal knows ({newest}): upgrade Shoal to open it"
+            )
+        operations = Operations(MigrationContext.configure(connection))
+        for migration in migrations:
+            if migration.version <= current:
+                continue
+            migration.upgrade(operations)
+            connection.execute(
+                schema_version.insert().values(
+                    version=migration.version,
+                    description=migration.description,
+                    applied_at=datetime.now(UTC),
+                )
+            )
+        return max(current, newest)
+
+
+def recorded_version(connection: Connection) -> int:
+    """The newest migration recorded in the database (0 for a fresh one)."""
+    if not sa.inspect(connection).has_table(schema_version.name):
+        return 0
+    newest = connection.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
+    return int(newest or 0)
+
+
+def _check_sequence(migrations: tuple[Migration, ...]) -> None:
+    numbers = [migration.version for migration in migrations]
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise RegistryError(f"migrations must be numbered 1, 2, 3... in order, got {numbers}")

@@ -1,0 +1,248 @@
+"""The model registry: global model versions per model name, their blobs, HEAD and rollback.
+
+A version is written blob first (content-addressed, atomic, through the
+:class:`~shoal.registry.blobs.BlobStore`), then its row and the HEAD
+pointer in one transaction: a crash at any point leaves the last committed
+version intact, at worst with an unreferenced blob. Each version records
+its round, parent, the sha256 of its parameters, metrics, a status
+(:class:`ModelStatus`) and the architecture version it was built for, and
+may carry an opaque state blob (the server optimizer's state, say).
+
+HEAD is the version new rounds build on. :meth:`ModelRegistry.rollback`
+moves it to another version after checking that version's blob; the later
+versions stay, for audit, and the next commit branches from the new HEAD.
+
+>>> registry = ModelRegistry(database, BlobStore(folder))  # doctest: +SKIP
+>>> registry.commit("digits", params, round=0, architecture_version="mlp-v1")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from shoal.core.errors import NotFoundError, RegistryError
+from shoal.core.parameters import Parameters
+from shoal.registry.blobs import BlobStore
+from shoal.registry.clients import require_aware, utc_now
+from shoal.registry.database import Database, lock_name
+from shoal.registry.schema import ModelStatus, model_heads, model_versions
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelRecord:
+    """One committed version of a model: where it came from and what it scored."""
+
+    name: str
+    version: int
+    round: int
+    parent: int | None
+    sha256: str
+    blob: str
+    state_blob: str | None
+    created_at: datetime
+    status: ModelStatus
+    architecture_version: str
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _record(row: sa.Row[Any]) -> ModelRecord:
+    return ModelRecord(
+        name=row.name,
+        version=row.version,
+        round=row.round,
+        parent=row.parent,
+        sha256=row.sha256,
+        blob=row.blob,
+        state_blob=row.state_blob,
+        created_at=row.created_at,
+        status=row.status,
+        architecture_version=row.architecture_version,
+        metrics=dict(row.metrics),
+    )
+
+
+def _check_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RegistryError(f"metric {key!r} is {value}: only finite numbers can be stored")
+    try:
+        return dict(json.loads(json.dumps(dict(metrics), allow_nan=False)))
+    except (TypeError, ValueError) as exc:
+        raise RegistryError(f"metrics must be finite JSON values: {exc}") from exc
+
+
+class ModelRegistry:
+    """Every version of every model, with rows in ``database`` and blobs in ``blobs``."""
+
+    def __init__(self, database: Database, blobs: BlobStore) -> None:
+        self.database = database
+        self.blobs = blobs
+
+    def commit(
+        self,
+        name: str,
+        parameters: Parameters,
+        *,
+        round: int,
+        architecture_version: str,
+        parent: int | Literal["head"] | None = "head",
+        metrics: Mapping[str, Any] | None = None,
+        status: ModelStatus = ModelStatus.CANDIDATE,
+        state: bytes | None = None,
+        now: datetime | None = None,
+    ) -> ModelRecord:
+        """Store a new version of ``name`` and move HEAD to it.
+
+        ``parent`` defaults to the current HEAD (None for the first
+        version). Version numbers start at 0 and grow by one per model.
+        """
+        if not name or len(name) > 128:
+            raise RegistryError(f"a model name has 1 to 128 characters, got {name!r}")
+        if round < 0:
+            raise RegistryError(f"round must be >= 0, got {round}")
+        if status is ModelStatus.BAD:
+            raise RegistryError("a version cannot be committed as BAD: commit, then mark it")
+        stored_metrics = _check_metrics(metrics or {})
+        created_at = require_aware(now or utc_now(), "now")
+        blob = self.blobs.put(parameters.to_bytes())
+        state_blob = None if state is None else self.blobs.put(state)
+        with self.database.write() as connection:
+            lock_name(connection, f"model:{name}")
+            if parent == "head":
+                head = _head_version(connection, name)
+            else:
+                head = parent
+                if parent is not None:
+                    _fetch(connection, name, parent)
+            newest = connection.execute(
+                sa.select(sa.func.max(model_versions.c.version)).where(
+                    model_versions.c.name == name
+                )
+            ).scalar()
+            version = 0 if newest is None else int(newest) + 1
+            connection.execute(
+                model_versions.insert().values(
+                    name=name,
+                    version=version,
+                    round=round,
+                    parent=head,
+                    sha256=parameters.sha256(),
+                    blob=blob,
+                    state_blob=state_blob,
+                    created_at=created_at,
+                    metrics=stored_metrics,
+                    status=status,
+                    architecture_version=architecture_version,
+                )
+            )
+            _move_head(connection, name, version, created_at)
+            return _fetch(connection, name, version)
+
+    def get(self, name: str, version: int) -> ModelRecord:
+        """Version ``version`` of ``name`` (:class:`NotFoundError` when none)."""
+        with self.database.read() as connection:
+            return _fetch(connection, name, version)
+
+    def list(self, name: str) -> builtins.list[ModelRecord]:
+        """Every version of ``name``, oldest first (empty for an unknown name)."""
+        query = (
+            sa.select(model_versions)
+            .where(model_versions.c.name == name)
+            .order_by(model_versions.c.version)
+        )
+        with self.database.read() as connection:
+            return [_record(row) for row in connection.execute(query)]
+
+    def names(self) -> builtins.list[str]:
+        """Every model with at least one version, sorted."""
+        with self.database.read() as connection:
+            return list(
+                connection.execute(sa.select(model_heads.c.name).order_by(model_heads.c.name))
+                .scalars()
+                .all()
+            )
+
+    def head(self, name: str) -> ModelRecord | None:
+        """The version new rounds of ``name`` build on, or None before the first commit."""
+        with self.database.read() as connection:
+            version = _head_version(connection, name)
+            return None if version is None else _fetch(connection, name, version)
+
+    def load(self, name: str, version: int) -> Parameters:
+        """The parameters of a version, verified against the recorded sha256."""
+        record = self.get(name, version)
+        return Parameters.from_bytes(self.blobs.get(record.blob), expected_sha256=record.sha256)
+
+    def load_state(self, name: str, version: int) -> bytes | None:
+        """The opaque state stored with a version (verified), or None if it has none."""
+        record = self.get(name, version)
+        return None if record.state_blob is None else self.blobs.get(record.state_blob)
+
+    def mark(self, name: str, version: int, status: ModelStatus) -> ModelRecord:
+        """Record a verdict on a version. Marking HEAD BAD does not move HEAD: roll back."""
+        with self.database.write() as connection:
+            _fetch(connection, name, version)
+            connection.execute(
+                sa.update(model_versions)
+                .where(model_versions.c.name == name, model_versions.c.version == version)
+                .values(status=status)
+            )
+            return _fetch(connection, name, version)
+
+    def rollback(self, name: str, to_version: int, *, now: datetime | None = None) -> ModelRecord:
+        """Move HEAD to ``to_version``, refusing a BAD version or one whose blob is corrupt."""
+        moved_at = require_aware(now or utc_now(), "now")
+        _refuse_bad(self.get(name, to_version))
+        self.load(name, to_version)  # raises IntegrityError on a corrupt blob
+        with self.database.write() as connection:
+            lock_name(connection, f"model:{name}")
+            record = _refuse_bad(_fetch(connection, name, to_version))  # marked meanwhile?
+            _move_head(connection, name, to_version, moved_at)
+            return record
+
+
+def _refuse_bad(record: ModelRecord) -> ModelRecord:
+    if record.status is ModelStatus.BAD:
+        raise RegistryError(
+            f"version {record.version} of {record.name} is marked BAD: not rolling back to it"
+        )
+    return record
+
+
+def _fetch(connection: Connection, name: str, version: int) -> ModelRecord:
+    row = connection.execute(
+        sa.select(model_versions).where(
+            model_versions.c.name == name, model_versions.c.version == version
+        )
+    ).first()
+    if row is None:
+        raise NotFoundError(f"model {name!r} has no version {version}")
+    return _record(row)
+
+
+def _head_version(connection: Connection, name: str) -> int | None:
+    version = connection.execute(
+        sa.select(model_heads.c.version).where(model_heads.c.name == name)
+    ).scalar()
+    return None if version is None else int(version)
+
+
+def _move_head(connection: Connection, name: str, version: int, moved_at: datetime) -> None:
+    moved = connection.execute(
+        sa.update(model_heads)
+        .where(model_heads.c.name == name)
+        .values(version=version, moved_at=moved_at)
+    )
+    if moved.rowcount == 0:
+        connection.execute(
+            model_heads.insert().values(name=name, version=version, moved_at=moved_at)
+        )

@@ -1,0 +1,168 @@
+"""The registry's tables and indexes, as SQLAlchemy Core metadata (the schema at its newest).
+
+The tables are created and changed only by the versioned migrations in
+:mod:`shoal.registry.migrations`; this module is what queries are written
+against, and a test checks that migrating an empty database yields exactly
+this schema.
+
+Conventions, the same on SQLite and PostgreSQL:
+
+- times are UTC, stored without a zone and returned timezone-aware
+  (:class:`UtcDateTime`);
+- a version string is stored beside its sortable key (see
+  :func:`shoal.registry.versioning.version_key`), compared in binary
+  collation so that an index orders it as a version;
+- enums are stored as their names in short strings (no native enum type, so
+  adding a member needs no ``ALTER TYPE``).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    }
+)
+
+
+class ClientStatus(enum.Enum):
+    """Where a client stands: only ACTIVE clients are ever selected."""
+
+    ACTIVE = "ACTIVE"
+    SUSPENDED = "SUSPENDED"
+    RETIRED = "RETIRED"
+
+
+class ModelStatus(enum.Enum):
+    """An operator's (or an evaluation's) verdict on a model version."""
+
+    CANDIDATE = "CANDIDATE"
+    GOOD = "GOOD"
+    BAD = "BAD"
+
+
+class UtcDateTime(sa.types.TypeDecorator[datetime]):
+    """A timezone-aware datetime, stored as naive UTC on every backend."""
+
+    impl = sa.DateTime(timezone=False)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"a naive datetime cannot be stored: {value!r}")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):  # pragma: no cover - the driver parses dates
+            raise TypeError(f"expected a datetime from the database, got {value!r}")
+        return value.replace(tzinfo=UTC)
+
+
+def version_key_type() -> sa.types.TypeEngine[str]:
+    """A string compared byte by byte, so that its index orders version keys."""
+    return sa.String(160).with_variant(sa.String(160, collation="C"), "postgresql")
+
+
+def enum_type(enum_class: type[enum.Enum], name: str) -> sa.Enum:
+    return sa.Enum(
+        enum_class,
+        name=name,
+        native_enum=False,
+        create_constraint=False,
+        length=16,
+        validate_strings=True,
+    )
+
+
+schema_version = sa.Table(
+    "shoal_schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("description", sa.String(200), nullable=False),
+    sa.Column("applied_at", UtcDateTime, nullable=False),
+)
+
+clients = sa.Table(
+    "clients",
+    metadata,
+    sa.Column("client_id", sa.String(128), primary_key=True),
+    sa.Column("device_class", sa.String(64), nullable=False),
+    sa.Column("battery_level", sa.Float, nullable=False),
+    sa.Column("charging", sa.Boolean, nullable=False),
+    sa.Column("wifi", sa.Boolean, nullable=False),
+    sa.Column("ram_gb", sa.Float, nullable=False),
+    sa.Column("app_version", sa.String(64), nullable=False),
+    sa.Column("app_version_key", version_key_type()),
+    sa.Column("runtime_version", sa.String(64), nullable=False),
+    sa.Column("runtime_version_key", version_key_type()),
+    sa.Column("model_architecture_version", sa.String(64), nullable=False),
+    sa.Column("model_architecture_version_key", version_key_type()),
+    sa.Column("feature_extractor_version", sa.String(64)),
+    sa.Column("feature_extractor_version_key", version_key_type()),
+    sa.Column("status", enum_type(ClientStatus, "client_status"), nullable=False),
+    sa.Column("status_reason", sa.Text),
+    sa.Column("can_train", sa.Boolean, nullable=False),
+    sa.Column("rejection_reason", sa.Text),
+    sa.Column("public_key", sa.LargeBinary),
+    sa.Column("sample_key", sa.BigInteger, nullable=False),
+    sa.Column("enrolled_at", UtcDateTime, nullable=False),
+    sa.Column("last_seen", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime),
+    # The selector walks this index from a random sample_key, within ACTIVE
+    # clients (every selection asks for them). Nothing a heartbeat writes is
+    # indexed, so a heartbeat rewrites one row and no index entry (on
+    # PostgreSQL, a HOT update); listing clients by last_seen is an operator's
+    # query, and can afford a scan.
+    sa.Index("ix_clients_sampling", "status", "sample_key"),
+)
+
+version_requirements = sa.Table(
+    "version_requirements",
+    metadata,
+    sa.Column("model", sa.String(128), primary_key=True),
+    sa.Column("component", sa.String(32), primary_key=True),
+    sa.Column("minimum_version", sa.String(64)),
+    sa.Column("minimum_key", version_key_type()),
+    sa.Column("allowed_versions", sa.JSON),
+)
+
+model_versions = sa.Table(
+    "model_versions",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("round", sa.Integer, nullable=False),
+    sa.Column("parent", sa.Integer),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("blob", sa.String(64), nullable=False),
+    sa.Column("state_blob", sa.String(64)),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("metrics", sa.JSON, nullable=False),
+    sa.Column("status", enum_type(ModelStatus, "model_status"), nullable=False),
+    sa.Column("architecture_version", sa.String(64), nullable=False),
+    sa.ForeignKeyConstraint(["name", "parent"], ["model_versions.name", "model_versions.version"]),
+)
+
+model_heads = sa.Table(
+    "model_heads",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("moved_at", UtcDateTime, nullable=False),
+    sa.ForeignKeyConstraint(["name", "version"], ["model_versions.name", "model_versions.version"]),
+)

@@ -1,0 +1,287 @@
+"""The selector: N eligible clients drawn uniformly at random, without scanning the table.
+
+It answers the seed's query: "N clients that are charging, on WiFi, running
+app version >= X, with at least Y GB of RAM, seen within T", and also
+ACTIVE (not suspended or retired), not expired and compatible with the
+versioning matrix of the model. Every condition is a SQL predicate on the
+clients table; :meth:`Selector.check` evaluates the same conditions in
+Python to tell one client why it was not eligible.
+
+How the sample is drawn (:meth:`Selector.select`)
+-------------------------------------------------
+Each client carries a ``sample_key``, uniform in [0, 2^63), indexed as
+``(status, sample_key)``. A selection draws a random start in [0, 2^63) and
+reads the next ``window`` eligible rows in key order (``status = 'ACTIVE'
+AND sample_key >= start AND <filters> ORDER BY sample_key LIMIT window``,
+wrapping around to 0), repeating from fresh random starts until it holds a
+pool of ``oversample * count`` distinct clients (or every eligible one),
+then picks ``count`` of the pool uniformly at random. Each window is an
+index range scan that stops after about ``window / (the fraction of ACTIVE
+clients that pass the other filters)`` rows: the cost follows ``count``,
+never the size of the table (unless almost no client is eligible, when any
+method must look at every candidate to find out).
+
+What "uniform" means here. Starts are uniform over the key space, so a
+client lands in a window when a start falls in the stretch of key space
+just before it: with the keys held fixed, its chance is proportional to the
+width of the ``window`` key gaps preceding it, a Gamma(window) variable of
+relative spread ``1/sqrt(window)`` (6 % for the default 256). Averaged over
+the keys' own randomness every eligible client has exactly the same chance,
+but fixed keys would favour the same clients round after round. So, by
+default, the chosen clients get fresh random keys in the same transaction
+(``refresh_keys``): a client keeps its advantage or handicap only until it
+is next chosen. The process treats all eligible clients alike, so over many
+selections each one's frequency converges to exactly ``count / eligible``;
+and since a deviation lasts at most as long as the client goes unchosen,
+it inflates the variance of a client's count over any number of draws by a
+factor of at most about ``1 + 2/window`` (with fixed keys the excess would
+grow with the number of draws). Taking ``count`` of a larger pool, from
+several starts, also keeps neighbours in key order from being chosen
+together. The tests check the frequencies with a chi-square test and show
+that the same test rejects the fixed-key variant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from shoal.core.errors import ConfigError, RegistryError
+from shoal.registry.clients import (
+    SAMPLE_KEY_LIMIT,
+    ClientRecord,
+    ClientRegistry,
+    require_aware,
+    utc_now,
+)
+from shoal.registry.schema import ClientStatus, clients
+from shoal.registry.versioning import (
+    Eligibility,
+    Requirement,
+    VersionMatrix,
+    unmet_requirements,
+    version_key,
+)
+
+DEFAULT_WINDOW = 256
+DEFAULT_OVERSAMPLE = 2.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SelectionCriteria:
+    """What a client must be to be selected, beyond being ACTIVE and not expired.
+
+    ``model`` names the versioning-matrix entry (the model's architecture
+    version) whose requirements apply; None applies none.
+    """
+
+    model: str | None = None
+    require_charging: bool = True
+    require_wifi: bool = True
+    min_app_version: str | None = None
+    min_ram_gb: float = 0.0
+    seen_within: timedelta | None = None
+    device_classes: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_app_version is not None and version_key(self.min_app_version) is None:
+            raise ConfigError(
+                f"min_app_version {self.min_app_version!r} is not a dotted numeric version"
+            )
+        if not (math.isfinite(self.min_ram_gb) and self.min_ram_gb >= 0):
+            raise ConfigError(f"min_ram_gb must be a finite number >= 0, got {self.min_ram_gb}")
+        if self.seen_within is not None and self.seen_within <= timedelta(0):
+            raise ConfigError(f"seen_within must be positive, got {self.seen_within}")
+        if self.device_classes is not None and not self.device_classes:
+            raise ConfigError("device_classes, when given, cannot be empty")
+
+
+def eligible_clause(
+    criteria: SelectionCriteria, requirements: tuple[Requirement, ...], *, now: datetime
+) -> sa.ColumnElement[bool]:
+    """The SQL condition on the clients table that :meth:`Selector.check` states in Python."""
+    conditions: list[sa.ColumnElement[bool]] = [
+        clients.c.status == ClientStatus.ACTIVE,
+        sa.or_(clients.c.expires_at.is_(None), clients.c.expires_at > now),
+    ]
+    if criteria.require_charging:
+        conditions.append(clients.c.charging == sa.true())
+    if criteria.require_wifi:
+        conditions.append(clients.c.wifi == sa.true())
+    if criteria.min_ram_gb > 0:
+        conditions.append(clients.c.ram_gb >= criteria.min_ram_gb)
+    if criteria.min_app_version is not None:
+        conditions.append(clients.c.app_version_key >= version_key(criteria.min_app_version))
+    if criteria.seen_within is not None:
+        conditions.append(clients.c.last_seen >= now - criteria.seen_within)
+    if criteria.device_classes is not None:
+        conditions.append(clients.c.device_class.in_(sorted(criteria.device_classes)))
+    conditions.extend(requirement.clause() for requirement in requirements)
+    return sa.and_(*conditions)
+
+
+def ineligibility_reasons(
+    client: ClientRecord,
+    criteria: SelectionCriteria,
+    requirements: tuple[Requirement, ...],
+    *,
+    now: datetime,
+) -> list[str]:
+    """Every reason ``client`` fails ``criteria`` (empty when it is eligible)."""
+    device, reasons = client.device, []
+    if client.status is not ClientStatus.ACTIVE:
+        detail = f": {client.status_reason}" if client.status_reason else ""
+        reasons.append(f"client is {client.status.value.lower()}{detail}")
+    if client.expires_at is not None and client.expires_at <= now:
+        reasons.append(f"enrollment expired at {client.expires_at.isoformat()}")
+    if criteria.seen_within is not None and client.last_seen < now - criteria.seen_within:
+        reasons.append(
+            f"last seen at {client.last_seen.isoformat()}, not within {criteria.seen_within}"
+        )
+    if criteria.require_charging and not device.charging:
+        reasons.append("not charging")
+    if criteria.require_wifi and not device.wifi:
+        reasons.append("not on WiFi")
+    if device.ram_gb < criteria.min_ram_gb:
+        reasons.append(f"{device.ram_gb:g} GB of RAM is below the minimum {criteria.min_ram_gb:g}")
+    if criteria.min_app_version is not None:
+        key, minimum = version_key(device.app_version), version_key(criteria.min_app_version)
+        if key is None:
+            reasons.append(f"app version {device.app_version!r} is not a comparable version")
+        elif minimum is not None and key < minimum:
+            reasons.append(
+                f"app version {device.app_version} is below the minimum {criteria.min_app_version}"
+            )
+    if criteria.device_classes is not None and device.device_class not in criteria.device_classes:
+        reasons.append(f"device class {device.device_class} is not selected")
+    if criteria.model is not None:
+        reasons.extend(unmet_requirements(device, requirements, model=criteria.model))
+    return reasons
+
+
+class Selector:
+    """Draws cohorts from a client registry, honouring a versioning matrix."""
+
+    def __init__(
+        self,
+        registry: ClientRegistry,
+        matrix: VersionMatrix | None = None,
+        *,
+        window: int = DEFAULT_WINDOW,
+        oversample: float = DEFAULT_OVERSAMPLE,
+    ) -> None:
+        if window < 1:
+            raise ConfigError(f"window must be >= 1, got {window}")
+        if not (math.isfinite(oversample) and oversample >= 1):
+            raise ConfigError(f"oversample must be >= 1, got {oversample}")
+        self.registry = registry
+        self.matrix = matrix if matrix is not None else VersionMatrix(registry.database)
+        self.window = window
+        self.oversample = oversample
+
+    def requirements(self, criteria: SelectionCriteria) -> tuple[Requirement, ...]:
+        return () if criteria.model is None else self.matrix.requirements(criteria.model)
+
+    def check(
+        self, client: ClientRecord, criteria: SelectionCriteria, *, now: datetime | None = None
+    ) -> Eligibility:
+        """Whether ``client`` could be selected under ``criteria``, and if not, why."""
+        now = require_aware(now or utc_now(), "now")
+        reasons = ineligibility_reasons(client, criteria, self.requirements(criteria), now=now)
+        return Eligibility.rejected(reasons)
+
+    def select(
+        self,
+        criteria: SelectionCriteria,
+        count: int,
+        *,
+        rng: np.random.Generator | int | None = None,
+        now: datetime | None = None,
+        refresh_keys: bool = True,
+    ) -> list[str]:
+        """Up to ``count`` distinct eligible client ids, in random order.
+
+        Fewer come back only when fewer are eligible. ``rng`` (a generator
+        or a seed) makes the draw reproducible for a given database state.
+        ``refresh_keys=False`` makes the selection read-only, at the price
+        of the fixed-key bias the module docstring describes.
+        """
+        if count < 0:
+            raise RegistryError(f"count must be >= 0, got {count}")
+        now = require_aware(now or utc_now(), "now")
+        generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        if count == 0:
+            return []
+        condition = eligible_clause(criteria, self.requirements(criteria), now=now)
+        database = self.registry.database
+        transaction = database.write() if refresh_keys else database.read()
+        with transaction as connection:
+            chosen = self._draw(connection, condition, count, generator)
+            if refresh_keys and chosen:
+                _assign_new_keys(connection, chosen, generator)
+        return chosen
+
+    def _draw(
+        self,
+        connection: Connection,
+        condition: sa.ColumnElement[bool],
+        count: int,
+        rng: np.random.Generator,
+    ) -> list[str]:
+        """``count`` ids picked at random from a pool gathered by windows from random starts."""
+        pool_size = max(count, math.ceil(self.oversample * count))
+        pool: dict[str, None] = {}
+        for _ in range(4 * math.ceil(pool_size / self.window) + 8):
+            window = _window(connection, condition, _random_key(rng), self.window)
+            pool.update(dict.fromkeys(window))
+            if len(pool) >= pool_size or len(window) < self.window:
+                break  # a window that wraps short has seen every eligible client
+        else:
+            # the windows kept overlapping: the eligible clients barely outnumber a window
+            pool.update(dict.fromkeys(_window(connection, condition, _random_key(rng), pool_size)))
+        ids = list(pool)
+        picks = rng.choice(len(ids), size=min(count, len(ids)), replace=False)
+        return [ids[index] for index in picks]
+
+
+def _random_key(rng: np.random.Generator) -> int:
+    return int(rng.integers(0, SAMPLE_KEY_LIMIT, dtype=np.int64))
+
+
+def _window(
+    connection: Connection, condition: sa.ColumnElement[bool], start: int, size: int
+) -> list[str]:
+    """The ids of the first ``size`` eligible clients from ``start`` in key order, wrapping."""
+    query = sa.select(clients.c.client_id).order_by(clients.c.sample_key)
+    ids = list(
+        connection.execute(
+            query.where(condition, clients.c.sample_key >= start).limit(size)
+        ).scalars()
+    )
+    if len(ids) < size:
+        wrapped = query.where(condition, clients.c.sample_key < start).limit(size - len(ids))
+        ids.extend(connection.execute(wrapped).scalars())
+    return ids
+
+
+def _assign_new_keys(
+    connection: Connection, client_ids: list[str], rng: np.random.Generator
+) -> None:
+    keys = rng.integers(0, SAMPLE_KEY_LIMIT, size=len(client_ids), dtype=np.int64)
+    statement = (
+        sa.update(clients)
+        .where(clients.c.client_id == sa.bindparam("b_client_id"))
+        .values(sample_key=sa.bindparam("b_sample_key"))
+    )
+    connection.execute(
+        statement,
+        [
+            {"b_client_id": client_id, "b_sample_key": int(key)}
+            for client_id, key in zip(client_ids, keys, strict=True)
+        ],
+    )

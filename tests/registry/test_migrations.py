@@ -1,0 +1,175 @@
+"""Schema migrations: recorded, idempotent, concurrent-safe, and a newer database refused."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from shoal.core import ConfigError, RegistryError
+from shoal.registry import MIGRATIONS, SCHEMA_VERSION, Database, Migration, open_database
+from shoal.registry.database import create_engine, resolve_database_url
+from shoal.registry.migrations import apply_migrations, recorded_version
+from shoal.registry.schema import metadata, schema_version, version_requirements
+
+
+def recorded(database: Database) -> list[tuple[int, str]]:
+    with database.read() as connection:
+        rows = connection.execute(
+            sa.select(schema_version.c.version, schema_version.c.description).order_by(
+                schema_version.c.version
+            )
+        )
+        return [(row.version, row.description) for row in rows]
+
+
+def test_a_fresh_database_records_every_migration(database: Database) -> None:
+    assert recorded(database) == [(m.version, m.description) for m in MIGRATIONS]
+    assert recorded(database)[-1][0] == SCHEMA_VERSION
+
+
+def test_migrating_yields_exactly_the_declared_schema(database: Database) -> None:
+    with database.read() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), metadata)
+    assert differences == []
+
+
+def test_heartbeats_update_no_index(database: Database) -> None:
+    """A heartbeat writes battery, charging, WiFi and last_seen: none may be indexed."""
+    heartbeat_columns = {"battery_level", "charging", "wifi", "last_seen"}
+    with database.read() as connection:
+        indexes = sa.inspect(connection).get_indexes("clients")
+        indexed = {column for index in indexes for column in index["column_names"]}
+        assert indexed.isdisjoint(heartbeat_columns)
+        if database.dialect == "postgresql":  # and leave room for HOT updates
+            options = connection.execute(
+                sa.text("SELECT reloptions FROM pg_class WHERE oid = 'clients'::regclass")
+            ).scalar()
+            assert options is not None and "fillfactor=80" in options
+
+
+def test_reopening_applies_nothing_and_keeps_data(database_url: str) -> None:
+    with open_database(database_url) as first:
+        with first.write() as connection:
+            connection.execute(
+                version_requirements.insert().values(
+                    model="m", component="app", minimum_version="1", minimum_key="1"
+                )
+            )
+        before = recorded(first)
+        assert apply_migrations(first) == SCHEMA_VERSION
+        assert recorded(first) == before
+    with open_database(database_url) as second, second.read() as connection:
+        assert recorded(second) == before
+        assert connection.execute(sa.select(version_requirements.c.model)).scalars().all() == ["m"]
+
+
+def test_an_older_database_gets_only_the_missing_migrations(database_url: str) -> None:
+    database = Database(create_engine(resolve_database_url(database_url)))
+    try:
+        assert apply_migrations(database, migrations=MIGRATIONS[:1]) == 1
+        assert [version for version, _ in recorded(database)] == [1]
+        with database.read() as connection:
+            assert not sa.inspect(connection).has_table("model_versions")
+        assert apply_migrations(database) == SCHEMA_VERSION
+        assert [version for version, _ in recorded(database)] == list(range(1, SCHEMA_VERSION + 1))
+    finally:
+        database.close()
+
+
+def test_a_newer_database_is_refused_and_left_alone(database_url: str) -> None:
+    with open_database(database_url) as database, database.write() as connection:
+        connection.execute(
+            schema_version.insert().values(
+                version=SCHEMA_VERSION + 7,
+                description="from the future",
+                applied_at=sa.func.now(),
+            )
+        )
+    with pytest.raises(RegistryError, match=r"schema version \d+, newer than this Shoal"):
+        open_database(database_url)
+    engine = create_engine(resolve_database_url(database_url))
+    try:
+        with engine.connect() as connection:
+            assert recorded_version(connection) == SCHEMA_VERSION + 7
+    finally:
+        engine.dispose()
+
+
+def test_concurrent_opens_apply_each_migration_once(database_url: str) -> None:
+    errors: list[BaseException] = []
+
+    def open_and_close() -> None:
+        try:
+            open_database(database_url).close()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_and_close) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with open_database(database_url) as database:
+        assert [version for version, _ in recorded(database)] == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_migrations_must_be_numbered_in_order(database: Database) -> None:
+    def nothing(_operations: object) -> None:
+        return None
+
+    gap = (*MIGRATIONS, Migration(SCHEMA_VERSION + 2, "skips a number", nothing))
+    with pytest.raises(RegistryError, match="numbered"):
+        apply_migrations(database, migrations=gap)
+
+
+def test_default_database_is_a_wal_sqlite_file_in_the_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "state"
+    with open_database(None, folder=folder) as database:
+        assert database.dialect == "sqlite"
+        with database.read() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+    assert (folder / "registry.db").is_file()
+
+
+def test_an_in_memory_database_works() -> None:
+    with open_database("sqlite:///:memory:") as database:
+        assert recorded(database)[-1][0] == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("postgresql://u@h:5432/db", "postgresql+psycopg://u@h:5432/db"),
+        ("postgres://u@h/db", "postgresql+psycopg://u@h/db"),
+        ("postgresql+psycopg://u@h/db", "postgresql+psycopg://u@h/db"),
+        ("sqlite:///x.db", "sqlite:///x.db"),
+    ],
+)
+def test_urls_are_normalised_to_the_supported_drivers(given: str, expected: str) -> None:
+    assert resolve_database_url(given).render_as_string() == expected
+
+
+@pytest.mark.parametrize(
+    "url", ["mysql://u@h/db", "postgresql+psycopg2://u@h/db", "not a url", "sqlite+pysqlcipher://"]
+)
+def test_unsupported_urls_are_config_errors(url: str) -> None:
+    with pytest.raises(ConfigError):
+        open_database(url)
+
+
+def test_no_url_and_no_folder_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="URL or a folder"):
+        open_database(None)
+
+
+def test_an_unreachable_server_is_a_registry_error() -> None:
+    with pytest.raises(RegistryError, match="unreachable"):
+        open_database("postgresql://postgres@127.0.0.1:1/nothing")

@@ -1,0 +1,189 @@
+"""The model registry on every backend: commit, HEAD, rollback, verdicts, corrupt blobs."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shoal.core import IntegrityError, NotFoundError, Parameters, RegistryError
+from shoal.registry import BlobStore, Database, ModelRegistry, ModelStatus
+
+NOW = datetime(2026, 3, 20, 10, 0, tzinfo=UTC)
+ARCH = "mlp-v1"
+
+
+def params(value: float) -> Parameters:
+    return Parameters.from_arrays([np.full((2, 2), value), np.full(3, value)], names=["w", "b"])
+
+
+@pytest.fixture
+def blobs(tmp_path: Path) -> BlobStore:
+    return BlobStore(tmp_path / "blobs")
+
+
+@pytest.fixture
+def registry(database: Database, blobs: BlobStore) -> ModelRegistry:
+    return ModelRegistry(database, blobs)
+
+
+def commit(registry: ModelRegistry, value: float, **kwargs: object) -> int:
+    record = registry.commit(
+        "digits",
+        params(value),
+        round=int(value),
+        architecture_version=ARCH,
+        now=NOW,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    return record.version
+
+
+def test_an_empty_registry(registry: ModelRegistry) -> None:
+    assert registry.head("digits") is None
+    assert registry.list("digits") == []
+    assert registry.names() == []
+    with pytest.raises(NotFoundError):
+        registry.get("digits", 0)
+
+
+def test_commits_chain_parents_and_move_head(registry: ModelRegistry) -> None:
+    first = registry.commit("digits", params(0), round=0, architecture_version=ARCH, now=NOW)
+    second = registry.commit(
+        "digits",
+        params(1),
+        round=1,
+        architecture_version=ARCH,
+        metrics={"accuracy": 0.5, "per_class": [0.1, 0.9]},
+        now=NOW,
+    )
+    assert (first.version, first.parent, first.status) == (0, None, ModelStatus.CANDIDATE)
+    assert (second.version, second.parent, second.round) == (1, 0, 1)
+    assert second.metrics == {"accuracy": 0.5, "per_class": [0.1, 0.9]}
+    assert second.sha256 == params(1).sha256() and second.created_at == NOW
+    assert registry.head("digits") == second
+    assert registry.list("digits") == [first, second]
+    assert registry.get("digits", 1) == second
+    assert registry.load("digits", 1).sha256() == params(1).sha256()
+    assert registry.names() == ["digits"]
+
+
+def test_models_are_numbered_independently(registry: ModelRegistry) -> None:
+    commit(registry, 0)
+    other = registry.commit("speech", params(5), round=0, architecture_version="rnn-v2")
+    assert other.version == 0 and other.parent is None
+    assert registry.names() == ["digits", "speech"]
+
+
+def test_an_explicit_parent_must_exist(registry: ModelRegistry) -> None:
+    commit(registry, 0)
+    commit(registry, 1)
+    assert registry.get("digits", commit(registry, 2, parent=0)).parent == 0
+    assert registry.get("digits", commit(registry, 3, parent=None)).parent is None
+    with pytest.raises(NotFoundError):
+        commit(registry, 4, parent=17)
+
+
+def test_rollback_moves_head_and_keeps_later_versions(registry: ModelRegistry) -> None:
+    for value in range(3):
+        commit(registry, value)
+    back = registry.rollback("digits", 1)
+    assert back.version == 1 and registry.head("digits") == back
+    assert [record.version for record in registry.list("digits")] == [0, 1, 2]
+    branched = registry.get("digits", commit(registry, 9))
+    assert (branched.version, branched.parent) == (3, 1)
+
+
+def test_verdicts_and_refusing_to_roll_back_onto_a_bad_version(registry: ModelRegistry) -> None:
+    for value in range(3):
+        commit(registry, value)
+    assert registry.mark("digits", 1, ModelStatus.BAD).status is ModelStatus.BAD
+    assert registry.mark("digits", 0, ModelStatus.GOOD).status is ModelStatus.GOOD
+    with pytest.raises(RegistryError, match="BAD"):
+        registry.rollback("digits", 1)
+    assert registry.head("digits").version == 2  # type: ignore[union-attr]
+    assert registry.rollback("digits", 0).status is ModelStatus.GOOD
+    with pytest.raises(NotFoundError):
+        registry.mark("digits", 42, ModelStatus.GOOD)
+    with pytest.raises(NotFoundError):
+        registry.rollback("digits", 42)
+    with pytest.raises(RegistryError, match="BAD"):
+        commit(registry, 7, status=ModelStatus.BAD)
+
+
+def test_a_corrupt_blob_is_detected_and_never_rolled_back_to(
+    registry: ModelRegistry, blobs: BlobStore
+) -> None:
+    commit(registry, 0)
+    commit(registry, 1)
+    record = registry.get("digits", 0)
+    path = blobs.path(record.blob)
+    data = bytearray(blobs.filesystem.cat_file(path))
+    data[-1] ^= 0xFF
+    blobs.filesystem.pipe_file(path, bytes(data))
+    with pytest.raises(IntegrityError):
+        registry.load("digits", 0)
+    with pytest.raises(IntegrityError):
+        registry.rollback("digits", 0)
+    assert registry.head("digits").version == 1  # type: ignore[union-attr]
+
+
+def test_a_state_blob_travels_with_its_version(registry: ModelRegistry) -> None:
+    version = commit(registry, 0, state=b"optimizer moments")
+    assert registry.load_state("digits", version) == b"optimizer moments"
+    assert registry.load_state("digits", commit(registry, 1)) is None
+
+
+@pytest.mark.parametrize("metrics", [{"loss": float("nan")}, {"loss": float("inf")}, {"when": NOW}])
+def test_metrics_must_be_finite_json(registry: ModelRegistry, metrics: dict[str, object]) -> None:
+    with pytest.raises(RegistryError, match="metric"):
+        commit(registry, 0, metrics=metrics)
+    assert registry.list("digits") == []
+
+
+def test_bad_commits_are_refused(registry: ModelRegistry) -> None:
+    with pytest.raises(RegistryError):
+        registry.commit("", params(0), round=0, architecture_version=ARCH)
+    with pytest.raises(RegistryError):
+        registry.commit("digits", params(0), round=-1, architecture_version=ARCH)
+
+
+@pytest.fixture
+def memory_blobs() -> Iterator[BlobStore]:
+    store = BlobStore(f"memory://shoal-models-{uuid.uuid4().hex}")
+    yield store
+    store.filesystem.rm(store.location.removeprefix("memory://"), recursive=True)
+
+
+def test_blobs_can_live_in_any_fsspec_store(database: Database, memory_blobs: BlobStore) -> None:
+    registry = ModelRegistry(database, memory_blobs)
+    record = registry.commit("digits", params(3), round=3, architecture_version=ARCH)
+    assert memory_blobs.exists(record.blob)
+    assert registry.load("digits", record.version).sha256() == params(3).sha256()
+
+
+def test_concurrent_commits_get_distinct_consecutive_versions(registry: ModelRegistry) -> None:
+    errors: list[BaseException] = []
+
+    def commit_some(offset: int) -> None:
+        try:
+            for step in range(4):
+                commit(registry, offset * 10 + step)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=commit_some, args=(offset,)) for offset in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    records = registry.list("digits")
+    assert [record.version for record in records] == list(range(16))
+    assert registry.head("digits") == records[-1]
+    assert all(record.parent == record.version - 1 for record in records[1:])
