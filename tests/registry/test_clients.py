@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from shoal.core import NotFoundError, RegistryError, SecurityError
+from shoal.core import NotFoundError, ProtocolError, RegistryError, SecurityError
 from shoal.registry import (
     ClientRegistry,
     ClientStatus,
@@ -259,7 +259,7 @@ def test_the_buffer_takes_heartbeats_from_many_threads(registry: ClientRegistry)
     ],
 )
 def test_bad_device_states_are_refused(bad: dict[str, object]) -> None:
-    with pytest.raises(RegistryError):
+    with pytest.raises(ProtocolError):
         device(**bad)
 
 

@@ -55,10 +55,10 @@ device_states = st.builds(
     battery_level=st.floats(min_value=0, max_value=1),
     charging=st.booleans(),
     wifi=st.booleans(),
-    app_version=TEXT,
-    runtime_version=TEXT,
-    model_architecture_version=TEXT,
-    feature_extractor_version=TEXT,
+    app_version=NAME,
+    runtime_version=NAME,
+    model_architecture_version=NAME,
+    feature_extractor_version=st.none() | NAME,
     ram_gb=st.floats(min_value=0, max_value=1e6),
 )
 model_refs = st.builds(ModelRef, NAME, SHA, COUNT)
@@ -282,7 +282,7 @@ def test_a_missing_required_message_is_malformed(message: Any, decode: Any) -> N
     [
         ({"battery_level": 1.5}, "battery"),
         ({"battery_level": float("nan")}, "battery"),
-        ({"device_class": ""}, "device class"),
+        ({"device_class": ""}, "device_class"),
         ({"app_version": "x" * 1000}, "app_version"),
         ({"ram_gb": -1.0}, "ram_gb"),
     ],

@@ -24,9 +24,9 @@ from typing import Protocol, TypeVar
 from shoal.client.api import Client, EvaluateConfig, FitConfig, fit_update
 from shoal.coordinator.driver import RetryLater, TaskOffer
 from shoal.coordinator.events import Phase, RejectSubmission
+from shoal.core.device import DeviceState
 from shoal.core.errors import ClientError, TransportError
 from shoal.core.parameters import Parameters
-from shoal.transport.messages import DeviceState
 
 log = logging.getLogger("shoal.client")
 

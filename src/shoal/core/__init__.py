@@ -1,5 +1,6 @@
 """Shoal's core: parameters, update transforms and the error hierarchy."""
 
+from shoal.core.device import DeviceState
 from shoal.core.errors import (
     ClientError,
     ConfigError,
@@ -40,6 +41,7 @@ __all__ = [
     "ClientError",
     "ConfigError",
     "DataError",
+    "DeviceState",
     "IllegalTransition",
     "IntegrityError",
     "Layout",

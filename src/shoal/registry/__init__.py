@@ -5,11 +5,11 @@ by URL, see :func:`open_database`) plus a content-addressed blob store
 (:class:`BlobStore`, a local folder or any fsspec URL).
 """
 
+from shoal.core.device import DeviceState
 from shoal.registry.blobs import BlobStore
 from shoal.registry.clients import (
     ClientRecord,
     ClientRegistry,
-    DeviceState,
     Heartbeat,
     HeartbeatBuffer,
 )

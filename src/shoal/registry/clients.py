@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from shoal.core.device import DeviceState
 from shoal.core.errors import NotFoundError, RegistryError, SecurityError
 from shoal.registry.database import Database
 from shoal.registry.schema import ClientStatus, UtcDateTime, clients
@@ -62,31 +63,6 @@ def _require_text(value: str, name: str, *, limit: int) -> None:
 def _require_fraction(value: float, name: str) -> None:
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
         raise RegistryError(f"{name} must lie in [0, 1], got {value!r}")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeviceState:
-    """What a client reports about itself at enrollment and check-in."""
-
-    device_class: str
-    battery_level: float
-    charging: bool
-    wifi: bool
-    ram_gb: float
-    app_version: str
-    runtime_version: str
-    model_architecture_version: str
-    feature_extractor_version: str | None = None
-
-    def __post_init__(self) -> None:
-        _require_text(self.device_class, "device_class", limit=64)
-        _require_fraction(self.battery_level, "battery_level")
-        if not (math.isfinite(self.ram_gb) and self.ram_gb >= 0):
-            raise RegistryError(f"ram_gb must be a finite number >= 0, got {self.ram_gb!r}")
-        for component in Component:
-            version = getattr(self, component.column)
-            if version is not None or component is not Component.FEATURE_EXTRACTOR:
-                _require_text(version, component.column, limit=64)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

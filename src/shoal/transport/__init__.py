@@ -8,6 +8,7 @@ every request with the client's Ed25519 key and refuses replays; ``certs``
 makes and loads the certificates for TLS and optional mutual TLS.
 """
 
+from shoal.core.device import DeviceState
 from shoal.transport.certs import (
     CA_CERTIFICATE,
     CA_KEY,
@@ -39,7 +40,6 @@ from shoal.transport.messages import (
     CheckInOutcome,
     Chunk,
     Credentials,
-    DeviceState,
     EnrollmentRequest,
     EnrollReply,
     EvaluationReport,

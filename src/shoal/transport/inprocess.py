@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping
 from shoal.client.runtime import Enrollment
 from shoal.coordinator.driver import RetryLater, RoundDriver, TaskOffer
 from shoal.coordinator.events import RejectSubmission
+from shoal.core.device import DeviceState
 from shoal.core.errors import IntegrityError, TransportError
 from shoal.core.parameters import Parameters
-from shoal.transport.messages import DeviceState
 
 
 class InProcessLink:

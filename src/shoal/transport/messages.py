@@ -17,16 +17,11 @@ from dataclasses import dataclass, field
 
 from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.coordinator.events import Phase, RejectReason
+from shoal.core.device import DeviceState
 from shoal.core.errors import ProtocolError
 from shoal.transport.signing import check_sha256_hex
 
 _MAX_TEXT = 256
-_VERSION_FIELDS = (
-    "app_version",
-    "runtime_version",
-    "model_architecture_version",
-    "feature_extractor_version",
-)
 ED25519_PUBLIC_KEY_BYTES = 32
 
 
@@ -75,34 +70,6 @@ def _check_duration(value: float, what: str) -> None:
 def _check_round(value: int) -> None:
     if value < 0:
         raise ProtocolError(f"round numbers start at 0, got {value}")
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceState:
-    """What a device reports at enrollment, check-in and heartbeat (the seed's registry record).
-
-    The four versions are what the versioning matrix checks before a client
-    may train a given model.
-    """
-
-    device_class: str = "server"
-    battery_level: float = 1.0
-    charging: bool = True
-    wifi: bool = True
-    app_version: str = "1.0.0"
-    runtime_version: str = "1.0.0"
-    model_architecture_version: str = "1"
-    feature_extractor_version: str = "1"
-    ram_gb: float = 8.0
-
-    def __post_init__(self) -> None:
-        _check_text(self.device_class, "device class", required=True)
-        for name in _VERSION_FIELDS:
-            _check_text(getattr(self, name), name)
-        if not 0.0 <= self.battery_level <= 1.0:  # also refuses NaN
-            raise ProtocolError(f"battery level must be in [0, 1], got {self.battery_level}")
-        if not (math.isfinite(self.ram_gb) and self.ram_gb >= 0):
-            raise ProtocolError(f"ram_gb must be a finite number >= 0, got {self.ram_gb}")
 
 
 @dataclass(frozen=True, slots=True)

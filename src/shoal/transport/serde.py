@@ -20,6 +20,7 @@ import numpy as np
 
 from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.coordinator.events import Phase, RejectSubmission
+from shoal.core.device import DeviceState
 from shoal.core.errors import ClientError, ProtocolError
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport.chunks import DEFAULT_CHUNK_SIZE, chunk_payload
@@ -27,7 +28,6 @@ from shoal.transport.messages import (
     CheckInOutcome,
     Chunk,
     Credentials,
-    DeviceState,
     EnrollmentRequest,
     EnrollReply,
     EvaluationReport,
@@ -189,7 +189,7 @@ def encode_device_state(state: DeviceState) -> pb.DeviceState:
             app_version=state.app_version,
             runtime_version=state.runtime_version,
             model_architecture_version=state.model_architecture_version,
-            feature_extractor_version=state.feature_extractor_version,
+            feature_extractor_version=state.feature_extractor_version or "",
             ram_gb=state.ram_gb,
         ),
         "device state",
@@ -205,7 +205,7 @@ def decode_device_state(message: pb.DeviceState) -> DeviceState:
         app_version=message.app_version,
         runtime_version=message.runtime_version,
         model_architecture_version=message.model_architecture_version,
-        feature_extractor_version=message.feature_extractor_version,
+        feature_extractor_version=message.feature_extractor_version or None,
         ram_gb=message.ram_gb,
     )
 

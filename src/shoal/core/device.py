@@ -1,0 +1,50 @@
+"""What a device says about itself: the seed's registry record, shared by wire and registry.
+
+A client reports its ``DeviceState`` at enrollment, at every check-in and in
+heartbeats; the registry stores it, the selector filters on it, and the
+versioning matrix checks its four versions. One definition serves all three.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from shoal.core.errors import ProtocolError
+
+MAX_TEXT = 64
+
+
+def _check_text(value: str, what: str) -> None:
+    if not value or len(value) > MAX_TEXT:
+        raise ProtocolError(f"{what} must have 1 to {MAX_TEXT} characters, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """A device's class, power, network, memory and the versions it runs.
+
+    ``feature_extractor_version`` is None for a client without a portable
+    feature extractor. Bad values raise :class:`ProtocolError`.
+    """
+
+    device_class: str = "server"
+    battery_level: float = 1.0
+    charging: bool = True
+    wifi: bool = True
+    app_version: str = "1.0.0"
+    runtime_version: str = "1.0.0"
+    model_architecture_version: str = "1"
+    feature_extractor_version: str | None = None
+    ram_gb: float = 8.0
+
+    def __post_init__(self) -> None:
+        _check_text(self.device_class, "device_class")
+        for name in ("app_version", "runtime_version", "model_architecture_version"):
+            _check_text(getattr(self, name), name)
+        if self.feature_extractor_version is not None:
+            _check_text(self.feature_extractor_version, "feature_extractor_version")
+        if not 0.0 <= self.battery_level <= 1.0:  # also refuses NaN
+            raise ProtocolError(f"battery_level must lie in [0, 1], got {self.battery_level!r}")
+        if not (math.isfinite(self.ram_gb) and self.ram_gb >= 0):
+            raise ProtocolError(f"ram_gb must be a finite number >= 0, got {self.ram_gb!r}")
