@@ -25,13 +25,17 @@ from shoal.client.api import Client, EvaluateConfig, FitConfig, fit_update
 from shoal.coordinator.driver import RetryLater, TaskOffer
 from shoal.coordinator.events import Phase, RejectSubmission
 from shoal.core.device import DeviceState
-from shoal.core.errors import ClientError, TransportError
+from shoal.core.errors import ClientError, NotFoundError, TransportError
 from shoal.core.parameters import Parameters
 
 log = logging.getLogger("shoal.client")
 
 T = TypeVar("T")
 Upload = Awaitable[RejectSubmission | None]
+
+
+class _Stopped(Exception):
+    """Raised inside the runtime once ``stop()`` was called, to unwind a retry loop."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +133,12 @@ class ClientRuntime:
 
     async def run(self, *, max_tasks: int | None = None) -> None:
         """Enroll, then serve tasks; network errors are retried with backoff, never fatal."""
+        try:
+            await self._serve_until_stopped(max_tasks)
+        except _Stopped:
+            return
+
+    async def _serve_until_stopped(self, max_tasks: int | None) -> None:
         await self._retrying(lambda: self.link.enroll(self.enrollment, self.device_state()))
         while not self._stopping.is_set() and (max_tasks is None or self.tasks_done < max_tasks):
             answer = await self._retrying(
@@ -140,7 +150,11 @@ class ClientRuntime:
             await self._serve(answer)
 
     async def _serve(self, offer: TaskOffer) -> None:
-        model = await self._model_for(offer)
+        try:
+            model = await self._model_for(offer)
+        except NotFoundError as exc:  # the round moved on while we were downloading
+            log.info("task of round %d is stale: %s", offer.round, exc)
+            return
         try:
             outcome = await asyncio.to_thread(self._work, offer, model)
         except Exception as exc:  # the user's model failed: tell the coordinator, keep going
@@ -194,7 +208,7 @@ class ClientRuntime:
                 return await call()
             except TransportError as exc:
                 if self._stopping.is_set():
-                    raise
+                    raise _Stopped from exc
                 delay = self.backoff.delay(attempt, self._rng)
                 log.info("coordinator unreachable (%s); retrying in %.2fs", exc, delay)
                 attempt += 1

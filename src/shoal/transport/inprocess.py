@@ -14,7 +14,7 @@ from shoal.client.runtime import Enrollment
 from shoal.coordinator.driver import RetryLater, RoundDriver, TaskOffer
 from shoal.coordinator.events import RejectSubmission
 from shoal.core.device import DeviceState
-from shoal.core.errors import IntegrityError, TransportError
+from shoal.core.errors import IntegrityError, NotFoundError, TransportError
 from shoal.core.parameters import Parameters
 
 
@@ -57,9 +57,12 @@ class InProcessLink:
 
     async def fetch_model(self, enrollment: Enrollment, sha256: str) -> Parameters:
         self._network()
-        model = self.models(sha256)
+        try:
+            model = self.models(sha256)
+        except KeyError:
+            raise NotFoundError(f"the coordinator has no model {sha256[:12]}...") from None
         if model.sha256() != sha256:
-            raise IntegrityError(f"the coordinator has no model {sha256[:12]}...")
+            raise IntegrityError(f"model {sha256[:12]}... does not hash to its name")
         return model
 
     async def submit_update(

@@ -1,0 +1,317 @@
+"""The coordinator's gRPC service: authenticates every request, then hands it to the round driver.
+
+Each RPC follows the same path: decode the message (malformed → MALFORMED),
+find the client (UNKNOWN_CLIENT, SUSPENDED), verify its Ed25519 signature
+over the request (BAD_SIGNATURE), refuse a replayed nonce or a stale
+timestamp (REPLAYED), and only then act. Bad input is answered with a code
+and counted; it never raises out of the service, so the coordinator keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+
+from shoal.coordinator.driver import RetryLater, RoundDriver, TaskOffer
+from shoal.core.errors import (
+    IntegrityError,
+    NotFoundError,
+    ProtocolError,
+    RegistryError,
+    SecurityError,
+)
+from shoal.core.parameters import Parameters
+from shoal.registry import (
+    ClientRecord,
+    ClientRegistry,
+    ClientStatus,
+    Heartbeat,
+    HeartbeatBuffer,
+    SelectionCriteria,
+    Selector,
+)
+from shoal.transport import serde
+from shoal.transport._generated import coordinator_pb2 as pb
+from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
+from shoal.transport.chunks import ChunkAssembler, PayloadTooLarge, chunk_payload, decode_update
+from shoal.transport.messages import (
+    CheckInOutcome,
+    Credentials,
+    EnrollReply,
+    HeartbeatReply,
+    ModelRef,
+    RejectCode,
+    Rejected,
+    RetryAfter,
+    Task,
+    Verdict,
+)
+from shoal.transport.signing import ReplayGuard, RequestAuth
+
+log = logging.getLogger("shoal.coordinator")
+
+HEARTBEAT_EVERY_S = 30.0
+
+
+class Refused(Exception):
+    """A request that must be answered with ``code``; caught inside the service."""
+
+    def __init__(self, code: RejectCode, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    """What the service enforces beyond the protocol."""
+
+    run_id: str
+    enrollment_tokens: frozenset[str]
+    max_update_bytes: int = 64 * 2**20
+    criteria: SelectionCriteria = field(
+        default_factory=lambda: SelectionCriteria(require_charging=False, require_wifi=False)
+    )
+
+
+class ModelBytes:
+    """The safetensors bytes of the current global model, encoded once per version."""
+
+    def __init__(self) -> None:
+        self._current: tuple[str, bytes] | None = None
+
+    def of(self, parameters: Parameters) -> tuple[str, bytes]:
+        sha = parameters.sha256()
+        if self._current is None or self._current[0] != sha:
+            self._current = (sha, parameters.to_bytes())
+        return self._current
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    """The six RPCs of ``shoal.v1.Coordinator`` over a driver and a client registry."""
+
+    def __init__(
+        self,
+        driver: RoundDriver,
+        clients: ClientRegistry,
+        settings: ServiceSettings,
+        *,
+        selector: Selector | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.driver = driver
+        self.clients = clients
+        self.settings = settings
+        self.selector = selector or Selector(clients)
+        self.clock = clock
+        self.replay = ReplayGuard()
+        self.heartbeats = HeartbeatBuffer(clients, max_items=1000)
+        self.model_bytes = ModelBytes()
+        self.refusals: Counter[str] = Counter()
+
+    # --- authentication -----------------------------------------------------------------
+
+    def _authenticate(
+        self, message: Any, *, public_key: bytes | None = None, this_run: bool = False
+    ) -> RequestAuth:
+        """The verified auth of a request; ``this_run`` also requires it to name our run."""
+        try:
+            auth = serde.decode_auth(message)
+        except ProtocolError as exc:
+            raise Refused(RejectCode.MALFORMED, str(exc)) from exc
+        if public_key is None:
+            record = self._client(auth.client_id)
+            public_key = record.public_key
+            if public_key is None:
+                raise Refused(RejectCode.UNKNOWN_CLIENT, "the client has no enrolled key")
+        try:
+            serde.verify_message(message, public_key)
+        except (SecurityError, ProtocolError) as exc:
+            raise Refused(RejectCode.BAD_SIGNATURE, str(exc)) from exc
+        try:
+            self.replay.check(auth, now=self.clock())
+        except SecurityError as exc:
+            raise Refused(RejectCode.REPLAYED, str(exc)) from exc
+        if this_run and auth.run_id != self.settings.run_id:
+            raise Refused(RejectCode.WRONG_ROUND, f"this coordinator runs {self.settings.run_id}")
+        return auth
+
+    def _client(self, client_id: str) -> ClientRecord:
+        try:
+            record = self.clients.get(client_id)
+        except NotFoundError as exc:
+            raise Refused(RejectCode.UNKNOWN_CLIENT, f"no enrolled client {client_id!r}") from exc
+        if record.status is not ClientStatus.ACTIVE:
+            raise Refused(RejectCode.SUSPENDED, f"the client is {record.status.value.lower()}")
+        return record
+
+    def _refused(self, rpc: str, refusal: Refused) -> Verdict:
+        self.refusals[refusal.code.value] += 1
+        log.info("%s refused: %s (%s)", rpc, refusal.code.value, refusal.detail)
+        return Verdict.reject(refusal.code, refusal.detail)
+
+    # --- RPCs ----------------------------------------------------------------------------------
+
+    async def Enroll(  # noqa: N802
+        self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.EnrollResponse:
+        try:
+            enrollment = serde.decode_enroll_request(request)
+            auth = self._authenticate(request, public_key=enrollment.public_key)
+            if enrollment.enrollment_token not in self.settings.enrollment_tokens:
+                raise Refused(RejectCode.BAD_TOKEN, "unknown enrollment token")
+            self.clients.enroll(auth.client_id, enrollment.device, public_key=enrollment.public_key)
+        except ProtocolError as exc:
+            return serde.encode_enroll_response(
+                EnrollReply(self._refused("Enroll", Refused(RejectCode.MALFORMED, str(exc))))
+            )
+        except SecurityError as exc:  # a known client id with another key
+            refusal = Refused(RejectCode.BAD_SIGNATURE, str(exc))
+            return serde.encode_enroll_response(EnrollReply(self._refused("Enroll", refusal)))
+        except Refused as refusal:
+            return serde.encode_enroll_response(EnrollReply(self._refused("Enroll", refusal)))
+        return serde.encode_enroll_response(
+            EnrollReply(Verdict.accept(), Credentials(auth.client_id))
+        )
+
+    async def CheckIn(  # noqa: N802
+        self, request: pb.CheckInRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CheckInResponse:
+        try:
+            auth = self._authenticate(request)
+            device = serde.decode_check_in_request(request)
+            record = self.clients.enroll(auth.client_id, device)  # refreshes state and last_seen
+            eligibility = self.selector.check(record, self.settings.criteria)
+            if not eligibility.can_train:
+                raise Refused(RejectCode.INCOMPATIBLE, eligibility.reason or "not eligible")
+            outcome = self._task_or_retry(self.driver.check_in(auth.client_id))
+        except ProtocolError as exc:
+            outcome = Rejected(RejectCode.MALFORMED, str(exc))
+        except Refused as refusal:
+            verdict = self._refused("CheckIn", refusal)
+            outcome = Rejected(refusal.code, verdict.detail)
+        return serde.encode_check_in_response(outcome)
+
+    def _task_or_retry(self, answer: TaskOffer | RetryLater) -> CheckInOutcome:
+        if isinstance(answer, RetryLater):
+            return RetryAfter(answer.seconds, answer.reason)
+        sha, data = self.model_bytes.of(self.driver.coordinator.parameters)
+        if sha != answer.model_sha256:
+            return RetryAfter(1.0, "the model is being updated")
+        model = ModelRef(version_id=sha, sha256=sha, size_bytes=len(data))
+        return Task(
+            answer.round,
+            self.settings.run_id,
+            answer.phase,
+            model,
+            answer.config,
+            answer.deadline_in_s,
+        )
+
+    async def FetchModel(  # noqa: N802
+        self, request: pb.FetchModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.Chunk]:
+        try:
+            self._authenticate(request)
+            wanted = serde.decode_fetch_model_request(request)
+        except (Refused, ProtocolError) as exc:
+            code = exc.code if isinstance(exc, Refused) else RejectCode.MALFORMED
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{code.value}: {exc}")
+            return
+        sha, data = self.model_bytes.of(self.driver.coordinator.parameters)
+        if wanted.version_id != sha:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, "wrong_model_hash: not the current model"
+            )
+            return
+        for chunk in chunk_payload(data, start=wanted.offset):
+            yield serde.encode_chunk(chunk)
+
+    async def SubmitUpdate(  # noqa: N802
+        self,
+        request_iterator: AsyncIterator[pb.UpdatePart],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.SubmitUpdateResponse:
+        try:
+            verdict = await self._submit(request_iterator)
+        except Refused as refusal:
+            verdict = self._refused("SubmitUpdate", refusal)
+        return serde.encode_submit_update_response(verdict)
+
+    async def _submit(self, parts: AsyncIterator[pb.UpdatePart]) -> Verdict:
+        try:
+            header_message = serde.header_of(await anext(parts))
+            auth = self._authenticate(header_message, this_run=True)
+            header = serde.decode_update_header(header_message)
+        except (ProtocolError, StopAsyncIteration) as exc:
+            raise Refused(RejectCode.MALFORMED, str(exc) or "empty upload") from exc
+        current_sha, _ = self.model_bytes.of(self.driver.coordinator.parameters)
+        if header.base_model_sha256 != current_sha:
+            raise Refused(
+                RejectCode.WRONG_MODEL_HASH, "the update is not relative to the current model"
+            )
+        if header.total_size > self.settings.max_update_bytes:
+            raise Refused(RejectCode.OVERSIZED, f"{header.total_size} bytes is over the limit")
+        assembler = ChunkAssembler(
+            max_bytes=self.settings.max_update_bytes,
+            expected_sha256=header.payload_sha256,
+            expected_size=header.total_size,
+        )
+        try:
+            async for part in parts:
+                assembler.add(serde.chunk_of(part))
+            update = decode_update(assembler.finish())
+        except PayloadTooLarge as exc:
+            raise Refused(RejectCode.OVERSIZED, str(exc)) from exc
+        except (ProtocolError, IntegrityError) as exc:
+            raise Refused(RejectCode.MALFORMED, str(exc)) from exc
+        rejection = self.driver.submit_update(
+            auth.client_id, header.round, update, header.num_examples, dict(header.metrics)
+        )
+        return serde.verdict_of(rejection)
+
+    async def ReportEvaluation(  # noqa: N802
+        self, request: pb.ReportEvaluationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ReportEvaluationResponse:
+        try:
+            auth = self._authenticate(request, this_run=True)
+            report = serde.decode_evaluation_report(request)
+            rejection = self.driver.submit_evaluation(
+                auth.client_id, report.round, report.loss, report.num_examples, dict(report.metrics)
+            )
+            verdict = serde.verdict_of(rejection)
+        except ProtocolError as exc:
+            verdict = self._refused("ReportEvaluation", Refused(RejectCode.MALFORMED, str(exc)))
+        except Refused as refusal:
+            verdict = self._refused("ReportEvaluation", refusal)
+        return serde.encode_report_evaluation_response(verdict)
+
+    async def Heartbeat(  # noqa: N802
+        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.HeartbeatResponse:
+        try:
+            auth = self._authenticate(request)
+            device = serde.decode_heartbeat_request(request)
+            self.heartbeats.add(
+                Heartbeat(
+                    client_id=auth.client_id,
+                    seen_at=datetime.now(UTC),
+                    battery_level=device.battery_level,
+                    charging=device.charging,
+                    wifi=device.wifi,
+                )
+            )
+            verdict = Verdict.accept()
+        except (ProtocolError, RegistryError) as exc:
+            verdict = self._refused("Heartbeat", Refused(RejectCode.MALFORMED, str(exc)))
+        except Refused as refusal:
+            verdict = self._refused("Heartbeat", refusal)
+        return serde.encode_heartbeat_response(HeartbeatReply(verdict, HEARTBEAT_EVERY_S))

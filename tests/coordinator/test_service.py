@@ -1,0 +1,291 @@
+"""The gRPC coordinator on 127.0.0.1 with TLS: clients train, bad input is refused, it serves on."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import pytest
+
+from shoal.aggregation.strategy import make_strategy
+from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
+from shoal.config import load_config
+from shoal.coordinator import CommitVersion, Coordinator, RoundSettings
+from shoal.coordinator.driver import DriverSettings, RoundDriver
+from shoal.coordinator.service import CoordinatorService, ServiceSettings
+from shoal.core import DeviceState, Parameters
+from shoal.registry import ClientRegistry, ClientStatus, open_database
+from shoal.simulation.scenario import DataScenario
+from shoal.transport import serde
+from shoal.transport._generated import coordinator_pb2 as pb
+from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
+from shoal.transport.certs import (
+    init_certificates,
+    load_channel_credentials,
+    load_server_credentials,
+)
+from shoal.transport.grpc_link import GrpcLink
+from shoal.transport.messages import EnrollmentRequest, RejectCode
+from shoal.transport.signing import generate_client_key
+
+T = TypeVar("T")
+TOKEN = "let-me-in"
+RUN = "run-test"
+
+
+@dataclass
+class Deployment:
+    target: str
+    credentials: grpc.ChannelCredentials
+    driver: RoundDriver
+    service: CoordinatorService
+    clients: ClientRegistry
+    commits: list[CommitVersion]
+    scenario: DataScenario
+
+
+async def with_coordinator(
+    tmp_path: Path, body: Callable[[Deployment], Awaitable[T]], *, rounds: int
+) -> T:
+    certificates = init_certificates(tmp_path / "certs")
+    scenario = DataScenario(load_config(None, ["data.num_clients=6", "round.clients_per_round=4"]))
+    coordinator = Coordinator(
+        settings=RoundSettings(
+            clients_per_round=4, quorum=0.5, deadline_s=10.0, epochs=2, learning_rate=0.2
+        ),
+        strategy=make_strategy("fedavg"),
+        parameters=scenario.initial_parameters(),
+        seed=0,
+    )
+    database = open_database(None, folder=tmp_path / "registry")
+    clients = ClientRegistry(database)
+    commits: list[CommitVersion] = []
+
+    async def persist(commit: CommitVersion) -> None:
+        commits.append(commit)
+
+    def candidates() -> list[str]:
+        return [record.client_id for record in clients.list(status=ClientStatus.ACTIVE, limit=1000)]
+
+    driver = RoundDriver(
+        coordinator,
+        DriverSettings(rounds=rounds, retry_after_s=0.05),
+        candidates=candidates,
+        persist=persist,
+    )
+    service = CoordinatorService(
+        driver, clients, ServiceSettings(run_id=RUN, enrollment_tokens=frozenset({TOKEN}))
+    )
+    server = grpc.aio.server()
+    pb_grpc.add_CoordinatorServicer_to_server(service, server)
+    port = server.add_secure_port("127.0.0.1:0", load_server_credentials(certificates.server))
+    await server.start()
+    credentials = load_channel_credentials(certificates.ca.certificate)
+    try:
+        return await body(
+            Deployment(
+                f"127.0.0.1:{port}", credentials, driver, service, clients, commits, scenario
+            )
+        )
+    finally:
+        await server.stop(None)
+        database.close()
+
+
+def test_clients_train_over_grpc_with_tls(tmp_path: Path) -> None:
+    async def body(deployment: Deployment) -> None:
+        runtimes, links = [], []
+        for index, client_id in enumerate(deployment.scenario.client_ids):
+            link = GrpcLink(
+                deployment.target, credentials=deployment.credentials, enrollment_token=TOKEN
+            )
+            enrollment = load_or_create_enrollment(tmp_path / client_id, generate_client_key)
+            runtime = ClientRuntime(
+                deployment.scenario.build_client(client_id),
+                link,
+                enrollment,
+                backoff=Backoff(0.01, 0.1),
+                seed=index,
+            )
+            runtimes.append(runtime)
+            links.append(link)
+        tasks = [asyncio.create_task(runtime.run()) for runtime in runtimes]
+        await asyncio.wait_for(deployment.driver.run(), timeout=60)
+        for runtime in runtimes:
+            runtime.stop()
+        await asyncio.gather(*tasks)
+        for link in links:
+            await link.close()
+
+    asyncio.run(with_coordinator(tmp_path, body, rounds=3))
+
+
+# --- bad input, each with its code, and the coordinator still serving ------------------------
+
+
+def signed(
+    message: Any, private_key: bytes, client_id: str, *, round_number: int = -1, run: str = RUN
+) -> Any:
+    serde.sign_message(
+        message,
+        private_key,
+        client_id=client_id,
+        run_id=run,
+        round=round_number,
+        timestamp=time.time(),
+    )
+    return message
+
+
+async def enroll(stub: pb_grpc.CoordinatorStub, client_id: str) -> bytes:
+    private, public = generate_client_key()
+    request = serde.encode_enroll_request(EnrollmentRequest(DeviceState(), public, TOKEN))
+    response = await stub.Enroll(signed(request, private, client_id))
+    assert response.verdict.accepted, response.verdict.detail
+    return private
+
+
+async def upload(
+    stub: pb_grpc.CoordinatorStub, header: pb.UpdateHeader, payload: bytes
+) -> RejectCode | None:
+    async def parts() -> AsyncIterator[pb.UpdatePart]:
+        for part in serde.update_parts(header, payload):
+            yield part
+
+    response = await stub.SubmitUpdate(parts())
+    return serde.decode_submit_update_response(response).code
+
+
+def header_for(
+    private: bytes,
+    client_id: str,
+    payload: bytes,
+    base: str,
+    *,
+    round_number: int = 1,
+    size: int | None = None,
+) -> pb.UpdateHeader:
+    header = pb.UpdateHeader(
+        round=round_number,
+        run_id=RUN,
+        num_examples=5,
+        payload_sha256=hashlib.sha256(payload).hexdigest(),
+        total_size=len(payload) if size is None else size,
+        base_model_sha256=base,
+    )
+    return signed(header, private, client_id, round_number=round_number)
+
+
+def test_bad_input_gets_a_code_and_the_coordinator_keeps_serving(tmp_path: Path) -> None:
+    async def body(deployment: Deployment) -> dict[str, RejectCode | None]:
+        codes: dict[str, RejectCode | None] = {}
+        async with grpc.aio.secure_channel(deployment.target, deployment.credentials) as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            keys = {name: await enroll(stub, name) for name in ("alice", "bob", "carol")}
+            runner = asyncio.create_task(deployment.driver.run())
+            offers = {}
+            while len(offers) < 2:
+                await asyncio.sleep(0.02)
+                for name in keys:
+                    outcome = deployment.driver.check_in(name)
+                    if hasattr(outcome, "model_sha256"):
+                        offers[name] = outcome
+            name = next(iter(offers))
+            private, base = keys[name], offers[name].model_sha256  # type: ignore[attr-defined]
+            good = Parameters.from_arrays([np.zeros(650, np.float32)]).to_bytes()
+
+            stranger = serde.encode_check_in_request(DeviceState())
+            reply = await stub.CheckIn(signed(stranger, generate_client_key()[0], "mallory"))
+            codes["unknown client"] = serde.decode_check_in_response(reply).code  # type: ignore[union-attr]
+
+            forged = serde.encode_check_in_request(DeviceState())
+            reply = await stub.CheckIn(signed(forged, generate_client_key()[0], name))
+            codes["forged signature"] = serde.decode_check_in_response(reply).code  # type: ignore[union-attr]
+
+            request = signed(
+                pb.HeartbeatRequest(device=serde.encode_device_state(DeviceState())), private, name
+            )
+            await stub.Heartbeat(request)
+            codes["replayed"] = serde.decode_heartbeat_response(
+                await stub.Heartbeat(request)
+            ).verdict.code
+
+            codes["wrong model hash"] = await upload(
+                stub, header_for(private, name, good, "0" * 64), good
+            )
+            codes["oversized"] = await upload(
+                stub, header_for(private, name, good, base, size=2**40), good
+            )
+            garbage = b"\x00not safetensors"
+            codes["malformed bytes"] = await upload(
+                stub, header_for(private, name, garbage, base), garbage
+            )
+            wrong_shape = Parameters.from_arrays([np.zeros(3, np.float32)]).to_bytes()
+            codes["wrong shape"] = await upload(
+                stub, header_for(private, name, wrong_shape, base), wrong_shape
+            )
+            nan = Parameters.from_arrays([np.full(650, np.nan, np.float32)]).to_bytes()
+            other = next(n for n in offers if n != name)
+            codes["nan"] = await upload(stub, header_for(keys[other], other, nan, base), nan)
+            codes["wrong round"] = await upload(
+                stub, header_for(keys[other], other, good, base, round_number=7), good
+            )
+            alive = signed(
+                pb.HeartbeatRequest(device=serde.encode_device_state(DeviceState())), private, name
+            )
+            codes["still serving"] = serde.decode_heartbeat_response(
+                await stub.Heartbeat(alive)
+            ).verdict.code
+            runner.cancel()
+        return codes
+
+    codes = asyncio.run(with_coordinator(tmp_path, body, rounds=1))
+    assert codes == {
+        "unknown client": RejectCode.UNKNOWN_CLIENT,
+        "forged signature": RejectCode.BAD_SIGNATURE,
+        "replayed": RejectCode.REPLAYED,
+        "wrong model hash": RejectCode.WRONG_MODEL_HASH,
+        "oversized": RejectCode.OVERSIZED,
+        "malformed bytes": RejectCode.MALFORMED,
+        "wrong shape": RejectCode.INVALID_UPDATE,
+        "nan": RejectCode.INVALID_UPDATE,
+        "wrong round": RejectCode.WRONG_ROUND,
+        "still serving": None,
+    }
+
+
+def test_enrollment_needs_a_valid_token_and_keeps_its_key(tmp_path: Path) -> None:
+    async def body(deployment: Deployment) -> list[RejectCode | None]:
+        codes = []
+        async with grpc.aio.secure_channel(deployment.target, deployment.credentials) as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            private, public = generate_client_key()
+            bad = serde.encode_enroll_request(EnrollmentRequest(DeviceState(), public, "guess"))
+            codes.append(
+                serde.decode_enroll_response(
+                    await stub.Enroll(signed(bad, private, "eve"))
+                ).verdict.code
+            )
+            await enroll(stub, "dave")
+            other_private, other_public = generate_client_key()
+            hijack = serde.encode_enroll_request(
+                EnrollmentRequest(DeviceState(), other_public, TOKEN)
+            )
+            reply = await stub.Enroll(signed(hijack, other_private, "dave"))
+            codes.append(serde.decode_enroll_response(reply).verdict.code)
+        return codes
+
+    assert asyncio.run(with_coordinator(tmp_path, body, rounds=1)) == [
+        RejectCode.BAD_TOKEN,
+        RejectCode.BAD_SIGNATURE,
+    ]
+
+
+pytestmark = pytest.mark.timeout(120)
