@@ -161,6 +161,23 @@ class SimulationSection(_Section):
     ray_address: str | None = None
 
 
+class CoordinatorSection(_Section):
+    """[coordinator]: the network coordinator of ``shoal coordinator serve``."""
+
+    listen: str = "127.0.0.1:50051"
+    run_id: str = Field("run-1", min_length=1, max_length=128)
+    state_dir: str = "coordinator-state"
+    certificates: str | None = None
+    mutual_tls: bool = False
+    registry_url: str | None = None
+    blob_url: str | None = None
+    enrollment_tokens: list[str] = Field(default_factory=list)
+    max_update_mb: PositiveFloat = 64.0
+    retry_after_s: PositiveFloat = 2.0
+    grace_s: Annotated[float, Field(ge=0)] = 5.0
+    app: str = "shoal.apps.digits:make_client"
+
+
 class Config(_Section):
     """A whole run: every section with its defaults."""
 
@@ -173,6 +190,7 @@ class Config(_Section):
     evaluation: EvaluationSection = EvaluationSection()
     devices: DevicesSection = DevicesSection()
     simulation: SimulationSection = SimulationSection()
+    coordinator: CoordinatorSection = CoordinatorSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

@@ -110,27 +110,32 @@ def _run_with_progress(simulation: Simulation, config: Config, *, quiet: bool) -
         disable=quiet,
     )
     if not quiet:
-        console.print(
-            f"{'round':>5} {'phase':<8} {'sel':>4} {'rep':>4} {'drop':>4} {'loss':>8} {'acc':>7} "
-            f"{'virtual':>9} {'wall':>7}"
-        )
+        print_header()
     with progress:
         task = progress.add_task("rounds", total=config.run.rounds)
 
         def on_round(row: dict[str, Any]) -> None:
             if not quiet:
-                progress.console.print(_format_row(row))
+                progress.console.print(format_row(row))
             if row["phase"] == "fit":
                 progress.update(task, completed=row["round"])
 
         return simulation.run(on_round=on_round)
 
 
+def print_header() -> None:
+    """The column titles of the per-round lines."""
+    console.print(
+        f"{'round':>5} {'phase':<8} {'sel':>4} {'rep':>4} {'drop':>4} {'loss':>8} {'acc':>7} "
+        f"{'virtual':>9} {'wall':>7}"
+    )
+
+
 def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _format_row(row: dict[str, Any]) -> str:
+def format_row(row: dict[str, Any]) -> str:
     status = "" if row["committed"] else f"  aborted: {row['abort_reason']}"
     return (
         f"{row['round']:>5} {row['phase']:<8} {row['selected']:>4} {row['reported']:>4} "

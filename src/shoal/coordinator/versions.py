@@ -20,13 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import safetensors
-import safetensors.numpy
-
 from shoal.core.errors import ModelError, RunError
 from shoal.core.parameters import Parameters
-from shoal.core.transforms import TransformState, tree_leaves, tree_unflatten
+from shoal.core.transforms import TransformState, state_from_bytes, state_to_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,12 +129,11 @@ class VersionStore:
         """The optimizer state saved with ``version``, shaped like ``template``."""
         path = self.folder / self.get(version).state_file_name
         try:
-            tensors = safetensors.numpy.load_file(str(path))
-        except (safetensors.SafetensorError, OSError) as exc:
+            data = path.read_bytes()
+        except OSError as exc:
             raise RunError(f"cannot read the optimizer state of version {version}: {exc}") from exc
-        leaves = [tensors[f"leaf_{index:05d}"] for index in range(len(tensors))]
         try:
-            return tree_unflatten(template, leaves)
+            return state_from_bytes(template, data)
         except ModelError as exc:
             raise RunError(
                 f"version {version}'s optimizer state does not fit this strategy: {exc}"
@@ -159,10 +154,6 @@ class VersionStore:
 
 
 def _save_state(path: Path, state: TransformState) -> None:
-    leaves = {
-        f"leaf_{index:05d}": np.ascontiguousarray(leaf)
-        for index, leaf in enumerate(tree_leaves(state))
-    }
     partial = path.with_name(path.name + ".partial")
-    safetensors.numpy.save_file(leaves, str(partial))
+    partial.write_bytes(state_to_bytes(state))
     partial.replace(path)

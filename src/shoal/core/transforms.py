@@ -21,6 +21,8 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
+import safetensors
+import safetensors.numpy
 
 from shoal.core.errors import ModelError
 
@@ -160,3 +162,25 @@ def _fill(node: Any, remaining: list[np.ndarray]) -> Any:
     if isinstance(node, float):
         return float(leaf)
     return leaf.astype(np.asarray(node).dtype)
+
+
+def state_to_bytes(state: TransformState) -> bytes:
+    """A transform state as safetensors bytes: its leaves, in order."""
+    leaves = {
+        f"leaf_{index:05d}": np.ascontiguousarray(leaf)
+        for index, leaf in enumerate(tree_leaves(state))
+    }
+    return safetensors.numpy.save(leaves)
+
+
+def state_from_bytes(template: TransformState, data: bytes) -> TransformState:
+    """Rebuild a state shaped like ``template`` from :func:`state_to_bytes` output."""
+    try:
+        tensors = safetensors.numpy.load(data)
+    except (safetensors.SafetensorError, ValueError) as exc:
+        raise ModelError(f"unreadable transform state: {exc}") from exc
+    try:
+        leaves = [tensors[f"leaf_{index:05d}"] for index in range(len(tensors))]
+    except KeyError as exc:
+        raise ModelError(f"transform state lacks leaf {exc}") from exc
+    return tree_unflatten(template, leaves)

@@ -1,0 +1,200 @@
+"""``shoal coordinator serve``, ``shoal client run``, ``shoal demo network``: Shoal on a network."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from shoal.apps.loading import load_app, parse_options
+from shoal.cli.app import app, user_errors
+from shoal.cli.simulate import console, format_row, print_header
+from shoal.client.runtime import ClientRuntime, load_or_create_enrollment
+from shoal.config import load_config
+from shoal.coordinator.events import RoundSummary
+from shoal.core.errors import ConfigError
+
+coordinator_app = typer.Typer(help="Run the network coordinator.", no_args_is_help=True)
+client_app = typer.Typer(help="Run a client against a coordinator.", no_args_is_help=True)
+demo_app = typer.Typer(help="Self-contained demonstrations.", no_args_is_help=True)
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(client_app, name="client")
+app.add_typer(demo_app, name="demo")
+
+
+def summary_row(summary: RoundSummary, started: float) -> dict[str, Any]:
+    """The same per-round line as ``shoal simulate`` prints, from a live round."""
+    return {
+        "round": summary.round,
+        "phase": summary.phase.value,
+        "selected": summary.selected,
+        "reported": summary.reported,
+        "dropped": summary.failed + summary.outstanding,
+        "loss": summary.loss,
+        "accuracy": summary.metrics.get("accuracy"),
+        "virtual_time_s": summary.closed_at - summary.started_at,
+        "wall_time_s": time.perf_counter() - started,
+        "committed": summary.committed,
+        "abort_reason": summary.abort_reason,
+    }
+
+
+@coordinator_app.command("serve")
+@user_errors
+def serve_command(
+    config_path: Annotated[Path, typer.Option("--config", "-c", help="The job's TOML config.")],
+    insecure: Annotated[
+        bool,
+        typer.Option("--insecure", help="Serve without TLS (refused unless given explicitly)."),
+    ] = False,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config value (section.key=value).")
+    ] = None,
+) -> None:
+    """Serve a training job to network clients until it is done (SIGTERM stops it gracefully)."""
+    from shoal.coordinator.server import serve
+
+    config = load_config(config_path, overrides or [])
+    started = time.perf_counter()
+    print_header()
+
+    def on_round(summary: RoundSummary) -> None:
+        console.print(format_row(summary_row(summary, started)))
+
+    def on_ready(port: int) -> None:
+        console.print(f"coordinator listening on {config.coordinator.listen} (port {port})")
+
+    asyncio.run(serve(config, insecure=insecure, on_round=on_round, on_ready=on_ready))
+
+
+@client_app.command("run")
+@user_errors
+def client_run_command(
+    coordinator: Annotated[
+        str, typer.Option("--coordinator", help="HOST:PORT of the coordinator.")
+    ],
+    app_spec: Annotated[str, typer.Option("--app", help="MODULE:FACTORY building the client.")],
+    state_dir: Annotated[Path, typer.Option("--state-dir", help="Where the enrollment is kept.")],
+    token: Annotated[str, typer.Option("--token", help="The enrollment token.")] = "",
+    ca: Annotated[
+        Path | None, typer.Option("--ca", help="The deployment CA to pin (ca.pem).")
+    ] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Connect without TLS.")] = False,
+    options: Annotated[
+        list[str] | None, typer.Option("--option", help="key=value passed to the app factory.")
+    ] = None,
+    max_tasks: Annotated[
+        int | None, typer.Option("--max-tasks", min=1, help="Stop after N tasks.")
+    ] = None,
+) -> None:
+    """Enroll, then check in, train and upload until stopped (or N tasks)."""
+    from shoal.transport.certs import load_channel_credentials
+    from shoal.transport.grpc_link import GrpcLink
+    from shoal.transport.signing import generate_client_key
+
+    if ca is None and not insecure:
+        raise ConfigError("--ca: a client pins the deployment's CA; or pass --insecure explicitly")
+    client = load_app(app_spec)(parse_options(options or []))
+    enrollment = load_or_create_enrollment(state_dir, generate_client_key)
+    credentials = None if ca is None else load_channel_credentials(ca)
+
+    async def main() -> None:
+        link = GrpcLink(coordinator, credentials=credentials, enrollment_token=token)
+        runtime = ClientRuntime(client, link, enrollment)
+        try:
+            await runtime.run(max_tasks=max_tasks)
+        finally:
+            await link.close()
+
+    asyncio.run(main())
+
+
+@demo_app.command("network")
+@user_errors
+def demo_network_command(
+    clients: Annotated[int, typer.Option("--clients", "-n", min=2, help="Client processes.")] = 10,
+    rounds: Annotated[int, typer.Option("--rounds", "-r", min=1, help="Training rounds.")] = 5,
+    port: Annotated[int, typer.Option("--port", help="Coordinator port on 127.0.0.1.")] = 50071,
+) -> None:
+    """A coordinator with TLS and N client processes on 127.0.0.1, training on digits."""
+    from shoal.transport.certs import init_certificates
+
+    with tempfile.TemporaryDirectory(prefix="shoal-demo-") as folder:
+        base = Path(folder)
+        init_certificates(base / "certs")
+        config = base / "job.toml"
+        config.write_text(_demo_config(base, clients=clients, rounds=rounds, port=port))
+        shoal = [sys.executable, "-m", "shoal"]
+        coordinator = subprocess.Popen([*shoal, "coordinator", "serve", "--config", str(config)])
+        workers = [
+            subprocess.Popen(
+                [
+                    *shoal,
+                    "client",
+                    "run",
+                    "--coordinator",
+                    f"127.0.0.1:{port}",
+                    "--app",
+                    "shoal.apps.digits:make_client",
+                    "--state-dir",
+                    str(base / f"client-{index}"),
+                    "--token",
+                    "demo",
+                    "--ca",
+                    str(base / "certs" / "ca.pem"),
+                    "--option",
+                    f"index={index}",
+                    "--option",
+                    f"clients={clients}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+            for index in range(clients)
+        ]
+        try:
+            code = coordinator.wait()
+        finally:
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                worker.wait()
+        if code != 0:
+            raise typer.Exit(code)
+
+
+def _demo_config(base: Path, *, clients: int, rounds: int, port: int) -> str:
+    target = max(2, min(10, clients * 4 // 5))
+    return f"""
+[run]
+rounds = {rounds}
+[round]
+clients_per_round = {target}
+over_selection = 1.0
+quorum = 0.8
+deadline_s = 30
+[client]
+epochs = 2
+batch_size = 16
+learning_rate = 0.2
+[evaluation]
+every = 2
+clients = {target}
+[data]
+num_clients = {clients}
+[coordinator]
+listen = "127.0.0.1:{port}"
+state_dir = "{base / "state"}"
+certificates = "{base / "certs"}"
+enrollment_tokens = ["demo"]
+retry_after_s = 0.5
+app = "shoal.apps.digits:make_client"
+"""

@@ -1,0 +1,243 @@
+"""``shoal coordinator serve``: the registries, the engine, the driver and gRPC, put together.
+
+Durability: every committed model goes to the model registry (blob, then
+row, then HEAD) with the server optimizer's state before any client is
+offered work on it. A coordinator killed at any moment restarts from HEAD:
+it replays the round in progress, never a committed one, and clients, who
+keep retrying, reconnect by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from shoal.aggregation.strategy import make_strategy
+from shoal.apps.loading import load_app
+from shoal.config import Config
+from shoal.coordinator.driver import DriverSettings, RoundDriver
+from shoal.coordinator.engine import Coordinator, RoundSettings
+from shoal.coordinator.events import CommitVersion, RoundSummary
+from shoal.coordinator.selection import cohort_size
+from shoal.coordinator.service import CoordinatorService, ServiceSettings
+from shoal.core.errors import ConfigError, StrategyError
+from shoal.core.parameters import Parameters
+from shoal.core.transforms import state_from_bytes, state_to_bytes
+from shoal.registry import (
+    BlobStore,
+    ClientRegistry,
+    Database,
+    ModelRegistry,
+    SelectionCriteria,
+    Selector,
+    open_database,
+)
+from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
+from shoal.transport.certs import (
+    CA_CERTIFICATE,
+    SERVER_CERTIFICATE,
+    SERVER_KEY,
+    CertificateFiles,
+    load_server_credentials,
+)
+
+log = logging.getLogger("shoal.coordinator")
+
+SERVICE_NAME = "shoal.v1.Coordinator"
+SEEN_WITHIN = timedelta(minutes=2)
+
+
+@dataclass
+class CoordinatorParts:
+    """Everything a running coordinator holds, built from a config."""
+
+    database: Database
+    models: ModelRegistry
+    clients: ClientRegistry
+    driver: RoundDriver
+    service: CoordinatorService
+
+
+def build(
+    config: Config, *, on_round: Callable[[RoundSummary], None] | None = None
+) -> CoordinatorParts:
+    """Open the registries, restore HEAD (or commit the initial model), wire the driver."""
+    section = config.coordinator
+    state_dir = Path(section.state_dir)
+    database = open_database(section.registry_url, folder=state_dir / "registry")
+    models = ModelRegistry(database, BlobStore(section.blob_url or str(state_dir / "blobs")))
+    clients = ClientRegistry(database)
+    coordinator, first_round = _restore(config, models)
+    selector = Selector(clients)
+    criteria = SelectionCriteria(
+        require_charging=False, require_wifi=False, seen_within=SEEN_WITHIN
+    )
+    wanted = cohort_size(
+        target=config.round.clients_per_round, over_selection=config.round.over_selection
+    )
+
+    async def persist(commit: CommitVersion) -> None:
+        models.commit(
+            section.run_id,
+            commit.parameters,
+            round=commit.round,
+            architecture_version=config.model.kind,
+            metrics=_finite(commit.summary.metrics),
+            state=state_to_bytes(coordinator.optimizer_state),
+        )
+
+    driver = RoundDriver(
+        coordinator,
+        DriverSettings(
+            rounds=config.run.rounds,
+            first_round=first_round,
+            evaluate_every=config.evaluation.every,
+            retry_after_s=section.retry_after_s,
+        ),
+        candidates=lambda: selector.select(criteria, wanted),
+        persist=persist,
+        on_round=on_round,
+    )
+    settings = ServiceSettings(
+        run_id=section.run_id,
+        enrollment_tokens=frozenset(section.enrollment_tokens),
+        max_update_bytes=int(section.max_update_mb * 2**20),
+    )
+    service = CoordinatorService(driver, clients, settings, selector=selector)
+    return CoordinatorParts(database, models, clients, driver, service)
+
+
+def _restore(config: Config, models: ModelRegistry) -> tuple[Coordinator, int]:
+    """The engine at HEAD of the run (first start: the app's initial model as version 0)."""
+    try:
+        strategy = make_strategy(
+            config.strategy.name, **config.strategy.model_dump(exclude={"name"})
+        )
+    except StrategyError as exc:
+        raise ConfigError(f"strategy: {exc}") from None
+    settings = RoundSettings(
+        clients_per_round=config.round.clients_per_round,
+        over_selection=config.round.over_selection,
+        quorum=config.round.quorum,
+        deadline_s=config.round.deadline_s,
+        evaluation_clients=config.evaluation.clients,
+        epochs=config.client.epochs,
+        batch_size=config.client.batch_size,
+        learning_rate=config.client.learning_rate,
+    )
+    run_id = config.coordinator.run_id
+    head = models.head(run_id)
+    if head is None:
+        initial = load_app(config.coordinator.app)({}).get_parameters()
+        coordinator = Coordinator(
+            settings=settings, strategy=strategy, parameters=initial, seed=config.run.seed
+        )
+        models.commit(
+            run_id,
+            initial,
+            round=0,
+            architecture_version=config.model.kind,
+            state=state_to_bytes(coordinator.optimizer_state),
+        )
+        return coordinator, 1
+    parameters: Parameters = models.load(run_id, head.version)
+    template = strategy.server_optimizer.init(parameters.vector)
+    saved = models.load_state(run_id, head.version)
+    state = template if saved is None else state_from_bytes(template, saved)
+    log.info("resuming run %s from version %d (round %d)", run_id, head.version, head.round)
+    coordinator = Coordinator(
+        settings=settings,
+        strategy=strategy,
+        parameters=parameters,
+        seed=config.run.seed,
+        optimizer_state=state,
+    )
+    return coordinator, head.round + 1
+
+
+def _finite(metrics: Any) -> dict[str, float]:
+    return {name: float(value) for name, value in metrics.items() if math.isfinite(value)}
+
+
+def server_credentials(config: Config, *, insecure: bool) -> grpc.ServerCredentials | None:
+    """TLS credentials from the certificates folder; None only when ``insecure`` was asked for."""
+    folder = config.coordinator.certificates
+    if folder is None:
+        if not insecure:
+            raise ConfigError(
+                "coordinator.certificates: the coordinator needs a certificate folder "
+                "(make one with `shoal certs init`), or --insecure to serve in plaintext"
+            )
+        log.warning(
+            "serving WITHOUT TLS (--insecure): updates and models cross the network in clear"
+        )
+        return None
+    base = Path(folder)
+    server = CertificateFiles(base / SERVER_CERTIFICATE, base / SERVER_KEY)
+    client_ca = base / CA_CERTIFICATE if config.coordinator.mutual_tls else None
+    return load_server_credentials(server, client_ca=client_ca)
+
+
+async def serve(
+    config: Config,
+    *,
+    insecure: bool = False,
+    on_round: Callable[[RoundSummary], None] | None = None,
+    on_ready: Callable[[int], None] | None = None,
+) -> CoordinatorParts:
+    """Serve until the job is done or SIGTERM/SIGINT; returns the parts for inspection."""
+    credentials = server_credentials(config, insecure=insecure)
+    parts = build(config, on_round=on_round)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 8 * 2**20),
+            ("grpc.max_send_message_length", 8 * 2**20),
+        ]
+    )
+    pb_grpc.add_CoordinatorServicer_to_server(parts.service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    listen = config.coordinator.listen
+    port = (
+        server.add_insecure_port(listen)
+        if credentials is None
+        else server.add_secure_port(listen, credentials)
+    )
+    if port == 0:
+        raise ConfigError(f"coordinator.listen: cannot bind {listen}")
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await server.start()
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    if on_ready is not None:
+        on_ready(port)
+    job = asyncio.create_task(parts.driver.run())
+    stop = asyncio.create_task(stopping.wait())
+    try:
+        await asyncio.wait({job, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(config.coordinator.grace_s)
+        for task in (job, stop):
+            task.cancel()
+        await asyncio.gather(job, stop, return_exceptions=True)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        parts.service.heartbeats.flush()
+        parts.database.close()
+    if job.done() and not job.cancelled() and job.exception() is not None:
+        raise job.exception()  # type: ignore[misc]
+    return parts
