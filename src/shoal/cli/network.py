@@ -68,8 +68,10 @@ def serve_command(
     def on_round(summary: RoundSummary) -> None:
         console.print(format_row(summary_row(summary, started)))
 
-    def on_ready(port: int) -> None:
+    def on_ready(port: int, first_round: int) -> None:
         console.print(f"coordinator listening on {config.coordinator.listen} (port {port})")
+        if first_round > 1:
+            console.print(f"resuming run {config.coordinator.run_id} at round {first_round}")
 
     asyncio.run(serve(config, insecure=insecure, on_round=on_round, on_ready=on_ready))
 

@@ -193,9 +193,12 @@ async def serve(
     *,
     insecure: bool = False,
     on_round: Callable[[RoundSummary], None] | None = None,
-    on_ready: Callable[[int], None] | None = None,
+    on_ready: Callable[[int, int], None] | None = None,
 ) -> CoordinatorParts:
-    """Serve until the job is done or SIGTERM/SIGINT; returns the parts for inspection."""
+    """Serve until the job is done or SIGTERM/SIGINT; returns the parts for inspection.
+
+    ``on_ready(port, first_round)`` is called once the server listens.
+    """
     credentials = server_credentials(config, insecure=insecure)
     parts = build(config, on_round=on_round)
     server = grpc.aio.server(
@@ -223,7 +226,7 @@ async def serve(
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     if on_ready is not None:
-        on_ready(port)
+        on_ready(port, parts.driver.settings.first_round)
     job = asyncio.create_task(parts.driver.run())
     stop = asyncio.create_task(stopping.wait())
     try:

@@ -1,0 +1,158 @@
+"""Real processes on 127.0.0.1, TLS: 20 clients, one killed mid-run; kill -9 of the coordinator."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from shoal.registry import BlobStore, ModelRegistry, open_database
+from shoal.transport.certs import init_certificates
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+SHOAL = [sys.executable, "-m", "shoal"]
+RUN = "run-1"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Job:
+    base: Path
+    config: Path
+    port: int
+    clients: int
+
+    def heads(self) -> list[tuple[int, int, str]]:
+        """(version, round, sha256) of every committed model, read from the registry."""
+        with open_database(None, folder=self.base / "state" / "registry") as database:
+            models = ModelRegistry(database, BlobStore(str(self.base / "state" / "blobs")))
+            return [(record.version, record.round, record.sha256) for record in models.list(RUN)]
+
+    def last_round(self) -> int:
+        try:
+            return max((round_number for _, round_number, _ in self.heads()), default=-1)
+        except Exception:  # the coordinator has not created the registry yet
+            return -1
+
+
+def make_job(base: Path, *, clients: int, rounds: int, target: int, deadline_s: float) -> Job:
+    init_certificates(base / "certs")
+    port = free_port()
+    config = base / "job.toml"
+    config.write_text(
+        f"""
+[run]
+rounds = {rounds}
+[round]
+clients_per_round = {target}
+over_selection = 1.0
+quorum = 0.75
+deadline_s = {deadline_s}
+[client]
+epochs = 1
+batch_size = 16
+learning_rate = 0.2
+[evaluation]
+every = 0
+[coordinator]
+listen = "127.0.0.1:{port}"
+state_dir = "{base / "state"}"
+certificates = "{base / "certs"}"
+enrollment_tokens = ["test-token"]
+retry_after_s = 0.3
+grace_s = 1
+"""
+    )
+    return Job(base, config, port, clients)
+
+
+def start_coordinator(job: Job) -> subprocess.Popen[bytes]:
+    with (job.base / "coordinator.log").open("ab") as log:  # the child keeps its own descriptor
+        command = [*SHOAL, "coordinator", "serve", "--config", str(job.config)]
+        return subprocess.Popen(command, stdout=log, stderr=log)
+
+
+def start_client(job: Job, index: int) -> subprocess.Popen[bytes]:
+    command = [
+        *SHOAL, "client", "run", "--coordinator", f"127.0.0.1:{job.port}",
+        "--app", "shoal.apps.digits:make_client", "--state-dir", str(job.base / f"client-{index}"),
+        "--token", "test-token", "--ca", str(job.base / "certs" / "ca.pem"),
+        "--option", f"index={index}", "--option", f"clients={job.clients}",
+    ]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@contextmanager
+def clients_running(job: Job) -> Iterator[list[subprocess.Popen[bytes]]]:
+    processes = [start_client(job, index) for index in range(job.clients)]
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+
+
+def wait_for(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def coordinator_log(job: Job) -> str:
+    return (job.base / "coordinator.log").read_text(errors="replace")
+
+
+def test_twenty_clients_and_one_killed_mid_run(tmp_path: Path) -> None:
+    job = make_job(tmp_path, clients=20, rounds=4, target=20, deadline_s=8.0)
+    with clients_running(job) as clients:
+        coordinator = start_coordinator(job)
+        try:
+            wait_for(lambda: job.last_round() >= 1, timeout=120, what="round 1")
+            clients[7].send_signal(signal.SIGKILL)  # a phone whose battery died mid-round
+            assert coordinator.wait(timeout=120) == 0, coordinator_log(job)
+        finally:
+            if coordinator.poll() is None:
+                coordinator.kill()
+    rounds = [round_number for _, round_number, _ in job.heads()]
+    assert rounds == [0, 1, 2, 3, 4], coordinator_log(job)
+
+
+def test_kill_9_mid_round_then_restart_finishes_and_loses_nothing(tmp_path: Path) -> None:
+    job = make_job(tmp_path, clients=5, rounds=5, target=4, deadline_s=10.0)
+    with clients_running(job):
+        first = start_coordinator(job)
+        try:
+            wait_for(lambda: job.last_round() >= 2, timeout=120, what="round 2")
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=30)
+        before = job.heads()
+        second = start_coordinator(job)
+        try:
+            assert second.wait(timeout=120) == 0, coordinator_log(job)
+        finally:
+            if second.poll() is None:
+                second.kill()
+    after = job.heads()
+    assert after[: len(before)] == before  # every committed version survived, unchanged
+    assert [round_number for _, round_number, _ in after][-1] == 5
+    assert "resuming run run-1 at round" in coordinator_log(job)
