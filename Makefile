@@ -40,6 +40,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/aggregation.py
 	$(BIN)/python benchmarks/simulation.py
 	$(BIN)/python benchmarks/registry.py
+	$(BIN)/python benchmarks/network.py
 
 clean:
 	rm -rf $(VENV) runs .mypy_cache .ruff_cache .pytest_cache

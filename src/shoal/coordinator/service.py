@@ -14,13 +14,14 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 
 from shoal.coordinator.driver import RetryLater, RoundDriver, TaskOffer
+from shoal.core.device import DeviceState
 from shoal.core.errors import (
     IntegrityError,
     NotFoundError,
@@ -59,6 +60,15 @@ from shoal.transport.signing import ReplayGuard, RequestAuth
 log = logging.getLogger("shoal.coordinator")
 
 HEARTBEAT_EVERY_S = 30.0
+# What a check-in can change only by re-enrolling (a write); power and network are batched.
+_STABLE_FIELDS = (
+    "device_class",
+    "app_version",
+    "runtime_version",
+    "model_architecture_version",
+    "feature_extractor_version",
+    "ram_gb",
+)
 
 
 class Refused(Exception):
@@ -188,7 +198,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         try:
             auth = self._authenticate(request)
             device = serde.decode_check_in_request(request)
-            record = self.clients.enroll(auth.client_id, device)  # refreshes state and last_seen
+            record = self._refresh(auth.client_id, device)
             eligibility = self.selector.check(record, self.settings.criteria)
             if not eligibility.can_train:
                 raise Refused(RejectCode.INCOMPATIBLE, eligibility.reason or "not eligible")
@@ -199,6 +209,24 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             verdict = self._refused("CheckIn", refusal)
             outcome = Rejected(refusal.code, verdict.detail)
         return serde.encode_check_in_response(outcome)
+
+    def _refresh(self, client_id: str, device: DeviceState) -> ClientRecord:
+        """Record a check-in: batched like a heartbeat, unless what the device runs changed."""
+        record = self._client(client_id)
+        if any(getattr(record.device, name) != getattr(device, name) for name in _STABLE_FIELDS):
+            return self.clients.enroll(client_id, device)  # an app update: re-checked at once
+        self._beat(client_id, device)
+        return replace(record, device=device)
+
+    def _beat(self, client_id: str, device: DeviceState) -> None:
+        heartbeat = Heartbeat(
+            client_id=client_id,
+            seen_at=datetime.now(UTC),
+            battery_level=device.battery_level,
+            charging=device.charging,
+            wifi=device.wifi,
+        )
+        self.heartbeats.add(heartbeat)
 
     def _task_or_retry(self, answer: TaskOffer | RetryLater) -> CheckInOutcome:
         if isinstance(answer, RetryLater):
@@ -299,16 +327,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     ) -> pb.HeartbeatResponse:
         try:
             auth = self._authenticate(request)
-            device = serde.decode_heartbeat_request(request)
-            self.heartbeats.add(
-                Heartbeat(
-                    client_id=auth.client_id,
-                    seen_at=datetime.now(UTC),
-                    battery_level=device.battery_level,
-                    charging=device.charging,
-                    wifi=device.wifi,
-                )
-            )
+            self._beat(auth.client_id, serde.decode_heartbeat_request(request))
             verdict = Verdict.accept()
         except (ProtocolError, RegistryError) as exc:
             verdict = self._refused("Heartbeat", Refused(RejectCode.MALFORMED, str(exc)))

@@ -47,13 +47,17 @@ class GrpcLink:
         rejected_retry_s: float = 30.0,
         timeout_s: float = 60.0,
         max_model_bytes: int = 2**31,
+        channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.target = target
         self.enrollment_token = enrollment_token
         self.rejected_retry_s = rejected_retry_s
         self.timeout_s = timeout_s
         self.max_model_bytes = max_model_bytes
-        if credentials is None:
+        self._owns_channel = channel is None
+        if channel is not None:
+            self._channel = channel  # many lightweight clients in one process share one
+        elif credentials is None:
             self._channel = grpc.aio.insecure_channel(target)
         else:
             self._channel = grpc.aio.secure_channel(target, credentials)
@@ -61,7 +65,8 @@ class GrpcLink:
         self.run_id = UNKNOWN_RUN
 
     async def close(self) -> None:
-        await self._channel.close()
+        if self._owns_channel:
+            await self._channel.close()
 
     def _sign(self, message: Any, enrollment: Enrollment, *, round_number: int = NO_ROUND) -> None:
         serde.sign_message(
