@@ -7,6 +7,7 @@ import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,7 +22,7 @@ from shoal.coordinator import CommitVersion, Coordinator, RoundSettings
 from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.service import CoordinatorService, ServiceSettings
 from shoal.core import DeviceState, Parameters
-from shoal.registry import ClientRegistry, ClientStatus, open_database
+from shoal.registry import ClientRegistry, ClientStatus, EnrollmentTokens, open_database
 from shoal.simulation.scenario import DataScenario
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
@@ -289,3 +290,23 @@ def test_enrollment_needs_a_valid_token_and_keeps_its_key(tmp_path: Path) -> Non
 
 
 pytestmark = pytest.mark.timeout(120)
+
+
+def test_an_issued_token_admits_one_new_client_and_restarts_use_none(tmp_path: Path) -> None:
+    async def body(deployment: Deployment) -> list[RejectCode | None]:
+        token = EnrollmentTokens(deployment.clients.database).issue(expires_in=timedelta(hours=1))
+        frank, gina = generate_client_key(), generate_client_key()
+        attempts = [("frank", frank), ("frank", frank), ("gina", gina)]  # frank twice: a restart
+        codes = []
+        async with grpc.aio.secure_channel(deployment.target, deployment.credentials) as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            for name, (private, public) in attempts:
+                request = serde.encode_enroll_request(
+                    EnrollmentRequest(DeviceState(), public, token)
+                )
+                reply = await stub.Enroll(signed(request, private, name))
+                codes.append(serde.decode_enroll_response(reply).verdict.code)
+        return codes
+
+    codes = asyncio.run(with_coordinator(tmp_path, body, rounds=1))
+    assert codes == [None, None, RejectCode.BAD_TOKEN]  # the single use went to frank

@@ -1,6 +1,6 @@
 """The ``shoal`` command line: the front door to every Shoal job."""
 
-from shoal.cli import network, simulate
+from shoal.cli import network, operator, simulate
 from shoal.cli.app import app, main
 
-__all__ = ["app", "main", "network", "simulate"]
+__all__ = ["app", "main", "network", "operator", "simulate"]

@@ -9,6 +9,7 @@ from typing import ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from shoal.core.errors import ConfigError, ShoalError
 
@@ -42,10 +43,10 @@ def user_errors(command: Callable[P, R]) -> Callable[P, R]:
         try:
             return command(*args, **kwargs)
         except ConfigError as exc:
-            err_console.print(f"[red]config error:[/red] {exc}", highlight=False)
+            err_console.print(f"[red]config error:[/red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(EXIT_CONFIG) from None
         except ShoalError as exc:
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+            err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper

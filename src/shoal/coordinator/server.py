@@ -40,7 +40,8 @@ from shoal.registry import (
     ModelRegistry,
     SelectionCriteria,
     Selector,
-    open_database,
+    blob_location,
+    registry_location,
 )
 from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
 from shoal.transport.certs import (
@@ -74,8 +75,8 @@ def build(
     """Open the registries, restore HEAD (or commit the initial model), wire the driver."""
     section = config.coordinator
     state_dir = Path(section.state_dir)
-    database = open_database(section.registry_url, folder=state_dir / "registry")
-    models = ModelRegistry(database, BlobStore(section.blob_url or str(state_dir / "blobs")))
+    database = registry_location(state_dir, section.registry_url).open()
+    models = ModelRegistry(database, BlobStore(blob_location(state_dir, section.blob_url)))
     clients = ClientRegistry(database)
     coordinator, first_round = _restore(config, models)
     selector = Selector(clients)

@@ -34,6 +34,7 @@ from shoal.registry import (
     ClientRecord,
     ClientRegistry,
     ClientStatus,
+    EnrollmentTokens,
     Heartbeat,
     HeartbeatBuffer,
     SelectionCriteria,
@@ -124,6 +125,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.clock = clock
         self.replay = ReplayGuard()
         self.heartbeats = HeartbeatBuffer(clients, max_items=1000)
+        self.tokens = EnrollmentTokens(clients.database)
         self.model_bytes = ModelBytes()
         self.refusals: Counter[str] = Counter()
 
@@ -176,8 +178,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         try:
             enrollment = serde.decode_enroll_request(request)
             auth = self._authenticate(request, public_key=enrollment.public_key)
-            if enrollment.enrollment_token not in self.settings.enrollment_tokens:
-                raise Refused(RejectCode.BAD_TOKEN, "unknown enrollment token")
+            self._admit(auth.client_id, enrollment.enrollment_token)
             self.clients.enroll(auth.client_id, enrollment.device, public_key=enrollment.public_key)
         except ProtocolError as exc:
             return serde.encode_enroll_response(
@@ -191,6 +192,20 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return serde.encode_enroll_response(
             EnrollReply(Verdict.accept(), Credentials(auth.client_id))
         )
+
+    def _admit(self, client_id: str, token: str) -> None:
+        """Let a client enroll: already enrolled (a restart), a static token, or one redeemed."""
+        try:
+            self.clients.get(client_id)
+            return  # re-enrolling is checked against its key: no token is used up
+        except NotFoundError:
+            pass
+        if token in self.settings.enrollment_tokens:
+            return
+        try:
+            self.tokens.redeem(token, client_id=client_id)
+        except SecurityError as exc:
+            raise Refused(RejectCode.BAD_TOKEN, str(exc)) from exc
 
     async def CheckIn(  # noqa: N802
         self, request: pb.CheckInRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -2,7 +2,9 @@
 
 Everything lives in one SQLAlchemy database (SQLite by default, PostgreSQL
 by URL, see :func:`open_database`) plus a content-addressed blob store
-(:class:`BlobStore`, a local folder or any fsspec URL).
+(:class:`BlobStore`, a local folder or any fsspec URL); a coordinator finds
+both from its state folder (:func:`registry_location`, :func:`blob_location`).
+The database also holds the enrollment tokens (:class:`EnrollmentTokens`).
 """
 
 from shoal.core.device import DeviceState
@@ -14,10 +16,12 @@ from shoal.registry.clients import (
     HeartbeatBuffer,
 )
 from shoal.registry.database import Database, open_database
+from shoal.registry.location import RegistryLocation, blob_location, registry_location
 from shoal.registry.migrations import MIGRATIONS, SCHEMA_VERSION, Migration, apply_migrations
 from shoal.registry.models import ModelRecord, ModelRegistry
 from shoal.registry.schema import ClientStatus, ModelStatus
 from shoal.registry.selector import SelectionCriteria, Selector
+from shoal.registry.tokens import EnrollmentToken, EnrollmentTokens, TokenState, token_id_of
 from shoal.registry.versioning import (
     Component,
     Eligibility,
@@ -37,17 +41,24 @@ __all__ = [
     "Database",
     "DeviceState",
     "Eligibility",
+    "EnrollmentToken",
+    "EnrollmentTokens",
     "Heartbeat",
     "HeartbeatBuffer",
     "Migration",
     "ModelRecord",
     "ModelRegistry",
     "ModelStatus",
+    "RegistryLocation",
     "Requirement",
     "SelectionCriteria",
     "Selector",
+    "TokenState",
     "VersionMatrix",
     "apply_migrations",
+    "blob_location",
     "open_database",
+    "registry_location",
+    "token_id_of",
     "version_key",
 ]

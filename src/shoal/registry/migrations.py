@@ -123,9 +123,28 @@ def _create_model_registry(op: Operations) -> None:
     )
 
 
+def _create_enrollment_tokens(op: Operations) -> None:
+    op.create_table(
+        "enrollment_tokens",
+        sa.Column("token_id", sa.String(16), nullable=False),
+        sa.Column("token_sha256", sa.String(64), nullable=False),
+        sa.Column("client_id", sa.String(128)),
+        sa.Column("uses", sa.Integer, nullable=False),
+        sa.Column("uses_left", sa.Integer, nullable=False),
+        sa.Column("created_at", UtcDateTime, nullable=False),
+        sa.Column("expires_at", UtcDateTime, nullable=False),
+        sa.Column("revoked_at", UtcDateTime),
+        sa.Column("last_used_at", UtcDateTime),
+        sa.Column("last_used_by", sa.String(128)),
+        sa.PrimaryKeyConstraint("token_id", name="pk_enrollment_tokens"),
+        sa.UniqueConstraint("token_sha256", name="uq_enrollment_tokens_token_sha256"),
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "client registry and versioning matrix", _create_client_registry),
     Migration(2, "model registry", _create_model_registry),
+    Migration(3, "enrollment tokens", _create_enrollment_tokens),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

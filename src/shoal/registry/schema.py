@@ -166,3 +166,20 @@ model_heads = sa.Table(
     sa.Column("moved_at", UtcDateTime, nullable=False),
     sa.ForeignKeyConstraint(["name", "version"], ["model_versions.name", "model_versions.version"]),
 )
+
+enrollment_tokens = sa.Table(
+    "enrollment_tokens",
+    metadata,
+    # the first 16 hex digits of token_sha256: a name an operator can quote, never the secret
+    sa.Column("token_id", sa.String(16), primary_key=True),
+    sa.Column("token_sha256", sa.String(64), nullable=False),
+    sa.Column("client_id", sa.String(128)),
+    sa.Column("uses", sa.Integer, nullable=False),
+    sa.Column("uses_left", sa.Integer, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+    sa.Column("revoked_at", UtcDateTime),
+    sa.Column("last_used_at", UtcDateTime),
+    sa.Column("last_used_by", sa.String(128)),
+    sa.UniqueConstraint("token_sha256"),
+)
