@@ -156,3 +156,47 @@ def test_kill_9_mid_round_then_restart_finishes_and_loses_nothing(tmp_path: Path
     assert after[: len(before)] == before  # every committed version survived, unchanged
     assert [round_number for _, round_number, _ in after][-1] == 5
     assert "resuming run run-1 at round" in coordinator_log(job)
+
+
+def openssl_handshake(port: int, ca: Path, version: str) -> bool:
+    """Whether ``openssl s_client`` completes a handshake with ``version`` only."""
+    result = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", version, "-CAfile", str(ca),
+         "-alpn", "h2", "-brief"],
+        input=b"", capture_output=True, timeout=30,
+    )  # fmt: skip
+    return result.returncode == 0
+
+
+def test_the_served_coordinator_speaks_tls13_only_and_health_checks(tmp_path: Path) -> None:
+    from shoal.transport.certs import TLS13_ONLY_CIPHER_SUITES
+
+    assert TLS13_ONLY_CIPHER_SUITES == "ECDHE-PSK-CHACHA20-POLY1305"  # the CLI's default
+    job = make_job(tmp_path, clients=2, rounds=1, target=2, deadline_s=5.0)
+    coordinator = start_coordinator(job)
+    try:
+        wait_for(lambda: "listening" in coordinator_log(job), timeout=60, what="the coordinator")
+        ca = tmp_path / "certs" / "ca.pem"
+        assert openssl_handshake(job.port, ca, "-tls1_3")
+        assert not openssl_handshake(job.port, ca, "-tls1_2")
+        probe = subprocess.run(
+            [sys.executable, "-c", HEALTH_PROBE, f"127.0.0.1:{job.port}", str(ca)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert probe.stdout.strip() == "SERVING", probe.stderr
+        coordinator.send_signal(signal.SIGTERM)
+        assert coordinator.wait(timeout=60) == 0  # a graceful stop
+    finally:
+        if coordinator.poll() is None:
+            coordinator.kill()
+
+
+HEALTH_PROBE = """
+import sys, grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+ca = open(sys.argv[2], "rb").read()
+with grpc.secure_channel(sys.argv[1], grpc.ssl_channel_credentials(ca)) as channel:
+    reply = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="shoal.v1.Coordinator"), timeout=20)
+print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+"""

@@ -1,5 +1,13 @@
 """The ``shoal`` command line: the front door to every Shoal job."""
 
+import os
+
+# gRPC Python has no minimum-TLS-version option. This cipher list (the value
+# of shoal.transport.certs.TLS13_ONLY_CIPHER_SUITES) leaves TLS 1.2 nothing
+# to negotiate, so the coordinator and clients speak TLS 1.3 only. It must be
+# set before grpc is imported; an operator's own setting wins.
+os.environ.setdefault("GRPC_SSL_CIPHER_SUITES", "ECDHE-PSK-CHACHA20-POLY1305")
+
 from shoal.cli import network, operator, simulate
 from shoal.cli.app import app, main
 

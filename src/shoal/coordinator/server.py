@@ -14,7 +14,7 @@ import logging
 import math
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -80,8 +80,9 @@ def build(
     clients = ClientRegistry(database)
     coordinator, first_round = _restore(config, models)
     selector = Selector(clients)
+    # the versioning matrix of this model decides who may train it
     criteria = SelectionCriteria(
-        require_charging=False, require_wifi=False, seen_within=SEEN_WITHIN
+        model=config.model.kind, require_charging=False, require_wifi=False, seen_within=SEEN_WITHIN
     )
     wanted = cohort_size(
         target=config.round.clients_per_round, over_selection=config.round.over_selection
@@ -113,6 +114,7 @@ def build(
         run_id=section.run_id,
         enrollment_tokens=frozenset(section.enrollment_tokens),
         max_update_bytes=int(section.max_update_mb * 2**20),
+        criteria=replace(criteria, seen_within=None),  # a check-in is itself a sighting
     )
     service = CoordinatorService(driver, clients, settings, selector=selector)
     return CoordinatorParts(database, models, clients, driver, service)
