@@ -11,10 +11,15 @@ import pytest
 
 from shoal.client.api import Client
 from shoal.config import Config, load_config
-from shoal.coordinator import VersionStore
 from shoal.core import RunError
 from shoal.simulation import runner as runner_module
-from shoal.simulation.runner import Simulation, final_parameters, load_run_config
+from shoal.simulation.runner import (
+    MODEL_NAME,
+    Simulation,
+    final_parameters,
+    load_run_config,
+    open_run_models,
+)
 from shoal.simulation.scenario import DataScenario
 
 DESIGN_ROW_KEYS = {
@@ -169,7 +174,10 @@ def test_partial_work_is_aggregated_and_dropped_work_is_not(tmp_path: Path) -> N
 
 def test_model_is_saved_every_committed_round(tmp_path: Path) -> None:
     Simulation(small(), tmp_path).run()
-    versions = sorted((tmp_path / "versions").glob("v*.state.safetensors"))
+    models = open_run_models(tmp_path)
+    versions = models.list(MODEL_NAME)
+    assert all(models.load_state(MODEL_NAME, record.version) for record in versions)
+    models.database.close()
     rows = [
         row for row in rows_without_wall(tmp_path) if row["phase"] == "fit" and row["committed"]
     ]
@@ -190,10 +198,11 @@ def test_resume_recovers_a_row_lost_between_commit_and_log(tmp_path: Path) -> No
 
 def test_rollback_then_resume_branches_from_the_good_version(tmp_path: Path) -> None:
     Simulation(small("run.rounds=4"), tmp_path).run()
-    store = VersionStore(tmp_path / "versions")
-    good = next(record for record in store.versions() if record.round == 2)
-    last = max(record.version for record in store.versions())
-    store.rollback(good.version)
+    models = open_run_models(tmp_path)
+    good = next(record for record in models.list(MODEL_NAME) if record.round == 2)
+    before = models.list(MODEL_NAME)
+    models.rollback(MODEL_NAME, good.version)
+    models.database.close()
     Simulation(small("run.rounds=4"), tmp_path, resume=True).run()
     rows = rows_without_wall(tmp_path)
     assert [(row["round"], row["phase"]) for row in rows][-3:] == [
@@ -201,7 +210,9 @@ def test_rollback_then_resume_branches_from_the_good_version(tmp_path: Path) -> 
         (4, "fit"),
         (4, "evaluate"),
     ]
-    branch = VersionStore(tmp_path / "versions")
-    new = [record for record in branch.versions() if record.version > last]
+    models = open_run_models(tmp_path)
+    after = models.list(MODEL_NAME)
+    models.database.close()
+    new = after[len(before) :]
     assert new and new[0].parent == good.version
-    assert len(branch.versions()) == len(store.versions()) + len(new)  # nothing was deleted
+    assert after[: len(before)] == before  # nothing was deleted: the bad branch stays for audit

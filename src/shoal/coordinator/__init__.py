@@ -23,7 +23,6 @@ from shoal.coordinator.events import (
 )
 from shoal.coordinator.selection import client_seed, cohort_size, select_cohort
 from shoal.coordinator.state import TRANSITIONS, RoundState, Step, next_state
-from shoal.coordinator.versions import ModelVersion, VersionStore
 
 __all__ = [
     "TRANSITIONS",
@@ -36,7 +35,6 @@ __all__ = [
     "EvaluationReceived",
     "Event",
     "FinishRun",
-    "ModelVersion",
     "Phase",
     "RejectReason",
     "RejectSubmission",
@@ -53,7 +51,6 @@ __all__ = [
     "Step",
     "TaskOffer",
     "UpdateReceived",
-    "VersionStore",
     "client_seed",
     "cohort_size",
     "next_state",

@@ -41,8 +41,13 @@ def sha256_hex(data: bytes) -> str:
 class BlobStore:
     """Blobs named by their sha256, under ``location`` (a path or an fsspec URL)."""
 
-    def __init__(self, location: str | os.PathLike[str], **storage_options: Any) -> None:
+    def __init__(
+        self, location: str | os.PathLike[str], *, durable: bool = True, **storage_options: Any
+    ) -> None:
+        """``durable=False`` skips the fsyncs of local writes: still atomic, but a power
+        cut may lose the newest blobs (fine for a simulation, which replays them)."""
         self.location = os.fspath(location)
+        self.durable = durable
         try:
             filesystem, root = fsspec.core.url_to_fs(self.location, **storage_options)
         except (ImportError, ValueError) as exc:
@@ -66,7 +71,7 @@ class BlobStore:
         target = self.path(digest)
         try:
             if self._local:
-                _write_local_file(target, data)
+                _write_local_file(target, data, durable=self.durable)
             else:
                 self.filesystem.pipe_file(target, data)
         except OSError as exc:
@@ -106,7 +111,7 @@ class BlobStore:
             raise RegistryError(f"cannot delete blob {digest[:16]}... in {self}: {exc}") from exc
 
 
-def _write_local_file(target: str, data: bytes) -> None:
+def _write_local_file(target: str, data: bytes, *, durable: bool) -> None:
     """Write, flush to disk, then rename over ``target``: readers see all or nothing."""
     folder = os.path.dirname(target)
     os.makedirs(folder, exist_ok=True)
@@ -115,12 +120,15 @@ def _write_local_file(target: str, data: bytes) -> None:
         with open(partial, "wb") as stream:
             stream.write(data)
             stream.flush()
-            os.fsync(stream.fileno())
+            if durable:
+                os.fsync(stream.fileno())
         os.replace(partial, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
         raise
+    if not durable:
+        return
     directory = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(directory)  # the rename itself survives a power cut

@@ -38,16 +38,18 @@ from shoal.coordinator.events import (
     StartRound,
     UpdateReceived,
 )
-from shoal.coordinator.versions import ModelVersion, VersionStore
 from shoal.core.errors import ConfigError, RunError, StrategyError
 from shoal.core.parameters import Parameters
+from shoal.core.transforms import state_from_bytes, state_to_bytes
+from shoal.registry import BlobStore, ModelRecord, ModelRegistry, blob_location, registry_location
 from shoal.simulation.devices import Attempt, DeviceFleet
 from shoal.simulation.executor import Executor, Job, Outcome, make_executor
 from shoal.simulation.scenario import Scenario, build_scenario
-from shoal.telemetry.metrics import MetricsLog
+from shoal.telemetry.metrics import MetricsLog, clean_row
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
+MODEL_NAME = "global"
 _CONFIG_FILE = "config.json"
 _SUMMARY_FILE = "summary.json"
 _METRICS_FILE = "metrics.jsonl"
@@ -96,14 +98,33 @@ class Simulation:
             settings=self.settings, strategy=self.strategy, parameters=initial, seed=config.run.seed
         )
         self.model_bytes = len(initial.to_bytes())
-        self.versions = VersionStore(self.out / "versions")
         self.metrics = MetricsLog(self.out / _METRICS_FILE)
+        self._models: ModelRegistry | None = None
+
+    @property
+    def models(self) -> ModelRegistry:
+        """The run's model registry (SQLite and blobs in the run folder), opened on first use."""
+        if self._models is None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._models = open_run_models(self.out)
+        return self._models
+
+    def _head(self) -> ModelRecord | None:
+        return self.models.head(MODEL_NAME)
 
     # --- public ---------------------------------------------------------------------------
 
     def run(self, *, on_round: RoundCallback | None = None) -> dict[str, Any]:
         """Play every remaining round; returns the summary also written to summary.json."""
         started = time.perf_counter()
+        try:
+            return self._run(started, on_round)
+        finally:
+            if self._models is not None:
+                self._models.database.close()
+                self._models = None
+
+    def _run(self, started: float, on_round: RoundCallback | None) -> dict[str, Any]:
         first_round, now, wall_offset = self._prepare()
         with self._executor() as executor:
             plays: list[tuple[int, Phase]] = []
@@ -127,7 +148,7 @@ class Simulation:
     def _prepare(self) -> tuple[int, float, float]:
         """The first round to play, the virtual time and wall time already spent."""
         self.out.mkdir(parents=True, exist_ok=True)
-        head = self.versions.head()
+        head = self._head()
         if not self.resume:
             if head is not None or self.metrics.path.exists():
                 raise RunError(f"{self.out} already holds a run; use --resume or another --out")
@@ -149,21 +170,29 @@ class Simulation:
             # the crash came between committing the version and logging its row
             recovered = {**head.metrics, "model_version": head.version, "sha256": head.sha256}
             self.metrics.append({**recovered, "wall_time_s": wall})
-        return head.round + 1, head.virtual_time_s, wall
+        return head.round + 1, float(head.metrics.get("virtual_time_s", 0.0)), wall
 
-    def _commit_initial(self) -> None:
-        self.versions.commit(
-            self.coordinator.parameters,
-            round_number=0,
-            virtual_time_s=0.0,
-            metrics={},
-            optimizer_state=self.coordinator.optimizer_state,
+    def _commit(
+        self, parameters: Parameters, *, round_number: int, metrics: dict[str, Any]
+    ) -> ModelRecord:
+        return self.models.commit(
+            MODEL_NAME,
+            parameters,
+            round=round_number,
+            architecture_version=self.config.model.kind,
+            metrics=clean_row(metrics),
+            state=state_to_bytes(self.coordinator.optimizer_state),
         )
 
-    def _restore(self, head: ModelVersion) -> None:
-        parameters = self.versions.load(head.version)
+    def _commit_initial(self) -> None:
+        self._commit(self.coordinator.parameters, round_number=0, metrics={"virtual_time_s": 0.0})
+
+    def _restore(self, head: ModelRecord) -> None:
+        parameters = self.models.load(MODEL_NAME, head.version)
         template = self.strategy.server_optimizer.init(parameters.vector)
-        self.coordinator.restore(parameters, self.versions.load_state(head.version, template))
+        saved = self.models.load_state(MODEL_NAME, head.version)
+        state = template if saved is None else state_from_bytes(template, saved)
+        self.coordinator.restore(parameters, state)
 
     @contextmanager
     def _executor(self) -> Iterator[Executor]:
@@ -325,19 +354,14 @@ class Simulation:
             "bytes_up": uploads * (self.model_bytes if fit else _EVALUATION_UPLOAD_BYTES),
         }
         if commit is None:
-            head = self.versions.head()
+            head = self._head()
             row["model_version"] = None if head is None else head.version
             return row
         if self.config.evaluation.centralized:
             loss, accuracy = self.scenario.evaluate_centrally(commit.parameters)
             row.update(test_loss=loss, test_accuracy=accuracy, accuracy=accuracy)
-        record = self.versions.commit(
-            commit.parameters,
-            round_number=commit.round,
-            virtual_time_s=commit.summary.closed_at,
-            metrics=row,  # the whole row: a crash before metrics.jsonl is written loses nothing
-            optimizer_state=self.coordinator.optimizer_state,
-        )
+        # the whole row goes with the version: a crash before metrics.jsonl is written loses nothing
+        record = self._commit(commit.parameters, round_number=commit.round, metrics=row)
         row.update(model_version=record.version, sha256=record.sha256)
         return row
 
@@ -363,7 +387,7 @@ class Simulation:
         final_accuracy = last.get("test_accuracy")
         if final_accuracy is None and evaluations:
             final_accuracy = evaluations[-1]["accuracy"]
-        head = self.versions.head()
+        head = self._head()
         return {
             "rounds_completed": len(committed),
             "rounds_aborted": len(fits) - len(committed),
@@ -405,10 +429,23 @@ def load_run_config(run_dir: str | Path) -> Config:
     return parse_config(data)
 
 
+def open_run_models(run_dir: str | Path) -> ModelRegistry:
+    """The model registry of a run folder: ``shoal models list --state-dir RUN`` reads it too."""
+    folder = Path(run_dir)
+    database = registry_location(folder, None).open()
+    # a simulation replays bit for bit: after a power cut, resume redoes what was lost
+    return ModelRegistry(database, BlobStore(blob_location(folder, None), durable=False))
+
+
 def final_parameters(run_dir: str | Path) -> Parameters:
     """The model at HEAD of a run folder."""
-    store = VersionStore(Path(run_dir) / "versions")
-    head = store.head()
-    if head is None:
-        raise RunError(f"{run_dir} holds no committed version")
-    return store.load(head.version)
+    if not (Path(run_dir) / _CONFIG_FILE).exists():
+        raise RunError(f"{run_dir} is not a Shoal run folder (no {_CONFIG_FILE})")
+    models = open_run_models(run_dir)
+    try:
+        head = models.head(MODEL_NAME)
+        if head is None:
+            raise RunError(f"{run_dir} holds no committed version")
+        return models.load(MODEL_NAME, head.version)
+    finally:
+        models.database.close()

@@ -20,6 +20,12 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def clean_row(row: Row) -> Row:
+    """A row with NaN and infinity replaced by None, ready for strict JSON."""
+    cleaned: Row = _clean(row)
+    return cleaned
+
+
 class MetricsLog:
     """Append-only JSON lines, one write per row.
 
@@ -31,7 +37,7 @@ class MetricsLog:
         self.path = Path(path)
 
     def append(self, row: Row) -> None:
-        line = json.dumps(_clean(row), sort_keys=True)
+        line = json.dumps(clean_row(row), sort_keys=True)
         with self.path.open("a") as handle:
             handle.write(line + "\n")
 
