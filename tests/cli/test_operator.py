@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from typer.testing import CliRunner, Result
 
-from shoal.cli import app, operator
+from shoal.cli import app, models, operator
 from shoal.core import DeviceState, Parameters, SecurityError
 from shoal.registry import (
     BlobStore,
@@ -175,7 +175,7 @@ def test_rollback_needs_yes_without_a_terminal(state: State) -> None:
 
 
 def test_rollback_asks_on_a_terminal(state: State, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(operator, "_interactive", lambda: True)
+    monkeypatch.setattr(models, "_interactive", lambda: True)
     args = ("models", "rollback", "digits", "0", "--state-dir", state.folder)
     declined = shoal(*args, input="n\n")
     assert declined.exit_code == 1
