@@ -275,3 +275,15 @@ def test_bad_heartbeats_and_times_are_refused(registry: ClientRegistry) -> None:
         registry.enroll("c1", device(), now=datetime(2026, 1, 1))
     with pytest.raises(RegistryError):
         registry.enroll("x" * 129, device(), now=NOW)
+
+
+def test_a_population_enrolls_at_once_and_keeps_earlier_statuses(registry: ClientRegistry) -> None:
+    assert registry.enroll_population({}) == 0
+    fleet = {f"sim-{index}": device() for index in range(50)}
+    assert registry.enroll_population(fleet) == 50
+    registry.set_status("sim-3", ClientStatus.SUSPENDED, "banned")
+    registry.set_status("sim-4", ClientStatus.RETIRED, "gone")
+    assert registry.enroll_population({**fleet, "sim-new": device()}) == 1
+    assert registry.count() == 51
+    assert registry.get("sim-3").status is ClientStatus.SUSPENDED
+    assert registry.barred() == {"sim-3", "sim-4"}

@@ -12,6 +12,7 @@ import pytest
 from shoal.client.api import Client
 from shoal.config import Config, load_config
 from shoal.core import RunError
+from shoal.registry import ClientRegistry, ClientStatus
 from shoal.simulation import runner as runner_module
 from shoal.simulation.runner import (
     MODEL_NAME,
@@ -216,3 +217,19 @@ def test_rollback_then_resume_branches_from_the_good_version(tmp_path: Path) -> 
     new = after[len(before) :]
     assert new and new[0].parent == good.version
     assert after[: len(before)] == before  # nothing was deleted: the bad branch stays for audit
+
+
+def test_the_run_enrolls_its_fleet_and_suspended_clients_are_never_selected(tmp_path: Path) -> None:
+    Simulation(small("run.rounds=2"), tmp_path).run()
+    models = open_run_models(tmp_path)
+    clients = ClientRegistry(models.database)
+    assert clients.count() == 20
+    for record in clients.list(limit=100)[:17]:  # ban most of the fleet, as after a poisoning
+        clients.set_status(record.client_id, ClientStatus.SUSPENDED, "poisoned round 2")
+    models.database.close()
+    Simulation(small("run.rounds=4"), tmp_path, resume=True).run()
+    fits = [row for row in rows_without_wall(tmp_path) if row["phase"] == "fit"]
+    later = [row for row in fits if row["round"] > 2]
+    assert later and all(not row["committed"] for row in later)
+    assert all("eligible clients" in row["abort_reason"] for row in later)
+    assert all(row["selected"] <= 3 for row in later)

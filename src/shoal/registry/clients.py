@@ -18,7 +18,7 @@ from __future__ import annotations
 import builtins
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -237,6 +237,49 @@ class ClientRegistry:
                     changes["public_key"] = public_key
                 connection.execute(_by_id(client_id).values(**changes))
             return _fetch(connection, client_id)
+
+    def enroll_population(
+        self, devices: Mapping[str, DeviceState], *, now: datetime | None = None
+    ) -> int:
+        """Enroll every client of ``devices`` not enrolled yet, in one transaction.
+
+        Clients already enrolled keep their record untouched (status
+        included): a simulated fleet enrolled again on resume keeps the
+        suspensions an operator made. Returns how many were new.
+        """
+        now = require_aware(now or utc_now(), "now")
+        rows = [
+            {
+                "client_id": client_id,
+                **device_columns(device),
+                "status": ClientStatus.ACTIVE,
+                "can_train": True,
+                "public_key": None,
+                "sample_key": self.new_sample_key(),
+                "enrolled_at": now,
+                "last_seen": now,
+                "expires_at": None,
+            }
+            for client_id, device in devices.items()
+        ]
+        if not rows:
+            return 0
+        with self.database.write() as connection:
+            before = self._count(connection)
+            connection.execute(_insert_if_absent(connection), rows)
+            return self._count(connection) - before
+
+    @staticmethod
+    def _count(connection: Connection) -> int:
+        return int(connection.execute(sa.select(sa.func.count()).select_from(clients)).scalar_one())
+
+    def barred(self) -> set[str]:
+        """The ids of every client that is not ACTIVE (suspended or retired)."""
+        with self.database.read() as connection:
+            rows = connection.execute(
+                sa.select(clients.c.client_id).where(clients.c.status != ClientStatus.ACTIVE)
+            )
+            return {row.client_id for row in rows}
 
     def get(self, client_id: str) -> ClientRecord:
         """The record of ``client_id`` (:class:`NotFoundError` when none)."""

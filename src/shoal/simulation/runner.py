@@ -38,10 +38,18 @@ from shoal.coordinator.events import (
     StartRound,
     UpdateReceived,
 )
+from shoal.core.device import DeviceState
 from shoal.core.errors import ConfigError, RunError, StrategyError
 from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
-from shoal.registry import BlobStore, ModelRecord, ModelRegistry, blob_location, registry_location
+from shoal.registry import (
+    BlobStore,
+    ClientRegistry,
+    ModelRecord,
+    ModelRegistry,
+    blob_location,
+    registry_location,
+)
 from shoal.simulation.devices import Attempt, DeviceFleet
 from shoal.simulation.executor import Executor, Job, Outcome, make_executor
 from shoal.simulation.scenario import Scenario, build_scenario
@@ -100,6 +108,7 @@ class Simulation:
         self.model_bytes = len(initial.to_bytes())
         self.metrics = MetricsLog(self.out / _METRICS_FILE)
         self._models: ModelRegistry | None = None
+        self._clients: ClientRegistry | None = None
 
     @property
     def models(self) -> ModelRegistry:
@@ -111,6 +120,21 @@ class Simulation:
 
     def _head(self) -> ModelRecord | None:
         return self.models.head(MODEL_NAME)
+
+    @property
+    def clients(self) -> ClientRegistry:
+        """The run's client registry: the simulated population, in the models' database."""
+        if self._clients is None or self._clients.database is not self.models.database:
+            self._clients = ClientRegistry(self.models.database)
+        return self._clients
+
+    def _enroll_fleet(self) -> None:
+        """Enroll the simulated population; clients enrolled before keep their status."""
+        devices = {
+            client: DeviceState(device_class=self.fleet.device_class(client).name)
+            for client in self.scenario.client_ids
+        }
+        self.clients.enroll_population(devices)
 
     # --- public ---------------------------------------------------------------------------
 
@@ -155,11 +179,13 @@ class Simulation:
             (self.out / _CONFIG_FILE).write_text(
                 json.dumps(config_to_dict(self.config), indent=2) + "\n"
             )
+            self._enroll_fleet()
             self._commit_initial()
             return 1, 0.0, 0.0
         if head is None:
             raise RunError(f"{self.out} holds no committed version to resume from")
         self._restore(head)
+        self._enroll_fleet()
         rows = self.metrics.truncate(
             lambda row: (
                 row["round"] < head.round or (row["round"] == head.round and row["phase"] == "fit")
@@ -218,7 +244,8 @@ class Simulation:
         self, executor: Executor, round_number: int, phase: Phase, now: float
     ) -> dict[str, Any]:
         """Run one round in virtual time; returns its metrics row (without wall time)."""
-        candidates = tuple(self.fleet.available(round_number))
+        barred = self.clients.barred()  # an operator's `shoal clients suspend` bans a device
+        candidates = tuple(c for c in self.fleet.available(round_number) if c not in barred)
         actions = self.coordinator.handle(StartRound(round_number, phase, now, candidates))
         tasks = {a.client_id: a for a in actions if isinstance(a, SendFitTask | SendEvaluateTask)}
         closed = _closed(actions)
