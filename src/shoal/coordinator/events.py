@@ -41,7 +41,8 @@ def _check_time(now: float) -> None:
         raise ProtocolError(f"event time must be a finite non-negative number, got {now}")
 
 
-def _check_round(round_number: int) -> None:
+def check_round(round_number: int) -> None:
+    """Round numbers start at 0; anything else is a malformed message."""
     if round_number < 0:
         raise ProtocolError(f"round numbers start at 0, got {round_number}")
 
@@ -59,7 +60,7 @@ class StartRound:
     candidates: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        _check_round(self.round)
+        check_round(self.round)
         _check_time(self.now)
         if len(set(self.candidates)) != len(self.candidates):
             raise ProtocolError("candidate client ids must be unique")
@@ -77,7 +78,7 @@ class UpdateReceived:
     metrics: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_round(self.round)
+        check_round(self.round)
         _check_time(self.now)
         if self.num_examples < 0:
             raise ProtocolError(f"num_examples must be >= 0, got {self.num_examples}")
@@ -97,7 +98,7 @@ class EvaluationReceived:
     metrics: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_round(self.round)
+        check_round(self.round)
         _check_time(self.now)
         if self.num_examples < 0:
             raise ProtocolError(f"num_examples must be >= 0, got {self.num_examples}")
@@ -113,7 +114,7 @@ class ClientFailed:
     reason: str
 
     def __post_init__(self) -> None:
-        _check_round(self.round)
+        check_round(self.round)
         _check_time(self.now)
 
 
@@ -125,7 +126,7 @@ class DeadlineReached:
     now: float
 
     def __post_init__(self) -> None:
-        _check_round(self.round)
+        check_round(self.round)
         _check_time(self.now)
 
 

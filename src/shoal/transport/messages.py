@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from shoal.client.api import EvaluateConfig, FitConfig
-from shoal.coordinator.events import Phase, RejectReason
+from shoal.coordinator.events import Phase, RejectReason, check_round
 from shoal.core.device import DeviceState
 from shoal.core.errors import ProtocolError
 from shoal.transport.signing import check_sha256_hex
@@ -65,11 +65,6 @@ def _check_count(value: int, what: str) -> None:
 def _check_duration(value: float, what: str) -> None:
     if not (math.isfinite(value) and value >= 0):
         raise ProtocolError(f"{what} must be a finite number of seconds >= 0, got {value}")
-
-
-def _check_round(value: int) -> None:
-    if value < 0:
-        raise ProtocolError(f"round numbers start at 0, got {value}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +155,7 @@ class Task:
     deadline_in_s: float
 
     def __post_init__(self) -> None:
-        _check_round(self.round)
+        check_round(self.round)
         _check_text(self.run_id, "run id", required=True)
         expected = FitConfig if self.phase is Phase.FIT else EvaluateConfig
         if not isinstance(self.config, expected):
@@ -237,7 +232,7 @@ class UpdateHeader:
     metrics: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_round(self.round)
+        check_round(self.round)
         _check_text(self.run_id, "run id", required=True)
         _check_count(self.num_examples, "num_examples")
         check_sha256_hex(self.payload_sha256, "payload sha256")
@@ -257,7 +252,7 @@ class EvaluationReport:
     metrics: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_round(self.round)
+        check_round(self.round)
         _check_text(self.run_id, "run id", required=True)
         _check_count(self.num_examples, "num_examples")
         check_sha256_hex(self.model_sha256, "model sha256")
