@@ -15,6 +15,8 @@ context managers as :class:`~shoal.core.errors.RegistryError`.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,6 +116,29 @@ def lock_name(connection: Connection, name: str) -> None:
         )
 
 
+def _use_wal(cursor: Any) -> None:
+    """Switch a SQLite file to WAL, waiting out other connections doing the same.
+
+    Changing the journal mode needs the database to itself, and SQLite
+    answers "locked" at once rather than through the busy timeout when
+    several processes open a new file together. WAL is persistent, so once
+    one of them has switched, the others find it already on.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    delay = 0.005
+    while True:
+        try:
+            if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                return
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)  # a bounded wait for a lock SQLite will not wait on itself
+            delay = min(delay * 2, 0.2)
+
+
 def translate_error(exc: SQLAlchemyError, *, url: str) -> RegistryError:
     """Shoal's error for a SQLAlchemy one (the caller raises it ``from exc``)."""
     original = str(getattr(exc, "orig", None) or exc).strip()
@@ -194,7 +219,7 @@ def _sqlite_engine(url: sa.URL) -> Engine:
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         if not in_memory:
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _use_wal(cursor)
             cursor.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints, never corrupt
             # the default 2 MiB page cache thrashes on a registry of a million clients
             cursor.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
