@@ -1,0 +1,121 @@
+"""Shamir t-of-n secret sharing over the prime field GF(2^31 - 1), vectorized over many secrets.
+
+Secure aggregation shares thousands of values at once (each client's mask
+seed and key, split into field elements), so every function works on a
+vector of secrets: ``share`` evaluates one random polynomial per secret at
+x = 1..n, and ``reconstruct`` interpolates them at x = 0 from any t shares.
+With p = 2^31 - 1 every product of two field elements fits in an int64, so
+numpy does the arithmetic without big integers. Polynomial coefficients come
+from the operating system's CSPRNG: fewer than t shares reveal nothing.
+
+>>> secrets = np.array([7, 42], dtype=np.int64)
+>>> shares = share(secrets, threshold=2, num_shares=3)
+>>> reconstruct([1, 3], shares[[0, 2]]).tolist()
+[7, 42]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from shoal.core.errors import ProtocolError
+
+PRIME = 2**31 - 1
+LIMB_BITS = 16  # a byte string travels as 16-bit limbs, each well inside the field
+
+FieldArray = npt.NDArray[np.int64]
+
+
+def random_field_elements(shape: tuple[int, ...]) -> FieldArray:
+    """Uniform elements of GF(PRIME) from the OS CSPRNG (rejection sampling, no bias)."""
+    count = int(np.prod(shape, dtype=np.int64))
+    drawn: list[npt.NDArray[np.uint32]] = []
+    needed = count
+    while needed > 0:
+        candidates = np.frombuffer(os.urandom(4 * (needed + 16)), dtype=np.uint32)
+        accepted = candidates[candidates < 2 * PRIME]  # 2p is the largest multiple of p below 2^32
+        drawn.append(accepted[:needed])
+        needed -= len(drawn[-1])
+    values = np.concatenate(drawn) if drawn else np.zeros(0, dtype=np.uint32)
+    return (values.astype(np.int64) % PRIME).reshape(shape)
+
+
+def share(secrets: npt.ArrayLike, *, threshold: int, num_shares: int) -> FieldArray:
+    """Split each secret into ``num_shares`` shares, any ``threshold`` of which recover it.
+
+    Returns an array of shape (num_shares, len(secrets)); row i is the share
+    for the party at x = i + 1.
+    """
+    values = _as_field(secrets)
+    if not 1 <= threshold <= num_shares:
+        raise ProtocolError(f"need 1 <= threshold <= num_shares, got {threshold} of {num_shares}")
+    if num_shares >= PRIME:
+        raise ProtocolError(f"at most {PRIME - 1} shares")
+    coefficients = random_field_elements((threshold - 1, values.size))
+    xs = np.arange(1, num_shares + 1, dtype=np.int64)[:, None]
+    result = np.zeros((num_shares, values.size), dtype=np.int64)
+    for coefficient in coefficients[::-1]:  # Horner: ((c_{t-1} x + c_{t-2}) x + ...) x + secret
+        result = (result + coefficient) % PRIME
+        result = (result * xs) % PRIME
+    return (result + values) % PRIME
+
+
+def reconstruct(xs: Sequence[int], shares: npt.ArrayLike) -> FieldArray:
+    """The secrets, interpolated at x = 0 from the shares of the parties at ``xs``.
+
+    Exactly as many shares as the threshold are needed (more also work);
+    fewer give an unrelated value, which is the point of the scheme.
+    """
+    rows = np.asarray(shares, dtype=np.int64)
+    if rows.ndim != 2 or rows.shape[0] != len(xs):
+        raise ProtocolError(f"{len(xs)} x values for shares of shape {rows.shape}")
+    if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
+        raise ProtocolError(f"share x values must be distinct and in [1, {PRIME}), got {list(xs)}")
+    if np.any((rows < 0) | (rows >= PRIME)):
+        raise ProtocolError("a share is not an element of the field")
+    secrets = np.zeros(rows.shape[1], dtype=np.int64)
+    for weight, row in zip(lagrange_at_zero(xs), rows, strict=True):
+        secrets = (secrets + (row * weight) % PRIME) % PRIME
+    return secrets
+
+
+def lagrange_at_zero(xs: Sequence[int]) -> list[int]:
+    """The Lagrange weights that interpolate the points ``xs`` at x = 0, mod PRIME."""
+    weights = []
+    for i, xi in enumerate(xs):
+        numerator, denominator = 1, 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                numerator = numerator * xj % PRIME
+                denominator = denominator * (xj - xi) % PRIME
+        weights.append(numerator * pow(denominator, PRIME - 2, PRIME) % PRIME)
+    return weights
+
+
+def bytes_to_field(data: bytes) -> FieldArray:
+    """A byte string as 16-bit limbs (each a field element); an odd length is padded."""
+    padded = data + b"\0" * (len(data) % 2)
+    return np.frombuffer(padded, dtype=">u2").astype(np.int64)
+
+
+def field_to_bytes(limbs: npt.ArrayLike, *, length: int) -> bytes:
+    """The inverse of :func:`bytes_to_field` for a string of ``length`` bytes."""
+    values = np.asarray(limbs, dtype=np.int64)
+    if np.any((values < 0) | (values >= 2**LIMB_BITS)):
+        raise ProtocolError("limbs out of range: the shares did not reconstruct these bytes")
+    return values.astype(">u2").tobytes()[:length]
+
+
+def _as_field(secrets: npt.ArrayLike) -> FieldArray:
+    values = np.asarray(secrets)
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+        raise ProtocolError(
+            f"secrets must be a 1-D integer array, got {values.dtype} {values.shape}"
+        )
+    if np.any((values < 0) | (values >= PRIME)):
+        raise ProtocolError(f"secrets must lie in [0, {PRIME})")
+    return values.astype(np.int64)
