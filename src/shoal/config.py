@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shoal.core.errors import ConfigError
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+DEFAULT_STATE_DIR = "coordinator-state"  # where a coordinator keeps its registries and blobs
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
@@ -166,7 +167,7 @@ class CoordinatorSection(_Section):
 
     listen: str = "127.0.0.1:50051"
     run_id: str = Field("run-1", min_length=1, max_length=128)
-    state_dir: str = "coordinator-state"
+    state_dir: str = DEFAULT_STATE_DIR
     certificates: str | None = None
     mutual_tls: bool = False
     registry_url: str | None = None

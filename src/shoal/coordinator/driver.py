@@ -204,7 +204,7 @@ class RoundDriver:
         match action:
             case SendFitTask() | SendEvaluateTask():
                 phase = Phase.FIT if isinstance(action, SendFitTask) else Phase.EVALUATE
-                sha = self._model_sha256(action.parameters)
+                sha = self.model_sha256()
                 self._offers[action.client_id] = TaskOffer(
                     action.round, phase, action.config, sha, 0.0
                 )
@@ -223,8 +223,9 @@ class RoundDriver:
             case RejectSubmission():
                 log.info("rejected %s: %s", action.client_id, action.reason.value)
 
-    def _model_sha256(self, parameters: Parameters) -> str:
-        """The sha256 of the model tasks refer to, hashed once per model, not per client."""
+    def model_sha256(self) -> str:
+        """The sha256 of the current global model, hashed once per model, not per request."""
+        parameters = self.coordinator.parameters
         if self._sha_of is None or self._sha_of[0] is not parameters:
             self._sha_of = (parameters, parameters.sha256())
         return self._sha_of[1]

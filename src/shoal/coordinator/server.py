@@ -22,15 +22,15 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from shoal.aggregation.strategy import make_strategy
 from shoal.apps.loading import load_app
 from shoal.config import Config
 from shoal.coordinator.driver import DriverSettings, RoundDriver
-from shoal.coordinator.engine import Coordinator, RoundSettings
+from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import CommitVersion, RoundSummary
 from shoal.coordinator.selection import cohort_size
 from shoal.coordinator.service import CoordinatorService, ServiceSettings
-from shoal.core.errors import ConfigError, StrategyError
+from shoal.coordinator.setup import round_settings_from_config, strategy_from_config
+from shoal.core.errors import ConfigError
 from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
 from shoal.registry import (
@@ -122,22 +122,8 @@ def build(
 
 def _restore(config: Config, models: ModelRegistry) -> tuple[Coordinator, int]:
     """The engine at HEAD of the run (first start: the app's initial model as version 0)."""
-    try:
-        strategy = make_strategy(
-            config.strategy.name, **config.strategy.model_dump(exclude={"name"})
-        )
-    except StrategyError as exc:
-        raise ConfigError(f"strategy: {exc}") from None
-    settings = RoundSettings(
-        clients_per_round=config.round.clients_per_round,
-        over_selection=config.round.over_selection,
-        quorum=config.round.quorum,
-        deadline_s=config.round.deadline_s,
-        evaluation_clients=config.evaluation.clients,
-        epochs=config.client.epochs,
-        batch_size=config.client.batch_size,
-        learning_rate=config.client.learning_rate,
-    )
+    strategy = strategy_from_config(config)
+    settings = round_settings_from_config(config)
     run_id = config.coordinator.run_id
     head = models.head(run_id)
     if head is None:

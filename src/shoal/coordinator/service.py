@@ -29,7 +29,6 @@ from shoal.core.errors import (
     RegistryError,
     SecurityError,
 )
-from shoal.core.parameters import Parameters
 from shoal.registry import (
     ClientRecord,
     ClientRegistry,
@@ -94,15 +93,17 @@ class ServiceSettings:
 
 
 class ModelBytes:
-    """The safetensors bytes of the current global model, encoded once per version."""
+    """The safetensors bytes of the driver's current global model, encoded once per version."""
 
-    def __init__(self) -> None:
+    def __init__(self, driver: RoundDriver) -> None:
+        self.driver = driver
         self._current: tuple[str, bytes] | None = None
 
-    def of(self, parameters: Parameters) -> tuple[str, bytes]:
-        sha = parameters.sha256()
+    def current(self) -> tuple[str, bytes]:
+        """(sha256, bytes) of the current model; the sha is the driver's cached one."""
+        sha = self.driver.model_sha256()
         if self._current is None or self._current[0] != sha:
-            self._current = (sha, parameters.to_bytes())
+            self._current = (sha, self.driver.coordinator.parameters.to_bytes())
         return self._current
 
 
@@ -126,7 +127,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.replay = ReplayGuard()
         self.heartbeats = HeartbeatBuffer(clients, max_items=1000)
         self.tokens = EnrollmentTokens(clients.database)
-        self.model_bytes = ModelBytes()
+        self.model_bytes = ModelBytes(driver)
         self.refusals: Counter[str] = Counter()
 
     # --- authentication -----------------------------------------------------------------
@@ -246,7 +247,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def _task_or_retry(self, answer: TaskOffer | RetryLater) -> CheckInOutcome:
         if isinstance(answer, RetryLater):
             return RetryAfter(answer.seconds, answer.reason)
-        sha, data = self.model_bytes.of(self.driver.coordinator.parameters)
+        sha, data = self.model_bytes.current()
         if sha != answer.model_sha256:
             return RetryAfter(1.0, "the model is being updated")
         model = ModelRef(version_id=sha, sha256=sha, size_bytes=len(data))
@@ -269,7 +270,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             code = exc.code if isinstance(exc, Refused) else RejectCode.MALFORMED
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{code.value}: {exc}")
             return
-        sha, data = self.model_bytes.of(self.driver.coordinator.parameters)
+        sha, data = self.model_bytes.current()
         if wanted.version_id != sha:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, "wrong_model_hash: not the current model"
@@ -296,7 +297,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             header = serde.decode_update_header(header_message)
         except (ProtocolError, StopAsyncIteration) as exc:
             raise Refused(RejectCode.MALFORMED, str(exc) or "empty upload") from exc
-        current_sha, _ = self.model_bytes.of(self.driver.coordinator.parameters)
+        current_sha, _ = self.model_bytes.current()
         if header.base_model_sha256 != current_sha:
             raise Refused(
                 RejectCode.WRONG_MODEL_HASH, "the update is not relative to the current model"

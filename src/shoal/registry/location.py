@@ -20,10 +20,11 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError
 
+from shoal.config import DEFAULT_STATE_DIR as CONFIG_STATE_DIR
 from shoal.core.errors import ConfigError, RegistryError
 from shoal.registry.database import DEFAULT_FILE_NAME, Database, open_database
 
-DEFAULT_STATE_DIR = Path("coordinator-state")
+DEFAULT_STATE_DIR = Path(CONFIG_STATE_DIR)  # the coordinator's default, as the config says
 REGISTRY_FOLDER = "registry"
 BLOB_FOLDER = "blobs"
 

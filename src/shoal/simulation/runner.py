@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoal.aggregation.strategy import make_strategy
 from shoal.config import Config, config_to_dict, parse_config
-from shoal.coordinator.engine import Coordinator, RoundSettings
+from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import (
     Action,
     ClientFailed,
@@ -38,8 +37,9 @@ from shoal.coordinator.events import (
     StartRound,
     UpdateReceived,
 )
+from shoal.coordinator.setup import round_settings_from_config, strategy_from_config
 from shoal.core.device import DeviceState
-from shoal.core.errors import ConfigError, RunError, StrategyError
+from shoal.core.errors import RunError
 from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
 from shoal.registry import (
@@ -85,22 +85,8 @@ class Simulation:
         self.resume = resume
         self.scenario: Scenario = build_scenario(config)
         self.fleet = DeviceFleet(self.scenario.client_ids, config.devices, seed=config.run.seed)
-        try:
-            self.strategy = make_strategy(
-                config.strategy.name, **config.strategy.model_dump(exclude={"name"})
-            )
-        except StrategyError as exc:
-            raise ConfigError(f"strategy: {exc}") from None
-        self.settings = RoundSettings(
-            clients_per_round=config.round.clients_per_round,
-            over_selection=config.round.over_selection,
-            quorum=config.round.quorum,
-            deadline_s=config.round.deadline_s,
-            evaluation_clients=min(config.evaluation.clients, len(self.scenario.client_ids)),
-            epochs=config.client.epochs,
-            batch_size=config.client.batch_size,
-            learning_rate=config.client.learning_rate,
-        )
+        self.strategy = strategy_from_config(config)
+        self.settings = round_settings_from_config(config, population=len(self.scenario.client_ids))
         initial = self.scenario.initial_parameters()
         self.coordinator = Coordinator(
             settings=self.settings, strategy=self.strategy, parameters=initial, seed=config.run.seed
@@ -268,7 +254,7 @@ class Simulation:
                 actions = self.coordinator.handle(DeadlineReached(round_number, delivery.at))
             else:
                 if delivery.client_id not in outcomes:
-                    self._compute(executor, tasks, attempts, arrivals, outcomes, delivery)
+                    self._compute(executor, phase, tasks, attempts, arrivals, outcomes, delivery)
                 uploads += 1
                 actions = self.coordinator.handle(
                     self._event(outcomes[delivery.client_id], round_number, delivery.at)
@@ -301,6 +287,7 @@ class Simulation:
     def _compute(
         self,
         executor: Executor,
+        phase: Phase,
         tasks: dict[str, SendFitTask | SendEvaluateTask],
         attempts: dict[str, Attempt],
         arrivals: Sequence[_Delivery],
@@ -309,7 +296,7 @@ class Simulation:
     ) -> None:
         """Train the results that will be needed next, as one parallel batch."""
         answered = sum(1 for outcome in outcomes.values() if outcome.error is None)
-        still_needed = max(1, self.settings.target(_phase(tasks)) - answered)
+        still_needed = max(1, self.settings.target(phase) - answered)
         waiting = [
             d.client_id for d in arrivals if d.client_id not in outcomes and not d < delivery
         ]
@@ -437,11 +424,6 @@ class Simulation:
 
 def _closed(actions: Sequence[Action]) -> RoundSummary | None:
     return next((a.summary for a in actions if isinstance(a, RoundClosed)), None)
-
-
-def _phase(tasks: dict[str, SendFitTask | SendEvaluateTask]) -> Phase:
-    first = next(iter(tasks.values()))
-    return Phase.FIT if isinstance(first, SendFitTask) else Phase.EVALUATE
 
 
 def load_run_config(run_dir: str | Path) -> Config:
