@@ -44,24 +44,44 @@ def random_field_elements(shape: tuple[int, ...]) -> FieldArray:
     return (values.astype(np.int64) % PRIME).reshape(shape)
 
 
-def share(secrets: npt.ArrayLike, *, threshold: int, num_shares: int) -> FieldArray:
-    """Split each secret into ``num_shares`` shares, any ``threshold`` of which recover it.
+def share(
+    secrets: npt.ArrayLike,
+    *,
+    threshold: int,
+    num_shares: int | None = None,
+    xs: Sequence[int] | None = None,
+) -> FieldArray:
+    """Split each secret into shares, any ``threshold`` of which recover it.
 
-    Returns an array of shape (num_shares, len(secrets)); row i is the share
-    for the party at x = i + 1.
+    The shares are for the parties at ``xs`` (distinct, in [1, PRIME)), or at
+    x = 1..num_shares. Returns an array of shape (number of parties,
+    len(secrets)); row i is the share for the party at ``xs[i]``.
     """
     values = _as_field(secrets)
-    if not 1 <= threshold <= num_shares:
-        raise ProtocolError(f"need 1 <= threshold <= num_shares, got {threshold} of {num_shares}")
-    if num_shares >= PRIME:
-        raise ProtocolError(f"at most {PRIME - 1} shares")
+    points = _share_points(num_shares, xs)
+    if not 1 <= threshold <= len(points):
+        raise ProtocolError(f"need 1 <= threshold <= shares, got {threshold} of {len(points)}")
     coefficients = random_field_elements((threshold - 1, values.size))
-    xs = np.arange(1, num_shares + 1, dtype=np.int64)[:, None]
-    result = np.zeros((num_shares, values.size), dtype=np.int64)
+    xs_column = np.asarray(points, dtype=np.int64)[:, None]
+    result = np.zeros((len(points), values.size), dtype=np.int64)
     for coefficient in coefficients[::-1]:  # Horner: ((c_{t-1} x + c_{t-2}) x + ...) x + secret
         result = (result + coefficient) % PRIME
-        result = (result * xs) % PRIME
+        result = (result * xs_column) % PRIME
     return (result + values) % PRIME
+
+
+def _share_points(num_shares: int | None, xs: Sequence[int] | None) -> list[int]:
+    if (num_shares is None) == (xs is None):
+        raise ProtocolError("give either num_shares or xs")
+    if xs is None:
+        assert num_shares is not None
+        if not 1 <= num_shares < PRIME:
+            raise ProtocolError(f"need 1 <= num_shares < {PRIME}, got {num_shares}")
+        return list(range(1, num_shares + 1))
+    points = [int(x) for x in xs]
+    if len(set(points)) != len(points) or any(not 0 < x < PRIME for x in points):
+        raise ProtocolError(f"share x values must be distinct and in [1, {PRIME}), got {points}")
+    return points
 
 
 def reconstruct(xs: Sequence[int], shares: npt.ArrayLike) -> FieldArray:

@@ -1,0 +1,182 @@
+"""One secure round with every party in this process: for tests, benchmarks and rehearsals.
+
+The server and the clients exchange their messages through plain function
+calls. Clients can be told to vanish before a given stage (never answering
+its request), which exercises the dropout paths; the stage then closes at its
+deadline, as it would on a network. The wall time each side spends is
+measured separately, so a benchmark can report client and server compute.
+
+>>> outcome = run_loopback_round(contributions, degree=7, dropouts={"c3": Stage.MASKED_INPUT})
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+
+from shoal.core.errors import ProtocolError, SecurityError
+from shoal.secure.client import Contribution, SecAggClient
+from shoal.secure.messages import ClientMessage, SessionConfig, SharesSent, Stage
+from shoal.secure.quantization import Quantization
+from shoal.secure.serde import message_size
+from shoal.secure.server import (
+    Aborted,
+    MessageReceived,
+    ScheduleStageDeadline,
+    SecAggServer,
+    SendRequest,
+    ServerAction,
+    StageDeadline,
+    StageDeadlines,
+    SumReady,
+)
+
+
+@dataclass(slots=True)
+class LoopbackOutcome:
+    """What a loopback round produced, and what it cost."""
+
+    result: SumReady | Aborted
+    client_seconds: dict[str, float] = field(default_factory=dict)
+    server_seconds: float = 0.0
+    bytes_sent: dict[str, int] = field(default_factory=dict)  # by client: its replies
+    bytes_received: dict[str, int] = field(default_factory=dict)  # by client: its requests
+    closed_at: dict[str, float] = field(default_factory=dict)  # virtual time each stage closed
+
+
+def reconstruction_threshold(*, degree: int, num_nodes: int, fraction: float = 0.5) -> int:
+    """Shares needed to rebuild a secret: more than ``fraction`` of its k + 1 holders."""
+    holders = min(degree, num_nodes - 1) + 1
+    return min(holders, int(fraction * holders) + 1)
+
+
+def run_loopback_round(
+    contributions: Mapping[str, Contribution],
+    *,
+    degree: int,
+    quantization: Quantization | None = None,
+    dropouts: Mapping[str, Stage] | None = None,
+    min_survivors: int = 1,
+    deadlines: StageDeadlines | None = None,
+    run_id: str = "loopback",
+    round_number: int = 1,
+    seed: int = 0,
+    tamper: Sequence[str] = (),
+) -> LoopbackOutcome:
+    """Run one round; a client in ``dropouts`` never answers that stage's request or later ones.
+
+    ``tamper`` names clients whose first sealed share is corrupted in transit.
+    """
+    client_ids = sorted(contributions)
+    if not client_ids:
+        raise ProtocolError("a secure round needs at least one client")
+    if quantization is None:
+        quantization = Quantization().fitted(len(client_ids))
+    vector_length = next(iter(contributions.values())).update.size
+    session = SessionConfig(
+        run_id=run_id,
+        round=round_number,
+        num_nodes=len(client_ids),
+        vector_length=vector_length,
+        threshold=reconstruction_threshold(degree=degree, num_nodes=len(client_ids)),
+        quantization=quantization,
+    )
+    server = SecAggServer(
+        session,
+        client_ids,
+        degree=degree,
+        graph_seed=f"{run_id}/{round_number}/{seed}".encode(),
+        deadlines=deadlines if deadlines is not None else StageDeadlines(),
+        min_survivors=min_survivors,
+    )
+    clients = {
+        client: SecAggClient(round=round_number, rng=np.random.default_rng([seed, index]))
+        for index, client in enumerate(client_ids)
+    }
+    outcome = LoopbackOutcome(result=Aborted("not finished", {}))
+    outcome.client_seconds = dict.fromkeys(client_ids, 0.0)
+    outcome.bytes_sent = dict.fromkeys(client_ids, 0)
+    outcome.bytes_received = dict.fromkeys(client_ids, 0)
+    dropouts = dict(dropouts or {})
+    clock = _Clock(outcome)
+    pending = clock.server(server.start, 0.0)
+    while True:
+        ending = next(
+            a for a in pending if isinstance(a, ScheduleStageDeadline | SumReady | Aborted)
+        )
+        if not isinstance(ending, ScheduleStageDeadline):
+            outcome.result = ending
+            return outcome
+        stage, arrival = ending.stage, clock.now + _LATENCY_S
+        replies = []
+        for action in pending:
+            if isinstance(action, SendRequest):
+                reply = _answer(clients, contributions, dropouts, tamper, action, outcome)
+                if reply is not None:
+                    replies.append((action.client_id, reply))
+        pending = []
+        for client, reply in replies:
+            outcome.bytes_sent[client] += message_size(reply)
+            pending += clock.server(server.handle, MessageReceived(client, reply, arrival))
+            if server.stage is not stage:
+                break  # it closed early: the remaining replies are not needed
+        clock.now = arrival
+        if server.stage is stage:  # someone stalled: the stage closes at its deadline
+            clock.now = ending.at
+            pending = clock.server(server.handle, StageDeadline(stage, ending.at))
+        outcome.closed_at[stage.label] = clock.now
+
+
+_T = TypeVar("_T")
+_LATENCY_S = 0.05  # the loopback's message delay, in virtual seconds
+
+
+class _Clock:
+    """Virtual time, and the wall time the server spends."""
+
+    def __init__(self, outcome: LoopbackOutcome) -> None:
+        self.now = 0.0
+        self._outcome = outcome
+
+    def server(self, call: Callable[[_T], list[ServerAction]], argument: _T) -> list[ServerAction]:
+        began = time.perf_counter()
+        actions = call(argument)
+        self._outcome.server_seconds += time.perf_counter() - began
+        return actions
+
+
+def _answer(
+    clients: Mapping[str, SecAggClient],
+    contributions: Mapping[str, Contribution],
+    dropouts: Mapping[str, Stage],
+    tamper: Sequence[str],
+    action: SendRequest,
+    outcome: LoopbackOutcome,
+) -> ClientMessage | None:
+    """The client's reply, or None when it is gone or refused the request."""
+    client, request = action.client_id, action.request
+    outcome.bytes_received[client] += message_size(request)
+    stage = dropouts.get(client)
+    if stage is not None and request.stage >= stage:
+        return None
+    began = time.perf_counter()
+    try:
+        reply = clients[client].handle(request, contributions[client])
+    except SecurityError:
+        return None  # it found a tampered share and left the round
+    finally:
+        outcome.client_seconds[client] += time.perf_counter() - began
+    return _tampered(reply) if client in tamper else reply
+
+
+def _tampered(reply: ClientMessage) -> ClientMessage:
+    if not isinstance(reply, SharesSent) or not reply.sealed_shares:
+        return reply
+    receiver = min(reply.sealed_shares)
+    sealed = bytearray(reply.sealed_shares[receiver])
+    sealed[-1] ^= 0x01
+    return SharesSent(reply.round, {**reply.sealed_shares, receiver: bytes(sealed)})

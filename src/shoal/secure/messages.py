@@ -1,0 +1,230 @@
+"""SecAgg+ messages: the four stages, the server's requests and the clients' replies.
+
+Every message carries its round, and its type names its stage, so a late
+message of an earlier round or stage is recognised and refused (a
+:class:`StaleMessage`) instead of corrupting the round in progress. Messages
+are frozen and check their own shape; they hold bytes and numpy arrays only,
+so any transport can carry them.
+
+    server                                   client
+      AdvertiseKeysRequest(session, graph) ->
+                                          <- KeysAdvertised(two X25519 public keys)
+      ShareKeysRequest(neighbours' keys)   ->
+                                          <- SharesSent(sealed Shamir shares, one per neighbour)
+      MaskedInputRequest(shares for you)   ->   (the client trains here)
+                                          <- MaskedInput(uint32 vector)
+      UnmaskRequest(survivors, dropped)    ->
+                                          <- UnmaskShares(seed shares of survivors,
+                                                          key shares of the dropped)
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from shoal.core.errors import ProtocolError
+from shoal.secure.crypto import KEY_BYTES
+from shoal.secure.quantization import TRAILER, Quantization
+
+
+class Stage(enum.IntEnum):
+    """The protocol's stages, in order; FINISHED and ABORTED come after all of them."""
+
+    ADVERTISE_KEYS = 1
+    SHARE_KEYS = 2
+    MASKED_INPUT = 3
+    UNMASK = 4
+    FINISHED = 5
+    ABORTED = 6
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class StaleMessage(ProtocolError):
+    """A message of an earlier round or stage: it arrived too late and is refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """What every participant of one secure round agrees on."""
+
+    run_id: str
+    round: int
+    num_nodes: int
+    vector_length: int  # the update's values, before the quantization trailer
+    threshold: int  # shares needed to rebuild one client's secret
+    quantization: Quantization
+
+    def __post_init__(self) -> None:
+        if self.round < 0 or self.num_nodes < 1 or self.vector_length < 0:
+            raise ProtocolError(f"malformed secure-aggregation session {self}")
+        if self.threshold < 1:
+            raise ProtocolError(f"the reconstruction threshold must be >= 1, got {self.threshold}")
+        self.quantization.check_capacity(self.num_nodes)
+
+    @property
+    def masked_length(self) -> int:
+        return self.vector_length + TRAILER
+
+
+@dataclass(frozen=True, slots=True)
+class PublicKeys:
+    """A client's two X25519 public keys: one for the share channel, one for masks."""
+
+    cipher: bytes
+    mask: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.cipher) != KEY_BYTES or len(self.mask) != KEY_BYTES:
+            raise ProtocolError(f"public keys have {KEY_BYTES} bytes each")
+        if self.cipher == self.mask:
+            raise ProtocolError("the share and mask keys must differ")
+
+
+def _check_round(round_number: int) -> None:
+    if round_number < 0:
+        raise ProtocolError(f"round numbers start at 0, got {round_number}")
+
+
+def _check_nodes(nodes: Mapping[int, object] | frozenset[int], what: str) -> None:
+    if any(node < 1 for node in nodes):
+        raise ProtocolError(f"{what}: node numbers start at 1")
+
+
+# --- server to client -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AdvertiseKeysRequest:
+    """Stage 1: the session, your node number and your neighbours; advertise your keys."""
+
+    stage: ClassVar[Stage] = Stage.ADVERTISE_KEYS
+    round: int
+    session: SessionConfig
+    node: int
+    neighbours: frozenset[int]
+
+    def __post_init__(self) -> None:
+        _check_round(self.round)
+        _check_nodes(self.neighbours, "neighbours")
+        if self.session.round != self.round:
+            raise ProtocolError("the session belongs to another round")
+        if not 1 <= self.node <= self.session.num_nodes or self.node in self.neighbours:
+            raise ProtocolError(f"node {self.node} is not a valid member of this session")
+
+
+@dataclass(frozen=True, slots=True)
+class ShareKeysRequest:
+    """Stage 2: the public keys of your neighbours who advertised theirs."""
+
+    stage: ClassVar[Stage] = Stage.SHARE_KEYS
+    round: int
+    public_keys: Mapping[int, PublicKeys]
+
+    def __post_init__(self) -> None:
+        _check_round(self.round)
+        _check_nodes(self.public_keys, "public keys")
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedInputRequest:
+    """Stage 3: the sealed shares your neighbours sent you, by sender; mask your input."""
+
+    stage: ClassVar[Stage] = Stage.MASKED_INPUT
+    round: int
+    sealed_shares: Mapping[int, bytes]
+
+    def __post_init__(self) -> None:
+        _check_round(self.round)
+        _check_nodes(self.sealed_shares, "shares")
+
+
+@dataclass(frozen=True, slots=True)
+class UnmaskRequest:
+    """Stage 4: which of your neighbours sent a masked input and which dropped."""
+
+    stage: ClassVar[Stage] = Stage.UNMASK
+    round: int
+    survivors: frozenset[int]
+    dropped: frozenset[int]
+
+    def __post_init__(self) -> None:
+        _check_round(self.round)
+        _check_nodes(self.survivors | self.dropped, "unmask lists")
+        if self.survivors & self.dropped:
+            raise ProtocolError("a node cannot both survive and drop")
+
+
+ServerRequest = AdvertiseKeysRequest | ShareKeysRequest | MaskedInputRequest | UnmaskRequest
+
+
+# --- client to server -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeysAdvertised:
+    """Stage 1 reply: my public keys."""
+
+    stage: ClassVar[Stage] = Stage.ADVERTISE_KEYS
+    round: int
+    keys: PublicKeys
+
+    def __post_init__(self) -> None:
+        _check_round(self.round)
+
+
+@dataclass(frozen=True, slots=True)
+class SharesSent:
+    """Stage 2 reply: one sealed share of my secrets per neighbour, by receiver."""
+
+    stage: ClassVar[Stage] = Stage.SHARE_KEYS
+    round: int
+    sealed_shares: Mapping[int, bytes]
+
+    def __post_init__(self) -> None:
+        _check_round(self.round)
+        _check_nodes(self.sealed_shares, "shares")
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedInput:
+    """Stage 3 reply: my quantized contribution plus all my masks, modulo 2^32."""
+
+    stage: ClassVar[Stage] = Stage.MASKED_INPUT
+    round: int
+    vector: npt.NDArray[np.uint32]
+
+    def __post_init__(self) -> None:
+        _check_round(self.round)
+        if not isinstance(self.vector, np.ndarray) or self.vector.dtype != np.uint32:
+            raise ProtocolError("a masked input is a uint32 numpy vector")
+        if self.vector.ndim != 1:
+            raise ProtocolError(f"a masked input is 1-D, got shape {self.vector.shape}")
+
+
+@dataclass(frozen=True, slots=True)
+class UnmaskShares:
+    """Stage 4 reply: my shares of survivors' self-mask seeds and of the dropped's mask keys."""
+
+    stage: ClassVar[Stage] = Stage.UNMASK
+    round: int
+    seed_shares: Mapping[int, bytes]
+    key_shares: Mapping[int, bytes]
+
+    def __post_init__(self) -> None:
+        _check_round(self.round)
+        _check_nodes(self.seed_shares, "seed shares")
+        _check_nodes(self.key_shares, "key shares")
+        if set(self.seed_shares) & set(self.key_shares):
+            raise ProtocolError("a client never reveals both secrets of one node")
+
+
+ClientMessage = KeysAdvertised | SharesSent | MaskedInput | UnmaskShares

@@ -1,0 +1,199 @@
+"""SecAgg+ messages as bytes: a compact, strict binary framing any transport can carry.
+
+A frame is a magic, the message's type code and its fields in a fixed order:
+integers big-endian, byte strings and maps length-prefixed, the masked
+vector as raw little-endian uint32. Decoding checks every length, so a
+truncated or padded frame is a :class:`ProtocolError`, never a crash.
+
+>>> decode_message(encode_message(message)) == message
+True
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from shoal.core.errors import ProtocolError
+from shoal.secure.messages import (
+    AdvertiseKeysRequest,
+    ClientMessage,
+    KeysAdvertised,
+    MaskedInput,
+    MaskedInputRequest,
+    PublicKeys,
+    ServerRequest,
+    SessionConfig,
+    ShareKeysRequest,
+    SharesSent,
+    UnmaskRequest,
+    UnmaskShares,
+)
+from shoal.secure.quantization import Quantization
+
+MAGIC = b"SSA1"
+Message = ServerRequest | ClientMessage
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def uint(self, value: int) -> None:
+        self.parts.append(struct.pack(">Q", value))
+
+    def double(self, value: float) -> None:
+        self.parts.append(struct.pack(">d", value))
+
+    def blob(self, value: bytes) -> None:
+        self.uint(len(value))
+        self.parts.append(value)
+
+    def nodes(self, values: frozenset[int]) -> None:
+        self.uint(len(values))
+        self.parts.append(np.array(sorted(values), dtype=">u4").tobytes())
+
+    def blobs(self, values: Mapping[int, bytes]) -> None:
+        self.uint(len(values))
+        for node in sorted(values):
+            self.uint(node)
+            self.blob(values[node])
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.offset = memoryview(data), 0
+
+    def take(self, size: int) -> bytes:
+        if size < 0 or self.offset + size > len(self.data):
+            raise ProtocolError("a secure-aggregation frame is truncated")
+        chunk = bytes(self.data[self.offset : self.offset + size])
+        self.offset += size
+        return chunk
+
+    def uint(self) -> int:
+        return int(struct.unpack(">Q", self.take(8))[0])
+
+    def double(self) -> float:
+        return float(struct.unpack(">d", self.take(8))[0])
+
+    def blob(self) -> bytes:
+        return self.take(self.uint())
+
+    def nodes(self) -> frozenset[int]:
+        count = self.uint()
+        values = np.frombuffer(self.take(4 * count), dtype=">u4")
+        return frozenset(int(v) for v in values)
+
+    def blobs(self) -> dict[int, bytes]:
+        return {self.uint(): self.blob() for _ in range(self.uint())}
+
+    def done(self) -> None:
+        if self.offset != len(self.data):
+            raise ProtocolError("a secure-aggregation frame has trailing bytes")
+
+
+def _write_session(writer: _Writer, session: SessionConfig) -> None:
+    writer.blob(session.run_id.encode())
+    for value in (session.round, session.num_nodes, session.vector_length, session.threshold):
+        writer.uint(value)
+    quantization = session.quantization
+    writer.double(quantization.clip)
+    writer.uint(quantization.bits)
+    writer.uint(quantization.max_weight)
+    writer.double(quantization.loss_clip)
+
+
+def _read_session(reader: _Reader) -> SessionConfig:
+    run_id = reader.blob().decode()
+    round_number, num_nodes, vector_length, threshold = (reader.uint() for _ in range(4))
+    quantization = Quantization(
+        clip=reader.double(),
+        bits=reader.uint(),
+        max_weight=reader.uint(),
+        loss_clip=reader.double(),
+    )
+    return SessionConfig(run_id, round_number, num_nodes, vector_length, threshold, quantization)
+
+
+def _write_body(writer: _Writer, message: Message) -> None:
+    match message:
+        case AdvertiseKeysRequest():
+            _write_session(writer, message.session)
+            writer.uint(message.node)
+            writer.nodes(message.neighbours)
+        case ShareKeysRequest():
+            writer.blobs({n: k.cipher + k.mask for n, k in message.public_keys.items()})
+        case MaskedInputRequest() | SharesSent():
+            writer.blobs(message.sealed_shares)
+        case UnmaskRequest():
+            writer.nodes(message.survivors)
+            writer.nodes(message.dropped)
+        case KeysAdvertised():
+            writer.blob(message.keys.cipher + message.keys.mask)
+        case MaskedInput():
+            writer.blob(message.vector.astype("<u4", copy=False).tobytes())
+        case UnmaskShares():
+            writer.blobs(message.seed_shares)
+            writer.blobs(message.key_shares)
+
+
+def _keys(data: bytes) -> PublicKeys:
+    return PublicKeys(cipher=data[:32], mask=data[32:])
+
+
+_READERS: dict[int, Callable[[_Reader, int], Any]] = {
+    1: lambda r, n: AdvertiseKeysRequest(n, _read_session(r), r.uint(), r.nodes()),
+    2: lambda r, n: ShareKeysRequest(n, {node: _keys(k) for node, k in r.blobs().items()}),
+    3: lambda r, n: MaskedInputRequest(n, r.blobs()),
+    4: lambda r, n: UnmaskRequest(n, r.nodes(), r.nodes()),
+    5: lambda r, n: KeysAdvertised(n, _keys(r.blob())),
+    6: lambda r, n: SharesSent(n, r.blobs()),
+    7: lambda r, n: MaskedInput(n, np.frombuffer(r.blob(), dtype="<u4").astype(np.uint32)),
+    8: lambda r, n: UnmaskShares(n, r.blobs(), r.blobs()),
+}
+_CODES: dict[type, int] = {
+    AdvertiseKeysRequest: 1,
+    ShareKeysRequest: 2,
+    MaskedInputRequest: 3,
+    UnmaskRequest: 4,
+    KeysAdvertised: 5,
+    SharesSent: 6,
+    MaskedInput: 7,
+    UnmaskShares: 8,
+}
+
+
+def encode_message(message: Message) -> bytes:
+    """The frame of one request or reply."""
+    writer = _Writer()
+    writer.parts.append(MAGIC + bytes([_CODES[type(message)]]))
+    writer.uint(message.round)
+    _write_body(writer, message)
+    return b"".join(writer.parts)
+
+
+def decode_message(data: bytes) -> Message:
+    """The message in a frame; anything malformed is a :class:`ProtocolError`."""
+    reader = _Reader(data)
+    if reader.take(len(MAGIC)) != MAGIC:
+        raise ProtocolError("not a secure-aggregation frame")
+    code = reader.take(1)[0]
+    read = _READERS.get(code)
+    if read is None:
+        raise ProtocolError(f"unknown secure-aggregation message type {code}")
+    round_number = reader.uint()
+    try:
+        message: Message = read(reader, round_number)
+    except (ValueError, UnicodeDecodeError, struct.error) as exc:
+        raise ProtocolError(f"malformed secure-aggregation frame: {exc}") from exc
+    reader.done()
+    return message
+
+
+def message_size(message: Message) -> int:
+    """Bytes of ``message`` on the wire (its frame)."""
+    return len(encode_message(message))

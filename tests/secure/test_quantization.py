@@ -1,0 +1,121 @@
+"""Quantization: unbiased, bounded error, weight inside the vector, overflow refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shoal.core import ConfigError, ProtocolError
+from shoal.secure.quantization import MODULUS, Quantization, modular_sum
+
+
+def _encode(q: Quantization, update: np.ndarray, examples: int, seed: int = 0) -> np.ndarray:
+    return q.encode(update, num_examples=examples, loss=0.5, rng=np.random.default_rng(seed))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    values=st.lists(st.floats(-10, 10, width=32), min_size=0, max_size=50),
+    examples=st.lists(st.integers(1, 20_000), min_size=1, max_size=8),
+)
+def test_the_sum_decodes_within_the_bound(values: list[float], examples: list[int]) -> None:
+    q = Quantization(clip=4.0, bits=16, max_weight=10_000)
+    update = np.array(values, dtype=np.float32)
+    encoded = [_encode(q, update, n, seed) for seed, n in enumerate(examples)]
+    decoded = q.decode(modular_sum(encoded), count=len(examples))
+    weights = [q.weight(n) for n in examples]
+    expected = sum(w * np.clip(update, -4, 4).astype(np.float64) for w in weights)
+    assert np.all(np.abs(decoded.weighted_sum - expected) <= q.error_bound(len(examples)) + 1e-9)
+    assert decoded.num_examples == sum(min(n, 10_000) for n in examples)
+    assert decoded.total_weight == pytest.approx(sum(weights))
+    loss_step = q.loss_clip / q.levels * len(examples)  # stochastic rounding of the loss slot
+    assert decoded.weighted_loss == pytest.approx(0.5 * sum(weights), abs=loss_step)
+
+
+def test_stochastic_rounding_is_unbiased() -> None:
+    q = Quantization(clip=1.0, bits=4, max_weight=1)
+    value = np.full(200_000, 0.3, dtype=np.float32)  # between two of the 15 levels
+    decoded = q.decode(_encode(q, value, 1), count=1).weighted_sum
+    assert abs(decoded.mean() - 0.3) < 0.002
+    assert len(np.unique(decoded.round(6))) == 2  # rounded both ways
+
+
+def test_mean_and_zero_weight() -> None:
+    q = Quantization(clip=1.0, bits=20, max_weight=100)
+    decoded = q.decode(_encode(q, np.array([0.5, -0.5], np.float32), 50), count=1)
+    assert decoded.mean() == pytest.approx([0.5, -0.5], abs=1e-5)
+    empty = q.decode(np.zeros(2, dtype=np.uint32), count=0)
+    with pytest.raises(ProtocolError, match="zero total weight"):
+        empty.mean()
+    assert empty.mean_loss() is None
+
+
+def test_clipping_and_non_finite_loss() -> None:
+    q = Quantization(clip=1.0, bits=12, max_weight=10, loss_clip=2.0)
+    encoded = q.encode(
+        np.array([5.0, -5.0], np.float32),
+        num_examples=10,
+        loss=float("nan"),
+        rng=np.random.default_rng(0),
+    )
+    decoded = q.decode(encoded, count=1)
+    assert decoded.weighted_sum.tolist() == pytest.approx([1.0, -1.0])
+    assert decoded.mean_loss() == pytest.approx(2.0)
+
+
+def test_overflow_is_refused_at_configuration_time() -> None:
+    q = Quantization(bits=20)
+    q.check_capacity(4095)
+    with pytest.raises(ConfigError, match=r"overflow.*at most 19"):
+        q.check_capacity(4097)
+    Quantization(bits=31).check_capacity(1)
+    with pytest.raises(ConfigError, match="overflow"):
+        Quantization(bits=8, max_weight=2**31).check_capacity(2)
+    assert 4095 * q.levels < MODULUS
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"clip": 0.0}, "clip"),
+        ({"clip": float("inf")}, "clip"),
+        ({"bits": 0}, "bits"),
+        ({"bits": 32}, "bits"),
+        ({"max_weight": 0}, "max_weight"),
+        ({"loss_clip": -1.0}, "loss_clip"),
+    ],
+)
+def test_bad_settings_are_config_errors(kwargs: dict[str, float], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Quantization(**kwargs)  # type: ignore[arg-type]
+
+
+def test_bad_inputs_are_protocol_errors() -> None:
+    q = Quantization()
+    rng = np.random.default_rng(0)
+    with pytest.raises(ProtocolError, match="1-D"):
+        q.encode(np.zeros((2, 2), np.float32), num_examples=1, loss=0.0, rng=rng)
+    with pytest.raises(ProtocolError, match="num_examples"):
+        q.encode(np.zeros(2, np.float32), num_examples=0, loss=0.0, rng=rng)
+    with pytest.raises(ProtocolError, match="at least"):
+        q.decode(np.zeros(1, np.uint32), count=1)
+    with pytest.raises(ProtocolError, match="nothing"):
+        modular_sum([])
+
+
+def test_modular_sum_wraps() -> None:
+    big = np.array([MODULUS - 1], dtype=np.uint32)
+    assert modular_sum([big, np.array([2], dtype=np.uint32)]).tolist() == [1]
+
+
+@pytest.mark.parametrize(("clients", "bits"), [(1, 31), (2, 31), (3, 30), (13, 28), (1000, 22)])
+def test_fitted_takes_the_most_bits_that_cannot_overflow(clients: int, bits: int) -> None:
+    fitted = Quantization(max_weight=1).fitted(clients)
+    assert fitted.bits == bits
+    fitted.check_capacity(clients)
+    with pytest.raises(ConfigError):
+        Quantization(max_weight=1, bits=bits + 1).check_capacity(clients) if bits < 31 else (
+            Quantization(max_weight=2**32 // clients + 1).fitted(clients)
+        )

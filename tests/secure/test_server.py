@@ -1,0 +1,261 @@
+"""The SecAgg+ server: literal transition table, fencing of stale messages, stage deadlines."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from shoal.core import IllegalTransition, ProtocolError
+from shoal.secure.client import Contribution, SecAggClient
+from shoal.secure.messages import (
+    ClientMessage,
+    KeysAdvertised,
+    MaskedInput,
+    PublicKeys,
+    SessionConfig,
+    SharesSent,
+    Stage,
+    StaleMessage,
+    UnmaskShares,
+)
+from shoal.secure.quantization import Quantization
+from shoal.secure.server import (
+    SERVER_TRANSITIONS,
+    Aborted,
+    ClientDropped,
+    MessageReceived,
+    ScheduleStageDeadline,
+    SecAggServer,
+    SendRequest,
+    ServerAction,
+    StageDeadline,
+    StageDeadlines,
+    SumReady,
+)
+
+IDS = ["a", "b", "c", "d"]
+SESSION = SessionConfig(
+    "run", 3, num_nodes=4, vector_length=5, threshold=3, quantization=Quantization().fitted(4)
+)
+DEADLINES = StageDeadlines(advertise_keys=10, share_keys=10, masked_input=100, unmask=10)
+
+
+class Harness:
+    """A server with four real clients, walked stage by stage."""
+
+    def __init__(self, target: int | None = None) -> None:
+        self.server = SecAggServer(
+            SESSION,
+            IDS,
+            degree=3,
+            graph_seed=b"g",
+            deadlines=DEADLINES,
+            min_survivors=3,
+            target=target,
+        )
+        self.clients = {
+            c: SecAggClient(round=3, rng=np.random.default_rng(i)) for i, c in enumerate(IDS)
+        }
+        self.pending: list[ServerAction] = self.server.start(0.0)
+        self.now = 0.0
+        self.replies: dict[str, ClientMessage] = {}
+
+    def answer(self) -> None:
+        """Every client answers the requests pending for it (the server is not told yet)."""
+        self.replies = {}
+        for action in self.pending:
+            if isinstance(action, SendRequest):
+                contribution = Contribution(np.full(5, 0.25, np.float32), num_examples=10)
+                self.replies[action.client_id] = self.clients[action.client_id].handle(
+                    action.request, contribution
+                )
+
+    def deliver(self, *clients: str) -> list[ServerAction]:
+        self.now += 1
+        actions: list[ServerAction] = []
+        stage = self.server.stage
+        for client in clients or list(self.replies):
+            if self.server.stage is not stage:
+                break  # the stage closed early (enough unmask shares): the rest are not needed
+            actions += self.server.handle(MessageReceived(client, self.replies[client], self.now))
+        self.pending = actions
+        return actions
+
+    def step(self) -> None:
+        self.answer()
+        self.deliver()
+
+
+def harness_at(stage: Stage) -> Harness:
+    harness = Harness()
+    steps = {
+        Stage.ADVERTISE_KEYS: 0,
+        Stage.SHARE_KEYS: 1,
+        Stage.MASKED_INPUT: 2,
+        Stage.UNMASK: 3,
+        Stage.FINISHED: 4,
+    }
+    if stage is Stage.ABORTED:
+        harness.server.handle(StageDeadline(Stage.ADVERTISE_KEYS, 10.0))
+        assert harness.server.stage is Stage.ABORTED
+        return harness
+    for _ in range(steps[stage]):
+        harness.step()
+    assert harness.server.stage is stage
+    return harness
+
+
+def _message_of(kind: type[ClientMessage]) -> ClientMessage:
+    keys = PublicKeys(bytes(range(32)), bytes(range(1, 33)))
+    return {
+        KeysAdvertised: KeysAdvertised(3, keys),
+        SharesSent: SharesSent(3, {}),
+        MaskedInput: MaskedInput(3, np.zeros(7, np.uint32)),
+        UnmaskShares: UnmaskShares(3, {}, {}),
+    }[kind]
+
+
+MESSAGE_TYPES = [KeysAdvertised, SharesSent, MaskedInput, UnmaskShares]
+
+
+def test_the_happy_path_sums_and_finishes() -> None:
+    harness = Harness()
+    for _ in range(4):
+        harness.step()
+    result = next(a for a in harness.pending if isinstance(a, SumReady)).result
+    assert result.contributors == tuple(IDS)
+    assert result.decoded.mean() == pytest.approx(np.full(5, 0.25), abs=1e-4)
+    assert harness.server.stage is Stage.FINISHED
+
+
+@pytest.mark.parametrize(
+    ("stage", "kind"),
+    [
+        (s, k)
+        for s, k in itertools.product(Stage, MESSAGE_TYPES)
+        if (s, k) not in SERVER_TRANSITIONS
+    ],
+)
+def test_every_out_of_stage_message_is_refused_and_changes_nothing(
+    stage: Stage, kind: type[ClientMessage]
+) -> None:
+    harness = harness_at(stage)
+    message = _message_of(kind)
+    expected: type[Exception] = StaleMessage if message.stage < stage else IllegalTransition
+    with pytest.raises(expected):
+        harness.server.handle(MessageReceived("a", message, 50.0))
+    assert harness.server.stage is stage
+
+
+@pytest.mark.parametrize("stage", [Stage.FINISHED, Stage.ABORTED])
+def test_deadlines_and_drops_after_the_end_change_nothing(stage: Stage) -> None:
+    harness = harness_at(stage)
+    assert harness.server.handle(StageDeadline(Stage.UNMASK, 99.0)) == []
+    assert harness.server.handle(ClientDropped("a", 99.0)) == []
+    assert harness.server.stage is stage
+
+
+def test_a_message_of_an_earlier_round_is_stale() -> None:
+    harness = harness_at(Stage.ADVERTISE_KEYS)
+    old = KeysAdvertised(2, PublicKeys(bytes(range(32)), bytes(range(1, 33))))
+    with pytest.raises(StaleMessage, match="round 2"):
+        harness.server.handle(MessageReceived("a", old, 1.0))
+
+
+def test_late_messages_of_a_closed_stage_are_stale() -> None:
+    harness = Harness()
+    harness.answer()
+    harness.deliver("a", "b", "c")
+    late = harness.replies["d"]
+    harness.server.handle(StageDeadline(Stage.ADVERTISE_KEYS, 10.0))
+    assert harness.server.stage is Stage.SHARE_KEYS
+    with pytest.raises(StaleMessage, match="advertise_keys message"):
+        harness.server.handle(MessageReceived("d", late, 11.0))
+
+
+def test_strangers_duplicates_and_the_silent_are_refused() -> None:
+    harness = Harness()
+    harness.answer()
+    harness.deliver("a")
+    with pytest.raises(ProtocolError, match="not part of this secure round"):
+        harness.server.handle(MessageReceived("zz", harness.replies["a"], 2.0))
+    with pytest.raises(ProtocolError, match="not expected"):
+        harness.server.handle(MessageReceived("a", harness.replies["a"], 2.0))
+
+
+def test_a_stage_deadline_of_an_older_stage_is_ignored() -> None:
+    harness = harness_at(Stage.SHARE_KEYS)
+    assert harness.server.handle(StageDeadline(Stage.ADVERTISE_KEYS, 10.0)) == []
+    assert harness.server.stage is Stage.SHARE_KEYS
+
+
+def test_a_stalled_client_never_holds_a_stage_past_its_deadline() -> None:
+    harness = Harness()
+    deadline = next(a for a in harness.pending if isinstance(a, ScheduleStageDeadline))
+    assert deadline.at == DEADLINES.advertise_keys
+    harness.answer()
+    assert harness.deliver("a", "b", "c") == []  # d is stalled: the stage waits...
+    actions = harness.server.handle(StageDeadline(Stage.ADVERTISE_KEYS, deadline.at))
+    assert harness.server.stage is Stage.SHARE_KEYS  # ...until its deadline, and not longer
+    assert {a.client_id for a in actions if isinstance(a, SendRequest)} == {"a", "b", "c"}
+
+
+def test_a_reported_drop_closes_the_stage_without_waiting() -> None:
+    harness = Harness()
+    harness.answer()
+    harness.deliver("a", "b", "c")
+    harness.server.handle(ClientDropped("d", 2.0))
+    assert harness.server.stage is Stage.SHARE_KEYS
+
+
+def test_masked_input_closes_at_its_target_and_later_inputs_are_stale() -> None:
+    harness = Harness(target=3)
+    harness.step()
+    harness.step()
+    harness.answer()
+    harness.deliver("a", "b", "c")
+    assert harness.server.stage is Stage.UNMASK
+    with pytest.raises(StaleMessage):
+        harness.server.handle(MessageReceived("d", harness.replies["d"], 9.0))
+    harness.step()
+    result = next(a for a in harness.pending if isinstance(a, SumReady)).result
+    assert result.contributors == ("a", "b", "c") and result.recovered == ("d",)
+
+
+def test_malformed_replies_are_refused() -> None:
+    harness = harness_at(Stage.SHARE_KEYS)
+    harness.answer()
+    with pytest.raises(ProtocolError, match="expected one for each"):
+        harness.server.handle(MessageReceived("a", SharesSent(3, {}), 1.0))
+    harness = harness_at(Stage.MASKED_INPUT)
+    with pytest.raises(ProtocolError, match="masked values"):
+        harness.server.handle(MessageReceived("a", MaskedInput(3, np.zeros(3, np.uint32)), 1.0))
+    harness = harness_at(Stage.UNMASK)
+    with pytest.raises(ProtocolError, match="another unmask request"):
+        harness.server.handle(MessageReceived("a", UnmaskShares(3, {}, {}), 1.0))
+
+
+def test_too_few_advertisers_abort() -> None:
+    harness = Harness()
+    harness.answer()
+    harness.deliver("a", "b")
+    actions = harness.server.handle(StageDeadline(Stage.ADVERTISE_KEYS, 10.0))
+    assert isinstance(actions[0], Aborted)
+    assert "fewer than the 3 needed" in actions[0].reason
+
+
+def test_session_validation() -> None:
+    with pytest.raises(ProtocolError, match="one distinct client per node"):
+        SecAggServer(
+            SESSION,
+            ["a", "a", "b", "c"],
+            degree=3,
+            graph_seed=b"",
+            deadlines=DEADLINES,
+            min_survivors=1,
+        )
+    harness = Harness()
+    with pytest.raises(IllegalTransition, match="already started"):
+        harness.server.start(0.0)
