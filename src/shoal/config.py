@@ -179,6 +179,25 @@ class CoordinatorSection(_Section):
     app: str = "shoal.apps.digits:make_client"
 
 
+class SecureAggregationSection(_Section):
+    """[secure_aggregation]: the coordinator learns only the sum of the updates (SecAgg+)."""
+
+    protocol: Literal["none", "secagg+"] = "none"
+    degree: int | None = Field(None, ge=1)  # neighbours per client; unset: about 2 log2 n
+    reconstruction_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    clip: PositiveFloat = 4.0
+    bits: int | None = Field(None, ge=1, le=31)  # unset: the most the cohort size allows
+    max_weight: int = Field(1000, ge=1)
+    advertise_keys_s: PositiveFloat = 30.0
+    share_keys_s: PositiveFloat = 30.0
+    unmask_s: PositiveFloat = 30.0
+    stage_dropout: Fraction = 0.0  # simulation only: chance to vanish at each protocol stage
+
+    @property
+    def enabled(self) -> bool:
+        return self.protocol != "none"
+
+
 class Config(_Section):
     """A whole run: every section with its defaults."""
 
@@ -192,6 +211,7 @@ class Config(_Section):
     devices: DevicesSection = DevicesSection()
     simulation: SimulationSection = SimulationSection()
     coordinator: CoordinatorSection = CoordinatorSection()
+    secure_aggregation: SecureAggregationSection = SecureAggregationSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

@@ -163,8 +163,6 @@ def test_refusals_leave_the_stage_unchanged() -> None:
         client.handle(UnmaskRequest(2, frozenset({1, 9}), frozenset()))
     with pytest.raises(ProtocolError, match="among the survivors"):
         client.handle(UnmaskRequest(2, frozenset({2, 3}), frozenset({1})))
-    with pytest.raises(ProtocolError, match="fewer than the threshold"):
-        client.handle(UnmaskRequest(2, frozenset({1}), frozenset({2, 3})))
     assert client.stage is ClientStage.INPUT_MASKED
     reply = client.handle(UnmaskRequest(2, frozenset({1, 2}), frozenset({3})))
     assert isinstance(reply, UnmaskShares)

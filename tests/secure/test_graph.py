@@ -39,6 +39,10 @@ def test_empty_single_and_bad_degrees() -> None:
         neighbour_graph(-1, degree=2, seed=b"")
 
 
-@pytest.mark.parametrize(("nodes", "degree"), [(1, 1), (2, 1), (20, 10), (1000, 20), (10**6, 40)])
-def test_default_degree_is_about_two_log2_n(nodes: int, degree: int) -> None:
+@pytest.mark.parametrize(
+    ("nodes", "degree"), [(1, 1), (2, 1), (20, 19), (32, 31), (1000, 31), (10**6, 40)]
+)
+def test_default_degree_is_complete_when_small_then_about_two_log2_n(
+    nodes: int, degree: int
+) -> None:
     assert default_degree(nodes) == degree

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -45,9 +46,9 @@ DEADLINES = StageDeadlines(advertise_keys=10, share_keys=10, masked_input=100, u
 class Harness:
     """A server with four real clients, walked stage by stage."""
 
-    def __init__(self, target: int | None = None) -> None:
+    def __init__(self, target: int | None = None, session: SessionConfig = SESSION) -> None:
         self.server = SecAggServer(
-            SESSION,
+            session,
             IDS,
             degree=3,
             graph_seed=b"g",
@@ -211,7 +212,7 @@ def test_a_reported_drop_closes_the_stage_without_waiting() -> None:
 
 
 def test_masked_input_closes_at_its_target_and_later_inputs_are_stale() -> None:
-    harness = Harness(target=3)
+    harness = Harness(target=3, session=dataclasses.replace(SESSION, threshold=2))
     harness.step()
     harness.step()
     harness.answer()
@@ -259,3 +260,14 @@ def test_session_validation() -> None:
     harness = Harness()
     with pytest.raises(IllegalTransition, match="already started"):
         harness.server.start(0.0)
+
+
+def test_masked_input_waits_past_its_target_while_secrets_lack_spare_holders() -> None:
+    harness = Harness(target=3)  # threshold 3: three inputs leave no holder to spare
+    harness.step()
+    harness.step()
+    harness.answer()
+    assert harness.deliver("a", "b", "c") == []
+    assert harness.server.stage is Stage.MASKED_INPUT
+    harness.deliver("d")
+    assert harness.server.stage is Stage.UNMASK

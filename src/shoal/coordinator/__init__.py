@@ -16,11 +16,15 @@ from shoal.coordinator.events import (
     RoundClosed,
     RoundSummary,
     ScheduleDeadline,
+    SecureMessageReceived,
+    SecureRoundReport,
     SendEvaluateTask,
     SendFitTask,
+    SendSecureRequest,
     StartRound,
     UpdateReceived,
 )
+from shoal.coordinator.secure import SecureRound, SecureSettings
 from shoal.coordinator.selection import client_seed, cohort_size, select_cohort
 from shoal.coordinator.state import TRANSITIONS, RoundState, Step, next_state
 
@@ -45,8 +49,13 @@ __all__ = [
     "RoundState",
     "RoundSummary",
     "ScheduleDeadline",
+    "SecureMessageReceived",
+    "SecureRound",
+    "SecureRoundReport",
+    "SecureSettings",
     "SendEvaluateTask",
     "SendFitTask",
+    "SendSecureRequest",
     "StartRound",
     "Step",
     "TaskOffer",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,16 +35,21 @@ from shoal.coordinator.events import (
     RoundClosed,
     RoundSummary,
     ScheduleDeadline,
+    SecureMessageReceived,
+    SecureRoundReport,
     SendEvaluateTask,
     SendFitTask,
     StartRound,
     UpdateReceived,
 )
+from shoal.coordinator.secure import SecureRound, SecureSettings, check_secure_strategy
 from shoal.coordinator.selection import Stream, client_seed, cohort_size, round_rng, select_cohort
 from shoal.coordinator.state import RoundState, Step, Trigger, next_state
-from shoal.core.errors import ConfigError, IllegalTransition, StrategyError
-from shoal.core.parameters import Parameters, all_finite
+from shoal.core.errors import ConfigError, IllegalTransition, ProtocolError, StrategyError
+from shoal.core.parameters import Parameters, Vector, all_finite
 from shoal.core.transforms import TransformState
+from shoal.secure.messages import StaleMessage
+from shoal.secure.server import Aborted, SumReady
 
 log = logging.getLogger("shoal.coordinator")
 
@@ -92,6 +98,8 @@ class _Round:
     num_examples: int = 0
     loss_sum: float = 0.0
     metric_sums: dict[str, float] = field(default_factory=dict)
+    secure: SecureRound | None = None
+    secure_report: SecureRoundReport | None = None
 
     @property
     def accounted(self) -> int:
@@ -109,8 +117,12 @@ class Coordinator:
         parameters: Parameters,
         seed: int,
         optimizer_state: TransformState | None = None,
+        secure: SecureSettings | None = None,
     ) -> None:
+        if secure is not None:
+            check_secure_strategy(strategy)
         self.settings = settings
+        self.secure = secure
         self.strategy = strategy
         self.parameters = parameters
         self.seed = seed
@@ -136,6 +148,8 @@ class Coordinator:
                 return self._receive_update(event)
             case EvaluationReceived():
                 return self._receive_evaluation(event)
+            case SecureMessageReceived():
+                return self._receive_secure(event)
             case ClientFailed():
                 return self._fail(event)
             case DeadlineReached():
@@ -186,6 +200,8 @@ class Coordinator:
             )
             return [RoundClosed(self._summary(event.now, committed=False, abort_reason=reason))]
         self._move(Step.COHORT_SELECTED)
+        if phase is Phase.FIT and self.secure is not None:
+            return self._start_secure(event, cohort)
         if phase is Phase.FIT:
             self._round.aggregation = self.strategy.aggregator.init(
                 num_parameters=len(self.parameters)
@@ -195,11 +211,31 @@ class Coordinator:
         actions.append(ScheduleDeadline(round=event.round, at=event.now + settings.deadline_s))
         return actions
 
+    def _start_secure(self, event: StartRound, cohort: Sequence[str]) -> list[Action]:
+        current, settings = self._require_round(), self.settings
+        assert self.secure is not None
+        current.secure = SecureRound(
+            self.secure,
+            round_number=event.round,
+            cohort=cohort,
+            vector_length=len(self.parameters),
+            target=settings.clients_per_round,
+            min_survivors=settings.quorum_count(Phase.FIT),
+            masked_input_s=settings.deadline_s,
+        )
+        actions = current.secure.start(event.now, self._fit_task)
+        self._move(Step.TASKS_SENT)
+        return actions
+
     def _task(self, client_id: str, round_number: int, phase: Phase) -> Action:
         if phase is Phase.EVALUATE:
             return SendEvaluateTask(
                 client_id, round_number, self.parameters, EvaluateConfig(round=round_number)
             )
+        return self._fit_task(client_id)
+
+    def _fit_task(self, client_id: str) -> SendFitTask:
+        round_number = self._require_round().number
         settings = self.settings
         config = FitConfig(
             round=round_number,
@@ -213,8 +249,13 @@ class Coordinator:
 
     # --- collecting --------------------------------------------------------------------
 
-    def _screen(self, client_id: str, round_number: int, phase: Phase) -> RejectSubmission | None:
-        """Why a submission cannot count in the current round, or None if it can."""
+    def _screen(
+        self, client_id: str, round_number: int, phase: Phase, *, once: bool = True
+    ) -> RejectSubmission | None:
+        """Why a submission cannot count in the current round, or None if it can.
+
+        ``once`` refuses a second answer; a secure round takes several messages per client.
+        """
         current = self._round
         if self.state is not RoundState.COLLECTING or current is None:
             return self._reject(
@@ -235,7 +276,7 @@ class Coordinator:
             return self._reject(
                 client_id, round_number, RejectReason.NOT_SELECTED, "client is not in the cohort"
             )
-        if client_id in current.reported or client_id in current.failed:
+        if once and (client_id in current.reported or client_id in current.failed):
             return self._reject(
                 client_id, round_number, RejectReason.DUPLICATE, "client already answered"
             )
@@ -257,6 +298,9 @@ class Coordinator:
         if rejection is not None:
             return [rejection]
         current = self._require_round()
+        if current.secure is not None:
+            detail = "this round aggregates securely: a plaintext update is refused"
+            return [self._reject(event.client_id, event.round, RejectReason.INVALID_UPDATE, detail)]
         problem = self._invalid_update(event)
         if problem is not None:
             current.failed.add(event.client_id)
@@ -320,12 +364,66 @@ class Coordinator:
             return []
         log.warning("client %s failed in round %d: %s", event.client_id, event.round, event.reason)
         current.failed.add(event.client_id)
+        if current.secure is not None:
+            actions, outcome = current.secure.dropped(event.client_id, event.now, self._fit_task)
+            return [*actions, *self._secure_outcome(current, outcome, event.now)]
         return self._maybe_close(event.now)
 
     def _deadline(self, event: DeadlineReached) -> list[Action]:
-        if self._collecting(event.round) is None:
+        current = self._collecting(event.round)
+        if current is None:
             return []  # a stale timer of a round already closed
+        if current.secure is not None:
+            actions, outcome = current.secure.deadline(event.stage, event.now, self._fit_task)
+            return [*actions, *self._secure_outcome(current, outcome, event.now)]
         return self._close(event.now)
+
+    # --- secure rounds -----------------------------------------------------------------
+
+    def _receive_secure(self, event: SecureMessageReceived) -> list[Action]:
+        rejection = self._screen(event.client_id, event.round, Phase.FIT, once=False)
+        if rejection is not None:
+            return [rejection]
+        current = self._require_round()
+        if current.secure is None:
+            detail = "this round does not aggregate securely"
+            return [self._reject(event.client_id, event.round, RejectReason.WRONG_PHASE, detail)]
+        try:
+            actions, outcome = current.secure.message(
+                event.client_id, event.message, event.now, self._fit_task
+            )
+        except StaleMessage as exc:
+            return [self._reject(event.client_id, event.round, RejectReason.LATE, str(exc))]
+        except ProtocolError as exc:
+            reason = RejectReason.INVALID_UPDATE
+            return [self._reject(event.client_id, event.round, reason, str(exc))]
+        return [*actions, *self._secure_outcome(current, outcome, event.now)]
+
+    def _secure_outcome(
+        self, current: _Round, outcome: SumReady | Aborted | None, now: float
+    ) -> list[Action]:
+        """Close a secure round once its protocol finished or aborted."""
+        if outcome is None:
+            return []
+        assert current.secure is not None
+        self._move(Step.ROUND_CLOSED)
+        if isinstance(outcome, Aborted):
+            current.secure_report = SecureRoundReport(
+                current.secure.protocol, outcome.dropped, recovered=0, aborted=True
+            )
+            self._move(Step.QUORUM_MISSED)
+            reason = f"secure aggregation aborted: {outcome.reason}"
+            return [RoundClosed(self._summary(now, committed=False, abort_reason=reason))]
+        result = outcome.result
+        current.secure_report = SecureRoundReport(
+            current.secure.protocol, result.dropped, len(result.recovered), aborted=False
+        )
+        current.reported = set(result.contributors)
+        current.num_examples = result.decoded.num_examples
+        loss = result.decoded.mean_loss()
+        if loss is not None:
+            current.metric_sums["loss"] = loss * current.num_examples
+        return self._aggregate_and_commit(current, now, mean=result.decoded.mean())
 
     def _require_round(self) -> _Round:
         if self._round is None:
@@ -354,9 +452,12 @@ class Coordinator:
             return [RoundClosed(self._summary(now, committed=True))]
         return self._aggregate_and_commit(current, now)
 
-    def _aggregate_and_commit(self, current: _Round, now: float) -> list[Action]:
+    def _aggregate_and_commit(
+        self, current: _Round, now: float, *, mean: Vector | None = None
+    ) -> list[Action]:
+        """Step the model by the aggregate (or by the secure ``mean``) and commit it."""
         try:
-            delta = self.strategy.aggregator.finalize(current.aggregation)
+            delta = self.strategy.aggregator.finalize(current.aggregation) if mean is None else mean
             step, optimizer_state = self.strategy.server_optimizer.update(
                 delta, self.optimizer_state, self.parameters.vector
             )
@@ -397,4 +498,5 @@ class Coordinator:
             metrics=metrics,
             committed=committed,
             abort_reason=abort_reason,
+            secure=current.secure_report,
         )

@@ -16,6 +16,7 @@ import numpy as np
 from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.core.errors import ProtocolError
 from shoal.core.parameters import Parameters, Vector
+from shoal.secure.messages import ClientMessage, MaskedInputRequest, ServerRequest, Stage
 
 
 class Phase(enum.Enum):
@@ -119,11 +120,26 @@ class ClientFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class SecureMessageReceived:
+    """A client's secure-aggregation message (keys, shares, masked input, unmask shares)."""
+
+    client_id: str
+    round: int
+    now: float
+    message: ClientMessage
+
+    def __post_init__(self) -> None:
+        check_round(self.round)
+        _check_time(self.now)
+
+
+@dataclass(frozen=True, slots=True)
 class DeadlineReached:
-    """The timer the coordinator asked for round ``round`` went off."""
+    """The timer the coordinator asked for round ``round`` (and secure ``stage``) went off."""
 
     round: int
     now: float
+    stage: Stage | None = None
 
     def __post_init__(self) -> None:
         check_round(self.round)
@@ -136,7 +152,13 @@ class FinishRun:
 
 
 Event = (
-    StartRound | UpdateReceived | EvaluationReceived | ClientFailed | DeadlineReached | FinishRun
+    StartRound
+    | UpdateReceived
+    | EvaluationReceived
+    | SecureMessageReceived
+    | ClientFailed
+    | DeadlineReached
+    | FinishRun
 )
 
 
@@ -145,12 +167,26 @@ Event = (
 
 @dataclass(frozen=True, slots=True)
 class SendFitTask:
-    """Ask ``client_id`` to train from the global ``parameters`` with ``config``."""
+    """Ask ``client_id`` to train from the global ``parameters`` with ``config``.
+
+    Under secure aggregation, ``secure`` carries the masked-input request: the
+    client trains, then answers it with its masked update.
+    """
 
     client_id: str
     round: int
     parameters: Parameters
     config: FitConfig
+    secure: MaskedInputRequest | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendSecureRequest:
+    """Deliver one of the secure-aggregation protocol's requests to ``client_id``."""
+
+    client_id: str
+    round: int
+    request: ServerRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,10 +201,11 @@ class SendEvaluateTask:
 
 @dataclass(frozen=True, slots=True)
 class ScheduleDeadline:
-    """Deliver ``DeadlineReached(round, at)`` when the clock reaches ``at``."""
+    """Deliver ``DeadlineReached(round, at, stage)`` when the clock reaches ``at``."""
 
     round: int
     at: float
+    stage: Stage | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +236,17 @@ class RoundSummary:
     metrics: Mapping[str, float]
     committed: bool
     abort_reason: str | None = None
+    secure: SecureRoundReport | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SecureRoundReport:
+    """How a secure round went: the protocol, who dropped at which stage, who was recovered."""
+
+    protocol: str
+    dropped: Mapping[str, int]  # by stage
+    recovered: int  # dropped after sharing keys; their masks were rebuilt from shares
+    aborted: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +268,7 @@ class RoundClosed:
 Action = (
     SendFitTask
     | SendEvaluateTask
+    | SendSecureRequest
     | ScheduleDeadline
     | RejectSubmission
     | CommitVersion

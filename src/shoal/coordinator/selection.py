@@ -25,6 +25,7 @@ class Stream(enum.IntEnum):
     CLIENT_TRAINING = 3
     AVAILABILITY = 4
     DEVICE_BEHAVIOUR = 5
+    SECURE_DROPOUT = 6
 
 
 def client_key(client_id: str) -> int:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from shoal.aggregation.strategy import Strategy, make_strategy
 from shoal.config import Config
 from shoal.coordinator.engine import RoundSettings
+from shoal.coordinator.secure import SecureSettings, check_secure_strategy
+from shoal.coordinator.selection import cohort_size
 from shoal.core.errors import ConfigError, StrategyError
+from shoal.secure.quantization import Quantization
 
 
 def strategy_from_config(config: Config) -> Strategy:
@@ -35,3 +38,35 @@ def round_settings_from_config(config: Config, *, population: int | None = None)
         batch_size=config.client.batch_size,
         learning_rate=config.client.learning_rate,
     )
+
+
+def secure_settings_from_config(config: Config, *, run_id: str) -> SecureSettings | None:
+    """The ``[secure_aggregation]`` settings, checked against the strategy and the cohort size.
+
+    Refused here, before any round runs: a strategy that needs each client's
+    update, and quantization bits whose sum over the largest cohort could
+    overflow the 32-bit modulus.
+    """
+    section = config.secure_aggregation
+    if not section.enabled:
+        return None
+    check_secure_strategy(strategy_from_config(config))
+    settings = SecureSettings(
+        run_id=run_id,
+        quantization=Quantization(
+            clip=section.clip,
+            bits=section.bits if section.bits is not None else 20,
+            max_weight=section.max_weight,
+        ),
+        fit_bits=section.bits is None,
+        degree=section.degree,
+        threshold_fraction=section.reconstruction_threshold,
+        advertise_keys_s=section.advertise_keys_s,
+        share_keys_s=section.share_keys_s,
+        unmask_s=section.unmask_s,
+    )
+    largest = cohort_size(
+        target=config.round.clients_per_round, over_selection=config.round.over_selection
+    )
+    settings.quantization_for(largest)
+    return settings

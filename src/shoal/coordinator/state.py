@@ -19,6 +19,7 @@ from shoal.coordinator.events import (
     EvaluationReceived,
     Event,
     FinishRun,
+    SecureMessageReceived,
     StartRound,
     UpdateReceived,
 )
@@ -62,6 +63,7 @@ TRANSITIONS: Final[Mapping[tuple[RoundState, Trigger], RoundState]] = {
     # results come in until the target count, the deadline, or nobody is left
     (_S.COLLECTING, UpdateReceived): _S.COLLECTING,
     (_S.COLLECTING, EvaluationReceived): _S.COLLECTING,
+    (_S.COLLECTING, SecureMessageReceived): _S.COLLECTING,
     (_S.COLLECTING, ClientFailed): _S.COLLECTING,
     (_S.COLLECTING, DeadlineReached): _S.COLLECTING,
     (_S.COLLECTING, Step.ROUND_CLOSED): _S.AGGREGATING,
@@ -72,6 +74,7 @@ TRANSITIONS: Final[Mapping[tuple[RoundState, Trigger], RoundState]] = {
     # between rounds, stragglers' results and stale timers are late: rejected, counted
     (_S.IDLE, UpdateReceived): _S.IDLE,
     (_S.IDLE, EvaluationReceived): _S.IDLE,
+    (_S.IDLE, SecureMessageReceived): _S.IDLE,
     (_S.IDLE, ClientFailed): _S.IDLE,
     (_S.IDLE, DeadlineReached): _S.IDLE,
     (_S.IDLE, FinishRun): _S.FINISHED,

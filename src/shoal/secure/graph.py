@@ -56,10 +56,18 @@ def neighbour_graph(num_nodes: int, *, degree: int, seed: bytes) -> Graph:
 
 
 def default_degree(num_nodes: int) -> int:
-    """About 2 log2 n neighbours, which Bell et al. show keeps the protocol secure and correct."""
+    """About 2 log2 n neighbours (Bell et al.), and the complete graph up to 32 nodes.
+
+    A small cohort gains little from a sparse graph and loses robustness: with
+    a few neighbours, a handful of dropouts leaves a secret with fewer holders
+    than the threshold, and the round aborts.
+    """
     if num_nodes <= 1:
         return 1
-    return min(num_nodes - 1, 2 * math.ceil(math.log2(num_nodes)))
+    return min(num_nodes - 1, max(_COMPLETE_UP_TO - 1, 2 * math.ceil(math.log2(num_nodes))))
+
+
+_COMPLETE_UP_TO = 32
 
 
 def _digest(seed: bytes) -> bytes:

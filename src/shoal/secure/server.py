@@ -51,6 +51,7 @@ from shoal.secure.shamir import field_to_bytes, reconstruct
 
 log = logging.getLogger("shoal.secure")
 
+_UNMASK_SPARE = 1  # holders beyond the threshold before the masked-input stage closes early
 STAGES = (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK)
 
 
@@ -375,11 +376,28 @@ class SecAggServer:
 
     def _stage_complete(self) -> bool:
         books = self._books
-        if self.stage is Stage.MASKED_INPUT and len(books.masked) >= self.target:
-            return True  # over-selection: the first `target` inputs are enough
+        # over-selection: the first `target` inputs are enough, when every secret the unmask
+        # stage needs has holders to spare among them
+        if (
+            self.stage is Stage.MASKED_INPUT
+            and len(books.masked) >= self.target
+            and self._recoverable(books.masked, spare=_UNMASK_SPARE)
+        ):
+            return True
         if self.stage is Stage.UNMASK and self._enough_shares():
             return True
         return not (self.expected - self._answered())
+
+    def _recoverable(self, masked: set[int], *, spare: int) -> bool:
+        """Whether ``masked`` as U3 leaves ``spare`` holders over the threshold for each secret."""
+        books, needed = self._books, self.session.threshold + spare
+        if any(len(self.graph[node] & masked) + 1 < needed for node in masked):
+            return False
+        dropped = books.shared - masked
+        return all(
+            not (self.graph[node] & masked) or len(self.graph[node] & masked) >= needed
+            for node in dropped
+        )
 
     def _answered(self) -> set[int]:
         """The nodes that answered the current stage."""

@@ -37,7 +37,11 @@ from shoal.coordinator.events import (
     StartRound,
     UpdateReceived,
 )
-from shoal.coordinator.setup import round_settings_from_config, strategy_from_config
+from shoal.coordinator.setup import (
+    round_settings_from_config,
+    secure_settings_from_config,
+    strategy_from_config,
+)
 from shoal.core.device import DeviceState
 from shoal.core.errors import RunError
 from shoal.core.parameters import Parameters
@@ -53,6 +57,7 @@ from shoal.registry import (
 from shoal.simulation.devices import Attempt, DeviceFleet
 from shoal.simulation.executor import Executor, Job, Outcome, make_executor
 from shoal.simulation.scenario import Scenario, build_scenario
+from shoal.simulation.secure_rounds import SecureRoundPlayer, secure_row_fields
 from shoal.telemetry.metrics import MetricsLog, clean_row
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -89,7 +94,11 @@ class Simulation:
         self.settings = round_settings_from_config(config, population=len(self.scenario.client_ids))
         initial = self.scenario.initial_parameters()
         self.coordinator = Coordinator(
-            settings=self.settings, strategy=self.strategy, parameters=initial, seed=config.run.seed
+            settings=self.settings,
+            strategy=self.strategy,
+            parameters=initial,
+            seed=config.run.seed,
+            secure=secure_settings_from_config(config, run_id=config.run.name),
         )
         self.model_bytes = len(initial.to_bytes())
         self.metrics = MetricsLog(self.out / _METRICS_FILE)
@@ -237,8 +246,12 @@ class Simulation:
         closed = _closed(actions)
         if closed is not None:
             return self._row(closed, attempts={}, uploads=0, commit=None)
+        if phase is Phase.FIT and self.coordinator.secure is not None:
+            return self._play_secure(executor, round_number, actions, now)
         deadline = next(a.at for a in actions if isinstance(a, ScheduleDeadline))
-        attempts = {client: self._plan(task, now, deadline) for client, task in tasks.items()}
+        attempts = {
+            client: self.plan_attempt(task, now, deadline) for client, task in tasks.items()
+        }
         arrivals = sorted(
             _Delivery(attempt.arrives_at, index, client)
             for index, (client, attempt) in enumerate(attempts.items())
@@ -265,7 +278,24 @@ class Simulation:
                 return self._row(closed, attempts=attempts, uploads=uploads, commit=commit)
         raise RunError(f"round {round_number} never closed")  # the deadline always closes it
 
-    def _plan(self, task: SendFitTask | SendEvaluateTask, now: float, deadline: float) -> Attempt:
+    def _play_secure(
+        self, executor: Executor, round_number: int, actions: list[Action], now: float
+    ) -> dict[str, Any]:
+        player = SecureRoundPlayer(self, executor, round_number)
+        summary, commit = player.play(actions, now)
+        traffic = player.traffic
+        return self._row(
+            summary,
+            attempts=traffic.attempts,
+            uploads=traffic.masked_inputs,
+            commit=commit,
+            extra=secure_row_fields(summary, traffic),
+        )
+
+    def plan_attempt(
+        self, task: SendFitTask | SendEvaluateTask, now: float, deadline: float
+    ) -> Attempt:
+        """What the fleet says the client does with ``task``: when it answers, or that it drops."""
         if isinstance(task, SendFitTask):
             return self.fleet.plan_fit(
                 task.client_id,
@@ -300,12 +330,13 @@ class Simulation:
         waiting = [
             d.client_id for d in arrivals if d.client_id not in outcomes and not d < delivery
         ]
-        jobs = [self._job(tasks[client], attempts[client]) for client in waiting[:still_needed]]
+        jobs = [self.job_for(tasks[client], attempts[client]) for client in waiting[:still_needed]]
         for outcome in executor.run(self.coordinator.parameters, jobs):
             outcomes[outcome.client_id] = outcome
 
     @staticmethod
-    def _job(task: SendFitTask | SendEvaluateTask, attempt: Attempt) -> Job:
+    def job_for(task: SendFitTask | SendEvaluateTask, attempt: Attempt) -> Job:
+        """The executor's job for ``task``, with the epochs the attempt could afford."""
         if isinstance(task, SendFitTask) and attempt.epochs != task.config.epochs:
             config: Any = dataclasses.replace(task.config, epochs=attempt.epochs)
             return Job(task.client_id, config)
@@ -337,6 +368,7 @@ class Simulation:
         attempts: dict[str, Attempt],
         uploads: int,
         commit: CommitVersion | None,
+        extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         fit = summary.phase is Phase.FIT
         dropped = sum(1 for attempt in attempts.values() if attempt.dropped) + summary.failed
@@ -366,6 +398,7 @@ class Simulation:
             "model_version": None,
             "bytes_down": self.model_bytes * summary.selected,
             "bytes_up": uploads * (self.model_bytes if fit else _EVALUATION_UPLOAD_BYTES),
+            **(extra or {}),
         }
         if commit is None:
             head = self._head()
@@ -417,6 +450,9 @@ class Simulation:
             "model_version": None if head is None else head.version,
             "model_sha256": None if head is None else head.sha256,
             "strategy": self.config.strategy.name,
+            "secure_aggregation": self.config.secure_aggregation.protocol,
+            "rounds_aborted_below_threshold": sum(1 for row in fits if row.get("secure_aborted")),
+            "clients_recovered": sum(row.get("recovered", 0) for row in fits),
             "seed": self.config.run.seed,
             "clients": len(self.scenario.client_ids),
         }

@@ -1,0 +1,179 @@
+"""Secure rounds in the coordinator: the bridge between the round engine and the SecAgg+ server.
+
+When secure aggregation is on, a fit round is one run of the SecAgg+
+protocol over the cohort: the engine hands the cohort to a
+:class:`SecureRound`, forwards it the clients' protocol messages, drops and
+stage deadlines, and turns its actions into the engine's own (the training
+task travels with the masked-input request). The engine only ever receives
+the dequantized sum of the survivors' updates, never one client's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from shoal.aggregation.aggregators import WeightedMean
+from shoal.aggregation.strategy import Strategy
+from shoal.coordinator.events import (
+    Action,
+    ScheduleDeadline,
+    SendFitTask,
+    SendSecureRequest,
+)
+from shoal.core.errors import ConfigError
+from shoal.secure.graph import default_degree
+from shoal.secure.messages import ClientMessage, MaskedInputRequest, SessionConfig, Stage
+from shoal.secure.quantization import Quantization
+from shoal.secure.server import (
+    Aborted,
+    ClientDropped,
+    MessageReceived,
+    ScheduleStageDeadline,
+    SecAggServer,
+    SendRequest,
+    ServerAction,
+    ServerEvent,
+    StageDeadline,
+    StageDeadlines,
+    SumReady,
+)
+
+SECAGG_PLUS = "secagg+"
+
+
+@dataclass(frozen=True, slots=True)
+class SecureSettings:
+    """How secure rounds run: graph degree, threshold, quantization and stage deadlines."""
+
+    run_id: str
+    quantization: Quantization
+    fit_bits: bool = True  # take the most bits the cohort size allows
+    degree: int | None = None  # None: about 2 log2 n neighbours
+    threshold_fraction: float = 0.5
+    advertise_keys_s: float = 30.0
+    share_keys_s: float = 30.0
+    unmask_s: float = 30.0
+    protocol: str = SECAGG_PLUS
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold_fraction < 1:
+            raise ConfigError(
+                "secure_aggregation.reconstruction_threshold must be in (0, 1), "
+                f"got {self.threshold_fraction}"
+            )
+        if self.degree is not None and self.degree < 1:
+            raise ConfigError(f"secure_aggregation.degree must be >= 1, got {self.degree}")
+
+    def quantization_for(self, max_clients: int) -> Quantization:
+        """The quantization of a round of up to ``max_clients``; refuses one that could overflow."""
+        if self.fit_bits:
+            return self.quantization.fitted(max_clients)
+        self.quantization.check_capacity(max_clients)
+        return self.quantization
+
+    def degree_for(self, num_nodes: int) -> int:
+        degree = default_degree(num_nodes) if self.degree is None else self.degree
+        return max(1, min(degree, num_nodes - 1))
+
+    def threshold_for(self, num_nodes: int) -> int:
+        holders = self.degree_for(num_nodes) + 1 if num_nodes > 1 else 1
+        return min(holders, math.floor(self.threshold_fraction * holders) + 1)
+
+
+def check_secure_strategy(strategy: Strategy) -> None:
+    """Refuse strategies that need each client's update, which secure aggregation hides."""
+    if not isinstance(strategy.aggregator, WeightedMean):
+        raise ConfigError(
+            f"secure aggregation reveals only the sum of the updates, but the "
+            f"{strategy.name!r} strategy's {type(strategy.aggregator).__name__} aggregator needs "
+            "each client's update; use a mean-based strategy (fedavg, fedavgm, fedprox, fedadam, "
+            "fedyogi, fedadagrad) or switch secure aggregation off"
+        )
+
+
+class SecureRound:
+    """One fit round under SecAgg+; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: SecureSettings,
+        *,
+        round_number: int,
+        cohort: Sequence[str],
+        vector_length: int,
+        target: int,
+        min_survivors: int,
+        masked_input_s: float,
+    ) -> None:
+        num_nodes = len(cohort)
+        session = SessionConfig(
+            run_id=settings.run_id,
+            round=round_number,
+            num_nodes=num_nodes,
+            vector_length=vector_length,
+            threshold=settings.threshold_for(num_nodes),
+            quantization=settings.quantization_for(num_nodes),
+        )
+        deadlines = StageDeadlines(
+            advertise_keys=settings.advertise_keys_s,
+            share_keys=settings.share_keys_s,
+            masked_input=masked_input_s,
+            unmask=settings.unmask_s,
+        )
+        seed = hashlib.sha256(f"{settings.run_id}/{round_number}".encode()).digest()
+        self.protocol = settings.protocol
+        self.round = round_number
+        self.server = SecAggServer(
+            session,
+            sorted(cohort),
+            degree=settings.degree_for(num_nodes),
+            graph_seed=seed,
+            deadlines=deadlines,
+            min_survivors=min_survivors,
+            target=target,
+        )
+
+    def start(self, now: float, task: Callable[[str], SendFitTask]) -> list[Action]:
+        return self._translate(self.server.start(now), task)
+
+    def message(
+        self, client_id: str, message: ClientMessage, now: float, task: Callable[[str], SendFitTask]
+    ) -> tuple[list[Action], SumReady | Aborted | None]:
+        """Forward a client's message; raises StaleMessage or ProtocolError when refused."""
+        return self._handle(MessageReceived(client_id, message, now), task)
+
+    def dropped(
+        self, client_id: str, now: float, task: Callable[[str], SendFitTask]
+    ) -> tuple[list[Action], SumReady | Aborted | None]:
+        return self._handle(ClientDropped(client_id, now), task)
+
+    def deadline(
+        self, stage: Stage | None, now: float, task: Callable[[str], SendFitTask]
+    ) -> tuple[list[Action], SumReady | Aborted | None]:
+        if stage is None:
+            return [], None  # a secure round only sets stage deadlines
+        return self._handle(StageDeadline(stage, now), task)
+
+    def _handle(
+        self, event: ServerEvent, task: Callable[[str], SendFitTask]
+    ) -> tuple[list[Action], SumReady | Aborted | None]:
+        server_actions = self.server.handle(event)
+        outcome = next((a for a in server_actions if isinstance(a, SumReady | Aborted)), None)
+        return self._translate(server_actions, task), outcome
+
+    def _translate(
+        self, server_actions: list[ServerAction], task: Callable[[str], SendFitTask]
+    ) -> list[Action]:
+        actions: list[Action] = []
+        for action in server_actions:
+            match action:
+                case SendRequest(client_id=client, request=MaskedInputRequest() as request):
+                    actions.append(replace(task(client), secure=request))
+                case SendRequest(client_id=client, request=request):
+                    actions.append(SendSecureRequest(client, self.round, request))
+                case ScheduleStageDeadline(stage=stage, at=at):
+                    actions.append(ScheduleDeadline(self.round, at, stage))
+        return actions
