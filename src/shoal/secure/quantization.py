@@ -138,7 +138,7 @@ class Quantization:
         encoded[: update.size] = _stochastic_round(scaled, rng)
         encoded[update.size] = min(num_examples, self.max_weight)
         encoded[update.size + 1] = _stochastic_round(
-            np.array([weight * loss_value * self.levels / self.loss_clip]), rng
+            np.array([weight * loss_value * self.levels / self.loss_clip], dtype=np.float64), rng
         )[0]
         return encoded
 
@@ -158,11 +158,10 @@ class Quantization:
 
 
 def _stochastic_round(values: npt.NDArray[np.float64], rng: np.random.Generator) -> Encoded:
-    """Round down or up with the probability that makes the expectation exact."""
-    jittered = rng.random(values.shape)
-    jittered += values
-    np.floor(jittered, out=jittered)  # floor(x + U[0, 1)) is x rounded up with probability frac(x)
-    return jittered.astype(np.uint32)
+    """Round down or up with the probability that makes the expectation exact (in place)."""
+    values += rng.random(values.shape, dtype=np.float32)  # floor(x + U[0, 1)) rounds x up
+    np.floor(values, out=values)  # with probability frac(x); 24 random bits are plenty
+    return values.astype(np.uint32)
 
 
 def modular_sum(vectors: list[Encoded] | tuple[Encoded, ...]) -> Encoded:
