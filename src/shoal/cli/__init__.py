@@ -8,7 +8,17 @@ import os
 # set before grpc is imported; an operator's own setting wins.
 os.environ.setdefault("GRPC_SSL_CIPHER_SUITES", "ECDHE-PSK-CHACHA20-POLY1305")
 
-from shoal.cli import certs, clients, models, network, operator, simulate
+from shoal.cli import certs, clients, keyholder, models, network, operator, simulate
 from shoal.cli.app import app, main
 
-__all__ = ["app", "certs", "clients", "main", "models", "network", "operator", "simulate"]
+__all__ = [
+    "app",
+    "certs",
+    "clients",
+    "keyholder",
+    "main",
+    "models",
+    "network",
+    "operator",
+    "simulate",
+]

@@ -1,0 +1,348 @@
+"""The key holder as a network service: gRPC on its own port, TLS by default, bytes payloads.
+
+Two unary methods of the service ``shoal.v1.KeyHolder``, registered as gRPC
+generic handlers with bytes in and bytes out (no protobuf schema to share):
+
+- ``PublicContext``: empty request; the serialized public context.
+- ``Decrypt``: a framed request (:func:`encode_decrypt_request`: run id,
+  round, the encrypted aggregate, the receipts); the plaintext sum as
+  little-endian float64.
+
+Refusals keep their meaning across the wire: ``SecurityError`` travels as
+``PERMISSION_DENIED``, ``ProtocolError`` as ``INVALID_ARGUMENT``, any other
+Shoal error as ``FAILED_PRECONDITION``, each with its message;
+:class:`KeyHolderClient` turns them back into ``SecurityError``,
+``ProtocolError`` and ``TransportError`` (as it does every other failure).
+
+>>> server = serve_keyholder("keyholder", address="127.0.0.1:0", insecure=True)  # doctest: +SKIP
+>>> KeyHolderClient(f"127.0.0.1:{server.port}", insecure=True).public_context()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TypeAlias
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from shoal.core.errors import (
+    ConfigError,
+    ProtocolError,
+    SecurityError,
+    ShoalError,
+    TransportError,
+)
+from shoal.secure.ckks import EncryptedVector, FrameReader, length_prefixed
+from shoal.secure.keyholder import ContributionReceipt, KeyHolder
+from shoal.transport.certs import (
+    CertificateFiles,
+    load_channel_credentials,
+    load_server_credentials,
+)
+
+log = logging.getLogger("shoal.keyholder")
+
+SERVICE_NAME = "shoal.v1.KeyHolder"
+PUBLIC_CONTEXT_METHOD = f"/{SERVICE_NAME}/PublicContext"
+DECRYPT_METHOD = f"/{SERVICE_NAME}/Decrypt"
+DEFAULT_MAX_MESSAGE_BYTES = 512 * 2**20
+"""Room for the aggregate of about six million parameters (245 ciphertexts of 330 KB per 1M)."""
+
+_REQUEST_MAGIC = b"SHOALKHD\x01"
+_ROUND = struct.Struct(">q")
+_COUNT = struct.Struct(">I")
+_MAX_RECEIPTS = 100_000
+_MAX_RECEIPT_BYTES = 1024
+_MAX_ID_BYTES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptRequest:
+    """What ``Decrypt`` carries."""
+
+    run_id: str
+    round: int
+    aggregate: EncryptedVector
+    receipts: tuple[ContributionReceipt, ...]
+
+
+def encode_decrypt_request(
+    *,
+    run_id: str,
+    round: int,
+    aggregate: EncryptedVector,
+    receipts: Sequence[ContributionReceipt],
+) -> bytes:
+    """Magic, run id, round, the aggregate, then the receipts, each length-prefixed."""
+    parts = [
+        _REQUEST_MAGIC,
+        length_prefixed(run_id.encode()),
+        _ROUND.pack(round),
+        length_prefixed(aggregate.to_bytes()),
+        _COUNT.pack(len(receipts)),
+    ]
+    parts.extend(length_prefixed(receipt.to_bytes()) for receipt in receipts)
+    return b"".join(parts)
+
+
+def decode_decrypt_request(data: bytes) -> DecryptRequest:
+    """Parse :func:`encode_decrypt_request`; malformed input raises ``ProtocolError``."""
+    reader = FrameReader(data, "a decrypt request")
+    reader.expect(_REQUEST_MAGIC)
+    try:
+        run_id = reader.field(max_bytes=_MAX_ID_BYTES).decode()
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("the run id of a decrypt request is not UTF-8") from exc
+    (round_number,) = reader.unpack(_ROUND)
+    aggregate = EncryptedVector.from_bytes(reader.field(max_bytes=2**31))
+    (count,) = reader.unpack(_COUNT)
+    if count > _MAX_RECEIPTS:
+        raise ProtocolError(f"a decrypt request carries at most {_MAX_RECEIPTS} receipts")
+    receipts = tuple(
+        ContributionReceipt.from_bytes(reader.field(max_bytes=_MAX_RECEIPT_BYTES))
+        for _ in range(count)
+    )
+    reader.finish()
+    return DecryptRequest(run_id, round_number, aggregate, receipts)
+
+
+def decode_plaintext(data: bytes, *, length: int) -> npt.NDArray[np.float64]:
+    """The float64 vector of a ``Decrypt`` reply, which must hold ``length`` values."""
+    if len(data) != 8 * length:
+        raise ProtocolError(
+            f"a plaintext of {length} values has {8 * length} bytes, got {len(data)}"
+        )
+    return np.frombuffer(data, dtype="<f8").astype(np.float64)
+
+
+# --- server ------------------------------------------------------------------------------
+
+
+_STATUS_OF_ERROR: tuple[tuple[type[ShoalError], grpc.StatusCode], ...] = (
+    (SecurityError, grpc.StatusCode.PERMISSION_DENIED),
+    (ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ShoalError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+class _Handlers:
+    def __init__(self, holder: KeyHolder) -> None:
+        self.holder = holder
+
+    def public_context(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        if request:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PublicContext takes an empty request")
+        return self.holder.public_context()
+
+    def decrypt(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            parsed = decode_decrypt_request(request)
+            values = self.holder.decrypt_aggregate(
+                run_id=parsed.run_id,
+                round=parsed.round,
+                aggregate=parsed.aggregate,
+                receipts=parsed.receipts,
+            )
+        except ShoalError as exc:
+            code = next(code for kind, code in _STATUS_OF_ERROR if isinstance(exc, kind))
+            log.warning("refused a decryption from %s: %s", context.peer(), exc)
+            context.abort(code, str(exc))
+        log.info(
+            "decrypted run %s round %d for %s (%d silos)",
+            parsed.run_id,
+            parsed.round,
+            context.peer(),
+            len(parsed.receipts),
+        )
+        return np.asarray(values, dtype="<f8").tobytes()
+
+
+class KeyHolderServer:
+    """A running key-holder service; ``stop()`` it, or use it as a context manager."""
+
+    def __init__(self, server: grpc.Server, *, host: str, port: int) -> None:
+        self._server = server
+        self.port = port
+        self.address = f"{host}:{port}"
+
+    def stop(self, grace_s: float | None = 1.0) -> None:
+        """Stop accepting calls; calls in flight get ``grace_s`` seconds to finish."""
+        self._server.stop(grace_s).wait()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until the server stops (True) or ``timeout_s`` passes (False)."""
+        return bool(self._server.wait_for_termination(timeout_s))
+
+    def __enter__(self) -> KeyHolderServer:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def serve_keyholder(
+    directory: str | Path,
+    *,
+    address: str = "127.0.0.1:0",
+    server_certificate: CertificateFiles | None = None,
+    client_ca: str | Path | None = None,
+    insecure: bool = False,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_workers: int = 4,
+) -> KeyHolderServer:
+    """Open the key holder in ``directory`` and serve it on ``address`` (port 0: any free one).
+
+    TLS with ``server_certificate`` (mutual TLS with ``client_ca``: only
+    clients with a certificate from that CA may call), or plaintext when
+    ``insecure`` is given explicitly; ``ConfigError`` when neither is.
+    """
+    if (server_certificate is None) != insecure:
+        raise ConfigError(
+            "the key holder serves with TLS (a server certificate) or, explicitly, insecure; "
+            "give exactly one"
+        )
+    if client_ca is not None and server_certificate is None:
+        raise ConfigError("mutual TLS (a client CA) needs a server certificate")
+    holder = KeyHolder.open(directory)
+    handlers = _Handlers(holder)
+    generic = grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "PublicContext": grpc.unary_unary_rpc_method_handler(handlers.public_context),
+            "Decrypt": grpc.unary_unary_rpc_method_handler(handlers.decrypt),
+        },
+    )
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="keyholder"),
+        handlers=[generic],
+        options=_message_options(max_message_bytes),
+    )
+    try:
+        if server_certificate is None:
+            log.warning("key holder serving WITHOUT TLS (insecure): aggregates cross in clear")
+            port = server.add_insecure_port(address)
+        else:
+            credentials = load_server_credentials(server_certificate, client_ca=client_ca)
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise ConfigError(f"cannot listen on {address}")
+    server.start()
+    return KeyHolderServer(server, host=address.rpartition(":")[0], port=port)
+
+
+def _message_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    if not 0 < max_message_bytes < 2**31:
+        raise ConfigError(f"max_message_bytes must be in (0, 2^31), got {max_message_bytes}")
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+# --- client ------------------------------------------------------------------------------
+
+_Method: TypeAlias = "grpc.UnaryUnaryMultiCallable[bytes, bytes]"  # generic only in the stubs
+
+
+class KeyHolderClient:
+    """The coordinator's side: fetch the public context, have an aggregate decrypted."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        ca: str | Path | bytes | None = None,
+        client_certificate: CertificateFiles | None = None,
+        insecure: bool = False,
+        timeout_s: float = 300.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        if (ca is None) != insecure:
+            raise ConfigError(
+                "a key-holder client pins a CA (or the server's certificate) or, explicitly, "
+                "connects insecure; give exactly one"
+            )
+        if client_certificate is not None and ca is None:
+            raise ConfigError("a client certificate (mutual TLS) needs the CA to pin")
+        options = _message_options(max_message_bytes)
+        if ca is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            credentials = load_channel_credentials(ca, client_certificate)
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        self.address = address
+        self.timeout_s = timeout_s
+        self._public_context: _Method = self._channel.unary_unary(PUBLIC_CONTEXT_METHOD)
+        self._decrypt: _Method = self._channel.unary_unary(DECRYPT_METHOD)
+
+    def wait_ready(self, *, timeout_s: float) -> None:
+        """Block until the channel connects; ``TransportError`` after ``timeout_s``."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError as exc:
+            raise TransportError(
+                f"the key holder at {self.address} is not reachable after {timeout_s} s"
+            ) from exc
+
+    def public_context(self) -> bytes:
+        """The consortium's serialized public context."""
+        return self._call(self._public_context, b"")
+
+    def decrypt_aggregate(
+        self,
+        *,
+        run_id: str,
+        round: int,
+        aggregate: EncryptedVector,
+        receipts: Sequence[ContributionReceipt],
+    ) -> npt.NDArray[np.float64]:
+        """The plaintext sum (float64), or the key holder's refusal as a typed error."""
+        request = encode_decrypt_request(
+            run_id=run_id, round=round, aggregate=aggregate, receipts=receipts
+        )
+        return decode_plaintext(self._call(self._decrypt, request), length=aggregate.length)
+
+    def _call(self, method: _Method, request: bytes) -> bytes:
+        try:
+            return method(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise _error_of(exc, self.address) from exc
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> KeyHolderClient:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _error_of(exc: grpc.RpcError, address: str) -> ShoalError:
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return SecurityError(f"the key holder refused: {details}")
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return ProtocolError(f"the key holder rejected the request: {details}")
+    return TransportError(f"key holder at {address}: {code.name}: {details}")
