@@ -180,9 +180,9 @@ class CoordinatorSection(_Section):
 
 
 class SecureAggregationSection(_Section):
-    """[secure_aggregation]: the coordinator learns only the sum of the updates (SecAgg+)."""
+    """[secure_aggregation]: the coordinator learns only the sum (SecAgg+, or CKKS across silos)."""
 
-    protocol: Literal["none", "secagg+"] = "none"
+    protocol: Literal["none", "secagg+", "ckks"] = "none"
     degree: int | None = Field(None, ge=1)  # neighbours per client; unset: about 2 log2 n
     reconstruction_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
     clip: PositiveFloat = 4.0
@@ -192,6 +192,12 @@ class SecureAggregationSection(_Section):
     share_keys_s: PositiveFloat = 30.0
     unmask_s: PositiveFloat = 30.0
     stage_dropout: Fraction = 0.0  # simulation only: chance to vanish at each protocol stage
+    # ckks: the key holder (unset: one made in the run folder; else the address of
+    # `shoal keyholder serve`), the CA that pins it, the silos' receipt keys, its minimum
+    key_holder: str | None = None
+    key_holder_ca: str | None = None
+    silo_keys: str | None = None
+    min_contributors: int = Field(2, ge=2)
 
     @property
     def enabled(self) -> bool:

@@ -54,3 +54,34 @@ def test_a_robust_strategy_with_secure_aggregation_is_refused(tmp_path: Path) ->
     )
     with pytest.raises(ConfigError, match="needs each client's update"):
         Simulation(config, tmp_path / "refused")
+
+
+def test_a_homomorphic_run_against_a_key_holder_service(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from shoal.cli import app
+    from shoal.secure.keyholder_service import serve_keyholder
+
+    runner = CliRunner()
+    keys = tmp_path / "banks.json"
+    made = runner.invoke(app, ["keyholder", "silo-keys", "--out", str(keys), "--simulated", "5"])
+    assert made.exit_code == 0, made.output
+    init = runner.invoke(app, ["keyholder", "init", "--dir", str(tmp_path / "kh"), "-k", "3",
+                               "--silos-file", str(keys)])
+    assert init.exit_code == 0, init.output
+    server = serve_keyholder(tmp_path / "kh", address="127.0.0.1:0", insecure=True)
+    try:
+        banks = EXAMPLE.with_name("cross-silo-banks.toml")
+        overrides = [
+            "run.rounds=2",
+            "simulation.workers=0",
+            f"secure_aggregation.key_holder='127.0.0.1:{server.port}'",
+            f"secure_aggregation.silo_keys='{keys}'",
+        ]
+        summary = Simulation(load_config(banks, overrides), tmp_path / "run").run()
+        assert summary["rounds_completed"] == 2
+        assert not (tmp_path / "run" / "key-holder").exists()  # the secret key stayed away
+        again = Simulation(load_config(banks, overrides), tmp_path / "again").run()
+        assert again["rounds_aborted"] == 2  # the same run and rounds are never decrypted twice
+    finally:
+        server.stop(grace_s=0)

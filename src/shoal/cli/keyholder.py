@@ -36,9 +36,13 @@ def parse_silos(pairs: list[str], silos_file: Path | None) -> dict[str, bytes]:
             data = json.loads(silos_file.read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--silos-file: cannot read {silos_file}: {exc}") from exc
-        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        if not isinstance(data, dict):
             raise ConfigError("--silos-file: expected a JSON object of silo id to hex public key")
-        entries.extend((str(name), key, "--silos-file") for name, key in data.items())
+        for name, value in data.items():
+            public: object = value.get("public") if isinstance(value, dict) else value
+            if not isinstance(public, str):  # a hex string, or a silo-keys file's pair
+                raise ConfigError(f"--silos-file: silo {name!r} has no hex public key")
+            entries.append((str(name), public, "--silos-file"))
     silos: dict[str, bytes] = {}
     for name, key, source in entries:
         if name in silos:
@@ -124,6 +128,34 @@ def init_command(
     console.print(
         Text("silos compare public_context_sha256 with the context they are given", style="dim")
     )
+
+
+@keyholder_app.command("silo-keys")
+@user_errors
+def silo_keys_command(
+    out: Annotated[Path, typer.Option("--out", help="New JSON file of the silos' key pairs.")],
+    silo: Annotated[
+        list[str] | None, typer.Option("--silo", help="A silo's id; repeatable.")
+    ] = None,
+    simulated: Annotated[
+        int, typer.Option("--simulated", min=0, help="Add the first N simulated clients' ids.")
+    ] = 0,
+) -> None:
+    """Make Ed25519 receipt keys for silos (mode 0600); init --silos-file reads the public halves.
+
+    In a real consortium each silo makes its own and sends only the public
+    key; this file stands for all of them in a simulation or a rehearsal.
+    """
+    from shoal.simulation.consortium import create_silo_keys
+    from shoal.simulation.scenario import client_name
+
+    names = [*(silo or []), *(client_name(index) for index in range(simulated))]
+    if not names:
+        raise ConfigError("--silo or --simulated: name at least one silo")
+    if out.exists():
+        raise ConfigError(f"--out: {out} exists; refusing to overwrite keys")
+    create_silo_keys(out, names)
+    typer.echo(f"wrote the key pairs of {len(names)} silos to {out}")
 
 
 @keyholder_app.command("serve")

@@ -23,6 +23,7 @@ from shoal.aggregation.strategy import Strategy
 from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.coordinator.events import (
     Action,
+    AggregateDecrypted,
     ClientFailed,
     CommitVersion,
     DeadlineReached,
@@ -42,10 +43,17 @@ from shoal.coordinator.events import (
     StartRound,
     UpdateReceived,
 )
+from shoal.coordinator.homomorphic import CKKS, CkksRound
 from shoal.coordinator.secure import SecureRound, SecureSettings, check_secure_strategy
 from shoal.coordinator.selection import Stream, client_seed, cohort_size, round_rng, select_cohort
 from shoal.coordinator.state import RoundState, Step, Trigger, next_state
-from shoal.core.errors import ConfigError, IllegalTransition, ProtocolError, StrategyError
+from shoal.core.errors import (
+    ConfigError,
+    IllegalTransition,
+    ProtocolError,
+    SecurityError,
+    StrategyError,
+)
 from shoal.core.parameters import Parameters, Vector, all_finite
 from shoal.core.transforms import TransformState
 from shoal.secure.messages import StaleMessage
@@ -98,7 +106,7 @@ class _Round:
     num_examples: int = 0
     loss_sum: float = 0.0
     metric_sums: dict[str, float] = field(default_factory=dict)
-    secure: SecureRound | None = None
+    secure: SecureRound | CkksRound | None = None
     secure_report: SecureRoundReport | None = None
 
     @property
@@ -150,6 +158,8 @@ class Coordinator:
                 return self._receive_evaluation(event)
             case SecureMessageReceived():
                 return self._receive_secure(event)
+            case AggregateDecrypted():
+                return self._decrypted(event)
             case ClientFailed():
                 return self._fail(event)
             case DeadlineReached():
@@ -212,10 +222,27 @@ class Coordinator:
         return actions
 
     def _start_secure(self, event: StartRound, cohort: Sequence[str]) -> list[Action]:
-        current, settings = self._require_round(), self.settings
-        assert self.secure is not None
+        current, settings, secure = self._require_round(), self.settings, self.secure
+        assert secure is not None
+        if secure.protocol == CKKS:
+            if secure.public_context is None:
+                raise ConfigError("homomorphic aggregation needs the consortium's public context")
+            current.secure = CkksRound(
+                run_id=secure.run_id,
+                round_number=event.round,
+                cohort=cohort,
+                vector_length=len(self.parameters),
+                target=settings.clients_per_round,
+                min_contributors=max(secure.min_contributors, settings.quorum_count(Phase.FIT)),
+                public_context=secure.public_context,
+                silo_keys=secure.silo_keys,
+                deadline_s=settings.deadline_s,
+            )
+            actions = current.secure.start(event.now, self._fit_task)
+            self._move(Step.TASKS_SENT)
+            return actions
         current.secure = SecureRound(
-            self.secure,
+            secure,
             round_number=event.round,
             cohort=cohort,
             vector_length=len(self.parameters),
@@ -394,10 +421,16 @@ class Coordinator:
             )
         except StaleMessage as exc:
             return [self._reject(event.client_id, event.round, RejectReason.LATE, str(exc))]
-        except ProtocolError as exc:
+        except (ProtocolError, SecurityError) as exc:
             reason = RejectReason.INVALID_UPDATE
             return [self._reject(event.client_id, event.round, reason, str(exc))]
         return [*actions, *self._secure_outcome(current, outcome, event.now)]
+
+    def _decrypted(self, event: AggregateDecrypted) -> list[Action]:
+        current = self._collecting(event.round)
+        if current is None or not isinstance(current.secure, CkksRound):
+            return []  # an answer for a round already closed
+        return self._secure_outcome(current, current.secure.decrypted(event), event.now)
 
     def _secure_outcome(
         self, current: _Round, outcome: SumReady | Aborted | None, now: float

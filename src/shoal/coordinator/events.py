@@ -10,13 +10,20 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.core.errors import ProtocolError
 from shoal.core.parameters import Parameters, Vector
 from shoal.secure.messages import ClientMessage, MaskedInputRequest, ServerRequest, Stage
+
+if TYPE_CHECKING:  # at run time these would import the transport package, which imports this
+    from shoal.secure.ckks import EncryptedVector
+    from shoal.secure.homomorphic import EncryptedUpdate, EncryptionRequest
+    from shoal.secure.keyholder import ContributionReceipt
 
 
 class Phase(enum.Enum):
@@ -126,11 +133,27 @@ class SecureMessageReceived:
     client_id: str
     round: int
     now: float
-    message: ClientMessage
+    message: ClientMessage | EncryptedUpdate
 
     def __post_init__(self) -> None:
         check_round(self.round)
         _check_time(self.now)
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateDecrypted:
+    """The key holder's answer for round ``round``: the plaintext sum, or why it refused."""
+
+    round: int
+    now: float
+    total: npt.NDArray[np.float64] | None
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        check_round(self.round)
+        _check_time(self.now)
+        if (self.total is None) == (self.error is None):
+            raise ProtocolError("a decryption answer holds either the sum or an error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +179,7 @@ Event = (
     | UpdateReceived
     | EvaluationReceived
     | SecureMessageReceived
+    | AggregateDecrypted
     | ClientFailed
     | DeadlineReached
     | FinishRun
@@ -177,7 +201,7 @@ class SendFitTask:
     round: int
     parameters: Parameters
     config: FitConfig
-    secure: MaskedInputRequest | None = None
+    secure: MaskedInputRequest | EncryptionRequest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +221,15 @@ class SendEvaluateTask:
     round: int
     parameters: Parameters
     config: EvaluateConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDecryption:
+    """Ask the key holder to decrypt round ``round``'s encrypted sum, with its receipts."""
+
+    round: int
+    aggregate: EncryptedVector
+    receipts: tuple[ContributionReceipt, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +302,7 @@ Action = (
     SendFitTask
     | SendEvaluateTask
     | SendSecureRequest
+    | RequestDecryption
     | ScheduleDeadline
     | RejectSubmission
     | CommitVersion

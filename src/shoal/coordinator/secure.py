@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from shoal.aggregation.aggregators import WeightedMean
@@ -23,8 +23,9 @@ from shoal.coordinator.events import (
     SendFitTask,
     SendSecureRequest,
 )
-from shoal.core.errors import ConfigError
+from shoal.core.errors import ConfigError, ProtocolError
 from shoal.secure.graph import default_degree
+from shoal.secure.homomorphic import EncryptedUpdate
 from shoal.secure.messages import ClientMessage, MaskedInputRequest, SessionConfig, Stage
 from shoal.secure.quantization import Quantization
 from shoal.secure.server import (
@@ -57,6 +58,11 @@ class SecureSettings:
     share_keys_s: float = 30.0
     unmask_s: float = 30.0
     protocol: str = SECAGG_PLUS
+    # homomorphic aggregation (protocol "ckks"): the key holder's public context, the silos'
+    # receipt keys (None: only the key holder checks signatures) and its contributor minimum
+    public_context: bytes | None = None
+    silo_keys: Mapping[str, bytes] | None = None
+    min_contributors: int = 2
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold_fraction < 1:
@@ -140,9 +146,15 @@ class SecureRound:
         return self._translate(self.server.start(now), task)
 
     def message(
-        self, client_id: str, message: ClientMessage, now: float, task: Callable[[str], SendFitTask]
+        self,
+        client_id: str,
+        message: ClientMessage | EncryptedUpdate,
+        now: float,
+        task: Callable[[str], SendFitTask],
     ) -> tuple[list[Action], SumReady | Aborted | None]:
         """Forward a client's message; raises StaleMessage or ProtocolError when refused."""
+        if isinstance(message, EncryptedUpdate):
+            raise ProtocolError("a SecAgg+ round takes masked inputs, not encrypted updates")
         return self._handle(MessageReceived(client_id, message, now), task)
 
     def dropped(

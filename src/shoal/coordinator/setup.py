@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from shoal.aggregation.strategy import Strategy, make_strategy
 from shoal.config import Config
 from shoal.coordinator.engine import RoundSettings
@@ -40,7 +42,13 @@ def round_settings_from_config(config: Config, *, population: int | None = None)
     )
 
 
-def secure_settings_from_config(config: Config, *, run_id: str) -> SecureSettings | None:
+def secure_settings_from_config(
+    config: Config,
+    *,
+    run_id: str,
+    public_context: bytes | None = None,
+    silo_keys: Mapping[str, bytes] | None = None,
+) -> SecureSettings | None:
     """The ``[secure_aggregation]`` settings, checked against the strategy and the cohort size.
 
     Refused here, before any round runs: a strategy that needs each client's
@@ -64,7 +72,15 @@ def secure_settings_from_config(config: Config, *, run_id: str) -> SecureSetting
         advertise_keys_s=section.advertise_keys_s,
         share_keys_s=section.share_keys_s,
         unmask_s=section.unmask_s,
+        protocol=section.protocol,
+        public_context=public_context,
+        silo_keys=silo_keys,
+        min_contributors=section.min_contributors,
     )
+    if section.protocol == "ckks":
+        if public_context is None:
+            raise ConfigError("secure_aggregation.protocol = 'ckks' needs a key holder")
+        return settings
     largest = cohort_size(
         target=config.round.clients_per_round, over_selection=config.round.over_selection
     )

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Final
 
 from shoal.coordinator.events import (
+    AggregateDecrypted,
     ClientFailed,
     DeadlineReached,
     EvaluationReceived,
@@ -64,6 +65,7 @@ TRANSITIONS: Final[Mapping[tuple[RoundState, Trigger], RoundState]] = {
     (_S.COLLECTING, UpdateReceived): _S.COLLECTING,
     (_S.COLLECTING, EvaluationReceived): _S.COLLECTING,
     (_S.COLLECTING, SecureMessageReceived): _S.COLLECTING,
+    (_S.COLLECTING, AggregateDecrypted): _S.COLLECTING,
     (_S.COLLECTING, ClientFailed): _S.COLLECTING,
     (_S.COLLECTING, DeadlineReached): _S.COLLECTING,
     (_S.COLLECTING, Step.ROUND_CLOSED): _S.AGGREGATING,
@@ -75,6 +77,7 @@ TRANSITIONS: Final[Mapping[tuple[RoundState, Trigger], RoundState]] = {
     (_S.IDLE, UpdateReceived): _S.IDLE,
     (_S.IDLE, EvaluationReceived): _S.IDLE,
     (_S.IDLE, SecureMessageReceived): _S.IDLE,
+    (_S.IDLE, AggregateDecrypted): _S.IDLE,
     (_S.IDLE, ClientFailed): _S.IDLE,
     (_S.IDLE, DeadlineReached): _S.IDLE,
     (_S.IDLE, FinishRun): _S.FINISHED,

@@ -54,6 +54,7 @@ from shoal.registry import (
     blob_location,
     registry_location,
 )
+from shoal.simulation.consortium import Consortium
 from shoal.simulation.devices import Attempt, DeviceFleet
 from shoal.simulation.executor import Executor, Job, Outcome, make_executor
 from shoal.simulation.scenario import Scenario, build_scenario
@@ -93,12 +94,23 @@ class Simulation:
         self.strategy = strategy_from_config(config)
         self.settings = round_settings_from_config(config, population=len(self.scenario.client_ids))
         initial = self.scenario.initial_parameters()
+        self.consortium: Consortium | None = None
+        if config.secure_aggregation.protocol == "ckks":
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.consortium = Consortium(
+                self.out, config.secure_aggregation, self.scenario.client_ids
+            )
         self.coordinator = Coordinator(
             settings=self.settings,
             strategy=self.strategy,
             parameters=initial,
             seed=config.run.seed,
-            secure=secure_settings_from_config(config, run_id=config.run.name),
+            secure=secure_settings_from_config(
+                config,
+                run_id=config.run.name,
+                public_context=None if self.consortium is None else self.consortium.public_context,
+                silo_keys=None if self.consortium is None else self.consortium.public_keys,
+            ),
         )
         self.model_bytes = len(initial.to_bytes())
         self.metrics = MetricsLog(self.out / _METRICS_FILE)

@@ -20,10 +20,12 @@ import numpy as np
 
 from shoal.coordinator.events import (
     Action,
+    AggregateDecrypted,
     ClientFailed,
     CommitVersion,
     DeadlineReached,
     Event,
+    RequestDecryption,
     RoundClosed,
     RoundSummary,
     ScheduleDeadline,
@@ -32,8 +34,9 @@ from shoal.coordinator.events import (
     SendSecureRequest,
 )
 from shoal.coordinator.selection import Stream, client_key, round_rng
-from shoal.core.errors import ProtocolError, RunError
+from shoal.core.errors import ProtocolError, RunError, SecurityError, TransportError
 from shoal.secure.client import Contribution, SecAggClient
+from shoal.secure.homomorphic import EncryptionRequest, seal_contribution
 from shoal.secure.messages import ClientMessage, ServerRequest, Stage
 from shoal.secure.serde import message_size
 from shoal.simulation.devices import Attempt
@@ -94,9 +97,12 @@ class SecureRoundPlayer:
 
     def _carry_out(self, actions: list[Action], now: float) -> None:
         for action in actions:
-            if isinstance(action, ScheduleDeadline) and action.stage is not None:
-                self._deadlines[action.stage] = action.at
+            if isinstance(action, ScheduleDeadline):
+                stage = Stage.MASKED_INPUT if action.stage is None else action.stage
+                self._deadlines[stage] = action.at
                 self._push(action.at, _deadline_event(self.round, action.stage))
+            elif isinstance(action, RequestDecryption):
+                self._decrypt(action, now)
         fits = [a for a in actions if isinstance(a, SendFitTask)]
         for action in actions:
             if isinstance(action, SendSecureRequest):
@@ -143,12 +149,57 @@ class SecureRoundPlayer:
             contribution = Contribution(
                 outcome.update, outcome.num_examples, float(outcome.metrics.get("loss", 0.0))
             )
+            if isinstance(task.secure, EncryptionRequest):
+                self._encrypt(task.client_id, task.secure, contribution, arrives_at)
+                continue
             try:
                 reply = self._client(task.client_id).handle(task.secure, contribution)
             except ProtocolError:
                 continue  # a tampered share: the device leaves the round
             self.traffic.masked_inputs += 1
             self._send(task.client_id, reply, arrives_at)
+
+    # --- homomorphic rounds -----------------------------------------------------------------
+
+    def _encrypt(
+        self, silo: str, request: EncryptionRequest, contribution: Contribution, at: float
+    ) -> None:
+        """The silo encrypts its weighted update and signs it; the larger upload takes longer."""
+        consortium = self.simulation.consortium
+        assert consortium is not None
+        message = seal_contribution(
+            consortium.public_context,
+            consortium.signing_keys[silo],
+            contribution.update,
+            silo_id=silo,
+            request=request,
+            num_examples=contribution.num_examples,
+            loss=contribution.loss,
+        )
+        size = message.ciphertext.num_bytes
+        device = self.simulation.fleet.device_class(silo)
+        extra = max(0, size - self.simulation.model_bytes) * 8 / (device.upload_mbps * 1e6)
+        self.traffic.masked_inputs += 1
+        self.traffic.bytes_up += size
+        self._push(at + extra, lambda t: SecureMessageReceived(silo, self.round, t, message))
+
+    def _decrypt(self, action: RequestDecryption, now: float) -> None:
+        """The key holder's answer, a moment later; a refusal is an answer too."""
+        consortium = self.simulation.consortium
+        assert consortium is not None
+        try:
+            total = consortium.key_holder.decrypt_aggregate(
+                run_id=self.simulation.config.run.name,
+                round=action.round,
+                aggregate=action.aggregate,
+                receipts=action.receipts,
+            )
+            error = None
+        except (SecurityError, ProtocolError, TransportError) as exc:
+            total, error = None, str(exc)
+        self.traffic.bytes_up += action.aggregate.num_bytes
+        at = now + _KEY_HOLDER_LATENCY_S
+        self._push(at, lambda t: AggregateDecrypted(action.round, t, total, error))
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -187,7 +238,10 @@ class SecureRoundPlayer:
         return 2 * device.latency_s + down + up
 
 
-def _deadline_event(round_number: int, stage: Stage) -> Callable[[float], Event]:
+_KEY_HOLDER_LATENCY_S = 0.5  # virtual seconds to reach the key holder and back
+
+
+def _deadline_event(round_number: int, stage: Stage | None) -> Callable[[float], Event]:
     return lambda at: DeadlineReached(round_number, at, stage)
 
 
