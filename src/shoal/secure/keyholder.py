@@ -63,6 +63,7 @@ import numpy.typing as npt
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from shoal.core.digests import check_sha256_hex
 from shoal.core.errors import ConfigError, ProtocolError, RunError, SecurityError
 from shoal.secure.ckks import (
     CkksParameters,
@@ -72,7 +73,6 @@ from shoal.secure.ckks import (
     generate_keys,
     length_prefixed,
 )
-from shoal.transport.signing import check_sha256_hex
 
 RECEIPT_CONTEXT = b"shoal.v1/he-contribution-receipt\x00"
 """Domain separation: a receipt signature is valid for nothing else (a request, another scheme)."""

@@ -27,6 +27,7 @@ from heapq import heappop, heappush
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from shoal.core.digests import check_sha256_hex
 from shoal.core.errors import ProtocolError, SecurityError
 
 SIGNING_CONTEXT = b"shoal.v1/request-auth\x00"
@@ -40,13 +41,6 @@ _MIN_NONCE, _MAX_NONCE = 16, 64
 _MAX_ID_BYTES = 256
 _SIGNATURE_BYTES = 64
 _KEY_BYTES = 32
-_HEX = frozenset("0123456789abcdef")
-
-
-def check_sha256_hex(value: str, what: str) -> None:
-    """Raise ``ProtocolError`` unless ``value`` is 64 lowercase hex digits."""
-    if len(value) != 64 or not set(value) <= _HEX:
-        raise ProtocolError(f"{what} must be a sha256 in 64 lowercase hex digits, got {value!r}")
 
 
 def _check_identifier(value: str, what: str) -> None:
