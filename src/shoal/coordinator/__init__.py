@@ -1,7 +1,7 @@
 """The coordinator: round lifecycle, cohort selection, aggregation and model versions."""
 
 from shoal.coordinator.driver import DriverSettings, RetryLater, RoundDriver, TaskOffer
-from shoal.coordinator.engine import Coordinator, RoundSettings
+from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import (
     Action,
     ClientFailed,
@@ -24,6 +24,7 @@ from shoal.coordinator.events import (
     StartRound,
     UpdateReceived,
 )
+from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.secure import SecureRound, SecureSettings
 from shoal.coordinator.selection import client_seed, cohort_size, select_cohort
 from shoal.coordinator.state import TRANSITIONS, RoundState, Step, next_state

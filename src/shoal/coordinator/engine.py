@@ -14,7 +14,6 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,12 +42,16 @@ from shoal.coordinator.events import (
     StartRound,
     UpdateReceived,
 )
-from shoal.coordinator.homomorphic import CKKS, CkksRound
-from shoal.coordinator.secure import SecureRound, SecureSettings, check_secure_strategy
+from shoal.coordinator.homomorphic import CkksRound
+from shoal.coordinator.rounds import RoundBooks, RoundSettings
+from shoal.coordinator.secure import (
+    SecureSettings,
+    check_secure_strategy,
+    open_secure_round,
+)
 from shoal.coordinator.selection import Stream, client_seed, cohort_size, round_rng, select_cohort
 from shoal.coordinator.state import RoundState, Step, Trigger, next_state
 from shoal.core.errors import (
-    ConfigError,
     IllegalTransition,
     ProtocolError,
     SecurityError,
@@ -60,58 +63,6 @@ from shoal.secure.messages import StaleMessage
 from shoal.secure.server import Aborted, SumReady
 
 log = logging.getLogger("shoal.coordinator")
-
-
-@dataclass(frozen=True, slots=True)
-class RoundSettings:
-    """How rounds run: cohort sizes, quorum, deadlines and the clients' training."""
-
-    clients_per_round: int
-    over_selection: float = 1.3
-    quorum: float = 0.8
-    deadline_s: float = 600.0
-    evaluation_clients: int = 10
-    epochs: float = 1.0
-    batch_size: int = 32
-    learning_rate: float = 0.05
-
-    def __post_init__(self) -> None:
-        cohort_size(target=self.clients_per_round, over_selection=self.over_selection)
-        cohort_size(target=self.evaluation_clients, over_selection=self.over_selection)
-        if not 0 < self.quorum <= 1:
-            raise ConfigError(f"quorum must be in (0, 1], got {self.quorum}")
-        if not self.deadline_s > 0:
-            raise ConfigError(f"deadline_s must be positive, got {self.deadline_s}")
-
-    def target(self, phase: Phase) -> int:
-        return self.clients_per_round if phase is Phase.FIT else self.evaluation_clients
-
-    def quorum_count(self, phase: Phase) -> int:
-        return max(1, math.ceil(self.quorum * self.target(phase) - 1e-9))
-
-
-@dataclass(slots=True)
-class _Round:
-    """The books of the round in progress."""
-
-    number: int
-    phase: Phase
-    started_at: float
-    cohort: frozenset[str]
-    target: int
-    aggregation: Any = None
-    reported: set[str] = field(default_factory=set)
-    failed: set[str] = field(default_factory=set)
-    rejected: Counter[str] = field(default_factory=Counter)
-    num_examples: int = 0
-    loss_sum: float = 0.0
-    metric_sums: dict[str, float] = field(default_factory=dict)
-    secure: SecureRound | CkksRound | None = None
-    secure_report: SecureRoundReport | None = None
-
-    @property
-    def accounted(self) -> int:
-        return len(self.reported) + len(self.failed)
 
 
 class Coordinator:
@@ -142,7 +93,7 @@ class Coordinator:
         self.state = RoundState.IDLE
         self.rejections: Counter[str] = Counter()
         self.last_round: int | None = None
-        self._round: _Round | None = None
+        self._round: RoundBooks | None = None
 
     # --- the one entry point ---------------------------------------------------------
 
@@ -196,7 +147,7 @@ class Coordinator:
         rng = round_rng(seed=self.seed, round_number=event.round, stream=stream)
         cohort = select_cohort(event.candidates, size=size, rng=rng)
         self.last_round = event.round
-        self._round = _Round(
+        self._round = RoundBooks(
             number=event.round,
             phase=phase,
             started_at=event.now,
@@ -222,33 +173,16 @@ class Coordinator:
         return actions
 
     def _start_secure(self, event: StartRound, cohort: Sequence[str]) -> list[Action]:
-        current, settings, secure = self._require_round(), self.settings, self.secure
-        assert secure is not None
-        if secure.protocol == CKKS:
-            if secure.public_context is None:
-                raise ConfigError("homomorphic aggregation needs the consortium's public context")
-            current.secure = CkksRound(
-                run_id=secure.run_id,
-                round_number=event.round,
-                cohort=cohort,
-                vector_length=len(self.parameters),
-                target=settings.clients_per_round,
-                min_contributors=max(secure.min_contributors, settings.quorum_count(Phase.FIT)),
-                public_context=secure.public_context,
-                silo_keys=secure.silo_keys,
-                deadline_s=settings.deadline_s,
-            )
-            actions = current.secure.start(event.now, self._fit_task)
-            self._move(Step.TASKS_SENT)
-            return actions
-        current.secure = SecureRound(
-            secure,
+        current, settings = self._require_round(), self.settings
+        assert self.secure is not None
+        current.secure = open_secure_round(
+            self.secure,
             round_number=event.round,
             cohort=cohort,
             vector_length=len(self.parameters),
             target=settings.clients_per_round,
-            min_survivors=settings.quorum_count(Phase.FIT),
-            masked_input_s=settings.deadline_s,
+            quorum=settings.quorum_count(Phase.FIT),
+            deadline_s=settings.deadline_s,
         )
         actions = current.secure.start(event.now, self._fit_task)
         self._move(Step.TASKS_SENT)
@@ -368,7 +302,7 @@ class Coordinator:
         self._book(current, event.client_id, event.num_examples, metrics)
         return self._maybe_close(event.now)
 
-    def _book(self, current: _Round, client_id: str, num_examples: int, metrics: Any) -> None:
+    def _book(self, current: RoundBooks, client_id: str, num_examples: int, metrics: Any) -> None:
         current.reported.add(client_id)
         current.num_examples += num_examples
         for name, value in metrics.items():
@@ -376,7 +310,7 @@ class Coordinator:
                 total = current.metric_sums.get(name, 0.0)
                 current.metric_sums[name] = total + float(value) * num_examples
 
-    def _collecting(self, round_number: int) -> _Round | None:
+    def _collecting(self, round_number: int) -> RoundBooks | None:
         """The round in progress if it is ``round_number`` and still collecting."""
         current = self._round
         if self.state is not RoundState.COLLECTING or current is None:
@@ -433,7 +367,7 @@ class Coordinator:
         return self._secure_outcome(current, current.secure.decrypted(event), event.now)
 
     def _secure_outcome(
-        self, current: _Round, outcome: SumReady | Aborted | None, now: float
+        self, current: RoundBooks, outcome: SumReady | Aborted | None, now: float
     ) -> list[Action]:
         """Close a secure round once its protocol finished or aborted."""
         if outcome is None:
@@ -458,7 +392,7 @@ class Coordinator:
             current.metric_sums["loss"] = loss * current.num_examples
         return self._aggregate_and_commit(current, now, mean=result.decoded.mean())
 
-    def _require_round(self) -> _Round:
+    def _require_round(self) -> RoundBooks:
         if self._round is None:
             raise IllegalTransition("no round in progress")
         return self._round
@@ -486,7 +420,7 @@ class Coordinator:
         return self._aggregate_and_commit(current, now)
 
     def _aggregate_and_commit(
-        self, current: _Round, now: float, *, mean: Vector | None = None
+        self, current: RoundBooks, now: float, *, mean: Vector | None = None
     ) -> list[Action]:
         """Step the model by the aggregate (or by the secure ``mean``) and commit it."""
         try:

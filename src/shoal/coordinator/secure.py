@@ -23,6 +23,7 @@ from shoal.coordinator.events import (
     SendFitTask,
     SendSecureRequest,
 )
+from shoal.coordinator.homomorphic import CKKS, CkksRound
 from shoal.core.errors import ConfigError, ProtocolError
 from shoal.secure.graph import default_degree
 from shoal.secure.homomorphic import EncryptedUpdate
@@ -189,3 +190,39 @@ class SecureRound:
                 case ScheduleStageDeadline(stage=stage, at=at):
                     actions.append(ScheduleDeadline(self.round, at, stage))
         return actions
+
+
+def open_secure_round(
+    settings: SecureSettings,
+    *,
+    round_number: int,
+    cohort: Sequence[str],
+    vector_length: int,
+    target: int,
+    quorum: int,
+    deadline_s: float,
+) -> SecureRound | CkksRound:
+    """The secure session of one fit round, for the configured protocol."""
+    if settings.protocol != CKKS:
+        return SecureRound(
+            settings,
+            round_number=round_number,
+            cohort=cohort,
+            vector_length=vector_length,
+            target=target,
+            min_survivors=quorum,
+            masked_input_s=deadline_s,
+        )
+    if settings.public_context is None:
+        raise ConfigError("homomorphic aggregation needs the consortium's public context")
+    return CkksRound(
+        run_id=settings.run_id,
+        round_number=round_number,
+        cohort=cohort,
+        vector_length=vector_length,
+        target=target,
+        min_contributors=max(settings.min_contributors, quorum),
+        public_context=settings.public_context,
+        silo_keys=settings.silo_keys,
+        deadline_s=deadline_s,
+    )

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from shoal.aggregation.strategy import Strategy, make_strategy
 from shoal.config import Config
-from shoal.coordinator.engine import RoundSettings
+from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
 from shoal.coordinator.selection import cohort_size
 from shoal.core.errors import ConfigError, StrategyError

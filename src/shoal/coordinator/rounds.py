@@ -1,0 +1,66 @@
+"""The books of the round engine: how rounds run (settings) and what one round has seen."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from shoal.coordinator.events import Phase, SecureRoundReport
+from shoal.coordinator.homomorphic import CkksRound
+from shoal.coordinator.secure import SecureRound
+from shoal.coordinator.selection import cohort_size
+from shoal.core.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class RoundSettings:
+    """How rounds run: cohort sizes, quorum, deadlines and the clients' training."""
+
+    clients_per_round: int
+    over_selection: float = 1.3
+    quorum: float = 0.8
+    deadline_s: float = 600.0
+    evaluation_clients: int = 10
+    epochs: float = 1.0
+    batch_size: int = 32
+    learning_rate: float = 0.05
+
+    def __post_init__(self) -> None:
+        cohort_size(target=self.clients_per_round, over_selection=self.over_selection)
+        cohort_size(target=self.evaluation_clients, over_selection=self.over_selection)
+        if not 0 < self.quorum <= 1:
+            raise ConfigError(f"quorum must be in (0, 1], got {self.quorum}")
+        if not self.deadline_s > 0:
+            raise ConfigError(f"deadline_s must be positive, got {self.deadline_s}")
+
+    def target(self, phase: Phase) -> int:
+        return self.clients_per_round if phase is Phase.FIT else self.evaluation_clients
+
+    def quorum_count(self, phase: Phase) -> int:
+        return max(1, math.ceil(self.quorum * self.target(phase) - 1e-9))
+
+
+@dataclass(slots=True)
+class RoundBooks:
+    """The books of the round in progress."""
+
+    number: int
+    phase: Phase
+    started_at: float
+    cohort: frozenset[str]
+    target: int
+    aggregation: Any = None
+    reported: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    rejected: Counter[str] = field(default_factory=Counter)
+    num_examples: int = 0
+    loss_sum: float = 0.0
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    secure: SecureRound | CkksRound | None = None
+    secure_report: SecureRoundReport | None = None
+
+    @property
+    def accounted(self) -> int:
+        return len(self.reported) + len(self.failed)
