@@ -117,7 +117,7 @@ class SecureRoundPlayer:
             return
         try:
             reply = self._client(client_id).handle(request)
-        except ProtocolError:
+        except (ProtocolError, SecurityError):
             return  # it refused the request (a tampered share, too few neighbours): it leaves
         self._send(client_id, reply, now + self._transfer(client_id, request, reply))
 
@@ -154,7 +154,7 @@ class SecureRoundPlayer:
                 continue
             try:
                 reply = self._client(task.client_id).handle(task.secure, contribution)
-            except ProtocolError:
+            except (ProtocolError, SecurityError):
                 continue  # a tampered share: the device leaves the round
             self.traffic.masked_inputs += 1
             self._send(task.client_id, reply, arrives_at)
