@@ -10,11 +10,29 @@ import numpy as np
 
 from shoal.aggregation.strategy import make_strategy
 from shoal.client.api import Client, FitConfig, FitResult
-from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
+from shoal.client.runtime import Backoff, ClientRuntime, Enrollment, load_or_create_enrollment
 from shoal.config import load_config
-from shoal.coordinator import CommitVersion, Coordinator, RoundSettings
-from shoal.coordinator.driver import DriverSettings, RoundDriver
-from shoal.core import Parameters
+from shoal.coordinator import CommitVersion, Coordinator, Phase, RejectSubmission, RoundSettings
+from shoal.coordinator.driver import (
+    DriverSettings,
+    Offer,
+    RetryLater,
+    RoundDriver,
+    SecureOffer,
+    TaskOffer,
+)
+from shoal.coordinator.secure import SecureSettings
+from shoal.core import DeviceState, Parameters
+from shoal.secure.messages import (
+    AdvertiseKeysRequest,
+    ClientMessage,
+    MaskedInputRequest,
+    PublicKeys,
+    SessionConfig,
+    ShareKeysRequest,
+    UnmaskRequest,
+)
+from shoal.secure.quantization import Quantization
 from shoal.simulation.scenario import DataScenario
 from shoal.transport.inprocess import InProcessLink
 from shoal.transport.signing import generate_client_key
@@ -39,7 +57,7 @@ class Exploding(Client):
 
 
 async def federate(
-    tmp_path: Path, *, rounds: int, failure_rate: float, exploding: int = 0
+    tmp_path: Path, *, rounds: int, failure_rate: float, exploding: int = 0, secure: bool = False
 ) -> tuple[list[CommitVersion], float]:
     scenario = DataScenario(
         load_config(None, [f"data.num_clients={CLIENTS}", "round.clients_per_round=4"])
@@ -51,6 +69,7 @@ async def federate(
         strategy=make_strategy("fedavg"),
         parameters=scenario.initial_parameters(),
         seed=0,
+        secure=SecureSettings(run_id="run", quantization=Quantization()) if secure else None,
     )
     commits: list[CommitVersion] = []
     models = {coordinator.parameters.sha256(): coordinator.parameters}
@@ -69,6 +88,8 @@ async def federate(
     link = InProcessLink(
         driver, models.__getitem__, failure_rate=failure_rate, rng=random.Random(1)
     )
+    if secure:
+        link.submit_update = refuse_plaintext  # type: ignore[method-assign]
     runtimes = []
     for index, client_id in enumerate(scenario.client_ids):
         enrollment = load_or_create_enrollment(tmp_path / client_id, generate_client_key)
@@ -102,6 +123,95 @@ def test_network_errors_are_retried_not_fatal(tmp_path: Path) -> None:
 def test_a_failing_model_is_reported_and_the_rounds_go_on(tmp_path: Path) -> None:
     commits, _ = asyncio.run(federate(tmp_path, rounds=3, failure_rate=0.0, exploding=3))
     assert [commit.round for commit in commits] == [1, 2, 3]
+
+
+async def refuse_plaintext(*args: object) -> None:
+    raise AssertionError("a plaintext update left the client in a secure round")
+
+
+def test_clients_train_under_secure_aggregation(tmp_path: Path) -> None:
+    commits, accuracy = asyncio.run(federate(tmp_path, rounds=2, failure_rate=0.2, secure=True))
+    assert [commit.round for commit in commits] == [1, 2]
+    assert all(commit.summary.secure is not None for commit in commits)
+    assert accuracy > 0.2
+
+
+class Untouchable(Client):
+    """A client the runtime must never train or evaluate."""
+
+    def get_parameters(self) -> Parameters:
+        raise AssertionError("not expected")
+
+    def fit(self, parameters: Parameters, config: FitConfig) -> FitResult:
+        raise AssertionError("not expected")
+
+    def evaluate(self, parameters, config):  # type: ignore[no-untyped-def]
+        raise AssertionError("not expected")
+
+
+class ScriptedLink:
+    """Offers a scripted list of tasks, then stops the runtime; records what the runtime sends."""
+
+    def __init__(self, offers: list[Offer]) -> None:
+        self.offers = offers
+        self.runtime: ClientRuntime | None = None
+        self.failures: list[tuple[int, str]] = []
+        self.secure_sent: list[ClientMessage] = []
+        self.fetched = 0
+
+    async def enroll(self, enrollment: Enrollment, state: DeviceState) -> None:
+        return None
+
+    async def check_in(self, enrollment: Enrollment, state: DeviceState) -> Offer | RetryLater:
+        if self.offers:
+            return self.offers.pop(0)
+        assert self.runtime is not None
+        self.runtime.stop()
+        return RetryLater(1.0, "the script is over")
+
+    async def fetch_model(self, enrollment: Enrollment, sha256: str) -> Parameters:
+        self.fetched += 1
+        return Parameters.from_arrays([np.zeros(3, np.float32)])
+
+    async def submit_update(self, *args: object) -> RejectSubmission | None:
+        raise AssertionError("a plaintext update left the client in a secure round")
+
+    async def submit_evaluation(self, *args: object) -> RejectSubmission | None:
+        raise AssertionError("not expected")
+
+    async def submit_secure(
+        self, enrollment: Enrollment, message: ClientMessage
+    ) -> RejectSubmission | None:
+        self.secure_sent.append(message)
+        return None
+
+    async def report_failure(self, enrollment: Enrollment, offer: Offer, reason: str) -> None:
+        self.failures.append((offer.round, reason))
+
+
+def test_stale_or_tampered_secure_requests_are_reported_and_the_runtime_goes_on(
+    tmp_path: Path,
+) -> None:
+    session = SessionConfig("run", 4, 3, 3, 2, Quantization(clip=1.0).fitted(3))
+    keys = PublicKeys(cipher=b"c" * 32, mask=b"m" * 32)
+    link = ScriptedLink(
+        [
+            SecureOffer(3, ShareKeysRequest(3, {2: keys}), 1.0),  # no session of round 3 here
+            TaskOffer(3, Phase.FIT, FitConfig(round=3), "a" * 64, 1.0, MaskedInputRequest(3, {})),
+            SecureOffer(4, AdvertiseKeysRequest(4, session, 1, frozenset({2, 3})), 1.0),
+            SecureOffer(4, ShareKeysRequest(4, {2: keys, 9: keys}), 1.0),  # 9 is no neighbour
+            SecureOffer(4, UnmaskRequest(4, frozenset({1}), frozenset()), 1.0),  # out of order
+        ]
+    )
+    enrollment = load_or_create_enrollment(tmp_path, generate_client_key)
+    link.runtime = ClientRuntime(Untouchable(), link, enrollment, seed=0)  # type: ignore[arg-type]
+    asyncio.run(link.runtime.run())
+    assert [type(message).__name__ for message in link.secure_sent] == ["KeysAdvertised"]
+    assert [round_number for round_number, _ in link.failures] == [3, 3, 4, 4]
+    assert "not in that round's secure session" in link.failures[1][1]
+    assert "not my neighbours" in link.failures[2][1]
+    assert link.fetched == 0  # a masked-input task it cannot answer is not even trained
+    assert link.runtime.tasks_done == 0
 
 
 def test_enrollment_survives_a_restart(tmp_path: Path) -> None:

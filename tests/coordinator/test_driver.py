@@ -5,11 +5,24 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 
 from shoal.aggregation.strategy import make_strategy
 from shoal.coordinator import CommitVersion, Coordinator, Phase, RejectReason, RoundSettings
-from shoal.coordinator.driver import DriverSettings, RetryLater, RoundDriver, TaskOffer
-from shoal.core import Parameters
+from shoal.coordinator.driver import (
+    SECURE_STAGE_RETRY_S,
+    DriverSettings,
+    RetryLater,
+    RoundDriver,
+    SecureOffer,
+    TaskOffer,
+)
+from shoal.coordinator.secure import SecureSettings
+from shoal.coordinator.state import RoundState
+from shoal.core import ConfigError, Parameters
+from shoal.secure.client import Contribution, SecAggClient
+from shoal.secure.messages import AdvertiseKeysRequest, ShareKeysRequest
+from shoal.secure.quantization import Quantization
 
 SIZE = 3
 
@@ -115,3 +128,148 @@ def test_late_and_unknown_submissions_are_rejected() -> None:
         assert late is not None and late.reason is RejectReason.LATE
 
     asyncio.run(scenario())
+
+
+# --- secure rounds: stages as offers, a timer per stage, fast retries between stages ---------
+
+
+def make_secure_driver(
+    *, clients_per_round: int, advertise_keys_s: float = 30.0
+) -> tuple[RoundDriver, list[CommitVersion], list[str]]:
+    coordinator = Coordinator(
+        settings=RoundSettings(
+            clients_per_round=clients_per_round, over_selection=1.0, quorum=0.5, deadline_s=5.0
+        ),
+        strategy=make_strategy("fedavg"),
+        parameters=Parameters.from_arrays([np.zeros(SIZE, np.float32)]),
+        seed=1,
+        secure=SecureSettings(
+            run_id="run", quantization=Quantization(clip=1.0), advertise_keys_s=advertise_keys_s
+        ),
+    )
+    persisted: list[CommitVersion] = []
+    seen: list[str] = []
+
+    async def persist(commit: CommitVersion) -> None:
+        persisted.append(commit)
+
+    driver = RoundDriver(
+        coordinator,
+        DriverSettings(rounds=1, retry_after_s=1.0),
+        candidates=lambda: sorted(set(seen)) if len(set(seen)) >= 5 else [],
+        persist=persist,
+    )
+    return driver, persisted, seen
+
+
+async def secure_client(
+    driver: RoundDriver, seen: list[str], client_id: str, *, silent: bool = False
+) -> list[float]:
+    """Answers every stage with a real SecAggClient; returns the retry delays of its round."""
+    session: SecAggClient | None = None
+    delays: list[float] = []
+    while driver.coordinator.state is not RoundState.FINISHED:
+        seen.append(client_id)
+        answer = driver.check_in(client_id)
+        if isinstance(answer, RetryLater) or silent:
+            if isinstance(answer, RetryLater) and driver.coordinator.state is RoundState.COLLECTING:
+                delays.append(answer.seconds)
+            await asyncio.sleep(0.01)
+            continue
+        assert answer.deadline_in_s > 0
+        if isinstance(answer, SecureOffer):
+            if isinstance(answer.request, AdvertiseKeysRequest):
+                session = SecAggClient(round=answer.round)
+            assert session is not None
+            reply = session.handle(answer.request)
+        else:
+            assert answer.secure is not None and session is not None  # never a plain fit
+            contribution = Contribution(np.full(SIZE, 0.5, np.float32), 10)
+            reply = session.handle(answer.secure, contribution)
+        assert driver.submit_secure(client_id, answer.round, reply) is None
+    return delays
+
+
+def test_a_secure_round_runs_stage_by_stage_with_fast_retries_between_stages() -> None:
+    async def scenario() -> tuple[list[list[float]], list[CommitVersion]]:
+        driver, persisted, seen = make_secure_driver(clients_per_round=4)
+        tasks = [asyncio.create_task(secure_client(driver, seen, f"c{i}")) for i in range(5)]
+        await asyncio.wait_for(driver.run(), timeout=30)
+        return list(await asyncio.gather(*tasks)), persisted
+
+    delays, persisted = asyncio.run(scenario())
+    assert [commit.round for commit in persisted] == [1]
+    np.testing.assert_allclose(persisted[0].parameters.vector, 0.5, atol=1e-4)
+    in_cohort = [d for d in delays if d and set(d) == {SECURE_STAGE_RETRY_S}]
+    outside = [d for d in delays if d and set(d) == {1.0}]
+    assert len(in_cohort) == 4 and len(outside) == 1  # one of five is not selected
+
+
+def test_a_stage_closes_at_its_own_deadline_without_a_silent_client() -> None:
+    async def scenario() -> tuple[list[float], list[CommitVersion]]:
+        driver, persisted, seen = make_secure_driver(clients_per_round=5, advertise_keys_s=0.2)
+        tasks = [
+            asyncio.create_task(secure_client(driver, seen, f"c{i}", silent=i == 0))
+            for i in range(5)
+        ]
+        await asyncio.wait_for(driver.run(), timeout=30)
+        delays = await asyncio.gather(*tasks)
+        return delays[0], persisted
+
+    silent_delays, persisted = asyncio.run(scenario())
+    report = persisted[0].summary.secure
+    assert report is not None and report.dropped["advertise_keys"] == 1
+    assert persisted[0].summary.reported == 4
+    # once its stage closed, the silent client's offer expired and it is not hurried back
+    assert silent_delays and set(silent_delays) == {1.0}
+
+
+def test_a_reply_withdraws_its_offer_first_and_a_repeated_one_keeps_the_next() -> None:
+    async def scenario() -> None:
+        driver, _, seen = make_secure_driver(clients_per_round=5)
+        names = [f"c{i}" for i in range(5)]
+        seen.extend(names)
+        runner = asyncio.create_task(driver.run())
+        while not isinstance(driver.check_in("c0"), SecureOffer):
+            await asyncio.sleep(0.01)
+        sessions = {name: SecAggClient(round=1) for name in names}
+        replies = {}
+        for name in names:
+            offer = driver.check_in(name)
+            assert isinstance(offer, SecureOffer)
+            replies[name] = sessions[name].handle(offer.request)
+        for name in names[:-1]:
+            assert driver.submit_secure(name, 1, replies[name]) is None
+            retry = driver.check_in(name)
+            assert isinstance(retry, RetryLater) and retry.seconds == SECURE_STAGE_RETRY_S
+        last = names[-1]
+        assert driver.submit_secure(last, 1, replies[last]) is None  # closes the stage
+        following = driver.check_in(last)
+        assert isinstance(following, SecureOffer)
+        assert isinstance(following.request, ShareKeysRequest)
+        again = driver.submit_secure(last, 1, replies[last])  # a retried upload
+        assert again is not None and again.reason is RejectReason.LATE
+        kept = driver.check_in(last)
+        assert isinstance(kept, SecureOffer) and kept.request == following.request
+        stale = driver.submit_secure(last, 0, replies[last])
+        assert stale is not None and stale.reason is RejectReason.LATE
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_the_driver_refuses_a_protocol_networked_clients_do_not_run() -> None:
+    coordinator = Coordinator(
+        settings=RoundSettings(clients_per_round=2),
+        strategy=make_strategy("fedavg"),
+        parameters=Parameters.from_arrays([np.zeros(SIZE, np.float32)]),
+        seed=1,
+        secure=SecureSettings(run_id="r", quantization=Quantization(), protocol="ckks"),
+    )
+
+    async def persist(commit: CommitVersion) -> None:
+        del commit
+
+    with pytest.raises(ConfigError, match="secagg"):
+        RoundDriver(coordinator, DriverSettings(rounds=1), candidates=list, persist=persist)

@@ -1,4 +1,4 @@
-"""Real processes on 127.0.0.1, TLS: 20 clients, one killed mid-run; kill -9 of the coordinator."""
+"""Real processes on 127.0.0.1, TLS: 20 clients, one killed mid-run; kill -9; a SecAgg+ round."""
 
 from __future__ import annotations
 
@@ -49,7 +49,9 @@ class Job:
             return -1
 
 
-def make_job(base: Path, *, clients: int, rounds: int, target: int, deadline_s: float) -> Job:
+def make_job(
+    base: Path, *, clients: int, rounds: int, target: int, deadline_s: float, extra: str = ""
+) -> Job:
     init_certificates(base / "certs")
     port = free_port()
     config = base / "job.toml"
@@ -75,7 +77,7 @@ certificates = "{base / "certs"}"
 enrollment_tokens = ["test-token"]
 retry_after_s = 0.3
 grace_s = 1
-"""
+{extra}"""
     )
     return Job(base, config, port, clients)
 
@@ -156,6 +158,30 @@ def test_kill_9_mid_round_then_restart_finishes_and_loses_nothing(tmp_path: Path
     assert after[: len(before)] == before  # every committed version survived, unchanged
     assert [round_number for _, round_number, _ in after][-1] == 5
     assert "resuming run run-1 at round" in coordinator_log(job)
+
+
+SECURE = """
+[secure_aggregation]
+protocol = "secagg+"
+advertise_keys_s = 10
+share_keys_s = 10
+unmask_s = 10
+"""
+
+
+def test_a_secure_round_between_processes(tmp_path: Path) -> None:
+    job = make_job(tmp_path, clients=3, rounds=1, target=3, deadline_s=10.0, extra=SECURE)
+    coordinator = start_coordinator(job)
+    try:
+        with clients_running(job):
+            assert coordinator.wait(timeout=120) == 0, coordinator_log(job)
+    finally:
+        if coordinator.poll() is None:
+            coordinator.kill()
+    log = coordinator_log(job)
+    assert [round_number for _, round_number, _ in job.heads()] == [0, 1], log
+    assert "secure aggregation: secagg+" in log
+    assert "secagg+: recovered 0" in log  # the round's sum came out of SecAgg+
 
 
 def openssl_handshake(port: int, ca: Path, version: str) -> bool:

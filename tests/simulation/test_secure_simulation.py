@@ -66,8 +66,10 @@ def test_a_homomorphic_run_against_a_key_holder_service(tmp_path: Path) -> None:
     keys = tmp_path / "banks.json"
     made = runner.invoke(app, ["keyholder", "silo-keys", "--out", str(keys), "--simulated", "5"])
     assert made.exit_code == 0, made.output
-    init = runner.invoke(app, ["keyholder", "init", "--dir", str(tmp_path / "kh"), "-k", "3",
-                               "--silos-file", str(keys)])
+    init = runner.invoke(
+        app,
+        ["keyholder", "init", "--dir", str(tmp_path / "kh"), "-k", "3", "--silos-file", str(keys)],
+    )
     assert init.exit_code == 0, init.output
     server = serve_keyholder(tmp_path / "kh", address="127.0.0.1:0", insecure=True)
     try:

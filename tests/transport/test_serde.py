@@ -14,6 +14,22 @@ from hypothesis import strategies as st
 from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.coordinator.events import Phase, RejectReason, RejectSubmission
 from shoal.core.errors import ProtocolError, SecurityError
+from shoal.secure.messages import (
+    AdvertiseKeysRequest,
+    ClientMessage,
+    KeysAdvertised,
+    MaskedInput,
+    MaskedInputRequest,
+    PublicKeys,
+    ServerRequest,
+    SessionConfig,
+    ShareKeysRequest,
+    SharesSent,
+    UnmaskRequest,
+    UnmaskShares,
+)
+from shoal.secure.quantization import Quantization
+from shoal.secure.serde import encode_message
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport.chunks import assemble_chunks
@@ -29,6 +45,8 @@ from shoal.transport.messages import (
     RejectCode,
     Rejected,
     RetryAfter,
+    SecureMessageHeader,
+    SecureTask,
     Task,
     UpdateHeader,
     Verdict,
@@ -391,3 +409,199 @@ def test_an_upload_whose_header_does_not_hash_the_payload_is_refused() -> None:
     header = serde.encode_update_header(UpdateHeader(1, "run", 5, "a" * 64, 3, "b" * 64))
     with pytest.raises(ProtocolError, match="payload_sha256"):
         list(serde.update_parts(header, b"abc"))
+
+
+# --- secure aggregation --------------------------------------------------------------
+
+SMALL_ROUND = st.integers(min_value=0, max_value=2**40)
+
+
+def public_keys(seed: bytes) -> PublicKeys:
+    cipher = hashlib.sha256(seed).digest()
+    return PublicKeys(cipher=cipher, mask=bytes(byte ^ 0xFF for byte in cipher))
+
+
+@st.composite
+def stage_requests(draw: st.DrawFn, round_number: int) -> ServerRequest:
+    """A key or unmask request of ``round_number`` (the masked-input one rides on a fit task)."""
+    nodes = draw(st.integers(min_value=2, max_value=8))
+    others = frozenset(range(2, nodes + 1))
+    kind = draw(st.sampled_from(["advertise", "share", "unmask"]))
+    if kind == "advertise":
+        session = SessionConfig(
+            run_id=draw(NAME),
+            round=round_number,
+            num_nodes=nodes,
+            vector_length=draw(st.integers(min_value=0, max_value=10**6)),
+            threshold=draw(st.integers(min_value=1, max_value=nodes)),
+            quantization=Quantization(clip=draw(st.floats(0.01, 10))).fitted(nodes),
+        )
+        return AdvertiseKeysRequest(round_number, session, 1, others)
+    if kind == "share":
+        keys = {node: public_keys(draw(st.binary(max_size=4))) for node in others}
+        return ShareKeysRequest(round_number, keys)
+    dropped = frozenset(draw(st.sets(st.sampled_from(sorted(others)))))
+    return UnmaskRequest(round_number, (others - dropped) | {1}, dropped)
+
+
+@st.composite
+def secure_tasks(draw: st.DrawFn) -> SecureTask:
+    round_number = draw(SMALL_ROUND)
+    request = draw(stage_requests(round_number))
+    return SecureTask(round_number, draw(NAME), request, draw(SECONDS))
+
+
+def masked_input_task(round_number: int = 2, shares: int = 3) -> Task:
+    request = MaskedInputRequest(round_number, {n: bytes([n]) * 156 for n in range(1, shares + 1)})
+    config = FitConfig(round=round_number)
+    return Task(
+        round_number, "run", Phase.FIT, ModelRef("v1", "a" * 64, 100), config, 30.0, request
+    )
+
+
+@given(secure_tasks())
+def test_a_secure_stage_task_round_trips(task: SecureTask) -> None:
+    assert round_trip(serde.encode_secure_task, serde.decode_secure_task, task) == task
+    decoded = round_trip(serde.encode_check_in_response, serde.decode_check_in_response, task)
+    assert decoded == task
+    message = serde.encode_secure_task(task)
+    assert message.phase == pb.PHASE_SECURE_AGGREGATION
+    assert not message.HasField("model") and message.WhichOneof("config") is None
+
+
+@pytest.mark.parametrize("shares", [0, 1, 5])
+def test_a_fit_task_carries_its_masked_input_request(shares: int) -> None:
+    task = masked_input_task(shares=shares)
+    assert round_trip(serde.encode_task, serde.decode_task, task) == task
+    decoded = round_trip(serde.encode_check_in_response, serde.decode_check_in_response, task)
+    assert decoded == task
+    assert serde.encode_task(dataclasses.replace(task, secure=None)).secure_request == b""
+
+
+@given(SMALL_ROUND, NAME, SHA, COUNT)
+def test_a_secure_message_header_round_trips(
+    round_number: int, run_id: str, sha: str, size: int
+) -> None:
+    header = SecureMessageHeader(round_number, run_id, sha, size)
+    decoded = round_trip(
+        serde.encode_secure_message_header, serde.decode_secure_message_header, header
+    )
+    assert decoded == header
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        KeysAdvertised(3, public_keys(b"k")),
+        SharesSent(3, {2: b"s" * 156, 5: b"t" * 156}),
+        SharesSent(3, {}),
+        MaskedInput(3, np.arange(7, dtype=np.uint32)),
+        MaskedInput(3, np.zeros(0, np.uint32)),
+        UnmaskShares(3, {1: b"a" * 64}, {2: b"b" * 64}),
+    ],
+)
+def test_a_secure_reply_travels_as_a_signed_header_and_chunks(message: ClientMessage) -> None:
+    private, public = generate_client_key()
+    frame = encode_message(message)
+    header = serde.encode_secure_message_header(
+        SecureMessageHeader(3, "run", hashlib.sha256(frame).hexdigest(), len(frame))
+    )
+    serde.sign_message(header, private, client_id="c", run_id="run", round=3, timestamp=1.0)
+    parts = [
+        pb.SecureMessagePart.FromString(part.SerializeToString())
+        for part in serde.secure_message_parts(header, frame, chunk_size=16)
+    ]
+    received = serde.secure_header_of(parts[0])
+    assert serde.verify_message(received, public).round == 3
+    assert serde.decode_secure_message_header(received).total_size == len(frame)
+    payload = assemble_chunks(map(serde.chunk_of, parts[1:]), max_bytes=10**6)
+    decoded = serde.decode_client_message(payload)
+    assert type(decoded) is type(message) and encode_message(decoded) == frame
+    with pytest.raises(ProtocolError, match="start with its header"):
+        serde.secure_header_of(parts[1])
+    with pytest.raises(ProtocolError, match="only chunks"):
+        serde.chunk_of(parts[0])
+    with pytest.raises(ProtocolError, match="payload_sha256"):
+        list(serde.secure_message_parts(header, frame + b"x"))
+
+
+def test_requests_and_replies_cannot_pass_for_each_other() -> None:
+    reply = encode_message(KeysAdvertised(1, public_keys(b"k")))
+    request = encode_message(UnmaskRequest(1, frozenset({1}), frozenset()))
+    with pytest.raises(ProtocolError, match="a task carries a client's KeysAdvertised"):
+        serde.decode_secure_request(reply)
+    with pytest.raises(ProtocolError, match="coordinator's UnmaskRequest"):
+        serde.decode_client_message(request)
+    for garbage in (b"", b"SSA1", b"SSA1\x05garbage", reply + b"\x00"):
+        with pytest.raises(ProtocolError):
+            serde.decode_client_message(garbage)
+
+
+def test_malformed_secure_tasks_are_refused() -> None:
+    unmask = UnmaskRequest(2, frozenset({1}), frozenset())
+    stage = serde.encode_secure_task(SecureTask(2, "run", unmask, 5.0))
+    with_model = pb.Task()
+    with_model.CopyFrom(stage)
+    with_model.model.sha256 = "a" * 64
+    with pytest.raises(ProtocolError, match="no model and no config"):
+        serde.decode_secure_task(with_model)
+    empty = pb.Task()
+    empty.CopyFrom(stage)
+    empty.secure_request = b""
+    with pytest.raises(ProtocolError, match="lacks its request"):
+        serde.decode_secure_task(empty)
+    with pytest.raises(ProtocolError, match="not a fit or evaluate task"):
+        serde.decode_task(stage)
+    with pytest.raises(ProtocolError, match="not a secure-aggregation task"):
+        serde.decode_secure_task(serde.encode_task(masked_input_task()))
+    other_round = pb.Task()
+    other_round.CopyFrom(stage)
+    other_round.round = 3
+    with pytest.raises(ProtocolError, match="of round 2"):
+        serde.decode_secure_task(other_round)
+    masked = serde.encode_task(masked_input_task())
+    stage_in_fit = pb.Task()
+    stage_in_fit.CopyFrom(masked)
+    stage_in_fit.secure_request = stage.secure_request
+    with pytest.raises(ProtocolError, match="fit task carries a unmask request"):
+        serde.decode_task(stage_in_fit)
+    masked_as_stage = pb.Task()
+    masked_as_stage.CopyFrom(stage)
+    masked_as_stage.secure_request = masked.secure_request
+    with pytest.raises(ProtocolError, match="travels with a fit task"):
+        serde.decode_secure_task(masked_as_stage)
+    masked.secure_request = b"SSA1\x03"
+    with pytest.raises(ProtocolError, match="truncated"):
+        serde.decode_task(masked)
+
+
+def test_typed_tasks_refuse_a_request_that_does_not_fit() -> None:
+    task = masked_input_task()
+    with pytest.raises(ProtocolError, match="of round 5"):
+        dataclasses.replace(task, secure=MaskedInputRequest(5, {}))
+    evaluate = Task(2, "run", Phase.EVALUATE, task.model, EvaluateConfig(2), 1.0)
+    with pytest.raises(ProtocolError, match="only a fit task"):
+        dataclasses.replace(evaluate, secure=task.secure)
+    with pytest.raises(ProtocolError, match="travels with a fit task"):
+        SecureTask(2, "run", MaskedInputRequest(2, {}), 1.0)
+
+
+def test_a_secure_header_must_name_the_signed_round_and_run() -> None:
+    private, _ = generate_client_key()
+    header = serde.encode_secure_message_header(SecureMessageHeader(4, "run", "a" * 64, 10))
+    serde.sign_message(header, private, client_id="c", run_id="run", round=3, timestamp=1.0)
+    with pytest.raises(ProtocolError, match="signed for run"):
+        serde.decode_secure_message_header(header)
+    assert serde.request_digest(pb.SecureMessageHeader()) != serde.request_digest(pb.UpdateHeader())
+
+
+def test_the_secure_rpc_has_its_own_verdict_message() -> None:
+    for verdict in (Verdict.accept(), Verdict.reject(RejectCode.LATE, "round 1 is over")):
+        decoded = round_trip(
+            serde.encode_submit_secure_message_response,
+            serde.decode_submit_secure_message_response,
+            verdict,
+        )
+        assert decoded == verdict
+    with pytest.raises(ProtocolError, match="lacks"):
+        serde.decode_submit_secure_message_response(pb.SubmitSecureMessageResponse())

@@ -67,9 +67,16 @@ def serve_command(
 
     def on_round(summary: RoundSummary) -> None:
         console.print(format_row(summary_row(summary, started)))
+        report = summary.secure
+        if report is not None:
+            dropped = ", ".join(f"{stage} {n}" for stage, n in report.dropped.items() if n)
+            recovered = f"recovered {report.recovered}"
+            console.print(f"      {report.protocol}: {recovered}, dropped {dropped or 'none'}")
 
     def on_ready(port: int, first_round: int) -> None:
         console.print(f"coordinator listening on {config.coordinator.listen} (port {port})")
+        if config.secure_aggregation.enabled:
+            console.print(f"secure aggregation: {config.secure_aggregation.protocol}")
         if first_round > 1:
             console.print(f"resuming run {config.coordinator.run_id} at round {first_round}")
 
@@ -124,6 +131,9 @@ def demo_network_command(
     clients: Annotated[int, typer.Option("--clients", "-n", min=2, help="Client processes.")] = 10,
     rounds: Annotated[int, typer.Option("--rounds", "-r", min=1, help="Training rounds.")] = 5,
     port: Annotated[int, typer.Option("--port", help="Coordinator port on 127.0.0.1.")] = 50071,
+    secure: Annotated[
+        bool, typer.Option("--secure", help="Aggregate with SecAgg+: the coordinator sees sums.")
+    ] = False,
 ) -> None:
     """A coordinator with TLS and N client processes on 127.0.0.1, training on digits."""
     from shoal.transport.certs import init_certificates
@@ -132,7 +142,9 @@ def demo_network_command(
         base = Path(folder)
         init_certificates(base / "certs")
         config = base / "job.toml"
-        config.write_text(_demo_config(base, clients=clients, rounds=rounds, port=port))
+        config.write_text(
+            _demo_config(base, clients=clients, rounds=rounds, port=port, secure=secure)
+        )
         shoal = [sys.executable, "-m", "shoal"]
         coordinator = subprocess.Popen([*shoal, "coordinator", "serve", "--config", str(config)])
         workers = [
@@ -173,9 +185,9 @@ def demo_network_command(
             raise typer.Exit(code)
 
 
-def _demo_config(base: Path, *, clients: int, rounds: int, port: int) -> str:
+def _demo_config(base: Path, *, clients: int, rounds: int, port: int, secure: bool) -> str:
     target = max(2, min(10, clients * 4 // 5))
-    return f"""
+    plain = f"""
 [run]
 rounds = {rounds}
 [round]
@@ -199,4 +211,14 @@ certificates = "{base / "certs"}"
 enrollment_tokens = ["demo"]
 retry_after_s = 0.5
 app = "shoal.apps.digits:make_client"
+"""
+    return plain + _DEMO_SECURE if secure else plain
+
+
+_DEMO_SECURE = """
+[secure_aggregation]
+protocol = "secagg+"
+advertise_keys_s = 10
+share_keys_s = 10
+unmask_s = 10
 """

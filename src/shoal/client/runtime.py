@@ -7,6 +7,12 @@ coordinator's "retry after N seconds", backs off exponentially with jitter
 on network errors, downloads and verifies the global model only when it
 changed, trains in a worker thread, and uploads the result. The transport is
 a :class:`CoordinatorLink`: gRPC in deployments, a direct call in tests.
+
+In a secure round (SecAgg+) the runtime keeps one :class:`SecAggClient`
+per round, started by the round's advertise-keys request: it answers the
+key and unmask stages, and after training it masks the update and sends
+only the masked input. The plaintext update never leaves the device; a
+request it must refuse (stale, tampered) is reported as a failure.
 """
 
 from __future__ import annotations
@@ -21,12 +27,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from shoal.client.api import Client, EvaluateConfig, FitConfig, fit_update
-from shoal.coordinator.driver import RetryLater, TaskOffer
+from shoal.client.api import Client, EvaluateConfig, FitConfig, FitResult, fit_update
+from shoal.coordinator.driver import Offer, RetryLater, SecureOffer, TaskOffer
 from shoal.coordinator.events import Phase, RejectSubmission
 from shoal.core.device import DeviceState
-from shoal.core.errors import ClientError, NotFoundError, TransportError
-from shoal.core.parameters import Parameters
+from shoal.core.errors import (
+    ClientError,
+    NotFoundError,
+    ProtocolError,
+    SecurityError,
+    TransportError,
+)
+from shoal.core.parameters import Parameters, all_finite
+from shoal.secure.client import Contribution, SecAggClient
+from shoal.secure.messages import (
+    AdvertiseKeysRequest,
+    ClientMessage,
+    MaskedInputRequest,
+    ServerRequest,
+    StaleMessage,
+)
 
 log = logging.getLogger("shoal.client")
 
@@ -52,9 +72,7 @@ class CoordinatorLink(Protocol):
 
     async def enroll(self, enrollment: Enrollment, state: DeviceState) -> None: ...
 
-    async def check_in(
-        self, enrollment: Enrollment, state: DeviceState
-    ) -> TaskOffer | RetryLater: ...
+    async def check_in(self, enrollment: Enrollment, state: DeviceState) -> Offer | RetryLater: ...
 
     async def fetch_model(self, enrollment: Enrollment, sha256: str) -> Parameters: ...
 
@@ -68,9 +86,11 @@ class CoordinatorLink(Protocol):
         metrics: Mapping[str, float],
     ) -> RejectSubmission | None: ...  # fmt: skip
 
-    async def report_failure(
-        self, enrollment: Enrollment, offer: TaskOffer, reason: str
-    ) -> None: ...
+    async def submit_secure(
+        self, enrollment: Enrollment, message: ClientMessage
+    ) -> RejectSubmission | None: ...
+
+    async def report_failure(self, enrollment: Enrollment, offer: Offer, reason: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +145,7 @@ class ClientRuntime:
         self.backoff = backoff or Backoff()
         self._rng = random.Random(seed)
         self._model: tuple[str, Parameters] | None = None
+        self._secure: SecAggClient | None = None  # this client's side of the current secure round
         self._stopping = asyncio.Event()
         self.tasks_done = 0
 
@@ -149,31 +170,69 @@ class ClientRuntime:
                 continue
             await self._serve(answer)
 
-    async def _serve(self, offer: TaskOffer) -> None:
+    async def _serve(self, offer: Offer) -> None:
+        if isinstance(offer, SecureOffer):
+            await self._serve_stage(offer)
+            return
+        try:
+            session = None if offer.secure is None else self._session(offer.secure)
+        except StaleMessage as exc:  # not in this round's session: training would be wasted
+            await self._give_up(offer, str(exc))
+            return
         try:
             model = await self._model_for(offer)
         except NotFoundError as exc:  # the round moved on while we were downloading
             log.info("task of round %d is stale: %s", offer.round, exc)
             return
         try:
-            outcome = await asyncio.to_thread(self._work, offer, model)
+            outcome = await asyncio.to_thread(self._work, offer, model, session)
         except Exception as exc:  # the user's model failed: tell the coordinator, keep going
-            reason = str(exc) or type(exc).__name__
-            log.warning("task of round %d failed: %s", offer.round, reason)
-            await self._retrying(lambda: self.link.report_failure(self.enrollment, offer, reason))
+            await self._give_up(offer, str(exc) or type(exc).__name__)
             return
-        rejection = await self._retrying(lambda: outcome(self))
-        if rejection is not None:
-            log.info("round %d rejected our result: %s", offer.round, rejection.reason.value)
+        await self._upload(offer.round, lambda: outcome(self))
         self.tasks_done += 1
 
-    def _work(self, offer: TaskOffer, model: Parameters) -> Callable[[ClientRuntime], Upload]:
+    async def _serve_stage(self, offer: SecureOffer) -> None:
+        """Answer a key or unmask stage of a secure round (not a task: it is not counted)."""
+        try:
+            reply = self._session(offer.request).handle(offer.request)
+        except (ProtocolError, SecurityError) as exc:  # stale, out of order, or tampered
+            await self._give_up(offer, f"secure aggregation refused: {exc}")
+            return
+        await self._upload(offer.round, lambda: self.link.submit_secure(self.enrollment, reply))
+
+    def _session(self, request: ServerRequest) -> SecAggClient:
+        """The secure round's client; an advertise-keys request starts a new one."""
+        if isinstance(request, AdvertiseKeysRequest):
+            self._secure = SecAggClient(round=request.round)  # rng None: seeded by the OS
+        if self._secure is None or self._secure.round != request.round:
+            raise StaleMessage(
+                f"a {request.stage.label} request of round {request.round} reached a client "
+                "that is not in that round's secure session"
+            )
+        return self._secure
+
+    async def _give_up(self, offer: Offer, reason: str) -> None:
+        log.warning("task of round %d failed: %s", offer.round, reason)
+        await self._retrying(lambda: self.link.report_failure(self.enrollment, offer, reason))
+
+    async def _upload(self, round_number: int, upload: Callable[[], Upload]) -> None:
+        rejection = await self._retrying(upload)
+        if rejection is not None:
+            log.info("round %d rejected our result: %s", round_number, rejection.reason.value)
+
+    def _work(
+        self, offer: TaskOffer, model: Parameters, session: SecAggClient | None
+    ) -> Callable[[ClientRuntime], Upload]:
         """Run the task in a worker thread; returns the upload to perform."""
         if offer.phase is Phase.FIT:
             if not isinstance(offer.config, FitConfig):
                 raise ClientError("a training task came without a FitConfig")
             result = self.client.fit(model, offer.config)
             update = fit_update(result, model)
+            if offer.secure is not None:  # a secure round: only the masked input leaves
+                masked = _masked(session, offer.secure, result, update)
+                return lambda runtime: runtime.link.submit_secure(runtime.enrollment, masked)
             metrics = dict(result.metrics)
             return lambda runtime: runtime.link.submit_update(
                 runtime.enrollment, offer, update, result.num_examples, metrics
@@ -219,3 +278,21 @@ class ClientRuntime:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
         except TimeoutError:
             return
+
+
+def _masked(
+    session: SecAggClient | None,
+    request: MaskedInputRequest,
+    result: FitResult,
+    update: Parameters,
+) -> ClientMessage:
+    """The masked input that stands for ``update`` in a secure round: all that leaves the device."""
+    if session is None:
+        raise ClientError("a masked-input request came without a secure session")
+    if not all_finite(update.vector):
+        raise ClientError("the update holds NaN or infinite values")
+    loss = result.metrics.get("loss", 0.0)
+    contribution = Contribution(
+        update.vector, result.num_examples, float(loss) if isinstance(loss, int | float) else 0.0
+    )
+    return session.handle(request, contribution)

@@ -6,6 +6,12 @@ check in over a transport. Clients pull work (``check_in`` answers a task or
 (``submit_update``); deadlines are timers on the asyncio loop. The transport
 (gRPC, or an in-process call in tests) only turns requests into these calls.
 
+Under secure aggregation (SecAgg+), a fit round is four stages. A key or
+unmask stage is offered as a :class:`SecureOffer` (the request, no model);
+the masked-input stage as a fit :class:`TaskOffer` that also carries its
+request. Clients answer with ``submit_secure``; each stage has its own
+timer, and a client between stages is told to come back soon.
+
 A new global model is persisted (``persist``) before any client is offered
 work on it: a crash loses at most the round in progress, never a commit.
 """
@@ -15,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -35,28 +41,60 @@ from shoal.coordinator.events import (
     RoundClosed,
     RoundSummary,
     ScheduleDeadline,
+    SecureMessageReceived,
     SendEvaluateTask,
     SendFitTask,
+    SendSecureRequest,
     StartRound,
     UpdateReceived,
 )
+from shoal.coordinator.secure import SECAGG_PLUS
 from shoal.coordinator.state import RoundState
+from shoal.core.errors import ConfigError, ProtocolError
 from shoal.core.parameters import Parameters
+from shoal.secure.messages import ClientMessage, MaskedInputRequest, ServerRequest, Stage
 
 log = logging.getLogger("shoal.coordinator")
 
 Persist = Callable[[CommitVersion], Awaitable[None]]
+SECURE_STAGE_RETRY_S = 0.25
+"""The longest a client of a secure round waits between stages before checking in again."""
 
 
 @dataclass(frozen=True, slots=True)
 class TaskOffer:
-    """Work for one client: what to do, on which model, and by when."""
+    """Work for one client: what to do, on which model, and by when.
+
+    In a secure round, a fit offer carries the masked-input request in
+    ``secure``: the client trains, then answers it (``submit_secure``) with
+    its masked update; the plaintext update never leaves the client.
+    """
 
     round: int
     phase: Phase
     config: FitConfig | EvaluateConfig
     model_sha256: str
     deadline_in_s: float
+    secure: MaskedInputRequest | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SecureOffer:
+    """A key or unmask stage of a secure round: answer ``request`` within ``deadline_in_s``."""
+
+    round: int
+    request: ServerRequest
+    deadline_in_s: float
+
+
+Offer = TaskOffer | SecureOffer
+
+
+def offer_stage(offer: Offer) -> Stage | None:
+    """The secure-aggregation stage an offer belongs to; None for a plain task."""
+    if isinstance(offer, SecureOffer):
+        return offer.request.stage
+    return None if offer.secure is None else offer.secure.stage
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,14 +127,21 @@ class RoundDriver:
         persist: Persist,
         on_round: Callable[[RoundSummary], None] | None = None,
     ) -> None:
+        secure = coordinator.secure
+        if secure is not None and secure.protocol != SECAGG_PLUS:
+            raise ConfigError(
+                f"secure_aggregation.protocol: networked clients run {SECAGG_PLUS!r} only, "
+                f"not {secure.protocol!r}"
+            )
         self.coordinator = coordinator
         self.settings = settings
         self._candidates = candidates
         self._persist = persist
         self._on_round = on_round
-        self._offers: dict[str, TaskOffer] = {}
-        self._deadline_at: float | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._offers: dict[str, Offer] = {}
+        self._secure_stage: Stage | None = None  # the open stage of a secure round
+        self._secure_cohort: set[str] = set()  # offered that stage: they wait for the next
+        self._timers: dict[Stage | None, tuple[float, asyncio.TimerHandle]] = {}  # by stage
         self._closed: asyncio.Future[RoundSummary] | None = None
         self._commit: CommitVersion | None = None
         self._arrivals = asyncio.Event()
@@ -104,14 +149,22 @@ class RoundDriver:
 
     # --- what the transport calls ------------------------------------------------------
 
-    def check_in(self, client_id: str) -> TaskOffer | RetryLater:
-        """A client asks for work: its task in the current round, or when to come back."""
+    def check_in(self, client_id: str) -> Offer | RetryLater:
+        """A client asks for work: its task in the current round, or when to come back.
+
+        A client of a secure round between two stages comes back within
+        ``SECURE_STAGE_RETRY_S``, so that a stage does not cost a full retry interval.
+        """
         self._arrivals.set()
         offer = self._offers.get(client_id)
+        if offer is None and client_id in self._secure_cohort:
+            seconds = min(self.settings.retry_after_s, SECURE_STAGE_RETRY_S)
+            return RetryLater(seconds, "waiting for the next secure-aggregation stage")
         if offer is None:
             return RetryLater(self.settings.retry_after_s, "no task for this client now")
-        remaining = max(0.0, (self._deadline_at or 0.0) - self._now())
-        return TaskOffer(offer.round, offer.phase, offer.config, offer.model_sha256, remaining)
+        timer = self._timers.get(offer_stage(offer))
+        remaining = 0.0 if timer is None else max(0.0, timer[0] - self._now())
+        return replace(offer, deadline_in_s=remaining)
 
     def submit_update(
         self,
@@ -139,9 +192,29 @@ class RoundDriver:
         )
         return self._submit(client_id, event)
 
+    def submit_secure(
+        self, client_id: str, round_number: int, message: ClientMessage
+    ) -> RejectSubmission | None:
+        """A client's SecAgg+ reply; returns the rejection, or None if the protocol took it.
+
+        The offer it answers is withdrawn first: taking the reply may close the
+        stage and offer this client its next request. A repeated reply (a retried
+        upload) withdraws nothing, so it cannot swallow that next offer.
+        """
+        if self.coordinator.state is RoundState.FINISHED:
+            return RejectSubmission(
+                client_id, round_number, RejectReason.LATE, "the job has finished"
+            )
+        offer = self._offers.get(client_id)
+        if offer is not None and (offer.round, offer_stage(offer)) == (round_number, message.stage):
+            del self._offers[client_id]
+        actions = self._apply(SecureMessageReceived(client_id, round_number, self._now(), message))
+        return next((a for a in actions if isinstance(a, RejectSubmission)), None)
+
     def report_failure(self, client_id: str, round_number: int, reason: str) -> None:
         """A client gave up on its task (it raised, or ran out of battery)."""
         self._offers.pop(client_id, None)
+        self._secure_cohort.discard(client_id)
         if self.coordinator.state is not RoundState.FINISHED:
             self._apply(ClientFailed(client_id, round_number, self._now(), reason))
 
@@ -202,26 +275,59 @@ class RoundDriver:
 
     def _carry_out(self, action: Action) -> None:
         match action:
-            case SendFitTask() | SendEvaluateTask():
-                phase = Phase.FIT if isinstance(action, SendFitTask) else Phase.EVALUATE
-                sha = self.model_sha256()
-                self._offers[action.client_id] = TaskOffer(
-                    action.round, phase, action.config, sha, 0.0
+            case SendFitTask():
+                secure = _masked_input_request(action)
+                self._offer(
+                    action.client_id,
+                    TaskOffer(
+                        action.round, Phase.FIT, action.config, self.model_sha256(), 0.0, secure
+                    ),
                 )
+            case SendEvaluateTask():
+                self._offer(
+                    action.client_id,
+                    TaskOffer(
+                        action.round, Phase.EVALUATE, action.config, self.model_sha256(), 0.0
+                    ),
+                )
+            case SendSecureRequest():
+                self._offer(action.client_id, SecureOffer(action.round, action.request, 0.0))
             case ScheduleDeadline():
-                loop = asyncio.get_running_loop()
-                self._deadline_at = action.at
-                self._timer = loop.call_at(action.at, self._deadline, action.round)
+                self._schedule(action)
             case CommitVersion():
                 self._commit = action
             case RoundClosed():
                 self._offers.clear()
-                if self._timer is not None:
-                    self._timer.cancel()
+                self._secure_stage = None
+                self._secure_cohort.clear()
+                for _, timer in self._timers.values():
+                    timer.cancel()
+                self._timers.clear()
                 if self._closed is not None and not self._closed.done():
                     self._closed.set_result(action.summary)
             case RejectSubmission():
                 log.info("rejected %s: %s", action.client_id, action.reason.value)
+
+    def _offer(self, client_id: str, offer: Offer) -> None:
+        """Offer work to a client; a secure round's next stage withdraws the last one's offers."""
+        stage = offer_stage(offer)
+        if stage is not None and stage is not self._secure_stage:
+            # the stage closed: its unanswered offers expire, its members no longer wait
+            self._offers = {c: o for c, o in self._offers.items() if offer_stage(o) is None}
+            self._secure_stage = stage
+            self._secure_cohort = set()
+        if stage is not None:
+            self._secure_cohort.add(client_id)
+        self._offers[client_id] = offer
+
+    def _schedule(self, action: ScheduleDeadline) -> None:
+        """One timer per stage (a plain round's deadline is the stage None)."""
+        previous = self._timers.get(action.stage)
+        if previous is not None:
+            previous[1].cancel()
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(action.at, self._deadline, action.round, action.stage)
+        self._timers[action.stage] = (action.at, timer)
 
     def model_sha256(self) -> str:
         """The sha256 of the current global model, hashed once per model, not per request."""
@@ -230,9 +336,16 @@ class RoundDriver:
             self._sha_of = (parameters, parameters.sha256())
         return self._sha_of[1]
 
-    def _deadline(self, round_number: int) -> None:
-        self._apply(DeadlineReached(round_number, self._now()))
+    def _deadline(self, round_number: int, stage: Stage | None) -> None:
+        self._apply(DeadlineReached(round_number, self._now(), stage))
 
     @staticmethod
     def _now() -> float:
         return asyncio.get_running_loop().time()
+
+
+def _masked_input_request(task: SendFitTask) -> MaskedInputRequest | None:
+    """The SecAgg+ request a fit task carries; another protocol's cannot travel to clients."""
+    if task.secure is None or isinstance(task.secure, MaskedInputRequest):
+        return task.secure
+    raise ProtocolError(f"a {type(task.secure).__name__} cannot be offered to networked clients")

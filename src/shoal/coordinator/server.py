@@ -5,6 +5,11 @@ row, then HEAD) with the server optimizer's state before any client is
 offered work on it. A coordinator killed at any moment restarts from HEAD:
 it replays the round in progress, never a committed one, and clients, who
 keep retrying, reconnect by themselves.
+
+With ``[secure_aggregation] protocol = "secagg+"`` every fit round runs
+SecAgg+ over the network; a setting that cannot work (a strategy that needs
+each update, quantization that could overflow) is refused before anything
+is opened.
 """
 
 from __future__ import annotations
@@ -27,9 +32,14 @@ from shoal.config import Config
 from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import CommitVersion, RoundSummary
+from shoal.coordinator.secure import SecureSettings
 from shoal.coordinator.selection import cohort_size
 from shoal.coordinator.service import CoordinatorService, ServiceSettings
-from shoal.coordinator.setup import round_settings_from_config, strategy_from_config
+from shoal.coordinator.setup import (
+    round_settings_from_config,
+    secure_settings_from_config,
+    strategy_from_config,
+)
 from shoal.core.errors import ConfigError
 from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
@@ -74,11 +84,12 @@ def build(
 ) -> CoordinatorParts:
     """Open the registries, restore HEAD (or commit the initial model), wire the driver."""
     section = config.coordinator
+    secure = secure_settings_from_config(config, run_id=section.run_id)  # refused before opening
     state_dir = Path(section.state_dir)
     database = registry_location(state_dir, section.registry_url).open()
     models = ModelRegistry(database, BlobStore(blob_location(state_dir, section.blob_url)))
     clients = ClientRegistry(database)
-    coordinator, first_round = _restore(config, models)
+    coordinator, first_round = _restore(config, models, secure)
     selector = Selector(clients)
     # the versioning matrix of this model decides who may train it
     criteria = SelectionCriteria(
@@ -120,7 +131,9 @@ def build(
     return CoordinatorParts(database, models, clients, driver, service)
 
 
-def _restore(config: Config, models: ModelRegistry) -> tuple[Coordinator, int]:
+def _restore(
+    config: Config, models: ModelRegistry, secure: SecureSettings | None
+) -> tuple[Coordinator, int]:
     """The engine at HEAD of the run (first start: the app's initial model as version 0)."""
     strategy = strategy_from_config(config)
     settings = round_settings_from_config(config)
@@ -129,7 +142,11 @@ def _restore(config: Config, models: ModelRegistry) -> tuple[Coordinator, int]:
     if head is None:
         initial = load_app(config.coordinator.app)({}).get_parameters()
         coordinator = Coordinator(
-            settings=settings, strategy=strategy, parameters=initial, seed=config.run.seed
+            settings=settings,
+            strategy=strategy,
+            parameters=initial,
+            seed=config.run.seed,
+            secure=secure,
         )
         models.commit(
             run_id,
@@ -150,6 +167,7 @@ def _restore(config: Config, models: ModelRegistry) -> tuple[Coordinator, int]:
         parameters=parameters,
         seed=config.run.seed,
         optimizer_state=state,
+        secure=secure,
     )
     return coordinator, head.round + 1
 

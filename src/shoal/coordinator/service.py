@@ -5,7 +5,9 @@ find the client (UNKNOWN_CLIENT, SUSPENDED), verify its Ed25519 signature
 over the request (BAD_SIGNATURE), refuse a replayed nonce or a stale
 timestamp (REPLAYED), and only then act. Bad input is answered with a code
 and counted; it never raises out of the service, so the coordinator keeps
-serving.
+serving. Under secure aggregation, check-ins hand out the SecAgg+ stages
+and SubmitSecureMessage takes the clients' replies (a frame that does not
+decode is MALFORMED); the plaintext update of a secure round is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from shoal.coordinator.driver import RetryLater, RoundDriver, TaskOffer
+from shoal.coordinator.driver import Offer, RetryLater, RoundDriver, SecureOffer
 from shoal.core.device import DeviceState
 from shoal.core.errors import (
     IntegrityError,
@@ -52,6 +54,7 @@ from shoal.transport.messages import (
     RejectCode,
     Rejected,
     RetryAfter,
+    SecureTask,
     Task,
     Verdict,
 )
@@ -108,7 +111,7 @@ class ModelBytes:
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    """The six RPCs of ``shoal.v1.Coordinator`` over a driver and a client registry."""
+    """The seven RPCs of ``shoal.v1.Coordinator`` over a driver and a client registry."""
 
     def __init__(
         self,
@@ -244,9 +247,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         )
         self.heartbeats.add(heartbeat)
 
-    def _task_or_retry(self, answer: TaskOffer | RetryLater) -> CheckInOutcome:
+    def _task_or_retry(self, answer: Offer | RetryLater) -> CheckInOutcome:
         if isinstance(answer, RetryLater):
             return RetryAfter(answer.seconds, answer.reason)
+        if isinstance(answer, SecureOffer):
+            return SecureTask(
+                answer.round, self.settings.run_id, answer.request, answer.deadline_in_s
+            )
         sha, data = self.model_bytes.current()
         if sha != answer.model_sha256:
             return RetryAfter(1.0, "the model is being updated")
@@ -258,6 +265,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             model,
             answer.config,
             answer.deadline_in_s,
+            answer.secure,
         )
 
     async def FetchModel(  # noqa: N802
@@ -302,24 +310,61 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             raise Refused(
                 RejectCode.WRONG_MODEL_HASH, "the update is not relative to the current model"
             )
-        if header.total_size > self.settings.max_update_bytes:
-            raise Refused(RejectCode.OVERSIZED, f"{header.total_size} bytes is over the limit")
-        assembler = ChunkAssembler(
-            max_bytes=self.settings.max_update_bytes,
-            expected_sha256=header.payload_sha256,
-            expected_size=header.total_size,
-        )
+        payload = await self._payload(parts, sha256=header.payload_sha256, size=header.total_size)
         try:
-            async for part in parts:
-                assembler.add(serde.chunk_of(part))
-            update = decode_update(assembler.finish())
-        except PayloadTooLarge as exc:
-            raise Refused(RejectCode.OVERSIZED, str(exc)) from exc
+            update = decode_update(payload)
         except (ProtocolError, IntegrityError) as exc:
             raise Refused(RejectCode.MALFORMED, str(exc)) from exc
         rejection = self.driver.submit_update(
             auth.client_id, header.round, update, header.num_examples, dict(header.metrics)
         )
+        return serde.verdict_of(rejection)
+
+    async def _payload(
+        self, parts: AsyncIterator[serde.UploadPart], *, sha256: str, size: int
+    ) -> bytes:
+        """The verified bytes of an upload's chunks, within the size limit."""
+        if size > self.settings.max_update_bytes:
+            raise Refused(RejectCode.OVERSIZED, f"{size} bytes is over the limit")
+        assembler = ChunkAssembler(
+            max_bytes=self.settings.max_update_bytes, expected_sha256=sha256, expected_size=size
+        )
+        try:
+            async for part in parts:
+                assembler.add(serde.chunk_of(part))
+            return assembler.finish()
+        except PayloadTooLarge as exc:
+            raise Refused(RejectCode.OVERSIZED, str(exc)) from exc
+        except (ProtocolError, IntegrityError) as exc:
+            raise Refused(RejectCode.MALFORMED, str(exc)) from exc
+
+    async def SubmitSecureMessage(  # noqa: N802
+        self,
+        request_iterator: AsyncIterator[pb.SecureMessagePart],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.SubmitSecureMessageResponse:
+        try:
+            verdict = await self._submit_secure(request_iterator)
+        except Refused as refusal:
+            verdict = self._refused("SubmitSecureMessage", refusal)
+        return serde.encode_submit_secure_message_response(verdict)
+
+    async def _submit_secure(self, parts: AsyncIterator[pb.SecureMessagePart]) -> Verdict:
+        try:
+            header_message = serde.secure_header_of(await anext(parts))
+            auth = self._authenticate(header_message, this_run=True)
+            header = serde.decode_secure_message_header(header_message)
+        except (ProtocolError, StopAsyncIteration) as exc:
+            raise Refused(RejectCode.MALFORMED, str(exc) or "empty upload") from exc
+        frame = await self._payload(parts, sha256=header.payload_sha256, size=header.total_size)
+        try:
+            message = serde.decode_client_message(frame)
+        except ProtocolError as exc:
+            raise Refused(RejectCode.MALFORMED, str(exc)) from exc
+        if message.round != header.round:
+            detail = f"a message of round {message.round} under a header of round {header.round}"
+            raise Refused(RejectCode.MALFORMED, detail)
+        rejection = self.driver.submit_secure(auth.client_id, header.round, message)
         return serde.verdict_of(rejection)
 
     async def ReportEvaluation(  # noqa: N802

@@ -3,12 +3,14 @@
 ``proto/shoal/v1/coordinator.proto`` defines the service; its generated stubs
 live in ``shoal.transport._generated`` (regenerate with
 ``scripts/generate_protos.py``). ``serde`` maps its messages to the typed
-messages of ``messages``; ``chunks`` streams byte payloads; ``signing`` signs
-every request with the client's Ed25519 key and refuses replays; ``certs``
-makes and loads the certificates for TLS and optional mutual TLS.
+messages of ``messages`` (and carries the SecAgg+ frames of secure rounds);
+``chunks`` streams byte payloads; ``signing`` signs every request with the
+client's Ed25519 key and refuses replays; ``certs`` makes and loads the
+certificates for TLS and optional mutual TLS.
 """
 
 from shoal.core.device import DeviceState
+from shoal.core.digests import check_sha256_hex
 from shoal.transport.certs import (
     CA_CERTIFICATE,
     CA_KEY,
@@ -49,17 +51,21 @@ from shoal.transport.messages import (
     RejectCode,
     Rejected,
     RetryAfter,
+    SecureMessageHeader,
+    SecureTask,
     Task,
     UpdateHeader,
     Verdict,
 )
 from shoal.transport.serde import (
     AuthenticatedRequest,
+    UploadPart,
     chunk_of,
     decode_auth,
     decode_check_in_request,
     decode_check_in_response,
     decode_chunk,
+    decode_client_message,
     decode_device_state,
     decode_enroll_request,
     decode_enroll_response,
@@ -69,6 +75,10 @@ from shoal.transport.serde import (
     decode_heartbeat_response,
     decode_reject_code,
     decode_report_evaluation_response,
+    decode_secure_message_header,
+    decode_secure_request,
+    decode_secure_task,
+    decode_submit_secure_message_response,
     decode_submit_update_response,
     decode_task,
     decode_update_header,
@@ -86,12 +96,17 @@ from shoal.transport.serde import (
     encode_heartbeat_response,
     encode_reject_code,
     encode_report_evaluation_response,
+    encode_secure_message_header,
+    encode_secure_task,
+    encode_submit_secure_message_response,
     encode_submit_update_response,
     encode_task,
     encode_update_header,
     encode_verdict,
     header_of,
     request_digest,
+    secure_header_of,
+    secure_message_parts,
     sign_message,
     update_parts,
     verdict_of,
@@ -103,7 +118,6 @@ from shoal.transport.signing import (
     SIGNING_CONTEXT,
     ReplayGuard,
     RequestAuth,
-    check_sha256_hex,
     create_request_auth,
     generate_client_key,
     new_nonce,
@@ -146,9 +160,12 @@ __all__ = [
     "ReplayGuard",
     "RequestAuth",
     "RetryAfter",
+    "SecureMessageHeader",
+    "SecureTask",
     "Task",
     "TlsPeer",
     "UpdateHeader",
+    "UploadPart",
     "Verdict",
     "assemble_chunks",
     "check_sha256_hex",
@@ -159,6 +176,7 @@ __all__ = [
     "decode_check_in_request",
     "decode_check_in_response",
     "decode_chunk",
+    "decode_client_message",
     "decode_device_state",
     "decode_enroll_request",
     "decode_enroll_response",
@@ -169,6 +187,10 @@ __all__ = [
     "decode_parameters",
     "decode_reject_code",
     "decode_report_evaluation_response",
+    "decode_secure_message_header",
+    "decode_secure_request",
+    "decode_secure_task",
+    "decode_submit_secure_message_response",
     "decode_submit_update_response",
     "decode_task",
     "decode_update",
@@ -187,6 +209,9 @@ __all__ = [
     "encode_heartbeat_response",
     "encode_reject_code",
     "encode_report_evaluation_response",
+    "encode_secure_message_header",
+    "encode_secure_task",
+    "encode_submit_secure_message_response",
     "encode_submit_update_response",
     "encode_task",
     "encode_update_header",
@@ -200,6 +225,8 @@ __all__ = [
     "new_nonce",
     "public_key_of",
     "request_digest",
+    "secure_header_of",
+    "secure_message_parts",
     "sign_message",
     "sign_request",
     "signed_message",

@@ -3,8 +3,8 @@
 The client runtime calls it as it would any link; this one opens a gRPC
 channel (TLS pinned to the deployment's CA, or plaintext when explicitly
 asked for), signs each request with the client's Ed25519 key, streams the
-model down and the update up in chunks, and turns every gRPC failure into a
-:class:`TransportError` the runtime retries.
+model down and the update (or a secure round's SecAgg+ reply) up in chunks,
+and turns every gRPC failure into a :class:`TransportError` the runtime retries.
 """
 
 from __future__ import annotations
@@ -17,16 +17,25 @@ from typing import Any, TypeVar
 import grpc
 
 from shoal.client.runtime import Enrollment
-from shoal.coordinator.driver import RetryLater, TaskOffer
+from shoal.coordinator.driver import Offer, RetryLater, SecureOffer, TaskOffer
 from shoal.coordinator.events import RejectReason, RejectSubmission
 from shoal.core.device import DeviceState
 from shoal.core.errors import NotFoundError, SecurityError, TransportError
 from shoal.core.parameters import Parameters
+from shoal.secure.messages import ClientMessage
+from shoal.secure.serde import encode_message
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
 from shoal.transport.chunks import ChunkAssembler, decode_parameters
-from shoal.transport.messages import EnrollmentRequest, RetryAfter, Task, Verdict
+from shoal.transport.messages import (
+    EnrollmentRequest,
+    RetryAfter,
+    SecureMessageHeader,
+    SecureTask,
+    Task,
+    Verdict,
+)
 from shoal.transport.signing import NO_ROUND
 
 T = TypeVar("T")
@@ -102,7 +111,7 @@ class GrpcLink:
             code = reply.verdict.code.value if reply.verdict.code else "refused"
             raise SecurityError(f"enrollment refused ({code}): {reply.verdict.detail}")
 
-    async def check_in(self, enrollment: Enrollment, state: DeviceState) -> TaskOffer | RetryLater:
+    async def check_in(self, enrollment: Enrollment, state: DeviceState) -> Offer | RetryLater:
         request = serde.encode_check_in_request(state)
         self._sign(request, enrollment)
         response = await self._call(lambda: self._stub.CheckIn(request, timeout=self.timeout_s))
@@ -115,7 +124,11 @@ class GrpcLink:
                 outcome.config,
                 outcome.model.sha256,
                 outcome.deadline_in_s,
+                outcome.secure,
             )
+        if isinstance(outcome, SecureTask):
+            self.run_id = outcome.run_id
+            return SecureOffer(outcome.round, outcome.request, outcome.deadline_in_s)
         if isinstance(outcome, RetryAfter):
             return RetryLater(outcome.seconds, outcome.reason)
         return RetryLater(self.rejected_retry_s, f"{outcome.code.value}: {outcome.detail}")
@@ -153,7 +166,24 @@ class GrpcLink:
         self._sign(header, enrollment, round_number=offer.round)
         parts = serde.update_parts(header, payload)
         response = await self._call(lambda: self._stub.SubmitUpdate(parts, timeout=self.timeout_s))
-        return _rejection(enrollment, offer, serde.decode_submit_update_response(response))
+        return _rejection(enrollment, offer.round, serde.decode_submit_update_response(response))
+
+    async def submit_secure(
+        self, enrollment: Enrollment, message: ClientMessage
+    ) -> RejectSubmission | None:
+        frame = encode_message(message)
+        header = serde.encode_secure_message_header(
+            SecureMessageHeader(
+                message.round, self.run_id, hashlib.sha256(frame).hexdigest(), len(frame)
+            )
+        )
+        self._sign(header, enrollment, round_number=message.round)
+        parts = serde.secure_message_parts(header, frame)
+        response = await self._call(
+            lambda: self._stub.SubmitSecureMessage(parts, timeout=self.timeout_s)
+        )
+        verdict = serde.decode_submit_secure_message_response(response)
+        return _rejection(enrollment, message.round, verdict)
 
     async def submit_evaluation(
         self,
@@ -175,18 +205,20 @@ class GrpcLink:
         response = await self._call(
             lambda: self._stub.ReportEvaluation(request, timeout=self.timeout_s)
         )
-        return _rejection(enrollment, offer, serde.decode_report_evaluation_response(response))
+        verdict = serde.decode_report_evaluation_response(response)
+        return _rejection(enrollment, offer.round, verdict)
 
-    async def report_failure(self, enrollment: Enrollment, offer: TaskOffer, reason: str) -> None:
+    async def report_failure(self, enrollment: Enrollment, offer: Offer, reason: str) -> None:
         """Failures have no RPC of their own yet: the deadline accounts for the client."""
         del enrollment, offer, reason
 
 
 def _rejection(
-    enrollment: Enrollment, offer: TaskOffer, verdict: Verdict
+    enrollment: Enrollment, round_number: int, verdict: Verdict
 ) -> RejectSubmission | None:
     if verdict.accepted or verdict.code is None:
         return None
     code = verdict.code.value
     reason = RejectReason(code) if code in _REASONS else RejectReason.INVALID_UPDATE
-    return RejectSubmission(enrollment.client_id, offer.round, reason, f"{code}: {verdict.detail}")
+    detail = f"{code}: {verdict.detail}"
+    return RejectSubmission(enrollment.client_id, round_number, reason, detail)

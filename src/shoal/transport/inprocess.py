@@ -11,11 +11,12 @@ import random
 from collections.abc import Callable, Mapping
 
 from shoal.client.runtime import Enrollment
-from shoal.coordinator.driver import RetryLater, RoundDriver, TaskOffer
+from shoal.coordinator.driver import Offer, RetryLater, RoundDriver, TaskOffer
 from shoal.coordinator.events import RejectSubmission
 from shoal.core.device import DeviceState
 from shoal.core.errors import IntegrityError, NotFoundError, TransportError
 from shoal.core.parameters import Parameters
+from shoal.secure.messages import ClientMessage
 
 
 class InProcessLink:
@@ -50,7 +51,7 @@ class InProcessLink:
         self._network()
         self.enrolled[enrollment.client_id] = state
 
-    async def check_in(self, enrollment: Enrollment, state: DeviceState) -> TaskOffer | RetryLater:
+    async def check_in(self, enrollment: Enrollment, state: DeviceState) -> Offer | RetryLater:
         self._network()
         self.enrolled[enrollment.client_id] = state
         return self.driver.check_in(enrollment.client_id)
@@ -91,6 +92,12 @@ class InProcessLink:
             enrollment.client_id, offer.round, loss, num_examples, metrics
         )
 
-    async def report_failure(self, enrollment: Enrollment, offer: TaskOffer, reason: str) -> None:
+    async def submit_secure(
+        self, enrollment: Enrollment, message: ClientMessage
+    ) -> RejectSubmission | None:
+        self._network()
+        return self.driver.submit_secure(enrollment.client_id, message.round, message)
+
+    async def report_failure(self, enrollment: Enrollment, offer: Offer, reason: str) -> None:
         self._network()
         self.driver.report_failure(enrollment.client_id, offer.round, reason)

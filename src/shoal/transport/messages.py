@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.coordinator.events import Phase, RejectReason, check_round
 from shoal.core.device import DeviceState
+from shoal.core.digests import check_sha256_hex
 from shoal.core.errors import ProtocolError
-from shoal.transport.signing import check_sha256_hex
+from shoal.secure.messages import MaskedInputRequest, ServerRequest
 
 _MAX_TEXT = 256
 ED25519_PUBLIC_KEY_BYTES = 32
@@ -145,7 +146,11 @@ class ModelRef:
 
 @dataclass(frozen=True, slots=True)
 class Task:
-    """Work for one client: train or evaluate ``model`` in ``round``, within ``deadline_in_s``."""
+    """Work for one client: train or evaluate ``model`` in ``round``, within ``deadline_in_s``.
+
+    In a secure round, a fit task carries the SecAgg+ masked-input request in
+    ``secure``: the client trains, then sends its masked update, never the update.
+    """
 
     round: int
     run_id: str
@@ -153,6 +158,7 @@ class Task:
     model: ModelRef
     config: FitConfig | EvaluateConfig
     deadline_in_s: float
+    secure: MaskedInputRequest | None = None
 
     def __post_init__(self) -> None:
         check_round(self.round)
@@ -163,6 +169,39 @@ class Task:
         if self.config.round != self.round:
             raise ProtocolError(f"task for round {self.round} has a config for {self.config.round}")
         _check_duration(self.deadline_in_s, "deadline_in_s")
+        if self.secure is not None:
+            if self.phase is not Phase.FIT or not isinstance(self.secure, MaskedInputRequest):
+                raise ProtocolError("only a fit task carries a request: the masked-input one")
+            _check_secure_round(self.secure, self.round)
+
+
+@dataclass(frozen=True, slots=True)
+class SecureTask:
+    """A key or unmask stage of a secure round: answer ``request`` within ``deadline_in_s``.
+
+    It needs no model; the masked-input request travels with a fit :class:`Task`.
+    """
+
+    round: int
+    run_id: str
+    request: ServerRequest
+    deadline_in_s: float
+
+    def __post_init__(self) -> None:
+        check_round(self.round)
+        _check_text(self.run_id, "run id", required=True)
+        if isinstance(self.request, MaskedInputRequest):
+            raise ProtocolError("the masked-input request travels with a fit task")
+        _check_secure_round(self.request, self.round)
+        _check_duration(self.deadline_in_s, "deadline_in_s")
+
+
+def _check_secure_round(request: ServerRequest, round_number: int) -> None:
+    if request.round != round_number:
+        raise ProtocolError(
+            f"a task of round {round_number} carries a {request.stage.label} request "
+            f"of round {request.round}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +223,7 @@ class Rejected:
     detail: str = ""
 
 
-CheckInOutcome = Task | RetryAfter | Rejected
+CheckInOutcome = Task | SecureTask | RetryAfter | Rejected
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +277,22 @@ class UpdateHeader:
         check_sha256_hex(self.payload_sha256, "payload sha256")
         _check_count(self.total_size, "total size")
         check_sha256_hex(self.base_model_sha256, "base model sha256")
+
+
+@dataclass(frozen=True, slots=True)
+class SecureMessageHeader:
+    """The first message of a secure-aggregation reply: what the frame's chunks that follow are."""
+
+    round: int
+    run_id: str
+    payload_sha256: str
+    total_size: int
+
+    def __post_init__(self) -> None:
+        check_round(self.round)
+        _check_text(self.run_id, "run id", required=True)
+        check_sha256_hex(self.payload_sha256, "payload sha256")
+        _check_count(self.total_size, "total size")
 
 
 @dataclass(frozen=True, slots=True)

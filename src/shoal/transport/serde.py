@@ -6,8 +6,10 @@ typed message (``shoal.transport.messages``, ``FitConfig``...); every
 message no well-behaved peer sends (a missing field, an unknown enum value,
 a value out of range). Requests are signed over their body's digest
 (:func:`request_digest`): :func:`sign_message` on the client,
-:func:`verify_message` on the coordinator. Byte payloads (models, updates)
-travel as chunks: see ``shoal.transport.chunks``.
+:func:`verify_message` on the coordinator. Byte payloads (models, updates,
+masked inputs) travel as chunks: see ``shoal.transport.chunks``. SecAgg+
+messages travel as the frames of ``shoal.secure.serde``, checked here to be a
+request (coordinator to client) or a reply (client to coordinator).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.coordinator.events import Phase, RejectSubmission
 from shoal.core.device import DeviceState
 from shoal.core.errors import ClientError, ProtocolError
+from shoal.secure.messages import ClientMessage, MaskedInputRequest, ServerRequest
+from shoal.secure.serde import decode_message, encode_message
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport.chunks import DEFAULT_CHUNK_SIZE, chunk_payload
 from shoal.transport.messages import (
@@ -37,6 +41,8 @@ from shoal.transport.messages import (
     RejectCode,
     Rejected,
     RetryAfter,
+    SecureMessageHeader,
+    SecureTask,
     Task,
     UpdateHeader,
     Verdict,
@@ -48,12 +54,16 @@ AuthenticatedRequest = (
     | pb.CheckInRequest
     | pb.FetchModelRequest
     | pb.UpdateHeader
+    | pb.SecureMessageHeader
     | pb.ReportEvaluationRequest
     | pb.HeartbeatRequest
 )
 """The messages that carry a signed ``RequestAuth``."""
 
 _T = TypeVar("_T")
+UploadPart = pb.UpdatePart | pb.SecureMessagePart
+"""The client-streamed messages of an upload: a header, then chunks."""
+
 _INT64 = 2**63
 _REJECT_PREFIX = "REJECT_CODE_"
 _PHASES = {Phase.FIT: pb.PHASE_FIT, Phase.EVALUATE: pb.PHASE_EVALUATE}
@@ -170,6 +180,8 @@ def decode_reject_code(value: int) -> RejectCode:
 
 
 def _decode_phase(value: int) -> Phase:
+    if value == pb.PHASE_SECURE_AGGREGATION:
+        raise ProtocolError("a secure-aggregation stage is not a fit or evaluate task")
     try:
         return _PHASE_OF[pb.Phase.ValueType(value)]
     except KeyError as exc:
@@ -283,6 +295,15 @@ def verdict_of(rejection: RejectSubmission | None) -> Verdict:
     return Verdict.reject(RejectCode.from_reason(rejection.reason), rejection.detail)
 
 
+def encode_submit_secure_message_response(verdict: Verdict) -> pb.SubmitSecureMessageResponse:
+    return pb.SubmitSecureMessageResponse(verdict=encode_verdict(verdict))
+
+
+def decode_submit_secure_message_response(message: pb.SubmitSecureMessageResponse) -> Verdict:
+    _require(message, "verdict", "SubmitSecureMessageResponse")
+    return decode_verdict(message.verdict)
+
+
 def encode_submit_update_response(verdict: Verdict) -> pb.SubmitUpdateResponse:
     return pb.SubmitUpdateResponse(verdict=encode_verdict(verdict))
 
@@ -360,6 +381,8 @@ def encode_task(task: Task) -> pb.Task:
         ),
         deadline_in_s=task.deadline_in_s,
     )
+    if task.secure is not None:
+        message.secure_request = encode_message(task.secure)
     config = task.config
     if isinstance(config, FitConfig):
         _checked(
@@ -382,6 +405,7 @@ def encode_task(task: Task) -> pb.Task:
 
 
 def decode_task(message: pb.Task) -> Task:
+    phase = _decode_phase(message.phase)
     _require(message, "model", "Task")
     model = ModelRef(message.model.version_id, message.model.sha256, message.model.size_bytes)
     config: FitConfig | EvaluateConfig
@@ -405,13 +429,55 @@ def decode_task(message: pb.Task) -> Task:
         config = EvaluateConfig(message.round, evaluate.batch_size, _decode_extras(evaluate.extras))
     else:
         raise ProtocolError("a task has neither a fit nor an evaluate config")
-    phase = _decode_phase(message.phase)
-    return Task(message.round, message.run_id, phase, model, config, message.deadline_in_s)
+    secure = decode_secure_request(message.secure_request) if message.secure_request else None
+    if secure is not None and not isinstance(secure, MaskedInputRequest):
+        raise ProtocolError(f"a {phase.value} task carries a {secure.stage.label} request")
+    return Task(message.round, message.run_id, phase, model, config, message.deadline_in_s, secure)
+
+
+def encode_secure_task(task: SecureTask) -> pb.Task:
+    """A key or unmask stage as a ``PHASE_SECURE_AGGREGATION`` task: the request, no model."""
+    return pb.Task(
+        round=task.round,
+        run_id=task.run_id,
+        phase=pb.PHASE_SECURE_AGGREGATION,
+        deadline_in_s=task.deadline_in_s,
+        secure_request=encode_message(task.request),
+    )
+
+
+def decode_secure_task(message: pb.Task) -> SecureTask:
+    if message.phase != pb.PHASE_SECURE_AGGREGATION:
+        raise ProtocolError("not a secure-aggregation task")
+    if message.HasField("model") or message.WhichOneof("config") is not None:
+        raise ProtocolError("a secure-aggregation task carries no model and no config")
+    if not message.secure_request:
+        raise ProtocolError("a secure-aggregation task lacks its request")
+    request = decode_secure_request(message.secure_request)
+    return SecureTask(message.round, message.run_id, request, message.deadline_in_s)
+
+
+def decode_secure_request(frame: bytes) -> ServerRequest:
+    """The coordinator's SecAgg+ request in a frame; a reply or a malformed frame is refused."""
+    message = decode_message(frame)
+    if not isinstance(message, ServerRequest):
+        raise ProtocolError(f"a task carries a client's {type(message).__name__}")
+    return message
+
+
+def decode_client_message(frame: bytes) -> ClientMessage:
+    """A client's SecAgg+ reply in a frame; a request or a malformed frame is refused."""
+    message = decode_message(frame)
+    if not isinstance(message, ClientMessage):
+        raise ProtocolError(f"a client sent the coordinator's {type(message).__name__}")
+    return message
 
 
 def encode_check_in_response(outcome: CheckInOutcome) -> pb.CheckInResponse:
     if isinstance(outcome, Task):
         return pb.CheckInResponse(task=encode_task(outcome))
+    if isinstance(outcome, SecureTask):
+        return pb.CheckInResponse(task=encode_secure_task(outcome))
     if isinstance(outcome, RetryAfter):
         retry = pb.RetryAfter(seconds=outcome.seconds, reason=outcome.reason)
         return pb.CheckInResponse(retry_after=retry)
@@ -421,6 +487,8 @@ def encode_check_in_response(outcome: CheckInOutcome) -> pb.CheckInResponse:
 
 def decode_check_in_response(message: pb.CheckInResponse) -> CheckInOutcome:
     kind = message.WhichOneof("outcome")
+    if kind == "task" and message.task.phase == pb.PHASE_SECURE_AGGREGATION:
+        return decode_secure_task(message.task)
     if kind == "task":
         return decode_task(message.task)
     if kind == "retry_after":
@@ -451,7 +519,9 @@ def decode_chunk(message: pb.Chunk) -> Chunk:
     return Chunk(message.offset, message.total_size, message.sha256, message.data)
 
 
-def _check_matches_auth(message: pb.UpdateHeader | pb.ReportEvaluationRequest) -> None:
+def _check_matches_auth(
+    message: pb.UpdateHeader | pb.SecureMessageHeader | pb.ReportEvaluationRequest,
+) -> None:
     """A body's round and run must be the ones its signature names."""
     if message.HasField("auth") and (
         message.round != message.auth.round or message.run_id != message.auth.run_id
@@ -508,11 +578,51 @@ def header_of(part: pb.UpdatePart) -> pb.UpdateHeader:
     return part.header
 
 
-def chunk_of(part: pb.UpdatePart) -> Chunk:
+def chunk_of(part: UploadPart) -> Chunk:
     """A payload chunk of an upload; ``ProtocolError`` for a second header or an empty part."""
     if part.WhichOneof("part") != "chunk":
-        raise ProtocolError("after its header, an update upload carries only chunks")
+        raise ProtocolError("after its header, an upload carries only chunks")
     return decode_chunk(part.chunk)
+
+
+# --- secure-aggregation replies ------------------------------------------------------
+
+
+def encode_secure_message_header(header: SecureMessageHeader) -> pb.SecureMessageHeader:
+    return pb.SecureMessageHeader(
+        round=header.round,
+        run_id=header.run_id,
+        payload_sha256=header.payload_sha256,
+        total_size=header.total_size,
+    )
+
+
+def decode_secure_message_header(message: pb.SecureMessageHeader) -> SecureMessageHeader:
+    _check_matches_auth(message)
+    return SecureMessageHeader(
+        round=message.round,
+        run_id=message.run_id,
+        payload_sha256=message.payload_sha256,
+        total_size=message.total_size,
+    )
+
+
+def secure_message_parts(
+    header: pb.SecureMessageHeader, frame: bytes, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Iterator[pb.SecureMessagePart]:
+    """The client-streamed messages of a SecAgg+ reply: the (signed) header, then the chunks."""
+    if header.payload_sha256 != hashlib.sha256(frame).hexdigest():
+        raise ProtocolError("the secure message header's payload_sha256 is not the frame's sha256")
+    yield pb.SecureMessagePart(header=header)
+    for chunk in chunk_payload(frame, chunk_size):
+        yield pb.SecureMessagePart(chunk=encode_chunk(chunk))
+
+
+def secure_header_of(part: pb.SecureMessagePart) -> pb.SecureMessageHeader:
+    """The header a SecAgg+ reply must open with; ``ProtocolError`` for anything else."""
+    if part.WhichOneof("part") != "header":
+        raise ProtocolError("a secure message upload must start with its header")
+    return part.header
 
 
 def encode_evaluation_report(report: EvaluationReport) -> pb.ReportEvaluationRequest:

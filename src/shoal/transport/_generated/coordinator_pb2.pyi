@@ -24,6 +24,10 @@ Conventions:
 - A model's sha256 is the content hash of its parameters (layout and
   values, as Parameters.sha256() computes it); a Chunk's sha256 is the hash
   of the bytes the chunks make up.
+- Under secure aggregation (SecAgg+), the protocol's own messages travel as
+  frames of shoal.secure.serde (encode_message / decode_message): the
+  coordinator's requests in Task.secure_request, the client's replies
+  through SubmitSecureMessage.
 """
 
 from collections import abc as _abc
@@ -51,12 +55,16 @@ class _PhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Phase.ValueType
     PHASE_UNSPECIFIED: _Phase.ValueType  # 0
     PHASE_FIT: _Phase.ValueType  # 1
     PHASE_EVALUATE: _Phase.ValueType  # 2
+    PHASE_SECURE_AGGREGATION: _Phase.ValueType  # 3
+    """a key or unmask stage of a secure round: no model, no config"""
 
 class Phase(_Phase, metaclass=_PhaseEnumTypeWrapper): ...
 
 PHASE_UNSPECIFIED: Phase.ValueType  # 0
 PHASE_FIT: Phase.ValueType  # 1
 PHASE_EVALUATE: Phase.ValueType  # 2
+PHASE_SECURE_AGGREGATION: Phase.ValueType  # 3
+"""a key or unmask stage of a secure round: no model, no config"""
 Global___Phase: _TypeAlias = Phase  # noqa: Y015
 
 class _RejectCode:
@@ -555,11 +563,18 @@ class Task(_message.Message):
     FIT_FIELD_NUMBER: _builtins.int
     EVALUATE_FIELD_NUMBER: _builtins.int
     DEADLINE_IN_S_FIELD_NUMBER: _builtins.int
+    SECURE_REQUEST_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     run_id: _builtins.str
     phase: Global___Phase.ValueType
     deadline_in_s: _builtins.float
     """time left to report, from when the task is received"""
+    secure_request: _builtins.bytes
+    """The SecAgg+ request of a secure round, as a shoal.secure.serde frame: the
+    masked-input request with a PHASE_FIT task (train, then mask the update and
+    send it with SubmitSecureMessage, never the plaintext update), or a key or
+    unmask request with a PHASE_SECURE_AGGREGATION task. Empty otherwise.
+    """
     @_builtins.property
     def model(self) -> Global___ModelRef: ...
     @_builtins.property
@@ -576,10 +591,11 @@ class Task(_message.Message):
         fit: Global___FitConfig | None = ...,
         evaluate: Global___EvaluateConfig | None = ...,
         deadline_in_s: _builtins.float = ...,
+        secure_request: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "evaluate", b"evaluate", "fit", b"fit", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "deadline_in_s", b"deadline_in_s", "evaluate", b"evaluate", "fit", b"fit", "model", b"model", "phase", b"phase", "round", b"round", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "deadline_in_s", b"deadline_in_s", "evaluate", b"evaluate", "fit", b"fit", "model", b"model", "phase", b"phase", "round", b"round", "run_id", b"run_id", "secure_request", b"secure_request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["fit", "evaluate"]  # noqa: Y015
     _WhichOneofArgType_config: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
@@ -786,6 +802,92 @@ class SubmitUpdateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitUpdateResponse: _TypeAlias = SubmitUpdateResponse  # noqa: Y015
+
+@_typing.final
+class SecureMessageHeader(_message.Message):
+    """--- SubmitSecureMessage ---------------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTH_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    PAYLOAD_SHA256_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    """equal to auth.round and to the frame's own round"""
+    run_id: _builtins.str
+    """equal to auth.run_id"""
+    payload_sha256: _builtins.str
+    """sha256 of the SecAgg+ frame that follows"""
+    total_size: _builtins.int
+    """its length"""
+    @_builtins.property
+    def auth(self) -> Global___RequestAuth: ...
+    def __init__(
+        self,
+        *,
+        auth: Global___RequestAuth | None = ...,
+        round: _builtins.int = ...,
+        run_id: _builtins.str = ...,
+        payload_sha256: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "payload_sha256", b"payload_sha256", "round", b"round", "run_id", b"run_id", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecureMessageHeader: _TypeAlias = SecureMessageHeader  # noqa: Y015
+
+@_typing.final
+class SecureMessagePart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___SecureMessageHeader:
+        """first, and only first"""
+
+    @_builtins.property
+    def chunk(self) -> Global___Chunk: ...
+    def __init__(
+        self,
+        *,
+        header: Global___SecureMessageHeader | None = ...,
+        chunk: Global___Chunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___SecureMessagePart: _TypeAlias = SecureMessagePart  # noqa: Y015
+
+@_typing.final
+class SubmitSecureMessageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERDICT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def verdict(self) -> Global___Verdict: ...
+    def __init__(
+        self,
+        *,
+        verdict: Global___Verdict | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["verdict", b"verdict"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitSecureMessageResponse: _TypeAlias = SubmitSecureMessageResponse  # noqa: Y015
 
 @_typing.final
 class ReportEvaluationRequest(_message.Message):

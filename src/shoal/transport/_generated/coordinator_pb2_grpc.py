@@ -54,6 +54,11 @@ class CoordinatorStub:
                 request_serializer=shoal_dot_v1_dot_coordinator__pb2.UpdatePart.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_coordinator__pb2.SubmitUpdateResponse.FromString,
                 _registered_method=True)
+        self.SubmitSecureMessage = channel.stream_unary(
+                '/shoal.v1.Coordinator/SubmitSecureMessage',
+                request_serializer=shoal_dot_v1_dot_coordinator__pb2.SecureMessagePart.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_coordinator__pb2.SubmitSecureMessageResponse.FromString,
+                _registered_method=True)
         self.ReportEvaluation = channel.unary_unary(
                 '/shoal.v1.Coordinator/ReportEvaluation',
                 request_serializer=shoal_dot_v1_dot_coordinator__pb2.ReportEvaluationRequest.SerializeToString,
@@ -98,6 +103,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitSecureMessage(self, request_iterator, context):
+        """Send a secure-aggregation reply (keys, shares, masked input, unmask shares): a
+        SecureMessageHeader first, then the frame's chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportEvaluation(self, request, context):
         """Report the result of an evaluation task.
         """
@@ -134,6 +147,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.SubmitUpdate,
                     request_deserializer=shoal_dot_v1_dot_coordinator__pb2.UpdatePart.FromString,
                     response_serializer=shoal_dot_v1_dot_coordinator__pb2.SubmitUpdateResponse.SerializeToString,
+            ),
+            'SubmitSecureMessage': grpc.stream_unary_rpc_method_handler(
+                    servicer.SubmitSecureMessage,
+                    request_deserializer=shoal_dot_v1_dot_coordinator__pb2.SecureMessagePart.FromString,
+                    response_serializer=shoal_dot_v1_dot_coordinator__pb2.SubmitSecureMessageResponse.SerializeToString,
             ),
             'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportEvaluation,
@@ -254,6 +272,33 @@ class Coordinator:
             '/shoal.v1.Coordinator/SubmitUpdate',
             shoal_dot_v1_dot_coordinator__pb2.UpdatePart.SerializeToString,
             shoal_dot_v1_dot_coordinator__pb2.SubmitUpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitSecureMessage(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/shoal.v1.Coordinator/SubmitSecureMessage',
+            shoal_dot_v1_dot_coordinator__pb2.SecureMessagePart.SerializeToString,
+            shoal_dot_v1_dot_coordinator__pb2.SubmitSecureMessageResponse.FromString,
             options,
             channel_credentials,
             insecure,

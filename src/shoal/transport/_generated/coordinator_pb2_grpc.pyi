@@ -24,6 +24,10 @@ Conventions:
 - A model's sha256 is the content hash of its parameters (layout and
   values, as Parameters.sha256() computes it); a Chunk's sha256 is the hash
   of the bytes the chunks make up.
+- Under secure aggregation (SecAgg+), the protocol's own messages travel as
+  frames of shoal.secure.serde (encode_message / decode_message): the
+  coordinator's requests in Task.secure_request, the client's replies
+  through SubmitSecureMessage.
 """
 
 from collections import abc as _abc
@@ -64,6 +68,10 @@ class CoordinatorStub:
     """Download a global model as a stream of chunks of its safetensors bytes."""
     SubmitUpdate: _grpc.StreamUnaryMultiCallable[_coordinator_pb2.UpdatePart, _coordinator_pb2.SubmitUpdateResponse]
     """Upload a training result: an UpdateHeader first, then the payload's chunks."""
+    SubmitSecureMessage: _grpc.StreamUnaryMultiCallable[_coordinator_pb2.SecureMessagePart, _coordinator_pb2.SubmitSecureMessageResponse]
+    """Send a secure-aggregation reply (keys, shares, masked input, unmask shares): a
+    SecureMessageHeader first, then the frame's chunks.
+    """
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ReportEvaluationRequest, _coordinator_pb2.ReportEvaluationResponse]
     """Report the result of an evaluation task."""
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.HeartbeatRequest, _coordinator_pb2.HeartbeatResponse]
@@ -82,6 +90,10 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """Download a global model as a stream of chunks of its safetensors bytes."""
     SubmitUpdate: _aio.StreamUnaryMultiCallable[_coordinator_pb2.UpdatePart, _coordinator_pb2.SubmitUpdateResponse]  # type: ignore[assignment]
     """Upload a training result: an UpdateHeader first, then the payload's chunks."""
+    SubmitSecureMessage: _aio.StreamUnaryMultiCallable[_coordinator_pb2.SecureMessagePart, _coordinator_pb2.SubmitSecureMessageResponse]  # type: ignore[assignment]
+    """Send a secure-aggregation reply (keys, shares, masked input, unmask shares): a
+    SecureMessageHeader first, then the frame's chunks.
+    """
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ReportEvaluationRequest, _coordinator_pb2.ReportEvaluationResponse]  # type: ignore[assignment]
     """Report the result of an evaluation task."""
     Heartbeat: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.HeartbeatRequest, _coordinator_pb2.HeartbeatResponse]  # type: ignore[assignment]
@@ -121,6 +133,16 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.SubmitUpdateResponse, _abc.Awaitable[_coordinator_pb2.SubmitUpdateResponse]]:
         """Upload a training result: an UpdateHeader first, then the payload's chunks."""
+
+    @_abc_1.abstractmethod
+    def SubmitSecureMessage(
+        self,
+        request_iterator: _MaybeAsyncIterator[_coordinator_pb2.SecureMessagePart],
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.SubmitSecureMessageResponse, _abc.Awaitable[_coordinator_pb2.SubmitSecureMessageResponse]]:
+        """Send a secure-aggregation reply (keys, shares, masked input, unmask shares): a
+        SecureMessageHeader first, then the frame's chunks.
+        """
 
     @_abc_1.abstractmethod
     def ReportEvaluation(
