@@ -12,6 +12,7 @@ PACKAGES = [
     "shoal.client",
     "shoal.coordinator",
     "shoal.registry",
+    "shoal.privacy",
     "shoal.secure",
     "shoal.core",
     "shoal.simulation",

@@ -101,6 +101,11 @@ class ClientSection(_Section):
     epochs: PositiveFloat = 1.0
     batch_size: int = Field(16, ge=0)
     learning_rate: PositiveFloat = 0.1
+    # record-level DP-SGD: per-example clipping and Gaussian noise in every local step
+    dp_sgd: bool = False
+    dp_sgd_clip_norm: PositiveFloat = 1.0
+    dp_sgd_noise_multiplier: Annotated[float, Field(ge=0)] = 1.0
+    dp_sgd_delta: Annotated[float, Field(gt=0, lt=1)] | None = None  # unset: 1 / examples
 
 
 class RoundSection(_Section):
@@ -204,6 +209,39 @@ class SecureAggregationSection(_Section):
         return self.protocol != "none"
 
 
+class PrivacySection(_Section):
+    """[privacy]: user-level differential privacy, with the budget as a resource."""
+
+    placement: Literal["none", "central", "local", "distributed"] = "none"
+    epsilon: PositiveFloat | None = None  # the run's budget: training stops before it is spent
+    delta: Annotated[float, Field(gt=0, lt=1)] | None = None  # unset: 1 / population
+    noise_multiplier: Annotated[float, Field(ge=0)] | None = None  # unset: calibrated to epsilon
+    clip_norm: PositiveFloat = 1.0
+    adaptive_clipping: bool = False
+    target_quantile: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    clip_learning_rate: PositiveFloat = 0.2
+    clipped_count_std: PositiveFloat | None = None  # unset: clients_per_round / 20
+    accountant: Literal["rdp", "pld"] = "rdp"
+    conversion: Literal["improved", "classic"] = "improved"
+    sampling: Literal["poisson", "fixed"] = "fixed"
+    client_epsilon: PositiveFloat | None = None  # a client past it is no longer selected
+    secure_noise: bool = True  # False: seeded noise, reproducible, for tests only
+    alert_command: str | None = None  # run when the budget is exhausted (event JSON on stdin)
+    alert_hook: str | None = None  # "module:function" called with the event
+
+    @property
+    def enabled(self) -> bool:
+        return self.placement != "none"
+
+
+class TrackingSection(_Section):
+    """[tracking]: MLflow (extra `mlflow`); unset URI: a SQLite store in the run folder."""
+
+    mlflow: bool = False
+    tracking_uri: str | None = None
+    experiment: str | None = None
+
+
 class Config(_Section):
     """A whole run: every section with its defaults."""
 
@@ -218,6 +256,8 @@ class Config(_Section):
     simulation: SimulationSection = SimulationSection()
     coordinator: CoordinatorSection = CoordinatorSection()
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
+    privacy: PrivacySection = PrivacySection()
+    tracking: TrackingSection = TrackingSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -226,6 +266,20 @@ class Config(_Section):
                 f"round.clients_per_round ({self.round.clients_per_round}) exceeds "
                 f"data.num_clients ({self.data.num_clients})"
             )
+        privacy, secure = self.privacy, self.secure_aggregation
+        if privacy.placement == "distributed" and secure.protocol != "secagg+":
+            raise ValueError(
+                "privacy.placement = 'distributed' adds each client's share of the noise inside "
+                "secure aggregation, so that no one sees a less noised value: set "
+                "secure_aggregation.protocol = 'secagg+'"
+            )
+        if privacy.enabled and privacy.adaptive_clipping and secure.enabled:
+            raise ValueError(
+                "privacy.adaptive_clipping counts the clients whose update was not clipped, "
+                "which secure aggregation hides: switch one of them off"
+            )
+        if privacy.enabled and privacy.epsilon is None and privacy.noise_multiplier is None:
+            raise ValueError("privacy: set epsilon (the budget) or noise_multiplier, or both")
         return self
 
 

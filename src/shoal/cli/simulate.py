@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
 from shoal.cli.app import app, user_errors
@@ -161,4 +162,13 @@ def _print_summary(summary: dict[str, Any]) -> None:
     ):
         value = summary.get(key)
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    if summary.get("privacy") is not None:  # DP is on: what the run spent
+        table.add_row("epsilon", f"{summary['epsilon']:.4f} ({summary['accounting']})")
+        table.add_row("delta", f"{summary['delta']:.3g}")
+        table.add_row("noise_multiplier", f"{summary['noise_multiplier']:.4f}")
+        if summary.get("privacy_locked"):
+            table.add_row("privacy_locked", escape(str(summary["privacy_locked"])))
+    if summary.get("secure_aggregation", "none") != "none":
+        table.add_row("secure_aggregation", str(summary["secure_aggregation"]))
+        table.add_row("clients_recovered", str(summary.get("clients_recovered", 0)))
     console.print(table)

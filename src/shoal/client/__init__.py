@@ -8,6 +8,17 @@ from shoal.client.api import (
     FitResult,
     fit_update,
 )
+from shoal.client.dp_sgd import (
+    DpSgdSettings,
+    PerExampleGradientModel,
+    PoissonBatches,
+    dp_sgd_gradient,
+    dp_sgd_metrics,
+    dp_sgd_training,
+    per_example_clip_factors,
+    poisson_sampling_rate,
+    record_level_epsilon,
+)
 from shoal.client.numpy_models import (
     MLP,
     LocalTrainingResult,
@@ -22,6 +33,7 @@ from shoal.client.torch_client import TorchClient
 __all__ = [
     "MLP",
     "Client",
+    "DpSgdSettings",
     "EvaluateConfig",
     "EvaluateResult",
     "FitConfig",
@@ -29,9 +41,17 @@ __all__ = [
     "LocalTrainingResult",
     "NumpyClient",
     "NumpyModel",
+    "PerExampleGradientModel",
+    "PoissonBatches",
     "SoftmaxRegression",
     "TorchClient",
     "count_steps",
+    "dp_sgd_gradient",
+    "dp_sgd_metrics",
+    "dp_sgd_training",
     "fit_update",
     "local_sgd",
+    "per_example_clip_factors",
+    "poisson_sampling_rate",
+    "record_level_epsilon",
 ]

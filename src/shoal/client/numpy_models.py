@@ -26,6 +26,13 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult
+from shoal.client.dp_sgd import (
+    DpSgdSettings,
+    PerExampleGradientModel,
+    dp_sgd_metrics,
+    dp_sgd_training,
+    poisson_sampling_rate,
+)
 from shoal.core.errors import ClientError, DataError
 from shoal.core.parameters import Layout, Parameters, TensorSpec
 
@@ -109,12 +116,14 @@ class _FlatModel:
         num_features: int,
         num_classes: int,
         weight_decay: float,
+        decayed: tuple[int, ...],
     ) -> None:
         if not (math.isfinite(weight_decay) and weight_decay >= 0):
             raise DataError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
         self.num_features = num_features
         self.num_classes = num_classes
         self.weight_decay = float(weight_decay)
+        self._decayed = decayed  # the tensors weight decay applies to
         self._layout = Layout(specs)
         self._spans = [
             (start, end, spec.shape)
@@ -139,10 +148,28 @@ class _FlatModel:
         labels: LabelArray = np.argmax(self._logits(vector, x), axis=0).astype(np.int64)
         return labels
 
+    def add_weight_decay_(self, vector: FloatArray, gradient: FloatArray) -> float:
+        """Add weight decay's gradient to ``gradient`` in place; return its penalty."""
+        weights, gradients = self._views(vector), self._views(gradient)
+        return l2_penalty_(
+            [weights[index] for index in self._decayed],
+            [gradients[index] for index in self._decayed],
+            weight_decay=self.weight_decay,
+        )
+
     def _views(self, vector: FloatArray) -> list[FloatArray]:
         if vector.shape != (self._layout.size,):
             raise ClientError(f"need a vector of {self._layout.size} values, got {vector.shape}")
         return [vector[start:end].reshape(shape) for start, end, shape in self._spans]
+
+    def _example_views(
+        self, count: int, dtype: np.dtype[Any]
+    ) -> tuple[FloatArray, list[FloatArray]]:
+        """A new (count, P) array, one row per example, and its per-tensor views (count, *shape)."""
+        rows = np.empty((count, self._layout.size), dtype=dtype)
+        # Splitting a row's contiguous span into a tensor's shape needs no copy: these are views.
+        views = [rows[:, start:end].reshape(count, *shape) for start, end, shape in self._spans]
+        return rows, views
 
     def _logits(self, vector: FloatArray, x: FloatArray) -> FloatArray:
         raise NotImplementedError
@@ -161,7 +188,11 @@ class SoftmaxRegression(_FlatModel):
             TensorSpec("bias", (num_classes,)),
         )
         super().__init__(
-            specs, weight_decay=weight_decay, num_features=num_features, num_classes=num_classes
+            specs,
+            weight_decay=weight_decay,
+            num_features=num_features,
+            num_classes=num_classes,
+            decayed=(0,),
         )
 
     def init_parameters(self, rng: np.random.Generator) -> Parameters:
@@ -182,6 +213,23 @@ class SoftmaxRegression(_FlatModel):
         np.sum(logits, axis=1, out=grad_bias)
         loss += l2_penalty_([weight], [grad_weight], weight_decay=self.weight_decay)
         return loss, gradient
+
+    def per_example_gradients(
+        self, vector: FloatArray, x: FloatArray, y: LabelArray
+    ) -> tuple[float, FloatArray]:
+        """Mean cross-entropy and each example's gradient of its own loss, as rows (n, P).
+
+        Weight decay is left out of both (see :meth:`add_weight_decay_`): the
+        rows' mean plus weight decay is :meth:`loss_and_gradient`'s gradient.
+        """
+        count = x.shape[0]
+        logits = self._logits(vector, x)
+        loss = softmax_cross_entropy_(logits, y)
+        logits *= count  # from the batch mean back to each example's own loss
+        rows, (grad_weight, grad_bias) = self._example_views(count, logits.dtype)
+        np.multiply(logits.T[:, :, np.newaxis], x[:, np.newaxis, :], out=grad_weight)
+        grad_bias[...] = logits.T
+        return loss, rows
 
     def _logits(self, vector: FloatArray, x: FloatArray) -> FloatArray:
         weight, bias = self._views(vector)
@@ -209,7 +257,11 @@ class MLP(_FlatModel):
             TensorSpec("output.bias", (num_classes,)),
         )
         super().__init__(
-            specs, weight_decay=weight_decay, num_features=num_features, num_classes=num_classes
+            specs,
+            weight_decay=weight_decay,
+            num_features=num_features,
+            num_classes=num_classes,
+            decayed=(0, 2),
         )
 
     def init_parameters(self, rng: np.random.Generator) -> Parameters:
@@ -242,6 +294,29 @@ class MLP(_FlatModel):
             [hidden_w, output_w], [grad_hidden_w, grad_output_w], weight_decay=self.weight_decay
         )
         return loss, gradient
+
+    def per_example_gradients(
+        self, vector: FloatArray, x: FloatArray, y: LabelArray
+    ) -> tuple[float, FloatArray]:
+        """Mean cross-entropy and each example's gradient of its own loss, as rows (n, P).
+
+        Weight decay is left out of both, as in :meth:`SoftmaxRegression.per_example_gradients`.
+        """
+        count = x.shape[0]
+        output_w = self._views(vector)[2]
+        hidden = self._hidden(vector, x)
+        logits = self._output(vector, hidden)
+        loss = softmax_cross_entropy_(logits, y)
+        logits *= count  # from the batch mean back to each example's own loss
+        rows, views = self._example_views(count, logits.dtype)
+        grad_hidden_w, grad_hidden_b, grad_output_w, grad_output_b = views
+        np.multiply(logits.T[:, :, np.newaxis], hidden.T[:, np.newaxis, :], out=grad_output_w)
+        grad_output_b[...] = logits.T
+        grad_hidden = output_w.T @ logits
+        np.multiply(grad_hidden, hidden > 0, out=grad_hidden)
+        np.multiply(grad_hidden.T[:, :, np.newaxis], x[:, np.newaxis, :], out=grad_hidden_w)
+        grad_hidden_b[...] = grad_hidden.T
+        return loss, rows
 
     def _hidden(self, vector: FloatArray, x: FloatArray) -> FloatArray:
         """ReLU activations, one column per example: (h, n)."""
@@ -286,6 +361,7 @@ def local_sgd(
     learning_rate: float,
     proximal_mu: float = 0.0,
     rng: np.random.Generator,
+    dp_sgd: DpSgdSettings | None = None,
 ) -> LocalTrainingResult:
     """Mini-batch SGD from ``parameters``, reshuffling at each epoch.
 
@@ -295,11 +371,37 @@ def local_sgd(
     :func:`count_steps`). ``train_loss`` is the mean of the model's loss
     (without the proximal term) over the steps, each measured before its
     update. Raises :class:`ClientError` on empty data or a non-finite loss.
+
+    With ``dp_sgd`` the steps are record-level DP-SGD instead (see
+    :mod:`shoal.client.dp_sgd`): Poisson batches at ``q = batch / n``,
+    per-example clipping, noise, and the expected batch size as
+    denominator; the model must be a
+    :class:`~shoal.client.dp_sgd.PerExampleGradientModel`. In
+    secure mode ``rng`` is not used: the sampling and the noise come from a
+    CSPRNG.
     """
     _check_training_inputs(x, y, epochs=epochs, batch_size=batch_size, rate=learning_rate)
     check_labels(y, num_classes=model.num_classes)
     num_examples = x.shape[0]
     num_steps = count_steps(num_examples=num_examples, epochs=epochs, batch_size=batch_size)
+    if dp_sgd is not None:
+        if not isinstance(model, PerExampleGradientModel):
+            raise ClientError(
+                f"DP-SGD needs per-example gradients, {type(model).__name__} lacks them"
+            )
+        weights, mean_loss = dp_sgd_training(
+            model,
+            parameters.vector,
+            x,
+            y,
+            num_steps=num_steps,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            proximal_mu=proximal_mu,
+            settings=dp_sgd,
+            rng=rng,
+        )
+        return LocalTrainingResult(parameters.with_vector(weights), mean_loss, num_steps)
     batch = num_examples if batch_size == 0 else min(batch_size, num_examples)
     anchor = parameters.vector
     weights = anchor.copy()
@@ -362,8 +464,11 @@ def _check_training_inputs(
 class NumpyClient(Client):
     """A client that trains a :class:`NumpyModel` on local arrays with :func:`local_sgd`.
 
-    ``fit`` is deterministic in ``config.seed``. ``eval_data`` None means the
-    client holds no held-out data: ``evaluate`` then reports zero examples.
+    ``fit`` is deterministic in ``config.seed`` (except under secure DP-SGD).
+    ``eval_data`` None means the client holds no held-out data: ``evaluate``
+    then reports zero examples. ``dp_sgd`` turns on record-level DP-SGD for
+    every fit; the fit's metrics then carry :func:`dp_sgd_metrics` for the
+    coordinator's accountant.
     """
 
     def __init__(
@@ -374,8 +479,10 @@ class NumpyClient(Client):
         eval_data: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
         parameters: Parameters | None = None,
         init_seed: int = 0,
+        dp_sgd: DpSgdSettings | None = None,
     ) -> None:
         self.model = model
+        self.dp_sgd = dp_sgd
         self.train_x, self.train_y = _as_examples(train_data)
         self.eval_data = _as_examples(eval_data) if eval_data is not None else None
         if parameters is None:
@@ -397,9 +504,15 @@ class NumpyClient(Client):
             learning_rate=config.learning_rate,
             proximal_mu=config.proximal_mu,
             rng=np.random.default_rng(config.seed),
+            dp_sgd=self.dp_sgd,
         )
         self._parameters = result.parameters
         metrics = {"loss": result.train_loss, "steps": float(result.num_steps)}
+        if self.dp_sgd is not None:
+            rate = poisson_sampling_rate(
+                num_examples=len(self.train_y), batch_size=config.batch_size
+            )
+            metrics |= dp_sgd_metrics(self.dp_sgd, steps=result.num_steps, sampling_rate=rate)
         return FitResult(result.parameters, num_examples=len(self.train_y), metrics=metrics)
 
     def evaluate(self, parameters: Parameters, config: EvaluateConfig) -> EvaluateResult:

@@ -8,6 +8,26 @@ Batches are ``(inputs, targets)`` pairs and the loss function averages over
 the batch (``reduction="mean"``, PyTorch's default). The train loader decides
 the batch size; ``FitConfig.batch_size`` is not used.
 
+Record-level DP-SGD (``dp_sgd=DpSgdSettings(...)``) runs through Opacus:
+``PrivacyEngine.make_private`` wraps the module for per-example gradients
+and the optimizer for per-example clipping, with Opacus' RDP accountant.
+Two things are Shoal's own, because Opacus' ``secure_mode`` needs
+``torchcsprng``, which cannot be installed, and its noise otherwise comes
+from ``torch.normal`` on a Mersenne Twister:
+
+- the noise: Opacus is told a noise multiplier of 0 (so it adds none), and
+  a step hook, which runs after Opacus has clipped, summed and divided by
+  the expected batch size, adds ``N(0, (z C / B)^2)`` drawn from Shoal's
+  :class:`~shoal.privacy.noise.NoiseSource` (AES-256-CTR keyed from the OS
+  CSPRNG in secure mode) and steps the accountant with the true ``z``;
+- the Poisson sampling: a loader over :class:`~shoal.client.dp_sgd.PoissonBatches`
+  at Opacus' rate ``q = 1 / len(train_loader)``, from the same source,
+  with Opacus' collate for empty batches.
+
+The FedProx term is added in the same hook, after the noise, since it does
+not depend on the data. Modules Opacus cannot handle (BatchNorm, for one)
+are refused with :class:`ClientError`.
+
 >>> client = TorchClient(
 ...     torch.nn.Linear(64, 10),
 ...     loss_fn=torch.nn.functional.cross_entropy,
@@ -21,11 +41,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult
-from shoal.core.errors import ClientError, ModelError
+from shoal.client.dp_sgd import DpSgdSettings, PoissonBatches, dp_sgd_metrics
+from shoal.core.errors import ClientError, MissingExtraError, ModelError
 from shoal.core.parameters import Parameters
 from shoal.core.torch_interop import (
     import_torch,
@@ -36,6 +61,8 @@ from shoal.core.torch_interop import (
 if TYPE_CHECKING:
     import torch
     from torch.utils.data import DataLoader
+
+    from shoal.privacy.noise import NoiseSource
 
 LossFunction = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 OptimizerFactory = Callable[[Iterator["torch.nn.Parameter"], FitConfig], "torch.optim.Optimizer"]
@@ -56,6 +83,10 @@ class TorchClient(Client):
     explicit generator, and dropout, repeat) and restored afterwards; a
     train loader built with its own ``generator`` has it reseeded with
     ``config.seed`` at every fit.
+
+    With ``dp_sgd`` every fit is record-level DP-SGD (see the module
+    docstring); its metrics then add :func:`~shoal.client.dp_sgd.dp_sgd_metrics`
+    and ``dp_sgd_epsilon``, Opacus' RDP epsilon of the fit at ``dp_sgd.delta``.
     """
 
     def __init__(
@@ -66,8 +97,12 @@ class TorchClient(Client):
         train_loader: DataLoader[Any],
         eval_loader: DataLoader[Any] | None = None,
         optimizer_factory: OptimizerFactory | None = None,
+        dp_sgd: DpSgdSettings | None = None,
     ) -> None:
         import_torch("TorchClient")
+        if dp_sgd is not None:
+            _import_opacus()
+        self.dp_sgd = dp_sgd
         self.module = module
         self.loss_fn = loss_fn
         self.train_loader = train_loader
@@ -82,15 +117,19 @@ class TorchClient(Client):
     def fit(self, parameters: Parameters, config: FitConfig) -> FitResult:
         self._load(parameters)
         num_steps = max(1, round(config.epochs * self._steps_per_epoch))
+        dp_metrics: dict[str, float] = {}
         try:
             with _seeded(config.seed, self._device()):
                 _reseed_loader(self.train_loader, config.seed)
-                mean_loss = self._train(num_steps, config)
+                if self.dp_sgd is None:
+                    mean_loss = self._train(num_steps, config)
+                else:
+                    mean_loss, dp_metrics = self._train_private(num_steps, config, self.dp_sgd)
         except RuntimeError as exc:
             raise ClientError(f"local training failed: {exc}") from exc
         if not math.isfinite(mean_loss):
             raise ClientError(f"local training diverged (mean loss {mean_loss})")
-        metrics = {"loss": mean_loss, "steps": float(num_steps)}
+        metrics = {"loss": mean_loss, "steps": float(num_steps), **dp_metrics}
         return FitResult(self.get_parameters(), self._num_train_examples, metrics)
 
     def evaluate(self, parameters: Parameters, config: EvaluateConfig) -> EvaluateResult:
@@ -124,25 +163,91 @@ class TorchClient(Client):
         return torch.device("cpu")
 
     def _train(self, num_steps: int, config: FitConfig) -> float:
-        module, device = self.module, self._device()
-        module.train()
+        self.module.train()
         optimizer = self._optimizer(config)
-        trainable = [p for p in module.parameters() if p.requires_grad]
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
         anchors = [p.detach().clone() for p in trainable] if config.proximal_mu > 0 else []
-        total_loss, step = 0.0, 0
+
+        def after_backward() -> None:
+            if anchors:
+                _add_proximal_gradient(trainable, anchors, mu=config.proximal_mu)
+
+        return self._run_steps(
+            self.module, self.train_loader, optimizer, num_steps, after_backward=after_backward
+        )
+
+    def _train_private(
+        self, num_steps: int, config: FitConfig, settings: DpSgdSettings
+    ) -> tuple[float, dict[str, float]]:
+        """DP-SGD through Opacus with Shoal's sampling and noise; see the module docstring."""
+        sampling_rate = 1 / self._steps_per_epoch  # Opacus' rate: one expected pass per epoch
+        noise = settings.noise_source(np.random.default_rng(config.seed))
+        loader = _poisson_loader(self.train_loader, sampling_rate=sampling_rate, noise=noise)
+        engine = _privacy_engine()
+        self.module.train()
+        try:
+            module, optimizer, loader = engine.make_private(
+                module=self.module,
+                optimizer=self._optimizer(config),
+                data_loader=loader,
+                noise_multiplier=0.0,  # Opacus adds none: the step hook adds Shoal's
+                max_grad_norm=settings.clip_norm,
+                poisson_sampling=False,  # the loader already samples, from Shoal's source
+            )
+        except (ValueError, NotImplementedError) as exc:
+            raise ClientError(f"Opacus cannot train this module with DP-SGD: {exc}") from exc
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        anchors = [p.detach().clone() for p in trainable] if config.proximal_mu > 0 else []
+
+        def after_step(optimizer: Any) -> None:
+            _add_noise(optimizer.params, std=_noise_std(settings, optimizer), noise=noise)
+            if anchors:
+                _add_proximal_gradient(trainable, anchors, mu=config.proximal_mu)
+            engine.accountant.step(
+                noise_multiplier=settings.noise_multiplier, sample_rate=sampling_rate
+            )
+
+        optimizer.attach_step_hook(after_step)
+        try:
+            with warnings.catch_warnings():
+                # Opacus captures gradients at the first layer's outputs, as torch notes.
+                warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+                mean_loss = self._run_steps(module, loader, optimizer, num_steps)
+        finally:
+            _release_opacus(module, optimizer, self.module)
+        metrics = dp_sgd_metrics(settings, steps=num_steps, sampling_rate=sampling_rate)
+        metrics["dp_sgd_epsilon"] = _epsilon(engine, settings)
+        return mean_loss, metrics
+
+    def _run_steps(
+        self,
+        module: torch.nn.Module,
+        loader: DataLoader[Any],
+        optimizer: torch.optim.Optimizer,
+        num_steps: int,
+        *,
+        after_backward: Callable[[], None] = lambda: None,
+    ) -> float:
+        """``num_steps`` optimizer steps over ``loader``, cycling; the mean loss of its batches.
+
+        An empty batch (Poisson sampling can draw one) still steps, but has no loss to count.
+        """
+        device = self._device()
+        total_loss, counted, step = 0.0, 0, 0
         while step < num_steps:
-            for inputs, targets in self.train_loader:
+            for inputs, targets in loader:
                 optimizer.zero_grad(set_to_none=True)
                 loss = self.loss_fn(module(inputs.to(device)), targets.to(device))
                 loss.backward()  # type: ignore[no-untyped-call]
-                if anchors:
-                    _add_proximal_gradient(trainable, anchors, mu=config.proximal_mu)
+                after_backward()
                 optimizer.step()
-                total_loss += float(loss.detach())
+                if targets.numel() > 0:
+                    total_loss += float(loss.detach())
+                    counted += 1
                 step += 1
                 if step == num_steps:
                     break
-        return total_loss / num_steps
+        return total_loss / counted if counted else 0.0
 
     def _optimizer(self, config: FitConfig) -> torch.optim.Optimizer:
         if self.optimizer_factory is not None:
@@ -182,6 +287,96 @@ def _add_proximal_gradient(
     for parameter, anchor in zip(parameters, anchors, strict=True):
         if parameter.grad is not None:
             parameter.grad.add_(parameter.detach() - anchor, alpha=mu)
+
+
+def _import_opacus() -> ModuleType:
+    """The ``opacus`` module, or :class:`MissingExtraError` naming the extra."""
+    try:
+        import opacus  # type: ignore[import-untyped, unused-ignore]
+    except ImportError as exc:
+        raise MissingExtraError(extra="torch", package="opacus", feature="DP-SGD") from exc
+    return opacus  # type: ignore[no-any-return, unused-ignore]
+
+
+def _privacy_engine() -> Any:
+    """Opacus' engine with its RDP accountant.
+
+    Its warning that ``secure_mode`` is off does not apply: Shoal draws the noise and the batches.
+    """
+    opacus = _import_opacus()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Secure RNG turned off", UserWarning)
+        return opacus.PrivacyEngine(accountant="rdp")
+
+
+def _epsilon(engine: Any, settings: DpSgdSettings) -> float:
+    """Opacus' RDP epsilon at ``settings.delta``; infinite without noise."""
+    if settings.noise_multiplier == 0:
+        return math.inf
+    with warnings.catch_warnings():
+        # Its advice to widen the orders when the best is at an end; the bound still holds.
+        warnings.filterwarnings("ignore", "Optimal order is the", UserWarning)
+        return float(engine.get_epsilon(settings.delta))
+
+
+def _poisson_loader(
+    loader: DataLoader[Any], *, sampling_rate: float, noise: NoiseSource
+) -> DataLoader[Any]:
+    """A loader over ``loader``'s dataset with Poisson batches, as many per epoch as it has."""
+    from opacus.data_loader import (  # type: ignore[import-untyped, unused-ignore]
+        dtype_safe,
+        shape_safe,
+        wrap_collate_with_empty,
+    )
+    from torch.utils.data import DataLoader
+
+    dataset = loader.dataset
+    first = dataset[0]
+    batches = PoissonBatches(
+        num_examples=_dataset_length(loader),
+        sampling_rate=sampling_rate,
+        num_batches=len(loader),
+        noise=noise,
+    )
+    collate = wrap_collate_with_empty(
+        collate_fn=loader.collate_fn,
+        sample_empty_shapes=[(0, *shape_safe(item)) for item in first],
+        dtypes=[dtype_safe(item) for item in first],
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collate,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )
+
+
+def _noise_std(settings: DpSgdSettings, optimizer: Any) -> float:
+    """``z C / B``: the noise on a gradient that Opacus has already divided by ``B``."""
+    expected_batch_size = float(optimizer.expected_batch_size)
+    return settings.noise_multiplier * settings.clip_norm / expected_batch_size
+
+
+def _add_noise(parameters: list[torch.Tensor], *, std: float, noise: NoiseSource) -> None:
+    """Add ``N(0, std^2)`` from ``noise`` to every gradient."""
+    import torch
+
+    if std == 0:
+        return
+    for parameter in parameters:
+        if parameter.grad is not None:
+            drawn = torch.from_numpy(noise.normal(parameter.grad.numel(), std=std))
+            parameter.grad.add_(drawn.view_as(parameter.grad).to(parameter.grad))
+
+
+def _release_opacus(wrapped: Any, optimizer: Any, module: torch.nn.Module) -> None:
+    """Remove Opacus' hooks and the per-example gradients it left on ``module``."""
+    optimizer.zero_grad(set_to_none=True)
+    wrapped.cleanup()
+    for parameter in module.parameters():
+        if hasattr(parameter, "summed_grad"):
+            del parameter.summed_grad
 
 
 def _is_classification(outputs: torch.Tensor, targets: torch.Tensor) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from shoal.aggregation.strategy import Strategy
 from shoal.client.api import EvaluateConfig, FitConfig
@@ -59,6 +60,7 @@ from shoal.core.errors import (
 )
 from shoal.core.parameters import Parameters, Vector, all_finite
 from shoal.core.transforms import TransformState
+from shoal.privacy.coordinator import UNCLIPPED, DpCoordinator, check_private_strategy
 from shoal.secure.messages import StaleMessage
 from shoal.secure.server import Aborted, SumReady
 
@@ -77,11 +79,15 @@ class Coordinator:
         seed: int,
         optimizer_state: TransformState | None = None,
         secure: SecureSettings | None = None,
+        privacy: DpCoordinator | None = None,
     ) -> None:
         if secure is not None:
             check_secure_strategy(strategy)
+        if privacy is not None:
+            check_private_strategy(strategy)
         self.settings = settings
         self.secure = secure
+        self.privacy = privacy
         self.strategy = strategy
         self.parameters = parameters
         self.seed = seed
@@ -205,6 +211,7 @@ class Coordinator:
             learning_rate=settings.learning_rate,
             proximal_mu=self.strategy.proximal_mu,
             seed=client_seed(seed=self.seed, round_number=round_number, client_id=client_id),
+            extras={} if self.privacy is None else self.privacy.fit_extras(),
         )
         return SendFitTask(client_id, round_number, self.parameters, config)
 
@@ -269,8 +276,12 @@ class Coordinator:
                 event.client_id, event.round, RejectReason.INVALID_UPDATE, problem
             )
             return [rejection, *self._maybe_close(event.now)]
+        update, weight = event.update, float(event.num_examples)
+        if self.privacy is not None:  # user-level DP: clipped updates, every client weighs one
+            update, within = self.privacy.admit(update, reported=event.metrics.get(UNCLIPPED))
+            weight, current.unclipped = 1.0, current.unclipped + within
         current.aggregation = self.strategy.aggregator.accumulate(
-            current.aggregation, event.update, weight=float(event.num_examples)
+            current.aggregation, update, weight=weight
         )
         self._book(current, event.client_id, event.num_examples, event.metrics)
         return self._maybe_close(event.now)
@@ -390,6 +401,9 @@ class Coordinator:
         loss = result.decoded.mean_loss()
         if loss is not None:
             current.metric_sums["loss"] = loss * current.num_examples
+        if self.privacy is not None:  # every client weighed one: the decoded sum is the sum
+            total = result.decoded.weighted_sum
+            return self._aggregate_and_commit(current, now, mean=self._private_mean(total, 0.0))
         return self._aggregate_and_commit(current, now, mean=result.decoded.mean())
 
     def _require_round(self) -> RoundBooks:
@@ -425,6 +439,9 @@ class Coordinator:
         """Step the model by the aggregate (or by the secure ``mean``) and commit it."""
         try:
             delta = self.strategy.aggregator.finalize(current.aggregation) if mean is None else mean
+            if self.privacy is not None and mean is None:  # the mean of n updates, times n
+                total = delta.astype(np.float64) * len(current.reported)
+                delta = self._private_mean(total, float(current.unclipped))
             step, optimizer_state = self.strategy.server_optimizer.update(
                 delta, self.optimizer_state, self.parameters.vector
             )
@@ -441,6 +458,13 @@ class Coordinator:
         summary = self._summary(now, committed=True)
         self._move(Step.COMMITTED)
         return [CommitVersion(current.number, self.parameters, summary), RoundClosed(summary)]
+
+    def _private_mean(self, total: npt.NDArray[np.floating], unclipped: float) -> Vector:
+        """DP-FedAvg's noised mean; the clip norm it used goes into the round's metrics."""
+        assert self.privacy is not None
+        current = self._require_round()
+        current.metric_sums["dp_clip_norm"] = self.privacy.clip.clip_norm * current.num_examples
+        return self.privacy.private_mean(total, unclipped=unclipped)
 
     def _summary(
         self, now: float, *, committed: bool, abort_reason: str | None = None
@@ -466,4 +490,5 @@ class Coordinator:
             committed=committed,
             abort_reason=abort_reason,
             secure=current.secure_report,
+            participants=tuple(sorted(current.reported)),
         )

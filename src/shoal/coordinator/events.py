@@ -270,6 +270,7 @@ class RoundSummary:
     committed: bool
     abort_reason: str | None = None
     secure: SecureRoundReport | None = None
+    participants: tuple[str, ...] = ()  # whose results count in the round
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,7 @@ class RoundBooks:
     num_examples: int = 0
     loss_sum: float = 0.0
     metric_sums: dict[str, float] = field(default_factory=dict)
+    unclipped: int = 0  # user-level DP: updates that were within the clip norm
     secure: SecureRound | CkksRound | None = None
     secure_report: SecureRoundReport | None = None
 

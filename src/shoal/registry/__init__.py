@@ -4,7 +4,8 @@ Everything lives in one SQLAlchemy database (SQLite by default, PostgreSQL
 by URL, see :func:`open_database`) plus a content-addressed blob store
 (:class:`BlobStore`, a local folder or any fsspec URL); a coordinator finds
 both from its state folder (:func:`registry_location`, :func:`blob_location`).
-The database also holds the enrollment tokens (:class:`EnrollmentTokens`).
+The database also holds the enrollment tokens (:class:`EnrollmentTokens`) and
+each run's differential-privacy budget ledger (:class:`PrivacyLedger`).
 """
 
 from shoal.core.device import DeviceState
@@ -19,6 +20,7 @@ from shoal.registry.database import Database, open_database
 from shoal.registry.location import RegistryLocation, blob_location, registry_location
 from shoal.registry.migrations import MIGRATIONS, SCHEMA_VERSION, Migration, apply_migrations
 from shoal.registry.models import ModelRecord, ModelRegistry
+from shoal.registry.privacy import PrivacyBudget, PrivacyLedger, PrivacyRound
 from shoal.registry.schema import ClientStatus, ModelStatus
 from shoal.registry.selector import SelectionCriteria, Selector
 from shoal.registry.tokens import EnrollmentToken, EnrollmentTokens, TokenState, token_id_of
@@ -49,6 +51,9 @@ __all__ = [
     "ModelRecord",
     "ModelRegistry",
     "ModelStatus",
+    "PrivacyBudget",
+    "PrivacyLedger",
+    "PrivacyRound",
     "RegistryLocation",
     "Requirement",
     "SelectionCriteria",

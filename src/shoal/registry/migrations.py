@@ -141,10 +141,53 @@ def _create_enrollment_tokens(op: Operations) -> None:
     )
 
 
+def _create_privacy_ledger(op: Operations) -> None:
+    op.create_table(
+        "privacy_budgets",
+        sa.Column("run_id", sa.String(128), nullable=False),
+        sa.Column("epsilon", sa.Float, nullable=False),
+        sa.Column("delta", sa.Float, nullable=False),
+        sa.Column("created_at", UtcDateTime, nullable=False),
+        sa.Column("locked_at", UtcDateTime),
+        sa.Column("lock_reason", sa.Text),
+        sa.PrimaryKeyConstraint("run_id", name="pk_privacy_budgets"),
+    )
+    op.create_table(
+        "privacy_rounds",
+        sa.Column("run_id", sa.String(128), nullable=False),
+        sa.Column("round", sa.Integer, nullable=False, autoincrement=False),
+        sa.Column("epsilon", sa.Float, nullable=False),
+        sa.Column("delta", sa.Float, nullable=False),
+        sa.Column("noise_multiplier", sa.Float, nullable=False),
+        sa.Column("sampling_rate", sa.Float, nullable=False),
+        sa.Column("accountant", sa.String(64), nullable=False),
+        sa.Column("participants", sa.Integer, nullable=False),
+        sa.Column("participants_sha256", sa.String(64), nullable=False),
+        sa.Column("recorded_at", UtcDateTime, nullable=False),
+        sa.PrimaryKeyConstraint("run_id", "round", name="pk_privacy_rounds"),
+        sa.ForeignKeyConstraint(
+            ["run_id"], ["privacy_budgets.run_id"], name="fk_privacy_rounds_run_id"
+        ),
+    )
+    op.create_table(
+        "privacy_clients",
+        sa.Column("run_id", sa.String(128), nullable=False),
+        sa.Column("client_id", sa.String(128), nullable=False),
+        sa.Column("participations", sa.Integer, nullable=False),
+        sa.Column("epsilon_spent", sa.Float, nullable=False),
+        sa.PrimaryKeyConstraint("run_id", "client_id", name="pk_privacy_clients"),
+        sa.ForeignKeyConstraint(
+            ["run_id"], ["privacy_budgets.run_id"], name="fk_privacy_clients_run_id"
+        ),
+    )
+    op.create_index("ix_privacy_clients_spent", "privacy_clients", ["run_id", "epsilon_spent"])
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "client registry and versioning matrix", _create_client_registry),
     Migration(2, "model registry", _create_model_registry),
     Migration(3, "enrollment tokens", _create_enrollment_tokens),
+    Migration(4, "privacy budget ledger", _create_privacy_ledger),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -183,3 +183,44 @@ enrollment_tokens = sa.Table(
     sa.Column("last_used_by", sa.String(128)),
     sa.UniqueConstraint("token_sha256"),
 )
+
+privacy_budgets = sa.Table(
+    "privacy_budgets",
+    metadata,
+    sa.Column("run_id", sa.String(128), primary_key=True),
+    sa.Column("epsilon", sa.Float, nullable=False),
+    sa.Column("delta", sa.Float, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("locked_at", UtcDateTime),
+    sa.Column("lock_reason", sa.Text),
+)
+
+privacy_rounds = sa.Table(
+    "privacy_rounds",
+    metadata,
+    sa.Column("run_id", sa.String(128), primary_key=True),
+    sa.Column("round", sa.Integer, primary_key=True, autoincrement=False),
+    # the run's cumulative epsilon after this round, at ``delta``
+    sa.Column("epsilon", sa.Float, nullable=False),
+    sa.Column("delta", sa.Float, nullable=False),
+    sa.Column("noise_multiplier", sa.Float, nullable=False),
+    sa.Column("sampling_rate", sa.Float, nullable=False),
+    sa.Column("accountant", sa.String(64), nullable=False),
+    sa.Column("participants", sa.Integer, nullable=False),
+    # the sha256 of the sorted participant ids: tells a retried round from a different one
+    sa.Column("participants_sha256", sa.String(64), nullable=False),
+    sa.Column("recorded_at", UtcDateTime, nullable=False),
+    sa.ForeignKeyConstraint(["run_id"], ["privacy_budgets.run_id"]),
+)
+
+privacy_clients = sa.Table(
+    "privacy_clients",
+    metadata,
+    sa.Column("run_id", sa.String(128), primary_key=True),
+    sa.Column("client_id", sa.String(128), primary_key=True),
+    sa.Column("participations", sa.Integer, nullable=False),
+    sa.Column("epsilon_spent", sa.Float, nullable=False),
+    sa.ForeignKeyConstraint(["run_id"], ["privacy_budgets.run_id"]),
+    # the selector's question: which clients of this run have spent their limit?
+    sa.Index("ix_privacy_clients_spent", "run_id", "epsilon_spent"),
+)

@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.core.errors import IllegalTransition, ProtocolError
+from shoal.privacy.noise import NoiseSource
 from shoal.secure.crypto import (
     KEY_BYTES,
     SEED_BYTES,
@@ -84,11 +85,19 @@ CLIENT_TRANSITIONS: Final[Mapping[tuple[ClientStage, type[ServerRequest]], Clien
 
 @dataclass(frozen=True, slots=True)
 class Contribution:
-    """What the client adds to the sum: its update, example count and training loss."""
+    """What the client adds to the sum: its update, example count and training loss.
+
+    Under user-level DP every client weighs the same (``uniform_weight``), and
+    under distributed DP it adds discrete Gaussian noise of ``noise_std`` (in
+    the update's units) after quantization, from ``noise`` (a CSPRNG by default).
+    """
 
     update: npt.NDArray[np.float32]
     num_examples: int
     loss: float = 0.0
+    uniform_weight: bool = False
+    noise_std: float = 0.0
+    noise: NoiseSource | None = None
 
 
 class SecAggClient:
@@ -214,12 +223,22 @@ class SecAggClient:
             for sender, sealed in request.sealed_shares.items()
         }
         self._held_shares.update(held)
-        vector = session.quantization.encode(
+        quantization = session.quantization
+        vector = quantization.encode(
             contribution.update,
-            num_examples=contribution.num_examples,
+            num_examples=(
+                quantization.max_weight
+                if contribution.uniform_weight
+                else contribution.num_examples
+            ),
             loss=contribution.loss,
             rng=self._rng,
         )
+        if contribution.noise_std > 0:
+            source = contribution.noise if contribution.noise is not None else NoiseSource.secure()
+            sigma = contribution.noise_std / quantization.step()  # in quantization steps
+            noise = source.discrete_gaussian(session.vector_length, sigma=sigma)
+            vector[: session.vector_length] += noise.astype(np.uint32)  # two's complement wraps
         length = session.masked_length
         vector += expand_mask(self._seed, length)
         for peer in sorted(held):  # masks only with neighbours who shared: they are in U2

@@ -146,8 +146,11 @@ class Quantization:
         """The dequantized sum of ``count`` contributions from their modular sum."""
         if total.ndim != 1 or total.size < TRAILER:
             raise ProtocolError(f"a quantized sum needs at least {TRAILER} values")
-        body = total[:-TRAILER].astype(np.float64)
-        weighted_sum = body * (2 * self.clip / self.levels) - count * self.clip
+        # the sum minus its centre, count * L / 2, read as a signed number modulo 2^32: noise
+        # added after quantization may push a coordinate below 0 or past L, and still decodes
+        twice = 2 * total[:-TRAILER].astype(np.int64) - count * self.levels
+        twice = (twice + MODULUS) % (2 * MODULUS) - MODULUS
+        weighted_sum = twice.astype(np.float64) * (self.clip / self.levels)
         num_examples = int(total[-2])
         return DecodedSum(
             weighted_sum=weighted_sum,

@@ -22,6 +22,8 @@ import threadpoolctl
 from shoal.client.api import Client, EvaluateConfig, FitConfig, fit_update
 from shoal.coordinator.selection import client_key
 from shoal.core.parameters import Layout, Parameters, Vector
+from shoal.privacy.client import client_noise, privatize_update
+from shoal.privacy.coordinator import CLIP_NORM
 
 log = logging.getLogger("shoal.simulation")
 
@@ -55,9 +57,12 @@ def run_job(factory: ClientFactory, parameters: Parameters, job: Job) -> Outcome
         if isinstance(job.config, FitConfig):
             result = client.fit(parameters, job.config)
             update = fit_update(result, parameters).vector
-            return Outcome(
-                job.client_id, result.num_examples, update=update, metrics=dict(result.metrics)
-            )
+            metrics = dict(result.metrics)
+            if CLIP_NORM in job.config.extras:  # user-level DP: clip (and noise) on the device
+                noise = client_noise(job.config.extras, seed=job.config.seed)
+                update, dp_metrics = privatize_update(update, job.config.extras, noise=noise)
+                metrics.update(dp_metrics)
+            return Outcome(job.client_id, result.num_examples, update=update, metrics=metrics)
         evaluation = client.evaluate(parameters, job.config)
         return Outcome(
             job.client_id,

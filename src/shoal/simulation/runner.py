@@ -46,6 +46,7 @@ from shoal.core.device import DeviceState
 from shoal.core.errors import RunError
 from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
+from shoal.privacy.run import RunPrivacy
 from shoal.registry import (
     BlobStore,
     ClientRegistry,
@@ -57,9 +58,11 @@ from shoal.registry import (
 from shoal.simulation.consortium import Consortium
 from shoal.simulation.devices import Attempt, DeviceFleet
 from shoal.simulation.executor import Executor, Job, Outcome, make_executor
+from shoal.simulation.record_privacy import RecordLevelLedger
 from shoal.simulation.scenario import Scenario, build_scenario
 from shoal.simulation.secure_rounds import SecureRoundPlayer, secure_row_fields
 from shoal.telemetry.metrics import MetricsLog, clean_row
+from shoal.telemetry.tracking import MlflowTracker
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -100,11 +103,21 @@ class Simulation:
             self.consortium = Consortium(
                 self.out, config.secure_aggregation, self.scenario.client_ids
             )
+        self.privacy: RunPrivacy | None = None
+        if config.privacy.enabled:
+            self.privacy = RunPrivacy(
+                config,
+                population=len(self.scenario.client_ids),
+                clients_per_round=self.settings.clients_per_round,
+                min_clients=self.settings.quorum_count(Phase.FIT),
+                run_id=config.run.name,
+            )
         self.coordinator = Coordinator(
             settings=self.settings,
             strategy=self.strategy,
             parameters=initial,
             seed=config.run.seed,
+            privacy=None if self.privacy is None else self.privacy.coordinator,
             secure=secure_settings_from_config(
                 config,
                 run_id=config.run.name,
@@ -116,6 +129,8 @@ class Simulation:
         self.metrics = MetricsLog(self.out / _METRICS_FILE)
         self._models: ModelRegistry | None = None
         self._clients: ClientRegistry | None = None
+        self._tracker: MlflowTracker | None = None
+        self._records = RecordLevelLedger()  # record-level DP-SGD, when clients run it
 
     @property
     def models(self) -> ModelRegistry:
@@ -148,9 +163,23 @@ class Simulation:
     def run(self, *, on_round: RoundCallback | None = None) -> dict[str, Any]:
         """Play every remaining round; returns the summary also written to summary.json."""
         started = time.perf_counter()
+        if self.config.tracking.mlflow:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._tracker = MlflowTracker(
+                run_name=self.config.run.name,
+                folder=self.out,
+                tracking_uri=self.config.tracking.tracking_uri,
+                experiment_name=self.config.tracking.experiment,
+            )
+            self._tracker.log_params(config_to_dict(self.config))
+        finished = False
         try:
-            return self._run(started, on_round)
+            summary = self._run(started, on_round)
+            finished = True
+            return summary
         finally:
+            if self._tracker is not None:
+                self._tracker.end(status="FINISHED" if finished else "FAILED")
             if self._models is not None:
                 self._models.database.close()
                 self._models = None
@@ -167,12 +196,22 @@ class Simulation:
                 plays.append((round_number, Phase.FIT))
                 if self._evaluation_due(round_number):
                     plays.append((round_number, Phase.EVALUATE))
+            if self.privacy is not None:
+                self.privacy.open(self.models.database)
             for round_number, phase in plays:
+                if self._privacy_stops(round_number, phase):
+                    break
                 row = self._play(executor, round_number, phase, now)
                 now = self._emit(row, started, wall_offset, on_round)["virtual_time_s"]
         summary = self._summary()
         (self.out / _SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         return summary
+
+    def _privacy_stops(self, round_number: int, phase: Phase) -> bool:
+        """Before a fit round that would pass the privacy budget, training stops."""
+        if self.privacy is None or phase is not Phase.FIT:
+            return False
+        return self.privacy.before_round(round_number) is not None
 
     # --- setup and resume ---------------------------------------------------------------
 
@@ -252,6 +291,8 @@ class Simulation:
     ) -> dict[str, Any]:
         """Run one round in virtual time; returns its metrics row (without wall time)."""
         barred = self.clients.barred()  # an operator's `shoal clients suspend` bans a device
+        if self.privacy is not None:
+            barred |= self.privacy.barred()  # clients past their own privacy budget
         candidates = tuple(c for c in self.fleet.available(round_number) if c not in barred)
         actions = self.coordinator.handle(StartRound(round_number, phase, now, candidates))
         tasks = {a.client_id: a for a in actions if isinstance(a, SendFitTask | SendEvaluateTask)}
@@ -287,6 +328,12 @@ class Simulation:
             commit = next((a for a in actions if isinstance(a, CommitVersion)), commit)
             closed = _closed(actions)
             if closed is not None:
+                counted = set(closed.participants)
+                self._records.add_all(
+                    (client, outcome.metrics)
+                    for client, outcome in outcomes.items()
+                    if client in counted and phase is Phase.FIT
+                )
                 return self._row(closed, attempts=attempts, uploads=uploads, commit=commit)
         raise RunError(f"round {round_number} never closed")  # the deadline always closes it
 
@@ -412,6 +459,8 @@ class Simulation:
             "bytes_up": uploads * (self.model_bytes if fit else _EVALUATION_UPLOAD_BYTES),
             **(extra or {}),
         }
+        if fit and self.privacy is not None:
+            row.update(self.privacy.row_fields(summary))
         if commit is None:
             head = self._head()
             row["model_version"] = None if head is None else head.version
@@ -433,6 +482,14 @@ class Simulation:
     ) -> dict[str, Any]:
         row["wall_time_s"] = round(wall_offset + time.perf_counter() - started, 6)
         self.metrics.append(row)
+        if self._tracker is not None and row["phase"] == "fit":
+            self._tracker.log_round(
+                row["round"],
+                loss=row.get("loss"),
+                accuracy=row.get("accuracy"),
+                epsilon=row.get("epsilon"),
+                delta=row.get("delta"),
+            )
         if on_round is not None:
             on_round(row)
         return row
@@ -465,6 +522,8 @@ class Simulation:
             "secure_aggregation": self.config.secure_aggregation.protocol,
             "rounds_aborted_below_threshold": sum(1 for row in fits if row.get("secure_aborted")),
             "clients_recovered": sum(row.get("recovered", 0) for row in fits),
+            **({} if self.privacy is None else self.privacy.summary_fields()),
+            **self._records.summary_fields(),
             "seed": self.config.run.seed,
             "clients": len(self.scenario.client_ids),
         }

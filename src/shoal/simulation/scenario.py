@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.client.api import Client
+from shoal.client.dp_sgd import DpSgdSettings
 from shoal.client.numpy_models import MLP, NumpyClient, SoftmaxRegression
 from shoal.config import Config
 from shoal.core.errors import DataError
@@ -127,11 +128,22 @@ class DataScenario:
 
     def build_client(self, client_id: str) -> Client:
         data = self.local_data(client_id)
+        settings = self.config.client
+        dp_sgd = None
+        if settings.dp_sgd:
+            examples = max(1, int(data.train_y.size))
+            dp_sgd = DpSgdSettings(
+                clip_norm=settings.dp_sgd_clip_norm,
+                noise_multiplier=settings.dp_sgd_noise_multiplier,
+                secure=self.config.privacy.secure_noise,
+                delta=settings.dp_sgd_delta or min(0.5, 1 / examples),
+            )
         return NumpyClient(
             self.model,
             train_data=(data.train_x, data.train_y),
             eval_data=(data.eval_x, data.eval_y),
             parameters=self._initial,
+            dp_sgd=dp_sgd,
         )
 
     def evaluate_centrally(self, parameters: Parameters) -> tuple[float, float]:

@@ -1,0 +1,237 @@
+"""The privacy budget as a resource: plan the noise, account each round, stop before overspending.
+
+A run's :class:`PrivacyPlan` fixes delta (1 / population unless set), the
+sampling of clients per round, and the noise multiplier (given, or
+calibrated so that ``rounds`` rounds spend exactly the budget). Its
+:class:`PrivacyBudgetKeeper` holds the accountant and the ledger in the
+registry database: before each round it asks what epsilon the round would
+lead to, and refuses the round (locking the run's data, with the reason)
+when that would pass the budget; after each committed round it records the
+round and charges its participants. A restarted coordinator rebuilds the
+accountant from the ledger, so nothing is spent twice or forgotten.
+
+Under local DP every client's release is its own Gaussian mechanism, with
+no amplification by sampling; the run's epsilon is accounted as if one
+client had taken part in every round, an upper bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from shoal.config import PrivacySection
+from shoal.core.errors import ConfigError
+from shoal.privacy.accounting import (
+    Conversion,
+    Method,
+    PrivacyAccountant,
+    Sampling,
+    calibrate_noise_multiplier,
+    default_delta,
+)
+from shoal.registry.privacy import PrivacyLedger
+
+log = logging.getLogger("shoal.privacy")
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyPlan:
+    """How a run spends its budget: the noise, delta, the sampling and the accountant."""
+
+    placement: str
+    noise_multiplier: float
+    delta: float
+    budget: float | None  # the run's epsilon budget; None: account without a limit
+    client_budget: float | None
+    sample_size: int
+    population: int
+    method: Method
+    sampling: Sampling
+    conversion: Conversion
+
+    @property
+    def sampling_rate(self) -> float:
+        return self.sample_size / self.population
+
+    @property
+    def label(self) -> str:
+        conversion = "" if self.method == "pld" else f"/{self.conversion}"
+        return f"{self.method}/{self.sampling}{conversion}"
+
+    @property
+    def accounted_sampling(self) -> Sampling:
+        return "poisson" if self.placement == "local" else self.sampling
+
+    def accountant(self) -> PrivacyAccountant:
+        conversion = None if self.method == "pld" else self.conversion
+        return PrivacyAccountant(
+            method=self.method, sampling=self.accounted_sampling, conversion=conversion
+        )
+
+    def step(self) -> Step:
+        """One round's sampling, as the accountant takes it."""
+        if self.placement == "local":  # a client's own release: no amplification
+            return Step(sampling_rate=1.0)
+        if self.sampling == "fixed":
+            return Step(sample_size=self.sample_size, population=self.population)
+        return Step(sampling_rate=self.sampling_rate)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """The sampling arguments of one round for :class:`PrivacyAccountant`."""
+
+    sampling_rate: float | None = None
+    sample_size: int | None = None
+    population: int | None = None
+
+
+def plan_privacy(
+    section: PrivacySection, *, population: int, clients_per_round: int, rounds: int
+) -> PrivacyPlan:
+    """The run's plan; calibrates the noise multiplier when only epsilon is given."""
+    if not section.enabled:
+        raise ConfigError("privacy is off: there is nothing to plan")
+    delta = section.delta if section.delta is not None else default_delta(population)
+    plan = PrivacyPlan(
+        placement=section.placement,
+        noise_multiplier=section.noise_multiplier or 0.0,
+        delta=delta,
+        budget=section.epsilon,
+        client_budget=section.client_epsilon,
+        sample_size=min(clients_per_round, population),
+        population=population,
+        method=section.accountant,
+        sampling=section.sampling,
+        conversion=section.conversion,
+    )
+    if section.noise_multiplier is not None:
+        return plan
+    assert section.epsilon is not None  # the config refuses neither
+    step = plan.step()
+    calibrated = calibrate_noise_multiplier(
+        target_epsilon=section.epsilon,
+        delta=delta,
+        rounds=rounds,
+        method=plan.method,
+        sampling=plan.accounted_sampling,
+        conversion=None if plan.method == "pld" else plan.conversion,
+        sampling_rate=step.sampling_rate,
+        sample_size=step.sample_size,
+        population=step.population,
+    )
+    return dataclasses.replace(plan, noise_multiplier=calibrated)
+
+
+@dataclass(frozen=True, slots=True)
+class RoundPrivacy:
+    """What one committed round spent: the run's epsilon after it, at delta."""
+
+    epsilon: float
+    delta: float
+
+
+class PrivacyBudgetKeeper:
+    """The run's accountant and ledger; see the module docstring."""
+
+    def __init__(
+        self,
+        plan: PrivacyPlan,
+        ledger: PrivacyLedger,
+        run_id: str,
+        *,
+        on_exhausted: Callable[[int, float, str], None] | None = None,
+    ) -> None:
+        if plan.noise_multiplier <= 0:
+            raise ConfigError("privacy.noise_multiplier must be positive: without noise, no DP")
+        self.plan = plan
+        self.ledger = ledger
+        self.run_id = run_id
+        self._on_exhausted = on_exhausted
+        ledger.open_budget(run_id, epsilon=plan.budget or _UNLIMITED, delta=plan.delta)
+        self.accountant = plan.accountant()
+        self.participations: dict[str, int] = {}
+        for _ in ledger.rounds(run_id):  # a restart replays what was spent
+            self._compose()
+
+    @property
+    def epsilon(self) -> float:
+        return self.accountant.epsilon(delta=self.plan.delta)
+
+    def locked(self) -> str | None:
+        return self.ledger.locked(self.run_id)
+
+    def before_round(self, round_number: int) -> str | None:
+        """None if the round may run; else why not (the run is then locked, with that reason)."""
+        locked = self.ledger.locked(self.run_id)
+        if locked is not None:
+            return locked
+        if self.plan.budget is None:
+            return None
+        step = self.plan.step()
+        after = self.accountant.epsilon_after(
+            delta=self.plan.delta,
+            noise_multiplier=self.plan.noise_multiplier,
+            sampling_rate=step.sampling_rate,
+            sample_size=step.sample_size,
+            population=step.population,
+        )
+        if after <= self.plan.budget:
+            return None
+        reason = (
+            f"round {round_number} would spend epsilon {after:.4g} of a budget of "
+            f"{self.plan.budget:.4g} (delta {self.plan.delta:.3g}, {self.plan.label}): "
+            "training stops and the data locks"
+        )
+        self.ledger.lock(self.run_id, reason=reason)
+        log.warning("privacy budget exhausted: %s", reason)
+        if self._on_exhausted is not None:
+            self._on_exhausted(round_number, self.epsilon, reason)
+        return reason
+
+    def after_round(self, round_number: int, participants: Sequence[str]) -> RoundPrivacy:
+        """Account a committed round and charge its participants."""
+        plan = self.plan
+        self._compose()
+        epsilon = self.epsilon
+        self.ledger.record_round(
+            self.run_id,
+            round=round_number,
+            epsilon=min(epsilon, _UNLIMITED),
+            delta=plan.delta,
+            noise_multiplier=plan.noise_multiplier,
+            sampling_rate=1.0 if plan.placement == "local" else plan.sampling_rate,
+            accountant=plan.label,
+            participants=participants,
+            client_epsilon=self._client_epsilon(),
+        )
+        return RoundPrivacy(epsilon, plan.delta)
+
+    def _compose(self) -> None:
+        step = self.plan.step()
+        self.accountant.compose(
+            noise_multiplier=self.plan.noise_multiplier,
+            sampling_rate=step.sampling_rate,
+            sample_size=step.sample_size,
+            population=step.population,
+        )
+
+    def barred(self) -> set[str]:
+        """Clients past their own budget: no longer selected."""
+        if self.plan.client_budget is None:
+            return set()
+        return self.ledger.clients_over_budget(self.run_id, limit=self.plan.client_budget)
+
+    def _client_epsilon(self) -> float:
+        """What one participation costs a client: its own Gaussian release, unamplified."""
+        single = PrivacyAccountant(method="rdp", sampling="poisson", conversion="improved")
+        single.compose(noise_multiplier=self.plan.noise_multiplier, sampling_rate=1.0)
+        value = single.epsilon(delta=self.plan.delta)
+        return value if math.isfinite(value) else _UNLIMITED
+
+
+_UNLIMITED = 1e12  # the ledger's stand-in for "no budget"

@@ -1,0 +1,59 @@
+"""The client's side of user-level DP: clip the update, and under local DP noise it, before upload.
+
+The fit task's extras say what to do (see :mod:`shoal.privacy.coordinator`
+for the keys): without a clip norm the update leaves as it is. Under
+distributed DP the client's noise is added later, in the quantized domain of
+secure aggregation (:class:`shoal.secure.client.Contribution`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from shoal.core.transforms import Vector
+from shoal.privacy.coordinator import (
+    CLIP_NORM,
+    DISTRIBUTED_NOISE_STD,
+    LOCAL_NOISE_STD,
+    SECURE_NOISE,
+    UNCLIPPED,
+)
+from shoal.privacy.mechanisms import clip_by_l2_norm
+from shoal.privacy.noise import NoiseSource
+
+
+def client_noise(extras: Mapping[str, Any], *, seed: int) -> NoiseSource:
+    """The client's noise: the CSPRNG, unless the run asked for seeded noise (tests only)."""
+    if extras.get(SECURE_NOISE, True):
+        return NoiseSource.secure()
+    return NoiseSource.seeded(np.random.default_rng([seed, 0xD1FF]))
+
+
+def privatize_update(
+    update: Vector, extras: Mapping[str, Any], *, noise: NoiseSource | None = None
+) -> tuple[Vector, dict[str, float]]:
+    """The update as it may leave the device, and the metric the coordinator may count."""
+    clip_norm = extras.get(CLIP_NORM)
+    if clip_norm is None:
+        return update, {}
+    clipped = clip_by_l2_norm(update, clip_norm=float(clip_norm))
+    metrics = {UNCLIPPED: 1.0 if clipped.unclipped else 0.0}
+    local_std = float(extras.get(LOCAL_NOISE_STD, 0.0))
+    if local_std <= 0:
+        return clipped.update, metrics
+    source = noise if noise is not None else NoiseSource.secure()
+    noised = clipped.update + source.normal(update.size, std=local_std).astype(np.float32)
+    return noised.astype(np.float32), metrics
+
+
+def distributed_noise_std(extras: Mapping[str, Any]) -> float:
+    """This client's share of the distributed noise (0 when distributed DP is off)."""
+    return float(extras.get(DISTRIBUTED_NOISE_STD, 0.0))
+
+
+def uniform_weight(extras: Mapping[str, Any]) -> bool:
+    """Under user-level DP every client weighs the same, whatever its example count."""
+    return CLIP_NORM in extras

@@ -1,0 +1,260 @@
+"""Tracks a run in MLflow: its parameters once, then each round's metrics, privacy included.
+
+>>> with MlflowTracker(run_name="digits-fedavg", folder=run_folder) as tracker:  # doctest: +SKIP
+...     tracker.log_params({"rounds": 20, "strategy": {"name": "fedavg"}})
+...     tracker.log_round(1, loss=0.41, accuracy=0.88, epsilon=0.52, delta=1e-5)
+
+Each round is logged at ``step=round``: ``loss`` and ``accuracy`` when
+given, the privacy figures as ``privacy_epsilon`` and ``privacy_delta``, and
+any other numbers passed in ``metrics``. The tracking store is the given
+URI, or by default the SQLite file ``<folder>/mlflow.db`` with artifacts in
+``<folder>/mlartifacts`` (MLflow 3 refuses its old file store); the
+experiment is named after the run.
+
+The tracker works through an :class:`mlflow.MlflowClient` and an explicit
+MLflow run id, never through MLflow's fluent API and its process-wide
+active run, so several trackers can live in one process. MLflow is
+imported only when a tracker is created: a run without tracking never pays
+for it, and without the ``mlflow`` extra that is a
+:class:`~shoal.core.errors.MissingExtraError`. MLflow's own errors leave
+the tracker as :class:`~shoal.core.errors.RunError`.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+from shoal.core.errors import ConfigError, MissingExtraError, RunError
+
+DEFAULT_STORE_NAME = "mlflow.db"
+ARTIFACTS_FOLDER = "mlartifacts"
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter's value
+PARAMS_PER_BATCH = 100  # and on the parameters of one log_batch call
+METRICS_PER_BATCH = 1000  # and on its metrics
+
+RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+_T = TypeVar("_T")
+
+
+def import_mlflow() -> Any:
+    """The ``mlflow`` module, or :class:`MissingExtraError` naming the ``mlflow`` extra."""
+    try:
+        import mlflow
+        import mlflow.entities
+        import mlflow.exceptions
+    except ImportError as exc:
+        raise MissingExtraError(
+            extra="mlflow", package="mlflow-skinny", feature="MLflow tracking"
+        ) from exc
+    return mlflow
+
+
+def default_tracking_uri(folder: str | Path) -> str:
+    """The tracking URI of the SQLite store kept in a run folder."""
+    return f"sqlite:///{(Path(folder) / DEFAULT_STORE_NAME).resolve()}"
+
+
+def flatten_params(params: Mapping[str, Any], *, prefix: str = "") -> dict[str, str]:
+    """MLflow's flat string parameters: nested keys joined by dots, values as text.
+
+    >>> flatten_params({"rounds": 3, "strategy": {"name": "fedavg", "lr": 0.1}})
+    {'rounds': '3', 'strategy.name': 'fedavg', 'strategy.lr': '0.1'}
+    """
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat |= flatten_params(value, prefix=f"{name}.")
+        elif isinstance(value, str):
+            flat[name] = value[:MAX_PARAM_CHARS]
+        elif isinstance(value, bool | int | float) or value is None:
+            flat[name] = str(value)
+        else:
+            flat[name] = json.dumps(value, sort_keys=True, default=str)[:MAX_PARAM_CHARS]
+    return flat
+
+
+class MlflowTracker:
+    """One MLflow run: parameters logged once, metrics per round, ended exactly once.
+
+    ``tracking_uri`` None means the SQLite store in ``folder`` (created if
+    missing). ``experiment_name`` defaults to ``run_name``.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_name: str,
+        folder: str | Path | None = None,
+        tracking_uri: str | None = None,
+        experiment_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        if not run_name:
+            raise ConfigError("MLflow tracking needs a run name")
+        store_folder: Path | None = None
+        if tracking_uri is not None:
+            uri = tracking_uri
+        elif folder is not None:
+            store_folder = Path(folder)
+            uri = default_tracking_uri(store_folder)
+        else:
+            raise ConfigError("MLflow tracking needs a tracking URI or a run folder")
+        mlflow = import_mlflow()
+        artifact_location = None
+        if store_folder is not None:
+            store_folder.mkdir(parents=True, exist_ok=True)
+            artifact_location = (store_folder / ARTIFACTS_FOLDER).resolve().as_uri()
+        self._entities = mlflow.entities
+        self._mlflow_error: type[Exception] = mlflow.exceptions.MlflowException
+        self.tracking_uri = uri
+        self.experiment_name = experiment_name or run_name
+        self._client = self._call("open the tracking store", mlflow.MlflowClient, uri)
+        self.experiment_id = self._experiment_id(artifact_location)
+        run = self._call(
+            "start a run",
+            self._client.create_run,
+            self.experiment_id,
+            run_name=run_name,
+            tags=dict(tags or {}),
+        )
+        self.run_id: str = run.info.run_id
+        self._params: dict[str, str] = {}
+        self._status: RunStatus | None = None
+
+    @property
+    def ended(self) -> bool:
+        """Whether the MLflow run has been closed."""
+        return self._status is not None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log the run's parameters (nested mappings flattened with dots).
+
+        A parameter is logged once: logging it again with the same value is
+        a no-op, with another value a :class:`ConfigError`.
+        """
+        self._require_open()
+        flat = flatten_params(params)
+        changed = sorted(
+            key for key, value in flat.items() if self._params.get(key, value) != value
+        )
+        if changed:
+            raise ConfigError(f"MLflow parameters cannot change once logged: {changed}")
+        new = [
+            self._entities.Param(key, value)
+            for key, value in flat.items()
+            if key not in self._params
+        ]
+        for start in range(0, len(new), PARAMS_PER_BATCH):
+            batch = new[start : start + PARAMS_PER_BATCH]
+            self._call("log parameters", self._client.log_batch, self.run_id, params=batch)
+        self._params |= flat
+
+    def log_round(
+        self,
+        round: int,
+        *,
+        loss: float | None = None,
+        accuracy: float | None = None,
+        epsilon: float | None = None,
+        delta: float | None = None,
+        metrics: Mapping[str, float | None] | None = None,
+    ) -> None:
+        """Log one round's metrics at ``step=round``; None values are left out."""
+        self._require_open()
+        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+            raise ConfigError(f"round must be an integer >= 0, got {round!r}")
+        named = {
+            "loss": loss,
+            "accuracy": accuracy,
+            "privacy_epsilon": epsilon,
+            "privacy_delta": delta,
+        }
+        values = dict(metrics or {})
+        for key, value in named.items():
+            if value is not None and values.get(key) is not None:
+                raise ConfigError(f"metric {key!r} is given twice, by name and in metrics")
+            if value is not None:
+                values[key] = value
+        timestamp_ms = int(time.time() * 1000)
+        logged = [
+            self._entities.Metric(key, value, timestamp_ms, round)
+            for key, value in _numbers(values)
+        ]
+        for start in range(0, len(logged), METRICS_PER_BATCH):
+            batch = logged[start : start + METRICS_PER_BATCH]
+            self._call("log metrics", self._client.log_batch, self.run_id, metrics=batch)
+
+    def end(self, *, status: RunStatus = "FINISHED") -> None:
+        """Close the MLflow run with ``status``; ending it again changes nothing."""
+        if self._status is not None:
+            return
+        self._call("end the run", self._client.set_terminated, self.run_id, status)
+        self._status = status
+
+    def __enter__(self) -> MlflowTracker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.end()
+        else:
+            self.end(status="KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+    def _experiment_id(self, artifact_location: str | None) -> str:
+        name = self.experiment_name
+        experiment = self._call("find the experiment", self._client.get_experiment_by_name, name)
+        if experiment is None:
+            try:
+                return str(
+                    self._client.create_experiment(name, artifact_location=artifact_location)
+                )
+            except self._mlflow_error as exc:  # perhaps created meanwhile by another tracker
+                experiment = self._call(
+                    "find the experiment", self._client.get_experiment_by_name, name
+                )
+                if experiment is None:
+                    raise self._error("create the experiment", exc) from exc
+        if experiment.lifecycle_stage != "active":
+            raise RunError(
+                f"MLflow experiment {name!r} at {self.tracking_uri} is deleted: "
+                "restore it or track under another name"
+            )
+        return str(experiment.experiment_id)
+
+    def _require_open(self) -> None:
+        if self._status is not None:
+            raise RunError(f"MLflow run {self.run_id} has ended ({self._status})")
+
+    def _call(self, action: str, function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        try:
+            return function(*args, **kwargs)
+        except self._mlflow_error as exc:
+            raise self._error(action, exc) from exc
+
+    def _error(self, action: str, exc: Exception) -> RunError:
+        """Shoal's error for an MLflow one (the caller raises it ``from exc``)."""
+        lines = str(exc).strip().splitlines()
+        detail = lines[0] if lines else type(exc).__name__
+        return RunError(f"MLflow could not {action} at {self.tracking_uri}: {detail}")
+
+
+def _numbers(values: Mapping[str, float | None]) -> Iterator[tuple[str, float]]:
+    """The metrics to log: None left out, numbers as floats (NaN kept: a diverged loss shows)."""
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"metric {key!r} must be a number, got {value!r}")
+        yield key, float(value)

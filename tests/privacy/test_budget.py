@@ -1,0 +1,87 @@
+"""The budget as a resource: the plan calibrates, the keeper stops before overspending, restarts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shoal.config import parse_config
+from shoal.core import ConfigError
+from shoal.privacy.accounting import PrivacyAccountant
+from shoal.privacy.budget import PrivacyBudgetKeeper, plan_privacy
+from shoal.registry import registry_location
+from shoal.registry.privacy import PrivacyLedger
+
+
+def _plan(**privacy: object):  # type: ignore[no-untyped-def]
+    config = parse_config({"privacy": {"placement": "central", **privacy}})
+    return plan_privacy(config.privacy, population=1000, clients_per_round=50, rounds=40)
+
+
+def test_the_plan_calibrates_the_noise_to_spend_the_budget_in_the_planned_rounds() -> None:
+    plan = _plan(epsilon=3.0)
+    assert plan.delta == pytest.approx(1e-3)  # 1 / population
+    assert plan.sampling_rate == pytest.approx(0.05)
+    accountant = plan.accountant()
+    accountant.compose(noise_multiplier=plan.noise_multiplier, sample_size=50, population=1000,
+                       steps=40)
+    assert accountant.epsilon(delta=plan.delta) <= 3.0
+    assert plan.label == "rdp/fixed/improved"
+    assert _plan(noise_multiplier=1.3, epsilon=3.0).noise_multiplier == 1.3
+
+
+def test_the_keeper_stops_at_the_right_round_and_the_ledger_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    plan = _plan(noise_multiplier=1.0, epsilon=2.0)
+    expected = PrivacyAccountant(method="rdp", sampling="fixed", conversion="improved")
+    stop = 0
+    for round_number in range(1, 1000):
+        expected.compose(noise_multiplier=1.0, sample_size=50, population=1000)
+        if expected.epsilon(delta=plan.delta) > 2.0:
+            stop = round_number
+            break
+    database = registry_location(tmp_path, None).open()
+    keeper = PrivacyBudgetKeeper(plan, PrivacyLedger(database), "run")
+    fired: list[tuple[int, str]] = []
+    for round_number in range(1, stop):
+        assert keeper.before_round(round_number) is None
+        keeper.after_round(round_number, [f"c{round_number}", "shared"])
+        if round_number == stop // 2:  # the coordinator restarts half way
+            database.close()
+            database = registry_location(tmp_path, None).open()
+            spent = keeper.epsilon
+            keeper = PrivacyBudgetKeeper(
+                plan, PrivacyLedger(database), "run",
+                on_exhausted=lambda r, e, why: fired.append((r, why)),
+            )
+            assert keeper.epsilon == pytest.approx(spent)
+    reason = keeper.before_round(stop)
+    assert reason is not None and f"round {stop} would spend" in reason
+    assert fired and fired[0][0] == stop
+    assert keeper.locked() == reason  # the data locks, with the reason
+    assert keeper.before_round(stop + 1) == reason
+    ledger = PrivacyLedger(database)
+    assert len(ledger.rounds("run")) == stop - 1
+    assert ledger.client_spent("run", "shared") > ledger.client_spent("run", "c1") > 0
+    database.close()
+
+
+def test_clients_past_their_own_budget_are_barred(tmp_path: Path) -> None:
+    plan = _plan(noise_multiplier=2.0, epsilon=50.0, client_epsilon=5.0)
+    database = registry_location(tmp_path, None).open()
+    keeper = PrivacyBudgetKeeper(plan, PrivacyLedger(database), "run")
+    for round_number in range(1, 20):
+        keeper.after_round(round_number, ["busy"] if round_number > 1 else ["busy", "idle"])
+    assert "busy" in keeper.barred()
+    assert "idle" not in keeper.barred()
+    database.close()
+
+
+def test_without_noise_there_is_no_dp(tmp_path: Path) -> None:
+    plan = _plan(noise_multiplier=0.0, epsilon=1.0)
+    database = registry_location(tmp_path, None).open()
+    with pytest.raises(ConfigError, match="without noise"):
+        PrivacyBudgetKeeper(plan, PrivacyLedger(database), "run")
+    database.close()

@@ -1,0 +1,123 @@
+"""`shoal simulate` with user-level DP: epsilon per round, the budget stops training, placements."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shoal.config import parse_config
+from shoal.core import ConfigError
+from shoal.simulation.runner import Simulation
+
+pytestmark = pytest.mark.filterwarnings("ignore::shoal.privacy.noise.InsecureNoiseWarning")
+
+BASE: dict[str, Any] = {
+    "run": {"rounds": 6, "seed": 1},
+    "data": {"num_clients": 60},
+    "round": {"clients_per_round": 10, "over_selection": 1.0},
+    "evaluation": {"every": 0},
+    "simulation": {"workers": 0},
+}
+
+
+def _run(tmp_path: Path, name: str, **sections: dict[str, Any]) -> tuple[dict[str, Any], list]:
+    data = {**BASE, **sections}
+    summary = Simulation(parse_config(data), tmp_path / name).run()
+    lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    return summary, [json.loads(line) for line in lines]
+
+
+def test_central_dp_records_epsilon_per_round_and_stops_at_the_budget(tmp_path: Path) -> None:
+    privacy = {"placement": "central", "noise_multiplier": 1.0, "epsilon": 2.5,
+               "secure_noise": False}
+    summary, rows = _run(tmp_path, "central", privacy=privacy)
+    epsilons = [row["epsilon"] for row in rows]
+    assert epsilons == sorted(epsilons) and epsilons[0] > 0
+    assert all(row["delta"] == pytest.approx(1 / 60) for row in rows)
+    assert all(row["noise_multiplier"] == 1.0 and row["clip_norm"] == 1.0 for row in rows)
+    assert summary["epsilon"] == pytest.approx(epsilons[-1]) and summary["epsilon"] <= 2.5
+    assert summary["rounds_completed"] < 6  # the budget ran out before the planned rounds
+    assert "training stops and the data locks" in summary["privacy_locked"]
+    assert summary["accounting"] == "rdp/fixed/improved"
+    assert summary["sampling_rate"] == pytest.approx(10 / 60)
+
+
+def test_the_noise_multiplier_is_calibrated_to_spend_the_budget_in_the_planned_rounds(
+    tmp_path: Path,
+) -> None:
+    privacy = {"placement": "central", "epsilon": 4.0, "secure_noise": False,
+               "sampling": "poisson"}
+    summary, rows = _run(tmp_path, "calibrated", privacy=privacy)
+    assert summary["rounds_completed"] == 6
+    assert 3.8 < summary["epsilon"] <= 4.0
+    assert summary["accounting"] == "rdp/poisson/improved"
+
+
+def test_local_and_adaptive_central_placements_run(tmp_path: Path) -> None:
+    local, _ = _run(tmp_path, "local", privacy={"placement": "local", "noise_multiplier": 0.5,
+                                                 "secure_noise": False})
+    assert local["privacy"] == "local" and local["rounds_completed"] == 6
+    assert local["sampling_rate"] == 1.0  # a client's own release is not amplified
+    adaptive, rows = _run(tmp_path, "adaptive", privacy={
+        "placement": "central", "noise_multiplier": 1.0, "adaptive_clipping": True,
+        "clip_norm": 0.01, "secure_noise": False})
+    assert adaptive["rounds_completed"] == 6
+    assert rows[-1]["clip_norm"] > rows[0]["clip_norm"]  # almost every update was clipped: C grows
+
+
+def test_distributed_dp_runs_with_secagg_and_dropouts(tmp_path: Path) -> None:
+    summary, rows = _run(
+        tmp_path,
+        "distributed",
+        privacy={"placement": "distributed", "noise_multiplier": 1.0, "secure_noise": False},
+        secure_aggregation={"protocol": "secagg+", "stage_dropout": 0.1},
+        round={"clients_per_round": 10, "over_selection": 1.5, "quorum": 0.6},
+    )
+    assert summary["privacy"] == "distributed"
+    assert summary["secure_aggregation"] == "secagg+"
+    assert summary["rounds_completed"] >= 4
+    assert summary["clients_recovered"] > 0
+    assert all("epsilon" in row for row in rows)
+
+
+@pytest.mark.parametrize(
+    ("sections", "match"),
+    [
+        ({"privacy": {"placement": "distributed", "noise_multiplier": 1.0}},
+         "secure_aggregation.protocol = 'secagg\\+'"),
+        ({"privacy": {"placement": "central", "noise_multiplier": 1.0,
+                      "adaptive_clipping": True},
+          "secure_aggregation": {"protocol": "secagg+"}}, "adaptive_clipping"),
+        ({"privacy": {"placement": "central"}}, "set epsilon"),
+        ({"privacy": {"placement": "central", "noise_multiplier": 1.0},
+          "strategy": {"name": "fedmedian"}}, "mean of clipped updates"),
+    ],
+)
+def test_combinations_that_cannot_work_are_refused(
+    tmp_path: Path, sections: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Simulation(parse_config({**BASE, **sections}), tmp_path / "refused")
+
+
+def test_mlflow_logs_epsilon_per_round_and_the_alert_fires_at_exhaustion(tmp_path: Path) -> None:
+    import sys
+
+    mlflow = pytest.importorskip("mlflow")
+    marker = tmp_path / "alert.json"
+    command = f"{sys.executable} -c \"import sys; open('{marker}', 'w').write(sys.stdin.read())\""
+    privacy = {"placement": "central", "noise_multiplier": 1.0, "epsilon": 2.5,
+               "secure_noise": False, "alert_command": command}
+    summary, rows = _run(tmp_path, "tracked", privacy=privacy, tracking={"mlflow": True})
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'tracked' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("shoal")
+    run = client.search_runs([experiment.experiment_id])[0]
+    history = client.get_metric_history(run.info.run_id, "privacy_epsilon")
+    assert [point.step for point in history] == [row["round"] for row in rows]
+    assert history[-1].value == pytest.approx(summary["epsilon"])
+    assert run.info.status == "FINISHED"
+    alert = json.loads(marker.read_text())
+    assert alert["kind"] == "budget_exhausted" and alert["round"] == len(rows) + 1
