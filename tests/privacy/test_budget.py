@@ -24,8 +24,9 @@ def test_the_plan_calibrates_the_noise_to_spend_the_budget_in_the_planned_rounds
     assert plan.delta == pytest.approx(1e-3)  # 1 / population
     assert plan.sampling_rate == pytest.approx(0.05)
     accountant = plan.accountant()
-    accountant.compose(noise_multiplier=plan.noise_multiplier, sample_size=50, population=1000,
-                       steps=40)
+    accountant.compose(
+        noise_multiplier=plan.noise_multiplier, sample_size=50, population=1000, steps=40
+    )
     assert accountant.epsilon(delta=plan.delta) <= 3.0
     assert plan.label == "rdp/fixed/improved"
     assert _plan(noise_multiplier=1.3, epsilon=3.0).noise_multiplier == 1.3
@@ -53,7 +54,9 @@ def test_the_keeper_stops_at_the_right_round_and_the_ledger_survives_a_restart(
             database = registry_location(tmp_path, None).open()
             spent = keeper.epsilon
             keeper = PrivacyBudgetKeeper(
-                plan, PrivacyLedger(database), "run",
+                plan,
+                PrivacyLedger(database),
+                "run",
                 on_exhausted=lambda r, e, why: fired.append((r, why)),
             )
             assert keeper.epsilon == pytest.approx(spent)

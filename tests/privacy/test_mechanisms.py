@@ -13,6 +13,7 @@ from scipy import stats
 
 from shoal.core import ConfigError
 from shoal.core.transforms import chain
+from shoal.privacy.client import privatize_update
 from shoal.privacy.coordinator import (
     CLIP_NORM,
     DISTRIBUTED_NOISE_STD,
@@ -20,7 +21,6 @@ from shoal.privacy.coordinator import (
     DpCoordinator,
     DpSettings,
 )
-from shoal.privacy.client import privatize_update
 from shoal.privacy.mechanisms import (
     ClipState,
     clip_by_l2_norm,
@@ -35,8 +35,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::shoal.privacy.noise.InsecureNoi
 
 
 @settings(max_examples=50, deadline=None)
-@given(values=st.lists(st.floats(-100, 100, width=32), min_size=0, max_size=30),
-       clip=st.floats(0.01, 10))
+@given(
+    values=st.lists(st.floats(-100, 100, width=32), min_size=0, max_size=30),
+    clip=st.floats(0.01, 10),
+)
 def test_clipping_bounds_the_norm_and_keeps_short_updates(values: list[float], clip: float) -> None:
     update = np.array(values, dtype=np.float32)
     result = clip_by_l2_norm(update, clip_norm=clip)
@@ -54,8 +56,9 @@ def test_zero_update_and_bad_norm() -> None:
 
 
 def test_transforms_chain_clip_then_noise_with_the_configured_std() -> None:
-    pipeline = chain(clip_transform(clip_norm=1.0),
-                     noise_transform(std=0.5, noise=NoiseSource.secure()))
+    pipeline = chain(
+        clip_transform(clip_norm=1.0), noise_transform(std=0.5, noise=NoiseSource.secure())
+    )
     state = pipeline.init(np.zeros(200_000, np.float32))
     update = np.full(200_000, 10.0, np.float32)  # norm far above 1: clipped to 1 first
     out, _ = pipeline.update(update, state)

@@ -32,9 +32,13 @@ def test_discrete_gaussian_has_the_right_spread(sigma: float) -> None:
     values = NoiseSource.secure().discrete_gaussian(100_000, sigma=sigma)
     assert values.dtype == np.int64
     assert abs(values.mean()) < 0.05 * max(sigma, 1)
-    expected = sigma**2 if sigma >= 1 else float(
-        (np.arange(-20, 21) ** 2 * np.exp(-np.arange(-20, 21) ** 2 / (2 * sigma**2))).sum()
-        / np.exp(-np.arange(-20, 21) ** 2 / (2 * sigma**2)).sum()
+    expected = (
+        sigma**2
+        if sigma >= 1
+        else float(
+            (np.arange(-20, 21) ** 2 * np.exp(-(np.arange(-20, 21) ** 2) / (2 * sigma**2))).sum()
+            / np.exp(-(np.arange(-20, 21) ** 2) / (2 * sigma**2)).sum()
+        )
     )
     assert values.var() == pytest.approx(expected, rel=0.05)
 
@@ -54,7 +58,9 @@ def test_seeded_noise_is_reproducible_and_warns() -> None:
         second = NoiseSource.seeded(7)
     assert not first.is_secure
     assert np.array_equal(first.normal(10), second.normal(10))
-    assert np.array_equal(first.discrete_gaussian(10, sigma=4), second.discrete_gaussian(10, sigma=4))
+    assert np.array_equal(
+        first.discrete_gaussian(10, sigma=4), second.discrete_gaussian(10, sigma=4)
+    )
 
 
 def test_bad_scales_are_refused() -> None:

@@ -31,8 +31,12 @@ def _run(tmp_path: Path, name: str, **sections: dict[str, Any]) -> tuple[dict[st
 
 
 def test_central_dp_records_epsilon_per_round_and_stops_at_the_budget(tmp_path: Path) -> None:
-    privacy = {"placement": "central", "noise_multiplier": 1.0, "epsilon": 2.5,
-               "secure_noise": False}
+    privacy = {
+        "placement": "central",
+        "noise_multiplier": 1.0,
+        "epsilon": 2.5,
+        "secure_noise": False,
+    }
     summary, rows = _run(tmp_path, "central", privacy=privacy)
     epsilons = [row["epsilon"] for row in rows]
     assert epsilons == sorted(epsilons) and epsilons[0] > 0
@@ -48,22 +52,32 @@ def test_central_dp_records_epsilon_per_round_and_stops_at_the_budget(tmp_path: 
 def test_the_noise_multiplier_is_calibrated_to_spend_the_budget_in_the_planned_rounds(
     tmp_path: Path,
 ) -> None:
-    privacy = {"placement": "central", "epsilon": 4.0, "secure_noise": False,
-               "sampling": "poisson"}
-    summary, rows = _run(tmp_path, "calibrated", privacy=privacy)
+    privacy = {"placement": "central", "epsilon": 4.0, "secure_noise": False, "sampling": "poisson"}
+    summary, _ = _run(tmp_path, "calibrated", privacy=privacy)
     assert summary["rounds_completed"] == 6
     assert 3.8 < summary["epsilon"] <= 4.0
     assert summary["accounting"] == "rdp/poisson/improved"
 
 
 def test_local_and_adaptive_central_placements_run(tmp_path: Path) -> None:
-    local, _ = _run(tmp_path, "local", privacy={"placement": "local", "noise_multiplier": 0.5,
-                                                 "secure_noise": False})
+    local, _ = _run(
+        tmp_path,
+        "local",
+        privacy={"placement": "local", "noise_multiplier": 0.5, "secure_noise": False},
+    )
     assert local["privacy"] == "local" and local["rounds_completed"] == 6
     assert local["sampling_rate"] == 1.0  # a client's own release is not amplified
-    adaptive, rows = _run(tmp_path, "adaptive", privacy={
-        "placement": "central", "noise_multiplier": 1.0, "adaptive_clipping": True,
-        "clip_norm": 0.01, "secure_noise": False})
+    adaptive, rows = _run(
+        tmp_path,
+        "adaptive",
+        privacy={
+            "placement": "central",
+            "noise_multiplier": 1.0,
+            "adaptive_clipping": True,
+            "clip_norm": 0.01,
+            "secure_noise": False,
+        },
+    )
     assert adaptive["rounds_completed"] == 6
     assert rows[-1]["clip_norm"] > rows[0]["clip_norm"]  # almost every update was clipped: C grows
 
@@ -86,14 +100,29 @@ def test_distributed_dp_runs_with_secagg_and_dropouts(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("sections", "match"),
     [
-        ({"privacy": {"placement": "distributed", "noise_multiplier": 1.0}},
-         "secure_aggregation.protocol = 'secagg\\+'"),
-        ({"privacy": {"placement": "central", "noise_multiplier": 1.0,
-                      "adaptive_clipping": True},
-          "secure_aggregation": {"protocol": "secagg+"}}, "adaptive_clipping"),
+        (
+            {"privacy": {"placement": "distributed", "noise_multiplier": 1.0}},
+            "secure_aggregation.protocol = 'secagg\\+'",
+        ),
+        (
+            {
+                "privacy": {
+                    "placement": "central",
+                    "noise_multiplier": 1.0,
+                    "adaptive_clipping": True,
+                },
+                "secure_aggregation": {"protocol": "secagg+"},
+            },
+            "adaptive_clipping",
+        ),
         ({"privacy": {"placement": "central"}}, "set epsilon"),
-        ({"privacy": {"placement": "central", "noise_multiplier": 1.0},
-          "strategy": {"name": "fedmedian"}}, "mean of clipped updates"),
+        (
+            {
+                "privacy": {"placement": "central", "noise_multiplier": 1.0},
+                "strategy": {"name": "fedmedian"},
+            },
+            "mean of clipped updates",
+        ),
     ],
 )
 def test_combinations_that_cannot_work_are_refused(
@@ -109,8 +138,13 @@ def test_mlflow_logs_epsilon_per_round_and_the_alert_fires_at_exhaustion(tmp_pat
     mlflow = pytest.importorskip("mlflow")
     marker = tmp_path / "alert.json"
     command = f"{sys.executable} -c \"import sys; open('{marker}', 'w').write(sys.stdin.read())\""
-    privacy = {"placement": "central", "noise_multiplier": 1.0, "epsilon": 2.5,
-               "secure_noise": False, "alert_command": command}
+    privacy = {
+        "placement": "central",
+        "noise_multiplier": 1.0,
+        "epsilon": 2.5,
+        "secure_noise": False,
+        "alert_command": command,
+    }
     summary, rows = _run(tmp_path, "tracked", privacy=privacy, tracking={"mlflow": True})
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'tracked' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("shoal")
