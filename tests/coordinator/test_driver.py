@@ -11,6 +11,7 @@ from shoal.aggregation.strategy import make_strategy
 from shoal.coordinator import CommitVersion, Coordinator, Phase, RejectReason, RoundSettings
 from shoal.coordinator.driver import (
     SECURE_STAGE_RETRY_S,
+    BeforeRound,
     DriverSettings,
     RetryLater,
     RoundDriver,
@@ -28,7 +29,12 @@ SIZE = 3
 
 
 def make_driver(
-    *, clients: int, rounds: int, deadline_s: float = 5.0, evaluate_every: int = 0
+    *,
+    clients: int,
+    rounds: int,
+    deadline_s: float = 5.0,
+    evaluate_every: int = 0,
+    before_round: BeforeRound | None = None,
 ) -> tuple[RoundDriver, list[CommitVersion], list[str]]:
     coordinator = Coordinator(
         settings=RoundSettings(
@@ -50,6 +56,7 @@ def make_driver(
         DriverSettings(rounds=rounds, evaluate_every=evaluate_every, retry_after_s=0.05),
         candidates=lambda: sorted(set(seen)),
         persist=persist,
+        before_round=before_round,
     )
     return driver, persisted, seen
 
@@ -128,6 +135,41 @@ def test_late_and_unknown_submissions_are_rejected() -> None:
         assert late is not None and late.reason is RejectReason.LATE
 
     asyncio.run(scenario())
+
+
+def test_a_reason_before_a_fit_round_stops_training_and_finishes_the_run() -> None:
+    asked: list[int] = []
+    reason = "round 3 would spend too much"
+
+    def before_round(round_number: int) -> str | None:
+        asked.append(round_number)
+        return reason if round_number >= 3 else None
+
+    driver, persisted, seen = make_driver(
+        clients=6, rounds=5, evaluate_every=2, before_round=before_round
+    )
+    federation = [(f"c{index}", 1.0, False) for index in range(6)]
+    asyncio.run(run_federation(driver, seen, federation))
+    assert asked == [1, 2, 3]  # once per fit round, never for an evaluation
+    assert [commit.round for commit in persisted] == [1, 2]
+    assert driver.stop_reason == reason
+    assert driver.coordinator.state is RoundState.FINISHED
+    assert isinstance(driver.check_in("c0"), RetryLater)
+
+
+def test_a_refused_first_round_finishes_at_once_without_waiting_for_clients() -> None:
+    driver, persisted, _ = make_driver(clients=0, rounds=3, before_round=lambda _: "locked")
+    asyncio.run(asyncio.wait_for(driver.run(), timeout=5))  # no client ever checks in
+    assert persisted == []
+    assert driver.stop_reason == "locked"
+    assert driver.coordinator.state is RoundState.FINISHED
+
+
+def test_without_a_reason_every_round_is_played() -> None:
+    driver, persisted, seen = make_driver(clients=4, rounds=2, before_round=lambda _: None)
+    asyncio.run(run_federation(driver, seen, [(f"c{index}", 1.0, False) for index in range(4)]))
+    assert [commit.round for commit in persisted] == [1, 2]
+    assert driver.stop_reason is None
 
 
 # --- secure rounds: stages as offers, a timer per stage, fast retries between stages ---------

@@ -88,3 +88,15 @@ def test_without_noise_there_is_no_dp(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="without noise"):
         PrivacyBudgetKeeper(plan, PrivacyLedger(database), "run")
     database.close()
+
+
+def test_a_round_replayed_after_a_crash_is_not_spent_twice(tmp_path: Path) -> None:
+    plan = _plan(noise_multiplier=1.0, epsilon=20.0)
+    database = registry_location(tmp_path, None).open()
+    keeper = PrivacyBudgetKeeper(plan, PrivacyLedger(database), "run")
+    first = keeper.after_round(1, ["a", "b"])
+    restarted = PrivacyBudgetKeeper(plan, PrivacyLedger(database), "run")
+    assert restarted.after_round(1, ["a", "b"]) == first  # the resumed run replays round 1
+    assert restarted.epsilon == pytest.approx(first.epsilon)
+    assert len(PrivacyLedger(database).rounds("run")) == 1
+    database.close()

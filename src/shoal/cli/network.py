@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from shoal.apps.loading import load_app, parse_options
 from shoal.cli.app import app, user_errors
 from shoal.cli.simulate import console, format_row, print_header
 from shoal.client.runtime import ClientRuntime, load_or_create_enrollment
 from shoal.config import load_config
-from shoal.coordinator.events import RoundSummary
+from shoal.coordinator.events import Phase, RoundSummary
 from shoal.core.errors import ConfigError
 
 coordinator_app = typer.Typer(help="Run the network coordinator.", no_args_is_help=True)
@@ -72,15 +73,36 @@ def serve_command(
             dropped = ", ".join(f"{stage} {n}" for stage, n in report.dropped.items() if n)
             recovered = f"recovered {report.recovered}"
             console.print(f"      {report.protocol}: {recovered}, dropped {dropped or 'none'}")
+        line = privacy_line(summary)
+        if line is not None:
+            console.print(line)
 
     def on_ready(port: int, first_round: int) -> None:
         console.print(f"coordinator listening on {config.coordinator.listen} (port {port})")
         if config.secure_aggregation.enabled:
             console.print(f"secure aggregation: {config.secure_aggregation.protocol}")
+        if config.privacy.enabled:
+            budget = config.privacy.epsilon
+            limit = "no limit" if budget is None else f"budget epsilon {budget:g}"
+            console.print(f"differential privacy: {config.privacy.placement}, {limit}")
         if first_round > 1:
             console.print(f"resuming run {config.coordinator.run_id} at round {first_round}")
 
-    asyncio.run(serve(config, insecure=insecure, on_round=on_round, on_ready=on_ready))
+    parts = asyncio.run(serve(config, insecure=insecure, on_round=on_round, on_ready=on_ready))
+    if parts.driver.stop_reason is not None:
+        console.print(f"training stopped: {escape(parts.driver.stop_reason)}")
+
+
+def privacy_line(summary: RoundSummary) -> str | None:
+    """What a fit round under DP spent, as a line under its row; None without DP."""
+    metrics = summary.metrics
+    if summary.phase is not Phase.FIT or "epsilon" not in metrics:
+        return None
+    spent = f"epsilon {metrics['epsilon']:.4f} (delta {metrics['delta']:.3g})"
+    if not summary.committed:
+        spent += ", nothing spent this round"
+    noise = f"noise multiplier {metrics['noise_multiplier']:.4g}"
+    return f"      privacy: {spent}, {noise}, clip norm {metrics['clip_norm']:.4g}"
 
 
 @client_app.command("run")

@@ -13,6 +13,11 @@ per round, started by the round's advertise-keys request: it answers the
 key and unmask stages, and after training it masks the update and sends
 only the masked input. The plaintext update never leaves the device; a
 request it must refuse (stale, tampered) is reported as a failure.
+
+Under user-level DP the fit task's extras carry the clip norm: the update
+is clipped on the device (and under local DP noised) before it leaves, in
+a secure round before it is masked; every client then weighs the same, and
+under distributed DP it adds its share of the noise after quantization.
 """
 
 from __future__ import annotations
@@ -39,6 +44,14 @@ from shoal.core.errors import (
     TransportError,
 )
 from shoal.core.parameters import Parameters, all_finite
+from shoal.privacy.client import (
+    client_noise,
+    distributed_noise_std,
+    privatize_update,
+    uniform_weight,
+)
+from shoal.privacy.coordinator import CLIP_NORM
+from shoal.privacy.noise import NoiseSource
 from shoal.secure.client import Contribution, SecAggClient
 from shoal.secure.messages import (
     AdvertiseKeysRequest,
@@ -229,11 +242,10 @@ class ClientRuntime:
             if not isinstance(offer.config, FitConfig):
                 raise ClientError("a training task came without a FitConfig")
             result = self.client.fit(model, offer.config)
-            update = fit_update(result, model)
+            update, metrics, noise = _private(fit_update(result, model), result, offer.config)
             if offer.secure is not None:  # a secure round: only the masked input leaves
-                masked = _masked(session, offer.secure, result, update)
+                masked = _masked(session, offer.secure, result, update, offer.config, noise)
                 return lambda runtime: runtime.link.submit_secure(runtime.enrollment, masked)
-            metrics = dict(result.metrics)
             return lambda runtime: runtime.link.submit_update(
                 runtime.enrollment, offer, update, result.num_examples, metrics
             )
@@ -280,11 +292,29 @@ class ClientRuntime:
             return
 
 
+def _private(
+    update: Parameters, result: FitResult, config: FitConfig
+) -> tuple[Parameters, dict[str, float], NoiseSource | None]:
+    """The update as it may leave the device, the metrics to upload, and the task's DP noise.
+
+    Without DP (no clip norm in the task's extras) the update leaves as it
+    is and there is no noise source.
+    """
+    metrics = dict(result.metrics)
+    if CLIP_NORM not in config.extras:
+        return update, metrics, None
+    noise = client_noise(config.extras, seed=config.seed)
+    vector, reported = privatize_update(update.vector, config.extras, noise=noise)
+    return update.with_vector(vector), metrics | reported, noise
+
+
 def _masked(
     session: SecAggClient | None,
     request: MaskedInputRequest,
     result: FitResult,
     update: Parameters,
+    config: FitConfig,
+    noise: NoiseSource | None,
 ) -> ClientMessage:
     """The masked input that stands for ``update`` in a secure round: all that leaves the device."""
     if session is None:
@@ -293,6 +323,11 @@ def _masked(
         raise ClientError("the update holds NaN or infinite values")
     loss = result.metrics.get("loss", 0.0)
     contribution = Contribution(
-        update.vector, result.num_examples, float(loss) if isinstance(loss, int | float) else 0.0
+        update.vector,
+        result.num_examples,
+        float(loss) if isinstance(loss, int | float) else 0.0,
+        uniform_weight=uniform_weight(config.extras),
+        noise_std=distributed_noise_std(config.extras),
+        noise=noise,
     )
     return session.handle(request, contribution)

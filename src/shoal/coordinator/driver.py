@@ -14,6 +14,10 @@ timer, and a client between stages is told to come back soon.
 
 A new global model is persisted (``persist``) before any client is offered
 work on it: a crash loses at most the round in progress, never a commit.
+
+Before each fit round the driver may ask ``before_round`` whether training
+goes on (the privacy budget): a reason stops the rounds, and the run
+finishes as after its last round.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ from shoal.secure.messages import ClientMessage, MaskedInputRequest, ServerReque
 log = logging.getLogger("shoal.coordinator")
 
 Persist = Callable[[CommitVersion], Awaitable[None]]
+BeforeRound = Callable[[int], str | None]
+"""Asked before each fit round: None lets it run; a reason stops training there."""
 SECURE_STAGE_RETRY_S = 0.25
 """The longest a client of a secure round waits between stages before checking in again."""
 
@@ -126,6 +132,7 @@ class RoundDriver:
         candidates: Callable[[], Sequence[str]],
         persist: Persist,
         on_round: Callable[[RoundSummary], None] | None = None,
+        before_round: BeforeRound | None = None,
     ) -> None:
         secure = coordinator.secure
         if secure is not None and secure.protocol != SECAGG_PLUS:
@@ -138,6 +145,8 @@ class RoundDriver:
         self._candidates = candidates
         self._persist = persist
         self._on_round = on_round
+        self._before_round = before_round
+        self.stop_reason: str | None = None  # why training stopped before its last round
         self._offers: dict[str, Offer] = {}
         self._secure_stage: Stage | None = None  # the open stage of a secure round
         self._secure_cohort: set[str] = set()  # offered that stage: they wait for the next
@@ -221,13 +230,30 @@ class RoundDriver:
     # --- the round loop --------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Play every round; returns when the last one has closed and been persisted."""
+        """Play every round; returns when the last one has closed and been persisted.
+
+        Training stops early when ``before_round`` gives a reason (kept in
+        ``stop_reason``); the run then finishes as after its last round.
+        """
         for round_number in range(self.settings.first_round, self.settings.rounds + 1):
+            if self._stops_before(round_number):
+                break
             await self._play(round_number, Phase.FIT)
             every = self.settings.evaluate_every
             if every and round_number % every == 0:
                 await self._play(round_number, Phase.EVALUATE)
         self._apply(FinishRun())
+
+    def _stops_before(self, round_number: int) -> bool:
+        """True when ``before_round`` refuses this fit round: training stops here."""
+        if self._before_round is None:
+            return False
+        reason = self._before_round(round_number)
+        if reason is None:
+            return False
+        log.warning("training stops before round %d: %s", round_number, reason)
+        self.stop_reason = reason
+        return True
 
     async def _play(self, round_number: int, phase: Phase) -> RoundSummary:
         needed = self.coordinator.settings.quorum_count(phase)

@@ -10,6 +10,14 @@ With ``[secure_aggregation] protocol = "secagg+"`` every fit round runs
 SecAgg+ over the network; a setting that cannot work (a strategy that needs
 each update, quantization that could overflow) is refused before anything
 is opened.
+
+With ``[privacy]`` on, the run's :class:`RunPrivacy` lives beside the
+engine: before each fit round the driver asks it whether the budget allows
+the round (a refusal stops training and locks the run in the registry's
+ledger, so a restarted coordinator stops again at once); clients past their
+own budget are never candidates; and each fit round is accounted exactly
+once, a committed one before its model is kept, so that the version's
+metrics carry the epsilon it cost.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ from shoal.apps.loading import load_app
 from shoal.config import Config
 from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.engine import Coordinator
-from shoal.coordinator.events import CommitVersion, RoundSummary
+from shoal.coordinator.events import CommitVersion, Phase, RoundSummary
+from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.secure import SecureSettings
 from shoal.coordinator.selection import cohort_size
 from shoal.coordinator.service import CoordinatorService, ServiceSettings
@@ -43,6 +52,8 @@ from shoal.coordinator.setup import (
 from shoal.core.errors import ConfigError
 from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
+from shoal.privacy.coordinator import check_private_strategy
+from shoal.privacy.run import RunPrivacy
 from shoal.registry import (
     BlobStore,
     ClientRegistry,
@@ -77,19 +88,34 @@ class CoordinatorParts:
     clients: ClientRegistry
     driver: RoundDriver
     service: CoordinatorService
+    privacy: RunPrivacy | None = None
 
 
 def build(
     config: Config, *, on_round: Callable[[RoundSummary], None] | None = None
 ) -> CoordinatorParts:
-    """Open the registries, restore HEAD (or commit the initial model), wire the driver."""
+    """Open the registries, restore HEAD (or commit the initial model), wire the driver.
+
+    Under DP, ``on_round`` gets each fit round's summary with the privacy
+    fields (epsilon, delta, noise_multiplier, clip_norm) in its metrics.
+    """
     section = config.coordinator
     secure = secure_settings_from_config(config, run_id=section.run_id)  # refused before opening
+    if config.privacy.enabled:
+        check_private_strategy(strategy_from_config(config))  # likewise
     state_dir = Path(section.state_dir)
     database = registry_location(state_dir, section.registry_url).open()
     models = ModelRegistry(database, BlobStore(blob_location(state_dir, section.blob_url)))
     clients = ClientRegistry(database)
-    coordinator, first_round = _restore(config, models, secure)
+    settings = round_settings_from_config(config)
+    try:
+        privacy = _run_privacy(config, settings, clients)
+        if privacy is not None:
+            privacy.open(database)  # replays what the run spent before a restart
+        coordinator, first_round = _restore(config, models, settings, secure, privacy)
+    except BaseException:
+        database.close()
+        raise
     selector = Selector(clients)
     # the versioning matrix of this model decides who may train it
     criteria = SelectionCriteria(
@@ -98,16 +124,30 @@ def build(
     wanted = cohort_size(
         target=config.round.clients_per_round, over_selection=config.round.over_selection
     )
+    accounting = _PrivacyAccounting(privacy)
+
+    def candidates() -> list[str]:
+        if privacy is None:
+            return selector.select(criteria, wanted)
+        barred = privacy.barred()  # past their own budget: never selected again
+        drawn = selector.select(criteria, wanted + len(barred))
+        return [client for client in drawn if client not in barred][:wanted]
 
     async def persist(commit: CommitVersion) -> None:
+        metrics = {**commit.summary.metrics, **accounting.committed(commit.summary)}
         models.commit(
             section.run_id,
             commit.parameters,
             round=commit.round,
             architecture_version=config.model.kind,
-            metrics=_finite(commit.summary.metrics),
+            metrics=_finite(metrics),
             state=state_to_bytes(coordinator.optimizer_state),
         )
+
+    def round_closed(summary: RoundSummary) -> None:
+        summary = accounting.closed(summary)
+        if on_round is not None:
+            on_round(summary)
 
     driver = RoundDriver(
         coordinator,
@@ -117,26 +157,76 @@ def build(
             evaluate_every=config.evaluation.every,
             retry_after_s=section.retry_after_s,
         ),
-        candidates=lambda: selector.select(criteria, wanted),
+        candidates=candidates,
         persist=persist,
-        on_round=on_round,
+        on_round=round_closed,
+        before_round=None if privacy is None else privacy.before_round,
     )
-    settings = ServiceSettings(
+    service_settings = ServiceSettings(
         run_id=section.run_id,
         enrollment_tokens=frozenset(section.enrollment_tokens),
         max_update_bytes=int(section.max_update_mb * 2**20),
         criteria=replace(criteria, seen_within=None),  # a check-in is itself a sighting
     )
-    service = CoordinatorService(driver, clients, settings, selector=selector)
-    return CoordinatorParts(database, models, clients, driver, service)
+    service = CoordinatorService(driver, clients, service_settings, selector=selector)
+    return CoordinatorParts(database, models, clients, driver, service, privacy)
+
+
+def _run_privacy(
+    config: Config, settings: RoundSettings, clients: ClientRegistry
+) -> RunPrivacy | None:
+    """The run's DP, sized by the clients enrolled so far or the configured population."""
+    if not config.privacy.enabled:
+        return None
+    return RunPrivacy(
+        config,
+        population=max(clients.count(), config.data.num_clients),
+        clients_per_round=settings.clients_per_round,
+        min_clients=settings.quorum_count(Phase.FIT),
+        run_id=config.coordinator.run_id,
+    )
+
+
+class _PrivacyAccounting:
+    """Accounts each fit round once: a committed one when it is persisted, any other on closing.
+
+    The driver persists a committed round before it reports the round
+    closed; the fields accounted then are handed on to the closing, so
+    the ledger sees every fit round once and the version keeps its epsilon.
+    """
+
+    def __init__(self, privacy: RunPrivacy | None) -> None:
+        self.privacy = privacy
+        self._accounted: dict[int, dict[str, Any]] = {}  # committed, not yet reported closed
+
+    def committed(self, summary: RoundSummary) -> dict[str, Any]:
+        """The privacy fields of a committed fit round, accounted in the ledger."""
+        if self.privacy is None or summary.phase is not Phase.FIT:
+            return {}
+        fields = self.privacy.row_fields(summary)
+        self._accounted[summary.round] = fields
+        return fields
+
+    def closed(self, summary: RoundSummary) -> RoundSummary:
+        """The closed round's summary, with the privacy fields of a fit round in its metrics."""
+        if self.privacy is None or summary.phase is not Phase.FIT:
+            return summary
+        fields = self._accounted.pop(summary.round, None)
+        if fields is None:  # not committed: nothing spent, the fields say where the run stands
+            fields = self.privacy.row_fields(summary)
+        return replace(summary, metrics={**summary.metrics, **fields})
 
 
 def _restore(
-    config: Config, models: ModelRegistry, secure: SecureSettings | None
+    config: Config,
+    models: ModelRegistry,
+    settings: RoundSettings,
+    secure: SecureSettings | None,
+    privacy: RunPrivacy | None,
 ) -> tuple[Coordinator, int]:
     """The engine at HEAD of the run (first start: the app's initial model as version 0)."""
     strategy = strategy_from_config(config)
-    settings = round_settings_from_config(config)
+    dp = None if privacy is None else privacy.coordinator
     run_id = config.coordinator.run_id
     head = models.head(run_id)
     if head is None:
@@ -147,6 +237,7 @@ def _restore(
             parameters=initial,
             seed=config.run.seed,
             secure=secure,
+            privacy=dp,
         )
         models.commit(
             run_id,
@@ -168,6 +259,7 @@ def _restore(
         seed=config.run.seed,
         optimizer_state=state,
         secure=secure,
+        privacy=dp,
     )
     return coordinator, head.round + 1
 

@@ -154,8 +154,8 @@ class PrivacyBudgetKeeper:
         self._on_exhausted = on_exhausted
         ledger.open_budget(run_id, epsilon=plan.budget or _UNLIMITED, delta=plan.delta)
         self.accountant = plan.accountant()
-        self.participations: dict[str, int] = {}
-        for _ in ledger.rounds(run_id):  # a restart replays what was spent
+        self._recorded = {entry.round: entry for entry in ledger.rounds(run_id)}
+        for _ in self._recorded:  # a restart replays what was spent
             self._compose()
 
     @property
@@ -194,7 +194,10 @@ class PrivacyBudgetKeeper:
         return reason
 
     def after_round(self, round_number: int, participants: Sequence[str]) -> RoundPrivacy:
-        """Account a committed round and charge its participants."""
+        """Account a committed round and charge its participants (once, even when replayed)."""
+        recorded = self._recorded.get(round_number)
+        if recorded is not None:  # a crash came after the ledger's record, before the commit
+            return RoundPrivacy(recorded.epsilon, recorded.delta)
         plan = self.plan
         self._compose()
         epsilon = self.epsilon
