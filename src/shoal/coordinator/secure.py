@@ -53,6 +53,7 @@ class SecureSettings:
     run_id: str
     quantization: Quantization
     fit_bits: bool = True  # take the most bits the cohort size allows
+    headroom_bits: int = 0  # bits kept free for noise added after quantization (distributed DP)
     degree: int | None = None  # None: about 2 log2 n neighbours
     threshold_fraction: float = 0.5
     advertise_keys_s: float = 30.0
@@ -77,7 +78,7 @@ class SecureSettings:
     def quantization_for(self, max_clients: int) -> Quantization:
         """The quantization of a round of up to ``max_clients``; refuses one that could overflow."""
         if self.fit_bits:
-            return self.quantization.fitted(max_clients)
+            return self.quantization.fitted(max_clients << self.headroom_bits)
         self.quantization.check_capacity(max_clients)
         return self.quantization
 

@@ -67,6 +67,7 @@ def secure_settings_from_config(
             max_weight=section.max_weight,
         ),
         fit_bits=section.bits is None,
+        headroom_bits=2 if config.privacy.placement == "distributed" else 0,
         degree=section.degree,
         threshold_fraction=section.reconstruction_threshold,
         advertise_keys_s=section.advertise_keys_s,
