@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.core.errors import IllegalTransition, ProtocolError, SecurityError
-from shoal.secure.client import SHARE_BYTES, limbs_from_bytes
+from shoal.secure.client import limbs_from_bytes
 from shoal.secure.crypto import KeyPair, Purpose, SessionContext, agree, expand_mask
 from shoal.secure.graph import Graph, neighbour_graph
 from shoal.secure.messages import (
@@ -547,6 +547,3 @@ class SecAggServer:
             return field_to_bytes(limbs, length=2 * len(limbs))
         except ProtocolError as exc:
             raise SecurityError(f"a secret did not reconstruct: {exc}") from exc
-
-
-assert SHARE_BYTES == 128
