@@ -564,8 +564,7 @@ def update_parts(
     header: pb.UpdateHeader, payload: bytes, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> Iterator[pb.UpdatePart]:
     """The client-streamed messages of an upload: the (signed) header, then the chunks."""
-    if header.payload_sha256 != hashlib.sha256(payload).hexdigest():
-        raise ProtocolError("the update header's payload_sha256 is not the payload's sha256")
+    _check_payload(header.payload_sha256, payload, "the update header")
     yield pb.UpdatePart(header=header)
     for chunk in chunk_payload(payload, chunk_size):
         yield pb.UpdatePart(chunk=encode_chunk(chunk))
@@ -573,9 +572,18 @@ def update_parts(
 
 def header_of(part: pb.UpdatePart) -> pb.UpdateHeader:
     """The header an upload must open with; ``ProtocolError`` for anything else."""
-    if part.WhichOneof("part") != "header":
-        raise ProtocolError("an update upload must start with its header")
+    _check_opens_with_header(part, "an update upload")
     return part.header
+
+
+def _check_payload(declared_sha256: str, payload: bytes, what: str) -> None:
+    if declared_sha256 != hashlib.sha256(payload).hexdigest():
+        raise ProtocolError(f"{what}'s payload_sha256 is not the payload's sha256")
+
+
+def _check_opens_with_header(part: UploadPart, what: str) -> None:
+    if part.WhichOneof("part") != "header":
+        raise ProtocolError(f"{what} must start with its header")
 
 
 def chunk_of(part: UploadPart) -> Chunk:
@@ -611,8 +619,7 @@ def secure_message_parts(
     header: pb.SecureMessageHeader, frame: bytes, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> Iterator[pb.SecureMessagePart]:
     """The client-streamed messages of a SecAgg+ reply: the (signed) header, then the chunks."""
-    if header.payload_sha256 != hashlib.sha256(frame).hexdigest():
-        raise ProtocolError("the secure message header's payload_sha256 is not the frame's sha256")
+    _check_payload(header.payload_sha256, frame, "the secure message header")
     yield pb.SecureMessagePart(header=header)
     for chunk in chunk_payload(frame, chunk_size):
         yield pb.SecureMessagePart(chunk=encode_chunk(chunk))
@@ -620,8 +627,7 @@ def secure_message_parts(
 
 def secure_header_of(part: pb.SecureMessagePart) -> pb.SecureMessageHeader:
     """The header a SecAgg+ reply must open with; ``ProtocolError`` for anything else."""
-    if part.WhichOneof("part") != "header":
-        raise ProtocolError("a secure message upload must start with its header")
+    _check_opens_with_header(part, "a secure message upload")
     return part.header
 
 
