@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -244,6 +245,33 @@ def test_the_buffer_takes_heartbeats_from_many_threads(registry: ClientRegistry)
     buffer.flush()
     assert buffer.flushed == 100 and len(buffer) == 0
     assert all(record.last_seen > NOW for record in registry.list())
+
+
+def test_concurrent_batches_sharing_clients_never_deadlock(registry: ClientRegistry) -> None:
+    # each thread writes the same clients in its own order: unordered row locks
+    # made PostgreSQL abort one of two such transactions with "deadlock detected"
+    clients = [f"c{index}" for index in range(40)]
+    for client_id in clients:
+        registry.enroll(client_id, device(), now=NOW)
+    errors: list[Exception] = []
+
+    def send(seed: int) -> None:
+        order = random.Random(seed)
+        for step in range(20):
+            picked = order.sample(clients, 30)
+            try:
+                registry.record_heartbeats(
+                    [heartbeat(client_id, seconds=seed * 100 + step + 1) for client_id in picked]
+                )
+            except Exception as exc:  # collected: an exception in a thread is not a failure
+                errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(seed,)) for seed in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
 
 
 @pytest.mark.parametrize(

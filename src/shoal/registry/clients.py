@@ -354,6 +354,8 @@ class ClientRegistry:
                 latest[heartbeat.client_id] = heartbeat
         if not latest:
             return 0
+        # rows are locked in client-id order, so two concurrent batches that
+        # share clients queue behind each other instead of deadlocking
         parameters = [
             {
                 "b_client_id": heartbeat.client_id,
@@ -362,7 +364,7 @@ class ClientRegistry:
                 "b_charging": heartbeat.charging,
                 "b_wifi": heartbeat.wifi,
             }
-            for heartbeat in latest.values()
+            for _, heartbeat in sorted(latest.items())
         ]
         with self.database.write() as connection:
             return connection.execute(_HEARTBEAT_UPDATE, parameters).rowcount
@@ -407,7 +409,8 @@ class HeartbeatBuffer:
 
     def _write(self, batch: builtins.list[Heartbeat]) -> int:
         written = self.registry.record_heartbeats(batch)
-        self.flushed += len(batch)
+        with self._lock:
+            self.flushed += len(batch)
         return written
 
     def __enter__(self) -> HeartbeatBuffer:
