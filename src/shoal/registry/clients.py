@@ -260,7 +260,8 @@ class ClientRegistry:
                 "last_seen": now,
                 "expires_at": None,
             }
-            for client_id, device in devices.items()
+            # sorted: concurrent bulk enrollments take their key locks in one order
+            for client_id, device in sorted(devices.items())
         ]
         if not rows:
             return 0
