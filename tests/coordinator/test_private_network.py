@@ -298,3 +298,31 @@ def test_a_strategy_that_dp_cannot_serve_is_refused_before_anything_opens(
     with pytest.raises(ConfigError, match="mean of clipped updates"):
         build(config)
     assert not (tmp_path / "state").exists()
+
+
+def test_adaptive_clipping_resumes_from_the_last_committed_round_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    privacy = {
+        "placement": "central",
+        "noise_multiplier": NOISE_MULTIPLIER,
+        "delta": DELTA,
+        "clip_norm": CLIP_NORM,
+        "adaptive_clipping": True,
+        "secure_noise": False,
+    }
+    config = job_config(tmp_path, privacy=privacy, run={"rounds": 2})
+    rounds: list[RoundSummary] = []
+    asyncio.run(serve_with_clients(tmp_path, config, clients=CLIENTS, uploads=[], rounds=rounds))
+    fit = [summary for summary in rounds if summary.phase is Phase.FIT and summary.committed]
+    assert [summary.round for summary in fit] == [1, 2]
+    left = fit[-1].metrics["next_clip_norm"]
+    assert left > CLIP_NORM  # every client clipped: the norm grew
+
+    later = job_config(tmp_path, privacy=privacy, run={"rounds": 4})
+    parts = build(later)
+    try:
+        assert parts.privacy is not None
+        assert parts.privacy.coordinator.clip.clip_norm == pytest.approx(left)
+    finally:
+        parts.database.close()

@@ -252,6 +252,8 @@ def _restore(
     saved = models.load_state(run_id, head.version)
     state = template if saved is None else state_from_bytes(template, saved)
     log.info("resuming run %s from version %d (round %d)", run_id, head.version, head.round)
+    if privacy is not None:
+        privacy.resume(head.metrics)
     coordinator = Coordinator(
         settings=settings,
         strategy=strategy,

@@ -15,7 +15,7 @@ round's noised count of unclipped updates moves C for the next round.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from shoal.aggregation.aggregators import WeightedMean
 from shoal.aggregation.strategy import Strategy
-from shoal.core.errors import ConfigError
+from shoal.core.errors import ConfigError, RunError
 from shoal.core.transforms import Vector
 from shoal.privacy.mechanisms import (
     PLACEMENTS,
@@ -110,6 +110,12 @@ class DpCoordinator:
     def update_std(self) -> float:
         """The standard deviation of the noise on the sum of updates: z_update * C."""
         return self.split.update_multiplier * self.clip.clip_norm
+
+    def resume_clip_norm(self, clip_norm: float) -> None:
+        """Continue adaptive clipping from the norm a committed round left (a restart)."""
+        if not clip_norm > 0 or not math.isfinite(clip_norm):
+            raise RunError(f"the saved clip norm must be finite and positive, got {clip_norm}")
+        self.clip = replace(self.clip, clip_norm=clip_norm)
 
     def fit_extras(self) -> dict[str, Any]:
         """What each fit task tells its client: the clip norm, and its share of the noise."""

@@ -10,7 +10,7 @@ delta, the noise multiplier, the sampling rate, the accountant).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,9 @@ from shoal.telemetry.alerts import AlertHook, BudgetExhausted, alert_hooks, fire
 log = logging.getLogger("shoal.privacy")
 
 ExhaustedHook = Callable[[int, float, str], None]
+
+# the metric of a committed version that holds the clip norm for the round after it
+NEXT_CLIP_NORM = "next_clip_norm"
 
 
 class RunPrivacy:
@@ -49,10 +52,11 @@ class RunPrivacy:
             clients_per_round=clients_per_round,
             rounds=config.run.rounds,
         )
+        self._seed = config.run.seed
         noise = (
             NoiseSource.secure()
             if section.secure_noise
-            else NoiseSource.seeded(np.random.default_rng([config.run.seed, 0xD1FF]))
+            else NoiseSource.seeded(self._round_generator(0))
         )
         self.coordinator = DpCoordinator(
             DpSettings(
@@ -89,11 +93,23 @@ class RunPrivacy:
             raise RuntimeError("the run's privacy budget is not open")
         return self._keeper
 
+    def resume(self, head_metrics: Mapping[str, float]) -> None:
+        """Take up the clip norm that the run's last committed round left for the next one."""
+        norm = head_metrics.get(NEXT_CLIP_NORM)
+        if norm is not None and self.coordinator.settings.adaptive_clipping:
+            self.coordinator.resume_clip_norm(float(norm))
+
     def before_round(self, round_number: int) -> str | None:
         """None if the fit round may run; else why training stops."""
         reason = self.keeper.before_round(round_number)
         self.locked_reason = reason
+        if not self.coordinator.noise.is_secure:
+            # seeded noise (tests) is drawn per round, so a resumed run replays the same noise
+            self.coordinator.noise = NoiseSource(self._round_generator(round_number))
         return reason
+
+    def _round_generator(self, round_number: int) -> np.random.Generator:
+        return np.random.default_rng([self._seed, 0xD1FF, round_number])
 
     def barred(self) -> set[str]:
         return self.keeper.barred()
@@ -107,6 +123,8 @@ class RunPrivacy:
         if summary.committed:
             spent = self.keeper.after_round(summary.round, summary.participants)
             fields.update(epsilon=spent.epsilon, delta=spent.delta)
+            if self.coordinator.settings.adaptive_clipping:  # kept with the version for a restart
+                fields[NEXT_CLIP_NORM] = self.coordinator.clip.clip_norm
         else:
             fields.update(epsilon=self.keeper.epsilon, delta=self.plan.delta)
         return fields

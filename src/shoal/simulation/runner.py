@@ -265,6 +265,8 @@ class Simulation:
         saved = self.models.load_state(MODEL_NAME, head.version)
         state = template if saved is None else state_from_bytes(template, saved)
         self.coordinator.restore(parameters, state)
+        if self.privacy is not None:
+            self.privacy.resume(head.metrics)
 
     @contextmanager
     def _executor(self) -> Iterator[Executor]:
