@@ -199,6 +199,8 @@ def test_the_budget_stops_a_central_dp_job_over_grpc_and_a_restart_stays_stopped
     norms = [float(np.linalg.norm(update)) for update, _ in uploads]
     assert max(norms) <= CLIP_NORM * (1 + 1e-5)
     assert all(metrics["dp_unclipped"] == 0.0 for _, metrics in uploads)
+    assert all(set(metrics) == {"dp_unclipped"} for _, metrics in uploads)  # no training loss
+    assert all(summary.loss is None for summary in fit)
 
     # the versions and the ledger in the registry
     state_dir = Path(config.coordinator.state_dir)

@@ -118,6 +118,15 @@ def test_local_dp_noises_on_the_device_with_the_configured_std() -> None:
     assert untouched is update and none == {}
 
 
+def test_under_dp_only_the_dp_bookkeeping_leaves_the_device() -> None:
+    update = np.full(10, 3.0, np.float32)
+    trained = {"loss": 0.42, "steps": 7.0, "dp_sgd_steps": 7.0, "dp_sgd_noise_multiplier": 1.1}
+    _, released = privatize_update(update, {CLIP_NORM: 1.0}, trained)
+    assert released == {"dp_sgd_steps": 7.0, "dp_sgd_noise_multiplier": 1.1, "dp_unclipped": 0.0}
+    _, plain = privatize_update(update, {}, trained)
+    assert plain == trained  # without DP every metric goes
+
+
 def test_central_dp_reclips_and_adds_the_noise_once() -> None:
     settings = DpSettings("central", 2.0, 1.0, clients_per_round=10, min_clients=5)
     dp = DpCoordinator(settings, NoiseSource.secure())

@@ -42,6 +42,7 @@ def test_central_dp_records_epsilon_per_round_and_stops_at_the_budget(tmp_path: 
     assert epsilons == sorted(epsilons) and epsilons[0] > 0
     assert all(row["delta"] == pytest.approx(1 / 60) for row in rows)
     assert all(row["noise_multiplier"] == 1.0 and row["clip_norm"] == 1.0 for row in rows)
+    assert all(row["loss"] is None for row in rows)  # the clients' training loss stays on them
     assert summary["epsilon"] == pytest.approx(epsilons[-1]) and summary["epsilon"] <= 2.5
     assert summary["rounds_completed"] < 6  # the budget ran out before the planned rounds
     assert "training stops and the data locks" in summary["privacy_locked"]
@@ -123,6 +124,7 @@ def test_distributed_dp_runs_with_secagg_and_dropouts(tmp_path: Path) -> None:
     assert summary["rounds_completed"] >= 4
     assert summary["clients_recovered"] > 0
     assert all("epsilon" in row for row in rows)
+    assert all(row["loss"] is None for row in rows)  # not even as a secure sum
 
 
 @pytest.mark.parametrize(

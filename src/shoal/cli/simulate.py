@@ -132,8 +132,9 @@ def print_header() -> None:
     )
 
 
-def _number(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def _number(value: float | None, spec: str, width: int) -> str:
+    """``value`` in ``spec``, or a dash in the same width (a loss withheld under DP)."""
+    return f"{'-':>{width}}" if value is None else format(value, f"{width}{spec}")
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -141,7 +142,7 @@ def format_row(row: dict[str, Any]) -> str:
     return (
         f"{row['round']:>5} {row['phase']:<8} {row['selected']:>4} {row['reported']:>4} "
         f"{row['dropped']:>4} "
-        f"{_number(row['loss'], '8.4f')} {_number(row['accuracy'], '7.2%')} "
+        f"{_number(row['loss'], '.4f', 8)} {_number(row['accuracy'], '.2%', 7)} "
         f"{row['virtual_time_s']:>8.1f}s {row['wall_time_s']:>6.2f}s{status}"
     )
 

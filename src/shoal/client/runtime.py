@@ -244,7 +244,9 @@ class ClientRuntime:
             result = self.client.fit(model, offer.config)
             update, metrics, noise = _private(fit_update(result, model), result, offer.config)
             if offer.secure is not None:  # a secure round: only the masked input leaves
-                masked = _masked(session, offer.secure, result, update, offer.config, noise)
+                masked = _masked(
+                    session, offer.secure, result, update, metrics, offer.config, noise
+                )
                 return lambda runtime: runtime.link.submit_secure(runtime.enrollment, masked)
             return lambda runtime: runtime.link.submit_update(
                 runtime.enrollment, offer, update, result.num_examples, metrics
@@ -300,12 +302,11 @@ def _private(
     Without DP (no clip norm in the task's extras) the update leaves as it
     is and there is no noise source.
     """
-    metrics = dict(result.metrics)
     if CLIP_NORM not in config.extras:
-        return update, metrics, None
+        return update, dict(result.metrics), None
     noise = client_noise(config.extras, seed=config.seed)
-    vector, reported = privatize_update(update.vector, config.extras, noise=noise)
-    return update.with_vector(vector), metrics | reported, noise
+    vector, metrics = privatize_update(update.vector, config.extras, result.metrics, noise=noise)
+    return update.with_vector(vector), metrics, noise
 
 
 def _masked(
@@ -313,6 +314,7 @@ def _masked(
     request: MaskedInputRequest,
     result: FitResult,
     update: Parameters,
+    metrics: Mapping[str, float],
     config: FitConfig,
     noise: NoiseSource | None,
 ) -> ClientMessage:
@@ -321,7 +323,7 @@ def _masked(
         raise ClientError("a masked-input request came without a secure session")
     if not all_finite(update.vector):
         raise ClientError("the update holds NaN or infinite values")
-    loss = result.metrics.get("loss", 0.0)
+    loss = metrics.get("loss", 0.0)  # withheld under user-level DP: the sum carries 0
     contribution = Contribution(
         update.vector,
         result.num_examples,

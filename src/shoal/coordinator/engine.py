@@ -399,7 +399,7 @@ class Coordinator:
         current.reported = set(result.contributors)
         current.num_examples = result.decoded.num_examples
         loss = result.decoded.mean_loss()
-        if loss is not None:
+        if loss is not None and self.privacy is None:  # under DP the clients withhold their loss
             current.metric_sums["loss"] = loss * current.num_examples
         if self.privacy is not None:  # every client weighed one: the decoded sum is the sum
             total = result.decoded.weighted_sum

@@ -17,6 +17,7 @@ from shoal.core.transforms import Vector
 from shoal.privacy.coordinator import (
     CLIP_NORM,
     DISTRIBUTED_NOISE_STD,
+    DP_METRIC_PREFIX,
     LOCAL_NOISE_STD,
     SECURE_NOISE,
     UNCLIPPED,
@@ -33,20 +34,35 @@ def client_noise(extras: Mapping[str, Any], *, seed: int) -> NoiseSource:
 
 
 def privatize_update(
-    update: Vector, extras: Mapping[str, Any], *, noise: NoiseSource | None = None
+    update: Vector,
+    extras: Mapping[str, Any],
+    metrics: Mapping[str, float] | None = None,
+    *,
+    noise: NoiseSource | None = None,
 ) -> tuple[Vector, dict[str, float]]:
-    """The update as it may leave the device, and the metric the coordinator may count."""
+    """The update as it may leave the device, and the training metrics that may go with it.
+
+    Under user-level DP only the DP bookkeeping leaves (whether the update
+    was within the clip norm, a DP-SGD client's accounting parameters): the
+    training loss and any other metric of the client's data would be an
+    un-noised release beside the noised model, so it stays on the device.
+    """
     clip_norm = extras.get(CLIP_NORM)
     if clip_norm is None:
-        return update, {}
+        return update, dict(metrics or {})
     clipped = clip_by_l2_norm(update, clip_norm=float(clip_norm))
-    metrics = {UNCLIPPED: 1.0 if clipped.unclipped else 0.0}
+    released = {name: value for name, value in (metrics or {}).items() if _is_bookkeeping(name)}
+    metrics = released | {UNCLIPPED: 1.0 if clipped.unclipped else 0.0}
     local_std = float(extras.get(LOCAL_NOISE_STD, 0.0))
     if local_std <= 0:
         return clipped.update, metrics
     source = noise if noise is not None else NoiseSource.secure()
     noised = clipped.update + source.normal(update.size, std=local_std).astype(np.float32)
     return noised.astype(np.float32), metrics
+
+
+def _is_bookkeeping(name: str) -> bool:
+    return name.startswith(DP_METRIC_PREFIX)
 
 
 def distributed_noise_std(extras: Mapping[str, Any]) -> float:

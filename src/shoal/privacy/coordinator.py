@@ -35,6 +35,8 @@ from shoal.privacy.mechanisms import (
 )
 from shoal.privacy.noise import NoiseSource
 
+# the prefix of the metrics a client may report under user-level DP (its DP bookkeeping)
+DP_METRIC_PREFIX = "dp_"
 # the keys a fit task's extras carry to the client
 CLIP_NORM = "dp_clip_norm"
 LOCAL_NOISE_STD = "dp_local_noise_std"

@@ -57,11 +57,14 @@ def run_job(factory: ClientFactory, parameters: Parameters, job: Job) -> Outcome
         if isinstance(job.config, FitConfig):
             result = client.fit(parameters, job.config)
             update = fit_update(result, parameters).vector
-            metrics = dict(result.metrics)
-            if CLIP_NORM in job.config.extras:  # user-level DP: clip (and noise) on the device
-                noise = client_noise(job.config.extras, seed=job.config.seed)
-                update, dp_metrics = privatize_update(update, job.config.extras, noise=noise)
-                metrics.update(dp_metrics)
+            noise = (  # user-level DP: clip (and noise) on the device
+                client_noise(job.config.extras, seed=job.config.seed)
+                if CLIP_NORM in job.config.extras
+                else None
+            )
+            update, metrics = privatize_update(
+                update, job.config.extras, result.metrics, noise=noise
+            )
             return Outcome(job.client_id, result.num_examples, update=update, metrics=metrics)
         evaluation = client.evaluate(parameters, job.config)
         return Outcome(
