@@ -301,7 +301,7 @@ def test_a_reply_withdraws_its_offer_first_and_a_repeated_one_keeps_the_next() -
     asyncio.run(scenario())
 
 
-def test_the_driver_refuses_a_protocol_networked_clients_do_not_run() -> None:
+def test_the_driver_refuses_a_homomorphic_job_without_a_key_holder() -> None:
     coordinator = Coordinator(
         settings=RoundSettings(clients_per_round=2),
         strategy=make_strategy("fedavg"),
@@ -313,5 +313,5 @@ def test_the_driver_refuses_a_protocol_networked_clients_do_not_run() -> None:
     async def persist(commit: CommitVersion) -> None:
         del commit
 
-    with pytest.raises(ConfigError, match="secagg"):
+    with pytest.raises(ConfigError, match="key holder"):
         RoundDriver(coordinator, DriverSettings(rounds=1), candidates=list, persist=persist)

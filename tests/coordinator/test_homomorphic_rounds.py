@@ -23,7 +23,7 @@ from shoal.coordinator import (
 from shoal.coordinator.events import AggregateDecrypted, RequestDecryption
 from shoal.coordinator.secure import SecureSettings
 from shoal.core import Parameters, SecurityError
-from shoal.secure.ckks import EncryptedVector, decrypt_vector
+from shoal.secure.ckks import EncryptedVector, decrypt_vector, sum_encrypted
 from shoal.secure.homomorphic import EncryptedUpdate, EncryptionRequest, seal_contribution
 from shoal.secure.keyholder import KeyHolder
 from shoal.secure.quantization import Quantization
@@ -211,3 +211,35 @@ def test_examples_cross_silo_banks_runs(tmp_path: Path) -> None:
     assert summary["rounds_completed"] == 3
     assert summary["final_accuracy"] > 0.8
     assert (tmp_path / "banks" / "key-holder" / "secret.context").stat().st_mode & 0o077 == 0
+
+
+def test_under_user_level_dp_every_silo_weighs_one(
+    consortium: tuple[KeyHolder, dict[str, bytes]],
+) -> None:
+    # DP-FedAvg's noise is calibrated for a sum of clipped updates: a silo's example count
+    # must not scale its update inside the ciphertext, or its sensitivity grows with it
+    holder, signing = consortium
+    request = EncryptionRequest(1, "banks-dp", "0" * 64)
+    data = updates()
+    sealed = [
+        seal_contribution(
+            holder.public_context(),
+            signing[silo],
+            update,
+            silo_id=silo,
+            request=request,
+            num_examples=examples,
+            loss=0.0,
+            uniform_weight=True,
+        )
+        for silo, (update, examples) in data.items()
+    ]
+    total = holder.decrypt_aggregate(
+        run_id="banks-dp",
+        round=1,
+        aggregate=sum_encrypted(holder.public_context(), [s.ciphertext for s in sealed]),
+        receipts=[s.receipt for s in sealed],
+    )
+    assert total[-2] == pytest.approx(len(SILOS), abs=1e-4)  # the total weight: one per silo
+    expected = np.stack([update for update, _ in data.values()]).sum(0)
+    assert np.max(np.abs(total[:SIZE] - expected)) < 1e-4

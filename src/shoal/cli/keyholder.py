@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 from pathlib import Path
@@ -15,6 +14,7 @@ from rich.text import Text
 from shoal.cli.app import app, user_errors
 from shoal.cli.operator import AsJson, _console, _key_value_table, _print_json
 from shoal.core.errors import ConfigError
+from shoal.secure.keyholder import read_silo_public_keys
 
 keyholder_app = typer.Typer(
     help="The key holder of homomorphic aggregation: the only party with the secret key.",
@@ -33,16 +33,10 @@ def parse_silos(pairs: list[str], silos_file: Path | None) -> dict[str, bytes]:
         entries.append((name.strip(), key.strip(), "--silo"))
     if silos_file is not None:
         try:
-            data = json.loads(silos_file.read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"--silos-file: cannot read {silos_file}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError("--silos-file: expected a JSON object of silo id to hex public key")
-        for name, value in data.items():
-            public: object = value.get("public") if isinstance(value, dict) else value
-            if not isinstance(public, str):  # a hex string, or a silo-keys file's pair
-                raise ConfigError(f"--silos-file: silo {name!r} has no hex public key")
-            entries.append((str(name), public, "--silos-file"))
+            listed = read_silo_public_keys(silos_file)
+        except ConfigError as exc:
+            raise ConfigError(f"--silos-file: {exc}") from None
+        entries.extend((name, public, "--silos-file") for name, public in listed.items())
     silos: dict[str, bytes] = {}
     for name, key, source in entries:
         if name in silos:

@@ -124,21 +124,45 @@ def client_run_command(
     max_tasks: Annotated[
         int | None, typer.Option("--max-tasks", min=1, help="Stop after N tasks.")
     ] = None,
+    client_id: Annotated[
+        str | None,
+        typer.Option("--client-id", help="A named identity for a new enrollment (a silo's name)."),
+    ] = None,
+    public_context: Annotated[
+        Path | None,
+        typer.Option("--public-context", help="A CKKS consortium's public context (a silo)."),
+    ] = None,
+    silo_keys: Annotated[
+        Path | None,
+        typer.Option("--silo-keys", help="The silo's receipt key (a `keyholder silo-keys` file)."),
+    ] = None,
 ) -> None:
-    """Enroll, then check in, train and upload until stopped (or N tasks)."""
+    """Enroll, then check in, train and upload until stopped (or N tasks).
+
+    A silo of a homomorphic (CKKS) consortium also gives ``--public-context``
+    and ``--silo-keys``: it encrypts its updates under that context only.
+    """
+    from shoal.secure.homomorphic import SiloCredentials
     from shoal.transport.certs import load_channel_credentials
     from shoal.transport.grpc_link import GrpcLink
     from shoal.transport.signing import generate_client_key
 
     if ca is None and not insecure:
         raise ConfigError("--ca: a client pins the deployment's CA; or pass --insecure explicitly")
+    if (public_context is None) != (silo_keys is None):
+        raise ConfigError("--public-context and --silo-keys: a silo needs both, or neither")
     client = load_app(app_spec)(parse_options(options or []))
-    enrollment = load_or_create_enrollment(state_dir, generate_client_key)
+    enrollment = load_or_create_enrollment(state_dir, generate_client_key, client_id=client_id)
+    silo = None
+    if public_context is not None and silo_keys is not None:
+        silo = SiloCredentials.load(
+            enrollment.client_id, public_context=public_context, silo_keys=silo_keys
+        )
     credentials = None if ca is None else load_channel_credentials(ca)
 
     async def main() -> None:
         link = GrpcLink(coordinator, credentials=credentials, enrollment_token=token)
-        runtime = ClientRuntime(client, link, enrollment)
+        runtime = ClientRuntime(client, link, enrollment, silo=silo)
         try:
             await runtime.run(max_tasks=max_tasks)
         finally:

@@ -38,6 +38,7 @@ from shoal.coordinator.events import Phase, RejectSubmission
 from shoal.core.device import DeviceState
 from shoal.core.errors import (
     ClientError,
+    ConfigError,
     NotFoundError,
     ProtocolError,
     SecurityError,
@@ -53,13 +54,9 @@ from shoal.privacy.client import (
 from shoal.privacy.coordinator import CLIP_NORM
 from shoal.privacy.noise import NoiseSource
 from shoal.secure.client import Contribution, SecAggClient
-from shoal.secure.messages import (
-    AdvertiseKeysRequest,
-    ClientMessage,
-    MaskedInputRequest,
-    ServerRequest,
-    StaleMessage,
-)
+from shoal.secure.homomorphic import EncryptionRequest, SiloCredentials
+from shoal.secure.messages import AdvertiseKeysRequest, ServerRequest, StaleMessage
+from shoal.secure.serde import FitRequest, SecureReply
 
 log = logging.getLogger("shoal.client")
 
@@ -100,7 +97,7 @@ class CoordinatorLink(Protocol):
     ) -> RejectSubmission | None: ...  # fmt: skip
 
     async def submit_secure(
-        self, enrollment: Enrollment, message: ClientMessage
+        self, enrollment: Enrollment, message: SecureReply
     ) -> RejectSubmission | None: ...
 
     async def report_failure(self, enrollment: Enrollment, offer: Offer, reason: str) -> None: ...
@@ -118,17 +115,34 @@ class Backoff:
 
 
 def load_or_create_enrollment(
-    state_dir: Path, make_key: Callable[[], tuple[bytes, bytes]]
+    state_dir: Path,
+    make_key: Callable[[], tuple[bytes, bytes]],
+    *,
+    client_id: str | None = None,
 ) -> Enrollment:
-    """The enrollment kept in ``state_dir``, created (and kept) on first use."""
+    """The enrollment kept in ``state_dir``, created (and kept) on first use.
+
+    A new enrollment takes ``client_id`` (a silo's name) or a random id; a
+    kept one must match ``client_id`` when it is given.
+    """
+    if client_id is not None and not (
+        0 < len(client_id) <= 128 and client_id.isprintable() and client_id.split() == [client_id]
+    ):
+        raise ConfigError(f"a client id has 1 to 128 printable characters, no space: {client_id!r}")
     path = state_dir / "enrollment.json"
     if path.exists():
         data = json.loads(path.read_text())
-        return Enrollment(
+        kept = Enrollment(
             data["client_id"], bytes.fromhex(data["private_key"]), bytes.fromhex(data["public_key"])
         )
+        if client_id is not None and client_id != kept.client_id:
+            raise ConfigError(
+                f"{path} holds the enrollment of {kept.client_id!r}, not {client_id!r}: "
+                "use another state folder for another identity"
+            )
+        return kept
     private, public = make_key()
-    enrollment = Enrollment(f"client-{os.urandom(8).hex()}", private, public)
+    enrollment = Enrollment(client_id or f"client-{os.urandom(8).hex()}", private, public)
     state_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     record = asdict(enrollment) | {"private_key": private.hex(), "public_key": public.hex()}
@@ -150,8 +164,10 @@ class ClientRuntime:
         device_state: Callable[[], DeviceState] = DeviceState,
         backoff: Backoff | None = None,
         seed: int | None = None,
+        silo: SiloCredentials | None = None,
     ) -> None:
         self.client = client
+        self.silo = silo  # a silo of a homomorphic consortium: its context and receipt key
         self.link = link
         self.enrollment = enrollment
         self.device_state = device_state
@@ -188,8 +204,8 @@ class ClientRuntime:
             await self._serve_stage(offer)
             return
         try:
-            session = None if offer.secure is None else self._session(offer.secure)
-        except StaleMessage as exc:  # not in this round's session: training would be wasted
+            protected = None if offer.secure is None else self._protected(offer.secure)
+        except (StaleMessage, ClientError) as exc:  # training would be wasted: say so at once
             await self._give_up(offer, str(exc))
             return
         try:
@@ -198,7 +214,7 @@ class ClientRuntime:
             log.info("task of round %d is stale: %s", offer.round, exc)
             return
         try:
-            outcome = await asyncio.to_thread(self._work, offer, model, session)
+            outcome = await asyncio.to_thread(self._work, offer, model, protected)
         except Exception as exc:  # the user's model failed: tell the coordinator, keep going
             await self._give_up(offer, str(exc) or type(exc).__name__)
             return
@@ -213,6 +229,22 @@ class ClientRuntime:
             await self._give_up(offer, f"secure aggregation refused: {exc}")
             return
         await self._upload(offer.round, lambda: self.link.submit_secure(self.enrollment, reply))
+
+    def _protected(self, request: FitRequest) -> _Protected:
+        """How this client answers a secure fit request; ``ClientError`` if it cannot."""
+        if isinstance(request, EncryptionRequest):
+            if self.silo is None:
+                raise ClientError(
+                    "the round aggregates homomorphically, and this client holds no silo "
+                    "credentials (a public context and a receipt key)"
+                )
+            if self.silo.silo_id != self.enrollment.client_id:
+                raise ClientError(
+                    f"the receipt key is silo {self.silo.silo_id!r}'s, "
+                    f"this client is {self.enrollment.client_id!r}"
+                )
+            return _Protected(request, silo=self.silo)
+        return _Protected(request, session=self._session(request))
 
     def _session(self, request: ServerRequest) -> SecAggClient:
         """The secure round's client; an advertise-keys request starts a new one."""
@@ -235,7 +267,7 @@ class ClientRuntime:
             log.info("round %d rejected our result: %s", round_number, rejection.reason.value)
 
     def _work(
-        self, offer: TaskOffer, model: Parameters, session: SecAggClient | None
+        self, offer: TaskOffer, model: Parameters, protected: _Protected | None
     ) -> Callable[[ClientRuntime], Upload]:
         """Run the task in a worker thread; returns the upload to perform."""
         if offer.phase is Phase.FIT:
@@ -243,11 +275,9 @@ class ClientRuntime:
                 raise ClientError("a training task came without a FitConfig")
             result = self.client.fit(model, offer.config)
             update, metrics, noise = _private(fit_update(result, model), result, offer.config)
-            if offer.secure is not None:  # a secure round: only the masked input leaves
-                masked = _masked(
-                    session, offer.secure, result, update, metrics, offer.config, noise
-                )
-                return lambda runtime: runtime.link.submit_secure(runtime.enrollment, masked)
+            if protected is not None:  # a secure round: only the masked or encrypted input leaves
+                reply = protected.reply(result, update, metrics, offer.config, noise)
+                return lambda runtime: runtime.link.submit_secure(runtime.enrollment, reply)
             return lambda runtime: runtime.link.submit_update(
                 runtime.enrollment, offer, update, result.num_examples, metrics
             )
@@ -309,27 +339,43 @@ def _private(
     return update.with_vector(vector), metrics, noise
 
 
-def _masked(
-    session: SecAggClient | None,
-    request: MaskedInputRequest,
-    result: FitResult,
-    update: Parameters,
-    metrics: Mapping[str, float],
-    config: FitConfig,
-    noise: NoiseSource | None,
-) -> ClientMessage:
-    """The masked input that stands for ``update`` in a secure round: all that leaves the device."""
-    if session is None:
-        raise ClientError("a masked-input request came without a secure session")
-    if not all_finite(update.vector):
-        raise ClientError("the update holds NaN or infinite values")
-    loss = metrics.get("loss", 0.0)  # withheld under user-level DP: the sum carries 0
-    contribution = Contribution(
-        update.vector,
-        result.num_examples,
-        float(loss) if isinstance(loss, int | float) else 0.0,
-        uniform_weight=uniform_weight(config.extras),
-        noise_std=distributed_noise_std(config.extras),
-        noise=noise,
-    )
-    return session.handle(request, contribution)
+@dataclass(frozen=True, slots=True)
+class _Protected:
+    """A secure round's fit request and what answers it: this round's SecAgg+ session, or the
+    silo's CKKS credentials."""
+
+    request: FitRequest
+    session: SecAggClient | None = None
+    silo: SiloCredentials | None = None
+
+    def reply(
+        self,
+        result: FitResult,
+        update: Parameters,
+        metrics: Mapping[str, float],
+        config: FitConfig,
+        noise: NoiseSource | None,
+    ) -> SecureReply:
+        """The masked or encrypted input that stands for ``update``: all that leaves the device."""
+        if not all_finite(update.vector):
+            raise ClientError("the update holds NaN or infinite values")
+        loss = metrics.get("loss", 0.0)  # withheld under user-level DP: the sum carries 0
+        contribution = Contribution(
+            update.vector,
+            result.num_examples,
+            float(loss) if isinstance(loss, int | float) else 0.0,
+            uniform_weight=uniform_weight(config.extras),
+            noise_std=distributed_noise_std(config.extras),
+            noise=noise,
+        )
+        if isinstance(self.request, EncryptionRequest):
+            assert self.silo is not None
+            return self.silo.answer(
+                self.request,
+                contribution.update,
+                num_examples=contribution.num_examples,
+                loss=contribution.loss,
+                uniform_weight=contribution.uniform_weight,
+            )
+        assert self.session is not None
+        return self.session.handle(self.request, contribution)

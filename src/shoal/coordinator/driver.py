@@ -12,6 +12,12 @@ the masked-input stage as a fit :class:`TaskOffer` that also carries its
 request. Clients answer with ``submit_secure``; each stage has its own
 timer, and a client between stages is told to come back soon.
 
+Under homomorphic aggregation (CKKS), a fit task carries the encryption
+request and each silo answers with its encrypted update (``submit_secure``).
+The engine adds the ciphertexts; when it asks for the sum's decryption, the
+driver hands the request to ``decrypt`` (the key holder, never this
+process) and feeds its answer, or its refusal, back to the engine.
+
 A new global model is persisted (``persist``) before any client is offered
 work on it: a crash loses at most the round in progress, never a commit.
 
@@ -28,11 +34,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
+import numpy.typing as npt
 
 from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import (
     Action,
+    AggregateDecrypted,
     ClientFailed,
     CommitVersion,
     DeadlineReached,
@@ -42,6 +50,7 @@ from shoal.coordinator.events import (
     Phase,
     RejectReason,
     RejectSubmission,
+    RequestDecryption,
     RoundClosed,
     RoundSummary,
     ScheduleDeadline,
@@ -52,15 +61,19 @@ from shoal.coordinator.events import (
     StartRound,
     UpdateReceived,
 )
+from shoal.coordinator.homomorphic import CKKS
 from shoal.coordinator.secure import SECAGG_PLUS
 from shoal.coordinator.state import RoundState
-from shoal.core.errors import ConfigError, ProtocolError
+from shoal.core.errors import ConfigError, ProtocolError, SecurityError, TransportError
 from shoal.core.parameters import Parameters
-from shoal.secure.messages import ClientMessage, MaskedInputRequest, ServerRequest, Stage
+from shoal.secure.messages import ServerRequest, Stage
+from shoal.secure.serde import FitRequest, SecureReply
 
 log = logging.getLogger("shoal.coordinator")
 
 Persist = Callable[[CommitVersion], Awaitable[None]]
+Decrypt = Callable[[RequestDecryption], Awaitable[npt.NDArray[np.float64]]]
+"""Asks the key holder for a homomorphic round's sum; raises with its refusal."""
 BeforeRound = Callable[[int], str | None]
 """Asked before each fit round: None lets it run; a reason stops training there."""
 SECURE_STAGE_RETRY_S = 0.25
@@ -81,7 +94,7 @@ class TaskOffer:
     config: FitConfig | EvaluateConfig
     model_sha256: str
     deadline_in_s: float
-    secure: MaskedInputRequest | None = None
+    secure: FitRequest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,19 +146,24 @@ class RoundDriver:
         persist: Persist,
         on_round: Callable[[RoundSummary], None] | None = None,
         before_round: BeforeRound | None = None,
+        decrypt: Decrypt | None = None,
     ) -> None:
         secure = coordinator.secure
-        if secure is not None and secure.protocol != SECAGG_PLUS:
+        if secure is not None and secure.protocol not in (SECAGG_PLUS, CKKS):
             raise ConfigError(
-                f"secure_aggregation.protocol: networked clients run {SECAGG_PLUS!r} only, "
-                f"not {secure.protocol!r}"
+                f"secure_aggregation.protocol: networked clients run {SECAGG_PLUS!r} or "
+                f"{CKKS!r}, not {secure.protocol!r}"
             )
+        if secure is not None and secure.protocol == CKKS and decrypt is None:
+            raise ConfigError("a homomorphic (ckks) job needs its key holder to decrypt the sums")
         self.coordinator = coordinator
         self.settings = settings
         self._candidates = candidates
         self._persist = persist
         self._on_round = on_round
         self._before_round = before_round
+        self._decrypt = decrypt
+        self._decryptions: set[asyncio.Task[None]] = set()  # at most one per round, in flight
         self.stop_reason: str | None = None  # why training stopped before its last round
         self._offers: dict[str, Offer] = {}
         self._secure_stage: Stage | None = None  # the open stage of a secure round
@@ -202,9 +220,9 @@ class RoundDriver:
         return self._submit(client_id, event)
 
     def submit_secure(
-        self, client_id: str, round_number: int, message: ClientMessage
+        self, client_id: str, round_number: int, message: SecureReply
     ) -> RejectSubmission | None:
-        """A client's SecAgg+ reply; returns the rejection, or None if the protocol took it.
+        """A client's secure-round reply; returns the rejection, or None if the protocol took it.
 
         The offer it answers is withdrawn first: taking the reply may close the
         stage and offer this client its next request. A repeated reply (a retried
@@ -243,6 +261,8 @@ class RoundDriver:
             if every and round_number % every == 0:
                 await self._play(round_number, Phase.EVALUATE)
         self._apply(FinishRun())
+        for pending in self._decryptions:  # a key holder still answering a closed round
+            pending.cancel()
 
     def _stops_before(self, round_number: int) -> bool:
         """True when ``before_round`` refuses this fit round: training stops here."""
@@ -302,7 +322,7 @@ class RoundDriver:
     def _carry_out(self, action: Action) -> None:
         match action:
             case SendFitTask():
-                secure = _masked_input_request(action)
+                secure = _fit_request(action)
                 self._offer(
                     action.client_id,
                     TaskOffer(
@@ -322,6 +342,10 @@ class RoundDriver:
                 self._schedule(action)
             case CommitVersion():
                 self._commit = action
+            case RequestDecryption():
+                task = asyncio.get_running_loop().create_task(self._decrypted(action))
+                self._decryptions.add(task)
+                task.add_done_callback(self._decryptions.discard)
             case RoundClosed():
                 self._offers.clear()
                 self._secure_stage = None
@@ -365,13 +389,22 @@ class RoundDriver:
     def _deadline(self, round_number: int, stage: Stage | None) -> None:
         self._apply(DeadlineReached(round_number, self._now(), stage))
 
+    async def _decrypted(self, action: RequestDecryption) -> None:
+        """Ask the key holder for the round's sum; its answer or refusal goes to the engine."""
+        assert self._decrypt is not None
+        try:
+            total = await self._decrypt(action)
+            answer = AggregateDecrypted(action.round, self._now(), total)
+        except (ProtocolError, SecurityError, TransportError) as exc:
+            log.error("the key holder did not decrypt round %d: %s", action.round, exc)
+            answer = AggregateDecrypted(action.round, self._now(), None, str(exc))
+        self._apply(answer)
+
     @staticmethod
     def _now() -> float:
         return asyncio.get_running_loop().time()
 
 
-def _masked_input_request(task: SendFitTask) -> MaskedInputRequest | None:
-    """The SecAgg+ request a fit task carries; another protocol's cannot travel to clients."""
-    if task.secure is None or isinstance(task.secure, MaskedInputRequest):
-        return task.secure
-    raise ProtocolError(f"a {type(task.secure).__name__} cannot be offered to networked clients")
+def _fit_request(task: SendFitTask) -> FitRequest | None:
+    """The secure request a fit task carries: SecAgg+'s masked input, or CKKS's encryption."""
+    return task.secure

@@ -84,7 +84,8 @@ class CkksRound:
         actions: list[Action] = [
             replace(task(client), secure=request) for client in sorted(self.cohort)
         ]
-        return [*actions, ScheduleDeadline(self.round, now + self.deadline_s, None)]
+        # the encrypted input is the round's one stage: its deadline is that stage's
+        return [*actions, ScheduleDeadline(self.round, now + self.deadline_s, Stage.MASKED_INPUT)]
 
     def message(
         self,

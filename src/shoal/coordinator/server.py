@@ -9,7 +9,11 @@ keep retrying, reconnect by themselves.
 With ``[secure_aggregation] protocol = "secagg+"`` every fit round runs
 SecAgg+ over the network; a setting that cannot work (a strategy that needs
 each update, quantization that could overflow) is refused before anything
-is opened.
+is opened. With ``protocol = "ckks"`` the silos send CKKS ciphertexts; the
+coordinator adds them and asks the key holder at ``key_holder`` (``shoal
+keyholder serve``, never this process) for the sum, having fetched only the
+public context from it; with ``silo_keys`` it also checks every receipt on
+arrival.
 
 With ``[privacy]`` on, the run's :class:`RunPrivacy` lives beside the
 engine: before each fit round the driver asks it whether the budget allows
@@ -33,18 +37,22 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
+import numpy.typing as npt
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shoal.apps.loading import load_app
 from shoal.config import Config
-from shoal.coordinator.driver import DriverSettings, RoundDriver
+from shoal.coordinator.driver import Decrypt, DriverSettings, RoundDriver
 from shoal.coordinator.engine import Coordinator
-from shoal.coordinator.events import CommitVersion, Phase, RoundSummary
+from shoal.coordinator.events import CommitVersion, Phase, RequestDecryption, RoundSummary
+from shoal.coordinator.homomorphic import CKKS
 from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.secure import SecureSettings
 from shoal.coordinator.selection import cohort_size
 from shoal.coordinator.service import CoordinatorService, ServiceSettings
 from shoal.coordinator.setup import (
+    connect_key_holder,
     round_settings_from_config,
     secure_settings_from_config,
     strategy_from_config,
@@ -64,6 +72,8 @@ from shoal.registry import (
     blob_location,
     registry_location,
 )
+from shoal.secure.keyholder import read_silo_public_keys
+from shoal.secure.keyholder_service import KeyHolderClient
 from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
 from shoal.transport.certs import (
     CA_CERTIFICATE,
@@ -89,6 +99,13 @@ class CoordinatorParts:
     driver: RoundDriver
     service: CoordinatorService
     privacy: RunPrivacy | None = None
+    key_holder: KeyHolderClient | None = None  # a homomorphic job's connection to its key holder
+
+    def close(self) -> None:
+        """Release the registry database and the key holder's channel."""
+        self.database.close()
+        if self.key_holder is not None:
+            self.key_holder.close()
 
 
 def build(
@@ -100,9 +117,20 @@ def build(
     fields (epsilon, delta, noise_multiplier, clip_norm) in its metrics.
     """
     section = config.coordinator
-    secure = secure_settings_from_config(config, run_id=section.run_id)  # refused before opening
     if config.privacy.enabled:
-        check_private_strategy(strategy_from_config(config))  # likewise
+        check_private_strategy(strategy_from_config(config))  # refused before opening
+    key_holder = _key_holder(config)
+    try:
+        secure = secure_settings_from_config(
+            config,
+            run_id=section.run_id,
+            public_context=None if key_holder is None else key_holder.public_context(),
+            silo_keys=_silo_public_keys(config),
+        )
+    except BaseException:
+        if key_holder is not None:
+            key_holder.close()
+        raise
     state_dir = Path(section.state_dir)
     database = registry_location(state_dir, section.registry_url).open()
     models = ModelRegistry(database, BlobStore(blob_location(state_dir, section.blob_url)))
@@ -115,6 +143,8 @@ def build(
         coordinator, first_round = _restore(config, models, settings, secure, privacy)
     except BaseException:
         database.close()
+        if key_holder is not None:
+            key_holder.close()
         raise
     selector = Selector(clients)
     # the versioning matrix of this model decides who may train it
@@ -161,6 +191,7 @@ def build(
         persist=persist,
         on_round=round_closed,
         before_round=None if privacy is None else privacy.before_round,
+        decrypt=None if key_holder is None else _decryptor(key_holder, section.run_id),
     )
     service_settings = ServiceSettings(
         run_id=section.run_id,
@@ -169,7 +200,50 @@ def build(
         criteria=replace(criteria, seen_within=None),  # a check-in is itself a sighting
     )
     service = CoordinatorService(driver, clients, service_settings, selector=selector)
-    return CoordinatorParts(database, models, clients, driver, service, privacy)
+    return CoordinatorParts(database, models, clients, driver, service, privacy, key_holder)
+
+
+def _key_holder(config: Config) -> KeyHolderClient | None:
+    """The key holder of a homomorphic job; a networked one must run apart (its own command)."""
+    section = config.secure_aggregation
+    if section.protocol != CKKS:
+        return None
+    if section.key_holder is None:
+        raise ConfigError(
+            "secure_aggregation.protocol = 'ckks' over the network needs "
+            "secure_aggregation.key_holder = HOST:PORT of `shoal keyholder serve`: "
+            "the coordinator never holds the secret key"
+        )
+    return connect_key_holder(section)
+
+
+def _silo_public_keys(config: Config) -> dict[str, bytes] | None:
+    """The silos' receipt keys, to check every encrypted update as it arrives (optional)."""
+    path = config.secure_aggregation.silo_keys
+    if config.secure_aggregation.protocol != CKKS or path is None:
+        return None
+    keys = read_silo_public_keys(Path(path))
+    try:
+        return {silo: bytes.fromhex(public) for silo, public in keys.items()}
+    except ValueError:
+        raise ConfigError(
+            f"secure_aggregation.silo_keys: {path} holds a key that is not hex"
+        ) from None
+
+
+def _decryptor(key_holder: KeyHolderClient, run_id: str) -> Decrypt:
+    """Ask the key holder for a round's sum, off the event loop (it is a blocking call)."""
+
+    async def decrypt(action: RequestDecryption) -> npt.NDArray[np.float64]:
+        return await asyncio.to_thread(
+            key_holder.decrypt_aggregate,
+            run_id=run_id,
+            round=action.round,
+            aggregate=action.aggregate,
+            receipts=action.receipts,
+        )
+
+    return decrypt
 
 
 def _run_privacy(
@@ -341,7 +415,7 @@ async def serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         parts.service.heartbeats.flush()
-        parts.database.close()
+        parts.close()
     if job.done() and not job.cancelled() and job.exception() is not None:
         raise job.exception()  # type: ignore[misc]
     return parts

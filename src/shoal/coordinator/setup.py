@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from shoal.aggregation.strategy import Strategy, make_strategy
-from shoal.config import Config
+from shoal.config import Config, SecureAggregationSection
 from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
 from shoal.coordinator.selection import cohort_size
 from shoal.core.errors import ConfigError, StrategyError
+from shoal.secure.keyholder_service import KeyHolderClient
 from shoal.secure.quantization import Quantization
+
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
 def strategy_from_config(config: Config) -> Strategy:
@@ -87,3 +90,28 @@ def secure_settings_from_config(
     )
     settings.quantization_for(largest)
     return settings
+
+
+def connect_key_holder(section: SecureAggregationSection) -> KeyHolderClient:
+    """A connection to ``secure_aggregation.key_holder`` (a ``shoal keyholder serve``).
+
+    A key holder on another machine must be reached over TLS with its CA
+    pinned (``key_holder_ca``); only a loopback one may go in plaintext.
+    """
+    address = section.key_holder
+    if address is None:
+        raise ConfigError("secure_aggregation.key_holder: no key holder address is set")
+    if section.key_holder_ca is None and not address.startswith(_LOOPBACK_HOSTS):
+        raise ConfigError(
+            f"secure_aggregation.key_holder = {address!r} is not on this machine: "
+            "set secure_aggregation.key_holder_ca to pin its certificate"
+        )
+    client = KeyHolderClient(
+        address, ca=section.key_holder_ca, insecure=section.key_holder_ca is None
+    )
+    try:
+        client.wait_ready(timeout_s=10.0)
+    except BaseException:
+        client.close()
+        raise
+    return client

@@ -580,3 +580,24 @@ def _append_journal(path: Path, record: DecryptionRecord) -> None:
         os.close(descriptor)
     if created:
         _fsync_directory(path.parent)
+
+
+def read_silo_public_keys(path: Path) -> dict[str, str]:
+    """Silo id to hex Ed25519 public key, from a JSON object file.
+
+    Each value is the hex key itself, or a pair of ``shoal keyholder
+    silo-keys`` (whose ``public`` is read; the private half is ignored).
+    """
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the silos file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object of silo id to hex public key")
+    keys: dict[str, str] = {}
+    for name, value in data.items():
+        public: object = value.get("public") if isinstance(value, dict) else value
+        if not isinstance(public, str):
+            raise ConfigError(f"{path}: silo {name!r} has no hex public key")
+        keys[str(name)] = public
+    return keys

@@ -1,9 +1,14 @@
-"""SecAgg+ messages as bytes: a compact, strict binary framing any transport can carry.
+"""Secure-aggregation messages as bytes: a compact, strict binary framing any transport can carry.
 
 A frame is a magic, the message's type code and its fields in a fixed order:
 integers big-endian, byte strings and maps length-prefixed, the masked
 vector as raw little-endian uint32. Decoding checks every length, so a
 truncated or padded frame is a :class:`ProtocolError`, never a crash.
+
+Besides SecAgg+'s eight messages, the frames carry a homomorphic round's
+two: the :class:`EncryptionRequest` a silo's fit task holds and the
+:class:`EncryptedUpdate` it answers with (its CKKS ciphertexts and signed
+receipt, in their own checked encodings).
 
 >>> decode_message(encode_message(message)) == message
 True
@@ -17,7 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from shoal.core.digests import check_sha256_hex
 from shoal.core.errors import ProtocolError
+from shoal.secure.ckks import EncryptedVector
+from shoal.secure.homomorphic import EncryptedUpdate, EncryptionRequest
+from shoal.secure.keyholder import ContributionReceipt
 from shoal.secure.messages import (
     AdvertiseKeysRequest,
     ClientMessage,
@@ -35,7 +44,13 @@ from shoal.secure.messages import (
 from shoal.secure.quantization import Quantization
 
 MAGIC = b"SSA1"
-Message = ServerRequest | ClientMessage
+SecureRequest = ServerRequest | EncryptionRequest
+"""What a coordinator asks of a client in a secure round (either protocol)."""
+SecureReply = ClientMessage | EncryptedUpdate
+"""What a client answers in a secure round (either protocol)."""
+Message = SecureRequest | SecureReply
+FitRequest = MaskedInputRequest | EncryptionRequest
+"""The request a secure round's fit task carries: mask the update, or encrypt it."""
 
 
 class _Writer:
@@ -139,6 +154,24 @@ def _write_body(writer: _Writer, message: Message) -> None:
         case UnmaskShares():
             writer.blobs(message.seed_shares)
             writer.blobs(message.key_shares)
+        case EncryptionRequest():
+            writer.blob(message.run_id.encode())
+            writer.blob(bytes.fromhex(message.public_context_sha256))
+        case EncryptedUpdate():
+            writer.blob(message.ciphertext.to_bytes())
+            writer.blob(message.receipt.to_bytes())
+
+
+def _encryption_request(reader: _Reader, round_number: int) -> EncryptionRequest:
+    run_id = reader.blob().decode()
+    digest = reader.blob().hex()
+    check_sha256_hex(digest, "public_context_sha256")
+    return EncryptionRequest(round_number, run_id, digest)
+
+
+def _encrypted_update(reader: _Reader, round_number: int) -> EncryptedUpdate:
+    ciphertext = EncryptedVector.from_bytes(reader.blob())
+    return EncryptedUpdate(round_number, ciphertext, ContributionReceipt.from_bytes(reader.blob()))
 
 
 def _keys(data: bytes) -> PublicKeys:
@@ -154,6 +187,8 @@ _READERS: dict[int, Callable[[_Reader, int], Any]] = {
     6: lambda r, n: SharesSent(n, r.blobs()),
     7: lambda r, n: MaskedInput(n, np.frombuffer(r.blob(), dtype="<u4").astype(np.uint32)),
     8: lambda r, n: UnmaskShares(n, r.blobs(), r.blobs()),
+    9: _encryption_request,
+    10: _encrypted_update,
 }
 _CODES: dict[type, int] = {
     AdvertiseKeysRequest: 1,
@@ -164,6 +199,8 @@ _CODES: dict[type, int] = {
     SharesSent: 6,
     MaskedInput: 7,
     UnmaskShares: 8,
+    EncryptionRequest: 9,
+    EncryptedUpdate: 10,
 }
 
 

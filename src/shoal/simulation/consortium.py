@@ -22,15 +22,14 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.config import SecureAggregationSection
+from shoal.coordinator.setup import connect_key_holder
 from shoal.core.errors import ConfigError
 from shoal.secure.ckks import EncryptedVector
 from shoal.secure.keyholder import ContributionReceipt, KeyHolder
-from shoal.secure.keyholder_service import KeyHolderClient
 from shoal.transport.signing import generate_client_key
 
 SILO_KEYS_FILE = "silo-keys.json"
 KEY_HOLDER_FOLDER = "key-holder"
-_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
 class Decryptor(Protocol):
@@ -69,17 +68,7 @@ def _key_holder(
         if (folder / "manifest.json").exists():
             return KeyHolder.open(folder)
         return KeyHolder.init(folder, min_contributors=section.min_contributors, silos=public_keys)
-    address = section.key_holder
-    if section.key_holder_ca is None and not address.startswith(_LOOPBACK_HOSTS):
-        raise ConfigError(
-            f"secure_aggregation.key_holder = {address!r} is not on this machine: "
-            "set secure_aggregation.key_holder_ca to pin its certificate"
-        )
-    client = KeyHolderClient(
-        address, ca=section.key_holder_ca, insecure=section.key_holder_ca is None
-    )
-    client.wait_ready(timeout_s=10.0)
-    return client
+    return connect_key_holder(section)
 
 
 def _load_or_create_keys(

@@ -37,7 +37,7 @@ from shoal.coordinator.selection import Stream, client_key, round_rng
 from shoal.core.errors import ProtocolError, RunError, SecurityError, TransportError
 from shoal.privacy.client import client_noise, distributed_noise_std, uniform_weight
 from shoal.secure.client import Contribution, SecAggClient
-from shoal.secure.homomorphic import EncryptionRequest, seal_contribution
+from shoal.secure.homomorphic import EncryptionRequest, SiloCredentials
 from shoal.secure.messages import ClientMessage, ServerRequest, Stage
 from shoal.secure.serde import message_size
 from shoal.simulation.devices import Attempt
@@ -174,14 +174,15 @@ class SecureRoundPlayer:
         """The silo encrypts its weighted update and signs it; the larger upload takes longer."""
         consortium = self.simulation.consortium
         assert consortium is not None
-        message = seal_contribution(
-            consortium.public_context,
-            consortium.signing_keys[silo],
+        credentials = SiloCredentials(
+            silo, consortium.public_context, consortium.signing_keys[silo]
+        )
+        message = credentials.answer(
+            request,
             contribution.update,
-            silo_id=silo,
-            request=request,
             num_examples=contribution.num_examples,
             loss=contribution.loss,
+            uniform_weight=contribution.uniform_weight,
         )
         size = message.ciphertext.num_bytes
         device = self.simulation.fleet.device_class(silo)

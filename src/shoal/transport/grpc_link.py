@@ -22,8 +22,7 @@ from shoal.coordinator.events import RejectReason, RejectSubmission
 from shoal.core.device import DeviceState
 from shoal.core.errors import NotFoundError, SecurityError, TransportError
 from shoal.core.parameters import Parameters
-from shoal.secure.messages import ClientMessage
-from shoal.secure.serde import encode_message
+from shoal.secure.serde import SecureReply, encode_message
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
@@ -169,7 +168,7 @@ class GrpcLink:
         return _rejection(enrollment, offer.round, serde.decode_submit_update_response(response))
 
     async def submit_secure(
-        self, enrollment: Enrollment, message: ClientMessage
+        self, enrollment: Enrollment, message: SecureReply
     ) -> RejectSubmission | None:
         frame = encode_message(message)
         header = serde.encode_secure_message_header(

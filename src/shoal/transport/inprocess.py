@@ -16,7 +16,7 @@ from shoal.coordinator.events import RejectSubmission
 from shoal.core.device import DeviceState
 from shoal.core.errors import IntegrityError, NotFoundError, TransportError
 from shoal.core.parameters import Parameters
-from shoal.secure.messages import ClientMessage
+from shoal.secure.serde import SecureReply
 
 
 class InProcessLink:
@@ -93,7 +93,7 @@ class InProcessLink:
         )
 
     async def submit_secure(
-        self, enrollment: Enrollment, message: ClientMessage
+        self, enrollment: Enrollment, message: SecureReply
     ) -> RejectSubmission | None:
         self._network()
         return self.driver.submit_secure(enrollment.client_id, message.round, message)

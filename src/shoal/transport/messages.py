@@ -20,7 +20,9 @@ from shoal.coordinator.events import Phase, RejectReason, check_round
 from shoal.core.device import DeviceState
 from shoal.core.digests import check_sha256_hex
 from shoal.core.errors import ProtocolError
+from shoal.secure.homomorphic import EncryptionRequest
 from shoal.secure.messages import MaskedInputRequest, ServerRequest
+from shoal.secure.serde import FitRequest, SecureRequest
 
 _MAX_TEXT = 256
 ED25519_PUBLIC_KEY_BYTES = 32
@@ -148,8 +150,9 @@ class ModelRef:
 class Task:
     """Work for one client: train or evaluate ``model`` in ``round``, within ``deadline_in_s``.
 
-    In a secure round, a fit task carries the SecAgg+ masked-input request in
-    ``secure``: the client trains, then sends its masked update, never the update.
+    In a secure round, a fit task carries the SecAgg+ masked-input request (or a
+    homomorphic round's encryption request) in ``secure``: the client trains,
+    then sends its masked (or encrypted) update, never the update.
     """
 
     round: int
@@ -158,7 +161,7 @@ class Task:
     model: ModelRef
     config: FitConfig | EvaluateConfig
     deadline_in_s: float
-    secure: MaskedInputRequest | None = None
+    secure: FitRequest | None = None
 
     def __post_init__(self) -> None:
         check_round(self.round)
@@ -170,8 +173,12 @@ class Task:
             raise ProtocolError(f"task for round {self.round} has a config for {self.config.round}")
         _check_duration(self.deadline_in_s, "deadline_in_s")
         if self.secure is not None:
-            if self.phase is not Phase.FIT or not isinstance(self.secure, MaskedInputRequest):
-                raise ProtocolError("only a fit task carries a request: the masked-input one")
+            if self.phase is not Phase.FIT or not isinstance(
+                self.secure, MaskedInputRequest | EncryptionRequest
+            ):
+                raise ProtocolError(
+                    "only a fit task carries a request: the masked-input or the encryption one"
+                )
             _check_secure_round(self.secure, self.round)
 
 
@@ -196,7 +203,7 @@ class SecureTask:
         _check_duration(self.deadline_in_s, "deadline_in_s")
 
 
-def _check_secure_round(request: ServerRequest, round_number: int) -> None:
+def _check_secure_round(request: SecureRequest, round_number: int) -> None:
     if request.round != round_number:
         raise ProtocolError(
             f"a task of round {round_number} carries a {request.stage.label} request "

@@ -24,8 +24,9 @@ from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.coordinator.events import Phase, RejectSubmission
 from shoal.core.device import DeviceState
 from shoal.core.errors import ClientError, ProtocolError
+from shoal.secure.homomorphic import EncryptedUpdate, EncryptionRequest
 from shoal.secure.messages import ClientMessage, MaskedInputRequest, ServerRequest
-from shoal.secure.serde import decode_message, encode_message
+from shoal.secure.serde import SecureReply, SecureRequest, decode_message, encode_message
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport.chunks import DEFAULT_CHUNK_SIZE, chunk_payload
 from shoal.transport.messages import (
@@ -430,7 +431,7 @@ def decode_task(message: pb.Task) -> Task:
     else:
         raise ProtocolError("a task has neither a fit nor an evaluate config")
     secure = decode_secure_request(message.secure_request) if message.secure_request else None
-    if secure is not None and not isinstance(secure, MaskedInputRequest):
+    if secure is not None and not isinstance(secure, MaskedInputRequest | EncryptionRequest):
         raise ProtocolError(f"a {phase.value} task carries a {secure.stage.label} request")
     return Task(message.round, message.run_id, phase, model, config, message.deadline_in_s, secure)
 
@@ -454,21 +455,23 @@ def decode_secure_task(message: pb.Task) -> SecureTask:
     if not message.secure_request:
         raise ProtocolError("a secure-aggregation task lacks its request")
     request = decode_secure_request(message.secure_request)
+    if isinstance(request, EncryptionRequest):
+        raise ProtocolError("the encryption request travels with a fit task")
     return SecureTask(message.round, message.run_id, request, message.deadline_in_s)
 
 
-def decode_secure_request(frame: bytes) -> ServerRequest:
-    """The coordinator's SecAgg+ request in a frame; a reply or a malformed frame is refused."""
+def decode_secure_request(frame: bytes) -> SecureRequest:
+    """The coordinator's secure-round request in a frame; a reply or bad frame is refused."""
     message = decode_message(frame)
-    if not isinstance(message, ServerRequest):
+    if not isinstance(message, ServerRequest | EncryptionRequest):
         raise ProtocolError(f"a task carries a client's {type(message).__name__}")
     return message
 
 
-def decode_client_message(frame: bytes) -> ClientMessage:
-    """A client's SecAgg+ reply in a frame; a request or a malformed frame is refused."""
+def decode_client_message(frame: bytes) -> SecureReply:
+    """A client's secure-round reply in a frame; a request or a malformed frame is refused."""
     message = decode_message(frame)
-    if not isinstance(message, ClientMessage):
+    if not isinstance(message, ClientMessage | EncryptedUpdate):
         raise ProtocolError(f"a client sent the coordinator's {type(message).__name__}")
     return message
 
