@@ -137,6 +137,27 @@ def test_late_and_unknown_submissions_are_rejected() -> None:
     asyncio.run(scenario())
 
 
+def test_a_failure_counts_only_in_its_own_round() -> None:
+    async def scenario() -> None:
+        driver, persisted, seen = make_driver(clients=4, rounds=1)
+        seen.extend(["a", "b", "c", "d"])
+        runner = asyncio.create_task(driver.run())
+        await asyncio.sleep(0.01)
+        offered = [name for name in "abcd" if isinstance(driver.check_in(name), TaskOffer)]
+        failing, *others = offered
+        driver.report_failure(failing, 7, "a crash in some other round")
+        assert isinstance(driver.check_in(failing), TaskOffer)  # its task stands
+        for name in others:
+            driver.submit_update(name, 1, np.ones(SIZE, np.float32), 1, {})
+        driver.report_failure(failing, 1, "out of memory")
+        assert isinstance(driver.check_in(failing), RetryLater)
+        await asyncio.wait_for(runner, timeout=5)
+        (commit,) = persisted
+        assert (commit.summary.failed, commit.summary.outstanding) == (1, 0)
+
+    asyncio.run(scenario())
+
+
 def test_a_reason_before_a_fit_round_stops_training_and_finishes_the_run() -> None:
     asked: list[int] = []
     reason = "round 3 would spend too much"

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from shoal.aggregation.strategy import make_strategy
+from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult
 from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
 from shoal.config import load_config
-from shoal.coordinator import CommitVersion, Coordinator, RoundSettings
+from shoal.coordinator import CommitVersion, Coordinator, RoundSettings, RoundSummary
 from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.service import CoordinatorService, ServiceSettings
 from shoal.core import DeviceState, Parameters
@@ -50,6 +51,7 @@ class Deployment:
     clients: ClientRegistry
     commits: list[CommitVersion]
     scenario: DataScenario
+    summaries: list[RoundSummary]
 
 
 async def with_coordinator(
@@ -68,6 +70,7 @@ async def with_coordinator(
     database = open_database(None, folder=tmp_path / "registry")
     clients = ClientRegistry(database)
     commits: list[CommitVersion] = []
+    summaries: list[RoundSummary] = []
 
     async def persist(commit: CommitVersion) -> None:
         commits.append(commit)
@@ -80,6 +83,7 @@ async def with_coordinator(
         DriverSettings(rounds=rounds, retry_after_s=0.05),
         candidates=candidates,
         persist=persist,
+        on_round=summaries.append,
     )
     service = CoordinatorService(
         driver, clients, ServiceSettings(run_id=RUN, enrollment_tokens=frozenset({TOKEN}))
@@ -92,7 +96,14 @@ async def with_coordinator(
     try:
         return await body(
             Deployment(
-                f"127.0.0.1:{port}", credentials, driver, service, clients, commits, scenario
+                f"127.0.0.1:{port}",
+                credentials,
+                driver,
+                service,
+                clients,
+                commits,
+                scenario,
+                summaries,
             )
         )
     finally:
@@ -100,32 +111,68 @@ async def with_coordinator(
         database.close()
 
 
-def test_clients_train_over_grpc_with_tls(tmp_path: Path) -> None:
-    async def body(deployment: Deployment) -> None:
-        runtimes, links = [], []
-        for index, client_id in enumerate(deployment.scenario.client_ids):
-            link = GrpcLink(
-                deployment.target, credentials=deployment.credentials, enrollment_token=TOKEN
-            )
-            enrollment = load_or_create_enrollment(tmp_path / client_id, generate_client_key)
-            runtime = ClientRuntime(
-                deployment.scenario.build_client(client_id),
-                link,
-                enrollment,
-                backoff=Backoff(0.01, 0.1),
-                seed=index,
-            )
-            runtimes.append(runtime)
-            links.append(link)
-        tasks = [asyncio.create_task(runtime.run()) for runtime in runtimes]
-        await asyncio.wait_for(deployment.driver.run(), timeout=60)
-        for runtime in runtimes:
-            runtime.stop()
-        await asyncio.gather(*tasks)
-        for link in links:
-            await link.close()
+async def run_clients(
+    tmp_path: Path, deployment: Deployment, wrap: Callable[[Client], Client] = lambda c: c
+) -> None:
+    """Every client of the scenario (its model passed through ``wrap``) until the job ends."""
+    runtimes, links = [], []
+    for index, client_id in enumerate(deployment.scenario.client_ids):
+        link = GrpcLink(
+            deployment.target, credentials=deployment.credentials, enrollment_token=TOKEN
+        )
+        enrollment = load_or_create_enrollment(tmp_path / client_id, generate_client_key)
+        runtime = ClientRuntime(
+            wrap(deployment.scenario.build_client(client_id)),
+            link,
+            enrollment,
+            backoff=Backoff(0.01, 0.1),
+            seed=index,
+        )
+        runtimes.append(runtime)
+        links.append(link)
+    tasks = [asyncio.create_task(runtime.run()) for runtime in runtimes]
+    await asyncio.wait_for(deployment.driver.run(), timeout=60)
+    for runtime in runtimes:
+        runtime.stop()
+    await asyncio.gather(*tasks)
+    for link in links:
+        await link.close()
 
-    asyncio.run(with_coordinator(tmp_path, body, rounds=3))
+
+def test_clients_train_over_grpc_with_tls(tmp_path: Path) -> None:
+    asyncio.run(with_coordinator(tmp_path, lambda d: run_clients(tmp_path, d), rounds=3))
+
+
+class Crashing(Client):
+    """A client whose model raises in training, with a multi-line message."""
+
+    def __init__(self, inner: Client) -> None:
+        self.inner = inner
+
+    def get_parameters(self) -> Parameters:
+        return self.inner.get_parameters()
+
+    def fit(self, parameters: Parameters, config: FitConfig) -> FitResult:
+        raise RuntimeError("out of memory\non the device " + "x" * 1000)
+
+    def evaluate(self, parameters: Parameters, config: EvaluateConfig) -> EvaluateResult:
+        return self.inner.evaluate(parameters, config)
+
+
+def test_clients_that_give_up_are_counted_at_once_not_left_to_the_deadline(
+    tmp_path: Path,
+) -> None:
+    async def body(deployment: Deployment) -> list[RoundSummary]:
+        await run_clients(tmp_path, deployment, Crashing)
+        return deployment.summaries
+
+    summaries = asyncio.run(with_coordinator(tmp_path, body, rounds=2))
+    assert [summary.round for summary in summaries] == [1, 2]
+    for summary in summaries:
+        # every crash was reported over gRPC: the round closed with nobody left to wait for
+        assert (summary.reported, summary.outstanding) == (0, 0)
+        assert summary.failed == summary.selected > 0
+        assert not summary.committed
 
 
 # --- bad input, each with its code, and the coordinator still serving ------------------------

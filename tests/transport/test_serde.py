@@ -39,6 +39,7 @@ from shoal.transport.messages import (
     EnrollmentRequest,
     EnrollReply,
     EvaluationReport,
+    FailureReport,
     HeartbeatReply,
     ModelRef,
     ModelRequest,
@@ -152,6 +153,7 @@ def test_verdicts_round_trip_in_every_response(verdict: Verdict) -> None:
     for encode, decode in [
         (serde.encode_submit_update_response, serde.decode_submit_update_response),
         (serde.encode_report_evaluation_response, serde.decode_report_evaluation_response),
+        (serde.encode_report_failure_response, serde.decode_report_failure_response),
     ]:
         assert round_trip(encode, decode, verdict) == verdict
     reply = HeartbeatReply(verdict, 30.0)
@@ -179,6 +181,29 @@ def test_evaluation_report_round_trips(report: EvaluationReport) -> None:
     # a NaN loss travels as NaN: refusing it is the coordinator's call (INVALID_UPDATE)
     assert dataclasses.replace(decoded, loss=0.0) == dataclasses.replace(report, loss=0.0)
     assert np.isnan(decoded.loss) == np.isnan(report.loss)
+
+
+@given(ROUND, NAME, st.text(max_size=600))
+def test_a_failure_report_round_trips_as_one_printable_line(
+    round_number: int, run: str, reason: str
+) -> None:
+    report = FailureReport.summarizing(round_number, run, reason)
+    assert report.reason.isprintable() and len(report.reason) <= 256
+    decoded = round_trip(serde.encode_failure_report, serde.decode_failure_report, report)
+    assert decoded == report
+
+
+def test_a_failure_report_refuses_control_characters_and_a_foreign_signature() -> None:
+    with pytest.raises(ProtocolError, match="printable"):
+        FailureReport(1, "run", "line one\nforged log line")
+    with pytest.raises(ProtocolError, match="longer than"):
+        FailureReport(1, "run", "x" * 257)
+    assert FailureReport.summarizing(1, "run", "a\nb").reason == "a b"
+    private, _ = generate_client_key()
+    request = serde.encode_failure_report(FailureReport(2, "run", "crashed"))
+    serde.sign_message(request, private, client_id="c", run_id="run", round=1, timestamp=1.0)
+    with pytest.raises(ProtocolError, match="signed for run"):
+        serde.decode_failure_report(request)
 
 
 def test_every_reject_code_has_a_wire_value_and_back() -> None:

@@ -239,11 +239,17 @@ class RoundDriver:
         return next((a for a in actions if isinstance(a, RejectSubmission)), None)
 
     def report_failure(self, client_id: str, round_number: int, reason: str) -> None:
-        """A client gave up on its task (it raised, or ran out of battery)."""
+        """A client gave up on its task (it raised, or ran out of battery).
+
+        Only a failure in the round now collecting counts; one about another
+        round changes nothing (the client's task of this round stands).
+        """
+        collecting = self.coordinator.state is RoundState.COLLECTING
+        if not collecting or self.coordinator.last_round != round_number:
+            return
         self._offers.pop(client_id, None)
         self._secure_cohort.discard(client_id)
-        if self.coordinator.state is not RoundState.FINISHED:
-            self._apply(ClientFailed(client_id, round_number, self._now(), reason))
+        self._apply(ClientFailed(client_id, round_number, self._now(), reason))
 
     # --- the round loop --------------------------------------------------------------------
 

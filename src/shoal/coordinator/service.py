@@ -111,7 +111,7 @@ class ModelBytes:
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    """The seven RPCs of ``shoal.v1.Coordinator`` over a driver and a client registry."""
+    """The eight RPCs of ``shoal.v1.Coordinator`` over a driver and a client registry."""
 
     def __init__(
         self,
@@ -382,6 +382,20 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except Refused as refusal:
             verdict = self._refused("ReportEvaluation", refusal)
         return serde.encode_report_evaluation_response(verdict)
+
+    async def ReportFailure(  # noqa: N802
+        self, request: pb.ReportFailureRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ReportFailureResponse:
+        try:
+            auth = self._authenticate(request, this_run=True)
+            report = serde.decode_failure_report(request)
+            self.driver.report_failure(auth.client_id, report.round, report.reason)
+            verdict = Verdict.accept()
+        except ProtocolError as exc:
+            verdict = self._refused("ReportFailure", Refused(RejectCode.MALFORMED, str(exc)))
+        except Refused as refusal:
+            verdict = self._refused("ReportFailure", refusal)
+        return serde.encode_report_failure_response(verdict)
 
     async def Heartbeat(  # noqa: N802
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -4,12 +4,14 @@ The client runtime calls it as it would any link; this one opens a gRPC
 channel (TLS pinned to the deployment's CA, or plaintext when explicitly
 asked for), signs each request with the client's Ed25519 key, streams the
 model down and the update (or a secure round's SecAgg+ reply) up in chunks,
+reports a task it gives up on at once (so its round need not wait for it),
 and turns every gRPC failure into a :class:`TransportError` the runtime retries.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -29,6 +31,7 @@ from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
 from shoal.transport.chunks import ChunkAssembler, decode_parameters
 from shoal.transport.messages import (
     EnrollmentRequest,
+    FailureReport,
     RetryAfter,
     SecureMessageHeader,
     SecureTask,
@@ -38,6 +41,7 @@ from shoal.transport.messages import (
 from shoal.transport.signing import NO_ROUND
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 UNKNOWN_RUN = "pending"
 _REASONS = {reason.value for reason in RejectReason}
@@ -208,8 +212,17 @@ class GrpcLink:
         return _rejection(enrollment, offer.round, verdict)
 
     async def report_failure(self, enrollment: Enrollment, offer: Offer, reason: str) -> None:
-        """Failures have no RPC of their own yet: the deadline accounts for the client."""
-        del enrollment, offer, reason
+        """Give up on ``offer`` at once, so that its round stops waiting for this client."""
+        request = serde.encode_failure_report(
+            FailureReport.summarizing(offer.round, self.run_id, reason)
+        )
+        self._sign(request, enrollment, round_number=offer.round)
+        response = await self._call(
+            lambda: self._stub.ReportFailure(request, timeout=self.timeout_s)
+        )
+        verdict = serde.decode_report_failure_response(response)
+        if not verdict.accepted:
+            log.info("the coordinator refused our failure report: %s", verdict.detail)
 
 
 def _rejection(

@@ -321,6 +321,28 @@ class EvaluationReport:
 
 
 @dataclass(frozen=True, slots=True)
+class FailureReport:
+    """A client gives up on its task of ``round``; ``reason`` goes to the coordinator's log."""
+
+    round: int
+    run_id: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        check_round(self.round)
+        _check_text(self.run_id, "run id", required=True)
+        _check_text(self.reason, "failure reason")
+        if not self.reason.isprintable():
+            raise ProtocolError("a failure reason is one line of printable text")
+
+    @classmethod
+    def summarizing(cls, round: int, run_id: str, reason: str) -> FailureReport:
+        """The report of any ``reason``: control characters become spaces, the rest is cut."""
+        line = "".join(c if c.isprintable() else " " for c in reason)
+        return cls(round, run_id, line[:_MAX_TEXT])
+
+
+@dataclass(frozen=True, slots=True)
 class HeartbeatReply:
     """The coordinator's answer to a heartbeat, with when to send the next one."""
 

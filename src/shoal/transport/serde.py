@@ -36,6 +36,7 @@ from shoal.transport.messages import (
     EnrollmentRequest,
     EnrollReply,
     EvaluationReport,
+    FailureReport,
     HeartbeatReply,
     ModelRef,
     ModelRequest,
@@ -58,6 +59,7 @@ AuthenticatedRequest = (
     | pb.SecureMessageHeader
     | pb.ReportEvaluationRequest
     | pb.HeartbeatRequest
+    | pb.ReportFailureRequest
 )
 """The messages that carry a signed ``RequestAuth``."""
 
@@ -523,7 +525,10 @@ def decode_chunk(message: pb.Chunk) -> Chunk:
 
 
 def _check_matches_auth(
-    message: pb.UpdateHeader | pb.SecureMessageHeader | pb.ReportEvaluationRequest,
+    message: pb.UpdateHeader
+    | pb.SecureMessageHeader
+    | pb.ReportEvaluationRequest
+    | pb.ReportFailureRequest,
 ) -> None:
     """A body's round and run must be the ones its signature names."""
     if message.HasField("auth") and (
@@ -658,3 +663,26 @@ def decode_evaluation_report(message: pb.ReportEvaluationRequest) -> EvaluationR
         model_sha256=message.model_sha256,
         metrics=dict(message.metrics),
     )
+
+
+def encode_failure_report(report: FailureReport) -> pb.ReportFailureRequest:
+    return _checked(
+        lambda: pb.ReportFailureRequest(
+            round=report.round, run_id=report.run_id, reason=report.reason
+        ),
+        "failure report",
+    )
+
+
+def decode_failure_report(message: pb.ReportFailureRequest) -> FailureReport:
+    _check_matches_auth(message)
+    return FailureReport(round=message.round, run_id=message.run_id, reason=message.reason)
+
+
+def encode_report_failure_response(verdict: Verdict) -> pb.ReportFailureResponse:
+    return pb.ReportFailureResponse(verdict=encode_verdict(verdict))
+
+
+def decode_report_failure_response(message: pb.ReportFailureResponse) -> Verdict:
+    _require(message, "verdict", "ReportFailureResponse")
+    return decode_verdict(message.verdict)

@@ -69,6 +69,11 @@ class CoordinatorStub:
                 request_serializer=shoal_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.ReportFailure = channel.unary_unary(
+                '/shoal.v1.Coordinator/ReportFailure',
+                request_serializer=shoal_dot_v1_dot_coordinator__pb2.ReportFailureRequest.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_coordinator__pb2.ReportFailureResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -125,6 +130,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportFailure(self, request, context):
+        """Give up on this round's task (the app raised, the device cannot go on), so the
+        round stops waiting for this client at once instead of at its deadline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +175,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=shoal_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
                     response_serializer=shoal_dot_v1_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'ReportFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportFailure,
+                    request_deserializer=shoal_dot_v1_dot_coordinator__pb2.ReportFailureRequest.FromString,
+                    response_serializer=shoal_dot_v1_dot_coordinator__pb2.ReportFailureResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +371,33 @@ class Coordinator:
             '/shoal.v1.Coordinator/Heartbeat',
             shoal_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
             shoal_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/ReportFailure',
+            shoal_dot_v1_dot_coordinator__pb2.ReportFailureRequest.SerializeToString,
+            shoal_dot_v1_dot_coordinator__pb2.ReportFailureResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -76,6 +76,10 @@ class CoordinatorStub:
     """Report the result of an evaluation task."""
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.HeartbeatRequest, _coordinator_pb2.HeartbeatResponse]
     """Tell the coordinator the client is alive, with its current device state."""
+    ReportFailure: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ReportFailureRequest, _coordinator_pb2.ReportFailureResponse]
+    """Give up on this round's task (the app raised, the device cannot go on), so the
+    round stops waiting for this client at once instead of at its deadline.
+    """
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -98,6 +102,10 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """Report the result of an evaluation task."""
     Heartbeat: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.HeartbeatRequest, _coordinator_pb2.HeartbeatResponse]  # type: ignore[assignment]
     """Tell the coordinator the client is alive, with its current device state."""
+    ReportFailure: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ReportFailureRequest, _coordinator_pb2.ReportFailureResponse]  # type: ignore[assignment]
+    """Give up on this round's task (the app raised, the device cannot go on), so the
+    round stops waiting for this client at once instead of at its deadline.
+    """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -159,5 +167,15 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.HeartbeatResponse, _abc.Awaitable[_coordinator_pb2.HeartbeatResponse]]:
         """Tell the coordinator the client is alive, with its current device state."""
+
+    @_abc_1.abstractmethod
+    def ReportFailure(
+        self,
+        request: _coordinator_pb2.ReportFailureRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ReportFailureResponse, _abc.Awaitable[_coordinator_pb2.ReportFailureResponse]]:
+        """Give up on this round's task (the app raised, the device cannot go on), so the
+        round stops waiting for this client at once instead of at its deadline.
+        """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
