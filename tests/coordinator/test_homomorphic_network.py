@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,9 @@ from shoal.client.api import (
     FitResult,
     fit_update,
 )
-from shoal.client.runtime import Backoff, ClientRuntime, Enrollment, load_or_create_enrollment
+from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
 from shoal.config import Config, parse_config
 from shoal.coordinator import Phase, RoundSummary
-from shoal.coordinator.driver import TaskOffer
-from shoal.coordinator.events import RejectSubmission
 from shoal.coordinator.server import build, serve
 from shoal.core import ConfigError, Parameters, SecurityError
 from shoal.registry import BlobStore, ModelRegistry, blob_location, registry_location
@@ -35,6 +32,7 @@ from shoal.secure.keyholder_service import serve_keyholder
 from shoal.simulation.consortium import create_silo_keys
 from shoal.transport.grpc_link import GrpcLink
 from shoal.transport.signing import generate_client_key
+from support.links import RecordingLink, Upload
 
 pytest.importorskip("tenseal")
 pytestmark = pytest.mark.timeout(180)
@@ -64,25 +62,6 @@ class Recording(Client):
 
     def evaluate(self, parameters: Parameters, config: EvaluateConfig) -> EvaluateResult:
         return self.inner.evaluate(parameters, config)
-
-
-class PlaintextSpy(GrpcLink):
-    """A link that notes any plaintext update its silo would upload (there must be none)."""
-
-    def __init__(self, target: str, plaintext: list[str]) -> None:
-        super().__init__(target, credentials=None, enrollment_token=TOKEN)
-        self.plaintext = plaintext
-
-    async def submit_update(
-        self,
-        enrollment: Enrollment,
-        offer: TaskOffer,
-        update: Parameters,
-        num_examples: int,
-        metrics: Mapping[str, float],
-    ) -> RejectSubmission | None:
-        self.plaintext.append(enrollment.client_id)
-        return await super().submit_update(enrollment, offer, update, num_examples, metrics)
 
 
 def job(tmp_path: Path, key_holder: str | None, silo_keys: Path, *, rounds: int = 2) -> Config:
@@ -134,7 +113,7 @@ def consortium(tmp_path: Path) -> tuple[Path, Path, Path]:
 def test_silos_train_over_grpc_and_the_coordinator_sees_only_ciphertexts(tmp_path: Path) -> None:
     keys, holder_folder, foreign_context = consortium(tmp_path)
     kept: dict[tuple[str, int], tuple[np.ndarray, int]] = {}
-    plaintext: list[str] = []
+    plaintext: list[Upload] = []
     rounds: list[RoundSummary] = []
 
     with serve_keyholder(holder_folder, address="127.0.0.1:0", insecure=True) as holder:
@@ -156,7 +135,7 @@ def test_silos_train_over_grpc_and_the_coordinator_sees_only_ciphertexts(tmp_pat
                     )
                     credentials = SiloCredentials.load(silo, public_context=context, silo_keys=keys)
                     inner = make_client({"index": str(index), "clients": str(len(SILOS))})
-                    link = PlaintextSpy(f"127.0.0.1:{port}", plaintext)
+                    link = RecordingLink(f"127.0.0.1:{port}", plaintext, enrollment_token=TOKEN)
                     runtime = ClientRuntime(
                         Recording(inner, kept, silo),
                         link,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +14,17 @@ from typer.testing import CliRunner
 from shoal.apps.digits import make_client
 from shoal.cli import app
 from shoal.cli.network import privacy_line
-from shoal.client.runtime import Backoff, ClientRuntime, Enrollment, load_or_create_enrollment
+from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
 from shoal.config import Config, parse_config
 from shoal.coordinator import Phase, RoundSummary
-from shoal.coordinator.driver import TaskOffer
-from shoal.coordinator.events import RejectSubmission
 from shoal.coordinator.server import CoordinatorParts, build, serve
-from shoal.core import ConfigError, Parameters
+from shoal.core import ConfigError
 from shoal.privacy.accounting import PrivacyAccountant
 from shoal.registry import BlobStore, ModelRegistry, blob_location, registry_location
 from shoal.registry.privacy import PrivacyLedger
 from shoal.secure.client import Contribution
-from shoal.transport.grpc_link import GrpcLink
 from shoal.transport.signing import generate_client_key
+from support.links import RecordingLink, Upload
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -85,31 +82,12 @@ def toml_text(sections: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class RecordingLink(GrpcLink):
-    """A gRPC link that keeps every plaintext update its client uploads, as it leaves."""
-
-    def __init__(self, target: str, uploads: list[tuple[np.ndarray, dict[str, float]]]) -> None:
-        super().__init__(target, credentials=None, enrollment_token=TOKEN)
-        self.uploads = uploads
-
-    async def submit_update(
-        self,
-        enrollment: Enrollment,
-        offer: TaskOffer,
-        update: Parameters,
-        num_examples: int,
-        metrics: Mapping[str, float],
-    ) -> RejectSubmission | None:
-        self.uploads.append((update.vector.copy(), dict(metrics)))
-        return await super().submit_update(enrollment, offer, update, num_examples, metrics)
-
-
 async def serve_with_clients(
     tmp_path: Path,
     config: Config,
     *,
     clients: int,
-    uploads: list[tuple[np.ndarray, dict[str, float]]],
+    uploads: list[Upload],
     rounds: list[RoundSummary],
 ) -> tuple[CoordinatorParts, int]:
     """Serve ``config`` in this process to ``clients`` digits clients until the job ends.
@@ -124,7 +102,7 @@ async def serve_with_clients(
     def on_ready(port: int, first_round: int) -> None:
         first.append(first_round)
         for index in range(clients):
-            link = RecordingLink(f"127.0.0.1:{port}", uploads)
+            link = RecordingLink(f"127.0.0.1:{port}", uploads, enrollment_token=TOKEN)
             enrollment = load_or_create_enrollment(tmp_path / f"c{index}", generate_client_key)
             client = make_client({"index": str(index), "clients": str(CLIENTS)})
             runtime = ClientRuntime(
@@ -177,7 +155,7 @@ def test_the_budget_stops_a_central_dp_job_over_grpc_and_a_restart_stays_stopped
     }
     sections = job_sections(tmp_path, privacy=privacy)
     config = parse_config(sections)
-    uploads: list[tuple[np.ndarray, dict[str, float]]] = []
+    uploads: list[Upload] = []
     rounds: list[RoundSummary] = []
     parts, first_round = asyncio.run(
         serve_with_clients(tmp_path, config, clients=CLIENTS, uploads=uploads, rounds=rounds)
@@ -196,10 +174,10 @@ def test_the_budget_stops_a_central_dp_job_over_grpc_and_a_restart_stays_stopped
 
     # what left the devices: clipped to the norm, and the clients said they had to clip
     assert len(uploads) >= (stop - 1) * 3
-    norms = [float(np.linalg.norm(update)) for update, _ in uploads]
+    norms = [float(np.linalg.norm(update)) for _, update, _ in uploads]
     assert max(norms) <= CLIP_NORM * (1 + 1e-5)
-    assert all(metrics["dp_unclipped"] == 0.0 for _, metrics in uploads)
-    assert all(set(metrics) == {"dp_unclipped"} for _, metrics in uploads)  # no training loss
+    assert all(metrics["dp_unclipped"] == 0.0 for _, _, metrics in uploads)
+    assert all(set(metrics) == {"dp_unclipped"} for _, _, metrics in uploads)  # no training loss
     assert all(summary.loss is None for summary in fit)
 
     # the versions and the ledger in the registry
@@ -266,7 +244,7 @@ def test_distributed_dp_with_secagg_plus_commits_a_round_over_grpc(
         "unmask_s": 20,
     }
     config = job_config(tmp_path, run={"rounds": 1}, privacy=privacy, secure_aggregation=secure)
-    uploads: list[tuple[np.ndarray, dict[str, float]]] = []
+    uploads: list[Upload] = []
     rounds: list[RoundSummary] = []
     parts, _ = asyncio.run(
         serve_with_clients(tmp_path, config, clients=CLIENTS, uploads=uploads, rounds=rounds)
