@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 from shoal.aggregation.strategy import make_strategy
 from shoal.coordinator import (
+    CommitVersion,
     Coordinator,
     DeadlineReached,
     Phase,
@@ -16,12 +18,15 @@ from shoal.coordinator import (
     RejectSubmission,
     RoundClosed,
     RoundSettings,
+    RoundSummary,
     SecureMessageReceived,
     SendFitTask,
     StartRound,
 )
+from shoal.coordinator.driver import DriverSettings, RoundDriver, TaskOffer
 from shoal.coordinator.events import AggregateDecrypted, RequestDecryption
 from shoal.coordinator.secure import SecureSettings
+from shoal.coordinator.state import RoundState
 from shoal.core import Parameters, SecurityError
 from shoal.secure.ckks import EncryptedVector, decrypt_vector, sum_encrypted
 from shoal.secure.homomorphic import EncryptedUpdate, EncryptionRequest, seal_contribution
@@ -243,3 +248,45 @@ def test_under_user_level_dp_every_silo_weighs_one(
     assert total[-2] == pytest.approx(len(SILOS), abs=1e-4)  # the total weight: one per silo
     expected = np.stack([update for update, _ in data.values()]).sum(0)
     assert np.max(np.abs(total[:SIZE] - expected)) < 1e-4
+
+
+def test_a_key_holder_that_fails_in_any_way_aborts_the_round_and_the_run_goes_on(
+    consortium: tuple[KeyHolder, dict[str, bytes]],
+) -> None:
+    holder, signing = consortium
+    asked: list[int] = []
+    closed: list[RoundSummary] = []
+
+    async def decrypt(action: RequestDecryption) -> np.ndarray:
+        asked.append(action.round)
+        raise RuntimeError("the key holder's reply could not be read")
+
+    async def persist(commit: CommitVersion) -> None:
+        raise AssertionError(f"round {commit.round} committed without a decrypted sum")
+
+    async def silo(driver: RoundDriver, name: str) -> None:
+        while driver.coordinator.state is not RoundState.FINISHED:
+            offer = driver.check_in(name)
+            if isinstance(offer, TaskOffer) and isinstance(offer.secure, EncryptionRequest):
+                update, examples = updates()[name]
+                sealed = contribution(holder, signing, name, offer.secure, update, examples)
+                assert driver.submit_secure(name, offer.round, sealed) is None
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        driver = RoundDriver(
+            make(holder),
+            DriverSettings(rounds=2, retry_after_s=0.01),
+            candidates=lambda: SILOS,
+            persist=persist,
+            on_round=closed.append,
+            decrypt=decrypt,
+        )
+        silos = [asyncio.create_task(silo(driver, name)) for name in SILOS]
+        await asyncio.wait_for(driver.run(), timeout=30)
+        await asyncio.gather(*silos)
+
+    asyncio.run(scenario())
+    assert asked == [1, 2]
+    assert [(summary.round, summary.committed) for summary in closed] == [(1, False), (2, False)]
+    assert all("could not be read" in (summary.abort_reason or "") for summary in closed)

@@ -64,7 +64,7 @@ from shoal.coordinator.events import (
 from shoal.coordinator.homomorphic import CKKS
 from shoal.coordinator.secure import SECAGG_PLUS
 from shoal.coordinator.state import RoundState
-from shoal.core.errors import ConfigError, ProtocolError, SecurityError, TransportError
+from shoal.core.errors import ConfigError
 from shoal.core.parameters import Parameters
 from shoal.secure.messages import ServerRequest, Stage
 from shoal.secure.serde import FitRequest, SecureReply
@@ -328,11 +328,15 @@ class RoundDriver:
     def _carry_out(self, action: Action) -> None:
         match action:
             case SendFitTask():
-                secure = _fit_request(action)
                 self._offer(
                     action.client_id,
                     TaskOffer(
-                        action.round, Phase.FIT, action.config, self.model_sha256(), 0.0, secure
+                        action.round,
+                        Phase.FIT,
+                        action.config,
+                        self.model_sha256(),
+                        0.0,
+                        action.secure,  # SecAgg+'s masked-input or CKKS's encryption request
                     ),
                 )
             case SendEvaluateTask():
@@ -401,7 +405,7 @@ class RoundDriver:
         try:
             total = await self._decrypt(action)
             answer = AggregateDecrypted(action.round, self._now(), total)
-        except (ProtocolError, SecurityError, TransportError) as exc:
+        except Exception as exc:  # whatever went wrong, the round must close (it aborts)
             log.error("the key holder did not decrypt round %d: %s", action.round, exc)
             answer = AggregateDecrypted(action.round, self._now(), None, str(exc))
         self._apply(answer)
@@ -409,8 +413,3 @@ class RoundDriver:
     @staticmethod
     def _now() -> float:
         return asyncio.get_running_loop().time()
-
-
-def _fit_request(task: SendFitTask) -> FitRequest | None:
-    """The secure request a fit task carries: SecAgg+'s masked input, or CKKS's encryption."""
-    return task.secure
