@@ -33,6 +33,7 @@ from shoal.secure.keyholder import (
     KeyHolder,
     check_receipts,
     csprng_standard_normal,
+    read_silo_keys,
     receipt_message,
     sign_receipt,
     verify_contribution,
@@ -444,3 +445,21 @@ def test_csprng_standard_normal() -> None:
     draws = csprng_standard_normal(200_000)
     assert abs(draws.mean()) < 0.02 and abs(draws.std() - 1) < 0.02
     assert np.all(np.isfinite(draws))
+
+
+def test_one_reader_for_every_form_of_a_silo_keys_file(tmp_path: Path) -> None:
+    path = tmp_path / "silos.json"
+    path.write_text(json.dumps({"a": "00" * 32, "b": {"public": "11" * 32, "private": "22" * 32}}))
+    keys = read_silo_keys(path)
+    assert (keys["a"].public, keys["a"].private) == (bytes(32), None)
+    assert (keys["b"].public, keys["b"].private) == (b"\x11" * 32, b"\x22" * 32)
+    for content, message in [
+        ("[]", "JSON object"),
+        ('{"a": {"private": "00"}}', "no hex public key"),
+        ('{"a": "zz"}', "not hex"),
+        ('{"a": {"public": "00", "private": 7}}', "no hex public key"),
+        ("{", "cannot read"),
+    ]:
+        path.write_text(content)
+        with pytest.raises(ConfigError, match=message):
+            read_silo_keys(path)

@@ -14,7 +14,7 @@ from rich.text import Text
 from shoal.cli.app import app, user_errors
 from shoal.cli.operator import AsJson, _console, _key_value_table, _print_json
 from shoal.core.errors import ConfigError
-from shoal.secure.keyholder import read_silo_public_keys
+from shoal.secure.keyholder import read_silo_keys
 
 keyholder_app = typer.Typer(
     help="The key holder of homomorphic aggregation: the only party with the secret key.",
@@ -25,26 +25,26 @@ app.add_typer(keyholder_app, name="keyholder")
 
 def parse_silos(pairs: list[str], silos_file: Path | None) -> dict[str, bytes]:
     """Silo ids and Ed25519 public keys from ``NAME=HEX`` pairs and a JSON object file."""
-    entries: list[tuple[str, str, str]] = []
+    entries: list[tuple[str, bytes, str]] = []
     for pair in pairs:
         name, sep, key = pair.partition("=")
         if not sep:
             raise ConfigError(f"--silo: expected NAME=HEX_PUBLIC_KEY, got {pair!r}")
-        entries.append((name.strip(), key.strip(), "--silo"))
+        try:
+            entries.append((name.strip(), bytes.fromhex(key.strip()), "--silo"))
+        except ValueError:
+            raise ConfigError(f"--silo: the key of silo {name.strip()!r} is not hex") from None
     if silos_file is not None:
         try:
-            listed = read_silo_public_keys(silos_file)
+            listed = read_silo_keys(silos_file)
         except ConfigError as exc:
             raise ConfigError(f"--silos-file: {exc}") from None
-        entries.extend((name, public, "--silos-file") for name, public in listed.items())
+        entries.extend((name, keys.public, "--silos-file") for name, keys in listed.items())
     silos: dict[str, bytes] = {}
-    for name, key, source in entries:
+    for name, public, source in entries:
         if name in silos:
             raise ConfigError(f"{source}: silo {name!r} is given twice")
-        try:
-            silos[name] = bytes.fromhex(key)
-        except ValueError:
-            raise ConfigError(f"{source}: the key of silo {name!r} is not hex") from None
+        silos[name] = public
     if not silos:
         raise ConfigError("--silo or --silos-file: a consortium needs its silos")
     return silos

@@ -72,7 +72,7 @@ from shoal.registry import (
     blob_location,
     registry_location,
 )
-from shoal.secure.keyholder import read_silo_public_keys
+from shoal.secure.keyholder import read_silo_keys
 from shoal.secure.keyholder_service import KeyHolderClient
 from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
 from shoal.transport.certs import (
@@ -222,13 +222,7 @@ def _silo_public_keys(config: Config) -> dict[str, bytes] | None:
     path = config.secure_aggregation.silo_keys
     if config.secure_aggregation.protocol != CKKS or path is None:
         return None
-    keys = read_silo_public_keys(Path(path))
-    try:
-        return {silo: bytes.fromhex(public) for silo, public in keys.items()}
-    except ValueError:
-        raise ConfigError(
-            f"secure_aggregation.silo_keys: {path} holds a key that is not hex"
-        ) from None
+    return {silo: keys.public for silo, keys in read_silo_keys(Path(path)).items()}
 
 
 def _decryptor(key_holder: KeyHolderClient, run_id: str) -> Decrypt:

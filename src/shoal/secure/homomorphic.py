@@ -19,7 +19,6 @@ receipt-signing key. It encrypts only under that context.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy.typing as npt
 
 from shoal.core.errors import ConfigError, ProtocolError, SecurityError
 from shoal.secure.ckks import EncryptedVector, encrypt_vector
-from shoal.secure.keyholder import ContributionReceipt, sign_receipt
+from shoal.secure.keyholder import ContributionReceipt, read_silo_keys, sign_receipt
 from shoal.secure.messages import Stage
 from shoal.secure.quantization import DecodedSum
 
@@ -153,17 +152,10 @@ class SiloCredentials:
             context = public_context.read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read the public context {public_context}: {exc}") from exc
-        try:
-            entry = json.loads(silo_keys.read_text()).get(silo_id)
-        except (OSError, ValueError, AttributeError) as exc:
-            raise ConfigError(f"{silo_keys} is not a silo key file: {exc}") from exc
-        if not isinstance(entry, dict) or not isinstance(entry.get("private"), str):
+        keys = read_silo_keys(silo_keys).get(silo_id)
+        if keys is None or keys.private is None:
             raise ConfigError(f"{silo_keys} holds no private key for silo {silo_id!r}")
-        try:
-            key = bytes.fromhex(entry["private"])
-        except ValueError:
-            raise ConfigError(f"the key of silo {silo_id!r} in {silo_keys} is not hex") from None
-        return cls(silo_id, context, key)
+        return cls(silo_id, context, keys.private)
 
     def answer(
         self,

@@ -582,11 +582,19 @@ def _append_journal(path: Path, record: DecryptionRecord) -> None:
         _fsync_directory(path.parent)
 
 
-def read_silo_public_keys(path: Path) -> dict[str, str]:
-    """Silo id to hex Ed25519 public key, from a JSON object file.
+@dataclass(frozen=True, slots=True)
+class SiloKeys:
+    """A silo's receipt keys as a keys file holds them: the private half only in its own copy."""
 
-    Each value is the hex key itself, or a pair of ``shoal keyholder
-    silo-keys`` (whose ``public`` is read; the private half is ignored).
+    public: bytes = field(repr=False)
+    private: bytes | None = field(default=None, repr=False)
+
+
+def read_silo_keys(path: Path) -> dict[str, SiloKeys]:
+    """Silo id to its Ed25519 receipt keys, from a JSON object file.
+
+    Each value is a hex public key, or a pair of ``shoal keyholder silo-keys``
+    (``{"private": hex, "public": hex}``, the private half optional).
     """
     try:
         data = json.loads(path.read_text())
@@ -594,10 +602,16 @@ def read_silo_public_keys(path: Path) -> dict[str, str]:
         raise ConfigError(f"cannot read the silos file {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object of silo id to hex public key")
-    keys: dict[str, str] = {}
+    keys: dict[str, SiloKeys] = {}
     for name, value in data.items():
-        public: object = value.get("public") if isinstance(value, dict) else value
-        if not isinstance(public, str):
+        pair: dict[str, object] = value if isinstance(value, dict) else {"public": value}
+        public, private = pair.get("public"), pair.get("private")
+        if not isinstance(public, str) or not isinstance(private, str | None):
             raise ConfigError(f"{path}: silo {name!r} has no hex public key")
-        keys[str(name)] = public
+        try:
+            keys[str(name)] = SiloKeys(
+                bytes.fromhex(public), None if private is None else bytes.fromhex(private)
+            )
+        except ValueError:
+            raise ConfigError(f"{path}: the key of silo {name!r} is not hex") from None
     return keys

@@ -25,7 +25,7 @@ from shoal.config import SecureAggregationSection
 from shoal.coordinator.setup import connect_key_holder
 from shoal.core.errors import ConfigError
 from shoal.secure.ckks import EncryptedVector
-from shoal.secure.keyholder import ContributionReceipt, KeyHolder
+from shoal.secure.keyholder import ContributionReceipt, KeyHolder, read_silo_keys
 from shoal.transport.signing import generate_client_key
 
 SILO_KEYS_FILE = "silo-keys.json"
@@ -76,17 +76,13 @@ def _load_or_create_keys(
 ) -> tuple[dict[str, bytes], dict[str, bytes]]:
     if not path.exists():
         create_silo_keys(path, silos)
-    try:
-        data = json.loads(path.read_text())
-        pairs = {
-            silo: (bytes.fromhex(keys["private"]), bytes.fromhex(keys["public"]))
-            for silo, keys in data.items()
-        }
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ConfigError(f"{path} is not a silo key file: {exc}") from exc
+    keys = read_silo_keys(path)
+    missing = sorted(silo for silo, pair in keys.items() if pair.private is None)
+    if missing:
+        raise ConfigError(f"{path}: no private key for silos {missing} (a simulation plays them)")
     return (
-        {silo: private for silo, (private, _) in pairs.items()},
-        {silo: public for silo, (_, public) in pairs.items()},
+        {silo: pair.private for silo, pair in keys.items() if pair.private is not None},
+        {silo: pair.public for silo, pair in keys.items()},
     )
 
 
