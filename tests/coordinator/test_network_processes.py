@@ -50,7 +50,14 @@ class Job:
 
 
 def make_job(
-    base: Path, *, clients: int, rounds: int, target: int, deadline_s: float, extra: str = ""
+    base: Path,
+    *,
+    clients: int,
+    rounds: int,
+    target: int,
+    deadline_s: float,
+    extra: str = "",
+    quorum: float = 0.75,
 ) -> Job:
     init_certificates(base / "certs")
     port = free_port()
@@ -62,7 +69,7 @@ rounds = {rounds}
 [round]
 clients_per_round = {target}
 over_selection = 1.0
-quorum = 0.75
+quorum = {quorum}
 deadline_s = {deadline_s}
 [client]
 epochs = 1
@@ -124,7 +131,9 @@ def coordinator_log(job: Job) -> str:
 
 
 def test_twenty_clients_and_one_killed_mid_run(tmp_path: Path) -> None:
-    job = make_job(tmp_path, clients=20, rounds=4, target=20, deadline_s=8.0)
+    # a round may start with the 15 clients that checked in during the grace period (twenty
+    # processes start slowly on a loaded machine): losing the killed one must not abort it
+    job = make_job(tmp_path, clients=20, rounds=4, target=20, deadline_s=8.0, quorum=0.6)
     with clients_running(job) as clients:
         coordinator = start_coordinator(job)
         try:
