@@ -32,6 +32,7 @@ from shoal.secure.keyholder_service import serve_keyholder
 from shoal.simulation.consortium import create_silo_keys
 from shoal.transport.grpc_link import GrpcLink
 from shoal.transport.signing import generate_client_key
+from support.jobs import network_job
 from support.links import RecordingLink, Upload
 
 pytest.importorskip("tenseal")
@@ -73,28 +74,17 @@ def job(tmp_path: Path, key_holder: str | None, silo_keys: Path, *, rounds: int 
     if key_holder is not None:
         secure["key_holder"] = key_holder
     return parse_config(
-        {
-            "run": {"rounds": rounds, "seed": 5},
-            "data": {"num_clients": len(SILOS)},
-            "round": {
-                "clients_per_round": len(SILOS),
-                "over_selection": 1.0,
-                "quorum": 0.6,
-                "deadline_s": 60,  # bank-c reports its refusal: no round waits for it
-            },
-            "client": {"epochs": 1, "batch_size": 16, "learning_rate": 0.2},
-            "evaluation": {"every": 0},
-            "secure_aggregation": secure,
-            "coordinator": {
-                "listen": "127.0.0.1:0",
-                "run_id": RUN,
-                "state_dir": str(tmp_path / "state"),
-                "enrollment_tokens": [TOKEN],
-                "retry_after_s": 0.05,
-                "grace_s": 0,
-                "app": "shoal.apps.digits:make_client",
-            },
-        }
+        network_job(
+            tmp_path,
+            run_id=RUN,
+            token=TOKEN,
+            clients=len(SILOS),
+            per_round=len(SILOS),
+            run={"rounds": rounds, "seed": 5},
+            # bank-c reports its refusal: no round waits for it until the deadline
+            round={"quorum": 0.6, "deadline_s": 60},
+            secure_aggregation=secure,
+        )
     )
 
 

@@ -84,6 +84,8 @@ def contribution(
     request: EncryptionRequest,
     update: np.ndarray,
     examples: int,
+    *,
+    uniform_weight: bool = False,
 ) -> EncryptedUpdate:
     return seal_contribution(
         holder.public_context(),
@@ -93,6 +95,7 @@ def contribution(
         request=request,
         num_examples=examples,
         loss=0.3,
+        uniform_weight=uniform_weight,
     )
 
 
@@ -227,16 +230,7 @@ def test_under_user_level_dp_every_silo_weighs_one(
     request = EncryptionRequest(1, "banks-dp", "0" * 64)
     data = updates()
     sealed = [
-        seal_contribution(
-            holder.public_context(),
-            signing[silo],
-            update,
-            silo_id=silo,
-            request=request,
-            num_examples=examples,
-            loss=0.0,
-            uniform_weight=True,
-        )
+        contribution(holder, signing, silo, request, update, examples, uniform_weight=True)
         for silo, (update, examples) in data.items()
     ]
     total = holder.decrypt_aggregate(

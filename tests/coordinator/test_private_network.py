@@ -24,6 +24,7 @@ from shoal.registry import BlobStore, ModelRegistry, blob_location, registry_loc
 from shoal.registry.privacy import PrivacyLedger
 from shoal.secure.client import Contribution
 from shoal.transport.signing import generate_client_key
+from support.jobs import network_job
 from support.links import RecordingLink, Upload
 
 pytestmark = [
@@ -43,27 +44,15 @@ ROUNDS = 5
 
 
 def job_sections(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    base: dict[str, dict[str, Any]] = {
-        "run": {"rounds": ROUNDS, "seed": 3},
-        "data": {"num_clients": CLIENTS},
-        "round": {
-            "clients_per_round": PER_ROUND,
-            "over_selection": 1.0,
-            "quorum": 0.75,
-            "deadline_s": 20,
-        },
-        "client": {"epochs": 1, "batch_size": 16, "learning_rate": 0.2},
-        "evaluation": {"every": 0},
-        "coordinator": {
-            "listen": "127.0.0.1:0",
-            "run_id": RUN,
-            "state_dir": str(tmp_path / "state"),
-            "enrollment_tokens": [TOKEN],
-            "retry_after_s": 0.05,
-            "grace_s": 0,
-            "app": "shoal.apps.digits:make_client",
-        },
-    }
+    base = network_job(
+        tmp_path,
+        run_id=RUN,
+        token=TOKEN,
+        clients=CLIENTS,
+        per_round=PER_ROUND,
+        run={"rounds": ROUNDS, "seed": 3},
+        round={"quorum": 0.75, "deadline_s": 20},
+    )
     for name, section in sections.items():
         base[name] = base.get(name, {}) | section
     return base
