@@ -166,7 +166,7 @@ async def network_rounds(
 
 async def in_process_rounds(clients: int, rounds: int) -> list[float]:
     """The baseline: the same round through the in-process transport."""
-    from shoal.transport.inprocess import InProcessLink
+    from shoal.coordinator.inprocess import InProcessLink
 
     coordinator = Coordinator(
         settings=RoundSettings(

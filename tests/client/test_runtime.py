@@ -13,14 +13,8 @@ from shoal.client.api import Client, FitConfig, FitResult
 from shoal.client.runtime import Backoff, ClientRuntime, Enrollment, load_or_create_enrollment
 from shoal.config import load_config
 from shoal.coordinator import CommitVersion, Coordinator, Phase, RejectSubmission, RoundSettings
-from shoal.coordinator.driver import (
-    DriverSettings,
-    Offer,
-    RetryLater,
-    RoundDriver,
-    SecureOffer,
-    TaskOffer,
-)
+from shoal.coordinator.driver import DriverSettings, RoundDriver
+from shoal.coordinator.inprocess import InProcessLink
 from shoal.coordinator.secure import SecureSettings
 from shoal.core import DeviceState, Parameters
 from shoal.secure.messages import (
@@ -34,7 +28,7 @@ from shoal.secure.messages import (
 )
 from shoal.secure.quantization import Quantization
 from shoal.simulation.scenario import DataScenario
-from shoal.transport.inprocess import InProcessLink
+from shoal.tasks import Offer, RetryLater, SecureOffer, TaskOffer
 from shoal.transport.signing import generate_client_key
 
 CLIENTS = 8

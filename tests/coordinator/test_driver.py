@@ -9,21 +9,14 @@ import pytest
 
 from shoal.aggregation.strategy import make_strategy
 from shoal.coordinator import CommitVersion, Coordinator, Phase, RejectReason, RoundSettings
-from shoal.coordinator.driver import (
-    SECURE_STAGE_RETRY_S,
-    BeforeRound,
-    DriverSettings,
-    RetryLater,
-    RoundDriver,
-    SecureOffer,
-    TaskOffer,
-)
+from shoal.coordinator.driver import SECURE_STAGE_RETRY_S, BeforeRound, DriverSettings, RoundDriver
 from shoal.coordinator.secure import SecureSettings
 from shoal.coordinator.state import RoundState
 from shoal.core import ConfigError, Parameters
 from shoal.secure.client import Contribution, SecAggClient
 from shoal.secure.messages import AdvertiseKeysRequest, ShareKeysRequest
 from shoal.secure.quantization import Quantization
+from shoal.tasks import RetryLater, SecureOffer, TaskOffer
 
 SIZE = 3
 

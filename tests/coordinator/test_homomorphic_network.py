@@ -28,9 +28,9 @@ from shoal.core import ConfigError, Parameters, SecurityError
 from shoal.registry import BlobStore, ModelRegistry, blob_location, registry_location
 from shoal.secure.homomorphic import EncryptionRequest, SiloCredentials
 from shoal.secure.keyholder import PUBLIC_CONTEXT, KeyHolder
-from shoal.secure.keyholder_service import serve_keyholder
 from shoal.simulation.consortium import create_silo_keys
 from shoal.transport.grpc_link import GrpcLink
+from shoal.transport.keyholder_service import serve_keyholder
 from shoal.transport.signing import generate_client_key
 from support.jobs import network_job
 from support.links import RecordingLink, Upload

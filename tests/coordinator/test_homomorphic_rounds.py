@@ -23,7 +23,7 @@ from shoal.coordinator import (
     SendFitTask,
     StartRound,
 )
-from shoal.coordinator.driver import DriverSettings, RoundDriver, TaskOffer
+from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.events import AggregateDecrypted, RequestDecryption
 from shoal.coordinator.secure import SecureSettings
 from shoal.coordinator.state import RoundState
@@ -32,6 +32,7 @@ from shoal.secure.ckks import EncryptedVector, decrypt_vector, sum_encrypted
 from shoal.secure.homomorphic import EncryptedUpdate, EncryptionRequest, seal_contribution
 from shoal.secure.keyholder import KeyHolder
 from shoal.secure.quantization import Quantization
+from shoal.tasks import TaskOffer
 from shoal.transport.signing import generate_client_key
 
 SIZE = 20

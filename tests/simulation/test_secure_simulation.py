@@ -60,7 +60,7 @@ def test_a_homomorphic_run_against_a_key_holder_service(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from shoal.cli import app
-    from shoal.secure.keyholder_service import serve_keyholder
+    from shoal.transport.keyholder_service import serve_keyholder
 
     runner = CliRunner()
     keys = tmp_path / "banks.json"

@@ -9,9 +9,8 @@ import grpc
 import numpy as np
 
 from shoal.client.runtime import Enrollment
-from shoal.coordinator.driver import TaskOffer
-from shoal.coordinator.events import RejectSubmission
 from shoal.core import Parameters
+from shoal.tasks import RejectSubmission, TaskOffer
 from shoal.transport.grpc_link import GrpcLink
 
 

@@ -12,7 +12,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shoal.client.api import EvaluateConfig, FitConfig
-from shoal.coordinator.events import Phase, RejectReason, RejectSubmission
 from shoal.core.errors import ProtocolError, SecurityError
 from shoal.secure.messages import (
     AdvertiseKeysRequest,
@@ -30,6 +29,7 @@ from shoal.secure.messages import (
 )
 from shoal.secure.quantization import Quantization
 from shoal.secure.serde import encode_message
+from shoal.tasks import Phase, RejectReason, RejectSubmission
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport.chunks import assemble_chunks

@@ -174,13 +174,13 @@ def serve_command(
     ] = 512,
 ) -> None:
     """Serve decryptions until SIGTERM or SIGINT (calls in flight finish first)."""
-    from shoal.secure.keyholder_service import serve_keyholder
     from shoal.transport.certs import (
         CA_CERTIFICATE,
         SERVER_CERTIFICATE,
         SERVER_KEY,
         CertificateFiles,
     )
+    from shoal.transport.keyholder_service import serve_keyholder
 
     if (certificates is None) != insecure:
         raise ConfigError("--certificates: the key holder serves with TLS; or pass --insecure")

@@ -19,8 +19,9 @@ from shoal.cli.app import app, user_errors
 from shoal.cli.simulate import console, format_row, print_header
 from shoal.client.runtime import ClientRuntime, load_or_create_enrollment
 from shoal.config import load_config
-from shoal.coordinator.events import Phase, RoundSummary
+from shoal.coordinator.events import RoundSummary
 from shoal.core.errors import ConfigError
+from shoal.tasks import Phase
 
 coordinator_app = typer.Typer(help="Run the network coordinator.", no_args_is_help=True)
 client_app = typer.Typer(help="Run a client against a coordinator.", no_args_is_help=True)

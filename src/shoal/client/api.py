@@ -9,55 +9,18 @@ relative to the received ones), the number of examples and metrics; an
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from shoal.core.errors import ClientError
 from shoal.core.parameters import Parameters
+from shoal.tasks import EvaluateConfig as EvaluateConfig
+from shoal.tasks import FitConfig as FitConfig
 
 Metrics = Mapping[str, float]
-
-
-@dataclass(frozen=True, slots=True)
-class FitConfig:
-    """What the coordinator asks of one client in one training round.
-
-    ``epochs`` may be fractional for a straggler allowed partial work
-    (FedProx): the client then runs that share of its steps. ``batch_size``
-    0 means full batch. ``seed`` makes the client's shuffling reproducible.
-    """
-
-    round: int
-    epochs: float = 1.0
-    batch_size: int = 32
-    learning_rate: float = 0.05
-    proximal_mu: float = 0.0
-    seed: int = 0
-    extras: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.epochs <= 0 or not math.isfinite(self.epochs):
-            raise ClientError(f"epochs must be positive, got {self.epochs}")
-        if self.batch_size < 0:
-            raise ClientError(f"batch_size must be >= 0 (0 is full batch), got {self.batch_size}")
-        if self.learning_rate <= 0:
-            raise ClientError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.proximal_mu < 0:
-            raise ClientError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
-
-
-@dataclass(frozen=True, slots=True)
-class EvaluateConfig:
-    """What the coordinator asks of one client in one evaluation round."""
-
-    round: int
-    batch_size: int = 0
-    extras: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

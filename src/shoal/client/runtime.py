@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from shoal.client.api import Client, EvaluateConfig, FitConfig, FitResult, fit_update
-from shoal.coordinator.driver import Offer, RetryLater, SecureOffer, TaskOffer
-from shoal.coordinator.events import Phase, RejectSubmission
 from shoal.core.device import DeviceState
 from shoal.core.errors import (
     ClientError,
@@ -57,6 +55,7 @@ from shoal.secure.client import Contribution, SecAggClient
 from shoal.secure.homomorphic import EncryptionRequest, SiloCredentials
 from shoal.secure.messages import AdvertiseKeysRequest, ServerRequest, StaleMessage
 from shoal.secure.serde import FitRequest, SecureReply
+from shoal.tasks import Offer, Phase, RejectSubmission, RetryLater, SecureOffer, TaskOffer
 
 log = logging.getLogger("shoal.client")
 

@@ -1,6 +1,6 @@
 """The coordinator: round lifecycle, cohort selection, aggregation and model versions."""
 
-from shoal.coordinator.driver import DriverSettings, RetryLater, RoundDriver, TaskOffer
+from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import (
     Action,
@@ -10,9 +10,6 @@ from shoal.coordinator.events import (
     EvaluationReceived,
     Event,
     FinishRun,
-    Phase,
-    RejectReason,
-    RejectSubmission,
     RoundClosed,
     RoundSummary,
     ScheduleDeadline,
@@ -28,6 +25,7 @@ from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.secure import SecureRound, SecureSettings
 from shoal.coordinator.selection import client_seed, cohort_size, select_cohort
 from shoal.coordinator.state import TRANSITIONS, RoundState, Step, next_state
+from shoal.tasks import Phase, RejectReason, RejectSubmission, RetryLater, TaskOffer
 
 __all__ = [
     "TRANSITIONS",

@@ -36,7 +36,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 import numpy.typing as npt
 
-from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import (
     Action,
@@ -47,9 +46,6 @@ from shoal.coordinator.events import (
     EvaluationReceived,
     Event,
     FinishRun,
-    Phase,
-    RejectReason,
-    RejectSubmission,
     RequestDecryption,
     RoundClosed,
     RoundSummary,
@@ -66,8 +62,18 @@ from shoal.coordinator.secure import SECAGG_PLUS
 from shoal.coordinator.state import RoundState
 from shoal.core.errors import ConfigError
 from shoal.core.parameters import Parameters
-from shoal.secure.messages import ServerRequest, Stage
-from shoal.secure.serde import FitRequest, SecureReply
+from shoal.secure.messages import Stage
+from shoal.secure.serde import SecureReply
+from shoal.tasks import (
+    Offer,
+    Phase,
+    RejectReason,
+    RejectSubmission,
+    RetryLater,
+    SecureOffer,
+    TaskOffer,
+    offer_stage,
+)
 
 log = logging.getLogger("shoal.coordinator")
 
@@ -78,50 +84,6 @@ BeforeRound = Callable[[int], str | None]
 """Asked before each fit round: None lets it run; a reason stops training there."""
 SECURE_STAGE_RETRY_S = 0.25
 """The longest a client of a secure round waits between stages before checking in again."""
-
-
-@dataclass(frozen=True, slots=True)
-class TaskOffer:
-    """Work for one client: what to do, on which model, and by when.
-
-    In a secure round, a fit offer carries the masked-input request in
-    ``secure``: the client trains, then answers it (``submit_secure``) with
-    its masked update; the plaintext update never leaves the client.
-    """
-
-    round: int
-    phase: Phase
-    config: FitConfig | EvaluateConfig
-    model_sha256: str
-    deadline_in_s: float
-    secure: FitRequest | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SecureOffer:
-    """A key or unmask stage of a secure round: answer ``request`` within ``deadline_in_s``."""
-
-    round: int
-    request: ServerRequest
-    deadline_in_s: float
-
-
-Offer = TaskOffer | SecureOffer
-
-
-def offer_stage(offer: Offer) -> Stage | None:
-    """The secure-aggregation stage an offer belongs to; None for a plain task."""
-    if isinstance(offer, SecureOffer):
-        return offer.request.stage
-    return None if offer.secure is None else offer.secure.stage
-
-
-@dataclass(frozen=True, slots=True)
-class RetryLater:
-    """No work now: check in again after ``seconds``."""
-
-    seconds: float
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)

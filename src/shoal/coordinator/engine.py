@@ -30,9 +30,6 @@ from shoal.coordinator.events import (
     EvaluationReceived,
     Event,
     FinishRun,
-    Phase,
-    RejectReason,
-    RejectSubmission,
     RoundClosed,
     RoundSummary,
     ScheduleDeadline,
@@ -63,6 +60,7 @@ from shoal.core.transforms import TransformState
 from shoal.privacy.coordinator import UNCLIPPED, DpCoordinator, check_private_strategy
 from shoal.secure.messages import StaleMessage
 from shoal.secure.server import Aborted, SumReady
+from shoal.tasks import Phase, RejectReason, RejectSubmission
 
 log = logging.getLogger("shoal.coordinator")
 

@@ -6,7 +6,6 @@ turns the world into these events and carries out the actions it gets back.
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,10 +14,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.core.errors import ProtocolError
 from shoal.core.parameters import Parameters, Vector
 from shoal.secure.messages import ClientMessage, MaskedInputRequest, ServerRequest, Stage
+from shoal.tasks import (
+    EvaluateConfig,
+    FitConfig,
+    Phase,
+    RejectSubmission,
+    check_round,
+)
 
 if TYPE_CHECKING:  # at run time these would import the transport package, which imports this
     from shoal.secure.ckks import EncryptedVector
@@ -26,33 +31,9 @@ if TYPE_CHECKING:  # at run time these would import the transport package, which
     from shoal.secure.keyholder import ContributionReceipt
 
 
-class Phase(enum.Enum):
-    """What a round asks of its cohort."""
-
-    FIT = "fit"
-    EVALUATE = "evaluate"
-
-
-class RejectReason(enum.Enum):
-    """Why a submission was refused; each is counted in the round's summary."""
-
-    LATE = "late"
-    WRONG_ROUND = "wrong_round"
-    DUPLICATE = "duplicate"
-    NOT_SELECTED = "not_selected"
-    WRONG_PHASE = "wrong_phase"
-    INVALID_UPDATE = "invalid_update"
-
-
 def _check_time(now: float) -> None:
     if not math.isfinite(now) or now < 0:
         raise ProtocolError(f"event time must be a finite non-negative number, got {now}")
-
-
-def check_round(round_number: int) -> None:
-    """Round numbers start at 0; anything else is a malformed message."""
-    if round_number < 0:
-        raise ProtocolError(f"round numbers start at 0, got {round_number}")
 
 
 # --- events in ----------------------------------------------------------------
@@ -239,16 +220,6 @@ class ScheduleDeadline:
     round: int
     at: float
     stage: Stage | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RejectSubmission:
-    """A submission was refused; the shell tells the client why."""
-
-    client_id: str
-    round: int
-    reason: RejectReason
-    detail: str
 
 
 @dataclass(frozen=True, slots=True)

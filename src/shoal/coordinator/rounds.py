@@ -7,11 +7,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal.coordinator.events import Phase, SecureRoundReport
+from shoal.coordinator.events import SecureRoundReport
 from shoal.coordinator.homomorphic import CkksRound
 from shoal.coordinator.secure import SecureRound
 from shoal.coordinator.selection import cohort_size
 from shoal.core.errors import ConfigError
+from shoal.tasks import Phase
 
 
 @dataclass(frozen=True, slots=True)

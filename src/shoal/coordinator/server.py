@@ -45,7 +45,7 @@ from shoal.apps.loading import load_app
 from shoal.config import Config
 from shoal.coordinator.driver import Decrypt, DriverSettings, RoundDriver
 from shoal.coordinator.engine import Coordinator
-from shoal.coordinator.events import CommitVersion, Phase, RequestDecryption, RoundSummary
+from shoal.coordinator.events import CommitVersion, RequestDecryption, RoundSummary
 from shoal.coordinator.homomorphic import CKKS
 from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.secure import SecureSettings
@@ -73,7 +73,7 @@ from shoal.registry import (
     registry_location,
 )
 from shoal.secure.keyholder import read_silo_keys
-from shoal.secure.keyholder_service import KeyHolderClient
+from shoal.tasks import Phase
 from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
 from shoal.transport.certs import (
     CA_CERTIFICATE,
@@ -82,6 +82,7 @@ from shoal.transport.certs import (
     CertificateFiles,
     load_server_credentials,
 )
+from shoal.transport.keyholder_service import KeyHolderClient
 
 log = logging.getLogger("shoal.coordinator")
 

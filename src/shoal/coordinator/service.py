@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from shoal.coordinator.driver import Offer, RetryLater, RoundDriver, SecureOffer
+from shoal.coordinator.driver import RoundDriver
 from shoal.core.device import DeviceState
 from shoal.core.errors import (
     IntegrityError,
@@ -41,6 +41,7 @@ from shoal.registry import (
     SelectionCriteria,
     Selector,
 )
+from shoal.tasks import Offer, RetryLater, SecureOffer
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc

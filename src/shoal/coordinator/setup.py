@@ -10,8 +10,8 @@ from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
 from shoal.coordinator.selection import cohort_size
 from shoal.core.errors import ConfigError, StrategyError
-from shoal.secure.keyholder_service import KeyHolderClient
 from shoal.secure.quantization import Quantization
+from shoal.transport.keyholder_service import KeyHolderClient
 
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 

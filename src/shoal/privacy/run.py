@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from shoal.config import Config
-from shoal.coordinator.events import RoundSummary
 from shoal.privacy.budget import PrivacyBudgetKeeper, PrivacyPlan, plan_privacy
 from shoal.privacy.coordinator import DpCoordinator, DpSettings
 from shoal.privacy.noise import NoiseSource
@@ -27,6 +26,23 @@ from shoal.telemetry.alerts import AlertHook, BudgetExhausted, alert_hooks, fire
 log = logging.getLogger("shoal.privacy")
 
 ExhaustedHook = Callable[[int, float, str], None]
+
+
+class ClosedRound(Protocol):
+    """What the privacy books need of a closed fit round (the engine's ``RoundSummary``)."""
+
+    @property
+    def round(self) -> int: ...
+
+    @property
+    def committed(self) -> bool: ...
+
+    @property
+    def participants(self) -> tuple[str, ...]: ...
+
+    @property
+    def metrics(self) -> Mapping[str, float]: ...
+
 
 # the metric of a committed version that holds the clip norm for the round after it
 NEXT_CLIP_NORM = "next_clip_norm"
@@ -114,7 +130,7 @@ class RunPrivacy:
     def barred(self) -> set[str]:
         return self.keeper.barred()
 
-    def row_fields(self, summary: RoundSummary) -> dict[str, Any]:
+    def row_fields(self, summary: ClosedRound) -> dict[str, Any]:
         """The privacy columns of a fit round's metrics row; a committed round is accounted."""
         fields: dict[str, Any] = {
             "noise_multiplier": self.plan.noise_multiplier,

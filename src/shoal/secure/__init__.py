@@ -3,7 +3,7 @@
 SecAgg+ (``client``, ``server`` and their ``messages``) masks each update so
 that only the sum can be unmasked; ``ckks`` and ``keyholder`` aggregate
 homomorphically across silos. The key holder's modules are imported from
-their own paths (``shoal.secure.keyholder``, ``shoal.secure.keyholder_service``,
+their own paths (``shoal.secure.keyholder``, ``shoal.transport.keyholder_service``,
 ``shoal.secure.homomorphic``): they build on the transport package.
 """
 

@@ -28,7 +28,6 @@ from shoal.coordinator.events import (
     DeadlineReached,
     EvaluationReceived,
     Event,
-    Phase,
     RoundClosed,
     RoundSummary,
     ScheduleDeadline,
@@ -61,6 +60,7 @@ from shoal.simulation.executor import Executor, Job, Outcome, make_executor
 from shoal.simulation.record_privacy import RecordLevelLedger
 from shoal.simulation.scenario import Scenario, build_scenario
 from shoal.simulation.secure_rounds import SecureRoundPlayer, secure_row_fields
+from shoal.tasks import Phase
 from shoal.telemetry.metrics import MetricsLog, clean_row
 from shoal.telemetry.tracking import MlflowTracker
 

@@ -19,12 +19,11 @@ from typing import Any, TypeVar
 import grpc
 
 from shoal.client.runtime import Enrollment
-from shoal.coordinator.driver import Offer, RetryLater, SecureOffer, TaskOffer
-from shoal.coordinator.events import RejectReason, RejectSubmission
 from shoal.core.device import DeviceState
 from shoal.core.errors import NotFoundError, SecurityError, TransportError
 from shoal.core.parameters import Parameters
 from shoal.secure.serde import SecureReply, encode_message
+from shoal.tasks import Offer, RejectReason, RejectSubmission, RetryLater, SecureOffer, TaskOffer
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc

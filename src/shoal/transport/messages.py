@@ -16,13 +16,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from shoal.client.api import EvaluateConfig, FitConfig
-from shoal.coordinator.events import Phase, RejectReason, check_round
 from shoal.core.device import DeviceState
 from shoal.core.digests import check_sha256_hex
 from shoal.core.errors import ProtocolError
 from shoal.secure.homomorphic import EncryptionRequest
 from shoal.secure.messages import MaskedInputRequest, ServerRequest
 from shoal.secure.serde import FitRequest, SecureRequest
+from shoal.tasks import Phase, RejectReason, check_round
 
 _MAX_TEXT = 256
 ED25519_PUBLIC_KEY_BYTES = 32

@@ -21,12 +21,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 from shoal.client.api import EvaluateConfig, FitConfig
-from shoal.coordinator.events import Phase, RejectSubmission
 from shoal.core.device import DeviceState
 from shoal.core.errors import ClientError, ProtocolError
 from shoal.secure.homomorphic import EncryptedUpdate, EncryptionRequest
 from shoal.secure.messages import ClientMessage, MaskedInputRequest, ServerRequest
 from shoal.secure.serde import SecureReply, SecureRequest, decode_message, encode_message
+from shoal.tasks import Phase, RejectSubmission
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport.chunks import DEFAULT_CHUNK_SIZE, chunk_payload
 from shoal.transport.messages import (

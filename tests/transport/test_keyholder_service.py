@@ -19,7 +19,12 @@ from shoal.cli import app
 from shoal.core.errors import ConfigError, ProtocolError, SecurityError, TransportError
 from shoal.secure.ckks import EncryptedVector, encrypt_vector, sum_encrypted
 from shoal.secure.keyholder import ContributionReceipt, KeyHolder, sign_receipt
-from shoal.secure.keyholder_service import (
+from shoal.transport.certs import (
+    CA_CERTIFICATE,
+    init_certificates,
+    issue_client_certificate,
+)
+from shoal.transport.keyholder_service import (
     DECRYPT_METHOD,
     PUBLIC_CONTEXT_METHOD,
     KeyHolderClient,
@@ -27,11 +32,6 @@ from shoal.secure.keyholder_service import (
     decode_decrypt_request,
     encode_decrypt_request,
     serve_keyholder,
-)
-from shoal.transport.certs import (
-    CA_CERTIFICATE,
-    init_certificates,
-    issue_client_certificate,
 )
 from shoal.transport.signing import generate_client_key
 

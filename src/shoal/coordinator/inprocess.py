@@ -11,12 +11,12 @@ import random
 from collections.abc import Callable, Mapping
 
 from shoal.client.runtime import Enrollment
-from shoal.coordinator.driver import Offer, RetryLater, RoundDriver, TaskOffer
-from shoal.coordinator.events import RejectSubmission
+from shoal.coordinator.driver import RoundDriver
 from shoal.core.device import DeviceState
 from shoal.core.errors import IntegrityError, NotFoundError, TransportError
 from shoal.core.parameters import Parameters
 from shoal.secure.serde import SecureReply
+from shoal.tasks import Offer, RejectSubmission, RetryLater, TaskOffer
 
 
 class InProcessLink:

@@ -1,0 +1,151 @@
+"""The client app: the unit a user writes, run unchanged in simulation and on deployed clients.
+
+A client app is a factory that receives a :class:`ClientContext` and returns
+a :class:`~shoal.client.api.Client`. It is named ``MODULE:ATTRIBUTE`` in the
+job's ``[app]`` section (``client = "my_app:client_fn"``), and may be a plain
+function or a :class:`ClientApp` that also says how many examples a client
+holds (the simulator uses it to time devices before training them)::
+
+    def client_fn(context: ClientContext) -> Client:
+        x, y = load_my_share(context.partition_index, context.num_partitions)
+        return MyClient(x, y)
+
+Modules are looked up on ``sys.path`` and, before it, in the folder that
+holds the job's config and in the current directory, so ``my_app.py`` next
+to ``job.toml`` needs no ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shoal.client.api import Client
+from shoal.config import Config
+from shoal.core.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class ClientContext:
+    """What a client app is told about the client it builds.
+
+    ``partition_index`` and ``num_partitions`` place the client in the
+    population: in simulation, its position and the population size; on a
+    deployed client, what ``shoal client run --partition-index/--num-partitions``
+    gave (None when not given). ``options`` are the job's ``[app] options``
+    with the command line's ``--option key=value`` on top. ``seed`` is the
+    run's seed, ``config`` the whole job config.
+    """
+
+    client_id: str
+    partition_index: int | None = None
+    num_partitions: int | None = None
+    options: Mapping[str, str] = field(default_factory=dict)
+    seed: int = 0
+    config: Config = field(default_factory=Config)
+
+    def require_partition(self) -> tuple[int, int]:
+        """``(partition_index, num_partitions)``; a ConfigError when the client was not placed."""
+        if self.partition_index is None or self.num_partitions is None:
+            raise ConfigError(
+                f"client {self.client_id!r} has no partition: give `shoal client run` "
+                "--partition-index and --num-partitions"
+            )
+        return self.partition_index, self.num_partitions
+
+
+ClientFn = Callable[[ClientContext], Client]
+ExampleCounts = Callable[[ClientContext], tuple[int, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientApp:
+    """A client factory, and optionally how many (train, evaluate) examples a client holds.
+
+    Without ``num_examples`` the simulator times every device as if it held
+    ``devices.nominal_examples`` training examples (the number the client
+    reports after training is what weighs its update).
+    """
+
+    client_fn: ClientFn
+    num_examples: ExampleCounts | None = None
+
+    def __call__(self, context: ClientContext) -> Client:
+        client = self.client_fn(context)
+        if not isinstance(client, Client):
+            raise ConfigError(
+                f"the client app returned {type(client).__name__}, not a shoal Client"
+            )
+        return client
+
+
+def as_client_app(target: Any, *, name: str = "the client app") -> ClientApp:
+    """A :class:`ClientApp` from what a user gave: a ClientApp or a plain factory function."""
+    if isinstance(target, ClientApp):
+        return target
+    if callable(target):
+        return ClientApp(target)
+    raise ConfigError(f"{name} must be a function of a ClientContext or a ClientApp")
+
+
+def load_attribute(spec: str, *, search_path: Iterable[str | Path] = ()) -> Any:
+    """The object named ``MODULE:ATTRIBUTE``, with ``search_path`` importable first.
+
+    An unimportable module is one ConfigError naming the module, the search
+    path and the way to fix it.
+    """
+    module_name, separator, attribute = spec.partition(":")
+    if not separator or not module_name or not attribute:
+        raise ConfigError(f"an app is MODULE:ATTRIBUTE, got {spec!r}")
+    folders = add_search_path(search_path)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module_name.startswith(exc.name):
+            raise ConfigError(f"the app module {module_name!r} failed to import: {exc}") from exc
+        searched = ", ".join(folders) or "sys.path"
+        raise ConfigError(
+            f"cannot import the app module {module_name!r} (searched {searched} and sys.path): "
+            f"put {module_name.split('.')[0]}.py next to the job's config or in the current "
+            "directory, or add its folder to PYTHONPATH"
+        ) from exc
+    except Exception as exc:  # the user's module raised while importing
+        raise ConfigError(f"the app module {module_name!r} failed to import: {exc}") from exc
+    target = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"the app module {module_name!r} has no {attribute!r}")
+        target = getattr(target, part)
+    return target
+
+
+def add_search_path(search_path: Iterable[str | Path]) -> list[str]:
+    """Put the folders first on ``sys.path`` (once each); returns them as strings."""
+    folders = []
+    for folder in search_path:
+        text = str(Path(folder).resolve())
+        folders.append(text)
+    for text in reversed(folders):
+        if text not in sys.path:
+            sys.path.insert(0, text)
+    return folders
+
+
+def load_client_app(spec: str, *, search_path: Iterable[str | Path] = ()) -> ClientApp:
+    """The client app named ``MODULE:ATTRIBUTE`` (see :func:`load_attribute`)."""
+    return as_client_app(load_attribute(spec, search_path=search_path), name=spec)
+
+
+def parse_options(items: Iterable[str]) -> dict[str, str]:
+    """``key=value`` pairs from the command line."""
+    options = {}
+    for item in items:
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise ConfigError(f"--option expects key=value, got {item!r}")
+        options[key] = value
+    return options

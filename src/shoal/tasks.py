@@ -1,0 +1,164 @@
+"""What the coordinator and a client exchange: tasks, "retry later", "the run is over", refusals.
+
+These types are shared by the client runtime, the coordinator and the
+transport, so they live below all three (see ``tests/test_layers.py`` for the
+layer order). A check-in is answered by an :data:`Offer` (a
+:class:`TaskOffer` to train or evaluate, or a :class:`SecureOffer` for a
+stage of a secure round), a :class:`RetryLater`, or :class:`RunFinished`;
+a submission the coordinator cannot count is answered by a
+:class:`RejectSubmission` with its :class:`RejectReason`.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from shoal.core.errors import ClientError, ProtocolError
+from shoal.secure.messages import ServerRequest, Stage
+from shoal.secure.serde import FitRequest
+
+
+class Phase(enum.Enum):
+    """What a round asks of its cohort."""
+
+    FIT = "fit"
+    EVALUATE = "evaluate"
+
+
+class RejectReason(enum.Enum):
+    """Why a submission was refused; each is counted in the round's summary."""
+
+    LATE = "late"
+    WRONG_ROUND = "wrong_round"
+    DUPLICATE = "duplicate"
+    NOT_SELECTED = "not_selected"
+    WRONG_PHASE = "wrong_phase"
+    INVALID_UPDATE = "invalid_update"
+
+
+def check_round(round_number: int) -> None:
+    """Round numbers start at 0; anything else is a malformed message."""
+    if round_number < 0:
+        raise ProtocolError(f"round numbers start at 0, got {round_number}")
+
+
+@dataclass(frozen=True, slots=True)
+class FitConfig:
+    """What the coordinator asks of one client in one training round.
+
+    ``epochs`` may be fractional for a straggler allowed partial work
+    (FedProx): the client then runs that share of its steps. ``batch_size``
+    0 means full batch. ``seed`` makes the client's shuffling reproducible.
+    """
+
+    round: int
+    epochs: float = 1.0
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    proximal_mu: float = 0.0
+    seed: int = 0
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0 or not math.isfinite(self.epochs):
+            raise ClientError(f"epochs must be positive, got {self.epochs}")
+        if self.batch_size < 0:
+            raise ClientError(f"batch_size must be >= 0 (0 is full batch), got {self.batch_size}")
+        if self.learning_rate <= 0:
+            raise ClientError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.proximal_mu < 0:
+            raise ClientError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluateConfig:
+    """What the coordinator asks of one client in one evaluation round."""
+
+    round: int
+    batch_size: int = 0
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOffer:
+    """Work for one client: what to do, on which model, and by when.
+
+    In a secure round, a fit offer carries the masked-input request in
+    ``secure``: the client trains, then answers it (``submit_secure``) with
+    its masked update; the plaintext update never leaves the client.
+    """
+
+    round: int
+    phase: Phase
+    config: FitConfig | EvaluateConfig
+    model_sha256: str
+    deadline_in_s: float
+    secure: FitRequest | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SecureOffer:
+    """A key or unmask stage of a secure round: answer ``request`` within ``deadline_in_s``."""
+
+    round: int
+    request: ServerRequest
+    deadline_in_s: float
+
+
+Offer = TaskOffer | SecureOffer
+
+
+def offer_stage(offer: Offer) -> Stage | None:
+    """The secure-aggregation stage an offer belongs to; None for a plain task."""
+    if isinstance(offer, SecureOffer):
+        return offer.request.stage
+    return None if offer.secure is None else offer.secure.stage
+
+
+@dataclass(frozen=True, slots=True)
+class RetryLater:
+    """No work now: check in again after ``seconds``."""
+
+    seconds: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunFinished:
+    """The run is over (its last round is done, or training stopped): a client may leave."""
+
+    reason: str
+
+
+CheckInAnswer = Offer | RetryLater | RunFinished
+
+
+@dataclass(frozen=True, slots=True)
+class RejectSubmission:
+    """A submission was refused; the shell tells the client why."""
+
+    client_id: str
+    round: int
+    reason: RejectReason
+    detail: str
+
+
+__all__ = [
+    "CheckInAnswer",
+    "EvaluateConfig",
+    "FitConfig",
+    "Offer",
+    "Phase",
+    "RejectReason",
+    "RejectSubmission",
+    "RetryLater",
+    "RunFinished",
+    "SecureOffer",
+    "TaskOffer",
+    "check_round",
+    "offer_stage",
+]
