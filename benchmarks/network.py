@@ -36,6 +36,7 @@ from shoal.config import load_config
 from shoal.coordinator import CommitVersion, Coordinator, RoundSettings
 from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.events import RoundSummary
+from shoal.coordinator.run import schedule
 from shoal.transport.certs import init_certificates
 from shoal.transport.signing import generate_client_key
 
@@ -179,16 +180,18 @@ async def in_process_rounds(clients: int, rounds: int) -> list[float]:
     models = {coordinator.parameters.sha256(): coordinator.parameters}
     times: list[float] = []
 
-    async def persist(commit: CommitVersion) -> None:
-        models[commit.parameters.sha256()] = commit.parameters
+    async def on_closed(summary: RoundSummary, commit: CommitVersion | None) -> None:
+        if commit is not None:
+            models[commit.parameters.sha256()] = commit.parameters
+        times.append(summary.closed_at - summary.started_at)
 
     ids = [enrollment.client_id for enrollment in enrollments(0, clients)]
     driver = RoundDriver(
         coordinator,
-        DriverSettings(rounds=rounds, retry_after_s=1.0),
+        DriverSettings(retry_after_s=1.0),
+        plays=schedule(rounds=rounds),
         candidates=lambda: ids,
-        persist=persist,
-        on_round=lambda summary: times.append(summary.closed_at - summary.started_at),
+        on_closed=on_closed,
     )
     link = InProcessLink(driver, models.__getitem__)
     runtimes = [

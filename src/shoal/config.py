@@ -149,6 +149,8 @@ class DevicesSection(_Section):
     speed_jitter: Annotated[float, Field(ge=0)] = 0.3
     straggler_fraction: Fraction = 0.0
     straggler_policy: Literal["drop", "partial"] = "drop"
+    # the training examples a device is timed by when its app does not say (ClientApp.num_examples)
+    nominal_examples: int = Field(100, ge=1)
 
     @field_validator("classes")
     @classmethod
@@ -181,7 +183,8 @@ class CoordinatorSection(_Section):
     max_update_mb: PositiveFloat = 64.0
     retry_after_s: PositiveFloat = 2.0
     grace_s: Annotated[float, Field(ge=0)] = 5.0
-    app: str = "shoal.apps.digits:make_client"
+    # after the last round, how long check-ins are still answered "the run has finished"
+    linger_s: Annotated[float, Field(ge=0)] = 10.0
 
 
 class SecureAggregationSection(_Section):
@@ -242,6 +245,39 @@ class TrackingSection(_Section):
     experiment: str | None = None
 
 
+BUILTIN_CLIENT_APP = "shoal.apps.builtin:client_app"
+BUILTIN_SERVER_APP = "shoal.apps.builtin:server_app"
+
+
+class AppSection(_Section):
+    """[app]: the user's code, ``MODULE:ATTRIBUTE`` (see ``shoal.client.app``, ``coordinator.app``).
+
+    The folder of the config file and the current directory are importable.
+    ``server`` unset: the built-in server side with the built-in client app,
+    every default with any other.
+    """
+
+    client: str = BUILTIN_CLIENT_APP
+    server: str | None = None
+    options: dict[str, str] = Field(default_factory=dict)
+    path: list[str] = Field(default_factory=list)  # folders to import the apps from, first
+
+    @field_validator("client", "server")
+    @classmethod
+    def _spec(cls, spec: str | None) -> str | None:
+        if spec is not None:
+            module, separator, attribute = spec.partition(":")
+            if not separator or not module or not attribute:
+                raise ValueError(f"an app is MODULE:ATTRIBUTE, got {spec!r}")
+        return spec
+
+    @property
+    def server_spec(self) -> str | None:
+        if self.server is None and self.client == BUILTIN_CLIENT_APP:
+            return BUILTIN_SERVER_APP
+        return self.server
+
+
 class Config(_Section):
     """A whole run: every section with its defaults."""
 
@@ -258,6 +294,7 @@ class Config(_Section):
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
     privacy: PrivacySection = PrivacySection()
     tracking: TrackingSection = TrackingSection()
+    app: AppSection = AppSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from shoal.aggregation.strategy import make_strategy
+from shoal.apps.builtin import DataScenario
 from shoal.client.api import Client, FitConfig, FitResult
 from shoal.client.runtime import Backoff, ClientRuntime, Enrollment, load_or_create_enrollment
 from shoal.config import load_config
 from shoal.coordinator import CommitVersion, Coordinator, Phase, RejectSubmission, RoundSettings
 from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.inprocess import InProcessLink
+from shoal.coordinator.run import schedule
 from shoal.coordinator.secure import SecureSettings
 from shoal.core import DeviceState, Parameters
 from shoal.secure.messages import (
@@ -27,9 +29,9 @@ from shoal.secure.messages import (
     UnmaskRequest,
 )
 from shoal.secure.quantization import Quantization
-from shoal.simulation.scenario import DataScenario
 from shoal.tasks import Offer, RetryLater, SecureOffer, TaskOffer
 from shoal.transport.signing import generate_client_key
+from support.driving import closing
 
 CLIENTS = 8
 
@@ -75,9 +77,10 @@ async def federate(
     link_ids: list[str] = []
     driver = RoundDriver(
         coordinator,
-        DriverSettings(rounds=rounds, retry_after_s=0.02),
+        DriverSettings(retry_after_s=0.02),
+        plays=schedule(rounds=rounds),
         candidates=lambda: sorted(link_ids),
-        persist=persist,
+        on_closed=closing(persist),
     )
     link = InProcessLink(
         driver, models.__getitem__, failure_rate=failure_rate, rng=random.Random(1)

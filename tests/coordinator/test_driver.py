@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 from shoal.aggregation.strategy import make_strategy
 from shoal.coordinator import CommitVersion, Coordinator, Phase, RejectReason, RoundSettings
-from shoal.coordinator.driver import SECURE_STAGE_RETRY_S, BeforeRound, DriverSettings, RoundDriver
+from shoal.coordinator.driver import SECURE_STAGE_RETRY_S, DriverSettings, RoundDriver
+from shoal.coordinator.run import schedule
 from shoal.coordinator.secure import SecureSettings
 from shoal.coordinator.state import RoundState
 from shoal.core import ConfigError, Parameters
 from shoal.secure.client import Contribution, SecAggClient
 from shoal.secure.messages import AdvertiseKeysRequest, ShareKeysRequest
 from shoal.secure.quantization import Quantization
-from shoal.tasks import RetryLater, SecureOffer, TaskOffer
+from shoal.tasks import RetryLater, RunFinished, SecureOffer, TaskOffer
+from support.driving import closing
 
 SIZE = 3
 
@@ -27,7 +30,7 @@ def make_driver(
     rounds: int,
     deadline_s: float = 5.0,
     evaluate_every: int = 0,
-    before_round: BeforeRound | None = None,
+    before_round: Callable[[int], str | None] | None = None,
 ) -> tuple[RoundDriver, list[CommitVersion], list[str]]:
     coordinator = Coordinator(
         settings=RoundSettings(
@@ -46,10 +49,14 @@ def make_driver(
 
     driver = RoundDriver(
         coordinator,
-        DriverSettings(rounds=rounds, evaluate_every=evaluate_every, retry_after_s=0.05),
+        DriverSettings(retry_after_s=0.05),
+        plays=schedule(
+            rounds=rounds,
+            evaluate_every=evaluate_every,
+            stops_before=None if before_round is None else lambda r: before_round(r) is not None,
+        ),
         candidates=lambda: sorted(set(seen)),
-        persist=persist,
-        before_round=before_round,
+        on_closed=closing(persist),
     )
     return driver, persisted, seen
 
@@ -166,16 +173,15 @@ def test_a_reason_before_a_fit_round_stops_training_and_finishes_the_run() -> No
     asyncio.run(run_federation(driver, seen, federation))
     assert asked == [1, 2, 3]  # once per fit round, never for an evaluation
     assert [commit.round for commit in persisted] == [1, 2]
-    assert driver.stop_reason == reason
     assert driver.coordinator.state is RoundState.FINISHED
-    assert isinstance(driver.check_in("c0"), RetryLater)
+    assert isinstance(driver.check_in("c0"), RunFinished)
 
 
 def test_a_refused_first_round_finishes_at_once_without_waiting_for_clients() -> None:
     driver, persisted, _ = make_driver(clients=0, rounds=3, before_round=lambda _: "locked")
     asyncio.run(asyncio.wait_for(driver.run(), timeout=5))  # no client ever checks in
     assert persisted == []
-    assert driver.stop_reason == "locked"
+    assert driver.finished is not None
     assert driver.coordinator.state is RoundState.FINISHED
 
 
@@ -183,7 +189,6 @@ def test_without_a_reason_every_round_is_played() -> None:
     driver, persisted, seen = make_driver(clients=4, rounds=2, before_round=lambda _: None)
     asyncio.run(run_federation(driver, seen, [(f"c{index}", 1.0, False) for index in range(4)]))
     assert [commit.round for commit in persisted] == [1, 2]
-    assert driver.stop_reason is None
 
 
 # --- secure rounds: stages as offers, a timer per stage, fast retries between stages ---------
@@ -211,9 +216,10 @@ def make_secure_driver(
 
     driver = RoundDriver(
         coordinator,
-        DriverSettings(rounds=1, retry_after_s=1.0),
+        DriverSettings(retry_after_s=1.0),
+        plays=schedule(rounds=1),
         candidates=lambda: sorted(set(seen)) if len(set(seen)) >= 5 else [],
-        persist=persist,
+        on_closed=closing(persist),
     )
     return driver, persisted, seen
 
@@ -328,4 +334,10 @@ def test_the_driver_refuses_a_homomorphic_job_without_a_key_holder() -> None:
         del commit
 
     with pytest.raises(ConfigError, match="key holder"):
-        RoundDriver(coordinator, DriverSettings(rounds=1), candidates=list, persist=persist)
+        RoundDriver(
+            coordinator,
+            DriverSettings(),
+            plays=schedule(rounds=1),
+            candidates=list,
+            on_closed=closing(persist),
+        )

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shoal.apps.digits import make_client
 from shoal.client.api import (
     Client,
     EvaluateConfig,
@@ -22,7 +21,6 @@ from shoal.client.api import (
 )
 from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
 from shoal.config import Config, parse_config
-from shoal.coordinator import Phase, RoundSummary
 from shoal.coordinator.server import build, serve
 from shoal.core import ConfigError, Parameters, SecurityError
 from shoal.registry import BlobStore, ModelRegistry, blob_location, registry_location
@@ -32,7 +30,7 @@ from shoal.simulation.consortium import create_silo_keys
 from shoal.transport.grpc_link import GrpcLink
 from shoal.transport.keyholder_service import serve_keyholder
 from shoal.transport.signing import generate_client_key
-from support.jobs import network_job
+from support.jobs import digits_client, network_job
 from support.links import RecordingLink, Upload
 
 pytest.importorskip("tenseal")
@@ -104,7 +102,7 @@ def test_silos_train_over_grpc_and_the_coordinator_sees_only_ciphertexts(tmp_pat
     keys, holder_folder, foreign_context = consortium(tmp_path)
     kept: dict[tuple[str, int], tuple[np.ndarray, int]] = {}
     plaintext: list[Upload] = []
-    rounds: list[RoundSummary] = []
+    rounds: list[dict[str, Any]] = []
 
     with serve_keyholder(holder_folder, address="127.0.0.1:0", insecure=True) as holder:
         config = job(tmp_path, holder.address, keys)
@@ -124,7 +122,7 @@ def test_silos_train_over_grpc_and_the_coordinator_sees_only_ciphertexts(tmp_pat
                         foreign_context if silo == "bank-c" else holder_folder / PUBLIC_CONTEXT
                     )
                     credentials = SiloCredentials.load(silo, public_context=context, silo_keys=keys)
-                    inner = make_client({"index": str(index), "clients": str(len(SILOS))})
+                    inner = digits_client(index, len(SILOS))
                     link = RecordingLink(f"127.0.0.1:{port}", plaintext, enrollment_token=TOKEN)
                     runtime = ClientRuntime(
                         Recording(inner, kept, silo),
@@ -153,13 +151,13 @@ def test_silos_train_over_grpc_and_the_coordinator_sees_only_ciphertexts(tmp_pat
         asyncio.run(main())
 
     assert plaintext == []  # no silo ever uploaded its update in the clear
-    fit = [summary for summary in rounds if summary.phase is Phase.FIT]
-    assert [summary.round for summary in fit] == [1, 2]
-    for summary in fit:
-        assert summary.committed, summary.abort_reason
-        assert summary.secure is not None and summary.secure.protocol == "ckks"
-        assert summary.participants == ("bank-a", "bank-b")  # bank-c refused the foreign context
-        assert dict(summary.secure.dropped) == {"encrypted_input": 1}
+    fit = [row for row in rounds if row["phase"] == "fit"]
+    assert [row["round"] for row in fit] == [1, 2]
+    for row in fit:
+        assert row["committed"], row["abort_reason"]
+        assert row["secure_aggregation"] == "ckks"
+        assert row["reported"] == 2  # bank-a and bank-b: bank-c refused the foreign context
+        assert row["secure_dropped"] == {"encrypted_input": 1}
 
     state = Path(config.coordinator.state_dir)
     database = registry_location(state, None).open()

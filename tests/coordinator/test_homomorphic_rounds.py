@@ -25,6 +25,7 @@ from shoal.coordinator import (
 )
 from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.events import AggregateDecrypted, RequestDecryption
+from shoal.coordinator.run import schedule
 from shoal.coordinator.secure import SecureSettings
 from shoal.coordinator.state import RoundState
 from shoal.core import Parameters, SecurityError
@@ -34,6 +35,7 @@ from shoal.secure.keyholder import KeyHolder
 from shoal.secure.quantization import Quantization
 from shoal.tasks import TaskOffer
 from shoal.transport.signing import generate_client_key
+from support.driving import closing
 
 SIZE = 20
 SILOS = [f"bank-{i}" for i in range(5)]
@@ -271,10 +273,10 @@ def test_a_key_holder_that_fails_in_any_way_aborts_the_round_and_the_run_goes_on
     async def scenario() -> None:
         driver = RoundDriver(
             make(holder),
-            DriverSettings(rounds=2, retry_after_s=0.01),
+            DriverSettings(retry_after_s=0.01),
+            plays=schedule(rounds=2),
             candidates=lambda: SILOS,
-            persist=persist,
-            on_round=closed.append,
+            on_closed=closing(persist, closed.append),
             decrypt=decrypt,
         )
         silos = [asyncio.create_task(silo(driver, name)) for name in SILOS]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -65,6 +66,7 @@ def make_job(
     config.write_text(
         f"""
 [run]
+name = "{RUN}"
 rounds = {rounds}
 [round]
 clients_per_round = {target}
@@ -98,9 +100,9 @@ def start_coordinator(job: Job) -> subprocess.Popen[bytes]:
 def start_client(job: Job, index: int) -> subprocess.Popen[bytes]:
     command = [
         *SHOAL, "client", "run", "--coordinator", f"127.0.0.1:{job.port}",
-        "--app", "shoal.apps.digits:make_client", "--state-dir", str(job.base / f"client-{index}"),
+        "--config", str(job.config), "--state-dir", str(job.base / f"client-{index}"),
         "--token", "test-token", "--ca", str(job.base / "certs" / "ca.pem"),
-        "--option", f"index={index}", "--option", f"clients={job.clients}",
+        "--partition-index", str(index), "--num-partitions", str(job.clients),
     ]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -182,13 +184,23 @@ def test_a_secure_round_between_processes(tmp_path: Path) -> None:
     job = make_job(tmp_path, clients=3, rounds=1, target=3, deadline_s=10.0, extra=SECURE)
     coordinator = start_coordinator(job)
     try:
-        with clients_running(job):
+        with clients_running(job) as clients:
             assert coordinator.wait(timeout=120) == 0, coordinator_log(job)
+            # told that the run is over, every client leaves by itself, successfully
+            assert [client.wait(timeout=60) for client in clients] == [0, 0, 0]
     finally:
         if coordinator.poll() is None:
             coordinator.kill()
     log = coordinator_log(job)
     assert [round_number for _, round_number, _ in job.heads()] == [0, 1], log
+    # the coordinator records its run as a simulation does
+    rows = [
+        json.loads(line) for line in (job.base / "state" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [(row["round"], row["phase"], row["committed"]) for row in rows] == [(1, "fit", True)]
+    summary = json.loads((job.base / "state" / "summary.json").read_text())
+    assert summary["rounds_completed"] == 1 and summary["secure_aggregation"] == "secagg+"
+    assert json.loads((job.base / "state" / "config.json").read_text())["run"]["name"] == RUN
     assert "secure aggregation: secagg+" in log
     assert "secagg+: recovered 0" in log  # the round's sum came out of SecAgg+
 

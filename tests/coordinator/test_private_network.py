@@ -11,12 +11,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from shoal.apps.digits import make_client
 from shoal.cli import app
 from shoal.cli.network import privacy_line
 from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
 from shoal.config import Config, parse_config
-from shoal.coordinator import Phase, RoundSummary
 from shoal.coordinator.server import CoordinatorParts, build, serve
 from shoal.core import ConfigError
 from shoal.privacy.accounting import PrivacyAccountant
@@ -24,7 +22,7 @@ from shoal.registry import BlobStore, ModelRegistry, blob_location, registry_loc
 from shoal.registry.privacy import PrivacyLedger
 from shoal.secure.client import Contribution
 from shoal.transport.signing import generate_client_key
-from support.jobs import network_job
+from support.jobs import digits_client, network_job
 from support.links import RecordingLink, Upload
 
 pytestmark = [
@@ -77,7 +75,7 @@ async def serve_with_clients(
     *,
     clients: int,
     uploads: list[Upload],
-    rounds: list[RoundSummary],
+    rounds: list[dict[str, Any]],
 ) -> tuple[CoordinatorParts, int]:
     """Serve ``config`` in this process to ``clients`` digits clients until the job ends.
 
@@ -93,7 +91,7 @@ async def serve_with_clients(
         for index in range(clients):
             link = RecordingLink(f"127.0.0.1:{port}", uploads, enrollment_token=TOKEN)
             enrollment = load_or_create_enrollment(tmp_path / f"c{index}", generate_client_key)
-            client = make_client({"index": str(index), "clients": str(CLIENTS)})
+            client = digits_client(index, CLIENTS)
             runtime = ClientRuntime(
                 client, link, enrollment, backoff=Backoff(0.01, 0.1), seed=index
             )
@@ -145,19 +143,19 @@ def test_the_budget_stops_a_central_dp_job_over_grpc_and_a_restart_stays_stopped
     sections = job_sections(tmp_path, privacy=privacy)
     config = parse_config(sections)
     uploads: list[Upload] = []
-    rounds: list[RoundSummary] = []
+    rounds: list[dict[str, Any]] = []
     parts, first_round = asyncio.run(
         serve_with_clients(tmp_path, config, clients=CLIENTS, uploads=uploads, rounds=rounds)
     )
     assert first_round == 1
-    reason = parts.driver.stop_reason
+    reason = parts.stop_reason
     assert reason is not None and f"round {stop} would spend" in reason
-    fit = [summary for summary in rounds if summary.phase is Phase.FIT]
-    assert [summary.round for summary in fit] == list(range(1, stop))
-    assert all(summary.committed for summary in fit)
-    for summary, epsilon in zip(fit, spent, strict=True):  # each round accounted once
-        assert summary.metrics["epsilon"] == pytest.approx(epsilon, rel=1e-6)
-        assert summary.metrics["delta"] == DELTA
+    fit = [row for row in rounds if row["phase"] == "fit"]
+    assert [row["round"] for row in fit] == list(range(1, stop))
+    assert all(row["committed"] for row in fit)
+    for row, epsilon in zip(fit, spent, strict=True):  # each round accounted once
+        assert row["epsilon"] == pytest.approx(epsilon, rel=1e-6)
+        assert row["delta"] == DELTA
     line = privacy_line(fit[-1])
     assert line is not None and f"epsilon {spent[-1]:.4f}" in line
 
@@ -167,7 +165,7 @@ def test_the_budget_stops_a_central_dp_job_over_grpc_and_a_restart_stays_stopped
     assert max(norms) <= CLIP_NORM * (1 + 1e-5)
     assert all(metrics["dp_unclipped"] == 0.0 for _, _, metrics in uploads)
     assert all(set(metrics) == {"dp_unclipped"} for _, _, metrics in uploads)  # no training loss
-    assert all(summary.loss is None for summary in fit)
+    assert all(row["loss"] is None for row in fit)
 
     # the versions and the ledger in the registry
     state_dir = Path(config.coordinator.state_dir)
@@ -187,12 +185,12 @@ def test_the_budget_stops_a_central_dp_job_over_grpc_and_a_restart_stays_stopped
         database.close()
 
     # a restart on the same state stops again at once, without a client or a round
-    restarted: list[RoundSummary] = []
+    restarted: list[dict[str, Any]] = []
     parts, first_round = asyncio.run(
         serve_with_clients(tmp_path, config, clients=0, uploads=uploads, rounds=restarted)
     )
     assert first_round == stop
-    assert parts.driver.stop_reason == reason
+    assert parts.stop_reason == reason
     assert restarted == []
     assert parts.privacy is not None and parts.privacy.locked_reason == reason
 
@@ -234,20 +232,17 @@ def test_distributed_dp_with_secagg_plus_commits_a_round_over_grpc(
     }
     config = job_config(tmp_path, run={"rounds": 1}, privacy=privacy, secure_aggregation=secure)
     uploads: list[Upload] = []
-    rounds: list[RoundSummary] = []
+    rounds: list[dict[str, Any]] = []
     parts, _ = asyncio.run(
         serve_with_clients(tmp_path, config, clients=CLIENTS, uploads=uploads, rounds=rounds)
     )
     assert uploads == []  # only masked inputs left the devices
-    assert parts.driver.stop_reason is None
-    [summary] = rounds
-    report = summary.secure
-    assert summary.committed and report is not None and not report.aborted
-    assert report.protocol == "secagg+"
-    assert summary.metrics["epsilon"] > 0 and summary.metrics["clip_norm"] == pytest.approx(
-        CLIP_NORM
-    )
-    assert len(contributions) >= summary.reported >= 3
+    assert parts.stop_reason is None
+    [row] = rounds
+    assert row["committed"] and not row["secure_aborted"]
+    assert row["secure_aggregation"] == "secagg+"
+    assert row["epsilon"] > 0 and row["clip_norm"] == pytest.approx(CLIP_NORM)
+    assert len(contributions) >= row["reported"] >= 3
     share = 1.0 * CLIP_NORM / np.sqrt(3)  # z C / sqrt(min_clients): the fewest still add up
     for contribution in contributions:
         assert float(np.linalg.norm(contribution.update)) <= CLIP_NORM * (1 + 1e-5)
@@ -281,11 +276,11 @@ def test_adaptive_clipping_resumes_from_the_last_committed_round_after_a_restart
         "secure_noise": False,
     }
     config = job_config(tmp_path, privacy=privacy, run={"rounds": 2})
-    rounds: list[RoundSummary] = []
+    rounds: list[dict[str, Any]] = []
     asyncio.run(serve_with_clients(tmp_path, config, clients=CLIENTS, uploads=[], rounds=rounds))
-    fit = [summary for summary in rounds if summary.phase is Phase.FIT and summary.committed]
-    assert [summary.round for summary in fit] == [1, 2]
-    left = fit[-1].metrics["next_clip_norm"]
+    fit = [row for row in rounds if row["phase"] == "fit" and row["committed"]]
+    assert [row["round"] for row in fit] == [1, 2]
+    left = fit[-1]["next_clip_norm"]
     assert left > CLIP_NORM  # every client clipped: the norm grew
 
     later = job_config(tmp_path, privacy=privacy, run={"rounds": 4})

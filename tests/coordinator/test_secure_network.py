@@ -27,6 +27,7 @@ from shoal.client.runtime import (
 from shoal.config import Config, parse_config
 from shoal.coordinator import CommitVersion, Coordinator, RoundSettings
 from shoal.coordinator.driver import DriverSettings, RoundDriver
+from shoal.coordinator.run import schedule
 from shoal.coordinator.secure import SecureSettings
 from shoal.coordinator.server import build
 from shoal.coordinator.service import CoordinatorService, ServiceSettings
@@ -51,6 +52,7 @@ from shoal.transport.certs import (
 from shoal.transport.grpc_link import GrpcLink
 from shoal.transport.messages import RejectCode, SecureMessageHeader
 from shoal.transport.signing import generate_client_key
+from support.driving import closing
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -128,9 +130,10 @@ async def with_secure_coordinator(
 
     driver = RoundDriver(
         coordinator,
-        DriverSettings(rounds=1, retry_after_s=0.5),  # between stages: 0.25 s
+        DriverSettings(retry_after_s=0.5),
+        plays=schedule(rounds=1),  # between stages: 0.25 s
         candidates=candidates,
-        persist=persist,
+        on_closed=closing(persist),
     )
     service = CoordinatorService(
         driver, clients, ServiceSettings(run_id=RUN, enrollment_tokens=frozenset({TOKEN}))

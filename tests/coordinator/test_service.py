@@ -16,15 +16,16 @@ import numpy as np
 import pytest
 
 from shoal.aggregation.strategy import make_strategy
+from shoal.apps.builtin import DataScenario
 from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult
 from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
 from shoal.config import load_config
 from shoal.coordinator import CommitVersion, Coordinator, RoundSettings, RoundSummary
 from shoal.coordinator.driver import DriverSettings, RoundDriver
+from shoal.coordinator.run import schedule
 from shoal.coordinator.service import CoordinatorService, ServiceSettings
 from shoal.core import DeviceState, Parameters
 from shoal.registry import ClientRegistry, ClientStatus, EnrollmentTokens, open_database
-from shoal.simulation.scenario import DataScenario
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
@@ -36,6 +37,7 @@ from shoal.transport.certs import (
 from shoal.transport.grpc_link import GrpcLink
 from shoal.transport.messages import EnrollmentRequest, RejectCode
 from shoal.transport.signing import generate_client_key
+from support.driving import closing
 
 T = TypeVar("T")
 TOKEN = "let-me-in"
@@ -80,10 +82,10 @@ async def with_coordinator(
 
     driver = RoundDriver(
         coordinator,
-        DriverSettings(rounds=rounds, retry_after_s=0.05),
+        DriverSettings(retry_after_s=0.05),
+        plays=schedule(rounds=rounds),
         candidates=candidates,
-        persist=persist,
-        on_round=summaries.append,
+        on_closed=closing(persist, summaries.append),
     )
     service = CoordinatorService(
         driver, clients, ServiceSettings(run_id=RUN, enrollment_tokens=frozenset({TOKEN}))

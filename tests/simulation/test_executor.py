@@ -7,11 +7,11 @@ import sys
 import numpy as np
 import pytest
 
+from shoal.apps.builtin import DataScenario
 from shoal.client.api import Client, EvaluateConfig, FitConfig
 from shoal.config import load_config
 from shoal.core import MissingExtraError
 from shoal.simulation.executor import Job, ProcessExecutor, SerialExecutor, make_executor, run_job
-from shoal.simulation.scenario import DataScenario
 
 
 def broken_factory(client_id: str) -> Client:

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shoal.apps.builtin import DataScenario
 from shoal.config import Config, load_config
 from shoal.simulation.runner import Simulation, final_parameters
-from shoal.simulation.scenario import DataScenario
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fedprox-synthetic.toml"
 FEDAVG = ["strategy.name=fedavg", "strategy.proximal_mu=0", "devices.straggler_policy=drop"]

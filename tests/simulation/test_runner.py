@@ -9,11 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from shoal.apps import builtin
 from shoal.client.api import Client
+from shoal.client.app import ClientApp, ClientContext
 from shoal.config import Config, load_config
 from shoal.core import RunError
 from shoal.registry import ClientRegistry, ClientStatus
-from shoal.simulation import runner as runner_module
 from shoal.simulation.runner import (
     MODEL_NAME,
     Simulation,
@@ -21,7 +22,6 @@ from shoal.simulation.runner import (
     load_run_config,
     open_run_models,
 )
-from shoal.simulation.scenario import DataScenario
 
 DESIGN_ROW_KEYS = {
     "round", "phase", "selected", "reported", "dropped", "loss", "accuracy", "virtual_time_s",
@@ -131,28 +131,24 @@ def test_rounds_below_quorum_abort_and_keep_the_model(tmp_path: Path) -> None:
         assert row["model_version"] == expected
 
 
-class FlakyScenario(DataScenario):
+def flaky_client(context: ClientContext) -> Client:
     """Client 3 raises on every fit: a failure of that client, never of the run."""
+    client = builtin.client_app(context)
+    if context.client_id == "client-00003":
 
-    def build_client(self, client_id: str) -> Client:
-        client = super().build_client(client_id)
-        if client_id == "client-00003":
+        def broken(*args: object) -> Any:
+            raise MemoryError("device out of memory")
 
-            def broken(*args: object) -> Any:
-                raise MemoryError("device out of memory")
-
-            client.fit = broken  # type: ignore[method-assign]
-        return client
+        client.fit = broken  # type: ignore[method-assign]
+    return client
 
 
-def test_a_client_that_raises_is_a_failure_not_a_crash(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(runner_module, "build_scenario", FlakyScenario)
+def test_a_client_that_raises_is_a_failure_not_a_crash(tmp_path: Path) -> None:
     config = small(
         "run.rounds=6", "round.clients_per_round=19", "round.over_selection=1.0", "round.quorum=0.5"
     )
-    summary = Simulation(config, tmp_path).run()
+    app = ClientApp(flaky_client, num_examples=builtin.client_app.num_examples)
+    summary = Simulation(config, tmp_path, client_app=app, server_app=builtin.server_app).run()
     assert summary["rounds_completed"] == 6
     rows = [row for row in rows_without_wall(tmp_path) if row["phase"] == "fit"]
     assert all(row["reported"] < row["selected"] for row in rows)

@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from shoal.apps import client_app
+from shoal.client.api import Client
+from shoal.client.app import ClientContext
+from shoal.config import load_config
+
 
 def network_job(
     tmp_path: Path,
@@ -17,6 +22,7 @@ def network_job(
 ) -> dict[str, dict[str, Any]]:
     """The job's sections: digits, FedAvg, fast retries; ``sections`` are merged over them."""
     base: dict[str, dict[str, Any]] = {
+        "run": {"name": run_id},  # the coordinator's model is named by the run
         "data": {"num_clients": clients},
         "round": {"clients_per_round": per_round, "over_selection": 1.0},
         "client": {"epochs": 1, "batch_size": 16, "learning_rate": 0.2},
@@ -28,9 +34,25 @@ def network_job(
             "enrollment_tokens": [token],
             "retry_after_s": 0.05,
             "grace_s": 0,
-            "app": "shoal.apps.digits:make_client",
+            "linger_s": 0,
         },
     }
     for name, section in sections.items():
         base[name] = base.get(name, {}) | section
     return base
+
+
+def digits_client(index: int, clients: int) -> Client:
+    """Client ``index`` of ``clients`` of the built-in app on digits, an IID split."""
+    config = load_config(
+        None,
+        [
+            f"data.num_clients={clients}",
+            f"round.clients_per_round={min(clients, 10)}",
+            "data.partition='iid'",
+        ],
+    )
+    context = ClientContext(
+        client_id=f"client-{index}", partition_index=index, num_partitions=clients, config=config
+    )
+    return client_app(context)

@@ -1,5 +1,5 @@
-"""Ready-made client apps: what ``shoal client run --app MODULE:FACTORY`` loads."""
+"""Ready-made apps, written with the same public API as a user's (``shoal.client.app``)."""
 
-from shoal.apps.loading import AppOptions, load_app
+from shoal.apps.builtin import DataScenario, client_app, scenario_of, server_app
 
-__all__ = ["AppOptions", "load_app"]
+__all__ = ["DataScenario", "client_app", "scenario_of", "server_app"]

@@ -141,7 +141,7 @@ def silo_keys_command(
     key; this file stands for all of them in a simulation or a rehearsal.
     """
     from shoal.simulation.consortium import create_silo_keys
-    from shoal.simulation.scenario import client_name
+    from shoal.simulation.population import client_name
 
     names = [*(silo or []), *(client_name(index) for index in range(simulated))]
     if not names:

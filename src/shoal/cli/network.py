@@ -7,21 +7,24 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
-from shoal.apps.loading import load_app, parse_options
 from shoal.cli.app import app, user_errors
 from shoal.cli.simulate import console, format_row, print_header
+from shoal.client.app import (
+    ClientContext,
+    app_search_path,
+    load_client_app,
+    parse_options,
+    with_config_folder,
+)
 from shoal.client.runtime import ClientRuntime, load_or_create_enrollment
 from shoal.config import load_config
-from shoal.coordinator.events import RoundSummary
 from shoal.core.errors import ConfigError
-from shoal.tasks import Phase
 
 coordinator_app = typer.Typer(help="Run the network coordinator.", no_args_is_help=True)
 client_app = typer.Typer(help="Run a client against a coordinator.", no_args_is_help=True)
@@ -29,23 +32,6 @@ demo_app = typer.Typer(help="Self-contained demonstrations.", no_args_is_help=Tr
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(client_app, name="client")
 app.add_typer(demo_app, name="demo")
-
-
-def summary_row(summary: RoundSummary, started: float) -> dict[str, Any]:
-    """The same per-round line as ``shoal simulate`` prints, from a live round."""
-    return {
-        "round": summary.round,
-        "phase": summary.phase.value,
-        "selected": summary.selected,
-        "reported": summary.reported,
-        "dropped": summary.failed + summary.outstanding,
-        "loss": summary.loss,
-        "accuracy": summary.metrics.get("accuracy"),
-        "virtual_time_s": summary.closed_at - summary.started_at,
-        "wall_time_s": time.perf_counter() - started,
-        "committed": summary.committed,
-        "abort_reason": summary.abort_reason,
-    }
 
 
 @coordinator_app.command("serve")
@@ -63,23 +49,26 @@ def serve_command(
     """Serve a training job to network clients until it is done (SIGTERM stops it gracefully)."""
     from shoal.coordinator.server import serve
 
-    config = load_config(config_path, overrides or [])
-    started = time.perf_counter()
+    config = with_config_folder(load_config(config_path, overrides or []), config_path)
     print_header()
 
-    def on_round(summary: RoundSummary) -> None:
-        console.print(format_row(summary_row(summary, started)))
-        report = summary.secure
-        if report is not None:
-            dropped = ", ".join(f"{stage} {n}" for stage, n in report.dropped.items() if n)
-            recovered = f"recovered {report.recovered}"
-            console.print(f"      {report.protocol}: {recovered}, dropped {dropped or 'none'}")
-        line = privacy_line(summary)
+    def on_round(row: dict[str, Any]) -> None:
+        console.print(format_row(row))
+        if row.get("secure_aggregation"):
+            dropped = ", ".join(
+                f"{stage} {n}" for stage, n in row.get("secure_dropped", {}).items() if n
+            )
+            recovered = f"recovered {row.get('recovered', 0)}"
+            console.print(
+                f"      {row['secure_aggregation']}: {recovered}, dropped {dropped or 'none'}"
+            )
+        line = privacy_line(row)
         if line is not None:
             console.print(line)
 
     def on_ready(port: int, first_round: int) -> None:
         console.print(f"coordinator listening on {config.coordinator.listen} (port {port})")
+        console.print(f"run folder: {config.coordinator.state_dir}")
         if config.secure_aggregation.enabled:
             console.print(f"secure aggregation: {config.secure_aggregation.protocol}")
         if config.privacy.enabled:
@@ -87,23 +76,30 @@ def serve_command(
             limit = "no limit" if budget is None else f"budget epsilon {budget:g}"
             console.print(f"differential privacy: {config.privacy.placement}, {limit}")
         if first_round > 1:
-            console.print(f"resuming run {config.coordinator.run_id} at round {first_round}")
+            console.print(f"resuming run {config.run.name} at round {first_round}")
 
-    parts = asyncio.run(serve(config, insecure=insecure, on_round=on_round, on_ready=on_ready))
-    if parts.driver.stop_reason is not None:
-        console.print(f"training stopped: {escape(parts.driver.stop_reason)}")
+    parts = asyncio.run(
+        serve(
+            config,
+            insecure=insecure,
+            on_round=on_round,
+            on_ready=on_ready,
+            search_path=app_search_path(config),
+        )
+    )
+    if parts.stop_reason is not None:
+        console.print(f"training stopped: {escape(parts.stop_reason)}")
 
 
-def privacy_line(summary: RoundSummary) -> str | None:
+def privacy_line(row: dict[str, Any]) -> str | None:
     """What a fit round under DP spent, as a line under its row; None without DP."""
-    metrics = summary.metrics
-    if summary.phase is not Phase.FIT or "epsilon" not in metrics:
+    if row["phase"] != "fit" or row.get("epsilon") is None:
         return None
-    spent = f"epsilon {metrics['epsilon']:.4f} (delta {metrics['delta']:.3g})"
-    if not summary.committed:
+    spent = f"epsilon {row['epsilon']:.4f} (delta {row['delta']:.3g})"
+    if not row["committed"]:
         spent += ", nothing spent this round"
-    noise = f"noise multiplier {metrics['noise_multiplier']:.4g}"
-    return f"      privacy: {spent}, {noise}, clip norm {metrics['clip_norm']:.4g}"
+    noise = f"noise multiplier {row['noise_multiplier']:.4g}"
+    return f"      privacy: {spent}, {noise}, clip norm {row['clip_norm']:.4g}"
 
 
 @client_app.command("run")
@@ -112,15 +108,32 @@ def client_run_command(
     coordinator: Annotated[
         str, typer.Option("--coordinator", help="HOST:PORT of the coordinator.")
     ],
-    app_spec: Annotated[str, typer.Option("--app", help="MODULE:FACTORY building the client.")],
     state_dir: Annotated[Path, typer.Option("--state-dir", help="Where the enrollment is kept.")],
+    config_path: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="The job's TOML config (its [app] section)."),
+    ] = None,
+    app_spec: Annotated[
+        str | None,
+        typer.Option("--app", help="MODULE:ATTRIBUTE of the client app (default: [app] client)."),
+    ] = None,
+    partition_index: Annotated[
+        int | None,
+        typer.Option("--partition-index", min=0, help="This client's share of the data."),
+    ] = None,
+    num_partitions: Annotated[
+        int | None,
+        typer.Option(
+            "--num-partitions", min=1, help="How many shares (default: data.num_clients)."
+        ),
+    ] = None,
     token: Annotated[str, typer.Option("--token", help="The enrollment token.")] = "",
     ca: Annotated[
         Path | None, typer.Option("--ca", help="The deployment CA to pin (ca.pem).")
     ] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Connect without TLS.")] = False,
     options: Annotated[
-        list[str] | None, typer.Option("--option", help="key=value passed to the app factory.")
+        list[str] | None, typer.Option("--option", help="key=value passed to the app (repeatable).")
     ] = None,
     max_tasks: Annotated[
         int | None, typer.Option("--max-tasks", min=1, help="Stop after N tasks.")
@@ -138,8 +151,10 @@ def client_run_command(
         typer.Option("--silo-keys", help="The silo's receipt key (a `keyholder silo-keys` file)."),
     ] = None,
 ) -> None:
-    """Enroll, then check in, train and upload until stopped (or N tasks).
+    """Enroll, then check in, train and upload until the run finishes (or N tasks).
 
+    The client app is the job config's ``[app] client`` (or ``--app``); it is
+    told ``--partition-index``/``--num-partitions`` and the ``--option`` values.
     A silo of a homomorphic (CKKS) consortium also gives ``--public-context``
     and ``--silo-keys``: it encrypts its updates under that context only.
     """
@@ -152,8 +167,22 @@ def client_run_command(
         raise ConfigError("--ca: a client pins the deployment's CA; or pass --insecure explicitly")
     if (public_context is None) != (silo_keys is None):
         raise ConfigError("--public-context and --silo-keys: a silo needs both, or neither")
-    client = load_app(app_spec)(parse_options(options or []))
+    config = with_config_folder(load_config(config_path), config_path)
+    app = load_client_app(app_spec or config.app.client, search_path=app_search_path(config))
     enrollment = load_or_create_enrollment(state_dir, generate_client_key, client_id=client_id)
+    context = ClientContext(
+        client_id=enrollment.client_id,
+        partition_index=partition_index,
+        num_partitions=(
+            num_partitions
+            if num_partitions is not None or partition_index is None
+            else config.data.num_clients
+        ),
+        options={**config.app.options, **parse_options(options or [])},
+        seed=config.run.seed,
+        config=config,
+    )
+    client = app(context)
     silo = None
     if public_context is not None and silo_keys is not None:
         silo = SiloCredentials.load(
@@ -161,9 +190,12 @@ def client_run_command(
         )
     credentials = None if ca is None else load_channel_credentials(ca)
 
+    def on_event(line: str) -> None:
+        console.print(escape(line))
+
     async def main() -> None:
         link = GrpcLink(coordinator, credentials=credentials, enrollment_token=token)
-        runtime = ClientRuntime(client, link, enrollment, silo=silo)
+        runtime = ClientRuntime(client, link, enrollment, silo=silo, on_event=on_event)
         try:
             await runtime.run(max_tasks=max_tasks)
         finally:
@@ -202,18 +234,16 @@ def demo_network_command(
                     "run",
                     "--coordinator",
                     f"127.0.0.1:{port}",
-                    "--app",
-                    "shoal.apps.digits:make_client",
+                    "--config",
+                    str(config),
                     "--state-dir",
                     str(base / f"client-{index}"),
                     "--token",
                     "demo",
                     "--ca",
                     str(base / "certs" / "ca.pem"),
-                    "--option",
-                    f"index={index}",
-                    "--option",
-                    f"clients={clients}",
+                    "--partition-index",
+                    str(index),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -257,7 +287,7 @@ state_dir = "{base / "state"}"
 certificates = "{base / "certs"}"
 enrollment_tokens = ["demo"]
 retry_after_s = 0.5
-app = "shoal.apps.digits:make_client"
+linger_s = 5
 """
     return plain + _DEMO_SECURE if secure else plain
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,16 +13,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from shoal.cli.app import app, user_errors
+from shoal.client.app import app_search_path, with_config_folder
 from shoal.config import Config, load_config, parse_config
 from shoal.core.errors import ConfigError
+from shoal.simulation.api import default_config_path
 from shoal.simulation.runner import Simulation, load_run_config
 
 console = Console(highlight=False)
-
-
-def default_config_path() -> Path:
-    """The embedded default scenario (digits, cross-device)."""
-    return Path(str(resources.files("shoal.simulation").joinpath("default.toml")))
 
 
 def _resolve(
@@ -91,10 +87,13 @@ def simulate(
             raise ConfigError("--resume keeps the run's own seed; do not pass --seed")
         extra.append(f"run.seed={seed}")
     config, resume_dir = _resolve(config_path, resume, extra)
+    config = with_config_folder(config, config_path)
     folder = (
         resume_dir or out or Path("runs") / f"{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    simulation = Simulation(config, folder, resume=resume_dir is not None)
+    simulation = Simulation(
+        config, folder, resume=resume_dir is not None, search_path=app_search_path(config)
+    )
     console.print(f"run folder: {folder}")
     summary = _run_with_progress(simulation, config, quiet=quiet)
     _print_summary(summary)

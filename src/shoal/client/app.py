@@ -149,3 +149,19 @@ def parse_options(items: Iterable[str]) -> dict[str, str]:
             raise ConfigError(f"--option expects key=value, got {item!r}")
         options[key] = value
     return options
+
+
+def with_config_folder(config: Config, config_path: str | Path | None) -> Config:
+    """``config`` whose ``[app] path`` starts with its file's folder (kept for a resume)."""
+    if config_path is None:
+        return config
+    folder = str(Path(config_path).resolve().parent)
+    if folder in config.app.path:
+        return config
+    section = config.app.model_copy(update={"path": [folder, *config.app.path]})
+    return config.model_copy(update={"app": section})
+
+
+def app_search_path(config: Config) -> list[str]:
+    """Where a job's apps are imported from first: ``[app] path``, then the current directory."""
+    return [*config.app.path, str(Path.cwd())]

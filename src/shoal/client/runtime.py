@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,7 +56,16 @@ from shoal.secure.client import Contribution, SecAggClient
 from shoal.secure.homomorphic import EncryptionRequest, SiloCredentials
 from shoal.secure.messages import AdvertiseKeysRequest, ServerRequest, StaleMessage
 from shoal.secure.serde import FitRequest, SecureReply
-from shoal.tasks import Offer, Phase, RejectSubmission, RetryLater, SecureOffer, TaskOffer
+from shoal.tasks import (
+    CheckInAnswer,
+    Offer,
+    Phase,
+    RejectSubmission,
+    RetryLater,
+    RunFinished,
+    SecureOffer,
+    TaskOffer,
+)
 
 log = logging.getLogger("shoal.client")
 
@@ -81,7 +91,7 @@ class CoordinatorLink(Protocol):
 
     async def enroll(self, enrollment: Enrollment, state: DeviceState) -> None: ...
 
-    async def check_in(self, enrollment: Enrollment, state: DeviceState) -> Offer | RetryLater: ...
+    async def check_in(self, enrollment: Enrollment, state: DeviceState) -> CheckInAnswer: ...
 
     async def fetch_model(self, enrollment: Enrollment, sha256: str) -> Parameters: ...
 
@@ -164,6 +174,7 @@ class ClientRuntime:
         backoff: Backoff | None = None,
         seed: int | None = None,
         silo: SiloCredentials | None = None,
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
         self.client = client
         self.silo = silo  # a silo of a homomorphic consortium: its context and receipt key
@@ -176,12 +187,17 @@ class ClientRuntime:
         self._secure: SecAggClient | None = None  # this client's side of the current secure round
         self._stopping = asyncio.Event()
         self.tasks_done = 0
+        self.finished: RunFinished | None = None  # the coordinator said the run is over
+        self._on_event = on_event  # one line per enrollment, task and failure (the CLI prints)
 
     def stop(self) -> None:
         self._stopping.set()
 
     async def run(self, *, max_tasks: int | None = None) -> None:
-        """Enroll, then serve tasks; network errors are retried with backoff, never fatal."""
+        """Enroll, then serve tasks until the run finishes, ``stop()`` or ``max_tasks``.
+
+        Network errors are retried with backoff, never fatal.
+        """
         try:
             await self._serve_until_stopped(max_tasks)
         except _Stopped:
@@ -189,10 +205,15 @@ class ClientRuntime:
 
     async def _serve_until_stopped(self, max_tasks: int | None) -> None:
         await self._retrying(lambda: self.link.enroll(self.enrollment, self.device_state()))
+        self._event(f"enrolled as {self.enrollment.client_id}")
         while not self._stopping.is_set() and (max_tasks is None or self.tasks_done < max_tasks):
             answer = await self._retrying(
                 lambda: self.link.check_in(self.enrollment, self.device_state())
             )
+            if isinstance(answer, RunFinished):
+                self.finished = answer
+                self._event(f"the run has finished: {answer.reason}")
+                return
             if isinstance(answer, RetryLater):
                 await self._pause(answer.seconds * self._rng.uniform(0.8, 1.2))
                 continue
@@ -212,13 +233,22 @@ class ClientRuntime:
         except NotFoundError as exc:  # the round moved on while we were downloading
             log.info("task of round %d is stale: %s", offer.round, exc)
             return
+        started = time.perf_counter()
         try:
-            outcome = await asyncio.to_thread(self._work, offer, model, protected)
+            outcome, examples = await asyncio.to_thread(self._work, offer, model, protected)
         except Exception as exc:  # the user's model failed: tell the coordinator, keep going
             await self._give_up(offer, str(exc) or type(exc).__name__)
             return
+        seconds = time.perf_counter() - started
+        self._event(
+            f"round {offer.round} {offer.phase.value}: {examples} examples, {seconds:.2f} s"
+        )
         await self._upload(offer.round, lambda: outcome(self))
         self.tasks_done += 1
+
+    def _event(self, line: str) -> None:
+        if self._on_event is not None:
+            self._on_event(line)
 
     async def _serve_stage(self, offer: SecureOffer) -> None:
         """Answer a key or unmask stage of a secure round (not a task: it is not counted)."""
@@ -258,17 +288,20 @@ class ClientRuntime:
 
     async def _give_up(self, offer: Offer, reason: str) -> None:
         log.warning("task of round %d failed: %s", offer.round, reason)
+        self._event(f"round {offer.round} failed: {reason}")
         await self._retrying(lambda: self.link.report_failure(self.enrollment, offer, reason))
 
     async def _upload(self, round_number: int, upload: Callable[[], Upload]) -> None:
         rejection = await self._retrying(upload)
         if rejection is not None:
-            log.info("round %d rejected our result: %s", round_number, rejection.reason.value)
+            reason = f"{rejection.reason.value}: {rejection.detail}"
+            log.warning("round %d rejected our result: %s", round_number, reason)
+            self._event(f"round {round_number} rejected our result: {reason}")
 
     def _work(
         self, offer: TaskOffer, model: Parameters, protected: _Protected | None
-    ) -> Callable[[ClientRuntime], Upload]:
-        """Run the task in a worker thread; returns the upload to perform."""
+    ) -> tuple[Callable[[ClientRuntime], Upload], int]:
+        """Run the task in a worker thread; returns the upload to perform and the examples."""
         if offer.phase is Phase.FIT:
             if not isinstance(offer.config, FitConfig):
                 raise ClientError("a training task came without a FitConfig")
@@ -276,23 +309,29 @@ class ClientRuntime:
             update, metrics, noise = _private(fit_update(result, model), result, offer.config)
             if protected is not None:  # a secure round: only the masked or encrypted input leaves
                 reply = protected.reply(result, update, metrics, offer.config, noise)
-                return lambda runtime: runtime.link.submit_secure(runtime.enrollment, reply)
-            return lambda runtime: runtime.link.submit_update(
-                runtime.enrollment, offer, update, result.num_examples, metrics
-            )
+                return (
+                    lambda runtime: runtime.link.submit_secure(runtime.enrollment, reply)
+                ), result.num_examples
+            return (
+                lambda runtime: runtime.link.submit_update(
+                    runtime.enrollment, offer, update, result.num_examples, metrics
+                )
+            ), result.num_examples
         config = (
             offer.config
             if isinstance(offer.config, EvaluateConfig)
             else EvaluateConfig(offer.round)
         )
         evaluation = self.client.evaluate(model, config)
-        return lambda runtime: runtime.link.submit_evaluation(
-            runtime.enrollment,
-            offer,
-            evaluation.loss,
-            evaluation.num_examples,
-            dict(evaluation.metrics),
-        )
+        return (
+            lambda runtime: runtime.link.submit_evaluation(
+                runtime.enrollment,
+                offer,
+                evaluation.loss,
+                evaluation.num_examples,
+                dict(evaluation.metrics),
+            )
+        ), evaluation.num_examples
 
     async def _model_for(self, offer: TaskOffer) -> Parameters:
         """The global model of the task: the cached one, or a download verified by its sha256."""

@@ -18,20 +18,24 @@ The engine adds the ciphertexts; when it asks for the sum's decryption, the
 driver hands the request to ``decrypt`` (the key holder, never this
 process) and feeds its answer, or its refusal, back to the engine.
 
-A new global model is persisted (``persist``) before any client is offered
-work on it: a crash loses at most the round in progress, never a commit.
+The driver plays the rounds the run layer schedules (``plays``, see
+:mod:`shoal.coordinator.run`), each with the run layer's round config, and
+awaits ``on_closed`` with each closed round (and its new model) before it
+starts the next: the run layer persists the model before any client is
+offered work on it, so a crash loses at most the round in progress. After
+the last round every check-in is answered :class:`RunFinished`.
 
-Before each fit round the driver may ask ``before_round`` whether training
-goes on (the privacy budget): a reason stops the rounds, and the run
-finishes as after its last round.
+The clock is injected (``DriverSettings.clock``: the event loop's by
+default), so that tests can run the driver in virtual time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -58,6 +62,7 @@ from shoal.coordinator.events import (
     UpdateReceived,
 )
 from shoal.coordinator.homomorphic import CKKS
+from shoal.coordinator.run import Play
 from shoal.coordinator.secure import SECAGG_PLUS
 from shoal.coordinator.state import RoundState
 from shoal.core.errors import ConfigError
@@ -65,11 +70,13 @@ from shoal.core.parameters import Parameters
 from shoal.secure.messages import Stage
 from shoal.secure.serde import SecureReply
 from shoal.tasks import (
+    CheckInAnswer,
     Offer,
     Phase,
     RejectReason,
     RejectSubmission,
     RetryLater,
+    RunFinished,
     SecureOffer,
     TaskOffer,
     offer_stage,
@@ -77,23 +84,29 @@ from shoal.tasks import (
 
 log = logging.getLogger("shoal.coordinator")
 
-Persist = Callable[[CommitVersion], Awaitable[None]]
+OnClosed = Callable[[RoundSummary, CommitVersion | None], Awaitable[None]]
+"""Told each closed round and its new model (if any); the next round starts once it returns."""
 Decrypt = Callable[[RequestDecryption], Awaitable[npt.NDArray[np.float64]]]
 """Asks the key holder for a homomorphic round's sum; raises with its refusal."""
-BeforeRound = Callable[[int], str | None]
-"""Asked before each fit round: None lets it run; a reason stops training there."""
+RoundConfig = Callable[[Play], Mapping[str, Any]]
 SECURE_STAGE_RETRY_S = 0.25
 """The longest a client of a secure round waits between stages before checking in again."""
 
 
+class Clock(Protocol):
+    """Time and timers: the event loop's, or a test's virtual one."""
+
+    def time(self) -> float: ...
+
+    def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> Any: ...
+
+
 @dataclass(frozen=True, slots=True)
 class DriverSettings:
-    """How the live driver paces rounds."""
+    """How the live driver paces clients."""
 
-    rounds: int
-    first_round: int = 1
-    evaluate_every: int = 0
     retry_after_s: float = 5.0
+    clock: Clock | None = None  # None: the running event loop
 
 
 class RoundDriver:
@@ -104,10 +117,10 @@ class RoundDriver:
         coordinator: Coordinator,
         settings: DriverSettings,
         *,
+        plays: Iterable[Play],
         candidates: Callable[[], Sequence[str]],
-        persist: Persist,
-        on_round: Callable[[RoundSummary], None] | None = None,
-        before_round: BeforeRound | None = None,
+        on_closed: OnClosed | None = None,
+        round_config: RoundConfig | None = None,
         decrypt: Decrypt | None = None,
     ) -> None:
         secure = coordinator.secure
@@ -120,17 +133,17 @@ class RoundDriver:
             raise ConfigError("a homomorphic (ckks) job needs its key holder to decrypt the sums")
         self.coordinator = coordinator
         self.settings = settings
+        self._plays = plays
         self._candidates = candidates
-        self._persist = persist
-        self._on_round = on_round
-        self._before_round = before_round
+        self._on_closed = on_closed
+        self._round_config = round_config
         self._decrypt = decrypt
         self._decryptions: set[asyncio.Task[None]] = set()  # at most one per round, in flight
-        self.stop_reason: str | None = None  # why training stopped before its last round
+        self.finished: RunFinished | None = None  # set once the last round is done
         self._offers: dict[str, Offer] = {}
         self._secure_stage: Stage | None = None  # the open stage of a secure round
         self._secure_cohort: set[str] = set()  # offered that stage: they wait for the next
-        self._timers: dict[Stage | None, tuple[float, asyncio.TimerHandle]] = {}  # by stage
+        self._timers: dict[Stage | None, tuple[float, Any]] = {}  # by stage
         self._closed: asyncio.Future[RoundSummary] | None = None
         self._commit: CommitVersion | None = None
         self._arrivals = asyncio.Event()
@@ -138,13 +151,15 @@ class RoundDriver:
 
     # --- what the transport calls ------------------------------------------------------
 
-    def check_in(self, client_id: str) -> Offer | RetryLater:
-        """A client asks for work: its task in the current round, or when to come back.
+    def check_in(self, client_id: str) -> CheckInAnswer:
+        """A client asks for work: its task in the current round, when to come back, or the end.
 
         A client of a secure round between two stages comes back within
         ``SECURE_STAGE_RETRY_S``, so that a stage does not cost a full retry interval.
         """
         self._arrivals.set()
+        if self.finished is not None:
+            return self.finished
         offer = self._offers.get(client_id)
         if offer is None and client_id in self._secure_cohort:
             seconds = min(self.settings.retry_after_s, SECURE_STAGE_RETRY_S)
@@ -215,45 +230,28 @@ class RoundDriver:
 
     # --- the round loop --------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Play every round; returns when the last one has closed and been persisted.
+    async def run(self, *, finished: str = "the run is complete") -> None:
+        """Play every scheduled round; returns when the last one has closed and been recorded.
 
-        Training stops early when ``before_round`` gives a reason (kept in
-        ``stop_reason``); the run then finishes as after its last round.
+        From then on every check-in is answered ``RunFinished(finished)``.
         """
-        for round_number in range(self.settings.first_round, self.settings.rounds + 1):
-            if self._stops_before(round_number):
-                break
-            await self._play(round_number, Phase.FIT)
-            every = self.settings.evaluate_every
-            if every and round_number % every == 0:
-                await self._play(round_number, Phase.EVALUATE)
+        for play in self._plays:
+            await self._play(play)
         self._apply(FinishRun())
+        self.finished = RunFinished(finished)
         for pending in self._decryptions:  # a key holder still answering a closed round
             pending.cancel()
 
-    def _stops_before(self, round_number: int) -> bool:
-        """True when ``before_round`` refuses this fit round: training stops here."""
-        if self._before_round is None:
-            return False
-        reason = self._before_round(round_number)
-        if reason is None:
-            return False
-        log.warning("training stops before round %d: %s", round_number, reason)
-        self.stop_reason = reason
-        return True
-
-    async def _play(self, round_number: int, phase: Phase) -> RoundSummary:
-        needed = self.coordinator.settings.quorum_count(phase)
+    async def _play(self, play: Play) -> RoundSummary:
+        needed = self.coordinator.settings.quorum_count(play.phase)
         candidates = await self._enough_candidates(needed)
         self._closed = asyncio.get_running_loop().create_future()
         self._commit = None
-        self._apply(StartRound(round_number, phase, self._now(), tuple(candidates)))
+        config = {} if self._round_config is None else self._round_config(play)
+        self._apply(StartRound(play.round, play.phase, self._now(), tuple(candidates), config))
         summary = await self._closed
-        if self._commit is not None:
-            await self._persist(self._commit)  # before anyone is offered the new model
-        if self._on_round is not None:
-            self._on_round(summary)
+        if self._on_closed is not None:  # persisted before anyone is offered the new model
+            await self._on_closed(summary, self._commit)
         return summary
 
     async def _enough_candidates(self, needed: int) -> Sequence[str]:
@@ -347,8 +345,7 @@ class RoundDriver:
         previous = self._timers.get(action.stage)
         if previous is not None:
             previous[1].cancel()
-        loop = asyncio.get_running_loop()
-        timer = loop.call_at(action.at, self._deadline, action.round, action.stage)
+        timer = self._clock().call_at(action.at, self._deadline, action.round, action.stage)
         self._timers[action.stage] = (action.at, timer)
 
     def model_sha256(self) -> str:
@@ -372,6 +369,9 @@ class RoundDriver:
             answer = AggregateDecrypted(action.round, self._now(), None, str(exc))
         self._apply(answer)
 
-    @staticmethod
-    def _now() -> float:
-        return asyncio.get_running_loop().time()
+    def _clock(self) -> Clock:
+        clock = self.settings.clock
+        return asyncio.get_running_loop() if clock is None else clock
+
+    def _now(self) -> float:
+        return self._clock().time()

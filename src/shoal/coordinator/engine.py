@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from shoal.aggregation.strategy import Strategy
 from shoal.client.api import EvaluateConfig, FitConfig
+from shoal.coordinator.app import ClientMetrics, MetricsAggregation, split_round_config
 from shoal.coordinator.events import (
     Action,
     AggregateDecrypted,
@@ -78,6 +79,7 @@ class Coordinator:
         optimizer_state: TransformState | None = None,
         secure: SecureSettings | None = None,
         privacy: DpCoordinator | None = None,
+        metrics_aggregation: Mapping[Phase, MetricsAggregation] | None = None,
     ) -> None:
         if secure is not None:
             check_secure_strategy(strategy)
@@ -94,6 +96,7 @@ class Coordinator:
             if optimizer_state is None
             else optimizer_state
         )
+        self.metrics_aggregation = dict(metrics_aggregation or {})
         self.state = RoundState.IDLE
         self.rejections: Counter[str] = Counter()
         self.last_round: int | None = None
@@ -157,6 +160,7 @@ class Coordinator:
             started_at=event.now,
             cohort=frozenset(cohort),
             target=settings.target(phase),
+            config=event.config,
         )
         if len(cohort) < settings.quorum_count(phase):
             self._move(Step.TOO_FEW_CANDIDATES)
@@ -194,22 +198,27 @@ class Coordinator:
 
     def _task(self, client_id: str, round_number: int, phase: Phase) -> Action:
         if phase is Phase.EVALUATE:
-            return SendEvaluateTask(
-                client_id, round_number, self.parameters, EvaluateConfig(round=round_number)
+            settings, extras = split_round_config(self._require_round().config)
+            config = EvaluateConfig(
+                round=round_number, batch_size=settings.get("batch_size", 0), extras=extras
             )
+            return SendEvaluateTask(client_id, round_number, self.parameters, config)
         return self._fit_task(client_id)
 
     def _fit_task(self, client_id: str) -> SendFitTask:
-        round_number = self._require_round().number
-        settings = self.settings
+        current, settings = self._require_round(), self.settings
+        round_number = current.number
+        chosen, extras = split_round_config(current.config)
+        if self.privacy is not None:  # the DP settings are the coordinator's, never the app's
+            extras = {**extras, **self.privacy.fit_extras()}
         config = FitConfig(
             round=round_number,
-            epochs=settings.epochs,
-            batch_size=settings.batch_size,
-            learning_rate=settings.learning_rate,
-            proximal_mu=self.strategy.proximal_mu,
+            epochs=chosen.get("epochs", settings.epochs),
+            batch_size=chosen.get("batch_size", settings.batch_size),
+            learning_rate=chosen.get("learning_rate", settings.learning_rate),
+            proximal_mu=chosen.get("proximal_mu", self.strategy.proximal_mu),
             seed=client_seed(seed=self.seed, round_number=round_number, client_id=client_id),
-            extras={} if self.privacy is None else self.privacy.fit_extras(),
+            extras=extras,
         )
         return SendFitTask(client_id, round_number, self.parameters, config)
 
@@ -314,6 +323,8 @@ class Coordinator:
     def _book(self, current: RoundBooks, client_id: str, num_examples: int, metrics: Any) -> None:
         current.reported.add(client_id)
         current.num_examples += num_examples
+        if current.phase in self.metrics_aggregation:
+            current.client_metrics.append((num_examples, dict(metrics)))
         for name, value in metrics.items():
             if isinstance(value, int | float) and math.isfinite(value):
                 total = current.metric_sums.get(name, 0.0)
@@ -464,6 +475,16 @@ class Coordinator:
         current.metric_sums["dp_clip_norm"] = self.privacy.clip.clip_norm * current.num_examples
         return self.privacy.private_mean(total, unclipped=unclipped)
 
+    @staticmethod
+    def _app_metrics(aggregate: MetricsAggregation, results: ClientMetrics) -> dict[str, float]:
+        """The app's aggregation of the clients' metrics; its failure costs the metrics only."""
+        try:
+            combined = aggregate(results)
+            return {str(name): float(value) for name, value in combined.items()}
+        except Exception as exc:  # a user's function: the round stands without its metrics
+            log.error("the app's metrics aggregation failed: %s", exc)
+            return {}
+
     def _summary(
         self, now: float, *, committed: bool, abort_reason: str | None = None
     ) -> RoundSummary:
@@ -472,6 +493,9 @@ class Coordinator:
         metrics = (
             {name: total / weight for name, total in current.metric_sums.items()} if weight else {}
         )
+        aggregate = self.metrics_aggregation.get(current.phase)
+        if aggregate is not None and current.client_metrics:
+            metrics = {**metrics, **self._app_metrics(aggregate, current.client_metrics)}
         return RoundSummary(
             round=current.number,
             phase=current.phase,

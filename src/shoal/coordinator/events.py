@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -41,12 +41,16 @@ def _check_time(now: float) -> None:
 
 @dataclass(frozen=True, slots=True)
 class StartRound:
-    """Begin round ``round`` of ``phase`` at ``now``, choosing among ``candidates``."""
+    """Begin round ``round`` of ``phase`` at ``now``, choosing among ``candidates``.
+
+    ``config`` is the server app's round config (see :mod:`shoal.coordinator.app`).
+    """
 
     round: int
     phase: Phase
     now: float
     candidates: tuple[str, ...]
+    config: Mapping[str, Any] = field(default_factory=dict)  # the app's round config
 
     def __post_init__(self) -> None:
         check_round(self.round)

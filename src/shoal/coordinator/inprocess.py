@@ -16,7 +16,7 @@ from shoal.core.device import DeviceState
 from shoal.core.errors import IntegrityError, NotFoundError, TransportError
 from shoal.core.parameters import Parameters
 from shoal.secure.serde import SecureReply
-from shoal.tasks import Offer, RejectSubmission, RetryLater, TaskOffer
+from shoal.tasks import CheckInAnswer, Offer, RejectSubmission, TaskOffer
 
 
 class InProcessLink:
@@ -51,7 +51,7 @@ class InProcessLink:
         self._network()
         self.enrolled[enrollment.client_id] = state
 
-    async def check_in(self, enrollment: Enrollment, state: DeviceState) -> Offer | RetryLater:
+    async def check_in(self, enrollment: Enrollment, state: DeviceState) -> CheckInAnswer:
         self._network()
         self.enrolled[enrollment.client_id] = state
         return self.driver.check_in(enrollment.client_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,8 @@ class RoundBooks:
     num_examples: int = 0
     loss_sum: float = 0.0
     metric_sums: dict[str, float] = field(default_factory=dict)
+    client_metrics: list[tuple[int, Mapping[str, float]]] = field(default_factory=list)
+    config: Mapping[str, Any] = field(default_factory=dict)  # the app's round config
     unclipped: int = 0  # user-level DP: updates that were within the clip norm
     secure: SecureRound | CkksRound | None = None
     secure_report: SecureRoundReport | None = None

@@ -15,22 +15,21 @@ keyholder serve``, never this process) for the sum, having fetched only the
 public context from it; with ``silo_keys`` it also checks every receipt on
 arrival.
 
-With ``[privacy]`` on, the run's :class:`RunPrivacy` lives beside the
-engine: before each fit round the driver asks it whether the budget allows
-the round (a refusal stops training and locks the run in the registry's
-ledger, so a restarted coordinator stops again at once); clients past their
-own budget are never candidates; and each fit round is accounted exactly
-once, a committed one before its model is kept, so that the version's
-metrics carry the epsilon it cost.
+The run's lifecycle (first commit or resume, the schedule, the privacy
+check before each fit round, barred clients, the row stored with each
+version, the summary) is the run layer's (:class:`Run`), as in a
+simulation: the state folder holds ``config.json``, ``metrics.jsonl`` and
+``summary.json`` with the same keys, and ``[tracking]`` logs to MLflow.
+The model is named by ``run.name``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import signal
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -41,26 +40,29 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from shoal.apps.loading import load_app
+from shoal.client.app import ClientContext
 from shoal.config import Config
+from shoal.coordinator.app import ResolvedApps, ServerContext, resolve_apps
 from shoal.coordinator.driver import Decrypt, DriverSettings, RoundDriver
-from shoal.coordinator.engine import Coordinator
-from shoal.coordinator.events import CommitVersion, RequestDecryption, RoundSummary
+from shoal.coordinator.events import (
+    CommitVersion,
+    RequestDecryption,
+    RoundSummary,
+)
 from shoal.coordinator.homomorphic import CKKS
+from shoal.coordinator.records import RunRecords
 from shoal.coordinator.rounds import RoundSettings
-from shoal.coordinator.secure import SecureSettings
+from shoal.coordinator.run import Run, RunParts
 from shoal.coordinator.selection import cohort_size
 from shoal.coordinator.service import CoordinatorService, ServiceSettings
 from shoal.coordinator.setup import (
     connect_key_holder,
     round_settings_from_config,
     secure_settings_from_config,
-    strategy_from_config,
+    strategy_for,
 )
 from shoal.core.errors import ConfigError
 from shoal.core.parameters import Parameters
-from shoal.core.transforms import state_from_bytes, state_to_bytes
-from shoal.privacy.coordinator import check_private_strategy
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import (
     BlobStore,
@@ -73,7 +75,7 @@ from shoal.registry import (
     registry_location,
 )
 from shoal.secure.keyholder import read_silo_keys
-from shoal.tasks import Phase
+from shoal.tasks import Phase, RunFinished
 from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
 from shoal.transport.certs import (
     CA_CERTIFICATE,
@@ -99,8 +101,15 @@ class CoordinatorParts:
     clients: ClientRegistry
     driver: RoundDriver
     service: CoordinatorService
+    run: Run
+    records: RunRecords
     privacy: RunPrivacy | None = None
     key_holder: KeyHolderClient | None = None  # a homomorphic job's connection to its key holder
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why training stopped before its last round (the privacy budget), if it did."""
+        return self.run.stop_reason
 
     def close(self) -> None:
         """Release the registry database and the key holder's channel."""
@@ -109,17 +118,25 @@ class CoordinatorParts:
             self.key_holder.close()
 
 
-def build(
-    config: Config, *, on_round: Callable[[RoundSummary], None] | None = None
-) -> CoordinatorParts:
-    """Open the registries, restore HEAD (or commit the initial model), wire the driver.
+RoundCallback = Callable[[dict[str, Any]], None]
 
-    Under DP, ``on_round`` gets each fit round's summary with the privacy
-    fields (epsilon, delta, noise_multiplier, clip_norm) in its metrics.
+
+def build(
+    config: Config,
+    *,
+    on_round: RoundCallback | None = None,
+    search_path: Sequence[str | Path] = (),
+    client_app: Any = None,
+    server_app: Any = None,
+) -> CoordinatorParts:
+    """Open the registries and the run (HEAD, or the initial model as version 0), wire the driver.
+
+    ``on_round`` gets each closed round's metrics row, as ``shoal simulate`` writes it.
     """
     section = config.coordinator
-    if config.privacy.enabled:
-        check_private_strategy(strategy_from_config(config))  # refused before opening
+    apps = resolve_apps(config, client=client_app, server=server_app, search_path=search_path)
+    strategy = strategy_for(config, apps.server)
+    RunParts(round_settings_from_config(config), strategy).check(private=config.privacy.enabled)
     key_holder = _key_holder(config)
     try:
         secure = secure_settings_from_config(
@@ -137,11 +154,22 @@ def build(
     models = ModelRegistry(database, BlobStore(blob_location(state_dir, section.blob_url)))
     clients = ClientRegistry(database)
     settings = round_settings_from_config(config)
+    records = RunRecords(state_dir, models, clients, model=config.run.name)
     try:
         privacy = _run_privacy(config, settings, clients)
-        if privacy is not None:
-            privacy.open(database)  # replays what the run spent before a restart
-        coordinator, first_round = _restore(config, models, settings, secure, privacy)
+        run = Run(
+            config,
+            app=apps.server,
+            store=records,
+            parts=RunParts(settings, strategy, secure),  # secure checked with its settings
+            architecture=apps.architecture,
+            privacy=privacy,
+            where=str(state_dir),
+        )
+        coordinator = run.open(lambda: _initial_parameters(config, apps))
+        if run.first_round > 1:
+            log.info("resuming run %s at round %d", config.run.name, run.first_round)
+        records.start_tracking(config)
     except BaseException:
         database.close()
         if key_holder is not None:
@@ -150,48 +178,37 @@ def build(
     selector = Selector(clients)
     # the versioning matrix of this model decides who may train it
     criteria = SelectionCriteria(
-        model=config.model.kind, require_charging=False, require_wifi=False, seen_within=SEEN_WITHIN
+        model=apps.architecture,
+        require_charging=False,
+        require_wifi=False,
+        seen_within=SEEN_WITHIN,
     )
     wanted = cohort_size(
         target=config.round.clients_per_round, over_selection=config.round.over_selection
     )
-    accounting = _PrivacyAccounting(privacy)
 
     def candidates() -> list[str]:
-        if privacy is None:
-            return selector.select(criteria, wanted)
-        barred = privacy.barred()  # past their own budget: never selected again
+        barred = run.barred()  # suspended, or past their own privacy budget
         drawn = selector.select(criteria, wanted + len(barred))
-        return [client for client in drawn if client not in barred][:wanted]
+        return list(run.eligible(drawn))[:wanted]
 
-    async def persist(commit: CommitVersion) -> None:
-        metrics = {**commit.summary.metrics, **accounting.committed(commit.summary)}
-        models.commit(
-            section.run_id,
-            commit.parameters,
-            round=commit.round,
-            architecture_version=config.model.kind,
-            metrics=_finite(metrics),
-            state=state_to_bytes(coordinator.optimizer_state),
-        )
+    started = time.perf_counter()
 
-    def round_closed(summary: RoundSummary) -> None:
-        summary = accounting.closed(summary)
+    async def on_closed(summary: RoundSummary, commit: CommitVersion | None) -> None:
+        elapsed = run.wall_offset + time.perf_counter() - started
+        fields = {"virtual_time_s": round(elapsed, 6), "wall_time_s": round(elapsed, 6)}
+        row = run.close_round(summary, commit, fields)
+        run.record(row)
         if on_round is not None:
-            on_round(summary)
+            on_round(row)
 
     driver = RoundDriver(
         coordinator,
-        DriverSettings(
-            rounds=config.run.rounds,
-            first_round=first_round,
-            evaluate_every=config.evaluation.every,
-            retry_after_s=section.retry_after_s,
-        ),
+        DriverSettings(retry_after_s=section.retry_after_s),
+        plays=run.plays(),
         candidates=candidates,
-        persist=persist,
-        on_round=round_closed,
-        before_round=None if privacy is None else privacy.before_round,
+        on_closed=on_closed,
+        round_config=run.round_config,
         decrypt=None if key_holder is None else _decryptor(key_holder, section.run_id),
     )
     service_settings = ServiceSettings(
@@ -201,7 +218,25 @@ def build(
         criteria=replace(criteria, seen_within=None),  # a check-in is itself a sighting
     )
     service = CoordinatorService(driver, clients, service_settings, selector=selector)
-    return CoordinatorParts(database, models, clients, driver, service, privacy, key_holder)
+    return CoordinatorParts(
+        database, models, clients, driver, service, run, records, privacy, key_holder
+    )
+
+
+def _initial_parameters(config: Config, apps: ResolvedApps) -> Parameters:
+    """The server app's initial model, else the one a client of the app starts from."""
+    make = apps.server.initial_parameters
+    if make is not None:
+        return make(ServerContext(config=config, options=config.app.options))
+    context = ClientContext(
+        client_id="coordinator",
+        partition_index=0,
+        num_partitions=config.data.num_clients,
+        options=config.app.options,
+        seed=config.run.seed,
+        config=config,
+    )
+    return apps.client(context).get_parameters()
 
 
 def _key_holder(config: Config) -> KeyHolderClient | None:
@@ -256,89 +291,6 @@ def _run_privacy(
     )
 
 
-class _PrivacyAccounting:
-    """Accounts each fit round once: a committed one when it is persisted, any other on closing.
-
-    The driver persists a committed round before it reports the round
-    closed; the fields accounted then are handed on to the closing, so
-    the ledger sees every fit round once and the version keeps its epsilon.
-    """
-
-    def __init__(self, privacy: RunPrivacy | None) -> None:
-        self.privacy = privacy
-        self._accounted: dict[int, dict[str, Any]] = {}  # committed, not yet reported closed
-
-    def committed(self, summary: RoundSummary) -> dict[str, Any]:
-        """The privacy fields of a committed fit round, accounted in the ledger."""
-        if self.privacy is None or summary.phase is not Phase.FIT:
-            return {}
-        fields = self.privacy.row_fields(summary)
-        self._accounted[summary.round] = fields
-        return fields
-
-    def closed(self, summary: RoundSummary) -> RoundSummary:
-        """The closed round's summary, with the privacy fields of a fit round in its metrics."""
-        if self.privacy is None or summary.phase is not Phase.FIT:
-            return summary
-        fields = self._accounted.pop(summary.round, None)
-        if fields is None:  # not committed: nothing spent, the fields say where the run stands
-            fields = self.privacy.row_fields(summary)
-        return replace(summary, metrics={**summary.metrics, **fields})
-
-
-def _restore(
-    config: Config,
-    models: ModelRegistry,
-    settings: RoundSettings,
-    secure: SecureSettings | None,
-    privacy: RunPrivacy | None,
-) -> tuple[Coordinator, int]:
-    """The engine at HEAD of the run (first start: the app's initial model as version 0)."""
-    strategy = strategy_from_config(config)
-    dp = None if privacy is None else privacy.coordinator
-    run_id = config.coordinator.run_id
-    head = models.head(run_id)
-    if head is None:
-        initial = load_app(config.coordinator.app)({}).get_parameters()
-        coordinator = Coordinator(
-            settings=settings,
-            strategy=strategy,
-            parameters=initial,
-            seed=config.run.seed,
-            secure=secure,
-            privacy=dp,
-        )
-        models.commit(
-            run_id,
-            initial,
-            round=0,
-            architecture_version=config.model.kind,
-            state=state_to_bytes(coordinator.optimizer_state),
-        )
-        return coordinator, 1
-    parameters: Parameters = models.load(run_id, head.version)
-    template = strategy.server_optimizer.init(parameters.vector)
-    saved = models.load_state(run_id, head.version)
-    state = template if saved is None else state_from_bytes(template, saved)
-    log.info("resuming run %s from version %d (round %d)", run_id, head.version, head.round)
-    if privacy is not None:
-        privacy.resume(head.metrics)
-    coordinator = Coordinator(
-        settings=settings,
-        strategy=strategy,
-        parameters=parameters,
-        seed=config.run.seed,
-        optimizer_state=state,
-        secure=secure,
-        privacy=dp,
-    )
-    return coordinator, head.round + 1
-
-
-def _finite(metrics: Any) -> dict[str, float]:
-    return {name: float(value) for name, value in metrics.items() if math.isfinite(value)}
-
-
 def server_credentials(config: Config, *, insecure: bool) -> grpc.ServerCredentials | None:
     """TLS credentials from the certificates folder; None only when ``insecure`` was asked for."""
     folder = config.coordinator.certificates
@@ -362,15 +314,16 @@ async def serve(
     config: Config,
     *,
     insecure: bool = False,
-    on_round: Callable[[RoundSummary], None] | None = None,
+    on_round: RoundCallback | None = None,
     on_ready: Callable[[int, int], None] | None = None,
+    search_path: Sequence[str | Path] = (),
 ) -> CoordinatorParts:
     """Serve until the job is done or SIGTERM/SIGINT; returns the parts for inspection.
 
     ``on_ready(port, first_round)`` is called once the server listens.
     """
     credentials = server_credentials(config, insecure=insecure)
-    parts = build(config, on_round=on_round)
+    parts = build(config, on_round=on_round, search_path=search_path)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", 8 * 2**20),
@@ -396,11 +349,20 @@ async def serve(
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     if on_ready is not None:
-        on_ready(port, parts.driver.settings.first_round)
+        on_ready(port, parts.run.first_round)
     job = asyncio.create_task(parts.driver.run())
     stop = asyncio.create_task(stopping.wait())
+    finished = False
     try:
         await asyncio.wait({job, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if job.done() and not job.cancelled() and job.exception() is None:
+            parts.run.finish()
+            finished = True
+            reason = parts.stop_reason
+            ending = "the run is complete" if reason is None else f"training stopped: {reason}"
+            parts.driver.finished = RunFinished(ending)
+            # clients checking in now learn that the run is over, and leave
+            await asyncio.wait({stop}, timeout=config.coordinator.linger_s)
     finally:
         await health_servicer.enter_graceful_shutdown()
         await server.stop(config.coordinator.grace_s)
@@ -410,6 +372,7 @@ async def serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         parts.service.heartbeats.flush()
+        parts.records.end_tracking(finished=finished)
         parts.close()
     if job.done() and not job.cancelled() and job.exception() is not None:
         raise job.exception()  # type: ignore[misc]

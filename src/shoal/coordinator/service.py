@@ -41,7 +41,7 @@ from shoal.registry import (
     SelectionCriteria,
     Selector,
 )
-from shoal.tasks import Offer, RetryLater, SecureOffer
+from shoal.tasks import CheckInAnswer, RetryLater, RunFinished, SecureOffer
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
@@ -248,7 +248,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         )
         self.heartbeats.add(heartbeat)
 
-    def _task_or_retry(self, answer: Offer | RetryLater) -> CheckInOutcome:
+    def _task_or_retry(self, answer: CheckInAnswer) -> CheckInOutcome:
+        if isinstance(answer, RunFinished):
+            return answer
         if isinstance(answer, RetryLater):
             return RetryAfter(answer.seconds, answer.reason)
         if isinstance(answer, SecureOffer):

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from shoal.aggregation.strategy import Strategy, make_strategy
 from shoal.config import Config, SecureAggregationSection
+from shoal.coordinator.app import ServerApp
 from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
 from shoal.coordinator.selection import cohort_size
@@ -22,6 +23,20 @@ def strategy_from_config(config: Config) -> Strategy:
         return make_strategy(config.strategy.name, **config.strategy.model_dump(exclude={"name"}))
     except StrategyError as exc:
         raise ConfigError(f"strategy: {exc}") from None
+
+
+def strategy_for(config: Config, app: ServerApp) -> Strategy:
+    """The server app's strategy (a preset name or composed parts), else ``[strategy]``."""
+    chosen = app.strategy
+    if chosen is None:
+        return strategy_from_config(config)
+    if isinstance(chosen, Strategy):
+        return chosen
+    overrides = config.strategy.model_dump(exclude={"name"})
+    try:
+        return make_strategy(chosen, **overrides)
+    except StrategyError as exc:
+        raise ConfigError(f"the server app's strategy: {exc}") from None
 
 
 def round_settings_from_config(config: Config, *, population: int | None = None) -> RoundSettings:

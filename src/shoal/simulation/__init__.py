@@ -9,23 +9,24 @@ from shoal.simulation.partition import (
     partition_power_law,
     partition_shards,
 )
+from shoal.simulation.population import AppClients, Population, client_index, client_name
 from shoal.simulation.runner import Simulation, final_parameters, load_run_config
-from shoal.simulation.scenario import DataScenario, Scenario, build_scenario
 
 __all__ = [
+    "AppClients",
     "Attempt",
-    "DataScenario",
     "Dataset",
     "DeviceData",
     "DeviceFleet",
     "Job",
     "Outcome",
+    "Population",
     "ProcessExecutor",
-    "Scenario",
     "SerialExecutor",
     "Simulation",
     "SyntheticFederation",
-    "build_scenario",
+    "client_index",
+    "client_name",
     "final_parameters",
     "load_digits_split",
     "load_run_config",

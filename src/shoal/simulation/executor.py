@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import threadpoolctl
@@ -24,6 +27,7 @@ from shoal.coordinator.selection import client_key
 from shoal.core.parameters import Layout, Parameters, Vector
 from shoal.privacy.client import client_noise, privatize_update
 from shoal.privacy.coordinator import CLIP_NORM
+from shoal.simulation.population import packed, unpacked
 
 log = logging.getLogger("shoal.simulation")
 
@@ -123,9 +127,9 @@ def limit_blas_threads() -> None:
     threadpoolctl.threadpool_limits(limits=1)
 
 
-def _start_worker(factory: ClientFactory) -> None:
+def _start_worker(packed_factory: bytes, search_path: Sequence[str]) -> None:
     global _worker_factory
-    _worker_factory = factory
+    _worker_factory = unpacked(packed_factory, search_path)
     limit_blas_threads()
 
 
@@ -145,21 +149,26 @@ class ProcessExecutor:
 
     Workers come from a forkserver that has Shoal and NumPy imported, so they
     start fast and are safe beside threads (the progress bar has one). The
-    client factory is sent once per worker, the parameters once per chunk.
+    client factory is sent once per worker, by value (an app defined in a
+    notebook or a script works), the parameters once per chunk.
     """
 
-    def __init__(self, factory: ClientFactory, *, workers: int) -> None:
+    def __init__(
+        self, factory: ClientFactory, *, workers: int, search_path: Sequence[str | Path] = ()
+    ) -> None:
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(
-            ["numpy", "shoal.simulation.executor", "shoal.simulation.scenario"]
-        )
+        context.set_forkserver_preload(["numpy", "shoal.simulation.executor", "shoal.apps.builtin"])
         self.workers = workers
         self._pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=context, initializer=_start_worker, initargs=(factory,)
+            max_workers=workers,
+            mp_context=context,
+            initializer=_start_worker,
+            initargs=packed(factory, search_path),
         )
-        warm = [self._pool.submit(_warm_up) for _ in range(workers)]
-        for future in warm:
-            future.result()
+        with _main_without_phantom_file():
+            warm = [self._pool.submit(_warm_up) for _ in range(workers)]
+            for future in warm:
+                future.result()
 
     def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
         if not jobs:
@@ -175,8 +184,29 @@ class ProcessExecutor:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+@contextmanager
+def _main_without_phantom_file() -> Iterator[None]:
+    """Start workers from ``python -`` too: its ``__main__`` names a file (``<stdin>``) that
+    is not there, which a worker would try to run; the app comes by value instead."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or Path(path).is_file():
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
 def make_executor(
-    factory: ClientFactory, *, workers: int, backend: str = "local", ray_address: str | None = None
+    factory: ClientFactory,
+    *,
+    workers: int,
+    backend: str = "local",
+    ray_address: str | None = None,
+    search_path: Sequence[str | Path] = (),
 ) -> Executor:
     """Ray actors with ``backend="ray"``; else a process pool for ``workers`` >= 2,
     and in-process execution below that."""
@@ -185,5 +215,5 @@ def make_executor(
 
         return RayExecutor(factory, workers=max(1, workers), address=ray_address)
     if workers >= 2:
-        return ProcessExecutor(factory, workers=workers)
+        return ProcessExecutor(factory, workers=workers, search_path=search_path)
     return SerialExecutor(factory)

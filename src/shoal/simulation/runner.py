@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoal.config import Config, config_to_dict, parse_config
+from shoal.config import Config, parse_config
+from shoal.coordinator.app import ServerContext, resolve_apps
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import (
     Action,
@@ -36,20 +37,20 @@ from shoal.coordinator.events import (
     StartRound,
     UpdateReceived,
 )
+from shoal.coordinator.records import CONFIG_FILE, RunRecords
+from shoal.coordinator.run import EVALUATION_UPLOAD_BYTES, Play, Run, RunParts
 from shoal.coordinator.setup import (
     round_settings_from_config,
     secure_settings_from_config,
-    strategy_from_config,
+    strategy_for,
 )
 from shoal.core.device import DeviceState
 from shoal.core.errors import RunError
 from shoal.core.parameters import Parameters
-from shoal.core.transforms import state_from_bytes, state_to_bytes
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import (
     BlobStore,
     ClientRegistry,
-    ModelRecord,
     ModelRegistry,
     blob_location,
     registry_location,
@@ -57,20 +58,14 @@ from shoal.registry import (
 from shoal.simulation.consortium import Consortium
 from shoal.simulation.devices import Attempt, DeviceFleet
 from shoal.simulation.executor import Executor, Job, Outcome, make_executor
+from shoal.simulation.population import Population
 from shoal.simulation.record_privacy import RecordLevelLedger
-from shoal.simulation.scenario import Scenario, build_scenario
 from shoal.simulation.secure_rounds import SecureRoundPlayer, secure_row_fields
 from shoal.tasks import Phase
-from shoal.telemetry.metrics import MetricsLog, clean_row
-from shoal.telemetry.tracking import MlflowTracker
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
 MODEL_NAME = "global"
-_CONFIG_FILE = "config.json"
-_SUMMARY_FILE = "summary.json"
-_METRICS_FILE = "metrics.jsonl"
-_EVALUATION_UPLOAD_BYTES = 256
 
 
 @dataclass(slots=True)
@@ -86,223 +81,160 @@ class _Delivery:
 
 
 class Simulation:
-    """One simulated run in ``out``; ``resume=True`` continues the run found there."""
+    """One simulated run in ``out``; ``resume=True`` continues the run found there.
 
-    def __init__(self, config: Config, out: str | Path, *, resume: bool = False) -> None:
+    ``client_app`` and ``server_app`` are app objects that replace the ones
+    the config's ``[app]`` section names; ``search_path`` holds the folders
+    the named apps are imported from first (the config file's folder and
+    the current directory, for the CLI).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        out: str | Path,
+        *,
+        resume: bool = False,
+        client_app: Any = None,
+        server_app: Any = None,
+        search_path: Sequence[str | Path] = (),
+    ) -> None:
         self.config = config
         self.out = Path(out)
         self.resume = resume
-        self.scenario: Scenario = build_scenario(config)
-        self.fleet = DeviceFleet(self.scenario.client_ids, config.devices, seed=config.run.seed)
-        self.strategy = strategy_from_config(config)
-        self.settings = round_settings_from_config(config, population=len(self.scenario.client_ids))
-        initial = self.scenario.initial_parameters()
+        self.search_path = list(search_path)
+        self.apps = resolve_apps(
+            config, client=client_app, server=server_app, search_path=self.search_path
+        )
+        self.population = Population(self.apps.client, config, config.app.options)
+        self.fleet = DeviceFleet(self.population.client_ids, config.devices, seed=config.run.seed)
+        self.strategy = strategy_for(config, self.apps.server)
+        self.settings = round_settings_from_config(
+            config, population=len(self.population.client_ids)
+        )
         self.consortium: Consortium | None = None
         if config.secure_aggregation.protocol == "ckks":
             self.out.mkdir(parents=True, exist_ok=True)
             self.consortium = Consortium(
-                self.out, config.secure_aggregation, self.scenario.client_ids
+                self.out, config.secure_aggregation, self.population.client_ids
             )
         self.privacy: RunPrivacy | None = None
         if config.privacy.enabled:
             self.privacy = RunPrivacy(
                 config,
-                population=len(self.scenario.client_ids),
+                population=len(self.population.client_ids),
                 clients_per_round=self.settings.clients_per_round,
                 min_clients=self.settings.quorum_count(Phase.FIT),
                 run_id=config.run.name,
             )
-        self.coordinator = Coordinator(
-            settings=self.settings,
-            strategy=self.strategy,
-            parameters=initial,
-            seed=config.run.seed,
-            privacy=None if self.privacy is None else self.privacy.coordinator,
-            secure=secure_settings_from_config(
-                config,
-                run_id=config.run.name,
-                public_context=None if self.consortium is None else self.consortium.public_context,
-                silo_keys=None if self.consortium is None else self.consortium.public_keys,
-            ),
+        self.secure = secure_settings_from_config(
+            config,
+            run_id=config.run.name,
+            public_context=None if self.consortium is None else self.consortium.public_context,
+            silo_keys=None if self.consortium is None else self.consortium.public_keys,
         )
-        self.model_bytes = len(initial.to_bytes())
-        self.metrics = MetricsLog(self.out / _METRICS_FILE)
-        self._models: ModelRegistry | None = None
-        self._clients: ClientRegistry | None = None
-        self._tracker: MlflowTracker | None = None
+        self.parts = RunParts(self.settings, self.strategy, self.secure)
+        self.parts.check(private=self.privacy is not None)
+        self._coordinator: Coordinator | None = None
+        self.model_bytes = 0
         self._records = RecordLevelLedger()  # record-level DP-SGD, when clients run it
 
     @property
-    def models(self) -> ModelRegistry:
-        """The run's model registry (SQLite and blobs in the run folder), opened on first use."""
-        if self._models is None:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self._models = open_run_models(self.out)
-        return self._models
-
-    def _head(self) -> ModelRecord | None:
-        return self.models.head(MODEL_NAME)
-
-    @property
-    def clients(self) -> ClientRegistry:
-        """The run's client registry: the simulated population, in the models' database."""
-        if self._clients is None or self._clients.database is not self.models.database:
-            self._clients = ClientRegistry(self.models.database)
-        return self._clients
-
-    def _enroll_fleet(self) -> None:
-        """Enroll the simulated population; clients enrolled before keep their status."""
-        devices = {
-            client: DeviceState(device_class=self.fleet.device_class(client).name)
-            for client in self.scenario.client_ids
-        }
-        self.clients.enroll_population(devices)
+    def coordinator(self) -> Coordinator:
+        """The round engine of the run (once it is open)."""
+        if self._coordinator is None:
+            raise RunError("the simulation has not started")
+        return self._coordinator
 
     # --- public ---------------------------------------------------------------------------
 
     def run(self, *, on_round: RoundCallback | None = None) -> dict[str, Any]:
         """Play every remaining round; returns the summary also written to summary.json."""
         started = time.perf_counter()
-        if self.config.tracking.mlflow:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self._tracker = MlflowTracker(
-                run_name=self.config.run.name,
-                folder=self.out,
-                tracking_uri=self.config.tracking.tracking_uri,
-                experiment_name=self.config.tracking.experiment,
-            )
-            self._tracker.log_params(config_to_dict(self.config))
+        self.out.mkdir(parents=True, exist_ok=True)
+        models = open_run_models(self.out)
+        records = RunRecords(self.out, models, ClientRegistry(models.database), model=MODEL_NAME)
+        lifecycle = Run(
+            self.config,
+            app=self.apps.server,
+            store=records,
+            parts=self.parts,
+            architecture=self.apps.architecture,
+            privacy=self.privacy,
+            resume=self.resume,
+            where=str(self.out),
+        )
         finished = False
         try:
-            summary = self._run(started, on_round)
+            self._coordinator = lifecycle.open(self._initial_parameters)
+            self.model_bytes = lifecycle.model_bytes
+            self._enroll_fleet(records.clients)
+            records.start_tracking(self.config)
+            now = lifecycle.virtual_start
+            with self._executor() as executor:
+                for play in lifecycle.plays():
+                    row = self._play(lifecycle, executor, play, now)
+                    row["wall_time_s"] = round(
+                        lifecycle.wall_offset + time.perf_counter() - started, 6
+                    )
+                    lifecycle.record(row)
+                    if on_round is not None:
+                        on_round(row)
+                    now = row["virtual_time_s"]
+            summary = lifecycle.finish(
+                {**self._records.summary_fields(), "clients": len(self.population.client_ids)}
+            )
             finished = True
             return summary
         finally:
-            if self._tracker is not None:
-                self._tracker.end(status="FINISHED" if finished else "FAILED")
-            if self._models is not None:
-                self._models.database.close()
-                self._models = None
+            records.end_tracking(finished=finished)
+            models.database.close()
 
-    def _run(self, started: float, on_round: RoundCallback | None) -> dict[str, Any]:
-        first_round, now, wall_offset = self._prepare()
-        with self._executor() as executor:
-            plays: list[tuple[int, Phase]] = []
-            if first_round > 1 and self._evaluation_due(first_round - 1):
-                plays.append(
-                    (first_round - 1, Phase.EVALUATE)
-                )  # the crash came before it was recorded
-            for round_number in range(first_round, self.config.run.rounds + 1):
-                plays.append((round_number, Phase.FIT))
-                if self._evaluation_due(round_number):
-                    plays.append((round_number, Phase.EVALUATE))
-            if self.privacy is not None:
-                self.privacy.open(self.models.database)
-            for round_number, phase in plays:
-                if self._privacy_stops(round_number, phase):
-                    break
-                row = self._play(executor, round_number, phase, now)
-                now = self._emit(row, started, wall_offset, on_round)["virtual_time_s"]
-        summary = self._summary()
-        (self.out / _SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        return summary
+    def _initial_parameters(self) -> Parameters:
+        """The server app's initial model, else client 0's own (built in this process)."""
+        make = self.apps.server.initial_parameters
+        if make is not None:
+            return make(ServerContext(config=self.config, options=self.config.app.options))
+        return self.population.first_client().get_parameters()
 
-    def _privacy_stops(self, round_number: int, phase: Phase) -> bool:
-        """Before a fit round that would pass the privacy budget, training stops."""
-        if self.privacy is None or phase is not Phase.FIT:
-            return False
-        return self.privacy.before_round(round_number) is not None
-
-    # --- setup and resume ---------------------------------------------------------------
-
-    def _prepare(self) -> tuple[int, float, float]:
-        """The first round to play, the virtual time and wall time already spent."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        head = self._head()
-        if not self.resume:
-            if head is not None or self.metrics.path.exists():
-                raise RunError(f"{self.out} already holds a run; use --resume or another --out")
-            (self.out / _CONFIG_FILE).write_text(
-                json.dumps(config_to_dict(self.config), indent=2) + "\n"
-            )
-            self._enroll_fleet()
-            self._commit_initial()
-            return 1, 0.0, 0.0
-        if head is None:
-            raise RunError(f"{self.out} holds no committed version to resume from")
-        self._restore(head)
-        self._enroll_fleet()
-        rows = self.metrics.truncate(
-            lambda row: (
-                row["round"] < head.round or (row["round"] == head.round and row["phase"] == "fit")
-            )
-        )
-        wall = max((row.get("wall_time_s", 0.0) for row in rows), default=0.0)
-        if head.round > 0 and not any(row["round"] == head.round for row in rows):
-            # the crash came between committing the version and logging its row
-            recovered = {**head.metrics, "model_version": head.version, "sha256": head.sha256}
-            self.metrics.append({**recovered, "wall_time_s": wall})
-        return head.round + 1, float(head.metrics.get("virtual_time_s", 0.0)), wall
-
-    def _commit(
-        self, parameters: Parameters, *, round_number: int, metrics: dict[str, Any]
-    ) -> ModelRecord:
-        return self.models.commit(
-            MODEL_NAME,
-            parameters,
-            round=round_number,
-            architecture_version=self.config.model.kind,
-            metrics=clean_row(metrics),
-            state=state_to_bytes(self.coordinator.optimizer_state),
-        )
-
-    def _commit_initial(self) -> None:
-        self._commit(self.coordinator.parameters, round_number=0, metrics={"virtual_time_s": 0.0})
-
-    def _restore(self, head: ModelRecord) -> None:
-        parameters = self.models.load(MODEL_NAME, head.version)
-        template = self.strategy.server_optimizer.init(parameters.vector)
-        saved = self.models.load_state(MODEL_NAME, head.version)
-        state = template if saved is None else state_from_bytes(template, saved)
-        self.coordinator.restore(parameters, state)
-        if self.privacy is not None:
-            self.privacy.resume(head.metrics)
+    def _enroll_fleet(self, clients: ClientRegistry) -> None:
+        """Enroll the simulated population; clients enrolled before keep their status."""
+        devices = {
+            client: DeviceState(device_class=self.fleet.device_class(client).name)
+            for client in self.population.client_ids
+        }
+        clients.enroll_population(devices)
 
     @contextmanager
     def _executor(self) -> Iterator[Executor]:
         settings = self.config.simulation
         executor = make_executor(
-            self.scenario.client_factory(),
+            self.population.clients,
             workers=settings.workers,
             backend=settings.backend,
             ray_address=settings.ray_address,
+            search_path=self.search_path,
         )
         try:
             yield executor
         finally:
             executor.close()
 
-    def _evaluation_due(self, round_number: int) -> bool:
-        every = self.config.evaluation.every
-        return every > 0 and round_number % every == 0
-
     # --- one round ------------------------------------------------------------------------
 
-    def _play(
-        self, executor: Executor, round_number: int, phase: Phase, now: float
-    ) -> dict[str, Any]:
+    def _play(self, lifecycle: Run, executor: Executor, play: Play, now: float) -> dict[str, Any]:
         """Run one round in virtual time; returns its metrics row (without wall time)."""
-        barred = self.clients.barred()  # an operator's `shoal clients suspend` bans a device
-        if self.privacy is not None:
-            barred |= self.privacy.barred()  # clients past their own privacy budget
-        candidates = tuple(c for c in self.fleet.available(round_number) if c not in barred)
-        actions = self.coordinator.handle(StartRound(round_number, phase, now, candidates))
+        round_number, phase = play.round, play.phase
+        candidates = lifecycle.eligible(self.fleet.available(round_number))
+        actions = self.coordinator.handle(
+            StartRound(round_number, phase, now, candidates, lifecycle.round_config(play))
+        )
         tasks = {a.client_id: a for a in actions if isinstance(a, SendFitTask | SendEvaluateTask)}
         closed = _closed(actions)
         if closed is not None:
-            return self._row(closed, attempts={}, uploads=0, commit=None)
+            return lifecycle.close_round(closed, None, self._shell_fields(closed, {}, 0))
         if phase is Phase.FIT and self.coordinator.secure is not None:
-            return self._play_secure(executor, round_number, actions, now)
+            return self._play_secure(lifecycle, executor, round_number, actions, now)
         deadline = next(a.at for a in actions if isinstance(a, ScheduleDeadline))
         attempts = {
             client: self.plan_attempt(task, now, deadline) for client, task in tasks.items()
@@ -336,22 +268,26 @@ class Simulation:
                     for client, outcome in outcomes.items()
                     if client in counted and phase is Phase.FIT
                 )
-                return self._row(closed, attempts=attempts, uploads=uploads, commit=commit)
+                fields = self._shell_fields(closed, attempts, uploads)
+                return lifecycle.close_round(closed, commit, fields)
         raise RunError(f"round {round_number} never closed")  # the deadline always closes it
 
     def _play_secure(
-        self, executor: Executor, round_number: int, actions: list[Action], now: float
+        self,
+        lifecycle: Run,
+        executor: Executor,
+        round_number: int,
+        actions: list[Action],
+        now: float,
     ) -> dict[str, Any]:
         player = SecureRoundPlayer(self, executor, round_number)
         summary, commit = player.play(actions, now)
         traffic = player.traffic
-        return self._row(
-            summary,
-            attempts=traffic.attempts,
-            uploads=traffic.masked_inputs,
-            commit=commit,
-            extra=secure_row_fields(summary, traffic),
-        )
+        fields = {
+            **self._shell_fields(summary, traffic.attempts, traffic.masked_inputs),
+            **secure_row_fields(summary, traffic),
+        }
+        return lifecycle.close_round(summary, commit, fields)
 
     def plan_attempt(
         self, task: SendFitTask | SendEvaluateTask, now: float, deadline: float
@@ -363,7 +299,7 @@ class Simulation:
                 round_number=task.round,
                 start=now,
                 deadline_at=deadline,
-                num_examples=self.scenario.num_train_examples(task.client_id),
+                num_examples=self.population.num_train_examples(task.client_id),
                 epochs=task.config.epochs,
                 model_bytes=self.model_bytes,
             )
@@ -371,7 +307,7 @@ class Simulation:
             task.client_id,
             round_number=task.round,
             start=now,
-            num_examples=self.scenario.num_eval_examples(task.client_id),
+            num_examples=self.population.num_eval_examples(task.client_id),
             model_bytes=self.model_bytes,
         )
 
@@ -420,25 +356,15 @@ class Simulation:
             outcome.client_id, round_number, at, outcome.loss, outcome.num_examples, outcome.metrics
         )
 
-    # --- outputs ---------------------------------------------------------------------------
+    # --- what only the simulator knows of a round -------------------------------------------
 
-    def _row(
-        self,
-        summary: RoundSummary,
-        *,
-        attempts: dict[str, Attempt],
-        uploads: int,
-        commit: CommitVersion | None,
-        extra: dict[str, Any] | None = None,
+    def _shell_fields(
+        self, summary: RoundSummary, attempts: dict[str, Attempt], uploads: int
     ) -> dict[str, Any]:
+        """The row's fields that the device fleet decides: drops, stragglers, traffic."""
         fit = summary.phase is Phase.FIT
-        dropped = sum(1 for attempt in attempts.values() if attempt.dropped) + summary.failed
-        row: dict[str, Any] = {
-            "round": summary.round,
-            "phase": summary.phase.value,
-            "selected": summary.selected,
-            "reported": summary.reported,
-            "dropped": dropped,
+        return {
+            "dropped": sum(1 for attempt in attempts.values() if attempt.dropped) + summary.failed,
             "stragglers": sum(
                 1
                 for a in attempts.values()
@@ -449,85 +375,8 @@ class Simulation:
                 for a in attempts.values()
                 if a.straggler and a.arrives_at is not None and a.arrives_at <= summary.closed_at
             ),
-            "rejected": dict(summary.rejected),
-            "committed": summary.committed,
-            "abort_reason": summary.abort_reason,
-            "num_examples": summary.num_examples,
-            "loss": summary.loss,
-            "accuracy": summary.metrics.get("accuracy"),
-            "virtual_time_s": summary.closed_at,
-            "model_version": None,
             "bytes_down": self.model_bytes * summary.selected,
-            "bytes_up": uploads * (self.model_bytes if fit else _EVALUATION_UPLOAD_BYTES),
-            **(extra or {}),
-        }
-        if fit and self.privacy is not None:
-            row.update(self.privacy.row_fields(summary))
-        if commit is None:
-            head = self._head()
-            row["model_version"] = None if head is None else head.version
-            return row
-        if self.config.evaluation.centralized:
-            loss, accuracy = self.scenario.evaluate_centrally(commit.parameters)
-            row.update(test_loss=loss, test_accuracy=accuracy, accuracy=accuracy)
-        # the whole row goes with the version: a crash before metrics.jsonl is written loses nothing
-        record = self._commit(commit.parameters, round_number=commit.round, metrics=row)
-        row.update(model_version=record.version, sha256=record.sha256)
-        return row
-
-    def _emit(
-        self,
-        row: dict[str, Any],
-        started: float,
-        wall_offset: float,
-        on_round: RoundCallback | None,
-    ) -> dict[str, Any]:
-        row["wall_time_s"] = round(wall_offset + time.perf_counter() - started, 6)
-        self.metrics.append(row)
-        if self._tracker is not None and row["phase"] == "fit":
-            self._tracker.log_round(
-                row["round"],
-                loss=row.get("loss"),
-                accuracy=row.get("accuracy"),
-                epsilon=row.get("epsilon"),
-                delta=row.get("delta"),
-            )
-        if on_round is not None:
-            on_round(row)
-        return row
-
-    def _summary(self) -> dict[str, Any]:
-        rows = self.metrics.rows()
-        fits = [row for row in rows if row["phase"] == "fit"]
-        committed = [row for row in fits if row["committed"]]
-        last = committed[-1] if committed else {}
-        evaluations = [row for row in rows if row["phase"] == "evaluate" and row["committed"]]
-        final_accuracy = last.get("test_accuracy")
-        if final_accuracy is None and evaluations:
-            final_accuracy = evaluations[-1]["accuracy"]
-        head = self._head()
-        return {
-            "rounds_completed": len(committed),
-            "rounds_aborted": len(fits) - len(committed),
-            "final_accuracy": final_accuracy,
-            "final_loss": last.get("loss"),
-            "final_test_loss": last.get("test_loss"),
-            "final_federated_accuracy": evaluations[-1]["accuracy"] if evaluations else None,
-            "wall_time_s": max((row["wall_time_s"] for row in rows), default=0.0),
-            "virtual_time_s": rows[-1]["virtual_time_s"] if rows else 0.0,
-            "num_parameters": len(self.coordinator.parameters),
-            "bytes_up": sum(row["bytes_up"] for row in rows),
-            "bytes_down": sum(row["bytes_down"] for row in rows),
-            "model_version": None if head is None else head.version,
-            "model_sha256": None if head is None else head.sha256,
-            "strategy": self.config.strategy.name,
-            "secure_aggregation": self.config.secure_aggregation.protocol,
-            "rounds_aborted_below_threshold": sum(1 for row in fits if row.get("secure_aborted")),
-            "clients_recovered": sum(row.get("recovered", 0) for row in fits),
-            **({} if self.privacy is None else self.privacy.summary_fields()),
-            **self._records.summary_fields(),
-            "seed": self.config.run.seed,
-            "clients": len(self.scenario.client_ids),
+            "bytes_up": uploads * (self.model_bytes if fit else EVALUATION_UPLOAD_BYTES),
         }
 
 
@@ -537,9 +386,9 @@ def _closed(actions: Sequence[Action]) -> RoundSummary | None:
 
 def load_run_config(run_dir: str | Path) -> Config:
     """The config a run folder was started with."""
-    path = Path(run_dir) / _CONFIG_FILE
+    path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
-        raise RunError(f"{run_dir} is not a Shoal run folder (no {_CONFIG_FILE})")
+        raise RunError(f"{run_dir} is not a Shoal run folder (no {CONFIG_FILE})")
     try:
         data = json.loads(path.read_text())
     except ValueError as exc:
@@ -557,8 +406,8 @@ def open_run_models(run_dir: str | Path) -> ModelRegistry:
 
 def final_parameters(run_dir: str | Path) -> Parameters:
     """The model at HEAD of a run folder."""
-    if not (Path(run_dir) / _CONFIG_FILE).exists():
-        raise RunError(f"{run_dir} is not a Shoal run folder (no {_CONFIG_FILE})")
+    if not (Path(run_dir) / CONFIG_FILE).exists():
+        raise RunError(f"{run_dir} is not a Shoal run folder (no {CONFIG_FILE})")
     models = open_run_models(run_dir)
     try:
         head = models.head(MODEL_NAME)

@@ -259,12 +259,4 @@ def _failure_event(client_id: str, round_number: int, reason: str) -> Callable[[
 
 def secure_row_fields(summary: RoundSummary, traffic: SecureTraffic) -> dict[str, Any]:
     """The secure round's own columns of the metrics row."""
-    report = summary.secure
-    return {
-        "bytes_up": traffic.bytes_up,
-        "bytes_down": traffic.bytes_down,
-        "secure_aggregation": None if report is None else report.protocol,
-        "secure_dropped": {} if report is None else dict(report.dropped),
-        "recovered": 0 if report is None else report.recovered,
-        "secure_aborted": False if report is None else report.aborted,
-    }
+    return {"bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down}

@@ -84,7 +84,9 @@ class MlflowTracker:
     """One MLflow run: parameters logged once, metrics per round, ended exactly once.
 
     ``tracking_uri`` None means the SQLite store in ``folder`` (created if
-    missing). ``experiment_name`` defaults to ``run_name``.
+    missing). ``experiment_name`` defaults to ``run_name``. ``resume_run_id``
+    reopens that MLflow run (a resumed Shoal run stays one MLflow run); the
+    parameters it already holds are known, so logging them again is a no-op.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class MlflowTracker:
         tracking_uri: str | None = None,
         experiment_name: str | None = None,
         tags: Mapping[str, str] | None = None,
+        resume_run_id: str | None = None,
     ) -> None:
         if not run_name:
             raise ConfigError("MLflow tracking needs a run name")
@@ -117,15 +120,20 @@ class MlflowTracker:
         self.experiment_name = experiment_name or run_name
         self._client = self._call("open the tracking store", mlflow.MlflowClient, uri)
         self.experiment_id = self._experiment_id(artifact_location)
-        run = self._call(
-            "start a run",
-            self._client.create_run,
-            self.experiment_id,
-            run_name=run_name,
-            tags=dict(tags or {}),
-        )
-        self.run_id: str = run.info.run_id
         self._params: dict[str, str] = {}
+        if resume_run_id is not None:
+            run = self._call("reopen the run", self._client.get_run, resume_run_id)
+            self._params = dict(run.data.params)
+            self._call("reopen the run", self._client.update_run, resume_run_id, "RUNNING")
+        else:
+            run = self._call(
+                "start a run",
+                self._client.create_run,
+                self.experiment_id,
+                run_name=run_name,
+                tags=dict(tags or {}),
+            )
+        self.run_id: str = run.info.run_id
         self._status: RunStatus | None = None
 
     @property

@@ -23,7 +23,16 @@ from shoal.core.device import DeviceState
 from shoal.core.errors import NotFoundError, SecurityError, TransportError
 from shoal.core.parameters import Parameters
 from shoal.secure.serde import SecureReply, encode_message
-from shoal.tasks import Offer, RejectReason, RejectSubmission, RetryLater, SecureOffer, TaskOffer
+from shoal.tasks import (
+    CheckInAnswer,
+    Offer,
+    RejectReason,
+    RejectSubmission,
+    RetryLater,
+    RunFinished,
+    SecureOffer,
+    TaskOffer,
+)
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
@@ -113,7 +122,7 @@ class GrpcLink:
             code = reply.verdict.code.value if reply.verdict.code else "refused"
             raise SecurityError(f"enrollment refused ({code}): {reply.verdict.detail}")
 
-    async def check_in(self, enrollment: Enrollment, state: DeviceState) -> Offer | RetryLater:
+    async def check_in(self, enrollment: Enrollment, state: DeviceState) -> CheckInAnswer:
         request = serde.encode_check_in_request(state)
         self._sign(request, enrollment)
         response = await self._call(lambda: self._stub.CheckIn(request, timeout=self.timeout_s))
@@ -133,6 +142,8 @@ class GrpcLink:
             return SecureOffer(outcome.round, outcome.request, outcome.deadline_in_s)
         if isinstance(outcome, RetryAfter):
             return RetryLater(outcome.seconds, outcome.reason)
+        if isinstance(outcome, RunFinished):
+            return outcome
         return RetryLater(self.rejected_retry_s, f"{outcome.code.value}: {outcome.detail}")
 
     async def fetch_model(self, enrollment: Enrollment, sha256: str) -> Parameters:

@@ -22,7 +22,7 @@ from shoal.core.errors import ProtocolError
 from shoal.secure.homomorphic import EncryptionRequest
 from shoal.secure.messages import MaskedInputRequest, ServerRequest
 from shoal.secure.serde import FitRequest, SecureRequest
-from shoal.tasks import Phase, RejectReason, check_round
+from shoal.tasks import Phase, RejectReason, RunFinished, check_round
 
 _MAX_TEXT = 256
 ED25519_PUBLIC_KEY_BYTES = 32
@@ -51,6 +51,11 @@ class RejectCode(enum.Enum):
     def from_reason(cls, reason: RejectReason) -> RejectCode:
         """The wire code of one of the coordinator's rejection reasons."""
         return cls(reason.value)
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line of at most 256 characters (control characters as spaces)."""
+    return "".join(c if c.isprintable() else " " for c in text)[:_MAX_TEXT]
 
 
 def _check_text(value: str, what: str, *, required: bool = False) -> None:
@@ -230,7 +235,7 @@ class Rejected:
     detail: str = ""
 
 
-CheckInOutcome = Task | SecureTask | RetryAfter | Rejected
+CheckInOutcome = Task | SecureTask | RetryAfter | Rejected | RunFinished
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,8 +343,7 @@ class FailureReport:
     @classmethod
     def summarizing(cls, round: int, run_id: str, reason: str) -> FailureReport:
         """The report of any ``reason``: control characters become spaces, the rest is cut."""
-        line = "".join(c if c.isprintable() else " " for c in reason)
-        return cls(round, run_id, line[:_MAX_TEXT])
+        return cls(round, run_id, one_line(reason))
 
 
 @dataclass(frozen=True, slots=True)

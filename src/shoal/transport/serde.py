@@ -26,7 +26,7 @@ from shoal.core.errors import ClientError, ProtocolError
 from shoal.secure.homomorphic import EncryptedUpdate, EncryptionRequest
 from shoal.secure.messages import ClientMessage, MaskedInputRequest, ServerRequest
 from shoal.secure.serde import SecureReply, SecureRequest, decode_message, encode_message
-from shoal.tasks import Phase, RejectSubmission
+from shoal.tasks import Phase, RejectSubmission, RunFinished
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport.chunks import DEFAULT_CHUNK_SIZE, chunk_payload
 from shoal.transport.messages import (
@@ -48,6 +48,7 @@ from shoal.transport.messages import (
     Task,
     UpdateHeader,
     Verdict,
+    one_line,
 )
 from shoal.transport.signing import RequestAuth, create_request_auth, verify_request
 
@@ -486,6 +487,8 @@ def encode_check_in_response(outcome: CheckInOutcome) -> pb.CheckInResponse:
     if isinstance(outcome, RetryAfter):
         retry = pb.RetryAfter(seconds=outcome.seconds, reason=outcome.reason)
         return pb.CheckInResponse(retry_after=retry)
+    if isinstance(outcome, RunFinished):
+        return pb.CheckInResponse(run_finished=pb.RunFinished(reason=one_line(outcome.reason)))
     rejected = pb.Rejected(code=encode_reject_code(outcome.code), detail=outcome.detail)
     return pb.CheckInResponse(rejected=rejected)
 
@@ -500,6 +503,8 @@ def decode_check_in_response(message: pb.CheckInResponse) -> CheckInOutcome:
         return RetryAfter(message.retry_after.seconds, message.retry_after.reason)
     if kind == "rejected":
         return Rejected(decode_reject_code(message.rejected.code), message.rejected.detail)
+    if kind == "run_finished":
+        return RunFinished(one_line(message.run_finished.reason))
     raise ProtocolError("a check-in response has no outcome")
 
 

@@ -1,26 +1,31 @@
-"""Scenarios: a config's dataset, partition and model turned into clients.
+"""The built-in app: Shoal's datasets and NumPy models, written with the public app API.
 
-A scenario names its clients, knows how many examples each holds (for the
-device timing), builds any client on demand in any process (the factory is
-picklable and caches its data per process), and evaluates a model on the
-central held-out test set.
+``[data]`` picks the dataset (scikit-learn's digits, FedProx's
+Synthetic(alpha, beta) generated lazily per device, or Gaussian classes)
+and how it is split; ``[model]`` the NumPy model (softmax regression or a
+one-hidden-layer MLP); ``[client]`` the local training. The same app runs in
+simulation and on deployed clients (``shoal client run --partition-index I
+--num-partitions N``): every client derives its share from the config and
+the seed, so no data ever moves. The server side gives the initial model
+and evaluates each committed model on the central held-out test set.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from shoal.client.api import Client
+from shoal.client.app import ClientApp, ClientContext
 from shoal.client.dp_sgd import DpSgdSettings
 from shoal.client.numpy_models import MLP, NumpyClient, SoftmaxRegression
 from shoal.config import Config
-from shoal.core.errors import DataError
+from shoal.coordinator.app import ServerApp, ServerContext
+from shoal.core.errors import ConfigError, DataError
 from shoal.core.parameters import Parameters
 from shoal.simulation.datasets import Dataset, SyntheticFederation, load_digits_split
 from shoal.simulation.partition import (
@@ -29,6 +34,7 @@ from shoal.simulation.partition import (
     partition_power_law,
     partition_shards,
 )
+from shoal.simulation.population import client_index, client_name
 
 Features = npt.NDArray[np.float32]
 Labels = npt.NDArray[np.int64]
@@ -36,19 +42,9 @@ NumpyModel = SoftmaxRegression | MLP
 
 _CENTRAL_TEST_DEVICES = 200
 _CACHED_CLIENTS = 4096
+_CACHED_CONFIGS = 8
 _GAUSSIAN_TEST_SAMPLES = 2000
 _GAUSSIAN_SEPARATION = 1.5
-
-
-def client_name(index: int) -> str:
-    return f"client-{index:05d}"
-
-
-def client_index(client_id: str) -> int:
-    try:
-        return int(client_id.rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        raise DataError(f"not a simulated client id: {client_id!r}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,23 +55,6 @@ class LocalData:
     train_y: Labels
     eval_x: Features
     eval_y: Labels
-
-
-class Scenario(Protocol):
-    """What the simulator needs from a scenario."""
-
-    @property
-    def client_ids(self) -> list[str]: ...
-
-    def num_train_examples(self, client_id: str) -> int: ...
-
-    def num_eval_examples(self, client_id: str) -> int: ...
-
-    def initial_parameters(self) -> Parameters: ...
-
-    def client_factory(self) -> Callable[[str], Client]: ...
-
-    def evaluate_centrally(self, parameters: Parameters) -> tuple[float, float]: ...
 
 
 class DataScenario:
@@ -122,9 +101,6 @@ class DataScenario:
     @functools.cached_property
     def _initial(self) -> Parameters:
         return self.model.init_parameters(np.random.default_rng([self.config.run.seed, 0x1A17]))
-
-    def client_factory(self) -> Callable[[str], Client]:
-        return self.build_client
 
     def build_client(self, client_id: str) -> Client:
         data = self.local_data(client_id)
@@ -290,6 +266,60 @@ class DataScenario:
         )
 
 
-def build_scenario(config: Config) -> DataScenario:
-    """The scenario a config describes."""
-    return DataScenario(config)
+_SCENARIOS: dict[int, tuple[Config, DataScenario]] = {}
+
+
+def scenario_of(config: Config) -> DataScenario:
+    """The scenario of ``config``, built once per process (its data is cached inside)."""
+    held = _SCENARIOS.get(id(config))
+    if held is None or held[0] is not config:
+        if len(_SCENARIOS) >= _CACHED_CONFIGS:
+            _SCENARIOS.clear()
+        held = (config, DataScenario(config))
+        _SCENARIOS[id(config)] = held
+    return held[1]
+
+
+def _client(context: ClientContext) -> Client:
+    index, count = _placement(context)
+    return scenario_of(_population_config(context.config, count)).build_client(client_name(index))
+
+
+def _num_examples(context: ClientContext) -> tuple[int, int]:
+    index, count = _placement(context)
+    scenario = scenario_of(_population_config(context.config, count))
+    name = client_name(index)
+    return scenario.num_train_examples(name), scenario.num_eval_examples(name)
+
+
+def _placement(context: ClientContext) -> tuple[int, int]:
+    index, count = context.require_partition()
+    if not 0 <= index < count:
+        raise ConfigError(f"partition index must be in [0, {count}), got {index}")
+    return index, count
+
+
+def _population_config(config: Config, count: int) -> Config:
+    """``config`` for a population of ``count`` (a deployed client may be told another size)."""
+    if count == config.data.num_clients:
+        return config
+    return config.model_copy(update={"data": config.data.model_copy(update={"num_clients": count})})
+
+
+client_app = ClientApp(_client, num_examples=_num_examples)
+"""The built-in client app: one client's share of the ``[data]`` dataset, the ``[model]`` model."""
+
+
+def server_app(context: ServerContext) -> ServerApp:
+    """The built-in server app: the model's seeded initial parameters, the central test set."""
+    scenario = scenario_of(context.config)
+
+    def evaluate(parameters: Parameters, round_number: int) -> dict[str, float]:
+        loss, accuracy = scenario.evaluate_centrally(parameters)
+        return {"loss": loss, "accuracy": accuracy}
+
+    return ServerApp(
+        initial_parameters=lambda _: scenario.initial_parameters(),
+        evaluate=evaluate if context.config.evaluation.centralized else None,
+        architecture=context.config.model.kind,
+    )

@@ -1,0 +1,180 @@
+"""The server app: what a user may tell the coordinator; each part left out keeps the default.
+
+A server app is named ``MODULE:ATTRIBUTE`` in the job's ``[app]`` section
+(``server = "my_app:server_app"``): a :class:`ServerApp`, or a function of a
+:class:`ServerContext` that returns one. Every part is optional::
+
+    server_app = ServerApp(
+        evaluate=lambda parameters, round: {"loss": ..., "accuracy": ...},
+        fit_config=lambda round: {"learning_rate": 0.1 * 0.95**round},
+        fit_metrics=weighted_mean_of("f1"),
+        strategy="fedadam",
+    )
+
+- ``initial_parameters``: the model of round 0 (default: a client's own
+  ``get_parameters()``).
+- ``evaluate(parameters, round)``: central evaluation of every committed
+  model; its metrics go into the round's row as ``test_<name>``, and its
+  ``accuracy`` is the row's accuracy.
+- ``fit_config(round)`` / ``evaluate_config(round)``: per-round settings
+  sent with each task. ``epochs``, ``batch_size``, ``learning_rate`` and
+  ``proximal_mu`` replace the job's ``[client]`` values; any other key
+  travels in the task's ``extras`` (bool, int, float or str).
+- ``fit_metrics`` / ``evaluate_metrics``: how the clients' metrics of a
+  round are combined (default: the mean weighted by examples).
+- ``strategy``: a preset name or a composed
+  :class:`~shoal.aggregation.strategy.Strategy` (default: ``[strategy]``).
+- ``architecture``: the model architecture each version records (default:
+  ``[model] kind`` for the built-in app, else the client app's name).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shoal.aggregation.strategy import Strategy
+from shoal.client.app import ClientApp, as_client_app, load_attribute, load_client_app
+from shoal.config import Config
+from shoal.core.errors import ConfigError
+from shoal.core.parameters import Parameters
+
+ClientMetrics = Sequence[tuple[int, Mapping[str, float]]]
+"""Each reporting client's (number of examples, metrics) in one round."""
+MetricsAggregation = Callable[[ClientMetrics], Mapping[str, float]]
+RoundConfig = Callable[[int], Mapping[str, Any]]
+CentralEvaluation = Callable[[Parameters, int], Mapping[str, float]]
+
+TASK_SETTINGS = ("epochs", "batch_size", "learning_rate", "proximal_mu")
+"""Keys of a round config that replace the task's own settings; the rest go into its extras."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerContext:
+    """What a server app factory is told: the job's config and the ``[app] options``."""
+
+    config: Config = field(default_factory=Config)
+    options: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int:
+        return self.config.run.seed
+
+
+@dataclass(frozen=True, slots=True)
+class ServerApp:
+    """The server side of an app; see the module docstring for each part."""
+
+    initial_parameters: Callable[[ServerContext], Parameters] | None = None
+    evaluate: CentralEvaluation | None = None
+    fit_config: RoundConfig | None = None
+    evaluate_config: RoundConfig | None = None
+    fit_metrics: MetricsAggregation | None = None
+    evaluate_metrics: MetricsAggregation | None = None
+    strategy: str | Strategy | None = None
+    architecture: str | None = None
+
+
+def weighted_mean(results: ClientMetrics) -> dict[str, float]:
+    """Each finite numeric metric's mean, weighted by the clients' examples (the default)."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for examples, metrics in results:
+        for name, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if math.isfinite(value):
+                sums[name] = sums.get(name, 0.0) + float(value) * examples
+                weights[name] = weights.get(name, 0.0) + examples
+    return {name: sums[name] / weights[name] for name in sums if weights[name] > 0}
+
+
+def weighted_mean_of(*names: str) -> MetricsAggregation:
+    """A metrics aggregation keeping only ``names``, each weighted by examples."""
+
+    def aggregate(results: ClientMetrics) -> dict[str, float]:
+        means = weighted_mean(results)
+        return {name: means[name] for name in names if name in means}
+
+    return aggregate
+
+
+def as_server_app(
+    target: Any, context: ServerContext, *, name: str = "the server app"
+) -> ServerApp:
+    """A :class:`ServerApp` from what a user gave: the object itself, or a factory of one."""
+    if isinstance(target, ServerApp):
+        return target
+    if callable(target):
+        app = target(context)
+        if isinstance(app, ServerApp):
+            return app
+        raise ConfigError(f"{name} returned {type(app).__name__}, not a ServerApp")
+    raise ConfigError(f"{name} must be a ServerApp or a function of a ServerContext")
+
+
+def load_server_app(
+    spec: str | None, context: ServerContext, *, search_path: Iterable[str | Path] = ()
+) -> ServerApp:
+    """The server app named ``MODULE:ATTRIBUTE``; None gives every default."""
+    if spec is None:
+        return ServerApp()
+    return as_server_app(load_attribute(spec, search_path=search_path), context, name=spec)
+
+
+def split_round_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A round config as (the task settings it replaces, the extras it adds)."""
+    settings = {key: value for key, value in config.items() if key in TASK_SETTINGS}
+    extras = {key: value for key, value in config.items() if key not in TASK_SETTINGS}
+    for key, value in extras.items():
+        if not isinstance(key, str) or not isinstance(value, bool | int | float | str):
+            raise ConfigError(
+                f"round config {key!r}: only bool, int, float and str values travel to clients"
+            )
+    return settings, extras
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedApps:
+    """A job's client and server apps, loaded, and the architecture its versions record."""
+
+    client: ClientApp
+    server: ServerApp
+    architecture: str
+
+
+def resolve_apps(
+    config: Config,
+    *,
+    client: Any = None,
+    server: Any = None,
+    search_path: Iterable[str | Path] = (),
+) -> ResolvedApps:
+    """The apps of a job: the objects given, else those its ``[app]`` section names."""
+    folders = list(search_path)
+    section = config.app
+    client_app = (
+        load_client_app(section.client, search_path=folders)
+        if client is None
+        else as_client_app(client)
+    )
+    context = ServerContext(config=config, options=section.options)
+    if server is not None:
+        server_app = as_server_app(server, context)
+    elif client is not None and section.server is None:
+        server_app = ServerApp()  # a client app given as an object has no built-in server side
+    else:
+        server_app = load_server_app(section.server_spec, context, search_path=folders)
+    architecture = server_app.architecture or _app_name(client, section.client)
+    return ResolvedApps(client_app, server_app, architecture)
+
+
+def _app_name(client: Any, spec: str) -> str:
+    if client is None:
+        return spec
+    target = client.client_fn if isinstance(client, ClientApp) else client
+    module = getattr(target, "__module__", None) or "app"
+    return f"{module}:{getattr(target, '__qualname__', type(target).__name__)}"

@@ -1,0 +1,137 @@
+"""A run's records on disk: the run folder and registries that both shells keep alike.
+
+The run folder holds ``config.json``, ``metrics.jsonl`` and ``summary.json``
+(the run-output contract of DESIGN.md), beside the model registry (each
+committed round a version, with its row and optimizer state) and the client
+registry. With ``[tracking] mlflow = true`` every row also goes to one
+MLflow run, whose id is kept in the folder so that a resumed run stays that
+one MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from shoal.config import Config, config_to_dict
+from shoal.core.parameters import Parameters
+from shoal.registry import ClientRegistry, Database, ModelRecord, ModelRegistry
+from shoal.telemetry.metrics import MetricsLog, clean_row
+from shoal.telemetry.tracking import MlflowTracker
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
+MLFLOW_RUN_FILE = "mlflow-run-id"
+
+Row = dict[str, Any]
+
+
+class RunRecords:
+    """The :class:`~shoal.coordinator.run.RunStore` of a run folder and its registries."""
+
+    def __init__(
+        self, folder: str | Path, models: ModelRegistry, clients: ClientRegistry, *, model: str
+    ) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.models = models
+        self.clients = clients
+        self.model = model
+        self.metrics = MetricsLog(self.folder / METRICS_FILE)
+        self.tracker: MlflowTracker | None = None
+
+    @property
+    def database(self) -> Database:
+        return self.models.database
+
+    # --- model versions ----------------------------------------------------------------
+
+    def head(self) -> ModelRecord | None:
+        return self.models.head(self.model)
+
+    def load(self, record: ModelRecord) -> tuple[Parameters, bytes | None]:
+        parameters = self.models.load(self.model, record.version)
+        return parameters, self.models.load_state(self.model, record.version)
+
+    def commit(
+        self,
+        parameters: Parameters,
+        *,
+        round_number: int,
+        metrics: Row,
+        state: bytes,
+        architecture: str,
+    ) -> ModelRecord:
+        return self.models.commit(
+            self.model,
+            parameters,
+            round=round_number,
+            architecture_version=architecture,
+            metrics=clean_row(metrics),
+            state=state,
+        )
+
+    def barred(self) -> set[str]:
+        return self.clients.barred()
+
+    # --- rows, config, summary ---------------------------------------------------------------
+
+    def rows(self) -> list[Row]:
+        return self.metrics.rows()
+
+    def keep_rows(self, keep: Callable[[Row], bool]) -> list[Row]:
+        return self.metrics.truncate(keep)
+
+    def append_row(self, row: Row) -> None:
+        self.metrics.append(row)
+        if self.tracker is not None:
+            self.tracker.log_round(row["round"], metrics=tracked_metrics(row))
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        (self.folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        text = json.dumps(clean_row(dict(summary)), indent=2, sort_keys=True)
+        (self.folder / SUMMARY_FILE).write_text(text + "\n")
+
+    # --- MLflow --------------------------------------------------------------------------
+
+    def start_tracking(self, config: Config) -> None:
+        """Open the run's MLflow run (the same one again on a resume) and log the config."""
+        if not config.tracking.mlflow:
+            return
+        saved = self.folder / MLFLOW_RUN_FILE
+        resume = saved.read_text().strip() if saved.exists() else None
+        self.tracker = MlflowTracker(
+            run_name=config.run.name,
+            folder=self.folder,
+            tracking_uri=config.tracking.tracking_uri,
+            experiment_name=config.tracking.experiment,
+            resume_run_id=resume or None,
+        )
+        saved.write_text(self.tracker.run_id + "\n")
+        self.tracker.log_params(config_to_dict(config))
+
+    def end_tracking(self, *, finished: bool) -> None:
+        if self.tracker is not None:
+            self.tracker.end(status="FINISHED" if finished else "FAILED")
+            self.tracker = None
+
+
+_TRACKED_AS = {"epsilon": "privacy_epsilon", "delta": "privacy_delta"}
+_NOT_METRICS = {"round", "model_version"}
+
+
+def tracked_metrics(row: Mapping[str, Any]) -> dict[str, float]:
+    """Every number of a row, as MLflow metrics; an evaluation row's are ``evaluate_*``."""
+    prefix = "" if row.get("phase") == "fit" else "evaluate_"
+    metrics: dict[str, float] = {}
+    for name, value in row.items():
+        if name in _NOT_METRICS or isinstance(value, bool):
+            continue
+        if isinstance(value, int | float):
+            metrics[prefix + _TRACKED_AS.get(name, name)] = float(value)
+    return metrics

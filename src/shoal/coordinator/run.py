@@ -1,0 +1,430 @@
+"""The run layer: a run's lifecycle above the round engine, one for the simulator and the server.
+
+The round engine (:mod:`shoal.coordinator.engine`) plays one round; this
+layer owns everything above it, so that each rule is written once:
+
+- the first commit (the initial model as version 0) or the resume from
+  HEAD (model, optimizer state, adaptive clip norm, the privacy ledger),
+  with the metrics rows cut back to HEAD and a row lost in a crash rebuilt
+  from its version;
+- the schedule of fit and evaluation rounds, including an evaluation that
+  was due before a crash;
+- the privacy check before each fit round (a refusal ends training);
+- which candidates are barred (suspended by an operator, or past their
+  own privacy budget);
+- each round's config from the server app;
+- the metrics row of a closed round, the central evaluation, and the
+  version committed with that row before anyone is offered the new model;
+- the end: the summary.
+
+It holds no clock and does no I/O of its own: the shell gives it a
+:class:`RunStore` (the run folder and registries) and the times it
+measured; the simulator and ``shoal coordinator serve`` only drive the
+engine between the calls of a :class:`Run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from shoal.aggregation.strategy import Strategy
+from shoal.config import Config, config_to_dict
+from shoal.coordinator.app import ServerApp, split_round_config
+from shoal.coordinator.engine import Coordinator
+from shoal.coordinator.events import CommitVersion, RoundSummary
+from shoal.coordinator.rounds import RoundSettings
+from shoal.coordinator.secure import SecureSettings, check_secure_strategy
+from shoal.core.errors import ConfigError, RunError
+from shoal.core.parameters import Parameters
+from shoal.core.transforms import state_from_bytes, state_to_bytes
+from shoal.privacy.coordinator import check_private_strategy
+from shoal.privacy.run import RunPrivacy
+from shoal.registry import Database, ModelRecord
+from shoal.tasks import Phase
+
+log = logging.getLogger("shoal.run")
+
+Row = dict[str, Any]
+EVALUATION_UPLOAD_BYTES = 256
+"""What one client's evaluation answer weighs on the wire, about."""
+
+
+class RunStore(Protocol):
+    """The run's records, which the shell keeps: model versions, rows, summary, barred clients."""
+
+    @property
+    def database(self) -> Database: ...
+
+    def head(self) -> ModelRecord | None: ...
+
+    def load(self, record: ModelRecord) -> tuple[Parameters, bytes | None]: ...
+
+    def commit(
+        self,
+        parameters: Parameters,
+        *,
+        round_number: int,
+        metrics: Row,
+        state: bytes,
+        architecture: str,
+    ) -> ModelRecord: ...
+
+    def barred(self) -> set[str]: ...
+
+    def rows(self) -> list[Row]: ...
+
+    def keep_rows(self, keep: Callable[[Row], bool]) -> list[Row]: ...
+
+    def append_row(self, row: Row) -> None: ...
+
+    def write_config(self, config: Mapping[str, Any]) -> None: ...
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Play:
+    """One round of the schedule: its number and what it asks of the clients."""
+
+    round: int
+    phase: Phase
+
+
+@dataclass(frozen=True, slots=True)
+class RunParts:
+    """What the engine of a run is made of (the shell builds them from the config)."""
+
+    settings: RoundSettings
+    strategy: Strategy
+    secure: SecureSettings | None = None
+
+    def check(self, *, private: bool) -> None:
+        """Refuse, before anything opens, a strategy that DP or secure aggregation cannot serve."""
+        if private:
+            check_private_strategy(self.strategy)
+        if self.secure is not None:
+            check_secure_strategy(self.strategy)
+
+
+def evaluation_due(round_number: int, *, every: int) -> bool:
+    """Whether an evaluation round follows fit round ``round_number`` (every ``every`` rounds)."""
+    return every > 0 and round_number % every == 0
+
+
+def schedule(
+    *,
+    rounds: int,
+    first_round: int = 1,
+    evaluate_every: int = 0,
+    stops_before: Callable[[int], bool] | None = None,
+) -> Iterator[Play]:
+    """Fit rounds ``first_round..rounds``, each followed by its evaluation when one is due.
+
+    ``stops_before(round)`` is asked before each fit round, lazily: True ends the schedule.
+    """
+    for round_number in range(first_round, rounds + 1):
+        if stops_before is not None and stops_before(round_number):
+            return
+        yield Play(round_number, Phase.FIT)
+        if evaluation_due(round_number, every=evaluate_every):
+            yield Play(round_number, Phase.EVALUATE)
+
+
+class Run:
+    """One run's lifecycle; see the module docstring.
+
+    ``resume``: True continues the run in the store (refused when it holds
+    none), False starts one (refused when it holds one), None does either
+    (a coordinator restarted by its supervisor).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        app: ServerApp,
+        store: RunStore,
+        parts: RunParts,
+        architecture: str,
+        privacy: RunPrivacy | None = None,
+        resume: bool | None = None,
+        where: str = "the run folder",
+    ) -> None:
+        self.config = config
+        self.app = app
+        self.store = store
+        self.parts = parts
+        self.architecture = architecture
+        self.privacy = privacy
+        self.resume = resume
+        self.where = where
+        self.first_round = 1
+        self.replay_evaluation = False  # an evaluation was due when the run stopped
+        self.virtual_start = 0.0  # virtual time already spent (simulation)
+        self.wall_offset = 0.0  # wall time already spent, by earlier processes
+        self.stop_reason: str | None = None
+        self.model_bytes = 0
+        self._coordinator: Coordinator | None = None
+
+    @property
+    def coordinator(self) -> Coordinator:
+        if self._coordinator is None:
+            raise RunError("the run is not open")
+        return self._coordinator
+
+    # --- start: first commit or resume ---------------------------------------------------
+
+    def open(self, initial: Callable[[], Parameters]) -> Coordinator:
+        """The engine at HEAD; a new run commits ``initial()`` as version 0 first."""
+        head = self.store.head()
+        if head is None and self.resume is True:
+            raise RunError(f"{self.where} holds no committed version to resume from")
+        if head is not None and self.resume is False:
+            raise RunError(f"{self.where} already holds a run; use --resume or another --out")
+        coordinator = self._start(initial()) if head is None else self._restore(head)
+        if self.privacy is not None:
+            self.privacy.open(self.store.database)  # replays what the run spent before
+        self.model_bytes = len(coordinator.parameters.to_bytes())
+        self._coordinator = coordinator
+        return coordinator
+
+    def _engine(self, parameters: Parameters, state: Any = None) -> Coordinator:
+        parts = self.parts
+        return Coordinator(
+            settings=parts.settings,
+            strategy=parts.strategy,
+            parameters=parameters,
+            seed=self.config.run.seed,
+            optimizer_state=state,
+            secure=parts.secure,
+            privacy=None if self.privacy is None else self.privacy.coordinator,
+            metrics_aggregation={
+                phase: aggregate
+                for phase, aggregate in (
+                    (Phase.FIT, self.app.fit_metrics),
+                    (Phase.EVALUATE, self.app.evaluate_metrics),
+                )
+                if aggregate is not None
+            },
+        )
+
+    def _start(self, initial: Parameters) -> Coordinator:
+        if self.store.rows():
+            raise RunError(f"{self.where} already holds a run; use --resume or another --out")
+        self.store.write_config(config_to_dict(self.config))
+        coordinator = self._engine(initial)
+        self.store.commit(
+            initial,
+            round_number=0,
+            metrics={"virtual_time_s": 0.0},
+            state=state_to_bytes(coordinator.optimizer_state),
+            architecture=self.architecture,
+        )
+        return coordinator
+
+    def _restore(self, head: ModelRecord) -> Coordinator:
+        parameters, saved = self.store.load(head)
+        template = self.parts.strategy.server_optimizer.init(parameters.vector)
+        state = template if saved is None else state_from_bytes(template, saved)
+        if self.privacy is not None:
+            self.privacy.resume(head.metrics)
+        log.info("resuming from version %d (round %d)", head.version, head.round)
+        rows = self.store.keep_rows(
+            lambda row: (
+                row["round"] < head.round or (row["round"] == head.round and row["phase"] == "fit")
+            )
+        )
+        self.wall_offset = max((row.get("wall_time_s", 0.0) for row in rows), default=0.0)
+        if head.round > 0 and not any(row["round"] == head.round for row in rows):
+            # the crash came between committing the version and recording its row
+            recovered = {**head.metrics, "model_version": head.version, "sha256": head.sha256}
+            self.store.append_row({**recovered, "wall_time_s": self.wall_offset})
+        self.first_round = head.round + 1
+        self.replay_evaluation = head.round > 0 and self.evaluation_due(head.round)
+        self.virtual_start = float(head.metrics.get("virtual_time_s", 0.0))
+        return self._engine(parameters, state)
+
+    # --- the schedule ----------------------------------------------------------------------
+
+    def evaluation_due(self, round_number: int) -> bool:
+        return evaluation_due(round_number, every=self.config.evaluation.every)
+
+    def plays(self) -> Iterator[Play]:
+        """The rounds still to play; training ends early when the privacy budget refuses one."""
+        if self.replay_evaluation:
+            yield Play(self.first_round - 1, Phase.EVALUATE)
+        yield from schedule(
+            first_round=self.first_round,
+            rounds=self.config.run.rounds,
+            evaluate_every=self.config.evaluation.every,
+            stops_before=self._stops_before,
+        )
+
+    def _stops_before(self, round_number: int) -> bool:
+        if self.privacy is None:
+            return False
+        reason = self.privacy.before_round(round_number)
+        if reason is not None:
+            log.warning("training stops before round %d: %s", round_number, reason)
+            self.stop_reason = reason
+        return reason is not None
+
+    def barred(self) -> set[str]:
+        """Clients never to select: suspended or retired, or past their own privacy budget."""
+        barred = self.store.barred()
+        if self.privacy is not None:
+            barred |= self.privacy.barred()
+        return barred
+
+    def eligible(self, candidates: Iterator[str] | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+        """``candidates`` without the barred clients, in order."""
+        barred = self.barred()
+        return tuple(client for client in candidates if client not in barred)
+
+    def round_config(self, play: Play) -> dict[str, Any]:
+        """The server app's config for this round (checked: a bad one stops the run clearly)."""
+        make = self.app.fit_config if play.phase is Phase.FIT else self.app.evaluate_config
+        if make is None:
+            return {}
+        try:
+            config = dict(make(play.round))
+            split_round_config(config)
+        except ConfigError as exc:
+            raise RunError(f"the server app's {play.phase.value} config: {exc}") from exc
+        except Exception as exc:
+            raise RunError(
+                f"the server app's {play.phase.value} config failed in round {play.round}: {exc}"
+            ) from exc
+        return config
+
+    # --- a closed round ------------------------------------------------------------------
+
+    def close_round(
+        self, summary: RoundSummary, commit: CommitVersion | None, extra: Mapping[str, Any]
+    ) -> Row:
+        """The round's metrics row, its version committed with it; the shell records the row.
+
+        ``extra`` holds what only the shell knows (wall time, the simulator's
+        stragglers and bytes); it overrides the defaults.
+        """
+        row = self._row(summary, extra)
+        if commit is None:
+            head = self.store.head()
+            row["model_version"] = None if head is None else head.version
+            return row
+        row.update(self._central_evaluation(commit.parameters, commit.round))
+        # the whole row goes with the version: a crash before the row is written loses nothing
+        record = self.store.commit(
+            commit.parameters,
+            round_number=commit.round,
+            metrics=row,
+            state=state_to_bytes(self.coordinator.optimizer_state),
+            architecture=self.architecture,
+        )
+        row.update(model_version=record.version, sha256=record.sha256)
+        return row
+
+    def record(self, row: Row) -> None:
+        """Keep a closed round's row (after the shell added its wall time)."""
+        self.store.append_row(row)
+
+    def _row(self, summary: RoundSummary, extra: Mapping[str, Any]) -> Row:
+        fit = summary.phase is Phase.FIT
+        row: Row = {
+            "round": summary.round,
+            "phase": summary.phase.value,
+            "selected": summary.selected,
+            "reported": summary.reported,
+            "dropped": summary.failed + summary.outstanding,
+            "rejected": dict(summary.rejected),
+            "committed": summary.committed,
+            "abort_reason": summary.abort_reason,
+            "num_examples": summary.num_examples,
+            "loss": summary.loss,
+            "accuracy": summary.metrics.get("accuracy"),
+            "virtual_time_s": summary.closed_at,
+            "model_version": None,
+            "bytes_down": self.model_bytes * summary.selected,
+            "bytes_up": summary.reported * (self.model_bytes if fit else EVALUATION_UPLOAD_BYTES),
+        }
+        report = summary.secure
+        if report is not None:
+            row.update(
+                secure_aggregation=report.protocol,
+                secure_dropped=dict(report.dropped),
+                recovered=report.recovered,
+                secure_aborted=report.aborted,
+            )
+        row.update(extra)
+        for name, value in summary.metrics.items():  # the clients' own metrics, by name
+            row.setdefault(name, value)
+        if fit and self.privacy is not None:
+            row.update(self.privacy.row_fields(summary))
+        return row
+
+    def _central_evaluation(self, parameters: Parameters, round_number: int) -> Row:
+        """The server app's evaluation of a new model, as ``test_*`` columns."""
+        if self.app.evaluate is None:
+            return {}
+        try:
+            metrics = dict(self.app.evaluate(parameters, round_number))
+        except Exception as exc:  # a user's function: the round stands without test metrics
+            log.error("the server app's evaluate failed in round %d: %s", round_number, exc)
+            return {}
+        columns: Row = {f"test_{name}": value for name, value in metrics.items()}
+        if "accuracy" in metrics:
+            columns["accuracy"] = metrics["accuracy"]
+        return columns
+
+    # --- the end ---------------------------------------------------------------------------
+
+    def finish(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The run's summary (the run-output contract), written to the store."""
+        rows = self.store.rows()
+        fits = [row for row in rows if row["phase"] == "fit"]
+        committed = [row for row in fits if row["committed"]]
+        last = committed[-1] if committed else {}
+        evaluations = [row for row in rows if row["phase"] == "evaluate" and row["committed"]]
+        final_accuracy = last.get("test_accuracy")
+        if final_accuracy is None and evaluations:
+            final_accuracy = evaluations[-1]["accuracy"]
+        head = self.store.head()
+        summary: dict[str, Any] = {
+            "rounds_completed": len(committed),
+            "rounds_aborted": len(fits) - len(committed),
+            "final_accuracy": final_accuracy,
+            "final_loss": last.get("loss"),
+            "final_test_loss": last.get("test_loss"),
+            "final_federated_accuracy": evaluations[-1]["accuracy"] if evaluations else None,
+            "wall_time_s": max((row.get("wall_time_s", 0.0) for row in rows), default=0.0),
+            "virtual_time_s": rows[-1]["virtual_time_s"] if rows else 0.0,
+            "num_parameters": len(self.coordinator.parameters),
+            "bytes_up": sum(row.get("bytes_up", 0) for row in rows),
+            "bytes_down": sum(row.get("bytes_down", 0) for row in rows),
+            "model_version": None if head is None else head.version,
+            "model_sha256": None if head is None else head.sha256,
+            "architecture": self.architecture,
+            "strategy": self.config.strategy.name,
+            "secure_aggregation": self.config.secure_aggregation.protocol,
+            "rounds_aborted_below_threshold": sum(1 for row in fits if row.get("secure_aborted")),
+            "clients_recovered": sum(row.get("recovered", 0) for row in fits),
+            "stop_reason": self.stop_reason,
+            **({} if self.privacy is None else self.privacy.summary_fields()),
+            **(extra or {}),
+            "seed": self.config.run.seed,
+        }
+        self.store.write_summary(summary)
+        return summary
+
+
+def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers of a row (what a tracker can log)."""
+    return {
+        name: float(value)
+        for name, value in metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    }

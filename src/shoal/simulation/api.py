@@ -1,0 +1,95 @@
+"""``shoal.simulate``: the simulator from a notebook or a script, with the user's apps as objects.
+
+>>> result = shoal.simulate("job.toml", client_app=client_fn, rounds=5)  # doctest: +SKIP
+>>> result.summary["final_accuracy"], len(result.rows), result.folder  # doctest: +SKIP
+
+Apps defined in the notebook or a ``python -`` script work with the process
+pool too: they are sent to the workers by value. ``config`` may be a path to
+a TOML file, a mapping of sections, a :class:`~shoal.config.Config`, or None
+for the embedded default job of ``shoal simulate`` (the same defaults).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from shoal.client.app import app_search_path, with_config_folder
+from shoal.config import Config, apply_overrides, load_config, parse_config
+from shoal.core.parameters import Parameters
+from shoal.simulation.runner import Simulation, final_parameters
+from shoal.telemetry.metrics import MetricsLog
+
+Row = dict[str, Any]
+
+
+def default_config_path() -> Path:
+    """The embedded default job (digits, cross-device) of ``shoal simulate`` and ``make run``."""
+    return Path(str(resources.files("shoal.simulation").joinpath("default.toml")))
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """What a simulation left: its rows, its summary, the final model and the run folder."""
+
+    folder: Path
+    summary: dict[str, Any]
+    parameters: Parameters
+    rows: list[Row] = field(default_factory=list)
+
+
+def job_config(
+    config: Config | Mapping[str, Any] | str | Path | None, overrides: Iterable[str] = ()
+) -> Config:
+    """A job config from any form ``simulate`` takes, with ``section.key=value`` on top."""
+    if isinstance(config, Config):
+        data = config.model_dump(mode="json", exclude_none=True)
+        return parse_config(apply_overrides(data, overrides))
+    if isinstance(config, Mapping):
+        return parse_config(apply_overrides(config, overrides))
+    path = default_config_path() if config is None else Path(config)
+    return with_config_folder(load_config(path, overrides), None if config is None else path)
+
+
+def simulate(
+    config: Config | Mapping[str, Any] | str | Path | None = None,
+    *,
+    client_app: Any = None,
+    server_app: Any = None,
+    out: str | Path | None = None,
+    rounds: int | None = None,
+    overrides: Iterable[str] = (),
+    resume: bool = False,
+    on_round: Callable[[Row], None] | None = None,
+) -> SimulationResult:
+    """Run a simulation and return its result; see the module docstring.
+
+    ``client_app`` and ``server_app`` replace the apps named in ``[app]``;
+    ``out`` is the run folder (default ``runs/NAME-TIMESTAMP``, as the CLI).
+    """
+    extra = [*overrides, *([] if rounds is None else [f"run.rounds={rounds}"])]
+    job = job_config(config, extra)
+    folder = Path(out) if out is not None else _default_folder(job)
+    simulation = Simulation(
+        job,
+        folder,
+        resume=resume,
+        client_app=client_app,
+        server_app=server_app,
+        search_path=app_search_path(job),
+    )
+    summary = simulation.run(on_round=on_round)
+    return SimulationResult(
+        folder=folder,
+        summary=summary,
+        parameters=final_parameters(folder),
+        rows=MetricsLog(folder / "metrics.jsonl").rows(),
+    )
+
+
+def _default_folder(config: Config) -> Path:
+    return Path("runs") / f"{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,0 +1,130 @@
+"""The simulated population: a client app's clients, named, placed in the population and sized.
+
+Client ``i`` of ``n`` is ``client-0000i``; its app is given the context of
+partition ``i`` of ``n``. The simulator times a device by the examples it
+holds: the app's ``num_examples`` where the app says, else
+``devices.nominal_examples`` (the count the client reports after training
+is what weighs its update). :class:`AppClients` builds any client in any
+process: executors send it to their workers by value (cloudpickle), so an
+app defined in a notebook or a ``python -`` script runs in a process pool.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import cloudpickle
+
+from shoal.client.api import Client
+from shoal.client.app import ClientApp, ClientContext, add_search_path
+from shoal.config import Config
+from shoal.core.errors import ConfigError, DataError
+
+
+def client_name(index: int) -> str:
+    """The id of simulated client ``index``."""
+    return f"client-{index:05d}"
+
+
+def client_index(client_id: str) -> int:
+    """The position of a simulated client in its population."""
+    try:
+        return int(client_id.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        raise DataError(f"not a simulated client id: {client_id!r}") from None
+
+
+class AppClients:
+    """Builds simulated client ``client_id`` through the app; picklable, cheap to send."""
+
+    def __init__(self, app: ClientApp, config: Config, options: Mapping[str, str]) -> None:
+        self.app = app
+        self.config = config
+        self.options = dict(options)
+
+    def context(self, client_id: str) -> ClientContext:
+        index = client_index(client_id)
+        count = self.config.data.num_clients
+        if not 0 <= index < count:
+            raise DataError(f"no client {client_id!r} in a population of {count}")
+        return ClientContext(
+            client_id=client_id,
+            partition_index=index,
+            num_partitions=count,
+            options=self.options,
+            seed=self.config.run.seed,
+            config=self.config,
+        )
+
+    def __call__(self, client_id: str) -> Client:
+        return self.app(self.context(client_id))
+
+
+class Population:
+    """The clients of a simulation; see the module docstring."""
+
+    def __init__(self, app: ClientApp, config: Config, options: Mapping[str, str]) -> None:
+        self.app = app
+        self.config = config
+        self.clients = AppClients(app, config, options)
+        self.client_ids = [client_name(index) for index in range(config.data.num_clients)]
+
+    def num_train_examples(self, client_id: str) -> int:
+        return self._counts(client_id)[0]
+
+    def num_eval_examples(self, client_id: str) -> int:
+        return self._counts(client_id)[1]
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 (one population per simulation)
+    def _counts(self, client_id: str) -> tuple[int, int]:
+        if self.app.num_examples is None:
+            nominal = self.config.devices.nominal_examples
+            return nominal, nominal
+        train, evaluate = self.app.num_examples(self.clients.context(client_id))
+        return int(train), int(evaluate)
+
+    def first_client(self) -> Client:
+        """Client 0, built in this process (for the initial model when the app gives none)."""
+        return self.clients(self.client_ids[0])
+
+
+def packed(
+    clients: Callable[[str], Client], search_path: Sequence[str | Path]
+) -> tuple[bytes, list[str]]:
+    """The client factory by value, and the folders a worker must import the app from."""
+    targets = (
+        (clients.app.client_fn, clients.app.num_examples)
+        if isinstance(clients, AppClients)
+        else (clients,)
+    )
+    for target in targets:
+        _by_value(getattr(target, "__module__", None))
+    try:
+        blob = cloudpickle.dumps(clients)
+    except Exception as exc:
+        raise ConfigError(
+            f"the client app cannot be sent to worker processes ({type(exc).__name__}: {exc}); "
+            "set simulation.workers = 0 to run the clients in this process"
+        ) from exc
+    return blob, add_search_path(search_path)
+
+
+def _by_value(module_name: str | None) -> None:
+    """Send a user's app module by value: a worker may not be able to import it by name."""
+    module = sys.modules.get(module_name or "")
+    if module is None or module_name in ("__main__", None) or module_name.startswith("shoal."):
+        return
+    try:
+        cloudpickle.register_pickle_by_value(module)
+    except ValueError:  # not a plain module: pickled by reference, as usual
+        return
+
+
+def unpacked(blob: bytes, search_path: Sequence[str]) -> Callable[[str], Client]:
+    """In a worker: the client factory that :func:`packed` sent."""
+    add_search_path(search_path)
+    clients: Callable[[str], Client] = cloudpickle.loads(blob)
+    return clients

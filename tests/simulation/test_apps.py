@@ -1,0 +1,172 @@
+"""A user's own apps in a simulation: named next to the config, or given as objects by a script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from shoal.client.app import load_client_app
+from shoal.core import ConfigError
+
+APP = '''
+import numpy as np
+from shoal.client.api import Client, EvaluateResult, FitResult
+from shoal.core.parameters import Parameters
+from shoal.coordinator.app import ServerApp, weighted_mean_of
+
+
+class Constant(Client):
+    """Moves every weight towards its partition index; reports a custom metric."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def get_parameters(self) -> Parameters:
+        return Parameters.from_arrays([np.zeros(4, np.float32)])
+
+    def fit(self, parameters, config):
+        target = np.full(4, float(self.index), np.float32)
+        learning_rate = config.learning_rate
+        moved = parameters.vector + learning_rate * (target - parameters.vector)
+        metrics = {"tag_length": float(len(str(config.extras.get("tag", ""))))}
+        return FitResult(parameters.with_vector(moved), self.index + 1, metrics)
+
+    def evaluate(self, parameters, config):
+        return EvaluateResult(float(np.abs(parameters.vector).mean()), 1, {"accuracy": 0.5})
+
+
+def client_fn(context):
+    return Constant(context.partition_index)
+
+
+server_app = ServerApp(
+    fit_config=lambda r: {"learning_rate": 0.5, "tag": "x" * r},
+    fit_metrics=weighted_mean_of("tag_length"),
+    evaluate=lambda parameters, r: {"loss": float(parameters.vector.sum()), "accuracy": 0.9},
+    architecture="constant-v1",
+)
+'''
+
+JOB = """
+[run]
+name = "byo"
+rounds = 3
+[data]
+num_clients = 4
+[round]
+clients_per_round = 4
+over_selection = 1.0
+[evaluation]
+every = 0
+[simulation]
+workers = {workers}
+[app]
+client = "constant_app:client_fn"
+server = "constant_app:server_app"
+"""
+
+
+def shoal(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(
+        [sys.executable, "-m", "shoal", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_app_next_to_the_config_runs_without_pythonpath(tmp_path: Path, workers: int) -> None:
+    job = tmp_path / "project"
+    job.mkdir()
+    (job / "constant_app.py").write_text(APP)
+    (job / "job.toml").write_text(JOB.format(workers=workers))
+    out = tmp_path / "run"
+    # run from elsewhere: only the config's folder makes the module importable
+    result = shoal("simulate", str(job / "job.toml"), "--out", str(out), "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [1, 2, 3]
+    assert [row["tag_length"] for row in rows] == [1.0, 2.0, 3.0]  # the app's round config
+    assert all(row["test_accuracy"] == 0.9 for row in rows)  # the app's central evaluation
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["architecture"] == "constant-v1"
+    assert summary["rounds_completed"] == 3
+
+
+SCRIPT = """
+import numpy as np
+import shoal
+from shoal.client.api import Client, EvaluateResult, FitResult
+from shoal.core.parameters import Parameters
+
+
+class Local(Client):
+    def __init__(self, index):
+        self.index = index
+
+    def get_parameters(self):
+        return Parameters.from_arrays([np.zeros(2, np.float32)])
+
+    def fit(self, parameters, config):
+        return FitResult(parameters.with_vector(parameters.vector + 1), 1, {})
+
+    def evaluate(self, parameters, config):
+        return EvaluateResult(0.0, 1, {})
+
+
+result = shoal.simulate(
+    {"run": {"rounds": 2}, "data": {"num_clients": 3}, "round": {"clients_per_round": 3,
+     "over_selection": 1.0}, "evaluation": {"every": 0}, "simulation": {"workers": WORKERS}},
+    client_app=lambda context: Local(context.partition_index),
+    out=OUT,
+)
+print(result.summary["rounds_completed"], result.parameters.vector.tolist(), len(result.rows))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_script_on_stdin_simulates_its_own_classes(tmp_path: Path, workers: int) -> None:
+    script = SCRIPT.replace("WORKERS", str(workers)).replace("OUT", repr(str(tmp_path / "r")))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-"],
+        input=textwrap.dedent(script),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "2 [2.0, 2.0] 2"
+
+
+def test_an_unimportable_app_is_one_line_naming_module_and_search_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_client_app("no_such_app_module:client_fn", search_path=[tmp_path])
+    message = str(error.value)
+    assert "no_such_app_module" in message and str(tmp_path.resolve()) in message
+    assert "\n" not in message
+
+
+def test_an_app_that_is_not_there_or_returns_no_client_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "half_app.py").write_text("def client_fn(context):\n    return 42\n")
+    with pytest.raises(ConfigError, match="has no 'missing'"):
+        load_client_app("half_app:missing", search_path=[tmp_path])
+    app = load_client_app("half_app:client_fn", search_path=[tmp_path])
+    with pytest.raises(ConfigError, match="not a shoal Client"):
+        app(None)  # type: ignore[arg-type]
