@@ -27,9 +27,13 @@ This package sits just above :mod:`shoal.core` in the layer order: it
 imports only ``shoal.core`` and third-party packages.
 """
 
+from shoal.datasets.memory import partition
+from shoal.datasets.partitioners import PARTITIONERS
 from shoal.datasets.partitions import Partition, Partitions
 
 __all__ = [
+    "PARTITIONERS",
     "Partition",
     "Partitions",
+    "partition",
 ]
