@@ -27,6 +27,7 @@ This package sits just above :mod:`shoal.core` in the layer order: it
 imports only ``shoal.core`` and third-party packages.
 """
 
+from shoal.datasets.folder import partition_folder
 from shoal.datasets.memory import partition
 from shoal.datasets.partitioners import PARTITIONERS
 from shoal.datasets.partitions import Partition, Partitions
@@ -36,4 +37,5 @@ __all__ = [
     "Partition",
     "Partitions",
     "partition",
+    "partition_folder",
 ]
