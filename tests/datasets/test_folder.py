@@ -150,6 +150,19 @@ def test_a_bad_folder_is_refused(
         partition_folder(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("x1,label\n1,0\n".encode("utf-16"), "file bad.csv is not UTF-8 text"),
+        (b'x1,label\n1,"0\n', "file bad.csv is not valid CSV"),
+    ],
+)
+def test_a_file_that_is_not_utf8_csv_is_named(tmp_path: Path, content: bytes, message: str) -> None:
+    (tmp_path / "bad.csv").write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        partition_folder(tmp_path)["bad"].to_numpy()
+
+
 def test_a_missing_folder_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="is not a folder"):
         partition_folder(tmp_path / "nowhere")

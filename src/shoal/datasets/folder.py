@@ -22,7 +22,8 @@ from __future__ import annotations
 import csv
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -80,8 +81,7 @@ class CsvReader:
     """CSV with a header row, read with the standard library."""
 
     def columns(self, path: Path) -> tuple[str, ...]:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            rows = csv.reader(handle)
+        with _csv_rows(path) as rows:
             header = next(rows, None)
             if header is None:
                 raise DataError(f"file {path.name} is empty")
@@ -95,8 +95,7 @@ class CsvReader:
     def read(
         self, path: Path, columns: Sequence[str], *, label: str
     ) -> dict[str, npt.NDArray[Any]]:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            rows = csv.reader(handle)
+        with _csv_rows(path) as rows:
             header = [name.strip() for name in next(rows)]
             positions = [header.index(name) for name in columns]
             values: list[list[str]] = [[] for _ in columns]
@@ -155,6 +154,18 @@ class ParquetReader:
             return parquet.ParquetFile(path)
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"file {path.name} is not a readable Parquet file: {exc}") from exc
+
+
+@contextmanager
+def _csv_rows(path: Path) -> Iterator[Any]:
+    """A ``csv.reader`` over a UTF-8 file (a BOM allowed); decoding and CSV errors name the file."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            yield csv.reader(handle, strict=True)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"file {path.name} is not UTF-8 text: {exc.reason}") from exc
+    except csv.Error as exc:
+        raise DataError(f"file {path.name} is not valid CSV: {exc}") from exc
 
 
 def _client_files(folder: Path) -> list[Path]:
