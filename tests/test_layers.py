@@ -1,9 +1,9 @@
 """Layers import downward only: the package import graph, read from the source, has no cycle.
 
-The order, low to high (DESIGN.md 15): core; aggregation and telemetry; config;
-registry; privacy and secure; tasks (the types shared by client, coordinator
-and transport); client; transport; coordinator; simulation; apps; cli. Packages
-on one layer may import each other, but never in a cycle.
+The order, low to high (DESIGN.md 15): core; datasets (users' data, partitioned);
+aggregation and telemetry; config; registry; privacy and secure; tasks (the types
+shared by client, coordinator and transport); client; transport; coordinator;
+simulation; apps; cli. Packages on one layer may import each other, never in a cycle.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "shoal"
 LAYERS = [
     {"core"},
+    {"datasets"},
     {"aggregation", "telemetry"},
     {"config"},
     {"registry"},

@@ -15,6 +15,7 @@ PACKAGES = [
     "shoal.privacy",
     "shoal.secure",
     "shoal.core",
+    "shoal.datasets",
     "shoal.simulation",
     "shoal.telemetry",
     "shoal.transport",

@@ -5,6 +5,17 @@ cover every example exactly once. Randomness comes only from the
 ``np.random.Generator`` passed in. An impossible request (more clients than
 examples, a non-positive concentration, ...) raises :class:`DataError`.
 
+These stay beside :mod:`shoal.datasets`, which partitions a user's own
+arrays, DataFrames and Hugging Face datasets with flwr-datasets, because
+they need no extra: the core install and the embedded default run
+(``make run``) use them on the simulator's built-in datasets. They work on
+counts and label arrays alone, with no Arrow table and no ``datasets``
+import, and every example lands in exactly one part (flwr-datasets' shards
+drop a remainder). ``partition_power_law`` (Zipf sizes) has no flwr-datasets
+twin. Populations too large to hold as one dataset are not partitioned at
+all: ``SyntheticFederation`` generates each device's data lazily. For your
+own data, use :func:`shoal.datasets.partition`.
+
 >>> rng = np.random.default_rng(0)
 >>> parts = partition_iid(num_examples=10, num_clients=3, rng=rng)
 >>> [len(part) for part in parts]
