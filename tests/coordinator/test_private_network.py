@@ -216,7 +216,7 @@ def test_distributed_dp_with_secagg_plus_commits_a_round_over_grpc(
         contributions.append(contribution)
         return contribution
 
-    monkeypatch.setattr("shoal.client.runtime.Contribution", recording)
+    monkeypatch.setattr("shoal.client.handler.Contribution", recording)
     privacy = {
         "placement": "distributed",
         "noise_multiplier": 1.0,

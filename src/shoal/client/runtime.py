@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from shoal.client.api import Client, EvaluateConfig, FitConfig, FitResult, fit_update
+from shoal.client.api import Client, EvaluateConfig, FitConfig
+from shoal.client.handler import run_evaluate, run_fit, secure_contribution
 from shoal.core.device import DeviceState
 from shoal.core.errors import (
     ClientError,
@@ -43,15 +44,7 @@ from shoal.core.errors import (
     SecurityError,
     TransportError,
 )
-from shoal.core.parameters import Parameters, all_finite
-from shoal.privacy.client import (
-    client_noise,
-    distributed_noise_std,
-    privatize_update,
-    uniform_weight,
-)
-from shoal.privacy.coordinator import CLIP_NORM
-from shoal.privacy.noise import NoiseSource
+from shoal.core.parameters import Parameters
 from shoal.secure.client import Contribution, SecAggClient
 from shoal.secure.homomorphic import EncryptionRequest, SiloCredentials
 from shoal.secure.messages import AdvertiseKeysRequest, ServerRequest, StaleMessage
@@ -305,31 +298,31 @@ class ClientRuntime:
         if offer.phase is Phase.FIT:
             if not isinstance(offer.config, FitConfig):
                 raise ClientError("a training task came without a FitConfig")
-            result = self.client.fit(model, offer.config)
-            update, metrics, noise = _private(fit_update(result, model), result, offer.config)
+            fit = run_fit(self.client, model, offer.config)
             if protected is not None:  # a secure round: only the masked or encrypted input leaves
-                reply = protected.reply(result, update, metrics, offer.config, noise)
+                reply = protected.reply(secure_contribution(fit, offer.config))
                 return (
                     lambda runtime: runtime.link.submit_secure(runtime.enrollment, reply)
-                ), result.num_examples
+                ), fit.num_examples
+            update = model.with_vector(fit.update)
             return (
                 lambda runtime: runtime.link.submit_update(
-                    runtime.enrollment, offer, update, result.num_examples, metrics
+                    runtime.enrollment, offer, update, fit.num_examples, fit.metrics
                 )
-            ), result.num_examples
+            ), fit.num_examples
         config = (
             offer.config
             if isinstance(offer.config, EvaluateConfig)
             else EvaluateConfig(offer.round)
         )
-        evaluation = self.client.evaluate(model, config)
+        evaluation = run_evaluate(self.client, model, config)
         return (
             lambda runtime: runtime.link.submit_evaluation(
                 runtime.enrollment,
                 offer,
                 evaluation.loss,
                 evaluation.num_examples,
-                dict(evaluation.metrics),
+                evaluation.metrics,
             )
         ), evaluation.num_examples
 
@@ -362,21 +355,6 @@ class ClientRuntime:
             return
 
 
-def _private(
-    update: Parameters, result: FitResult, config: FitConfig
-) -> tuple[Parameters, dict[str, float], NoiseSource | None]:
-    """The update as it may leave the device, the metrics to upload, and the task's DP noise.
-
-    Without DP (no clip norm in the task's extras) the update leaves as it
-    is and there is no noise source.
-    """
-    if CLIP_NORM not in config.extras:
-        return update, dict(result.metrics), None
-    noise = client_noise(config.extras, seed=config.seed)
-    vector, metrics = privatize_update(update.vector, config.extras, result.metrics, noise=noise)
-    return update.with_vector(vector), metrics, noise
-
-
 @dataclass(frozen=True, slots=True)
 class _Protected:
     """A secure round's fit request and what answers it: this round's SecAgg+ session, or the
@@ -386,26 +364,8 @@ class _Protected:
     session: SecAggClient | None = None
     silo: SiloCredentials | None = None
 
-    def reply(
-        self,
-        result: FitResult,
-        update: Parameters,
-        metrics: Mapping[str, float],
-        config: FitConfig,
-        noise: NoiseSource | None,
-    ) -> SecureReply:
-        """The masked or encrypted input that stands for ``update``: all that leaves the device."""
-        if not all_finite(update.vector):
-            raise ClientError("the update holds NaN or infinite values")
-        loss = metrics.get("loss", 0.0)  # withheld under user-level DP: the sum carries 0
-        contribution = Contribution(
-            update.vector,
-            result.num_examples,
-            float(loss) if isinstance(loss, int | float) else 0.0,
-            uniform_weight=uniform_weight(config.extras),
-            noise_std=distributed_noise_std(config.extras),
-            noise=noise,
-        )
+    def reply(self, contribution: Contribution) -> SecureReply:
+        """The masked or encrypted input that stands for the update: all that leaves the device."""
         if isinstance(self.request, EncryptionRequest):
             assert self.silo is not None
             return self.silo.answer(

@@ -22,11 +22,10 @@ from typing import Protocol
 
 import threadpoolctl
 
-from shoal.client.api import Client, EvaluateConfig, FitConfig, fit_update
+from shoal.client.api import Client, EvaluateConfig, FitConfig
+from shoal.client.handler import run_evaluate, run_fit
 from shoal.coordinator.selection import client_key
 from shoal.core.parameters import Layout, Parameters, Vector
-from shoal.privacy.client import client_noise, privatize_update
-from shoal.privacy.coordinator import CLIP_NORM
 from shoal.simulation.population import packed, unpacked
 
 log = logging.getLogger("shoal.simulation")
@@ -59,23 +58,11 @@ def run_job(factory: ClientFactory, parameters: Parameters, job: Job) -> Outcome
     try:
         client = factory(job.client_id)
         if isinstance(job.config, FitConfig):
-            result = client.fit(parameters, job.config)
-            update = fit_update(result, parameters).vector
-            noise = (  # user-level DP: clip (and noise) on the device
-                client_noise(job.config.extras, seed=job.config.seed)
-                if CLIP_NORM in job.config.extras
-                else None
-            )
-            update, metrics = privatize_update(
-                update, job.config.extras, result.metrics, noise=noise
-            )
-            return Outcome(job.client_id, result.num_examples, update=update, metrics=metrics)
-        evaluation = client.evaluate(parameters, job.config)
+            fit = run_fit(client, parameters, job.config)
+            return Outcome(job.client_id, fit.num_examples, update=fit.update, metrics=fit.metrics)
+        evaluation = run_evaluate(client, parameters, job.config)
         return Outcome(
-            job.client_id,
-            evaluation.num_examples,
-            loss=float(evaluation.loss),
-            metrics=dict(evaluation.metrics),
+            job.client_id, evaluation.num_examples, loss=evaluation.loss, metrics=evaluation.metrics
         )
     except Exception as exc:  # a client's failure is the client's, never the run's
         log.warning("client %s failed: %s", job.client_id, exc)

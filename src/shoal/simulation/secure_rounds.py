@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from shoal.client.handler import FitOutcome, secure_contribution
 from shoal.coordinator.events import (
     Action,
     AggregateDecrypted,
@@ -35,7 +36,6 @@ from shoal.coordinator.events import (
 )
 from shoal.coordinator.selection import Stream, client_key, round_rng
 from shoal.core.errors import ProtocolError, RunError, SecurityError, TransportError
-from shoal.privacy.client import client_noise, distributed_noise_std, uniform_weight
 from shoal.secure.client import Contribution, SecAggClient
 from shoal.secure.homomorphic import EncryptionRequest, SiloCredentials
 from shoal.secure.messages import ClientMessage, ServerRequest, Stage
@@ -147,15 +147,8 @@ class SecureRoundPlayer:
                 reason = outcome.error or "no update"
                 self._push(arrives_at, _failure_event(task.client_id, self.round, reason))
                 continue
-            extras = task.config.extras
-            contribution = Contribution(
-                outcome.update,
-                outcome.num_examples,
-                float(outcome.metrics.get("loss", 0.0)),
-                uniform_weight=uniform_weight(extras),
-                noise_std=distributed_noise_std(extras),
-                noise=client_noise(extras, seed=task.config.seed),
-            )
+            fit = FitOutcome(outcome.update, outcome.num_examples, outcome.metrics)
+            contribution = secure_contribution(fit, task.config)
             if isinstance(task.secure, EncryptionRequest):
                 self._encrypt(task.client_id, task.secure, contribution, arrives_at)
                 continue

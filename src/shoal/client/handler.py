@@ -1,0 +1,86 @@
+"""The one task handler: what a client does with a task, on a deployed device and in simulation.
+
+The client runtime (a deployed device), the simulator's executors and its
+secure rounds all run a task through these functions, so every client
+checks the same things before anything leaves it:
+
+- ``fit`` results are turned into an update (local minus global; a wrong
+  shape is a :class:`ClientError`), refused when not finite, and under
+  user-level DP clipped (and, for local DP, noised) on the device;
+- a secure round's :func:`secure_contribution` carries that update, the weight
+  and the DP noise share into masking (SecAgg+) or encryption (CKKS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shoal.client.api import Client, EvaluateConfig, FitConfig, fit_update
+from shoal.core.errors import ClientError
+from shoal.core.parameters import Parameters, Vector, all_finite
+from shoal.privacy.client import (
+    client_noise,
+    distributed_noise_std,
+    privatize_update,
+    uniform_weight,
+)
+from shoal.privacy.coordinator import CLIP_NORM
+from shoal.privacy.noise import NoiseSource
+from shoal.secure.client import Contribution
+
+
+@dataclass(frozen=True, slots=True)
+class FitOutcome:
+    """What may leave the device after training: the update, its weight and metrics."""
+
+    update: Vector
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    noise: NoiseSource | None = None  # the task's DP noise, for a secure round's noise share
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluateOutcome:
+    """A client's evaluation of the global model."""
+
+    loss: float
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def run_fit(client: Client, parameters: Parameters, config: FitConfig) -> FitOutcome:
+    """Train, and make the update fit to leave the device (see the module docstring)."""
+    result = client.fit(parameters, config)
+    update = fit_update(result, parameters).vector
+    if not all_finite(update):
+        raise ClientError("the update holds NaN or infinite values")
+    if CLIP_NORM not in config.extras:
+        return FitOutcome(update, result.num_examples, dict(result.metrics))
+    noise = client_noise(config.extras, seed=config.seed)  # user-level DP: clip on the device
+    private, metrics = privatize_update(update, config.extras, result.metrics, noise=noise)
+    return FitOutcome(private, result.num_examples, metrics, noise)
+
+
+def run_evaluate(client: Client, parameters: Parameters, config: EvaluateConfig) -> EvaluateOutcome:
+    """Evaluate the global model (a loss that is not finite is the coordinator's to refuse)."""
+    result = client.evaluate(parameters, config)
+    return EvaluateOutcome(float(result.loss), result.num_examples, dict(result.metrics))
+
+
+def secure_contribution(outcome: FitOutcome, config: FitConfig) -> Contribution:
+    """A secure round's input: the update, its weight, and the task's DP noise share.
+
+    Under user-level DP the training loss is withheld (the sum carries 0).
+    """
+    loss = outcome.metrics.get("loss", 0.0)
+    noise = outcome.noise
+    if noise is None and CLIP_NORM in config.extras:
+        noise = client_noise(config.extras, seed=config.seed)
+    return Contribution(
+        outcome.update,
+        outcome.num_examples,
+        float(loss) if isinstance(loss, int | float) else 0.0,
+        uniform_weight=uniform_weight(config.extras),
+        noise_std=distributed_noise_std(config.extras),
+        noise=noise,
+    )
