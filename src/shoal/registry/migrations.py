@@ -183,11 +183,17 @@ def _create_privacy_ledger(op: Operations) -> None:
     op.create_index("ix_privacy_clients_spent", "privacy_clients", ["run_id", "epsilon_spent"])
 
 
+def _add_model_verdict_reasons(op: Operations) -> None:
+    op.add_column("model_versions", sa.Column("status_reason", sa.Text))
+    op.add_column("model_versions", sa.Column("status_changed_at", UtcDateTime))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "client registry and versioning matrix", _create_client_registry),
     Migration(2, "model registry", _create_model_registry),
     Migration(3, "enrollment tokens", _create_enrollment_tokens),
     Migration(4, "privacy budget ledger", _create_privacy_ledger),
+    Migration(5, "reasons for model verdicts", _add_model_verdict_reasons),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -155,6 +155,9 @@ model_versions = sa.Table(
     sa.Column("metrics", sa.JSON, nullable=False),
     sa.Column("status", enum_type(ModelStatus, "model_status"), nullable=False),
     sa.Column("architecture_version", sa.String(64), nullable=False),
+    # the operator's reason for the status, and when it was given (None while CANDIDATE)
+    sa.Column("status_reason", sa.Text),
+    sa.Column("status_changed_at", UtcDateTime),
     sa.ForeignKeyConstraint(["name", "parent"], ["model_versions.name", "model_versions.version"]),
 )
 
