@@ -139,8 +139,8 @@ def client_run_command(
 ) -> None:
     """Enroll, then check in, train and upload until stopped (or N tasks).
 
-    A silo of a homomorphic (CKKS) consortium also gives ``--public-context``
-    and ``--silo-keys``: it encrypts its updates under that context only.
+    A silo of a homomorphic (CKKS) consortium also gives --public-context
+    and --silo-keys: it encrypts its updates under that context only.
     """
     from shoal.secure.homomorphic import SiloCredentials
     from shoal.transport.certs import load_channel_credentials
