@@ -16,7 +16,10 @@ from shoal.registry import (
     MIGRATIONS,
     SCHEMA_VERSION,
     BlobStore,
+    ClientRegistry,
+    ClientStatus,
     Database,
+    DeviceState,
     Migration,
     ModelRegistry,
     ModelStatus,
@@ -24,7 +27,13 @@ from shoal.registry import (
 )
 from shoal.registry.database import create_engine, resolve_database_url
 from shoal.registry.migrations import apply_migrations, recorded_version
-from shoal.registry.schema import metadata, model_versions, schema_version, version_requirements
+from shoal.registry.schema import (
+    clients,
+    metadata,
+    model_versions,
+    schema_version,
+    version_requirements,
+)
 
 
 def recorded(database: Database) -> list[tuple[int, str]]:
@@ -92,7 +101,7 @@ def test_an_older_database_gets_only_the_missing_migrations(database_url: str) -
 
 
 def test_rows_written_before_a_migration_survive_it(database_url: str, tmp_path: Path) -> None:
-    """A registry made by an older Shoal (schema 4) keeps its versions; the new columns are NULL."""
+    """A registry made by an older Shoal (schema 4) keeps its versions and clients."""
     now = datetime(2026, 3, 20, 10, 0, tzinfo=UTC)
     database = Database(create_engine(resolve_database_url(database_url)))
     try:
@@ -105,7 +114,29 @@ def test_rows_written_before_a_migration_survive_it(database_url: str, tmp_path:
                     architecture_version="mlp-v1",
                 )
             )  # fmt: skip
+            connection.execute(
+                clients.insert().values(
+                    client_id="phone-1", device_class="phone", battery_level=0.4, charging=False,
+                    wifi=True, ram_gb=3.0, app_version="2.4.1", app_version_key="x",
+                    runtime_version="1", model_architecture_version="m", status="SUSPENDED",
+                    status_reason="lost", can_train=True, sample_key=7, enrolled_at=now,
+                    last_seen=now,
+                )
+            )  # fmt: skip
         assert apply_migrations(database) == SCHEMA_VERSION
+        registry = ClientRegistry(database)
+        phone = registry.get("phone-1")
+        assert phone.device == DeviceState(
+            device_class="phone", battery_level=0.4, charging=False, wifi=True, ram_gb=3.0,
+            app_version="2.4.1", runtime_version="1", model_architecture_version="m",
+        )  # fmt: skip
+        assert (phone.status, phone.status_reason, phone.sample_key) == (
+            ClientStatus.SUSPENDED,
+            "lost",
+            7,
+        )
+        registry.enroll("server-1", DeviceState(), now=now)  # facts unknown: NULL now
+        assert registry.get("server-1").device.charging is None
         record = ModelRegistry(database, BlobStore(tmp_path / "blobs")).get("digits", 0)
         assert (record.status, record.metrics, record.created_at) == (
             ModelStatus.BAD,
