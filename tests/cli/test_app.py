@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,9 @@ from typer.testing import CliRunner, Result
 
 from shoal.cli import app
 from shoal.registry import open_database
+from shoal.transport.certs import TLS13_ONLY_CIPHER_SUITES
+
+SOURCE = str(Path(__file__).resolve().parents[2] / "src")
 
 # the secure round aborts (too few clients left after sharing keys), which the coordinator
 # logs at WARNING with its reason
@@ -148,3 +154,25 @@ def test_mlflow_log_lines_follow_the_level_and_quiet(tmp_path: Path) -> None:
     assert quiet.exit_code == 0, quiet.output
     assert "mlflow" not in quiet.stderr.lower() and "alembic" not in quiet.stderr.lower()
     assert quiet.stderr.strip() == ""
+
+
+@pytest.mark.parametrize(("given", "kept"), [(None, TLS13_ONLY_CIPHER_SUITES), ("AES", "AES")])
+def test_the_shoal_command_leaves_tls12_nothing_unless_told(given: str | None, kept: str) -> None:
+    """What the README promises: the shoal command speaks TLS 1.3 only, unless told otherwise."""
+    environment = {k: v for k, v in os.environ.items() if k != "GRPC_SSL_CIPHER_SUITES"}
+    if given is not None:
+        environment["GRPC_SSL_CIPHER_SUITES"] = given
+    environment["PYTHONPATH"] = SOURCE
+    probe = (
+        "import os, sys; import shoal.cli; "
+        "print(os.environ['GRPC_SSL_CIPHER_SUITES'], 'grpc' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.split() == [kept, "True"]  # set, and grpc imported after it
