@@ -32,6 +32,42 @@ def test_overrides_are_toml_values(override: str, check: object) -> None:
     assert check(load_config(None, [override]))  # type: ignore[operator]
 
 
+@pytest.mark.parametrize(
+    ("override", "field", "expected"),
+    [
+        ("run.name=2024", "run.name", "2024"),
+        ("run.name=2024-01-01", "run.name", "2024-01-01"),
+        ("run.name=true", "run.name", "true"),
+        ("run.name=1e3", "run.name", "1e3"),
+        ('run.name="2024"', "run.name", "2024"),
+        ("run.name=my-run", "run.name", "my-run"),
+        ("tracking.experiment=7", "tracking.experiment", "7"),  # optional text
+        ("coordinator.run_id=42", "coordinator.run_id", "42"),  # constrained text
+        ("data.dataset=digits", "data.dataset", "digits"),  # a choice of words
+        ("round.quorum=0.5", "round.quorum", 0.5),
+        ("run.seed=3", "run.seed", 3),
+        ("evaluation.centralized=false", "evaluation.centralized", False),
+        ("strategy.server_momentum=0.9", "strategy.server_momentum", 0.9),  # optional number
+        (
+            'coordinator.enrollment_tokens=["a", "2024"]',
+            "coordinator.enrollment_tokens",
+            ["a", "2024"],
+        ),
+    ],
+)
+def test_an_override_takes_the_type_of_its_field(
+    override: str, field: str, expected: object
+) -> None:
+    section, key = field.split(".")
+    value = getattr(getattr(load_config(None, [override]), section), key)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_a_text_field_given_a_list_is_still_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"run\.name: Input should be a valid string"):
+        load_config(None, ["run.name=[1, 2]"])
+
+
 def test_overrides_apply_on_top_of_the_file(tmp_path: Path) -> None:
     path = tmp_path / "run.toml"
     path.write_text("[run]\nrounds = 3\nseed = 9\n")
@@ -49,6 +85,19 @@ def test_overrides_do_not_touch_the_input() -> None:
     ("override", "message"),
     [
         ("nope.key=1", "nope: unknown key"),
+        (
+            "round.clients_per_rund=5",
+            "round.clients_per_rund: unknown key (did you mean clients_per_round?)",
+        ),
+        ("privcy.epsilon=1", "privcy: unknown key (did you mean privacy?)"),
+        (
+            "round.zzz=1",
+            "round.zzz: unknown key; allowed: clients_per_round, over_selection, quorum",
+        ),
+        (
+            "devices.classes=[{name='a', share=1, dropot=0.1}]",
+            "devices.classes.0.dropot: unknown key (did you mean dropout?)",
+        ),
         ("run.rounds=0", "run.rounds: Input should be greater than or equal to 1"),
         ("round.over_selection=0.9", "round.over_selection"),
         ("model.kind=cnn", "model.kind: Input should be 'softmax' or 'mlp', got 'cnn'"),

@@ -7,11 +7,14 @@ empty file is a valid (small) run.
 
 from __future__ import annotations
 
+import datetime as dt
+import difflib
 import json
 import tomllib
-from collections.abc import Iterable, Mapping
+import types
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -325,10 +328,44 @@ def _format_error(error: ValidationError) -> str:
     location = ".".join(str(part) for part in first["loc"]) or "config"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        return f"{location}: unknown key"
+        return f"{location}: unknown key{_known_keys_hint(first['loc'])}"
     if first["type"] in {"literal_error", "enum"}:
         return f"{location}: {message}, got {first.get('input')!r}"
     return f"{location}: {message}"
+
+
+def _section_at(path: Sequence[str | int]) -> type[BaseModel] | None:
+    """The section (a model class) that ``path`` leads to from the top; None if none does."""
+    model: type[BaseModel] = Config
+    for part in path:
+        if isinstance(part, int):
+            continue  # an item of a list of sections, such as devices.classes
+        field = model.model_fields.get(part)
+        found = None if field is None else _model_in(field.annotation)
+        if found is None:
+            return None
+        model = found
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in get_args(annotation):  # list[DeviceClass], Section | None
+        found = _model_in(argument)
+        if found is not None:
+            return found
+    return None
+
+
+def _known_keys_hint(location: Sequence[str | int]) -> str:
+    """`` (did you mean KEY?)`` for the closest key of the section, else the keys it allows."""
+    section = _section_at(location[:-1])
+    if section is None:
+        return ""
+    known = list(section.model_fields)
+    closest = difflib.get_close_matches(str(location[-1]), known, n=1)
+    return f" (did you mean {closest[0]}?)" if closest else f"; allowed: {', '.join(known)}"
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
@@ -364,15 +401,44 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
             if not isinstance(child, dict):
                 raise ConfigError(f"{'.'.join(keys[:-1])}: is a value, not a section")
             node = child
-        node[keys[-1]] = _parse_value(raw.strip())
+        node[keys[-1]] = _parse_value(raw.strip(), _takes_only_text(keys))
     return merged
 
 
-def _parse_value(raw: str) -> Any:
+def _parse_value(raw: str, text: bool = False) -> Any:
+    """A TOML literal, or ``raw`` itself: for a bare word, and for a scalar given to a text field.
+
+    ``run.name=2024`` names the run "2024": TOML would read a number (or a
+    boolean, or a date) where the field wants text.
+    """
     try:
-        return tomllib.loads(f"value = {raw}")["value"]
+        value = tomllib.loads(f"value = {raw}")["value"]
     except tomllib.TOMLDecodeError:
         return raw  # a bare word such as fedprox is taken as a string
+    if text and isinstance(value, bool | int | float | dt.date | dt.time):
+        return raw
+    return value
+
+
+def _takes_only_text(keys: Sequence[str]) -> bool:
+    """Whether the field at ``keys`` holds text only (str, a Literal of strings, or None)."""
+    section = _section_at(keys[:-1])
+    field = None if section is None else section.model_fields.get(keys[-1])
+    return field is not None and _is_text(field.annotation)
+
+
+def _is_text(annotation: Any) -> bool:
+    origin = get_origin(annotation)
+    if annotation is str:
+        return True
+    if origin is Literal:
+        return all(isinstance(value, str) for value in get_args(annotation))
+    if origin is Annotated:
+        return _is_text(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        members = [member for member in get_args(annotation) if member is not type(None)]
+        return bool(members) and all(_is_text(member) for member in members)
+    return False
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:

@@ -221,6 +221,43 @@ def test_suspend_and_resume_are_visible(state: State) -> None:
     assert shoal_json("clients", "list", "--status", "SUSPENDED", *folder) == []
 
 
+def test_facts_a_client_did_not_report_show_as_unknown(state: State) -> None:
+    phone = DeviceState(
+        device_class="phone", battery_level=0.42, charging=False, wifi=True, ram_gb=3.5
+    )
+    state.clients.enroll("phone-c", phone, now=NOW)
+    rows = {
+        row["client_id"]: row for row in shoal_json("clients", "list", "--state-dir", state.folder)
+    }
+    facts = ("battery_level", "charging", "wifi", "ram_gb")
+    assert [rows["srv-1"][fact] for fact in facts] == [None, None, None, None]
+    assert [rows["phone-c"][fact] for fact in facts] == [0.42, False, True, 3.5]
+    table = shoal("clients", "list", "--state-dir", state.folder).stdout.splitlines()
+    server = next(line for line in table if "srv-1" in line)
+    assert server.count("unknown") == 4 and "100%" not in server and "yes" in server
+    known = next(line for line in table if "phone-c" in line)
+    assert "unknown" not in known and "42%" in known and "3.5" in known
+    shown = shoal("clients", "show", "srv-1", "--state-dir", state.folder).stdout
+    assert [line.split()[-2] for line in shown.splitlines() if "battery_level" in line] == [
+        "unknown"
+    ]
+
+
+@pytest.mark.parametrize("status", [ClientStatus.SUSPENDED, ClientStatus.RETIRED])
+def test_a_barred_client_never_shows_can_train_yes(state: State, status: ClientStatus) -> None:
+    state.clients.set_status("phone-a", status, "stolen")
+    shown = shoal_json("clients", "show", "phone-a", "--state-dir", state.folder)
+    reason = f"client is {status.value.lower()}: stolen"
+    assert (shown["can_train"], shown["rejection_reason"]) == (False, reason)
+    listed = shoal_json("clients", "list", "--state-dir", state.folder)
+    assert [row["can_train"] for row in listed] == [False, True, True]
+    table = shoal("clients", "list", "--state-dir", state.folder).stdout
+    row = next(line for line in table.splitlines() if "phone-a" in line)
+    assert f"no: {reason}" in row and "yes" not in row
+    text = shoal("clients", "show", "phone-a", "--state-dir", state.folder).stdout
+    assert "True" not in text
+
+
 def test_tables_show_text_as_it_is(state: State) -> None:
     """A client id or reason that looks like rich markup is printed, not interpreted."""
     state.clients.enroll("[red]odd[/]", DeviceState(device_class="[/]"), now=NOW)

@@ -154,6 +154,44 @@ def test_the_verdict_a_client_was_told_is_kept(registry: ClientRegistry) -> None
     assert registry.get("c1").eligibility == verdict
 
 
+def test_facts_a_client_did_not_report_stay_unknown(registry: ClientRegistry) -> None:
+    """A server reports no battery, charging, WiFi or RAM: none is made up for it."""
+    assert DeviceState() == DeviceState(battery_level=None, charging=None, wifi=None, ram_gb=None)
+    registry.enroll("server-1", DeviceState(device_class="server"), now=NOW)
+    facts = registry.get("server-1").device
+    assert (facts.battery_level, facts.charging, facts.wifi, facts.ram_gb) == (None,) * 4
+    registry.record_heartbeats([heartbeat("server-1", seconds=10, battery_level=None, wifi=True)])
+    facts = registry.get("server-1").device
+    assert (facts.battery_level, facts.charging, facts.wifi) == (None, False, True)
+    registry.enroll("server-1", DeviceState(device_class="server", ram_gb=64.0), now=NOW)
+    assert registry.get("server-1").device.ram_gb == 64.0
+    registry.enroll("server-1", DeviceState(device_class="server"), now=NOW)
+    assert registry.get("server-1").device.ram_gb is None  # it stopped saying: unknown again
+
+
+def test_a_barred_client_can_never_train_whatever_it_was_told(registry: ClientRegistry) -> None:
+    registry.enroll("c1", device(), now=NOW, expires_at=NOW + timedelta(hours=1))
+    assert registry.get("c1").current_eligibility(now=NOW) == Eligibility(True)
+    registry.set_status("c1", ClientStatus.SUSPENDED, "stolen")
+    suspended = registry.get("c1")
+    assert suspended.eligibility == Eligibility(True)  # the verdict last told, kept as it was
+    assert suspended.current_eligibility(now=NOW) == Eligibility(
+        False, "client is suspended: stolen"
+    )
+    registry.set_status("c1", ClientStatus.ACTIVE)
+    told = Eligibility(False, "app version 2.3.0 is below the minimum 2.4.0")
+    registry.record_eligibility("c1", told)
+    assert registry.get("c1").current_eligibility(now=NOW) == told
+    later = NOW + timedelta(hours=2)
+    assert registry.get("c1").current_eligibility(now=later) == Eligibility(
+        False, f"enrollment expired at {(NOW + timedelta(hours=1)).isoformat()}"
+    )
+    registry.set_status("c1", ClientStatus.RETIRED)
+    assert registry.get("c1").current_eligibility(now=NOW) == Eligibility(
+        False, "client is retired"
+    )
+
+
 def test_list_filters_and_pages(registry: ClientRegistry) -> None:
     for index in range(7):
         kind = "iot-gateway" if index % 2 else "phone"

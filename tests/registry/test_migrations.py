@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,28 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from shoal.core import ConfigError, RegistryError
-from shoal.registry import MIGRATIONS, SCHEMA_VERSION, Database, Migration, open_database
+from shoal.registry import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    BlobStore,
+    ClientRegistry,
+    ClientStatus,
+    Database,
+    DeviceState,
+    Migration,
+    ModelRegistry,
+    ModelStatus,
+    open_database,
+)
 from shoal.registry.database import create_engine, resolve_database_url
 from shoal.registry.migrations import apply_migrations, recorded_version
-from shoal.registry.schema import metadata, schema_version, version_requirements
+from shoal.registry.schema import (
+    clients,
+    metadata,
+    model_versions,
+    schema_version,
+    version_requirements,
+)
 
 
 def recorded(database: Database) -> list[tuple[int, str]]:
@@ -77,6 +96,54 @@ def test_an_older_database_gets_only_the_missing_migrations(database_url: str) -
             assert not sa.inspect(connection).has_table("model_versions")
         assert apply_migrations(database) == SCHEMA_VERSION
         assert [version for version, _ in recorded(database)] == list(range(1, SCHEMA_VERSION + 1))
+    finally:
+        database.close()
+
+
+def test_rows_written_before_a_migration_survive_it(database_url: str, tmp_path: Path) -> None:
+    """A registry made by an older Shoal (schema 4) keeps its versions and clients."""
+    now = datetime(2026, 3, 20, 10, 0, tzinfo=UTC)
+    database = Database(create_engine(resolve_database_url(database_url)))
+    try:
+        assert apply_migrations(database, migrations=MIGRATIONS[:4]) == 4
+        with database.write() as connection:
+            connection.execute(
+                model_versions.insert().values(
+                    name="digits", version=0, round=0, parent=None, sha256="a" * 64,
+                    blob="b" * 64, created_at=now, metrics={"accuracy": 0.9}, status="BAD",
+                    architecture_version="mlp-v1",
+                )
+            )  # fmt: skip
+            connection.execute(
+                clients.insert().values(
+                    client_id="phone-1", device_class="phone", battery_level=0.4, charging=False,
+                    wifi=True, ram_gb=3.0, app_version="2.4.1", app_version_key="x",
+                    runtime_version="1", model_architecture_version="m", status="SUSPENDED",
+                    status_reason="lost", can_train=True, sample_key=7, enrolled_at=now,
+                    last_seen=now,
+                )
+            )  # fmt: skip
+        assert apply_migrations(database) == SCHEMA_VERSION
+        registry = ClientRegistry(database)
+        phone = registry.get("phone-1")
+        assert phone.device == DeviceState(
+            device_class="phone", battery_level=0.4, charging=False, wifi=True, ram_gb=3.0,
+            app_version="2.4.1", runtime_version="1", model_architecture_version="m",
+        )  # fmt: skip
+        assert (phone.status, phone.status_reason, phone.sample_key) == (
+            ClientStatus.SUSPENDED,
+            "lost",
+            7,
+        )
+        registry.enroll("server-1", DeviceState(), now=now)  # facts unknown: NULL now
+        assert registry.get("server-1").device.charging is None
+        record = ModelRegistry(database, BlobStore(tmp_path / "blobs")).get("digits", 0)
+        assert (record.status, record.metrics, record.created_at) == (
+            ModelStatus.BAD,
+            {"accuracy": 0.9},
+            now,
+        )
+        assert (record.status_reason, record.status_changed_at) == (None, None)
     finally:
         database.close()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +114,28 @@ def test_verdicts_and_refusing_to_roll_back_onto_a_bad_version(registry: ModelRe
         registry.rollback("digits", 42)
     with pytest.raises(RegistryError, match="BAD"):
         commit(registry, 7, status=ModelStatus.BAD)
+
+
+def test_a_verdict_keeps_its_reason_and_time(registry: ModelRegistry) -> None:
+    commit(registry, 0)
+    fresh = registry.get("digits", 0)
+    assert (fresh.status, fresh.status_reason, fresh.status_changed_at) == (
+        ModelStatus.CANDIDATE,
+        None,
+        None,
+    )
+    later = NOW + timedelta(hours=1)
+    bad = registry.mark("digits", 0, ModelStatus.BAD, reason="accuracy fell to 0.1", now=later)
+    assert (bad.status, bad.status_reason, bad.status_changed_at) == (
+        ModelStatus.BAD,
+        "accuracy fell to 0.1",
+        later,
+    )
+    assert registry.get("digits", 0) == bad
+    good = registry.mark("digits", 0, ModelStatus.GOOD, reason="false alarm", now=later)
+    assert (good.status, good.status_reason) == (ModelStatus.GOOD, "false alarm")
+    with pytest.raises(RegistryError, match="timezone-aware"):
+        registry.mark("digits", 0, ModelStatus.BAD, now=datetime(2026, 1, 1))
 
 
 def test_a_corrupt_blob_is_detected_and_never_rolled_back_to(

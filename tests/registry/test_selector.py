@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -92,6 +92,9 @@ INELIGIBLE = [
     (Spec(device(charging=False)), "not charging"),
     (Spec(device(wifi=False)), "not on WiFi"),
     (Spec(device(ram_gb=1.5)), "1.5 GB of RAM is below the minimum 2"),
+    (Spec(device(charging=None)), "charging is unknown"),
+    (Spec(device(wifi=None)), "WiFi is unknown"),
+    (Spec(device(ram_gb=None)), "RAM is unknown, and the minimum is 2 GB"),
     (Spec(device(app_version="2.3.9")), "app version 2.3.9 is below the minimum 2.4"),
     (Spec(device(), seen_minutes_ago=61), "last seen at 2026-03-20T08:59:00+00:00"),
     (Spec(device(), status=ClientStatus.SUSPENDED), "client is suspended: operator"),
@@ -134,6 +137,23 @@ def test_the_matrix_reason_is_the_one_from_the_seed(
     )
     assert selector.select(SelectionCriteria(model=MODEL), 5, now=NOW) == []
     assert selector.select(SelectionCriteria(), 5, now=NOW) == ["old-app"]
+
+
+def test_unknown_facts_bar_only_the_criteria_that_ask_for_them(
+    registry: ClientRegistry, selector: Selector
+) -> None:
+    facts = {"battery_level": None, "charging": None, "wifi": None, "ram_gb": None}
+    enroll(registry, "server", Spec(device(device_class="server", **facts)))
+    relaxed = SelectionCriteria(model=MODEL, require_charging=False, require_wifi=False)
+    assert selector.select(relaxed, 5, now=NOW) == ["server"]
+    assert selector.check(registry.get("server"), relaxed, now=NOW).can_train
+    for strict, reason in [
+        (replace(relaxed, require_charging=True), "charging is unknown"),
+        (replace(relaxed, require_wifi=True), "WiFi is unknown"),
+        (replace(relaxed, min_ram_gb=0.5), "RAM is unknown, and the minimum is 0.5 GB"),
+    ]:
+        assert selector.select(strict, 5, now=NOW) == []
+        assert selector.check(registry.get("server"), strict, now=NOW).reason == reason
 
 
 def test_an_empty_registry_and_zero_counts(selector: Selector) -> None:
@@ -223,9 +243,10 @@ population = st.lists(
         Spec,
         device=st.builds(
             device,
-            charging=st.booleans(),
-            wifi=st.booleans(),
-            ram_gb=st.sampled_from([1.0, 2.0, 4.0]),
+            battery_level=st.sampled_from([None, 0.2, 1.0]),
+            charging=st.sampled_from([None, True, False]),
+            wifi=st.sampled_from([None, True, False]),
+            ram_gb=st.sampled_from([None, 1.0, 2.0, 4.0]),
             app_version=st.sampled_from(["2.3.0", "2.4", "2.4.1", "2.10.0", "2.4.0-beta"]),
             runtime_version=st.sampled_from(["1.1.0", "1.2.0", "1.3.0"]),
             feature_extractor_version=st.sampled_from([None, "2.9", "3.0", "3.0.1"]),

@@ -71,14 +71,14 @@ EXTRAS = st.dictionaries(
 device_states = st.builds(
     DeviceState,
     device_class=NAME,
-    battery_level=st.floats(min_value=0, max_value=1),
-    charging=st.booleans(),
-    wifi=st.booleans(),
+    battery_level=st.none() | st.floats(min_value=0, max_value=1),  # None: unknown, not 0
+    charging=st.none() | st.booleans(),
+    wifi=st.none() | st.booleans(),
     app_version=NAME,
     runtime_version=NAME,
     model_architecture_version=NAME,
     feature_extractor_version=st.none() | NAME,
-    ram_gb=st.floats(min_value=0, max_value=1e6),
+    ram_gb=st.none() | st.floats(min_value=0, max_value=1e6),
 )
 model_refs = st.builds(ModelRef, NAME, SHA, COUNT)
 reject_codes = st.sampled_from(RejectCode)

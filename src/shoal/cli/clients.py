@@ -25,6 +25,7 @@ from shoal.cli.operator import (
     _when,
     parse_duration,
 )
+from shoal.core.device import DeviceState
 from shoal.registry import (
     ClientRecord,
     ClientRegistry,
@@ -42,14 +43,18 @@ clients_app = typer.Typer(
 app.add_typer(clients_app, name="clients")
 
 
+UNKNOWN = "unknown"  # a fact the client did not report (null in JSON)
+
+
 def _client_json(record: ClientRecord) -> dict[str, Any]:
+    eligibility = record.current_eligibility()  # never "yes" for a suspended or retired client
     return {
         "client_id": record.client_id,
         "status": record.status.value,
         "status_reason": record.status_reason,
         **dataclasses.asdict(record.device),
-        "can_train": record.eligibility.can_train,
-        "rejection_reason": record.eligibility.reason,
+        "can_train": eligibility.can_train,
+        "rejection_reason": eligibility.reason,
         "public_key": None if record.public_key is None else record.public_key.hex(),
         "enrolled_at": _iso(record.enrolled_at),
         "last_seen": _iso(record.last_seen),
@@ -58,7 +63,23 @@ def _client_json(record: ClientRecord) -> dict[str, Any]:
 
 
 def _eligibility(record: ClientRecord) -> str:
-    return "yes" if record.eligibility.can_train else f"no: {record.eligibility.reason}"
+    eligibility = record.current_eligibility()
+    return "yes" if eligibility.can_train else f"no: {eligibility.reason}"
+
+
+def _facts(device: DeviceState) -> dict[str, str]:
+    """Battery, charging, WiFi and RAM as a person reads them; "unknown" where not reported."""
+
+    def flag(value: bool | None) -> str:
+        return UNKNOWN if value is None else "yes" if value else "no"
+
+    battery, ram = device.battery_level, device.ram_gb
+    return {
+        "battery_level": UNKNOWN if battery is None else f"{battery:.0%}",
+        "charging": flag(device.charging),
+        "wifi": flag(device.wifi),
+        "ram_gb": UNKNOWN if ram is None else f"{ram:g}",
+    }
 
 
 @clients_app.command("list")
@@ -98,10 +119,7 @@ def list_clients(
                 record.client_id,
                 _status(record.status),
                 device.device_class,
-                f"{device.battery_level:.0%}",
-                "yes" if device.charging else "no",
-                "yes" if device.wifi else "no",
-                f"{device.ram_gb:g}",
+                *_facts(device).values(),
                 device.app_version,
                 device.runtime_version,
                 device.model_architecture_version,
@@ -131,6 +149,7 @@ def _print_client(record: ClientRecord, *, as_json: bool) -> None:
     if as_json:
         _print_json(fields)
         return
+    fields |= _facts(record.device)
     fields["status"] = _status(record.status)
     _console().print(_key_value_table(f"client {record.client_id}", fields))
 

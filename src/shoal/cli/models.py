@@ -1,11 +1,16 @@
-"""``shoal models list|show|rollback``: the model registry's versions and HEAD."""
+"""``shoal models list|show|mark|rollback|export``: the model registry's versions and HEAD."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Annotated, Any
+import enum
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO
 
+import numpy as np
 import typer
 from rich.table import Table
 from rich.text import Text
@@ -26,7 +31,9 @@ from shoal.cli.operator import (
     _status,
     _when,
 )
-from shoal.core.errors import NotFoundError, RegistryError
+from shoal.core.errors import ModelError, NotFoundError, RegistryError
+from shoal.core.parameters import Parameters
+from shoal.core.torch_interop import import_torch, state_dict_from_parameters
 from shoal.registry import (
     BlobStore,
     ModelRecord,
@@ -37,7 +44,8 @@ from shoal.registry import (
 from shoal.registry.location import DEFAULT_STATE_DIR
 
 models_app = typer.Typer(
-    help="Model versions: list, inspect, roll HEAD back.", no_args_is_help=True
+    help="Model versions: list, inspect, mark good or bad, roll HEAD back, export.",
+    no_args_is_help=True,
 )
 app.add_typer(models_app, name="models")
 
@@ -49,6 +57,7 @@ def _model_json(record: ModelRecord, *, head: bool) -> dict[str, Any]:
     fields = dataclasses.asdict(record)
     return fields | {
         "status": record.status.value,
+        "status_changed_at": _iso(record.status_changed_at),
         "created_at": _iso(record.created_at),
         "metrics": dict(record.metrics),
         "head": head,
@@ -91,6 +100,7 @@ def list_models(
     for column in ("", "name", "version", "round", "parent", "status", "sha256", "created (UTC)"):
         numeric = column in ("version", "round")
         table.add_column(column, justify="right" if numeric else "left", no_wrap=column != "name")
+    table.add_column("reason", overflow="fold")
     table.add_column("metrics", overflow="fold")
     for record, is_head in rows:
         table.add_row(
@@ -103,6 +113,7 @@ def list_models(
                 _status(record.status),
                 record.sha256[:12],
                 _when(record.created_at),
+                record.status_reason,
                 _short_metrics(record.metrics),
             )
         )
@@ -133,6 +144,54 @@ def show_model(
     fields["status"] = _status(record.status)
     fields |= {f"metrics.{key}": value for key, value in sorted(metrics.items())}
     _console().print(_key_value_table(f"{name} version {version}", fields))
+
+
+class Verdict(enum.Enum):
+    """What ``shoal models mark`` records: an operator's judgement of a version."""
+
+    GOOD = "good"
+    BAD = "bad"
+
+
+@models_app.command("mark")
+@user_errors
+def mark_model(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Model name.")],
+    version: Annotated[int, typer.Argument(metavar="VERSION", min=0, help="Version number.")],
+    verdict: Annotated[
+        Verdict,
+        typer.Argument(metavar="VERDICT", case_sensitive=False, help="good or bad."),
+    ],
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept with the version).")],
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    registry: RegistryUrl = None,
+    blobs: BlobUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Mark a version good or bad, with the reason; a BAD version is never rolled back to.
+
+    Marking HEAD bad does not move HEAD: roll back to a good version as well.
+    """
+    if not reason.strip():
+        raise typer.BadParameter("give a reason", param_hint="--reason")
+    with _database(state_dir, registry) as database:
+        models = ModelRegistry(database, BlobStore(blob_location(state_dir, blobs)))
+        status = ModelStatus.GOOD if verdict is Verdict.GOOD else ModelStatus.BAD
+        record = models.mark(name, version, status, reason=reason)
+        head = models.head(name)
+    is_head = head is not None and head.version == record.version
+    if as_json:
+        _print_json(_model_json(record, head=is_head))
+        return
+    console = _console()
+    console.print(f"{name} version {version}: {status.value} ({reason})", markup=False)
+    if is_head and status is ModelStatus.BAD:
+        console.print(
+            f"version {version} is HEAD: new rounds still build on it until "
+            f"`shoal models rollback {name} VERSION` moves HEAD to a good version",
+            markup=False,
+            style="yellow",
+        )
 
 
 @models_app.command("rollback")
@@ -176,6 +235,123 @@ def _confirm(question: str) -> None:
     if not _interactive():
         raise typer.BadParameter("no terminal to confirm the rollback on", param_hint="--yes")
     typer.confirm(question, default=False, abort=True, err=True)
+
+
+class ExportFormat(enum.Enum):
+    """The file formats ``shoal models export`` writes."""
+
+    SAFETENSORS = "safetensors"
+    NPZ = "npz"
+    TORCH = "torch"
+
+
+def _write_npz(parameters: Parameters, handle: BinaryIO) -> None:
+    """One ``.npy`` member per tensor, named as the layout names it, in its shape and dtype.
+
+    Written member by member (as :func:`numpy.savez` does) so that any tensor name is
+    allowed, ``file`` included.
+    """
+    with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as npz:
+        for spec, array in zip(parameters.layout.specs, parameters.to_arrays(), strict=True):
+            with npz.open(f"{spec.name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+
+
+def _write_torch(parameters: Parameters, handle: BinaryIO) -> None:
+    """A ``state_dict``: an OrderedDict of tensors in the layout's names, shapes and dtypes."""
+    torch = import_torch("exporting a model as a PyTorch state_dict")
+    torch.save(OrderedDict(state_dict_from_parameters(parameters)), handle)
+
+
+_CONVERTERS: dict[ExportFormat, Callable[[Parameters, BinaryIO], None]] = {
+    ExportFormat.NPZ: _write_npz,
+    ExportFormat.TORCH: _write_torch,
+}
+
+
+def _version_or_head(text: str) -> int | None:
+    """A version number, or None for ``head``."""
+    if text.strip().lower() == "head":
+        return None
+    if not text.strip().isdigit():
+        raise typer.BadParameter(f"{text!r} is neither a version number nor head")
+    return int(text)
+
+
+@models_app.command("export")
+@user_errors
+def export_model(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Model name.")],
+    version: Annotated[
+        str,
+        typer.Argument(
+            metavar="VERSION",
+            help="Version number, or head for the version new rounds build on.",
+        ),
+    ],
+    export_format: Annotated[
+        ExportFormat,
+        typer.Option("--format", case_sensitive=False, help="The file format to write."),
+    ],
+    out: Annotated[Path, typer.Option("--out", metavar="FILE", help="The file to write.")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing FILE.")] = False,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    registry: RegistryUrl = None,
+    blobs: BlobUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Write a model version to FILE, checked against its sha256, for use outside Shoal.
+
+    safetensors is the registry's own format (the layout and sha256 in its
+    metadata); npz holds one array per tensor, under the layout's names, in
+    the original shapes and dtypes; torch is a state_dict saved with
+    torch.save (needs the torch extra), which load_state_dict takes as it is.
+    """
+    number = _version_or_head(version)
+    if out.exists() and not force:
+        raise ModelError(f"{out} exists: refusing to overwrite it (pass --force)")
+    with _database(state_dir, registry) as database:
+        models = ModelRegistry(database, BlobStore(blob_location(state_dir, blobs)))
+        record = models.head(name) if number is None else models.get(name, number)
+        if record is None:
+            raise NotFoundError(f"no model named {name!r} in the registry")
+        blob = models.blobs.get(record.blob)
+    parameters = Parameters.from_bytes(blob, expected_sha256=record.sha256)  # refuses corruption
+    convert = _CONVERTERS.get(export_format)
+    if convert is None:  # safetensors: the registry's own bytes, layout and sha256 inside
+        _write_file(out, lambda handle: handle.write(blob))
+    else:
+        _write_file(out, lambda handle: convert(parameters, handle))
+    if as_json:
+        _print_json(
+            {
+                "name": name,
+                "version": record.version,
+                "format": export_format.value,
+                "out": str(out),
+                "sha256": record.sha256,
+                "tensors": len(parameters.layout.specs),
+            }
+        )
+        return
+    _console().print(
+        f"wrote {name} version {record.version} ({len(parameters.layout.specs)} tensors, "
+        f"{export_format.value}) to {out}",
+        markup=False,
+    )
+
+
+def _write_file(out: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``out`` whole or not at all: into a partial file, renamed when complete."""
+    partial = out.with_name(out.name + ".partial")
+    try:
+        with partial.open("wb") as handle:
+            write(handle)
+        partial.replace(out)
+    except OSError as exc:
+        raise ModelError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    finally:
+        partial.unlink(missing_ok=True)  # gone already when the write succeeded
 
 
 # --- clients -----------------------------------------------------------------------------

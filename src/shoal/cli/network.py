@@ -153,10 +153,10 @@ def client_run_command(
 ) -> None:
     """Enroll, then check in, train and upload until the run finishes (or N tasks).
 
-    The client app is the job config's ``[app] client`` (or ``--app``); it is
-    told ``--partition-index``/``--num-partitions`` and the ``--option`` values.
-    A silo of a homomorphic (CKKS) consortium also gives ``--public-context``
-    and ``--silo-keys``: it encrypts its updates under that context only.
+    The client app is the job config's [app] client (or --app); it is told
+    --partition-index, --num-partitions and the --option values. A silo of a
+    homomorphic (CKKS) consortium also gives --public-context and --silo-keys:
+    it encrypts its updates under that context only.
     """
     from shoal.secure.homomorphic import SiloCredentials
     from shoal.transport.certs import load_channel_credentials

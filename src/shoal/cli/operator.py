@@ -144,7 +144,9 @@ def parse_duration(text: str | timedelta) -> timedelta:
 
 
 def _interactive() -> bool:
-    return sys.stdin.isatty()
+    """Whether a person can answer a prompt: stdin is an open terminal (not closed, not a pipe)."""
+    stdin = sys.stdin
+    return stdin is not None and not stdin.closed and stdin.isatty()
 
 
 # --- models ------------------------------------------------------------------------------

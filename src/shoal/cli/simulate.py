@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shoal.cli.app import app, user_errors
+from shoal.cli.app import app, quiet_logging, user_errors
 from shoal.client.app import app_search_path, with_config_folder
 from shoal.config import Config, load_config, parse_config
 from shoal.core.errors import ConfigError
@@ -71,7 +71,10 @@ def simulate(
         ),
     ] = None,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="Print only the final summary.")
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="Print only the final summary; log only errors (MLflow's too)."
+        ),
     ] = False,
 ) -> None:
     """Simulate federated training in virtual time: same seed, same run, bit for bit.
@@ -79,6 +82,8 @@ def simulate(
     Writes metrics.jsonl (one line per round and phase), summary.json and
     every model version into the run folder.
     """
+    if quiet:
+        quiet_logging()
     extra = list(overrides or [])
     if rounds is not None:
         extra.append(f"run.rounds={rounds}")

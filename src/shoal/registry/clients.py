@@ -3,7 +3,8 @@
 A client record holds what the seed's registry record holds (device class,
 battery and WiFi, app version, last seen, eligibility with a rejection
 reason) plus the runtime, model-architecture and feature-extractor versions,
-RAM, a status (:class:`ClientStatus`), an expiry, the client's Ed25519
+RAM (power, network and RAM stored as NULL when the client did not report
+them), a status (:class:`ClientStatus`), an expiry, the client's Ed25519
 public key and its ``sample_key``: a uniform random 63-bit integer drawn
 at enrollment, which the selector walks to sample clients without scanning
 the table (see :mod:`shoal.registry.selector`).
@@ -67,18 +68,22 @@ def _require_fraction(value: float, name: str) -> None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
-    """A client's periodic sign of life: when it was seen and its power and network state."""
+    """A client's periodic sign of life: when it was seen and its power and network state.
+
+    A fact the client did not report is None (unknown), and is stored so.
+    """
 
     client_id: str
     seen_at: datetime
-    battery_level: float
-    charging: bool
-    wifi: bool
+    battery_level: float | None
+    charging: bool | None
+    wifi: bool | None
 
     def __post_init__(self) -> None:
         _require_text(self.client_id, "client_id", limit=128)
         require_aware(self.seen_at, "seen_at")
-        _require_fraction(self.battery_level, "battery_level")
+        if self.battery_level is not None:
+            _require_fraction(self.battery_level, "battery_level")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,6 +117,22 @@ class ClientRecord:
     def feature_extractor_version(self) -> str | None:
         return self.device.feature_extractor_version
 
+    def barred_reasons(self, *, now: datetime) -> builtins.list[str]:
+        """Why the client may not train whatever it reports: not ACTIVE, or expired."""
+        reasons = []
+        if self.status is not ClientStatus.ACTIVE:
+            detail = f": {self.status_reason}" if self.status_reason else ""
+            reasons.append(f"client is {self.status.value.lower()}{detail}")
+        if self.expires_at is not None and self.expires_at <= now:
+            reasons.append(f"enrollment expired at {self.expires_at.isoformat()}")
+        return reasons
+
+    def current_eligibility(self, *, now: datetime | None = None) -> Eligibility:
+        """Whether the client may train now: never while suspended, retired or expired;
+        otherwise the verdict it was last told (:attr:`eligibility`)."""
+        reasons = self.barred_reasons(now=require_aware(now or utc_now(), "now"))
+        return Eligibility.rejected(reasons) if reasons else self.eligibility
+
 
 def device_columns(device: DeviceState) -> dict[str, Any]:
     """The clients-table columns that hold ``device``, version keys included."""
@@ -129,12 +150,16 @@ def device_columns(device: DeviceState) -> dict[str, Any]:
     return columns
 
 
+def _flag(value: Any) -> bool | None:
+    return None if value is None else bool(value)
+
+
 def record_from_row(row: sa.Row[Any]) -> ClientRecord:
     device = DeviceState(
         device_class=row.device_class,
         battery_level=row.battery_level,
-        charging=bool(row.charging),
-        wifi=bool(row.wifi),
+        charging=_flag(row.charging),
+        wifi=_flag(row.wifi),
         ram_gb=row.ram_gb,
         app_version=row.app_version,
         runtime_version=row.runtime_version,

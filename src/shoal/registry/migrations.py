@@ -183,11 +183,30 @@ def _create_privacy_ledger(op: Operations) -> None:
     op.create_index("ix_privacy_clients_spent", "privacy_clients", ["run_id", "epsilon_spent"])
 
 
+def _add_model_verdict_reasons(op: Operations) -> None:
+    op.add_column("model_versions", sa.Column("status_reason", sa.Text))
+    op.add_column("model_versions", sa.Column("status_changed_at", UtcDateTime))
+
+
+def _allow_unknown_device_facts(op: Operations) -> None:
+    # SQLite cannot drop NOT NULL in place: batch mode copies the table (its index too)
+    with op.batch_alter_table("clients") as batch:
+        for name, kind in (
+            ("battery_level", sa.Float()),
+            ("charging", sa.Boolean()),
+            ("wifi", sa.Boolean()),
+            ("ram_gb", sa.Float()),
+        ):
+            batch.alter_column(name, existing_type=kind, nullable=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "client registry and versioning matrix", _create_client_registry),
     Migration(2, "model registry", _create_model_registry),
     Migration(3, "enrollment tokens", _create_enrollment_tokens),
     Migration(4, "privacy budget ledger", _create_privacy_ledger),
+    Migration(5, "reasons for model verdicts", _add_model_verdict_reasons),
+    Migration(6, "unknown device facts (power, network, RAM) as NULL", _allow_unknown_device_facts),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -5,8 +5,9 @@ A version is written blob first (content-addressed, atomic, through the
 pointer in one transaction: a crash at any point leaves the last committed
 version intact, at worst with an unreferenced blob. Each version records
 its round, parent, the sha256 of its parameters, metrics, a status
-(:class:`ModelStatus`) and the architecture version it was built for, and
-may carry an opaque state blob (the server optimizer's state, say).
+(:class:`ModelStatus`, with the reason and time of the last verdict) and the
+architecture version it was built for, and may carry an opaque state blob
+(the server optimizer's state, say).
 
 HEAD is the version new rounds build on. :meth:`ModelRegistry.rollback`
 moves it to another version after checking that version's blob; the later
@@ -52,6 +53,8 @@ class ModelRecord:
     status: ModelStatus
     architecture_version: str
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    status_reason: str | None = None
+    status_changed_at: datetime | None = None
 
 
 def _record(row: sa.Row[Any]) -> ModelRecord:
@@ -67,6 +70,8 @@ def _record(row: sa.Row[Any]) -> ModelRecord:
         status=row.status,
         architecture_version=row.architecture_version,
         metrics=dict(row.metrics),
+        status_reason=row.status_reason,
+        status_changed_at=row.status_changed_at,
     )
 
 
@@ -187,14 +192,26 @@ class ModelRegistry:
         record = self.get(name, version)
         return None if record.state_blob is None else self.blobs.get(record.state_blob)
 
-    def mark(self, name: str, version: int, status: ModelStatus) -> ModelRecord:
-        """Record a verdict on a version. Marking HEAD BAD does not move HEAD: roll back."""
+    def mark(
+        self,
+        name: str,
+        version: int,
+        status: ModelStatus,
+        *,
+        reason: str | None = None,
+        now: datetime | None = None,
+    ) -> ModelRecord:
+        """Record a verdict on a version, with its reason and time (a later one replaces it).
+
+        Marking HEAD BAD does not move HEAD: roll back.
+        """
+        changed_at = require_aware(now or utc_now(), "now")
         with self.database.write() as connection:
             _fetch(connection, name, version)
             connection.execute(
                 sa.update(model_versions)
                 .where(model_versions.c.name == name, model_versions.c.version == version)
-                .values(status=status)
+                .values(status=status, status_reason=reason, status_changed_at=changed_at)
             )
             return _fetch(connection, name, version)
 

@@ -102,10 +102,11 @@ clients = sa.Table(
     metadata,
     sa.Column("client_id", sa.String(128), primary_key=True),
     sa.Column("device_class", sa.String(64), nullable=False),
-    sa.Column("battery_level", sa.Float, nullable=False),
-    sa.Column("charging", sa.Boolean, nullable=False),
-    sa.Column("wifi", sa.Boolean, nullable=False),
-    sa.Column("ram_gb", sa.Float, nullable=False),
+    # NULL when the client did not report it: unknown, which no criterion on it accepts
+    sa.Column("battery_level", sa.Float),
+    sa.Column("charging", sa.Boolean),
+    sa.Column("wifi", sa.Boolean),
+    sa.Column("ram_gb", sa.Float),
     sa.Column("app_version", sa.String(64), nullable=False),
     sa.Column("app_version_key", version_key_type()),
     sa.Column("runtime_version", sa.String(64), nullable=False),
@@ -155,6 +156,9 @@ model_versions = sa.Table(
     sa.Column("metrics", sa.JSON, nullable=False),
     sa.Column("status", enum_type(ModelStatus, "model_status"), nullable=False),
     sa.Column("architecture_version", sa.String(64), nullable=False),
+    # the operator's reason for the status, and when it was given (None while CANDIDATE)
+    sa.Column("status_reason", sa.Text),
+    sa.Column("status_changed_at", UtcDateTime),
     sa.ForeignKeyConstraint(["name", "parent"], ["model_versions.name", "model_versions.version"]),
 )
 

@@ -5,7 +5,10 @@ app version >= X, with at least Y GB of RAM, seen within T", and also
 ACTIVE (not suspended or retired), not expired and compatible with the
 versioning matrix of the model. Every condition is a SQL predicate on the
 clients table; :meth:`Selector.check` evaluates the same conditions in
-Python to tell one client why it was not eligible.
+Python to tell one client why it was not eligible. A criterion on a fact
+the client did not report (charging, WiFi or RAM stored as NULL) is not
+met: the SQL comparison with NULL is not true, and the Python check says the
+fact is unknown. A selection that asks nothing of a fact ignores it.
 
 How the sample is drawn (:meth:`Selector.select`)
 -------------------------------------------------
@@ -133,21 +136,18 @@ def ineligibility_reasons(
     now: datetime,
 ) -> list[str]:
     """Every reason ``client`` fails ``criteria`` (empty when it is eligible)."""
-    device, reasons = client.device, []
-    if client.status is not ClientStatus.ACTIVE:
-        detail = f": {client.status_reason}" if client.status_reason else ""
-        reasons.append(f"client is {client.status.value.lower()}{detail}")
-    if client.expires_at is not None and client.expires_at <= now:
-        reasons.append(f"enrollment expired at {client.expires_at.isoformat()}")
+    device, reasons = client.device, client.barred_reasons(now=now)
     if criteria.seen_within is not None and client.last_seen < now - criteria.seen_within:
         reasons.append(
             f"last seen at {client.last_seen.isoformat()}, not within {criteria.seen_within}"
         )
     if criteria.require_charging and not device.charging:
-        reasons.append("not charging")
+        reasons.append("charging is unknown" if device.charging is None else "not charging")
     if criteria.require_wifi and not device.wifi:
-        reasons.append("not on WiFi")
-    if device.ram_gb < criteria.min_ram_gb:
+        reasons.append("WiFi is unknown" if device.wifi is None else "not on WiFi")
+    if criteria.min_ram_gb > 0 and device.ram_gb is None:
+        reasons.append(f"RAM is unknown, and the minimum is {criteria.min_ram_gb:g} GB")
+    elif device.ram_gb is not None and device.ram_gb < criteria.min_ram_gb:
         reasons.append(f"{device.ram_gb:g} GB of RAM is below the minimum {criteria.min_ram_gb:g}")
     if criteria.min_app_version is not None:
         key, minimum = version_key(device.app_version), version_key(criteria.min_app_version)

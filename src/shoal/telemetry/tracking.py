@@ -18,12 +18,19 @@ imported only when a tracker is created: a run without tracking never pays
 for it, and without the ``mlflow`` extra that is a
 :class:`~shoal.core.errors.MissingExtraError`. MLflow's own errors leave
 the tracker as :class:`~shoal.core.errors.RunError`.
+
+MLflow's own log lines (its ``mlflow`` logger and the ``alembic`` logger of
+its store's migrations) keep MLflow's levels unless
+:func:`set_mlflow_log_level` asks for another: the ``shoal`` command holds
+them to its own level, so that ``--quiet`` silences them too.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import numbers
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -41,6 +48,27 @@ METRICS_PER_BATCH = 1000  # and on its metrics
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 _T = TypeVar("_T")
 
+MLFLOW_LOGGERS = ("mlflow", "alembic")  # MLflow gives both their own handler and level
+_mlflow_log_level: int | None = None
+
+
+def set_mlflow_log_level(level: int) -> None:
+    """Hold MLflow's own log lines to ``level`` and above, from now on.
+
+    MLflow sets its loggers up when it is imported: the level is applied at
+    once if it is, else when :func:`import_mlflow` first imports it.
+    """
+    global _mlflow_log_level
+    _mlflow_log_level = level
+    if "mlflow" in sys.modules:
+        _apply_mlflow_log_level()
+
+
+def _apply_mlflow_log_level() -> None:
+    if _mlflow_log_level is not None:
+        for name in MLFLOW_LOGGERS:
+            logging.getLogger(name).setLevel(_mlflow_log_level)
+
 
 def import_mlflow() -> Any:
     """The ``mlflow`` module, or :class:`MissingExtraError` naming the ``mlflow`` extra."""
@@ -52,6 +80,7 @@ def import_mlflow() -> Any:
         raise MissingExtraError(
             extra="mlflow", package="mlflow-skinny", feature="MLflow tracking"
         ) from exc
+    _apply_mlflow_log_level()
     return mlflow
 
 

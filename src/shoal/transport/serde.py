@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -195,34 +195,35 @@ def _decode_phase(value: int) -> Phase:
 # --- device, enrollment --------------------------------------------------------------
 
 
+_DeviceFact = Literal["battery_level", "charging", "wifi", "ram_gb"]
+_DEVICE_FACTS: tuple[_DeviceFact, ...] = ("battery_level", "charging", "wifi", "ram_gb")
+"""The optional fields of a DeviceState: unset on the wire is None (unknown) in Python."""
+
+
 def encode_device_state(state: DeviceState) -> pb.DeviceState:
+    facts = {name: getattr(state, name) for name in _DEVICE_FACTS}
     return _checked(
         lambda: pb.DeviceState(
             device_class=state.device_class,
-            battery_level=state.battery_level,
-            charging=state.charging,
-            wifi=state.wifi,
             app_version=state.app_version,
             runtime_version=state.runtime_version,
             model_architecture_version=state.model_architecture_version,
             feature_extractor_version=state.feature_extractor_version or "",
-            ram_gb=state.ram_gb,
+            **{name: value for name, value in facts.items() if value is not None},
         ),
         "device state",
     )
 
 
 def decode_device_state(message: pb.DeviceState) -> DeviceState:
+    facts = {name: getattr(message, name) for name in _DEVICE_FACTS if message.HasField(name)}
     return DeviceState(
         device_class=message.device_class,
-        battery_level=message.battery_level,
-        charging=message.charging,
-        wifi=message.wifi,
         app_version=message.app_version,
         runtime_version=message.runtime_version,
         model_architecture_version=message.model_architecture_version,
         feature_extractor_version=message.feature_extractor_version or None,
-        ram_gb=message.ram_gb,
+        **facts,
     )
 
 

@@ -210,6 +210,12 @@ Global___Verdict: _TypeAlias = Verdict  # noqa: Y015
 
 @_typing.final
 class DeviceState(_message.Message):
+    """Power, network and memory are optional: a client that cannot tell (a server
+    has no battery) leaves them unset, and the coordinator records them as
+    unknown, which no selection criterion on them accepts. A peer built before
+    they were optional reads an unset one as false or 0: no more selectable.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DEVICE_CLASS_FIELD_NUMBER: _builtins.int
@@ -237,20 +243,35 @@ class DeviceState(_message.Message):
         self,
         *,
         device_class: _builtins.str = ...,
-        battery_level: _builtins.float = ...,
-        charging: _builtins.bool = ...,
-        wifi: _builtins.bool = ...,
+        battery_level: _builtins.float | None = ...,
+        charging: _builtins.bool | None = ...,
+        wifi: _builtins.bool | None = ...,
         app_version: _builtins.str = ...,
         runtime_version: _builtins.str = ...,
         model_architecture_version: _builtins.str = ...,
         feature_extractor_version: _builtins.str = ...,
-        ram_gb: _builtins.float = ...,
+        ram_gb: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_battery_level", b"_battery_level", "_charging", b"_charging", "_ram_gb", b"_ram_gb", "_wifi", b"_wifi", "battery_level", b"battery_level", "charging", b"charging", "ram_gb", b"ram_gb", "wifi", b"wifi"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_version", b"app_version", "battery_level", b"battery_level", "charging", b"charging", "device_class", b"device_class", "feature_extractor_version", b"feature_extractor_version", "model_architecture_version", b"model_architecture_version", "ram_gb", b"ram_gb", "runtime_version", b"runtime_version", "wifi", b"wifi"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_battery_level", b"_battery_level", "_charging", b"_charging", "_ram_gb", b"_ram_gb", "_wifi", b"_wifi", "app_version", b"app_version", "battery_level", b"battery_level", "charging", b"charging", "device_class", b"device_class", "feature_extractor_version", b"feature_extractor_version", "model_architecture_version", b"model_architecture_version", "ram_gb", b"ram_gb", "runtime_version", b"runtime_version", "wifi", b"wifi"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__battery_level: _TypeAlias = _typing.Literal["battery_level"]  # noqa: Y015
+    _WhichOneofArgType__battery_level: _TypeAlias = _typing.Literal["_battery_level", b"_battery_level"]  # noqa: Y015
+    _WhichOneofReturnType__charging: _TypeAlias = _typing.Literal["charging"]  # noqa: Y015
+    _WhichOneofArgType__charging: _TypeAlias = _typing.Literal["_charging", b"_charging"]  # noqa: Y015
+    _WhichOneofReturnType__ram_gb: _TypeAlias = _typing.Literal["ram_gb"]  # noqa: Y015
+    _WhichOneofArgType__ram_gb: _TypeAlias = _typing.Literal["_ram_gb", b"_ram_gb"]  # noqa: Y015
+    _WhichOneofReturnType__wifi: _TypeAlias = _typing.Literal["wifi"]  # noqa: Y015
+    _WhichOneofArgType__wifi: _TypeAlias = _typing.Literal["_wifi", b"_wifi"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__battery_level) -> _WhichOneofReturnType__battery_level | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__charging) -> _WhichOneofReturnType__charging | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ram_gb) -> _WhichOneofReturnType__ram_gb | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__wifi) -> _WhichOneofReturnType__wifi | None: ...
 
 Global___DeviceState: _TypeAlias = DeviceState  # noqa: Y015
 
