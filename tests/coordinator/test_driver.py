@@ -69,9 +69,9 @@ async def client(
     while True:
         seen.append(client_id)
         answer = driver.check_in(client_id)
+        if isinstance(answer, RunFinished):
+            return done
         if isinstance(answer, RetryLater):
-            if driver.coordinator.state.value == "finished":
-                return done
             await asyncio.sleep(0.01)
             continue
         assert isinstance(answer, TaskOffer) and answer.deadline_in_s > 0
