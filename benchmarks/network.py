@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 
 from shoal.aggregation.strategy import make_strategy
+from shoal.client.link import Enrollment
 from shoal.client.numpy_models import NumpyClient, SoftmaxRegression
-from shoal.client.runtime import Backoff, ClientRuntime, Enrollment
+from shoal.client.runtime import Backoff, ClientRuntime
 from shoal.config import load_config
 from shoal.coordinator import CommitVersion, Coordinator, RoundSettings
 from shoal.coordinator.driver import DriverSettings, RoundDriver

@@ -5,20 +5,31 @@ from __future__ import annotations
 import asyncio
 import random
 from pathlib import Path
+from typing import TypeVar, cast
 
 import numpy as np
 
 from shoal.aggregation.strategy import make_strategy
 from shoal.apps.builtin import DataScenario
 from shoal.client.api import Client, FitConfig, FitResult
-from shoal.client.runtime import Backoff, ClientRuntime, Enrollment, load_or_create_enrollment
+from shoal.client.link import (
+    CheckIn,
+    Enrollment,
+    FetchModel,
+    ReportFailure,
+    Request,
+    SubmitEvaluation,
+    SubmitSecure,
+    SubmitUpdate,
+)
+from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
 from shoal.config import load_config
-from shoal.coordinator import CommitVersion, Coordinator, Phase, RejectSubmission, RoundSettings
+from shoal.coordinator import CommitVersion, Coordinator, Phase, RoundSettings
 from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.inprocess import InProcessLink
 from shoal.coordinator.run import schedule
 from shoal.coordinator.secure import SecureSettings
-from shoal.core import DeviceState, Parameters
+from shoal.core import Parameters
 from shoal.secure.messages import (
     AdvertiseKeysRequest,
     ClientMessage,
@@ -34,6 +45,7 @@ from shoal.transport.signing import generate_client_key
 from support.driving import closing
 
 CLIENTS = 8
+T = TypeVar("T")
 
 
 class Exploding(Client):
@@ -82,11 +94,8 @@ async def federate(
         candidates=lambda: sorted(link_ids),
         on_closed=closing(persist),
     )
-    link = InProcessLink(
-        driver, models.__getitem__, failure_rate=failure_rate, rng=random.Random(1)
-    )
-    if secure:
-        link.submit_update = refuse_plaintext  # type: ignore[method-assign]
+    kind = NoPlaintextLink if secure else InProcessLink
+    link = kind(driver, models.__getitem__, failure_rate=failure_rate, rng=random.Random(1))
     runtimes = []
     for index, client_id in enumerate(scenario.client_ids):
         enrollment = load_or_create_enrollment(tmp_path / client_id, generate_client_key)
@@ -122,8 +131,13 @@ def test_a_failing_model_is_reported_and_the_rounds_go_on(tmp_path: Path) -> Non
     assert [commit.round for commit in commits] == [1, 2, 3]
 
 
-async def refuse_plaintext(*args: object) -> None:
-    raise AssertionError("a plaintext update left the client in a secure round")
+class NoPlaintextLink(InProcessLink):
+    """The in-process link of a secure round: a plaintext update must never reach it."""
+
+    async def handle(self, enrollment: Enrollment, request: Request[T]) -> T:
+        if isinstance(request, SubmitUpdate):
+            raise AssertionError("a plaintext update left the client in a secure round")
+        return await super().handle(enrollment, request)
 
 
 def test_clients_train_under_secure_aggregation(tmp_path: Path) -> None:
@@ -156,34 +170,27 @@ class ScriptedLink:
         self.secure_sent: list[ClientMessage] = []
         self.fetched = 0
 
-    async def enroll(self, enrollment: Enrollment, state: DeviceState) -> None:
-        return None
-
-    async def check_in(self, enrollment: Enrollment, state: DeviceState) -> Offer | RetryLater:
-        if self.offers:
-            return self.offers.pop(0)
-        assert self.runtime is not None
-        self.runtime.stop()
-        return RetryLater(1.0, "the script is over")
-
-    async def fetch_model(self, enrollment: Enrollment, sha256: str) -> Parameters:
-        self.fetched += 1
-        return Parameters.from_arrays([np.zeros(3, np.float32)])
-
-    async def submit_update(self, *args: object) -> RejectSubmission | None:
-        raise AssertionError("a plaintext update left the client in a secure round")
-
-    async def submit_evaluation(self, *args: object) -> RejectSubmission | None:
-        raise AssertionError("not expected")
-
-    async def submit_secure(
-        self, enrollment: Enrollment, message: ClientMessage
-    ) -> RejectSubmission | None:
-        self.secure_sent.append(message)
-        return None
-
-    async def report_failure(self, enrollment: Enrollment, offer: Offer, reason: str) -> None:
-        self.failures.append((offer.round, reason))
+    async def handle(self, enrollment: Enrollment, request: Request[T]) -> T:
+        answer: object = None
+        match request:
+            case CheckIn() if self.offers:
+                answer = self.offers.pop(0)
+            case CheckIn():
+                assert self.runtime is not None
+                self.runtime.stop()
+                answer = RetryLater(1.0, "the script is over")
+            case FetchModel():
+                self.fetched += 1
+                answer = Parameters.from_arrays([np.zeros(3, np.float32)])
+            case SubmitUpdate():
+                raise AssertionError("a plaintext update left the client in a secure round")
+            case SubmitEvaluation():
+                raise AssertionError("not expected")
+            case SubmitSecure():
+                self.secure_sent.append(request.message)  # type: ignore[arg-type]
+            case ReportFailure():
+                self.failures.append((request.offer.round, request.reason))
+        return cast(T, answer)
 
 
 def test_stale_or_tampered_secure_requests_are_reported_and_the_runtime_goes_on(

@@ -18,12 +18,8 @@ import pytest
 
 from shoal.aggregation.strategy import make_strategy
 from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult
-from shoal.client.runtime import (
-    Backoff,
-    ClientRuntime,
-    Enrollment,
-    load_or_create_enrollment,
-)
+from shoal.client.link import Enrollment
+from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
 from shoal.config import Config, parse_config
 from shoal.coordinator import CommitVersion, Coordinator, RoundSettings
 from shoal.coordinator.driver import DriverSettings, RoundDriver

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import grpc
 import numpy as np
 
-from shoal.client.runtime import Enrollment
-from shoal.core import Parameters
-from shoal.tasks import RejectSubmission, TaskOffer
+from shoal.client.link import Enrollment, Request, SubmitUpdate
 from shoal.transport.grpc_link import GrpcLink
+
+T = TypeVar("T")
 
 
 class Upload(NamedTuple):
@@ -36,13 +35,10 @@ class RecordingLink(GrpcLink):
         super().__init__(target, credentials=credentials, enrollment_token=enrollment_token)
         self.uploads = uploads
 
-    async def submit_update(
-        self,
-        enrollment: Enrollment,
-        offer: TaskOffer,
-        update: Parameters,
-        num_examples: int,
-        metrics: Mapping[str, float],
-    ) -> RejectSubmission | None:
-        self.uploads.append(Upload(enrollment.client_id, update.vector.copy(), dict(metrics)))
-        return await super().submit_update(enrollment, offer, update, num_examples, metrics)
+    async def handle(self, enrollment: Enrollment, request: Request[T]) -> T:
+        if isinstance(request, SubmitUpdate):  # a plaintext update, as it leaves
+            upload = Upload(
+                enrollment.client_id, request.update.vector.copy(), dict(request.metrics)
+            )
+            self.uploads.append(upload)
+        return await super().handle(enrollment, request)

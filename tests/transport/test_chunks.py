@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import struct
+from typing import Any
 
 import numpy as np
 import pytest
@@ -218,3 +219,37 @@ def test_corrupting_a_valid_payload_gives_a_shoal_error(position: int, noise: by
     data[position : position + len(noise)] = noise
     with contextlib.suppress(ProtocolError, IntegrityError):  # anything else escapes
         decode_update(bytes(data))
+
+
+def test_an_upload_is_hashed_once_on_each_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shoal.transport import serde
+    from shoal.transport.messages import UpdateHeader
+
+    real, content = hashlib.sha256, Parameters.sha256
+    hashed: list[int] = []
+
+    def counting(data: bytes = b"") -> Any:
+        hashed.append(len(data))
+        return real(data)
+
+    def counting_content(self: Parameters) -> str:
+        hashed.append(self.vector.nbytes)
+        return content(self)
+
+    update = Parameters.from_arrays([np.arange(50_000, dtype=np.float32)])
+    payload = update.to_bytes(content_sha256=False)
+    monkeypatch.setattr(hashlib, "sha256", counting)
+    monkeypatch.setattr(Parameters, "sha256", counting_content)
+    # the sender: the payload's digest goes into the header, the chunks reuse it
+    digest = hashlib.sha256(payload).hexdigest()
+    header = serde.encode_update_header(UpdateHeader(1, "run", 5, digest, len(payload), "b" * 64))
+    parts = list(serde.update_parts(header, payload, chunk_size=4096))
+    assert [size for size in hashed if size >= 50_000] == [len(payload)]
+    hashed.clear()
+    # the receiver: the assembled bytes are checked against the header, then decoded
+    assembler = ChunkAssembler(max_bytes=2**20, expected_sha256=digest)
+    for part in parts[1:]:
+        assembler.add(serde.chunk_of(part))
+    vector = decode_update(assembler.finish())
+    assert [size for size in hashed if size >= 50_000] == [len(payload)]
+    np.testing.assert_array_equal(vector, update.vector)

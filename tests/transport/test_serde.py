@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shoal.client.api import EvaluateConfig, FitConfig
-from shoal.core.errors import ProtocolError, SecurityError
+from shoal.core.errors import IntegrityError, ProtocolError, SecurityError
 from shoal.secure.messages import (
     AdvertiseKeysRequest,
     ClientMessage,
@@ -32,7 +32,7 @@ from shoal.secure.serde import encode_message
 from shoal.tasks import Phase, RejectReason, RejectSubmission
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
-from shoal.transport.chunks import assemble_chunks
+from shoal.transport.chunks import ChunkAssembler, assemble_chunks
 from shoal.transport.messages import (
     Credentials,
     DeviceState,
@@ -430,10 +430,19 @@ def test_an_upload_is_its_header_then_its_chunks() -> None:
         serde.chunk_of(pb.UpdatePart())
 
 
-def test_an_upload_whose_header_does_not_hash_the_payload_is_refused() -> None:
+def arrived(parts: list[Any], sha256: str) -> bytes:
+    """What a receiver assembles from an upload's chunks, checked against the header's sha256."""
+    assembler = ChunkAssembler(max_bytes=2**20, expected_sha256=sha256)
+    for part in parts[1:]:
+        assembler.add(serde.chunk_of(part))
+    return assembler.finish()
+
+
+def test_an_upload_whose_header_does_not_hash_the_payload_is_refused_on_arrival() -> None:
     header = serde.encode_update_header(UpdateHeader(1, "run", 5, "a" * 64, 3, "b" * 64))
-    with pytest.raises(ProtocolError, match="payload_sha256"):
-        list(serde.update_parts(header, b"abc"))
+    parts = list(serde.update_parts(header, b"abc"))  # the sender hashed it once, for the header
+    with pytest.raises(IntegrityError, match="hashes to"):
+        arrived(parts, header.payload_sha256)
 
 
 # --- secure aggregation --------------------------------------------------------------
@@ -546,8 +555,8 @@ def test_a_secure_reply_travels_as_a_signed_header_and_chunks(message: ClientMes
         serde.secure_header_of(parts[1])
     with pytest.raises(ProtocolError, match="only chunks"):
         serde.chunk_of(parts[0])
-    with pytest.raises(ProtocolError, match="payload_sha256"):
-        list(serde.secure_message_parts(header, frame + b"x"))
+    with pytest.raises(IntegrityError, match="hashes to"):
+        arrived(list(serde.secure_message_parts(header, frame + b"x")), header.payload_sha256)
 
 
 def test_requests_and_replies_cannot_pass_for_each_other() -> None:

@@ -28,13 +28,25 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from shoal.client.api import Client, EvaluateConfig, FitConfig
 from shoal.client.handler import run_evaluate, run_fit, secure_contribution
+from shoal.client.link import (
+    CheckIn,
+    CoordinatorLink,
+    Enroll,
+    Enrollment,
+    FetchModel,
+    ReportFailure,
+    Request,
+    SubmitEvaluation,
+    SubmitSecure,
+    SubmitUpdate,
+)
 from shoal.core.device import DeviceState
 from shoal.core.errors import (
     ClientError,
@@ -50,7 +62,6 @@ from shoal.secure.homomorphic import EncryptionRequest, SiloCredentials
 from shoal.secure.messages import AdvertiseKeysRequest, ServerRequest, StaleMessage
 from shoal.secure.serde import FitRequest, SecureReply
 from shoal.tasks import (
-    CheckInAnswer,
     Offer,
     Phase,
     RejectSubmission,
@@ -64,45 +75,11 @@ log = logging.getLogger("shoal.client")
 
 T = TypeVar("T")
 Upload = Awaitable[RejectSubmission | None]
+Submission = SubmitUpdate | SubmitEvaluation | SubmitSecure
 
 
 class _Stopped(Exception):
     """Raised inside the runtime once ``stop()`` was called, to unwind a retry loop."""
-
-
-@dataclass(frozen=True, slots=True)
-class Enrollment:
-    """A client's durable identity: its id and its Ed25519 key pair."""
-
-    client_id: str
-    private_key: bytes = field(repr=False)
-    public_key: bytes
-
-
-class CoordinatorLink(Protocol):
-    """What the runtime needs from a transport; every call may raise TransportError."""
-
-    async def enroll(self, enrollment: Enrollment, state: DeviceState) -> None: ...
-
-    async def check_in(self, enrollment: Enrollment, state: DeviceState) -> CheckInAnswer: ...
-
-    async def fetch_model(self, enrollment: Enrollment, sha256: str) -> Parameters: ...
-
-    async def submit_update(
-        self, enrollment: Enrollment, offer: TaskOffer, update: Parameters, num_examples: int,
-        metrics: Mapping[str, float],
-    ) -> RejectSubmission | None: ...  # fmt: skip
-
-    async def submit_evaluation(
-        self, enrollment: Enrollment, offer: TaskOffer, loss: float, num_examples: int,
-        metrics: Mapping[str, float],
-    ) -> RejectSubmission | None: ...  # fmt: skip
-
-    async def submit_secure(
-        self, enrollment: Enrollment, message: SecureReply
-    ) -> RejectSubmission | None: ...
-
-    async def report_failure(self, enrollment: Enrollment, offer: Offer, reason: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,12 +174,10 @@ class ClientRuntime:
             return
 
     async def _serve_until_stopped(self, max_tasks: int | None) -> None:
-        await self._retrying(lambda: self.link.enroll(self.enrollment, self.device_state()))
+        await self._retrying(lambda: self._send(Enroll(self.device_state())))
         self._event(f"enrolled as {self.enrollment.client_id}")
         while not self._stopping.is_set() and (max_tasks is None or self.tasks_done < max_tasks):
-            answer = await self._retrying(
-                lambda: self.link.check_in(self.enrollment, self.device_state())
-            )
+            answer = await self._retrying(lambda: self._send(CheckIn(self.device_state())))
             if isinstance(answer, RunFinished):
                 self.finished = answer
                 self._event(f"the run has finished: {answer.reason}")
@@ -236,8 +211,11 @@ class ClientRuntime:
         self._event(
             f"round {offer.round} {offer.phase.value}: {examples} examples, {seconds:.2f} s"
         )
-        await self._upload(offer.round, lambda: outcome(self))
+        await self._upload(offer.round, lambda: self._send(outcome))
         self.tasks_done += 1
+
+    def _send(self, request: Request[T]) -> Awaitable[T]:
+        return self.link.handle(self.enrollment, request)
 
     def _event(self, line: str) -> None:
         if self._on_event is not None:
@@ -250,7 +228,7 @@ class ClientRuntime:
         except (ProtocolError, SecurityError) as exc:  # stale, out of order, or tampered
             await self._give_up(offer, f"secure aggregation refused: {exc}")
             return
-        await self._upload(offer.round, lambda: self.link.submit_secure(self.enrollment, reply))
+        await self._upload(offer.round, lambda: self._send(SubmitSecure(reply)))
 
     def _protected(self, request: FitRequest) -> _Protected:
         """How this client answers a secure fit request; ``ClientError`` if it cannot."""
@@ -282,7 +260,7 @@ class ClientRuntime:
     async def _give_up(self, offer: Offer, reason: str) -> None:
         log.warning("task of round %d failed: %s", offer.round, reason)
         self._event(f"round {offer.round} failed: {reason}")
-        await self._retrying(lambda: self.link.report_failure(self.enrollment, offer, reason))
+        await self._retrying(lambda: self._send(ReportFailure(offer, reason)))
 
     async def _upload(self, round_number: int, upload: Callable[[], Upload]) -> None:
         rejection = await self._retrying(upload)
@@ -293,45 +271,32 @@ class ClientRuntime:
 
     def _work(
         self, offer: TaskOffer, model: Parameters, protected: _Protected | None
-    ) -> tuple[Callable[[ClientRuntime], Upload], int]:
-        """Run the task in a worker thread; returns the upload to perform and the examples."""
+    ) -> tuple[Submission, int]:
+        """Run the task in a worker thread; returns the submission to upload and the examples."""
         if offer.phase is Phase.FIT:
             if not isinstance(offer.config, FitConfig):
                 raise ClientError("a training task came without a FitConfig")
             fit = run_fit(self.client, model, offer.config)
             if protected is not None:  # a secure round: only the masked or encrypted input leaves
                 reply = protected.reply(secure_contribution(fit, offer.config))
-                return (
-                    lambda runtime: runtime.link.submit_secure(runtime.enrollment, reply)
-                ), fit.num_examples
+                return SubmitSecure(reply), fit.num_examples
             update = model.with_vector(fit.update)
-            return (
-                lambda runtime: runtime.link.submit_update(
-                    runtime.enrollment, offer, update, fit.num_examples, fit.metrics
-                )
-            ), fit.num_examples
+            return SubmitUpdate(offer, update, fit.num_examples, fit.metrics), fit.num_examples
         config = (
             offer.config
             if isinstance(offer.config, EvaluateConfig)
             else EvaluateConfig(offer.round)
         )
         evaluation = run_evaluate(self.client, model, config)
-        return (
-            lambda runtime: runtime.link.submit_evaluation(
-                runtime.enrollment,
-                offer,
-                evaluation.loss,
-                evaluation.num_examples,
-                evaluation.metrics,
-            )
-        ), evaluation.num_examples
+        submission = SubmitEvaluation(
+            offer, evaluation.loss, evaluation.num_examples, evaluation.metrics
+        )
+        return submission, evaluation.num_examples
 
     async def _model_for(self, offer: TaskOffer) -> Parameters:
         """The global model of the task: the cached one, or a download verified by its sha256."""
         if self._model is None or self._model[0] != offer.model_sha256:
-            model = await self._retrying(
-                lambda: self.link.fetch_model(self.enrollment, offer.model_sha256)
-            )
+            model = await self._retrying(lambda: self._send(FetchModel(offer.model_sha256)))
             self._model = (offer.model_sha256, model)
         return self._model[1]
 

@@ -8,19 +8,30 @@ injected faults (every call may fail as a dropped connection would).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from typing import TypeVar, cast
 
-from shoal.client.runtime import Enrollment
+from shoal.client.link import (
+    CheckIn,
+    Enroll,
+    Enrollment,
+    FetchModel,
+    ReportFailure,
+    Request,
+    SubmitEvaluation,
+    SubmitSecure,
+    SubmitUpdate,
+)
 from shoal.coordinator.driver import RoundDriver
 from shoal.core.device import DeviceState
 from shoal.core.errors import IntegrityError, NotFoundError, TransportError
 from shoal.core.parameters import Parameters
-from shoal.secure.serde import SecureReply
-from shoal.tasks import CheckInAnswer, Offer, RejectSubmission, TaskOffer
+
+T = TypeVar("T")
 
 
 class InProcessLink:
-    """A :class:`~shoal.client.runtime.CoordinatorLink` that calls ``driver`` directly.
+    """A :class:`~shoal.client.link.CoordinatorLink` that calls ``driver`` directly.
 
     ``models`` returns the global model with a given sha256 (the model store).
     ``failure_rate`` makes that share of calls raise TransportError, drawn
@@ -47,17 +58,45 @@ class InProcessLink:
             self.failures += 1
             raise TransportError("connection reset (injected)")
 
-    async def enroll(self, enrollment: Enrollment, state: DeviceState) -> None:
+    async def handle(self, enrollment: Enrollment, request: Request[T]) -> T:
+        """Carry ``request`` to the driver by a direct call; returns its answer."""
         self._network()
-        self.enrolled[enrollment.client_id] = state
+        client = enrollment.client_id
+        driver = self.driver
+        answer: object = None
+        match request:
+            case Enroll():
+                self.enrolled[client] = request.state
+            case CheckIn():
+                self.enrolled[client] = request.state
+                answer = driver.check_in(client)
+            case FetchModel():
+                answer = self._model(request.sha256)
+            case SubmitUpdate():
+                answer = driver.submit_update(
+                    client,
+                    request.offer.round,
+                    request.update.vector,
+                    request.num_examples,
+                    request.metrics,
+                )
+            case SubmitEvaluation():
+                answer = driver.submit_evaluation(
+                    client,
+                    request.offer.round,
+                    request.loss,
+                    request.num_examples,
+                    request.metrics,
+                )
+            case SubmitSecure():
+                answer = driver.submit_secure(client, request.message.round, request.message)
+            case ReportFailure():
+                driver.report_failure(client, request.offer.round, request.reason)
+            case _:
+                raise TypeError(f"not a request this link carries: {request!r}")
+        return cast(T, answer)
 
-    async def check_in(self, enrollment: Enrollment, state: DeviceState) -> CheckInAnswer:
-        self._network()
-        self.enrolled[enrollment.client_id] = state
-        return self.driver.check_in(enrollment.client_id)
-
-    async def fetch_model(self, enrollment: Enrollment, sha256: str) -> Parameters:
-        self._network()
+    def _model(self, sha256: str) -> Parameters:
         try:
             model = self.models(sha256)
         except KeyError:
@@ -65,39 +104,3 @@ class InProcessLink:
         if model.sha256() != sha256:
             raise IntegrityError(f"model {sha256[:12]}... does not hash to its name")
         return model
-
-    async def submit_update(
-        self,
-        enrollment: Enrollment,
-        offer: TaskOffer,
-        update: Parameters,
-        num_examples: int,
-        metrics: Mapping[str, float],
-    ) -> RejectSubmission | None:
-        self._network()
-        return self.driver.submit_update(
-            enrollment.client_id, offer.round, update.vector, num_examples, metrics
-        )
-
-    async def submit_evaluation(
-        self,
-        enrollment: Enrollment,
-        offer: TaskOffer,
-        loss: float,
-        num_examples: int,
-        metrics: Mapping[str, float],
-    ) -> RejectSubmission | None:
-        self._network()
-        return self.driver.submit_evaluation(
-            enrollment.client_id, offer.round, loss, num_examples, metrics
-        )
-
-    async def submit_secure(
-        self, enrollment: Enrollment, message: SecureReply
-    ) -> RejectSubmission | None:
-        self._network()
-        return self.driver.submit_secure(enrollment.client_id, message.round, message)
-
-    async def report_failure(self, enrollment: Enrollment, offer: Offer, reason: str) -> None:
-        self._network()
-        self.driver.report_failure(enrollment.client_id, offer.round, reason)

@@ -204,12 +204,19 @@ class Parameters:
         digest.update(self.vector.astype("<f4", copy=False).tobytes())
         return digest.hexdigest()
 
-    def to_bytes(self, metadata: Mapping[str, str] | None = None) -> bytes:
-        """Serialize as safetensors; the layout and sha256 travel in the metadata."""
+    def to_bytes(
+        self, metadata: Mapping[str, str] | None = None, *, content_sha256: bool = True
+    ) -> bytes:
+        """Serialize as safetensors; the layout and sha256 travel in the metadata.
+
+        ``content_sha256=False`` leaves the content hash out, for a payload
+        whose bytes are hashed anyway (an upload, verified by its
+        ``payload_sha256``): it is then hashed once on each side.
+        """
         header = dict(metadata or {})
-        header.update(
-            {_FORMAT_KEY: "shoal", _LAYOUT_KEY: self.layout.to_json(), _SHA_KEY: self.sha256()}
-        )
+        header.update({_FORMAT_KEY: "shoal", _LAYOUT_KEY: self.layout.to_json()})
+        if content_sha256:
+            header[_SHA_KEY] = self.sha256()
         tensors = {name: np.ascontiguousarray(view) for name, view in self.views().items()}
         return safetensors.numpy.save(tensors, metadata=header)
 

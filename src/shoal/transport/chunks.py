@@ -31,18 +31,23 @@ class PayloadTooLarge(ProtocolError):
 
 
 def chunk_payload(
-    data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE, *, start: int = 0
+    data: bytes,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    *,
+    start: int = 0,
+    sha256: str | None = None,
 ) -> Iterator[Chunk]:
     """Cut ``data`` into chunks of ``chunk_size`` bytes, from byte ``start`` on.
 
     An empty payload is one empty chunk, so that the receiver still learns
-    its size and sha256. ``start`` resumes a broken transfer.
+    its size and sha256. ``start`` resumes a broken transfer. ``sha256`` is
+    the payload's digest when the sender has it already (it is not hashed again).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if not 0 <= start <= len(data):
         raise ProtocolError(f"cannot resume at byte {start} of a {len(data)}-byte payload")
-    digest = hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256(data).hexdigest() if sha256 is None else sha256
     if start == len(data):
         yield Chunk(start, len(data), digest, b"")
         return

@@ -1,6 +1,6 @@
 """The client's side of the gRPC protocol: a CoordinatorLink that signs every request.
 
-The client runtime calls it as it would any link; this one opens a gRPC
+The client runtime calls its one method, ``handle``, as it would any link's; this one opens a gRPC
 channel (TLS pinned to the deployment's CA, or plaintext when explicitly
 asked for), signs each request with the client's Ed25519 key, streams the
 model down and the update (or a secure round's SecAgg+ reply) up in chunks,
@@ -13,19 +13,28 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 import grpc
 
-from shoal.client.runtime import Enrollment
-from shoal.core.device import DeviceState
+from shoal.client.link import (
+    CheckIn,
+    Enroll,
+    Enrollment,
+    FetchModel,
+    ReportFailure,
+    Request,
+    SubmitEvaluation,
+    SubmitSecure,
+    Submitted,
+    SubmitUpdate,
+)
 from shoal.core.errors import NotFoundError, SecurityError, TransportError
 from shoal.core.parameters import Parameters
-from shoal.secure.serde import SecureReply, encode_message
+from shoal.secure.serde import encode_message
 from shoal.tasks import (
     CheckInAnswer,
-    Offer,
     RejectReason,
     RejectSubmission,
     RetryLater,
@@ -34,16 +43,18 @@ from shoal.tasks import (
     TaskOffer,
 )
 from shoal.transport import serde
-from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
 from shoal.transport.chunks import ChunkAssembler, decode_parameters
 from shoal.transport.messages import (
     EnrollmentRequest,
+    EvaluationReport,
     FailureReport,
+    ModelRequest,
     RetryAfter,
     SecureMessageHeader,
     SecureTask,
     Task,
+    UpdateHeader,
     Verdict,
 )
 from shoal.transport.signing import NO_ROUND
@@ -109,23 +120,47 @@ class GrpcLink:
                 raise SecurityError(detail) from exc
             raise TransportError(detail) from exc
 
-    # --- the CoordinatorLink calls ----------------------------------------------------------
+    # --- the one method of a link -----------------------------------------------------------
 
-    async def enroll(self, enrollment: Enrollment, state: DeviceState) -> None:
-        request = serde.encode_enroll_request(
-            EnrollmentRequest(state, enrollment.public_key, self.enrollment_token)
+    async def handle(self, enrollment: Enrollment, request: Request[T]) -> T:
+        """Carry ``request`` to the coordinator over gRPC; returns its answer."""
+        answer: object
+        match request:
+            case Enroll():
+                await self._enroll(enrollment, request)
+                answer = None
+            case CheckIn():
+                answer = await self._check_in(enrollment, request)
+            case FetchModel():
+                answer = await self._fetch_model(enrollment, request)
+            case SubmitUpdate():
+                answer = await self._submit_update(enrollment, request)
+            case SubmitEvaluation():
+                answer = await self._submit_evaluation(enrollment, request)
+            case SubmitSecure():
+                answer = await self._submit_secure(enrollment, request)
+            case ReportFailure():
+                await self._report_failure(enrollment, request)
+                answer = None
+            case _:
+                raise TypeError(f"not a request this link carries: {request!r}")
+        return cast(T, answer)
+
+    async def _enroll(self, enrollment: Enrollment, request: Enroll) -> None:
+        message = serde.encode_enroll_request(
+            EnrollmentRequest(request.state, enrollment.public_key, self.enrollment_token)
         )
-        self._sign(request, enrollment)
-        response = await self._call(lambda: self._stub.Enroll(request, timeout=self.timeout_s))
+        self._sign(message, enrollment)
+        response = await self._call(lambda: self._stub.Enroll(message, timeout=self.timeout_s))
         reply = serde.decode_enroll_response(response)
         if not reply.verdict.accepted:
             code = reply.verdict.code.value if reply.verdict.code else "refused"
             raise SecurityError(f"enrollment refused ({code}): {reply.verdict.detail}")
 
-    async def check_in(self, enrollment: Enrollment, state: DeviceState) -> CheckInAnswer:
-        request = serde.encode_check_in_request(state)
-        self._sign(request, enrollment)
-        response = await self._call(lambda: self._stub.CheckIn(request, timeout=self.timeout_s))
+    async def _check_in(self, enrollment: Enrollment, request: CheckIn) -> CheckInAnswer:
+        message = serde.encode_check_in_request(request.state)
+        self._sign(message, enrollment)
+        response = await self._call(lambda: self._stub.CheckIn(message, timeout=self.timeout_s))
         outcome = serde.decode_check_in_response(response)
         if isinstance(outcome, Task):
             self.run_id = outcome.run_id
@@ -146,89 +181,83 @@ class GrpcLink:
             return outcome
         return RetryLater(self.rejected_retry_s, f"{outcome.code.value}: {outcome.detail}")
 
-    async def fetch_model(self, enrollment: Enrollment, sha256: str) -> Parameters:
-        request = pb.FetchModelRequest(version_id=sha256)
-        self._sign(request, enrollment)
+    async def _fetch_model(self, enrollment: Enrollment, request: FetchModel) -> Parameters:
+        message = serde.encode_fetch_model_request(ModelRequest(request.sha256))
+        self._sign(message, enrollment)
         assembler = ChunkAssembler(max_bytes=self.max_model_bytes)
 
         async def download() -> bytes:
-            async for message in self._stub.FetchModel(request, timeout=self.timeout_s):
-                assembler.add(serde.decode_chunk(message))
+            async for chunk in self._stub.FetchModel(message, timeout=self.timeout_s):
+                assembler.add(serde.decode_chunk(chunk))
             return assembler.finish()
 
-        return decode_parameters(await self._call(download), expected_sha256=sha256)
+        return decode_parameters(await self._call(download), expected_sha256=request.sha256)
 
-    async def submit_update(
-        self,
-        enrollment: Enrollment,
-        offer: TaskOffer,
-        update: Parameters,
-        num_examples: int,
-        metrics: Mapping[str, float],
-    ) -> RejectSubmission | None:
-        payload = update.to_bytes()
-        header = pb.UpdateHeader(
-            round=offer.round,
-            run_id=self.run_id,
-            num_examples=num_examples,
-            metrics=dict(metrics),
-            payload_sha256=hashlib.sha256(payload).hexdigest(),
-            total_size=len(payload),
-            base_model_sha256=offer.model_sha256,
+    async def _submit_update(self, enrollment: Enrollment, request: SubmitUpdate) -> Submitted:
+        offer = request.offer
+        payload = request.update.to_bytes(content_sha256=False)  # hashed once, below
+        header = serde.encode_update_header(
+            UpdateHeader(
+                round=offer.round,
+                run_id=self.run_id,
+                num_examples=request.num_examples,
+                payload_sha256=hashlib.sha256(payload).hexdigest(),
+                total_size=len(payload),
+                base_model_sha256=offer.model_sha256,
+                metrics=request.metrics,
+            )
         )
         self._sign(header, enrollment, round_number=offer.round)
         parts = serde.update_parts(header, payload)
         response = await self._call(lambda: self._stub.SubmitUpdate(parts, timeout=self.timeout_s))
         return _rejection(enrollment, offer.round, serde.decode_submit_update_response(response))
 
-    async def submit_secure(
-        self, enrollment: Enrollment, message: SecureReply
-    ) -> RejectSubmission | None:
-        frame = encode_message(message)
+    async def _submit_secure(self, enrollment: Enrollment, request: SubmitSecure) -> Submitted:
+        reply = request.message
+        frame = encode_message(reply)
         header = serde.encode_secure_message_header(
             SecureMessageHeader(
-                message.round, self.run_id, hashlib.sha256(frame).hexdigest(), len(frame)
+                reply.round, self.run_id, hashlib.sha256(frame).hexdigest(), len(frame)
             )
         )
-        self._sign(header, enrollment, round_number=message.round)
+        self._sign(header, enrollment, round_number=reply.round)
         parts = serde.secure_message_parts(header, frame)
         response = await self._call(
             lambda: self._stub.SubmitSecureMessage(parts, timeout=self.timeout_s)
         )
         verdict = serde.decode_submit_secure_message_response(response)
-        return _rejection(enrollment, message.round, verdict)
+        return _rejection(enrollment, reply.round, verdict)
 
-    async def submit_evaluation(
-        self,
-        enrollment: Enrollment,
-        offer: TaskOffer,
-        loss: float,
-        num_examples: int,
-        metrics: Mapping[str, float],
-    ) -> RejectSubmission | None:
-        request = pb.ReportEvaluationRequest(
-            round=offer.round,
-            run_id=self.run_id,
-            loss=loss,
-            num_examples=num_examples,
-            metrics=dict(metrics),
-            model_sha256=offer.model_sha256,
+    async def _submit_evaluation(
+        self, enrollment: Enrollment, request: SubmitEvaluation
+    ) -> Submitted:
+        offer = request.offer
+        message = serde.encode_evaluation_report(
+            EvaluationReport(
+                round=offer.round,
+                run_id=self.run_id,
+                loss=request.loss,
+                num_examples=request.num_examples,
+                model_sha256=offer.model_sha256,
+                metrics=request.metrics,
+            )
         )
-        self._sign(request, enrollment, round_number=offer.round)
+        self._sign(message, enrollment, round_number=offer.round)
         response = await self._call(
-            lambda: self._stub.ReportEvaluation(request, timeout=self.timeout_s)
+            lambda: self._stub.ReportEvaluation(message, timeout=self.timeout_s)
         )
         verdict = serde.decode_report_evaluation_response(response)
         return _rejection(enrollment, offer.round, verdict)
 
-    async def report_failure(self, enrollment: Enrollment, offer: Offer, reason: str) -> None:
-        """Give up on ``offer`` at once, so that its round stops waiting for this client."""
-        request = serde.encode_failure_report(
-            FailureReport.summarizing(offer.round, self.run_id, reason)
+    async def _report_failure(self, enrollment: Enrollment, request: ReportFailure) -> None:
+        """Give up on the offer at once, so that its round stops waiting for this client."""
+        round_number = request.offer.round
+        message = serde.encode_failure_report(
+            FailureReport.summarizing(round_number, self.run_id, request.reason)
         )
-        self._sign(request, enrollment, round_number=offer.round)
+        self._sign(message, enrollment, round_number=round_number)
         response = await self._call(
-            lambda: self._stub.ReportFailure(request, timeout=self.timeout_s)
+            lambda: self._stub.ReportFailure(message, timeout=self.timeout_s)
         )
         verdict = serde.decode_report_failure_response(response)
         if not verdict.accepted:

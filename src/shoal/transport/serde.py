@@ -577,10 +577,13 @@ def decode_update_header(message: pb.UpdateHeader) -> UpdateHeader:
 def update_parts(
     header: pb.UpdateHeader, payload: bytes, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> Iterator[pb.UpdatePart]:
-    """The client-streamed messages of an upload: the (signed) header, then the chunks."""
-    _check_payload(header.payload_sha256, payload, "the update header")
+    """The client-streamed messages of an upload: the (signed) header, then the chunks.
+
+    The header's ``payload_sha256`` is the payload's (the receiver checks it):
+    it is not hashed again here.
+    """
     yield pb.UpdatePart(header=header)
-    for chunk in chunk_payload(payload, chunk_size):
+    for chunk in chunk_payload(payload, chunk_size, sha256=header.payload_sha256):
         yield pb.UpdatePart(chunk=encode_chunk(chunk))
 
 
@@ -588,11 +591,6 @@ def header_of(part: pb.UpdatePart) -> pb.UpdateHeader:
     """The header an upload must open with; ``ProtocolError`` for anything else."""
     _check_opens_with_header(part, "an update upload")
     return part.header
-
-
-def _check_payload(declared_sha256: str, payload: bytes, what: str) -> None:
-    if declared_sha256 != hashlib.sha256(payload).hexdigest():
-        raise ProtocolError(f"{what}'s payload_sha256 is not the payload's sha256")
 
 
 def _check_opens_with_header(part: UploadPart, what: str) -> None:
@@ -633,9 +631,8 @@ def secure_message_parts(
     header: pb.SecureMessageHeader, frame: bytes, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> Iterator[pb.SecureMessagePart]:
     """The client-streamed messages of a SecAgg+ reply: the (signed) header, then the chunks."""
-    _check_payload(header.payload_sha256, frame, "the secure message header")
     yield pb.SecureMessagePart(header=header)
-    for chunk in chunk_payload(frame, chunk_size):
+    for chunk in chunk_payload(frame, chunk_size, sha256=header.payload_sha256):
         yield pb.SecureMessagePart(chunk=encode_chunk(chunk))
 
 
