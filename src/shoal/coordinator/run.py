@@ -53,6 +53,14 @@ EVALUATION_UPLOAD_BYTES = 256
 """What one client's evaluation answer weighs on the wire, about."""
 
 
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """A version the store committed (or will have committed before anyone reads it back)."""
+
+    version: int
+    sha256: str
+
+
 class RunStore(Protocol):
     """The run's records, which the shell keeps: model versions, rows, summary, barred clients."""
 
@@ -71,7 +79,7 @@ class RunStore(Protocol):
         metrics: Row,
         state: bytes,
         architecture: str,
-    ) -> ModelRecord: ...
+    ) -> Committed: ...
 
     def barred(self) -> set[str]: ...
 

@@ -153,7 +153,9 @@ class Simulation:
         started = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         models = open_run_models(self.out)
-        records = RunRecords(self.out, models, ClientRegistry(models.database), model=MODEL_NAME)
+        records = RunRecords(
+            self.out, models, ClientRegistry(models.database), model=MODEL_NAME, write_behind=True
+        )
         lifecycle = Run(
             self.config,
             app=self.apps.server,
@@ -187,8 +189,11 @@ class Simulation:
             finished = True
             return summary
         finally:
-            records.end_tracking(finished=finished)
-            models.database.close()
+            try:
+                records.close()  # the versions still being written
+            finally:
+                records.end_tracking(finished=finished)
+                models.database.close()
 
     def _initial_parameters(self) -> Parameters:
         """The server app's initial model, else client 0's own (built in this process)."""
