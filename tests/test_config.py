@@ -6,15 +6,35 @@ from pathlib import Path
 
 import pytest
 
-from shoal.config import Config, apply_overrides, config_to_dict, load_config, parse_config
+from shoal.config import (
+    Config,
+    apply_overrides,
+    config_to_dict,
+    default_config_path,
+    load_config,
+    parse_config,
+)
 from shoal.core import ConfigError
 
 
-def test_empty_config_is_valid_with_defaults() -> None:
-    config = load_config()
-    assert config == Config()
+def test_empty_config_is_valid_with_defaults(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    config = load_config(empty)
+    assert config == Config() == parse_config({})
     assert config.round.over_selection == 1.3 and config.round.quorum == 0.8
     assert parse_config(config_to_dict(config)) == config
+
+
+def test_no_config_is_the_embedded_default_job_the_cli_runs() -> None:
+    config = load_config(None)
+    assert config == load_config(default_config_path())
+    assert config.run.name == "digits-cross-device" and config.run.rounds == 100
+    assert [device.name for device in config.devices.classes] == [
+        "high-end-phone",
+        "mid-range-phone",
+        "budget-phone",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -105,7 +125,7 @@ def test_overrides_do_not_touch_the_input() -> None:
         ("round.clients_per_round=500", "exceeds data.num_clients"),
         ("devices.classes=[{name='a', share=1}, {name='a', share=1}]", "unique"),
         ("devices.classes=[]", "devices.classes"),
-        ("run.rounds.deep=1", "run.rounds: Input should be a valid integer"),
+        ("tracking.mlflow.deep=1", "tracking.mlflow: Input should be a valid boolean"),
         ("rounds=3", "--set expects section.key=value"),
     ],
 )

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from shoal.aggregation.strategy import PRESETS
-from shoal.cli.simulate import default_config_path
-from shoal.config import load_config
+from shoal.config import default_config_path, load_config
 from shoal.simulation.runner import Simulation
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.toml"))

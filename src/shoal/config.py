@@ -441,9 +441,19 @@ def _is_text(annotation: Any) -> bool:
     return False
 
 
+def default_config_path() -> Path:
+    """The embedded default job (digits, cross-device): ``shoal simulate`` without a config."""
+    return Path(__file__).with_name("default.toml")
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """The config in ``path`` (or the defaults) with ``overrides`` applied."""
-    data = read_toml(path) if path is not None else {}
+    """The config in ``path`` with ``overrides`` applied.
+
+    ``None`` is the embedded default job, the one ``shoal simulate`` and
+    ``make run`` start from when no config is given; a file starts from
+    every section's defaults (an empty file is a valid, small run).
+    """
+    data = read_toml(default_config_path() if path is None else path)
     return parse_config(apply_overrides(data, overrides))
 
 

@@ -11,10 +11,10 @@ from shoal.apps import builtin
 from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult
 from shoal.client.app import ClientApp, ClientContext
 from shoal.client.handler import run_evaluate, run_fit, secure_contribution
-from shoal.config import load_config
 from shoal.core import ClientError, Parameters
 from shoal.privacy.coordinator import CLIP_NORM
 from shoal.simulation import Simulation
+from support.jobs import bare_config
 
 MODEL = Parameters.from_arrays([np.zeros(4, np.float32)])
 
@@ -77,8 +77,7 @@ def poisoned(context: ClientContext) -> Client:
 
 
 def test_a_simulated_secure_round_refuses_a_nan_update_before_masking(tmp_path: Path) -> None:
-    config = load_config(
-        None,
+    config = bare_config(
         [
             "data.num_clients=6",
             "round.clients_per_round=6",

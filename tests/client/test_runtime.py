@@ -23,7 +23,6 @@ from shoal.client.link import (
     SubmitUpdate,
 )
 from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
-from shoal.config import load_config
 from shoal.coordinator import CommitVersion, Coordinator, Phase, RoundSettings
 from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.inprocess import InProcessLink
@@ -43,6 +42,7 @@ from shoal.secure.quantization import Quantization
 from shoal.tasks import Offer, RetryLater, SecureOffer, TaskOffer
 from shoal.transport.signing import generate_client_key
 from support.driving import closing
+from support.jobs import bare_config
 
 CLIENTS = 8
 T = TypeVar("T")
@@ -68,7 +68,7 @@ async def federate(
     tmp_path: Path, *, rounds: int, failure_rate: float, exploding: int = 0, secure: bool = False
 ) -> tuple[list[CommitVersion], float]:
     scenario = DataScenario(
-        load_config(None, [f"data.num_clients={CLIENTS}", "round.clients_per_round=4"])
+        bare_config([f"data.num_clients={CLIENTS}", "round.clients_per_round=4"])
     )
     coordinator = Coordinator(
         settings=RoundSettings(

@@ -19,7 +19,6 @@ from shoal.aggregation.strategy import make_strategy
 from shoal.apps.builtin import DataScenario
 from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult
 from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
-from shoal.config import load_config
 from shoal.coordinator import CommitVersion, Coordinator, RoundSettings, RoundSummary
 from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.run import schedule
@@ -38,6 +37,7 @@ from shoal.transport.grpc_link import GrpcLink
 from shoal.transport.messages import EnrollmentRequest, RejectCode
 from shoal.transport.signing import generate_client_key
 from support.driving import closing
+from support.jobs import bare_config
 
 T = TypeVar("T")
 TOKEN = "let-me-in"
@@ -60,7 +60,7 @@ async def with_coordinator(
     tmp_path: Path, body: Callable[[Deployment], Awaitable[T]], *, rounds: int
 ) -> T:
     certificates = init_certificates(tmp_path / "certs")
-    scenario = DataScenario(load_config(None, ["data.num_clients=6", "round.clients_per_round=4"]))
+    scenario = DataScenario(bare_config(["data.num_clients=6", "round.clients_per_round=4"]))
     coordinator = Coordinator(
         settings=RoundSettings(
             clients_per_round=4, quorum=0.5, deadline_s=10.0, epochs=2, learning_rate=0.2

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shoal.cli.simulate import default_config_path
-from shoal.config import load_config
+from shoal.config import default_config_path, load_config
 from shoal.simulation.runner import Simulation
 
 

@@ -9,9 +9,9 @@ import pytest
 
 from shoal.apps.builtin import DataScenario
 from shoal.client.api import Client, EvaluateConfig, FitConfig
-from shoal.config import load_config
 from shoal.core import MissingExtraError
 from shoal.simulation.executor import Job, ProcessExecutor, SerialExecutor, make_executor, run_job
+from support.jobs import bare_config
 
 
 def broken_factory(client_id: str) -> Client:
@@ -19,7 +19,7 @@ def broken_factory(client_id: str) -> Client:
 
 
 def test_a_raising_client_is_an_errored_outcome() -> None:
-    scenario = DataScenario(load_config(None, ["data.num_clients=4", "round.clients_per_round=2"]))
+    scenario = DataScenario(bare_config(["data.num_clients=4", "round.clients_per_round=2"]))
     outcome = run_job(
         broken_factory, scenario.initial_parameters(), Job("client-00000", FitConfig(round=1))
     )
@@ -28,7 +28,7 @@ def test_a_raising_client_is_an_errored_outcome() -> None:
 
 
 def test_serial_and_process_executors_agree() -> None:
-    scenario = DataScenario(load_config(None, ["data.num_clients=8", "round.clients_per_round=4"]))
+    scenario = DataScenario(bare_config(["data.num_clients=8", "round.clients_per_round=4"]))
     parameters = scenario.initial_parameters()
     jobs = [
         Job(client, FitConfig(round=1, epochs=2, seed=index))

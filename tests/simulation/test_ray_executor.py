@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from shoal.config import load_config
 from shoal.simulation.runner import Simulation
+from support.jobs import bare_config
 
 pytest.importorskip("ray")
 
@@ -30,7 +30,7 @@ def rows(folder: Path) -> list[dict[str, Any]]:
 
 
 def test_ray_backend_matches_the_in_process_run(tmp_path: Path) -> None:
-    Simulation(load_config(None, [*SMALL, "simulation.workers=0"]), tmp_path / "local").run()
-    ray_config = load_config(None, [*SMALL, "simulation.workers=2", "simulation.backend=ray"])
+    Simulation(bare_config([*SMALL, "simulation.workers=0"]), tmp_path / "local").run()
+    ray_config = bare_config([*SMALL, "simulation.workers=2", "simulation.backend=ray"])
     Simulation(ray_config, tmp_path / "ray").run()
     assert rows(tmp_path / "ray") == rows(tmp_path / "local")

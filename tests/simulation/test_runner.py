@@ -12,7 +12,7 @@ import pytest
 from shoal.apps import builtin
 from shoal.client.api import Client
 from shoal.client.app import ClientApp, ClientContext
-from shoal.config import Config, load_config
+from shoal.config import Config
 from shoal.core import RunError
 from shoal.registry import ClientRegistry, ClientStatus
 from shoal.simulation.runner import (
@@ -22,6 +22,7 @@ from shoal.simulation.runner import (
     load_run_config,
     open_run_models,
 )
+from support.jobs import bare_config
 
 DESIGN_ROW_KEYS = {
     "round", "phase", "selected", "reported", "dropped", "loss", "accuracy", "virtual_time_s",
@@ -45,7 +46,7 @@ def small(*overrides: str) -> Config:
         "devices.classes=[{name='a', share=1.0, examples_per_second=10, dropout=0.15, "
         "availability=0.9}]",
     ]
-    return load_config(None, [*base, *overrides])
+    return bare_config([*base, *overrides])
 
 
 def rows_without_wall(folder: Path) -> list[dict[str, Any]]:

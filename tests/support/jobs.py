@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from shoal.apps import client_app
 from shoal.client.api import Client
 from shoal.client.app import ClientContext
-from shoal.config import load_config
+from shoal.config import Config, apply_overrides, parse_config
 
 
 def network_job(
@@ -44,8 +45,7 @@ def network_job(
 
 def digits_client(index: int, clients: int) -> Client:
     """Client ``index`` of ``clients`` of the built-in app on digits, an IID split."""
-    config = load_config(
-        None,
+    config = bare_config(
         [
             f"data.num_clients={clients}",
             f"round.clients_per_round={min(clients, 10)}",
@@ -56,3 +56,8 @@ def digits_client(index: int, clients: int) -> Client:
         client_id=f"client-{index}", partition_index=index, num_partitions=clients, config=config
     )
     return client_app(context)
+
+
+def bare_config(overrides: Iterable[str] = ()) -> Config:
+    """Every section's defaults (not the embedded default job) with ``overrides``."""
+    return parse_config(apply_overrides({}, overrides))

@@ -16,7 +16,6 @@ from shoal.cli.app import app, quiet_logging, user_errors
 from shoal.client.app import app_search_path, with_config_folder
 from shoal.config import Config, load_config, parse_config
 from shoal.core.errors import ConfigError
-from shoal.simulation.api import default_config_path
 from shoal.simulation.runner import Simulation, load_run_config
 
 console = Console(highlight=False)
@@ -26,7 +25,7 @@ def _resolve(
     config_path: Path | None, resume: Path | None, overrides: list[str]
 ) -> tuple[Config, Path | None]:
     if resume is None:
-        return load_config(config_path or default_config_path(), overrides), None
+        return load_config(config_path, overrides), None
     if config_path is not None:
         raise ConfigError("--resume takes the run's own config; do not pass CONFIG as well")
     changed = [item for item in overrides if not item.startswith("run.rounds=")]

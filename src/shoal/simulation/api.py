@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,6 @@ from shoal.simulation.runner import Simulation, final_parameters
 from shoal.telemetry.metrics import MetricsLog
 
 Row = dict[str, Any]
-
-
-def default_config_path() -> Path:
-    """The embedded default job (digits, cross-device) of ``shoal simulate`` and ``make run``."""
-    return Path(str(resources.files("shoal.simulation").joinpath("default.toml")))
 
 
 @dataclass(frozen=True)
@@ -51,8 +45,7 @@ def job_config(
         return parse_config(apply_overrides(data, overrides))
     if isinstance(config, Mapping):
         return parse_config(apply_overrides(config, overrides))
-    path = default_config_path() if config is None else Path(config)
-    return with_config_folder(load_config(path, overrides), None if config is None else path)
+    return with_config_folder(load_config(config, overrides), config)
 
 
 def simulate(
