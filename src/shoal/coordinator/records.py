@@ -168,7 +168,7 @@ class RunRecords:
             resume_run_id=resume or None,
         )
         saved.write_text(self.tracker.run_id + "\n")
-        self.tracker.log_params(config_to_dict(config))
+        self.tracker.log_params(config_to_dict(config), resumed=resume is not None)
 
     def end_tracking(self, *, finished: bool) -> None:
         if self.tracker is not None:

@@ -241,19 +241,22 @@ class Run:
         if self.privacy is not None:
             self.privacy.resume(head.metrics)
         log.info("resuming from version %d (round %d)", head.version, head.round)
-        rows = self.store.keep_rows(
-            lambda row: (
-                row["round"] < head.round or (row["round"] == head.round and row["phase"] == "fit")
-            )
-        )
+        rows = self.store.keep_rows(lambda row: row["round"] <= head.round)
         self.wall_offset = max((row.get("wall_time_s", 0.0) for row in rows), default=0.0)
         if head.round > 0 and not any(row["round"] == head.round for row in rows):
             # the crash came between committing the version and recording its row
             recovered = {**head.metrics, "model_version": head.version, "sha256": head.sha256}
             self.store.append_row({**recovered, "wall_time_s": self.wall_offset})
         self.first_round = head.round + 1
-        self.replay_evaluation = head.round > 0 and self.evaluation_due(head.round)
-        self.virtual_start = float(head.metrics.get("virtual_time_s", 0.0))
+        evaluated = any(r["round"] == head.round and r["phase"] == "evaluate" for r in rows)
+        # an evaluation due on HEAD that the stop came before is played first
+        self.replay_evaluation = (
+            head.round > 0 and self.evaluation_due(head.round) and not evaluated
+        )
+        self.virtual_start = max(  # virtual time goes on from the last round recorded
+            [float(head.metrics.get("virtual_time_s", 0.0))]
+            + [float(row.get("virtual_time_s") or 0.0) for row in rows]
+        )
         return self._engine(parameters, state)
 
     # --- the schedule ----------------------------------------------------------------------

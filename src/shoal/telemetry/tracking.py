@@ -170,19 +170,27 @@ class MlflowTracker:
         """Whether the MLflow run has been closed."""
         return self._status is not None
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
+    def log_params(self, params: Mapping[str, Any], *, resumed: bool = False) -> None:
         """Log the run's parameters (nested mappings flattened with dots).
 
         A parameter is logged once: logging it again with the same value is
-        a no-op, with another value a :class:`ConfigError`.
+        a no-op, with another value a :class:`ConfigError`, unless the run
+        is ``resumed`` (a resume may extend ``run.rounds``): the new value
+        then goes into a tag ``resumed.KEY``, since MLflow keeps parameters
+        as first logged.
         """
         self._require_open()
         flat = flatten_params(params)
         changed = sorted(
             key for key, value in flat.items() if self._params.get(key, value) != value
         )
-        if changed:
+        if changed and not resumed:
             raise ConfigError(f"MLflow parameters cannot change once logged: {changed}")
+        for key in changed:
+            self._call(
+                "tag the run", self._client.set_tag, self.run_id, f"resumed.{key}", flat[key]
+            )
+            del flat[key]
         new = [
             self._entities.Param(key, value)
             for key, value in flat.items()

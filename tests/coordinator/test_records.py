@@ -1,0 +1,119 @@
+"""A run's records, alike for both shells: one MLflow run across a resume, every row's metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
+from shoal.config import parse_config
+from shoal.coordinator.records import tracked_metrics
+from shoal.coordinator.server import serve
+from shoal.simulation import Simulation
+from shoal.transport.grpc_link import GrpcLink
+from shoal.transport.signing import generate_client_key
+from support.jobs import bare_config, digits_client, network_job
+
+SMALL = [
+    "data.num_clients=8",
+    "round.clients_per_round=4",
+    "round.over_selection=1.0",
+    "evaluation.every=2",
+    "evaluation.clients=4",
+    "simulation.workers=0",
+    "tracking.mlflow=true",
+]
+
+
+def test_every_number_of_a_row_is_tracked_and_evaluation_rows_have_their_own_names() -> None:
+    fit = {"round": 3, "phase": "fit", "loss": 0.5, "epsilon": 1.0, "committed": True, "x": None}
+    evaluate = {"round": 3, "phase": "evaluate", "loss": 0.25, "accuracy": 0.9}
+    assert tracked_metrics(fit) == {"loss": 0.5, "privacy_epsilon": 1.0}
+    assert tracked_metrics(evaluate) == {"evaluate_loss": 0.25, "evaluate_accuracy": 0.9}
+    assert tracked_metrics({}) == {}
+
+
+def mlflow_runs(folder: Path) -> tuple[Any, list[Any]]:
+    mlflow = pytest.importorskip("mlflow")
+    client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    experiments = client.search_experiments()
+    runs = [run for e in experiments for run in client.search_runs([e.experiment_id])]
+    return client, runs
+
+
+def test_a_resumed_simulation_stays_one_mlflow_run_with_every_round(tmp_path: Path) -> None:
+    pytest.importorskip("mlflow")
+    Simulation(bare_config([*SMALL, "run.rounds=2"]), tmp_path).run()
+    Simulation(bare_config([*SMALL, "run.rounds=4"]), tmp_path, resume=True).run()
+    client, runs = mlflow_runs(tmp_path)
+    assert len(runs) == 1  # the resume reopened the run it started
+    [run] = runs
+    assert run.info.status == "FINISHED"
+    fit_steps = [point.step for point in client.get_metric_history(run.info.run_id, "loss")]
+    assert fit_steps == [1, 2, 3, 4]
+    evaluated = client.get_metric_history(run.info.run_id, "evaluate_loss")
+    assert [point.step for point in evaluated] == [2, 4]  # evaluation rows too
+    assert client.get_metric_history(run.info.run_id, "test_accuracy")
+
+
+def test_a_coordinator_records_its_run_as_a_simulation_does(tmp_path: Path) -> None:
+    pytest.importorskip("mlflow")
+    sections = network_job(
+        tmp_path,
+        run_id="served",
+        token="t",
+        clients=3,
+        per_round=3,
+        run={"rounds": 2, "name": "served"},
+        evaluation={"every": 2, "clients": 3},
+        tracking={"mlflow": True},
+    )
+    config = parse_config(sections)
+    rows: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        runtimes, links, tasks = [], [], []
+
+        def on_ready(port: int, first_round: int) -> None:
+            for index in range(3):
+                link = GrpcLink(f"127.0.0.1:{port}", credentials=None, enrollment_token="t")
+                enrollment = load_or_create_enrollment(tmp_path / f"c{index}", generate_client_key)
+                runtime = ClientRuntime(
+                    digits_client(index, 3), link, enrollment, backoff=Backoff(0.01, 0.1)
+                )
+                links.append(link)
+                runtimes.append(runtime)
+                tasks.append(asyncio.create_task(runtime.run()))
+
+        try:
+            await asyncio.wait_for(
+                serve(config, insecure=True, on_round=rows.append, on_ready=on_ready), 90
+            )
+        finally:
+            for runtime in runtimes:
+                runtime.stop()
+            await asyncio.gather(*tasks)
+            for link in links:
+                await link.close()
+
+    asyncio.run(main())
+    state = Path(config.coordinator.state_dir)
+    written = [json.loads(line) for line in (state / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["round"], row["phase"]) for row in written] == [
+        (1, "fit"),
+        (2, "fit"),
+        (2, "evaluate"),
+    ]
+    assert written == rows  # what the CLI printed is what was recorded
+    summary = json.loads((state / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2 and summary["architecture"] == "softmax"
+    assert summary["final_federated_accuracy"] is not None
+    client, runs = mlflow_runs(state)
+    [run] = runs
+    assert run.info.status == "FINISHED" and run.info.run_name == "served"
+    assert [p.step for p in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    assert [p.step for p in client.get_metric_history(run.info.run_id, "evaluate_loss")] == [2]
