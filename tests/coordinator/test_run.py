@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from shoal.aggregation.strategy import make_strategy
+from shoal.client.api import Client
 from shoal.config import load_config
 from shoal.coordinator.app import ServerApp
 from shoal.coordinator.events import CommitVersion, RoundClosed, StartRound, UpdateReceived
@@ -77,8 +78,27 @@ def models(tmp_path: Any) -> ModelRegistry:
     return ModelRegistry(database, BlobStore(str(tmp_path / "blobs")))
 
 
-def initial() -> Parameters:
-    return Parameters.from_arrays([np.zeros(3, np.float32)])
+class Zeros(Client):
+    """A client whose model starts at zero (it is asked only for its parameters)."""
+
+    def get_parameters(self) -> Parameters:
+        return Parameters.from_arrays([np.zeros(3, np.float32)])
+
+    def fit(self, parameters: Parameters, config: Any) -> Any:
+        raise AssertionError("not trained here")
+
+    def evaluate(self, parameters: Parameters, config: Any) -> Any:
+        raise AssertionError("not evaluated here")
+
+
+initial = Zeros
+
+
+def test_the_server_app_initial_model_comes_first(models: ModelRegistry) -> None:
+    start = Parameters.from_arrays([np.full(3, 7.0, np.float32)])
+    app = ServerApp(initial_parameters=lambda context: start)
+    engine = make_run(MemoryStore(models), app=app).open(initial)
+    np.testing.assert_array_equal(engine.parameters.vector, 7.0)
 
 
 def make_run(store: MemoryStore, *, app: ServerApp | None = None, **options: Any) -> Run:

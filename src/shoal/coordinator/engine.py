@@ -263,8 +263,15 @@ class Coordinator:
         self.rejections[reason.value] += 1
         if self._round is not None and self.state is RoundState.COLLECTING:
             self._round.rejected[reason.value] += 1
-        log.info(
-            "rejected %s from %s in round %d: %s", reason.value, client_id, round_number, detail
+        # an invalid update is a client's bug its operator must see; late or duplicate is routine
+        level = logging.WARNING if reason is RejectReason.INVALID_UPDATE else logging.INFO
+        log.log(
+            level,
+            "rejected %s from %s in round %d: %s",
+            reason.value,
+            client_id,
+            round_number,
+            detail,
         )
         return RejectSubmission(client_id, round_number, reason, detail)
 

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from shoal.aggregation.strategy import Strategy
+from shoal.client.api import Client
 from shoal.config import Config, config_to_dict
-from shoal.coordinator.app import ServerApp, split_round_config
+from shoal.coordinator.app import ServerApp, ServerContext, split_round_config
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import CommitVersion, RoundSummary
 from shoal.coordinator.rounds import RoundSettings
@@ -186,19 +187,32 @@ class Run:
 
     # --- start: first commit or resume ---------------------------------------------------
 
-    def open(self, initial: Callable[[], Parameters]) -> Coordinator:
-        """The engine at HEAD; a new run commits ``initial()`` as version 0 first."""
+    def open(self, first_client: Callable[[], Client]) -> Coordinator:
+        """The engine at HEAD; a new run commits its initial model as version 0 first.
+
+        The initial model is the server app's, else the one the app's first
+        client starts from (``first_client()``, built only when needed).
+        """
         head = self.store.head()
         if head is None and self.resume is True:
             raise RunError(f"{self.where} holds no committed version to resume from")
         if head is not None and self.resume is False:
             raise RunError(f"{self.where} already holds a run; use --resume or another --out")
-        coordinator = self._start(initial()) if head is None else self._restore(head)
+        if head is None:
+            coordinator = self._start(self._initial_parameters(first_client))
+        else:
+            coordinator = self._restore(head)
         if self.privacy is not None:
             self.privacy.open(self.store.database)  # replays what the run spent before
         self.model_bytes = len(coordinator.parameters.to_bytes())
         self._coordinator = coordinator
         return coordinator
+
+    def _initial_parameters(self, first_client: Callable[[], Client]) -> Parameters:
+        make = self.app.initial_parameters
+        if make is not None:
+            return make(ServerContext(config=self.config, options=self.config.app.options))
+        return first_client().get_parameters()
 
     def _engine(self, parameters: Parameters, state: Any = None) -> Coordinator:
         parts = self.parts
@@ -430,6 +444,21 @@ class Run:
         }
         self.store.write_summary(summary)
         return summary
+
+
+def run_privacy(
+    config: Config, settings: RoundSettings, *, population: int, run_id: str
+) -> RunPrivacy | None:
+    """The run's DP (None when ``[privacy]`` is off), planned for ``population`` clients."""
+    if not config.privacy.enabled:
+        return None
+    return RunPrivacy(
+        config,
+        population=population,
+        clients_per_round=settings.clients_per_round,
+        min_clients=settings.quorum_count(Phase.FIT),
+        run_id=run_id,
+    )
 
 
 def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -42,7 +42,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shoal.client.app import ClientContext
 from shoal.config import Config
-from shoal.coordinator.app import ResolvedApps, ServerContext, resolve_apps
+from shoal.coordinator.app import resolve_apps
 from shoal.coordinator.driver import Decrypt, DriverSettings, RoundDriver
 from shoal.coordinator.events import (
     CommitVersion,
@@ -51,8 +51,7 @@ from shoal.coordinator.events import (
 )
 from shoal.coordinator.homomorphic import CKKS
 from shoal.coordinator.records import RunRecords
-from shoal.coordinator.rounds import RoundSettings
-from shoal.coordinator.run import Run, RunParts
+from shoal.coordinator.run import Run, RunParts, run_privacy
 from shoal.coordinator.selection import cohort_size
 from shoal.coordinator.service import CoordinatorService, ServiceSettings
 from shoal.coordinator.setup import (
@@ -62,7 +61,6 @@ from shoal.coordinator.setup import (
     strategy_for,
 )
 from shoal.core.errors import ConfigError
-from shoal.core.parameters import Parameters
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import (
     BlobStore,
@@ -75,7 +73,7 @@ from shoal.registry import (
     registry_location,
 )
 from shoal.secure.keyholder import read_silo_keys
-from shoal.tasks import Phase, RunFinished
+from shoal.tasks import RunFinished
 from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
 from shoal.transport.certs import (
     CA_CERTIFICATE,
@@ -156,7 +154,9 @@ def build(
     settings = round_settings_from_config(config)
     records = RunRecords(state_dir, models, clients, model=config.run.name)
     try:
-        privacy = _run_privacy(config, settings, clients)
+        # sized by the clients enrolled so far or the configured population
+        population = max(clients.count(), config.data.num_clients)
+        privacy = run_privacy(config, settings, population=population, run_id=section.run_id)
         run = Run(
             config,
             app=apps.server,
@@ -166,7 +166,7 @@ def build(
             privacy=privacy,
             where=str(state_dir),
         )
-        coordinator = run.open(lambda: _initial_parameters(config, apps))
+        coordinator = run.open(lambda: apps.client(_first_context(config)))
         if run.first_round > 1:
             log.info("resuming run %s at round %d", config.run.name, run.first_round)
         records.start_tracking(config)
@@ -223,12 +223,9 @@ def build(
     )
 
 
-def _initial_parameters(config: Config, apps: ResolvedApps) -> Parameters:
-    """The server app's initial model, else the one a client of the app starts from."""
-    make = apps.server.initial_parameters
-    if make is not None:
-        return make(ServerContext(config=config, options=config.app.options))
-    context = ClientContext(
+def _first_context(config: Config) -> ClientContext:
+    """Where the coordinator's own client of the app stands (for the initial model)."""
+    return ClientContext(
         client_id="coordinator",
         partition_index=0,
         num_partitions=config.data.num_clients,
@@ -236,7 +233,6 @@ def _initial_parameters(config: Config, apps: ResolvedApps) -> Parameters:
         seed=config.run.seed,
         config=config,
     )
-    return apps.client(context).get_parameters()
 
 
 def _key_holder(config: Config) -> KeyHolderClient | None:
@@ -274,21 +270,6 @@ def _decryptor(key_holder: KeyHolderClient, run_id: str) -> Decrypt:
         )
 
     return decrypt
-
-
-def _run_privacy(
-    config: Config, settings: RoundSettings, clients: ClientRegistry
-) -> RunPrivacy | None:
-    """The run's DP, sized by the clients enrolled so far or the configured population."""
-    if not config.privacy.enabled:
-        return None
-    return RunPrivacy(
-        config,
-        population=max(clients.count(), config.data.num_clients),
-        clients_per_round=settings.clients_per_round,
-        min_clients=settings.quorum_count(Phase.FIT),
-        run_id=config.coordinator.run_id,
-    )
 
 
 def server_credentials(config: Config, *, insecure: bool) -> grpc.ServerCredentials | None:

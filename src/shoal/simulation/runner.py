@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.config import Config, parse_config
-from shoal.coordinator.app import ServerContext, resolve_apps
+from shoal.coordinator.app import resolve_apps
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import (
     Action,
@@ -38,7 +38,7 @@ from shoal.coordinator.events import (
     UpdateReceived,
 )
 from shoal.coordinator.records import CONFIG_FILE, RunRecords
-from shoal.coordinator.run import EVALUATION_UPLOAD_BYTES, Play, Run, RunParts
+from shoal.coordinator.run import EVALUATION_UPLOAD_BYTES, Play, Run, RunParts, run_privacy
 from shoal.coordinator.setup import (
     round_settings_from_config,
     secure_settings_from_config,
@@ -47,7 +47,6 @@ from shoal.coordinator.setup import (
 from shoal.core.device import DeviceState
 from shoal.core.errors import RunError
 from shoal.core.parameters import Parameters
-from shoal.privacy.run import RunPrivacy
 from shoal.registry import (
     BlobStore,
     ClientRegistry,
@@ -118,15 +117,12 @@ class Simulation:
             self.consortium = Consortium(
                 self.out, config.secure_aggregation, self.population.client_ids
             )
-        self.privacy: RunPrivacy | None = None
-        if config.privacy.enabled:
-            self.privacy = RunPrivacy(
-                config,
-                population=len(self.population.client_ids),
-                clients_per_round=self.settings.clients_per_round,
-                min_clients=self.settings.quorum_count(Phase.FIT),
-                run_id=config.run.name,
-            )
+        self.privacy = run_privacy(
+            config,
+            self.settings,
+            population=len(self.population.client_ids),
+            run_id=config.run.name,
+        )
         self.secure = secure_settings_from_config(
             config,
             run_id=config.run.name,
@@ -168,7 +164,7 @@ class Simulation:
         )
         finished = False
         try:
-            self._coordinator = lifecycle.open(self._initial_parameters)
+            self._coordinator = lifecycle.open(self.population.first_client)
             self.model_bytes = lifecycle.model_bytes
             self._enroll_fleet(records.clients)
             records.start_tracking(self.config)
@@ -194,13 +190,6 @@ class Simulation:
             finally:
                 records.end_tracking(finished=finished)
                 models.database.close()
-
-    def _initial_parameters(self) -> Parameters:
-        """The server app's initial model, else client 0's own (built in this process)."""
-        make = self.apps.server.initial_parameters
-        if make is not None:
-            return make(ServerContext(config=self.config, options=self.config.app.options))
-        return self.population.first_client().get_parameters()
 
     def _enroll_fleet(self, clients: ClientRegistry) -> None:
         """Enroll the simulated population; clients enrolled before keep their status."""
