@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,23 +31,10 @@ Row = dict[str, Any]
 
 
 class RunRecords:
-    """The :class:`~shoal.coordinator.run.RunStore` of a run folder and its registries.
-
-    ``write_behind=True`` (a simulation) commits versions on a background
-    thread while the next round trains; anything that reads the registry
-    back waits for them first. A simulation replays bit for bit, so a crash
-    loses only rounds that a resume redoes. A coordinator commits each
-    version before anyone is offered it (the default).
-    """
+    """The :class:`~shoal.coordinator.run.RunStore` of a run folder and its registries."""
 
     def __init__(
-        self,
-        folder: str | Path,
-        models: ModelRegistry,
-        clients: ClientRegistry,
-        *,
-        model: str,
-        write_behind: bool = False,
+        self, folder: str | Path, models: ModelRegistry, clients: ClientRegistry, *, model: str
     ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -57,13 +43,6 @@ class RunRecords:
         self.model = model
         self.metrics = MetricsLog(self.folder / METRICS_FILE)
         self.tracker: MlflowTracker | None = None
-        self._writer = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-records")
-            if write_behind
-            else None
-        )
-        self._pending: list[Future[ModelRecord]] = []
-        self._newest: int | None = None  # the newest version, once known
 
     @property
     def database(self) -> Database:
@@ -72,11 +51,9 @@ class RunRecords:
     # --- model versions ----------------------------------------------------------------
 
     def head(self) -> ModelRecord | None:
-        self.flush()
         return self.models.head(self.model)
 
     def load(self, record: ModelRecord) -> tuple[Parameters, bytes | None]:
-        self.flush()
         parameters = self.models.load(self.model, record.version)
         return parameters, self.models.load_state(self.model, record.version)
 
@@ -89,45 +66,15 @@ class RunRecords:
         state: bytes,
         architecture: str,
     ) -> Committed:
-        def store() -> ModelRecord:
-            return self.models.commit(
-                self.model,
-                parameters,
-                round=round_number,
-                architecture_version=architecture,
-                metrics=stored,
-                state=state,
-            )
-
-        stored = clean_row(metrics)  # a copy: the caller goes on with its row
-        if self._writer is None:
-            record = store()
-            self._newest = record.version
-            return Committed(record.version, record.sha256)
-        version = self._next_version()
-        self._pending.append(self._writer.submit(store))
-        return Committed(version, parameters.sha256())
-
-    def _next_version(self) -> int:
-        if self._newest is None:
-            newest = self.models.list(self.model)
-            self._newest = max((record.version for record in newest), default=-1)
-        self._newest += 1
-        return self._newest
-
-    def flush(self) -> None:
-        """Wait for the versions committed behind; the first that failed raises here."""
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()
-
-    def close(self) -> None:
-        """Finish the versions in flight and stop the writer."""
-        try:
-            self.flush()
-        finally:
-            if self._writer is not None:
-                self._writer.shutdown(wait=True)
+        record = self.models.commit(
+            self.model,
+            parameters,
+            round=round_number,
+            architecture_version=architecture,
+            metrics=clean_row(metrics),
+            state=state,
+        )
+        return Committed(record.version, record.sha256)
 
     def barred(self) -> set[str]:
         return self.clients.barred()

@@ -354,7 +354,6 @@ async def serve(
             loop.remove_signal_handler(signum)
         parts.service.heartbeats.flush()
         parts.records.end_tracking(finished=finished)
-        parts.records.close()
         parts.close()
     if job.done() and not job.cancelled() and job.exception() is not None:
         raise job.exception()  # type: ignore[misc]

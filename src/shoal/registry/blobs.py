@@ -70,6 +70,8 @@ class BlobStore:
         digest = sha256_hex(data)
         target = self.path(digest)
         try:
+            if self._local and os.path.isfile(target):
+                return digest  # named by its content, written whole (by rename): already here
             if self._local:
                 _write_local_file(target, data, durable=self.durable)
             else:

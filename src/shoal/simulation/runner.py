@@ -149,9 +149,7 @@ class Simulation:
         started = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         models = open_run_models(self.out)
-        records = RunRecords(
-            self.out, models, ClientRegistry(models.database), model=MODEL_NAME, write_behind=True
-        )
+        records = RunRecords(self.out, models, ClientRegistry(models.database), model=MODEL_NAME)
         lifecycle = Run(
             self.config,
             app=self.apps.server,
@@ -185,11 +183,8 @@ class Simulation:
             finished = True
             return summary
         finally:
-            try:
-                records.close()  # the versions still being written
-            finally:
-                records.end_tracking(finished=finished)
-                models.database.close()
+            records.end_tracking(finished=finished)
+            models.database.close()
 
     def _enroll_fleet(self, clients: ClientRegistry) -> None:
         """Enroll the simulated population; clients enrolled before keep their status."""
