@@ -70,8 +70,8 @@ class BlobStore:
         digest = sha256_hex(data)
         target = self.path(digest)
         try:
-            if self._local and os.path.isfile(target):
-                return digest  # named by its content, written whole (by rename): already here
+            if self._local and _holds(target, data):
+                return digest  # already here, intact: a rewrite would change nothing
             if self._local:
                 _write_local_file(target, data, durable=self.durable)
             else:
@@ -111,6 +111,17 @@ class BlobStore:
             raise NotFoundError(f"no blob {digest[:16]}... in {self}") from exc
         except OSError as exc:
             raise RegistryError(f"cannot delete blob {digest[:16]}... in {self}: {exc}") from exc
+
+
+def _holds(target: str, data: bytes) -> bool:
+    """Whether the file ``target`` holds exactly ``data`` (a corrupt copy is rewritten)."""
+    try:
+        if os.path.getsize(target) != len(data):
+            return False
+        with open(target, "rb") as stream:
+            return stream.read() == data
+    except FileNotFoundError:
+        return False
 
 
 def _write_local_file(target: str, data: bytes, *, durable: bool) -> None:
