@@ -37,7 +37,7 @@ from shoal.config import load_config
 from shoal.coordinator import CommitVersion, Coordinator, RoundSettings
 from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.events import RoundSummary
-from shoal.coordinator.run import schedule
+from shoal.coordinator.schedule import schedule
 from shoal.transport.certs import init_certificates
 from shoal.transport.signing import generate_client_key
 

@@ -26,7 +26,7 @@ from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollme
 from shoal.coordinator import CommitVersion, Coordinator, Phase, RoundSettings
 from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.inprocess import InProcessLink
-from shoal.coordinator.run import schedule
+from shoal.coordinator.schedule import schedule
 from shoal.coordinator.secure import SecureSettings
 from shoal.core import Parameters
 from shoal.secure.messages import (

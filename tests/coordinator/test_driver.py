@@ -11,7 +11,7 @@ import pytest
 from shoal.aggregation.strategy import make_strategy
 from shoal.coordinator import CommitVersion, Coordinator, Phase, RejectReason, RoundSettings
 from shoal.coordinator.driver import SECURE_STAGE_RETRY_S, DriverSettings, RoundDriver
-from shoal.coordinator.run import schedule
+from shoal.coordinator.schedule import schedule
 from shoal.coordinator.secure import SecureSettings
 from shoal.coordinator.state import RoundState
 from shoal.core import ConfigError, Parameters

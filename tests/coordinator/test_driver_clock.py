@@ -13,7 +13,7 @@ import numpy as np
 from shoal.aggregation.strategy import make_strategy
 from shoal.coordinator import CommitVersion, Coordinator, RoundSettings, RoundSummary
 from shoal.coordinator.driver import DriverSettings, RoundDriver
-from shoal.coordinator.run import schedule
+from shoal.coordinator.schedule import schedule
 from shoal.core import Parameters
 from shoal.tasks import RunFinished, TaskOffer
 

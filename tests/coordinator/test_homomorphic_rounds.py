@@ -25,7 +25,7 @@ from shoal.coordinator import (
 )
 from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.events import AggregateDecrypted, RequestDecryption
-from shoal.coordinator.run import schedule
+from shoal.coordinator.schedule import schedule
 from shoal.coordinator.secure import SecureSettings
 from shoal.coordinator.state import RoundState
 from shoal.core import Parameters, SecurityError

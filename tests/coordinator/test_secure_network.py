@@ -23,7 +23,7 @@ from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollme
 from shoal.config import Config, parse_config
 from shoal.coordinator import CommitVersion, Coordinator, RoundSettings
 from shoal.coordinator.driver import DriverSettings, RoundDriver
-from shoal.coordinator.run import schedule
+from shoal.coordinator.schedule import schedule
 from shoal.coordinator.secure import SecureSettings
 from shoal.coordinator.server import build
 from shoal.coordinator.service import CoordinatorService, ServiceSettings

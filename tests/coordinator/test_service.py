@@ -21,7 +21,7 @@ from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, 
 from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
 from shoal.coordinator import CommitVersion, Coordinator, RoundSettings, RoundSummary
 from shoal.coordinator.driver import DriverSettings, RoundDriver
-from shoal.coordinator.run import schedule
+from shoal.coordinator.schedule import schedule
 from shoal.coordinator.service import CoordinatorService, ServiceSettings
 from shoal.core import DeviceState, Parameters
 from shoal.registry import ClientRegistry, ClientStatus, EnrollmentTokens, open_database

@@ -62,7 +62,7 @@ from shoal.coordinator.events import (
     UpdateReceived,
 )
 from shoal.coordinator.homomorphic import CKKS
-from shoal.coordinator.run import Play
+from shoal.coordinator.schedule import Play
 from shoal.coordinator.secure import SECAGG_PLUS
 from shoal.coordinator.state import RoundState
 from shoal.core.errors import ConfigError

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from shoal.config import Config, config_to_dict
-from shoal.coordinator.run import Committed
 from shoal.core.parameters import Parameters
 from shoal.registry import ClientRegistry, Database, ModelRecord, ModelRegistry
 from shoal.telemetry.metrics import MetricsLog, clean_row
@@ -28,6 +28,47 @@ METRICS_FILE = "metrics.jsonl"
 MLFLOW_RUN_FILE = "mlflow-run-id"
 
 Row = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """A version the store committed (or will have committed before anyone reads it back)."""
+
+    version: int
+    sha256: str
+
+
+class RunStore(Protocol):
+    """The run's records, which the shell keeps: model versions, rows, summary, barred clients."""
+
+    @property
+    def database(self) -> Database: ...
+
+    def head(self) -> ModelRecord | None: ...
+
+    def load(self, record: ModelRecord) -> tuple[Parameters, bytes | None]: ...
+
+    def commit(
+        self,
+        parameters: Parameters,
+        *,
+        round_number: int,
+        metrics: Row,
+        state: bytes,
+        architecture: str,
+    ) -> Committed: ...
+
+    def barred(self) -> set[str]: ...
+
+    def rows(self) -> list[Row]: ...
+
+    def keep_rows(self, keep: Callable[[Row], bool]) -> list[Row]: ...
+
+    def append_row(self, row: Row) -> None: ...
+
+    def write_config(self, config: Mapping[str, Any]) -> None: ...
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None: ...
 
 
 class RunRecords:

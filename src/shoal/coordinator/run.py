@@ -26,10 +26,9 @@ engine between the calls of a :class:`Run`.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from shoal.aggregation.strategy import Strategy
 from shoal.client.api import Client
@@ -37,14 +36,16 @@ from shoal.config import Config, config_to_dict
 from shoal.coordinator.app import ServerApp, ServerContext, split_round_config
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import CommitVersion, RoundSummary
+from shoal.coordinator.records import RunStore
 from shoal.coordinator.rounds import RoundSettings
+from shoal.coordinator.schedule import Play, evaluation_due, schedule
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
 from shoal.core.errors import ConfigError, RunError
 from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
 from shoal.privacy.coordinator import check_private_strategy
 from shoal.privacy.run import RunPrivacy
-from shoal.registry import Database, ModelRecord
+from shoal.registry import ModelRecord
 from shoal.tasks import Phase
 
 log = logging.getLogger("shoal.run")
@@ -52,55 +53,6 @@ log = logging.getLogger("shoal.run")
 Row = dict[str, Any]
 EVALUATION_UPLOAD_BYTES = 256
 """What one client's evaluation answer weighs on the wire, about."""
-
-
-@dataclass(frozen=True, slots=True)
-class Committed:
-    """A version the store committed (or will have committed before anyone reads it back)."""
-
-    version: int
-    sha256: str
-
-
-class RunStore(Protocol):
-    """The run's records, which the shell keeps: model versions, rows, summary, barred clients."""
-
-    @property
-    def database(self) -> Database: ...
-
-    def head(self) -> ModelRecord | None: ...
-
-    def load(self, record: ModelRecord) -> tuple[Parameters, bytes | None]: ...
-
-    def commit(
-        self,
-        parameters: Parameters,
-        *,
-        round_number: int,
-        metrics: Row,
-        state: bytes,
-        architecture: str,
-    ) -> Committed: ...
-
-    def barred(self) -> set[str]: ...
-
-    def rows(self) -> list[Row]: ...
-
-    def keep_rows(self, keep: Callable[[Row], bool]) -> list[Row]: ...
-
-    def append_row(self, row: Row) -> None: ...
-
-    def write_config(self, config: Mapping[str, Any]) -> None: ...
-
-    def write_summary(self, summary: Mapping[str, Any]) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Play:
-    """One round of the schedule: its number and what it asks of the clients."""
-
-    round: int
-    phase: Phase
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,30 +69,6 @@ class RunParts:
             check_private_strategy(self.strategy)
         if self.secure is not None:
             check_secure_strategy(self.strategy)
-
-
-def evaluation_due(round_number: int, *, every: int) -> bool:
-    """Whether an evaluation round follows fit round ``round_number`` (every ``every`` rounds)."""
-    return every > 0 and round_number % every == 0
-
-
-def schedule(
-    *,
-    rounds: int,
-    first_round: int = 1,
-    evaluate_every: int = 0,
-    stops_before: Callable[[int], bool] | None = None,
-) -> Iterator[Play]:
-    """Fit rounds ``first_round..rounds``, each followed by its evaluation when one is due.
-
-    ``stops_before(round)`` is asked before each fit round, lazily: True ends the schedule.
-    """
-    for round_number in range(first_round, rounds + 1):
-        if stops_before is not None and stops_before(round_number):
-            return
-        yield Play(round_number, Phase.FIT)
-        if evaluation_due(round_number, every=evaluate_every):
-            yield Play(round_number, Phase.EVALUATE)
 
 
 class Run:
@@ -305,7 +233,7 @@ class Run:
             barred |= self.privacy.barred()
         return barred
 
-    def eligible(self, candidates: Iterator[str] | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    def eligible(self, candidates: Iterable[str]) -> tuple[str, ...]:
         """``candidates`` without the barred clients, in order."""
         barred = self.barred()
         return tuple(client for client in candidates if client not in barred)
@@ -459,12 +387,3 @@ def run_privacy(
         min_clients=settings.quorum_count(Phase.FIT),
         run_id=run_id,
     )
-
-
-def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The finite numbers of a row (what a tracker can log)."""
-    return {
-        name: float(value)
-        for name, value in metrics.items()
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    }

@@ -38,7 +38,8 @@ from shoal.coordinator.events import (
     UpdateReceived,
 )
 from shoal.coordinator.records import CONFIG_FILE, RunRecords
-from shoal.coordinator.run import EVALUATION_UPLOAD_BYTES, Play, Run, RunParts, run_privacy
+from shoal.coordinator.run import EVALUATION_UPLOAD_BYTES, Run, RunParts, run_privacy
+from shoal.coordinator.schedule import Play
 from shoal.coordinator.setup import (
     round_settings_from_config,
     secure_settings_from_config,
