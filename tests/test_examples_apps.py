@@ -4,34 +4,26 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
-import shlex
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from support.documents import (
+    ROOT,
+    SHOAL,
+    deploy,
+    fenced_blocks,
+    free_port,
+    run,
+    shell_commands,
+)
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-SHOAL = [sys.executable, "-m", "shoal"]
-
-
-def environment() -> dict[str, str]:
-    """This checkout's Shoal for the child processes, whatever the environment has installed."""
-    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
-
-
-def run(command: list[str], *, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command, cwd=cwd, env=environment(), capture_output=True, text=True, timeout=240
-    )
 
 
 def simulate(job: Path, out: Path, *overrides: str, cwd: Path) -> list[dict[str, Any]]:
@@ -111,19 +103,10 @@ def test_the_custom_server_app_schedules_evaluates_and_aggregates(tmp_path: Path
     assert summary_of(tmp_path / "run")["architecture"] == "digits-mlp-32"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def deployment_commands(readme: Path) -> list[list[str]]:
-    """The shell block of the README that deploys, one argv per command (``cd`` left out)."""
-    blocks = re.findall(r"```sh\n(.*?)```", readme.read_text(), flags=re.DOTALL)
-    block = next(block for block in blocks if "coordinator serve" in block)
-    lines = block.replace("\\\n", " ").splitlines()
-    commands = [shlex.split(line, comments=True) for line in lines]
-    return [command for command in commands if command and command[0] != "cd"]
+    """The commands of the README's shell block that deploys."""
+    block = next(b for b in fenced_blocks(readme.read_text(), "sh") if "coordinator serve" in b)
+    return shell_commands(block)
 
 
 def test_the_pytorch_cnn_deploys_over_tls_as_its_readme_says(tmp_path: Path) -> None:
@@ -134,36 +117,22 @@ def test_the_pytorch_cnn_deploys_over_tls_as_its_readme_says(tmp_path: Path) -> 
         shutil.copy(EXAMPLES / "pytorch-cnn" / name, example / name)
     port = free_port()
     commands = deployment_commands(EXAMPLES / "pytorch-cnn" / "README.md")
-    assert [command[:3] for command in commands] == [
-        ["shoal", "certs", "init"],
-        ["shoal", "coordinator", "serve"],
-        *[["shoal", "client", "run"]] * 3,
+    assert [command[len(SHOAL) : len(SHOAL) + 2] for command in commands] == [
+        ["certs", "init"],
+        ["coordinator", "serve"],
+        *[["client", "run"]] * 3,
     ]
     certs, serve, *clients = [
-        [*SHOAL, *(arg.replace("127.0.0.1:50061", f"127.0.0.1:{port}") for arg in command[1:])]
+        [arg.replace("127.0.0.1:50061", f"127.0.0.1:{port}") for arg in command]
         for command in commands
     ]
     made = run(certs, cwd=example)
     assert made.returncode == 0, made.stderr
     serve += ["--set", f'coordinator.listen="127.0.0.1:{port}"', "--set", "run.rounds=2"]
     serve += ["--set", "coordinator.linger_s=5"]
-    names = ("coordinator", "client-0", "client-1", "client-2")
-    logs = [(example / f"{name}.log").open("w") for name in names]
-    processes = [
-        subprocess.Popen(command, cwd=example, env=environment(), stdout=log, stderr=log)
-        for command, log in zip([serve, *clients], logs, strict=True)
-    ]
-    try:
-        codes = [process.wait(timeout=240) for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        for log in logs:
-            log.close()
-    output = "\n".join((example / f"{name}.log").read_text() for name in names)
-    assert codes == [0, 0, 0, 0], output  # told the run is over, every client leaves by itself
+    deployment = deploy(serve, clients, cwd=example)
+    output = deployment.output
+    assert deployment.codes == [0, 0, 0, 0], output  # told the run is over, the clients leave
     state = example / "coordinator-state"
     rows = [json.loads(line) for line in (state / "metrics.jsonl").read_text().splitlines()]
     assert [(row["round"], row["phase"], row["committed"]) for row in rows] == [
