@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -214,3 +215,73 @@ def test_missing_torch_names_the_extra(monkeypatch: pytest.MonkeyPatch, loaders:
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(MissingExtraError, match=r"TorchClient.*shoal\[torch\]"):
         TorchClient(None, loss_fn=None, train_loader=loaders[0])  # type: ignore[arg-type]
+
+
+def test_set_parameters_loads_them_and_export_state_dict_gives_them_back(
+    loaders: Loaders,
+) -> None:
+    client = make_client(loaders)
+    start = client.get_parameters()
+    shifted = start.with_vector(start.vector + 0.5)
+    client.set_parameters(shifted)
+    np.testing.assert_array_equal(client.get_parameters().vector, shifted.vector)
+    state = client.export_state_dict()
+    assert tuple(state) == shifted.layout.names
+    for spec, array in zip(shifted.layout.specs, shifted.to_arrays(), strict=True):
+        assert tuple(state[spec.name].shape) == spec.shape
+        assert state[spec.name].device.type == "cpu"
+        np.testing.assert_array_equal(state[spec.name].numpy(), array)
+    state["0.bias"].add_(1.0)  # a copy: the module is untouched
+    np.testing.assert_array_equal(client.get_parameters().vector, shifted.vector)
+
+
+def test_an_exported_state_dict_loads_into_a_fresh_module(loaders: Loaders, tmp_path: Path) -> None:
+    client = make_client(loaders)
+    result = client.fit(client.get_parameters(), FitConfig(round=1, learning_rate=0.5, seed=1))
+    assert isinstance(result.parameters, Parameters)
+    client.set_parameters(result.parameters)
+    torch.save(client.export_state_dict(), tmp_path / "model.pt")
+    fresh = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    inputs = torch.from_numpy(load_digits_split(test_fraction=0.25, seed=0)[1].features[:8])
+    with torch.no_grad():
+        assert torch.equal(fresh(inputs), client.module(inputs))
+
+
+def test_export_state_dict_keeps_buffers_and_their_dtypes(loaders: Loaders) -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16))
+    client = TorchClient(net, loss_fn=torch.nn.functional.cross_entropy, train_loader=loaders[0])
+    state = client.export_state_dict()
+    assert list(state) == list(net.state_dict())
+    assert state["1.num_batches_tracked"].dtype == torch.int64
+    assert state["1.running_var"].dtype == torch.float32
+
+
+def test_set_parameters_refuses_another_layout_and_keeps_the_module(loaders: Loaders) -> None:
+    client = make_client(loaders)
+    before = client.get_parameters()
+    other = Parameters.from_arrays(
+        [np.zeros((10, 64), np.float32), np.zeros(10, np.float32)], names=["weight", "bias"]
+    )
+    with pytest.raises(ClientError, match="do not fit the module"):
+        client.set_parameters(other)
+    wrong_shape = Parameters.from_arrays(
+        [np.zeros(shape, np.float32) for shape in [(32, 64), (32,), (10, 31), (10,)]],
+        names=list(before.layout.names),
+    )
+    with pytest.raises(ClientError, match="shape"):
+        client.set_parameters(wrong_shape)
+    np.testing.assert_array_equal(client.get_parameters().vector, before.vector)
+
+
+def test_a_client_without_train_loader_only_evaluates(loaders: Loaders) -> None:
+    torch.manual_seed(0)
+    evaluator = TorchClient(
+        torch.nn.Linear(64, 10), loss_fn=torch.nn.functional.cross_entropy, eval_loader=loaders[1]
+    )
+    parameters = evaluator.get_parameters()
+    result = evaluator.evaluate(parameters, EvaluateConfig(round=3))
+    assert result.num_examples == 450
+    assert 0 <= result.metrics["accuracy"] <= 1
+    with pytest.raises(ClientError, match="no train loader"):
+        evaluator.fit(parameters, FitConfig(round=1))

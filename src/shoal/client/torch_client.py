@@ -35,6 +35,8 @@ are refused with :class:`ClientError`.
 ...     eval_loader=test_loader,
 ... )
 >>> result = client.fit(client.get_parameters(), FitConfig(round=1, seed=7))
+>>> client.set_parameters(result.parameters)
+>>> torch.save(client.export_state_dict(), "model.pt")
 """
 
 from __future__ import annotations
@@ -76,7 +78,13 @@ class TorchClient(Client):
     one), and returns the module's new state. The optimizer comes from
     ``optimizer_factory(module.parameters(), config)``, by default plain SGD
     at ``config.learning_rate``. With ``config.proximal_mu > 0``, FedProx's
-    ``mu * (w - w_received)`` is added to each trainable gradient.
+    ``mu * (w - w_received)`` is added to each trainable gradient. Without
+    a ``train_loader`` the client only evaluates (``fit`` raises
+    :class:`ClientError`), as a server app's central evaluation does.
+
+    ``set_parameters`` loads parameters into the module and
+    ``export_state_dict`` gives its state back as a plain state dict, so a
+    model trained with Shoal is saved and loaded as any PyTorch model.
 
     Runs are deterministic in ``config.seed`` on CPU: the global torch
     generator is forked and seeded for the fit (so shuffling without an
@@ -94,7 +102,7 @@ class TorchClient(Client):
         module: torch.nn.Module,
         *,
         loss_fn: LossFunction,
-        train_loader: DataLoader[Any],
+        train_loader: DataLoader[Any] | None = None,
         eval_loader: DataLoader[Any] | None = None,
         optimizer_factory: OptimizerFactory | None = None,
         dp_sgd: DpSgdSettings | None = None,
@@ -108,23 +116,54 @@ class TorchClient(Client):
         self.train_loader = train_loader
         self.eval_loader = eval_loader
         self.optimizer_factory = optimizer_factory
-        self._steps_per_epoch = _loader_length(train_loader)
-        self._num_train_examples = _dataset_length(train_loader)
+        self._steps_per_epoch = 0 if train_loader is None else _loader_length(train_loader)
+        self._num_train_examples = 0 if train_loader is None else _dataset_length(train_loader)
 
     def get_parameters(self) -> Parameters:
         return parameters_from_state_dict(self.module.state_dict())
 
+    def set_parameters(self, parameters: Parameters) -> None:
+        """Load ``parameters`` into the module, buffers included.
+
+        They must have the module's names and shapes (what ``get_parameters``
+        gives, or a run's model); anything else is a :class:`ClientError`
+        and leaves the module as it was.
+        """
+        like = self.module.state_dict()
+        try:
+            state = state_dict_from_parameters(parameters, like=like)
+        except ModelError as exc:
+            raise ClientError(f"the parameters do not fit the module: {exc}") from exc
+        self.module.load_state_dict(state)
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The module's state as a plain state dict: detached copies on the CPU.
+
+        Its keys are the names of the parameters' layout, in order, and each
+        tensor has the module's dtype and shape: ``torch.save`` it, or give
+        it to ``load_state_dict`` of the same architecture.
+        """
+        return {
+            name: tensor.detach().to("cpu", copy=True)
+            for name, tensor in self.module.state_dict().items()
+        }
+
     def fit(self, parameters: Parameters, config: FitConfig) -> FitResult:
-        self._load(parameters)
+        loader = self.train_loader
+        if loader is None:
+            raise ClientError("this TorchClient has no train loader: it only evaluates")
+        self.set_parameters(parameters)
         num_steps = max(1, round(config.epochs * self._steps_per_epoch))
         dp_metrics: dict[str, float] = {}
         try:
             with _seeded(config.seed, self._device()):
-                _reseed_loader(self.train_loader, config.seed)
+                _reseed_loader(loader, config.seed)
                 if self.dp_sgd is None:
-                    mean_loss = self._train(num_steps, config)
+                    mean_loss = self._train(loader, num_steps, config)
                 else:
-                    mean_loss, dp_metrics = self._train_private(num_steps, config, self.dp_sgd)
+                    mean_loss, dp_metrics = self._train_private(
+                        loader, num_steps, config, self.dp_sgd
+                    )
         except RuntimeError as exc:
             raise ClientError(f"local training failed: {exc}") from exc
         if not math.isfinite(mean_loss):
@@ -134,7 +173,7 @@ class TorchClient(Client):
 
     def evaluate(self, parameters: Parameters, config: EvaluateConfig) -> EvaluateResult:
         """Mean loss over the eval loader, and accuracy when outputs are class scores."""
-        self._load(parameters)
+        self.set_parameters(parameters)
         if self.eval_loader is None:
             return EvaluateResult(loss=0.0, num_examples=0, metrics={})
         try:
@@ -146,14 +185,6 @@ class TorchClient(Client):
         metrics = {"accuracy": correct / count} if scored else {}
         return EvaluateResult(loss=total_loss / count, num_examples=count, metrics=metrics)
 
-    def _load(self, parameters: Parameters) -> None:
-        like = self.module.state_dict()
-        try:
-            state = state_dict_from_parameters(parameters, like=like)
-        except ModelError as exc:
-            raise ClientError(f"received parameters do not fit the module: {exc}") from exc
-        self.module.load_state_dict(state)
-
     def _device(self) -> torch.device:
         import torch
 
@@ -162,7 +193,7 @@ class TorchClient(Client):
                 return tensor.device
         return torch.device("cpu")
 
-    def _train(self, num_steps: int, config: FitConfig) -> float:
+    def _train(self, loader: DataLoader[Any], num_steps: int, config: FitConfig) -> float:
         self.module.train()
         optimizer = self._optimizer(config)
         trainable = [p for p in self.module.parameters() if p.requires_grad]
@@ -173,16 +204,20 @@ class TorchClient(Client):
                 _add_proximal_gradient(trainable, anchors, mu=config.proximal_mu)
 
         return self._run_steps(
-            self.module, self.train_loader, optimizer, num_steps, after_backward=after_backward
+            self.module, loader, optimizer, num_steps, after_backward=after_backward
         )
 
     def _train_private(
-        self, num_steps: int, config: FitConfig, settings: DpSgdSettings
+        self,
+        train_loader: DataLoader[Any],
+        num_steps: int,
+        config: FitConfig,
+        settings: DpSgdSettings,
     ) -> tuple[float, dict[str, float]]:
         """DP-SGD through Opacus with Shoal's sampling and noise; see the module docstring."""
         sampling_rate = 1 / self._steps_per_epoch  # Opacus' rate: one expected pass per epoch
         noise = settings.noise_source(np.random.default_rng(config.seed))
-        loader = _poisson_loader(self.train_loader, sampling_rate=sampling_rate, noise=noise)
+        loader = _poisson_loader(train_loader, sampling_rate=sampling_rate, noise=noise)
         engine = _privacy_engine()
         self.module.train()
         try:
