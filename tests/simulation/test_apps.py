@@ -170,3 +170,26 @@ def test_an_app_that_is_not_there_or_returns_no_client_is_refused(tmp_path: Path
     app = load_client_app("half_app:client_fn", search_path=[tmp_path])
     with pytest.raises(ConfigError, match="not a shoal Client"):
         app(None)  # type: ignore[arg-type]
+
+
+BROKEN = """
+def client_fn(context):
+    raise ValueError(f"no data file for client {context.partition_index}")
+"""
+
+
+def test_why_clients_fail_is_in_each_row_and_under_each_round(tmp_path: Path) -> None:
+    (tmp_path / "broken_app.py").write_text(BROKEN)
+    job = JOB.format(workers=0).replace("constant_app:client_fn", "broken_app:client_fn")
+    job = job.replace(
+        'server = "constant_app:server_app"', 'server = "shoal.apps.builtin:server_app"'
+    )
+    (tmp_path / "job.toml").write_text(job)
+    result = shoal("simulate", "job.toml", "--out", "run", "--rounds", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "failed: 1 x ValueError: no data file for client 2" in result.stdout
+    [row] = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert row["failures"] == {f"ValueError: no data file for client {i}": 1 for i in range(4)}
+    assert not row["committed"]

@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 
 from shoal.cli.app import app, user_errors
-from shoal.cli.simulate import console, format_row, print_header
+from shoal.cli.simulate import console, failure_lines, format_row, print_header
 from shoal.client.app import (
     ClientContext,
     app_search_path,
@@ -54,6 +54,8 @@ def serve_command(
 
     def on_round(row: dict[str, Any]) -> None:
         console.print(format_row(row))
+        for failure in failure_lines(row):
+            console.print(failure)
         if row.get("secure_aggregation"):
             dropped = ", ".join(
                 f"{stage} {n}" for stage, n in row.get("secure_dropped", {}).items() if n

@@ -121,6 +121,8 @@ def _run_with_progress(simulation: Simulation, config: Config, *, quiet: bool) -
         def on_round(row: dict[str, Any]) -> None:
             if not quiet:
                 progress.console.print(format_row(row))
+                for line in failure_lines(row):
+                    progress.console.print(line)
             if row["phase"] == "fit":
                 progress.update(task, completed=row["round"])
 
@@ -148,6 +150,14 @@ def format_row(row: dict[str, Any]) -> str:
         f"{_number(row['loss'], '.4f', 8)} {_number(row['accuracy'], '.2%', 7)} "
         f"{row['virtual_time_s']:>8.1f}s {row['wall_time_s']:>6.2f}s{status}"
     )
+
+
+def failure_lines(row: dict[str, Any]) -> list[str]:
+    """Why clients failed in a round, one line per reason (most frequent first)."""
+    return [
+        escape(f"      failed: {count} x {reason}")
+        for reason, count in (row.get("failures") or {}).items()
+    ]
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

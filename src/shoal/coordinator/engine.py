@@ -65,6 +65,16 @@ from shoal.tasks import Phase, RejectReason, RejectSubmission
 
 log = logging.getLogger("shoal.coordinator")
 
+MAX_FAILURE_REASONS = 5
+"""The most frequent failure reasons a round's summary keeps."""
+
+
+def failure_reason(reason: str) -> str:
+    """A client's failure reason as one line of at most 200 characters (its last line)."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    line = lines[-1] if lines else "no reason given"
+    return line if len(line) <= 200 else line[:197] + "..."
+
 
 class Coordinator:
     """Runs rounds over a global model with a strategy; see the module docstring."""
@@ -286,6 +296,7 @@ class Coordinator:
         problem = self._invalid_update(event)
         if problem is not None:
             current.failed.add(event.client_id)
+            current.failures[failure_reason(f"invalid update: {problem}")] += 1
             rejection = self._reject(
                 event.client_id, event.round, RejectReason.INVALID_UPDATE, problem
             )
@@ -350,8 +361,10 @@ class Coordinator:
             return []
         if event.client_id in current.reported:
             return []
-        log.warning("client %s failed in round %d: %s", event.client_id, event.round, event.reason)
+        # the round's summary counts the reasons (the shells print them under the round's line)
+        log.info("client %s failed in round %d: %s", event.client_id, event.round, event.reason)
         current.failed.add(event.client_id)
+        current.failures[failure_reason(event.reason)] += 1
         if current.secure is not None:
             actions, outcome = current.secure.dropped(event.client_id, event.now, self._fit_task)
             return [*actions, *self._secure_outcome(current, outcome, event.now)]
@@ -520,4 +533,5 @@ class Coordinator:
             abort_reason=abort_reason,
             secure=current.secure_report,
             participants=tuple(sorted(current.reported)),
+            failures=dict(current.failures.most_common(MAX_FAILURE_REASONS)),
         )

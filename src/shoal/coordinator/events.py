@@ -246,6 +246,7 @@ class RoundSummary:
     abort_reason: str | None = None
     secure: SecureRoundReport | None = None
     participants: tuple[str, ...] = ()  # whose results count in the round
+    failures: Mapping[str, int] = field(default_factory=dict)  # why clients failed, and how often
 
 
 @dataclass(frozen=True, slots=True)

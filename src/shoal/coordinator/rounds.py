@@ -57,6 +57,7 @@ class RoundBooks:
     reported: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
     rejected: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)  # why clients failed, by reason
     num_examples: int = 0
     loss_sum: float = 0.0
     metric_sums: dict[str, float] = field(default_factory=dict)

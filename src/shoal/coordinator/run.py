@@ -294,6 +294,7 @@ class Run:
             "reported": summary.reported,
             "dropped": summary.failed + summary.outstanding,
             "rejected": dict(summary.rejected),
+            "failures": dict(summary.failures),
             "committed": summary.committed,
             "abort_reason": summary.abort_reason,
             "num_examples": summary.num_examples,
