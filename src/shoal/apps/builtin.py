@@ -74,15 +74,26 @@ class DataScenario:
     # --- sizes ---------------------------------------------------------------------------
 
     def num_train_examples(self, client_id: str) -> int:
-        data = self.config.data
-        if data.dataset in {"synthetic", "synthetic_iid"}:
-            return self._synthetic.num_train_samples(client_index(client_id))
-        if data.dataset == "gaussian":
-            return data.samples_per_client - self._held_out(data.samples_per_client)
-        return int(self.local_data(client_id).train_y.size)
+        return self._sizes(client_id)[0]
 
     def num_eval_examples(self, client_id: str) -> int:
-        return int(self.local_data(client_id).eval_y.size)
+        return self._sizes(client_id)[1]
+
+    def _sizes(self, client_id: str) -> tuple[int, int]:
+        """A client's (train, evaluate) example counts, from sizes alone: the coordinator's
+        process times devices with them and never builds a client's data to count it."""
+        data, index = self.config.data, client_index(client_id)
+        if data.dataset in {"synthetic", "synthetic_iid"}:
+            synthetic = self._synthetic
+            train = synthetic.num_train_samples(index)
+            return train, synthetic.num_samples(index) - train
+        total = (
+            data.samples_per_client
+            if data.dataset == "gaussian"
+            else int(self._digits_partition[index][1].size)
+        )
+        held = self._held_out(total)
+        return total - held, held
 
     # --- model and clients ---------------------------------------------------------------
 
