@@ -65,6 +65,8 @@ def test_commits_chain_parents_and_move_head(registry: ModelRegistry) -> None:
     assert (first.version, first.parent, first.status) == (0, None, ModelStatus.CANDIDATE)
     assert (second.version, second.parent, second.round) == (1, 0, 1)
     assert second.metrics == {"accuracy": 0.5, "per_class": [0.1, 0.9]}
+    # what a commit returns is what was stored (it is not read back)
+    assert registry.get("digits", 1) == second and registry.get("digits", 0) == first
     assert second.sha256 == params(1).sha256() and second.created_at == NOW
     assert registry.head("digits") == second
     assert registry.list("digits") == [first, second]

@@ -57,6 +57,21 @@ class ModelRecord:
     status_changed_at: datetime | None = None
 
 
+_INSERTED = (
+    "name",
+    "version",
+    "round",
+    "parent",
+    "sha256",
+    "blob",
+    "state_blob",
+    "created_at",
+    "metrics",
+    "status",
+    "architecture_version",
+)
+
+
 def _record(row: sa.Row[Any]) -> ModelRecord:
     return ModelRecord(
         name=row.name,
@@ -133,24 +148,26 @@ class ModelRegistry:
                     model_versions.c.name == name
                 )
             ).scalar()
-            version = 0 if newest is None else int(newest) + 1
+            record = ModelRecord(
+                name=name,
+                version=0 if newest is None else int(newest) + 1,
+                round=round,
+                parent=head,
+                sha256=parameters.sha256(),
+                blob=blob,
+                state_blob=state_blob,
+                created_at=created_at,
+                status=status,
+                architecture_version=architecture_version,
+                metrics=stored_metrics,
+            )
             connection.execute(
                 model_versions.insert().values(
-                    name=name,
-                    version=version,
-                    round=round,
-                    parent=head,
-                    sha256=parameters.sha256(),
-                    blob=blob,
-                    state_blob=state_blob,
-                    created_at=created_at,
-                    metrics=stored_metrics,
-                    status=status,
-                    architecture_version=architecture_version,
+                    {field: getattr(record, field) for field in _INSERTED}
                 )
             )
-            _move_head(connection, name, version, created_at)
-            return _fetch(connection, name, version)
+            _move_head(connection, name, record.version, created_at)
+            return record  # as stored: no need to read it back
 
     def get(self, name: str, version: int) -> ModelRecord:
         """Version ``version`` of ``name`` (:class:`NotFoundError` when none)."""
