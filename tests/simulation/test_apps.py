@@ -193,3 +193,24 @@ def test_why_clients_fail_is_in_each_row_and_under_each_round(tmp_path: Path) ->
     ]
     assert row["failures"] == {f"ValueError: no data file for client {i}": 1 for i in range(4)}
     assert not row["committed"]
+
+
+def test_a_failing_app_is_one_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    from shoal.core import RunError
+    from shoal.simulation import Simulation
+    from support.jobs import bare_config
+
+    config = bare_config(["data.num_clients=4", "round.clients_per_round=2", "run.rounds=1"])
+
+    def exploding_factory(context: object) -> object:
+        raise RuntimeError("boom")
+
+    with pytest.raises(ConfigError, match="failed: RuntimeError: boom"):
+        Simulation(config, tmp_path / "a", server_app=exploding_factory)
+
+    def no_client(context: object) -> object:
+        raise KeyError("no data")
+
+    simulation = Simulation(config, tmp_path / "b", client_app=no_client)
+    with pytest.raises(RunError, match="the first client raised KeyError"):
+        simulation.run()

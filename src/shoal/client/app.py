@@ -125,10 +125,11 @@ def load_attribute(spec: str, *, search_path: Iterable[str | Path] = ()) -> Any:
 
 def add_search_path(search_path: Iterable[str | Path]) -> list[str]:
     """Put the folders first on ``sys.path`` (once each); returns them as strings."""
-    folders = []
+    folders: list[str] = []
     for folder in search_path:
         text = str(Path(folder).resolve())
-        folders.append(text)
+        if text not in folders:
+            folders.append(text)
     for text in reversed(folders):
         if text not in sys.path:
             sys.path.insert(0, text)

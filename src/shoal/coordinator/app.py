@@ -109,7 +109,10 @@ def as_server_app(
     if isinstance(target, ServerApp):
         return target
     if callable(target):
-        app = target(context)
+        try:
+            app = target(context)
+        except Exception as exc:  # the user's factory: one clear line, not a traceback
+            raise ConfigError(f"{name} failed: {type(exc).__name__}: {exc}") from exc
         if isinstance(app, ServerApp):
             return app
         raise ConfigError(f"{name} returned {type(app).__name__}, not a ServerApp")

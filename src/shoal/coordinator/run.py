@@ -40,7 +40,7 @@ from shoal.coordinator.records import RunStore
 from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.schedule import Play, evaluation_due, schedule
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
-from shoal.core.errors import ConfigError, RunError
+from shoal.core.errors import ConfigError, RunError, ShoalError
 from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
 from shoal.privacy.coordinator import check_private_strategy
@@ -138,9 +138,18 @@ class Run:
 
     def _initial_parameters(self, first_client: Callable[[], Client]) -> Parameters:
         make = self.app.initial_parameters
-        if make is not None:
-            return make(ServerContext(config=self.config, options=self.config.app.options))
-        return first_client().get_parameters()
+        try:
+            if make is not None:
+                return make(ServerContext(config=self.config, options=self.config.app.options))
+            return first_client().get_parameters()
+        except ShoalError:
+            raise
+        except Exception as exc:  # the user's code: one clear line, not a traceback
+            where = "server app's initial_parameters" if make is not None else "first client"
+            raise RunError(
+                f"the initial model could not be made (the {where} raised "
+                f"{type(exc).__name__}: {exc})"
+            ) from exc
 
     def _engine(self, parameters: Parameters, state: Any = None) -> Coordinator:
         parts = self.parts
