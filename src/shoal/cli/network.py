@@ -24,7 +24,7 @@ from shoal.client.app import (
 )
 from shoal.client.runtime import ClientRuntime, load_or_create_enrollment
 from shoal.config import load_config
-from shoal.core.errors import ConfigError
+from shoal.core.errors import ConfigError, ShoalError
 
 coordinator_app = typer.Typer(help="Run the network coordinator.", no_args_is_help=True)
 client_app = typer.Typer(help="Run a client against a coordinator.", no_args_is_help=True)
@@ -184,7 +184,12 @@ def client_run_command(
         seed=config.run.seed,
         config=config,
     )
-    client = app(context)
+    try:
+        client = app(context)
+    except ShoalError:
+        raise
+    except Exception as exc:  # the user's factory: one clear line, not a traceback
+        raise ConfigError(f"the client app failed: {type(exc).__name__}: {exc}") from exc
     silo = None
     if public_context is not None and silo_keys is not None:
         silo = SiloCredentials.load(
