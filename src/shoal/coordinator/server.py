@@ -134,7 +134,8 @@ def build(
     section = config.coordinator
     apps = resolve_apps(config, client=client_app, server=server_app, search_path=search_path)
     strategy = strategy_for(config, apps.server)
-    RunParts(round_settings_from_config(config), strategy).check(private=config.privacy.enabled)
+    settings = round_settings_from_config(config)
+    RunParts(settings, strategy).check(private=config.privacy.enabled)  # before anything opens
     key_holder = _key_holder(config)
     try:
         secure = secure_settings_from_config(
@@ -151,7 +152,6 @@ def build(
     database = registry_location(state_dir, section.registry_url).open()
     models = ModelRegistry(database, BlobStore(blob_location(state_dir, section.blob_url)))
     clients = ClientRegistry(database)
-    settings = round_settings_from_config(config)
     records = RunRecords(state_dir, models, clients, model=config.run.name)
     try:
         # sized by the clients enrolled so far or the configured population

@@ -351,7 +351,7 @@ class Simulation:
     def _shell_fields(
         self, summary: RoundSummary, attempts: dict[str, Attempt], uploads: int
     ) -> dict[str, Any]:
-        """The row's fields that the device fleet decides: drops, stragglers, traffic."""
+        """The row's fields that the device fleet decides: drops, stragglers, uploads."""
         fit = summary.phase is Phase.FIT
         return {
             "dropped": sum(1 for attempt in attempts.values() if attempt.dropped) + summary.failed,
@@ -365,7 +365,6 @@ class Simulation:
                 for a in attempts.values()
                 if a.straggler and a.arrives_at is not None and a.arrives_at <= summary.closed_at
             ),
-            "bytes_down": self.model_bytes * summary.selected,
             "bytes_up": uploads * (self.model_bytes if fit else EVALUATION_UPLOAD_BYTES),
         }
 
