@@ -26,7 +26,11 @@ from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.schedule import schedule
 from shoal.coordinator.secure import SecureSettings
 from shoal.coordinator.server import build
-from shoal.coordinator.service import CoordinatorService, ServiceSettings
+from shoal.coordinator.service import (
+    CoordinatorService,
+    ServiceSettings,
+    add_coordinator_service,
+)
 from shoal.core import ClientError, ConfigError, Parameters
 from shoal.registry import ClientRegistry, ClientStatus, open_database
 from shoal.secure.messages import (
@@ -135,7 +139,7 @@ async def with_secure_coordinator(
         driver, clients, ServiceSettings(run_id=RUN, enrollment_tokens=frozenset({TOKEN}))
     )
     server = grpc.aio.server()
-    pb_grpc.add_CoordinatorServicer_to_server(service, server)
+    add_coordinator_service(service, server)
     port = server.add_secure_port("127.0.0.1:0", load_server_credentials(certificates.server))
     await server.start()
     credentials = load_channel_credentials(certificates.ca.certificate)

@@ -22,7 +22,11 @@ from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollme
 from shoal.coordinator import CommitVersion, Coordinator, RoundSettings, RoundSummary
 from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.schedule import schedule
-from shoal.coordinator.service import CoordinatorService, ServiceSettings
+from shoal.coordinator.service import (
+    CoordinatorService,
+    ServiceSettings,
+    add_coordinator_service,
+)
 from shoal.core import DeviceState, Parameters
 from shoal.registry import ClientRegistry, ClientStatus, EnrollmentTokens, open_database
 from shoal.transport import serde
@@ -91,7 +95,7 @@ async def with_coordinator(
         driver, clients, ServiceSettings(run_id=RUN, enrollment_tokens=frozenset({TOKEN}))
     )
     server = grpc.aio.server()
-    pb_grpc.add_CoordinatorServicer_to_server(service, server)
+    add_coordinator_service(service, server)
     port = server.add_secure_port("127.0.0.1:0", load_server_credentials(certificates.server))
     await server.start()
     credentials = load_channel_credentials(certificates.ca.certificate)

@@ -351,10 +351,27 @@ def test_bad_hashes_and_keys_are_malformed() -> None:
 
 
 def test_garbage_bytes_do_not_parse_as_a_message() -> None:
-    from google.protobuf.message import DecodeError
+    with pytest.raises(ProtocolError, match="3 bytes that do not parse as a CheckInRequest"):
+        serde.parse(pb.CheckInRequest, b"\xff\xff\xff")
+    with pytest.raises(ProtocolError, match="must arrive as bytes"):
+        serde.parse(pb.CheckInRequest, pb.CheckInRequest())  # type: ignore[arg-type]
 
-    with pytest.raises(DecodeError):
-        pb.CheckInRequest.FromString(b"\xff\xff\xff")
+
+def test_parse_reads_what_was_sent_and_an_empty_request_lacks_its_auth() -> None:
+    message = serde.encode_check_in_request(DeviceState(battery_level=0.5))
+    assert serde.parse(pb.CheckInRequest, message.SerializeToString()) == message
+    with pytest.raises(ProtocolError, match="lacks its 'auth' field"):
+        serde.decode_auth(serde.parse(pb.CheckInRequest, b""))
+
+
+@given(st.binary(max_size=64))
+def test_any_bytes_parse_or_raise_a_protocol_error(data: bytes) -> None:
+    for message_type in (pb.EnrollRequest, pb.UpdatePart, pb.SecureMessagePart):
+        try:
+            parsed = serde.parse(message_type, data)
+        except ProtocolError:
+            continue
+        assert isinstance(parsed, message_type)
 
 
 # --- request digests and signatures -------------------------------------------------

@@ -53,7 +53,11 @@ from shoal.coordinator.homomorphic import CKKS
 from shoal.coordinator.records import RunRecords
 from shoal.coordinator.run import Run, RunParts, run_privacy
 from shoal.coordinator.selection import cohort_size
-from shoal.coordinator.service import CoordinatorService, ServiceSettings
+from shoal.coordinator.service import (
+    CoordinatorService,
+    ServiceSettings,
+    add_coordinator_service,
+)
 from shoal.coordinator.setup import (
     connect_key_holder,
     round_settings_from_config,
@@ -74,7 +78,6 @@ from shoal.registry import (
 )
 from shoal.secure.keyholder import read_silo_keys
 from shoal.tasks import RunFinished
-from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
 from shoal.transport.certs import (
     CA_CERTIFICATE,
     SERVER_CERTIFICATE,
@@ -311,7 +314,7 @@ async def serve(
             ("grpc.max_send_message_length", 8 * 2**20),
         ]
     )
-    pb_grpc.add_CoordinatorServicer_to_server(parts.service, server)
+    add_coordinator_service(parts.service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     listen = config.coordinator.listen

@@ -1,13 +1,18 @@
 """The coordinator's gRPC service: authenticates every request, then hands it to the round driver.
 
-Each RPC follows the same path: decode the message (malformed → MALFORMED),
+Each RPC follows the same path: parse the bytes that arrived and decode the
+message (malformed → MALFORMED; the service is registered with
+:func:`add_coordinator_service`, which hands it every request as bytes, so
+that grpc never parses one itself),
 find the client (UNKNOWN_CLIENT, SUSPENDED), verify its Ed25519 signature
 over the request (BAD_SIGNATURE), refuse a replayed nonce or a stale
 timestamp (REPLAYED), and only then act. Bad input is answered with a code
-and counted; it never raises out of the service, so the coordinator keeps
-serving. Under secure aggregation, check-ins hand out the SecAgg+ stages
-and SubmitSecureMessage takes the clients' replies (a frame that does not
-decode is MALFORMED); the plaintext update of a secure round is refused.
+and counted (``shoal_refused_requests_total``); it never raises out of the
+service, so the coordinator keeps serving, and its log lines are limited per
+peer (:class:`~shoal.telemetry.refusals.RefusalLog`). Under secure
+aggregation, check-ins hand out the SecAgg+ stages and SubmitSecureMessage
+takes the clients' replies (a frame that does not decode is MALFORMED); the
+plaintext update of a secure round is refused.
 """
 
 from __future__ import annotations
@@ -42,9 +47,9 @@ from shoal.registry import (
     Selector,
 )
 from shoal.tasks import CheckInAnswer, RetryLater, RunFinished, SecureOffer
+from shoal.telemetry.refusals import RefusalLog
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
-from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
 from shoal.transport.chunks import ChunkAssembler, PayloadTooLarge, chunk_payload, decode_update
 from shoal.transport.messages import (
     CheckInOutcome,
@@ -59,6 +64,7 @@ from shoal.transport.messages import (
     Task,
     Verdict,
 )
+from shoal.transport.rpc import add_bytes_servicer
 from shoal.transport.signing import ReplayGuard, RequestAuth
 
 log = logging.getLogger("shoal.coordinator")
@@ -111,8 +117,15 @@ class ModelBytes:
         return self._current
 
 
-class CoordinatorService(pb_grpc.CoordinatorServicer):
-    """The eight RPCs of ``shoal.v1.Coordinator`` over a driver and a client registry."""
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class CoordinatorService:
+    """The eight RPCs of ``shoal.v1.Coordinator`` over a driver and a client registry.
+
+    Each method takes its request as bytes (register it with
+    :func:`add_coordinator_service`).
+    """
 
     def __init__(
         self,
@@ -122,6 +135,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         *,
         selector: Selector | None = None,
         clock: Callable[[], float] = time.time,
+        refusal_log: RefusalLog | None = None,
     ) -> None:
         self.driver = driver
         self.clients = clients
@@ -133,6 +147,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.tokens = EnrollmentTokens(clients.database)
         self.model_bytes = ModelBytes(driver)
         self.refusals: Counter[str] = Counter()
+        self.refusal_log = refusal_log or RefusalLog(log)
 
     # --- authentication -----------------------------------------------------------------
 
@@ -170,30 +185,37 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             raise Refused(RejectCode.SUSPENDED, f"the client is {record.status.value.lower()}")
         return record
 
-    def _refused(self, rpc: str, refusal: Refused) -> Verdict:
+    def _refused(self, rpc: str, refusal: Refused, context: Context) -> Verdict:
+        """Count and (rate-limited) log a refusal; the verdict that answers it."""
         self.refusals[refusal.code.value] += 1
-        log.info("%s refused: %s (%s)", rpc, refusal.code.value, refusal.detail)
+        self.refusal_log.refused(
+            peer=context.peer(), rpc=rpc, reason=refusal.code.value, detail=refusal.detail
+        )
         return Verdict.reject(refusal.code, refusal.detail)
 
     # --- RPCs ----------------------------------------------------------------------------------
 
-    async def Enroll(  # noqa: N802
-        self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.EnrollResponse:
+    async def Enroll(self, request: bytes, context: Context) -> pb.EnrollResponse:  # noqa: N802
         try:
-            enrollment = serde.decode_enroll_request(request)
-            auth = self._authenticate(request, public_key=enrollment.public_key)
+            message = serde.parse(pb.EnrollRequest, request)
+            enrollment = serde.decode_enroll_request(message)
+            auth = self._authenticate(message, public_key=enrollment.public_key)
             self._admit(auth.client_id, enrollment.enrollment_token)
             self.clients.enroll(auth.client_id, enrollment.device, public_key=enrollment.public_key)
-        except ProtocolError as exc:
+        except (ProtocolError, RegistryError) as exc:  # NotFoundError cannot arise here
+            refusal = Refused(RejectCode.MALFORMED, str(exc))
             return serde.encode_enroll_response(
-                EnrollReply(self._refused("Enroll", Refused(RejectCode.MALFORMED, str(exc))))
+                EnrollReply(self._refused("Enroll", refusal, context))
             )
         except SecurityError as exc:  # a known client id with another key
             refusal = Refused(RejectCode.BAD_SIGNATURE, str(exc))
-            return serde.encode_enroll_response(EnrollReply(self._refused("Enroll", refusal)))
+            return serde.encode_enroll_response(
+                EnrollReply(self._refused("Enroll", refusal, context))
+            )
         except Refused as refusal:
-            return serde.encode_enroll_response(EnrollReply(self._refused("Enroll", refusal)))
+            return serde.encode_enroll_response(
+                EnrollReply(self._refused("Enroll", refusal, context))
+            )
         return serde.encode_enroll_response(
             EnrollReply(Verdict.accept(), Credentials(auth.client_id))
         )
@@ -212,21 +234,21 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except SecurityError as exc:
             raise Refused(RejectCode.BAD_TOKEN, str(exc)) from exc
 
-    async def CheckIn(  # noqa: N802
-        self, request: pb.CheckInRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.CheckInResponse:
+    async def CheckIn(self, request: bytes, context: Context) -> pb.CheckInResponse:  # noqa: N802
         try:
-            auth = self._authenticate(request)
-            device = serde.decode_check_in_request(request)
+            message = serde.parse(pb.CheckInRequest, request)
+            auth = self._authenticate(message)
+            device = serde.decode_check_in_request(message)
             record = self._refresh(auth.client_id, device)
             eligibility = self.selector.check(record, self.settings.criteria)
             if not eligibility.can_train:
                 raise Refused(RejectCode.INCOMPATIBLE, eligibility.reason or "not eligible")
             outcome = self._task_or_retry(self.driver.check_in(auth.client_id))
         except ProtocolError as exc:
-            outcome = Rejected(RejectCode.MALFORMED, str(exc))
+            verdict = self._refused("CheckIn", Refused(RejectCode.MALFORMED, str(exc)), context)
+            outcome = Rejected(RejectCode.MALFORMED, verdict.detail)
         except Refused as refusal:
-            verdict = self._refused("CheckIn", refusal)
+            verdict = self._refused("CheckIn", refusal, context)
             outcome = Rejected(refusal.code, verdict.detail)
         return serde.encode_check_in_response(outcome)
 
@@ -272,14 +294,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         )
 
     async def FetchModel(  # noqa: N802
-        self, request: pb.FetchModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: bytes, context: Context
     ) -> AsyncIterator[pb.Chunk]:
         try:
-            self._authenticate(request)
-            wanted = serde.decode_fetch_model_request(request)
+            message = serde.parse(pb.FetchModelRequest, request)
+            self._authenticate(message)
+            wanted = serde.decode_fetch_model_request(message)
         except (Refused, ProtocolError) as exc:
-            code = exc.code if isinstance(exc, Refused) else RejectCode.MALFORMED
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{code.value}: {exc}")
+            refusal = exc if isinstance(exc, Refused) else Refused(RejectCode.MALFORMED, str(exc))
+            verdict = self._refused("FetchModel", refusal, context)
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"{refusal.code.value}: {verdict.detail}"
+            )
             return
         sha, data = self.model_bytes.current()
         if wanted.version_id != sha:
@@ -291,19 +317,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             yield serde.encode_chunk(chunk)
 
     async def SubmitUpdate(  # noqa: N802
-        self,
-        request_iterator: AsyncIterator[pb.UpdatePart],
-        context: grpc.aio.ServicerContext[Any, Any],
+        self, request_iterator: AsyncIterator[bytes], context: Context
     ) -> pb.SubmitUpdateResponse:
         try:
             verdict = await self._submit(request_iterator)
         except Refused as refusal:
-            verdict = self._refused("SubmitUpdate", refusal)
+            verdict = self._refused("SubmitUpdate", refusal, context)
         return serde.encode_submit_update_response(verdict)
 
-    async def _submit(self, parts: AsyncIterator[pb.UpdatePart]) -> Verdict:
+    async def _submit(self, parts: AsyncIterator[bytes]) -> Verdict:
         try:
-            header_message = serde.header_of(await anext(parts))
+            header_message = serde.header_of(serde.parse(pb.UpdatePart, await anext(parts)))
             auth = self._authenticate(header_message, this_run=True)
             header = serde.decode_update_header(header_message)
         except (ProtocolError, StopAsyncIteration) as exc:
@@ -313,7 +337,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             raise Refused(
                 RejectCode.WRONG_MODEL_HASH, "the update is not relative to the current model"
             )
-        payload = await self._payload(parts, sha256=header.payload_sha256, size=header.total_size)
+        payload = await self._payload(
+            parts, pb.UpdatePart, sha256=header.payload_sha256, size=header.total_size
+        )
         try:
             update = decode_update(payload)
         except (ProtocolError, IntegrityError) as exc:
@@ -324,7 +350,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return serde.verdict_of(rejection)
 
     async def _payload(
-        self, parts: AsyncIterator[serde.UploadPart], *, sha256: str, size: int
+        self,
+        parts: AsyncIterator[bytes],
+        part_type: type[serde.UploadPart],
+        *,
+        sha256: str,
+        size: int,
     ) -> bytes:
         """The verified bytes of an upload's chunks, within the size limit."""
         if size > self.settings.max_update_bytes:
@@ -334,7 +365,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         )
         try:
             async for part in parts:
-                assembler.add(serde.chunk_of(part))
+                assembler.add(serde.chunk_of(serde.parse(part_type, part)))
             return assembler.finish()
         except PayloadTooLarge as exc:
             raise Refused(RejectCode.OVERSIZED, str(exc)) from exc
@@ -342,24 +373,25 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             raise Refused(RejectCode.MALFORMED, str(exc)) from exc
 
     async def SubmitSecureMessage(  # noqa: N802
-        self,
-        request_iterator: AsyncIterator[pb.SecureMessagePart],
-        context: grpc.aio.ServicerContext[Any, Any],
+        self, request_iterator: AsyncIterator[bytes], context: Context
     ) -> pb.SubmitSecureMessageResponse:
         try:
             verdict = await self._submit_secure(request_iterator)
         except Refused as refusal:
-            verdict = self._refused("SubmitSecureMessage", refusal)
+            verdict = self._refused("SubmitSecureMessage", refusal, context)
         return serde.encode_submit_secure_message_response(verdict)
 
-    async def _submit_secure(self, parts: AsyncIterator[pb.SecureMessagePart]) -> Verdict:
+    async def _submit_secure(self, parts: AsyncIterator[bytes]) -> Verdict:
         try:
-            header_message = serde.secure_header_of(await anext(parts))
+            first = serde.parse(pb.SecureMessagePart, await anext(parts))
+            header_message = serde.secure_header_of(first)
             auth = self._authenticate(header_message, this_run=True)
             header = serde.decode_secure_message_header(header_message)
         except (ProtocolError, StopAsyncIteration) as exc:
             raise Refused(RejectCode.MALFORMED, str(exc) or "empty upload") from exc
-        frame = await self._payload(parts, sha256=header.payload_sha256, size=header.total_size)
+        frame = await self._payload(
+            parts, pb.SecureMessagePart, sha256=header.payload_sha256, size=header.total_size
+        )
         try:
             message = serde.decode_client_message(frame)
         except ProtocolError as exc:
@@ -371,44 +403,52 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return serde.verdict_of(rejection)
 
     async def ReportEvaluation(  # noqa: N802
-        self, request: pb.ReportEvaluationRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: bytes, context: Context
     ) -> pb.ReportEvaluationResponse:
         try:
-            auth = self._authenticate(request, this_run=True)
-            report = serde.decode_evaluation_report(request)
+            message = serde.parse(pb.ReportEvaluationRequest, request)
+            auth = self._authenticate(message, this_run=True)
+            report = serde.decode_evaluation_report(message)
             rejection = self.driver.submit_evaluation(
                 auth.client_id, report.round, report.loss, report.num_examples, dict(report.metrics)
             )
             verdict = serde.verdict_of(rejection)
         except ProtocolError as exc:
-            verdict = self._refused("ReportEvaluation", Refused(RejectCode.MALFORMED, str(exc)))
+            refusal = Refused(RejectCode.MALFORMED, str(exc))
+            verdict = self._refused("ReportEvaluation", refusal, context)
         except Refused as refusal:
-            verdict = self._refused("ReportEvaluation", refusal)
+            verdict = self._refused("ReportEvaluation", refusal, context)
         return serde.encode_report_evaluation_response(verdict)
 
     async def ReportFailure(  # noqa: N802
-        self, request: pb.ReportFailureRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: bytes, context: Context
     ) -> pb.ReportFailureResponse:
         try:
-            auth = self._authenticate(request, this_run=True)
-            report = serde.decode_failure_report(request)
+            message = serde.parse(pb.ReportFailureRequest, request)
+            auth = self._authenticate(message, this_run=True)
+            report = serde.decode_failure_report(message)
             self.driver.report_failure(auth.client_id, report.round, report.reason)
             verdict = Verdict.accept()
         except ProtocolError as exc:
-            verdict = self._refused("ReportFailure", Refused(RejectCode.MALFORMED, str(exc)))
+            refusal = Refused(RejectCode.MALFORMED, str(exc))
+            verdict = self._refused("ReportFailure", refusal, context)
         except Refused as refusal:
-            verdict = self._refused("ReportFailure", refusal)
+            verdict = self._refused("ReportFailure", refusal, context)
         return serde.encode_report_failure_response(verdict)
 
-    async def Heartbeat(  # noqa: N802
-        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.HeartbeatResponse:
+    async def Heartbeat(self, request: bytes, context: Context) -> pb.HeartbeatResponse:  # noqa: N802
         try:
-            auth = self._authenticate(request)
-            self._beat(auth.client_id, serde.decode_heartbeat_request(request))
+            message = serde.parse(pb.HeartbeatRequest, request)
+            auth = self._authenticate(message)
+            self._beat(auth.client_id, serde.decode_heartbeat_request(message))
             verdict = Verdict.accept()
         except (ProtocolError, RegistryError) as exc:
-            verdict = self._refused("Heartbeat", Refused(RejectCode.MALFORMED, str(exc)))
+            verdict = self._refused("Heartbeat", Refused(RejectCode.MALFORMED, str(exc)), context)
         except Refused as refusal:
-            verdict = self._refused("Heartbeat", refusal)
+            verdict = self._refused("Heartbeat", refusal, context)
         return serde.encode_heartbeat_response(HeartbeatReply(verdict, HEARTBEAT_EVERY_S))
+
+
+def add_coordinator_service(service: CoordinatorService, server: grpc.aio.Server) -> None:
+    """Serve ``service`` as ``shoal.v1.Coordinator`` on ``server``, each request as bytes."""
+    add_bytes_servicer(server, pb.DESCRIPTOR.services_by_name["Coordinator"], service)

@@ -1,4 +1,4 @@
-"""FL telemetry: the metrics log, MLflow tracking and alerts; later, drop rate, stragglers, drift.
+"""FL telemetry: the metrics log, MLflow tracking, alerts, counted refusals; later, drift.
 
 Importing this package does not import MLflow: an :class:`MlflowTracker`
 does, when it is created (the ``shoal[mlflow]`` extra).
@@ -15,9 +15,11 @@ from shoal.telemetry.alerts import (
     fire,
 )
 from shoal.telemetry.metrics import MetricsLog
+from shoal.telemetry.refusals import REFUSED_REQUESTS, RefusalLog, peer_host
 from shoal.telemetry.tracking import MlflowTracker
 
 __all__ = [
+    "REFUSED_REQUESTS",
     "Alert",
     "AlertHook",
     "BudgetExhausted",
@@ -26,6 +28,8 @@ __all__ = [
     "MetricsLog",
     "MlflowTracker",
     "PythonHook",
+    "RefusalLog",
     "alert_hooks",
     "fire",
+    "peer_host",
 ]

@@ -4,7 +4,8 @@
 live in ``shoal.transport._generated`` (regenerate with
 ``scripts/generate_protos.py``). ``serde`` maps its messages to the typed
 messages of ``messages`` (and carries the SecAgg+ frames of secure rounds);
-``chunks`` streams byte payloads; ``signing`` signs every request with the
+``chunks`` streams byte payloads; ``rpc`` registers a servicer that parses
+its requests itself; ``signing`` signs every request with the
 client's Ed25519 key and refuses replays; ``certs`` makes and loads the
 certificates for TLS and optional mutual TLS.
 """
@@ -58,6 +59,7 @@ from shoal.transport.messages import (
     UpdateHeader,
     Verdict,
 )
+from shoal.transport.rpc import add_bytes_servicer, bytes_method_handlers
 from shoal.transport.serde import (
     AuthenticatedRequest,
     UploadPart,
@@ -109,6 +111,7 @@ from shoal.transport.serde import (
     encode_update_header,
     encode_verdict,
     header_of,
+    parse,
     request_digest,
     secure_header_of,
     secure_message_parts,
@@ -173,7 +176,9 @@ __all__ = [
     "UpdateHeader",
     "UploadPart",
     "Verdict",
+    "add_bytes_servicer",
     "assemble_chunks",
+    "bytes_method_handlers",
     "check_sha256_hex",
     "chunk_of",
     "chunk_payload",
@@ -233,6 +238,7 @@ __all__ = [
     "load_channel_credentials",
     "load_server_credentials",
     "new_nonce",
+    "parse",
     "public_key_of",
     "request_digest",
     "secure_header_of",

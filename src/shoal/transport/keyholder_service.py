@@ -8,7 +8,8 @@ generic handlers with bytes in and bytes out (no protobuf schema to share):
   round, the encrypted aggregate, the receipts); the plaintext sum as
   little-endian float64.
 
-Refusals keep their meaning across the wire: ``SecurityError`` travels as
+Refusals are counted and their log lines limited per peer (as the
+coordinator's are) and keep their meaning across the wire: ``SecurityError`` travels as
 ``PERMISSION_DENIED``, ``ProtocolError`` as ``INVALID_ARGUMENT``, any other
 Shoal error as ``FAILED_PRECONDITION``, each with its message;
 :class:`KeyHolderClient` turns them back into ``SecurityError``,
@@ -42,6 +43,7 @@ from shoal.core.errors import (
 )
 from shoal.secure.ckks import EncryptedVector, FrameReader, length_prefixed
 from shoal.secure.keyholder import ContributionReceipt, KeyHolder
+from shoal.telemetry.refusals import RefusalLog
 from shoal.transport.certs import (
     CertificateFiles,
     load_channel_credentials,
@@ -136,6 +138,7 @@ _STATUS_OF_ERROR: tuple[tuple[type[ShoalError], grpc.StatusCode], ...] = (
 class _Handlers:
     def __init__(self, holder: KeyHolder) -> None:
         self.holder = holder
+        self.refusals = RefusalLog(log, level=logging.WARNING)
 
     def public_context(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         if request:
@@ -153,7 +156,10 @@ class _Handlers:
             )
         except ShoalError as exc:
             code = next(code for kind, code in _STATUS_OF_ERROR if isinstance(exc, kind))
-            log.warning("refused a decryption from %s: %s", context.peer(), exc)
+            reason = code.name.lower()
+            self.refusals.refused(
+                peer=context.peer(), rpc="Decrypt", reason=reason, detail=str(exc)
+            )
             context.abort(code, str(exc))
         log.info(
             "decrypted run %s round %d for %s (%d silos)",

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any, Literal, TypeVar
 
 import numpy as np
+from google.protobuf.message import DecodeError, Message
 
 from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.core.device import DeviceState
@@ -65,6 +66,7 @@ AuthenticatedRequest = (
 """The messages that carry a signed ``RequestAuth``."""
 
 _T = TypeVar("_T")
+_M = TypeVar("_M", bound=Message)
 UploadPart = pb.UpdatePart | pb.SecureMessagePart
 """The client-streamed messages of an upload: a header, then chunks."""
 
@@ -80,6 +82,21 @@ def _checked(build: Callable[[], _T], what: str) -> _T:
         return build()
     except (ValueError, TypeError, OverflowError, ClientError) as exc:
         raise ProtocolError(f"malformed {what}: {exc}") from exc
+
+
+def parse(message_type: type[_M], data: bytes) -> _M:
+    """A message of ``message_type`` from the bytes that arrived; ``ProtocolError`` if corrupt.
+
+    The servicer parses each request itself (see ``shoal.transport.rpc``), so
+    that bytes protobuf cannot parse are refused like any other bad input.
+    """
+    name = message_type.DESCRIPTOR.name
+    if not isinstance(data, bytes):
+        raise ProtocolError(f"a {name} must arrive as bytes, got {type(data).__name__}")
+    try:
+        return message_type.FromString(data)
+    except (DecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"{len(data)} bytes that do not parse as a {name} message") from exc
 
 
 def _require(message: Any, field: str, what: str) -> None:
