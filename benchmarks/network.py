@@ -106,7 +106,7 @@ def job_config(folder: Path, *, clients: int, rounds: int, port: int) -> Any:
             f'coordinator.listen="127.0.0.1:{port}"',
             f'coordinator.state_dir="{folder / "state"}"',
             f'coordinator.certificates="{folder / "certs"}"',
-            f'coordinator.enrollment_tokens=["{TOKEN}"]',
+            f'coordinator.enrollment_tokens=[{{token="{TOKEN}", max_uses={clients}}}]',
             "coordinator.retry_after_s=1.0",
             'coordinator.app="benchmarks.network:bench_client"',
         ],

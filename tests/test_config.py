@@ -68,11 +68,7 @@ def test_overrides_are_toml_values(override: str, check: object) -> None:
         ("run.seed=3", "run.seed", 3),
         ("evaluation.centralized=false", "evaluation.centralized", False),
         ("strategy.server_momentum=0.9", "strategy.server_momentum", 0.9),  # optional number
-        (
-            'coordinator.enrollment_tokens=["a", "2024"]',
-            "coordinator.enrollment_tokens",
-            ["a", "2024"],
-        ),
+        ("coordinator.listen=localhost:1", "coordinator.listen", "localhost:1"),
     ],
 )
 def test_an_override_takes_the_type_of_its_field(
@@ -148,3 +144,66 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("run = [")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+# --- enrollment tokens: a bare secret, or a table with its limits ----------------------------
+
+
+def test_listed_tokens_take_tables_with_uses_and_an_expiry(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text(
+        "[coordinator]\n"
+        "enrollment_tokens = [\n"
+        '  "bare-secret",\n'
+        '  { token = "pilot", max_uses = 20, ttl_days = 2.5 },\n'
+        '  { token = "dated", expires = 2026-06-30T00:00:00Z },\n'
+        "]\n"
+    )
+    bare, pilot, dated = load_config(job).coordinator.enrollment_tokens
+    assert (bare.token, bare.max_uses, bare.ttl_days, bare.expires) == (
+        "bare-secret",
+        None,
+        None,
+        None,
+    )
+    assert (pilot.token, pilot.max_uses, pilot.ttl_days) == ("pilot", 20, 2.5)
+    assert dated.expires is not None
+    assert dated.expires.isoformat() == "2026-06-30T00:00:00+00:00"
+    config = load_config(job)
+    assert parse_config(config_to_dict(config)) == config  # config.json round-trips
+
+
+def test_a_listed_token_table_can_be_given_as_an_override() -> None:
+    config = load_config(None, ["coordinator.enrollment_tokens=[{token='t', max_uses=3}]"])
+    (entry,) = config.coordinator.enrollment_tokens
+    assert (entry.max_uses, entry.ttl_days) == (3, None)
+    config = load_config(None, ['coordinator.enrollment_tokens=["a", "2024"]'])  # secrets are text
+    assert [entry.token for entry in config.coordinator.enrollment_tokens] == ["a", "2024"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ('coordinator.enrollment_tokens=[""]', "coordinator.enrollment_tokens.0.token"),
+        ('coordinator.enrollment_tokens=["a", "a"]', "each token may be listed once"),
+        (
+            "coordinator.enrollment_tokens=[{token='a', max_uses=0}]",
+            "max_uses: Input should be greater than or equal to 1",
+        ),
+        ("coordinator.enrollment_tokens=[{token='a', ttl_days=0}]", "ttl_days"),
+        ("coordinator.enrollment_tokens=[{token='a', uses=3}]", "uses: unknown key"),
+        (
+            "coordinator.enrollment_tokens=[{token='a', ttl_days=1, expires=2026-01-01T00:00:00Z}]",
+            "give expires or ttl_days, not both",
+        ),
+        (
+            "coordinator.enrollment_tokens=[{token='a', expires=2026-01-01T00:00:00}]",
+            "expires must name its UTC offset",
+        ),
+    ],
+)
+def test_bad_listed_tokens_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [override])
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)

@@ -62,7 +62,8 @@ def test_the_tutorial_writes_an_app_a_job_and_a_script(tmp_path: Path) -> None:
     for index, command in enumerate(sites):
         assert command[command.index("--partition-index") + 1] == str(index)
         assert command[command.index("--num-partitions") + 1] == str(len(sites))
-        assert command[command.index("--token") + 1] in config.coordinator.enrollment_tokens
+        listed = [entry.token for entry in config.coordinator.enrollment_tokens]
+        assert command[command.index("--token") + 1] in listed
 
 
 @pytest.mark.slow

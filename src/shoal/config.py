@@ -7,9 +7,9 @@ empty file is a valid (small) run.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import difflib
-import json
 import tomllib
 import types
 from collections.abc import Iterable, Mapping, Sequence
@@ -172,6 +172,29 @@ class SimulationSection(_Section):
     ray_address: str | None = None
 
 
+class EnrollmentTokenEntry(_Section):
+    """One of ``coordinator.enrollment_tokens`` written as a table: a secret and its limits.
+
+    Unset ``max_uses`` and ``ttl_days`` take the registry's defaults (100
+    enrollments, 7 days after the first start that lists the token), as a
+    bare secret does; ``expires`` (a TOML date-time with its UTC offset)
+    replaces the time-to-live.
+    """
+
+    token: str = Field(min_length=1, max_length=256)
+    max_uses: int | None = Field(None, ge=1, le=10_000_000)
+    ttl_days: Annotated[float, Field(gt=0, le=3650)] | None = None
+    expires: dt.datetime | None = None
+
+    @model_validator(mode="after")
+    def _one_expiry(self) -> EnrollmentTokenEntry:
+        if self.expires is not None and self.ttl_days is not None:
+            raise ValueError("give expires or ttl_days, not both")
+        if self.expires is not None and self.expires.utcoffset() is None:
+            raise ValueError("expires must name its UTC offset, e.g. 2026-06-30T00:00:00Z")
+        return self
+
+
 class CoordinatorSection(_Section):
     """[coordinator]: the network coordinator of ``shoal coordinator serve``."""
 
@@ -182,12 +205,28 @@ class CoordinatorSection(_Section):
     mutual_tls: bool = False
     registry_url: str | None = None
     blob_url: str | None = None
-    enrollment_tokens: list[str] = Field(default_factory=list)
+    # each a bare secret, or a table with max_uses and ttl_days or expires; read as tables
+    enrollment_tokens: list[EnrollmentTokenEntry] = Field(default_factory=list)
     max_update_mb: PositiveFloat = 64.0
     retry_after_s: PositiveFloat = 2.0
     grace_s: Annotated[float, Field(ge=0)] = 5.0
     # after the last round, how long check-ins are still answered "the run has finished"
     linger_s: Annotated[float, Field(ge=0)] = 10.0
+
+    @field_validator("enrollment_tokens", mode="before")
+    @classmethod
+    def _bare_secrets_as_tables(cls, tokens: Any) -> Any:
+        if not isinstance(tokens, list):
+            return tokens
+        return [{"token": token} if isinstance(token, str) else token for token in tokens]
+
+    @field_validator("enrollment_tokens")
+    @classmethod
+    def _distinct_tokens(cls, tokens: list[EnrollmentTokenEntry]) -> list[EnrollmentTokenEntry]:
+        secrets = [entry.token for entry in tokens]
+        if len(set(secrets)) != len(secrets):
+            raise ValueError("each token may be listed once")
+        return tokens
 
 
 class SecureAggregationSection(_Section):
@@ -389,7 +428,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides; values are parsed as TOML literals."""
-    merged: dict[str, Any] = json.loads(json.dumps(dict(data)))
+    merged: dict[str, Any] = copy.deepcopy(dict(data))  # TOML's dates are no JSON
     for override in overrides:
         path, separator, raw = override.partition("=")
         keys = [key.strip() for key in path.split(".")]

@@ -259,15 +259,30 @@ def test_a_barred_client_never_shows_can_train_yes(state: State, status: ClientS
 
 
 def test_tables_show_text_as_it_is(state: State) -> None:
-    """A client id or reason that looks like rich markup is printed, not interpreted."""
-    state.clients.enroll("[red]odd[/]", DeviceState(device_class="[/]"), now=NOW)
-    state.clients.set_status("[red]odd[/]", ClientStatus.SUSPENDED, "[/x] stolen")
+    """A device class or reason that looks like rich markup is printed, not interpreted.
+
+    (A client id cannot: its characters are letters, digits, '.', '_' and '-'.)
+    """
+    state.clients.enroll("odd-1", DeviceState(device_class="[red]odd[/]"), now=NOW)
+    state.clients.set_status("odd-1", ClientStatus.SUSPENDED, "[/x] stolen")
     listed = shoal("clients", "list", "--state-dir", state.folder)
     assert listed.exit_code == 0, listed.output
     assert "[red]odd[/]" in listed.stdout
-    shown = shoal("clients", "show", "[red]odd[/]", "--state-dir", state.folder)
+    shown = shoal("clients", "show", "odd-1", "--state-dir", state.folder)
     assert shown.exit_code == 0, shown.output
-    assert "[/x] stolen" in shown.stdout and "client [red]odd[/]" in shown.stdout
+    assert "[/x] stolen" in shown.stdout and "[red]odd[/]" in shown.stdout
+
+
+@pytest.mark.parametrize("command", ["show", "suspend", "resume"])
+@pytest.mark.parametrize("client_id", ["../../etc/passwd", "'; DROP TABLE clients; --", "a\x00b"])
+def test_a_client_id_the_registry_would_refuse_is_one_line(
+    state: State, command: str, client_id: str
+) -> None:
+    extra = ["--reason", "why"] if command == "suspend" else []
+    result = shoal("clients", command, client_id, *extra, "--state-dir", state.folder)
+    assert result.exit_code == 2
+    assert "a client id is 1 to 128 ASCII letters" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_a_retired_client_cannot_resume(state: State) -> None:
@@ -456,5 +471,5 @@ def test_the_real_entry_point(state: State) -> None:
 
 
 def test_an_error_that_looks_like_markup_is_printed_as_it_is(state: State) -> None:
-    line = one_error_line(shoal("clients", "show", "[/x]", "--state-dir", state.folder))
+    line = one_error_line(shoal("models", "show", "[/x]", "1", "--state-dir", state.folder))
     assert "[/x]" in line

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -20,10 +20,14 @@ from shoal.registry import (
     ClientStatus,
     Database,
     DeviceState,
+    EnrollmentTokens,
+    ListedToken,
     Migration,
     ModelRegistry,
     ModelStatus,
+    TokenOrigin,
     open_database,
+    token_id_of,
 )
 from shoal.registry.database import create_engine, resolve_database_url
 from shoal.registry.migrations import apply_migrations, recorded_version
@@ -34,6 +38,7 @@ from shoal.registry.schema import (
     schema_version,
     version_requirements,
 )
+from shoal.registry.tokens import token_sha256
 
 
 def recorded(database: Database) -> list[tuple[int, str]]:
@@ -144,6 +149,38 @@ def test_rows_written_before_a_migration_survive_it(database_url: str, tmp_path:
             now,
         )
         assert (record.status_reason, record.status_changed_at) == (None, None)
+    finally:
+        database.close()
+
+
+def test_tokens_issued_before_listed_tokens_existed_stay_issued_and_usable(
+    database_url: str,
+) -> None:
+    """Schema 6 to 7: every stored token was issued by an operator, and still enrolls."""
+    now = datetime(2026, 3, 20, 10, 0, tzinfo=UTC)
+    database = Database(create_engine(resolve_database_url(database_url)))
+    try:
+        assert apply_migrations(database, migrations=MIGRATIONS[:6]) == 6
+        with database.write() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO enrollment_tokens (token_id, token_sha256, uses, uses_left, "
+                    "created_at, expires_at) VALUES (:id, :sha, 2, 2, :now, :until)"
+                ),
+                {
+                    "id": token_id_of("old-token"),
+                    "sha": token_sha256("old-token"),
+                    "now": now.replace(tzinfo=None),
+                    "until": (now + timedelta(days=1)).replace(tzinfo=None),
+                },
+            )
+        assert apply_migrations(database) == SCHEMA_VERSION
+        tokens = EnrollmentTokens(database)
+        (record,) = tokens.list()
+        assert (record.origin, record.uses_left) == (TokenOrigin.ISSUED, 2)
+        assert tokens.redeem("old-token", client_id="c1", now=now).uses_left == 1
+        tokens.sync_listed([ListedToken(token="new-token", max_uses=1)], now=now)
+        assert {token.origin for token in tokens.list()} == {TokenOrigin.ISSUED, TokenOrigin.CONFIG}
     finally:
         database.close()
 

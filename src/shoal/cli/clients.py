@@ -23,6 +23,7 @@ from shoal.cli.operator import (
     _print_json,
     _status,
     _when,
+    parse_client_id,
     parse_duration,
 )
 from shoal.core.device import DeviceState
@@ -43,6 +44,7 @@ clients_app = typer.Typer(
 app.add_typer(clients_app, name="clients")
 
 
+ClientId = Annotated[str, typer.Argument(metavar="ID", parser=parse_client_id, help="Client id.")]
 UNKNOWN = "unknown"  # a fact the client did not report (null in JSON)
 
 
@@ -133,7 +135,7 @@ def list_clients(
 @clients_app.command("show")
 @user_errors
 def show_client(
-    client_id: Annotated[str, typer.Argument(metavar="ID", help="Client id.")],
+    client_id: ClientId,
     state_dir: StateDir = DEFAULT_STATE_DIR,
     registry: RegistryUrl = None,
     as_json: AsJson = False,
@@ -157,7 +159,7 @@ def _print_client(record: ClientRecord, *, as_json: bool) -> None:
 @clients_app.command("suspend")
 @user_errors
 def suspend_client(
-    client_id: Annotated[str, typer.Argument(metavar="ID", help="Client id.")],
+    client_id: ClientId,
     reason: Annotated[str, typer.Option("--reason", help="Why (kept with the client).")],
     state_dir: StateDir = DEFAULT_STATE_DIR,
     registry: RegistryUrl = None,
@@ -174,7 +176,7 @@ def suspend_client(
 @clients_app.command("resume")
 @user_errors
 def resume_client(
-    client_id: Annotated[str, typer.Argument(metavar="ID", help="Client id.")],
+    client_id: ClientId,
     state_dir: StateDir = DEFAULT_STATE_DIR,
     registry: RegistryUrl = None,
     as_json: AsJson = False,
@@ -189,7 +191,8 @@ def resume_client(
 @user_errors
 def enroll_client(
     client_id: Annotated[
-        str | None, typer.Option("--id", help="Bind the token to this client id.")
+        str | None,
+        typer.Option("--id", parser=parse_client_id, help="Bind the token to this client id."),
     ] = None,
     expires_in: Annotated[
         timedelta,

@@ -292,7 +292,7 @@ num_clients = {clients}
 listen = "127.0.0.1:{port}"
 state_dir = "{base / "state"}"
 certificates = "{base / "certs"}"
-enrollment_tokens = ["demo"]
+enrollment_tokens = [{{ token = "demo", max_uses = {clients} }}]
 retry_after_s = 0.5
 linger_s = 5
 """

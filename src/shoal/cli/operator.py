@@ -26,6 +26,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from shoal.core.errors import ConfigError
+from shoal.core.identifiers import check_client_id
 from shoal.registry import (
     ClientStatus,
     Database,
@@ -141,6 +143,14 @@ def parse_duration(text: str | timedelta) -> timedelta:
     if duration <= timedelta(0):
         raise typer.BadParameter(f"{text!r} is not a positive duration")
     return duration
+
+
+def parse_client_id(text: str) -> str:
+    """A client id as the registry accepts it (:func:`shoal.core.check_client_id`)."""
+    try:
+        return check_client_id(text, error=ConfigError)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def _interactive() -> bool:

@@ -56,6 +56,7 @@ from shoal.core.errors import (
     SecurityError,
     TransportError,
 )
+from shoal.core.identifiers import check_client_id
 from shoal.core.parameters import Parameters
 from shoal.secure.client import Contribution, SecAggClient
 from shoal.secure.homomorphic import EncryptionRequest, SiloCredentials
@@ -104,10 +105,8 @@ def load_or_create_enrollment(
     A new enrollment takes ``client_id`` (a silo's name) or a random id; a
     kept one must match ``client_id`` when it is given.
     """
-    if client_id is not None and not (
-        0 < len(client_id) <= 128 and client_id.isprintable() and client_id.split() == [client_id]
-    ):
-        raise ConfigError(f"a client id has 1 to 128 printable characters, no space: {client_id!r}")
+    if client_id is not None:
+        check_client_id(client_id, error=ConfigError)
     path = state_dir / "enrollment.json"
     if path.exists():
         data = json.loads(path.read_text())

@@ -60,6 +60,7 @@ from shoal.coordinator.service import (
 )
 from shoal.coordinator.setup import (
     connect_key_holder,
+    listed_tokens_from_config,
     round_settings_from_config,
     secure_settings_from_config,
     strategy_for,
@@ -216,7 +217,7 @@ def build(
     )
     service_settings = ServiceSettings(
         run_id=section.run_id,
-        enrollment_tokens=frozenset(section.enrollment_tokens),
+        enrollment_tokens=listed_tokens_from_config(section),
         max_update_bytes=int(section.max_update_mb * 2**20),
         criteria=replace(criteria, seen_within=None),  # a check-in is itself a sighting
     )

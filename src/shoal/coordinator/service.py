@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -43,6 +43,7 @@ from shoal.registry import (
     EnrollmentTokens,
     Heartbeat,
     HeartbeatBuffer,
+    ListedToken,
     SelectionCriteria,
     Selector,
 )
@@ -92,14 +93,25 @@ class Refused(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ServiceSettings:
-    """What the service enforces beyond the protocol."""
+    """What the service enforces beyond the protocol.
+
+    ``enrollment_tokens`` are the config's (a bare secret has the default
+    uses and lifetime of :class:`ListedToken`); they are redeemed from the
+    registry like issued ones, so their uses are counted and they expire.
+    """
 
     run_id: str
-    enrollment_tokens: frozenset[str]
+    enrollment_tokens: Collection[str | ListedToken]
     max_update_bytes: int = 64 * 2**20
     criteria: SelectionCriteria = field(
         default_factory=lambda: SelectionCriteria(require_charging=False, require_wifi=False)
     )
+
+    def listed_tokens(self) -> list[ListedToken]:
+        return [
+            ListedToken(token=token) if isinstance(token, str) else token
+            for token in self.enrollment_tokens
+        ]
 
 
 class ModelBytes:
@@ -145,6 +157,7 @@ class CoordinatorService:
         self.replay = ReplayGuard()
         self.heartbeats = HeartbeatBuffer(clients, max_items=1000)
         self.tokens = EnrollmentTokens(clients.database)
+        self.tokens.sync_listed(settings.listed_tokens(), now=self._now())
         self.model_bytes = ModelBytes(driver)
         self.refusals: Counter[str] = Counter()
         self.refusal_log = refusal_log or RefusalLog(log)
@@ -220,17 +233,18 @@ class CoordinatorService:
             EnrollReply(Verdict.accept(), Credentials(auth.client_id))
         )
 
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
     def _admit(self, client_id: str, token: str) -> None:
-        """Let a client enroll: already enrolled (a restart), a static token, or one redeemed."""
+        """Let a client enroll: already enrolled (a restart), or with a token it redeems."""
         try:
             self.clients.get(client_id)
             return  # re-enrolling is checked against its key: no token is used up
         except NotFoundError:
             pass
-        if token in self.settings.enrollment_tokens:
-            return
         try:
-            self.tokens.redeem(token, client_id=client_id)
+            self.tokens.redeem(token, client_id=client_id, now=self._now())
         except SecurityError as exc:
             raise Refused(RejectCode.BAD_TOKEN, str(exc)) from exc
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
 
 from shoal.aggregation.strategy import Strategy, make_strategy
-from shoal.config import Config, SecureAggregationSection
+from shoal.config import Config, CoordinatorSection, SecureAggregationSection
 from shoal.coordinator.app import ServerApp
 from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
 from shoal.coordinator.selection import cohort_size
 from shoal.core.errors import ConfigError, StrategyError
+from shoal.registry import ListedToken
 from shoal.secure.quantization import Quantization
 from shoal.transport.keyholder_service import KeyHolderClient
 
@@ -37,6 +40,19 @@ def strategy_for(config: Config, app: ServerApp) -> Strategy:
         return make_strategy(chosen, **overrides)
     except StrategyError as exc:
         raise ConfigError(f"the server app's strategy: {exc}") from None
+
+
+def listed_tokens_from_config(section: CoordinatorSection) -> list[ListedToken]:
+    """``enrollment_tokens``, each with the registry's default uses and lifetime where unset."""
+    listed = []
+    for entry in section.enrollment_tokens:
+        limits: dict[str, Any] = {}
+        if entry.max_uses is not None:
+            limits["max_uses"] = entry.max_uses
+        if entry.ttl_days is not None:
+            limits["ttl"] = timedelta(days=entry.ttl_days)
+        listed.append(ListedToken(token=entry.token, expires_at=entry.expires, **limits))
+    return listed
 
 
 def round_settings_from_config(config: Config, *, population: int | None = None) -> RoundSettings:

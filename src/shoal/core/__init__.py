@@ -1,4 +1,4 @@
-"""Shoal's core: parameters, update transforms and the error hierarchy."""
+"""Shoal's core: parameters, update transforms, client ids and the error hierarchy."""
 
 from shoal.core.device import DeviceState
 from shoal.core.errors import (
@@ -17,6 +17,12 @@ from shoal.core.errors import (
     ShoalError,
     StrategyError,
     TransportError,
+)
+from shoal.core.identifiers import (
+    CLIENT_ID_PATTERN,
+    MAX_CLIENT_ID_CHARS,
+    check_client_id,
+    is_client_id,
 )
 from shoal.core.parameters import (
     Layout,
@@ -38,6 +44,8 @@ from shoal.core.transforms import (
 )
 
 __all__ = [
+    "CLIENT_ID_PATTERN",
+    "MAX_CLIENT_ID_CHARS",
     "ClientError",
     "ConfigError",
     "DataError",
@@ -62,7 +70,9 @@ __all__ = [
     "Vector",
     "all_finite",
     "chain",
+    "check_client_id",
     "identity",
+    "is_client_id",
     "map_updates",
     "parameters_from_state_dict",
     "stack_vectors",

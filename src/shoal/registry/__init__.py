@@ -21,9 +21,15 @@ from shoal.registry.location import RegistryLocation, blob_location, registry_lo
 from shoal.registry.migrations import MIGRATIONS, SCHEMA_VERSION, Migration, apply_migrations
 from shoal.registry.models import ModelRecord, ModelRegistry
 from shoal.registry.privacy import PrivacyBudget, PrivacyLedger, PrivacyRound
-from shoal.registry.schema import ClientStatus, ModelStatus
+from shoal.registry.schema import ClientStatus, ModelStatus, TokenOrigin
 from shoal.registry.selector import SelectionCriteria, Selector
-from shoal.registry.tokens import EnrollmentToken, EnrollmentTokens, TokenState, token_id_of
+from shoal.registry.tokens import (
+    EnrollmentToken,
+    EnrollmentTokens,
+    ListedToken,
+    TokenState,
+    token_id_of,
+)
 from shoal.registry.versioning import (
     Component,
     Eligibility,
@@ -47,6 +53,7 @@ __all__ = [
     "EnrollmentTokens",
     "Heartbeat",
     "HeartbeatBuffer",
+    "ListedToken",
     "Migration",
     "ModelRecord",
     "ModelRegistry",
@@ -58,6 +65,7 @@ __all__ = [
     "Requirement",
     "SelectionCriteria",
     "Selector",
+    "TokenOrigin",
     "TokenState",
     "VersionMatrix",
     "apply_migrations",

@@ -1,6 +1,8 @@
 """The client registry: enrolled devices, their latest state, and batched heartbeat ingest.
 
-A client record holds what the seed's registry record holds (device class,
+A client id is checked on every write (:func:`shoal.core.check_client_id`:
+1 to 128 of ``A-Z a-z 0-9 . _ -``, starting with a letter or digit). A
+client record holds what the seed's registry record holds (device class,
 battery and WiFi, app version, last seen, eligibility with a rejection
 reason) plus the runtime, model-architecture and feature-extractor versions,
 RAM (power, network and RAM stored as NULL when the client did not report
@@ -32,6 +34,7 @@ from sqlalchemy.engine import Connection
 
 from shoal.core.device import DeviceState
 from shoal.core.errors import NotFoundError, RegistryError, SecurityError
+from shoal.core.identifiers import check_client_id
 from shoal.registry.database import Database
 from shoal.registry.schema import ClientStatus, UtcDateTime, clients
 from shoal.registry.versioning import Component, Eligibility, version_key
@@ -56,11 +59,6 @@ def require_aware(moment: datetime, name: str) -> datetime:
     return moment
 
 
-def _require_text(value: str, name: str, *, limit: int) -> None:
-    if not value or len(value) > limit:
-        raise RegistryError(f"{name} must have 1 to {limit} characters, got {value!r}")
-
-
 def _require_fraction(value: float, name: str) -> None:
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
         raise RegistryError(f"{name} must lie in [0, 1], got {value!r}")
@@ -80,7 +78,7 @@ class Heartbeat:
     wifi: bool | None
 
     def __post_init__(self) -> None:
-        _require_text(self.client_id, "client_id", limit=128)
+        check_client_id(self.client_id, error=RegistryError)
         require_aware(self.seen_at, "seen_at")
         if self.battery_level is not None:
             _require_fraction(self.battery_level, "battery_level")
@@ -228,7 +226,7 @@ class ClientRegistry:
         sample key. A retired client cannot come back, and a client enrolled
         with a public key cannot change it (:class:`SecurityError`).
         """
-        _require_text(client_id, "client_id", limit=128)
+        check_client_id(client_id, error=RegistryError)
         now = require_aware(now or utc_now(), "now")
         if expires_at is not None:
             require_aware(expires_at, "expires_at")
@@ -273,6 +271,8 @@ class ClientRegistry:
         suspensions an operator made. Returns how many were new.
         """
         now = require_aware(now or utc_now(), "now")
+        for client_id in devices:
+            check_client_id(client_id, error=RegistryError)
         rows = [
             {
                 "client_id": client_id,

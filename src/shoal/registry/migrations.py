@@ -29,6 +29,7 @@ from shoal.registry.database import Database, lock_name
 from shoal.registry.schema import (
     ClientStatus,
     ModelStatus,
+    TokenOrigin,
     UtcDateTime,
     enum_type,
     schema_version,
@@ -200,6 +201,19 @@ def _allow_unknown_device_facts(op: Operations) -> None:
             batch.alter_column(name, existing_type=kind, nullable=True)
 
 
+def _add_token_origins(op: Operations) -> None:
+    # every token so far was issued by an operator; config-listed ones were never stored
+    op.add_column(
+        "enrollment_tokens",
+        sa.Column(
+            "origin",
+            enum_type(TokenOrigin, "token_origin"),
+            nullable=False,
+            server_default=TokenOrigin.ISSUED.value,
+        ),
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "client registry and versioning matrix", _create_client_registry),
     Migration(2, "model registry", _create_model_registry),
@@ -207,6 +221,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "privacy budget ledger", _create_privacy_ledger),
     Migration(5, "reasons for model verdicts", _add_model_verdict_reasons),
     Migration(6, "unknown device facts (power, network, RAM) as NULL", _allow_unknown_device_facts),
+    Migration(
+        7, "enrollment tokens listed in the config, with uses and an expiry", _add_token_origins
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -52,6 +52,13 @@ class ModelStatus(enum.Enum):
     BAD = "BAD"
 
 
+class TokenOrigin(enum.Enum):
+    """Where an enrollment token comes from: issued by an operator, or listed in the config."""
+
+    ISSUED = "ISSUED"
+    CONFIG = "CONFIG"
+
+
 class UtcDateTime(sa.types.TypeDecorator[datetime]):
     """A timezone-aware datetime, stored as naive UTC on every backend."""
 
@@ -185,6 +192,13 @@ enrollment_tokens = sa.Table(
     sa.Column("revoked_at", UtcDateTime),
     sa.Column("last_used_at", UtcDateTime),
     sa.Column("last_used_by", sa.String(128)),
+    # a CONFIG token's limits follow coordinator.enrollment_tokens at each start
+    sa.Column(
+        "origin",
+        enum_type(TokenOrigin, "token_origin"),
+        nullable=False,
+        server_default=TokenOrigin.ISSUED.value,
+    ),
     sa.UniqueConstraint("token_sha256"),
 )
 

@@ -12,6 +12,14 @@ Each token has a public ``token_id`` (the first 16 hex digits of its
 sha256) by which an operator lists and revokes it without ever seeing the
 secret again.
 
+The tokens written in the coordinator's config (``coordinator.enrollment_tokens``)
+are stored the same way, marked :attr:`TokenOrigin.CONFIG`, so that one
+conditional ``UPDATE`` counts their uses too: at each start,
+:meth:`EnrollmentTokens.sync_listed` adds a newly listed one, applies the
+config's ``max_uses`` and expiry to one already stored (the uses taken so
+far stay taken; a time-to-live runs from when the token was first listed),
+and expires, as of that start, every config token no longer listed.
+
 >>> tokens = EnrollmentTokens(database)  # doctest: +SKIP
 >>> token = tokens.issue(client_id="hospital-7", expires_in=timedelta(days=7))  # doctest: +SKIP
 >>> tokens.redeem(token, client_id="hospital-7").uses_left  # doctest: +SKIP
@@ -24,7 +32,8 @@ import builtins
 import enum
 import hashlib
 import secrets
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -32,14 +41,18 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from shoal.core.errors import NotFoundError, RegistryError, SecurityError
+from shoal.core.identifiers import check_client_id
 from shoal.registry.clients import require_aware, utc_now
-from shoal.registry.database import Database
-from shoal.registry.schema import UtcDateTime, enrollment_tokens
+from shoal.registry.database import Database, lock_name
+from shoal.registry.schema import TokenOrigin, UtcDateTime, enrollment_tokens
 
 TOKEN_BYTES = 24  # 192 bits from the OS's CSPRNG, 32 URL-safe characters
 TOKEN_ID_DIGITS = 16
-MAX_TOKEN_CHARS = 256  # anything longer is not one of ours; it is not even hashed
-MAX_CLIENT_ID_CHARS = 128
+MAX_TOKEN_CHARS = 256
+# a token in a config file is a shared secret that leaks more easily than one handed out once:
+# by default it enrolls at most 100 clients, within 7 days of the first start that lists it
+LISTED_TOKEN_USES = 100
+LISTED_TOKEN_TTL = timedelta(days=7)  # anything longer is not one of ours; it is not even hashed
 
 
 class TokenState(enum.Enum):
@@ -64,6 +77,7 @@ class EnrollmentToken:
     revoked_at: datetime | None
     last_used_at: datetime | None
     last_used_by: str | None
+    origin: TokenOrigin = TokenOrigin.ISSUED
 
     def state(self, now: datetime | None = None) -> TokenState:
         """Revoked, expired, used up, or still active at ``now``."""
@@ -97,14 +111,45 @@ def _record(row: sa.Row[Any]) -> EnrollmentToken:
         revoked_at=row.revoked_at,
         last_used_at=row.last_used_at,
         last_used_by=row.last_used_by,
+        origin=row.origin,
     )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListedToken:
+    """A token the coordinator's config lists: the secret, its uses and its expiry.
+
+    ``expires_at`` is a fixed time; without it the token expires ``ttl``
+    after it was first listed (first stored in this registry).
+    """
+
+    token: str = field(repr=False)  # a secret: never in a repr, a log line or an error
+    max_uses: int = LISTED_TOKEN_USES
+    ttl: timedelta = LISTED_TOKEN_TTL
+    expires_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.token) <= MAX_TOKEN_CHARS:
+            raise RegistryError(f"a listed token has 1 to {MAX_TOKEN_CHARS} characters")
+        if self.max_uses < 1:
+            raise RegistryError(f"a listed token needs at least one use, got {self.max_uses}")
+        if self.ttl <= timedelta(0):
+            raise RegistryError(f"a listed token's ttl must be positive, got {self.ttl}")
+        if self.expires_at is not None:
+            require_aware(self.expires_at, "expires_at")
+
+    def expiry(self, first_listed: datetime) -> datetime:
+        """When the token expires, had it been first listed at ``first_listed``."""
+        if self.expires_at is not None:
+            return self.expires_at
+        try:
+            return first_listed + self.ttl
+        except OverflowError:
+            raise RegistryError(f"a listed token's ttl is too long: {self.ttl}") from None
+
+
 def _check_client_id(client_id: str) -> None:
-    if not client_id or len(client_id) > MAX_CLIENT_ID_CHARS:
-        raise RegistryError(
-            f"a client id must have 1 to {MAX_CLIENT_ID_CHARS} characters, got {client_id!r}"
-        )
+    check_client_id(client_id, error=RegistryError)
 
 
 class EnrollmentTokens:
@@ -183,6 +228,45 @@ class EnrollmentTokens:
                 raise _refusal(connection, digest, client_id=client_id, now=now)
             return _record(row)
 
+    def sync_listed(
+        self, listed: Sequence[ListedToken], *, now: datetime | None = None
+    ) -> builtins.list[EnrollmentToken]:
+        """Make the stored CONFIG tokens what ``listed`` says, as of ``now``; returns them.
+
+        A token listed twice, or the secret of an issued token, is a
+        :class:`RegistryError` and nothing changes. Concurrent starts on one
+        registry apply one after the other.
+        """
+        now = require_aware(now or utc_now(), "now")
+        digests = [token_sha256(entry.token) for entry in listed]
+        if len(set(digests)) != len(digests):
+            raise RegistryError("coordinator.enrollment_tokens lists the same token twice")
+        table = enrollment_tokens
+        with self.database.write() as connection:
+            lock_name(connection, "listed enrollment tokens")
+            stored = {
+                row.token_sha256: row
+                for row in connection.execute(
+                    sa.select(table).where(table.c.token_sha256.in_(digests))
+                )
+            }
+            for entry, digest in zip(listed, digests, strict=True):
+                _store_listed(connection, entry, digest, stored.get(digest), now=now)
+            connection.execute(
+                sa.update(table)
+                .where(
+                    table.c.origin == TokenOrigin.CONFIG,
+                    table.c.token_sha256.not_in(digests),
+                    table.c.expires_at > now,
+                )
+                .values(expires_at=now)
+            )
+            rows = connection.execute(
+                sa.select(table).where(table.c.token_sha256.in_(digests))
+            ).all()
+        by_digest = {row.token_sha256: _record(row) for row in rows}
+        return [by_digest[digest] for digest in digests]
+
     def get(self, token_id: str) -> EnrollmentToken:
         """The token with public id ``token_id`` (:class:`NotFoundError` when none)."""
         with self.database.read() as connection:
@@ -219,6 +303,47 @@ class EnrollmentTokens:
         if result is None:
             raise NotFoundError(f"no enrollment token {token_id!r}")
         return _record(result)
+
+
+def _store_listed(
+    connection: Connection,
+    entry: ListedToken,
+    digest: str,
+    row: sa.Row[Any] | None,
+    *,
+    now: datetime,
+) -> None:
+    """Insert a newly listed token, or apply the config's limits to a stored one."""
+    table = enrollment_tokens
+    if row is None:
+        connection.execute(
+            table.insert().values(
+                token_id=digest[:TOKEN_ID_DIGITS],
+                token_sha256=digest,
+                client_id=None,
+                uses=entry.max_uses,
+                uses_left=entry.max_uses,
+                created_at=now,
+                expires_at=entry.expiry(now),
+                origin=TokenOrigin.CONFIG,
+            )
+        )
+        return
+    if row.origin is not TokenOrigin.CONFIG:
+        raise RegistryError(
+            f"coordinator.enrollment_tokens lists the secret of issued token {row.token_id}: "
+            "list a secret of your own"
+        )
+    used = row.uses - row.uses_left  # taken uses stay taken
+    connection.execute(
+        sa.update(table)
+        .where(table.c.token_sha256 == digest)
+        .values(
+            uses=entry.max_uses,
+            uses_left=max(entry.max_uses - used, 0),
+            expires_at=entry.expiry(row.created_at),
+        )
+    )
 
 
 def _refusal(

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shoal.core.errors import SecurityError
+from shoal.core.identifiers import check_client_id
 
 CA_CERTIFICATE = "ca.pem"
 CA_KEY = "ca.key"
@@ -132,8 +133,12 @@ def issue_client_certificate(
     (what the client pins) into ``out_dir``. The client id is the
     certificate's common name and a ``urn:shoal:client:`` URI in its SAN.
     """
-    if not 0 < len(client_id) <= _MAX_COMMON_NAME:
-        raise SecurityError(f"a client id must have 1 to {_MAX_COMMON_NAME} characters")
+    check_client_id(client_id, error=SecurityError)
+    if len(client_id) > _MAX_COMMON_NAME:
+        raise SecurityError(
+            f"a certificate's client id has at most {_MAX_COMMON_NAME} characters (X.509), "
+            f"got {len(client_id)}"
+        )
     ca_folder, folder = Path(ca_dir), Path(out_dir)
     ca_cert = _load_certificates(ca_folder / CA_CERTIFICATE)[0]
     ca_key = _load_ca_key(ca_folder / CA_KEY)

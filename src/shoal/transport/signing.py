@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from shoal.core.digests import check_sha256_hex
 from shoal.core.errors import ProtocolError, SecurityError
+from shoal.core.identifiers import check_client_id
 
 SIGNING_CONTEXT = b"shoal.v1/request-auth\x00"
 """Domain separation: a signature over a Shoal request is never valid for anything else."""
@@ -61,7 +62,7 @@ class RequestAuth:
     signature: bytes
 
     def __post_init__(self) -> None:
-        _check_identifier(self.client_id, "client id")
+        check_client_id(self.client_id)
         _check_identifier(self.run_id, "run id")
         if self.round < NO_ROUND:
             raise ProtocolError(f"round must be >= {NO_ROUND}, got {self.round}")

@@ -1,0 +1,227 @@
+"""Enrollment attacks over real gRPC: hostile client ids, and tokens used past their limits.
+
+The attacker speaks protobuf directly (no Shoal client code, which would
+refuse to sign a bad id): it signs its own requests with a fresh key. Each
+hostile id must be refused with a verdict that says what a client id may
+be, and nothing of it may reach the registry. A token listed in the config
+must enroll no more clients than its ``max_uses`` (100 for a bare secret),
+none after it expires, and a restart must not give its uses back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from shoal.client.link import Enroll, Enrollment
+from shoal.config import parse_config
+from shoal.coordinator.server import CoordinatorParts, build
+from shoal.coordinator.service import add_coordinator_service
+from shoal.core import DeviceState, ProtocolError
+from shoal.transport import serde
+from shoal.transport._generated import coordinator_pb2 as pb
+from shoal.transport.grpc_link import GrpcLink
+from shoal.transport.messages import EnrollmentRequest, RejectCode
+from shoal.transport.signing import NO_ROUND, generate_client_key, new_nonce, sign_request
+from support.jobs import network_job
+
+pytestmark = pytest.mark.timeout(120)
+
+RUN = "run-enroll"
+TOKEN = "fleet-secret"
+ENROLL = "/shoal.v1.Coordinator/Enroll"
+RULE = "a client id is 1 to 128 ASCII letters, digits, '.', '_' or '-'"
+
+HOSTILE_IDS = [
+    "../../etc/passwd",
+    "..",
+    "'; DROP TABLE clients; --",
+    "client\x00admin",
+    "",
+    "c" * 129,
+    "\u0430dmin",  # a Cyrillic a: looks like "admin"
+    "\uff43lient-1",  # a fullwidth c
+    "client-1\u200b",  # a zero-width space
+    "client-1\nINFO shoal.coordinator: forged log line",
+    "client-1 ",
+    "-rf",
+    "$(reboot)",
+    "%2e%2e%2fetc",
+]
+
+
+@asynccontextmanager
+async def served(tmp_path: Path, tokens: list[Any]) -> AsyncIterator[tuple[str, CoordinatorParts]]:
+    """The coordinator ``shoal coordinator serve`` builds, its service on 127.0.0.1."""
+    sections = network_job(tmp_path, run_id=RUN, token=TOKEN, clients=2, per_round=2)
+    sections["coordinator"]["enrollment_tokens"] = tokens
+    parts = build(parse_config(sections))
+    server = grpc.aio.server()
+    add_coordinator_service(parts.service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", parts
+    finally:
+        await server.stop(None)
+        parts.close()
+
+
+def forged_enroll(client_id: str, token: str) -> bytes:
+    """An Enroll request signed by a fresh key, built field by field as an attacker would."""
+    private, public = generate_client_key()
+    message = serde.encode_enroll_request(EnrollmentRequest(DeviceState(), public, token))
+    digest, nonce, timestamp = serde.request_digest(message), new_nonce(), time.time()
+    signature = sign_request(
+        private,
+        client_id=client_id,
+        run_id="pending",
+        round=NO_ROUND,
+        nonce=nonce,
+        timestamp=timestamp,
+        payload_sha256=digest,
+    )
+    message.auth.CopyFrom(
+        pb.RequestAuth(
+            client_id=client_id,
+            run_id="pending",
+            round=NO_ROUND,
+            nonce=nonce,
+            timestamp=timestamp,
+            payload_sha256=digest,
+            signature=signature,
+        )
+    )
+    return message.SerializeToString()
+
+
+async def enroll(channel: grpc.aio.Channel, client_id: str, token: str) -> tuple[str, str]:
+    """(code, detail) of an enrollment: ``accepted``, a reject code, or the gRPC status."""
+    try:
+        raw = await channel.unary_unary(ENROLL)(forged_enroll(client_id, token), timeout=10)
+    except grpc.aio.AioRpcError as error:
+        return f"grpc {error.code().name}", error.details() or ""
+    reply = serde.decode_enroll_response(serde.parse(pb.EnrollResponse, raw))
+    code = reply.verdict.code
+    return ("accepted" if code is None else code.value), reply.verdict.detail
+
+
+def test_hostile_client_ids_are_refused_with_the_rule_and_never_stored(tmp_path: Path) -> None:
+    async def body() -> tuple[list[tuple[str, str]], tuple[str, str], int]:
+        async with (
+            served(tmp_path, [TOKEN]) as (target, parts),
+            grpc.aio.insecure_channel(target) as channel,
+        ):
+            answers = [await enroll(channel, client_id, TOKEN) for client_id in HOSTILE_IDS]
+            good = await enroll(channel, "hospital-7", TOKEN)
+            return answers, good, parts.clients.count()
+
+    answers, good, enrolled = asyncio.run(body())
+    for client_id, (code, detail) in zip(HOSTILE_IDS, answers, strict=True):
+        assert code == RejectCode.MALFORMED.value, (client_id, code, detail)
+        assert RULE in detail and "\n" not in detail, (client_id, detail)
+    assert good == ("accepted", "")
+    assert enrolled == 1  # only hospital-7: no hostile id reached the registry
+
+
+def test_the_real_client_refuses_a_bad_id_with_the_same_rule(tmp_path: Path) -> None:
+    private, public = generate_client_key()
+
+    async def body() -> None:
+        async with served(tmp_path, [TOKEN]) as (target, parts):
+            link = GrpcLink(target, credentials=None, enrollment_token=TOKEN)
+            try:
+                with pytest.raises(ProtocolError, match=RULE):
+                    await link.handle(Enrollment("../x", private, public), Enroll(DeviceState()))
+                await link.handle(Enrollment("site-1", private, public), Enroll(DeviceState()))
+            finally:
+                await link.close()
+            assert [record.client_id for record in parts.clients.list()] == ["site-1"]
+
+    asyncio.run(body())
+
+
+def test_a_listed_token_enrolls_at_most_max_uses_clients_even_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    tokens = [{"token": "pilot", "max_uses": 3}]
+
+    async def body() -> tuple[list[str], list[str], list[str]]:
+        async with (
+            served(tmp_path, tokens) as (target, _),
+            grpc.aio.insecure_channel(target) as channel,
+        ):
+            racing = await asyncio.gather(
+                *(enroll(channel, f"site-{index}", "pilot") for index in range(8))
+            )
+        async with (  # a restart with the same config and registry
+            served(tmp_path, tokens) as (target, _),
+            grpc.aio.insecure_channel(target) as channel,
+        ):
+            after = [await enroll(channel, "site-late", "pilot")]
+        raised = [{"token": "pilot", "max_uses": 4}]
+        async with (
+            served(tmp_path, raised) as (target, _),
+            grpc.aio.insecure_channel(target) as channel,
+        ):
+            more = [await enroll(channel, name, "pilot") for name in ("site-late", "site-last")]
+        return [code for code, _ in racing], [code for code, _ in after], [c for c, _ in more]
+
+    racing, after, more = asyncio.run(body())
+    assert sorted(racing) == ["accepted"] * 3 + [RejectCode.BAD_TOKEN.value] * 5
+    assert after == [RejectCode.BAD_TOKEN.value]  # the restart gave no use back
+    assert more == ["accepted", RejectCode.BAD_TOKEN.value]  # one more use: one more client
+
+
+def test_a_bare_listed_secret_enrolls_at_most_100_clients(tmp_path: Path) -> None:
+    async def body() -> list[tuple[str, str]]:
+        async with (
+            served(tmp_path, [TOKEN]) as (target, _),
+            grpc.aio.insecure_channel(target) as channel,
+        ):
+            return [await enroll(channel, f"phone-{index}", TOKEN) for index in range(101)]
+
+    answers = asyncio.run(body())
+    assert [code for code, _ in answers[:100]] == ["accepted"] * 100
+    code, detail = answers[100]
+    assert code == RejectCode.BAD_TOKEN.value
+    assert "used up (all 100 uses taken)" in detail
+
+
+def test_an_expired_listed_token_enrolls_no_one(tmp_path: Path) -> None:
+    expired = datetime.now(UTC) - timedelta(minutes=1)
+
+    async def body() -> tuple[str, str]:
+        async with (
+            served(tmp_path, [{"token": "late", "expires": expired}]) as (target, _),
+            grpc.aio.insecure_channel(target) as channel,
+        ):
+            return await enroll(channel, "site-1", "late")
+
+    code, detail = asyncio.run(body())
+    assert code == RejectCode.BAD_TOKEN.value
+    assert "expired at" in detail
+
+
+def test_a_token_removed_from_the_config_stops_working_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    async def body() -> list[str]:
+        codes = []
+        for listed, client_id in (([TOKEN, "old"], "site-1"), ([TOKEN], "site-2")):
+            async with (
+                served(tmp_path, listed) as (target, _),
+                grpc.aio.insecure_channel(target) as channel,
+            ):
+                codes.append((await enroll(channel, client_id, "old"))[0])
+        return codes
+
+    assert asyncio.run(body()) == ["accepted", RejectCode.BAD_TOKEN.value]
