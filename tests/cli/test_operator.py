@@ -273,6 +273,16 @@ def test_tables_show_text_as_it_is(state: State) -> None:
     assert "[/x] stolen" in shown.stdout and "[red]odd[/]" in shown.stdout
 
 
+def test_a_silo_is_named_as_a_client_id(tmp_path: Path) -> None:
+    """A silo enrolls under its name: the key holder's commands refuse one no client could use."""
+    keys = tmp_path / "silos.json"
+    result = shoal("keyholder", "silo-keys", "--out", keys, "--silo", "bank a")
+    assert result.exit_code == 2 and "a client id is 1 to 128 ASCII" in result.output
+    assert not keys.exists()
+    result = shoal("keyholder", "init", "--dir", tmp_path / "kh", "-k", "2", "--silo", "../x=00")
+    assert result.exit_code == 2 and "a client id is 1 to 128 ASCII" in result.output
+
+
 @pytest.mark.parametrize("command", ["show", "suspend", "resume"])
 @pytest.mark.parametrize("client_id", ["../../etc/passwd", "'; DROP TABLE clients; --", "a\x00b"])
 def test_a_client_id_the_registry_would_refuse_is_one_line(

@@ -363,3 +363,37 @@ def test_an_issued_token_admits_one_new_client_and_restarts_use_none(tmp_path: P
 
     codes = asyncio.run(with_coordinator(tmp_path, body, rounds=1))
     assert codes == [None, None, RejectCode.BAD_TOKEN]  # the single use went to frank
+
+
+def test_garbage_after_a_good_header_is_malformed_and_the_service_serves_on(
+    tmp_path: Path,
+) -> None:
+    """The servicer parses every part of an upload itself: a corrupt second part is refused."""
+
+    async def body(deployment: Deployment) -> tuple[Any, RejectCode | None]:
+        async with grpc.aio.secure_channel(deployment.target, deployment.credentials) as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            private = await enroll(stub, "alice")
+            base, _ = deployment.service.model_bytes.current()
+            payload = b"x" * 10
+            opening = pb.UpdatePart(header=header_for(private, "alice", payload, base))
+
+            async def parts() -> AsyncIterator[bytes]:
+                yield opening.SerializeToString()
+                yield b"\xff" * 8  # not a protobuf UpdatePart
+
+            upload = channel.stream_unary("/shoal.v1.Coordinator/SubmitUpdate")
+            raw = await upload(parts(), timeout=10)
+            verdict = serde.decode_submit_update_response(serde.parse(pb.SubmitUpdateResponse, raw))
+            alive = signed(
+                pb.HeartbeatRequest(device=serde.encode_device_state(DeviceState())),
+                private,
+                "alice",
+            )
+            reply = serde.decode_heartbeat_response(await stub.Heartbeat(alive))
+        return verdict, reply.verdict.code
+
+    verdict, still_serving = asyncio.run(with_coordinator(tmp_path, body, rounds=1))
+    assert verdict.code is RejectCode.MALFORMED
+    assert "8 bytes that do not parse as a protobuf UpdatePart" in verdict.detail
+    assert still_serving is None

@@ -351,7 +351,7 @@ def test_bad_hashes_and_keys_are_malformed() -> None:
 
 
 def test_garbage_bytes_do_not_parse_as_a_message() -> None:
-    with pytest.raises(ProtocolError, match="3 bytes that do not parse as a CheckInRequest"):
+    with pytest.raises(ProtocolError, match="3 bytes that do not parse as a protobuf CheckInReq"):
         serde.parse(pb.CheckInRequest, b"\xff\xff\xff")
     with pytest.raises(ProtocolError, match="must arrive as bytes"):
         serde.parse(pb.CheckInRequest, pb.CheckInRequest())  # type: ignore[arg-type]

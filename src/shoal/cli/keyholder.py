@@ -14,6 +14,7 @@ from rich.text import Text
 from shoal.cli.app import app, user_errors
 from shoal.cli.operator import AsJson, _console, _key_value_table, _print_json
 from shoal.core.errors import ConfigError
+from shoal.core.identifiers import check_client_id
 from shoal.secure.keyholder import read_silo_keys
 
 keyholder_app = typer.Typer(
@@ -42,6 +43,7 @@ def parse_silos(pairs: list[str], silos_file: Path | None) -> dict[str, bytes]:
         entries.extend((name, keys.public, "--silos-file") for name, keys in listed.items())
     silos: dict[str, bytes] = {}
     for name, public, source in entries:
+        check_client_id(name, error=ConfigError)  # a silo enrolls under its name
         if name in silos:
             raise ConfigError(f"{source}: silo {name!r} is given twice")
         silos[name] = public
@@ -144,6 +146,8 @@ def silo_keys_command(
     from shoal.simulation.population import client_name
 
     names = [*(silo or []), *(client_name(index) for index in range(simulated))]
+    for name in names:
+        check_client_id(name, error=ConfigError)  # a silo enrolls under its name
     if not names:
         raise ConfigError("--silo or --simulated: name at least one silo")
     if out.exists():

@@ -96,7 +96,7 @@ def parse(message_type: type[_M], data: bytes) -> _M:
     try:
         return message_type.FromString(data)
     except (DecodeError, ValueError, RecursionError) as exc:
-        raise ProtocolError(f"{len(data)} bytes that do not parse as a {name} message") from exc
+        raise ProtocolError(f"{len(data)} bytes that do not parse as a protobuf {name}") from exc
 
 
 def _require(message: Any, field: str, what: str) -> None:

@@ -1,0 +1,110 @@
+"""Who may talk to the coordinator: signed requests from enrolled clients, enrollments by token.
+
+:class:`Admission` answers the service's questions before any request is
+acted on: is this request signed by an enrolled, active client, fresh, and
+for this run (:meth:`Admission.authenticate`), and may this new client
+enroll with this token (:meth:`Admission.admit`). Every no is a
+:class:`Refused` carrying the reject code the client is answered with; the
+service counts and logs it. The tokens listed in the config are stored in
+the registry with their uses and expiry when the admission is made, and
+redeemed there like issued ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from shoal.core.errors import NotFoundError, ProtocolError, SecurityError
+from shoal.registry import ClientRecord, ClientRegistry, ClientStatus, EnrollmentTokens, ListedToken
+from shoal.transport import serde
+from shoal.transport.messages import RejectCode
+from shoal.transport.signing import ReplayGuard, RequestAuth
+
+
+class Refused(Exception):
+    """A request that must be answered with ``code``; caught inside the service."""
+
+    def __init__(self, code: RejectCode, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@contextmanager
+def malformed(*kinds: type[Exception]) -> Iterator[None]:
+    """Refuse as MALFORMED what raises one of ``kinds`` (by default, a ``ProtocolError``)."""
+    caught = kinds or (ProtocolError,)
+    try:
+        yield
+    except caught as exc:
+        raise Refused(RejectCode.MALFORMED, str(exc) or "an empty request") from exc
+
+
+class Admission:
+    """Authenticates requests and admits enrollments for the run ``run_id``."""
+
+    def __init__(
+        self,
+        clients: ClientRegistry,
+        *,
+        run_id: str,
+        listed_tokens: Sequence[ListedToken],
+        clock: Callable[[], float],
+    ) -> None:
+        self.clients = clients
+        self.run_id = run_id
+        self.clock = clock
+        self.replay = ReplayGuard()
+        self.tokens = EnrollmentTokens(clients.database)
+        self.tokens.sync_listed(listed_tokens, now=self.now())
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    def authenticate(
+        self, message: Any, *, public_key: bytes | None = None, this_run: bool = False
+    ) -> RequestAuth:
+        """The verified auth of a request; ``this_run`` also requires it to name our run."""
+        with malformed():
+            auth = serde.decode_auth(message)
+        if public_key is None:
+            record = self.client(auth.client_id)
+            public_key = record.public_key
+            if public_key is None:
+                raise Refused(RejectCode.UNKNOWN_CLIENT, "the client has no enrolled key")
+        try:
+            serde.verify_message(message, public_key)
+        except (SecurityError, ProtocolError) as exc:
+            raise Refused(RejectCode.BAD_SIGNATURE, str(exc)) from exc
+        try:
+            self.replay.check(auth, now=self.clock())
+        except SecurityError as exc:
+            raise Refused(RejectCode.REPLAYED, str(exc)) from exc
+        if this_run and auth.run_id != self.run_id:
+            raise Refused(RejectCode.WRONG_ROUND, f"this coordinator runs {self.run_id}")
+        return auth
+
+    def client(self, client_id: str) -> ClientRecord:
+        """The record of an enrolled, active client."""
+        try:
+            record = self.clients.get(client_id)
+        except NotFoundError as exc:
+            raise Refused(RejectCode.UNKNOWN_CLIENT, f"no enrolled client {client_id!r}") from exc
+        if record.status is not ClientStatus.ACTIVE:
+            raise Refused(RejectCode.SUSPENDED, f"the client is {record.status.value.lower()}")
+        return record
+
+    def admit(self, client_id: str, token: str) -> None:
+        """Let a client enroll: already enrolled (a restart), or with a token it redeems."""
+        try:
+            self.clients.get(client_id)
+            return  # re-enrolling is checked against its key: no token is used up
+        except NotFoundError:
+            pass
+        try:
+            self.tokens.redeem(token, client_id=client_id, now=self.now())
+        except SecurityError as exc:
+            raise Refused(RejectCode.BAD_TOKEN, str(exc)) from exc
