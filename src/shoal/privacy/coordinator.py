@@ -42,7 +42,6 @@ CLIP_NORM = "dp_clip_norm"
 LOCAL_NOISE_STD = "dp_local_noise_std"
 DISTRIBUTED_NOISE_STD = "dp_distributed_noise_std"
 UNCLIPPED = "dp_unclipped"  # what a client reports back: 1.0 if its update was within the norm
-SECURE_NOISE = "dp_secure_noise"  # False: the client's noise comes from its task's seed (tests)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +57,6 @@ class DpSettings:
     target_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     clipped_count_std: float | None = None  # unset: clients_per_round / 20 (the paper), >= z
-    secure_noise: bool = True
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -122,8 +120,6 @@ class DpCoordinator:
     def fit_extras(self) -> dict[str, Any]:
         """What each fit task tells its client: the clip norm, and its share of the noise."""
         extras: dict[str, Any] = {CLIP_NORM: self.clip.clip_norm}
-        if not self.settings.secure_noise:
-            extras[SECURE_NOISE] = False
         if self.settings.placement == "local":
             extras[LOCAL_NOISE_STD] = self.update_std
         elif self.settings.placement == "distributed":

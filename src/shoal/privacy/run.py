@@ -85,7 +85,6 @@ class RunPrivacy:
                 target_quantile=section.target_quantile,
                 clip_learning_rate=section.clip_learning_rate,
                 clipped_count_std=section.clipped_count_std,
-                secure_noise=section.secure_noise,
             ),
             noise,
         )
