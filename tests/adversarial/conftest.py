@@ -1,0 +1,1 @@
+"""Attack tests: each performs an attack or fault against the real code."""
