@@ -229,9 +229,12 @@ class PrivacySection(_Section):
     clipped_count_std: PositiveFloat | None = None  # unset: clients_per_round / 20
     accountant: Literal["rdp", "pld"] = "rdp"
     conversion: Literal["improved", "classic"] = "improved"
+    # fixed: ceil(clients_per_round * over_selection) of the eligible clients; poisson: each
+    # eligible client joins with q = clients_per_round / eligible (no over-selection)
     sampling: Literal["poisson", "fixed"] = "fixed"
     client_epsilon: PositiveFloat | None = None  # a client past it is no longer selected
-    secure_noise: bool = True  # False: seeded noise, reproducible, for tests only
+    # False: seeded noise and DP cohorts, reproducible and predictable: simulations only
+    secure_noise: bool = True
     alert_command: str | None = None  # run when the budget is exhausted (event JSON on stdin)
     alert_hook: str | None = None  # "module:function" called with the event
 
