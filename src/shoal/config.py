@@ -321,6 +321,11 @@ class Config(_Section):
                 "privacy.adaptive_clipping counts the clients whose update was not clipped, "
                 "which secure aggregation hides: switch one of them off"
             )
+        if privacy.enabled and privacy.sampling == "poisson" and secure.bits is not None:
+            raise ValueError(
+                "privacy.sampling = 'poisson' draws cohorts of no fixed size, which fixed "
+                "secure_aggregation.bits could overflow: leave bits unset (fitted each round)"
+            )
         if privacy.enabled and privacy.epsilon is None and privacy.noise_multiplier is None:
             raise ValueError("privacy: set epsilon (the budget) or noise_multiplier, or both")
         return self

@@ -150,6 +150,17 @@ def test_distributed_dp_runs_with_secagg_and_dropouts(tmp_path: Path) -> None:
         ({"privacy": {"placement": "central"}}, "set epsilon"),
         (
             {
+                "privacy": {
+                    "placement": "distributed",
+                    "noise_multiplier": 1.0,
+                    "sampling": "poisson",
+                },
+                "secure_aggregation": {"protocol": "secagg+", "bits": 16},
+            },
+            "leave bits unset",
+        ),
+        (
+            {
                 "privacy": {"placement": "central", "noise_multiplier": 1.0},
                 "strategy": {"name": "fedmedian"},
             },
