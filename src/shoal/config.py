@@ -268,9 +268,12 @@ class PrivacySection(_Section):
     clipped_count_std: PositiveFloat | None = None  # unset: clients_per_round / 20
     accountant: Literal["rdp", "pld"] = "rdp"
     conversion: Literal["improved", "classic"] = "improved"
+    # fixed: ceil(clients_per_round * over_selection) of the eligible clients; poisson: each
+    # eligible client joins with q = clients_per_round / eligible (no over-selection)
     sampling: Literal["poisson", "fixed"] = "fixed"
     client_epsilon: PositiveFloat | None = None  # a client past it is no longer selected
-    secure_noise: bool = True  # False: seeded noise, reproducible, for tests only
+    # False: seeded noise and DP cohorts, reproducible and predictable: simulations only
+    secure_noise: bool = True
     alert_command: str | None = None  # run when the budget is exhausted (event JSON on stdin)
     alert_hook: str | None = None  # "module:function" called with the event
 
@@ -356,6 +359,11 @@ class Config(_Section):
             raise ValueError(
                 "privacy.adaptive_clipping counts the clients whose update was not clipped, "
                 "which secure aggregation hides: switch one of them off"
+            )
+        if privacy.enabled and privacy.sampling == "poisson" and secure.bits is not None:
+            raise ValueError(
+                "privacy.sampling = 'poisson' draws cohorts of no fixed size, which fixed "
+                "secure_aggregation.bits could overflow: leave bits unset (fitted each round)"
             )
         if privacy.enabled and privacy.epsilon is None and privacy.noise_multiplier is None:
             raise ValueError("privacy: set epsilon (the budget) or noise_multiplier, or both")

@@ -17,18 +17,22 @@ from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollme
 from shoal.config import Config, parse_config
 from shoal.coordinator.server import CoordinatorParts, build, serve
 from shoal.core import ConfigError
+from shoal.core.device import DeviceState
 from shoal.privacy.accounting import PrivacyAccountant
-from shoal.registry import BlobStore, ModelRegistry, blob_location, registry_location
+from shoal.registry import (
+    BlobStore,
+    ClientRegistry,
+    ModelRegistry,
+    blob_location,
+    registry_location,
+)
 from shoal.registry.privacy import PrivacyLedger
 from shoal.secure.client import Contribution
 from shoal.transport.signing import generate_client_key
 from support.jobs import digits_client, network_job
 from support.links import RecordingLink, Upload
 
-pytestmark = [
-    pytest.mark.timeout(120),
-    pytest.mark.filterwarnings("ignore::shoal.privacy.noise.InsecureNoiseWarning"),
-]
+pytestmark = pytest.mark.timeout(120)
 
 TOKEN = "private-token"
 RUN = "run-private"
@@ -112,6 +116,18 @@ async def serve_with_clients(
     return parts, first[0]
 
 
+def enroll_ahead(tmp_path: Path, config: Config, clients: int) -> None:
+    """Enroll the clients' identities before the coordinator starts: every round sees them all."""
+    database = registry_location(Path(config.coordinator.state_dir), None).open()
+    try:
+        registry = ClientRegistry(database)
+        for index in range(clients):
+            enrollment = load_or_create_enrollment(tmp_path / f"c{index}", generate_client_key)
+            registry.enroll(enrollment.client_id, DeviceState(), public_key=enrollment.public_key)
+    finally:
+        database.close()
+
+
 def expected_stop_round() -> tuple[int, list[float]]:
     """The first round that would pass the budget, and the epsilon after each round before it."""
     accountant = PrivacyAccountant(method="rdp", sampling="fixed", conversion="improved")
@@ -138,10 +154,10 @@ def test_the_budget_stops_a_central_dp_job_over_grpc_and_a_restart_stays_stopped
         "epsilon": BUDGET,
         "delta": DELTA,
         "clip_norm": CLIP_NORM,
-        "secure_noise": False,
     }
     sections = job_sections(tmp_path, privacy=privacy)
     config = parse_config(sections)
+    enroll_ahead(tmp_path, config, CLIENTS)  # the population is all six from round 1 on
     uploads: list[Upload] = []
     rounds: list[dict[str, Any]] = []
     parts, first_round = asyncio.run(
@@ -156,6 +172,7 @@ def test_the_budget_stops_a_central_dp_job_over_grpc_and_a_restart_stays_stopped
     for row, epsilon in zip(fit, spent, strict=True):  # each round accounted once
         assert row["epsilon"] == pytest.approx(epsilon, rel=1e-6)
         assert row["delta"] == DELTA
+        assert (row["population"], row["sampling_rate"]) == (CLIENTS, PER_ROUND / CLIENTS)
     line = privacy_line(fit[-1])
     assert line is not None and f"epsilon {spent[-1]:.4f}" in line
 
@@ -221,7 +238,6 @@ def test_distributed_dp_with_secagg_plus_commits_a_round_over_grpc(
         "placement": "distributed",
         "noise_multiplier": 1.0,
         "clip_norm": CLIP_NORM,
-        "secure_noise": False,
     }
     secure = {
         "protocol": "secagg+",
@@ -273,7 +289,6 @@ def test_adaptive_clipping_resumes_from_the_last_committed_round_after_a_restart
         "delta": DELTA,
         "clip_norm": CLIP_NORM,
         "adaptive_clipping": True,
-        "secure_noise": False,
     }
     config = job_config(tmp_path, privacy=privacy, run={"rounds": 2})
     rounds: list[dict[str, Any]] = []

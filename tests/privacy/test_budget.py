@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from shoal.config import parse_config
-from shoal.core import ConfigError
+from shoal.core import ConfigError, RunError
 from shoal.privacy.accounting import PrivacyAccountant
 from shoal.privacy.budget import PrivacyBudgetKeeper, plan_privacy
 from shoal.registry import registry_location
@@ -16,7 +16,7 @@ from shoal.registry.privacy import PrivacyLedger
 
 def _plan(**privacy: object):  # type: ignore[no-untyped-def]
     config = parse_config({"privacy": {"placement": "central", **privacy}})
-    return plan_privacy(config.privacy, population=1000, clients_per_round=50, rounds=40)
+    return plan_privacy(config.privacy, population=1000, cohort=50, rounds=40)
 
 
 def test_the_plan_calibrates_the_noise_to_spend_the_budget_in_the_planned_rounds() -> None:
@@ -100,3 +100,34 @@ def test_a_round_replayed_after_a_crash_is_not_spent_twice(tmp_path: Path) -> No
     assert restarted.epsilon == pytest.approx(first.epsilon)
     assert len(PrivacyLedger(database).rounds("run")) == 1
     database.close()
+
+
+@pytest.mark.parametrize("sampling", ["fixed", "poisson"])
+def test_each_round_is_accounted_at_its_own_population_and_replayed_so(
+    tmp_path: Path, sampling: str
+) -> None:
+    plan = _plan(noise_multiplier=1.0, delta=1e-5, sampling=sampling)  # cohort 50
+    populations = [1000, 400, 30, 2500]  # the eligible population changes from round to round
+    expected = PrivacyAccountant(method="rdp", sampling=sampling, conversion="improved")  # type: ignore[arg-type]
+    database = registry_location(tmp_path, None).open()
+    keeper = PrivacyBudgetKeeper(plan, PrivacyLedger(database), "run")
+    for round_number, population in enumerate(populations, start=1):
+        assert keeper.before_round(round_number, population=population) is None
+        keeper.after_round(round_number, [f"c{round_number}"])
+        if sampling == "poisson":
+            expected.compose(noise_multiplier=1.0, sampling_rate=min(1.0, 50 / population))
+        else:
+            size = min(50, population)
+            expected.compose(noise_multiplier=1.0, sample_size=size, population=population)
+        assert keeper.epsilon == pytest.approx(expected.epsilon(delta=1e-5), rel=1e-9)
+    rates = [entry.sampling_rate for entry in PrivacyLedger(database).rounds("run")]
+    assert rates == [0.05, 0.125, 1.0, 0.02]
+    restarted = PrivacyBudgetKeeper(plan, PrivacyLedger(database), "run")
+    assert restarted.epsilon == pytest.approx(keeper.epsilon, rel=1e-9)  # replayed, not re-planned
+    database.close()
+
+
+def test_a_population_that_cannot_be_established_is_refused() -> None:
+    plan = _plan(noise_multiplier=1.0)
+    with pytest.raises(RunError, match="at least one eligible client"):
+        plan.step(0)

@@ -121,6 +121,8 @@ def test_an_ineligible_client_is_never_chosen_and_told_why(
     for seed in range(5):
         chosen = selector.select(SEED_QUERY, 20, rng=seed, now=NOW)
         assert sorted(chosen) == [f"ok-{index:02d}" for index in range(12)]
+    # the whole eligible population (what a DP round samples from) leaves it out too
+    assert selector.population(SEED_QUERY, now=NOW) == [f"ok-{index:02d}" for index in range(12)]
     verdict = selector.check(registry.get("odd-one"), SEED_QUERY, now=NOW)
     assert not verdict.can_train and verdict.reason is not None
     assert verdict.reason.startswith(reason)

@@ -54,7 +54,9 @@ def test_the_noise_multiplier_is_calibrated_to_spend_the_budget_in_the_planned_r
     tmp_path: Path,
 ) -> None:
     privacy = {"placement": "central", "epsilon": 4.0, "secure_noise": False, "sampling": "poisson"}
-    summary, _ = _run(tmp_path, "calibrated", privacy=privacy)
+    # a Poisson cohort of 10 expected below the default quorum of 8 would skip its round
+    rounds = {"clients_per_round": 10, "over_selection": 1.0, "quorum": 0.3}
+    summary, _ = _run(tmp_path, "calibrated", privacy=privacy, round=rounds)
     assert summary["rounds_completed"] == 6
     assert 3.8 < summary["epsilon"] <= 4.0
     assert summary["accounting"] == "rdp/poisson/improved"
@@ -148,6 +150,17 @@ def test_distributed_dp_runs_with_secagg_and_dropouts(tmp_path: Path) -> None:
         ({"privacy": {"placement": "central"}}, "set epsilon"),
         (
             {
+                "privacy": {
+                    "placement": "distributed",
+                    "noise_multiplier": 1.0,
+                    "sampling": "poisson",
+                },
+                "secure_aggregation": {"protocol": "secagg+", "bits": 16},
+            },
+            "leave bits unset",
+        ),
+        (
+            {
                 "privacy": {"placement": "central", "noise_multiplier": 1.0},
                 "strategy": {"name": "fedmedian"},
             },
@@ -185,3 +198,49 @@ def test_mlflow_logs_epsilon_per_round_and_the_alert_fires_at_exhaustion(tmp_pat
     assert run.info.status == "FINISHED"
     alert = json.loads(marker.read_text())
     assert alert["kind"] == "budget_exhausted" and alert["round"] == len(rows) + 1
+
+
+def test_poisson_sampling_draws_binomial_cohorts_in_a_simulation(tmp_path: Path) -> None:
+    privacy = {
+        "placement": "central",
+        "noise_multiplier": 1.0,
+        "sampling": "poisson",
+        "secure_noise": False,
+    }
+    rounds = {"clients_per_round": 10, "over_selection": 1.0, "quorum": 0.3}
+    summary, rows = _run(
+        tmp_path, "poisson", privacy=privacy, round=rounds, run={"rounds": 16, "seed": 1}
+    )
+    selected = [row["selected"] for row in rows]
+    # each of the 60 joins with q = 1/6: Binomial(60, 1/6), never exactly 10 every round
+    assert len(set(selected)) > 3 and 7 <= sum(selected) / len(selected) <= 13
+    assert all(row["sampling_rate"] == pytest.approx(10 / 60) for row in rows)
+    assert all(row["population"] == 60 for row in rows)
+    assert all(row["reported"] == row["selected"] for row in rows if row["committed"])
+    assert summary["sampling_rate"] == pytest.approx(10 / 60)
+
+
+def participants(folder: Path) -> list[str]:
+    from shoal.registry import registry_location
+    from shoal.registry.privacy import PrivacyLedger
+
+    database = registry_location(folder, None).open()
+    try:
+        return [entry.participants_sha256 for entry in PrivacyLedger(database).rounds("shoal-run")]
+    finally:
+        database.close()
+
+
+def test_dp_cohorts_come_from_the_csprng_unless_noise_is_seeded(tmp_path: Path) -> None:
+    for secure in (True, False):
+        privacy = {"placement": "central", "noise_multiplier": 1.0, "secure_noise": secure}
+        short = {"rounds": 2, "seed": 1, "name": "shoal-run"}
+        _run(tmp_path, f"one-{secure}", privacy=privacy, run=short)
+        _run(tmp_path, f"two-{secure}", privacy=privacy, run=short)
+        one, two = (
+            participants(tmp_path / f"one-{secure}"),
+            participants(tmp_path / f"two-{secure}"),
+        )
+        assert len(one) == len(two) == 2
+        # the same seed: the CSPRNG draws other cohorts; seeded ones are reproducible
+        assert (one != two) is secure

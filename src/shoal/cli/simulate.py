@@ -178,8 +178,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     if summary.get("privacy") is not None:  # DP is on: what the run spent
         table.add_row("epsilon", f"{summary['epsilon']:.4f} ({summary['accounting']})")
-        table.add_row("delta", f"{summary['delta']:.3g}")
-        table.add_row("noise_multiplier", f"{summary['noise_multiplier']:.4f}")
+        for key, form in (("delta", ".3g"), ("noise_multiplier", ".4f")):  # unset: never planned
+            value = summary.get(key)
+            table.add_row(key, "-" if value is None else format(value, form))
         if summary.get("privacy_locked"):
             table.add_row("privacy_locked", escape(str(summary["privacy_locked"])))
     if summary.get("secure_aggregation", "none") != "none":

@@ -6,7 +6,9 @@ checks the same things before anything leaves it:
 
 - ``fit`` results are turned into an update (local minus global; a wrong
   shape is a :class:`ClientError`), refused when not finite, and under
-  user-level DP clipped (and, for local DP, noised) on the device;
+  user-level DP clipped (and, for local DP, noised) on the device, with
+  noise from the CSPRNG (``seeded_noise`` is the simulator's alone: nothing
+  in a task can ask for it);
 - a secure round's :func:`secure_contribution` carries that update, the weight
   and the DP noise share into masking (SecAgg+) or encryption (CKKS).
 """
@@ -48,7 +50,9 @@ class EvaluateOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def run_fit(client: Client, parameters: Parameters, config: FitConfig) -> FitOutcome:
+def run_fit(
+    client: Client, parameters: Parameters, config: FitConfig, *, seeded_noise: bool = False
+) -> FitOutcome:
     """Train, and make the update fit to leave the device (see the module docstring)."""
     result = client.fit(parameters, config)
     update = fit_update(result, parameters).vector
@@ -56,7 +60,7 @@ def run_fit(client: Client, parameters: Parameters, config: FitConfig) -> FitOut
         raise ClientError("the update holds NaN or infinite values")
     if CLIP_NORM not in config.extras:
         return FitOutcome(update, result.num_examples, dict(result.metrics))
-    noise = client_noise(config.extras, seed=config.seed)  # user-level DP: clip on the device
+    noise = _noise(config, seeded=seeded_noise)  # user-level DP: clip on the device
     private, metrics = privatize_update(update, config.extras, result.metrics, noise=noise)
     return FitOutcome(private, result.num_examples, metrics, noise)
 
@@ -67,7 +71,9 @@ def run_evaluate(client: Client, parameters: Parameters, config: EvaluateConfig)
     return EvaluateOutcome(float(result.loss), result.num_examples, dict(result.metrics))
 
 
-def secure_contribution(outcome: FitOutcome, config: FitConfig) -> Contribution:
+def secure_contribution(
+    outcome: FitOutcome, config: FitConfig, *, seeded_noise: bool = False
+) -> Contribution:
     """A secure round's input: the update, its weight, and the task's DP noise share.
 
     Under user-level DP the training loss is withheld (the sum carries 0).
@@ -75,7 +81,7 @@ def secure_contribution(outcome: FitOutcome, config: FitConfig) -> Contribution:
     loss = outcome.metrics.get("loss", 0.0)
     noise = outcome.noise
     if noise is None and CLIP_NORM in config.extras:
-        noise = client_noise(config.extras, seed=config.seed)
+        noise = _noise(config, seeded=seeded_noise)
     return Contribution(
         outcome.update,
         outcome.num_examples,
@@ -84,3 +90,8 @@ def secure_contribution(outcome: FitOutcome, config: FitConfig) -> Contribution:
         noise_std=distributed_noise_std(config.extras),
         noise=noise,
     )
+
+
+def _noise(config: FitConfig, *, seeded: bool) -> NoiseSource:
+    """The CSPRNG; the task's seed only when the simulator asked (``seeded``)."""
+    return client_noise(seed=config.seed if seeded else None)

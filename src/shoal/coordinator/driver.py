@@ -19,8 +19,11 @@ driver hands the request to ``decrypt`` (the key holder, never this
 process) and feeds its answer, or its refusal, back to the engine.
 
 The driver plays the rounds the run layer schedules (``plays``, see
-:mod:`shoal.coordinator.run`), each with the run layer's round config, and
-awaits ``on_closed`` with each closed round (and its new model) before it
+:mod:`shoal.coordinator.run`), each with the run layer's round config, once
+the run layer admits the eligible clients ``candidates`` lists (``admit``:
+a round waits while too few are eligible or the registry cannot be read,
+logging why once per reason; the run layer can also end training there),
+and awaits ``on_closed`` with each closed round (and its new model) before it
 starts the next: the run layer persists the model before any client is
 offered work on it, so a crash loses at most the round in progress. After
 the last round every check-in is answered :class:`RunFinished`.
@@ -62,10 +65,11 @@ from shoal.coordinator.events import (
     UpdateReceived,
 )
 from shoal.coordinator.homomorphic import CKKS
+from shoal.coordinator.run import Admission
 from shoal.coordinator.schedule import Play
 from shoal.coordinator.secure import SECAGG_PLUS
 from shoal.coordinator.state import RoundState
-from shoal.core.errors import ConfigError
+from shoal.core.errors import ConfigError, RegistryError
 from shoal.core.parameters import Parameters
 from shoal.secure.messages import Stage
 from shoal.secure.serde import SecureReply
@@ -89,6 +93,8 @@ OnClosed = Callable[[RoundSummary, CommitVersion | None], Awaitable[None]]
 Decrypt = Callable[[RequestDecryption], Awaitable[npt.NDArray[np.float64]]]
 """Asks the key holder for a homomorphic round's sum; raises with its refusal."""
 RoundConfig = Callable[[Play], Mapping[str, Any]]
+Admit = Callable[[Play, Sequence[str]], Admission]
+"""The run layer's word on a round, given the eligible clients listed (:meth:`Run.admit`)."""
 SECURE_STAGE_RETRY_S = 0.25
 """The longest a client of a secure round waits between stages before checking in again."""
 
@@ -122,6 +128,7 @@ class RoundDriver:
         on_closed: OnClosed | None = None,
         round_config: RoundConfig | None = None,
         decrypt: Decrypt | None = None,
+        admit: Admit | None = None,
     ) -> None:
         secure = coordinator.secure
         if secure is not None and secure.protocol not in (SECAGG_PLUS, CKKS):
@@ -138,6 +145,7 @@ class RoundDriver:
         self._on_closed = on_closed
         self._round_config = round_config
         self._decrypt = decrypt
+        self._admit = admit
         self._decryptions: set[asyncio.Task[None]] = set()  # at most one per round, in flight
         self.finished: RunFinished | None = None  # set once the last round is done
         self._offers: dict[str, Offer] = {}
@@ -236,15 +244,18 @@ class RoundDriver:
         From then on every check-in is answered ``RunFinished(finished)``.
         """
         for play in self._plays:
-            await self._play(play)
+            if await self._play(play) is None:
+                break  # the run layer ended training (the privacy budget)
         self._apply(FinishRun())
         self.finished = RunFinished(finished)
         for pending in self._decryptions:  # a key holder still answering a closed round
             pending.cancel()
 
-    async def _play(self, play: Play) -> RoundSummary:
-        needed = self.coordinator.settings.quorum_count(play.phase)
-        candidates = await self._enough_candidates(needed)
+    async def _play(self, play: Play) -> RoundSummary | None:
+        admission = await self._admitted(play)
+        if admission.stop is not None:
+            return None
+        candidates = admission.candidates
         self._closed = asyncio.get_running_loop().create_future()
         self._commit = None
         config = {} if self._round_config is None else self._round_config(play)
@@ -254,17 +265,40 @@ class RoundDriver:
             await self._on_closed(summary, self._commit)
         return summary
 
-    async def _enough_candidates(self, needed: int) -> Sequence[str]:
-        """Wait, without polling on a fixed beat, until ``needed`` clients are eligible."""
+    async def _admitted(self, play: Play) -> Admission:
+        """Wait, without polling on a fixed beat, until the run layer admits the round."""
+        logged: str | None = None
         while True:
-            candidates = self._candidates()
-            if len(candidates) >= needed:
-                return candidates
+            admission = self._admission(play)
+            if admission.wait is None:
+                return admission
+            if admission.wait != logged:  # once per reason, not once per check-in
+                log.info("%s", admission.wait)
+                logged = admission.wait
             self._arrivals.clear()
             try:
                 await asyncio.wait_for(self._arrivals.wait(), timeout=self.settings.retry_after_s)
             except TimeoutError:
                 continue  # eligibility can also change with time (a client's last check-in ages)
+
+    def _admission(self, play: Play) -> Admission:
+        try:
+            listed = tuple(self._candidates())
+        except RegistryError as exc:  # the population cannot be established: wait, never guess
+            return Admission(
+                (),
+                wait=f"round {play.round} waits: the registry cannot list "
+                f"the eligible clients ({exc})",
+            )
+        if self._admit is not None:
+            return self._admit(play, listed)
+        needed = self.coordinator.settings.quorum_count(play.phase)
+        if len(listed) < needed:
+            return Admission(
+                listed,
+                wait=f"round {play.round} waits: {len(listed)} eligible clients, {needed} needed",
+            )
+        return Admission(listed)
 
     # --- actions -----------------------------------------------------------------------------
 

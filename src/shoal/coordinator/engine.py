@@ -48,7 +48,7 @@ from shoal.coordinator.secure import (
     check_secure_strategy,
     open_secure_round,
 )
-from shoal.coordinator.selection import Stream, client_seed, cohort_size, round_rng, select_cohort
+from shoal.coordinator.selection import CohortSampler, SeededSampler, client_seed, cohort_size
 from shoal.coordinator.state import RoundState, Step, Trigger, next_state
 from shoal.core.errors import (
     IllegalTransition,
@@ -90,6 +90,7 @@ class Coordinator:
         secure: SecureSettings | None = None,
         privacy: DpCoordinator | None = None,
         metrics_aggregation: Mapping[Phase, MetricsAggregation] | None = None,
+        sampler: CohortSampler | None = None,
     ) -> None:
         if secure is not None:
             check_secure_strategy(strategy)
@@ -101,6 +102,7 @@ class Coordinator:
         self.strategy = strategy
         self.parameters = parameters
         self.seed = seed
+        self.sampler = SeededSampler(seed) if sampler is None else sampler
         self.optimizer_state = (
             strategy.server_optimizer.init(parameters.vector)
             if optimizer_state is None
@@ -159,23 +161,30 @@ class Coordinator:
 
     def _start(self, event: StartRound) -> list[Action]:
         phase, settings = event.phase, self.settings
-        stream = Stream.SELECT_FIT if phase is Phase.FIT else Stream.SELECT_EVALUATE
         size = cohort_size(target=settings.target(phase), over_selection=settings.over_selection)
-        rng = round_rng(seed=self.seed, round_number=event.round, stream=stream)
-        cohort = select_cohort(event.candidates, size=size, rng=rng)
+        sample = self.sampler.draw(
+            event.candidates,
+            round_number=event.round,
+            phase=phase,
+            size=size,
+            target=settings.target(phase),
+        )
+        cohort = sample.members
         self.last_round = event.round
         self._round = RoundBooks(
             number=event.round,
             phase=phase,
             started_at=event.now,
             cohort=frozenset(cohort),
-            target=settings.target(phase),
+            target=sample.target,
             config=event.config,
+            denominator=sample.denominator,
         )
         if len(cohort) < settings.quorum_count(phase):
             self._move(Step.TOO_FEW_CANDIDATES)
             reason = (
-                f"{len(cohort)} eligible clients, the quorum needs {settings.quorum_count(phase)}"
+                f"{len(cohort)} of {len(event.candidates)} eligible clients in the cohort, "
+                f"the quorum needs {settings.quorum_count(phase)}"
             )
             return [RoundClosed(self._summary(event.now, committed=False, abort_reason=reason))]
         self._move(Step.COHORT_SELECTED)
@@ -198,7 +207,7 @@ class Coordinator:
             round_number=event.round,
             cohort=cohort,
             vector_length=len(self.parameters),
-            target=settings.clients_per_round,
+            target=current.target,
             quorum=settings.quorum_count(Phase.FIT),
             deadline_s=settings.deadline_s,
         )
@@ -493,7 +502,9 @@ class Coordinator:
         assert self.privacy is not None
         current = self._require_round()
         current.metric_sums["dp_clip_norm"] = self.privacy.clip.clip_norm * current.num_examples
-        return self.privacy.private_mean(total, unclipped=unclipped)
+        return self.privacy.private_mean(
+            total, unclipped=unclipped, denominator=current.denominator
+        )
 
     @staticmethod
     def _app_metrics(aggregate: MetricsAggregation, results: ClientMetrics) -> dict[str, float]:

@@ -64,6 +64,7 @@ class RoundBooks:
     client_metrics: list[tuple[int, Mapping[str, float]]] = field(default_factory=list)
     config: Mapping[str, Any] = field(default_factory=dict)  # the app's round config
     unclipped: int = 0  # user-level DP: updates that were within the clip norm
+    denominator: float | None = None  # user-level DP under Poisson sampling: q * population
     secure: SecureRound | CkksRound | None = None
     secure_report: SecureRoundReport | None = None
 

@@ -9,9 +9,11 @@ layer owns everything above it, so that each rule is written once:
   from its version;
 - the schedule of fit and evaluation rounds, including an evaluation that
   was due before a crash;
-- the privacy check before each fit round (a refusal ends training);
-- which candidates are barred (suspended by an operator, or past their
-  own privacy budget);
+- whether a round may start with the eligible clients a shell found
+  (:meth:`Run.admit`): never the barred ones (suspended by an operator, or
+  past their own privacy budget); under DP they are the population the
+  round is sampled from and accounted for, and the privacy check before
+  each fit round (a refusal ends training) is made with them;
 - each round's config from the server app;
 - the metrics row of a closed round, the central evaluation, and the
   version committed with that row before anyone is offered the new model;
@@ -40,6 +42,7 @@ from shoal.coordinator.records import RunStore
 from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.schedule import Play, evaluation_due, schedule
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
+from shoal.coordinator.selection import PrivateSampler
 from shoal.core.errors import ConfigError, RunError, ShoalError
 from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
@@ -53,6 +56,19 @@ log = logging.getLogger("shoal.run")
 Row = dict[str, Any]
 EVALUATION_UPLOAD_BYTES = 256
 """What one client's evaluation answer weighs on the wire, about."""
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Whether a round may start with the clients a shell found eligible, and with whom.
+
+    ``wait``: too few to start (the live shell waits for more; the simulator
+    plays the round, which the engine aborts); ``stop``: training stops.
+    """
+
+    candidates: tuple[str, ...]
+    wait: str | None = None
+    stop: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +177,7 @@ class Run:
             optimizer_state=state,
             secure=parts.secure,
             privacy=None if self.privacy is None else self.privacy.coordinator,
+            sampler=None if self.privacy is None else PrivateSampler.of(self.config, self.privacy),
             metrics_aggregation={
                 phase: aggregate
                 for phase, aggregate in (
@@ -227,13 +244,14 @@ class Run:
         )
 
     def _stops_before(self, round_number: int) -> bool:
-        if self.privacy is None:
-            return False
-        reason = self.privacy.before_round(round_number)
-        if reason is not None:
-            log.warning("training stops before round %d: %s", round_number, reason)
-            self.stop_reason = reason
-        return reason is not None
+        """A locked privacy budget ends training before the shell looks for clients."""
+        reason = None if self.privacy is None else self.privacy.locked()
+        return reason is not None and self._stop(round_number, reason)
+
+    def _stop(self, round_number: int, reason: str) -> bool:
+        log.warning("training stops before round %d: %s", round_number, reason)
+        self.stop_reason = reason
+        return True
 
     def barred(self) -> set[str]:
         """Clients never to select: suspended or retired, or past their own privacy budget."""
@@ -246,6 +264,30 @@ class Run:
         """``candidates`` without the barred clients, in order."""
         barred = self.barred()
         return tuple(client for client in candidates if client not in barred)
+
+    def admit(self, play: Play, listed: Iterable[str]) -> Admission:
+        """Whether ``play`` may start with the clients the shell ``listed`` as eligible.
+
+        Under DP they are a fit round's whole eligible population: its size
+        sets the sampling rate the round is accounted at (and, in the first
+        round, delta and the noise), so a round with fewer than the quorum
+        waits rather than account a population it cannot establish.
+        """
+        candidates = self.eligible(listed)
+        needed = self.parts.settings.quorum_count(play.phase)
+        privacy = self.privacy if play.phase is Phase.FIT else None
+        if len(candidates) < needed:
+            if privacy is not None:
+                privacy.saw_population(len(candidates))
+            purpose = ", to establish the population privacy is accounted for" if privacy else ""
+            wait = f"round {play.round} waits: {len(candidates)} eligible clients, {needed} needed"
+            return Admission(candidates, wait=wait + purpose)
+        reason = None
+        if privacy is not None:
+            reason = privacy.before_round(play.round, population=len(candidates))
+        if reason is not None and self._stop(play.round, reason):
+            return Admission(candidates, stop=reason)
+        return Admission(candidates)
 
     def round_config(self, play: Play) -> dict[str, Any]:
         """The server app's config for this round (checked: a bad one stops the run clearly)."""
@@ -382,18 +424,3 @@ class Run:
         }
         self.store.write_summary(summary)
         return summary
-
-
-def run_privacy(
-    config: Config, settings: RoundSettings, *, population: int, run_id: str
-) -> RunPrivacy | None:
-    """The run's DP (None when ``[privacy]`` is off), planned for ``population`` clients."""
-    if not config.privacy.enabled:
-        return None
-    return RunPrivacy(
-        config,
-        population=population,
-        clients_per_round=settings.clients_per_round,
-        min_clients=settings.quorum_count(Phase.FIT),
-        run_id=run_id,
-    )

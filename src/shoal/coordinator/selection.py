@@ -3,18 +3,41 @@
 Every random choice the coordinator makes comes from a generator seeded by
 the run seed, the round number and a purpose code, never from carried state:
 a resumed run makes exactly the choices an uninterrupted one would.
+
+One exception: under differential privacy a fit round's cohort is drawn by
+:class:`PrivateSampler`, from the CSPRNG (a cohort that whoever knows the
+seed can predict amplifies nothing), and exactly as the accountant assumes:
+``fixed`` takes ``cohort`` of the eligible clients uniformly; ``poisson``
+lets each eligible client join independently with probability
+q = min(1, cohort / eligible), so the cohort's size is Binomial(eligible, q),
+every sampled client's update is awaited (no over-selection), and the DP
+mean divides by the expected size q * eligible. A Poisson cohort below the
+quorum (an empty one included) closes the round at once, uncommitted and
+unaccounted; the run goes on with the next round. Seeded DP cohorts remain
+for simulations with ``privacy.secure_noise = false``, with a warning.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
+from shoal.config import Config
 from shoal.core.errors import ConfigError
+from shoal.privacy.budget import cohort_sampling_rate
+from shoal.privacy.noise import NoiseSource
+from shoal.privacy.run import RunPrivacy
+from shoal.tasks import Phase
+
+log = logging.getLogger("shoal.coordinator")
 
 
 class Stream(enum.IntEnum):
@@ -71,3 +94,104 @@ def select_cohort(
         return tuple(ordered)
     chosen = rng.choice(len(ordered), size=size, replace=False)
     return tuple(ordered[index] for index in sorted(chosen.tolist()))
+
+
+@dataclass(frozen=True, slots=True)
+class Cohort:
+    """A round's cohort, how many reports close the round early, and its DP denominator."""
+
+    members: tuple[str, ...]
+    target: int
+    denominator: float | None = None  # Poisson under DP: q * population; None: the fixed one
+
+
+class CohortSampler(Protocol):
+    """How the engine draws a round's cohort from its candidates (one object per mode)."""
+
+    def draw(
+        self, candidates: Sequence[str], *, round_number: int, phase: Phase, size: int, target: int
+    ) -> Cohort: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SeededSampler:
+    """``size`` of the candidates uniformly, from the run seed: reproducible, predictable."""
+
+    seed: int
+
+    def draw(
+        self, candidates: Sequence[str], *, round_number: int, phase: Phase, size: int, target: int
+    ) -> Cohort:
+        stream = Stream.SELECT_FIT if phase is Phase.FIT else Stream.SELECT_EVALUATE
+        rng = round_rng(seed=self.seed, round_number=round_number, stream=stream)
+        return Cohort(select_cohort(candidates, size=size, rng=rng), target)
+
+
+class PrivateSampler:
+    """A DP run's fit cohorts, drawn as the accountant assumes (see the module docstring).
+
+    Evaluation cohorts release nothing the accountant counts: they stay seeded.
+    """
+
+    def __init__(
+        self, *, sampling: Literal["poisson", "fixed"], cohort: int, seed: int, secure: bool
+    ) -> None:
+        if cohort < 1:
+            raise ConfigError(f"a DP round's cohort must hold at least one client, got {cohort}")
+        self.sampling = sampling
+        self.cohort = cohort
+        self.secure = secure
+        self._seed = seed
+        self._evaluation = SeededSampler(seed)
+        if not secure:
+            log.warning(
+                "DP cohorts are drawn from run.seed (privacy.secure_noise = false): whoever "
+                "knows the seed knows who is sampled, so the accounted amplification by "
+                "sampling does not hold; for simulations only"
+            )
+
+    @classmethod
+    def of(cls, config: Config, privacy: RunPrivacy) -> PrivateSampler:
+        """The sampler of a run's DP: its sampling and cohort; the CSPRNG unless seeded."""
+        section = config.privacy
+        return cls(
+            sampling=section.sampling,
+            cohort=privacy.cohort,
+            seed=config.run.seed,
+            secure=section.secure_noise,
+        )
+
+    def sampling_rate(self, population: int) -> float:
+        """Each eligible client's chance to be drawn, as the accountant takes it."""
+        return cohort_sampling_rate(cohort=self.cohort, population=population)
+
+    def draw(
+        self, candidates: Sequence[str], *, round_number: int, phase: Phase, size: int, target: int
+    ) -> Cohort:
+        if phase is not Phase.FIT:
+            return self._evaluation.draw(
+                candidates, round_number=round_number, phase=phase, size=size, target=target
+            )
+        ordered = sorted(candidates)
+        if not ordered:
+            return Cohort((), target)
+        keys = self._uniforms(round_number, len(ordered))
+        if self.sampling == "poisson":
+            rate = self.sampling_rate(len(ordered))
+            members = tuple(client for client, key in zip(ordered, keys, strict=True) if key < rate)
+            return Cohort(members, len(members), denominator=rate * len(ordered))
+        chosen = np.sort(np.argsort(keys, kind="stable")[: self.cohort])
+        return Cohort(tuple(ordered[index] for index in chosen.tolist()), target)
+
+    def _uniforms(self, round_number: int, count: int) -> npt.NDArray[np.float64]:
+        if self.secure:
+            return NoiseSource.secure().uniform(count)  # AES-256-CTR under a fresh OS key
+        rng = round_rng(seed=self._seed, round_number=round_number, stream=Stream.SELECT_FIT)
+        return rng.random(count)
+
+
+def private_cohort(*, sampling: str, clients_per_round: int, over_selection: float) -> int:
+    """What a DP fit round draws (fixed: with over-selection) or expects (Poisson: none)."""
+    if sampling == "poisson":
+        return clients_per_round
+    return cohort_size(target=clients_per_round, over_selection=over_selection)

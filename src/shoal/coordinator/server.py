@@ -18,7 +18,10 @@ arrival.
 The run's lifecycle (first commit or resume, the schedule, the privacy
 check before each fit round, barred clients, the row stored with each
 version, the summary) is the run layer's (:class:`Run`), as in a
-simulation: the state folder holds ``config.json``, ``metrics.jsonl`` and
+simulation. Under DP every fit round is offered the registry's whole
+eligible population, which the run layer accounts for and the engine
+samples from (``data.num_clients`` plays no part over the network). The
+state folder holds ``config.json``, ``metrics.jsonl`` and
 ``summary.json`` with the same keys, and ``[tracking]`` logs to MLflow.
 The model is named by ``run.name``.
 """
@@ -51,7 +54,7 @@ from shoal.coordinator.events import (
 )
 from shoal.coordinator.homomorphic import CKKS
 from shoal.coordinator.records import RunRecords
-from shoal.coordinator.run import Run, RunParts, run_privacy
+from shoal.coordinator.run import Run, RunParts
 from shoal.coordinator.selection import cohort_size
 from shoal.coordinator.service import (
     CoordinatorService,
@@ -62,6 +65,7 @@ from shoal.coordinator.setup import (
     connect_key_holder,
     listed_tokens_from_config,
     round_settings_from_config,
+    run_privacy,
     secure_settings_from_config,
     strategy_for,
 )
@@ -136,6 +140,11 @@ def build(
     ``on_round`` gets each closed round's metrics row, as ``shoal simulate`` writes it.
     """
     section = config.coordinator
+    if config.privacy.enabled and not config.privacy.secure_noise:
+        raise ConfigError(
+            "privacy.secure_noise = false (seeded, predictable noise and cohorts) is for "
+            "simulations only: a coordinator draws both from the CSPRNG"
+        )
     apps = resolve_apps(config, client=client_app, server=server_app, search_path=search_path)
     strategy = strategy_for(config, apps.server)
     settings = round_settings_from_config(config)
@@ -158,9 +167,8 @@ def build(
     clients = ClientRegistry(database)
     records = RunRecords(state_dir, models, clients, model=config.run.name)
     try:
-        # sized by the clients enrolled so far or the configured population
-        population = max(clients.count(), config.data.num_clients)
-        privacy = run_privacy(config, settings, population=population, run_id=section.run_id)
+        # planned at the first fit round, for the eligible population it finds
+        privacy = run_privacy(config, settings, run_id=section.run_id)
         run = Run(
             config,
             app=apps.server,
@@ -192,6 +200,8 @@ def build(
     )
 
     def candidates() -> list[str]:
+        if privacy is not None:  # the whole eligible population: what DP samples and accounts
+            return selector.population(criteria)
         barred = run.barred()  # suspended, or past their own privacy budget
         drawn = selector.select(criteria, wanted + len(barred))
         return list(run.eligible(drawn))[:wanted]
@@ -213,6 +223,7 @@ def build(
         candidates=candidates,
         on_closed=on_closed,
         round_config=run.round_config,
+        admit=run.admit,
         decrypt=None if key_holder is None else _decryptor(key_holder, section.run_id),
     )
     service_settings = ServiceSettings(

@@ -11,10 +11,12 @@ from shoal.config import Config, CoordinatorSection, SecureAggregationSection
 from shoal.coordinator.app import ServerApp
 from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
-from shoal.coordinator.selection import cohort_size
+from shoal.coordinator.selection import cohort_size, private_cohort
 from shoal.core.errors import ConfigError, StrategyError
+from shoal.privacy.run import RunPrivacy
 from shoal.registry import ListedToken
 from shoal.secure.quantization import Quantization
+from shoal.tasks import Phase
 from shoal.transport.keyholder_service import KeyHolderClient
 
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
@@ -73,6 +75,23 @@ def round_settings_from_config(config: Config, *, population: int | None = None)
         epochs=config.client.epochs,
         batch_size=config.client.batch_size,
         learning_rate=config.client.learning_rate,
+    )
+
+
+def run_privacy(config: Config, settings: RoundSettings, *, run_id: str) -> RunPrivacy | None:
+    """The run's DP (None when ``[privacy]`` is off); planned at its first fit round."""
+    if not config.privacy.enabled:
+        return None
+    return RunPrivacy(
+        config,
+        cohort=private_cohort(
+            sampling=config.privacy.sampling,
+            clients_per_round=settings.clients_per_round,
+            over_selection=settings.over_selection,
+        ),
+        clients_per_round=settings.clients_per_round,
+        min_clients=settings.quorum_count(Phase.FIT),
+        run_id=run_id,
     )
 
 

@@ -1,14 +1,18 @@
 """The privacy budget as a resource: plan the noise, account each round, stop before overspending.
 
 A run's :class:`PrivacyPlan` fixes delta (1 / population unless set), the
-sampling of clients per round, and the noise multiplier (given, or
-calibrated so that ``rounds`` rounds spend exactly the budget). Its
-:class:`PrivacyBudgetKeeper` holds the accountant and the ledger in the
-registry database: before each round it asks what epsilon the round would
-lead to, and refuses the round (locking the run's data, with the reason)
-when that would pass the budget; after each committed round it records the
-round and charges its participants. A restarted coordinator rebuilds the
-accountant from the ledger, so nothing is spent twice or forgotten.
+cohort each round draws (fixed) or expects (Poisson), and the noise
+multiplier (given, or calibrated so that ``rounds`` rounds spend exactly the
+budget). The population is the eligible population that the first round
+saw; every round is then accounted with its own eligible population, from
+which the coordinator's sampler draws: each client's chance is
+:func:`cohort_sampling_rate` for both. Its :class:`PrivacyBudgetKeeper`
+holds the accountant and the ledger in the registry database: before each
+round it asks what epsilon the round would lead to, and refuses the round
+(locking the run's data, with the reason) when that would pass the budget;
+after each committed round it records the round, with the sampling rate it
+ran at, and charges its participants. A restarted coordinator rebuilds the
+accountant from the ledger's rounds, so nothing is spent twice or forgotten.
 
 Under local DP every client's release is its own Gaussian mechanism, with
 no amplification by sampling; the run's epsilon is accounted as if one
@@ -24,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from shoal.config import PrivacySection
-from shoal.core.errors import ConfigError
+from shoal.core.errors import ConfigError, RunError
 from shoal.privacy.accounting import (
     Conversion,
     Method,
@@ -33,14 +37,38 @@ from shoal.privacy.accounting import (
     calibrate_noise_multiplier,
     default_delta,
 )
-from shoal.registry.privacy import PrivacyLedger
+from shoal.registry.privacy import PrivacyLedger, PrivacyRound
 
 log = logging.getLogger("shoal.privacy")
 
 
+def cohort_sampling_rate(*, cohort: int, population: int) -> float:
+    """A client's chance to be drawn into a round's cohort: cohort / population, at most 1.
+
+    Poisson sampling's q, and the share of the population a fixed-size draw
+    takes. The accountant and the coordinator's sampler both take it from
+    here, so the sampling that is accounted is the sampling that runs.
+
+    >>> cohort_sampling_rate(cohort=10, population=400)
+    0.025
+    """
+    if cohort < 1:
+        raise ConfigError(f"a round's cohort must hold at least one client, got {cohort}")
+    if population < 1:
+        raise RunError(
+            f"the eligible population is {population}: privacy accounting needs at least "
+            "one eligible client to know the sampling rate"
+        )
+    return min(1.0, cohort / population)
+
+
 @dataclass(frozen=True, slots=True)
 class PrivacyPlan:
-    """How a run spends its budget: the noise, delta, the sampling and the accountant."""
+    """How a run spends its budget: the noise, delta, the sampling and the accountant.
+
+    ``sample_size`` is the cohort a round draws (fixed) or expects (Poisson);
+    ``population`` is the eligible population the plan was made for.
+    """
 
     placement: str
     noise_multiplier: float
@@ -55,7 +83,8 @@ class PrivacyPlan:
 
     @property
     def sampling_rate(self) -> float:
-        return self.sample_size / self.population
+        """The rate at the population the plan was made for (1 under local DP)."""
+        return self.step().rate
 
     @property
     def label(self) -> str:
@@ -72,13 +101,22 @@ class PrivacyPlan:
             method=self.method, sampling=self.accounted_sampling, conversion=conversion
         )
 
-    def step(self) -> Step:
-        """One round's sampling, as the accountant takes it."""
+    def step(self, population: int | None = None) -> Step:
+        """The sampling of a round drawn from ``population`` eligible (unset: the plan's)."""
+        population = self.population if population is None else population
+        rate = cohort_sampling_rate(cohort=self.sample_size, population=population)
         if self.placement == "local":  # a client's own release: no amplification
             return Step(sampling_rate=1.0)
         if self.sampling == "fixed":
-            return Step(sample_size=self.sample_size, population=self.population)
-        return Step(sampling_rate=self.sampling_rate)
+            return Step(sample_size=min(self.sample_size, population), population=population)
+        return Step(sampling_rate=rate)
+
+    def replayed_step(self, entry: PrivacyRound) -> Step:
+        """The sampling of a round the ledger recorded (its own rate), for a restart."""
+        if self.accounted_sampling == "poisson":
+            return Step(sampling_rate=entry.sampling_rate)
+        population = round(self.sample_size / entry.sampling_rate)  # the rate was size / population
+        return self.step(max(population, 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +127,22 @@ class Step:
     sample_size: int | None = None
     population: int | None = None
 
+    @property
+    def rate(self) -> float:
+        """A client's chance to be in the round, as the ledger records it."""
+        if self.sampling_rate is not None:
+            return self.sampling_rate
+        assert self.sample_size is not None and self.population is not None
+        return self.sample_size / self.population
+
 
 def plan_privacy(
-    section: PrivacySection, *, population: int, clients_per_round: int, rounds: int
+    section: PrivacySection, *, population: int, cohort: int, rounds: int
 ) -> PrivacyPlan:
-    """The run's plan; calibrates the noise multiplier when only epsilon is given."""
+    """The run's plan for ``population`` eligible clients and a cohort of ``cohort`` per round.
+
+    Calibrates the noise multiplier when only epsilon is given.
+    """
     if not section.enabled:
         raise ConfigError("privacy is off: there is nothing to plan")
     delta = section.delta if section.delta is not None else default_delta(population)
@@ -103,7 +152,7 @@ def plan_privacy(
         delta=delta,
         budget=section.epsilon,
         client_budget=section.client_epsilon,
-        sample_size=min(clients_per_round, population),
+        sample_size=cohort,
         population=population,
         method=section.accountant,
         sampling=section.sampling,
@@ -152,11 +201,18 @@ class PrivacyBudgetKeeper:
         self.ledger = ledger
         self.run_id = run_id
         self._on_exhausted = on_exhausted
-        ledger.open_budget(run_id, epsilon=plan.budget or _UNLIMITED, delta=plan.delta)
+        opened = ledger.budget(run_id)
+        ledger.open_budget(  # a budget nothing was spent from yet follows the new plan
+            run_id,
+            epsilon=plan.budget or _UNLIMITED,
+            delta=plan.delta,
+            replace=opened is not None and opened.last_round is None,
+        )
         self.accountant = plan.accountant()
         self._recorded = {entry.round: entry for entry in ledger.rounds(run_id)}
-        for _ in self._recorded:  # a restart replays what was spent
-            self._compose()
+        self._steps: dict[int, Step] = {}  # the sampling of each round checked, until accounted
+        for entry in self._recorded.values():  # a restart replays what was spent, as it was
+            self._compose(plan.replayed_step(entry), entry.noise_multiplier)
 
     @property
     def epsilon(self) -> float:
@@ -165,14 +221,18 @@ class PrivacyBudgetKeeper:
     def locked(self) -> str | None:
         return self.ledger.locked(self.run_id)
 
-    def before_round(self, round_number: int) -> str | None:
-        """None if the round may run; else why not (the run is then locked, with that reason)."""
+    def before_round(self, round_number: int, *, population: int | None = None) -> str | None:
+        """None if the round may run; else why not (the run is then locked, with that reason).
+
+        ``population``: the eligible clients the round's cohort is drawn from
+        (unset: the plan's); the round is accounted at that sampling rate.
+        """
         locked = self.ledger.locked(self.run_id)
         if locked is not None:
             return locked
+        step = self._steps[round_number] = self.plan.step(population)
         if self.plan.budget is None:
             return None
-        step = self.plan.step()
         after = self.accountant.epsilon_after(
             delta=self.plan.delta,
             noise_multiplier=self.plan.noise_multiplier,
@@ -199,7 +259,8 @@ class PrivacyBudgetKeeper:
         if recorded is not None:  # a crash came after the ledger's record, before the commit
             return RoundPrivacy(recorded.epsilon, recorded.delta)
         plan = self.plan
-        self._compose()
+        step = self._steps.pop(round_number, None) or plan.step()
+        self._compose(step, plan.noise_multiplier)
         epsilon = self.epsilon
         self.ledger.record_round(
             self.run_id,
@@ -207,17 +268,31 @@ class PrivacyBudgetKeeper:
             epsilon=min(epsilon, _UNLIMITED),
             delta=plan.delta,
             noise_multiplier=plan.noise_multiplier,
-            sampling_rate=1.0 if plan.placement == "local" else plan.sampling_rate,
+            sampling_rate=step.rate,
             accountant=plan.label,
             participants=participants,
             client_epsilon=self._client_epsilon(),
         )
         return RoundPrivacy(epsilon, plan.delta)
 
-    def _compose(self) -> None:
-        step = self.plan.step()
+    def step_of(self, round_number: int) -> Step | None:
+        """The sampling ``round_number`` was checked at (None if it was not)."""
+        return self._steps.get(round_number)
+
+    def sampling_rate(self) -> float:
+        """The sampling rate of the last accounted round (the plan's before any)."""
+        history = self.accountant.history
+        if not history:
+            return self.plan.sampling_rate
+        last = history[-1]
+        if last.sampling_rate is not None:
+            return last.sampling_rate
+        assert last.sample_size is not None and last.population is not None
+        return last.sample_size / last.population
+
+    def _compose(self, step: Step, noise_multiplier: float) -> None:
         self.accountant.compose(
-            noise_multiplier=self.plan.noise_multiplier,
+            noise_multiplier=noise_multiplier,
             sampling_rate=step.sampling_rate,
             sample_size=step.sample_size,
             population=step.population,

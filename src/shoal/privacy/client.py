@@ -4,6 +4,12 @@ The fit task's extras say what to do (see :mod:`shoal.privacy.coordinator`
 for the keys): without a clip norm the update leaves as it is. Under
 distributed DP the client's noise is added later, in the quantized domain of
 secure aggregation (:class:`shoal.secure.client.Contribution`).
+
+Where the noise comes from is the client's own decision, never the task's:
+a coordinator that could ask for seeded noise would know the seed (it sends
+it) and could subtract the noise again. :func:`client_noise` draws from the
+CSPRNG; only the in-process simulator, which plays the coordinator and the
+clients alike, passes a seed (``privacy.secure_noise = false``).
 """
 
 from __future__ import annotations
@@ -19,16 +25,18 @@ from shoal.privacy.coordinator import (
     DISTRIBUTED_NOISE_STD,
     DP_METRIC_PREFIX,
     LOCAL_NOISE_STD,
-    SECURE_NOISE,
     UNCLIPPED,
 )
 from shoal.privacy.mechanisms import clip_by_l2_norm
 from shoal.privacy.noise import NoiseSource
 
 
-def client_noise(extras: Mapping[str, Any], *, seed: int) -> NoiseSource:
-    """The client's noise: the CSPRNG, unless the run asked for seeded noise (tests only)."""
-    if extras.get(SECURE_NOISE, True):
+def client_noise(*, seed: int | None = None) -> NoiseSource:
+    """A client's DP noise: the CSPRNG; seeded only by the simulator, which owns both sides.
+
+    Nothing in a task chooses between them: a deployed client never passes a seed.
+    """
+    if seed is None:
         return NoiseSource.secure()
     return NoiseSource.seeded(np.random.default_rng([seed, 0xD1FF]))
 

@@ -5,11 +5,18 @@ the clip norm (and, for local and distributed DP, each client's share of the
 noise), re-clips what arrives in plaintext, and turns the round's sum of
 clipped updates into the noised mean of DP-FedAvg:
 
-    delta = (sum of clipped updates + N(0, (z C)^2)) / clients_per_round
+    delta = (sum of clipped updates + N(0, (z C)^2)) / denominator
 
 where the Gaussian is added here only for central DP; under local or
-distributed DP it is already in the sum. With adaptive clipping, the
-round's noised count of unclipped updates moves C for the next round.
+distributed DP it is already in the sum. The denominator is fixed before
+the round: ``clients_per_round`` for a fixed-size cohort, the expected
+cohort size q * population for a Poisson one (never the count that
+arrived). With adaptive clipping, the round's noised count of unclipped
+updates moves C for the next round.
+
+Where the clients' noise comes from is theirs to decide, never the task's:
+a deployed client always draws it from the CSPRNG (see
+:mod:`shoal.privacy.client`).
 """
 
 from __future__ import annotations
@@ -42,7 +49,6 @@ CLIP_NORM = "dp_clip_norm"
 LOCAL_NOISE_STD = "dp_local_noise_std"
 DISTRIBUTED_NOISE_STD = "dp_distributed_noise_std"
 UNCLIPPED = "dp_unclipped"  # what a client reports back: 1.0 if its update was within the norm
-SECURE_NOISE = "dp_secure_noise"  # False: the client's noise comes from its task's seed (tests)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +64,6 @@ class DpSettings:
     target_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     clipped_count_std: float | None = None  # unset: clients_per_round / 20 (the paper), >= z
-    secure_noise: bool = True
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -113,6 +118,13 @@ class DpCoordinator:
         """The standard deviation of the noise on the sum of updates: z_update * C."""
         return self.split.update_multiplier * self.clip.clip_norm
 
+    def use_noise_multiplier(self, noise_multiplier: float) -> None:
+        """Take the run's planned noise multiplier (it is calibrated at the first round)."""
+        self.settings = replace(self.settings, noise_multiplier=noise_multiplier)
+        self.split = split_noise(
+            noise_multiplier=noise_multiplier, count_std=self.settings.count_std
+        )
+
     def resume_clip_norm(self, clip_norm: float) -> None:
         """Continue adaptive clipping from the norm a committed round left (a restart)."""
         if not clip_norm > 0 or not math.isfinite(clip_norm):
@@ -122,8 +134,6 @@ class DpCoordinator:
     def fit_extras(self) -> dict[str, Any]:
         """What each fit task tells its client: the clip norm, and its share of the noise."""
         extras: dict[str, Any] = {CLIP_NORM: self.clip.clip_norm}
-        if not self.settings.secure_noise:
-            extras[SECURE_NOISE] = False
         if self.settings.placement == "local":
             extras[LOCAL_NOISE_STD] = self.update_std
         elif self.settings.placement == "distributed":
@@ -144,9 +154,20 @@ class DpCoordinator:
         within = clipped.unclipped if reported is None else clipped.unclipped and reported >= 0.5
         return clipped.update, within
 
-    def private_mean(self, total: npt.NDArray[np.floating], *, unclipped: float) -> Vector:
-        """The round's DP estimate of the mean update, and the clip norm for the next round."""
-        denominator = float(self.settings.clients_per_round)
+    def private_mean(
+        self,
+        total: npt.NDArray[np.floating],
+        *,
+        unclipped: float,
+        denominator: float | None = None,
+    ) -> Vector:
+        """The round's DP estimate of the mean update, and the clip norm for the next round.
+
+        ``denominator``: the round's expected cohort size under Poisson
+        sampling; unset, DP-FedAvg's fixed ``clients_per_round``.
+        """
+        if denominator is None:
+            denominator = float(self.settings.clients_per_round)
         std = self.update_std if self.settings.placement == "central" else 0.0
         mean = noised_mean(total, std=std, denominator=denominator, noise=self.noise)
         count_noise = float(self.noise.normal(1, std=self.split.count_std)[0])

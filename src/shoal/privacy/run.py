@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from shoal.config import Config
+from shoal.core.errors import ConfigError
 from shoal.privacy.budget import PrivacyBudgetKeeper, PrivacyPlan, plan_privacy
 from shoal.privacy.coordinator import DpCoordinator, DpSettings
 from shoal.privacy.noise import NoiseSource
@@ -49,25 +50,32 @@ NEXT_CLIP_NORM = "next_clip_norm"
 
 
 class RunPrivacy:
-    """One run's DP: see the module docstring."""
+    """One run's DP: see the module docstring.
+
+    The plan waits for the first fit round: delta (1 / population unless
+    set) and a calibrated noise multiplier depend on the eligible population,
+    which only the round's candidates establish (a coordinator may start
+    before its clients enroll). A restart takes the plan back from the
+    ledger once a round has been accounted, so its figures never change.
+    """
 
     def __init__(
         self,
         config: Config,
         *,
-        population: int,
+        cohort: int,
         clients_per_round: int,
         min_clients: int,
         run_id: str,
     ) -> None:
         section = config.privacy
+        if section.noise_multiplier == 0:
+            raise ConfigError("privacy.noise_multiplier must be positive: without noise, no DP")
+        self.section = section
         self.run_id = run_id
-        self.plan: PrivacyPlan = plan_privacy(
-            section,
-            population=population,
-            clients_per_round=clients_per_round,
-            rounds=config.run.rounds,
-        )
+        self.cohort = cohort  # what each fit round draws (fixed) or expects (Poisson)
+        self.rounds = config.run.rounds
+        self.plan: PrivacyPlan | None = None
         self._seed = config.run.seed
         noise = (
             NoiseSource.secure()
@@ -76,8 +84,8 @@ class RunPrivacy:
         )
         self.coordinator = DpCoordinator(
             DpSettings(
-                placement=self.plan.placement,  # type: ignore[arg-type]
-                noise_multiplier=self.plan.noise_multiplier,
+                placement=section.placement,  # type: ignore[arg-type]
+                noise_multiplier=section.noise_multiplier or 0.0,  # calibrated with the plan
                 clip_norm=section.clip_norm,
                 clients_per_round=clients_per_round,
                 min_clients=min_clients,
@@ -85,7 +93,6 @@ class RunPrivacy:
                 target_quantile=section.target_quantile,
                 clip_learning_rate=section.clip_learning_rate,
                 clipped_count_std=section.clipped_count_std,
-                secure_noise=section.secure_noise,
             ),
             noise,
         )
@@ -95,12 +102,23 @@ class RunPrivacy:
             functions=[section.alert_hook] if section.alert_hook else [],
         )
         self.locked_reason: str | None = None
+        self._ledger: PrivacyLedger | None = None
         self._keeper: PrivacyBudgetKeeper | None = None
+        self._population_seen: int | None = None
 
     def open(self, database: Database) -> None:
-        """Open the budget in the run's registry database (and replay what was spent)."""
-        self._keeper = PrivacyBudgetKeeper(
-            self.plan, PrivacyLedger(database), self.run_id, on_exhausted=self._exhausted
+        """Open the run's ledger; a run that has spent takes its plan back from it."""
+        self._ledger = ledger = PrivacyLedger(database)
+        budget = ledger.budget(self.run_id)
+        if budget is None or budget.last_round is None:
+            return  # planned at the first fit round, from its eligible population
+        first = ledger.rounds(self.run_id)[0]
+        spent = self.section.model_copy(  # the figures the run was accounted with, kept
+            update={"delta": budget.delta, "noise_multiplier": first.noise_multiplier}
+        )
+        population = max(1, round(self.cohort / first.sampling_rate))
+        self._adopt(
+            plan_privacy(spent, population=population, cohort=self.cohort, rounds=self.rounds)
         )
 
     @property
@@ -109,32 +127,83 @@ class RunPrivacy:
             raise RuntimeError("the run's privacy budget is not open")
         return self._keeper
 
+    @property
+    def ledger(self) -> PrivacyLedger:
+        if self._ledger is None:
+            raise RuntimeError("the run's privacy ledger is not open")
+        return self._ledger
+
     def resume(self, head_metrics: Mapping[str, float]) -> None:
         """Take up the clip norm that the run's last committed round left for the next one."""
         norm = head_metrics.get(NEXT_CLIP_NORM)
         if norm is not None and self.coordinator.settings.adaptive_clipping:
             self.coordinator.resume_clip_norm(float(norm))
 
-    def before_round(self, round_number: int) -> str | None:
-        """None if the fit round may run; else why training stops."""
-        reason = self.keeper.before_round(round_number)
+    def locked(self) -> str | None:
+        """Why the run's data is locked (no more training), or None."""
+        budget = self.ledger.budget(self.run_id)
+        self.locked_reason = None if budget is None else budget.lock_reason
+        return self.locked_reason
+
+    def before_round(self, round_number: int, *, population: int) -> str | None:
+        """None if the fit round may run with a cohort drawn from ``population``; else why not.
+
+        The first round plans the run's privacy for that population.
+        """
+        self._population_seen = population
+        if self._keeper is None:
+            self._adopt(self._planned(population))
+        reason = self.keeper.before_round(round_number, population=population)
         self.locked_reason = reason
         if not self.coordinator.noise.is_secure:
             # seeded noise (tests) is drawn per round, so a resumed run replays the same noise
             self.coordinator.noise = NoiseSource(self._round_generator(round_number))
         return reason
 
+    def saw_population(self, population: int) -> None:
+        """The shell's eligible population, when a round could not start (for the summary)."""
+        self._population_seen = population
+
+    def _planned(self, population: int) -> PrivacyPlan:
+        return plan_privacy(
+            self.section, population=population, cohort=self.cohort, rounds=self.rounds
+        )
+
+    def _adopt(self, plan: PrivacyPlan) -> None:
+        self.plan = plan
+        self.coordinator.use_noise_multiplier(plan.noise_multiplier)
+        self._keeper = PrivacyBudgetKeeper(
+            plan, self.ledger, self.run_id, on_exhausted=self._exhausted
+        )
+        log.info(
+            "privacy planned for %d eligible clients: delta %.3g, noise multiplier %.4g, %s",
+            plan.population,
+            plan.delta,
+            plan.noise_multiplier,
+            plan.label,
+        )
+
     def _round_generator(self, round_number: int) -> np.random.Generator:
         return np.random.default_rng([self._seed, 0xD1FF, round_number])
 
     def barred(self) -> set[str]:
-        return self.keeper.barred()
+        return set() if self._keeper is None else self._keeper.barred()
 
     def row_fields(self, summary: ClosedRound) -> dict[str, Any]:
-        """The privacy columns of a fit round's metrics row; a committed round is accounted."""
+        """The privacy columns of a fit round's metrics row; a committed round is accounted.
+
+        ``population`` and ``sampling_rate`` are the eligible clients the
+        round's cohort was drawn from and each one's chance, as accounted.
+        """
+        clip_norm = summary.metrics.get("dp_clip_norm", self.coordinator.clip.clip_norm)
+        if self.plan is None:  # no round could start yet: nothing planned, nothing spent
+            return {"noise_multiplier": None, "clip_norm": clip_norm, "epsilon": None}
+        step = self.keeper.step_of(summary.round)
         fields: dict[str, Any] = {
             "noise_multiplier": self.plan.noise_multiplier,
-            "clip_norm": summary.metrics.get("dp_clip_norm", self.coordinator.clip.clip_norm),
+            "clip_norm": clip_norm,
+            "population": self._population_seen,
+            "sampling_rate": None if step is None else step.rate,
         }
         if summary.committed:
             spent = self.keeper.after_round(summary.round, summary.participants)
@@ -146,22 +215,37 @@ class RunPrivacy:
         return fields
 
     def summary_fields(self) -> dict[str, Any]:
-        plan = self.plan
-        return {
-            "privacy": plan.placement,
-            "epsilon": self.keeper.epsilon,
+        plan, keeper = self.plan, self._keeper
+        if plan is None and self._population_seen:  # no round ran: what it would have planned
+            plan = self._planned(self._population_seen)
+        fields: dict[str, Any] = {
+            "privacy": self.section.placement,
+            "epsilon": 0.0 if keeper is None else keeper.epsilon,
+            "privacy_budget": self.section.epsilon,
+            "privacy_locked": None if self._ledger is None else self.locked(),
+        }
+        if plan is None:  # no eligible population was ever seen: nothing was planned
+            unplanned = ("sampling_rate", "population", "accountant", "conversion", "accounting")
+            return (
+                fields
+                | dict.fromkeys(unplanned)
+                | {
+                    "delta": self.section.delta,
+                    "noise_multiplier": self.section.noise_multiplier,
+                }
+            )
+        return fields | {
             "delta": plan.delta,
-            "privacy_budget": plan.budget,
             "noise_multiplier": plan.noise_multiplier,
-            "sampling_rate": 1.0 if plan.placement == "local" else plan.sampling_rate,
+            "sampling_rate": plan.sampling_rate if keeper is None else keeper.sampling_rate(),
+            "population": self._population_seen or plan.population,
             "accountant": plan.method,
             "conversion": None if plan.method == "pld" else plan.conversion,
             "accounting": plan.label,
-            "privacy_locked": self.keeper.locked(),
         }
 
     def _exhausted(self, round_number: int, epsilon: float, reason: str) -> None:
-        budget = self.plan.budget if self.plan.budget is not None else epsilon
+        budget = self.section.epsilon if self.section.epsilon is not None else epsilon
         alert = BudgetExhausted(
             run_id=self.run_id,
             round=round_number,

@@ -195,6 +195,18 @@ class Selector:
         reasons = ineligibility_reasons(client, criteria, self.requirements(criteria), now=now)
         return Eligibility.rejected(reasons)
 
+    def population(self, criteria: SelectionCriteria, *, now: datetime | None = None) -> list[str]:
+        """Every eligible client id, sorted: the population a DP round samples from.
+
+        One index scan of the eligible rows (a DP population is listed whole,
+        since its size is what privacy is accounted for); read-only.
+        """
+        now = require_aware(now or utc_now(), "now")
+        condition = eligible_clause(criteria, self.requirements(criteria), now=now)
+        query = sa.select(clients.c.client_id).where(condition).order_by(clients.c.client_id)
+        with self.registry.database.read() as connection:
+            return list(connection.execute(query).scalars())
+
     def select(
         self,
         criteria: SelectionCriteria,

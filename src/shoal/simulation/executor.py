@@ -35,10 +35,15 @@ ClientFactory = Callable[[str], Client]
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """One client's task: train with a FitConfig or evaluate with an EvaluateConfig."""
+    """One client's task: train with a FitConfig or evaluate with an EvaluateConfig.
+
+    ``seeded_noise``: the client's DP noise from the task's seed, reproducible;
+    the simulator's choice (``privacy.secure_noise = false``), never a task's.
+    """
 
     client_id: str
     config: FitConfig | EvaluateConfig
+    seeded_noise: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +63,7 @@ def run_job(factory: ClientFactory, parameters: Parameters, job: Job) -> Outcome
     try:
         client = factory(job.client_id)
         if isinstance(job.config, FitConfig):
-            fit = run_fit(client, parameters, job.config)
+            fit = run_fit(client, parameters, job.config, seeded_noise=job.seeded_noise)
             return Outcome(job.client_id, fit.num_examples, update=fit.update, metrics=fit.metrics)
         evaluation = run_evaluate(client, parameters, job.config)
         return Outcome(

@@ -38,10 +38,11 @@ from shoal.coordinator.events import (
     UpdateReceived,
 )
 from shoal.coordinator.records import CONFIG_FILE, RunRecords
-from shoal.coordinator.run import EVALUATION_UPLOAD_BYTES, Run, RunParts, run_privacy
+from shoal.coordinator.run import EVALUATION_UPLOAD_BYTES, Run, RunParts
 from shoal.coordinator.schedule import Play
 from shoal.coordinator.setup import (
     round_settings_from_config,
+    run_privacy,
     secure_settings_from_config,
     strategy_for,
 )
@@ -118,12 +119,9 @@ class Simulation:
             self.consortium = Consortium(
                 self.out, config.secure_aggregation, self.population.client_ids
             )
-        self.privacy = run_privacy(
-            config,
-            self.settings,
-            population=len(self.population.client_ids),
-            run_id=config.run.name,
-        )
+        self.privacy = run_privacy(config, self.settings, run_id=config.run.name)
+        # the simulator plays both sides: it alone may give its clients seeded DP noise
+        self.seeded_noise = config.privacy.enabled and not config.privacy.secure_noise
         self.secure = secure_settings_from_config(
             config,
             run_id=config.run.name,
@@ -170,7 +168,10 @@ class Simulation:
             now = lifecycle.virtual_start
             with self._executor() as executor:
                 for play in lifecycle.plays():
-                    row = self._play(lifecycle, executor, play, now)
+                    admission = lifecycle.admit(play, self.fleet.available(play.round))
+                    if admission.stop is not None:
+                        break  # the privacy budget: training stops
+                    row = self._play(lifecycle, executor, play, admission.candidates, now)
                     row["wall_time_s"] = round(
                         lifecycle.wall_offset + time.perf_counter() - started, 6
                     )
@@ -212,10 +213,19 @@ class Simulation:
 
     # --- one round ------------------------------------------------------------------------
 
-    def _play(self, lifecycle: Run, executor: Executor, play: Play, now: float) -> dict[str, Any]:
-        """Run one round in virtual time; returns its metrics row (without wall time)."""
+    def _play(
+        self,
+        lifecycle: Run,
+        executor: Executor,
+        play: Play,
+        candidates: tuple[str, ...],
+        now: float,
+    ) -> dict[str, Any]:
+        """Run one round in virtual time; returns its metrics row (without wall time).
+
+        Too few ``candidates`` are no reason to wait here: the engine aborts the round.
+        """
         round_number, phase = play.round, play.phase
-        candidates = lifecycle.eligible(self.fleet.available(round_number))
         actions = self.coordinator.handle(
             StartRound(round_number, phase, now, candidates, lifecycle.round_config(play))
         )
@@ -321,13 +331,12 @@ class Simulation:
         for outcome in executor.run(self.coordinator.parameters, jobs):
             outcomes[outcome.client_id] = outcome
 
-    @staticmethod
-    def job_for(task: SendFitTask | SendEvaluateTask, attempt: Attempt) -> Job:
+    def job_for(self, task: SendFitTask | SendEvaluateTask, attempt: Attempt) -> Job:
         """The executor's job for ``task``, with the epochs the attempt could afford."""
+        config: Any = task.config
         if isinstance(task, SendFitTask) and attempt.epochs != task.config.epochs:
-            config: Any = dataclasses.replace(task.config, epochs=attempt.epochs)
-            return Job(task.client_id, config)
-        return Job(task.client_id, task.config)
+            config = dataclasses.replace(task.config, epochs=attempt.epochs)
+        return Job(task.client_id, config, seeded_noise=self.seeded_noise)
 
     @staticmethod
     def _event(outcome: Outcome, round_number: int, at: float) -> Event:

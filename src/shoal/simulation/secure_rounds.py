@@ -148,7 +148,9 @@ class SecureRoundPlayer:
                 self._push(arrives_at, _failure_event(task.client_id, self.round, reason))
                 continue
             fit = FitOutcome(outcome.update, outcome.num_examples, outcome.metrics)
-            contribution = secure_contribution(fit, task.config)
+            contribution = secure_contribution(
+                fit, task.config, seeded_noise=simulation.seeded_noise
+            )
             if isinstance(task.secure, EncryptionRequest):
                 self._encrypt(task.client_id, task.secure, contribution, arrives_at)
                 continue
