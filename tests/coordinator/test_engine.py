@@ -187,13 +187,47 @@ def test_failures_are_counted_and_close_the_round_when_everyone_answered() -> No
     assert summary.committed and summary.failed == len(cohort) - 2 and summary.reported == 2
 
 
-def test_failures_from_outside_the_round_are_ignored() -> None:
+@pytest.mark.parametrize(
+    ("client", "round_number", "reason"),
+    [
+        ("stranger", 1, RejectReason.NOT_SELECTED),
+        (None, 9, RejectReason.WRONG_ROUND),  # a round to come
+        (None, 0, RejectReason.LATE),  # a round gone by
+    ],
+)
+def test_failures_from_outside_the_round_are_rejected_and_change_nothing(
+    client: str | None, round_number: int, reason: RejectReason
+) -> None:
     coordinator = make()
     cohort = start(coordinator)
-    assert coordinator.handle(ClientFailed("stranger", 1, 30.0, "x")) == []
-    assert coordinator.handle(ClientFailed(cohort[0], 9, 30.0, "x")) == []
+    [rejection] = coordinator.handle(ClientFailed(client or cohort[0], round_number, 30.0, "x"))
+    assert isinstance(rejection, RejectSubmission) and rejection.reason is reason
     assert coordinator.handle(DeadlineReached(9, 30.0)) == []
     assert coordinator.state is RoundState.COLLECTING
+    for member in cohort[:5]:  # the client's task stands: the round goes on as if nothing happened
+        actions = coordinator.handle(update(member, 1.0))
+    summary = closed(actions).summary
+    assert summary.committed and (summary.reported, summary.failed) == (5, 0)
+    assert summary.rejected == {reason.value: 1} and summary.failures == {}
+
+
+def test_a_failure_is_counted_once() -> None:
+    coordinator = make()
+    cohort = start(coordinator)
+    assert coordinator.handle(ClientFailed(cohort[0], 1, 30.0, "out of memory")) == []
+    [again] = coordinator.handle(ClientFailed(cohort[0], 1, 31.0, "out of memory"))
+    assert isinstance(again, RejectSubmission) and again.reason is RejectReason.DUPLICATE
+    summary = closed(coordinator.handle(DeadlineReached(1, 110.0))).summary
+    assert summary.failures == {"out of memory": 1}
+
+
+def test_a_failure_between_rounds_is_late() -> None:
+    coordinator = make(target=1, quorum=1.0)
+    [client, *_] = start(coordinator)
+    coordinator.handle(update(client, 1.0))
+    assert coordinator.state is RoundState.IDLE
+    [rejection] = coordinator.handle(ClientFailed(client, 1, 40.0, "x"))
+    assert isinstance(rejection, RejectSubmission) and rejection.reason is RejectReason.LATE
 
 
 def test_stale_deadline_between_rounds_is_ignored() -> None:

@@ -235,11 +235,12 @@ class Coordinator:
     # --- collecting --------------------------------------------------------------------
 
     def _screen(
-        self, client_id: str, round_number: int, phase: Phase, *, once: bool = True
+        self, client_id: str, round_number: int, phase: Phase | None, *, once: bool = True
     ) -> RejectSubmission | None:
         """Why a submission cannot count in the current round, or None if it can.
 
-        ``once`` refuses a second answer; a secure round takes several messages per client.
+        ``phase`` None fits either phase (a failure report). ``once`` refuses a
+        second answer; a secure round takes several messages per client.
         """
         current = self._round
         if self.state is not RoundState.COLLECTING or current is None:
@@ -253,7 +254,7 @@ class Coordinator:
             return self._reject(
                 client_id, round_number, reason, f"the current round is {current.number}"
             )
-        if phase is not current.phase:
+        if phase is not None and phase is not current.phase:
             return self._reject(
                 client_id, round_number, RejectReason.WRONG_PHASE, f"round is {current.phase.value}"
             )
@@ -356,11 +357,11 @@ class Coordinator:
         return current if current.number == round_number else None
 
     def _fail(self, event: ClientFailed) -> list[Action]:
-        current = self._collecting(event.round)
-        if current is None or event.client_id not in current.cohort:
-            return []
-        if event.client_id in current.reported:
-            return []
+        """A cohort member gave up; a report about another round, or a second one, is rejected."""
+        rejection = self._screen(event.client_id, event.round, phase=None)
+        if rejection is not None:
+            return [rejection]
+        current = self._require_round()
         # the round's summary counts the reasons (the shells print them under the round's line)
         log.info("client %s failed in round %d: %s", event.client_id, event.round, event.reason)
         current.failed.add(event.client_id)

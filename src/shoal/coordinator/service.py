@@ -367,8 +367,8 @@ class CoordinatorService:
                 message = serde.parse(pb.ReportFailureRequest, request)
                 auth = self.admission.authenticate(message, this_run=True)
                 report = serde.decode_failure_report(message)
-                self.driver.report_failure(auth.client_id, report.round, report.reason)
-            verdict = Verdict.accept()
+                rejection = self.driver.report_failure(auth.client_id, report.round, report.reason)
+            verdict = serde.verdict_of(rejection)
         except Refused as refusal:
             verdict = self._refused("ReportFailure", refusal, context)
         return serde.encode_report_failure_response(verdict)
