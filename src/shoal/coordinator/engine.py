@@ -50,6 +50,7 @@ from shoal.coordinator.secure import (
 )
 from shoal.coordinator.selection import Stream, client_seed, cohort_size, round_rng, select_cohort
 from shoal.coordinator.state import RoundState, Step, Trigger, next_state
+from shoal.coordinator.validation import count_problem, update_problem
 from shoal.core.errors import (
     IllegalTransition,
     ProtocolError,
@@ -294,7 +295,12 @@ class Coordinator:
         if current.secure is not None:
             detail = "this round aggregates securely: a plaintext update is refused"
             return [self._reject(event.client_id, event.round, RejectReason.INVALID_UPDATE, detail)]
-        problem = self._invalid_update(event)
+        problem = update_problem(
+            event.update,
+            num_examples=event.num_examples,
+            size=len(self.parameters),
+            settings=self.settings,
+        )
         if problem is not None:
             current.failed.add(event.client_id)
             current.failures[failure_reason(f"invalid update: {problem}")] += 1
@@ -312,27 +318,21 @@ class Coordinator:
         self._book(current, event.client_id, event.num_examples, event.metrics)
         return self._maybe_close(event.now)
 
-    def _invalid_update(self, event: UpdateReceived) -> str | None:
-        update = event.update
-        if update.ndim != 1 or update.size != len(self.parameters):
-            return f"update has shape {update.shape}, the model has {len(self.parameters)} values"
-        if update.dtype != np.float32:
-            return f"update has dtype {update.dtype}, expected float32"
-        if not all_finite(update):
-            return "update holds NaN or infinite values"
-        if event.num_examples == 0:
-            return "update was trained on zero examples"
-        return None
-
     def _receive_evaluation(self, event: EvaluationReceived) -> list[Action]:
         rejection = self._screen(event.client_id, event.round, Phase.EVALUATE)
         if rejection is not None:
             return [rejection]
         current = self._require_round()
-        if not math.isfinite(event.loss):
+        problem = (
+            "loss is not finite"
+            if not math.isfinite(event.loss)
+            else count_problem(event.num_examples, settings=self.settings)
+        )
+        if problem is not None:
             current.failed.add(event.client_id)
+            current.failures[failure_reason(f"invalid evaluation: {problem}")] += 1
             rejection = self._reject(
-                event.client_id, event.round, RejectReason.INVALID_UPDATE, "loss is not finite"
+                event.client_id, event.round, RejectReason.INVALID_UPDATE, problem
             )
             return [rejection, *self._maybe_close(event.now)]
         metrics = {**event.metrics, "loss": event.loss}
