@@ -31,7 +31,6 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from shoal.client.app import ClientContext
 from shoal.config import Config
 from shoal.coordinator.app import resolve_apps
+from shoal.coordinator.candidates import SEEN_WITHIN, Candidates
 from shoal.coordinator.driver import Decrypt, DriverSettings, RoundDriver
 from shoal.coordinator.events import (
     CommitVersion,
@@ -71,6 +71,7 @@ from shoal.registry import (
     BlobStore,
     ClientRegistry,
     Database,
+    HeartbeatBuffer,
     ModelRegistry,
     SelectionCriteria,
     Selector,
@@ -91,7 +92,6 @@ from shoal.transport.keyholder_service import KeyHolderClient
 log = logging.getLogger("shoal.coordinator")
 
 SERVICE_NAME = "shoal.v1.Coordinator"
-SEEN_WITHIN = timedelta(minutes=2)
 
 
 @dataclass
@@ -130,10 +130,13 @@ def build(
     search_path: Sequence[str | Path] = (),
     client_app: Any = None,
     server_app: Any = None,
+    clock: Callable[[], float] = time.time,
 ) -> CoordinatorParts:
     """Open the registries and the run (HEAD, or the initial model as version 0), wire the driver.
 
     ``on_round`` gets each closed round's metrics row, as ``shoal simulate`` writes it.
+    ``clock`` (seconds since the epoch) times sightings and replay windows; the
+    driver's deadlines run on the event loop's clock.
     """
     section = config.coordinator
     apps = resolve_apps(config, client=client_app, server=server_app, search_path=search_path)
@@ -187,14 +190,17 @@ def build(
         require_wifi=False,
         seen_within=SEEN_WITHIN,
     )
-    wanted = cohort_size(
-        target=config.round.clients_per_round, over_selection=config.round.over_selection
+    heartbeats = HeartbeatBuffer(clients, clock=clock)  # sightings, written by count and time
+    candidates = Candidates(
+        selector,
+        criteria,
+        heartbeats,
+        wanted=cohort_size(
+            target=config.round.clients_per_round, over_selection=config.round.over_selection
+        ),
+        barred=run.barred,  # suspended, or past their own privacy budget
+        clock=clock,
     )
-
-    def candidates() -> list[str]:
-        barred = run.barred()  # suspended, or past their own privacy budget
-        drawn = selector.select(criteria, wanted + len(barred))
-        return list(run.eligible(drawn))[:wanted]
 
     started = time.perf_counter()
 
@@ -221,7 +227,9 @@ def build(
         max_update_bytes=int(section.max_update_mb * 2**20),
         criteria=replace(criteria, seen_within=None),  # a check-in is itself a sighting
     )
-    service = CoordinatorService(driver, clients, service_settings, selector=selector)
+    service = CoordinatorService(
+        driver, clients, service_settings, selector=selector, heartbeats=heartbeats, clock=clock
+    )
     return CoordinatorParts(
         database, models, clients, driver, service, run, records, privacy, key_holder
     )
