@@ -112,12 +112,16 @@ class ClientSection(_Section):
 
 
 class RoundSection(_Section):
-    """[round]: cohort size, over-selection, quorum and deadline."""
+    """[round]: cohort size, over-selection, quorum, deadline, and the bounds on every update."""
 
     clients_per_round: int = Field(10, ge=1)
     over_selection: Annotated[float, Field(ge=1)] = 1.3
     quorum: Annotated[float, Field(gt=0, le=1)] = 0.8
     deadline_s: PositiveFloat = 600.0
+    # the floor every update clears, whoever sent it (the norm policy of governance goes further):
+    # the weight a client claims, and the magnitude of each value (finite, always)
+    max_examples_per_client: int = Field(10_000_000, ge=1)
+    max_update_abs: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e6
 
 
 class EvaluationSection(_Section):

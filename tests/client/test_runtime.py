@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar, cast
 
 import numpy as np
+import pytest
 
 from shoal.aggregation.strategy import make_strategy
 from shoal.apps.builtin import DataScenario
@@ -28,7 +30,7 @@ from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.inprocess import InProcessLink
 from shoal.coordinator.schedule import schedule
 from shoal.coordinator.secure import SecureSettings
-from shoal.core import Parameters
+from shoal.core import ConfigError, Parameters, TransportError
 from shoal.secure.messages import (
     AdvertiseKeysRequest,
     ClientMessage,
@@ -43,6 +45,7 @@ from shoal.tasks import Offer, RetryLater, SecureOffer, TaskOffer
 from shoal.transport.signing import generate_client_key
 from support.driving import closing
 from support.jobs import bare_config
+from support.virtual_time import run_in_virtual_time
 
 CLIENTS = 8
 T = TypeVar("T")
@@ -224,3 +227,63 @@ def test_enrollment_survives_a_restart(tmp_path: Path) -> None:
     assert first == again
     assert (tmp_path / "enrollment.json").stat().st_mode & 0o777 == 0o600
     assert np.frombuffer(first.public_key, np.uint8).size == 32
+
+
+# --- a coordinator that goes away and comes back, in virtual time ---------------------------
+
+
+RECONNECT_WITHIN_S = 5.0
+"""How soon after the coordinator is back every client has checked in again (virtual time)."""
+
+
+class Outage:
+    """A coordinator that is unreachable from ``down_at`` to ``up_at`` (on the loop's clock)."""
+
+    def __init__(self, *, down_at: float, up_at: float) -> None:
+        self.down_at, self.up_at = down_at, up_at
+        self.back: dict[str, float] = {}  # each client's first check-in once the coordinator is up
+
+    async def handle(self, enrollment: Enrollment, request: Request[T]) -> T:
+        now = asyncio.get_running_loop().time()
+        if self.down_at <= now < self.up_at:
+            raise TransportError("UNAVAILABLE: connection refused")
+        if isinstance(request, CheckIn) and now >= self.up_at:
+            self.back.setdefault(enrollment.client_id, now)
+        return cast(T, RetryLater(2.0, "no task for this client now"))
+
+
+def test_after_a_long_outage_clients_are_back_within_seconds_of_the_restart(
+    tmp_path: Path,
+) -> None:
+    # a coordinator killed for ten minutes: with a 30 s backoff cap a client could wait
+    # tens of seconds after it came back, and with it the first round
+    async def outage() -> dict[str, float]:
+        start = asyncio.get_running_loop().time()
+        link = Outage(down_at=start + 10.0, up_at=start + 610.0)
+        enrollment = load_or_create_enrollment(tmp_path, generate_client_key)
+        runtimes = [
+            ClientRuntime(Untouchable(), link, replace(enrollment, client_id=f"c{seed}"), seed=seed)  # type: ignore[arg-type]
+            for seed in range(40)
+        ]
+        tasks = [asyncio.create_task(runtime.run()) for runtime in runtimes]
+        while len(link.back) < len(runtimes):
+            await asyncio.sleep(1.0)
+        for runtime in runtimes:
+            runtime.stop()
+        await asyncio.gather(*tasks)
+        return {client: at - link.up_at for client, at in link.back.items()}
+
+    lags = run_in_virtual_time(outage())
+    assert max(lags.values()) <= RECONNECT_WITHIN_S
+    assert len(set(lags.values())) > len(lags) // 2  # jittered: the fleet does not return as one
+
+
+def test_the_backoff_is_capped_and_jittered() -> None:
+    backoff, rng = Backoff(), random.Random(0)
+    assert backoff.cap_s <= RECONNECT_WITHIN_S
+    delays = [backoff.delay(attempt, rng) for attempt in (*range(64), 10**6)]  # days of outage
+    assert all(0.0 <= delay <= backoff.cap_s for delay in delays)
+    assert backoff.delay(0, rng) <= backoff.base_s  # a first retry comes soon
+    for base_s, cap_s in ((0.0, 1.0), (2.0, 1.0), (0.1, float("inf"))):
+        with pytest.raises(ConfigError, match="backoff"):
+            Backoff(base_s, cap_s)

@@ -145,15 +145,21 @@ def test_a_failure_counts_only_in_its_own_round() -> None:
         await asyncio.sleep(0.01)
         offered = [name for name in "abcd" if isinstance(driver.check_in(name), TaskOffer)]
         failing, *others = offered
-        driver.report_failure(failing, 7, "a crash in some other round")
+        refused = driver.report_failure(failing, 7, "a crash in some other round")
+        assert refused is not None and refused.reason is RejectReason.WRONG_ROUND
+        refused = driver.report_failure("zz", 1, "not even selected")
+        assert refused is not None and refused.reason is RejectReason.NOT_SELECTED
         assert isinstance(driver.check_in(failing), TaskOffer)  # its task stands
         for name in others:
             driver.submit_update(name, 1, np.ones(SIZE, np.float32), 1, {})
-        driver.report_failure(failing, 1, "out of memory")
+        assert driver.report_failure(failing, 1, "out of memory") is None
         assert isinstance(driver.check_in(failing), RetryLater)
         await asyncio.wait_for(runner, timeout=5)
+        late = driver.report_failure(failing, 1, "after the end")
+        assert late is not None and late.reason is RejectReason.LATE
         (commit,) = persisted
         assert (commit.summary.failed, commit.summary.outstanding) == (1, 0)
+        assert commit.summary.rejected == {"not_selected": 1, "wrong_round": 1}
 
     asyncio.run(scenario())
 

@@ -26,7 +26,7 @@ from shoal.coordinator import (
     StartRound,
     UpdateReceived,
 )
-from shoal.core import IllegalTransition, Parameters
+from shoal.core import ConfigError, IllegalTransition, Parameters
 
 CANDIDATES = tuple(f"c{index:02d}" for index in range(30))
 SIZE = 4
@@ -187,13 +187,114 @@ def test_failures_are_counted_and_close_the_round_when_everyone_answered() -> No
     assert summary.committed and summary.failed == len(cohort) - 2 and summary.reported == 2
 
 
-def test_failures_from_outside_the_round_are_ignored() -> None:
+@pytest.mark.parametrize(
+    ("client", "round_number", "reason"),
+    [
+        ("stranger", 1, RejectReason.NOT_SELECTED),
+        (None, 9, RejectReason.WRONG_ROUND),  # a round to come
+        (None, 0, RejectReason.LATE),  # a round gone by
+    ],
+)
+def test_failures_from_outside_the_round_are_rejected_and_change_nothing(
+    client: str | None, round_number: int, reason: RejectReason
+) -> None:
     coordinator = make()
     cohort = start(coordinator)
-    assert coordinator.handle(ClientFailed("stranger", 1, 30.0, "x")) == []
-    assert coordinator.handle(ClientFailed(cohort[0], 9, 30.0, "x")) == []
+    [rejection] = coordinator.handle(ClientFailed(client or cohort[0], round_number, 30.0, "x"))
+    assert isinstance(rejection, RejectSubmission) and rejection.reason is reason
     assert coordinator.handle(DeadlineReached(9, 30.0)) == []
     assert coordinator.state is RoundState.COLLECTING
+    for member in cohort[:5]:  # the client's task stands: the round goes on as if nothing happened
+        actions = coordinator.handle(update(member, 1.0))
+    summary = closed(actions).summary
+    assert summary.committed and (summary.reported, summary.failed) == (5, 0)
+    assert summary.rejected == {reason.value: 1} and summary.failures == {}
+
+
+def test_a_failure_is_counted_once() -> None:
+    coordinator = make()
+    cohort = start(coordinator)
+    assert coordinator.handle(ClientFailed(cohort[0], 1, 30.0, "out of memory")) == []
+    [again] = coordinator.handle(ClientFailed(cohort[0], 1, 31.0, "out of memory"))
+    assert isinstance(again, RejectSubmission) and again.reason is RejectReason.DUPLICATE
+    summary = closed(coordinator.handle(DeadlineReached(1, 110.0))).summary
+    assert summary.failures == {"out of memory": 1}
+
+
+def test_a_failure_between_rounds_is_late() -> None:
+    coordinator = make(target=1, quorum=1.0)
+    [client, *_] = start(coordinator)
+    coordinator.handle(update(client, 1.0))
+    assert coordinator.state is RoundState.IDLE
+    [rejection] = coordinator.handle(ClientFailed(client, 1, 40.0, "x"))
+    assert isinstance(rejection, RejectSubmission) and rejection.reason is RejectReason.LATE
+
+
+def bounded(**limits: float) -> Coordinator:
+    return Coordinator(
+        settings=RoundSettings(clients_per_round=2, quorum=0.5, deadline_s=100.0, **limits),  # type: ignore[arg-type]
+        strategy=make_strategy("fedavg"),
+        parameters=Parameters.from_arrays([np.zeros(SIZE)]),
+        seed=7,
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "examples", "problem"),
+    [
+        (np.full(SIZE, 1e30, np.float32), 10, "magnitude 1e+30, over the bound of 1e+06"),
+        (np.full(SIZE, -2e6, np.float32), 10, "magnitude 2e+06"),
+        (np.array([1.0, np.nan, 0.0, 0.0], np.float32), 10, "NaN or infinite"),
+        (np.array([1.0, -np.inf, 0.0, 0.0], np.float32), 10, "NaN or infinite"),
+        (np.ones(SIZE, np.float32), 2**63 - 1, "over the bound of 10000000"),
+        (np.ones(SIZE, np.float32), 10_000_001, "round.max_examples_per_client"),
+    ],
+)
+def test_updates_out_of_bounds_are_rejected_counted_and_leave_the_model_alone(
+    values: np.ndarray, examples: int, problem: str
+) -> None:
+    coordinator = bounded()
+    attacker, honest, *_ = start(coordinator)
+    [rejection] = coordinator.handle(UpdateReceived(attacker, 1, 20.0, values, examples))
+    assert isinstance(rejection, RejectSubmission)
+    assert rejection.reason is RejectReason.INVALID_UPDATE and problem in rejection.detail
+    coordinator.handle(update(honest, 2.0, examples=10_000_000))  # the bound itself is allowed
+    summary = closed(coordinator.handle(DeadlineReached(1, 110.0))).summary
+    assert summary.failed == 1 and sum(summary.failures.values()) == 1
+    assert summary.rejected == {"invalid_update": 1}
+    assert summary.committed and summary.participants == (honest,)
+    np.testing.assert_array_equal(coordinator.parameters.vector, 2.0)  # the honest update alone
+
+
+def test_the_bounds_are_settings() -> None:
+    coordinator = bounded(max_update_abs=1.0, max_examples_per_client=5)
+    first, second, *_ = start(coordinator)
+    [too_big] = coordinator.handle(update(first, 1.5, examples=5))
+    [too_many] = coordinator.handle(update(second, 1.0, examples=6))
+    assert isinstance(too_big, RejectSubmission) and "bound of 1" in too_big.detail
+    assert isinstance(too_many, RejectSubmission) and "bound of 5" in too_many.detail
+
+
+def test_an_evaluation_with_too_many_examples_is_rejected() -> None:
+    coordinator = bounded(max_examples_per_client=100)
+    [client, *_] = start(coordinator, phase=Phase.EVALUATE)
+    [rejection] = coordinator.handle(EvaluationReceived(client, 1, 20.0, 0.5, 2**63 - 1))
+    assert isinstance(rejection, RejectSubmission)
+    assert rejection.reason is RejectReason.INVALID_UPDATE and "bound of 100" in rejection.detail
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_update_abs": 0.0},
+        {"max_update_abs": float("inf")},
+        {"max_update_abs": float("nan")},
+        {"max_examples_per_client": 0},
+    ],
+)
+def test_round_settings_refuse_bounds_that_bound_nothing(limits: dict[str, float]) -> None:
+    with pytest.raises(ConfigError, match=next(iter(limits))):
+        RoundSettings(clients_per_round=2, **limits)  # type: ignore[arg-type]
 
 
 def test_stale_deadline_between_rounds_is_ignored() -> None:

@@ -1,4 +1,4 @@
-"""Real processes on 127.0.0.1, TLS: 20 clients, one killed mid-run; kill -9; a SecAgg+ round."""
+"""Real processes on 127.0.0.1, TLS: 20 clients and one killed, kill -9 and restarts, SecAgg+."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from shoal.registry import BlobStore, ModelRegistry, open_database
+from shoal.registry.schema import clients
 from shoal.transport.certs import init_certificates
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -59,6 +62,7 @@ def make_job(
     deadline_s: float,
     extra: str = "",
     quorum: float = 0.75,
+    retry_after_s: float = 0.3,
 ) -> Job:
     init_certificates(base / "certs")
     port = free_port()
@@ -84,7 +88,7 @@ listen = "127.0.0.1:{port}"
 state_dir = "{base / "state"}"
 certificates = "{base / "certs"}"
 enrollment_tokens = ["test-token"]
-retry_after_s = 0.3
+retry_after_s = {retry_after_s}
 grace_s = 1
 {extra}"""
     )
@@ -169,6 +173,50 @@ def test_kill_9_mid_round_then_restart_finishes_and_loses_nothing(tmp_path: Path
     assert after[: len(before)] == before  # every committed version survived, unchanged
     assert [round_number for _, round_number, _ in after][-1] == 5
     assert "resuming run run-1 at round" in coordinator_log(job)
+
+
+def age_sightings(job: Job, *, by: timedelta) -> None:
+    """Make every client's last sighting in the registry older by ``by``, as an outage would."""
+    folder = job.base / "state" / "registry"
+    with open_database(None, folder=folder) as database, database.write() as connection:
+        rows = connection.execute(sa.select(clients.c.client_id, clients.c.last_seen)).all()
+        for client_id, last_seen in rows:
+            update = clients.update().where(clients.c.client_id == client_id)
+            connection.execute(update.values(last_seen=last_seen - by))
+
+
+def test_after_kill_9_and_a_long_outage_the_first_round_starts_with_the_next_check_ins(
+    tmp_path: Path,
+) -> None:
+    # two clients checking in every second; the coordinator stays down longer than a sighting
+    # counts (2 minutes), which the test plays by ageing the registry's sightings instead of
+    # waiting. Check-ins used to reach the registry only every 1,000 of them: the restarted
+    # coordinator then waited about 8 minutes for its first round
+    job = make_job(tmp_path, clients=2, rounds=4, target=2, deadline_s=20.0, retry_after_s=1.0)
+    with clients_running(job):
+        first = start_coordinator(job)
+        try:
+            wait_for(lambda: job.last_round() >= 1, timeout=120, what="round 1")
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=30)
+        before = job.heads()
+        age_sightings(job, by=timedelta(hours=1))
+        second = start_coordinator(job)
+        try:
+            resumed = before[-1][1]
+            wait_for(
+                lambda: job.last_round() > resumed,
+                timeout=90,
+                what="the first round after the restart (the clients had aged out)",
+            )
+            assert second.wait(timeout=120) == 0, coordinator_log(job)
+        finally:
+            if second.poll() is None:
+                second.kill()
+    after = job.heads()
+    assert after[: len(before)] == before  # every committed version survived, unchanged
+    assert [round_number for _, round_number, _ in after][-1] == 4
 
 
 SECURE = """

@@ -7,11 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from shoal.core import IntegrityError, Layout, ModelError, Parameters, TensorSpec, stack_vectors
+from shoal.core import (
+    IntegrityError,
+    Layout,
+    ModelError,
+    Parameters,
+    TensorSpec,
+    all_within,
+    stack_vectors,
+)
 
 shapes = st.lists(
     hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4), min_size=0, max_size=5
@@ -125,3 +133,29 @@ def test_stack_vectors() -> None:
         stack_vectors([])
     with pytest.raises(ModelError):
         stack_vectors([items[0], Parameters.from_arrays([np.zeros((3, 1))])])
+
+
+float32_vectors = hnp.arrays(
+    np.float32,
+    st.integers(0, 64),
+    elements=st.floats(width=32, allow_nan=True, allow_infinity=True),
+)
+
+
+@given(float32_vectors, st.floats(1e-30, 1e30))
+@example(np.array([1.3056263e-25], np.float32), 1e-30)  # its square underflows to zero
+def test_all_within_agrees_with_the_elementwise_test(vector: np.ndarray, bound: float) -> None:
+    exact = bool(np.isfinite(vector).all() and (np.abs(vector) <= bound).all())
+    assert all_within(vector, bound=bound) is exact
+
+
+def test_all_within_on_the_edges() -> None:
+    assert all_within(np.zeros(0, np.float32), bound=1.0)  # the empty case
+    assert all_within(np.zeros(5, np.float32), bound=1e-30)
+    ones = np.ones(10**6, np.float32)  # the norm (1000) is over the bound, every value is not
+    assert all_within(ones, bound=1.0)
+    assert not all_within(np.append(ones, np.float32(1.0001)), bound=1.0)
+    assert not all_within(np.append(ones, np.float32("nan")), bound=1e30)
+    assert not all_within(np.full(3, 1e30, np.float32), bound=1e6)  # the attack of issue 11
+    with pytest.raises(ValueError, match="bound"):
+        all_within(ones, bound=float("inf"))

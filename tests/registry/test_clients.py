@@ -17,7 +17,6 @@ from shoal.registry import (
     DeviceState,
     Eligibility,
     Heartbeat,
-    HeartbeatBuffer,
 )
 
 NOW = datetime(2026, 3, 20, 10, 0, tzinfo=UTC)
@@ -244,45 +243,6 @@ def test_the_latest_heartbeat_in_a_batch_wins(registry: ClientRegistry) -> None:
     ]
     assert registry.record_heartbeats(batch) == 1
     assert registry.get("c1").device.battery_level == 0.9
-
-
-def test_the_buffer_flushes_when_full_and_on_request(registry: ClientRegistry) -> None:
-    for index in range(5):
-        registry.enroll(f"c{index}", device(), now=NOW)
-    buffer = HeartbeatBuffer(registry, max_items=3)
-    assert buffer.add(heartbeat("c0", seconds=1)) == 0
-    assert buffer.add(heartbeat("c1", seconds=1)) == 0
-    assert registry.get("c0").last_seen == NOW  # nothing written yet
-    assert buffer.add(heartbeat("c2", seconds=1)) == 3
-    assert len(buffer) == 0 and registry.get("c0").last_seen == NOW + timedelta(seconds=1)
-    with buffer:
-        buffer.add(heartbeat("c3", seconds=2))
-    assert len(buffer) == 0 and registry.get("c3").last_seen == NOW + timedelta(seconds=2)
-    assert buffer.flush() == 0
-    assert buffer.flushed == 4
-    with pytest.raises(RegistryError):
-        HeartbeatBuffer(registry, max_items=0)
-
-
-def test_the_buffer_takes_heartbeats_from_many_threads(registry: ClientRegistry) -> None:
-    clients = [f"c{index}" for index in range(40)]
-    for client_id in clients:
-        registry.enroll(client_id, device(), now=NOW)
-    buffer = HeartbeatBuffer(registry, max_items=16)
-
-    def send(offset: int) -> None:
-        for step in range(25):
-            client_id = clients[(offset * 25 + step) % len(clients)]
-            buffer.add(heartbeat(client_id, seconds=offset * 100 + step + 1))
-
-    threads = [threading.Thread(target=send, args=(offset,)) for offset in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    buffer.flush()
-    assert buffer.flushed == 100 and len(buffer) == 0
-    assert all(record.last_seen > NOW for record in registry.list())
 
 
 def test_concurrent_batches_sharing_clients_never_deadlock(registry: ClientRegistry) -> None:

@@ -223,18 +223,25 @@ class RoundDriver:
         actions = self._apply(SecureMessageReceived(client_id, round_number, self._now(), message))
         return next((a for a in actions if isinstance(a, RejectSubmission)), None)
 
-    def report_failure(self, client_id: str, round_number: int, reason: str) -> None:
-        """A client gave up on its task (it raised, or ran out of battery).
+    def report_failure(
+        self, client_id: str, round_number: int, reason: str
+    ) -> RejectSubmission | None:
+        """A client gave up on its task (it raised, or ran out of battery); returns the rejection.
 
-        Only a failure in the round now collecting counts; one about another
-        round changes nothing (the client's task of this round stands).
+        Only a failure of a cohort member in the round now collecting counts;
+        the engine rejects one about another round (the client's task of this
+        round stands), from outside the cohort, or repeated.
         """
-        collecting = self.coordinator.state is RoundState.COLLECTING
-        if not collecting or self.coordinator.last_round != round_number:
-            return
-        self._offers.pop(client_id, None)
-        self._secure_cohort.discard(client_id)
-        self._apply(ClientFailed(client_id, round_number, self._now(), reason))
+        if self.coordinator.state is RoundState.FINISHED:
+            return RejectSubmission(
+                client_id, round_number, RejectReason.LATE, "the job has finished"
+            )
+        actions = self._apply(ClientFailed(client_id, round_number, self._now(), reason))
+        rejection = next((a for a in actions if isinstance(a, RejectSubmission)), None)
+        if rejection is None:
+            self._offers.pop(client_id, None)
+            self._secure_cohort.discard(client_id)
+        return rejection
 
     # --- the round loop --------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ from shoal.coordinator.secure import (
 )
 from shoal.coordinator.selection import CohortSampler, SeededSampler, client_seed, cohort_size
 from shoal.coordinator.state import RoundState, Step, Trigger, next_state
+from shoal.coordinator.validation import count_problem, update_problem
 from shoal.core.errors import (
     IllegalTransition,
     ProtocolError,
@@ -244,11 +245,12 @@ class Coordinator:
     # --- collecting --------------------------------------------------------------------
 
     def _screen(
-        self, client_id: str, round_number: int, phase: Phase, *, once: bool = True
+        self, client_id: str, round_number: int, phase: Phase | None, *, once: bool = True
     ) -> RejectSubmission | None:
         """Why a submission cannot count in the current round, or None if it can.
 
-        ``once`` refuses a second answer; a secure round takes several messages per client.
+        ``phase`` None fits either phase (a failure report). ``once`` refuses a
+        second answer; a secure round takes several messages per client.
         """
         current = self._round
         if self.state is not RoundState.COLLECTING or current is None:
@@ -262,7 +264,7 @@ class Coordinator:
             return self._reject(
                 client_id, round_number, reason, f"the current round is {current.number}"
             )
-        if phase is not current.phase:
+        if phase is not None and phase is not current.phase:
             return self._reject(
                 client_id, round_number, RejectReason.WRONG_PHASE, f"round is {current.phase.value}"
             )
@@ -302,7 +304,12 @@ class Coordinator:
         if current.secure is not None:
             detail = "this round aggregates securely: a plaintext update is refused"
             return [self._reject(event.client_id, event.round, RejectReason.INVALID_UPDATE, detail)]
-        problem = self._invalid_update(event)
+        problem = update_problem(
+            event.update,
+            num_examples=event.num_examples,
+            size=len(self.parameters),
+            settings=self.settings,
+        )
         if problem is not None:
             current.failed.add(event.client_id)
             current.failures[failure_reason(f"invalid update: {problem}")] += 1
@@ -320,27 +327,21 @@ class Coordinator:
         self._book(current, event.client_id, event.num_examples, event.metrics)
         return self._maybe_close(event.now)
 
-    def _invalid_update(self, event: UpdateReceived) -> str | None:
-        update = event.update
-        if update.ndim != 1 or update.size != len(self.parameters):
-            return f"update has shape {update.shape}, the model has {len(self.parameters)} values"
-        if update.dtype != np.float32:
-            return f"update has dtype {update.dtype}, expected float32"
-        if not all_finite(update):
-            return "update holds NaN or infinite values"
-        if event.num_examples == 0:
-            return "update was trained on zero examples"
-        return None
-
     def _receive_evaluation(self, event: EvaluationReceived) -> list[Action]:
         rejection = self._screen(event.client_id, event.round, Phase.EVALUATE)
         if rejection is not None:
             return [rejection]
         current = self._require_round()
-        if not math.isfinite(event.loss):
+        problem = (
+            "loss is not finite"
+            if not math.isfinite(event.loss)
+            else count_problem(event.num_examples, settings=self.settings)
+        )
+        if problem is not None:
             current.failed.add(event.client_id)
+            current.failures[failure_reason(f"invalid evaluation: {problem}")] += 1
             rejection = self._reject(
-                event.client_id, event.round, RejectReason.INVALID_UPDATE, "loss is not finite"
+                event.client_id, event.round, RejectReason.INVALID_UPDATE, problem
             )
             return [rejection, *self._maybe_close(event.now)]
         metrics = {**event.metrics, "loss": event.loss}
@@ -365,11 +366,11 @@ class Coordinator:
         return current if current.number == round_number else None
 
     def _fail(self, event: ClientFailed) -> list[Action]:
-        current = self._collecting(event.round)
-        if current is None or event.client_id not in current.cohort:
-            return []
-        if event.client_id in current.reported:
-            return []
+        """A cohort member gave up; a report about another round, or a second one, is rejected."""
+        rejection = self._screen(event.client_id, event.round, phase=None)
+        if rejection is not None:
+            return [rejection]
+        current = self._require_round()
         # the round's summary counts the reasons (the shells print them under the round's line)
         log.info("client %s failed in round %d: %s", event.client_id, event.round, event.reason)
         current.failed.add(event.client_id)

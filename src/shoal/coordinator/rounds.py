@@ -18,7 +18,8 @@ from shoal.tasks import Phase
 
 @dataclass(frozen=True, slots=True)
 class RoundSettings:
-    """How rounds run: cohort sizes, quorum, deadlines and the clients' training."""
+    """How rounds run: cohort sizes, quorum, deadlines, the clients' training, and the floor
+    every submission must clear (``max_examples_per_client``, ``max_update_abs``)."""
 
     clients_per_round: int
     over_selection: float = 1.3
@@ -28,6 +29,8 @@ class RoundSettings:
     epochs: float = 1.0
     batch_size: int = 32
     learning_rate: float = 0.05
+    max_examples_per_client: int = 10_000_000
+    max_update_abs: float = 1e6
 
     def __post_init__(self) -> None:
         cohort_size(target=self.clients_per_round, over_selection=self.over_selection)
@@ -36,6 +39,14 @@ class RoundSettings:
             raise ConfigError(f"quorum must be in (0, 1], got {self.quorum}")
         if not self.deadline_s > 0:
             raise ConfigError(f"deadline_s must be positive, got {self.deadline_s}")
+        if self.max_examples_per_client < 1:
+            raise ConfigError(
+                f"max_examples_per_client must be >= 1, got {self.max_examples_per_client}"
+            )
+        if not (math.isfinite(self.max_update_abs) and self.max_update_abs > 0):
+            raise ConfigError(
+                f"max_update_abs must be a finite positive number, got {self.max_update_abs}"
+            )
 
     def target(self, phase: Phase) -> int:
         return self.clients_per_round if phase is Phase.FIT else self.evaluation_clients

@@ -34,7 +34,6 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from shoal.client.app import ClientContext
 from shoal.config import Config
 from shoal.coordinator.app import resolve_apps
+from shoal.coordinator.candidates import SEEN_WITHIN, Candidates
 from shoal.coordinator.driver import Decrypt, DriverSettings, RoundDriver
 from shoal.coordinator.events import (
     CommitVersion,
@@ -75,6 +75,7 @@ from shoal.registry import (
     BlobStore,
     ClientRegistry,
     Database,
+    HeartbeatBuffer,
     ModelRegistry,
     SelectionCriteria,
     Selector,
@@ -95,7 +96,6 @@ from shoal.transport.keyholder_service import KeyHolderClient
 log = logging.getLogger("shoal.coordinator")
 
 SERVICE_NAME = "shoal.v1.Coordinator"
-SEEN_WITHIN = timedelta(minutes=2)
 
 
 @dataclass
@@ -134,10 +134,13 @@ def build(
     search_path: Sequence[str | Path] = (),
     client_app: Any = None,
     server_app: Any = None,
+    clock: Callable[[], float] = time.time,
 ) -> CoordinatorParts:
     """Open the registries and the run (HEAD, or the initial model as version 0), wire the driver.
 
     ``on_round`` gets each closed round's metrics row, as ``shoal simulate`` writes it.
+    ``clock`` (seconds since the epoch) times sightings and replay windows; the
+    driver's deadlines run on the event loop's clock.
     """
     section = config.coordinator
     if config.privacy.enabled and not config.privacy.secure_noise:
@@ -195,16 +198,18 @@ def build(
         require_wifi=False,
         seen_within=SEEN_WITHIN,
     )
-    wanted = cohort_size(
-        target=config.round.clients_per_round, over_selection=config.round.over_selection
+    heartbeats = HeartbeatBuffer(clients, clock=clock)  # sightings, written by count and time
+    candidates = Candidates(
+        selector,
+        criteria,
+        heartbeats,
+        wanted=cohort_size(
+            target=config.round.clients_per_round, over_selection=config.round.over_selection
+        ),
+        barred=run.barred,  # suspended, or past their own privacy budget
+        clock=clock,
+        whole_population=privacy is not None,  # what DP samples from and accounts
     )
-
-    def candidates() -> list[str]:
-        if privacy is not None:  # the whole eligible population: what DP samples and accounts
-            return selector.population(criteria)
-        barred = run.barred()  # suspended, or past their own privacy budget
-        drawn = selector.select(criteria, wanted + len(barred))
-        return list(run.eligible(drawn))[:wanted]
 
     started = time.perf_counter()
 
@@ -232,7 +237,9 @@ def build(
         max_update_bytes=int(section.max_update_mb * 2**20),
         criteria=replace(criteria, seen_within=None),  # a check-in is itself a sighting
     )
-    service = CoordinatorService(driver, clients, service_settings, selector=selector)
+    service = CoordinatorService(
+        driver, clients, service_settings, selector=selector, heartbeats=heartbeats, clock=clock
+    )
     return CoordinatorParts(
         database, models, clients, driver, service, run, records, privacy, key_holder
     )

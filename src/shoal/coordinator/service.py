@@ -135,6 +135,7 @@ class CoordinatorService:
         settings: ServiceSettings,
         *,
         selector: Selector | None = None,
+        heartbeats: HeartbeatBuffer | None = None,
         clock: Callable[[], float] = time.time,
         refusal_log: RefusalLog | None = None,
     ) -> None:
@@ -142,11 +143,14 @@ class CoordinatorService:
         self.clients = clients
         self.settings = settings
         self.selector = selector or Selector(clients)
-        self.clock = clock
+        self.clock = clock  # seconds since the epoch: replay windows and sightings
         self.admission = Admission(
             clients, run_id=settings.run_id, listed_tokens=settings.listed_tokens(), clock=clock
         )
-        self.heartbeats = HeartbeatBuffer(clients, max_items=1000)
+        # an empty buffer is falsy (it has a length): test for None
+        self.heartbeats = (
+            HeartbeatBuffer(clients, clock=clock) if heartbeats is None else heartbeats
+        )
         self.model_bytes = ModelBytes(driver)
         self.refusals: Counter[str] = Counter()
         self.refusal_log = refusal_log or RefusalLog(log)
@@ -178,7 +182,9 @@ class CoordinatorService:
 
     def _enroll(self, client_id: str, enrollment: EnrollmentRequest) -> None:
         try:
-            self.clients.enroll(client_id, enrollment.device, public_key=enrollment.public_key)
+            self.clients.enroll(
+                client_id, enrollment.device, now=self._now(), public_key=enrollment.public_key
+            )
         except SecurityError as exc:  # a known client id with another key
             raise Refused(RejectCode.BAD_SIGNATURE, str(exc)) from exc
 
@@ -202,14 +208,19 @@ class CoordinatorService:
         """Record a check-in: batched like a heartbeat, unless what the device runs changed."""
         record = self.admission.client(client_id)
         if any(getattr(record.device, name) != getattr(device, name) for name in _STABLE_FIELDS):
-            return self.clients.enroll(client_id, device)  # an app update: re-checked at once
+            # an app update: re-checked at once
+            return self.clients.enroll(client_id, device, now=self._now())
         self._beat(client_id, device)
         return replace(record, device=device)
+
+    def _now(self) -> datetime:
+        """The service clock's time, as the registry records sightings."""
+        return datetime.fromtimestamp(self.clock(), UTC)
 
     def _beat(self, client_id: str, device: DeviceState) -> None:
         heartbeat = Heartbeat(
             client_id=client_id,
-            seen_at=datetime.now(UTC),
+            seen_at=self._now(),
             battery_level=device.battery_level,
             charging=device.charging,
             wifi=device.wifi,
@@ -367,8 +378,8 @@ class CoordinatorService:
                 message = serde.parse(pb.ReportFailureRequest, request)
                 auth = self.admission.authenticate(message, this_run=True)
                 report = serde.decode_failure_report(message)
-                self.driver.report_failure(auth.client_id, report.round, report.reason)
-            verdict = Verdict.accept()
+                rejection = self.driver.report_failure(auth.client_id, report.round, report.reason)
+            verdict = serde.verdict_of(rejection)
         except Refused as refusal:
             verdict = self._refused("ReportFailure", refusal, context)
         return serde.encode_report_failure_response(verdict)

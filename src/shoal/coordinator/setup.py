@@ -75,6 +75,8 @@ def round_settings_from_config(config: Config, *, population: int | None = None)
         epochs=config.client.epochs,
         batch_size=config.client.batch_size,
         learning_rate=config.client.learning_rate,
+        max_examples_per_client=config.round.max_examples_per_client,
+        max_update_abs=config.round.max_update_abs,
     )
 
 

@@ -30,6 +30,7 @@ from shoal.core.parameters import (
     TensorSpec,
     Vector,
     all_finite,
+    all_within,
     stack_vectors,
 )
 from shoal.core.torch_interop import parameters_from_state_dict, state_dict_from_parameters
@@ -69,6 +70,7 @@ __all__ = [
     "TransportError",
     "Vector",
     "all_finite",
+    "all_within",
     "chain",
     "check_client_id",
     "identity",

@@ -292,6 +292,35 @@ def all_finite(vector: npt.NDArray[np.floating[Any]]) -> bool:
     return bool(np.isfinite(vector).all())
 
 
+def all_within(vector: npt.NDArray[np.floating[Any]], *, bound: float) -> bool:
+    """Whether every value of a vector is finite and at most ``bound`` in magnitude.
+
+    >>> all_within(np.array([0.5, -2.0], np.float32), bound=2.0)
+    True
+
+    No value exceeds the vector's L2 norm, and one BLAS dot gives the squared
+    norm in one pass without allocating (as in :func:`all_finite`). A float32 dot
+    product of n terms is off by a relative error of at most
+    ``gamma = n u / (1 - n u)`` (``u = 2**-24``, in any order of summation) and
+    underflow loses at most ``2**-126`` a term, so when even the largest true
+    sum that these allow is within ``bound**2``, every value is. Otherwise (a
+    large update, NaN or infinity, a vector of over 2**23 values) the exact
+    test reads the vector's minimum and maximum, which NaN and infinity fail.
+    """
+    if not (math.isfinite(bound) and bound > 0):
+        raise ValueError(f"bound must be a finite positive number, got {bound}")
+    if vector.size == 0:
+        return True
+    if vector.dtype == np.float32 and vector.ndim == 1:
+        rounding = vector.size * 2.0**-24  # n u; 1 / (1 - gamma) = (1 - n u) / (1 - 2 n u)
+        if rounding < 0.5:
+            # plus what underflow can lose: at most 2**-126 a term, even flushed to zero
+            squares = float(scipy_blas.sdot(vector, vector)) + vector.size * 2.0**-126
+            if squares * (1 - rounding) / (1 - 2 * rounding) <= bound * bound:
+                return True
+    return bool(-bound <= vector.min() and vector.max() <= bound)
+
+
 def stack_vectors(parameters: Iterable[Parameters]) -> npt.NDArray[np.float32]:
     """Stack the vectors of parameters sharing one layout into a (K, P) matrix."""
     items = list(parameters)

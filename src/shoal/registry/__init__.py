@@ -14,9 +14,9 @@ from shoal.registry.clients import (
     ClientRecord,
     ClientRegistry,
     Heartbeat,
-    HeartbeatBuffer,
 )
 from shoal.registry.database import Database, open_database
+from shoal.registry.heartbeats import HeartbeatBuffer
 from shoal.registry.location import RegistryLocation, blob_location, registry_location
 from shoal.registry.migrations import MIGRATIONS, SCHEMA_VERSION, Migration, apply_migrations
 from shoal.registry.models import ModelRecord, ModelRegistry

@@ -13,7 +13,7 @@ the table (see :mod:`shoal.registry.selector`).
 
 Heartbeats arrive far more often than anything else: they are written in
 batches, one executemany per batch, by :meth:`ClientRegistry.record_heartbeats`
-or through a :class:`HeartbeatBuffer`.
+(fed by a :class:`~shoal.registry.heartbeats.HeartbeatBuffer`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -394,61 +393,6 @@ class ClientRegistry:
         ]
         with self.database.write() as connection:
             return connection.execute(_HEARTBEAT_UPDATE, parameters).rowcount
-
-
-class HeartbeatBuffer:
-    """Collects heartbeats and writes them as one batch every ``max_items`` (thread-safe).
-
-    >>> buffer = HeartbeatBuffer(registry, max_items=1000)  # doctest: +SKIP
-    >>> buffer.add(heartbeat)  # doctest: +SKIP
-
-    Heartbeats are soft state: if a flush fails, its batch is dropped and the
-    error raised; each client's next heartbeat restores what was lost.
-    """
-
-    def __init__(self, registry: ClientRegistry, *, max_items: int = 1000) -> None:
-        if max_items < 1:
-            raise RegistryError(f"max_items must be >= 1, got {max_items}")
-        self.registry = registry
-        self.max_items = max_items
-        self._pending: builtins.list[Heartbeat] = []
-        self._lock = threading.Lock()
-        self.flushed = 0  # heartbeats handed to the registry so far
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def add(self, heartbeat: Heartbeat) -> int:
-        """Queue a heartbeat; flushes (returning the rows written) when the buffer is full."""
-        with self._lock:
-            self._pending.append(heartbeat)
-            if len(self._pending) < self.max_items:
-                return 0
-            batch, self._pending = self._pending, []
-        return self._write(batch)
-
-    def flush(self) -> int:
-        """Write whatever is queued now; returns the rows written."""
-        with self._lock:
-            batch, self._pending = self._pending, []
-        return self._write(batch)
-
-    def _write(self, batch: builtins.list[Heartbeat]) -> int:
-        written = self.registry.record_heartbeats(batch)
-        with self._lock:
-            self.flushed += len(batch)
-        return written
-
-    def __enter__(self) -> HeartbeatBuffer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.flush()
 
 
 def _by_id(client_id: str) -> sa.Update:
