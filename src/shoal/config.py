@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shoal.core.errors import ConfigError
+from shoal.core.sharing import threshold_fraction_problem
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 DEFAULT_STATE_DIR = "coordinator-state"  # where a coordinator keeps its registries and blobs
@@ -238,7 +239,7 @@ class SecureAggregationSection(_Section):
 
     protocol: Literal["none", "secagg+", "ckks"] = "none"
     degree: int | None = Field(None, ge=1)  # neighbours per client; unset: about 2 log2 n
-    reconstruction_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    reconstruction_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5  # the floor: 0.5
     clip: PositiveFloat = 4.0
     bits: int | None = Field(None, ge=1, le=31)  # unset: the most the cohort size allows
     max_weight: int = Field(1000, ge=1)
@@ -246,6 +247,9 @@ class SecureAggregationSection(_Section):
     share_keys_s: PositiveFloat = 30.0
     unmask_s: PositiveFloat = 30.0
     stage_dropout: Fraction = 0.0  # simulation only: chance to vanish at each protocol stage
+    # the share of a cohort expected to drop during a round; unset: the devices' mean dropout.
+    # A degree whose rounds would abort more often than MAX_ROUND_FAILURE is refused.
+    expected_dropout: Fraction | None = None
     # ckks: the key holder (unset: one made in the run folder; else the address of
     # `shoal keyholder serve`), the CA that pins it, the silos' receipt keys, its minimum
     key_holder: str | None = None
@@ -256,6 +260,14 @@ class SecureAggregationSection(_Section):
     @property
     def enabled(self) -> bool:
         return self.protocol != "none"
+
+    @field_validator("reconstruction_threshold")
+    @classmethod
+    def _safe_threshold(cls, fraction: float) -> float:
+        problem = threshold_fraction_problem(fraction)
+        if problem is not None:
+            raise ValueError(problem)
+        return fraction
 
 
 class PrivacySection(_Section):

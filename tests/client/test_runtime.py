@@ -33,8 +33,10 @@ from shoal.coordinator.secure import SecureSettings
 from shoal.core import ConfigError, Parameters, TransportError
 from shoal.secure.messages import (
     AdvertiseKeysRequest,
+    Advertisement,
     ClientMessage,
     MaskedInputRequest,
+    PeerKeys,
     PublicKeys,
     SessionConfig,
     ShareKeysRequest,
@@ -89,20 +91,21 @@ async def federate(
         commits.append(commit)
         models[commit.parameters.sha256()] = commit.parameters
 
-    link_ids: list[str] = []
+    link_ids: dict[str, bytes] = {}  # enrolled ids and their public keys
     driver = RoundDriver(
         coordinator,
         DriverSettings(retry_after_s=0.02),
         plays=schedule(rounds=rounds),
         candidates=lambda: sorted(link_ids),
         on_closed=closing(persist),
+        identities=lambda ids: {i: link_ids[i] for i in ids},
     )
     kind = NoPlaintextLink if secure else InProcessLink
     link = kind(driver, models.__getitem__, failure_rate=failure_rate, rng=random.Random(1))
     runtimes = []
     for index, client_id in enumerate(scenario.client_ids):
         enrollment = load_or_create_enrollment(tmp_path / client_id, generate_client_key)
-        link_ids.append(enrollment.client_id)
+        link_ids[enrollment.client_id] = enrollment.public_key
         client = scenario.build_client(client_id)
         if index < exploding:
             client = Exploding(client)
@@ -200,14 +203,16 @@ def test_stale_or_tampered_secure_requests_are_reported_and_the_runtime_goes_on(
     tmp_path: Path,
 ) -> None:
     session = SessionConfig("run", 4, 3, 3, 2, Quantization(clip=1.0).fitted(3))
-    keys = PublicKeys(cipher=b"c" * 32, mask=b"m" * 32)
+    signed = Advertisement(PublicKeys(cipher=b"c" * 32, mask=b"m" * 32), bytes(32), bytes(64))
+    keys = PeerKeys(bytes(32), signed)
+    masked = MaskedInputRequest(3, {}, {})
     link = ScriptedLink(
         [
             SecureOffer(3, ShareKeysRequest(3, {2: keys}), 1.0),  # no session of round 3 here
-            TaskOffer(3, Phase.FIT, FitConfig(round=3), "a" * 64, 1.0, MaskedInputRequest(3, {})),
+            TaskOffer(3, Phase.FIT, FitConfig(round=3), "a" * 64, 1.0, masked),
             SecureOffer(4, AdvertiseKeysRequest(4, session, 1, frozenset({2, 3})), 1.0),
             SecureOffer(4, ShareKeysRequest(4, {2: keys, 9: keys}), 1.0),  # 9 is no neighbour
-            SecureOffer(4, UnmaskRequest(4, frozenset({1}), frozenset()), 1.0),  # out of order
+            SecureOffer(4, UnmaskRequest(4, {}), 1.0),  # out of order
         ]
     )
     enrollment = load_or_create_enrollment(tmp_path, generate_client_key)

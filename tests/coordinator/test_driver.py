@@ -16,6 +16,7 @@ from shoal.coordinator.secure import SecureSettings
 from shoal.coordinator.state import RoundState
 from shoal.core import ConfigError, Parameters
 from shoal.secure.client import Contribution, SecAggClient
+from shoal.secure.consistency import IdentityKey
 from shoal.secure.messages import AdvertiseKeysRequest, ShareKeysRequest
 from shoal.secure.quantization import Quantization
 from shoal.tasks import RetryLater, RunFinished, SecureOffer, TaskOffer
@@ -226,8 +227,12 @@ def make_secure_driver(
         plays=schedule(rounds=1),
         candidates=lambda: sorted(set(seen)) if len(set(seen)) >= 5 else [],
         on_closed=closing(persist),
+        identities=lambda clients: {c: IDENTITIES[c].public for c in clients},
     )
     return driver, persisted, seen
+
+
+IDENTITIES = {f"c{i}": IdentityKey.generate() for i in range(5)}
 
 
 async def secure_client(
@@ -247,7 +252,7 @@ async def secure_client(
         assert answer.deadline_in_s > 0
         if isinstance(answer, SecureOffer):
             if isinstance(answer.request, AdvertiseKeysRequest):
-                session = SecAggClient(round=answer.round)
+                session = SecAggClient(round=answer.round, identity=IDENTITIES[client_id])
             assert session is not None
             reply = session.handle(answer.request)
         else:
@@ -300,7 +305,7 @@ def test_a_reply_withdraws_its_offer_first_and_a_repeated_one_keeps_the_next() -
         runner = asyncio.create_task(driver.run())
         while not isinstance(driver.check_in("c0"), SecureOffer):
             await asyncio.sleep(0.01)
-        sessions = {name: SecAggClient(round=1) for name in names}
+        sessions = {name: SecAggClient(round=1, identity=IDENTITIES[name]) for name in names}
         replies = {}
         for name in names:
             offer = driver.check_in(name)

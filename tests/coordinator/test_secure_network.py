@@ -24,7 +24,7 @@ from shoal.config import Config, parse_config
 from shoal.coordinator import CommitVersion, Coordinator, RoundSettings
 from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.schedule import schedule
-from shoal.coordinator.secure import SecureSettings
+from shoal.coordinator.secure import SecureSettings, enrolled_identities
 from shoal.coordinator.server import build
 from shoal.coordinator.service import (
     CoordinatorService,
@@ -34,6 +34,7 @@ from shoal.coordinator.service import (
 from shoal.core import ClientError, ConfigError, Parameters
 from shoal.registry import ClientRegistry, ClientStatus, open_database
 from shoal.secure.messages import (
+    Advertisement,
     ClientMessage,
     KeysAdvertised,
     PublicKeys,
@@ -134,6 +135,7 @@ async def with_secure_coordinator(
         plays=schedule(rounds=1),  # between stages: 0.25 s
         candidates=candidates,
         on_closed=closing(persist),
+        identities=enrolled_identities(clients),
     )
     service = CoordinatorService(
         driver, clients, ServiceSettings(run_id=RUN, enrollment_tokens=frozenset({TOKEN}))
@@ -225,15 +227,15 @@ async def plaintext_update(
 
 async def refusals(deployment: Deployment, enrollment: Enrollment) -> dict[str, Any]:
     """Bad secure messages while the round is at its masked-input stage, each with its code."""
-    keys = PublicKeys(cipher=os.urandom(32), mask=os.urandom(32))
+    keys = Advertisement(PublicKeys(os.urandom(32), os.urandom(32)), bytes(32), bytes(64))
     codes: dict[str, Any] = {}
     async with grpc.aio.secure_channel(deployment.target, deployment.credentials) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         codes["earlier round"] = await send(stub, secure_parts(enrollment, KeysAdvertised(0, keys)))
         codes["earlier stage"] = await send(stub, secure_parts(enrollment, KeysAdvertised(1, keys)))
-        garbage = secure_parts(enrollment, KeysAdvertised(1, keys), frame=b"SSA1\x05garbage")
+        garbage = secure_parts(enrollment, KeysAdvertised(1, keys), frame=b"SSA2\x05garbage")
         codes["garbage frame"] = await send(stub, garbage)
-        request = encode_message(UnmaskRequest(1, frozenset({1}), frozenset()))
+        request = encode_message(UnmaskRequest(1, {}))
         forged = secure_parts(enrollment, KeysAdvertised(1, keys), frame=request)
         codes["a request, not a reply"] = await send(stub, forged)
         replayed = secure_parts(enrollment, KeysAdvertised(0, keys))
@@ -316,6 +318,7 @@ def test_a_secure_round_over_grpc_survives_a_stalled_client(tmp_path: Path) -> N
         "advertise_keys": 0,
         "share_keys": 0,
         "masked_input": 1,  # closed at its deadline, without the stalled client
+        "consistency": 0,
         "unmask": 0,
     }
     survivors = plain[1:]

@@ -29,6 +29,7 @@ from shoal.coordinator.secure import SecureSettings
 from shoal.coordinator.setup import secure_settings_from_config
 from shoal.core import ConfigError, Parameters
 from shoal.secure.client import Contribution, SecAggClient
+from shoal.secure.consistency import IdentityKey
 from shoal.secure.messages import MaskedInput, Stage
 from shoal.secure.quantization import Quantization
 from shoal.secure.server import SecAggServer
@@ -36,6 +37,8 @@ from shoal.secure.server import SecAggServer
 SIZE = 50
 CANDIDATES = tuple(f"c{index:02d}" for index in range(12))
 SETTINGS = SecureSettings(run_id="run", quantization=Quantization(clip=1.0))
+IDENTITIES = {client: IdentityKey.generate() for client in CANDIDATES}
+PUBLIC = {client: key.public for client, key in IDENTITIES.items()}
 
 
 def make(strategy: str = "fedavg", quorum: float = 0.6) -> Coordinator:
@@ -70,10 +73,11 @@ class Network:
         self.seen: list[object] = []  # every event the coordinator received
         self.silent: dict[str, Stage] = {}
         self.accepted: list[str] = []  # whose masked inputs the coordinator took
-        self.actions = self._send(StartRound(round_number, Phase.FIT, 0.0, CANDIDATES))
+        start = StartRound(round_number, Phase.FIT, 0.0, CANDIDATES, identities=PUBLIC)
+        self.actions = self._send(start)
         cohort = sorted({a.client_id for a in self.actions if isinstance(a, SendSecureRequest)})
         self.contributions = updates_for(cohort)
-        self.clients = {c: SecAggClient(round=round_number) for c in cohort}
+        self.clients = {c: SecAggClient(round=round_number, identity=IDENTITIES[c]) for c in cohort}
 
     def _send(self, event: object) -> list[object]:
         self.seen.append(event)
@@ -209,7 +213,7 @@ def test_below_the_threshold_the_round_aborts_and_the_model_stays() -> None:
     assert closed.summary.secure is not None and closed.summary.secure.aborted
     assert np.array_equal(coordinator.parameters.vector, before)
     # the coordinator goes on: the next round starts normally
-    actions = coordinator.handle(StartRound(2, Phase.FIT, 500.0, CANDIDATES))
+    actions = coordinator.handle(StartRound(2, Phase.FIT, 500.0, CANDIDATES, identities=PUBLIC))
     assert any(isinstance(a, SendSecureRequest) for a in actions)
 
 

@@ -165,3 +165,27 @@ def test_single_client_and_empty_update() -> None:
 @pytest.mark.parametrize(("degree", "nodes", "threshold"), [(7, 20, 5), (19, 20, 11), (1, 1, 1)])
 def test_reconstruction_threshold(degree: int, nodes: int, threshold: int) -> None:
     assert reconstruction_threshold(degree=degree, num_nodes=nodes) == threshold
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.3])
+def test_clients_that_vanish_before_signing_the_survivor_set_are_still_summed(
+    fraction: float,
+) -> None:
+    """Their masked inputs are in the sum; the others' shares remove all of their masks."""
+    contributions = _contributions(20)
+    clients = sorted(contributions)
+    gone = np.random.default_rng(4).choice(clients, size=int(fraction * 20), replace=False)
+    outcome = run_loopback_round(
+        contributions,
+        degree=19,
+        quantization=QUANTIZATION,
+        dropouts=dict.fromkeys(gone, Stage.CONSISTENCY),
+        deadlines=DEADLINES,
+    )
+    result = _finished(outcome.result).result
+    assert list(result.contributors) == clients
+    expected = _plaintext_sum(contributions, result.contributors)
+    assert np.max(np.abs(result.decoded.weighted_sum - expected)) <= QUANTIZATION.error_bound(20)
+    assert result.dropped["consistency"] == len(gone)
+    closed = outcome.closed_at["consistency"]
+    assert closed >= DEADLINES.of(Stage.CONSISTENCY) if len(gone) else closed < 1

@@ -8,10 +8,13 @@ import itertools
 import numpy as np
 import pytest
 
-from shoal.core import IllegalTransition, ProtocolError
+from shoal.core import IllegalTransition, ProtocolError, SecurityError
 from shoal.secure.client import Contribution, SecAggClient
+from shoal.secure.consistency import IdentityKey
 from shoal.secure.messages import (
+    Advertisement,
     ClientMessage,
+    ConsistencyRequest,
     KeysAdvertised,
     MaskedInput,
     PublicKeys,
@@ -19,6 +22,8 @@ from shoal.secure.messages import (
     SharesSent,
     Stage,
     StaleMessage,
+    SurvivorsSigned,
+    UnmaskRequest,
     UnmaskShares,
 )
 from shoal.secure.quantization import Quantization
@@ -40,24 +45,38 @@ IDS = ["a", "b", "c", "d"]
 SESSION = SessionConfig(
     "run", 3, num_nodes=4, vector_length=5, threshold=3, quantization=Quantization().fitted(4)
 )
-DEADLINES = StageDeadlines(advertise_keys=10, share_keys=10, masked_input=100, unmask=10)
+DEADLINES = StageDeadlines(
+    advertise_keys=10, share_keys=10, masked_input=100, unmask=10, consistency=10
+)
+IDENTITIES = {client: IdentityKey.generate() for client in "abcdef"}
+PUBLIC = {client: key.public for client, key in IDENTITIES.items()}
+ADVERTISEMENT = Advertisement(
+    PublicKeys(bytes(range(32)), bytes(range(1, 33))), bytes(32), bytes(64)
+)
 
 
 class Harness:
-    """A server with four real clients, walked stage by stage."""
+    """A server with four (or ``ids``) real clients, walked stage by stage."""
 
-    def __init__(self, target: int | None = None, session: SessionConfig = SESSION) -> None:
+    def __init__(
+        self,
+        target: int | None = None,
+        session: SessionConfig = SESSION,
+        ids: list[str] = IDS,
+    ) -> None:
         self.server = SecAggServer(
             session,
-            IDS,
-            degree=3,
+            ids,
+            degree=len(ids) - 1,
             graph_seed=b"g",
             deadlines=DEADLINES,
             min_survivors=3,
+            identities=PUBLIC,
             target=target,
         )
         self.clients = {
-            c: SecAggClient(round=3, rng=np.random.default_rng(i)) for i, c in enumerate(IDS)
+            c: SecAggClient(round=3, identity=IDENTITIES[c], rng=np.random.default_rng(i))
+            for i, c in enumerate(ids)
         }
         self.pending: list[ServerAction] = self.server.start(0.0)
         self.now = 0.0
@@ -95,8 +114,9 @@ def harness_at(stage: Stage) -> Harness:
         Stage.ADVERTISE_KEYS: 0,
         Stage.SHARE_KEYS: 1,
         Stage.MASKED_INPUT: 2,
-        Stage.UNMASK: 3,
-        Stage.FINISHED: 4,
+        Stage.CONSISTENCY: 3,
+        Stage.UNMASK: 4,
+        Stage.FINISHED: 5,
     }
     if stage is Stage.ABORTED:
         harness.server.handle(StageDeadline(Stage.ADVERTISE_KEYS, 10.0))
@@ -109,21 +129,21 @@ def harness_at(stage: Stage) -> Harness:
 
 
 def _message_of(kind: type[ClientMessage]) -> ClientMessage:
-    keys = PublicKeys(bytes(range(32)), bytes(range(1, 33)))
     return {
-        KeysAdvertised: KeysAdvertised(3, keys),
-        SharesSent: SharesSent(3, {}),
+        KeysAdvertised: KeysAdvertised(3, ADVERTISEMENT),
+        SharesSent: SharesSent(3, {}, {}),
         MaskedInput: MaskedInput(3, np.zeros(7, np.uint32)),
+        SurvivorsSigned: SurvivorsSigned(3, bytes(64)),
         UnmaskShares: UnmaskShares(3, {}, {}),
     }[kind]
 
 
-MESSAGE_TYPES = [KeysAdvertised, SharesSent, MaskedInput, UnmaskShares]
+MESSAGE_TYPES = [KeysAdvertised, SharesSent, MaskedInput, SurvivorsSigned, UnmaskShares]
 
 
 def test_the_happy_path_sums_and_finishes() -> None:
     harness = Harness()
-    for _ in range(4):
+    for _ in range(5):
         harness.step()
     result = next(a for a in harness.pending if isinstance(a, SumReady)).result
     assert result.contributors == tuple(IDS)
@@ -160,7 +180,7 @@ def test_deadlines_and_drops_after_the_end_change_nothing(stage: Stage) -> None:
 
 def test_a_message_of_an_earlier_round_is_stale() -> None:
     harness = harness_at(Stage.ADVERTISE_KEYS)
-    old = KeysAdvertised(2, PublicKeys(bytes(range(32)), bytes(range(1, 33))))
+    old = KeysAdvertised(2, ADVERTISEMENT)
     with pytest.raises(StaleMessage, match="round 2"):
         harness.server.handle(MessageReceived("a", old, 1.0))
 
@@ -212,24 +232,27 @@ def test_a_reported_drop_closes_the_stage_without_waiting() -> None:
 
 
 def test_masked_input_closes_at_its_target_and_later_inputs_are_stale() -> None:
-    harness = Harness(target=3, session=dataclasses.replace(SESSION, threshold=2))
+    six = list("abcdef")  # threshold 4 of 6 holders: five inputs leave one to spare
+    session = dataclasses.replace(SESSION, num_nodes=6, quantization=Quantization().fitted(6))
+    harness = Harness(target=5, session=dataclasses.replace(session, threshold=4), ids=six)
     harness.step()
     harness.step()
     harness.answer()
-    harness.deliver("a", "b", "c")
-    assert harness.server.stage is Stage.UNMASK
+    harness.deliver(*six[:5])
+    assert harness.server.stage is Stage.CONSISTENCY
     with pytest.raises(StaleMessage):
-        harness.server.handle(MessageReceived("d", harness.replies["d"], 9.0))
+        harness.server.handle(MessageReceived("f", harness.replies["f"], 9.0))
+    harness.step()
     harness.step()
     result = next(a for a in harness.pending if isinstance(a, SumReady)).result
-    assert result.contributors == ("a", "b", "c") and result.recovered == ("d",)
+    assert result.contributors == tuple(six[:5]) and result.recovered == ("f",)
 
 
 def test_malformed_replies_are_refused() -> None:
     harness = harness_at(Stage.SHARE_KEYS)
     harness.answer()
     with pytest.raises(ProtocolError, match="expected one for each"):
-        harness.server.handle(MessageReceived("a", SharesSent(3, {}), 1.0))
+        harness.server.handle(MessageReceived("a", SharesSent(3, {}, {}), 1.0))
     harness = harness_at(Stage.MASKED_INPUT)
     with pytest.raises(ProtocolError, match="masked values"):
         harness.server.handle(MessageReceived("a", MaskedInput(3, np.zeros(3, np.uint32)), 1.0))
@@ -256,6 +279,28 @@ def test_session_validation() -> None:
             graph_seed=b"",
             deadlines=DEADLINES,
             min_survivors=1,
+            identities=PUBLIC,
+        )
+    with pytest.raises(ProtocolError, match="no identity key"):
+        SecAggServer(
+            SESSION,
+            IDS,
+            degree=3,
+            graph_seed=b"",
+            deadlines=DEADLINES,
+            min_survivors=1,
+            identities={},
+        )
+    low = dataclasses.replace(SESSION, threshold=2)
+    with pytest.raises(ProtocolError, match="below the safe floor 3"):
+        SecAggServer(
+            low,
+            IDS,
+            degree=3,
+            graph_seed=b"",
+            deadlines=DEADLINES,
+            min_survivors=1,
+            identities=PUBLIC,
         )
     harness = Harness()
     with pytest.raises(IllegalTransition, match="already started"):
@@ -270,4 +315,33 @@ def test_masked_input_waits_past_its_target_while_secrets_lack_spare_holders() -
     assert harness.deliver("a", "b", "c") == []
     assert harness.server.stage is Stage.MASKED_INPUT
     harness.deliver("d")
+    assert harness.server.stage is Stage.CONSISTENCY
+
+
+def test_keys_not_signed_by_the_enrolled_identity_are_refused() -> None:
+    harness = Harness()
+    harness.answer()
+    stolen = harness.replies["b"]  # b's advertisement, sent as a's
+    with pytest.raises(SecurityError, match="no valid signature"):
+        harness.server.handle(MessageReceived("a", stolen, 1.0))
+    assert harness.server.expected == {1, 2, 3, 4}  # refused: a may still advertise its own
+    harness.deliver("a")
+
+
+def test_the_survivor_set_is_signed_and_each_client_gets_its_neighbours_signatures() -> None:
+    harness = harness_at(Stage.CONSISTENCY)
+    requests = [a.request for a in harness.pending if isinstance(a, SendRequest)]
+    assert requests and all(isinstance(r, ConsistencyRequest) for r in requests)
+    assert {r.survivors for r in requests if isinstance(r, ConsistencyRequest)} == {
+        frozenset({1, 2, 3, 4})
+    }
+    harness.answer()
+    with pytest.raises(SecurityError, match="signed another survivor set"):
+        harness.server.handle(MessageReceived("a", harness.replies["b"], 1.0))
+    harness.deliver()
     assert harness.server.stage is Stage.UNMASK
+    unmask = {a.client_id: a.request for a in harness.pending if isinstance(a, SendRequest)}
+    for client, request in unmask.items():
+        assert isinstance(request, UnmaskRequest)
+        node = harness.server.nodes[client]
+        assert set(request.signatures) == harness.server.graph[node]

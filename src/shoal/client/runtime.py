@@ -11,9 +11,11 @@ a :class:`CoordinatorLink`: gRPC in deployments, a direct call in tests.
 
 In a secure round (SecAgg+) the runtime keeps one :class:`SecAggClient`
 per round, started by the round's advertise-keys request: it answers the
-key and unmask stages, and after training it masks the update and sends
-only the masked input. The plaintext update never leaves the device; a
-request it must refuse (stale, tampered) is reported as a failure.
+key, consistency and unmask stages, and after training it masks the update
+and sends only the masked input. It signs with its enrolled Ed25519 key,
+the one its requests are signed with. The plaintext update never leaves
+the device; a request it must refuse (stale, tampered, a forged survivor
+set) is reported as a failure.
 
 Under user-level DP the fit task's extras carry the clip norm: the update
 is clipped on the device (and under local DP noised) before it leaves, in
@@ -61,6 +63,7 @@ from shoal.core.errors import (
 from shoal.core.identifiers import check_client_id
 from shoal.core.parameters import Parameters
 from shoal.secure.client import Contribution, SecAggClient
+from shoal.secure.consistency import IdentityKey
 from shoal.secure.homomorphic import EncryptionRequest, SiloCredentials
 from shoal.secure.messages import AdvertiseKeysRequest, ServerRequest, StaleMessage
 from shoal.secure.serde import FitRequest, SecureReply
@@ -265,7 +268,8 @@ class ClientRuntime:
     def _session(self, request: ServerRequest) -> SecAggClient:
         """The secure round's client; an advertise-keys request starts a new one."""
         if isinstance(request, AdvertiseKeysRequest):
-            self._secure = SecAggClient(round=request.round)  # rng None: seeded by the OS
+            identity = IdentityKey.from_private(self.enrollment.private_key)
+            self._secure = SecAggClient(round=request.round, identity=identity)  # OS randomness
         if self._secure is None or self._secure.round != request.round:
             raise StaleMessage(
                 f"a {request.stage.label} request of round {request.round} reached a client "

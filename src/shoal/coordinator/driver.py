@@ -6,11 +6,14 @@ check in over a transport. Clients pull work (``check_in`` answers a task or
 (``submit_update``); deadlines are timers on the asyncio loop. The transport
 (gRPC, or an in-process call in tests) only turns requests into these calls.
 
-Under secure aggregation (SecAgg+), a fit round is four stages. A key or
-unmask stage is offered as a :class:`SecureOffer` (the request, no model);
-the masked-input stage as a fit :class:`TaskOffer` that also carries its
-request. Clients answer with ``submit_secure``; each stage has its own
-timer, and a client between stages is told to come back soon.
+Under secure aggregation (SecAgg+), a fit round is five stages. A key,
+consistency or unmask stage is offered as a :class:`SecureOffer` (the
+request, no model); the masked-input stage as a fit :class:`TaskOffer` that
+also carries its request. Clients answer with ``submit_secure``; each stage
+has its own timer, and a client between stages is told to come back soon.
+The round starts with the candidates' enrolled identity keys
+(``identities``), which SecAgg+ clients sign their keys and the survivor
+set with.
 
 Under homomorphic aggregation (CKKS), a fit task carries the encryption
 request and each silo answers with its encrypted update (``submit_secure``).
@@ -95,6 +98,8 @@ Decrypt = Callable[[RequestDecryption], Awaitable[npt.NDArray[np.float64]]]
 RoundConfig = Callable[[Play], Mapping[str, Any]]
 Admit = Callable[[Play, Sequence[str]], Admission]
 """The run layer's word on a round, given the eligible clients listed (:meth:`Run.admit`)."""
+Identities = Callable[[Sequence[str]], Mapping[str, bytes]]
+"""The enrolled Ed25519 public keys of the given clients (those that have one)."""
 SECURE_STAGE_RETRY_S = 0.25
 """The longest a client of a secure round waits between stages before checking in again."""
 
@@ -129,6 +134,7 @@ class RoundDriver:
         round_config: RoundConfig | None = None,
         decrypt: Decrypt | None = None,
         admit: Admit | None = None,
+        identities: Identities | None = None,
     ) -> None:
         secure = coordinator.secure
         if secure is not None and secure.protocol not in (SECAGG_PLUS, CKKS):
@@ -138,6 +144,9 @@ class RoundDriver:
             )
         if secure is not None and secure.protocol == CKKS and decrypt is None:
             raise ConfigError("a homomorphic (ckks) job needs its key holder to decrypt the sums")
+        if secure is not None and secure.protocol == SECAGG_PLUS and identities is None:
+            raise ConfigError("a SecAgg+ job needs the clients' enrolled identity keys")
+        self._identities = identities
         self.coordinator = coordinator
         self.settings = settings
         self._plays = plays
@@ -266,7 +275,9 @@ class RoundDriver:
         self._closed = asyncio.get_running_loop().create_future()
         self._commit = None
         config = {} if self._round_config is None else self._round_config(play)
-        self._apply(StartRound(play.round, play.phase, self._now(), tuple(candidates), config))
+        keys = {} if self._identities is None else self._identities(candidates)
+        start = StartRound(play.round, play.phase, self._now(), tuple(candidates), config, keys)
+        self._apply(start)
         summary = await self._closed
         if self._on_closed is not None:  # persisted before anyone is offered the new model
             await self._on_closed(summary, self._commit)

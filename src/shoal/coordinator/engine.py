@@ -163,8 +163,11 @@ class Coordinator:
     def _start(self, event: StartRound) -> list[Action]:
         phase, settings = event.phase, self.settings
         size = cohort_size(target=settings.target(phase), over_selection=settings.over_selection)
+        candidates = event.candidates
+        if phase is Phase.FIT and self.secure is not None:  # SecAgg+: those who can sign
+            candidates = self.secure.eligible(candidates, event.identities)
         sample = self.sampler.draw(
-            event.candidates,
+            candidates,
             round_number=event.round,
             phase=phase,
             size=size,
@@ -211,6 +214,7 @@ class Coordinator:
             target=current.target,
             quorum=settings.quorum_count(Phase.FIT),
             deadline_s=settings.deadline_s,
+            identities={c: event.identities[c] for c in cohort if c in event.identities},
         )
         actions = current.secure.start(event.now, self._fit_task)
         self._move(Step.TASKS_SENT)
@@ -426,14 +430,22 @@ class Coordinator:
         self._move(Step.ROUND_CLOSED)
         if isinstance(outcome, Aborted):
             current.secure_report = SecureRoundReport(
-                current.secure.protocol, outcome.dropped, recovered=0, aborted=True
+                current.secure.protocol,
+                outcome.dropped,
+                recovered=0,
+                aborted=True,
+                culprits=outcome.culprits,
             )
             self._move(Step.QUORUM_MISSED)
             reason = f"secure aggregation aborted: {outcome.reason}"
             return [RoundClosed(self._summary(now, committed=False, abort_reason=reason))]
         result = outcome.result
         current.secure_report = SecureRoundReport(
-            current.secure.protocol, result.dropped, len(result.recovered), aborted=False
+            current.secure.protocol,
+            result.dropped,
+            len(result.recovered),
+            aborted=False,
+            culprits=result.culprits,
         )
         current.reported = set(result.contributors)
         current.num_examples = result.decoded.num_examples

@@ -44,6 +44,8 @@ class StartRound:
     """Begin round ``round`` of ``phase`` at ``now``, choosing among ``candidates``.
 
     ``config`` is the server app's round config (see :mod:`shoal.coordinator.app`).
+    ``identities`` are the candidates' Ed25519 public keys (enrolled, or made for a
+    simulation): a SecAgg+ round selects only clients that have one, and they sign with it.
     """
 
     round: int
@@ -51,6 +53,7 @@ class StartRound:
     now: float
     candidates: tuple[str, ...]
     config: Mapping[str, Any] = field(default_factory=dict)  # the app's round config
+    identities: Mapping[str, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_round(self.round)
@@ -251,12 +254,14 @@ class RoundSummary:
 
 @dataclass(frozen=True, slots=True)
 class SecureRoundReport:
-    """How a secure round went: the protocol, who dropped at which stage, who was recovered."""
+    """How a secure round went: the protocol, who dropped at which stage, who was recovered,
+    and who was caught cheating (to be suspended)."""
 
     protocol: str
     dropped: Mapping[str, int]  # by stage
     recovered: int  # dropped after sharing keys; their masks were rebuilt from shares
     aborted: bool
+    culprits: Mapping[str, str] = field(default_factory=dict)  # client -> what it did
 
 
 @dataclass(frozen=True, slots=True)

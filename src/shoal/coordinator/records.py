@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shoal.config import Config, config_to_dict
+from shoal.core.errors import NotFoundError
 from shoal.core.parameters import Parameters
-from shoal.registry import ClientRegistry, Database, ModelRecord, ModelRegistry
+from shoal.registry import ClientRegistry, ClientStatus, Database, ModelRecord, ModelRegistry
 from shoal.telemetry.metrics import MetricsLog, clean_row
 from shoal.telemetry.tracking import MlflowTracker
 
@@ -60,6 +61,8 @@ class RunStore(Protocol):
 
     def barred(self) -> set[str]: ...
 
+    def suspend(self, client_id: str, reason: str) -> None: ...
+
     def rows(self) -> list[Row]: ...
 
     def keep_rows(self, keep: Callable[[Row], bool]) -> list[Row]: ...
@@ -84,6 +87,7 @@ class RunRecords:
         self.model = model
         self.metrics = MetricsLog(self.folder / METRICS_FILE)
         self.tracker: MlflowTracker | None = None
+        self._suspended: dict[str, str] = {}  # simulated clients caught cheating
 
     @property
     def database(self) -> Database:
@@ -118,7 +122,15 @@ class RunRecords:
         return Committed(record.version, record.sha256)
 
     def barred(self) -> set[str]:
-        return self.clients.barred()
+        return self.clients.barred() | set(self._suspended)
+
+    def suspend(self, client_id: str, reason: str) -> None:
+        """Suspend an enrolled client in the registry (an operator may resume it); a simulated
+        client, never enrolled, is barred for the rest of this process."""
+        try:
+            self.clients.set_status(client_id, ClientStatus.SUSPENDED, reason[:500])
+        except NotFoundError:
+            self._suspended[client_id] = reason
 
     # --- rows, config, summary ---------------------------------------------------------------
 

@@ -10,10 +10,11 @@ layer owns everything above it, so that each rule is written once:
 - the schedule of fit and evaluation rounds, including an evaluation that
   was due before a crash;
 - whether a round may start with the eligible clients a shell found
-  (:meth:`Run.admit`): never the barred ones (suspended by an operator, or
-  past their own privacy budget); under DP they are the population the
-  round is sampled from and accounted for, and the privacy check before
-  each fit round (a refusal ends training) is made with them;
+  (:meth:`Run.admit`): never the barred ones (suspended by an operator or
+  for cheating in a secure round, or past their own privacy budget); under
+  DP they are the population the round is sampled from and accounted for,
+  and the privacy check before each fit round (a refusal ends training) is
+  made with them;
 - each round's config from the server app;
 - the metrics row of a closed round, the central evaluation, and the
   version committed with that row before anyone is offered the new model;
@@ -316,6 +317,7 @@ class Run:
         stragglers and bytes); it overrides the defaults.
         """
         row = self._row(summary, extra)
+        self._suspend_culprits(summary)
         if commit is None:
             head = self.store.head()
             row["model_version"] = None if head is None else head.version
@@ -331,6 +333,14 @@ class Run:
         )
         row.update(model_version=record.version, sha256=record.sha256)
         return row
+
+    def _suspend_culprits(self, summary: RoundSummary) -> None:
+        """Clients a secure round caught cheating are suspended, with what they did."""
+        report = summary.secure
+        for client, what in ({} if report is None else report.culprits).items():
+            reason = f"caught cheating in secure round {summary.round}: {what}"
+            log.warning("suspending %s: %s", client, reason)
+            self.store.suspend(client, reason)
 
     def record(self, row: Row) -> None:
         """Keep a closed round's row (after the shell added its wall time)."""
@@ -363,6 +373,7 @@ class Run:
                 secure_dropped=dict(report.dropped),
                 recovered=report.recovered,
                 secure_aborted=report.aborted,
+                secure_culprits=sorted(report.culprits),
             )
         row.update(extra)
         for name, value in summary.metrics.items():  # the clients' own metrics, by name

@@ -11,7 +11,6 @@ the dequantized sum of the survivors' updates, never one client's.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -24,8 +23,16 @@ from shoal.coordinator.events import (
     SendSecureRequest,
 )
 from shoal.coordinator.homomorphic import CKKS, CkksRound
-from shoal.core.errors import ConfigError, ProtocolError
-from shoal.secure.graph import default_degree
+from shoal.core.errors import ConfigError, NotFoundError, ProtocolError
+from shoal.core.sharing import (
+    MAX_ROUND_FAILURE,
+    check_threshold_fraction,
+    default_degree,
+    degree_needed,
+    reconstruction_threshold,
+    round_failure_bound,
+)
+from shoal.registry import ClientRegistry
 from shoal.secure.homomorphic import EncryptedUpdate
 from shoal.secure.messages import ClientMessage, MaskedInputRequest, SessionConfig, Stage
 from shoal.secure.quantization import Quantization
@@ -48,7 +55,10 @@ SECAGG_PLUS = "secagg+"
 
 @dataclass(frozen=True, slots=True)
 class SecureSettings:
-    """How secure rounds run: graph degree, threshold, quantization and stage deadlines."""
+    """How secure rounds run: graph degree, threshold, quantization and stage deadlines.
+
+    ``unmask_s`` bounds the consistency stage too (each client signs the survivor set).
+    """
 
     run_id: str
     quantization: Quantization
@@ -67,11 +77,7 @@ class SecureSettings:
     min_contributors: int = 2
 
     def __post_init__(self) -> None:
-        if not 0 < self.threshold_fraction < 1:
-            raise ConfigError(
-                "secure_aggregation.reconstruction_threshold must be in (0, 1), "
-                f"got {self.threshold_fraction}"
-            )
+        check_threshold_fraction(self.threshold_fraction)
         if self.degree is not None and self.degree < 1:
             raise ConfigError(f"secure_aggregation.degree must be >= 1, got {self.degree}")
 
@@ -87,8 +93,73 @@ class SecureSettings:
         return max(1, min(degree, num_nodes - 1))
 
     def threshold_for(self, num_nodes: int) -> int:
-        holders = self.degree_for(num_nodes) + 1 if num_nodes > 1 else 1
-        return min(holders, math.floor(self.threshold_fraction * holders) + 1)
+        if num_nodes <= 1:
+            return 1
+        degree = self.degree_for(num_nodes)
+        return reconstruction_threshold(
+            degree=degree, num_nodes=num_nodes, fraction=self.threshold_fraction
+        )
+
+    def eligible(
+        self, candidates: tuple[str, ...], identities: Mapping[str, bytes]
+    ) -> tuple[str, ...]:
+        """The candidates a secure round may select: under SecAgg+, those with an identity."""
+        if self.protocol != SECAGG_PLUS:
+            return candidates
+        return tuple(client for client in candidates if client in identities)
+
+    def check_dropout(self, num_nodes: int, *, dropout: float) -> None:
+        """Refuse a degree whose rounds of ``num_nodes`` abort too often at ``dropout``.
+
+        The bound is :func:`shoal.core.sharing.round_failure_bound`; the error
+        names the smallest degree within :data:`MAX_ROUND_FAILURE`, if any.
+        """
+        if self.protocol != SECAGG_PLUS or num_nodes <= 1 or dropout <= 0:
+            return
+        degree = self.degree_for(num_nodes)
+        failure = round_failure_bound(
+            num_nodes=num_nodes,
+            degree=degree,
+            threshold=self.threshold_for(num_nodes),
+            dropout=dropout,
+        )
+        if failure <= MAX_ROUND_FAILURE:
+            return
+        needed = degree_needed(
+            num_nodes=num_nodes, fraction=self.threshold_fraction, dropout=dropout
+        )
+        advice = (
+            f"set secure_aggregation.degree = {needed} or more"
+            if needed is not None
+            else "no degree is enough: select more clients per round or expect less dropout"
+        )
+        raise ConfigError(
+            f"secure_aggregation.degree = {degree} over {num_nodes} clients aborts a round with "
+            f"probability up to {min(failure, 1.0):.0%} at {dropout:.0%} dropout, above the "
+            f"{MAX_ROUND_FAILURE:.0%} allowed: {advice}"
+        )
+
+
+def enrolled_identities(clients: ClientRegistry) -> Callable[[Sequence[str]], dict[str, bytes]]:
+    """The registry's Ed25519 public keys of the given clients, for SecAgg+'s signatures.
+
+    These keys are the PKI the consistency check rests on: an operator (or a
+    compromised coordinator) that can enroll identities at will can also
+    answer for them (see the README's security section).
+    """
+
+    def lookup(client_ids: Sequence[str]) -> dict[str, bytes]:
+        keys = {}
+        for client_id in client_ids:
+            try:
+                public_key = clients.get(client_id).public_key
+            except NotFoundError:
+                continue
+            if public_key is not None:
+                keys[client_id] = public_key
+        return keys
+
+    return lookup
 
 
 def check_secure_strategy(strategy: Strategy) -> None:
@@ -115,6 +186,7 @@ class SecureRound:
         target: int,
         min_survivors: int,
         masked_input_s: float,
+        identities: Mapping[str, bytes],
     ) -> None:
         num_nodes = len(cohort)
         session = SessionConfig(
@@ -130,6 +202,7 @@ class SecureRound:
             share_keys=settings.share_keys_s,
             masked_input=masked_input_s,
             unmask=settings.unmask_s,
+            consistency=settings.unmask_s,
         )
         seed = hashlib.sha256(f"{settings.run_id}/{round_number}".encode()).digest()
         self.protocol = settings.protocol
@@ -141,6 +214,7 @@ class SecureRound:
             graph_seed=seed,
             deadlines=deadlines,
             min_survivors=min_survivors,
+            identities=identities,
             target=target,
         )
 
@@ -202,8 +276,12 @@ def open_secure_round(
     target: int,
     quorum: int,
     deadline_s: float,
+    identities: Mapping[str, bytes],
 ) -> SecureRound | CkksRound:
-    """The secure session of one fit round, for the configured protocol."""
+    """The secure session of one fit round, for the configured protocol.
+
+    ``identities`` are the cohort's Ed25519 public keys, which SecAgg+ clients sign with.
+    """
     if settings.protocol != CKKS:
         return SecureRound(
             settings,
@@ -213,6 +291,7 @@ def open_secure_round(
             target=target,
             min_survivors=quorum,
             masked_input_s=deadline_s,
+            identities=identities,
         )
     if settings.public_context is None:
         raise ConfigError("homomorphic aggregation needs the consortium's public context")

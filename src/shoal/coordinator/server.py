@@ -55,6 +55,7 @@ from shoal.coordinator.events import (
 from shoal.coordinator.homomorphic import CKKS
 from shoal.coordinator.records import RunRecords
 from shoal.coordinator.run import Run, RunParts
+from shoal.coordinator.secure import enrolled_identities
 from shoal.coordinator.selection import cohort_size
 from shoal.coordinator.service import (
     CoordinatorService,
@@ -230,6 +231,7 @@ def build(
         round_config=run.round_config,
         admit=run.admit,
         decrypt=None if key_holder is None else _decryptor(key_holder, section.run_id),
+        identities=enrolled_identities(clients),
     )
     service_settings = ServiceSettings(
         run_id=section.run_id,

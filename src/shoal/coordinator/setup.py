@@ -107,8 +107,9 @@ def secure_settings_from_config(
     """The ``[secure_aggregation]`` settings, checked against the strategy and the cohort size.
 
     Refused here, before any round runs: a strategy that needs each client's
-    update, and quantization bits whose sum over the largest cohort could
-    overflow the 32-bit modulus.
+    update, quantization bits whose sum over the largest cohort could
+    overflow the 32-bit modulus, and a graph degree whose rounds would abort
+    too often at the expected dropout.
     """
     section = config.secure_aggregation
     if not section.enabled:
@@ -141,7 +142,18 @@ def secure_settings_from_config(
         target=config.round.clients_per_round, over_selection=config.round.over_selection
     )
     settings.quantization_for(largest)
+    settings.check_dropout(largest, dropout=expected_dropout(config))
     return settings
+
+
+def expected_dropout(config: Config) -> float:
+    """The dropout a secure round must survive: as configured, else the devices' mean."""
+    section = config.secure_aggregation
+    if section.expected_dropout is not None:
+        return section.expected_dropout
+    classes = config.devices.classes
+    total = sum(device.share for device in classes)
+    return sum(device.share * device.dropout for device in classes) / total
 
 
 def connect_key_holder(section: SecureAggregationSection) -> KeyHolderClient:

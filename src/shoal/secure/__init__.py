@@ -18,15 +18,19 @@ from shoal.secure.ckks import (
     sum_encrypted,
 )
 from shoal.secure.client import CLIENT_TRANSITIONS, ClientStage, Contribution, SecAggClient
+from shoal.secure.consistency import IdentityKey
 from shoal.secure.crypto import KeyPair, Purpose, SessionContext, agree, expand_mask
 from shoal.secure.graph import default_degree, neighbour_graph
 from shoal.secure.loopback import LoopbackOutcome, reconstruction_threshold, run_loopback_round
 from shoal.secure.messages import (
     AdvertiseKeysRequest,
+    Advertisement,
     ClientMessage,
+    ConsistencyRequest,
     KeysAdvertised,
     MaskedInput,
     MaskedInputRequest,
+    PeerKeys,
     PublicKeys,
     ServerRequest,
     SessionConfig,
@@ -34,6 +38,7 @@ from shoal.secure.messages import (
     SharesSent,
     Stage,
     StaleMessage,
+    SurvivorsSigned,
     UnmaskRequest,
     UnmaskShares,
 )
@@ -68,21 +73,25 @@ __all__ = [
     "SERVER_TRANSITIONS",
     "Aborted",
     "AdvertiseKeysRequest",
+    "Advertisement",
     "CkksParameters",
     "ClientDropped",
     "ClientMessage",
     "ClientStage",
+    "ConsistencyRequest",
     "ConsortiumKeys",
     "Contribution",
     "DecodedSum",
     "EncryptedSum",
     "EncryptedVector",
+    "IdentityKey",
     "KeyPair",
     "KeysAdvertised",
     "LoopbackOutcome",
     "MaskedInput",
     "MaskedInputRequest",
     "MessageReceived",
+    "PeerKeys",
     "PublicKeys",
     "Purpose",
     "Quantization",
@@ -101,6 +110,7 @@ __all__ = [
     "StageDeadlines",
     "StaleMessage",
     "SumReady",
+    "SurvivorsSigned",
     "UnmaskRequest",
     "UnmaskShares",
     "agree",

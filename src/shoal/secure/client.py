@@ -14,6 +14,13 @@ AES-GCM to each neighbour. Its masked input is
 
 with sign +1 when u < v and -1 otherwise, so pairwise masks cancel in the sum
 and the server can remove the rest only with enough shares.
+
+It does not trust the server (see :mod:`shoal.secure.consistency`): it
+refuses a threshold below the safe floor, signs its advertised keys and
+checks its neighbours' signatures, checks each share it receives against
+its dealer's digest, signs one survivor set per round, and reveals shares
+only once at least t of the clients it knows signed that very set: a seed
+share for each member of the set, a key share for each other neighbour.
 """
 
 from __future__ import annotations
@@ -26,8 +33,17 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from shoal.core.errors import IllegalTransition, ProtocolError
+from shoal.core.errors import IllegalTransition, ProtocolError, SecurityError
+from shoal.core.sharing import minimum_threshold
 from shoal.privacy.noise import NoiseSource
+from shoal.secure.consistency import (
+    IdentityKey,
+    Verifier,
+    advertisement_message,
+    seed_commitment,
+    share_digest,
+    survivors_message,
+)
 from shoal.secure.crypto import (
     KEY_BYTES,
     SEED_BYTES,
@@ -43,7 +59,9 @@ from shoal.secure.crypto import (
 )
 from shoal.secure.messages import (
     AdvertiseKeysRequest,
+    Advertisement,
     ClientMessage,
+    ConsistencyRequest,
     KeysAdvertised,
     MaskedInput,
     MaskedInputRequest,
@@ -54,6 +72,7 @@ from shoal.secure.messages import (
     SharesSent,
     Stage,
     StaleMessage,
+    SurvivorsSigned,
     UnmaskRequest,
     UnmaskShares,
 )
@@ -70,6 +89,7 @@ class ClientStage(enum.Enum):
     KEYS_ADVERTISED = "keys advertised"
     KEYS_SHARED = "keys shared"
     INPUT_MASKED = "input masked"
+    SURVIVORS_SIGNED = "survivors signed"
     UNMASKED = "unmasked"
 
 
@@ -79,7 +99,8 @@ CLIENT_TRANSITIONS: Final[Mapping[tuple[ClientStage, type[ServerRequest]], Clien
     (_C.READY, AdvertiseKeysRequest): _C.KEYS_ADVERTISED,
     (_C.KEYS_ADVERTISED, ShareKeysRequest): _C.KEYS_SHARED,
     (_C.KEYS_SHARED, MaskedInputRequest): _C.INPUT_MASKED,
-    (_C.INPUT_MASKED, UnmaskRequest): _C.UNMASKED,
+    (_C.INPUT_MASKED, ConsistencyRequest): _C.SURVIVORS_SIGNED,
+    (_C.SURVIVORS_SIGNED, UnmaskRequest): _C.UNMASKED,
 }
 
 
@@ -101,10 +122,17 @@ class Contribution:
 
 
 class SecAggClient:
-    """One client's side of one secure round; see the module docstring."""
+    """One client's side of one secure round; see the module docstring.
 
-    def __init__(self, *, round: int, rng: np.random.Generator | None = None) -> None:
+    ``identity`` is the client's long-term signing key: its enrolled Ed25519
+    key over the network, a per-run key in simulation.
+    """
+
+    def __init__(
+        self, *, round: int, identity: IdentityKey, rng: np.random.Generator | None = None
+    ) -> None:
         self.round = round
+        self._identity = identity
         self.stage = ClientStage.READY
         # stochastic rounding only; the secrets themselves come from the OS CSPRNG
         self._rng = rng if rng is not None else np.random.default_rng()
@@ -115,6 +143,8 @@ class SecAggClient:
         self._mask_keys = KeyPair.generate()
         self._seed = new_seed()
         self._peer_keys: dict[int, PublicKeys] = {}
+        self._verifiers: dict[int, Verifier] = {}  # neighbours' identities, checked in stage 2
+        self._signed: frozenset[int] | None = None  # the one survivor set this client signs
         self._channel_keys: dict[int, bytes] = {}  # AES-GCM keys, by peer
         self._held_shares: dict[int, npt.NDArray[np.int64]] = {}  # by owner, including my own
 
@@ -151,16 +181,22 @@ class SecAggClient:
                 if contribution is None:
                     raise ProtocolError("the masked-input stage needs the client's contribution")
                 return self._mask(request, contribution)
+            case ConsistencyRequest():
+                return self._sign_survivors(request)
             case UnmaskRequest():
                 return self._unmask(request)
 
     # --- stage 1 -----------------------------------------------------------------------
 
     def _advertise(self, request: AdvertiseKeysRequest) -> KeysAdvertised:
-        if len(request.neighbours) + 1 < request.session.threshold:
+        threshold, neighbours = request.session.threshold, len(request.neighbours)
+        if neighbours + 1 < threshold:
+            raise ProtocolError(f"{neighbours} neighbours cannot hold a {threshold}-of-n sharing")
+        floor = minimum_threshold(neighbours)
+        if threshold < floor:
             raise ProtocolError(
-                f"{len(request.neighbours)} neighbours cannot hold a "
-                f"{request.session.threshold}-of-n sharing"
+                f"threshold {threshold} is below the safe floor {floor} for {neighbours} "
+                "neighbours: a server could collect both of this client's secrets"
             )
         self._session, self._node, self._neighbours = (
             request.session,
@@ -168,37 +204,65 @@ class SecAggClient:
             request.neighbours,
         )
         keys = PublicKeys(cipher=self._cipher_keys.public, mask=self._mask_keys.public)
-        return KeysAdvertised(round=self.round, keys=keys)
+        commitment = seed_commitment(self._context(), self._node, self._seed)
+        message = advertisement_message(
+            self._context(),
+            self._node,
+            cipher=keys.cipher,
+            mask=keys.mask,
+            seed_commitment=commitment,
+        )
+        advertisement = Advertisement(keys, commitment, self._identity.sign(message))
+        return KeysAdvertised(round=self.round, advertisement=advertisement)
 
     # --- stage 2 -----------------------------------------------------------------------
 
     def _share(self, request: ShareKeysRequest) -> SharesSent:
         session = self._require_session()
-        strangers = set(request.public_keys) - self._neighbours
+        strangers = set(request.peers) - self._neighbours
         if strangers:
             raise ProtocolError(f"keys of nodes {sorted(strangers)} that are not my neighbours")
-        holders = sorted(request.public_keys)
+        holders = sorted(request.peers)
         if len(holders) + 1 < session.threshold:
             raise ProtocolError(
                 f"only {len(holders)} neighbours advertised keys; "
                 f"a {session.threshold}-of-n sharing needs {session.threshold - 1}"
             )
+        verifiers = self._check_advertisements(request)
         secrets = np.concatenate(
             [bytes_to_field(self._mask_keys.private), bytes_to_field(self._seed)]
         )
         points = [*holders, self._node]
         shares = share(secrets, threshold=session.threshold, xs=points)
         self._held_shares = {self._node: shares[-1]}
-        self._peer_keys = dict(request.public_keys)
-        sealed = {
-            holder: seal(
-                self._channel_key(holder),
-                _share_to_bytes(row),
-                self._address(Stage.SHARE_KEYS, sender=self._node, receiver=holder),
+        self._peer_keys = {node: peer.advertisement.keys for node, peer in request.peers.items()}
+        self._verifiers = verifiers
+        sealed, digests = {}, {}
+        for holder, row in zip(holders, shares[:-1], strict=True):
+            plaintext = _share_to_bytes(row)
+            address = self._address(Stage.SHARE_KEYS, sender=self._node, receiver=holder)
+            sealed[holder] = seal(self._channel_key(holder), plaintext, address)
+            digests[holder] = _digest(self._context(), self._node, holder, plaintext)
+        return SharesSent(round=self.round, sealed_shares=sealed, share_digests=digests)
+
+    def _check_advertisements(self, request: ShareKeysRequest) -> dict[int, Verifier]:
+        """Each neighbour's keys must carry its identity's signature: no one can swap them."""
+        verifiers = {}
+        for node, peer in sorted(request.peers.items()):
+            advertisement, verifier = peer.advertisement, Verifier(peer.identity)
+            message = advertisement_message(
+                self._context(),
+                node,
+                cipher=advertisement.keys.cipher,
+                mask=advertisement.keys.mask,
+                seed_commitment=advertisement.seed_commitment,
             )
-            for holder, row in zip(holders, shares[:-1], strict=True)
-        }
-        return SharesSent(round=self.round, sealed_shares=sealed)
+            if not verifier.verify(advertisement.signature, message):
+                raise SecurityError(
+                    f"the keys of node {node} carry no valid signature of its identity"
+                )
+            verifiers[node] = verifier
+        return verifiers
 
     # --- stage 3 -----------------------------------------------------------------------
 
@@ -212,16 +276,18 @@ class SecAggClient:
                 f"the update has shape {contribution.update.shape}, "
                 f"the session expects {session.vector_length} values"
             )
-        held = {
-            sender: _share_from_bytes(
-                open_sealed(
-                    self._channel_key(sender),
-                    sealed,
-                    self._address(Stage.SHARE_KEYS, sender=sender, receiver=self._node),
+        held = {}
+        for sender, sealed in request.sealed_shares.items():
+            address = self._address(Stage.SHARE_KEYS, sender=sender, receiver=self._node)
+            plaintext = open_sealed(self._channel_key(sender), sealed, address)
+            if (
+                _digest(self._context(), sender, self._node, plaintext)
+                != (request.share_digests[sender])
+            ):
+                raise SecurityError(
+                    f"the share from node {sender} does not match the digest it published"
                 )
-            )
-            for sender, sealed in request.sealed_shares.items()
-        }
+            held[sender] = _share_from_bytes(plaintext)
         self._held_shares.update(held)
         quantization = session.quantization
         vector = quantization.encode(
@@ -251,26 +317,53 @@ class SecAggClient:
 
     # --- stage 4 -----------------------------------------------------------------------
 
+    def _sign_survivors(self, request: ConsistencyRequest) -> SurvivorsSigned:
+        session, survivors = self._require_session(), request.survivors
+        if self._node not in survivors:
+            raise ProtocolError("the survivor set must list this client: it sent its input")
+        if len(survivors) < session.threshold or max(survivors) > session.num_nodes:
+            raise ProtocolError(
+                f"a survivor set of {len(survivors)} nodes up to {max(survivors)} does not fit "
+                f"a session of {session.num_nodes} with threshold {session.threshold}"
+            )
+        unshared = (survivors & self._neighbours) - set(self._held_shares)
+        if unshared:
+            raise ProtocolError(
+                f"nodes {sorted(unshared)} are listed as survivors but never shared with me"
+            )
+        self._signed = survivors
+        signature = self._identity.sign(survivors_message(self._context(), survivors))
+        return SurvivorsSigned(round=self.round, signature=signature)
+
+    # --- stage 5 -----------------------------------------------------------------------
+
     def _unmask(self, request: UnmaskRequest) -> UnmaskShares:
-        asked = request.survivors | request.dropped
-        missing = asked - set(self._held_shares)
-        if missing:
-            raise ProtocolError(f"asked about nodes {sorted(missing)} whose shares I do not hold")
-        if self._node not in request.survivors:
-            raise ProtocolError("the unmask request must list this client among the survivors")
-        # too few survivors to rebuild a secret only fails the round; the server refuses to
-        # finish with fewer inputs than the threshold, so a sum never exposes one input
+        survivors = self._signed
+        if survivors is None:
+            raise IllegalTransition("no survivor set was signed")
+        self._require_signatures(request, survivors)
+        seeds = {node: row for node, row in self._held_shares.items() if node in survivors}
+        keys = {node: row for node, row in self._held_shares.items() if node not in survivors}
         return UnmaskShares(
             round=self.round,
-            seed_shares={
-                node: _limbs_to_bytes(self._held_shares[node][SECRET_LIMBS:])
-                for node in sorted(request.survivors)
-            },
-            key_shares={
-                node: _limbs_to_bytes(self._held_shares[node][:SECRET_LIMBS])
-                for node in sorted(request.dropped)
-            },
+            seed_shares={node: _limbs_to_bytes(row[SECRET_LIMBS:]) for node, row in seeds.items()},
+            key_shares={node: _limbs_to_bytes(row[:SECRET_LIMBS]) for node, row in keys.items()},
         )
+
+    def _require_signatures(self, request: UnmaskRequest, survivors: frozenset[int]) -> None:
+        """At least t of the clients I know (myself included) must have signed my very set."""
+        threshold = self._require_session().threshold
+        message = survivors_message(self._context(), survivors)
+        valid = 1  # my own: I signed this set
+        for signer in sorted(set(request.signatures) & set(self._verifiers) & survivors):
+            if valid >= threshold:
+                break
+            valid += self._verifiers[signer].verify(request.signatures[signer], message)
+        if valid < threshold:
+            raise SecurityError(
+                f"only {valid} valid signatures over the survivor set this client signed, "
+                f"{threshold} needed: the server may be showing clients different sets"
+            )
 
     # --- helpers -----------------------------------------------------------------------
 
@@ -302,6 +395,18 @@ def _share_to_bytes(row: npt.NDArray[np.int64]) -> bytes:
     return row.astype("<u4").tobytes()
 
 
+def _digest(context: SessionContext, dealer: int, holder: int, plaintext: bytes) -> bytes:
+    """The digest of a share as dealt: its key half and seed half, as they are revealed."""
+    half = 4 * SECRET_LIMBS
+    return share_digest(
+        context,
+        dealer=dealer,
+        holder=holder,
+        key_half=plaintext[:half],
+        seed_half=plaintext[half:],
+    )
+
+
 def _share_from_bytes(data: bytes) -> npt.NDArray[np.int64]:
     if len(data) != SHARE_BYTES:
         raise ProtocolError(f"a share has {SHARE_BYTES} bytes, got {len(data)}")
@@ -310,13 +415,6 @@ def _share_from_bytes(data: bytes) -> npt.NDArray[np.int64]:
 
 def _limbs_to_bytes(limbs: npt.NDArray[np.int64]) -> bytes:
     return limbs.astype("<u4").tobytes()
-
-
-def limbs_from_bytes(data: bytes) -> npt.NDArray[np.int64]:
-    """The field elements of one revealed share (the inverse of the client's encoding)."""
-    if len(data) != 4 * SECRET_LIMBS:
-        raise ProtocolError(f"a revealed share has {4 * SECRET_LIMBS} bytes, got {len(data)}")
-    return np.frombuffer(data, dtype="<u4").astype(np.int64)
 
 
 assert SEED_BYTES == KEY_BYTES  # both secrets split into the same number of limbs

@@ -16,11 +16,13 @@ True
 from __future__ import annotations
 
 import hashlib
-import math
 
 import numpy as np
 
 from shoal.core.errors import ConfigError
+from shoal.core.sharing import default_degree, graph_degree
+
+__all__ = ["Graph", "default_degree", "neighbour_graph"]
 
 Graph = dict[int, frozenset[int]]
 
@@ -37,7 +39,7 @@ def neighbour_graph(num_nodes: int, *, degree: int, seed: bytes) -> Graph:
     if degree < 1 and num_nodes > 1:
         raise ConfigError(f"secure_aggregation.degree must be >= 1, got {degree}")
     nodes = list(range(1, num_nodes + 1))
-    degree = min(degree + (degree % 2) * (num_nodes % 2), num_nodes - 1)
+    degree = graph_degree(num_nodes, degree)
     if degree >= num_nodes - 1:
         return {node: frozenset(n for n in nodes if n != node) for node in nodes}
     generator = np.random.Generator(np.random.PCG64(int.from_bytes(_digest(seed), "big")))
@@ -53,21 +55,6 @@ def neighbour_graph(num_nodes: int, *, degree: int, seed: bytes) -> Graph:
             neighbours[node].add(other)
             neighbours[other].add(node)
     return {node: frozenset(found) for node, found in neighbours.items()}
-
-
-def default_degree(num_nodes: int) -> int:
-    """About 2 log2 n neighbours (Bell et al.), and the complete graph up to 32 nodes.
-
-    A small cohort gains little from a sparse graph and loses robustness: with
-    a few neighbours, a handful of dropouts leaves a secret with fewer holders
-    than the threshold, and the round aborts.
-    """
-    if num_nodes <= 1:
-        return 1
-    return min(num_nodes - 1, max(_COMPLETE_UP_TO - 1, 2 * math.ceil(math.log2(num_nodes))))
-
-
-_COMPLETE_UP_TO = 32
 
 
 def _digest(seed: bytes) -> bytes:

@@ -3,8 +3,10 @@
 The server and the clients exchange their messages through plain function
 calls. Clients can be told to vanish before a given stage (never answering
 its request), which exercises the dropout paths; the stage then closes at its
-deadline, as it would on a network. The wall time each side spends is
-measured separately, so a benchmark can report client and server compute.
+deadline, as it would on a network. Each client signs with a key made for
+the round, whose public half the server is given (the loopback's PKI). The
+wall time each side spends is measured separately, so a benchmark can
+report client and server compute.
 
 >>> outcome = run_loopback_round(contributions, degree=7, dropouts={"c3": Stage.MASKED_INPUT})
 """
@@ -19,8 +21,10 @@ from typing import TypeVar
 import numpy as np
 
 from shoal.core.errors import ProtocolError, SecurityError
+from shoal.core.sharing import reconstruction_threshold
 from shoal.secure.client import Contribution, SecAggClient
-from shoal.secure.messages import ClientMessage, SessionConfig, SharesSent, Stage
+from shoal.secure.consistency import IdentityKey
+from shoal.secure.messages import ClientMessage, SessionConfig, SharesSent, Stage, UnmaskShares
 from shoal.secure.quantization import Quantization
 from shoal.secure.serde import message_size
 from shoal.secure.server import (
@@ -48,10 +52,7 @@ class LoopbackOutcome:
     closed_at: dict[str, float] = field(default_factory=dict)  # virtual time each stage closed
 
 
-def reconstruction_threshold(*, degree: int, num_nodes: int, fraction: float = 0.5) -> int:
-    """Shares needed to rebuild a secret: more than ``fraction`` of its k + 1 holders."""
-    holders = min(degree, num_nodes - 1) + 1
-    return min(holders, int(fraction * holders) + 1)
+__all__ = ["LoopbackOutcome", "altered_reveal", "reconstruction_threshold", "run_loopback_round"]
 
 
 def run_loopback_round(
@@ -66,14 +67,18 @@ def run_loopback_round(
     round_number: int = 1,
     seed: int = 0,
     tamper: Sequence[str] = (),
+    cheats: Sequence[str] = (),
 ) -> LoopbackOutcome:
     """Run one round; a client in ``dropouts`` never answers that stage's request or later ones.
 
-    ``tamper`` names clients whose first sealed share is corrupted in transit.
+    ``tamper`` names clients whose first sealed share is corrupted in transit;
+    ``cheats`` names dishonest clients that add 1 to one limb of the first share
+    they reveal.
     """
     client_ids = sorted(contributions)
     if not client_ids:
         raise ProtocolError("a secure round needs at least one client")
+    identities = {client: IdentityKey.generate() for client in client_ids}
     if quantization is None:
         quantization = Quantization().fitted(len(client_ids))
     vector_length = next(iter(contributions.values())).update.size
@@ -92,9 +97,14 @@ def run_loopback_round(
         graph_seed=f"{run_id}/{round_number}/{seed}".encode(),
         deadlines=deadlines if deadlines is not None else StageDeadlines(),
         min_survivors=min_survivors,
+        identities={client: identity.public for client, identity in identities.items()},
     )
     clients = {
-        client: SecAggClient(round=round_number, rng=np.random.default_rng([seed, index]))
+        client: SecAggClient(
+            round=round_number,
+            identity=identities[client],
+            rng=np.random.default_rng([seed, index]),
+        )
         for index, client in enumerate(client_ids)
     }
     outcome = LoopbackOutcome(result=Aborted("not finished", {}))
@@ -115,7 +125,11 @@ def run_loopback_round(
         replies = []
         for action in pending:
             if isinstance(action, SendRequest):
-                reply = _answer(clients, contributions, dropouts, tamper, action, outcome)
+                reply = _answer(clients, contributions, dropouts, action, outcome)
+                if reply is not None and action.client_id in tamper:
+                    reply = _tampered(reply)
+                if reply is not None and action.client_id in cheats:
+                    reply = altered_reveal(reply, node=server.nodes[action.client_id])
                 if reply is not None:
                     replies.append((action.client_id, reply))
         pending = []
@@ -153,7 +167,6 @@ def _answer(
     clients: Mapping[str, SecAggClient],
     contributions: Mapping[str, Contribution],
     dropouts: Mapping[str, Stage],
-    tamper: Sequence[str],
     action: SendRequest,
     outcome: LoopbackOutcome,
 ) -> ClientMessage | None:
@@ -170,7 +183,7 @@ def _answer(
         return None  # it found a tampered share and left the round
     finally:
         outcome.client_seconds[client] += time.perf_counter() - began
-    return _tampered(reply) if client in tamper else reply
+    return reply
 
 
 def _tampered(reply: ClientMessage) -> ClientMessage:
@@ -179,4 +192,19 @@ def _tampered(reply: ClientMessage) -> ClientMessage:
     receiver = min(reply.sealed_shares)
     sealed = bytearray(reply.sealed_shares[receiver])
     sealed[-1] ^= 0x01
-    return SharesSent(reply.round, {**reply.sealed_shares, receiver: bytes(sealed)})
+    sealed_shares = {**reply.sealed_shares, receiver: bytes(sealed)}
+    return SharesSent(reply.round, sealed_shares, reply.share_digests)
+
+
+def altered_reveal(reply: ClientMessage, *, node: int) -> ClientMessage:
+    """A dishonest client's unmask reply: 1 added to the first limb of the first share it
+    reveals of another node's secret (``node`` is its own)."""
+    if not isinstance(reply, UnmaskShares):
+        return reply
+    seeds, keys = dict(reply.seed_shares), dict(reply.key_shares)
+    book = keys if keys else seeds
+    owner = min(set(book) - {node}, default=node)
+    limbs = np.frombuffer(book[owner], dtype="<u4").copy()
+    limbs[0] += 1
+    book[owner] = limbs.tobytes()
+    return UnmaskShares(reply.round, seeds, keys)

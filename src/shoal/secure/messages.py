@@ -1,4 +1,4 @@
-"""SecAgg+ messages: the four stages, the server's requests and the clients' replies.
+"""SecAgg+ messages: the five stages, the server's requests and the clients' replies.
 
 Every message carries its round, and its type names its stage, so a late
 message of an earlier round or stage is recognised and refused (a
@@ -8,14 +8,19 @@ so any transport can carry them.
 
     server                                   client
       AdvertiseKeysRequest(session, graph) ->
-                                          <- KeysAdvertised(two X25519 public keys)
-      ShareKeysRequest(neighbours' keys)   ->
-                                          <- SharesSent(sealed Shamir shares, one per neighbour)
+                                          <- KeysAdvertised(two X25519 keys, a seed
+                                                            commitment, signed by its identity)
+      ShareKeysRequest(neighbours' signed  ->
+                       keys and identities)
+                                          <- SharesSent(sealed Shamir shares, one per neighbour,
+                                                        and a digest of each)
       MaskedInputRequest(shares for you)   ->   (the client trains here)
                                           <- MaskedInput(uint32 vector)
-      UnmaskRequest(survivors, dropped)    ->
-                                          <- UnmaskShares(seed shares of survivors,
-                                                          key shares of the dropped)
+      ConsistencyRequest(survivor set)     ->
+                                          <- SurvivorsSigned(its signature over that set)
+      UnmaskRequest(the signatures)        ->
+                                          <- UnmaskShares(seed shares of the set's members,
+                                                          key shares of the rest)
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.core.errors import ProtocolError
+from shoal.secure.consistency import (
+    DIGEST_BYTES,
+    SHARE_DIGEST_BYTES,
+    check_identity_key,
+    check_signature,
+)
 from shoal.secure.crypto import KEY_BYTES
 from shoal.secure.quantization import TRAILER, Quantization
 
@@ -39,9 +50,10 @@ class Stage(enum.IntEnum):
     ADVERTISE_KEYS = 1
     SHARE_KEYS = 2
     MASKED_INPUT = 3
-    UNMASK = 4
-    FINISHED = 5
-    ABORTED = 6
+    CONSISTENCY = 4
+    UNMASK = 5
+    FINISHED = 6
+    ABORTED = 7
 
     @property
     def label(self) -> str:
@@ -89,6 +101,31 @@ class PublicKeys:
             raise ProtocolError("the share and mask keys must differ")
 
 
+@dataclass(frozen=True, slots=True)
+class Advertisement:
+    """What a client advertises in stage 1, signed with its identity key (see ``consistency``)."""
+
+    keys: PublicKeys
+    seed_commitment: bytes
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.seed_commitment) != DIGEST_BYTES:
+            raise ProtocolError(f"a seed commitment has {DIGEST_BYTES} bytes")
+        check_signature(self.signature, "advertised keys")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerKeys:
+    """A neighbour's signed advertisement and the identity key that signed it."""
+
+    identity: bytes
+    advertisement: Advertisement
+
+    def __post_init__(self) -> None:
+        check_identity_key(self.identity, "a neighbour's identity")
+
+
 def _check_round(round_number: int) -> None:
     if round_number < 0:
         raise ProtocolError(f"round numbers start at 0, got {round_number}")
@@ -97,6 +134,13 @@ def _check_round(round_number: int) -> None:
 def _check_nodes(nodes: Mapping[int, object] | frozenset[int], what: str) -> None:
     if any(node < 1 for node in nodes):
         raise ProtocolError(f"{what}: node numbers start at 1")
+
+
+def _check_digests(sealed: Mapping[int, bytes], digests: Mapping[int, bytes]) -> None:
+    if set(sealed) != set(digests):
+        raise ProtocolError("every sealed share travels with its digest, and only those")
+    if any(len(digest) != SHARE_DIGEST_BYTES for digest in digests.values()):
+        raise ProtocolError(f"a share digest has {SHARE_DIGEST_BYTES} bytes")
 
 
 # --- server to client -----------------------------------------------------------------
@@ -123,47 +167,69 @@ class AdvertiseKeysRequest:
 
 @dataclass(frozen=True, slots=True)
 class ShareKeysRequest:
-    """Stage 2: the public keys of your neighbours who advertised theirs."""
+    """Stage 2: the signed keys of your neighbours who advertised theirs, with their identities."""
 
     stage: ClassVar[Stage] = Stage.SHARE_KEYS
     round: int
-    public_keys: Mapping[int, PublicKeys]
+    peers: Mapping[int, PeerKeys]
 
     def __post_init__(self) -> None:
         _check_round(self.round)
-        _check_nodes(self.public_keys, "public keys")
+        _check_nodes(self.peers, "public keys")
 
 
 @dataclass(frozen=True, slots=True)
 class MaskedInputRequest:
-    """Stage 3: the sealed shares your neighbours sent you, by sender; mask your input."""
+    """Stage 3: the sealed shares your neighbours sent you and their digests, by sender."""
 
     stage: ClassVar[Stage] = Stage.MASKED_INPUT
     round: int
     sealed_shares: Mapping[int, bytes]
+    share_digests: Mapping[int, bytes]
 
     def __post_init__(self) -> None:
         _check_round(self.round)
         _check_nodes(self.sealed_shares, "shares")
+        _check_digests(self.sealed_shares, self.share_digests)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistencyRequest:
+    """Stage 4: the survivor set U3 (every node whose masked input is in the sum); sign it."""
+
+    stage: ClassVar[Stage] = Stage.CONSISTENCY
+    round: int
+    survivors: frozenset[int]
+
+    def __post_init__(self) -> None:
+        _check_round(self.round)
+        _check_nodes(self.survivors, "survivors")
+        if not self.survivors:
+            raise ProtocolError("the survivor set is empty")
 
 
 @dataclass(frozen=True, slots=True)
 class UnmaskRequest:
-    """Stage 4: which of your neighbours sent a masked input and which dropped."""
+    """Stage 5: the signatures over the survivor set, by signer; reveal your shares."""
 
     stage: ClassVar[Stage] = Stage.UNMASK
     round: int
-    survivors: frozenset[int]
-    dropped: frozenset[int]
+    signatures: Mapping[int, bytes]
 
     def __post_init__(self) -> None:
         _check_round(self.round)
-        _check_nodes(self.survivors | self.dropped, "unmask lists")
-        if self.survivors & self.dropped:
-            raise ProtocolError("a node cannot both survive and drop")
+        _check_nodes(self.signatures, "signatures")
+        for signature in self.signatures.values():
+            check_signature(signature, "a survivor-set signature")
 
 
-ServerRequest = AdvertiseKeysRequest | ShareKeysRequest | MaskedInputRequest | UnmaskRequest
+ServerRequest = (
+    AdvertiseKeysRequest
+    | ShareKeysRequest
+    | MaskedInputRequest
+    | ConsistencyRequest
+    | UnmaskRequest
+)
 
 
 # --- client to server -----------------------------------------------------------------
@@ -171,11 +237,11 @@ ServerRequest = AdvertiseKeysRequest | ShareKeysRequest | MaskedInputRequest | U
 
 @dataclass(frozen=True, slots=True)
 class KeysAdvertised:
-    """Stage 1 reply: my public keys."""
+    """Stage 1 reply: my public keys and seed commitment, signed with my identity."""
 
     stage: ClassVar[Stage] = Stage.ADVERTISE_KEYS
     round: int
-    keys: PublicKeys
+    advertisement: Advertisement
 
     def __post_init__(self) -> None:
         _check_round(self.round)
@@ -183,15 +249,17 @@ class KeysAdvertised:
 
 @dataclass(frozen=True, slots=True)
 class SharesSent:
-    """Stage 2 reply: one sealed share of my secrets per neighbour, by receiver."""
+    """Stage 2 reply: one sealed share of my secrets per neighbour and its digest, by receiver."""
 
     stage: ClassVar[Stage] = Stage.SHARE_KEYS
     round: int
     sealed_shares: Mapping[int, bytes]
+    share_digests: Mapping[int, bytes]
 
     def __post_init__(self) -> None:
         _check_round(self.round)
         _check_nodes(self.sealed_shares, "shares")
+        _check_digests(self.sealed_shares, self.share_digests)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,8 +279,21 @@ class MaskedInput:
 
 
 @dataclass(frozen=True, slots=True)
+class SurvivorsSigned:
+    """Stage 4 reply: my identity's signature over the survivor set I was shown."""
+
+    stage: ClassVar[Stage] = Stage.CONSISTENCY
+    round: int
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _check_round(self.round)
+        check_signature(self.signature, "a survivor-set signature")
+
+
+@dataclass(frozen=True, slots=True)
 class UnmaskShares:
-    """Stage 4 reply: my shares of survivors' self-mask seeds and of the dropped's mask keys."""
+    """Stage 5 reply: my shares of survivors' self-mask seeds and of the dropped's mask keys."""
 
     stage: ClassVar[Stage] = Stage.UNMASK
     round: int
@@ -227,4 +308,4 @@ class UnmaskShares:
             raise ProtocolError("a client never reveals both secrets of one node")
 
 
-ClientMessage = KeysAdvertised | SharesSent | MaskedInput | UnmaskShares
+ClientMessage = KeysAdvertised | SharesSent | MaskedInput | SurvivorsSigned | UnmaskShares

@@ -5,7 +5,7 @@ integers big-endian, byte strings and maps length-prefixed, the masked
 vector as raw little-endian uint32. Decoding checks every length, so a
 truncated or padded frame is a :class:`ProtocolError`, never a crash.
 
-Besides SecAgg+'s eight messages, the frames carry a homomorphic round's
+Besides SecAgg+'s ten messages, the frames carry a homomorphic round's
 two: the :class:`EncryptionRequest` a silo's fit task holds and the
 :class:`EncryptedUpdate` it answers with (its CKKS ciphertexts and signed
 receipt, in their own checked encodings).
@@ -29,21 +29,25 @@ from shoal.secure.homomorphic import EncryptedUpdate, EncryptionRequest
 from shoal.secure.keyholder import ContributionReceipt
 from shoal.secure.messages import (
     AdvertiseKeysRequest,
+    Advertisement,
     ClientMessage,
+    ConsistencyRequest,
     KeysAdvertised,
     MaskedInput,
     MaskedInputRequest,
+    PeerKeys,
     PublicKeys,
     ServerRequest,
     SessionConfig,
     ShareKeysRequest,
     SharesSent,
+    SurvivorsSigned,
     UnmaskRequest,
     UnmaskShares,
 )
 from shoal.secure.quantization import Quantization
 
-MAGIC = b"SSA1"
+MAGIC = b"SSA2"  # 2: signed keys, share digests and the consistency stage
 SecureRequest = ServerRequest | EncryptionRequest
 """What a coordinator asks of a client in a secure round (either protocol)."""
 SecureReply = ClientMessage | EncryptedUpdate
@@ -141,14 +145,20 @@ def _write_body(writer: _Writer, message: Message) -> None:
             writer.uint(message.node)
             writer.nodes(message.neighbours)
         case ShareKeysRequest():
-            writer.blobs({n: k.cipher + k.mask for n, k in message.public_keys.items()})
+            writer.blobs(
+                {n: p.identity + _advertised(p.advertisement) for n, p in message.peers.items()}
+            )
         case MaskedInputRequest() | SharesSent():
             writer.blobs(message.sealed_shares)
-        case UnmaskRequest():
+            writer.blobs(message.share_digests)
+        case ConsistencyRequest():
             writer.nodes(message.survivors)
-            writer.nodes(message.dropped)
+        case UnmaskRequest():
+            writer.blobs(message.signatures)
         case KeysAdvertised():
-            writer.blob(message.keys.cipher + message.keys.mask)
+            writer.blob(_advertised(message.advertisement))
+        case SurvivorsSigned():
+            writer.blob(message.signature)
         case MaskedInput():
             writer.blob(message.vector.astype("<u4", copy=False).tobytes())
         case UnmaskShares():
@@ -174,21 +184,37 @@ def _encrypted_update(reader: _Reader, round_number: int) -> EncryptedUpdate:
     return EncryptedUpdate(round_number, ciphertext, ContributionReceipt.from_bytes(reader.blob()))
 
 
-def _keys(data: bytes) -> PublicKeys:
-    return PublicKeys(cipher=data[:32], mask=data[32:])
+_ADVERTISEMENT_BYTES = 32 + 32 + 32 + 64  # cipher key, mask key, seed commitment, signature
+
+
+def _advertised(advertisement: Advertisement) -> bytes:
+    keys = advertisement.keys
+    return keys.cipher + keys.mask + advertisement.seed_commitment + advertisement.signature
+
+
+def _advertisement(data: bytes) -> Advertisement:
+    if len(data) != _ADVERTISEMENT_BYTES:
+        raise ProtocolError(f"an advertisement has {_ADVERTISEMENT_BYTES} bytes, got {len(data)}")
+    return Advertisement(PublicKeys(data[:32], data[32:64]), data[64:96], data[96:])
+
+
+def _peer(data: bytes) -> PeerKeys:
+    return PeerKeys(data[:32], _advertisement(data[32:]))
 
 
 _READERS: dict[int, Callable[[_Reader, int], Any]] = {
     1: lambda r, n: AdvertiseKeysRequest(n, _read_session(r), r.uint(), r.nodes()),
-    2: lambda r, n: ShareKeysRequest(n, {node: _keys(k) for node, k in r.blobs().items()}),
-    3: lambda r, n: MaskedInputRequest(n, r.blobs()),
-    4: lambda r, n: UnmaskRequest(n, r.nodes(), r.nodes()),
-    5: lambda r, n: KeysAdvertised(n, _keys(r.blob())),
-    6: lambda r, n: SharesSent(n, r.blobs()),
+    2: lambda r, n: ShareKeysRequest(n, {node: _peer(p) for node, p in r.blobs().items()}),
+    3: lambda r, n: MaskedInputRequest(n, r.blobs(), r.blobs()),
+    4: lambda r, n: UnmaskRequest(n, r.blobs()),
+    5: lambda r, n: KeysAdvertised(n, _advertisement(r.blob())),
+    6: lambda r, n: SharesSent(n, r.blobs(), r.blobs()),
     7: lambda r, n: MaskedInput(n, np.frombuffer(r.blob(), dtype="<u4").astype(np.uint32)),
     8: lambda r, n: UnmaskShares(n, r.blobs(), r.blobs()),
     9: _encryption_request,
     10: _encrypted_update,
+    11: lambda r, n: ConsistencyRequest(n, r.nodes()),
+    12: lambda r, n: SurvivorsSigned(n, r.blob()),
 }
 _CODES: dict[type, int] = {
     AdvertiseKeysRequest: 1,
@@ -201,6 +227,8 @@ _CODES: dict[type, int] = {
     UnmaskShares: 8,
     EncryptionRequest: 9,
     EncryptedUpdate: 10,
+    ConsistencyRequest: 11,
+    SurvivorsSigned: 12,
 }
 
 
@@ -216,7 +244,10 @@ def encode_message(message: Message) -> bytes:
 def decode_message(data: bytes) -> Message:
     """The message in a frame; anything malformed is a :class:`ProtocolError`."""
     reader = _Reader(data)
-    if reader.take(len(MAGIC)) != MAGIC:
+    magic = reader.take(len(MAGIC))
+    if magic == b"SSA1":
+        raise ProtocolError("a frame of the SecAgg+ protocol before its consistency check")
+    if magic != MAGIC:
         raise ProtocolError("not a secure-aggregation frame")
     code = reader.take(1)[0]
     read = _READERS.get(code)

@@ -13,6 +13,14 @@ masked-input stage has its target count, when the unmask stage holds enough
 shares for every secret, or at its deadline, whichever comes first: a stalled
 client never holds a stage past its deadline. The server only ever holds the
 running modular sum of masked inputs, never one client's plaintext.
+
+It plays the actively secure variant (see :mod:`shoal.secure.consistency`):
+it checks each advertisement against the client's enrolled identity, sends
+the survivor set to be signed and forwards each client its neighbours'
+signatures before the unmask stage, and checks every revealed share and
+rebuilt secret (:mod:`shoal.secure.unmasking`). A client caught cheating is
+named in the outcome's ``culprits``: the sum is exact without it, or the
+round aborts.
 """
 
 from __future__ import annotations
@@ -27,80 +35,76 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.core.errors import IllegalTransition, ProtocolError, SecurityError
-from shoal.secure.client import limbs_from_bytes
-from shoal.secure.crypto import KeyPair, Purpose, SessionContext, agree, expand_mask
+from shoal.core.sharing import graph_degree, minimum_threshold
+from shoal.secure.consistency import (
+    Verifier,
+    advertisement_message,
+    survivors_message,
+)
+from shoal.secure.crypto import SessionContext
 from shoal.secure.graph import Graph, neighbour_graph
 from shoal.secure.messages import (
     AdvertiseKeysRequest,
+    Advertisement,
     ClientMessage,
+    ConsistencyRequest,
     KeysAdvertised,
     MaskedInput,
     MaskedInputRequest,
-    PublicKeys,
+    PeerKeys,
     ServerRequest,
     SessionConfig,
     ShareKeysRequest,
     SharesSent,
     Stage,
     StaleMessage,
+    SurvivorsSigned,
     UnmaskRequest,
     UnmaskShares,
 )
-from shoal.secure.quantization import DecodedSum
-from shoal.secure.shamir import field_to_bytes, reconstruct
+from shoal.secure.server_events import (
+    Aborted,
+    ClientDropped,
+    MessageReceived,
+    ScheduleStageDeadline,
+    SecureSum,
+    SendRequest,
+    ServerAction,
+    ServerEvent,
+    StageDeadline,
+    StageDeadlines,
+    SumReady,
+)
+from shoal.secure.unmasking import DealerCheated, ShareLedger, remove_masks
+
+__all__ = [
+    "SERVER_TRANSITIONS",
+    "STAGES",
+    "Aborted",
+    "ClientDropped",
+    "MessageReceived",
+    "ScheduleStageDeadline",
+    "SecAggServer",
+    "SecureSum",
+    "SendRequest",
+    "ServerAction",
+    "ServerEvent",
+    "StageDeadline",
+    "StageDeadlines",
+    "Step",
+    "SumReady",
+]
 
 log = logging.getLogger("shoal.secure")
 
 _UNMASK_SPARE = 1  # holders beyond the threshold before the masked-input stage closes early
-STAGES = (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK)
-
-
-@dataclass(frozen=True, slots=True)
-class StageDeadlines:
-    """Seconds each stage may last; the masked-input stage includes local training."""
-
-    advertise_keys: float = 30.0
-    share_keys: float = 30.0
-    masked_input: float = 600.0
-    unmask: float = 30.0
-
-    def __post_init__(self) -> None:
-        if min(self.advertise_keys, self.share_keys, self.masked_input, self.unmask) <= 0:
-            raise ProtocolError("every stage deadline must be positive")
-
-    def of(self, stage: Stage) -> float:
-        return float(getattr(self, stage.name.lower()))
-
-
-# --- events in ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class MessageReceived:
-    """A client's message arrived at ``now``."""
-
-    client_id: str
-    message: ClientMessage
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class StageDeadline:
-    """The deadline the server asked for ``stage`` went off."""
-
-    stage: Stage
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class ClientDropped:
-    """The shell knows ``client_id`` is gone (it failed or disconnected)."""
-
-    client_id: str
-    now: float
-
-
-ServerEvent = MessageReceived | StageDeadline | ClientDropped
+STAGES = (
+    Stage.ADVERTISE_KEYS,
+    Stage.SHARE_KEYS,
+    Stage.MASKED_INPUT,
+    Stage.CONSISTENCY,
+    Stage.UNMASK,
+)
 
 
 class Step(enum.Enum):
@@ -110,57 +114,12 @@ class Step(enum.Enum):
     TOO_FEW_SURVIVORS = "too few survivors"
 
 
-# --- actions out -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SendRequest:
-    """Deliver ``request`` to ``client_id``."""
-
-    client_id: str
-    request: ServerRequest
-
-
-@dataclass(frozen=True, slots=True)
-class ScheduleStageDeadline:
-    """Deliver ``StageDeadline(stage, at)`` when the clock reaches ``at``."""
-
-    stage: Stage
-    at: float
-
-
-@dataclass(frozen=True, slots=True)
-class SecureSum:
-    """The outcome of a secure round: the sum of the survivors' inputs, and who took part."""
-
-    decoded: DecodedSum
-    contributors: tuple[str, ...]  # whose masked inputs are in the sum
-    recovered: tuple[str, ...]  # dropped after sharing keys; their pairwise masks were rebuilt
-    dropped: Mapping[str, int]  # how many clients dropped at each stage
-
-
-@dataclass(frozen=True, slots=True)
-class SumReady:
-    """The protocol finished: here is the sum."""
-
-    result: SecureSum
-
-
-@dataclass(frozen=True, slots=True)
-class Aborted:
-    """The protocol cannot finish (too few survivors or shares); nothing was learned."""
-
-    reason: str
-    dropped: Mapping[str, int]
-
-
-ServerAction = SendRequest | ScheduleStageDeadline | SumReady | Aborted
-
 _S = Stage
 _MESSAGE_OF_STAGE: Final[Mapping[Stage, type[ClientMessage]]] = {
     _S.ADVERTISE_KEYS: KeysAdvertised,
     _S.SHARE_KEYS: SharesSent,
     _S.MASKED_INPUT: MaskedInput,
+    _S.CONSISTENCY: SurvivorsSigned,
     _S.UNMASK: UnmaskShares,
 }
 
@@ -171,12 +130,14 @@ SERVER_TRANSITIONS: Final[Mapping[tuple[Stage, Trigger], Stage]] = {
     (_S.ADVERTISE_KEYS, KeysAdvertised): _S.ADVERTISE_KEYS,
     (_S.SHARE_KEYS, SharesSent): _S.SHARE_KEYS,
     (_S.MASKED_INPUT, MaskedInput): _S.MASKED_INPUT,
+    (_S.CONSISTENCY, SurvivorsSigned): _S.CONSISTENCY,
     (_S.UNMASK, UnmaskShares): _S.UNMASK,
     **{(stage, StageDeadline): stage for stage in STAGES},
     **{(stage, ClientDropped): stage for stage in STAGES},
     (_S.ADVERTISE_KEYS, Step.STAGE_CLOSED): _S.SHARE_KEYS,
     (_S.SHARE_KEYS, Step.STAGE_CLOSED): _S.MASKED_INPUT,
-    (_S.MASKED_INPUT, Step.STAGE_CLOSED): _S.UNMASK,
+    (_S.MASKED_INPUT, Step.STAGE_CLOSED): _S.CONSISTENCY,
+    (_S.CONSISTENCY, Step.STAGE_CLOSED): _S.UNMASK,
     (_S.UNMASK, Step.STAGE_CLOSED): _S.FINISHED,
     **{(stage, Step.TOO_FEW_SURVIVORS): _S.ABORTED for stage in STAGES},
     # once over, stale timers and drop reports change nothing
@@ -191,16 +152,17 @@ SERVER_TRANSITIONS: Final[Mapping[tuple[Stage, Trigger], Stage]] = {
 class _Books:
     """What the server knows about each node."""
 
-    keys: dict[int, PublicKeys] = field(default_factory=dict)  # U1
+    keys: dict[int, Advertisement] = field(default_factory=dict)  # U1, signed
     routed: dict[int, dict[int, bytes]] = field(
         default_factory=dict
     )  # receiver -> sender -> sealed
+    digests: dict[int, dict[int, bytes]] = field(default_factory=dict)  # receiver -> sender
     shared: set[int] = field(default_factory=set)  # U2
     masked: set[int] = field(default_factory=set)  # U3
     total: npt.NDArray[np.uint32] | None = None
-    seed_shares: dict[int, dict[int, npt.NDArray[np.int64]]] = field(default_factory=dict)
-    key_shares: dict[int, dict[int, npt.NDArray[np.int64]]] = field(default_factory=dict)
-    unmasked: set[int] = field(default_factory=set)  # U4
+    signed: dict[int, bytes] = field(default_factory=dict)  # U4: signatures over U3
+    ledger: ShareLedger = field(default_factory=ShareLedger)
+    unmasked: set[int] = field(default_factory=set)  # U5
     gone: set[int] = field(default_factory=set)  # reported dropped by the shell
     dropped: dict[str, int] = field(default_factory=dict)
 
@@ -217,10 +179,19 @@ class SecAggServer:
         graph_seed: bytes,
         deadlines: StageDeadlines,
         min_survivors: int,
+        identities: Mapping[str, bytes],
         target: int | None = None,
     ) -> None:
         if len(client_ids) != session.num_nodes or len(set(client_ids)) != len(client_ids):
             raise ProtocolError("the session needs one distinct client per node")
+        unknown = [client for client in client_ids if client not in identities]
+        if unknown:
+            raise ProtocolError(f"clients {unknown[:3]} have no identity key to sign with")
+        floor = minimum_threshold(graph_degree(session.num_nodes, degree))
+        if session.threshold < floor:
+            raise ProtocolError(
+                f"threshold {session.threshold} is below the safe floor {floor} of this graph"
+            )
         self.session = session
         self.deadlines = deadlines
         self.min_survivors = max(min_survivors, session.threshold)
@@ -229,8 +200,9 @@ class SecAggServer:
         self.nodes: dict[str, int] = {client: i for i, client in enumerate(client_ids, start=1)}
         self.clients: dict[int, str] = {i: client for client, i in self.nodes.items()}
         self.graph: Graph = neighbour_graph(session.num_nodes, degree=degree, seed=graph_seed)
-        self._books = _Books()
+        self._books = _Books(ledger=ShareLedger(names=self.clients))
         self._context = SessionContext(run_id=session.run_id, round=session.round)
+        self._identities = {self.nodes[client]: identities[client] for client in client_ids}
         self._started = False
 
     # --- the entry points ------------------------------------------------------------------
@@ -280,7 +252,8 @@ class SecAggServer:
             Stage.ADVERTISE_KEYS: set(self.clients),
             Stage.SHARE_KEYS: set(books.keys),
             Stage.MASKED_INPUT: set(books.shared),
-            Stage.UNMASK: set(books.masked),
+            Stage.CONSISTENCY: set(books.masked),
+            Stage.UNMASK: set(books.signed),
         }.get(self.stage, set())
         return waiting - books.gone
 
@@ -321,14 +294,35 @@ class SecAggServer:
             )
         match event.message:
             case KeysAdvertised():
-                self._books.keys[node] = event.message.keys
+                self._take_keys(node, event.message)
             case SharesSent():
                 self._take_shares(node, event.message)
             case MaskedInput():
                 self._take_masked_input(node, event.message)
+            case SurvivorsSigned():
+                self._take_signature(node, event.message)
             case UnmaskShares():
                 self._take_unmask_shares(node, event.message)
         return self._close(event.now) if self._stage_complete() else []
+
+    def _take_keys(self, node: int, message: KeysAdvertised) -> None:
+        advertisement = message.advertisement
+        signed = advertisement_message(
+            self._context,
+            node,
+            cipher=advertisement.keys.cipher,
+            mask=advertisement.keys.mask,
+            seed_commitment=advertisement.seed_commitment,
+        )
+        if not Verifier(self._identities[node]).verify(advertisement.signature, signed):
+            raise SecurityError(f"{self.clients[node]}'s keys carry no valid signature of its own")
+        self._books.keys[node] = advertisement
+
+    def _take_signature(self, node: int, message: SurvivorsSigned) -> None:
+        signed = survivors_message(self._context, self._books.masked)
+        if not Verifier(self._identities[node]).verify(message.signature, signed):
+            raise SecurityError(f"{self.clients[node]} signed another survivor set, or badly")
+        self._books.signed[node] = message.signature
 
     def _take_shares(self, node: int, message: SharesSent) -> None:
         expected = self.graph[node] & set(self._books.keys)
@@ -339,6 +333,7 @@ class SecAggServer:
             )
         for receiver, sealed in message.sealed_shares.items():
             self._books.routed.setdefault(receiver, {})[node] = sealed
+            self._books.digests.setdefault(receiver, {})[node] = message.share_digests[receiver]
         self._books.shared.add(node)
 
     def _take_masked_input(self, node: int, message: MaskedInput) -> None:
@@ -359,12 +354,13 @@ class SecAggServer:
         asked_seeds, asked_keys = self._unmask_lists(node)
         if set(message.seed_shares) != asked_seeds or set(message.key_shares) != asked_keys:
             raise ProtocolError(f"{self.clients[node]} answered another unmask request")
-        seeds = {owner: limbs_from_bytes(data) for owner, data in message.seed_shares.items()}
-        keys = {owner: limbs_from_bytes(data) for owner, data in message.key_shares.items()}
-        for owner, limbs in seeds.items():
-            books.seed_shares.setdefault(owner, {})[node] = limbs
-        for owner, limbs in keys.items():
-            books.key_shares.setdefault(owner, {})[node] = limbs
+        books.ledger.take(
+            self._context,
+            node,
+            seed_shares=message.seed_shares,
+            key_shares=message.key_shares,
+            digests=books.digests.get(node, {}),
+        )
         books.unmasked.add(node)
 
     def _drop(self, event: ClientDropped) -> list[ServerAction]:
@@ -406,6 +402,7 @@ class SecAggServer:
             Stage.ADVERTISE_KEYS: set(books.keys),
             Stage.SHARE_KEYS: books.shared,
             Stage.MASKED_INPUT: books.masked,
+            Stage.CONSISTENCY: set(books.signed),
             Stage.UNMASK: books.unmasked,
         }.get(self.stage, set())
 
@@ -420,7 +417,8 @@ class SecAggServer:
             Stage.ADVERTISE_KEYS: set(self.clients),
             Stage.SHARE_KEYS: set(books.keys),
             Stage.MASKED_INPUT: books.shared,
-            Stage.UNMASK: books.masked,
+            Stage.CONSISTENCY: books.masked,
+            Stage.UNMASK: set(books.signed),
         }[stage]
         missing = waited - survivors
         if stage is Stage.UNMASK and self._enough_shares():
@@ -428,10 +426,11 @@ class SecAggServer:
         books.dropped[stage.label] = len(missing)
         if stage is Stage.UNMASK:
             return self._finish()
-        if len(survivors) < self.min_survivors:
+        # the signers need only reveal shares; every other stage keeps the round's quorum
+        needed = self.session.threshold if stage is Stage.CONSISTENCY else self.min_survivors
+        if len(survivors) < needed:
             return self._abort(
-                f"{len(survivors)} clients left after {stage.label}, "
-                f"fewer than the {self.min_survivors} needed"
+                f"{len(survivors)} clients left after {stage.label}, fewer than the {needed} needed"
             )
         self.stage = self._next(Step.STAGE_CLOSED)
         requests = self._requests()
@@ -451,28 +450,33 @@ class SecAggServer:
     def _requests(self) -> list[ServerAction]:
         books, round_number = self._books, self.session.round
         actions: list[ServerAction] = []
+        request: ServerRequest
         if self.stage is Stage.SHARE_KEYS:
             for node in sorted(books.keys):
                 peers = {
-                    peer: books.keys[peer] for peer in sorted(self.graph[node] & set(books.keys))
+                    peer: PeerKeys(self._identities[peer], books.keys[peer])
+                    for peer in sorted(self.graph[node] & set(books.keys))
                 }
                 actions.append(
                     SendRequest(self.clients[node], ShareKeysRequest(round_number, peers))
                 )
         elif self.stage is Stage.MASKED_INPUT:
             for node in sorted(books.shared):
-                inbox = {
-                    sender: sealed
-                    for sender, sealed in sorted(books.routed.get(node, {}).items())
-                    if sender in books.shared
-                }
-                actions.append(
-                    SendRequest(self.clients[node], MaskedInputRequest(round_number, inbox))
-                )
+                senders = sorted(set(books.routed.get(node, {})) & books.shared)
+                inbox = {sender: books.routed[node][sender] for sender in senders}
+                digests = {sender: books.digests[node][sender] for sender in senders}
+                request = MaskedInputRequest(round_number, inbox, digests)
+                actions.append(SendRequest(self.clients[node], request))
+        elif self.stage is Stage.CONSISTENCY:
+            survivors = frozenset(books.masked)
+            for node in sorted(survivors):
+                request = ConsistencyRequest(round_number, survivors)
+                actions.append(SendRequest(self.clients[node], request))
         elif self.stage is Stage.UNMASK:
-            for node in sorted(books.masked):
-                seeds, keys = self._unmask_lists(node)
-                request = UnmaskRequest(round_number, frozenset(seeds), frozenset(keys))
+            for node in sorted(books.signed):
+                signers = sorted(self.graph[node] & set(books.signed))
+                signatures = {signer: books.signed[signer] for signer in signers}
+                request = UnmaskRequest(round_number, signatures)
                 actions.append(SendRequest(self.clients[node], request))
         return actions
 
@@ -489,61 +493,53 @@ class SecAggServer:
         self.stage = self._next(Step.TOO_FEW_SURVIVORS)
         self._books.total = None
         log.warning("secure round %d aborted: %s", self.session.round, reason)
-        return [Aborted(reason, dict(self._books.dropped))]
+        return [Aborted(reason, dict(self._books.dropped), self._culprits())]
+
+    def _culprits(self) -> dict[str, str]:
+        return {self.clients[node]: what for node, what in self._books.ledger.culprits.items()}
 
     # --- unmasking -----------------------------------------------------------------------------
 
     def _enough_shares(self) -> bool:
-        books, threshold = self._books, self.session.threshold
-        return all(
-            len(books.seed_shares.get(node, {})) >= threshold for node in books.masked
-        ) and all(
-            len(books.key_shares.get(node, {})) >= threshold for node in books.shared - books.masked
+        books = self._books
+        return books.ledger.enough(
+            masked=books.masked,
+            dropped=books.shared - books.masked,
+            threshold=self.session.threshold,
         )
 
     def _finish(self) -> list[ServerAction]:
         books = self._books
         if books.total is None or not self._enough_shares():
             return self._abort("too few unmask shares arrived to remove the masks")
-        length = self.session.masked_length
         total = books.total
         try:
-            for node in sorted(books.masked):
-                seed = self._rebuild(books.seed_shares[node])
-                total -= expand_mask(seed, length)
-            for node in sorted(books.shared - books.masked):
-                self._remove_pairwise_masks(node, total)
+            remove_masks(
+                total,
+                books.ledger,
+                masked=books.masked,
+                dropped=books.shared - books.masked,
+                adverts=books.keys,
+                graph=self.graph,
+                context=self._context,
+                threshold=self.session.threshold,
+            )
+        except DealerCheated as exc:
+            books.ledger.culprits.setdefault(exc.node, exc.reason)
+            return self._abort(f"{self.clients[exc.node]} {exc.reason}")
         except SecurityError as exc:
             return self._abort(str(exc))
         decoded = self.session.quantization.decode(total, count=len(books.masked))
         books.total = None
         self.stage = self._next(Step.STAGE_CLOSED)
+        culprits = self._culprits()
+        if culprits:
+            log.warning("secure round %d caught cheating: %s", self.session.round, culprits)
         result = SecureSum(
             decoded=decoded,
             contributors=tuple(self.clients[node] for node in sorted(books.masked)),
             recovered=tuple(self.clients[node] for node in sorted(books.shared - books.masked)),
             dropped=dict(books.dropped),
+            culprits=culprits,
         )
         return [SumReady(result)]
-
-    def _remove_pairwise_masks(self, dropped: int, total: npt.NDArray[np.uint32]) -> None:
-        """Subtract what the survivors added for their pairs with a node that dropped."""
-        books = self._books
-        private = KeyPair.from_private(self._rebuild(books.key_shares[dropped]))
-        if private.public != books.keys[dropped].mask:
-            raise SecurityError(f"the rebuilt mask key of {self.clients[dropped]} is wrong")
-        for survivor in sorted(self.graph[dropped] & books.masked):
-            seed = agree(private, books.keys[survivor].mask, self._context, Purpose.MASK)
-            mask = expand_mask(seed, self.session.masked_length)
-            if survivor < dropped:
-                total -= mask
-            else:
-                total += mask
-
-    def _rebuild(self, shares: Mapping[int, npt.NDArray[np.int64]]) -> bytes:
-        holders = sorted(shares)[: self.session.threshold]
-        limbs = reconstruct(holders, np.stack([shares[holder] for holder in holders]))
-        try:
-            return field_to_bytes(limbs, length=2 * len(limbs))
-        except ProtocolError as exc:
-            raise SecurityError(f"a secret did not reconstruct: {exc}") from exc

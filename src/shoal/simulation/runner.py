@@ -61,7 +61,11 @@ from shoal.simulation.devices import Attempt, DeviceFleet
 from shoal.simulation.executor import Executor, Job, Outcome, make_executor
 from shoal.simulation.population import Population
 from shoal.simulation.record_privacy import RecordLevelLedger
-from shoal.simulation.secure_rounds import SecureRoundPlayer, secure_row_fields
+from shoal.simulation.secure_rounds import (
+    SecureRoundPlayer,
+    SimulatedIdentities,
+    secure_row_fields,
+)
 from shoal.tasks import Phase
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -130,6 +134,7 @@ class Simulation:
         )
         self.parts = RunParts(self.settings, self.strategy, self.secure)
         self.parts.check(private=self.privacy is not None)
+        self.identities = SimulatedIdentities(self.population.client_ids)  # SecAgg+'s PKI
         self._coordinator: Coordinator | None = None
         self.model_bytes = 0
         self._records = RecordLevelLedger()  # record-level DP-SGD, when clients run it
@@ -226,8 +231,9 @@ class Simulation:
         Too few ``candidates`` are no reason to wait here: the engine aborts the round.
         """
         round_number, phase = play.round, play.phase
+        config = lifecycle.round_config(play)
         actions = self.coordinator.handle(
-            StartRound(round_number, phase, now, candidates, lifecycle.round_config(play))
+            StartRound(round_number, phase, now, candidates, config, self.identities)
         )
         tasks = {a.client_id: a for a in actions if isinstance(a, SendFitTask | SendEvaluateTask)}
         closed = _closed(actions)

@@ -6,13 +6,15 @@ device class. A device may vanish at any stage (``secure_aggregation.
 stage_dropout``, drawn from the run's seed) besides the fleet's own training
 dropouts and stragglers; the stage then closes at its deadline and the
 protocol recovers what it can. The coordinator only ever receives masked
-vectors and, in the end, their sum.
+vectors and, in the end, their sum. Each simulated client signs with an
+Ed25519 key made for the run (:class:`SimulatedIdentities`), whose public
+half the coordinator is given, as a deployment's registry would.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +39,7 @@ from shoal.coordinator.events import (
 from shoal.coordinator.selection import Stream, client_key, round_rng
 from shoal.core.errors import ProtocolError, RunError, SecurityError, TransportError
 from shoal.secure.client import Contribution, SecAggClient
+from shoal.secure.consistency import IdentityKey
 from shoal.secure.homomorphic import EncryptionRequest, SiloCredentials
 from shoal.secure.messages import ClientMessage, ServerRequest, Stage
 from shoal.secure.serde import message_size
@@ -54,6 +57,39 @@ class _Arrival:
     at: float
     order: int
     make: Callable[[float], Event] = field(compare=False)
+
+
+class SimulatedIdentities(Mapping[str, bytes]):
+    """Each simulated client's Ed25519 identity for this run, made on first use.
+
+    As a mapping it holds the public keys (what the coordinator knows); the
+    player takes the private ones to sign with.
+    """
+
+    def __init__(self, client_ids: Iterable[str]) -> None:
+        self._ids = tuple(client_ids)
+        self._known = frozenset(self._ids)
+        self._keys: dict[str, IdentityKey] = {}
+
+    def key(self, client_id: str) -> IdentityKey:
+        if client_id not in self._known:
+            raise KeyError(client_id)
+        key = self._keys.get(client_id)
+        if key is None:
+            key = self._keys[client_id] = IdentityKey.generate()
+        return key
+
+    def __getitem__(self, client_id: str) -> bytes:
+        return self.key(client_id).public
+
+    def __contains__(self, client_id: object) -> bool:
+        return client_id in self._known
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 @dataclass(slots=True)
@@ -219,7 +255,9 @@ class SecureRoundPlayer:
         if client is None:
             seed = self.simulation.config.run.seed
             rng = np.random.default_rng([seed, self.round, client_key(client_id)])
-            client = self._clients[client_id] = SecAggClient(round=self.round, rng=rng)
+            identity = self.simulation.identities.key(client_id)
+            client = SecAggClient(round=self.round, identity=identity, rng=rng)
+            self._clients[client_id] = client
         return client
 
     def _vanishes(self, client_id: str, stage: Stage) -> bool:
@@ -232,7 +270,7 @@ class SecureRoundPlayer:
             stream=Stream.SECURE_DROPOUT,
             client_id=client_id,
         )
-        return bool(rng.random(len(Stage))[stage.value - 1] < chance)
+        return bool(rng.random(len(Stage))[_DRAW_OF_STAGE[stage]] < chance)
 
     def _transfer(self, client_id: str, request: ServerRequest, reply: ClientMessage) -> float:
         device = self.simulation.fleet.device_class(client_id)
@@ -242,6 +280,15 @@ class SecureRoundPlayer:
 
 
 _KEY_HOLDER_LATENCY_S = 0.5  # virtual seconds to reach the key holder and back
+# one draw per stage; the consistency and unmask stages follow each other within seconds, and
+# share one: a device drawn to vanish there vanishes before it signs the survivor set
+_DRAW_OF_STAGE = {
+    Stage.ADVERTISE_KEYS: 0,
+    Stage.SHARE_KEYS: 1,
+    Stage.MASKED_INPUT: 2,
+    Stage.CONSISTENCY: 3,
+    Stage.UNMASK: 3,
+}
 
 
 def _deadline_event(round_number: int, stage: Stage | None) -> Callable[[float], Event]:

@@ -1,0 +1,161 @@
+"""SecAgg+'s defences against active adversaries: identity signatures, commitments, share digests.
+
+The semi-honest protocol trusts the server to tell every client the same
+story about who survived. Against a malicious server (Bonawitz et al., CCS
+2017, the actively secure variant), each client holds a long-term Ed25519
+identity: it signs the X25519 keys it advertises (so the server cannot swap
+them), and after the masked-input stage it signs the survivor set the
+server announces; a client reveals shares only for a set that at least t of
+the clients it knows have signed, and it signs one set per round.
+
+Against a dishonest client, each one commits to its self-mask seed (its
+mask public key already binds its mask key), and the dealer of every share
+publishes a digest of each half of it: the server checks each revealed
+share against its digest (a mismatch convicts the holder) and every rebuilt
+secret against its commitment (a mismatch with digests that held convicts
+the dealer).
+
+Every signed or hashed message is domain-separated and bound to the run,
+the round and the nodes concerned. Everything comes from ``cryptography``
+and ``hashlib``.
+
+>>> identity = IdentityKey.generate()
+>>> context = SessionContext("run", 1)
+>>> signature = identity.sign(survivors_message(context, frozenset({1, 2})))
+>>> Verifier(identity.public).verify(signature, survivors_message(context, frozenset({1, 2})))
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from shoal.core.errors import ProtocolError
+from shoal.secure.crypto import SessionContext
+
+IDENTITY_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+DIGEST_BYTES = 32
+SHARE_DIGEST_BYTES = 2 * DIGEST_BYTES  # the mask-key half, then the seed half
+
+_DOMAIN = b"shoal.v1/secagg/"
+
+
+def _fields(*parts: bytes) -> bytes:
+    return b"".join(len(part).to_bytes(4, "big") + part for part in parts)
+
+
+def _node(node: int) -> bytes:
+    return node.to_bytes(4, "big")
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityKey:
+    """A client's long-term Ed25519 signing key (its enrolled identity, or a simulated one)."""
+
+    private: bytes
+    public: bytes
+    key: Ed25519PrivateKey = field(compare=False, repr=False)
+
+    @classmethod
+    def generate(cls) -> IdentityKey:
+        return cls.from_key(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_private(cls, private: bytes) -> IdentityKey:
+        if len(private) != IDENTITY_KEY_BYTES:
+            raise ProtocolError(f"an Ed25519 private key has 32 bytes, got {len(private)}")
+        return cls.from_key(Ed25519PrivateKey.from_private_bytes(private))
+
+    @classmethod
+    def from_key(cls, key: Ed25519PrivateKey) -> IdentityKey:
+        return cls(key.private_bytes_raw(), key.public_key().public_bytes_raw(), key)
+
+    def sign(self, message: bytes) -> bytes:
+        return self.key.sign(message)
+
+
+class Verifier:
+    """One identity's Ed25519 public key, loaded once and used for many checks."""
+
+    __slots__ = ("_key", "public")
+
+    def __init__(self, public: bytes) -> None:
+        if len(public) != IDENTITY_KEY_BYTES:
+            raise ProtocolError(f"an Ed25519 public key has 32 bytes, got {len(public)}")
+        self.public = public
+        try:
+            self._key = Ed25519PublicKey.from_public_bytes(public)
+        except ValueError as exc:
+            raise ProtocolError(f"not an Ed25519 public key: {exc}") from None
+
+    def verify(self, signature: bytes, message: bytes) -> bool:
+        """Whether ``signature`` is this identity's over ``message``."""
+        if len(signature) != SIGNATURE_BYTES:
+            return False
+        try:
+            self._key.verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
+
+
+def check_identity_key(public: bytes, what: str) -> None:
+    if len(public) != IDENTITY_KEY_BYTES:
+        raise ProtocolError(f"{what}: an Ed25519 public key has 32 bytes, got {len(public)}")
+
+
+def check_signature(signature: bytes, what: str) -> None:
+    if len(signature) != SIGNATURE_BYTES:
+        raise ProtocolError(f"{what}: an Ed25519 signature has 64 bytes, got {len(signature)}")
+
+
+# --- what is signed ----------------------------------------------------------------------------
+
+
+def advertisement_message(
+    context: SessionContext, node: int, *, cipher: bytes, mask: bytes, seed_commitment: bytes
+) -> bytes:
+    """What a client signs in stage 1: its two X25519 keys and its seed commitment, as ``node``."""
+    return _fields(
+        _DOMAIN + b"advertise", context.encode(), _node(node), cipher, mask, seed_commitment
+    )
+
+
+def survivors_message(context: SessionContext, survivors: Iterable[int]) -> bytes:
+    """What a client signs in the consistency stage: the exact survivor set of this round."""
+    nodes = np.array(sorted(survivors), dtype=">u4").tobytes()
+    return _fields(_DOMAIN + b"survivors", context.encode(), nodes)
+
+
+# --- what is committed -------------------------------------------------------------------------
+
+
+def seed_commitment(context: SessionContext, node: int, seed: bytes) -> bytes:
+    """The sha256 commitment to ``node``'s self-mask seed (32 random bytes: it hides the seed)."""
+    return hashlib.sha256(_fields(_DOMAIN + b"seed", context.encode(), _node(node), seed)).digest()
+
+
+def share_digest(
+    context: SessionContext, *, dealer: int, holder: int, key_half: bytes, seed_half: bytes
+) -> bytes:
+    """The dealer's digest of the share it deals to ``holder``: one sha256 for each half."""
+    return half_digest(context, dealer, holder, b"key", key_half) + half_digest(
+        context, dealer, holder, b"seed", seed_half
+    )
+
+
+def half_digest(
+    context: SessionContext, dealer: int, holder: int, half: bytes, data: bytes
+) -> bytes:
+    """The sha256 of one half (``b"key"`` or ``b"seed"``) of a share, bound to its two nodes."""
+    framed = _fields(
+        _DOMAIN + b"share-" + half, context.encode(), _node(dealer), _node(holder), data
+    )
+    return hashlib.sha256(framed).digest()
