@@ -352,3 +352,15 @@ def test_the_driver_refuses_a_homomorphic_job_without_a_key_holder() -> None:
             candidates=list,
             on_closed=closing(persist),
         )
+
+
+def test_the_driver_refuses_a_secagg_job_without_the_clients_identity_keys() -> None:
+    coordinator = Coordinator(
+        settings=RoundSettings(clients_per_round=2),
+        strategy=make_strategy("fedavg"),
+        parameters=Parameters.from_arrays([np.zeros(SIZE, np.float32)]),
+        seed=1,
+        secure=SecureSettings(run_id="r", quantization=Quantization()),
+    )
+    with pytest.raises(ConfigError, match="identity keys"):
+        RoundDriver(coordinator, DriverSettings(), plays=schedule(rounds=1), candidates=list)

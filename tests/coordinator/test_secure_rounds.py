@@ -30,6 +30,7 @@ from shoal.coordinator.setup import secure_settings_from_config
 from shoal.core import ConfigError, Parameters
 from shoal.secure.client import Contribution, SecAggClient
 from shoal.secure.consistency import IdentityKey
+from shoal.secure.loopback import altered_reveal
 from shoal.secure.messages import MaskedInput, Stage
 from shoal.secure.quantization import Quantization
 from shoal.secure.server import SecAggServer
@@ -261,3 +262,32 @@ def test_overflowing_quantization_is_refused_at_configuration_time() -> None:
         secure_settings_from_config(config, run_id="r")
     plain = parse_config({"secure_aggregation": {"protocol": "none"}})
     assert secure_settings_from_config(plain, run_id="r") is None
+
+
+def test_only_candidates_with_an_identity_key_are_selected_for_secagg() -> None:
+    coordinator = make()
+    keyed = {client: PUBLIC[client] for client in CANDIDATES[:9]}
+    actions = coordinator.handle(StartRound(1, Phase.FIT, 0.0, CANDIDATES, identities=keyed))
+    selected = {a.client_id for a in actions if isinstance(a, SendSecureRequest)}
+    assert len(selected) == 10 - 1 and selected <= set(keyed)  # nine keyed, all of them asked
+    coordinator = make()
+    actions = coordinator.handle(StartRound(1, Phase.FIT, 0.0, CANDIDATES))
+    assert isinstance(actions[0], RoundClosed) and not actions[0].summary.committed
+
+
+def test_a_culprit_is_reported_with_what_it_did() -> None:
+    coordinator = make()
+    network = Network(coordinator)
+    cheat = sorted(network.clients)[0]
+    honest = network.clients[cheat]
+
+    class Cheat(SecAggClient):
+        def handle(self, request, contribution=None):  # type: ignore[no-untyped-def]
+            return altered_reveal(honest.handle(request, contribution), node=honest.node)
+
+    network.clients[cheat] = Cheat(round=1, identity=IDENTITIES[cheat])
+    closed = network.run()
+    report = closed.summary.secure
+    assert report is not None and set(report.culprits) == {cheat}
+    assert "differs from the one it was dealt" in report.culprits[cheat]
+    assert closed.summary.committed  # the honest shares were enough: the sum is exact

@@ -1,0 +1,58 @@
+"""Identity signatures, seed commitments and share digests: bound to what they are about."""
+
+from __future__ import annotations
+
+import pytest
+
+from shoal.core import ProtocolError
+from shoal.secure.consistency import (
+    IdentityKey,
+    Verifier,
+    advertisement_message,
+    half_digest,
+    seed_commitment,
+    share_digest,
+    survivors_message,
+)
+from shoal.secure.crypto import SessionContext
+from shoal.transport.signing import generate_client_key
+
+CONTEXT = SessionContext("run", 3)
+
+
+def test_an_enrolled_key_signs_and_its_public_half_verifies() -> None:
+    private, public = generate_client_key()
+    identity = IdentityKey.from_private(private)
+    assert identity.public == public
+    message = survivors_message(CONTEXT, {1, 2, 5})
+    signature = identity.sign(message)
+    verifier = Verifier(public)
+    assert verifier.verify(signature, message)
+    assert not verifier.verify(signature, survivors_message(CONTEXT, {1, 2}))
+    assert not verifier.verify(signature, survivors_message(SessionContext("run", 4), {1, 2, 5}))
+    assert not Verifier(IdentityKey.generate().public).verify(signature, message)
+    assert not verifier.verify(signature[:10], message)
+
+
+def test_each_kind_of_message_is_domain_separated() -> None:
+    nodes = survivors_message(CONTEXT, {1})
+    keys = advertisement_message(CONTEXT, 1, cipher=b"", mask=b"", seed_commitment=b"")
+    assert nodes != keys and b"survivors" in nodes and b"advertise" in keys
+    assert survivors_message(CONTEXT, []) != survivors_message(CONTEXT, [0])
+
+
+def test_commitments_and_digests_bind_their_nodes_and_halves() -> None:
+    seed = bytes(range(32))
+    assert seed_commitment(CONTEXT, 1, seed) != seed_commitment(CONTEXT, 2, seed)
+    assert seed_commitment(CONTEXT, 1, seed) != seed_commitment(SessionContext("run", 4), 1, seed)
+    digest = share_digest(CONTEXT, dealer=1, holder=2, key_half=b"k" * 64, seed_half=b"s" * 64)
+    assert digest[:32] == half_digest(CONTEXT, 1, 2, b"key", b"k" * 64)
+    assert digest[32:] == half_digest(CONTEXT, 1, 2, b"seed", b"s" * 64)
+    assert half_digest(CONTEXT, 1, 2, b"key", b"x") != half_digest(CONTEXT, 2, 1, b"key", b"x")
+
+
+def test_malformed_keys_are_protocol_errors() -> None:
+    with pytest.raises(ProtocolError, match="32 bytes"):
+        IdentityKey.from_private(b"short")
+    with pytest.raises(ProtocolError, match="32 bytes"):
+        Verifier(b"")
