@@ -248,7 +248,7 @@ class SecureAggregationSection(_Section):
     unmask_s: PositiveFloat = 30.0
     stage_dropout: Fraction = 0.0  # simulation only: chance to vanish at each protocol stage
     # the share of a cohort expected to drop during a round; unset: the devices' mean dropout.
-    # A degree whose rounds would abort more often than MAX_ROUND_FAILURE is refused.
+    # A degree whose rounds would abort more often than 5% at this dropout is refused.
     expected_dropout: Fraction | None = None
     # ckks: the key holder (unset: one made in the run folder; else the address of
     # `shoal keyholder serve`), the CA that pins it, the silos' receipt keys, its minimum

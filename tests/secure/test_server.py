@@ -329,6 +329,7 @@ def test_keys_not_signed_by_the_enrolled_identity_are_refused() -> None:
 
 
 def test_the_survivor_set_is_signed_and_each_client_gets_its_neighbours_signatures() -> None:
+    """The server forwards what each signed; the clients check (see the client's tests)."""
     harness = harness_at(Stage.CONSISTENCY)
     requests = [a.request for a in harness.pending if isinstance(a, SendRequest)]
     assert requests and all(isinstance(r, ConsistencyRequest) for r in requests)
@@ -336,8 +337,6 @@ def test_the_survivor_set_is_signed_and_each_client_gets_its_neighbours_signatur
         frozenset({1, 2, 3, 4})
     }
     harness.answer()
-    with pytest.raises(SecurityError, match="signed another survivor set"):
-        harness.server.handle(MessageReceived("a", harness.replies["b"], 1.0))
     harness.deliver()
     assert harness.server.stage is Stage.UNMASK
     unmask = {a.client_id: a.request for a in harness.pending if isinstance(a, SendRequest)}

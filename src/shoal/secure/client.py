@@ -145,6 +145,7 @@ class SecAggClient:
         self._peer_keys: dict[int, PublicKeys] = {}
         self._verifiers: dict[int, Verifier] = {}  # neighbours' identities, checked in stage 2
         self._signed: frozenset[int] | None = None  # the one survivor set this client signs
+        self._session_context: SessionContext | None = None
         self._channel_keys: dict[int, bytes] = {}  # AES-GCM keys, by peer
         self._held_shares: dict[int, npt.NDArray[np.int64]] = {}  # by owner, including my own
 
@@ -373,8 +374,10 @@ class SecAggClient:
         return self._session
 
     def _context(self) -> SessionContext:
-        session = self._require_session()
-        return SessionContext(run_id=session.run_id, round=session.round)
+        if self._session_context is None:
+            session = self._require_session()
+            self._session_context = SessionContext(run_id=session.run_id, round=session.round)
+        return self._session_context
 
     def _address(self, stage: Stage, *, sender: int, receiver: int) -> ShareAddress:
         return ShareAddress(self._context(), stage.label, sender, receiver)

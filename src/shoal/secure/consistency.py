@@ -28,6 +28,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -53,6 +54,11 @@ def _fields(*parts: bytes) -> bytes:
 
 def _node(node: int) -> bytes:
     return node.to_bytes(4, "big")
+
+
+@functools.lru_cache(maxsize=64)
+def _context_bytes(context: SessionContext) -> bytes:
+    return context.encode()  # the same few contexts, encoded for every signature and digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,14 +130,14 @@ def advertisement_message(
 ) -> bytes:
     """What a client signs in stage 1: its two X25519 keys and its seed commitment, as ``node``."""
     return _fields(
-        _DOMAIN + b"advertise", context.encode(), _node(node), cipher, mask, seed_commitment
+        _DOMAIN + b"advertise", _context_bytes(context), _node(node), cipher, mask, seed_commitment
     )
 
 
 def survivors_message(context: SessionContext, survivors: Iterable[int]) -> bytes:
     """What a client signs in the consistency stage: the exact survivor set of this round."""
     nodes = np.array(sorted(survivors), dtype=">u4").tobytes()
-    return _fields(_DOMAIN + b"survivors", context.encode(), nodes)
+    return _fields(_DOMAIN + b"survivors", _context_bytes(context), nodes)
 
 
 # --- what is committed -------------------------------------------------------------------------
@@ -139,7 +145,8 @@ def survivors_message(context: SessionContext, survivors: Iterable[int]) -> byte
 
 def seed_commitment(context: SessionContext, node: int, seed: bytes) -> bytes:
     """The sha256 commitment to ``node``'s self-mask seed (32 random bytes: it hides the seed)."""
-    return hashlib.sha256(_fields(_DOMAIN + b"seed", context.encode(), _node(node), seed)).digest()
+    framed = _fields(_DOMAIN + b"seed", _context_bytes(context), _node(node), seed)
+    return hashlib.sha256(framed).digest()
 
 
 def share_digest(

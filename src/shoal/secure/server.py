@@ -28,40 +28,25 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Final
-
-import numpy as np
-import numpy.typing as npt
 
 from shoal.core.errors import IllegalTransition, ProtocolError, SecurityError
 from shoal.core.sharing import graph_degree, minimum_threshold
-from shoal.secure.consistency import (
-    Verifier,
-    advertisement_message,
-    survivors_message,
-)
 from shoal.secure.crypto import SessionContext
 from shoal.secure.graph import Graph, neighbour_graph
 from shoal.secure.messages import (
     AdvertiseKeysRequest,
-    Advertisement,
     ClientMessage,
-    ConsistencyRequest,
     KeysAdvertised,
     MaskedInput,
-    MaskedInputRequest,
-    PeerKeys,
-    ServerRequest,
     SessionConfig,
-    ShareKeysRequest,
     SharesSent,
     Stage,
     StaleMessage,
     SurvivorsSigned,
-    UnmaskRequest,
     UnmaskShares,
 )
+from shoal.secure.server_books import Books, stage_requests
 from shoal.secure.server_events import (
     Aborted,
     ClientDropped,
@@ -148,25 +133,6 @@ SERVER_TRANSITIONS: Final[Mapping[tuple[Stage, Trigger], Stage]] = {
 }
 
 
-@dataclass(slots=True)
-class _Books:
-    """What the server knows about each node."""
-
-    keys: dict[int, Advertisement] = field(default_factory=dict)  # U1, signed
-    routed: dict[int, dict[int, bytes]] = field(
-        default_factory=dict
-    )  # receiver -> sender -> sealed
-    digests: dict[int, dict[int, bytes]] = field(default_factory=dict)  # receiver -> sender
-    shared: set[int] = field(default_factory=set)  # U2
-    masked: set[int] = field(default_factory=set)  # U3
-    total: npt.NDArray[np.uint32] | None = None
-    signed: dict[int, bytes] = field(default_factory=dict)  # U4: signatures over U3
-    ledger: ShareLedger = field(default_factory=ShareLedger)
-    unmasked: set[int] = field(default_factory=set)  # U5
-    gone: set[int] = field(default_factory=set)  # reported dropped by the shell
-    dropped: dict[str, int] = field(default_factory=dict)
-
-
 class SecAggServer:
     """The server's side of one secure round; see the module docstring."""
 
@@ -200,7 +166,7 @@ class SecAggServer:
         self.nodes: dict[str, int] = {client: i for i, client in enumerate(client_ids, start=1)}
         self.clients: dict[int, str] = {i: client for client, i in self.nodes.items()}
         self.graph: Graph = neighbour_graph(session.num_nodes, degree=degree, seed=graph_seed)
-        self._books = _Books(ledger=ShareLedger(names=self.clients))
+        self._books = Books(ledger=ShareLedger(names=self.clients))
         self._context = SessionContext(run_id=session.run_id, round=session.round)
         self._identities = {self.nodes[client]: identities[client] for client in client_ids}
         self._started = False
@@ -292,76 +258,27 @@ class SecAggServer:
                 f"{event.client_id} is not expected at {self.stage.label} "
                 "(it answered already, dropped before, or was never asked)"
             )
-        match event.message:
-            case KeysAdvertised():
-                self._take_keys(node, event.message)
-            case SharesSent():
-                self._take_shares(node, event.message)
-            case MaskedInput():
-                self._take_masked_input(node, event.message)
-            case SurvivorsSigned():
-                self._take_signature(node, event.message)
-            case UnmaskShares():
-                self._take_unmask_shares(node, event.message)
+        books = self._books
+        try:
+            match event.message:
+                case KeysAdvertised():
+                    identity = self._identities[node]
+                    books.take_keys(node, event.message, context=self._context, identity=identity)
+                case SharesSent():
+                    books.take_shares(node, event.message, neighbours=self.graph[node])
+                case MaskedInput():
+                    self._take_masked_input(node, event.message)
+                case SurvivorsSigned():
+                    books.take_signature(node, event.message.signature)
+                case UnmaskShares():
+                    graph, context = self.graph, self._context
+                    books.take_unmask_shares(node, event.message, context=context, graph=graph)
+        except (ProtocolError, SecurityError) as exc:
+            raise type(exc)(f"{event.client_id} refused at {self.stage.label}: {exc}") from None
         return self._close(event.now) if self._stage_complete() else []
 
-    def _take_keys(self, node: int, message: KeysAdvertised) -> None:
-        advertisement = message.advertisement
-        signed = advertisement_message(
-            self._context,
-            node,
-            cipher=advertisement.keys.cipher,
-            mask=advertisement.keys.mask,
-            seed_commitment=advertisement.seed_commitment,
-        )
-        if not Verifier(self._identities[node]).verify(advertisement.signature, signed):
-            raise SecurityError(f"{self.clients[node]}'s keys carry no valid signature of its own")
-        self._books.keys[node] = advertisement
-
-    def _take_signature(self, node: int, message: SurvivorsSigned) -> None:
-        signed = survivors_message(self._context, self._books.masked)
-        if not Verifier(self._identities[node]).verify(message.signature, signed):
-            raise SecurityError(f"{self.clients[node]} signed another survivor set, or badly")
-        self._books.signed[node] = message.signature
-
-    def _take_shares(self, node: int, message: SharesSent) -> None:
-        expected = self.graph[node] & set(self._books.keys)
-        if set(message.sealed_shares) != expected:
-            raise ProtocolError(
-                f"{self.clients[node]} sent shares for {sorted(message.sealed_shares)}, "
-                f"expected one for each of {sorted(expected)}"
-            )
-        for receiver, sealed in message.sealed_shares.items():
-            self._books.routed.setdefault(receiver, {})[node] = sealed
-            self._books.digests.setdefault(receiver, {})[node] = message.share_digests[receiver]
-        self._books.shared.add(node)
-
     def _take_masked_input(self, node: int, message: MaskedInput) -> None:
-        if message.vector.size != self.session.masked_length:
-            raise ProtocolError(
-                f"{self.clients[node]} sent {message.vector.size} masked values, "
-                f"expected {self.session.masked_length}"
-            )
-        books = self._books
-        if books.total is None:
-            books.total = message.vector.copy()
-        else:
-            np.add(books.total, message.vector, out=books.total)  # wraps modulo 2^32
-        books.masked.add(node)
-
-    def _take_unmask_shares(self, node: int, message: UnmaskShares) -> None:
-        books = self._books
-        asked_seeds, asked_keys = self._unmask_lists(node)
-        if set(message.seed_shares) != asked_seeds or set(message.key_shares) != asked_keys:
-            raise ProtocolError(f"{self.clients[node]} answered another unmask request")
-        books.ledger.take(
-            self._context,
-            node,
-            seed_shares=message.seed_shares,
-            key_shares=message.key_shares,
-            digests=books.digests.get(node, {}),
-        )
-        books.unmasked.add(node)
+        self._books.take_masked_input(node, message, length=self.session.masked_length)
 
     def _drop(self, event: ClientDropped) -> list[ServerAction]:
         node = self.nodes.get(event.client_id)
@@ -448,43 +365,14 @@ class SecAggServer:
                 del keys[node]
 
     def _requests(self) -> list[ServerAction]:
-        books, round_number = self._books, self.session.round
-        actions: list[ServerAction] = []
-        request: ServerRequest
-        if self.stage is Stage.SHARE_KEYS:
-            for node in sorted(books.keys):
-                peers = {
-                    peer: PeerKeys(self._identities[peer], books.keys[peer])
-                    for peer in sorted(self.graph[node] & set(books.keys))
-                }
-                actions.append(
-                    SendRequest(self.clients[node], ShareKeysRequest(round_number, peers))
-                )
-        elif self.stage is Stage.MASKED_INPUT:
-            for node in sorted(books.shared):
-                senders = sorted(set(books.routed.get(node, {})) & books.shared)
-                inbox = {sender: books.routed[node][sender] for sender in senders}
-                digests = {sender: books.digests[node][sender] for sender in senders}
-                request = MaskedInputRequest(round_number, inbox, digests)
-                actions.append(SendRequest(self.clients[node], request))
-        elif self.stage is Stage.CONSISTENCY:
-            survivors = frozenset(books.masked)
-            for node in sorted(survivors):
-                request = ConsistencyRequest(round_number, survivors)
-                actions.append(SendRequest(self.clients[node], request))
-        elif self.stage is Stage.UNMASK:
-            for node in sorted(books.signed):
-                signers = sorted(self.graph[node] & set(books.signed))
-                signatures = {signer: books.signed[signer] for signer in signers}
-                request = UnmaskRequest(round_number, signatures)
-                actions.append(SendRequest(self.clients[node], request))
-        return actions
-
-    def _unmask_lists(self, node: int) -> tuple[frozenset[int], frozenset[int]]:
-        """Whose seed shares and whose key shares ``node`` must reveal."""
-        books = self._books
-        peers = self.graph[node] & books.shared
-        return (peers & books.masked) | {node}, peers - books.masked
+        requests = stage_requests(
+            self.stage,
+            self._books,
+            graph=self.graph,
+            identities=self._identities,
+            round_number=self.session.round,
+        )
+        return [SendRequest(self.clients[node], request) for node, request in requests.items()]
 
     def _deadline(self, now: float) -> ScheduleStageDeadline:
         return ScheduleStageDeadline(self.stage, now + self.deadlines.of(self.stage))
