@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from shoal.aggregation.strategy import make_strategy
 from shoal.apps.builtin import DataScenario
+from shoal.client import runtime as runtime_module
 from shoal.client.api import Client, FitConfig, FitResult
 from shoal.client.link import (
     CheckIn,
@@ -31,15 +33,18 @@ from shoal.coordinator.inprocess import InProcessLink
 from shoal.coordinator.schedule import schedule
 from shoal.coordinator.secure import SecureSettings
 from shoal.core import ConfigError, Parameters, TransportError
+from shoal.secure.client import SecAggClient
 from shoal.secure.messages import (
     AdvertiseKeysRequest,
     Advertisement,
     ClientMessage,
+    ConsistencyRequest,
     MaskedInputRequest,
     PeerKeys,
     PublicKeys,
     SessionConfig,
     ShareKeysRequest,
+    SurvivorsSigned,
     UnmaskRequest,
 )
 from shoal.secure.quantization import Quantization
@@ -292,3 +297,41 @@ def test_the_backoff_is_capped_and_jittered() -> None:
     for base_s, cap_s in ((0.0, 1.0), (2.0, 1.0), (0.1, float("inf"))):
         with pytest.raises(ConfigError, match="backoff"):
             Backoff(base_s, cap_s)
+
+
+def test_a_client_takes_part_in_a_round_once_even_if_the_round_is_played_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A coordinator that replays round 4 (a restart, or a malicious one) cannot have this
+    client sign a second survivor set for it: two sets per round defeat the check."""
+
+    class Signing(SecAggClient):
+        def handle(self, request, contribution=None):  # type: ignore[no-untyped-def]
+            if isinstance(request, ConsistencyRequest):
+                return SurvivorsSigned(request.round, bytes(64))
+            return super().handle(request, contribution)
+
+    monkeypatch.setattr(runtime_module, "SecAggClient", Signing)
+    session = SessionConfig("run", 4, 3, 3, 2, Quantization(clip=1.0).fitted(3))
+    advertise = AdvertiseKeysRequest(4, session, 1, frozenset({2, 3}))
+    link = ScriptedLink(
+        [
+            SecureOffer(4, advertise, 1.0),
+            SecureOffer(4, ConsistencyRequest(4, frozenset({1, 2, 3})), 1.0),
+            SecureOffer(4, advertise, 1.0),  # round 4 again: refused
+            SecureOffer(
+                5,
+                dataclasses.replace(
+                    advertise, round=5, session=dataclasses.replace(session, round=5)
+                ),
+                1.0,
+            ),
+        ]
+    )
+    enrollment = load_or_create_enrollment(tmp_path, generate_client_key)
+    link.runtime = ClientRuntime(Untouchable(), link, enrollment, seed=0)  # type: ignore[arg-type]
+    asyncio.run(link.runtime.run())
+    sent = [type(message).__name__ for message in link.secure_sent]
+    assert sent == ["KeysAdvertised", "SurvivorsSigned", "KeysAdvertised"]
+    assert [round_number for round_number, _ in link.failures] == [4]
+    assert "already signed the survivor set of round 4" in link.failures[0][1]

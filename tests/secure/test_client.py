@@ -258,6 +258,9 @@ def test_swapped_keys_and_a_share_that_misses_its_digest_are_refused() -> None:
     with pytest.raises(SecurityError, match="node 2 carry no valid signature"):
         clients[1].handle(ShareKeysRequest(2, {**peers, 2: PeerKeys(peers[2].identity, forged)}))
     assert clients[1].stage is ClientStage.KEYS_ADVERTISED
+    twice = {**peers, 3: PeerKeys(peers[2].identity, adverts[3])}
+    with pytest.raises(SecurityError, match="share an identity key"):
+        clients[1].handle(ShareKeysRequest(2, twice))
     inboxes = _share(clients, adverts)
     sealed, digests = inboxes[1]
     with pytest.raises(SecurityError, match="does not match the digest"):

@@ -24,21 +24,28 @@ def test_an_enrolled_key_signs_and_its_public_half_verifies() -> None:
     private, public = generate_client_key()
     identity = IdentityKey.from_private(private)
     assert identity.public == public
-    message = survivors_message(CONTEXT, {1, 2, 5})
+    key = bytes(range(32))
+    message = survivors_message(CONTEXT, frozenset({1, 2, 5}), signer=2, mask_key=key)
     signature = identity.sign(message)
     verifier = Verifier(public)
     assert verifier.verify(signature, message)
-    assert not verifier.verify(signature, survivors_message(CONTEXT, {1, 2}))
-    assert not verifier.verify(signature, survivors_message(SessionContext("run", 4), {1, 2, 5}))
+    for other in (
+        survivors_message(CONTEXT, frozenset({1, 2}), signer=2, mask_key=key),
+        survivors_message(SessionContext("run", 4), frozenset({1, 2, 5}), signer=2, mask_key=key),
+        survivors_message(CONTEXT, frozenset({1, 2, 5}), signer=5, mask_key=key),
+        survivors_message(CONTEXT, frozenset({1, 2, 5}), signer=2, mask_key=bytes(32)),
+    ):
+        assert not verifier.verify(signature, other)
     assert not Verifier(IdentityKey.generate().public).verify(signature, message)
     assert not verifier.verify(signature[:10], message)
 
 
 def test_each_kind_of_message_is_domain_separated() -> None:
-    nodes = survivors_message(CONTEXT, {1})
+    nodes = survivors_message(CONTEXT, frozenset({1}), signer=1, mask_key=b"")
     keys = advertisement_message(CONTEXT, 1, cipher=b"", mask=b"", seed_commitment=b"")
     assert nodes != keys and b"survivors" in nodes and b"advertise" in keys
-    assert survivors_message(CONTEXT, []) != survivors_message(CONTEXT, [0])
+    empty = survivors_message(CONTEXT, frozenset(), signer=1, mask_key=b"")
+    assert empty != survivors_message(CONTEXT, frozenset({0}), signer=1, mask_key=b"")
 
 
 def test_commitments_and_digests_bind_their_nodes_and_halves() -> None:

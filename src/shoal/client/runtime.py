@@ -65,7 +65,12 @@ from shoal.core.parameters import Parameters
 from shoal.secure.client import Contribution, SecAggClient
 from shoal.secure.consistency import IdentityKey
 from shoal.secure.homomorphic import EncryptionRequest, SiloCredentials
-from shoal.secure.messages import AdvertiseKeysRequest, ServerRequest, StaleMessage
+from shoal.secure.messages import (
+    AdvertiseKeysRequest,
+    ServerRequest,
+    StaleMessage,
+    SurvivorsSigned,
+)
 from shoal.secure.serde import FitRequest, SecureReply
 from shoal.tasks import (
     Offer,
@@ -174,6 +179,7 @@ class ClientRuntime:
         self._rng = random.Random(seed)
         self._model: tuple[str, Parameters] | None = None
         self._secure: SecAggClient | None = None  # this client's side of the current secure round
+        self._signed_rounds: set[tuple[str, int]] = set()  # (run, round): survivor sets signed
         self._stopping = asyncio.Event()
         self.tasks_done = 0
         self.finished: RunFinished | None = None  # the coordinator said the run is over
@@ -243,10 +249,13 @@ class ClientRuntime:
     async def _serve_stage(self, offer: SecureOffer) -> None:
         """Answer a key or unmask stage of a secure round (not a task: it is not counted)."""
         try:
-            reply = self._session(offer.request).handle(offer.request)
+            session = self._session(offer.request)
+            reply = session.handle(offer.request)
         except (ProtocolError, SecurityError) as exc:  # stale, out of order, or tampered
             await self._give_up(offer, f"secure aggregation refused: {exc}")
             return
+        if isinstance(reply, SurvivorsSigned) and session.session is not None:
+            self._signed_rounds.add((session.session.run_id, reply.round))
         await self._upload(offer.round, lambda: self._send(SubmitSecure(reply)))
 
     def _protected(self, request: FitRequest) -> _Protected:
@@ -268,6 +277,11 @@ class ClientRuntime:
     def _session(self, request: ServerRequest) -> SecAggClient:
         """The secure round's client; an advertise-keys request starts a new one."""
         if isinstance(request, AdvertiseKeysRequest):
+            if (request.session.run_id, request.round) in self._signed_rounds:
+                raise ProtocolError(
+                    f"this client already signed the survivor set of round {request.round}: "
+                    "it takes part in a round once (a replayed round could show it two sets)"
+                )
             identity = IdentityKey.from_private(self.enrollment.private_key)
             self._secure = SecAggClient(round=request.round, identity=identity)  # OS randomness
         if self._secure is None or self._secure.round != request.round:

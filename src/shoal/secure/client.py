@@ -153,6 +153,11 @@ class SecAggClient:
     def node(self) -> int:
         return self._node
 
+    @property
+    def session(self) -> SessionConfig | None:
+        """The session this client joined (None before the advertise-keys request)."""
+        return self._session
+
     def handle(
         self, request: ServerRequest, contribution: Contribution | None = None
     ) -> ClientMessage:
@@ -247,7 +252,13 @@ class SecAggClient:
         return SharesSent(round=self.round, sealed_shares=sealed, share_digests=digests)
 
     def _check_advertisements(self, request: ShareKeysRequest) -> dict[int, Verifier]:
-        """Each neighbour's keys must carry its identity's signature: no one can swap them."""
+        """Each neighbour's keys must carry its identity's signature: no one can swap them.
+
+        Identities are distinct: one client cannot stand for several neighbours (or for me).
+        """
+        identities = [peer.identity for peer in request.peers.values()] + [self._identity.public]
+        if len(set(identities)) != len(identities):
+            raise SecurityError("two of my neighbours (or one and I) share an identity key")
         verifiers = {}
         for node, peer in sorted(request.peers.items()):
             advertisement, verifier = peer.advertisement, Verifier(peer.identity)
@@ -333,7 +344,10 @@ class SecAggClient:
                 f"nodes {sorted(unshared)} are listed as survivors but never shared with me"
             )
         self._signed = survivors
-        signature = self._identity.sign(survivors_message(self._context(), survivors))
+        message = survivors_message(
+            self._context(), survivors, signer=self._node, mask_key=self._mask_keys.public
+        )
+        signature = self._identity.sign(message)
         return SurvivorsSigned(round=self.round, signature=signature)
 
     # --- stage 5 -----------------------------------------------------------------------
@@ -354,11 +368,13 @@ class SecAggClient:
     def _require_signatures(self, request: UnmaskRequest, survivors: frozenset[int]) -> None:
         """At least t of the clients I know (myself included) must have signed my very set."""
         threshold = self._require_session().threshold
-        message = survivors_message(self._context(), survivors)
         valid = 1  # my own: I signed this set
         for signer in sorted(set(request.signatures) & set(self._verifiers) & survivors):
             if valid >= threshold:
                 break
+            message = survivors_message(
+                self._context(), survivors, signer=signer, mask_key=self._peer_keys[signer].mask
+            )
             valid += self._verifiers[signer].verify(request.signatures[signer], message)
         if valid < threshold:
             raise SecurityError(

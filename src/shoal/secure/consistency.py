@@ -21,8 +21,8 @@ and ``hashlib``.
 
 >>> identity = IdentityKey.generate()
 >>> context = SessionContext("run", 1)
->>> signature = identity.sign(survivors_message(context, frozenset({1, 2})))
->>> Verifier(identity.public).verify(signature, survivors_message(context, frozenset({1, 2})))
+>>> message = survivors_message(context, frozenset({1, 2}), signer=1, mask_key=bytes(32))
+>>> Verifier(identity.public).verify(identity.sign(message), message)
 True
 """
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -134,10 +133,24 @@ def advertisement_message(
     )
 
 
-def survivors_message(context: SessionContext, survivors: Iterable[int]) -> bytes:
-    """What a client signs in the consistency stage: the exact survivor set of this round."""
-    nodes = np.array(sorted(survivors), dtype=">u4").tobytes()
-    return _fields(_DOMAIN + b"survivors", _context_bytes(context), nodes)
+def survivors_message(
+    context: SessionContext, survivors: frozenset[int], *, signer: int, mask_key: bytes
+) -> bytes:
+    """What a client signs in the consistency stage: the exact survivor set of this round, as
+    ``signer`` with the mask key it advertised in this session (so that a signature from an
+    earlier session of the same round, under other keys, does not count)."""
+    return _fields(
+        _DOMAIN + b"survivors",
+        _context_bytes(context),
+        _node(signer),
+        mask_key,
+        _set_bytes(survivors),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _set_bytes(survivors: frozenset[int]) -> bytes:
+    return np.array(sorted(survivors), dtype=">u4").tobytes()  # every signer's message holds it
 
 
 # --- what is committed -------------------------------------------------------------------------
