@@ -15,15 +15,19 @@ from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.core.errors import IntegrityError, ProtocolError, SecurityError
 from shoal.secure.messages import (
     AdvertiseKeysRequest,
+    Advertisement,
     ClientMessage,
+    ConsistencyRequest,
     KeysAdvertised,
     MaskedInput,
     MaskedInputRequest,
+    PeerKeys,
     PublicKeys,
     ServerRequest,
     SessionConfig,
     ShareKeysRequest,
     SharesSent,
+    SurvivorsSigned,
     UnmaskRequest,
     UnmaskShares,
 )
@@ -472,12 +476,18 @@ def public_keys(seed: bytes) -> PublicKeys:
     return PublicKeys(cipher=cipher, mask=bytes(byte ^ 0xFF for byte in cipher))
 
 
+def advertised(seed: bytes) -> Advertisement:
+    """Signed keys as a client advertises them (the signature's bytes are arbitrary here)."""
+    commitment = hashlib.sha256(b"seed" + seed).digest()
+    return Advertisement(public_keys(seed), commitment, hashlib.sha512(seed).digest())
+
+
 @st.composite
 def stage_requests(draw: st.DrawFn, round_number: int) -> ServerRequest:
     """A key or unmask request of ``round_number`` (the masked-input one rides on a fit task)."""
     nodes = draw(st.integers(min_value=2, max_value=8))
     others = frozenset(range(2, nodes + 1))
-    kind = draw(st.sampled_from(["advertise", "share", "unmask"]))
+    kind = draw(st.sampled_from(["advertise", "share", "consistency", "unmask"]))
     if kind == "advertise":
         session = SessionConfig(
             run_id=draw(NAME),
@@ -489,10 +499,15 @@ def stage_requests(draw: st.DrawFn, round_number: int) -> ServerRequest:
         )
         return AdvertiseKeysRequest(round_number, session, 1, others)
     if kind == "share":
-        keys = {node: public_keys(draw(st.binary(max_size=4))) for node in others}
-        return ShareKeysRequest(round_number, keys)
-    dropped = frozenset(draw(st.sets(st.sampled_from(sorted(others)))))
-    return UnmaskRequest(round_number, (others - dropped) | {1}, dropped)
+        peers = {
+            node: PeerKeys(bytes([node]) * 32, advertised(draw(st.binary(max_size=4))))
+            for node in others
+        }
+        return ShareKeysRequest(round_number, peers)
+    signers = frozenset(draw(st.sets(st.sampled_from(sorted(others)))))
+    if kind == "consistency":
+        return ConsistencyRequest(round_number, signers | {1})
+    return UnmaskRequest(round_number, {node: bytes([node]) * 64 for node in signers})
 
 
 @st.composite
@@ -503,7 +518,10 @@ def secure_tasks(draw: st.DrawFn) -> SecureTask:
 
 
 def masked_input_task(round_number: int = 2, shares: int = 3) -> Task:
-    request = MaskedInputRequest(round_number, {n: bytes([n]) * 156 for n in range(1, shares + 1)})
+    nodes = range(1, shares + 1)
+    request = MaskedInputRequest(
+        round_number, {n: bytes([n]) * 156 for n in nodes}, {n: bytes([n]) * 64 for n in nodes}
+    )
     config = FitConfig(round=round_number)
     return Task(
         round_number, "run", Phase.FIT, ModelRef("v1", "a" * 64, 100), config, 30.0, request
@@ -543,9 +561,10 @@ def test_a_secure_message_header_round_trips(
 @pytest.mark.parametrize(
     "message",
     [
-        KeysAdvertised(3, public_keys(b"k")),
-        SharesSent(3, {2: b"s" * 156, 5: b"t" * 156}),
-        SharesSent(3, {}),
+        KeysAdvertised(3, advertised(b"k")),
+        SharesSent(3, {2: b"s" * 156, 5: b"t" * 156}, {2: b"d" * 64, 5: b"e" * 64}),
+        SharesSent(3, {}, {}),
+        SurvivorsSigned(3, b"g" * 64),
         MaskedInput(3, np.arange(7, dtype=np.uint32)),
         MaskedInput(3, np.zeros(0, np.uint32)),
         UnmaskShares(3, {1: b"a" * 64}, {2: b"b" * 64}),
@@ -577,8 +596,8 @@ def test_a_secure_reply_travels_as_a_signed_header_and_chunks(message: ClientMes
 
 
 def test_requests_and_replies_cannot_pass_for_each_other() -> None:
-    reply = encode_message(KeysAdvertised(1, public_keys(b"k")))
-    request = encode_message(UnmaskRequest(1, frozenset({1}), frozenset()))
+    reply = encode_message(KeysAdvertised(1, advertised(b"k")))
+    request = encode_message(UnmaskRequest(1, {}))
     with pytest.raises(ProtocolError, match="a task carries a client's KeysAdvertised"):
         serde.decode_secure_request(reply)
     with pytest.raises(ProtocolError, match="coordinator's UnmaskRequest"):
@@ -589,7 +608,7 @@ def test_requests_and_replies_cannot_pass_for_each_other() -> None:
 
 
 def test_malformed_secure_tasks_are_refused() -> None:
-    unmask = UnmaskRequest(2, frozenset({1}), frozenset())
+    unmask = UnmaskRequest(2, {})
     stage = serde.encode_secure_task(SecureTask(2, "run", unmask, 5.0))
     with_model = pb.Task()
     with_model.CopyFrom(stage)
@@ -621,7 +640,7 @@ def test_malformed_secure_tasks_are_refused() -> None:
     masked_as_stage.secure_request = masked.secure_request
     with pytest.raises(ProtocolError, match="travels with a fit task"):
         serde.decode_secure_task(masked_as_stage)
-    masked.secure_request = b"SSA1\x03"
+    masked.secure_request = b"SSA2\x03"
     with pytest.raises(ProtocolError, match="truncated"):
         serde.decode_task(masked)
 
@@ -629,12 +648,12 @@ def test_malformed_secure_tasks_are_refused() -> None:
 def test_typed_tasks_refuse_a_request_that_does_not_fit() -> None:
     task = masked_input_task()
     with pytest.raises(ProtocolError, match="of round 5"):
-        dataclasses.replace(task, secure=MaskedInputRequest(5, {}))
+        dataclasses.replace(task, secure=MaskedInputRequest(5, {}, {}))
     evaluate = Task(2, "run", Phase.EVALUATE, task.model, EvaluateConfig(2), 1.0)
     with pytest.raises(ProtocolError, match="only a fit task"):
         dataclasses.replace(evaluate, secure=task.secure)
     with pytest.raises(ProtocolError, match="travels with a fit task"):
-        SecureTask(2, "run", MaskedInputRequest(2, {}), 1.0)
+        SecureTask(2, "run", MaskedInputRequest(2, {}, {}), 1.0)
 
 
 def test_a_secure_header_must_name_the_signed_round_and_run() -> None:

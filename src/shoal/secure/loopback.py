@@ -68,17 +68,21 @@ def run_loopback_round(
     seed: int = 0,
     tamper: Sequence[str] = (),
     cheats: Sequence[str] = (),
+    identities: Mapping[str, IdentityKey] | None = None,
 ) -> LoopbackOutcome:
     """Run one round; a client in ``dropouts`` never answers that stage's request or later ones.
 
     ``tamper`` names clients whose first sealed share is corrupted in transit;
     ``cheats`` names dishonest clients that add 1 to one limb of the first share
-    they reveal.
+    they reveal. ``identities`` are the clients' signing keys (made for the
+    round when not given: enrollment is not a round's cost, so a benchmark
+    gives them).
     """
     client_ids = sorted(contributions)
     if not client_ids:
         raise ProtocolError("a secure round needs at least one client")
-    identities = {client: IdentityKey.generate() for client in client_ids}
+    if identities is None:
+        identities = {client: IdentityKey.generate() for client in client_ids}
     if quantization is None:
         quantization = Quantization().fitted(len(client_ids))
     vector_length = next(iter(contributions.values())).update.size
