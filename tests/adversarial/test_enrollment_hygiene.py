@@ -225,3 +225,24 @@ def test_a_token_removed_from_the_config_stops_working_at_the_next_start(
         return codes
 
     assert asyncio.run(body()) == ["accepted", RejectCode.BAD_TOKEN.value]
+
+
+def test_a_known_client_without_a_key_cannot_be_claimed_without_a_token(tmp_path: Path) -> None:
+    """A record enrolled without a key (an operator's bulk enrollment) is no free identity:
+    whoever knows its id must still redeem a token to attach a key to it."""
+
+    async def body() -> tuple[tuple[str, str], tuple[str, str], tuple[str, str]]:
+        async with (
+            served(tmp_path, [TOKEN]) as (target, parts),
+            grpc.aio.insecure_channel(target) as channel,
+        ):
+            parts.clients.enroll("ward-3", DeviceState())  # known, with no key yet
+            claimed = await enroll(channel, "ward-3", "guessed")
+            redeemed = await enroll(channel, "ward-3", TOKEN)
+            stolen = await enroll(channel, "ward-3", TOKEN)  # a second key for it: refused
+            return claimed, redeemed, stolen
+
+    claimed, redeemed, stolen = asyncio.run(body())
+    assert claimed[0] == RejectCode.BAD_TOKEN.value
+    assert redeemed == ("accepted", "")
+    assert stolen[0] != "accepted"

@@ -98,10 +98,14 @@ class Admission:
         return record
 
     def admit(self, client_id: str, token: str) -> None:
-        """Let a client enroll: already enrolled (a restart), or with a token it redeems."""
+        """Let a client enroll: enrolled with a key (a restart), or with a token it redeems.
+
+        A record without a key (enrolled by an operator, say) is no free
+        identity: whoever claims it redeems a token like a new client.
+        """
         try:
-            self.clients.get(client_id)
-            return  # re-enrolling is checked against its key: no token is used up
+            if self.clients.get(client_id).public_key is not None:
+                return  # re-enrolling is checked against its key: no token is used up
         except NotFoundError:
             pass
         try:
