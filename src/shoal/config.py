@@ -288,6 +288,9 @@ class PrivacySection(_Section):
     # eligible client joins with q = clients_per_round / eligible (no over-selection)
     sampling: Literal["poisson", "fixed"] = "fixed"
     client_epsilon: PositiveFloat | None = None  # a client past it is no longer selected
+    # a deployed client refuses a local or distributed DP task whose noise, over a cohort of
+    # clients_per_round, is below this multiple of the clip norm (the coordinator sends both)
+    client_min_noise_multiplier: Annotated[float, Field(ge=0)] = 0.1
     # False: seeded noise and DP cohorts, reproducible and predictable: simulations only
     secure_noise: bool = True
     alert_command: str | None = None  # run when the budget is exhausted (event JSON on stdin)

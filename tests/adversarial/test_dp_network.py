@@ -31,9 +31,16 @@ from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.schedule import schedule
 from shoal.coordinator.selection import client_seed
 from shoal.coordinator.server import CoordinatorParts, build, serve
-from shoal.core import ConfigError, Parameters, RegistryError
+from shoal.core import ClientError, ConfigError, Parameters, RegistryError
 from shoal.privacy.accounting import PrivacyAccountant
-from shoal.privacy.coordinator import CLIP_NORM, LOCAL_NOISE_STD, DpCoordinator
+from shoal.privacy.client import PrivacyFloor
+from shoal.privacy.coordinator import (
+    CLIP_NORM,
+    DISTRIBUTED_NOISE_STD,
+    LOCAL_NOISE_STD,
+    DpCoordinator,
+    DpSettings,
+)
 from shoal.privacy.noise import NoiseSource
 from shoal.tasks import RetryLater, RunFinished, TaskOffer
 from shoal.transport.signing import generate_client_key
@@ -65,9 +72,18 @@ def job(tmp_path: Path, *, clients: int, per_round: int, **sections: dict[str, A
 
 
 async def serve_to(
-    tmp_path: Path, config: Config, *, clients: int, uploads: list[Upload], rows: list[dict]
+    tmp_path: Path,
+    config: Config,
+    *,
+    clients: int,
+    uploads: list[Upload],
+    rows: list[dict],
+    floor: PrivacyFloor | None = None,
 ) -> CoordinatorParts:
-    """Serve ``config``; ``clients`` digits clients start (and enroll) only once it listens."""
+    """Serve ``config``; ``clients`` digits clients start (and enroll) only once it listens.
+
+    ``floor`` is the clients' own DP requirement (``shoal client run`` takes it from its job).
+    """
     runtimes: list[ClientRuntime] = []
     links: list[RecordingLink] = []
     tasks: list[asyncio.Task[None]] = []
@@ -77,7 +93,11 @@ async def serve_to(
             link = RecordingLink(f"127.0.0.1:{port}", uploads, enrollment_token=TOKEN)
             enrollment = load_or_create_enrollment(tmp_path / f"c{index}", generate_client_key)
             runtime = ClientRuntime(
-                digits_client(index, clients), link, enrollment, backoff=Backoff(0.01, 0.1)
+                digits_client(index, clients),
+                link,
+                enrollment,
+                backoff=Backoff(0.01, 0.1),
+                privacy_floor=floor,
             )
             links.append(link)
             runtimes.append(runtime)
@@ -126,6 +146,52 @@ def test_a_coordinator_cannot_make_a_deployed_client_use_noise_it_can_predict(
             residuals.append(float(np.linalg.norm(update - guess.astype(np.float32))))
         # seeded noise would leave the clipped update (norm <= C); the client's own leaves noise
         assert min(residuals) > 10 * CLIP_NORM_VALUE
+
+
+@pytest.mark.parametrize(
+    ("placement", "lie"),
+    [
+        ("local", {LOCAL_NOISE_STD: 0.0}),  # no noise at all
+        ("local", {CLIP_NORM: None}),  # no clipping: the raw update
+        ("distributed", {DISTRIBUTED_NOISE_STD: 1e-9}),  # a share that adds up to nothing
+    ],
+)
+def test_a_coordinator_cannot_turn_a_deployed_clients_noise_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, placement: str, lie: dict[str, Any]
+) -> None:
+    honest = DpCoordinator.fit_extras
+
+    def malicious(self: DpCoordinator) -> dict[str, Any]:
+        extras = honest(self) | lie
+        return {key: value for key, value in extras.items() if value is not None}
+
+    monkeypatch.setattr(DpCoordinator, "fit_extras", malicious)
+    privacy = {"placement": placement, "noise_multiplier": 1.0, "delta": 1e-5, "clip_norm": 0.5}
+    extra = {"secure_aggregation": {"protocol": "secagg+"}} if placement == "distributed" else {}
+    config = job(tmp_path, clients=3, per_round=3, privacy=privacy, **extra)
+    uploads: list[Upload] = []
+    rows: list[dict[str, Any]] = []
+    floor = PrivacyFloor.of(config)
+    asyncio.run(serve_to(tmp_path, config, clients=3, uploads=uploads, rows=rows, floor=floor))
+    assert uploads == []  # every client refused before training: nothing left a device
+    assert rows and not any(row["committed"] for row in rows)
+    reasons = [reason for row in rows for reason in row["failures"]]
+    assert reasons and all("refused" in reason for reason in reasons), reasons
+
+
+def test_the_floor_passes_every_task_an_honest_coordinator_sends() -> None:
+    for placement, quorum in (("local", 1.0), ("distributed", 0.5)):
+        settings = DpSettings(
+            placement=placement,  # type: ignore[arg-type]
+            noise_multiplier=0.1,
+            clip_norm=2.0,
+            clients_per_round=10,
+            min_clients=int(quorum * 10),
+        )
+        extras = DpCoordinator(settings, NoiseSource.secure()).fit_extras()
+        PrivacyFloor(placement, min_noise_multiplier=0.1, clients_per_round=10).check(extras)
+        with pytest.raises(ClientError, match="below this client's floor of 0.2"):
+            PrivacyFloor(placement, min_noise_multiplier=0.2, clients_per_round=10).check(extras)
 
 
 class Still(Client):

@@ -25,6 +25,7 @@ from shoal.client.app import (
 from shoal.client.runtime import ClientRuntime, load_or_create_enrollment
 from shoal.config import load_config
 from shoal.core.errors import ConfigError, ShoalError
+from shoal.privacy.client import PrivacyFloor
 
 coordinator_app = typer.Typer(help="Run the network coordinator.", no_args_is_help=True)
 client_app = typer.Typer(help="Run a client against a coordinator.", no_args_is_help=True)
@@ -202,7 +203,14 @@ def client_run_command(
 
     async def main() -> None:
         link = GrpcLink(coordinator, credentials=credentials, enrollment_token=token)
-        runtime = ClientRuntime(client, link, enrollment, silo=silo, on_event=on_event)
+        runtime = ClientRuntime(
+            client,
+            link,
+            enrollment,
+            silo=silo,
+            on_event=on_event,
+            privacy_floor=PrivacyFloor.of(config),
+        )
         try:
             await runtime.run(max_tasks=max_tasks)
         finally:

@@ -62,6 +62,7 @@ from shoal.core.errors import (
 )
 from shoal.core.identifiers import check_client_id
 from shoal.core.parameters import Parameters
+from shoal.privacy.client import PrivacyFloor
 from shoal.secure.client import Contribution, SecAggClient
 from shoal.secure.consistency import IdentityKey
 from shoal.secure.homomorphic import EncryptionRequest, SiloCredentials
@@ -169,8 +170,10 @@ class ClientRuntime:
         seed: int | None = None,
         silo: SiloCredentials | None = None,
         on_event: Callable[[str], None] | None = None,
+        privacy_floor: PrivacyFloor | None = None,
     ) -> None:
         self.client = client
+        self.privacy_floor = privacy_floor  # the DP its own job requires, whatever a task says
         self.silo = silo  # a silo of a homomorphic consortium: its context and receipt key
         self.link = link
         self.enrollment = enrollment
@@ -217,6 +220,8 @@ class ClientRuntime:
             await self._serve_stage(offer)
             return
         try:
+            if self.privacy_floor is not None and isinstance(offer.config, FitConfig):
+                self.privacy_floor.check(offer.config.extras)  # before a byte of training
             protected = None if offer.secure is None else self._protected(offer.secure)
         except (StaleMessage, ClientError) as exc:  # training would be wasted: say so at once
             await self._give_up(offer, str(exc))

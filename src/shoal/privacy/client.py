@@ -14,11 +14,15 @@ clients alike, passes a seed (``privacy.secure_noise = false``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from shoal.config import Config
+from shoal.core.errors import ClientError
 from shoal.core.transforms import Vector
 from shoal.privacy.coordinator import (
     CLIP_NORM,
@@ -29,6 +33,71 @@ from shoal.privacy.coordinator import (
 )
 from shoal.privacy.mechanisms import clip_by_l2_norm
 from shoal.privacy.noise import NoiseSource
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyFloor:
+    """What a deployed client requires of every fit task when its own job runs under DP.
+
+    The coordinator sends the clip norm and the noise each task adds; one
+    that sent no clip norm, or a noise of 0, would receive raw updates. The
+    client checks the task against its own copy of the job: a clip norm must
+    come, and under ``local`` or ``distributed`` placement the noise must be
+    at least ``min_noise_multiplier`` times the clip norm, that of the whole
+    cohort (``clients_per_round`` shares) under distributed DP. Under
+    ``central`` placement the coordinator adds the noise: it is trusted with it.
+
+    >>> floor = PrivacyFloor("local", min_noise_multiplier=0.5, clients_per_round=10)
+    >>> floor.check({CLIP_NORM: 1.0, LOCAL_NOISE_STD: 0.0})
+    Traceback (most recent call last):
+    shoal.core.errors.ClientError: ...
+    """
+
+    placement: str
+    min_noise_multiplier: float
+    clients_per_round: int
+
+    @classmethod
+    def of(cls, config: Config) -> PrivacyFloor | None:
+        """The floor of ``config``'s ``[privacy]`` (None when the job runs without DP)."""
+        section = config.privacy
+        if not section.enabled:
+            return None
+        return cls(
+            section.placement,
+            min_noise_multiplier=section.client_min_noise_multiplier,
+            clients_per_round=config.round.clients_per_round,
+        )
+
+    def check(self, extras: Mapping[str, Any]) -> None:
+        """Refuse (:class:`ClientError`) a task that would release too little noise."""
+        clip_norm = _positive(extras.get(CLIP_NORM))
+        if clip_norm is None:
+            raise ClientError(
+                "the job runs under differential privacy, but the task asks for no clipping: "
+                "refused, the update would leave as it is"
+            )
+        if self.placement == "local":
+            std = _positive(extras.get(LOCAL_NOISE_STD)) or 0.0
+        elif self.placement == "distributed":
+            share = _positive(extras.get(DISTRIBUTED_NOISE_STD)) or 0.0
+            std = share * math.sqrt(self.clients_per_round)
+        else:
+            return
+        if std < self.min_noise_multiplier * clip_norm:
+            raise ClientError(
+                f"the task's {self.placement} DP noise is {std / clip_norm:.3g} times the clip "
+                f"norm, below this client's floor of {self.min_noise_multiplier:g} "
+                "(privacy.client_min_noise_multiplier): refused"
+            )
+
+
+def _positive(value: Any) -> float | None:
+    """A finite positive number from a task's extras, else None (absent or nonsense)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) and number > 0 else None
 
 
 def client_noise(*, seed: int | None = None) -> NoiseSource:
