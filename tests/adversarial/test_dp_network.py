@@ -190,7 +190,7 @@ def test_the_floor_passes_every_task_an_honest_coordinator_sends() -> None:
         )
         extras = DpCoordinator(settings, NoiseSource.secure()).fit_extras()
         PrivacyFloor(placement, min_noise_multiplier=0.1, clients_per_round=10).check(extras)
-        with pytest.raises(ClientError, match="below this client's floor of 0.2"):
+        with pytest.raises(ClientError, match=r"below this client's floor of 0\.2"):
             PrivacyFloor(placement, min_noise_multiplier=0.2, clients_per_round=10).check(extras)
 
 
