@@ -3,22 +3,27 @@
 An unknown key or a bad value is a :class:`ConfigError` whose one-line
 message names the key and what is allowed. Every section has defaults, so an
 empty file is a valid (small) run.
+
+Every number is checked the same way, whatever its section: a float must be
+finite (``inf`` and ``nan`` are refused), an integer must fit in 64 bits, and
+a size-like key has an upper bound that says why it exists (a
+:class:`~shoal.core.limits.Limit`), as do the built-in model and data as a
+whole (:data:`MAX_MODEL_PARAMETERS`, :data:`MAX_CLIENT_DATA_BYTES`).
 """
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
-import difflib
-import tomllib
-import types
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shoal.core.errors import ConfigError
+from shoal.core.limits import INT64_MAX, Limit, above_limit, split_host_port, within_budget
+from shoal.core.settings import apply_overrides as apply_settings_overrides
+from shoal.core.settings import format_validation_error, read_toml
 from shoal.core.sharing import threshold_fraction_problem
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -26,8 +31,32 @@ DEFAULT_STATE_DIR = "coordinator-state"  # where a coordinator keeps its registr
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
+# Upper bounds (see shoal.core.limits): each size-like key says why it stops where it does.
+MAX_CLIENTS = 1_000_000
+_CLIENTS = Limit(MAX_CLIENTS, "a simulation holds every client's profile in memory (about 3 KiB)")
+_ROUNDS = Limit(1_000_000, "each round stores a model version; a million is past any real run")
+_EXAMPLES = Limit(1_000_000, "the built-in data makes a client's examples in memory at once")
+_FEATURES = Limit(65_536, "an example of the built-in data is a dense float32 vector")
+_CLASSES = Limit(10_000, "the built-in models keep one output per class for every example")
+MAX_MODEL_PARAMETERS = 2**26
+"""The built-in NumPy models' size (256 MiB as float32): bigger ones are a user's app (PyTorch)."""
+MAX_CLIENT_DATA_BYTES = 2**26
+"""The most memory one client's built-in (Gaussian) examples may take: 64 MiB."""
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: every float of every section is finite, from a file or from --set
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
+
+    @field_validator("*")
+    @classmethod
+    def _fits_in_64_bits(cls, value: Any) -> Any:
+        """Every integer of the config fits in 64 bits, as a TOML integer must."""
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+            raise above_limit(maximum=INT64_MAX, why="a TOML integer has 64 bits")
+        return value
 
 
 class RunSection(_Section):
@@ -35,34 +64,49 @@ class RunSection(_Section):
 
     name: str = "shoal"
     seed: int = Field(0, ge=0)
-    rounds: int = Field(10, ge=1)
+    rounds: Annotated[int, Field(ge=1), _ROUNDS] = 10
 
 
 class DataSection(_Section):
     """[data]: the federated dataset and how it is split across clients."""
 
     dataset: Literal["digits", "synthetic", "synthetic_iid", "gaussian"] = "digits"
-    num_clients: int = Field(100, ge=1)
+    num_clients: Annotated[int, Field(ge=1), _CLIENTS] = 100
     partition: Literal["iid", "dirichlet", "shards", "power_law"] = "dirichlet"
     dirichlet_alpha: PositiveFloat = 0.5
-    shards_per_client: int = Field(2, ge=1)
+    shards_per_client: Annotated[int, Field(ge=1), _EXAMPLES] = 2  # a shard holds an example
     power_law_exponent: PositiveFloat = 1.5
-    min_samples: int = Field(2, ge=1)
+    min_samples: Annotated[int, Field(ge=1), _EXAMPLES] = 2
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
     local_eval_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
     synthetic_alpha: float = Field(1.0, ge=0)
     synthetic_beta: float = Field(1.0, ge=0)
-    max_samples_per_client: int | None = Field(None, ge=1)
-    samples_per_client: int = Field(200, ge=1)
-    num_features: int = Field(64, ge=1)
-    num_classes: int = Field(10, ge=2)
+    max_samples_per_client: Annotated[int, Field(ge=1), _EXAMPLES] | None = None
+    samples_per_client: Annotated[int, Field(ge=1), _EXAMPLES] = 200
+    num_features: Annotated[int, Field(ge=1), _FEATURES] = 64
+    num_classes: Annotated[int, Field(ge=2), _CLASSES] = 10
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(features, classes) of the built-in dataset's examples."""
+        if self.dataset == "digits":
+            return 64, 10
+        if self.dataset == "gaussian":
+            return self.num_features, self.num_classes
+        return 60, 10  # FedProx's synthetic data
 
 
 class ModelSection(_Section):
     """[model]: the reference NumPy model the clients train."""
 
     kind: Literal["softmax", "mlp"] = "softmax"
-    hidden: int = Field(32, ge=1)
+    hidden: int = Field(32, ge=1)  # bounded with the model's size (MAX_MODEL_PARAMETERS)
+
+    def num_parameters(self, *, features: int, classes: int) -> int:
+        """How many parameters the model has on examples of ``features`` and ``classes``."""
+        if self.kind == "mlp":
+            return self.hidden * (features + 1 + classes) + classes
+        return classes * (features + 1)
 
 
 class StrategySection(_Section):
@@ -77,8 +121,8 @@ class StrategySection(_Section):
     proximal_mu: Annotated[float, Field(ge=0)] | None = None
     aggregator: str | None = None
     trim_ratio: Annotated[float, Field(ge=0, lt=0.5)] | None = None
-    num_byzantine: Annotated[int, Field(ge=0)] | None = None
-    num_selected: Annotated[int, Field(ge=1)] | None = None
+    num_byzantine: Annotated[int, Field(ge=0), _CLIENTS] | None = None
+    num_selected: Annotated[int, Field(ge=1), _CLIENTS] | None = None
 
     @field_validator("name")
     @classmethod
@@ -102,8 +146,10 @@ class StrategySection(_Section):
 class ClientSection(_Section):
     """[client]: local training on every client."""
 
-    epochs: PositiveFloat = 1.0
-    batch_size: int = Field(16, ge=0)
+    epochs: Annotated[float, Field(gt=0), Limit(10_000, "local passes in one round")] = 1.0
+    batch_size: Annotated[
+        int, Field(ge=0), Limit(2**32 - 1, "a batch size travels as a 32-bit unsigned integer")
+    ] = 16  # 0: the full batch
     learning_rate: PositiveFloat = 0.1
     # record-level DP-SGD: per-example clipping and Gaussian noise in every local step
     dp_sgd: bool = False
@@ -129,7 +175,7 @@ class EvaluationSection(_Section):
     """[evaluation]: federated evaluation rounds and the central held-out test."""
 
     every: int = Field(5, ge=0)
-    clients: int = Field(10, ge=1)
+    clients: Annotated[int, Field(ge=1), _CLIENTS] = 10
     centralized: bool = True
 
 
@@ -158,7 +204,7 @@ class DevicesSection(_Section):
     straggler_fraction: Fraction = 0.0
     straggler_policy: Literal["drop", "partial"] = "drop"
     # the training examples a device is timed by when its app does not say (ClientApp.num_examples)
-    nominal_examples: int = Field(100, ge=1)
+    nominal_examples: Annotated[int, Field(ge=1), _EXAMPLES] = 100
 
     @field_validator("classes")
     @classmethod
@@ -172,7 +218,9 @@ class DevicesSection(_Section):
 class SimulationSection(_Section):
     """[simulation]: how and where local training is executed."""
 
-    workers: int = Field(2, ge=0)
+    workers: Annotated[
+        int, Field(ge=0), Limit(1024, "each worker is a process with its own copy of the data")
+    ] = 2
     backend: Literal["local", "ray"] = "local"
     ray_address: str | None = None
 
@@ -212,7 +260,9 @@ class CoordinatorSection(_Section):
     blob_url: str | None = None
     # each a bare secret, or a table with max_uses and ttl_days or expires; read as tables
     enrollment_tokens: list[EnrollmentTokenEntry] = Field(default_factory=list)
-    max_update_mb: PositiveFloat = 64.0
+    max_update_mb: Annotated[
+        float, Field(gt=0), Limit(65_536, "the coordinator holds each update whole in memory")
+    ] = 64.0
     retry_after_s: PositiveFloat = 2.0
     grace_s: Annotated[float, Field(ge=0)] = 5.0
     # after the last round, how long check-ins are still answered "the run has finished"
@@ -232,6 +282,12 @@ class CoordinatorSection(_Section):
         if len(set(secrets)) != len(secrets):
             raise ValueError("each token may be listed once")
         return tokens
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, listen: str) -> str:
+        split_host_port(listen)  # a port past 65535 would wrap around in gRPC
+        return listen
 
 
 class SecureAggregationSection(_Section):
@@ -361,6 +417,44 @@ class Config(_Section):
     app: AppSection = AppSection()
 
     @model_validator(mode="after")
+    def _fits_in_memory(self) -> Config:
+        """The built-in model and a client's built-in data fit their budgets (one line each)."""
+        model, data = self.model, self.data
+        features, classes = data.shape
+        model_budget = 4 * MAX_MODEL_PARAMETERS  # bytes, as float32
+        mlp = model.model_copy(update={"kind": "mlp"})  # model.hidden is bounded as an MLP's
+        within_budget(
+            "model.hidden",
+            model.hidden,
+            needed=4 * mlp.num_parameters(features=features, classes=classes),
+            budget=model_budget,
+            bytes_each=4 * (features + 1 + classes),
+            fixed_bytes=4 * classes,
+            what="the model would need" if model.kind == "mlp" else "an MLP this wide would need",
+        )
+        if model.kind == "softmax":
+            within_budget(
+                "data.num_features",
+                data.num_features,
+                needed=4 * model.num_parameters(features=features, classes=classes),
+                budget=model_budget,
+                bytes_each=4 * classes,
+                fixed_bytes=4 * classes,
+                what="the model would need",
+            )
+        if data.dataset == "gaussian":
+            each = 4 * features + 8  # float32 features and an int64 label
+            within_budget(
+                "data.samples_per_client",
+                data.samples_per_client,
+                needed=each * data.samples_per_client,
+                budget=MAX_CLIENT_DATA_BYTES,
+                bytes_each=each,
+                what="a client's examples would need",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _consistent(self) -> Config:
         if self.round.clients_per_round > self.data.num_clients:
             raise ValueError(
@@ -389,122 +483,18 @@ class Config(_Section):
         return self
 
 
-def _format_error(error: ValidationError) -> str:
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"]) or "config"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        return f"{location}: unknown key{_known_keys_hint(first['loc'])}"
-    if first["type"] in {"literal_error", "enum"}:
-        return f"{location}: {message}, got {first.get('input')!r}"
-    return f"{location}: {message}"
-
-
-def _section_at(path: Sequence[str | int]) -> type[BaseModel] | None:
-    """The section (a model class) that ``path`` leads to from the top; None if none does."""
-    model: type[BaseModel] = Config
-    for part in path:
-        if isinstance(part, int):
-            continue  # an item of a list of sections, such as devices.classes
-        field = model.model_fields.get(part)
-        found = None if field is None else _model_in(field.annotation)
-        if found is None:
-            return None
-        model = found
-    return model
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for argument in get_args(annotation):  # list[DeviceClass], Section | None
-        found = _model_in(argument)
-        if found is not None:
-            return found
-    return None
-
-
-def _known_keys_hint(location: Sequence[str | int]) -> str:
-    """`` (did you mean KEY?)`` for the closest key of the section, else the keys it allows."""
-    section = _section_at(location[:-1])
-    if section is None:
-        return ""
-    known = list(section.model_fields)
-    closest = difflib.get_close_matches(str(location[-1]), known, n=1)
-    return f" (did you mean {closest[0]}?)" if closest else f"; allowed: {', '.join(known)}"
-
-
 def parse_config(data: Mapping[str, Any]) -> Config:
     """Validate a mapping (as read from TOML) into a :class:`Config`."""
     try:
         return Config.model_validate(dict(data))
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc)) from None
-
-
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file; a missing or malformed file is a ConfigError."""
-    try:
-        with Path(path).open("rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigError(format_validation_error(exc, root=Config)) from None
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides; values are parsed as TOML literals."""
-    merged: dict[str, Any] = copy.deepcopy(dict(data))  # TOML's dates are no JSON
-    for override in overrides:
-        path, separator, raw = override.partition("=")
-        keys = [key.strip() for key in path.split(".")]
-        if not separator or len(keys) < 2 or not all(keys):
-            raise ConfigError(f"--set expects section.key=value, got {override!r}")
-        node = merged
-        for key in keys[:-1]:
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{'.'.join(keys[:-1])}: is a value, not a section")
-            node = child
-        node[keys[-1]] = _parse_value(raw.strip(), _takes_only_text(keys))
-    return merged
-
-
-def _parse_value(raw: str, text: bool = False) -> Any:
-    """A TOML literal, or ``raw`` itself: for a bare word, and for a scalar given to a text field.
-
-    ``run.name=2024`` names the run "2024": TOML would read a number (or a
-    boolean, or a date) where the field wants text.
-    """
-    try:
-        value = tomllib.loads(f"value = {raw}")["value"]
-    except tomllib.TOMLDecodeError:
-        return raw  # a bare word such as fedprox is taken as a string
-    if text and isinstance(value, bool | int | float | dt.date | dt.time):
-        return raw
-    return value
-
-
-def _takes_only_text(keys: Sequence[str]) -> bool:
-    """Whether the field at ``keys`` holds text only (str, a Literal of strings, or None)."""
-    section = _section_at(keys[:-1])
-    field = None if section is None else section.model_fields.get(keys[-1])
-    return field is not None and _is_text(field.annotation)
-
-
-def _is_text(annotation: Any) -> bool:
-    origin = get_origin(annotation)
-    if annotation is str:
-        return True
-    if origin is Literal:
-        return all(isinstance(value, str) for value in get_args(annotation))
-    if origin is Annotated:
-        return _is_text(get_args(annotation)[0])
-    if origin in (Union, types.UnionType):
-        members = [member for member in get_args(annotation) if member is not type(None)]
-        return bool(members) and all(_is_text(member) for member in members)
-    return False
+    """Apply ``section.key=value`` overrides; values are parsed as TOML literals
+    (a scalar given to a text field stays text: ``run.name=2024``)."""
+    return apply_settings_overrides(data, overrides, root=Config)
 
 
 def default_config_path() -> Path:

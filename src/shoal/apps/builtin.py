@@ -141,12 +141,7 @@ class DataScenario:
     # --- data ----------------------------------------------------------------------------
 
     def _shape(self) -> tuple[int, int]:
-        data = self.config.data
-        if data.dataset == "digits":
-            return 64, 10
-        if data.dataset == "gaussian":
-            return data.num_features, data.num_classes
-        return 60, 10
+        return self.config.data.shape
 
     def local_data(self, client_id: str) -> LocalData:
         index = client_index(client_id)
