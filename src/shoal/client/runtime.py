@@ -57,9 +57,11 @@ from shoal.core.errors import (
     ConfigError,
     NotFoundError,
     ProtocolError,
+    RunError,
     SecurityError,
     TransportError,
 )
+from shoal.core.folders import writable_folder
 from shoal.core.identifiers import check_client_id
 from shoal.core.parameters import Parameters
 from shoal.privacy.client import PrivacyFloor
@@ -135,10 +137,18 @@ def load_or_create_enrollment(
         check_client_id(client_id, error=ConfigError)
     path = state_dir / "enrollment.json"
     if path.exists():
-        data = json.loads(path.read_text())
-        kept = Enrollment(
-            data["client_id"], bytes.fromhex(data["private_key"]), bytes.fromhex(data["public_key"])
-        )
+        try:
+            data = json.loads(path.read_text())
+            kept = Enrollment(
+                str(data["client_id"]),
+                bytes.fromhex(data["private_key"]),
+                bytes.fromhex(data["public_key"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RunError(
+                f"{path} is not a readable enrollment ({type(exc).__name__}: {exc}): "
+                "restore it, or use a new state folder to enroll again"
+            ) from exc
         if client_id is not None and client_id != kept.client_id:
             raise ConfigError(
                 f"{path} holds the enrollment of {kept.client_id!r}, not {client_id!r}: "
@@ -147,7 +157,7 @@ def load_or_create_enrollment(
         return kept
     private, public = make_key()
     enrollment = Enrollment(client_id or f"client-{os.urandom(8).hex()}", private, public)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    writable_folder(state_dir, what="client state folder")
     partial = path.with_name(path.name + ".partial")
     record = asdict(enrollment) | {"private_key": private.hex(), "public_key": public.hex()}
     partial.write_text(json.dumps(record))

@@ -31,6 +31,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from shoal.core.errors import ConfigError, MissingExtraError, RegistryError
+from shoal.core.folders import writable_folder
 
 DEFAULT_FILE_NAME = "registry.db"
 BUSY_TIMEOUT_S = 30.0
@@ -185,7 +186,7 @@ def resolve_database_url(url: str | None, *, folder: Path | None = None) -> sa.U
     if url is None:
         if folder is None:
             raise ConfigError("the registry needs a database URL or a folder for its SQLite file")
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        writable_folder(folder, what="registry folder")
         return sa.URL.create("sqlite", database=str(Path(folder) / DEFAULT_FILE_NAME))
     try:
         parsed = sa.make_url(url)

@@ -48,6 +48,7 @@ from shoal.coordinator.setup import (
 )
 from shoal.core.device import DeviceState
 from shoal.core.errors import RunError
+from shoal.core.folders import writable_folder
 from shoal.core.parameters import Parameters
 from shoal.registry import (
     BlobStore,
@@ -119,7 +120,7 @@ class Simulation:
         )
         self.consortium: Consortium | None = None
         if config.secure_aggregation.protocol == "ckks":
-            self.out.mkdir(parents=True, exist_ok=True)
+            writable_folder(self.out, what="run folder")
             self.consortium = Consortium(
                 self.out, config.secure_aggregation, self.population.client_ids
             )
@@ -151,7 +152,7 @@ class Simulation:
     def run(self, *, on_round: RoundCallback | None = None) -> dict[str, Any]:
         """Play every remaining round; returns the summary also written to summary.json."""
         started = time.perf_counter()
-        self.out.mkdir(parents=True, exist_ok=True)
+        writable_folder(self.out, what="run folder")
         models = open_run_models(self.out)
         records = RunRecords(self.out, models, ClientRegistry(models.database), model=MODEL_NAME)
         lifecycle = Run(

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shoal.core.errors import SecurityError
+from shoal.core.folders import writable_folder
 from shoal.core.identifiers import check_client_id
 
 CA_CERTIFICATE = "ca.pem"
@@ -56,6 +57,8 @@ TLS13_ONLY_CIPHER_SUITES = "ECDHE-PSK-CHACHA20-POLY1305"
 
 _CLOCK_SKEW = dt.timedelta(minutes=5)  # certificates start a little in the past
 _MAX_COMMON_NAME = 64  # the X.509 upper bound
+MAX_CERTIFICATE_DAYS = 36_500
+"""The longest validity Shoal signs: a hundred years (a longer one overflows the calendar)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +95,7 @@ def init_certificates(
     """
     if not hosts:
         raise SecurityError("a server certificate needs at least one host name or address")
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = writable_folder(out_dir, what="certificate folder")
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Shoal deployment CA")])
     ca_cert = (
@@ -151,7 +153,7 @@ def issue_client_certificate(
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
         .sign(ca_key, hashes.SHA256())
     )
-    folder.mkdir(parents=True, exist_ok=True)
+    writable_folder(folder, what="certificate folder")
     files = CertificateFiles(folder / CLIENT_CERTIFICATE, folder / CLIENT_KEY)
     _write(files.private_key, _key_pem(client_key), mode=0o600, overwrite=overwrite)
     _write(files.certificate, _cert_pem(client_cert), mode=0o644, overwrite=overwrite)
@@ -236,8 +238,10 @@ def tls_peer(auth_context: Mapping[str, Iterable[bytes]] | Mapping[str, bytes]) 
 def _builder(
     subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey, *, days: int
 ) -> x509.CertificateBuilder:
-    if days < 1:
-        raise SecurityError(f"a certificate must be valid for at least one day, got {days}")
+    if not 1 <= days <= MAX_CERTIFICATE_DAYS:
+        raise SecurityError(
+            f"a certificate is valid for 1 to {MAX_CERTIFICATE_DAYS} days, got {days}"
+        )
     now = dt.datetime.now(dt.UTC)
     return (
         x509.CertificateBuilder()
