@@ -71,6 +71,7 @@ from shoal.coordinator.setup import (
     strategy_for,
 )
 from shoal.core.errors import ConfigError
+from shoal.core.folders import writable_folder
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import (
     BlobStore,
@@ -93,6 +94,7 @@ from shoal.transport.certs import (
     load_server_credentials,
 )
 from shoal.transport.keyholder_service import KeyHolderClient
+from shoal.transport.listen import EXCLUSIVE_PORT, bind_server
 
 log = logging.getLogger("shoal.coordinator")
 
@@ -153,6 +155,7 @@ def build(
     strategy = strategy_for(config, apps.server)
     settings = round_settings_from_config(config)
     RunParts(settings, strategy).check(private=config.privacy.enabled)  # before anything opens
+    state_dir = writable_folder(section.state_dir, what="coordinator.state_dir")
     key_holder = _key_holder(config)
     try:
         secure = secure_settings_from_config(
@@ -165,7 +168,6 @@ def build(
         if key_holder is not None:
             key_holder.close()
         raise
-    state_dir = Path(section.state_dir)
     database = registry_location(state_dir, section.registry_url).open()
     models = ModelRegistry(database, BlobStore(blob_location(state_dir, section.blob_url)))
     clients = ClientRegistry(database)
@@ -328,24 +330,24 @@ async def serve(
     ``on_ready(port, first_round)`` is called once the server listens.
     """
     credentials = server_credentials(config, insecure=insecure)
-    parts = build(config, on_round=on_round, search_path=search_path)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", 8 * 2**20),
             ("grpc.max_send_message_length", 8 * 2**20),
+            EXCLUSIVE_PORT,
         ]
     )
+    # the address first: one that cannot be bound is refused before the run is opened
+    listen = config.coordinator.listen
+    port = bind_server(server, listen, credentials, option="coordinator.listen")
+    try:
+        parts = build(config, on_round=on_round, search_path=search_path)
+    except BaseException:
+        await server.stop(None)
+        raise
     add_coordinator_service(parts.service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    listen = config.coordinator.listen
-    port = (
-        server.add_insecure_port(listen)
-        if credentials is None
-        else server.add_secure_port(listen, credentials)
-    )
-    if port == 0:
-        raise ConfigError(f"coordinator.listen: cannot bind {listen}")
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -12,7 +12,8 @@
     ├── RunError               a run folder is missing, corrupt or incompatible
     ├── RegistryError          the client or model registry refused or failed a request
     │   └── NotFoundError      no such client or model version
-    ├── TransportError         a network peer could not be reached or broke the protocol
+    ├── TransportError         a peer could not be reached or broke the protocol, or an
+    │                          address could not be listened on
     ├── SecurityError          a signature, certificate or credential is not acceptable
     └── MissingExtraError      an optional dependency is not installed
 
@@ -73,7 +74,8 @@ class NotFoundError(RegistryError):
 
 
 class TransportError(ShoalError):
-    """A network peer could not be reached or broke the protocol."""
+    """A network peer could not be reached or broke the protocol, or an address could not be
+    listened on."""
 
 
 class SecurityError(ShoalError):

@@ -49,6 +49,7 @@ from shoal.transport.certs import (
     load_channel_credentials,
     load_server_credentials,
 )
+from shoal.transport.listen import EXCLUSIVE_PORT, bind_server
 
 log = logging.getLogger("shoal.keyholder")
 
@@ -234,19 +235,14 @@ def serve_keyholder(
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="keyholder"),
         handlers=[generic],
-        options=_message_options(max_message_bytes),
+        options=[*_message_options(max_message_bytes), EXCLUSIVE_PORT],
     )
-    try:
-        if server_certificate is None:
-            log.warning("key holder serving WITHOUT TLS (insecure): aggregates cross in clear")
-            port = server.add_insecure_port(address)
-        else:
-            credentials = load_server_credentials(server_certificate, client_ca=client_ca)
-            port = server.add_secure_port(address, credentials)
-    except RuntimeError as exc:
-        raise ConfigError(f"cannot listen on {address}: {exc}") from exc
-    if port == 0:
-        raise ConfigError(f"cannot listen on {address}")
+    if server_certificate is None:
+        log.warning("key holder serving WITHOUT TLS (insecure): aggregates cross in clear")
+        credentials = None
+    else:
+        credentials = load_server_credentials(server_certificate, client_ca=client_ca)
+    port = bind_server(server, address, credentials, option="--listen")
     server.start()
     return KeyHolderServer(server, host=address.rpartition(":")[0], port=port)
 
