@@ -182,20 +182,35 @@ EXIT_FAILURE = 1
 
 
 def user_errors(command: Callable[P, R]) -> Callable[P, R]:
-    """Turn Shoal's own errors into one red line and an exit code (2 for config)."""
+    """Turn Shoal's own errors into one red line and an exit code (2 for config, else 1).
+
+    Foreign errors are translated into Shoal's hierarchy where they happen;
+    an ``OSError`` that reaches the command anyway (a file or a folder the
+    environment refuses) is an environment problem: one line, exit 1.
+    """
 
     @wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return command(*args, **kwargs)
         except ConfigError as exc:
-            err_console.print(f"[red]config error:[/red] {escape(str(exc))}", highlight=False)
+            _print_error("config error", str(exc))
             raise typer.Exit(EXIT_CONFIG) from None
         except ShoalError as exc:
-            err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+            _print_error("error", str(exc))
+            raise typer.Exit(EXIT_FAILURE) from None
+        except OSError as exc:
+            where = "" if exc.filename is None else f": {exc.filename}"
+            _print_error("error", f"{exc.strerror or exc}{where}")
             raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper
+
+
+def _print_error(kind: str, message: str) -> None:
+    """``kind: message`` on stderr as one line (a message's own line breaks become spaces)."""
+    one_line = " ".join(message.split())
+    err_console.print(f"[red]{kind}:[/red] {escape(one_line)}", highlight=False)
 
 
 def main() -> None:

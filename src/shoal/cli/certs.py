@@ -46,7 +46,13 @@ def init_certs(
         ),
     ] = None,
     days: Annotated[
-        int, typer.Option("--days", min=1, help="Validity of the server certificate.")
+        int,
+        typer.Option(
+            "--days",
+            min=1,
+            max=certs.MAX_CERTIFICATE_DAYS,
+            help="Validity of the server certificate.",
+        ),
     ] = 397,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
     as_json: AsJson = False,

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from shoal.cli.app import app, user_errors
 from shoal.cli.operator import (
+    MAX_REGISTRY_INT,
     AsJson,
     RegistryUrl,
     StateDir,
@@ -93,7 +94,9 @@ def list_clients(
     device_class: Annotated[
         str | None, typer.Option("--device-class", help="Only this device class.")
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 100,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, max=MAX_REGISTRY_INT, help="At most this many.")
+    ] = 100,
     state_dir: StateDir = DEFAULT_STATE_DIR,
     registry: RegistryUrl = None,
     as_json: AsJson = False,
@@ -204,7 +207,9 @@ def enroll_client(
             help="Lifetime of the token: 30m, 12h, 7d, 2w...",
         ),
     ] = timedelta(days=7),
-    uses: Annotated[int, typer.Option("--uses", min=1, help="Enrollments it allows.")] = 1,
+    uses: Annotated[
+        int, typer.Option("--uses", min=1, max=MAX_REGISTRY_INT, help="Enrollments it allows.")
+    ] = 1,
     mtls: Annotated[
         bool, typer.Option("--mtls", help="Also issue a client certificate (needs --id).")
     ] = False,

@@ -13,6 +13,7 @@ from rich.text import Text
 
 from shoal.cli.app import app, user_errors
 from shoal.cli.operator import AsJson, _console, _key_value_table, _print_json
+from shoal.config import MAX_CLIENTS
 from shoal.core.errors import ConfigError
 from shoal.core.identifiers import check_client_id
 from shoal.secure.keyholder import read_silo_keys
@@ -134,7 +135,10 @@ def silo_keys_command(
         list[str] | None, typer.Option("--silo", help="A silo's id; repeatable.")
     ] = None,
     simulated: Annotated[
-        int, typer.Option("--simulated", min=0, help="Add the first N simulated clients' ids.")
+        int,
+        typer.Option(
+            "--simulated", min=0, max=MAX_CLIENTS, help="Add the first N simulated clients' ids."
+        ),
     ] = 0,
 ) -> None:
     """Make Ed25519 receipt keys for silos (mode 0600); init --silos-file reads the public halves.

@@ -17,6 +17,7 @@ from rich.text import Text
 
 from shoal.cli.app import app, user_errors
 from shoal.cli.operator import (
+    MAX_REGISTRY_INT,
     AsJson,
     BlobUrl,
     RegistryUrl,
@@ -124,7 +125,9 @@ def list_models(
 @user_errors
 def show_model(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Model name.")],
-    version: Annotated[int, typer.Argument(metavar="VERSION", min=0, help="Version number.")],
+    version: Annotated[
+        int, typer.Argument(metavar="VERSION", min=0, max=MAX_REGISTRY_INT, help="Version number.")
+    ],
     state_dir: StateDir = DEFAULT_STATE_DIR,
     registry: RegistryUrl = None,
     blobs: BlobUrl = None,
@@ -157,7 +160,9 @@ class Verdict(enum.Enum):
 @user_errors
 def mark_model(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Model name.")],
-    version: Annotated[int, typer.Argument(metavar="VERSION", min=0, help="Version number.")],
+    version: Annotated[
+        int, typer.Argument(metavar="VERSION", min=0, max=MAX_REGISTRY_INT, help="Version number.")
+    ],
     verdict: Annotated[
         Verdict,
         typer.Argument(metavar="VERDICT", case_sensitive=False, help="good or bad."),
@@ -199,7 +204,10 @@ def mark_model(
 def rollback_model(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Model name.")],
     version: Annotated[
-        int, typer.Argument(metavar="VERSION", min=0, help="The version HEAD moves to.")
+        int,
+        typer.Argument(
+            metavar="VERSION", min=0, max=MAX_REGISTRY_INT, help="The version HEAD moves to."
+        ),
     ],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     state_dir: StateDir = DEFAULT_STATE_DIR,
@@ -275,6 +283,8 @@ def _version_or_head(text: str) -> int | None:
         return None
     if not text.strip().isdigit():
         raise typer.BadParameter(f"{text!r} is neither a version number nor head")
+    if int(text) > MAX_REGISTRY_INT:
+        raise typer.BadParameter(f"{text} is above the largest version, {MAX_REGISTRY_INT}")
     return int(text)
 
 

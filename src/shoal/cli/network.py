@@ -23,8 +23,9 @@ from shoal.client.app import (
     with_config_folder,
 )
 from shoal.client.runtime import ClientRuntime, load_or_create_enrollment
-from shoal.config import load_config
+from shoal.config import MAX_CLIENTS, load_config
 from shoal.core.errors import ConfigError, ShoalError
+from shoal.core.limits import MAX_PORT
 from shoal.privacy.client import PrivacyFloor
 
 coordinator_app = typer.Typer(help="Run the network coordinator.", no_args_is_help=True)
@@ -122,12 +123,17 @@ def client_run_command(
     ] = None,
     partition_index: Annotated[
         int | None,
-        typer.Option("--partition-index", min=0, help="This client's share of the data."),
+        typer.Option(
+            "--partition-index", min=0, max=MAX_CLIENTS - 1, help="This client's share of the data."
+        ),
     ] = None,
     num_partitions: Annotated[
         int | None,
         typer.Option(
-            "--num-partitions", min=1, help="How many shares (default: data.num_clients)."
+            "--num-partitions",
+            min=1,
+            max=MAX_CLIENTS,
+            help="How many shares (default: data.num_clients).",
         ),
     ] = None,
     token: Annotated[str, typer.Option("--token", help="The enrollment token.")] = "",
@@ -222,9 +228,13 @@ def client_run_command(
 @demo_app.command("network")
 @user_errors
 def demo_network_command(
-    clients: Annotated[int, typer.Option("--clients", "-n", min=2, help="Client processes.")] = 10,
+    clients: Annotated[
+        int, typer.Option("--clients", "-n", min=2, max=256, help="Client processes.")
+    ] = 10,
     rounds: Annotated[int, typer.Option("--rounds", "-r", min=1, help="Training rounds.")] = 5,
-    port: Annotated[int, typer.Option("--port", help="Coordinator port on 127.0.0.1.")] = 50071,
+    port: Annotated[
+        int, typer.Option("--port", min=1, max=MAX_PORT, help="Coordinator port on 127.0.0.1.")
+    ] = 50071,
     secure: Annotated[
         bool, typer.Option("--secure", help="Aggregate with SecAgg+: the coordinator sees sums.")
     ] = False,

@@ -67,6 +67,9 @@ AsJson = Annotated[
     bool, typer.Option("--json", help="Print JSON (an array or an object) instead of a table.")
 ]
 
+MAX_REGISTRY_INT = 2**31 - 1
+"""The largest version number, count or limit the registry takes (PostgreSQL's INTEGER)."""
+
 _STATUS_STYLE = {
     ModelStatus.GOOD: "green",
     ModelStatus.BAD: "red",
