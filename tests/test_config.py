@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
+from pydantic import BaseModel
 
 from shoal.config import (
     Config,
@@ -213,3 +215,133 @@ def test_bad_listed_tokens_name_the_key(override: str, message: str) -> None:
         load_config(None, [override])
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+# --- every number: finite floats, 64-bit integers, bounded sizes --------------------------
+
+
+def number_keys(kind: type) -> list[str]:
+    """Every ``section.key`` of the config whose value is a ``kind`` (or an optional one)."""
+
+    def holds(annotation: object) -> bool:
+        if annotation is kind:
+            return True
+        return any(holds(argument) for argument in get_args(annotation))
+
+    keys = []
+    for section_name, section in Config.model_fields.items():
+        model = section.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        for key, field in model.model_fields.items():
+            if holds(field.annotation) and not holds_bool(field.annotation):
+                keys.append(f"{section_name}.{key}")
+    return keys
+
+
+def holds_bool(annotation: object) -> bool:
+    return annotation is bool
+
+
+FLOAT_KEYS = number_keys(float)
+INT_KEYS = number_keys(int)
+
+
+def test_the_walk_finds_the_numbers_of_every_section() -> None:
+    assert {"client.learning_rate", "round.deadline_s", "privacy.epsilon"} <= set(FLOAT_KEYS)
+    assert {"run.rounds", "data.num_clients", "secure_aggregation.bits"} <= set(INT_KEYS)
+    assert len(FLOAT_KEYS) > 30 and len(INT_KEYS) > 15
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_float_of_the_config_must_be_finite(key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [f"{key}={value}"])
+    assert (
+        str(caught.value) == f"{key} = {float(value)!r}: every number of the config must be finite"
+    )
+
+
+@pytest.mark.parametrize("key", INT_KEYS)
+def test_every_integer_of_the_config_is_bounded(key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [f"{key}={2**64}"])
+    message = str(caught.value)
+    assert message.startswith(f"{key} = {2**64} is above the limit of ") or (
+        f"{key}: Input should be less than or equal to" in message  # a bound of its own owner
+    ), message
+
+
+def test_a_device_class_float_is_finite_too() -> None:
+    with pytest.raises(ConfigError, match=r"devices\.classes\.0\.dropout = nan: .* finite"):
+        load_config(None, ["devices.classes=[{name='a', share=1.0, dropout=nan}]"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model.kind='mlp'", "model.hidden=1e9"],
+            "model.hidden = 1000000000 is above the limit of 894,784: the model would need "
+            "279 GiB, over the 256 MiB allowed",
+        ),
+        (["model.hidden=894784", "model.kind='mlp'"], None),  # the limit itself fits
+        (["model.hidden=894785", "model.kind='mlp'"], "model.hidden = 894785 is above"),
+        (
+            ["data.dataset='gaussian'", "data.num_features=65536", "data.num_classes=10"],
+            None,  # softmax: 10 x 65,537 parameters
+        ),
+        (
+            ["data.dataset='gaussian'", "data.num_features=40000", "data.num_classes=5000"],
+            "data.num_features = 40000 is above the limit of 13,420: the model would need",
+        ),
+        (
+            ["data.dataset='gaussian'", "data.num_features=1000", "data.samples_per_client=20000"],
+            "data.samples_per_client = 20000 is above the limit of 16,743: a client's examples",
+        ),
+        (["data.num_features=1000", "data.samples_per_client=20000"], None),  # digits: unused
+    ],
+)
+def test_the_built_in_model_and_data_fit_their_memory_budget(
+    overrides: list[str], message: str | None
+) -> None:
+    if message is None:
+        load_config(None, overrides)
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:0", "0.0.0.0:65535", "[::1]:50051", "h:1"])
+def test_a_listen_address_is_host_and_port(listen: str) -> None:
+    assert load_config(None, [f"coordinator.listen='{listen}'"]).coordinator.listen == listen
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:65536", "127.0.0.1", "[::1]", ":80", "h:port"])
+def test_a_listen_address_out_of_range_is_refused(listen: str) -> None:
+    with pytest.raises(ConfigError, match=r"coordinator\.listen: expected HOST:PORT"):
+        load_config(None, [f"coordinator.listen='{listen}'"])
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"[run]\nname = 'caf\xe9'\n", r"not UTF-8 text \(byte 0xe9 on line 2\)"),
+        (b"\xff\xfe[\x00r\x00", r"not UTF-8 text \(byte 0xff on line 1\)"),  # UTF-16
+        (b"[run]\nrounds = = 3\n", r"not valid TOML: .*\(at line 2, column 10\)"),
+    ],
+)
+def test_a_file_that_is_not_utf8_toml_is_one_line(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    path = tmp_path / "job.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_folder_is_not_a_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a folder, not a config file"):
+        load_config(tmp_path)

@@ -237,12 +237,14 @@ def serve_keyholder(
         handlers=[generic],
         options=[*_message_options(max_message_bytes), EXCLUSIVE_PORT],
     )
-    if server_certificate is None:
-        log.warning("key holder serving WITHOUT TLS (insecure): aggregates cross in clear")
-        credentials = None
-    else:
-        credentials = load_server_credentials(server_certificate, client_ca=client_ca)
+    credentials = (
+        None
+        if server_certificate is None
+        else load_server_credentials(server_certificate, client_ca=client_ca)
+    )
     port = bind_server(server, address, credentials, option="--listen")
+    if credentials is None:
+        log.warning("key holder serving WITHOUT TLS (insecure): aggregates cross in clear")
     server.start()
     return KeyHolderServer(server, host=address.rpartition(":")[0], port=port)
 
