@@ -123,7 +123,10 @@ def test_overrides_do_not_touch_the_input() -> None:
             "round.max_examples_per_client: Input should be greater than or equal to 1",
         ),
         ("round.max_update_abs=-1", "round.max_update_abs: Input should be greater than 0"),
-        ("round.max_update_abs=inf", "round.max_update_abs: Input should be a finite number"),
+        (
+            "round.max_update_abs=inf",
+            "round.max_update_abs = inf: every number of the config must be finite",
+        ),
         ("model.kind=cnn", "model.kind: Input should be 'softmax' or 'mlp', got 'cnn'"),
         ("strategy.aggregator=mode", "strategy.aggregator: unknown aggregator 'mode'"),
         ("round.clients_per_round=500", "exceeds data.num_clients"),
