@@ -60,3 +60,20 @@ def test_a_port_held_by_another_grpc_server_is_not_shared(server: grpc.Server) -
 def test_a_host_that_does_not_resolve_is_named(server: grpc.Server) -> None:
     with pytest.raises(TransportError, match=r"the host 'nowhere\.invalid' does not resolve"):
         bind_server(server, "nowhere.invalid:50051", None)
+
+
+def test_a_port_a_killed_server_left_in_time_wait_can_be_bound_again(
+    server: grpc.Server,
+) -> None:
+    """A coordinator restarted after kill -9 takes its port back at once, as gRPC allows."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's listeners
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server closes first: its side of the port waits in TIME_WAIT
+        client.close()
+    assert why_unbindable("127.0.0.1", port) is None
+    assert bind_server(server, f"127.0.0.1:{port}", None) == port

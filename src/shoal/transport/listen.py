@@ -74,7 +74,10 @@ def why_unbindable(host: str, port: int) -> str | None:
     for family, kind, protocol, _, where in found:
         try:
             with socket.socket(family, kind, protocol) as probe:
-                probe.bind(where)  # without SO_REUSEPORT: a port another server holds is refused
+                # as gRPC binds: SO_REUSEADDR (the closed connections of a server killed a
+                # moment ago do not count), but never SO_REUSEPORT (a listener does)
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(where)
         except OSError as exc:
             return str(exc.strerror or exc)
     return None
