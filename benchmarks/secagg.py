@@ -1,20 +1,31 @@
-"""Benchmark: one SecAgg+ round, with every client and the server in this process.
+"""Benchmark: one SecAgg+ round of Shoal and one of Flower, side by side, each party in one process.
 
-Each client runs the real protocol (X25519, HKDF, AES-GCM shares, AES-CTR
-masks, Shamir sharing, quantization) through `shoal.secure.loopback`; the
-``--dropout`` fraction of the clients vanishes after sharing its keys (the
-costly case: the server rebuilds their pairwise masks from shares), and the
-masked-input stage then closes at its deadline, in virtual time.
+Each Shoal client runs the real protocol (X25519, HKDF, AES-GCM shares,
+AES-CTR masks, Shamir sharing, quantization) through
+`shoal.secure.loopback`; the ``--dropout`` fraction of the clients vanishes
+after sharing its keys (the costly case: the server rebuilds their pairwise
+masks from shares), and the masked-input stage then closes at its deadline,
+in virtual time.
 
-Reported: the mean compute per client over the four stages, the server's
-compute, the round's wall time with all of it on one core ("round_s"), the
-round's critical path if each client had its own device ("parallel_s":
-the server plus the slowest client), and the bytes each client sends and
-receives. The baseline, measured in the same run, is the plaintext weighted
-mean of the same updates; Flower's SecAgg+ figures on this kind of machine
-are given where the setting matches one of them.
+Reported for Shoal: the mean compute per client over the stages, the
+server's compute, the round's wall time with all of it on one core
+("round_s"), the round's critical path if each client had its own device
+("parallel_s": the server plus the slowest client), the bytes each client
+sends and receives, and the stages that ran. The baseline, measured in the
+same run, is the plaintext weighted mean of the same updates.
 
-    python benchmarks/secagg.py --clients 20 --degree 7 --params 100000 --dropout 0.1
+Flower's SecAgg+ runs in the same invocation: ``benchmarks/flower/secagg_round.py``
+in Flower's own virtual environment (see ``benchmarks/flower_venv.py``),
+its real workflow and client mod with every party in one process, the
+same arrangement. Flower's ``num_shares`` counts the client itself, so
+Shoal's degree k meets Flower's k + 1 shares: 7 shares are degree 6. The
+ratio ``speedup_vs_flower`` divides Flower's round without its message codec
+("flower_s") by Shoal's whole round, codec included: it never flatters
+Shoal. Without ``--clients`` the three settings compared are 20 clients with
+7 shares, 20 with a complete graph and 50 with a complete graph.
+
+    python benchmarks/secagg.py                      # the three settings, beside Flower
+    python benchmarks/secagg.py --clients 20 --degree 6 --dropout 0.1 --skip-flower
 """
 
 from __future__ import annotations
@@ -22,20 +33,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from typing import Any
 
 import numpy as np
 
+from flower_venv import FlowerUnavailable, add_flower_arguments, flower_python, run_flower
 from shoal.secure.client import Contribution
 from shoal.secure.graph import default_degree
 from shoal.secure.loopback import run_loopback_round
 from shoal.secure.messages import Stage
 from shoal.secure.server import StageDeadlines, SumReady
 
-# Flower's SecAgg+ (100,000 parameters per client, one round), measured on this kind of machine
-FLOWER_SECONDS = {(20, 7): 2.14, (20, 19): 5.73, (50, 49): 45.4}
 DEADLINES = StageDeadlines(advertise_keys=10, share_keys=10, masked_input=60, unmask=10)
+FLOWER_SETTINGS = ((20, 6), (20, 19), (50, 49))  # (clients, degree): 7 shares, complete, complete
 
 
 def contributions(clients: int, params: int, seed: int) -> dict[str, Contribution]:
@@ -87,23 +99,47 @@ def one_round(args: argparse.Namespace, degree: int, seed: int) -> dict[str, Any
         "max_error": float(np.max(np.abs(result.decoded.mean() - expected))),
         "recovered": len(result.recovered),
         "masked_input_closed_at_s": outcome.closed_at["masked_input"],
+        "stages": list(outcome.closed_at),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--degree", type=int, default=None, help="default: about 2 log2 n")
-    parser.add_argument("--params", type=int, default=100_000)
-    parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    if args.degree is None:
-        args.degree = 2 * math.ceil(math.log2(args.clients)) if args.clients > 1 else 1
+def flower_side(args: argparse.Namespace, degree: int, python: Any) -> dict[str, Any]:
+    """Flower's figures for this setting, or why there are none."""
+    shares = degree + 1
+    if python is None:
+        return {"flower_skipped": "--skip-flower"}
+    if args.dropout > 0:
+        return {"flower_skipped": "Flower's side is measured without dropouts"}
+    if shares < 3 or (shares % 2 == 0 and shares != args.clients):
+        # Flower's ring takes an odd number of shares (it adds one to an even count)
+        return {"flower_skipped": f"Flower cannot run {shares} shares of {args.clients} clients"}
+    report = run_flower(
+        python,
+        "secagg_round.py",
+        ["--clients", str(args.clients), "--shares", str(shares), "--params", str(args.params),
+         "--repeats", str(args.flower_repeats)],
+    )  # fmt: skip
+    return {
+        "flower_version": report["flower_version"],
+        "flower_shares": shares,
+        "flower_round_s": report["round_s"],
+        "flower_codec_s": report["codec_s"],
+        "flower_s": round(report["round_s"] - report["codec_s"], 6),
+        "flower_rounds_s": report["rounds_s"],
+        "flower_bytes_sent": report["bytes_sent"],
+        "flower_bytes_received": report["bytes_received"],
+        "flower_max_error": report["max_error"],
+    }
+
+
+def measure(args: argparse.Namespace, python: Any) -> dict[str, Any]:
     degree = min(args.degree, args.clients - 1) if args.clients > 1 else 1
-    runs = [one_round(args, degree, seed) for seed in range(args.repeats)]
+    # Shoal's rounds before and after Flower's, so that neither side gets only a quiet spell
+    first = [one_round(args, degree, seed) for seed in range(args.repeats // 2)]
+    flower = flower_side(args, degree, python)
+    runs = first + [one_round(args, degree, seed) for seed in range(len(first), args.repeats)]
     best = min(runs, key=lambda run: run["round_s"])
-    flower = FLOWER_SECONDS.get((args.clients, degree)) if args.dropout == 0 else None
+    stages = best.pop("stages")
     report: dict[str, Any] = {
         "benchmark": "secagg",
         "clients": args.clients,
@@ -112,17 +148,50 @@ def main() -> None:
         "params": args.params,
         "dropout": args.dropout,
         "repeats": args.repeats,
+        "stages": stages,
         **{key: round(value, 6) for key, value in best.items()},
+        "rounds_s": [round(run["round_s"], 6) for run in runs],
         "bytes_per_client": round(best["bytes_sent"] + best["bytes_received"]),
         "upload_ratio_to_plaintext": round(best["bytes_sent"] / (4 * args.params), 3),
         "ratio_to_plaintext_mean": round(best["round_s"] / best["plain_s"], 1),
         "masked_input_closed_at_deadline": best["masked_input_closed_at_s"]
         >= DEADLINES.masked_input,
+        **flower,
     }
-    if flower is not None:
-        report["flower_s"] = flower
-        report["speedup_vs_flower"] = round(flower / best["round_s"], 1)
-    print(json.dumps(report))
+    if "flower_s" in flower:
+        report["speedup_vs_flower"] = round(flower["flower_s"] / best["round_s"], 1)
+        report["speedup_vs_flower_with_codec"] = round(
+            flower["flower_round_s"] / best["round_s"], 1
+        )
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=None, help="default: Flower's three")
+    parser.add_argument("--degree", type=int, default=None, help="default: about 2 log2 n")
+    parser.add_argument("--params", type=int, default=100_000)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--repeats", type=int, default=6, help="Shoal's rounds; the best counts")
+    parser.add_argument("--flower-repeats", type=int, default=3, help="Flower's rounds")
+    add_flower_arguments(parser)
+    args = parser.parse_args()
+    if args.repeats < 1 or args.flower_repeats < 1:
+        parser.error("--repeats and --flower-repeats must be at least 1")
+    if args.clients is None:
+        settings = list(FLOWER_SETTINGS) if args.degree is None else [(20, args.degree)]
+    else:
+        degree = args.degree
+        if degree is None:
+            degree = 2 * math.ceil(math.log2(args.clients)) if args.clients > 1 else 1
+        settings = [(args.clients, degree)]
+    try:
+        python = flower_python(args)
+        for clients, degree in settings:
+            setting = argparse.Namespace(**{**vars(args), "clients": clients, "degree": degree})
+            print(json.dumps(measure(setting, python)), flush=True)
+    except FlowerUnavailable as exc:
+        sys.exit(f"error: {exc}")
 
 
 if __name__ == "__main__":
