@@ -8,7 +8,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from shoal.core import ProtocolError, SecurityError
 from shoal.secure.crypto import (
+    BLOCK_VALUES,
     KeyPair,
+    Keystream,
     Purpose,
     SessionContext,
     ShareAddress,
@@ -60,6 +62,18 @@ def test_masks_look_uniform() -> None:
     counts = np.bincount(values >> 28, minlength=16)  # top four bits: 16 equal buckets
     chi_square = float(((counts - counts.mean()) ** 2 / counts.mean()).sum())
     assert chi_square < 50  # 15 degrees of freedom: p < 1e-5 beyond this
+
+
+def test_the_keystream_read_in_blocks_is_the_mask() -> None:
+    seed = new_seed()
+    length = 2 * BLOCK_VALUES + 7
+    stream = Keystream(seed)
+    pieces = [stream.read(size).copy() for size in (0, 3, BLOCK_VALUES, 1, BLOCK_VALUES, 3)]
+    assert np.array_equal(np.concatenate(pieces), expand_mask(seed, length))
+    with pytest.raises(ProtocolError, match="keystream block"):
+        stream.read(BLOCK_VALUES + 1)
+    with pytest.raises(ProtocolError, match="32 bytes"):
+        Keystream(b"short")
 
 
 @pytest.mark.parametrize("length", [-1])

@@ -42,6 +42,48 @@ def test_stochastic_rounding_is_unbiased() -> None:
     assert len(np.unique(decoded.round(6))) == 2  # rounded both ways
 
 
+@settings(max_examples=20, deadline=None)
+@given(bits=st.integers(1, 31), seed=st.integers(0, 2**32 - 1))
+def test_no_value_exceeds_the_largest_level(bits: int, seed: int) -> None:
+    # at the clipping bound itself the value is exactly L: rounding noise in float64
+    # must never carry it to L + 1, or the capacity proven for the sum would not hold
+    q = Quantization(clip=1.0, bits=bits, max_weight=1, loss_clip=1.0)
+    update = np.tile(np.array([1.0, -1.0, 5.0, np.nextafter(1.0, 0.0)], np.float32), 5_000)
+    encoded = q.encode(update, num_examples=1, loss=2.0, rng=np.random.default_rng(seed))
+    assert int(encoded[:-2].max()) <= q.levels and int(encoded[-1]) <= q.levels
+    assert int(encoded[:-2].min()) >= 0
+
+
+def test_encoding_is_reproducible_from_the_generator_and_works_in_blocks() -> None:
+    q = Quantization(clip=2.0, bits=20, max_weight=100)
+    update = np.random.default_rng(0).normal(0, 1, 40_000).astype(np.float32)  # several blocks
+    first = q.encode(update, num_examples=30, loss=0.7, rng=np.random.default_rng(5))
+    again = q.encode(update, num_examples=30, loss=0.7, rng=np.random.default_rng(5))
+    other = q.encode(update, num_examples=30, loss=0.7, rng=np.random.default_rng(6))
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+    decoded = q.decode(first, count=1)
+    expected = q.weight(30) * np.clip(update, -2, 2).astype(np.float64)
+    assert np.all(np.abs(decoded.weighted_sum - expected) <= q.error_bound(1))
+    assert decoded.num_examples == 30
+    empty = q.encode(np.zeros(0, np.float32), num_examples=3, loss=0.0, rng=np.random.default_rng())
+    assert empty.tolist() == [3, 0]
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 4_095])
+def test_decoding_reads_the_sum_as_signed_around_its_centre(count: int) -> None:
+    # every coordinate of a sum lies within 2^31 of the centre count L / 2, whichever way
+    # noise pushed it; the two ends of that window and its middle decode exactly
+    q = Quantization(clip=1.0, bits=20, max_weight=1)
+    twice_centre = count * q.levels
+    offsets = np.array([-(2**31), -(2**31) + 1, -1, 0, 1, 2**31 - 2, 2**31 - 1], np.int64)
+    if twice_centre % 2:  # an odd 2 x centre puts the window half a step higher
+        offsets += 1
+    total = ((twice_centre // 2 + offsets) % MODULUS).astype(np.uint32)
+    decoded = q.decode(np.concatenate([total, np.zeros(2, np.uint32)]), count=count)
+    twice = 2 * offsets - twice_centre % 2
+    assert decoded.weighted_sum.tolist() == (twice * (q.clip / q.levels)).tolist()
+
+
 def test_mean_and_zero_weight() -> None:
     q = Quantization(clip=1.0, bits=20, max_weight=100)
     decoded = q.decode(_encode(q, np.array([0.5, -0.5], np.float32), 50), count=1)

@@ -11,10 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shoal.core import ProtocolError
+from shoal.secure import shamir
 from shoal.secure.shamir import (
     PRIME,
     bytes_to_field,
     field_to_bytes,
+    lagrange_at_zero,
     random_field_elements,
     reconstruct,
     share,
@@ -41,6 +43,43 @@ def test_any_threshold_shares_reconstruct(
     )
     xs = [index + 1 for index in chosen]
     np.testing.assert_array_equal(reconstruct(xs, shares[chosen]), secrets)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    coefficients=st.lists(
+        st.lists(st.integers(0, PRIME - 1), min_size=3, max_size=3), min_size=1, max_size=9
+    ),
+    points=st.lists(st.integers(1, PRIME - 1), min_size=1, max_size=6, unique=True),
+)
+def test_the_vandermonde_product_is_the_polynomial_exactly(
+    coefficients: list[list[int]], points: list[int]
+) -> None:
+    # the field's largest elements are where an int64 product would overflow first
+    matrix = np.array(coefficients, dtype=np.int64)
+    expected = [
+        [
+            sum(int(c) * pow(x, j, PRIME) for j, c in enumerate(column)) % PRIME
+            for column in matrix.T
+        ]
+        for x in points
+    ]
+    assert shamir._evaluate(matrix, points).tolist() == expected
+
+
+def test_horner_takes_over_beyond_the_exact_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    matrix = random_field_elements((5, 4))
+    points = [3, PRIME - 1, 17]
+    exact = shamir._evaluate(matrix, points)
+    monkeypatch.setattr(shamir, "_MAX_TERMS", 2)
+    np.testing.assert_array_equal(shamir._evaluate(matrix, points), exact)
+
+
+def test_lagrange_weights_are_cached_but_never_shared() -> None:
+    weights = lagrange_at_zero([1, 2, 3])
+    assert weights == [3, PRIME - 3, 1]  # 3 f(1) - 3 f(2) + f(3) = f(0) for a quadratic
+    weights[0] = 0
+    assert lagrange_at_zero((1, 2, 3)) == [3, PRIME - 3, 1]
 
 
 def test_every_subset_of_threshold_size_reconstructs() -> None:

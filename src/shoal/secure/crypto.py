@@ -18,6 +18,7 @@ True
 from __future__ import annotations
 
 import enum
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ import numpy.typing as npt
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -36,6 +37,7 @@ KEY_BYTES = 32
 NONCE_BYTES = 12
 SEED_BYTES = 32
 _VERSION = b"shoal-secagg-v1"
+_SHA256 = hashes.SHA256()
 
 
 class Purpose(enum.Enum):
@@ -84,8 +86,14 @@ def agree(
         shared = key.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as exc:  # a malformed or low-order public key
         raise SecurityError(f"key agreement failed: {exc}") from exc
-    info = _fields(_VERSION, purpose.value.encode(), context.encode())
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
+    info = _agreement_info(purpose, context)
+    return HKDF(algorithm=_SHA256, length=KEY_BYTES, salt=None, info=info).derive(shared)
+
+
+@functools.lru_cache(maxsize=256)
+def _agreement_info(purpose: Purpose, context: SessionContext) -> bytes:
+    # a client derives two secrets per neighbour in one context: build its info once
+    return _fields(_VERSION, purpose.value.encode(), context.encode())
 
 
 def new_seed() -> bytes:
@@ -95,15 +103,49 @@ def new_seed() -> bytes:
 
 def expand_mask(seed: bytes, length: int) -> npt.NDArray[np.uint32]:
     """``length`` uint32 values of the AES-256-CTR keystream keyed by the whole 32-byte seed."""
-    if len(seed) != SEED_BYTES:
-        raise ProtocolError(f"a mask seed has {SEED_BYTES} bytes, got {len(seed)}")
     if length < 0:
         raise ProtocolError(f"mask length must be >= 0, got {length}")
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
+    encryptor = _keystream_cipher(seed)
     mask = np.zeros(length + 4, dtype="<u4")  # update_into wants a block of headroom
     buffer = memoryview(mask.data).cast("B")
     encryptor.update_into(buffer[: 4 * length], buffer)  # the keystream XOR zeros, in place
     return mask[:length].astype(np.uint32, copy=False)
+
+
+BLOCK_VALUES = 16_384  # values per block when a long vector is worked in pieces: 64 KiB of uint32
+
+
+class Keystream:
+    """The keystream of :func:`expand_mask`, read in consecutive blocks.
+
+    ``read(n)`` then ``read(m)`` give the first n + m values of
+    ``expand_mask(seed, n + m)``. A long vector can then be worked in blocks
+    that stay in the processor's cache, and nothing of its size is
+    allocated: each block is written into the same small buffer.
+    """
+
+    __slots__ = ("_buffer", "_bytes", "_encryptor")
+
+    def __init__(self, seed: bytes) -> None:
+        self._encryptor = _keystream_cipher(seed)
+        self._buffer = np.empty(BLOCK_VALUES + 4, dtype="<u4")  # update_into wants headroom
+        self._bytes = memoryview(self._buffer.data).cast("B")
+
+    def read(self, count: int) -> npt.NDArray[np.uint32]:
+        """The next ``count`` values (at most ``BLOCK_VALUES``), valid until the next read."""
+        if not 0 <= count <= BLOCK_VALUES:
+            raise ProtocolError(f"a keystream block holds 0 to {BLOCK_VALUES} values, not {count}")
+        self._encryptor.update_into(_ZEROS[: 4 * count], self._bytes)
+        return self._buffer[:count].view(np.uint32)
+
+
+_ZEROS = bytes(4 * BLOCK_VALUES)
+
+
+def _keystream_cipher(seed: bytes) -> CipherContext:
+    if len(seed) != SEED_BYTES:
+        raise ProtocolError(f"a mask seed has {SEED_BYTES} bytes, got {len(seed)}")
+    return Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,11 @@ seed and key, split into field elements), so every function works on a
 vector of secrets: ``share`` evaluates one random polynomial per secret at
 x = 1..n, and ``reconstruct`` interpolates them at x = 0 from any t shares.
 With p = 2^31 - 1 every product of two field elements fits in an int64, so
-numpy does the arithmetic without big integers. Polynomial coefficients come
-from the operating system's CSPRNG: fewer than t shares reveal nothing.
+numpy does the arithmetic without big integers: sharing is one product with
+the Vandermonde matrix of the points, and reconstruction one weighted sum,
+its Lagrange weights computed once per set of holders. Polynomial
+coefficients come from the operating system's CSPRNG: fewer than t shares
+reveal nothing.
 
 >>> secrets = np.array([7, 42], dtype=np.int64)
 >>> shares = share(secrets, threshold=2, num_shares=3)
@@ -16,6 +19,7 @@ from the operating system's CSPRNG: fewer than t shares reveal nothing.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -62,12 +66,41 @@ def share(
     if not 1 <= threshold <= len(points):
         raise ProtocolError(f"need 1 <= threshold <= shares, got {threshold} of {len(points)}")
     coefficients = random_field_elements((threshold - 1, values.size))
-    xs_column = np.asarray(points, dtype=np.int64)[:, None]
-    result = np.zeros((len(points), values.size), dtype=np.int64)
-    for coefficient in coefficients[::-1]:  # Horner: ((c_{t-1} x + c_{t-2}) x + ...) x + secret
-        result = (result + coefficient) % PRIME
-        result = (result * xs_column) % PRIME
-    return (result + values) % PRIME
+    return _evaluate(np.vstack([values, coefficients]), points)
+
+
+def _evaluate(coefficients: FieldArray, points: Sequence[int]) -> FieldArray:
+    """Each column of ``coefficients`` (lowest degree first) as a polynomial, at every point.
+
+    One product with the Vandermonde matrix of the points, exact in int64:
+    the coefficients split into 16-bit halves, so each product has at most
+    47 bits and a sum of up to 2^16 of them cannot overflow.
+    """
+    degree_count = coefficients.shape[0]
+    if degree_count > _MAX_TERMS:  # more terms than an exact int64 product allows: Horner
+        xs_column = np.asarray(points, dtype=np.int64)[:, None]
+        result = np.zeros((len(points), coefficients.shape[1]), dtype=np.int64)
+        for coefficient in coefficients[::-1]:
+            result = (result * xs_column + coefficient) % PRIME
+        return result
+    powers = _vandermonde(points, degree_count)
+    high: FieldArray = powers @ (coefficients >> LIMB_BITS) % PRIME
+    low: FieldArray = powers @ (coefficients & _LOW_MASK) % PRIME
+    values: FieldArray = ((high << LIMB_BITS) + low) % PRIME
+    return values
+
+
+_MAX_TERMS = 2**16
+_LOW_MASK = (1 << LIMB_BITS) - 1
+
+
+def _vandermonde(points: Sequence[int], degree_count: int) -> FieldArray:
+    """The matrix of x^j mod PRIME, a row per point, j = 0 .. degree_count - 1."""
+    powers = np.ones((len(points), degree_count), dtype=np.int64)
+    xs = np.asarray(points, dtype=np.int64)
+    for j in range(1, degree_count):
+        powers[:, j] = powers[:, j - 1] * xs % PRIME
+    return powers
 
 
 def _share_points(num_shares: int | None, xs: Sequence[int] | None) -> list[int]:
@@ -97,14 +130,21 @@ def reconstruct(xs: Sequence[int], shares: npt.ArrayLike) -> FieldArray:
         raise ProtocolError(f"share x values must be distinct and in [1, {PRIME}), got {list(xs)}")
     if np.any((rows < 0) | (rows >= PRIME)):
         raise ProtocolError("a share is not an element of the field")
-    secrets = np.zeros(rows.shape[1], dtype=np.int64)
-    for weight, row in zip(lagrange_at_zero(xs), rows, strict=True):
-        secrets = (secrets + (row * weight) % PRIME) % PRIME
+    weights = np.asarray(_lagrange_at_zero(tuple(xs)), dtype=np.int64)[:, None]
+    # each product fits in int64 (two field elements), and so does a sum of fewer than
+    # 2^32 reduced ones
+    secrets: FieldArray = np.sum(rows * weights % PRIME, axis=0) % PRIME
     return secrets
 
 
 def lagrange_at_zero(xs: Sequence[int]) -> list[int]:
     """The Lagrange weights that interpolate the points ``xs`` at x = 0, mod PRIME."""
+    return list(_lagrange_at_zero(tuple(xs)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    # a server rebuilds many secrets from the same holders: the weights are computed once
     weights = []
     for i, xi in enumerate(xs):
         numerator, denominator = 1, 1
@@ -113,7 +153,7 @@ def lagrange_at_zero(xs: Sequence[int]) -> list[int]:
                 numerator = numerator * xj % PRIME
                 denominator = denominator * (xj - xi) % PRIME
         weights.append(numerator * pow(denominator, PRIME - 2, PRIME) % PRIME)
-    return weights
+    return tuple(weights)
 
 
 def bytes_to_field(data: bytes) -> FieldArray:
