@@ -14,6 +14,7 @@ from shoal.secure.crypto import (
     Purpose,
     SessionContext,
     ShareAddress,
+    add_masks,
     agree,
     expand_mask,
     new_seed,
@@ -74,6 +75,25 @@ def test_the_keystream_read_in_blocks_is_the_mask() -> None:
         stream.read(BLOCK_VALUES + 1)
     with pytest.raises(ProtocolError, match="32 bytes"):
         Keystream(b"short")
+
+
+@pytest.mark.parametrize("length", [0, 1, BLOCK_VALUES, 2 * BLOCK_VALUES + 5])
+def test_adding_masks_in_one_pass_is_adding_each_expanded_mask(length: int) -> None:
+    plus, minus = [new_seed(), new_seed()], [new_seed()]
+    vector = np.random.default_rng(length).integers(0, 2**32, length, dtype=np.uint32)
+    expected = vector.copy()
+    for seed in plus:
+        expected += expand_mask(seed, length)  # uint32 arithmetic wraps modulo 2^32
+    expected -= expand_mask(minus[0], length)
+    masked = vector.copy()
+    add_masks(masked, add=plus, subtract=minus)
+    assert np.array_equal(masked, expected)
+    add_masks(masked, add=minus, subtract=plus)
+    assert np.array_equal(masked, vector)
+    add_masks(masked)  # no seeds: nothing changes
+    assert np.array_equal(masked, vector)
+    with pytest.raises(ProtocolError, match="32 bytes"):
+        add_masks(masked, subtract=[b"short"])
 
 
 @pytest.mark.parametrize("length", [-1])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,7 +113,7 @@ def expand_mask(seed: bytes, length: int) -> npt.NDArray[np.uint32]:
     return mask[:length].astype(np.uint32, copy=False)
 
 
-BLOCK_VALUES = 16_384  # values per block when a long vector is worked in pieces: 64 KiB of uint32
+BLOCK_VALUES = 32_768  # values per block when a long vector is worked in pieces: 128 KiB of uint32
 
 
 class Keystream:
@@ -137,6 +138,32 @@ class Keystream:
             raise ProtocolError(f"a keystream block holds 0 to {BLOCK_VALUES} values, not {count}")
         self._encryptor.update_into(_ZEROS[: 4 * count], self._bytes)
         return self._buffer[:count].view(np.uint32)
+
+
+def add_masks(
+    vector: npt.NDArray[np.uint32], *, add: Sequence[bytes] = (), subtract: Sequence[bytes] = ()
+) -> None:
+    """Add the mask of every seed in ``add`` to ``vector`` and subtract those in ``subtract``.
+
+    In place and modulo 2^32, the same as ``vector += expand_mask(seed, n)``
+    for each seed in turn, but in one pass: block by block, every mask's
+    keystream is added while the vector's block is still in the cache. A
+    client that adds its self mask and k pairwise masks then moves its
+    vector through memory once instead of k + 1 times, and never allocates
+    a mask.
+    """
+    streams: list[tuple[CipherContext, np.ufunc]] = [
+        (_keystream_cipher(seed), np.add) for seed in add
+    ]
+    streams += [(_keystream_cipher(seed), np.subtract) for seed in subtract]
+    scratch = np.empty(BLOCK_VALUES + 4, dtype="<u4")  # update_into wants headroom
+    raw = memoryview(scratch.data).cast("B")
+    for start in range(0, vector.size, BLOCK_VALUES):
+        piece = vector[start : start + BLOCK_VALUES]
+        zeros = _ZEROS[: 4 * piece.size]
+        for encryptor, operation in streams:
+            encryptor.update_into(zeros, raw)
+            operation(piece, scratch[: piece.size], out=piece)
 
 
 _ZEROS = bytes(4 * BLOCK_VALUES)
