@@ -21,8 +21,11 @@ same arrangement. Flower's ``num_shares`` counts the client itself, so
 Shoal's degree k meets Flower's k + 1 shares: 7 shares are degree 6. The
 ratio ``speedup_vs_flower`` divides Flower's round without its message codec
 ("flower_s") by Shoal's whole round, codec included: it never flatters
-Shoal. Without ``--clients`` the three settings compared are 20 clients with
-7 shares, 20 with a complete graph and 50 with a complete graph.
+Shoal. ``--flower-simulation`` also times Flower's round in its own
+simulation engine (Ray actors, one per core, and the engine's polling), as
+its users run it: "flower_simulation_s" and its own ratio. Without
+``--clients`` the three settings compared are 20 clients with 7 shares, 20
+with a complete graph and 50 with a complete graph.
 
     python benchmarks/secagg.py                      # the three settings, beside Flower
     python benchmarks/secagg.py --clients 20 --degree 6 --dropout 0.1 --skip-flower
@@ -119,7 +122,20 @@ def flower_side(args: argparse.Namespace, degree: int, python: Any) -> dict[str,
         ["--clients", str(args.clients), "--shares", str(shares), "--params", str(args.params),
          "--repeats", str(args.flower_repeats)],
     )  # fmt: skip
+    figures: dict[str, Any] = {}
+    if args.flower_simulation:  # as a Flower user runs it: its engine, Ray actors, polling
+        simulated = run_flower(
+            python,
+            "secagg_round.py",
+            ["--engine", "simulation", "--clients", str(args.clients), "--shares", str(shares),
+             "--params", str(args.params), "--repeats", str(args.flower_repeats)],
+        )  # fmt: skip
+        figures = {
+            "flower_simulation_s": simulated["round_s"],
+            "flower_simulation_rounds_s": simulated["rounds_s"],
+        }
     return {
+        **figures,
         "flower_version": report["flower_version"],
         "flower_shares": shares,
         "flower_round_s": report["round_s"],
@@ -163,6 +179,10 @@ def measure(args: argparse.Namespace, python: Any) -> dict[str, Any]:
         report["speedup_vs_flower_with_codec"] = round(
             flower["flower_round_s"] / best["round_s"], 1
         )
+    if "flower_simulation_s" in flower:
+        report["speedup_vs_flower_simulation"] = round(
+            flower["flower_simulation_s"] / best["round_s"], 1
+        )
     return report
 
 
@@ -174,6 +194,11 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=6, help="Shoal's rounds; the best counts")
     parser.add_argument("--flower-repeats", type=int, default=3, help="Flower's rounds")
+    parser.add_argument(
+        "--flower-simulation",
+        action="store_true",
+        help="also time Flower in its simulation engine (Ray), as its users run it",
+    )
     add_flower_arguments(parser)
     args = parser.parse_args()
     if args.repeats < 1 or args.flower_repeats < 1:

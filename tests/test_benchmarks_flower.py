@@ -91,6 +91,18 @@ def test_flower_gets_the_same_setting_and_the_ratio_leaves_out_its_codec(tmp_pat
     assert report["speedup_vs_flower_with_codec"] == round(2.5 / report["round_s"], 1)
 
 
+def test_flowers_simulation_engine_is_timed_on_request(tmp_path: Path) -> None:
+    stub = stub_flower(tmp_path, FLOWER_ROUND)
+    setting = ["--clients", "6", "--degree", "4", *SMALL_SECAGG, "--flower-python", str(stub)]
+    done = run_benchmark("secagg.py", *setting, "--flower-simulation")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    calls = (tmp_path / "arguments.txt").read_text().splitlines()
+    assert [("--engine simulation" in call) for call in calls] == [False, True]
+    assert report["flower_simulation_s"] == 2.5
+    assert report["speedup_vs_flower_simulation"] == round(2.5 / report["round_s"], 1)
+
+
 def test_settings_flower_cannot_run_are_measured_without_it(tmp_path: Path) -> None:
     stub = stub_flower(tmp_path, FLOWER_ROUND)
     done = run_benchmark(
