@@ -1,8 +1,10 @@
 """Benchmark: one SecAgg+ round of Shoal and one of Flower, side by side, each party in one process.
 
 Each Shoal client runs the real protocol (X25519, HKDF, AES-GCM shares,
-AES-CTR masks, Shamir sharing, quantization) through
-`shoal.secure.loopback`; the ``--dropout`` fraction of the clients vanishes
+AES-CTR masks, Shamir sharing, quantization, and the consistency check:
+Ed25519 signatures over the survivor set) through `shoal.secure.loopback`;
+the clients' identity keys are made before the round, as enrollment would.
+The ``--dropout`` fraction of the clients vanishes
 after sharing its keys (the costly case: the server rebuilds their pairwise
 masks from shares), and the masked-input stage then closes at its deadline,
 in virtual time.
@@ -44,6 +46,7 @@ import numpy as np
 
 from flower_venv import FlowerUnavailable, add_flower_arguments, flower_python, run_flower
 from shoal.secure.client import Contribution
+from shoal.secure.consistency import IdentityKey
 from shoal.secure.graph import default_degree
 from shoal.secure.loopback import run_loopback_round
 from shoal.secure.messages import Stage
@@ -75,6 +78,7 @@ def plaintext_mean(inputs: dict[str, Contribution]) -> tuple[np.ndarray, float]:
 def one_round(args: argparse.Namespace, degree: int, seed: int) -> dict[str, Any]:
     inputs = contributions(args.clients, args.params, seed)
     gone = sorted(inputs)[: round(args.dropout * args.clients)]
+    identities = {client: IdentityKey.generate() for client in inputs}  # enrolled before
     began = time.perf_counter()
     outcome = run_loopback_round(
         inputs,
@@ -82,6 +86,7 @@ def one_round(args: argparse.Namespace, degree: int, seed: int) -> dict[str, Any
         dropouts=dict.fromkeys(gone, Stage.MASKED_INPUT),
         deadlines=DEADLINES,
         seed=seed,
+        identities=identities,
     )
     round_s = time.perf_counter() - began
     if not isinstance(outcome.result, SumReady):
