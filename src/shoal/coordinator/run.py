@@ -80,11 +80,15 @@ class RunParts:
     strategy: Strategy
     secure: SecureSettings | None = None
 
-    def check(self, *, private: bool) -> None:
-        """Refuse, before anything opens, a strategy that DP or secure aggregation cannot serve."""
+    def check(self, *, private: bool, secure: bool = False) -> None:
+        """Refuse, before anything opens, a strategy that DP or secure aggregation cannot serve.
+
+        ``secure``: the run aggregates securely (a shell that builds its
+        :class:`SecureSettings` only once the folders are open says so here).
+        """
         if private:
             check_private_strategy(self.strategy)
-        if self.secure is not None:
+        if secure or self.secure is not None:
             check_secure_strategy(self.strategy)
 
 

@@ -154,7 +154,9 @@ def build(
     apps = resolve_apps(config, client=client_app, server=server_app, search_path=search_path)
     strategy = strategy_for(config, apps.server)
     settings = round_settings_from_config(config)
-    RunParts(settings, strategy).check(private=config.privacy.enabled)  # before anything opens
+    RunParts(settings, strategy).check(  # before anything opens
+        private=config.privacy.enabled, secure=config.secure_aggregation.enabled
+    )
     state_dir = writable_folder(section.state_dir, what="coordinator.state_dir")
     key_holder = _key_holder(config)
     try:
