@@ -51,8 +51,8 @@ from shoal.secure.crypto import (
     Purpose,
     SessionContext,
     ShareAddress,
+    add_masks,
     agree,
-    expand_mask,
     new_seed,
     open_sealed,
     seal,
@@ -317,14 +317,12 @@ class SecAggClient:
             sigma = contribution.noise_std / quantization.step()  # in quantization steps
             noise = source.discrete_gaussian(session.vector_length, sigma=sigma)
             vector[: session.vector_length] += noise.astype(np.uint32)  # two's complement wraps
-        length = session.masked_length
-        vector += expand_mask(self._seed, length)
-        for peer in sorted(held):  # masks only with neighbours who shared: they are in U2
-            mask = expand_mask(self._pair_seed(peer), length)
-            if self._node < peer:
-                vector += mask
-            else:
-                vector -= mask
+        peers = sorted(held)  # masks only with neighbours who shared: they are in U2
+        add_masks(
+            vector,
+            add=[self._seed, *(self._pair_seed(peer) for peer in peers if self._node < peer)],
+            subtract=[self._pair_seed(peer) for peer in peers if self._node > peer],
+        )
         return MaskedInput(round=self.round, vector=vector)
 
     # --- stage 4 -----------------------------------------------------------------------

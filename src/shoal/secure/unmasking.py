@@ -27,7 +27,7 @@ import numpy.typing as npt
 from shoal.core.errors import ProtocolError, SecurityError
 from shoal.secure.client import SECRET_LIMBS
 from shoal.secure.consistency import DIGEST_BYTES, half_digest, seed_commitment
-from shoal.secure.crypto import KeyPair, Purpose, SessionContext, agree, expand_mask
+from shoal.secure.crypto import KeyPair, Purpose, SessionContext, add_masks, agree
 from shoal.secure.messages import Advertisement
 from shoal.secure.shamir import field_to_bytes, reconstruct
 
@@ -124,11 +124,11 @@ def remove_masks(
 ) -> None:
     """Subtract, in place, each survivor's self mask and the pairwise masks that survivors
     share with clients that dropped after sharing their keys; raises :class:`DealerCheated`."""
-    length = total.size
+    add: list[bytes] = []
+    subtract: list[bytes] = []
     for node in sorted(masked):
         matches = _seed_matches(context, node, adverts[node].seed_commitment)
-        seed = ledger.rebuild(node, seeds=True, threshold=threshold, matches=matches)
-        total -= expand_mask(seed, length)
+        subtract.append(ledger.rebuild(node, seeds=True, threshold=threshold, matches=matches))
     for node in sorted(dropped):
         matches = _key_matches(adverts[node].keys.mask)
         private = KeyPair.from_private(
@@ -136,11 +136,8 @@ def remove_masks(
         )
         for survivor in sorted(graph[node] & masked):
             pair = agree(private, adverts[survivor].keys.mask, context, Purpose.MASK)
-            mask = expand_mask(pair, length)
-            if survivor < node:
-                total -= mask
-            else:
-                total += mask
+            (subtract if survivor < node else add).append(pair)
+    add_masks(total, add=add, subtract=subtract)  # every secret checked first: all or nothing
 
 
 def _seed_matches(context: SessionContext, node: int, commitment: bytes) -> Callable[[bytes], bool]:
