@@ -296,7 +296,9 @@ def test_adaptive_clipping_resumes_from_the_last_committed_round_after_a_restart
     fit = [row for row in rounds if row["phase"] == "fit" and row["committed"]]
     assert [row["round"] for row in fit] == [1, 2]
     left = fit[-1]["next_clip_norm"]
-    assert left > CLIP_NORM  # every client clipped: the norm grew
+    # every client clipped, but the count of unclipped updates is noised (from the CSPRNG, as
+    # a coordinator must): the norm moved, mostly up, and the restart must take it as it is
+    assert left != pytest.approx(CLIP_NORM)
 
     later = job_config(tmp_path, privacy=privacy, run={"rounds": 4})
     parts = build(later)
