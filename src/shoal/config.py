@@ -215,6 +215,65 @@ class DevicesSection(_Section):
         return classes
 
 
+_VERSION_TEXT = r"[vV]?\d+(\.\d+)*"
+
+
+class SelectionSection(_Section):
+    """[selection]: who may train, the eligibility policy both shells apply before a cohort.
+
+    Each criterion is off by default. A criterion on a fact a device did not
+    report (charging, WiFi, idle, battery, RAM) is not met: unknown is never
+    taken for yes. The names of :meth:`criteria` are the keys of the
+    ``excluded`` counts in each round's metrics row.
+    """
+
+    require_charging: bool = False
+    require_wifi: bool = False  # an unmetered network
+    require_idle: bool = False
+    min_battery: Fraction = 0.0  # a share of a full battery: 0.5 is 50 %
+    min_ram_gb: Annotated[float, Field(ge=0, le=1_048_576)] = 0.0
+    min_app_version: str | None = Field(None, pattern=_VERSION_TEXT)
+    device_classes: list[str] | None = Field(None, min_length=1)
+
+    def criteria(self) -> tuple[str, ...]:
+        """The names of the criteria this policy applies, in a fixed order."""
+        active = {
+            "charging": self.require_charging,
+            "wifi": self.require_wifi,
+            "idle": self.require_idle,
+            "battery": self.min_battery > 0,
+            "ram": self.min_ram_gb > 0,
+            "app_version": self.min_app_version is not None,
+            "device_class": self.device_classes is not None,
+        }
+        return tuple(name for name, on in active.items() if on)
+
+
+class VersionRequirementEntry(_Section):
+    """One ``[[versions.require]]`` entry: what one component's version must be.
+
+    ``from_round`` (simulation and a live run alike) makes the requirement
+    apply from that round on, so a requirement can change mid-run.
+    """
+
+    component: Literal["app", "runtime", "model_architecture", "feature_extractor"]
+    minimum: str | None = Field(None, pattern=_VERSION_TEXT)
+    allowed: list[str] | None = Field(None, min_length=1)
+    from_round: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _says_something(self) -> VersionRequirementEntry:
+        if self.minimum is None and self.allowed is None:
+            raise ValueError(f"a {self.component} requirement needs a minimum or allowed versions")
+        return self
+
+
+class VersionsSection(_Section):
+    """[versions]: the versioning matrix of the job's model (OTA compatibility)."""
+
+    require: list[VersionRequirementEntry] = Field(default_factory=list)
+
+
 class SimulationSection(_Section):
     """[simulation]: how and where local training is executed."""
 
@@ -415,6 +474,8 @@ class Config(_Section):
     privacy: PrivacySection = PrivacySection()
     tracking: TrackingSection = TrackingSection()
     app: AppSection = AppSection()
+    selection: SelectionSection = SelectionSection()
+    versions: VersionsSection = VersionsSection()
 
     @model_validator(mode="after")
     def _fits_in_memory(self) -> Config:

@@ -4,7 +4,7 @@ A client reports its ``DeviceState`` at enrollment, at every check-in and in
 heartbeats; the registry stores it, the selector filters on it, and the
 versioning matrix checks its four versions. One definition serves all three.
 
-Power, network and memory are None when the client did not report them (a
+Power, network, idleness and memory are None when the client did not report them (a
 server has no battery; a simulated fleet models none of them): unknown, not
 a default. Every layer keeps them unknown: the wire leaves the field unset,
 the registry stores NULL, ``shoal clients`` prints "unknown", and a
@@ -32,7 +32,7 @@ def _check_text(value: str, what: str) -> None:
 class DeviceState:
     """A device's class, power, network, memory and the versions it runs.
 
-    ``battery_level``, ``charging``, ``wifi`` and ``ram_gb`` are None when
+    ``battery_level``, ``charging``, ``wifi``, ``idle`` and ``ram_gb`` are None when
     unknown; ``feature_extractor_version`` is None for a client without a
     portable feature extractor. Bad values raise :class:`ProtocolError`.
     """
@@ -46,6 +46,7 @@ class DeviceState:
     model_architecture_version: str = "1"
     feature_extractor_version: str | None = None
     ram_gb: float | None = None
+    idle: bool | None = None
 
     def __post_init__(self) -> None:
         _check_text(self.device_class, "device_class")
