@@ -179,8 +179,92 @@ class EvaluationSection(_Section):
     centralized: bool = True
 
 
+_VERSION_TEXT = r"[vV]?\d+(\.\d+)*"
+_SHARES_TOLERANCE = 1e-6
+LocalHour = Annotated[float, Field(ge=0, lt=24)]
+
+
+def _check_mix(mix: dict[str, float] | None, what: str) -> dict[str, float] | None:
+    """A mix of named shares: at least one, none negative, summing to 1."""
+    if mix is None:
+        return None
+    if not mix:
+        raise ValueError(f"a {what} mix needs at least one entry")
+    if any(not 0 <= share <= 1 for share in mix.values()):
+        raise ValueError(f"each share of a {what} mix lies in [0, 1]")
+    total = sum(mix.values())
+    if abs(total - 1.0) > _SHARES_TOLERANCE:
+        raise ValueError(f"the shares of a {what} mix sum to 1, got {total:g}")
+    return mix
+
+
+def utc_offset_hours(name: str) -> float:
+    """The UTC offset a time-zone key names, in hours: "+5.5", "-8", "0" (from -12 to +14)."""
+    try:
+        hours = float(name)
+    except ValueError:
+        raise ValueError(
+            f"a time zone is a UTC offset in hours such as '-5' or '+5.5', got {name!r}"
+        ) from None
+    if not -12 <= hours <= 14 or hours * 4 != int(hours * 4):
+        raise ValueError(f"a UTC offset lies in [-12, +14] in quarter hours, got {name!r}")
+    return hours
+
+
+def _check_time_zones(zones: dict[str, float] | None) -> dict[str, float] | None:
+    if zones is not None:
+        for name in zones:
+            utc_offset_hours(name)
+    return _check_mix(zones, "time-zone")
+
+
+class DeviceStates(_Section):
+    """``[devices.classes.states]``: a class's diurnal cycle of charging, WiFi, idleness, battery.
+
+    Hours are the device's local hours (its time zone). Most nights a phone
+    is plugged in from about ``charging_hours[0]`` to ``charging_hours[1]``
+    (each night's start and end move by up to ``charging_jitter_h``), and
+    lies idle and on WiFi there; by day it charges, idles or sees WiFi now
+    and then, one draw per device and local hour. Off the charger the
+    battery drains ``drain_per_hour``; training drains
+    ``training_drain_per_hour`` more for the hours it computes, and a night
+    on the charger fills the battery up again (``charge_per_hour`` while it
+    charges). A morning after a night off the charger starts between 15 %
+    and 60 %.
+    """
+
+    charging_hours: tuple[LocalHour, LocalHour] = (22.0, 7.0)
+    charging_jitter_h: Annotated[float, Field(ge=0, le=6)] = 1.0
+    nightly_charging: Fraction = 0.85
+    daytime_charging: Fraction = 0.05
+    wifi_at_night: Fraction = 0.9
+    wifi_by_day: Fraction = 0.35
+    idle_at_night: Fraction = 0.95
+    idle_by_day: Fraction = 0.15
+    drain_per_hour: Annotated[float, Field(ge=0, le=1)] = 0.05
+    training_drain_per_hour: Annotated[float, Field(ge=0, le=10)] = 0.3
+    charge_per_hour: Annotated[float, Field(gt=0, le=10)] = 0.35
+
+    @field_validator("charging_hours")
+    @classmethod
+    def _a_window(cls, hours: tuple[float, float]) -> tuple[float, float]:
+        if hours[0] == hours[1]:
+            raise ValueError("the charging window starts and ends at different hours")
+        return hours
+
+
 class DeviceClass(_Section):
-    """One class of device in the population (``[[devices.classes]]``)."""
+    """One class of device in the population (``[[devices.classes]]``).
+
+    ``availability``: the chance, each round, that a device of the class is
+    online at all (its app running, a network reachable); with ``states``
+    the device must also meet the ``[selection]`` policy in the state it is
+    in at the round's virtual time. ``ram_gb``, ``app_versions`` and
+    ``runtime_versions`` (mixes of version shares, summing to 1), and
+    ``time_zones`` (UTC offsets in hours with their shares; unset: the
+    fleet's) describe what each device reports; unset facts are unknown, and
+    unset versions are :class:`~shoal.core.device.DeviceState`'s defaults.
+    """
 
     name: str
     share: PositiveFloat
@@ -190,6 +274,21 @@ class DeviceClass(_Section):
     latency_s: Annotated[float, Field(ge=0)] = 0.2
     availability: Fraction = 1.0
     dropout: Fraction = 0.0
+    ram_gb: Annotated[float, Field(ge=0, le=1_048_576)] | None = None
+    app_versions: dict[Annotated[str, Field(pattern=_VERSION_TEXT)], float] | None = None
+    runtime_versions: dict[Annotated[str, Field(pattern=_VERSION_TEXT)], float] | None = None
+    time_zones: dict[str, float] | None = None
+    states: DeviceStates | None = None
+
+    @field_validator("app_versions", "runtime_versions")
+    @classmethod
+    def _version_mix(cls, mix: dict[str, float] | None) -> dict[str, float] | None:
+        return _check_mix(mix, "version")
+
+    @field_validator("time_zones")
+    @classmethod
+    def _zones(cls, zones: dict[str, float] | None) -> dict[str, float] | None:
+        return _check_time_zones(zones)
 
 
 def _default_device_classes() -> list[DeviceClass]:
@@ -197,7 +296,12 @@ def _default_device_classes() -> list[DeviceClass]:
 
 
 class DevicesSection(_Section):
-    """[devices]: device classes, per-round speed jitter, and straggler policy."""
+    """[devices]: device classes, per-round speed jitter, and straggler policy.
+
+    ``time_zones``: the fleet's mix of UTC offsets (a class may have its
+    own); ``start_utc_hour``: the UTC hour at virtual time 0, so that a
+    device's local hour is ``start_utc_hour + virtual hours + its offset``.
+    """
 
     classes: list[DeviceClass] = Field(default_factory=_default_device_classes, min_length=1)
     speed_jitter: Annotated[float, Field(ge=0)] = 0.3
@@ -205,6 +309,8 @@ class DevicesSection(_Section):
     straggler_policy: Literal["drop", "partial"] = "drop"
     # the training examples a device is timed by when its app does not say (ClientApp.num_examples)
     nominal_examples: Annotated[int, Field(ge=1), _EXAMPLES] = 100
+    time_zones: dict[str, float] = Field(default_factory=lambda: {"0": 1.0})
+    start_utc_hour: LocalHour = 0.0
 
     @field_validator("classes")
     @classmethod
@@ -214,8 +320,16 @@ class DevicesSection(_Section):
             raise ValueError(f"device class names must be unique, got {names}")
         return classes
 
+    @field_validator("time_zones")
+    @classmethod
+    def _zones(cls, zones: dict[str, float]) -> dict[str, float]:
+        _check_time_zones(zones)
+        return zones
 
-_VERSION_TEXT = r"[vV]?\d+(\.\d+)*"
+    @property
+    def models_states(self) -> bool:
+        """Whether any class models a diurnal cycle (and so a battery that training drains)."""
+        return any(device.states is not None for device in self.classes)
 
 
 class SelectionSection(_Section):

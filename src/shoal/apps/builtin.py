@@ -34,7 +34,7 @@ from shoal.simulation.partition import (
     partition_power_law,
     partition_shards,
 )
-from shoal.simulation.population import client_index, client_name
+from shoal.simulation.population import ClientNames, client_index, client_name
 
 Features = npt.NDArray[np.float32]
 Labels = npt.NDArray[np.int64]
@@ -62,7 +62,7 @@ class DataScenario:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.client_ids = [client_name(index) for index in range(config.data.num_clients)]
+        self.client_ids = ClientNames(config.data.num_clients)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"config": self.config, "client_ids": self.client_ids}  # caches stay per process

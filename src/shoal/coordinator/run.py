@@ -9,6 +9,10 @@ layer owns everything above it, so that each rule is written once:
   from its version;
 - the schedule of fit and evaluation rounds, including an evaluation that
   was due before a crash;
+- who may train in a round (:meth:`Run.screen`): the job's eligibility
+  policy, ``[selection]`` and ``[versions]`` from their round, applied to
+  the devices a shell examined, with the count each criterion excluded
+  recorded in the round's row as ``excluded``;
 - whether a round may start with the eligible clients a shell found
   (:meth:`Run.admit`): never the barred ones (suspended by an operator or
   for cheating in a secure round, or past their own privacy budget); under
@@ -37,6 +41,7 @@ from shoal.aggregation.strategy import Strategy
 from shoal.client.api import Client
 from shoal.config import Config, config_to_dict
 from shoal.coordinator.app import ServerApp, ServerContext, split_round_config
+from shoal.coordinator.eligibility import DeviceFacts, EligibilityPolicy, Mask
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import CommitVersion, RoundSummary
 from shoal.coordinator.records import RunStore
@@ -126,6 +131,8 @@ class Run:
         self.wall_offset = 0.0  # wall time already spent, by earlier processes
         self.stop_reason: str | None = None
         self.model_bytes = 0
+        self.eligibility = EligibilityPolicy(config.selection, config.versions, model=architecture)
+        self._excluded: dict[str, int] | None = None  # the screened play's, until its row
         self._coordinator: Coordinator | None = None
 
     @property
@@ -270,6 +277,19 @@ class Run:
         barred = self.barred()
         return tuple(client for client in candidates if client not in barred)
 
+    def screen(self, play: Play, facts: DeviceFacts) -> Mask:
+        """Which of the devices a shell examined for ``play`` meet the eligibility policy.
+
+        The count each criterion excluded goes into the play's row as
+        ``excluded`` (the last screening of the play counts: a shell that
+        examines a wider sample screens again). A policy with no criterion
+        records nothing and lets every device through.
+        """
+        screening = self.eligibility.screen(facts, round_number=play.round)
+        if self.eligibility.active:
+            self._excluded = screening.excluded
+        return screening.eligible
+
     def admit(self, play: Play, listed: Iterable[str]) -> Admission:
         """Whether ``play`` may start with the clients the shell ``listed`` as eligible.
 
@@ -370,6 +390,8 @@ class Run:
             "bytes_down": self.model_bytes * summary.selected,
             "bytes_up": summary.reported * (self.model_bytes if fit else EVALUATION_UPLOAD_BYTES),
         }
+        if self._excluded is not None:
+            row["excluded"], self._excluded = self._excluded, None
         report = summary.secure
         if report is not None:
             row.update(

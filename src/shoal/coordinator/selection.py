@@ -49,6 +49,7 @@ class Stream(enum.IntEnum):
     AVAILABILITY = 4
     DEVICE_BEHAVIOUR = 5
     SECURE_DROPOUT = 6
+    EXAMINATION = 7  # which devices a simulated round examines
 
 
 def client_key(client_id: str) -> int:

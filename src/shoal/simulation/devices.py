@@ -1,20 +1,37 @@
 """Device profiles: when each simulated client's result arrives, or that it never does.
 
 Every client belongs to a device class (compute speed, bandwidth, latency,
-availability, dropout). Each round, a client's behaviour is drawn from a
-generator seeded by (run seed, round, client), so a resumed run sees the
-same fleet behave the same way. Times are virtual seconds; nothing sleeps.
+availability, dropout, and the states of :mod:`shoal.simulation.device_states`).
+Each round, a client's behaviour is drawn from a generator seeded by (run
+seed, round, client), so a resumed run sees the same fleet behave the same
+way. Times are virtual seconds; nothing sleeps.
+
+The fleet keeps per device only its class and base speed (two arrays); the
+rest is computed for the devices the simulator examines, so a round costs
+the same at a million devices as at ten thousand.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from shoal.config import DeviceClass, DevicesSection
+from shoal.coordinator.eligibility import DeviceFacts
 from shoal.coordinator.selection import Stream, round_rng
+from shoal.core.device import DeviceState
+from shoal.simulation.device_states import (
+    DeviceStateModel,
+    Draw,
+    Indices,
+    Mask,
+    class_codes,
+    hashed_uniform,
+    simulated_state,
+)
 
 _MIN_PARTIAL_SHARE = 0.05
 _CLIENT_SPEED_SPREAD = 0.25
@@ -30,38 +47,86 @@ class Attempt:
     epochs: float
     dropped: bool
     straggler: bool
+    busy_s: float = 0.0  # the virtual seconds the device computed (what drains its battery)
 
 
 class DeviceFleet:
-    """The simulated population: a device class and a base speed for each client."""
+    """The simulated population: a device class and a base speed for each client.
 
-    def __init__(self, client_ids: Sequence[str], settings: DevicesSection, *, seed: int) -> None:
+    ``position`` maps a client id to its index in ``client_ids`` (the
+    population's names have one that needs no table).
+    """
+
+    def __init__(
+        self,
+        client_ids: Sequence[str],
+        settings: DevicesSection,
+        *,
+        seed: int,
+        position: Callable[[str], int] | None = None,
+    ) -> None:
         self.settings = settings
         self.seed = seed
+        self.client_ids = client_ids
         rng = np.random.default_rng([seed, 0xDE71CE])
         shares = np.array([device.share for device in settings.classes], dtype=np.float64)
         picks = rng.choice(len(settings.classes), size=len(client_ids), p=shares / shares.sum())
-        factors = rng.lognormal(0.0, _CLIENT_SPEED_SPREAD, size=len(client_ids))
-        self._class: dict[str, DeviceClass] = {
-            client: settings.classes[int(pick)]
-            for client, pick in zip(client_ids, picks, strict=True)
-        }
-        self._factor: dict[str, float] = {
-            client: float(factor) for client, factor in zip(client_ids, factors, strict=True)
-        }
+        self._factors: npt.NDArray[np.float64] = rng.lognormal(
+            0.0, _CLIENT_SPEED_SPREAD, size=len(client_ids)
+        )
+        self._codes = class_codes(picks)
+        self._availability = np.array([device.availability for device in settings.classes])
+        if position is None:
+            table = {client: index for index, client in enumerate(client_ids)}
+            position = table.__getitem__
+        self.position = position
+        self.states = DeviceStateModel(settings, self._codes, seed=seed)
+
+    def __len__(self) -> int:
+        return len(self._codes)
 
     def device_class(self, client_id: str) -> DeviceClass:
-        return self._class[client_id]
+        return self.settings.classes[int(self._codes[self.position(client_id)])]
 
     def available(self, round_number: int) -> list[str]:
-        """The clients online and eligible at the start of ``round_number``."""
+        """The clients online at the start of ``round_number``, drawn for the whole fleet."""
+        return [self.client_ids[index] for index in self.available_indices(round_number).tolist()]
+
+    def available_indices(self, round_number: int) -> Indices:
+        """The positions of the clients :meth:`available` lists."""
         rng = round_rng(seed=self.seed, round_number=round_number, stream=Stream.AVAILABILITY)
-        draws = rng.random(len(self._class))
-        return [
-            client
-            for client, draw in zip(self._class, draws, strict=True)
-            if draw < self._class[client].availability
-        ]
+        online = rng.random(len(self._codes)) < self._availability[self._codes]
+        indices: Indices = np.flatnonzero(online).astype(np.int64)
+        return indices
+
+    def online(self, round_number: int, indices: Indices) -> Mask:
+        """Which of devices ``indices`` are online in ``round_number`` (one hashed draw each)."""
+        draws = hashed_uniform(seed=self.seed, draw=Draw.ONLINE, indices=indices, slot=round_number)
+        online: Mask = draws < self._availability[self._codes[indices]]
+        return online
+
+    def facts(self, indices: Indices, *, at: float) -> DeviceFacts:
+        """What devices ``indices`` report at virtual time ``at``."""
+        return self.states.facts(indices, at=at)
+
+    def device_state(self, client_id: str, *, at: float) -> DeviceState:
+        """What one client reports at virtual time ``at`` (at enrollment)."""
+        index = np.array([self.position(client_id)], dtype=np.int64)
+        return simulated_state(self.facts(index, at=at), 0)
+
+    def drain(self, client_id: str, *, at: float, busy_s: float) -> float:
+        """The battery ``busy_s`` seconds of training from ``at`` drains (0 without states)."""
+        index = self.position(client_id)
+        states = self.settings.classes[int(self._codes[index])].states
+        if states is None or busy_s <= 0:
+            return 0.0
+        amount = round(states.training_drain_per_hour * busy_s / 3600.0, 9)
+        self.states.drain(index, at=at, amount=amount)
+        return amount
+
+    def replay_drain(self, client_id: str, *, at: float, amount: float) -> None:
+        """A drain recorded earlier in the run (a resumed run replays its rows)."""
+        self.states.drain(self.position(client_id), at=at, amount=amount)
 
     def plan_fit(
         self,
@@ -86,6 +151,7 @@ class DeviceFleet:
         transfer = self._transfer_time(device, model_bytes)
         compute = epochs * num_examples / speed
         arrival = start + transfer + compute
+        busy = min(compute, max(window - transfer, 0.0)) if self._drains(client_id) else 0.0
         if paper_straggler:
             # the FedProx paper's systems heterogeneity: only part of the work fits the deadline
             arrival, share, partial_arrival = (
@@ -97,10 +163,15 @@ class DeviceFleet:
             share = (window - transfer) * 0.99 / compute
             partial_arrival = start + transfer + share * compute
         else:
-            return Attempt(client_id, arrival, epochs, dropped=False, straggler=False)
+            return Attempt(client_id, arrival, epochs, dropped=False, straggler=False, busy_s=busy)
         if self.settings.straggler_policy == "drop" or share < _MIN_PARTIAL_SHARE:
-            return Attempt(client_id, arrival, epochs, dropped=False, straggler=True)
-        return Attempt(client_id, partial_arrival, epochs * share, dropped=False, straggler=True)
+            return Attempt(client_id, arrival, epochs, dropped=False, straggler=True, busy_s=busy)
+        return Attempt(
+            client_id, partial_arrival, epochs * share, dropped=False, straggler=True, busy_s=busy
+        )
+
+    def _drains(self, client_id: str) -> bool:
+        return self.device_class(client_id).states is not None
 
     def plan_evaluate(
         self,
@@ -129,7 +200,7 @@ class DeviceFleet:
             stream=Stream.DEVICE_BEHAVIOUR,
             client_id=client_id,
         )
-        return rng, self._class[client_id]
+        return rng, self.device_class(client_id)
 
     def _speed(self, client_id: str, device: DeviceClass, rng: np.random.Generator) -> float:
         jitter = (
@@ -137,7 +208,8 @@ class DeviceFleet:
             if self.settings.speed_jitter
             else 1.0
         )
-        return device.examples_per_second * self._factor[client_id] / jitter
+        factor = float(self._factors[self.position(client_id)])
+        return device.examples_per_second * factor / jitter
 
     @staticmethod
     def _transfer_time(device: DeviceClass, model_bytes: int) -> float:

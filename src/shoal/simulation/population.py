@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import overload
 
 import cloudpickle
 
@@ -35,6 +36,55 @@ def client_index(client_id: str) -> int:
         return int(client_id.rsplit("-", 1)[1])
     except (IndexError, ValueError):
         raise DataError(f"not a simulated client id: {client_id!r}") from None
+
+
+class ClientNames(Sequence[str]):
+    """The ids of a population of ``count``, made when asked for: a million cost nothing.
+
+    >>> names = ClientNames(3)
+    >>> list(names), names.index("client-00002"), "client-00003" in names
+    (['client-00000', 'client-00001', 'client-00002'], 2, False)
+    """
+
+    def __init__(self, count: int) -> None:
+        self.size = count
+
+    def __len__(self) -> int:
+        return self.size
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [client_name(i) for i in range(*index.indices(self.size))]
+        if index < 0:
+            index += self.size
+        if not 0 <= index < self.size:
+            raise IndexError(f"client index {index} out of range for {self.size} clients")
+        return client_name(index)
+
+    def __iter__(self) -> Iterator[str]:
+        return (client_name(index) for index in range(self.size))
+
+    def __contains__(self, client_id: object) -> bool:
+        if not isinstance(client_id, str):
+            return False
+        try:
+            index = client_index(client_id)
+        except DataError:
+            return False
+        return 0 <= index < self.size and client_name(index) == client_id
+
+    def index(self, client_id: object, start: int = 0, stop: int | None = None) -> int:
+        """The position of ``client_id`` (ValueError when it is not one of these names)."""
+        if not isinstance(client_id, str) or client_id not in self:
+            raise ValueError(f"{client_id!r} is not a client of this population")
+        position = client_index(client_id)
+        if position < start or (stop is not None and position >= stop):
+            raise ValueError(f"{client_id!r} is not between positions {start} and {stop}")
+        return position
 
 
 class AppClients:
@@ -70,7 +120,7 @@ class Population:
         self.app = app
         self.config = config
         self.clients = AppClients(app, config, options)
-        self.client_ids = [client_name(index) for index in range(config.data.num_clients)]
+        self.client_ids = ClientNames(config.data.num_clients)
 
     def num_train_examples(self, client_id: str) -> int:
         return self._counts(client_id)[0]

@@ -13,11 +13,13 @@ import dataclasses
 import heapq
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from shoal.config import Config, parse_config
 from shoal.coordinator.app import resolve_apps
@@ -46,7 +48,6 @@ from shoal.coordinator.setup import (
     secure_settings_from_config,
     strategy_for,
 )
-from shoal.core.device import DeviceState
 from shoal.core.errors import RunError
 from shoal.core.folders import writable_folder
 from shoal.core.parameters import Parameters
@@ -57,10 +58,12 @@ from shoal.registry import (
     blob_location,
     registry_location,
 )
+from shoal.simulation.candidates import candidates, examined_size, members_needed
 from shoal.simulation.consortium import Consortium
+from shoal.simulation.device_states import simulated_state
 from shoal.simulation.devices import Attempt, DeviceFleet
 from shoal.simulation.executor import Executor, Job, Outcome, make_executor
-from shoal.simulation.population import Population
+from shoal.simulation.population import Population, client_index
 from shoal.simulation.record_privacy import RecordLevelLedger
 from shoal.simulation.secure_rounds import (
     SecureRoundPlayer,
@@ -113,7 +116,9 @@ class Simulation:
             config, client=client_app, server=server_app, search_path=self.search_path
         )
         self.population = Population(self.apps.client, config, config.app.options)
-        self.fleet = DeviceFleet(self.population.client_ids, config.devices, seed=config.run.seed)
+        self.fleet = DeviceFleet(
+            self.population.client_ids, config.devices, seed=config.run.seed, position=client_index
+        )
         self.strategy = strategy_for(config, self.apps.server)
         self.settings = round_settings_from_config(
             config, population=len(self.population.client_ids)
@@ -139,6 +144,8 @@ class Simulation:
         self._coordinator: Coordinator | None = None
         self.model_bytes = 0
         self._records = RecordLevelLedger()  # record-level DP-SGD, when clients run it
+        self._enrolled_whole = False  # a large fleet enrolls each client when first selected
+        self._clients: ClientRegistry | None = None
 
     @property
     def coordinator(self) -> Coordinator:
@@ -169,12 +176,15 @@ class Simulation:
         try:
             self._coordinator = lifecycle.open(self.population.first_client)
             self.model_bytes = lifecycle.model_bytes
-            self._enroll_fleet(records.clients)
+            self._clients = records.clients
+            self._enroll_fleet(lifecycle, records.clients, at=lifecycle.virtual_start)
+            self._replay_drains(records.rows())
             records.start_tracking(self.config)
             now = lifecycle.virtual_start
             with self._executor() as executor:
                 for play in lifecycle.plays():
-                    admission = lifecycle.admit(play, self.fleet.available(play.round))
+                    listed = candidates(lifecycle, self.fleet, play, at=now)
+                    admission = lifecycle.admit(play, listed)
                     if admission.stop is not None:
                         break  # the privacy budget: training stops
                     row = self._play(lifecycle, executor, play, admission.candidates, now)
@@ -194,13 +204,37 @@ class Simulation:
             records.end_tracking(finished=finished)
             models.database.close()
 
-    def _enroll_fleet(self, clients: ClientRegistry) -> None:
-        """Enroll the simulated population; clients enrolled before keep their status."""
-        devices = {
-            client: DeviceState(device_class=self.fleet.device_class(client).name)
-            for client in self.population.client_ids
-        }
-        clients.enroll_population(devices)
+    def _enroll_fleet(self, lifecycle: Run, clients: ClientRegistry, *, at: float) -> None:
+        """Enroll the simulated population; clients enrolled before keep their status.
+
+        A fleet no larger than what a round examines is enrolled whole, up
+        front; a larger one client by client, when a round first selects
+        them (:meth:`_enroll_cohort`): enrolling a million devices that
+        mostly never train would cost more than the run.
+        """
+        if len(self.fleet) > examined_size(members_needed(lifecycle, Phase.FIT)):
+            return
+        self._enrolled_whole = True
+        self._enroll(clients, self.population.client_ids, at=at)
+
+    def _enroll_cohort(self, tasks: Iterable[str], at: float) -> None:
+        if not self._enrolled_whole and self._clients is not None:
+            self._enroll(self._clients, sorted(tasks), at=at)
+
+    def _enroll(self, clients: ClientRegistry, names: Sequence[str], *, at: float) -> None:
+        """Enroll ``names`` with what each reports at virtual time ``at``."""
+        indices = np.fromiter((client_index(name) for name in names), np.int64, len(names))
+        facts = self.fleet.facts(indices, at=at)
+        clients.enroll_population(
+            {name: simulated_state(facts, position) for position, name in enumerate(names)}
+        )
+
+    def _replay_drains(self, rows: Sequence[dict[str, Any]]) -> None:
+        """The battery the run's recorded rounds drained: a resumed fleet is the same fleet."""
+        for row in rows:
+            drain = row.get("battery_drain") or {"at": 0.0, "devices": {}}
+            for client, amount in drain["devices"].items():
+                self.fleet.replay_drain(client, at=float(drain["at"]), amount=float(amount))
 
     @contextmanager
     def _executor(self) -> Iterator[Executor]:
@@ -237,6 +271,7 @@ class Simulation:
             StartRound(round_number, phase, now, candidates, config, self.identities)
         )
         tasks = {a.client_id: a for a in actions if isinstance(a, SendFitTask | SendEvaluateTask)}
+        self._enroll_cohort(tasks, now)
         closed = _closed(actions)
         if closed is not None:
             return lifecycle.close_round(closed, None, self._shell_fields(closed, {}, 0))
@@ -367,9 +402,11 @@ class Simulation:
     def _shell_fields(
         self, summary: RoundSummary, attempts: dict[str, Attempt], uploads: int
     ) -> dict[str, Any]:
-        """The row's fields that the device fleet decides: drops, stragglers, uploads."""
+        """The row's fields that the device fleet decides: drops, stragglers, uploads, and the
+        battery each device that trained drained (replayed when the run resumes)."""
         fit = summary.phase is Phase.FIT
-        return {
+        fields = self._drained(summary, attempts) if fit else {}
+        return fields | {
             "dropped": sum(1 for attempt in attempts.values() if attempt.dropped) + summary.failed,
             "stragglers": sum(
                 1
@@ -382,6 +419,22 @@ class Simulation:
                 if a.straggler and a.arrives_at is not None and a.arrives_at <= summary.closed_at
             ),
             "bytes_up": uploads * (self.model_bytes if fit else EVALUATION_UPLOAD_BYTES),
+        }
+
+    def _drained(self, summary: RoundSummary, attempts: dict[str, Attempt]) -> dict[str, Any]:
+        if not self.config.devices.models_states:
+            return {}
+        at = summary.started_at
+        drained = {
+            client: self.fleet.drain(client, at=at, busy_s=attempt.busy_s)
+            for client, attempt in sorted(attempts.items())
+            if not attempt.dropped
+        }
+        return {
+            "battery_drain": {
+                "at": at,
+                "devices": {client: amount for client, amount in drained.items() if amount > 0},
+            }
         }
 
 

@@ -14,7 +14,7 @@ half the coordinator is given, as a deployment's registry would.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -66,13 +66,12 @@ class SimulatedIdentities(Mapping[str, bytes]):
     player takes the private ones to sign with.
     """
 
-    def __init__(self, client_ids: Iterable[str]) -> None:
-        self._ids = tuple(client_ids)
-        self._known = frozenset(self._ids)
+    def __init__(self, client_ids: Collection[str]) -> None:
+        self._ids = client_ids  # the population's names: membership costs no table
         self._keys: dict[str, IdentityKey] = {}
 
     def key(self, client_id: str) -> IdentityKey:
-        if client_id not in self._known:
+        if client_id not in self._ids:
             raise KeyError(client_id)
         key = self._keys.get(client_id)
         if key is None:
@@ -83,7 +82,7 @@ class SimulatedIdentities(Mapping[str, bytes]):
         return self.key(client_id).public
 
     def __contains__(self, client_id: object) -> bool:
-        return client_id in self._known
+        return client_id in self._ids
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._ids)
