@@ -36,6 +36,7 @@ Indices = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
 Mask = npt.NDArray[np.bool_]
 _Words = npt.NDArray[np.uint64]
+Debt = tuple[float, float]  # (local hour, battery share drained)
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -152,7 +153,7 @@ class DeviceStateModel:
                 continue
             cycle = _Cycle(self, device.states, indices[mine], local[mine])
             charging[mine], wifi[mine], idle[mine] = cycle.charging, cycle.wifi, cycle.idle
-            battery[mine] = cycle.battery(self._debt_since(indices[mine], cycle.morning_at))
+            battery[mine] = cycle.battery(self._debts_since(indices[mine], cycle.morning_at))
         return DeviceFacts(
             charging=charging,
             wifi=wifi,
@@ -183,18 +184,20 @@ class DeviceStateModel:
         if amount > 0:
             self._debts.setdefault(index, []).append((at, amount))
 
-    def _debt_since(self, indices: Indices, since_local: Floats) -> Floats:
-        """What training drained from each device since its last morning (a local hour)."""
-        debt = np.zeros(len(indices), dtype=np.float64)
+    def _debts_since(self, indices: Indices, since_local: Floats) -> list[list[Debt]]:
+        """Each device's drains since its last morning, as (local hour, amount), in time order."""
+        found: list[list[Debt]] = [[] for _ in range(len(indices))]
         if not self._debts:
-            return debt
+            return found
         offsets = self.utc_offsets(indices)
-        since = (since_local - offsets - self.settings.start_utc_hour) * 3600.0  # virtual s
         for position, index in enumerate(indices.tolist()):
+            local = self.settings.start_utc_hour + offsets[position]
             for at, amount in self._debts.get(index, ()):
-                if at >= since[position]:
-                    debt[position] += amount
-        return debt
+                hour = local + at / 3600.0
+                if hour >= since_local[position]:
+                    found[position].append((hour, amount))
+            found[position].sort()
+        return found
 
 
 class _Cycle:
@@ -257,23 +260,40 @@ class _Cycle:
         chance = np.where(self.in_night, at_night, by_day)
         return (self._uniform(draw, hour) < chance).astype(np.float64)
 
-    def battery(self, debt: Floats) -> Floats:
-        """The battery level: the morning's, less the day's drain and training, plus the charge."""
-        states = self.states
-        since_morning = np.where(np.isfinite(self.morning_at), self.local - self.morning_at, 0.0)
-        unplugged_until = np.where(
-            self.charging_night, self.night_start - self.morning_at, since_morning
+    def battery(self, debts: Sequence[Sequence[Debt]]) -> Floats:
+        """The battery level: the morning's, run forward through the day's drain, each
+        training's drain and the night's charge (a drain while charging is charged back)."""
+        level = self._run(self.morning_level, self.morning_at, self.local, np.arange(len(debts)))
+        for position, drains in enumerate(debts):
+            if drains:
+                level[position] = self._battery_through(position, drains)
+        rounded: Floats = np.round(level, 6)
+        return rounded
+
+    def _battery_through(self, position: int, drains: Sequence[Debt]) -> float:
+        where = np.array([position])
+        level, since = self.morning_level[where], self.morning_at[where]
+        for hour, amount in drains:
+            until = np.array([min(hour, float(self.local[position]))])
+            level = np.clip(self._run(level, since, until, where) - amount, 0.0, 1.0)
+            since = until
+        return float(self._run(level, since, self.local[where], where)[0])
+
+    def _run(self, level: Floats, since: Floats, until: Floats, where: Indices) -> Floats:
+        """``level`` at local hour ``since``, run to ``until``: drained until the night's plug-in
+        (all along on a night off the charger), then charged (capped at full)."""
+        states, plugged = self.states, self.charging_night[where]
+        since = np.where(np.isfinite(since), since, until)
+        plug_in = np.where(
+            plugged,
+            np.where(np.isnan(self.night_start[where]), until, self.night_start[where]),
+            until,
         )
-        unplugged_until = np.where(np.isfinite(unplugged_until), unplugged_until, since_morning)
-        level = np.clip(
-            self.morning_level - states.drain_per_hour * np.maximum(unplugged_until, 0.0) - debt,
-            0.0,
-            1.0,
-        )
-        charged = states.charge_per_hour * np.maximum(self.local - self.night_start, 0.0)
-        level = np.where(self.charging_night, np.minimum(1.0, level + charged), level)
-        clipped: Floats = np.round(level, 6)
-        return clipped
+        unplugged = np.maximum(np.minimum(until, plug_in) - since, 0.0)
+        level = np.clip(level - states.drain_per_hour * unplugged, 0.0, 1.0)
+        charged = np.maximum(until - np.maximum(since, plug_in), 0.0)
+        ran: Floats = np.minimum(1.0, level + states.charge_per_hour * charged)
+        return ran
 
 
 def simulated_state(facts: DeviceFacts, position: int) -> DeviceState:
