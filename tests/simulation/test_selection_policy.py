@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from shoal.config import Config, apply_overrides, load_config, parse_config
 from shoal.coordinator.eligibility import VERSIONS, EligibilityPolicy
@@ -151,3 +152,22 @@ def test_a_large_fleet_enrolls_the_clients_it_selects_and_bars_the_suspended(
     later = Watched(example("data.num_clients=5000", "run.rounds=4"), tmp_path, resume=True)
     later.run()
     assert later.trained and not selected & {trained.client_id for trained in later.trained}
+
+
+@pytest.mark.filterwarnings("ignore::shoal.privacy.noise.InsecureNoiseWarning")
+def test_a_dp_fit_round_screens_the_whole_online_fleet(tmp_path: Path) -> None:
+    # under DP the eligible population is what a round samples from and accounts for
+    config = example(
+        "run.rounds=1",
+        "privacy.placement='central'",
+        "privacy.noise_multiplier=1.0",
+        "privacy.secure_noise=false",
+    )
+    simulation = Watched(config, tmp_path)
+    simulation.run()
+    (row,) = rows(tmp_path)
+    online = simulation.fleet.available_indices(1)
+    facts = simulation.fleet.facts(online, at=0.0)
+    expected = EligibilityPolicy(config.selection, config.versions).screen(facts, round_number=1)
+    assert row["excluded"] == expected.excluded
+    assert sum(expected.excluded.values()) > 3000  # far more than a cohort-sized sample holds
