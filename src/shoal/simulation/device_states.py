@@ -184,19 +184,24 @@ class DeviceStateModel:
         if amount > 0:
             self._debts.setdefault(index, []).append((at, amount))
 
-    def _debts_since(self, indices: Indices, since_local: Floats) -> list[list[Debt]]:
-        """Each device's drains since its last morning, as (local hour, amount), in time order."""
-        found: list[list[Debt]] = [[] for _ in range(len(indices))]
+    def _debts_since(self, indices: Indices, since_local: Floats) -> dict[int, list[Debt]]:
+        """The drains since its last morning of each device that has any, by position in
+        ``indices``, as (local hour, amount) in time order."""
         if not self._debts:
-            return found
-        offsets = self.utc_offsets(indices)
-        for position, index in enumerate(indices.tolist()):
-            local = self.settings.start_utc_hour + offsets[position]
-            for at, amount in self._debts.get(index, ()):
-                hour = local + at / 3600.0
-                if hour >= since_local[position]:
-                    found[position].append((hour, amount))
-            found[position].sort()
+            return {}
+        drained = np.fromiter(self._debts, dtype=np.int64, count=len(self._debts))
+        positions = np.flatnonzero(np.isin(indices, drained))
+        offsets = self.utc_offsets(indices[positions])
+        found: dict[int, list[Debt]] = {}
+        for position, offset in zip(positions.tolist(), offsets.tolist(), strict=True):
+            local = self.settings.start_utc_hour + offset
+            debts = [
+                (local + at / 3600.0, amount)
+                for at, amount in self._debts[int(indices[position])]
+                if local + at / 3600.0 >= since_local[position]
+            ]
+            if debts:
+                found[position] = sorted(debts)
         return found
 
 
@@ -260,13 +265,14 @@ class _Cycle:
         chance = np.where(self.in_night, at_night, by_day)
         return (self._uniform(draw, hour) < chance).astype(np.float64)
 
-    def battery(self, debts: Sequence[Sequence[Debt]]) -> Floats:
+    def battery(self, debts: Mapping[int, Sequence[Debt]]) -> Floats:
         """The battery level: the morning's, run forward through the day's drain, each
-        training's drain and the night's charge (a drain while charging is charged back)."""
-        level = self._run(self.morning_level, self.morning_at, self.local, np.arange(len(debts)))
-        for position, drains in enumerate(debts):
-            if drains:
-                level[position] = self._battery_through(position, drains)
+        training's drain (``debts``, by position) and the night's charge (a drain while
+        charging is charged back from then on)."""
+        everyone = np.arange(len(self.indices))
+        level = self._run(self.morning_level, self.morning_at, self.local, everyone)
+        for position, drains in debts.items():
+            level[position] = self._battery_through(position, drains)
         rounded: Floats = np.round(level, 6)
         return rounded
 
