@@ -85,6 +85,8 @@ def test_the_example_trains_only_eligible_devices_at_night_and_counts_the_exclud
     for row in fits:
         assert set(row["excluded"]) == set(config.selection.criteria())
         assert row["excluded"]["charging"] > 0 and row["excluded"]["ram"] > 0
+        # a cohort-sized sample of the 3,000 (16 per member), not the whole fleet
+        assert max(row["excluded"].values()) < row["examined"] <= 16 * row["selected"]
 
 
 def test_an_old_app_version_stops_training_from_the_round_a_requirement_applies(
@@ -170,4 +172,5 @@ def test_a_dp_fit_round_screens_the_whole_online_fleet(tmp_path: Path) -> None:
     facts = simulation.fleet.facts(online, at=0.0)
     expected = EligibilityPolicy(config.selection, config.versions).screen(facts, round_number=1)
     assert row["excluded"] == expected.excluded
+    assert row["examined"] == len(online)
     assert sum(expected.excluded.values()) > 3000  # far more than a cohort-sized sample holds

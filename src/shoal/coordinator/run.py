@@ -132,7 +132,7 @@ class Run:
         self.stop_reason: str | None = None
         self.model_bytes = 0
         self.eligibility = EligibilityPolicy(config.selection, config.versions, model=architecture)
-        self._excluded: dict[str, int] | None = None  # the screened play's, until its row
+        self._screened: Row | None = None  # the screened play's counts, until its row
         self._coordinator: Coordinator | None = None
 
     @property
@@ -281,13 +281,14 @@ class Run:
         """Which of the devices a shell examined for ``play`` meet the eligibility policy.
 
         The count each criterion excluded goes into the play's row as
-        ``excluded`` (the last screening of the play counts: a shell that
-        examines a wider sample screens again). A policy with no criterion
-        records nothing and lets every device through.
+        ``excluded``, and the number of devices screened as ``examined``
+        (the last screening of the play counts: a shell that examines a
+        wider sample screens again). A policy with no criterion records
+        nothing and lets every device through.
         """
         screening = self.eligibility.screen(facts, round_number=play.round)
         if self.eligibility.active:
-            self._excluded = screening.excluded
+            self._screened = {"excluded": screening.excluded, "examined": len(facts)}
         return screening.eligible
 
     def admit(self, play: Play, listed: Iterable[str]) -> Admission:
@@ -390,8 +391,9 @@ class Run:
             "bytes_down": self.model_bytes * summary.selected,
             "bytes_up": summary.reported * (self.model_bytes if fit else EVALUATION_UPLOAD_BYTES),
         }
-        if self._excluded is not None:
-            row["excluded"], self._excluded = self._excluded, None
+        if self._screened is not None:
+            row.update(self._screened)
+            self._screened = None
         report = summary.secure
         if report is not None:
             row.update(
