@@ -257,9 +257,10 @@ class DeviceClass(_Section):
     """One class of device in the population (``[[devices.classes]]``).
 
     ``availability``: the chance, each round, that a device of the class is
-    online at all (its app running, a network reachable); with ``states``
-    the device must also meet the ``[selection]`` policy in the state it is
-    in at the round's virtual time. ``ram_gb``, ``app_versions`` and
+    online at all (its app running, a network reachable); an online device
+    must also meet the ``[selection]`` policy in the state it is in at the
+    round's virtual time (``states`` models that state; without it, power,
+    network and idleness are unknown, and never meet a criterion). ``ram_gb``, ``app_versions`` and
     ``runtime_versions`` (mixes of version shares, summing to 1), and
     ``time_zones`` (UTC offsets in hours with their shares; unset: the
     fleet's) describe what each device reports; unset facts are unknown, and
