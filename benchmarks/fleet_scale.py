@@ -45,6 +45,8 @@ def overrides(clients: int, rounds: int) -> list[str]:
         f"run.rounds={rounds}",
         "data.dataset='gaussian'",
         "data.samples_per_client=200",
+        "data.num_features=64",
+        "data.num_classes=10",
         "data.local_eval_fraction=0.0",
         "client.epochs=5",
         "client.batch_size=0",
