@@ -8,7 +8,10 @@
 # denials by code), the detail says why in words. An update no rule denies is
 # allowed. A number the shell could not know (the norm of an update sealed by
 # secure aggregation, a budget under no DP) is null: a rule must test is_number.
-# (rego-cpp's max() over an array compares numbers as text: test each value.)
+# Two quirks of rego-cpp 1.x to write around: bind a column's value to a variable
+# before a function takes it (c := input.client_id[i]; startswith(c, "x")), since a
+# call whose argument generates the index can miss matches; and test each value,
+# since max() over an array compares numbers as text.
 package shoal.policy
 
 import rego.v1

@@ -19,11 +19,13 @@ with the code ``policy_error``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import os
 import re
 import sys
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +161,12 @@ class PolicyEngine:
                 raise ConfigError(f"the policy does not compile: {_rego_message(exc)}") from None
         if not self._bundle.ok():
             raise ConfigError("the policy does not compile into a bundle")
+        _LIVE.add(self)
+
+    def close(self) -> None:
+        """Free the compiled policy now (at exit, regopy could no longer free it itself)."""
+        self.__dict__.pop("_bundle", None)
+        self.__dict__.pop("_interpreter", None)
 
     @classmethod
     def from_config(cls, section: PolicySection) -> PolicyEngine | None:
@@ -294,17 +302,28 @@ def _referenced_columns(sources: Iterable[str]) -> tuple[str, ...]:
 @contextlib.contextmanager
 def _quiet_stdout() -> Iterator[None]:
     """rego-cpp prints a compile error to the process's stdout too: keep it off the user's."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        sys.stdout.flush()
     try:
-        descriptor = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # no real stdout (captured, embedded)
+        saved = os.dup(_STDOUT)
+    except OSError:  # no standard output at all
         yield
         return
-    sys.stdout.flush()
-    saved = os.dup(descriptor)
     try:
         with open(os.devnull, "w") as sink:
-            os.dup2(sink.fileno(), descriptor)
+            os.dup2(sink.fileno(), _STDOUT)
         yield
     finally:
-        os.dup2(saved, descriptor)
+        os.dup2(saved, _STDOUT)
         os.close(saved)
+
+
+_STDOUT = 1  # the C++ library writes to the descriptor, whatever Python's sys.stdout is
+
+_LIVE: weakref.WeakSet[PolicyEngine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    for engine in list(_LIVE):
+        engine.close()
