@@ -146,3 +146,47 @@ def test_decisions_survive_a_restart(tmp_path: Path) -> None:
         database.close()
     assert sorted({d.round for d in decisions}) == [1, 2, 3, 4]
     assert all(len([d for d in decisions if d.round == r]) >= 5 for r in range(1, 5))
+
+
+TWO_CLIENTS = """package shoal.policy
+
+import rego.v1
+
+deny contains [i, "client_refused", sprintf("%v may not train", [client])] if {
+\tsome i
+\tclient := input.client_id[i]
+\tclient in {"client-00000", "client-00001"}
+}
+"""
+
+
+@pytest.mark.parametrize("protocol", ["secagg+", "ckks"])
+def test_inside_secure_aggregation_the_policy_decides_on_what_it_can_know(
+    tmp_path: Path, protocol: str
+) -> None:
+    (tmp_path / "two.rego").write_text(TWO_CLIENTS)
+    job = {
+        "run": {"name": "sealed", "rounds": 2},
+        "data": {"num_clients": 12 if protocol == "secagg+" else 5},
+        "round": {"clients_per_round": 12 if protocol == "secagg+" else 5, "quorum": 0.5},
+        "evaluation": {"every": 0},
+        "simulation": {"workers": 0},
+        "secure_aggregation": {"protocol": protocol},
+        "policy": {"files": [str(tmp_path / "two.rego")]},
+    }
+    result = shoal.simulate(job, out=tmp_path / "run")
+    for row in result.rows:  # the two never enter the sum; the round goes on without them
+        assert row["committed"] and row["policy_denied"] == {"client_refused": 2}, row
+        assert row["reported"] == row["selected"] - 2
+    database = registry_location(tmp_path / "run", None).open()
+    try:
+        decisions = PolicyDecisionLog(database).decisions("sealed", round_number=1)
+    finally:
+        database.close()
+    facts = decisions[0].facts
+    assert facts["sealed"] and facts["l2_norm"] is None and facts["num_examples"] is None
+    if protocol == "secagg+":  # every value clipped to +-4 (the protocol's clip), weight capped
+        assert facts["l2_norm_bound"] == pytest.approx(4.0 * 650**0.5)
+        assert facts["num_examples_bound"] == 1000
+    else:  # nothing bounds a silo's encrypted update
+        assert facts["l2_norm_bound"] is None and facts["num_examples_bound"] is None
