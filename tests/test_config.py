@@ -119,14 +119,14 @@ def test_overrides_do_not_touch_the_input() -> None:
         ("run.rounds=0", "run.rounds: Input should be greater than or equal to 1"),
         ("round.over_selection=0.9", "round.over_selection"),
         (
-            "round.max_examples_per_client=0",
-            "round.max_examples_per_client: Input should be greater than or equal to 1",
+            "policy.max_examples=0",
+            "policy.max_examples: Input should be greater than or equal to 1",
         ),
-        ("round.max_update_abs=-1", "round.max_update_abs: Input should be greater than 0"),
-        (
-            "round.max_update_abs=inf",
-            "round.max_update_abs = inf: every number of the config must be finite",
-        ),
+        ("policy.max_l2_norm=-1", "policy.max_l2_norm: Input should be greater than 0"),
+        ("policy.max_l2_norm=inf", "policy.max_l2_norm = inf: every number of the config must be"),
+        ("policy.max_relative_l2_norm=0", "policy.max_relative_l2_norm: Input should be greater"),
+        ("policy.files=['']", "policy.files.0: String should have at least 1 character"),
+        ("round.max_update_abs=1", "round.max_update_abs: unknown key"),  # the policy's bound now
         ("model.kind=cnn", "model.kind: Input should be 'softmax' or 'mlp', got 'cnn'"),
         ("strategy.aggregator=mode", "strategy.aggregator: unknown aggregator 'mode'"),
         ("round.clients_per_round=500", "exceeds data.num_clients"),

@@ -165,10 +165,6 @@ class RoundSection(_Section):
     over_selection: Annotated[float, Field(ge=1)] = 1.3
     quorum: Annotated[float, Field(gt=0, le=1)] = 0.8
     deadline_s: PositiveFloat = 600.0
-    # the floor every update clears, whoever sent it (the norm policy of governance goes further):
-    # the weight a client claims, and the magnitude of each value (finite, always)
-    max_examples_per_client: int = Field(10_000_000, ge=1)
-    max_update_abs: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e6
 
 
 class EvaluationSection(_Section):
@@ -531,6 +527,23 @@ class PrivacySection(_Section):
         return self.placement != "none"
 
 
+class PolicySection(_Section):
+    """[policy]: the Rego policy every update passes: the bundled default and the job's own files.
+
+    The bounds are the default policy's (``data.shoal.bounds`` to a policy);
+    ``files`` are the job's own ``.rego`` files (package ``shoal.policy``),
+    relative to the config file's folder. ``enabled = false`` leaves only the
+    protocol's checks (finite values of the right shape): no bound at all.
+    """
+
+    enabled: bool = True
+    max_l2_norm: PositiveFloat = 100.0  # an update's L2 norm
+    max_relative_l2_norm: PositiveFloat = 10.0  # an update's L2 norm over the round's median
+    # the examples a client may claim as its weight (an evaluation's too)
+    max_examples: int = Field(10_000_000, ge=1)
+    files: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+
+
 class TrackingSection(_Section):
     """[tracking]: MLflow (extra `mlflow`); unset URI: a SQLite store in the run folder."""
 
@@ -591,6 +604,7 @@ class Config(_Section):
     app: AppSection = AppSection()
     selection: SelectionSection = SelectionSection()
     versions: VersionsSection = VersionsSection()
+    policy: PolicySection = PolicySection()
 
     @model_validator(mode="after")
     def _fits_in_memory(self) -> Config:

@@ -5,7 +5,9 @@ process, on 127.0.0.1); the clients are real client runtimes over gRPC. One
 of them is modified: it signs and sends what its link is told to send. Before
 the fix, an update of 1e30 values and one claiming ``2**63 - 1`` examples
 were accepted, and the first ruined the model for good; a failure report
-for another round was answered "accepted".
+for another round was answered "accepted". Now the policy (the bundled
+default, on by default) denies them when the round aggregates, with its
+reason, and the decision log keeps why.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollme
 from shoal.config import Config, parse_config
 from shoal.coordinator.server import CoordinatorParts, serve
 from shoal.core import all_finite
+from shoal.registry import PolicyDecisionLog
 from shoal.transport import serde
 from shoal.transport.grpc_link import GrpcLink
 from shoal.transport.messages import FailureReport
@@ -144,7 +147,7 @@ ATTACKS = {
 }
 
 
-def test_out_of_bound_updates_are_rejected_and_the_model_stays_whole(tmp_path: Path) -> None:
+def test_out_of_bound_updates_are_denied_and_the_model_stays_whole(tmp_path: Path) -> None:
     config = job(tmp_path, rounds=5)
 
     def attack(round_number: int, request: SubmitUpdate) -> SubmitUpdate:
@@ -156,20 +159,35 @@ def test_out_of_bound_updates_are_rejected_and_the_model_stays_whole(tmp_path: P
     assert [(row["round"], row["committed"]) for row in rows] == [(r, True) for r in range(1, 6)]
     for row in rows[:4]:  # each attack: refused, counted as the attacker's failure, round goes on
         assert (row["reported"], row["dropped"]) == (2, 1), row
-        assert row["rejected"] == {"invalid_update": 1}
         assert sum(row["failures"].values()) == 1
-    too_large = "over the bound of 1e+06 (round.max_update_abs)"
-    too_many = f"num_examples {2**63 - 1} is over the bound of 10000000"
+    # NaN is malformed: refused on arrival, and the client is told; the rest is the policy's,
+    # which decides on the round's updates together when it aggregates
+    assert [row["rejected"] for row in rows[:4]] == [{}, {"invalid_update": 1}, {}, {}]
+    too_large = {"l2_norm_above_bound": 1, "relative_l2_norm_above_bound": 1}  # both rules
+    assert [row["policy_denied"] for row in rows[:4]] == [
+        too_large,
+        {},
+        {"examples_above_cap": 1},
+        too_large,
+    ]
+    assert [row["policy_decisions"] for row in rows] == [3, 2, 3, 3, 3]
     told = [line for line in said if "rejected our result" in line]
     assert told == [
-        f"round {r} rejected our result: invalid_update: invalid_update: {detail}"
-        for r, detail in [
-            (1, f"update holds a value of magnitude 1e+30, {too_large}"),
-            (2, "update holds NaN or infinite values"),
-            (3, f"{too_many} (round.max_examples_per_client)"),
-            (4, f"update holds a value of magnitude 3e+06, {too_large}"),
-        ]
+        "round 2 rejected our result: invalid_update: invalid_update: "
+        "update holds NaN or infinite values"
     ]
+    denials = PolicyDecisionLog(parts.database).decisions("bounds", denied_only=True)
+    assert [(d.round, d.reasons[0][0]) for d in denials] == [
+        (1, "l2_norm_above_bound"),
+        (3, "examples_above_cap"),
+        (4, "l2_norm_above_bound"),
+    ]
+    assert {d.facts["signature"] for d in denials} == {"verified"}  # the service checked them
+    assert denials[1].reasons[0][1] == f"{2**63 - 1} examples above the cap 10000000"
+    assert (
+        denials[0].reasons[0][1].startswith("l2 norm 1.8")
+        and "above the bound 100" in (denials[0].reasons[0][1])
+    )
     assert (rows[4]["reported"], rows[4]["dropped"]) == (3, 0)  # an honest round: all three count
     model = parts.driver.coordinator.parameters.vector
     assert all_finite(model) and float(np.abs(model).max()) < 100.0

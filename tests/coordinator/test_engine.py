@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -26,7 +27,10 @@ from shoal.coordinator import (
     StartRound,
     UpdateReceived,
 )
+from shoal.coordinator.events import Authentication
+from shoal.coordinator.policy import Submission, UpdatePolicy
 from shoal.core import ConfigError, IllegalTransition, Parameters
+from shoal.governance import Decision, PolicyBounds, PolicyEngine, UpdateFacts
 
 CANDIDATES = tuple(f"c{index:02d}" for index in range(30))
 SIZE = 4
@@ -230,49 +234,127 @@ def test_a_failure_between_rounds_is_late() -> None:
     assert isinstance(rejection, RejectSubmission) and rejection.reason is RejectReason.LATE
 
 
-def bounded(**limits: float) -> Coordinator:
+def bounded(*, policy: UpdatePolicy | None = None, **limits: float) -> Coordinator:
     return Coordinator(
         settings=RoundSettings(clients_per_round=2, quorum=0.5, deadline_s=100.0, **limits),  # type: ignore[arg-type]
         strategy=make_strategy("fedavg"),
         parameters=Parameters.from_arrays([np.zeros(SIZE)]),
         seed=7,
+        policy=policy,
     )
 
 
 @pytest.mark.parametrize(
     ("values", "examples", "problem"),
     [
-        (np.full(SIZE, 1e30, np.float32), 10, "magnitude 1e+30, over the bound of 1e+06"),
-        (np.full(SIZE, -2e6, np.float32), 10, "magnitude 2e+06"),
         (np.array([1.0, np.nan, 0.0, 0.0], np.float32), 10, "NaN or infinite"),
         (np.array([1.0, -np.inf, 0.0, 0.0], np.float32), 10, "NaN or infinite"),
-        (np.ones(SIZE, np.float32), 2**63 - 1, "over the bound of 10000000"),
-        (np.ones(SIZE, np.float32), 10_000_001, "round.max_examples_per_client"),
+        (np.ones(SIZE + 1, np.float32), 10, "the model has 4 values"),
+        (np.ones(SIZE, np.float64), 10, "expected float32"),
+        (np.ones(SIZE, np.float32), 0, "zero examples"),
     ],
 )
-def test_updates_out_of_bounds_are_rejected_counted_and_leave_the_model_alone(
+def test_malformed_updates_are_rejected_counted_and_leave_the_model_alone(
     values: np.ndarray, examples: int, problem: str
 ) -> None:
-    coordinator = bounded()
+    coordinator = bounded(policy=FactsPolicy())  # refused before the policy is asked
     attacker, honest, *_ = start(coordinator)
     [rejection] = coordinator.handle(UpdateReceived(attacker, 1, 20.0, values, examples))
     assert isinstance(rejection, RejectSubmission)
     assert rejection.reason is RejectReason.INVALID_UPDATE and problem in rejection.detail
-    coordinator.handle(update(honest, 2.0, examples=10_000_000))  # the bound itself is allowed
+    coordinator.handle(signed(honest, np.full(SIZE, 2.0, np.float32)))
     summary = closed(coordinator.handle(DeadlineReached(1, 110.0))).summary
     assert summary.failed == 1 and sum(summary.failures.values()) == 1
-    assert summary.rejected == {"invalid_update": 1}
+    assert summary.rejected == {"invalid_update": 1} and summary.policy_decisions == 1
     assert summary.committed and summary.participants == (honest,)
     np.testing.assert_array_equal(coordinator.parameters.vector, 2.0)  # the honest update alone
 
 
-def test_the_bounds_are_settings() -> None:
-    coordinator = bounded(max_update_abs=1.0, max_examples_per_client=5)
+class FactsPolicy:
+    """The real compiled policy, on facts made from the submissions alone (no registry)."""
+
+    def __init__(self, **bounds: float) -> None:
+        self.engine = PolicyEngine(bounds=PolicyBounds(**bounds))  # type: ignore[arg-type]
+        self.asked: list[tuple[int, list[Submission]]] = []
+
+    def decide(self, round_number: int, submissions: Sequence[Submission]) -> list[Decision]:
+        self.asked.append((round_number, list(submissions)))
+        batch = [
+            UpdateFacts(
+                client_id=s.client_id,
+                signature=s.authentication.value,
+                sealed=s.sealed,
+                l2_norm=s.l2_norm,
+                relative_l2_norm=s.relative_l2_norm,
+                num_examples=s.num_examples,
+            )
+            for s in submissions
+        ]
+        return self.engine.decide(round_number, batch)
+
+
+def signed(client: str, values: np.ndarray, examples: int = 10) -> UpdateReceived:
+    return UpdateReceived(
+        client, 1, 20.0, values, examples, {}, authentication=Authentication.VERIFIED
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "examples", "code"),
+    [
+        (np.full(SIZE, 1e30, np.float32), 10, "l2_norm_above_bound"),  # finite: well formed
+        (np.full(SIZE, -3e6, np.float32), 10, "l2_norm_above_bound"),
+        (np.ones(SIZE, np.float32), 2**63 - 1, "examples_above_cap"),
+        (np.ones(SIZE, np.float32), 10_000_001, "examples_above_cap"),
+    ],
+)
+def test_the_policy_denies_out_of_bound_updates_when_the_round_aggregates(
+    values: np.ndarray, examples: int, code: str
+) -> None:
+    policy = FactsPolicy()
+    coordinator = bounded(policy=policy)
+    attacker, honest, *_ = start(coordinator)
+    assert coordinator.handle(signed(attacker, values, examples)) == []  # taken, not yet judged
+    actions = coordinator.handle(signed(honest, np.full(SIZE, 2.0, np.float32), 10_000_000))
+    summary = closed(actions).summary  # the target reached: both decided in one query
+    assert [len(batch) for _, batch in policy.asked] == [2]
+    assert summary.policy_decisions == 2 and summary.policy_denied == {code: 1}
+    assert summary.failures == {f"policy denied: {code}": 1} and summary.rejected == {}
+    assert summary.committed and summary.participants == (honest,)
+    np.testing.assert_array_equal(coordinator.parameters.vector, 2.0)  # the honest update alone
+
+
+def test_the_policy_denies_an_update_far_above_the_rounds_median_norm() -> None:
+    policy = FactsPolicy(max_l2_norm=1e6, max_relative_l2_norm=10.0)
+    coordinator = make(target=4, quorum=0.5)
+    coordinator.policy = policy
+    clients = start(coordinator)[:4]
+    actions: list[object] = []
+    for client, value in zip(clients, [1.0, 1.5, 2.0, 30.0], strict=True):
+        actions = coordinator.handle(signed(client, np.full(SIZE, value, np.float32)))
+    summary = closed(actions).summary  # the fourth reached the target
+    [(_, batch)] = policy.asked
+    assert [s.relative_l2_norm for s in batch] == pytest.approx([0.571, 0.857, 1.143, 17.14], 1e-3)
+    assert summary.policy_denied == {"relative_l2_norm_above_bound": 1}
+    assert clients[3] not in summary.participants and len(summary.participants) == 3
+
+
+def test_an_update_the_shell_did_not_authenticate_is_denied() -> None:
+    coordinator = bounded(policy=FactsPolicy())
     first, second, *_ = start(coordinator)
-    [too_big] = coordinator.handle(update(first, 1.5, examples=5))
-    [too_many] = coordinator.handle(update(second, 1.0, examples=6))
-    assert isinstance(too_big, RejectSubmission) and "bound of 1" in too_big.detail
-    assert isinstance(too_many, RejectSubmission) and "bound of 5" in too_many.detail
+    coordinator.handle(update(first, 1.0))  # Authentication.NONE: no shell vouched for it
+    summary = closed(coordinator.handle(signed(second, np.ones(SIZE, np.float32)))).summary
+    assert summary.policy_denied == {"signature_unverified": 1}
+    assert summary.participants == (second,)
+
+
+def test_denials_can_cost_the_round_its_quorum() -> None:
+    coordinator = bounded(policy=FactsPolicy())
+    first, second, *_ = start(coordinator)
+    coordinator.handle(signed(first, np.full(SIZE, 1e30, np.float32)))
+    summary = closed(coordinator.handle(signed(second, np.full(SIZE, 1e30, np.float32)))).summary
+    assert not summary.committed and summary.abort_reason == "0 of 2 reported, the quorum is 1"
+    np.testing.assert_array_equal(coordinator.parameters.vector, 0.0)
 
 
 def test_an_evaluation_with_too_many_examples_is_rejected() -> None:
@@ -283,18 +365,9 @@ def test_an_evaluation_with_too_many_examples_is_rejected() -> None:
     assert rejection.reason is RejectReason.INVALID_UPDATE and "bound of 100" in rejection.detail
 
 
-@pytest.mark.parametrize(
-    "limits",
-    [
-        {"max_update_abs": 0.0},
-        {"max_update_abs": float("inf")},
-        {"max_update_abs": float("nan")},
-        {"max_examples_per_client": 0},
-    ],
-)
-def test_round_settings_refuse_bounds_that_bound_nothing(limits: dict[str, float]) -> None:
-    with pytest.raises(ConfigError, match=next(iter(limits))):
-        RoundSettings(clients_per_round=2, **limits)  # type: ignore[arg-type]
+def test_round_settings_refuse_an_evaluation_cap_that_bounds_nothing() -> None:
+    with pytest.raises(ConfigError, match="max_examples_per_client"):
+        RoundSettings(clients_per_round=2, max_examples_per_client=0)
 
 
 def test_stale_deadline_between_rounds_is_ignored() -> None:

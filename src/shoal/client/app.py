@@ -153,13 +153,17 @@ def parse_options(items: Iterable[str]) -> dict[str, str]:
 
 
 def with_config_folder(config: Config, config_path: str | Path | None) -> Config:
-    """``config`` whose ``[app] path`` starts with its file's folder (kept for a resume)."""
+    """``config`` whose ``[app] path`` starts with its file's folder and whose ``[policy]
+    files`` are found from it (both kept for a resume)."""
     if config_path is None:
         return config
-    folder = str(Path(config_path).resolve().parent)
-    if folder in config.app.path:
+    folder = Path(config_path).resolve().parent
+    files = [str(folder / name) for name in config.policy.files]  # an absolute name stays
+    policy = config.policy.model_copy(update={"files": files})
+    config = config.model_copy(update={"policy": policy})
+    if str(folder) in config.app.path:
         return config
-    section = config.app.model_copy(update={"path": [folder, *config.app.path]})
+    section = config.app.model_copy(update={"path": [str(folder), *config.app.path]})
     return config.model_copy(update={"app": section})
 
 

@@ -50,6 +50,7 @@ from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import (
     Action,
     AggregateDecrypted,
+    Authentication,
     ClientFailed,
     CommitVersion,
     DeadlineReached,
@@ -194,9 +195,15 @@ class RoundDriver:
         update: np.ndarray,
         num_examples: int,
         metrics: Mapping[str, float],
+        authentication: Authentication = Authentication.NONE,
     ) -> RejectSubmission | None:
-        """A client's training result; returns the rejection, or None if it counted."""
-        event = UpdateReceived(client_id, round_number, self._now(), update, num_examples, metrics)
+        """A client's training result; returns the rejection, or None if it counted.
+
+        ``authentication``: how the caller knows the sender (the service: VERIFIED).
+        """
+        event = UpdateReceived(
+            client_id, round_number, self._now(), update, num_examples, metrics, authentication
+        )
         return self._submit(client_id, event)
 
     def submit_evaluation(
@@ -214,7 +221,11 @@ class RoundDriver:
         return self._submit(client_id, event)
 
     def submit_secure(
-        self, client_id: str, round_number: int, message: SecureReply
+        self,
+        client_id: str,
+        round_number: int,
+        message: SecureReply,
+        authentication: Authentication = Authentication.NONE,
     ) -> RejectSubmission | None:
         """A client's secure-round reply; returns the rejection, or None if the protocol took it.
 
@@ -229,7 +240,8 @@ class RoundDriver:
         offer = self._offers.get(client_id)
         if offer is not None and (offer.round, offer_stage(offer)) == (round_number, message.stage):
             del self._offers[client_id]
-        actions = self._apply(SecureMessageReceived(client_id, round_number, self._now(), message))
+        event = SecureMessageReceived(client_id, round_number, self._now(), message, authentication)
+        actions = self._apply(event)
         return next((a for a in actions if isinstance(a, RejectSubmission)), None)
 
     def report_failure(

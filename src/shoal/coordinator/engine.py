@@ -41,8 +41,9 @@ from shoal.coordinator.events import (
     StartRound,
     UpdateReceived,
 )
-from shoal.coordinator.homomorphic import CkksRound
-from shoal.coordinator.rounds import RoundBooks, RoundSettings
+from shoal.coordinator.homomorphic import CKKS, CkksRound
+from shoal.coordinator.policy import Submission, UpdatePolicy, relative_norms
+from shoal.coordinator.rounds import PendingUpdate, RoundBooks, RoundSettings
 from shoal.coordinator.secure import (
     SecureSettings,
     check_secure_strategy,
@@ -59,6 +60,7 @@ from shoal.core.errors import (
 )
 from shoal.core.parameters import Parameters, Vector, all_finite
 from shoal.core.transforms import TransformState
+from shoal.governance.policy import Decision
 from shoal.privacy.coordinator import UNCLIPPED, DpCoordinator, check_private_strategy
 from shoal.secure.messages import StaleMessage
 from shoal.secure.server import Aborted, SumReady
@@ -92,6 +94,7 @@ class Coordinator:
         privacy: DpCoordinator | None = None,
         metrics_aggregation: Mapping[Phase, MetricsAggregation] | None = None,
         sampler: CohortSampler | None = None,
+        policy: UpdatePolicy | None = None,
     ) -> None:
         if secure is not None:
             check_secure_strategy(strategy)
@@ -100,6 +103,7 @@ class Coordinator:
         self.settings = settings
         self.secure = secure
         self.privacy = privacy
+        self.policy = policy  # None: every well-formed update counts (policy.enabled = false)
         self.strategy = strategy
         self.parameters = parameters
         self.seed = seed
@@ -276,7 +280,7 @@ class Coordinator:
             return self._reject(
                 client_id, round_number, RejectReason.NOT_SELECTED, "client is not in the cohort"
             )
-        if once and (client_id in current.reported or client_id in current.failed):
+        if once and current.answered(client_id):
             return self._reject(
                 client_id, round_number, RejectReason.DUPLICATE, "client already answered"
             )
@@ -309,10 +313,7 @@ class Coordinator:
             detail = "this round aggregates securely: a plaintext update is refused"
             return [self._reject(event.client_id, event.round, RejectReason.INVALID_UPDATE, detail)]
         problem = update_problem(
-            event.update,
-            num_examples=event.num_examples,
-            size=len(self.parameters),
-            settings=self.settings,
+            event.update, num_examples=event.num_examples, size=len(self.parameters)
         )
         if problem is not None:
             current.failed.add(event.client_id)
@@ -321,15 +322,98 @@ class Coordinator:
                 event.client_id, event.round, RejectReason.INVALID_UPDATE, problem
             )
             return [rejection, *self._maybe_close(event.now)]
-        update, weight = event.update, float(event.num_examples)
+        if self.policy is not None:  # decided with the round's others when it aggregates
+            norm = float(np.linalg.norm(event.update.astype(np.float64, copy=False)))
+            current.pending[event.client_id] = PendingUpdate(
+                event.update, event.num_examples, event.metrics, norm, event.authentication
+            )
+            return self._maybe_close(event.now)
+        self._count(current, event.client_id, event.update, event.num_examples, event.metrics)
+        return self._maybe_close(event.now)
+
+    def _count(
+        self,
+        current: RoundBooks,
+        client_id: str,
+        update: Vector,
+        num_examples: int,
+        metrics: Mapping[str, float],
+    ) -> None:
+        """An update that counts: into the aggregate, and into the round's books."""
+        weight = float(num_examples)
         if self.privacy is not None:  # user-level DP: clipped updates, every client weighs one
-            update, within = self.privacy.admit(update, reported=event.metrics.get(UNCLIPPED))
+            update, within = self.privacy.admit(update, reported=metrics.get(UNCLIPPED))
             weight, current.unclipped = 1.0, current.unclipped + within
         current.aggregation = self.strategy.aggregator.accumulate(
             current.aggregation, update, weight=weight
         )
-        self._book(current, event.client_id, event.num_examples, event.metrics)
-        return self._maybe_close(event.now)
+        self._book(current, client_id, num_examples, metrics)
+
+    # --- the policy ----------------------------------------------------------------------
+
+    def _decide_pending(self, current: RoundBooks) -> None:
+        """The policy's decisions on the round's updates, in one query; the allowed count."""
+        assert self.policy is not None
+        pending = list(current.pending.items())
+        current.pending.clear()
+        relative = relative_norms([entry.l2_norm for _, entry in pending])
+        submissions = [
+            Submission(
+                client_id,
+                entry.authentication,
+                l2_norm=entry.l2_norm,
+                relative_l2_norm=ratio,
+                num_examples=entry.num_examples,
+            )
+            for (client_id, entry), ratio in zip(pending, relative, strict=True)
+        ]
+        decisions = self.policy.decide(current.number, submissions)
+        for (client_id, entry), decision in zip(pending, decisions, strict=True):
+            if decision.allowed:
+                self._count(current, client_id, entry.update, entry.num_examples, entry.metrics)
+            else:
+                self._deny(current, decision)
+
+    def _deny(self, current: RoundBooks, decision: Decision) -> None:
+        """A denied update: its client failed the round, counted under each reason's code."""
+        current.failed.add(decision.client_id)
+        codes = sorted({reason.code for reason in decision.reasons})
+        current.policy_denied.update(codes)
+        current.failures[failure_reason(f"policy denied: {', '.join(codes)}")] += 1
+
+    def _sealed_submission(self, event: SecureMessageReceived) -> Submission:
+        """What the policy can know of an update sealed by secure aggregation: its bounds."""
+        assert self.secure is not None
+        if self.secure.protocol == CKKS:  # nothing bounds a silo's encrypted update
+            return Submission(event.client_id, event.authentication, sealed=True)
+        quantization = self.secure.quantization  # every value clipped to +-clip, weight capped
+        return Submission(
+            event.client_id,
+            event.authentication,
+            sealed=True,
+            l2_norm_bound=quantization.clip * math.sqrt(len(self.parameters)),
+            num_examples_bound=quantization.max_weight,
+        )
+
+    def _screen_sealed(
+        self, current: RoundBooks, event: SecureMessageReceived
+    ) -> list[Action] | None:
+        """The policy on a secure round's client at its first message; the actions of a denial."""
+        if self.policy is None or event.client_id in current.policy_checked:
+            return None
+        current.policy_checked.add(event.client_id)
+        current.policy_decisions += 1
+        (decision,) = self.policy.decide(current.number, [self._sealed_submission(event)])
+        if decision.allowed:
+            return None
+        assert current.secure is not None
+        self._deny(current, decision)
+        detail = "policy denied: " + "; ".join(str(reason) for reason in decision.reasons)
+        rejection = RejectSubmission(
+            event.client_id, event.round, RejectReason.INVALID_UPDATE, failure_reason(detail)
+        )
+        actions, outcome = current.secure.dropped(event.client_id, event.now, self._fit_task)
+        return [rejection, *actions, *self._secure_outcome(current, outcome, event.now)]
 
     def _receive_evaluation(self, event: EvaluationReceived) -> list[Action]:
         rejection = self._screen(event.client_id, event.round, Phase.EVALUATE)
@@ -403,6 +487,9 @@ class Coordinator:
         if current.secure is None:
             detail = "this round does not aggregate securely"
             return [self._reject(event.client_id, event.round, RejectReason.WRONG_PHASE, detail)]
+        denied = self._screen_sealed(current, event)
+        if denied is not None:
+            return denied
         try:
             actions, outcome = current.secure.message(
                 event.client_id, event.message, event.now, self._fit_task
@@ -466,13 +553,17 @@ class Coordinator:
 
     def _maybe_close(self, now: float) -> list[Action]:
         current = self._require_round()
-        if len(current.reported) >= current.target or current.accounted >= len(current.cohort):
+        received = len(current.reported) + len(current.pending)
+        if received >= current.target or current.accounted >= len(current.cohort):
             return self._close(now)
         return []
 
     def _close(self, now: float) -> list[Action]:
         current = self._require_round()
         self._move(Step.ROUND_CLOSED)
+        if current.pending:
+            current.policy_decisions += len(current.pending)
+            self._decide_pending(current)
         quorum = self.settings.quorum_count(current.phase)
         if len(current.reported) < quorum:
             self._move(Step.QUORUM_MISSED)
@@ -558,4 +649,6 @@ class Coordinator:
             secure=current.secure_report,
             participants=tuple(sorted(current.reported)),
             failures=dict(current.failures.most_common(MAX_FAILURE_REASONS)),
+            policy_decisions=current.policy_decisions,
+            policy_denied=dict(sorted(current.policy_denied.items())),
         )

@@ -6,6 +6,7 @@ turns the world into these events and carries out the actions it gets back.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,20 @@ if TYPE_CHECKING:  # at run time these would import the transport package, which
 def _check_time(now: float) -> None:
     if not math.isfinite(now) or now < 0:
         raise ProtocolError(f"event time must be a finite non-negative number, got {now}")
+
+
+class Authentication(enum.Enum):
+    """How the shell knows who sent a submission (what the policy is told of its signature).
+
+    ``VERIFIED``: the network service checked the request's Ed25519 signature
+    against the client's enrolled key; ``IN_PROCESS``: the simulator (or an
+    in-process link) delivered it itself, with no wire to forge it on;
+    ``NONE``: the shell did not say, which the default policy denies.
+    """
+
+    VERIFIED = "verified"
+    IN_PROCESS = "in_process"
+    NONE = "none"
 
 
 # --- events in ----------------------------------------------------------------
@@ -72,6 +87,7 @@ class UpdateReceived:
     update: Vector
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
+    authentication: Authentication = Authentication.NONE
 
     def __post_init__(self) -> None:
         check_round(self.round)
@@ -122,6 +138,7 @@ class SecureMessageReceived:
     round: int
     now: float
     message: ClientMessage | EncryptedUpdate
+    authentication: Authentication = Authentication.NONE
 
     def __post_init__(self) -> None:
         check_round(self.round)
@@ -250,6 +267,8 @@ class RoundSummary:
     secure: SecureRoundReport | None = None
     participants: tuple[str, ...] = ()  # whose results count in the round
     failures: Mapping[str, int] = field(default_factory=dict)  # why clients failed, and how often
+    policy_decisions: int = 0  # updates the policy decided on in the round
+    policy_denied: Mapping[str, int] = field(default_factory=dict)  # denials by reason code
 
 
 @dataclass(frozen=True, slots=True)

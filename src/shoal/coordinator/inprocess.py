@@ -23,6 +23,7 @@ from shoal.client.link import (
     SubmitUpdate,
 )
 from shoal.coordinator.driver import RoundDriver
+from shoal.coordinator.events import Authentication
 from shoal.core.device import DeviceState
 from shoal.core.errors import IntegrityError, NotFoundError, TransportError
 from shoal.core.parameters import Parameters
@@ -79,6 +80,7 @@ class InProcessLink:
                     request.update.vector,
                     request.num_examples,
                     request.metrics,
+                    Authentication.IN_PROCESS,
                 )
             case SubmitEvaluation():
                 answer = driver.submit_evaluation(
@@ -89,7 +91,9 @@ class InProcessLink:
                     request.metrics,
                 )
             case SubmitSecure():
-                answer = driver.submit_secure(client, request.message.round, request.message)
+                answer = driver.submit_secure(
+                    client, request.message.round, request.message, Authentication.IN_PROCESS
+                )
             case ReportFailure():
                 driver.report_failure(client, request.offer.round, request.reason)
             case _:

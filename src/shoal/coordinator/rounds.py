@@ -8,18 +8,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal.coordinator.events import SecureRoundReport
+from shoal.coordinator.events import Authentication, SecureRoundReport
 from shoal.coordinator.homomorphic import CkksRound
 from shoal.coordinator.secure import SecureRound
 from shoal.coordinator.selection import cohort_size
 from shoal.core.errors import ConfigError
+from shoal.core.parameters import Vector
 from shoal.tasks import Phase
 
 
 @dataclass(frozen=True, slots=True)
 class RoundSettings:
-    """How rounds run: cohort sizes, quorum, deadlines, the clients' training, and the floor
-    every submission must clear (``max_examples_per_client``, ``max_update_abs``)."""
+    """How rounds run: cohort sizes, quorum, deadlines, the clients' training, and the most
+    examples an evaluation may claim as its weight (``max_examples_per_client``; an update's
+    bounds are the policy's, :mod:`shoal.governance.policy`)."""
 
     clients_per_round: int
     over_selection: float = 1.3
@@ -30,7 +32,6 @@ class RoundSettings:
     batch_size: int = 32
     learning_rate: float = 0.05
     max_examples_per_client: int = 10_000_000
-    max_update_abs: float = 1e6
 
     def __post_init__(self) -> None:
         cohort_size(target=self.clients_per_round, over_selection=self.over_selection)
@@ -43,16 +44,23 @@ class RoundSettings:
             raise ConfigError(
                 f"max_examples_per_client must be >= 1, got {self.max_examples_per_client}"
             )
-        if not (math.isfinite(self.max_update_abs) and self.max_update_abs > 0):
-            raise ConfigError(
-                f"max_update_abs must be a finite positive number, got {self.max_update_abs}"
-            )
 
     def target(self, phase: Phase) -> int:
         return self.clients_per_round if phase is Phase.FIT else self.evaluation_clients
 
     def quorum_count(self, phase: Phase) -> int:
         return max(1, math.ceil(self.quorum * self.target(phase) - 1e-9))
+
+
+@dataclass(frozen=True, slots=True)
+class PendingUpdate:
+    """A well-formed update waiting for the policy's decision, when its round aggregates."""
+
+    update: Vector
+    num_examples: int
+    metrics: Mapping[str, float]
+    l2_norm: float
+    authentication: Authentication
 
 
 @dataclass(slots=True)
@@ -78,7 +86,16 @@ class RoundBooks:
     denominator: float | None = None  # user-level DP under Poisson sampling: q * population
     secure: SecureRound | CkksRound | None = None
     secure_report: SecureRoundReport | None = None
+    # the policy: updates awaiting it (in arrival order), who it ruled on, its denials by code
+    pending: dict[str, PendingUpdate] = field(default_factory=dict)
+    policy_decisions: int = 0
+    policy_checked: set[str] = field(default_factory=set)
+    policy_denied: Counter[str] = field(default_factory=Counter)
 
     @property
     def accounted(self) -> int:
-        return len(self.reported) + len(self.failed)
+        return len(self.reported) + len(self.pending) + len(self.failed)
+
+    def answered(self, client_id: str) -> bool:
+        """Whether the client's result is in (counted, awaiting the policy, or failed)."""
+        return client_id in self.reported or client_id in self.pending or client_id in self.failed

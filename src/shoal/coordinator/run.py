@@ -20,6 +20,9 @@ layer owns everything above it, so that each rule is written once:
   and the privacy check before each fit round (a refusal ends training) is
   made with them;
 - each round's config from the server app;
+- the policy on every update (:mod:`shoal.coordinator.policy`): the engine
+  asks it, with the facts of the run's registry, and its decisions are
+  logged and counted in the row;
 - the metrics row of a closed round, the central evaluation, and the
   version committed with that row before anyone is offered the new model;
 - the end: the summary.
@@ -44,6 +47,7 @@ from shoal.coordinator.app import ServerApp, ServerContext, split_round_config
 from shoal.coordinator.eligibility import DeviceFacts, EligibilityPolicy, Mask
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import CommitVersion, RoundSummary
+from shoal.coordinator.policy import RunPolicy
 from shoal.coordinator.records import RunStore
 from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.schedule import Play, evaluation_due, schedule
@@ -52,6 +56,7 @@ from shoal.coordinator.selection import PrivateSampler
 from shoal.core.errors import ConfigError, RunError, ShoalError
 from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
+from shoal.governance.policy import PolicyEngine
 from shoal.privacy.coordinator import check_private_strategy
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import ModelRecord
@@ -79,11 +84,16 @@ class Admission:
 
 @dataclass(frozen=True, slots=True)
 class RunParts:
-    """What the engine of a run is made of (the shell builds them from the config)."""
+    """What the engine of a run is made of (the shell builds them from the config).
+
+    ``policy``: the compiled ``[policy]`` (:func:`~shoal.coordinator.setup.policy_from_config`,
+    built before anything opens so that a bad file is refused first); None: no policy.
+    """
 
     settings: RoundSettings
     strategy: Strategy
     secure: SecureSettings | None = None
+    policy: PolicyEngine | None = None
 
     def check(self, *, private: bool, secure: bool = False) -> None:
         """Refuse, before anything opens, a strategy that DP or secure aggregation cannot serve.
@@ -102,7 +112,8 @@ class Run:
 
     ``resume``: True continues the run in the store (refused when it holds
     none), False starts one (refused when it holds one), None does either
-    (a coordinator restarted by its supervisor).
+    (a coordinator restarted by its supervisor). ``run_id`` names the run in
+    the registry's logs (default: ``run.name``).
     """
 
     def __init__(
@@ -116,8 +127,10 @@ class Run:
         privacy: RunPrivacy | None = None,
         resume: bool | None = None,
         where: str = "the run folder",
+        run_id: str | None = None,
     ) -> None:
         self.config = config
+        self.run_id = run_id or config.run.name
         self.app = app
         self.store = store
         self.parts = parts
@@ -181,6 +194,16 @@ class Run:
 
     def _engine(self, parameters: Parameters, state: Any = None) -> Coordinator:
         parts = self.parts
+        policy = None
+        if parts.policy is not None:
+            policy = RunPolicy(
+                parts.policy,
+                database=self.store.database,
+                run_id=self.run_id,
+                architecture=self.architecture,
+                versions=self.config.versions,
+                privacy=self.privacy,
+            )
         return Coordinator(
             settings=parts.settings,
             strategy=parts.strategy,
@@ -190,6 +213,7 @@ class Run:
             secure=parts.secure,
             privacy=None if self.privacy is None else self.privacy.coordinator,
             sampler=None if self.privacy is None else PrivateSampler.of(self.config, self.privacy),
+            policy=policy,
             metrics_aggregation={
                 phase: aggregate
                 for phase, aggregate in (
@@ -406,6 +430,11 @@ class Run:
         row.update(extra)
         for name, value in summary.metrics.items():  # the clients' own metrics, by name
             row.setdefault(name, value)
+        if fit and self.parts.policy is not None:
+            row.update(
+                policy_decisions=summary.policy_decisions,
+                policy_denied=dict(summary.policy_denied),
+            )
         if fit and self.privacy is not None:
             row.update(self.privacy.row_fields(summary))
         return row

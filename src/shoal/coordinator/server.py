@@ -65,6 +65,7 @@ from shoal.coordinator.service import (
 from shoal.coordinator.setup import (
     connect_key_holder,
     listed_tokens_from_config,
+    policy_from_config,
     round_settings_from_config,
     run_privacy,
     secure_settings_from_config,
@@ -157,6 +158,7 @@ def build(
     RunParts(settings, strategy).check(  # before anything opens
         private=config.privacy.enabled, secure=config.secure_aggregation.enabled
     )
+    policy = policy_from_config(config)  # a policy file that does not compile: refused here
     state_dir = writable_folder(section.state_dir, what="coordinator.state_dir")
     key_holder = _key_holder(config)
     try:
@@ -181,10 +183,11 @@ def build(
             config,
             app=apps.server,
             store=records,
-            parts=RunParts(settings, strategy, secure),  # secure checked with its settings
+            parts=RunParts(settings, strategy, secure, policy),  # secure checked with its settings
             architecture=apps.architecture,
             privacy=privacy,
             where=str(state_dir),
+            run_id=section.run_id,
         )
         coordinator = run.open(lambda: apps.client(_first_context(config)))
         if run.first_round > 1:

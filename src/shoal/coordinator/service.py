@@ -29,6 +29,7 @@ import grpc
 
 from shoal.coordinator.admission import Admission, Refused, malformed
 from shoal.coordinator.driver import RoundDriver
+from shoal.coordinator.events import Authentication
 from shoal.core.device import DeviceState
 from shoal.core.errors import (
     IntegrityError,
@@ -297,8 +298,13 @@ class CoordinatorService:
         )
         with malformed(ProtocolError, IntegrityError):
             update = decode_update(payload)
-        rejection = self.driver.submit_update(
-            auth.client_id, header.round, update, header.num_examples, dict(header.metrics)
+        rejection = self.driver.submit_update(  # its signature checked out: VERIFIED
+            auth.client_id,
+            header.round,
+            update,
+            header.num_examples,
+            dict(header.metrics),
+            Authentication.VERIFIED,
         )
         return serde.verdict_of(rejection)
 
@@ -347,7 +353,9 @@ class CoordinatorService:
         if message.round != header.round:
             detail = f"a message of round {message.round} under a header of round {header.round}"
             raise Refused(RejectCode.MALFORMED, detail)
-        rejection = self.driver.submit_secure(auth.client_id, header.round, message)
+        rejection = self.driver.submit_secure(
+            auth.client_id, header.round, message, Authentication.VERIFIED
+        )
         return serde.verdict_of(rejection)
 
     async def ReportEvaluation(  # noqa: N802

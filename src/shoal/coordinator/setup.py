@@ -13,6 +13,7 @@ from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
 from shoal.coordinator.selection import cohort_size, private_cohort
 from shoal.core.errors import ConfigError, StrategyError
+from shoal.governance.policy import PolicyEngine
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import ListedToken
 from shoal.secure.quantization import Quantization
@@ -75,9 +76,13 @@ def round_settings_from_config(config: Config, *, population: int | None = None)
         epochs=config.client.epochs,
         batch_size=config.client.batch_size,
         learning_rate=config.client.learning_rate,
-        max_examples_per_client=config.round.max_examples_per_client,
-        max_update_abs=config.round.max_update_abs,
+        max_examples_per_client=config.policy.max_examples,
     )
+
+
+def policy_from_config(config: Config) -> PolicyEngine | None:
+    """The job's compiled ``[policy]`` (None when disabled); a bad file is a ConfigError."""
+    return PolicyEngine.from_config(config.policy)
 
 
 def run_privacy(config: Config, settings: RoundSettings, *, run_id: str) -> RunPrivacy | None:

@@ -10,7 +10,7 @@ delta, the noise multiplier, the sampling rate, the accountant).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -188,6 +188,16 @@ class RunPrivacy:
 
     def barred(self) -> set[str]:
         return set() if self._keeper is None else self._keeper.barred()
+
+    def remaining_epsilon(self, client_ids: Sequence[str]) -> dict[str, float | None]:
+        """Each client's own budget left (``client_epsilon`` less its spend); None without one."""
+        limit = self.section.client_epsilon
+        if limit is None:
+            return dict.fromkeys(client_ids)
+        if self._keeper is None:  # nothing accounted yet: nothing spent
+            return dict.fromkeys(client_ids, limit)
+        spent = self.ledger.clients_spent(self.run_id, client_ids)
+        return {client: limit - spent[client] for client in client_ids}
 
     def row_fields(self, summary: ClosedRound) -> dict[str, Any]:
         """The privacy columns of a fit round's metrics row; a committed round is accounted.

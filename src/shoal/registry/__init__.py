@@ -5,7 +5,8 @@ by URL, see :func:`open_database`) plus a content-addressed blob store
 (:class:`BlobStore`, a local folder or any fsspec URL); a coordinator finds
 both from its state folder (:func:`registry_location`, :func:`blob_location`).
 The database also holds the enrollment tokens (:class:`EnrollmentTokens`) and
-each run's differential-privacy budget ledger (:class:`PrivacyLedger`).
+each run's differential-privacy budget ledger (:class:`PrivacyLedger`) and the
+policy's decisions on updates (:class:`PolicyDecisionLog`).
 """
 
 from shoal.core.device import DeviceState
@@ -16,6 +17,7 @@ from shoal.registry.clients import (
     Heartbeat,
 )
 from shoal.registry.database import Database, open_database
+from shoal.registry.decisions import DecisionRecord, PolicyDecisionLog
 from shoal.registry.heartbeats import HeartbeatBuffer
 from shoal.registry.location import RegistryLocation, blob_location, registry_location
 from shoal.registry.migrations import MIGRATIONS, SCHEMA_VERSION, Migration, apply_migrations
@@ -47,6 +49,7 @@ __all__ = [
     "ClientStatus",
     "Component",
     "Database",
+    "DecisionRecord",
     "DeviceState",
     "Eligibility",
     "EnrollmentToken",
@@ -58,6 +61,7 @@ __all__ = [
     "ModelRecord",
     "ModelRegistry",
     "ModelStatus",
+    "PolicyDecisionLog",
     "PrivacyBudget",
     "PrivacyLedger",
     "PrivacyRound",

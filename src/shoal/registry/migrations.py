@@ -31,6 +31,7 @@ from shoal.registry.schema import (
     ModelStatus,
     TokenOrigin,
     UtcDateTime,
+    decision_id_type,
     enum_type,
     schema_version,
     version_key_type,
@@ -214,6 +215,22 @@ def _add_token_origins(op: Operations) -> None:
     )
 
 
+def _create_policy_decisions(op: Operations) -> None:
+    op.create_table(
+        "policy_decisions",
+        sa.Column("decision_id", decision_id_type(), nullable=False, autoincrement=True),
+        sa.Column("run_id", sa.String(128), nullable=False),
+        sa.Column("round", sa.Integer, nullable=False),
+        sa.Column("client_id", sa.String(128), nullable=False),
+        sa.Column("allowed", sa.Boolean, nullable=False),
+        sa.Column("reasons", sa.JSON, nullable=False),
+        sa.Column("facts", sa.JSON, nullable=False),
+        sa.Column("decided_at", UtcDateTime, nullable=False),
+        sa.PrimaryKeyConstraint("decision_id", name="pk_policy_decisions"),
+    )
+    op.create_index("ix_policy_decisions_run_id_round", "policy_decisions", ["run_id", "round"])
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "client registry and versioning matrix", _create_client_registry),
     Migration(2, "model registry", _create_model_registry),
@@ -224,6 +241,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         7, "enrollment tokens listed in the config, with uses and an expiry", _add_token_origins
     ),
+    Migration(8, "policy decisions on updates", _create_policy_decisions),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

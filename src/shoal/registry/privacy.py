@@ -246,6 +246,17 @@ class PrivacyLedger:
             spent = connection.execute(query).scalar()
         return 0.0 if spent is None else float(spent)
 
+    def clients_spent(self, run_id: str, client_ids: Sequence[str]) -> dict[str, float]:
+        """The epsilon each of ``client_ids`` has spent in ``run_id`` (0.0 if none), one query."""
+        wanted = sorted(set(client_ids))
+        query = sa.select(privacy_clients.c.client_id, privacy_clients.c.epsilon_spent).where(
+            privacy_clients.c.run_id == run_id, privacy_clients.c.client_id.in_(wanted)
+        )
+        with self.database.read() as connection:
+            _fetch_budget(connection, run_id)
+            spent = {row.client_id: float(row.epsilon_spent) for row in connection.execute(query)}
+        return {client: spent.get(client, 0.0) for client in wanted}
+
     def clients_over_budget(self, run_id: str, *, limit: float) -> set[str]:
         """The clients of ``run_id`` that have spent at least ``limit``: never select them."""
         _require_nonnegative(limit, "limit")

@@ -25,6 +25,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
+
+def decision_id_type() -> sa.types.TypeEngine[int]:
+    """A 64-bit row id (SQLite's rowid is one already, and only INTEGER autoincrements there)."""
+    return sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
 metadata = sa.MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -241,4 +247,19 @@ privacy_clients = sa.Table(
     sa.ForeignKeyConstraint(["run_id"], ["privacy_budgets.run_id"]),
     # the selector's question: which clients of this run have spent their limit?
     sa.Index("ix_privacy_clients_spent", "run_id", "epsilon_spent"),
+)
+
+# one row per policy decision on an update (shoal.governance.policy), allowed or denied
+policy_decisions = sa.Table(
+    "policy_decisions",
+    metadata,
+    sa.Column("decision_id", decision_id_type(), primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(128), nullable=False),
+    sa.Column("round", sa.Integer, nullable=False),
+    sa.Column("client_id", sa.String(128), nullable=False),
+    sa.Column("allowed", sa.Boolean, nullable=False),
+    sa.Column("reasons", sa.JSON, nullable=False),  # [{"code": ..., "detail": ...}]
+    sa.Column("facts", sa.JSON, nullable=False),  # what the policy was given
+    sa.Column("decided_at", UtcDateTime, nullable=False),
+    sa.Index("ix_policy_decisions_run_id_round", "run_id", "round"),
 )

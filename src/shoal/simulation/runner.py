@@ -26,6 +26,7 @@ from shoal.coordinator.app import resolve_apps
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import (
     Action,
+    Authentication,
     ClientFailed,
     CommitVersion,
     DeadlineReached,
@@ -43,6 +44,7 @@ from shoal.coordinator.records import CONFIG_FILE, RunRecords
 from shoal.coordinator.run import EVALUATION_UPLOAD_BYTES, Run, RunParts
 from shoal.coordinator.schedule import Play
 from shoal.coordinator.setup import (
+    policy_from_config,
     round_settings_from_config,
     run_privacy,
     secure_settings_from_config,
@@ -138,7 +140,7 @@ class Simulation:
             public_context=None if self.consortium is None else self.consortium.public_context,
             silo_keys=None if self.consortium is None else self.consortium.public_keys,
         )
-        self.parts = RunParts(self.settings, self.strategy, self.secure)
+        self.parts = RunParts(self.settings, self.strategy, self.secure, policy_from_config(config))
         self.parts.check(private=self.privacy is not None)
         self.identities = SimulatedIdentities(self.population.client_ids)  # SecAgg+'s PKI
         self._coordinator: Coordinator | None = None
@@ -392,6 +394,7 @@ class Simulation:
                 outcome.update,
                 outcome.num_examples,
                 outcome.metrics,
+                Authentication.IN_PROCESS,  # the simulator delivers it itself: no wire
             )
         return EvaluationReceived(
             outcome.client_id, round_number, at, outcome.loss, outcome.num_examples, outcome.metrics

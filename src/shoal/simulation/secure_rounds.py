@@ -24,6 +24,7 @@ from shoal.client.handler import FitOutcome, secure_contribution
 from shoal.coordinator.events import (
     Action,
     AggregateDecrypted,
+    Authentication,
     ClientFailed,
     CommitVersion,
     DeadlineReached,
@@ -219,7 +220,12 @@ class SecureRoundPlayer:
         extra = max(0, size - self.simulation.model_bytes) * 8 / (device.upload_mbps * 1e6)
         self.traffic.masked_inputs += 1
         self.traffic.bytes_up += size
-        self._push(at + extra, lambda t: SecureMessageReceived(silo, self.round, t, message))
+        self._push(
+            at + extra,
+            lambda t: SecureMessageReceived(
+                silo, self.round, t, message, Authentication.IN_PROCESS
+            ),
+        )
 
     def _decrypt(self, action: RequestDecryption, now: float) -> None:
         """The key holder's answer, a moment later; a refusal is an answer too."""
@@ -243,7 +249,12 @@ class SecureRoundPlayer:
 
     def _send(self, client_id: str, reply: ClientMessage, at: float) -> None:
         self.traffic.bytes_up += message_size(reply)
-        self._push(at, lambda t: SecureMessageReceived(client_id, self.round, t, reply))
+        self._push(
+            at,
+            lambda t: SecureMessageReceived(
+                client_id, self.round, t, reply, Authentication.IN_PROCESS
+            ),
+        )
 
     def _push(self, at: float, make: Callable[[float], Event]) -> None:
         heapq.heappush(self._queue, _Arrival(at, self._order, make))

@@ -1,0 +1,179 @@
+"""The update policy in a run: the facts of each update, from the run's records, for one rule.
+
+The round engine knows what arrived (its norm, its claimed examples, how the
+shell authenticated it); the run knows who sent it (the client's registry
+record, its versions, its privacy budget left). :class:`RunPolicy` joins the
+two into :class:`~shoal.governance.policy.UpdateFacts`, asks the compiled
+policy, and keeps every decision in the registry's decision log before the
+engine acts on it. The run layer builds it, so that the simulator and the
+network coordinator apply the very same policy.
+
+When the engine decides (see :mod:`shoal.coordinator.engine`): a plaintext
+round's updates are decided together, in one query, when the round
+aggregates (the norm relative to the round's median needs them all); an
+update sealed by secure aggregation is decided when its client's first
+message of the round arrives, before it can enter the sum.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from shoal.config import VersionsSection
+from shoal.coordinator.events import Authentication
+from shoal.governance.policy import Decision, PolicyEngine, UpdateFacts
+from shoal.privacy.run import RunPrivacy
+from shoal.registry import ClientRecord, ClientRegistry, Database, DecisionRecord
+from shoal.registry.decisions import PolicyDecisionLog
+from shoal.registry.versioning import Component, Requirement, unmet_requirements
+
+log = logging.getLogger("shoal.policy")
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """What the round engine knows of one update when the policy decides on it.
+
+    A ``sealed`` update (SecAgg+, CKKS) has no norm and no example count:
+    only the bounds its protocol enforces (``l2_norm_bound``,
+    ``num_examples_bound``), None where it enforces none.
+    """
+
+    client_id: str
+    authentication: Authentication
+    l2_norm: float | None = None
+    relative_l2_norm: float | None = None
+    num_examples: int | None = None
+    sealed: bool = False
+    l2_norm_bound: float | None = None
+    num_examples_bound: int | None = None
+
+
+class UpdatePolicy(Protocol):
+    """The engine's view of the policy: a decision on each submission, in order."""
+
+    def decide(self, round_number: int, submissions: Sequence[Submission]) -> list[Decision]: ...
+
+
+def relative_norms(norms: Sequence[float]) -> list[float | None]:
+    """Each norm over the median of ``norms`` (None for each when the median is 0)."""
+    if not norms:
+        return []
+    ordered = sorted(norms)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    if not (median > 0 and math.isfinite(median)):
+        return [None] * len(norms)
+    return [norm / median for norm in norms]
+
+
+class RunPolicy:
+    """The policy of one run over its registry database; see the module docstring."""
+
+    def __init__(
+        self,
+        engine: PolicyEngine,
+        *,
+        database: Database,
+        run_id: str,
+        architecture: str,
+        versions: VersionsSection,
+        privacy: RunPrivacy | None = None,
+    ) -> None:
+        self.engine = engine
+        self.run_id = run_id
+        self.architecture = architecture
+        self.versions = versions
+        self.privacy = privacy
+        self.clients = ClientRegistry(database)
+        self.log = PolicyDecisionLog(database)
+
+    def decide(self, round_number: int, submissions: Sequence[Submission]) -> list[Decision]:
+        """Decide on ``submissions`` in one query and log every decision first."""
+        if not submissions:
+            return []
+        ids = [submission.client_id for submission in submissions]
+        records = self.clients.records(ids)
+        remaining = {} if self.privacy is None else self.privacy.remaining_epsilon(ids)
+        requirements = self._requirements(round_number)
+        batch = [
+            self._facts(
+                submission,
+                records.get(submission.client_id),
+                remaining.get(submission.client_id),
+                requirements,
+            )
+            for submission in submissions
+        ]
+        decisions = self.engine.decide(round_number, batch)
+        self.log.record(
+            [
+                DecisionRecord(
+                    run_id=self.run_id,
+                    round=round_number,
+                    client_id=decision.client_id,
+                    allowed=decision.allowed,
+                    reasons=tuple((reason.code, reason.detail) for reason in decision.reasons),
+                    facts=decision.facts.as_record(),
+                )
+                for decision in decisions
+            ]
+        )
+        for decision in decisions:
+            if not decision.allowed:
+                reasons = "; ".join(str(reason) for reason in decision.reasons)
+                log.warning(
+                    "policy denied the update of %s in round %d: %s",
+                    decision.client_id,
+                    round_number,
+                    reasons,
+                )
+        return decisions
+
+    def _requirements(self, round_number: int) -> list[Requirement]:
+        """The job's ``[[versions.require]]`` entries in force in ``round_number``."""
+        return [
+            Requirement(
+                Component(entry.component),
+                entry.minimum,
+                None if entry.allowed is None else frozenset(entry.allowed),
+            )
+            for entry in self.versions.require
+            if entry.from_round <= round_number
+        ]
+
+    def _facts(
+        self,
+        submission: Submission,
+        record: ClientRecord | None,
+        remaining: float | None,
+        requirements: Sequence[Requirement],
+    ) -> UpdateFacts:
+        device = None if record is None else record.device
+        problems: tuple[str, ...] = ()
+        if device is not None:
+            problems = tuple(unmet_requirements(device, requirements, model=self.architecture))
+        return UpdateFacts(
+            client_id=submission.client_id,
+            status="unknown" if record is None else record.status.value.lower(),
+            device_class=None if device is None else device.device_class,
+            app_version=None if device is None else device.app_version,
+            runtime_version=None if device is None else device.runtime_version,
+            model_architecture_version=None
+            if device is None
+            else device.model_architecture_version,
+            feature_extractor_version=None if device is None else device.feature_extractor_version,
+            version_problems=problems,
+            signature=submission.authentication.value,
+            remaining_epsilon=remaining,
+            sealed=submission.sealed,
+            l2_norm=submission.l2_norm,
+            relative_l2_norm=submission.relative_l2_norm,
+            num_examples=submission.num_examples,
+            l2_norm_bound=submission.l2_norm_bound,
+            num_examples_bound=submission.num_examples_bound,
+        )

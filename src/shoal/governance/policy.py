@@ -1,0 +1,329 @@
+"""The policy engine: OPA's Rego, through ``regopy``, decides on every update that may count.
+
+The bundled default policy (``default.rego`` beside this module) and the
+job's own files are compiled once into a bundle; each decision is one query
+of its ``deny`` entrypoint. A query takes a *batch* of updates as columns
+(``input.l2_norm[i]`` is update i's norm): a round's updates are decided in
+one query, which is what makes thousands of decisions per second possible
+(``benchmarks/policy.py``); a batch of one is the same query.
+
+A rule denies update ``i`` by adding ``[i, code, detail]`` to ``deny``; an
+update no rule denies is allowed. The engine fails closed: a query that
+errs, or a ``deny`` entry that is not such a triple, denies the whole batch
+with the code ``policy_error``.
+
+>>> engine = PolicyEngine(bounds=PolicyBounds(max_l2_norm=100.0))
+>>> [d.allowed for d in engine.decide(1, [facts_for("c1", l2_norm=1e30)])]
+[False]
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import os
+import re
+import sys
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import regopy
+
+from shoal.config import PolicySection
+from shoal.core.errors import ConfigError
+from shoal.core.limits import INT64_MAX
+
+DEFAULT_POLICY = Path(__file__).with_name("default.rego")
+PACKAGE = "shoal.policy"
+ENTRYPOINT = "shoal/policy/deny"
+POLICY_ERROR = "policy_error"
+
+_PACKAGE_LINE = re.compile(r"^\s*package\s+([\w.]+)", re.MULTILINE)
+_INPUT_FIELD = re.compile(r"\binput\.(\w+)")
+_INPUT_OTHERWISE = re.compile(r"\binput\b(?!\.\w)")
+_COMMENT = re.compile(r"#[^\n]*")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyBounds:
+    """The default policy's bounds (``data.shoal.bounds``): see :class:`PolicySection`."""
+
+    max_l2_norm: float = 100.0
+    max_relative_l2_norm: float = 10.0
+    max_examples: int = 10_000_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpdateFacts:
+    """What the policy knows of one update: its client, how it arrived, what it holds.
+
+    ``status`` is the registry's (``active``, ``suspended``, ``retired``) or
+    ``unknown`` for a client it does not hold; ``signature`` is ``verified``
+    (the network service checked the request's Ed25519 signature),
+    ``in_process`` (the simulator delivered it: there is no wire) or
+    ``none``. A ``sealed`` update (inside SecAgg+ or CKKS) has no norm and
+    no example count, only the bounds its protocol enforces, if any.
+    """
+
+    client_id: str
+    status: str = "active"
+    device_class: str | None = None
+    app_version: str | None = None
+    runtime_version: str | None = None
+    model_architecture_version: str | None = None
+    feature_extractor_version: str | None = None
+    version_problems: tuple[str, ...] = ()
+    signature: str = "none"
+    remaining_epsilon: float | None = None
+    sealed: bool = False
+    l2_norm: float | None = None
+    relative_l2_norm: float | None = None
+    num_examples: int | None = None
+    l2_norm_bound: float | None = None
+    num_examples_bound: int | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        """The facts as a JSON-ready mapping (what the decision log keeps)."""
+        record = dataclasses.asdict(self)
+        record["version_problems"] = list(self.version_problems)
+        return record
+
+
+COLUMNS = tuple(f.name for f in dataclasses.fields(UpdateFacts))
+
+
+def facts_for(client_id: str, **facts: Any) -> UpdateFacts:
+    """An active, verified client's update with ``facts`` (for tests and examples)."""
+    return UpdateFacts(client_id=client_id, signature=facts.pop("signature", "verified"), **facts)
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """Why a policy denied an update: a stable ``code`` and a ``detail`` in words."""
+
+    code: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.detail}"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The policy's verdict on one update, with the facts it was taken on."""
+
+    facts: UpdateFacts
+    reasons: tuple[Reason, ...] = field(default=())
+
+    @property
+    def allowed(self) -> bool:
+        return not self.reasons
+
+    @property
+    def client_id(self) -> str:
+        return self.facts.client_id
+
+
+class PolicyEngine:
+    """The compiled policy (the default one unless ``builtin`` is False, plus ``files``).
+
+    A file that does not compile, or that is not in package ``shoal.policy``,
+    is a :class:`ConfigError` of one line naming the file and the error.
+    """
+
+    def __init__(
+        self,
+        *,
+        bounds: PolicyBounds | None = None,
+        files: Sequence[str | Path] = (),
+        builtin: bool = True,
+    ) -> None:
+        self.bounds = bounds or PolicyBounds()
+        sources = {str(DEFAULT_POLICY): DEFAULT_POLICY.read_text()} if builtin else {}
+        for path in files:
+            sources[str(path)] = _read_policy(Path(path))
+        if not sources:
+            raise ConfigError("a policy needs at least one file")
+        self.files = tuple(sources)
+        self.columns = _referenced_columns(sources.values())
+        self._interpreter = regopy.Interpreter()
+        self._interpreter.add_data({"shoal": {"bounds": dataclasses.asdict(self.bounds)}})
+        for name, source in sources.items():
+            _compile(self._interpreter, name, source)
+        with _quiet_stdout():
+            try:
+                self._bundle = self._interpreter.build(None, [ENTRYPOINT])
+            except regopy.RegoError as exc:
+                raise ConfigError(f"the policy does not compile: {_rego_message(exc)}") from None
+        if not self._bundle.ok():
+            raise ConfigError("the policy does not compile into a bundle")
+        _LIVE.add(self)
+
+    def close(self) -> None:
+        """Free the compiled policy now (at exit, regopy could no longer free it itself)."""
+        self.__dict__.pop("_bundle", None)
+        self.__dict__.pop("_interpreter", None)
+
+    @classmethod
+    def from_config(cls, section: PolicySection) -> PolicyEngine | None:
+        """The engine of a job's ``[policy]`` (None when it is not enabled)."""
+        if not section.enabled:
+            return None
+        bounds = PolicyBounds(
+            max_l2_norm=section.max_l2_norm,
+            max_relative_l2_norm=section.max_relative_l2_norm,
+            max_examples=section.max_examples,
+        )
+        return cls(bounds=bounds, files=section.files)
+
+    def decide(self, round_number: int, batch: Sequence[UpdateFacts]) -> list[Decision]:
+        """The decision on each update of ``batch``, in order, from one query."""
+        if not batch:
+            return []
+        found = self._query(self.input_of(round_number, batch))
+        reasons: list[list[Reason]] = [[] for _ in batch]
+        problem = None
+        if isinstance(found, str):
+            problem = found
+        else:
+            for entry in found:
+                index = _denial_index(entry, len(batch))
+                if index is None:
+                    problem = f"a deny entry is not [index, code, detail]: {entry!r:.120}"
+                    break
+                reasons[index].append(Reason(entry[1], entry[2]))
+        if problem is not None:
+            failed = (Reason(POLICY_ERROR, problem),)
+            return [Decision(facts, failed) for facts in batch]
+        return [
+            Decision(facts, tuple(sorted(found, key=lambda r: (r.code, r.detail))))
+            for facts, found in zip(batch, reasons, strict=True)
+        ]
+
+    def input_of(self, round_number: int, batch: Sequence[UpdateFacts]) -> dict[str, Any]:
+        """The policy's input for ``batch``: the columns its rules read, and the round."""
+        rows = [_row(facts) for facts in batch]
+        document: dict[str, Any] = {"round": round_number, "count": len(batch)}
+        for column in self.columns:
+            document[column] = [row[column] for row in rows]
+        return document
+
+    def _query(self, document: Mapping[str, Any]) -> list[Any] | str:
+        """The ``deny`` entries for ``document``, or why the query failed."""
+        self._interpreter.set_input(regopy.Input(document))
+        output = self._interpreter.query_bundle_entrypoint(self._bundle, ENTRYPOINT)
+        # read the result while ``output`` is referenced: it owns the memory behind it
+        if not output.ok():
+            return f"the policy query failed: {str(output).strip().splitlines()[0]:.200}"
+        if not output.results:
+            return []
+        found = output.results[0].expressions[0]
+        return found if isinstance(found, list) else f"deny is not a set: {found!r:.120}"
+
+
+def _row(facts: UpdateFacts) -> dict[str, Any]:
+    row = facts.as_record()
+    for name in ("num_examples", "num_examples_bound"):
+        value = row[name]
+        if value is not None and value > INT64_MAX:  # Rego's integers have 64 bits
+            row[name] = float(value)
+    return row
+
+
+def _denial_index(entry: Any, size: int) -> int | None:
+    if not (isinstance(entry, list) and len(entry) == 3):
+        return None
+    index, code, detail = entry
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < size:
+        return None
+    return index if isinstance(code, str) and code and isinstance(detail, str) else None
+
+
+def _read_policy(path: Path) -> str:
+    try:
+        source = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"policy file {path}: cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"policy file {path}: is not UTF-8 text") from None
+    match = _PACKAGE_LINE.search(source)
+    package = match.group(1) if match else None
+    if package != PACKAGE:
+        raise ConfigError(
+            f"policy file {path}: its package must be {PACKAGE}, got {package or 'none'}"
+        )
+    return source
+
+
+def _compile(interpreter: Any, name: str, source: str) -> None:
+    with _quiet_stdout():
+        try:
+            interpreter.add_module(name, source)
+        except regopy.RegoError as exc:
+            raise ConfigError(f"policy file {name}: {_rego_message(exc, source)}") from None
+
+
+_ERROR = re.compile(r"\(error (\d+):")
+_MESSAGE = re.compile(r"\(errormsg (\d+):")
+
+
+def _rego_message(exc: Exception, source: str | None = None) -> str:
+    """rego-cpp's first error as ``line L, column C: message``."""
+    text = str(exc.args[0]) if exc.args else str(exc)
+    message_at = _MESSAGE.search(text)
+    if message_at is None:
+        return text.strip().splitlines()[0] if text.strip() else "unknown error"
+    start = message_at.end()
+    message = text[start : start + int(message_at.group(1))]
+    where = _ERROR.search(text)
+    if where is not None and source is not None:
+        rest = text[where.end() + int(where.group(1)) :]
+        offset = re.match(r"\|(\d+)\|", rest)
+        if offset is not None:
+            before = source[: int(offset.group(1))]
+            line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
+            return f"line {line}, column {column}: {message}"
+    return message
+
+
+def _referenced_columns(sources: Iterable[str]) -> tuple[str, ...]:
+    """The input columns the policies read: a policy that reads ``input`` otherwise gets all."""
+    texts = [_COMMENT.sub("", text) for text in sources]
+    if any(_INPUT_OTHERWISE.search(text) for text in texts):
+        return COLUMNS
+    named = {name for text in texts for name in _INPUT_FIELD.findall(text)}
+    return tuple(column for column in COLUMNS if column in named)
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """rego-cpp prints a compile error to the process's stdout too: keep it off the user's."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        sys.stdout.flush()
+    try:
+        saved = os.dup(_STDOUT)
+    except OSError:  # no standard output at all
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as sink:
+            os.dup2(sink.fileno(), _STDOUT)
+        yield
+    finally:
+        os.dup2(saved, _STDOUT)
+        os.close(saved)
+
+
+_STDOUT = 1  # the C++ library writes to the descriptor, whatever Python's sys.stdout is
+
+_LIVE: weakref.WeakSet[PolicyEngine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    for engine in list(_LIVE):
+        engine.close()

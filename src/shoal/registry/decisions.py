@@ -1,0 +1,113 @@
+"""The policy decision log: every decision of the update policy, allowed or denied, kept durably.
+
+Each row holds the run, the round, the client, the verdict, the policy's
+reasons (a stable code and a detail each) and the facts the policy was
+given, so that an audit can replay why an update counted or did not. A
+round's decisions are written in one statement, in the same registry
+database as the run's model versions, so they survive a restart with it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from shoal.core.errors import RegistryError
+from shoal.registry.clients import require_aware, utc_now
+from shoal.registry.database import Database
+from shoal.registry.schema import policy_decisions
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecisionRecord:
+    """One logged decision; ``reasons`` are ``(code, detail)`` pairs, empty when allowed."""
+
+    run_id: str
+    round: int
+    client_id: str
+    allowed: bool
+    reasons: tuple[tuple[str, str], ...] = ()
+    facts: Mapping[str, Any]
+    decided_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.allowed == bool(self.reasons):
+            raise RegistryError("an allowed decision has no reasons; a denied one has some")
+        if self.round < 0:
+            raise RegistryError(f"round numbers start at 0, got {self.round}")
+
+
+class PolicyDecisionLog:
+    """The decisions kept in ``database`` (see the module docstring)."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def record(self, records: Sequence[DecisionRecord], *, now: datetime | None = None) -> int:
+        """Keep ``records`` (one statement); returns how many were written."""
+        if not records:
+            return 0
+        now = require_aware(now or utc_now(), "now")
+        rows = [
+            {
+                "run_id": record.run_id,
+                "round": record.round,
+                "client_id": record.client_id,
+                "allowed": record.allowed,
+                "reasons": [{"code": code, "detail": detail} for code, detail in record.reasons],
+                "facts": _finite_json(record.facts),
+                "decided_at": record.decided_at or now,
+            }
+            for record in records
+        ]
+        with self.database.write() as connection:
+            connection.execute(policy_decisions.insert(), rows)
+        return len(rows)
+
+    def decisions(
+        self, run_id: str, *, round_number: int | None = None, denied_only: bool = False
+    ) -> list[DecisionRecord]:
+        """The decisions of ``run_id`` (of one round, or only the denials), oldest first."""
+        table = policy_decisions
+        query = sa.select(table).where(table.c.run_id == run_id).order_by(table.c.decision_id)
+        if round_number is not None:
+            query = query.where(table.c.round == round_number)
+        if denied_only:
+            query = query.where(table.c.allowed.is_(False))
+        with self.database.read() as connection:
+            return [_record(row) for row in connection.execute(query)]
+
+    def denial_counts(self, run_id: str) -> dict[str, int]:
+        """How many updates of ``run_id`` each reason code denied (an update may have several)."""
+        counts: dict[str, int] = {}
+        for record in self.decisions(run_id, denied_only=True):
+            for code, _ in record.reasons:
+                counts[code] = counts.get(code, 0) + 1
+        return dict(sorted(counts.items()))
+
+
+def _record(row: sa.Row[Any]) -> DecisionRecord:
+    return DecisionRecord(
+        run_id=row.run_id,
+        round=row.round,
+        client_id=row.client_id,
+        allowed=bool(row.allowed),
+        reasons=tuple((reason["code"], reason["detail"]) for reason in row.reasons),
+        facts=dict(row.facts),
+        decided_at=row.decided_at,
+    )
+
+
+def _finite_json(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """``facts`` as strict JSON: a non-finite number (which JSON lacks) becomes its text."""
+    cleaned = {
+        name: str(value) if isinstance(value, float) and not math.isfinite(value) else value
+        for name, value in facts.items()
+    }
+    return dict(json.loads(json.dumps(cleaned, allow_nan=False)))
