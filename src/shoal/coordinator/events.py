@@ -250,6 +250,8 @@ class RoundSummary:
     secure: SecureRoundReport | None = None
     participants: tuple[str, ...] = ()  # whose results count in the round
     failures: Mapping[str, int] = field(default_factory=dict)  # why clients failed, and how often
+    # clients the eligibility policy turned away during the round, by criterion (the shell's tally)
+    excluded: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,6 @@ from shoal.registry import (
     Database,
     HeartbeatBuffer,
     ModelRegistry,
-    SelectionCriteria,
     Selector,
     blob_location,
     registry_location,
@@ -196,17 +195,11 @@ def build(
             key_holder.close()
         raise
     selector = Selector(clients)
-    # the versioning matrix of this model decides who may train it
-    criteria = SelectionCriteria(
-        model=apps.architecture,
-        require_charging=False,
-        require_wifi=False,
-        seen_within=SEEN_WITHIN,
-    )
     heartbeats = HeartbeatBuffer(clients, clock=clock)  # sightings, written by count and time
     candidates = Candidates(
         selector,
-        criteria,
+        # the run layer's policy of the round: [selection], [versions] and this model's matrix
+        lambda: run.selection_criteria(seen_within=SEEN_WITHIN),
         heartbeats,
         wanted=cohort_size(
             target=config.round.clients_per_round, over_selection=config.round.over_selection
@@ -241,7 +234,7 @@ def build(
         run_id=section.run_id,
         enrollment_tokens=listed_tokens_from_config(section),
         max_update_bytes=int(section.max_update_mb * 2**20),
-        criteria=replace(criteria, seen_within=None),  # a check-in is itself a sighting
+        criteria=run.selection_criteria,  # at a check-in, itself a sighting: no seen_within
     )
     service = CoordinatorService(
         driver, clients, service_settings, selector=selector, heartbeats=heartbeats, clock=clock

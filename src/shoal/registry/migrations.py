@@ -214,6 +214,12 @@ def _add_token_origins(op: Operations) -> None:
     )
 
 
+def _add_idle(op: Operations) -> None:
+    # clients enrolled before reported no idleness: unknown, which no criterion on it accepts
+    with op.batch_alter_table("clients") as batch:
+        batch.add_column(sa.Column("idle", sa.Boolean))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "client registry and versioning matrix", _create_client_registry),
     Migration(2, "model registry", _create_model_registry),
@@ -224,6 +230,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         7, "enrollment tokens listed in the config, with uses and an expiry", _add_token_origins
     ),
+    Migration(8, "whether a device is idle (NULL: unknown)", _add_idle),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -114,6 +114,7 @@ clients = sa.Table(
     sa.Column("charging", sa.Boolean),
     sa.Column("wifi", sa.Boolean),
     sa.Column("ram_gb", sa.Float),
+    sa.Column("idle", sa.Boolean),
     sa.Column("app_version", sa.String(64), nullable=False),
     sa.Column("app_version_key", version_key_type()),
     sa.Column("runtime_version", sa.String(64), nullable=False),
