@@ -193,7 +193,7 @@ class RoundDriver:
 
         Each closed round's summary counts the distinct clients turned away
         for each criterion (a client failing two counts under each), from the
-        moment the round waits for clients until it closes.
+        close of the round before until it closes.
         """
         for criterion in criteria:
             self._excluded.setdefault(criterion, set()).add(client_id)
@@ -279,7 +279,6 @@ class RoundDriver:
             pending.cancel()
 
     async def _play(self, play: Play) -> RoundSummary | None:
-        self._excluded = {}
         admission = await self._admitted(play)
         if admission.stop is not None:
             return None
@@ -294,6 +293,7 @@ class RoundDriver:
             await self._closed,
             excluded={criterion: len(ids) for criterion, ids in sorted(self._excluded.items())},
         )
+        self._excluded = {}
         if self._on_closed is not None:  # persisted before anyone is offered the new model
             await self._on_closed(summary, self._commit)
         return summary
