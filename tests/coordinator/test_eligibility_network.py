@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 import shoal as shoal_package
 from shoal.cli import app as cli
-from shoal.client.app import ClientApp, ClientContext
+from shoal.client.app import ClientApp, ClientContext, device_state_of
 from shoal.client.link import Enrollment, Request, SubmitUpdate
 from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
 from shoal.config import Config, parse_config
@@ -103,11 +103,8 @@ def enroll_ahead(tmp_path: Path, config: Config, facts: list[Facts]) -> None:
         registry = ClientRegistry(database)
         for index, phone in enumerate(facts):
             enrollment = load_or_create_enrollment(tmp_path / f"p{index}", generate_client_key)
-            state = ClientApp(lambda c: None, device_state=lambda c: phone)  # type: ignore[arg-type, return-value]
             registry.enroll(
-                enrollment.client_id,
-                state.report_device_state(ClientContext(enrollment.client_id)),
-                public_key=enrollment.public_key,
+                enrollment.client_id, device_state_of(phone), public_key=enrollment.public_key
             )
     finally:
         database.close()

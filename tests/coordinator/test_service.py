@@ -19,6 +19,7 @@ from shoal.aggregation.strategy import make_strategy
 from shoal.apps.builtin import DataScenario
 from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult
 from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
+from shoal.config import SelectionSection
 from shoal.coordinator import CommitVersion, Coordinator, RoundSettings, RoundSummary
 from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.schedule import schedule
@@ -28,7 +29,6 @@ from shoal.coordinator.service import (
     add_coordinator_service,
 )
 from shoal.core import DeviceState, Parameters
-from shoal.config import SelectionSection
 from shoal.registry import (
     ClientRegistry,
     ClientStatus,
