@@ -22,6 +22,7 @@ given, in a schema of its own that is dropped at the end. Prints one JSON
 object per measurement.
 
     python benchmarks/registry.py --clients 1000000
+    python benchmarks/registry.py --measure policy  # the [selection] policy only
 """
 
 from __future__ import annotations
@@ -227,13 +228,20 @@ def measure_policy(database: Database, *, count: int, repeats: int) -> dict[str,
 
         return draw
 
-    figures: dict[str, float] = {}
-    for name, criteria in (("policy", policy), ("uniform", uniform)):
-        for refresh in (True, False):
-            draw = select(criteria, refresh_keys=refresh)
-            draw(repeats)  # warm the caches, as a running coordinator's would be
-            key = f"{name}{'' if refresh else '_read_only'}_median_ms"
-            figures[key] = median_ms(draw, repeats=repeats)
+    draws = {
+        f"{name}{'' if refresh else '_read_only'}_median_ms": select(criteria, refresh_keys=refresh)
+        for name, criteria in (("policy", policy), ("uniform", uniform))
+        for refresh in (True, False)
+    }
+    timings: dict[str, list[float]] = {key: [] for key in draws}
+    for draw in draws.values():
+        draw(repeats)  # warm the caches, as a running coordinator's would be
+    for repeat in range(repeats):  # interleaved: a change of the machine's load hits all alike
+        for key, draw in draws.items():
+            start = time.perf_counter()
+            draw(repeat)
+            timings[key].append(time.perf_counter() - start)
+    figures = {key: 1000 * statistics.median(values) for key, values in timings.items()}
     return {
         "benchmark": "select_policy",
         "backend": database.dialect,
@@ -314,18 +322,21 @@ def run(url: str, args: argparse.Namespace) -> None:
         seconds = fill(database, args.clients, args.seed)
         row = {"benchmark": "fill", "backend": database.dialect, "clients": args.clients}
         print(json.dumps(row | {"seconds": round(seconds, 1)}), flush=True)
-        row = measure_selection(database, count=args.count, repeats=args.repeats)
-        print(json.dumps(row), flush=True)
-        row = measure_policy(database, count=args.count, repeats=args.repeats)
-        print(json.dumps(row), flush=True)
-        row = measure_heartbeats(
-            database,
-            clients_total=args.clients,
-            total=args.heartbeats,
-            batch=args.batch,
-            baseline_total=args.baseline_heartbeats,
-        )
-        print(json.dumps(row), flush=True)
+        if "select" in args.measure:
+            row = measure_selection(database, count=args.count, repeats=args.repeats)
+            print(json.dumps(row), flush=True)
+        if "policy" in args.measure:
+            row = measure_policy(database, count=args.count, repeats=args.repeats)
+            print(json.dumps(row), flush=True)
+        if "heartbeats" in args.measure:
+            row = measure_heartbeats(
+                database,
+                clients_total=args.clients,
+                total=args.heartbeats,
+                batch=args.batch,
+                baseline_total=args.baseline_heartbeats,
+            )
+            print(json.dumps(row), flush=True)
     finally:
         database.close()
 
@@ -341,6 +352,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--postgres-url", default=os.environ.get("SHOAL_TEST_POSTGRES_URL"))
     parser.add_argument("--skip-sqlite", action="store_true")
+    parser.add_argument(
+        "--measure",
+        nargs="+",
+        choices=["select", "policy", "heartbeats"],
+        default=["select", "policy", "heartbeats"],
+        help="what to measure after the fill (default: all)",
+    )
     args = parser.parse_args(argv)
     if not args.skip_sqlite:
         with tempfile.TemporaryDirectory() as folder:
