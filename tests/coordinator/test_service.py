@@ -417,8 +417,8 @@ def test_garbage_after_a_good_header_is_malformed_and_the_service_serves_on(
 
 
 def test_an_update_the_versioning_matrix_no_longer_accepts_is_refused(tmp_path: Path) -> None:
-    """A requirement added after a client was selected: its update is refused with the reason
-    (the client plays one whose software is out of date), and the round stops waiting for it."""
+    """A requirement added after a client was selected, or a client whose versions changed
+    since: its update is refused with the reason, and the round stops waiting for it."""
 
     async def body(deployment: Deployment) -> tuple[Any, ...]:
         policy = SelectionCriteria.from_section(SelectionSection(), model="digits-mlp")
@@ -444,18 +444,24 @@ def test_an_update_the_versioning_matrix_no_longer_accepts_is_refused(tmp_path: 
                 signed(serde.encode_check_in_request(DeviceState()), keys["alice"], "alice")
             )
             check_in = serde.decode_check_in_response(reply)
-            VersionMatrix(deployment.clients.database).remove("digits-mlp")
+            matrix = VersionMatrix(deployment.clients.database)
+            matrix.require("digits-mlp", Component.APP, minimum="1.0")  # 1.0.0 passes
+            # bob, selected with app 1.0.0, comes back running 0.9 (a downgrade) before uploading
+            downgraded = serde.encode_check_in_request(DeviceState(app_version="0.9"))
+            reply = await stub.CheckIn(signed(downgraded, keys["bob"], "bob"))
+            bob_check_in = serde.decode_check_in_response(reply)
             others = [
                 await upload(stub, header_for(keys[name], name, good, base), good)
                 for name in ("bob", "carol")
             ]
             await asyncio.wait_for(runner, timeout=5)  # not the 10 s deadline: nobody is awaited
-        return refused, check_in, others
+        return refused, check_in, bob_check_in, others
 
-    refused, check_in, others = asyncio.run(
+    refused, check_in, bob_check_in, others = asyncio.run(
         with_coordinator(tmp_path, body, rounds=1, clients_per_round=3)
     )
     reason = "app version 1.0.0 is below the minimum 9.0 for model arch digits-mlp"
     assert refused is RejectCode.INCOMPATIBLE
     assert (check_in.code, check_in.detail) == (RejectCode.INCOMPATIBLE, reason)
-    assert others == [None, None]
+    assert bob_check_in.code is RejectCode.INCOMPATIBLE
+    assert others == [RejectCode.INCOMPATIBLE, None]  # bob's versions changed; carol's did not
