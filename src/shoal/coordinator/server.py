@@ -16,9 +16,12 @@ public context from it; with ``silo_keys`` it also checks every receipt on
 arrival.
 
 The run's lifecycle (first commit or resume, the schedule, the privacy
-check before each fit round, barred clients, the row stored with each
-version, the summary) is the run layer's (:class:`Run`), as in a
-simulation. Under DP every fit round is offered the registry's whole
+check before each fit round, barred clients, the eligibility policy of
+each round, the row stored with each version, the summary) is the run
+layer's (:class:`Run`), as in a simulation: the selector draws only clients
+that pass ``[selection]``, the versioning matrix of the job's architecture
+and the ``[[versions.require]]`` entries in force, and check-ins and
+updates are weighed against the same policy. Under DP every fit round is offered the registry's whole
 eligible population, which the run layer accounts for and the engine
 samples from (``data.num_clients`` plays no part over the network). The
 state folder holds ``config.json``, ``metrics.jsonl`` and
