@@ -136,9 +136,8 @@ clients = sa.Table(
     # clients (every selection asks for them). It also carries the facts most
     # policies ask about that change at most a few times a day (charging,
     # WiFi, the app version, the expiry) and the id, so that a window tests
-    # them in the index and reads a row only for the rest: under a policy
-    # that a third of the clients pass, a selection costs about what a
-    # uniform one does (2.5 times less than with the bare index). What
+    # them in the index and reads a row only for the rest (see BENCHMARKS.md:
+    # a uniform selection reads no row at all). What
     # changes with every heartbeat (battery, idleness, free RAM, last_seen)
     # is left out, so such a heartbeat rewrites one row and no index entry
     # (on PostgreSQL, a HOT update); listing clients by last_seen is an
