@@ -23,10 +23,10 @@ that pass ``[selection]``, the versioning matrix of the job's architecture
 and the ``[[versions.require]]`` entries in force, and check-ins and
 updates are weighed against the same policy. Under DP every fit round is
 offered the registry's whole eligible population, which the run layer
-accounts for and the engine samples from (``data.num_clients`` plays no part over the network). The
-state folder holds ``config.json``, ``metrics.jsonl`` and
-``summary.json`` with the same keys, and ``[tracking]`` logs to MLflow.
-The model is named by ``run.name``.
+accounts for and the engine samples from (``data.num_clients`` plays no
+part over the network). The state folder holds ``config.json``,
+``metrics.jsonl`` and ``summary.json`` with the same keys, and
+``[tracking]`` logs to MLflow. The model is named by ``run.name``.
 """
 
 from __future__ import annotations
