@@ -10,6 +10,10 @@ Then, on each database:
   (the real path, which also gives the chosen clients fresh sample keys, and
   the read-only variant), against the naive ``... WHERE <the same filters>
   ORDER BY random() LIMIT n``, which reads every eligible row;
+- ``select_policy``: the same selector under a job's ``[selection]`` policy
+  of four criteria (charging, WiFi, app version above 2.4, at least 2 GB of
+  RAM), as a live coordinator applies it, against the uniform selector (no
+  criterion: every ACTIVE client) in the same run;
 - ``heartbeats``: heartbeats per second through ``record_heartbeats`` in
   batches of ``--batch``, against one heartbeat per transaction.
 
@@ -18,6 +22,7 @@ given, in a schema of its own that is dropped at the end. Prints one JSON
 object per measurement.
 
     python benchmarks/registry.py --clients 1000000
+    python benchmarks/registry.py --measure policy  # the [selection] policy only
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 import sqlalchemy as sa
 
+from shoal.config import SelectionSection
 from shoal.registry import (
     ClientRegistry,
     Component,
@@ -59,13 +65,17 @@ MODEL = "mobilenet-v3"
 CRITERIA = SelectionCriteria(
     model=MODEL, min_app_version="2.4", min_ram_gb=2.0, seen_within=timedelta(hours=1)
 )
+# the policy of a job: with these app versions, "above 2.4" is "at least 2.4.1"
+POLICY = SelectionSection(
+    require_charging=True, require_wifi=True, min_app_version="2.4.1", min_ram_gb=2.0
+)
 APP_VERSIONS = ["2.3.0", "2.4.0", "2.4.1", "2.10.0"]
 APP_WEIGHTS = [0.1, 0.3, 0.3, 0.3]
 RUNTIME_VERSIONS = ["1.1.0", "1.2.0", "1.3.0"]
 RUNTIME_WEIGHTS = [0.02, 0.49, 0.49]
 STATUSES = ["ACTIVE", "SUSPENDED", "RETIRED"]
 COLUMNS = [
-    "client_id", "device_class", "battery_level", "charging", "wifi", "ram_gb",
+    "client_id", "device_class", "battery_level", "charging", "wifi", "ram_gb", "idle",
     "app_version", "app_version_key", "runtime_version", "runtime_version_key",
     "model_architecture_version", "model_architecture_version_key",
     "feature_extractor_version", "feature_extractor_version_key",
@@ -94,6 +104,7 @@ def population(size: int, rng: np.random.Generator) -> Iterator[list[tuple[Any, 
             "charging": (rng.random(n) < 0.8).tolist(),
             "wifi": (rng.random(n) < 0.85).tolist(),
             "ram_gb": rng.choice([1.0, 2.0, 4.0, 8.0], n, p=[0.1, 0.3, 0.3, 0.3]).tolist(),
+            "idle": (rng.random(n) < 0.5).tolist(),
             "app_version": [APP_VERSIONS[index] for index in app],
             "app_version_key": [version_key(APP_VERSIONS[index]) for index in app],
             "runtime_version": [RUNTIME_VERSIONS[index] for index in runtime],
@@ -195,6 +206,59 @@ def measure_selection(database: Database, *, count: int, repeats: int) -> dict[s
     }
 
 
+def measure_policy(database: Database, *, count: int, repeats: int) -> dict[str, Any]:
+    """The selector under the four-criterion policy, against the uniform selector."""
+    selector = Selector(ClientRegistry(database))
+    policy = SelectionCriteria.from_section(POLICY, model=None)
+    uniform = SelectionCriteria.from_section(SelectionSection(), model=None)
+    with database.read() as connection:
+        eligible = connection.execute(
+            sa.select(sa.func.count())
+            .select_from(clients)
+            .where(eligible_clause(policy, (), now=NOW))
+        ).scalar_one()
+        total = connection.execute(sa.select(sa.func.count()).select_from(clients)).scalar_one()
+
+    def select(criteria: SelectionCriteria, *, refresh_keys: bool) -> Callable[[int], object]:
+        def draw(repeat: int) -> None:
+            chosen = selector.select(
+                criteria, count, rng=repeat, now=NOW, refresh_keys=refresh_keys
+            )
+            assert len(chosen) == count
+
+        return draw
+
+    draws = {
+        f"{name}{'' if refresh else '_read_only'}_median_ms": select(criteria, refresh_keys=refresh)
+        for name, criteria in (("policy", policy), ("uniform", uniform))
+        for refresh in (True, False)
+    }
+    timings: dict[str, list[float]] = {key: [] for key in draws}
+    for draw in draws.values():
+        draw(repeats)  # warm the caches, as a running coordinator's would be
+    for repeat in range(repeats):  # interleaved: a change of the machine's load hits all alike
+        for key, draw in draws.items():
+            start = time.perf_counter()
+            draw(repeat)
+            timings[key].append(time.perf_counter() - start)
+    figures = {key: 1000 * statistics.median(values) for key, values in timings.items()}
+    return {
+        "benchmark": "select_policy",
+        "backend": database.dialect,
+        "clients": total,
+        "eligible": eligible,
+        "criteria": list(POLICY.criteria()),
+        "count": count,
+        **{key: round(value, 2) for key, value in figures.items()},
+        "ratio_to_uniform": round(figures["policy_median_ms"] / figures["uniform_median_ms"], 2),
+        "read_only_ratio_to_uniform": round(
+            figures["policy_read_only_median_ms"] / figures["uniform_read_only_median_ms"], 2
+        ),
+        "target_ms": 100,
+        "repeats": repeats,
+    }
+
+
 def measure_heartbeats(
     database: Database, *, clients_total: int, total: int, batch: int, baseline_total: int
 ) -> dict[str, Any]:
@@ -258,16 +322,21 @@ def run(url: str, args: argparse.Namespace) -> None:
         seconds = fill(database, args.clients, args.seed)
         row = {"benchmark": "fill", "backend": database.dialect, "clients": args.clients}
         print(json.dumps(row | {"seconds": round(seconds, 1)}), flush=True)
-        row = measure_selection(database, count=args.count, repeats=args.repeats)
-        print(json.dumps(row), flush=True)
-        row = measure_heartbeats(
-            database,
-            clients_total=args.clients,
-            total=args.heartbeats,
-            batch=args.batch,
-            baseline_total=args.baseline_heartbeats,
-        )
-        print(json.dumps(row), flush=True)
+        if "select" in args.measure:
+            row = measure_selection(database, count=args.count, repeats=args.repeats)
+            print(json.dumps(row), flush=True)
+        if "policy" in args.measure:
+            row = measure_policy(database, count=args.count, repeats=args.repeats)
+            print(json.dumps(row), flush=True)
+        if "heartbeats" in args.measure:
+            row = measure_heartbeats(
+                database,
+                clients_total=args.clients,
+                total=args.heartbeats,
+                batch=args.batch,
+                baseline_total=args.baseline_heartbeats,
+            )
+            print(json.dumps(row), flush=True)
     finally:
         database.close()
 
@@ -283,6 +352,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--postgres-url", default=os.environ.get("SHOAL_TEST_POSTGRES_URL"))
     parser.add_argument("--skip-sqlite", action="store_true")
+    parser.add_argument(
+        "--measure",
+        nargs="+",
+        choices=["select", "policy", "heartbeats"],
+        default=["select", "policy", "heartbeats"],
+        help="what to measure after the fill (default: all)",
+    )
     args = parser.parse_args(argv)
     if not args.skip_sqlite:
         with tempfile.TemporaryDirectory() as folder:

@@ -223,24 +223,23 @@ def test_suspend_and_resume_are_visible(state: State) -> None:
 
 def test_facts_a_client_did_not_report_show_as_unknown(state: State) -> None:
     phone = DeviceState(
-        device_class="phone", battery_level=0.42, charging=False, wifi=True, ram_gb=3.5
+        device_class="phone", battery_level=0.42, charging=False, wifi=True, ram_gb=3.5, idle=True
     )
     state.clients.enroll("phone-c", phone, now=NOW)
     rows = {
         row["client_id"]: row for row in shoal_json("clients", "list", "--state-dir", state.folder)
     }
-    facts = ("battery_level", "charging", "wifi", "ram_gb")
-    assert [rows["srv-1"][fact] for fact in facts] == [None, None, None, None]
-    assert [rows["phone-c"][fact] for fact in facts] == [0.42, False, True, 3.5]
+    facts = ("battery_level", "charging", "wifi", "idle", "ram_gb")
+    assert [rows["srv-1"][fact] for fact in facts] == [None] * 5
+    assert [rows["phone-c"][fact] for fact in facts] == [0.42, False, True, True, 3.5]
     table = shoal("clients", "list", "--state-dir", state.folder).stdout.splitlines()
     server = next(line for line in table if "srv-1" in line)
-    assert server.count("unknown") == 4 and "100%" not in server and "yes" in server
+    assert server.count("unknown") == 5 and "100%" not in server and "yes" in server
     known = next(line for line in table if "phone-c" in line)
     assert "unknown" not in known and "42%" in known and "3.5" in known
     shown = shoal("clients", "show", "srv-1", "--state-dir", state.folder).stdout
-    assert [line.split()[-2] for line in shown.splitlines() if "battery_level" in line] == [
-        "unknown"
-    ]
+    for fact in ("battery_level", "idle"):
+        assert [line.split()[-2] for line in shown.splitlines() if fact in line] == ["unknown"]
 
 
 @pytest.mark.parametrize("status", [ClientStatus.SUSPENDED, ClientStatus.RETIRED])

@@ -16,8 +16,10 @@ from shoal.aggregation.strategy import make_strategy
 from shoal.apps.builtin import DataScenario
 from shoal.client import runtime as runtime_module
 from shoal.client.api import Client, FitConfig, FitResult
+from shoal.client.app import ClientApp, ClientContext
 from shoal.client.link import (
     CheckIn,
+    Enroll,
     Enrollment,
     FetchModel,
     ReportFailure,
@@ -32,7 +34,7 @@ from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.inprocess import InProcessLink
 from shoal.coordinator.schedule import schedule
 from shoal.coordinator.secure import SecureSettings
-from shoal.core import ConfigError, Parameters, TransportError
+from shoal.core import ConfigError, DeviceState, Parameters, TransportError
 from shoal.secure.client import SecAggClient
 from shoal.secure.messages import (
     AdvertiseKeysRequest,
@@ -335,3 +337,61 @@ def test_a_client_takes_part_in_a_round_once_even_if_the_round_is_played_again(
     assert sent == ["KeysAdvertised", "SurvivorsSigned", "KeysAdvertised"]
     assert [round_number for round_number, _ in link.failures] == [4]
     assert "already signed the survivor set of round 4" in link.failures[0][1]
+
+
+class StateLink:
+    """Records the device state of every enrollment and check-in; stops after ``checks``."""
+
+    def __init__(self, checks: int) -> None:
+        self.checks = checks
+        self.sent: list[tuple[str, DeviceState]] = []
+        self.runtime: ClientRuntime | None = None
+
+    async def handle(self, enrollment: Enrollment, request: Request[T]) -> T:
+        assert isinstance(request, Enroll | CheckIn)
+        self.sent.append((type(request).__name__, request.state))
+        if isinstance(request, CheckIn) and len(self.sent) > self.checks:
+            assert self.runtime is not None
+            self.runtime.stop()
+        return cast(T, None if isinstance(request, Enroll) else RetryLater(0.0, "not eligible now"))
+
+
+def test_the_apps_device_state_is_asked_fresh_at_enrollment_and_every_check_in(
+    tmp_path: Path,
+) -> None:
+    readings: list[dict[str, object] | Exception] = [
+        {"charging": True, "app_version": "2.5.0", "ram_gb": 3.0},
+        {"charging": False, "app_version": "2.5.0", "idle": True},
+        RuntimeError("the battery service is down"),
+        {"wifi": True},
+    ]
+
+    def device_state(context: ClientContext) -> dict[str, object]:
+        reading = readings.pop(0)
+        if isinstance(reading, Exception):
+            raise reading
+        return reading
+
+    app = ClientApp(lambda context: Untouchable(), device_state=device_state)
+    context = ClientContext(client_id="phone")
+    link = StateLink(checks=3)
+    events: list[str] = []
+    enrollment = load_or_create_enrollment(tmp_path, generate_client_key)
+    link.runtime = ClientRuntime(
+        Untouchable(),
+        link,  # type: ignore[arg-type]
+        enrollment,
+        device_state=lambda: app.report_device_state(context),
+        seed=0,
+        on_event=events.append,
+    )
+    asyncio.run(link.runtime.run())
+    kinds = [kind for kind, _ in link.sent]
+    states = [state for _, state in link.sent]
+    assert kinds == ["Enroll", "CheckIn", "CheckIn", "CheckIn"]
+    assert (states[0].charging, states[0].wifi, states[0].ram_gb) == (True, None, 3.0)
+    assert (states[1].charging, states[1].idle, states[1].ram_gb) == (False, True, None)
+    # the provider failed: what the device runs is still known, its facts of the moment are not
+    assert states[2] == DeviceState(app_version="2.5.0")
+    assert (states[3].wifi, states[3].app_version) == (True, DeviceState().app_version)
+    assert events.count("not eligible now") == 1  # said once, not at every check-in

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -256,3 +257,46 @@ def test_the_summary_holds_the_run_output_contract(models: ModelRegistry) -> Non
         assert key in summary
     assert summary["rounds_completed"] == 1 and summary["clients"] == 2
     assert store.summary == summary
+
+
+def test_the_policy_of_each_round_and_the_excluded_it_counts(models: ModelRegistry) -> None:
+    """[[versions.require]] applies from its round on, as the schedule reaches it; each row
+    counts the clients every criterion of the policy turned away, zero included."""
+    config = load_config(
+        None,
+        [
+            "run.rounds=3",
+            "evaluation.every=0",
+            "selection.require_charging=true",
+            "selection.min_ram_gb=2",
+            "versions.require=[{component='app', minimum='2.4', from_round=2},"
+            " {component='runtime', allowed=['1.2'], from_round=3}]",
+        ],
+    )
+    run = Run(
+        config,
+        app=ServerApp(),
+        store=MemoryStore(models),  # type: ignore[arg-type]
+        parts=RunParts(SETTINGS, make_strategy("fedavg")),
+        architecture="tiny",
+    )
+    run.open(initial)
+    seen = []
+    for _ in run.plays():
+        criteria = run.selection_criteria()
+        seen.append([r.component.value for r in criteria.requirements])
+        assert (criteria.model, criteria.require_charging, criteria.min_ram_gb) == ("tiny", True, 2)
+        assert not criteria.require_wifi and criteria.seen_within is None
+    assert seen == [[], ["app"], ["app", "runtime"]]
+    row = play_fit(run, 1)
+    assert row["excluded"] == {"charging": 0, "ram": 0, "versions": 0}
+    engine = run.coordinator
+    engine.handle(StartRound(2, Phase.FIT, 0.0, ("a", "b"), {}))
+    actions: list[Any] = []
+    for client in ("a", "b"):
+        update = np.ones(3, np.float32)
+        actions += engine.handle(UpdateReceived(client, 2, 1.0, update, 5, {}))
+    summary = next(a for a in actions if isinstance(a, RoundClosed)).summary
+    tallied = replace(summary, excluded={"charging": 3, "versions": 1, "status": 2})
+    row = run.close_round(tallied, None, {})
+    assert row["excluded"] == {"charging": 3, "ram": 0, "versions": 1}  # policy names only

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +19,7 @@ from shoal.aggregation.strategy import make_strategy
 from shoal.apps.builtin import DataScenario
 from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult
 from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
+from shoal.config import SelectionSection
 from shoal.coordinator import CommitVersion, Coordinator, RoundSettings, RoundSummary
 from shoal.coordinator.driver import DriverSettings, RoundDriver
 from shoal.coordinator.schedule import schedule
@@ -28,7 +29,15 @@ from shoal.coordinator.service import (
     add_coordinator_service,
 )
 from shoal.core import DeviceState, Parameters
-from shoal.registry import ClientRegistry, ClientStatus, EnrollmentTokens, open_database
+from shoal.registry import (
+    ClientRegistry,
+    ClientStatus,
+    Component,
+    EnrollmentTokens,
+    SelectionCriteria,
+    VersionMatrix,
+    open_database,
+)
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport._generated import coordinator_pb2_grpc as pb_grpc
@@ -61,13 +70,21 @@ class Deployment:
 
 
 async def with_coordinator(
-    tmp_path: Path, body: Callable[[Deployment], Awaitable[T]], *, rounds: int
+    tmp_path: Path,
+    body: Callable[[Deployment], Awaitable[T]],
+    *,
+    rounds: int,
+    clients_per_round: int = 4,
 ) -> T:
     certificates = init_certificates(tmp_path / "certs")
     scenario = DataScenario(bare_config(["data.num_clients=6", "round.clients_per_round=4"]))
     coordinator = Coordinator(
         settings=RoundSettings(
-            clients_per_round=4, quorum=0.5, deadline_s=10.0, epochs=2, learning_rate=0.2
+            clients_per_round=clients_per_round,
+            quorum=0.5,
+            deadline_s=10.0,
+            epochs=2,
+            learning_rate=0.2,
         ),
         strategy=make_strategy("fedavg"),
         parameters=scenario.initial_parameters(),
@@ -397,3 +414,54 @@ def test_garbage_after_a_good_header_is_malformed_and_the_service_serves_on(
     assert verdict.code is RejectCode.MALFORMED
     assert "8 bytes that do not parse as a protobuf UpdatePart" in verdict.detail
     assert still_serving is None
+
+
+def test_an_update_the_versioning_matrix_no_longer_accepts_is_refused(tmp_path: Path) -> None:
+    """A requirement added after a client was selected, or a client whose versions changed
+    since: its update is refused with the reason, and the round stops waiting for it."""
+
+    async def body(deployment: Deployment) -> tuple[Any, ...]:
+        policy = SelectionCriteria.from_section(SelectionSection(), model="digits-mlp")
+        deployment.service.settings = replace(deployment.service.settings, criteria=lambda: policy)
+        async with grpc.aio.secure_channel(deployment.target, deployment.credentials) as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            keys = {name: await enroll(stub, name) for name in ("alice", "bob", "carol")}
+            runner = asyncio.create_task(deployment.driver.run())
+            offers: dict[str, Any] = {}
+            while len(offers) < 3:
+                await asyncio.sleep(0.02)
+                for name in keys:
+                    outcome = deployment.driver.check_in(name)
+                    if hasattr(outcome, "model_sha256"):
+                        offers[name] = outcome
+            base = offers["alice"].model_sha256
+            VersionMatrix(deployment.clients.database).require(
+                "digits-mlp", Component.APP, minimum="9.0"
+            )
+            good = Parameters.from_arrays([np.zeros(650, np.float32)]).to_bytes()
+            refused = await upload(stub, header_for(keys["alice"], "alice", good, base), good)
+            reply = await stub.CheckIn(
+                signed(serde.encode_check_in_request(DeviceState()), keys["alice"], "alice")
+            )
+            check_in = serde.decode_check_in_response(reply)
+            matrix = VersionMatrix(deployment.clients.database)
+            matrix.require("digits-mlp", Component.APP, minimum="1.0")  # 1.0.0 passes
+            # bob, selected with app 1.0.0, comes back running 0.9 (a downgrade) before uploading
+            downgraded = serde.encode_check_in_request(DeviceState(app_version="0.9"))
+            reply = await stub.CheckIn(signed(downgraded, keys["bob"], "bob"))
+            bob_check_in = serde.decode_check_in_response(reply)
+            others = [
+                await upload(stub, header_for(keys[name], name, good, base), good)
+                for name in ("bob", "carol")
+            ]
+            await asyncio.wait_for(runner, timeout=5)  # not the 10 s deadline: nobody is awaited
+        return refused, check_in, bob_check_in, others
+
+    refused, check_in, bob_check_in, others = asyncio.run(
+        with_coordinator(tmp_path, body, rounds=1, clients_per_round=3)
+    )
+    reason = "app version 1.0.0 is below the minimum 9.0 for model arch digits-mlp"
+    assert refused is RejectCode.INCOMPATIBLE
+    assert (check_in.code, check_in.detail) == (RejectCode.INCOMPATIBLE, reason)
+    assert bob_check_in.code is RejectCode.INCOMPATIBLE
+    assert others == [RejectCode.INCOMPATIBLE, None]  # bob's versions changed; carol's did not

@@ -313,3 +313,23 @@ def test_a_population_enrolls_at_once_and_keeps_earlier_statuses(registry: Clien
     assert registry.count() == 51
     assert registry.get("sim-3").status is ClientStatus.SUSPENDED
     assert registry.barred() == {"sim-3", "sim-4"}
+
+
+def test_idleness_and_free_ram_are_kept_and_change_with_heartbeats(
+    registry: ClientRegistry,
+) -> None:
+    registry.enroll("phone", device(idle=True), now=NOW)
+    assert registry.get("phone").device.idle is True
+    registry.enroll("quiet", device(), now=NOW)
+    assert registry.get("quiet").device.idle is None  # never reported: unknown, not "no"
+    registry.record_heartbeats(
+        [
+            heartbeat("phone", seconds=5, idle=False, ram_gb=1.5),
+            heartbeat("quiet", seconds=5, idle=True),
+        ]
+    )
+    phone, quiet = registry.get("phone").device, registry.get("quiet").device
+    assert (phone.idle, phone.ram_gb) == (False, 1.5)
+    assert (quiet.idle, quiet.ram_gb) == (True, None)  # a heartbeat without RAM: unknown
+    with pytest.raises(RegistryError, match="ram_gb"):
+        heartbeat("phone", seconds=6, ram_gb=float("nan"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,13 +17,16 @@ from hypothesis import strategies as st
 from scipy import stats  # type: ignore[import-untyped]
 from sqlalchemy.engine import Connection
 
+from shoal.config import SelectionSection
 from shoal.core import ConfigError, RegistryError
 from shoal.registry import (
+    TRANSIENT_CRITERIA,
     ClientRegistry,
     ClientStatus,
     Component,
     Database,
     DeviceState,
+    Requirement,
     SelectionCriteria,
     Selector,
     VersionMatrix,
@@ -355,3 +359,94 @@ def test_window_and_oversample_are_checked(
 ) -> None:
     with pytest.raises(ConfigError):
         Selector(registry, **kwargs)
+
+
+POLICIES = [
+    SelectionSection(require_charging=True),
+    SelectionSection(require_wifi=True),
+    SelectionSection(require_idle=True),
+    SelectionSection(min_battery=0.5),
+    SelectionSection(min_ram_gb=2.0),
+    SelectionSection(min_app_version="2.4"),
+    SelectionSection(device_classes=["tablet"]),
+    SelectionSection(require_charging=True, require_idle=True, min_battery=0.5, min_ram_gb=2.0),
+    SelectionSection(),
+]
+FACTS = {
+    "charging": [True, False, None],
+    "idle": [True, False, None],
+    "battery_level": [0.8, 0.2, None],
+    "ram_gb": [4.0, 1.0, None],
+}
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda policy: "+".join(policy.criteria()))
+def test_the_sql_policy_and_its_reasons_agree_and_unknown_is_never_met(
+    registry: ClientRegistry, policy: SelectionSection
+) -> None:
+    """Every mix of known, unknown and failing facts: SQL selects exactly the clients that the
+    Python check finds no reason against, and every reason is named after its criterion."""
+    combinations = list(itertools.product(*FACTS.values()))
+    for index, values in enumerate(combinations):
+        facts = dict(zip(FACTS, values, strict=True))
+        app = "2.3.0" if index % 2 else "2.5.0"
+        registry.enroll(f"c{index:02d}", device(app_version=app, **facts), now=NOW)
+    selector = Selector(registry)
+    criteria = SelectionCriteria.from_section(policy, model=MODEL)
+    selected = set(selector.population(criteria, now=NOW))
+    for record in registry.list(limit=1000):
+        unmet = selector.unmet(record, criteria, now=NOW)
+        assert set(unmet) <= set(policy.criteria())
+        assert (record.client_id in selected) == (not unmet), (record.device, unmet)
+        for name, value in (("charging", record.device.charging), ("idle", record.device.idle)):
+            if name in policy.criteria() and value is None:
+                assert unmet[name] == f"{'idleness' if name == 'idle' else name} is unknown"
+        if "battery" in policy.criteria() and record.device.battery_level is None:
+            assert unmet["battery"] == "the battery level is unknown, and the minimum is 50%"
+    if not policy.criteria():
+        assert len(selected) == len(combinations)  # no policy: every client
+    assert len(selected) > 0 or "device_class" in policy.criteria()
+
+
+def test_the_policy_names_what_each_criterion_excludes(registry: ClientRegistry) -> None:
+    policy = SelectionSection(
+        require_charging=True, require_wifi=True, require_idle=True, min_battery=0.3,
+        min_ram_gb=2.0, min_app_version="2.4", device_classes=["phone"],
+    )  # fmt: skip
+    tired = device(charging=False, wifi=None, idle=False, battery_level=0.1, ram_gb=1.0)
+    registry.enroll("tired", replace(tired, app_version="2.3", device_class="watch"), now=NOW)
+    matrix = VersionMatrix(registry.database)
+    matrix.require(MODEL, Component.RUNTIME, minimum="9.0")
+    required = Requirement(Component.APP, minimum="3.0")
+    criteria = SelectionCriteria.from_section(policy, model=MODEL, requirements=(required,))
+    unmet = Selector(registry, matrix).unmet(registry.get("tired"), criteria, now=NOW)
+    assert unmet == {
+        "charging": "not charging",
+        "wifi": "WiFi is unknown",
+        "idle": "not idle",
+        "battery": "the battery at 10% is below the minimum 30%",
+        "ram": "1 GB of RAM is below the minimum 2",
+        "app_version": "app version 2.3 is below the minimum 2.4",
+        "device_class": "device class watch is not selected",
+        "versions": "runtime version 1.2.0 is below the minimum 9.0 for model arch mobilenet-v3; "
+        "app version 2.3 is below the minimum 3.0 for model arch mobilenet-v3",
+    }
+    assert set(unmet) - {"versions"} == set(policy.criteria())
+    assert set(unmet) - TRANSIENT_CRITERIA == {"app_version", "device_class", "versions"}
+
+
+def test_an_empty_policy_takes_every_active_client(registry: ClientRegistry) -> None:
+    criteria = SelectionCriteria.from_section(SelectionSection(), model=None)
+    assert (criteria.require_charging, criteria.require_wifi, criteria.min_battery) == (
+        False,
+        False,
+        0.0,
+    )
+    registry.enroll("server", DeviceState(), now=NOW)
+    assert Selector(registry).select(criteria, 3, now=NOW) == ["server"]
+
+
+@pytest.mark.parametrize("battery", [-0.1, 1.5, float("nan")])
+def test_a_battery_minimum_outside_zero_to_one_is_refused(battery: float) -> None:
+    with pytest.raises(ConfigError, match="min_battery"):
+        SelectionCriteria(min_battery=battery)

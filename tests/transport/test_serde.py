@@ -83,6 +83,7 @@ device_states = st.builds(
     model_architecture_version=NAME,
     feature_extractor_version=st.none() | NAME,
     ram_gb=st.none() | st.floats(min_value=0, max_value=1e6),
+    idle=st.none() | st.booleans(),  # None: unknown, never "busy"
 )
 model_refs = st.builds(ModelRef, NAME, SHA, COUNT)
 reject_codes = st.sampled_from(RejectCode)

@@ -71,7 +71,8 @@ def _eligibility(record: ClientRecord) -> str:
 
 
 def _facts(device: DeviceState) -> dict[str, str]:
-    """Battery, charging, WiFi and RAM as a person reads them; "unknown" where not reported."""
+    """Battery, charging, WiFi, idleness and RAM as a person reads them; "unknown" where not
+    reported."""
 
     def flag(value: bool | None) -> str:
         return UNKNOWN if value is None else "yes" if value else "no"
@@ -81,6 +82,7 @@ def _facts(device: DeviceState) -> dict[str, str]:
         "battery_level": UNKNOWN if battery is None else f"{battery:.0%}",
         "charging": flag(device.charging),
         "wifi": flag(device.wifi),
+        "idle": flag(device.idle),
         "ram_gb": UNKNOWN if ram is None else f"{ram:g}",
     }
 
@@ -113,7 +115,7 @@ def list_clients(
         _console().print("no clients match")
         return
     table = Table(title=f"clients (first {limit} by id)", title_justify="left")
-    for column in ("client", "status", "class", "battery", "charging", "wifi", "RAM GB"):
+    for column in ("client", "status", "class", "battery", "charging", "wifi", "idle", "RAM GB"):
         table.add_column(column)
     for column in ("app", "runtime", "arch", "last seen (UTC)", "can train"):
         table.add_column(column)

@@ -163,7 +163,9 @@ def client_run_command(
     """Enroll, then check in, train and upload until the run finishes (or N tasks).
 
     The client app is the job config's [app] client (or --app); it is told
-    --partition-index, --num-partitions and the --option values. A silo of a
+    --partition-index, --num-partitions and the --option values. The device
+    state it reports (a ClientApp's device_state) goes with the enrollment
+    and every check-in; without one, every fact is reported unknown. A silo of a
     homomorphic (CKKS) consortium also gives --public-context and --silo-keys:
     it encrypts its updates under that context only.
     """
@@ -197,6 +199,7 @@ def client_run_command(
         raise
     except Exception as exc:  # the user's factory: one clear line, not a traceback
         raise ConfigError(f"the client app failed: {type(exc).__name__}: {exc}") from exc
+    app.report_device_state(context)  # a provider that cannot answer is refused before enrolling
     silo = None
     if public_context is not None and silo_keys is not None:
         silo = SiloCredentials.load(
@@ -213,6 +216,7 @@ def client_run_command(
             client,
             link,
             enrollment,
+            device_state=lambda: app.report_device_state(context),  # fresh at every check-in
             silo=silo,
             on_event=on_event,
             privacy_floor=PrivacyFloor.of(config),

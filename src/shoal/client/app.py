@@ -10,6 +10,19 @@ holds (the simulator uses it to time devices before training them)::
         x, y = load_my_share(context.partition_index, context.num_partitions)
         return MyClient(x, y)
 
+A :class:`ClientApp` may also report the device's state: ``device_state``
+is called with the context before enrollment and at every check-in, and
+returns a :class:`~shoal.core.device.DeviceState` or a mapping of some of
+its fields (battery, charging, WiFi, idle, free RAM, device class and the
+app, runtime, model-architecture and feature-extractor versions); a fact it
+leaves out is reported as unknown, which no eligibility criterion on it
+accepts::
+
+    def device_state(context: ClientContext) -> dict[str, object]:
+        return {"charging": power.plugged_in(), "wifi": network.unmetered()}
+
+    app = ClientApp(client_fn, device_state=device_state)
+
 Modules are looked up on ``sys.path`` and, before it, in the folder that
 holds the job's config and in the current directory, so ``my_app.py`` next
 to ``job.toml`` needs no ``PYTHONPATH``.
@@ -17,6 +30,7 @@ to ``job.toml`` needs no ``PYTHONPATH``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -26,7 +40,8 @@ from typing import Any
 
 from shoal.client.api import Client
 from shoal.config import Config
-from shoal.core.errors import ConfigError
+from shoal.core.device import DeviceState
+from shoal.core.errors import ConfigError, ProtocolError
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,19 +75,64 @@ class ClientContext:
 
 ClientFn = Callable[[ClientContext], Client]
 ExampleCounts = Callable[[ClientContext], tuple[int, int]]
+DeviceStateProvider = Callable[[ClientContext], DeviceState | Mapping[str, Any]]
+DEVICE_FIELDS = tuple(item.name for item in dataclasses.fields(DeviceState))
+
+
+def device_state_of(value: DeviceState | Mapping[str, Any]) -> DeviceState:
+    """A :class:`DeviceState` from what a provider returned; a ConfigError names what is wrong.
+
+    >>> device_state_of({"charging": True}).charging, device_state_of({}).wifi
+    (True, None)
+    """
+    if isinstance(value, DeviceState):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"the device-state provider returned {type(value).__name__}, "
+            "not a DeviceState or a mapping"
+        )
+    unknown = sorted(set(value) - set(DEVICE_FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"the device-state provider returned unknown fields {', '.join(map(str, unknown))} "
+            f"(allowed: {', '.join(DEVICE_FIELDS)})"
+        )
+    try:
+        return DeviceState(**value)
+    except (ProtocolError, TypeError) as exc:
+        raise ConfigError(f"the device-state provider returned a bad state: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
 class ClientApp:
-    """A client factory, and optionally how many (train, evaluate) examples a client holds.
+    """A client factory, and optionally how many (train, evaluate) examples a client holds
+    and what state its device is in.
 
     Without ``num_examples`` the simulator times every device as if it held
     ``devices.nominal_examples`` training examples (the number the client
-    reports after training is what weighs its update).
+    reports after training is what weighs its update). Without
+    ``device_state`` a deployed client reports every fact of its device as
+    unknown (and the default versions).
     """
 
     client_fn: ClientFn
     num_examples: ExampleCounts | None = None
+    device_state: DeviceStateProvider | None = None
+
+    def report_device_state(self, context: ClientContext) -> DeviceState:
+        """The device's state now, as ``device_state`` tells it (checked)."""
+        if self.device_state is None:
+            return DeviceState()
+        try:
+            value = self.device_state(context)
+        except ConfigError:
+            raise
+        except Exception as exc:  # the user's code: one clear line
+            raise ConfigError(
+                f"the device-state provider failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        return device_state_of(value)
 
     def __call__(self, context: ClientContext) -> Client:
         client = self.client_fn(context)

@@ -2,7 +2,9 @@
 
 The runtime owns the loop a device runs: it keeps its enrollment (id and
 Ed25519 key) in a state folder so that a restart of the device or of the
-coordinator loses nothing, checks in with its device state, honours the
+coordinator loses nothing, checks in with its device state (asked fresh of
+``device_state`` at enrollment and at every check-in; should that fail, the
+last versions it reported with every other fact unknown), honours the
 coordinator's "retry after N seconds", backs off exponentially with jitter
 on network errors (capped at a few seconds, so that it is back soon after a
 coordinator restarts), downloads and verifies the global model only when it
@@ -33,7 +35,7 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -197,6 +199,8 @@ class ClientRuntime:
         self.tasks_done = 0
         self.finished: RunFinished | None = None  # the coordinator said the run is over
         self._on_event = on_event  # one line per enrollment, task and failure (the CLI prints)
+        self._last_state: DeviceState | None = None
+        self._waiting: str | None = None  # the last reason the coordinator gave for a wait
 
     def stop(self) -> None:
         self._stopping.set()
@@ -212,18 +216,38 @@ class ClientRuntime:
             return
 
     async def _serve_until_stopped(self, max_tasks: int | None) -> None:
-        await self._retrying(lambda: self._send(Enroll(self.device_state())))
+        await self._retrying(lambda: self._send(Enroll(self._device())))
         self._event(f"enrolled as {self.enrollment.client_id}")
         while not self._stopping.is_set() and (max_tasks is None or self.tasks_done < max_tasks):
-            answer = await self._retrying(lambda: self._send(CheckIn(self.device_state())))
+            answer = await self._retrying(lambda: self._send(CheckIn(self._device())))
             if isinstance(answer, RunFinished):
                 self.finished = answer
                 self._event(f"the run has finished: {answer.reason}")
                 return
             if isinstance(answer, RetryLater):
+                self._told(answer.reason)
                 await self._pause(answer.seconds * self._rng.uniform(0.8, 1.2))
                 continue
+            self._told(None)
             await self._serve(answer)
+
+    def _device(self) -> DeviceState:
+        """The device's state now; if the provider fails, what is still known of it."""
+        try:
+            state = self.device_state()
+        except Exception as exc:  # the user's provider: the client keeps serving
+            log.warning("the device state could not be read: %s", exc)
+            if self._last_state is None:
+                raise
+            return _versions_only(self._last_state)
+        self._last_state = state
+        return state
+
+    def _told(self, reason: str | None) -> None:
+        """Show why the coordinator keeps the client waiting, once per reason."""
+        if reason != self._waiting and reason is not None and reason.startswith(_NOT_NOW):
+            self._event(reason)
+        self._waiting = reason
 
     async def _serve(self, offer: Offer) -> None:
         if isinstance(offer, SecureOffer):
@@ -367,6 +391,14 @@ class ClientRuntime:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
         except TimeoutError:
             return
+
+
+_NOT_NOW = ("not eligible", "incompatible")  # a wait the user should hear of
+
+
+def _versions_only(state: DeviceState) -> DeviceState:
+    """``state`` with every fact of the moment unknown: what it runs, and nothing invented."""
+    return replace(state, battery_level=None, charging=None, wifi=None, idle=None, ram_gb=None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,8 @@ SEEN_WITHIN = timedelta(minutes=2)
 class Candidates:
     """The driver's ``candidates``: up to ``wanted`` eligible clients, in random order.
 
+    ``criteria`` gives the eligibility policy of the round being filled (the
+    run layer's :meth:`~shoal.coordinator.run.Run.selection_criteria`);
     ``barred`` names the clients never to select (the run layer's
     :meth:`~shoal.coordinator.run.Run.barred`); ``clock`` gives seconds since
     the epoch, the time that sightings are recorded in. Under DP the
@@ -34,7 +36,7 @@ class Candidates:
     """
 
     selector: Selector
-    criteria: SelectionCriteria
+    criteria: Callable[[], SelectionCriteria]
     heartbeats: HeartbeatBuffer
     wanted: int
     barred: Callable[[], set[str]]
@@ -44,8 +46,9 @@ class Candidates:
     def __call__(self) -> list[str]:
         self.heartbeats.flush()  # a check-in still in the buffer is a sighting all the same
         now = datetime.fromtimestamp(self.clock(), UTC)
+        criteria = self.criteria()
         if self.whole_population:
-            return self.selector.population(self.criteria, now=now)
+            return self.selector.population(criteria, now=now)
         barred = self.barred()
-        drawn = self.selector.select(self.criteria, self.wanted + len(barred), now=now)
+        drawn = self.selector.select(criteria, self.wanted + len(barred), now=now)
         return [client for client in drawn if client not in barred][: self.wanted]

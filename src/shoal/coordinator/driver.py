@@ -166,6 +166,7 @@ class RoundDriver:
         self._commit: CommitVersion | None = None
         self._arrivals = asyncio.Event()
         self._sha_of: tuple[Parameters, str] | None = None
+        self._excluded: dict[str, set[str]] = {}  # this round's: criterion -> clients turned away
 
     # --- what the transport calls ------------------------------------------------------
 
@@ -187,6 +188,16 @@ class RoundDriver:
         timer = self._timers.get(offer_stage(offer))
         remaining = 0.0 if timer is None else max(0.0, timer[0] - self._now())
         return replace(offer, deadline_in_s=remaining)
+
+    def exclude(self, client_id: str, criteria: Iterable[str]) -> None:
+        """The eligibility policy turned ``client_id`` away for ``criteria`` in this round.
+
+        Each closed round's summary counts the distinct clients turned away
+        for each criterion (a client failing two counts under each), from the
+        close of the round before until it closes.
+        """
+        for criterion in criteria:
+            self._excluded.setdefault(criterion, set()).add(client_id)
 
     def submit_update(
         self,
@@ -290,7 +301,11 @@ class RoundDriver:
         keys = {} if self._identities is None else self._identities(candidates)
         start = StartRound(play.round, play.phase, self._now(), tuple(candidates), config, keys)
         self._apply(start)
-        summary = await self._closed
+        summary = replace(
+            await self._closed,
+            excluded={criterion: len(ids) for criterion, ids in sorted(self._excluded.items())},
+        )
+        self._excluded = {}
         if self._on_closed is not None:  # persisted before anyone is offered the new model
             await self._on_closed(summary, self._commit)
         return summary

@@ -269,6 +269,8 @@ class RoundSummary:
     failures: Mapping[str, int] = field(default_factory=dict)  # why clients failed, and how often
     policy_decisions: int = 0  # updates the policy decided on in the round
     policy_denied: Mapping[str, int] = field(default_factory=dict)  # denials by reason code
+    # clients the eligibility policy turned away during the round, by criterion (the shell's tally)
+    excluded: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

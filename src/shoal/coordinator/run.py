@@ -9,10 +9,13 @@ layer owns everything above it, so that each rule is written once:
   from its version;
 - the schedule of fit and evaluation rounds, including an evaluation that
   was due before a crash;
-- who may train in a round (:meth:`Run.screen`): the job's eligibility
-  policy, ``[selection]`` and ``[versions]`` from their round, applied to
-  the devices a shell examined, with the count each criterion excluded
-  recorded in the round's row as ``excluded``;
+- who may train in a round: the job's eligibility policy, ``[selection]``
+  and the ``[[versions.require]]`` entries in force from their
+  ``from_round`` on (:meth:`Run.version_requirements`), applied by the
+  simulator to the devices it examined (:meth:`Run.screen`) and by the
+  network coordinator as the registry's selection criteria
+  (:meth:`Run.selection_criteria`); the row of each round counts the
+  clients each criterion turned away (``excluded``);
 - whether a round may start with the eligible clients a shell found
   (:meth:`Run.admit`): never the barred ones (suspended by an operator or
   for cheating in a secure round, or past their own privacy budget); under
@@ -38,13 +41,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from shoal.aggregation.strategy import Strategy
 from shoal.client.api import Client
 from shoal.config import Config, config_to_dict
 from shoal.coordinator.app import ServerApp, ServerContext, split_round_config
-from shoal.coordinator.eligibility import DeviceFacts, EligibilityPolicy, Mask
+from shoal.coordinator.eligibility import DeviceFacts, EligibilityPolicy, Mask, requirements_of
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import CommitVersion, RoundSummary
 from shoal.coordinator.policy import RunPolicy
@@ -59,7 +63,7 @@ from shoal.core.transforms import state_from_bytes, state_to_bytes
 from shoal.governance.policy import PolicyEngine
 from shoal.privacy.coordinator import check_private_strategy
 from shoal.privacy.run import RunPrivacy
-from shoal.registry import ModelRecord
+from shoal.registry import ModelRecord, Requirement, SelectionCriteria
 from shoal.tasks import Phase
 
 log = logging.getLogger("shoal.run")
@@ -139,6 +143,7 @@ class Run:
         self.resume = resume
         self.where = where
         self.first_round = 1
+        self.current_round = 1  # the round the schedule reached (played, or waiting for clients)
         self.replay_evaluation = False  # an evaluation was due when the run stopped
         self.virtual_start = 0.0  # virtual time already spent (simulation)
         self.wall_offset = 0.0  # wall time already spent, by earlier processes
@@ -251,7 +256,7 @@ class Run:
             # the crash came between committing the version and recording its row
             recovered = {**head.metrics, "model_version": head.version, "sha256": head.sha256}
             self.store.append_row({**recovered, "wall_time_s": self.wall_offset})
-        self.first_round = head.round + 1
+        self.first_round = self.current_round = head.round + 1
         evaluated = any(r["round"] == head.round and r["phase"] == "evaluate" for r in rows)
         # an evaluation due on HEAD that the stop came before is played first
         self.replay_evaluation = (
@@ -271,13 +276,36 @@ class Run:
     def plays(self) -> Iterator[Play]:
         """The rounds still to play; training ends early when the privacy budget refuses one."""
         if self.replay_evaluation:
+            self.current_round = self.first_round - 1
             yield Play(self.first_round - 1, Phase.EVALUATE)
-        yield from schedule(
+        for play in schedule(
             first_round=self.first_round,
             rounds=self.config.run.rounds,
             evaluate_every=self.config.evaluation.every,
             stops_before=self._stops_before,
+        ):
+            self.current_round = play.round
+            yield play
+
+    # --- who may train -------------------------------------------------------------------
+
+    def version_requirements(self, round_number: int) -> tuple[Requirement, ...]:
+        """The job's ``[[versions.require]]`` entries in force in ``round_number``."""
+        return requirements_of(self.config.versions, round_number)
+
+    def selection_criteria(self, *, seen_within: timedelta | None = None) -> SelectionCriteria:
+        """Who may train in the current round: the ``[selection]`` policy, the versioning
+        matrix of the job's model, and the job's version requirements in force."""
+        return SelectionCriteria.from_section(
+            self.config.selection,
+            model=self.architecture,
+            seen_within=seen_within,
+            requirements=self.version_requirements(self.current_round),
         )
+
+    def excluded_criteria(self) -> tuple[str, ...]:
+        """The keys of a row's ``excluded``: the policy's criteria, then ``versions``."""
+        return (*self.config.selection.criteria(), "versions")
 
     def _stops_before(self, round_number: int) -> bool:
         """A locked privacy budget ends training before the shell looks for clients."""
@@ -404,6 +432,10 @@ class Run:
             "reported": summary.reported,
             "dropped": summary.failed + summary.outstanding,
             "rejected": dict(summary.rejected),
+            "excluded": {
+                criterion: summary.excluded.get(criterion, 0)
+                for criterion in self.excluded_criteria()
+            },
             "failures": dict(summary.failures),
             "committed": summary.committed,
             "abort_reason": summary.abort_reason,

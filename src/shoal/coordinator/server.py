@@ -16,14 +16,17 @@ public context from it; with ``silo_keys`` it also checks every receipt on
 arrival.
 
 The run's lifecycle (first commit or resume, the schedule, the privacy
-check before each fit round, barred clients, the row stored with each
-version, the summary) is the run layer's (:class:`Run`), as in a
-simulation. Under DP every fit round is offered the registry's whole
-eligible population, which the run layer accounts for and the engine
-samples from (``data.num_clients`` plays no part over the network). The
-state folder holds ``config.json``, ``metrics.jsonl`` and
-``summary.json`` with the same keys, and ``[tracking]`` logs to MLflow.
-The model is named by ``run.name``.
+check before each fit round, barred clients, the eligibility policy of
+each round, the row stored with each version, the summary) is the run
+layer's (:class:`Run`), as in a simulation: the selector draws only clients
+that pass ``[selection]``, the versioning matrix of the job's architecture
+and the ``[[versions.require]]`` entries in force, and check-ins and
+updates are weighed against the same policy. Under DP every fit round is
+offered the registry's whole eligible population, which the run layer
+accounts for and the engine samples from (``data.num_clients`` plays no
+part over the network). The state folder holds ``config.json``,
+``metrics.jsonl`` and ``summary.json`` with the same keys, and
+``[tracking]`` logs to MLflow. The model is named by ``run.name``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +83,6 @@ from shoal.registry import (
     Database,
     HeartbeatBuffer,
     ModelRegistry,
-    SelectionCriteria,
     Selector,
     blob_location,
     registry_location,
@@ -199,17 +201,11 @@ def build(
             key_holder.close()
         raise
     selector = Selector(clients)
-    # the versioning matrix of this model decides who may train it
-    criteria = SelectionCriteria(
-        model=apps.architecture,
-        require_charging=False,
-        require_wifi=False,
-        seen_within=SEEN_WITHIN,
-    )
     heartbeats = HeartbeatBuffer(clients, clock=clock)  # sightings, written by count and time
     candidates = Candidates(
         selector,
-        criteria,
+        # the run layer's policy of the round: [selection], [versions] and this model's matrix
+        lambda: run.selection_criteria(seen_within=SEEN_WITHIN),
         heartbeats,
         wanted=cohort_size(
             target=config.round.clients_per_round, over_selection=config.round.over_selection
@@ -244,7 +240,7 @@ def build(
         run_id=section.run_id,
         enrollment_tokens=listed_tokens_from_config(section),
         max_update_bytes=int(section.max_update_mb * 2**20),
-        criteria=replace(criteria, seen_within=None),  # a check-in is itself a sighting
+        criteria=run.selection_criteria,  # at a check-in, itself a sighting: no seen_within
     )
     service = CoordinatorService(
         driver, clients, service_settings, selector=selector, heartbeats=heartbeats, clock=clock

@@ -6,7 +6,14 @@ the service gets every request as bytes, so grpc never parses one itself),
 then ask :class:`~shoal.coordinator.admission.Admission` to find the client
 (UNKNOWN_CLIENT, SUSPENDED), verify its Ed25519 signature over the request
 (BAD_SIGNATURE) and refuse a replayed nonce or a stale timestamp (REPLAYED),
-and only then act. Bad input is answered with a code and counted
+and only then act. A check-in is weighed against the round's eligibility
+policy (``[selection]``, the versioning matrix, ``[[versions.require]]``):
+a client failing only criteria on what it is doing now (not charging, not
+idle, on a metered network...) is told to retry later, one failing any
+other is INCOMPATIBLE, with the reasons; the driver counts both for the
+round's row. An update from a client whose software the policy no longer
+accepts (its versions changed, or a requirement was added since it was
+selected) is refused as INCOMPATIBLE. Bad input is answered with a code and counted
 (``shoal_refused_requests_total``); it never raises out of the service, so
 the coordinator keeps serving, and its log lines are limited per peer
 (:class:`~shoal.telemetry.refusals.RefusalLog`). Under secure
@@ -21,12 +28,13 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 
+from shoal.config import SelectionSection
 from shoal.coordinator.admission import Admission, Refused, malformed
 from shoal.coordinator.driver import RoundDriver
 from shoal.coordinator.events import Authentication
@@ -38,8 +46,10 @@ from shoal.core.errors import (
     SecurityError,
 )
 from shoal.registry import (
+    TRANSIENT_CRITERIA,
     ClientRecord,
     ClientRegistry,
+    Eligibility,
     Heartbeat,
     HeartbeatBuffer,
     ListedToken,
@@ -77,8 +87,13 @@ _STABLE_FIELDS = (
     "runtime_version",
     "model_architecture_version",
     "feature_extractor_version",
-    "ram_gb",
 )
+# Criteria on the software a client runs: checked again when its update arrives.
+_SOFTWARE_CRITERIA = frozenset({"app_version", "versions"})
+
+
+def _no_policy() -> SelectionCriteria:
+    return SelectionCriteria.from_section(SelectionSection(), model=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,14 +103,15 @@ class ServiceSettings:
     ``enrollment_tokens`` are the config's (a bare secret has the default
     uses and lifetime of :class:`ListedToken`); they are redeemed from the
     registry like issued ones, so their uses are counted and they expire.
+    ``criteria`` gives the eligibility policy of the current round (the run
+    layer's :meth:`~shoal.coordinator.run.Run.selection_criteria`; by
+    default, none).
     """
 
     run_id: str
     enrollment_tokens: Collection[str | ListedToken]
     max_update_bytes: int = 64 * 2**20
-    criteria: SelectionCriteria = field(
-        default_factory=lambda: SelectionCriteria(require_charging=False, require_wifi=False)
-    )
+    criteria: Callable[[], SelectionCriteria] = _no_policy
 
     def listed_tokens(self) -> list[ListedToken]:
         return [
@@ -196,14 +212,48 @@ class CoordinatorService:
                 auth = self.admission.authenticate(message)
                 device = serde.decode_check_in_request(message)
                 record = self._refresh(auth.client_id, device)
-                eligibility = self.selector.check(record, self.settings.criteria)
-                if not eligibility.can_train:
-                    raise Refused(RejectCode.INCOMPATIBLE, eligibility.reason or "not eligible")
-                outcome = self._task_or_retry(self.driver.check_in(auth.client_id))
+                outcome = self._eligible(record) or self._task_or_retry(
+                    self.driver.check_in(auth.client_id)
+                )
         except Refused as refusal:
             verdict = self._refused("CheckIn", refusal, context)
             outcome = Rejected(refusal.code, verdict.detail)
         return serde.encode_check_in_response(outcome)
+
+    def _eligible(self, record: ClientRecord) -> RetryAfter | None:
+        """None when the policy lets the client train now; else why not, as it is told.
+
+        Failing only criteria on what the device is doing now (not charging,
+        not idle...) is "retry later"; failing any other (the versioning
+        matrix, too old an app, a device class) is INCOMPATIBLE. Either way
+        the round counts the client under each criterion it failed.
+        """
+        unmet = self.selector.unmet(record, self.settings.criteria(), now=self._now())
+        eligibility = Eligibility.rejected(list(unmet.values()))
+        if eligibility != record.eligibility:  # what operators see in `shoal clients`
+            self.clients.record_eligibility(record.client_id, eligibility)
+        if not unmet:
+            return None
+        self.driver.exclude(record.client_id, unmet)
+        if unmet.keys() <= TRANSIENT_CRITERIA:
+            reason = f"not eligible now: {eligibility.reason}"
+            return RetryAfter(self.driver.settings.retry_after_s, reason)
+        raise Refused(RejectCode.INCOMPATIBLE, eligibility.reason or "not eligible")
+
+    def _check_software(self, client_id: str, round_number: int) -> None:
+        """Refuse the update of a client whose software the policy no longer accepts.
+
+        Its versions may have changed since it was selected, or a requirement
+        been added (``shoal versions require``): the round stops waiting for it.
+        """
+        record = self.admission.client(client_id)
+        unmet = self.selector.unmet(record, self.settings.criteria(), now=self._now())
+        reasons = [reason for name, reason in unmet.items() if name in _SOFTWARE_CRITERIA]
+        if not reasons:
+            return
+        reason = "; ".join(reasons)
+        self.driver.report_failure(client_id, round_number, f"incompatible: {reason}")
+        raise Refused(RejectCode.INCOMPATIBLE, reason)
 
     def _refresh(self, client_id: str, device: DeviceState) -> ClientRecord:
         """Record a check-in: batched like a heartbeat, unless what the device runs changed."""
@@ -225,6 +275,8 @@ class CoordinatorService:
             battery_level=device.battery_level,
             charging=device.charging,
             wifi=device.wifi,
+            idle=device.idle,
+            ram_gb=device.ram_gb,
         )
         self.heartbeats.add(heartbeat)
 
@@ -288,6 +340,7 @@ class CoordinatorService:
             header_message = serde.header_of(serde.parse(pb.UpdatePart, await anext(parts)))
             auth = self.admission.authenticate(header_message, this_run=True)
             header = serde.decode_update_header(header_message)
+        self._check_software(auth.client_id, header.round)  # before a byte of the payload
         current_sha, _ = self.model_bytes.current()
         if header.base_model_sha256 != current_sha:
             raise Refused(

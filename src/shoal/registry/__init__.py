@@ -24,7 +24,7 @@ from shoal.registry.migrations import MIGRATIONS, SCHEMA_VERSION, Migration, app
 from shoal.registry.models import ModelRecord, ModelRegistry
 from shoal.registry.privacy import PrivacyBudget, PrivacyLedger, PrivacyRound
 from shoal.registry.schema import ClientStatus, ModelStatus, TokenOrigin
-from shoal.registry.selector import SelectionCriteria, Selector
+from shoal.registry.selector import TRANSIENT_CRITERIA, SelectionCriteria, Selector
 from shoal.registry.tokens import (
     EnrollmentToken,
     EnrollmentTokens,
@@ -43,6 +43,7 @@ from shoal.registry.versioning import (
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "TRANSIENT_CRITERIA",
     "BlobStore",
     "ClientRecord",
     "ClientRegistry",

@@ -5,8 +5,8 @@ A client id is checked on every write (:func:`shoal.core.check_client_id`:
 client record holds what the seed's registry record holds (device class,
 battery and WiFi, app version, last seen, eligibility with a rejection
 reason) plus the runtime, model-architecture and feature-extractor versions,
-RAM (power, network and RAM stored as NULL when the client did not report
-them), a status (:class:`ClientStatus`), an expiry, the client's Ed25519
+idleness and free RAM (power, network, idleness and RAM stored as NULL when
+the client did not report them), a status (:class:`ClientStatus`), an expiry, the client's Ed25519
 public key and its ``sample_key``: a uniform random 63-bit integer drawn
 at enrollment, which the selector walks to sample clients without scanning
 the table (see :mod:`shoal.registry.selector`).
@@ -65,7 +65,8 @@ def _require_fraction(value: float, name: str) -> None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
-    """A client's periodic sign of life: when it was seen and its power and network state.
+    """A client's periodic sign of life: when it was seen, its power, network, idleness and
+    free memory.
 
     A fact the client did not report is None (unknown), and is stored so.
     """
@@ -75,12 +76,16 @@ class Heartbeat:
     battery_level: float | None
     charging: bool | None
     wifi: bool | None
+    idle: bool | None = None
+    ram_gb: float | None = None
 
     def __post_init__(self) -> None:
         check_client_id(self.client_id, error=RegistryError)
         require_aware(self.seen_at, "seen_at")
         if self.battery_level is not None:
             _require_fraction(self.battery_level, "battery_level")
+        if self.ram_gb is not None and not (math.isfinite(self.ram_gb) and self.ram_gb >= 0):
+            raise RegistryError(f"ram_gb must be a finite number >= 0, got {self.ram_gb!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,6 +144,7 @@ def device_columns(device: DeviceState) -> dict[str, Any]:
         "charging": device.charging,
         "wifi": device.wifi,
         "ram_gb": device.ram_gb,
+        "idle": device.idle,
     }
     for component in Component:
         version = getattr(device, component.column)
@@ -158,6 +164,7 @@ def record_from_row(row: sa.Row[Any]) -> ClientRecord:
         charging=_flag(row.charging),
         wifi=_flag(row.wifi),
         ram_gb=row.ram_gb,
+        idle=_flag(row.idle),
         app_version=row.app_version,
         runtime_version=row.runtime_version,
         model_architecture_version=row.model_architecture_version,
@@ -188,6 +195,8 @@ _HEARTBEAT_UPDATE = (
         battery_level=sa.bindparam("b_battery_level"),
         charging=sa.bindparam("b_charging"),
         wifi=sa.bindparam("b_wifi"),
+        idle=sa.bindparam("b_idle"),
+        ram_gb=sa.bindparam("b_ram_gb"),
         last_seen=sa.bindparam("b_seen_at", type_=UtcDateTime),
     )
 )
@@ -397,6 +406,8 @@ class ClientRegistry:
                 "b_battery_level": heartbeat.battery_level,
                 "b_charging": heartbeat.charging,
                 "b_wifi": heartbeat.wifi,
+                "b_idle": heartbeat.idle,
+                "b_ram_gb": heartbeat.ram_gb,
             }
             for _, heartbeat in sorted(latest.items())
         ]

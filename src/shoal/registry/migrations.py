@@ -231,6 +231,22 @@ def _create_policy_decisions(op: Operations) -> None:
     op.create_index("ix_policy_decisions_run_id_round", "policy_decisions", ["run_id", "round"])
 
 
+def _add_idle(op: Operations) -> None:
+    # clients enrolled before reported no idleness: unknown, which no criterion on it accepts
+    with op.batch_alter_table("clients") as batch:
+        batch.add_column(sa.Column("idle", sa.Boolean))
+
+
+def _widen_sampling_index(op: Operations) -> None:
+    # a selection window tests the steady facts of a policy in the index (see schema.py)
+    op.drop_index("ix_clients_sampling", table_name="clients")
+    op.create_index(
+        "ix_clients_sampling",
+        "clients",
+        ["status", "sample_key", "charging", "wifi", "app_version_key", "expires_at", "client_id"],
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "client registry and versioning matrix", _create_client_registry),
     Migration(2, "model registry", _create_model_registry),
@@ -242,6 +258,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         7, "enrollment tokens listed in the config, with uses and an expiry", _add_token_origins
     ),
     Migration(8, "policy decisions on updates", _create_policy_decisions),
+    Migration(9, "whether a device is idle (NULL: unknown)", _add_idle),
+    Migration(10, "the sampling index carries a policy's steady facts", _widen_sampling_index),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

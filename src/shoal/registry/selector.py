@@ -54,6 +54,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from shoal.config import SelectionSection
 from shoal.core.errors import ConfigError, RegistryError
 from shoal.registry.clients import (
     SAMPLE_KEY_LIMIT,
@@ -75,21 +76,31 @@ DEFAULT_WINDOW = 256
 DEFAULT_OVERSAMPLE = 2.0
 
 
+TRANSIENT_CRITERIA = frozenset({"charging", "wifi", "idle", "battery", "ram"})
+"""Criteria on what a device is doing now (power, network, use, free memory): a client that
+fails only these is told to come back later; failing any other makes it incompatible."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SelectionCriteria:
     """What a client must be to be selected, beyond being ACTIVE and not expired.
 
     ``model`` names the versioning-matrix entry (the model's architecture
-    version) whose requirements apply; None applies none.
+    version) whose requirements apply, together with ``requirements`` (the
+    job's own, from its config); None applies only ``requirements``.
+    ``min_battery`` is a share of a full battery (0.5 is 50 %).
     """
 
     model: str | None = None
     require_charging: bool = True
     require_wifi: bool = True
+    require_idle: bool = False
+    min_battery: float = 0.0
     min_app_version: str | None = None
     min_ram_gb: float = 0.0
     seen_within: timedelta | None = None
     device_classes: frozenset[str] | None = None
+    requirements: tuple[Requirement, ...] = ()
 
     def __post_init__(self) -> None:
         if self.min_app_version is not None and version_key(self.min_app_version) is None:
@@ -98,16 +109,45 @@ class SelectionCriteria:
             )
         if not (math.isfinite(self.min_ram_gb) and self.min_ram_gb >= 0):
             raise ConfigError(f"min_ram_gb must be a finite number >= 0, got {self.min_ram_gb}")
+        if not 0.0 <= self.min_battery <= 1.0:  # and NaN
+            raise ConfigError(f"min_battery must lie in [0, 1], got {self.min_battery}")
         if self.seen_within is not None and self.seen_within <= timedelta(0):
             raise ConfigError(f"seen_within must be positive, got {self.seen_within}")
         if self.device_classes is not None and not self.device_classes:
             raise ConfigError("device_classes, when given, cannot be empty")
 
+    @classmethod
+    def from_section(
+        cls,
+        section: SelectionSection,
+        *,
+        model: str | None,
+        seen_within: timedelta | None = None,
+        requirements: tuple[Requirement, ...] = (),
+    ) -> SelectionCriteria:
+        """The criteria of a job's ``[selection]`` policy (every criterion off by default)."""
+        classes = section.device_classes
+        return cls(
+            model=model,
+            require_charging=section.require_charging,
+            require_wifi=section.require_wifi,
+            require_idle=section.require_idle,
+            min_battery=section.min_battery,
+            min_app_version=section.min_app_version,
+            min_ram_gb=section.min_ram_gb,
+            seen_within=seen_within,
+            device_classes=None if classes is None else frozenset(classes),
+            requirements=requirements,
+        )
+
 
 def eligible_clause(
     criteria: SelectionCriteria, requirements: tuple[Requirement, ...], *, now: datetime
 ) -> sa.ColumnElement[bool]:
-    """The SQL condition on the clients table that :meth:`Selector.check` states in Python."""
+    """The SQL condition on the clients table that :meth:`Selector.check` states in Python.
+
+    A comparison with NULL (an unknown fact) is not true: unknown is not met.
+    """
     conditions: list[sa.ColumnElement[bool]] = [
         clients.c.status == ClientStatus.ACTIVE,
         sa.or_(clients.c.expires_at.is_(None), clients.c.expires_at > now),
@@ -116,6 +156,10 @@ def eligible_clause(
         conditions.append(clients.c.charging == sa.true())
     if criteria.require_wifi:
         conditions.append(clients.c.wifi == sa.true())
+    if criteria.require_idle:
+        conditions.append(clients.c.idle == sa.true())
+    if criteria.min_battery > 0:
+        conditions.append(clients.c.battery_level >= criteria.min_battery)
     if criteria.min_ram_gb > 0:
         conditions.append(clients.c.ram_gb >= criteria.min_ram_gb)
     if criteria.min_app_version is not None:
@@ -128,6 +172,72 @@ def eligible_clause(
     return sa.and_(*conditions)
 
 
+def _flag_reason(value: bool | None, *, unknown: str, no: str) -> str | None:
+    return unknown if value is None else None if value else no
+
+
+def unmet_criteria(
+    client: ClientRecord,
+    criteria: SelectionCriteria,
+    requirements: tuple[Requirement, ...],
+    *,
+    now: datetime,
+) -> dict[str, str]:
+    """Why ``client`` fails ``criteria``, by criterion (empty when it is eligible).
+
+    The keys are the names of :meth:`SelectionSection.criteria`, plus
+    ``versions`` (the versioning matrix and the job's requirements),
+    ``status`` (suspended, retired or expired) and ``seen`` (not seen lately).
+    """
+    device, unmet = client.device, {}
+    barred = client.barred_reasons(now=now)
+    if barred:
+        unmet["status"] = "; ".join(barred)
+    if criteria.seen_within is not None and client.last_seen < now - criteria.seen_within:
+        unmet["seen"] = (
+            f"last seen at {client.last_seen.isoformat()}, not within {criteria.seen_within}"
+        )
+    flags = {
+        "charging": (criteria.require_charging, device.charging, "charging", "not charging"),
+        "wifi": (criteria.require_wifi, device.wifi, "WiFi", "not on WiFi"),
+        "idle": (criteria.require_idle, device.idle, "idleness", "not idle"),
+    }
+    for name, (required, value, fact, no) in flags.items():
+        reason = _flag_reason(value, unknown=f"{fact} is unknown", no=no) if required else None
+        if reason is not None:
+            unmet[name] = reason
+    battery, least = device.battery_level, criteria.min_battery
+    if least > 0 and battery is None:
+        unmet["battery"] = f"the battery level is unknown, and the minimum is {least:.0%}"
+    elif least > 0 and battery is not None and battery < least:
+        unmet["battery"] = f"the battery at {battery:.0%} is below the minimum {least:.0%}"
+    ram, ram_floor = device.ram_gb, criteria.min_ram_gb
+    if ram_floor > 0 and ram is None:
+        unmet["ram"] = f"RAM is unknown, and the minimum is {ram_floor:g} GB"
+    elif ram_floor > 0 and ram is not None and ram < ram_floor:
+        unmet["ram"] = f"{ram:g} GB of RAM is below the minimum {ram_floor:g}"
+    if criteria.min_app_version is not None:
+        app = _app_version_reason(device.app_version, criteria.min_app_version)
+        if app is not None:
+            unmet["app_version"] = app
+    if criteria.device_classes is not None and device.device_class not in criteria.device_classes:
+        unmet["device_class"] = f"device class {device.device_class} is not selected"
+    model = criteria.model or "this job"
+    versions = unmet_requirements(device, requirements, model=model)
+    if versions:
+        unmet["versions"] = "; ".join(versions)
+    return unmet
+
+
+def _app_version_reason(version: str, minimum: str) -> str | None:
+    key, minimum_key = version_key(version), version_key(minimum)
+    if key is None:
+        return f"app version {version!r} is not a comparable version"
+    if minimum_key is not None and key < minimum_key:
+        return f"app version {version} is below the minimum {minimum}"
+    return None
+
+
 def ineligibility_reasons(
     client: ClientRecord,
     criteria: SelectionCriteria,
@@ -136,32 +246,7 @@ def ineligibility_reasons(
     now: datetime,
 ) -> list[str]:
     """Every reason ``client`` fails ``criteria`` (empty when it is eligible)."""
-    device, reasons = client.device, client.barred_reasons(now=now)
-    if criteria.seen_within is not None and client.last_seen < now - criteria.seen_within:
-        reasons.append(
-            f"last seen at {client.last_seen.isoformat()}, not within {criteria.seen_within}"
-        )
-    if criteria.require_charging and not device.charging:
-        reasons.append("charging is unknown" if device.charging is None else "not charging")
-    if criteria.require_wifi and not device.wifi:
-        reasons.append("WiFi is unknown" if device.wifi is None else "not on WiFi")
-    if criteria.min_ram_gb > 0 and device.ram_gb is None:
-        reasons.append(f"RAM is unknown, and the minimum is {criteria.min_ram_gb:g} GB")
-    elif device.ram_gb is not None and device.ram_gb < criteria.min_ram_gb:
-        reasons.append(f"{device.ram_gb:g} GB of RAM is below the minimum {criteria.min_ram_gb:g}")
-    if criteria.min_app_version is not None:
-        key, minimum = version_key(device.app_version), version_key(criteria.min_app_version)
-        if key is None:
-            reasons.append(f"app version {device.app_version!r} is not a comparable version")
-        elif minimum is not None and key < minimum:
-            reasons.append(
-                f"app version {device.app_version} is below the minimum {criteria.min_app_version}"
-            )
-    if criteria.device_classes is not None and device.device_class not in criteria.device_classes:
-        reasons.append(f"device class {device.device_class} is not selected")
-    if criteria.model is not None:
-        reasons.extend(unmet_requirements(device, requirements, model=criteria.model))
-    return reasons
+    return list(unmet_criteria(client, criteria, requirements, now=now).values())
 
 
 class Selector:
@@ -185,15 +270,23 @@ class Selector:
         self.oversample = oversample
 
     def requirements(self, criteria: SelectionCriteria) -> tuple[Requirement, ...]:
-        return () if criteria.model is None else self.matrix.requirements(criteria.model)
+        """The matrix's requirements of the criteria's model (read now), then the job's own."""
+        matrix = () if criteria.model is None else self.matrix.requirements(criteria.model)
+        return matrix + criteria.requirements
 
     def check(
         self, client: ClientRecord, criteria: SelectionCriteria, *, now: datetime | None = None
     ) -> Eligibility:
         """Whether ``client`` could be selected under ``criteria``, and if not, why."""
+        return Eligibility.rejected(list(self.unmet(client, criteria, now=now).values()))
+
+    def unmet(
+        self, client: ClientRecord, criteria: SelectionCriteria, *, now: datetime | None = None
+    ) -> dict[str, str]:
+        """Why ``client`` could not be selected under ``criteria``, by criterion
+        (:func:`unmet_criteria`; empty when it could)."""
         now = require_aware(now or utc_now(), "now")
-        reasons = ineligibility_reasons(client, criteria, self.requirements(criteria), now=now)
-        return Eligibility.rejected(reasons)
+        return unmet_criteria(client, criteria, self.requirements(criteria), now=now)
 
     def population(self, criteria: SelectionCriteria, *, now: datetime | None = None) -> list[str]:
         """Every eligible client id, sorted: the population a DP round samples from.

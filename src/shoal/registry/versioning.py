@@ -31,6 +31,7 @@ from shoal.registry.schema import clients, version_requirements
 
 _VERSION = re.compile(r"[vV]?(\d+(?:\.\d+)*)")
 _COMPONENT_WIDTH = 10
+MAX_MODEL_NAME = 128
 _MAX_COMPONENTS = 16
 
 
@@ -243,5 +244,5 @@ class VersionMatrix:
 
 
 def _check_model_name(model: str) -> None:
-    if not model or len(model) > 128:
-        raise ConfigError(f"a model name has 1 to 128 characters, got {model!r}")
+    if not model or len(model) > MAX_MODEL_NAME:
+        raise ConfigError(f"a model name has 1 to {MAX_MODEL_NAME} characters, got {model!r}")

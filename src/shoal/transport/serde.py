@@ -212,8 +212,8 @@ def _decode_phase(value: int) -> Phase:
 # --- device, enrollment --------------------------------------------------------------
 
 
-_DeviceFact = Literal["battery_level", "charging", "wifi", "ram_gb"]
-_DEVICE_FACTS: tuple[_DeviceFact, ...] = ("battery_level", "charging", "wifi", "ram_gb")
+_DeviceFact = Literal["battery_level", "charging", "wifi", "ram_gb", "idle"]
+_DEVICE_FACTS: tuple[_DeviceFact, ...] = ("battery_level", "charging", "wifi", "ram_gb", "idle")
 """The optional fields of a DeviceState: unset on the wire is None (unknown) in Python."""
 
 

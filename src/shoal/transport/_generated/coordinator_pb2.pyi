@@ -210,7 +210,7 @@ Global___Verdict: _TypeAlias = Verdict  # noqa: Y015
 
 @_typing.final
 class DeviceState(_message.Message):
-    """Power, network and memory are optional: a client that cannot tell (a server
+    """Power, network, idleness and memory are optional: a client that cannot tell (a server
     has no battery) leaves them unset, and the coordinator records them as
     unknown, which no selection criterion on them accepts. A peer built before
     they were optional reads an unset one as false or 0: no more selectable.
@@ -227,6 +227,7 @@ class DeviceState(_message.Message):
     MODEL_ARCHITECTURE_VERSION_FIELD_NUMBER: _builtins.int
     FEATURE_EXTRACTOR_VERSION_FIELD_NUMBER: _builtins.int
     RAM_GB_FIELD_NUMBER: _builtins.int
+    IDLE_FIELD_NUMBER: _builtins.int
     device_class: _builtins.str
     """e.g. "high-end-android", "iot-gateway", "server" """
     battery_level: _builtins.float
@@ -239,6 +240,9 @@ class DeviceState(_message.Message):
     model_architecture_version: _builtins.str
     feature_extractor_version: _builtins.str
     ram_gb: _builtins.float
+    """free memory, in GB"""
+    idle: _builtins.bool
+    """the user is not using the device"""
     def __init__(
         self,
         *,
@@ -251,15 +255,18 @@ class DeviceState(_message.Message):
         model_architecture_version: _builtins.str = ...,
         feature_extractor_version: _builtins.str = ...,
         ram_gb: _builtins.float | None = ...,
+        idle: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_battery_level", b"_battery_level", "_charging", b"_charging", "_ram_gb", b"_ram_gb", "_wifi", b"_wifi", "battery_level", b"battery_level", "charging", b"charging", "ram_gb", b"ram_gb", "wifi", b"wifi"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_battery_level", b"_battery_level", "_charging", b"_charging", "_idle", b"_idle", "_ram_gb", b"_ram_gb", "_wifi", b"_wifi", "battery_level", b"battery_level", "charging", b"charging", "idle", b"idle", "ram_gb", b"ram_gb", "wifi", b"wifi"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_battery_level", b"_battery_level", "_charging", b"_charging", "_ram_gb", b"_ram_gb", "_wifi", b"_wifi", "app_version", b"app_version", "battery_level", b"battery_level", "charging", b"charging", "device_class", b"device_class", "feature_extractor_version", b"feature_extractor_version", "model_architecture_version", b"model_architecture_version", "ram_gb", b"ram_gb", "runtime_version", b"runtime_version", "wifi", b"wifi"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_battery_level", b"_battery_level", "_charging", b"_charging", "_idle", b"_idle", "_ram_gb", b"_ram_gb", "_wifi", b"_wifi", "app_version", b"app_version", "battery_level", b"battery_level", "charging", b"charging", "device_class", b"device_class", "feature_extractor_version", b"feature_extractor_version", "idle", b"idle", "model_architecture_version", b"model_architecture_version", "ram_gb", b"ram_gb", "runtime_version", b"runtime_version", "wifi", b"wifi"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__battery_level: _TypeAlias = _typing.Literal["battery_level"]  # noqa: Y015
     _WhichOneofArgType__battery_level: _TypeAlias = _typing.Literal["_battery_level", b"_battery_level"]  # noqa: Y015
     _WhichOneofReturnType__charging: _TypeAlias = _typing.Literal["charging"]  # noqa: Y015
     _WhichOneofArgType__charging: _TypeAlias = _typing.Literal["_charging", b"_charging"]  # noqa: Y015
+    _WhichOneofReturnType__idle: _TypeAlias = _typing.Literal["idle"]  # noqa: Y015
+    _WhichOneofArgType__idle: _TypeAlias = _typing.Literal["_idle", b"_idle"]  # noqa: Y015
     _WhichOneofReturnType__ram_gb: _TypeAlias = _typing.Literal["ram_gb"]  # noqa: Y015
     _WhichOneofArgType__ram_gb: _TypeAlias = _typing.Literal["_ram_gb", b"_ram_gb"]  # noqa: Y015
     _WhichOneofReturnType__wifi: _TypeAlias = _typing.Literal["wifi"]  # noqa: Y015
@@ -268,6 +275,8 @@ class DeviceState(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__battery_level) -> _WhichOneofReturnType__battery_level | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__charging) -> _WhichOneofReturnType__charging | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__idle) -> _WhichOneofReturnType__idle | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ram_gb) -> _WhichOneofReturnType__ram_gb | None: ...
     @_typing.overload
