@@ -214,6 +214,13 @@ def _add_token_origins(op: Operations) -> None:
     )
 
 
+def _add_model_signatures(op: Operations) -> None:
+    # versions committed before signing existed stay unsigned (NULL)
+    op.add_column("model_versions", sa.Column("run_id", sa.String(128)))
+    op.add_column("model_versions", sa.Column("signing_key_id", sa.String(64)))
+    op.add_column("model_versions", sa.Column("signature", sa.LargeBinary))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "client registry and versioning matrix", _create_client_registry),
     Migration(2, "model registry", _create_model_registry),
@@ -224,6 +231,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         7, "enrollment tokens listed in the config, with uses and an expiry", _add_token_origins
     ),
+    Migration(8, "the coordinator's signature on each model version", _add_model_signatures),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version
