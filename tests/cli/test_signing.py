@@ -183,3 +183,26 @@ def test_a_client_without_a_pinned_key_refuses_to_start(tmp_path: Path) -> None:
     line = error_line(result, 2)
     assert "--coordinator-key" in line and "--insecure" in line
     assert not (tmp_path / "client").exists()  # refused before anything was made
+
+
+def test_the_pinned_key_comes_from_the_option_the_config_or_beside_the_ca(tmp_path: Path) -> None:
+    from shoal.cli.network import pinned_coordinator_key
+    from shoal.core.errors import ConfigError
+
+    shoal("certs", "init", "--out", tmp_path / "certs")
+    ca = tmp_path / "certs" / "ca.pem"
+    deployment = load_public_key(tmp_path / "certs" / "model-signing.pub")
+    other = tmp_path / "other.pub"
+    write_public_key(other, generate_signing_key().public_key())
+    chosen = load_public_key(other).key_id
+
+    def key_id(option: Path | None, configured: str | None, insecure: bool = False) -> str | None:
+        pinned = pinned_coordinator_key(option, configured, ca, insecure)
+        return None if pinned is None else pinned.key_id
+
+    assert key_id(other, None) == chosen
+    assert key_id(None, str(other)) == chosen  # [client] coordinator_key
+    assert key_id(None, None) == deployment.key_id  # beside --ca
+    assert pinned_coordinator_key(None, None, None, True) is None  # --insecure only
+    with pytest.raises(ConfigError, match="--coordinator-key"):
+        pinned_coordinator_key(None, None, None, False)

@@ -22,7 +22,12 @@ from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, 
 from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
 from shoal.config import parse_config
 from shoal.coordinator.server import CoordinatorParts, build
-from shoal.coordinator.service import Context, CoordinatorService, add_coordinator_service
+from shoal.coordinator.service import (
+    Context,
+    CoordinatorService,
+    ModelBytes,
+    add_coordinator_service,
+)
 from shoal.core.parameters import Parameters
 from shoal.governance.model_signing import ModelSigner, generate_signing_key, load_public_key
 from shoal.registry import VersionSignature
@@ -266,3 +271,34 @@ def test_an_honest_coordinator_serves_signed_versions_the_pinned_clients_train_o
     rows, trained, _ = asyncio.run(_serve_and_train(tmp_path, None))
     assert [row["committed"] for row in rows] == [True, True]
     assert len(trained) == 2 * CLIENTS
+
+
+def test_a_version_is_signed_once_and_its_reference_read_once_per_version(
+    tmp_path: Path,
+) -> None:
+    """The download path stays fast: no signing and no registry read per check-in."""
+    sections = network_job(tmp_path, run_id=RUN, token=TOKEN, clients=2, per_round=2)
+    parts = build(parse_config(sections))
+    try:
+        reads: list[int] = []
+
+        def head() -> Any:
+            reads.append(1)
+            return parts.records.head()
+
+        served = ModelBytes(parts.driver, head)
+        references = {served.reference() for _ in range(100)}
+        assert len(references) == 1 and len(reads) == 1
+        [reference] = references
+        assert reference is not None and reference.version is not None
+        assert reference.version.signed == parts.records.head().signed  # type: ignore[union-attr]
+        pinned = load_public_key(tmp_path / "state" / "model-signing.pub")
+        pinned.verify(
+            reference.version.signed,
+            name=RUN,
+            version=0,
+            round=0,
+            sha256=Parameters.from_bytes(served.current()[1]).sha256(),
+        )
+    finally:
+        parts.close()
