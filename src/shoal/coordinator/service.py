@@ -12,7 +12,10 @@ the coordinator keeps serving, and its log lines are limited per peer
 (:class:`~shoal.telemetry.refusals.RefusalLog`). Under secure
 aggregation, check-ins hand out the SecAgg+ stages and SubmitSecureMessage
 takes the clients' replies (a frame that does not decode is MALFORMED); the
-plaintext update of a secure round is refused.
+plaintext update of a secure round is refused. Every task names the
+committed version its model is, with the coordinator's signature on it (read
+once per version from the run's HEAD, never signed per request), for clients
+that pin the coordinator's key to check.
 """
 
 from __future__ import annotations

@@ -55,8 +55,7 @@ class VersionSignature:
 class VersionSigner(Protocol):
     """Signs a version's facts once its number is known (inside the commit's transaction)."""
 
-    def __call__(self, *, name: str, version: int, round: int, sha256: str) -> VersionSignature:
-        ...
+    def __call__(self, *, name: str, version: int, round: int, sha256: str) -> VersionSignature: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
