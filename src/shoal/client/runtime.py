@@ -20,9 +20,10 @@ set) is reported as a failure.
 With the coordinator's model-signing key pinned (``coordinator_key``), the
 runtime trains and evaluates only a model whose version the coordinator
 signed: the signature must verify against the pinned key over the task's
-run, the version's name, number and round, and the sha256 of the weights it
-downloaded. It checks before the download and again over the downloaded
-weights; a model it refuses (unsigned, signed by another key, tampered, or
+run, the version's name, number and round, and the weights' sha256. It
+checks before the download, and the link checks that the weights it
+downloads hash to that sha256 (a download that does not is refused too); a
+model it refuses (unsigned, signed by another key, tampered, or
 signed for another version, round or run) is never trained on, and the
 refusal is reported to the coordinator with its reason. Without a pinned key
 it warns that models are not verified.
@@ -367,16 +368,15 @@ class ClientRuntime:
     async def _model_for(self, offer: TaskOffer) -> Parameters:
         """The global model of the task: the cached one, or a download verified by its sha256,
         and by the coordinator's signature when its key is pinned (``SecurityError`` if not)."""
-        self._verify(offer, offer.model_sha256)  # a refused model is not even downloaded
+        self._verify(offer)  # a refused model is not even downloaded
         if self._model is None or self._model[0] != offer.model_sha256:
+            # the link checks that the weights hash to the sha256 asked for: the signed one
             model = await self._retrying(lambda: self._send(FetchModel(offer.model_sha256)))
-            if self.coordinator_key is not None:  # whatever the link checked: the weights
-                self._verify(offer, model.sha256())
             self._model = (offer.model_sha256, model)
         return self._model[1]
 
-    def _verify(self, offer: TaskOffer, sha256: str) -> None:
-        """The pinned key's signature over the task's model version, for weights ``sha256``."""
+    def _verify(self, offer: TaskOffer) -> None:
+        """The pinned key's signature over the task's model version and its weights' sha256."""
         if self.coordinator_key is None:
             return
         version = offer.model
@@ -387,7 +387,7 @@ class ClientRuntime:
             name=version.name,
             version=version.version,
             round=version.round,
-            sha256=sha256,
+            sha256=offer.model_sha256,
         )
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
