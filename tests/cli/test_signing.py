@@ -206,3 +206,17 @@ def test_the_pinned_key_comes_from_the_option_the_config_or_beside_the_ca(tmp_pa
     assert pinned_coordinator_key(None, None, None, True) is None  # --insecure only
     with pytest.raises(ConfigError, match="--coordinator-key"):
         pinned_coordinator_key(None, None, None, False)
+
+
+def test_the_operator_s_key_is_used_and_a_missing_one_is_one_line(tmp_path: Path) -> None:
+    from shoal.governance import key_id_of, write_signing_key
+
+    key = generate_signing_key()
+    write_signing_key(tmp_path / "operator.key", key)
+    config = job(tmp_path, f'signing_key = "{tmp_path / "operator.key"}"\n')
+    result = shoal("coordinator", "key", "--config", config, "--json")
+    assert json.loads(result.stdout)["key_id"] == key_id_of(key.public_key())
+    assert not (tmp_path / "state" / "model-signing.key").exists()
+    missing = job(tmp_path, f'signing_key = "{tmp_path / "none.key"}"\n')
+    line = error_line(shoal("coordinator", "key", "--config", missing), 2)
+    assert "cannot read the model-signing key" in line
