@@ -2,7 +2,7 @@
 
 The order, low to high (DESIGN.md 15): core; datasets (users' data, partitioned);
 aggregation and telemetry; config; registry; privacy and secure; governance (the
-update policy); tasks (the types
+update policy, signed models, attestation); tasks (the types
 shared by client, coordinator and transport); client; transport; coordinator;
 simulation; apps; cli. Packages on one layer may import each other, never in a cycle.
 """

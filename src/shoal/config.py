@@ -156,6 +156,9 @@ class ClientSection(_Section):
     dp_sgd_clip_norm: PositiveFloat = 1.0
     dp_sgd_noise_multiplier: Annotated[float, Field(ge=0)] = 1.0
     dp_sgd_delta: Annotated[float, Field(gt=0, lt=1)] | None = None  # unset: 1 / examples
+    # the coordinator's model-signing public key (PEM) a deployed client pins: it trains
+    # only on versions signed by it (`shoal client run --coordinator-key` overrides it)
+    coordinator_key: str | None = None
 
 
 class RoundSection(_Section):
@@ -425,6 +428,9 @@ class CoordinatorSection(_Section):
     run_id: str = Field("run-1", min_length=1, max_length=128)
     state_dir: str = DEFAULT_STATE_DIR
     certificates: str | None = None
+    # the Ed25519 key (PEM) every committed version is signed with; unset: the deployment's
+    # model-signing.key in `certificates` if it holds one, else one made in the state folder
+    signing_key: str | None = None
     mutual_tls: bool = False
     registry_url: str | None = None
     blob_url: str | None = None

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.core.errors import ClientError, ProtocolError
+from shoal.registry import VersionSignature
 from shoal.secure.messages import ServerRequest, Stage
 from shoal.secure.serde import FitRequest
 
@@ -84,12 +85,28 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelVersion:
+    """Which committed version a task's model is, and the coordinator's signature on it.
+
+    ``signed`` is None for a version stored unsigned; a client that pins the
+    coordinator's key refuses it (see :mod:`shoal.governance.model_signing`).
+    """
+
+    name: str
+    version: int
+    round: int
+    signed: VersionSignature | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TaskOffer:
     """Work for one client: what to do, on which model, and by when.
 
     In a secure round, a fit offer carries the masked-input request in
     ``secure``: the client trains, then answers it (``submit_secure``) with
     its masked update; the plaintext update never leaves the client.
+    ``model`` names the committed version the model is, with its signature
+    (None where the coordinator named none: an unsigned model).
     """
 
     round: int
@@ -98,6 +115,7 @@ class TaskOffer:
     model_sha256: str
     deadline_in_s: float
     secure: FitRequest | None = None
+    model: ModelVersion | None = None
 
 
 @dataclass(frozen=True, slots=True)

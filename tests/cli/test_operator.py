@@ -407,6 +407,8 @@ def test_certs_init_writes_files_and_refuses_to_overwrite(tmp_path: Path) -> Non
         "ca.key",
         "server.pem",
         "server.key",
+        "model-signing.key",  # the coordinator signs model versions with it
+        "model-signing.pub",  # clients pin it beside ca.pem
     }
     before = (out / "ca.pem").read_bytes()
     assert "refusing to overwrite" in one_error_line(shoal("certs", "init", "--out", out))

@@ -152,6 +152,7 @@ def test_rows_written_before_a_migration_survive_it(database_url: str, tmp_path:
             now,
         )
         assert (record.status_reason, record.status_changed_at) == (None, None)
+        assert record.signed is None  # committed before signing existed: unsigned
     finally:
         database.close()
 

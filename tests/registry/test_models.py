@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from shoal.core import IntegrityError, NotFoundError, Parameters, RegistryError
-from shoal.registry import BlobStore, Database, ModelRegistry, ModelStatus
+from shoal.governance import ModelSigner, PinnedKey, generate_signing_key, key_id_of
+from shoal.registry import BlobStore, Database, ModelRegistry, ModelStatus, VersionSignature
 
 NOW = datetime(2026, 3, 20, 10, 0, tzinfo=UTC)
 ARCH = "mlp-v1"
@@ -211,3 +212,41 @@ def test_concurrent_commits_get_distinct_consecutive_versions(registry: ModelReg
     assert [record.version for record in records] == list(range(16))
     assert registry.head("digits") == records[-1]
     assert all(record.parent == record.version - 1 for record in records[1:])
+
+
+# --- signatures -----------------------------------------------------------------------------
+
+
+def test_a_signer_signs_each_version_once_with_its_facts(registry: ModelRegistry) -> None:
+    key = generate_signing_key()
+    signed: list[tuple[str, int, int, str]] = []
+
+    def signer(*, name: str, version: int, round: int, sha256: str) -> VersionSignature:
+        signed.append((name, version, round, sha256))
+        return ModelSigner(key, run_id="run-7")(
+            name=name, version=version, round=round, sha256=sha256
+        )
+
+    commit(registry, 0)
+    record = registry.commit(
+        "digits", params(1), round=1, architecture_version=ARCH, now=NOW, signer=signer
+    )
+    assert signed == [("digits", 1, 1, params(1).sha256())]
+    stored = registry.get("digits", 1)
+    assert stored.signed == record.signed and stored.signed is not None
+    assert (stored.signed.run_id, stored.signed.key_id) == ("run-7", key_id_of(key.public_key()))
+    PinnedKey.of(key.public_key()).verify(
+        stored.signed, name="digits", version=1, round=1, sha256=stored.sha256
+    )
+    assert registry.get("digits", 0).signed is None  # committed without a signer
+    head = registry.head("digits")
+    assert head is not None and head.signed == stored.signed
+
+
+def test_a_signer_that_fails_commits_nothing(registry: ModelRegistry) -> None:
+    def signer(*, name: str, version: int, round: int, sha256: str) -> VersionSignature:
+        raise RegistryError("the signing key is gone")
+
+    with pytest.raises(RegistryError, match="signing key"):
+        commit(registry, 0, signer=signer)
+    assert registry.head("digits") is None and registry.list("digits") == []

@@ -15,6 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from shoal.core.errors import SecurityError
+from shoal.governance import key_id_of, load_public_key, load_signing_key
 from shoal.transport.certs import (
     CertificateFiles,
     DeploymentCertificates,
@@ -111,9 +112,20 @@ def test_extensions_say_what_each_certificate_is_for(
 def test_keys_are_private_to_their_owner(
     deployment: DeploymentCertificates, client: CertificateFiles
 ) -> None:
-    for key in (deployment.ca.private_key, deployment.server.private_key, client.private_key):
+    keys = (deployment.ca.private_key, deployment.server.private_key, client.private_key)
+    for key in (*keys, deployment.signing_key):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert stat.S_IMODE(deployment.server.certificate.stat().st_mode) == 0o644
+    assert stat.S_IMODE(deployment.signing_public_key.stat().st_mode) == 0o644
+
+
+def test_the_deployment_holds_the_model_signing_pair_clients_pin(
+    deployment: DeploymentCertificates,
+) -> None:
+    key = load_signing_key(deployment.signing_key)
+    pinned = load_public_key(deployment.signing_public_key)
+    assert pinned.key_id == key_id_of(key.public_key())
+    assert deployment.signing_public_key.parent == deployment.ca.certificate.parent
 
 
 def test_the_client_folder_holds_the_ca_to_pin(

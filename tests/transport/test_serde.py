@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.core.errors import IntegrityError, ProtocolError, SecurityError
+from shoal.registry import VersionSignature
 from shoal.secure.messages import (
     AdvertiseKeysRequest,
     Advertisement,
@@ -33,7 +34,7 @@ from shoal.secure.messages import (
 )
 from shoal.secure.quantization import Quantization
 from shoal.secure.serde import encode_message
-from shoal.tasks import Phase, RejectReason, RejectSubmission
+from shoal.tasks import ModelVersion, Phase, RejectReason, RejectSubmission
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport.chunks import ChunkAssembler, assemble_chunks
@@ -108,7 +109,13 @@ def tasks(draw: st.DrawFn) -> Task:
     else:
         batch = draw(st.integers(min_value=0, max_value=2**32 - 1))
         config = EvaluateConfig(round_number, batch, draw(EXTRAS))
-    return Task(round_number, draw(NAME), phase, draw(model_refs), config, draw(SECONDS))
+    run_id = draw(NAME)
+    signed = st.builds(  # on the wire, a version's signature is for the task's run
+        VersionSignature, st.just(run_id), NAME, st.binary(min_size=64, max_size=64)
+    )
+    versions = st.builds(ModelVersion, NAME, COUNT, ROUND, st.none() | signed)
+    model = dataclasses.replace(draw(model_refs), version=draw(st.none() | versions))
+    return Task(round_number, run_id, phase, model, config, draw(SECONDS))
 
 
 def round_trip(encode: Any, decode: Any, value: Any) -> Any:
@@ -257,6 +264,22 @@ def test_a_negative_seed_cannot_be_encoded() -> None:
 def good_task_message() -> pb.Task:
     task = Task(2, "run", Phase.FIT, ModelRef("v1", "a" * 64, 100), FitConfig(round=2), 30.0)
     return serde.encode_task(task)
+
+
+def test_a_model_signature_is_read_as_made_for_the_task_run() -> None:
+    """The run is not sent twice: a signature moved into another run's task is for that run."""
+    signed = VersionSignature("run-a", "k" * 16, b"s" * 64)
+    model = ModelRef("v", "a" * 64, 1, ModelVersion("global", 3, 2, signed))
+    task = Task(4, "run-b", Phase.FIT, model, FitConfig(round=4), 1.0)
+    decoded = round_trip(serde.encode_task, serde.decode_task, task)
+    assert decoded.model.version.signed == VersionSignature("run-b", "k" * 16, b"s" * 64)
+
+
+def test_an_unsigned_version_and_an_unnamed_one_decode_as_such() -> None:
+    unsigned = ModelRef("v", "a" * 64, 1, ModelVersion("global", 3, 2, None))
+    for model in (unsigned, ModelRef("v", "a" * 64, 1)):
+        task = Task(4, "run", Phase.FIT, model, FitConfig(round=4), 1.0)
+        assert round_trip(serde.encode_task, serde.decode_task, task).model == model
 
 
 def test_a_task_without_config_or_model_is_malformed() -> None:

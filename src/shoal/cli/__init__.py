@@ -8,7 +8,17 @@ import os
 # set before grpc is imported; an operator's own setting wins.
 os.environ.setdefault("GRPC_SSL_CIPHER_SUITES", "ECDHE-PSK-CHACHA20-POLY1305")
 
-from shoal.cli import certs, clients, keyholder, models, network, operator, simulate, versions
+from shoal.cli import (
+    certs,
+    clients,
+    keyholder,
+    models,
+    network,
+    operator,
+    signing,
+    simulate,
+    versions,
+)
 from shoal.cli.app import app, main
 
 __all__ = [
@@ -20,6 +30,7 @@ __all__ = [
     "models",
     "network",
     "operator",
+    "signing",
     "simulate",
     "versions",
 ]

@@ -18,6 +18,7 @@ from shoal.cli.operator import (
     _print_json,
 )
 from shoal.core.errors import SecurityError
+from shoal.governance.model_signing import PUBLIC_KEY_FILE, SIGNING_KEY_FILE
 from shoal.transport import certs
 
 certs_app = typer.Typer(help="TLS certificates for a deployment.", no_args_is_help=True)
@@ -57,8 +58,18 @@ def init_certs(
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
     as_json: AsJson = False,
 ) -> None:
-    """Make a deployment CA and the coordinator's certificate; print the CA's fingerprint."""
-    names = (certs.CA_CERTIFICATE, certs.CA_KEY, certs.SERVER_CERTIFICATE, certs.SERVER_KEY)
+    """Make a deployment CA, the coordinator's certificate and model-signing key.
+
+    Prints the CA's fingerprint; clients pin ca.pem and model-signing.pub.
+    """
+    names = (
+        certs.CA_CERTIFICATE,
+        certs.CA_KEY,
+        certs.SERVER_CERTIFICATE,
+        certs.SERVER_KEY,
+        SIGNING_KEY_FILE,
+        PUBLIC_KEY_FILE,
+    )
     existing = [name for name in names if (out / name).exists()]
     if existing and not force:
         raise SecurityError(
@@ -71,6 +82,8 @@ def init_certs(
         "ca_key": str(written.ca.private_key),
         "server_certificate": str(written.server.certificate),
         "server_key": str(written.server.private_key),
+        "model_signing_key": str(written.signing_key),
+        "model_signing_public_key": str(written.signing_public_key),
     }
     fingerprint = certificate_fingerprint(written.ca.certificate)
     if as_json:
@@ -82,8 +95,8 @@ def init_certs(
     console.print(f"CA fingerprint (SHA-256): {pairs}", soft_wrap=True)
     console.print(
         Text(
-            f"clients pin {written.ca.certificate}; keep {written.ca.private_key} "
-            "off the coordinator",
+            f"clients pin {written.ca.certificate} and {written.signing_public_key}; "
+            f"keep {written.ca.private_key} off the coordinator",
             style="dim",
         )
     )

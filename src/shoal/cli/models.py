@@ -56,7 +56,15 @@ _SHOWN_METRICS = 3
 
 def _model_json(record: ModelRecord, *, head: bool) -> dict[str, Any]:
     fields = dataclasses.asdict(record)
+    signed = record.signed
     return fields | {
+        "signed": None
+        if signed is None
+        else {
+            "run_id": signed.run_id,
+            "key_id": signed.key_id,
+            "signature": signed.signature.hex(),
+        },
         "status": record.status.value,
         "status_changed_at": _iso(record.status_changed_at),
         "created_at": _iso(record.created_at),

@@ -26,6 +26,7 @@ from shoal.client.runtime import ClientRuntime, load_or_create_enrollment
 from shoal.config import MAX_CLIENTS, load_config
 from shoal.core.errors import ConfigError, ShoalError
 from shoal.core.limits import MAX_PORT
+from shoal.governance.model_signing import PinnedKey
 from shoal.privacy.client import PrivacyFloor
 
 coordinator_app = typer.Typer(help="Run the network coordinator.", no_args_is_help=True)
@@ -140,7 +141,19 @@ def client_run_command(
     ca: Annotated[
         Path | None, typer.Option("--ca", help="The deployment CA to pin (ca.pem).")
     ] = None,
-    insecure: Annotated[bool, typer.Option("--insecure", help="Connect without TLS.")] = False,
+    coordinator_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--coordinator-key",
+            metavar="FILE",
+            show_default="[client] coordinator_key, else model-signing.pub beside --ca",
+            help="The coordinator's model-signing public key to pin (PEM).",
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option("--insecure", help="Connect without TLS, and without a pinned model key."),
+    ] = False,
     options: Annotated[
         list[str] | None, typer.Option("--option", help="key=value passed to the app (repeatable).")
     ] = None,
@@ -179,6 +192,7 @@ def client_run_command(
     if (public_context is None) != (silo_keys is None):
         raise ConfigError("--public-context and --silo-keys: a silo needs both, or neither")
     config = with_config_folder(load_config(config_path), config_path)
+    pinned = pinned_coordinator_key(coordinator_key, config.client.coordinator_key, ca, insecure)
     app = load_client_app(app_spec or config.app.client, search_path=app_search_path(config))
     enrollment = load_or_create_enrollment(state_dir, generate_client_key, client_id=client_id)
     context = ClientContext(
@@ -210,6 +224,14 @@ def client_run_command(
     def on_event(line: str) -> None:
         console.print(escape(line))
 
+    if pinned is None:
+        console.print(
+            "[yellow]warning:[/yellow] no coordinator key is pinned (--insecure): "
+            "global models are NOT verified"
+        )
+    else:
+        console.print(f"pinned coordinator key {pinned.key_id}")
+
     async def main() -> None:
         link = GrpcLink(coordinator, credentials=credentials, enrollment_token=token)
         runtime = ClientRuntime(
@@ -220,6 +242,7 @@ def client_run_command(
             silo=silo,
             on_event=on_event,
             privacy_floor=PrivacyFloor.of(config),
+            coordinator_key=pinned,
         )
         try:
             await runtime.run(max_tasks=max_tasks)
@@ -227,6 +250,28 @@ def client_run_command(
             await link.close()
 
     asyncio.run(main())
+
+
+def pinned_coordinator_key(
+    option: Path | None, configured: str | None, ca: Path | None, insecure: bool
+) -> PinnedKey | None:
+    """The key a client pins: --coordinator-key, else [client] coordinator_key, else the
+    deployment's model-signing.pub beside --ca; none only with --insecure."""
+    from shoal.governance.model_signing import PUBLIC_KEY_FILE, load_public_key
+
+    if option is not None:
+        return load_public_key(option)
+    if configured is not None:
+        return load_public_key(configured)
+    if ca is not None and (ca.parent / PUBLIC_KEY_FILE).exists():
+        return load_public_key(ca.parent / PUBLIC_KEY_FILE)
+    if insecure:
+        return None
+    raise ConfigError(
+        "--coordinator-key: a client pins the coordinator's model-signing key "
+        f"({PUBLIC_KEY_FILE} from `shoal certs init` or `shoal coordinator key`); "
+        "or pass --insecure explicitly"
+    )
 
 
 @demo_app.command("network")

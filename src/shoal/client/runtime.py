@@ -19,6 +19,17 @@ the one its requests are signed with. The plaintext update never leaves
 the device; a request it must refuse (stale, tampered, a forged survivor
 set) is reported as a failure.
 
+With the coordinator's model-signing key pinned (``coordinator_key``), the
+runtime trains and evaluates only a model whose version the coordinator
+signed: the signature must verify against the pinned key over the task's
+run, the version's name, number and round, and the weights' sha256. It
+checks before the download, and the link checks that the weights it
+downloads hash to that sha256 (a download that does not is refused too); a
+model it refuses (unsigned, signed by another key, tampered, or
+signed for another version, round or run) is never trained on, and the
+refusal is reported to the coordinator with its reason. Without a pinned key
+it warns that models are not verified.
+
 Under user-level DP the fit task's extras carry the clip norm: the update
 is clipped on the device (and under local DP noised) before it leaves, in
 a secure round before it is masked; every client then weighs the same, and
@@ -57,6 +68,7 @@ from shoal.core.device import DeviceState
 from shoal.core.errors import (
     ClientError,
     ConfigError,
+    IntegrityError,
     NotFoundError,
     ProtocolError,
     RunError,
@@ -66,6 +78,7 @@ from shoal.core.errors import (
 from shoal.core.folders import writable_folder
 from shoal.core.identifiers import check_client_id
 from shoal.core.parameters import Parameters
+from shoal.governance.model_signing import PinnedKey
 from shoal.privacy.client import PrivacyFloor
 from shoal.secure.client import Contribution, SecAggClient
 from shoal.secure.consistency import IdentityKey
@@ -183,8 +196,10 @@ class ClientRuntime:
         silo: SiloCredentials | None = None,
         on_event: Callable[[str], None] | None = None,
         privacy_floor: PrivacyFloor | None = None,
+        coordinator_key: PinnedKey | None = None,
     ) -> None:
         self.client = client
+        self.coordinator_key = coordinator_key  # None: models are not verified (warned once)
         self.privacy_floor = privacy_floor  # the DP its own job requires, whatever a task says
         self.silo = silo  # a silo of a homomorphic consortium: its context and receipt key
         self.link = link
@@ -216,6 +231,11 @@ class ClientRuntime:
             return
 
     async def _serve_until_stopped(self, max_tasks: int | None) -> None:
+        if self.coordinator_key is None:
+            log.warning(
+                "no coordinator key is pinned: global models are NOT verified "
+                "(a tampered or forged model would be trained on)"
+            )
         await self._retrying(lambda: self._send(Enroll(self._device())))
         self._event(f"enrolled as {self.enrollment.client_id}")
         while not self._stopping.is_set() and (max_tasks is None or self.tasks_done < max_tasks):
@@ -264,6 +284,9 @@ class ClientRuntime:
             model = await self._model_for(offer)
         except NotFoundError as exc:  # the round moved on while we were downloading
             log.info("task of round %d is stale: %s", offer.round, exc)
+            return
+        except (SecurityError, IntegrityError, ProtocolError) as exc:  # never trained on
+            await self._give_up(offer, f"model refused: {exc}")  # the coordinator learns why
             return
         started = time.perf_counter()
         try:
@@ -367,11 +390,29 @@ class ClientRuntime:
         return submission, evaluation.num_examples
 
     async def _model_for(self, offer: TaskOffer) -> Parameters:
-        """The global model of the task: the cached one, or a download verified by its sha256."""
+        """The global model of the task: the cached one, or a download verified by its sha256,
+        and by the coordinator's signature when its key is pinned (``SecurityError`` if not)."""
+        self._verify(offer)  # a refused model is not even downloaded
         if self._model is None or self._model[0] != offer.model_sha256:
+            # the link checks that the weights hash to the sha256 asked for: the signed one
             model = await self._retrying(lambda: self._send(FetchModel(offer.model_sha256)))
             self._model = (offer.model_sha256, model)
         return self._model[1]
+
+    def _verify(self, offer: TaskOffer) -> None:
+        """The pinned key's signature over the task's model version and its weights' sha256."""
+        if self.coordinator_key is None:
+            return
+        version = offer.model
+        if version is None:
+            raise SecurityError("the task names no signed model version (an unsigned model)")
+        self.coordinator_key.verify(
+            version.signed,
+            name=version.name,
+            version=version.version,
+            round=version.round,
+            sha256=offer.model_sha256,
+        )
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         attempt = 0

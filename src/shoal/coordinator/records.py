@@ -2,10 +2,10 @@
 
 The run folder holds ``config.json``, ``metrics.jsonl`` and ``summary.json``
 (the run-output contract of DESIGN.md), beside the model registry (each
-committed round a version, with its row and optimizer state) and the client
-registry. With ``[tracking] mlflow = true`` every row also goes to one
-MLflow run, whose id is kept in the folder so that a resumed run stays that
-one MLflow run.
+committed round a version, with its row and optimizer state, signed by the
+coordinator's key: :func:`run_signer`) and the client registry. With
+``[tracking] mlflow = true`` every row also goes to one MLflow run, whose id
+is kept in the folder so that a resumed run stays that one MLflow run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,23 @@ from typing import Any, Protocol
 from shoal.config import Config, config_to_dict
 from shoal.core.errors import NotFoundError
 from shoal.core.parameters import Parameters
-from shoal.registry import ClientRegistry, ClientStatus, Database, ModelRecord, ModelRegistry
+from shoal.governance.model_signing import (
+    PUBLIC_KEY_FILE,
+    SIGNING_KEY_FILE,
+    ModelSigner,
+    load_or_create_signing_key,
+    load_signing_key,
+    public_pem,
+    write_public_key,
+)
+from shoal.registry import (
+    ClientRegistry,
+    ClientStatus,
+    Database,
+    ModelRecord,
+    ModelRegistry,
+    VersionSigner,
+)
 from shoal.telemetry.metrics import MetricsLog, clean_row
 from shoal.telemetry.tracking import MlflowTracker
 
@@ -78,11 +94,18 @@ class RunRecords:
     """The :class:`~shoal.coordinator.run.RunStore` of a run folder and its registries."""
 
     def __init__(
-        self, folder: str | Path, models: ModelRegistry, clients: ClientRegistry, *, model: str
+        self,
+        folder: str | Path,
+        models: ModelRegistry,
+        clients: ClientRegistry,
+        *,
+        model: str,
+        signer: VersionSigner | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.models = models
+        self.signer = signer  # signs each version once, as it is committed
         self.clients = clients
         self.model = model
         self.metrics = MetricsLog(self.folder / METRICS_FILE)
@@ -118,6 +141,7 @@ class RunRecords:
             architecture_version=architecture,
             metrics=clean_row(metrics),
             state=state,
+            signer=self.signer,
         )
         return Committed(record.version, record.sha256)
 
@@ -174,6 +198,28 @@ class RunRecords:
         if self.tracker is not None:
             self.tracker.end(status="FINISHED" if finished else "FAILED")
             self.tracker = None
+
+
+def run_signer(config: Config, folder: str | Path) -> ModelSigner:
+    """What signs a run's versions, in both shells: the operator's key
+    (``coordinator.signing_key``, else the deployment's ``model-signing.key``
+    beside its certificates), or else the run folder's own, created (0600) on
+    first start; versions are signed for ``coordinator.run_id``. The key's public half is
+    kept in the run folder as ``model-signing.pub``."""
+    section = config.coordinator
+    if section.signing_key is not None:
+        key = load_signing_key(section.signing_key)
+    elif (
+        section.certificates is not None
+        and (Path(section.certificates) / SIGNING_KEY_FILE).exists()
+    ):
+        key = load_signing_key(Path(section.certificates) / SIGNING_KEY_FILE)
+    else:
+        key = load_or_create_signing_key(Path(folder) / SIGNING_KEY_FILE)
+    public = Path(folder) / PUBLIC_KEY_FILE  # what `shoal models verify` checks against
+    if not public.exists() or public.read_bytes() != public_pem(key.public_key()):
+        write_public_key(public, key.public_key())
+    return ModelSigner(key, run_id=section.run_id)
 
 
 _TRACKED_AS = {"epsilon": "privacy_epsilon", "delta": "privacy_delta"}

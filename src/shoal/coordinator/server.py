@@ -56,7 +56,7 @@ from shoal.coordinator.events import (
     RoundSummary,
 )
 from shoal.coordinator.homomorphic import CKKS
-from shoal.coordinator.records import RunRecords
+from shoal.coordinator.records import RunRecords, run_signer
 from shoal.coordinator.run import Run, RunParts
 from shoal.coordinator.secure import enrolled_identities
 from shoal.coordinator.selection import cohort_size
@@ -177,7 +177,14 @@ def build(
     database = registry_location(state_dir, section.registry_url).open()
     models = ModelRegistry(database, BlobStore(blob_location(state_dir, section.blob_url)))
     clients = ClientRegistry(database)
-    records = RunRecords(state_dir, models, clients, model=config.run.name)
+    try:
+        signer = run_signer(config, state_dir)
+    except BaseException:
+        database.close()
+        if key_holder is not None:
+            key_holder.close()
+        raise
+    records = RunRecords(state_dir, models, clients, model=config.run.name, signer=signer)
     try:
         # planned at the first fit round, for the eligible population it finds
         privacy = run_privacy(config, settings, run_id=section.run_id)
@@ -243,7 +250,13 @@ def build(
         criteria=run.selection_criteria,  # at a check-in, itself a sighting: no seen_within
     )
     service = CoordinatorService(
-        driver, clients, service_settings, selector=selector, heartbeats=heartbeats, clock=clock
+        driver,
+        clients,
+        service_settings,
+        selector=selector,
+        heartbeats=heartbeats,
+        clock=clock,
+        versions=records.head,  # each task names the committed version and its signature
     )
     return CoordinatorParts(
         database, models, clients, driver, service, run, records, privacy, key_holder

@@ -19,7 +19,10 @@ the coordinator keeps serving, and its log lines are limited per peer
 (:class:`~shoal.telemetry.refusals.RefusalLog`). Under secure
 aggregation, check-ins hand out the SecAgg+ stages and SubmitSecureMessage
 takes the clients' replies (a frame that does not decode is MALFORMED); the
-plaintext update of a secure round is refused.
+plaintext update of a secure round is refused. Every task names the
+committed version its model is, with the coordinator's signature on it (read
+once per version from the run's HEAD, never signed per request), for clients
+that pin the coordinator's key to check.
 """
 
 from __future__ import annotations
@@ -53,10 +56,11 @@ from shoal.registry import (
     Heartbeat,
     HeartbeatBuffer,
     ListedToken,
+    ModelRecord,
     SelectionCriteria,
     Selector,
 )
-from shoal.tasks import CheckInAnswer, RetryLater, RunFinished, SecureOffer
+from shoal.tasks import CheckInAnswer, ModelVersion, RetryLater, RunFinished, SecureOffer
 from shoal.telemetry.refusals import RefusalLog
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
@@ -121,11 +125,20 @@ class ServiceSettings:
 
 
 class ModelBytes:
-    """The safetensors bytes of the driver's current global model, encoded once per version."""
+    """The driver's current global model as it is served: its safetensors bytes and its
+    reference (the committed version, signed), each made once per version, not per request.
 
-    def __init__(self, driver: RoundDriver) -> None:
+    ``versions`` reads the committed HEAD (the run's store); without it the
+    model is served unsigned, naming no version.
+    """
+
+    def __init__(
+        self, driver: RoundDriver, versions: Callable[[], ModelRecord | None] | None = None
+    ) -> None:
         self.driver = driver
+        self.versions = versions
         self._current: tuple[str, bytes] | None = None
+        self._reference: ModelRef | None = None
 
     def current(self) -> tuple[str, bytes]:
         """(sha256, bytes) of the current model; the sha is the driver's cached one."""
@@ -133,6 +146,21 @@ class ModelBytes:
         if self._current is None or self._current[0] != sha:
             self._current = (sha, self.driver.coordinator.parameters.to_bytes())
         return self._current
+
+    def reference(self) -> ModelRef | None:
+        """The current model's reference with its version's signature; None until it is
+        committed (the run layer persists a version before anyone is offered it)."""
+        sha, data = self.current()
+        if self._reference is not None and self._reference.sha256 == sha:
+            return self._reference
+        version = None
+        if self.versions is not None:
+            head = self.versions()
+            if head is None or head.sha256 != sha:
+                return None
+            version = ModelVersion(head.name, head.version, head.round, head.signed)
+        self._reference = ModelRef(sha, sha, len(data), version)
+        return self._reference
 
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -155,6 +183,7 @@ class CoordinatorService:
         heartbeats: HeartbeatBuffer | None = None,
         clock: Callable[[], float] = time.time,
         refusal_log: RefusalLog | None = None,
+        versions: Callable[[], ModelRecord | None] | None = None,
     ) -> None:
         self.driver = driver
         self.clients = clients
@@ -168,7 +197,7 @@ class CoordinatorService:
         self.heartbeats = (
             HeartbeatBuffer(clients, clock=clock) if heartbeats is None else heartbeats
         )
-        self.model_bytes = ModelBytes(driver)
+        self.model_bytes = ModelBytes(driver, versions)  # the run's committed HEAD, signed
         self.refusals: Counter[str] = Counter()
         self.refusal_log = refusal_log or RefusalLog(log)
 
@@ -289,10 +318,9 @@ class CoordinatorService:
             return SecureTask(
                 answer.round, self.settings.run_id, answer.request, answer.deadline_in_s
             )
-        sha, data = self.model_bytes.current()
-        if sha != answer.model_sha256:
+        model = self.model_bytes.reference()
+        if model is None or model.sha256 != answer.model_sha256:
             return RetryAfter(1.0, "the model is being updated")
-        model = ModelRef(version_id=sha, sha256=sha, size_bytes=len(data))
         return Task(
             answer.round,
             self.settings.run_id,

@@ -21,7 +21,12 @@ from shoal.registry.decisions import DecisionRecord, PolicyDecisionLog
 from shoal.registry.heartbeats import HeartbeatBuffer
 from shoal.registry.location import RegistryLocation, blob_location, registry_location
 from shoal.registry.migrations import MIGRATIONS, SCHEMA_VERSION, Migration, apply_migrations
-from shoal.registry.models import ModelRecord, ModelRegistry
+from shoal.registry.models import (
+    ModelRecord,
+    ModelRegistry,
+    VersionSignature,
+    VersionSigner,
+)
 from shoal.registry.privacy import PrivacyBudget, PrivacyLedger, PrivacyRound
 from shoal.registry.schema import ClientStatus, ModelStatus, TokenOrigin
 from shoal.registry.selector import TRANSIENT_CRITERIA, SelectionCriteria, Selector
@@ -73,6 +78,8 @@ __all__ = [
     "TokenOrigin",
     "TokenState",
     "VersionMatrix",
+    "VersionSignature",
+    "VersionSigner",
     "apply_migrations",
     "blob_location",
     "open_database",

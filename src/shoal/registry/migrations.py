@@ -247,6 +247,13 @@ def _widen_sampling_index(op: Operations) -> None:
     )
 
 
+def _add_model_signatures(op: Operations) -> None:
+    # versions committed before signing existed stay unsigned (NULL)
+    op.add_column("model_versions", sa.Column("run_id", sa.String(128)))
+    op.add_column("model_versions", sa.Column("signing_key_id", sa.String(64)))
+    op.add_column("model_versions", sa.Column("signature", sa.LargeBinary))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "client registry and versioning matrix", _create_client_registry),
     Migration(2, "model registry", _create_model_registry),
@@ -260,6 +267,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "policy decisions on updates", _create_policy_decisions),
     Migration(9, "whether a device is idle (NULL: unknown)", _add_idle),
     Migration(10, "the sampling index carries a policy's steady facts", _widen_sampling_index),
+    Migration(11, "the coordinator's signature on each model version", _add_model_signatures),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

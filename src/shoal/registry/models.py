@@ -9,6 +9,11 @@ its round, parent, the sha256 of its parameters, metrics, a status
 architecture version it was built for, and may carry an opaque state blob
 (the server optimizer's state, say).
 
+With a :class:`VersionSigner` (the coordinator's key), each version is
+signed as it is committed, once: the signature and the key's id are stored
+in its row, for clients and auditors to check (see
+:mod:`shoal.governance.model_signing`).
+
 HEAD is the version new rounds build on. :meth:`ModelRegistry.rollback`
 moves it to another version after checking that version's blob; the later
 versions stay, for audit, and the next commit branches from the new HEAD.
@@ -25,7 +30,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -36,6 +41,21 @@ from shoal.registry.blobs import BlobStore
 from shoal.registry.clients import require_aware, utc_now
 from shoal.registry.database import Database, lock_name
 from shoal.registry.schema import ModelStatus, model_heads, model_versions
+
+
+@dataclass(frozen=True, slots=True)
+class VersionSignature:
+    """The coordinator's signature on a version: for which run, by which key, the 64 bytes."""
+
+    run_id: str
+    key_id: str
+    signature: bytes = field(repr=False)
+
+
+class VersionSigner(Protocol):
+    """Signs a version's facts once its number is known (inside the commit's transaction)."""
+
+    def __call__(self, *, name: str, version: int, round: int, sha256: str) -> VersionSignature: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,6 +75,7 @@ class ModelRecord:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     status_reason: str | None = None
     status_changed_at: datetime | None = None
+    signed: VersionSignature | None = None
 
 
 _INSERTED = (
@@ -87,6 +108,11 @@ def _record(row: sa.Row[Any]) -> ModelRecord:
         metrics=dict(row.metrics),
         status_reason=row.status_reason,
         status_changed_at=row.status_changed_at,
+        signed=(
+            None
+            if row.signature is None
+            else VersionSignature(row.run_id or "", row.signing_key_id or "", row.signature)
+        ),
     )
 
 
@@ -119,11 +145,14 @@ class ModelRegistry:
         status: ModelStatus = ModelStatus.CANDIDATE,
         state: bytes | None = None,
         now: datetime | None = None,
+        signer: VersionSigner | None = None,
     ) -> ModelRecord:
         """Store a new version of ``name`` and move HEAD to it.
 
         ``parent`` defaults to the current HEAD (None for the first
         version). Version numbers start at 0 and grow by one per model.
+        ``signer`` signs the version (its number, round and sha256) in the
+        same transaction: a stored version is signed from its first moment.
         """
         if not name or len(name) > 128:
             raise RegistryError(f"a model name has 1 to 128 characters, got {name!r}")
@@ -148,24 +177,35 @@ class ModelRegistry:
                     model_versions.c.name == name
                 )
             ).scalar()
+            version = 0 if newest is None else int(newest) + 1
+            sha256 = parameters.sha256()
+            signed = (
+                None
+                if signer is None
+                else signer(name=name, version=version, round=round, sha256=sha256)
+            )
             record = ModelRecord(
                 name=name,
-                version=0 if newest is None else int(newest) + 1,
+                version=version,
                 round=round,
                 parent=head,
-                sha256=parameters.sha256(),
+                sha256=sha256,
                 blob=blob,
                 state_blob=state_blob,
                 created_at=created_at,
                 status=status,
                 architecture_version=architecture_version,
                 metrics=stored_metrics,
+                signed=signed,
             )
-            connection.execute(
-                model_versions.insert().values(
-                    {field: getattr(record, field) for field in _INSERTED}
-                )
-            )
+            row = {field: getattr(record, field) for field in _INSERTED}
+            if signed is not None:
+                row |= {
+                    "run_id": signed.run_id,
+                    "signing_key_id": signed.key_id,
+                    "signature": signed.signature,
+                }
+            connection.execute(model_versions.insert().values(row))
             _move_head(connection, name, record.version, created_at)
             return record  # as stored: no need to read it back
 

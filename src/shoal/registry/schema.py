@@ -187,6 +187,10 @@ model_versions = sa.Table(
     # the operator's reason for the status, and when it was given (None while CANDIDATE)
     sa.Column("status_reason", sa.Text),
     sa.Column("status_changed_at", UtcDateTime),
+    # the coordinator's Ed25519 signature over (run, name, version, round, sha256); NULL: unsigned
+    sa.Column("run_id", sa.String(128)),
+    sa.Column("signing_key_id", sa.String(64)),
+    sa.Column("signature", sa.LargeBinary),
     sa.ForeignKeyConstraint(["name", "parent"], ["model_versions.name", "model_versions.version"]),
 )
 

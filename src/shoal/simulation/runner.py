@@ -40,7 +40,7 @@ from shoal.coordinator.events import (
     StartRound,
     UpdateReceived,
 )
-from shoal.coordinator.records import CONFIG_FILE, RunRecords
+from shoal.coordinator.records import CONFIG_FILE, RunRecords, run_signer
 from shoal.coordinator.run import EVALUATION_UPLOAD_BYTES, Run, RunParts
 from shoal.coordinator.schedule import Play
 from shoal.coordinator.setup import (
@@ -162,8 +162,11 @@ class Simulation:
         """Play every remaining round; returns the summary also written to summary.json."""
         started = time.perf_counter()
         writable_folder(self.out, what="run folder")
+        signer = run_signer(self.config, self.out)  # a run folder's versions are signed too
         models = open_run_models(self.out)
-        records = RunRecords(self.out, models, ClientRegistry(models.database), model=MODEL_NAME)
+        records = RunRecords(
+            self.out, models, ClientRegistry(models.database), model=MODEL_NAME, signer=signer
+        )
         lifecycle = Run(
             self.config,
             app=self.apps.server,

@@ -38,12 +38,19 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shoal.core.errors import SecurityError
 from shoal.core.folders import writable_folder
 from shoal.core.identifiers import check_client_id
+from shoal.governance.model_signing import (
+    PUBLIC_KEY_FILE,
+    SIGNING_KEY_FILE,
+    generate_signing_key,
+    public_pem,
+)
 
 CA_CERTIFICATE = "ca.pem"
 CA_KEY = "ca.key"
@@ -71,10 +78,13 @@ class CertificateFiles:
 
 @dataclass(frozen=True, slots=True)
 class DeploymentCertificates:
-    """What ``init_certificates`` wrote: the CA and the coordinator's certificate."""
+    """What ``init_certificates`` wrote: the CA, the coordinator's certificate, and the
+    coordinator's model-signing key pair (clients pin its public half beside the CA)."""
 
     ca: CertificateFiles
     server: CertificateFiles
+    signing_key: Path
+    signing_public_key: Path
 
 
 def init_certificates(
@@ -118,7 +128,17 @@ def init_certificates(
     for files, cert, key in ((ca, ca_cert, ca_key), (server, server_cert, server_key)):
         _write(files.private_key, _key_pem(key), mode=0o600, overwrite=overwrite)
         _write(files.certificate, _cert_pem(cert), mode=0o644, overwrite=overwrite)
-    return DeploymentCertificates(ca=ca, server=server)
+    signing = generate_signing_key()
+    _write(folder / SIGNING_KEY_FILE, _key_pem(signing), mode=0o600, overwrite=overwrite)
+    _write(
+        folder / PUBLIC_KEY_FILE, public_pem(signing.public_key()), mode=0o644, overwrite=overwrite
+    )
+    return DeploymentCertificates(
+        ca=ca,
+        server=server,
+        signing_key=folder / SIGNING_KEY_FILE,
+        signing_public_key=folder / PUBLIC_KEY_FILE,
+    )
 
 
 def issue_client_certificate(
@@ -298,7 +318,7 @@ def _general_name(host: str) -> x509.GeneralName:
 # --- files -------------------------------------------------------------------------------
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _key_pem(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

@@ -175,6 +175,7 @@ class GrpcLink:
                 outcome.model.sha256,
                 outcome.deadline_in_s,
                 outcome.secure,
+                outcome.model.version,
             )
         if isinstance(outcome, SecureTask):
             self.run_id = outcome.run_id

@@ -22,7 +22,7 @@ from shoal.core.errors import ProtocolError
 from shoal.secure.homomorphic import EncryptionRequest
 from shoal.secure.messages import MaskedInputRequest, ServerRequest
 from shoal.secure.serde import FitRequest, SecureRequest
-from shoal.tasks import Phase, RejectReason, RunFinished, check_round
+from shoal.tasks import ModelVersion, Phase, RejectReason, RunFinished, check_round
 
 _MAX_TEXT = 256
 ED25519_PUBLIC_KEY_BYTES = 32
@@ -139,16 +139,33 @@ class EnrollReply:
 
 @dataclass(frozen=True, slots=True)
 class ModelRef:
-    """Which global model a task uses: its version, content sha256, and download size."""
+    """Which global model a task uses: its version, content sha256, and download size.
+
+    ``version`` names the committed version with the coordinator's signature
+    on it (on the wire, the signature's run is the task's run).
+    """
 
     version_id: str
     sha256: str
     size_bytes: int
+    version: ModelVersion | None = None
 
     def __post_init__(self) -> None:
         _check_text(self.version_id, "model version id", required=True)
         check_sha256_hex(self.sha256, "model sha256")
         _check_count(self.size_bytes, "model size")
+        if self.version is not None:
+            _check_model_version(self.version)
+
+
+def _check_model_version(version: ModelVersion) -> None:
+    _check_text(version.name, "model name", required=True)
+    _check_count(version.version, "model version")
+    _check_count(version.round, "model round")
+    if version.signed is not None:  # its bytes are the verifier's to judge, with a reason
+        _check_text(version.signed.key_id, "signing key id")
+        if len(version.signed.signature) > _MAX_TEXT:
+            raise ProtocolError(f"a model signature is longer than {_MAX_TEXT} bytes")
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,10 +24,11 @@ from google.protobuf.message import DecodeError, Message
 from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.core.device import DeviceState
 from shoal.core.errors import ClientError, ProtocolError
+from shoal.registry import VersionSignature
 from shoal.secure.homomorphic import EncryptedUpdate, EncryptionRequest
 from shoal.secure.messages import ClientMessage, MaskedInputRequest, ServerRequest
 from shoal.secure.serde import SecureReply, SecureRequest, decode_message, encode_message
-from shoal.tasks import Phase, RejectSubmission, RunFinished
+from shoal.tasks import ModelVersion, Phase, RejectSubmission, RunFinished
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport.chunks import DEFAULT_CHUNK_SIZE, chunk_payload
 from shoal.transport.messages import (
@@ -391,16 +392,37 @@ def _decode_extras(source: Mapping[str, pb.Scalar]) -> dict[str, Any]:
     return extras
 
 
+def encode_model_ref(model: ModelRef) -> pb.ModelRef:
+    """A model reference; its version's signature travels without its run (the task's)."""
+    message = pb.ModelRef(
+        version_id=model.version_id, sha256=model.sha256, size_bytes=model.size_bytes
+    )
+    version = model.version
+    if version is not None:
+        message.name, message.version, message.round = version.name, version.version, version.round
+        if version.signed is not None:
+            message.key_id = version.signed.key_id
+            message.signature = version.signed.signature
+    return message
+
+
+def decode_model_ref(message: pb.ModelRef, *, run_id: str) -> ModelRef:
+    """A model reference of a task of ``run_id``: the run its signature must have been made for."""
+    version = None
+    if message.name:
+        signed = None
+        if message.signature or message.key_id:
+            signed = VersionSignature(run_id, message.key_id, message.signature)
+        version = ModelVersion(message.name, message.version, message.round, signed)
+    return ModelRef(message.version_id, message.sha256, message.size_bytes, version)
+
+
 def encode_task(task: Task) -> pb.Task:
     message = pb.Task(
         round=task.round,
         run_id=task.run_id,
         phase=_PHASES[task.phase],
-        model=pb.ModelRef(
-            version_id=task.model.version_id,
-            sha256=task.model.sha256,
-            size_bytes=task.model.size_bytes,
-        ),
+        model=encode_model_ref(task.model),
         deadline_in_s=task.deadline_in_s,
     )
     if task.secure is not None:
@@ -429,7 +451,7 @@ def encode_task(task: Task) -> pb.Task:
 def decode_task(message: pb.Task) -> Task:
     phase = _decode_phase(message.phase)
     _require(message, "model", "Task")
-    model = ModelRef(message.model.version_id, message.model.sha256, message.model.size_bytes)
+    model = decode_model_ref(message.model, run_id=message.run_id)
     config: FitConfig | EvaluateConfig
     kind = message.WhichOneof("config")
     if kind == "fit":

@@ -456,26 +456,52 @@ Global___CheckInRequest: _TypeAlias = CheckInRequest  # noqa: Y015
 
 @_typing.final
 class ModelRef(_message.Message):
+    """The model of a task, and the coordinator's signature on the version it is: Ed25519
+    over (the task's run_id, name, version, round, sha256) as
+    src/shoal/governance/model_signing.py encodes them. A client that pins the
+    coordinator's key refuses a model whose signature is missing or does not verify.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSION_ID_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     sha256: _builtins.str
     """content hash of the parameters"""
     size_bytes: _builtins.int
     """size of the safetensors bytes FetchModel streams"""
+    name: _builtins.str
+    """the model's name in the registry; empty: no version named"""
+    version: _builtins.int
+    """the committed version"""
+    round: _builtins.int
+    """the round that committed it"""
+    key_id: _builtins.str
+    """the signing key's id (16 hex digits); empty when unsigned"""
+    signature: _builtins.bytes
+    """Ed25519, 64 bytes; empty when unsigned"""
     def __init__(
         self,
         *,
         version_id: _builtins.str = ...,
         sha256: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        round: _builtins.int = ...,
+        key_id: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256", "size_bytes", b"size_bytes", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "name", b"name", "round", b"round", "sha256", b"sha256", "signature", b"signature", "size_bytes", b"size_bytes", "version", b"version", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

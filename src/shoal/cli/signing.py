@@ -1,0 +1,152 @@
+"""``shoal models verify`` and ``shoal coordinator key``: checking signed model versions.
+
+The coordinator signs every version it commits (see
+:mod:`shoal.governance.model_signing`); ``shoal coordinator key`` prints or
+exports its public key, for clients to pin, and ``shoal models verify``
+checks a stored version against it: the weights must hash to the recorded
+sha256, and the signature must be the key's over the version's facts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shoal.cli.app import user_errors
+from shoal.cli.models import _version_or_head, models_app
+from shoal.cli.network import coordinator_app
+from shoal.cli.operator import (
+    AsJson,
+    BlobUrl,
+    RegistryUrl,
+    StateDir,
+    _console,
+    _database,
+    _print_json,
+)
+from shoal.config import load_config
+from shoal.coordinator.records import run_signer
+from shoal.core.errors import IntegrityError, NotFoundError, SecurityError
+from shoal.core.folders import writable_folder
+from shoal.core.parameters import Parameters
+from shoal.governance.model_signing import (
+    PUBLIC_KEY_FILE,
+    PinnedKey,
+    load_public_key,
+    public_pem,
+    write_public_key,
+)
+from shoal.registry import BlobStore, ModelRecord, ModelRegistry, blob_location
+from shoal.registry.location import DEFAULT_STATE_DIR
+
+
+@models_app.command("verify")
+@user_errors
+def verify_model(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Model name.")],
+    version: Annotated[str, typer.Argument(metavar="VERSION", help="Version number, or head.")],
+    public_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--public-key",
+            metavar="FILE",
+            show_default="--state-dir/model-signing.pub",
+            help="The coordinator's public key (PEM) to check against.",
+        ),
+    ] = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    registry: RegistryUrl = None,
+    blobs: BlobUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Check a stored version: its weights' sha256 and the coordinator's signature on it.
+
+    Exits 0 with one line when both hold; non-zero with the reason when the
+    blob was tampered with, the version is unsigned, or the signature is not
+    the key's. A `shoal simulate` run folder is checked with --state-dir RUN.
+    """
+    number = _version_or_head(version)
+    pinned = load_public_key(public_key or state_dir / PUBLIC_KEY_FILE)
+    with _database(state_dir, registry) as database:
+        models = ModelRegistry(database, BlobStore(blob_location(state_dir, blobs)))
+        record = models.head(name) if number is None else models.get(name, number)
+        if record is None:
+            raise NotFoundError(f"no model named {name!r} in the registry")
+        sha256 = _stored_sha256(models, record)
+    _check(pinned, record, sha256)
+    assert record.signed is not None  # _check refuses an unsigned version
+    if as_json:
+        _print_json(
+            {
+                "name": name,
+                "version": record.version,
+                "round": record.round,
+                "run_id": record.signed.run_id,
+                "sha256": sha256,
+                "key_id": pinned.key_id,
+                "valid": True,
+            }
+        )
+        return
+    _console().print(
+        f"{name} version {record.version} (round {record.round}, run {record.signed.run_id}): "
+        f"signature valid, key {pinned.key_id}, sha256 {sha256}",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+def _stored_sha256(models: ModelRegistry, record: ModelRecord) -> str:
+    """The sha256 of the weights as stored now (recomputed, never the recorded one)."""
+    try:
+        return Parameters.from_bytes(models.blobs.get(record.blob)).sha256()
+    except IntegrityError as exc:
+        raise SecurityError(
+            f"tampered blob: version {record.version} of {record.name!r}: {exc}"
+        ) from exc
+
+
+def _check(pinned: PinnedKey, record: ModelRecord, sha256: str) -> None:
+    if sha256 != record.sha256:
+        raise SecurityError(
+            f"tampered blob: the stored weights of version {record.version} of {record.name!r} "
+            f"hash to {sha256[:16]}..., the version records {record.sha256[:16]}..."
+        )
+    pinned.verify(
+        record.signed, name=record.name, version=record.version, round=record.round, sha256=sha256
+    )
+
+
+@coordinator_app.command("key")
+@user_errors
+def coordinator_key(
+    config_path: Annotated[Path, typer.Option("--config", "-c", help="The job's TOML config.")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", metavar="FILE", help="Also write the public key (PEM) to FILE."),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config value (section.key=value).")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Print the public key the coordinator signs model versions with, for clients to pin.
+
+    The key is coordinator.signing_key, the deployment's model-signing.key
+    beside its certificates, or the state folder's own (made here if the
+    coordinator has not started yet).
+    """
+    config = load_config(config_path, overrides or [])
+    state_dir = writable_folder(config.coordinator.state_dir, what="coordinator.state_dir")
+    signer = run_signer(config, state_dir)
+    public = signer.private_key.public_key()
+    if out is not None:
+        write_public_key(out, public)
+    pem = public_pem(public).decode()
+    if as_json:
+        _print_json({"key_id": signer.key_id, "public_key": pem, "out": str(out) if out else None})
+        return
+    typer.echo(pem, nl=False)
+    typer.echo(f"key id {signer.key_id}" + ("" if out is None else f", written to {out}"), err=True)

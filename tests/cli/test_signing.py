@@ -1,0 +1,222 @@
+"""``shoal models verify``, ``shoal coordinator key`` and the key a client pins, as a user runs
+them: a valid version passes in one line; a tampered blob, a missing signature or another key
+fails with the reason."""
+
+from __future__ import annotations
+
+import json
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner, Result
+
+from shoal.cli import app
+from shoal.core import Parameters
+from shoal.governance import (
+    ModelSigner,
+    generate_signing_key,
+    load_or_create_signing_key,
+    load_public_key,
+    write_public_key,
+)
+from shoal.registry import BlobStore, ModelRegistry, open_database
+from shoal.registry.schema import model_versions
+from shoal.simulation import Simulation
+from support.jobs import bare_config
+
+
+def weights(value: float) -> Parameters:
+    return Parameters.from_arrays([np.full((3, 2), value), np.full(2, value)], names=["w", "b"])
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Iterator[ModelRegistry]:
+    """Model ``net``: versions 0 and 1 signed by the state folder's key, 2 unsigned (HEAD)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    signer = ModelSigner(load_or_create_signing_key(state / "model-signing.key"), run_id="run-1")
+    database = open_database(None, folder=state / "registry")
+    registry = ModelRegistry(database, BlobStore(state / "blobs"))
+    for version in range(3):
+        registry.commit(
+            "net",
+            weights(version),
+            round=version,
+            architecture_version="v1",
+            signer=signer if version < 2 else None,
+        )
+    try:
+        yield registry
+    finally:
+        database.close()
+
+
+def shoal(*args: str | Path) -> Result:
+    return CliRunner(env={"COLUMNS": "200"}).invoke(app, [str(arg) for arg in args])
+
+
+def verify(tmp_path: Path, *args: str | Path) -> Result:
+    return shoal("models", "verify", *args, "--state-dir", tmp_path / "state")
+
+
+def error_line(result: Result, code: int = 1) -> str:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_a_signed_version_verifies_in_one_line(models: ModelRegistry, tmp_path: Path) -> None:
+    result = verify(tmp_path, "net", "1")
+    assert result.exit_code == 0, result.output
+    [line] = result.stdout.strip().splitlines()
+    assert line.startswith("net version 1 (round 1, run run-1): signature valid, key ")
+    assert weights(1).sha256() in line
+    as_json = json.loads(verify(tmp_path, "net", "0", "--json").stdout)
+    assert (as_json["version"], as_json["valid"], as_json["run_id"]) == (0, True, "run-1")
+
+
+def test_an_unsigned_version_fails_with_the_reason(models: ModelRegistry, tmp_path: Path) -> None:
+    assert "version 2 of 'net' is not signed" in error_line(verify(tmp_path, "net", "head"))
+
+
+def test_another_key_fails_with_the_reason(models: ModelRegistry, tmp_path: Path) -> None:
+    other = tmp_path / "other.pub"
+    write_public_key(other, generate_signing_key().public_key())
+    line = error_line(verify(tmp_path, "net", "1", "--public-key", other))
+    assert "not by the pinned key" in line
+
+
+def test_a_tampered_blob_fails(models: ModelRegistry, tmp_path: Path) -> None:
+    record = models.get("net", 1)
+    Path(models.blobs.path(record.blob)).write_bytes(weights(7).to_bytes())
+    assert "tampered blob" in error_line(verify(tmp_path, "net", "1"))
+
+
+def test_weights_and_recorded_hash_swapped_together_fail_on_the_signature(
+    models: ModelRegistry, tmp_path: Path
+) -> None:
+    """An attacker who rewrites the row to match other weights cannot re-sign them."""
+    forged = models.blobs.put(weights(7).to_bytes())
+    with models.database.write() as connection:
+        connection.execute(
+            sa.update(model_versions)
+            .where(model_versions.c.name == "net", model_versions.c.version == 1)
+            .values(blob=forged, sha256=weights(7).sha256())
+        )
+    assert "does not match its signature" in error_line(verify(tmp_path, "net", "1"))
+
+
+def test_a_swapped_round_fails_on_the_signature(models: ModelRegistry, tmp_path: Path) -> None:
+    with models.database.write() as connection:
+        connection.execute(
+            sa.update(model_versions)
+            .where(model_versions.c.name == "net", model_versions.c.version == 0)
+            .values(round=5)
+        )
+    assert "does not match its signature" in error_line(verify(tmp_path, "net", "0"))
+
+
+def test_mistakes_are_one_line(models: ModelRegistry, tmp_path: Path) -> None:
+    assert "no version 9" in error_line(verify(tmp_path, "net", "9"))
+    bad_version = verify(tmp_path, "net", "x")
+    assert bad_version.exit_code == 2 and "neither a version number nor head" in bad_version.stderr
+    missing = error_line(verify(tmp_path, "net", "1", "--public-key", tmp_path / "none.pem"), 2)
+    assert "cannot read the coordinator key" in missing
+
+
+def test_a_simulation_run_folder_is_signed_and_verifies(tmp_path: Path) -> None:
+    config = bare_config(
+        ["run.rounds=2", "data.num_clients=4", "round.clients_per_round=4", "simulation.workers=0"]
+    )
+    Simulation(config, tmp_path / "run").run()
+    key = tmp_path / "run" / "model-signing.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    for version in ("0", "head"):
+        result = shoal("models", "verify", "global", version, "--state-dir", tmp_path / "run")
+        assert result.exit_code == 0, result.output
+        assert "signature valid" in result.stdout
+
+
+def job(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "job.toml"
+    path.write_text(f'[coordinator]\nstate_dir = "{tmp_path / "state"}"\n{extra}')
+    return path
+
+
+def test_coordinator_key_prints_and_exports_the_key_serve_signs_with(tmp_path: Path) -> None:
+    result = shoal("coordinator", "key", "--config", job(tmp_path), "--out", tmp_path / "pin.pem")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("-----BEGIN PUBLIC KEY-----")
+    pinned = load_public_key(tmp_path / "pin.pem")
+    assert f"key id {pinned.key_id}" in result.stderr
+    kept = load_or_create_signing_key(tmp_path / "state" / "model-signing.key")  # kept, not new
+    assert load_public_key(tmp_path / "state" / "model-signing.pub").key_id == pinned.key_id
+    assert kept.public_key() == pinned.public_key
+    again = json.loads(shoal("coordinator", "key", "--config", job(tmp_path), "--json").stdout)
+    assert again["key_id"] == pinned.key_id
+
+
+def test_the_deployment_key_beside_the_certificates_is_the_one_used(tmp_path: Path) -> None:
+    made = shoal("certs", "init", "--out", tmp_path / "certs")
+    assert made.exit_code == 0, made.output
+    key = tmp_path / "certs" / "model-signing.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    deployment = load_public_key(tmp_path / "certs" / "model-signing.pub")
+    config = job(tmp_path, f'certificates = "{tmp_path / "certs"}"\n')
+    result = shoal("coordinator", "key", "--config", config, "--json")
+    assert json.loads(result.stdout)["key_id"] == deployment.key_id
+    assert not (tmp_path / "state" / "model-signing.key").exists()
+
+
+def test_a_client_without_a_pinned_key_refuses_to_start(tmp_path: Path) -> None:
+    shoal("certs", "init", "--out", tmp_path / "certs")
+    (tmp_path / "certs" / "model-signing.pub").unlink()
+    result = shoal(
+        "client", "run", "--coordinator", "127.0.0.1:9", "--state-dir", tmp_path / "client",
+        "--ca", tmp_path / "certs" / "ca.pem",
+    )  # fmt: skip
+    line = error_line(result, 2)
+    assert "--coordinator-key" in line and "--insecure" in line
+    assert not (tmp_path / "client").exists()  # refused before anything was made
+
+
+def test_the_pinned_key_comes_from_the_option_the_config_or_beside_the_ca(tmp_path: Path) -> None:
+    from shoal.cli.network import pinned_coordinator_key
+    from shoal.core.errors import ConfigError
+
+    shoal("certs", "init", "--out", tmp_path / "certs")
+    ca = tmp_path / "certs" / "ca.pem"
+    deployment = load_public_key(tmp_path / "certs" / "model-signing.pub")
+    other = tmp_path / "other.pub"
+    write_public_key(other, generate_signing_key().public_key())
+    chosen = load_public_key(other).key_id
+
+    def key_id(option: Path | None, configured: str | None, insecure: bool = False) -> str | None:
+        pinned = pinned_coordinator_key(option, configured, ca, insecure)
+        return None if pinned is None else pinned.key_id
+
+    assert key_id(other, None) == chosen
+    assert key_id(None, str(other)) == chosen  # [client] coordinator_key
+    assert key_id(None, None) == deployment.key_id  # beside --ca
+    assert pinned_coordinator_key(None, None, None, True) is None  # --insecure only
+    with pytest.raises(ConfigError, match="--coordinator-key"):
+        pinned_coordinator_key(None, None, None, False)
+
+
+def test_the_operator_s_key_is_used_and_a_missing_one_is_one_line(tmp_path: Path) -> None:
+    from shoal.governance import key_id_of, write_signing_key
+
+    key = generate_signing_key()
+    write_signing_key(tmp_path / "operator.key", key)
+    config = job(tmp_path, f'signing_key = "{tmp_path / "operator.key"}"\n')
+    result = shoal("coordinator", "key", "--config", config, "--json")
+    assert json.loads(result.stdout)["key_id"] == key_id_of(key.public_key())
+    assert not (tmp_path / "state" / "model-signing.key").exists()
+    missing = job(tmp_path, f'signing_key = "{tmp_path / "none.key"}"\n')
+    line = error_line(shoal("coordinator", "key", "--config", missing), 2)
+    assert "cannot read the model-signing key" in line
