@@ -1,7 +1,7 @@
 """Layers import downward only: the package import graph, read from the source, has no cycle.
 
 The order, low to high (DESIGN.md 15): core; datasets (users' data, partitioned);
-aggregation and telemetry; config; registry; privacy and secure; tasks (the types
+aggregation and telemetry; config; registry; privacy and secure; governance; tasks (the types
 shared by client, coordinator and transport); client; transport; coordinator;
 simulation; apps; cli. Packages on one layer may import each other, never in a cycle.
 """
@@ -22,6 +22,7 @@ LAYERS = [
     {"config"},
     {"registry"},
     {"privacy", "secure"},
+    {"governance"},
     {"tasks"},
     {"client"},
     {"transport"},

@@ -16,6 +16,7 @@ PACKAGES = [
     "shoal.secure",
     "shoal.core",
     "shoal.datasets",
+    "shoal.governance",
     "shoal.simulation",
     "shoal.telemetry",
     "shoal.transport",

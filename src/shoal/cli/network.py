@@ -26,6 +26,7 @@ from shoal.client.runtime import ClientRuntime, load_or_create_enrollment
 from shoal.config import MAX_CLIENTS, load_config
 from shoal.core.errors import ConfigError, ShoalError
 from shoal.core.limits import MAX_PORT
+from shoal.governance import ManifestAttester, SignedManifest
 from shoal.privacy.client import PrivacyFloor
 
 coordinator_app = typer.Typer(help="Run the network coordinator.", no_args_is_help=True)
@@ -159,13 +160,21 @@ def client_run_command(
         Path | None,
         typer.Option("--silo-keys", help="The silo's receipt key (a `keyholder silo-keys` file)."),
     ] = None,
+    manifest: Annotated[
+        Path | None,
+        typer.Option(
+            "--manifest",
+            help="The signed release manifest to attest with (`shoal attest manifest`).",
+        ),
+    ] = None,
 ) -> None:
     """Enroll, then check in, train and upload until the run finishes (or N tasks).
 
     The client app is the job config's [app] client (or --app); it is told
     --partition-index, --num-partitions and the --option values. A silo of a
     homomorphic (CKKS) consortium also gives --public-context and --silo-keys:
-    it encrypts its updates under that context only.
+    it encrypts its updates under that context only. With --manifest, every
+    enrollment and check-in attests the code installed here against it.
     """
     from shoal.secure.homomorphic import SiloCredentials
     from shoal.transport.certs import load_channel_credentials
@@ -177,7 +186,9 @@ def client_run_command(
     if (public_context is None) != (silo_keys is None):
         raise ConfigError("--public-context and --silo-keys: a silo needs both, or neither")
     config = with_config_folder(load_config(config_path), config_path)
-    app = load_client_app(app_spec or config.app.client, search_path=app_search_path(config))
+    spec = app_spec or config.app.client
+    app = load_client_app(spec, search_path=app_search_path(config))
+    attester = None if manifest is None else _manifest_attester(manifest, spec)
     enrollment = load_or_create_enrollment(state_dir, generate_client_key, client_id=client_id)
     context = ClientContext(
         client_id=enrollment.client_id,
@@ -216,6 +227,7 @@ def client_run_command(
             silo=silo,
             on_event=on_event,
             privacy_floor=PrivacyFloor.of(config),
+            attester=attester,
         )
         try:
             await runtime.run(max_tasks=max_tasks)
@@ -223,6 +235,24 @@ def client_run_command(
             await link.close()
 
     asyncio.run(main())
+
+
+def _manifest_attester(path: Path, app_spec: str) -> ManifestAttester:
+    """The attester of a shipped manifest; a warning when this install does not match it."""
+    signed = SignedManifest.read(path)
+    if signed.statement.app != app_spec:
+        raise ConfigError(
+            f"--manifest {path} is the manifest of {signed.statement.app}, not of {app_spec}"
+        )
+    attester = ManifestAttester(signed, app_spec=app_spec)
+    statement = signed.statement.components
+    differ = [name for name, sha in attester.measured().items() if statement[name].sha256 != sha]
+    if differ:
+        console.print(
+            f"[yellow]warning:[/] the installed {' and '.join(differ)} code does not match "
+            f"{escape(str(path))}: an attesting coordinator will refuse this client"
+        )
+    return attester
 
 
 @demo_app.command("network")

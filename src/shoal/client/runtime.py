@@ -17,6 +17,11 @@ the one its requests are signed with. The plaintext update never leaves
 the device; a request it must refuse (stale, tampered, a forged survivor
 set) is reported as a failure.
 
+With an :class:`~shoal.governance.Attester` (the release manifest that
+shipped with the client, say) every enrollment and check-in carries
+evidence of the code the device runs, measured afresh for that request; a
+coordinator that requires attestation refuses the client otherwise.
+
 Under user-level DP the fit task's extras carry the clip norm: the update
 is clipped on the device (and under local DP noised) before it leaves, in
 a secure round before it is masked; every client then weighs the same, and
@@ -64,6 +69,7 @@ from shoal.core.errors import (
 from shoal.core.folders import writable_folder
 from shoal.core.identifiers import check_client_id
 from shoal.core.parameters import Parameters
+from shoal.governance.attestation import Attester
 from shoal.privacy.client import PrivacyFloor
 from shoal.secure.client import Contribution, SecAggClient
 from shoal.secure.consistency import IdentityKey
@@ -181,8 +187,10 @@ class ClientRuntime:
         silo: SiloCredentials | None = None,
         on_event: Callable[[str], None] | None = None,
         privacy_floor: PrivacyFloor | None = None,
+        attester: Attester | None = None,
     ) -> None:
         self.client = client
+        self.attester = attester  # evidence of the code it runs, for each enrollment and check-in
         self.privacy_floor = privacy_floor  # the DP its own job requires, whatever a task says
         self.silo = silo  # a silo of a homomorphic consortium: its context and receipt key
         self.link = link
@@ -212,10 +220,12 @@ class ClientRuntime:
             return
 
     async def _serve_until_stopped(self, max_tasks: int | None) -> None:
-        await self._retrying(lambda: self._send(Enroll(self.device_state())))
+        await self._retrying(lambda: self._send(Enroll(self.device_state(), self.attester)))
         self._event(f"enrolled as {self.enrollment.client_id}")
         while not self._stopping.is_set() and (max_tasks is None or self.tasks_done < max_tasks):
-            answer = await self._retrying(lambda: self._send(CheckIn(self.device_state())))
+            answer = await self._retrying(
+                lambda: self._send(CheckIn(self.device_state(), self.attester))
+            )
             if isinstance(answer, RunFinished):
                 self.finished = answer
                 self._event(f"the run has finished: {answer.reason}")

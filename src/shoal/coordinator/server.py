@@ -63,6 +63,7 @@ from shoal.coordinator.service import (
     add_coordinator_service,
 )
 from shoal.coordinator.setup import (
+    attestation_from_config,
     connect_key_holder,
     listed_tokens_from_config,
     round_settings_from_config,
@@ -175,6 +176,7 @@ def build(
     clients = ClientRegistry(database)
     records = RunRecords(state_dir, models, clients, model=config.run.name)
     try:
+        attestation = attestation_from_config(section, database)  # keys and verifiers load now
         # planned at the first fit round, for the eligible population it finds
         privacy = run_privacy(config, settings, run_id=section.run_id)
         run = Run(
@@ -242,6 +244,7 @@ def build(
         enrollment_tokens=listed_tokens_from_config(section),
         max_update_bytes=int(section.max_update_mb * 2**20),
         criteria=replace(criteria, seen_within=None),  # a check-in is itself a sighting
+        attestation=attestation,
     )
     service = CoordinatorService(
         driver, clients, service_settings, selector=selector, heartbeats=heartbeats, clock=clock

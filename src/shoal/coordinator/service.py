@@ -6,10 +6,12 @@ the service gets every request as bytes, so grpc never parses one itself),
 then ask :class:`~shoal.coordinator.admission.Admission` to find the client
 (UNKNOWN_CLIENT, SUSPENDED), verify its Ed25519 signature over the request
 (BAD_SIGNATURE) and refuse a replayed nonce or a stale timestamp (REPLAYED),
-and only then act. Bad input is answered with a code and counted
-(``shoal_refused_requests_total``); it never raises out of the service, so
-the coordinator keeps serving, and its log lines are limited per peer
-(:class:`~shoal.telemetry.refusals.RefusalLog`). Under secure
+and, when the job requires attestation, check the evidence an enrollment or
+a check-in carries (UNATTESTED, with the problem: missing, modified,
+untrusted key, not allowed, revoked...), and only then act. Bad input is
+answered with a code and counted (``shoal_refused_requests_total``); it
+never raises out of the service, so the coordinator keeps serving, and its
+log lines are limited per peer (:class:`~shoal.telemetry.refusals.RefusalLog`). Under secure
 aggregation, check-ins hand out the SecAgg+ stages and SubmitSecureMessage
 takes the clients' replies (a frame that does not decode is MALFORMED); the
 plaintext update of a secure round is refused.
@@ -36,6 +38,7 @@ from shoal.core.errors import (
     RegistryError,
     SecurityError,
 )
+from shoal.governance.attestation import AttestationGate
 from shoal.registry import (
     ClientRecord,
     ClientRegistry,
@@ -95,6 +98,7 @@ class ServiceSettings:
     criteria: SelectionCriteria = field(
         default_factory=lambda: SelectionCriteria(require_charging=False, require_wifi=False)
     )
+    attestation: AttestationGate | None = None  # None: clients need not attest
 
     def listed_tokens(self) -> list[ListedToken]:
         return [
@@ -145,7 +149,11 @@ class CoordinatorService:
         self.selector = selector or Selector(clients)
         self.clock = clock  # seconds since the epoch: replay windows and sightings
         self.admission = Admission(
-            clients, run_id=settings.run_id, listed_tokens=settings.listed_tokens(), clock=clock
+            clients,
+            run_id=settings.run_id,
+            listed_tokens=settings.listed_tokens(),
+            clock=clock,
+            attestation=settings.attestation,
         )
         # an empty buffer is falsy (it has a length): test for None
         self.heartbeats = (
@@ -171,6 +179,8 @@ class CoordinatorService:
                 message = serde.parse(pb.EnrollRequest, request)
                 enrollment = serde.decode_enroll_request(message)
                 auth = self.admission.authenticate(message, public_key=enrollment.public_key)
+                # before a token is redeemed: unattested code uses up no enrollment
+                self.admission.attest(auth, enrollment.public_key, enrollment.evidence)
                 self.admission.admit(auth.client_id, enrollment.enrollment_token)
                 self._enroll(auth.client_id, enrollment)
         except Refused as refusal:
@@ -194,6 +204,10 @@ class CoordinatorService:
                 message = serde.parse(pb.CheckInRequest, request)
                 auth = self.admission.authenticate(message)
                 device = serde.decode_check_in_request(message)
+                # before the sighting: a refused client does not become a candidate
+                public_key = self.admission.client(auth.client_id).public_key
+                if public_key is not None:  # authenticate checked the request with it
+                    self.admission.attest(auth, public_key, serde.decode_evidence(message))
                 record = self._refresh(auth.client_id, device)
                 eligibility = self.selector.check(record, self.settings.criteria)
                 if not eligibility.can_train:

@@ -4,11 +4,13 @@ Everything lives in one SQLAlchemy database (SQLite by default, PostgreSQL
 by URL, see :func:`open_database`) plus a content-addressed blob store
 (:class:`BlobStore`, a local folder or any fsspec URL); a coordinator finds
 both from its state folder (:func:`registry_location`, :func:`blob_location`).
-The database also holds the enrollment tokens (:class:`EnrollmentTokens`) and
-each run's differential-privacy budget ledger (:class:`PrivacyLedger`).
+The database also holds the enrollment tokens (:class:`EnrollmentTokens`),
+each run's differential-privacy budget ledger (:class:`PrivacyLedger`) and
+the attestation allow-list of client builds (:class:`AllowedBuilds`).
 """
 
 from shoal.core.device import DeviceState
+from shoal.registry.attestations import AllowedBuild, AllowedBuilds, BuildState
 from shoal.registry.blobs import BlobStore
 from shoal.registry.clients import (
     ClientRecord,
@@ -41,7 +43,10 @@ from shoal.registry.versioning import (
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "AllowedBuild",
+    "AllowedBuilds",
     "BlobStore",
+    "BuildState",
     "ClientRecord",
     "ClientRegistry",
     "ClientStatus",

@@ -214,6 +214,22 @@ def _add_token_origins(op: Operations) -> None:
     )
 
 
+def _create_attestation_allow_list(op: Operations) -> None:
+    op.create_table(
+        "attestation_allow_list",
+        sa.Column("build_id", sa.String(128), nullable=False),
+        sa.Column("kind", sa.String(64), nullable=False),
+        sa.Column("label", sa.String(256), nullable=False),
+        sa.Column("allowed_by", sa.String(128), nullable=False),
+        sa.Column("allowed_at", UtcDateTime, nullable=False),
+        sa.Column("allowed_reason", sa.Text, nullable=False),
+        sa.Column("revoked_by", sa.String(128)),
+        sa.Column("revoked_at", UtcDateTime),
+        sa.Column("revoked_reason", sa.Text),
+        sa.PrimaryKeyConstraint("build_id", name="pk_attestation_allow_list"),
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "client registry and versioning matrix", _create_client_registry),
     Migration(2, "model registry", _create_model_registry),
@@ -224,6 +240,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         7, "enrollment tokens listed in the config, with uses and an expiry", _add_token_origins
     ),
+    Migration(8, "attestation allow-list of client builds", _create_attestation_allow_list),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

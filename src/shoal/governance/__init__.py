@@ -1,0 +1,53 @@
+"""Governance and trust: who may train and what is accepted (attestation of client code)."""
+
+from shoal.governance.attestation import (
+    MANIFEST_KIND,
+    AttestationGate,
+    AttestationRefused,
+    AttestedBuild,
+    Attester,
+    Binding,
+    Evidence,
+    ManifestAttester,
+    ManifestVerifier,
+    Problem,
+    Verifier,
+    load_verifier,
+)
+from shoal.governance.manifest import (
+    CodeMeasurer,
+    ManifestStatement,
+    SignedManifest,
+    TreeDigest,
+    generate_release_key,
+    key_fingerprint,
+    load_release_private_key,
+    load_release_public_key,
+    release_statement,
+    sign_manifest,
+)
+
+__all__ = [
+    "MANIFEST_KIND",
+    "AttestationGate",
+    "AttestationRefused",
+    "AttestedBuild",
+    "Attester",
+    "Binding",
+    "CodeMeasurer",
+    "Evidence",
+    "ManifestAttester",
+    "ManifestStatement",
+    "ManifestVerifier",
+    "Problem",
+    "SignedManifest",
+    "TreeDigest",
+    "Verifier",
+    "generate_release_key",
+    "key_fingerprint",
+    "load_release_private_key",
+    "load_release_public_key",
+    "load_verifier",
+    "release_statement",
+    "sign_manifest",
+]
