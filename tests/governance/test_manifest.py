@@ -57,6 +57,21 @@ def test_a_tree_digest_covers_paths_and_contents_but_not_compiled_files(tmp_path
     assert measure_tree(package).files == 3
 
 
+def test_linked_code_is_measured_and_a_link_loop_walked_once(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "helper.py").write_text("H = 1\n")
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helpers").symlink_to(outside, target_is_directory=True)
+    (package / "loop").symlink_to(package, target_is_directory=True)
+    before = measure_tree(package)
+    assert before.files == 2  # __init__.py and helpers/helper.py; the loop adds nothing
+    (outside / "helper.py").write_text("H = 2\n")  # linked code changed: the digest says so
+    assert measure_tree(package).sha256 != before.sha256
+
+
 def test_an_empty_folder_and_a_missing_path(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     assert measure_tree(tmp_path / "empty").files == 0

@@ -204,11 +204,11 @@ class CoordinatorService:
                 message = serde.parse(pb.CheckInRequest, request)
                 auth = self.admission.authenticate(message)
                 device = serde.decode_check_in_request(message)
+                known = self.admission.client(auth.client_id)
                 # before the sighting: a refused client does not become a candidate
-                public_key = self.admission.client(auth.client_id).public_key
-                if public_key is not None:  # authenticate checked the request with it
-                    self.admission.attest(auth, public_key, serde.decode_evidence(message))
-                record = self._refresh(auth.client_id, device)
+                if known.public_key is not None:  # authenticate checked the request with it
+                    self.admission.attest(auth, known.public_key, serde.decode_evidence(message))
+                record = self._refresh(known, device)
                 eligibility = self.selector.check(record, self.settings.criteria)
                 if not eligibility.can_train:
                     raise Refused(RejectCode.INCOMPATIBLE, eligibility.reason or "not eligible")
@@ -218,9 +218,9 @@ class CoordinatorService:
             outcome = Rejected(refusal.code, verdict.detail)
         return serde.encode_check_in_response(outcome)
 
-    def _refresh(self, client_id: str, device: DeviceState) -> ClientRecord:
+    def _refresh(self, record: ClientRecord, device: DeviceState) -> ClientRecord:
         """Record a check-in: batched like a heartbeat, unless what the device runs changed."""
-        record = self.admission.client(client_id)
+        client_id = record.client_id
         if any(getattr(record.device, name) != getattr(device, name) for name in _STABLE_FIELDS):
             # an app update: re-checked at once
             return self.clients.enroll(client_id, device, now=self._now())

@@ -35,6 +35,7 @@ import importlib.util
 import json
 import os
 import re
+import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -78,20 +79,20 @@ class CodeMeasurer:
     """Measures code trees, re-hashing only the files whose size or times changed.
 
     A client measures at each enrollment and check-in: with this cache a
-    check-in costs a ``stat`` per file, and an edited file is hashed again
-    (its modification time or size changed), so the next check-in reports it.
+    check-in costs a directory walk and a ``stat`` per file, and an edited
+    file is hashed again (its modification time or size changed), so the
+    next check-in reports it.
     """
 
     def __init__(self) -> None:
-        self._files: dict[Path, tuple[tuple[int, int, int, int], bytes]] = {}
+        self._files: dict[str, tuple[tuple[int, int, int, int], bytes]] = {}
 
-    def file_sha256(self, path: Path) -> bytes:
-        status = path.stat()
+    def file_sha256(self, path: str, status: os.stat_result) -> bytes:
         stamp = (status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino)
         cached = self._files.get(path)
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        with path.open("rb") as handle:
+        with open(path, "rb") as handle:
             digest = hashlib.file_digest(handle, "sha256").digest()
         self._files[path] = (stamp, digest)
         return digest
@@ -100,17 +101,17 @@ class CodeMeasurer:
         """The tree digest of ``root``: a folder (recursively) or one file."""
         files = _code_files(root)
         digest = hashlib.sha256(TREE_CONTEXT)
-        for relative, path in files:
+        for relative, path, status in files:
             name = relative.encode()
-            digest.update(struct.pack(">I", len(name)) + name + self.file_sha256(path))
+            digest.update(struct.pack(">I", len(name)) + name + self.file_sha256(path, status))
         return TreeDigest(digest.hexdigest(), len(files))
 
     def measure(self, app_spec: str) -> dict[str, TreeDigest]:
         """Both components of a client build, by name (see :data:`COMPONENTS`)."""
-        return {
-            "app": self.measure_tree(app_code_root(app_spec)),
-            "shoal": self.measure_tree(shoal_code_root()),
-        }
+        shoal_root, app_root = shoal_code_root(), app_code_root(app_spec)
+        shoal_tree = self.measure_tree(shoal_root)
+        app_tree = shoal_tree if app_root == shoal_root else self.measure_tree(app_root)
+        return {"app": app_tree, "shoal": shoal_tree}
 
 
 def measure_tree(root: Path) -> TreeDigest:
@@ -118,22 +119,41 @@ def measure_tree(root: Path) -> TreeDigest:
     return CodeMeasurer().measure_tree(root)
 
 
-def _code_files(root: Path) -> list[tuple[str, Path]]:
-    """(relative path, path) of every file a tree digest covers, in path order."""
-    if root.is_file():
-        return [(root.name, root)]
-    if not root.is_dir():
+def _code_files(root: Path) -> list[tuple[str, str, os.stat_result]]:
+    """(relative path, path, status) of every file a tree digest covers, in path order."""
+    try:
+        status = root.stat()
+    except OSError as exc:
+        raise ConfigError(f"{root} is neither a file nor a folder: nothing to measure") from exc
+    if stat.S_ISREG(status.st_mode):
+        return [(root.name, str(root), status)]
+    if not stat.S_ISDIR(status.st_mode):
         raise ConfigError(f"{root} is neither a file nor a folder: nothing to measure")
-    found = []
-    for folder, subfolders, names in os.walk(root):
-        subfolders[:] = sorted(name for name in subfolders if name not in _SKIPPED_FOLDERS)
-        for name in names:
-            if name.endswith(_SKIPPED_SUFFIXES):
-                continue
-            path = Path(folder, name)
-            if path.is_file():
-                found.append((path.relative_to(root.parent).as_posix(), path))
-    return sorted(found)
+    found: list[tuple[str, str, os.stat_result]] = []
+    _walk(str(root), root.name, found, seen={(status.st_dev, status.st_ino)})
+    found.sort(key=lambda file: file[0])
+    return found
+
+
+def _walk(
+    folder: str,
+    relative: str,
+    found: list[tuple[str, str, os.stat_result]],
+    *,
+    seen: set[tuple[int, int]],
+) -> None:
+    """Every file under ``folder``, symbolic links followed (what Python would import), once."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            name = f"{relative}/{entry.name}"
+            if entry.is_dir():
+                status = entry.stat()
+                if entry.name in _SKIPPED_FOLDERS or (status.st_dev, status.st_ino) in seen:
+                    continue  # a link back up the tree is walked once
+                seen.add((status.st_dev, status.st_ino))
+                _walk(entry.path, name, found, seen=seen)
+            elif entry.is_file() and not entry.name.endswith(_SKIPPED_SUFFIXES):
+                found.append((name, entry.path, entry.stat()))
 
 
 def shoal_code_root() -> Path:
