@@ -443,6 +443,14 @@ class CoordinatorSection(_Section):
     grace_s: Annotated[float, Field(ge=0)] = 5.0
     # after the last round, how long check-ins are still answered "the run has finished"
     linger_s: Annotated[float, Field(ge=0)] = 10.0
+    # client attestation (shoal.governance.attestation): the evidence kinds a client may present
+    # ("none": clients need not attest), the PEM release public keys the built-in "manifest"
+    # kind trusts, and the verifier of any other kind as "module:object"
+    attestation: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]] = Field(
+        default_factory=list
+    )
+    release_keys: list[str] = Field(default_factory=list)
+    attestation_verifiers: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("enrollment_tokens", mode="before")
     @classmethod
@@ -464,6 +472,31 @@ class CoordinatorSection(_Section):
     def _address(cls, listen: str) -> str:
         split_host_port(listen)  # a port past 65535 would wrap around in gRPC
         return listen
+
+    @field_validator("attestation", mode="before")
+    @classmethod
+    def _one_kind_or_many(cls, kinds: Any) -> Any:
+        if kinds == "none":
+            return []
+        return [kinds] if isinstance(kinds, str) else kinds
+
+    @model_validator(mode="after")
+    def _attestation_verifiable(self) -> CoordinatorSection:
+        kinds = self.attestation
+        if len(set(kinds)) != len(kinds) or "none" in kinds:
+            raise ValueError(f"coordinator.attestation lists distinct kinds, or is 'none': {kinds}")
+        for kind in kinds:
+            if kind != "manifest" and kind not in self.attestation_verifiers:
+                raise ValueError(
+                    f"coordinator.attestation: no verifier for {kind!r}; name it in "
+                    f"coordinator.attestation_verifiers ({kind!r} = 'module:object')"
+                )
+        if "manifest" in kinds and not self.release_keys:
+            raise ValueError(
+                "coordinator.attestation = 'manifest' needs coordinator.release_keys: "
+                "the PEM public keys of the releases this coordinator trusts"
+            )
+        return self
 
 
 class SecureAggregationSection(_Section):

@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("GRPC_SSL_CIPHER_SUITES", "ECDHE-PSK-CHACHA20-POLY1305")
 
 from shoal.cli import (
+    attest,
     certs,
     clients,
     keyholder,
@@ -23,6 +24,7 @@ from shoal.cli.app import app, main
 
 __all__ = [
     "app",
+    "attest",
     "certs",
     "clients",
     "keyholder",

@@ -26,6 +26,7 @@ from shoal.client.runtime import ClientRuntime, load_or_create_enrollment
 from shoal.config import MAX_CLIENTS, load_config
 from shoal.core.errors import ConfigError, ShoalError
 from shoal.core.limits import MAX_PORT
+from shoal.governance import ManifestAttester, SignedManifest
 from shoal.governance.model_signing import PinnedKey
 from shoal.privacy.client import PrivacyFloor
 
@@ -172,6 +173,13 @@ def client_run_command(
         Path | None,
         typer.Option("--silo-keys", help="The silo's receipt key (a `keyholder silo-keys` file)."),
     ] = None,
+    manifest: Annotated[
+        Path | None,
+        typer.Option(
+            "--manifest",
+            help="The signed release manifest to attest with (`shoal attest manifest`).",
+        ),
+    ] = None,
 ) -> None:
     """Enroll, then check in, train and upload until the run finishes (or N tasks).
 
@@ -180,7 +188,8 @@ def client_run_command(
     state it reports (a ClientApp's device_state) goes with the enrollment
     and every check-in; without one, every fact is reported unknown. A silo of a
     homomorphic (CKKS) consortium also gives --public-context and --silo-keys:
-    it encrypts its updates under that context only.
+    it encrypts its updates under that context only. With --manifest, every
+    enrollment and check-in attests the code installed here against it.
     """
     from shoal.secure.homomorphic import SiloCredentials
     from shoal.transport.certs import load_channel_credentials
@@ -192,8 +201,10 @@ def client_run_command(
     if (public_context is None) != (silo_keys is None):
         raise ConfigError("--public-context and --silo-keys: a silo needs both, or neither")
     config = with_config_folder(load_config(config_path), config_path)
+    spec = app_spec or config.app.client
     pinned = pinned_coordinator_key(coordinator_key, config.client.coordinator_key, ca, insecure)
-    app = load_client_app(app_spec or config.app.client, search_path=app_search_path(config))
+    app = load_client_app(spec, search_path=app_search_path(config))
+    attester = None if manifest is None else _manifest_attester(manifest, spec)
     enrollment = load_or_create_enrollment(state_dir, generate_client_key, client_id=client_id)
     context = ClientContext(
         client_id=enrollment.client_id,
@@ -243,6 +254,7 @@ def client_run_command(
             on_event=on_event,
             privacy_floor=PrivacyFloor.of(config),
             coordinator_key=pinned,
+            attester=attester,
         )
         try:
             await runtime.run(max_tasks=max_tasks)
@@ -272,6 +284,24 @@ def pinned_coordinator_key(
         f"({PUBLIC_KEY_FILE} from `shoal certs init` or `shoal coordinator key`); "
         "or pass --insecure explicitly"
     )
+
+
+def _manifest_attester(path: Path, app_spec: str) -> ManifestAttester:
+    """The attester of a shipped manifest; a warning when this install does not match it."""
+    signed = SignedManifest.read(path)
+    if signed.statement.app != app_spec:
+        raise ConfigError(
+            f"--manifest {path} is the manifest of {signed.statement.app}, not of {app_spec}"
+        )
+    attester = ManifestAttester(signed, app_spec=app_spec)
+    statement = signed.statement.components
+    differ = [name for name, sha in attester.measured().items() if statement[name].sha256 != sha]
+    if differ:
+        console.print(
+            f"[yellow]warning:[/] the installed {' and '.join(differ)} code does not match "
+            f"{escape(str(path))}: an attesting coordinator will refuse this client"
+        )
+    return attester
 
 
 @demo_app.command("network")

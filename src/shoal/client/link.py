@@ -21,6 +21,7 @@ from typing import Generic, Protocol, TypeVar
 
 from shoal.core.device import DeviceState
 from shoal.core.parameters import Parameters
+from shoal.governance.attestation import Attester
 from shoal.secure.serde import SecureReply
 from shoal.tasks import CheckInAnswer, Offer, RejectSubmission, TaskOffer
 
@@ -46,16 +47,25 @@ class Request(Generic[T]):
 
 @dataclass(frozen=True, slots=True)
 class Enroll(Request[None]):
-    """Join the federation (or rejoin it) with this device's state."""
+    """Join the federation (or rejoin it) with this device's state.
+
+    With an ``attester``, the link attaches evidence made for this very
+    request (bound to its nonce, see :class:`~shoal.governance.Binding`).
+    """
 
     state: DeviceState
+    attester: Attester | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class CheckIn(Request[CheckInAnswer]):
-    """Ask for work: a task, a secure stage, "retry later", or "the run has finished"."""
+    """Ask for work: a task, a secure stage, "retry later", or "the run has finished".
+
+    Attested like :class:`Enroll` when an ``attester`` is given.
+    """
 
     state: DeviceState
+    attester: Attester | None = None
 
 
 @dataclass(frozen=True, slots=True)

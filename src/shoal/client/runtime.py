@@ -29,6 +29,10 @@ model it refuses (unsigned, signed by another key, tampered, or
 signed for another version, round or run) is never trained on, and the
 refusal is reported to the coordinator with its reason. Without a pinned key
 it warns that models are not verified.
+With an :class:`~shoal.governance.Attester` (the release manifest that
+shipped with the client, say) every enrollment and check-in carries
+evidence of the code the device runs, measured afresh for that request; a
+coordinator that requires attestation refuses the client otherwise.
 
 Under user-level DP the fit task's extras carry the clip norm: the update
 is clipped on the device (and under local DP noised) before it leaves, in
@@ -78,6 +82,7 @@ from shoal.core.errors import (
 from shoal.core.folders import writable_folder
 from shoal.core.identifiers import check_client_id
 from shoal.core.parameters import Parameters
+from shoal.governance.attestation import Attester
 from shoal.governance.model_signing import PinnedKey
 from shoal.privacy.client import PrivacyFloor
 from shoal.secure.client import Contribution, SecAggClient
@@ -197,9 +202,11 @@ class ClientRuntime:
         on_event: Callable[[str], None] | None = None,
         privacy_floor: PrivacyFloor | None = None,
         coordinator_key: PinnedKey | None = None,
+        attester: Attester | None = None,
     ) -> None:
         self.client = client
         self.coordinator_key = coordinator_key  # None: models are not verified (warned once)
+        self.attester = attester  # evidence of the code it runs, for each enrollment and check-in
         self.privacy_floor = privacy_floor  # the DP its own job requires, whatever a task says
         self.silo = silo  # a silo of a homomorphic consortium: its context and receipt key
         self.link = link
@@ -236,10 +243,12 @@ class ClientRuntime:
                 "no coordinator key is pinned: global models are NOT verified "
                 "(a tampered or forged model would be trained on)"
             )
-        await self._retrying(lambda: self._send(Enroll(self._device())))
+        await self._retrying(lambda: self._send(Enroll(self._device(), self.attester)))
         self._event(f"enrolled as {self.enrollment.client_id}")
         while not self._stopping.is_set() and (max_tasks is None or self.tasks_done < max_tasks):
-            answer = await self._retrying(lambda: self._send(CheckIn(self._device())))
+            answer = await self._retrying(
+                lambda: self._send(CheckIn(self._device(), self.attester))
+            )
             if isinstance(answer, RunFinished):
                 self.finished = answer
                 self._event(f"the run has finished: {answer.reason}")

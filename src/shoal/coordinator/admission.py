@@ -7,7 +7,10 @@ enroll with this token (:meth:`Admission.admit`). Every no is a
 :class:`Refused` carrying the reject code the client is answered with; the
 service counts and logs it. The tokens listed in the config are stored in
 the registry with their uses and expiry when the admission is made, and
-redeemed there like issued ones.
+redeemed there like issued ones. When the job requires attestation, the
+enrollment and every check-in must also carry evidence, made for that
+request, of an allowed build (:meth:`Admission.attest`, UNATTESTED
+otherwise); it is checked before a token is redeemed or a sighting recorded.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shoal.core.errors import NotFoundError, ProtocolError, SecurityError
+from shoal.governance.attestation import AttestationGate, AttestationRefused, Binding, Evidence
 from shoal.registry import ClientRecord, ClientRegistry, ClientStatus, EnrollmentTokens, ListedToken
 from shoal.transport import serde
 from shoal.transport.messages import RejectCode
@@ -53,8 +57,10 @@ class Admission:
         run_id: str,
         listed_tokens: Sequence[ListedToken],
         clock: Callable[[], float],
+        attestation: AttestationGate | None = None,
     ) -> None:
         self.clients = clients
+        self.attestation = attestation  # None: the job admits clients without attestation
         self.run_id = run_id
         self.clock = clock
         self.replay = ReplayGuard()
@@ -86,6 +92,20 @@ class Admission:
         if this_run and auth.run_id != self.run_id:
             raise Refused(RejectCode.WRONG_ROUND, f"this coordinator runs {self.run_id}")
         return auth
+
+    def attest(self, auth: RequestAuth, public_key: bytes, evidence: Evidence | None) -> None:
+        """Refuse (UNATTESTED) a request whose evidence is not of an allowed build, when required.
+
+        The evidence must be made for this request: the binding is the
+        client's id and key and the run and nonce it signed.
+        """
+        if self.attestation is None:
+            return
+        binding = Binding(auth.client_id, public_key, auth.run_id, auth.nonce)
+        try:
+            self.attestation.check(evidence, binding)
+        except AttestationRefused as exc:
+            raise Refused(RejectCode.UNATTESTED, str(exc)) from exc
 
     def client(self, client_id: str) -> ClientRecord:
         """The record of an enrolled, active client."""

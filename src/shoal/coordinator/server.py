@@ -66,6 +66,7 @@ from shoal.coordinator.service import (
     add_coordinator_service,
 )
 from shoal.coordinator.setup import (
+    attestation_from_config,
     connect_key_holder,
     listed_tokens_from_config,
     policy_from_config,
@@ -186,6 +187,7 @@ def build(
         raise
     records = RunRecords(state_dir, models, clients, model=config.run.name, signer=signer)
     try:
+        attestation = attestation_from_config(section, database)  # keys and verifiers load now
         # planned at the first fit round, for the eligible population it finds
         privacy = run_privacy(config, settings, run_id=section.run_id)
         run = Run(
@@ -248,6 +250,7 @@ def build(
         enrollment_tokens=listed_tokens_from_config(section),
         max_update_bytes=int(section.max_update_mb * 2**20),
         criteria=run.selection_criteria,  # at a check-in, itself a sighting: no seen_within
+        attestation=attestation,
     )
     service = CoordinatorService(
         driver,

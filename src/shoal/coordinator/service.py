@@ -6,14 +6,17 @@ the service gets every request as bytes, so grpc never parses one itself),
 then ask :class:`~shoal.coordinator.admission.Admission` to find the client
 (UNKNOWN_CLIENT, SUSPENDED), verify its Ed25519 signature over the request
 (BAD_SIGNATURE) and refuse a replayed nonce or a stale timestamp (REPLAYED),
-and only then act. A check-in is weighed against the round's eligibility
-policy (``[selection]``, the versioning matrix, ``[[versions.require]]``):
-a client failing only criteria on what it is doing now (not charging, not
-idle, on a metered network...) is told to retry later, one failing any
-other is INCOMPATIBLE, with the reasons; the driver counts both for the
-round's row. An update from a client whose software the policy no longer
-accepts (its versions changed, or a requirement was added since it was
-selected) is refused as INCOMPATIBLE. Bad input is answered with a code and counted
+and, when the job requires attestation, check the evidence an enrollment or
+a check-in carries (UNATTESTED, with the problem: missing, modified,
+untrusted key, not allowed, revoked...), and only then act. A check-in is
+weighed against the round's eligibility policy (``[selection]``, the
+versioning matrix, ``[[versions.require]]``): a client failing only
+criteria on what it is doing now (not charging, not idle, on a metered
+network...) is told to retry later, one failing any other is INCOMPATIBLE,
+with the reasons; the driver counts both for the round's row. An update
+from a client whose software the policy no longer accepts (its versions
+changed, or a requirement was added since it was selected) is refused as
+INCOMPATIBLE. Bad input is answered with a code and counted
 (``shoal_refused_requests_total``); it never raises out of the service, so
 the coordinator keeps serving, and its log lines are limited per peer
 (:class:`~shoal.telemetry.refusals.RefusalLog`). Under secure
@@ -48,6 +51,7 @@ from shoal.core.errors import (
     RegistryError,
     SecurityError,
 )
+from shoal.governance.attestation import AttestationGate
 from shoal.registry import (
     TRANSIENT_CRITERIA,
     ClientRecord,
@@ -116,6 +120,7 @@ class ServiceSettings:
     enrollment_tokens: Collection[str | ListedToken]
     max_update_bytes: int = 64 * 2**20
     criteria: Callable[[], SelectionCriteria] = _no_policy
+    attestation: AttestationGate | None = None  # None: clients need not attest
 
     def listed_tokens(self) -> list[ListedToken]:
         return [
@@ -191,7 +196,11 @@ class CoordinatorService:
         self.selector = selector or Selector(clients)
         self.clock = clock  # seconds since the epoch: replay windows and sightings
         self.admission = Admission(
-            clients, run_id=settings.run_id, listed_tokens=settings.listed_tokens(), clock=clock
+            clients,
+            run_id=settings.run_id,
+            listed_tokens=settings.listed_tokens(),
+            clock=clock,
+            attestation=settings.attestation,
         )
         # an empty buffer is falsy (it has a length): test for None
         self.heartbeats = (
@@ -217,6 +226,8 @@ class CoordinatorService:
                 message = serde.parse(pb.EnrollRequest, request)
                 enrollment = serde.decode_enroll_request(message)
                 auth = self.admission.authenticate(message, public_key=enrollment.public_key)
+                # before a token is redeemed: unattested code uses up no enrollment
+                self.admission.attest(auth, enrollment.public_key, enrollment.evidence)
                 self.admission.admit(auth.client_id, enrollment.enrollment_token)
                 self._enroll(auth.client_id, enrollment)
         except Refused as refusal:
@@ -240,7 +251,11 @@ class CoordinatorService:
                 message = serde.parse(pb.CheckInRequest, request)
                 auth = self.admission.authenticate(message)
                 device = serde.decode_check_in_request(message)
-                record = self._refresh(auth.client_id, device)
+                known = self.admission.client(auth.client_id)
+                # before the sighting: a refused client does not become a candidate
+                if known.public_key is not None:  # authenticate checked the request with it
+                    self.admission.attest(auth, known.public_key, serde.decode_evidence(message))
+                record = self._refresh(known, device)
                 outcome = self._eligible(record) or self._task_or_retry(
                     self.driver.check_in(auth.client_id)
                 )
@@ -284,9 +299,9 @@ class CoordinatorService:
         self.driver.report_failure(client_id, round_number, f"incompatible: {reason}")
         raise Refused(RejectCode.INCOMPATIBLE, reason)
 
-    def _refresh(self, client_id: str, device: DeviceState) -> ClientRecord:
+    def _refresh(self, record: ClientRecord, device: DeviceState) -> ClientRecord:
         """Record a check-in: batched like a heartbeat, unless what the device runs changed."""
-        record = self.admission.client(client_id)
+        client_id = record.client_id
         if any(getattr(record.device, name) != getattr(device, name) for name in _STABLE_FIELDS):
             # an app update: re-checked at once
             return self.clients.enroll(client_id, device, now=self._now())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from shoal.aggregation.strategy import Strategy, make_strategy
@@ -13,9 +14,11 @@ from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
 from shoal.coordinator.selection import cohort_size, private_cohort
 from shoal.core.errors import ConfigError, StrategyError
+from shoal.governance.attestation import AttestationGate, verifiers_for
+from shoal.governance.manifest import load_release_public_key
 from shoal.governance.policy import PolicyEngine
 from shoal.privacy.run import RunPrivacy
-from shoal.registry import ListedToken
+from shoal.registry import AllowedBuilds, Database, ListedToken
 from shoal.secure.quantization import Quantization
 from shoal.tasks import Phase
 from shoal.transport.keyholder_service import KeyHolderClient
@@ -56,6 +59,23 @@ def listed_tokens_from_config(section: CoordinatorSection) -> list[ListedToken]:
             limits["ttl"] = timedelta(days=entry.ttl_days)
         listed.append(ListedToken(token=entry.token, expires_at=entry.expires, **limits))
     return listed
+
+
+def attestation_from_config(
+    section: CoordinatorSection, database: Database
+) -> AttestationGate | None:
+    """The job's attestation check (None when ``coordinator.attestation`` is off).
+
+    Release keys and plugged-in verifiers are loaded now: a missing key file
+    or a verifier that does not import is a ConfigError before anything serves.
+    """
+    if not section.attestation:
+        return None
+    keys = [load_release_public_key(Path(path)) for path in section.release_keys]
+    verifiers = verifiers_for(
+        section.attestation, release_keys=keys, plugins=section.attestation_verifiers
+    )
+    return AttestationGate(verifiers, AllowedBuilds(database))
 
 
 def round_settings_from_config(config: Config, *, population: int | None = None) -> RoundSettings:

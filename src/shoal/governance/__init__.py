@@ -1,9 +1,36 @@
-"""Governance and trust: what the platform accepts, from whom, and the proof of it.
+"""Governance and trust: who may train and what is accepted, and the proof of it.
 
-The Rego policy that every update passes (:mod:`.policy`) and the coordinator's
-signature on every model version (:mod:`.model_signing`).
+The Rego policy that every update passes (:mod:`.policy`), the coordinator's
+signature on every model version (:mod:`.model_signing`), and the attestation
+of client code (:mod:`.attestation`, :mod:`.manifest`).
 """
 
+from shoal.governance.attestation import (
+    MANIFEST_KIND,
+    AttestationGate,
+    AttestationRefused,
+    AttestedBuild,
+    Attester,
+    Binding,
+    Evidence,
+    ManifestAttester,
+    ManifestVerifier,
+    Problem,
+    Verifier,
+    load_verifier,
+)
+from shoal.governance.manifest import (
+    CodeMeasurer,
+    ManifestStatement,
+    SignedManifest,
+    TreeDigest,
+    generate_release_key,
+    key_fingerprint,
+    load_release_private_key,
+    load_release_public_key,
+    release_statement,
+    sign_manifest,
+)
 from shoal.governance.model_signing import (
     MODEL_SIGNING_CONTEXT,
     PUBLIC_KEY_FILE,
@@ -34,23 +61,45 @@ from shoal.governance.policy import (
 __all__ = [
     "DEFAULT_POLICY",
     "ENTRYPOINT",
+    "MANIFEST_KIND",
     "MODEL_SIGNING_CONTEXT",
     "POLICY_ERROR",
     "PUBLIC_KEY_FILE",
     "SIGNING_KEY_FILE",
+    "AttestationGate",
+    "AttestationRefused",
+    "AttestedBuild",
+    "Attester",
+    "Binding",
+    "CodeMeasurer",
     "Decision",
+    "Evidence",
+    "ManifestAttester",
+    "ManifestStatement",
+    "ManifestVerifier",
     "ModelSigner",
     "PinnedKey",
     "PolicyBounds",
     "PolicyEngine",
+    "Problem",
     "Reason",
+    "SignedManifest",
+    "TreeDigest",
     "UpdateFacts",
+    "Verifier",
+    "generate_release_key",
     "generate_signing_key",
+    "key_fingerprint",
     "key_id_of",
     "load_or_create_signing_key",
     "load_public_key",
+    "load_release_private_key",
+    "load_release_public_key",
     "load_signing_key",
+    "load_verifier",
     "public_pem",
+    "release_statement",
+    "sign_manifest",
     "version_message",
     "write_public_key",
     "write_signing_key",

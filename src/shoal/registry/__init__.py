@@ -4,12 +4,14 @@ Everything lives in one SQLAlchemy database (SQLite by default, PostgreSQL
 by URL, see :func:`open_database`) plus a content-addressed blob store
 (:class:`BlobStore`, a local folder or any fsspec URL); a coordinator finds
 both from its state folder (:func:`registry_location`, :func:`blob_location`).
-The database also holds the enrollment tokens (:class:`EnrollmentTokens`) and
-each run's differential-privacy budget ledger (:class:`PrivacyLedger`) and the
-policy's decisions on updates (:class:`PolicyDecisionLog`).
+The database also holds the enrollment tokens (:class:`EnrollmentTokens`),
+each run's differential-privacy budget ledger (:class:`PrivacyLedger`), the
+policy's decisions on updates (:class:`PolicyDecisionLog`) and the
+attestation allow-list of client builds (:class:`AllowedBuilds`).
 """
 
 from shoal.core.device import DeviceState
+from shoal.registry.attestations import AllowedBuild, AllowedBuilds, BuildState
 from shoal.registry.blobs import BlobStore
 from shoal.registry.clients import (
     ClientRecord,
@@ -49,7 +51,10 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "TRANSIENT_CRITERIA",
+    "AllowedBuild",
+    "AllowedBuilds",
     "BlobStore",
+    "BuildState",
     "ClientRecord",
     "ClientRegistry",
     "ClientStatus",

@@ -254,6 +254,22 @@ def _add_model_signatures(op: Operations) -> None:
     op.add_column("model_versions", sa.Column("signature", sa.LargeBinary))
 
 
+def _create_attestation_allow_list(op: Operations) -> None:
+    op.create_table(
+        "attestation_allow_list",
+        sa.Column("build_id", sa.String(128), nullable=False),
+        sa.Column("kind", sa.String(64), nullable=False),
+        sa.Column("label", sa.String(256), nullable=False),
+        sa.Column("allowed_by", sa.String(128), nullable=False),
+        sa.Column("allowed_at", UtcDateTime, nullable=False),
+        sa.Column("allowed_reason", sa.Text, nullable=False),
+        sa.Column("revoked_by", sa.String(128)),
+        sa.Column("revoked_at", UtcDateTime),
+        sa.Column("revoked_reason", sa.Text),
+        sa.PrimaryKeyConstraint("build_id", name="pk_attestation_allow_list"),
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "client registry and versioning matrix", _create_client_registry),
     Migration(2, "model registry", _create_model_registry),
@@ -268,6 +284,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(9, "whether a device is idle (NULL: unknown)", _add_idle),
     Migration(10, "the sampling index carries a policy's steady facts", _widen_sampling_index),
     Migration(11, "the coordinator's signature on each model version", _add_model_signatures),
+    Migration(12, "attestation allow-list of client builds", _create_attestation_allow_list),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -227,6 +227,21 @@ enrollment_tokens = sa.Table(
     sa.UniqueConstraint("token_sha256"),
 )
 
+attestation_allow_list = sa.Table(
+    "attestation_allow_list",
+    metadata,
+    # a build an attested client may run: a release manifest's sha256, or another kind's id
+    sa.Column("build_id", sa.String(128), primary_key=True),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("label", sa.String(256), nullable=False),
+    sa.Column("allowed_by", sa.String(128), nullable=False),
+    sa.Column("allowed_at", UtcDateTime, nullable=False),
+    sa.Column("allowed_reason", sa.Text, nullable=False),
+    sa.Column("revoked_by", sa.String(128)),
+    sa.Column("revoked_at", UtcDateTime),
+    sa.Column("revoked_reason", sa.Text),
+)
+
 privacy_budgets = sa.Table(
     "privacy_budgets",
     metadata,

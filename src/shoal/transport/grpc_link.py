@@ -32,6 +32,7 @@ from shoal.client.link import (
 )
 from shoal.core.errors import NotFoundError, SecurityError, TransportError
 from shoal.core.parameters import Parameters
+from shoal.governance.attestation import Attester, Binding, Evidence
 from shoal.secure.serde import encode_message
 from shoal.tasks import (
     CheckInAnswer,
@@ -57,7 +58,7 @@ from shoal.transport.messages import (
     UpdateHeader,
     Verdict,
 )
-from shoal.transport.signing import NO_ROUND
+from shoal.transport.signing import NO_ROUND, new_nonce
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -103,7 +104,20 @@ class GrpcLink:
         if self._owns_channel:
             await self._channel.close()
 
-    def _sign(self, message: Any, enrollment: Enrollment, *, round_number: int = NO_ROUND) -> None:
+    def _sign(
+        self,
+        message: Any,
+        enrollment: Enrollment,
+        *,
+        round_number: int = NO_ROUND,
+        attester: Attester | None = None,
+    ) -> None:
+        """Sign ``message``; with an ``attester``, first attach evidence made for this request."""
+        nonce = new_nonce()
+        if attester is not None:
+            binding = Binding(enrollment.client_id, enrollment.public_key, self.run_id, nonce)
+            data = attester.evidence(binding.challenge())
+            serde.set_evidence(message, Evidence(attester.kind, data))
         serde.sign_message(
             message,
             enrollment.private_key,
@@ -111,6 +125,7 @@ class GrpcLink:
             run_id=self.run_id,
             round=round_number,
             timestamp=time.time(),
+            nonce=nonce,
         )
 
     async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -154,7 +169,7 @@ class GrpcLink:
         message = serde.encode_enroll_request(
             EnrollmentRequest(request.state, enrollment.public_key, self.enrollment_token)
         )
-        self._sign(message, enrollment)
+        self._sign(message, enrollment, attester=request.attester)
         response = await self._call(lambda: self._stub.Enroll(message, timeout=self.timeout_s))
         reply = serde.decode_enroll_response(response)
         if not reply.verdict.accepted:
@@ -163,7 +178,7 @@ class GrpcLink:
 
     async def _check_in(self, enrollment: Enrollment, request: CheckIn) -> CheckInAnswer:
         message = serde.encode_check_in_request(request.state)
-        self._sign(message, enrollment)
+        self._sign(message, enrollment, attester=request.attester)
         response = await self._call(lambda: self._stub.CheckIn(message, timeout=self.timeout_s))
         outcome = serde.decode_check_in_response(response)
         if isinstance(outcome, Task):

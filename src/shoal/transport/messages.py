@@ -19,6 +19,7 @@ from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.core.device import DeviceState
 from shoal.core.digests import check_sha256_hex
 from shoal.core.errors import ProtocolError
+from shoal.governance.attestation import Evidence
 from shoal.secure.homomorphic import EncryptionRequest
 from shoal.secure.messages import MaskedInputRequest, ServerRequest
 from shoal.secure.serde import FitRequest, SecureRequest
@@ -46,6 +47,7 @@ class RejectCode(enum.Enum):
     INCOMPATIBLE = "incompatible"
     SUSPENDED = "suspended"
     BAD_TOKEN = "bad_token"
+    UNATTESTED = "unattested"
 
     @classmethod
     def from_reason(cls, reason: RejectReason) -> RejectCode:
@@ -77,11 +79,15 @@ def _check_duration(value: float, what: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class EnrollmentRequest:
-    """A client asks to join: its device, its Ed25519 public key, its enrollment token."""
+    """A client asks to join: its device, its Ed25519 public key, its enrollment token.
+
+    ``evidence`` is its attestation, made for this request (None: it attests nothing).
+    """
 
     device: DeviceState
     public_key: bytes
     enrollment_token: str
+    evidence: Evidence | None = None
 
     def __post_init__(self) -> None:
         if len(self.public_key) != ED25519_PUBLIC_KEY_BYTES:

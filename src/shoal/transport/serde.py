@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError, Message
 from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.core.device import DeviceState
 from shoal.core.errors import ClientError, ProtocolError
+from shoal.governance.attestation import Evidence
 from shoal.registry import VersionSignature
 from shoal.secure.homomorphic import EncryptedUpdate, EncryptionRequest
 from shoal.secure.messages import ClientMessage, MaskedInputRequest, ServerRequest
@@ -158,10 +159,12 @@ def sign_message(
     run_id: str,
     round: int,
     timestamp: float,
+    nonce: bytes | None = None,
 ) -> RequestAuth:
-    """Sign a request in place (fills its ``auth`` field, with a fresh nonce) and return the auth.
+    """Sign a request in place (fills its ``auth`` field) and return the auth.
 
     Set every other field first: the signature covers the body as it is now.
+    The nonce is fresh unless given (attestation evidence is made for it first).
     """
     auth = create_request_auth(
         private_key,
@@ -170,6 +173,7 @@ def sign_message(
         round=round,
         payload_sha256=request_digest(message),
         timestamp=timestamp,
+        nonce=nonce,
     )
     message.auth.CopyFrom(encode_auth(auth))
     return auth
@@ -246,18 +250,39 @@ def decode_device_state(message: pb.DeviceState) -> DeviceState:
 
 
 def encode_enroll_request(request: EnrollmentRequest) -> pb.EnrollRequest:
-    return pb.EnrollRequest(
+    message = pb.EnrollRequest(
         device=encode_device_state(request.device),
         public_key=request.public_key,
         enrollment_token=request.enrollment_token,
     )
+    set_evidence(message, request.evidence)
+    return message
 
 
 def decode_enroll_request(message: pb.EnrollRequest) -> EnrollmentRequest:
     _require(message, "device", "EnrollRequest")
     return EnrollmentRequest(
-        decode_device_state(message.device), message.public_key, message.enrollment_token
+        decode_device_state(message.device),
+        message.public_key,
+        message.enrollment_token,
+        decode_evidence(message),
     )
+
+
+def set_evidence(message: pb.EnrollRequest | pb.CheckInRequest, evidence: Evidence | None) -> None:
+    """Attach a client's attestation to an enrollment or a check-in (None: clear it)."""
+    if evidence is None:
+        message.ClearField("attestation")
+        return
+    message.attestation.CopyFrom(pb.Attestation(kind=evidence.kind, evidence=evidence.data))
+
+
+def decode_evidence(message: pb.EnrollRequest | pb.CheckInRequest) -> Evidence | None:
+    """The attestation an enrollment or a check-in carries; None when it carries none."""
+    if not message.HasField("attestation"):
+        return None
+    attestation = message.attestation
+    return _checked(lambda: Evidence(attestation.kind, attestation.evidence), "attestation")
 
 
 def encode_enroll_response(reply: EnrollReply) -> pb.EnrollResponse:

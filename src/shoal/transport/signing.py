@@ -153,9 +153,14 @@ def create_request_auth(
     round: int,
     payload_sha256: str,
     timestamp: float,
+    nonce: bytes | None = None,
 ) -> RequestAuth:
-    """A signed :class:`RequestAuth` with a fresh nonce, ready to attach to a request."""
-    nonce = new_nonce()
+    """A signed :class:`RequestAuth`, ready to attach to a request.
+
+    ``nonce`` is fresh unless given: a request whose body depends on its
+    nonce (attestation evidence made for it) draws one with :func:`new_nonce` first.
+    """
+    nonce = new_nonce() if nonce is None else nonce
     signature = sign_request(
         private_key,
         client_id=client_id,

@@ -91,6 +91,10 @@ class _RejectCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectCode
     REJECT_CODE_SUSPENDED: _RejectCode.ValueType  # 14
     REJECT_CODE_BAD_TOKEN: _RejectCode.ValueType  # 15
     """enrollment token unknown, used or expired"""
+    REJECT_CODE_UNATTESTED: _RejectCode.ValueType  # 16
+    """Attestation is required and the client's is missing, unverifiable, for a build that is
+    modified, not allowed or revoked; the detail starts with the problem (e.g. "revoked: ...").
+    """
 
 class RejectCode(_RejectCode, metaclass=_RejectCodeEnumTypeWrapper):
     """Why a request was refused. The first six match the coordinator's RejectReason."""
@@ -113,6 +117,10 @@ REJECT_CODE_INCOMPATIBLE: RejectCode.ValueType  # 13
 REJECT_CODE_SUSPENDED: RejectCode.ValueType  # 14
 REJECT_CODE_BAD_TOKEN: RejectCode.ValueType  # 15
 """enrollment token unknown, used or expired"""
+REJECT_CODE_UNATTESTED: RejectCode.ValueType  # 16
+"""Attestation is required and the client's is missing, unverifiable, for a build that is
+modified, not allowed or revoked; the detail starts with the problem (e.g. "revoked: ...").
+"""
 Global___RejectCode: _TypeAlias = RejectCode  # noqa: Y015
 
 @_typing.final
@@ -317,6 +325,35 @@ class Scalar(_message.Message):
 Global___Scalar: _TypeAlias = Scalar  # noqa: Y015
 
 @_typing.final
+class Attestation(_message.Message):
+    """Evidence of the code a client runs (see src/shoal/governance/attestation.py), made for the
+    request that carries it: its data binds the challenge computed from the client's id and
+    public key, the request's run_id and its auth nonce, and the request's signature covers it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"manifest" (the built-in release manifest), or a plugged-in kind"""
+    evidence: _builtins.bytes
+    """read by that kind's verifier only; 1 to 65536 bytes"""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        evidence: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Attestation: _TypeAlias = Attestation  # noqa: Y015
+
+@_typing.final
 class Chunk(_message.Message):
     """A piece of a byte payload; every chunk of one payload repeats its total size and sha256."""
 
@@ -356,6 +393,7 @@ class EnrollRequest(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     ENROLLMENT_TOKEN_FIELD_NUMBER: _builtins.int
+    ATTESTATION_FIELD_NUMBER: _builtins.int
     public_key: _builtins.bytes
     """raw Ed25519 public key, 32 bytes"""
     enrollment_token: _builtins.str
@@ -363,6 +401,10 @@ class EnrollRequest(_message.Message):
     def auth(self) -> Global___RequestAuth: ...
     @_builtins.property
     def device(self) -> Global___DeviceState: ...
+    @_builtins.property
+    def attestation(self) -> Global___Attestation:
+        """required when the coordinator requires attestation"""
+
     def __init__(
         self,
         *,
@@ -370,10 +412,11 @@ class EnrollRequest(_message.Message):
         device: Global___DeviceState | None = ...,
         public_key: _builtins.bytes = ...,
         enrollment_token: _builtins.str = ...,
+        attestation: Global___Attestation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "device", b"device"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "auth", b"auth", "device", b"device"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "device", b"device", "enrollment_token", b"enrollment_token", "public_key", b"public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "auth", b"auth", "device", b"device", "enrollment_token", b"enrollment_token", "public_key", b"public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -436,19 +479,25 @@ class CheckInRequest(_message.Message):
 
     AUTH_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    ATTESTATION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def auth(self) -> Global___RequestAuth: ...
     @_builtins.property
     def device(self) -> Global___DeviceState: ...
+    @_builtins.property
+    def attestation(self) -> Global___Attestation:
+        """required when the coordinator requires attestation"""
+
     def __init__(
         self,
         *,
         auth: Global___RequestAuth | None = ...,
         device: Global___DeviceState | None = ...,
+        attestation: Global___Attestation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "device", b"device"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "auth", b"auth", "device", b"device"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "device", b"device"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "auth", b"auth", "device", b"device"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
