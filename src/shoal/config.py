@@ -169,6 +169,14 @@ class RoundSection(_Section):
     # the weight a client claims, and the magnitude of each value (finite, always)
     max_examples_per_client: int = Field(10_000_000, ge=1)
     max_update_abs: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e6
+    # when more than drop_fallback_at of a round's cohort has dropped: re-select replacements
+    # from the eligible clients not yet asked (while drop_reselect_min_left of the deadline is
+    # left), extend the deadline once by drop_extend_s (unset: deadline_s), abort the round and
+    # keep the model, or none (wait for the deadline, as without a fallback)
+    drop_fallback: Literal["reselect", "extend", "abort", "none"] = "reselect"
+    drop_fallback_at: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    drop_extend_s: PositiveFloat | None = None
+    drop_reselect_min_left: Annotated[float, Field(gt=0, le=1)] = 0.5
 
 
 class EvaluationSection(_Section):
@@ -192,6 +200,14 @@ class DeviceClass(_Section):
     dropout: Fraction = 0.0
 
 
+class DropoutWave(_Section):
+    """A simulated dropout wave (``[[devices.dropout_waves]]``): in round ``round`` each
+    device of the cohort also drops with probability ``dropout`` (an outage, a bad release)."""
+
+    round: Annotated[int, Field(ge=1), _ROUNDS]
+    dropout: Fraction
+
+
 def _default_device_classes() -> list[DeviceClass]:
     return [DeviceClass(name="uniform", share=1.0)]
 
@@ -205,6 +221,15 @@ class DevicesSection(_Section):
     straggler_policy: Literal["drop", "partial"] = "drop"
     # the training examples a device is timed by when its app does not say (ClientApp.num_examples)
     nominal_examples: Annotated[int, Field(ge=1), _EXAMPLES] = 100
+    dropout_waves: list[DropoutWave] = Field(default_factory=list)
+
+    @field_validator("dropout_waves")
+    @classmethod
+    def _one_wave_per_round(cls, waves: list[DropoutWave]) -> list[DropoutWave]:
+        rounds = [wave.round for wave in waves]
+        if len(set(rounds)) != len(rounds):
+            raise ValueError(f"one dropout wave per round, got rounds {rounds}")
+        return waves
 
     @field_validator("classes")
     @classmethod
@@ -416,6 +441,15 @@ class PrivacySection(_Section):
         return self.placement != "none"
 
 
+class AlertsSection(_Section):
+    """[alerts]: the job's alert hooks, told of every alert (a cohort that dropped, a spent
+    privacy budget): shell commands (the alert as JSON on stdin) and ``module:function`` hooks."""
+
+    commands: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    hooks: list[Annotated[str, Field(pattern=r"^[^:]+:[^:]+$")]] = Field(default_factory=list)
+    timeout_s: Annotated[float, Field(gt=0), Limit(86_400, "a hook holds up its run")] = 30.0
+
+
 class TrackingSection(_Section):
     """[tracking]: MLflow (extra `mlflow`); unset URI: a SQLite store in the run folder."""
 
@@ -476,6 +510,7 @@ class Config(_Section):
     app: AppSection = AppSection()
     selection: SelectionSection = SelectionSection()
     versions: VersionsSection = VersionsSection()
+    alerts: AlertsSection = AlertsSection()
 
     @model_validator(mode="after")
     def _fits_in_memory(self) -> Config:

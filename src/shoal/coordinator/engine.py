@@ -41,6 +41,7 @@ from shoal.coordinator.events import (
     StartRound,
     UpdateReceived,
 )
+from shoal.coordinator.fallback import FallbackBooks, FallbackKind
 from shoal.coordinator.homomorphic import CkksRound
 from shoal.coordinator.rounds import RoundBooks, RoundSettings
 from shoal.coordinator.secure import (
@@ -48,7 +49,14 @@ from shoal.coordinator.secure import (
     check_secure_strategy,
     open_secure_round,
 )
-from shoal.coordinator.selection import CohortSampler, SeededSampler, client_seed, cohort_size
+from shoal.coordinator.selection import (
+    CohortSampler,
+    SeededSampler,
+    Stream,
+    client_seed,
+    cohort_size,
+    round_rng,
+)
 from shoal.coordinator.state import RoundState, Step, Trigger, next_state
 from shoal.coordinator.validation import count_problem, update_problem
 from shoal.core.errors import (
@@ -183,6 +191,8 @@ class Coordinator:
             target=sample.target,
             config=event.config,
             denominator=sample.denominator,
+            initial=len(cohort),
+            candidates=candidates,
         )
         if len(cohort) < settings.quorum_count(phase):
             self._move(Step.TOO_FEW_CANDIDATES)
@@ -200,7 +210,8 @@ class Coordinator:
             )
         actions: list[Action] = [self._task(client_id, event.round, phase) for client_id in cohort]
         self._move(Step.TASKS_SENT)
-        actions.append(ScheduleDeadline(round=event.round, at=event.now + settings.deadline_s))
+        self._round.deadline_at = event.now + settings.deadline_s
+        actions.append(ScheduleDeadline(round=event.round, at=self._round.deadline_at))
         return actions
 
     def _start_secure(self, event: StartRound, cohort: Sequence[str]) -> list[Action]:
@@ -381,17 +392,103 @@ class Coordinator:
         current.failures[failure_reason(event.reason)] += 1
         if current.secure is not None:
             actions, outcome = current.secure.dropped(event.client_id, event.now, self._fit_task)
+            if outcome is None:
+                actions += self._fallback(current, event.now)
+                if self.state is not RoundState.COLLECTING:
+                    return actions  # the fallback aborted the round
             return [*actions, *self._secure_outcome(current, outcome, event.now)]
-        return self._maybe_close(event.now)
+        actions = self._fallback(current, event.now)
+        if self.state is not RoundState.COLLECTING:
+            return actions  # the fallback aborted the round
+        return [*actions, *self._maybe_close(event.now)]
 
     def _deadline(self, event: DeadlineReached) -> list[Action]:
         current = self._collecting(event.round)
         if current is None:
             return []  # a stale timer of a round already closed
+        if current.deadline_at is not None and event.now < current.deadline_at:
+            return []  # the timer of a deadline that an extension moved
         if current.secure is not None:
             actions, outcome = current.secure.deadline(event.stage, event.now, self._fit_task)
             return [*actions, *self._secure_outcome(current, outcome, event.now)]
         return self._close(event.now)
+
+    # --- when too much of the cohort drops (see shoal.coordinator.fallback) --------------
+
+    def _fallback(self, current: RoundBooks, now: float) -> list[Action]:
+        """Take the job's fallback once more than its share of the cohort has dropped."""
+        books = current.fallback
+        if books is not None:  # taken already: re-selection goes on replacing each drop
+            return (
+                self._reselect(current, books, now, 1)
+                if books.kind is FallbackKind.RESELECT
+                else []
+            )
+        fallback, dropped = self.settings.fallback, len(current.failed)
+        if not fallback.triggered(dropped=dropped, cohort=current.initial):
+            return []
+        quorum = self.settings.quorum_count(current.phase)
+        kind, note = fallback.for_round(
+            secure=current.secure is not None,
+            private=self.privacy is not None and current.phase is Phase.FIT,
+            reachable=len(current.cohort) - dropped >= quorum,
+        )
+        books = current.fallback = FallbackBooks(
+            kind, fallback.kind, dropped, len(current.cohort), at=now, note=note
+        )
+        log.warning(
+            "%d of the %d clients of round %d (%s) dropped: fallback %s",
+            dropped,
+            len(current.cohort),
+            current.number,
+            current.phase.value,
+            kind.value,
+        )
+        if kind is FallbackKind.ABORT:
+            return self._abort_dropped(current, books, now)
+        if kind is FallbackKind.EXTEND:
+            books.extended_by_s = fallback.deadline_extension(self.settings.deadline_s)
+            assert current.deadline_at is not None  # a plain round has one
+            current.deadline_at += books.extended_by_s
+            return [ScheduleDeadline(round=current.number, at=current.deadline_at)]
+        if kind is FallbackKind.RESELECT:
+            return self._reselect(current, books, now, dropped)
+        return []
+
+    def _reselect(
+        self, current: RoundBooks, books: FallbackBooks, now: float, count: int
+    ) -> list[Action]:
+        """Ask up to ``count`` clients the round has not asked yet, while time allows."""
+        assert current.deadline_at is not None
+        left = current.deadline_at - now
+        if not self.settings.fallback.time_for_replacement(
+            left_s=left, deadline_s=self.settings.deadline_s
+        ):
+            books.note = (
+                f"no replacement asked at {now:.6g}: {left:.6g}s left, "
+                f"a replacement needs {self.settings.fallback.reselect_min_left:.0%} of "
+                f"the {self.settings.deadline_s:.6g}s deadline"
+            )
+            return []
+        if books.pool is None:  # drawn once, in an order the run seed fixes
+            unasked = sorted(set(current.candidates) - current.cohort)
+            rng = round_rng(seed=self.seed, round_number=current.number, stream=Stream.RESELECT)
+            books.pool = [unasked[index] for index in rng.permutation(len(unasked)).tolist()]
+        chosen, books.pool = books.pool[:count], books.pool[count:]
+        if len(chosen) < count:
+            books.note = "the eligible clients not asked yet ran out"
+        current.cohort = current.cohort | frozenset(chosen)
+        books.replacements += len(chosen)
+        return [self._task(client, current.number, current.phase) for client in chosen]
+
+    def _abort_dropped(self, current: RoundBooks, books: FallbackBooks, now: float) -> list[Action]:
+        self._move(Step.ROUND_CLOSED)
+        self._move(Step.QUORUM_MISSED)
+        reason = (
+            f"{books.dropped} of the {books.cohort} clients of the cohort dropped (more than "
+            f"{self.settings.fallback.at:.0%}): the round is aborted and the model kept"
+        )
+        return [RoundClosed(self._summary(now, committed=False, abort_reason=reason))]
 
     # --- secure rounds -----------------------------------------------------------------
 
@@ -558,4 +655,5 @@ class Coordinator:
             secure=current.secure_report,
             participants=tuple(sorted(current.reported)),
             failures=dict(current.failures.most_common(MAX_FAILURE_REASONS)),
+            fallback=None if current.fallback is None else current.fallback.report(),
         )

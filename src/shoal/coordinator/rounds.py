@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.coordinator.events import SecureRoundReport
+from shoal.coordinator.fallback import DropFallback, FallbackBooks
 from shoal.coordinator.homomorphic import CkksRound
 from shoal.coordinator.secure import SecureRound
 from shoal.coordinator.selection import cohort_size
@@ -18,8 +19,9 @@ from shoal.tasks import Phase
 
 @dataclass(frozen=True, slots=True)
 class RoundSettings:
-    """How rounds run: cohort sizes, quorum, deadlines, the clients' training, and the floor
-    every submission must clear (``max_examples_per_client``, ``max_update_abs``)."""
+    """How rounds run: cohort sizes, quorum, deadlines, the clients' training, the floor
+    every submission must clear (``max_examples_per_client``, ``max_update_abs``), and what a
+    round does when too much of its cohort drops (``fallback``)."""
 
     clients_per_round: int
     over_selection: float = 1.3
@@ -31,6 +33,7 @@ class RoundSettings:
     learning_rate: float = 0.05
     max_examples_per_client: int = 10_000_000
     max_update_abs: float = 1e6
+    fallback: DropFallback = field(default_factory=DropFallback)  # when half the cohort drops
 
     def __post_init__(self) -> None:
         cohort_size(target=self.clients_per_round, over_selection=self.over_selection)
@@ -78,6 +81,10 @@ class RoundBooks:
     denominator: float | None = None  # user-level DP under Poisson sampling: q * population
     secure: SecureRound | CkksRound | None = None
     secure_report: SecureRoundReport | None = None
+    deadline_at: float | None = None  # a plain round's deadline (an extension moves it)
+    initial: int = 0  # the cohort's size when the round started
+    candidates: tuple[str, ...] = ()  # whom the round could select (replacements come from them)
+    fallback: FallbackBooks | None = None
 
     @property
     def accounted(self) -> int:

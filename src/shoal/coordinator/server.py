@@ -52,6 +52,7 @@ from shoal.coordinator.events import (
     RequestDecryption,
     RoundSummary,
 )
+from shoal.coordinator.fallback import candidates_wanted
 from shoal.coordinator.homomorphic import CKKS
 from shoal.coordinator.records import RunRecords
 from shoal.coordinator.run import Run, RunParts
@@ -185,6 +186,7 @@ def build(
             architecture=apps.architecture,
             privacy=privacy,
             where=str(state_dir),
+            run_id=section.run_id,
         )
         coordinator = run.open(lambda: apps.client(_first_context(config)))
         if run.first_round > 1:
@@ -208,8 +210,11 @@ def build(
         selector,
         criteria,
         heartbeats,
-        wanted=cohort_size(
-            target=config.round.clients_per_round, over_selection=config.round.over_selection
+        wanted=candidates_wanted(  # with a reserve for replacements when the job re-selects
+            cohort=cohort_size(
+                target=config.round.clients_per_round, over_selection=config.round.over_selection
+            ),
+            fallback=settings.fallback,
         ),
         barred=run.barred,  # suspended, or past their own privacy budget
         clock=clock,

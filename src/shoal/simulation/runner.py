@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -59,6 +60,7 @@ from shoal.registry import (
 )
 from shoal.simulation.consortium import Consortium
 from shoal.simulation.devices import Attempt, DeviceFleet
+from shoal.simulation.dropouts import DROPPED_REASON, drop_time, dropped_in_wave, task_duration
 from shoal.simulation.executor import Executor, Job, Outcome, make_executor
 from shoal.simulation.population import Population
 from shoal.simulation.record_privacy import RecordLevelLedger
@@ -76,11 +78,13 @@ MODEL_NAME = "global"
 
 @dataclass(slots=True)
 class _Delivery:
-    """A result on its way to the coordinator, ordered by virtual arrival time."""
+    """A result (or a drop, or the deadline: no client) on its way to the coordinator,
+    ordered by virtual arrival time."""
 
     at: float
     order: int
     client_id: str
+    dropped: bool = False
 
     def __lt__(self, other: _Delivery) -> bool:
         return (self.at, self.order) < (other.at, other.order)
@@ -138,7 +142,7 @@ class Simulation:
         self.identities = SimulatedIdentities(self.population.client_ids)  # SecAgg+'s PKI
         self._coordinator: Coordinator | None = None
         self.model_bytes = 0
-        self._records = RecordLevelLedger()  # record-level DP-SGD, when clients run it
+        self.record_level = RecordLevelLedger()  # record-level DP-SGD, when clients run it
 
     @property
     def coordinator(self) -> Coordinator:
@@ -186,7 +190,7 @@ class Simulation:
                         on_round(row)
                     now = row["virtual_time_s"]
             summary = lifecycle.finish(
-                {**self._records.summary_fields(), "clients": len(self.population.client_ids)}
+                {**self.record_level.summary_fields(), "clients": len(self.population.client_ids)}
             )
             finished = True
             return summary
@@ -236,48 +240,12 @@ class Simulation:
         actions = self.coordinator.handle(
             StartRound(round_number, phase, now, candidates, config, self.identities)
         )
-        tasks = {a.client_id: a for a in actions if isinstance(a, SendFitTask | SendEvaluateTask)}
         closed = _closed(actions)
         if closed is not None:
-            return lifecycle.close_round(closed, None, self._shell_fields(closed, {}, 0))
+            return lifecycle.close_round(closed, None, self.shell_fields(closed, {}, 0))
         if phase is Phase.FIT and self.coordinator.secure is not None:
             return self._play_secure(lifecycle, executor, round_number, actions, now)
-        deadline = next(a.at for a in actions if isinstance(a, ScheduleDeadline))
-        attempts = {
-            client: self.plan_attempt(task, now, deadline) for client, task in tasks.items()
-        }
-        arrivals = sorted(
-            _Delivery(attempt.arrives_at, index, client)
-            for index, (client, attempt) in enumerate(attempts.items())
-            if attempt.arrives_at is not None and attempt.arrives_at <= deadline
-        )
-        outcomes: dict[str, Outcome] = {}
-        queue = [*arrivals, _Delivery(deadline, len(attempts), "")]
-        heapq.heapify(queue)
-        uploads, commit = 0, None
-        while queue:
-            delivery = heapq.heappop(queue)
-            if not delivery.client_id:
-                actions = self.coordinator.handle(DeadlineReached(round_number, delivery.at))
-            else:
-                if delivery.client_id not in outcomes:
-                    self._compute(executor, phase, tasks, attempts, arrivals, outcomes, delivery)
-                uploads += 1
-                actions = self.coordinator.handle(
-                    self._event(outcomes[delivery.client_id], round_number, delivery.at)
-                )
-            commit = next((a for a in actions if isinstance(a, CommitVersion)), commit)
-            closed = _closed(actions)
-            if closed is not None:
-                counted = set(closed.participants)
-                self._records.add_all(
-                    (client, outcome.metrics)
-                    for client, outcome in outcomes.items()
-                    if client in counted and phase is Phase.FIT
-                )
-                fields = self._shell_fields(closed, attempts, uploads)
-                return lifecycle.close_round(closed, commit, fields)
-        raise RunError(f"round {round_number} never closed")  # the deadline always closes it
+        return _PlainRound(self, lifecycle, executor, round_number, phase).play(actions, now)
 
     def _play_secure(
         self,
@@ -291,7 +259,9 @@ class Simulation:
         summary, commit = player.play(actions, now)
         traffic = player.traffic
         fields = {
-            **self._shell_fields(summary, traffic.attempts, traffic.masked_inputs),
+            **self.shell_fields(
+                summary, traffic.attempts, traffic.masked_inputs, traffic.reported_drops
+            ),
             **secure_row_fields(summary, traffic),
         }
         return lifecycle.close_round(summary, commit, fields)
@@ -299,7 +269,18 @@ class Simulation:
     def plan_attempt(
         self, task: SendFitTask | SendEvaluateTask, now: float, deadline: float
     ) -> Attempt:
-        """What the fleet says the client does with ``task``: when it answers, or that it drops."""
+        """What the fleet says the client does with ``task``: when it answers, or that it drops.
+
+        A dropout wave of the round (``[[devices.dropout_waves]]``) may take it first.
+        """
+        if dropped_in_wave(
+            self.config.devices.dropout_waves,
+            seed=self.config.run.seed,
+            round_number=task.round,
+            client_id=task.client_id,
+        ):
+            epochs = task.config.epochs if isinstance(task, SendFitTask) else 0.0
+            return Attempt(task.client_id, None, epochs, dropped=True, straggler=False)
         if isinstance(task, SendFitTask):
             return self.fleet.plan_fit(
                 task.client_id,
@@ -318,25 +299,28 @@ class Simulation:
             model_bytes=self.model_bytes,
         )
 
-    def _compute(
-        self,
-        executor: Executor,
-        phase: Phase,
-        tasks: dict[str, SendFitTask | SendEvaluateTask],
-        attempts: dict[str, Attempt],
-        arrivals: Sequence[_Delivery],
-        outcomes: dict[str, Outcome],
-        delivery: _Delivery,
-    ) -> None:
-        """Train the results that will be needed next, as one parallel batch."""
-        answered = sum(1 for outcome in outcomes.values() if outcome.error is None)
-        still_needed = max(1, self.settings.target(phase) - answered)
-        waiting = [
-            d.client_id for d in arrivals if d.client_id not in outcomes and not d < delivery
-        ]
-        jobs = [self.job_for(tasks[client], attempts[client]) for client in waiting[:still_needed]]
-        for outcome in executor.run(self.coordinator.parameters, jobs):
-            outcomes[outcome.client_id] = outcome
+    def drop_at(self, task: SendFitTask | SendEvaluateTask, start: float, deadline: float) -> float:
+        """When the coordinator learns that the device given ``task`` at ``start`` dropped."""
+        client = task.client_id
+        fit = isinstance(task, SendFitTask)
+        duration = task_duration(
+            self.fleet.device_class(client),
+            num_examples=(
+                self.population.num_train_examples(client)
+                if fit
+                else self.population.num_eval_examples(client)
+            ),
+            epochs=task.config.epochs if isinstance(task, SendFitTask) else 1 / 3,
+            model_bytes=self.model_bytes,
+        )
+        return drop_time(
+            seed=self.config.run.seed,
+            round_number=task.round,
+            client_id=client,
+            start=start,
+            deadline_at=deadline,
+            duration=duration,
+        )
 
     def job_for(self, task: SendFitTask | SendEvaluateTask, attempt: Attempt) -> Job:
         """The executor's job for ``task``, with the epochs the attempt could afford."""
@@ -345,32 +329,23 @@ class Simulation:
             config = dataclasses.replace(task.config, epochs=attempt.epochs)
         return Job(task.client_id, config, seeded_noise=self.seeded_noise)
 
-    @staticmethod
-    def _event(outcome: Outcome, round_number: int, at: float) -> Event:
-        if outcome.error is not None:
-            return ClientFailed(outcome.client_id, round_number, at, outcome.error)
-        if outcome.update is not None:
-            return UpdateReceived(
-                outcome.client_id,
-                round_number,
-                at,
-                outcome.update,
-                outcome.num_examples,
-                outcome.metrics,
-            )
-        return EvaluationReceived(
-            outcome.client_id, round_number, at, outcome.loss, outcome.num_examples, outcome.metrics
-        )
-
     # --- what only the simulator knows of a round -------------------------------------------
 
-    def _shell_fields(
-        self, summary: RoundSummary, attempts: dict[str, Attempt], uploads: int
+    def shell_fields(
+        self,
+        summary: RoundSummary,
+        attempts: dict[str, Attempt],
+        uploads: int,
+        reported_drops: int = 0,
     ) -> dict[str, Any]:
-        """The row's fields that the device fleet decides: drops, stragglers, uploads."""
+        """The row's fields that the device fleet decides: drops, stragglers, uploads.
+
+        ``reported_drops``: the drops the coordinator was told of (counted in ``failed``).
+        """
         fit = summary.phase is Phase.FIT
+        dropped = sum(1 for attempt in attempts.values() if attempt.dropped)
         return {
-            "dropped": sum(1 for attempt in attempts.values() if attempt.dropped) + summary.failed,
+            "dropped": dropped - reported_drops + summary.failed,
             "stragglers": sum(
                 1
                 for a in attempts.values()
@@ -383,6 +358,133 @@ class Simulation:
             ),
             "bytes_up": uploads * (self.model_bytes if fit else EVALUATION_UPLOAD_BYTES),
         }
+
+
+class _PlainRound:
+    """One plain (not secure) round of a simulation, played in virtual time.
+
+    Results and drops reach the coordinator in virtual-time order until the
+    round closes; replacements it asks (a re-selecting fallback) get their
+    own attempts from the time they are asked, and an extended deadline
+    replaces the old one.
+    """
+
+    def __init__(
+        self,
+        simulation: Simulation,
+        lifecycle: Run,
+        executor: Executor,
+        round_number: int,
+        phase: Phase,
+    ) -> None:
+        self.simulation = simulation
+        self.lifecycle = lifecycle
+        self.executor = executor
+        self.round = round_number
+        self.phase = phase
+        self.tasks: dict[str, SendFitTask | SendEvaluateTask] = {}
+        self.attempts: dict[str, Attempt] = {}
+        self.outcomes: dict[str, Outcome] = {}
+        self.queue: list[_Delivery] = []
+        self.deadline = 0.0
+        self.uploads = 0
+        self.reported_drops = 0
+        self._order = itertools.count()
+
+    def play(self, actions: list[Action], now: float) -> dict[str, Any]:
+        """Carry out the round's first actions, then deliver everything until it closes."""
+        commit: CommitVersion | None = None
+        self._carry_out(actions, now)
+        coordinator = self.simulation.coordinator
+        while self.queue:
+            delivery = heapq.heappop(self.queue)
+            if not delivery.client_id:
+                actions = coordinator.handle(DeadlineReached(self.round, delivery.at))
+            elif delivery.dropped:
+                self.reported_drops += 1
+                event = ClientFailed(delivery.client_id, self.round, delivery.at, DROPPED_REASON)
+                actions = coordinator.handle(event)
+            else:
+                if delivery.client_id not in self.outcomes:
+                    self._compute(delivery)
+                self.uploads += 1
+                outcome = self.outcomes[delivery.client_id]
+                actions = coordinator.handle(_result_event(outcome, self.round, delivery.at))
+            commit = next((a for a in actions if isinstance(a, CommitVersion)), commit)
+            closed = _closed(actions)
+            if closed is not None:
+                return self._close(closed, commit)
+            self._carry_out(actions, delivery.at)
+        raise RunError(f"round {self.round} never closed")  # the deadline always closes it
+
+    def _carry_out(self, actions: Sequence[Action], now: float) -> None:
+        """Plan the attempts of new tasks; queue a (new) deadline."""
+        for action in actions:
+            if isinstance(action, ScheduleDeadline):
+                self.deadline = action.at
+                self._push(action.at, "")
+        tasks = [a for a in actions if isinstance(a, SendFitTask | SendEvaluateTask)]
+        for task in tasks:
+            client = task.client_id
+            self.tasks[client] = task
+            attempt = self.attempts[client] = self.simulation.plan_attempt(task, now, self.deadline)
+            if attempt.arrives_at is not None:
+                self._push(attempt.arrives_at, client)
+            elif attempt.dropped:
+                self._push(self.simulation.drop_at(task, now, self.deadline), client, dropped=True)
+
+    def _push(self, at: float, client_id: str, *, dropped: bool = False) -> None:
+        heapq.heappush(self.queue, _Delivery(at, next(self._order), client_id, dropped))
+
+    def _compute(self, delivery: _Delivery) -> None:
+        """Train the results that will be needed next (by the deadline), as one parallel batch."""
+        answered = sum(1 for outcome in self.outcomes.values() if outcome.error is None)
+        still_needed = max(1, self.simulation.settings.target(self.phase) - answered)
+        waiting = sorted(
+            d
+            for d in [delivery, *self.queue]
+            if d.client_id
+            and not d.dropped
+            and d.client_id not in self.outcomes
+            and d.at <= self.deadline
+        )
+        simulation = self.simulation
+        jobs = [
+            simulation.job_for(self.tasks[d.client_id], self.attempts[d.client_id])
+            for d in waiting[:still_needed]
+        ]
+        for outcome in self.executor.run(simulation.coordinator.parameters, jobs):
+            self.outcomes[outcome.client_id] = outcome
+
+    def _close(self, closed: RoundSummary, commit: CommitVersion | None) -> dict[str, Any]:
+        counted = set(closed.participants)
+        if self.phase is Phase.FIT:
+            self.simulation.record_level.add_all(
+                (client, outcome.metrics)
+                for client, outcome in self.outcomes.items()
+                if client in counted
+            )
+        fields = self.simulation.shell_fields(
+            closed, self.attempts, self.uploads, self.reported_drops
+        )
+        return self.lifecycle.close_round(closed, commit, fields)
+
+
+def _result_event(outcome: Outcome, round_number: int, at: float) -> Event:
+    if outcome.error is not None:
+        return ClientFailed(outcome.client_id, round_number, at, outcome.error)
+    if outcome.update is not None:
+        return UpdateReceived(
+            outcome.client_id,
+            round_number,
+            at,
+            outcome.update,
+            outcome.num_examples,
+            outcome.metrics,
+        )
+    return EvaluationReceived(
+        outcome.client_id, round_number, at, outcome.loss, outcome.num_examples, outcome.metrics
+    )
 
 
 def _closed(actions: Sequence[Action]) -> RoundSummary | None:
