@@ -428,6 +428,8 @@ class Coordinator:
         if not fallback.triggered(dropped=dropped, cohort=current.initial):
             return []
         quorum = self.settings.quorum_count(current.phase)
+        if current.secure is not None:
+            quorum = max(quorum, current.secure.survivors_needed)
         kind, note = fallback.for_round(
             secure=current.secure is not None,
             private=self.privacy is not None and current.phase is Phase.FIT,

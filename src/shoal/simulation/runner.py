@@ -351,11 +351,13 @@ class Simulation:
                 for a in attempts.values()
                 if a.straggler and a.arrives_at is not None and a.arrives_at > summary.closed_at
             ),
-            "partial": sum(
+            "partial": sum(  # a dropped straggler may still count after an extension
                 1
                 for a in attempts.values()
                 if a.straggler and a.arrives_at is not None and a.arrives_at <= summary.closed_at
-            ),
+            )
+            if self.config.devices.straggler_policy == "partial"
+            else 0,
             "bytes_up": uploads * (self.model_bytes if fit else EVALUATION_UPLOAD_BYTES),
         }
 
