@@ -41,7 +41,7 @@ from shoal.coordinator.events import (
     StartRound,
     UpdateReceived,
 )
-from shoal.coordinator.fallback import FallbackBooks, FallbackKind
+from shoal.coordinator.fallback import after_drop
 from shoal.coordinator.homomorphic import CkksRound
 from shoal.coordinator.rounds import RoundBooks, RoundSettings
 from shoal.coordinator.secure import (
@@ -49,14 +49,7 @@ from shoal.coordinator.secure import (
     check_secure_strategy,
     open_secure_round,
 )
-from shoal.coordinator.selection import (
-    CohortSampler,
-    SeededSampler,
-    Stream,
-    client_seed,
-    cohort_size,
-    round_rng,
-)
+from shoal.coordinator.selection import CohortSampler, SeededSampler, client_seed, cohort_size
 from shoal.coordinator.state import RoundState, Step, Trigger, next_state
 from shoal.coordinator.validation import count_problem, update_problem
 from shoal.core.errors import (
@@ -416,81 +409,29 @@ class Coordinator:
     # --- when too much of the cohort drops (see shoal.coordinator.fallback) --------------
 
     def _fallback(self, current: RoundBooks, now: float) -> list[Action]:
-        """Take the job's fallback once more than its share of the cohort has dropped."""
-        books = current.fallback
-        if books is not None:  # taken already: re-selection goes on replacing each drop
-            return (
-                self._reselect(current, books, now, 1)
-                if books.kind is FallbackKind.RESELECT
-                else []
-            )
-        fallback, dropped = self.settings.fallback, len(current.failed)
-        if not fallback.triggered(dropped=dropped, cohort=current.initial):
-            return []
+        """Carry out the job's fallback once more than its share of the cohort has dropped."""
         quorum = self.settings.quorum_count(current.phase)
         if current.secure is not None:
             quorum = max(quorum, current.secure.survivors_needed)
-        kind, note = fallback.for_round(
-            secure=current.secure is not None,
+        step = after_drop(
+            current,
+            self.settings.fallback,
+            deadline_s=self.settings.deadline_s,
+            quorum=quorum,
             private=self.privacy is not None and current.phase is Phase.FIT,
-            reachable=len(current.cohort) - dropped >= quorum,
+            seed=self.seed,
+            now=now,
         )
-        books = current.fallback = FallbackBooks(
-            kind, fallback.kind, dropped, len(current.cohort), at=now, note=note
-        )
-        log.warning(
-            "%d of the %d clients of round %d (%s) dropped: fallback %s",
-            dropped,
-            len(current.cohort),
-            current.number,
-            current.phase.value,
-            kind.value,
-        )
-        if kind is FallbackKind.ABORT:
-            return self._abort_dropped(current, books, now)
-        if kind is FallbackKind.EXTEND:
-            books.extended_by_s = fallback.deadline_extension(self.settings.deadline_s)
-            assert current.deadline_at is not None  # a plain round has one
-            current.deadline_at += books.extended_by_s
-            return [ScheduleDeadline(round=current.number, at=current.deadline_at)]
-        if kind is FallbackKind.RESELECT:
-            return self._reselect(current, books, now, dropped)
-        return []
-
-    def _reselect(
-        self, current: RoundBooks, books: FallbackBooks, now: float, count: int
-    ) -> list[Action]:
-        """Ask up to ``count`` clients the round has not asked yet, while time allows."""
-        assert current.deadline_at is not None
-        left = current.deadline_at - now
-        if not self.settings.fallback.time_for_replacement(
-            left_s=left, deadline_s=self.settings.deadline_s
-        ):
-            books.note = (
-                f"no replacement asked at {now:.6g}: {left:.6g}s left, "
-                f"a replacement needs {self.settings.fallback.reselect_min_left:.0%} of "
-                f"the {self.settings.deadline_s:.6g}s deadline"
-            )
-            return []
-        if books.pool is None:  # drawn once, in an order the run seed fixes
-            unasked = sorted(set(current.candidates) - current.cohort)
-            rng = round_rng(seed=self.seed, round_number=current.number, stream=Stream.RESELECT)
-            books.pool = [unasked[index] for index in rng.permutation(len(unasked)).tolist()]
-        chosen, books.pool = books.pool[:count], books.pool[count:]
-        if len(chosen) < count:
-            books.note = "the eligible clients not asked yet ran out"
-        current.cohort = current.cohort | frozenset(chosen)
-        books.replacements += len(chosen)
-        return [self._task(client, current.number, current.phase) for client in chosen]
-
-    def _abort_dropped(self, current: RoundBooks, books: FallbackBooks, now: float) -> list[Action]:
-        self._move(Step.ROUND_CLOSED)
-        self._move(Step.QUORUM_MISSED)
-        reason = (
-            f"{books.dropped} of the {books.cohort} clients of the cohort dropped (more than "
-            f"{self.settings.fallback.at:.0%}): the round is aborted and the model kept"
-        )
-        return [RoundClosed(self._summary(now, committed=False, abort_reason=reason))]
+        if step.abort is not None:
+            self._move(Step.ROUND_CLOSED)
+            self._move(Step.QUORUM_MISSED)
+            return [RoundClosed(self._summary(now, committed=False, abort_reason=step.abort))]
+        actions = [
+            self._task(client, current.number, current.phase) for client in step.replacements
+        ]
+        if step.deadline_at is not None:
+            actions.append(ScheduleDeadline(round=current.number, at=step.deadline_at))
+        return actions
 
     # --- secure rounds -----------------------------------------------------------------
 

@@ -35,11 +35,19 @@ sampled exactly as the accountant assumes, so it never adds members:
 from __future__ import annotations
 
 import enum
+import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shoal.coordinator.events import FallbackReport
+from shoal.coordinator.selection import Stream, round_rng
 from shoal.core.errors import ConfigError
+
+if TYPE_CHECKING:  # the books import this module's settings
+    from shoal.coordinator.rounds import RoundBooks
+
+log = logging.getLogger("shoal.coordinator")
 
 
 class FallbackKind(enum.Enum):
@@ -116,6 +124,7 @@ class FallbackBooks:
     replacements: int = 0
     extended_by_s: float = 0.0
     pool: list[str] | None = None  # reselect: the candidates not asked yet, in draw order
+    replaced_drops: int = 0  # reselect: the drops a replacement was sought for
 
     def report(self) -> FallbackReport:
         return FallbackReport(
@@ -128,6 +137,102 @@ class FallbackBooks:
             extended_by_s=self.extended_by_s,
             note=self.note,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackStep:
+    """What the engine does after a drop: ask ``replacements``, move the deadline to
+    ``deadline_at``, or close the round uncommitted for the reason ``abort``."""
+
+    replacements: tuple[str, ...] = ()
+    deadline_at: float | None = None
+    abort: str | None = None
+
+
+def after_drop(
+    current: RoundBooks,
+    fallback: DropFallback,
+    *,
+    deadline_s: float,
+    quorum: int,
+    private: bool,
+    seed: int,
+    now: float,
+) -> FallbackStep:
+    """The fallback's step after a member of ``current`` dropped (the books are updated).
+
+    ``quorum``: the fewest members the round needs (a secure round's own floor
+    included); ``private``: a DP fit round.
+    """
+    books = current.fallback
+    if books is not None:  # taken already: re-selection goes on replacing each drop
+        if books.kind is not FallbackKind.RESELECT:
+            return FallbackStep()
+        return _reselect(current, books, fallback, deadline_s=deadline_s, seed=seed, now=now)
+    dropped = len(current.failed)
+    if not fallback.triggered(dropped=dropped, cohort=current.initial):
+        return FallbackStep()
+    kind, note = fallback.for_round(
+        secure=current.secure is not None,
+        private=private,
+        reachable=len(current.cohort) - dropped >= quorum,
+    )
+    books = current.fallback = FallbackBooks(
+        kind, fallback.kind, dropped, len(current.cohort), at=now, note=note
+    )
+    log.warning(
+        "%d of the %d clients of round %d (%s) dropped: fallback %s",
+        dropped,
+        len(current.cohort),
+        current.number,
+        current.phase.value,
+        kind.value,
+    )
+    if kind is FallbackKind.ABORT:
+        return FallbackStep(
+            abort=f"{dropped} of the {books.cohort} clients of the cohort dropped (more than "
+            f"{fallback.at:.0%}): the round is aborted and the model kept"
+        )
+    if kind is FallbackKind.EXTEND:
+        assert current.deadline_at is not None  # a plain round has one
+        books.extended_by_s = fallback.deadline_extension(deadline_s)
+        current.deadline_at += books.extended_by_s
+        return FallbackStep(deadline_at=current.deadline_at)
+    if kind is FallbackKind.RESELECT:
+        return _reselect(current, books, fallback, deadline_s=deadline_s, seed=seed, now=now)
+    return FallbackStep()
+
+
+def _reselect(
+    current: RoundBooks,
+    books: FallbackBooks,
+    fallback: DropFallback,
+    *,
+    deadline_s: float,
+    seed: int,
+    now: float,
+) -> FallbackStep:
+    """A replacement for every member dropped and not yet replaced, while time allows."""
+    assert current.deadline_at is not None
+    left = current.deadline_at - now
+    if not fallback.time_for_replacement(left_s=left, deadline_s=deadline_s):
+        books.note = (
+            f"no replacement asked at {now:.6g}: {left:.6g}s left, a replacement needs "
+            f"{fallback.reselect_min_left:.0%} of the {deadline_s:.6g}s deadline"
+        )
+        return FallbackStep()
+    if books.pool is None:  # drawn once, in an order the run seed fixes
+        unasked = sorted(set(current.candidates) - current.cohort)
+        rng = round_rng(seed=seed, round_number=current.number, stream=Stream.RESELECT)
+        books.pool = [unasked[index] for index in rng.permutation(len(unasked)).tolist()]
+    count = len(current.failed) - books.replaced_drops
+    chosen, books.pool = books.pool[:count], books.pool[count:]
+    books.replaced_drops += count
+    if len(chosen) < count:
+        books.note = "the eligible clients not asked yet ran out"
+    current.cohort = current.cohort | frozenset(chosen)
+    books.replacements += len(chosen)
+    return FallbackStep(replacements=tuple(chosen))
 
 
 def candidates_wanted(*, cohort: int, fallback: DropFallback) -> int:
