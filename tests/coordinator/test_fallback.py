@@ -291,3 +291,19 @@ def test_a_live_coordinator_lists_a_reserve_only_to_reselect() -> None:
     assert candidates_wanted(cohort=13, fallback=DropFallback()) == 26
     extend = DropFallback(kind=FallbackKind.EXTEND)
     assert candidates_wanted(cohort=13, fallback=extend) == 13
+
+
+def test_a_client_cannot_set_off_the_fallback_alone_or_from_outside() -> None:
+    """Repeated reports of one member, and reports of clients not asked, are refused, uncounted."""
+    coordinator = make("abort")
+    cohort = start(coordinator)
+    outsider = next(client for client in CANDIDATES if client not in cohort)
+    refused = [
+        *fail(coordinator, [cohort[0]] * 7),  # the first counts, the six others are duplicates
+        *fail(coordinator, [outsider] * 7),
+        *[a for _ in range(7) for a in coordinator.handle(ClientFailed(cohort[1], 2, 20.0, "x"))],
+    ]
+    assert len(refused) == 6 + 7 + 7
+    assert all(type(action).__name__ == "RejectSubmission" for action in refused)
+    assert coordinator.state is RoundState.COLLECTING  # one drop counted, no fallback
+    assert coordinator._round is not None and coordinator._round.fallback is None
