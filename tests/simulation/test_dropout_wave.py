@@ -153,6 +153,18 @@ def test_a_wave_run_is_reproducible(tmp_path: Path) -> None:
     assert first == second
 
 
+def test_a_run_resumed_before_the_wave_replays_it_the_same(tmp_path: Path) -> None:
+    straight, _ = run(tmp_path / "straight", job("reselect"))
+    Simulation(job("reselect", "run.rounds=2"), tmp_path / "resumed").run()
+    Simulation(job("reselect"), tmp_path / "resumed", resume=True).run()
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    resumed = [json.loads(line) for line in lines]
+    for rows in (straight, resumed):
+        for row in rows:
+            row.pop("wall_time_s")
+    assert resumed == straight
+
+
 # --- secure rounds: the cohort is fixed once keys are advertised ------------------------------
 
 
