@@ -10,13 +10,10 @@ the executor's workers. Nothing sleeps, and the same seed gives the same run.
 from __future__ import annotations
 
 import dataclasses
-import heapq
-import itertools
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +22,11 @@ from shoal.coordinator.app import resolve_apps
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import (
     Action,
-    ClientFailed,
-    CommitVersion,
-    DeadlineReached,
-    EvaluationReceived,
-    Event,
     RoundClosed,
     RoundSummary,
-    ScheduleDeadline,
     SendEvaluateTask,
     SendFitTask,
     StartRound,
-    UpdateReceived,
 )
 from shoal.coordinator.records import CONFIG_FILE, RunRecords
 from shoal.coordinator.run import EVALUATION_UPLOAD_BYTES, Run, RunParts
@@ -60,8 +50,9 @@ from shoal.registry import (
 )
 from shoal.simulation.consortium import Consortium
 from shoal.simulation.devices import Attempt, DeviceFleet
-from shoal.simulation.dropouts import DROPPED_REASON, drop_time, dropped_in_wave, task_duration
-from shoal.simulation.executor import Executor, Job, Outcome, make_executor
+from shoal.simulation.dropouts import drop_time, dropped_in_wave, task_duration
+from shoal.simulation.executor import Executor, Job, make_executor
+from shoal.simulation.plain_rounds import PlainRoundPlayer
 from shoal.simulation.population import Population
 from shoal.simulation.record_privacy import RecordLevelLedger
 from shoal.simulation.secure_rounds import (
@@ -74,20 +65,6 @@ from shoal.tasks import Phase
 RoundCallback = Callable[[dict[str, Any]], None]
 
 MODEL_NAME = "global"
-
-
-@dataclass(slots=True)
-class _Delivery:
-    """A result (or a drop, or the deadline: no client) on its way to the coordinator,
-    ordered by virtual arrival time."""
-
-    at: float
-    order: int
-    client_id: str
-    dropped: bool = False
-
-    def __lt__(self, other: _Delivery) -> bool:
-        return (self.at, self.order) < (other.at, other.order)
 
 
 class Simulation:
@@ -245,7 +222,7 @@ class Simulation:
             return lifecycle.close_round(closed, None, self.shell_fields(closed, {}, 0))
         if phase is Phase.FIT and self.coordinator.secure is not None:
             return self._play_secure(lifecycle, executor, round_number, actions, now)
-        return _PlainRound(self, lifecycle, executor, round_number, phase).play(actions, now)
+        return PlainRoundPlayer(self, lifecycle, executor, round_number, phase).play(actions, now)
 
     def _play_secure(
         self,
@@ -360,133 +337,6 @@ class Simulation:
             else 0,
             "bytes_up": uploads * (self.model_bytes if fit else EVALUATION_UPLOAD_BYTES),
         }
-
-
-class _PlainRound:
-    """One plain (not secure) round of a simulation, played in virtual time.
-
-    Results and drops reach the coordinator in virtual-time order until the
-    round closes; replacements it asks (a re-selecting fallback) get their
-    own attempts from the time they are asked, and an extended deadline
-    replaces the old one.
-    """
-
-    def __init__(
-        self,
-        simulation: Simulation,
-        lifecycle: Run,
-        executor: Executor,
-        round_number: int,
-        phase: Phase,
-    ) -> None:
-        self.simulation = simulation
-        self.lifecycle = lifecycle
-        self.executor = executor
-        self.round = round_number
-        self.phase = phase
-        self.tasks: dict[str, SendFitTask | SendEvaluateTask] = {}
-        self.attempts: dict[str, Attempt] = {}
-        self.outcomes: dict[str, Outcome] = {}
-        self.queue: list[_Delivery] = []
-        self.deadline = 0.0
-        self.uploads = 0
-        self.reported_drops = 0
-        self._order = itertools.count()
-
-    def play(self, actions: list[Action], now: float) -> dict[str, Any]:
-        """Carry out the round's first actions, then deliver everything until it closes."""
-        commit: CommitVersion | None = None
-        self._carry_out(actions, now)
-        coordinator = self.simulation.coordinator
-        while self.queue:
-            delivery = heapq.heappop(self.queue)
-            if not delivery.client_id:
-                actions = coordinator.handle(DeadlineReached(self.round, delivery.at))
-            elif delivery.dropped:
-                self.reported_drops += 1
-                event = ClientFailed(delivery.client_id, self.round, delivery.at, DROPPED_REASON)
-                actions = coordinator.handle(event)
-            else:
-                if delivery.client_id not in self.outcomes:
-                    self._compute(delivery)
-                self.uploads += 1
-                outcome = self.outcomes[delivery.client_id]
-                actions = coordinator.handle(_result_event(outcome, self.round, delivery.at))
-            commit = next((a for a in actions if isinstance(a, CommitVersion)), commit)
-            closed = _closed(actions)
-            if closed is not None:
-                return self._close(closed, commit)
-            self._carry_out(actions, delivery.at)
-        raise RunError(f"round {self.round} never closed")  # the deadline always closes it
-
-    def _carry_out(self, actions: Sequence[Action], now: float) -> None:
-        """Plan the attempts of new tasks; queue a (new) deadline."""
-        for action in actions:
-            if isinstance(action, ScheduleDeadline):
-                self.deadline = action.at
-                self._push(action.at, "")
-        tasks = [a for a in actions if isinstance(a, SendFitTask | SendEvaluateTask)]
-        for task in tasks:
-            client = task.client_id
-            self.tasks[client] = task
-            attempt = self.attempts[client] = self.simulation.plan_attempt(task, now, self.deadline)
-            if attempt.arrives_at is not None:
-                self._push(attempt.arrives_at, client)
-            elif attempt.dropped:
-                self._push(self.simulation.drop_at(task, now, self.deadline), client, dropped=True)
-
-    def _push(self, at: float, client_id: str, *, dropped: bool = False) -> None:
-        heapq.heappush(self.queue, _Delivery(at, next(self._order), client_id, dropped))
-
-    def _compute(self, delivery: _Delivery) -> None:
-        """Train the results that will be needed next (by the deadline), as one parallel batch."""
-        answered = sum(1 for outcome in self.outcomes.values() if outcome.error is None)
-        still_needed = max(1, self.simulation.settings.target(self.phase) - answered)
-        waiting = sorted(
-            d
-            for d in [delivery, *self.queue]
-            if d.client_id
-            and not d.dropped
-            and d.client_id not in self.outcomes
-            and d.at <= self.deadline
-        )
-        simulation = self.simulation
-        jobs = [
-            simulation.job_for(self.tasks[d.client_id], self.attempts[d.client_id])
-            for d in waiting[:still_needed]
-        ]
-        for outcome in self.executor.run(simulation.coordinator.parameters, jobs):
-            self.outcomes[outcome.client_id] = outcome
-
-    def _close(self, closed: RoundSummary, commit: CommitVersion | None) -> dict[str, Any]:
-        counted = set(closed.participants)
-        if self.phase is Phase.FIT:
-            self.simulation.record_level.add_all(
-                (client, outcome.metrics)
-                for client, outcome in self.outcomes.items()
-                if client in counted
-            )
-        fields = self.simulation.shell_fields(
-            closed, self.attempts, self.uploads, self.reported_drops
-        )
-        return self.lifecycle.close_round(closed, commit, fields)
-
-
-def _result_event(outcome: Outcome, round_number: int, at: float) -> Event:
-    if outcome.error is not None:
-        return ClientFailed(outcome.client_id, round_number, at, outcome.error)
-    if outcome.update is not None:
-        return UpdateReceived(
-            outcome.client_id,
-            round_number,
-            at,
-            outcome.update,
-            outcome.num_examples,
-            outcome.metrics,
-        )
-    return EvaluationReceived(
-        outcome.client_id, round_number, at, outcome.loss, outcome.num_examples, outcome.metrics
-    )
 
 
 def _closed(actions: Sequence[Action]) -> RoundSummary | None:
