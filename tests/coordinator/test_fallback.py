@@ -291,6 +291,7 @@ def test_a_live_coordinator_lists_a_reserve_only_to_reselect() -> None:
     assert candidates_wanted(cohort=13, fallback=DropFallback()) == 26
     extend = DropFallback(kind=FallbackKind.EXTEND)
     assert candidates_wanted(cohort=13, fallback=extend) == 13
+    assert candidates_wanted(cohort=13, fallback=DropFallback(), secure=True) == 13
 
 
 def test_a_client_cannot_set_off_the_fallback_alone_or_from_outside() -> None:

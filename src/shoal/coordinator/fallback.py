@@ -5,8 +5,8 @@ A round's cohort is over-selected for the usual losses; a wave of drops
 than half of it, and the round would then wait for its deadline only to
 miss its quorum. The job chooses (``[round] drop_fallback``) what the
 engine does the moment more than ``drop_fallback_at`` of the round's
-original cohort has dropped (a ``ClientFailed`` each: a failure report, a
-lost client, a simulated device that dropped):
+original cohort has dropped (a ``ClientFailed`` each: a client's failure report, a
+simulated device that dropped):
 
 - ``reselect``: ask a replacement for every dropped member, from the
   eligible clients the round has not asked yet (in an order drawn from the
@@ -235,10 +235,10 @@ def _reselect(
     return FallbackStep(replacements=tuple(chosen))
 
 
-def candidates_wanted(*, cohort: int, fallback: DropFallback) -> int:
+def candidates_wanted(*, cohort: int, fallback: DropFallback, secure: bool = False) -> int:
     """How many eligible clients a live coordinator lists for a round of ``cohort``.
 
     Re-selection needs a reserve of clients the round has not asked: as
-    many again as the cohort.
+    many again as the cohort (a secure round never re-selects: none).
     """
-    return 2 * cohort if fallback.kind is FallbackKind.RESELECT else cohort
+    return 2 * cohort if fallback.kind is FallbackKind.RESELECT and not secure else cohort

@@ -215,6 +215,7 @@ def build(
                 target=config.round.clients_per_round, over_selection=config.round.over_selection
             ),
             fallback=settings.fallback,
+            secure=config.secure_aggregation.enabled,
         ),
         barred=run.barred,  # suspended, or past their own privacy budget
         clock=clock,
