@@ -162,12 +162,21 @@ class ClientSection(_Section):
 
 
 class RoundSection(_Section):
-    """[round]: cohort size, over-selection, quorum, deadline, and the bounds on every update."""
+    """[round]: cohort size, over-selection, quorum, deadline, and what a round does when its
+    cohort drops."""
 
     clients_per_round: int = Field(10, ge=1)
     over_selection: Annotated[float, Field(ge=1)] = 1.3
     quorum: Annotated[float, Field(gt=0, le=1)] = 0.8
     deadline_s: PositiveFloat = 600.0
+    # when more than drop_fallback_at of a round's cohort has dropped: re-select replacements
+    # from the eligible clients not yet asked (while drop_reselect_min_left of the deadline is
+    # left), extend the deadline once by drop_extend_s (unset: deadline_s), abort the round and
+    # keep the model, or none (wait for the deadline, as without a fallback)
+    drop_fallback: Literal["reselect", "extend", "abort", "none"] = "reselect"
+    drop_fallback_at: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    drop_extend_s: PositiveFloat | None = None
+    drop_reselect_min_left: Annotated[float, Field(gt=0, le=1)] = 0.5
 
 
 class EvaluationSection(_Section):
@@ -291,6 +300,14 @@ class DeviceClass(_Section):
         return _check_time_zones(zones)
 
 
+class DropoutWave(_Section):
+    """A simulated dropout wave (``[[devices.dropout_waves]]``): in round ``round`` each
+    device of the cohort also drops with probability ``dropout`` (an outage, a bad release)."""
+
+    round: Annotated[int, Field(ge=1), _ROUNDS]
+    dropout: Fraction
+
+
 def _default_device_classes() -> list[DeviceClass]:
     return [DeviceClass(name="uniform", share=1.0)]
 
@@ -311,6 +328,15 @@ class DevicesSection(_Section):
     nominal_examples: Annotated[int, Field(ge=1), _EXAMPLES] = 100
     time_zones: dict[str, float] = Field(default_factory=lambda: {"0": 1.0})
     start_utc_hour: LocalHour = 0.0
+    dropout_waves: list[DropoutWave] = Field(default_factory=list)
+
+    @field_validator("dropout_waves")
+    @classmethod
+    def _one_wave_per_round(cls, waves: list[DropoutWave]) -> list[DropoutWave]:
+        rounds = [wave.round for wave in waves]
+        if len(set(rounds)) != len(rounds):
+            raise ValueError(f"one dropout wave per round, got rounds {rounds}")
+        return waves
 
     @field_validator("classes")
     @classmethod
@@ -583,6 +609,15 @@ class PolicySection(_Section):
     files: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
 
 
+class AlertsSection(_Section):
+    """[alerts]: the job's alert hooks, told of every alert (a cohort that dropped, a spent
+    privacy budget): shell commands (the alert as JSON on stdin) and ``module:function`` hooks."""
+
+    commands: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    hooks: list[Annotated[str, Field(pattern=r"^[^:]+:[^:]+$")]] = Field(default_factory=list)
+    timeout_s: Annotated[float, Field(gt=0), Limit(86_400, "a hook holds up its run")] = 30.0
+
+
 class TrackingSection(_Section):
     """[tracking]: MLflow (extra `mlflow`); unset URI: a SQLite store in the run folder."""
 
@@ -644,6 +679,7 @@ class Config(_Section):
     selection: SelectionSection = SelectionSection()
     versions: VersionsSection = VersionsSection()
     policy: PolicySection = PolicySection()
+    alerts: AlertsSection = AlertsSection()
 
     @model_validator(mode="after")
     def _fits_in_memory(self) -> Config:

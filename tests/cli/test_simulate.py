@@ -97,3 +97,17 @@ def test_resume_refuses_to_change_the_experiment(tmp_path: Path) -> None:
     assert result.returncode == 2 and "can only change run.rounds" in result.stderr
     missing = shoal("simulate", "--resume", str(tmp_path / "nothing"))
     assert missing.returncode == 1 and "not a Shoal run folder" in missing.stderr
+
+
+def test_the_dropout_wave_example_shows_its_fallback(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "dropout-wave.toml"
+    out = tmp_path / "run"
+    settings = ["--set", "evaluation.every=0", "--set", "simulation.workers=0"]
+    result = shoal("simulate", str(example), "--rounds", "3", "--out", str(out), *settings)
+    assert result.returncode == 0, result.stderr
+    assert "fallback reselect: 14 of 26 dropped" in result.stdout
+    assert "alert cohort_dropped" in result.stderr  # the logging hook: never silent
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    wave = rows[2]
+    assert wave["fallback"]["kind"] == "reselect" and wave["fallback"]["replacements"] > 0
+    assert wave["committed"]  # 12 of the first cohort reported: the replacements made the quorum

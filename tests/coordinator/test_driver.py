@@ -165,6 +165,32 @@ def test_a_failure_counts_only_in_its_own_round() -> None:
     asyncio.run(scenario())
 
 
+def test_a_late_result_keeps_the_offer_of_the_round_now_open() -> None:
+    """Before the fix, a result of a closed round withdrew its sender's task of the next one."""
+
+    async def scenario() -> None:
+        driver, persisted, seen = make_driver(clients=4, rounds=2, deadline_s=0.2)
+        seen.extend(["a", "b", "c", "d"])
+        runner = asyncio.create_task(driver.run())
+        await asyncio.sleep(0.01)
+        assert isinstance(driver.check_in("d"), TaskOffer)  # d takes round 1's task, and stalls
+        for name in "abc":
+            assert isinstance(driver.check_in(name), TaskOffer)
+            driver.submit_update(name, 1, np.ones(SIZE, np.float32), 1, {})
+        while not isinstance(offer := driver.check_in("d"), TaskOffer) or offer.round != 2:
+            await asyncio.sleep(0.01)  # round 1 closes at its deadline, round 2 offers d a task
+        late = driver.submit_update("d", 1, np.ones(SIZE, np.float32), 1, {})
+        assert late is not None and late.reason is RejectReason.LATE
+        answer = driver.check_in("d")
+        assert isinstance(answer, TaskOffer) and answer.round == 2  # its task of round 2 stands
+        for name in "abcd":
+            assert driver.submit_update(name, 2, np.ones(SIZE, np.float32), 1, {}) is None
+        await asyncio.wait_for(runner, timeout=5)
+        assert [commit.summary.reported for commit in persisted] == [3, 4]
+
+    asyncio.run(scenario())
+
+
 def test_a_reason_before_a_fit_round_stops_training_and_finishes_the_run() -> None:
     asked: list[int] = []
     reason = "round 3 would spend too much"

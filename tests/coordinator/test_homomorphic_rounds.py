@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,11 @@ import pytest
 
 from shoal.aggregation.strategy import make_strategy
 from shoal.coordinator import (
+    ClientFailed,
     CommitVersion,
     Coordinator,
     DeadlineReached,
+    DropFallback,
     Phase,
     RejectReason,
     RejectSubmission,
@@ -186,6 +189,50 @@ def test_too_few_contributions_abort_and_keep_the_model(
     assert not summary.committed
     assert summary.abort_reason is not None and "needs 3" in summary.abort_reason
     assert np.array_equal(coordinator.parameters.vector, np.zeros(SIZE, np.float32))
+
+
+def test_a_ckks_round_that_lost_most_silos_aborts_at_once(
+    consortium: tuple[KeyHolder, dict[str, bytes]],
+) -> None:
+    """The consortium is fixed when the round starts: no replacement, and no waiting in vain."""
+    holder, _ = consortium
+    coordinator = make(holder)  # reselect, the default: the quorum of 3 is out of reach
+    coordinator.handle(StartRound(4, Phase.FIT, 0.0, tuple(SILOS)))
+    assert coordinator.handle(ClientFailed("bank-0", 4, 1.0, "outage")) == []
+    assert coordinator.handle(ClientFailed("bank-1", 4, 1.0, "outage")) == []
+    actions = coordinator.handle(ClientFailed("bank-2", 4, 2.0, "outage"))
+    assert not any(isinstance(a, SendFitTask) for a in actions)
+    summary = next(a for a in actions if isinstance(a, RoundClosed)).summary
+    assert not summary.committed and summary.closed_at == 2.0
+    assert summary.fallback is not None
+    assert (summary.fallback.kind, summary.fallback.configured) == ("abort", "reselect")
+    assert np.array_equal(coordinator.parameters.vector, np.zeros(SIZE, np.float32))
+
+
+def test_a_ckks_round_that_can_still_finish_goes_on_without_replacements(
+    consortium: tuple[KeyHolder, dict[str, bytes]],
+) -> None:
+    holder, signing = consortium
+    coordinator = make(holder)
+    coordinator.settings = replace(coordinator.settings, fallback=DropFallback(at=0.2))
+    actions = coordinator.handle(StartRound(5, Phase.FIT, 0.0, tuple(SILOS)))
+    request = next(a.secure for a in actions if isinstance(a, SendFitTask))
+    assert isinstance(request, EncryptionRequest)
+    for silo in SILOS[:2]:
+        assert coordinator.handle(ClientFailed(silo, 5, 1.0, "outage")) == []  # 2 of 5 > 20%
+    decryption = None
+    for silo in SILOS[2:]:
+        sealed = contribution(holder, signing, silo, request, *updates()[silo])
+        out = coordinator.handle(SecureMessageReceived(silo, 5, 2.0, sealed))
+        decryption = next((a for a in out if isinstance(a, RequestDecryption)), decryption)
+    assert decryption is not None and len(decryption.receipts) == 3
+    total = holder.decrypt_aggregate(
+        run_id="banks", round=5, aggregate=decryption.aggregate, receipts=decryption.receipts
+    )
+    closed = coordinator.handle(AggregateDecrypted(5, 3.0, total))
+    summary = next(a for a in closed if isinstance(a, RoundClosed)).summary
+    assert summary.committed and summary.fallback is not None
+    assert (summary.fallback.kind, summary.fallback.dropped) == ("none", 2)
 
 
 def test_a_key_holder_refusal_aborts_the_round(

@@ -244,3 +244,17 @@ def test_dp_cohorts_come_from_the_csprng_unless_noise_is_seeded(tmp_path: Path) 
         assert len(one) == len(two) == 2
         # the same seed: the CSPRNG draws other cohorts; seeded ones are reproducible
         assert (one != two) is secure
+
+
+def test_the_jobs_alert_hooks_are_told_when_the_budget_is_spent(tmp_path: Path) -> None:
+    marker = tmp_path / "alert.json"
+    command = f"cat > {marker}"
+    privacy = {
+        "placement": "central",
+        "noise_multiplier": 1.0,
+        "epsilon": 2.5,
+        "secure_noise": False,
+    }
+    _, rows = _run(tmp_path, "alerted", privacy=privacy, alerts={"commands": [command]})
+    alert = json.loads(marker.read_text())
+    assert alert["kind"] == "budget_exhausted" and alert["round"] == len(rows) + 1

@@ -17,6 +17,7 @@ from shoal.core import ConfigError, ProtocolError
 from shoal.telemetry import (
     AlertHook,
     BudgetExhausted,
+    CohortDropped,
     CommandHook,
     LoggingHook,
     PythonHook,
@@ -241,3 +242,60 @@ def test_the_configured_hooks_start_with_logging_and_fail_apart(
 def test_a_bad_command_hook_is_a_config_error(command: str, timeout_s: float, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         CommandHook(command, timeout_s=timeout_s)
+
+
+# --- a cohort that dropped -------------------------------------------------------------------
+
+
+def cohort_dropped(**changes: Any) -> CohortDropped:
+    fields: dict[str, Any] = {
+        "run_id": "run-7",
+        "round": 3,
+        "phase": "fit",
+        "fallback": "reselect",
+        "configured": "reselect",
+        "dropped": 7,
+        "cohort": 13,
+        "replacements": 9,
+        "committed": True,
+    }
+    return CohortDropped(**(fields | changes))
+
+
+def test_a_cohort_drop_describes_itself_and_what_the_round_did() -> None:
+    alert = cohort_dropped()
+    assert alert.kind == "cohort_dropped"
+    assert alert.summary == (
+        "7 of 13 clients dropped in round 3 (fit) of run run-7: 9 replacements asked; "
+        "the round was committed"
+    )
+    assert alert.fields()["kind"] == "cohort_dropped" and alert.fields()["replacements"] == 9
+    extended = cohort_dropped(fallback="extend", extended_by_s=30.0, committed=False)
+    assert "deadline extended by 30s; the round was not committed" in extended.summary
+    aborted = cohort_dropped(fallback="abort", configured="extend", note="secure")
+    assert "round aborted, model kept (secure)" in aborted.summary
+
+
+def test_a_cohort_drop_reaches_a_command_as_json_and_environment(tmp_path: Path) -> None:
+    received = tmp_path / "received.json"
+    CommandHook(python_command(tmp_path, RECORDER, str(received)))(cohort_dropped())
+    got = json.loads(received.read_text())
+    assert json.loads(got["stdin"])["fallback"] == "reselect"
+    assert got["env"]["SHOAL_ALERT_KIND"] == "cohort_dropped"
+    assert got["env"]["SHOAL_ALERT_DROPPED"] == "7"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"run_id": ""}, "run id"),
+        ({"round": -1}, "round"),
+        ({"dropped": 1.5}, "dropped"),
+        ({"cohort": True}, "cohort"),
+        ({"replacements": -2}, "replacements"),
+        ({"extended_by_s": float("inf")}, "extended_by_s"),
+    ],
+)
+def test_a_malformed_cohort_drop_is_refused(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        cohort_dropped(**changes)

@@ -153,11 +153,26 @@ def format_row(row: dict[str, Any]) -> str:
 
 
 def failure_lines(row: dict[str, Any]) -> list[str]:
-    """Why clients failed in a round, one line per reason (most frequent first)."""
-    return [
+    """Why clients failed in a round, one line per reason (most frequent first), and the
+    fallback the round took when too much of its cohort dropped."""
+    lines = [
         escape(f"      failed: {count} x {reason}")
         for reason, count in (row.get("failures") or {}).items()
     ]
+    fallback = row.get("fallback")
+    if fallback:
+        done = {
+            "reselect": f", {fallback['replacements']} replacements asked",
+            "extend": f", deadline extended by {fallback['extended_by_s']:g}s",
+        }.get(fallback["kind"], "")
+        note = f" ({fallback['note']})" if fallback.get("note") else ""
+        lines.append(
+            escape(
+                f"      fallback {fallback['kind']}: {fallback['dropped']} of "
+                f"{fallback['cohort']} dropped{done}{note}"
+            )
+        )
+    return lines
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

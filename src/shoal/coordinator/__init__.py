@@ -9,6 +9,7 @@ from shoal.coordinator.events import (
     DeadlineReached,
     EvaluationReceived,
     Event,
+    FallbackReport,
     FinishRun,
     RoundClosed,
     RoundSummary,
@@ -21,6 +22,7 @@ from shoal.coordinator.events import (
     StartRound,
     UpdateReceived,
 )
+from shoal.coordinator.fallback import DropFallback, FallbackKind
 from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.secure import SecureRound, SecureSettings
 from shoal.coordinator.selection import client_seed, cohort_size, select_cohort
@@ -35,8 +37,11 @@ __all__ = [
     "Coordinator",
     "DeadlineReached",
     "DriverSettings",
+    "DropFallback",
     "EvaluationReceived",
     "Event",
+    "FallbackKind",
+    "FallbackReport",
     "FinishRun",
     "Phase",
     "RejectReason",

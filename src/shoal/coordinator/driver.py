@@ -355,7 +355,9 @@ class RoundDriver:
                 client_id, event.round, RejectReason.LATE, "the job has finished"
             )
         actions = self._apply(event)
-        self._offers.pop(client_id, None)
+        offer = self._offers.get(client_id)
+        if offer is not None and offer.round == event.round:  # a late result keeps today's offer
+            del self._offers[client_id]
         return next((a for a in actions if isinstance(a, RejectSubmission)), None)
 
     def _apply(self, event: Event) -> list[Action]:

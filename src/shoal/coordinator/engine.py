@@ -41,6 +41,7 @@ from shoal.coordinator.events import (
     StartRound,
     UpdateReceived,
 )
+from shoal.coordinator.fallback import after_drop
 from shoal.coordinator.homomorphic import CKKS, CkksRound
 from shoal.coordinator.policy import Submission, UpdatePolicy, relative_norms
 from shoal.coordinator.rounds import PendingUpdate, RoundBooks, RoundSettings
@@ -187,6 +188,8 @@ class Coordinator:
             target=sample.target,
             config=event.config,
             denominator=sample.denominator,
+            initial=len(cohort),
+            candidates=candidates,
         )
         if len(cohort) < settings.quorum_count(phase):
             self._move(Step.TOO_FEW_CANDIDATES)
@@ -204,7 +207,8 @@ class Coordinator:
             )
         actions: list[Action] = [self._task(client_id, event.round, phase) for client_id in cohort]
         self._move(Step.TASKS_SENT)
-        actions.append(ScheduleDeadline(round=event.round, at=event.now + settings.deadline_s))
+        self._round.deadline_at = event.now + settings.deadline_s
+        actions.append(ScheduleDeadline(round=event.round, at=self._round.deadline_at))
         return actions
 
     def _start_secure(self, event: StartRound, cohort: Sequence[str]) -> list[Action]:
@@ -465,17 +469,53 @@ class Coordinator:
         current.failures[failure_reason(event.reason)] += 1
         if current.secure is not None:
             actions, outcome = current.secure.dropped(event.client_id, event.now, self._fit_task)
+            if outcome is None:
+                actions += self._fallback(current, event.now)
+                if self.state is not RoundState.COLLECTING:
+                    return actions  # the fallback aborted the round
             return [*actions, *self._secure_outcome(current, outcome, event.now)]
-        return self._maybe_close(event.now)
+        actions = self._fallback(current, event.now)
+        if self.state is not RoundState.COLLECTING:
+            return actions  # the fallback aborted the round
+        return [*actions, *self._maybe_close(event.now)]
 
     def _deadline(self, event: DeadlineReached) -> list[Action]:
         current = self._collecting(event.round)
         if current is None:
             return []  # a stale timer of a round already closed
+        if current.deadline_at is not None and event.now < current.deadline_at:
+            return []  # the timer of a deadline that an extension moved
         if current.secure is not None:
             actions, outcome = current.secure.deadline(event.stage, event.now, self._fit_task)
             return [*actions, *self._secure_outcome(current, outcome, event.now)]
         return self._close(event.now)
+
+    # --- when too much of the cohort drops (see shoal.coordinator.fallback) --------------
+
+    def _fallback(self, current: RoundBooks, now: float) -> list[Action]:
+        """Carry out the job's fallback once more than its share of the cohort has dropped."""
+        quorum = self.settings.quorum_count(current.phase)
+        if current.secure is not None:
+            quorum = max(quorum, current.secure.survivors_needed)
+        step = after_drop(
+            current,
+            self.settings.fallback,
+            deadline_s=self.settings.deadline_s,
+            quorum=quorum,
+            private=self.privacy is not None and current.phase is Phase.FIT,
+            seed=self.seed,
+            now=now,
+        )
+        if step.abort is not None:
+            self._move(Step.ROUND_CLOSED)
+            self._move(Step.QUORUM_MISSED)
+            return [RoundClosed(self._summary(now, committed=False, abort_reason=step.abort))]
+        actions = [
+            self._task(client, current.number, current.phase) for client in step.replacements
+        ]
+        if step.deadline_at is not None:
+            actions.append(ScheduleDeadline(round=current.number, at=step.deadline_at))
+        return actions
 
     # --- secure rounds -----------------------------------------------------------------
 
@@ -651,4 +691,5 @@ class Coordinator:
             failures=dict(current.failures.most_common(MAX_FAILURE_REASONS)),
             policy_decisions=current.policy_decisions,
             policy_denied=dict(sorted(current.policy_denied.items())),
+            fallback=None if current.fallback is None else current.fallback.report(),
         )

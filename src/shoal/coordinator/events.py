@@ -247,6 +247,34 @@ class ScheduleDeadline:
 
 
 @dataclass(frozen=True, slots=True)
+class FallbackReport:
+    """The fallback a round took when too much of its cohort dropped (see
+    :mod:`shoal.coordinator.fallback`): what, when, and what came of it."""
+
+    kind: str  # taken: reselect, extend, abort or none
+    configured: str  # the job's choice, when the round could not take it
+    dropped: int  # members dropped when it was taken
+    cohort: int  # the cohort's size then
+    at: float  # when it was taken
+    replacements: int = 0  # reselect: members asked in place of dropped ones
+    extended_by_s: float = 0.0  # extend: how far the deadline moved
+    note: str | None = None  # why the round took another fallback, or asked no replacement
+
+    def fields(self) -> dict[str, Any]:
+        """The report as a flat JSON object, for the round's metrics row."""
+        return {
+            "kind": self.kind,
+            "configured": self.configured,
+            "dropped": self.dropped,
+            "cohort": self.cohort,
+            "at": self.at,
+            "replacements": self.replacements,
+            "extended_by_s": self.extended_by_s,
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class RoundSummary:
     """What happened in one round, for metrics and for the version's record."""
 
@@ -271,6 +299,7 @@ class RoundSummary:
     policy_denied: Mapping[str, int] = field(default_factory=dict)  # denials by reason code
     # clients the eligibility policy turned away during the round, by criterion (the shell's tally)
     excluded: Mapping[str, int] = field(default_factory=dict)
+    fallback: FallbackReport | None = None  # what the round did when too much of it dropped
 
 
 @dataclass(frozen=True, slots=True)

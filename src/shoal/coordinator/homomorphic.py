@@ -79,6 +79,11 @@ class CkksRound:
         self._receipts: dict[str, ContributionReceipt] = {}
         self._gone: set[str] = set()
 
+    @property
+    def survivors_needed(self) -> int:
+        """The fewest silos that must contribute for the round to give a sum."""
+        return self.min_contributors
+
     def start(self, now: float, task: Callable[[str], SendFitTask]) -> list[Action]:
         request = EncryptionRequest(self.round, self.run_id, self._public_context_sha256)
         actions: list[Action] = [

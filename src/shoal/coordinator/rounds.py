@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.coordinator.events import Authentication, SecureRoundReport
+from shoal.coordinator.fallback import DropFallback, FallbackBooks
 from shoal.coordinator.homomorphic import CkksRound
 from shoal.coordinator.secure import SecureRound
 from shoal.coordinator.selection import cohort_size
@@ -19,9 +20,10 @@ from shoal.tasks import Phase
 
 @dataclass(frozen=True, slots=True)
 class RoundSettings:
-    """How rounds run: cohort sizes, quorum, deadlines, the clients' training, and the most
+    """How rounds run: cohort sizes, quorum, deadlines, the clients' training, the most
     examples an evaluation may claim as its weight (``max_examples_per_client``; an update's
-    bounds are the policy's, :mod:`shoal.governance.policy`)."""
+    bounds are the policy's, :mod:`shoal.governance.policy`), and what a round does when too
+    much of its cohort drops (``fallback``)."""
 
     clients_per_round: int
     over_selection: float = 1.3
@@ -32,6 +34,7 @@ class RoundSettings:
     batch_size: int = 32
     learning_rate: float = 0.05
     max_examples_per_client: int = 10_000_000
+    fallback: DropFallback = field(default_factory=DropFallback)  # when half the cohort drops
 
     def __post_init__(self) -> None:
         cohort_size(target=self.clients_per_round, over_selection=self.over_selection)
@@ -91,6 +94,10 @@ class RoundBooks:
     policy_decisions: int = 0
     policy_checked: set[str] = field(default_factory=set)
     policy_denied: Counter[str] = field(default_factory=Counter)
+    deadline_at: float | None = None  # a plain round's deadline (an extension moves it)
+    initial: int = 0  # the cohort's size when the round started
+    candidates: tuple[str, ...] = ()  # whom the round could select (replacements come from them)
+    fallback: FallbackBooks | None = None
 
     @property
     def accounted(self) -> int:

@@ -28,6 +28,8 @@ layer owns everything above it, so that each rule is written once:
   logged and counted in the row;
 - the metrics row of a closed round, the central evaluation, and the
   version committed with that row before anyone is offered the new model;
+- the job's alerts (``[alerts]``) about a round: a cohort that dropped
+  past the job's share, with the fallback the round took;
 - the end: the summary.
 
 It holds no clock and does no I/O of its own: the shell gives it a
@@ -39,6 +41,7 @@ engine between the calls of a :class:`Run`.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -65,6 +68,7 @@ from shoal.privacy.coordinator import check_private_strategy
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import ModelRecord, Requirement, SelectionCriteria
 from shoal.tasks import Phase
+from shoal.telemetry.alerts import AlertHook, CohortDropped, alert_hooks, fire
 
 log = logging.getLogger("shoal.run")
 
@@ -142,6 +146,11 @@ class Run:
         self.privacy = privacy
         self.resume = resume
         self.where = where
+        self.run_id = config.run.name if run_id is None else run_id
+        alerts = config.alerts  # resolved now: a hook's typo stops the run before it starts
+        self.alerts: list[AlertHook] = alert_hooks(
+            commands=alerts.commands, functions=alerts.hooks, timeout_s=alerts.timeout_s
+        )
         self.first_round = 1
         self.current_round = 1  # the round the schedule reached (played, or waiting for clients)
         self.replay_evaluation = False  # an evaluation was due when the run stopped
@@ -395,6 +404,7 @@ class Run:
         """
         row = self._row(summary, extra)
         self._suspend_culprits(summary)
+        self._cohort_dropped(summary)
         if commit is None:
             head = self.store.head()
             row["model_version"] = None if head is None else head.version
@@ -418,6 +428,28 @@ class Run:
             reason = f"caught cheating in secure round {summary.round}: {what}"
             log.warning("suspending %s: %s", client, reason)
             self.store.suspend(client, reason)
+
+    def _cohort_dropped(self, summary: RoundSummary) -> None:
+        """Tell the job's hooks that a round lost too much of its cohort, and what it did."""
+        report = summary.fallback
+        if report is None:
+            return
+        fire(
+            self.alerts,
+            CohortDropped(
+                run_id=self.run_id,
+                round=summary.round,
+                phase=summary.phase.value,
+                fallback=report.kind,
+                configured=report.configured,
+                dropped=report.dropped,
+                cohort=report.cohort,
+                replacements=report.replacements,
+                extended_by_s=report.extended_by_s,
+                committed=summary.committed,
+                note=report.note,
+            ),
+        )
 
     def record(self, row: Row) -> None:
         """Keep a closed round's row (after the shell added its wall time)."""
@@ -450,6 +482,8 @@ class Run:
         if self._screened is not None:
             row.update(self._screened)
             self._screened = None
+        if summary.fallback is not None:
+            row["fallback"] = summary.fallback.fields()
         report = summary.secure
         if report is not None:
             row.update(
@@ -517,6 +551,7 @@ class Run:
             "secure_aggregation": self.config.secure_aggregation.protocol,
             "rounds_aborted_below_threshold": sum(1 for row in fits if row.get("secure_aborted")),
             "clients_recovered": sum(row.get("recovered", 0) for row in fits),
+            "fallbacks": _fallbacks(rows),
             "stop_reason": self.stop_reason,
             **({} if self.privacy is None else self.privacy.summary_fields()),
             **(extra or {}),
@@ -524,3 +559,9 @@ class Run:
         }
         self.store.write_summary(summary)
         return summary
+
+
+def _fallbacks(rows: Iterable[Row]) -> dict[str, int]:
+    """How many rounds took each fallback, by kind (``{}``: none did)."""
+    taken = Counter(row["fallback"]["kind"] for row in rows if row.get("fallback"))
+    return dict(sorted(taken.items()))

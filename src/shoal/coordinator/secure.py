@@ -218,6 +218,11 @@ class SecureRound:
             target=target,
         )
 
+    @property
+    def survivors_needed(self) -> int:
+        """The fewest members that must stay for the round to give a sum."""
+        return self.server.min_survivors
+
     def start(self, now: float, task: Callable[[str], SendFitTask]) -> list[Action]:
         return self._translate(self.server.start(now), task)
 

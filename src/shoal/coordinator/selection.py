@@ -50,6 +50,9 @@ class Stream(enum.IntEnum):
     DEVICE_BEHAVIOUR = 5
     SECURE_DROPOUT = 6
     EXAMINATION = 7  # which devices a simulated round examines
+    # far from the others, so that a stream added beside them can never alias these
+    RESELECT = 16  # the order in which a round asks replacements for dropped members
+    DROPOUT_WAVE = 17  # simulation: who a dropout wave takes, and when a device drops
 
 
 def client_key(client_id: str) -> int:

@@ -55,6 +55,7 @@ from shoal.coordinator.events import (
     RequestDecryption,
     RoundSummary,
 )
+from shoal.coordinator.fallback import candidates_wanted
 from shoal.coordinator.homomorphic import CKKS
 from shoal.coordinator.records import RunRecords, run_signer
 from shoal.coordinator.run import Run, RunParts
@@ -216,8 +217,12 @@ def build(
         # the run layer's policy of the round: [selection], [versions] and this model's matrix
         lambda: run.selection_criteria(seen_within=SEEN_WITHIN),
         heartbeats,
-        wanted=cohort_size(
-            target=config.round.clients_per_round, over_selection=config.round.over_selection
+        wanted=candidates_wanted(  # with a reserve for replacements when the job re-selects
+            cohort=cohort_size(
+                target=config.round.clients_per_round, over_selection=config.round.over_selection
+            ),
+            fallback=settings.fallback,
+            secure=config.secure_aggregation.enabled,
         ),
         barred=run.barred,  # suspended, or past their own privacy budget
         clock=clock,

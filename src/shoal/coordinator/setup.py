@@ -10,6 +10,7 @@ from typing import Any
 from shoal.aggregation.strategy import Strategy, make_strategy
 from shoal.config import Config, CoordinatorSection, SecureAggregationSection
 from shoal.coordinator.app import ServerApp
+from shoal.coordinator.fallback import DropFallback, FallbackKind
 from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
 from shoal.coordinator.selection import cohort_size, private_cohort
@@ -97,6 +98,18 @@ def round_settings_from_config(config: Config, *, population: int | None = None)
         batch_size=config.client.batch_size,
         learning_rate=config.client.learning_rate,
         max_examples_per_client=config.policy.max_examples,
+        fallback=drop_fallback_from_config(config),
+    )
+
+
+def drop_fallback_from_config(config: Config) -> DropFallback:
+    """``[round] drop_fallback`` and its parameters."""
+    section = config.round
+    return DropFallback(
+        kind=FallbackKind(section.drop_fallback),
+        at=section.drop_fallback_at,
+        extend_s=section.drop_extend_s,
+        reselect_min_left=section.drop_reselect_min_left,
     )
 
 

@@ -97,9 +97,13 @@ class RunPrivacy:
             noise,
         )
         self.hooks: list[ExhaustedHook] = []  # the shell's own, besides the configured alerts
-        self.alerts: list[AlertHook] = alert_hooks(
-            commands=[section.alert_command] if section.alert_command else [],
-            functions=[section.alert_hook] if section.alert_hook else [],
+        self.alerts: list[AlertHook] = alert_hooks(  # its own hooks, then the job's [alerts]
+            commands=[
+                *([section.alert_command] if section.alert_command else []),
+                *config.alerts.commands,
+            ],
+            functions=[*([section.alert_hook] if section.alert_hook else []), *config.alerts.hooks],
+            timeout_s=config.alerts.timeout_s,
         )
         self.locked_reason: str | None = None
         self._ledger: PrivacyLedger | None = None

@@ -10,12 +10,10 @@ the executor's workers. Nothing sleeps, and the same seed gives the same run.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +24,11 @@ from shoal.coordinator.app import resolve_apps
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import (
     Action,
-    Authentication,
-    ClientFailed,
-    CommitVersion,
-    DeadlineReached,
-    EvaluationReceived,
-    Event,
     RoundClosed,
     RoundSummary,
-    ScheduleDeadline,
     SendEvaluateTask,
     SendFitTask,
     StartRound,
-    UpdateReceived,
 )
 from shoal.coordinator.records import CONFIG_FILE, RunRecords, run_signer
 from shoal.coordinator.run import EVALUATION_UPLOAD_BYTES, Run, RunParts
@@ -64,7 +54,9 @@ from shoal.simulation.candidates import candidates, examined_size, members_neede
 from shoal.simulation.consortium import Consortium
 from shoal.simulation.device_states import simulated_state
 from shoal.simulation.devices import Attempt, DeviceFleet
-from shoal.simulation.executor import Executor, Job, Outcome, make_executor
+from shoal.simulation.dropouts import drop_time, dropped_in_wave, task_duration
+from shoal.simulation.executor import Executor, Job, make_executor
+from shoal.simulation.plain_rounds import PlainRoundPlayer
 from shoal.simulation.population import Population, client_index
 from shoal.simulation.record_privacy import RecordLevelLedger
 from shoal.simulation.secure_rounds import (
@@ -77,18 +69,6 @@ from shoal.tasks import Phase
 RoundCallback = Callable[[dict[str, Any]], None]
 
 MODEL_NAME = "global"
-
-
-@dataclass(slots=True)
-class _Delivery:
-    """A result on its way to the coordinator, ordered by virtual arrival time."""
-
-    at: float
-    order: int
-    client_id: str
-
-    def __lt__(self, other: _Delivery) -> bool:
-        return (self.at, self.order) < (other.at, other.order)
 
 
 class Simulation:
@@ -145,7 +125,7 @@ class Simulation:
         self.identities = SimulatedIdentities(self.population.client_ids)  # SecAgg+'s PKI
         self._coordinator: Coordinator | None = None
         self.model_bytes = 0
-        self._records = RecordLevelLedger()  # record-level DP-SGD, when clients run it
+        self.record_level = RecordLevelLedger()  # record-level DP-SGD, when clients run it
         self._enrolled_whole = False  # a large fleet enrolls each client when first selected
         self._clients: ClientRegistry | None = None
 
@@ -201,7 +181,7 @@ class Simulation:
                         on_round(row)
                     now = row["virtual_time_s"]
             summary = lifecycle.finish(
-                {**self._records.summary_fields(), "clients": len(self.population.client_ids)}
+                {**self.record_level.summary_fields(), "clients": len(self.population.client_ids)}
             )
             finished = True
             return summary
@@ -214,7 +194,7 @@ class Simulation:
 
         A fleet no larger than what a round examines is enrolled whole, up
         front; a larger one client by client, when a round first selects
-        them (:meth:`_enroll_cohort`): enrolling a million devices that
+        them (:meth:`enroll_cohort`): enrolling a million devices that
         mostly never train would cost more than the run.
         """
         if len(self.fleet) > examined_size(members_needed(lifecycle, Phase.FIT)):
@@ -222,9 +202,10 @@ class Simulation:
         self._enrolled_whole = True
         self._enroll(clients, self.population.client_ids, at=at)
 
-    def _enroll_cohort(self, tasks: Iterable[str], at: float) -> None:
+    def enroll_cohort(self, names: Iterable[str], at: float) -> None:
+        """Enroll the clients a round just asked, when the fleet is not enrolled whole."""
         if not self._enrolled_whole and self._clients is not None:
-            self._enroll(self._clients, sorted(tasks), at=at)
+            self._enroll(self._clients, sorted(names), at=at)
 
     def _enroll(self, clients: ClientRegistry, names: Sequence[str], *, at: float) -> None:
         """Enroll ``names`` with what each reports at virtual time ``at``."""
@@ -275,49 +256,15 @@ class Simulation:
         actions = self.coordinator.handle(
             StartRound(round_number, phase, now, candidates, config, self.identities)
         )
-        tasks = {a.client_id: a for a in actions if isinstance(a, SendFitTask | SendEvaluateTask)}
-        self._enroll_cohort(tasks, now)
         closed = _closed(actions)
         if closed is not None:
-            return lifecycle.close_round(closed, None, self._shell_fields(closed, {}, 0))
+            return lifecycle.close_round(closed, None, self.shell_fields(closed, {}, 0))
         if phase is Phase.FIT and self.coordinator.secure is not None:
+            self.enroll_cohort(
+                (a.client_id for a in actions if isinstance(a, SendFitTask | SendEvaluateTask)), now
+            )
             return self._play_secure(lifecycle, executor, round_number, actions, now)
-        deadline = next(a.at for a in actions if isinstance(a, ScheduleDeadline))
-        attempts = {
-            client: self.plan_attempt(task, now, deadline) for client, task in tasks.items()
-        }
-        arrivals = sorted(
-            _Delivery(attempt.arrives_at, index, client)
-            for index, (client, attempt) in enumerate(attempts.items())
-            if attempt.arrives_at is not None and attempt.arrives_at <= deadline
-        )
-        outcomes: dict[str, Outcome] = {}
-        queue = [*arrivals, _Delivery(deadline, len(attempts), "")]
-        heapq.heapify(queue)
-        uploads, commit = 0, None
-        while queue:
-            delivery = heapq.heappop(queue)
-            if not delivery.client_id:
-                actions = self.coordinator.handle(DeadlineReached(round_number, delivery.at))
-            else:
-                if delivery.client_id not in outcomes:
-                    self._compute(executor, phase, tasks, attempts, arrivals, outcomes, delivery)
-                uploads += 1
-                actions = self.coordinator.handle(
-                    self._event(outcomes[delivery.client_id], round_number, delivery.at)
-                )
-            commit = next((a for a in actions if isinstance(a, CommitVersion)), commit)
-            closed = _closed(actions)
-            if closed is not None:
-                counted = set(closed.participants)
-                self._records.add_all(
-                    (client, outcome.metrics)
-                    for client, outcome in outcomes.items()
-                    if client in counted and phase is Phase.FIT
-                )
-                fields = self._shell_fields(closed, attempts, uploads)
-                return lifecycle.close_round(closed, commit, fields)
-        raise RunError(f"round {round_number} never closed")  # the deadline always closes it
+        return PlainRoundPlayer(self, lifecycle, executor, round_number, phase).play(actions, now)
 
     def _play_secure(
         self,
@@ -331,7 +278,9 @@ class Simulation:
         summary, commit = player.play(actions, now)
         traffic = player.traffic
         fields = {
-            **self._shell_fields(summary, traffic.attempts, traffic.masked_inputs),
+            **self.shell_fields(
+                summary, traffic.attempts, traffic.masked_inputs, traffic.reported_drops
+            ),
             **secure_row_fields(summary, traffic),
         }
         return lifecycle.close_round(summary, commit, fields)
@@ -339,7 +288,18 @@ class Simulation:
     def plan_attempt(
         self, task: SendFitTask | SendEvaluateTask, now: float, deadline: float
     ) -> Attempt:
-        """What the fleet says the client does with ``task``: when it answers, or that it drops."""
+        """What the fleet says the client does with ``task``: when it answers, or that it drops.
+
+        A dropout wave of the round (``[[devices.dropout_waves]]``) may take it first.
+        """
+        if dropped_in_wave(
+            self.config.devices.dropout_waves,
+            seed=self.config.run.seed,
+            round_number=task.round,
+            client_id=task.client_id,
+        ):
+            epochs = task.config.epochs if isinstance(task, SendFitTask) else 0.0
+            return Attempt(task.client_id, None, epochs, dropped=True, straggler=False)
         if isinstance(task, SendFitTask):
             return self.fleet.plan_fit(
                 task.client_id,
@@ -358,25 +318,28 @@ class Simulation:
             model_bytes=self.model_bytes,
         )
 
-    def _compute(
-        self,
-        executor: Executor,
-        phase: Phase,
-        tasks: dict[str, SendFitTask | SendEvaluateTask],
-        attempts: dict[str, Attempt],
-        arrivals: Sequence[_Delivery],
-        outcomes: dict[str, Outcome],
-        delivery: _Delivery,
-    ) -> None:
-        """Train the results that will be needed next, as one parallel batch."""
-        answered = sum(1 for outcome in outcomes.values() if outcome.error is None)
-        still_needed = max(1, self.settings.target(phase) - answered)
-        waiting = [
-            d.client_id for d in arrivals if d.client_id not in outcomes and not d < delivery
-        ]
-        jobs = [self.job_for(tasks[client], attempts[client]) for client in waiting[:still_needed]]
-        for outcome in executor.run(self.coordinator.parameters, jobs):
-            outcomes[outcome.client_id] = outcome
+    def drop_at(self, task: SendFitTask | SendEvaluateTask, start: float, deadline: float) -> float:
+        """When the coordinator learns that the device given ``task`` at ``start`` dropped."""
+        client = task.client_id
+        fit = isinstance(task, SendFitTask)
+        duration = task_duration(
+            self.fleet.device_class(client),
+            num_examples=(
+                self.population.num_train_examples(client)
+                if fit
+                else self.population.num_eval_examples(client)
+            ),
+            epochs=task.config.epochs if isinstance(task, SendFitTask) else 1 / 3,
+            model_bytes=self.model_bytes,
+        )
+        return drop_time(
+            seed=self.config.run.seed,
+            round_number=task.round,
+            client_id=client,
+            start=start,
+            deadline_at=deadline,
+            duration=duration,
+        )
 
     def job_for(self, task: SendFitTask | SendEvaluateTask, attempt: Attempt) -> Job:
         """The executor's job for ``task``, with the epochs the attempt could afford."""
@@ -385,45 +348,37 @@ class Simulation:
             config = dataclasses.replace(task.config, epochs=attempt.epochs)
         return Job(task.client_id, config, seeded_noise=self.seeded_noise)
 
-    @staticmethod
-    def _event(outcome: Outcome, round_number: int, at: float) -> Event:
-        if outcome.error is not None:
-            return ClientFailed(outcome.client_id, round_number, at, outcome.error)
-        if outcome.update is not None:
-            return UpdateReceived(
-                outcome.client_id,
-                round_number,
-                at,
-                outcome.update,
-                outcome.num_examples,
-                outcome.metrics,
-                Authentication.IN_PROCESS,  # the simulator delivers it itself: no wire
-            )
-        return EvaluationReceived(
-            outcome.client_id, round_number, at, outcome.loss, outcome.num_examples, outcome.metrics
-        )
-
     # --- what only the simulator knows of a round -------------------------------------------
 
-    def _shell_fields(
-        self, summary: RoundSummary, attempts: dict[str, Attempt], uploads: int
+    def shell_fields(
+        self,
+        summary: RoundSummary,
+        attempts: dict[str, Attempt],
+        uploads: int,
+        reported_drops: int = 0,
     ) -> dict[str, Any]:
         """The row's fields that the device fleet decides: drops, stragglers, uploads, and the
-        battery each device that trained drained (replayed when the run resumes)."""
+        battery each device that trained drained (replayed when the run resumes).
+
+        ``reported_drops``: the drops the coordinator was told of (counted in ``failed``).
+        """
         fit = summary.phase is Phase.FIT
         fields = self._drained(summary, attempts) if fit else {}
+        dropped = sum(1 for attempt in attempts.values() if attempt.dropped)
         return fields | {
-            "dropped": sum(1 for attempt in attempts.values() if attempt.dropped) + summary.failed,
+            "dropped": dropped - reported_drops + summary.failed,
             "stragglers": sum(
                 1
                 for a in attempts.values()
                 if a.straggler and a.arrives_at is not None and a.arrives_at > summary.closed_at
             ),
-            "partial": sum(
+            "partial": sum(  # a dropped straggler may still count after an extension
                 1
                 for a in attempts.values()
                 if a.straggler and a.arrives_at is not None and a.arrives_at <= summary.closed_at
-            ),
+            )
+            if self.config.devices.straggler_policy == "partial"
+            else 0,
             "bytes_up": uploads * (self.model_bytes if fit else EVALUATION_UPLOAD_BYTES),
         }
 

@@ -45,6 +45,7 @@ from shoal.secure.homomorphic import EncryptionRequest, SiloCredentials
 from shoal.secure.messages import ClientMessage, ServerRequest, Stage
 from shoal.secure.serde import message_size
 from shoal.simulation.devices import Attempt
+from shoal.simulation.dropouts import DROPPED_REASON
 from shoal.simulation.executor import Executor, Job, Outcome
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ class SecureTraffic:
     bytes_up: int = 0
     bytes_down: int = 0
     masked_inputs: int = 0
+    reported_drops: int = 0  # drops the coordinator was told of before the round closed
     attempts: dict[str, Attempt] = field(default_factory=dict)
 
 
@@ -164,6 +166,9 @@ class SecureRoundPlayer:
         simulation = self.simulation
         plans = {task.client_id: simulation.plan_attempt(task, now, deadline) for task in tasks}
         self.traffic.attempts.update(plans)
+        for task in tasks:  # the coordinator learns of a drop while the device would work
+            if plans[task.client_id].dropped:
+                self._push(simulation.drop_at(task, now, deadline), self._drop(task.client_id))
         on_time = [
             task
             for task in tasks
@@ -255,6 +260,13 @@ class SecureRoundPlayer:
                 client_id, self.round, t, reply, Authentication.IN_PROCESS
             ),
         )
+
+    def _drop(self, client_id: str) -> Callable[[float], Event]:
+        def make(at: float) -> Event:
+            self.traffic.reported_drops += 1
+            return ClientFailed(client_id, self.round, at, DROPPED_REASON)
+
+        return make
 
     def _push(self, at: float, make: Callable[[float], Event]) -> None:
         heapq.heappush(self._queue, _Arrival(at, self._order, make))

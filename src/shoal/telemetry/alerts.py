@@ -1,9 +1,11 @@
 """Alerts for the people who govern a run: events, the hooks that deliver them, and ``fire``.
 
 An alert is a frozen event that names its ``kind``, says itself in one
-line (``summary``) and turns into a flat JSON object (``fields``); the
-first is :class:`BudgetExhausted`, raised when a run has spent its
-differential-privacy budget and its data lock. A hook is any callable that
+line (``summary``) and turns into a flat JSON object (``fields``):
+:class:`BudgetExhausted`, raised when a run has spent its
+differential-privacy budget and its data lock, and :class:`CohortDropped`,
+raised when more than the job's share of a round's cohort dropped (with the
+fallback the round took). A hook is any callable that
 takes an alert (:class:`AlertHook`). The built-in ones:
 
 - :class:`LoggingHook`: a WARNING line on the ``shoal.alerts`` logger.
@@ -98,6 +100,60 @@ class BudgetExhausted:
         return (
             f"privacy budget of run {self.run_id} exhausted at round {self.round}: "
             f"epsilon {self.epsilon_spent:.6g} spent of {self.epsilon_budget:.6g} ({self.reason})"
+        )
+
+    def fields(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CohortDropped:
+    """More than the job's share of a round's cohort dropped, and what the round did about it.
+
+    ``fallback`` is what the round did (``reselect``, ``extend``, ``abort``
+    or ``none``), ``configured`` the job's choice (they differ where a
+    secure or private round cannot take it, ``note`` says why).
+    """
+
+    kind: ClassVar[str] = "cohort_dropped"
+
+    run_id: str
+    round: int
+    phase: str
+    fallback: str
+    configured: str
+    dropped: int
+    cohort: int
+    replacements: int = 0
+    extended_by_s: float = 0.0
+    committed: bool = False
+    note: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.run_id:
+            raise ProtocolError("a CohortDropped alert needs a run id")
+        for name in ("round", "dropped", "cohort", "replacements"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ProtocolError(f"{name} must be an integer >= 0, got {value!r}")
+        if not (math.isfinite(self.extended_by_s) and self.extended_by_s >= 0):
+            raise ProtocolError(
+                f"extended_by_s must be a finite number >= 0, got {self.extended_by_s!r}"
+            )
+
+    @property
+    def summary(self) -> str:
+        done = {
+            "reselect": f"{self.replacements} replacements asked",
+            "extend": f"deadline extended by {self.extended_by_s:.6g}s",
+            "abort": "round aborted, model kept",
+            "none": "no fallback",
+        }.get(self.fallback, self.fallback)
+        outcome = "committed" if self.committed else "not committed"
+        note = f" ({self.note})" if self.note else ""
+        return (
+            f"{self.dropped} of {self.cohort} clients dropped in round {self.round} "
+            f"({self.phase}) of run {self.run_id}: {done}{note}; the round was {outcome}"
         )
 
     def fields(self) -> dict[str, Any]:

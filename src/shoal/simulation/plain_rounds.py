@@ -1,0 +1,186 @@
+"""Plain fit and evaluation rounds in the simulator, played in virtual time.
+
+The device fleet says when each member's result arrives, or when it drops;
+results and drops reach the coordinator in virtual-time order until the
+round closes (the deadline always closes it). Local training runs for real,
+only for the results the coordinator will actually receive, batched over
+the executor's workers. The engine's fallback
+(:mod:`shoal.coordinator.fallback`) may ask replacements, which get
+attempts of their own from the moment they are asked, or move the deadline.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from shoal.coordinator.events import (
+    Action,
+    Authentication,
+    ClientFailed,
+    CommitVersion,
+    DeadlineReached,
+    EvaluationReceived,
+    Event,
+    RoundClosed,
+    RoundSummary,
+    ScheduleDeadline,
+    SendEvaluateTask,
+    SendFitTask,
+    UpdateReceived,
+)
+from shoal.coordinator.run import Run
+from shoal.core.errors import RunError
+from shoal.simulation.devices import Attempt
+from shoal.simulation.dropouts import DROPPED_REASON
+from shoal.simulation.executor import Executor, Outcome
+from shoal.tasks import Phase
+
+if TYPE_CHECKING:
+    from shoal.simulation.runner import Simulation
+
+
+@dataclass(slots=True)
+class _Delivery:
+    """A result (or a drop, or the deadline: no client) on its way to the coordinator,
+    ordered by virtual arrival time."""
+
+    at: float
+    order: int
+    client_id: str
+    dropped: bool = False
+
+    def __lt__(self, other: _Delivery) -> bool:
+        return (self.at, self.order) < (other.at, other.order)
+
+
+class PlainRoundPlayer:
+    """One plain (not secure) round of a simulation, played in virtual time.
+
+    Results and drops reach the coordinator in virtual-time order until the
+    round closes; replacements it asks (a re-selecting fallback) get their
+    own attempts from the time they are asked, and an extended deadline
+    replaces the old one.
+    """
+
+    def __init__(
+        self,
+        simulation: Simulation,
+        lifecycle: Run,
+        executor: Executor,
+        round_number: int,
+        phase: Phase,
+    ) -> None:
+        self.simulation = simulation
+        self.lifecycle = lifecycle
+        self.executor = executor
+        self.round = round_number
+        self.phase = phase
+        self.tasks: dict[str, SendFitTask | SendEvaluateTask] = {}
+        self.attempts: dict[str, Attempt] = {}
+        self.outcomes: dict[str, Outcome] = {}
+        self.queue: list[_Delivery] = []
+        self.deadline = 0.0
+        self.uploads = 0
+        self.reported_drops = 0
+        self._order = itertools.count()
+
+    def play(self, actions: list[Action], now: float) -> dict[str, Any]:
+        """Carry out the round's first actions, then deliver everything until it closes."""
+        commit: CommitVersion | None = None
+        self._carry_out(actions, now)
+        coordinator = self.simulation.coordinator
+        while self.queue:
+            delivery = heapq.heappop(self.queue)
+            if not delivery.client_id:
+                actions = coordinator.handle(DeadlineReached(self.round, delivery.at))
+            elif delivery.dropped:
+                self.reported_drops += 1
+                event = ClientFailed(delivery.client_id, self.round, delivery.at, DROPPED_REASON)
+                actions = coordinator.handle(event)
+            else:
+                if delivery.client_id not in self.outcomes:
+                    self._compute(delivery)
+                self.uploads += 1
+                outcome = self.outcomes[delivery.client_id]
+                actions = coordinator.handle(_result_event(outcome, self.round, delivery.at))
+            commit = next((a for a in actions if isinstance(a, CommitVersion)), commit)
+            closed = next((a.summary for a in actions if isinstance(a, RoundClosed)), None)
+            if closed is not None:
+                return self._close(closed, commit)
+            self._carry_out(actions, delivery.at)
+        raise RunError(f"round {self.round} never closed")  # the deadline always closes it
+
+    def _carry_out(self, actions: Sequence[Action], now: float) -> None:
+        """Plan the attempts of new tasks; queue a (new) deadline."""
+        for action in actions:
+            if isinstance(action, ScheduleDeadline):
+                self.deadline = action.at
+                self._push(action.at, "")
+        tasks = [a for a in actions if isinstance(a, SendFitTask | SendEvaluateTask)]
+        self.simulation.enroll_cohort((task.client_id for task in tasks), now)
+        for task in tasks:
+            client = task.client_id
+            self.tasks[client] = task
+            attempt = self.attempts[client] = self.simulation.plan_attempt(task, now, self.deadline)
+            if attempt.arrives_at is not None:
+                self._push(attempt.arrives_at, client)
+            elif attempt.dropped:
+                self._push(self.simulation.drop_at(task, now, self.deadline), client, dropped=True)
+
+    def _push(self, at: float, client_id: str, *, dropped: bool = False) -> None:
+        heapq.heappush(self.queue, _Delivery(at, next(self._order), client_id, dropped))
+
+    def _compute(self, delivery: _Delivery) -> None:
+        """Train the results that will be needed next (by the deadline), as one parallel batch."""
+        answered = sum(1 for outcome in self.outcomes.values() if outcome.error is None)
+        still_needed = max(1, self.simulation.settings.target(self.phase) - answered)
+        waiting = sorted(
+            d
+            for d in [delivery, *self.queue]
+            if d.client_id
+            and not d.dropped
+            and d.client_id not in self.outcomes
+            and d.at <= self.deadline
+        )
+        simulation = self.simulation
+        jobs = [
+            simulation.job_for(self.tasks[d.client_id], self.attempts[d.client_id])
+            for d in waiting[:still_needed]
+        ]
+        for outcome in self.executor.run(simulation.coordinator.parameters, jobs):
+            self.outcomes[outcome.client_id] = outcome
+
+    def _close(self, closed: RoundSummary, commit: CommitVersion | None) -> dict[str, Any]:
+        counted = set(closed.participants)
+        if self.phase is Phase.FIT:
+            self.simulation.record_level.add_all(
+                (client, outcome.metrics)
+                for client, outcome in self.outcomes.items()
+                if client in counted
+            )
+        fields = self.simulation.shell_fields(
+            closed, self.attempts, self.uploads, self.reported_drops
+        )
+        return self.lifecycle.close_round(closed, commit, fields)
+
+
+def _result_event(outcome: Outcome, round_number: int, at: float) -> Event:
+    if outcome.error is not None:
+        return ClientFailed(outcome.client_id, round_number, at, outcome.error)
+    if outcome.update is not None:
+        return UpdateReceived(
+            outcome.client_id,
+            round_number,
+            at,
+            outcome.update,
+            outcome.num_examples,
+            outcome.metrics,
+            Authentication.IN_PROCESS,  # the simulator delivers it itself: no wire
+        )
+    return EvaluationReceived(
+        outcome.client_id, round_number, at, outcome.loss, outcome.num_examples, outcome.metrics
+    )
