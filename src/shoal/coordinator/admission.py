@@ -107,6 +107,14 @@ class Admission:
         except AttestationRefused as exc:
             raise Refused(RejectCode.UNATTESTED, str(exc)) from exc
 
+    def check_attested(self, client_id: str) -> None:
+        """Refuse (UNATTESTED) a client whose latest attestation was refused, until one passes."""
+        if self.attestation is None:
+            return
+        refusal = self.attestation.refused().get(client_id)
+        if refusal is not None:
+            raise Refused(RejectCode.UNATTESTED, f"its last check-in was refused: {refusal}")
+
     def client(self, client_id: str) -> ClientRecord:
         """The record of an enrolled, active client."""
         try:

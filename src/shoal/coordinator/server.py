@@ -73,6 +73,7 @@ from shoal.coordinator.setup import (
 )
 from shoal.core.errors import ConfigError
 from shoal.core.folders import writable_folder
+from shoal.governance.attestation import AttestationGate
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import (
     BlobStore,
@@ -213,7 +214,7 @@ def build(
         wanted=cohort_size(
             target=config.round.clients_per_round, over_selection=config.round.over_selection
         ),
-        barred=run.barred,  # suspended, or past their own privacy budget
+        barred=_barred(run, attestation),
         clock=clock,
         whole_population=privacy is not None,  # what DP samples from and accounts
     )
@@ -252,6 +253,14 @@ def build(
     return CoordinatorParts(
         database, models, clients, driver, service, run, records, privacy, key_holder
     )
+
+
+def _barred(run: Run, attestation: AttestationGate | None) -> Callable[[], set[str]]:
+    """Who is never selected: the run layer's barred clients, and those refused attestation."""
+    if attestation is None:
+        return run.barred  # suspended, or past their own privacy budget
+    gate = attestation
+    return lambda: run.barred() | set(gate.refused())
 
 
 def _first_context(config: Config) -> ClientContext:

@@ -403,6 +403,7 @@ class CoordinatorService:
             with malformed(ProtocolError, RegistryError):
                 message = serde.parse(pb.HeartbeatRequest, request)
                 auth = self.admission.authenticate(message)
+                self.admission.check_attested(auth.client_id)  # no sighting of a refused client
                 self._beat(auth.client_id, serde.decode_heartbeat_request(message))
             verdict = Verdict.accept()
         except Refused as refusal:
