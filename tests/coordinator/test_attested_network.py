@@ -157,6 +157,8 @@ def test_attested_clients_train_and_each_other_client_is_refused_with_its_reason
     assert [row["round"] for row in rounds] == [1, 2]
     assert all(row["committed"] and row["reported"] == GOOD_CLIENTS for row in rounds)
     assert parts.service.refusals[RejectCode.UNATTESTED.value] == len(bad)
+    gate = parts.service.admission.attestation
+    assert gate is not None and gate.refused() == {}  # made-up ids are not remembered
     database = registry_location(Path(config.coordinator.state_dir), None).open()
     try:
         (token,) = EnrollmentTokens(database).list()

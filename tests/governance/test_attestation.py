@@ -247,3 +247,12 @@ def test_the_gate_remembers_each_clients_latest_refusal_until_a_check_passes(
     }
     gate.check(Evidence("manifest", attester.evidence(binding("c1").challenge())), binding("c1"))
     assert set(gate.refused()) == {"c2"}
+
+
+def test_a_refusal_it_need_not_remember_is_not_remembered(
+    release: Release, database: Database
+) -> None:
+    gate = gate_for(release, database)
+    with pytest.raises(AttestationRefused):
+        gate.check(None, binding("made-up-id"), remember=False)
+    assert gate.refused() == {}

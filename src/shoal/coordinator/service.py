@@ -207,7 +207,8 @@ class CoordinatorService:
                 known = self.admission.client(auth.client_id)
                 # before the sighting: a refused client does not become a candidate
                 if known.public_key is not None:  # authenticate checked the request with it
-                    self.admission.attest(auth, known.public_key, serde.decode_evidence(message))
+                    evidence = serde.decode_evidence(message)
+                    self.admission.attest(auth, known.public_key, evidence, enrolled=True)
                 record = self._refresh(known, device)
                 eligibility = self.selector.check(record, self.settings.criteria)
                 if not eligibility.can_train:

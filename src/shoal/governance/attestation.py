@@ -195,12 +195,20 @@ class AttestationGate:
         """The clients whose latest check was refused, each with its refusal."""
         return dict(self._refused)
 
-    def check(self, evidence: Evidence | None, binding: Binding) -> AttestedBuild:
-        """The client's attested build; :class:`AttestationRefused` says why there is none."""
+    def check(
+        self, evidence: Evidence | None, binding: Binding, *, remember: bool = True
+    ) -> AttestedBuild:
+        """The client's attested build; :class:`AttestationRefused` says why there is none.
+
+        ``remember=False`` keeps a refusal out of :meth:`refused`: for a
+        client not enrolled yet, which no one would select anyway (and
+        whose ids cost an attacker nothing to make up).
+        """
         try:
             build = self._check(evidence, binding)
         except AttestationRefused as refusal:
-            self._refused[binding.client_id] = refusal
+            if remember:
+                self._refused[binding.client_id] = refusal
             raise
         self._refused.pop(binding.client_id, None)
         return build
