@@ -157,6 +157,8 @@ def test_attested_clients_train_and_each_other_client_is_refused_with_its_reason
     assert [row["round"] for row in rounds] == [1, 2]
     assert all(row["committed"] and row["reported"] == GOOD_CLIENTS for row in rounds)
     assert parts.service.refusals[RejectCode.UNATTESTED.value] == len(bad)
+    gate = parts.service.admission.attestation
+    assert gate is not None and gate.refused() == {}  # made-up ids are not remembered
     database = registry_location(Path(config.coordinator.state_dir), None).open()
     try:
         (token,) = EnrollmentTokens(database).list()
@@ -222,7 +224,9 @@ async def serve_attested(
 
 
 @asynccontextmanager
-async def coordinator(config: Config, certificates: CertificateFiles) -> AsyncIterator[str]:
+async def coordinator(
+    config: Config, certificates: CertificateFiles
+) -> AsyncIterator[tuple[str, CoordinatorParts]]:
     """The job's service on a TLS port, its rounds not driven: check-ins get "retry later"."""
     parts = build(config)
     server = grpc.aio.server()
@@ -230,7 +234,7 @@ async def coordinator(config: Config, certificates: CertificateFiles) -> AsyncIt
     port = server.add_secure_port("127.0.0.1:0", load_server_credentials(certificates.server))
     await server.start()
     try:
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", parts
     finally:
         await server.stop(None)
         parts.close()
@@ -265,7 +269,7 @@ def test_each_check_in_is_attested_and_a_revocation_refuses_the_next_one(
 
     async def body() -> dict[str, Any]:
         seen: dict[str, Any] = {}
-        async with coordinator(config, certificates) as target:
+        async with coordinator(config, certificates) as (target, parts):
             ca = certificates.ca.certificate
             link = GrpcLink(
                 target, credentials=load_channel_credentials(ca), enrollment_token=TOKEN
@@ -291,6 +295,17 @@ def test_each_check_in_is_attested_and_a_revocation_refuses_the_next_one(
                     other.private_key, other.client_id, lifted, nonce=mine.nonce
                 )
                 seen["other client"] = serde.decode_check_in_response(await stub.CheckIn(message))
+            selectable = parts.driver._candidates  # the coordinator's own cohort source
+            seen["candidates refused"] = sorted(selectable())  # both just sent unbound evidence
+            link = GrpcLink(
+                target, credentials=load_channel_credentials(ca), enrollment_token=TOKEN
+            )
+            try:  # a check-in that passes clears a refusal
+                for enrollment in (me, other):
+                    await link.handle(enrollment, CheckIn(DeviceState(), attester))
+            finally:
+                await link.close()
+            seen["candidates before"] = sorted(selectable())
             builds.revoke(manifest.manifest_id[:12], by="ana", reason="key leaked")
             link = GrpcLink(
                 target, credentials=load_channel_credentials(ca), enrollment_token=TOKEN
@@ -299,6 +314,17 @@ def test_each_check_in_is_attested_and_a_revocation_refuses_the_next_one(
                 seen["revoked"] = await link.handle(me, CheckIn(DeviceState(), attester))
             finally:
                 await link.close()
+            seen["candidates after"] = sorted(selectable())
+            async with grpc.aio.secure_channel(target, load_channel_credentials(ca)) as channel:
+                stub = pb_grpc.CoordinatorStub(channel)
+                beat = serde.encode_heartbeat_request(DeviceState())
+                serde.sign_message(
+                    beat, me.private_key, client_id=me.client_id, run_id="pending", round=-1,
+                    timestamp=time.time(),
+                )  # fmt: skip
+                reply = serde.decode_heartbeat_response(await stub.Heartbeat(beat))
+                seen["heartbeat"] = reply.verdict
+            seen["ids"] = (me.client_id, other.client_id)
         return seen
 
     try:
@@ -313,6 +339,13 @@ def test_each_check_in_is_attested_and_a_revocation_refuses_the_next_one(
         assert seen[case].detail.startswith("unbound: "), case
     assert seen["revoked"].reason.startswith("unattested: revoked: ")
     assert "key leaked" in seen["revoked"].reason
+    # refused, it is no longer selected, and a heartbeat does not make it seen again
+    mine, others = seen["ids"]
+    assert seen["candidates refused"] == []
+    assert seen["candidates before"] == sorted([mine, others])
+    assert seen["candidates after"] == [others]
+    assert seen["heartbeat"].code is RejectCode.UNATTESTED
+    assert "its last check-in was refused: revoked: " in seen["heartbeat"].detail
 
 
 def test_a_coordinator_without_attestation_admits_clients_as_before(
@@ -323,7 +356,7 @@ def test_a_coordinator_without_attestation_admits_clients_as_before(
     assert config.coordinator.attestation == []
 
     async def body() -> str:
-        async with coordinator(config, certificates) as target:
+        async with coordinator(config, certificates) as (target, _):
             return await enroll(target, certificates.ca.certificate, tmp_path / "plain", None)
 
     assert asyncio.run(body()) == "accepted"

@@ -227,3 +227,32 @@ def test_a_gate_needs_verifiers_of_distinct_kinds(database: Database) -> None:
         ManifestVerifier([])
     with pytest.raises(ConfigError, match="no verifier for 'sgx'"):
         verifiers_for(["sgx"], release_keys=[], plugins={})
+
+
+def test_the_gate_remembers_each_clients_latest_refusal_until_a_check_passes(
+    release: Release, database: Database
+) -> None:
+    gate = gate_for(release, database)
+    manifest = release.manifest()
+    AllowedBuilds(database).allow(
+        build_id=manifest.manifest_id, kind="manifest", by="a", reason="r"
+    )
+    attester = release.attester(manifest)
+    assert gate.refused() == {}
+    refusal(gate, None, binding("c1"))
+    refusal(gate, None, binding("c2"))
+    assert {client: refused.problem for client, refused in gate.refused().items()} == {
+        "c1": Problem.MISSING,
+        "c2": Problem.MISSING,
+    }
+    gate.check(Evidence("manifest", attester.evidence(binding("c1").challenge())), binding("c1"))
+    assert set(gate.refused()) == {"c2"}
+
+
+def test_a_refusal_it_need_not_remember_is_not_remembered(
+    release: Release, database: Database
+) -> None:
+    gate = gate_for(release, database)
+    with pytest.raises(AttestationRefused):
+        gate.check(None, binding("made-up-id"), remember=False)
+    assert gate.refused() == {}

@@ -93,19 +93,46 @@ class Admission:
             raise Refused(RejectCode.WRONG_ROUND, f"this coordinator runs {self.run_id}")
         return auth
 
-    def attest(self, auth: RequestAuth, public_key: bytes, evidence: Evidence | None) -> None:
+    def attest(
+        self,
+        auth: RequestAuth,
+        public_key: bytes,
+        evidence: Evidence | None,
+        *,
+        enrolled: bool | None = None,
+    ) -> None:
         """Refuse (UNATTESTED) a request whose evidence is not of an allowed build, when required.
 
         The evidence must be made for this request: the binding is the
-        client's id and key and the run and nonce it signed.
+        client's id and key and the run and nonce it signed. The refusal of
+        an ``enrolled`` client (None: look it up) bars it from selection
+        until a check passes.
         """
         if self.attestation is None:
             return
         binding = Binding(auth.client_id, public_key, auth.run_id, auth.nonce)
+        if enrolled is None:
+            enrolled = self.is_enrolled(auth.client_id)
         try:
-            self.attestation.check(evidence, binding)
+            self.attestation.check(evidence, binding, remember=enrolled)
         except AttestationRefused as exc:
             raise Refused(RejectCode.UNATTESTED, str(exc)) from exc
+
+    def check_attested(self, client_id: str) -> None:
+        """Refuse (UNATTESTED) a client whose latest attestation was refused, until one passes."""
+        if self.attestation is None:
+            return
+        refusal = self.attestation.refused().get(client_id)
+        if refusal is not None:
+            raise Refused(RejectCode.UNATTESTED, f"its last check-in was refused: {refusal}")
+
+    def is_enrolled(self, client_id: str) -> bool:
+        """Whether the registry holds ``client_id`` (in any status)."""
+        try:
+            self.clients.get(client_id)
+        except NotFoundError:
+            return False
+        return True
 
     def client(self, client_id: str) -> ClientRecord:
         """The record of an enrolled, active client."""

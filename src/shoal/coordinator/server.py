@@ -78,6 +78,7 @@ from shoal.coordinator.setup import (
 )
 from shoal.core.errors import ConfigError
 from shoal.core.folders import writable_folder
+from shoal.governance.attestation import AttestationGate
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import (
     BlobStore,
@@ -224,7 +225,7 @@ def build(
             fallback=settings.fallback,
             secure=config.secure_aggregation.enabled,
         ),
-        barred=run.barred,  # suspended, or past their own privacy budget
+        barred=_barred(run, attestation),
         clock=clock,
         whole_population=privacy is not None,  # what DP samples from and accounts
     )
@@ -269,6 +270,14 @@ def build(
     return CoordinatorParts(
         database, models, clients, driver, service, run, records, privacy, key_holder
     )
+
+
+def _barred(run: Run, attestation: AttestationGate | None) -> Callable[[], set[str]]:
+    """Who is never selected: the run layer's barred clients, and those refused attestation."""
+    if attestation is None:
+        return run.barred  # suspended, or past their own privacy budget
+    gate = attestation
+    return lambda: run.barred() | set(gate.refused())
 
 
 def _first_context(config: Config) -> ClientContext:

@@ -254,7 +254,8 @@ class CoordinatorService:
                 known = self.admission.client(auth.client_id)
                 # before the sighting: a refused client does not become a candidate
                 if known.public_key is not None:  # authenticate checked the request with it
-                    self.admission.attest(auth, known.public_key, serde.decode_evidence(message))
+                    evidence = serde.decode_evidence(message)
+                    self.admission.attest(auth, known.public_key, evidence, enrolled=True)
                 record = self._refresh(known, device)
                 outcome = self._eligible(record) or self._task_or_retry(
                     self.driver.check_in(auth.client_id)
@@ -493,6 +494,7 @@ class CoordinatorService:
             with malformed(ProtocolError, RegistryError):
                 message = serde.parse(pb.HeartbeatRequest, request)
                 auth = self.admission.authenticate(message)
+                self.admission.check_attested(auth.client_id)  # no sighting of a refused client
                 self._beat(auth.client_id, serde.decode_heartbeat_request(message))
             verdict = Verdict.accept()
         except Refused as refusal:

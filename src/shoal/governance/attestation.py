@@ -169,7 +169,15 @@ class Attester(Protocol):
 
 
 class AttestationGate:
-    """The coordinator's check: evidence of an accepted kind, verified, of an allowed build."""
+    """The coordinator's check: evidence of an accepted kind, verified, of an allowed build.
+
+    It remembers the clients whose latest check was refused, with why
+    (:meth:`refused`), until one passes: the coordinator selects none of
+    them and takes no heartbeat from them, so a client refused at a
+    check-in (its build revoked, say) is not chosen for a round it cannot
+    join. The memory is the process's own: after a restart a client's next
+    check-in decides again.
+    """
 
     def __init__(self, verifiers: Iterable[Verifier], allow_list: AllowedBuilds) -> None:
         self.verifiers: dict[str, Verifier] = {}
@@ -181,9 +189,31 @@ class AttestationGate:
         if not self.verifiers:
             raise ConfigError("an attestation gate needs at least one verifier")
         self.allow_list = allow_list
+        self._refused: dict[str, AttestationRefused] = {}
 
-    def check(self, evidence: Evidence | None, binding: Binding) -> AttestedBuild:
-        """The client's attested build; :class:`AttestationRefused` says why there is none."""
+    def refused(self) -> dict[str, AttestationRefused]:
+        """The clients whose latest check was refused, each with its refusal."""
+        return dict(self._refused)
+
+    def check(
+        self, evidence: Evidence | None, binding: Binding, *, remember: bool = True
+    ) -> AttestedBuild:
+        """The client's attested build; :class:`AttestationRefused` says why there is none.
+
+        ``remember=False`` keeps a refusal out of :meth:`refused`: for a
+        client not enrolled yet, which no one would select anyway (and
+        whose ids cost an attacker nothing to make up).
+        """
+        try:
+            build = self._check(evidence, binding)
+        except AttestationRefused as refusal:
+            if remember:
+                self._refused[binding.client_id] = refusal
+            raise
+        self._refused.pop(binding.client_id, None)
+        return build
+
+    def _check(self, evidence: Evidence | None, binding: Binding) -> AttestedBuild:
         accepted = ", ".join(sorted(self.verifiers))
         if evidence is None:
             raise AttestationRefused(

@@ -199,7 +199,9 @@ class GrpcLink:
             return RetryLater(outcome.seconds, outcome.reason)
         if isinstance(outcome, RunFinished):
             return outcome
-        return RetryLater(self.rejected_retry_s, f"{outcome.code.value}: {outcome.detail}")
+        reason = f"{outcome.code.value}: {outcome.detail}"
+        log.warning("check-in refused (%s); trying again in %gs", reason, self.rejected_retry_s)
+        return RetryLater(self.rejected_retry_s, reason)
 
     async def _fetch_model(self, enrollment: Enrollment, request: FetchModel) -> Parameters:
         message = serde.encode_fetch_model_request(ModelRequest(request.sha256))
