@@ -26,7 +26,7 @@ import os
 import re
 import sys
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,10 +206,10 @@ class PolicyEngine:
 
     def input_of(self, round_number: int, batch: Sequence[UpdateFacts]) -> dict[str, Any]:
         """The policy's input for ``batch``: the columns its rules read, and the round."""
-        rows = [_row(facts) for facts in batch]
         document: dict[str, Any] = {"round": round_number, "count": len(batch)}
         for column in self.columns:
-            document[column] = [row[column] for row in rows]
+            values = [getattr(facts, column) for facts in batch]
+            document[column] = _REGO_VALUES.get(column, list)(values)
         return document
 
     def _query(self, document: Mapping[str, Any]) -> list[Any] | str:
@@ -225,13 +225,20 @@ class PolicyEngine:
         return found if isinstance(found, list) else f"deny is not a set: {found!r:.120}"
 
 
-def _row(facts: UpdateFacts) -> dict[str, Any]:
-    row = facts.as_record()
-    for name in ("num_examples", "num_examples_bound"):
-        value = row[name]
-        if value is not None and value > INT64_MAX:  # Rego's integers have 64 bits
-            row[name] = float(value)
-    return row
+def _counts(values: list[Any]) -> list[Any]:
+    """Example counts as Rego takes them: an integer past 64 bits as a float."""
+    return [float(v) if v is not None and v > INT64_MAX else v for v in values]
+
+
+def _lists(values: list[Any]) -> list[Any]:
+    return [list(value) for value in values]
+
+
+_REGO_VALUES: dict[str, Callable[[list[Any]], list[Any]]] = {
+    "num_examples": _counts,
+    "num_examples_bound": _counts,
+    "version_problems": _lists,
+}
 
 
 def _denial_index(entry: Any, size: int) -> int | None:
