@@ -190,3 +190,27 @@ def test_inside_secure_aggregation_the_policy_decides_on_what_it_can_know(
         assert facts["num_examples_bound"] == 1000
     else:  # nothing bounds a silo's encrypted update
         assert facts["l2_norm_bound"] is None and facts["num_examples_bound"] is None
+
+
+def test_the_policy_sees_each_clients_own_privacy_budget_left(tmp_path: Path) -> None:
+    job = {
+        "run": {"name": "budget", "rounds": 3, "seed": 2},
+        "data": {"num_clients": 6},
+        "round": {"clients_per_round": 6, "over_selection": 1.0, "quorum": 0.5},
+        "evaluation": {"every": 0},
+        "simulation": {"workers": 0},
+        "privacy": {"placement": "central", "noise_multiplier": 1.0, "client_epsilon": 1000.0},
+    }
+    shoal.simulate(job, out=tmp_path / "run")
+    database = registry_location(tmp_path / "run", None).open()
+    try:
+        decisions = PolicyDecisionLog(database).decisions("budget")
+    finally:
+        database.close()
+    left: dict[int, list[float]] = {}
+    for decision in decisions:
+        left.setdefault(decision.round, []).append(decision.facts["remaining_epsilon"])
+    assert all(value == 1000.0 for value in left[1])  # nothing spent before round 1
+    spent = [1000.0 - value for value in left[3]]
+    assert all(value > 0 for value in spent)  # what rounds 1 and 2 cost each client
+    assert max(left[3]) < min(left[2])

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from shoal.config import parse_config
 from shoal.core import ConfigError
 from shoal.governance import POLICY_ERROR, PolicyBounds, PolicyEngine, UpdateFacts
-from shoal.governance.policy import COLUMNS, facts_for
+from shoal.governance.policy import CHUNK, COLUMNS, facts_for
 
 
 @functools.cache
@@ -234,3 +234,11 @@ def test_a_rule_set_that_conflicts_fails_closed(tmp_path: Path) -> None:
     engine = PolicyEngine(files=[tmp_path / "conflict.rego"])
     [decision] = engine.decide(1, [facts_for("a")])
     assert [r.code for r in decision.reasons] == [POLICY_ERROR]
+
+
+def test_a_round_larger_than_one_query_is_decided_in_chunks_in_order() -> None:
+    count = 2 * CHUNK + 7
+    batch = [facts_for(f"c{i}", l2_norm=1e9 if i % 50 == 49 else 1.0) for i in range(count)]
+    decisions = default_engine().decide(1, batch)
+    assert [d.client_id for d in decisions] == [f"c{i}" for i in range(count)]
+    assert [i for i, d in enumerate(decisions) if not d.allowed] == list(range(49, count, 50))

@@ -42,8 +42,13 @@ from shoal.coordinator.events import (
     UpdateReceived,
 )
 from shoal.coordinator.fallback import after_drop
-from shoal.coordinator.homomorphic import CKKS, CkksRound
-from shoal.coordinator.policy import Submission, UpdatePolicy, relative_norms
+from shoal.coordinator.homomorphic import CkksRound
+from shoal.coordinator.policy import (
+    Submission,
+    UpdatePolicy,
+    relative_norms,
+    sealed_submission,
+)
 from shoal.coordinator.rounds import PendingUpdate, RoundBooks, RoundSettings
 from shoal.coordinator.secure import (
     SecureSettings,
@@ -385,20 +390,6 @@ class Coordinator:
         current.policy_denied.update(codes)
         current.failures[failure_reason(f"policy denied: {', '.join(codes)}")] += 1
 
-    def _sealed_submission(self, event: SecureMessageReceived) -> Submission:
-        """What the policy can know of an update sealed by secure aggregation: its bounds."""
-        assert self.secure is not None
-        if self.secure.protocol == CKKS:  # nothing bounds a silo's encrypted update
-            return Submission(event.client_id, event.authentication, sealed=True)
-        quantization = self.secure.quantization  # every value clipped to +-clip, weight capped
-        return Submission(
-            event.client_id,
-            event.authentication,
-            sealed=True,
-            l2_norm_bound=quantization.clip * math.sqrt(len(self.parameters)),
-            num_examples_bound=quantization.max_weight,
-        )
-
     def _screen_sealed(
         self, current: RoundBooks, event: SecureMessageReceived
     ) -> list[Action] | None:
@@ -407,7 +398,11 @@ class Coordinator:
             return None
         current.policy_checked.add(event.client_id)
         current.policy_decisions += 1
-        (decision,) = self.policy.decide(current.number, [self._sealed_submission(event)])
+        assert self.secure is not None
+        sealed = sealed_submission(
+            event.client_id, event.authentication, secure=self.secure, size=len(self.parameters)
+        )
+        (decision,) = self.policy.decide(current.number, [sealed])
         if decision.allowed:
             return None
         assert current.secure is not None

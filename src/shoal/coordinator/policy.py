@@ -25,6 +25,8 @@ from typing import Protocol
 
 from shoal.config import VersionsSection
 from shoal.coordinator.events import Authentication
+from shoal.coordinator.homomorphic import CKKS
+from shoal.coordinator.secure import SecureSettings
 from shoal.governance.policy import Decision, PolicyEngine, UpdateFacts
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import ClientRecord, ClientRegistry, Database, DecisionRecord
@@ -57,6 +59,27 @@ class UpdatePolicy(Protocol):
     """The engine's view of the policy: a decision on each submission, in order."""
 
     def decide(self, round_number: int, submissions: Sequence[Submission]) -> list[Decision]: ...
+
+
+def sealed_submission(
+    client_id: str, authentication: Authentication, *, secure: SecureSettings, size: int
+) -> Submission:
+    """What can be known of an update sealed by secure aggregation: the protocol's bounds.
+
+    SecAgg+ clips each of the ``size`` values to ``+-clip`` before it
+    quantizes them (an L2 norm of at most ``clip * sqrt(size)``) and caps the
+    weight at ``max_weight``; nothing bounds a silo's CKKS ciphertext.
+    """
+    if secure.protocol == CKKS:
+        return Submission(client_id, authentication, sealed=True)
+    quantization = secure.quantization
+    return Submission(
+        client_id,
+        authentication,
+        sealed=True,
+        l2_norm_bound=quantization.clip * math.sqrt(size),
+        num_examples_bound=quantization.max_weight,
+    )
 
 
 def relative_norms(norms: Sequence[float]) -> list[float | None]:

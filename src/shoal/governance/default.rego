@@ -10,8 +10,9 @@
 # secure aggregation, a budget under no DP) is null: a rule must test is_number.
 # Two quirks of rego-cpp 1.x to write around: bind a column's value to a variable
 # before a function takes it (c := input.client_id[i]; startswith(c, "x")), since a
-# call whose argument generates the index can miss matches; and test each value,
-# since max() over an array compares numbers as text.
+# call whose argument generates the index can miss matches; test is_number(n)
+# before comparing n, since null > 10 is true there; and test each value, since
+# max() over an array compares numbers as text.
 package shoal.policy
 
 import rego.v1

@@ -4,8 +4,10 @@ The bundled default policy (``default.rego`` beside this module) and the
 job's own files are compiled once into a bundle; each decision is one query
 of its ``deny`` entrypoint. A query takes a *batch* of updates as columns
 (``input.l2_norm[i]`` is update i's norm): a round's updates are decided in
-one query, which is what makes thousands of decisions per second possible
-(``benchmarks/policy.py``); a batch of one is the same query.
+a few queries of up to :data:`CHUNK` each, which is what makes thousands of
+decisions per second possible (``benchmarks/policy.py``); a batch of one is
+the same query. A rule decides on each update alone (``input.count`` is the
+query's batch, not the round's).
 
 A rule denies update ``i`` by adding ``[i, code, detail]`` to ``deny``; an
 update no rule denies is allowed. The engine fails closed: a query that
@@ -26,7 +28,7 @@ import os
 import re
 import sys
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,9 @@ DEFAULT_POLICY = Path(__file__).with_name("default.rego")
 PACKAGE = "shoal.policy"
 ENTRYPOINT = "shoal/policy/deny"
 POLICY_ERROR = "policy_error"
+CHUNK = 128
+"""The most updates one query holds: rego-cpp builds ``deny`` in time that grows faster than
+its size, so a round's thousands of updates go in queries of this many (benchmarks/policy.py)."""
 
 _PACKAGE_LINE = re.compile(r"^\s*package\s+([\w.]+)", re.MULTILINE)
 _INPUT_FIELD = re.compile(r"\binput\.(\w+)")
@@ -181,9 +186,13 @@ class PolicyEngine:
         return cls(bounds=bounds, files=section.files)
 
     def decide(self, round_number: int, batch: Sequence[UpdateFacts]) -> list[Decision]:
-        """The decision on each update of ``batch``, in order, from one query."""
-        if not batch:
-            return []
+        """The decision on each update of ``batch``, in order, in queries of up to ``CHUNK``."""
+        decisions: list[Decision] = []
+        for start in range(0, len(batch), CHUNK):
+            decisions += self._decide(round_number, batch[start : start + CHUNK])
+        return decisions
+
+    def _decide(self, round_number: int, batch: Sequence[UpdateFacts]) -> list[Decision]:
         found = self._query(self.input_of(round_number, batch))
         reasons: list[list[Reason]] = [[] for _ in batch]
         problem = None
@@ -206,10 +215,10 @@ class PolicyEngine:
 
     def input_of(self, round_number: int, batch: Sequence[UpdateFacts]) -> dict[str, Any]:
         """The policy's input for ``batch``: the columns its rules read, and the round."""
-        rows = [_row(facts) for facts in batch]
         document: dict[str, Any] = {"round": round_number, "count": len(batch)}
         for column in self.columns:
-            document[column] = [row[column] for row in rows]
+            values = [getattr(facts, column) for facts in batch]
+            document[column] = _REGO_VALUES.get(column, list)(values)
         return document
 
     def _query(self, document: Mapping[str, Any]) -> list[Any] | str:
@@ -225,13 +234,20 @@ class PolicyEngine:
         return found if isinstance(found, list) else f"deny is not a set: {found!r:.120}"
 
 
-def _row(facts: UpdateFacts) -> dict[str, Any]:
-    row = facts.as_record()
-    for name in ("num_examples", "num_examples_bound"):
-        value = row[name]
-        if value is not None and value > INT64_MAX:  # Rego's integers have 64 bits
-            row[name] = float(value)
-    return row
+def _counts(values: list[Any]) -> list[Any]:
+    """Example counts as Rego takes them: an integer past 64 bits as a float."""
+    return [float(v) if v is not None and v > INT64_MAX else v for v in values]
+
+
+def _lists(values: list[Any]) -> list[Any]:
+    return [list(value) for value in values]
+
+
+_REGO_VALUES: dict[str, Callable[[list[Any]], list[Any]]] = {
+    "num_examples": _counts,
+    "num_examples_bound": _counts,
+    "version_problems": _lists,
+}
 
 
 def _denial_index(entry: Any, size: int) -> int | None:
