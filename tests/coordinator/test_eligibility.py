@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,7 +11,10 @@ from hypothesis import strategies as st
 from shoal.config import SelectionSection, VersionRequirementEntry, VersionsSection
 from shoal.coordinator.eligibility import VERSIONS, DeviceFacts, EligibilityPolicy
 from shoal.core.device import DeviceState
-from shoal.registry.versioning import version_key
+from shoal.registry.clients import ClientRecord
+from shoal.registry.schema import ClientStatus
+from shoal.registry.selector import SelectionCriteria, unmet_criteria
+from shoal.registry.versioning import Eligibility
 
 EVERY_CRITERION = SelectionSection(
     require_charging=True,
@@ -151,24 +156,23 @@ def test_the_vectorized_rule_matches_a_device_by_device_reading(
 
 
 def _reference(device: DeviceState) -> set[str]:
-    """The policy read one device at a time, in plain Python."""
-    failed = set()
-    if device.charging is not True:
-        failed.add("charging")
-    if device.wifi is not True:
-        failed.add("wifi")
-    if device.idle is not True:
-        failed.add("idle")
-    if device.battery_level is None or device.battery_level < 0.5:
-        failed.add("battery")
-    if device.ram_gb is None or device.ram_gb < 2:
-        failed.add("ram")
-    key, minimum = version_key(device.app_version), version_key("2.4")
-    if key is None or minimum is None or key < minimum:
-        failed.add("app_version")
-    if device.device_class != "phone":
-        failed.add("device_class")
-    return failed
+    """The policy read one device at a time by the registry's rule, as the live coordinator
+    reads a check-in (:func:`~shoal.registry.selector.unmet_criteria`): the two may not drift."""
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    record = ClientRecord(
+        client_id="phone-1",
+        device=device,
+        status=ClientStatus.ACTIVE,
+        status_reason=None,
+        eligibility=Eligibility.allowed(),
+        public_key=None,
+        sample_key=0,
+        enrolled_at=now,
+        last_seen=now,
+        expires_at=None,
+    )
+    criteria = SelectionCriteria.from_section(EVERY_CRITERION, model=None)
+    return set(unmet_criteria(record, criteria, (), now=now))
 
 
 def _fields(device: DeviceState) -> dict[str, object]:
