@@ -75,7 +75,7 @@ def serve_command(
         console.print(f"coordinator listening on {config.coordinator.listen} (port {port})")
         console.print(f"run folder: {config.coordinator.state_dir}")
         public = Path(config.coordinator.state_dir) / "model-signing.pub"
-        console.print(f"every version is signed: clients pin {public} (`shoal coordinator key`)")
+        console.print(f"model-signing key: {public} (clients pin it)")
         if config.secure_aggregation.enabled:
             console.print(f"secure aggregation: {config.secure_aggregation.protocol}")
         if config.privacy.enabled:
