@@ -220,3 +220,24 @@ def test_the_operator_s_key_is_used_and_a_missing_one_is_one_line(tmp_path: Path
     missing = job(tmp_path, f'signing_key = "{tmp_path / "none.key"}"\n')
     line = error_line(shoal("coordinator", "key", "--config", missing), 2)
     assert "cannot read the model-signing key" in line
+
+
+def test_a_run_resumed_from_an_unsigned_head_signs_it(tmp_path: Path) -> None:
+    """A run folder from a Shoal before signing: its HEAD is signed when the run resumes."""
+    overrides = ["data.num_clients=4", "round.clients_per_round=4", "simulation.workers=0"]
+    Simulation(bare_config([*overrides, "run.rounds=1"]), tmp_path / "run").run()
+    database = open_database(None, folder=tmp_path / "run" / "registry")
+    try:
+        with database.write() as connection:
+            connection.execute(
+                sa.update(model_versions).values(signature=None, signing_key_id=None)
+            )
+    finally:
+        database.close()
+    unsigned = shoal("models", "verify", "global", "1", "--state-dir", tmp_path / "run")
+    assert "is not signed" in error_line(unsigned)
+    resumed = Simulation(bare_config([*overrides, "run.rounds=2"]), tmp_path / "run", resume=True)
+    resumed.run()
+    for version in ("1", "2"):
+        result = shoal("models", "verify", "global", version, "--state-dir", tmp_path / "run")
+        assert result.exit_code == 0, result.output

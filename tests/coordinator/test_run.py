@@ -54,6 +54,9 @@ class MemoryStore:
             state=fields["state"],
         )
 
+    def sign(self, record: ModelRecord) -> ModelRecord:
+        return record  # this store holds no key
+
     def barred(self) -> set[str]:
         return set(self._barred)
 

@@ -250,3 +250,25 @@ def test_a_signer_that_fails_commits_nothing(registry: ModelRegistry) -> None:
     with pytest.raises(RegistryError, match="signing key"):
         commit(registry, 0, signer=signer)
     assert registry.head("digits") is None and registry.list("digits") == []
+
+
+def test_an_unsigned_version_is_signed_later_once_and_never_re_signed(
+    registry: ModelRegistry,
+) -> None:
+    commit(registry, 0)
+    first = ModelSigner(generate_signing_key(), run_id="r")
+    signed = registry.sign("digits", 0, first)
+    assert signed.signed is not None and signed.signed.key_id == first.key_id
+    PinnedKey.of(first.private_key.public_key()).verify(
+        signed.signed, name="digits", version=0, round=0, sha256=signed.sha256
+    )
+    other = ModelSigner(generate_signing_key(), run_id="r")
+    assert registry.sign("digits", 0, other).signed == signed.signed  # kept, not replaced
+
+
+def test_a_corrupt_blob_is_never_signed(registry: ModelRegistry, blobs: BlobStore) -> None:
+    commit(registry, 0)
+    Path(blobs.path(registry.get("digits", 0).blob)).write_bytes(b"not the weights")
+    with pytest.raises(IntegrityError):
+        registry.sign("digits", 0, ModelSigner(generate_signing_key(), run_id="r"))
+    assert registry.get("digits", 0).signed is None

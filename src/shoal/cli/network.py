@@ -75,6 +75,8 @@ def serve_command(
     def on_ready(port: int, first_round: int) -> None:
         console.print(f"coordinator listening on {config.coordinator.listen} (port {port})")
         console.print(f"run folder: {config.coordinator.state_dir}")
+        public = Path(config.coordinator.state_dir) / "model-signing.pub"
+        console.print(f"model-signing key: {public} (clients pin it)")
         if config.secure_aggregation.enabled:
             console.print(f"secure aggregation: {config.secure_aggregation.protocol}")
         if config.privacy.enabled:

@@ -75,6 +75,8 @@ class RunStore(Protocol):
         architecture: str,
     ) -> Committed: ...
 
+    def sign(self, record: ModelRecord) -> ModelRecord: ...
+
     def barred(self) -> set[str]: ...
 
     def suspend(self, client_id: str, reason: str) -> None: ...
@@ -144,6 +146,13 @@ class RunRecords:
             signer=self.signer,
         )
         return Committed(record.version, record.sha256)
+
+    def sign(self, record: ModelRecord) -> ModelRecord:
+        """Sign a version committed unsigned (the HEAD a run resumes from, made by a Shoal
+        before signing); without a signer, the version as it is."""
+        if self.signer is None:
+            return record
+        return self.models.sign(self.model, record.version, self.signer)
 
     def barred(self) -> set[str]:
         return self.clients.barred() | set(self._suspended)

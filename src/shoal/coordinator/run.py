@@ -4,7 +4,8 @@ The round engine (:mod:`shoal.coordinator.engine`) plays one round; this
 layer owns everything above it, so that each rule is written once:
 
 - the first commit (the initial model as version 0) or the resume from
-  HEAD (model, optimizer state, adaptive clip norm, the privacy ledger),
+  HEAD (model, optimizer state, adaptive clip norm, the privacy ledger; a
+  HEAD committed unsigned is signed, since clients refuse an unsigned model),
   with the metrics rows cut back to HEAD and a row lost in a crash rebuilt
   from its version;
 - the schedule of fit and evaluation rounds, including an evaluation that
@@ -254,6 +255,8 @@ class Run:
 
     def _restore(self, head: ModelRecord) -> Coordinator:
         parameters, saved = self.store.load(head)
+        if head.signed is None:  # committed by a Shoal before signing: clients need it signed
+            head = self.store.sign(head)
         template = self.parts.strategy.server_optimizer.init(parameters.vector)
         state = template if saved is None else state_from_bytes(template, saved)
         if self.privacy is not None:

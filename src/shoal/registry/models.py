@@ -249,6 +249,25 @@ class ModelRegistry:
         record = self.get(name, version)
         return None if record.state_blob is None else self.blobs.get(record.state_blob)
 
+    def sign(self, name: str, version: int, signer: VersionSigner) -> ModelRecord:
+        """Sign a version committed unsigned (by a Shoal before signing), once its blob checks
+        out; a signed version is returned as it is (a signature is never replaced)."""
+        self.load(name, version)  # raises IntegrityError on a corrupt blob: never vouch for it
+        with self.database.write() as connection:
+            lock_name(connection, f"model:{name}")
+            record = _fetch(connection, name, version)
+            if record.signed is not None:
+                return record
+            signed = signer(name=name, version=version, round=record.round, sha256=record.sha256)
+            connection.execute(
+                sa.update(model_versions)
+                .where(model_versions.c.name == name, model_versions.c.version == version)
+                .values(
+                    run_id=signed.run_id, signing_key_id=signed.key_id, signature=signed.signature
+                )
+            )
+            return _fetch(connection, name, version)
+
     def mark(
         self,
         name: str,
