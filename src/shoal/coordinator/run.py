@@ -162,6 +162,7 @@ class Run:
         self.eligibility = EligibilityPolicy(config.selection, config.versions, model=architecture)
         self._screened: Row | None = None  # the screened play's counts, until its row
         self._coordinator: Coordinator | None = None
+        self._bars: list[Callable[[], Iterable[str]]] = []  # the shell's own sources of bars
 
     @property
     def coordinator(self) -> Coordinator:
@@ -329,11 +330,19 @@ class Run:
         self.stop_reason = reason
         return True
 
+    def bar(self, source: Callable[[], Iterable[str]]) -> None:
+        """Also bar, at every selection, the clients ``source`` names then (for example,
+        those a deployed coordinator refused attestation: only a shell can know them)."""
+        self._bars.append(source)
+
     def barred(self) -> set[str]:
-        """Clients never to select: suspended or retired, or past their own privacy budget."""
+        """Clients never to select: suspended or retired, past their own privacy budget, or
+        named by a source the shell added (:meth:`bar`)."""
         barred = self.store.barred()
         if self.privacy is not None:
             barred |= self.privacy.barred()
+        for source in self._bars:
+            barred.update(source())
         return barred
 
     def eligible(self, candidates: Iterable[str]) -> tuple[str, ...]:

@@ -78,7 +78,6 @@ from shoal.coordinator.setup import (
 )
 from shoal.core.errors import ConfigError
 from shoal.core.folders import writable_folder
-from shoal.governance.attestation import AttestationGate
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import (
     BlobStore,
@@ -202,6 +201,8 @@ def build(
             where=str(state_dir),
             run_id=section.run_id,
         )
+        if attestation is not None:  # a client refused attestation is selected for no round
+            run.bar(attestation.refused)
         coordinator = run.open(lambda: apps.client(_first_context(config)))
         if run.first_round > 1:
             log.info("resuming run %s at round %d", config.run.name, run.first_round)
@@ -225,7 +226,7 @@ def build(
             fallback=settings.fallback,
             secure=config.secure_aggregation.enabled,
         ),
-        barred=_barred(run, attestation),
+        barred=run.barred,  # suspended, past their own budget, or refused attestation
         clock=clock,
         whole_population=privacy is not None,  # what DP samples from and accounts
     )
@@ -270,14 +271,6 @@ def build(
     return CoordinatorParts(
         database, models, clients, driver, service, run, records, privacy, key_holder
     )
-
-
-def _barred(run: Run, attestation: AttestationGate | None) -> Callable[[], set[str]]:
-    """Who is never selected: the run layer's barred clients, and those refused attestation."""
-    if attestation is None:
-        return run.barred  # suspended, or past their own privacy budget
-    gate = attestation
-    return lambda: run.barred() | set(gate.refused())
 
 
 def _first_context(config: Config) -> ClientContext:
