@@ -93,6 +93,18 @@ class Admission:
             raise Refused(RejectCode.WRONG_ROUND, f"this coordinator runs {self.run_id}")
         return auth
 
+    def authenticate_client(
+        self, message: Any, *, this_run: bool = False
+    ) -> tuple[RequestAuth, ClientRecord]:
+        """The verified auth of an enrolled client's request, and its record (read once)."""
+        with malformed():
+            client_id = serde.decode_auth(message).client_id
+        record = self.client(client_id)
+        if record.public_key is None:
+            raise Refused(RejectCode.UNKNOWN_CLIENT, "the client has no enrolled key")
+        auth = self.authenticate(message, public_key=record.public_key, this_run=this_run)
+        return auth, record
+
     def attest(
         self,
         auth: RequestAuth,

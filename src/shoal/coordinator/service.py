@@ -249,13 +249,12 @@ class CoordinatorService:
         try:
             with malformed():
                 message = serde.parse(pb.CheckInRequest, request)
-                auth = self.admission.authenticate(message)
+                auth, known = self.admission.authenticate_client(message)
                 device = serde.decode_check_in_request(message)
-                known = self.admission.client(auth.client_id)
                 # before the sighting: a refused client does not become a candidate
-                if known.public_key is not None:  # authenticate checked the request with it
-                    evidence = serde.decode_evidence(message)
-                    self.admission.attest(auth, known.public_key, evidence, enrolled=True)
+                assert known.public_key is not None  # authenticate_client checked with it
+                evidence = serde.decode_evidence(message)
+                self.admission.attest(auth, known.public_key, evidence, enrolled=True)
                 record = self._refresh(known, device)
                 outcome = self._eligible(record) or self._task_or_retry(
                     self.driver.check_in(auth.client_id)
@@ -285,13 +284,13 @@ class CoordinatorService:
             return RetryAfter(self.driver.settings.retry_after_s, reason)
         raise Refused(RejectCode.INCOMPATIBLE, eligibility.reason or "not eligible")
 
-    def _check_software(self, client_id: str, round_number: int) -> None:
+    def _check_software(self, record: ClientRecord, round_number: int) -> None:
         """Refuse the update of a client whose software the policy no longer accepts.
 
         Its versions may have changed since it was selected, or a requirement
         been added (``shoal versions require``): the round stops waiting for it.
         """
-        record = self.admission.client(client_id)
+        client_id = record.client_id
         unmet = self.selector.unmet(record, self.settings.criteria(), now=self._now())
         reasons = [reason for name, reason in unmet.items() if name in _SOFTWARE_CRITERIA]
         if not reasons:
@@ -382,9 +381,9 @@ class CoordinatorService:
     async def _submit(self, parts: AsyncIterator[bytes]) -> Verdict:
         with malformed(ProtocolError, StopAsyncIteration):
             header_message = serde.header_of(serde.parse(pb.UpdatePart, await anext(parts)))
-            auth = self.admission.authenticate(header_message, this_run=True)
+            auth, record = self.admission.authenticate_client(header_message, this_run=True)
             header = serde.decode_update_header(header_message)
-        self._check_software(auth.client_id, header.round)  # before a byte of the payload
+        self._check_software(record, header.round)  # before a byte of the payload
         current_sha, _ = self.model_bytes.current()
         if header.base_model_sha256 != current_sha:
             raise Refused(
