@@ -1,8 +1,12 @@
 """Who may train this round: the ``[selection]`` policy and the ``[versions]`` matrix, as one rule.
 
-Both shells screen candidates with the same :class:`EligibilityPolicy`:
-the simulator its sample of devices (as columns: one array per fact), the
-network coordinator the devices that check in (:meth:`DeviceFacts.of`).
+The simulator screens its sample of devices with :class:`EligibilityPolicy`
+(as columns: one array per fact); the network coordinator reads each
+check-in with the registry's per-client rule
+(:func:`~shoal.registry.selector.unmet_criteria`) and selects with its SQL
+twin. Both take the criteria from the run layer, and a property test holds
+this rule to the registry's, device by device (:meth:`DeviceFacts.of`
+builds its columns from reported states).
 Each active criterion (the names of ``SelectionSection.criteria()``, and
 ``versions`` once a ``[[versions.require]]`` entry applies) gives a mask
 of the devices it excludes; a device failing two criteria counts under

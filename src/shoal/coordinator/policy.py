@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from shoal.config import VersionsSection
+from shoal.coordinator.eligibility import requirements_of
 from shoal.coordinator.events import Authentication
 from shoal.coordinator.homomorphic import CKKS
 from shoal.coordinator.secure import SecureSettings
@@ -31,7 +32,7 @@ from shoal.governance.policy import Decision, PolicyEngine, UpdateFacts
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import ClientRecord, ClientRegistry, Database, DecisionRecord
 from shoal.registry.decisions import PolicyDecisionLog
-from shoal.registry.versioning import Component, Requirement, unmet_requirements
+from shoal.registry.versioning import Requirement, unmet_requirements
 
 log = logging.getLogger("shoal.policy")
 
@@ -122,7 +123,7 @@ class RunPolicy:
         ids = [submission.client_id for submission in submissions]
         records = self.clients.records(ids)
         remaining = {} if self.privacy is None else self.privacy.remaining_epsilon(ids)
-        requirements = self._requirements(round_number)
+        requirements = requirements_of(self.versions, round_number)
         batch = [
             self._facts(
                 submission,
@@ -156,18 +157,6 @@ class RunPolicy:
                     reasons,
                 )
         return decisions
-
-    def _requirements(self, round_number: int) -> list[Requirement]:
-        """The job's ``[[versions.require]]`` entries in force in ``round_number``."""
-        return [
-            Requirement(
-                Component(entry.component),
-                entry.minimum,
-                None if entry.allowed is None else frozenset(entry.allowed),
-            )
-            for entry in self.versions.require
-            if entry.from_round <= round_number
-        ]
 
     def _facts(
         self,

@@ -55,12 +55,13 @@ from shoal.coordinator.app import ServerApp, ServerContext, split_round_config
 from shoal.coordinator.eligibility import DeviceFacts, EligibilityPolicy, Mask, requirements_of
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import CommitVersion, RoundSummary
+from shoal.coordinator.fallback import candidates_wanted
 from shoal.coordinator.policy import RunPolicy
 from shoal.coordinator.records import RunStore
 from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.schedule import Play, evaluation_due, schedule
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
-from shoal.coordinator.selection import PrivateSampler
+from shoal.coordinator.selection import PrivateSampler, cohort_size
 from shoal.core.errors import ConfigError, RunError, ShoalError
 from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
@@ -139,7 +140,6 @@ class Run:
         run_id: str | None = None,
     ) -> None:
         self.config = config
-        self.run_id = run_id or config.run.name
         self.app = app
         self.store = store
         self.parts = parts
@@ -329,6 +329,20 @@ class Run:
         log.warning("training stops before round %d: %s", round_number, reason)
         self.stop_reason = reason
         return True
+
+    def candidates_wanted(self) -> int:
+        """How many eligible clients a shell that lists candidates should find for a fit
+        round: the cohort, and as many again in reserve when the job re-selects after drops
+        (never for a secure round, whose cohort is fixed once it starts)."""
+        settings = self.parts.settings
+        cohort = cohort_size(
+            target=settings.clients_per_round, over_selection=settings.over_selection
+        )
+        return candidates_wanted(
+            cohort=cohort,
+            fallback=settings.fallback,
+            secure=self.parts.secure is not None or self.config.secure_aggregation.enabled,
+        )
 
     def bar(self, source: Callable[[], Iterable[str]]) -> None:
         """Also bar, at every selection, the clients ``source`` names then (for example,

@@ -55,12 +55,10 @@ from shoal.coordinator.events import (
     RequestDecryption,
     RoundSummary,
 )
-from shoal.coordinator.fallback import candidates_wanted
 from shoal.coordinator.homomorphic import CKKS
 from shoal.coordinator.records import RunRecords, run_signer
 from shoal.coordinator.run import Run, RunParts
 from shoal.coordinator.secure import enrolled_identities
-from shoal.coordinator.selection import cohort_size
 from shoal.coordinator.service import (
     CoordinatorService,
     ServiceSettings,
@@ -219,13 +217,7 @@ def build(
         # the run layer's policy of the round: [selection], [versions] and this model's matrix
         lambda: run.selection_criteria(seen_within=SEEN_WITHIN),
         heartbeats,
-        wanted=candidates_wanted(  # with a reserve for replacements when the job re-selects
-            cohort=cohort_size(
-                target=config.round.clients_per_round, over_selection=config.round.over_selection
-            ),
-            fallback=settings.fallback,
-            secure=config.secure_aggregation.enabled,
-        ),
+        wanted=run.candidates_wanted(),  # with a reserve when the job re-selects after drops
         barred=run.barred,  # suspended, past their own budget, or refused attestation
         clock=clock,
         whole_population=privacy is not None,  # what DP samples from and accounts

@@ -121,7 +121,8 @@ class PlainRoundPlayer:
                 self.deadline = action.at
                 self._push(action.at, "")
         tasks = [a for a in actions if isinstance(a, SendFitTask | SendEvaluateTask)]
-        self.simulation.enroll_cohort((task.client_id for task in tasks), now)
+        if tasks:  # the round's first members, or replacements
+            self.simulation.enroll_cohort((task.client_id for task in tasks), now)
         for task in tasks:
             client = task.client_id
             self.tasks[client] = task
