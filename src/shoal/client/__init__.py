@@ -2,10 +2,12 @@
 
 from shoal.client.api import (
     Client,
+    DataTransform,
     EvaluateConfig,
     EvaluateResult,
     FitConfig,
     FitResult,
+    TransformableData,
     fit_update,
 )
 from shoal.client.dp_sgd import (
@@ -33,6 +35,7 @@ from shoal.client.torch_client import TorchClient
 __all__ = [
     "MLP",
     "Client",
+    "DataTransform",
     "DpSgdSettings",
     "EvaluateConfig",
     "EvaluateResult",
@@ -45,6 +48,7 @@ __all__ = [
     "PoissonBatches",
     "SoftmaxRegression",
     "TorchClient",
+    "TransformableData",
     "count_steps",
     "dp_sgd_gradient",
     "dp_sgd_metrics",

@@ -10,8 +10,9 @@ relative to the received ones), the number of examples and metrics; an
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -21,6 +22,10 @@ from shoal.tasks import EvaluateConfig as EvaluateConfig
 from shoal.tasks import FitConfig as FitConfig
 
 Metrics = Mapping[str, float]
+Examples = tuple[np.ndarray, np.ndarray]
+DataTransform = Callable[[np.ndarray, np.ndarray], Examples]
+"""A function of a client's (features, labels) that returns the examples it trains on
+instead: the simulator's data attacks (label flip, backdoor) and planted canaries."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,3 +100,19 @@ def fit_update(result: FitResult, received: Parameters) -> Parameters:
     if result.is_update:
         return received.with_vector(np.array(vector, dtype=np.float32))
     return received.with_vector(vector - received.vector)
+
+
+@runtime_checkable
+class TransformableData(Protocol):
+    """A client whose training examples a simulation may rewrite.
+
+    Implement ``with_training_data`` in a client app to let the simulator's
+    data attacks (``[[attack]]`` with ``label_flip`` or ``backdoor``) and
+    canary records reach its data: return a client like this one that
+    trains on ``transform(features, labels)``. Model attacks (sign flip,
+    scaling, noise, free riding) need nothing from the client.
+    :class:`~shoal.client.NumpyClient` and
+    :class:`~shoal.client.TorchClient` (over in-memory tensors) implement it.
+    """
+
+    def with_training_data(self, transform: DataTransform) -> Client: ...

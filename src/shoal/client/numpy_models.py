@@ -25,7 +25,14 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult
+from shoal.client.api import (
+    Client,
+    DataTransform,
+    EvaluateConfig,
+    EvaluateResult,
+    FitConfig,
+    FitResult,
+)
 from shoal.client.dp_sgd import (
     DpSgdSettings,
     PerExampleGradientModel,
@@ -491,6 +498,17 @@ class NumpyClient(Client):
 
     def get_parameters(self) -> Parameters:
         return self._parameters
+
+    def with_training_data(self, transform: DataTransform) -> NumpyClient:
+        """This client training on ``transform(features, labels)`` (its evaluation data kept)."""
+        features, labels = transform(self.train_x.copy(), self.train_y.copy())
+        return NumpyClient(
+            self.model,
+            train_data=(features, labels),
+            eval_data=self.eval_data,
+            parameters=self._parameters,
+            dp_sgd=self.dp_sgd,
+        )
 
     def fit(self, parameters: Parameters, config: FitConfig) -> FitResult:
         self._check_layout(parameters)
