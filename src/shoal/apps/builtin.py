@@ -133,6 +133,14 @@ class DataScenario:
             dp_sgd=dp_sgd,
         )
 
+    def central_test_data(self) -> tuple[Features, Labels]:
+        """The central held-out test set (features, labels)."""
+        return self._central_test
+
+    def probabilities(self, parameters: Parameters, features: np.ndarray) -> np.ndarray:
+        """The model's class probabilities of each row of ``features``."""
+        return self.model.probabilities(parameters.vector, np.asarray(features, np.float32))
+
     def evaluate_centrally(self, parameters: Parameters) -> tuple[float, float]:
         test_x, test_y = self._central_test
         loss, accuracy = self.model.evaluate(parameters.vector, test_x, test_y)
@@ -328,4 +336,6 @@ def server_app(context: ServerContext) -> ServerApp:
         initial_parameters=lambda _: scenario.initial_parameters(),
         evaluate=evaluate if context.config.evaluation.centralized else None,
         architecture=context.config.model.kind,
+        test_data=scenario.central_test_data,
+        probabilities=scenario.probabilities,
     )

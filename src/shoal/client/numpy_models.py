@@ -63,6 +63,8 @@ class NumpyModel(Protocol):
 
     def predict(self, vector: FloatArray, x: FloatArray) -> LabelArray: ...
 
+    def probabilities(self, vector: FloatArray, x: FloatArray) -> FloatArray: ...
+
     def evaluate(self, vector: FloatArray, x: FloatArray, y: LabelArray) -> tuple[float, float]: ...
 
 
@@ -154,6 +156,14 @@ class _FlatModel:
         """The most likely class of each row of ``x``."""
         labels: LabelArray = np.argmax(self._logits(vector, x), axis=0).astype(np.int64)
         return labels
+
+    def probabilities(self, vector: FloatArray, x: FloatArray) -> FloatArray:
+        """Each row of ``x``'s class probabilities, shape (rows, classes)."""
+        logits = self._logits(vector, x).astype(np.float64)
+        logits -= logits.max(axis=0, keepdims=True)
+        exponentials = np.exp(logits)
+        shares: FloatArray = (exponentials / exponentials.sum(axis=0, keepdims=True)).T
+        return shares
 
     def add_weight_decay_(self, vector: FloatArray, gradient: FloatArray) -> float:
         """Add weight decay's gradient to ``gradient`` in place; return its penalty."""

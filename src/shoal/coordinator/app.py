@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shoal.aggregation.strategy import Strategy
 from shoal.client.app import ClientApp, as_client_app, load_attribute, load_client_app
 from shoal.config import Config
@@ -47,6 +49,8 @@ ClientMetrics = Sequence[tuple[int, Mapping[str, float]]]
 MetricsAggregation = Callable[[ClientMetrics], Mapping[str, float]]
 RoundConfig = Callable[[int], Mapping[str, Any]]
 CentralEvaluation = Callable[[Parameters, int], Mapping[str, float]]
+TestData = Callable[[], tuple[np.ndarray, np.ndarray]]
+ClassProbabilities = Callable[[Parameters, np.ndarray], np.ndarray]
 
 TASK_SETTINGS = ("epochs", "batch_size", "learning_rate", "proximal_mu")
 """Keys of a round config that replace the task's own settings; the rest go into its extras."""
@@ -76,6 +80,11 @@ class ServerApp:
     evaluate_metrics: MetricsAggregation | None = None
     strategy: str | Strategy | None = None
     architecture: str | None = None
+    # for measurements the simulator makes on the model (a backdoor's success rate, the
+    # exposure of planted canaries): the central held-out (features, labels), and the
+    # model's class probabilities of each row of a feature array, shape (rows, classes)
+    test_data: TestData | None = None
+    probabilities: ClassProbabilities | None = None
 
 
 def weighted_mean(results: ClientMetrics) -> dict[str, float]:
