@@ -609,6 +609,29 @@ class PolicySection(_Section):
     files: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
 
 
+class DivergenceSection(_Section):
+    """[divergence]: each plaintext fit round measures every update against the round's
+    aggregate and its coordinate-wise median (L2 and cosine), stores it per client, and flags
+    outliers: a distance to the median whose modified z-score exceeds ``max_z``, or a cosine
+    similarity to the median below ``min_cosine``. Rounds with fewer than ``min_clients``
+    updates flag nobody."""
+
+    enabled: bool = True
+    max_z: PositiveFloat = 3.5
+    min_cosine: Annotated[float, Field(ge=-1, le=1)] = -0.5
+    min_clients: int = Field(4, ge=1)
+
+
+class MetadataSection(_Section):
+    """[metadata]: what stored telemetry reveals about clients. ``pseudonyms``: clients appear
+    in stored round records under per-round pseudonyms (a keyed hash only the coordinator's
+    key resolves; the key lives apart from the metrics); ``timestamp_granularity_s``: stored
+    times are floored to this many seconds (1: exact to the second)."""
+
+    pseudonyms: bool = True
+    timestamp_granularity_s: Annotated[int, Field(ge=1), Limit(86_400 * 7, "a week")] = 3600
+
+
 class AlertsSection(_Section):
     """[alerts]: the job's alert hooks, told of every alert (a cohort that dropped, a spent
     privacy budget): shell commands (the alert as JSON on stdin) and ``module:function`` hooks."""
@@ -680,6 +703,8 @@ class Config(_Section):
     versions: VersionsSection = VersionsSection()
     policy: PolicySection = PolicySection()
     alerts: AlertsSection = AlertsSection()
+    divergence: DivergenceSection = DivergenceSection()
+    metadata: MetadataSection = MetadataSection()
 
     @model_validator(mode="after")
     def _fits_in_memory(self) -> Config:

@@ -18,6 +18,7 @@ from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.run import Run, RunParts
 from shoal.coordinator.schedule import Play, schedule
 from shoal.core import Parameters, RunError
+from shoal.governance.pseudonyms import Pseudonyms
 from shoal.registry import BlobStore, ModelRecord, ModelRegistry, registry_location
 from shoal.tasks import Phase
 
@@ -59,6 +60,9 @@ class MemoryStore:
 
     def barred(self) -> set[str]:
         return set(self._barred)
+
+    def pseudonyms(self, run_id: str) -> Pseudonyms:
+        return Pseudonyms(b"k" * 32, run_id=run_id)
 
     def rows(self) -> list[dict[str, Any]]:
         return list(self.row_list)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from shoal.aggregation.divergence import DivergenceReport, DivergenceRule, measure_divergence
 from shoal.aggregation.strategy import Strategy
 from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.coordinator.app import ClientMetrics, MetricsAggregation, split_round_config
@@ -101,6 +102,7 @@ class Coordinator:
         metrics_aggregation: Mapping[Phase, MetricsAggregation] | None = None,
         sampler: CohortSampler | None = None,
         policy: UpdatePolicy | None = None,
+        divergence: DivergenceRule | None = None,
     ) -> None:
         if secure is not None:
             check_secure_strategy(strategy)
@@ -110,6 +112,7 @@ class Coordinator:
         self.secure = secure
         self.privacy = privacy
         self.policy = policy  # None: every well-formed update counts (policy.enabled = false)
+        self.divergence = divergence  # None: no per-client divergence (divergence.enabled = false)
         self.strategy = strategy
         self.parameters = parameters
         self.seed = seed
@@ -356,6 +359,8 @@ class Coordinator:
         current.aggregation = self.strategy.aggregator.accumulate(
             current.aggregation, update, weight=weight
         )
+        if self.divergence is not None:  # measured against the aggregate once it exists
+            current.counted.append((client_id, update))
         self._book(current, client_id, num_examples, metrics)
 
     # --- the policy ----------------------------------------------------------------------
@@ -632,9 +637,32 @@ class Coordinator:
         self._move(Step.QUORUM_MET)
         self.parameters = self.parameters.with_vector(vector)
         self.optimizer_state = optimizer_state
+        current.divergence = self._measure_divergence(current, delta)
         summary = self._summary(now, committed=True)
         self._move(Step.COMMITTED)
         return [CommitVersion(current.number, self.parameters, summary), RoundClosed(summary)]
+
+    def _measure_divergence(
+        self, current: RoundBooks, aggregate: Vector
+    ) -> DivergenceReport | None:
+        """Each counted update against the round's aggregate and median (none under a secure
+        round: no single update was ever seen, which the report says)."""
+        if self.divergence is None:
+            return None
+        if current.secure is not None:
+            protocol = "CKKS" if isinstance(current.secure, CkksRound) else "SecAgg+"
+            return DivergenceReport.unavailable(
+                f"per-client divergence cannot exist under {protocol}: only the sum is seen; "
+                "detection watches the aggregate"
+            )
+        counted, current.counted = current.counted, []
+        if not counted:
+            return DivergenceReport()
+        names = [client for client, _ in counted]
+        updates = np.stack([update for _, update in counted])
+        return measure_divergence(
+            names, updates, aggregate, rule=self.divergence, seed=self.seed + current.number
+        )
 
     def _private_mean(self, total: npt.NDArray[np.floating], unclipped: float) -> Vector:
         """DP-FedAvg's noised mean; the clip norm it used goes into the round's metrics."""
@@ -687,4 +715,5 @@ class Coordinator:
             policy_decisions=current.policy_decisions,
             policy_denied=dict(sorted(current.policy_denied.items())),
             fallback=None if current.fallback is None else current.fallback.report(),
+            divergence=current.divergence,
         )

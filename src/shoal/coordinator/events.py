@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from shoal.aggregation.divergence import DivergenceReport
 from shoal.core.errors import ProtocolError
 from shoal.core.parameters import Parameters, Vector
 from shoal.secure.messages import ClientMessage, MaskedInputRequest, ServerRequest, Stage
@@ -300,6 +301,7 @@ class RoundSummary:
     # clients the eligibility policy turned away during the round, by criterion (the shell's tally)
     excluded: Mapping[str, int] = field(default_factory=dict)
     fallback: FallbackReport | None = None  # what the round did when too much of it dropped
+    divergence: DivergenceReport | None = None  # each counted update against the aggregate
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from shoal.coordinator.events import Authentication
 from shoal.coordinator.homomorphic import CKKS
 from shoal.coordinator.secure import SecureSettings
 from shoal.governance.policy import Decision, PolicyEngine, UpdateFacts
+from shoal.governance.pseudonyms import Names
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import ClientRecord, ClientRegistry, Database, DecisionRecord
 from shoal.registry.decisions import PolicyDecisionLog
@@ -107,14 +108,17 @@ class RunPolicy:
         architecture: str,
         versions: VersionsSection,
         privacy: RunPrivacy | None = None,
+        names: Names | None = None,
+        granularity_s: int = 1,
     ) -> None:
         self.engine = engine
+        self.names = names  # None: the log names clients by their ids
         self.run_id = run_id
         self.architecture = architecture
         self.versions = versions
         self.privacy = privacy
         self.clients = ClientRegistry(database)
-        self.log = PolicyDecisionLog(database)
+        self.log = PolicyDecisionLog(database, granularity_s=granularity_s)
 
     def decide(self, round_number: int, submissions: Sequence[Submission]) -> list[Decision]:
         """Decide on ``submissions`` in one query and log every decision first."""
@@ -134,19 +138,7 @@ class RunPolicy:
             for submission in submissions
         ]
         decisions = self.engine.decide(round_number, batch)
-        self.log.record(
-            [
-                DecisionRecord(
-                    run_id=self.run_id,
-                    round=round_number,
-                    client_id=decision.client_id,
-                    allowed=decision.allowed,
-                    reasons=tuple((reason.code, reason.detail) for reason in decision.reasons),
-                    facts=decision.facts.as_record(),
-                )
-                for decision in decisions
-            ]
-        )
+        self.log.record([self._logged(decision, round_number) for decision in decisions])
         for decision in decisions:
             if not decision.allowed:
                 reasons = "; ".join(str(reason) for reason in decision.reasons)
@@ -157,6 +149,22 @@ class RunPolicy:
                     reasons,
                 )
         return decisions
+
+    def _logged(self, decision: Decision, round_number: int) -> DecisionRecord:
+        """A decision as the log keeps it: the client under its round's pseudonym."""
+        facts = decision.facts.as_record()
+        name = decision.client_id
+        if self.names is not None:
+            name = self.names.of(decision.client_id, round_number=round_number)
+            facts = {**facts, "client_id": name}
+        return DecisionRecord(
+            run_id=self.run_id,
+            round=round_number,
+            client_id=name,
+            allowed=decision.allowed,
+            reasons=tuple((reason.code, reason.detail) for reason in decision.reasons),
+            facts=facts,
+        )
 
     def _facts(
         self,

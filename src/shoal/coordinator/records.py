@@ -28,6 +28,7 @@ from shoal.governance.model_signing import (
     public_pem,
     write_public_key,
 )
+from shoal.governance.pseudonyms import Pseudonyms
 from shoal.registry import (
     ClientRegistry,
     ClientStatus,
@@ -80,6 +81,8 @@ class RunStore(Protocol):
     def barred(self) -> set[str]: ...
 
     def suspend(self, client_id: str, reason: str) -> None: ...
+
+    def pseudonyms(self, run_id: str) -> Pseudonyms: ...
 
     def rows(self) -> list[Row]: ...
 
@@ -164,6 +167,10 @@ class RunRecords:
             self.clients.set_status(client_id, ClientStatus.SUSPENDED, reason[:500])
         except NotFoundError:
             self._suspended[client_id] = reason
+
+    def pseudonyms(self, run_id: str) -> Pseudonyms:
+        """The run's per-round pseudonyms, keyed by the folder's own ``pseudonym.key``."""
+        return Pseudonyms.in_folder(self.folder, run_id=run_id)
 
     # --- rows, config, summary ---------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from shoal.aggregation.divergence import DivergenceReport
 from shoal.coordinator.events import Authentication, SecureRoundReport
 from shoal.coordinator.fallback import DropFallback, FallbackBooks
 from shoal.coordinator.homomorphic import CkksRound
@@ -98,6 +99,8 @@ class RoundBooks:
     initial: int = 0  # the cohort's size when the round started
     candidates: tuple[str, ...] = ()  # whom the round could select (replacements come from them)
     fallback: FallbackBooks | None = None
+    counted: list[tuple[str, Vector]] = field(default_factory=list)  # updates, for divergence
+    divergence: DivergenceReport | None = None
 
     @property
     def accounted(self) -> int:

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from shoal.aggregation.divergence import DivergenceRule
 from shoal.aggregation.strategy import Strategy
 from shoal.client.api import Client
 from shoal.config import Config, config_to_dict
@@ -66,9 +67,11 @@ from shoal.core.errors import ConfigError, RunError, ShoalError
 from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
 from shoal.governance.policy import PolicyEngine
+from shoal.governance.pseudonyms import Names, PlainNames
 from shoal.privacy.coordinator import check_private_strategy
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import ModelRecord, Requirement, SelectionCriteria
+from shoal.registry.participation import Participation, ParticipationLog
 from shoal.tasks import Phase
 from shoal.telemetry.alerts import AlertHook, CohortDropped, alert_hooks, fire
 
@@ -163,6 +166,26 @@ class Run:
         self._screened: Row | None = None  # the screened play's counts, until its row
         self._coordinator: Coordinator | None = None
         self._bars: list[Callable[[], Iterable[str]]] = []  # the shell's own sources of bars
+        self._names: Names | None = None
+
+    @property
+    def names(self) -> Names:
+        """How stored round records name clients: per-round pseudonyms (``[metadata]``), keyed
+        by the run folder's own key, or their ids."""
+        if self._names is None:
+            self._names = (
+                self.store.pseudonyms(self.run_id)
+                if self.config.metadata.pseudonyms
+                else PlainNames()
+            )
+        return self._names
+
+    @property
+    def participation(self) -> ParticipationLog:
+        """Each fit round's participants and their divergence, in the run's database."""
+        return ParticipationLog(
+            self.store.database, granularity_s=self.config.metadata.timestamp_granularity_s
+        )
 
     @property
     def coordinator(self) -> Coordinator:
@@ -219,6 +242,8 @@ class Run:
                 architecture=self.architecture,
                 versions=self.config.versions,
                 privacy=self.privacy,
+                names=self.names,
+                granularity_s=self.config.metadata.timestamp_granularity_s,
             )
         return Coordinator(
             settings=parts.settings,
@@ -230,6 +255,7 @@ class Run:
             privacy=None if self.privacy is None else self.privacy.coordinator,
             sampler=None if self.privacy is None else PrivateSampler.of(self.config, self.privacy),
             policy=policy,
+            divergence=divergence_rule(self.config),
             metrics_aggregation={
                 phase: aggregate
                 for phase, aggregate in (
@@ -434,6 +460,7 @@ class Run:
         if commit is None:
             head = self.store.head()
             row["model_version"] = None if head is None else head.version
+            self._record_participants(summary, version=None)
             return row
         row.update(self._central_evaluation(commit.parameters, commit.round))
         # the whole row goes with the version: a crash before the row is written loses nothing
@@ -445,7 +472,28 @@ class Run:
             architecture=self.architecture,
         )
         row.update(model_version=record.version, sha256=record.sha256)
+        self._record_participants(summary, version=record.version)
         return row
+
+    def _record_participants(self, summary: RoundSummary, *, version: int | None) -> None:
+        """Keep who counted in a fit round, under their round's pseudonyms, with divergence."""
+        if summary.phase is not Phase.FIT or not summary.participants:
+            return
+        report = summary.divergence
+        measured = {} if report is None else {entry.client_id: entry for entry in report.clients}
+        entries = []
+        for client_id in summary.participants:
+            divergence = measured.get(client_id)
+            entries.append(
+                Participation(
+                    run_id=self.run_id,
+                    round=summary.round,
+                    participant=self.names.of(client_id, round_number=summary.round),
+                    model_version=version,
+                    **({} if divergence is None else divergence.fields()),
+                )
+            )
+        self.participation.record(entries)
 
     def _suspend_culprits(self, summary: RoundSummary) -> None:
         """Clients a secure round caught cheating are suspended, with what they did."""
@@ -522,6 +570,8 @@ class Run:
         row.update(extra)
         for name, value in summary.metrics.items():  # the clients' own metrics, by name
             row.setdefault(name, value)
+        if fit and summary.divergence is not None:
+            row.update(summary.divergence.row_fields())
         if fit and self.parts.policy is not None:
             row.update(
                 policy_decisions=summary.policy_decisions,
@@ -585,6 +635,16 @@ class Run:
         }
         self.store.write_summary(summary)
         return summary
+
+
+def divergence_rule(config: Config) -> DivergenceRule | None:
+    """The job's ``[divergence]`` rule; None when it is off."""
+    section = config.divergence
+    if not section.enabled:
+        return None
+    return DivergenceRule(
+        max_z=section.max_z, min_cosine=section.min_cosine, min_clients=section.min_clients
+    )
 
 
 def _fallbacks(rows: Iterable[Row]) -> dict[str, int]:

@@ -52,6 +52,17 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def coarsen(moment: datetime, *, granularity_s: int) -> datetime:
+    """``moment`` floored to a multiple of ``granularity_s`` seconds since the epoch (UTC):
+    how stored telemetry keeps times (``[metadata] timestamp_granularity_s``)."""
+    if granularity_s < 1:
+        raise RegistryError(f"a timestamp granularity is at least 1 s, got {granularity_s}")
+    if granularity_s == 1:
+        return moment
+    seconds = int(moment.timestamp()) // granularity_s * granularity_s
+    return datetime.fromtimestamp(seconds, tz=UTC)
+
+
 def require_aware(moment: datetime, name: str) -> datetime:
     if moment.tzinfo is None:
         raise RegistryError(f"{name} must be a timezone-aware datetime, got {moment!r}")

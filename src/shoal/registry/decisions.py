@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from shoal.core.errors import RegistryError
-from shoal.registry.clients import require_aware, utc_now
+from shoal.registry.clients import coarsen, require_aware, utc_now
 from shoal.registry.database import Database
 from shoal.registry.schema import policy_decisions
 
@@ -46,14 +46,15 @@ class DecisionRecord:
 class PolicyDecisionLog:
     """The decisions kept in ``database`` (see the module docstring)."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, *, granularity_s: int = 1) -> None:
         self.database = database
+        self.granularity_s = granularity_s  # stored times are floored to it
 
     def record(self, records: Sequence[DecisionRecord], *, now: datetime | None = None) -> int:
         """Keep ``records`` (one statement); returns how many were written."""
         if not records:
             return 0
-        now = require_aware(now or utc_now(), "now")
+        now = coarsen(require_aware(now or utc_now(), "now"), granularity_s=self.granularity_s)
         rows = [
             {
                 "run_id": record.run_id,

@@ -270,6 +270,31 @@ def _create_attestation_allow_list(op: Operations) -> None:
     )
 
 
+def _create_round_participants(op: Operations) -> None:
+    op.create_table(
+        "round_participants",
+        sa.Column("entry_id", decision_id_type(), nullable=False, autoincrement=True),
+        sa.Column("run_id", sa.String(128), nullable=False),
+        sa.Column("round", sa.Integer, nullable=False),
+        sa.Column("model_version", sa.Integer, nullable=True),
+        sa.Column("participant", sa.String(128), nullable=False),
+        sa.Column("l2_to_aggregate", sa.Float, nullable=True),
+        sa.Column("cosine_to_aggregate", sa.Float, nullable=True),
+        sa.Column("l2_to_median", sa.Float, nullable=True),
+        sa.Column("cosine_to_median", sa.Float, nullable=True),
+        sa.Column("z_score", sa.Float, nullable=True),
+        sa.Column("flagged", sa.Boolean, nullable=True),
+        sa.Column("recorded_at", UtcDateTime, nullable=False),
+        sa.PrimaryKeyConstraint("entry_id", name="pk_round_participants"),
+    )
+    op.create_index("ix_round_participants_run_id_round", "round_participants", ["run_id", "round"])
+    op.create_index(
+        "ix_round_participants_run_id_participant",
+        "round_participants",
+        ["run_id", "participant"],
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "client registry and versioning matrix", _create_client_registry),
     Migration(2, "model registry", _create_model_registry),
@@ -285,6 +310,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(10, "the sampling index carries a policy's steady facts", _widen_sampling_index),
     Migration(11, "the coordinator's signature on each model version", _add_model_signatures),
     Migration(12, "attestation allow-list of client builds", _create_attestation_allow_list),
+    Migration(13, "each fit round's participants and their divergence", _create_round_participants),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

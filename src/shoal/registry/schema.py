@@ -297,3 +297,26 @@ policy_decisions = sa.Table(
     sa.Column("decided_at", UtcDateTime, nullable=False),
     sa.Index("ix_policy_decisions_run_id_round", "run_id", "round"),
 )
+
+# one row per client counted in a fit round: who (a per-round pseudonym where the job asks for
+# one) and how far its update lay from the round's aggregate and median (NULL under secure
+# aggregation, where no single update is seen); ``model_version``: the version the round
+# committed (NULL: the round committed none), so that a replayed round's rows stay apart
+round_participants = sa.Table(
+    "round_participants",
+    metadata,
+    sa.Column("entry_id", decision_id_type(), primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(128), nullable=False),
+    sa.Column("round", sa.Integer, nullable=False),
+    sa.Column("model_version", sa.Integer, nullable=True),
+    sa.Column("participant", sa.String(128), nullable=False),
+    sa.Column("l2_to_aggregate", sa.Float, nullable=True),
+    sa.Column("cosine_to_aggregate", sa.Float, nullable=True),
+    sa.Column("l2_to_median", sa.Float, nullable=True),
+    sa.Column("cosine_to_median", sa.Float, nullable=True),
+    sa.Column("z_score", sa.Float, nullable=True),
+    sa.Column("flagged", sa.Boolean, nullable=True),
+    sa.Column("recorded_at", UtcDateTime, nullable=False),
+    sa.Index("ix_round_participants_run_id_round", "run_id", "round"),
+    sa.Index("ix_round_participants_run_id_participant", "run_id", "participant"),
+)
