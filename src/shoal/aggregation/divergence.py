@@ -36,6 +36,12 @@ FloatMatrix = npt.NDArray[np.float32]
 Distances = npt.NDArray[np.float64]
 
 MAD_SCALE = 0.6745  # the modified z-score's constant: the MAD of a standard normal
+# The MAD is taken as at least this share of the median distance. Similar honest updates bunch
+# their distances to the median (a coordinate-wise median of a few clients sits on some of them),
+# so their MAD can fall to 2% of the distance and an honest client 20% further off scored 6:
+# 4 of 9 honest clients were flagged. With the floor, a flag needs a distance at least
+# 1 + max_z * MAD_FLOOR / MAD_SCALE times the median (1.5 at the default max_z).
+MAD_FLOOR = 0.1
 MEASURES = ("l2_to_aggregate", "cosine_to_aggregate", "l2_to_median", "cosine_to_median")
 
 
@@ -204,11 +210,12 @@ def _distances(
 
 
 def _modified_z(values: Distances) -> Distances:
-    """Iglewicz and Hoaglin's modified z-score of each value (0 where the MAD is 0 and the
-    value is the median; a value off a zero-MAD crowd is infinitely far)."""
+    """Iglewicz and Hoaglin's modified z-score of each value, the MAD floored at
+    :data:`MAD_FLOOR` of the median (0 where both are 0 and the value is the median; a value
+    off such a crowd is infinitely far)."""
     median = float(np.median(values))
     deviation = np.abs(values - median)
-    mad = float(np.median(deviation))
+    mad = max(float(np.median(deviation)), MAD_FLOOR * abs(median))
     if mad > 0:
         scores: Distances = MAD_SCALE * deviation / mad
         return scores
