@@ -1,4 +1,4 @@
-"""Per-client divergence: its measures' ranges and symmetries, who is flagged, and the row fields."""
+"""Per-client divergence: its measures' ranges and symmetries, who is flagged, the row fields."""
 
 from __future__ import annotations
 
