@@ -25,6 +25,7 @@ from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollme
 from shoal.config import parse_config
 from shoal.coordinator.server import serve
 from shoal.core import DeviceState, Parameters, SecurityError
+from shoal.governance.pseudonyms import Pseudonyms
 from shoal.registry import (
     BlobStore,
     ClientRegistry,
@@ -148,11 +149,15 @@ def test_a_client_that_alters_a_revealed_share_is_named_and_suspended(
     assert uploads == []  # only masked inputs left the devices
     first, second = [row for row in rows if row["phase"] == "fit"]
     assert first["secure_aborted"] and not first["committed"]
-    assert first["secure_culprits"] == [CHEAT], first
+    state = tmp_path / "state"
+    # the row names the cheat under its round's pseudonym, which only the state's key resolves
+    [culprit] = first["secure_culprits"]
+    names = Pseudonyms.in_folder(state, run_id=RUN)
+    assert names.resolve(culprit, round_number=1, candidates=plain) == CHEAT, first
+    assert CHEAT not in json.dumps(first)
     assert second["committed"] and second["secure_culprits"] == []
     assert second["selected"] == CLIENTS - 1  # the cheat is no longer selected
 
-    state = tmp_path / "state"
     database = registry_location(state, None).open()
     try:
         record = ClientRegistry(database).get(CHEAT)

@@ -716,4 +716,5 @@ class Coordinator:
             policy_denied=dict(sorted(current.policy_denied.items())),
             fallback=None if current.fallback is None else current.fallback.report(),
             divergence=current.divergence,
+            cohort=tuple(sorted(current.cohort)),
         )

@@ -302,6 +302,7 @@ class RoundSummary:
     excluded: Mapping[str, int] = field(default_factory=dict)
     fallback: FallbackReport | None = None  # what the round did when too much of it dropped
     divergence: DivergenceReport | None = None  # each counted update against the aggregate
+    cohort: tuple[str, ...] = ()  # every client the round asked (replacements included)
 
 
 @dataclass(frozen=True, slots=True)

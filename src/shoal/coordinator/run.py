@@ -67,7 +67,7 @@ from shoal.core.errors import ConfigError, RunError, ShoalError
 from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
 from shoal.governance.policy import PolicyEngine
-from shoal.governance.pseudonyms import Names, PlainNames
+from shoal.governance.pseudonyms import Names, PlainNames, pseudonymize
 from shoal.privacy.coordinator import check_private_strategy
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import ModelRecord, Requirement, SelectionCriteria
@@ -78,6 +78,8 @@ from shoal.telemetry.alerts import AlertHook, CohortDropped, alert_hooks, fire
 log = logging.getLogger("shoal.run")
 
 Row = dict[str, Any]
+# a row's fields whose words are Shoal's own (a client that calls itself "fit" changes none)
+_NAMES_NO_CLIENT = frozenset({"phase", "secure_aggregation", "sha256", "model_version"})
 EVALUATION_UPLOAD_BYTES = 256
 """What one client's evaluation answer weighs on the wire, about."""
 
@@ -565,7 +567,9 @@ class Run:
                 secure_dropped=dict(report.dropped),
                 recovered=report.recovered,
                 secure_aborted=report.aborted,
-                secure_culprits=sorted(report.culprits),
+                secure_culprits=sorted(
+                    self.names.of(client, round_number=summary.round) for client in report.culprits
+                ),
             )
         row.update(extra)
         for name, value in summary.metrics.items():  # the clients' own metrics, by name
@@ -579,7 +583,21 @@ class Run:
             )
         if fit and self.privacy is not None:
             row.update(self.privacy.row_fields(summary))
-        return row
+        return self._pseudonymous(row, summary)
+
+    def _pseudonymous(self, row: Row, summary: RoundSummary) -> Row:
+        """The row as stored telemetry keeps it: an id of the round's clients anywhere in it (a
+        failure or an abort reason that names one) under its round's pseudonym."""
+        if isinstance(self.names, PlainNames):
+            return row
+        culprits = () if summary.secure is None else tuple(summary.secure.culprits)
+        clients = {*summary.cohort, *summary.participants, *culprits}
+        return {
+            key: value
+            if key in _NAMES_NO_CLIENT
+            else pseudonymize(value, names=self.names, clients=clients, round_number=summary.round)
+            for key, value in row.items()
+        }
 
     def _central_evaluation(self, parameters: Parameters, round_number: int) -> Row:
         """The server app's evaluation of a new model, as ``test_*`` columns."""

@@ -21,16 +21,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from shoal.core.errors import ConfigError
 
 PSEUDONYM_KEY_FILE = "pseudonym.key"
 KEY_BYTES = 32
 PREFIX = "p-"
+# a client id's characters (shoal.core.identifiers): the tokens of a text that may be one
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*", re.ASCII)
 
 
 class Names(Protocol):
@@ -79,6 +82,42 @@ class PlainNames:
         self, pseudonym: str, *, round_number: int, candidates: Iterable[str]
     ) -> str | None:
         return pseudonym
+
+
+def pseudonymize(value: Any, *, names: Names, clients: Collection[str], round_number: int) -> Any:
+    """``value`` (a metrics row, a list, a text) with every id of ``clients`` under its
+    pseudonym of ``round_number``: a string that is an id, and an id inside a text (a failure
+    reason, an abort reason, a dictionary key), wherever it is nested.
+
+    >>> names = Pseudonyms(b"k" * 32, run_id="demo")
+    >>> row = pseudonymize({"failures": {"client-7 ran out of memory": 1}}, names=names,
+    ...                    clients={"client-7"}, round_number=2)
+    >>> "client-7" in str(row)
+    False
+    """
+    members = frozenset(clients)
+    if not members:
+        return value
+
+    def rename(match: re.Match[str]) -> str:
+        token = match.group(0)
+        if token in members:
+            return names.of(token, round_number=round_number)
+        bare = token.rstrip("._-")  # a sentence's full stop is not part of the id
+        if bare in members:
+            return names.of(bare, round_number=round_number) + token[len(bare) :]
+        return token
+
+    def walk(item: Any) -> Any:
+        if isinstance(item, str):
+            return _TOKEN.sub(rename, item)
+        if isinstance(item, dict):
+            return {walk(key): walk(entry) for key, entry in item.items()}
+        if isinstance(item, list | tuple):
+            return type(item)(walk(entry) for entry in item)
+        return item
+
+    return walk(value)
 
 
 def load_or_create_key(path: Path) -> bytes:
