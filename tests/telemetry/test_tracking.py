@@ -139,6 +139,18 @@ def test_bad_rounds_and_metrics_are_config_errors(store: Path) -> None:
     assert reader(tracker).get_run(tracker.run_id).data.metrics == {}
 
 
+def test_times_given_to_mlflow_are_floored_to_the_granularity(store: Path) -> None:
+    hour_ms = 3_600_000
+    with MlflowTracker(run_name="coarse", folder=store, timestamp_granularity_s=3600) as tracker:
+        tracker.log_round(1, loss=0.5)
+    metrics = reader(tracker).get_metric_history(tracker.run_id, "loss")
+    info = reader(tracker).get_run(tracker.run_id).info
+    times = [metric.timestamp for metric in metrics] + [info.start_time, info.end_time]
+    assert all(moment % hour_ms == 0 for moment in times), times
+    with pytest.raises(ConfigError, match="at least 1 s"):
+        MlflowTracker(run_name="coarse", folder=store, timestamp_granularity_s=0)
+
+
 def test_flatten_params() -> None:
     assert flatten_params({}) == {}
     assert flatten_params({"a": {"b": {"c": None}}, "d": [1, 2], "e": True}) == {

@@ -206,6 +206,7 @@ class RunRecords:
             tracking_uri=config.tracking.tracking_uri,
             experiment_name=config.tracking.experiment,
             resume_run_id=resume or None,
+            timestamp_granularity_s=config.metadata.timestamp_granularity_s,
         )
         saved.write_text(self.tracker.run_id + "\n")
         self.tracker.log_params(config_to_dict(config), resumed=resume is not None)

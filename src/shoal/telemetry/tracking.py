@@ -19,6 +19,11 @@ for it, and without the ``mlflow`` extra that is a
 :class:`~shoal.core.errors.MissingExtraError`. MLflow's own errors leave
 the tracker as :class:`~shoal.core.errors.RunError`.
 
+The times the tracker gives MLflow (each metric's timestamp, the run's
+start and end) are floored to ``timestamp_granularity_s`` seconds
+(``[metadata]``): a metrics reader learns when a round was logged only to
+that granularity.
+
 MLflow's own log lines (its ``mlflow`` logger and the ``alembic`` logger of
 its store's migrations) keep MLflow's levels unless
 :func:`set_mlflow_log_level` asks for another: the ``shoal`` command holds
@@ -53,10 +58,15 @@ _mlflow_log_level: int | None = None
 
 
 def set_mlflow_log_level(level: int) -> None:
-    """Hold MLflow's own log lines to ``level`` and above, from now on.
+    """Hold The times the tracker gives MLflow (each metric's timestamp, the run's
+    start and end) are floored to ``timestamp_granularity_s`` seconds
+    (``[metadata]``): a metrics reader learns when a round was logged only to
+    that granularity.
 
-    MLflow sets its loggers up when it is imported: the level is applied at
-    once if it is, else when :func:`import_mlflow` first imports it.
+    MLflow's own log lines to ``level`` and above, from now on.
+
+        MLflow sets its loggers up when it is imported: the level is applied at
+        once if it is, else when :func:`import_mlflow` first imports it.
     """
     global _mlflow_log_level
     _mlflow_log_level = level
@@ -127,6 +137,7 @@ class MlflowTracker:
         experiment_name: str | None = None,
         tags: Mapping[str, str] | None = None,
         resume_run_id: str | None = None,
+        timestamp_granularity_s: int = 1,
     ) -> None:
         if not run_name:
             raise ConfigError("MLflow tracking needs a run name")
@@ -138,6 +149,11 @@ class MlflowTracker:
             uri = default_tracking_uri(store_folder)
         else:
             raise ConfigError("MLflow tracking needs a tracking URI or a run folder")
+        if timestamp_granularity_s < 1:
+            raise ConfigError(
+                f"a timestamp granularity is at least 1 s, got {timestamp_granularity_s}"
+            )
+        self.granularity_ms = 1000 * timestamp_granularity_s
         mlflow = import_mlflow()
         artifact_location = None
         if store_folder is not None:
@@ -159,6 +175,7 @@ class MlflowTracker:
                 "start a run",
                 self._client.create_run,
                 self.experiment_id,
+                start_time=self._now_ms(),
                 run_name=run_name,
                 tags=dict(tags or {}),
             )
@@ -227,7 +244,7 @@ class MlflowTracker:
                 raise ConfigError(f"metric {key!r} is given twice, by name and in metrics")
             if value is not None:
                 values[key] = value
-        timestamp_ms = int(time.time() * 1000)
+        timestamp_ms = self._now_ms()
         logged = [
             self._entities.Metric(key, value, timestamp_ms, round)
             for key, value in _numbers(values)
@@ -240,8 +257,14 @@ class MlflowTracker:
         """Close the MLflow run with ``status``; ending it again changes nothing."""
         if self._status is not None:
             return
-        self._call("end the run", self._client.set_terminated, self.run_id, status)
+        end_time = self._now_ms()
+        self._call("end the run", self._client.set_terminated, self.run_id, status, end_time)
         self._status = status
+
+    def _now_ms(self) -> int:
+        """Now, in milliseconds since the epoch, floored to the granularity."""
+        now = int(time.time() * 1000)
+        return now - now % self.granularity_ms
 
     def __enter__(self) -> MlflowTracker:
         return self
