@@ -19,6 +19,12 @@ from shoal.aggregation.aggregators import (
     pairwise_squared_distances,
     trimmed_mean,
 )
+from shoal.aggregation.divergence import (
+    ClientDivergence,
+    DivergenceReport,
+    DivergenceRule,
+    measure_divergence,
+)
 from shoal.aggregation.optimizers import (
     AdaptiveState,
     SgdState,
@@ -47,7 +53,10 @@ __all__ = [
     "Aggregator",
     "AggregatorState",
     "BufferState",
+    "ClientDivergence",
     "CoordinateMedian",
+    "DivergenceReport",
+    "DivergenceRule",
     "Krum",
     "MeanState",
     "SgdState",
@@ -65,6 +74,7 @@ __all__ = [
     "make_aggregator",
     "make_strategy",
     "mean_of",
+    "measure_divergence",
     "multi_krum_select",
     "pairwise_squared_distances",
     "server_adagrad",

@@ -57,6 +57,13 @@ from shoal.governance.policy import (
     Reason,
     UpdateFacts,
 )
+from shoal.governance.pseudonyms import (
+    PSEUDONYM_KEY_FILE,
+    Names,
+    PlainNames,
+    Pseudonyms,
+    pseudonymize,
+)
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -64,6 +71,7 @@ __all__ = [
     "MANIFEST_KIND",
     "MODEL_SIGNING_CONTEXT",
     "POLICY_ERROR",
+    "PSEUDONYM_KEY_FILE",
     "PUBLIC_KEY_FILE",
     "SIGNING_KEY_FILE",
     "AttestationGate",
@@ -78,10 +86,13 @@ __all__ = [
     "ManifestStatement",
     "ManifestVerifier",
     "ModelSigner",
+    "Names",
     "PinnedKey",
+    "PlainNames",
     "PolicyBounds",
     "PolicyEngine",
     "Problem",
+    "Pseudonyms",
     "Reason",
     "SignedManifest",
     "TreeDigest",
@@ -97,6 +108,7 @@ __all__ = [
     "load_release_public_key",
     "load_signing_key",
     "load_verifier",
+    "pseudonymize",
     "public_pem",
     "release_statement",
     "sign_manifest",

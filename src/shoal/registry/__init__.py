@@ -29,6 +29,7 @@ from shoal.registry.models import (
     VersionSignature,
     VersionSigner,
 )
+from shoal.registry.participation import Participation, ParticipationLog
 from shoal.registry.privacy import PrivacyBudget, PrivacyLedger, PrivacyRound
 from shoal.registry.schema import ClientStatus, ModelStatus, TokenOrigin
 from shoal.registry.selector import TRANSIENT_CRITERIA, SelectionCriteria, Selector
@@ -72,6 +73,8 @@ __all__ = [
     "ModelRecord",
     "ModelRegistry",
     "ModelStatus",
+    "Participation",
+    "ParticipationLog",
     "PolicyDecisionLog",
     "PrivacyBudget",
     "PrivacyLedger",
