@@ -111,3 +111,26 @@ def test_the_dropout_wave_example_shows_its_fallback(tmp_path: Path) -> None:
     wave = rows[2]
     assert wave["fallback"]["kind"] == "reselect" and wave["fallback"]["replacements"] > 0
     assert wave["committed"]  # 12 of the first cohort reported: the replacements made the quorum
+
+
+ROW_CONTRACT = {
+    "round", "phase", "selected", "reported", "dropped", "loss", "accuracy", "virtual_time_s",
+    "wall_time_s", "model_version", "bytes_up", "bytes_down",
+}  # fmt: skip
+SUMMARY_CONTRACT = {
+    "rounds_completed", "final_accuracy", "final_loss", "wall_time_s", "virtual_time_s",
+    "num_parameters", "bytes_up", "bytes_down",
+}  # fmt: skip
+
+
+def test_the_default_job_keeps_the_run_output_contract_and_adds_divergence(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "run"
+    result = shoal("simulate", "-q", "--rounds", "1", "--out", str(out), "--set", SMALL[-1])
+    assert result.returncode == 0, result.stderr
+    [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert set(row) >= ROW_CONTRACT, ROW_CONTRACT - set(row)
+    assert row["divergence_available"] is True and row["divergence_median"] > 0
+    assert set(json.loads((out / "summary.json").read_text())) >= SUMMARY_CONTRACT
+    assert (out / "pseudonym.key").stat().st_mode & 0o077 == 0  # the key stays the operator's
