@@ -210,5 +210,7 @@ def test_a_key_others_can_read_stops_the_run_before_it_starts(tmp_path: Path) ->
     key_file.write_bytes(b"k" * 32)
     key_file.chmod(0o644)  # whoever reads it links every round of every client
     with pytest.raises(ConfigError, match="readable by others"):
-        simulate(tmp_path)
+        simulate(tmp_path, "policy.enabled=false")  # no policy log asks for it first
     assert not (tmp_path / "metrics.jsonl").exists()
+    assert table(tmp_path, "model_versions") == []  # not even the initial model
+

@@ -203,6 +203,7 @@ class Run:
         The initial model is the server app's, else the one the app's first
         client starts from (``first_client()``, built only when needed).
         """
+        _ = self.names  # the pseudonym key first: one that others can read stops the run here
         head = self.store.head()
         if head is None and self.resume is True:
             raise RunError(f"{self.where} holds no committed version to resume from")

@@ -1,8 +1,9 @@
 """Governance and trust: who may train and what is accepted, and the proof of it.
 
 The Rego policy that every update passes (:mod:`.policy`), the coordinator's
-signature on every model version (:mod:`.model_signing`), and the attestation
-of client code (:mod:`.attestation`, :mod:`.manifest`).
+signature on every model version (:mod:`.model_signing`), the attestation
+of client code (:mod:`.attestation`, :mod:`.manifest`), and the per-round
+pseudonyms that stored telemetry names clients by (:mod:`.pseudonyms`).
 """
 
 from shoal.governance.attestation import (
