@@ -127,6 +127,12 @@ def test_overrides_do_not_touch_the_input() -> None:
         ("policy.max_relative_l2_norm=0", "policy.max_relative_l2_norm: Input should be greater"),
         ("policy.files=['']", "policy.files.0: String should have at least 1 character"),
         ("round.max_update_abs=1", "round.max_update_abs: unknown key"),  # the policy's bound now
+        ("divergence.max_z=0", "divergence.max_z: Input should be greater than 0"),
+        ("divergence.min_cosine=-2", "divergence.min_cosine: Input should be greater than"),
+        ("divergence.min_clients=0", "divergence.min_clients: Input should be greater than"),
+        ("metadata.timestamp_granularity_s=0", "metadata.timestamp_granularity_s: Input should"),
+        ("metadata.timestamp_granularity_s=604801", "metadata.timestamp_granularity_s"),
+        ("metadata.pseudonym=false", "metadata.pseudonym: unknown key (did you mean pseudonyms?)"),
         ("model.kind=cnn", "model.kind: Input should be 'softmax' or 'mlp', got 'cnn'"),
         ("strategy.aggregator=mode", "strategy.aggregator: unknown aggregator 'mode'"),
         ("round.clients_per_round=500", "exceeds data.num_clients"),
