@@ -21,7 +21,8 @@ from shoal.client.api import Client, EvaluateResult, FitConfig, FitResult
 from shoal.client.app import ClientContext
 from shoal.core import ConfigError, all_finite
 from shoal.core.parameters import Parameters
-from shoal.registry import PolicyDecisionLog, registry_location
+from shoal.governance.pseudonyms import Pseudonyms
+from shoal.registry import DecisionRecord, PolicyDecisionLog, registry_location
 from shoal.simulation.api import job_config
 from shoal.simulation.runner import Simulation
 
@@ -85,13 +86,22 @@ def test_a_default_run_denies_huge_and_overweighted_updates_with_their_reasons(
     finally:
         database.close()
     assert len(denied) == 6  # two per round, each with its reasons and the facts it was given
-    huge = next(d for d in denied if d.client_id == "client-00000")
+    names = Pseudonyms.in_folder(tmp_path / "policy", run_id="attacked")  # the log's names
+
+    def denied_to(client: str) -> DecisionRecord:
+        return next(
+            d
+            for d in denied
+            if names.resolve(d.client_id, round_number=d.round, candidates=[client])
+        )
+
+    huge = denied_to("client-00000")
     assert [code for code, _ in huge.reasons] == [
         "l2_norm_above_bound",
         "relative_l2_norm_above_bound",
     ]
     assert huge.facts["signature"] == "in_process"  # the simulator delivers: there is no wire
-    heavy = next(d for d in denied if d.client_id == "client-00001")
+    heavy = denied_to("client-00001")
     assert heavy.reasons == (
         ("examples_above_cap", f"{2**63 - 1} examples above the cap 10000000"),
     )
