@@ -213,4 +213,3 @@ def test_a_key_others_can_read_stops_the_run_before_it_starts(tmp_path: Path) ->
         simulate(tmp_path, "policy.enabled=false")  # no policy log asks for it first
     assert not (tmp_path / "metrics.jsonl").exists()
     assert table(tmp_path, "model_versions") == []  # not even the initial model
-
