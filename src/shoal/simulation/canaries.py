@@ -195,7 +195,15 @@ class Canaries:
         measured = self.measure(parameters)
         report = {"meaning": MEANING, **measured, "holders": sorted(self.plan.holders)}
         (out / CANARIES_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        summary_keys = ("mean", "max", "per_canary", "extrapolated", "unplanted_mean")
+        summary_keys = (
+            "mean",
+            "max",
+            "per_canary",
+            "extrapolated",
+            "unplanted_mean",
+            "unplanted_max",
+            "max_by_rank",
+        )
         return {"canary_exposure": {key: measured[key] for key in summary_keys}}
 
     def measure(self, parameters: Parameters) -> dict[str, Any]:
