@@ -649,6 +649,28 @@ class TrackingSection(_Section):
     experiment: str | None = None
 
 
+class CanariesSection(_Section):
+    """[canaries]: random records planted in some clients' data, and their exposure at the end.
+
+    Measures purpose limitation (Carlini et al. 2019): how much more likely
+    the trained model makes a planted secret than candidates never planted.
+    Each holder trains on every canary, ``repeats`` copies of each; the
+    holders are ``holders`` clients, else the ``clients`` share of the
+    population. The records and the holders derive from the run's seed.
+    """
+
+    enabled: bool = False
+    count: Annotated[int, Field(ge=1), Limit(10_000, "each canary is measured on its own")] = 10
+    clients: Fraction = 0.1
+    holders: Annotated[int, Field(ge=0), _CLIENTS] | None = None
+    repeats: Annotated[int, Field(ge=1), Limit(10_000, "a holder keeps every copy in memory")] = 1
+    references: Annotated[
+        int, Field(ge=3), Limit(1_000_000, "the model scores every reference at the end")
+    ] = 1000
+    distribution: Literal["skewnorm", "normal"] = "skewnorm"  # for the extrapolated exposure
+    every_version: bool = False  # also measure each committed version (a column of metrics)
+
+
 BUILTIN_CLIENT_APP = "shoal.apps.builtin:client_app"
 BUILTIN_SERVER_APP = "shoal.apps.builtin:server_app"
 
@@ -705,6 +727,7 @@ class Config(_Section):
     alerts: AlertsSection = AlertsSection()
     divergence: DivergenceSection = DivergenceSection()
     metadata: MetadataSection = MetadataSection()
+    canaries: CanariesSection = CanariesSection()
 
     @model_validator(mode="after")
     def _fits_in_memory(self) -> Config:
@@ -770,6 +793,15 @@ class Config(_Section):
             )
         if privacy.enabled and privacy.epsilon is None and privacy.noise_multiplier is None:
             raise ValueError("privacy: set epsilon (the budget) or noise_multiplier, or both")
+        return self
+
+    @model_validator(mode="after")
+    def _canary_holders(self) -> Config:
+        holders = self.canaries.holders
+        if holders is not None and holders > self.data.num_clients:
+            raise ValueError(
+                f"canaries.holders ({holders}) exceeds data.num_clients ({self.data.num_clients})"
+            )
         return self
 
 

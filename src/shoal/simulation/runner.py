@@ -50,6 +50,7 @@ from shoal.registry import (
     blob_location,
     registry_location,
 )
+from shoal.simulation.canaries import Canaries
 from shoal.simulation.candidates import candidates, examined_size, members_needed
 from shoal.simulation.consortium import Consortium
 from shoal.simulation.device_states import simulated_state
@@ -98,6 +99,7 @@ class Simulation:
             config, client=client_app, server=server_app, search_path=self.search_path
         )
         self.population = Population(self.apps.client, config, config.app.options)
+        self.canaries = Canaries.of_run(config, self.apps.server, self.population.clients)
         self.fleet = DeviceFleet(
             self.population.client_ids, config.devices, seed=config.run.seed, position=client_index
         )
@@ -176,12 +178,17 @@ class Simulation:
                     row["wall_time_s"] = round(
                         lifecycle.wall_offset + time.perf_counter() - started, 6
                     )
+                    row.update(self.canaries.row_fields(self.coordinator.parameters, row))
                     lifecycle.record(row)
                     if on_round is not None:
                         on_round(row)
                     now = row["virtual_time_s"]
             summary = lifecycle.finish(
-                {**self.record_level.summary_fields(), "clients": len(self.population.client_ids)}
+                {
+                    **self.record_level.summary_fields(),
+                    "clients": len(self.population.client_ids),
+                    **self.canaries.summary_fields(self.coordinator.parameters, self.out),
+                }
             )
             finished = True
             return summary
@@ -226,7 +233,7 @@ class Simulation:
     def _executor(self) -> Iterator[Executor]:
         settings = self.config.simulation
         executor = make_executor(
-            self.population.clients,
+            self.canaries.clients(self.population.clients),
             workers=settings.workers,
             backend=settings.backend,
             ray_address=settings.ray_address,
