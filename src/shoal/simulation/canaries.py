@@ -129,6 +129,7 @@ class PlantedClients:
 
     def __init__(self, clients: ClientFactory, plan: CanaryPlan) -> None:
         self.clients = clients
+        self.wrapped = clients  # what population.packed sends the user's module by value for
         self.plan = plan
 
     def __call__(self, client_id: str) -> Client:

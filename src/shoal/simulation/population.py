@@ -15,7 +15,7 @@ import functools
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import overload
+from typing import Any, overload
 
 import cloudpickle
 
@@ -144,11 +144,16 @@ class Population:
 def packed(
     clients: Callable[[str], Client], search_path: Sequence[str | Path]
 ) -> tuple[bytes, list[str]]:
-    """The client factory by value, and the folders a worker must import the app from."""
+    """The client factory by value, and the folders a worker must import the app from.
+
+    A factory that wraps another (the simulator's attackers, planted canaries) names it as
+    ``wrapped``: the user's app module under every layer goes by value.
+    """
+    inner: Any = clients
+    while getattr(inner, "wrapped", None) is not None:
+        inner = inner.wrapped
     targets = (
-        (clients.app.client_fn, clients.app.num_examples)
-        if isinstance(clients, AppClients)
-        else (clients,)
+        (inner.app.client_fn, inner.app.num_examples) if isinstance(inner, AppClients) else (inner,)
     )
     for target in targets:
         _by_value(getattr(target, "__module__", None))
