@@ -1,5 +1,12 @@
 """The deterministic simulator: datasets, partitions, device fleets and the event loop."""
 
+from shoal.simulation.attacks import (
+    Attackers,
+    AttackingClient,
+    AttackMetrics,
+    attack_draw,
+    backdoor_success_rate,
+)
 from shoal.simulation.datasets import Dataset, DeviceData, SyntheticFederation, load_digits_split
 from shoal.simulation.devices import Attempt, DeviceFleet
 from shoal.simulation.executor import Job, Outcome, ProcessExecutor, SerialExecutor, make_executor
@@ -14,6 +21,9 @@ from shoal.simulation.runner import Simulation, final_parameters, load_run_confi
 
 __all__ = [
     "AppClients",
+    "AttackMetrics",
+    "Attackers",
+    "AttackingClient",
     "Attempt",
     "Dataset",
     "DeviceData",
@@ -25,6 +35,8 @@ __all__ = [
     "SerialExecutor",
     "Simulation",
     "SyntheticFederation",
+    "attack_draw",
+    "backdoor_success_rate",
     "client_index",
     "client_name",
     "final_parameters",

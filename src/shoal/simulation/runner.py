@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -50,6 +51,7 @@ from shoal.registry import (
     blob_location,
     registry_location,
 )
+from shoal.simulation.attacks import AttackMetrics
 from shoal.simulation.canaries import Canaries
 from shoal.simulation.candidates import candidates, examined_size, members_needed
 from shoal.simulation.consortium import Consortium
@@ -68,6 +70,8 @@ from shoal.simulation.secure_rounds import (
 from shoal.tasks import Phase
 
 RoundCallback = Callable[[dict[str, Any]], None]
+
+log = logging.getLogger("shoal.simulation")
 
 MODEL_NAME = "global"
 
@@ -100,6 +104,8 @@ class Simulation:
         )
         self.population = Population(self.apps.client, config, config.app.options)
         self.canaries = Canaries.of_run(config, self.apps.server, self.population.clients)
+        self.population.check_attacks()
+        self.attack_metrics = self._attack_metrics()
         self.fleet = DeviceFleet(
             self.population.client_ids, config.devices, seed=config.run.seed, position=client_index
         )
@@ -183,11 +189,13 @@ class Simulation:
                     if on_round is not None:
                         on_round(row)
                     now = row["virtual_time_s"]
+            attacked = self.attack_metrics
             summary = lifecycle.finish(
                 {
                     **self.record_level.summary_fields(),
                     "clients": len(self.population.client_ids),
                     **self.canaries.summary_fields(self.coordinator.parameters, self.out),
+                    **({} if attacked is None else attacked.summary_fields(records.rows())),
                 }
             )
             finished = True
@@ -195,6 +203,23 @@ class Simulation:
         finally:
             records.end_tracking(finished=finished)
             models.database.close()
+
+    def _attack_metrics(self) -> AttackMetrics | None:
+        """What an attacked run measures (None: no ``[[attack]]``)."""
+        if not self.config.attack:
+            return None
+        server = self.apps.server
+        metrics = AttackMetrics(
+            self.population.clients.attackers,
+            test_data=server.test_data,
+            probabilities=server.probabilities,
+        )
+        if metrics.backdoor is not None and not metrics.measures_backdoor:
+            log.warning(
+                "a backdoor attack's success rate needs the server app's test_data and "
+                "probabilities (ServerApp fields); the rows leave it out"
+            )
+        return metrics
 
     def _enroll_fleet(self, lifecycle: Run, clients: ClientRegistry, *, at: float) -> None:
         """Enroll the simulated population; clients enrolled before keep their status.
@@ -286,7 +311,11 @@ class Simulation:
         traffic = player.traffic
         fields = {
             **self.shell_fields(
-                summary, traffic.attempts, traffic.masked_inputs, traffic.reported_drops
+                summary,
+                traffic.attempts,
+                traffic.masked_inputs,
+                traffic.reported_drops,
+                model=None if commit is None else commit.parameters,
             ),
             **secure_row_fields(summary, traffic),
         }
@@ -363,14 +392,22 @@ class Simulation:
         attempts: dict[str, Attempt],
         uploads: int,
         reported_drops: int = 0,
+        *,
+        model: Parameters | None = None,
     ) -> dict[str, Any]:
         """The row's fields that the device fleet decides: drops, stragglers, uploads, and the
-        battery each device that trained drained (replayed when the run resumes).
+        battery each device that trained drained (replayed when the run resumes); with
+        ``[[attack]]``, a fit round's attackers and ``model``'s backdoor success rate.
 
-        ``reported_drops``: the drops the coordinator was told of (counted in ``failed``).
+        ``reported_drops``: the drops the coordinator was told of (counted in ``failed``);
+        ``model``: the version the round commits (None: it commits none).
         """
         fit = summary.phase is Phase.FIT
         fields = self._drained(summary, attempts) if fit else {}
+        if fit and self.attack_metrics is not None:
+            fields |= self.attack_metrics.fit_fields(
+                summary.round, asked=attempts, counted=summary.participants, model=model
+            )
         dropped = sum(1 for attempt in attempts.values() if attempt.dropped)
         return fields | {
             "dropped": dropped - reported_drops + summary.failed,
