@@ -630,6 +630,8 @@ class MetadataSection(_Section):
 
     pseudonyms: bool = True
     timestamp_granularity_s: Annotated[int, Field(ge=1), Limit(86_400 * 7, "a week")] = 3600
+
+
 AttackKind = Literal[
     "sign_flip", "scaling", "gaussian_noise", "label_flip", "backdoor", "free_rider"
 ]
