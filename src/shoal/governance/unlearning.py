@@ -190,7 +190,7 @@ def forget(
     or a model without versions.
     """
     at = require_aware(now or utc_now(), "now")
-    retire(clients, client_id, actor=actor)
+    _require_enrolled(clients, client_id)  # everything is found before anything changes
     head = models.head(model)
     if head is None:
         raise NotFoundError(f"model {model!r} has no version: nothing to unlearn from")
@@ -216,22 +216,26 @@ def forget(
         old_head_accuracy=central_accuracy(head),
         superseded_versions=tuple(sorted(superseded)),
     )
+    target = None
     if rounds:
         target = restart_point(chain, before_round=rounds[0], tainted=superseded)
-        models.rollback(model, target.version, now=at)
         report = replace(report, restart_version=target.version, restart_round=target.round)
+    retire(clients, client_id, actor=actor)
+    if target is not None:
+        models.rollback(model, target.version, now=at)
     _mark_superseded(models, model, superseded, actor=actor, now=at)
     report = report.with_head(models.head(model) or head)
     return replace(report, audit=audit_unlearning(report))
 
 
+def _require_enrolled(clients: ClientRegistry, client_id: str) -> None:
+    if not clients.records([client_id]):
+        raise NotFoundError(f"no client {client_id!r} in the registry")
+
+
 def retire(clients: ClientRegistry, client_id: str, *, actor: str) -> None:
     """Retire the client for good (one already retired keeps its record and its reason)."""
-    try:
-        record = clients.get(client_id)
-    except NotFoundError:
-        raise NotFoundError(f"no client {client_id!r} in the registry") from None
-    if record.status is not ClientStatus.RETIRED:
+    if clients.get(client_id).status is not ClientStatus.RETIRED:
         clients.set_status(client_id, ClientStatus.RETIRED, f"unlearned by {actor}")
 
 
