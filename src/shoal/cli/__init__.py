@@ -18,6 +18,7 @@ from shoal.cli import (
     operator,
     signing,
     simulate,
+    unlearn,
     versions,
 )
 from shoal.cli.app import app, main
@@ -34,5 +35,6 @@ __all__ = [
     "operator",
     "signing",
     "simulate",
+    "unlearn",
     "versions",
 ]

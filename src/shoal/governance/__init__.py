@@ -2,7 +2,8 @@
 
 The Rego policy that every update passes (:mod:`.policy`), the coordinator's
 signature on every model version (:mod:`.model_signing`), and the attestation
-of client code (:mod:`.attestation`, :mod:`.manifest`).
+of client code (:mod:`.attestation`, :mod:`.manifest`), and unlearning's registry
+side (:mod:`.unlearning`).
 """
 
 from shoal.governance.attestation import (
@@ -57,6 +58,12 @@ from shoal.governance.policy import (
     Reason,
     UpdateFacts,
 )
+from shoal.governance.unlearning import (
+    UnlearningReport,
+    audit_unlearning,
+    forget,
+    run_names,
+)
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -85,8 +92,11 @@ __all__ = [
     "Reason",
     "SignedManifest",
     "TreeDigest",
+    "UnlearningReport",
     "UpdateFacts",
     "Verifier",
+    "audit_unlearning",
+    "forget",
     "generate_release_key",
     "generate_signing_key",
     "key_fingerprint",
@@ -99,6 +109,7 @@ __all__ = [
     "load_verifier",
     "public_pem",
     "release_statement",
+    "run_names",
     "sign_manifest",
     "version_message",
     "write_public_key",

@@ -18,6 +18,7 @@ from shoal.simulation.partition import (
 )
 from shoal.simulation.population import AppClients, Population, client_index, client_name
 from shoal.simulation.runner import Simulation, final_parameters, load_run_config
+from shoal.simulation.unlearning import default_actor, unlearn
 
 __all__ = [
     "AppClients",
@@ -39,6 +40,7 @@ __all__ = [
     "backdoor_success_rate",
     "client_index",
     "client_name",
+    "default_actor",
     "final_parameters",
     "load_digits_split",
     "load_run_config",
@@ -47,4 +49,5 @@ __all__ = [
     "partition_iid",
     "partition_power_law",
     "partition_shards",
+    "unlearn",
 ]
