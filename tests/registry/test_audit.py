@@ -4,6 +4,7 @@ caught, with the first bad entry named (on SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import threading
 from datetime import UTC, datetime
@@ -80,7 +81,7 @@ def test_entries_chain_and_hash_their_canonical_encoding(database: Database) -> 
     entries = log.entries()
     assert [entry.seq for entry in entries] == list(range(1, ENTRIES + 1))
     assert entries[0].prev_hash == GENESIS_HASH
-    for before, after in zip(entries, entries[1:], strict=False):
+    for before, after in itertools.pairwise(entries):
         assert after.prev_hash == before.hash
     first = entries[0]
     assert first.recorded_at == 1740832245  # floored to the second
