@@ -29,11 +29,14 @@ from shoal.governance.model_signing import (
     write_public_key,
 )
 from shoal.registry import (
+    AuditLog,
     ClientRegistry,
     ClientStatus,
     Database,
+    HeadSigner,
     ModelRecord,
     ModelRegistry,
+    SignedHead,
     VersionSigner,
 )
 from shoal.telemetry.metrics import MetricsLog, clean_row
@@ -81,6 +84,10 @@ class RunStore(Protocol):
 
     def suspend(self, client_id: str, reason: str) -> None: ...
 
+    def audit_event(self, kind: str, *, subject: str, details: Mapping[str, Any]) -> None: ...
+
+    def sign_audit_head(self) -> SignedHead | None: ...
+
     def rows(self) -> list[Row]: ...
 
     def keep_rows(self, keep: Callable[[Row], bool]) -> list[Row]: ...
@@ -103,11 +110,14 @@ class RunRecords:
         *,
         model: str,
         signer: VersionSigner | None = None,
+        head_signer: HeadSigner | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.models = models
         self.signer = signer  # signs each version once, as it is committed
+        self.head_signer = head_signer  # signs the audit log's head at each commit and the end
+        self.audit: AuditLog = models.audit
         self.clients = clients
         self.model = model
         self.metrics = MetricsLog(self.folder / METRICS_FILE)
@@ -164,6 +174,16 @@ class RunRecords:
             self.clients.set_status(client_id, ClientStatus.SUSPENDED, reason[:500])
         except NotFoundError:
             self._suspended[client_id] = reason
+
+    # --- the audit log -------------------------------------------------------------------
+
+    def audit_event(self, kind: str, *, subject: str, details: Mapping[str, Any]) -> None:
+        """Append an entry to the registry's audit log (as the models' registry's actor)."""
+        self.audit.append(kind, subject=subject, details=details)
+
+    def sign_audit_head(self) -> SignedHead | None:
+        """Sign the audit log's head with the coordinator's key (None: no key, or no entry)."""
+        return None if self.head_signer is None else self.audit.sign_head(self.head_signer)
 
     # --- rows, config, summary ---------------------------------------------------------------
 
