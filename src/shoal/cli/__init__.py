@@ -10,6 +10,7 @@ os.environ.setdefault("GRPC_SSL_CIPHER_SUITES", "ECDHE-PSK-CHACHA20-POLY1305")
 
 from shoal.cli import (
     attest,
+    audit,
     certs,
     clients,
     keyholder,
@@ -26,6 +27,7 @@ from shoal.cli.app import app, main
 __all__ = [
     "app",
     "attest",
+    "audit",
     "certs",
     "clients",
     "keyholder",

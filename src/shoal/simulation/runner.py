@@ -45,6 +45,7 @@ from shoal.core.errors import RunError
 from shoal.core.folders import writable_folder
 from shoal.core.parameters import Parameters
 from shoal.registry import (
+    AuditLog,
     BlobStore,
     ClientRegistry,
     ModelRegistry,
@@ -74,6 +75,7 @@ RoundCallback = Callable[[dict[str, Any]], None]
 log = logging.getLogger("shoal.simulation")
 
 MODEL_NAME = "global"
+SIMULATOR = "simulator"  # the actor of the audit log's entries a simulation makes
 
 
 class Simulation:
@@ -136,6 +138,7 @@ class Simulation:
         self.record_level = RecordLevelLedger()  # record-level DP-SGD, when clients run it
         self._enrolled_whole = False  # a large fleet enrolls each client when first selected
         self._clients: ClientRegistry | None = None
+        self.lifecycle: Run | None = None
 
     @property
     def coordinator(self) -> Coordinator:
@@ -153,7 +156,12 @@ class Simulation:
         signer = run_signer(self.config, self.out)  # a run folder's versions are signed too
         models = open_run_models(self.out)
         records = RunRecords(
-            self.out, models, ClientRegistry(models.database), model=MODEL_NAME, signer=signer
+            self.out,
+            models,
+            ClientRegistry(models.database, audit=models.audit),
+            model=MODEL_NAME,
+            signer=signer,
+            head_signer=signer.audit_head,
         )
         lifecycle = Run(
             self.config,
@@ -165,6 +173,7 @@ class Simulation:
             resume=self.resume,
             where=str(self.out),
         )
+        self.lifecycle = lifecycle  # a secure round reports its key holder's answers to it
         finished = False
         try:
             self._coordinator = lifecycle.open(self.population.first_client)
@@ -460,11 +469,17 @@ def load_run_config(run_dir: str | Path) -> Config:
 
 
 def open_run_models(run_dir: str | Path) -> ModelRegistry:
-    """The model registry of a run folder: ``shoal models list --state-dir RUN`` reads it too."""
+    """The model registry of a run folder: ``shoal models list --state-dir RUN`` reads it too.
+
+    What it changes is audited as done by the ``simulator``.
+    """
     folder = Path(run_dir)
     database = registry_location(folder, None).open()
+    audit = AuditLog(database, actor=SIMULATOR)
     # a simulation replays bit for bit: after a power cut, resume redoes what was lost
-    return ModelRegistry(database, BlobStore(blob_location(folder, None), durable=False))
+    return ModelRegistry(
+        database, BlobStore(blob_location(folder, None), durable=False), audit=audit
+    )
 
 
 def final_parameters(run_dir: str | Path) -> Parameters:
