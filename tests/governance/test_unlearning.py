@@ -13,8 +13,10 @@ from tests.support.jobs import bare_config
 import shoal
 from shoal.config import Config
 from shoal.core.errors import NotFoundError, RunError
+from shoal.governance.model_signing import PUBLIC_KEY_FILE, load_public_key
 from shoal.governance.pseudonyms import Pseudonyms
-from shoal.registry import ClientRegistry, ClientStatus, ModelStatus
+from shoal.registry import ClientRegistry, ClientStatus, ModelStatus, verify_audit_log
+from shoal.registry.audit import AuditLog
 from shoal.registry.participation import ParticipationLog
 from shoal.simulation.population import ClientNames
 from shoal.simulation.runner import MODEL_NAME, Simulation, final_parameters, open_run_models
@@ -132,6 +134,10 @@ def test_the_unlearned_model_is_the_never_included_model_bit_for_bit(
         assert records[new[0]].parent == report.restart_version
         assert ClientRegistry(models.database).get(client).status is ClientStatus.RETIRED
         assert ClientRegistry(models.database).get(client).status_reason == "unlearned by alice"
+        (entry,) = AuditLog(models.database).entries(kind="unlearn")
+        assert entry.actor == "alice" and entry.subject == client
+        pinned = load_public_key(folder / PUBLIC_KEY_FILE)
+        assert verify_audit_log(models.database, pinned.verify_audit_head).intact
     finally:
         models.database.close()
     assert client not in participation(folder)

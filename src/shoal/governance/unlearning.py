@@ -29,6 +29,7 @@ from typing import Any
 from shoal.core.errors import ConfigError, NotFoundError, RegistryError
 from shoal.governance.pseudonyms import PSEUDONYM_KEY_FILE, Names, PlainNames, Pseudonyms
 from shoal.registry import ClientRegistry, ClientStatus, ModelRecord, ModelRegistry, ModelStatus
+from shoal.registry.audit import AuditLog
 from shoal.registry.clients import require_aware, utc_now
 from shoal.registry.participation import ParticipationLog
 
@@ -225,7 +226,7 @@ def forget(
         models.rollback(model, target.version, now=at)
     _mark_superseded(models, model, superseded, actor=actor, now=at)
     report = report.with_head(models.head(model) or head)
-    return replace(report, audit=audit_unlearning(report))
+    return replace(report, audit=audit_unlearning(report, AuditLog(models.database)))
 
 
 def _require_enrolled(clients: ClientRegistry, client_id: str) -> None:
@@ -262,10 +263,9 @@ def _mark_superseded(
             models.mark(model, version, ModelStatus.BAD, reason=reason, now=now)
 
 
-def audit_unlearning(report: UnlearningReport) -> dict[str, Any]:
-    """The audit log's entry for an unlearning: its facts, as ``append(kind="unlearn", ...)``
-    takes them. The audit log is not part of this tree yet: until it is, the entry is logged
-    here and kept in the report; this is the one place to append it."""
+def audit_unlearning(report: UnlearningReport, audit: AuditLog) -> dict[str, Any]:
+    """Append the unlearning to the audit log (kind ``unlearn``, by the report's actor, about
+    the client); its facts are also logged and kept in the report."""
     facts: Mapping[str, Any] = {
         "kind": "unlearn",
         "actor": report.actor,
@@ -279,4 +279,5 @@ def audit_unlearning(report: UnlearningReport) -> dict[str, Any]:
         "superseded_versions": list(report.superseded_versions),
     }
     log.info("unlearning: %s", json.dumps(facts, sort_keys=True))
+    audit.append("unlearn", subject=report.client_id, details=facts, actor=report.actor)
     return dict(facts)
