@@ -1,7 +1,8 @@
 """Shoal: a production-grade federated learning platform.
 
 ``shoal.simulate(config, client_app=..., server_app=...)`` runs a simulation
-from Python (see :mod:`shoal.simulation.api`); the apps' API is
+from Python (see :mod:`shoal.simulation.api`), and ``shoal.unlearn(run_dir,
+client_id)`` forgets one of its clients (:mod:`shoal.simulation.unlearning`); the apps' API is
 :mod:`shoal.client.app` (``ClientApp``, ``ClientContext``) and
 :mod:`shoal.coordinator.app` (``ServerApp``).
 """
@@ -15,7 +16,9 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from shoal.client.app import ClientApp, ClientContext
     from shoal.coordinator.app import ServerApp, ServerContext
+    from shoal.governance.unlearning import UnlearningReport
     from shoal.simulation.api import SimulationResult, simulate
+    from shoal.simulation.unlearning import unlearn
 
 _LAZY = {
     "ClientApp": "shoal.client.app",
@@ -24,6 +27,8 @@ _LAZY = {
     "ServerContext": "shoal.coordinator.app",
     "SimulationResult": "shoal.simulation.api",
     "simulate": "shoal.simulation.api",
+    "UnlearningReport": "shoal.governance.unlearning",
+    "unlearn": "shoal.simulation.unlearning",
 }
 
 
@@ -43,5 +48,7 @@ __all__ = [
     "ServerApp",
     "ServerContext",
     "SimulationResult",
+    "UnlearningReport",
     "simulate",
+    "unlearn",
 ]

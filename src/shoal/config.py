@@ -632,6 +632,91 @@ class MetadataSection(_Section):
     timestamp_granularity_s: Annotated[int, Field(ge=1), Limit(86_400 * 7, "a week")] = 3600
 
 
+AttackKind = Literal[
+    "sign_flip", "scaling", "gaussian_noise", "label_flip", "backdoor", "free_rider"
+]
+# a 3x3 patch in the bottom-right corner of digits' 8x8 images (row * 8 + column): pixels
+# that are blank in nearly every digit, so the trigger is what a backdoored model keys on
+DEFAULT_TRIGGER = (45, 46, 47, 53, 54, 55, 61, 62, 63)
+# which keys each kind reads beyond kind, fraction / clients, from_round and until_round
+_ATTACK_KEYS: dict[str, frozenset[str]] = {
+    "sign_flip": frozenset(),
+    "scaling": frozenset({"scale"}),
+    "gaussian_noise": frozenset({"noise_std"}),
+    "label_flip": frozenset({"target_label", "num_classes"}),
+    "backdoor": frozenset(
+        {"scale", "target_label", "num_classes", "poison_fraction", "trigger", "trigger_value"}
+    ),
+    "free_rider": frozenset(),
+}
+
+
+class AttackEntry(_Section):
+    """One ``[[attack]]`` entry: simulated attackers (simulation only; see
+    :mod:`shoal.simulation.attacks`).
+
+    ``fraction`` of the population (drawn by a keyed hash of the run's seed,
+    the entry's position and the client id) or the named ``clients`` attack
+    in rounds ``from_round`` to ``until_round`` (inclusive; unset: to the
+    end). ``scale``: the boost of a scaling or model-replacement attack
+    (unset: clients_per_round over the server learning rate, n / eta as in
+    Bagdasaryan et al.; a backdoor's default is 1). ``noise_std``: the
+    Gaussian noise an attacker sends instead of its update. ``target_label``:
+    the label a backdoor's triggered examples take (default 0), or that a
+    label flip gives every example (unset: y becomes C - 1 - y), with
+    ``num_classes`` C (unset: the ``[data]`` dataset's). ``poison_fraction``:
+    the share of a backdoor attacker's training examples that get the
+    trigger (features ``trigger`` set to ``trigger_value``; unset: the
+    largest feature value of the examples it is put on) and the target label.
+    A key that the entry's kind does not read is refused.
+    """
+
+    kind: AttackKind
+    fraction: Annotated[float, Field(gt=0, le=1)] | None = None
+    clients: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
+    from_round: Annotated[int, Field(ge=1), _ROUNDS] = 1
+    until_round: Annotated[int, Field(ge=1), _ROUNDS] | None = None
+    scale: PositiveFloat | None = None
+    noise_std: PositiveFloat = 1.0
+    target_label: Annotated[int, Field(ge=0), _CLASSES] | None = None
+    num_classes: Annotated[int, Field(ge=2), _CLASSES] | None = None
+    poison_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
+    trigger: list[Annotated[int, Field(ge=0), _FEATURES]] = Field(
+        default_factory=lambda: list(DEFAULT_TRIGGER), min_length=1
+    )
+    trigger_value: float | None = None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> AttackEntry:
+        if (self.fraction is None) == (self.clients is None):
+            raise ValueError(f"a {self.kind} attack names its attackers: give fraction or clients")
+        if self.clients is not None and len(set(self.clients)) != len(self.clients):
+            raise ValueError("attack.clients lists each client once")
+        if self.until_round is not None and self.until_round < self.from_round:
+            raise ValueError(
+                f"attack.until_round ({self.until_round}) comes before from_round "
+                f"({self.from_round})"
+            )
+        stray = sorted(self.model_fields_set - _ATTACK_KEYS[self.kind] - _ATTACK_COMMON)
+        if stray:
+            raise ValueError(f"attack.{stray[0]} does not apply to a {self.kind} attack")
+        if len(set(self.trigger)) != len(self.trigger):
+            raise ValueError("attack.trigger lists each feature index once")
+        return self
+
+    def classes_or(self, default: int) -> int:
+        """The number of classes a label attack assumes: ``num_classes``, else ``default``."""
+        return default if self.num_classes is None else self.num_classes
+
+    def active(self, round_number: int) -> bool:
+        """Whether the attackers of this entry attack in ``round_number``."""
+        until = self.until_round
+        return self.from_round <= round_number and (until is None or round_number <= until)
+
+
+_ATTACK_COMMON = frozenset({"kind", "fraction", "clients", "from_round", "until_round"})
+
+
 class AlertsSection(_Section):
     """[alerts]: the job's alert hooks, told of every alert (a cohort that dropped, a spent
     privacy budget): shell commands (the alert as JSON on stdin) and ``module:function`` hooks."""
@@ -647,6 +732,28 @@ class TrackingSection(_Section):
     mlflow: bool = False
     tracking_uri: str | None = None
     experiment: str | None = None
+
+
+class CanariesSection(_Section):
+    """[canaries]: random records planted in some clients' data, and their exposure at the end.
+
+    Measures purpose limitation (Carlini et al. 2019): how much more likely
+    the trained model makes a planted secret than candidates never planted.
+    Each holder trains on every canary, ``repeats`` copies of each; the
+    holders are ``holders`` clients, else the ``clients`` share of the
+    population. The records and the holders derive from the run's seed.
+    """
+
+    enabled: bool = False
+    count: Annotated[int, Field(ge=1), Limit(10_000, "each canary is measured on its own")] = 10
+    clients: Fraction = 0.1
+    holders: Annotated[int, Field(ge=0), _CLIENTS] | None = None
+    repeats: Annotated[int, Field(ge=1), Limit(10_000, "a holder keeps every copy in memory")] = 1
+    references: Annotated[
+        int, Field(ge=3), Limit(1_000_000, "the model scores every reference at the end")
+    ] = 1000
+    distribution: Literal["skewnorm", "normal"] = "skewnorm"  # for the extrapolated exposure
+    every_version: bool = False  # also measure each committed version (a column of metrics)
 
 
 BUILTIN_CLIENT_APP = "shoal.apps.builtin:client_app"
@@ -705,6 +812,8 @@ class Config(_Section):
     alerts: AlertsSection = AlertsSection()
     divergence: DivergenceSection = DivergenceSection()
     metadata: MetadataSection = MetadataSection()
+    canaries: CanariesSection = CanariesSection()
+    attack: list[AttackEntry] = Field(default_factory=list)  # simulation only
 
     @model_validator(mode="after")
     def _fits_in_memory(self) -> Config:
@@ -745,6 +854,19 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _attack_labels(self) -> Config:
+        """A label attack's target is one of the classes (the simulator checks named clients)."""
+        classes = self.data.shape[1]
+        for index, entry in enumerate(self.attack):
+            label, count = entry.target_label, entry.classes_or(classes)
+            if label is not None and label >= count:
+                raise ValueError(
+                    f"attack.{index}.target_label ({label}) is not below the {count} classes "
+                    "(set num_classes for an app with other labels)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _consistent(self) -> Config:
         if self.round.clients_per_round > self.data.num_clients:
             raise ValueError(
@@ -770,6 +892,15 @@ class Config(_Section):
             )
         if privacy.enabled and privacy.epsilon is None and privacy.noise_multiplier is None:
             raise ValueError("privacy: set epsilon (the budget) or noise_multiplier, or both")
+        return self
+
+    @model_validator(mode="after")
+    def _canary_holders(self) -> Config:
+        holders = self.canaries.holders
+        if holders is not None and holders > self.data.num_clients:
+            raise ValueError(
+                f"canaries.holders ({holders}) exceeds data.num_clients ({self.data.num_clients})"
+            )
         return self
 
 

@@ -39,7 +39,6 @@ from shoal.coordinator.selection import (
     PrivateSampler,
     Stream,
     cohort_size,
-    round_rng,
     select_cohort,
 )
 from shoal.coordinator.setup import round_settings_from_config, run_privacy
@@ -256,9 +255,7 @@ def predicted_cohorts(seed: int, candidates: list[str], rounds: int, size: int) 
     return [
         list(
             select_cohort(
-                candidates,
-                size=size,
-                rng=round_rng(seed=seed, round_number=r, stream=Stream.SELECT_FIT),
+                candidates, size=size, seed=seed, round_number=r, stream=Stream.SELECT_FIT
             )
         )
         for r in range(1, rounds + 1)

@@ -64,6 +64,12 @@ class MemoryStore:
     def pseudonyms(self, run_id: str) -> Pseudonyms:
         return Pseudonyms(b"k" * 32, run_id=run_id)
 
+    def audit_event(self, kind: str, *, subject: str, details: Mapping[str, Any]) -> None:
+        self.models.audit.append(kind, subject=subject, details=details)
+
+    def sign_audit_head(self) -> Any:
+        return None  # this store holds no key
+
     def rows(self) -> list[dict[str, Any]]:
         return list(self.row_list)
 

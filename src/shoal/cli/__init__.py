@@ -10,6 +10,7 @@ os.environ.setdefault("GRPC_SSL_CIPHER_SUITES", "ECDHE-PSK-CHACHA20-POLY1305")
 
 from shoal.cli import (
     attest,
+    audit,
     certs,
     clients,
     keyholder,
@@ -18,6 +19,7 @@ from shoal.cli import (
     operator,
     signing,
     simulate,
+    unlearn,
     versions,
 )
 from shoal.cli.app import app, main
@@ -25,6 +27,7 @@ from shoal.cli.app import app, main
 __all__ = [
     "app",
     "attest",
+    "audit",
     "certs",
     "clients",
     "keyholder",
@@ -34,5 +37,6 @@ __all__ = [
     "operator",
     "signing",
     "simulate",
+    "unlearn",
     "versions",
 ]

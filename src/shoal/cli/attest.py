@@ -24,6 +24,7 @@ from shoal.cli.operator import (
     AsJson,
     RegistryUrl,
     StateDir,
+    _audit,
     _cells,
     _console,
     _database,
@@ -57,7 +58,12 @@ app.add_typer(attest_app, name="attest")
 Reason = Annotated[str, typer.Option("--reason", help="Why (kept with the decision).")]
 By = Annotated[
     str | None,
-    typer.Option("--by", help="Who decides (kept with the decision).", show_default="your login"),
+    typer.Option(
+        "--by",
+        "--actor",
+        help="Who decides (kept with the decision, and in the audit log).",
+        show_default="your login",
+    ),
 ]
 
 
@@ -201,6 +207,8 @@ def allow(
         entry = AllowedBuilds(database).allow(
             build_id=build_id, kind=kind, label=label, by=who, reason=reason
         )
+        details = {"kind": kind, "label": label, "reason": reason}
+        _audit(database, who).append("attest_allow", subject=build_id, details=details)
     _print_entry(entry, as_json=as_json)
 
 
@@ -261,4 +269,6 @@ def revoke(
     reason, who = _reason(reason), _who(by)
     with _database(state_dir, registry) as database:
         entry = AllowedBuilds(database).revoke(build_id, by=who, reason=reason)
+        details = {"reason": reason}
+        _audit(database, who).append("attest_revoke", subject=entry.build_id, details=details)
     _print_entry(entry, as_json=as_json)

@@ -13,9 +13,11 @@ from rich.table import Table
 from shoal.cli.app import app, user_errors
 from shoal.cli.operator import (
     MAX_REGISTRY_INT,
+    Actor,
     AsJson,
     RegistryUrl,
     StateDir,
+    _audit,
     _cells,
     _console,
     _database,
@@ -168,13 +170,15 @@ def suspend_client(
     reason: Annotated[str, typer.Option("--reason", help="Why (kept with the client).")],
     state_dir: StateDir = DEFAULT_STATE_DIR,
     registry: RegistryUrl = None,
+    actor: Actor = None,
     as_json: AsJson = False,
 ) -> None:
     """Stop selecting a client until it is resumed."""
     if not reason.strip():
         raise typer.BadParameter("give a reason", param_hint="--reason")
     with _database(state_dir, registry) as database:
-        record = ClientRegistry(database).set_status(client_id, ClientStatus.SUSPENDED, reason)
+        clients = ClientRegistry(database, audit=_audit(database, actor))
+        record = clients.set_status(client_id, ClientStatus.SUSPENDED, reason)
     _print_client(record, as_json=as_json)
 
 
@@ -184,11 +188,13 @@ def resume_client(
     client_id: ClientId,
     state_dir: StateDir = DEFAULT_STATE_DIR,
     registry: RegistryUrl = None,
+    actor: Actor = None,
     as_json: AsJson = False,
 ) -> None:
     """Make a suspended client selectable again (a retired one stays retired)."""
     with _database(state_dir, registry) as database:
-        record = ClientRegistry(database).set_status(client_id, ClientStatus.ACTIVE)
+        clients = ClientRegistry(database, audit=_audit(database, actor))
+        record = clients.set_status(client_id, ClientStatus.ACTIVE)
     _print_client(record, as_json=as_json)
 
 
@@ -223,6 +229,7 @@ def enroll_client(
     ] = None,
     state_dir: StateDir = DEFAULT_STATE_DIR,
     registry: RegistryUrl = None,
+    actor: Actor = None,
     as_json: AsJson = False,
 ) -> None:
     """Issue an enrollment token (shown once) and, with --mtls, a client certificate."""
@@ -239,6 +246,8 @@ def enroll_client(
         tokens = EnrollmentTokens(database)
         token = tokens.issue(client_id=client_id, expires_in=expires_in, uses=uses)
         record = tokens.get(token_id_of(token))
+        granted = {"client_id": client_id, "uses": uses, "expires_at": _iso(record.expires_at)}
+        _audit(database, actor).append("token_issue", subject=record.token_id, details=granted)
     issued: dict[str, Any] = {
         "token": token,
         "token_id": record.token_id,

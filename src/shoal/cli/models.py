@@ -18,10 +18,12 @@ from rich.text import Text
 from shoal.cli.app import app, user_errors
 from shoal.cli.operator import (
     MAX_REGISTRY_INT,
+    Actor,
     AsJson,
     BlobUrl,
     RegistryUrl,
     StateDir,
+    _audit,
     _cells,
     _console,
     _database,
@@ -37,6 +39,7 @@ from shoal.core.parameters import Parameters
 from shoal.core.torch_interop import import_torch, state_dict_from_parameters
 from shoal.registry import (
     BlobStore,
+    Database,
     ModelRecord,
     ModelRegistry,
     ModelStatus,
@@ -179,6 +182,7 @@ def mark_model(
     state_dir: StateDir = DEFAULT_STATE_DIR,
     registry: RegistryUrl = None,
     blobs: BlobUrl = None,
+    actor: Actor = None,
     as_json: AsJson = False,
 ) -> None:
     """Mark a version good or bad, with the reason; a BAD version is never rolled back to.
@@ -188,7 +192,7 @@ def mark_model(
     if not reason.strip():
         raise typer.BadParameter("give a reason", param_hint="--reason")
     with _database(state_dir, registry) as database:
-        models = ModelRegistry(database, BlobStore(blob_location(state_dir, blobs)))
+        models = _models(database, state_dir, blobs, actor)
         status = ModelStatus.GOOD if verdict is Verdict.GOOD else ModelStatus.BAD
         record = models.mark(name, version, status, reason=reason)
         head = models.head(name)
@@ -221,6 +225,7 @@ def rollback_model(
     state_dir: StateDir = DEFAULT_STATE_DIR,
     registry: RegistryUrl = None,
     blobs: BlobUrl = None,
+    actor: Actor = None,
     as_json: AsJson = False,
 ) -> None:
     """Move HEAD of NAME to VERSION: new rounds build on it; later versions stay, for audit.
@@ -228,7 +233,7 @@ def rollback_model(
     Refuses a version marked BAD and one whose stored blob is missing or corrupt.
     """
     with _database(state_dir, registry) as database:
-        models = ModelRegistry(database, BlobStore(blob_location(state_dir, blobs)))
+        models = _models(database, state_dir, blobs, actor)
         target = models.get(name, version)
         if target.status is ModelStatus.BAD:
             raise RegistryError(
@@ -245,6 +250,14 @@ def rollback_model(
         _console().print(f"HEAD of {name} is already version {version}", markup=False)
     else:
         _console().print(f"HEAD of {name}: version {previous} -> version {version}", markup=False)
+
+
+def _models(
+    database: Database, state_dir: Path, blobs: str | None, actor: str | None
+) -> ModelRegistry:
+    """The model registry, its changes audited as the operator's."""
+    store = BlobStore(blob_location(state_dir, blobs))
+    return ModelRegistry(database, store, audit=_audit(database, actor))
 
 
 def _confirm(question: str) -> None:

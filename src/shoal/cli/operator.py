@@ -12,6 +12,7 @@ a bad option value exits 2.
 
 from __future__ import annotations
 
+import getpass
 import json
 import re
 import sys
@@ -29,6 +30,7 @@ from rich.text import Text
 from shoal.core.errors import ConfigError
 from shoal.core.identifiers import check_client_id
 from shoal.registry import (
+    AuditLog,
     ClientStatus,
     Database,
     ModelStatus,
@@ -63,6 +65,16 @@ BlobUrl = Annotated[
         help="Model blob store: a folder or an fsspec URL.",
     ),
 ]
+Actor = Annotated[
+    str | None,
+    typer.Option(
+        "--actor",
+        metavar="NAME",
+        envvar="SHOAL_ACTOR",
+        show_default="your login name",
+        help="Who runs this command, as the audit log records it.",
+    ),
+]
 AsJson = Annotated[
     bool, typer.Option("--json", help="Print JSON (an array or an object) instead of a table.")
 ]
@@ -89,6 +101,21 @@ def _database(state_dir: Path, url: str | None, *, must_exist: bool = True) -> I
         yield database
     finally:
         database.close()
+
+
+def _actor(name: str | None) -> str:
+    """The operator the audit log names: ``--actor``, else the login, else ``operator``."""
+    if name is not None and name.strip():
+        return name.strip()
+    try:
+        return getpass.getuser() or "operator"
+    except (OSError, KeyError):  # no login name (a container without a passwd entry)
+        return "operator"
+
+
+def _audit(database: Database, actor: str | None) -> AuditLog:
+    """The audit log, with the operator who runs the command as its actor."""
+    return AuditLog(database, actor=_actor(actor))
 
 
 def _console() -> Console:

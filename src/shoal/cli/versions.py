@@ -19,9 +19,11 @@ from rich.table import Table
 
 from shoal.cli.app import app, user_errors
 from shoal.cli.operator import (
+    Actor,
     AsJson,
     RegistryUrl,
     StateDir,
+    _audit,
     _cells,
     _console,
     _database,
@@ -93,6 +95,7 @@ def require_versions(
     ] = None,
     state_dir: StateDir = DEFAULT_STATE_DIR,
     registry: RegistryUrl = None,
+    actor: Actor = None,
     as_json: AsJson = False,
 ) -> None:
     """Set (or replace) what one component's version must be to train MODEL."""
@@ -105,6 +108,8 @@ def require_versions(
         requirement = VersionMatrix(database).require(
             model, component, minimum=minimum, allowed=allowed or None
         )
+        details = _requirement_json(model, requirement)
+        _audit(database, actor).append("versions_require", subject=model, details=details)
     _print_requirements([_requirement_json(model, requirement)], as_json=as_json)
 
 
@@ -143,11 +148,14 @@ def clear_versions(
     ] = None,
     state_dir: StateDir = DEFAULT_STATE_DIR,
     registry: RegistryUrl = None,
+    actor: Actor = None,
     as_json: AsJson = False,
 ) -> None:
     """Drop MODEL's requirements (or the one on --component)."""
     with _database(state_dir, registry) as database:
         removed = VersionMatrix(database).remove(model, component)
+        details = {"component": None if component is None else component.value, "removed": removed}
+        _audit(database, actor).append("versions_clear", subject=model, details=details)
     if as_json:
         _print_json({"model": model, "removed": removed})
         return

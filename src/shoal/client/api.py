@@ -111,8 +111,8 @@ class TransformableData(Protocol):
     canary records reach its data: return a client like this one that
     trains on ``transform(features, labels)``. Model attacks (sign flip,
     scaling, noise, free riding) need nothing from the client.
-    :class:`~shoal.client.NumpyClient` and
-    :class:`~shoal.client.TorchClient` (over in-memory tensors) implement it.
+    :class:`~shoal.client.NumpyClient` implements it;
+    :class:`~shoal.client.TorchClient`, over any ``DataLoader``, does not.
     """
 
     def with_training_data(self, transform: DataTransform) -> Client: ...

@@ -95,6 +95,13 @@ class TorchClient(Client):
     With ``dp_sgd`` every fit is record-level DP-SGD (see the module
     docstring); its metrics then add :func:`~shoal.client.dp_sgd.dp_sgd_metrics`
     and ``dp_sgd_epsilon``, Opacus' RDP epsilon of the fit at ``dp_sgd.delta``.
+
+    It does not implement :class:`~shoal.client.api.TransformableData`: its
+    ``train_loader`` is any ``DataLoader`` (a streaming dataset, a custom
+    sampler or collate function), whose examples it cannot rewrite in
+    general. For the simulator's data attacks (``label_flip``, ``backdoor``),
+    subclass it with a ``with_training_data`` that rebuilds the loader from
+    your in-memory tensors.
     """
 
     def __init__(

@@ -9,10 +9,11 @@ original cohort has dropped (a ``ClientFailed`` each: a client's failure report,
 simulated device that dropped):
 
 - ``reselect``: ask a replacement for every dropped member, from the
-  eligible clients the round has not asked yet (in an order drawn from the
-  run seed), and for every member that drops after that, as long as at
-  least ``drop_reselect_min_left`` of the deadline is left: a replacement
-  then has at least that share of the time the first cohort had;
+  eligible clients the round has not asked yet (by keyed-hash priority
+  under the run seed, as a cohort is drawn), and for every member that
+  drops after that, as long as at least ``drop_reselect_min_left`` of the
+  deadline is left: a replacement then has at least that share of the
+  time the first cohort had;
 - ``extend``: move the deadline once, by ``drop_extend_s`` (unset: one more
   ``deadline_s``), so that slow members and late check-ins can still count;
 - ``abort``: close the round at once, uncommitted, and keep the model;
@@ -40,8 +41,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from shoal.coordinator.events import FallbackReport
-from shoal.coordinator.selection import Stream, round_rng
+from shoal.coordinator.selection import Stream, cohort_priorities
 from shoal.core.errors import ConfigError
 
 if TYPE_CHECKING:  # the books import this module's settings
@@ -221,10 +224,13 @@ def _reselect(
             f"{fallback.reselect_min_left:.0%} of the {deadline_s:.6g}s deadline"
         )
         return FallbackStep()
-    if books.pool is None:  # drawn once, in an order the run seed fixes
+    if books.pool is None:  # ordered once, by keyed-hash priority as a seeded cohort is drawn
         unasked = sorted(set(current.candidates) - current.cohort)
-        rng = round_rng(seed=seed, round_number=current.number, stream=Stream.RESELECT)
-        books.pool = [unasked[index] for index in rng.permutation(len(unasked)).tolist()]
+        priorities = cohort_priorities(
+            unasked, seed=seed, round_number=current.number, stream=Stream.RESELECT
+        )
+        order = np.argsort(priorities, kind="stable").tolist()
+        books.pool = [unasked[index] for index in order]
     count = len(current.failed) - books.replaced_drops
     chosen, books.pool = books.pool[:count], books.pool[count:]
     books.replaced_drops += count

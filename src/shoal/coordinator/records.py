@@ -30,11 +30,14 @@ from shoal.governance.model_signing import (
 )
 from shoal.governance.pseudonyms import Pseudonyms
 from shoal.registry import (
+    AuditLog,
     ClientRegistry,
     ClientStatus,
     Database,
+    HeadSigner,
     ModelRecord,
     ModelRegistry,
+    SignedHead,
     VersionSigner,
 )
 from shoal.telemetry.metrics import MetricsLog, clean_row
@@ -84,6 +87,10 @@ class RunStore(Protocol):
 
     def pseudonyms(self, run_id: str) -> Pseudonyms: ...
 
+    def audit_event(self, kind: str, *, subject: str, details: Mapping[str, Any]) -> None: ...
+
+    def sign_audit_head(self) -> SignedHead | None: ...
+
     def rows(self) -> list[Row]: ...
 
     def keep_rows(self, keep: Callable[[Row], bool]) -> list[Row]: ...
@@ -106,11 +113,14 @@ class RunRecords:
         *,
         model: str,
         signer: VersionSigner | None = None,
+        head_signer: HeadSigner | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.models = models
         self.signer = signer  # signs each version once, as it is committed
+        self.head_signer = head_signer  # signs the audit log's head at each commit and the end
+        self.audit: AuditLog = models.audit
         self.clients = clients
         self.model = model
         self.metrics = MetricsLog(self.folder / METRICS_FILE)
@@ -171,6 +181,16 @@ class RunRecords:
     def pseudonyms(self, run_id: str) -> Pseudonyms:
         """The run's per-round pseudonyms, keyed by the folder's own ``pseudonym.key``."""
         return Pseudonyms.in_folder(self.folder, run_id=run_id)
+
+    # --- the audit log -------------------------------------------------------------------
+
+    def audit_event(self, kind: str, *, subject: str, details: Mapping[str, Any]) -> None:
+        """Append an entry to the registry's audit log (as the models' registry's actor)."""
+        self.audit.append(kind, subject=subject, details=details)
+
+    def sign_audit_head(self) -> SignedHead | None:
+        """Sign the audit log's head with the coordinator's key (None: no key, or no entry)."""
+        return None if self.head_signer is None else self.audit.sign_head(self.head_signer)
 
     # --- rows, config, summary ---------------------------------------------------------------
 

@@ -31,6 +31,8 @@ layer owns everything above it, so that each rule is written once:
   version committed with that row before anyone is offered the new model;
 - the job's alerts (``[alerts]``) about a round: a cohort that dropped
   past the job's share, with the fallback the round took;
+- the audit log's entries of the run (each round's participants, a key
+  holder's decryptions) and its head, signed at each commit and at the end;
 - the end: the summary.
 
 It holds no clock and does no I/O of its own: the shell gives it a
@@ -460,6 +462,7 @@ class Run:
         row = self._row(summary, extra)
         self._suspend_culprits(summary)
         self._cohort_dropped(summary)
+        self._audit_selection(summary)
         if commit is None:
             head = self.store.head()
             row["model_version"] = None if head is None else head.version
@@ -476,6 +479,7 @@ class Run:
         )
         row.update(model_version=record.version, sha256=record.sha256)
         self._record_participants(summary, version=record.version)
+        self.store.sign_audit_head()  # the commit's entry, and all before it, under the key
         return row
 
     def _record_participants(self, summary: RoundSummary, *, version: int | None) -> None:
@@ -497,6 +501,27 @@ class Run:
                 )
             )
         self.participation.record(entries)
+
+    def _audit_selection(self, summary: RoundSummary) -> None:
+        """The audit log's record of who took part in a round (before its commit's entry)."""
+        details = {
+            "run_id": self.run_id,
+            "phase": summary.phase.value,
+            "selected": summary.selected,
+            # under the round's pseudonyms, as every stored round record (the key resolves them)
+            "participants": sorted(
+                self.names.of(client, round_number=summary.round) for client in summary.participants
+            ),
+            "committed": summary.committed,
+            "abort_reason": summary.abort_reason,
+        }
+        self.store.audit_event("select", subject=f"round {summary.round}", details=details)
+
+    def record_decryption(self, round_number: int, *, key_holder: str, error: str | None) -> None:
+        """Audit the key holder's answer to a round's decryption request (the shell that
+        asked reports it: ``key_holder`` names who decrypted, ``error`` a refusal)."""
+        details = {"run_id": self.run_id, "key_holder": key_holder, "error": error}
+        self.store.audit_event("decrypt", subject=f"round {round_number}", details=details)
 
     def _suspend_culprits(self, summary: RoundSummary) -> None:
         """Clients a secure round caught cheating are suspended, with what they did."""
@@ -627,6 +652,7 @@ class Run:
         if final_accuracy is None and evaluations:
             final_accuracy = evaluations[-1]["accuracy"]
         head = self.store.head()
+        audit_head = self.store.sign_audit_head()  # the run's last entries, signed at its end
         summary: dict[str, Any] = {
             "rounds_completed": len(committed),
             "rounds_aborted": len(fits) - len(committed),
@@ -647,6 +673,8 @@ class Run:
             "rounds_aborted_below_threshold": sum(1 for row in fits if row.get("secure_aborted")),
             "clients_recovered": sum(row.get("recovered", 0) for row in fits),
             "fallbacks": _fallbacks(rows),
+            "audit_seq": None if audit_head is None else audit_head.seq,
+            "audit_hash": None if audit_head is None else audit_head.hash,
             "stop_reason": self.stop_reason,
             **({} if self.privacy is None else self.privacy.summary_fields()),
             **(extra or {}),

@@ -4,6 +4,14 @@ Every random choice the coordinator makes comes from a generator seeded by
 the run seed, the round number and a purpose code, never from carried state:
 a resumed run makes exactly the choices an uninterrupted one would.
 
+A seeded cohort is drawn by keyed-hash priorities (:func:`cohort_priorities`):
+each candidate's priority is a keyed BLAKE2b hash of (seed, round, stream,
+client id), and the cohort is the ``size`` candidates of lowest priority.
+That is a uniform sample without replacement, it does not depend on the order
+of the listing, and removing a candidate that was not drawn changes no other
+draw: a run replayed without a client (unlearning) selects exactly the
+cohorts a run that never had it would have selected.
+
 One exception: under differential privacy a fit round's cohort is drawn by
 :class:`PrivateSampler`, from the CSPRNG (a cohort that whoever knows the
 seed can predict amplifies nothing), and exactly as the accountant assumes:
@@ -85,19 +93,51 @@ def cohort_size(*, target: int, over_selection: float) -> int:
     return math.ceil(target * over_selection - 1e-9)
 
 
-def select_cohort(
-    candidates: Sequence[str], *, size: int, rng: np.random.Generator
-) -> tuple[str, ...]:
-    """A uniform sample of ``size`` distinct candidates (all of them if fewer).
+def _priority_hasher(*, seed: int, round_number: int, stream: Stream) -> hashlib.blake2b:
+    """A BLAKE2b state keyed by (seed, round, stream), copied once per candidate."""
+    key = hashlib.blake2b(f"{seed}/{round_number}/{int(stream)}".encode(), digest_size=32)
+    return hashlib.blake2b(key=key.digest(), digest_size=8, person=b"shoal-cohort")
 
-    The candidates are sorted first, so the result does not depend on the
-    order in which the shell listed them.
+
+def cohort_priorities(
+    candidates: Sequence[str], *, seed: int, round_number: int, stream: Stream
+) -> npt.NDArray[np.uint64]:
+    """Each candidate's priority in a seeded draw: a keyed hash of (seed, round, stream, id).
+
+    A candidate's priority depends on nothing but its own id and the round's
+    key, so it is the same whoever else is listed.
     """
-    ordered = sorted(candidates)
+    hasher = _priority_hasher(seed=seed, round_number=round_number, stream=stream)
+    digests = bytearray()
+    for client_id in candidates:
+        state = hasher.copy()  # the keyed state is set up once, not per candidate
+        state.update(client_id.encode())
+        digests += state.digest()
+    return np.frombuffer(bytes(digests), dtype=">u8").astype(np.uint64)
+
+
+def select_cohort(
+    candidates: Sequence[str],
+    *,
+    size: int,
+    seed: int,
+    round_number: int,
+    stream: Stream = Stream.SELECT_FIT,
+) -> tuple[str, ...]:
+    """A uniform sample of ``size`` distinct candidates (all of them if fewer), in id order.
+
+    The ``size`` candidates of lowest :func:`cohort_priorities` (ties, with
+    odds of 2**-64, go to the smaller id): the result depends neither on the
+    listing's order nor on the candidates that were not drawn.
+    """
+    ordered = sorted(set(candidates))
     if size >= len(ordered):
         return tuple(ordered)
-    chosen = rng.choice(len(ordered), size=size, replace=False)
-    return tuple(ordered[index] for index in sorted(chosen.tolist()))
+    if size <= 0:
+        return ()
+    priorities = cohort_priorities(ordered, seed=seed, round_number=round_number, stream=stream)
+    chosen = np.sort(np.argsort(priorities, kind="stable")[:size])
+    return tuple(ordered[index] for index in chosen.tolist())
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +167,10 @@ class SeededSampler:
         self, candidates: Sequence[str], *, round_number: int, phase: Phase, size: int, target: int
     ) -> Cohort:
         stream = Stream.SELECT_FIT if phase is Phase.FIT else Stream.SELECT_EVALUATE
-        rng = round_rng(seed=self.seed, round_number=round_number, stream=stream)
-        return Cohort(select_cohort(candidates, size=size, rng=rng), target)
+        members = select_cohort(
+            candidates, size=size, seed=self.seed, round_number=round_number, stream=stream
+        )
+        return Cohort(members, target)
 
 
 class PrivateSampler:

@@ -184,7 +184,14 @@ def build(
         if key_holder is not None:
             key_holder.close()
         raise
-    records = RunRecords(state_dir, models, clients, model=config.run.name, signer=signer)
+    records = RunRecords(
+        state_dir,
+        models,
+        clients,
+        model=config.run.name,
+        signer=signer,
+        head_signer=signer.audit_head,
+    )
     try:
         attestation = attestation_from_config(section, database)  # keys and verifiers load now
         # planned at the first fit round, for the eligible population it finds
@@ -241,7 +248,9 @@ def build(
         on_closed=on_closed,
         round_config=run.round_config,
         admit=run.admit,
-        decrypt=None if key_holder is None else _decryptor(key_holder, section.run_id),
+        decrypt=None
+        if key_holder is None
+        else _decryptor(key_holder, run, address=str(config.secure_aggregation.key_holder)),
         identities=enrolled_identities(clients),
     )
     service_settings = ServiceSettings(
@@ -299,17 +308,26 @@ def _silo_public_keys(config: Config) -> dict[str, bytes] | None:
     return {silo: keys.public for silo, keys in read_silo_keys(Path(path)).items()}
 
 
-def _decryptor(key_holder: KeyHolderClient, run_id: str) -> Decrypt:
-    """Ask the key holder for a round's sum, off the event loop (it is a blocking call)."""
+def _decryptor(key_holder: KeyHolderClient, run: Run, *, address: str) -> Decrypt:
+    """Ask the key holder for a round's sum, off the event loop (it is a blocking call); the
+    answer, or the refusal, is audited with the key holder's address."""
+
+    def decrypt_and_audit(action: RequestDecryption) -> npt.NDArray[np.float64]:
+        try:
+            total = key_holder.decrypt_aggregate(
+                run_id=run.run_id,
+                round=action.round,
+                aggregate=action.aggregate,
+                receipts=action.receipts,
+            )
+        except Exception as exc:
+            run.record_decryption(action.round, key_holder=address, error=str(exc))
+            raise
+        run.record_decryption(action.round, key_holder=address, error=None)
+        return total
 
     async def decrypt(action: RequestDecryption) -> npt.NDArray[np.float64]:
-        return await asyncio.to_thread(
-            key_holder.decrypt_aggregate,
-            run_id=run_id,
-            round=action.round,
-            aggregate=action.aggregate,
-            receipts=action.receipts,
-        )
+        return await asyncio.to_thread(decrypt_and_audit, action)
 
     return decrypt
 

@@ -2,8 +2,9 @@
 
 The Rego policy that every update passes (:mod:`.policy`), the coordinator's
 signature on every model version (:mod:`.model_signing`), the attestation
-of client code (:mod:`.attestation`, :mod:`.manifest`), and the per-round
-pseudonyms that stored telemetry names clients by (:mod:`.pseudonyms`).
+of client code (:mod:`.attestation`, :mod:`.manifest`), the per-round
+pseudonyms that stored telemetry names clients by (:mod:`.pseudonyms`), and
+unlearning's registry side (:mod:`.unlearning`).
 """
 
 from shoal.governance.attestation import (
@@ -65,6 +66,12 @@ from shoal.governance.pseudonyms import (
     Pseudonyms,
     pseudonymize,
 )
+from shoal.governance.unlearning import (
+    UnlearningReport,
+    audit_unlearning,
+    forget,
+    run_names,
+)
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -97,8 +104,11 @@ __all__ = [
     "Reason",
     "SignedManifest",
     "TreeDigest",
+    "UnlearningReport",
     "UpdateFacts",
     "Verifier",
+    "audit_unlearning",
+    "forget",
     "generate_release_key",
     "generate_signing_key",
     "key_fingerprint",
@@ -112,6 +122,7 @@ __all__ = [
     "pseudonymize",
     "public_pem",
     "release_statement",
+    "run_names",
     "sign_manifest",
     "version_message",
     "write_public_key",

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from shoal.core.digests import check_sha256_hex
 from shoal.core.errors import ConfigError, SecurityError
-from shoal.registry import VersionSignature
+from shoal.registry import HeadSignature, SignedHead, VersionSignature, head_message
 
 MODEL_SIGNING_CONTEXT = b"shoal.v1/model-version\x00"
 """Domain separation: a model signature is valid for a model version and nothing else."""
@@ -86,6 +86,10 @@ class ModelSigner:
         )
         return VersionSignature(self.run_id, self.key_id, self.private_key.sign(message))
 
+    def audit_head(self, *, seq: int, hash: str) -> HeadSignature:
+        """Sign the audit log's head (:func:`shoal.registry.head_message`) with the same key."""
+        return HeadSignature(self.key_id, self.private_key.sign(head_message(seq=seq, hash=hash)))
+
 
 @dataclass(frozen=True, slots=True)
 class PinnedKey:
@@ -135,6 +139,20 @@ class PinnedKey:
                 f"version {version} of {name!r} (round {round}, run {signed.run_id!r}, "
                 f"sha256 {sha256[:12]}...) does not match its signature: tampered, or "
                 "signed for another version, round or run"
+            ) from exc
+
+    def verify_audit_head(self, head: SignedHead) -> None:
+        """Raise ``SecurityError`` unless ``head`` is this key's signature over its (seq, hash)."""
+        if head.key_id != self.key_id:
+            raise SecurityError(
+                f"the audit head at seq {head.seq} is signed by key {head.key_id or '(none)'}, "
+                f"not by the pinned key {self.key_id}"
+            )
+        try:
+            self.public_key.verify(head.signature, head_message(seq=head.seq, hash=head.hash))
+        except (InvalidSignature, ValueError) as exc:
+            raise SecurityError(
+                f"the audit head at seq {head.seq} does not match its signature"
             ) from exc
 
 

@@ -16,6 +16,14 @@ from shoal.privacy.accounting import (
 )
 from shoal.privacy.client import privatize_update
 from shoal.privacy.coordinator import DpCoordinator, DpSettings, check_private_strategy
+from shoal.privacy.exposure import (
+    EXPOSURE_CEILING,
+    canary_rank,
+    exposure,
+    exposures,
+    extrapolated_exposures,
+    record_losses,
+)
 from shoal.privacy.mechanisms import (
     PLACEMENTS,
     ClipResult,
@@ -32,6 +40,7 @@ from shoal.privacy.noise import InsecureNoiseWarning, NoiseSource
 
 __all__ = [
     "DEFAULT_PLD_DISCRETIZATION",
+    "EXPOSURE_CEILING",
     "PLACEMENTS",
     "AccountingScheme",
     "ClipResult",
@@ -45,13 +54,18 @@ __all__ = [
     "PrivacyAccountant",
     "adapted_clip_norm",
     "calibrate_noise_multiplier",
+    "canary_rank",
     "check_private_strategy",
     "clip_by_l2_norm",
     "clip_transform",
     "default_delta",
     "epsilon_from_rdp",
+    "exposure",
+    "exposures",
+    "extrapolated_exposures",
     "noise_transform",
     "noised_mean",
     "privatize_update",
+    "record_losses",
     "split_noise",
 ]

@@ -6,12 +6,23 @@ by URL, see :func:`open_database`) plus a content-addressed blob store
 both from its state folder (:func:`registry_location`, :func:`blob_location`).
 The database also holds the enrollment tokens (:class:`EnrollmentTokens`),
 each run's differential-privacy budget ledger (:class:`PrivacyLedger`), the
-policy's decisions on updates (:class:`PolicyDecisionLog`) and the
-attestation allow-list of client builds (:class:`AllowedBuilds`).
+policy's decisions on updates (:class:`PolicyDecisionLog`), the
+attestation allow-list of client builds (:class:`AllowedBuilds`) and the
+tamper-evident audit log (:class:`AuditLog`, :func:`verify_audit_log`).
 """
 
 from shoal.core.device import DeviceState
 from shoal.registry.attestations import AllowedBuild, AllowedBuilds, BuildState
+from shoal.registry.audit import (
+    AuditEntry,
+    AuditEvent,
+    AuditLog,
+    HeadSignature,
+    HeadSigner,
+    SignedHead,
+    head_message,
+)
+from shoal.registry.audit_verify import AuditProblem, AuditReport, HeadVerifier, verify_audit_log
 from shoal.registry.blobs import BlobStore
 from shoal.registry.clients import (
     ClientRecord,
@@ -54,6 +65,11 @@ __all__ = [
     "TRANSIENT_CRITERIA",
     "AllowedBuild",
     "AllowedBuilds",
+    "AuditEntry",
+    "AuditEvent",
+    "AuditLog",
+    "AuditProblem",
+    "AuditReport",
     "BlobStore",
     "BuildState",
     "ClientRecord",
@@ -66,6 +82,9 @@ __all__ = [
     "Eligibility",
     "EnrollmentToken",
     "EnrollmentTokens",
+    "HeadSignature",
+    "HeadSigner",
+    "HeadVerifier",
     "Heartbeat",
     "HeartbeatBuffer",
     "ListedToken",
@@ -83,6 +102,7 @@ __all__ = [
     "Requirement",
     "SelectionCriteria",
     "Selector",
+    "SignedHead",
     "TokenOrigin",
     "TokenState",
     "VersionMatrix",
@@ -90,8 +110,10 @@ __all__ = [
     "VersionSigner",
     "apply_migrations",
     "blob_location",
+    "head_message",
     "open_database",
     "registry_location",
     "token_id_of",
+    "verify_audit_log",
     "version_key",
 ]

@@ -34,6 +34,7 @@ from sqlalchemy.engine import Connection
 from shoal.core.device import DeviceState
 from shoal.core.errors import NotFoundError, RegistryError, SecurityError
 from shoal.core.identifiers import check_client_id
+from shoal.registry.audit import AuditEvent, AuditLog
 from shoal.registry.database import Database
 from shoal.registry.schema import ClientStatus, UtcDateTime, clients
 from shoal.registry.versioning import Component, Eligibility, version_key
@@ -213,6 +214,13 @@ _HEARTBEAT_UPDATE = (
 )
 
 
+_STATUS_KINDS = {
+    ClientStatus.SUSPENDED: "suspend",
+    ClientStatus.ACTIVE: "reinstate",
+    ClientStatus.RETIRED: "retire",
+}
+
+
 class ClientRegistry:
     """Every enrolled client: enrollment, status, heartbeats and listings.
 
@@ -220,8 +228,11 @@ class ClientRegistry:
     tests); by default they come from fresh OS entropy.
     """
 
-    def __init__(self, database: Database, *, seed: int | None = None) -> None:
+    def __init__(
+        self, database: Database, *, seed: int | None = None, audit: AuditLog | None = None
+    ) -> None:
         self.database = database
+        self.audit = AuditLog(database) if audit is None else audit  # enrollments, statuses
         self._rng = np.random.default_rng(seed)
         self._rng_lock = threading.Lock()
 
@@ -269,7 +280,12 @@ class ClientRegistry:
                 )
                 .returning(clients.c.client_id)
             )
-            if inserted.first() is None:
+            if inserted.first() is not None:
+                details = {"device_class": device.device_class, "keyed": public_key is not None}
+                self.audit.record(
+                    connection, [AuditEvent(kind="enroll", subject=client_id, details=details)]
+                )
+            else:
                 existing = _fetch(connection, client_id)
                 _check_reenrollment(existing, public_key)
                 changes = device_columns(device) | {"last_seen": max(now, existing.last_seen)}
@@ -310,13 +326,15 @@ class ClientRegistry:
         if not rows:
             return 0
         with self.database.write() as connection:
-            before = self._count(connection)
-            connection.execute(_insert_if_absent(connection), rows)
-            return self._count(connection) - before
-
-    @staticmethod
-    def _count(connection: Connection) -> int:
-        return int(connection.execute(sa.select(sa.func.count()).select_from(clients)).scalar_one())
+            inserted = connection.execute(
+                _insert_if_absent(connection).returning(clients.c.client_id), rows
+            )
+            new = sorted(inserted.scalars())
+            if new:  # one entry for the whole batch
+                details = {"count": len(new), "clients": new}
+                event = AuditEvent(kind="enroll", subject=f"{len(new)} clients", details=details)
+                self.audit.record(connection, [event])
+            return len(new)
 
     def barred(self) -> set[str]:
         """The ids of every client that is not ACTIVE (suspended or retired)."""
@@ -381,6 +399,9 @@ class ClientRegistry:
                     f"client {client_id} is {current.value}: it cannot become {status.value}"
                 )
             connection.execute(_by_id(client_id).values(status=status, status_reason=reason))
+            details = {"from": current.value, "to": status.value, "reason": reason}
+            event = AuditEvent(kind=_STATUS_KINDS[status], subject=client_id, details=details)
+            self.audit.record(connection, [event])
             return _fetch(connection, client_id)
 
     def record_eligibility(self, client_id: str, eligibility: Eligibility) -> None:

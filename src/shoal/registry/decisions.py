@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from shoal.core.errors import RegistryError
+from shoal.registry.audit import AuditEvent, AuditLog
 from shoal.registry.clients import coarsen, require_aware, utc_now
 from shoal.registry.database import Database
 from shoal.registry.schema import policy_decisions
@@ -44,11 +45,15 @@ class DecisionRecord:
 
 
 class PolicyDecisionLog:
-    """The decisions kept in ``database`` (see the module docstring)."""
+    """The decisions kept in ``database`` (see the module docstring); each denial is also an
+    entry of ``audit`` (by default the database's audit log), in the same transaction."""
 
-    def __init__(self, database: Database, *, granularity_s: int = 1) -> None:
+    def __init__(
+        self, database: Database, *, granularity_s: int = 1, audit: AuditLog | None = None
+    ) -> None:
         self.database = database
         self.granularity_s = granularity_s  # stored times are floored to it
+        self.audit = AuditLog(database) if audit is None else audit
 
     def record(self, records: Sequence[DecisionRecord], *, now: datetime | None = None) -> int:
         """Keep ``records`` (one statement); returns how many were written."""
@@ -67,8 +72,18 @@ class PolicyDecisionLog:
             }
             for record in records
         ]
+        denials = [
+            AuditEvent(
+                kind="policy_deny",
+                subject=record.client_id,
+                details={"run_id": record.run_id, "round": record.round, "reasons": row["reasons"]},
+            )
+            for record, row in zip(records, rows, strict=True)
+            if not record.allowed
+        ]
         with self.database.write() as connection:
             connection.execute(policy_decisions.insert(), rows)
+            self.audit.record(connection, denials, now=now)
         return len(rows)
 
     def decisions(

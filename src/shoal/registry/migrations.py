@@ -295,6 +295,31 @@ def _create_round_participants(op: Operations) -> None:
     )
 
 
+def _create_audit_log(op: Operations) -> None:
+    op.create_table(
+        "audit_log",
+        sa.Column("seq", sa.BigInteger, nullable=False, autoincrement=False),
+        sa.Column("recorded_at", sa.BigInteger, nullable=False),
+        sa.Column("kind", sa.String(32), nullable=False),
+        sa.Column("actor", sa.String(128), nullable=False),
+        sa.Column("subject", sa.String(256), nullable=False),
+        sa.Column("details", sa.Text, nullable=False),
+        sa.Column("prev_hash", sa.String(64), nullable=False),
+        sa.Column("hash", sa.String(64), nullable=False),
+        sa.PrimaryKeyConstraint("seq", name="pk_audit_log"),
+    )
+    op.create_index("ix_audit_log_kind_seq", "audit_log", ["kind", "seq"])
+    op.create_table(
+        "audit_heads",
+        sa.Column("seq", sa.BigInteger, nullable=False, autoincrement=False),
+        sa.Column("hash", sa.String(64), nullable=False),
+        sa.Column("key_id", sa.String(64), nullable=False),
+        sa.Column("signature", sa.LargeBinary, nullable=False),
+        sa.Column("signed_at", sa.BigInteger, nullable=False),
+        sa.PrimaryKeyConstraint("seq", name="pk_audit_heads"),
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "client registry and versioning matrix", _create_client_registry),
     Migration(2, "model registry", _create_model_registry),
@@ -311,6 +336,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(11, "the coordinator's signature on each model version", _add_model_signatures),
     Migration(12, "attestation allow-list of client builds", _create_attestation_allow_list),
     Migration(13, "each fit round's participants and their divergence", _create_round_participants),
+    Migration(14, "tamper-evident audit log and its signed heads", _create_audit_log),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -37,6 +37,7 @@ from sqlalchemy.engine import Connection
 
 from shoal.core.errors import NotFoundError, RegistryError
 from shoal.core.parameters import Parameters
+from shoal.registry.audit import AuditEvent, AuditLog
 from shoal.registry.blobs import BlobStore
 from shoal.registry.clients import require_aware, utc_now
 from shoal.registry.database import Database, lock_name
@@ -127,11 +128,18 @@ def _check_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class ModelRegistry:
-    """Every version of every model, with rows in ``database`` and blobs in ``blobs``."""
+    """Every version of every model, with rows in ``database`` and blobs in ``blobs``.
 
-    def __init__(self, database: Database, blobs: BlobStore) -> None:
+    Commits, verdicts and rollbacks are recorded in ``audit`` (by default the
+    database's audit log, as the coordinator), in their own transactions.
+    """
+
+    def __init__(
+        self, database: Database, blobs: BlobStore, *, audit: AuditLog | None = None
+    ) -> None:
         self.database = database
         self.blobs = blobs
+        self.audit = AuditLog(database) if audit is None else audit
 
     def commit(
         self,
@@ -207,6 +215,9 @@ class ModelRegistry:
                 }
             connection.execute(model_versions.insert().values(row))
             _move_head(connection, name, record.version, created_at)
+            details = {"round": round, "parent": head, "sha256": sha256, "status": status.value}
+            details["signing_key_id"] = None if signed is None else signed.key_id
+            self._audit(connection, "commit", name, version, details)
             return record  # as stored: no need to read it back
 
     def get(self, name: str, version: int) -> ModelRecord:
@@ -283,12 +294,14 @@ class ModelRegistry:
         """
         changed_at = require_aware(now or utc_now(), "now")
         with self.database.write() as connection:
-            _fetch(connection, name, version)
+            before = _fetch(connection, name, version).status
             connection.execute(
                 sa.update(model_versions)
                 .where(model_versions.c.name == name, model_versions.c.version == version)
                 .values(status=status, status_reason=reason, status_changed_at=changed_at)
             )
+            details = {"from": before.value, "to": status.value, "reason": reason}
+            self._audit(connection, "mark", name, version, details)
             return _fetch(connection, name, version)
 
     def rollback(self, name: str, to_version: int, *, now: datetime | None = None) -> ModelRecord:
@@ -299,8 +312,18 @@ class ModelRegistry:
         with self.database.write() as connection:
             lock_name(connection, f"model:{name}")
             record = _refuse_bad(_fetch(connection, name, to_version))  # marked meanwhile?
+            previous = _head_version(connection, name)
             _move_head(connection, name, to_version, moved_at)
+            details = {"from_version": previous, "to_version": to_version, "sha256": record.sha256}
+            self._audit(connection, "rollback", name, to_version, details)
             return record
+
+    def _audit(
+        self, connection: Connection, kind: str, name: str, version: int, details: dict[str, Any]
+    ) -> None:
+        """Record ``kind`` on a version in the caller's transaction (last: the audit lock)."""
+        event = AuditEvent(kind=kind, subject=f"{name}@v{version}", details=details)
+        self.audit.record(connection, [event])
 
 
 def _refuse_bad(record: ModelRecord) -> ModelRecord:

@@ -45,6 +45,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from shoal.core.errors import NotFoundError, RegistryError
+from shoal.registry.audit import AuditEvent, append_entries
 from shoal.registry.clients import require_aware, utc_now
 from shoal.registry.database import Database, lock_name
 from shoal.registry.schema import UtcDateTime, privacy_budgets, privacy_clients, privacy_rounds
@@ -137,6 +138,7 @@ class PrivacyLedger:
                         run_id=run_id, epsilon=epsilon, delta=delta, created_at=now
                     )
                 )
+                _audit_budget(connection, "budget_open", run_id, epsilon=epsilon, delta=delta)
                 return _fetch_budget(connection, run_id)
             if (existing.epsilon, existing.delta) == (epsilon, delta):
                 return existing
@@ -147,6 +149,7 @@ class PrivacyLedger:
                     f"epsilon={epsilon}, delta={delta}"
                 )
             connection.execute(_budget_by_id(run_id).values(epsilon=epsilon, delta=delta))
+            _audit_budget(connection, "budget_replace", run_id, epsilon=epsilon, delta=delta)
             budget = _fetch_budget(connection, run_id)
             if budget.exhausted:
                 reason = (
@@ -281,6 +284,13 @@ class PrivacyLedger:
         """Why ``run_id`` is locked, or None while it is open."""
         with self.database.read() as connection:
             return _fetch_budget(connection, run_id).lock_reason
+
+
+def _audit_budget(
+    connection: Connection, kind: str, run_id: str, *, epsilon: float, delta: float
+) -> None:
+    event = AuditEvent(kind=kind, subject=run_id, details={"epsilon": epsilon, "delta": delta})
+    append_entries(connection, [event])
 
 
 def _lock_key(run_id: str) -> str:
@@ -419,12 +429,23 @@ def _charge_clients(
 
 
 def _lock(connection: Connection, run_id: str, *, reason: str, now: datetime) -> None:
-    """Lock the run unless it already is (the first lock and its reason stand)."""
-    connection.execute(
+    """Lock the run unless it already is (the first lock and its reason stand); a new lock
+    is an entry of the audit log."""
+    locked = connection.execute(
         _budget_by_id(run_id)
         .where(privacy_budgets.c.locked_at.is_(None))
         .values(locked_at=sa.literal(now, UtcDateTime()), lock_reason=reason)
     )
+    if locked.rowcount:
+        budget = _fetch_budget(connection, run_id)
+        details = {
+            "reason": reason,
+            "epsilon": budget.epsilon,
+            "delta": budget.delta,
+            "epsilon_spent": budget.epsilon_spent,
+        }
+        event = AuditEvent(kind="budget_lock", subject=run_id, details=details)
+        append_entries(connection, [event], now=now)
 
 
 def _participant_ids(participants: Sequence[str]) -> list[str]:

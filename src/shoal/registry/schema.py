@@ -320,3 +320,30 @@ round_participants = sa.Table(
     sa.Index("ix_round_participants_run_id_round", "run_id", "round"),
     sa.Index("ix_round_participants_run_id_participant", "run_id", "participant"),
 )
+
+# the audit log (shoal.registry.audit): append-only, each entry hash-chained to the one before;
+# times are whole Unix seconds (floored to the log's granularity), hashed as they are stored
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("recorded_at", sa.BigInteger, nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("subject", sa.String(256), nullable=False),
+    sa.Column("details", sa.Text, nullable=False),  # canonical JSON (see shoal.registry.audit)
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Index("ix_audit_log_kind_seq", "kind", "seq"),
+)
+
+# the coordinator's Ed25519 signatures on the log's head (seq, hash), one per signed seq
+audit_heads = sa.Table(
+    "audit_heads",
+    metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("key_id", sa.String(64), nullable=False),
+    sa.Column("signature", sa.LargeBinary, nullable=False),
+    sa.Column("signed_at", sa.BigInteger, nullable=False),
+)

@@ -1,5 +1,12 @@
 """The deterministic simulator: datasets, partitions, device fleets and the event loop."""
 
+from shoal.simulation.attacks import (
+    Attackers,
+    AttackingClient,
+    AttackMetrics,
+    attack_draw,
+    backdoor_success_rate,
+)
 from shoal.simulation.datasets import Dataset, DeviceData, SyntheticFederation, load_digits_split
 from shoal.simulation.devices import Attempt, DeviceFleet
 from shoal.simulation.executor import Job, Outcome, ProcessExecutor, SerialExecutor, make_executor
@@ -11,9 +18,13 @@ from shoal.simulation.partition import (
 )
 from shoal.simulation.population import AppClients, Population, client_index, client_name
 from shoal.simulation.runner import Simulation, final_parameters, load_run_config
+from shoal.simulation.unlearning import default_actor, unlearn
 
 __all__ = [
     "AppClients",
+    "AttackMetrics",
+    "Attackers",
+    "AttackingClient",
     "Attempt",
     "Dataset",
     "DeviceData",
@@ -25,8 +36,11 @@ __all__ = [
     "SerialExecutor",
     "Simulation",
     "SyntheticFederation",
+    "attack_draw",
+    "backdoor_success_rate",
     "client_index",
     "client_name",
+    "default_actor",
     "final_parameters",
     "load_digits_split",
     "load_run_config",
@@ -35,4 +49,5 @@ __all__ = [
     "partition_iid",
     "partition_power_law",
     "partition_shards",
+    "unlearn",
 ]

@@ -164,7 +164,11 @@ class PlainRoundPlayer:
                 if client in counted
             )
         fields = self.simulation.shell_fields(
-            closed, self.attempts, self.uploads, self.reported_drops
+            closed,
+            self.attempts,
+            self.uploads,
+            self.reported_drops,
+            model=None if commit is None else commit.parameters,
         )
         return self.lifecycle.close_round(closed, commit, fields)
 

@@ -15,7 +15,7 @@ import functools
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import overload
+from typing import Any, overload
 
 import cloudpickle
 
@@ -23,6 +23,7 @@ from shoal.client.api import Client
 from shoal.client.app import ClientApp, ClientContext, add_search_path
 from shoal.config import Config
 from shoal.core.errors import ConfigError, DataError
+from shoal.simulation.attacks import Attackers
 
 
 def client_name(index: int) -> str:
@@ -88,12 +89,17 @@ class ClientNames(Sequence[str]):
 
 
 class AppClients:
-    """Builds simulated client ``client_id`` through the app; picklable, cheap to send."""
+    """Builds simulated client ``client_id`` through the app; picklable, cheap to send.
+
+    A client that ``[[attack]]`` makes an attacker comes wrapped in its attack
+    (:mod:`shoal.simulation.attacks`), in whatever process builds it.
+    """
 
     def __init__(self, app: ClientApp, config: Config, options: Mapping[str, str]) -> None:
         self.app = app
         self.config = config
         self.options = dict(options)
+        self.attackers = Attackers(config, ClientNames(config.data.num_clients))
 
     def context(self, client_id: str) -> ClientContext:
         index = client_index(client_id)
@@ -110,7 +116,8 @@ class AppClients:
         )
 
     def __call__(self, client_id: str) -> Client:
-        return self.app(self.context(client_id))
+        client = self.app(self.context(client_id))
+        return self.attackers.around(client_id, client) if self.attackers else client
 
 
 class Population:
@@ -136,6 +143,13 @@ class Population:
         train, evaluate = self.app.num_examples(self.clients.context(client_id))
         return int(train), int(evaluate)
 
+    def check_attacks(self) -> None:
+        """Build one data attacker here: an app without the data hook is refused now, in one
+        line, rather than as a failure in every round of every worker."""
+        client_id = self.clients.attackers.first_data_attacker(self.client_ids)
+        if client_id is not None:
+            self.clients(client_id)
+
     def first_client(self) -> Client:
         """Client 0, built in this process (for the initial model when the app gives none)."""
         return self.clients(self.client_ids[0])
@@ -144,11 +158,16 @@ class Population:
 def packed(
     clients: Callable[[str], Client], search_path: Sequence[str | Path]
 ) -> tuple[bytes, list[str]]:
-    """The client factory by value, and the folders a worker must import the app from."""
+    """The client factory by value, and the folders a worker must import the app from.
+
+    A factory that wraps another (the simulator's attackers, planted canaries) names it as
+    ``wrapped``: the user's app module under every layer goes by value.
+    """
+    inner: Any = clients
+    while getattr(inner, "wrapped", None) is not None:
+        inner = inner.wrapped
     targets = (
-        (clients.app.client_fn, clients.app.num_examples)
-        if isinstance(clients, AppClients)
-        else (clients,)
+        (inner.app.client_fn, inner.app.num_examples) if isinstance(inner, AppClients) else (inner,)
     )
     for target in targets:
         _by_value(getattr(target, "__module__", None))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -44,12 +45,15 @@ from shoal.core.errors import RunError
 from shoal.core.folders import writable_folder
 from shoal.core.parameters import Parameters
 from shoal.registry import (
+    AuditLog,
     BlobStore,
     ClientRegistry,
     ModelRegistry,
     blob_location,
     registry_location,
 )
+from shoal.simulation.attacks import AttackMetrics
+from shoal.simulation.canaries import Canaries
 from shoal.simulation.candidates import candidates, examined_size, members_needed
 from shoal.simulation.consortium import Consortium
 from shoal.simulation.device_states import simulated_state
@@ -68,7 +72,10 @@ from shoal.tasks import Phase
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
+log = logging.getLogger("shoal.simulation")
+
 MODEL_NAME = "global"
+SIMULATOR = "simulator"  # the actor of the audit log's entries a simulation makes
 
 
 class Simulation:
@@ -98,6 +105,9 @@ class Simulation:
             config, client=client_app, server=server_app, search_path=self.search_path
         )
         self.population = Population(self.apps.client, config, config.app.options)
+        self.canaries = Canaries.of_run(config, self.apps.server, self.population.clients)
+        self.population.check_attacks()
+        self.attack_metrics = self._attack_metrics()
         self.fleet = DeviceFleet(
             self.population.client_ids, config.devices, seed=config.run.seed, position=client_index
         )
@@ -128,6 +138,7 @@ class Simulation:
         self.record_level = RecordLevelLedger()  # record-level DP-SGD, when clients run it
         self._enrolled_whole = False  # a large fleet enrolls each client when first selected
         self._clients: ClientRegistry | None = None
+        self.lifecycle: Run | None = None
 
     @property
     def coordinator(self) -> Coordinator:
@@ -145,7 +156,12 @@ class Simulation:
         signer = run_signer(self.config, self.out)  # a run folder's versions are signed too
         models = open_run_models(self.out)
         records = RunRecords(
-            self.out, models, ClientRegistry(models.database), model=MODEL_NAME, signer=signer
+            self.out,
+            models,
+            ClientRegistry(models.database, audit=models.audit),
+            model=MODEL_NAME,
+            signer=signer,
+            head_signer=signer.audit_head,
         )
         lifecycle = Run(
             self.config,
@@ -157,6 +173,7 @@ class Simulation:
             resume=self.resume,
             where=str(self.out),
         )
+        self.lifecycle = lifecycle  # a secure round reports its key holder's answers to it
         finished = False
         try:
             self._coordinator = lifecycle.open(self.population.first_client)
@@ -176,18 +193,42 @@ class Simulation:
                     row["wall_time_s"] = round(
                         lifecycle.wall_offset + time.perf_counter() - started, 6
                     )
+                    row.update(self.canaries.row_fields(self.coordinator.parameters, row))
                     lifecycle.record(row)
                     if on_round is not None:
                         on_round(row)
                     now = row["virtual_time_s"]
+            attacked = self.attack_metrics
             summary = lifecycle.finish(
-                {**self.record_level.summary_fields(), "clients": len(self.population.client_ids)}
+                {
+                    **self.record_level.summary_fields(),
+                    "clients": len(self.population.client_ids),
+                    **self.canaries.summary_fields(self.coordinator.parameters, self.out),
+                    **({} if attacked is None else attacked.summary_fields(records.rows())),
+                }
             )
             finished = True
             return summary
         finally:
             records.end_tracking(finished=finished)
             models.database.close()
+
+    def _attack_metrics(self) -> AttackMetrics | None:
+        """What an attacked run measures (None: no ``[[attack]]``)."""
+        if not self.config.attack:
+            return None
+        server = self.apps.server
+        metrics = AttackMetrics(
+            self.population.clients.attackers,
+            test_data=server.test_data,
+            probabilities=server.probabilities,
+        )
+        if metrics.backdoor is not None and not metrics.measures_backdoor:
+            log.warning(
+                "a backdoor attack's success rate needs the server app's test_data and "
+                "probabilities (ServerApp fields); the rows leave it out"
+            )
+        return metrics
 
     def _enroll_fleet(self, lifecycle: Run, clients: ClientRegistry, *, at: float) -> None:
         """Enroll the simulated population; clients enrolled before keep their status.
@@ -226,7 +267,7 @@ class Simulation:
     def _executor(self) -> Iterator[Executor]:
         settings = self.config.simulation
         executor = make_executor(
-            self.population.clients,
+            self.canaries.clients(self.population.clients),
             workers=settings.workers,
             backend=settings.backend,
             ray_address=settings.ray_address,
@@ -279,7 +320,11 @@ class Simulation:
         traffic = player.traffic
         fields = {
             **self.shell_fields(
-                summary, traffic.attempts, traffic.masked_inputs, traffic.reported_drops
+                summary,
+                traffic.attempts,
+                traffic.masked_inputs,
+                traffic.reported_drops,
+                model=None if commit is None else commit.parameters,
             ),
             **secure_row_fields(summary, traffic),
         }
@@ -356,14 +401,22 @@ class Simulation:
         attempts: dict[str, Attempt],
         uploads: int,
         reported_drops: int = 0,
+        *,
+        model: Parameters | None = None,
     ) -> dict[str, Any]:
         """The row's fields that the device fleet decides: drops, stragglers, uploads, and the
-        battery each device that trained drained (replayed when the run resumes).
+        battery each device that trained drained (replayed when the run resumes); with
+        ``[[attack]]``, a fit round's attackers and ``model``'s backdoor success rate.
 
-        ``reported_drops``: the drops the coordinator was told of (counted in ``failed``).
+        ``reported_drops``: the drops the coordinator was told of (counted in ``failed``);
+        ``model``: the version the round commits (None: it commits none).
         """
         fit = summary.phase is Phase.FIT
         fields = self._drained(summary, attempts) if fit else {}
+        if fit and self.attack_metrics is not None:
+            fields |= self.attack_metrics.fit_fields(
+                summary.round, asked=attempts, counted=summary.participants, model=model
+            )
         dropped = sum(1 for attempt in attempts.values() if attempt.dropped)
         return fields | {
             "dropped": dropped - reported_drops + summary.failed,
@@ -416,11 +469,17 @@ def load_run_config(run_dir: str | Path) -> Config:
 
 
 def open_run_models(run_dir: str | Path) -> ModelRegistry:
-    """The model registry of a run folder: ``shoal models list --state-dir RUN`` reads it too."""
+    """The model registry of a run folder: ``shoal models list --state-dir RUN`` reads it too.
+
+    What it changes is audited as done by the ``simulator``.
+    """
     folder = Path(run_dir)
     database = registry_location(folder, None).open()
+    audit = AuditLog(database, actor=SIMULATOR)
     # a simulation replays bit for bit: after a power cut, resume redoes what was lost
-    return ModelRegistry(database, BlobStore(blob_location(folder, None), durable=False))
+    return ModelRegistry(
+        database, BlobStore(blob_location(folder, None), durable=False), audit=audit
+    )
 
 
 def final_parameters(run_dir: str | Path) -> Parameters:

@@ -104,6 +104,9 @@ class SecureTraffic:
     attempts: dict[str, Attempt] = field(default_factory=dict)
 
 
+SIMULATED_KEY_HOLDER = "the consortium's key holder (simulated)"
+
+
 class SecureRoundPlayer:
     """Plays one secure fit round of ``simulation``; see the module docstring."""
 
@@ -246,6 +249,10 @@ class SecureRoundPlayer:
             error = None
         except (SecurityError, ProtocolError, TransportError) as exc:
             total, error = None, str(exc)
+        if self.simulation.lifecycle is not None:
+            self.simulation.lifecycle.record_decryption(
+                action.round, key_holder=SIMULATED_KEY_HOLDER, error=error
+            )
         self.traffic.bytes_up += action.aggregate.num_bytes
         at = now + _KEY_HOLDER_LATENCY_S
         self._push(at, lambda t: AggregateDecrypted(action.round, t, total, error))

@@ -1,0 +1,222 @@
+"""Checking the audit log: every hash, the sequence, the links, and every signed head.
+
+:func:`verify_audit_log` reads the whole log and names the **first** bad
+entry and what is wrong with it:
+
+- ``edited``: an entry's stored bytes do not hash to its stored hash (any
+  column changed, its details no longer canonical JSON, or its seq changed);
+- ``deleted``: a seq is missing, or the entries after it were renumbered;
+- ``inserted``: an entry sits between two that link to each other;
+- ``reordered``: an entry links to one that is not its predecessor;
+- ``rewritten``: an entry and its hash were rewritten together (the next
+  entry, or a signed head, no longer matches it);
+- ``bad_signature``: a head signature is not the coordinator's over
+  ``(seq, hash)``.
+
+A hash chain alone proves nothing against someone who can rewrite the
+whole table: the signed heads do. Entries after the last signed head are
+covered by no signature (the report counts them): they can be dropped, or
+the log's tail rewritten, without detection.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from shoal.core.errors import RegistryError, ShoalError
+from shoal.registry.audit import (
+    GENESIS_HASH,
+    SignedHead,
+    canonical_json,
+    entry_hash,
+    head_from_row,
+)
+from shoal.registry.database import Database
+from shoal.registry.schema import audit_heads, audit_log
+
+HeadVerifier = Callable[[SignedHead], None]
+"""Raises (a :class:`~shoal.core.errors.ShoalError`) unless a head's signature is the
+coordinator's over its ``(seq, hash)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditProblem:
+    """The first bad entry: its seq, what is wrong (see the module docstring), the detail."""
+
+    seq: int
+    kind: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditReport:
+    """What :func:`verify_audit_log` found."""
+
+    entries: int
+    signed_seq: int | None  # the last head whose signature verified
+    problem: AuditProblem | None = None
+
+    @property
+    def intact(self) -> bool:
+        return self.problem is None
+
+    @property
+    def uncovered(self) -> int:
+        """Entries after the last signed head, which no signature covers."""
+        return self.entries - (self.signed_seq or 0)
+
+    def line(self) -> str:
+        """One line for an operator."""
+        if self.problem is not None:
+            problem = self.problem
+            return f"audit log TAMPERED: entry {problem.seq} {problem.kind}: {problem.detail}"
+        signed = (
+            "no head signed" if self.signed_seq is None else f"head signed at seq {self.signed_seq}"
+        )
+        tail = f"; {self.uncovered} later entries covered by no signature" if self.uncovered else ""
+        return f"audit log intact: {self.entries} entries, {signed}{tail}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """An entry's columns as stored, and whether they hash to the stored hash."""
+
+    seq: int
+    hash: str
+    prev_hash: str
+    fields: dict[str, Any] | None  # None: the details are not canonical JSON
+
+    def hashes_to(self, *, seq: int) -> bool:
+        return self.fields is not None and entry_hash(**(self.fields | {"seq": seq})) == self.hash
+
+    @property
+    def intact(self) -> bool:
+        return self.hashes_to(seq=self.seq)
+
+
+def _stored(row: sa.Row[Any]) -> _Stored:
+    fields: dict[str, Any] | None
+    try:
+        details = json.loads(row.details)
+        if canonical_json(details) != row.details:
+            raise ValueError("not canonical")
+        fields = {
+            "seq": int(row.seq),
+            "recorded_at": int(row.recorded_at),
+            "kind": str(row.kind),
+            "actor": str(row.actor),
+            "subject": str(row.subject),
+            "details": details,
+            "prev_hash": str(row.prev_hash),
+        }
+    except (TypeError, ValueError):
+        fields = None
+    return _Stored(int(row.seq), str(row.hash), str(row.prev_hash), fields)
+
+
+def verify_audit_log(database: Database, verifier: HeadVerifier) -> AuditReport:
+    """Check the log in ``database`` and its heads against ``verifier`` (see the module
+    docstring); never raises on tampering, which the report names."""
+    with database.read() as connection:
+        try:
+            rows = [
+                _stored(row)
+                for row in connection.execute(sa.select(audit_log).order_by(audit_log.c.seq))
+            ]
+            heads = [
+                head_from_row(row)
+                for row in connection.execute(sa.select(audit_heads).order_by(audit_heads.c.seq))
+            ]
+        except (TypeError, ValueError) as exc:  # a seq or a time no longer a number
+            raise RegistryError(f"the audit log cannot be read (tampered?): {exc}") from exc
+    problems = [p for p in (check_chain(rows),) if p is not None]
+    signed_seq, head_problem = _check_heads(rows, heads, verifier)
+    if head_problem is not None:
+        problems.append(head_problem)
+    first = min(problems, key=lambda problem: problem.seq) if problems else None
+    return AuditReport(entries=len(rows), signed_seq=signed_seq, problem=first)
+
+
+def check_chain(rows: Sequence[_Stored]) -> AuditProblem | None:
+    """The first break of the chain of ``rows`` (in seq order), or None."""
+    by_hash = {row.hash: position for position, row in enumerate(rows)}
+    previous = GENESIS_HASH
+    for position, row in enumerate(rows):
+        expected = position + 1
+        if row.seq != expected:
+            return _out_of_sequence(rows, position, by_hash, previous)
+        if row.prev_hash != previous:
+            return _broken_link(rows, position, by_hash)
+        if not row.intact:
+            return AuditProblem(expected, "edited", "its stored fields do not hash to its hash")
+        previous = row.hash
+    return None
+
+
+def _out_of_sequence(
+    rows: Sequence[_Stored], position: int, by_hash: dict[str, int], previous: str
+) -> AuditProblem:
+    expected, row = position + 1, rows[position]
+    if row.seq < expected:
+        return AuditProblem(row.seq, "edited", f"seq {row.seq} is out of the sequence 1, 2, 3...")
+    moved = by_hash.get(row.prev_hash)
+    if moved is not None and moved != position - 1:
+        seq = rows[moved].seq
+        return AuditProblem(expected, "edited", f"its seq was changed to {seq}")
+    if row.prev_hash == previous:
+        return AuditProblem(expected, "edited", f"its seq was changed to {row.seq}")
+    return AuditProblem(
+        expected, "deleted", f"missing: the log jumps from seq {expected - 1} to {row.seq}"
+    )
+
+
+def _broken_link(rows: Sequence[_Stored], position: int, by_hash: dict[str, int]) -> AuditProblem:
+    expected, row = position + 1, rows[position]
+    if position >= 2 and row.prev_hash == rows[position - 2].hash:
+        return AuditProblem(
+            expected - 1, "inserted", f"entries {expected - 2} and {expected} link to each other"
+        )
+    linked = by_hash.get(row.prev_hash)
+    if linked is not None:
+        return AuditProblem(
+            expected, "reordered", f"it follows entry {rows[linked].seq}, not {expected - 1}"
+        )
+    if not row.intact and row.hashes_to(seq=row.seq + 1):
+        return AuditProblem(expected, "deleted", "missing: the later entries were renumbered")
+    if not row.intact:
+        return AuditProblem(expected, "edited", "its stored fields do not hash to its hash")
+    return AuditProblem(
+        max(expected - 1, 1),
+        "rewritten",
+        f"entry {expected} does not link to entry {expected - 1} (one of them was rewritten)",
+    )
+
+
+def _check_heads(
+    rows: Sequence[_Stored], heads: Sequence[SignedHead], verifier: HeadVerifier
+) -> tuple[int | None, AuditProblem | None]:
+    """The last seq a verified head covers, and the first bad head, if any."""
+    by_seq = {row.seq: row for row in rows}
+    signed_seq = None
+    for head in heads:
+        try:
+            verifier(head)
+        except ShoalError as exc:
+            return signed_seq, AuditProblem(head.seq, "bad_signature", f"its signed head: {exc}")
+        entry = by_seq.get(head.seq)
+        if entry is None:
+            missing = min(head.seq, len(rows) + 1)
+            return signed_seq, AuditProblem(
+                missing, "deleted", f"missing, but a head is signed at seq {head.seq}"
+            )
+        if entry.hash != head.hash:
+            return signed_seq, AuditProblem(
+                head.seq, "rewritten", "its hash is not the one signed at its seq"
+            )
+        signed_seq = head.seq
+    return signed_seq, None

@@ -1,0 +1,121 @@
+"""``shoal audit show|verify`` on a real simulated run folder: it verifies; a one-byte edit of
+any entry, made with raw SQL on the SQLite file, fails naming that entry; operator commands
+record who ran them."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from shoal.cli import app
+from shoal.simulation import Simulation
+from support.jobs import bare_config
+
+COLUMNS = ("seq", "recorded_at", "kind", "actor", "subject", "details", "prev_hash", "hash")
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("audit") / "run"
+    overrides = ["run.rounds=2", "data.num_clients=4", "round.clients_per_round=4"]
+    Simulation(bare_config([*overrides, "simulation.workers=0"]), out).run()
+    return out
+
+
+@pytest.fixture
+def run(simulated: Path, tmp_path: Path) -> Path:
+    """A copy of the simulated run folder, this test's to tamper with."""
+    return Path(shutil.copytree(simulated, tmp_path / "run"))
+
+
+def shoal(*args: str | Path) -> Result:
+    return CliRunner(env={"COLUMNS": "200"}).invoke(app, [str(arg) for arg in args])
+
+
+def entries(run: Path, *args: str) -> list[dict[str, object]]:
+    result = shoal("audit", "show", "--json", "--state-dir", run, *args)
+    assert result.exit_code == 0, result.output
+    listed: list[dict[str, object]] = json.loads(result.stdout)
+    return listed
+
+
+def test_a_simulated_run_is_audited_and_verifies(run: Path) -> None:
+    listed = entries(run)
+    kinds = [entry["kind"] for entry in listed]
+    assert kinds[:2] == ["commit", "enroll"]  # version 0, then the fleet (one entry)
+    assert kinds.count("select") == 2 and kinds.count("commit") == 3
+    assert {entry["actor"] for entry in listed} == {"simulator"}
+    first = listed[1]["details"]
+    assert isinstance(first, dict) and first["count"] == 4
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["audit_seq"] == len(listed) and summary["audit_hash"] == listed[-1]["hash"]
+    result = shoal("audit", "verify", "--state-dir", run)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == (
+        f"audit log intact: {len(listed)} entries, head signed at seq {len(listed)}"
+    )
+    table = shoal("audit", "show", "--state-dir", run, "--kind", "commit", "--limit", "1")
+    assert table.exit_code == 0 and "commit" in table.stdout and "global@v0" in table.stdout
+
+
+def _edited(value: object) -> object:
+    if isinstance(value, int):
+        return value ^ 0x100
+    text = str(value)
+    middle = len(text) // 2
+    return text[:middle] + ("x" if text[middle] != "x" else "y") + text[middle + 1 :]
+
+
+@pytest.mark.parametrize("column", COLUMNS)
+def test_a_one_byte_edit_of_any_entry_fails_verify_naming_it(run: Path, column: str) -> None:
+    with sqlite3.connect(run / "registry" / "registry.db") as connection:
+        total = connection.execute("SELECT count(*) FROM audit_log").fetchone()[0]
+        for seq in (2, total):  # an entry in the middle, and the last (signed) one
+            rowid, value = connection.execute(
+                f"SELECT rowid, {column} FROM audit_log WHERE seq = ?", (seq,)
+            ).fetchone()
+            edit = f"UPDATE audit_log SET {column} = ? WHERE rowid = ?"
+            connection.execute(edit, (_edited(value), rowid))
+            connection.commit()
+            result = shoal("audit", "verify", "--state-dir", run)
+            assert result.exit_code == 1, result.output
+            assert result.stdout.startswith(f"audit log TAMPERED: entry {seq} "), result.stdout
+            connection.execute(edit, (value, rowid))  # put back: the next edit is alone
+            connection.commit()
+
+
+def test_operator_commands_record_who_ran_them(run: Path) -> None:
+    marked = shoal(
+        "models",
+        "mark",
+        "global",
+        "1",
+        "bad",
+        "--reason",
+        "poisoned",
+        "--state-dir",
+        run,
+        "--actor",
+        "alice",
+    )
+    assert marked.exit_code == 0, marked.output
+    rolled = shoal("models", "rollback", "global", "0", "--yes", "--state-dir", run)
+    assert rolled.exit_code == 0, rolled.output
+    mark, rollback = entries(run, "--kind", "mark")[0], entries(run, "--kind", "rollback")[0]
+    assert (mark["actor"], mark["subject"]) == ("alice", "global@v1")
+    assert mark["details"] == {"from": "CANDIDATE", "to": "BAD", "reason": "poisoned"}
+    assert rollback["actor"] == getpass.getuser()
+    assert rollback["details"] == {
+        "from_version": 2,
+        "to_version": 0,
+        "sha256": entries(run, "--kind", "commit")[0]["details"]["sha256"],  # type: ignore[index]
+    }
+    verified = shoal("audit", "verify", "--state-dir", run, "--json")
+    report = json.loads(verified.stdout)
+    assert verified.exit_code == 0 and report["uncovered"] == 2  # no key signs an operator's

@@ -1,0 +1,183 @@
+"""Unlearning: the unlearned model is the model of a run that never had the client, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tests.support.jobs import bare_config
+
+import shoal
+from shoal.config import Config
+from shoal.core.errors import NotFoundError, RunError
+from shoal.governance.model_signing import PUBLIC_KEY_FILE, load_public_key
+from shoal.governance.pseudonyms import Pseudonyms
+from shoal.registry import ClientRegistry, ClientStatus, ModelStatus, verify_audit_log
+from shoal.registry.audit import AuditLog
+from shoal.registry.participation import ParticipationLog
+from shoal.simulation.population import ClientNames
+from shoal.simulation.runner import MODEL_NAME, Simulation, final_parameters, open_run_models
+from shoal.simulation.unlearning import _enroll_if_new
+
+ROUNDS = 6
+CLIENTS = 12
+
+
+def job(*overrides: str) -> Config:
+    return bare_config(
+        [
+            "run.name=forget",
+            f"run.rounds={ROUNDS}",
+            f"data.num_clients={CLIENTS}",
+            "round.clients_per_round=3",
+            "round.over_selection=1.0",
+            "evaluation.every=2",
+            "evaluation.clients=3",
+            "simulation.workers=0",
+            *overrides,
+        ]
+    )
+
+
+def participation(folder: Path) -> dict[str, list[int]]:
+    """Each client's fit rounds on the run's lineage, resolved with the run's key."""
+    models = open_run_models(folder)
+    try:
+        head = models.head(MODEL_NAME)
+        assert head is not None
+        log = ParticipationLog(models.database)
+        names = Pseudonyms.in_folder(folder, run_id="forget")
+        rounds: dict[str, list[int]] = {}
+        for round_number in range(1, head.round + 1):
+            for entry in log.round("forget", round_number):
+                client = names.resolve(
+                    entry.participant, round_number=round_number, candidates=ClientNames(CLIENTS)
+                )
+                assert client is not None
+                rounds.setdefault(client, []).append(round_number)
+        return rounds
+    finally:
+        models.database.close()
+
+
+def run_without(folder: Path, client_id: str) -> None:
+    """The never-included run: the same job with ``client_id`` retired before round 1."""
+    simulation = Simulation(job(), folder)
+    models = open_run_models(folder)
+    try:
+        clients = ClientRegistry(models.database)
+        for name in ClientNames(CLIENTS):
+            _enroll_if_new(simulation, clients, name)
+        clients.set_status(client_id, ClientStatus.RETIRED, "never included")
+    finally:
+        models.database.close()
+    simulation.run()
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("unlearning") / "full"
+    Simulation(job(), folder).run()
+    return folder
+
+
+def middle_client(rounds: dict[str, list[int]]) -> str:
+    """A client whose first participation is in the middle of the run."""
+    middle = [client for client, played in sorted(rounds.items()) if 3 <= played[0] <= 4]
+    assert middle, rounds
+    return middle[0]
+
+
+def test_the_unlearned_model_is_the_never_included_model_bit_for_bit(
+    full_run: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "unlearned"
+    shutil.copytree(full_run, folder)
+    rounds = participation(folder)
+    client = middle_client(rounds)
+    first = rounds[client][0]
+    before = open_run_models(folder)
+    old_versions = [record.version for record in before.list(MODEL_NAME)]
+    old_head = before.head(MODEL_NAME)
+    before.database.close()
+    assert old_head is not None
+
+    report = shoal.unlearn(folder, client, actor="alice")
+
+    run_without(tmp_path / "never", client)
+    unlearned, never = final_parameters(folder), final_parameters(tmp_path / "never")
+    assert np.array_equal(unlearned.vector, never.vector)
+    assert unlearned.sha256() == never.sha256() == report.new_head_sha256
+    assert unlearned.sha256() != old_head.sha256  # the client did count
+    # exactly the rounds from the first participation on were recomputed
+    assert report.first_participation == first
+    assert report.participated_rounds == tuple(rounds[client])
+    assert report.recomputed_rounds == tuple(range(first, ROUNDS + 1))
+    assert report.restart_round == first - 1 and report.retrained
+    assert report.old_head_version == old_head.version and report.old_head_sha256 == old_head.sha256
+    assert report.old_head_accuracy is not None and report.new_head_accuracy is not None
+    # the old branch stays, marked BAD; the new branch starts at the restart version
+    models = open_run_models(folder)
+    try:
+        records = {record.version: record for record in models.list(MODEL_NAME)}
+        assert set(old_versions) < set(records)
+        superseded = [v for v in old_versions if records[v].round >= first]
+        assert list(report.superseded_versions) == superseded
+        for version in superseded:
+            assert records[version].status is ModelStatus.BAD
+            assert "unlearning (alice)" in (records[version].status_reason or "")
+            assert client not in (records[version].status_reason or "")
+        new = [v for v in records if v not in old_versions]
+        assert records[new[0]].parent == report.restart_version
+        assert ClientRegistry(models.database).get(client).status is ClientStatus.RETIRED
+        assert ClientRegistry(models.database).get(client).status_reason == "unlearned by alice"
+        (entry,) = AuditLog(models.database).entries(kind="unlearn")
+        assert entry.actor == "alice" and entry.subject == client
+        pinned = load_public_key(folder / PUBLIC_KEY_FILE)
+        assert verify_audit_log(models.database, pinned.verify_audit_head).intact
+    finally:
+        models.database.close()
+    assert client not in participation(folder)
+    written = json.loads((folder / f"unlearning-{client}.json").read_text())
+    assert written["recomputed_rounds"] == list(report.recomputed_rounds)
+    assert written["audit"]["kind"] == "unlearn" and written["audit"]["actor"] == "alice"
+    # a resume after unlearning finds nothing left to play and keeps the model
+    Simulation(job(), folder, resume=True).run()
+    assert final_parameters(folder).sha256() == report.new_head_sha256
+
+
+def test_a_client_that_never_trained_needs_no_recomputation(full_run: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "idle"
+    shutil.copytree(full_run, folder)
+    idle = sorted(set(ClientNames(CLIENTS)) - set(participation(folder)))
+    assert idle, "with 3 of 12 clients a round, some client never trains in 6 rounds"
+    head = final_parameters(folder).sha256()
+    report = shoal.unlearn(folder, idle[0], actor="bob")
+    assert report.first_participation is None and not report.needs_recomputing
+    assert report.recomputed_rounds == () and report.superseded_versions == ()
+    assert report.new_head_sha256 == report.old_head_sha256 == head
+    assert final_parameters(folder).sha256() == head
+
+
+def test_unlearning_twice_is_harmless_and_a_retired_client_stays_retired(
+    full_run: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "twice"
+    shutil.copytree(full_run, folder)
+    client = middle_client(participation(folder))
+    first = shoal.unlearn(folder, client, actor="carol", retrain=False)
+    assert first.needs_recomputing and not first.retrained
+    assert first.new_head_version == first.restart_version
+    again = shoal.unlearn(folder, client, actor="dave")
+    assert not again.needs_recomputing  # HEAD no longer descends from its rounds
+    assert again.superseded_versions == first.superseded_versions
+
+
+def test_unknown_client_and_folder_without_a_run(full_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="no client 'client-99999'"):
+        shoal.unlearn(full_run, "client-99999", actor="eve")
+    with pytest.raises(RunError, match="not a Shoal run folder"):
+        shoal.unlearn(tmp_path, "client-00001", actor="eve")
