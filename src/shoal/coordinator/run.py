@@ -290,6 +290,8 @@ class Run:
         state = template if saved is None else state_from_bytes(template, saved)
         if self.privacy is not None:
             self.privacy.resume(head.metrics)
+            # versions past HEAD were released on a branch HEAD left: replaying them spends again
+            self.privacy.resume_at(head, self.store.versions())
         log.info("resuming from version %d (round %d)", head.version, head.round)
         rows = self.store.keep_rows(lambda row: row["round"] <= head.round)
         self.wall_offset = max((row.get("wall_time_s", 0.0) for row in rows), default=0.0)
