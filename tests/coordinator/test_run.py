@@ -42,6 +42,9 @@ class MemoryStore:
     def head(self) -> ModelRecord | None:
         return self.models.head("m")
 
+    def versions(self) -> list[ModelRecord]:
+        return self.models.list("m")
+
     def load(self, record: ModelRecord) -> tuple[Parameters, bytes | None]:
         return self.models.load("m", record.version), self.models.load_state("m", record.version)
 

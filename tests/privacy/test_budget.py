@@ -131,3 +131,80 @@ def test_a_population_that_cannot_be_established_is_refused() -> None:
     plan = _plan(noise_multiplier=1.0)
     with pytest.raises(RunError, match="at least one eligible client"):
         plan.step(0)
+
+
+def _accounted(steps: int) -> float:
+    """The epsilon of ``steps`` rounds of the plan below, composed independently."""
+    accountant = PrivacyAccountant(method="rdp", sampling="fixed", conversion="improved")
+    accountant.compose(noise_multiplier=1.0, sample_size=50, population=1000, steps=steps)
+    return accountant.epsilon(delta=1e-3)
+
+
+def test_rounds_replayed_after_head_moved_back_are_spent_and_charged_again(
+    tmp_path: Path,
+) -> None:
+    plan = _plan(noise_multiplier=1.0, epsilon=50.0)
+    database = registry_location(tmp_path, None).open()
+    keeper = PrivacyBudgetKeeper(plan, PrivacyLedger(database), "run")
+    for round_number in range(1, 5):
+        keeper.after_round(round_number, ["shared", f"c{round_number}"])
+    four = keeper.epsilon
+    released = {(0, round_number) for round_number in range(5)}  # versions 0 to 4, committed
+    restarted = PrivacyBudgetKeeper(plan, PrivacyLedger(database), "run")
+    restarted.resume_at(1, released=released)  # HEAD rolled back to round 1's version
+    assert restarted.attempt == 1
+    for round_number in range(2, 5):  # rounds 2 to 4 are played again: new releases
+        spent = restarted.after_round(round_number, ["shared", f"d{round_number}"])
+    assert spent.epsilon == pytest.approx(_accounted(7), rel=1e-9) and spent.epsilon > four
+    ledger = PrivacyLedger(database)
+    assert [(entry.attempt, entry.round) for entry in ledger.rounds("run")] == [
+        (0, 1), (0, 2), (0, 3), (0, 4), (1, 2), (1, 3), (1, 4),
+    ]  # fmt: skip
+    one = ledger.client_spent("run", "c1")
+    assert ledger.client_spent("run", "shared") == pytest.approx(7 * one)  # charged again
+    again = PrivacyBudgetKeeper(plan, PrivacyLedger(database), "run")  # a later restart
+    assert again.epsilon == pytest.approx(spent.epsilon, rel=1e-9)  # composes every release
+    database.close()
+
+
+def test_a_crash_before_a_replayed_rounds_commit_is_retried_not_spent_again(
+    tmp_path: Path,
+) -> None:
+    plan = _plan(noise_multiplier=1.0, epsilon=50.0)
+    database = registry_location(tmp_path, None).open()
+    keeper = PrivacyBudgetKeeper(plan, PrivacyLedger(database), "run")
+    for round_number in range(1, 4):
+        keeper.after_round(round_number, ["a"])
+    released = {(0, round_number) for round_number in range(4)}
+    replaying = PrivacyBudgetKeeper(plan, PrivacyLedger(database), "run")
+    replaying.resume_at(1, released=released)
+    recorded = replaying.after_round(2, ["b"])  # recorded; the crash comes before the commit
+    for _restart in range(2):  # each restart finds round 2 of attempt 1 recorded, unreleased
+        retrying = PrivacyBudgetKeeper(plan, PrivacyLedger(database), "run")
+        retrying.resume_at(1, released=released)
+        assert retrying.attempt == 1
+        assert retrying.after_round(2, ["b"]) == recorded
+        assert retrying.epsilon == pytest.approx(_accounted(4), rel=1e-9)
+    assert len(PrivacyLedger(database).rounds("run")) == 4
+    assert PrivacyLedger(database).client_spent("run", "b") == pytest.approx(
+        PrivacyLedger(database).client_spent("run", "a") / 3
+    )
+    # once round 2 of attempt 1 was committed, moving HEAD back past it opens attempt 2
+    moved_back = PrivacyBudgetKeeper(plan, PrivacyLedger(database), "run")
+    moved_back.resume_at(1, released=released | {(1, 2)})
+    assert moved_back.attempt == 2
+    database.close()
+
+
+def test_a_resume_at_head_or_after_a_crash_keeps_the_attempt(tmp_path: Path) -> None:
+    plan = _plan(noise_multiplier=1.0, epsilon=50.0)
+    database = registry_location(tmp_path, None).open()
+    keeper = PrivacyBudgetKeeper(plan, PrivacyLedger(database), "run")
+    for round_number in range(1, 4):
+        keeper.after_round(round_number, ["a"])
+    committed = {(0, round_number) for round_number in range(3)}  # round 3 never committed
+    for head_round in (2, 3, 7):  # a crash before round 3's commit; a plain resume; ahead
+        restarted = PrivacyBudgetKeeper(plan, PrivacyLedger(database), "run")
+        restarted.resume_at(head_round, released=committed)
+        assert restarted.attempt == 0
+    database.close()

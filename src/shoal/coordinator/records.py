@@ -67,6 +67,8 @@ class RunStore(Protocol):
 
     def head(self) -> ModelRecord | None: ...
 
+    def versions(self) -> list[ModelRecord]: ...
+
     def load(self, record: ModelRecord) -> tuple[Parameters, bytes | None]: ...
 
     def commit(
@@ -135,6 +137,10 @@ class RunRecords:
 
     def head(self) -> ModelRecord | None:
         return self.models.head(self.model)
+
+    def versions(self) -> list[ModelRecord]:
+        """Every version of the run's model, on every branch, oldest first."""
+        return self.models.list(self.model)
 
     def load(self, record: ModelRecord) -> tuple[Parameters, bytes | None]:
         parameters = self.models.load(self.model, record.version)

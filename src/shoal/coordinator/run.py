@@ -4,8 +4,10 @@ The round engine (:mod:`shoal.coordinator.engine`) plays one round; this
 layer owns everything above it, so that each rule is written once:
 
 - the first commit (the initial model as version 0) or the resume from
-  HEAD (model, optimizer state, adaptive clip norm, the privacy ledger; a
-  HEAD committed unsigned is signed, since clients refuse an unsigned model),
+  HEAD (model, optimizer state, adaptive clip norm, the privacy ledger, told
+  which rounds past HEAD were released on a branch HEAD left, so that their
+  replays are spent again; a HEAD committed unsigned is signed, since
+  clients refuse an unsigned model),
   with the metrics rows cut back to HEAD and a row lost in a crash rebuilt
   from its version;
 - the schedule of fit and evaluation rounds, including an evaluation that
@@ -293,6 +295,8 @@ class Run:
         state = template if saved is None else state_from_bytes(template, saved)
         if self.privacy is not None:
             self.privacy.resume(head.metrics)
+            # versions past HEAD were released on a branch HEAD left: replaying them spends again
+            self.privacy.resume_at(head, self.store.versions())
         log.info("resuming from version %d (round %d)", head.version, head.round)
         rows = self.store.keep_rows(lambda row: row["round"] <= head.round)
         self.wall_offset = max((row.get("wall_time_s", 0.0) for row in rows), default=0.0)

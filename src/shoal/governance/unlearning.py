@@ -38,8 +38,9 @@ log = logging.getLogger("shoal.unlearning")
 REPORT_PREFIX = "unlearning-"
 PRIVACY_NOTE = (
     "what the old branch spent stays on the privacy ledger: its models were released, so the "
-    "spend is never taken back; the ledger accounts each round number once, so a recomputed "
-    "round is charged as the round it replaces, not on top"
+    "spend is never taken back; the recomputed rounds release new models under the same round "
+    "numbers, so they are spent again on top (the ledger's next attempt), and their "
+    "participants are charged again"
 )
 
 

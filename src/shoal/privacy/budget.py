@@ -14,6 +14,16 @@ after each committed round it records the round, with the sampling rate it
 ran at, and charges its participants. A restarted coordinator rebuilds the
 accountant from the ledger's rounds, so nothing is spent twice or forgotten.
 
+A round number can be released more than once. A crash between the
+ledger's record and the version's commit leaves a round recorded but never
+released: its retry is the same release and is not spent again. But when
+HEAD moved back past released rounds (an operator's rollback, an
+unlearning), the rounds the run then plays again publish new models under
+the old numbers: they are new releases, spent on top of the earlier ones
+(which were offered, so stay spent). The run layer tells the keeper, at
+resume, which recorded rounds were released (:meth:`PrivacyBudgetKeeper.resume_at`);
+when one lies past HEAD, the keeper opens the ledger's next attempt.
+
 Under local DP every client's release is its own Gaussian mechanism, with
 no amplification by sampling; the run's epsilon is accounted as if one
 client had taken part in every round, an upper bound.
@@ -24,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from shoal.config import PrivacySection
@@ -209,7 +219,9 @@ class PrivacyBudgetKeeper:
             replace=opened is not None and opened.last_round is None,
         )
         self.accountant = plan.accountant()
-        self._recorded = {entry.round: entry for entry in ledger.rounds(run_id)}
+        recorded = ledger.rounds(run_id)
+        self._recorded = {(entry.attempt, entry.round): entry for entry in recorded}
+        self.attempt = max((entry.attempt for entry in recorded), default=0)  # rounds go here
         self._steps: dict[int, Step] = {}  # the sampling of each round checked, until accounted
         for entry in self._recorded.values():  # a restart replays what was spent, as it was
             self._compose(plan.replayed_step(entry), entry.noise_multiplier)
@@ -253,9 +265,33 @@ class PrivacyBudgetKeeper:
             self._on_exhausted(round_number, self.epsilon, reason)
         return reason
 
+    def resume_at(self, head_round: int, *, released: Collection[tuple[int, int]]) -> None:
+        """The run resumes after HEAD's round ``head_round``; ``released`` holds the
+        (attempt, round) of every version committed so far (each one a released model).
+
+        When a round of the current attempt past HEAD was released, HEAD moved back past it
+        and the rounds now played again are new releases: they go to the next attempt. A
+        recorded round past HEAD that was never released (the crash came before its commit)
+        is retried in its own attempt, and not spent again.
+        """
+        moved_back = any(
+            (attempt, round_number) in released
+            for attempt, round_number in self._recorded
+            if attempt == self.attempt and round_number > head_round
+        )
+        if moved_back:
+            self.attempt += 1
+            log.info(
+                "HEAD moved back to round %d past released rounds: the rounds played again are "
+                "new releases, accounted as attempt %d",
+                head_round,
+                self.attempt,
+            )
+
     def after_round(self, round_number: int, participants: Sequence[str]) -> RoundPrivacy:
-        """Account a committed round and charge its participants (once, even when replayed)."""
-        recorded = self._recorded.get(round_number)
+        """Account a committed round and charge its participants (once: a crash's retry of a
+        recorded round is the same release; a replay after HEAD moved back is a new one)."""
+        recorded = self._recorded.get((self.attempt, round_number))
         if recorded is not None:  # a crash came after the ledger's record, before the commit
             return RoundPrivacy(recorded.epsilon, recorded.delta)
         plan = self.plan
@@ -272,6 +308,7 @@ class PrivacyBudgetKeeper:
             accountant=plan.label,
             participants=participants,
             client_epsilon=self._client_epsilon(),
+            attempt=self.attempt,
         )
         return RoundPrivacy(epsilon, plan.delta)
 

@@ -10,7 +10,7 @@ delta, the noise multiplier, the sampling rate, the accountant).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,6 +21,7 @@ from shoal.privacy.budget import PrivacyBudgetKeeper, PrivacyPlan, plan_privacy
 from shoal.privacy.coordinator import DpCoordinator, DpSettings
 from shoal.privacy.noise import NoiseSource
 from shoal.registry.database import Database
+from shoal.registry.models import ModelRecord
 from shoal.registry.privacy import PrivacyLedger
 from shoal.telemetry.alerts import AlertHook, BudgetExhausted, alert_hooks, fire
 
@@ -47,6 +48,14 @@ class ClosedRound(Protocol):
 
 # the metric of a committed version that holds the clip norm for the round after it
 NEXT_CLIP_NORM = "next_clip_norm"
+# the metric of a committed version that names the ledger's attempt that released it
+PRIVACY_ATTEMPT = "privacy_attempt"
+
+
+def released_round(record: ModelRecord) -> tuple[int, int]:
+    """The ledger's (attempt, round) that a committed version released (a version committed
+    before attempts were numbered belongs to the first, 0)."""
+    return int(record.metrics.get(PRIVACY_ATTEMPT, 0)), record.round
 
 
 class RunPrivacy:
@@ -109,6 +118,8 @@ class RunPrivacy:
         self._ledger: PrivacyLedger | None = None
         self._keeper: PrivacyBudgetKeeper | None = None
         self._population_seen: int | None = None
+        self._resumed_at: int | None = None  # HEAD's round, when the run resumed
+        self._released: set[tuple[int, int]] = set()
 
     def open(self, database: Database) -> None:
         """Open the run's ledger; a run that has spent takes its plan back from it."""
@@ -142,6 +153,13 @@ class RunPrivacy:
         norm = head_metrics.get(NEXT_CLIP_NORM)
         if norm is not None and self.coordinator.settings.adaptive_clipping:
             self.coordinator.resume_clip_norm(float(norm))
+
+    def resume_at(self, head: ModelRecord, versions: Iterable[ModelRecord]) -> None:
+        """The run resumes from ``head``; ``versions`` are all the versions of its model (each
+        a released model): a replayed round whose number was released past HEAD is spent
+        again (:meth:`PrivacyBudgetKeeper.resume_at`). Call before :meth:`open`."""
+        self._resumed_at = head.round
+        self._released = {released_round(record) for record in versions}
 
     def locked(self) -> str | None:
         """Why the run's data is locked (no more training), or None."""
@@ -179,6 +197,8 @@ class RunPrivacy:
         self._keeper = PrivacyBudgetKeeper(
             plan, self.ledger, self.run_id, on_exhausted=self._exhausted
         )
+        if self._resumed_at is not None:
+            self._keeper.resume_at(self._resumed_at, released=self._released)
         log.info(
             "privacy planned for %d eligible clients: delta %.3g, noise multiplier %.4g, %s",
             plan.population,
@@ -222,6 +242,7 @@ class RunPrivacy:
         if summary.committed:
             spent = self.keeper.after_round(summary.round, summary.participants)
             fields.update(epsilon=spent.epsilon, delta=spent.delta)
+            fields[PRIVACY_ATTEMPT] = self.keeper.attempt  # kept with the version it releases
             if self.coordinator.settings.adaptive_clipping:  # kept with the version for a restart
                 fields[NEXT_CLIP_NORM] = self.coordinator.clip.clip_norm
         else:

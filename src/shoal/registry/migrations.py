@@ -320,6 +320,20 @@ def _create_audit_log(op: Operations) -> None:
     )
 
 
+def _reserved(op: Operations) -> None:
+    """A number taken by a change developed beside this one: nothing to do here."""
+
+
+def _number_privacy_attempts(op: Operations) -> None:
+    # every round recorded so far belongs to the run's first pass over its round numbers; the
+    # key takes the attempt, so that a round number replayed after HEAD moved back is recorded
+    # again. SQLite cannot change a primary key in place: batch mode copies the table
+    with op.batch_alter_table("privacy_rounds") as batch:
+        batch.add_column(sa.Column("attempt", sa.Integer, nullable=False, server_default="0"))
+        batch.drop_constraint("pk_privacy_rounds", type_="primary")
+        batch.create_primary_key("pk_privacy_rounds", ["run_id", "attempt", "round"])
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "client registry and versioning matrix", _create_client_registry),
     Migration(2, "model registry", _create_model_registry),
@@ -337,6 +351,12 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(12, "attestation allow-list of client builds", _create_attestation_allow_list),
     Migration(13, "each fit round's participants and their divergence", _create_round_participants),
     Migration(14, "tamper-evident audit log and its signed heads", _create_audit_log),
+    Migration(15, "reserved", _reserved),
+    Migration(
+        16,
+        "privacy rounds keyed by attempt: replayed rounds are new releases",
+        _number_privacy_attempts,
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

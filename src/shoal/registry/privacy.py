@@ -12,11 +12,19 @@ spent, on SQLite or PostgreSQL alike.
   transaction: the round's row and, for every participant, one more
   participation and ``client_epsilon`` more spent epsilon (one batched
   upsert, however many participants). ``epsilon`` is the run's cumulative
-  epsilon after the round, so it never decreases and rounds are recorded
-  in increasing order. Recording a round again is idempotent when it is the
-  same round (same figures, same participants, compared by a digest of the
-  sorted ids): a coordinator that cannot tell whether its commit landed
-  simply retries. A different round under a recorded number is refused.
+  epsilon after the round, so it never decreases. A round is recorded
+  under its number and its ``attempt``: a run's first pass over its round
+  numbers is attempt 0; when HEAD moved back past a released round (an
+  operator's rollback, an unlearning) and the run plays those numbers
+  again, the replays are new releases of new models, recorded (and their
+  participants charged) under the next attempt, never folded into the
+  rounds they replace. Attempts are recorded in order (the next one, or
+  the current one) and, within an attempt, rounds in increasing order.
+  Recording a round again is idempotent when it is the same round of the
+  same attempt (same figures, same participants, compared by a digest of
+  the sorted ids): a coordinator that cannot tell whether its commit
+  landed simply retries. A different round under a recorded number and
+  attempt is refused.
 - A run locks (:meth:`PrivacyLedger.lock`, with when and why, kept for
   audit; the first lock stands) when the operator says so, or by itself in
   the transaction of the round that brings the spent epsilon to the budget:
@@ -63,6 +71,7 @@ class PrivacyBudget:
     delta: float
     epsilon_spent: float  # the cumulative epsilon after the last recorded round (0 before any)
     last_round: int | None
+    last_attempt: int | None  # the attempt of the last recorded round
     created_at: datetime
     locked_at: datetime | None
     lock_reason: str | None
@@ -89,6 +98,7 @@ class PrivacyRound:
 
     run_id: str
     round: int
+    attempt: int  # 0 for the first release of the round number, one more per pass replaying it
     epsilon: float  # the run's cumulative epsilon after this round, at ``delta``
     delta: float
     noise_multiplier: float
@@ -177,20 +187,24 @@ class PrivacyLedger:
         accountant: str,
         participants: Sequence[str],
         client_epsilon: float,
+        attempt: int = 0,
         now: datetime | None = None,
     ) -> PrivacyBudget:
         """Record an accounted round and charge its participants, in one transaction.
 
         ``epsilon`` is the run's cumulative epsilon after the round at
         ``delta`` (at most the budget's delta); ``client_epsilon`` is what
-        the round adds to each participant's spent epsilon. Returns the
-        budget as it stands after the round: locked when this round
-        exhausted it. A round of a locked run is refused; the same round
-        recorded again changes nothing (see the module's notes).
+        the round adds to each participant's spent epsilon; ``attempt``
+        says which pass over the run's round numbers released it (a round
+        replayed after HEAD moved back is a new release: the next
+        attempt). Returns the budget as it stands after the round: locked
+        when this round exhausted it. A round of a locked run is refused;
+        the same round recorded again changes nothing (see the module's
+        notes).
         """
         _require_id(run_id, "run_id")
-        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
-            raise RegistryError(f"round must be an integer >= 0, got {round!r}")
+        _require_count(round, "round")
+        _require_count(attempt, "attempt")
         _require_nonnegative(epsilon, "epsilon")
         _require_delta(delta, "delta")
         _require_positive(noise_multiplier, "noise_multiplier")
@@ -203,6 +217,7 @@ class PrivacyLedger:
         row: dict[str, Any] = {
             "run_id": run_id,
             "round": round,
+            "attempt": attempt,
             "epsilon": epsilon,
             "delta": delta,
             "noise_multiplier": noise_multiplier,
@@ -222,18 +237,19 @@ class PrivacyLedger:
             _charge_clients(connection, run_id, client_ids, client_epsilon=client_epsilon)
             if epsilon >= budget.epsilon:
                 reason = (
-                    f"epsilon budget exhausted after round {round}: "
+                    f"epsilon budget exhausted after round {round}{_of_attempt(attempt)}: "
                     f"{epsilon:.6g} >= {budget.epsilon:.6g} at delta={budget.delta:.3g}"
                 )
                 _lock(connection, run_id, reason=reason, now=recorded_at)
             return _fetch_budget(connection, run_id)
 
     def rounds(self, run_id: str) -> list[PrivacyRound]:
-        """Every accounted round of ``run_id``, in order (to rebuild its accountant)."""
+        """Every accounted round of ``run_id``, every attempt, in the order recorded (to
+        rebuild its accountant: a replayed round was released again and counts again)."""
         query = (
             sa.select(privacy_rounds)
             .where(privacy_rounds.c.run_id == run_id)
-            .order_by(privacy_rounds.c.round)
+            .order_by(privacy_rounds.c.attempt, privacy_rounds.c.round)
         )
         with self.database.read() as connection:
             _fetch_budget(connection, run_id)
@@ -314,6 +330,7 @@ def _find_budget(connection: Connection, run_id: str) -> PrivacyBudget | None:
         delta=row.delta,
         epsilon_spent=0.0 if latest is None else latest.epsilon,
         last_round=None if latest is None else latest.round,
+        last_attempt=None if latest is None else latest.attempt,
         created_at=row.created_at,
         locked_at=row.locked_at,
         lock_reason=row.lock_reason,
@@ -331,7 +348,7 @@ def _latest_round(connection: Connection, run_id: str) -> PrivacyRound | None:
     row = connection.execute(
         sa.select(privacy_rounds)
         .where(privacy_rounds.c.run_id == run_id)
-        .order_by(privacy_rounds.c.round.desc())
+        .order_by(privacy_rounds.c.attempt.desc(), privacy_rounds.c.round.desc())
         .limit(1)
     ).first()
     return None if row is None else _round(row)
@@ -341,6 +358,7 @@ def _round(row: sa.Row[Any]) -> PrivacyRound:
     return PrivacyRound(
         run_id=row.run_id,
         round=row.round,
+        attempt=row.attempt,
         epsilon=row.epsilon,
         delta=row.delta,
         noise_multiplier=row.noise_multiplier,
@@ -353,20 +371,23 @@ def _round(row: sa.Row[Any]) -> PrivacyRound:
 
 
 def _already_recorded(connection: Connection, row: dict[str, Any]) -> bool:
-    """True when this very round is recorded; a different round under its number is refused."""
+    """True when this very round is recorded; a different round under its number (in its
+    attempt) is refused."""
     stored = connection.execute(
         sa.select(privacy_rounds).where(
-            privacy_rounds.c.run_id == row["run_id"], privacy_rounds.c.round == row["round"]
+            privacy_rounds.c.run_id == row["run_id"],
+            privacy_rounds.c.attempt == row["attempt"],
+            privacy_rounds.c.round == row["round"],
         )
     ).first()
     if stored is None:
         return False
-    compared = [key for key in row if key not in ("run_id", "round", "recorded_at")]
+    compared = [key for key in row if key not in ("run_id", "round", "attempt", "recorded_at")]
     differing = [key for key in compared if getattr(stored, key) != row[key]]
     if differing:
         raise RegistryError(
-            f"round {row['round']} of run {row['run_id']!r} is already recorded with other "
-            f"{', '.join(differing)}: a recorded round cannot change"
+            f"round {row['round']}{_of_attempt(row['attempt'])} of run {row['run_id']!r} is "
+            f"already recorded with other {', '.join(differing)}: a recorded round cannot change"
         )
     return True
 
@@ -385,18 +406,33 @@ def _check_round(
             f"round {round} of run {run_id!r} reports delta={row['delta']}, above the budget's "
             f"delta={budget.delta}: compute epsilon at the budget's delta"
         )
-    if latest is None:
-        return
-    if round <= latest.round:
-        raise RegistryError(
-            f"round {round} of run {run_id!r} comes after round {latest.round}: "
-            "rounds are recorded in increasing order"
-        )
-    if row["epsilon"] < latest.epsilon:
+    _check_order(row, latest=latest)
+    if latest is not None and row["epsilon"] < latest.epsilon:
         raise RegistryError(
             f"round {round} of run {run_id!r} reports epsilon={row['epsilon']}, below the "
             f"{latest.epsilon} already spent: epsilon is the run's cumulative epsilon"
         )
+
+
+def _check_order(row: dict[str, Any], *, latest: PrivacyRound | None) -> None:
+    """Attempts in order, each one's rounds in increasing order (the first: from attempt 0)."""
+    run_id, round, attempt = row["run_id"], row["round"], row["attempt"]
+    allowed = (0,) if latest is None else (latest.attempt, latest.attempt + 1)
+    if attempt not in allowed:
+        raise RegistryError(
+            f"round {round} of run {run_id!r} names attempt {attempt}, but the next round "
+            f"belongs to attempt {' or '.join(map(str, allowed))}: attempts are recorded in order"
+        )
+    if latest is not None and attempt == latest.attempt and round <= latest.round:
+        raise RegistryError(
+            f"round {round}{_of_attempt(attempt)} of run {run_id!r} comes after round "
+            f"{latest.round}: rounds are recorded in increasing order within an attempt"
+        )
+
+
+def _of_attempt(attempt: int) -> str:
+    """How messages name a round's attempt (nothing for the first)."""
+    return "" if attempt == 0 else f" (attempt {attempt})"
 
 
 def _charge_clients(
@@ -458,6 +494,11 @@ def _participant_ids(participants: Sequence[str]) -> list[str]:
         repeated = sorted(c for c, count in Counter(client_ids).items() if count > 1)[:5]
         raise RegistryError(f"participants must be distinct; repeated: {repeated}")
     return client_ids
+
+
+def _require_count(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise RegistryError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 def _require_text(value: str, name: str, *, limit: int) -> None:

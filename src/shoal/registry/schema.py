@@ -256,8 +256,8 @@ privacy_budgets = sa.Table(
 privacy_rounds = sa.Table(
     "privacy_rounds",
     metadata,
-    sa.Column("run_id", sa.String(128), primary_key=True),
-    sa.Column("round", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("run_id", sa.String(128), nullable=False),
+    sa.Column("round", sa.Integer, nullable=False, autoincrement=False),
     # the run's cumulative epsilon after this round, at ``delta``
     sa.Column("epsilon", sa.Float, nullable=False),
     sa.Column("delta", sa.Float, nullable=False),
@@ -268,6 +268,10 @@ privacy_rounds = sa.Table(
     # the sha256 of the sorted participant ids: tells a retried round from a different one
     sa.Column("participants_sha256", sa.String(64), nullable=False),
     sa.Column("recorded_at", UtcDateTime, nullable=False),
+    # which pass over the round numbers released this round: 0, then one more each time HEAD
+    # moved back past a released round and the run replays its numbers (migration 16)
+    sa.Column("attempt", sa.Integer, nullable=False, server_default="0"),
+    sa.PrimaryKeyConstraint("run_id", "attempt", "round"),
     sa.ForeignKeyConstraint(["run_id"], ["privacy_budgets.run_id"]),
 )
 
