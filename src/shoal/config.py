@@ -715,6 +715,46 @@ class AttackEntry(_Section):
 
 
 _ATTACK_COMMON = frozenset({"kind", "fraction", "clients", "from_round", "until_round"})
+PlaybookTrigger = Literal["accuracy_drop", "loss", "divergence", "flagged_share", "step"]
+PLAYBOOK_TRIGGERS: tuple[PlaybookTrigger, ...] = (
+    "accuracy_drop",
+    "loss",
+    "divergence",
+    "flagged_share",
+    "step",
+)
+
+
+class PlaybookSection(_Section):
+    """[playbook]: the poisoned-model playbook, run on every committed version.
+
+    A version is judged against the last one marked GOOD
+    (:mod:`shoal.governance.playbook`): its accuracy falling more than
+    ``max_accuracy_drop`` (relative: 0.3 is 30% of the GOOD accuracy), a
+    NaN or infinite loss or an evaluation loss above ``max_loss_ratio`` times
+    the GOOD one, a median divergence above ``max_divergence_ratio`` times the
+    GOOD round's, more than ``max_flagged_share`` of the participants flagged,
+    or a model step above ``max_step_ratio`` times the GOOD one; ``triggers``
+    lists the rules in force. ``evaluation``: whose accuracy and loss count
+    (``auto``: the server app's central evaluation when it has one, else the
+    federated evaluation rounds). A version that passes an evaluation is
+    marked GOOD; a BAD one is marked BAD with its reasons, HEAD rolls back to
+    the last GOOD version, and ``suspend`` says who is suspended: the clients
+    flagged by the divergence measure, the round's whole cohort, or nobody;
+    where no client could be measured (secure aggregation, divergence off),
+    ``suspend_unmeasured`` says what ``flagged`` becomes.
+    """
+
+    enabled: bool = True
+    evaluation: Literal["auto", "central", "federated"] = "auto"
+    max_accuracy_drop: Fraction = 0.3
+    max_loss_ratio: Annotated[float, Field(ge=1)] = 3.0
+    max_divergence_ratio: Annotated[float, Field(ge=1)] = 10.0
+    max_flagged_share: Fraction = 0.5
+    max_step_ratio: Annotated[float, Field(ge=1)] = 10.0
+    triggers: list[PlaybookTrigger] = Field(default_factory=lambda: list(PLAYBOOK_TRIGGERS))
+    suspend: Literal["flagged", "cohort", "none"] = "flagged"
+    suspend_unmeasured: Literal["cohort", "none"] = "cohort"
 
 
 class AlertsSection(_Section):
@@ -814,6 +854,7 @@ class Config(_Section):
     metadata: MetadataSection = MetadataSection()
     canaries: CanariesSection = CanariesSection()
     attack: list[AttackEntry] = Field(default_factory=list)  # simulation only
+    playbook: PlaybookSection = PlaybookSection()
 
     @model_validator(mode="after")
     def _fits_in_memory(self) -> Config:

@@ -3,8 +3,9 @@
 The Rego policy that every update passes (:mod:`.policy`), the coordinator's
 signature on every model version (:mod:`.model_signing`), the attestation
 of client code (:mod:`.attestation`, :mod:`.manifest`), the per-round
-pseudonyms that stored telemetry names clients by (:mod:`.pseudonyms`), and
-unlearning's registry side (:mod:`.unlearning`).
+pseudonyms that stored telemetry names clients by (:mod:`.pseudonyms`), the
+poisoned-model detector (:mod:`.playbook`), and unlearning's registry side
+(:mod:`.unlearning`).
 """
 
 from shoal.governance.attestation import (
@@ -49,6 +50,15 @@ from shoal.governance.model_signing import (
     write_public_key,
     write_signing_key,
 )
+from shoal.governance.playbook import (
+    TRIGGERS,
+    Judgement,
+    PlaybookRule,
+    Trigger,
+    Verdict,
+    VersionFacts,
+    judge_version,
+)
 from shoal.governance.policy import (
     DEFAULT_POLICY,
     ENTRYPOINT,
@@ -82,6 +92,7 @@ __all__ = [
     "PSEUDONYM_KEY_FILE",
     "PUBLIC_KEY_FILE",
     "SIGNING_KEY_FILE",
+    "TRIGGERS",
     "AttestationGate",
     "AttestationRefused",
     "AttestedBuild",
@@ -90,6 +101,7 @@ __all__ = [
     "CodeMeasurer",
     "Decision",
     "Evidence",
+    "Judgement",
     "ManifestAttester",
     "ManifestStatement",
     "ManifestVerifier",
@@ -97,6 +109,7 @@ __all__ = [
     "Names",
     "PinnedKey",
     "PlainNames",
+    "PlaybookRule",
     "PolicyBounds",
     "PolicyEngine",
     "Problem",
@@ -104,13 +117,17 @@ __all__ = [
     "Reason",
     "SignedManifest",
     "TreeDigest",
+    "Trigger",
     "UnlearningReport",
     "UpdateFacts",
+    "Verdict",
     "Verifier",
+    "VersionFacts",
     "audit_unlearning",
     "forget",
     "generate_release_key",
     "generate_signing_key",
+    "judge_version",
     "key_fingerprint",
     "key_id_of",
     "load_or_create_signing_key",

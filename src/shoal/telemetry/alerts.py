@@ -3,9 +3,10 @@
 An alert is a frozen event that names its ``kind``, says itself in one
 line (``summary``) and turns into a flat JSON object (``fields``):
 :class:`BudgetExhausted`, raised when a run has spent its
-differential-privacy budget and its data lock, and :class:`CohortDropped`,
+differential-privacy budget and its data lock, :class:`CohortDropped`,
 raised when more than the job's share of a round's cohort dropped (with the
-fallback the round took). A hook is any callable that
+fallback the round took), and :class:`ModelRolledBack`, raised when the
+poisoned-model playbook marked a version BAD and rolled HEAD back. A hook is any callable that
 takes an alert (:class:`AlertHook`). The built-in ones:
 
 - :class:`LoggingHook`: a WARNING line on the ``shoal.alerts`` logger.
@@ -158,6 +159,47 @@ class CohortDropped:
 
     def fields(self) -> dict[str, Any]:
         return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelRolledBack:
+    """The poisoned-model playbook found a committed version BAD and rolled HEAD back.
+
+    ``version`` was marked BAD for ``reasons`` (one per trigger); HEAD moved
+    to ``rolled_back_to``, the last GOOD version; ``suspended`` clients were
+    suspended (``suspend`` says whom the job asked for: flagged, cohort, none).
+    """
+
+    kind: ClassVar[str] = "model_rolled_back"
+
+    run_id: str
+    round: int
+    version: int
+    rolled_back_to: int
+    reasons: tuple[str, ...]
+    suspended: int = 0
+    suspend: str = "flagged"
+
+    def __post_init__(self) -> None:
+        if not self.run_id:
+            raise ProtocolError("a ModelRolledBack alert needs a run id")
+        for name in ("round", "version", "rolled_back_to", "suspended"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ProtocolError(f"{name} must be an integer >= 0, got {value!r}")
+        if not self.reasons:
+            raise ProtocolError("a ModelRolledBack alert needs the reasons of the verdict")
+
+    @property
+    def summary(self) -> str:
+        return (
+            f"run {self.run_id}: version {self.version} (round {self.round}) marked BAD "
+            f"({'; '.join(self.reasons)}); HEAD rolled back to version {self.rolled_back_to}, "
+            f"{self.suspended} clients suspended ({self.suspend})"
+        )
+
+    def fields(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self), "reasons": list(self.reasons)}
 
 
 def alert_environment(alert: Alert) -> dict[str, str]:
