@@ -19,7 +19,7 @@ from shoal.coordinator.run import Run, RunParts
 from shoal.coordinator.schedule import Play, schedule
 from shoal.core import Parameters, RunError
 from shoal.governance.pseudonyms import Pseudonyms
-from shoal.registry import BlobStore, ModelRecord, ModelRegistry, registry_location
+from shoal.registry import BlobStore, ModelRecord, ModelRegistry, ModelStatus, registry_location
 from shoal.tasks import Phase
 
 SETTINGS = RoundSettings(clients_per_round=2, over_selection=1.0, quorum=1.0, deadline_s=10)
@@ -60,6 +60,21 @@ class MemoryStore:
 
     def sign(self, record: ModelRecord) -> ModelRecord:
         return record  # this store holds no key
+
+    def version(self, number: int) -> ModelRecord:
+        return self.models.get("m", number)
+
+    def versions(self) -> list[ModelRecord]:
+        return self.models.list("m")
+
+    def mark(self, number: int, status: ModelStatus, reason: str) -> ModelRecord:
+        return self.models.mark("m", number, status, reason=reason)
+
+    def rollback(self, number: int, reason: str) -> ModelRecord:
+        return self.models.rollback("m", number, reason=reason)
+
+    def suspend(self, client_id: str, reason: str) -> None:
+        self._barred.add(client_id)
 
     def barred(self) -> set[str]:
         return set(self._barred)

@@ -38,6 +38,7 @@ from shoal.registry import (
     ModelRecord,
     ModelRegistry,
     SignedHead,
+    ModelStatus,
     VersionSigner,
 )
 from shoal.telemetry.metrics import MetricsLog, clean_row
@@ -82,6 +83,14 @@ class RunStore(Protocol):
     ) -> Committed: ...
 
     def sign(self, record: ModelRecord) -> ModelRecord: ...
+
+    def version(self, number: int) -> ModelRecord: ...
+
+    def versions(self) -> list[ModelRecord]: ...
+
+    def mark(self, number: int, status: ModelStatus, reason: str) -> ModelRecord: ...
+
+    def rollback(self, number: int, reason: str) -> ModelRecord: ...
 
     def barred(self) -> set[str]: ...
 
@@ -172,6 +181,20 @@ class RunRecords:
         if self.signer is None:
             return record
         return self.models.sign(self.model, record.version, self.signer)
+
+    def version(self, number: int) -> ModelRecord:
+        return self.models.get(self.model, number)
+
+    def versions(self) -> list[ModelRecord]:
+        """Every version of the run's model, oldest first."""
+        return self.models.list(self.model)
+
+    def mark(self, number: int, status: ModelStatus, reason: str) -> ModelRecord:
+        return self.models.mark(self.model, number, status, reason=reason)
+
+    def rollback(self, number: int, reason: str) -> ModelRecord:
+        """Move HEAD back to version ``number`` (refused when it is BAD or its blob corrupt)."""
+        return self.models.rollback(self.model, number, reason=reason)
 
     def barred(self) -> set[str]:
         return self.clients.barred() | set(self._suspended)

@@ -35,6 +35,9 @@ layer owns everything above it, so that each rule is written once:
   past the job's share, with the fallback the round took;
 - the audit log's entries of the run (each round's participants, a key
   holder's decryptions) and its head, signed at each commit and at the end;
+- the poisoned-model playbook (``[playbook]``,
+  :mod:`shoal.coordinator.playbook`): each committed version judged, marked
+  GOOD or BAD, HEAD rolled back and the suspects suspended;
 - the end: the summary.
 
 It holds no clock and does no I/O of its own: the shell gives it a
@@ -52,6 +55,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
+
 from shoal.aggregation.divergence import DivergenceRule
 from shoal.aggregation.strategy import Strategy
 from shoal.client.api import Client
@@ -61,6 +66,7 @@ from shoal.coordinator.eligibility import DeviceFacts, EligibilityPolicy, Mask, 
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import CommitVersion, RoundSummary
 from shoal.coordinator.fallback import candidates_wanted
+from shoal.coordinator.playbook import RunPlaybook, resume_point, rolled_back, tally
 from shoal.coordinator.policy import RunPolicy
 from shoal.coordinator.records import RunStore
 from shoal.coordinator.rounds import RoundSettings
@@ -173,6 +179,8 @@ class Run:
         self._coordinator: Coordinator | None = None
         self._bars: list[Callable[[], Iterable[str]]] = []  # the shell's own sources of bars
         self._names: Names | None = None
+        self.playbook: RunPlaybook | None = None  # [playbook], once the run is open
+        self._previous: Parameters | None = None  # the model the next commit steps from
 
     @property
     def names(self) -> Names:
@@ -221,7 +229,33 @@ class Run:
             self.privacy.open(self.store.database)  # replays what the run spent before
         self.model_bytes = len(coordinator.parameters.to_bytes())
         self._coordinator = coordinator
+        self._previous = coordinator.parameters
+        self._open_playbook()
         return coordinator
+
+    def _open_playbook(self) -> None:
+        section = self.config.playbook
+        head = self.store.head()
+        if not section.enabled or head is None:
+            return
+        self.playbook = RunPlaybook(
+            section,
+            store=self.store,
+            run_id=self.run_id,
+            alerts=self.alerts,
+            central=self.app.evaluate is not None,
+            restore=self._roll_engine_back,
+        )
+        self.playbook.open(head, self.store.rows())
+
+    def _roll_engine_back(self, record: ModelRecord) -> None:
+        """The engine takes ``record``'s model and optimizer state: the next round trains
+        from it (the playbook's rollback)."""
+        parameters, saved = self.store.load(record)
+        template = self.parts.strategy.server_optimizer.init(parameters.vector)
+        state = template if saved is None else state_from_bytes(template, saved)
+        self.coordinator.restore(parameters, state)
+        self._previous = parameters
 
     def _initial_parameters(self, first_client: Callable[[], Client]) -> Parameters:
         make = self.app.initial_parameters
@@ -288,6 +322,9 @@ class Run:
         return coordinator
 
     def _restore(self, head: ModelRecord) -> Coordinator:
+        reached = head.round
+        if self.config.playbook.enabled:  # a BAD HEAD is rolled back; its round stays played
+            head, reached = resume_point(self.store, head)
         parameters, saved = self.store.load(head)
         if head.signed is None:  # committed by a Shoal before signing: clients need it signed
             head = self.store.sign(head)
@@ -298,18 +335,16 @@ class Run:
             # versions past HEAD were released on a branch HEAD left: replaying them spends again
             self.privacy.resume_at(head, self.store.versions())
         log.info("resuming from version %d (round %d)", head.version, head.round)
-        rows = self.store.keep_rows(lambda row: row["round"] <= head.round)
+        rows = self.store.keep_rows(lambda row: row["round"] <= reached)
         self.wall_offset = max((row.get("wall_time_s", 0.0) for row in rows), default=0.0)
         if head.round > 0 and not any(row["round"] == head.round for row in rows):
             # the crash came between committing the version and recording its row
             recovered = {**head.metrics, "model_version": head.version, "sha256": head.sha256}
             self.store.append_row({**recovered, "wall_time_s": self.wall_offset})
-        self.first_round = self.current_round = head.round + 1
-        evaluated = any(r["round"] == head.round and r["phase"] == "evaluate" for r in rows)
+        self.first_round = self.current_round = reached + 1
+        evaluated = any(r["round"] == reached and r["phase"] == "evaluate" for r in rows)
         # an evaluation due on HEAD that the stop came before is played first
-        self.replay_evaluation = (
-            head.round > 0 and self.evaluation_due(head.round) and not evaluated
-        )
+        self.replay_evaluation = reached > 0 and self.evaluation_due(reached) and not evaluated
         self.virtual_start = max(  # virtual time goes on from the last round recorded
             [float(head.metrics.get("virtual_time_s", 0.0))]
             + [float(row.get("virtual_time_s") or 0.0) for row in rows]
@@ -471,8 +506,12 @@ class Run:
             head = self.store.head()
             row["model_version"] = None if head is None else head.version
             self._record_participants(summary, version=None)
+            judged = None if self.playbook is None else self.playbook.after_evaluation(row)
+            if judged is not None:
+                row["playbook"] = judged
             return row
         row.update(self._central_evaluation(commit.parameters, commit.round))
+        row["model_step_l2"] = self._step_l2(commit.parameters)
         # the whole row goes with the version: a crash before the row is written loses nothing
         record = self.store.commit(
             commit.parameters,
@@ -483,8 +522,19 @@ class Run:
         )
         row.update(model_version=record.version, sha256=record.sha256)
         self._record_participants(summary, version=record.version)
+        self._previous = commit.parameters
+        if self.playbook is not None:
+            row["playbook"] = self.playbook.after_fit(summary, row, version=record.version)
         self.store.sign_audit_head()  # the commit's entry, and all before it, under the key
         return row
+
+    def _step_l2(self, parameters: Parameters) -> float | None:
+        """The L2 norm of the step from the model the round started from to ``parameters``
+        (the aggregate's behaviour, seen under secure aggregation too)."""
+        previous = self._previous
+        if previous is None or previous.layout != parameters.layout:
+            return None
+        return float(np.linalg.norm(parameters.vector - previous.vector))
 
     def _record_participants(self, summary: RoundSummary, *, version: int | None) -> None:
         """Keep who counted in a fit round, under their round's pseudonyms, with divergence."""
@@ -650,8 +700,13 @@ class Run:
         rows = self.store.rows()
         fits = [row for row in rows if row["phase"] == "fit"]
         committed = [row for row in fits if row["committed"]]
-        last = committed[-1] if committed else {}
-        evaluations = [row for row in rows if row["phase"] == "evaluate" and row["committed"]]
+        head = self.store.head()
+        last = _head_row(committed, head)
+        evaluations = [
+            row
+            for row in rows
+            if row["phase"] == "evaluate" and row["committed"] and not rolled_back(row)
+        ]
         final_accuracy = last.get("test_accuracy")
         if final_accuracy is None and evaluations:
             final_accuracy = evaluations[-1]["accuracy"]
@@ -679,6 +734,7 @@ class Run:
             "fallbacks": _fallbacks(rows),
             "audit_seq": None if audit_head is None else audit_head.seq,
             "audit_hash": None if audit_head is None else audit_head.hash,
+            **({"playbook": tally(rows)} if self.config.playbook.enabled else {}),
             "stop_reason": self.stop_reason,
             **({} if self.privacy is None else self.privacy.summary_fields()),
             **(extra or {}),
@@ -696,6 +752,16 @@ def divergence_rule(config: Config) -> DivergenceRule | None:
     return DivergenceRule(
         max_z=section.max_z, min_cosine=section.min_cosine, min_clients=section.min_clients
     )
+
+
+def _head_row(committed: list[Row], head: ModelRecord | None) -> Row:
+    """The fit row of the final model, HEAD (not a later round's that was rolled back)."""
+    if head is not None:
+        for row in reversed(committed):
+            if row.get("model_version") == head.version:
+                return row
+    kept = [row for row in committed if not rolled_back(row)]
+    return kept[-1] if kept else {}
 
 
 def _fallbacks(rows: Iterable[Row]) -> dict[str, int]:

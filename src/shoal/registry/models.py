@@ -304,8 +304,18 @@ class ModelRegistry:
             self._audit(connection, "mark", name, version, details)
             return _fetch(connection, name, version)
 
-    def rollback(self, name: str, to_version: int, *, now: datetime | None = None) -> ModelRecord:
-        """Move HEAD to ``to_version``, refusing a BAD version or one whose blob is corrupt."""
+    def rollback(
+        self,
+        name: str,
+        to_version: int,
+        *,
+        reason: str | None = None,
+        now: datetime | None = None,
+    ) -> ModelRecord:
+        """Move HEAD to ``to_version``, refusing a BAD version or one whose blob is corrupt.
+
+        ``reason`` says why (an operator's words, or the playbook's triggers), in the audit log.
+        """
         moved_at = require_aware(now or utc_now(), "now")
         _refuse_bad(self.get(name, to_version))
         self.load(name, to_version)  # raises IntegrityError on a corrupt blob
@@ -315,6 +325,7 @@ class ModelRegistry:
             previous = _head_version(connection, name)
             _move_head(connection, name, to_version, moved_at)
             details = {"from_version": previous, "to_version": to_version, "sha256": record.sha256}
+            details["reason"] = reason
             self._audit(connection, "rollback", name, to_version, details)
             return record
 
