@@ -1,0 +1,49 @@
+"""A user-written malicious client app: named clients boost their honest update (model replacement).
+
+Written with the public app API only, as an attacker would: the built-in
+digits client trains honestly, then a client named in the job's
+``[app] options`` ``attackers`` (comma-separated ids) multiplies its update
+by ``scale`` from round ``from_round`` on (Bagdasaryan et al.'s boost).
+"""
+
+from __future__ import annotations
+
+from shoal.apps import client_app as honest_app
+from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult, fit_update
+from shoal.client.app import ClientApp, ClientContext
+from shoal.core.parameters import Parameters
+
+
+class Boosted(Client):
+    """An honest client whose update is multiplied by ``scale`` from ``from_round`` on."""
+
+    def __init__(self, inner: Client, *, scale: float, from_round: int) -> None:
+        self.inner = inner
+        self.scale = scale
+        self.from_round = from_round
+
+    def get_parameters(self) -> Parameters:
+        return self.inner.get_parameters()
+
+    def fit(self, parameters: Parameters, config: FitConfig) -> FitResult:
+        result = self.inner.fit(parameters, config)
+        if config.round < self.from_round:
+            return result
+        update = fit_update(result, parameters)
+        boosted = update.with_vector(update.vector * self.scale)
+        return FitResult(boosted, result.num_examples, result.metrics, is_update=True)
+
+    def evaluate(self, parameters: Parameters, config: EvaluateConfig) -> EvaluateResult:
+        return self.inner.evaluate(parameters, config)
+
+
+def _client(context: ClientContext) -> Client:
+    client = honest_app(context)
+    attackers = context.options.get("attackers", "").split(",")
+    if context.client_id not in attackers:
+        return client
+    scale = float(context.options.get("scale", "20"))
+    return Boosted(client, scale=scale, from_round=int(context.options.get("from_round", "1")))
+
+
+client_app = ClientApp(_client, num_examples=honest_app.num_examples)
