@@ -9,7 +9,14 @@ by ``scale`` from round ``from_round`` on (Bagdasaryan et al.'s boost).
 from __future__ import annotations
 
 from shoal.apps import client_app as honest_app
-from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult, fit_update
+from shoal.client.api import (
+    Client,
+    EvaluateConfig,
+    EvaluateResult,
+    FitConfig,
+    FitResult,
+    fit_update,
+)
 from shoal.client.app import ClientApp, ClientContext
 from shoal.core.parameters import Parameters
 

@@ -1,4 +1,4 @@
-"""The run layer's poisoned-model playbook: judge each committed version, then mark, roll back, suspend.
+"""The run layer's poisoned-model playbook: judge each committed version; mark, roll back, suspend.
 
 After a fit round commits a version (and, where the federated evaluation is
 the one watched, after an evaluation round of HEAD), the detector of

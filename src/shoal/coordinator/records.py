@@ -37,8 +37,8 @@ from shoal.registry import (
     HeadSigner,
     ModelRecord,
     ModelRegistry,
-    SignedHead,
     ModelStatus,
+    SignedHead,
     VersionSigner,
 )
 from shoal.telemetry.metrics import MetricsLog, clean_row

@@ -196,7 +196,10 @@ def _loss(facts: VersionFacts, good: VersionFacts, rule: PlaybookRule) -> str | 
 
 def _divergence(facts: VersionFacts, good: VersionFacts, rule: PlaybookRule) -> str | None:
     return _ratio(
-        "median divergence", facts.divergence_median, good.divergence_median, rule.max_divergence_ratio
+        "median divergence",
+        facts.divergence_median,
+        good.divergence_median,
+        rule.max_divergence_ratio,
     )
 
 
