@@ -15,6 +15,7 @@ from shoal.config import load_config
 from shoal.coordinator.app import ServerApp
 from shoal.coordinator.events import CommitVersion, RoundClosed, StartRound, UpdateReceived
 from shoal.coordinator.rounds import RoundSettings
+from shoal.coordinator.records import Rollback
 from shoal.coordinator.run import Run, RunParts
 from shoal.coordinator.schedule import Play, schedule
 from shoal.core import Parameters, RunError
@@ -64,8 +65,9 @@ class MemoryStore:
     def version(self, number: int) -> ModelRecord:
         return self.models.get("m", number)
 
-    def versions(self) -> list[ModelRecord]:
-        return self.models.list("m")
+    def last_rollback(self) -> Rollback | None:
+        entries = self.models.audit.entries(kind="rollback")
+        return Rollback.of(entries[-1].details) if entries else None
 
     def mark(self, number: int, status: ModelStatus, reason: str) -> ModelRecord:
         return self.models.mark("m", number, status, reason=reason)

@@ -8,6 +8,8 @@ by ``scale`` from round ``from_round`` on (Bagdasaryan et al.'s boost).
 
 from __future__ import annotations
 
+from typing import Any
+
 from shoal.apps import client_app as honest_app
 from shoal.client.api import (
     Client,
@@ -54,3 +56,10 @@ def _client(context: ClientContext) -> Client:
 
 
 client_app = ClientApp(_client, num_examples=honest_app.num_examples)
+
+ALERTS: list[Any] = []
+"""What :func:`remember` was given: a job's Python alert hook (``[alerts] hooks``) in tests."""
+
+
+def remember(alert: Any) -> None:
+    ALERTS.append(alert)

@@ -17,7 +17,8 @@ the one watched, after an evaluation round of HEAD), the detector of
 
 The steps run in that order so that a crash between any two leaves a state
 a resume completes (:func:`resume_point`): a BAD HEAD is rolled back then,
-and the round the BAD version came from is not played again.
+and the round the BAD version came from is not played again (the audit
+log's last rollback of the model says whether the playbook made it).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from shoal.telemetry.alerts import AlertHook, ModelRolledBack, fire
 log = logging.getLogger("shoal.playbook")
 
 Row = dict[str, Any]
+PLAYBOOK = "playbook: "  # how the playbook's verdicts and rollbacks begin their reason
 Restore = Callable[[ModelRecord], None]
 
 
@@ -152,7 +154,7 @@ class RunPlaybook:
     def _apply(self, judgement: Judgement, facts: VersionFacts, version: int, row: Row) -> Row:
         fields: Row = {"verdict": judgement.verdict.value, "reasons": judgement.reasons}
         if judgement.verdict is Verdict.GOOD:
-            self.store.mark(version, ModelStatus.GOOD, f"passed the playbook ({self.evaluation})")
+            self.store.mark(version, ModelStatus.GOOD, f"{PLAYBOOK}passed ({self.evaluation})")
             self.good, self.good_version, self.suspects = facts, version, []
         elif judgement.verdict is Verdict.BAD:
             fields |= self._roll_back(judgement, version, round_number=int(row["round"]))
@@ -161,9 +163,9 @@ class RunPlaybook:
     def _roll_back(self, judgement: Judgement, version: int, *, round_number: int) -> Row:
         """Suspend, mark BAD, roll back, restore the engine, alert: in this order (see above)."""
         names = ", ".join(trigger.name for trigger in judgement.triggers)
-        why = f"playbook: version {version} of round {round_number} BAD ({names})"
+        why = f"{PLAYBOOK}version {version} of round {round_number} BAD ({names})"
         suspended = self._suspend(why)
-        self.store.mark(version, ModelStatus.BAD, "; ".join(judgement.reasons))
+        self.store.mark(version, ModelStatus.BAD, PLAYBOOK + "; ".join(judgement.reasons))
         target = self.good_version if self.good_version is not None else self.root
         record = self.store.rollback(target, why)
         self.restore(record)
@@ -208,25 +210,47 @@ class RunPlaybook:
 # --- resume ----------------------------------------------------------------------------------
 
 
-def resume_point(store: RunStore, head: ModelRecord) -> tuple[ModelRecord, int]:
-    """HEAD to resume from and the last round the run played.
+def resume_point(store: RunStore, head: ModelRecord) -> tuple[ModelRecord, int, ModelRecord | None]:
+    """HEAD to resume from, the last round the run played, and the version the playbook last
+    rolled back from, when that rollback is what left HEAD where it is.
 
     A BAD HEAD (a crash came between the playbook's mark and its rollback,
     or an operator marked it) is rolled back to its newest GOOD ancestor
-    first. A version numbered above HEAD and marked BAD was rolled back from:
-    its round was played, and is not played again.
+    first. When the model's last rollback was the playbook's, to HEAD, the
+    round of the version it rolled back from was played, and is not played
+    again; after any other rollback (an operator's, unlearning's) the rounds
+    after HEAD are.
     """
     if head.status is ModelStatus.BAD:
         target = head
         while target.status is not ModelStatus.GOOD and target.parent is not None:
             target = store.version(target.parent)
-        head = store.rollback(target.version, f"resuming on version {head.version}, marked BAD")
-    rolled_back_from = [
-        record.round
-        for record in store.versions()
-        if record.version > head.version and record.status is ModelStatus.BAD
-    ]
-    return head, max([head.round, *rolled_back_from])
+        by_playbook = (head.status_reason or "").startswith(PLAYBOOK)
+        why = f"resuming on version {head.version}, marked BAD"
+        head = store.rollback(target.version, f"{PLAYBOOK}{why}" if by_playbook else why)
+    last = store.last_rollback()
+    if (
+        last is None
+        or last.from_version is None
+        or last.to_version != head.version
+        or not (last.reason or "").startswith(PLAYBOOK)
+    ):
+        return head, head.round, None
+    bad = store.version(last.from_version)
+    return head, max(head.round, bad.round), bad
+
+
+def recovered_row(bad: ModelRecord, head: ModelRecord) -> Row:
+    """The row of a round the playbook rolled back, rebuilt from its version (the crash came
+    before the row was written): the row it was committed with, and the verdict."""
+    reason = (bad.status_reason or "").removeprefix(PLAYBOOK)
+    verdict = {"verdict": "bad", "reasons": [reason], "rolled_back_to": head.version}
+    return {
+        **bad.metrics,
+        "model_version": bad.version,
+        "sha256": bad.sha256,
+        "playbook": {**verdict, "suspended": None},
+    }
 
 
 def tally(rows: Sequence[Row]) -> dict[str, int]:

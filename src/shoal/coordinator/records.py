@@ -60,6 +60,20 @@ class Committed:
     sha256: str
 
 
+@dataclass(frozen=True, slots=True)
+class Rollback:
+    """A rollback of HEAD: from which version, to which, and why."""
+
+    from_version: int | None
+    to_version: int
+    reason: str | None
+
+    @classmethod
+    def of(cls, details: Mapping[str, Any]) -> Rollback:
+        """The rollback an audit entry's details describe."""
+        return cls(details.get("from_version"), int(details["to_version"]), details.get("reason"))
+
+
 class RunStore(Protocol):
     """The run's records, which the shell keeps: model versions, rows, summary, barred clients."""
 
@@ -86,7 +100,7 @@ class RunStore(Protocol):
 
     def version(self, number: int) -> ModelRecord: ...
 
-    def versions(self) -> list[ModelRecord]: ...
+    def last_rollback(self) -> Rollback | None: ...
 
     def mark(self, number: int, status: ModelStatus, reason: str) -> ModelRecord: ...
 
@@ -185,9 +199,13 @@ class RunRecords:
     def version(self, number: int) -> ModelRecord:
         return self.models.get(self.model, number)
 
-    def versions(self) -> list[ModelRecord]:
-        """Every version of the run's model, oldest first."""
-        return self.models.list(self.model)
+    def last_rollback(self) -> Rollback | None:
+        """The model's latest rollback, as the audit log recorded it (None: never rolled back)."""
+        for entry in reversed(self.audit.entries(kind="rollback")):
+            name, _, _ = entry.subject.rpartition("@v")
+            if name == self.model:
+                return Rollback.of(entry.details)
+        return None
 
     def mark(self, number: int, status: ModelStatus, reason: str) -> ModelRecord:
         return self.models.mark(self.model, number, status, reason=reason)

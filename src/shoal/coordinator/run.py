@@ -66,7 +66,13 @@ from shoal.coordinator.eligibility import DeviceFacts, EligibilityPolicy, Mask, 
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import CommitVersion, RoundSummary
 from shoal.coordinator.fallback import candidates_wanted
-from shoal.coordinator.playbook import RunPlaybook, resume_point, rolled_back, tally
+from shoal.coordinator.playbook import (
+    RunPlaybook,
+    recovered_row,
+    resume_point,
+    rolled_back,
+    tally,
+)
 from shoal.coordinator.policy import RunPolicy
 from shoal.coordinator.records import RunStore
 from shoal.coordinator.rounds import RoundSettings
@@ -322,9 +328,9 @@ class Run:
         return coordinator
 
     def _restore(self, head: ModelRecord) -> Coordinator:
-        reached = head.round
+        reached, rolled_back_from = head.round, None
         if self.config.playbook.enabled:  # a BAD HEAD is rolled back; its round stays played
-            head, reached = resume_point(self.store, head)
+            head, reached, rolled_back_from = resume_point(self.store, head)
         parameters, saved = self.store.load(head)
         if head.signed is None:  # committed by a Shoal before signing: clients need it signed
             head = self.store.sign(head)
@@ -341,6 +347,9 @@ class Run:
             # the crash came between committing the version and recording its row
             recovered = {**head.metrics, "model_version": head.version, "sha256": head.sha256}
             self.store.append_row({**recovered, "wall_time_s": self.wall_offset})
+        bad = rolled_back_from
+        if bad is not None and not any(row.get("model_version") == bad.version for row in rows):
+            self.store.append_row({**recovered_row(bad, head), "wall_time_s": self.wall_offset})
         self.first_round = self.current_round = reached + 1
         evaluated = any(r["round"] == reached and r["phase"] == "evaluate" for r in rows)
         # an evaluation due on HEAD that the stop came before is played first
@@ -348,6 +357,7 @@ class Run:
         self.virtual_start = max(  # virtual time goes on from the last round recorded
             [float(head.metrics.get("virtual_time_s", 0.0))]
             + [float(row.get("virtual_time_s") or 0.0) for row in rows]
+            + ([] if bad is None else [float(bad.metrics.get("virtual_time_s") or 0.0)])
         )
         return self._engine(parameters, state)
 
