@@ -14,8 +14,8 @@ from shoal.client.api import Client
 from shoal.config import load_config
 from shoal.coordinator.app import ServerApp
 from shoal.coordinator.events import CommitVersion, RoundClosed, StartRound, UpdateReceived
-from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.records import Rollback
+from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.run import Run, RunParts
 from shoal.coordinator.schedule import Play, schedule
 from shoal.core import Parameters, RunError
