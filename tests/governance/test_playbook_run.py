@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from shoal.config import Config, parse_config
+from shoal.config import parse_config
 from shoal.core.settings import read_toml
 from shoal.core.transforms import state_to_bytes
 from shoal.registry import ClientRegistry, ClientStatus, ModelStatus
@@ -19,35 +19,9 @@ from shoal.registry.schema import model_heads
 from shoal.simulation.runner import MODEL_NAME, Simulation, open_run_models
 from shoal.telemetry.alerts import ModelRolledBack
 from support import boosting_app
+from support.boosting_app import ATTACKERS, POISONED_FROM, poisoned_job
 
-ATTACKERS = ("client-00003", "client-00007", "client-00011", "client-00015")  # 20% of 20
-POISONED_FROM = 4
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "poisoning.toml"
-
-
-def job(*, rounds: int = 6, attackers: tuple[str, ...] = ATTACKERS, **sections: Any) -> Config:
-    """Digits over 20 steady devices, 10 a round; the named clients boost their update by 10
-    (n / eta) from round 4; the default policy's norm bounds loosened so that it commits."""
-    options = {"attackers": ",".join(attackers), "from_round": str(POISONED_FROM), "scale": "10"}
-    data: dict[str, Any] = {
-        "run": {"name": "poisoned", "rounds": rounds, "seed": 0},
-        "data": {"num_clients": 20},
-        "round": {"clients_per_round": 10, "over_selection": 1.0, "quorum": 0.5},
-        "client": {"epochs": 2, "batch_size": 16, "learning_rate": 0.2},
-        "evaluation": {"every": 0},
-        "devices": {"classes": [{"name": "steady", "share": 1.0, "dropout": 0.0}]},
-        "simulation": {"workers": 0},
-        "policy": {"max_relative_l2_norm": 1000.0, "max_l2_norm": 1e6},
-        "alerts": {"hooks": ["support.boosting_app:remember"]},
-        "app": {
-            "client": "support.boosting_app:client_app",
-            "server": "shoal.apps.builtin:server_app",
-            "options": options,
-        },
-    }
-    for name, values in sections.items():
-        data[name] = {**data.get(name, {}), **values}
-    return parse_config(data)
 
 
 def rows_of(folder: Path) -> list[dict[str, Any]]:
@@ -70,7 +44,7 @@ def poisoned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One attacked run, with the engine's model and optimizer state seen after every round."""
     folder = tmp_path_factory.mktemp("poisoned")
     boosting_app.ALERTS.clear()
-    simulation = Simulation(job(), folder)
+    simulation = Simulation(poisoned_job(), folder)
     engine: dict[int, tuple[np.ndarray, Any]] = {}
 
     def after(row: dict[str, Any]) -> None:
@@ -149,7 +123,7 @@ def test_the_run_ends_on_a_good_model_and_the_summary_tallies(poisoned: dict[str
 
 
 def test_a_clean_run_marks_every_version_good_and_never_rolls_back(tmp_path: Path) -> None:
-    summary = Simulation(job(attackers=()), tmp_path).run()
+    summary = Simulation(poisoned_job(attackers=()), tmp_path).run()
     rows = rows_of(tmp_path)
     assert [row["playbook"] for row in rows] == [{"verdict": "good", "reasons": []}] * len(rows)
     assert summary["playbook"] == {
@@ -170,21 +144,23 @@ def test_a_clean_run_marks_every_version_good_and_never_rolls_back(tmp_path: Pat
 
 
 def test_with_the_playbook_off_the_poison_stays(tmp_path: Path) -> None:
-    summary = Simulation(job(rounds=POISONED_FROM, playbook={"enabled": False}), tmp_path).run()
+    summary = Simulation(
+        poisoned_job(rounds=POISONED_FROM, playbook={"enabled": False}), tmp_path
+    ).run()
     assert "playbook" not in summary
     assert all("playbook" not in row for row in rows_of(tmp_path))
     assert summary["model_version"] == POISONED_FROM  # HEAD is the poisoned version
 
 
 def test_a_resume_after_the_rollback_goes_on_from_the_good_version(tmp_path: Path) -> None:
-    Simulation(job(rounds=POISONED_FROM), tmp_path).run()  # stops right after the rollback
+    Simulation(poisoned_job(rounds=POISONED_FROM), tmp_path).run()  # stops right after the rollback
     rows = rows_of(tmp_path)
     bad = rows[-1]
     assert bad["round"] == POISONED_FROM and bad["playbook"]["verdict"] == "bad"
     (tmp_path / "metrics.jsonl").write_text(  # and the crash lost the rolled-back round's row
         "".join(json.dumps(row) + "\n" for row in rows[:-1])
     )
-    summary = Simulation(job(rounds=POISONED_FROM + 2), tmp_path, resume=True).run()
+    summary = Simulation(poisoned_job(rounds=POISONED_FROM + 2), tmp_path, resume=True).run()
     resumed = rows_of(tmp_path)
     assert [row["round"] for row in resumed] == list(range(1, POISONED_FROM + 3))  # not replayed
     assert (
@@ -203,7 +179,7 @@ def test_a_resume_after_the_rollback_goes_on_from_the_good_version(tmp_path: Pat
 def test_a_crash_between_the_mark_and_the_rollback_is_completed_on_resume(
     tmp_path: Path,
 ) -> None:
-    Simulation(job(rounds=POISONED_FROM), tmp_path).run()
+    Simulation(poisoned_job(rounds=POISONED_FROM), tmp_path).run()
     bad = rows_of(tmp_path)[-1]
     models = open_run_models(tmp_path)
     try:  # HEAD back on the BAD version, as if the process died before rolling back
@@ -215,7 +191,7 @@ def test_a_crash_between_the_mark_and_the_rollback_is_completed_on_resume(
             )
     finally:
         models.database.close()
-    Simulation(job(rounds=POISONED_FROM + 1), tmp_path, resume=True).run()
+    Simulation(poisoned_job(rounds=POISONED_FROM + 1), tmp_path, resume=True).run()
     models = open_run_models(tmp_path)
     try:
         head = models.head(MODEL_NAME)

@@ -20,6 +20,7 @@ from shoal.client.api import (
     fit_update,
 )
 from shoal.client.app import ClientApp, ClientContext
+from shoal.config import Config, parse_config
 from shoal.core.parameters import Parameters
 
 
@@ -53,6 +54,37 @@ def _client(context: ClientContext) -> Client:
         return client
     scale = float(context.options.get("scale", "20"))
     return Boosted(client, scale=scale, from_round=int(context.options.get("from_round", "1")))
+
+
+ATTACKERS = ("client-00003", "client-00007", "client-00011", "client-00015")  # 20% of 20
+POISONED_FROM = 4
+
+
+def poisoned_job(
+    *, rounds: int = 6, attackers: tuple[str, ...] = ATTACKERS, **sections: Any
+) -> Config:
+    """Digits over 20 steady devices, 10 a round; the named clients boost their update by 10
+    (n / eta) from round 4; the default policy's norm bounds loosened so that it commits."""
+    options = {"attackers": ",".join(attackers), "from_round": str(POISONED_FROM), "scale": "10"}
+    data: dict[str, Any] = {
+        "run": {"name": "poisoned", "rounds": rounds, "seed": 0},
+        "data": {"num_clients": 20},
+        "round": {"clients_per_round": 10, "over_selection": 1.0, "quorum": 0.5},
+        "client": {"epochs": 2, "batch_size": 16, "learning_rate": 0.2},
+        "evaluation": {"every": 0},
+        "devices": {"classes": [{"name": "steady", "share": 1.0, "dropout": 0.0}]},
+        "simulation": {"workers": 0},
+        "policy": {"max_relative_l2_norm": 1000.0, "max_l2_norm": 1e6},
+        "alerts": {"hooks": ["support.boosting_app:remember"]},
+        "app": {
+            "client": "support.boosting_app:client_app",
+            "server": "shoal.apps.builtin:server_app",
+            "options": options,
+        },
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return parse_config(data)
 
 
 client_app = ClientApp(_client, num_examples=honest_app.num_examples)

@@ -222,6 +222,9 @@ def rollback_model(
         ),
     ],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why (kept in the audit log's entry).")
+    ] = None,
     state_dir: StateDir = DEFAULT_STATE_DIR,
     registry: RegistryUrl = None,
     blobs: BlobUrl = None,
@@ -232,6 +235,8 @@ def rollback_model(
 
     Refuses a version marked BAD and one whose stored blob is missing or corrupt.
     """
+    if reason is not None and not reason.strip():
+        raise typer.BadParameter("give a reason, or leave --reason out", param_hint="--reason")
     with _database(state_dir, registry) as database:
         models = _models(database, state_dir, blobs, actor)
         target = models.get(name, version)
@@ -243,7 +248,7 @@ def rollback_model(
         previous = None if head is None else head.version
         if previous != version and not yes:
             _confirm(f"Move HEAD of {name} from version {previous} to version {version}?")
-        record = models.rollback(name, version)  # verifies the blob against its sha256
+        record = models.rollback(name, version, reason=reason)  # verifies the blob
     if as_json:
         _print_json(_model_json(record, head=True) | {"previous_head": previous})
     elif previous == version:

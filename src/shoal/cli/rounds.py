@@ -1,0 +1,259 @@
+"""``shoal rounds list|show``: a run's rounds, their participants, divergence and policy decisions.
+
+Read from a run's folder (a coordinator's ``--state-dir``, or a simulated
+run's ``--out``): the rows of ``metrics.jsonl``, and from its registry the
+round's participants as stored (per-round pseudonyms, under ``[metadata]``)
+with their divergence, and the update policy's decisions. ``--resolve``
+maps pseudonyms back to client ids with the folder's ``pseudonym.key`` and
+the client registry: only whoever can read that key can do it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from shoal.cli.app import app, user_errors
+from shoal.cli.operator import (
+    MAX_REGISTRY_INT,
+    AsJson,
+    RegistryUrl,
+    StateDir,
+    _cells,
+    _console,
+    _database,
+    _iso,
+    _key_value_table,
+    _print_json,
+)
+from shoal.coordinator.records import METRICS_FILE
+from shoal.core.errors import ConfigError, NotFoundError
+from shoal.governance.pseudonyms import PREFIX, PSEUDONYM_KEY_FILE, Pseudonyms
+from shoal.registry import ClientRegistry, Database
+from shoal.registry.decisions import DecisionRecord, PolicyDecisionLog
+from shoal.registry.location import DEFAULT_STATE_DIR
+from shoal.registry.participation import Participation, ParticipationLog
+from shoal.registry.schema import round_participants
+from shoal.telemetry.metrics import MetricsLog
+
+rounds_app = typer.Typer(
+    help="A run's rounds: their rows, participants, divergence and policy decisions.",
+    no_args_is_help=True,
+)
+app.add_typer(rounds_app, name="rounds")
+
+RunId = Annotated[
+    str | None,
+    typer.Option(
+        "--run-id",
+        metavar="ID",
+        show_default="the only run in the registry",
+        help="The run whose rounds to read (a simulation's run.name, a coordinator's run_id).",
+    ),
+]
+_PAGE = 1000  # clients read from the registry at a time, to resolve pseudonyms
+_LISTED = ("round", "phase", "committed", "model_version", "reported", "accuracy", "loss")
+
+
+@rounds_app.command("list")
+@user_errors
+def list_rounds(state_dir: StateDir = DEFAULT_STATE_DIR, as_json: AsJson = False) -> None:
+    """Every round's row: its version, accuracy, loss, flagged clients and playbook verdict."""
+    rows = _rows(state_dir)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(title="rounds", title_justify="left")
+    for column in (*_LISTED, "test_accuracy", "flagged", "playbook"):
+        table.add_column(column, justify="left" if column in ("phase", "playbook") else "right")
+    for row in rows:
+        table.add_row(
+            *_cells(
+                *(_short(row.get(key)) for key in _LISTED),
+                _short(row.get("test_accuracy")),
+                row.get("divergence_flagged"),
+                _verdict(row.get("playbook")),
+            )
+        )
+    _console().print(table if rows else f"no rounds in {state_dir / METRICS_FILE}")
+
+
+@rounds_app.command("show")
+@user_errors
+def show_round(
+    round_number: Annotated[
+        int, typer.Argument(metavar="N", min=0, max=MAX_REGISTRY_INT, help="The round.")
+    ],
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    registry: RegistryUrl = None,
+    run_id: RunId = None,
+    resolve: Annotated[
+        bool,
+        typer.Option(
+            "--resolve", help="Name the clients behind the pseudonyms (needs pseudonym.key)."
+        ),
+    ] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Round N: its rows, its participants with their divergence, and the policy's decisions."""
+    rows = [row for row in _rows(state_dir) if row.get("round") == round_number]
+    with _database(state_dir, registry) as database:
+        run = run_id or _only_run(database)
+        participants = ParticipationLog(database).round(run, round_number)
+        decisions = PolicyDecisionLog(database).decisions(run, round_number=round_number)
+        if not rows and not participants and not decisions:
+            raise NotFoundError(f"run {run!r} has no round {round_number} on record")
+        names = _resolver(database, state_dir, run, round_number) if resolve else None
+    shown = {
+        "run_id": run,
+        "round": round_number,
+        "rows": rows,
+        "participants": [_participant(entry, names) for entry in participants],
+        "decisions": [_decision(record, names) for record in decisions],
+    }
+    if as_json:
+        _print_json(shown)
+        return
+    _print_round(shown, resolved=names is not None)
+
+
+def _rows(state_dir: Path) -> list[dict[str, Any]]:
+    path = state_dir / METRICS_FILE
+    if not path.exists():
+        raise NotFoundError(f"{state_dir} holds no run ({METRICS_FILE} is missing)")
+    return MetricsLog(path).rows()
+
+
+def _only_run(database: Database) -> str:
+    """The registry's one run with participants on record (else ask for --run-id)."""
+    with database.read() as connection:
+        runs = sorted(
+            connection.execute(sa.select(round_participants.c.run_id).distinct()).scalars()
+        )
+    if len(runs) != 1:
+        found = ", ".join(runs) if runs else "none"
+        raise ConfigError(f"give --run-id: the registry holds participants of runs: {found}")
+    return str(runs[0])
+
+
+def _resolver(
+    database: Database, state_dir: Path, run_id: str, round_number: int
+) -> dict[str, str]:
+    """Each enrolled client's pseudonym in the round, to its id (the key file must be readable:
+    it is never created here, since a new key would resolve nothing)."""
+    key = state_dir / PSEUDONYM_KEY_FILE
+    if not key.exists():
+        raise ConfigError(f"--resolve needs the run's key, {key}: it is not there")
+    names = Pseudonyms.in_folder(state_dir, run_id=run_id)
+    clients = ClientRegistry(database)
+    resolved: dict[str, str] = {}
+    for offset in range(0, MAX_REGISTRY_INT, _PAGE):
+        page = clients.list(limit=_PAGE, offset=offset)
+        resolved |= {names.of(c.client_id, round_number=round_number): c.client_id for c in page}
+        if len(page) < _PAGE:
+            return resolved
+    return resolved
+
+
+def _participant(entry: Participation, names: Mapping[str, str] | None) -> dict[str, Any]:
+    fields = dataclasses.asdict(entry)
+    fields["recorded_at"] = _iso(entry.recorded_at)
+    if names is not None:
+        fields["client_id"] = _resolved(entry.participant, names)
+    return fields
+
+
+def _decision(record: DecisionRecord, names: Mapping[str, str] | None) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "participant": record.client_id,  # stored under the round's pseudonym, like the rest
+        "allowed": record.allowed,
+        "reasons": [{"code": code, "detail": detail} for code, detail in record.reasons],
+        "facts": dict(record.facts),
+        "decided_at": _iso(record.decided_at),
+    }
+    if names is not None:
+        fields["client_id"] = _resolved(record.client_id, names)
+    return fields
+
+
+def _resolved(name: str, names: Mapping[str, str]) -> str | None:
+    """The client behind ``name`` (a plain id stays itself; None: no enrolled client)."""
+    if name in names:
+        return names[name]
+    return None if name.startswith(PREFIX) else name
+
+
+def _print_round(shown: Mapping[str, Any], *, resolved: bool) -> None:
+    console = _console()
+    for row in shown["rows"]:
+        title = f"round {shown['round']} ({row.get('phase')}) of run {shown['run_id']}"
+        console.print(_key_value_table(title, {k: _short(v) for k, v in sorted(row.items())}))
+    console.print(_participants_table(shown["participants"], resolved=resolved))
+    console.print(_decisions_table(shown["decisions"], resolved=resolved))
+
+
+def _participants_table(entries: Iterable[Mapping[str, Any]], *, resolved: bool) -> Table:
+    table = Table(title="participants", title_justify="left")
+    columns = ["participant", *(["client"] if resolved else []), "version", "l2 agg"]
+    columns += ["cos agg", "l2 median", "cos median", "z", "flagged"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("participant", "client") else "right")
+    for entry in entries:
+        flagged = entry["flagged"]
+        table.add_row(
+            *_cells(
+                entry["participant"],
+                *([entry["client_id"] or "?"] if resolved else []),
+                entry["model_version"],
+                *(
+                    _short(entry[key])
+                    for key in (
+                        "l2_to_aggregate",
+                        "cosine_to_aggregate",
+                        "l2_to_median",
+                        "cosine_to_median",
+                        "z_score",
+                    )
+                ),
+                Text("yes", style="red") if flagged else ("no" if flagged is False else None),
+            )
+        )
+    return table
+
+
+def _decisions_table(decisions: Iterable[Mapping[str, Any]], *, resolved: bool) -> Table:
+    table = Table(title="policy decisions", title_justify="left")
+    for column in ("participant", *(["client"] if resolved else []), "allowed", "reasons"):
+        table.add_column(column, overflow="fold")
+    for decision in decisions:
+        reasons = "; ".join(f"{r['code']}: {r['detail']}" for r in decision["reasons"])
+        table.add_row(
+            *_cells(
+                decision["participant"],
+                *([decision["client_id"] or "?"] if resolved else []),
+                "yes" if decision["allowed"] else Text("no", style="red"),
+                reasons or None,
+            )
+        )
+    return table
+
+
+def _short(value: Any) -> Any:
+    """A float to four significant digits; anything else as it is."""
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
+def _verdict(playbook: Mapping[str, Any] | None) -> Text | None:
+    if not playbook:
+        return None
+    verdict = str(playbook.get("verdict"))
+    back = playbook.get("rolled_back_to")
+    text = verdict if back is None else f"{verdict}, HEAD back to {back}"
+    return Text(text, style={"good": "green", "bad": "red"}.get(verdict, "yellow"))
