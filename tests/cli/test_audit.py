@@ -107,13 +107,15 @@ def test_operator_commands_record_who_ran_them(run: Path) -> None:
     assert marked.exit_code == 0, marked.output
     rolled = shoal("models", "rollback", "global", "0", "--yes", "--state-dir", run)
     assert rolled.exit_code == 0, rolled.output
-    mark, rollback = entries(run, "--kind", "mark")[0], entries(run, "--kind", "rollback")[0]
+    # the run's playbook marked each version GOOD before: the operator's verdicts come last
+    mark, rollback = entries(run, "--kind", "mark")[-1], entries(run, "--kind", "rollback")[-1]
     assert (mark["actor"], mark["subject"]) == ("alice", "global@v1")
-    assert mark["details"] == {"from": "CANDIDATE", "to": "BAD", "reason": "poisoned"}
+    assert mark["details"] == {"from": "GOOD", "to": "BAD", "reason": "poisoned"}
     assert rollback["actor"] == getpass.getuser()
     assert rollback["details"] == {
         "from_version": 2,
         "to_version": 0,
+        "reason": None,
         "sha256": entries(run, "--kind", "commit")[0]["details"]["sha256"],  # type: ignore[index]
     }
     verified = shoal("audit", "verify", "--state-dir", run, "--json")
