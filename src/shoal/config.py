@@ -730,7 +730,8 @@ class PlaybookSection(_Section):
 
     A version is judged against the last one marked GOOD
     (:mod:`shoal.governance.playbook`): its accuracy falling more than
-    ``max_accuracy_drop`` (relative: 0.3 is 30% of the GOOD accuracy), a
+    ``max_accuracy_drop`` (relative: 0.3 is 30% of the GOOD accuracy) and by at least
+    ``min_accuracy_drop`` (absolute, in accuracy: a relative drop near chance means nothing), a
     NaN or infinite loss or an evaluation loss above ``max_loss_ratio`` times
     the GOOD one, a median divergence above ``max_divergence_ratio`` times the
     GOOD round's, more than ``max_flagged_share`` of the participants flagged,
@@ -748,6 +749,7 @@ class PlaybookSection(_Section):
     enabled: bool = True
     evaluation: Literal["auto", "central", "federated"] = "auto"
     max_accuracy_drop: Fraction = 0.3
+    min_accuracy_drop: Fraction = 0.1
     max_loss_ratio: Annotated[float, Field(ge=1)] = 3.0
     max_divergence_ratio: Annotated[float, Field(ge=1)] = 10.0
     max_flagged_share: Fraction = 0.5

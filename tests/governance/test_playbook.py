@@ -80,6 +80,24 @@ def test_without_a_good_version_only_the_absolute_rules_apply(
     assert judge_version(facts, None).verdict is verdict
 
 
+@pytest.mark.parametrize(
+    ("good", "accuracy", "fired"),
+    [
+        (0.18, 0.11, False),  # near chance: 39% lower, but 7 points, is noise
+        (0.18, 0.07, True),  # 11 points, and 61% lower
+        (0.5, 0.36, False),  # 14 points, but 28% lower
+        (0.5, 0.34, True),  # 16 points and 32% lower
+        (0.9, 0.64, False),
+        (0.9, 0.62, True),
+    ],
+)
+def test_an_accuracy_drop_is_both_relative_and_absolute(
+    good: float, accuracy: float, fired: bool
+) -> None:
+    judgement = judge_version(VersionFacts(accuracy=accuracy), VersionFacts(accuracy=good))
+    assert (judgement.verdict is Verdict.BAD) is fired
+
+
 def test_a_reference_without_a_measure_turns_its_ratio_off() -> None:
     reference = VersionFacts(accuracy=None, loss=0.0, divergence_median=0.0, step_l2=None)
     facts = VersionFacts(accuracy=0.0, loss=5.0, divergence_median=5.0, step_l2=5.0)
@@ -107,7 +125,7 @@ def test_a_trigger_left_out_of_the_rule_never_fires(name: str) -> None:
 def test_the_reasons_name_the_trigger_and_what_it_saw() -> None:
     judgement = judge_version(VersionFacts(accuracy=0.45, loss=0.5), GOOD)
     assert judgement.reasons == [
-        "accuracy_drop: accuracy 0.45 below 0.63, 30% under the last GOOD version's 0.9"
+        "accuracy_drop: accuracy 0.45 below 0.63, 30% (and 0.1) under the last GOOD version's 0.9"
     ]
 
 
@@ -115,6 +133,7 @@ def test_the_reasons_name_the_trigger_and_what_it_saw() -> None:
     "options",
     [
         {"max_accuracy_drop": 1.5},
+        {"min_accuracy_drop": -0.5},
         {"max_flagged_share": -0.1},
         {"max_loss_ratio": 0.5},
         {"max_step_ratio": math.inf},

@@ -84,6 +84,7 @@ class RunPlaybook:
         self.restore = restore
         self.rule = PlaybookRule(
             max_accuracy_drop=section.max_accuracy_drop,
+            min_accuracy_drop=section.min_accuracy_drop,
             max_loss_ratio=section.max_loss_ratio,
             max_divergence_ratio=section.max_divergence_ratio,
             max_flagged_share=section.max_flagged_share,
@@ -238,6 +239,14 @@ def resume_point(store: RunStore, head: ModelRecord) -> tuple[ModelRecord, int, 
         return head, head.round, None
     bad = store.version(last.from_version)
     return head, max(head.round, bad.round), bad
+
+
+def verdict_of(record: ModelRecord) -> Row:
+    """The ``playbook`` field of a version's row, as its status tells it (a row rebuilt after
+    a crash: the version was judged before the row was to be written)."""
+    if record.status is ModelStatus.GOOD:
+        return {"verdict": "good", "reasons": []}
+    return {"verdict": "pending", "reasons": []}
 
 
 def recovered_row(bad: ModelRecord, head: ModelRecord) -> Row:

@@ -72,6 +72,7 @@ from shoal.coordinator.playbook import (
     resume_point,
     rolled_back,
     tally,
+    verdict_of,
 )
 from shoal.coordinator.policy import RunPolicy
 from shoal.coordinator.records import RunStore
@@ -346,6 +347,8 @@ class Run:
         if head.round > 0 and not any(row["round"] == head.round for row in rows):
             # the crash came between committing the version and recording its row
             recovered = {**head.metrics, "model_version": head.version, "sha256": head.sha256}
+            if self.config.playbook.enabled:
+                recovered["playbook"] = verdict_of(head)
             self.store.append_row({**recovered, "wall_time_s": self.wall_offset})
         bad = rolled_back_from
         if bad is not None and not any(row.get("model_version") == bad.version for row in rows):

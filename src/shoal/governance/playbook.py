@@ -7,7 +7,9 @@ facts of the last version marked GOOD, and returns a :class:`Judgement`
 with one :class:`Trigger` per rule that fired:
 
 - ``accuracy_drop``: the accuracy fell below ``(1 - max_accuracy_drop)``
-  times the GOOD version's (a *relative* drop: 0.3 is 30% of it);
+  times the GOOD version's (a *relative* drop: 0.3 is 30% of it) and by at
+  least ``min_accuracy_drop`` (absolute: near chance level, where a model
+  is still finding its way, a relative drop means nothing);
 - ``loss``: a loss is NaN or infinite, or the evaluation loss exceeds
   ``max_loss_ratio`` times the GOOD version's;
 - ``divergence``: the median distance of the round's updates to their
@@ -55,6 +57,7 @@ class PlaybookRule:
     """The detector's thresholds (see the module docstring); ``triggers``: the rules in force."""
 
     max_accuracy_drop: float = 0.3
+    min_accuracy_drop: float = 0.1
     max_loss_ratio: float = 3.0
     max_divergence_ratio: float = 10.0
     max_flagged_share: float = 0.5
@@ -64,6 +67,8 @@ class PlaybookRule:
     def __post_init__(self) -> None:
         if not 0 <= self.max_accuracy_drop <= 1:
             raise ConfigError(f"max_accuracy_drop must be in [0, 1], got {self.max_accuracy_drop}")
+        if not 0 <= self.min_accuracy_drop <= 1:
+            raise ConfigError(f"min_accuracy_drop must be in [0, 1], got {self.min_accuracy_drop}")
         if not 0 <= self.max_flagged_share <= 1:
             raise ConfigError(f"max_flagged_share must be in [0, 1], got {self.max_flagged_share}")
         for name in ("max_loss_ratio", "max_divergence_ratio", "max_step_ratio"):
@@ -171,11 +176,13 @@ def judge_version(
 def _accuracy_drop(facts: VersionFacts, good: VersionFacts, rule: PlaybookRule) -> str | None:
     if facts.accuracy is None or good.accuracy is None or not math.isfinite(good.accuracy):
         return None
-    floor = (1 - rule.max_accuracy_drop) * good.accuracy
+    floor = min(
+        (1 - rule.max_accuracy_drop) * good.accuracy, good.accuracy - rule.min_accuracy_drop
+    )
     if math.isnan(facts.accuracy) or facts.accuracy < floor:
         return (
-            f"accuracy {facts.accuracy:.4g} below {floor:.4g}, "
-            f"{rule.max_accuracy_drop:.0%} under the last GOOD version's {good.accuracy:.4g}"
+            f"accuracy {facts.accuracy:.4g} below {floor:.4g}, {rule.max_accuracy_drop:.0%} "
+            f"(and {rule.min_accuracy_drop:g}) under the last GOOD version's {good.accuracy:.4g}"
         )
     return None
 
