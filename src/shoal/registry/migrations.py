@@ -320,10 +320,6 @@ def _create_audit_log(op: Operations) -> None:
     )
 
 
-def _reserved(op: Operations) -> None:
-    """A number taken by a change developed beside this one: nothing to do here."""
-
-
 def _number_privacy_attempts(op: Operations) -> None:
     # every round recorded so far belongs to the run's first pass over its round numbers; the
     # key takes the attempt, so that a round number replayed after HEAD moved back is recorded
@@ -351,9 +347,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(12, "attestation allow-list of client builds", _create_attestation_allow_list),
     Migration(13, "each fit round's participants and their divergence", _create_round_participants),
     Migration(14, "tamper-evident audit log and its signed heads", _create_audit_log),
-    Migration(15, "reserved", _reserved),
     Migration(
-        16,
+        15,
         "privacy rounds keyed by attempt: replayed rounds are new releases",
         _number_privacy_attempts,
     ),

@@ -269,7 +269,7 @@ privacy_rounds = sa.Table(
     sa.Column("participants_sha256", sa.String(64), nullable=False),
     sa.Column("recorded_at", UtcDateTime, nullable=False),
     # which pass over the round numbers released this round: 0, then one more each time HEAD
-    # moved back past a released round and the run replays its numbers (migration 16)
+    # moved back past a released round and the run replays its numbers (migration 15)
     sa.Column("attempt", sa.Integer, nullable=False, server_default="0"),
     sa.PrimaryKeyConstraint("run_id", "attempt", "round"),
     sa.ForeignKeyConstraint(["run_id"], ["privacy_budgets.run_id"]),
