@@ -33,8 +33,9 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy
 
+# the suite on every core (a test file stays on one worker: its module fixtures are built once)
 test: lint typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --dist loadfile
 
 bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/aggregation.py
@@ -42,6 +43,8 @@ bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/registry.py
 	$(BIN)/python benchmarks/network.py
 	$(BIN)/python benchmarks/attestation.py
+	$(BIN)/python benchmarks/canary_exposure.py
+	$(BIN)/python benchmarks/robustness.py --workers 2
 
 clean:
 	rm -rf $(VENV) runs .mypy_cache .ruff_cache .pytest_cache

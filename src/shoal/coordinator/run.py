@@ -96,7 +96,11 @@ log = logging.getLogger("shoal.run")
 
 Row = dict[str, Any]
 # a row's fields whose words are Shoal's own (a client that calls itself "fit" changes none)
-_NAMES_NO_CLIENT = frozenset({"phase", "secure_aggregation", "sha256", "model_version"})
+# row keys kept as they are: no client in them, or (``battery_drain``) the simulator's own state
+# of its simulated devices, which a resumed simulation replays by device name
+_NAMES_NO_CLIENT = frozenset(
+    {"phase", "secure_aggregation", "sha256", "model_version", "battery_drain"}
+)
 EVALUATION_UPLOAD_BYTES = 256
 """What one client's evaluation answer weighs on the wire, about."""
 
