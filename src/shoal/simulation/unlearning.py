@@ -129,11 +129,14 @@ def _retrained(report: UnlearningReport, folder: Path) -> UnlearningReport:
         models.database.close()
     if head is None:
         raise RunError(f"{folder} lost its HEAD while retraining")
-    first = report.first_participation or 0
+    # every fit round after the restart version's is played again (those before the client's
+    # first participation too, when the version to return to is older than that: an aborted
+    # round committed nothing)
+    after = report.restart_round if report.restart_round is not None else 0
     replayed = [
         row["round"]
         for row in MetricsLog(folder / "metrics.jsonl").rows()
-        if row["phase"] == "fit" and row["round"] >= first
+        if row["phase"] == "fit" and row["round"] > after
     ]
     return report.with_head(head, recomputed=replayed)
 
