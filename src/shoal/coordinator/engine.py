@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from shoal.aggregation.divergence import DivergenceReport, DivergenceRule, measure_divergence
+from shoal.aggregation.divergence import DivergenceRule
 from shoal.aggregation.strategy import Strategy
 from shoal.client.api import EvaluateConfig, FitConfig
-from shoal.coordinator.app import ClientMetrics, MetricsAggregation, split_round_config
+from shoal.coordinator.app import MetricsAggregation, split_round_config
 from shoal.coordinator.events import (
     Action,
     AggregateDecrypted,
@@ -50,6 +50,7 @@ from shoal.coordinator.policy import (
     relative_norms,
     sealed_submission,
 )
+from shoal.coordinator.round_summary import round_divergence, summarize
 from shoal.coordinator.rounds import PendingUpdate, RoundBooks, RoundSettings
 from shoal.coordinator.secure import (
     SecureSettings,
@@ -74,9 +75,6 @@ from shoal.secure.server import Aborted, SumReady
 from shoal.tasks import Phase, RejectReason, RejectSubmission
 
 log = logging.getLogger("shoal.coordinator")
-
-MAX_FAILURE_REASONS = 5
-"""The most frequent failure reasons a round's summary keeps."""
 
 
 def failure_reason(reason: str) -> str:
@@ -637,32 +635,10 @@ class Coordinator:
         self._move(Step.QUORUM_MET)
         self.parameters = self.parameters.with_vector(vector)
         self.optimizer_state = optimizer_state
-        current.divergence = self._measure_divergence(current, delta)
+        current.divergence = round_divergence(current, delta, rule=self.divergence, seed=self.seed)
         summary = self._summary(now, committed=True)
         self._move(Step.COMMITTED)
         return [CommitVersion(current.number, self.parameters, summary), RoundClosed(summary)]
-
-    def _measure_divergence(
-        self, current: RoundBooks, aggregate: Vector
-    ) -> DivergenceReport | None:
-        """Each counted update against the round's aggregate and median (none under a secure
-        round: no single update was ever seen, which the report says)."""
-        if self.divergence is None:
-            return None
-        if current.secure is not None:
-            protocol = "CKKS" if isinstance(current.secure, CkksRound) else "SecAgg+"
-            return DivergenceReport.unavailable(
-                f"per-client divergence cannot exist under {protocol}: only the sum is seen; "
-                "detection watches the aggregate"
-            )
-        counted, current.counted = current.counted, []
-        if not counted:
-            return DivergenceReport()
-        names = [client for client, _ in counted]
-        updates = np.stack([update for _, update in counted])
-        return measure_divergence(
-            names, updates, aggregate, rule=self.divergence, seed=self.seed + current.number
-        )
 
     def _private_mean(self, total: npt.NDArray[np.floating], unclipped: float) -> Vector:
         """DP-FedAvg's noised mean; the clip norm it used goes into the round's metrics."""
@@ -673,48 +649,14 @@ class Coordinator:
             total, unclipped=unclipped, denominator=current.denominator
         )
 
-    @staticmethod
-    def _app_metrics(aggregate: MetricsAggregation, results: ClientMetrics) -> dict[str, float]:
-        """The app's aggregation of the clients' metrics; its failure costs the metrics only."""
-        try:
-            combined = aggregate(results)
-            return {str(name): float(value) for name, value in combined.items()}
-        except Exception as exc:  # a user's function: the round stands without its metrics
-            log.error("the app's metrics aggregation failed: %s", exc)
-            return {}
-
     def _summary(
         self, now: float, *, committed: bool, abort_reason: str | None = None
     ) -> RoundSummary:
         current = self._require_round()
-        weight = current.num_examples
-        metrics = (
-            {name: total / weight for name, total in current.metric_sums.items()} if weight else {}
-        )
-        aggregate = self.metrics_aggregation.get(current.phase)
-        if aggregate is not None and current.client_metrics:
-            metrics = {**metrics, **self._app_metrics(aggregate, current.client_metrics)}
-        return RoundSummary(
-            round=current.number,
-            phase=current.phase,
-            started_at=current.started_at,
-            closed_at=now,
-            selected=len(current.cohort),
-            reported=len(current.reported),
-            failed=len(current.failed),
-            outstanding=len(current.cohort) - current.accounted,
-            rejected=dict(sorted(current.rejected.items())),
-            num_examples=weight,
-            loss=metrics.get("loss"),
-            metrics=metrics,
+        return summarize(
+            current,
+            now=now,
             committed=committed,
             abort_reason=abort_reason,
-            secure=current.secure_report,
-            participants=tuple(sorted(current.reported)),
-            failures=dict(current.failures.most_common(MAX_FAILURE_REASONS)),
-            policy_decisions=current.policy_decisions,
-            policy_denied=dict(sorted(current.policy_denied.items())),
-            fallback=None if current.fallback is None else current.fallback.report(),
-            divergence=current.divergence,
-            cohort=tuple(sorted(current.cohort)),
+            aggregate=self.metrics_aggregation.get(current.phase),
         )

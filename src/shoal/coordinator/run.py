@@ -29,16 +29,19 @@ layer owns everything above it, so that each rule is written once:
 - the policy on every update (:mod:`shoal.coordinator.policy`): the engine
   asks it, with the facts of the run's registry, and its decisions are
   logged and counted in the row;
-- the metrics row of a closed round, the central evaluation, and the
-  version committed with that row before anyone is offered the new model;
-- the job's alerts (``[alerts]``) about a round: a cohort that dropped
-  past the job's share, with the fallback the round took;
-- the audit log's entries of the run (each round's participants, a key
-  holder's decryptions) and its head, signed at each commit and at the end;
+- the metrics row of a closed round and the central evaluation
+  (:mod:`shoal.coordinator.run_metrics`), and the version committed with
+  that row before anyone is offered the new model;
+- the round's records (:mod:`shoal.coordinator.round_records`): its
+  participants and their divergence, the audit log's entries (who took
+  part, a key holder's decryptions), the suspension of a secure round's
+  cheats, and the job's alerts (``[alerts]``) about a cohort that dropped
+  past the job's share; the audit log's head is signed at each commit and
+  at the end;
 - the poisoned-model playbook (``[playbook]``,
   :mod:`shoal.coordinator.playbook`): each committed version judged, marked
   GOOD or BAD, HEAD rolled back and the suspects suspended;
-- the end: the summary.
+- the end: the summary (:mod:`shoal.coordinator.run_metrics`).
 
 It holds no clock and does no I/O of its own: the shell gives it a
 :class:`RunStore` (the run folder and registries) and the times it
@@ -49,7 +52,6 @@ engine between the calls of a :class:`Run`.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -57,7 +59,6 @@ from typing import Any
 
 import numpy as np
 
-from shoal.aggregation.divergence import DivergenceRule
 from shoal.aggregation.strategy import Strategy
 from shoal.client.api import Client
 from shoal.config import Config, config_to_dict
@@ -66,17 +67,20 @@ from shoal.coordinator.eligibility import DeviceFacts, EligibilityPolicy, Mask, 
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import CommitVersion, RoundSummary
 from shoal.coordinator.fallback import candidates_wanted
-from shoal.coordinator.playbook import (
-    RunPlaybook,
-    recovered_row,
-    resume_point,
-    rolled_back,
-    tally,
-    verdict_of,
-)
+from shoal.coordinator.playbook import RunPlaybook, recovered_row, resume_point, verdict_of
 from shoal.coordinator.policy import RunPolicy
 from shoal.coordinator.records import RunStore
+from shoal.coordinator.round_records import RoundRecords
 from shoal.coordinator.rounds import RoundSettings
+from shoal.coordinator.run_metrics import (
+    EVALUATION_UPLOAD_BYTES as EVALUATION_UPLOAD_BYTES,  # re-exported: the shells import it here
+)
+from shoal.coordinator.run_metrics import (
+    central_evaluation,
+    divergence_rule,
+    round_row,
+    run_summary,
+)
 from shoal.coordinator.schedule import Play, evaluation_due, schedule
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
 from shoal.coordinator.selection import PrivateSampler, cohort_size
@@ -84,25 +88,17 @@ from shoal.core.errors import ConfigError, RunError, ShoalError
 from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
 from shoal.governance.policy import PolicyEngine
-from shoal.governance.pseudonyms import Names, PlainNames, pseudonymize
+from shoal.governance.pseudonyms import Names
 from shoal.privacy.coordinator import check_private_strategy
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import ModelRecord, Requirement, SelectionCriteria
-from shoal.registry.participation import Participation, ParticipationLog
+from shoal.registry.participation import ParticipationLog
 from shoal.tasks import Phase
-from shoal.telemetry.alerts import AlertHook, CohortDropped, alert_hooks, fire
+from shoal.telemetry.alerts import AlertHook, alert_hooks
 
 log = logging.getLogger("shoal.run")
 
 Row = dict[str, Any]
-# a row's fields whose words are Shoal's own (a client that calls itself "fit" changes none)
-# row keys kept as they are: no client in them, or (``battery_drain``) the simulator's own state
-# of its simulated devices, which a resumed simulation replays by device name
-_NAMES_NO_CLIENT = frozenset(
-    {"phase", "secure_aggregation", "sha256", "model_version", "battery_drain"}
-)
-EVALUATION_UPLOAD_BYTES = 256
-"""What one client's evaluation answer weighs on the wire, about."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +185,9 @@ class Run:
         self._screened: Row | None = None  # the screened play's counts, until its row
         self._coordinator: Coordinator | None = None
         self._bars: list[Callable[[], Iterable[str]]] = []  # the shell's own sources of bars
-        self._names: Names | None = None
+        self.records = RoundRecords(
+            store, run_id=self.run_id, metadata=config.metadata, alerts=self.alerts
+        )
         self.playbook: RunPlaybook | None = None  # [playbook], once the run is open
         self._previous: Parameters | None = None  # the model the next commit steps from
 
@@ -197,20 +195,12 @@ class Run:
     def names(self) -> Names:
         """How stored round records name clients: per-round pseudonyms (``[metadata]``), keyed
         by the run folder's own key, or their ids."""
-        if self._names is None:
-            self._names = (
-                self.store.pseudonyms(self.run_id)
-                if self.config.metadata.pseudonyms
-                else PlainNames()
-            )
-        return self._names
+        return self.records.names
 
     @property
     def participation(self) -> ParticipationLog:
         """Each fit round's participants and their divergence, in the run's database."""
-        return ParticipationLog(
-            self.store.database, granularity_s=self.config.metadata.timestamp_granularity_s
-        )
+        return self.records.participation
 
     @property
     def coordinator(self) -> Coordinator:
@@ -515,19 +505,30 @@ class Run:
         ``extra`` holds what only the shell knows (wall time, the simulator's
         stragglers and bytes); it overrides the defaults.
         """
-        row = self._row(summary, extra)
-        self._suspend_culprits(summary)
-        self._cohort_dropped(summary)
-        self._audit_selection(summary)
+        row = round_row(
+            summary,
+            extra,
+            names=self.names,
+            model_bytes=self.model_bytes,
+            excluded_criteria=self.excluded_criteria(),
+            screened=self._screened,
+            policy=self.parts.policy is not None,
+            privacy=self.privacy,
+        )
+        self._screened = None  # the play's counts went into its row
+        records = self.records
+        records.suspend_culprits(summary)
+        records.cohort_dropped(summary)
+        records.audit_selection(summary)
         if commit is None:
             head = self.store.head()
             row["model_version"] = None if head is None else head.version
-            self._record_participants(summary, version=None)
+            records.record_participants(summary, version=None)
             judged = None if self.playbook is None else self.playbook.after_evaluation(row)
             if judged is not None:
                 row["playbook"] = judged
             return row
-        row.update(self._central_evaluation(commit.parameters, commit.round))
+        row.update(central_evaluation(self.app, commit.parameters, round_number=commit.round))
         row["model_step_l2"] = self._step_l2(commit.parameters)
         # the whole row goes with the version: a crash before the row is written loses nothing
         record = self.store.commit(
@@ -538,7 +539,7 @@ class Run:
             architecture=self.architecture,
         )
         row.update(model_version=record.version, sha256=record.sha256)
-        self._record_participants(summary, version=record.version)
+        records.record_participants(summary, version=record.version)
         self._previous = commit.parameters
         if self.playbook is not None:
             row["playbook"] = self.playbook.after_fit(summary, row, version=record.version)
@@ -553,235 +554,25 @@ class Run:
             return None
         return float(np.linalg.norm(parameters.vector - previous.vector))
 
-    def _record_participants(self, summary: RoundSummary, *, version: int | None) -> None:
-        """Keep who counted in a fit round, under their round's pseudonyms, with divergence."""
-        if summary.phase is not Phase.FIT or not summary.participants:
-            return
-        report = summary.divergence
-        measured = {} if report is None else {entry.client_id: entry for entry in report.clients}
-        entries = []
-        for client_id in summary.participants:
-            divergence = measured.get(client_id)
-            entries.append(
-                Participation(
-                    run_id=self.run_id,
-                    round=summary.round,
-                    participant=self.names.of(client_id, round_number=summary.round),
-                    model_version=version,
-                    **({} if divergence is None else divergence.fields()),
-                )
-            )
-        self.participation.record(entries)
-
-    def _audit_selection(self, summary: RoundSummary) -> None:
-        """The audit log's record of who took part in a round (before its commit's entry)."""
-        details = {
-            "run_id": self.run_id,
-            "phase": summary.phase.value,
-            "selected": summary.selected,
-            # under the round's pseudonyms, as every stored round record (the key resolves them)
-            "participants": sorted(
-                self.names.of(client, round_number=summary.round) for client in summary.participants
-            ),
-            "committed": summary.committed,
-            "abort_reason": summary.abort_reason,
-        }
-        self.store.audit_event("select", subject=f"round {summary.round}", details=details)
-
     def record_decryption(self, round_number: int, *, key_holder: str, error: str | None) -> None:
         """Audit the key holder's answer to a round's decryption request (the shell that
         asked reports it: ``key_holder`` names who decrypted, ``error`` a refusal)."""
-        details = {"run_id": self.run_id, "key_holder": key_holder, "error": error}
-        self.store.audit_event("decrypt", subject=f"round {round_number}", details=details)
-
-    def _suspend_culprits(self, summary: RoundSummary) -> None:
-        """Clients a secure round caught cheating are suspended, with what they did."""
-        report = summary.secure
-        for client, what in ({} if report is None else report.culprits).items():
-            reason = f"caught cheating in secure round {summary.round}: {what}"
-            log.warning("suspending %s: %s", client, reason)
-            self.store.suspend(client, reason)
-
-    def _cohort_dropped(self, summary: RoundSummary) -> None:
-        """Tell the job's hooks that a round lost too much of its cohort, and what it did."""
-        report = summary.fallback
-        if report is None:
-            return
-        fire(
-            self.alerts,
-            CohortDropped(
-                run_id=self.run_id,
-                round=summary.round,
-                phase=summary.phase.value,
-                fallback=report.kind,
-                configured=report.configured,
-                dropped=report.dropped,
-                cohort=report.cohort,
-                replacements=report.replacements,
-                extended_by_s=report.extended_by_s,
-                committed=summary.committed,
-                note=report.note,
-            ),
-        )
+        self.records.record_decryption(round_number, key_holder=key_holder, error=error)
 
     def record(self, row: Row) -> None:
         """Keep a closed round's row (after the shell added its wall time)."""
         self.store.append_row(row)
 
-    def _row(self, summary: RoundSummary, extra: Mapping[str, Any]) -> Row:
-        fit = summary.phase is Phase.FIT
-        row: Row = {
-            "round": summary.round,
-            "phase": summary.phase.value,
-            "selected": summary.selected,
-            "reported": summary.reported,
-            "dropped": summary.failed + summary.outstanding,
-            "rejected": dict(summary.rejected),
-            "excluded": {
-                criterion: summary.excluded.get(criterion, 0)
-                for criterion in self.excluded_criteria()
-            },
-            "failures": dict(summary.failures),
-            "committed": summary.committed,
-            "abort_reason": summary.abort_reason,
-            "num_examples": summary.num_examples,
-            "loss": summary.loss,
-            "accuracy": summary.metrics.get("accuracy"),
-            "virtual_time_s": summary.closed_at,
-            "model_version": None,
-            "bytes_down": self.model_bytes * summary.selected,
-            "bytes_up": summary.reported * (self.model_bytes if fit else EVALUATION_UPLOAD_BYTES),
-        }
-        if self._screened is not None:
-            row.update(self._screened)
-            self._screened = None
-        if summary.fallback is not None:
-            row["fallback"] = summary.fallback.fields()
-        report = summary.secure
-        if report is not None:
-            row.update(
-                secure_aggregation=report.protocol,
-                secure_dropped=dict(report.dropped),
-                recovered=report.recovered,
-                secure_aborted=report.aborted,
-                secure_culprits=sorted(
-                    self.names.of(client, round_number=summary.round) for client in report.culprits
-                ),
-            )
-        row.update(extra)
-        for name, value in summary.metrics.items():  # the clients' own metrics, by name
-            row.setdefault(name, value)
-        if fit and summary.divergence is not None:
-            row.update(summary.divergence.row_fields())
-        if fit and self.parts.policy is not None:
-            row.update(
-                policy_decisions=summary.policy_decisions,
-                policy_denied=dict(summary.policy_denied),
-            )
-        if fit and self.privacy is not None:
-            row.update(self.privacy.row_fields(summary))
-        return self._pseudonymous(row, summary)
-
-    def _pseudonymous(self, row: Row, summary: RoundSummary) -> Row:
-        """The row as stored telemetry keeps it: an id of the round's clients anywhere in it (a
-        failure or an abort reason that names one) under its round's pseudonym."""
-        if isinstance(self.names, PlainNames):
-            return row
-        culprits = () if summary.secure is None else tuple(summary.secure.culprits)
-        clients = {*summary.cohort, *summary.participants, *culprits}
-        return {
-            key: value
-            if key in _NAMES_NO_CLIENT
-            else pseudonymize(value, names=self.names, clients=clients, round_number=summary.round)
-            for key, value in row.items()
-        }
-
-    def _central_evaluation(self, parameters: Parameters, round_number: int) -> Row:
-        """The server app's evaluation of a new model, as ``test_*`` columns."""
-        if self.app.evaluate is None:
-            return {}
-        try:
-            metrics = dict(self.app.evaluate(parameters, round_number))
-        except Exception as exc:  # a user's function: the round stands without test metrics
-            log.error("the server app's evaluate failed in round %d: %s", round_number, exc)
-            return {}
-        columns: Row = {f"test_{name}": value for name, value in metrics.items()}
-        if "accuracy" in metrics:
-            columns["accuracy"] = metrics["accuracy"]
-        return columns
-
     # --- the end ---------------------------------------------------------------------------
 
     def finish(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The run's summary (the run-output contract), written to the store."""
-        rows = self.store.rows()
-        fits = [row for row in rows if row["phase"] == "fit"]
-        committed = [row for row in fits if row["committed"]]
-        head = self.store.head()
-        last = _head_row(committed, head)
-        evaluations = [
-            row
-            for row in rows
-            if row["phase"] == "evaluate" and row["committed"] and not rolled_back(row)
-        ]
-        final_accuracy = last.get("test_accuracy")
-        if final_accuracy is None and evaluations:
-            final_accuracy = evaluations[-1]["accuracy"]
-        head = self.store.head()
-        audit_head = self.store.sign_audit_head()  # the run's last entries, signed at its end
-        summary: dict[str, Any] = {
-            "rounds_completed": len(committed),
-            "rounds_aborted": len(fits) - len(committed),
-            "final_accuracy": final_accuracy,
-            "final_loss": last.get("loss"),
-            "final_test_loss": last.get("test_loss"),
-            "final_federated_accuracy": evaluations[-1]["accuracy"] if evaluations else None,
-            "wall_time_s": max((row.get("wall_time_s", 0.0) for row in rows), default=0.0),
-            "virtual_time_s": rows[-1]["virtual_time_s"] if rows else 0.0,
-            "num_parameters": len(self.coordinator.parameters),
-            "bytes_up": sum(row.get("bytes_up", 0) for row in rows),
-            "bytes_down": sum(row.get("bytes_down", 0) for row in rows),
-            "model_version": None if head is None else head.version,
-            "model_sha256": None if head is None else head.sha256,
-            "architecture": self.architecture,
-            "strategy": self.config.strategy.name,
-            "secure_aggregation": self.config.secure_aggregation.protocol,
-            "rounds_aborted_below_threshold": sum(1 for row in fits if row.get("secure_aborted")),
-            "clients_recovered": sum(row.get("recovered", 0) for row in fits),
-            "fallbacks": _fallbacks(rows),
-            "audit_seq": None if audit_head is None else audit_head.seq,
-            "audit_hash": None if audit_head is None else audit_head.hash,
-            **({"playbook": tally(rows)} if self.config.playbook.enabled else {}),
-            "stop_reason": self.stop_reason,
-            **({} if self.privacy is None else self.privacy.summary_fields()),
-            **(extra or {}),
-            "seed": self.config.run.seed,
-        }
-        self.store.write_summary(summary)
-        return summary
-
-
-def divergence_rule(config: Config) -> DivergenceRule | None:
-    """The job's ``[divergence]`` rule; None when it is off."""
-    section = config.divergence
-    if not section.enabled:
-        return None
-    return DivergenceRule(
-        max_z=section.max_z, min_cosine=section.min_cosine, min_clients=section.min_clients
-    )
-
-
-def _head_row(committed: list[Row], head: ModelRecord | None) -> Row:
-    """The fit row of the final model, HEAD (not a later round's that was rolled back)."""
-    if head is not None:
-        for row in reversed(committed):
-            if row.get("model_version") == head.version:
-                return row
-    kept = [row for row in committed if not rolled_back(row)]
-    return kept[-1] if kept else {}
-
-
-def _fallbacks(rows: Iterable[Row]) -> dict[str, int]:
-    """How many rounds took each fallback, by kind (``{}``: none did)."""
-    taken = Counter(row["fallback"]["kind"] for row in rows if row.get("fallback"))
-    return dict(sorted(taken.items()))
+        return run_summary(
+            self.store,
+            config=self.config,
+            architecture=self.architecture,
+            num_parameters=len(self.coordinator.parameters),
+            privacy=self.privacy,
+            stop_reason=self.stop_reason,
+            extra=extra,
+        )

@@ -1,0 +1,98 @@
+"""What a closed round's books say: its summary for the shell, and its per-client divergence.
+
+Pure functions of the round engine's books (:class:`~shoal.coordinator.rounds.RoundBooks`):
+the engine (:class:`~shoal.coordinator.engine.Coordinator`) calls them when it closes a
+round, so that its state machine holds the transitions and these hold the arithmetic.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from shoal.aggregation.divergence import DivergenceReport, DivergenceRule, measure_divergence
+from shoal.coordinator.app import ClientMetrics, MetricsAggregation
+from shoal.coordinator.events import RoundSummary
+from shoal.coordinator.homomorphic import CkksRound
+from shoal.coordinator.rounds import RoundBooks
+from shoal.core.parameters import Vector
+
+log = logging.getLogger("shoal.coordinator")
+
+MAX_FAILURE_REASONS = 5
+"""The most frequent failure reasons a round's summary keeps."""
+
+
+def summarize(
+    current: RoundBooks,
+    *,
+    now: float,
+    committed: bool,
+    abort_reason: str | None = None,
+    aggregate: MetricsAggregation | None = None,
+) -> RoundSummary:
+    """The summary of a round closed at ``now``; ``aggregate``: the app's aggregation of
+    the clients' metrics for the round's phase (None: the example-weighted means only)."""
+    weight = current.num_examples
+    metrics = (
+        {name: total / weight for name, total in current.metric_sums.items()} if weight else {}
+    )
+    if aggregate is not None and current.client_metrics:
+        metrics = {**metrics, **app_metrics(aggregate, current.client_metrics)}
+    return RoundSummary(
+        round=current.number,
+        phase=current.phase,
+        started_at=current.started_at,
+        closed_at=now,
+        selected=len(current.cohort),
+        reported=len(current.reported),
+        failed=len(current.failed),
+        outstanding=len(current.cohort) - current.accounted,
+        rejected=dict(sorted(current.rejected.items())),
+        num_examples=weight,
+        loss=metrics.get("loss"),
+        metrics=metrics,
+        committed=committed,
+        abort_reason=abort_reason,
+        secure=current.secure_report,
+        participants=tuple(sorted(current.reported)),
+        failures=dict(current.failures.most_common(MAX_FAILURE_REASONS)),
+        policy_decisions=current.policy_decisions,
+        policy_denied=dict(sorted(current.policy_denied.items())),
+        fallback=None if current.fallback is None else current.fallback.report(),
+        divergence=current.divergence,
+        cohort=tuple(sorted(current.cohort)),
+    )
+
+
+def app_metrics(aggregate: MetricsAggregation, results: ClientMetrics) -> dict[str, float]:
+    """The app's aggregation of the clients' metrics; its failure costs the metrics only."""
+    try:
+        combined = aggregate(results)
+        return {str(name): float(value) for name, value in combined.items()}
+    except Exception as exc:  # a user's function: the round stands without its metrics
+        log.error("the app's metrics aggregation failed: %s", exc)
+        return {}
+
+
+def round_divergence(
+    current: RoundBooks, aggregate: Vector, *, rule: DivergenceRule | None, seed: int
+) -> DivergenceReport | None:
+    """Each counted update against the round's aggregate and median (none under a secure
+    round: no single update was ever seen, which the report says); the books let go of the
+    counted updates. ``seed``: the run's (the round's number is added)."""
+    if rule is None:
+        return None
+    if current.secure is not None:
+        protocol = "CKKS" if isinstance(current.secure, CkksRound) else "SecAgg+"
+        return DivergenceReport.unavailable(
+            f"per-client divergence cannot exist under {protocol}: only the sum is seen; "
+            "detection watches the aggregate"
+        )
+    counted, current.counted = current.counted, []
+    if not counted:
+        return DivergenceReport()
+    names = [client for client, _ in counted]
+    updates = np.stack([update for _, update in counted])
+    return measure_divergence(names, updates, aggregate, rule=rule, seed=seed + current.number)

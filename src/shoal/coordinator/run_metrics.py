@@ -1,0 +1,232 @@
+"""A run's metrics: a closed round's row, the central evaluation, and the run's summary.
+
+The row of a round counts who was selected, reported, dropped, rejected
+and excluded, with the round's loss, accuracy, bytes and virtual time, the
+fallback it took, its secure-aggregation outcome, its divergence, the
+policy's decisions and its privacy accounting; stored telemetry names the
+round's clients only under their round's pseudonyms (``[metadata]``). The
+server app's evaluation of a new model adds ``test_*`` columns. The summary
+(the run-output contract of DESIGN.md) is the run's totals and its final
+model, HEAD (not a later round's that was rolled back).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from shoal.aggregation.divergence import DivergenceRule
+from shoal.config import Config
+from shoal.coordinator.app import ServerApp
+from shoal.coordinator.events import RoundSummary
+from shoal.coordinator.playbook import rolled_back, tally
+from shoal.coordinator.records import RunStore
+from shoal.core.parameters import Parameters
+from shoal.governance.pseudonyms import Names, PlainNames, pseudonymize
+from shoal.privacy.run import RunPrivacy
+from shoal.registry import ModelRecord
+from shoal.tasks import Phase
+
+log = logging.getLogger("shoal.run")
+
+Row = dict[str, Any]
+# a row's fields whose words are Shoal's own (a client that calls itself "fit" changes none)
+# row keys kept as they are: no client in them, or (``battery_drain``) the simulator's own state
+# of its simulated devices, which a resumed simulation replays by device name
+_NAMES_NO_CLIENT = frozenset(
+    {"phase", "secure_aggregation", "sha256", "model_version", "battery_drain"}
+)
+EVALUATION_UPLOAD_BYTES = 256
+"""What one client's evaluation answer weighs on the wire, about."""
+
+
+def round_row(
+    summary: RoundSummary,
+    extra: Mapping[str, Any],
+    *,
+    names: Names,
+    model_bytes: int,
+    excluded_criteria: Sequence[str],
+    screened: Row | None,
+    policy: bool,
+    privacy: RunPrivacy | None,
+) -> Row:
+    """The metrics row of a closed round, as stored telemetry keeps it.
+
+    ``extra`` holds what only the shell knows; it overrides the defaults.
+    ``screened``: the counts of the play's last screening; ``policy``: the
+    run has a ``[policy]``, whose decisions a fit row counts.
+    """
+    fit = summary.phase is Phase.FIT
+    row: Row = {
+        "round": summary.round,
+        "phase": summary.phase.value,
+        "selected": summary.selected,
+        "reported": summary.reported,
+        "dropped": summary.failed + summary.outstanding,
+        "rejected": dict(summary.rejected),
+        "excluded": {
+            criterion: summary.excluded.get(criterion, 0) for criterion in excluded_criteria
+        },
+        "failures": dict(summary.failures),
+        "committed": summary.committed,
+        "abort_reason": summary.abort_reason,
+        "num_examples": summary.num_examples,
+        "loss": summary.loss,
+        "accuracy": summary.metrics.get("accuracy"),
+        "virtual_time_s": summary.closed_at,
+        "model_version": None,
+        "bytes_down": model_bytes * summary.selected,
+        "bytes_up": summary.reported * (model_bytes if fit else EVALUATION_UPLOAD_BYTES),
+    }
+    if screened is not None:
+        row.update(screened)
+    if summary.fallback is not None:
+        row["fallback"] = summary.fallback.fields()
+    row.update(_secure_fields(summary, names=names))
+    row.update(extra)
+    for name, value in summary.metrics.items():  # the clients' own metrics, by name
+        row.setdefault(name, value)
+    if fit and summary.divergence is not None:
+        row.update(summary.divergence.row_fields())
+    if fit and policy:
+        row.update(
+            policy_decisions=summary.policy_decisions,
+            policy_denied=dict(summary.policy_denied),
+        )
+    if fit and privacy is not None:
+        row.update(privacy.row_fields(summary))
+    return pseudonymous(row, summary, names=names)
+
+
+def _secure_fields(summary: RoundSummary, *, names: Names) -> Row:
+    """A secure round's outcome, its culprits under their round's pseudonyms (``{}``: none)."""
+    report = summary.secure
+    if report is None:
+        return {}
+    return {
+        "secure_aggregation": report.protocol,
+        "secure_dropped": dict(report.dropped),
+        "recovered": report.recovered,
+        "secure_aborted": report.aborted,
+        "secure_culprits": sorted(
+            names.of(client, round_number=summary.round) for client in report.culprits
+        ),
+    }
+
+
+def pseudonymous(row: Row, summary: RoundSummary, *, names: Names) -> Row:
+    """The row as stored telemetry keeps it: an id of the round's clients anywhere in it (a
+    failure or an abort reason that names one) under its round's pseudonym."""
+    if isinstance(names, PlainNames):
+        return row
+    culprits = () if summary.secure is None else tuple(summary.secure.culprits)
+    clients = {*summary.cohort, *summary.participants, *culprits}
+    return {
+        key: value
+        if key in _NAMES_NO_CLIENT
+        else pseudonymize(value, names=names, clients=clients, round_number=summary.round)
+        for key, value in row.items()
+    }
+
+
+def central_evaluation(app: ServerApp, parameters: Parameters, *, round_number: int) -> Row:
+    """The server app's evaluation of a new model, as ``test_*`` columns."""
+    if app.evaluate is None:
+        return {}
+    try:
+        metrics = dict(app.evaluate(parameters, round_number))
+    except Exception as exc:  # a user's function: the round stands without test metrics
+        log.error("the server app's evaluate failed in round %d: %s", round_number, exc)
+        return {}
+    columns: Row = {f"test_{name}": value for name, value in metrics.items()}
+    if "accuracy" in metrics:
+        columns["accuracy"] = metrics["accuracy"]
+    return columns
+
+
+def run_summary(
+    store: RunStore,
+    *,
+    config: Config,
+    architecture: str,
+    num_parameters: int,
+    privacy: RunPrivacy | None,
+    stop_reason: str | None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The run's summary (the run-output contract), written to the store; the audit log's
+    head is signed first, so that the summary names the run's last entry."""
+    rows = store.rows()
+    fits = [row for row in rows if row["phase"] == "fit"]
+    committed = [row for row in fits if row["committed"]]
+    head = store.head()
+    last = _head_row(committed, head)
+    evaluations = [
+        row
+        for row in rows
+        if row["phase"] == "evaluate" and row["committed"] and not rolled_back(row)
+    ]
+    final_accuracy = last.get("test_accuracy")
+    if final_accuracy is None and evaluations:
+        final_accuracy = evaluations[-1]["accuracy"]
+    head = store.head()
+    audit_head = store.sign_audit_head()  # the run's last entries, signed at its end
+    summary: dict[str, Any] = {
+        "rounds_completed": len(committed),
+        "rounds_aborted": len(fits) - len(committed),
+        "final_accuracy": final_accuracy,
+        "final_loss": last.get("loss"),
+        "final_test_loss": last.get("test_loss"),
+        "final_federated_accuracy": evaluations[-1]["accuracy"] if evaluations else None,
+        "wall_time_s": max((row.get("wall_time_s", 0.0) for row in rows), default=0.0),
+        "virtual_time_s": rows[-1]["virtual_time_s"] if rows else 0.0,
+        "num_parameters": num_parameters,
+        "bytes_up": sum(row.get("bytes_up", 0) for row in rows),
+        "bytes_down": sum(row.get("bytes_down", 0) for row in rows),
+        "model_version": None if head is None else head.version,
+        "model_sha256": None if head is None else head.sha256,
+        "architecture": architecture,
+        "strategy": config.strategy.name,
+        "secure_aggregation": config.secure_aggregation.protocol,
+        "rounds_aborted_below_threshold": sum(1 for row in fits if row.get("secure_aborted")),
+        "clients_recovered": sum(row.get("recovered", 0) for row in fits),
+        "fallbacks": _fallbacks(rows),
+        "audit_seq": None if audit_head is None else audit_head.seq,
+        "audit_hash": None if audit_head is None else audit_head.hash,
+        **({"playbook": tally(rows)} if config.playbook.enabled else {}),
+        "stop_reason": stop_reason,
+        **({} if privacy is None else privacy.summary_fields()),
+        **(extra or {}),
+        "seed": config.run.seed,
+    }
+    store.write_summary(summary)
+    return summary
+
+
+def divergence_rule(config: Config) -> DivergenceRule | None:
+    """The job's ``[divergence]`` rule; None when it is off."""
+    section = config.divergence
+    if not section.enabled:
+        return None
+    return DivergenceRule(
+        max_z=section.max_z, min_cosine=section.min_cosine, min_clients=section.min_clients
+    )
+
+
+def _head_row(committed: list[Row], head: ModelRecord | None) -> Row:
+    """The fit row of the final model, HEAD (not a later round's that was rolled back)."""
+    if head is not None:
+        for row in reversed(committed):
+            if row.get("model_version") == head.version:
+                return row
+    kept = [row for row in committed if not rolled_back(row)]
+    return kept[-1] if kept else {}
+
+
+def _fallbacks(rows: Iterable[Row]) -> dict[str, int]:
+    """How many rounds took each fallback, by kind (``{}``: none did)."""
+    taken = Counter(row["fallback"]["kind"] for row in rows if row.get("fallback"))
+    return dict(sorted(taken.items()))
