@@ -77,21 +77,22 @@ def has_playbook() -> bool:
 
 def rule_overrides(rule: str, share: float, *, per_round: int) -> list[str]:
     """The strategy settings of ``rule`` for an attacker ``share`` (see the module docstring)."""
-    policy = "policy.enabled=false"
+    if rule == "fedavg+policy":
+        return ["strategy.name='fedavg'", *(["playbook.enabled=true"] if has_playbook() else [])]
+    # the other columns are the rules alone: no policy and no playbook (both on by default)
+    alone = ["policy.enabled=false", *(["playbook.enabled=false"] if has_playbook() else [])]
     if rule == "median":
-        return ["strategy.name='fedmedian'", policy]
+        return ["strategy.name='fedmedian'", *alone]
     if rule == "trimmed_mean":
         return [
             "strategy.name='fedtrimmedavg'",
             f"strategy.trim_ratio={share + MARGIN:.2f}",
-            policy,
+            *alone,
         ]
     if rule == "multikrum":
         byzantine = math.ceil(round((share + MARGIN) * per_round, 6))
-        return ["strategy.name='multikrum'", f"strategy.num_byzantine={byzantine}", policy]
-    if rule == "fedavg+policy":
-        return ["strategy.name='fedavg'", *(["playbook.enabled=true"] if has_playbook() else [])]
-    return ["strategy.name='fedavg'", policy]
+        return ["strategy.name='multikrum'", f"strategy.num_byzantine={byzantine}", *alone]
+    return ["strategy.name='fedavg'", *alone]
 
 
 def config_of(cell: Cell) -> Config:
