@@ -655,8 +655,8 @@ class AttackEntry(_Section):
     """One ``[[attack]]`` entry: simulated attackers (simulation only; see
     :mod:`shoal.simulation.attacks`).
 
-    ``fraction`` of the population (drawn by a keyed hash of the run's seed,
-    the entry's position and the client id) or the named ``clients`` attack
+    ``fraction`` of the population (exactly, rounded: the clients with the lowest keyed
+    hash of the run's seed, the entry's position and the client id) or the named ``clients`` attack
     in rounds ``from_round`` to ``until_round`` (inclusive; unset: to the
     end). ``scale``: the boost of a scaling or model-replacement attack
     (unset: clients_per_round over the server learning rate, n / eta as in

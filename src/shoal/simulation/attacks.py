@@ -23,7 +23,8 @@ first. Outside ``[from_round, until_round]`` an attacker is honest.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Container, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -220,7 +221,9 @@ class AttackingClient(Client):
 class Attackers:
     """The simulated population's attackers, from the config's ``[[attack]]`` entries."""
 
-    def __init__(self, config: Config, client_ids: Container[str]) -> None:
+    def __init__(self, config: Config, client_ids: Sequence[str]) -> None:
+        self.client_ids = client_ids
+        self._drawn: dict[int, frozenset[str]] = {}  # each fraction entry's attackers, once
         self.entries = tuple(config.attack)
         self.seed = config.run.seed
         self.num_clients = config.data.num_clients
@@ -243,11 +246,24 @@ class Attackers:
             if entry.clients is not None:
                 if client_id in entry.clients:
                     return index, entry
-            elif attack_draw(seed=self.seed, attack_index=index, client_id=client_id) < (
-                entry.fraction or 0.0
-            ):
+            elif client_id in self.drawn(index):
                 return index, entry
         return None
+
+    def drawn(self, index: int) -> frozenset[str]:
+        """Entry ``index``'s attackers: exactly ``fraction`` of the population (rounded), the
+        clients with the lowest keyed draws, so that "0.2" means a fifth of the clients and
+        each process that draws them agrees."""
+        found = self._drawn.get(index)
+        if found is None:
+            fraction = self.entries[index].fraction or 0.0
+            count = math.floor(fraction * len(self.client_ids) + 0.5)
+            draws = sorted(
+                (attack_draw(seed=self.seed, attack_index=index, client_id=client), client)
+                for client in self.client_ids
+            )
+            found = self._drawn[index] = frozenset(client for _, client in draws[:count])
+        return found
 
     def attacking(self, client_id: str, round_number: int) -> bool:
         """Whether ``client_id`` attacks in ``round_number``."""
