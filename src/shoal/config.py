@@ -715,12 +715,15 @@ class AttackEntry(_Section):
 
 
 _ATTACK_COMMON = frozenset({"kind", "fraction", "clients", "from_round", "until_round"})
-PlaybookTrigger = Literal["accuracy_drop", "loss", "divergence", "flagged_share", "step"]
+PlaybookTrigger = Literal[
+    "accuracy_drop", "loss", "divergence", "flagged_share", "flagged_harm", "step"
+]
 PLAYBOOK_TRIGGERS: tuple[PlaybookTrigger, ...] = (
     "accuracy_drop",
     "loss",
     "divergence",
     "flagged_share",
+    "flagged_harm",
     "step",
 )
 
@@ -734,7 +737,9 @@ class PlaybookSection(_Section):
     ``min_accuracy_drop`` (absolute, in accuracy: a relative drop near chance means nothing), a
     NaN or infinite loss or an evaluation loss above ``max_loss_ratio`` times
     the GOOD one, a median divergence above ``max_divergence_ratio`` times the
-    GOOD round's, more than ``max_flagged_share`` of the participants flagged,
+    GOOD round's, more than ``max_flagged_share`` of the participants flagged, a flagged
+    participant together with an accuracy drop past ``max_accuracy_drop_flagged`` (relative)
+    and ``min_accuracy_drop_flagged`` (absolute),
     or a model step above ``max_step_ratio`` times the GOOD one; ``triggers``
     lists the rules in force. ``evaluation``: whose accuracy and loss count
     (``auto``: the server app's central evaluation when it has one, else the
@@ -753,6 +758,8 @@ class PlaybookSection(_Section):
     max_loss_ratio: Annotated[float, Field(ge=1)] = 3.0
     max_divergence_ratio: Annotated[float, Field(ge=1)] = 10.0
     max_flagged_share: Fraction = 0.5
+    max_accuracy_drop_flagged: Fraction = 0.05
+    min_accuracy_drop_flagged: Fraction = 0.03
     max_step_ratio: Annotated[float, Field(ge=1)] = 10.0
     triggers: list[PlaybookTrigger] = Field(default_factory=lambda: list(PLAYBOOK_TRIGGERS))
     suspend: Literal["flagged", "cohort", "none"] = "flagged"

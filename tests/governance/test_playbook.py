@@ -45,13 +45,18 @@ NAN = math.nan
         (VersionFacts(accuracy=0.9, flagged=5, participants=10), ()),
         (VersionFacts(accuracy=0.9, flagged=6, participants=10), ("flagged_share",)),
         (VersionFacts(accuracy=0.9, flagged=0, participants=0), ()),
+        # a flagged participant and a smaller drop: 5% under 0.9 is 0.855 (and 0.03 under it)
+        (VersionFacts(accuracy=0.86, flagged=1, participants=10), ()),
+        (VersionFacts(accuracy=0.85, flagged=1, participants=10), ("flagged_harm",)),
+        (VersionFacts(accuracy=0.85, flagged=0, participants=10), ()),  # the drop alone: no
+        (VersionFacts(accuracy=0.85, flagged=None, participants=10), ()),  # nobody measured
         # the model's step: ten times the GOOD step
         (VersionFacts(accuracy=0.9, step_l2=2.0), ()),
         (VersionFacts(accuracy=0.9, step_l2=2.01), ("step",)),
         # several at once: one trigger each, in a fixed order
         (
             VersionFacts(accuracy=0.1, loss=9.0, step_l2=5.0, flagged=9, participants=10),
-            ("accuracy_drop", "loss", "flagged_share", "step"),
+            ("accuracy_drop", "loss", "flagged_share", "flagged_harm", "step"),
         ),
     ],
 )

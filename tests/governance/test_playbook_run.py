@@ -197,8 +197,11 @@ def test_a_crash_between_the_mark_and_the_rollback_is_completed_on_resume(
         head = models.head(MODEL_NAME)
     finally:
         models.database.close()
-    assert head is not None and head.parent == bad["playbook"]["rolled_back_to"]
-    assert head.round == POISONED_FROM + 1
+    good = bad["playbook"]["rolled_back_to"]
+    # the BAD version is left: HEAD is the GOOD one or trains on from it (the next round may be
+    # caught too: an attacker the divergence measure did not flag in round 4 is in round 5)
+    assert head is not None and good in (head.version, head.parent)
+    assert head.version != bad["model_version"]
     assert [row["round"] for row in rows_of(tmp_path)] == list(range(1, POISONED_FROM + 2))
 
 

@@ -24,9 +24,12 @@ log's last rollback of the model says whether the playbook made it).
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+import numpy as np
 
 from shoal.config import PlaybookSection
 from shoal.coordinator.events import RoundSummary
@@ -46,6 +49,7 @@ from shoal.telemetry.alerts import AlertHook, ModelRolledBack, fire
 log = logging.getLogger("shoal.playbook")
 
 Row = dict[str, Any]
+REFERENCE_WINDOW = 10  # GOOD versions whose median step and divergence are the reference
 PLAYBOOK = "playbook: "  # how the playbook's verdicts and rollbacks begin their reason
 Restore = Callable[[ModelRecord], None]
 
@@ -88,6 +92,8 @@ class RunPlaybook:
             max_loss_ratio=section.max_loss_ratio,
             max_divergence_ratio=section.max_divergence_ratio,
             max_flagged_share=section.max_flagged_share,
+            max_accuracy_drop_flagged=section.max_accuracy_drop_flagged,
+            min_accuracy_drop_flagged=section.min_accuracy_drop_flagged,
             max_step_ratio=section.max_step_ratio,
             triggers=frozenset(section.triggers),
         )
@@ -99,6 +105,10 @@ class RunPlaybook:
         self.good_version: int | None = None
         self.root = 0  # where HEAD goes back to while no version is GOOD
         self.suspects: list[Suspects] = []
+        # the last GOOD versions' step and divergence: the reference is their median, not the
+        # last one alone (a rule that picks one update, Krum, steps unevenly round to round)
+        self._steps: deque[float] = deque(maxlen=REFERENCE_WINDOW)
+        self._divergences: deque[float] = deque(maxlen=REFERENCE_WINDOW)
 
     # --- start ---------------------------------------------------------------------------
 
@@ -113,6 +123,7 @@ class RunPlaybook:
             return
         self.good_version = record.version
         self.good = self._facts(record.metrics, rows, version=record.version)
+        self._remember(self.good)
 
     def _facts(self, fit: Row | Any, rows: Sequence[Row], *, version: int) -> VersionFacts:
         evaluated = None
@@ -138,7 +149,9 @@ class RunPlaybook:
         flagged = report.flagged if report is not None and report.available else None
         self.suspects.append(Suspects(summary.round, flagged, summary.participants))
         facts = VersionFacts.from_row(row, evaluation=self.evaluation)
-        return self._apply(judge_version(facts, self.good, rule=self.rule), facts, version, row)
+        return self._apply(
+            judge_version(facts, self._reference(), rule=self.rule), facts, version, row
+        )
 
     def after_evaluation(self, row: Row) -> Row | None:
         """Judge HEAD on a federated evaluation round's ``row``, where that is the evaluation
@@ -149,14 +162,34 @@ class RunPlaybook:
         if head is None or head.status is not ModelStatus.CANDIDATE or head.round == 0:
             return None
         facts = VersionFacts.from_row(head.metrics, evaluation="federated", evaluated=row)
-        judgement = judge_version(facts, self.good, rule=self.rule)
+        judgement = judge_version(facts, self._reference(), rule=self.rule)
         return self._apply(judgement, facts, head.version, row)
+
+    def _reference(self) -> VersionFacts | None:
+        """The last GOOD version's facts, its step and divergence the recent GOOD median."""
+        if self.good is None:
+            return None
+        step, divergence = self.good.step_l2, self.good.divergence_median
+        return replace(
+            self.good,
+            step_l2=float(np.median(self._steps)) if self._steps else step,
+            divergence_median=(
+                float(np.median(self._divergences)) if self._divergences else divergence
+            ),
+        )
+
+    def _remember(self, facts: VersionFacts) -> None:
+        if facts.step_l2 is not None:
+            self._steps.append(facts.step_l2)
+        if facts.divergence_median is not None:
+            self._divergences.append(facts.divergence_median)
 
     def _apply(self, judgement: Judgement, facts: VersionFacts, version: int, row: Row) -> Row:
         fields: Row = {"verdict": judgement.verdict.value, "reasons": judgement.reasons}
         if judgement.verdict is Verdict.GOOD:
             self.store.mark(version, ModelStatus.GOOD, f"{PLAYBOOK}passed ({self.evaluation})")
             self.good, self.good_version, self.suspects = facts, version, []
+            self._remember(facts)
         elif judgement.verdict is Verdict.BAD:
             fields |= self._roll_back(judgement, version, round_number=int(row["round"]))
         return fields

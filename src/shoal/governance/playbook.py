@@ -16,6 +16,11 @@ with one :class:`Trigger` per rule that fired:
   aggregate exceeds ``max_divergence_ratio`` times the GOOD round's;
 - ``flagged_share``: more than ``max_flagged_share`` of the round's
   participants were flagged as outliers;
+- ``flagged_harm``: a participant was flagged as an outlier *and* the
+  accuracy fell below ``(1 - max_accuracy_drop_flagged)`` times the GOOD
+  version's and by at least ``min_accuracy_drop_flagged``: a smaller drop
+  than ``accuracy_drop`` asks for, since the divergence measure names
+  suspects (a few poisoned updates that slipped past the policy);
 - ``step``: the L2 norm of the step the model took exceeds
   ``max_step_ratio`` times the GOOD version's (the aggregate's own
   behaviour: it exists under secure aggregation too, where no single
@@ -39,8 +44,17 @@ from typing import Any, Literal
 
 from shoal.core.errors import ConfigError
 
-TriggerName = Literal["accuracy_drop", "loss", "divergence", "flagged_share", "step"]
-TRIGGERS: tuple[TriggerName, ...] = ("accuracy_drop", "loss", "divergence", "flagged_share", "step")
+TriggerName = Literal[
+    "accuracy_drop", "loss", "divergence", "flagged_share", "flagged_harm", "step"
+]
+TRIGGERS: tuple[TriggerName, ...] = (
+    "accuracy_drop",
+    "loss",
+    "divergence",
+    "flagged_share",
+    "flagged_harm",
+    "step",
+)
 Evaluation = Literal["central", "federated"]
 
 
@@ -61,10 +75,15 @@ class PlaybookRule:
     max_loss_ratio: float = 3.0
     max_divergence_ratio: float = 10.0
     max_flagged_share: float = 0.5
+    max_accuracy_drop_flagged: float = 0.05
+    min_accuracy_drop_flagged: float = 0.03
     max_step_ratio: float = 10.0
     triggers: frozenset[str] = frozenset(TRIGGERS)
 
     def __post_init__(self) -> None:
+        for name in ("max_accuracy_drop_flagged", "min_accuracy_drop_flagged"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.max_accuracy_drop <= 1:
             raise ConfigError(f"max_accuracy_drop must be in [0, 1], got {self.max_accuracy_drop}")
         if not 0 <= self.min_accuracy_drop <= 1:
@@ -160,6 +179,7 @@ def judge_version(
         "loss": _loss,
         "divergence": _divergence,
         "flagged_share": _flagged_share,
+        "flagged_harm": _flagged_harm,
         "step": _step,
     }
     fired = []
@@ -174,15 +194,32 @@ def judge_version(
 
 
 def _accuracy_drop(facts: VersionFacts, good: VersionFacts, rule: PlaybookRule) -> str | None:
+    return _dropped(facts, good, relative=rule.max_accuracy_drop, absolute=rule.min_accuracy_drop)
+
+
+def _flagged_harm(facts: VersionFacts, good: VersionFacts, rule: PlaybookRule) -> str | None:
+    if not facts.flagged:
+        return None
+    drop = _dropped(
+        facts,
+        good,
+        relative=rule.max_accuracy_drop_flagged,
+        absolute=rule.min_accuracy_drop_flagged,
+    )
+    return None if drop is None else f"{facts.flagged} participants flagged, and {drop}"
+
+
+def _dropped(
+    facts: VersionFacts, good: VersionFacts, *, relative: float, absolute: float
+) -> str | None:
+    """Why ``facts``' accuracy fell too far under ``good``'s (None: it did not)."""
     if facts.accuracy is None or good.accuracy is None or not math.isfinite(good.accuracy):
         return None
-    floor = min(
-        (1 - rule.max_accuracy_drop) * good.accuracy, good.accuracy - rule.min_accuracy_drop
-    )
+    floor = min((1 - relative) * good.accuracy, good.accuracy - absolute)
     if math.isnan(facts.accuracy) or facts.accuracy < floor:
         return (
-            f"accuracy {facts.accuracy:.4g} below {floor:.4g}, {rule.max_accuracy_drop:.0%} "
-            f"(and {rule.min_accuracy_drop:g}) under the last GOOD version's {good.accuracy:.4g}"
+            f"accuracy {facts.accuracy:.4g} below {floor:.4g}, {relative:.0%} "
+            f"(and {absolute:g}) under the last GOOD version's {good.accuracy:.4g}"
         )
     return None
 
