@@ -759,7 +759,7 @@ class PlaybookSection(_Section):
     max_divergence_ratio: Annotated[float, Field(ge=1)] = 10.0
     max_flagged_share: Fraction = 0.5
     max_accuracy_drop_flagged: Fraction = 0.05
-    min_accuracy_drop_flagged: Fraction = 0.03
+    min_accuracy_drop_flagged: Fraction = 0.05
     max_step_ratio: Annotated[float, Field(ge=1)] = 10.0
     triggers: list[PlaybookTrigger] = Field(default_factory=lambda: list(PLAYBOOK_TRIGGERS))
     suspend: Literal["flagged", "cohort", "none"] = "flagged"

@@ -45,11 +45,11 @@ NAN = math.nan
         (VersionFacts(accuracy=0.9, flagged=5, participants=10), ()),
         (VersionFacts(accuracy=0.9, flagged=6, participants=10), ("flagged_share",)),
         (VersionFacts(accuracy=0.9, flagged=0, participants=0), ()),
-        # a flagged participant and a smaller drop: 5% under 0.9 is 0.855 (and 0.03 under it)
-        (VersionFacts(accuracy=0.86, flagged=1, participants=10), ()),
-        (VersionFacts(accuracy=0.85, flagged=1, participants=10), ("flagged_harm",)),
-        (VersionFacts(accuracy=0.85, flagged=0, participants=10), ()),  # the drop alone: no
-        (VersionFacts(accuracy=0.85, flagged=None, participants=10), ()),  # nobody measured
+        # a flagged participant and a smaller drop: 0.05 under 0.9 (below 5% under it) fires
+        (VersionFacts(accuracy=0.85, flagged=1, participants=10), ()),
+        (VersionFacts(accuracy=0.84, flagged=1, participants=10), ("flagged_harm",)),
+        (VersionFacts(accuracy=0.84, flagged=0, participants=10), ()),  # the drop alone: no
+        (VersionFacts(accuracy=0.84, flagged=None, participants=10), ()),  # nobody measured
         # the model's step: ten times the GOOD step
         (VersionFacts(accuracy=0.9, step_l2=2.0), ()),
         (VersionFacts(accuracy=0.9, step_l2=2.01), ("step",)),
@@ -60,6 +60,14 @@ NAN = math.nan
         ),
     ],
 )
+def test_a_flagged_participant_near_chance_level_is_not_harm() -> None:
+    """A DP run near chance (0.18 to 0.14) moves by noise: the absolute floor holds it."""
+    judgement = judge_version(
+        VersionFacts(accuracy=0.14, flagged=2, participants=11), VersionFacts(accuracy=0.1756)
+    )
+    assert judgement.verdict is Verdict.GOOD
+
+
 def test_each_trigger_fires_past_its_threshold_and_not_at_it(
     facts: VersionFacts, fired: tuple[str, ...]
 ) -> None:

@@ -76,7 +76,7 @@ class PlaybookRule:
     max_divergence_ratio: float = 10.0
     max_flagged_share: float = 0.5
     max_accuracy_drop_flagged: float = 0.05
-    min_accuracy_drop_flagged: float = 0.03
+    min_accuracy_drop_flagged: float = 0.05
     max_step_ratio: float = 10.0
     triggers: frozenset[str] = frozenset(TRIGGERS)
 
