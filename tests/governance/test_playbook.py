@@ -21,6 +21,14 @@ GOOD = VersionFacts(
 NAN = math.nan
 
 
+def test_a_flagged_participant_near_chance_level_is_not_harm() -> None:
+    """A DP run near chance (0.18 to 0.14) moves by noise: the absolute floor holds it."""
+    judgement = judge_version(
+        VersionFacts(accuracy=0.14, flagged=2, participants=11), VersionFacts(accuracy=0.1756)
+    )
+    assert judgement.verdict is Verdict.GOOD
+
+
 @pytest.mark.parametrize(
     ("facts", "fired"),
     [
@@ -60,14 +68,6 @@ NAN = math.nan
         ),
     ],
 )
-def test_a_flagged_participant_near_chance_level_is_not_harm() -> None:
-    """A DP run near chance (0.18 to 0.14) moves by noise: the absolute floor holds it."""
-    judgement = judge_version(
-        VersionFacts(accuracy=0.14, flagged=2, participants=11), VersionFacts(accuracy=0.1756)
-    )
-    assert judgement.verdict is Verdict.GOOD
-
-
 def test_each_trigger_fires_past_its_threshold_and_not_at_it(
     facts: VersionFacts, fired: tuple[str, ...]
 ) -> None:
