@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from shoal.cli import app
+from shoal.registry.audit import GENESIS_HASH, entry_hash
 from shoal.simulation import Simulation
 from support.jobs import bare_config
 
@@ -121,3 +122,35 @@ def test_operator_commands_record_who_ran_them(run: Path) -> None:
     verified = shoal("audit", "verify", "--state-dir", run, "--json")
     report = json.loads(verified.stdout)
     assert verified.exit_code == 0 and report["uncovered"] == 2  # no key signs an operator's
+
+
+def test_deleting_the_signed_heads_and_rehashing_a_forged_log_fails_verify(run: Path) -> None:
+    """The attacker with write access to the database: it forges an entry, rehashes the whole
+    chain so that every link holds, and deletes the heads whose signatures would betray it."""
+    with sqlite3.connect(run / "registry" / "registry.db") as connection:
+        rows = connection.execute(
+            "SELECT seq, recorded_at, kind, actor, subject, details FROM audit_log ORDER BY seq"
+        ).fetchall()
+        previous = GENESIS_HASH
+        for seq, recorded_at, kind, actor, subject, details in rows:
+            if seq == 1:
+                actor = "someone-else"  # the forgery
+            digest = entry_hash(
+                seq=seq,
+                recorded_at=recorded_at,
+                kind=kind,
+                actor=actor,
+                subject=subject,
+                details=json.loads(details),
+                prev_hash=previous,
+            )
+            connection.execute(
+                "UPDATE audit_log SET actor = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+                (actor, previous, digest, seq),
+            )
+            previous = digest
+        connection.execute("DELETE FROM audit_heads")
+        connection.commit()
+    result = shoal("audit", "verify", "--state-dir", run)
+    assert result.exit_code == 1, result.output
+    assert "a model commit no signed head covers" in result.stdout, result.stdout

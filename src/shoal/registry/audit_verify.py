@@ -11,7 +11,9 @@ entry and what is wrong with it:
 - ``rewritten``: an entry and its hash were rewritten together (the next
   entry, or a signed head, no longer matches it);
 - ``bad_signature``: a head signature is not the coordinator's over
-  ``(seq, hash)``.
+  ``(seq, hash)``;
+- ``unsigned``: a model commit that no signed head covers (the run layer
+  signs the head right after every commit: its heads were deleted).
 
 A hash chain alone proves nothing against someone who can rewrite the
 whole table: the signed heads do. Entries after the last signed head are
@@ -136,6 +138,8 @@ def verify_audit_log(database: Database, verifier: HeadVerifier) -> AuditReport:
             raise RegistryError(f"the audit log cannot be read (tampered?): {exc}") from exc
     problems = [p for p in (check_chain(rows),) if p is not None]
     signed_seq, head_problem = _check_heads(rows, heads, verifier)
+    if head_problem is None:
+        head_problem = _unsigned_commit(rows, signed_seq)
     if head_problem is not None:
         problems.append(head_problem)
     first = min(problems, key=lambda problem: problem.seq) if problems else None
@@ -195,6 +199,21 @@ def _broken_link(rows: Sequence[_Stored], position: int, by_hash: dict[str, int]
         "rewritten",
         f"entry {expected} does not link to entry {expected - 1} (one of them was rewritten)",
     )
+
+
+def _unsigned_commit(rows: Sequence[_Stored], signed_seq: int | None) -> AuditProblem | None:
+    """The last model commit when no verified head covers it: the run layer signs the head
+    right after every commit, so a commit past the last signed head means heads were deleted
+    (which would otherwise let the whole log be rewritten and rehashed unnoticed)."""
+    commits = [row.seq for row in rows if row.fields is not None and row.fields["kind"] == "commit"]
+    if commits and (signed_seq is None or signed_seq < commits[-1]):
+        covered = "no head is signed" if signed_seq is None else f"the last is at seq {signed_seq}"
+        return AuditProblem(
+            commits[-1],
+            "unsigned",
+            f"a model commit no signed head covers ({covered}): signed heads were deleted?",
+        )
+    return None
 
 
 def _check_heads(
