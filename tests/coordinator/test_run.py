@@ -90,6 +90,9 @@ class MemoryStore:
     def sign_audit_head(self) -> Any:
         return None  # this store holds no key
 
+    def transaction(self) -> Any:
+        return self.models.database.write()
+
     def rows(self) -> list[dict[str, Any]]:
         return list(self.row_list)
 

@@ -11,7 +11,8 @@ is kept in the folder so that a resumed run stays that one MLflow run.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,6 +42,8 @@ from shoal.registry import (
     SignedHead,
     VersionSigner,
 )
+from shoal.registry.database import lock_name
+from shoal.registry.models import model_lock
 from shoal.telemetry.metrics import MetricsLog, clean_row
 from shoal.telemetry.tracking import MlflowTracker
 
@@ -115,6 +118,8 @@ class RunStore(Protocol):
     def audit_event(self, kind: str, *, subject: str, details: Mapping[str, Any]) -> None: ...
 
     def sign_audit_head(self) -> SignedHead | None: ...
+
+    def transaction(self) -> AbstractContextManager[None]: ...
 
     def rows(self) -> list[Row]: ...
 
@@ -238,6 +243,15 @@ class RunRecords:
     def sign_audit_head(self) -> SignedHead | None:
         """Sign the audit log's head with the coordinator's key (None: no key, or no entry)."""
         return None if self.head_signer is None else self.audit.sign_head(self.head_signer)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One registry transaction for what the block records (a round's version, its audit
+        entries and head signature, its participants): all of it commits, or none. The model's
+        lock is taken first, as a commit alone takes it, so the audit lock stays the last."""
+        with self.database.write() as connection:
+            lock_name(connection, model_lock(self.model))
+            yield
 
     # --- rows, config, summary ---------------------------------------------------------------
 

@@ -519,31 +519,36 @@ class Run:
         records = self.records
         records.suspend_culprits(summary)
         records.cohort_dropped(summary)
-        records.audit_selection(summary)
         if commit is None:
-            head = self.store.head()
-            row["model_version"] = None if head is None else head.version
-            records.record_participants(summary, version=None)
+            with self.store.transaction():
+                records.audit_selection(summary)
+                head = self.store.head()
+                row["model_version"] = None if head is None else head.version
+                records.record_participants(summary, version=None)
             judged = None if self.playbook is None else self.playbook.after_evaluation(row)
             if judged is not None:
                 row["playbook"] = judged
             return row
         row.update(central_evaluation(self.app, commit.parameters, round_number=commit.round))
         row["model_step_l2"] = self._step_l2(commit.parameters)
-        # the whole row goes with the version: a crash before the row is written loses nothing
-        record = self.store.commit(
-            commit.parameters,
-            round_number=commit.round,
-            metrics=row,
-            state=state_to_bytes(self.coordinator.optimizer_state),
-            architecture=self.architecture,
-        )
+        # one transaction: the selection's entry, the version with the whole row (a crash
+        # before the row is written loses nothing), its participants, and the audit log's head
+        # signed over the commit's entry and all before it
+        with self.store.transaction():
+            records.audit_selection(summary)
+            record = self.store.commit(
+                commit.parameters,
+                round_number=commit.round,
+                metrics=row,
+                state=state_to_bytes(self.coordinator.optimizer_state),
+                architecture=self.architecture,
+            )
+            records.record_participants(summary, version=record.version)
+            self.store.sign_audit_head()
         row.update(model_version=record.version, sha256=record.sha256)
-        records.record_participants(summary, version=record.version)
         self._previous = commit.parameters
-        if self.playbook is not None:
+        if self.playbook is not None:  # its alerts fire after the round's records committed
             row["playbook"] = self.playbook.after_fit(summary, row, version=record.version)
-        self.store.sign_audit_head()  # the commit's entry, and all before it, under the key
         return row
 
     def _step_l2(self, parameters: Parameters) -> float | None:

@@ -191,11 +191,28 @@ def _check_text(value: str, name: str, *, limit: int, empty: bool = False) -> st
     return value
 
 
+_TAIL = "shoal.audit.tail"  # connection.info key: (transaction, seq, hash) of the log's tail
+
+
 def _last(connection: Connection) -> tuple[int, str]:
+    """``(seq, hash)`` of the last entry. Read once per transaction: a round's records append
+    several times in one, and no other writer appends while it holds the audit lock."""
+    transaction = connection.get_transaction()
+    cached = connection.info.get(_TAIL)
+    if cached is not None and transaction is not None and cached[0] is transaction:
+        return cached[1], cached[2]
     row = connection.execute(
         sa.select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
     ).first()
-    return (0, GENESIS_HASH) if row is None else (int(row.seq), str(row.hash))
+    tail = (0, GENESIS_HASH) if row is None else (int(row.seq), str(row.hash))
+    _remember_tail(connection, *tail)
+    return tail
+
+
+def _remember_tail(connection: Connection, seq: int, hash: str) -> None:
+    transaction = connection.get_transaction()
+    if transaction is not None:
+        connection.info[_TAIL] = (transaction, seq, hash)
 
 
 def append_entries(
@@ -235,6 +252,7 @@ def append_entries(
         audit_log.insert(),
         [_row(entry) for entry in entries],
     )
+    _remember_tail(connection, seq, prev_hash)
     return entries
 
 

@@ -12,6 +12,14 @@ write lock when it starts, so two writers queue on the busy timeout instead
 of failing when one upgrades a read lock). SQLAlchemy's errors leave these
 context managers as :class:`~shoal.core.errors.RegistryError`.
 
+A ``read`` or ``write`` opened on a thread that already holds a write
+transaction of the same database joins it: its changes commit with the
+outer block's, or not at all. That is how a round's records (its version,
+audit entries, head signature, participants and policy decisions) become one
+transaction. A joined block that fails dooms the outer transaction: even if
+its caller catches the error, the outer block rolls back and raises, so no
+part of a failed write is ever committed.
+
 A SQLite file's write-ahead log is copied back into the database (a
 checkpoint) by a thread of the :class:`Database`'s own, woken after each
 write transaction, rather than by the connection that commits: SQLite's
@@ -126,6 +134,8 @@ class Database:
 
     engine: Engine
     checkpointer: Checkpointer | None = field(default=None, compare=False)
+    # the write transaction each thread holds open, which a nested read or write joins
+    _open: threading.local = field(default_factory=threading.local, compare=False, repr=False)
 
     @property
     def dialect(self) -> str:
@@ -139,17 +149,60 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        """A transaction for queries; committed (a no-op) when the block ends."""
+        """A transaction for queries; committed (a no-op) when the block ends. Inside this
+        thread's write transaction, that transaction (its own changes visible)."""
+        if self._joined() is not None:
+            with self._join(writes=False) as connection:
+                yield connection
+            return
         with self._transaction(immediate=False) as connection:
             yield connection
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """A transaction for changes: committed when the block ends, rolled back on error."""
+        """A transaction for changes: committed when the block ends, rolled back on error.
+        Inside this thread's write transaction, a part of it (see the module docstring)."""
+        if self._joined() is not None:
+            with self._join(writes=True) as connection:
+                yield connection
+            return
         with self._transaction(immediate=True) as connection:
-            yield connection
+            self._open.connection, self._open.doomed = connection, None
+            try:
+                yield connection
+                if self._open.doomed is not None:
+                    raise RegistryError(
+                        f"a write inside this transaction failed ({self._open.doomed}); "
+                        "nothing of the transaction was committed"
+                    )
+            finally:
+                self._open.connection = self._open.doomed = None
         if self.checkpointer is not None:
             self.checkpointer.wake()  # the log's new pages go to the database off this path
+
+    def _joined(self) -> Connection | None:
+        connection: Connection | None = getattr(self._open, "connection", None)
+        return connection
+
+    @contextmanager
+    def _join(self, *, writes: bool) -> Iterator[Connection]:
+        """This thread's open write transaction, for a nested block. A failed statement dooms
+        it, and so does any error of a nested write block (it may have changed something)."""
+        connection = self._joined()
+        assert connection is not None
+        try:
+            yield connection
+        except SQLAlchemyError as exc:
+            self._doom(exc)
+            raise translate_error(exc, url=self.url) from exc
+        except BaseException as exc:
+            if writes:
+                self._doom(exc)
+            raise
+
+    def _doom(self, exc: BaseException) -> None:
+        if self._open.doomed is None:
+            self._open.doomed = f"{type(exc).__name__}: {exc}"[:200]
 
     @contextmanager
     def _transaction(self, *, immediate: bool) -> Iterator[Connection]:

@@ -127,6 +127,11 @@ def _check_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
         raise RegistryError(f"metrics must be finite JSON values: {exc}") from exc
 
 
+def model_lock(name: str) -> str:
+    """The lock a change of model ``name``'s versions or HEAD takes (:func:`lock_name`)."""
+    return f"model:{name}"
+
+
 class ModelRegistry:
     """Every version of every model, with rows in ``database`` and blobs in ``blobs``.
 
@@ -173,7 +178,7 @@ class ModelRegistry:
         blob = self.blobs.put(parameters.to_bytes())
         state_blob = None if state is None else self.blobs.put(state)
         with self.database.write() as connection:
-            lock_name(connection, f"model:{name}")
+            lock_name(connection, model_lock(name))
             if parent == "head":
                 head = _head_version(connection, name)
             else:
@@ -265,7 +270,7 @@ class ModelRegistry:
         out; a signed version is returned as it is (a signature is never replaced)."""
         self.load(name, version)  # raises IntegrityError on a corrupt blob: never vouch for it
         with self.database.write() as connection:
-            lock_name(connection, f"model:{name}")
+            lock_name(connection, model_lock(name))
             record = _fetch(connection, name, version)
             if record.signed is not None:
                 return record
@@ -320,7 +325,7 @@ class ModelRegistry:
         _refuse_bad(self.get(name, to_version))
         self.load(name, to_version)  # raises IntegrityError on a corrupt blob
         with self.database.write() as connection:
-            lock_name(connection, f"model:{name}")
+            lock_name(connection, model_lock(name))
             record = _refuse_bad(_fetch(connection, name, to_version))  # marked meanwhile?
             previous = _head_version(connection, name)
             _move_head(connection, name, to_version, moved_at)
