@@ -95,6 +95,7 @@ def serve_command(
             registry_url=config.coordinator.registry_url,
             blob_url=config.coordinator.blob_url,
             run_id=config.coordinator.run_id,
+            options="dashboard-",
         ).start()
         announce(viewer, console)
     print_header()

@@ -70,7 +70,6 @@ h2 { font-size: 1rem; margin: 0 0 .6rem; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: .8rem; }
 figure { margin: 0; }
 figure svg { width: 100%; height: auto; }
-figcaption { font-weight: 600; margin-bottom: .2rem; }
 table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 th, td { text-align: left; padding: .25rem .6rem; border-bottom: 1px solid var(--line); }
 tr.total th, tr.total td { font-weight: 600; }

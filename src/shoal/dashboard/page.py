@@ -14,6 +14,7 @@ from typing import Any
 
 from shoal.dashboard.state import Row, Snapshot
 from shoal.registry import ClientStatus, ModelRecord, ModelStatus
+from shoal.telemetry.report import Figure
 
 NOT_RECORDED = "not recorded"
 POLL_INTERVAL_MS = 1000
@@ -64,6 +65,7 @@ def page(fragment: str, *, revision: str, title: str) -> str:
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{escape(title)} · Shoal dashboard</title>
+<link rel="icon" href="data:,">
 <link rel="stylesheet" href="/dashboard.css">
 </head>
 <body>
@@ -76,8 +78,9 @@ def page(fragment: str, *, revision: str, title: str) -> str:
 """
 
 
-def fragment(snapshot: Snapshot, figures: Sequence[tuple[str, str, str]]) -> str:
-    """The part of the page that changes: ``figures`` are (title, key, svg) triples."""
+def fragment(snapshot: Snapshot, figures: Sequence[Figure]) -> str:
+    """The part of the page that changes: the run's numbers, figures, versions, clients and
+    privacy budget."""
     parts = [
         _overview(snapshot),
         _figures(figures),
@@ -128,12 +131,11 @@ def _tiles(row: Row | None, wanted: Iterable[tuple[str, str, str]]) -> list[tupl
     ]
 
 
-def _figures(figures: Sequence[tuple[str, str, str]]) -> str:
+def _figures(figures: Sequence[Figure]) -> str:
     if not figures:
         return '<section id="figures"><h2>figures</h2><p>no rounds yet</p></section>'
     shown = "".join(
-        f'<figure id="figure-{escape(key)}"><figcaption>{escape(title)}</figcaption>{svg}</figure>'
-        for title, key, svg in figures
+        f'<figure id="figure-{escape(figure.key)}">{figure.svg}</figure>' for figure in figures
     )
     return f'<section id="figures"><h2>figures</h2><div class="grid">{shown}</div></section>'
 

@@ -33,6 +33,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from shoal.core.errors import ConfigError, ShoalError
 from shoal.dashboard import assets, page
 from shoal.dashboard.state import RunReader, Snapshot
+from shoal.telemetry.metrics import METRICS_FILE, SUMMARY_FILE
+from shoal.telemetry.report import DRIFT_FILE, Figure, figures, load_run
 
 log = logging.getLogger("shoal.dashboard")
 
@@ -40,8 +42,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8050
 TOKEN_ENV = "SHOAL_DASHBOARD_TOKEN"
 MIN_TOKEN_CHARS = 16
+STOP_POLL_S = 0.1  # how often a serving thread looks for a stop request
 COOKIE = "shoal_dashboard"
-RUN_FILES = ("metrics.jsonl", "drift.jsonl", "summary.json", "config.json")  # what figures read
+RUN_FILES = (METRICS_FILE, DRIFT_FILE, SUMMARY_FILE)  # what the figures are drawn from
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -54,7 +57,6 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 
-Figure = tuple[str, str, str]  # title, key, svg
 FigureSource = Callable[[Path], Sequence[Figure]]
 
 
@@ -69,24 +71,27 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_bind(host: str, token: str | None) -> None:
-    """Refuse a non-loopback address without a token, and a token too short to guess at."""
+def check_bind(host: str, token: str | None, *, options: str = "") -> None:
+    """Refuse a non-loopback address without a token, and a token too short to guess at.
+
+    ``options`` prefixes the option names the errors cite (``dashboard-``
+    for ``shoal coordinator serve --dashboard-host``).
+    """
     if token is not None and len(token) < MIN_TOKEN_CHARS:
         raise ConfigError(
-            f"--token: the dashboard's token must have at least {MIN_TOKEN_CHARS} characters"
+            f"--{options}token: the dashboard's token must have at least "
+            f"{MIN_TOKEN_CHARS} characters"
         )
     if token is None and not is_loopback(host):
         raise ConfigError(
-            f"--host {host}: the dashboard serves a non-loopback address only with an auth "
-            f"token (--token or {TOKEN_ENV})"
+            f"--{options}host {host}: the dashboard serves a non-loopback address only with an "
+            f"auth token (--{options}token or {TOKEN_ENV})"
         )
 
 
 def report_figures(folder: Path) -> Sequence[Figure]:
-    """The run report's figures of ``folder`` (:mod:`shoal.telemetry.report`)."""
-    from shoal.telemetry.report import figures, load_run
-
-    return [(figure.title, figure.key, figure.svg) for figure in figures([load_run(folder)])]
+    """The run report's figures of the run in ``folder``, as ``shoal report`` draws them."""
+    return figures([load_run(folder)])
 
 
 class Dashboard:
@@ -138,9 +143,15 @@ class DashboardServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(
-        self, dashboard: Dashboard, *, host: str = DEFAULT_HOST, port: int, token: str | None
+        self,
+        dashboard: Dashboard,
+        *,
+        host: str = DEFAULT_HOST,
+        port: int,
+        token: str | None,
+        options: str = "",
     ) -> None:
-        check_bind(host, token)
+        check_bind(host, token, options=options)
         self.dashboard = dashboard
         self.token = token
         self._thread: threading.Thread | None = None
@@ -153,7 +164,8 @@ class DashboardServer(ThreadingHTTPServer):
             super().__init__((host.strip("[]"), port), _Handler)
         except OSError as exc:
             raise ConfigError(
-                f"--port {port}: the dashboard cannot listen on {host}: {exc.strerror or exc}"
+                f"--{options}port {port}: the dashboard cannot listen on {host}: "
+                f"{exc.strerror or exc}"
             ) from exc
 
     @property
@@ -167,7 +179,7 @@ class DashboardServer(ThreadingHTTPServer):
 
     def start(self) -> DashboardServer:
         self._thread = threading.Thread(
-            target=self.serve_forever, name="shoal-dashboard", daemon=True
+            target=self.serve_forever, args=(STOP_POLL_S,), name="shoal-dashboard", daemon=True
         )
         self._thread.start()
         return self
@@ -325,9 +337,11 @@ def open_dashboard(
     registry_url: str | None = None,
     blob_url: str | None = None,
     run_id: str | None = None,
+    options: str = "",
 ) -> DashboardServer:
     """A server bound to ``host:port`` for the run in ``folder`` (not serving yet: call
-    :meth:`~DashboardServer.start` or :meth:`~DashboardServer.serve_forever`)."""
-    check_bind(host, token)  # before anything is opened
+    :meth:`~DashboardServer.start` or :meth:`~DashboardServer.serve_forever`); ``options``
+    as :func:`check_bind` takes it."""
+    check_bind(host, token, options=options)  # before anything is opened
     reader = RunReader(folder, registry_url=registry_url, blob_url=blob_url, run_id=run_id)
-    return DashboardServer(Dashboard(reader), host=host, port=port, token=token)
+    return DashboardServer(Dashboard(reader), host=host, port=port, token=token, options=options)

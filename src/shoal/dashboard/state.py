@@ -31,11 +31,9 @@ from shoal.registry import (
     blob_location,
     registry_location,
 )
-from shoal.telemetry.metrics import MetricsLog
+from shoal.telemetry.metrics import METRICS_FILE, SUMMARY_FILE, MetricsLog
 
-CONFIG_FILE = "config.json"  # the names of shoal.coordinator.records, the run-output contract
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"  # as shoal.coordinator.records writes it (a layer above this one)
 SIMULATED_MODEL = "global"  # a simulation's model name; a coordinator's is its run.name
 SHOWN_VERSIONS = 25
 
