@@ -94,3 +94,30 @@ def test_a_run_without_a_budget_says_why(
 ) -> None:
     snapshot = Snapshot(folder=tmp_path, config={"privacy": privacy}, rows=[{"round": 1}])
     assert said in fragment(snapshot, [])
+
+
+def test_the_contract_figures_show_when_a_run_records_them(tmp_path: Path) -> None:
+    fit = {
+        "round": 3,
+        "phase": "fit",
+        "drop_rate": 0.125,
+        "straggler_index": 0.8125,
+        "rtt_p90_s": 12.5,
+        "bytes_up_per_client": 2936.0,
+        "drift_clusters": 2,
+        "drift_bimodal": True,
+    }
+    evaluate = {"round": 3, "phase": "evaluate", "accuracy": 0.875, "fairness_gap": 0.05}
+    shown = fragment(Snapshot(folder=tmp_path, rows=[fit, evaluate]), [])
+    for key, text in [
+        ("drop-rate", "12.5%"),
+        ("straggler-index", "0.81"),
+        ("rtt-p90-s", "12.50 s"),
+        ("bytes-up-per-client", "2,936"),
+        ("drift-clusters", "2"),
+        ("drift-bimodal", "yes"),
+        ("accuracy", "87.50%"),
+        ("fairness-gap", "5.00%"),
+        ("bytes-down-per-client", NOT_RECORDED),
+    ]:
+        assert f'id="{key}">{text}<' in shown

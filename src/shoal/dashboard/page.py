@@ -28,6 +28,7 @@ FIT_TILES = (
     ("bytes_up_per_client", "bytes up / client", ",.0f"),
     ("bytes_down_per_client", "bytes down / client", ",.0f"),
     ("drift_clusters", "drift clusters", "d"),
+    ("drift_bimodal", "bimodal population", "yes/no"),
     ("epsilon", "epsilon spent", ".4f"),
 )
 EVALUATE_TILES = (
@@ -46,9 +47,12 @@ def escape(value: object) -> str:
 
 
 def formatted(value: Any, spec: str) -> str:
-    """``value`` in ``spec`` (a unit may follow it after a space); "not recorded" when absent."""
-    if value is None or (isinstance(value, bool) and spec != "s"):
+    """``value`` in ``spec`` (a unit may follow it after a space, ``yes/no`` is for a flag);
+    "not recorded" when absent."""
+    if value is None or isinstance(value, bool) != (spec == "yes/no"):
         return NOT_RECORDED
+    if spec == "yes/no":
+        return "yes" if value else "no"
     number, _, unit = spec.partition(" ")
     try:
         text = format(value, number)
