@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from shoal.cli.app import app, user_errors
-from shoal.cli.operator import BlobUrl, RegistryUrl, StateDir
+from shoal.cli.operator import RegistryUrl, StateDir
 from shoal.core.errors import NotFoundError
 from shoal.core.limits import MAX_PORT
 from shoal.dashboard import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, DashboardServer, open_dashboard
@@ -48,7 +48,6 @@ def announce(server: DashboardServer, console: Console) -> None:
 def dashboard_command(
     state_dir: StateDir = DEFAULT_STATE_DIR,
     registry: RegistryUrl = None,
-    blobs: BlobUrl = None,
     host: DashboardHost = DEFAULT_HOST,
     port: DashboardPort = DEFAULT_PORT,
     token: DashboardToken = None,
@@ -77,7 +76,6 @@ def dashboard_command(
         port=port,
         token=token or None,
         registry_url=registry,
-        blob_url=blobs,
         run_id=run_id,
     )
     console = Console(highlight=False)

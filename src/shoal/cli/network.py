@@ -93,7 +93,6 @@ def serve_command(
             port=dashboard_port,
             token=dashboard_token or None,
             registry_url=config.coordinator.registry_url,
-            blob_url=config.coordinator.blob_url,
             run_id=config.coordinator.run_id,
             options="dashboard-",
         ).start()

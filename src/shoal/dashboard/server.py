@@ -339,7 +339,6 @@ def open_dashboard(
     port: int = DEFAULT_PORT,
     token: str | None = None,
     registry_url: str | None = None,
-    blob_url: str | None = None,
     run_id: str | None = None,
     options: str = "",
 ) -> DashboardServer:
@@ -347,5 +346,5 @@ def open_dashboard(
     :meth:`~DashboardServer.start` or :meth:`~DashboardServer.serve_forever`); ``options``
     as :func:`check_bind` takes it."""
     check_bind(host, token, options=options)  # before anything is opened
-    reader = RunReader(folder, registry_url=registry_url, blob_url=blob_url, run_id=run_id)
+    reader = RunReader(folder, registry_url=registry_url, run_id=run_id)
     return DashboardServer(Dashboard(reader), host=host, port=port, token=token, options=options)

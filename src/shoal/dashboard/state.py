@@ -97,19 +97,20 @@ def read_json(path: Path) -> Any:
 
 
 class RunReader:
-    """Reads one run folder and its registry (``registry_url``/``blob_url`` when not in it)."""
+    """Reads one run folder and its registry (at ``registry_url`` when it is not in the folder).
+
+    No model is loaded, so the blob store is never read.
+    """
 
     def __init__(
         self,
         folder: str | Path,
         *,
         registry_url: str | None = None,
-        blob_url: str | None = None,
         run_id: str | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.location = registry_location(self.folder, registry_url)
-        self.blob_url = blob_url
         self.run_id = run_id
         self._database: Database | None = None
         self._lock = threading.Lock()  # one opening of the registry for every request thread
@@ -146,7 +147,7 @@ class RunReader:
             return self._database
 
     def _registry(self, database: Database, partial: Snapshot) -> dict[str, Any]:
-        models = ModelRegistry(database, BlobStore(blob_location(self.folder, self.blob_url)))
+        models = ModelRegistry(database, BlobStore(blob_location(self.folder, None)))
         names = models.names()
         model = next(
             (name for name in (partial.run_name, SIMULATED_MODEL) if name in names),
