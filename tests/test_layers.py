@@ -4,7 +4,8 @@ The order, low to high (DESIGN.md 15): core; datasets (users' data, partitioned)
 aggregation and telemetry; config; registry; privacy and secure; governance (the
 update policy, signed models, attestation); tasks (the types
 shared by client, coordinator and transport); client; transport; coordinator;
-simulation; apps; cli. Packages on one layer may import each other, never in a cycle.
+simulation; apps; dashboard (a viewer of runs); cli. Packages on one layer may
+import each other, never in a cycle.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ LAYERS = [
     {"coordinator"},
     {"simulation"},
     {"apps"},
+    {"dashboard"},
     {"cli", "__main__"},
 ]
 RANK = {package: rank for rank, layer in enumerate(LAYERS) for package in layer}

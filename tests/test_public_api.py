@@ -15,6 +15,7 @@ PACKAGES = [
     "shoal.privacy",
     "shoal.secure",
     "shoal.core",
+    "shoal.dashboard",
     "shoal.datasets",
     "shoal.governance",
     "shoal.simulation",

@@ -209,6 +209,21 @@ def test_list_filters_and_pages(registry: ClientRegistry) -> None:
         registry.list(limit=-1)
 
 
+def test_the_census_counts_each_status_and_device_class(registry: ClientRegistry) -> None:
+    assert registry.census() == {}
+    for index in range(5):
+        kind = "iot-gateway" if index % 2 else "phone"
+        registry.enroll(f"c{index}", device(device_class=kind), now=NOW)
+    registry.set_status("c3", ClientStatus.SUSPENDED)
+    registry.set_status("c4", ClientStatus.RETIRED)
+    assert registry.census() == {
+        (ClientStatus.ACTIVE, "phone"): 2,
+        (ClientStatus.RETIRED, "phone"): 1,
+        (ClientStatus.ACTIVE, "iot-gateway"): 1,
+        (ClientStatus.SUSPENDED, "iot-gateway"): 1,
+    }
+
+
 def test_a_heartbeat_batch_updates_state_and_last_seen(registry: ClientRegistry) -> None:
     for index in range(5):
         registry.enroll(f"c{index}", device(), now=NOW)

@@ -30,7 +30,7 @@ from shoal.registry import (
     token_id_of,
 )
 from shoal.registry.database import create_engine, resolve_database_url
-from shoal.registry.migrations import apply_migrations, recorded_version
+from shoal.registry.migrations import apply_migrations, check_schema_version, recorded_version
 from shoal.registry.schema import (
     clients,
     metadata,
@@ -187,6 +187,28 @@ def test_tokens_issued_before_listed_tokens_existed_stay_issued_and_usable(
         assert {token.origin for token in tokens.list()} == {TokenOrigin.ISSUED, TokenOrigin.CONFIG}
     finally:
         database.close()
+
+
+def test_a_read_only_open_migrates_nothing_and_refuses_an_older_schema(
+    database_url: str,
+) -> None:
+    database = Database(create_engine(resolve_database_url(database_url)))
+    try:
+        apply_migrations(database, migrations=MIGRATIONS[:1])
+    finally:
+        database.close()
+    with pytest.raises(RegistryError, match=r"schema version 1, older than this Shoal"):
+        open_database(database_url, migrate=False)
+    engine = create_engine(resolve_database_url(database_url))
+    try:
+        with engine.connect() as connection:
+            assert recorded_version(connection) == 1  # nothing was migrated
+    finally:
+        engine.dispose()
+    with open_database(database_url) as migrated:
+        assert check_schema_version(migrated) == SCHEMA_VERSION
+    with open_database(database_url, migrate=False) as viewer, viewer.read() as connection:
+        assert recorded_version(connection) == SCHEMA_VERSION
 
 
 def test_a_newer_database_is_refused_and_left_alone(database_url: str) -> None:

@@ -14,6 +14,7 @@ import typer
 from rich.markup import escape
 
 from shoal.cli.app import app, user_errors
+from shoal.cli.dashboard import announce
 from shoal.cli.simulate import console, failure_lines, format_row, print_header
 from shoal.client.app import (
     ClientContext,
@@ -26,6 +27,7 @@ from shoal.client.runtime import ClientRuntime, load_or_create_enrollment
 from shoal.config import MAX_CLIENTS, load_config
 from shoal.core.errors import ConfigError, ShoalError
 from shoal.core.limits import MAX_PORT
+from shoal.dashboard import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, open_dashboard
 from shoal.governance import ManifestAttester, SignedManifest
 from shoal.governance.model_signing import PinnedKey
 from shoal.privacy.client import PrivacyFloor
@@ -49,11 +51,52 @@ def serve_command(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config value (section.key=value).")
     ] = None,
+    dashboard: Annotated[
+        bool,
+        typer.Option("--dashboard", help="Serve the run's live dashboard beside the coordinator."),
+    ] = False,
+    dashboard_host: Annotated[
+        str,
+        typer.Option(
+            "--dashboard-host", help="The dashboard's address; any but loopback needs a token."
+        ),
+    ] = DEFAULT_HOST,
+    dashboard_port: Annotated[
+        int,
+        typer.Option(
+            "--dashboard-port", min=0, max=MAX_PORT, help="The dashboard's port (0: any free)."
+        ),
+    ] = DEFAULT_PORT,
+    dashboard_token: Annotated[
+        str | None,
+        typer.Option(
+            "--dashboard-token",
+            envvar=TOKEN_ENV,
+            show_envvar=True,
+            help="Require this token to see the dashboard.",
+        ),
+    ] = None,
 ) -> None:
-    """Serve a training job to network clients until it is done (SIGTERM stops it gracefully)."""
+    """Serve a training job to network clients until it is done (SIGTERM stops it gracefully).
+
+    With --dashboard the run's live page, as `shoal dashboard` serves it, is
+    served from this process while the coordinator runs.
+    """
     from shoal.coordinator.server import serve
 
     config = with_config_folder(load_config(config_path, overrides or []), config_path)
+    viewer = None
+    if dashboard:  # bound before the coordinator opens anything: a refused address stops here
+        viewer = open_dashboard(
+            config.coordinator.state_dir,
+            host=dashboard_host,
+            port=dashboard_port,
+            token=dashboard_token or None,
+            registry_url=config.coordinator.registry_url,
+            run_id=config.coordinator.run_id,
+            options="dashboard-",
+        ).start()
+        announce(viewer, console)
     print_header()
 
     def on_round(row: dict[str, Any]) -> None:
@@ -86,15 +129,19 @@ def serve_command(
         if first_round > 1:
             console.print(f"resuming run {config.run.name} at round {first_round}")
 
-    parts = asyncio.run(
-        serve(
-            config,
-            insecure=insecure,
-            on_round=on_round,
-            on_ready=on_ready,
-            search_path=app_search_path(config),
+    try:
+        parts = asyncio.run(
+            serve(
+                config,
+                insecure=insecure,
+                on_round=on_round,
+                on_ready=on_ready,
+                search_path=app_search_path(config),
+            )
         )
-    )
+    finally:
+        if viewer is not None:
+            viewer.close()
     if parts.stop_reason is not None:
         console.print(f"training stopped: {escape(parts.stop_reason)}")
 

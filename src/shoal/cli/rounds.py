@@ -33,7 +33,6 @@ from shoal.cli.operator import (
     _key_value_table,
     _print_json,
 )
-from shoal.coordinator.records import METRICS_FILE
 from shoal.core.errors import ConfigError, NotFoundError
 from shoal.governance.pseudonyms import PREFIX, PSEUDONYM_KEY_FILE, Pseudonyms
 from shoal.registry import ClientRegistry, Database
@@ -41,7 +40,7 @@ from shoal.registry.decisions import DecisionRecord, PolicyDecisionLog
 from shoal.registry.location import DEFAULT_STATE_DIR
 from shoal.registry.participation import Participation, ParticipationLog
 from shoal.registry.schema import round_participants
-from shoal.telemetry.metrics import MetricsLog
+from shoal.telemetry.metrics import METRICS_FILE, MetricsLog
 
 rounds_app = typer.Typer(
     help="A run's rounds: their rows, participants, divergence and policy decisions.",

@@ -44,12 +44,10 @@ from shoal.registry import (
 )
 from shoal.registry.database import lock_name
 from shoal.registry.models import model_lock
-from shoal.telemetry.metrics import MetricsLog, clean_row
+from shoal.telemetry.metrics import METRICS_FILE, SUMMARY_FILE, MetricsLog, clean_row
 from shoal.telemetry.tracking import MlflowTracker
 
 CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.jsonl"
 MLFLOW_RUN_FILE = "mlflow-run-id"
 
 Row = dict[str, Any]

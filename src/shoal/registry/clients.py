@@ -388,6 +388,17 @@ class ClientRegistry:
         with self.database.read() as connection:
             return int(connection.execute(query).scalar_one())
 
+    def census(self) -> dict[tuple[ClientStatus, str | None], int]:
+        """How many clients each (status, device class) pair holds (a class None: unreported)."""
+        query = sa.select(clients.c.status, clients.c.device_class, sa.func.count()).group_by(
+            clients.c.status, clients.c.device_class
+        )
+        with self.database.read() as connection:
+            return {
+                (ClientStatus(status), device_class): int(count)
+                for status, device_class, count in connection.execute(query)
+            }
+
     def set_status(
         self, client_id: str, status: ClientStatus, reason: str | None = None
     ) -> ClientRecord:

@@ -285,21 +285,26 @@ def translate_error(exc: SQLAlchemyError, *, url: str) -> RegistryError:
     return RegistryError(f"database {url} refused the request: {detail}")
 
 
-def open_database(url: str | None, *, folder: Path | None = None) -> Database:
+def open_database(url: str | None, *, folder: Path | None = None, migrate: bool = True) -> Database:
     """Open (and migrate) the registry database.
 
     ``url`` None means the embedded default, the SQLite file
     ``folder/registry.db`` (the folder is created). ``postgresql://`` and
     ``postgres://`` URLs use the psycopg (v3) driver; ``sqlite:///:memory:``
     gives a private in-memory database (one connection, for tests).
+    ``migrate=False`` opens it for reading only: nothing is written, and a
+    database whose schema is not the one this code expects is refused.
     """
-    from shoal.registry.migrations import apply_migrations
+    from shoal.registry.migrations import apply_migrations, check_schema_version
 
     resolved = resolve_database_url(url, folder=folder)
     engine = create_engine(resolved)
     database = Database(engine, checkpointer_for(resolved))
     try:
-        apply_migrations(database)
+        if migrate:
+            apply_migrations(database)
+        else:
+            check_schema_version(database)
     except BaseException:
         engine.dispose()
         raise

@@ -57,19 +57,21 @@ class RegistryLocation:
         parsed = sa.make_url(self.url)  # sqlite_file parsed it already
         return self.url if parsed.password is None else parsed.render_as_string(hide_password=True)
 
-    def open(self, *, must_exist: bool = False) -> Database:
+    def open(self, *, must_exist: bool = False, read_only: bool = False) -> Database:
         """Open (and migrate) the database; ``must_exist`` refuses to create a SQLite file.
 
         An operator's query on a mistyped state folder should fail, not
-        answer from a new, empty registry.
+        answer from a new, empty registry. ``read_only`` (which implies
+        ``must_exist``) neither migrates nor writes: a viewer's open.
         """
         sqlite_file = self.sqlite_file
-        if must_exist and sqlite_file is not None and not sqlite_file.is_file():
+        if (must_exist or read_only) and sqlite_file is not None and not sqlite_file.is_file():
             raise RegistryError(
                 f"no registry database at {sqlite_file}: pass the coordinator's --state-dir, "
                 "or --registry URL"
             )
-        return open_database(self.url, folder=self.folder if self.url is None else None)
+        folder = self.folder if self.url is None else None
+        return open_database(self.url, folder=folder, migrate=not read_only)
 
 
 def registry_location(state_dir: Path, url: str | None) -> RegistryLocation:

@@ -385,6 +385,26 @@ def apply_migrations(database: Database, *, migrations: tuple[Migration, ...] = 
         return max(current, newest)
 
 
+def check_schema_version(
+    database: Database, *, migrations: tuple[Migration, ...] = MIGRATIONS
+) -> int:
+    """Refuse, without writing anything, a database not at the newest migration; returns it."""
+    newest = migrations[-1].version if migrations else 0
+    with database.read() as connection:
+        current = recorded_version(connection)
+    if current > newest:
+        raise RegistryError(
+            f"the registry database {database.url} is at schema version {current}, "
+            f"newer than this Shoal knows ({newest}): upgrade Shoal to open it"
+        )
+    if current < newest:
+        raise RegistryError(
+            f"the registry database {database.url} is at schema version {current}, older than "
+            f"this Shoal's ({newest}): start its coordinator (or any write command) to migrate it"
+        )
+    return current
+
+
 def recorded_version(connection: Connection) -> int:
     """The newest migration recorded in the database (0 for a fresh one)."""
     if not sa.inspect(connection).has_table(schema_version.name):

@@ -10,6 +10,9 @@ from typing import Any
 
 Row = dict[str, Any]
 
+METRICS_FILE = "metrics.jsonl"  # in a run folder: the rows
+SUMMARY_FILE = "summary.json"  # in a run folder: the final figures
+
 
 def _clean(value: Any) -> Any:
     """NaN and infinity are not JSON: they are written as null."""

@@ -1,0 +1,163 @@
+"""The run report: one self-contained HTML file of a run's plots, or of several runs overlaid.
+
+:func:`load_run` reads a run folder (``metrics.jsonl``, ``summary.json`` and
+``drift.jsonl``; only the first is required, so a running run loads too),
+:func:`figures` draws every plot as inline SVG, and :func:`write_report`
+writes the page: inline CSS and SVG, no script, no external reference,
+every string from a run escaped. The live dashboard draws the same figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from shoal.core.errors import RunError
+from shoal.telemetry.metrics import METRICS_FILE, SUMMARY_FILE, MetricsLog, Row
+from shoal.telemetry.plots import Figure, RunData, figures
+from shoal.telemetry.svg import escape, format_number
+
+logger = logging.getLogger(__name__)
+
+DRIFT_FILE = "drift.jsonl"
+REPORT_FILE = "report.html"
+
+__all__ = [
+    "DRIFT_FILE",
+    "REPORT_FILE",
+    "Figure",
+    "RunData",
+    "figures",
+    "load_run",
+    "load_runs",
+    "write_report",
+]
+
+
+def load_run(folder: Path, *, name: str | None = None) -> RunData:
+    """Read the run folder ``folder``; RunError (one line) when it is not one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RunError(f"no run folder at {folder}")
+    metrics = folder / METRICS_FILE
+    if not metrics.is_file():
+        raise RunError(f"{folder} holds no {METRICS_FILE}: not a run folder")
+    return RunData(
+        name=name or folder.resolve().name,
+        folder=folder,
+        rows=tuple(MetricsLog(metrics).rows()),
+        summary=_read_summary(folder / SUMMARY_FILE),
+        drift=tuple(sorted(MetricsLog(folder / DRIFT_FILE).rows(), key=_round_of)),
+    )
+
+
+def load_runs(folders: Sequence[Path]) -> list[RunData]:
+    """Read each run folder, named by its folder's name, or by its path where two share one."""
+    names = [Path(folder).resolve().name for folder in folders]
+    return [
+        load_run(folder, name=str(folder) if names.count(name) > 1 else name)
+        for folder, name in zip(folders, names, strict=True)
+    ]
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    """The summary, or {} while the run has none (or is writing it)."""
+    try:
+        summary = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        logger.warning("%s is not JSON (the run may be writing it): left out", path)
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def _round_of(record: Row) -> int:
+    value = record.get("round")
+    return value if isinstance(value, int) else 0
+
+
+# --- the page --------------------------------------------------------------------------------
+
+SUMMARY_KEYS = (
+    "rounds_completed",
+    "rounds_aborted",
+    "final_accuracy",
+    "final_loss",
+    "virtual_time_s",
+    "wall_time_s",
+    "drop_rate",
+    "straggler_index",
+    "fairness_gap",
+    "bytes_up",
+    "bytes_down",
+    "bytes_up_per_client",
+    "bytes_down_per_client",
+    "epsilon",
+    "drift_bimodal_rounds",
+    "model_version",
+)
+
+_STYLE = """
+body { font-family: sans-serif; margin: 2em auto; max-width: 1000px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.1em; margin-top: 2em; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+td.none { color: #a33; }
+nav a { margin-right: 1em; font-size: 0.9em; }
+section svg { max-width: 100%; height: auto; border: 1px solid #eee; }
+"""
+
+
+def write_report(runs: Sequence[RunData], out: Path) -> Path:
+    """Write the report of ``runs`` to ``out`` (atomically; its folder is made); returns it."""
+    if not runs:
+        raise RunError("a report needs at least one run")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(render(runs), encoding="utf-8")
+    partial.replace(out)
+    return out
+
+
+def render(runs: Sequence[RunData]) -> str:
+    """The report's HTML: a summary table, a table of contents and every figure."""
+    drawn = figures(runs)
+    names = ", ".join(run.name for run in runs)
+    contents = "".join(f'<a href="#{figure.key}">{escape(figure.title)}</a>' for figure in drawn)
+    sections = "".join(
+        f'<section id="{figure.key}"><h2>{escape(figure.title)}</h2>{figure.svg}</section>'
+        for figure in drawn
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>Shoal run report: {escape(names)}</title><style>{_STYLE}</style></head>"
+        f"<body><h1>Shoal run report</h1>{_summary_table(runs)}<nav>{contents}</nav>"
+        f"{sections}</body></html>\n"
+    )
+
+
+def _summary_table(runs: Sequence[RunData]) -> str:
+    head = "".join(f"<th>{escape(run.name)}</th>" for run in runs)
+    body = "".join(
+        f"<tr><td>{key}</td>{''.join(_cell(run.summary.get(key)) for run in runs)}</tr>"
+        for key in SUMMARY_KEYS
+    )
+    folders = "".join(f"<td>{escape(run.folder)}</td>" for run in runs)
+    return (
+        f'<table class="summary"><tr><th>run</th>{head}</tr>'
+        f"<tr><td>folder</td>{folders}</tr>{body}</table>"
+    )
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return '<td class="none">not recorded</td>'
+    if isinstance(value, float):
+        return f"<td>{escape(format_number(value))}</td>"
+    return f"<td>{escape(value)}</td>"
