@@ -76,12 +76,14 @@ async def serve_to_digits_clients(
     token: str,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     on_ready: Callable[[int], None] | None = None,
+    wrap: Callable[[Client], Client] | None = None,
     timeout_s: float = 90,
 ) -> CoordinatorParts:
     """Serve ``config`` in this process (plaintext gRPC on 127.0.0.1) to ``clients`` digits
     clients, each a :class:`ClientRuntime` over a real channel, until the job ends.
 
-    ``on_ready`` gets the coordinator's port once it listens, after the clients started.
+    ``on_ready`` gets the coordinator's port once it listens, after the clients started;
+    ``wrap`` changes each digits client (one that fails on cue...).
     """
     runtimes: list[ClientRuntime] = []
     links: list[GrpcLink] = []
@@ -91,8 +93,9 @@ async def serve_to_digits_clients(
         for index in range(clients):
             link = GrpcLink(f"127.0.0.1:{port}", credentials=None, enrollment_token=token)
             enrollment = load_or_create_enrollment(tmp_path / f"c{index}", generate_client_key)
+            client = digits_client(index, clients)
             runtime = ClientRuntime(
-                digits_client(index, clients),
+                client if wrap is None else wrap(client),
                 link,
                 enrollment,
                 backoff=Backoff(0.01, 0.1),
