@@ -358,3 +358,27 @@ def test_a_file_that_is_not_utf8_toml_is_one_line(
 def test_a_folder_is_not_a_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is a folder, not a config file"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["coordinator.metrics_host='0.0.0.0'"], "beyond this machine"),
+        (["coordinator.metrics_host='10.0.0.5'"], "coordinator.metrics_allow_remote = true"),
+        (["coordinator.metrics_host='127.0.0.1.example'"], "beyond this machine"),
+        (["coordinator.metrics_port=65536"], "coordinator.metrics_port"),
+        (["coordinator.metrics_port=-1"], "coordinator.metrics_port"),
+    ],
+)
+def test_metrics_stay_on_this_machine_unless_allowed(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(None, overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_metrics_on_loopback_or_allowed_elsewhere() -> None:
+    assert load_config(None, []).coordinator.metrics_port == 0  # off by default
+    for host in ("127.0.0.1", "::1", "[::1]", "localhost", "127.0.0.2"):
+        assert load_config(None, [f"coordinator.metrics_host='{host}'"]).coordinator.metrics_host
+    allowed = ["coordinator.metrics_host='0.0.0.0'", "coordinator.metrics_allow_remote=true"]
+    assert load_config(None, allowed).coordinator.metrics_host == "0.0.0.0"

@@ -21,7 +21,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shoal.core.errors import ConfigError
-from shoal.core.limits import INT64_MAX, Limit, above_limit, split_host_port, within_budget
+from shoal.core.limits import (
+    INT64_MAX,
+    MAX_PORT,
+    Limit,
+    above_limit,
+    is_loopback,
+    split_host_port,
+    within_budget,
+)
 from shoal.core.settings import apply_overrides as apply_settings_overrides
 from shoal.core.settings import format_validation_error, read_toml
 from shoal.core.sharing import threshold_fraction_problem
@@ -477,6 +485,11 @@ class CoordinatorSection(_Section):
     )
     release_keys: list[str] = Field(default_factory=list)
     attestation_verifiers: dict[str, str] = Field(default_factory=dict)
+    # Prometheus' /metrics (shoal.telemetry.prometheus): 0 = not served; beyond this machine
+    # only with metrics_allow_remote (the figures describe the fleet: keep them behind a proxy)
+    metrics_port: Annotated[int, Field(ge=0, le=MAX_PORT)] = 0
+    metrics_host: str = Field("127.0.0.1", min_length=1)
+    metrics_allow_remote: bool = False
 
     @field_validator("enrollment_tokens", mode="before")
     @classmethod
@@ -498,6 +511,16 @@ class CoordinatorSection(_Section):
     def _address(cls, listen: str) -> str:
         split_host_port(listen)  # a port past 65535 would wrap around in gRPC
         return listen
+
+    @model_validator(mode="after")
+    def _metrics_on_this_machine(self) -> CoordinatorSection:
+        if not self.metrics_allow_remote and not is_loopback(self.metrics_host):
+            raise ValueError(
+                f"coordinator.metrics_host = {self.metrics_host!r} would serve the fleet's "
+                "metrics beyond this machine: use 127.0.0.1 or ::1, or set "
+                "coordinator.metrics_allow_remote = true (behind a proxy that authenticates)"
+            )
+        return self
 
     @field_validator("attestation", mode="before")
     @classmethod

@@ -21,8 +21,7 @@ from google.protobuf.message import DecodeError
 
 from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
 from shoal.config import parse_config
-from shoal.coordinator.server import serve
-from shoal.telemetry.refusals import REFUSED_REQUESTS
+from shoal.coordinator.server import CoordinatorParts, serve
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport.grpc_link import GrpcLink
 from shoal.transport.messages import RejectCode
@@ -118,7 +117,6 @@ def test_a_flood_of_garbage_is_refused_quietly_and_good_clients_still_train(
             round={"quorum": 1.0, "deadline_s": 30},
         )
     )
-    before = REFUSED_REQUESTS.labels(rpc="Enroll", reason="malformed")._value.get()
     caplog.set_level(logging.INFO)
     answers: list[str] = []
     during_probe: list[logging.LogRecord] = []
@@ -126,6 +124,7 @@ def test_a_flood_of_garbage_is_refused_quietly_and_good_clients_still_train(
     links: list[GrpcLink] = []
     tasks: list[asyncio.Task[None]] = []
     rounds: list[dict[str, Any]] = []
+    served: list[CoordinatorParts] = []
 
     async def attack_then_train(port: int) -> None:
         target = f"127.0.0.1:{port}"
@@ -152,9 +151,10 @@ def test_a_flood_of_garbage_is_refused_quietly_and_good_clients_still_train(
             started.append(asyncio.create_task(attack_then_train(port)))
 
         try:
-            await asyncio.wait_for(
+            parts = await asyncio.wait_for(
                 serve(config, insecure=True, on_round=rounds.append, on_ready=on_ready), timeout=150
             )
+            served.append(parts)
         finally:
             await asyncio.gather(*started)
             for runtime in runtimes:
@@ -173,7 +173,12 @@ def test_a_flood_of_garbage_is_refused_quietly_and_good_clients_still_train(
     assert all(record.exc_info is None for record in during_probe)
     assert len(during_probe) <= MAX_LOG_LINES, text
     assert any("suppress" in record.getMessage() for record in during_probe), text
-    counted = REFUSED_REQUESTS.labels(rpc="Enroll", reason="malformed")._value.get() - before
-    assert counted == PROBES_PER_METHOD
+    registry = served[0].metrics.registry  # what the coordinator's /metrics serves
+    labels = {"rpc": "Enroll", "reason": "malformed"}
+    assert registry.get_sample_value("shoal_refused_requests_total", labels) == PROBES_PER_METHOD
+    for method, verdict in [("Enroll", "malformed"), ("FetchModel", "permission_denied")]:
+        labels = {"method": method, "verdict": verdict}  # each RPC timed, with its verdict
+        count = registry.get_sample_value("shoal_rpc_duration_seconds_count", labels)
+        assert count == PROBES_PER_METHOD, (method, verdict)
     assert [row["round"] for row in rounds] == [1]  # the good clients enrolled and trained
     assert rounds[0]["reported"] == 2

@@ -20,14 +20,11 @@ from typing import Any
 import pytest
 
 from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult
-from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
 from shoal.config import Config, parse_config
-from shoal.coordinator.server import CoordinatorParts, serve
+from shoal.coordinator.server import CoordinatorParts
 from shoal.core import Parameters
 from shoal.telemetry import CohortDropped
-from shoal.transport.grpc_link import GrpcLink
-from shoal.transport.signing import generate_client_key
-from support.jobs import digits_client, network_job
+from support.jobs import network_job, serve_to_digits_clients
 
 TOKEN = "let-me-in"
 CLIENTS = 8
@@ -101,33 +98,15 @@ async def federation(
 ) -> tuple[CoordinatorParts, list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
     wave = Wave(FAILING)
-    runtimes, links, tasks = [], [], []
-
-    def on_ready(port: int, first_round: int) -> None:
-        for index in range(CLIENTS):
-            link = GrpcLink(f"127.0.0.1:{port}", credentials=None, enrollment_token=TOKEN)
-            enrollment = load_or_create_enrollment(tmp_path / f"c{index}", generate_client_key)
-            runtime = ClientRuntime(
-                Struck(digits_client(index, CLIENTS), wave),
-                link,
-                enrollment,
-                backoff=Backoff(0.01, 0.1),
-                seed=index,
-            )
-            links.append(link)
-            runtimes.append(runtime)
-            tasks.append(asyncio.create_task(runtime.run()))
-
-    try:
-        parts = await asyncio.wait_for(
-            serve(config, insecure=True, on_round=rows.append, on_ready=on_ready), 120
-        )
-    finally:
-        for runtime in runtimes:
-            runtime.stop()
-        await asyncio.gather(*tasks)
-        for link in links:
-            await link.close()
+    parts = await serve_to_digits_clients(
+        tmp_path,
+        config,
+        clients=CLIENTS,
+        token=TOKEN,
+        on_round=rows.append,
+        wrap=lambda client: Struck(client, wave),
+        timeout_s=120,
+    )
     return parts, rows
 
 

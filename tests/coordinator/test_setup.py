@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from shoal.config import parse_config
-from shoal.coordinator.setup import listed_tokens_from_config
+from shoal.coordinator.setup import connect_key_holder, listed_tokens_from_config
+from shoal.core.errors import ConfigError
 from shoal.registry import ListedToken
 
 
@@ -33,3 +36,12 @@ def test_listed_tokens_take_the_registry_defaults_where_the_config_is_silent() -
     ]
     bare = ListedToken(token="bare")
     assert (bare.max_uses, bare.ttl) == (100, timedelta(days=7))
+
+
+@pytest.mark.parametrize("address", ["10.0.0.5:50061", "127.0.0.1.example.org:50061"])
+def test_a_key_holder_elsewhere_needs_its_certificate_pinned(address: str) -> None:
+    section = parse_config(
+        {"secure_aggregation": {"protocol": "ckks", "key_holder": address}}
+    ).secure_aggregation
+    with pytest.raises(ConfigError, match="is not on this machine"):
+        connect_key_holder(section)

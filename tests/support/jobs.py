@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from shoal.apps import client_app
 from shoal.client.api import Client
 from shoal.client.app import ClientContext
+from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
 from shoal.config import Config, apply_overrides, parse_config
+from shoal.coordinator.server import CoordinatorParts, serve
+from shoal.transport.grpc_link import GrpcLink
+from shoal.transport.signing import generate_client_key
 
 
 def network_job(
@@ -61,3 +66,54 @@ def digits_client(index: int, clients: int) -> Client:
 def bare_config(overrides: Iterable[str] = ()) -> Config:
     """Every section's defaults (not the embedded default job) with ``overrides``."""
     return parse_config(apply_overrides({}, overrides))
+
+
+async def serve_to_digits_clients(
+    tmp_path: Path,
+    config: Config,
+    *,
+    clients: int,
+    token: str,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_ready: Callable[[int], None] | None = None,
+    wrap: Callable[[Client], Client] | None = None,
+    timeout_s: float = 90,
+) -> CoordinatorParts:
+    """Serve ``config`` in this process (plaintext gRPC on 127.0.0.1) to ``clients`` digits
+    clients, each a :class:`ClientRuntime` over a real channel, until the job ends.
+
+    ``on_ready`` gets the coordinator's port once it listens, after the clients started;
+    ``wrap`` changes each digits client (one that fails on cue...).
+    """
+    runtimes: list[ClientRuntime] = []
+    links: list[GrpcLink] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    def started(port: int, first_round: int) -> None:
+        for index in range(clients):
+            link = GrpcLink(f"127.0.0.1:{port}", credentials=None, enrollment_token=token)
+            enrollment = load_or_create_enrollment(tmp_path / f"c{index}", generate_client_key)
+            client = digits_client(index, clients)
+            runtime = ClientRuntime(
+                client if wrap is None else wrap(client),
+                link,
+                enrollment,
+                backoff=Backoff(0.01, 0.1),
+                seed=index,
+            )
+            links.append(link)
+            runtimes.append(runtime)
+            tasks.append(asyncio.create_task(runtime.run()))
+        if on_ready is not None:
+            on_ready(port)
+
+    try:
+        return await asyncio.wait_for(
+            serve(config, insecure=True, on_round=on_round, on_ready=started), timeout_s
+        )
+    finally:
+        for runtime in runtimes:
+            runtime.stop()
+        await asyncio.gather(*tasks)
+        for link in links:
+            await link.close()

@@ -7,7 +7,8 @@ import logging
 import pytest
 
 from shoal.core.errors import ConfigError
-from shoal.telemetry.refusals import REFUSED_REQUESTS, RefusalLog, peer_host
+from shoal.telemetry.prometheus import CoordinatorMetrics
+from shoal.telemetry.refusals import RefusalLog, peer_host
 
 LOGGER = "shoal.test.refusals"
 
@@ -98,10 +99,18 @@ def test_forgotten_peers_are_summarized_and_memory_stays_bounded(
 
 
 def test_every_refusal_is_counted_logged_or_not(refusals: RefusalLog) -> None:
-    counter = REFUSED_REQUESTS.labels(rpc="Probe", reason="malformed")
-    before = counter._value.get()
+    counter = refusals.counter.labels(rpc="Probe", reason="malformed")
     refuse(refusals, 250)
-    assert counter._value.get() - before == 250
+    assert counter._value.get() == 250
+
+
+def test_refusals_count_in_the_coordinators_registry(clock: Clock) -> None:
+    metrics = CoordinatorMetrics()
+    refusals = RefusalLog(logging.getLogger(LOGGER), clock=clock, counter=metrics.refused)
+    refuse(refusals, 3)
+    labels = {"rpc": "Probe", "reason": "malformed"}
+    assert metrics.registry.get_sample_value("shoal_refused_requests_total", labels) == 3
+    assert RefusalLog(logging.getLogger(LOGGER)).counter is not metrics.refused  # its own
 
 
 @pytest.mark.parametrize(

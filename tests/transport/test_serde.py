@@ -699,3 +699,23 @@ def test_the_secure_rpc_has_its_own_verdict_message() -> None:
         assert decoded == verdict
     with pytest.raises(ProtocolError, match="lacks"):
         serde.decode_submit_secure_message_response(pb.SubmitSecureMessageResponse())
+
+
+@pytest.mark.parametrize(
+    ("response", "label"),
+    [
+        (serde.encode_submit_update_response(Verdict.accept()), "accepted"),
+        (serde.encode_heartbeat_response(HeartbeatReply(Verdict.accept(), 30.0)), "accepted"),
+        (
+            serde.encode_report_failure_response(Verdict.reject(RejectCode.LATE, "too late")),
+            "late",
+        ),
+        (serde.encode_check_in_response(RetryAfter(1.0, "wait")), "retry_after"),
+        (serde.encode_check_in_response(Rejected(RejectCode.SUSPENDED, "no")), "suspended"),
+        (pb.CheckInResponse(), "empty"),
+        (pb.SubmitUpdateResponse(verdict=pb.Verdict(accepted=False, code=999)), "unknown"),
+        (pb.Chunk(), "ok"),  # no verdict: a model's chunk
+    ],
+)
+def test_verdict_labels(response: Any, label: str) -> None:
+    assert serde.verdict_label(response) == label

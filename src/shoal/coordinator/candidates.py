@@ -7,6 +7,8 @@ what it holds has been written, so a client that checked in a moment ago
 counts at once. After a restart, whatever the registry last recorded of a
 client is older than the outage: the first check-ins after it are what makes
 the clients candidates again, and the first round starts with them.
+:meth:`Candidates.fleet` counts the clients seen lately and the eligible
+ones, for the coordinator's metrics.
 """
 
 from __future__ import annotations
@@ -16,10 +18,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from shoal.registry import HeartbeatBuffer, SelectionCriteria, Selector
+from shoal.registry import ClientRegistry, HeartbeatBuffer, SelectionCriteria, Selector
 
 SEEN_WITHIN = timedelta(minutes=2)
 """How recent a client's last sighting must be for it to be selected."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """How many clients were seen within :data:`SEEN_WITHIN`, and how many a round could
+    select (eligible under the round's policy, not barred)."""
+
+    connected: int
+    eligible: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,3 +63,11 @@ class Candidates:
         barred = self.barred()
         drawn = self.selector.select(criteria, self.wanted + len(barred), now=now)
         return [client for client in drawn if client not in barred][: self.wanted]
+
+    def fleet(self) -> Fleet:
+        """The clients seen lately, and the eligible ones (two counts; nothing is listed)."""
+        self.heartbeats.flush()
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        registry: ClientRegistry = self.selector.registry
+        eligible = self.selector.count(self.criteria(), now=now, excluding=self.barred())
+        return Fleet(registry.count(seen_since=now - SEEN_WITHIN), eligible)

@@ -6,6 +6,8 @@ committed round a version, with its row and optimizer state, signed by the
 coordinator's key: :func:`run_signer`) and the client registry. With
 ``[tracking] mlflow = true`` every row also goes to one MLflow run, whose id
 is kept in the folder so that a resumed run stays that one MLflow run.
+:meth:`RunRecords.watch` hands every row, as it is stored, to an observer
+(a coordinator's Prometheus metrics).
 """
 
 from __future__ import annotations
@@ -153,6 +155,7 @@ class RunRecords:
         self.model = model
         self.metrics = MetricsLog(self.folder / METRICS_FILE)
         self.tracker: MlflowTracker | None = None
+        self._watchers: list[Callable[[Row], None]] = []
         self._suspended: dict[str, str] = {}  # simulated clients caught cheating
 
     @property
@@ -263,6 +266,12 @@ class RunRecords:
         self.metrics.append(row)
         if self.tracker is not None:
             self.tracker.log_round(row["round"], metrics=tracked_metrics(row))
+        for watcher in self._watchers:
+            watcher(row)
+
+    def watch(self, watcher: Callable[[Row], None]) -> None:
+        """Hand ``watcher`` every row from now on, as it is stored (recovered rows too)."""
+        self._watchers.append(watcher)
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         (self.folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

@@ -27,6 +27,13 @@ accounts for and the engine samples from (``data.num_clients`` plays no
 part over the network). The state folder holds ``config.json``,
 ``metrics.jsonl`` and ``summary.json`` with the same keys, and
 ``[tracking]`` logs to MLflow. The model is named by ``run.name``.
+
+With ``coordinator.metrics_port`` set, Prometheus' ``/metrics`` is served on
+``metrics_host`` (127.0.0.1 unless ``metrics_allow_remote``) from the
+coordinator's own registry (:class:`~shoal.telemetry.prometheus.CoordinatorMetrics`):
+each stored row's figures, the RPCs by method and verdict with their
+latencies, the refusals by reason, the clients seen lately and eligible (as
+of the last closed round), and the rounds by outcome.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +55,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from shoal.client.app import ClientContext
 from shoal.config import Config
 from shoal.coordinator.app import resolve_apps
-from shoal.coordinator.candidates import SEEN_WITHIN, Candidates
+from shoal.coordinator.candidates import SEEN_WITHIN, Candidates, Fleet
 from shoal.coordinator.driver import Decrypt, DriverSettings, RoundDriver
 from shoal.coordinator.events import (
     CommitVersion,
@@ -89,6 +96,8 @@ from shoal.registry import (
 )
 from shoal.secure.keyholder import read_silo_keys
 from shoal.tasks import RunFinished
+from shoal.telemetry.prometheus import CoordinatorMetrics, MetricsServer, serve_metrics
+from shoal.telemetry.refusals import RefusalLog
 from shoal.transport.certs import (
     CA_CERTIFICATE,
     SERVER_CERTIFICATE,
@@ -117,6 +126,7 @@ class CoordinatorParts:
     records: RunRecords
     privacy: RunPrivacy | None = None
     key_holder: KeyHolderClient | None = None  # a homomorphic job's connection to its key holder
+    metrics: CoordinatorMetrics = field(default_factory=CoordinatorMetrics)  # for /metrics
 
     @property
     def stop_reason(self) -> str | None:
@@ -141,10 +151,12 @@ def build(
     client_app: Any = None,
     server_app: Any = None,
     clock: Callable[[], float] = time.time,
+    metrics: CoordinatorMetrics | None = None,
 ) -> CoordinatorParts:
     """Open the registries and the run (HEAD, or the initial model as version 0), wire the driver.
 
-    ``on_round`` gets each closed round's metrics row, as ``shoal simulate`` writes it.
+    ``on_round`` gets each closed round's metrics row, as ``shoal simulate`` writes it;
+    ``metrics`` (a new registry by default) is fed every row stored and every refusal.
     ``clock`` (seconds since the epoch) times sightings and replay windows; the
     driver's deadlines run on the event loop's clock.
     """
@@ -192,6 +204,8 @@ def build(
         signer=signer,
         head_signer=signer.audit_head,
     )
+    metrics = CoordinatorMetrics() if metrics is None else metrics
+    records.watch(metrics.observe_row)  # from the first row stored, a resume's recovered ones too
     try:
         attestation = attestation_from_config(section, database)  # keys and verifiers load now
         # planned at the first fit round, for the eligible population it finds
@@ -232,11 +246,16 @@ def build(
 
     started = time.perf_counter()
 
+    def count_fleet() -> None:
+        fleet: Fleet = candidates.fleet()
+        metrics.observe_fleet(connected=fleet.connected, eligible=fleet.eligible)
+
     async def on_closed(summary: RoundSummary, commit: CommitVersion | None) -> None:
         elapsed = run.wall_offset + time.perf_counter() - started
         fields = {"virtual_time_s": round(elapsed, 6), "wall_time_s": round(elapsed, 6)}
         row = run.close_round(summary, commit, fields)
         run.record(row)
+        count_fleet()
         if on_round is not None:
             on_round(row)
 
@@ -268,9 +287,11 @@ def build(
         heartbeats=heartbeats,
         clock=clock,
         versions=records.head,  # each task names the committed version and its signature
+        refusal_log=RefusalLog(log, counter=metrics.refused),
     )
+    count_fleet()  # who the registry last saw, before the first round
     return CoordinatorParts(
-        database, models, clients, driver, service, run, records, privacy, key_holder
+        database, models, clients, driver, service, run, records, privacy, key_holder, metrics
     )
 
 
@@ -351,6 +372,18 @@ def server_credentials(config: Config, *, insecure: bool) -> grpc.ServerCredenti
     return load_server_credentials(server, client_ca=client_ca)
 
 
+def _metrics_endpoint(config: Config, metrics: CoordinatorMetrics) -> MetricsServer | None:
+    """Serve ``/metrics`` where ``[coordinator]`` says (``metrics_port = 0``: nowhere)."""
+    section = config.coordinator
+    if section.metrics_port == 0:
+        return None
+    endpoint = serve_metrics(metrics.registry, host=section.metrics_host, port=section.metrics_port)
+    log.info(
+        "serving Prometheus metrics on http://%s:%d/metrics", section.metrics_host, endpoint.port
+    )
+    return endpoint
+
+
 async def serve(
     config: Config,
     *,
@@ -371,15 +404,20 @@ async def serve(
             EXCLUSIVE_PORT,
         ]
     )
-    # the address first: one that cannot be bound is refused before the run is opened
+    # the addresses first: one that cannot be bound is refused before the run is opened
     listen = config.coordinator.listen
     port = bind_server(server, listen, credentials, option="coordinator.listen")
+    metrics = CoordinatorMetrics()
+    endpoint: MetricsServer | None = None
     try:
-        parts = build(config, on_round=on_round, search_path=search_path)
+        endpoint = _metrics_endpoint(config, metrics)
+        parts = build(config, on_round=on_round, search_path=search_path, metrics=metrics)
     except BaseException:
+        if endpoint is not None:
+            endpoint.close()
         await server.stop(None)
         raise
-    add_coordinator_service(parts.service, server)
+    add_coordinator_service(parts.service, server, observe=metrics.observe_rpc)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     stopping = asyncio.Event()
@@ -415,6 +453,8 @@ async def serve(
         parts.service.heartbeats.flush()
         parts.records.end_tracking(finished=finished)
         parts.close()
+        if endpoint is not None:
+            endpoint.close()
     if job.done() and not job.cancelled() and job.exception() is not None:
         raise job.exception()  # type: ignore[misc]
     return parts

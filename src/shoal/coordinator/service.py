@@ -17,7 +17,7 @@ with the reasons; the driver counts both for the round's row. An update
 from a client whose software the policy no longer accepts (its versions
 changed, or a requirement was added since it was selected) is refused as
 INCOMPATIBLE. Bad input is answered with a code and counted
-(``shoal_refused_requests_total``); it never raises out of the service, so
+(``shoal_refused_requests_total`` on ``/metrics``); it never raises out of the service, so
 the coordinator keeps serving, and its log lines are limited per peer
 (:class:`~shoal.telemetry.refusals.RefusalLog`). Under secure
 aggregation, check-ins hand out the SecAgg+ stages and SubmitSecureMessage
@@ -83,7 +83,7 @@ from shoal.transport.messages import (
     Task,
     Verdict,
 )
-from shoal.transport.rpc import add_bytes_servicer
+from shoal.transport.rpc import RpcObserver, add_bytes_servicer
 
 log = logging.getLogger("shoal.coordinator")
 
@@ -501,6 +501,10 @@ class CoordinatorService:
         return serde.encode_heartbeat_response(HeartbeatReply(verdict, HEARTBEAT_EVERY_S))
 
 
-def add_coordinator_service(service: CoordinatorService, server: grpc.aio.Server) -> None:
-    """Serve ``service`` as ``shoal.v1.Coordinator`` on ``server``, each request as bytes."""
-    add_bytes_servicer(server, pb.DESCRIPTOR.services_by_name["Coordinator"], service)
+def add_coordinator_service(
+    service: CoordinatorService, server: grpc.aio.Server, *, observe: RpcObserver | None = None
+) -> None:
+    """Serve ``service`` as ``shoal.v1.Coordinator`` on ``server``, each request as bytes;
+    ``observe`` is told of every call (its method, verdict and duration)."""
+    coordinator = pb.DESCRIPTOR.services_by_name["Coordinator"]
+    add_bytes_servicer(server, coordinator, service, observe=observe)

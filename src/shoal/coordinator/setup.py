@@ -15,6 +15,7 @@ from shoal.coordinator.rounds import RoundSettings
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
 from shoal.coordinator.selection import cohort_size, private_cohort
 from shoal.core.errors import ConfigError, StrategyError
+from shoal.core.limits import is_loopback
 from shoal.governance.attestation import AttestationGate, verifiers_for
 from shoal.governance.manifest import load_release_public_key
 from shoal.governance.policy import PolicyEngine
@@ -23,8 +24,6 @@ from shoal.registry import AllowedBuilds, Database, ListedToken
 from shoal.secure.quantization import Quantization
 from shoal.tasks import Phase
 from shoal.transport.keyholder_service import KeyHolderClient
-
-_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
 def strategy_from_config(config: Config) -> Strategy:
@@ -203,7 +202,8 @@ def connect_key_holder(section: SecureAggregationSection) -> KeyHolderClient:
     address = section.key_holder
     if address is None:
         raise ConfigError("secure_aggregation.key_holder: no key holder address is set")
-    if section.key_holder_ca is None and not address.startswith(_LOOPBACK_HOSTS):
+    host = address.rpartition(":")[0] or address
+    if section.key_holder_ca is None and not is_loopback(host):
         raise ConfigError(
             f"secure_aggregation.key_holder = {address!r} is not on this machine: "
             "set secure_aggregation.key_holder_ca to pin its certificate"

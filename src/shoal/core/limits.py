@@ -15,11 +15,13 @@ the configuration loader can say, in one line::
 :func:`above_limit` raises the same error from a check that involves
 several fields (the memory of a model); :func:`largest_count` and
 :func:`format_bytes` size such checks; :func:`split_host_port` bounds an
-address (a port is 0 to 65535).
+address (a port is 0 to 65535) and :func:`is_loopback` tells whether its host is
+this machine only.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,3 +134,17 @@ def split_host_port(address: str) -> tuple[str, int]:
             f"expected HOST:PORT with a port from 0 (any free one) to {MAX_PORT}, got {address!r}"
         )
     return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address, bracketed or not, or ``localhost``) is this machine only.
+
+    >>> is_loopback("127.0.0.1"), is_loopback("[::1]"), is_loopback("0.0.0.0")
+    (True, True, False)
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False

@@ -380,11 +380,16 @@ class ClientRegistry:
         with self.database.read() as connection:
             return [record_from_row(row) for row in connection.execute(query)]
 
-    def count(self, *, status: ClientStatus | None = None) -> int:
-        """How many clients are enrolled (with ``status``, when given)."""
+    def count(
+        self, *, status: ClientStatus | None = None, seen_since: datetime | None = None
+    ) -> int:
+        """How many clients are enrolled (with ``status``, seen since ``seen_since``, when
+        given)."""
         query = sa.select(sa.func.count()).select_from(clients)
         if status is not None:
             query = query.where(clients.c.status == status)
+        if seen_since is not None:
+            query = query.where(clients.c.last_seen >= require_aware(seen_since, "seen_since"))
         with self.database.read() as connection:
             return int(connection.execute(query).scalar_one())
 

@@ -47,6 +47,7 @@ that the same test rejects the fixed-key variant.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -299,6 +300,22 @@ class Selector:
         query = sa.select(clients.c.client_id).where(condition).order_by(clients.c.client_id)
         with self.registry.database.read() as connection:
             return list(connection.execute(query).scalars())
+
+    def count(
+        self,
+        criteria: SelectionCriteria,
+        *,
+        now: datetime | None = None,
+        excluding: Collection[str] = (),
+    ) -> int:
+        """How many clients are eligible, ``excluding`` some (a count; nothing is listed)."""
+        now = require_aware(now or utc_now(), "now")
+        condition = eligible_clause(criteria, self.requirements(criteria), now=now)
+        if excluding:
+            condition = sa.and_(condition, clients.c.client_id.not_in(sorted(excluding)))
+        query = sa.select(sa.func.count()).select_from(clients).where(condition)
+        with self.registry.database.read() as connection:
+            return int(connection.execute(query).scalar_one())
 
     def select(
         self,

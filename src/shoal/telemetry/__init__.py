@@ -1,4 +1,4 @@
-"""FL telemetry: the metrics log, MLflow tracking, alerts, counted refusals; later, drift.
+"""FL telemetry: the metrics log, MLflow tracking, Prometheus, alerts, counted refusals.
 
 Importing this package does not import MLflow: an :class:`MlflowTracker`
 does, when it is created (the ``shoal[mlflow]`` extra).
@@ -17,18 +17,20 @@ from shoal.telemetry.alerts import (
     fire,
 )
 from shoal.telemetry.metrics import MetricsLog
-from shoal.telemetry.refusals import REFUSED_REQUESTS, RefusalLog, peer_host
+from shoal.telemetry.prometheus import CoordinatorMetrics, MetricsServer, serve_metrics
+from shoal.telemetry.refusals import RefusalLog, peer_host
 from shoal.telemetry.tracking import MlflowTracker
 
 __all__ = [
-    "REFUSED_REQUESTS",
     "Alert",
     "AlertHook",
     "BudgetExhausted",
     "CohortDropped",
     "CommandHook",
+    "CoordinatorMetrics",
     "LoggingHook",
     "MetricsLog",
+    "MetricsServer",
     "MlflowTracker",
     "ModelRolledBack",
     "PythonHook",
@@ -36,4 +38,5 @@ __all__ = [
     "alert_hooks",
     "fire",
     "peer_host",
+    "serve_metrics",
 ]

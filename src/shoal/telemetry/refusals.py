@@ -1,13 +1,16 @@
-"""Refused requests: counted in Prometheus, logged with a per-peer rate limit.
+"""Refused requests: counted for Prometheus, logged with a per-peer rate limit.
 
 Any peer can send a service bad input as fast as it likes; one log line per
 refusal would let it fill the disk and bury the lines that matter. A
 :class:`RefusalLog` writes at most ``lines_per_window`` refusals of one peer
 host per window (a minute by default), then one line saying it is
 suppressing that peer, and, at the peer's first refusal after the window,
-one line saying how many it suppressed. Every refusal is counted in
-:data:`REFUSED_REQUESTS` whether logged or not. The clock is injected, so
-tests drive the windows without sleeping.
+one line saying how many it suppressed. Every refusal is counted, logged
+or not, in its :attr:`~RefusalLog.counter`,
+``shoal_refused_requests_total{rpc, reason}``: the coordinator's
+(:class:`~shoal.telemetry.prometheus.CoordinatorMetrics`, served on
+``/metrics``), or one of the log's own. The clock is injected, so tests
+drive the windows without sleeping.
 
 >>> refusals = RefusalLog(logging.getLogger("shoal.coordinator"))  # doctest: +SKIP
 >>> refusals.refused(
@@ -23,16 +26,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 
 from shoal.core.errors import ConfigError
-
-REFUSED_REQUESTS = Counter(
-    "shoal_refused_requests",
-    "Requests a Shoal service refused, by RPC and reason (the verdict's code).",
-    ["rpc", "reason"],
-)
-"""Process-wide, as Prometheus counters are: ``shoal_refused_requests_total{rpc, reason}``."""
+from shoal.telemetry.prometheus import refused_requests
 
 
 @dataclass(slots=True)
@@ -68,6 +65,7 @@ class RefusalLog:
         max_peers: int = 10_000,
         level: int = logging.INFO,
         clock: Callable[[], float] = time.monotonic,
+        counter: Counter | None = None,
     ) -> None:
         if lines_per_window < 1 or max_peers < 1 or not window_s > 0:
             raise ConfigError(
@@ -80,11 +78,12 @@ class RefusalLog:
         self.max_peers = max_peers
         self.level = level
         self.clock = clock
+        self.counter = refused_requests(CollectorRegistry()) if counter is None else counter
         self._windows: OrderedDict[str, _Window] = OrderedDict()
 
     def refused(self, *, peer: str, rpc: str, reason: str, detail: str) -> None:
         """Count a refusal of ``rpc`` from ``peer``; log it unless that peer is over its limit."""
-        REFUSED_REQUESTS.labels(rpc=rpc, reason=reason).inc()
+        self.counter.labels(rpc=rpc, reason=reason).inc()
         host = peer_host(peer)
         window = self._window(host, self.clock())
         if window.logged < self.lines_per_window:

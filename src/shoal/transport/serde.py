@@ -343,6 +343,28 @@ def verdict_of(rejection: RejectSubmission | None) -> Verdict:
     return Verdict.reject(RejectCode.from_reason(rejection.reason), rejection.detail)
 
 
+def verdict_label(response: Message) -> str:
+    """What a response told its caller, as a metric label: ``accepted``, a reject code
+    (``malformed``...), or a check-in's outcome (``task``, ``retry_after``, ``run_finished``);
+    ``ok`` for a response that carries no verdict (a model chunk)."""
+    if isinstance(response, pb.CheckInResponse):
+        kind = response.WhichOneof("outcome")
+        if kind == "rejected":
+            return _reject_label(response.rejected.code)
+        return kind or "empty"
+    verdict = getattr(response, "verdict", None)
+    if not isinstance(verdict, pb.Verdict):
+        return "ok"
+    return "accepted" if verdict.accepted else _reject_label(verdict.code)
+
+
+def _reject_label(code: int) -> str:
+    try:
+        return decode_reject_code(code).value
+    except ProtocolError:
+        return "unknown"
+
+
 def encode_submit_secure_message_response(verdict: Verdict) -> pb.SubmitSecureMessageResponse:
     return pb.SubmitSecureMessageResponse(verdict=encode_verdict(verdict))
 

@@ -1,0 +1,125 @@
+"""The coordinator's Prometheus metrics: rows to gauges, RPCs, the fleet, and /metrics over HTTP."""
+
+from __future__ import annotations
+
+import math
+import socket
+import urllib.request
+
+import pytest
+
+from shoal.core.errors import ConfigError
+from shoal.telemetry.prometheus import MAX_LABEL_VALUES, OTHER, CoordinatorMetrics, serve_metrics
+from support.rows import contract_row
+
+
+def value(metrics: CoordinatorMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_a_row_sets_every_figure_by_phase() -> None:
+    metrics = CoordinatorMetrics()
+    metrics.observe_row(contract_row())
+    assert value(metrics, "shoal_round") == 4
+    assert value(metrics, "shoal_model_version") == 3
+    assert value(metrics, "shoal_rounds_total", phase="evaluate", outcome="committed") == 1
+    assert value(metrics, "shoal_round_accuracy", phase="evaluate") == 0.9
+    assert value(metrics, "shoal_round_accuracy", phase="fit") is None
+    assert value(metrics, "shoal_round_drop_rate", phase="evaluate") == 0.2
+    assert value(metrics, "shoal_round_rtt_seconds", phase="evaluate", quantile="0.99") == 3.0
+    assert value(metrics, "shoal_round_train_seconds", phase="evaluate", quantile="0.9") == 1.5
+    assert value(metrics, "shoal_round_deadline_share", phase="evaluate", quantile="0.5") == 0.1
+    assert value(metrics, "shoal_round_divergence", phase="evaluate", quantile="1") == 0.05
+    assert value(metrics, "shoal_round_drops", phase="evaluate", stage="evaluate") == 2
+    assert value(metrics, "shoal_round_drops_by_reason", phase="evaluate", reason="failed:oom") == 1
+    labels = {"phase": "evaluate", "device_class": "phone"}
+    assert value(metrics, "shoal_cohort_participation_share", **labels) == 0.6
+    assert value(metrics, "shoal_cohort_accuracy", **labels) == 0.88
+    tablet = value(metrics, "shoal_cohort_accuracy", phase="evaluate", device_class="tablet")
+    assert tablet is not None and math.isnan(tablet)  # recorded as null: not a number
+    assert value(metrics, "shoal_round_drift_bimodal", phase="evaluate") == 1
+    assert value(metrics, "shoal_round_cluster_accuracy", phase="evaluate", cluster="1") == 0.8
+    assert value(metrics, "shoal_privacy_epsilon") == 1.5
+    assert value(metrics, "shoal_round_bytes_up_per_client", phase="evaluate") == 100.0
+
+
+def test_absent_fields_leave_their_gauges_and_rounds_are_counted_by_outcome() -> None:
+    metrics = CoordinatorMetrics()
+    metrics.observe_row(contract_row(phase="fit"))
+    # an older run's row: counts only, no telemetry, no DP; an aborted round
+    metrics.observe_row({"round": 5, "phase": "fit", "committed": False, "abort_reason": "quorum"})
+    assert value(metrics, "shoal_round") == 5
+    assert value(metrics, "shoal_round_straggler_index", phase="fit") == 0.2
+    assert value(metrics, "shoal_privacy_epsilon") == 1.5  # a round without DP spends nothing
+    assert value(metrics, "shoal_rounds_total", phase="fit", outcome="committed") == 1
+    assert value(metrics, "shoal_rounds_total", phase="fit", outcome="aborted") == 1
+
+
+def test_an_empty_row_and_non_figures_are_tolerated() -> None:
+    metrics = CoordinatorMetrics()
+    metrics.observe_row({})
+    metrics.observe_row(contract_row(accuracy="high", fairness=["phone"], drops_by_stage=None))
+    assert value(metrics, "shoal_rounds_total", phase="fit", outcome="aborted") == 1
+    assert value(metrics, "shoal_round_accuracy", phase="evaluate") is None
+
+
+def test_client_supplied_labels_are_capped() -> None:
+    metrics = CoordinatorMetrics()
+    reasons = {f"failed:kind-{index}": 1 for index in range(MAX_LABEL_VALUES + 10)}
+    metrics.observe_row(contract_row(drops_by_reason=reasons))
+    series = [
+        sample
+        for family in metrics.registry.collect()
+        if family.name == "shoal_round_drops_by_reason"
+        for sample in family.samples
+    ]
+    assert len(series) == MAX_LABEL_VALUES + 1
+    assert value(metrics, "shoal_round_drops_by_reason", phase="evaluate", reason=OTHER) == 10
+
+
+def test_rpcs_and_the_fleet() -> None:
+    metrics = CoordinatorMetrics()
+    metrics.observe_rpc("CheckIn", "task", 0.004)
+    metrics.observe_rpc("CheckIn", "task", 0.2)
+    metrics.observe_fleet(connected=7, eligible=5)
+    labels = {"method": "CheckIn", "verdict": "task"}
+    assert value(metrics, "shoal_rpc_duration_seconds_count", **labels) == 2
+    assert value(metrics, "shoal_rpc_duration_seconds_bucket", le="0.005", **labels) == 1
+    assert (
+        value(metrics, "shoal_clients_connected"),
+        value(metrics, "shoal_clients_eligible"),
+    ) == (
+        7,
+        5,
+    )
+
+
+def test_two_coordinators_count_apart() -> None:
+    first, second = CoordinatorMetrics(), CoordinatorMetrics()
+    first.observe_row(contract_row())
+    assert value(second, "shoal_rounds_total", phase="evaluate", outcome="committed") is None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_metrics_are_served_over_http_and_the_port_is_released() -> None:
+    metrics = CoordinatorMetrics()
+    metrics.observe_row(contract_row())
+    port = free_port()
+    endpoint = serve_metrics(metrics.registry, host="127.0.0.1", port=port)
+    try:
+        assert endpoint.port == port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        assert 'shoal_round_accuracy{phase="evaluate"} 0.9' in text
+        with pytest.raises(ConfigError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            serve_metrics(metrics.registry, host="127.0.0.1", port=port)  # taken
+    finally:
+        endpoint.close()
+    with socket.socket() as again:  # released: the port can be bound again
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, as servers do
+        again.bind(("127.0.0.1", port))
