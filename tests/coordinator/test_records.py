@@ -1,4 +1,4 @@
-"""A run's records, alike for both shells: one MLflow run across a resume, every row's metrics."""
+"""A run's records, alike for both shells: one MLflow run across a resume, every figure, the end."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollme
 from shoal.config import parse_config
 from shoal.coordinator.records import tracked_metrics
 from shoal.coordinator.server import serve
+from shoal.core.errors import RunError
 from shoal.core.parameters import Parameters
 from shoal.simulation import Simulation
 from shoal.simulation.runner import MODEL_NAME, open_run_models
@@ -98,7 +99,9 @@ def check_logged_model(client: Any, run: Any, run_folder: Path) -> int:
     return head.version
 
 
-def test_a_resumed_simulation_stays_one_mlflow_run_with_every_round(tmp_path: Path) -> None:
+def test_a_resumed_simulation_stays_one_mlflow_run_with_every_figure_and_the_final_model(
+    tmp_path: Path,
+) -> None:
     pytest.importorskip("mlflow")
     Simulation(bare_config([*SMALL, "run.rounds=2"]), tmp_path).run()
     client, [run] = mlflow_runs(tmp_path)
@@ -132,6 +135,20 @@ def test_a_resumed_simulation_stays_one_mlflow_run_with_every_round(tmp_path: Pa
     for name in ("summary.json", "report.html"):
         assert (downloaded / name).read_bytes() == (tmp_path / name).read_bytes()
     assert check_logged_model(client, run, tmp_path) == 4  # the later version took its place
+    # artifacts that cannot be written: the MLflow run fails, the run itself is kept
+    (tmp_path / "mlartifacts").rename(tmp_path / "moved")
+    (tmp_path / "mlartifacts").write_text("a file where the artifacts folder goes\n")
+    with pytest.raises(RunError, match="MLflow could not log an artifact at sqlite:///"):
+        Simulation(bare_config([*SMALL, "run.rounds=5"]), tmp_path, resume=True).run()
+    client, [run] = mlflow_runs(tmp_path)
+    assert run.info.status == "FAILED"
+    assert [p.step for p in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5]
+    assert json.loads((tmp_path / "summary.json").read_text())["rounds_completed"] == 5
+    models = open_run_models(tmp_path)  # the registry was closed, and opens again
+    try:
+        assert models.head(MODEL_NAME).version == 5  # type: ignore[union-attr]
+    finally:
+        models.database.close()
 
 
 def test_a_coordinator_records_its_run_as_a_simulation_does(tmp_path: Path) -> None:

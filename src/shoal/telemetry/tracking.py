@@ -20,7 +20,8 @@ active run, so several trackers can live in one process. MLflow is
 imported only when a tracker is created: a run without tracking never pays
 for it, and without the ``mlflow`` extra that is a
 :class:`~shoal.core.errors.MissingExtraError`. MLflow's own errors leave
-the tracker as :class:`~shoal.core.errors.RunError`.
+the tracker as :class:`~shoal.core.errors.RunError`, and so do the
+operating system's while it writes artifacts.
 
 The times the tracker gives MLflow (each metric's timestamp, the run's
 start and end) are floored to ``timestamp_granularity_s`` seconds
@@ -367,7 +368,7 @@ class MlflowTracker:
     def _call(self, action: str, function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         try:
             return function(*args, **kwargs)
-        except self._mlflow_error as exc:
+        except (self._mlflow_error, OSError) as exc:  # OSError: a local artifact store's
             raise self._error(action, exc) from exc
 
     def _error(self, action: str, exc: Exception) -> RunError:
