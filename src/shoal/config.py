@@ -799,11 +799,15 @@ class AlertsSection(_Section):
 
 
 class TrackingSection(_Section):
-    """[tracking]: MLflow (extra `mlflow`); unset URI: a SQLite store in the run folder."""
+    """[tracking]: MLflow (extra `mlflow`); unset URI: a SQLite store in the run folder.
+
+    ``log_model`` attaches the final model (HEAD) to the MLflow run as safetensors.
+    """
 
     mlflow: bool = False
     tracking_uri: str | None = None
     experiment: str | None = None
+    log_model: bool = True
 
 
 class CanariesSection(_Section):

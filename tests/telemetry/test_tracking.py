@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from shoal.core import ConfigError, MissingExtraError, RunError
+from shoal.core.parameters import Parameters
 from shoal.telemetry import MlflowTracker
 from shoal.telemetry.tracking import default_tracking_uri, flatten_params
 
@@ -149,6 +151,33 @@ def test_times_given_to_mlflow_are_floored_to_the_granularity(store: Path) -> No
     assert all(moment % hour_ms == 0 for moment in times), times
     with pytest.raises(ConfigError, match="at least 1 s"):
         MlflowTracker(run_name="coarse", folder=store, timestamp_granularity_s=0)
+
+
+def test_a_model_is_attached_as_safetensors_and_tagged(store: Path, tmp_path: Path) -> None:
+    import safetensors.numpy
+
+    small = Parameters.from_arrays([np.arange(6.0).reshape(2, 3), np.ones(3)], names=["w", "b"])
+    many = Parameters.from_arrays([np.zeros(1)] * 400, names=[f"layer{i:03d}" for i in range(400)])
+    with MlflowTracker(run_name="models", folder=store) as tracker:
+        tags = tracker.log_model(small, name="net", version=3, details={"round": "5"})
+        file = tmp_path / "small"
+        reader(tracker).download_artifacts(tracker.run_id, "model", str(file))
+        data = (file / "model" / "model.safetensors").read_bytes()
+        loaded = Parameters.from_bytes(data, expected_sha256=small.sha256())  # checks the sha256
+        np.testing.assert_array_equal(loaded.vector, small.vector)
+        np.testing.assert_array_equal(safetensors.numpy.load(data)["w"], small.views()["w"])
+        tracker.log_model(many, name="net", version=4, details={})  # replaces the first
+        tracker.log_artifact(Path(__file__), folder="code")
+    run = reader(tracker).get_run(tracker.run_id)
+    assert tags["shoal.model.round"] == "5" and tags["shoal.model.file_sha256"]
+    assert run.data.tags["shoal.model.version"] == "4"
+    assert run.data.tags["shoal.model.sha256"] == many.sha256()
+    assert run.data.tags["shoal.model.tensors"] == "400"
+    assert run.data.tags["shoal.model.layout"].startswith("too long for a tag")  # 400 tensors
+    listed = {a.path for a in reader(tracker).list_artifacts(tracker.run_id, "model")}
+    assert listed == {"model/model.safetensors", "model/layout.json"}
+    with pytest.raises(RunError, match="has ended"):
+        tracker.log_model(small, name="net", version=5, details={})
 
 
 def test_flatten_params() -> None:

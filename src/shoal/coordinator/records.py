@@ -5,7 +5,9 @@ The run folder holds ``config.json``, ``metrics.jsonl`` and ``summary.json``
 committed round a version, with its row and optimizer state, signed by the
 coordinator's key: :func:`run_signer`) and the client registry. With
 ``[tracking] mlflow = true`` every row also goes to one MLflow run, whose id
-is kept in the folder so that a resumed run stays that one MLflow run.
+is kept in the folder so that a resumed run stays that one MLflow run: each
+row's figures at ``step=round`` (:func:`tracked_metrics`), and at the end the
+summary, the report and the final model (:meth:`RunRecords.end_tracking`).
 :meth:`RunRecords.watch` hands every row, as it is stored, to an observer
 (a coordinator's Prometheus metrics).
 """
@@ -46,10 +48,12 @@ from shoal.registry import (
 )
 from shoal.registry.database import lock_name
 from shoal.registry.models import model_lock
+from shoal.telemetry.metric_names import flatten_metrics
 from shoal.telemetry.metrics import METRICS_FILE, SUMMARY_FILE, MetricsLog, clean_row
 from shoal.telemetry.tracking import MlflowTracker
 
 CONFIG_FILE = "config.json"
+REPORT_FILE = "report.html"  # written at the end by the run layer, when it makes one
 MLFLOW_RUN_FILE = "mlflow-run-id"
 
 Row = dict[str, Any]
@@ -156,6 +160,7 @@ class RunRecords:
         self.metrics = MetricsLog(self.folder / METRICS_FILE)
         self.tracker: MlflowTracker | None = None
         self._watchers: list[Callable[[Row], None]] = []
+        self._log_model = True  # [tracking] log_model, read when tracking starts
         self._suspended: dict[str, str] = {}  # simulated clients caught cheating
 
     @property
@@ -286,6 +291,7 @@ class RunRecords:
         """Open the run's MLflow run (the same one again on a resume) and log the config."""
         if not config.tracking.mlflow:
             return
+        self._log_model = config.tracking.log_model
         saved = self.folder / MLFLOW_RUN_FILE
         resume = saved.read_text().strip() if saved.exists() else None
         self.tracker = MlflowTracker(
@@ -300,9 +306,36 @@ class RunRecords:
         self.tracker.log_params(config_to_dict(config), resumed=resume is not None)
 
     def end_tracking(self, *, finished: bool) -> None:
-        if self.tracker is not None:
-            self.tracker.end(status="FINISHED" if finished else "FAILED")
-            self.tracker = None
+        """Close the run's MLflow run; a finished run first attaches ``summary.json``,
+        ``report.html`` when the folder has one, and HEAD's parameters (unless
+        ``[tracking] log_model = false``)."""
+        tracker, self.tracker = self.tracker, None
+        if tracker is None:
+            return
+        try:
+            if finished:
+                self._log_outcome(tracker)
+        except BaseException:
+            tracker.end(status="FAILED")
+            raise
+        tracker.end(status="FINISHED" if finished else "FAILED")
+
+    def _log_outcome(self, tracker: MlflowTracker) -> None:
+        for name in (SUMMARY_FILE, REPORT_FILE):
+            if (self.folder / name).is_file():
+                tracker.log_artifact(self.folder / name)
+        head = self.head()
+        if self._log_model and head is not None:
+            tracker.log_model(
+                self.models.load(self.model, head.version),  # checked against its sha256
+                name=self.model,
+                version=head.version,
+                details={
+                    "round": str(head.round),
+                    "architecture": head.architecture_version,
+                    "status": head.status.value,
+                },
+            )
 
 
 def run_signer(config: Config, folder: str | Path) -> ModelSigner:
@@ -329,15 +362,17 @@ def run_signer(config: Config, folder: str | Path) -> ModelSigner:
 
 _TRACKED_AS = {"epsilon": "privacy_epsilon", "delta": "privacy_delta"}
 _NOT_METRICS = {"round", "model_version"}
+EVALUATE_PREFIX = "evaluate_"
 
 
 def tracked_metrics(row: Mapping[str, Any]) -> dict[str, float]:
-    """Every number of a row, as MLflow metrics; an evaluation row's are ``evaluate_*``."""
-    prefix = "" if row.get("phase") == "fit" else "evaluate_"
-    metrics: dict[str, float] = {}
-    for name, value in row.items():
-        if name in _NOT_METRICS or isinstance(value, bool):
-            continue
-        if isinstance(value, int | float):
-            metrics[prefix + _TRACKED_AS.get(name, name)] = float(value)
-    return metrics
+    """Every figure of a row, nested ones flattened, as MLflow metrics
+    (:func:`~shoal.telemetry.metric_names.flatten_metrics`); an evaluation row's
+    names start with ``evaluate_``, so that they never overwrite a fit row's at a round."""
+    prefix = "" if row.get("phase") == "fit" else EVALUATE_PREFIX
+    figures = {
+        _TRACKED_AS.get(name, name): value
+        for name, value in row.items()
+        if name not in _NOT_METRICS
+    }
+    return flatten_metrics(figures, prefix=prefix)

@@ -451,10 +451,12 @@ async def serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         parts.service.heartbeats.flush()
-        parts.records.end_tracking(finished=finished)
-        parts.close()
-        if endpoint is not None:
-            endpoint.close()
+        try:
+            parts.records.end_tracking(finished=finished)  # may fail: the parts close anyway
+        finally:
+            parts.close()
+            if endpoint is not None:
+                endpoint.close()
     if job.done() and not job.cancelled() and job.exception() is not None:
         raise job.exception()  # type: ignore[misc]
     return parts

@@ -210,8 +210,10 @@ class Simulation:
             finished = True
             return summary
         finally:
-            records.end_tracking(finished=finished)
-            models.database.close()
+            try:
+                records.end_tracking(finished=finished)  # may fail: the registry closes anyway
+            finally:
+                models.database.close()
 
     def _attack_metrics(self) -> AttackMetrics | None:
         """What an attacked run measures (None: no ``[[attack]]``)."""

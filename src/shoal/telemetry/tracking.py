@@ -1,4 +1,4 @@
-"""Tracks a run in MLflow: its parameters once, then each round's metrics, privacy included.
+"""Tracks a run in MLflow: its parameters once, each round's metrics, then files and the model.
 
 >>> with MlflowTracker(run_name="digits-fedavg", folder=run_folder) as tracker:  # doctest: +SKIP
 ...     tracker.log_params({"rounds": 20, "strategy": {"name": "fedavg"}})
@@ -6,7 +6,10 @@
 
 Each round is logged at ``step=round``: ``loss`` and ``accuracy`` when
 given, the privacy figures as ``privacy_epsilon`` and ``privacy_delta``, and
-any other numbers passed in ``metrics``. The tracking store is the given
+any other numbers passed in ``metrics``. Files (a summary, a report) are
+attached with :meth:`MlflowTracker.log_artifact`, and a model version with
+:meth:`MlflowTracker.log_model`: a safetensors file and ``shoal.model.*``
+tags naming its version and sha256. The tracking store is the given
 URI, or by default the SQLite file ``<folder>/mlflow.db`` with artifacts in
 ``<folder>/mlartifacts`` (MLflow 3 refuses its old file store); the
 experiment is named after the run.
@@ -17,7 +20,8 @@ active run, so several trackers can live in one process. MLflow is
 imported only when a tracker is created: a run without tracking never pays
 for it, and without the ``mlflow`` extra that is a
 :class:`~shoal.core.errors.MissingExtraError`. MLflow's own errors leave
-the tracker as :class:`~shoal.core.errors.RunError`.
+the tracker as :class:`~shoal.core.errors.RunError`, and so do the
+operating system's while it writes artifacts.
 
 The times the tracker gives MLflow (each metric's timestamp, the run's
 start and end) are floored to ``timestamp_granularity_s`` seconds
@@ -32,10 +36,12 @@ them to its own level, so that ``--quiet`` silences them too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import numbers
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -43,10 +49,16 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from shoal.core.errors import ConfigError, MissingExtraError, RunError
+from shoal.core.parameters import Parameters
 
 DEFAULT_STORE_NAME = "mlflow.db"
 ARTIFACTS_FOLDER = "mlartifacts"
+MODEL_FOLDER = "model"  # the artifacts folder of a logged model
+MODEL_FILE = "model.safetensors"
+LAYOUT_FILE = "layout.json"
+MODEL_TAG = "shoal.model"  # the prefix of a logged model's tags
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter's value
+MAX_TAG_CHARS = 8000  # and on a tag's
 PARAMS_PER_BATCH = 100  # and on the parameters of one log_batch call
 METRICS_PER_BATCH = 1000  # and on its metrics
 
@@ -58,15 +70,10 @@ _mlflow_log_level: int | None = None
 
 
 def set_mlflow_log_level(level: int) -> None:
-    """Hold The times the tracker gives MLflow (each metric's timestamp, the run's
-    start and end) are floored to ``timestamp_granularity_s`` seconds
-    (``[metadata]``): a metrics reader learns when a round was logged only to
-    that granularity.
+    """Hold MLflow's own log lines to ``level`` and above, from now on.
 
-    MLflow's own log lines to ``level`` and above, from now on.
-
-        MLflow sets its loggers up when it is imported: the level is applied at
-        once if it is, else when :func:`import_mlflow` first imports it.
+    MLflow sets its loggers up when it is imported: the level is applied at
+    once if it is, else when :func:`import_mlflow` first imports it.
     """
     global _mlflow_log_level
     _mlflow_log_level = level
@@ -253,6 +260,59 @@ class MlflowTracker:
             batch = logged[start : start + METRICS_PER_BATCH]
             self._call("log metrics", self._client.log_batch, self.run_id, metrics=batch)
 
+    def log_artifact(self, path: str | Path, *, folder: str | None = None) -> None:
+        """Attach the file at ``path`` to the run (under ``folder`` of its artifacts);
+        a file attached again under the same name replaces the first."""
+        self._require_open()
+        self._call("log an artifact", self._client.log_artifact, self.run_id, str(path), folder)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Tag the run; a tag set again takes the new value (unlike a parameter)."""
+        self._require_open()
+        batch = [self._entities.RunTag(key, value) for key, value in tags.items()]
+        if batch:
+            self._call("tag the run", self._client.log_batch, self.run_id, tags=batch)
+
+    def log_model(
+        self, parameters: Parameters, *, name: str, version: int, details: Mapping[str, str]
+    ) -> dict[str, str]:
+        """Attach a model version as ``model/model.safetensors`` and tag the run with it.
+
+        The file's ``__metadata__`` holds the layout and content sha256
+        (``shoal.layout``, ``shoal.sha256``: what
+        :meth:`~shoal.core.parameters.Parameters.from_bytes` checks) and
+        ``shoal.model``, ``shoal.version`` and ``shoal.KEY`` for each of
+        ``details``; ``model/layout.json`` holds the layout. The run's tags
+        ``shoal.model.*`` (returned) say the same, with the file's own
+        sha256: tags, not parameters, since a resumed run logs a later
+        version in their place.
+        """
+        self._require_open()
+        metadata = {"shoal.model": name, "shoal.version": str(version)}
+        metadata |= {f"shoal.{key}": value for key, value in details.items()}
+        data = parameters.to_bytes(metadata)
+        layout = parameters.layout.to_json()
+        with tempfile.TemporaryDirectory(prefix="shoal-model-") as folder:
+            (Path(folder) / MODEL_FILE).write_bytes(data)
+            (Path(folder) / LAYOUT_FILE).write_text(layout + "\n")
+            self._call(
+                "log the model", self._client.log_artifacts, self.run_id, folder, MODEL_FOLDER
+            )
+        tags = {
+            f"{MODEL_TAG}.name": name,
+            f"{MODEL_TAG}.version": str(version),
+            f"{MODEL_TAG}.sha256": parameters.sha256(),
+            f"{MODEL_TAG}.file_sha256": hashlib.sha256(data).hexdigest(),
+            f"{MODEL_TAG}.parameters": str(len(parameters.vector)),
+            f"{MODEL_TAG}.tensors": str(len(parameters.layout.specs)),
+            f"{MODEL_TAG}.layout": layout
+            if len(layout) <= MAX_TAG_CHARS
+            else f"too long for a tag: see {MODEL_FOLDER}/{LAYOUT_FILE}",
+            **{f"{MODEL_TAG}.{key}": value for key, value in details.items()},
+        }
+        self.set_tags(tags)
+        return tags
+
     def end(self, *, status: RunStatus = "FINISHED") -> None:
         """Close the MLflow run with ``status``; ending it again changes nothing."""
         if self._status is not None:
@@ -308,7 +368,7 @@ class MlflowTracker:
     def _call(self, action: str, function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         try:
             return function(*args, **kwargs)
-        except self._mlflow_error as exc:
+        except (self._mlflow_error, OSError) as exc:  # OSError: a local artifact store's
             raise self._error(action, exc) from exc
 
     def _error(self, action: str, exc: Exception) -> RunError:
