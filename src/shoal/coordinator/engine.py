@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.aggregation.divergence import DivergenceRule
+from shoal.aggregation.drift import DriftRule
 from shoal.aggregation.strategy import Strategy
 from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.coordinator.app import MetricsAggregation, split_round_config
@@ -50,7 +51,7 @@ from shoal.coordinator.policy import (
     relative_norms,
     sealed_submission,
 )
-from shoal.coordinator.round_summary import round_divergence, summarize
+from shoal.coordinator.round_summary import round_divergence, round_drift, summarize
 from shoal.coordinator.rounds import PendingUpdate, RoundBooks, RoundSettings
 from shoal.coordinator.secure import (
     SecureSettings,
@@ -101,6 +102,7 @@ class Coordinator:
         sampler: CohortSampler | None = None,
         policy: UpdatePolicy | None = None,
         divergence: DivergenceRule | None = None,
+        drift: DriftRule | None = None,
     ) -> None:
         if secure is not None:
             check_secure_strategy(strategy)
@@ -111,6 +113,7 @@ class Coordinator:
         self.privacy = privacy
         self.policy = policy  # None: every well-formed update counts (policy.enabled = false)
         self.divergence = divergence  # None: no per-client divergence (divergence.enabled = false)
+        self.drift = drift  # None: no drift projection (drift.enabled = false)
         self.strategy = strategy
         self.parameters = parameters
         self.seed = seed
@@ -357,7 +360,7 @@ class Coordinator:
         current.aggregation = self.strategy.aggregator.accumulate(
             current.aggregation, update, weight=weight
         )
-        if self.divergence is not None:  # measured against the aggregate once it exists
+        if self.divergence is not None or self.drift is not None:  # measured at the commit
             current.counted.append((client_id, update))
         self._book(current, client_id, num_examples, metrics)
 
@@ -636,6 +639,8 @@ class Coordinator:
         self.parameters = self.parameters.with_vector(vector)
         self.optimizer_state = optimizer_state
         current.divergence = round_divergence(current, delta, rule=self.divergence, seed=self.seed)
+        current.drift = round_drift(current, rule=self.drift, seed=self.seed)
+        current.counted = []  # measured: the books let go of the updates
         summary = self._summary(now, committed=True)
         self._move(Step.COMMITTED)
         return [CommitVersion(current.number, self.parameters, summary), RoundClosed(summary)]

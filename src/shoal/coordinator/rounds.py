@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.aggregation.divergence import DivergenceReport
+from shoal.aggregation.drift import DriftReport
 from shoal.coordinator.events import Authentication, SecureRoundReport
 from shoal.coordinator.fallback import DropFallback, FallbackBooks
 from shoal.coordinator.homomorphic import CkksRound
@@ -99,8 +100,10 @@ class RoundBooks:
     initial: int = 0  # the cohort's size when the round started
     candidates: tuple[str, ...] = ()  # whom the round could select (replacements come from them)
     fallback: FallbackBooks | None = None
-    counted: list[tuple[str, Vector]] = field(default_factory=list)  # updates, for divergence
+    # the counted updates, for divergence and drift (let go of once both are measured)
+    counted: list[tuple[str, Vector]] = field(default_factory=list)
     divergence: DivergenceReport | None = None
+    drift: DriftReport | None = None
 
     @property
     def accounted(self) -> int:

@@ -31,7 +31,8 @@ layer owns everything above it, so that each rule is written once:
   logged and counted in the row;
 - the metrics row of a closed round and the central evaluation
   (:mod:`shoal.coordinator.run_metrics`), and the version committed with
-  that row before anyone is offered the new model;
+  that row before anyone is offered the new model; the drift projection
+  of each fit round (``drift.jsonl``, cut back to HEAD on a resume);
 - the round's records (:mod:`shoal.coordinator.round_records`): its
   participants and their divergence, the audit log's entries (who took
   part, a key holder's decryptions), the suspension of a secure round's
@@ -78,6 +79,8 @@ from shoal.coordinator.run_metrics import (
 from shoal.coordinator.run_metrics import (
     central_evaluation,
     divergence_rule,
+    drift_projection,
+    drift_rule,
     round_row,
     run_summary,
 )
@@ -298,6 +301,7 @@ class Run:
             sampler=None if self.privacy is None else PrivateSampler.of(self.config, self.privacy),
             policy=policy,
             divergence=divergence_rule(self.config),
+            drift=drift_rule(self.config),
             metrics_aggregation={
                 phase: aggregate
                 for phase, aggregate in (
@@ -337,6 +341,7 @@ class Run:
             self.privacy.resume_at(head, self.store.versions())
         log.info("resuming from version %d (round %d)", head.version, head.round)
         rows = self.store.keep_rows(lambda row: row["round"] <= reached)
+        self.store.keep_drift(lambda record: record["round"] <= reached)
         self.wall_offset = max((row.get("wall_time_s", 0.0) for row in rows), default=0.0)
         if head.round > 0 and not any(row["round"] == head.round for row in rows):
             # the crash came between committing the version and recording its row
@@ -516,6 +521,9 @@ class Run:
             privacy=self.privacy,
         )
         self._screened = None  # the play's counts went into its row
+        projection = drift_projection(summary, names=self.names)
+        if projection is not None:
+            self.store.append_drift(projection)
         records = self.records
         records.suspend_culprits(summary)
         records.cohort_dropped(summary)

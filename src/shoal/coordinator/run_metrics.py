@@ -2,7 +2,7 @@
 
 The row of a round counts who was selected, reported, dropped, rejected
 and excluded, with the round's loss, accuracy, bytes and virtual time, the
-fallback it took, its secure-aggregation outcome, its divergence, the
+fallback it took, its secure-aggregation outcome, its divergence and drift, the
 policy's decisions and its privacy accounting; stored telemetry names the
 round's clients only under their round's pseudonyms (``[metadata]``). The
 server app's evaluation of a new model adds ``test_*`` columns. The summary
@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from shoal.aggregation.divergence import DivergenceRule
+from shoal.aggregation.drift import DriftRule
 from shoal.config import Config
 from shoal.coordinator.app import ServerApp
 from shoal.coordinator.events import RoundSummary
@@ -91,6 +92,8 @@ def round_row(
         row.setdefault(name, value)
     if fit and summary.divergence is not None:
         row.update(summary.divergence.row_fields())
+    if fit and summary.drift is not None:
+        row.update(summary.drift.row_fields())
     if fit and policy:
         row.update(
             policy_decisions=summary.policy_decisions,
@@ -214,6 +217,28 @@ def divergence_rule(config: Config) -> DivergenceRule | None:
     return DivergenceRule(
         max_z=section.max_z, min_cosine=section.min_cosine, min_clients=section.min_clients
     )
+
+
+def drift_rule(config: Config) -> DriftRule | None:
+    """The job's ``[drift]`` rule; None when it is off."""
+    section = config.drift
+    if not section.enabled:
+        return None
+    return DriftRule(
+        method=section.method,
+        max_clusters=section.max_clusters,
+        bimodal_threshold=section.bimodal_threshold,
+    )
+
+
+def drift_projection(summary: RoundSummary, *, names: Names) -> Row | None:
+    """A fit round's record for ``drift.jsonl``, its clients under their round's pseudonyms
+    (None: no projection in the round)."""
+    drift = summary.drift
+    if drift is None or not drift.available or not drift.clients:
+        return None
+    named = [names.of(client, round_number=summary.round) for client in drift.clients]
+    return drift.projection(summary.round, named)
 
 
 def _head_row(committed: list[Row], head: ModelRecord | None) -> Row:
