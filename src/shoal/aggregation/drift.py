@@ -52,7 +52,7 @@ class DriftRule:
 
     method: DriftMethod = "pca"
     max_clusters: int = 4
-    bimodal_threshold: float = 0.5
+    bimodal_threshold: float = 0.3
     min_clients: int = 4
     max_values: int = 1 << 25
 

@@ -52,7 +52,7 @@ from shoal.coordinator.policy import (
     sealed_submission,
 )
 from shoal.coordinator.round_summary import round_divergence, round_drift, summarize
-from shoal.coordinator.rounds import PendingUpdate, RoundBooks, RoundSettings
+from shoal.coordinator.rounds import ClusterBooks, PendingUpdate, RoundBooks, RoundSettings
 from shoal.coordinator.secure import (
     SecureSettings,
     check_secure_strategy,
@@ -60,7 +60,8 @@ from shoal.coordinator.secure import (
 )
 from shoal.coordinator.selection import CohortSampler, SeededSampler, client_seed, cohort_size
 from shoal.coordinator.state import RoundState, Step, Trigger, next_state
-from shoal.coordinator.validation import count_problem, update_problem
+from shoal.coordinator.validation import cluster_problem, count_problem, update_problem
+from shoal.core.clusters import CLUSTER_METRIC, chosen_cluster
 from shoal.core.errors import (
     IllegalTransition,
     ProtocolError,
@@ -328,6 +329,8 @@ class Coordinator:
         problem = update_problem(
             event.update, num_examples=event.num_examples, size=len(self.parameters)
         )
+        if problem is None and self.strategy.clusters > 1:
+            problem = cluster_problem(event.update, event.metrics, clusters=self.strategy.clusters)
         if problem is not None:
             current.failed.add(event.client_id)
             current.failures[failure_reason(f"invalid update: {problem}")] += 1
@@ -446,6 +449,12 @@ class Coordinator:
         current.num_examples += num_examples
         if current.phase in self.metrics_aggregation:
             current.client_metrics.append((num_examples, dict(metrics)))
+        if self.strategy.clusters > 1:  # a clustered client's metrics count for its cluster
+            metrics = dict(metrics)
+            cluster = chosen_cluster(metrics, clusters=self.strategy.clusters)
+            metrics.pop(CLUSTER_METRIC, None)
+            if cluster is not None:
+                current.clusters.setdefault(cluster, ClusterBooks()).add(num_examples, metrics)
         for name, value in metrics.items():
             if isinstance(value, int | float) and math.isfinite(value):
                 total = current.metric_sums.get(name, 0.0)

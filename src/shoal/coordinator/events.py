@@ -305,6 +305,16 @@ class RoundSummary:
     divergence: DivergenceReport | None = None  # each counted update against the aggregate
     drift: DriftReport | None = None  # the counted updates projected and clustered
     cohort: tuple[str, ...] = ()  # every client the round asked (replacements included)
+    clusters: Mapping[int, ClusterReport] = field(default_factory=dict)  # clustered FL
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterReport:
+    """One cluster's part of a round (clustered FL): its clients and their mean metrics."""
+
+    clients: int
+    num_examples: int
+    metrics: Mapping[str, float]
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import numpy.typing as npt
 from shoal.aggregation.divergence import DivergenceReport, DivergenceRule, measure_divergence
 from shoal.aggregation.drift import DriftReport, DriftRule, measure_drift
 from shoal.coordinator.app import ClientMetrics, MetricsAggregation
-from shoal.coordinator.events import RoundSummary
+from shoal.coordinator.events import ClusterReport, RoundSummary
 from shoal.coordinator.homomorphic import CkksRound
 from shoal.coordinator.rounds import RoundBooks
 from shoal.core.parameters import Vector
@@ -65,6 +65,10 @@ def summarize(
         fallback=None if current.fallback is None else current.fallback.report(),
         divergence=current.divergence,
         drift=current.drift,
+        clusters={
+            cluster: ClusterReport(books.clients, books.num_examples, books.means())
+            for cluster, books in sorted(current.clusters.items())
+        },
         cohort=tuple(sorted(current.cohort)),
     )
 

@@ -24,6 +24,7 @@ from shoal.coordinator.app import ServerApp
 from shoal.coordinator.events import RoundSummary
 from shoal.coordinator.playbook import rolled_back, tally
 from shoal.coordinator.records import RunStore
+from shoal.core.clusters import split_models
 from shoal.core.parameters import Parameters
 from shoal.governance.pseudonyms import Names, PlainNames, pseudonymize
 from shoal.privacy.run import RunPrivacy
@@ -94,6 +95,8 @@ def round_row(
         row.update(summary.divergence.row_fields())
     if fit and summary.drift is not None:
         row.update(summary.drift.row_fields())
+    if summary.clusters:
+        row.update(cluster_fields(summary))
     if fit and policy:
         row.update(
             policy_decisions=summary.policy_decisions,
@@ -135,15 +138,39 @@ def pseudonymous(row: Row, summary: RoundSummary, *, names: Names) -> Row:
     }
 
 
-def central_evaluation(app: ServerApp, parameters: Parameters, *, round_number: int) -> Row:
-    """The server app's evaluation of a new model, as ``test_*`` columns."""
+def cluster_fields(summary: RoundSummary) -> Row:
+    """A clustered round's clusters: a fit row's ``cluster_sizes`` (clients that trained each
+    cluster model), an evaluation row's ``cluster_accuracy`` and ``cluster_loss`` (of the
+    clients that each cluster model served best), keyed by the cluster's index."""
+    clusters = summary.clusters.items()
+    if summary.phase is Phase.FIT:
+        return {"cluster_sizes": {str(c): report.clients for c, report in clusters}}
+    return {
+        f"cluster_{name}": {str(c): report.metrics.get(name) for c, report in clusters}
+        for name in ("accuracy", "loss")
+    }
+
+
+def central_evaluation(
+    app: ServerApp, parameters: Parameters, *, round_number: int, clusters: int = 1
+) -> Row:
+    """The server app's evaluation of a new model, as ``test_*`` columns; a clustered model's
+    (``clusters`` above 1) is each cluster model's, as ``test_cluster_<name>`` by cluster."""
     if app.evaluate is None:
         return {}
+    models = [parameters] if clusters == 1 else split_models(parameters, clusters=clusters)
     try:
-        metrics = dict(app.evaluate(parameters, round_number))
+        scores = [dict(app.evaluate(model, round_number)) for model in models]
     except Exception as exc:  # a user's function: the round stands without test metrics
         log.error("the server app's evaluate failed in round %d: %s", round_number, exc)
         return {}
+    if clusters > 1:
+        names = sorted({name for score in scores for name in score})
+        return {
+            f"test_cluster_{name}": {str(c): score.get(name) for c, score in enumerate(scores)}
+            for name in names
+        }
+    (metrics,) = scores
     columns: Row = {f"test_{name}": value for name, value in metrics.items()}
     if "accuracy" in metrics:
         columns["accuracy"] = metrics["accuracy"]
