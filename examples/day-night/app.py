@@ -20,7 +20,10 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from shoal import ClientContext
+from shoal.client.api import Client, EvaluateConfig
+from shoal.client.clustered import ClusteredClient
 from shoal.client.numpy_models import NumpyClient, SoftmaxRegression
+from shoal.core.parameters import Parameters
 
 MODEL = SoftmaxRegression(num_features=64, num_classes=10)
 POPULATIONS = ("day", "night")
@@ -62,3 +65,23 @@ def client_fn(context: ClientContext) -> NumpyClient:
         train_data=(features[mine[held:]], labels[mine[held:]]),
         eval_data=(features[mine[:held]], labels[mine[:held]]),
     )
+
+
+def population_accuracy(
+    parameters: Parameters, *, clusters: int, num_clients: int, seed: int = 0
+) -> dict[str, float]:
+    """Each population's accuracy, as federated evaluation measures it: every client scores
+    the model on its own held-out digits (a clustered model: the cluster model with the lowest
+    loss there), weighted by examples."""
+    correct = dict.fromkeys(POPULATIONS, 0.0)
+    examples = dict.fromkeys(POPULATIONS, 0)
+    for index in range(num_clients):
+        context = ClientContext(f"client-{index}", index, num_clients, seed=seed)
+        client: Client = client_fn(context)
+        if clusters > 1:
+            client = ClusteredClient(client, clusters=clusters)
+        result = client.evaluate(parameters, EvaluateConfig(round=0))
+        which = population(index)
+        correct[which] += result.metrics["accuracy"] * result.num_examples
+        examples[which] += result.num_examples
+    return {which: correct[which] / examples[which] for which in POPULATIONS}
