@@ -222,24 +222,24 @@ def pairwise_distances(matrix: Points) -> Points:
 
 
 def kmeans(
-    matrix: Points, *, clusters: int, rng: np.random.Generator, restarts: int = 4
+    matrix: Points, *, clusters: int, rng: np.random.Generator, restarts: int = 3
 ) -> npt.NDArray[np.int64]:
     """Lloyd's k-means from k-means++ seeds, the best of ``restarts`` by inertia."""
     best: tuple[float, npt.NDArray[np.int64]] | None = None
+    squares = np.einsum("ij,ij->i", matrix, matrix)
     for _ in range(restarts):
-        centers = _seeds(matrix, clusters=clusters, rng=rng)
+        centers = _seeds(matrix, squares, clusters=clusters, rng=rng)
+        labels = np.full(matrix.shape[0], -1)
         for _ in range(100):
-            gaps = ((matrix[:, None, :] - centers[None, :, :]) ** 2).sum(axis=2)
-            labels = gaps.argmin(axis=1)
-            moved = np.array(
-                [
-                    matrix[labels == c].mean(axis=0) if np.any(labels == c) else centers[c]
-                    for c in range(clusters)
-                ]
-            )
-            if np.allclose(moved, centers):
-                break
-            centers = moved
+            gaps = _squared_gaps(matrix, squares, centers)
+            moved_to = gaps.argmin(axis=1)
+            if np.array_equal(moved_to, labels):
+                break  # no point changed cluster: Lloyd's iteration has converged
+            labels = moved_to
+            one_hot = np.eye(clusters)[labels]  # (points, clusters)
+            counts = one_hot.sum(axis=0)
+            sums = one_hot.T @ matrix
+            centers = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers)
         inertia = float(gaps.min(axis=1).sum())
         if best is None or inertia < best[0]:
             best = (inertia, labels.astype(np.int64))
@@ -247,17 +247,26 @@ def kmeans(
     return best[1]
 
 
-def _seeds(matrix: Points, *, clusters: int, rng: np.random.Generator) -> Points:
+def _squared_gaps(matrix: Points, squares: Points, centers: Points) -> Points:
+    """The squared distance of every row to every center, (rows, centers)."""
+    gaps: Points = (
+        squares[:, None] + np.einsum("ij,ij->i", centers, centers) - 2 * matrix @ centers.T
+    )
+    return np.clip(gaps, 0.0, None)
+
+
+def _seeds(matrix: Points, squares: Points, *, clusters: int, rng: np.random.Generator) -> Points:
     """k-means++ (Arthur and Vassilvitskii 2007): each next seed drawn in proportion to its
     squared distance from the nearest seed so far."""
     chosen = [int(rng.integers(matrix.shape[0]))]
+    nearest = _squared_gaps(matrix, squares, matrix[chosen])[:, 0]
     for _ in range(1, clusters):
-        gaps = ((matrix[:, None, :] - matrix[chosen][None, :, :]) ** 2).sum(axis=2).min(axis=1)
-        total = float(gaps.sum())
+        total = float(nearest.sum())
         if total <= 0:
             chosen.append(int(rng.integers(matrix.shape[0])))
-            continue
-        chosen.append(int(rng.choice(matrix.shape[0], p=gaps / total)))
+        else:
+            chosen.append(int(rng.choice(matrix.shape[0], p=nearest / total)))
+        nearest = np.minimum(nearest, _squared_gaps(matrix, squares, matrix[chosen[-1:]])[:, 0])
     seeds: Points = matrix[chosen].copy()
     return seeds
 
