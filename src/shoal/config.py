@@ -645,6 +645,40 @@ class DivergenceSection(_Section):
     min_clients: int = Field(4, ge=1)
 
 
+class DriftSection(_Section):
+    """[drift]: each plaintext fit round projects the counted updates to 2-D (``pca``, or
+    ``tsne``) into the run folder's ``drift.jsonl`` and clusters them (k-means, k in
+    2..``max_clusters`` chosen by silhouette); a silhouette at or above ``bimodal_threshold``
+    flags distinct populations (``drift_bimodal`` in the row). On the digits, one population's
+    rounds score 0.1 to 0.15 and a day/night population (two labelling rules) 0.35 to 0.47."""
+
+    enabled: bool = True
+    method: Literal["pca", "tsne"] = "pca"
+    max_clusters: int = Field(4, ge=2, le=32)
+    bimodal_threshold: Annotated[float, Field(ge=-1, le=1)] = 0.3
+
+
+class ClusteringSection(_Section):
+    """[clustering]: clustered (personalized) FL, IFCA (Ghosh et al. 2020): the global model is
+    ``clusters`` models; each client trains, and is evaluated with, the one whose loss on its
+    own data is lowest, and each is averaged over the clients that chose it. ``start``:
+    ``always`` trains the clusters from round 1 (``flagged``, splitting when the drift flags
+    distinct populations, is not implemented yet). 1: one global model."""
+
+    clusters: int = Field(1, ge=1, le=16)
+    start: Literal["always", "flagged"] = "always"
+
+    @field_validator("start")
+    @classmethod
+    def _implemented(cls, start: str) -> str:
+        if start == "flagged":
+            raise ValueError(
+                "'flagged' (split when the drift flags distinct populations) is not "
+                "implemented yet; use 'always'"
+            )
+        return start
+
+
 class MetadataSection(_Section):
     """[metadata]: what stored telemetry reveals about clients. ``pseudonyms``: clients appear
     in stored round records under per-round pseudonyms (a keyed hash only the coordinator's
@@ -887,6 +921,8 @@ class Config(_Section):
     policy: PolicySection = PolicySection()
     alerts: AlertsSection = AlertsSection()
     divergence: DivergenceSection = DivergenceSection()
+    drift: DriftSection = DriftSection()
+    clustering: ClusteringSection = ClusteringSection()
     metadata: MetadataSection = MetadataSection()
     canaries: CanariesSection = CanariesSection()
     attack: list[AttackEntry] = Field(default_factory=list)  # simulation only
@@ -966,6 +1002,12 @@ class Config(_Section):
             raise ValueError(
                 "privacy.sampling = 'poisson' draws cohorts of no fixed size, which fixed "
                 "secure_aggregation.bits could overflow: leave bits unset (fitted each round)"
+            )
+        if self.clustering.clusters > 1 and (secure.enabled or privacy.enabled):
+            raise ValueError(
+                "clustering.clusters > 1 averages each cluster model over the clients that "
+                "chose it, which needs each client's update in the clear and its own weight: "
+                "switch secure_aggregation and privacy off, or set clustering.clusters = 1"
             )
         if privacy.enabled and privacy.epsilon is None and privacy.noise_multiplier is None:
             raise ValueError("privacy: set epsilon (the budget) or noise_multiplier, or both")

@@ -32,6 +32,7 @@ class MemoryStore:
     def __init__(self, models: ModelRegistry, barred: set[str] | None = None) -> None:
         self.models = models
         self.row_list: list[dict[str, Any]] = []
+        self.drift_list: list[dict[str, Any]] = []
         self.summary: dict[str, Any] | None = None
         self.config: dict[str, Any] | None = None
         self._barred = barred or set()
@@ -102,6 +103,13 @@ class MemoryStore:
 
     def append_row(self, row: dict[str, Any]) -> None:
         self.row_list.append(dict(row))
+
+    def append_drift(self, record: dict[str, Any]) -> None:
+        self.drift_list.append(dict(record))
+
+    def keep_drift(self, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        self.drift_list = [record for record in self.drift_list if keep(record)]
+        return list(self.drift_list)
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         self.config = dict(config)

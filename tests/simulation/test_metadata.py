@@ -92,6 +92,21 @@ def test_a_plain_round_keeps_each_counted_client_with_its_divergence(plain_run: 
             assert entry["flagged"] in (0, False)
 
 
+def test_each_plain_fit_round_projects_its_clients_under_their_pseudonyms(plain_run: Path) -> None:
+    rows, kept = fit_rows(plain_run), participants(plain_run)
+    lines = (plain_run / "drift.jsonl").read_text().splitlines()
+    projections = {record["round"]: record for record in map(json.loads, lines)}
+    assert sorted(projections) == [row["round"] for row in rows]
+    for row in rows:
+        assert row["drift_available"] is True and row["drift_bimodal"] is False  # one population
+        assert row["drift_clusters"] >= 1
+        record = projections[row["round"]]
+        mine = {entry["participant"] for entry in kept if entry["round"] == row["round"]}
+        assert set(record["clients"]) == mine and not mine & set(CLIENTS)  # pseudonyms only
+        assert len(record["points"]) == len(record["labels"]) == row["reported"]
+        assert record["method"] == "pca" and len(record["explained_variance"]) == 2
+
+
 def test_a_secure_round_keeps_its_participants_without_divergence(tmp_path: Path) -> None:
     simulate(tmp_path, *SECURE, example="secagg.toml")
     rows, kept = fit_rows(tmp_path), participants(tmp_path)
@@ -100,6 +115,7 @@ def test_a_secure_round_keeps_its_participants_without_divergence(tmp_path: Path
         assert row["divergence_available"] is False
         assert "cannot exist under SecAgg+" in row["divergence_note"]
         assert "divergence_median" not in row
+        assert row["drift_available"] is False and "SecAgg+" in row["drift_reason"]
         assert sum(entry["round"] == row["round"] for entry in kept) == row["reported"]
     measures = ("l2_to_aggregate", "cosine_to_median", "z_score", "flagged")
     assert all(entry[measure] is None for entry in kept for measure in measures)

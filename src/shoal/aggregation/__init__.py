@@ -19,12 +19,14 @@ from shoal.aggregation.aggregators import (
     pairwise_squared_distances,
     trimmed_mean,
 )
+from shoal.aggregation.clustered import ClusterStates, PerCluster
 from shoal.aggregation.divergence import (
     ClientDivergence,
     DivergenceReport,
     DivergenceRule,
     measure_divergence,
 )
+from shoal.aggregation.drift import DriftReport, DriftRule, measure_drift
 from shoal.aggregation.optimizers import (
     AdaptiveState,
     SgdState,
@@ -41,6 +43,7 @@ from shoal.aggregation.strategy import (
     AGGREGATORS,
     PRESETS,
     Strategy,
+    clustered_strategy,
     make_aggregator,
     make_strategy,
 )
@@ -54,11 +57,15 @@ __all__ = [
     "AggregatorState",
     "BufferState",
     "ClientDivergence",
+    "ClusterStates",
     "CoordinateMedian",
     "DivergenceReport",
     "DivergenceRule",
+    "DriftReport",
+    "DriftRule",
     "Krum",
     "MeanState",
+    "PerCluster",
     "SgdState",
     "Strategy",
     "TrimmedMean",
@@ -69,12 +76,14 @@ __all__ = [
     "check_krum_condition",
     "check_update",
     "check_weight",
+    "clustered_strategy",
     "coordinate_median",
     "krum_scores",
     "make_aggregator",
     "make_strategy",
     "mean_of",
     "measure_divergence",
+    "measure_drift",
     "multi_krum_select",
     "pairwise_squared_distances",
     "server_adagrad",

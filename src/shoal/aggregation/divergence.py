@@ -160,8 +160,7 @@ def measure_divergence(
     """Each update's (row of ``updates``) distances to ``aggregate`` and to the median.
 
     ``seed`` picks the coordinates when the rule's ``max_values`` is exceeded
-    (a uniform sample of coordinates keeps distances' ranks and ratios, in
-    expectation, at a fraction of the cost).
+    (:func:`sample_coordinates`).
     """
     rule = rule or DivergenceRule()
     count = len(client_ids)
@@ -169,11 +168,10 @@ def measure_divergence(
         raise StrategyError("divergence needs one update row per client, as long as the aggregate")
     if count == 0:
         return DivergenceReport()
+    columns = sample_coordinates(updates, max_values=rule.max_values, seed=seed)
     sampled = None
-    if updates.size > rule.max_values:
-        keep = max(1, rule.max_values // count)
-        columns = np.sort(np.random.default_rng([seed, 0xD1]).choice(updates.shape[1], keep, False))
-        updates, aggregate, sampled = updates[:, columns], aggregate[columns], keep
+    if columns is not None:
+        updates, aggregate, sampled = updates[:, columns], aggregate[columns], columns.size
     matrix = updates.astype(np.float64)
     median = np.median(matrix, axis=0)
     to_aggregate = _distances(matrix, aggregate.astype(np.float64))
@@ -195,6 +193,22 @@ def measure_divergence(
         for i, client in enumerate(client_ids)
     )
     return DivergenceReport(clients, sampled_coordinates=sampled)
+
+
+def sample_coordinates(
+    updates: FloatMatrix, *, max_values: int, seed: int
+) -> npt.NDArray[np.intp] | None:
+    """The sorted columns that stand in for ``updates`` (one row per client) when it holds
+    more than ``max_values`` values, a seeded uniform sample; None: measure every column.
+
+    A uniform sample of coordinates keeps distances' ranks and ratios, in expectation, at a
+    fraction of the cost (the divergence measure and the drift projection share it).
+    """
+    if updates.size <= max_values:
+        return None
+    keep = max(1, max_values // max(1, updates.shape[0]))
+    columns = np.random.default_rng([seed, 0xD1]).choice(updates.shape[1], keep, False)
+    return np.sort(columns)
 
 
 def _distances(

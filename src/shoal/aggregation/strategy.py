@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from shoal.aggregation.aggregators import (
@@ -42,6 +42,7 @@ from shoal.aggregation.aggregators import (
     TrimmedMean,
     WeightedMean,
 )
+from shoal.aggregation.clustered import PerCluster
 from shoal.aggregation.optimizers import server_adagrad, server_adam, server_sgd, server_yogi
 from shoal.core.errors import StrategyError
 from shoal.core.transforms import Transform
@@ -72,13 +73,16 @@ class Strategy:
     """A federated strategy: how to aggregate, how the server steps, and FedProx's μ.
 
     ``proximal_mu`` is a client-side setting: clients add (μ/2)|w - w_global|²
-    to their local loss (Li et al. 2020); 0 turns it off.
+    to their local loss (Li et al. 2020); 0 turns it off. ``clusters`` above
+    1: clustered FL (:func:`clustered`), the model is that many cluster
+    models stacked and the aggregator runs per cluster.
     """
 
     name: str
     aggregator: Aggregator
     server_optimizer: Transform
     proximal_mu: float = 0.0
+    clusters: int = 1
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -86,6 +90,10 @@ class Strategy:
         mu = self.proximal_mu
         if isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not 0 <= mu < math.inf:
             raise StrategyError(f"proximal_mu must be finite and >= 0, got {mu!r}")
+        if isinstance(self.clusters, bool) or not isinstance(self.clusters, int):
+            raise StrategyError(f"clusters must be an integer, got {self.clusters!r}")
+        if self.clusters < 1:
+            raise StrategyError(f"clusters must be at least 1, got {self.clusters}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +199,21 @@ def make_strategy(
         server_optimizer=optimizer,
         proximal_mu=preset.proximal_mu if proximal_mu is None else proximal_mu,
     )
+
+
+def clustered_strategy(strategy: Strategy, *, clusters: int) -> Strategy:
+    """``strategy`` for clustered FL over ``clusters`` models (IFCA, Ghosh et al. 2020): its
+    aggregator runs per cluster over the clients that chose it; one cluster: unchanged.
+
+    >>> clustered_strategy(make_strategy("fedavg"), clusters=2).aggregator
+    PerCluster(inner=WeightedMean(), clusters=2)
+    """
+    if clusters == 1 or strategy.clusters == clusters:
+        return strategy
+    if strategy.clusters != 1:
+        raise StrategyError(f"the strategy is clustered already ({strategy.clusters} clusters)")
+    aggregator = PerCluster(strategy.aggregator, clusters)
+    return replace(strategy, aggregator=aggregator, clusters=clusters)
 
 
 def _lookup(kind: str, name: str, table: dict[str, _Entry]) -> _Entry:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.client.api import Client
+from shoal.client.clustered import ClusteredClient
 from shoal.config import Config
 from shoal.core.device import DeviceState
 from shoal.core.errors import ConfigError, ProtocolError
@@ -135,12 +136,15 @@ class ClientApp:
         return device_state_of(value)
 
     def __call__(self, context: ClientContext) -> Client:
+        """The app's client for ``context``; under ``[clustering] clusters`` above 1, wrapped
+        to train and be evaluated as one of the cluster models (:mod:`shoal.client.clustered`)."""
         client = self.client_fn(context)
         if not isinstance(client, Client):
             raise ConfigError(
                 f"the client app returned {type(client).__name__}, not a shoal Client"
             )
-        return client
+        clusters = context.config.clustering.clusters
+        return client if clusters == 1 else ClusteredClient(client, clusters=clusters)
 
 
 def as_client_app(target: Any, *, name: str = "the client app") -> ClientApp:

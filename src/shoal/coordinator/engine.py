@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.aggregation.divergence import DivergenceRule
+from shoal.aggregation.drift import DriftRule
 from shoal.aggregation.strategy import Strategy
 from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.coordinator.app import MetricsAggregation, split_round_config
@@ -50,8 +51,8 @@ from shoal.coordinator.policy import (
     relative_norms,
     sealed_submission,
 )
-from shoal.coordinator.round_summary import round_divergence, summarize
-from shoal.coordinator.rounds import PendingUpdate, RoundBooks, RoundSettings
+from shoal.coordinator.round_summary import round_divergence, round_drift, summarize
+from shoal.coordinator.rounds import ClusterBooks, PendingUpdate, RoundBooks, RoundSettings
 from shoal.coordinator.secure import (
     SecureSettings,
     check_secure_strategy,
@@ -59,7 +60,8 @@ from shoal.coordinator.secure import (
 )
 from shoal.coordinator.selection import CohortSampler, SeededSampler, client_seed, cohort_size
 from shoal.coordinator.state import RoundState, Step, Trigger, next_state
-from shoal.coordinator.validation import count_problem, update_problem
+from shoal.coordinator.validation import cluster_problem, count_problem, update_problem
+from shoal.core.clusters import CLUSTER_METRIC, chosen_cluster
 from shoal.core.errors import (
     IllegalTransition,
     ProtocolError,
@@ -101,6 +103,7 @@ class Coordinator:
         sampler: CohortSampler | None = None,
         policy: UpdatePolicy | None = None,
         divergence: DivergenceRule | None = None,
+        drift: DriftRule | None = None,
     ) -> None:
         if secure is not None:
             check_secure_strategy(strategy)
@@ -111,6 +114,7 @@ class Coordinator:
         self.privacy = privacy
         self.policy = policy  # None: every well-formed update counts (policy.enabled = false)
         self.divergence = divergence  # None: no per-client divergence (divergence.enabled = false)
+        self.drift = drift  # None: no drift projection (drift.enabled = false)
         self.strategy = strategy
         self.parameters = parameters
         self.seed = seed
@@ -325,6 +329,8 @@ class Coordinator:
         problem = update_problem(
             event.update, num_examples=event.num_examples, size=len(self.parameters)
         )
+        if problem is None and self.strategy.clusters > 1:
+            problem = cluster_problem(event.update, event.metrics, clusters=self.strategy.clusters)
         if problem is not None:
             current.failed.add(event.client_id)
             current.failures[failure_reason(f"invalid update: {problem}")] += 1
@@ -357,7 +363,7 @@ class Coordinator:
         current.aggregation = self.strategy.aggregator.accumulate(
             current.aggregation, update, weight=weight
         )
-        if self.divergence is not None:  # measured against the aggregate once it exists
+        if self.divergence is not None or self.drift is not None:  # measured at the commit
             current.counted.append((client_id, update))
         self._book(current, client_id, num_examples, metrics)
 
@@ -443,6 +449,12 @@ class Coordinator:
         current.num_examples += num_examples
         if current.phase in self.metrics_aggregation:
             current.client_metrics.append((num_examples, dict(metrics)))
+        if self.strategy.clusters > 1:  # a clustered client's metrics count for its cluster
+            metrics = dict(metrics)
+            cluster = chosen_cluster(metrics, clusters=self.strategy.clusters)
+            metrics.pop(CLUSTER_METRIC, None)
+            if cluster is not None:
+                current.clusters.setdefault(cluster, ClusterBooks()).add(num_examples, metrics)
         for name, value in metrics.items():
             if isinstance(value, int | float) and math.isfinite(value):
                 total = current.metric_sums.get(name, 0.0)
@@ -636,6 +648,8 @@ class Coordinator:
         self.parameters = self.parameters.with_vector(vector)
         self.optimizer_state = optimizer_state
         current.divergence = round_divergence(current, delta, rule=self.divergence, seed=self.seed)
+        current.drift = round_drift(current, rule=self.drift, seed=self.seed)
+        current.counted = []  # measured: the books let go of the updates
         summary = self._summary(now, committed=True)
         self._move(Step.COMMITTED)
         return [CommitVersion(current.number, self.parameters, summary), RoundClosed(summary)]

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.aggregation.divergence import DivergenceReport
+from shoal.aggregation.drift import DriftReport
 from shoal.core.errors import ProtocolError
 from shoal.core.parameters import Parameters, Vector
 from shoal.secure.messages import ClientMessage, MaskedInputRequest, ServerRequest, Stage
@@ -302,7 +303,18 @@ class RoundSummary:
     excluded: Mapping[str, int] = field(default_factory=dict)
     fallback: FallbackReport | None = None  # what the round did when too much of it dropped
     divergence: DivergenceReport | None = None  # each counted update against the aggregate
+    drift: DriftReport | None = None  # the counted updates projected and clustered
     cohort: tuple[str, ...] = ()  # every client the round asked (replacements included)
+    clusters: Mapping[int, ClusterReport] = field(default_factory=dict)  # clustered FL
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterReport:
+    """One cluster's part of a round (clustered FL): its clients and their mean metrics."""
+
+    clients: int
+    num_examples: int
+    metrics: Mapping[str, float]
 
 
 @dataclass(frozen=True, slots=True)

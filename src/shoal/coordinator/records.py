@@ -1,7 +1,8 @@
 """A run's records on disk: the run folder and registries that both shells keep alike.
 
 The run folder holds ``config.json``, ``metrics.jsonl`` and ``summary.json``
-(the run-output contract of DESIGN.md), beside the model registry (each
+(the run-output contract of DESIGN.md) and ``drift.jsonl`` (each fit round's
+projection of its updates), beside the model registry (each
 committed round a version, with its row and optimizer state, signed by the
 coordinator's key: :func:`run_signer`) and the client registry. With
 ``[tracking] mlflow = true`` every row also goes to one MLflow run, whose id
@@ -54,6 +55,7 @@ from shoal.telemetry.tracking import MlflowTracker
 
 CONFIG_FILE = "config.json"
 REPORT_FILE = "report.html"  # written at the end by the run layer, when it makes one
+DRIFT_FILE = "drift.jsonl"
 MLFLOW_RUN_FILE = "mlflow-run-id"
 
 Row = dict[str, Any]
@@ -131,6 +133,10 @@ class RunStore(Protocol):
 
     def append_row(self, row: Row) -> None: ...
 
+    def append_drift(self, record: Row) -> None: ...
+
+    def keep_drift(self, keep: Callable[[Row], bool]) -> list[Row]: ...
+
     def write_config(self, config: Mapping[str, Any]) -> None: ...
 
     def write_summary(self, summary: Mapping[str, Any]) -> None: ...
@@ -158,6 +164,7 @@ class RunRecords:
         self.clients = clients
         self.model = model
         self.metrics = MetricsLog(self.folder / METRICS_FILE)
+        self.drift = MetricsLog(self.folder / DRIFT_FILE)  # one projection per fit round
         self.tracker: MlflowTracker | None = None
         self._watchers: list[Callable[[Row], None]] = []
         self._log_model = True  # [tracking] log_model, read when tracking starts
@@ -277,6 +284,12 @@ class RunRecords:
     def watch(self, watcher: Callable[[Row], None]) -> None:
         """Hand ``watcher`` every row from now on, as it is stored (recovered rows too)."""
         self._watchers.append(watcher)
+
+    def append_drift(self, record: Row) -> None:
+        self.drift.append(record)
+
+    def keep_drift(self, keep: Callable[[Row], bool]) -> list[Row]:
+        return self.drift.truncate(keep)
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         (self.folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""What a closed round's books say: its summary for the shell, and its per-client divergence.
+"""What a closed round's books say: its summary for the shell, its divergence and its drift.
 
 Pure functions of the round engine's books (:class:`~shoal.coordinator.rounds.RoundBooks`):
 the engine (:class:`~shoal.coordinator.engine.Coordinator`) calls them when it closes a
@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import numpy.typing as npt
 
 from shoal.aggregation.divergence import DivergenceReport, DivergenceRule, measure_divergence
+from shoal.aggregation.drift import DriftReport, DriftRule, measure_drift
 from shoal.coordinator.app import ClientMetrics, MetricsAggregation
-from shoal.coordinator.events import RoundSummary
+from shoal.coordinator.events import ClusterReport, RoundSummary
 from shoal.coordinator.homomorphic import CkksRound
 from shoal.coordinator.rounds import RoundBooks
 from shoal.core.parameters import Vector
@@ -62,6 +64,11 @@ def summarize(
         policy_denied=dict(sorted(current.policy_denied.items())),
         fallback=None if current.fallback is None else current.fallback.report(),
         divergence=current.divergence,
+        drift=current.drift,
+        clusters={
+            cluster: ClusterReport(books.clients, books.num_examples, books.means())
+            for cluster, books in sorted(current.clusters.items())
+        },
         cohort=tuple(sorted(current.cohort)),
     )
 
@@ -80,19 +87,46 @@ def round_divergence(
     current: RoundBooks, aggregate: Vector, *, rule: DivergenceRule | None, seed: int
 ) -> DivergenceReport | None:
     """Each counted update against the round's aggregate and median (none under a secure
-    round: no single update was ever seen, which the report says); the books let go of the
-    counted updates. ``seed``: the run's (the round's number is added)."""
+    round: no single update was ever seen, which the report says). ``seed``: the run's (the
+    round's number is added)."""
     if rule is None:
         return None
-    if current.secure is not None:
-        protocol = "CKKS" if isinstance(current.secure, CkksRound) else "SecAgg+"
+    protocol = _secure_protocol(current)
+    if protocol is not None:
         return DivergenceReport.unavailable(
             f"per-client divergence cannot exist under {protocol}: only the sum is seen; "
             "detection watches the aggregate"
         )
-    counted, current.counted = current.counted, []
-    if not counted:
+    if not current.counted:
         return DivergenceReport()
-    names = [client for client, _ in counted]
-    updates = np.stack([update for _, update in counted])
+    names, updates = _counted(current)
     return measure_divergence(names, updates, aggregate, rule=rule, seed=seed + current.number)
+
+
+def round_drift(current: RoundBooks, *, rule: DriftRule | None, seed: int) -> DriftReport | None:
+    """The projection and clustering of the counted updates (none under a secure round, which
+    the report says). ``seed``: the run's (the round's number is added)."""
+    if rule is None:
+        return None
+    protocol = _secure_protocol(current)
+    if protocol is not None:
+        return DriftReport.unavailable(
+            f"the drift of single updates cannot be seen under {protocol}: only the sum is"
+        )
+    names, updates = _counted(current)
+    return measure_drift(names, updates, rule=rule, seed=seed + current.number)
+
+
+def _secure_protocol(current: RoundBooks) -> str | None:
+    """The secure protocol that hides the round's single updates (None: a plaintext round)."""
+    if current.secure is None:
+        return None
+    return "CKKS" if isinstance(current.secure, CkksRound) else "SecAgg+"
+
+
+def _counted(current: RoundBooks) -> tuple[list[str], npt.NDArray[np.float32]]:
+    """The counted clients and their updates, one row each (an empty matrix: none)."""
+    names = [client for client, _ in current.counted]
+    if not names:
+        return names, np.zeros((0, 0), np.float32)
+    return names, np.stack([update for _, update in current.counted])

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.aggregation.divergence import DivergenceReport
+from shoal.aggregation.drift import DriftReport
 from shoal.coordinator.events import Authentication, SecureRoundReport
 from shoal.coordinator.fallback import DropFallback, FallbackBooks
 from shoal.coordinator.homomorphic import CkksRound
@@ -68,6 +69,27 @@ class PendingUpdate:
 
 
 @dataclass(slots=True)
+class ClusterBooks:
+    """What one cluster's clients reported in a round (clustered FL)."""
+
+    clients: int = 0
+    num_examples: int = 0
+    metric_sums: dict[str, float] = field(default_factory=dict)
+
+    def add(self, num_examples: int, metrics: Mapping[str, float]) -> None:
+        self.clients += 1
+        self.num_examples += num_examples
+        for name, value in metrics.items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                self.metric_sums[name] = self.metric_sums.get(name, 0.0) + value * num_examples
+
+    def means(self) -> dict[str, float]:
+        """Each metric's mean over the cluster's clients, weighted by examples."""
+        weight = self.num_examples
+        return {name: total / weight for name, total in self.metric_sums.items()} if weight else {}
+
+
+@dataclass(slots=True)
 class RoundBooks:
     """The books of the round in progress."""
 
@@ -99,8 +121,11 @@ class RoundBooks:
     initial: int = 0  # the cohort's size when the round started
     candidates: tuple[str, ...] = ()  # whom the round could select (replacements come from them)
     fallback: FallbackBooks | None = None
-    counted: list[tuple[str, Vector]] = field(default_factory=list)  # updates, for divergence
+    # the counted updates, for divergence and drift (let go of once both are measured)
+    counted: list[tuple[str, Vector]] = field(default_factory=list)
     divergence: DivergenceReport | None = None
+    drift: DriftReport | None = None
+    clusters: dict[int, ClusterBooks] = field(default_factory=dict)  # clustered FL, by cluster
 
     @property
     def accounted(self) -> int:

@@ -31,7 +31,8 @@ layer owns everything above it, so that each rule is written once:
   logged and counted in the row;
 - the metrics row of a closed round and the central evaluation
   (:mod:`shoal.coordinator.run_metrics`), and the version committed with
-  that row before anyone is offered the new model;
+  that row before anyone is offered the new model; the drift projection
+  of each fit round (``drift.jsonl``, cut back to HEAD on a resume);
 - the round's records (:mod:`shoal.coordinator.round_records`): its
   participants and their divergence, the audit log's entries (who took
   part, a key holder's decryptions), the suspension of a secure round's
@@ -78,13 +79,16 @@ from shoal.coordinator.run_metrics import (
 from shoal.coordinator.run_metrics import (
     central_evaluation,
     divergence_rule,
+    drift_projection,
+    drift_rule,
     round_row,
     run_summary,
 )
 from shoal.coordinator.schedule import Play, evaluation_due, schedule
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
 from shoal.coordinator.selection import PrivateSampler, cohort_size
-from shoal.core.errors import ConfigError, RunError, ShoalError
+from shoal.core.clusters import perturbed_stack, split_models
+from shoal.core.errors import ConfigError, ModelError, RunError, ShoalError
 from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
 from shoal.governance.policy import PolicyEngine
@@ -99,6 +103,9 @@ from shoal.telemetry.alerts import AlertHook, alert_hooks
 log = logging.getLogger("shoal.run")
 
 Row = dict[str, Any]
+# how far apart the cluster models of version 0 start, in RMS values of the initial model (or
+# absolute, for a zero model): enough for the clients' losses to tell them apart in round 1
+CLUSTER_SPREAD = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +266,17 @@ class Run:
         self._previous = parameters
 
     def _initial_parameters(self, first_client: Callable[[], Client]) -> Parameters:
+        """The model of version 0; under ``[clustering]``, that many cluster models stacked,
+        each but the first moved by seeded noise so that clients' losses can tell them apart."""
+        model = self._initial_model(first_client)
+        clusters = self.config.clustering.clusters
+        if clusters == 1:
+            return model
+        return perturbed_stack(
+            model, clusters=clusters, seed=self.config.run.seed, scale=CLUSTER_SPREAD
+        )
+
+    def _initial_model(self, first_client: Callable[[], Client]) -> Parameters:
         make = self.app.initial_parameters
         try:
             if make is not None:
@@ -271,6 +289,20 @@ class Run:
             raise RunError(
                 f"the initial model could not be made (the {where} raised "
                 f"{type(exc).__name__}: {exc})"
+            ) from exc
+
+    def _check_clusters(self, parameters: Parameters) -> None:
+        """Refuse to resume a model stacked for another ``[clustering] clusters``."""
+        clusters = self.config.clustering.clusters
+        try:
+            if clusters > 1:
+                split_models(parameters, clusters=clusters)
+            elif parameters.layout.names and parameters.layout.names[0].startswith("cluster0/"):
+                raise ModelError("the model is a stack of cluster models")
+        except ModelError as exc:
+            raise RunError(
+                f"{self.where} holds a model that does not match clustering.clusters = "
+                f"{clusters}: {exc}"
             ) from exc
 
     def _engine(self, parameters: Parameters, state: Any = None) -> Coordinator:
@@ -298,6 +330,7 @@ class Run:
             sampler=None if self.privacy is None else PrivateSampler.of(self.config, self.privacy),
             policy=policy,
             divergence=divergence_rule(self.config),
+            drift=drift_rule(self.config),
             metrics_aggregation={
                 phase: aggregate
                 for phase, aggregate in (
@@ -327,6 +360,7 @@ class Run:
         if self.config.playbook.enabled:  # a BAD HEAD is rolled back; its round stays played
             head, reached, rolled_back_from = resume_point(self.store, head)
         parameters, saved = self.store.load(head)
+        self._check_clusters(parameters)
         if head.signed is None:  # committed by a Shoal before signing: clients need it signed
             head = self.store.sign(head)
         template = self.parts.strategy.server_optimizer.init(parameters.vector)
@@ -337,6 +371,7 @@ class Run:
             self.privacy.resume_at(head, self.store.versions())
         log.info("resuming from version %d (round %d)", head.version, head.round)
         rows = self.store.keep_rows(lambda row: row["round"] <= reached)
+        self.store.keep_drift(lambda record: record["round"] <= reached)
         self.wall_offset = max((row.get("wall_time_s", 0.0) for row in rows), default=0.0)
         if head.round > 0 and not any(row["round"] == head.round for row in rows):
             # the crash came between committing the version and recording its row
@@ -516,6 +551,9 @@ class Run:
             privacy=self.privacy,
         )
         self._screened = None  # the play's counts went into its row
+        projection = drift_projection(summary, names=self.names)
+        if projection is not None:
+            self.store.append_drift(projection)
         records = self.records
         records.suspend_culprits(summary)
         records.cohort_dropped(summary)
@@ -529,7 +567,14 @@ class Run:
             if judged is not None:
                 row["playbook"] = judged
             return row
-        row.update(central_evaluation(self.app, commit.parameters, round_number=commit.round))
+        row.update(
+            central_evaluation(
+                self.app,
+                commit.parameters,
+                round_number=commit.round,
+                clusters=self.config.clustering.clusters,
+            )
+        )
         row["model_step_l2"] = self._step_l2(commit.parameters)
         # one transaction: the selection's entry, the version with the whole row (a crash
         # before the row is written loses nothing), its participants, and the audit log's head

@@ -2,7 +2,7 @@
 
 The row of a round counts who was selected, reported, dropped, rejected
 and excluded, with the round's loss, accuracy, bytes and virtual time, the
-fallback it took, its secure-aggregation outcome, its divergence, the
+fallback it took, its secure-aggregation outcome, its divergence and drift, the
 policy's decisions and its privacy accounting; stored telemetry names the
 round's clients only under their round's pseudonyms (``[metadata]``). The
 server app's evaluation of a new model adds ``test_*`` columns. The summary
@@ -18,11 +18,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from shoal.aggregation.divergence import DivergenceRule
+from shoal.aggregation.drift import DriftRule
 from shoal.config import Config
 from shoal.coordinator.app import ServerApp
 from shoal.coordinator.events import RoundSummary
 from shoal.coordinator.playbook import rolled_back, tally
 from shoal.coordinator.records import RunStore
+from shoal.core.clusters import split_models
 from shoal.core.parameters import Parameters
 from shoal.governance.pseudonyms import Names, PlainNames, pseudonymize
 from shoal.privacy.run import RunPrivacy
@@ -91,6 +93,10 @@ def round_row(
         row.setdefault(name, value)
     if fit and summary.divergence is not None:
         row.update(summary.divergence.row_fields())
+    if fit and summary.drift is not None:
+        row.update(summary.drift.row_fields())
+    if summary.clusters:
+        row.update(cluster_fields(summary))
     if fit and policy:
         row.update(
             policy_decisions=summary.policy_decisions,
@@ -132,15 +138,39 @@ def pseudonymous(row: Row, summary: RoundSummary, *, names: Names) -> Row:
     }
 
 
-def central_evaluation(app: ServerApp, parameters: Parameters, *, round_number: int) -> Row:
-    """The server app's evaluation of a new model, as ``test_*`` columns."""
+def cluster_fields(summary: RoundSummary) -> Row:
+    """A clustered round's clusters: a fit row's ``cluster_sizes`` (clients that trained each
+    cluster model), an evaluation row's ``cluster_accuracy`` and ``cluster_loss`` (of the
+    clients that each cluster model served best), keyed by the cluster's index."""
+    clusters = summary.clusters.items()
+    if summary.phase is Phase.FIT:
+        return {"cluster_sizes": {str(c): report.clients for c, report in clusters}}
+    return {
+        f"cluster_{name}": {str(c): report.metrics.get(name) for c, report in clusters}
+        for name in ("accuracy", "loss")
+    }
+
+
+def central_evaluation(
+    app: ServerApp, parameters: Parameters, *, round_number: int, clusters: int = 1
+) -> Row:
+    """The server app's evaluation of a new model, as ``test_*`` columns; a clustered model's
+    (``clusters`` above 1) is each cluster model's, as ``test_cluster_<name>`` by cluster."""
     if app.evaluate is None:
         return {}
+    models = [parameters] if clusters == 1 else split_models(parameters, clusters=clusters)
     try:
-        metrics = dict(app.evaluate(parameters, round_number))
+        scores = [dict(app.evaluate(model, round_number)) for model in models]
     except Exception as exc:  # a user's function: the round stands without test metrics
         log.error("the server app's evaluate failed in round %d: %s", round_number, exc)
         return {}
+    if clusters > 1:
+        names = sorted({name for score in scores for name in score})
+        return {
+            f"test_cluster_{name}": {str(c): score.get(name) for c, score in enumerate(scores)}
+            for name in names
+        }
+    (metrics,) = scores
     columns: Row = {f"test_{name}": value for name, value in metrics.items()}
     if "accuracy" in metrics:
         columns["accuracy"] = metrics["accuracy"]
@@ -214,6 +244,28 @@ def divergence_rule(config: Config) -> DivergenceRule | None:
     return DivergenceRule(
         max_z=section.max_z, min_cosine=section.min_cosine, min_clients=section.min_clients
     )
+
+
+def drift_rule(config: Config) -> DriftRule | None:
+    """The job's ``[drift]`` rule; None when it is off."""
+    section = config.drift
+    if not section.enabled:
+        return None
+    return DriftRule(
+        method=section.method,
+        max_clusters=section.max_clusters,
+        bimodal_threshold=section.bimodal_threshold,
+    )
+
+
+def drift_projection(summary: RoundSummary, *, names: Names) -> Row | None:
+    """A fit round's record for ``drift.jsonl``, its clients under their round's pseudonyms
+    (None: no projection in the round)."""
+    drift = summary.drift
+    if drift is None or not drift.available or not drift.clients:
+        return None
+    named = [names.of(client, round_number=summary.round) for client in drift.clients]
+    return drift.projection(summary.round, named)
 
 
 def _head_row(committed: list[Row], head: ModelRecord | None) -> Row:

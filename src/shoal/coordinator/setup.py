@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from shoal.aggregation.strategy import Strategy, make_strategy
+from shoal.aggregation.strategy import Strategy, clustered_strategy, make_strategy
 from shoal.config import Config, CoordinatorSection, SecureAggregationSection
 from shoal.coordinator.app import ServerApp
 from shoal.coordinator.fallback import DropFallback, FallbackKind
@@ -35,17 +35,23 @@ def strategy_from_config(config: Config) -> Strategy:
 
 
 def strategy_for(config: Config, app: ServerApp) -> Strategy:
-    """The server app's strategy (a preset name or composed parts), else ``[strategy]``."""
+    """The server app's strategy (a preset name or composed parts), else ``[strategy]``;
+    under ``[clustering] clusters`` above 1, run per cluster (clustered FL)."""
     chosen = app.strategy
     if chosen is None:
-        return strategy_from_config(config)
-    if isinstance(chosen, Strategy):
-        return chosen
-    overrides = config.strategy.model_dump(exclude={"name"})
+        strategy = strategy_from_config(config)
+    elif isinstance(chosen, Strategy):
+        strategy = chosen
+    else:
+        overrides = config.strategy.model_dump(exclude={"name"})
+        try:
+            strategy = make_strategy(chosen, **overrides)
+        except StrategyError as exc:
+            raise ConfigError(f"the server app's strategy: {exc}") from None
     try:
-        return make_strategy(chosen, **overrides)
+        return clustered_strategy(strategy, clusters=config.clustering.clusters)
     except StrategyError as exc:
-        raise ConfigError(f"the server app's strategy: {exc}") from None
+        raise ConfigError(f"clustering.clusters: {exc}") from None
 
 
 def listed_tokens_from_config(section: CoordinatorSection) -> list[ListedToken]:

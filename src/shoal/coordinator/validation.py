@@ -10,9 +10,12 @@ claimed weight may be is the policy's (:mod:`shoal.governance.policy`,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from shoal.coordinator.rounds import RoundSettings
+from shoal.core.clusters import CLUSTER_METRIC, chosen_cluster, touched_clusters
 from shoal.core.parameters import Vector, all_finite
 
 
@@ -26,6 +29,18 @@ def update_problem(update: Vector, *, num_examples: int, size: int) -> str | Non
         return "update holds NaN or infinite values"
     if num_examples == 0:
         return "update was trained on zero examples"
+    return None
+
+
+def cluster_problem(update: Vector, metrics: Mapping[str, object], *, clusters: int) -> str | None:
+    """What is wrong with a clustered client's update (it names one cluster, below
+    ``clusters``, and changes no other cluster's model), or None."""
+    chosen = chosen_cluster(metrics, clusters=clusters)
+    if chosen is None:
+        return f"a clustered update names no cluster below {clusters} in {CLUSTER_METRIC!r}"
+    others = [c for c in touched_clusters(update, clusters=clusters) if c != chosen]
+    if others:
+        return f"the update chose cluster {chosen} but changes cluster {others[0]}'s model"
     return None
 
 

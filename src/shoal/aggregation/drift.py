@@ -1,0 +1,300 @@
+"""Drift of a round's updates: a 2-D projection of them, their clusters, and how well apart.
+
+Each plaintext fit round, the counted updates (the ones the divergence
+measure sees, sampled the same way for large models) are projected to two
+dimensions (PCA by default, t-SNE on request) for the run's report, and
+clustered by k-means on their directions (each update scaled to unit
+length, so that a client's step size does not make it a cluster of its
+own), with k chosen in ``2..max_clusters`` by the silhouette score. A
+silhouette at or above ``bimodal_threshold`` flags a population of distinct
+groups (*bimodal*: two or more), the case clustered FL is for.
+
+Under secure aggregation no single update is seen: :meth:`DriftReport.unavailable`
+says so, as the divergence report does.
+
+>>> rng = np.random.default_rng(0)
+>>> day, night = rng.normal(size=(2, 50))
+>>> updates = np.array([day + 0.1 * rng.normal(size=50) for _ in range(6)]
+...     + [night + 0.1 * rng.normal(size=50) for _ in range(6)], np.float32)
+>>> report = measure_drift([f"c{i}" for i in range(12)], updates)
+>>> report.clusters, report.bimodal
+(2, True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from shoal.aggregation.divergence import FloatMatrix, sample_coordinates
+from shoal.core.errors import StrategyError
+
+DriftMethod = Literal["pca", "tsne"]
+DRIFT_METHODS: tuple[str, ...] = ("pca", "tsne")
+Points = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class DriftRule:
+    """How a round's drift is measured.
+
+    ``method``: the projection (``pca`` or ``tsne``); ``max_clusters``: the
+    largest k tried; ``bimodal_threshold``: the silhouette at or above which
+    the population counts as distinct groups; ``min_clients``: fewer updates
+    are projected but not clustered (a silhouette needs k + 1 points at
+    least); ``max_values``: as the divergence rule's.
+    """
+
+    method: DriftMethod = "pca"
+    max_clusters: int = 4
+    bimodal_threshold: float = 0.3
+    min_clients: int = 4
+    max_values: int = 1 << 25
+
+    def __post_init__(self) -> None:
+        if self.method not in DRIFT_METHODS:
+            raise StrategyError(f"unknown drift method {self.method!r}: choose pca or tsne")
+        if self.max_clusters < 2:
+            raise StrategyError(f"max_clusters must be at least 2, got {self.max_clusters}")
+        if not (math.isfinite(self.bimodal_threshold) and -1 <= self.bimodal_threshold <= 1):
+            raise StrategyError(
+                f"bimodal_threshold must be in [-1, 1], got {self.bimodal_threshold}"
+            )
+        if self.min_clients < 3 or self.max_values < 1:
+            raise StrategyError("min_clients must be at least 3 and max_values at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class DriftReport:
+    """A round's drift: the projection and clustering of its updates, or why none exists."""
+
+    clients: tuple[str, ...] = ()
+    points: tuple[tuple[float, float], ...] = ()
+    labels: tuple[int, ...] = ()
+    method: str = "pca"
+    explained_variance: tuple[float, float] | None = None  # PCA: each axis's share
+    clusters: int = 1
+    separation: float | None = None  # the chosen clustering's silhouette
+    bimodal: bool = False
+    reason: str | None = None
+
+    @classmethod
+    def unavailable(cls, reason: str) -> DriftReport:
+        return cls(reason=reason)
+
+    @property
+    def available(self) -> bool:
+        return self.reason is None
+
+    def row_fields(self) -> dict[str, Any]:
+        """The round's drift for its metrics row."""
+        if not self.available:
+            return {"drift_available": False, "drift_reason": self.reason}
+        return {
+            "drift_available": True,
+            "drift_clusters": self.clusters,
+            "drift_separation": self.separation,
+            "drift_bimodal": self.bimodal,
+        }
+
+    def projection(self, round_number: int, names: Sequence[str]) -> dict[str, Any]:
+        """The round's record in ``drift.jsonl``, its clients called ``names`` (in order)."""
+        return {
+            "round": round_number,
+            "method": self.method,
+            "points": [list(point) for point in self.points],
+            "labels": list(self.labels),
+            "clients": list(names),
+            "explained_variance": (
+                None if self.explained_variance is None else list(self.explained_variance)
+            ),
+        }
+
+
+def measure_drift(
+    client_ids: Sequence[str],
+    updates: FloatMatrix,
+    *,
+    rule: DriftRule | None = None,
+    seed: int = 0,
+) -> DriftReport:
+    """The projection and clustering of ``updates`` (one row per client in ``client_ids``)."""
+    rule = rule or DriftRule()
+    count = len(client_ids)
+    if updates.ndim != 2 or updates.shape[0] != count:
+        raise StrategyError("drift needs one update row per client")
+    if count == 0:
+        return DriftReport(method=rule.method)
+    columns = sample_coordinates(updates, max_values=rule.max_values, seed=seed)
+    matrix = (updates if columns is None else updates[:, columns]).astype(np.float64)
+    # the rows in their principal axes: every pairwise distance kept, at most n columns
+    coordinates, variance = principal_coordinates(unit_rows(matrix))
+    points: Points = np.zeros((count, 2))
+    points[:, : min(2, coordinates.shape[1])] = coordinates[:, :2]
+    total = float(variance.sum())
+    shares = [float(v / total) if total > 0 else 0.0 for v in variance[:2]] + [0.0, 0.0]
+    explained: tuple[float, float] | None = (shares[0], shares[1])
+    if rule.method == "tsne" and count > 2:
+        points, explained = tsne(coordinates, seed=seed), None
+    labels, separation = np.zeros(count, np.int64), None
+    if count >= rule.min_clients:
+        labels, separation = cluster(coordinates, max_clusters=rule.max_clusters, seed=seed)
+    return DriftReport(
+        clients=tuple(client_ids),
+        points=tuple((float(x), float(y)) for x, y in points),
+        labels=tuple(int(label) for label in labels),
+        method=rule.method,
+        explained_variance=explained,
+        clusters=int(labels.max()) + 1,
+        separation=separation,
+        bimodal=separation is not None and separation >= rule.bimodal_threshold,
+    )
+
+
+def unit_rows(matrix: Points) -> Points:
+    """Each row scaled to unit L2 length (a zero row stays zero)."""
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    scaled: Points = np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
+    return scaled
+
+
+def principal_coordinates(matrix: Points) -> tuple[Points, npt.NDArray[np.float64]]:
+    """The centered rows in their principal axes, largest first, and each axis's variance.
+
+    Through the rows' Gram matrix (n x n), so the cost is n squared times the columns, not
+    the columns squared; the coordinates keep every pairwise distance of the rows.
+    """
+    centered = matrix - matrix.mean(axis=0)
+    eigenvalues, eigenvectors = np.linalg.eigh(centered @ centered.T)
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues = np.clip(eigenvalues[order], 0.0, None)
+    keep = eigenvalues > 1e-12 * max(1.0, float(eigenvalues[0]) if eigenvalues.size else 1.0)
+    coordinates: Points = eigenvectors[:, order][:, keep] * np.sqrt(eigenvalues[keep])
+    return coordinates, eigenvalues[keep]
+
+
+def tsne(matrix: Points, *, seed: int) -> Points:
+    """A t-SNE embedding of the rows in 2-D (scikit-learn's)."""
+    from sklearn.manifold import TSNE
+
+    count = matrix.shape[0]
+    embedding = TSNE(
+        n_components=2, perplexity=min(30.0, (count - 1) / 3), init="random", random_state=seed
+    )
+    points: Points = np.asarray(embedding.fit_transform(matrix), np.float64)
+    return points
+
+
+def cluster(
+    matrix: Points, *, max_clusters: int, seed: int
+) -> tuple[npt.NDArray[np.int64], float | None]:
+    """k-means labels of the rows with k in ``2..max_clusters`` chosen by the silhouette score,
+    and that score (None, one cluster: the rows are too few or all alike)."""
+    count = matrix.shape[0]
+    distances = pairwise_distances(matrix)
+    distinct = np.unique(matrix.round(9), axis=0).shape[0]  # k-means needs k distinct rows
+    best: tuple[float, npt.NDArray[np.int64]] | None = None
+    rng = np.random.default_rng([seed, 0xC1])
+    for k in range(2, min(max_clusters, count - 1, distinct) + 1):
+        labels = kmeans(matrix, clusters=k, rng=rng)
+        if np.unique(labels).size < 2:
+            continue
+        score = silhouette(distances, labels)
+        if best is None or score > best[0]:
+            best = (score, labels)
+    if best is None:
+        return np.zeros(count, np.int64), None
+    return _by_size(best[1]), best[0]
+
+
+def pairwise_distances(matrix: Points) -> Points:
+    """The Euclidean distance between every two rows."""
+    squares = np.einsum("ij,ij->i", matrix, matrix)
+    gram = squares[:, None] + squares[None, :] - 2 * matrix @ matrix.T
+    distances: Points = np.sqrt(np.clip(gram, 0.0, None))
+    np.fill_diagonal(distances, 0.0)
+    return distances
+
+
+def kmeans(
+    matrix: Points, *, clusters: int, rng: np.random.Generator, restarts: int = 3
+) -> npt.NDArray[np.int64]:
+    """Lloyd's k-means from k-means++ seeds, the best of ``restarts`` by inertia."""
+    best: tuple[float, npt.NDArray[np.int64]] | None = None
+    squares = np.einsum("ij,ij->i", matrix, matrix)
+    for _ in range(restarts):
+        centers = _seeds(matrix, squares, clusters=clusters, rng=rng)
+        labels = np.full(matrix.shape[0], -1)
+        for _ in range(100):
+            gaps = _squared_gaps(matrix, squares, centers)
+            moved_to = gaps.argmin(axis=1)
+            if np.array_equal(moved_to, labels):
+                break  # no point changed cluster: Lloyd's iteration has converged
+            labels = moved_to
+            one_hot = np.eye(clusters)[labels]  # (points, clusters)
+            counts = one_hot.sum(axis=0)
+            sums = one_hot.T @ matrix
+            centers = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers)
+        inertia = float(gaps.min(axis=1).sum())
+        if best is None or inertia < best[0]:
+            best = (inertia, labels.astype(np.int64))
+    assert best is not None
+    return best[1]
+
+
+def _squared_gaps(matrix: Points, squares: Points, centers: Points) -> Points:
+    """The squared distance of every row to every center, (rows, centers)."""
+    gaps: Points = (
+        squares[:, None] + np.einsum("ij,ij->i", centers, centers) - 2 * matrix @ centers.T
+    )
+    return np.clip(gaps, 0.0, None)
+
+
+def _seeds(matrix: Points, squares: Points, *, clusters: int, rng: np.random.Generator) -> Points:
+    """k-means++ (Arthur and Vassilvitskii 2007): each next seed drawn in proportion to its
+    squared distance from the nearest seed so far."""
+    chosen = [int(rng.integers(matrix.shape[0]))]
+    nearest = _squared_gaps(matrix, squares, matrix[chosen])[:, 0]
+    for _ in range(1, clusters):
+        total = float(nearest.sum())
+        if total <= 0:
+            chosen.append(int(rng.integers(matrix.shape[0])))
+        else:
+            chosen.append(int(rng.choice(matrix.shape[0], p=nearest / total)))
+        nearest = np.minimum(nearest, _squared_gaps(matrix, squares, matrix[chosen[-1:]])[:, 0])
+    seeds: Points = matrix[chosen].copy()
+    return seeds
+
+
+def silhouette(distances: Points, labels: npt.NDArray[np.int64]) -> float:
+    """The mean silhouette (Rousseeuw 1987) of a clustering, from the pairwise distances; a
+    point alone in its cluster scores 0."""
+    values = np.unique(labels)
+    members = labels[None, :] == values[:, None]  # (clusters, points)
+    sizes = members.sum(axis=1)
+    sums = distances @ members.T  # (points, clusters): each point's total distance to each
+    own = np.searchsorted(values, labels)
+    count = labels.size
+    own_size = sizes[own]
+    inside = sums[np.arange(count), own] / np.maximum(own_size - 1, 1)
+    means = sums / sizes[None, :]
+    means[np.arange(count), own] = np.inf
+    nearest = means.min(axis=1)
+    scale = np.maximum(inside, nearest)
+    scores = np.divide(nearest - inside, scale, out=np.zeros(count), where=scale > 0)
+    scores[own_size == 1] = 0.0
+    return float(scores.mean())
+
+
+def _by_size(labels: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The labels renumbered by cluster size, largest first (ties by first appearance), so
+    that a round's cluster 0 is its largest group."""
+    values, first, sizes = np.unique(labels, return_index=True, return_counts=True)
+    order = sorted(range(values.size), key=lambda i: (-sizes[i], first[i]))
+    mapping = {int(values[i]): rank for rank, i in enumerate(order)}
+    return np.array([mapping[int(label)] for label in labels], np.int64)
