@@ -29,8 +29,10 @@ layer owns everything above it, so that each rule is written once:
 - the policy on every update (:mod:`shoal.coordinator.policy`): the engine
   asks it, with the facts of the run's registry, and its decisions are
   logged and counted in the row;
-- the metrics row of a closed round and the central evaluation
-  (:mod:`shoal.coordinator.run_metrics`), and the version committed with
+- the metrics row of a closed round with its fleet telemetry (drops,
+  stragglers, cohort fairness by the device classes the shell names with
+  :meth:`Run.classify`, bandwidth; :mod:`shoal.coordinator.telemetry`) and the
+  central evaluation (:mod:`shoal.coordinator.run_metrics`), and the version committed with
   that row before anyone is offered the new model;
 - the round's records (:mod:`shoal.coordinator.round_records`): its
   participants and their divergence, the audit log's entries (who took
@@ -84,6 +86,7 @@ from shoal.coordinator.run_metrics import (
 from shoal.coordinator.schedule import Play, evaluation_due, schedule
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
 from shoal.coordinator.selection import PrivateSampler, cohort_size
+from shoal.coordinator.telemetry import DeviceClasses, UnknownClasses
 from shoal.core.errors import ConfigError, RunError, ShoalError
 from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
@@ -185,6 +188,7 @@ class Run:
         self._screened: Row | None = None  # the screened play's counts, until its row
         self._coordinator: Coordinator | None = None
         self._bars: list[Callable[[], Iterable[str]]] = []  # the shell's own sources of bars
+        self.device_classes: DeviceClasses = UnknownClasses()  # the shell's, for fairness
         self.records = RoundRecords(
             store, run_id=self.run_id, metadata=config.metadata, alerts=self.alerts
         )
@@ -298,6 +302,7 @@ class Run:
             sampler=None if self.privacy is None else PrivateSampler.of(self.config, self.privacy),
             policy=policy,
             divergence=divergence_rule(self.config),
+            telemetry=self.config.telemetry.enabled,
             metrics_aggregation={
                 phase: aggregate
                 for phase, aggregate in (
@@ -426,6 +431,11 @@ class Run:
         those a deployed coordinator refused attestation: only a shell can know them)."""
         self._bars.append(source)
 
+    def classify(self, classes: DeviceClasses) -> None:
+        """Name the population's device classes (only a shell knows them: the simulator's
+        fleet, the registry's device facts), for the rows' cohort fairness."""
+        self.device_classes = classes
+
     def barred(self) -> set[str]:
         """Clients never to select: suspended or retired, past their own privacy budget, or
         named by a source the shell added (:meth:`bar`)."""
@@ -514,6 +524,7 @@ class Run:
             screened=self._screened,
             policy=self.parts.policy is not None,
             privacy=self.privacy,
+            classes=self.device_classes,
         )
         self._screened = None  # the play's counts went into its row
         records = self.records

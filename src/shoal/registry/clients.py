@@ -388,6 +388,14 @@ class ClientRegistry:
         with self.database.read() as connection:
             return int(connection.execute(query).scalar_one())
 
+    def count_by_device_class(self, *, status: ClientStatus | None = None) -> dict[str, int]:
+        """How many clients of each device class are enrolled (with ``status``, when given)."""
+        query = sa.select(clients.c.device_class, sa.func.count()).group_by(clients.c.device_class)
+        if status is not None:
+            query = query.where(clients.c.status == status)
+        with self.database.read() as connection:
+            return {str(name): int(count) for name, count in connection.execute(query)}
+
     def set_status(
         self, client_id: str, status: ClientStatus, reason: str | None = None
     ) -> ClientRecord:
