@@ -8,7 +8,10 @@ baseline is a bare single-process numpy loop doing the same math on data it
 already holds: pick the cohort, run 5 full-batch softmax-regression steps per
 client, average the deltas weighted by examples. A third figure is the time
 from launching ``shoal simulate`` as a fresh process until it prints its
-first round. Prints one JSON object per workload.
+first round. The cost of the fleet telemetry (``[telemetry]``) is the
+in-process run's seconds per round with it on over the same run with it off,
+alternated ``--repeats`` times (the fastest of each kept). Prints one JSON
+object per workload.
 
     python benchmarks/simulation.py --rounds 60
 """
@@ -112,7 +115,19 @@ def seconds_to_first_round(config_path: Path) -> float:
         return elapsed
 
 
-def measure(name: str, *, rounds: int) -> dict[str, Any]:
+def telemetry_ratio(path: Path, *, rounds: int, repeats: int) -> tuple[float, float]:
+    """Seconds per round in process with the telemetry on and off, alternated ``repeats``
+    times; the fastest of each (the least disturbed by the machine's other work)."""
+    timings: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeats):
+        for enabled in (True, False):
+            overrides = [f"run.rounds={rounds}", "simulation.workers=0"]
+            config = load_config(path, [*overrides, f"telemetry.enabled={str(enabled).lower()}"])
+            timings[enabled].append(simulator_seconds_per_round(config)[0])
+    return min(timings[True]), min(timings[False])
+
+
+def measure(name: str, *, rounds: int, repeats: int = 2) -> dict[str, Any]:
     path = EXAMPLES / f"{name}.toml"
     config = load_config(path, [f"run.rounds={rounds}"])
     per_round, whole_run, first_round = simulator_seconds_per_round(config)
@@ -120,6 +135,7 @@ def measure(name: str, *, rounds: int) -> dict[str, Any]:
         load_config(path, [f"run.rounds={rounds}", "simulation.workers=0"])
     )
     baseline = bare_numpy_seconds_per_round(config, rounds=rounds)
+    with_telemetry, without_telemetry = telemetry_ratio(path, rounds=rounds, repeats=repeats)
     return {
         "benchmark": "simulation_overhead",
         "workload": name,
@@ -133,6 +149,9 @@ def measure(name: str, *, rounds: int) -> dict[str, Any]:
         "ratio_to_bare_numpy": round(per_round / baseline, 3),
         "ratio_in_process_to_bare_numpy": round(serial / baseline, 3),
         "seconds_to_first_round_in_process": round(first_round, 3),
+        "seconds_per_round_in_process_with_telemetry": round(with_telemetry, 5),
+        "seconds_per_round_in_process_without_telemetry": round(without_telemetry, 5),
+        "telemetry_ratio": round(with_telemetry / without_telemetry, 4),
         "seconds_from_launch_to_first_round": round(seconds_to_first_round(path), 3),
     }
 
@@ -143,9 +162,10 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--workloads", nargs="+", default=["overhead-100", "overhead-1000"])
+    parser.add_argument("--repeats", type=int, default=2, help="telemetry on/off alternations")
     args = parser.parse_args()
     for name in args.workloads:
-        print(json.dumps(measure(name, rounds=args.rounds)), flush=True)
+        print(json.dumps(measure(name, rounds=args.rounds, repeats=args.repeats)), flush=True)
 
 
 if __name__ == "__main__":

@@ -832,6 +832,14 @@ class AlertsSection(_Section):
     timeout_s: Annotated[float, Field(gt=0), Limit(86_400, "a hook holds up its run")] = 30.0
 
 
+class TelemetrySection(_Section):
+    """[telemetry]: each round's fleet figures in its row (drop rate by stage and reason,
+    round-trip and training percentiles, the straggler index, cohort fairness by device class,
+    bytes per client) and in the summary; off, the engine books no per-client timing."""
+
+    enabled: bool = True
+
+
 class TrackingSection(_Section):
     """[tracking]: MLflow (extra `mlflow`); unset URI: a SQLite store in the run folder.
 
@@ -915,6 +923,7 @@ class Config(_Section):
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
     privacy: PrivacySection = PrivacySection()
     tracking: TrackingSection = TrackingSection()
+    telemetry: TelemetrySection = TelemetrySection()
     app: AppSection = AppSection()
     selection: SelectionSection = SelectionSection()
     versions: VersionsSection = VersionsSection()

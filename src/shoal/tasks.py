@@ -41,6 +41,23 @@ class RejectReason(enum.Enum):
     INVALID_UPDATE = "invalid_update"
 
 
+TRAIN_TIME_METRIC = "shoal_train_s"
+"""The reserved metric a client's result carries its own training (or evaluation) time in,
+seconds: the client runtime measures it, the simulator takes it from its latency model, and the
+round engine books it for the straggler figures and keeps it out of the round's metrics."""
+
+
+def split_train_time(metrics: Mapping[str, float]) -> tuple[Mapping[str, float], float | None]:
+    """A result's metrics without :data:`TRAIN_TIME_METRIC`, and that time (None: absent or not
+    a finite number of seconds >= 0)."""
+    if TRAIN_TIME_METRIC not in metrics:
+        return metrics, None
+    rest = {name: value for name, value in metrics.items() if name != TRAIN_TIME_METRIC}
+    seconds = metrics[TRAIN_TIME_METRIC]
+    valid = isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0
+    return rest, float(seconds) if valid else None
+
+
 def check_round(round_number: int) -> None:
     """Round numbers start at 0; anything else is a malformed message."""
     if round_number < 0:

@@ -401,3 +401,32 @@ def wait_until(
         if time.monotonic() > deadline or coordinator.poll() is not None:
             raise AssertionError(f"the phones were not all told why\n{read_log(tmp_path)}")
         time.sleep(0.2)
+
+
+def test_a_deployed_coordinators_rows_hold_the_fleet_telemetry_by_device_class(
+    tmp_path: Path,
+) -> None:
+    phones = [GOOD, GOOD, GOOD | {"device_class": "tablet"}, GOOD | {"device_class": "tablet"}]
+    config = phone_job(
+        tmp_path, len(phones), run={"rounds": 1}, evaluation={"every": 1, "clients": 4}
+    )
+    enroll_ahead(tmp_path, config, phones)
+    _, ledger, _ = asyncio.run(serve_phones(tmp_path, config, phones))
+    fit = ledger.fit_rows()[0]
+    evaluation = next(row for row in ledger.rows if row["phase"] == "evaluate")
+    for row in (fit, evaluation):
+        assert row["drop_rate"] == (row["selected"] - row["reported"]) / row["selected"]
+        assert 0 < row["rtt_p50_s"] <= row["rtt_p90_s"] <= row["rtt_p99_s"]
+        # the clients measured their own training: a part of each round trip
+        assert 0 < row["train_p50_s"] <= row["rtt_p99_s"]
+        assert 0 < row["straggler_index"] < 1
+        assert set(row["fairness"]) == {"phone", "tablet"}
+        assert row["fairness"]["tablet"]["population_share"] == 0.5
+        shares = [entry["participation_share"] for entry in row["fairness"].values()]
+        assert sum(shares) == pytest.approx(1.0)
+        assert row["bytes_down_per_client"] == row["bytes_down"] / row["selected"]
+        assert "shoal_train_s" not in row  # reserved: the clients' timing, not a metric
+    assert all(entry["accuracy"] is not None for entry in evaluation["fairness"].values())
+    assert evaluation["fairness_gap"] is not None
+    summary = json.loads((Path(config.coordinator.state_dir) / "summary.json").read_text())
+    assert summary["straggler_index"] is not None and summary["drop_rate"] is not None

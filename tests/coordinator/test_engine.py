@@ -29,8 +29,9 @@ from shoal.coordinator import (
 )
 from shoal.coordinator.events import Authentication
 from shoal.coordinator.policy import Submission, UpdatePolicy
-from shoal.core import ConfigError, IllegalTransition, Parameters
+from shoal.core import ConfigError, IllegalTransition, Parameters, ProtocolError
 from shoal.governance import Decision, PolicyBounds, PolicyEngine, UpdateFacts
+from shoal.tasks import TRAIN_TIME_METRIC
 
 CANDIDATES = tuple(f"c{index:02d}" for index in range(30))
 SIZE = 4
@@ -427,3 +428,62 @@ def test_restore_only_between_rounds() -> None:
     start(coordinator)
     with pytest.raises(IllegalTransition):
         coordinator.restore(replacement)
+
+
+# --- fleet telemetry: what the engine books of each client --------------------------------
+
+
+def test_the_round_books_each_clients_round_trip_training_time_and_drop_reason() -> None:
+    coordinator = make(target=5, quorum=0.4)
+    cohort = start(coordinator)  # 7 tasks leave at t=10, the deadline is at 110
+    first, second, third, *rest = cohort
+    train = {TRAIN_TIME_METRIC: 4.0, "loss": 1.0}
+    coordinator.handle(UpdateReceived(first, 1, 15.0, np.ones(SIZE, np.float32), 10, train))
+    coordinator.handle(ClientFailed(second, 1, 16.0, "the device dropped out", kind="dropped"))
+    bad = np.full(SIZE, np.nan, np.float32)
+    coordinator.handle(UpdateReceived(third, 1, 17.0, bad, 10))
+    coordinator.handle(UpdateReceived(rest[0], 1, 30.0, np.ones(SIZE, np.float32), 10))
+    summary = closed(coordinator.handle(DeadlineReached(1, 110.0))).summary
+    report = summary.fleet
+    assert report is not None
+    assert sorted(report.round_trips.tolist()) == [5.0, 20.0]
+    assert report.windows.tolist() == [100.0, 100.0]
+    assert report.training.tolist() == [4.0]  # the other client reported none
+    assert report.drops == {
+        "deadline": len(cohort) - 4,
+        "failed:dropped": 1,
+        "rejected:invalid_update": 1,
+    }
+    assert "shoal_train_s" not in summary.metrics  # reserved: never a metric of the round
+
+
+def test_an_evaluation_books_each_clients_accuracy() -> None:
+    coordinator = make()
+    cohort = start(coordinator, phase=Phase.EVALUATE)
+    answering = cohort[:4]  # the round's target: it closes on the fourth
+    for index, client in enumerate(answering):
+        event = EvaluationReceived(client, 1, 12.0, 0.5, 10 + index, {"accuracy": 0.25 * index})
+        actions = coordinator.handle(event)
+    report = closed(actions).summary.fleet
+    assert report is not None
+    assert report.evaluations == {
+        client: (10 + index, 0.25 * index) for index, client in enumerate(answering)
+    }
+    assert report.drops == {"surplus": len(cohort) - 4}  # asked, not waited for
+
+
+def test_without_telemetry_the_engine_books_nothing() -> None:
+    coordinator = Coordinator(
+        settings=RoundSettings(clients_per_round=2, deadline_s=100.0),
+        strategy=make_strategy("fedavg"),
+        parameters=Parameters.from_arrays([np.zeros(SIZE)]),
+        seed=1,
+        telemetry=False,
+    )
+    start(coordinator)
+    assert closed(coordinator.handle(DeadlineReached(1, 110.0))).summary.fleet is None
+
+
+def test_a_failure_kind_is_a_short_word() -> None:
+    with pytest.raises(ProtocolError, match="short word"):
+        ClientFailed("c00", 1, 0.0, "gone", kind="a reason with spaces")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shoal.dashboard import Dashboard, RunReader, Snapshot
-from shoal.dashboard.page import NOT_RECORDED, fragment
+from shoal.dashboard.page import NOT_RECORDED, formatted, fragment
 from shoal.registry import ClientRegistry, ClientStatus, ModelStatus
 from shoal.simulation.runner import MODEL_NAME, Simulation, open_run_models
 from shoal.telemetry.plots import FIGURE_KEYS
@@ -70,8 +70,9 @@ def test_the_fragment_escapes_the_run_and_marks_good_and_bad(private_run: Path) 
     assert '<meter id="epsilon-meter"' in fragment
     for key in FIGURE_KEYS:  # every figure of the report, drawn for it
         assert f'<figure id="figure-{key}"><svg' in fragment
+    assert re.search(r'id="fairness-gap">[0-9.]+%<', fragment)  # the fleet telemetry, shown
     # a figure the run did not record says so, as the report does
-    assert f'id="fairness-gap">{NOT_RECORDED}<' in fragment
+    assert formatted(None, ".2%") == NOT_RECORDED
 
 
 def test_a_run_not_started_yet_is_a_waiting_page(tmp_path: Path) -> None:

@@ -96,6 +96,7 @@ from shoal.secure.messages import (
 )
 from shoal.secure.serde import FitRequest, SecureReply
 from shoal.tasks import (
+    TRAIN_TIME_METRIC,
     Offer,
     Phase,
     RejectSubmission,
@@ -381,21 +382,23 @@ class ClientRuntime:
         if offer.phase is Phase.FIT:
             if not isinstance(offer.config, FitConfig):
                 raise ClientError("a training task came without a FitConfig")
+            started = time.perf_counter()
             fit = run_fit(self.client, model, offer.config)
+            metrics = {**fit.metrics, TRAIN_TIME_METRIC: time.perf_counter() - started}
             if protected is not None:  # a secure round: only the masked or encrypted input leaves
                 reply = protected.reply(secure_contribution(fit, offer.config))
                 return SubmitSecure(reply), fit.num_examples
             update = model.with_vector(fit.update)
-            return SubmitUpdate(offer, update, fit.num_examples, fit.metrics), fit.num_examples
+            return SubmitUpdate(offer, update, fit.num_examples, metrics), fit.num_examples
         config = (
             offer.config
             if isinstance(offer.config, EvaluateConfig)
             else EvaluateConfig(offer.round)
         )
+        started = time.perf_counter()
         evaluation = run_evaluate(self.client, model, config)
-        submission = SubmitEvaluation(
-            offer, evaluation.loss, evaluation.num_examples, evaluation.metrics
-        )
+        metrics = {**evaluation.metrics, TRAIN_TIME_METRIC: time.perf_counter() - started}
+        submission = SubmitEvaluation(offer, evaluation.loss, evaluation.num_examples, metrics)
         return submission, evaluation.num_examples
 
     async def _model_for(self, offer: TaskOffer) -> Parameters:

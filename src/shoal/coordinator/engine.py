@@ -52,7 +52,13 @@ from shoal.coordinator.policy import (
     sealed_submission,
 )
 from shoal.coordinator.round_summary import round_divergence, round_drift, summarize
-from shoal.coordinator.rounds import ClusterBooks, PendingUpdate, RoundBooks, RoundSettings
+from shoal.coordinator.rounds import (
+    ClusterBooks,
+    FleetBooks,
+    PendingUpdate,
+    RoundBooks,
+    RoundSettings,
+)
 from shoal.coordinator.secure import (
     SecureSettings,
     check_secure_strategy,
@@ -74,7 +80,7 @@ from shoal.governance.policy import Decision
 from shoal.privacy.coordinator import UNCLIPPED, DpCoordinator, check_private_strategy
 from shoal.secure.messages import StaleMessage
 from shoal.secure.server import Aborted, SumReady
-from shoal.tasks import Phase, RejectReason, RejectSubmission
+from shoal.tasks import Phase, RejectReason, RejectSubmission, split_train_time
 
 log = logging.getLogger("shoal.coordinator")
 
@@ -84,6 +90,13 @@ def failure_reason(reason: str) -> str:
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
     line = lines[-1] if lines else "no reason given"
     return line if len(line) <= 200 else line[:197] + "..."
+
+
+def _failed(current: RoundBooks, client_id: str, reason: str) -> None:
+    """A cohort member's result will not count, for ``reason`` (a ``drops_by_reason`` key)."""
+    current.failed.add(client_id)
+    if current.fleet is not None:
+        current.fleet.drops[reason] += 1
 
 
 class Coordinator:
@@ -104,6 +117,7 @@ class Coordinator:
         policy: UpdatePolicy | None = None,
         divergence: DivergenceRule | None = None,
         drift: DriftRule | None = None,
+        telemetry: bool = True,
     ) -> None:
         if secure is not None:
             check_secure_strategy(strategy)
@@ -115,6 +129,7 @@ class Coordinator:
         self.policy = policy  # None: every well-formed update counts (policy.enabled = false)
         self.divergence = divergence  # None: no per-client divergence (divergence.enabled = false)
         self.drift = drift  # None: no drift projection (drift.enabled = false)
+        self.telemetry = telemetry  # False: no per-client timings ([telemetry] enabled = false)
         self.strategy = strategy
         self.parameters = parameters
         self.seed = seed
@@ -135,6 +150,14 @@ class Coordinator:
     def handle(self, event: Event) -> list[Action]:
         """Apply one event; returns the actions for the shell, in order."""
         self._move(type(event))
+        actions = self._apply(event)
+        fleet = None if self._round is None else self._round.fleet
+        if fleet is not None and not isinstance(event, FinishRun):  # when each task left
+            asked = [a.client_id for a in actions if isinstance(a, SendFitTask | SendEvaluateTask)]
+            fleet.asked(asked, event.now)
+        return actions
+
+    def _apply(self, event: Event) -> list[Action]:
         match event:
             case StartRound():
                 return self._start(event)
@@ -200,6 +223,7 @@ class Coordinator:
             denominator=sample.denominator,
             initial=len(cohort),
             candidates=candidates,
+            fleet=FleetBooks() if self.telemetry else None,
         )
         if len(cohort) < settings.quorum_count(phase):
             self._move(Step.TOO_FEW_CANDIDATES)
@@ -326,13 +350,14 @@ class Coordinator:
         if current.secure is not None:
             detail = "this round aggregates securely: a plaintext update is refused"
             return [self._reject(event.client_id, event.round, RejectReason.INVALID_UPDATE, detail)]
+        metrics = self._timed(current, event.client_id, event.now, event.metrics)
         problem = update_problem(
             event.update, num_examples=event.num_examples, size=len(self.parameters)
         )
         if problem is None and self.strategy.clusters > 1:
             problem = cluster_problem(event.update, event.metrics, clusters=self.strategy.clusters)
         if problem is not None:
-            current.failed.add(event.client_id)
+            _failed(current, event.client_id, "rejected:invalid_update")
             current.failures[failure_reason(f"invalid update: {problem}")] += 1
             rejection = self._reject(
                 event.client_id, event.round, RejectReason.INVALID_UPDATE, problem
@@ -341,11 +366,21 @@ class Coordinator:
         if self.policy is not None:  # decided with the round's others when it aggregates
             norm = float(np.linalg.norm(event.update.astype(np.float64, copy=False)))
             current.pending[event.client_id] = PendingUpdate(
-                event.update, event.num_examples, event.metrics, norm, event.authentication
+                event.update, event.num_examples, metrics, norm, event.authentication
             )
             return self._maybe_close(event.now)
-        self._count(current, event.client_id, event.update, event.num_examples, event.metrics)
+        self._count(current, event.client_id, event.update, event.num_examples, metrics)
         return self._maybe_close(event.now)
+
+    def _timed(
+        self, current: RoundBooks, client_id: str, now: float, metrics: Mapping[str, float]
+    ) -> Mapping[str, float]:
+        """A result's metrics without its reserved training time, which the fleet books take
+        with the result's arrival."""
+        metrics, train_s = split_train_time(metrics)
+        if current.fleet is not None:
+            current.fleet.answered(client_id, now, train_s)
+        return metrics
 
     def _count(
         self,
@@ -394,7 +429,7 @@ class Coordinator:
 
     def _deny(self, current: RoundBooks, decision: Decision) -> None:
         """A denied update: its client failed the round, counted under each reason's code."""
-        current.failed.add(decision.client_id)
+        _failed(current, decision.client_id, "rejected:policy")
         codes = sorted({reason.code for reason in decision.reasons})
         current.policy_denied.update(codes)
         current.failures[failure_reason(f"policy denied: {', '.join(codes)}")] += 1
@@ -428,19 +463,23 @@ class Coordinator:
         if rejection is not None:
             return [rejection]
         current = self._require_round()
+        metrics = self._timed(current, event.client_id, event.now, event.metrics)
         problem = (
             "loss is not finite"
             if not math.isfinite(event.loss)
             else count_problem(event.num_examples, settings=self.settings)
         )
         if problem is not None:
-            current.failed.add(event.client_id)
+            _failed(current, event.client_id, "rejected:invalid_update")
             current.failures[failure_reason(f"invalid evaluation: {problem}")] += 1
             rejection = self._reject(
                 event.client_id, event.round, RejectReason.INVALID_UPDATE, problem
             )
             return [rejection, *self._maybe_close(event.now)]
-        metrics = {**event.metrics, "loss": event.loss}
+        accuracy = metrics.get("accuracy")
+        if current.fleet is not None and isinstance(accuracy, int | float):
+            current.fleet.evaluations[event.client_id] = (event.num_examples, float(accuracy))
+        metrics = {**metrics, "loss": event.loss}
         self._book(current, event.client_id, event.num_examples, metrics)
         return self._maybe_close(event.now)
 
@@ -475,7 +514,7 @@ class Coordinator:
         current = self._require_round()
         # the round's summary counts the reasons (the shells print them under the round's line)
         log.info("client %s failed in round %d: %s", event.client_id, event.round, event.reason)
-        current.failed.add(event.client_id)
+        _failed(current, event.client_id, f"failed:{event.kind}")
         current.failures[failure_reason(event.reason)] += 1
         if current.secure is not None:
             actions, outcome = current.secure.dropped(event.client_id, event.now, self._fit_task)
@@ -549,6 +588,8 @@ class Coordinator:
         except (ProtocolError, SecurityError) as exc:
             reason = RejectReason.INVALID_UPDATE
             return [self._reject(event.client_id, event.round, reason, str(exc))]
+        if current.fleet is not None:  # the first message after its task is its result
+            current.fleet.answered(event.client_id, event.now)
         return [*actions, *self._secure_outcome(current, outcome, event.now)]
 
     def _decrypted(self, event: AggregateDecrypted) -> list[Action]:
@@ -673,4 +714,5 @@ class Coordinator:
             committed=committed,
             abort_reason=abort_reason,
             aggregate=self.metrics_aggregation.get(current.phase),
+            deadline_s=self.settings.deadline_s,
         )

@@ -120,16 +120,24 @@ class EvaluationReceived:
 
 @dataclass(frozen=True, slots=True)
 class ClientFailed:
-    """A selected client reported a failure (it raised, or gave up)."""
+    """A selected client reported a failure (it raised, or gave up).
+
+    ``kind`` names the failure for the round's ``drops_by_reason``
+    (``failed:<kind>``): ``error`` (the client said why) or ``dropped`` (the
+    simulated device dropped out); a short lowercase word.
+    """
 
     client_id: str
     round: int
     now: float
     reason: str
+    kind: str = "error"
 
     def __post_init__(self) -> None:
         check_round(self.round)
         _check_time(self.now)
+        if not (0 < len(self.kind) <= 32 and self.kind.replace("_", "").isalpha()):
+            raise ProtocolError(f"a failure's kind must be a short word, got {self.kind!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +285,25 @@ class FallbackReport:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetReport:
+    """What the engine saw of each client's timing in a round (see :mod:`shoal.telemetry.fleet`).
+
+    ``round_trips`` and ``windows`` pair up per client that answered (task
+    sent to result received; task sent to the round's deadline), in
+    seconds of the shell's clock; ``training``: the training (or
+    evaluation) times the clients reported; ``evaluations``: each counted
+    evaluation's examples and accuracy; ``drops``: the asked clients that
+    did not count, by reason.
+    """
+
+    round_trips: npt.NDArray[np.float64]
+    windows: npt.NDArray[np.float64]
+    training: npt.NDArray[np.float64]
+    evaluations: Mapping[str, tuple[int, float]] = field(default_factory=dict)
+    drops: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class RoundSummary:
     """What happened in one round, for metrics and for the version's record."""
 
@@ -306,6 +333,7 @@ class RoundSummary:
     drift: DriftReport | None = None  # the counted updates projected and clustered
     cohort: tuple[str, ...] = ()  # every client the round asked (replacements included)
     clusters: Mapping[int, ClusterReport] = field(default_factory=dict)  # clustered FL
+    fleet: FleetReport | None = None  # the clients' timings ([telemetry] enabled)
 
 
 @dataclass(frozen=True, slots=True)

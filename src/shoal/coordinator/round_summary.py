@@ -8,6 +8,7 @@ round, so that its state machine holds the transitions and these hold the arithm
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import numpy.typing as npt
@@ -15,7 +16,7 @@ import numpy.typing as npt
 from shoal.aggregation.divergence import DivergenceReport, DivergenceRule, measure_divergence
 from shoal.aggregation.drift import DriftReport, DriftRule, measure_drift
 from shoal.coordinator.app import ClientMetrics, MetricsAggregation
-from shoal.coordinator.events import ClusterReport, RoundSummary
+from shoal.coordinator.events import ClusterReport, FleetReport, RoundSummary
 from shoal.coordinator.homomorphic import CkksRound
 from shoal.coordinator.rounds import RoundBooks
 from shoal.core.parameters import Vector
@@ -33,9 +34,11 @@ def summarize(
     committed: bool,
     abort_reason: str | None = None,
     aggregate: MetricsAggregation | None = None,
+    deadline_s: float = math.inf,
 ) -> RoundSummary:
     """The summary of a round closed at ``now``; ``aggregate``: the app's aggregation of
-    the clients' metrics for the round's phase (None: the example-weighted means only)."""
+    the clients' metrics for the round's phase (None: the example-weighted means only);
+    ``deadline_s``: a round's deadline (a secure round's, per stage)."""
     weight = current.num_examples
     metrics = (
         {name: total / weight for name, total in current.metric_sums.items()} if weight else {}
@@ -70,6 +73,29 @@ def summarize(
             for cluster, books in sorted(current.clusters.items())
         },
         cohort=tuple(sorted(current.cohort)),
+        fleet=fleet_report(current, now=now, committed=committed, deadline_s=deadline_s),
+    )
+
+
+def fleet_report(
+    current: RoundBooks, *, now: float, committed: bool, deadline_s: float
+) -> FleetReport | None:
+    """The round's timings and drops (None: ``[telemetry]`` is off). An asked client that
+    neither counted nor failed dropped at the ``deadline`` (a secure round's stages time out),
+    as ``surplus`` of a round that committed before it, or when its round ``aborted``."""
+    if current.fleet is None:
+        return None
+    deadline_at = current.deadline_at
+    if current.secure is not None or (deadline_at is not None and now >= deadline_at):
+        remainder = "deadline"
+    else:
+        remainder = "surplus" if committed else "aborted"
+    return current.fleet.report(
+        reported=current.reported,
+        unaccounted=len(current.cohort) - len(current.reported) - sum(current.fleet.drops.values()),
+        remainder=remainder,
+        deadline_at=deadline_at,
+        deadline_s=deadline_s,
     )
 
 

@@ -8,9 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from shoal.aggregation.divergence import DivergenceReport
 from shoal.aggregation.drift import DriftReport
-from shoal.coordinator.events import Authentication, SecureRoundReport
+from shoal.coordinator.events import Authentication, FleetReport, SecureRoundReport
 from shoal.coordinator.fallback import DropFallback, FallbackBooks
 from shoal.coordinator.homomorphic import CkksRound
 from shoal.coordinator.secure import SecureRound
@@ -90,6 +92,55 @@ class ClusterBooks:
 
 
 @dataclass(slots=True)
+class FleetBooks:
+    """When each client of the round was asked and answered, the training time it reported,
+    its evaluation's accuracy, and why those that did not count dropped (``[telemetry]``)."""
+
+    sent_at: dict[str, float] = field(default_factory=dict)
+    answered_at: dict[str, float] = field(default_factory=dict)
+    train_s: list[float] = field(default_factory=list)
+    evaluations: dict[str, tuple[int, float]] = field(default_factory=dict)
+    drops: Counter[str] = field(default_factory=Counter)  # by reason, as they happen
+
+    def asked(self, clients: list[str], now: float) -> None:
+        for client in clients:
+            self.sent_at[client] = now
+
+    def answered(self, client: str, now: float, train_s: float | None = None) -> None:
+        """The client's result came in at ``now`` (its first, once its task was sent)."""
+        if client in self.sent_at and client not in self.answered_at:
+            self.answered_at[client] = now
+            if train_s is not None:
+                self.train_s.append(train_s)
+
+    def report(
+        self,
+        *,
+        reported: set[str],
+        unaccounted: int,
+        remainder: str,
+        deadline_at: float | None,
+        deadline_s: float,
+    ) -> FleetReport:
+        """The round's timings; ``unaccounted`` asked clients dropped with no event, for
+        ``remainder``'s reason; ``deadline_at``: the round's (last) deadline (None: each task
+        had ``deadline_s``, a secure round's stage deadline)."""
+        answered = [client for client in self.answered_at if client in reported]
+        sent = np.fromiter((self.sent_at[c] for c in answered), np.float64, len(answered))
+        back = np.fromiter((self.answered_at[c] for c in answered), np.float64, len(answered))
+        drops = Counter(self.drops)
+        if unaccounted > 0:
+            drops[remainder] += unaccounted
+        return FleetReport(
+            round_trips=back - sent,
+            windows=np.full_like(sent, deadline_s) if deadline_at is None else deadline_at - sent,
+            training=np.asarray(self.train_s, dtype=np.float64),
+            evaluations={c: e for c, e in self.evaluations.items() if c in reported},
+            drops=dict(sorted(drops.items())),
+        )
+
+
+@dataclass(slots=True)
 class RoundBooks:
     """The books of the round in progress."""
 
@@ -126,6 +177,7 @@ class RoundBooks:
     divergence: DivergenceReport | None = None
     drift: DriftReport | None = None
     clusters: dict[int, ClusterBooks] = field(default_factory=dict)  # clustered FL, by cluster
+    fleet: FleetBooks | None = None  # the clients' timings, with [telemetry] enabled
 
     @property
     def accounted(self) -> int:

@@ -29,8 +29,10 @@ layer owns everything above it, so that each rule is written once:
 - the policy on every update (:mod:`shoal.coordinator.policy`): the engine
   asks it, with the facts of the run's registry, and its decisions are
   logged and counted in the row;
-- the metrics row of a closed round and the central evaluation
-  (:mod:`shoal.coordinator.run_metrics`), and the version committed with
+- the metrics row of a closed round with its fleet telemetry (drops,
+  stragglers, cohort fairness by the device classes the shell names with
+  :meth:`Run.classify`, bandwidth; :mod:`shoal.coordinator.telemetry`) and the
+  central evaluation (:mod:`shoal.coordinator.run_metrics`), and the version committed with
   that row before anyone is offered the new model; the drift projection
   of each fit round (``drift.jsonl``, cut back to HEAD on a resume);
 - the round's records (:mod:`shoal.coordinator.round_records`): its
@@ -87,6 +89,7 @@ from shoal.coordinator.run_metrics import (
 from shoal.coordinator.schedule import Play, evaluation_due, schedule
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
 from shoal.coordinator.selection import PrivateSampler, cohort_size
+from shoal.coordinator.telemetry import DeviceClasses, UnknownClasses
 from shoal.core.clusters import perturbed_stack, split_models
 from shoal.core.errors import ConfigError, ModelError, RunError, ShoalError
 from shoal.core.parameters import Parameters
@@ -192,6 +195,7 @@ class Run:
         self._screened: Row | None = None  # the screened play's counts, until its row
         self._coordinator: Coordinator | None = None
         self._bars: list[Callable[[], Iterable[str]]] = []  # the shell's own sources of bars
+        self.device_classes: DeviceClasses = UnknownClasses()  # the shell's, for fairness
         self.records = RoundRecords(
             store, run_id=self.run_id, metadata=config.metadata, alerts=self.alerts
         )
@@ -331,6 +335,7 @@ class Run:
             policy=policy,
             divergence=divergence_rule(self.config),
             drift=drift_rule(self.config),
+            telemetry=self.config.telemetry.enabled,
             metrics_aggregation={
                 phase: aggregate
                 for phase, aggregate in (
@@ -461,6 +466,11 @@ class Run:
         those a deployed coordinator refused attestation: only a shell can know them)."""
         self._bars.append(source)
 
+    def classify(self, classes: DeviceClasses) -> None:
+        """Name the population's device classes (only a shell knows them: the simulator's
+        fleet, the registry's device facts), for the rows' cohort fairness."""
+        self.device_classes = classes
+
     def barred(self) -> set[str]:
         """Clients never to select: suspended or retired, past their own privacy budget, or
         named by a source the shell added (:meth:`bar`)."""
@@ -549,6 +559,7 @@ class Run:
             screened=self._screened,
             policy=self.parts.policy is not None,
             privacy=self.privacy,
+            classes=self.device_classes,
         )
         self._screened = None  # the play's counts went into its row
         projection = drift_projection(summary, names=self.names)

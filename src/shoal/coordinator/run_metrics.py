@@ -24,12 +24,14 @@ from shoal.coordinator.app import ServerApp
 from shoal.coordinator.events import RoundSummary
 from shoal.coordinator.playbook import rolled_back, tally
 from shoal.coordinator.records import RunStore
+from shoal.coordinator.telemetry import DeviceClasses, fleet_fields
 from shoal.core.clusters import split_models
 from shoal.core.parameters import Parameters
 from shoal.governance.pseudonyms import Names, PlainNames, pseudonymize
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import ModelRecord
 from shoal.tasks import Phase
+from shoal.telemetry.fleet import summary_fields as fleet_summary
 
 log = logging.getLogger("shoal.run")
 
@@ -54,12 +56,14 @@ def round_row(
     screened: Row | None,
     policy: bool,
     privacy: RunPrivacy | None,
+    classes: DeviceClasses,
 ) -> Row:
     """The metrics row of a closed round, as stored telemetry keeps it.
 
     ``extra`` holds what only the shell knows; it overrides the defaults.
     ``screened``: the counts of the play's last screening; ``policy``: the
-    run has a ``[policy]``, whose decisions a fit row counts.
+    run has a ``[policy]``, whose decisions a fit row counts; ``classes``: the population's
+    device classes, for the fleet fields (:mod:`shoal.coordinator.telemetry`).
     """
     fit = summary.phase is Phase.FIT
     row: Row = {
@@ -91,6 +95,7 @@ def round_row(
     row.update(extra)
     for name, value in summary.metrics.items():  # the clients' own metrics, by name
         row.setdefault(name, value)
+    row.update(fleet_fields(summary, row, classes=classes))
     if fit and summary.divergence is not None:
         row.update(summary.divergence.row_fields())
     if fit and summary.drift is not None:
@@ -229,6 +234,7 @@ def run_summary(
         **({"playbook": tally(rows)} if config.playbook.enabled else {}),
         "stop_reason": stop_reason,
         **({} if privacy is None else privacy.summary_fields()),
+        **(fleet_summary(rows) if config.telemetry.enabled else {}),
         **(extra or {}),
         "seed": config.run.seed,
     }

@@ -81,6 +81,7 @@ from shoal.coordinator.setup import (
     secure_settings_from_config,
     strategy_for,
 )
+from shoal.coordinator.telemetry import RegistryClasses
 from shoal.core.errors import ConfigError
 from shoal.core.folders import writable_folder
 from shoal.privacy.run import RunPrivacy
@@ -220,6 +221,7 @@ def build(
             where=str(state_dir),
             run_id=section.run_id,
         )
+        run.classify(RegistryClasses(clients))  # the device classes the clients reported
         if attestation is not None:  # a client refused attestation is selected for no round
             run.bar(attestation.refused)
         coordinator = run.open(lambda: apps.client(_first_context(config)))

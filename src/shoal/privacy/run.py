@@ -231,7 +231,12 @@ class RunPrivacy:
         """
         clip_norm = summary.metrics.get("dp_clip_norm", self.coordinator.clip.clip_norm)
         if self.plan is None:  # no round could start yet: nothing planned, nothing spent
-            return {"noise_multiplier": None, "clip_norm": clip_norm, "epsilon": None}
+            return {
+                "noise_multiplier": None,
+                "clip_norm": clip_norm,
+                "epsilon": None,
+                "delta": None,
+            }
         step = self.keeper.step_of(summary.round)
         fields: dict[str, Any] = {
             "noise_multiplier": self.plan.noise_multiplier,

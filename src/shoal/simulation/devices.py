@@ -32,6 +32,7 @@ from shoal.simulation.device_states import (
     hashed_uniform,
     simulated_state,
 )
+from shoal.telemetry.fleet import population_shares
 
 _MIN_PARTIAL_SHARE = 0.05
 _CLIENT_SPEED_SPREAD = 0.25
@@ -48,6 +49,7 @@ class Attempt:
     dropped: bool
     straggler: bool
     busy_s: float = 0.0  # the virtual seconds the device computed (what drains its battery)
+    train_s: float = 0.0  # the virtual seconds its training (or evaluation) takes, all of it
 
 
 class DeviceFleet:
@@ -87,6 +89,16 @@ class DeviceFleet:
 
     def device_class(self, client_id: str) -> DeviceClass:
         return self.settings.classes[int(self._codes[self.position(client_id)])]
+
+    def classes_of(self, clients: Sequence[str]) -> list[str]:
+        """The device class name of each of ``clients`` (the run layer's fairness asks)."""
+        return [self.device_class(client).name for client in clients]
+
+    def population(self) -> dict[str, float]:
+        """Each device class's share of the fleet (as drawn, not as configured)."""
+        counts = np.bincount(self._codes, minlength=len(self.settings.classes))
+        names = [device.name for device in self.settings.classes]
+        return population_shares(names, counts.tolist())
 
     def available(self, round_number: int) -> list[str]:
         """The clients online at the start of ``round_number``, drawn for the whole fleet."""
@@ -163,11 +175,11 @@ class DeviceFleet:
             share = (window - transfer) * 0.99 / compute
             partial_arrival = start + transfer + share * compute
         else:
-            return Attempt(client_id, arrival, epochs, dropped=False, straggler=False, busy_s=busy)
+            return Attempt(client_id, arrival, epochs, False, False, busy_s=busy, train_s=compute)
         if self.settings.straggler_policy == "drop" or share < _MIN_PARTIAL_SHARE:
-            return Attempt(client_id, arrival, epochs, dropped=False, straggler=True, busy_s=busy)
+            return Attempt(client_id, arrival, epochs, False, True, busy_s=busy, train_s=compute)
         return Attempt(
-            client_id, partial_arrival, epochs * share, dropped=False, straggler=True, busy_s=busy
+            client_id, partial_arrival, epochs * share, False, True, busy, share * compute
         )
 
     def _drains(self, client_id: str) -> bool:
@@ -188,8 +200,9 @@ class DeviceFleet:
             return Attempt(client_id, None, 0.0, dropped=True, straggler=False)
         speed = self._speed(client_id, device, rng)
         download = device.latency_s + model_bytes * 8 / (device.download_mbps * 1e6)
-        arrival = start + download + device.latency_s + _EVALUATION_COST * num_examples / speed
-        return Attempt(client_id, arrival, 0.0, dropped=False, straggler=False)
+        evaluation = _EVALUATION_COST * num_examples / speed
+        arrival = start + download + device.latency_s + evaluation
+        return Attempt(client_id, arrival, 0.0, dropped=False, straggler=False, train_s=evaluation)
 
     def _behaviour(
         self, client_id: str, round_number: int

@@ -37,7 +37,7 @@ from shoal.core.errors import RunError
 from shoal.simulation.devices import Attempt
 from shoal.simulation.dropouts import DROPPED_REASON
 from shoal.simulation.executor import Executor, Outcome
-from shoal.tasks import Phase
+from shoal.tasks import TRAIN_TIME_METRIC, Phase
 
 if TYPE_CHECKING:
     from shoal.simulation.runner import Simulation
@@ -99,14 +99,19 @@ class PlainRoundPlayer:
                 actions = coordinator.handle(DeadlineReached(self.round, delivery.at))
             elif delivery.dropped:
                 self.reported_drops += 1
-                event = ClientFailed(delivery.client_id, self.round, delivery.at, DROPPED_REASON)
+                event = ClientFailed(
+                    delivery.client_id, self.round, delivery.at, DROPPED_REASON, kind="dropped"
+                )
                 actions = coordinator.handle(event)
             else:
                 if delivery.client_id not in self.outcomes:
                     self._compute(delivery)
                 self.uploads += 1
                 outcome = self.outcomes[delivery.client_id]
-                actions = coordinator.handle(_result_event(outcome, self.round, delivery.at))
+                attempt = self.attempts[delivery.client_id]
+                actions = coordinator.handle(
+                    _result_event(outcome, self.round, delivery.at, train_s=attempt.train_s)
+                )
             commit = next((a for a in actions if isinstance(a, CommitVersion)), commit)
             closed = next((a.summary for a in actions if isinstance(a, RoundClosed)), None)
             if closed is not None:
@@ -173,9 +178,12 @@ class PlainRoundPlayer:
         return self.lifecycle.close_round(closed, commit, fields)
 
 
-def _result_event(outcome: Outcome, round_number: int, at: float) -> Event:
+def _result_event(outcome: Outcome, round_number: int, at: float, *, train_s: float) -> Event:
+    """The outcome as the coordinator receives it, with the training (or evaluation) time the
+    latency model gave it, as a deployed client reports its own (``TRAIN_TIME_METRIC``)."""
     if outcome.error is not None:
         return ClientFailed(outcome.client_id, round_number, at, outcome.error)
+    metrics = {**outcome.metrics, TRAIN_TIME_METRIC: train_s}
     if outcome.update is not None:
         return UpdateReceived(
             outcome.client_id,
@@ -183,9 +191,9 @@ def _result_event(outcome: Outcome, round_number: int, at: float) -> Event:
             at,
             outcome.update,
             outcome.num_examples,
-            outcome.metrics,
+            metrics,
             Authentication.IN_PROCESS,  # the simulator delivers it itself: no wire
         )
     return EvaluationReceived(
-        outcome.client_id, round_number, at, outcome.loss, outcome.num_examples, outcome.metrics
+        outcome.client_id, round_number, at, outcome.loss, outcome.num_examples, metrics
     )

@@ -174,6 +174,7 @@ class Simulation:
             where=str(self.out),
         )
         self.lifecycle = lifecycle  # a secure round reports its key holder's answers to it
+        lifecycle.classify(self.fleet)  # the device classes of the fleet, for cohort fairness
         finished = False
         try:
             self._coordinator = lifecycle.open(self.population.first_client)

@@ -271,7 +271,7 @@ class SecureRoundPlayer:
     def _drop(self, client_id: str) -> Callable[[float], Event]:
         def make(at: float) -> Event:
             self.traffic.reported_drops += 1
-            return ClientFailed(client_id, self.round, at, DROPPED_REASON)
+            return ClientFailed(client_id, self.round, at, DROPPED_REASON, kind="dropped")
 
         return make
 
