@@ -783,6 +783,12 @@ class TrackingSection(_Section):
     experiment: str | None = None
 
 
+class ReportSection(_Section):
+    """[report]: the run's HTML report (``report.html`` in the run folder), written at its end."""
+
+    enabled: bool = True
+
+
 class CanariesSection(_Section):
     """[canaries]: random records planted in some clients' data, and their exposure at the end.
 
@@ -854,6 +860,7 @@ class Config(_Section):
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
     privacy: PrivacySection = PrivacySection()
     tracking: TrackingSection = TrackingSection()
+    report: ReportSection = ReportSection()
     app: AppSection = AppSection()
     selection: SelectionSection = SelectionSection()
     versions: VersionsSection = VersionsSection()

@@ -1,4 +1,4 @@
-"""FL telemetry: the metrics log, MLflow tracking, alerts, counted refusals; later, drift.
+"""FL telemetry: the metrics log, MLflow tracking, alerts, counted refusals, the run report.
 
 Importing this package does not import MLflow: an :class:`MlflowTracker`
 does, when it is created (the ``shoal[mlflow]`` extra).
@@ -18,6 +18,7 @@ from shoal.telemetry.alerts import (
 )
 from shoal.telemetry.metrics import MetricsLog
 from shoal.telemetry.refusals import REFUSED_REQUESTS, RefusalLog, peer_host
+from shoal.telemetry.report import Figure, RunData, figures, load_run, load_runs, write_report
 from shoal.telemetry.tracking import MlflowTracker
 
 __all__ = [
@@ -27,13 +28,19 @@ __all__ = [
     "BudgetExhausted",
     "CohortDropped",
     "CommandHook",
+    "Figure",
     "LoggingHook",
     "MetricsLog",
     "MlflowTracker",
     "ModelRolledBack",
     "PythonHook",
     "RefusalLog",
+    "RunData",
     "alert_hooks",
+    "figures",
     "fire",
+    "load_run",
+    "load_runs",
     "peer_host",
+    "write_report",
 ]

@@ -409,7 +409,7 @@ def _drift_block(run: RunData, *, many: bool) -> str:
     """One run's panels (or its "not recorded" line)."""
     name = f"{run.name}: " if many else ""
     if not run.drift:
-        return svg.placeholder(f"{name}drift", NOT_RECORDED)
+        return svg.placeholder(f"{name}drift", _not_recorded(run, many=many))
     last = run.drift[-1]
     panels = [_drift_panel(last, title=f"round {_round(last)} (last)", width=640, height=380)]
     earlier = [

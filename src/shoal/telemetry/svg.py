@@ -101,13 +101,10 @@ def nice_ticks(low: float, high: float, *, count: int = 5) -> list[float]:
     power = 10 ** math.floor(math.log10(raw))
     step = next(power * m for m in (1, 2, 5, 10) if power * m >= raw)
     first = math.floor(low / step) * step
-    ticks = []
-    value = first
-    while value <= high + step * 1e-9:
-        ticks.append(round(value, 12))
-        value += step
-    if ticks[0] > low:
-        ticks.insert(0, round(first - step, 12))
+    steps = math.ceil((high - first) / step - 1e-9)  # the last tick covers high
+    digits = 2 - math.floor(math.log10(step))  # drops the float noise of first + i * step
+    ticks = [round(first + index * step, digits) for index in range(max(steps, 1) + 1)]
+    ticks[0], ticks[-1] = min(ticks[0], low), max(ticks[-1], high)  # below the floats' grain
     return ticks
 
 
