@@ -143,6 +143,14 @@ def test_drift_is_drawn_with_its_clusters_and_a_run_without_it_is_named(
     rounds_drawn = {tip.rsplit(" ", 1)[1] for tip in tips}
     assert "9" in rounds_drawn and 1 < len(rounds_drawn) <= 7  # the last and a few earlier
     assert f"small: {NOT_RECORDED}" in figure.svg
+    assert "PC1 (80%)" in figure.svg
+
+
+def test_a_tsne_projection_names_its_axes(run_folder: Path, tmp_path: Path) -> None:
+    record = {**drift_record(1), "method": "tsne", "explained_variance": None}
+    folder = copy_run(run_folder, tmp_path / "tsne", drift=[record])
+    svg = by_key(figures([load_run(folder)]))["drift"].svg
+    assert "tsne 1" in svg and "tsne 2" in svg and "PC1" not in svg
 
 
 def test_fairness_by_device_class_is_drawn_and_escaped(run_folder: Path, tmp_path: Path) -> None:

@@ -370,7 +370,9 @@ def _drift_panel(record: Row, *, title: str, width: int, height: int) -> str:
         )
     variance = [number(v) for v in record.get("explained_variance") or []]
     axis = [f"PC{i + 1}" + (f" ({v:.0%})" if v is not None else "") for i, v in enumerate(variance)]
-    axis += ["PC1", "PC2"][len(axis) :]
+    method = str(record.get("method") or "pca")
+    named = ["PC1", "PC2"] if method == "pca" else [f"{method} 1", f"{method} 2"]
+    axis += named[len(axis) :]
     return svg.scatter_chart(
         title=title,
         points=dots,
