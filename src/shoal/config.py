@@ -852,6 +852,12 @@ class TrackingSection(_Section):
     log_model: bool = True
 
 
+class ReportSection(_Section):
+    """[report]: the run's HTML report (``report.html`` in the run folder), written at its end."""
+
+    enabled: bool = True
+
+
 class CanariesSection(_Section):
     """[canaries]: random records planted in some clients' data, and their exposure at the end.
 
@@ -924,6 +930,7 @@ class Config(_Section):
     privacy: PrivacySection = PrivacySection()
     tracking: TrackingSection = TrackingSection()
     telemetry: TelemetrySection = TelemetrySection()
+    report: ReportSection = ReportSection()
     app: AppSection = AppSection()
     selection: SelectionSection = SelectionSection()
     versions: VersionsSection = VersionsSection()

@@ -208,4 +208,6 @@ def test_a_coordinator_records_its_run_as_a_simulation_does(tmp_path: Path) -> N
     assert run.info.status == "FINISHED" and run.info.run_name == "served"
     assert [p.step for p in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
     assert [p.step for p in client.get_metric_history(run.info.run_id, "evaluate_loss")] == [2]
-    assert artifact_paths(client, run.info.run_id) == {"summary.json"}  # log_model = false
+    # the coordinator's report goes with its summary; no model (log_model = false)
+    assert artifact_paths(client, run.info.run_id) == {"summary.json", "report.html"}
+    assert (state / "report.html").exists()

@@ -34,6 +34,7 @@ class MemoryStore:
         self.row_list: list[dict[str, Any]] = []
         self.drift_list: list[dict[str, Any]] = []
         self.summary: dict[str, Any] | None = None
+        self.reports = 0
         self.config: dict[str, Any] | None = None
         self._barred = barred or set()
 
@@ -117,6 +118,9 @@ class MemoryStore:
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         self.summary = dict(summary)
 
+    def write_report(self) -> None:
+        self.reports += 1
+
 
 @pytest.fixture
 def models(tmp_path: Any) -> ModelRegistry:
@@ -147,10 +151,22 @@ def test_the_server_app_initial_model_comes_first(models: ModelRegistry) -> None
     np.testing.assert_array_equal(engine.parameters.vector, 7.0)
 
 
-def make_run(store: MemoryStore, *, app: ServerApp | None = None, **options: Any) -> Run:
+def make_run(
+    store: MemoryStore,
+    *,
+    app: ServerApp | None = None,
+    settings: tuple[str, ...] = (),
+    **options: Any,
+) -> Run:
     config = load_config(
         None,
-        ["run.rounds=4", "evaluation.every=2", "data.num_clients=4", "round.clients_per_round=2"],
+        [
+            "run.rounds=4",
+            "evaluation.every=2",
+            "data.num_clients=4",
+            "round.clients_per_round=2",
+            *settings,
+        ],
     )
     return Run(
         config,
@@ -301,6 +317,16 @@ def test_the_summary_holds_the_run_output_contract(models: ModelRegistry) -> Non
         assert key in summary
     assert summary["rounds_completed"] == 1 and summary["clients"] == 2
     assert store.summary == summary
+    assert store.reports == 1  # the report, written once at the end
+
+
+def test_the_report_is_not_written_when_switched_off(models: ModelRegistry) -> None:
+    store = MemoryStore(models)
+    run = make_run(store, settings=("report.enabled=false",))
+    run.open(initial)
+    play_fit(run, 1)
+    run.finish()
+    assert store.summary is not None and store.reports == 0
 
 
 def test_the_policy_of_each_round_and_the_excluded_it_counts(models: ModelRegistry) -> None:

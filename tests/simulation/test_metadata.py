@@ -131,7 +131,8 @@ def test_divergence_off_keeps_participants_without_measures(tmp_path: Path) -> N
 
 def stored_text(folder: Path) -> str:
     """Everything a metrics reader can read, as one text."""
-    files = [(folder / name).read_text() for name in ("metrics.jsonl", "summary.json")]
+    names = ("metrics.jsonl", "summary.json", "report.html")
+    files = [(folder / name).read_text() for name in names]
     tables = [
         json.dumps(table(folder, name), default=str)
         for name in ("policy_decisions", "round_participants", "model_versions")

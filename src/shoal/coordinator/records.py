@@ -1,8 +1,9 @@
 """A run's records on disk: the run folder and registries that both shells keep alike.
 
 The run folder holds ``config.json``, ``metrics.jsonl`` and ``summary.json``
-(the run-output contract of DESIGN.md) and ``drift.jsonl`` (each fit round's
-projection of its updates), beside the model registry (each
+(the run-output contract of DESIGN.md), ``drift.jsonl`` (each fit round's
+projection of its updates) and, at the run's end, ``report.html``
+(``[report] enabled``), beside the model registry (each
 committed round a version, with its row and optimizer state, signed by the
 coordinator's key: :func:`run_signer`) and the client registry. With
 ``[tracking] mlflow = true`` every row also goes to one MLflow run, whose id
@@ -16,6 +17,7 @@ summary, the report and the final model (:meth:`RunRecords.end_tracking`).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -51,11 +53,12 @@ from shoal.registry.database import lock_name
 from shoal.registry.models import model_lock
 from shoal.telemetry.metric_names import flatten_metrics
 from shoal.telemetry.metrics import METRICS_FILE, SUMMARY_FILE, MetricsLog, clean_row
+from shoal.telemetry.report import DRIFT_FILE, REPORT_FILE, load_run, write_report
 from shoal.telemetry.tracking import MlflowTracker
 
+logger = logging.getLogger(__name__)
+
 CONFIG_FILE = "config.json"
-REPORT_FILE = "report.html"  # written at the end by the run layer, when it makes one
-DRIFT_FILE = "drift.jsonl"
 MLFLOW_RUN_FILE = "mlflow-run-id"
 
 Row = dict[str, Any]
@@ -140,6 +143,8 @@ class RunStore(Protocol):
     def write_config(self, config: Mapping[str, Any]) -> None: ...
 
     def write_summary(self, summary: Mapping[str, Any]) -> None: ...
+
+    def write_report(self) -> None: ...
 
 
 class RunRecords:
@@ -297,6 +302,14 @@ class RunRecords:
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         text = json.dumps(clean_row(dict(summary)), indent=2, sort_keys=True)
         (self.folder / SUMMARY_FILE).write_text(text + "\n")
+
+    def write_report(self) -> None:
+        """Write the run folder's ``report.html``; a folder that refuses it costs a warning,
+        not the run (its rows and summary are written already)."""
+        try:
+            write_report([load_run(self.folder)], self.folder / REPORT_FILE)
+        except OSError as exc:
+            logger.warning("the run's report was not written: %s", exc)
 
     # --- MLflow --------------------------------------------------------------------------
 

@@ -627,8 +627,9 @@ class Run:
     # --- the end ---------------------------------------------------------------------------
 
     def finish(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The run's summary (the run-output contract), written to the store."""
-        return run_summary(
+        """The run's summary (the run-output contract), written to the store, and then the
+        run's report (``[report] enabled``)."""
+        summary = run_summary(
             self.store,
             config=self.config,
             architecture=self.architecture,
@@ -637,3 +638,6 @@ class Run:
             stop_reason=self.stop_reason,
             extra=extra,
         )
+        if self.config.report.enabled:
+            self.store.write_report()
+        return summary

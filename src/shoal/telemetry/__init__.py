@@ -1,4 +1,4 @@
-"""FL telemetry: the metrics log, MLflow tracking, Prometheus, alerts, counted refusals.
+"""FL telemetry: the metrics log, MLflow, Prometheus, alerts, counted refusals, the run report.
 
 Importing this package does not import MLflow: an :class:`MlflowTracker`
 does, when it is created (the ``shoal[mlflow]`` extra).
@@ -19,6 +19,7 @@ from shoal.telemetry.alerts import (
 from shoal.telemetry.metrics import MetricsLog
 from shoal.telemetry.prometheus import CoordinatorMetrics, MetricsServer, serve_metrics
 from shoal.telemetry.refusals import RefusalLog, peer_host
+from shoal.telemetry.report import Figure, RunData, figures, load_run, load_runs, write_report
 from shoal.telemetry.tracking import MlflowTracker
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "CohortDropped",
     "CommandHook",
     "CoordinatorMetrics",
+    "Figure",
     "LoggingHook",
     "MetricsLog",
     "MetricsServer",
@@ -35,8 +37,13 @@ __all__ = [
     "ModelRolledBack",
     "PythonHook",
     "RefusalLog",
+    "RunData",
     "alert_hooks",
+    "figures",
     "fire",
+    "load_run",
+    "load_runs",
     "peer_host",
     "serve_metrics",
+    "write_report",
 ]

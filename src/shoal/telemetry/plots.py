@@ -370,7 +370,9 @@ def _drift_panel(record: Row, *, title: str, width: int, height: int) -> str:
         )
     variance = [number(v) for v in record.get("explained_variance") or []]
     axis = [f"PC{i + 1}" + (f" ({v:.0%})" if v is not None else "") for i, v in enumerate(variance)]
-    axis += ["PC1", "PC2"][len(axis) :]
+    method = str(record.get("method") or "pca")
+    named = ["PC1", "PC2"] if method == "pca" else [f"{method} 1", f"{method} 2"]
+    axis += named[len(axis) :]
     return svg.scatter_chart(
         title=title,
         points=dots,
@@ -409,7 +411,7 @@ def _drift_block(run: RunData, *, many: bool) -> str:
     """One run's panels (or its "not recorded" line)."""
     name = f"{run.name}: " if many else ""
     if not run.drift:
-        return svg.placeholder(f"{name}drift", NOT_RECORDED)
+        return svg.placeholder(f"{name}drift", _not_recorded(run, many=many))
     last = run.drift[-1]
     panels = [_drift_panel(last, title=f"round {_round(last)} (last)", width=640, height=380)]
     earlier = [

@@ -58,7 +58,7 @@ def load_runs(folders: Sequence[Path]) -> list[RunData]:
     """Read each run folder, named by its folder's name, or by its path where two share one."""
     names = [Path(folder).resolve().name for folder in folders]
     return [
-        load_run(folder, name=str(folder) if names.count(name) > 1 else name)
+        load_run(folder, name=str(Path(folder).resolve()) if names.count(name) > 1 else name)
         for folder, name in zip(folders, names, strict=True)
     ]
 

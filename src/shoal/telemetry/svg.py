@@ -101,13 +101,10 @@ def nice_ticks(low: float, high: float, *, count: int = 5) -> list[float]:
     power = 10 ** math.floor(math.log10(raw))
     step = next(power * m for m in (1, 2, 5, 10) if power * m >= raw)
     first = math.floor(low / step) * step
-    ticks = []
-    value = first
-    while value <= high + step * 1e-9:
-        ticks.append(round(value, 12))
-        value += step
-    if ticks[0] > low:
-        ticks.insert(0, round(first - step, 12))
+    steps = math.ceil((high - first) / step - 1e-9)  # the last tick covers high
+    digits = 2 - math.floor(math.log10(step))  # drops the float noise of first + i * step
+    ticks = [round(first + index * step, digits) for index in range(max(steps, 1) + 1)]
+    ticks[0], ticks[-1] = min(ticks[0], low), max(ticks[-1], high)  # below the floats' grain
     return ticks
 
 
@@ -214,6 +211,29 @@ def _legend_height(entries: int) -> int:
     return math.ceil(entries / _LEGEND_COLUMNS) * _LEGEND_ROW + 6 if entries else 0
 
 
+def _chart(
+    title: str,
+    *,
+    kind: str,
+    axes: list[str],
+    body: list[str],
+    legend: Sequence[tuple[str, str, str]],
+    width: int,
+    height: int,
+) -> str:
+    """A chart's ``<svg>``: its title, ``axes``, ``body`` and, under the plot, its legend."""
+    total = height + _legend_height(len(legend))
+    return "".join(
+        [
+            _open(title, width=width, height=total, kind=kind),
+            *axes,
+            *body,
+            *_legend(legend, top=height + 4, width=width),
+            "</svg>",
+        ]
+    )
+
+
 def placeholder(title: str, message: str, *, width: int = WIDTH, height: int = 120) -> str:
     """A chart's place when there is nothing to draw: its title and ``message``."""
     return (
@@ -245,9 +265,7 @@ def line_chart(
     )
     entries = [(line.label, line.colour, line.dash) for line in drawn]
     entries += [(note, "", "") for note in notes]
-    total = height + _legend_height(len(entries))
-    parts = [_open(title, width=width, height=total, kind="line")]
-    parts += frame.axes(x_label=x_label, y_label=y_label)
+    parts = []
     for line in drawn:
         dashing = f' stroke-dasharray="{line.dash}"' if line.dash else ""
         path = " ".join(f"{frame.x(x):.1f},{frame.y(y):.1f}" for x, y in line.points)
@@ -262,9 +280,10 @@ def line_chart(
                 f"{escape(format_number(x))}, {escape(format_number(y))}</title></circle>"
             )
         parts.append("</g>")
-    parts += _legend(entries, top=height + 4, width=width)
-    parts.append("</svg>")
-    return "".join(parts)
+    axes = frame.axes(x_label=x_label, y_label=y_label)
+    return _chart(
+        title, kind="line", axes=axes, body=parts, legend=entries, width=width, height=height
+    )
 
 
 def scatter_chart(
@@ -288,11 +307,7 @@ def scatter_chart(
         plot_height=height,
     )
     entries = [(label, fill, "") for label, fill in legend]
-    parts = [
-        _open(title, width=width, height=height + _legend_height(len(entries)), kind="scatter")
-    ]
-    parts += frame.axes(x_label=x_label, y_label=y_label)
-    parts.append('<g class="points">')
+    parts = ['<g class="points">']
     for point in points:
         parts.append(
             f'<circle cx="{frame.x(point.x):.1f}" cy="{frame.y(point.y):.1f}" r="{radius}" '
@@ -300,9 +315,10 @@ def scatter_chart(
             f"<title>{escape(point.tooltip)}</title></circle>"
         )
     parts.append("</g>")
-    parts += _legend(entries, top=height + 4, width=width)
-    parts.append("</svg>")
-    return "".join(parts)
+    axes = frame.axes(x_label=x_label, y_label=y_label)
+    return _chart(
+        title, kind="scatter", axes=axes, body=parts, legend=entries, width=width, height=height
+    )
 
 
 def bar_chart(
@@ -331,9 +347,7 @@ def bar_chart(
     if marks:
         entries.append((reference_label, "#000", ""))
     entries += [(note, "", "") for note in notes]
-    total = height + _legend_height(len(entries))
-    parts = [_open(title, width=width, height=total, kind="bar")]
-    parts += _bar_axes(frame, groups, slot=slot, y_label=y_label)
+    parts = []
     for index, bar in enumerate(bars):
         parts.append('<g class="series">')
         for group, value in enumerate(bar.values):
@@ -357,9 +371,10 @@ def bar_chart(
                 f'y2="{y:.1f}" stroke="#000" stroke-width="2"><title>{escape(reference_label)}, '
                 f"{escape(groups[group])}: {escape(format_number(value))}</title></line>"
             )
-    parts += _legend(entries, top=height + 4, width=width)
-    parts.append("</svg>")
-    return "".join(parts)
+    axes = _bar_axes(frame, groups, slot=slot, y_label=y_label)
+    return _chart(
+        title, kind="bar", axes=axes, body=parts, legend=entries, width=width, height=height
+    )
 
 
 def _bar_axes(frame: _Frame, groups: Sequence[str], *, slot: float, y_label: str) -> list[str]:
