@@ -8,8 +8,9 @@ baseline is a bare single-process numpy loop doing the same math on data it
 already holds: pick the cohort, run 5 full-batch softmax-regression steps per
 client, average the deltas weighted by examples. A third figure is the time
 from launching ``shoal simulate`` as a fresh process until it prints its
-first round. The cost of the fleet telemetry (``[telemetry]``) is the
-in-process run's seconds per round with it on over the same run with it off,
+first round. The cost of the FL telemetry (the fleet figures of ``[telemetry]``
+and the drift projection of ``[drift]``) is the in-process run's seconds per
+round with both on over the same run with both off,
 alternated ``--repeats`` times (the fastest of each kept). Prints one JSON
 object per workload.
 
@@ -122,7 +123,10 @@ def telemetry_ratio(path: Path, *, rounds: int, repeats: int) -> tuple[float, fl
     for _ in range(repeats):
         for enabled in (True, False):
             overrides = [f"run.rounds={rounds}", "simulation.workers=0"]
-            config = load_config(path, [*overrides, f"telemetry.enabled={str(enabled).lower()}"])
+            switch = str(enabled).lower()
+            config = load_config(
+                path, [*overrides, f"telemetry.enabled={switch}", f"drift.enabled={switch}"]
+            )
             timings[enabled].append(simulator_seconds_per_round(config)[0])
     return min(timings[True]), min(timings[False])
 

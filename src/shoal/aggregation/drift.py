@@ -37,6 +37,7 @@ from shoal.core.errors import StrategyError
 DriftMethod = Literal["pca", "tsne"]
 DRIFT_METHODS: tuple[str, ...] = ("pca", "tsne")
 Points = npt.NDArray[np.float64]
+Rows = npt.NDArray[np.floating[Any]]  # updates' rows, float32 or float64
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +55,7 @@ class DriftRule:
     max_clusters: int = 4
     bimodal_threshold: float = 0.3
     min_clients: int = 4
-    max_values: int = 1 << 25
+    max_values: int = 1 << 20  # a picture of the population: a sample of coordinates will do
 
     def __post_init__(self) -> None:
         if self.method not in DRIFT_METHODS:
@@ -131,7 +132,8 @@ def measure_drift(
     if count == 0:
         return DriftReport(method=rule.method)
     columns = sample_coordinates(updates, max_values=rule.max_values, seed=seed)
-    matrix = (updates if columns is None else updates[:, columns]).astype(np.float64)
+    # float32 through the one product with the model's width; float64 from the n x n Gram on
+    matrix = (updates if columns is None else updates[:, columns]).astype(np.float32)
     # the rows in their principal axes: every pairwise distance kept, at most n columns
     coordinates, variance = principal_coordinates(unit_rows(matrix))
     points: Points = np.zeros((count, 2))
@@ -156,21 +158,21 @@ def measure_drift(
     )
 
 
-def unit_rows(matrix: Points) -> Points:
+def unit_rows(matrix: Rows) -> Rows:
     """Each row scaled to unit L2 length (a zero row stays zero)."""
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    scaled: Points = np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
+    scaled: Rows = np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
     return scaled
 
 
-def principal_coordinates(matrix: Points) -> tuple[Points, npt.NDArray[np.float64]]:
+def principal_coordinates(matrix: Rows) -> tuple[Points, npt.NDArray[np.float64]]:
     """The centered rows in their principal axes, largest first, and each axis's variance.
 
     Through the rows' Gram matrix (n x n), so the cost is n squared times the columns, not
     the columns squared; the coordinates keep every pairwise distance of the rows.
     """
     centered = matrix - matrix.mean(axis=0)
-    eigenvalues, eigenvectors = np.linalg.eigh(centered @ centered.T)
+    eigenvalues, eigenvectors = np.linalg.eigh((centered @ centered.T).astype(np.float64))
     order = np.argsort(eigenvalues)[::-1]
     eigenvalues = np.clip(eigenvalues[order], 0.0, None)
     keep = eigenvalues > 1e-12 * max(1.0, float(eigenvalues[0]) if eigenvalues.size else 1.0)
@@ -197,7 +199,8 @@ def cluster(
     and that score (None, one cluster: the rows are too few or all alike)."""
     count = matrix.shape[0]
     distances = pairwise_distances(matrix)
-    distinct = np.unique(matrix.round(9), axis=0).shape[0]  # k-means needs k distinct rows
+    # k-means needs k distinct rows: a row at no distance from an earlier one adds none
+    distinct = count - int(np.triu(distances <= 1e-9, 1).any(axis=0).sum())
     best: tuple[float, npt.NDArray[np.int64]] | None = None
     rng = np.random.default_rng([seed, 0xC1])
     for k in range(2, min(max_clusters, count - 1, distinct) + 1):
@@ -224,48 +227,55 @@ def pairwise_distances(matrix: Points) -> Points:
 def kmeans(
     matrix: Points, *, clusters: int, rng: np.random.Generator, restarts: int = 3
 ) -> npt.NDArray[np.int64]:
-    """Lloyd's k-means from k-means++ seeds, the best of ``restarts`` by inertia."""
-    best: tuple[float, npt.NDArray[np.int64]] | None = None
+    """Lloyd's k-means from k-means++ seeds, the best of ``restarts`` by inertia. The restarts
+    run side by side, as one array each step (a round's few points cost Python calls, not
+    arithmetic)."""
+    count = matrix.shape[0]
     squares = np.einsum("ij,ij->i", matrix, matrix)
-    for _ in range(restarts):
-        centers = _seeds(matrix, squares, clusters=clusters, rng=rng)
-        labels = np.full(matrix.shape[0], -1)
-        for _ in range(100):
-            gaps = _squared_gaps(matrix, squares, centers)
-            moved_to = gaps.argmin(axis=1)
-            if np.array_equal(moved_to, labels):
-                break  # no point changed cluster: Lloyd's iteration has converged
-            labels = moved_to
-            one_hot = np.eye(clusters)[labels]  # (points, clusters)
-            counts = one_hot.sum(axis=0)
-            sums = one_hot.T @ matrix
-            centers = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers)
-        inertia = float(gaps.min(axis=1).sum())
-        if best is None or inertia < best[0]:
-            best = (inertia, labels.astype(np.int64))
-    assert best is not None
-    return best[1]
+    centers = np.stack(
+        [_seeds(matrix, squares, clusters=clusters, rng=rng) for _ in range(restarts)]
+    )  # (restarts, clusters, columns)
+    labels = np.full((restarts, count), -1)
+    for _ in range(100):
+        gaps = _squared_gaps(matrix, squares, centers)  # (restarts, points, clusters)
+        moved_to = gaps.argmin(axis=2)
+        if np.array_equal(moved_to, labels):
+            break  # no point changed cluster in any restart: Lloyd's iteration has converged
+        labels = moved_to
+        one_hot = np.eye(clusters)[labels]  # (restarts, points, clusters)
+        counts = one_hot.sum(axis=1)  # (restarts, clusters)
+        sums = np.einsum("rpc,pd->rcd", one_hot, matrix)
+        means = sums / np.maximum(counts, 1)[:, :, None]
+        centers = np.where(counts[:, :, None] > 0, means, centers)
+    inertia = gaps.min(axis=2).sum(axis=1)
+    best: npt.NDArray[np.int64] = labels[int(inertia.argmin())].astype(np.int64)
+    return best
 
 
 def _squared_gaps(matrix: Points, squares: Points, centers: Points) -> Points:
-    """The squared distance of every row to every center, (rows, centers)."""
-    gaps: Points = (
-        squares[:, None] + np.einsum("ij,ij->i", centers, centers) - 2 * matrix @ centers.T
-    )
-    return np.clip(gaps, 0.0, None)
+    """The squared distance of every row to every center: (rows, centers), or (restarts, rows,
+    centers) for a stack of restarts' centers."""
+    gaps: Points = np.matmul(matrix, np.swapaxes(centers, -1, -2))
+    gaps *= -2.0
+    gaps += squares[:, None]
+    gaps += np.einsum("...ij,...ij->...i", centers, centers)[..., None, :]
+    return np.maximum(gaps, 0.0, out=gaps)
 
 
 def _seeds(matrix: Points, squares: Points, *, clusters: int, rng: np.random.Generator) -> Points:
     """k-means++ (Arthur and Vassilvitskii 2007): each next seed drawn in proportion to its
     squared distance from the nearest seed so far."""
-    chosen = [int(rng.integers(matrix.shape[0]))]
+    count = matrix.shape[0]
+    draws = rng.random(clusters)
+    chosen = [min(int(draws[0] * count), count - 1)]
     nearest = _squared_gaps(matrix, squares, matrix[chosen])[:, 0]
-    for _ in range(1, clusters):
-        total = float(nearest.sum())
+    for draw in draws[1:]:
+        cumulative = np.cumsum(nearest)
+        total = float(cumulative[-1])
         if total <= 0:
-            chosen.append(int(rng.integers(matrix.shape[0])))
-        else:
-            chosen.append(int(rng.choice(matrix.shape[0], p=nearest / total)))
+            chosen.append(min(int(draw * count), count - 1))
+        else:  # the point whose share of the cumulative squared distance holds the draw
+            chosen.append(min(int(np.searchsorted(cumulative, draw * total, "right")), count - 1))
         nearest = np.minimum(nearest, _squared_gaps(matrix, squares, matrix[chosen[-1:]])[:, 0])
     seeds: Points = matrix[chosen].copy()
     return seeds
