@@ -214,3 +214,17 @@ def test_two_folders_of_one_name_are_told_apart(run_folder: Path, tmp_path: Path
     twin = copy_run(run_folder, tmp_path / "small")
     names = [run.name for run in load_runs([run_folder, twin])]
     assert len(set(names)) == 2
+
+
+def test_clustered_runs_draw_one_line_per_cluster_model(run_folder: Path, tmp_path: Path) -> None:
+    def clustered(row: dict[str, Any]) -> dict[str, Any]:
+        if row["phase"] != "evaluate":
+            return row
+        return {**row, "cluster_accuracy": {"0": 0.9, "1": 0.8}}
+
+    drawn = by_key(figures([load_run(copy_run(run_folder, tmp_path / "ifca", rows=clustered))]))
+    svg = ET.fromstring(drawn["cluster-accuracy"].svg)
+    lines = {line.findtext("title") for line in svg.iter("polyline")}
+    assert lines == {"cluster 0", "cluster 1"}  # the clusters the run had, no more
+    plain = by_key(figures([load_run(run_folder)]))["cluster-accuracy"].svg
+    assert NOT_RECORDED in plain

@@ -67,6 +67,7 @@ class LinePlot:
     lines: tuple[Line, ...]
     x: str = "round"
     per_round: bool = False
+    sparse: bool = False  # lines without a point are left out (the clusters a run did not have)
 
 
 def number(value: Any) -> float | None:
@@ -85,6 +86,22 @@ def field(name: str, phase: str | None = None) -> Value:
         return number(row.get(name))
 
     return value
+
+
+def entry(name: str, key: str, phase: str) -> Value:
+    """The number under ``key`` of a row's mapping ``name`` (``cluster_accuracy``), from rows
+    of ``phase``."""
+
+    def value(row: Row) -> float | None:
+        table = row.get(name)
+        if row.get("phase") != phase or not isinstance(table, dict):
+            return None
+        return number(table.get(key))
+
+    return value
+
+
+MAX_CLUSTERS_DRAWN = 8
 
 
 def drop_rate(phase: str) -> Value:
@@ -181,6 +198,16 @@ LINE_PLOTS: tuple[LinePlot, ...] = (
         ),
     ),
     LinePlot(
+        "cluster-accuracy",
+        "Federated accuracy by cluster model (clustered FL)",
+        "accuracy",
+        tuple(
+            Line(f"cluster {c}", entry("cluster_accuracy", str(c), "evaluate"))
+            for c in range(MAX_CLUSTERS_DRAWN)
+        ),
+        sparse=True,
+    ),
+    LinePlot(
         "epsilon", "Privacy budget spent (epsilon)", "epsilon", (Line("epsilon", field("epsilon")),)
     ),
     LinePlot(
@@ -235,6 +262,8 @@ def line_figure(runs: Sequence[RunData], plot: LinePlot) -> Figure:
             )
         if not any(line.points for line in drawn):
             notes.append(_not_recorded(run, many=many))
+        elif plot.sparse:
+            drawn = [line for line in drawn if line.points]
         series += drawn
     x_label = "round" if plot.x == "round" else "virtual time (s)"
     return Figure(
