@@ -38,6 +38,11 @@ DriftMethod = Literal["pca", "tsne"]
 DRIFT_METHODS: tuple[str, ...] = ("pca", "tsne")
 Points = npt.NDArray[np.float64]
 Rows = npt.NDArray[np.floating[Any]]  # updates' rows, float32 or float64
+CLUSTER_AXES = 8
+"""The principal axes the clustering sees (all of them for a round of fewer clients)."""
+MAX_ITERATIONS = 30
+"""Lloyd's steps at most: groups that are there separate in a few; a population without
+groups (where more steps would go on moving points) scores a low silhouette either way."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +150,11 @@ def measure_drift(
         points, explained = tsne(coordinates, seed=seed), None
     labels, separation = np.zeros(count, np.int64), None
     if count >= rule.min_clients:
-        labels, separation = cluster(coordinates, max_clusters=rule.max_clusters, seed=seed)
+        # k-means on the leading axes, as PCA before k-means is usually run: the groups that
+        # matter lie along the directions of most variance, and a round of many clients
+        # clusters in a few dimensions instead of one per client
+        leading = coordinates[:, :CLUSTER_AXES]
+        labels, separation = cluster(leading, max_clusters=rule.max_clusters, seed=seed)
     return DriftReport(
         clients=tuple(client_ids),
         points=tuple((float(x), float(y)) for x, y in points),
@@ -236,7 +245,7 @@ def kmeans(
         [_seeds(matrix, squares, clusters=clusters, rng=rng) for _ in range(restarts)]
     )  # (restarts, clusters, columns)
     labels = np.full((restarts, count), -1)
-    for _ in range(100):
+    for _ in range(MAX_ITERATIONS):
         gaps = _squared_gaps(matrix, squares, centers)  # (restarts, points, clusters)
         moved_to = gaps.argmin(axis=2)
         if np.array_equal(moved_to, labels):
@@ -244,7 +253,7 @@ def kmeans(
         labels = moved_to
         one_hot = np.eye(clusters)[labels]  # (restarts, points, clusters)
         counts = one_hot.sum(axis=1)  # (restarts, clusters)
-        sums = np.einsum("rpc,pd->rcd", one_hot, matrix)
+        sums = np.swapaxes(one_hot, 1, 2) @ matrix  # (restarts, clusters, columns)
         means = sums / np.maximum(counts, 1)[:, :, None]
         centers = np.where(counts[:, :, None] > 0, means, centers)
     inertia = gaps.min(axis=2).sum(axis=1)
