@@ -114,6 +114,17 @@ def test_large_models_are_sampled_as_divergence_is() -> None:
     assert sampled.bimodal and sampled.labels == measure_drift(names(8), updates).labels
 
 
+def test_a_poisoned_row_of_huge_values_is_measured_without_overflow() -> None:
+    # float32 1e30s square past float32's range: the norm must not overflow (a poisoning
+    # round is exactly where drift is read)
+    updates = populations(4, 4)
+    updates[0] = 1e30
+    with np.errstate(all="raise"):
+        report = measure_drift(names(8), updates)
+    assert np.isfinite(np.array(report.points)).all()
+    assert np.allclose(np.linalg.norm(unit_rows(updates).astype(np.float64), axis=1), 1.0)
+
+
 def test_unavailable_says_why() -> None:
     report = DriftReport.unavailable("only the sum is seen")
     assert not report.available

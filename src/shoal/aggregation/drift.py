@@ -168,10 +168,15 @@ def measure_drift(
 
 
 def unit_rows(matrix: Rows) -> Rows:
-    """Each row scaled to unit L2 length (a zero row stays zero)."""
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    scaled: Rows = np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
-    return scaled
+    """Each row scaled to unit L2 length (a zero row stays zero).
+
+    The norms are taken in float64: a poisoned float32 row of 1e30s squares past float32's
+    range, and drift is measured on exactly such rounds.
+    """
+    norms = np.linalg.norm(matrix.astype(np.float64), axis=1, keepdims=True)
+    scaled = np.divide(matrix, norms, out=np.zeros(matrix.shape), where=norms > 0)
+    unit: Rows = scaled.astype(matrix.dtype)
+    return unit
 
 
 def principal_coordinates(matrix: Rows) -> tuple[Points, npt.NDArray[np.float64]]:
