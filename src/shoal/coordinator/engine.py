@@ -51,7 +51,12 @@ from shoal.coordinator.policy import (
     relative_norms,
     sealed_submission,
 )
-from shoal.coordinator.round_summary import round_divergence, round_drift, summarize
+from shoal.coordinator.round_summary import (
+    counted_updates,
+    round_divergence,
+    round_drift,
+    summarize,
+)
 from shoal.coordinator.rounds import (
     ClusterBooks,
     FleetBooks,
@@ -688,8 +693,14 @@ class Coordinator:
         self._move(Step.QUORUM_MET)
         self.parameters = self.parameters.with_vector(vector)
         self.optimizer_state = optimizer_state
-        current.divergence = round_divergence(current, delta, rule=self.divergence, seed=self.seed)
-        current.drift = round_drift(current, rule=self.drift, seed=self.seed)
+        # the updates stacked once for both measures (a copy of the round's updates)
+        counted = None
+        if current.counted and (self.divergence is not None or self.drift is not None):
+            counted = counted_updates(current)
+        current.divergence = round_divergence(
+            current, delta, rule=self.divergence, seed=self.seed, counted=counted
+        )
+        current.drift = round_drift(current, rule=self.drift, seed=self.seed, counted=counted)
         current.counted = []  # measured: the books let go of the updates
         summary = self._summary(now, committed=True)
         self._move(Step.COMMITTED)

@@ -22,6 +22,8 @@ from shoal.coordinator.rounds import RoundBooks
 from shoal.core.parameters import Vector
 
 log = logging.getLogger("shoal.coordinator")
+Counted = tuple[list[str], npt.NDArray[np.float32]]
+"""The counted clients and their updates, one row each."""
 
 MAX_FAILURE_REASONS = 5
 """The most frequent failure reasons a round's summary keeps."""
@@ -110,11 +112,16 @@ def app_metrics(aggregate: MetricsAggregation, results: ClientMetrics) -> dict[s
 
 
 def round_divergence(
-    current: RoundBooks, aggregate: Vector, *, rule: DivergenceRule | None, seed: int
+    current: RoundBooks,
+    aggregate: Vector,
+    *,
+    rule: DivergenceRule | None,
+    seed: int,
+    counted: Counted | None = None,
 ) -> DivergenceReport | None:
     """Each counted update against the round's aggregate and median (none under a secure
     round: no single update was ever seen, which the report says). ``seed``: the run's (the
-    round's number is added)."""
+    round's number is added); ``counted``: :func:`counted_updates`, if the caller has them."""
     if rule is None:
         return None
     protocol = _secure_protocol(current)
@@ -125,13 +132,16 @@ def round_divergence(
         )
     if not current.counted:
         return DivergenceReport()
-    names, updates = _counted(current)
+    names, updates = counted or counted_updates(current)
     return measure_divergence(names, updates, aggregate, rule=rule, seed=seed + current.number)
 
 
-def round_drift(current: RoundBooks, *, rule: DriftRule | None, seed: int) -> DriftReport | None:
+def round_drift(
+    current: RoundBooks, *, rule: DriftRule | None, seed: int, counted: Counted | None = None
+) -> DriftReport | None:
     """The projection and clustering of the counted updates (none under a secure round, which
-    the report says). ``seed``: the run's (the round's number is added)."""
+    the report says). ``seed``: the run's (the round's number is added); ``counted``:
+    :func:`counted_updates`, if the caller has them."""
     if rule is None:
         return None
     protocol = _secure_protocol(current)
@@ -139,7 +149,7 @@ def round_drift(current: RoundBooks, *, rule: DriftRule | None, seed: int) -> Dr
         return DriftReport.unavailable(
             f"the drift of single updates cannot be seen under {protocol}: only the sum is"
         )
-    names, updates = _counted(current)
+    names, updates = counted or counted_updates(current)
     return measure_drift(names, updates, rule=rule, seed=seed + current.number)
 
 
@@ -150,7 +160,7 @@ def _secure_protocol(current: RoundBooks) -> str | None:
     return "CKKS" if isinstance(current.secure, CkksRound) else "SecAgg+"
 
 
-def _counted(current: RoundBooks) -> tuple[list[str], npt.NDArray[np.float32]]:
+def counted_updates(current: RoundBooks) -> Counted:
     """The counted clients and their updates, one row each (an empty matrix: none)."""
     names = [client for client, _ in current.counted]
     if not names:

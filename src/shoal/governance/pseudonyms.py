@@ -50,6 +50,10 @@ class Pseudonyms:
             raise ConfigError("a pseudonym key needs at least 16 bytes")
         self._key = bytes(key)
         self.run_id = run_id
+        # the latest round's pseudonyms: a round's records name its clients several times
+        # (its row, its participants, its drift projection); swapped whole, never edited
+        # by two threads at once into a mix of rounds
+        self._round: tuple[int, dict[str, str]] = (-1, {})
 
     @classmethod
     def in_folder(cls, folder: str | Path, *, run_id: str) -> Pseudonyms:
@@ -57,8 +61,16 @@ class Pseudonyms:
         return cls(load_or_create_key(Path(folder) / PSEUDONYM_KEY_FILE), run_id=run_id)
 
     def of(self, client_id: str, *, round_number: int) -> str:
-        message = f"{self.run_id}\x00{round_number}\x00{client_id}".encode()
-        return PREFIX + hmac.new(self._key, message, hashlib.sha256).hexdigest()[:16]
+        cached_round, cache = self._round
+        if cached_round != round_number:
+            cache = {}
+            self._round = (round_number, cache)
+        name = cache.get(client_id)
+        if name is None:
+            message = f"{self.run_id}\x00{round_number}\x00{client_id}".encode()
+            name = PREFIX + hmac.new(self._key, message, hashlib.sha256).hexdigest()[:16]
+            cache[client_id] = name
+        return name
 
     def resolve(
         self, pseudonym: str, *, round_number: int, candidates: Iterable[str]
