@@ -257,18 +257,16 @@ def cluster(
     distances = np.sqrt(squared)
     # k-means needs k distinct rows: a row at no distance from an earlier one adds none
     distinct = count - int(np.triu(distances <= 1e-9, 1).any(axis=0).sum())
-    best: tuple[float, npt.NDArray[np.int64]] | None = None
     rng = np.random.default_rng([seed, 0xC1])
     candidates = list(range(2, min(max_clusters, count - 1, distinct) + 1))
-    for labels in _kmeans_runs(matrix, candidates, rng=rng, squared=squared):
-        if labels.min() == labels.max():
-            continue
-        score = silhouette(distances, labels)
-        if best is None or score > best[0]:
-            best = (score, labels)
-    if best is None:
+    # runs that fell to one cluster (all rows alike) score nothing
+    runs = _kmeans_runs(matrix, candidates, rng=rng, squared=squared)
+    runs = [labels for labels in runs if labels.min() != labels.max()]
+    if not runs:
         return np.zeros(count, np.int64), None
-    return _by_size(best[1]), best[0]
+    scores = silhouettes(distances, np.stack(runs))
+    best = int(scores.argmax())  # the first of equal scores: the fewest clusters
+    return _by_size(runs[best]), float(scores[best])
 
 
 def pairwise_distances(matrix: Points) -> Points:
@@ -370,31 +368,41 @@ def _seeds(
 def silhouette(distances: Points, labels: npt.NDArray[np.int64]) -> float:
     """The mean silhouette (Rousseeuw 1987) of a clustering, from the pairwise distances; a
     point alone in its cluster scores 0."""
-    values = np.unique(labels)
-    members = labels[None, :] == values[:, None]  # (clusters, points)
-    sizes = members.sum(axis=1)
-    sums = distances @ members.T  # (points, clusters): each point's total distance to each
-    own = np.searchsorted(values, labels)
-    count = labels.size
-    own_size = sizes[own]
-    inside = sums[np.arange(count), own] / np.maximum(own_size - 1, 1)
-    means = sums / sizes[None, :]
-    means[np.arange(count), own] = np.inf
-    nearest = means.min(axis=1)
+    return float(silhouettes(distances, labels[None, :])[0])
+
+
+def silhouettes(distances: Points, labelings: npt.NDArray[np.int64]) -> Points:
+    """The mean silhouette of each row of ``labelings`` (runs, points) of the same points, all
+    in one product: a round's few points cost Python calls, not arithmetic."""
+    runs, count = labelings.shape
+    widest = int(labelings.max()) + 1
+    members = np.eye(widest)[labelings]  # (runs, points, clusters)
+    sizes = members.sum(axis=1)  # (runs, clusters)
+    sums = distances @ members  # (runs, points, clusters): each point's total distance to each
+    rows, points = np.arange(runs)[:, None], np.arange(count)[None, :]
+    own_size = sizes[rows, labelings]
+    inside = sums[rows, points, labelings] / np.maximum(own_size - 1, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        means = np.where(sizes[:, None, :] > 0, sums / sizes[:, None, :], np.inf)
+    means[rows, points, labelings] = np.inf
+    nearest = means.min(axis=2)
     scale = np.maximum(inside, nearest)
-    scores = np.divide(nearest - inside, scale, out=np.zeros(count), where=scale > 0)
+    scores = np.divide(nearest - inside, scale, out=np.zeros((runs, count)), where=scale > 0)
     scores[own_size == 1] = 0.0
-    return float(scores.mean())
+    means_by_run: Points = scores.mean(axis=1)
+    return means_by_run
 
 
 def _by_size(labels: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     """The labels renumbered by cluster size, largest first (ties by first appearance), so
     that a round's cluster 0 is its largest group."""
-    values, first, inverse, sizes = np.unique(
-        labels, return_index=True, return_inverse=True, return_counts=True
-    )
-    order = np.lexsort((first, -sizes))  # the clusters, largest first
-    rank = np.empty(values.size, np.int64)
-    rank[order] = np.arange(values.size)
-    renumbered: npt.NDArray[np.int64] = rank[inverse.reshape(-1)]
+    count = labels.size
+    sizes = np.bincount(labels)
+    first = np.full(sizes.size, count)
+    first[labels[::-1]] = np.arange(count)[::-1]  # the last write wins: each label's first row
+    present = np.flatnonzero(sizes)
+    order = present[np.lexsort((first[present], -sizes[present]))]  # the clusters, largest first
+    rank = np.zeros(sizes.size, np.int64)
+    rank[order] = np.arange(order.size)
+    renumbered: npt.NDArray[np.int64] = rank[labels]
     return renumbered
