@@ -41,6 +41,12 @@ layer owns everything above it, so that each rule is written once:
   cheats, and the job's alerts (``[alerts]``) about a cohort that dropped
   past the job's share; the audit log's head is signed at each commit and
   at the end;
+- clustered FL that starts when the drift flags (``[clustering] start =
+  "flagged"``): version 0 is one model, the engine's split rule
+  (:mod:`shoal.coordinator.split`) splits it at a flagged round's commit,
+  and that version is committed with its row's ``clustered_split`` and
+  its audit entry; a resume or rollback finds one model or the clusters
+  from the version's layout;
 - the poisoned-model playbook (``[playbook]``,
   :mod:`shoal.coordinator.playbook`): each committed version judged, marked
   GOOD or BAD, HEAD rolled back and the suspects suspended;
