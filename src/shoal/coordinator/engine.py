@@ -74,7 +74,7 @@ from shoal.coordinator.selection import CohortSampler, SeededSampler, client_see
 from shoal.coordinator.split import SplitRule, single_layout
 from shoal.coordinator.state import RoundState, Step, Trigger, next_state
 from shoal.coordinator.validation import cluster_problem, count_problem, update_problem
-from shoal.core.clusters import CLUSTER_METRIC, chosen_cluster, stacked_clusters
+from shoal.core.clusters import CLUSTER_METRIC, chosen_cluster
 from shoal.core.errors import (
     IllegalTransition,
     ProtocolError,
@@ -190,8 +190,9 @@ class Coordinator:
 
     @property
     def splitting(self) -> bool:
-        """Whether a flagged round would split the model (one model under a split rule)."""
-        return self.split is not None and stacked_clusters(self.parameters) is None
+        """Whether a flagged round would split the model (one model under a split rule: the
+        strategy follows the layout, so one model is the unclustered strategy)."""
+        return self.split is not None and self.strategy.clusters == 1
 
     def restore(
         self, parameters: Parameters, optimizer_state: TransformState | None = None

@@ -629,7 +629,8 @@ class Run:
             self.store.sign_audit_head()
         row.update(model_version=record.version, sha256=record.sha256)
         self._previous = commit.parameters
-        self.model_bytes = len(commit.parameters.to_bytes())  # a split's stack: k times more
+        if summary.split is not None:  # the stack weighs k times more from the next round on
+            self.model_bytes = len(commit.parameters.to_bytes())
         if self.playbook is not None:  # its alerts fire after the round's records committed
             row["playbook"] = self.playbook.after_fit(summary, row, version=record.version)
         return row
