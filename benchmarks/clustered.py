@@ -1,12 +1,15 @@
 """Benchmark of clustered FL against one global model on day and night devices.
 
-Runs ``examples/day-night/job.toml`` twice on the same population and seed:
-with one global model (``clustering.clusters = 1``, the baseline) and with
-two cluster models (IFCA). Each population's accuracy is measured as
-federated evaluation does: every client scores the final model on its own
-held-out digits (a clustered model: the cluster model with the lowest loss
-there), weighted by examples. Prints one JSON object: each population's
-accuracy under both, and the ratio clustered / single.
+Runs ``examples/day-night/job.toml`` three times on the same population and
+seed: with one global model (``clustering.clusters = 1``, the baseline), with
+two cluster models from round 1 (IFCA, ``start = "always"``), and with one
+model that splits into two when the drift flags the populations (``start =
+"flagged"``). Each population's accuracy is measured as federated evaluation
+does: every client scores the final model on its own held-out digits (a
+clustered model: the cluster model with the lowest loss there), weighted by
+examples. Prints one JSON object: each population's accuracy under each, the
+ratios clustered / single and flagged / single, and the round the flagged run
+split at.
 
     python benchmarks/clustered.py --rounds 20 --seeds 0 1 2
 """
@@ -30,19 +33,38 @@ sys.path.insert(0, str(EXAMPLE))
 import app as day_night  # noqa: E402 (the example's own module, found on its folder)
 
 
-def run(*, clusters: int, rounds: int, seed: int) -> dict[str, Any]:
-    """One run of the example; each population's accuracy and the run's wall time."""
-    overrides = [f"clustering.clusters={clusters}", f"run.rounds={rounds}", f"run.seed={seed}"]
+def run(*, clusters: int, rounds: int, seed: int, start: str = "always") -> dict[str, Any]:
+    """One run of the example; each population's accuracy, the run's wall time and the round
+    its model split at (None: it did not, or it never had one model)."""
+    overrides = [
+        f"clustering.clusters={clusters}",
+        f"clustering.start='{start}'",
+        f"run.rounds={rounds}",
+        f"run.seed={seed}",
+    ]
     config = load_config(EXAMPLE / "job.toml", overrides)
     with tempfile.TemporaryDirectory() as folder:
-        start = time.perf_counter()
+        start_time = time.perf_counter()
         summary = Simulation(config, folder, search_path=[EXAMPLE]).run()
-        wall = time.perf_counter() - start
+        wall = time.perf_counter() - start_time
         parameters = final_parameters(folder)
+        rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").open()]
+    split = next((row["round"] for row in rows if "clustered_split" in row), None)
     accuracy = day_night.population_accuracy(
         parameters, clusters=clusters, num_clients=config.data.num_clients, seed=seed
     )
-    return {"accuracy": accuracy, "wall_time_s": wall, "rounds": summary["rounds_completed"]}
+    return {
+        "accuracy": accuracy,
+        "wall_time_s": wall,
+        "rounds": summary["rounds_completed"],
+        "split_round": split,
+    }
+
+
+def ratios(arm: dict[str, Any], single: dict[str, Any]) -> dict[str, float]:
+    """Each population's accuracy under ``arm`` over its accuracy under one global model."""
+    baseline = single["accuracy"]
+    return {which: arm["accuracy"][which] / baseline[which] for which in baseline}
 
 
 def main() -> None:
@@ -54,6 +76,7 @@ def main() -> None:
     for seed in args.seeds:
         single = run(clusters=1, rounds=args.rounds, seed=seed)
         clustered = run(clusters=2, rounds=args.rounds, seed=seed)
+        flagged = run(clusters=2, rounds=args.rounds, seed=seed, start="flagged")
         populations = sorted(single["accuracy"])
         results.append(
             {
@@ -61,17 +84,21 @@ def main() -> None:
                 "rounds": args.rounds,
                 "single": single["accuracy"],
                 "clustered": clustered["accuracy"],
-                "ratio": {
-                    which: clustered["accuracy"][which] / single["accuracy"][which]
-                    for which in populations
-                },
+                "flagged": flagged["accuracy"],
+                "flagged_split_round": flagged["split_round"],
+                "ratio": ratios(clustered, single),
+                "ratio_flagged": ratios(flagged, single),
                 "clustered_beats_single_everywhere": all(
                     clustered["accuracy"][which] > single["accuracy"][which]
                     for which in populations
                 ),
+                "flagged_beats_single_everywhere": all(
+                    flagged["accuracy"][which] > single["accuracy"][which] for which in populations
+                ),
                 "wall_time_s": {
                     "single": single["wall_time_s"],
                     "clustered": clustered["wall_time_s"],
+                    "flagged": flagged["wall_time_s"],
                 },
             }
         )

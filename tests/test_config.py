@@ -382,3 +382,16 @@ def test_metrics_on_loopback_or_allowed_elsewhere() -> None:
         assert load_config(None, [f"coordinator.metrics_host='{host}'"]).coordinator.metrics_host
     allowed = ["coordinator.metrics_host='0.0.0.0'", "coordinator.metrics_allow_remote=true"]
     assert load_config(None, allowed).coordinator.metrics_host == "0.0.0.0"
+
+
+def test_clustering_that_starts_when_flagged_needs_clusters_and_the_drift() -> None:
+    flagged = ["clustering.start='flagged'", "clustering.clusters=2"]
+    assert load_config(None, flagged).clustering.start == "flagged"
+    for overrides, got in (
+        (["clustering.start='flagged'"], "(got 1)"),
+        ([*flagged, "drift.enabled=false"], "(got false)"),
+    ):
+        with pytest.raises(ConfigError, match=r"clustering\.clusters >= 2") as error:
+            load_config(None, overrides)
+        assert "drift.enabled = true" in str(error.value) and got in str(error.value)
+        assert "\n" not in str(error.value)

@@ -662,21 +662,13 @@ class ClusteringSection(_Section):
     """[clustering]: clustered (personalized) FL, IFCA (Ghosh et al. 2020): the global model is
     ``clusters`` models; each client trains, and is evaluated with, the one whose loss on its
     own data is lowest, and each is averaged over the clients that chose it. ``start``:
-    ``always`` trains the clusters from round 1 (``flagged``, splitting when the drift flags
-    distinct populations, is not implemented yet). 1: one global model."""
+    ``always`` trains the clusters from round 1; ``flagged`` trains one model until a fit
+    round's drift flags distinct populations (``[drift]``, which it needs on), then splits it at
+    that round's commit into one model per group the drift found (at most ``clusters``), each
+    the previous model stepped by its own group's mean update. 1: one global model."""
 
     clusters: int = Field(1, ge=1, le=16)
     start: Literal["always", "flagged"] = "always"
-
-    @field_validator("start")
-    @classmethod
-    def _implemented(cls, start: str) -> str:
-        if start == "flagged":
-            raise ValueError(
-                "'flagged' (split when the drift flags distinct populations) is not "
-                "implemented yet; use 'always'"
-            )
-        return start
 
 
 class MetadataSection(_Section):
@@ -1024,6 +1016,13 @@ class Config(_Section):
                 "clustering.clusters > 1 averages each cluster model over the clients that "
                 "chose it, which needs each client's update in the clear and its own weight: "
                 "switch secure_aggregation and privacy off, or set clustering.clusters = 1"
+            )
+        clustering = self.clustering
+        if clustering.start == "flagged" and (clustering.clusters < 2 or not self.drift.enabled):
+            raise ValueError(
+                "clustering.start = 'flagged' splits the model when the drift flags distinct "
+                f"populations: it needs clustering.clusters >= 2 (got {clustering.clusters}) "
+                f"and drift.enabled = true (got {str(self.drift.enabled).lower()})"
             )
         if privacy.enabled and privacy.epsilon is None and privacy.noise_multiplier is None:
             raise ValueError("privacy: set epsilon (the budget) or noise_multiplier, or both")

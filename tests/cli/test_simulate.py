@@ -134,3 +134,14 @@ def test_the_default_job_keeps_the_run_output_contract_and_adds_divergence(
     assert row["divergence_available"] is True and row["divergence_median"] > 0
     assert set(json.loads((out / "summary.json").read_text())) >= SUMMARY_CONTRACT
     assert (out / "pseudonym.key").stat().st_mode & 0o077 == 0  # the key stays the operator's
+
+
+def test_simulate_says_when_the_model_splits_into_cluster_models(tmp_path: Path) -> None:
+    job = Path(__file__).resolve().parents[2] / "examples" / "day-night" / "job.toml"
+    result = shoal(
+        "simulate", str(job), "--rounds", "2", "--out", str(tmp_path / "run"),
+        "--set", "clustering.start='flagged'", "--set", "evaluation.every=0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stdout.splitlines() if "cluster models" in line]
+    assert said == ["      clustered: the model splits into 2 cluster models (6 and 4 clients)"]

@@ -16,7 +16,7 @@ from shoal.client.clustered import ClusteredClient
 from shoal.config import load_config
 from shoal.coordinator.validation import cluster_problem
 from shoal.core import ClientError, ModelError, Parameters, StrategyError
-from shoal.core.clusters import perturbed_stack, split_models, stack_models
+from shoal.core.clusters import perturbed_stack, split_models, stack_models, stacked_clusters
 
 
 def model(*values: float) -> Parameters:
@@ -85,15 +85,51 @@ def test_ties_and_nan_losses_go_to_the_lower_index() -> None:
     assert chosen.metrics["cluster"] == 1
 
 
-def test_a_model_of_another_clustering_is_refused() -> None:
+def test_a_stack_of_more_clusters_than_the_job_has_is_refused() -> None:
     client = ClusteredClient(TargetClient(0.0), clusters=2)
-    with pytest.raises(ModelError, match="does not hold 2 clusters"):
+    with pytest.raises(ModelError, match="stacks 3 cluster models, more than"):
         client.fit(three_clusters(), FitConfig(round=1))
-    two_tensors = Parameters.from_arrays([np.ones(2), np.ones(2)], names=["w", "b"])
-    with pytest.raises(ModelError, match="not a stack"):
-        client.fit(two_tensors, FitConfig(round=1))
+    out_of_order = Parameters.from_arrays(
+        [np.ones(2), np.ones(2), np.ones(2)], names=["cluster0/w", "cluster1/w", "cluster0/b"]
+    )
+    with pytest.raises(ModelError):
+        client.evaluate(out_of_order, EvaluateConfig(round=1))
     with pytest.raises(ClientError):
         ClusteredClient(TargetClient(0.0), clusters=1)
+
+
+def test_a_single_model_goes_to_the_wrapped_client_unchanged() -> None:
+    """Before a flagged run splits, the clustered client is the app's client."""
+    inner = TargetClient(8.0)
+    client = ClusteredClient(inner, clusters=3)
+    single = model(0, 0)
+    fitted = client.fit(single, FitConfig(round=1))
+    assert isinstance(fitted.parameters, Parameters) and fitted.parameters.layout == single.layout
+    np.testing.assert_allclose(fitted.parameters.vector, [4, 4])  # halfway to 8
+    assert fitted.metrics == {"loss": 1.0} and fitted.num_examples == 3
+    assert not fitted.is_update  # the app's own answer, not rewritten as a cluster's update
+    scored = client.evaluate(single, EvaluateConfig(round=1))
+    assert scored.metrics == {"accuracy": pytest.approx(1 / 129)} and scored.loss == 128
+    assert inner.evaluated == [0.0]  # one evaluation, of the one model
+
+
+def test_the_cluster_count_is_read_from_the_stack() -> None:
+    model_ = model(0, 0)
+    assert stacked_clusters(model_) is None
+    assert stacked_clusters(stack_models([model_])) == 1
+    assert stacked_clusters(three_clusters()) == 3
+    with pytest.raises(ModelError, match="not a stack"):
+        stacked_clusters(
+            Parameters.from_arrays([np.ones(1)] * 3, names=["cluster0/a", "cluster0/b", "x"])
+        )
+    # a job of up to three clusters serves a stack of two: the split found two groups
+    result = ClusteredClient(TargetClient(-9.0), clusters=3).fit(
+        stack_models([model(0, 0), model(-10, -10)]), FitConfig(round=1)
+    )
+    assert result.metrics["cluster"] == 1
+    assert isinstance(result.parameters, Parameters)
+    np.testing.assert_allclose(result.parameters.vector.reshape(2, 2), [[0, 0], [0.5, 0.5]])
+    assert result.parameters.layout == stack_models([model_, model_]).layout
 
 
 def test_the_client_app_wraps_its_clients_when_the_job_clusters() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +78,15 @@ async def serve_to_digits_clients(
     on_ready: Callable[[int], None] | None = None,
     wrap: Callable[[Client], Client] | None = None,
     timeout_s: float = 90,
+    client_of: Callable[[int, int], Client] = digits_client,
+    search_path: Sequence[str | Path] = (),
 ) -> CoordinatorParts:
     """Serve ``config`` in this process (plaintext gRPC on 127.0.0.1) to ``clients`` digits
     clients, each a :class:`ClientRuntime` over a real channel, until the job ends.
 
     ``on_ready`` gets the coordinator's port once it listens, after the clients started;
-    ``wrap`` changes each digits client (one that fails on cue...).
+    ``wrap`` changes each digits client (one that fails on cue...); ``client_of`` makes
+    client ``index`` of ``clients`` (another app's); ``search_path``: where the job's apps are.
     """
     runtimes: list[ClientRuntime] = []
     links: list[GrpcLink] = []
@@ -93,7 +96,7 @@ async def serve_to_digits_clients(
         for index in range(clients):
             link = GrpcLink(f"127.0.0.1:{port}", credentials=None, enrollment_token=token)
             enrollment = load_or_create_enrollment(tmp_path / f"c{index}", generate_client_key)
-            client = digits_client(index, clients)
+            client = client_of(index, clients)
             runtime = ClientRuntime(
                 client if wrap is None else wrap(client),
                 link,
@@ -109,7 +112,14 @@ async def serve_to_digits_clients(
 
     try:
         return await asyncio.wait_for(
-            serve(config, insecure=True, on_round=on_round, on_ready=started), timeout_s
+            serve(
+                config,
+                insecure=True,
+                on_round=on_round,
+                on_ready=started,
+                search_path=search_path,
+            ),
+            timeout_s,
         )
     finally:
         for runtime in runtimes:

@@ -19,7 +19,7 @@ from shoal.aggregation.aggregators import (
     pairwise_squared_distances,
     trimmed_mean,
 )
-from shoal.aggregation.clustered import ClusterStates, PerCluster
+from shoal.aggregation.clustered import ClusterStates, PerCluster, group_models, merged_groups
 from shoal.aggregation.divergence import (
     ClientDivergence,
     DivergenceReport,
@@ -78,12 +78,14 @@ __all__ = [
     "check_weight",
     "clustered_strategy",
     "coordinate_median",
+    "group_models",
     "krum_scores",
     "make_aggregator",
     "make_strategy",
     "mean_of",
     "measure_divergence",
     "measure_drift",
+    "merged_groups",
     "multi_krum_select",
     "pairwise_squared_distances",
     "server_adagrad",

@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from shoal.cli.app import app, user_errors
 from shoal.cli.dashboard import announce
-from shoal.cli.simulate import console, failure_lines, format_row, print_header
+from shoal.cli.simulate import console, format_row, print_header, round_notes
 from shoal.client.app import (
     ClientContext,
     app_search_path,
@@ -101,7 +101,7 @@ def serve_command(
 
     def on_round(row: dict[str, Any]) -> None:
         console.print(format_row(row))
-        for failure in failure_lines(row):
+        for failure in round_notes(row):
             console.print(failure)
         if row.get("secure_aggregation"):
             dropped = ", ".join(

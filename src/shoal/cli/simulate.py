@@ -121,7 +121,7 @@ def _run_with_progress(simulation: Simulation, config: Config, *, quiet: bool) -
         def on_round(row: dict[str, Any]) -> None:
             if not quiet:
                 progress.console.print(format_row(row))
-                for line in failure_lines(row):
+                for line in round_notes(row):
                     progress.console.print(line)
             if row["phase"] == "fit":
                 progress.update(task, completed=row["round"])
@@ -152,9 +152,10 @@ def format_row(row: dict[str, Any]) -> str:
     )
 
 
-def failure_lines(row: dict[str, Any]) -> list[str]:
-    """Why clients failed in a round, one line per reason (most frequent first), and the
-    fallback the round took when too much of its cohort dropped."""
+def round_notes(row: dict[str, Any]) -> list[str]:
+    """The lines under a round's line: why clients failed, one line per reason (most frequent
+    first), the fallback the round took when too much of its cohort dropped, and the split of
+    the model into cluster models (``[clustering] start = "flagged"``)."""
     lines = [
         escape(f"      failed: {count} x {reason}")
         for reason, count in (row.get("failures") or {}).items()
@@ -171,6 +172,13 @@ def failure_lines(row: dict[str, Any]) -> list[str]:
                 f"      fallback {fallback['kind']}: {fallback['dropped']} of "
                 f"{fallback['cohort']} dropped{done}{note}"
             )
+        )
+    split = row.get("clustered_split")
+    if split:
+        sizes = " and ".join(str(size) for size in split["sizes"])
+        lines.append(  # the drift flagged distinct populations (the row's drift_bimodal)
+            f"      clustered: the model splits into {split['clusters']} cluster models "
+            f"({sizes} clients)"
         )
     return lines
 

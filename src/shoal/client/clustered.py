@@ -9,6 +9,12 @@ changes only that cluster's block, naming the cluster in its metrics
 (``cluster``). An evaluation answers with the best cluster model's result,
 so that each client is scored on the model it would use.
 
+The number of clusters is read from the model's layout
+(:func:`~shoal.core.clusters.stacked_clusters`), up to the job's
+``clusters``; a model that is not a stack (a run under ``[clustering] start
+= "flagged"`` before it splits) goes to the wrapped client unchanged, so the
+same client serves a run before and after its split.
+
 A client app needs nothing for this: the job's ``[clustering] clusters``
 makes :class:`~shoal.client.app.ClientApp` wrap every client it builds, in
 simulation and on deployed clients alike.
@@ -30,13 +36,14 @@ from shoal.client.api import (
     TransformableData,
     fit_update,
 )
-from shoal.core.clusters import CLUSTER_METRIC, split_models
-from shoal.core.errors import ClientError
+from shoal.core.clusters import CLUSTER_METRIC, split_models, stacked_clusters
+from shoal.core.errors import ClientError, ModelError
 from shoal.core.parameters import Parameters
 
 
 class ClusteredClient(Client):
-    """``client`` trained and evaluated as one of ``clusters`` cluster models; see the module."""
+    """``client`` trained and evaluated as one of at most ``clusters`` cluster models; see the
+    module."""
 
     def __init__(self, client: Client, *, clusters: int) -> None:
         if clusters < 2:
@@ -58,12 +65,27 @@ class ClusteredClient(Client):
         best = int(np.argmin(losses))
         return best, results[best]
 
+    def models(self, parameters: Parameters) -> list[Parameters] | None:
+        """The cluster models ``parameters`` stacks (None: one model, not a stack); a stack of
+        more than ``clusters`` is refused."""
+        clusters = stacked_clusters(parameters)
+        if clusters is None:
+            return None
+        if clusters > self.clusters:
+            raise ModelError(
+                f"the model stacks {clusters} cluster models, more than the job's "
+                f"clustering.clusters = {self.clusters}"
+            )
+        return split_models(parameters, clusters=clusters)
+
     def fit(self, parameters: Parameters, config: FitConfig) -> FitResult:
-        models = split_models(parameters, clusters=self.clusters)
+        models = self.models(parameters)
+        if models is None:
+            return self.client.fit(parameters, config)
         cluster, _ = self.choose(models, EvaluateConfig(round=config.round, extras=config.extras))
         result = self.client.fit(models[cluster], config)
         update = fit_update(result, models[cluster])
-        blocks = np.zeros((self.clusters, len(update)), np.float32)
+        blocks = np.zeros((len(models), len(update)), np.float32)
         blocks[cluster] = update.vector
         return FitResult(
             parameters.with_vector(blocks.reshape(-1)),
@@ -73,7 +95,9 @@ class ClusteredClient(Client):
         )
 
     def evaluate(self, parameters: Parameters, config: EvaluateConfig) -> EvaluateResult:
-        models = split_models(parameters, clusters=self.clusters)
+        models = self.models(parameters)
+        if models is None:
+            return self.client.evaluate(parameters, config)
         cluster, result = self.choose(models, config)
         return EvaluateResult(
             result.loss, result.num_examples, {**result.metrics, CLUSTER_METRIC: cluster}

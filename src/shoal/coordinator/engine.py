@@ -52,6 +52,7 @@ from shoal.coordinator.policy import (
     sealed_submission,
 )
 from shoal.coordinator.round_summary import (
+    Counted,
     counted_updates,
     round_divergence,
     round_drift,
@@ -70,6 +71,7 @@ from shoal.coordinator.secure import (
     open_secure_round,
 )
 from shoal.coordinator.selection import CohortSampler, SeededSampler, client_seed, cohort_size
+from shoal.coordinator.split import SplitRule, single_layout
 from shoal.coordinator.state import RoundState, Step, Trigger, next_state
 from shoal.coordinator.validation import cluster_problem, count_problem, update_problem
 from shoal.core.clusters import CLUSTER_METRIC, chosen_cluster
@@ -123,6 +125,7 @@ class Coordinator:
         divergence: DivergenceRule | None = None,
         drift: DriftRule | None = None,
         telemetry: bool = True,
+        split: SplitRule | None = None,
     ) -> None:
         if secure is not None:
             check_secure_strategy(strategy)
@@ -135,7 +138,11 @@ class Coordinator:
         self.divergence = divergence  # None: no per-client divergence (divergence.enabled = false)
         self.drift = drift  # None: no drift projection (drift.enabled = false)
         self.telemetry = telemetry  # False: no per-client timings ([telemetry] enabled = false)
-        self.strategy = strategy
+        # under [clustering] start = "flagged" the model's layout picks the strategy: ``strategy``
+        # for one model, per cluster once the model split (see shoal.coordinator.split)
+        self.split = split
+        self.base_strategy = strategy
+        self.strategy = strategy if split is None else split.strategy_for(strategy, parameters)
         self.parameters = parameters
         self.seed = seed
         self.sampler = SeededSampler(seed) if sampler is None else sampler
@@ -181,16 +188,26 @@ class Coordinator:
             case FinishRun():
                 return []
 
+    @property
+    def splitting(self) -> bool:
+        """Whether a flagged round would split the model (one model under a split rule: the
+        strategy follows the layout, so one model is the unclustered strategy)."""
+        return self.split is not None and self.strategy.clusters == 1
+
     def restore(
         self, parameters: Parameters, optimizer_state: TransformState | None = None
     ) -> None:
-        """Replace the global model between rounds (resume, rollback)."""
+        """Replace the global model between rounds (resume, rollback). Under a split rule the
+        model may be one model or a stack of them (a rollback across the split): the strategy
+        follows its layout."""
         if self.state is not RoundState.IDLE:
             raise IllegalTransition(
                 f"cannot restore a model while the coordinator is {self.state.value}"
             )
         if parameters.layout != self.parameters.layout:
-            raise StrategyError("the restored model's layout differs from the running one")
+            if self.split is None or single_layout(parameters) != single_layout(self.parameters):
+                raise StrategyError("the restored model's layout differs from the running one")
+            self.strategy = self.split.strategy_for(self.base_strategy, parameters)
         self.parameters = parameters
         self.optimizer_state = (
             self.strategy.server_optimizer.init(parameters.vector)
@@ -405,6 +422,8 @@ class Coordinator:
         )
         if self.divergence is not None or self.drift is not None:  # measured at the commit
             current.counted.append((client_id, update))
+            if self.splitting:  # a split averages each group with the round's weights
+                current.counted_weights.append(weight)
         self._book(current, client_id, num_examples, metrics)
 
     # --- the policy ----------------------------------------------------------------------
@@ -701,10 +720,38 @@ class Coordinator:
             current, delta, rule=self.divergence, seed=self.seed, counted=counted
         )
         current.drift = round_drift(current, rule=self.drift, seed=self.seed, counted=counted)
-        current.counted = []  # measured: the books let go of the updates
+        if self.splitting:
+            self._split(current, delta, counted)
+        current.counted, current.counted_weights = [], []  # measured: the books let go of them
         summary = self._summary(now, committed=True)
         self._move(Step.COMMITTED)
         return [CommitVersion(current.number, self.parameters, summary), RoundClosed(summary)]
+
+    def _split(self, current: RoundBooks, delta: Vector, counted: Counted | None) -> None:
+        """Split the new model into cluster models when the round's drift flagged groups; the
+        per-cluster strategy and a fresh server optimizer state (over the stack) from now on."""
+        assert self.split is not None
+        split = self.split.split(
+            self.parameters,
+            delta,
+            round_number=current.number,
+            drift=current.drift,
+            counted=counted,
+            weights=current.counted_weights,
+        )
+        if split is None:
+            return
+        log.info(
+            "round %d: the drift flagged distinct groups; the model splits into %d cluster "
+            "models (%s clients)",
+            current.number,
+            split.report.clusters,
+            "/".join(str(size) for size in split.report.sizes),
+        )
+        self.parameters = split.parameters
+        self.strategy = self.split.strategy_for(self.base_strategy, split.parameters)
+        self.optimizer_state = self.strategy.server_optimizer.init(split.parameters.vector)
+        current.split = split.report
 
     def _private_mean(self, total: npt.NDArray[np.floating], unclipped: float) -> Vector:
         """DP-FedAvg's noised mean; the clip norm it used goes into the round's metrics."""

@@ -334,6 +334,21 @@ class RoundSummary:
     cohort: tuple[str, ...] = ()  # every client the round asked (replacements included)
     clusters: Mapping[int, ClusterReport] = field(default_factory=dict)  # clustered FL
     fleet: FleetReport | None = None  # the clients' timings ([telemetry] enabled)
+    split: ClusterSplit | None = None  # the model split into cluster models at this commit
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSplit:
+    """A round whose commit split one model into cluster models (``[clustering] start =
+    "flagged"``): how many, and how many of the round's counted clients formed each."""
+
+    round: int
+    clusters: int
+    sizes: tuple[int, ...]
+
+    def row_field(self) -> dict[str, Any]:
+        """The round's ``clustered_split`` in its metrics row and audit entry."""
+        return {"round": self.round, "clusters": self.clusters, "sizes": list(self.sizes)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from shoal.config import MetadataSection
-from shoal.coordinator.events import RoundSummary
+from shoal.coordinator.events import ClusterSplit, RoundSummary
 from shoal.coordinator.records import RunStore
 from shoal.governance.pseudonyms import Names, PlainNames
 from shoal.registry.participation import Participation, ParticipationLog
@@ -93,6 +93,12 @@ class RoundRecords:
             "abort_reason": summary.abort_reason,
         }
         self.store.audit_event("select", subject=f"round {summary.round}", details=details)
+
+    def audit_split(self, split: ClusterSplit, *, version: int) -> None:
+        """The audit log's record of a model split into cluster models (in the transaction
+        of the version it made)."""
+        details = {"run_id": self.run_id, "version": version, **split.row_field()}
+        self.store.audit_event("clustered_split", subject=f"round {split.round}", details=details)
 
     def record_decryption(self, round_number: int, *, key_holder: str, error: str | None) -> None:
         """Audit the key holder's answer to a round's decryption request (the shell that

@@ -76,6 +76,7 @@ def summarize(
         },
         cohort=tuple(sorted(current.cohort)),
         fleet=fleet_report(current, now=now, committed=committed, deadline_s=deadline_s),
+        split=current.split,
     )
 
 

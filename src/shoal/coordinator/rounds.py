@@ -12,7 +12,7 @@ import numpy as np
 
 from shoal.aggregation.divergence import DivergenceReport
 from shoal.aggregation.drift import DriftReport
-from shoal.coordinator.events import Authentication, FleetReport, SecureRoundReport
+from shoal.coordinator.events import Authentication, ClusterSplit, FleetReport, SecureRoundReport
 from shoal.coordinator.fallback import DropFallback, FallbackBooks
 from shoal.coordinator.homomorphic import CkksRound
 from shoal.coordinator.secure import SecureRound
@@ -174,10 +174,12 @@ class RoundBooks:
     fallback: FallbackBooks | None = None
     # the counted updates, for divergence and drift (let go of once both are measured)
     counted: list[tuple[str, Vector]] = field(default_factory=list)
+    counted_weights: list[float] = field(default_factory=list)  # kept while a split may come
     divergence: DivergenceReport | None = None
     drift: DriftReport | None = None
     clusters: dict[int, ClusterBooks] = field(default_factory=dict)  # clustered FL, by cluster
     fleet: FleetBooks | None = None  # the clients' timings, with [telemetry] enabled
+    split: ClusterSplit | None = None  # the model split into cluster models at the commit
 
     @property
     def accounted(self) -> int:

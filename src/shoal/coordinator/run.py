@@ -41,6 +41,12 @@ layer owns everything above it, so that each rule is written once:
   cheats, and the job's alerts (``[alerts]``) about a cohort that dropped
   past the job's share; the audit log's head is signed at each commit and
   at the end;
+- clustered FL that starts when the drift flags (``[clustering] start =
+  "flagged"``): version 0 is one model, the engine's split rule
+  (:mod:`shoal.coordinator.split`) splits it at a flagged round's commit,
+  and that version is committed with its row's ``clustered_split`` and
+  its audit entry; a resume or rollback finds one model or the clusters
+  from the version's layout;
 - the poisoned-model playbook (``[playbook]``,
   :mod:`shoal.coordinator.playbook`): each committed version judged, marked
   GOOD or BAD, HEAD rolled back and the suspects suspended;
@@ -89,8 +95,9 @@ from shoal.coordinator.run_metrics import (
 from shoal.coordinator.schedule import Play, evaluation_due, schedule
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
 from shoal.coordinator.selection import PrivateSampler, cohort_size
+from shoal.coordinator.split import SplitRule
 from shoal.coordinator.telemetry import DeviceClasses, UnknownClasses
-from shoal.core.clusters import perturbed_stack, split_models
+from shoal.core.clusters import perturbed_stack, split_models, stacked_clusters
 from shoal.core.errors import ConfigError, ModelError, RunError, ShoalError
 from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
@@ -262,19 +269,30 @@ class Run:
 
     def _roll_engine_back(self, record: ModelRecord) -> None:
         """The engine takes ``record``'s model and optimizer state: the next round trains
-        from it (the playbook's rollback)."""
+        from it (the playbook's rollback; to a version before a split, one model again)."""
         parameters, saved = self.store.load(record)
         template = self.parts.strategy.server_optimizer.init(parameters.vector)
         state = template if saved is None else state_from_bytes(template, saved)
         self.coordinator.restore(parameters, state)
         self._previous = parameters
+        self.model_bytes = len(parameters.to_bytes())
+
+    @property
+    def split_rule(self) -> SplitRule | None:
+        """When the run's one model splits into cluster models (``[clustering] start =
+        "flagged"``; None: it never does)."""
+        clustering = self.config.clustering
+        if clustering.start != "flagged" or clustering.clusters < 2:
+            return None
+        return SplitRule(max_clusters=clustering.clusters)
 
     def _initial_parameters(self, first_client: Callable[[], Client]) -> Parameters:
         """The model of version 0; under ``[clustering]``, that many cluster models stacked,
-        each but the first moved by seeded noise so that clients' losses can tell them apart."""
+        each but the first moved by seeded noise so that clients' losses can tell them apart
+        (``start = "flagged"``: one model, until the drift flags groups)."""
         model = self._initial_model(first_client)
         clusters = self.config.clustering.clusters
-        if clusters == 1:
+        if clusters == 1 or self.split_rule is not None:
             return model
         return perturbed_stack(
             model, clusters=clusters, seed=self.config.run.seed, scale=CLUSTER_SPREAD
@@ -296,12 +314,17 @@ class Run:
             ) from exc
 
     def _check_clusters(self, parameters: Parameters) -> None:
-        """Refuse to resume a model stacked for another ``[clustering] clusters``."""
+        """Refuse to resume a model stacked for another ``[clustering] clusters`` (under
+        ``start = "flagged"``: one model, not split yet, or a stack of at most that many)."""
         clusters = self.config.clustering.clusters
         try:
-            if clusters > 1:
+            stacked = stacked_clusters(parameters)
+            if self.split_rule is not None:
+                if stacked is not None and not 2 <= stacked <= clusters:
+                    raise ModelError(f"the model is a stack of {stacked} cluster models")
+            elif clusters > 1:
                 split_models(parameters, clusters=clusters)
-            elif parameters.layout.names and parameters.layout.names[0].startswith("cluster0/"):
+            elif stacked is not None:
                 raise ModelError("the model is a stack of cluster models")
         except ModelError as exc:
             raise RunError(
@@ -336,6 +359,7 @@ class Run:
             divergence=divergence_rule(self.config),
             drift=drift_rule(self.config),
             telemetry=self.config.telemetry.enabled,
+            split=self.split_rule,
             metrics_aggregation={
                 phase: aggregate
                 for phase, aggregate in (
@@ -583,7 +607,7 @@ class Run:
                 self.app,
                 commit.parameters,
                 round_number=commit.round,
-                clusters=self.config.clustering.clusters,
+                clusters=stacked_clusters(commit.parameters) or 1,
             )
         )
         row["model_step_l2"] = self._step_l2(commit.parameters)
@@ -600,9 +624,13 @@ class Run:
                 architecture=self.architecture,
             )
             records.record_participants(summary, version=record.version)
+            if summary.split is not None:
+                records.audit_split(summary.split, version=record.version)
             self.store.sign_audit_head()
         row.update(model_version=record.version, sha256=record.sha256)
         self._previous = commit.parameters
+        if summary.split is not None:  # the stack weighs k times more from the next round on
+            self.model_bytes = len(commit.parameters.to_bytes())
         if self.playbook is not None:  # its alerts fire after the round's records committed
             row["playbook"] = self.playbook.after_fit(summary, row, version=record.version)
         return row

@@ -102,6 +102,8 @@ def round_row(
         row.update(summary.drift.row_fields())
     if summary.clusters:
         row.update(cluster_fields(summary))
+    if summary.split is not None:
+        row["clustered_split"] = summary.split.row_field()
     if fit and policy:
         row.update(
             policy_decisions=summary.policy_decisions,

@@ -36,7 +36,8 @@ def strategy_from_config(config: Config) -> Strategy:
 
 def strategy_for(config: Config, app: ServerApp) -> Strategy:
     """The server app's strategy (a preset name or composed parts), else ``[strategy]``;
-    under ``[clustering] clusters`` above 1, run per cluster (clustered FL)."""
+    under ``[clustering] clusters`` above 1, run per cluster (clustered FL), except under
+    ``start = "flagged"``: the run's engine goes per cluster when its model splits."""
     chosen = app.strategy
     if chosen is None:
         strategy = strategy_from_config(config)
@@ -48,6 +49,8 @@ def strategy_for(config: Config, app: ServerApp) -> Strategy:
             strategy = make_strategy(chosen, **overrides)
         except StrategyError as exc:
             raise ConfigError(f"the server app's strategy: {exc}") from None
+    if config.clustering.start == "flagged":
+        return strategy
     try:
         return clustered_strategy(strategy, clusters=config.clustering.clusters)
     except StrategyError as exc:

@@ -67,6 +67,26 @@ def split_models(parameters: Parameters, *, clusters: int) -> list[Parameters]:
     return [Parameters(block, layout) for block in blocks]
 
 
+def stacked_clusters(parameters: Parameters) -> int | None:
+    """How many cluster models ``parameters`` stacks (None: it is one model, unstacked).
+
+    Read from the layout (cluster 0's tensors, then each next cluster's), so that a clustered
+    client serves a run before and after it splits (``[clustering] start = "flagged"``).
+
+    >>> model = Parameters.from_arrays([np.ones(2)], names=["w"])
+    >>> stacked_clusters(model), stacked_clusters(stack_models([model] * 3))
+    (None, 3)
+    """
+    names = parameters.layout.names
+    prefix = cluster_prefix(0)
+    if not names or not names[0].startswith(prefix):
+        return None
+    each = sum(1 for name in names if name.startswith(prefix))
+    clusters = len(names) // each
+    split_models(parameters, clusters=clusters)  # refuses a stack out of order
+    return clusters
+
+
 def perturbed_stack(model: Parameters, *, clusters: int, seed: int, scale: float) -> Parameters:
     """``clusters`` copies of ``model``, each but the first moved by seeded Gaussian noise of
     ``scale`` times the model's RMS value (or ``scale`` itself for a zero model), so that the

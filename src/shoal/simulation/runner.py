@@ -196,6 +196,7 @@ class Simulation:
                     )
                     row.update(self.canaries.row_fields(self.coordinator.parameters, row))
                     lifecycle.record(row)
+                    self.model_bytes = lifecycle.model_bytes  # a split model weighs k times more
                     if on_round is not None:
                         on_round(row)
                     now = row["virtual_time_s"]
