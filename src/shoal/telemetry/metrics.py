@@ -45,16 +45,8 @@ class MetricsLog:
             handle.write(line + "\n")
 
     def rows(self) -> list[Row]:
-        """Every complete row; a line torn by a crash is skipped."""
-        if not self.path.exists():
-            return []
-        rows = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-        return rows
+        """Every complete row; a line torn by a crash is skipped (see :func:`read_rows`)."""
+        return read_rows(self.path)[0]
 
     def truncate(self, keep: Callable[[Row], bool]) -> list[Row]:
         """Keep only the rows ``keep`` accepts (atomically); returns them."""
@@ -63,3 +55,22 @@ class MetricsLog:
         partial.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in kept))
         partial.replace(self.path)
         return kept
+
+
+def read_rows(path: Path) -> tuple[list[Row], int]:
+    """The JSON objects of a JSON-lines file (none when it is missing), and how many lines were
+    left out: torn by a crash, not JSON, not an object, or nested past the parser's depth."""
+    if not path.exists():
+        return [], 0
+    rows: list[Row] = []
+    skipped = 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            skipped += 1
+    return rows, skipped
