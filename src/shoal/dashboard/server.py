@@ -11,6 +11,15 @@ cookie that a first load with ``?token=TOKEN`` sets (the answer redirects to
 the same address without it); tokens are compared in constant time.
 Without a token only loopback Host names are answered, so that a web page
 elsewhere cannot reach the server through DNS rebinding.
+
+Every answer, refusals and errors included, carries :data:`SECURITY_HEADERS`
+(no framing, no sniffing, no referrer, no cache, scripts from this origin
+only). A connection that does not finish its request within
+``request_timeout_s`` is closed, and past ``max_connections`` open at once a
+new one is closed unanswered, so a peer holding connections open (slowloris)
+holds neither unbounded threads nor a thread for ever. An unexpected error
+is a 500 with one line, logged here, never a traceback to the browser; the
+token is never logged.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -43,6 +53,9 @@ DEFAULT_PORT = 8050
 TOKEN_ENV = "SHOAL_DASHBOARD_TOKEN"
 MIN_TOKEN_CHARS = 16
 STOP_POLL_S = 0.1  # how often a serving thread looks for a stop request
+REQUEST_TIMEOUT_S = 10.0  # a connection silent this long is closed
+MAX_CONNECTIONS = 64  # connections served at once; past it a new one is closed
+_TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&\s]*")
 COOKIE = "shoal_dashboard"
 RUN_FILES = (METRICS_FILE, DRIFT_FILE, SUMMARY_FILE)  # what the figures are drawn from
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
@@ -151,10 +164,14 @@ class DashboardServer(ThreadingHTTPServer):
         port: int,
         token: str | None,
         options: str = "",
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         check_bind(host, token, options=options)
         self.dashboard = dashboard
         self.token = token
+        self.request_timeout_s = request_timeout_s
+        self._slots = threading.BoundedSemaphore(max_connections)
         self._thread: threading.Thread | None = None
         try:
             version = ipaddress.ip_address(host.strip("[]")).version
@@ -172,6 +189,29 @@ class DashboardServer(ThreadingHTTPServer):
     @property
     def port(self) -> int:
         return int(self.server_address[1])
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection from a thread of its own, or close it when every slot is
+        taken."""
+        if not self._slots.acquire(blocking=False):
+            log.debug("dashboard: %s closed, %s", client_address[0], "every connection is taken")
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that broke (a peer gone, a write timed out): one line, no traceback."""
+        log.debug("dashboard: the connection of %s failed", client_address[0], exc_info=True)
 
     @property
     def url(self) -> str:
@@ -228,11 +268,22 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._route(body=True)
 
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout_s  # the socket's, for reads and writes
+        super().setup()
+
     def version_string(self) -> str:
         return self.server_version  # no Python version to tell a prober
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+        line = _TOKEN_IN_QUERY.sub("REDACTED", format % args)
+        log.debug("%s %s", self.address_string(), line)
+
+    def end_headers(self) -> None:
+        """The security headers on every answer, the server's own refusals included."""
+        for name, value in SECURITY_HEADERS.items():
+            self.send_header(name, value)
+        super().end_headers()
 
     def _route(self, *, body: bool) -> None:
         target = urlsplit(self.path)
@@ -258,6 +309,10 @@ class _Handler(BaseHTTPRequestHandler):
             log.warning("dashboard: %s", exc)
             message = json.dumps({"error": str(exc)}).encode()
             self._send(HTTPStatus.SERVICE_UNAVAILABLE, message, "application/json", body=body)
+        except Exception:  # a bug: the operator's log has it, the browser one line
+            log.exception("dashboard: %s failed", target.path)
+            message = json.dumps({"error": "internal error: see the dashboard's log"}).encode()
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, message, "application/json", body=body)
 
     def _serve(self, path: str, query: dict[str, list[str]], *, body: bool) -> None:
         dashboard = self.server.dashboard
@@ -325,7 +380,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header(
             "Content-Length", str(len(content) if status != HTTPStatus.NO_CONTENT else 0)
         )
-        for name, value in (SECURITY_HEADERS | (headers or {})).items():
+        for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
         if body and content:
