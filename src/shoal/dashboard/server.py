@@ -269,8 +269,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._route(body=True)
 
     def setup(self) -> None:
-        self.timeout = self.server.request_timeout_s  # the socket's, for reads and writes
         super().setup()
+        self.connection.settimeout(self.server.request_timeout_s)  # for reads and writes
 
     def version_string(self) -> str:
         return self.server_version  # no Python version to tell a prober
