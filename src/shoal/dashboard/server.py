@@ -16,8 +16,9 @@ Every answer, refusals and errors included, carries :data:`SECURITY_HEADERS`
 (no framing, no sniffing, no referrer, no cache, scripts from this origin
 only). A connection that does not finish its request within
 ``request_timeout_s`` is closed, and past ``max_connections`` open at once a
-new one is closed unanswered, so a peer holding connections open (slowloris)
-holds neither unbounded threads nor a thread for ever. An unexpected error
+new one is closed unanswered (:class:`~shoal.core.serving.BoundedThreadingMixIn`),
+so a peer holding connections open (slowloris) holds neither unbounded
+threads nor a thread for ever. An unexpected error
 is a 500 with one line, logged here, never a traceback to the browser; the
 token is never logged.
 """
@@ -35,12 +36,13 @@ import threading
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from shoal.core.errors import ConfigError, ShoalError
+from shoal.core.serving import MAX_CONNECTIONS, REQUEST_TIMEOUT_S, BoundedThreadingMixIn, host_name
 from shoal.dashboard import assets, page
 from shoal.dashboard.state import RunReader, Snapshot
 from shoal.telemetry.metrics import METRICS_FILE, SUMMARY_FILE
@@ -53,8 +55,6 @@ DEFAULT_PORT = 8050
 TOKEN_ENV = "SHOAL_DASHBOARD_TOKEN"
 MIN_TOKEN_CHARS = 16
 STOP_POLL_S = 0.1  # how often a serving thread looks for a stop request
-REQUEST_TIMEOUT_S = 10.0  # a connection silent this long is closed
-MAX_CONNECTIONS = 64  # connections served at once; past it a new one is closed
 _TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&\s]*")
 COOKIE = "shoal_dashboard"
 RUN_FILES = (METRICS_FILE, DRIFT_FILE, SUMMARY_FILE)  # what the figures are drawn from
@@ -150,11 +150,9 @@ def _stat(path: Path) -> tuple[int, int] | None:
     return status.st_mtime_ns, status.st_size
 
 
-class DashboardServer(ThreadingHTTPServer):
+class DashboardServer(BoundedThreadingMixIn, HTTPServer):
     """Serves ``dashboard`` on ``host:port`` (port 0: any free one); :meth:`start` serves it
     from a thread, :meth:`serve_forever` from the caller's."""
-
-    daemon_threads = True
 
     def __init__(
         self,
@@ -170,8 +168,6 @@ class DashboardServer(ThreadingHTTPServer):
         check_bind(host, token, options=options)
         self.dashboard = dashboard
         self.token = token
-        self.request_timeout_s = request_timeout_s
-        self._slots = threading.BoundedSemaphore(max_connections)
         self._thread: threading.Thread | None = None
         try:
             version = ipaddress.ip_address(host.strip("[]")).version
@@ -179,7 +175,12 @@ class DashboardServer(ThreadingHTTPServer):
             version = 4
         self.address_family = socket.AF_INET6 if version == 6 else socket.AF_INET
         try:
-            super().__init__((host.strip("[]"), port), _Handler)
+            super().__init__(
+                (host.strip("[]"), port),
+                _Handler,
+                request_timeout_s=request_timeout_s,
+                max_connections=max_connections,
+            )
         except OSError as exc:
             raise ConfigError(
                 f"--{options}port {port}: the dashboard cannot listen on {host}: "
@@ -189,29 +190,6 @@ class DashboardServer(ThreadingHTTPServer):
     @property
     def port(self) -> int:
         return int(self.server_address[1])
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """Serve the connection from a thread of its own, or close it when every slot is
-        taken."""
-        if not self._slots.acquire(blocking=False):
-            log.debug("dashboard: %s closed, %s", client_address[0], "every connection is taken")
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A connection that broke (a peer gone, a write timed out): one line, no traceback."""
-        log.debug("dashboard: the connection of %s failed", client_address[0], exc_info=True)
 
     @property
     def url(self) -> str:
@@ -268,10 +246,6 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._route(body=True)
 
-    def setup(self) -> None:
-        super().setup()
-        self.connection.settimeout(self.server.request_timeout_s)  # for reads and writes
-
     def version_string(self) -> str:
         return self.server_version  # no Python version to tell a prober
 
@@ -288,7 +262,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, *, body: bool) -> None:
         target = urlsplit(self.path)
         query = parse_qs(target.query)
-        if self.server.token is None and not is_loopback(self._host_name()):
+        if self.server.token is None and not is_loopback(
+            host_name(self.headers.get("Host"), default=str(self.server.server_address[0]))
+        ):
             self._send(HTTPStatus.FORBIDDEN, b"unexpected Host header\n", "text/plain", body=body)
             return
         if "token" in query and self.server.allows(query["token"][-1]):
@@ -356,15 +332,6 @@ class _Handler(BaseHTTPRequestHandler):
         except CookieError:
             morsel = None
         return self.server.allows_cookie(None if morsel is None else morsel.value)
-
-    def _host_name(self) -> str:
-        """The Host header's name (its port left out); the bound address when there is none."""
-        host = self.headers.get("Host")
-        if not host:
-            return str(self.server.server_address[0])
-        if host.startswith("["):
-            return host[1 : host.find("]")] if "]" in host else host
-        return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
     def _send(
         self,
