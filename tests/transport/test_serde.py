@@ -66,7 +66,10 @@ FINITE = st.floats(allow_nan=False, allow_infinity=False, width=64)
 SECONDS = st.floats(min_value=0, max_value=1e9, allow_nan=False)
 COUNT = st.integers(min_value=0, max_value=2**63 - 1)
 ROUND = st.integers(min_value=0, max_value=2**63 - 1)
-METRICS = st.dictionaries(TEXT, FINITE, max_size=4)
+METRIC_NAME = st.text(
+    st.characters(categories=["L", "N", "P", "S"], include_characters=" "), min_size=1, max_size=40
+)
+METRICS = st.dictionaries(METRIC_NAME, FINITE, max_size=4)  # printable names, as on the wire
 EXTRAS = st.dictionaries(
     TEXT,
     st.one_of(st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1), FINITE, TEXT),
