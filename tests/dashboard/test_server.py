@@ -14,10 +14,11 @@ import pytest
 from typer.testing import CliRunner
 
 from shoal.cli import app
-from shoal.core import ConfigError
+from shoal.core import ConfigError, DeviceState
 from shoal.dashboard import TOKEN_ENV, DashboardServer, check_bind, is_loopback, open_dashboard
 from shoal.dashboard.server import Dashboard
 from shoal.dashboard.state import RunReader
+from shoal.registry import ClientRegistry, registry_location
 from shoal.telemetry.report import Figure
 
 TOKEN = "s3cret-token-0123456789"
@@ -234,3 +235,29 @@ def test_an_unexpected_error_is_one_line_and_the_server_keeps_serving(tmp_path: 
         assert get(server, "/dashboard.js")[0] == 200
     finally:
         server.close()
+
+
+def test_what_clients_named_reaches_the_browser_as_text(tmp_path: Path) -> None:
+    """A client's device class (any 64 characters it likes) and the failure kinds, classes and
+    pseudonyms in the run's rows come back escaped in the page and in the state's fragment,
+    which the page's script puts in place with innerHTML."""
+    hostile = '"><img src=x onerror=alert(1)><script>alert(2)</script>'
+    database = registry_location(tmp_path, None).open()
+    try:
+        ClientRegistry(database).enroll("client-1", DeviceState(device_class=hostile[:64]))
+    finally:
+        database.close()
+    row = {"round": 1, "phase": "fit", "drops_by_reason": {hostile: 1}}
+    row["fairness"] = {hostile: {"participation_share": 1.0, "population_share": 1.0}}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    drift = {"round": 1, "points": [[0.0, 1.0]], "labels": [0], "clients": [hostile]}
+    (tmp_path / "drift.jsonl").write_text(json.dumps(drift) + "\n")
+    server = open_dashboard(tmp_path, port=0).start()
+    try:
+        page = get(server, "/")[2].decode()
+        fragment = json.loads(get(server, "/api/state")[2])["html"]
+    finally:
+        server.close()
+    for html in (page, fragment):
+        assert "&lt;img src=x" in html and "&lt;script&gt;" in html
+        assert "<img" not in html and html.count("<script") == (1 if html is page else 0)
