@@ -121,3 +121,15 @@ def test_the_dashboard_reads_a_hostile_folder_as_rows(tmp_path: Path) -> None:
         reader.close()
     assert snapshot.current_round == 1 and snapshot.summary is None
     assert snapshot.run_name == "run"
+
+
+def test_a_line_being_written_costs_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dashboard reads a running run's file as the coordinator appends to it."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text(json.dumps(row(1)) + '\n{"round": 2, "pha')
+    with caplog.at_level(logging.WARNING):
+        assert [entry["round"] for entry in load_run(folder).rows] == [1]
+    assert caplog.text == ""

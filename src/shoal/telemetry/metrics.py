@@ -59,18 +59,22 @@ class MetricsLog:
 
 def read_rows(path: Path) -> tuple[list[Row], int]:
     """The JSON objects of a JSON-lines file (none when it is missing), and how many lines were
-    left out: torn by a crash, not JSON, not an object, or nested past the parser's depth."""
+    left out: not JSON, not an object, or nested past the parser's depth. A last line without
+    its newline that is not a row (being written, or torn by a crash) is left out uncounted."""
     if not path.exists():
         return [], 0
-    rows: list[Row] = []
-    skipped = 0
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):
-            row = None
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            skipped += 1
+    *lines, last = path.read_text(errors="replace").split("\n")
+    rows = [row for row in map(_object, lines) if row is not None]
+    skipped = sum(1 for line in lines if line.strip()) - len(rows)
+    if (row := _object(last)) is not None:
+        rows.append(row)
     return rows, skipped
+
+
+def _object(line: str) -> Row | None:
+    """The JSON object on ``line``, or None."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return row if isinstance(row, dict) else None
