@@ -75,10 +75,13 @@ async def served(tmp_path: Path, tokens: list[Any]) -> AsyncIterator[tuple[str, 
         parts.close()
 
 
-def forged_enroll(client_id: str, token: str) -> bytes:
-    """An Enroll request signed by a fresh key, built field by field as an attacker would."""
+def forged_enroll(client_id: str, token: str, **device: str) -> bytes:
+    """An Enroll request signed by a fresh key, built field by field as an attacker would
+    (``device``: its device's text fields, as they are)."""
     private, public = generate_client_key()
     message = serde.encode_enroll_request(EnrollmentRequest(DeviceState(), public, token))
+    for name, text in device.items():
+        setattr(message.device, name, text)
     digest, nonce, timestamp = serde.request_digest(message), new_nonce(), time.time()
     signature = sign_request(
         private,
@@ -103,10 +106,13 @@ def forged_enroll(client_id: str, token: str) -> bytes:
     return message.SerializeToString()
 
 
-async def enroll(channel: grpc.aio.Channel, client_id: str, token: str) -> tuple[str, str]:
+async def enroll(
+    channel: grpc.aio.Channel, client_id: str, token: str, **device: str
+) -> tuple[str, str]:
     """(code, detail) of an enrollment: ``accepted``, a reject code, or the gRPC status."""
     try:
-        raw = await channel.unary_unary(ENROLL)(forged_enroll(client_id, token), timeout=10)
+        request = forged_enroll(client_id, token, **device)
+        raw = await channel.unary_unary(ENROLL)(request, timeout=10)
     except grpc.aio.AioRpcError as error:
         return f"grpc {error.code().name}", error.details() or ""
     reply = serde.decode_enroll_response(serde.parse(pb.EnrollResponse, raw))
@@ -130,6 +136,41 @@ def test_hostile_client_ids_are_refused_with_the_rule_and_never_stored(tmp_path:
         assert RULE in detail and "\n" not in detail, (client_id, detail)
     assert good == ("accepted", "")
     assert enrolled == 1  # only hospital-7: no hostile id reached the registry
+
+
+HOSTILE_DEVICE_TEXTS = [
+    "\x1b]8;;https://evil.example\x1b\\phone\x1b]8;;\x1b\\",  # a terminal hyperlink
+    "\x1b[2J\x1b[Hall clients healthy",  # clears the operator's terminal
+    "phone\nINFO shoal.coordinator: forged log line",
+    "phone\u202e",  # turns the rest of a line around
+    "",
+]
+
+
+@pytest.mark.parametrize(
+    "field", ["device_class", "app_version", "runtime_version", "model_architecture_version"]
+)
+def test_device_texts_that_a_terminal_would_act_on_are_refused(tmp_path: Path, field: str) -> None:
+    """A client's device class and versions are printed by ``shoal clients list``, logged and
+    shown by the dashboard: a control character in them would act on the operator's terminal
+    (rich prints it as is), so enrollment refuses it and stores nothing."""
+
+    async def body() -> tuple[list[tuple[str, str]], int]:
+        async with (
+            served(tmp_path, [TOKEN]) as (target, parts),
+            grpc.aio.insecure_channel(target) as channel,
+        ):
+            answers = [
+                await enroll(channel, f"client-{index}", TOKEN, **{field: text})
+                for index, text in enumerate(HOSTILE_DEVICE_TEXTS)
+            ]
+            return answers, parts.clients.count()
+
+    answers, enrolled = asyncio.run(body())
+    for text, (code, detail) in zip(HOSTILE_DEVICE_TEXTS, answers, strict=True):
+        assert code == RejectCode.MALFORMED.value, (text, code, detail)
+        assert "printable" in detail and "\x1b" not in detail and "\n" not in detail, detail
+    assert enrolled == 0
 
 
 def test_the_real_client_refuses_a_bad_id_with_the_same_rule(tmp_path: Path) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,8 +14,12 @@ import pytest
 from typer.testing import CliRunner
 
 from shoal.cli import app
-from shoal.core import ConfigError
+from shoal.core import ConfigError, DeviceState
 from shoal.dashboard import TOKEN_ENV, DashboardServer, check_bind, is_loopback, open_dashboard
+from shoal.dashboard.server import Dashboard
+from shoal.dashboard.state import RunReader
+from shoal.registry import ClientRegistry, registry_location
+from shoal.telemetry.report import Figure
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -116,3 +123,141 @@ def test_the_state_is_sent_only_when_it_changed(open_server: DashboardServer) ->
     assert get(open_server, "/nothing-here")[0] == 404
     script = get(open_server, "/dashboard.js")
     assert script[0] == 200 and b"/api/state?since=" in script[2]
+
+
+def raw_exchange(server: DashboardServer, request: bytes, *, timeout_s: float = 10) -> bytes:
+    """Send ``request`` as is and read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout_s) as peer:
+        peer.sendall(request)
+        answer = b""
+        while chunk := peer.recv(65536):
+            answer += chunk
+        return answer
+
+
+def answer_headers(answer: bytes) -> dict[str, str]:
+    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")[1:]
+    return dict(line.split(": ", 1) for line in head)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n",
+        b"DELETE /api/state HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+        b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n",
+    ],
+)
+def test_every_refusal_carries_the_security_headers(
+    open_server: DashboardServer, request_bytes: bytes
+) -> None:
+    """Methods other than GET and HEAD, oversized or malformed requests: refused, and the
+    refusal can be neither framed nor sniffed as another type."""
+    answer = raw_exchange(open_server, request_bytes)
+    status = int(answer.split(b" ", 2)[1])
+    assert status in (400, 414, 431, 501, 505)
+    headers = answer_headers(answer)
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["X-Frame-Options"] == "DENY"
+    assert headers["Referrer-Policy"] == "no-referrer"
+    assert b"Traceback" not in answer and b"Python" not in answer
+
+
+def test_a_connection_that_sends_nothing_is_closed(tmp_path: Path) -> None:
+    """Slowloris: a peer that opens connections and never finishes a request holds no
+    serving thread past the request timeout."""
+    reader = RunReader(tmp_path)
+    server = DashboardServer(
+        Dashboard(reader), port=0, token=None, request_timeout_s=0.2, max_connections=4
+    ).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as idle:
+            idle.sendall(b"GET / HTTP/1.1\r\n")  # and never the rest
+            assert idle.recv(1024) == b""  # the server hung up
+    finally:
+        server.close()
+
+
+def test_connections_past_the_limit_are_closed_at_once(tmp_path: Path) -> None:
+    """A peer holding every connection slot makes the next connection close, not queue a
+    thread; the slots come back when it lets go."""
+    server = DashboardServer(
+        Dashboard(RunReader(tmp_path)), port=0, token=None, max_connections=2
+    ).start()
+    try:
+        held = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in "ab"]
+        for connection in held:
+            connection.sendall(b"GET / HTTP/1.1\r\n")  # a request begun, never finished
+        assert raw_exchange(server, b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n") == b""
+        for connection in held:
+            connection.close()
+        answered = answer_after_release(server)
+        assert answered.startswith(b"HTTP/1.0 200")
+    finally:
+        server.close()
+
+
+def answer_after_release(server: DashboardServer) -> bytes:
+    """A GET once a slot is free again (the server notices a closed peer on its next read)."""
+    answer = b""
+    for _ in range(100):
+        answer = raw_exchange(server, b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        if answer:
+            break
+        threading.Event().wait(0.05)
+    return answer
+
+
+def test_the_token_is_never_logged(
+    guarded: DashboardServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="shoal.dashboard"):
+        assert get(guarded, f"/?token={TOKEN}&x=1")[0] == 303
+        assert get(guarded, f"/?x=1&token={TOKEN}")[0] == 303
+    assert "GET" in caplog.text and TOKEN not in caplog.text
+
+
+def test_an_unexpected_error_is_one_line_and_the_server_keeps_serving(tmp_path: Path) -> None:
+    def broken(folder: Path) -> list[Figure]:
+        raise ZeroDivisionError("a figure that cannot be drawn")
+
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1, "phase": "fit"}\n')
+    server = DashboardServer(
+        Dashboard(RunReader(tmp_path), figures=broken), port=0, token=None
+    ).start()
+    try:
+        status, headers, body = get(server, "/api/state")
+        assert status == 500 and b"Traceback" not in body and b"ZeroDivision" not in body
+        assert headers["X-Frame-Options"] == "DENY"
+        assert get(server, "/dashboard.js")[0] == 200
+    finally:
+        server.close()
+
+
+def test_what_clients_named_reaches_the_browser_as_text(tmp_path: Path) -> None:
+    """A client's device class (any 64 characters it likes) and the failure kinds, classes and
+    pseudonyms in the run's rows come back escaped in the page and in the state's fragment,
+    which the page's script puts in place with innerHTML."""
+    hostile = '"><img src=x onerror=alert(1)><script>alert(2)</script>'
+    database = registry_location(tmp_path, None).open()
+    try:
+        ClientRegistry(database).enroll("client-1", DeviceState(device_class=hostile[:64]))
+    finally:
+        database.close()
+    row = {"round": 1, "phase": "fit", "drops_by_reason": {hostile: 1}}
+    row["fairness"] = {hostile: {"participation_share": 1.0, "population_share": 1.0}}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    drift = {"round": 1, "points": [[0.0, 1.0]], "labels": [0], "clients": [hostile]}
+    (tmp_path / "drift.jsonl").write_text(json.dumps(drift) + "\n")
+    server = open_dashboard(tmp_path, port=0).start()
+    try:
+        page = get(server, "/")[2].decode()
+        fragment = json.loads(get(server, "/api/state")[2])["html"]
+    finally:
+        server.close()
+    for html in (page, fragment):
+        assert "&lt;img src=x" in html and "&lt;script&gt;" in html
+        assert "<img" not in html and html.count("<script") == (1 if html is page else 0)

@@ -348,3 +348,19 @@ def test_idleness_and_free_ram_are_kept_and_change_with_heartbeats(
     assert (quiet.idle, quiet.ram_gb) == (True, None)  # a heartbeat without RAM: unknown
     with pytest.raises(RegistryError, match="ram_gb"):
         heartbeat("phone", seconds=6, ram_gb=float("nan"))
+
+
+def test_a_device_text_stored_before_it_had_to_be_printable_is_read_as_text(
+    registry: ClientRegistry,
+) -> None:
+    """A registry written before device texts had to be printable may hold an escape
+    sequence: its client still reads (the control characters shown as U+FFFD)."""
+    from shoal.registry.schema import clients
+
+    registry.enroll("old", device(), now=NOW)
+    with registry.database.write() as connection:
+        connection.execute(clients.update().values(device_class="\x1b[2Jphone", app_version="2\n4"))
+    record = registry.get("old")
+    assert record.device.device_class == "\ufffd[2Jphone"
+    assert record.device.app_version == "2\ufffd4"
+    assert [listed.client_id for listed in registry.list()] == ["old"]

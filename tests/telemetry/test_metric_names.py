@@ -10,12 +10,16 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shoal.dashboard.page import EVALUATE_TILES, FIT_TILES
+from shoal.telemetry import prometheus
 from shoal.telemetry.metric_names import (
     MAX_NAME_CHARS,
     as_metric,
     flatten_metrics,
+    is_run_figure,
     name_part,
 )
+from support.rows import contract_row
 
 # what MLflow accepts on every platform (Windows refuses the colon), with no empty part
 PORTABLE_NAME = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")
@@ -97,3 +101,14 @@ def test_every_number_gets_a_legal_name_of_its_own(row: dict[str, Any]) -> None:
     assert len(flat) == numeric_leaves(row)  # none dropped, none overwritten
     for name in flat:
         assert PORTABLE_NAME.fullmatch(name) and len(name) <= MAX_NAME_CHARS, name
+
+
+def test_every_figure_the_views_read_is_a_run_figure() -> None:
+    """The dashboard's tiles, Prometheus' gauges and the contract's fields are the run's own:
+    no client metric may take their names (accuracy and loss are the clients' by design)."""
+    read = {key for key, _, _ in (*FIT_TILES, *EVALUATE_TILES)}
+    read |= {*prometheus._ROW_GAUGES, *prometheus._TALLY_GAUGES, *prometheus._PRIVACY_GAUGES}
+    read |= {field for _, fields in prometheus._QUANTILE_GAUGES.values() for field in fields}
+    read |= set(contract_row())
+    assert sorted(name for name in read if not is_run_figure(name)) == ["accuracy", "loss"]
+    assert not is_run_figure("app_f1") and not is_run_figure("dp_sgd_epsilon")

@@ -5,11 +5,20 @@ from __future__ import annotations
 import math
 import socket
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from shoal.core.errors import ConfigError
-from shoal.telemetry.prometheus import MAX_LABEL_VALUES, OTHER, CoordinatorMetrics, serve_metrics
+from shoal.telemetry.prometheus import (
+    MAX_LABEL_VALUES,
+    OTHER,
+    CoordinatorMetrics,
+    MetricsServer,
+    serve_metrics,
+)
 from support.rows import contract_row
 
 
@@ -123,3 +132,75 @@ def test_metrics_are_served_over_http_and_the_port_is_released() -> None:
     with socket.socket() as again:  # released: the port can be bound again
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, as servers do
         again.bind(("127.0.0.1", port))
+
+
+def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` as is and read until the endpoint closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as peer:
+        peer.sendall(request)
+        answer = b""
+        while chunk := peer.recv(65536):
+            answer += chunk
+        return answer
+
+
+@pytest.fixture
+def endpoint() -> Iterator[MetricsServer]:
+    metrics = CoordinatorMetrics()
+    metrics.observe_row(contract_row())
+    served = serve_metrics(metrics.registry, host="127.0.0.1", port=0, request_timeout_s=0.2)
+    yield served
+    served.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]:9464", None])
+def test_on_loopback_the_metrics_answer_loopback_names(
+    endpoint: MetricsServer, host: str | None
+) -> None:
+    header = b"" if host is None else f"Host: {host}\r\n".encode()
+    answer = raw_exchange(endpoint.port, b"GET /metrics HTTP/1.0\r\n" + header + b"\r\n")
+    assert answer.startswith(b"HTTP/1.0 200") and b"shoal_round_accuracy" in answer
+
+
+@pytest.mark.parametrize("host", ["rebound.example.com", "rebound.example.com:9464", "10.0.0.7"])
+def test_on_loopback_a_rebound_name_is_refused(endpoint: MetricsServer, host: str) -> None:
+    """DNS rebinding: a page the operator visits points its own name at 127.0.0.1 and reads
+    the fleet's figures; the browser sends that name, which the endpoint refuses."""
+    answer = raw_exchange(endpoint.port, f"GET /metrics HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.0 403") and b"shoal_" not in answer
+    assert b"CPython" not in answer  # nor tells a prober its Python
+
+
+def test_a_silent_connection_is_closed(endpoint: MetricsServer) -> None:
+    """Slowloris: a scrape begun and never finished does not hold a thread for ever."""
+    assert raw_exchange(endpoint.port, b"GET /metrics HTTP/1.1\r\n") == b""
+
+
+def test_connections_past_the_limit_are_closed() -> None:
+    metrics = CoordinatorMetrics()
+    limited = serve_metrics(metrics.registry, host="127.0.0.1", port=0, max_connections=1)
+    try:
+        with socket.create_connection(("127.0.0.1", limited.port), timeout=30) as held:
+            held.sendall(b"GET /metrics HTTP/1.1\r\n")
+            assert raw_exchange(limited.port, b"GET /metrics HTTP/1.0\r\n\r\n") == b""
+    finally:
+        limited.close()
+
+
+def test_hostile_label_values_keep_the_exposition_well_formed() -> None:
+    """A client's failure kind or device class with quotes, backslashes, newlines and a
+    forged metric line stays one label value."""
+    forged = 'x"} 1\nshoal_round_accuracy{phase="fit"} 99\n# \\'
+    metrics = CoordinatorMetrics()
+    metrics.observe_row(
+        {
+            "round": 1,
+            "phase": "fit",
+            "drops_by_reason": {forged: 1},
+            "fairness": {forged: {"participation_share": 0.5}},
+        }
+    )
+    text = generate_latest(metrics.registry).decode()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    assert not any(s.name == "shoal_round_accuracy" for s in samples)
+    assert {s.labels.get("reason") for s in samples if "reason" in s.labels} == {forged}

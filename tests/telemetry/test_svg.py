@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -80,3 +82,32 @@ def test_a_grid_nests_its_panels() -> None:
     nested = root.findall("svg")
     assert [(p.get("x"), p.get("y")) for p in nested] == [("0", "30"), ("200", "30"), ("0", "130")]
     assert root.get("height") == "230"
+
+
+any_finite = st.floats(allow_nan=False, allow_infinity=False)
+
+
+@given(any_finite, any_finite)
+def test_the_ticks_cover_any_finite_range(a: float, b: float) -> None:
+    """A client picks its reported figures: the widest span (past the largest float) and the
+    narrowest (two subnormals apart) still get finite, ordered ticks that cover the data."""
+    low, high = min(a, b), max(a, b)
+    ticks = svg.nice_ticks(low, high)
+    assert ticks == sorted(ticks) and all(math.isfinite(tick) for tick in ticks)
+    assert ticks[0] <= low and ticks[-1] >= high
+
+
+@pytest.mark.parametrize(
+    "values", [(0.0, 5e-324), (0.0, 1e-320), (-1.7e308, 1.7e308), (1e308, -1e308)]
+)
+def test_a_chart_of_extreme_figures_is_drawn_inside_its_frame(values: tuple[float, ...]) -> None:
+    chart = svg.line_chart(
+        title="t",
+        series=[svg.Series("one", tuple(enumerate(values, 1)), svg.colour(0))],
+        x_label="round",
+        y_label="v",
+    )
+    root = ET.fromstring(chart)
+    for circle in root.iter("circle"):
+        assert 0 <= float(circle.get("cx", "nan")) <= svg.WIDTH
+        assert 0 <= float(circle.get("cy", "nan")) <= svg.HEIGHT

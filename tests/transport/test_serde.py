@@ -66,7 +66,10 @@ FINITE = st.floats(allow_nan=False, allow_infinity=False, width=64)
 SECONDS = st.floats(min_value=0, max_value=1e9, allow_nan=False)
 COUNT = st.integers(min_value=0, max_value=2**63 - 1)
 ROUND = st.integers(min_value=0, max_value=2**63 - 1)
-METRICS = st.dictionaries(TEXT, FINITE, max_size=4)
+PRINTABLE = st.text(  # a metric's name, a device's texts: printable, as on the wire
+    st.characters(categories=["L", "N", "P", "S"], include_characters=" "), min_size=1, max_size=40
+)
+METRICS = st.dictionaries(PRINTABLE, FINITE, max_size=4)
 EXTRAS = st.dictionaries(
     TEXT,
     st.one_of(st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1), FINITE, TEXT),
@@ -75,14 +78,14 @@ EXTRAS = st.dictionaries(
 
 device_states = st.builds(
     DeviceState,
-    device_class=NAME,
+    device_class=PRINTABLE,
     battery_level=st.none() | st.floats(min_value=0, max_value=1),  # None: unknown, not 0
     charging=st.none() | st.booleans(),
     wifi=st.none() | st.booleans(),
-    app_version=NAME,
-    runtime_version=NAME,
-    model_architecture_version=NAME,
-    feature_extractor_version=st.none() | NAME,
+    app_version=PRINTABLE,
+    runtime_version=PRINTABLE,
+    model_architecture_version=PRINTABLE,
+    feature_extractor_version=st.none() | PRINTABLE,
     ram_gb=st.none() | st.floats(min_value=0, max_value=1e6),
     idle=st.none() | st.booleans(),  # None: unknown, never "busy"
 )

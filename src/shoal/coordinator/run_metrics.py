@@ -32,6 +32,7 @@ from shoal.privacy.run import RunPrivacy
 from shoal.registry import ModelRecord
 from shoal.tasks import Phase
 from shoal.telemetry.fleet import summary_fields as fleet_summary
+from shoal.telemetry.metric_names import is_run_figure
 
 log = logging.getLogger("shoal.run")
 
@@ -93,8 +94,7 @@ def round_row(
         row["fallback"] = summary.fallback.fields()
     row.update(_secure_fields(summary, names=names))
     row.update(extra)
-    for name, value in summary.metrics.items():  # the clients' own metrics, by name
-        row.setdefault(name, value)
+    row.update(clients_metrics(summary, row))
     row.update(fleet_fields(summary, row, classes=classes))
     if fit and summary.divergence is not None:
         row.update(summary.divergence.row_fields())
@@ -112,6 +112,23 @@ def round_row(
     if fit and privacy is not None:
         row.update(privacy.row_fields(summary))
     return pseudonymous(row, summary, names=names)
+
+
+def clients_metrics(summary: RoundSummary, row: Row) -> Row:
+    """The clients' own metrics the row takes by name: not one it holds, nor one named after
+    the run's own figures (:func:`~shoal.telemetry.metric_names.is_run_figure`), which a
+    client would fill in a run that does not measure it (``epsilon`` without privacy); one
+    warning names those left out."""
+    new = [name for name in summary.metrics if name not in row]
+    taken = sorted(name for name in new if is_run_figure(name))
+    if taken:
+        log.warning(
+            "round %d: the clients' metrics %s are left out of its row: "
+            "those are names of the run's own figures",
+            summary.round,
+            ", ".join(repr(name) for name in taken),
+        )
+    return {name: summary.metrics[name] for name in new if not is_run_figure(name)}
 
 
 def _secure_fields(summary: RoundSummary, *, names: Names) -> Row:

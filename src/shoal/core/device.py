@@ -24,8 +24,13 @@ MAX_TEXT = 64
 
 
 def _check_text(value: str, what: str) -> None:
-    if not value or len(value) > MAX_TEXT:
-        raise ProtocolError(f"{what} must have 1 to {MAX_TEXT} characters, got {value!r}")
+    """1 to :data:`MAX_TEXT` printable characters: a device's texts are printed on the
+    operator's terminal (``shoal clients list``) and logged, where a control character
+    (an escape sequence, a newline) would act."""
+    if not (0 < len(value) <= MAX_TEXT and value.isprintable()):
+        raise ProtocolError(
+            f"{what} must have 1 to {MAX_TEXT} printable characters, got {value[:MAX_TEXT]!r}"
+        )
 
 
 @dataclass(frozen=True, slots=True)

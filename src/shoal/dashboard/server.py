@@ -11,6 +11,16 @@ cookie that a first load with ``?token=TOKEN`` sets (the answer redirects to
 the same address without it); tokens are compared in constant time.
 Without a token only loopback Host names are answered, so that a web page
 elsewhere cannot reach the server through DNS rebinding.
+
+Every answer, refusals and errors included, carries :data:`SECURITY_HEADERS`
+(no framing, no sniffing, no referrer, no cache, scripts from this origin
+only). A connection that does not finish its request within
+``request_timeout_s`` is closed, and past ``max_connections`` open at once a
+new one is closed unanswered (:class:`~shoal.core.serving.BoundedThreadingMixIn`),
+so a peer holding connections open (slowloris) holds neither unbounded
+threads nor a thread for ever. An unexpected error
+is a 500 with one line, logged here, never a traceback to the browser; the
+token is never logged.
 """
 
 from __future__ import annotations
@@ -20,17 +30,19 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import socket
 import threading
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from shoal.core.errors import ConfigError, ShoalError
+from shoal.core.serving import MAX_CONNECTIONS, REQUEST_TIMEOUT_S, BoundedThreadingMixIn, host_name
 from shoal.dashboard import assets, page
 from shoal.dashboard.state import RunReader, Snapshot
 from shoal.telemetry.metrics import METRICS_FILE, SUMMARY_FILE
@@ -43,6 +55,7 @@ DEFAULT_PORT = 8050
 TOKEN_ENV = "SHOAL_DASHBOARD_TOKEN"
 MIN_TOKEN_CHARS = 16
 STOP_POLL_S = 0.1  # how often a serving thread looks for a stop request
+_TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&\s]*")
 COOKIE = "shoal_dashboard"
 RUN_FILES = (METRICS_FILE, DRIFT_FILE, SUMMARY_FILE)  # what the figures are drawn from
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
@@ -137,11 +150,9 @@ def _stat(path: Path) -> tuple[int, int] | None:
     return status.st_mtime_ns, status.st_size
 
 
-class DashboardServer(ThreadingHTTPServer):
+class DashboardServer(BoundedThreadingMixIn, HTTPServer):
     """Serves ``dashboard`` on ``host:port`` (port 0: any free one); :meth:`start` serves it
     from a thread, :meth:`serve_forever` from the caller's."""
-
-    daemon_threads = True
 
     def __init__(
         self,
@@ -151,6 +162,8 @@ class DashboardServer(ThreadingHTTPServer):
         port: int,
         token: str | None,
         options: str = "",
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         check_bind(host, token, options=options)
         self.dashboard = dashboard
@@ -162,7 +175,12 @@ class DashboardServer(ThreadingHTTPServer):
             version = 4
         self.address_family = socket.AF_INET6 if version == 6 else socket.AF_INET
         try:
-            super().__init__((host.strip("[]"), port), _Handler)
+            super().__init__(
+                (host.strip("[]"), port),
+                _Handler,
+                request_timeout_s=request_timeout_s,
+                max_connections=max_connections,
+            )
         except OSError as exc:
             raise ConfigError(
                 f"--{options}port {port}: the dashboard cannot listen on {host}: "
@@ -232,12 +250,21 @@ class _Handler(BaseHTTPRequestHandler):
         return self.server_version  # no Python version to tell a prober
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+        line = _TOKEN_IN_QUERY.sub("REDACTED", format % args)
+        log.debug("%s %s", self.address_string(), line)
+
+    def end_headers(self) -> None:
+        """The security headers on every answer, the server's own refusals included."""
+        for name, value in SECURITY_HEADERS.items():
+            self.send_header(name, value)
+        super().end_headers()
 
     def _route(self, *, body: bool) -> None:
         target = urlsplit(self.path)
         query = parse_qs(target.query)
-        if self.server.token is None and not is_loopback(self._host_name()):
+        if self.server.token is None and not is_loopback(
+            host_name(self.headers.get("Host"), default=str(self.server.server_address[0]))
+        ):
             self._send(HTTPStatus.FORBIDDEN, b"unexpected Host header\n", "text/plain", body=body)
             return
         if "token" in query and self.server.allows(query["token"][-1]):
@@ -258,6 +285,10 @@ class _Handler(BaseHTTPRequestHandler):
             log.warning("dashboard: %s", exc)
             message = json.dumps({"error": str(exc)}).encode()
             self._send(HTTPStatus.SERVICE_UNAVAILABLE, message, "application/json", body=body)
+        except Exception:  # a bug: the operator's log has it, the browser one line
+            log.exception("dashboard: %s failed", target.path)
+            message = json.dumps({"error": "internal error: see the dashboard's log"}).encode()
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, message, "application/json", body=body)
 
     def _serve(self, path: str, query: dict[str, list[str]], *, body: bool) -> None:
         dashboard = self.server.dashboard
@@ -302,15 +333,6 @@ class _Handler(BaseHTTPRequestHandler):
             morsel = None
         return self.server.allows_cookie(None if morsel is None else morsel.value)
 
-    def _host_name(self) -> str:
-        """The Host header's name (its port left out); the bound address when there is none."""
-        host = self.headers.get("Host")
-        if not host:
-            return str(self.server.server_address[0])
-        if host.startswith("["):
-            return host[1 : host.find("]")] if "]" in host else host
-        return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
     def _send(
         self,
         status: HTTPStatus,
@@ -325,7 +347,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header(
             "Content-Length", str(len(content) if status != HTTPStatus.NO_CONTENT else 0)
         )
-        for name, value in (SECURITY_HEADERS | (headers or {})).items():
+        for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
         if body and content:

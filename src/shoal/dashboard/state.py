@@ -64,7 +64,8 @@ class Snapshot:
     @property
     def current_round(self) -> int | None:
         """The round of the newest row (None before the first round closes)."""
-        return max((int(row["round"]) for row in self.rows if "round" in row), default=None)
+        rounds = [row.get("round") for row in self.rows]
+        return max((n for n in rounds if type(n) is int), default=None)  # not a bool, not text
 
     @property
     def finished(self) -> bool:
@@ -88,12 +89,14 @@ class Snapshot:
         return [str(name) for name in dict.fromkeys(names) if name]
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file, or None when it is missing or torn (being replaced as it is read)."""
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object's file, or None when it is missing, torn (being replaced as it is read)
+    or not an object."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
+        value = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError, RecursionError):
         return None
+    return value if isinstance(value, dict) else None
 
 
 class RunReader:
@@ -118,7 +121,7 @@ class RunReader:
     def snapshot(self) -> Snapshot:
         """Everything the page shows, read now."""
         config = read_json(self.folder / CONFIG_FILE) or {}
-        files = {
+        files: dict[str, Any] = {
             "folder": self.folder,
             "rows": MetricsLog(self.folder / METRICS_FILE).rows(),
             "summary": read_json(self.folder / SUMMARY_FILE),

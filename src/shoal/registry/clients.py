@@ -169,18 +169,28 @@ def _flag(value: Any) -> bool | None:
     return None if value is None else bool(value)
 
 
+def _printable(text: str) -> str:
+    """A stored device text, its control characters as U+FFFD: a registry written before
+    such texts had to be printable still reads."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else "\ufffd" for c in text)
+
+
 def record_from_row(row: sa.Row[Any]) -> ClientRecord:
     device = DeviceState(
-        device_class=row.device_class,
+        device_class=_printable(row.device_class),
         battery_level=row.battery_level,
         charging=_flag(row.charging),
         wifi=_flag(row.wifi),
         ram_gb=row.ram_gb,
         idle=_flag(row.idle),
-        app_version=row.app_version,
-        runtime_version=row.runtime_version,
-        model_architecture_version=row.model_architecture_version,
-        feature_extractor_version=row.feature_extractor_version,
+        app_version=_printable(row.app_version),
+        runtime_version=_printable(row.runtime_version),
+        model_architecture_version=_printable(row.model_architecture_version),
+        feature_extractor_version=None
+        if row.feature_extractor_version is None
+        else _printable(row.feature_extractor_version),
     )
     return ClientRecord(
         client_id=row.client_id,

@@ -17,6 +17,12 @@ keeps ASCII letters, digits, ``_`` and ``-``, and any other character
 would merge get a short hash of the original key, and a name longer
 than MLflow's 250 characters is cut and ends in a hash of itself: no
 figure overwrites another.
+
+:func:`is_run_figure` tells the names of the row's own figures (what the
+run's telemetry writes, some only in some runs: ``epsilon`` with privacy,
+``drift_*`` with drift) from the clients' metrics, which the row takes by
+name: a client's metric under such a name is left out of the row, so that
+the dashboard, Prometheus and the report never read it as the run's own.
 """
 
 from __future__ import annotations
@@ -29,7 +35,23 @@ from typing import Any
 
 import numpy as np
 
+_PERCENTILES = (("rtt", "_s"), ("train", "_s"), ("deadline_share", ""))
 MAX_NAME_CHARS = 250  # MLflow's limit on a metric's name
+RUN_FIGURES = frozenset(
+    {
+        *("round", "phase", "committed", "abort_reason", "model_version", "sha256"),
+        *("selected", "reported", "dropped", "rejected", "excluded", "examined", "failures"),
+        *("num_examples", "virtual_time_s", "wall_time_s", "fallback", "recovered"),
+        *("bytes_up", "bytes_down", "bytes_up_per_client", "bytes_down_per_client"),
+        *("drop_rate", "drops_by_stage", "drops_by_reason", "straggler_index"),
+        *(f"{name}_p{q}{unit}" for q in (50, 90, 99) for name, unit in _PERCENTILES),
+        *("fairness", "fairness_gap", "participation_gap", "battery_drain"),
+        *("epsilon", "delta", "noise_multiplier", "clip_norm", "next_clip_norm"),
+        *("population", "sampling_rate", "cluster_sizes", "cluster_accuracy", "cluster_loss"),
+    }
+)
+"""The names of a row's own figures (see :func:`is_run_figure`)."""
+RUN_FIGURE_PREFIXES = ("divergence", "drift_", "secure_", "policy_", "privacy_", "canary_", "test_")
 HASH_CHARS = 6
 _ILLEGAL = re.compile(r"[^A-Za-z0-9_\-]")
 
@@ -45,6 +67,15 @@ def flatten_metrics(values: Mapping[Any, Any], *, prefix: str = "") -> dict[str,
         elif (number := as_metric(value)) is not None:
             flat[name] = number
     return flat
+
+
+def is_run_figure(name: str) -> bool:
+    """Whether ``name`` is one of a row's own figures, not a name a client's metric may take.
+
+    >>> is_run_figure("epsilon"), is_run_figure("drift_bimodal"), is_run_figure("f1")
+    (True, True, False)
+    """
+    return name in RUN_FIGURES or name.startswith(RUN_FIGURE_PREFIXES)
 
 
 def as_metric(value: object) -> float | None:

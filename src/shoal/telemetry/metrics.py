@@ -45,16 +45,8 @@ class MetricsLog:
             handle.write(line + "\n")
 
     def rows(self) -> list[Row]:
-        """Every complete row; a line torn by a crash is skipped."""
-        if not self.path.exists():
-            return []
-        rows = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-        return rows
+        """Every complete row; a line torn by a crash is skipped (see :func:`read_rows`)."""
+        return read_rows(self.path)[0]
 
     def truncate(self, keep: Callable[[Row], bool]) -> list[Row]:
         """Keep only the rows ``keep`` accepts (atomically); returns them."""
@@ -63,3 +55,26 @@ class MetricsLog:
         partial.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in kept))
         partial.replace(self.path)
         return kept
+
+
+def read_rows(path: Path) -> tuple[list[Row], int]:
+    """The JSON objects of a JSON-lines file (none when it is missing), and how many lines were
+    left out: not JSON, not an object, or nested past the parser's depth. A last line without
+    its newline that is not a row (being written, or torn by a crash) is left out uncounted."""
+    if not path.exists():
+        return [], 0
+    *lines, last = path.read_text(errors="replace").split("\n")
+    rows = [row for row in map(_object, lines) if row is not None]
+    skipped = sum(1 for line in lines if line.strip()) - len(rows)
+    if (row := _object(last)) is not None:
+        rows.append(row)
+    return rows, skipped
+
+
+def _object(line: str) -> Row | None:
+    """The JSON object on ``line``, or None."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return row if isinstance(row, dict) else None

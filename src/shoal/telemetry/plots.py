@@ -74,7 +74,11 @@ def number(value: Any) -> float | None:
     """``value`` as a finite float, else None (a bool is not a number here)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value) if math.isfinite(value) else None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past any float
+        return None
+    return number if math.isfinite(number) else None
 
 
 def field(name: str, phase: str | None = None) -> Value:
@@ -381,8 +385,7 @@ def _bars(
 
 
 def _drift_panel(record: Row, *, title: str, width: int, height: int) -> str:
-    points, labels = record.get("points") or [], record.get("labels") or []
-    clients = record.get("clients") or []
+    points, labels, clients = (_list(record.get(name)) for name in ("points", "labels", "clients"))
     dots = []
     seen: set[int] = set()
     for index, point in enumerate(points):
@@ -397,7 +400,7 @@ def _drift_panel(record: Row, *, title: str, width: int, height: int) -> str:
         dots.append(
             svg.Point(x, y, svg.colour(label), f"{client}: cluster {label}, round {_round(record)}")
         )
-    variance = [number(v) for v in record.get("explained_variance") or []]
+    variance = [number(v) for v in _list(record.get("explained_variance"))]
     axis = [f"PC{i + 1}" + (f" ({v:.0%})" if v is not None else "") for i, v in enumerate(variance)]
     method = str(record.get("method") or "pca")
     named = ["PC1", "PC2"] if method == "pca" else [f"{method} 1", f"{method} 2"]
@@ -411,6 +414,11 @@ def _drift_panel(record: Row, *, title: str, width: int, height: int) -> str:
         width=width,
         height=height,
     )
+
+
+def _list(value: Any) -> list[Any]:
+    """A record's list, or none (a record of another shape draws what it can)."""
+    return value if isinstance(value, list) else []
 
 
 def _round(record: Row) -> int:

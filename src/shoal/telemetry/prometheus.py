@@ -22,7 +22,15 @@ The coordinator feeds it four ways:
 
 A label whose values come from clients (a failure's reason, a device class)
 keeps at most :data:`MAX_LABEL_VALUES` values; later ones are counted as
-``other``, so no peer can grow the series without bound.
+``other``, so no peer can grow the series without bound; the exposition
+escapes every label value, so none can forge a line.
+
+:func:`serve_metrics` serves ``/metrics`` from a thread: on a loopback
+address it answers only loopback Host names (a web page the operator visits
+cannot read the fleet's figures through DNS rebinding), it names no Python
+version, and a connection silent for ``request_timeout_s`` is closed, past
+``max_connections`` a new one at once
+(:class:`~shoal.core.serving.BoundedThreadingMixIn`).
 
 >>> metrics = CoordinatorMetrics()
 >>> metrics.observe_row({"round": 3, "phase": "fit", "committed": True, "loss": 0.4})
@@ -34,15 +42,18 @@ keeps at most :data:`MAX_LABEL_VALUES` values; later ones are counted as
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from threading import Thread
 from typing import Any
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from shoal.core.errors import ConfigError
+from shoal.core.limits import is_loopback
+from shoal.core.serving import MAX_CONNECTIONS, REQUEST_TIMEOUT_S, BoundedThreadingMixIn, host_name
 
 MAX_LABEL_VALUES = 32
 """The most values one client-supplied label takes; the rest are ``other``."""
@@ -320,10 +331,62 @@ class MetricsServer:
         self.thread.join()
 
 
-def serve_metrics(registry: CollectorRegistry, *, host: str, port: int) -> MetricsServer:
-    """Serve ``registry`` over HTTP on ``host:port`` (``/metrics``) from a daemon thread."""
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+class _Server(BoundedThreadingMixIn, WSGIServer):
+    pass
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Handler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """A scrape is not news (Prometheus asks every few seconds)."""
+
+
+def guarded(app: WsgiApp, *, loopback: bool) -> WsgiApp:
+    """``app`` naming no Python version (its own ``Server`` header replaces wsgiref's); with
+    ``loopback``, answering 403 to a request whose Host header names another machine."""
+
+    def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        def named(status: str, headers: list[tuple[str, str]], *rest: Any) -> Any:
+            return start_response(status, [*headers, ("Server", "shoal-metrics")], *rest)
+
+        sent = environ.get("HTTP_HOST")
+        if loopback and sent and not is_loopback(host_name(sent, default="").lower()):
+            named("403 Forbidden", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"unexpected Host header\n"]
+        return app(environ, named)
+
+    return serve
+
+
+def serve_metrics(
+    registry: CollectorRegistry,
+    *,
+    host: str,
+    port: int,
+    request_timeout_s: float = REQUEST_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
+) -> MetricsServer:
+    """Serve ``registry`` over HTTP on ``host:port`` (``/metrics``; port 0: any free one)
+    from a daemon thread; on loopback, to loopback Host names only."""
+    address = host.strip("[]")
+    app = guarded(make_wsgi_app(registry), loopback=is_loopback(address))
+    server_class = _Server6 if ":" in address else _Server
     try:
-        server, thread = start_http_server(port, addr=host.strip("[]"), registry=registry)
+        server = server_class(
+            (address, port),
+            _Handler,
+            request_timeout_s=request_timeout_s,
+            max_connections=max_connections,
+        )
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+    server.set_app(app)
+    thread = Thread(target=server.serve_forever, name="shoal-metrics", daemon=True)
+    thread.start()
     return MetricsServer(server, thread)

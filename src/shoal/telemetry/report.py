@@ -5,6 +5,13 @@
 :func:`figures` draws every plot as inline SVG, and :func:`write_report`
 writes the page: inline CSS and SVG, no script, no external reference,
 every string from a run escaped. The live dashboard draws the same figures.
+
+A run folder may come from someone else: a line that is not a JSON object
+is left out with a warning, a summary that is not one is left out, and
+every figure is drawn however large or small. Its files are read where
+they point (a symlinked ``metrics.jsonl`` too, as ``cat`` would): only the
+figures a row names are drawn, so a file that is not the run's shows
+nothing of itself.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.core.errors import RunError
-from shoal.telemetry.metrics import METRICS_FILE, SUMMARY_FILE, MetricsLog, Row
+from shoal.telemetry.metrics import METRICS_FILE, SUMMARY_FILE, Row, read_rows
 from shoal.telemetry.plots import Figure, RunData, figures
 from shoal.telemetry.svg import escape, format_number
 
@@ -48,10 +55,20 @@ def load_run(folder: Path, *, name: str | None = None) -> RunData:
     return RunData(
         name=name or folder.resolve().name,
         folder=folder,
-        rows=tuple(MetricsLog(metrics).rows()),
+        rows=tuple(_read_rows(metrics)),
         summary=_read_summary(folder / SUMMARY_FILE),
-        drift=tuple(sorted(MetricsLog(folder / DRIFT_FILE).rows(), key=_round_of)),
+        drift=tuple(sorted(_read_rows(folder / DRIFT_FILE), key=_round_of)),
     )
+
+
+def _read_rows(path: Path) -> list[Row]:
+    """A JSON-lines file's rows; the lines that are not rows cost one warning."""
+    rows, skipped = read_rows(path)
+    if skipped:
+        logger.warning(
+            "%s: %d line%s left out (not a JSON object)", path, skipped, "" if skipped == 1 else "s"
+        )
+    return rows
 
 
 def load_runs(folders: Sequence[Path]) -> list[RunData]:
@@ -69,7 +86,7 @@ def _read_summary(path: Path) -> dict[str, Any]:
         summary = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
-    except ValueError:
+    except (ValueError, RecursionError):
         logger.warning("%s is not JSON (the run may be writing it): left out", path)
         return {}
     return summary if isinstance(summary, dict) else {}

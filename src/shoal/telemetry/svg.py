@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -92,20 +93,45 @@ def format_number(value: float) -> str:
 
 
 def nice_ticks(low: float, high: float, *, count: int = 5) -> list[float]:
-    """About ``count`` round tick values covering [low, high] (1, 2 or 5 times a power of ten)."""
+    """About ``count`` round tick values covering [low, high] (1, 2 or 5 times a power of ten).
+
+    Any finite pair is drawn, since clients choose the figures a run plots: a span wider
+    than the largest float is measured in halves, ticks past it are the largest float, and a
+    span too narrow for a normal float's step is ticked at its two ends.
+    """
     if not (math.isfinite(low) and math.isfinite(high)):
         return [0.0]
     if high <= low:
         return [low]
-    raw = (high - low) / max(count, 1)
-    power = 10 ** math.floor(math.log10(raw))
+    count = max(count, 1)
+    span = high - low
+    raw = span / count if math.isfinite(span) else (high / 2 - low / 2) / count * 2
+    if raw < sys.float_info.min:
+        return [low, high]
+    power = 10.0 ** math.floor(math.log10(raw))
     step = next(power * m for m in (1, 2, 5, 10) if power * m >= raw)
-    first = math.floor(low / step) * step
-    steps = math.ceil((high - first) / step - 1e-9)  # the last tick covers high
-    digits = 2 - math.floor(math.log10(step))  # drops the float noise of first + i * step
-    ticks = [round(first + index * step, digits) for index in range(max(steps, 1) + 1)]
+    first = math.floor(low / step)
+    steps = math.ceil(high / step - first - 1e-9)  # the last tick covers high
+    digits = 2 - math.floor(math.log10(step))  # drops the float noise of (first + i) * step
+    ticks = [_finite(round((first + index) * step, digits)) for index in range(max(steps, 1) + 1)]
     ticks[0], ticks[-1] = min(ticks[0], low), max(ticks[-1], high)  # below the floats' grain
     return ticks
+
+
+def _finite(value: float) -> float:
+    """``value``, or the largest float of its sign where it overflowed."""
+    return max(-sys.float_info.max, min(sys.float_info.max, value))
+
+
+def _share(value: float, low: float, high: float) -> float:
+    """Where ``value`` lies from ``low`` (0) to ``high`` (1); 0.5 when they are one. A span
+    wider than the largest float is taken in halves."""
+    if high == low:
+        return 0.5
+    span = high - low
+    if math.isfinite(span):
+        return (value - low) / span
+    return (value / 2 - low / 2) / (high / 2 - low / 2)
 
 
 class _Frame:
@@ -121,14 +147,10 @@ class _Frame:
         self.y_range = (self.y_ticks[0], self.y_ticks[-1])
 
     def x(self, value: float) -> float:
-        low, high = self.x_range
-        share = 0.5 if high == low else (value - low) / (high - low)
-        return _LEFT + share * (self.width - _LEFT - _RIGHT)
+        return _LEFT + _share(value, *self.x_range) * (self.width - _LEFT - _RIGHT)
 
     def y(self, value: float) -> float:
-        low, high = self.y_range
-        share = 0.5 if high == low else (value - low) / (high - low)
-        return _TOP + (1 - share) * (self.plot_height - _TOP - _BOTTOM)
+        return _TOP + (1 - _share(value, *self.y_range)) * (self.plot_height - _TOP - _BOTTOM)
 
     def axes(self, *, x_label: str, y_label: str, x_ticks: bool = True) -> list[str]:
         bottom, right = self.plot_height - _BOTTOM, self.width - _RIGHT

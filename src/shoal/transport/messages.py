@@ -26,6 +26,10 @@ from shoal.secure.serde import FitRequest, SecureRequest
 from shoal.tasks import ModelVersion, Phase, RejectReason, RunFinished, check_round
 
 _MAX_TEXT = 256
+MAX_METRICS = 64
+"""The most metrics one result carries: each becomes a field of the round's row and an MLflow
+metric, so a client must not add them by the thousand."""
+MAX_METRIC_NAME_CHARS = 128
 ED25519_PUBLIC_KEY_BYTES = 32
 
 
@@ -65,6 +69,19 @@ def _check_text(value: str, what: str, *, required: bool = False) -> None:
         raise ProtocolError(f"{what} must not be empty")
     if len(value) > _MAX_TEXT:
         raise ProtocolError(f"{what} is longer than {_MAX_TEXT} characters")
+
+
+def _check_metrics(metrics: Mapping[str, float]) -> None:
+    """At most :data:`MAX_METRICS`, each named by 1 to :data:`MAX_METRIC_NAME_CHARS`
+    printable characters (a name goes into logs, the run's rows and MLflow)."""
+    if len(metrics) > MAX_METRICS:
+        raise ProtocolError(f"a result carries at most {MAX_METRICS} metrics, got {len(metrics)}")
+    for name in metrics:
+        if not (0 < len(name) <= MAX_METRIC_NAME_CHARS and name.isprintable()):
+            raise ProtocolError(
+                f"a metric's name has 1 to {MAX_METRIC_NAME_CHARS} printable characters, "
+                f"got {one_line(name)[:40]!r}"
+            )
 
 
 def _check_count(value: int, what: str) -> None:
@@ -312,6 +329,7 @@ class UpdateHeader:
         check_sha256_hex(self.payload_sha256, "payload sha256")
         _check_count(self.total_size, "total size")
         check_sha256_hex(self.base_model_sha256, "base model sha256")
+        _check_metrics(self.metrics)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +364,7 @@ class EvaluationReport:
         _check_text(self.run_id, "run id", required=True)
         _check_count(self.num_examples, "num_examples")
         check_sha256_hex(self.model_sha256, "model sha256")
+        _check_metrics(self.metrics)
 
 
 @dataclass(frozen=True, slots=True)
