@@ -180,7 +180,12 @@ def half_digest(
     context: SessionContext, dealer: int, holder: int, half: bytes, data: bytes
 ) -> bytes:
     """The sha256 of one half (``b"key"`` or ``b"seed"``) of a share, bound to its two nodes."""
-    framed = _fields(
-        _DOMAIN + b"share-" + half, context.encode(), _node(dealer), _node(holder), data
-    )
-    return hashlib.sha256(framed).digest()
+    framed = _fields(_node(dealer), _node(holder), data)
+    return hashlib.sha256(_half_prefix(context, half) + framed).digest()
+
+
+@functools.lru_cache(maxsize=16)
+def _half_prefix(context: SessionContext, half: bytes) -> bytes:
+    # the framed fields every digest of this half in this session starts with: a round
+    # computes hundreds of digests, each of a few bytes beyond them
+    return _fields(_DOMAIN + b"share-" + half, _context_bytes(context))
