@@ -58,12 +58,16 @@ FitRequest = MaskedInputRequest | EncryptionRequest
 """The request a secure round's fit task carries: mask the update, or encrypt it."""
 
 
+_UINT = struct.Struct(">Q")
+_NODE_AND_LENGTH = struct.Struct(">QQ")  # a map's entry: its node, then its blob's length
+
+
 class _Writer:
     def __init__(self) -> None:
         self.parts: list[bytes | memoryview] = []
 
     def uint(self, value: int) -> None:
-        self.parts.append(struct.pack(">Q", value))
+        self.parts.append(_UINT.pack(value))
 
     def double(self, value: float) -> None:
         self.parts.append(struct.pack(">d", value))
@@ -85,8 +89,8 @@ class _Writer:
     def blobs(self, values: Mapping[int, bytes]) -> None:
         self.uint(len(values))
         for node in sorted(values):
-            self.uint(node)
-            self.blob(values[node])
+            value = values[node]
+            self.parts += (_NODE_AND_LENGTH.pack(node, len(value)), value)
 
 
 class _Reader:
