@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import nacl.bindings
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -61,6 +63,19 @@ def test_commitments_and_digests_bind_their_nodes_and_halves() -> None:
     assert digest[:32] == half_digest(CONTEXT, 1, 2, b"key", b"k" * 64)
     assert digest[32:] == half_digest(CONTEXT, 1, 2, b"seed", b"s" * 64)
     assert half_digest(CONTEXT, 1, 2, b"key", b"x") != half_digest(CONTEXT, 2, 1, b"key", b"x")
+
+
+def test_a_share_digest_is_the_sha256_of_its_framed_fields() -> None:
+    # the framing is the wire contract between a dealer and the server: each field prefixed
+    # with its 4-byte big-endian length
+    def framed(*fields: bytes) -> bytes:
+        return b"".join(len(field).to_bytes(4, "big") + field for field in fields)
+
+    for dealer, holder, half, data in ((1, 2, b"key", b"k" * 64), (70_000, 3, b"seed", b"")):
+        nodes = (dealer.to_bytes(4, "big"), holder.to_bytes(4, "big"))
+        fields = framed(b"shoal.v1/secagg/share-" + half, CONTEXT.encode(), *nodes, data)
+        expected = hashlib.sha256(fields).digest()
+        assert half_digest(CONTEXT, dealer, holder, half, data) == expected
 
 
 def test_malformed_keys_are_protocol_errors() -> None:
