@@ -309,7 +309,10 @@ class SecAggServer:
             return True
         if self.stage is Stage.UNMASK and self._enough_shares():
             return True
-        return not (self.expected - self._answered())
+        waited, answered = self._waited(self.stage), self._answered()
+        if len(waited) > len(answered) + len(books.gone):
+            return False  # someone is neither in nor gone: no need to look for whom
+        return not (waited - books.gone - answered)
 
     def _recoverable(self, masked: set[int], *, spare: int) -> bool:
         """Whether ``masked`` as U3 leaves ``spare`` holders over the threshold for each secret."""
