@@ -104,6 +104,13 @@ def test_bad_mask_requests_are_refused(length: int) -> None:
         expand_mask(b"short", 4)
 
 
+def test_an_address_is_its_framed_fields() -> None:
+    # the AES-GCM associated data both ends must build alike: each field length-prefixed
+    fields = (b"shoal-secagg-v1", CONTEXT.encode(), b"share_keys", b"12", b"3")
+    framed = b"".join(len(field).to_bytes(4, "big") + field for field in fields)
+    assert ShareAddress(CONTEXT, "share_keys", sender=12, receiver=3).encode() == framed
+
+
 def test_a_seal_opens_only_at_its_own_address() -> None:
     key = new_seed()
     address = ShareAddress(CONTEXT, "share_keys", sender=1, receiver=2)

@@ -5,11 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shoal.secure.client import Contribution
+from shoal.secure.client import Contribution, SecAggClient
 from shoal.secure.loopback import reconstruction_threshold, run_loopback_round
-from shoal.secure.messages import Stage
+from shoal.secure.messages import ServerRequest, Stage
 from shoal.secure.quantization import Quantization, modular_sum
-from shoal.secure.server import Aborted, StageDeadlines, SumReady
+from shoal.secure.server import (
+    Aborted,
+    MessageReceived,
+    SecAggServer,
+    ServerEvent,
+    StageDeadlines,
+    SumReady,
+)
 
 QUANTIZATION = Quantization(clip=2.0, bits=20, max_weight=1_000)
 DEADLINES = StageDeadlines(advertise_keys=5, share_keys=5, masked_input=60, unmask=5)
@@ -39,6 +46,30 @@ def _plaintext_sum(contributions: dict[str, Contribution], clients: tuple[str, .
         * np.clip(contributions[c].update, -2, 2).astype(np.float64)
         for c in clients
     )
+
+
+def test_the_server_takes_each_masked_input_before_the_next_client_masks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # as on a network, and so that one masked vector is held at a time, not one per client
+    events: list[str] = []
+    client_handle, server_handle = SecAggClient.handle, SecAggServer.handle
+
+    def client(self: SecAggClient, request: ServerRequest, *args: object) -> object:
+        reply = client_handle(self, request, *args)  # type: ignore[arg-type]
+        events.append(f"client {request.stage.label}")
+        return reply
+
+    def server(self: SecAggServer, event: ServerEvent) -> object:
+        if isinstance(event, MessageReceived):
+            events.append(f"server {event.message.stage.label}")
+        return server_handle(self, event)
+
+    monkeypatch.setattr(SecAggClient, "handle", client)
+    monkeypatch.setattr(SecAggServer, "handle", server)
+    _finished(run_loopback_round(_contributions(6), degree=5, quantization=QUANTIZATION).result)
+    masking = [e for e in events if e.endswith(Stage.MASKED_INPUT.label)]
+    assert masking == ["client masked_input", "server masked_input"] * 6
 
 
 @pytest.mark.parametrize("degree", [3, 11])

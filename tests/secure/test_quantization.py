@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shoal.core import ConfigError, ProtocolError
+from shoal.secure.crypto import expand_mask
 from shoal.secure.quantization import MODULUS, Quantization, modular_sum
 
 
@@ -52,6 +53,44 @@ def test_no_value_exceeds_the_largest_level(bits: int, seed: int) -> None:
     encoded = q.encode(update, num_examples=1, loss=2.0, rng=np.random.default_rng(seed))
     assert int(encoded[:-2].max()) <= q.levels and int(encoded[-1]) <= q.levels
     assert int(encoded[:-2].min()) >= 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.integers(1, 31),
+    max_weight=st.integers(1, 2**20),
+    share=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_encoding_is_floor_of_value_plus_noise_capped_at_the_largest_level(
+    bits: int, max_weight: int, share: float, seed: int
+) -> None:
+    # the definition, written plainly: the encoder may skip the cap or cast as it likes, as
+    # long as every value is this one (weights just below the largest included)
+    q = Quantization(clip=0.75, bits=bits, max_weight=max_weight)
+    examples = max(1, round(share * max_weight))
+    update = np.concatenate(
+        [np.array([0.75, -0.75, 9.0], np.float32), np.random.default_rng(seed).normal(0, 1, 997)]
+    ).astype(np.float32)
+    encoded = q.encode(update, num_examples=examples, loss=0.0, rng=np.random.default_rng(seed))
+    factor = q.weight(examples) * q.levels / (2 * q.clip) * 2.0**32
+    scaled = np.clip(update.astype(np.float64), -q.clip, q.clip) * factor + q.levels / 2 * 2.0**32
+    key = np.random.default_rng(seed).bytes(32)  # the encoder's first draw: its noise key
+    noisy = (scaled + expand_mask(key, update.size)) * 2.0**-32
+    assert encoded[:-2].tolist() == np.minimum(noisy, q.levels).astype(np.uint32).tolist()
+
+
+def test_a_value_that_float64_rounds_past_the_largest_level_is_capped() -> None:
+    # 31 bits, full weight: every value at the clip is L 2^32, a multiple of 1024, and noise
+    # from 2^32 - 512 up carries it to (L + 1) 2^32 in float64. Seed 85's noise (found by
+    # search) holds one such value among 2^16
+    q = Quantization(clip=1.0, bits=31, max_weight=1)
+    update = np.ones(2**16, np.float32)
+    noise = expand_mask(np.random.default_rng(85).bytes(32), update.size)
+    scaled = np.float64(q.levels) * 2.0**32
+    assert ((scaled + noise) * 2.0**-32 >= q.levels + 1).sum() == 1  # the case is here
+    encoded = q.encode(update, num_examples=1, loss=0.0, rng=np.random.default_rng(85))
+    assert encoded[:-2].tolist() == [q.levels] * update.size
 
 
 def test_encoding_is_reproducible_from_the_generator_and_works_in_blocks() -> None:

@@ -82,6 +82,19 @@ def test_lagrange_weights_are_cached_but_never_shared() -> None:
     assert lagrange_at_zero((1, 2, 3)) == [3, PRIME - 3, 1]
 
 
+@settings(max_examples=60, deadline=None)
+@given(xs=st.sets(st.integers(1, PRIME - 1), min_size=1, max_size=40))
+def test_lagrange_weights_interpolate_every_polynomial_below_their_count_at_zero(
+    xs: set[int],
+) -> None:
+    # sum_i w_i x_i^k is 1 for k = 0 and 0 for 0 < k < t: the defining property of the weights
+    points = sorted(xs)
+    weights = lagrange_at_zero(points)
+    for k in range(len(points)):
+        total = sum(w * pow(x, k, PRIME) for w, x in zip(weights, points, strict=True)) % PRIME
+        assert total == (1 if k == 0 else 0)
+
+
 def test_every_subset_of_threshold_size_reconstructs() -> None:
     secrets = random_field_elements((64,))
     shares = share(secrets, threshold=4, num_shares=7)

@@ -185,13 +185,14 @@ class ShareAddress:
     receiver: int
 
     def encode(self) -> bytes:
-        return _fields(
-            _VERSION,
-            self.context.encode(),
-            self.stage.encode(),
-            str(self.sender).encode(),
-            str(self.receiver).encode(),
-        )
+        nodes = _fields(str(self.sender).encode(), str(self.receiver).encode())
+        return _address_prefix(self.context, self.stage) + nodes
+
+
+@functools.lru_cache(maxsize=64)
+def _address_prefix(context: SessionContext, stage: str) -> bytes:
+    # the fields all of a stage's addresses share, framed once: a round seals hundreds of shares
+    return _fields(_VERSION, context.encode(), stage.encode())
 
 
 def seal(key: bytes, plaintext: bytes, address: ShareAddress) -> bytes:

@@ -126,22 +126,21 @@ def run_loopback_round(
             outcome.result = ending
             return outcome
         stage, arrival = ending.stage, clock.now + _LATENCY_S
-        replies = []
-        for action in pending:
-            if isinstance(action, SendRequest):
-                reply = _answer(clients, contributions, dropouts, action, outcome)
-                if reply is not None and action.client_id in tamper:
-                    reply = _tampered(reply)
-                if reply is not None and action.client_id in cheats:
-                    reply = altered_reveal(reply, node=server.nodes[action.client_id])
-                if reply is not None:
-                    replies.append((action.client_id, reply))
-        pending = []
-        for client, reply in replies:
-            outcome.bytes_sent[client] += message_size(reply)
-            pending += clock.server(server.handle, MessageReceived(client, reply, arrival))
-            if server.stage is not stage:
-                break  # it closed early: the remaining replies are not needed
+        requests, pending = pending, []
+        for action in requests:
+            if not isinstance(action, SendRequest):
+                continue
+            # every client asked answers; the server takes each reply as it comes, so that
+            # no more than one masked vector is held at a time, as on a network
+            reply = _answer(clients, contributions, dropouts, action, outcome)
+            if reply is not None and action.client_id in tamper:
+                reply = _tampered(reply)
+            if reply is not None and action.client_id in cheats:
+                reply = altered_reveal(reply, node=server.nodes[action.client_id])
+            if reply is not None and server.stage is stage:  # once it closes early, no more
+                outcome.bytes_sent[action.client_id] += message_size(reply)
+                event = MessageReceived(action.client_id, reply, arrival)
+                pending += clock.server(server.handle, event)
         clock.now = arrival
         if server.stage is stage:  # someone stalled: the stage closes at its deadline
             clock.now = ending.at

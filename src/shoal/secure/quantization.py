@@ -139,6 +139,7 @@ class Quantization:
         noise = Keystream(rng.bytes(SEED_BYTES))
         factor = weight * self.levels / (2 * self.clip) * _ONE  # (w x + clip) L / (2 clip)
         centre = self.levels / 2 * _ONE
+        highest = self.clip * factor + centre  # what the largest value clips to, computed alike
         encoded = np.empty(size + TRAILER, dtype=np.uint32)
         scratch = np.empty(min(size, BLOCK_VALUES), dtype=np.float64)
         for start in range(0, size, BLOCK_VALUES):  # in blocks that stay in the cache
@@ -148,7 +149,8 @@ class Quantization:
             np.clip(values, -self.clip, self.clip, out=values)
             np.multiply(values, factor, out=values)
             np.add(values, centre, out=values)
-            _stochastic_round(values, noise, out=encoded[start:stop], largest=self.levels)
+            block = encoded[start:stop]
+            _stochastic_round(values, noise, out=block, largest=self.levels, highest=highest)
         encoded[size] = min(num_examples, self.max_weight)
         loss_value = min(max(loss, 0.0), self.loss_clip) if math.isfinite(loss) else self.loss_clip
         loss_scaled = np.array([weight * loss_value * self.levels / self.loss_clip * _ONE])
@@ -181,7 +183,12 @@ class Quantization:
 
 
 def _stochastic_round(
-    scaled: npt.NDArray[np.float64], noise: Keystream, *, out: Encoded, largest: int
+    scaled: npt.NDArray[np.float64],
+    noise: Keystream,
+    *,
+    out: Encoded,
+    largest: int,
+    highest: float = math.inf,
 ) -> None:
     """Round values given in units of 2^-32 of a step (all >= 0) down or up, into ``out``.
 
@@ -189,12 +196,25 @@ def _stochastic_round(
     exact: floor(x + U) for U uniform on [0, 1) with 32 random bits.
     ``scaled`` is overwritten. The result never exceeds ``largest``: at x =
     ``largest`` itself a sum rounded in float64 could reach the next
-    integer, and the capacity of the modular sum counts on that bound.
+    integer, and the capacity of the modular sum counts on that bound. The
+    pass that enforces it is skipped when no value exceeds ``highest`` and
+    that bound alone keeps them below: a client that weighs less than the
+    most has values well below ``largest``.
     """
     np.add(scaled, noise.read(scaled.size), out=scaled)
     np.multiply(scaled, 1 / _ONE, out=scaled)  # a power of two: exact
-    np.minimum(scaled, largest, out=scaled)
-    np.copyto(out, scaled, casting="unsafe")  # truncation is floor, the values being >= 0
+    if not _below(highest, largest + 1):  # only then can a rounded sum reach largest + 1
+        np.minimum(scaled, largest, out=scaled)
+    # truncation is floor, the values being >= 0; they are below 2^31, and int32 is the cast
+    # the processor does in one instruction (a NaN becomes 2^31 as with uint32)
+    np.copyto(out.view(np.int32), scaled, casting="unsafe")
+
+
+def _below(highest: float, bound: int) -> bool:
+    """Whether every value up to ``highest``, with the rounding noise added, stays below
+    ``bound`` once scaled: float64 addition is monotonic, so the largest value with the
+    largest noise bounds them all."""
+    return (highest + (_ONE - 1)) / _ONE < bound
 
 
 def modular_sum(vectors: list[Encoded] | tuple[Encoded, ...]) -> Encoded:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Final
 
 from shoal.core.errors import IllegalTransition, ProtocolError, SecurityError
@@ -213,15 +214,24 @@ class SecAggServer:
     @property
     def expected(self) -> set[int]:
         """The nodes the current stage waits for."""
+        return set(self._waited(self.stage)) - self._books.gone
+
+    def _waited(self, stage: Stage) -> AbstractSet[int]:
+        """The nodes ``stage`` waits for, those gone included: the books' own sets, not copies
+        (the server asks for every message)."""
         books = self._books
-        waiting = {
-            Stage.ADVERTISE_KEYS: set(self.clients),
-            Stage.SHARE_KEYS: set(books.keys),
-            Stage.MASKED_INPUT: set(books.shared),
-            Stage.CONSISTENCY: set(books.masked),
-            Stage.UNMASK: set(books.signed),
-        }.get(self.stage, set())
-        return waiting - books.gone
+        match stage:
+            case Stage.ADVERTISE_KEYS:
+                return self.clients.keys()
+            case Stage.SHARE_KEYS:
+                return books.keys.keys()
+            case Stage.MASKED_INPUT:
+                return books.shared
+            case Stage.CONSISTENCY:
+                return books.masked
+            case Stage.UNMASK:
+                return books.signed.keys()
+        return frozenset()
 
     # --- fencing and transitions -----------------------------------------------------------
 
@@ -253,12 +263,12 @@ class SecAggServer:
 
     def _receive(self, event: MessageReceived) -> list[ServerAction]:
         node = self.nodes[event.client_id]
-        if node not in self.expected or node in self._answered():
+        books = self._books
+        if node not in self._waited(self.stage) or node in books.gone or node in self._answered():
             raise ProtocolError(
                 f"{event.client_id} is not expected at {self.stage.label} "
                 "(it answered already, dropped before, or was never asked)"
             )
-        books = self._books
         try:
             match event.message:
                 case KeysAdvertised():
@@ -299,7 +309,10 @@ class SecAggServer:
             return True
         if self.stage is Stage.UNMASK and self._enough_shares():
             return True
-        return not (self.expected - self._answered())
+        waited, answered = self._waited(self.stage), self._answered()
+        if len(waited) > len(answered) + len(books.gone):
+            return False  # someone is neither in nor gone: no need to look for whom
+        return not (waited - books.gone - answered)
 
     def _recoverable(self, masked: set[int], *, spare: int) -> bool:
         """Whether ``masked`` as U3 leaves ``spare`` holders over the threshold for each secret."""
@@ -312,16 +325,21 @@ class SecAggServer:
             for node in dropped
         )
 
-    def _answered(self) -> set[int]:
-        """The nodes that answered the current stage."""
+    def _answered(self) -> AbstractSet[int]:
+        """The nodes that answered the current stage (the books' own sets, not copies)."""
         books = self._books
-        return {
-            Stage.ADVERTISE_KEYS: set(books.keys),
-            Stage.SHARE_KEYS: books.shared,
-            Stage.MASKED_INPUT: books.masked,
-            Stage.CONSISTENCY: set(books.signed),
-            Stage.UNMASK: books.unmasked,
-        }.get(self.stage, set())
+        match self.stage:
+            case Stage.ADVERTISE_KEYS:
+                return books.keys.keys()
+            case Stage.SHARE_KEYS:
+                return books.shared
+            case Stage.MASKED_INPUT:
+                return books.masked
+            case Stage.CONSISTENCY:
+                return books.signed.keys()
+            case Stage.UNMASK:
+                return books.unmasked
+        return frozenset()
 
     # --- closing stages --------------------------------------------------------------------
 
@@ -330,14 +348,7 @@ class SecAggServer:
         if stage is Stage.ADVERTISE_KEYS:
             self._prune_isolated()
         survivors = self._answered()
-        waited = {
-            Stage.ADVERTISE_KEYS: set(self.clients),
-            Stage.SHARE_KEYS: set(books.keys),
-            Stage.MASKED_INPUT: books.shared,
-            Stage.CONSISTENCY: books.masked,
-            Stage.UNMASK: set(books.signed),
-        }[stage]
-        missing = waited - survivors
+        missing = set(self._waited(stage)) - survivors
         if stage is Stage.UNMASK and self._enough_shares():
             missing &= books.gone  # the rest were simply not needed any more
         books.dropped[stage.label] = len(missing)

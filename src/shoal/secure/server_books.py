@@ -70,7 +70,7 @@ class Books:
         self.keys[node] = advertisement
 
     def take_shares(self, node: int, message: SharesSent, *, neighbours: frozenset[int]) -> None:
-        expected = neighbours & set(self.keys)
+        expected = {node for node in neighbours if node in self.keys}  # O(degree), not O(n)
         if set(message.sealed_shares) != expected:
             raise ProtocolError(
                 f"it sent shares for {sorted(message.sealed_shares)}, "
@@ -127,10 +127,11 @@ def stage_requests(
     """Every node's request as ``stage`` opens, by node."""
     requests: dict[int, ServerRequest] = {}
     if stage is Stage.SHARE_KEYS:
-        for node in sorted(books.keys):
+        advertised = frozenset(books.keys)  # once, not once per node
+        for node in sorted(advertised):
             peers = {
                 peer: PeerKeys(identities[peer], books.keys[peer])
-                for peer in sorted(graph[node] & set(books.keys))
+                for peer in sorted(graph[node] & advertised)
             }
             requests[node] = ShareKeysRequest(round_number, peers)
     elif stage is Stage.MASKED_INPUT:
@@ -141,11 +142,13 @@ def stage_requests(
             requests[node] = MaskedInputRequest(round_number, inbox, digests)
     elif stage is Stage.CONSISTENCY:
         survivors = frozenset(books.masked)
+        request = ConsistencyRequest(round_number, survivors)  # the same for all: checked once
         for node in sorted(survivors):
-            requests[node] = ConsistencyRequest(round_number, survivors)
+            requests[node] = request
     elif stage is Stage.UNMASK:
-        for node in sorted(books.signed):
-            signers = sorted(graph[node] & set(books.signed))
+        signed = frozenset(books.signed)
+        for node in sorted(signed):
+            signers = sorted(graph[node] & signed)
             signatures = {signer: books.signed[signer] for signer in signers}
             requests[node] = UnmaskRequest(round_number, signatures)
     return requests

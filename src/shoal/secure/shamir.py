@@ -145,15 +145,33 @@ def lagrange_at_zero(xs: Sequence[int]) -> list[int]:
 @functools.lru_cache(maxsize=1024)
 def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
     # a server rebuilds many secrets from the same holders: the weights are computed once
-    weights = []
+    # w_i = prod_{j != i} x_j / (x_j - x_i) = (prod_j x_j) / (x_i prod_{j != i} (x_j - x_i)):
+    # one product of all points, and all the divisors inverted with one exponentiation
+    product = 1
+    for x in xs:
+        product = product * x % PRIME
+    divisors = []
     for i, xi in enumerate(xs):
-        numerator, denominator = 1, 1
+        divisor = xi
         for j, xj in enumerate(xs):
             if i != j:
-                numerator = numerator * xj % PRIME
-                denominator = denominator * (xj - xi) % PRIME
-        weights.append(numerator * pow(denominator, PRIME - 2, PRIME) % PRIME)
-    return tuple(weights)
+                divisor = divisor * (xj - xi) % PRIME
+        divisors.append(divisor)
+    return tuple(product * inverse % PRIME for inverse in _inverses(divisors))
+
+
+def _inverses(values: list[int]) -> list[int]:
+    """The inverses mod PRIME of nonzero ``values``, with one exponentiation (Montgomery's
+    trick: invert the product of all, then peel one factor off at a time)."""
+    prefixes = [1]
+    for value in values:
+        prefixes.append(prefixes[-1] * value % PRIME)
+    inverse = pow(prefixes[-1], PRIME - 2, PRIME)
+    inverses = [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        inverses[i] = inverse * prefixes[i] % PRIME
+        inverse = inverse * values[i] % PRIME
+    return inverses
 
 
 def bytes_to_field(data: bytes) -> FieldArray:
