@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-import nacl.bindings
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +16,7 @@ from shoal.secure.consistency import (
     half_digest,
     seed_commitment,
     share_digest,
+    small_order,
     survivors_message,
 )
 from shoal.secure.crypto import SessionContext
@@ -85,19 +84,6 @@ def test_malformed_keys_are_protocol_errors() -> None:
         Verifier(b"")
 
 
-@settings(max_examples=25, deadline=None)
-@given(seed=st.binary(min_size=32, max_size=32), message=st.binary(max_size=300))
-def test_signatures_cross_between_cryptography_and_libsodium(seed: bytes, message: bytes) -> None:
-    # keys sign with cryptography (OpenSSL) and verify with libsodium: both must agree
-    identity = IdentityKey.from_private(seed)
-    public, secret = nacl.bindings.crypto_sign_seed_keypair(seed)
-    assert public == identity.public
-    made_by_libsodium = nacl.bindings.crypto_sign(message, secret)[:64]
-    assert made_by_libsodium == identity.sign(message)  # Ed25519 signatures are deterministic
-    assert Verifier(public).verify(identity.sign(message), message)
-    Ed25519PublicKey.from_public_bytes(public).verify(made_by_libsodium, message)  # or raises
-
-
 def test_a_malleated_signature_is_refused() -> None:
     identity = IdentityKey.generate()
     message = survivors_message(CONTEXT, frozenset({1, 2}), signer=1, mask_key=bytes(32))
@@ -115,3 +101,45 @@ def test_a_small_order_identity_cannot_sign_every_message() -> None:
     universal = neutral + bytes(32)
     for message in (b"", survivors_message(CONTEXT, frozenset({1}), signer=1, mask_key=b"")):
         assert not Verifier(neutral).verify(universal, message)
+
+
+P = 2**255 - 19
+D = -121665 * pow(121666, -1, P) % P  # Ed25519's curve constant
+
+
+def _roots(square: int) -> list[int]:
+    """The square roots of ``square`` modulo P (p = 5 mod 8), none when it has none."""
+    root = pow(square, (P + 3) // 8, P)
+    if root * root % P != square % P:
+        root = root * pow(2, (P - 1) // 4, P) % P  # times a square root of -1
+    return sorted({root, P - root}) if root * root % P == square % P else []
+
+
+def _torsion_ys() -> list[int]:
+    """The y of every point of order dividing 8: 1 (neutral), -1 (order 2), 0 (order 4), and
+    the y with y^2 = (-1 +- sqrt(1 + d)) / d, where doubling lands on y = 0 (order 8)."""
+    eighth = [y for root in _roots(1 + D) for y in _roots((-1 + root) * pow(D, -1, P) % P)]
+    return [1, P - 1, 0, *eighth]
+
+
+def _encoded(y: int, sign: int = 0) -> bytes:
+    return (y | sign << 255).to_bytes(32, "little")
+
+
+def test_every_small_order_key_is_refused_in_every_encoding() -> None:
+    ys = _torsion_ys()
+    assert len(ys) == 5  # 8 points: x = 0 for y = 1 and -1, x = +-x otherwise
+    for y in ys:
+        for sign in (0, 1):
+            assert small_order(_encoded(y, sign)), y
+            assert not Verifier(_encoded(y, sign)).verify(bytes(64), b"any message")
+    for y in range(19):  # y + P still fits in 255 bits: a second encoding of a small y
+        assert small_order(_encoded(y + P))
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.binary(min_size=32, max_size=32), message=st.binary(max_size=300))
+def test_a_real_identity_is_not_small_order_and_verifies(seed: bytes, message: bytes) -> None:
+    identity = IdentityKey.from_private(seed)
+    assert not small_order(identity.public)
+    assert Verifier(identity.public).verify(identity.sign(message), message)

@@ -16,11 +16,10 @@ secret against its commitment (a mismatch with digests that held convicts
 the dealer).
 
 Every signed or hashed message is domain-separated and bound to the run,
-the round and the nodes concerned. Keys and signatures come from
-``cryptography``, digests from ``hashlib``; verification runs in libsodium
-(PyNaCl), which checks an Ed25519 signature in half the time of this
-platform's OpenSSL, over the same raw 32-byte keys and 64-byte signatures.
-A round of 20 clients of degree 6 checks 200 of them.
+the round and the nodes concerned. Everything comes from ``cryptography``
+and ``hashlib``. An identity key of small order (which OpenSSL accepts, and
+for which one signature verifies for every message) never verifies: see
+:func:`small_order`.
 
 >>> identity = IdentityKey.generate()
 >>> context = SessionContext("run", 1)
@@ -37,9 +36,9 @@ import struct
 from dataclasses import dataclass, field
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from nacl.bindings import crypto_sign_open
-from nacl.exceptions import BadSignatureError
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from shoal.core.errors import ProtocolError
 from shoal.secure.crypto import SessionContext
@@ -92,29 +91,67 @@ class IdentityKey:
 
 
 class Verifier:
-    """One identity's Ed25519 public key, used for many checks.
+    """One identity's Ed25519 public key, loaded once and used for many checks; a key that is
+    no point, not canonical, or of small order verifies nothing."""
 
-    libsodium verifies (and refuses small-order keys and points and
-    non-canonical scalars, as RFC 8032 allows); what
-    :meth:`IdentityKey.sign` makes, with ``cryptography``, it accepts.
-    """
-
-    __slots__ = ("public",)
+    __slots__ = ("_key", "public")
 
     def __init__(self, public: bytes) -> None:
         if len(public) != IDENTITY_KEY_BYTES:
             raise ProtocolError(f"an Ed25519 public key has 32 bytes, got {len(public)}")
         self.public = public
+        self._key = _verifying_key(public)
 
     def verify(self, signature: bytes, message: bytes) -> bool:
         """Whether ``signature`` is this identity's over ``message``."""
-        if len(signature) != SIGNATURE_BYTES:
+        if len(signature) != SIGNATURE_BYTES or self._key is None:
             return False
         try:
-            crypto_sign_open(signature + message, self.public)
-        except BadSignatureError:
+            self._key.verify(signature, message)
+        except InvalidSignature:
             return False
         return True
+
+
+_FIELD = 2**255 - 19  # Curve25519's prime
+
+
+@functools.lru_cache(maxsize=4096)
+def _verifying_key(public: bytes) -> Ed25519PublicKey | None:
+    """The key, loaded (None: not a point, or unsafe); long-term identities recur round after
+    round, so each is checked once per process."""
+    if small_order(public):
+        return None
+    try:
+        return Ed25519PublicKey.from_public_bytes(public)
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _probe() -> X25519PrivateKey:
+    return X25519PrivateKey.generate()
+
+
+def small_order(public: bytes) -> bool:
+    """Whether an encoded Ed25519 key is of small order (in the 8-torsion), or not canonical.
+
+    With such a key A, ``[S]B = R + [k]A`` holds for R in the torsion and S = 0 for many or all
+    messages: a signature anyone can make (RFC 8032 lets a verifier refuse these keys, and
+    OpenSSL does not). The check maps the key's y to its Montgomery u = (1 + y) / (1 - y) and
+    asks X25519, whose clamped scalar is a multiple of the cofactor 8, for a shared secret: it
+    is all zero exactly when the point's order divides 8. A y of 1 (the neutral point) has no
+    u; a y at or above the prime is another encoding of a smaller one.
+    """
+    y = int.from_bytes(public, "little") & ((1 << 255) - 1)
+    if y >= _FIELD or y == 1:
+        return True
+    u = (1 + y) * pow(1 - y, -1, _FIELD) % _FIELD
+    try:
+        _probe().exchange(X25519PublicKey.from_public_bytes(u.to_bytes(32, "little")))
+    except ValueError:  # an all-zero shared secret: the point vanished under the cofactor
+        return True
+    return False
 
 
 def check_identity_key(public: bytes, what: str) -> None:
