@@ -167,8 +167,8 @@ def measure_drift(
         labels, separation = cluster(leading, max_clusters=rule.max_clusters, seed=seed)
     return DriftReport(
         clients=tuple(client_ids),
-        points=tuple((float(x), float(y)) for x, y in points),
-        labels=tuple(int(label) for label in labels),
+        points=tuple(map(tuple, points.tolist())),  # Python floats, one call for all
+        labels=tuple(labels.tolist()),
         method=rule.method,
         explained_variance=explained,
         clusters=int(labels.max()) + 1,
