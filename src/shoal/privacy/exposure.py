@@ -33,7 +33,6 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-from scipy import stats  # type: ignore[import-untyped]
 
 from shoal.core.errors import DataError
 
@@ -133,6 +132,9 @@ def extrapolated_exposures(
 
 
 def _fitted_log_cdf(canaries: FloatArray, references: FloatArray, distribution: str) -> FloatArray:
+    # scipy.stats takes a third of a second to import: only a run with canaries pays it
+    from scipy import stats  # type: ignore[import-untyped]
+
     if distribution == "normal":
         log_cdf: FloatArray = stats.norm.logcdf(
             canaries, loc=references.mean(), scale=references.std()
