@@ -6,6 +6,7 @@ population of one kind."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,9 +14,12 @@ from typing import Any
 
 import pytest
 
+import shoal
 from shoal.config import load_config
 from shoal.core.clusters import stacked_clusters
 from shoal.core.parameters import Parameters
+from shoal.governance.model_signing import PUBLIC_KEY_FILE, load_public_key
+from shoal.registry import verify_audit_log
 from shoal.simulation.runner import Simulation, open_run_models
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "day-night"
@@ -194,3 +198,34 @@ def test_a_population_of_one_kind_never_splits(tmp_path: Path) -> None:
     assert split_rounds(tmp_path) == [] and audited_splits(tmp_path) == []
     assert stacked_clusters(version(tmp_path)) is None
     assert all("cluster_sizes" not in row for row in fits)
+
+
+def test_unlearning_a_client_of_the_split_round_replays_the_split(
+    runs: dict[str, Path], tmp_path: Path, app: Any
+) -> None:
+    (at,) = split_rounds(runs["flagged"])
+    # the first client (in id order) that trained in the split round: forgetting it goes back
+    # before the split, to the one model of version 0
+    for number in range(20):
+        folder = tmp_path / f"forget-{number}"
+        shutil.copytree(runs["flagged"], folder)
+        report = shoal.unlearn(folder, f"client-{number:05d}", actor="test")
+        if report.first_participation == at:
+            break
+    else:
+        pytest.fail(f"no client trained in round {at}")
+    assert report.restart_version == 0 and report.retrained
+    assert stacked_clusters(version(folder, report.restart_version)) is None
+    # the retraining, without that client, splits again and goes on with the cluster models
+    (again,) = [
+        row for row in rows(folder)[-len(report.recomputed_rounds) :] if "clustered_split" in row
+    ]
+    assert again["model_version"] > report.old_head_version
+    assert stacked_clusters(version(folder)) == 2
+    assert [entry["version"] for entry in audited_splits(folder)][-1] == again["model_version"]
+    models = open_run_models(folder)
+    try:
+        pinned = load_public_key(folder / PUBLIC_KEY_FILE)
+        assert verify_audit_log(models.database, pinned.verify_audit_head).intact
+    finally:
+        models.database.close()
