@@ -9,12 +9,14 @@ it for ever: a peer that opens connections and never finishes a request
 unanswered; a connection that breaks costs a debug line, not a traceback on
 the operator's terminal.
 
-:func:`host_name` reads the name a request was sent to, so that a server
-bound to loopback can refuse the names a DNS-rebinding page would send.
+:func:`host_name` reads the name a request was sent to and
+:func:`is_loopback` tells a loopback name or address, so that a server bound
+to loopback can refuse the names a DNS-rebinding page would send.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 from socketserver import BaseRequestHandler, ThreadingMixIn
@@ -26,6 +28,7 @@ REQUEST_TIMEOUT_S = 10.0
 """How long a connection may stay silent (or refuse to read) before it is closed."""
 MAX_CONNECTIONS = 64
 """Connections served at once; past it a new one is closed unanswered."""
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
 class BoundedThreadingMixIn(ThreadingMixIn):
@@ -87,3 +90,18 @@ def host_name(header: str | None, *, default: str) -> str:
     if header.startswith("["):
         return header[1 : header.find("]")] if "]" in header else header
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is loopback.
+
+    >>> is_loopback("LOCALHOST"), is_loopback("[::1]"), is_loopback("rebound.example")
+    (True, True, False)
+    """
+    name = host.strip().strip("[]").lower()
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False

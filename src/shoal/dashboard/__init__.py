@@ -7,6 +7,7 @@ read-only) and binds 127.0.0.1 unless a token guards it
 (:func:`check_bind`).
 """
 
+from shoal.core.serving import is_loopback
 from shoal.dashboard.server import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -14,7 +15,6 @@ from shoal.dashboard.server import (
     Dashboard,
     DashboardServer,
     check_bind,
-    is_loopback,
     open_dashboard,
 )
 from shoal.dashboard.state import RunReader, Snapshot

@@ -42,7 +42,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from shoal.core.errors import ConfigError, ShoalError
-from shoal.core.serving import MAX_CONNECTIONS, REQUEST_TIMEOUT_S, BoundedThreadingMixIn, host_name
+from shoal.core.serving import (
+    MAX_CONNECTIONS,
+    REQUEST_TIMEOUT_S,
+    BoundedThreadingMixIn,
+    host_name,
+    is_loopback,
+)
 from shoal.dashboard import assets, page
 from shoal.dashboard.state import RunReader, Snapshot
 from shoal.telemetry.metrics import METRICS_FILE, SUMMARY_FILE
@@ -58,7 +64,6 @@ STOP_POLL_S = 0.1  # how often a serving thread looks for a stop request
 _TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&\s]*")
 COOKIE = "shoal_dashboard"
 RUN_FILES = (METRICS_FILE, DRIFT_FILE, SUMMARY_FILE)  # what the figures are drawn from
-LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -72,17 +77,6 @@ SECURITY_HEADERS = {
 }
 
 FigureSource = Callable[[Path], Sequence[Figure]]
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is loopback."""
-    name = host.strip().strip("[]").lower()
-    if name in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(host: str, token: str | None, *, options: str = "") -> None:

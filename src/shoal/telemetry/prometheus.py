@@ -52,8 +52,13 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from shoal.core.errors import ConfigError
-from shoal.core.limits import is_loopback
-from shoal.core.serving import MAX_CONNECTIONS, REQUEST_TIMEOUT_S, BoundedThreadingMixIn, host_name
+from shoal.core.serving import (
+    MAX_CONNECTIONS,
+    REQUEST_TIMEOUT_S,
+    BoundedThreadingMixIn,
+    host_name,
+    is_loopback,
+)
 
 MAX_LABEL_VALUES = 32
 """The most values one client-supplied label takes; the rest are ``other``."""
@@ -356,7 +361,7 @@ def guarded(app: WsgiApp, *, loopback: bool) -> WsgiApp:
             return start_response(status, [*headers, ("Server", "shoal-metrics")], *rest)
 
         sent = environ.get("HTTP_HOST")
-        if loopback and sent and not is_loopback(host_name(sent, default="").lower()):
+        if loopback and sent and not is_loopback(host_name(sent, default="")):
             named("403 Forbidden", [("Content-Type", "text/plain; charset=utf-8")])
             return [b"unexpected Host header\n"]
         return app(environ, named)
