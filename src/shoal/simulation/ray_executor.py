@@ -8,6 +8,7 @@ Ray, in a pool, or in one process.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +35,12 @@ def _import_ray() -> Any:
     return ray
 
 
+# Ray waits 30 s for a local head's GCS server to write its port; a loaded
+# machine (a test suite on two cores) can take longer, and the run then fails
+# before its first round. An operator's own setting wins.
+GCS_PORT_WAIT_S = "180"
+
+
 class ClientHost:
     """The body of one Ray actor: a client factory and the clients' cached data."""
 
@@ -53,6 +60,7 @@ class RayExecutor:
         self._ray = ray = _import_ray()
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
+            os.environ.setdefault("RAY_gcs_server_port_wait_time_s", GCS_PORT_WAIT_S)
             ray.init(
                 address=address,
                 num_cpus=None if address else workers,
