@@ -10,9 +10,9 @@ client, average the deltas weighted by examples. A third figure is the time
 from launching ``shoal simulate`` as a fresh process until it prints its
 first round. The cost of the FL telemetry (the fleet figures of ``[telemetry]``
 and the drift projection of ``[drift]``) is the in-process run's seconds per
-round with both on over the same run with both off,
-alternated ``--repeats`` times (the fastest of each kept). Prints one JSON
-object per workload.
+round with both on over the same run with both off, the two runs taking turns
+round by round, in ``--repeats`` pairs: the median of the pairs' ratios.
+Prints one JSON object per workload.
 
     python benchmarks/simulation.py --rounds 60
 """
@@ -24,6 +24,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -116,22 +117,72 @@ def seconds_to_first_round(config_path: Path) -> float:
         return elapsed
 
 
-def telemetry_ratio(path: Path, *, rounds: int, repeats: int) -> tuple[float, float]:
-    """Seconds per round in process with the telemetry on and off, alternated ``repeats``
-    times; the fastest of each (the least disturbed by the machine's other work)."""
+def telemetry_ratio(path: Path, *, rounds: int, repeats: int) -> tuple[float, float, list[float]]:
+    """Seconds per round in process with the telemetry on and off, and the ratio of each of
+    ``repeats`` pairs of runs. A pair's two runs take turns round by round (two threads
+    handing a baton back and forth, only one ever running), so each round with the telemetry
+    meets the machine as the round without it met it a moment before: on a shared machine
+    whose speed drifts by 10% from one run to the next, two runs one after the other differ by
+    more than the telemetry costs. Each run's figure is the median of its second half's
+    rounds; the first figures returned are the medians over the pairs."""
     timings: dict[bool, list[float]] = {True: [], False: []}
-    for _ in range(repeats):
-        for enabled in (True, False):
-            overrides = [f"run.rounds={rounds}", "simulation.workers=0"]
-            switch = str(enabled).lower()
-            config = load_config(
-                path, [*overrides, f"telemetry.enabled={switch}", f"drift.enabled={switch}"]
-            )
-            timings[enabled].append(simulator_seconds_per_round(config)[0])
-    return min(timings[True]), min(timings[False])
+    for repeat in range(repeats):
+        order = (True, False) if repeat % 2 == 0 else (False, True)  # who goes first
+        configs = [_telemetry_config(path, rounds=rounds, enabled=enabled) for enabled in order]
+        for enabled, gaps in zip(order, _taking_turns(configs), strict=True):
+            timings[enabled].append(float(np.median(gaps[len(gaps) // 2 :])))
+    ratios = [on / off for on, off in zip(timings[True], timings[False], strict=True)]
+    return float(np.median(timings[True])), float(np.median(timings[False])), ratios
 
 
-def measure(name: str, *, rounds: int, repeats: int = 2) -> dict[str, Any]:
+def _telemetry_config(path: Path, *, rounds: int, enabled: bool) -> Config:
+    switch = str(enabled).lower()
+    overrides = [f"run.rounds={rounds}", "simulation.workers=0"]
+    return load_config(path, [*overrides, f"telemetry.enabled={switch}", f"drift.enabled={switch}"])
+
+
+def _taking_turns(configs: list[Config]) -> list[list[float]]:
+    """Run the simulations one round each in turn; each one's seconds per round (the time
+    from being handed the turn until its next round is done)."""
+    count = len(configs)
+    turns = [threading.Semaphore(0) for _ in configs]
+    gaps: list[list[float]] = [[] for _ in configs]
+    failures: list[BaseException] = []
+
+    def play(index: int, config: Config, folder: Path) -> None:
+        turns[index].acquire()
+        started = time.perf_counter()
+
+        def on_round(row: dict[str, Any]) -> None:
+            nonlocal started
+            gaps[index].append(time.perf_counter() - started)
+            turns[(index + 1) % count].release()
+            turns[index].acquire()
+            started = time.perf_counter()
+
+        try:
+            Simulation(config, folder / f"run-{index}").run(on_round=on_round)
+        except BaseException as exc:  # the others must not wait for a turn that never comes
+            failures.append(exc)
+        finally:
+            turns[(index + 1) % count].release()
+
+    with tempfile.TemporaryDirectory() as folder:
+        threads = [
+            threading.Thread(target=play, args=(index, config, Path(folder)))
+            for index, config in enumerate(configs)
+        ]
+        for thread in threads:
+            thread.start()
+        turns[0].release()
+        for thread in threads:
+            thread.join()
+    if failures:
+        raise failures[0]
+    return gaps
+
+
+def measure(name: str, *, rounds: int, repeats: int = 5) -> dict[str, Any]:
     path = EXAMPLES / f"{name}.toml"
     config = load_config(path, [f"run.rounds={rounds}"])
     per_round, whole_run, first_round = simulator_seconds_per_round(config)
@@ -139,7 +190,9 @@ def measure(name: str, *, rounds: int, repeats: int = 2) -> dict[str, Any]:
         load_config(path, [f"run.rounds={rounds}", "simulation.workers=0"])
     )
     baseline = bare_numpy_seconds_per_round(config, rounds=rounds)
-    with_telemetry, without_telemetry = telemetry_ratio(path, rounds=rounds, repeats=repeats)
+    with_telemetry, without_telemetry, ratios = telemetry_ratio(
+        path, rounds=rounds, repeats=repeats
+    )
     return {
         "benchmark": "simulation_overhead",
         "workload": name,
@@ -155,7 +208,8 @@ def measure(name: str, *, rounds: int, repeats: int = 2) -> dict[str, Any]:
         "seconds_to_first_round_in_process": round(first_round, 3),
         "seconds_per_round_in_process_with_telemetry": round(with_telemetry, 5),
         "seconds_per_round_in_process_without_telemetry": round(without_telemetry, 5),
-        "telemetry_ratio": round(with_telemetry / without_telemetry, 4),
+        "telemetry_ratio": round(float(np.median(ratios)), 4),
+        "telemetry_ratio_of_each_pair": [round(ratio, 4) for ratio in ratios],
         "seconds_from_launch_to_first_round": round(seconds_to_first_round(path), 3),
     }
 
@@ -166,7 +220,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--workloads", nargs="+", default=["overhead-100", "overhead-1000"])
-    parser.add_argument("--repeats", type=int, default=2, help="telemetry on/off alternations")
+    parser.add_argument("--repeats", type=int, default=5, help="telemetry on/off pairs")
     args = parser.parse_args()
     for name in args.workloads:
         print(json.dumps(measure(name, rounds=args.rounds, repeats=args.repeats)), flush=True)
