@@ -24,12 +24,14 @@ says so, as the divergence report does.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+from scipy.linalg import lapack  # type: ignore[import-untyped]
 
 from shoal.aggregation.divergence import FloatMatrix, sample_coordinates
 from shoal.core.errors import StrategyError
@@ -147,7 +149,7 @@ def measure_drift(
         return DriftReport(method=rule.method)
     columns = sample_coordinates(updates, max_values=rule.max_values, seed=seed)
     # float32 through the one product with the model's width; float64 from the n x n Gram on
-    matrix = (updates if columns is None else updates[:, columns]).astype(np.float32)
+    matrix = (updates if columns is None else updates[:, columns]).astype(np.float32, copy=False)
     # the rows in their principal axes: with t-SNE, every axis (every pairwise distance
     # kept); with PCA, the leading ones the plot and the clustering read
     axes = None if rule.method == "tsne" else CLUSTER_AXES
@@ -171,7 +173,7 @@ def measure_drift(
         labels=tuple(labels.tolist()),
         method=rule.method,
         explained_variance=explained,
-        clusters=int(labels.max()) + 1,
+        clusters=int(np.maximum.reduce(labels)) + 1,
         separation=separation,
         bimodal=separation is not None and separation >= rule.bimodal_threshold,
     )
@@ -184,7 +186,7 @@ def unit_rows(matrix: Rows) -> Rows:
     range, and drift is measured on exactly such rounds.
     """
     norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix, dtype=np.float64))
-    scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    scale = np.divide(1.0, norms, out=np.zeros(norms.shape), where=norms > 0)
     unit: Rows = matrix * scale.astype(matrix.dtype)[:, None]
     return unit
 
@@ -203,17 +205,17 @@ def principal_coordinates(
     iteration (Halko, Martinsson and Tropp 2011) instead of the whole eigendecomposition.
     """
     gram = (matrix @ matrix.T).astype(np.float64)
-    means = gram.mean(axis=0)
-    gram -= means[None, :]
-    gram -= means[:, None]
-    gram += means.mean()
-    total = float(max(np.trace(gram), 0.0))
     count = gram.shape[0]
+    means = np.add.reduce(gram, axis=0) / count
+    gram -= means
+    gram -= means[:, None]
+    gram += float(np.add.reduce(means)) / count
+    total = max(float(gram.trace()), 0.0)
     if axes is None or count <= EXACT_UP_TO:
-        eigenvalues, eigenvectors = np.linalg.eigh(gram)
+        eigenvalues, eigenvectors = symmetric_eigenpairs(gram)
     else:
         eigenvalues, eigenvectors = _leading_eigenpairs(gram, axes=axes, seed=seed)
-    eigenvalues, eigenvectors = np.clip(eigenvalues[::-1], 0.0, None), eigenvectors[:, ::-1]
+    eigenvalues, eigenvectors = np.maximum(eigenvalues[::-1], 0.0), eigenvectors[:, ::-1]
     if axes is not None:
         eigenvalues, eigenvectors = eigenvalues[:axes], eigenvectors[:, :axes]
     keep = eigenvalues > 1e-12 * max(1.0, float(eigenvalues[0]) if eigenvalues.size else 1.0)
@@ -229,10 +231,36 @@ def _leading_eigenpairs(gram: Points, *, axes: int, seed: int) -> tuple[Points, 
     rng = np.random.default_rng([seed, 0xA5])
     block = gram @ rng.standard_normal((gram.shape[0], min(axes + OVERSAMPLE, gram.shape[0])))
     for _ in range(POWER_STEPS):
-        block = gram @ np.linalg.qr(block)[0]
-    basis = np.linalg.qr(block)[0]
-    eigenvalues, small = np.linalg.eigh(basis.T @ gram @ basis)
+        block = gram @ orthonormal_columns(block)
+    basis = orthonormal_columns(block)
+    eigenvalues, small = symmetric_eigenpairs(basis.T @ gram @ basis)
     return eigenvalues[-axes:], (basis @ small)[:, -axes:]
+
+
+# LAPACK straight, as numpy.linalg calls it, without numpy's checks around the call: a
+# round's matrices are small, finite and ours, and the checks cost more than the arithmetic
+# (SciPy's LAPACK is loaded by shoal.core.parameters already)
+
+
+def symmetric_eigenpairs(matrix: Points) -> tuple[Points, Points]:
+    """The eigenvalues (ascending) and eigenvectors (columns) of the symmetric ``matrix``
+    (LAPACK's dsyevd, as :func:`numpy.linalg.eigh`)."""
+    eigenvalues, eigenvectors, info = lapack.dsyevd(matrix, compute_v=1, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"the eigendecomposition did not converge (dsyevd {info})")
+    return eigenvalues, eigenvectors
+
+
+def orthonormal_columns(matrix: Points) -> Points:
+    """An orthonormal basis of the columns of the tall ``matrix``: the Q of its reduced QR
+    factorization (LAPACK's dgeqrf and dorgqr, as :func:`numpy.linalg.qr`)."""
+    factors, reflectors, _, info = lapack.dgeqrf(matrix)
+    if info == 0:
+        basis, _, info = lapack.dorgqr(factors[:, : matrix.shape[1]], reflectors)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"the QR factorization failed (LAPACK {info})")
+    orthonormal: Points = basis
+    return orthonormal
 
 
 def tsne(matrix: Points, *, seed: int) -> Points:
@@ -251,20 +279,28 @@ def cluster(
     matrix: Points, *, max_clusters: int, seed: int
 ) -> tuple[npt.NDArray[np.int64], float | None]:
     """k-means labels of the rows with k in ``2..max_clusters`` chosen by the silhouette score,
-    and that score (None, one cluster: the rows are too few or all alike)."""
+    and that score (None, one cluster: the rows are too few or all alike).
+
+    One greedy k-means++ seeding, one Lloyd run per k, as scikit-learn's ``n_init="auto"``:
+    where groups stand apart, the seeding finds each of them; where none are, more runs
+    buy a lower inertia, not a higher silhouette."""
     count = matrix.shape[0]
     squared = squared_distances(matrix)
     distances = np.sqrt(squared)
     # k-means needs k distinct rows: a row at no distance from an earlier one adds none
-    distinct = count - int(np.triu(distances <= 1e-9, 1).any(axis=0).sum())
-    rng = np.random.default_rng([seed, 0xC1])
+    distinct = count
+    if np.count_nonzero(distances <= 1e-9) > count:  # more than the diagonal
+        distinct -= int(np.triu(distances <= 1e-9, 1).any(axis=0).sum())
     candidates = list(range(2, min(max_clusters, count - 1, distinct) + 1))
-    # runs that fell to one cluster (all rows alike) score nothing
-    runs = _kmeans_runs(matrix, candidates, rng=rng, squared=squared)
-    runs = [labels for labels in runs if labels.min() != labels.max()]
-    if not runs:
+    if not candidates:
         return np.zeros(count, np.int64), None
-    scores = silhouettes(distances, np.stack(runs))
+    seeds = _seeds(squared, clusters=candidates[-1], rng=random.Random(f"drift-{seed}"))
+    # runs that fell to one cluster (all rows alike) score nothing
+    runs = _kmeans_runs(matrix, candidates, seeds)
+    runs = runs[np.minimum.reduce(runs, axis=1) != np.maximum.reduce(runs, axis=1)]
+    if not len(runs):
+        return np.zeros(count, np.int64), None
+    scores = silhouettes(distances, runs)
     best = int(scores.argmax())  # the first of equal scores: the fewest clusters
     return _by_size(runs[best]), float(scores[best])
 
@@ -277,92 +313,87 @@ def pairwise_distances(matrix: Points) -> Points:
 
 def squared_distances(matrix: Points) -> Points:
     """The squared Euclidean distance between every two rows (zero on the diagonal)."""
-    squares = np.einsum("ij,ij->i", matrix, matrix)
-    gram = squares[:, None] + squares[None, :] - 2 * matrix @ matrix.T
-    squared: Points = np.clip(gram, 0.0, None)
-    np.fill_diagonal(squared, 0.0)
+    gram = matrix @ matrix.T
+    squares = gram.diagonal().copy()
+    gram *= -2.0
+    gram += squares
+    gram += squares[:, None]
+    squared: Points = np.maximum(gram, 0.0, out=gram)
+    squared.flat[:: squared.shape[0] + 1] = 0.0
     return squared
 
 
 def kmeans(
-    matrix: Points,
-    *,
-    clusters: int,
-    rng: np.random.Generator,
-    restarts: int = 3,
-    squared: Points | None = None,
+    matrix: Points, *, clusters: int, rng: random.Random, squared: Points | None = None
 ) -> npt.NDArray[np.int64]:
-    """Lloyd's k-means from k-means++ seeds, the best of ``restarts`` by inertia;
-    ``squared``: the rows' squared distances, if the caller has them."""
-    return _kmeans_runs(matrix, [clusters], rng=rng, restarts=restarts, squared=squared)[0]
+    """Lloyd's k-means from greedy k-means++ seeds; ``squared``: the rows' squared distances,
+    if the caller has them."""
+    squared = squared_distances(matrix) if squared is None else squared
+    seeds = _seeds(squared, clusters=clusters, rng=rng)
+    labels: npt.NDArray[np.int64] = _kmeans_runs(matrix, [clusters], seeds)[0]
+    return labels
 
 
 def _kmeans_runs(
-    matrix: Points,
-    ks: Sequence[int],
-    *,
-    rng: np.random.Generator,
-    restarts: int = 3,
-    squared: Points | None = None,
-) -> list[npt.NDArray[np.int64]]:
-    """k-means for each k of ``ks`` (the best of ``restarts`` by inertia), every run side by
-    side as one array each Lloyd step: a round's few points cost Python calls, not arithmetic.
-    A run of fewer clusters than the largest k holds the extra centers at an infinite
-    distance, so that no point ever joins them."""
-    if not ks:
-        return []
-    count = matrix.shape[0]
-    widest = max(ks)
-    squares = np.einsum("ij,ij->i", matrix, matrix)
-    if squared is None:
-        squared = squared_distances(matrix)
-    runs = np.repeat(np.asarray(ks), restarts)  # each run's k
-    # k-means++ seeds are drawn one after another: a run's first k of ``widest`` seeds are
-    # its own k-means++ seeding
-    centers = matrix[_seeds(squared, clusters=widest, restarts=runs.size, rng=rng)]
-    unused = np.where(np.arange(widest)[None, :] < runs[:, None], 0.0, np.inf)[:, None, :]
-    identity = np.eye(widest)
-    labels = np.full((runs.size, count), -1)
+    matrix: Points, ks: Sequence[int], seeds: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """k-means for each k of ``ks``, each from the first k of ``seeds`` (greedy k-means++ is
+    sequential: its first k seeds are a k-means++ seeding for k), every run side by side as
+    one array each Lloyd step: a round's few points cost calls, not arithmetic. A run of
+    fewer clusters than the largest k holds the extra centers at an infinite distance, so
+    that no point ever joins them. The labels, one row per k."""
+    widest = len(seeds)
+    runs = np.array(ks)[:, None]
+    centers = matrix[seeds][None].repeat(len(ks), axis=0)
+    unused = np.where(np.arange(widest)[None, :] < runs, 0.0, np.inf)[:, :, None]
+    identity = _identity(widest)
+    transposed = matrix.T
+    labels = np.zeros((len(ks), matrix.shape[0]), np.int64) - 1
     for _ in range(MAX_ITERATIONS):
         # a row's squared distance to each center, less its own squared length (the same
         # for every center: the nearest is the same)
-        gaps = np.matmul(matrix, np.swapaxes(centers, 1, 2))  # (runs, points, clusters)
+        gaps = centers @ transposed  # (runs, clusters, points)
         gaps *= -2.0
-        gaps += np.einsum("rkc,rkc->rk", centers, centers)[:, None, :] + unused
-        moved_to = gaps.argmin(axis=2)
-        if np.array_equal(moved_to, labels):
+        gaps += np.add.reduce(centers * centers, axis=2)[:, :, None] + unused
+        moved_to = gaps.argmin(axis=1)
+        if np.logical_and.reduce(moved_to == labels, axis=None):
             break  # no point changed cluster in any run: Lloyd's iteration has converged
         labels = moved_to
         one_hot = identity[labels]  # (runs, points, clusters)
-        counts = one_hot.sum(axis=1)[:, :, None]  # (runs, clusters, 1)
-        sums = np.swapaxes(one_hot, 1, 2) @ matrix  # (runs, clusters, columns)
-        centers = np.where(counts > 0, sums / np.maximum(counts, 1), centers)
-    inertia = (gaps.min(axis=2) + squares).sum(axis=1).reshape(len(ks), restarts)
-    best = inertia.argmin(axis=1) + np.arange(len(ks)) * restarts
-    return [labels[run].astype(np.int64) for run in best]
+        counts = np.add.reduce(one_hot, axis=1)[:, :, None]  # (runs, clusters, 1)
+        sums = one_hot.transpose(0, 2, 1) @ matrix  # (runs, clusters, columns)
+        if np.logical_and.reduce(counts > 0, axis=None):
+            centers = sums / counts
+        else:  # a cluster left empty keeps its center
+            centers = np.where(counts > 0, sums / np.maximum(counts, 1), centers)
+    return labels
 
 
-def _seeds(
-    squared: Points, *, clusters: int, restarts: int, rng: np.random.Generator
-) -> npt.NDArray[np.int64]:
-    """k-means++ (Arthur and Vassilvitskii 2007) for ``restarts`` restarts at once: the rows
-    chosen as seeds, (restarts, clusters); each next seed drawn in proportion to its squared
-    distance (``squared``, between every two rows) from the nearest seed so far."""
+def _seeds(squared: Points, *, clusters: int, rng: random.Random) -> npt.NDArray[np.int64]:
+    """Greedy k-means++ (Arthur and Vassilvitskii 2007, section 5; scikit-learn's seeding):
+    the ``clusters`` rows chosen as seeds, in order. Each next seed is the best of a few
+    candidates, each drawn in proportion to its squared distance (``squared``, between every
+    two rows) from the nearest seed so far: the one that leaves the least total squared
+    distance to the nearest seed. One draw per seed (plain k-means++) puts two seeds in one
+    of three well-apart groups about once in 25 seedings. ``rng``: Python's generator, whose
+    seeding costs a round a tenth of numpy's."""
     count = squared.shape[0]
-    draws = rng.random((restarts, clusters))
-    chosen = np.empty((restarts, clusters), np.int64)
-    chosen[:, 0] = np.minimum((draws[:, 0] * count).astype(np.int64), count - 1)
-    nearest = squared[chosen[:, 0]]  # (restarts, rows)
+    trials = 2 + int(math.log(clusters))
+    draws = np.array([[rng.random() for _ in range(trials)] for _ in range(clusters)])
+    chosen = [min(int(draws[0, 0] * count), count - 1)]
+    nearest = squared[chosen[0]]
     for seed in range(1, clusters):
-        cumulative = np.cumsum(nearest, axis=1)
-        total = cumulative[:, -1]
-        # the row whose share of the cumulative squared distance holds the draw (all rows at
-        # no distance: a uniform draw)
-        weighted = (cumulative <= (draws[:, seed] * total)[:, None]).sum(axis=1)
-        uniform = (draws[:, seed] * count).astype(np.int64)
-        chosen[:, seed] = np.minimum(np.where(total > 0, weighted, uniform), count - 1)
-        nearest = np.minimum(nearest, squared[chosen[:, seed]])
-    return chosen
+        cumulative = np.cumsum(nearest)
+        total = float(cumulative[-1])
+        if total > 0:
+            picked = np.searchsorted(cumulative, draws[seed] * total, side="right")
+            picked = np.minimum(picked, count - 1)
+        else:  # every row at no distance from a seed: uniform draws
+            picked = np.minimum((draws[seed] * count).astype(np.int64), count - 1)
+        left = np.add.reduce(np.minimum(nearest, squared[picked]), axis=1)
+        chosen.append(int(picked[left.argmin()]))
+        nearest = np.minimum(nearest, squared[chosen[-1]])
+    return np.array(chosen, np.int64)
 
 
 def silhouette(distances: Points, labels: npt.NDArray[np.int64]) -> float:
@@ -375,22 +406,28 @@ def silhouettes(distances: Points, labelings: npt.NDArray[np.int64]) -> Points:
     """The mean silhouette of each row of ``labelings`` (runs, points) of the same points, all
     in one product: a round's few points cost Python calls, not arithmetic."""
     runs, count = labelings.shape
-    widest = int(labelings.max()) + 1
-    members = np.eye(widest)[labelings]  # (runs, points, clusters)
-    sizes = members.sum(axis=1)  # (runs, clusters)
+    widest = int(np.maximum.reduce(labelings, axis=None)) + 1
+    members = _identity(widest)[labelings]  # (runs, points, clusters)
+    sizes = np.add.reduce(members, axis=1)[:, None, :]  # (runs, 1, clusters)
     sums = distances @ members  # (runs, points, clusters): each point's total distance to each
     rows, points = np.arange(runs)[:, None], np.arange(count)[None, :]
-    own_size = sizes[rows, labelings]
+    own_size = sizes[rows, 0, labelings]
     inside = sums[rows, points, labelings] / np.maximum(own_size - 1, 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        means = np.where(sizes[:, None, :] > 0, sums / sizes[:, None, :], np.inf)
+    means = np.where(sizes > 0, sums / np.maximum(sizes, 1), np.inf)
     means[rows, points, labelings] = np.inf
-    nearest = means.min(axis=2)
+    nearest = np.minimum.reduce(means, axis=2)
     scale = np.maximum(inside, nearest)
     scores = np.divide(nearest - inside, scale, out=np.zeros((runs, count)), where=scale > 0)
     scores[own_size == 1] = 0.0
-    means_by_run: Points = scores.mean(axis=1)
+    means_by_run: Points = np.add.reduce(scores, axis=1) / count
     return means_by_run
+
+
+def _identity(size: int) -> Points:
+    """The ``size`` x ``size`` identity: its rows indexed by labels are one-hot rows."""
+    identity: Points = np.zeros((size, size))
+    identity.flat[:: size + 1] = 1.0
+    return identity
 
 
 def _by_size(labels: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
@@ -398,9 +435,9 @@ def _by_size(labels: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     that a round's cluster 0 is its largest group."""
     count = labels.size
     sizes = np.bincount(labels)
-    first = np.full(sizes.size, count)
+    first = np.zeros(sizes.size, np.int64) + count
     first[labels[::-1]] = np.arange(count)[::-1]  # the last write wins: each label's first row
-    present = np.flatnonzero(sizes)
+    present = (sizes > 0).nonzero()[0]
     order = present[np.lexsort((first[present], -sizes[present]))]  # the clusters, largest first
     rank = np.zeros(sizes.size, np.int64)
     rank[order] = np.arange(order.size)
