@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,7 @@ class MetricsLog:
         self.path = Path(path)
 
     def append(self, row: Row) -> None:
-        line = json.dumps(clean_row(row), sort_keys=True)
-        with self.path.open("a") as handle:
-            handle.write(line + "\n")
+        append_line(self.path, json.dumps(clean_row(row), sort_keys=True))
 
     def rows(self) -> list[Row]:
         """Every complete row; a line torn by a crash is skipped (see :func:`read_rows`)."""
@@ -55,6 +54,20 @@ class MetricsLog:
         partial.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in kept))
         partial.replace(self.path)
         return kept
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` and a newline to ``path`` (created when absent) in one write of
+    O_APPEND: a descriptor, not a text file object, whose setup costs more than the write
+    (a run appends a row or two each round)."""
+    data = (line + "\n").encode()
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        written = os.write(descriptor, data)
+        while written < len(data):  # a regular file takes it all but on a full disk
+            written += os.write(descriptor, data[written:])
+    finally:
+        os.close(descriptor)
 
 
 def read_rows(path: Path) -> tuple[list[Row], int]:
