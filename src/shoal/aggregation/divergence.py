@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.core.errors import StrategyError
+from shoal.core.quantiles import median_of_sorted, ordered, quantile_of_sorted
 
 FloatMatrix = npt.NDArray[np.float32]
 Distances = npt.NDArray[np.float64]
@@ -141,11 +142,14 @@ class DivergenceReport:
 
 
 def _spread(values: Distances) -> dict[str, float]:
+    """The least, median, 90th percentile and greatest of a round's (finite) values, as
+    numpy gives them, over a sorted list (:mod:`shoal.core.quantiles`)."""
+    ascending = ordered(values.tolist())
     return {
-        "min": float(values.min()),
-        "median": float(np.median(values)),
-        "p90": float(np.quantile(values, 0.9)),
-        "max": float(values.max()),
+        "min": ascending[0],
+        "median": median_of_sorted(ascending),
+        "p90": quantile_of_sorted(ascending, 0.9),
+        "max": ascending[-1],
     }
 
 

@@ -1,7 +1,7 @@
 """Fleet telemetry of one round: drops, stragglers, cohort fairness and bandwidth, as row fields.
 
-Pure functions over the round's values (numpy's linear percentiles, over a
-sorted list); the run layer (:mod:`shoal.coordinator.run_metrics`) calls them
+Pure functions over the round's values (numpy's percentiles, over a sorted
+list); the run layer (:mod:`shoal.coordinator.run_metrics`) calls them
 with what the round engine booked, so the simulator and a deployed
 coordinator write the very same fields:
 
@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from shoal.core.quantiles import quantile_of_sorted
+
 Floats = npt.NDArray[np.float64]
 Values = Floats | Sequence[float]
 Fields = dict[str, Any]
@@ -39,25 +41,18 @@ PERCENTILES = (50, 90, 99)
 
 
 def percentile_fields(prefix: str, values: Values, *, suffix: str = "") -> Fields:
-    """``{prefix}_p50{suffix}``, ``_p90`` and ``_p99`` of ``values`` (None each when empty).
-
-    numpy's default (linear) percentile, the same arithmetic in the same order, over a sorted
-    list: a round's few values cost the calls, not the arithmetic, and a list's calls are
-    cheaper than numpy's (a round of ten thousand clients sorts in a millisecond or two).
-    """
+    """``{prefix}_p50{suffix}``, ``_p90`` and ``_p99`` of the finite ``values`` (None each
+    when there are none): ``numpy.percentile``'s floats, over a sorted list
+    (:mod:`shoal.core.quantiles`)."""
     names = [f"{prefix}_p{q}{suffix}" for q in PERCENTILES]
     listed = values.tolist() if isinstance(values, np.ndarray) else values
     finite = sorted(value for value in listed if math.isfinite(value))
     if not finite:
         return dict.fromkeys(names)
-    top = len(finite) - 1
-    fields: Fields = {}
-    for name, q in zip(names, PERCENTILES, strict=True):
-        position = top * q / 100.0
-        below = int(position)  # the floor: position is not negative
-        low, high = finite[below], finite[min(below + 1, top)]
-        fields[name] = float(low + (high - low) * (position - below))
-    return fields
+    return {
+        name: quantile_of_sorted(finite, q / 100)
+        for name, q in zip(names, PERCENTILES, strict=True)
+    }
 
 
 def timing_fields(round_trips: Values, training: Values, windows: Values) -> Fields:
