@@ -93,7 +93,9 @@ class UpdateFacts:
 
     def as_record(self) -> dict[str, Any]:
         """The facts as a JSON-ready mapping (what the decision log keeps)."""
-        record = dataclasses.asdict(self)
+        # every field is a scalar but one tuple of texts: a shallow copy (asdict deep-copies
+        # each value, a tenth of a millisecond per decision)
+        record = {name: getattr(self, name) for name in COLUMNS}
         record["version_problems"] = list(self.version_problems)
         return record
 

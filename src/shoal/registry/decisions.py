@@ -121,9 +121,19 @@ def _record(row: sa.Row[Any]) -> DecisionRecord:
 
 
 def _finite_json(facts: Mapping[str, Any]) -> dict[str, Any]:
-    """``facts`` as strict JSON: a non-finite number (which JSON lacks) becomes its text."""
-    cleaned = {
-        name: str(value) if isinstance(value, float) and not math.isfinite(value) else value
-        for name, value in facts.items()
-    }
-    return dict(json.loads(json.dumps(cleaned, allow_nan=False)))
+    """``facts`` as strict JSON: a non-finite number (which JSON lacks) becomes its text.
+
+    Facts are flat: texts, numbers, flags, None and lists of texts pass as they are (a float
+    subclass as a float); anything else makes the JSON round trip, which refuses what JSON
+    cannot hold."""
+    cleaned: dict[str, Any] = {}
+    for name, value in facts.items():
+        if isinstance(value, float):
+            cleaned[name] = float(value) if math.isfinite(value) else str(value)
+        elif value is None or isinstance(value, str | int | bool):
+            cleaned[name] = value
+        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+            cleaned[name] = list(value)
+        else:
+            cleaned[name] = json.loads(json.dumps(value, allow_nan=False))
+    return cleaned
