@@ -1,6 +1,8 @@
 """Layers import downward only: the package import graph, read from the source, has no cycle.
 
-The order, low to high (DESIGN.md 15): core; datasets (users' data, partitioned);
+The order, low to high (DESIGN.md 15): core, and beside it forkserver (the simulation
+pool's process server, which imports nothing of Shoal's, so that the command line can start
+it before its own imports); datasets (users' data, partitioned);
 aggregation and telemetry; config; registry; privacy and secure; governance (the
 update policy, signed models, attestation); tasks (the types
 shared by client, coordinator and transport); client; transport; coordinator;
@@ -18,7 +20,7 @@ import pytest
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "shoal"
 LAYERS = [
-    {"core"},
+    {"core", "forkserver"},
     {"datasets"},
     {"aggregation", "telemetry"},
     {"config"},

@@ -1,6 +1,7 @@
 """The ``shoal`` command line: the front door to every Shoal job."""
 
 import os
+import sys
 
 # gRPC Python has no minimum-TLS-version option. This cipher list (the value
 # of shoal.transport.certs.TLS13_ONLY_CIPHER_SUITES) leaves TLS 1.2 nothing
@@ -8,7 +9,13 @@ import os
 # set before grpc is imported; an operator's own setting wins.
 os.environ.setdefault("GRPC_SSL_CIPHER_SUITES", "ECDHE-PSK-CHACHA20-POLY1305")
 
-from shoal.cli import (
+# `shoal simulate` with a process pool: its workers' forkserver imports Shoal on another core
+# while this process does the same below (shoal.forkserver imports nothing of Shoal's)
+from shoal.forkserver import start_early
+
+start_early(sys.argv)
+
+from shoal.cli import (  # noqa: E402 (after the forkserver's start)
     attest,
     audit,
     certs,
@@ -25,7 +32,7 @@ from shoal.cli import (
     unlearn,
     versions,
 )
-from shoal.cli.app import app, main
+from shoal.cli.app import app, main  # noqa: E402
 
 __all__ = [
     "app",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +25,7 @@ from shoal.client.api import Client, EvaluateConfig, FitConfig
 from shoal.client.handler import run_evaluate, run_fit
 from shoal.coordinator.selection import client_key
 from shoal.core.parameters import Layout, Parameters, Vector
+from shoal.forkserver import forkserver_context
 from shoal.simulation.population import packed, unpacked
 
 log = logging.getLogger("shoal.simulation")
@@ -169,8 +169,7 @@ class ProcessExecutor:
     def __init__(
         self, factory: ClientFactory, *, workers: int, search_path: Sequence[str | Path] = ()
     ) -> None:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["numpy", "shoal.simulation.executor", "shoal.apps.builtin"])
+        context = forkserver_context()  # already running when `shoal simulate` started it
         self.workers = workers
         self._pool = ProcessPoolExecutor(
             max_workers=workers,
