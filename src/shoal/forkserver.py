@@ -87,8 +87,8 @@ def _is_shoal(program: str) -> bool:
 def wants_pool(words: Sequence[str]) -> bool:
     """Whether the command ``words`` is ``simulate`` with a config whose ``[simulation]`` takes
     a local pool (two workers or more). Any doubt (a ``--resume``, an override of the
-    simulation's settings, a file that does not read) answers no."""
-    if not words or words[0] != "simulate":
+    simulation's settings, a file that does not read) answers no, and so does ``--help``."""
+    if not words or words[0] != "simulate" or {"--help", "-h"} & set(words):
         return False
     config: Path | None = None
     rest = iter(words[1:])

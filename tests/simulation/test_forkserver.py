@@ -59,6 +59,7 @@ def test_an_option_value_is_not_taken_for_the_config(tmp_path: Path) -> None:
 
 def test_a_resume_or_another_command_or_program_starts_nothing(tmp_path: Path) -> None:
     assert not wants_pool(["simulate", "--resume", str(tmp_path)])
+    assert not wants_pool(["simulate", "--help"])  # the default job wants a pool; help does not
     assert not wants_pool(["coordinator", "serve"])
     assert not wants_pool([])
     assert not start_early(["pytest", "simulate"])  # not the shoal command
