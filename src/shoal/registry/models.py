@@ -185,11 +185,7 @@ class ModelRegistry:
                 head = parent
                 if parent is not None:
                     _fetch(connection, name, parent)
-            newest = connection.execute(
-                sa.select(sa.func.max(model_versions.c.version)).where(
-                    model_versions.c.name == name
-                )
-            ).scalar()
+            newest = connection.execute(_NEWEST, {"name": name}).scalar()
             version = 0 if newest is None else int(newest) + 1
             sha256 = parameters.sha256()
             signed = (
@@ -218,7 +214,7 @@ class ModelRegistry:
                     "signing_key_id": signed.key_id,
                     "signature": signed.signature,
                 }
-            connection.execute(model_versions.insert().values(row))
+            connection.execute(_INSERT_VERSION, row)
             _move_head(connection, name, record.version, created_at)
             details = {"round": round, "parent": head, "sha256": sha256, "status": status.value}
             details["signing_key_id"] = None if signed is None else signed.key_id
@@ -361,18 +357,27 @@ def _fetch(connection: Connection, name: str, version: int) -> ModelRecord:
     return _record(row)
 
 
+# statements of every commit, built once: building one costs more than running it
+_NEWEST = sa.select(sa.func.max(model_versions.c.version)).where(
+    model_versions.c.name == sa.bindparam("name")
+)
+_INSERT_VERSION = model_versions.insert()
+_HEAD = sa.select(model_heads.c.version).where(model_heads.c.name == sa.bindparam("name"))
+_MOVE_HEAD = (
+    sa.update(model_heads)
+    .where(model_heads.c.name == sa.bindparam("head_name"))
+    .values(version=sa.bindparam("head_version"), moved_at=sa.bindparam("head_moved_at"))
+)
+
+
 def _head_version(connection: Connection, name: str) -> int | None:
-    version = connection.execute(
-        sa.select(model_heads.c.version).where(model_heads.c.name == name)
-    ).scalar()
+    version = connection.execute(_HEAD, {"name": name}).scalar()
     return None if version is None else int(version)
 
 
 def _move_head(connection: Connection, name: str, version: int, moved_at: datetime) -> None:
     moved = connection.execute(
-        sa.update(model_heads)
-        .where(model_heads.c.name == name)
-        .values(version=version, moved_at=moved_at)
+        _MOVE_HEAD, {"head_name": name, "head_version": version, "head_moved_at": moved_at}
     )
     if moved.rowcount == 0:
         connection.execute(
