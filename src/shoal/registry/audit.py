@@ -194,6 +194,11 @@ def _check_text(value: str, name: str, *, limit: int, empty: bool = False) -> st
 _TAIL = "shoal.audit.tail"  # connection.info key: (transaction, seq, hash) of the log's tail
 
 
+# statements of every commit, built once: building one costs more than running it
+_TAIL_QUERY = sa.select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
+_SIGNED_HEAD = sa.select(audit_heads).where(audit_heads.c.seq == sa.bindparam("head_seq"))
+
+
 def _last(connection: Connection) -> tuple[int, str]:
     """``(seq, hash)`` of the last entry. Read once per transaction: a round's records append
     several times in one, and no other writer appends while it holds the audit lock."""
@@ -201,9 +206,7 @@ def _last(connection: Connection) -> tuple[int, str]:
     cached = connection.info.get(_TAIL)
     if cached is not None and transaction is not None and cached[0] is transaction:
         return cached[1], cached[2]
-    row = connection.execute(
-        sa.select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
-    ).first()
+    row = connection.execute(_TAIL_QUERY).first()
     tail = (0, GENESIS_HASH) if row is None else (int(row.seq), str(row.hash))
     _remember_tail(connection, *tail)
     return tail
@@ -371,9 +374,7 @@ class AuditLog:
             seq, hash = _last(connection)
             if seq == 0:
                 return None
-            existing = connection.execute(
-                sa.select(audit_heads).where(audit_heads.c.seq == seq)
-            ).first()
+            existing = connection.execute(_SIGNED_HEAD, {"head_seq": seq}).first()
             if existing is not None:
                 return head_from_row(existing)
             signed = signer(seq=seq, hash=hash)
@@ -385,13 +386,14 @@ class AuditLog:
                 signed_at=signed_at,
             )
             connection.execute(
-                audit_heads.insert().values(
-                    seq=seq,
-                    hash=hash,
-                    key_id=head.key_id,
-                    signature=head.signature,
-                    signed_at=signed_at,
-                )
+                audit_heads.insert(),
+                {
+                    "seq": seq,
+                    "hash": hash,
+                    "key_id": head.key_id,
+                    "signature": head.signature,
+                    "signed_at": signed_at,
+                },
             )
             return head
 
