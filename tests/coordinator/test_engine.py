@@ -446,9 +446,9 @@ def test_the_round_books_each_clients_round_trip_training_time_and_drop_reason()
     summary = closed(coordinator.handle(DeadlineReached(1, 110.0))).summary
     report = summary.fleet
     assert report is not None
-    assert sorted(report.round_trips.tolist()) == [5.0, 20.0]
-    assert report.windows.tolist() == [100.0, 100.0]
-    assert report.training.tolist() == [4.0]  # the other client reported none
+    assert sorted(report.round_trips) == [5.0, 20.0]
+    assert report.windows == (100.0, 100.0)
+    assert report.training == (4.0,)  # the other client reported none
     assert report.drops == {
         "deadline": len(cohort) - 4,
         "failed:dropped": 1,

@@ -124,7 +124,10 @@ class DivergenceReport:
         fields: dict[str, Any] = {"divergence_available": True}
         if not self.clients:
             return {**fields, "divergence_flagged": 0}
-        spreads = {measure: _spread(self._values(measure)) for measure in MEASURES}
+        spreads = {
+            measure: _spread([getattr(client, measure) for client in self.clients])
+            for measure in MEASURES
+        }
         head = spreads["l2_to_aggregate"]
         fields.update(
             divergence_median=head["median"],
@@ -137,14 +140,11 @@ class DivergenceReport:
             fields["divergence_sampled_coordinates"] = self.sampled_coordinates
         return fields
 
-    def _values(self, measure: str) -> Distances:
-        return np.array([getattr(client, measure) for client in self.clients], np.float64)
 
-
-def _spread(values: Distances) -> dict[str, float]:
+def _spread(values: Sequence[float]) -> dict[str, float]:
     """The least, median, 90th percentile and greatest of a round's (finite) values, as
     numpy gives them, over a sorted list (:mod:`shoal.core.quantiles`)."""
-    ascending = ordered(values.tolist())
+    ascending = ordered(values)
     return {
         "min": ascending[0],
         "median": median_of_sorted(ascending),

@@ -326,17 +326,6 @@ def squared_distances(matrix: Points) -> Points:
     return squared
 
 
-def kmeans(
-    matrix: Points, *, clusters: int, rng: random.Random, squared: Points | None = None
-) -> npt.NDArray[np.int64]:
-    """Lloyd's k-means from greedy k-means++ seeds; ``squared``: the rows' squared distances,
-    if the caller has them."""
-    squared = squared_distances(matrix) if squared is None else squared
-    seeds = _seeds(squared, clusters=clusters, rng=rng)
-    labels: npt.NDArray[np.int64] = _kmeans_runs(matrix, [clusters], seeds)[0]
-    return labels
-
-
 def _kmeans_runs(
     matrix: Points, ks: Sequence[int], seeds: npt.NDArray[np.int64]
 ) -> npt.NDArray[np.int64]:

@@ -296,9 +296,9 @@ class FleetReport:
     did not count, by reason.
     """
 
-    round_trips: npt.NDArray[np.float64]
-    windows: npt.NDArray[np.float64]
-    training: npt.NDArray[np.float64]
+    round_trips: tuple[float, ...]
+    windows: tuple[float, ...]
+    training: tuple[float, ...]
     evaluations: Mapping[str, tuple[int, float]] = field(default_factory=dict)
     drops: Mapping[str, int] = field(default_factory=dict)
 

@@ -8,8 +8,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from shoal.aggregation.divergence import DivergenceReport
 from shoal.aggregation.drift import DriftReport
 from shoal.coordinator.events import Authentication, ClusterSplit, FleetReport, SecureRoundReport
@@ -126,15 +124,15 @@ class FleetBooks:
         ``remainder``'s reason; ``deadline_at``: the round's (last) deadline (None: each task
         had ``deadline_s``, a secure round's stage deadline)."""
         answered = [client for client in self.answered_at if client in reported]
-        sent = np.fromiter((self.sent_at[c] for c in answered), np.float64, len(answered))
-        back = np.fromiter((self.answered_at[c] for c in answered), np.float64, len(answered))
+        sent = [self.sent_at[client] for client in answered]
+        back = [self.answered_at[client] for client in answered]
         drops = Counter(self.drops)
         if unaccounted > 0:
             drops[remainder] += unaccounted
         return FleetReport(
-            round_trips=back - sent,
-            windows=np.full_like(sent, deadline_s) if deadline_at is None else deadline_at - sent,
-            training=np.asarray(self.train_s, dtype=np.float64),
+            round_trips=tuple(end - start for end, start in zip(back, sent, strict=True)),
+            windows=tuple(deadline_s if deadline_at is None else deadline_at - at for at in sent),
+            training=tuple(self.train_s),
             evaluations={c: e for c, e in self.evaluations.items() if c in reported},
             drops=dict(sorted(drops.items())),
         )

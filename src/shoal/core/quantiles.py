@@ -5,15 +5,14 @@ round trips, their distances to the aggregate): numpy's ``quantile`` and
 ``median`` cost tens of microseconds of calls around a few comparisons, where
 Python's ``sorted`` and a little arithmetic cost a few. The functions here
 do numpy's arithmetic in numpy's order, so that they give the very same
-floats: :func:`quantile` is ``numpy.quantile`` with its default ``linear``
-method (``numpy.percentile`` of ``100 * q``), and :func:`median` is
-``numpy.median``. The values must be finite (NaN has no place in a sorted
-list).
+floats: :func:`quantile_of_sorted` is ``numpy.quantile`` with its default
+``linear`` method (``numpy.percentile`` of ``100 * q``), and
+:func:`median_of_sorted` is ``numpy.median``. The values must be finite
+(NaN has no place in a sorted list).
 
->>> quantile([1.0, 2.0, 3.0, 4.0], 0.9)
-3.7
->>> median([4.0, 1.0, 2.0, 3.0])
-2.5
+>>> ascending = ordered([4.0, 1.0, 2.0, 3.0])
+>>> quantile_of_sorted(ascending, 0.9), median_of_sorted(ascending)
+(3.7, 2.5)
 """
 
 from __future__ import annotations
@@ -25,16 +24,6 @@ from collections.abc import Iterable, Sequence
 def ordered(values: Iterable[float]) -> list[float]:
     """``values`` as Python floats, smallest first."""
     return sorted(float(value) for value in values)
-
-
-def quantile(values: Iterable[float], q: float) -> float:
-    """``numpy.quantile(values, q)`` (the ``linear`` method) of at least one finite value."""
-    return quantile_of_sorted(ordered(values), q)
-
-
-def median(values: Iterable[float]) -> float:
-    """``numpy.median(values)`` of at least one finite value."""
-    return median_of_sorted(ordered(values))
 
 
 def quantile_of_sorted(ascending: Sequence[float], q: float) -> float:

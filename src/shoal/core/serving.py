@@ -16,11 +16,12 @@ to loopback can refuse the names a DNS-rebinding page would send.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 from socketserver import BaseRequestHandler, ThreadingMixIn
 from typing import Any
+
+from shoal.core.limits import is_loopback as is_loopback_address
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +94,12 @@ def host_name(header: str | None, *, default: str) -> str:
 
 
 def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is loopback.
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is loopback: a
+    Host header's name in any case and any of the names a machine gives its loopback, else an
+    address as :func:`shoal.core.limits.is_loopback` (the bind check's) reads it.
 
     >>> is_loopback("LOCALHOST"), is_loopback("[::1]"), is_loopback("rebound.example")
     (True, True, False)
     """
     name = host.strip().strip("[]").lower()
-    if name in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    return name in LOOPBACK_NAMES or is_loopback_address(name)

@@ -32,7 +32,6 @@ import numpy.typing as npt
 from shoal.core.quantiles import quantile_of_sorted
 
 Floats = npt.NDArray[np.float64]
-Values = Floats | Sequence[float]
 Fields = dict[str, Any]
 
 UNKNOWN_CLASS = "unknown"
@@ -40,13 +39,12 @@ UNKNOWN_CLASS = "unknown"
 PERCENTILES = (50, 90, 99)
 
 
-def percentile_fields(prefix: str, values: Values, *, suffix: str = "") -> Fields:
+def percentile_fields(prefix: str, values: Iterable[float], *, suffix: str = "") -> Fields:
     """``{prefix}_p50{suffix}``, ``_p90`` and ``_p99`` of the finite ``values`` (None each
     when there are none): ``numpy.percentile``'s floats, over a sorted list
     (:mod:`shoal.core.quantiles`)."""
     names = [f"{prefix}_p{q}{suffix}" for q in PERCENTILES]
-    listed = values.tolist() if isinstance(values, np.ndarray) else values
-    finite = sorted(value for value in listed if math.isfinite(value))
+    finite = sorted(float(value) for value in values if math.isfinite(value))
     if not finite:
         return dict.fromkeys(names)
     return {
@@ -55,20 +53,21 @@ def percentile_fields(prefix: str, values: Values, *, suffix: str = "") -> Field
     }
 
 
-def timing_fields(round_trips: Values, training: Values, windows: Values) -> Fields:
+def timing_fields(
+    round_trips: Sequence[float], training: Iterable[float], windows: Sequence[float]
+) -> Fields:
     """Round-trip, training and deadline-share percentiles, and the straggler index.
 
     ``round_trips`` and ``windows`` pair up per answering client (``windows``:
     the seconds it had from its task to the deadline); ``training`` holds the
     training times the clients reported (any number of them).
     """
-    trips = round_trips.tolist() if isinstance(round_trips, np.ndarray) else list(round_trips)
-    spans = windows.tolist() if isinstance(windows, np.ndarray) else list(windows)
     shares = [
-        trip / span if span > 0 else math.nan for trip, span in zip(trips, spans, strict=True)
+        trip / span if span > 0 else math.nan
+        for trip, span in zip(round_trips, windows, strict=True)
     ]
     fields = {
-        **percentile_fields("rtt", trips, suffix="_s"),
+        **percentile_fields("rtt", round_trips, suffix="_s"),
         **percentile_fields("train", training, suffix="_s"),
         **percentile_fields("deadline_share", shares),
     }
