@@ -9,7 +9,7 @@ from pathlib import Path
 
 from shoal.core.device import DeviceState
 from shoal.registry import ClientRegistry, open_database
-from shoal.registry.database import SQLITE_BACKSTOP_CHECKPOINT_PAGES
+from shoal.registry.database import SQLITE_BACKSTOP_CHECKPOINT_PAGES, Checkpointer
 
 
 def _wait_for(condition: Callable[[], bool], *, timeout_s: float = 30.0) -> None:
@@ -71,3 +71,20 @@ def test_an_in_memory_registry_has_no_checkpointer() -> None:
         assert database.checkpointer is None
     finally:
         database.close()
+
+
+def test_wakes_within_the_settling_time_share_one_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    with sqlite3.connect(path) as setup:
+        setup.execute("PRAGMA journal_mode = WAL")
+        setup.execute("CREATE TABLE t (x INTEGER)")
+    checkpointer = Checkpointer(str(path), settle_s=1.0)
+    try:
+        for _ in range(50):  # a burst of commits, far quicker than the settling time
+            checkpointer.wake()
+        _wait_for(lambda: checkpointer.checkpoints >= 1)
+        time.sleep(0.2)  # a second checkpoint, were one due, would need another full second
+        assert checkpointer.checkpoints == 1
+    finally:
+        checkpointer.stop()
+    assert not checkpointer.running

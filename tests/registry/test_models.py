@@ -164,7 +164,15 @@ def test_a_state_blob_travels_with_its_version(registry: ModelRegistry) -> None:
     assert registry.load_state("digits", commit(registry, 1)) is None
 
 
-@pytest.mark.parametrize("metrics", [{"loss": float("nan")}, {"loss": float("inf")}, {"when": NOW}])
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        {"loss": float("nan")},
+        {"loss": float("inf")},
+        {"when": NOW},
+        {"divergence": {"l2": {"p90": float("nan")}}},  # nested: refused all the same
+    ],
+)
 def test_metrics_must_be_finite_json(registry: ModelRegistry, metrics: dict[str, object]) -> None:
     with pytest.raises(RegistryError, match="metric"):
         commit(registry, 0, metrics=metrics)

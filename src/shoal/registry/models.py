@@ -25,7 +25,6 @@ versions stay, for audit, and the next commit branches from the new HEAD.
 from __future__ import annotations
 
 import builtins
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from shoal.core.parameters import Parameters
 from shoal.registry.audit import AuditEvent, AuditLog
 from shoal.registry.blobs import BlobStore
 from shoal.registry.clients import require_aware, utc_now
-from shoal.registry.database import Database, lock_name
+from shoal.registry.database import Database, EncodedJSON, lock_name, strict_json
 from shoal.registry.schema import ModelStatus, model_heads, model_versions
 
 
@@ -117,12 +116,14 @@ def _record(row: sa.Row[Any]) -> ModelRecord:
     )
 
 
-def _check_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+def _check_metrics(metrics: Mapping[str, Any]) -> EncodedJSON:
+    """``metrics`` as the strict JSON text the version stores, encoded once: the insert
+    writes this text as it is (:func:`~shoal.registry.database.strict_json`)."""
     for key, value in metrics.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise RegistryError(f"metric {key!r} is {value}: only finite numbers can be stored")
-    try:
-        return dict(json.loads(json.dumps(dict(metrics), allow_nan=False)))
+    try:  # what JSON cannot hold is refused here, NaN nested anywhere too
+        return EncodedJSON(strict_json(metrics))
     except (TypeError, ValueError) as exc:
         raise RegistryError(f"metrics must be finite JSON values: {exc}") from exc
 
@@ -173,7 +174,7 @@ class ModelRegistry:
             raise RegistryError(f"round must be >= 0, got {round}")
         if status is ModelStatus.BAD:
             raise RegistryError("a version cannot be committed as BAD: commit, then mark it")
-        stored_metrics = _check_metrics(metrics or {})
+        encoded = _check_metrics(metrics or {})
         created_at = require_aware(now or utc_now(), "now")
         blob = self.blobs.put(parameters.to_bytes())
         state_blob = None if state is None else self.blobs.put(state)
@@ -204,10 +205,11 @@ class ModelRegistry:
                 created_at=created_at,
                 status=status,
                 architecture_version=architecture_version,
-                metrics=stored_metrics,
+                metrics=dict(metrics or {}),
                 signed=signed,
             )
             row = {field: getattr(record, field) for field in _INSERTED}
+            row["metrics"] = encoded  # the text already made, not the dict encoded again
             if signed is not None:
                 row |= {
                     "run_id": signed.run_id,
