@@ -10,9 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shoal.aggregation.divergence import (
+    MAD_FLOOR,
+    MAD_SCALE,
     MEASURES,
     DivergenceReport,
     DivergenceRule,
+    column_medians,
     measure_divergence,
 )
 from shoal.core.errors import StrategyError
@@ -181,3 +184,40 @@ def test_mismatched_shapes_are_refused() -> None:
         measure_divergence(["a"], np.zeros((2, 3), np.float32), np.zeros(3, np.float32))
     with pytest.raises(StrategyError):
         measure_divergence(["a"], np.zeros((1, 3), np.float32), np.zeros(4, np.float32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rounds())
+def test_column_medians_are_numpys_to_the_bit(updates: np.ndarray) -> None:
+    matrix = updates.astype(np.float64)
+    assert column_medians(matrix).tobytes() == np.median(matrix, axis=0).tobytes()
+
+
+@settings(max_examples=60, deadline=None)
+@given(rounds())
+def test_the_reference_measures_are_numpys_own(updates: np.ndarray) -> None:
+    """The measures against numpy's plain formulas: norms, cosines clipped to [-1, 1], the
+    modified z-score over numpy's medians."""
+    names = [f"c{i}" for i in range(len(updates))]
+    aggregate = updates.mean(axis=0)
+    report = measure_divergence(names, updates, aggregate)
+    matrix = updates.astype(np.float64)
+    median = np.median(matrix, axis=0)
+    for reference, (l2_name, cosine_name) in (
+        (aggregate.astype(np.float64), ("l2_to_aggregate", "cosine_to_aggregate")),
+        (median, ("l2_to_median", "cosine_to_median")),
+    ):
+        l2 = np.linalg.norm(matrix - reference, axis=1)
+        norms = np.linalg.norm(matrix, axis=1) * np.linalg.norm(reference)
+        cosine = np.clip(
+            np.divide(matrix @ reference, norms, out=np.zeros(len(names)), where=norms > 0), -1, 1
+        )
+        got = [(getattr(c, l2_name), getattr(c, cosine_name)) for c in report.clients]
+        assert [g[0] for g in got] == pytest.approx(l2.tolist(), rel=1e-9, abs=1e-9)
+        assert [g[1] for g in got] == pytest.approx(cosine.tolist(), rel=1e-6, abs=1e-6)
+    distances = np.array([client.l2_to_median for client in report.clients])
+    centre = np.median(distances)
+    mad = max(float(np.median(np.abs(distances - centre))), MAD_FLOOR * abs(centre))
+    if mad > 0:
+        expected = (MAD_SCALE * np.abs(distances - centre) / mad).tolist()
+        assert [client.z_score for client in report.clients] == expected

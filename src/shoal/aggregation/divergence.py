@@ -177,26 +177,32 @@ def measure_divergence(
     if columns is not None:
         updates, aggregate, sampled = updates[:, columns], aggregate[columns], columns.size
     matrix = updates.astype(np.float64)
-    median = np.median(matrix, axis=0)
-    to_aggregate = _distances(matrix, aggregate.astype(np.float64))
-    to_median = _distances(matrix, median)
+    lengths = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))  # each row's, for both cosines
+    to_aggregate = _distances(matrix, aggregate.astype(np.float64), lengths)
+    to_median = _distances(matrix, column_medians(matrix), lengths)
     z_scores = _modified_z(to_median[0])
-    flagged = (z_scores > rule.max_z) | (to_median[1] < rule.min_cosine)
+    flagged = [
+        z > rule.max_z or cosine < rule.min_cosine
+        for z, cosine in zip(z_scores, to_median[1], strict=True)
+    ]
     if count < rule.min_clients:
-        flagged[:] = False
-    clients = tuple(
-        ClientDivergence(
-            client_id=client,
-            l2_to_aggregate=float(to_aggregate[0][i]),
-            cosine_to_aggregate=float(to_aggregate[1][i]),
-            l2_to_median=float(to_median[0][i]),
-            cosine_to_median=float(to_median[1][i]),
-            z_score=float(z_scores[i]),
-            flagged=bool(flagged[i]),
-        )
-        for i, client in enumerate(client_ids)
-    )
+        flagged = [False] * count
+    clients = tuple(map(ClientDivergence, client_ids, *to_aggregate, *to_median, z_scores, flagged))
     return DivergenceReport(clients, sampled_coordinates=sampled)
+
+
+def column_medians(matrix: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """The median of each column of ``matrix`` (finite values), as :func:`numpy.median`
+    takes it along axis 0 (a partition around the middle, the mean of the two middle values
+    for an even count), without its wrapper's calls around the partition."""
+    count = matrix.shape[0]
+    middle = count // 2
+    if count % 2:
+        medians: npt.NDArray[np.float64] = np.partition(matrix, middle, axis=0)[middle]
+        return medians
+    around = np.partition(matrix, (middle - 1, middle), axis=0)
+    means: npt.NDArray[np.float64] = (around[middle - 1] + around[middle]) / 2
+    return means
 
 
 def sample_coordinates(
@@ -216,26 +222,30 @@ def sample_coordinates(
 
 
 def _distances(
-    matrix: npt.NDArray[np.float64], reference: npt.NDArray[np.float64]
-) -> tuple[Distances, Distances]:
+    matrix: npt.NDArray[np.float64],
+    reference: npt.NDArray[np.float64],
+    lengths: npt.NDArray[np.float64],
+) -> tuple[list[float], list[float]]:
     """Each row's L2 distance to ``reference`` and cosine similarity with it (0 for a zero
-    vector on either side: no direction to agree or disagree with)."""
-    l2 = np.linalg.norm(matrix - reference, axis=1)
-    norms = np.linalg.norm(matrix, axis=1) * float(np.linalg.norm(reference))
+    vector on either side: no direction to agree or disagree with); ``lengths``: the rows'
+    L2 norms. As Python floats, one list each."""
+    gaps = matrix - reference
+    l2 = np.sqrt(np.einsum("ij,ij->i", gaps, gaps))
+    norms = lengths * math.sqrt(float(reference @ reference))
     dots = matrix @ reference
     cosine = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
-    return l2, np.clip(cosine, -1.0, 1.0)
+    np.minimum(np.maximum(cosine, -1.0, out=cosine), 1.0, out=cosine)
+    return l2.tolist(), cosine.tolist()
 
 
-def _modified_z(values: Distances) -> Distances:
+def _modified_z(values: Sequence[float]) -> list[float]:
     """Iglewicz and Hoaglin's modified z-score of each value, the MAD floored at
     :data:`MAD_FLOOR` of the median (0 where both are 0 and the value is the median; a value
-    off such a crowd is infinitely far)."""
-    median = float(np.median(values))
-    deviation = np.abs(values - median)
-    mad = max(float(np.median(deviation)), MAD_FLOOR * abs(median))
+    off such a crowd is infinitely far). numpy's medians, over sorted lists."""
+    median = median_of_sorted(sorted(values))
+    deviation = [abs(value - median) for value in values]
+    mad = max(median_of_sorted(sorted(deviation)), MAD_FLOOR * abs(median))
     if mad > 0:
-        scores: Distances = MAD_SCALE * deviation / mad
-        return scores
+        return [MAD_SCALE * gap / mad for gap in deviation]
     scale = max(1e-12, 1e-9 * max(1.0, abs(median)))
-    return np.where(deviation > scale, np.inf, 0.0)
+    return [math.inf if gap > scale else 0.0 for gap in deviation]
