@@ -11,9 +11,12 @@ from sklearn.metrics import silhouette_score
 from shoal.aggregation.drift import (
     DriftReport,
     DriftRule,
+    _seeds_listed,
+    _seeds_numpy,
     measure_drift,
     pairwise_distances,
     silhouette,
+    squared_distances,
     unit_rows,
 )
 from shoal.core.errors import StrategyError
@@ -168,3 +171,24 @@ def test_one_seeding_finds_three_groups_apart_whatever_the_round() -> None:
         != 3
     ]
     assert missed == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(min_value=3, max_value=40),
+    st.integers(min_value=2, max_value=6),
+    st.integers(min_value=0, max_value=2**16),
+    st.booleans(),
+)
+def test_the_seeding_over_lists_picks_the_seeds_numpy_picks(
+    count: int, clusters: int, seed: int, alike: bool
+) -> None:
+    """A small round is seeded over Python lists, a large one in numpy: the same seeds."""
+    rng = np.random.default_rng(seed)
+    points = np.zeros((count, 4)) if alike else rng.normal(size=(count, 4))
+    squared = squared_distances(points)
+    draws = np.random.default_rng(seed + 1).random((clusters, 3))
+    first = int(draws[0, 0] * count)
+    listed = _seeds_listed(squared.tolist(), first, draws[1:].tolist())
+    assert listed == _seeds_numpy(squared, first, draws[1:])
+    assert len(listed) == clusters and all(0 <= seed < count for seed in listed)

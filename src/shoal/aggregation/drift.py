@@ -23,8 +23,12 @@ says so, as the divergence report does.
 
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
 import math
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -54,6 +58,13 @@ variances within about 7% of the exact), and the silhouette is as low either way
 POINT_DECIMALS = 6
 """The projection's points are kept to this many decimals (they lie within [-1, 1]): a
 picture's precision, and a round's record in ``drift.jsonl`` a third shorter to write."""
+SEED_STRIDE, SEED_STREAM = 1 << 20, 0xD71F7
+"""The k-means seeding's generator is seeded with ``seed * SEED_STRIDE + SEED_STREAM``."""
+LISTS_UP_TO = 32
+"""Rounds of up to this many clients are seeded over Python lists, larger ones in numpy. A
+numpy call costs microseconds whatever its size, three to four times more inside a round
+(whose other work has pushed numpy's code out of the caches) than alone; a few values'
+arithmetic in the interpreter, which the round keeps running, costs less."""
 MAX_ITERATIONS = 30
 """Lloyd's steps at most: groups that are there separate in a few; a population without
 groups (where more steps would go on moving points) scores a low silhouette either way."""
@@ -157,13 +168,17 @@ def measure_drift(
     # kept); with PCA, the leading ones the plot and the clustering read
     axes = None if rule.method == "tsne" else CLUSTER_AXES
     coordinates, variance, total = principal_coordinates(unit_rows(matrix), axes=axes, seed=seed)
-    points: Points = np.zeros((count, 2))
-    points[:, : min(2, coordinates.shape[1])] = coordinates[:, :2]
+    points: Points = coordinates[:, :2]
     shares = [float(v / total) if total > 0 else 0.0 for v in variance[:2]] + [0.0, 0.0]
     explained: tuple[float, float] | None = (shares[0], shares[1])
     if rule.method == "tsne" and count > 2:
         points, explained = tsne(coordinates, seed=seed), None
-    labels, separation = np.zeros(count, np.int64), None
+    # one call rounds and lists them all; a round of fewer than two axes sits at 0 on the rest
+    listed = points.round(POINT_DECIMALS).tolist()
+    if points.shape[1] < 2:
+        listed = [[*point, 0.0, 0.0][:2] for point in listed]
+    labels: list[int] = [0] * count
+    separation = None
     if count >= rule.min_clients:
         # k-means on the leading axes, as PCA before k-means is usually run: the groups that
         # matter lie along the directions of most variance, and a round of many clients
@@ -172,11 +187,11 @@ def measure_drift(
         labels, separation = cluster(leading, max_clusters=rule.max_clusters, seed=seed)
     return DriftReport(
         clients=tuple(client_ids),
-        points=tuple(map(tuple, points.round(POINT_DECIMALS).tolist())),  # one call for all
-        labels=tuple(labels.tolist()),
+        points=tuple(map(tuple, listed)),
+        labels=tuple(labels),
         method=rule.method,
         explained_variance=explained,
-        clusters=int(np.maximum.reduce(labels)) + 1,
+        clusters=max(labels) + 1,
         separation=separation,
         bimodal=separation is not None and separation >= rule.bimodal_threshold,
     )
@@ -218,12 +233,11 @@ def principal_coordinates(
         eigenvalues, eigenvectors = symmetric_eigenpairs(gram)
     else:
         eigenvalues, eigenvectors = _leading_eigenpairs(gram, axes=axes, seed=seed)
-    eigenvalues, eigenvectors = np.maximum(eigenvalues[::-1], 0.0), eigenvectors[:, ::-1]
-    if axes is not None:
-        eigenvalues, eigenvectors = eigenvalues[:axes], eigenvectors[:, :axes]
-    keep = eigenvalues > 1e-12 * max(1.0, float(eigenvalues[0]) if eigenvalues.size else 1.0)
-    coordinates: Points = eigenvectors[:, keep] * np.sqrt(eigenvalues[keep])
-    return coordinates, eigenvalues[keep], total
+    largest = eigenvalues[::-1][:axes]  # descending: the axes kept are a prefix
+    floor = 1e-12 * max(1.0, float(largest[0]) if largest.size else 1.0)  # and none below 0
+    kept = int(np.count_nonzero(largest > floor))
+    coordinates: Points = eigenvectors[:, ::-1][:, :kept] * np.sqrt(largest[:kept])
+    return coordinates, largest[:kept], total
 
 
 def _leading_eigenpairs(gram: Points, *, axes: int, seed: int) -> tuple[Points, Points]:
@@ -278,9 +292,7 @@ def tsne(matrix: Points, *, seed: int) -> Points:
     return points
 
 
-def cluster(
-    matrix: Points, *, max_clusters: int, seed: int
-) -> tuple[npt.NDArray[np.int64], float | None]:
+def cluster(matrix: Points, *, max_clusters: int, seed: int) -> tuple[list[int], float | None]:
     """k-means labels of the rows with k in ``2..max_clusters`` chosen by the silhouette score,
     and that score (None, one cluster: the rows are too few or all alike).
 
@@ -296,16 +308,18 @@ def cluster(
         distinct -= int(np.triu(distances <= 1e-9, 1).any(axis=0).sum())
     candidates = list(range(2, min(max_clusters, count - 1, distinct) + 1))
     if not candidates:
-        return np.zeros(count, np.int64), None
-    seeds = _seeds(squared, clusters=candidates[-1], rng=random.Random(f"drift-{seed}"))
+        return [0] * count, None
+    # an integer seed: a text one is hashed with SHA-512 first, whose code a round keeps cold
+    rng = random.Random(seed * SEED_STRIDE + SEED_STREAM)
+    seeds = _seeds(squared, clusters=candidates[-1], rng=rng)
     # runs that fell to one cluster (all rows alike) score nothing
     runs = _kmeans_runs(matrix, candidates, seeds)
     runs = runs[np.minimum.reduce(runs, axis=1) != np.maximum.reduce(runs, axis=1)]
     if not len(runs):
-        return np.zeros(count, np.int64), None
+        return [0] * count, None
     scores = silhouettes(distances, runs)
     best = int(scores.argmax())  # the first of equal scores: the fewest clusters
-    return _by_size(runs[best]), float(scores[best])
+    return _by_size(runs[best].tolist()), float(scores[best])
 
 
 def pairwise_distances(matrix: Points) -> Points:
@@ -326,42 +340,46 @@ def squared_distances(matrix: Points) -> Points:
     return squared
 
 
-def _kmeans_runs(
-    matrix: Points, ks: Sequence[int], seeds: npt.NDArray[np.int64]
-) -> npt.NDArray[np.int64]:
+def _kmeans_runs(matrix: Points, ks: Sequence[int], seeds: Sequence[int]) -> npt.NDArray[np.int64]:
     """k-means for each k of ``ks``, each from the first k of ``seeds`` (greedy k-means++ is
     sequential: its first k seeds are a k-means++ seeding for k), every run side by side as
     one array each Lloyd step: a round's few points cost calls, not arithmetic. A run of
     fewer clusters than the largest k holds the extra centers at an infinite distance, so
     that no point ever joins them. The labels, one row per k."""
-    widest = len(seeds)
-    runs = np.array(ks)[:, None]
-    centers = matrix[seeds][None].repeat(len(ks), axis=0)
-    unused = np.where(np.arange(widest)[None, :] < runs, 0.0, np.inf)[:, :, None]
-    identity = _identity(widest)
-    transposed = matrix.T
-    labels = np.zeros((len(ks), matrix.shape[0]), np.int64) - 1
+    unused, identity = _runs_frame(tuple(ks))
+    centers = matrix[list(seeds)][None]  # every run's first centers: broadcast, not copied
+    doubled = -2.0 * matrix.T  # (times 2 is exact: the products are as -2 times the product)
+    labels = np.full((len(ks), matrix.shape[0]), -1, np.int64)
     for _ in range(MAX_ITERATIONS):
         # a row's squared distance to each center, less its own squared length (the same
-        # for every center: the nearest is the same)
-        gaps = centers @ transposed  # (runs, clusters, points)
-        gaps *= -2.0
-        gaps += np.add.reduce(centers * centers, axis=2)[:, :, None] + unused
+        # for every center: the nearest is the same); (runs, clusters, points)
+        gaps = centers @ doubled + (np.add.reduce(centers * centers, axis=2)[:, :, None] + unused)
         moved_to = gaps.argmin(axis=1)
-        if np.logical_and.reduce(moved_to == labels, axis=None):
+        if moved_to.tobytes() == labels.tobytes():  # two copies cost less than two ufuncs
             break  # no point changed cluster in any run: Lloyd's iteration has converged
         labels = moved_to
         one_hot = identity[labels]  # (runs, points, clusters)
         counts = np.add.reduce(one_hot, axis=1)[:, :, None]  # (runs, clusters, 1)
         sums = one_hot.transpose(0, 2, 1) @ matrix  # (runs, clusters, columns)
-        if np.logical_and.reduce(counts > 0, axis=None):
+        if counts.all():
             centers = sums / counts
         else:  # a cluster left empty keeps its center
             centers = np.where(counts > 0, sums / np.maximum(counts, 1), centers)
     return labels
 
 
-def _seeds(squared: Points, *, clusters: int, rng: random.Random) -> npt.NDArray[np.int64]:
+@functools.lru_cache(maxsize=16)
+def _runs_frame(ks: tuple[int, ...]) -> tuple[Points, Points]:
+    """For runs of ``ks`` clusters side by side: what each run adds to its distance to each
+    center (infinity past its k; runs, clusters, 1), and the identity of the largest k.
+    Read only: one per ``ks``, kept."""
+    widest = max(ks)
+    unused = np.array([[0.0] * k + [np.inf] * (widest - k) for k in ks])[:, :, None]
+    unused.flags.writeable = False
+    return unused, _identity(widest)
+
+
+def _seeds(squared: Points, *, clusters: int, rng: random.Random) -> list[int]:
     """Greedy k-means++ (Arthur and Vassilvitskii 2007, section 5; scikit-learn's seeding):
     the ``clusters`` rows chosen as seeds, in order. Each next seed is the best of a few
     candidates, each drawn in proportion to its squared distance (``squared``, between every
@@ -371,21 +389,52 @@ def _seeds(squared: Points, *, clusters: int, rng: random.Random) -> npt.NDArray
     seeding costs a round a tenth of numpy's."""
     count = squared.shape[0]
     trials = 2 + int(math.log(clusters))
-    draws = np.array([[rng.random() for _ in range(trials)] for _ in range(clusters)])
-    chosen = [min(int(draws[0, 0] * count), count - 1)]
-    nearest = squared[chosen[0]]
-    for seed in range(1, clusters):
+    draws = [[rng.random() for _ in range(trials)] for _ in range(clusters)]
+    chosen = min(int(draws[0][0] * count), count - 1)
+    if count <= LISTS_UP_TO:
+        return _seeds_listed(squared.tolist(), chosen, draws[1:])
+    return _seeds_numpy(squared, chosen, np.array(draws[1:]))
+
+
+def _seeds_listed(rows: list[list[float]], first: int, draws: list[list[float]]) -> list[int]:
+    """:func:`_seeds` after the ``first`` seed, over Python lists (a round of few clients)."""
+    count = len(rows)
+    chosen = [first]
+    nearest = rows[first]
+    for candidates in draws:
+        cumulative = list(itertools.accumulate(nearest))
+        total = cumulative[-1]
+        if total > 0:  # numpy's searchsorted(side="right") of each draw
+            picked = [bisect.bisect_right(cumulative, draw * total) for draw in candidates]
+        else:  # every row at no distance from a seed: uniform draws
+            picked = [int(draw * count) for draw in candidates]
+        # the first of the candidates that leave the least, as argmin picks
+        best = min(
+            (min(pick, count - 1) for pick in picked),
+            key=lambda pick: sum(map(min, nearest, rows[pick])),
+        )
+        chosen.append(best)
+        nearest = list(map(min, nearest, rows[best]))
+    return chosen
+
+
+def _seeds_numpy(squared: Points, first: int, draws: Points) -> list[int]:
+    """:func:`_seeds` after the ``first`` seed, in numpy (a round of many clients)."""
+    count = squared.shape[0]
+    chosen = [first]
+    nearest = squared[first]
+    for candidates in draws:
         cumulative = np.cumsum(nearest)
         total = float(cumulative[-1])
         if total > 0:
-            picked = np.searchsorted(cumulative, draws[seed] * total, side="right")
+            picked = np.searchsorted(cumulative, candidates * total, side="right")
             picked = np.minimum(picked, count - 1)
         else:  # every row at no distance from a seed: uniform draws
-            picked = np.minimum((draws[seed] * count).astype(np.int64), count - 1)
+            picked = np.minimum((candidates * count).astype(np.int64), count - 1)
         left = np.add.reduce(np.minimum(nearest, squared[picked]), axis=1)
         chosen.append(int(picked[left.argmin()]))
         nearest = np.minimum(nearest, squared[chosen[-1]])
-    return np.array(chosen, np.int64)
+    return chosen
 
 
 def silhouette(distances: Points, labels: npt.NDArray[np.int64]) -> float:
@@ -402,7 +451,7 @@ def silhouettes(distances: Points, labelings: npt.NDArray[np.int64]) -> Points:
     members = _identity(widest)[labelings]  # (runs, points, clusters)
     sizes = np.add.reduce(members, axis=1)[:, None, :]  # (runs, 1, clusters)
     sums = distances @ members  # (runs, points, clusters): each point's total distance to each
-    rows, points = np.arange(runs)[:, None], np.arange(count)[None, :]
+    rows, points = _grid(runs, count)
     own_size = sizes[rows, 0, labelings]
     inside = sums[rows, points, labelings] / np.maximum(own_size - 1, 1)
     means = np.where(sizes > 0, sums / np.maximum(sizes, 1), np.inf)
@@ -415,23 +464,29 @@ def silhouettes(distances: Points, labelings: npt.NDArray[np.int64]) -> Points:
     return means_by_run
 
 
+@functools.lru_cache(maxsize=16)
+def _grid(runs: int, count: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """The run and the point index of each entry of a (runs, points) array, broadcast.
+    Read only: one per shape, kept."""
+    rows, points = np.arange(runs)[:, None], np.arange(count)[None, :]
+    rows.flags.writeable = points.flags.writeable = False
+    return rows, points
+
+
+@functools.lru_cache(maxsize=16)
 def _identity(size: int) -> Points:
-    """The ``size`` x ``size`` identity: its rows indexed by labels are one-hot rows."""
+    """The ``size`` x ``size`` identity: its rows indexed by labels are one-hot rows. Read
+    only: one per size, kept."""
     identity: Points = np.zeros((size, size))
     identity.flat[:: size + 1] = 1.0
+    identity.flags.writeable = False
     return identity
 
 
-def _by_size(labels: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+def _by_size(labels: Sequence[int]) -> list[int]:
     """The labels renumbered by cluster size, largest first (ties by first appearance), so
     that a round's cluster 0 is its largest group."""
-    count = labels.size
-    sizes = np.bincount(labels)
-    first = np.zeros(sizes.size, np.int64) + count
-    first[labels[::-1]] = np.arange(count)[::-1]  # the last write wins: each label's first row
-    present = (sizes > 0).nonzero()[0]
-    order = present[np.lexsort((first[present], -sizes[present]))]  # the clusters, largest first
-    rank = np.zeros(sizes.size, np.int64)
-    rank[order] = np.arange(order.size)
-    renumbered: npt.NDArray[np.int64] = rank[labels]
-    return renumbered
+    sizes = Counter(labels)  # its keys in order of first appearance, which sorted() keeps
+    order = sorted(sizes, key=sizes.__getitem__, reverse=True)
+    rank = {label: index for index, label in enumerate(order)}
+    return [rank[label] for label in labels]
