@@ -43,6 +43,7 @@ Row = dict[str, Any]
 _NAMES_NO_CLIENT = frozenset(
     {"phase", "secure_aggregation", "sha256", "model_version", "battery_drain"}
 )
+_NO_TEXT = (int, float, type(None))  # a value of these types names nobody (bool is an int)
 EVALUATION_UPLOAD_BYTES = 256
 """What one client's evaluation answer weighs on the wire, about."""
 
@@ -153,10 +154,10 @@ def pseudonymous(row: Row, summary: RoundSummary, *, names: Names) -> Row:
     if isinstance(names, PlainNames):
         return row
     culprits = () if summary.secure is None else tuple(summary.secure.culprits)
-    clients = {*summary.cohort, *summary.participants, *culprits}
+    clients = frozenset({*summary.cohort, *summary.participants, *culprits})  # one for all keys
     return {
         key: value
-        if key in _NAMES_NO_CLIENT
+        if key in _NAMES_NO_CLIENT or isinstance(value, _NO_TEXT)
         else pseudonymize(value, names=names, clients=clients, round_number=summary.round)
         for key, value in row.items()
     }

@@ -77,6 +77,7 @@ class DeviceFleet:
             0.0, _CLIENT_SPEED_SPREAD, size=len(client_ids)
         )
         self._codes = class_codes(picks)
+        self._population: dict[str, float] | None = None
         self._availability = np.array([device.availability for device in settings.classes])
         if position is None:
             table = {client: index for index, client in enumerate(client_ids)}
@@ -96,9 +97,11 @@ class DeviceFleet:
 
     def population(self) -> dict[str, float]:
         """Each device class's share of the fleet (as drawn, not as configured)."""
-        counts = np.bincount(self._codes, minlength=len(self.settings.classes))
-        names = [device.name for device in self.settings.classes]
-        return population_shares(names, counts.tolist())
+        if self._population is None:  # the classes are drawn once: counted once
+            counts = np.bincount(self._codes, minlength=len(self.settings.classes))
+            names = [device.name for device in self.settings.classes]
+            self._population = population_shares(names, counts.tolist())
+        return dict(self._population)
 
     def available(self, round_number: int) -> list[str]:
         """The clients online at the start of ``round_number``, drawn for the whole fleet."""
