@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import itertools
 import math
-import random
-from collections import Counter
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -58,8 +58,7 @@ variances within about 7% of the exact), and the silhouette is as low either way
 POINT_DECIMALS = 6
 """The projection's points are kept to this many decimals (they lie within [-1, 1]): a
 picture's precision, and a round's record in ``drift.jsonl`` a third shorter to write."""
-SEED_STRIDE, SEED_STREAM = 1 << 20, 0xD71F7
-"""The k-means seeding's generator is seeded with ``seed * SEED_STRIDE + SEED_STREAM``."""
+DRAW_SCALE = 2.0**-53
 LISTS_UP_TO = 32
 """Rounds of up to this many clients are seeded over Python lists, larger ones in numpy. A
 numpy call costs microseconds whatever its size, three to four times more inside a round
@@ -309,9 +308,7 @@ def cluster(matrix: Points, *, max_clusters: int, seed: int) -> tuple[list[int],
     candidates = list(range(2, min(max_clusters, count - 1, distinct) + 1))
     if not candidates:
         return [0] * count, None
-    # an integer seed: a text one is hashed with SHA-512 first, whose code a round keeps cold
-    rng = random.Random(seed * SEED_STRIDE + SEED_STREAM)
-    seeds = _seeds(squared, clusters=candidates[-1], rng=rng)
+    seeds = _seeds(squared, clusters=candidates[-1], seed=seed)
     # runs that fell to one cluster (all rows alike) score nothing
     runs = _kmeans_runs(matrix, candidates, seeds)
     runs = runs[np.minimum.reduce(runs, axis=1) != np.maximum.reduce(runs, axis=1)]
@@ -346,7 +343,7 @@ def _kmeans_runs(matrix: Points, ks: Sequence[int], seeds: Sequence[int]) -> npt
     one array each Lloyd step: a round's few points cost calls, not arithmetic. A run of
     fewer clusters than the largest k holds the extra centers at an infinite distance, so
     that no point ever joins them. The labels, one row per k."""
-    unused, identity = _runs_frame(tuple(ks))
+    unused, pad, identity = _runs_frame(tuple(ks))
     centers = matrix[list(seeds)][None]  # every run's first centers: broadcast, not copied
     doubled = -2.0 * matrix.T  # (times 2 is exact: the products are as -2 times the product)
     labels = np.full((len(ks), matrix.shape[0]), -1, np.int64)
@@ -359,7 +356,8 @@ def _kmeans_runs(matrix: Points, ks: Sequence[int], seeds: Sequence[int]) -> npt
             break  # no point changed cluster in any run: Lloyd's iteration has converged
         labels = moved_to
         one_hot = identity[labels]  # (runs, points, clusters)
-        counts = np.add.reduce(one_hot, axis=1)[:, :, None]  # (runs, clusters, 1)
+        # (runs, clusters, 1), a run's centers past its k counted one (their place is unused)
+        counts = np.add.reduce(one_hot, axis=1)[:, :, None] + pad
         sums = one_hot.transpose(0, 2, 1) @ matrix  # (runs, clusters, columns)
         if counts.all():
             centers = sums / counts
@@ -369,31 +367,43 @@ def _kmeans_runs(matrix: Points, ks: Sequence[int], seeds: Sequence[int]) -> npt
 
 
 @functools.lru_cache(maxsize=16)
-def _runs_frame(ks: tuple[int, ...]) -> tuple[Points, Points]:
+def _runs_frame(ks: tuple[int, ...]) -> tuple[Points, Points, Points]:
     """For runs of ``ks`` clusters side by side: what each run adds to its distance to each
-    center (infinity past its k; runs, clusters, 1), and the identity of the largest k.
+    center (infinity past its k; runs, clusters, 1), what it adds to each cluster's count
+    (one past its k: no such center is ever empty), and the identity of the largest k.
     Read only: one per ``ks``, kept."""
     widest = max(ks)
     unused = np.array([[0.0] * k + [np.inf] * (widest - k) for k in ks])[:, :, None]
-    unused.flags.writeable = False
-    return unused, _identity(widest)
+    pad = np.array([[0.0] * k + [1.0] * (widest - k) for k in ks])[:, :, None]
+    unused.flags.writeable = pad.flags.writeable = False
+    return unused, pad, _identity(widest)
 
 
-def _seeds(squared: Points, *, clusters: int, rng: random.Random) -> list[int]:
+def _seeds(squared: Points, *, clusters: int, seed: int) -> list[int]:
     """Greedy k-means++ (Arthur and Vassilvitskii 2007, section 5; scikit-learn's seeding):
     the ``clusters`` rows chosen as seeds, in order. Each next seed is the best of a few
     candidates, each drawn in proportion to its squared distance (``squared``, between every
     two rows) from the nearest seed so far: the one that leaves the least total squared
     distance to the nearest seed. One draw per seed (plain k-means++) puts two seeds in one
-    of three well-apart groups about once in 25 seedings. ``rng``: Python's generator, whose
-    seeding costs a round a tenth of numpy's."""
+    of three well-apart groups about once in 25 seedings. The draws come from ``seed``
+    (:func:`uniform_draws`)."""
     count = squared.shape[0]
     trials = 2 + int(math.log(clusters))
-    draws = [[rng.random() for _ in range(trials)] for _ in range(clusters)]
+    flat = uniform_draws(f"drift-{seed}", clusters * trials)
+    draws = [flat[start : start + trials] for start in range(0, len(flat), trials)]
     chosen = min(int(draws[0][0] * count), count - 1)
     if count <= LISTS_UP_TO:
         return _seeds_listed(squared.tolist(), chosen, draws[1:])
     return _seeds_numpy(squared, chosen, np.array(draws[1:]))
+
+
+def uniform_draws(seed: str, count: int) -> list[float]:
+    """``count`` uniform draws in [0, 1) from the text ``seed``: SHAKE-128's output read as
+    64-bit integers, each one's top 53 bits the draw (as Python's ``random()`` makes one).
+    A round needs a dozen: one hash call, where seeding Python's or numpy's generator writes
+    a state of kilobytes first (about 18 us inside a round for Python's)."""
+    words = struct.unpack(f"<{count}Q", hashlib.shake_128(seed.encode()).digest(8 * count))
+    return [(word >> 11) * DRAW_SCALE for word in words]
 
 
 def _seeds_listed(rows: list[list[float]], first: int, draws: list[list[float]]) -> list[int]:
@@ -486,7 +496,9 @@ def _identity(size: int) -> Points:
 def _by_size(labels: Sequence[int]) -> list[int]:
     """The labels renumbered by cluster size, largest first (ties by first appearance), so
     that a round's cluster 0 is its largest group."""
-    sizes = Counter(labels)  # its keys in order of first appearance, which sorted() keeps
+    sizes: dict[int, int] = {}  # its keys in order of first appearance, which sorted() keeps
+    for label in labels:
+        sizes[label] = sizes.get(label, 0) + 1
     order = sorted(sizes, key=sizes.__getitem__, reverse=True)
     rank = {label: index for index, label in enumerate(order)}
     return [rank[label] for label in labels]
