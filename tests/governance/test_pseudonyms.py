@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import stat
 from pathlib import Path
 
@@ -106,3 +107,40 @@ def test_pseudonymize_renames_ids_wherever_they_are_and_nothing_else() -> None:
         "notes": (f"{one}.", "a client-12 is not in the round"),
     }
     assert pseudonymize(row, names=names, clients=(), round_number=2) == row
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(CLIENTS),
+            st.sampled_from([".", "-", "_", " ", ": ", "client-1.", "client-12", "x"]),
+            st.text(alphabet="abc-_. 0123456789", max_size=6),
+        ),
+        max_size=8,
+    ),
+    st.sets(st.sampled_from(CLIENTS), max_size=6),
+)
+def test_a_text_that_names_no_member_is_kept_and_every_member_is_renamed(
+    parts: list[str], members: set[str]
+) -> None:
+    """The fast path for texts without a member agrees with renaming every token."""
+    names = Pseudonyms(KEY, run_id="run")
+    text = "".join(parts)
+    renamed = pseudonymize(text, names=names, clients=members, round_number=3)
+    expected = re.sub(
+        r"[A-Za-z0-9][A-Za-z0-9._-]*",
+        lambda match: _renamed(match.group(0), members, names),
+        text,
+        flags=re.ASCII,
+    )
+    assert renamed == expected
+
+
+def _renamed(token: str, members: set[str], names: Pseudonyms) -> str:
+    if token in members:
+        return names.of(token, round_number=3)
+    bare = token.rstrip("._-")
+    if bare in members:
+        return names.of(bare, round_number=3) + token[len(bare) :]
+    return token

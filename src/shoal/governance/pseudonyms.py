@@ -18,6 +18,7 @@ False
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -122,6 +123,8 @@ def pseudonymize(value: Any, *, names: Names, clients: Collection[str], round_nu
 
     def walk(item: Any) -> Any:
         if isinstance(item, str):
+            if members.isdisjoint(_candidates(item)):  # most texts: a field's name, a code
+                return item
             return _TOKEN.sub(rename, item)
         if isinstance(item, dict):
             return {walk(key): walk(entry) for key, entry in item.items()}
@@ -130,6 +133,15 @@ def pseudonymize(value: Any, *, names: Names, clients: Collection[str], round_nu
         return item
 
     return walk(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _candidates(text: str) -> frozenset[str]:
+    """What in ``text`` could be a client's id: each token, and each without its trailing
+    punctuation (as :func:`pseudonymize` renames them). Kept per text: a row's keys and
+    codes come back every round."""
+    tokens = _TOKEN.findall(text)
+    return frozenset({*tokens, *(token.rstrip("._-") for token in tokens)})
 
 
 def load_or_create_key(path: Path) -> bytes:
