@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from shoal.telemetry import MetricsLog
+from shoal.telemetry.metrics import clean_row, strict_line
 
 
 def test_append_and_read_back(tmp_path: Path) -> None:
@@ -31,3 +35,20 @@ def test_torn_last_line_is_skipped_and_truncate_keeps_what_it_is_told(tmp_path: 
     kept = log.truncate(lambda row: row["round"] <= 2)
     assert [row["round"] for row in kept] == [1, 2]
     assert log.path.read_text().count("\n") == 2
+
+
+finite_or_not = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(), st.none(), st.text(max_size=3)
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.text(max_size=4),
+        st.one_of(finite_or_not, st.dictionaries(st.text(max_size=3), finite_or_not, max_size=3)),
+        max_size=6,
+    )
+)
+def test_a_line_is_the_cleaned_rows_encoding_whether_or_not_it_holds_nan(row: dict) -> None:
+    assert strict_line(row) == json.dumps(clean_row(row), sort_keys=True)
