@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import bisect
 import functools
-import hashlib
 import itertools
 import math
-import struct
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -58,7 +57,8 @@ variances within about 7% of the exact), and the silhouette is as low either way
 POINT_DECIMALS = 6
 """The projection's points are kept to this many decimals (they lie within [-1, 1]): a
 picture's precision, and a round's record in ``drift.jsonl`` a third shorter to write."""
-DRAW_SCALE = 2.0**-53
+SEED_STRIDE, SEED_STREAM = 1 << 20, 0xD71F7
+"""The k-means seeding's generator is seeded with ``seed * SEED_STRIDE + SEED_STREAM``."""
 LISTS_UP_TO = 32
 """Rounds of up to this many clients are seeded over Python lists, larger ones in numpy. A
 numpy call costs microseconds whatever its size, three to four times more inside a round
@@ -385,25 +385,17 @@ def _seeds(squared: Points, *, clusters: int, seed: int) -> list[int]:
     candidates, each drawn in proportion to its squared distance (``squared``, between every
     two rows) from the nearest seed so far: the one that leaves the least total squared
     distance to the nearest seed. One draw per seed (plain k-means++) puts two seeds in one
-    of three well-apart groups about once in 25 seedings. The draws come from ``seed``
-    (:func:`uniform_draws`)."""
+    of three well-apart groups about once in 25 seedings. The draws come from Python's
+    generator seeded with an integer from ``seed`` (a text seed is hashed with SHA-512 first,
+    whose code a round keeps cold)."""
     count = squared.shape[0]
     trials = 2 + int(math.log(clusters))
-    flat = uniform_draws(f"drift-{seed}", clusters * trials)
-    draws = [flat[start : start + trials] for start in range(0, len(flat), trials)]
+    rng = random.Random(seed * SEED_STRIDE + SEED_STREAM)
+    draws = [[rng.random() for _ in range(trials)] for _ in range(clusters)]
     chosen = min(int(draws[0][0] * count), count - 1)
     if count <= LISTS_UP_TO:
         return _seeds_listed(squared.tolist(), chosen, draws[1:])
     return _seeds_numpy(squared, chosen, np.array(draws[1:]))
-
-
-def uniform_draws(seed: str, count: int) -> list[float]:
-    """``count`` uniform draws in [0, 1) from the text ``seed``: SHAKE-128's output read as
-    64-bit integers, each one's top 53 bits the draw (as Python's ``random()`` makes one).
-    A round needs a dozen: one hash call, where seeding Python's or numpy's generator writes
-    a state of kilobytes first (about 18 us inside a round for Python's)."""
-    words = struct.unpack(f"<{count}Q", hashlib.shake_128(seed.encode()).digest(8 * count))
-    return [(word >> 11) * DRAW_SCALE for word in words]
 
 
 def _seeds_listed(rows: list[list[float]], first: int, draws: list[list[float]]) -> list[int]:
