@@ -78,12 +78,14 @@ def test_wakes_within_the_settling_time_share_one_checkpoint(tmp_path: Path) -> 
     with sqlite3.connect(path) as setup:
         setup.execute("PRAGMA journal_mode = WAL")
         setup.execute("CREATE TABLE t (x INTEGER)")
-    checkpointer = Checkpointer(str(path), settle_s=1.0)
+    checkpointer = Checkpointer(str(path), settle_s=2.0)
     try:
         for _ in range(50):  # a burst of commits, far quicker than the settling time
             checkpointer.wake()
+        time.sleep(0.2)  # a checkpoint per wake would have run by now; one that settles has not
+        assert checkpointer.checkpoints == 0
         _wait_for(lambda: checkpointer.checkpoints >= 1)
-        time.sleep(0.2)  # a second checkpoint, were one due, would need another full second
+        time.sleep(0.2)  # a second checkpoint, were one due, would need another two seconds
         assert checkpointer.checkpoints == 1
     finally:
         checkpointer.stop()

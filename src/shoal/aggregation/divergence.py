@@ -34,7 +34,6 @@ from shoal.core.errors import StrategyError
 from shoal.core.quantiles import median_of_sorted, ordered, quantile_of_sorted
 
 FloatMatrix = npt.NDArray[np.float32]
-Distances = npt.NDArray[np.float64]
 
 MAD_SCALE = 0.6745  # the modified z-score's constant: the MAD of a standard normal
 # The MAD is taken as at least this share of the median distance. Similar honest updates bunch

@@ -86,8 +86,7 @@ class Checkpointer:
         self.path = path
         self.settle_s = settle_s
         self._wanted = threading.Event()
-        self._stopped = threading.Event()  # cuts a settling wait short
-        self._stopping = False
+        self._stopped = threading.Event()  # set by stop(); it also cuts a settling wait short
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.checkpoints = 0  # passive checkpoints run (for tests and diagnostics)
@@ -99,7 +98,7 @@ class Checkpointer:
 
     def wake(self) -> None:
         with self._lock:
-            if self._stopping:
+            if self._stopped.is_set():
                 return
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -111,9 +110,8 @@ class Checkpointer:
     def stop(self) -> None:
         """End the thread after the checkpoint it may be running (idempotent)."""
         with self._lock:
-            self._stopping = True
+            self._stopped.set()
             thread = self._thread
-        self._stopped.set()
         self._wanted.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=BUSY_TIMEOUT_S)
