@@ -13,6 +13,7 @@ from shoal.core import NotFoundError, ProtocolError, RegistryError, SecurityErro
 from shoal.registry import (
     ClientRegistry,
     ClientStatus,
+    Component,
     Database,
     DeviceState,
     Eligibility,
@@ -137,6 +138,28 @@ def test_every_status_transition(
         with pytest.raises(RegistryError, match="cannot become"):
             registry.set_status("c1", target, "because")
         assert registry.get("c1").status is start
+
+
+def test_a_profile_is_what_the_record_says_of_status_class_and_versions(
+    registry: ClientRegistry,
+) -> None:
+    """The policy reads a client's profile, not its whole record: the two must agree."""
+    registry.enroll("c1", device(), now=NOW)
+    registry.enroll("c2", device(device_class="laptop", feature_extractor_version=None), now=NOW)
+    registry.set_status("c2", ClientStatus.SUSPENDED, "poisoned")
+    profiles = registry.profiles(["c2", "c1", "nobody", "c1"])
+    assert sorted(profiles) == ["c1", "c2"]
+    for client_id, profile in profiles.items():
+        record = registry.get(client_id)
+        assert profile.client_id == client_id
+        assert profile.status is record.status
+        assert profile.device_class == record.device.device_class
+        for component in Component:
+            column = component.column
+            assert getattr(profile, column) == getattr(record.device, column)
+    assert profiles["c2"].status is ClientStatus.SUSPENDED
+    assert profiles["c2"].feature_extractor_version is None
+    assert registry.profiles([]) == {}
 
 
 def test_status_of_an_unknown_client(registry: ClientRegistry) -> None:
@@ -363,4 +386,6 @@ def test_a_device_text_stored_before_it_had_to_be_printable_is_read_as_text(
     record = registry.get("old")
     assert record.device.device_class == "\ufffd[2Jphone"
     assert record.device.app_version == "2\ufffd4"
+    profile = registry.profiles(["old"])["old"]
+    assert (profile.device_class, profile.app_version) == ("\ufffd[2Jphone", "2\ufffd4")
     assert [listed.client_id for listed in registry.list()] == ["old"]

@@ -31,7 +31,8 @@ from shoal.coordinator.secure import SecureSettings
 from shoal.governance.policy import Decision, PolicyEngine, UpdateFacts
 from shoal.governance.pseudonyms import Names
 from shoal.privacy.run import RunPrivacy
-from shoal.registry import ClientRecord, ClientRegistry, Database, DecisionRecord
+from shoal.registry import ClientRegistry, Database, DecisionRecord
+from shoal.registry.clients import ClientProfile
 from shoal.registry.decisions import PolicyDecisionLog
 from shoal.registry.versioning import Requirement, unmet_requirements
 
@@ -125,13 +126,13 @@ class RunPolicy:
         if not submissions:
             return []
         ids = [submission.client_id for submission in submissions]
-        records = self.clients.records(ids)
+        profiles = self.clients.profiles(ids)
         remaining = {} if self.privacy is None else self.privacy.remaining_epsilon(ids)
         requirements = requirements_of(self.versions, round_number)
         batch = [
             self._facts(
                 submission,
-                records.get(submission.client_id),
+                profiles.get(submission.client_id),
                 remaining.get(submission.client_id),
                 requirements,
             )
@@ -169,24 +170,21 @@ class RunPolicy:
     def _facts(
         self,
         submission: Submission,
-        record: ClientRecord | None,
+        profile: ClientProfile | None,
         remaining: float | None,
         requirements: Sequence[Requirement],
     ) -> UpdateFacts:
-        device = None if record is None else record.device
         problems: tuple[str, ...] = ()
-        if device is not None:
-            problems = tuple(unmet_requirements(device, requirements, model=self.architecture))
+        if profile is not None:
+            problems = tuple(unmet_requirements(profile, requirements, model=self.architecture))
         return UpdateFacts(
             client_id=submission.client_id,
-            status="unknown" if record is None else record.status.value.lower(),
-            device_class=None if device is None else device.device_class,
-            app_version=None if device is None else device.app_version,
-            runtime_version=None if device is None else device.runtime_version,
-            model_architecture_version=None
-            if device is None
-            else device.model_architecture_version,
-            feature_extractor_version=None if device is None else device.feature_extractor_version,
+            status=profile.status.value.lower() if profile else "unknown",
+            device_class=profile.device_class if profile else None,
+            app_version=profile.app_version if profile else None,
+            runtime_version=profile.runtime_version if profile else None,
+            model_architecture_version=profile.model_architecture_version if profile else None,
+            feature_extractor_version=profile.feature_extractor_version if profile else None,
             version_problems=problems,
             signature=submission.authentication.value,
             remaining_epsilon=remaining,

@@ -62,9 +62,9 @@ class RegistryClasses:
         self.clients = clients
 
     def classes_of(self, clients: Sequence[str]) -> list[str]:
-        records = self.clients.records(clients)
+        profiles = self.clients.profiles(clients)
         return [
-            records[client].device.device_class if client in records else UNKNOWN_CLASS
+            profiles[client].device_class if client in profiles else UNKNOWN_CLASS
             for client in clients
         ]
 
