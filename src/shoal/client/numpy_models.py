@@ -223,8 +223,8 @@ class SoftmaxRegression(_FlatModel):
         """Mean cross-entropy plus weight decay, and its gradient (written into ``out``)."""
         gradient = np.empty_like(vector) if out is None else out
         grad_weight, grad_bias = self._views(gradient)
-        weight = self._views(vector)[0]
-        logits = self._logits(vector, x)
+        weight, bias = self._views(vector)
+        logits = _affine_logits(weight, bias, x)
         loss = softmax_cross_entropy_(logits, y)
         np.matmul(logits, x, out=grad_weight)
         np.sum(logits, axis=1, out=grad_bias)
@@ -250,9 +250,14 @@ class SoftmaxRegression(_FlatModel):
 
     def _logits(self, vector: FloatArray, x: FloatArray) -> FloatArray:
         weight, bias = self._views(vector)
-        logits = weight @ x.T
-        logits += bias[:, np.newaxis]
-        return logits
+        return _affine_logits(weight, bias, x)
+
+
+def _affine_logits(weight: FloatArray, bias: FloatArray, x: FloatArray) -> FloatArray:
+    """The logits (classes, n) of the rows of ``x`` under ``weight`` and ``bias``."""
+    logits = weight @ x.T
+    logits += bias[:, np.newaxis]
+    return logits
 
 
 class MLP(_FlatModel):

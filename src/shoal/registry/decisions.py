@@ -25,6 +25,9 @@ from shoal.registry.database import Database
 from shoal.registry.schema import policy_decisions
 
 
+_INSERT = policy_decisions.insert()  # built once: building it costs more than a round's rows
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DecisionRecord:
     """One logged decision; ``reasons`` are ``(code, detail)`` pairs, empty when allowed."""
@@ -82,7 +85,7 @@ class PolicyDecisionLog:
             if not record.allowed
         ]
         with self.database.write() as connection:
-            connection.execute(policy_decisions.insert(), rows)
+            connection.execute(_INSERT, rows)
             self.audit.record(connection, denials, now=now)
         return len(rows)
 
