@@ -211,12 +211,7 @@ def record_from_row(row: sa.Row[Any]) -> ClientRecord:
         wifi=_flag(row.wifi),
         ram_gb=row.ram_gb,
         idle=_flag(row.idle),
-        app_version=_printable(row.app_version),
-        runtime_version=_printable(row.runtime_version),
-        model_architecture_version=_printable(row.model_architecture_version),
-        feature_extractor_version=None
-        if row.feature_extractor_version is None
-        else _printable(row.feature_extractor_version),
+        **_versions(row),
     )
     return ClientRecord(
         client_id=row.client_id,
@@ -233,18 +228,21 @@ def record_from_row(row: sa.Row[Any]) -> ClientRecord:
 
 
 def profile_from_row(row: sa.Row[Any]) -> ClientProfile:
-    feature_extractor = row.feature_extractor_version
     return ClientProfile(
         client_id=row.client_id,
         status=row.status,
         device_class=_printable(row.device_class),
-        app_version=_printable(row.app_version),
-        runtime_version=_printable(row.runtime_version),
-        model_architecture_version=_printable(row.model_architecture_version),
-        feature_extractor_version=None
-        if feature_extractor is None
-        else _printable(feature_extractor),
+        **_versions(row),
     )
+
+
+def _versions(row: sa.Row[Any]) -> dict[str, Any]:
+    """A row's component versions, as printable texts (None where the client reported none)."""
+    versions: dict[str, Any] = {}
+    for component in Component:
+        version = getattr(row, component.column)
+        versions[component.column] = None if version is None else _printable(version)
+    return versions
 
 
 _HEARTBEAT_UPDATE = (

@@ -24,7 +24,6 @@ from shoal.registry.clients import coarsen, require_aware, utc_now
 from shoal.registry.database import Database
 from shoal.registry.schema import policy_decisions
 
-
 _INSERT = policy_decisions.insert()  # built once: building it costs more than a round's rows
 
 
