@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import silhouette_score
 
@@ -180,6 +180,8 @@ def test_one_seeding_finds_three_groups_apart_whatever_the_round() -> None:
     st.integers(min_value=0, max_value=2**16),
     st.booleans(),
 )
+# two candidates leave the same total, which Python's sum and numpy's round apart
+@example(count=12, clusters=2, seed=7635, alike=False)
 def test_the_seeding_over_lists_picks_the_seeds_numpy_picks(
     count: int, clusters: int, seed: int, alike: bool
 ) -> None:

@@ -64,6 +64,8 @@ LISTS_UP_TO = 32
 numpy call costs microseconds whatever its size, three to four times more inside a round
 (whose other work has pushed numpy's code out of the caches) than alone; a few values'
 arithmetic in the interpreter, which the round keeps running, costs less."""
+TIE = 1e-9
+"""Candidate seeds whose totals differ by less than this share are tied (the first is taken)."""
 MAX_ITERATIONS = 30
 """Lloyd's steps at most: groups that are there separate in a few; a population without
 groups (where more steps would go on moving points) scores a low silhouette either way."""
@@ -410,11 +412,9 @@ def _seeds_listed(rows: list[list[float]], first: int, draws: list[list[float]])
             picked = [bisect.bisect_right(cumulative, draw * total) for draw in candidates]
         else:  # every row at no distance from a seed: uniform draws
             picked = [int(draw * count) for draw in candidates]
-        # the first of the candidates that leave the least, as argmin picks
-        best = min(
-            (min(pick, count - 1) for pick in picked),
-            key=lambda pick: sum(map(min, nearest, rows[pick])),
-        )
+        picked = [min(pick, count - 1) for pick in picked]
+        left = [sum(map(min, nearest, rows[pick])) for pick in picked]
+        best = picked[_first_least(left)]
         chosen.append(best)
         nearest = list(map(min, nearest, rows[best]))
     return chosen
@@ -434,9 +434,17 @@ def _seeds_numpy(squared: Points, first: int, draws: Points) -> list[int]:
         else:  # every row at no distance from a seed: uniform draws
             picked = np.minimum((candidates * count).astype(np.int64), count - 1)
         left = np.add.reduce(np.minimum(nearest, squared[picked]), axis=1)
-        chosen.append(int(picked[left.argmin()]))
+        chosen.append(int(picked[_first_least(left.tolist())]))
         nearest = np.minimum(nearest, squared[chosen[-1]])
     return chosen
+
+
+def _first_least(totals: Sequence[float]) -> int:
+    """The first of the candidates that leave the least total, ties within rounding included:
+    Python's sum and numpy's (pairwise) round the same total differently, and a tie broken
+    by that rounding would make the two seedings differ."""
+    least = min(totals)
+    return next(i for i, total in enumerate(totals) if total <= least + TIE * abs(least))
 
 
 def silhouette(distances: Points, labels: npt.NDArray[np.int64]) -> float:
