@@ -223,6 +223,31 @@ def test_full_batch_is_the_same_as_a_batch_larger_than_the_data() -> None:
     assert runs[0].num_steps == 4
 
 
+@pytest.mark.parametrize("batch_size", [0, 32])
+def test_local_sgd_from_a_seed_trains_as_from_the_generator_it_makes(
+    batch_size: int, digits: tuple[Dataset, Dataset]
+) -> None:
+    train, _ = digits
+    model = SoftmaxRegression(num_features=64, num_classes=10)
+    start = model.init_parameters(np.random.default_rng(0))
+    runs = [
+        local_sgd(
+            model,
+            start,
+            train.features[:300],
+            train.labels[:300],
+            epochs=2,
+            batch_size=batch_size,
+            learning_rate=0.5,
+            rng=rng,
+        )
+        for rng in (11, np.random.default_rng(11), np.int64(11))
+    ]
+    for run in runs[1:]:
+        np.testing.assert_array_equal(run.parameters.vector, runs[0].parameters.vector)
+        assert run.train_loss == runs[0].train_loss
+
+
 def test_local_sgd_rejects_bad_inputs() -> None:
     x, y = small_problem(0)
     model = SoftmaxRegression(num_features=5, num_classes=4)

@@ -82,11 +82,13 @@ def softmax_cross_entropy_(logits: FloatArray, labels: LabelArray) -> float:
     count = int(logits.shape[1])
     at_label = labels * count + np.arange(count)
     flat = logits.reshape(-1)
-    logits -= logits.max(axis=0)
+    # the ufuncs' own reductions: the array methods' wrappers cost more than these few
+    # values' arithmetic, several times a step
+    logits -= np.maximum.reduce(logits, axis=0)
     picked = flat.take(at_label)
     np.exp(logits, out=logits)
-    totals = logits.sum(axis=0)
-    loss = float(np.log(totals).sum() - picked.sum()) / count
+    totals = np.add.reduce(logits, axis=0)
+    loss = float(np.add.reduce(np.log(totals)) - np.add.reduce(picked)) / count
     logits /= totals
     flat[at_label] -= 1.0
     logits *= 1.0 / count
@@ -227,7 +229,7 @@ class SoftmaxRegression(_FlatModel):
         logits = _affine_logits(weight, bias, x)
         loss = softmax_cross_entropy_(logits, y)
         np.matmul(logits, x, out=grad_weight)
-        np.sum(logits, axis=1, out=grad_bias)
+        np.add.reduce(logits, axis=1, out=grad_bias)
         loss += l2_penalty_([weight], [grad_weight], weight_decay=self.weight_decay)
         return loss, gradient
 
@@ -306,12 +308,12 @@ class MLP(_FlatModel):
         logits = self._output(vector, hidden)
         loss = softmax_cross_entropy_(logits, y)
         np.matmul(logits, hidden.T, out=grad_output_w)
-        np.sum(logits, axis=1, out=grad_output_b)
+        np.add.reduce(logits, axis=1, out=grad_output_b)
         grad_hidden = output_w.T @ logits
         # ReLU passes the gradient where the activation is positive, nowhere else.
         np.multiply(grad_hidden, hidden > 0, out=grad_hidden)
         np.matmul(grad_hidden, x, out=grad_hidden_w)
-        np.sum(grad_hidden, axis=1, out=grad_hidden_b)
+        np.add.reduce(grad_hidden, axis=1, out=grad_hidden_b)
         loss += l2_penalty_(
             [hidden_w, output_w], [grad_hidden_w, grad_output_w], weight_decay=self.weight_decay
         )
@@ -382,7 +384,7 @@ def local_sgd(
     batch_size: int,
     learning_rate: float,
     proximal_mu: float = 0.0,
-    rng: np.random.Generator,
+    rng: np.random.Generator | int,
     dp_sgd: DpSgdSettings | None = None,
 ) -> LocalTrainingResult:
     """Mini-batch SGD from ``parameters``, reshuffling at each epoch.
@@ -400,7 +402,9 @@ def local_sgd(
     denominator; the model must be a
     :class:`~shoal.client.dp_sgd.PerExampleGradientModel`. In
     secure mode ``rng`` is not used: the sampling and the noise come from a
-    CSPRNG.
+    CSPRNG. ``rng`` may be the seed of a generator instead, made only where the steps
+    draw (mini-batches, DP-SGD): full-batch steps draw nothing, and making a generator
+    costs more than such a client's step.
     """
     _check_training_inputs(x, y, epochs=epochs, batch_size=batch_size, rate=learning_rate)
     check_labels(y, num_classes=model.num_classes)
@@ -421,7 +425,7 @@ def local_sgd(
             learning_rate=learning_rate,
             proximal_mu=proximal_mu,
             settings=dp_sgd,
-            rng=rng,
+            rng=np.random.default_rng(rng),  # a generator is returned as it is
         )
         return LocalTrainingResult(parameters.with_vector(weights), mean_loss, num_steps)
     batch = num_examples if batch_size == 0 else min(batch_size, num_examples)
@@ -450,7 +454,7 @@ def local_sgd(
 
 
 def _batches(
-    x: FloatArray, y: LabelArray, *, batch: int, num_steps: int, rng: np.random.Generator
+    x: FloatArray, y: LabelArray, *, batch: int, num_steps: int, rng: np.random.Generator | int
 ) -> Iterator[tuple[FloatArray, LabelArray]]:
     """``num_steps`` batches; a new permutation each epoch, the last batch may be short."""
     num_examples = x.shape[0]
@@ -458,9 +462,10 @@ def _batches(
         for _ in range(num_steps):
             yield x, y
         return
+    generator = np.random.default_rng(rng)
     step = 0
     while True:
-        order = rng.permutation(num_examples)
+        order = generator.permutation(num_examples)
         for start in range(0, num_examples, batch):
             chosen = order[start : start + batch]
             yield x[chosen], y[chosen]
@@ -536,7 +541,7 @@ class NumpyClient(Client):
             batch_size=config.batch_size,
             learning_rate=config.learning_rate,
             proximal_mu=config.proximal_mu,
-            rng=np.random.default_rng(config.seed),
+            rng=config.seed,
             dp_sgd=self.dp_sgd,
         )
         self._parameters = result.parameters
