@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import threadpoolctl
 
 from shoal.apps.builtin import DataScenario
 from shoal.client.api import Client, EvaluateConfig, FitConfig
@@ -36,7 +37,11 @@ def test_serial_and_process_executors_agree() -> None:
     ]
     jobs.append(Job(scenario.client_ids[0], EvaluateConfig(round=1)))
     jobs.pop(0)
-    serial = SerialExecutor(scenario.build_client).run(parameters, jobs)
+    executor = SerialExecutor(scenario.build_client)
+    try:
+        serial = executor.run(parameters, jobs)
+    finally:
+        executor.close()
     pool = ProcessExecutor(scenario.build_client, workers=2)
     try:
         parallel = pool.run(parameters, jobs)
@@ -49,6 +54,36 @@ def test_serial_and_process_executors_agree() -> None:
         assert one.num_examples == other.num_examples and one.metrics == other.metrics
         if one.update is not None:
             np.testing.assert_array_equal(one.update, other.update)  # type: ignore[arg-type]
+
+
+def _blas_threads() -> set[int]:
+    return {
+        pool["num_threads"]
+        for pool in threadpoolctl.threadpool_info()
+        if pool["user_api"] == "blas"
+    }
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_open_executor_holds_this_process_to_one_blas_thread(workers: int) -> None:
+    """Beside workers, the coordinator's BLAS threads spun for a while after each of its calls
+    and took a core from the workers as they trained: held to one while the executor is open,
+    the count before given back on close."""
+    scenario = DataScenario(bare_config(["data.num_clients=4", "round.clients_per_round=2"]))
+    np.ones((64, 64)) @ np.ones((64, 64))  # numpy's BLAS is loaded
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        assert _blas_threads() == {2}
+        executor = make_executor(scenario.build_client, workers=workers)
+        try:
+            assert isinstance(executor, ProcessExecutor if workers else SerialExecutor)
+            assert _blas_threads() == {1}
+            executor.run(
+                scenario.initial_parameters(), [Job(scenario.client_ids[0], FitConfig(round=1))]
+            )
+            assert _blas_threads() == {1}
+        finally:
+            executor.close()
+        assert _blas_threads() == {2}
 
 
 def test_ray_backend_without_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

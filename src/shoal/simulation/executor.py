@@ -83,27 +83,40 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-class SerialExecutor:
-    """Runs every job in this process, one after another.
+class ThreadsHeld:
+    """This process's BLAS and OpenMP thread pools (and PyTorch's, with ``torch``) held to one
+    thread until :meth:`release` gives the counts before back.
 
-    Clients' small models train fastest on one thread: BLAS and PyTorch
-    thread pools are held to one while the executor is open (a thread pool
-    spun up for each small step costs more than the step), and given back
-    on ``close``.
+    Every executor holds them while it is open. In this process, a pool spun up for a
+    client's small step costs more than the step. Beside workers, it is worse: OpenBLAS's
+    threads spin for a while after each call of the coordinator's (an aggregate, the drift's
+    products), and that spinning took one of two cores from the workers for as long as they
+    trained (BENCHMARKS.md, "Simulation overhead").
     """
+
+    def __init__(self, *, torch: bool) -> None:
+        self._limits = threadpoolctl.threadpool_limits(limits=1)
+        self._torch_threads = _limit_torch_threads() if torch else None
+
+    def release(self) -> None:
+        self._limits.restore_original_limits()
+        if self._torch_threads is not None:
+            sys.modules["torch"].set_num_threads(self._torch_threads)
+
+
+class SerialExecutor:
+    """Runs every job in this process, one after another, on one thread (PyTorch's too):
+    clients' small models train fastest that way; see :class:`ThreadsHeld`."""
 
     def __init__(self, factory: ClientFactory) -> None:
         self.factory = factory
-        self._limits = threadpoolctl.threadpool_limits(limits=1)
-        self._torch_threads = _limit_torch_threads()
+        self._threads = ThreadsHeld(torch=True)
 
     def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
         return [run_job(self.factory, parameters, job) for job in jobs]
 
     def close(self) -> None:
-        self._limits.restore_original_limits()
-        if self._torch_threads is not None:
-            sys.modules["torch"].set_num_threads(self._torch_threads)
+        self._threads.release()
 
 
 def _limit_torch_threads() -> int | None:
@@ -163,7 +176,9 @@ class ProcessExecutor:
     Workers come from a forkserver that has Shoal and NumPy imported, so they
     start fast and are safe beside threads (the progress bar has one). The
     client factory is sent once per worker, by value (an app defined in a
-    notebook or a script works), the parameters once per chunk.
+    notebook or a script works), the parameters once per chunk. This
+    process's BLAS threads are held to one meanwhile (:class:`ThreadsHeld`);
+    a PyTorch that a server app uses here keeps its own.
     """
 
     def __init__(
@@ -181,6 +196,7 @@ class ProcessExecutor:
             warm = [self._pool.submit(_warm_up) for _ in range(workers)]
             for future in warm:
                 future.result()
+        self._threads = ThreadsHeld(torch=False)
 
     def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
         if not jobs:
@@ -193,7 +209,10 @@ class ProcessExecutor:
         return in_job_order(jobs, [future.result() for future in futures])
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            self._threads.release()
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from shoal.simulation.executor import (
     ClientFactory,
     Job,
     Outcome,
+    ThreadsHeld,
     in_job_order,
     limit_blas_threads,
     run_job,
@@ -70,6 +71,7 @@ class RayExecutor:
             )
         actor = ray.remote(num_cpus=1)(ClientHost)
         self._actors = [actor.remote(factory) for _ in range(workers)]
+        self._threads = ThreadsHeld(torch=False)  # the actors' cores are theirs
 
     def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
         if not jobs:
@@ -85,7 +87,10 @@ class RayExecutor:
         return in_job_order(jobs, ray.get(pending))
 
     def close(self) -> None:
-        for actor in self._actors:
-            self._ray.kill(actor)
-        if self._owns_ray:
-            self._ray.shutdown()
+        try:
+            for actor in self._actors:
+                self._ray.kill(actor)
+            if self._owns_ray:
+                self._ray.shutdown()
+        finally:
+            self._threads.release()
