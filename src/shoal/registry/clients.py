@@ -37,7 +37,7 @@ from shoal.core.identifiers import check_client_id
 from shoal.registry.audit import AuditEvent, AuditLog
 from shoal.registry.database import Database
 from shoal.registry.schema import ClientStatus, UtcDateTime, clients
-from shoal.registry.versioning import Component, Eligibility, version_key
+from shoal.registry.versioning import VERSION_COLUMNS, Component, Eligibility, version_key
 
 PUBLIC_KEY_BYTES = 32  # an Ed25519 public key
 SAMPLE_KEY_LIMIT = 2**63
@@ -239,9 +239,9 @@ def profile_from_row(row: sa.Row[Any]) -> ClientProfile:
 def _versions(row: sa.Row[Any]) -> dict[str, Any]:
     """A row's component versions, as printable texts (None where the client reported none)."""
     versions: dict[str, Any] = {}
-    for component in Component:
-        version = getattr(row, component.column)
-        versions[component.column] = None if version is None else _printable(version)
+    for column in VERSION_COLUMNS:
+        version = getattr(row, column)
+        versions[column] = None if version is None else _printable(version)
     return versions
 
 

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from shoal.core.errors import RegistryError
 from shoal.registry.audit import AuditEvent, AuditLog
 from shoal.registry.clients import coarsen, require_aware, utc_now
-from shoal.registry.database import Database
+from shoal.registry.database import Database, EncodedJSON, strict_json
 from shoal.registry.schema import policy_decisions
 
 _INSERT = policy_decisions.insert()  # built once: building it costs more than a round's rows
@@ -68,8 +68,8 @@ class PolicyDecisionLog:
                 "round": record.round,
                 "client_id": record.client_id,
                 "allowed": record.allowed,
-                "reasons": [{"code": code, "detail": detail} for code, detail in record.reasons],
-                "facts": _finite_json(record.facts),
+                "reasons": _reasons_json(record.reasons),
+                "facts": EncodedJSON(_facts_json(record.facts)),
                 "decided_at": record.decided_at or now,
             }
             for record in records
@@ -78,9 +78,13 @@ class PolicyDecisionLog:
             AuditEvent(
                 kind="policy_deny",
                 subject=record.client_id,
-                details={"run_id": record.run_id, "round": record.round, "reasons": row["reasons"]},
+                details={
+                    "run_id": record.run_id,
+                    "round": record.round,
+                    "reasons": _reasons_list(record.reasons),
+                },
             )
-            for record, row in zip(records, rows, strict=True)
+            for record in records
             if not record.allowed
         ]
         with self.database.write() as connection:
@@ -120,6 +124,29 @@ def _record(row: sa.Row[Any]) -> DecisionRecord:
         facts=dict(row.facts),
         decided_at=row.decided_at,
     )
+
+
+_NO_REASONS = EncodedJSON("[]")
+
+
+def _reasons_list(reasons: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"code": code, "detail": detail} for code, detail in reasons]
+
+
+def _reasons_json(reasons: Sequence[tuple[str, str]]) -> EncodedJSON:
+    """The reasons column's text (an allowed decision's, the most common, written once)."""
+    return EncodedJSON(strict_json(_reasons_list(reasons))) if reasons else _NO_REASONS
+
+
+def _facts_json(facts: Mapping[str, Any]) -> str:
+    """The facts column's text: strict JSON as it stands, else :func:`_finite_json`'s.
+
+    Facts nearly always encode as they are; cleaning them first cost more than encoding
+    them (a round's 100 decisions: about 0.5 ms)."""
+    try:
+        return strict_json(facts)
+    except (ValueError, TypeError):
+        return strict_json(_finite_json(facts))
 
 
 def _finite_json(facts: Mapping[str, Any]) -> dict[str, Any]:

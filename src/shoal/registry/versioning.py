@@ -73,7 +73,13 @@ class Component(enum.Enum):
     @property
     def column(self) -> str:
         """The client record's field (and column) holding this version."""
-        return f"{self.value}_version"
+        return _COLUMNS[self]
+
+
+# read for every client of every round: named once (an enum's value and a format each time
+# cost more than the lookup)
+_COLUMNS = {component: f"{component.value}_version" for component in Component}
+VERSION_COLUMNS = tuple(_COLUMNS.values())
 
 
 class HasVersions(Protocol):
