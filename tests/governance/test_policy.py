@@ -83,6 +83,20 @@ def test_the_bounds_themselves_are_allowed() -> None:
     assert codes(at_the_bounds) == []
 
 
+@pytest.mark.parametrize(
+    ("bound", "above", "within"), [(1e16, 2e16, 5e15), (1e300, 1e301, 1e299), (1e-05, 2e-05, 0.0)]
+)
+def test_a_bound_python_writes_with_an_exponent_compiles_and_holds(
+    bound: float, above: float, within: float
+) -> None:
+    # Python writes these as 1e+16 and 1e-05, which rego-cpp refused: the policy did not compile
+    engine = PolicyEngine(bounds=PolicyBounds(max_l2_norm=bound))
+    batch = [facts_for("c1", l2_norm=above), facts_for("c2", l2_norm=within)]
+    over, under = engine.decide(1, batch)
+    assert [reason.code for reason in over.reasons] == ["l2_norm_above_bound"]
+    assert under.allowed
+
+
 def test_an_update_breaking_several_rules_has_every_reason_in_code_order() -> None:
     facts = facts_for("c1", status="retired", l2_norm=1e6, relative_l2_norm=1e5, num_examples=2**40)
     assert codes(facts) == [

@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -158,7 +159,9 @@ class PolicyEngine:
         self.files = tuple(sources)
         self.columns = _referenced_columns(sources.values())
         self._interpreter = regopy.Interpreter()
-        self._interpreter.add_data({"shoal": {"bounds": dataclasses.asdict(self.bounds)}})
+        self._interpreter.add_data_json(
+            rego_json({"shoal": {"bounds": dataclasses.asdict(self.bounds)}})
+        )
         for name, source in sources.items():
             _compile(self._interpreter, name, source)
         with _quiet_stdout():
@@ -337,6 +340,29 @@ def _quiet_stdout() -> Iterator[None]:
 
 
 _STDOUT = 1  # the C++ library writes to the descriptor, whatever Python's sys.stdout is
+
+def rego_json(value: Any) -> str:
+    """``value`` (dicts, lists, texts, numbers, flags, None) as JSON text that rego-cpp reads.
+
+    rego-cpp 1.x refuses a number whose exponent follows a mantissa without a fraction, which
+    is how Python writes large and small floats (``1e+16``, ``1e-05``): such a bound made the
+    whole policy fail to compile. Here each such number gets its fraction (``1.0e+16``).
+
+    >>> rego_json({"bounds": {"max": 1e16, "min": 1e-05, "cap": 10}})
+    '{"bounds":{"max":1.0e+16,"min":1.0e-05,"cap":10}}'
+    """
+    if isinstance(value, Mapping):
+        fields = (f"{json.dumps(str(key))}:{rego_json(item)}" for key, item in value.items())
+        return "{" + ",".join(fields) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(rego_json(item) for item in value) + "]"
+    text = json.dumps(value, allow_nan=False)
+    if isinstance(value, float):
+        mantissa, exponent, power = text.partition("e")
+        if exponent and "." not in mantissa:
+            text = f"{mantissa}.0e{power}"
+    return text
+
 
 _LIVE: weakref.WeakSet[PolicyEngine] = weakref.WeakSet()
 
