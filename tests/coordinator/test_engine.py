@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
 
+from shoal.aggregation.divergence import DivergenceRule
+from shoal.aggregation.drift import DriftRule
 from shoal.aggregation.strategy import make_strategy
 from shoal.coordinator import (
     ClientFailed,
@@ -31,6 +34,7 @@ from shoal.coordinator.events import Authentication
 from shoal.coordinator.policy import Submission, UpdatePolicy
 from shoal.core import ConfigError, IllegalTransition, Parameters, ProtocolError
 from shoal.governance import Decision, PolicyBounds, PolicyEngine, UpdateFacts
+from shoal.governance.policy import facts_for
 from shoal.tasks import TRAIN_TIME_METRIC
 
 CANDIDATES = tuple(f"c{index:02d}" for index in range(30))
@@ -278,7 +282,13 @@ class FactsPolicy:
         self.engine = PolicyEngine(bounds=PolicyBounds(**bounds))  # type: ignore[arg-type]
         self.asked: list[tuple[int, list[Submission]]] = []
 
-    def decide(self, round_number: int, submissions: Sequence[Submission]) -> list[Decision]:
+    def decide(
+        self,
+        round_number: int,
+        submissions: Sequence[Submission],
+        *,
+        meanwhile: Callable[[], object] | None = None,
+    ) -> list[Decision]:
         self.asked.append((round_number, list(submissions)))
         batch = [
             UpdateFacts(
@@ -291,7 +301,7 @@ class FactsPolicy:
             )
             for s in submissions
         ]
-        return self.engine.decide(round_number, batch)
+        return self.engine.decide(round_number, batch, meanwhile=meanwhile)
 
 
 def signed(client: str, values: np.ndarray, examples: int = 10) -> UpdateReceived:
@@ -487,3 +497,77 @@ def test_without_telemetry_the_engine_books_nothing() -> None:
 def test_a_failure_kind_is_a_short_word() -> None:
     with pytest.raises(ProtocolError, match="short word"):
         ClientFailed("c00", 1, 0.0, "gone", kind="a reason with spaces")
+
+
+class UnhurriedPolicy(FactsPolicy):
+    """The same policy, never running the engine's work beside its query."""
+
+    def decide(
+        self,
+        round_number: int,
+        submissions: Sequence[Submission],
+        *,
+        meanwhile: Callable[[], object] | None = None,
+    ) -> list[Decision]:
+        return super().decide(round_number, submissions)
+
+
+def measured(policy: UpdatePolicy, values: list[np.ndarray]) -> tuple[np.ndarray, object]:
+    """The model after one round of ``values`` under ``policy``, and the round's summary."""
+    coordinator = Coordinator(
+        settings=RoundSettings(clients_per_round=len(values), quorum=0.5, deadline_s=100.0),
+        strategy=make_strategy("fedavg"),
+        parameters=Parameters.from_arrays([np.zeros(SIZE)]),
+        seed=7,
+        policy=policy,
+        divergence=DivergenceRule(),
+        drift=DriftRule(),
+    )
+    clients = start(coordinator)
+    actions: list[object] = []
+    for index, (client, value) in enumerate(zip(clients, values, strict=False)):
+        actions = coordinator.handle(signed(client, value, examples=10 + index))
+    return coordinator.parameters.vector.copy(), closed(actions).summary
+
+
+@pytest.mark.parametrize("poisoned", [False, True])
+def test_the_round_worked_out_beside_the_policys_query_is_the_round_worked_out_after_it(
+    poisoned: bool,
+) -> None:
+    rng = np.random.default_rng(3)
+    values = [rng.normal(size=SIZE).astype(np.float32) for _ in range(6)]
+    if poisoned:  # denied: the work done beside the query is thrown away
+        values[2] = np.full(SIZE, 1e30, np.float32)
+    beside, beside_summary = measured(FactsPolicy(), values)
+    after, after_summary = measured(UnhurriedPolicy(), values)
+    np.testing.assert_array_equal(beside, after)
+    assert beside_summary == after_summary  # the same divergence, drift and books
+    assert len(after_summary.participants) == (5 if poisoned else 6)
+    assert after_summary.divergence is not None and after_summary.drift is not None
+    assert after_summary.divergence.available and after_summary.drift.available
+
+
+def test_an_aggregate_that_fails_beside_the_query_fails_the_round_as_it_always_did() -> None:
+    huge = [np.full(SIZE, 3e37, np.float32) for _ in range(4)]  # each within the bounds
+    policy = FactsPolicy(max_l2_norm=1e38, max_relative_l2_norm=10.0)
+    _, beside = measured(policy, huge)  # the weighted sum overflows float32
+    _, after = measured(UnhurriedPolicy(max_l2_norm=1e38, max_relative_l2_norm=10.0), huge)
+    assert not beside.committed and beside.abort_reason == after.abort_reason
+    assert beside.abort_reason is not None and "not finite" in beside.abort_reason
+
+
+def test_the_engines_work_runs_beside_the_query_once_on_the_callers_thread() -> None:
+    engine = PolicyEngine()
+    batch = [facts_for(f"c{index}", l2_norm=float(index)) for index in range(200)]  # two chunks
+    threads: list[int] = []
+    decisions = engine.decide(1, batch, meanwhile=lambda: threads.append(threading.get_ident()))
+    assert threads == [threading.get_ident()] and len(decisions) == 200
+    assert decisions == engine.decide(1, batch)  # the same decisions without it
+
+    def broken() -> None:
+        raise RuntimeError("the engine's own bug")
+
+    with pytest.raises(RuntimeError, match="own bug"):
+        engine.decide(1, batch, meanwhile=broken)
+    assert engine.decide(1, batch[:3]) == decisions[:3]  # the interpreter is free again
+    engine.close()

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from shoal.aggregation.divergence import DivergenceRule
-from shoal.aggregation.drift import DriftRule
+from shoal.aggregation.divergence import DivergenceReport, DivergenceRule
+from shoal.aggregation.drift import DriftReport, DriftRule
 from shoal.aggregation.strategy import Strategy
 from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.coordinator.app import MetricsAggregation, split_round_config
@@ -90,6 +90,31 @@ from shoal.secure.server import Aborted, SumReady
 from shoal.tasks import Phase, RejectReason, RejectSubmission, split_train_time
 
 log = logging.getLogger("shoal.coordinator")
+
+
+class Guess:
+    """What a round's commit computes from its counted updates: the aggregate (the model's
+    step before the server optimizer), the updates stacked once for both measures, their
+    divergence and drift. Made at the commit, or beforehand while the policy decides
+    (:meth:`Coordinator._guess`)."""
+
+    __slots__ = ("counted", "delta", "divergence", "drift")
+
+    def __init__(self) -> None:
+        self.delta: Vector | None = None
+        self.counted: Counted | None = None
+        self.divergence: DivergenceReport | None = None
+        self.drift: DriftReport | None = None
+
+    def measure(self, engine: Coordinator, current: RoundBooks, delta: Vector) -> None:
+        """The divergence and drift of the round's counted updates against ``delta``."""
+        if current.counted and (engine.divergence is not None or engine.drift is not None):
+            self.counted = counted_updates(current)  # a copy of the round's updates
+        self.divergence = round_divergence(
+            current, delta, rule=engine.divergence, seed=engine.seed, counted=self.counted
+        )
+        self.drift = round_drift(current, rule=engine.drift, seed=engine.seed, counted=self.counted)
+        self.delta = delta
 
 
 def failure_reason(reason: str) -> str:
@@ -413,6 +438,18 @@ class Coordinator:
         metrics: Mapping[str, float],
     ) -> None:
         """An update that counts: into the aggregate, and into the round's books."""
+        self._accumulate(current, client_id, update, num_examples, metrics)
+        self._book(current, client_id, num_examples, metrics)
+
+    def _accumulate(
+        self,
+        current: RoundBooks,
+        client_id: str,
+        update: Vector,
+        num_examples: int,
+        metrics: Mapping[str, float],
+    ) -> None:
+        """An update into the round's aggregate, and among the updates measured at the commit."""
         weight = float(num_examples)
         if self.privacy is not None:  # user-level DP: clipped updates, every client weighs one
             update, within = self.privacy.admit(update, reported=metrics.get(UNCLIPPED))
@@ -424,12 +461,16 @@ class Coordinator:
             current.counted.append((client_id, update))
             if self.splitting:  # a split averages each group with the round's weights
                 current.counted_weights.append(weight)
-        self._book(current, client_id, num_examples, metrics)
 
     # --- the policy ----------------------------------------------------------------------
 
-    def _decide_pending(self, current: RoundBooks) -> None:
-        """The policy's decisions on the round's updates, in one query; the allowed count."""
+    def _decide_pending(self, current: RoundBooks) -> Guess | None:
+        """The policy's decisions on the round's updates, in one query; the allowed count.
+
+        While the policy decides (its query leaves this thread free), the round's aggregate
+        and what the commit measures of its updates are computed as though every update were
+        allowed, the usual case (:meth:`_guess`). The guess, returned, is the round when
+        they all are; a denial throws it away, and the allowed updates are counted alone."""
         assert self.policy is not None
         pending = list(current.pending.items())
         current.pending.clear()
@@ -444,12 +485,53 @@ class Coordinator:
             )
             for (client_id, entry), ratio in zip(pending, relative, strict=True)
         ]
-        decisions = self.policy.decide(current.number, submissions)
+        guess = Guess() if self._may_guess(current) else None
+        decisions = self.policy.decide(
+            current.number,
+            submissions,
+            meanwhile=None if guess is None else lambda: self._guess(current, pending, guess),
+        )
+        allowed = all(decision.allowed for decision in decisions)
+        if guess is not None and guess.delta is not None and allowed:  # the guess was the round
+            for client_id, entry in pending:
+                self._book(current, client_id, entry.num_examples, entry.metrics)
+            return guess
+        if guess is not None:  # thrown away: the books as they were before it
+            current.aggregation = self.strategy.aggregator.init(num_parameters=len(self.parameters))
+            current.counted, current.counted_weights = [], []
         for (client_id, entry), decision in zip(pending, decisions, strict=True):
             if decision.allowed:
                 self._count(current, client_id, entry.update, entry.num_examples, entry.metrics)
             else:
                 self._deny(current, decision)
+        return None
+
+    def _may_guess(self, current: RoundBooks) -> bool:
+        """Whether the round's aggregate may be computed while the policy decides: a plaintext
+        fit round that counted nothing yet, without DP (whose clipping books and noise come
+        with the counted updates alone)."""
+        return (
+            self.privacy is None
+            and current.phase is Phase.FIT
+            and current.secure is None
+            and not current.reported
+        )
+
+    def _guess(
+        self, current: RoundBooks, pending: Sequence[tuple[str, PendingUpdate]], guess: Guess
+    ) -> None:
+        """The round's aggregate, divergence and drift as though every pending update were
+        allowed (into ``guess``; nothing where aggregating fails: the round meets the failure
+        again on its own path, and says so)."""
+        try:
+            for client_id, entry in pending:
+                self._accumulate(
+                    current, client_id, entry.update, entry.num_examples, entry.metrics
+                )
+            delta = self.strategy.aggregator.finalize(current.aggregation)
+        except StrategyError:
+            return
+        guess.measure(self, current, delta)
 
     def _deny(self, current: RoundBooks, decision: Decision) -> None:
         """A denied update: its client failed the round, counted under each reason's code."""
@@ -676,9 +758,10 @@ class Coordinator:
     def _close(self, now: float) -> list[Action]:
         current = self._require_round()
         self._move(Step.ROUND_CLOSED)
+        guess = None
         if current.pending:
             current.policy_decisions += len(current.pending)
-            self._decide_pending(current)
+            guess = self._decide_pending(current)
         quorum = self.settings.quorum_count(current.phase)
         if len(current.reported) < quorum:
             self._move(Step.QUORUM_MISSED)
@@ -688,14 +771,25 @@ class Coordinator:
             self._move(Step.QUORUM_MET)
             self._move(Step.COMMITTED)
             return [RoundClosed(self._summary(now, committed=True))]
-        return self._aggregate_and_commit(current, now)
+        return self._aggregate_and_commit(current, now, guess=guess)
 
     def _aggregate_and_commit(
-        self, current: RoundBooks, now: float, *, mean: Vector | None = None
+        self,
+        current: RoundBooks,
+        now: float,
+        *,
+        mean: Vector | None = None,
+        guess: Guess | None = None,
     ) -> list[Action]:
-        """Step the model by the aggregate (or by the secure ``mean``) and commit it."""
+        """Step the model by the aggregate (or by the secure ``mean``, or by the ``guess``
+        made while the policy decided) and commit it."""
         try:
-            delta = self.strategy.aggregator.finalize(current.aggregation) if mean is None else mean
+            if mean is not None:
+                delta = mean
+            elif guess is not None and guess.delta is not None:
+                delta = guess.delta
+            else:
+                delta = self.strategy.aggregator.finalize(current.aggregation)
             if self.privacy is not None and mean is None:  # the mean of n updates, times n
                 total = delta.astype(np.float64) * len(current.reported)
                 delta = self._private_mean(total, float(current.unclipped))
@@ -712,14 +806,11 @@ class Coordinator:
         self._move(Step.QUORUM_MET)
         self.parameters = self.parameters.with_vector(vector)
         self.optimizer_state = optimizer_state
-        # the updates stacked once for both measures (a copy of the round's updates)
-        counted = None
-        if current.counted and (self.divergence is not None or self.drift is not None):
-            counted = counted_updates(current)
-        current.divergence = round_divergence(
-            current, delta, rule=self.divergence, seed=self.seed, counted=counted
-        )
-        current.drift = round_drift(current, rule=self.drift, seed=self.seed, counted=counted)
+        if guess is None:
+            guess = Guess()
+            guess.measure(self, current, delta)
+        counted = guess.counted
+        current.divergence, current.drift = guess.divergence, guess.drift
         if self.splitting:
             self._split(current, delta, counted)
         current.counted, current.counted_weights = [], []  # measured: the books let go of them

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,9 +59,20 @@ class Submission:
 
 
 class UpdatePolicy(Protocol):
-    """The engine's view of the policy: a decision on each submission, in order."""
+    """The engine's view of the policy: a decision on each submission, in order.
 
-    def decide(self, round_number: int, submissions: Sequence[Submission]) -> list[Decision]: ...
+    ``meanwhile``: the engine's work that needs no decision (what the round computes if every
+    update is allowed); a policy runs it once, on the calling thread, while it decides, and
+    raises its exception, if any, once it has decided.
+    """
+
+    def decide(
+        self,
+        round_number: int,
+        submissions: Sequence[Submission],
+        *,
+        meanwhile: Callable[[], object] | None = None,
+    ) -> list[Decision]: ...
 
 
 def sealed_submission(
@@ -121,9 +132,18 @@ class RunPolicy:
         self.clients = ClientRegistry(database)
         self.log = PolicyDecisionLog(database, granularity_s=granularity_s)
 
-    def decide(self, round_number: int, submissions: Sequence[Submission]) -> list[Decision]:
-        """Decide on ``submissions`` in one query and log every decision first."""
+    def decide(
+        self,
+        round_number: int,
+        submissions: Sequence[Submission],
+        *,
+        meanwhile: Callable[[], object] | None = None,
+    ) -> list[Decision]:
+        """Decide on ``submissions`` in one query and log every decision first; ``meanwhile``
+        runs during the query (:meth:`PolicyEngine.decide`)."""
         if not submissions:
+            if meanwhile is not None:
+                meanwhile()
             return []
         ids = [submission.client_id for submission in submissions]
         profiles = self.clients.profiles(ids)
@@ -138,7 +158,7 @@ class RunPolicy:
             )
             for submission in submissions
         ]
-        decisions = self.engine.decide(round_number, batch)
+        decisions = self.engine.decide(round_number, batch, meanwhile=meanwhile)
         self.log.record([self._logged(decision, round_number) for decision in decisions])
         for decision in decisions:
             if not decision.allowed:

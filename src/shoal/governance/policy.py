@@ -30,6 +30,7 @@ import re
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,12 +172,22 @@ class PolicyEngine:
                 raise ConfigError(f"the policy does not compile: {_rego_message(exc)}") from None
         if not self._bundle.ok():
             raise ConfigError("the policy does not compile into a bundle")
+        self._thread: ThreadPoolExecutor | None = None  # for queries beside a caller's work
         _LIVE.add(self)
 
     def close(self) -> None:
         """Free the compiled policy now (at exit, regopy could no longer free it itself)."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
         self.__dict__.pop("_bundle", None)
         self.__dict__.pop("_interpreter", None)
+
+    def _querier(self) -> ThreadPoolExecutor:
+        """The engine's own thread for queries beside the caller's work (made on first use)."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-policy")
+        return self._thread
 
     @classmethod
     def from_config(cls, section: PolicySection) -> PolicyEngine | None:
@@ -190,15 +201,32 @@ class PolicyEngine:
         )
         return cls(bounds=bounds, files=section.files)
 
-    def decide(self, round_number: int, batch: Sequence[UpdateFacts]) -> list[Decision]:
-        """The decision on each update of ``batch``, in order, in queries of up to ``CHUNK``."""
+    def decide(
+        self,
+        round_number: int,
+        batch: Sequence[UpdateFacts],
+        *,
+        meanwhile: Callable[[], object] | None = None,
+    ) -> list[Decision]:
+        """The decision on each update of ``batch``, in order, in queries of up to ``CHUNK``.
+
+        ``meanwhile``: work of the caller's that needs no decision, run on this thread while
+        the first query runs on the engine's own (rego-cpp evaluates without Python's lock,
+        so the two use two cores); its exception, if any, is raised once the query is done.
+        """
         decisions: list[Decision] = []
         for start in range(0, len(batch), CHUNK):
-            decisions += self._decide(round_number, batch[start : start + CHUNK])
+            chunk = batch[start : start + CHUNK]
+            decisions += self._decide(round_number, chunk, meanwhile if start == 0 else None)
         return decisions
 
-    def _decide(self, round_number: int, batch: Sequence[UpdateFacts]) -> list[Decision]:
-        found = self._query(self.input_of(round_number, batch))
+    def _decide(
+        self,
+        round_number: int,
+        batch: Sequence[UpdateFacts],
+        meanwhile: Callable[[], object] | None = None,
+    ) -> list[Decision]:
+        found = self._query(self.input_of(round_number, batch), meanwhile)
         reasons: list[list[Reason]] = [[] for _ in batch]
         problem = None
         if isinstance(found, str):
@@ -226,10 +254,25 @@ class PolicyEngine:
             document[column] = _REGO_VALUES.get(column, list)(values)
         return document
 
-    def _query(self, document: Mapping[str, Any]) -> list[Any] | str:
-        """The ``deny`` entries for ``document``, or why the query failed."""
+    def _query(
+        self, document: Mapping[str, Any], meanwhile: Callable[[], object] | None = None
+    ) -> list[Any] | str:
+        """The ``deny`` entries for ``document``, or why the query failed; ``meanwhile`` runs
+        on this thread during the query (see :meth:`decide`)."""
+        # the input is built here: each value is a call into rego-cpp, which on the other
+        # thread would wait for Python's lock after every one while ``meanwhile`` holds it
         self._interpreter.set_input(regopy.Input(document))
-        output = self._interpreter.query_bundle_entrypoint(self._bundle, ENTRYPOINT)
+        if meanwhile is None:
+            output = self._interpreter.query_bundle_entrypoint(self._bundle, ENTRYPOINT)
+        else:
+            # one call into rego-cpp: it gives Python's lock up until the query is done
+            query = self._querier().submit(
+                self._interpreter.query_bundle_entrypoint, self._bundle, ENTRYPOINT
+            )
+            try:
+                meanwhile()
+            finally:  # the interpreter is used by one thread at a time: wait for it
+                output = query.result()
         # read the result while ``output`` is referenced: it owns the memory behind it
         if not output.ok():
             return f"the policy query failed: {str(output).strip().splitlines()[0]:.200}"
@@ -340,6 +383,7 @@ def _quiet_stdout() -> Iterator[None]:
 
 
 _STDOUT = 1  # the C++ library writes to the descriptor, whatever Python's sys.stdout is
+
 
 def rego_json(value: Any) -> str:
     """``value`` (dicts, lists, texts, numbers, flags, None) as JSON text that rego-cpp reads.
