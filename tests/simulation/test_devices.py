@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shoal.config import DeviceClass, DevicesSection
+from shoal.simulation import devices as devices_module
 from shoal.simulation.devices import DeviceFleet
 
 IDS = [f"client-{index:05d}" for index in range(200)]
@@ -79,3 +80,20 @@ def test_slow_devices_straggle_past_the_deadline_unless_partial_work_is_allowed(
     partial = plan(fleet(classes=snail, speed_jitter=0.0, straggler_policy="partial"), examples=500)
     assert dropped.arrives_at > 110.0  # type: ignore[attr-defined]
     assert partial.arrives_at <= 110.0 and partial.epochs < 1.0  # type: ignore[attr-defined]
+
+
+def test_an_attempt_with_nothing_to_draw_makes_no_generator_and_plans_as_one_that_draws(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    quiet = fleet(speed_jitter=0.0)  # no dropout, no paper stragglers, no jitter
+    drawing = fleet(  # a dropout no draw in a thousand rounds meets: the generator is made
+        speed_jitter=0.0,
+        classes=[DeviceClass(name="phone", share=1.0, examples_per_second=10, dropout=1e-300)],
+    )
+    expected = [plan(drawing, client, round_number=r) for client in IDS[:20] for r in (1, 2)]
+    made: list[object] = []
+    original = devices_module.round_rng
+    monkeypatch.setattr(devices_module, "round_rng", lambda **kw: made.append(kw) or original(**kw))
+    assert [plan(quiet, client, round_number=r) for client in IDS[:20] for r in (1, 2)] == expected
+    assert made == []  # nothing random about these attempts
+    assert plan(drawing) == expected[0] and len(made) == 1

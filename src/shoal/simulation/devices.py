@@ -156,9 +156,12 @@ class DeviceFleet:
     ) -> Attempt:
         """When the client's update arrives, with how much work, or whether it drops."""
         rng, device = self._behaviour(client_id, round_number)
-        dropped = bool(rng.random() < device.dropout)
-        paper_straggler = bool(rng.random() < self.settings.straggler_fraction)
-        paper_share = float(rng.uniform(_MIN_PARTIAL_SHARE, 1.0))
+        dropped = paper_straggler = False
+        paper_share = 1.0
+        if rng is not None:
+            dropped = bool(rng.random() < device.dropout)
+            paper_straggler = bool(rng.random() < self.settings.straggler_fraction)
+            paper_share = float(rng.uniform(_MIN_PARTIAL_SHARE, 1.0))
         speed = self._speed(client_id, device, rng)
         if dropped:
             return Attempt(client_id, None, epochs, dropped=True, straggler=False)
@@ -199,7 +202,7 @@ class DeviceFleet:
     ) -> Attempt:
         """When the client's evaluation arrives, or whether it drops."""
         rng, device = self._behaviour(client_id, round_number)
-        if rng.random() < device.dropout:
+        if rng is not None and rng.random() < device.dropout:
             return Attempt(client_id, None, 0.0, dropped=True, straggler=False)
         speed = self._speed(client_id, device, rng)
         download = device.latency_s + model_bytes * 8 / (device.download_mbps * 1e6)
@@ -209,21 +212,26 @@ class DeviceFleet:
 
     def _behaviour(
         self, client_id: str, round_number: int
-    ) -> tuple[np.random.Generator, DeviceClass]:
+    ) -> tuple[np.random.Generator | None, DeviceClass]:
+        """The client's device class, and the generator of its draws in the round: None where
+        no draw could decide anything (no dropout, no paper stragglers, no speed jitter: each
+        draw would be compared with 0 or not made), since making one cost more than the plan."""
+        device = self.device_class(client_id)
+        if not (device.dropout or self.settings.straggler_fraction or self.settings.speed_jitter):
+            return None, device
         rng = round_rng(
             seed=self.seed,
             round_number=round_number,
             stream=Stream.DEVICE_BEHAVIOUR,
             client_id=client_id,
         )
-        return rng, self.device_class(client_id)
+        return rng, device
 
-    def _speed(self, client_id: str, device: DeviceClass, rng: np.random.Generator) -> float:
-        jitter = (
-            float(rng.lognormal(0.0, self.settings.speed_jitter))
-            if self.settings.speed_jitter
-            else 1.0
-        )
+    def _speed(self, client_id: str, device: DeviceClass, rng: np.random.Generator | None) -> float:
+        jitter = 1.0
+        if self.settings.speed_jitter:
+            assert rng is not None  # made wherever a jitter is drawn
+            jitter = float(rng.lognormal(0.0, self.settings.speed_jitter))
         factor = float(self._factors[self.position(client_id)])
         return device.examples_per_second * factor / jitter
 
