@@ -10,8 +10,16 @@ import threadpoolctl
 
 from shoal.apps.builtin import DataScenario
 from shoal.client.api import Client, EvaluateConfig, FitConfig
+from shoal.coordinator.selection import client_key
 from shoal.core import MissingExtraError
-from shoal.simulation.executor import Job, ProcessExecutor, SerialExecutor, make_executor, run_job
+from shoal.simulation.executor import (
+    Job,
+    ProcessExecutor,
+    SerialExecutor,
+    make_executor,
+    run_job,
+    split_by_worker,
+)
 from support.jobs import bare_config
 
 
@@ -90,3 +98,25 @@ def test_ray_backend_without_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
     with pytest.raises(MissingExtraError, match=r"pip install 'shoal\[ray\]'"):
         make_executor(broken_factory, workers=2, backend="ray")
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_a_batch_splits_into_even_chunks_each_client_on_its_own_worker_while_it_has_room(
+    workers: int,
+) -> None:
+    for size in (1, 7, 10, 100):
+        jobs = [Job(f"client-{index:04d}", FitConfig(round=1)) for index in range(0, 3 * size, 3)]
+        chunks = split_by_worker(jobs, workers=workers)
+        assert sorted(job.client_id for chunk in chunks for job in chunk) == sorted(
+            job.client_id for job in jobs
+        )  # each job once
+        room = -(-size // workers)
+        assert all(len(chunk) <= room for chunk in chunks)
+        homes = [client_key(job.client_id) % workers for job in jobs]
+        at_home = sum(
+            client_key(job.client_id) % workers == index
+            for index, chunk in enumerate(chunks)
+            for job in chunk
+        )
+        # only the jobs past their own worker's room moved
+        assert at_home == sum(min(homes.count(index), room) for index in range(workers))

@@ -133,11 +133,24 @@ _worker_factory: ClientFactory | None = None
 
 
 def split_by_worker(jobs: Sequence[Job], *, workers: int) -> list[list[Job]]:
-    """One chunk per worker; a client always lands on the same worker, so each
-    worker builds and caches the data of its own share of the population only."""
+    """One chunk per worker, none longer than an even share (rounded up). A client lands on
+    its own worker (its key modulo the workers) while that worker has room, so that each
+    worker builds and caches the data of its own share of the population, give or take a
+    few; the jobs past a worker's room (its last ones) go to the workers with room.
+
+    A round's cohort falls unevenly on the workers' shares (ten clients on two workers: six
+    or more on one in three rounds of four), and the round waits for the longest chunk:
+    a client's data built twice, once in a while, costs less."""
     chunks: list[list[Job]] = [[] for _ in range(workers)]
     for job in jobs:
         chunks[client_key(job.client_id) % workers].append(job)
+    room = -(-len(jobs) // workers)
+    surplus = [job for chunk in chunks for job in chunk[room:]]
+    for chunk in chunks:
+        del chunk[room:]
+    for chunk in chunks:
+        while surplus and len(chunk) < room:
+            chunk.append(surplus.pop(0))
     return chunks
 
 
