@@ -29,6 +29,7 @@ from shoal.coordinator import (
     SendFitTask,
     StartRound,
     UpdateReceived,
+    round_summary,
 )
 from shoal.coordinator.events import Authentication
 from shoal.coordinator.policy import Submission, UpdatePolicy
@@ -571,3 +572,32 @@ def test_the_engines_work_runs_beside_the_query_once_on_the_callers_thread() -> 
         engine.decide(1, batch, meanwhile=broken)
     assert engine.decide(1, batch[:3]) == decisions[:3]  # the interpreter is free again
     engine.close()
+
+
+def test_a_measure_that_breaks_on_a_denied_update_never_fails_the_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the work beside the policy's query sees every update, the denied ones too: a measure
+    # that cannot take a hostile one must cost that work, never the round
+    real = round_summary.measure_drift
+
+    def fragile(names: Sequence[str], updates: np.ndarray, **options: object) -> object:
+        if np.abs(updates).max() > 1e20:
+            raise np.linalg.LinAlgError("did not converge")
+        return real(names, updates, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(round_summary, "measure_drift", fragile)
+    rng = np.random.default_rng(5)
+    values = [rng.normal(size=SIZE).astype(np.float32) for _ in range(6)]
+    values[4] = np.full(SIZE, 1e30, np.float32)  # denied: above the norm bound
+    model, summary = measured(FactsPolicy(), values)
+    unhurried, expected = measured(UnhurriedPolicy(), values)  # never guesses
+    assert (
+        summary.committed
+        and summary.failed == 1
+        and "l2_norm_above_bound" in (summary.policy_denied)
+    )
+    assert summary.drift is not None and summary.drift.available
+    assert len(summary.drift.clients) == 5  # measured on the allowed updates alone
+    np.testing.assert_array_equal(model, unhurried)
+    assert summary == expected

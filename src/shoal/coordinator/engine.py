@@ -521,17 +521,20 @@ class Coordinator:
         self, current: RoundBooks, pending: Sequence[tuple[str, PendingUpdate]], guess: Guess
     ) -> None:
         """The round's aggregate, divergence and drift as though every pending update were
-        allowed (into ``guess``; nothing where aggregating fails: the round meets the failure
-        again on its own path, and says so)."""
+        allowed (into ``guess``). A guess never fails the round: it also holds the updates the
+        policy will deny, which the round's own path never sees, so any error leaves it empty,
+        and the round works on the allowed updates alone (meeting any failure of theirs there,
+        and saying so)."""
         try:
             for client_id, entry in pending:
                 self._accumulate(
                     current, client_id, entry.update, entry.num_examples, entry.metrics
                 )
             delta = self.strategy.aggregator.finalize(current.aggregation)
-        except StrategyError:
-            return
-        guess.measure(self, current, delta)
+            guess.measure(self, current, delta)
+        except Exception as exc:  # the round's own path decides what an error means
+            log.debug("round %d: the work beside the policy failed: %s", current.number, exc)
+            guess.delta = None
 
     def _deny(self, current: RoundBooks, decision: Decision) -> None:
         """A denied update: its client failed the round, counted under each reason's code."""
