@@ -8,6 +8,9 @@ Every rule has the same small interface, with explicit state::
     aggregate = rule.finalize(state)
 
 A state is consumed by the call that takes it: keep only the returned one.
+A rule keeps nothing outside its states: the round engine may fold a round's
+updates into a state while its policy decides on them, and throw that state
+away (with every update it took) when the policy denies one.
 ``WeightedMean`` streams in O(P) memory: its running sum is updated in place
 and ``finalize`` divides it in place, so reusing a consumed state raises
 StrategyError rather than counting an update twice. The robust rules buffer
