@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -11,7 +12,7 @@ import threadpoolctl
 from shoal.apps.builtin import DataScenario
 from shoal.client.api import Client, EvaluateConfig, FitConfig
 from shoal.coordinator.selection import client_key
-from shoal.core import MissingExtraError
+from shoal.core import MissingExtraError, Parameters
 from shoal.simulation.executor import (
     Job,
     ProcessExecutor,
@@ -21,6 +22,7 @@ from shoal.simulation.executor import (
     split_by_worker,
 )
 from support.jobs import bare_config
+from support.whereabouts import WhereaboutsClient
 
 
 def broken_factory(client_id: str) -> Client:
@@ -120,3 +122,25 @@ def test_a_batch_splits_into_even_chunks_each_client_on_its_own_worker_while_it_
         )
         # only the jobs past their own worker's room moved
         assert at_home == sum(min(homes.count(index), room) for index in range(workers))
+
+
+def test_a_pool_of_n_trains_on_n_minus_one_workers_and_this_process_each_chunk_on_its_own() -> None:
+    parameters = Parameters.from_arrays([np.zeros(3, np.float32)])
+    jobs = [Job(f"client-{index:03d}", FitConfig(round=1)) for index in range(30)]
+    pool = ProcessExecutor(WhereaboutsClient, workers=3)
+    try:
+        # chunk k runs on worker k every time (this process is chunk 0), never on whichever
+        # worker is free: each worker caches the data of its own share
+        placements = []
+        for batch in (jobs, jobs[::-1], jobs[:7]):
+            pids = {o.client_id: o.metrics["pid"] for o in pool.run(parameters, batch)}
+            chunks = split_by_worker(batch, workers=3)
+            placements.append([{pids[job.client_id] for job in chunk} for chunk in chunks])
+    finally:
+        pool.close()
+    first = placements[0]
+    assert all(len(where) == 1 for where in first) and len(set.union(*first)) == 3
+    assert first[0] == {float(os.getpid())}
+    assert placements[1] == first and placements[2] == first
+    with pytest.raises(ValueError, match="2 or more workers"):
+        ProcessExecutor(WhereaboutsClient, workers=1)
