@@ -8,6 +8,7 @@ own seed, so serial and parallel runs are bit-for-bit identical.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import sys
@@ -145,12 +146,11 @@ def split_by_worker(jobs: Sequence[Job], *, workers: int) -> list[list[Job]]:
     for job in jobs:
         chunks[client_key(job.client_id) % workers].append(job)
     room = -(-len(jobs) // workers)
-    surplus = [job for chunk in chunks for job in chunk[room:]]
+    surplus = iter([job for chunk in chunks for job in chunk[room:]])
     for chunk in chunks:
         del chunk[room:]
     for chunk in chunks:
-        while surplus and len(chunk) < room:
-            chunk.append(surplus.pop(0))
+        chunk.extend(itertools.islice(surplus, room - len(chunk)))
     return chunks
 
 
