@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -571,6 +572,38 @@ def test_the_engines_work_runs_beside_the_query_once_on_the_callers_thread() -> 
     with pytest.raises(RuntimeError, match="own bug"):
         engine.decide(1, batch, meanwhile=broken)
     assert engine.decide(1, batch[:3]) == decisions[:3]  # the interpreter is free again
+    engine.close()
+
+
+class _Watched:
+    """A policy engine's interpreter that notes when a query went in."""
+
+    def __init__(self, interpreter: Any, entered: list[str]) -> None:
+        self.interpreter, self.entered = interpreter, entered
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.interpreter, name)
+
+    def query_bundle_entrypoint(self, *args: Any) -> Any:
+        self.entered.append("query")
+        return self.interpreter.query_bundle_entrypoint(*args)
+
+
+def test_the_caller_hands_over_until_a_query_that_takes_the_longer_has_started() -> None:
+    # busy with its own work, the caller would keep Python's lock and the query would start
+    # late; when the query was the longer last time, the caller waits until it is in rego-cpp
+    engine = PolicyEngine()
+    batch = [facts_for(f"c{index}", l2_norm=float(index)) for index in range(20)]
+    entered: list[str] = []
+    engine._interpreter = _Watched(engine._interpreter, entered)  # type: ignore[assignment]
+    engine.decide(1, batch, meanwhile=lambda: None)  # the engine's thread exists from now on
+    for _ in range(5):
+        entered.clear()
+        engine._last_query_s, engine._last_meanwhile_s = 1.0, 0.0
+        engine.decide(1, batch, meanwhile=lambda: entered.append("meanwhile"))
+        assert entered == ["query", "meanwhile"]
+        # each side's time is kept for the next decision
+        assert 0 < engine._last_query_s < 1.0 and engine._last_meanwhile_s > 0
     engine.close()
 
 
