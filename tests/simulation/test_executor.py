@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import threadpoolctl
 from shoal.apps.builtin import DataScenario
 from shoal.client.api import Client, EvaluateConfig, FitConfig
 from shoal.coordinator.selection import client_key
-from shoal.core import MissingExtraError, Parameters
+from shoal.core import MissingExtraError, Parameters, RunError
 from shoal.simulation.executor import (
     Job,
     ProcessExecutor,
@@ -22,7 +24,7 @@ from shoal.simulation.executor import (
     split_by_worker,
 )
 from support.jobs import bare_config
-from support.whereabouts import WhereaboutsClient
+from support.whereabouts import DiesAwayFromHome, ParentClient, Unloadable, WhereaboutsClient
 
 
 def broken_factory(client_id: str) -> Client:
@@ -144,3 +146,53 @@ def test_a_pool_of_n_trains_on_n_minus_one_workers_and_this_process_each_chunk_o
     assert placements[1] == first and placements[2] == first
     with pytest.raises(ValueError, match="2 or more workers"):
         ProcessExecutor(WhereaboutsClient, workers=1)
+
+
+def test_a_worker_that_dies_mid_chunk_stops_the_batch_with_its_exit_code() -> None:
+    parameters = Parameters.from_arrays([np.zeros(3, np.float32)])
+    jobs = [Job(f"client-{index:03d}", FitConfig(round=1)) for index in range(6)]
+    pool = ProcessExecutor(DiesAwayFromHome(home=os.getpid()), workers=2)
+    try:
+        with pytest.raises(RunError, match=r"exited with code 3 .*simulation.workers = 0"):
+            pool.run(parameters, jobs)
+    finally:
+        pool.close()  # returns: nothing waits on the dead worker
+
+
+def test_an_app_that_does_not_load_in_a_worker_is_one_error_naming_why() -> None:
+    with pytest.raises(RunError, match="worker process failed: ImportError: no module named"):
+        ProcessExecutor(Unloadable(), workers=3)
+
+
+def test_a_client_in_a_worker_may_start_processes_of_its_own() -> None:
+    parameters = Parameters.from_arrays([np.zeros(3, np.float32)])
+    jobs = [Job(f"client-{index:03d}", FitConfig(round=1)) for index in range(6)]
+    pool = ProcessExecutor(ParentClient, workers=2)
+    try:
+        outcomes = pool.run(parameters, jobs)
+    finally:
+        pool.close()
+    assert {outcome.metrics.get("pid") for outcome in outcomes} > {float(os.getpid())}
+    assert all(outcome.error is None and outcome.metrics["exit"] == 0 for outcome in outcomes)
+
+
+def test_python_exits_with_a_pool_left_open() -> None:
+    script = (
+        "import numpy as np\n"
+        "from shoal.client.api import FitConfig\n"
+        "from shoal.core import Parameters\n"
+        "from shoal.simulation.executor import Job, ProcessExecutor\n"
+        "from support.whereabouts import WhereaboutsClient\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessExecutor(WhereaboutsClient, workers=3)\n"
+        "    parameters = Parameters.from_arrays([np.zeros(3, np.float32)])\n"
+        "    jobs = [Job(f'c{i}', FitConfig(round=1)) for i in range(9)]\n"
+        "    print(len(pool.run(parameters, jobs)))  # and no close\n"
+    )
+    tests = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["9"]
