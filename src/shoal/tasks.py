@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.core.errors import ClientError, ProtocolError
+from shoal.core.pickling import pickled_by_fields
 from shoal.registry import VersionSignature
 from shoal.secure.messages import ServerRequest, Stage
 from shoal.secure.serde import FitRequest
@@ -64,6 +65,7 @@ def check_round(round_number: int) -> None:
         raise ProtocolError(f"round numbers start at 0, got {round_number}")
 
 
+@pickled_by_fields  # a simulation sends one per client and round to its workers
 @dataclass(frozen=True, slots=True)
 class FitConfig:
     """What the coordinator asks of one client in one training round.
@@ -92,6 +94,7 @@ class FitConfig:
             raise ClientError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
 
 
+@pickled_by_fields  # a simulation sends one per client and round to its workers
 @dataclass(frozen=True, slots=True)
 class EvaluateConfig:
     """What the coordinator asks of one client in one evaluation round."""

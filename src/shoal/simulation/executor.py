@@ -32,6 +32,7 @@ from shoal.client.handler import run_evaluate, run_fit
 from shoal.coordinator.selection import client_key
 from shoal.core.errors import RunError
 from shoal.core.parameters import Layout, Parameters, Vector
+from shoal.core.pickling import pickled_by_fields
 from shoal.forkserver import forkserver_context
 from shoal.simulation.population import packed, unpacked
 
@@ -40,6 +41,7 @@ log = logging.getLogger("shoal.simulation")
 ClientFactory = Callable[[str], Client]
 
 
+@pickled_by_fields  # to and from the workers, each round
 @dataclass(frozen=True, slots=True)
 class Job:
     """One client's task: train with a FitConfig or evaluate with an EvaluateConfig.
@@ -53,6 +55,7 @@ class Job:
     seeded_noise: bool = False
 
 
+@pickled_by_fields  # to and from the workers, each round
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """One client's answer: an update, or a loss, or the error it raised."""
