@@ -12,6 +12,7 @@ from shoal.coordinator.events import Authentication
 from shoal.coordinator.policy import RunPolicy, Submission, relative_norms
 from shoal.core.device import DeviceState
 from shoal.governance import PolicyEngine
+from shoal.governance.pseudonyms import Pseudonyms
 from shoal.registry import (
     ClientRegistry,
     ClientStatus,
@@ -77,6 +78,33 @@ def test_every_decision_is_logged_with_its_facts(database: Database) -> None:
     assert [(d.client_id, d.allowed) for d in logged] == [("phone-1", True), ("tablet-1", False)]
     assert [code for code, _ in logged[1].reasons] == ["client_not_active", "l2_norm_above_bound"]
     assert logged[1].facts["l2_norm"] == 1e9 and logged[1].facts["signature"] == "verified"
+
+
+def test_the_log_entries_made_beside_the_query_are_the_ones_made_after_it(
+    tmp_path: Path, database: Database
+) -> None:
+    # with work of the caller's beside the query, each decision's log entry (the client's
+    # pseudonym, its facts encoded) is made there too: the same log as without it
+    batch = [submitted("phone-1"), submitted("tablet-1", norm=1e9), submitted("ghost")]
+    logs = []
+    for run_id, beside in (("after", None), ("beside", lambda: None)):
+        policy = run_policy(database)
+        policy.names = Pseudonyms(b"k" * 32, run_id="run-1")
+        policy.run_id = run_id
+        policy.decide(3, batch, meanwhile=beside)
+        logs.append(PolicyDecisionLog(database).decisions(policy.run_id))
+    after, made_beside = logs
+    assert [(d.client_id, d.allowed, d.reasons, d.facts) for d in made_beside] == [
+        (d.client_id, d.allowed, d.reasons, d.facts) for d in after
+    ]
+    assert made_beside[0].client_id.startswith("p-") and made_beside[0].facts["l2_norm"] == 1.0
+
+    def broken() -> None:
+        raise RuntimeError("the engine's own bug")
+
+    with pytest.raises(RuntimeError, match="own bug"):  # raised after the query, nothing logged
+        run_policy(database).decide(3, batch, meanwhile=broken)
+    assert len(PolicyDecisionLog(database).decisions("run-1")) == 0
 
 
 def test_a_sealed_update_is_decided_on_its_protocol_bounds(database: Database) -> None:

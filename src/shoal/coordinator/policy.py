@@ -21,7 +21,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from shoal.config import VersionsSection
 from shoal.coordinator.eligibility import requirements_of
@@ -33,7 +33,7 @@ from shoal.governance.pseudonyms import Names
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import ClientRegistry, Database, DecisionRecord
 from shoal.registry.clients import ClientProfile
-from shoal.registry.decisions import PolicyDecisionLog
+from shoal.registry.decisions import PolicyDecisionLog, facts_json
 from shoal.registry.versioning import Requirement, unmet_requirements
 
 log = logging.getLogger("shoal.policy")
@@ -108,6 +108,26 @@ def relative_norms(norms: Sequence[float]) -> list[float | None]:
     return [norm / median for norm in norms]
 
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """A decision's log entry before its verdict (see :meth:`RunPolicy.decide`)."""
+
+    client_id: str  # as the log names it
+    facts: dict[str, Any]
+    facts_json: str
+
+    def judged(self, decision: Decision, *, run_id: str, round_number: int) -> DecisionRecord:
+        return DecisionRecord(
+            run_id=run_id,
+            round=round_number,
+            client_id=self.client_id,
+            allowed=decision.allowed,
+            reasons=tuple((reason.code, reason.detail) for reason in decision.reasons),
+            facts=self.facts,
+            facts_json=self.facts_json,
+        )
+
+
 class RunPolicy:
     """The policy of one run over its registry database; see the module docstring."""
 
@@ -158,8 +178,25 @@ class RunPolicy:
             )
             for submission in submissions
         ]
-        decisions = self.engine.decide(round_number, batch, meanwhile=meanwhile)
-        self.log.record([self._logged(decision, round_number) for decision in decisions])
+        entries: list[_Entry] = []
+        beside = None
+        if meanwhile is not None:  # the log's side of each decision, made beside the query too
+
+            def beside() -> None:
+                try:
+                    meanwhile()
+                finally:
+                    entries[:] = [self._entry(facts, round_number) for facts in batch]
+
+        decisions = self.engine.decide(round_number, batch, meanwhile=beside)
+        if not entries:
+            entries = [self._entry(facts, round_number) for facts in batch]
+        self.log.record(
+            [
+                entry.judged(decision, run_id=self.run_id, round_number=round_number)
+                for entry, decision in zip(entries, decisions, strict=True)
+            ]
+        )
         for decision in decisions:
             if not decision.allowed:
                 reasons = "; ".join(str(reason) for reason in decision.reasons)
@@ -171,21 +208,15 @@ class RunPolicy:
                 )
         return decisions
 
-    def _logged(self, decision: Decision, round_number: int) -> DecisionRecord:
-        """A decision as the log keeps it: the client under its round's pseudonym."""
-        facts = decision.facts.as_record()
-        name = decision.client_id
+    def _entry(self, facts: UpdateFacts, round_number: int) -> _Entry:
+        """An update's decision as the log keeps it, but for the verdict: the client under its
+        round's pseudonym, the facts encoded."""
+        record = facts.as_record()
+        name = facts.client_id
         if self.names is not None:
-            name = self.names.of(decision.client_id, round_number=round_number)
-            facts = {**facts, "client_id": name}
-        return DecisionRecord(
-            run_id=self.run_id,
-            round=round_number,
-            client_id=name,
-            allowed=decision.allowed,
-            reasons=tuple((reason.code, reason.detail) for reason in decision.reasons),
-            facts=facts,
-        )
+            name = self.names.of(facts.client_id, round_number=round_number)
+            record["client_id"] = name
+        return _Entry(name, record, facts_json(record))
 
     def _facts(
         self,

@@ -38,6 +38,7 @@ class DecisionRecord:
     reasons: tuple[tuple[str, str], ...] = ()
     facts: Mapping[str, Any]
     decided_at: datetime | None = None
+    facts_json: str | None = None  # ``facts`` as strict JSON already (written as it is)
 
     def __post_init__(self) -> None:
         if self.allowed == bool(self.reasons):
@@ -69,7 +70,9 @@ class PolicyDecisionLog:
                 "client_id": record.client_id,
                 "allowed": record.allowed,
                 "reasons": _reasons_json(record.reasons),
-                "facts": EncodedJSON(_facts_json(record.facts)),
+                "facts": EncodedJSON(
+                    facts_json(record.facts) if record.facts_json is None else record.facts_json
+                ),
                 "decided_at": record.decided_at or now,
             }
             for record in records
@@ -138,7 +141,7 @@ def _reasons_json(reasons: Sequence[tuple[str, str]]) -> EncodedJSON:
     return EncodedJSON(strict_json(_reasons_list(reasons))) if reasons else _NO_REASONS
 
 
-def _facts_json(facts: Mapping[str, Any]) -> str:
+def facts_json(facts: Mapping[str, Any]) -> str:
     """The facts column's text: strict JSON as it stands, else :func:`_finite_json`'s.
 
     Facts nearly always encode as they are; cleaning them first cost more than encoding
