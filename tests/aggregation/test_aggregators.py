@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Sequence
 
@@ -166,6 +167,23 @@ def test_trimmed_mean_drops_floor_of_ratio_times_n_from_each_side() -> None:
 def test_median_of_even_count_is_mean_of_the_middle_pair() -> None:
     updates = [np.array([value, -value], np.float32) for value in (4, 1, 3, 2)]
     np.testing.assert_array_equal(aggregate(CoordinateMedian(), updates, [1.0] * 4), [2.5, -2.5])
+
+
+@pytest.mark.parametrize("count", [1, 2, 5, 10, 11, 40])
+def test_the_coordinate_median_is_numpys_bit_for_bit_over_every_column_block(count: int) -> None:
+    rng = np.random.default_rng(count)
+    size = 3 * max(1024, (1 << 20) // count) + 7  # three column blocks and a bit
+    updates = [(rng.normal(size=size) * 10.0 ** rng.integers(-3, 4)).astype(np.float32)]
+    updates += [(rng.normal(size=size) * 10.0 ** rng.integers(-3, 4)).astype(np.float32)
+                for _ in range(count - 1)]  # fmt: skip
+    updates[-1][:100] = updates[0][:100]  # ties
+    expected = np.median(np.stack(updates), axis=0)
+    np.testing.assert_array_equal(aggregate(CoordinateMedian(), updates, [1.0] * count), expected)
+    trimmed = aggregate(TrimmedMean(trim_ratio=0.2), updates, [1.0] * count)
+    kept = np.sort(np.stack(updates).astype(np.float64), axis=0)
+    cut = math.floor(0.2 * count)
+    reference = kept[cut : count - cut].mean(axis=0).astype(np.float32)
+    np.testing.assert_allclose(trimmed, reference, rtol=1e-6)
 
 
 # --- Krum -------------------------------------------------------------------------
