@@ -49,6 +49,7 @@ from sqlalchemy.engine import Connection
 
 from shoal.core.errors import RegistryError
 from shoal.registry.database import Database, lock_name
+from shoal.registry.rows import insert_rows
 from shoal.registry.schema import audit_heads, audit_log
 
 GENESIS_HASH = "0" * 64
@@ -251,10 +252,7 @@ def append_entries(
         }
         prev_hash = entry_hash(**fields)
         entries.append(AuditEntry(**fields, hash=prev_hash))
-    connection.execute(
-        audit_log.insert(),
-        [_row(entry) for entry in entries],
-    )
+    insert_rows(connection, audit_log, [_row(entry) for entry in entries])
     _remember_tail(connection, seq, prev_hash)
     return entries
 
@@ -385,16 +383,14 @@ class AuditLog:
                 signature=signed.signature,
                 signed_at=signed_at,
             )
-            connection.execute(
-                audit_heads.insert(),
-                {
-                    "seq": seq,
-                    "hash": hash,
-                    "key_id": head.key_id,
-                    "signature": head.signature,
-                    "signed_at": signed_at,
-                },
-            )
+            row = {
+                "seq": seq,
+                "hash": hash,
+                "key_id": head.key_id,
+                "signature": head.signature,
+                "signed_at": signed_at,
+            }
+            insert_rows(connection, audit_heads, [row])
             return head
 
 

@@ -22,9 +22,8 @@ from shoal.core.errors import RegistryError
 from shoal.registry.audit import AuditEvent, AuditLog
 from shoal.registry.clients import coarsen, require_aware, utc_now
 from shoal.registry.database import Database, EncodedJSON, strict_json
+from shoal.registry.rows import insert_rows
 from shoal.registry.schema import policy_decisions
-
-_INSERT = policy_decisions.insert()  # built once: building it costs more than a round's rows
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,7 +90,7 @@ class PolicyDecisionLog:
             if not record.allowed
         ]
         with self.database.write() as connection:
-            connection.execute(_INSERT, rows)
+            insert_rows(connection, policy_decisions, rows)
             self.audit.record(connection, denials, now=now)
         return len(rows)
 

@@ -40,6 +40,7 @@ from shoal.registry.audit import AuditEvent, AuditLog
 from shoal.registry.blobs import BlobStore
 from shoal.registry.clients import require_aware, utc_now
 from shoal.registry.database import Database, EncodedJSON, lock_name, strict_json
+from shoal.registry.rows import insert_rows
 from shoal.registry.schema import ModelStatus, model_heads, model_versions
 
 
@@ -216,7 +217,7 @@ class ModelRegistry:
                     "signing_key_id": signed.key_id,
                     "signature": signed.signature,
                 }
-            connection.execute(_INSERT_VERSION, row)
+            insert_rows(connection, model_versions, [row])
             _move_head(connection, name, record.version, created_at)
             details = {"round": round, "parent": head, "sha256": sha256, "status": status.value}
             details["signing_key_id"] = None if signed is None else signed.key_id
@@ -363,7 +364,6 @@ def _fetch(connection: Connection, name: str, version: int) -> ModelRecord:
 _NEWEST = sa.select(sa.func.max(model_versions.c.version)).where(
     model_versions.c.name == sa.bindparam("name")
 )
-_INSERT_VERSION = model_versions.insert()
 _HEAD = sa.select(model_heads.c.version).where(model_heads.c.name == sa.bindparam("name"))
 _MOVE_HEAD = (
     sa.update(model_heads)

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from shoal.core.errors import RegistryError
 from shoal.registry.clients import coarsen, require_aware, utc_now
 from shoal.registry.database import Database
+from shoal.registry.rows import insert_rows
 from shoal.registry.schema import round_participants
 
 _IN_CHUNK = 500  # names per IN (...) list: within every backend's parameter limits
@@ -84,7 +85,7 @@ class ParticipationLog:
             for entry in entries
         ]
         with self.database.write() as connection:
-            connection.execute(round_participants.insert(), rows)
+            insert_rows(connection, round_participants, rows)
         return len(rows)
 
     def round(self, run_id: str, round_number: int) -> list[Participation]:
