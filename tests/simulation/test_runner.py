@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +233,14 @@ def test_the_run_enrolls_its_fleet_and_suspended_clients_are_never_selected(tmp_
     assert later and all(not row["committed"] for row in later)
     assert all("eligible clients" in row["abort_reason"] for row in later)
     assert all(row["selected"] <= 3 for row in later)
+
+
+def test_the_policys_query_thread_ends_with_the_run(tmp_path: Path) -> None:
+    def policy_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("shoal-policy")]
+
+    seen: list[list[str]] = []
+    simulation = Simulation(small("policy.enabled=true"), tmp_path)
+    simulation.run(on_round=lambda row: seen.append(policy_threads()))
+    assert any(seen)  # the query ran beside the round's work, on the engine's thread
+    assert policy_threads() == []

@@ -155,6 +155,11 @@ class RunParts:
         if secure or self.secure is not None:
             check_secure_strategy(self.strategy)
 
+    def release(self) -> None:
+        """Free what the parts hold while rounds run (the policy's query thread)."""
+        if self.policy is not None:
+            self.policy.stop_querier()
+
 
 class Run:
     """One run's lifecycle; see the module docstring.

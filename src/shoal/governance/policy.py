@@ -181,11 +181,16 @@ class PolicyEngine:
 
     def close(self) -> None:
         """Free the compiled policy now (at exit, regopy could no longer free it itself)."""
+        self.stop_querier()
+        self.__dict__.pop("_bundle", None)
+        self.__dict__.pop("_interpreter", None)
+
+    def stop_querier(self) -> None:
+        """End the engine's own thread (a run that is over needs it no more); the next query
+        beside a caller's work starts another."""
         if self._thread is not None:
             self._thread.shutdown(wait=True)
             self._thread = None
-        self.__dict__.pop("_bundle", None)
-        self.__dict__.pop("_interpreter", None)
 
     def _querier(self) -> ThreadPoolExecutor:
         """The engine's own thread for queries beside the caller's work (made on first use)."""

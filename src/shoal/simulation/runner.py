@@ -215,6 +215,7 @@ class Simulation:
             try:
                 records.end_tracking(finished=finished)  # may fail: the registry closes anyway
             finally:
+                self.parts.release()
                 models.database.close()
 
     def _attack_metrics(self) -> AttackMetrics | None:
