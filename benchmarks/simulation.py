@@ -6,7 +6,10 @@ store, metrics log) and times seconds per round once every client's data
 exists (the second half of the run), and over the whole run. The
 baseline is a bare single-process numpy loop doing the same math on data it
 already holds: pick the cohort, run 5 full-batch softmax-regression steps per
-client, average the deltas weighted by examples. A third figure is the time
+client, average the deltas weighted by examples. The bare loop, the simulator
+with its process pool and the simulator in one process run in turn,
+``--sittings`` times; each ratio is the median of the sittings' ratios (each
+sitting's are printed too). A third figure is the time
 from launching ``shoal simulate`` as a fresh process until it prints its
 first round. The cost of the FL telemetry (the fleet figures of ``[telemetry]``
 and the drift projection of ``[drift]``) is the in-process run's seconds per
@@ -182,15 +185,28 @@ def _taking_turns(configs: list[Config]) -> list[list[float]]:
     return gaps
 
 
-def measure(name: str, *, rounds: int, repeats: int = 5) -> dict[str, Any]:
+def measure(name: str, *, rounds: int, repeats: int = 5, sittings: int = 3) -> dict[str, Any]:
     path = EXAMPLES / f"{name}.toml"
     config = load_config(path, [f"run.rounds={rounds}"])
-    per_round, whole_run, first_round = simulator_seconds_per_round(config)
-    serial, _, _ = simulator_seconds_per_round(
-        load_config(path, [f"run.rounds={rounds}", "simulation.workers=0"])
-    )
-    baseline = bare_numpy_seconds_per_round(config, rounds=rounds)
-    with_telemetry, without_telemetry, ratios = telemetry_ratio(
+    serial_config = load_config(path, [f"run.rounds={rounds}", "simulation.workers=0"])
+    # the bare loop, the pool and one process in turn, ``sittings`` times: on a shared machine
+    # whose speed drifts from minute to minute, each sitting's ratio compares runs a few
+    # seconds apart, and the median of the sittings' ratios is the figure
+    pooled: list[float] = []
+    serials: list[float] = []
+    baselines: list[float] = []
+    whole_runs: list[float] = []
+    first_rounds: list[float] = []
+    for _ in range(sittings):
+        baselines.append(bare_numpy_seconds_per_round(config, rounds=rounds))
+        per_round, whole_run, first_round = simulator_seconds_per_round(config)
+        pooled.append(per_round)
+        whole_runs.append(whole_run)
+        first_rounds.append(first_round)
+        serials.append(simulator_seconds_per_round(serial_config)[0])
+    ratios = [run / bare for run, bare in zip(pooled, baselines, strict=True)]
+    serial_ratios = [run / bare for run, bare in zip(serials, baselines, strict=True)]
+    with_telemetry, without_telemetry, telemetry_ratios = telemetry_ratio(
         path, rounds=rounds, repeats=repeats
     )
     return {
@@ -199,17 +215,20 @@ def measure(name: str, *, rounds: int, repeats: int = 5) -> dict[str, Any]:
         "clients": config.data.num_clients,
         "clients_per_round": config.round.clients_per_round,
         "rounds": rounds,
-        "seconds_per_round": round(per_round, 5),
-        "seconds_per_round_including_data_generation": round(whole_run, 5),
-        "seconds_per_round_in_process": round(serial, 5),
-        "bare_numpy_seconds_per_round": round(baseline, 5),
-        "ratio_to_bare_numpy": round(per_round / baseline, 3),
-        "ratio_in_process_to_bare_numpy": round(serial / baseline, 3),
-        "seconds_to_first_round_in_process": round(first_round, 3),
+        "sittings": sittings,
+        "seconds_per_round": round(float(np.median(pooled)), 5),
+        "seconds_per_round_including_data_generation": round(float(np.median(whole_runs)), 5),
+        "seconds_per_round_in_process": round(float(np.median(serials)), 5),
+        "bare_numpy_seconds_per_round": round(float(np.median(baselines)), 5),
+        "ratio_to_bare_numpy": round(float(np.median(ratios)), 3),
+        "ratio_to_bare_numpy_of_each_sitting": [round(ratio, 3) for ratio in ratios],
+        "ratio_in_process_to_bare_numpy": round(float(np.median(serial_ratios)), 3),
+        "ratio_in_process_of_each_sitting": [round(ratio, 3) for ratio in serial_ratios],
+        "seconds_to_first_round_in_process": round(float(np.median(first_rounds)), 3),
         "seconds_per_round_in_process_with_telemetry": round(with_telemetry, 5),
         "seconds_per_round_in_process_without_telemetry": round(without_telemetry, 5),
-        "telemetry_ratio": round(float(np.median(ratios)), 4),
-        "telemetry_ratio_of_each_pair": [round(ratio, 4) for ratio in ratios],
+        "telemetry_ratio": round(float(np.median(telemetry_ratios)), 4),
+        "telemetry_ratio_of_each_pair": [round(ratio, 4) for ratio in telemetry_ratios],
         "seconds_from_launch_to_first_round": round(seconds_to_first_round(path), 3),
     }
 
@@ -221,9 +240,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--workloads", nargs="+", default=["overhead-100", "overhead-1000"])
     parser.add_argument("--repeats", type=int, default=5, help="telemetry on/off pairs")
+    parser.add_argument(
+        "--sittings", type=int, default=3, help="bare loop, pool and one process, in turn"
+    )
     args = parser.parse_args()
     for name in args.workloads:
-        print(json.dumps(measure(name, rounds=args.rounds, repeats=args.repeats)), flush=True)
+        figures = measure(name, rounds=args.rounds, repeats=args.repeats, sittings=args.sittings)
+        print(json.dumps(figures), flush=True)
 
 
 if __name__ == "__main__":
