@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from shoal.core import ConfigError, IntegrityError, NotFoundError, RegistryError
 from shoal.registry import BlobStore
+from shoal.registry import blobs as blobs_module
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -95,3 +97,41 @@ def test_a_local_folder_url_works(tmp_path: Path) -> None:
 def test_an_unknown_protocol_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="cannot open blob store"):
         BlobStore("nosuchprotocol://bucket/blobs")
+
+
+def test_put_soon_names_the_blob_at_once_and_writes_it_on_the_stores_thread(
+    store: BlobStore,
+) -> None:
+    data = b"a version's weights"
+    before = set(threading.enumerate())
+    digest, written = store.put_soon(data)
+    (thread,) = set(threading.enumerate()) - before
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert written is not None
+    written.result()
+    assert store.get(digest) == data
+    again, rewritten = store.put_soon(data)
+    if store.location.startswith("memory://"):
+        assert rewritten is not None  # only a local folder is checked for the blob first
+    else:
+        assert (again, rewritten) == (digest, None)  # held already: nothing to write
+    store.close()
+    assert thread.name.startswith("shoal-blobs") and not thread.is_alive()
+    _, after_close = store.put_soon(b"more")  # a closed store writes on a new thread
+    assert after_close is not None and after_close.result() is None
+    store.close()
+
+
+def test_put_soon_raises_the_writes_error_through_its_future(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(target: str, data: bytes, *, durable: bool) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(blobs_module, "_write_local_file", full)
+    store = BlobStore(tmp_path / "blobs")
+    _, written = store.put_soon(b"weights")
+    assert written is not None
+    with pytest.raises(RegistryError, match="No space left"):
+        written.result()
+    store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ import pytest
 from shoal.core import IntegrityError, NotFoundError, Parameters, RegistryError
 from shoal.governance import ModelSigner, PinnedKey, generate_signing_key, key_id_of
 from shoal.registry import BlobStore, Database, ModelRegistry, ModelStatus, VersionSignature
+from shoal.registry import blobs as blobs_module
 
 NOW = datetime(2026, 3, 20, 10, 0, tzinfo=UTC)
 ARCH = "mlp-v1"
@@ -280,3 +282,43 @@ def test_a_corrupt_blob_is_never_signed(registry: ModelRegistry, blobs: BlobStor
     with pytest.raises(IntegrityError):
         registry.sign("digits", 0, ModelSigner(generate_signing_key(), run_id="r"))
     assert registry.get("digits", 0).signed is None
+
+
+def test_a_commit_returns_once_its_blob_is_written(
+    registry: ModelRegistry, blobs: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write = blobs_module._write_local_file
+
+    def slow(target: str, data: bytes, *, durable: bool) -> None:
+        time.sleep(0.2)  # long after the rows are: the commit must still wait for it
+        write(target, data, durable=durable)
+
+    monkeypatch.setattr(blobs_module, "_write_local_file", slow)
+    record = registry.commit("digits", params(1), round=1, architecture_version=ARCH, now=NOW)
+    assert blobs.exists(record.blob)
+    assert registry.load("digits", record.version).sha256() == params(1).sha256()
+
+
+def test_a_blob_that_cannot_be_written_commits_nothing(
+    registry: ModelRegistry, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = commit(registry, 0)
+
+    def full(target: str, data: bytes, *, durable: bool) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(blobs_module, "_write_local_file", full)
+    with pytest.raises(RegistryError, match="No space left"):
+        commit(registry, 1)
+
+    def round_records() -> None:
+        with database.write():
+            registry.audit.append("select", subject="round 2")
+            commit(registry, 2)
+
+    # inside a round's transaction, the rest of the round's records go with it
+    with pytest.raises(RegistryError, match="No space left"):
+        round_records()
+    assert [record.version for record in registry.list("digits")] == [first]
+    assert registry.head("digits").version == first  # type: ignore[union-attr]
+    assert [entry.subject for entry in registry.audit.entries(kind="select")] == []

@@ -7,8 +7,12 @@ and raises :class:`~shoal.core.errors.IntegrityError` on a mismatch.
 
 Writes are atomic: on a local folder the bytes go to a temporary file that
 is flushed to disk and then renamed over the target; on other filesystems a single put of the
-whole object (atomic on object stores) does the job. An object store works
-when its fsspec package is installed (``s3fs`` for ``s3://``, ``gcsfs`` for
+whole object (atomic on object stores) does the job. :meth:`BlobStore.put_soon` names the blob
+at once and writes it on the store's own thread: a registry commit that names it waits for the
+write only when it commits (creating a file, syncing it or uploading it is mostly time in the
+kernel or on the network, which the committing thread spends on its other statements).
+
+An object store works when its fsspec package is installed (``s3fs`` for ``s3://``, ``gcsfs`` for
 ``gs://``, ``adlfs`` for ``az://``).
 
 >>> store = BlobStore("memory://doctest-blobs")
@@ -23,7 +27,9 @@ import contextlib
 import hashlib
 import os
 import re
+import threading
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import fsspec  # type: ignore[import-untyped]
@@ -55,6 +61,8 @@ class BlobStore:
         self.filesystem: Any = filesystem  # an fsspec AbstractFileSystem
         self._root = str(root).rstrip("/")
         self._local = isinstance(self.filesystem, LocalFileSystem)
+        self._writer: ThreadPoolExecutor | None = None  # put_soon's thread (made on first use)
+        self._writer_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"BlobStore({self.location!r})"
@@ -68,17 +76,39 @@ class BlobStore:
     def put(self, data: bytes) -> str:
         """Store ``data`` (atomically) and return its sha256, the name to get it back by."""
         digest = sha256_hex(data)
+        self._write(digest, data)
+        return digest
+
+    def put_soon(self, data: bytes) -> tuple[str, Future[None] | None]:
+        """The sha256 of ``data`` now, and the write of ``data`` under it on the store's own
+        thread (None: the store holds it already). The future raises what :meth:`put` would;
+        until it is done, the blob may be absent."""
+        digest = sha256_hex(data)
+        if self._local and _holds(self.path(digest), data):
+            return digest, None
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-blobs")
+            return digest, self._writer.submit(self._write, digest, data)
+
+    def close(self) -> None:
+        """Wait for the writes :meth:`put_soon` started, and end its thread."""
+        with self._writer_lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=True)
+
+    def _write(self, digest: str, data: bytes) -> None:
         target = self.path(digest)
         try:
             if self._local and _holds(target, data):
-                return digest  # already here, intact: a rewrite would change nothing
+                return  # already here, intact: a rewrite would change nothing
             if self._local:
                 _write_local_file(target, data, durable=self.durable)
             else:
                 self.filesystem.pipe_file(target, data)
         except OSError as exc:
             raise RegistryError(f"cannot write blob {digest[:16]}... to {self}: {exc}") from exc
-        return digest
 
     def get(self, digest: str) -> bytes:
         """The bytes named ``digest``, verified against it."""

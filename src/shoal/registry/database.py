@@ -36,6 +36,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,7 +179,7 @@ class Database:
                 yield connection
             return
         with self._transaction(immediate=True) as connection:
-            self._open.connection, self._open.doomed = connection, None
+            self._open.connection, self._open.doomed, self._open.awaited = connection, None, []
             try:
                 yield connection
                 if self._open.doomed is not None:
@@ -186,10 +187,23 @@ class Database:
                         f"a write inside this transaction failed ({self._open.doomed}); "
                         "nothing of the transaction was committed"
                     )
+                for work in self._open.awaited:
+                    work.result()  # its error rolls the transaction back
             finally:
-                self._open.connection = self._open.doomed = None
+                self._open.connection = self._open.doomed = self._open.awaited = None
         if self.checkpointer is not None:
             self.checkpointer.wake()  # the log's new pages go to the database off this path
+
+    def commit_after(self, work: Future[Any] | None) -> None:
+        """This thread's open write transaction commits only once ``work`` is done, and not at
+        all if it fails (a blob the transaction's rows name, being written). Outside a write
+        transaction, wait for it now."""
+        if work is None:
+            return
+        if self._joined() is None:
+            work.result()
+        else:
+            self._open.awaited.append(work)
 
     def _joined(self) -> Connection | None:
         connection: Connection | None = getattr(self._open, "connection", None)

@@ -216,6 +216,7 @@ class Simulation:
                 records.end_tracking(finished=finished)  # may fail: the registry closes anyway
             finally:
                 self.parts.release()
+                models.blobs.close()
                 models.database.close()
 
     def _attack_metrics(self) -> AttackMetrics | None:
