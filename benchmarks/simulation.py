@@ -6,10 +6,10 @@ store, metrics log) and times seconds per round once every client's data
 exists (the second half of the run), and over the whole run. The
 baseline is a bare single-process numpy loop doing the same math on data it
 already holds: pick the cohort, run 5 full-batch softmax-regression steps per
-client, average the deltas weighted by examples. The bare loop, the simulator
-with its process pool and the simulator in one process run in turn,
-``--sittings`` times; each ratio is the median of the sittings' ratios (each
-sitting's are printed too). A third figure is the time
+client, average the deltas weighted by examples. The simulator (with its
+process pool, and in one process) and the bare loop take turns round by round,
+``--sittings`` pairs each; each ratio is the median of the pairs' ratios (each
+pair's is printed too). A third figure is the time
 from launching ``shoal simulate`` as a fresh process until it prints its
 first round. The cost of the FL telemetry (the fleet figures of ``[telemetry]``
 and the drift projection of ``[drift]``) is the in-process run's seconds per
@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,14 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 Matrix = npt.NDArray[np.float32]
 
 
-def bare_numpy_seconds_per_round(config: Config, *, rounds: int) -> float:
-    """The same math with nothing around it: the loop an expert would write by hand."""
+Player = Callable[[Path, Callable[[], None]], None]
+"""Plays its rounds (in a folder of its own, if it needs one), calling the callable after
+each round; see :func:`_taking_turns`."""
+
+
+def bare_numpy_rounds(config: Config, *, rounds: int) -> Player:
+    """The same math with nothing around it: the loop an expert would write by hand. Its data
+    is made before it plays, as a simulation's clients have theirs by the second half."""
     data, model = config.data, config.client
     rng = np.random.default_rng(0)
     means = rng.normal(size=(data.num_classes, data.num_features)).astype(np.float32)
@@ -53,21 +60,51 @@ def bare_numpy_seconds_per_round(config: Config, *, rounds: int) -> float:
         y = rng.integers(0, data.num_classes, data.samples_per_client)
         features.append(means[y] + rng.normal(size=(y.size, data.num_features)).astype(np.float32))
         labels.append(np.eye(data.num_classes, dtype=np.float32)[y])
-    weights = np.zeros((data.num_features + 1) * data.num_classes, np.float32)
     steps = int(model.epochs)
-    timings = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        cohort = rng.choice(data.num_clients, config.round.clients_per_round, replace=False)
-        total = np.zeros_like(weights)
-        for client in cohort:
-            local = _train(
-                weights, features[client], labels[client], steps=steps, lr=model.learning_rate
-            )
-            total += (local - weights) * len(labels[client])
-        weights = weights + total / (len(cohort) * data.samples_per_client)
-        timings.append(time.perf_counter() - start)
-    return float(np.median(timings[1:]))
+
+    def play(folder: Path, round_done: Callable[[], None]) -> None:
+        del folder  # all in memory
+        weights: npt.NDArray[Any] = np.zeros((data.num_features + 1) * data.num_classes, np.float32)
+        for _ in range(rounds):
+            cohort = rng.choice(data.num_clients, config.round.clients_per_round, replace=False)
+            total = np.zeros_like(weights)
+            for client in cohort:
+                local = _train(
+                    weights, features[client], labels[client], steps=steps, lr=model.learning_rate
+                )
+                total += (local - weights) * len(labels[client])
+            weights = weights + total / (len(cohort) * data.samples_per_client)
+            round_done()
+
+    return play
+
+
+def simulation_rounds(config: Config) -> Player:
+    """The simulator's run of ``config``."""
+
+    def play(folder: Path, round_done: Callable[[], None]) -> None:
+        Simulation(config, folder).run(on_round=lambda row: round_done())
+
+    return play
+
+
+def bare_numpy_seconds_per_round(config: Config, *, rounds: int) -> float:
+    """The bare loop's median second per round, alone."""
+    (gaps,) = _taking_turns([bare_numpy_rounds(config, rounds=rounds)])
+    return float(np.median(gaps[1:]))
+
+
+def paired_ratio(config: Config, *, rounds: int, simulator_first: bool) -> tuple[float, float]:
+    """The simulator's and the bare loop's seconds per round (the median of the second half
+    of each run), the two taking turns round by round."""
+    players = [simulation_rounds(config), bare_numpy_rounds(config, rounds=rounds)]
+    if not simulator_first:
+        players.reverse()
+    gaps = _taking_turns(players)
+    if not simulator_first:
+        gaps.reverse()
+    simulated, bare = (float(np.median(g[len(g) // 2 :])) for g in gaps)
+    return simulated, bare
 
 
 def _train(weights: Matrix, x: Matrix, onehot: Matrix, *, steps: int, lr: float) -> Matrix:
@@ -132,7 +169,8 @@ def telemetry_ratio(path: Path, *, rounds: int, repeats: int) -> tuple[float, fl
     for repeat in range(repeats):
         order = (True, False) if repeat % 2 == 0 else (False, True)  # who goes first
         configs = [_telemetry_config(path, rounds=rounds, enabled=enabled) for enabled in order]
-        for enabled, gaps in zip(order, _taking_turns(configs), strict=True):
+        players = [simulation_rounds(config) for config in configs]
+        for enabled, gaps in zip(order, _taking_turns(players), strict=True):
             timings[enabled].append(float(np.median(gaps[len(gaps) // 2 :])))
     ratios = [on / off for on, off in zip(timings[True], timings[False], strict=True)]
     return float(np.median(timings[True])), float(np.median(timings[False])), ratios
@@ -144,19 +182,20 @@ def _telemetry_config(path: Path, *, rounds: int, enabled: bool) -> Config:
     return load_config(path, [*overrides, f"telemetry.enabled={switch}", f"drift.enabled={switch}"])
 
 
-def _taking_turns(configs: list[Config]) -> list[list[float]]:
-    """Run the simulations one round each in turn; each one's seconds per round (the time
-    from being handed the turn until its next round is done)."""
-    count = len(configs)
-    turns = [threading.Semaphore(0) for _ in configs]
-    gaps: list[list[float]] = [[] for _ in configs]
+def _taking_turns(players: list[Player]) -> list[list[float]]:
+    """Play the players one round each in turn (two threads handing a baton back and forth,
+    only one ever running); each one's seconds per round (the time from being handed the
+    turn until its next round is done)."""
+    count = len(players)
+    turns = [threading.Semaphore(0) for _ in players]
+    gaps: list[list[float]] = [[] for _ in players]
     failures: list[BaseException] = []
 
-    def play(index: int, config: Config, folder: Path) -> None:
+    def play(index: int, player: Player, folder: Path) -> None:
         turns[index].acquire()
         started = time.perf_counter()
 
-        def on_round(row: dict[str, Any]) -> None:
+        def round_done() -> None:
             nonlocal started
             gaps[index].append(time.perf_counter() - started)
             turns[(index + 1) % count].release()
@@ -164,7 +203,7 @@ def _taking_turns(configs: list[Config]) -> list[list[float]]:
             started = time.perf_counter()
 
         try:
-            Simulation(config, folder / f"run-{index}").run(on_round=on_round)
+            player(folder, round_done)
         except BaseException as exc:  # the others must not wait for a turn that never comes
             failures.append(exc)
         finally:
@@ -172,8 +211,8 @@ def _taking_turns(configs: list[Config]) -> list[list[float]]:
 
     with tempfile.TemporaryDirectory() as folder:
         threads = [
-            threading.Thread(target=play, args=(index, config, Path(folder)))
-            for index, config in enumerate(configs)
+            threading.Thread(target=play, args=(index, player, Path(folder) / f"run-{index}"))
+            for index, player in enumerate(players)
         ]
         for thread in threads:
             thread.start()
@@ -189,23 +228,25 @@ def measure(name: str, *, rounds: int, repeats: int = 5, sittings: int = 3) -> d
     path = EXAMPLES / f"{name}.toml"
     config = load_config(path, [f"run.rounds={rounds}"])
     serial_config = load_config(path, [f"run.rounds={rounds}", "simulation.workers=0"])
-    # the bare loop, the pool and one process in turn, ``sittings`` times: on a shared machine
-    # whose speed drifts from minute to minute, each sitting's ratio compares runs a few
-    # seconds apart, and the median of the sittings' ratios is the figure
+    # the simulator and the bare loop take turns round by round (as the telemetry's pairs,
+    # below): on a shared machine whose speed drifts by 10-50% from one minute to the next,
+    # each simulated round is compared with the bare loop's round a moment before or after
+    # it, and the median of the sittings' ratios is the figure
     pooled: list[float] = []
     serials: list[float] = []
     baselines: list[float] = []
-    whole_runs: list[float] = []
-    first_rounds: list[float] = []
-    for _ in range(sittings):
-        baselines.append(bare_numpy_seconds_per_round(config, rounds=rounds))
-        per_round, whole_run, first_round = simulator_seconds_per_round(config)
+    ratios: list[float] = []
+    serial_ratios: list[float] = []
+    for sitting in range(sittings):
+        first = sitting % 2 == 0  # who goes first alternates
+        per_round, baseline = paired_ratio(config, rounds=rounds, simulator_first=first)
         pooled.append(per_round)
-        whole_runs.append(whole_run)
-        first_rounds.append(first_round)
-        serials.append(simulator_seconds_per_round(serial_config)[0])
-    ratios = [run / bare for run, bare in zip(pooled, baselines, strict=True)]
-    serial_ratios = [run / bare for run, bare in zip(serials, baselines, strict=True)]
+        baselines.append(baseline)
+        ratios.append(per_round / baseline)
+        serial, baseline = paired_ratio(serial_config, rounds=rounds, simulator_first=first)
+        serials.append(serial)
+        serial_ratios.append(serial / baseline)
+    _, whole_run, first_round = simulator_seconds_per_round(config)  # alone: the launch
     with_telemetry, without_telemetry, telemetry_ratios = telemetry_ratio(
         path, rounds=rounds, repeats=repeats
     )
@@ -217,14 +258,14 @@ def measure(name: str, *, rounds: int, repeats: int = 5, sittings: int = 3) -> d
         "rounds": rounds,
         "sittings": sittings,
         "seconds_per_round": round(float(np.median(pooled)), 5),
-        "seconds_per_round_including_data_generation": round(float(np.median(whole_runs)), 5),
+        "seconds_per_round_including_data_generation": round(whole_run, 5),
         "seconds_per_round_in_process": round(float(np.median(serials)), 5),
         "bare_numpy_seconds_per_round": round(float(np.median(baselines)), 5),
         "ratio_to_bare_numpy": round(float(np.median(ratios)), 3),
         "ratio_to_bare_numpy_of_each_sitting": [round(ratio, 3) for ratio in ratios],
         "ratio_in_process_to_bare_numpy": round(float(np.median(serial_ratios)), 3),
         "ratio_in_process_of_each_sitting": [round(ratio, 3) for ratio in serial_ratios],
-        "seconds_to_first_round_in_process": round(float(np.median(first_rounds)), 3),
+        "seconds_to_first_round_in_process": round(first_round, 3),
         "seconds_per_round_in_process_with_telemetry": round(with_telemetry, 5),
         "seconds_per_round_in_process_without_telemetry": round(without_telemetry, 5),
         "telemetry_ratio": round(float(np.median(telemetry_ratios)), 4),
@@ -241,7 +282,7 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["overhead-100", "overhead-1000"])
     parser.add_argument("--repeats", type=int, default=5, help="telemetry on/off pairs")
     parser.add_argument(
-        "--sittings", type=int, default=3, help="bare loop, pool and one process, in turn"
+        "--sittings", type=int, default=3, help="simulator and bare loop pairs, each way"
     )
     args = parser.parse_args()
     for name in args.workloads:
