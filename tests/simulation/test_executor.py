@@ -135,8 +135,9 @@ def test_a_pool_of_n_trains_on_n_minus_one_workers_and_this_process_each_chunk_o
         # worker is free: each worker caches the data of its own share
         placements = []
         for batch in (jobs, jobs[::-1], jobs[:7]):
+            sizes = pool.balance.sizes(len(batch))  # even, then each process's speed's
             pids = {o.client_id: o.metrics["pid"] for o in pool.run(parameters, batch)}
-            chunks = split_by_worker(batch, workers=3)
+            chunks = split_by_worker(batch, workers=3, sizes=sizes)
             placements.append([{pids[job.client_id] for job in chunk} for chunk in chunks])
     finally:
         pool.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 
 from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult
 from shoal.core.parameters import Parameters
@@ -64,3 +65,17 @@ class ParentClient(WhereaboutsClient):
         child.start()
         child.join()
         return FitResult(parameters, 1, {"pid": float(os.getpid()), "exit": float(child.exitcode)})
+
+
+class SlowAwayFromHome:
+    """A client factory whose clients take ``seconds`` longer to train anywhere but in the
+    coordinator's process (``home``): a worker on a slower core."""
+
+    def __init__(self, home: int, *, seconds: float) -> None:
+        self.home = home
+        self.seconds = seconds
+
+    def __call__(self, client_id: str) -> Client:
+        if os.getpid() != self.home:
+            time.sleep(self.seconds)
+        return WhereaboutsClient(client_id)

@@ -14,6 +14,7 @@ import logging
 import math
 import signal
 import sys
+import time
 import traceback
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,7 @@ from shoal.core.errors import RunError
 from shoal.core.parameters import Layout, Parameters, Vector
 from shoal.core.pickling import pickled_by_fields
 from shoal.forkserver import forkserver_context
+from shoal.simulation.balance import Balance
 from shoal.simulation.population import packed, unpacked
 
 log = logging.getLogger("shoal.simulation")
@@ -142,23 +144,31 @@ def _limit_torch_threads() -> int | None:
 _worker_factory: ClientFactory | None = None
 
 
-def split_by_worker(jobs: Sequence[Job], *, workers: int) -> list[list[Job]]:
-    """One chunk per worker, none longer than an even share (rounded up). A client lands on
-    its own worker (its key modulo the workers) while that worker has room, so that each
-    worker builds and caches the data of its own share of the population, give or take a
-    few; the jobs past a worker's room (its last ones) go to the workers with room.
+def split_by_worker(
+    jobs: Sequence[Job], *, workers: int, sizes: Sequence[int] | None = None
+) -> list[list[Job]]:
+    """One chunk per worker, none longer than an even share (rounded up), or than its own of
+    ``sizes`` when given (they add up to the jobs). A client lands on its own worker (its key
+    modulo the workers) while that worker has room, so that each worker builds and caches the
+    data of its own share of the population, give or take a few; the jobs past a worker's
+    room (its last ones) go to the workers with room.
 
     A round's cohort falls unevenly on the workers' shares (ten clients on two workers: six
     or more on one in three rounds of four), and the round waits for the longest chunk:
     a client's data built twice, once in a while, costs less."""
+    if sizes is None:
+        rooms = [-(-len(jobs) // workers)] * workers
+    elif len(sizes) != workers or sum(sizes) != len(jobs) or min(sizes) < 0:
+        raise ValueError(f"{workers} chunk sizes adding up to {len(jobs)} needed, got {sizes}")
+    else:
+        rooms = list(sizes)
     chunks: list[list[Job]] = [[] for _ in range(workers)]
     for job in jobs:
         chunks[client_key(job.client_id) % workers].append(job)
-    room = -(-len(jobs) // workers)
-    surplus = iter([job for chunk in chunks for job in chunk[room:]])
-    for chunk in chunks:
+    past = zip(chunks, rooms, strict=True)
+    surplus = iter([job for chunk, room in past for job in chunk[room:]])
+    for chunk, room in zip(chunks, rooms, strict=True):
         del chunk[room:]
-    for chunk in chunks:
         chunk.extend(itertools.islice(surplus, room - len(chunk)))
     return chunks
 
@@ -181,11 +191,14 @@ def _start_worker(packed_factory: bytes, search_path: Sequence[str]) -> None:
     _limit_torch_threads()  # the app's module, just unpickled, may have imported PyTorch
 
 
-def _run_chunk(vector: Vector, layout: Layout, jobs: Sequence[Job]) -> list[Outcome]:
+def _run_chunk(vector: Vector, layout: Layout, jobs: Sequence[Job]) -> tuple[list[Outcome], float]:
+    """The chunk's outcomes, and the seconds they took here (for :class:`Balance`)."""
     if _worker_factory is None:
         raise RuntimeError("worker started without a client factory")
+    started = time.perf_counter()
     parameters = Parameters(vector, layout)
-    return [run_job(_worker_factory, parameters, job) for job in jobs]
+    outcomes = [run_job(_worker_factory, parameters, job) for job in jobs]
+    return outcomes, time.perf_counter() - started
 
 
 def _serve(connection: Connection, packed_factory: bytes, search_path: Sequence[str]) -> None:
@@ -258,6 +271,13 @@ class WorkerProcess:
             raise self._died() from exc
         self._replies += 1
 
+    def answered(self) -> bool:
+        """Whether the next reply is here already (reading it would not wait)."""
+        try:
+            return self._connection.poll()
+        except (EOFError, OSError):
+            return True  # dead: reading says so at once
+
     def result(self) -> object:
         """The next reply: a chunk's outcomes (or None, the worker's start)."""
         self._replies -= 1
@@ -291,7 +311,9 @@ class WorkerProcess:
 
 class ProcessExecutor:
     """Spreads each batch over ``workers`` shares: ``workers - 1`` worker processes and this
-    process, one chunk each (:func:`split_by_worker`).
+    process, one chunk each (:func:`split_by_worker`), sized so that each takes about as long
+    (:attr:`balance`: each process's seconds per job lately, a worker's with its pipe's round
+    trip; at 100 clients and 10 a round, this process ends up training 9 of the 10).
 
     This process trains its own chunk while the workers train theirs: it would otherwise
     wait for them, and its chunk needs no hop to a process and back, nor a process woken
@@ -326,20 +348,39 @@ class ProcessExecutor:
             self._shut_down()
             raise
         self._threads = ThreadsHeld(torch=False)
+        # chunks sized to each process's speed; a worker's time includes its pipe's round trip
+        self.balance = Balance(workers)
+        self._round_trip_s = [0.0] * workers
 
     def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
         if not jobs:
             return []
-        mine, *theirs = split_by_worker(jobs, workers=self.workers)
+        sizes = self.balance.sizes(len(jobs))
+        mine, *theirs = split_by_worker(jobs, workers=self.workers, sizes=sizes)
         busy = []
-        for worker, chunk in zip(self._workers, theirs, strict=True):
+        submitted = time.perf_counter()
+        for index, (worker, chunk) in enumerate(zip(self._workers, theirs, strict=True), 1):
             if chunk:
                 worker.submit(parameters.vector, parameters.layout, chunk)
-                busy.append(worker)
+                busy.append((index, worker, len(chunk)))
+        started = time.perf_counter()
         with _one_torch_thread():
             trained = [run_job(self.factory, parameters, job) for job in mine]
+        self.balance.observe(0, jobs=len(mine), seconds=time.perf_counter() - started)
         outcomes: list[list[Outcome]] = [trained]
-        outcomes += [cast(list[Outcome], worker.result()) for worker in busy]
+        for index, worker, count in busy:
+            asked = time.perf_counter()
+            waited = not worker.answered()
+            chunk_outcomes, seconds = cast(tuple[list[Outcome], float], worker.result())
+            # the chunk's round trip: exact when its reply came after this asked for it, and
+            # at most the time until this asked when it was there already
+            if waited:
+                self._round_trip_s[index] = time.perf_counter() - submitted - seconds
+            else:
+                bound = asked - submitted - seconds
+                self._round_trip_s[index] = max(0.0, min(self._round_trip_s[index], bound))
+            self.balance.observe(index, jobs=count, seconds=seconds + self._round_trip_s[index])
+            outcomes.append(chunk_outcomes)
         return in_job_order(jobs, outcomes)
 
     def close(self) -> None:
