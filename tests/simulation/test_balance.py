@@ -86,7 +86,8 @@ def test_a_pool_gives_its_slow_worker_less_and_the_outcomes_stay_the_same() -> N
     parameters = Parameters.from_arrays([np.zeros(3, np.float32)])
     jobs = [Job(f"client-{index:03d}", FitConfig(round=1)) for index in range(20)]
     factory = SlowAwayFromHome(home=os.getpid(), seconds=0.004)
-    expected = [(o.client_id, o.num_examples) for o in SerialExecutor(factory).run(parameters, jobs)]
+    serial = SerialExecutor(factory).run(parameters, jobs)
+    expected = [(o.client_id, o.num_examples) for o in serial]
     pool = ProcessExecutor(factory, workers=2)
     try:
         for _ in range(4):
