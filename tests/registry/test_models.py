@@ -322,3 +322,23 @@ def test_a_blob_that_cannot_be_written_commits_nothing(
     assert [record.version for record in registry.list("digits")] == [first]
     assert registry.head("digits").version == first  # type: ignore[union-attr]
     assert [entry.subject for entry in registry.audit.entries(kind="select")] == []
+
+
+def test_a_commit_alone_writes_its_blob_before_it_takes_the_write_lock(
+    registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write = blobs_module._write_local_file
+    probes = []
+
+    def writing_meanwhile(target: str, data: bytes, *, durable: bool) -> None:
+        # another writer while the blob is being written: it would wait for the lock (and the
+        # commit for it) if the commit held the lock already
+        probes.append(registry.audit.append("probe", subject="during the blob's write"))
+        write(target, data, durable=durable)
+
+    monkeypatch.setattr(blobs_module, "_write_local_file", writing_meanwhile)
+    record = registry.commit("digits", params(1), round=1, architecture_version=ARCH, now=NOW)
+    assert len(probes) == 1
+    kinds = [entry.kind for entry in registry.audit.entries()]
+    assert kinds.index("probe") < kinds.index("commit")
+    assert registry.head("digits") == record

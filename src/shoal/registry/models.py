@@ -177,13 +177,14 @@ class ModelRegistry:
             raise RegistryError("a version cannot be committed as BAD: commit, then mark it")
         encoded = _check_metrics(metrics or {})
         created_at = require_aware(now or utc_now(), "now")
-        # the blobs are written on the store's thread while the rows are: the transaction
-        # commits once both are on disk (a committed version's blobs always exist)
+        # the blobs are written on the store's thread. Inside a round's transaction, its rows
+        # are written meanwhile and it commits once the blobs are on disk; alone, the blobs
+        # land before this takes the write lock. A committed version's blobs always exist.
         blob, blob_written = self.blobs.put_soon(parameters.to_bytes())
         state_blob, state_written = (None, None) if state is None else self.blobs.put_soon(state)
+        self.database.commit_after(blob_written)
+        self.database.commit_after(state_written)
         with self.database.write() as connection:
-            self.database.commit_after(blob_written)
-            self.database.commit_after(state_written)
             lock_name(connection, model_lock(name))
             if parent == "head":
                 head = _head_version(connection, name)
