@@ -75,10 +75,12 @@ class ModelSigner:
 
     private_key: Ed25519PrivateKey = field(repr=False)
     run_id: str
+    # derived once: the public key is a scalar multiplication (25 µs), and every version and
+    # every audit head names it
+    key_id: str = field(init=False)
 
-    @property
-    def key_id(self) -> str:
-        return key_id_of(self.private_key.public_key())
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_id", key_id_of(self.private_key.public_key()))
 
     def __call__(self, *, name: str, version: int, round: int, sha256: str) -> VersionSignature:
         message = version_message(
