@@ -88,12 +88,6 @@ def simulation_rounds(config: Config) -> Player:
     return play
 
 
-def bare_numpy_seconds_per_round(config: Config, *, rounds: int) -> float:
-    """The bare loop's median second per round, alone."""
-    (gaps,) = _taking_turns([bare_numpy_rounds(config, rounds=rounds)])
-    return float(np.median(gaps[1:]))
-
-
 def paired_ratio(config: Config, *, rounds: int, simulator_first: bool) -> tuple[float, float]:
     """The simulator's and the bare loop's seconds per round (the median of the second half
     of each run), the two taking turns round by round."""

@@ -76,7 +76,8 @@ class BlobStore:
     def put(self, data: bytes) -> str:
         """Store ``data`` (atomically) and return its sha256, the name to get it back by."""
         digest = sha256_hex(data)
-        self._write(digest, data)
+        if not self._held(digest, data):
+            self._write(digest, data)
         return digest
 
     def put_soon(self, data: bytes) -> tuple[str, Future[None] | None]:
@@ -84,7 +85,7 @@ class BlobStore:
         thread (None: the store holds it already). The future raises what :meth:`put` would;
         until it is done, the blob may be absent."""
         digest = sha256_hex(data)
-        if self._local and _holds(self.path(digest), data):
+        if self._held(digest, data):
             return digest, None
         with self._writer_lock:
             if self._writer is None:
@@ -98,11 +99,17 @@ class BlobStore:
         if writer is not None:
             writer.shutdown(wait=True)
 
+    def _held(self, digest: str, data: bytes) -> bool:
+        """Whether a local store holds ``data`` already, intact (a rewrite would change
+        nothing; a corrupt copy is rewritten)."""
+        try:
+            return self._local and _holds(self.path(digest), data)
+        except OSError as exc:
+            raise RegistryError(f"cannot read blob {digest[:16]}... in {self}: {exc}") from exc
+
     def _write(self, digest: str, data: bytes) -> None:
         target = self.path(digest)
         try:
-            if self._local and _holds(target, data):
-                return  # already here, intact: a rewrite would change nothing
             if self._local:
                 _write_local_file(target, data, durable=self.durable)
             else:

@@ -55,14 +55,11 @@ class InsertPlan:
 
     def parameters(self, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
         """Each row's converted values, as the driver takes them."""
-        values = [_converted(converter, [row[c] for row in rows]) for c, converter in self._pairs]
+        columns = zip(self.columns, self.converters, strict=True)
+        values = [_converted(converter, [row[c] for row in rows]) for c, converter in columns]
         if self.named:
             return [dict(zip(self.columns, row, strict=True)) for row in zip(*values, strict=True)]
         return list(zip(*values, strict=True))
-
-    @property
-    def _pairs(self) -> zip[tuple[str, Converter | None]]:
-        return zip(self.columns, self.converters, strict=True)
 
 
 def insert_rows(connection: Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> None:
