@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -79,6 +81,29 @@ def test_gradient_is_written_into_the_given_buffer() -> None:
     _, gradient = model.loss_and_gradient(vector, x, y, out=out)
     assert gradient is out
     assert np.isfinite(out).all()
+
+
+def test_a_model_reads_each_vector_it_is_given_not_an_earlier_one() -> None:
+    """A model keeps the tensors' views of the last vectors it was given (a training step's
+    weights and gradient): a vector made later, even where a freed one lay, is its own."""
+    x, y = small_problem(1)
+    for model in models(0.3):
+        rng = np.random.default_rng(2)
+        for _ in range(30):
+            vector = rng.normal(size=model.layout.size)  # often where the last one was freed
+            loss, gradient = model.loss_and_gradient(vector, x, y)
+            unkept = pickle.loads(pickle.dumps(model))  # a pickled model keeps no views
+            assert unkept._recent == ()
+            assert unkept.loss_and_gradient(vector.copy(), x, y)[0] == loss
+            other = rng.normal(size=model.layout.size)
+            model.loss_and_gradient(other, x, y, out=np.empty_like(other))
+            again, same = model.loss_and_gradient(vector, x, y)  # still the first vector's
+            assert again == loss and np.array_equal(same, gradient)
+            vector[:] = other  # changed in place: the same array, read as it is now
+            assert (
+                model.loss_and_gradient(vector, x, y)[0] == unkept.loss_and_gradient(other, x, y)[0]
+            )
+            del vector, other
 
 
 def test_cross_entropy_is_stable_for_huge_logits() -> None:

@@ -19,6 +19,7 @@ True
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from typing import Any, NamedTuple, Protocol
 
@@ -140,6 +141,11 @@ class _FlatModel:
             (start, end, spec.shape)
             for spec, (start, end) in zip(specs, self._layout.offsets(), strict=True)
         ]
+        self._recent: tuple[tuple[weakref.ref[FloatArray], tuple[FloatArray, ...]], ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The model as it pickles (to a simulation's workers): without its recent views."""
+        return {**self.__dict__, "_recent": ()}
 
     @property
     def layout(self) -> Layout:
@@ -176,10 +182,19 @@ class _FlatModel:
             weight_decay=self.weight_decay,
         )
 
-    def _views(self, vector: FloatArray) -> list[FloatArray]:
+    def _views(self, vector: FloatArray) -> tuple[FloatArray, ...]:
+        """The tensors' views of ``vector``. Those of the latest two vectors are kept (a
+        training step takes the weights' and the gradient's, the same two arrays each step of
+        a client's training: making them took a tenth of a small model's training)."""
+        recent = self._recent  # swapped whole, never edited: threads may share the model
+        for held, views in recent:
+            if held() is vector:
+                return views
         if vector.shape != (self._layout.size,):
             raise ClientError(f"need a vector of {self._layout.size} values, got {vector.shape}")
-        return [vector[start:end].reshape(shape) for start, end, shape in self._spans]
+        views = tuple(vector[start:end].reshape(shape) for start, end, shape in self._spans)
+        self._recent = ((weakref.ref(vector), views), *recent[:1])
+        return views
 
     def _example_views(
         self, count: int, dtype: np.dtype[Any]
