@@ -106,6 +106,54 @@ def test_a_model_reads_each_vector_it_is_given_not_an_earlier_one() -> None:
             del vector, other
 
 
+def test_training_on_rows_holds_their_transpose_for_those_rows_alone() -> None:
+    """Full-batch training multiplies a contiguous copy of the rows' transpose, made once:
+    the same gradients (to rounding), only for the rows it was made from, and none after."""
+    x, y = small_problem(3, num_examples=40)
+    other, other_y = small_problem(4, num_examples=40)
+    for model in models(0.3):
+        vector = np.random.default_rng(5).normal(size=model.layout.size)
+        loss, gradient = model.loss_and_gradient(vector, x, y)
+        with model._training_on(x):
+            held = model._transposed(x)
+            assert held.flags.c_contiguous and np.array_equal(held, x.T)
+            assert model._transposed(other).base is other  # another array: its view
+            inside, inside_gradient = model.loss_and_gradient(vector, x, y)
+            assert inside == pytest.approx(loss, rel=1e-12)
+            np.testing.assert_allclose(inside_gradient, gradient, rtol=1e-10, atol=1e-12)
+            # rows that are not the held ones are read as they are
+            assert (
+                model.loss_and_gradient(vector, other, other_y)[0]
+                == (pickle.loads(pickle.dumps(model)).loss_and_gradient(vector, other, other_y)[0])
+            )
+        assert model._columns is None
+        assert model._transposed(x).base is x
+
+
+def test_full_batch_training_gives_what_its_steps_give_one_by_one() -> None:
+    """local_sgd's full-batch steps (the rows' transpose held) against the same steps taken
+    by hand through the model's public method."""
+    x, y = small_problem(6, num_examples=30)
+    for model in models(0.1):
+        parameters = model.init_parameters(np.random.default_rng(7))
+        trained = local_sgd(
+            model,
+            parameters,
+            x,
+            y,
+            epochs=4,
+            batch_size=0,
+            learning_rate=0.3,
+            proximal_mu=0.0,
+            rng=0,
+        )
+        weights = parameters.vector.copy()
+        for _ in range(4):
+            _, gradient = model.loss_and_gradient(weights, x, y)
+            weights -= 0.3 * gradient
+        np.testing.assert_allclose(trained.parameters.vector, weights, rtol=1e-9, atol=1e-12)
+
+
 def test_cross_entropy_is_stable_for_huge_logits() -> None:
     logits = np.array([[1e4, -1e4], [0.0, 1e4], [-1e4, 0.0]])  # (classes, examples)
     labels = np.array([0, 2])
