@@ -114,10 +114,11 @@ def test_training_on_rows_holds_their_transpose_for_those_rows_alone() -> None:
     for model in models(0.3):
         vector = np.random.default_rng(5).normal(size=model.layout.size)
         loss, gradient = model.loss_and_gradient(vector, x, y)
-        with model._training_on(x):
+        with model._training_on(x, y):
             held = model._transposed(x)
             assert held.flags.c_contiguous and np.array_equal(held, x.T)
             assert model._transposed(other).base is other  # another array: its view
+            assert model._positions(y) is not None and model._positions(other_y) is None
             inside, inside_gradient = model.loss_and_gradient(vector, x, y)
             assert inside == pytest.approx(loss, rel=1e-12)
             np.testing.assert_allclose(inside_gradient, gradient, rtol=1e-10, atol=1e-12)

@@ -70,7 +70,9 @@ class NumpyModel(Protocol):
     def evaluate(self, vector: FloatArray, x: FloatArray, y: LabelArray) -> tuple[float, float]: ...
 
 
-def softmax_cross_entropy_(logits: FloatArray, labels: LabelArray) -> float:
+def softmax_cross_entropy_(
+    logits: FloatArray, labels: LabelArray, *, positions: LabelArray | None = None
+) -> float:
     """Mean cross-entropy of ``logits`` (classes, n); overwrites them with its gradient.
 
     One column per example: the per-example reductions then run along
@@ -82,7 +84,7 @@ def softmax_cross_entropy_(logits: FloatArray, labels: LabelArray) -> float:
     if not logits.flags.c_contiguous:
         raise ValueError("softmax_cross_entropy_ needs C-contiguous logits")
     count = int(logits.shape[1])
-    at_label = labels * count + np.arange(count)
+    at_label = label_positions(labels) if positions is None else positions
     flat = logits.reshape(-1)
     # the ufuncs' own reductions: the array methods' wrappers cost more than these few
     # values' arithmetic, several times a step
@@ -95,6 +97,14 @@ def softmax_cross_entropy_(logits: FloatArray, labels: LabelArray) -> float:
     flat[at_label] -= 1.0
     logits *= 1.0 / count
     return loss
+
+
+def label_positions(labels: LabelArray) -> LabelArray:
+    """Where each example's label sits in its logits (classes, n), flattened: what
+    :func:`softmax_cross_entropy_` reads and writes there."""
+    count = len(labels)
+    positions: LabelArray = labels * count + np.arange(count)
+    return positions
 
 
 def l2_penalty_(
@@ -117,6 +127,15 @@ def check_labels(labels: LabelArray, *, num_classes: int) -> None:
     """Raise :class:`DataError` unless every label lies in ``[0, num_classes)``."""
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"labels must lie in [0, {num_classes})")
+
+
+class _Held(NamedTuple):
+    """What :meth:`_FlatModel._training_on` derived from its rows and labels."""
+
+    rows: FloatArray
+    columns: FloatArray
+    labels: LabelArray
+    positions: LabelArray
 
 
 class _FlatModel:
@@ -143,20 +162,22 @@ class _FlatModel:
             for spec, (start, end) in zip(specs, self._layout.offsets(), strict=True)
         ]
         self._recent: tuple[tuple[weakref.ref[FloatArray], tuple[FloatArray, ...]], ...] = ()
-        self._columns: tuple[FloatArray, FloatArray] | None = None  # see _training_on
+        self._columns: _Held | None = None  # see _training_on
 
     def __getstate__(self) -> dict[str, Any]:
         """The model as it pickles (to a simulation's workers): without its recent views."""
         return {**self.__dict__, "_recent": (), "_columns": None}
 
     @contextlib.contextmanager
-    def _training_on(self, x: FloatArray) -> Iterator[None]:
-        """While inside, ``x`` (which the caller leaves unchanged meanwhile) is multiplied as
-        a contiguous transposed copy, made once: a product against ``x.T``, a strided view,
-        takes two to three times as long (13 against 5 µs for 200 rows of 64 features),
-        several times a full-batch client's training. Another array is read as before; a
-        thread that trains the same model on other rows meanwhile finds its own rows unheld."""
-        self._columns = (x, np.ascontiguousarray(x.T))
+    def _training_on(self, x: FloatArray, y: LabelArray) -> Iterator[None]:
+        """While inside, ``x`` and ``y`` (which the caller leaves unchanged meanwhile) are
+        read through what is derived from them once: ``x`` is multiplied as a contiguous
+        transposed copy (a product against ``x.T``, a strided view, takes two to three times
+        as long: 13 against 5 µs for 200 rows of 64 features), and each label's place in
+        the logits is found once. Each step of a full-batch client's training reads them.
+        Other arrays are read as before; a thread that trains the same model on other rows
+        meanwhile finds its own rows unheld."""
+        self._columns = _Held(x, np.ascontiguousarray(x.T), y, label_positions(y))
         try:
             yield
         finally:
@@ -165,9 +186,14 @@ class _FlatModel:
     def _transposed(self, x: FloatArray) -> FloatArray:
         """``x.T``: the copy :meth:`_training_on` holds for ``x``, else the view."""
         held = self._columns  # swapped whole, never edited
-        if held is not None and held[0] is x:
-            return held[1]
+        if held is not None and held.rows is x:
+            return held.columns
         return x.T
+
+    def _positions(self, y: LabelArray) -> LabelArray | None:
+        """The label positions :meth:`_training_on` holds for ``y`` (None: none held)."""
+        held = self._columns
+        return held.positions if held is not None and held.labels is y else None
 
     @property
     def layout(self) -> Layout:
@@ -180,7 +206,7 @@ class _FlatModel:
         check_labels(y, num_classes=self.num_classes)
         logits = self._logits(vector, x)
         share = accuracy(logits, y)
-        return softmax_cross_entropy_(logits, y), share
+        return softmax_cross_entropy_(logits, y, positions=self._positions(y)), share
 
     def predict(self, vector: FloatArray, x: FloatArray) -> LabelArray:
         """The most likely class of each row of ``x``."""
@@ -264,7 +290,7 @@ class SoftmaxRegression(_FlatModel):
         grad_weight, grad_bias = self._views(gradient)
         weight, bias = self._views(vector)
         logits = _affine_logits(weight, bias, self._transposed(x))
-        loss = softmax_cross_entropy_(logits, y)
+        loss = softmax_cross_entropy_(logits, y, positions=self._positions(y))
         np.matmul(logits, x, out=grad_weight)
         np.add.reduce(logits, axis=1, out=grad_bias)
         loss += l2_penalty_([weight], [grad_weight], weight_decay=self.weight_decay)
@@ -344,7 +370,7 @@ class MLP(_FlatModel):
         grad_hidden_w, grad_hidden_b, grad_output_w, grad_output_b = self._views(gradient)
         hidden = self._hidden(vector, x)
         logits = self._output(vector, hidden)
-        loss = softmax_cross_entropy_(logits, y)
+        loss = softmax_cross_entropy_(logits, y, positions=self._positions(y))
         np.matmul(logits, hidden.T, out=grad_output_w)
         np.add.reduce(logits, axis=1, out=grad_output_b)
         grad_hidden = output_w.T @ logits
@@ -474,7 +500,7 @@ def local_sgd(
     total_loss = 0.0
     held: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if isinstance(model, _FlatModel) and batch >= num_examples and num_steps > 1:
-        held = model._training_on(x)  # every step multiplies the same rows
+        held = model._training_on(x, y)  # every step reads the same rows
     # A diverging run overflows to inf and NaN; it is reported below, not warned about.
     with held, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for batch_x, batch_y in _batches(x, y, batch=batch, num_steps=num_steps, rng=rng):
