@@ -36,7 +36,7 @@ from shoal.coordinator.events import Authentication
 from shoal.coordinator.policy import Submission, UpdatePolicy
 from shoal.core import ConfigError, IllegalTransition, Parameters, ProtocolError
 from shoal.governance import Decision, PolicyBounds, PolicyEngine, UpdateFacts
-from shoal.governance.policy import facts_for
+from shoal.governance.policy import _ALONE_BELOW_S, _PROBE_EVERY, facts_for
 from shoal.tasks import TRAIN_TIME_METRIC
 
 CANDIDATES = tuple(f"c{index:02d}" for index in range(30))
@@ -575,6 +575,22 @@ def test_the_engines_work_runs_beside_the_query_once_on_the_callers_thread() -> 
     engine.close()
 
 
+def test_a_query_quicker_than_the_handover_runs_first_and_a_slow_one_beside() -> None:
+    engine = PolicyEngine()
+    batch = [facts_for(f"c{index}", l2_norm=float(index)) for index in range(20)]
+    threads: list[int] = []
+    decisions = engine.decide(1, batch, meanwhile=lambda: threads.append(threading.get_ident()))
+    assert engine._thread is None  # the default's guarded query on a clean batch: alone
+    assert threads == [threading.get_ident()] and 0 < engine._last_alone_s < _ALONE_BELOW_S
+    engine._last_alone_s = 1.0  # as a slow policy's query measures
+    for _ in range(_PROBE_EVERY):
+        assert engine.decide(1, batch, meanwhile=lambda: None) == decisions
+        assert engine._thread is not None and engine._last_alone_s == 1.0  # beside
+    assert engine.decide(1, batch, meanwhile=lambda: None) == decisions
+    assert engine._last_alone_s < 1.0  # measured alone again: the next ones run alone
+    engine.close()
+
+
 class _Watched:
     """A policy engine's interpreter that notes when a query went in."""
 
@@ -600,6 +616,7 @@ def test_the_caller_hands_over_until_a_query_that_takes_the_longer_has_started()
     for _ in range(5):
         entered.clear()
         engine._last_query_s, engine._last_meanwhile_s = 1.0, 0.0
+        engine._last_alone_s, engine._besides = 1.0, 0  # a query that is best beside
         engine.decide(1, batch, meanwhile=lambda: entered.append("meanwhile"))
         assert entered == ["query", "meanwhile"]
         # each side's time is kept for the next decision

@@ -256,3 +256,138 @@ def test_a_round_larger_than_one_query_is_decided_in_chunks_in_order() -> None:
     decisions = default_engine().decide(1, batch)
     assert [d.client_id for d in decisions] == [f"c{i}" for i in range(count)]
     assert [i for i, d in enumerate(decisions) if not d.allowed] == list(range(49, count, 50))
+
+
+def test_the_input_summarizes_each_column_it_sends() -> None:
+    batch = [
+        facts_for("c1", l2_norm=3.0, num_examples=2**64 + 5, status="suspended"),
+        facts_for("c2", l2_norm=float("nan"), num_examples=7, version_problems=("old app",)),
+        facts_for("c3", l2_norm=None, signature="none"),
+        facts_for("c4", l2_norm=-1.0, version_problems=("old app",)),
+    ]
+    document = default_engine().input_of(5, batch)
+    assert document["highest"]["l2_norm"] == 3.0 and document["lowest"]["l2_norm"] == -1.0
+    assert document["highest"]["num_examples"] == float(2**64 + 5)  # as Rego takes it
+    assert document["lowest"]["num_examples"] == 7
+    assert document["highest"]["remaining_epsilon"] is None  # no number in the column
+    assert document["distinct"]["status"] == ["suspended", "active"]
+    assert document["distinct"]["signature"] == ["verified", "none"]
+    assert document["distinct"]["version_problems"] == [[], ["old app"]]
+    assert "client_id" not in document["distinct"]  # every one differs
+    assert set(document["highest"]) | set(document["distinct"]) | {"client_id"} == set(
+        default_engine().columns
+    )
+
+
+def test_a_rule_that_reads_a_summary_gets_its_column(tmp_path: Path) -> None:
+    (tmp_path / "phones.rego").write_text(
+        'package shoal.policy\nimport rego.v1\ndeny contains [i, "emulator", "no"] if {\n'
+        '  "emulator" in input.distinct.device_class\n'
+        '  some i\n  input.device_class[i] == "emulator"\n}\n'
+    )
+    engine = PolicyEngine(files=[tmp_path / "phones.rego"])
+    assert "device_class" in engine.columns
+    batch = [facts_for("c1", device_class="phone"), facts_for("c2", device_class="emulator")]
+    assert [d.allowed for d in engine.decide(1, batch)] == [True, False]
+    (tmp_path / "any.rego").write_text(
+        'package shoal.policy\nimport rego.v1\ndeny contains [0, "x", "y"] if {\n'
+        "  some c\n  input.highest[c] == 7\n}\n"
+    )
+    assert PolicyEngine(files=[tmp_path / "any.rego"]).columns == COLUMNS
+
+
+UNGUARDED_DEFAULT = """package shoal.policy
+
+import rego.v1
+
+bounds := data.shoal.bounds
+
+deny contains [i, "signature_unverified", sprintf("the request's signature is %v", [s])] if {
+\tsome i
+\ts := input.signature[i]
+\tnot s in {"verified", "in_process"}
+}
+
+deny contains [i, "client_not_active", sprintf("client %v is %v", [input.client_id[i], s])] if {
+\tsome i
+\ts := input.status[i]
+\ts != "active"
+}
+
+deny contains [i, "versions_incompatible", concat("; ", problems)] if {
+\tsome i
+\tproblems := input.version_problems[i]
+\tcount(problems) > 0
+}
+
+deny contains [i, "privacy_budget_spent", sprintf("remaining epsilon %v", [e])] if {
+\tsome i
+\te := input.remaining_epsilon[i]
+\tis_number(e)
+\te <= 0
+}
+
+deny contains [i, "l2_norm_above_bound", sprintf("l2 norm %v above the bound %v", [n, b])] if {
+\tb := bounds.max_l2_norm
+\tsome i
+\tn := input.l2_norm[i]
+\tis_number(n)
+\tn > b
+}
+
+deny contains [
+\ti, "relative_l2_norm_above_bound",
+\tsprintf("l2 norm %v times the round's median, above %v", [r, b]),
+] if {
+\tb := bounds.max_relative_l2_norm
+\tsome i
+\tr := input.relative_l2_norm[i]
+\tis_number(r)
+\tr > b
+}
+
+deny contains [i, "examples_above_cap", sprintf("%v examples above the cap %v", [n, b])] if {
+\tb := bounds.max_examples
+\tsome i
+\tn := input.num_examples[i]
+\tis_number(n)
+\tn > b
+}
+"""
+
+
+@functools.cache
+def unguarded_engine(tmp: Path) -> PolicyEngine:
+    (tmp / "unguarded.rego").write_text(UNGUARDED_DEFAULT)
+    return PolicyEngine(files=[tmp / "unguarded.rego"], builtin=False)
+
+
+_NUMBERS = st.one_of(st.none(), st.floats(-1e3, 1e40, allow_nan=False), st.integers(0, 2**64))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(
+        st.fixed_dictionaries(
+            {
+                "status": st.sampled_from(["active", "active", "suspended", "unknown"]),
+                "signature": st.sampled_from(["verified", "in_process", "none"]),
+                "version_problems": st.sampled_from([(), (), ("app 1.0 below 2.0",)]),
+                "remaining_epsilon": st.one_of(st.none(), st.floats(-1, 5, allow_nan=False)),
+                "l2_norm": _NUMBERS,
+                "relative_l2_norm": _NUMBERS,
+                "num_examples": st.one_of(st.none(), st.integers(0, 2**65)),
+            }
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_the_guards_change_no_decision_of_the_default(
+    tmp_path_factory: pytest.TempPathFactory, rows: list[dict[str, object]]
+) -> None:
+    """The default's guards only skip work: on any batch it decides as the same rules
+    without them, reason for reason."""
+    reference = unguarded_engine(tmp_path_factory.getbasetemp())
+    batch = [facts_for(f"c{i}", **row) for i, row in enumerate(rows)]
+    assert default_engine().decide(2, batch) == reference.decide(2, batch)
