@@ -7,7 +7,9 @@ times the compiled default policy deciding on all of them in one query
 denials read back), the same one update at a time (a batch of one per
 query), and the default policy's seven checks written in Python over the
 same facts, best of ``--repeats`` each, in the same process. Both give the
-same decisions (checked before timing). Prints one JSON object per N.
+same decisions (checked before timing). Then the same round with no update
+breaking any rule, the usual case, in which each rule's guard skips it.
+Prints one JSON object per N.
 
     python benchmarks/policy.py --repeats 5
 """
@@ -24,8 +26,9 @@ from shoal.governance import PolicyBounds, PolicyEngine, UpdateFacts
 BOUNDS = PolicyBounds()
 
 
-def round_of(count: int) -> list[UpdateFacts]:
-    """``count`` updates of a round; every twentieth breaks one rule, in turn."""
+def round_of(count: int, *, faulty: bool = True) -> list[UpdateFacts]:
+    """``count`` updates of a round; with ``faulty``, every twentieth breaks one rule, in
+    turn."""
     faults: list[dict[str, object]] = [
         {"l2_norm": 1.8e31},
         {"num_examples": 2**63 - 1},
@@ -47,7 +50,7 @@ def round_of(count: int) -> list[UpdateFacts]:
             "relative_l2_norm": 0.8 + (index % 5) / 10,
             "num_examples": 100 + index % 50,
         }
-        if index % 20 == 19:
+        if faulty and index % 20 == 19:
             facts.update(faults[(index // 20) % len(faults)])
         updates.append(UpdateFacts(**facts))  # type: ignore[arg-type]
     return updates
@@ -100,6 +103,10 @@ def measure(engine: PolicyEngine, count: int, *, repeats: int) -> dict[str, obje
         lambda: [engine.decide(1, [facts]) for facts in singles], repeats=repeats
     ) * (count / len(singles))
     python = best_seconds(lambda: python_decide(batch), repeats=repeats)
+    clean = round_of(count, faulty=False)  # the usual round: each rule's guard skips it
+    if any(rego_codes(engine, clean)):
+        raise SystemExit("the Rego policy denies a clean round")
+    clean_batched = best_seconds(lambda: engine.decide(1, clean), repeats=repeats)
     return {
         "updates": count,
         "denied": sum(1 for codes in python_decide(batch) if codes),
@@ -108,6 +115,8 @@ def measure(engine: PolicyEngine, count: int, *, repeats: int) -> dict[str, obje
         "python_decisions_per_s": round(count / python),
         "python_over_rego_batch": round(batched / python, 1),
         "rego_batch_over_single": round(single / batched, 2),
+        "rego_clean_batch_decisions_per_s": round(count / clean_batched),
+        "rego_clean_over_faulty_batch": round(batched / clean_batched, 2),
     }
 
 

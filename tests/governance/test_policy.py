@@ -5,14 +5,17 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import numpy as np
 import pytest
+import regopy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shoal.config import parse_config
 from shoal.core import ConfigError
 from shoal.governance import POLICY_ERROR, PolicyBounds, PolicyEngine, UpdateFacts
-from shoal.governance.policy import CHUNK, COLUMNS, facts_for
+from shoal.governance import policy as policy_module
+from shoal.governance.policy import CHUNK, COLUMNS, facts_for, rego_input
 
 
 @functools.cache
@@ -258,14 +261,19 @@ def test_a_round_larger_than_one_query_is_decided_in_chunks_in_order() -> None:
     assert [i for i, d in enumerate(decisions) if not d.allowed] == list(range(49, count, 50))
 
 
-def test_the_input_summarizes_each_column_it_sends() -> None:
+def test_the_input_summarizes_each_column_it_sends(tmp_path: Path) -> None:
+    (tmp_path / "all.rego").write_text(
+        'package shoal.policy\nimport rego.v1\ndeny contains [0, "x", "y"] if {\n'
+        "  some c\n  input.highest[c] == input.lowest[c]\n  input.distinct[c] == []\n}\n"
+    )
+    engine = PolicyEngine(files=[tmp_path / "all.rego"])  # reads every summary
     batch = [
         facts_for("c1", l2_norm=3.0, num_examples=2**64 + 5, status="suspended"),
         facts_for("c2", l2_norm=float("nan"), num_examples=7, version_problems=("old app",)),
         facts_for("c3", l2_norm=None, signature="none"),
         facts_for("c4", l2_norm=-1.0, version_problems=("old app",)),
     ]
-    document = default_engine().input_of(5, batch)
+    document = engine.input_of(5, batch)
     assert document["highest"]["l2_norm"] == 3.0 and document["lowest"]["l2_norm"] == -1.0
     assert document["highest"]["num_examples"] == float(2**64 + 5)  # as Rego takes it
     assert document["lowest"]["num_examples"] == 7
@@ -273,10 +281,25 @@ def test_the_input_summarizes_each_column_it_sends() -> None:
     assert document["distinct"]["status"] == ["suspended", "active"]
     assert document["distinct"]["signature"] == ["verified", "none"]
     assert document["distinct"]["version_problems"] == [[], ["old app"]]
+    assert document["distinct"]["sealed"] == [False]
     assert "client_id" not in document["distinct"]  # every one differs
-    assert set(document["highest"]) | set(document["distinct"]) | {"client_id"} == set(
-        default_engine().columns
-    )
+    assert set(document["highest"]) | set(document["distinct"]) | {"client_id"} == set(COLUMNS)
+    decisions = engine.decide(1, batch)  # every summary goes into rego-cpp's input too
+    assert [[r.code for r in d.reasons] for d in decisions][1:] == [
+        ["versions_incompatible"],  # and a NaN norm is no number: nothing to bound
+        ["signature_unverified"],
+        ["versions_incompatible"],
+    ]
+    # the default is sent the summaries its guards read, and no other
+    assert default_engine().summaries == {
+        "highest": ("l2_norm", "relative_l2_norm", "num_examples"),
+        "lowest": ("remaining_epsilon",),
+        "distinct": ("status", "version_problems", "signature"),
+    }
+    plain = PolicyEngine(files=[tmp_path / "all.rego"], builtin=False)
+    (tmp_path / "none.rego").write_text(DEVICE_RULE)
+    assert PolicyEngine(files=[tmp_path / "none.rego"], builtin=False).summaries == {}
+    assert set(plain.input_of(1, batch)) >= {"highest", "lowest", "distinct"}
 
 
 def test_a_rule_that_reads_a_summary_gets_its_column(tmp_path: Path) -> None:
@@ -391,3 +414,43 @@ def test_the_guards_change_no_decision_of_the_default(
     reference = unguarded_engine(tmp_path_factory.getbasetemp())
     batch = [facts_for(f"c{i}", **row) for i, row in enumerate(rows)]
     assert default_engine().decide(2, batch) == reference.decide(2, batch)
+
+
+class _Status(str):
+    """A text whose ``__str__`` is not its characters (as an enum of texts has)."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return "Status.ACTIVE"
+
+
+def test_the_input_rego_cpp_gets_is_what_regopy_would_make() -> None:
+    document = {
+        "round": 3,
+        "big": 2**62,
+        "negative": -7,
+        "ratio": 0.1,
+        "huge": 1.8e31,
+        "numpy": np.float64(2.5),
+        "texts": ["a", "é", ""],
+        "status": _Status("active"),
+        "flags": [True, False],
+        "nothing": None,
+        "nested": {"problems": [[], ["old app"]], "pair": (1, "x")},
+    }
+    interpreter = regopy.Interpreter()
+    interpreter.set_input(rego_input(document))
+    ours = str(interpreter.query("x := input"))
+    interpreter.set_input(regopy.Input(document))
+    assert ours == str(interpreter.query("x := input"))
+    with pytest.raises(TypeError, match="cannot hold a set"):
+        rego_input({"ids": {1, 2}})
+
+
+def test_without_regopys_calls_the_input_is_regopys_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = [facts_for("c1", l2_norm=1e9), facts_for("c2", l2_norm=1.0)]
+    expected = default_engine().decide(1, batch)
+    monkeypatch.setattr(policy_module, "_CALLS", None)
+    assert isinstance(rego_input({"a": 1}), regopy.Input)
+    assert default_engine().decide(1, batch) == expected
