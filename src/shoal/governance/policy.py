@@ -432,9 +432,17 @@ def _add_value(calls: _InputCalls, handle: Any, value: Any) -> int:
     if kind is int:
         return int(calls.int(handle, value))
     failed = 0
-    if kind is list or kind is tuple:
+    if kind is list or kind is tuple:  # a column: its texts, numbers and nulls inline
+        null, number, text = calls.null, calls.float, calls.text
         for item in value:
-            failed |= _add_value(calls, handle, item)
+            if item is None:
+                failed |= null(handle)
+            elif type(item) is float:
+                failed |= number(handle, item)
+            elif type(item) is str:
+                failed |= text(handle, item.encode())
+            else:
+                failed |= _add_value(calls, handle, item)
         return failed | int(calls.array(handle, len(value)))
     if kind is dict:
         for key, item in value.items():
