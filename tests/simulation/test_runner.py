@@ -15,6 +15,7 @@ from shoal.client.api import Client
 from shoal.client.app import ClientApp, ClientContext
 from shoal.config import Config
 from shoal.core import RunError
+from shoal.governance import policy as governance_policy
 from shoal.registry import ClientRegistry, ClientStatus
 from shoal.simulation.runner import (
     MODEL_NAME,
@@ -235,7 +236,12 @@ def test_the_run_enrolls_its_fleet_and_suspended_clients_are_never_selected(tmp_
     assert all(row["selected"] <= 3 for row in later)
 
 
-def test_the_policys_query_thread_ends_with_the_run(tmp_path: Path) -> None:
+def test_the_policys_query_thread_ends_with_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # as a slow policy's queries go: beside the round's work, on the engine's thread
+    monkeypatch.setattr(governance_policy, "_ALONE_BELOW_S", 0.0)
+
     def policy_threads() -> list[str]:
         return [t.name for t in threading.enumerate() if t.name.startswith("shoal-policy")]
 
