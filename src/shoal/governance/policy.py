@@ -55,9 +55,11 @@ CHUNK = 128
 its size, so a round's thousands of updates go in queries of this many (benchmarks/policy.py)."""
 
 _PACKAGE_LINE = re.compile(r"^\s*package\s+([\w.]+)", re.MULTILINE)
-_INPUT_FIELD = re.compile(r"\binput\.(?:(?:highest|lowest|distinct)\.)?(\w+)")
+SUMMARIES = ("highest", "lowest", "distinct")
+"""The summaries of the columns beside them in a policy's input (:meth:`PolicyEngine.input_of`)."""
+_INPUT_FIELD = re.compile(rf"\binput\.(?:(?:{'|'.join(SUMMARIES)})\.)?(\w+)")
 # ``input`` itself, or a summary, indexed otherwise than by a name: every column is read
-_INPUT_OTHERWISE = re.compile(r"\binput(?:\.(?:highest|lowest|distinct))?\b(?!\.\w)")
+_INPUT_OTHERWISE = re.compile(rf"\binput(?:\.(?:{'|'.join(SUMMARIES)}))?\b(?!\.\w)")
 _COMMENT = re.compile(r"#[^\n]*")
 
 
@@ -380,7 +382,6 @@ class _InputCalls:
 
     def __init__(self, library: Any) -> None:
         self.new = library.regoNewInput
-        self.free = library.regoFreeInput
         self.int = library.regoInputInt
         self.float = library.regoInputFloat
         self.text = library.regoInputString
@@ -405,7 +406,7 @@ _CALLS = _input_calls()
 
 def rego_input(document: Mapping[str, Any]) -> regopy.Input:
     """``document`` as rego-cpp's input: what ``regopy.Input(document)`` makes, with rego-cpp's
-    calls made straight (1.5x faster: regopy wraps each value's call in two Python calls and
+    calls made straight (1.75x faster: regopy wraps each value's call in two Python calls and
     a check). Falls back to ``regopy.Input`` where regopy's calls are not where expected."""
     calls = _CALLS
     if calls is None:
@@ -570,7 +571,7 @@ def _referenced_summaries(sources: Iterable[str]) -> dict[str, tuple[str, ...]]:
     ``distinct``, each of them where a policy indexes the summary otherwise than by name."""
     texts = [_COMMENT.sub("", text) for text in sources]
     read: dict[str, tuple[str, ...]] = {}
-    for summary in _SUMMARIZE:
+    for summary in SUMMARIES:
         allowed = [
             column
             for column in COLUMNS
