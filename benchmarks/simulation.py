@@ -15,9 +15,10 @@ compiled modules written by a first launch as a user's Python writes them (and
 once more without them where the environment sets ``PYTHONDONTWRITEBYTECODE``:
 each launch then compiles Shoal's own modules). The cost of the FL telemetry
 (the fleet figures of ``[telemetry]`` and the drift projection of ``[drift]``)
-is the in-process run's seconds per round with both on over the same run with
-both off, the two runs taking turns round by round, in ``--repeats`` pairs:
-the median of the pairs' ratios.
+is the run's seconds per round with both on over the same run with both off,
+the two runs taking turns round by round, in ``--repeats`` pairs: the median
+of the pairs' ratios; with the workload's pool (whose idle worker measures the
+drift past the updates' Gram matrix) and in one process.
 Prints one JSON object per workload.
 
     python benchmarks/simulation.py --rounds 60
@@ -172,18 +173,24 @@ def seconds_to_first_round_compiled(config_path: Path) -> float:
         return seconds_to_first_round(config_path, bytecode=Path(bytecode))
 
 
-def telemetry_ratio(path: Path, *, rounds: int, repeats: int) -> tuple[float, float, list[float]]:
-    """Seconds per round in process with the telemetry on and off, and the ratio of each of
-    ``repeats`` pairs of runs. A pair's two runs take turns round by round (two threads
-    handing a baton back and forth, only one ever running), so each round with the telemetry
-    meets the machine as the round without it met it a moment before: on a shared machine
-    whose speed drifts by 10% from one run to the next, two runs one after the other differ by
-    more than the telemetry costs. Each run's figure is the median of its second half's
-    rounds; the first figures returned are the medians over the pairs."""
+def telemetry_ratio(
+    path: Path, *, rounds: int, repeats: int, in_process: bool
+) -> tuple[float, float, list[float]]:
+    """Seconds per round with the telemetry on and off, with the workload's own pool or
+    ``in_process``, and the ratio of each of ``repeats`` pairs of runs. A pair's two runs
+    take turns round by round (two threads handing a baton back and forth, only one ever
+    running), so each round with the telemetry meets the machine as the round without it
+    met it a moment before: on a shared machine whose speed drifts by 10% from one run to
+    the next, two runs one after the other differ by more than the telemetry costs. Each
+    run's figure is the median of its second half's rounds; the first figures returned are
+    the medians over the pairs."""
     timings: dict[bool, list[float]] = {True: [], False: []}
     for repeat in range(repeats):
         order = (True, False) if repeat % 2 == 0 else (False, True)  # who goes first
-        configs = [_telemetry_config(path, rounds=rounds, enabled=enabled) for enabled in order]
+        configs = [
+            _telemetry_config(path, rounds=rounds, enabled=enabled, in_process=in_process)
+            for enabled in order
+        ]
         players = [simulation_rounds(config) for config in configs]
         for enabled, gaps in zip(order, _taking_turns(players), strict=True):
             timings[enabled].append(float(np.median(gaps[len(gaps) // 2 :])))
@@ -191,9 +198,9 @@ def telemetry_ratio(path: Path, *, rounds: int, repeats: int) -> tuple[float, fl
     return float(np.median(timings[True])), float(np.median(timings[False])), ratios
 
 
-def _telemetry_config(path: Path, *, rounds: int, enabled: bool) -> Config:
+def _telemetry_config(path: Path, *, rounds: int, enabled: bool, in_process: bool) -> Config:
     switch = str(enabled).lower()
-    overrides = [f"run.rounds={rounds}", "simulation.workers=0"]
+    overrides = [f"run.rounds={rounds}", *(["simulation.workers=0"] if in_process else [])]
     return load_config(path, [*overrides, f"telemetry.enabled={switch}", f"drift.enabled={switch}"])
 
 
@@ -263,7 +270,10 @@ def measure(name: str, *, rounds: int, repeats: int = 5, sittings: int = 3) -> d
         serial_ratios.append(serial / baseline)
     _, whole_run, first_round = simulator_seconds_per_round(config)  # alone: the launch
     with_telemetry, without_telemetry, telemetry_ratios = telemetry_ratio(
-        path, rounds=rounds, repeats=repeats
+        path, rounds=rounds, repeats=repeats, in_process=False
+    )
+    with_in_process, without_in_process, in_process_ratios = telemetry_ratio(
+        path, rounds=rounds, repeats=repeats, in_process=True
     )
     return {
         "benchmark": "simulation_overhead",
@@ -281,10 +291,14 @@ def measure(name: str, *, rounds: int, repeats: int = 5, sittings: int = 3) -> d
         "ratio_in_process_to_bare_numpy": round(float(np.median(serial_ratios)), 3),
         "ratio_in_process_of_each_sitting": [round(ratio, 3) for ratio in serial_ratios],
         "seconds_to_first_round_in_process": round(first_round, 3),
-        "seconds_per_round_in_process_with_telemetry": round(with_telemetry, 5),
-        "seconds_per_round_in_process_without_telemetry": round(without_telemetry, 5),
+        "seconds_per_round_with_telemetry": round(with_telemetry, 5),
+        "seconds_per_round_without_telemetry": round(without_telemetry, 5),
         "telemetry_ratio": round(float(np.median(telemetry_ratios)), 4),
         "telemetry_ratio_of_each_pair": [round(ratio, 4) for ratio in telemetry_ratios],
+        "seconds_per_round_in_process_with_telemetry": round(with_in_process, 5),
+        "seconds_per_round_in_process_without_telemetry": round(without_in_process, 5),
+        "telemetry_ratio_in_process": round(float(np.median(in_process_ratios)), 4),
+        "telemetry_ratio_in_process_of_each_pair": [round(r, 4) for r in in_process_ratios],
         "seconds_from_launch_to_first_round": round(seconds_to_first_round_compiled(path), 3),
         "seconds_from_launch_to_first_round_compiling": round(seconds_to_first_round(path), 3),
     }

@@ -632,14 +632,14 @@ def test_a_measure_that_breaks_on_a_denied_update_never_fails_the_round(
 ) -> None:
     # the work beside the policy's query sees every update, the denied ones too: a measure
     # that cannot take a hostile one must cost that work, never the round
-    real = round_summary.measure_drift
+    real = round_summary.drift_later
 
     def fragile(names: Sequence[str], updates: np.ndarray, **options: object) -> object:
         if np.abs(updates).max() > 1e20:
             raise np.linalg.LinAlgError("did not converge")
         return real(names, updates, **options)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(round_summary, "measure_drift", fragile)
+    monkeypatch.setattr(round_summary, "drift_later", fragile)
     rng = np.random.default_rng(5)
     values = [rng.normal(size=SIZE).astype(np.float32) for _ in range(6)]
     values[4] = np.full(SIZE, 1e30, np.float32)  # denied: above the norm bound

@@ -24,7 +24,16 @@ from shoal.simulation.executor import (
     split_by_worker,
 )
 from support.jobs import bare_config
-from support.whereabouts import DiesAwayFromHome, ParentClient, Unloadable, WhereaboutsClient
+from support.whereabouts import (
+    DiesAwayFromHome,
+    ParentClient,
+    Unloadable,
+    WhereaboutsClient,
+    exits_away_from_home,
+    fails_away_from_home,
+    fails_everywhere,
+    where_doubled,
+)
 
 
 def broken_factory(client_id: str) -> Client:
@@ -197,3 +206,53 @@ def test_python_exits_with_a_pool_left_open() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["9"]
+
+
+def test_side_work_runs_in_a_worker_between_batches_and_never_in_their_way() -> None:
+    parameters = Parameters.from_arrays([np.zeros(3, np.float32)])
+    jobs = [Job(f"client-{index:03d}", FitConfig(round=1)) for index in range(8)]
+    pool = ProcessExecutor(WhereaboutsClient, workers=3)
+    try:
+        first = pool.later(where_doubled, 21)
+        outcomes = pool.run(parameters, jobs)  # its reply comes before the batch's: kept
+        assert [o.client_id for o in outcomes] == [job.client_id for job in jobs]
+        assert all(o.error is None for o in outcomes)
+        second, never_asked = pool.later(where_doubled, 5), pool.later(where_doubled, 7)
+        pids = {o.metrics["pid"] for o in outcomes} - {float(os.getpid())}
+        assert first.result() == (first.result()[0], 42) and float(first.result()[0]) in pids
+        assert second.result()[1] == 10 and second.result()[0] != first.result()[0]  # in turn
+        assert pool.run(parameters, jobs[:3])  # the unasked reply is no batch's
+    finally:
+        pool.close()  # and does not hold the close up
+    assert never_asked.result()[1] == 14
+
+
+def test_side_work_that_fails_in_a_worker_is_done_here_with_the_same_value_or_error() -> None:
+    pool = ProcessExecutor(WhereaboutsClient, workers=2)
+    try:
+        assert pool.later(fails_away_from_home, os.getpid()).result() == os.getpid()
+        with pytest.raises(ArithmeticError, match="broken here too"):
+            pool.later(fails_everywhere, "broken here too").result()
+    finally:
+        pool.close()
+
+
+def test_side_work_of_a_worker_that_died_is_done_here_and_the_next_batch_says_it_died() -> None:
+    parameters = Parameters.from_arrays([np.zeros(3, np.float32)])
+    pool = ProcessExecutor(WhereaboutsClient, workers=2)
+    try:
+        assert pool.later(exits_away_from_home, os.getpid()).result() == os.getpid()
+        with pytest.raises(RunError, match="exited with code 3"):
+            pool.run(parameters, [Job(f"client-{index}", FitConfig(round=1)) for index in range(6)])
+    finally:
+        pool.close()
+
+
+def test_side_work_in_one_process_is_done_at_once() -> None:
+    executor = SerialExecutor(WhereaboutsClient)
+    try:
+        assert executor.later(where_doubled, 4).result() == (os.getpid(), 8)
+        with pytest.raises(ArithmeticError, match="now"):
+            executor.later(fails_everywhere, "now")  # raised as it is asked: nothing to wait on
+    finally:
+        executor.close()

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from shoal.aggregation import drift as drift_module
 from shoal.apps import builtin
 from shoal.client.api import Client
 from shoal.client.app import ClientApp, ClientContext
@@ -25,6 +26,7 @@ from shoal.simulation.runner import (
     open_run_models,
 )
 from support.jobs import bare_config
+from support.whereabouts import DRIFTS_MEASURED, counted_drift_of_gram
 
 DESIGN_ROW_KEYS = {
     "round", "phase", "selected", "reported", "dropped", "loss", "accuracy", "virtual_time_s",
@@ -83,6 +85,28 @@ def test_same_seed_same_run_whatever_the_workers(tmp_path: Path) -> None:
     assert rows_without_wall(tmp_path / "again") == reference
     assert rows_without_wall(tmp_path / "pool") == reference
     assert rows_without_wall(tmp_path / "other") != reference
+
+
+def test_a_pool_measures_the_drift_in_a_worker_and_the_run_is_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the drift's work past the updates' Gram matrix goes to the pool's idle worker: none of
+    # it in this process, and every row and projection as one process makes them
+    monkeypatch.setattr(drift_module, "drift_of_gram", counted_drift_of_gram)
+    DRIFTS_MEASURED.clear()
+    Simulation(small(), tmp_path / "serial").run()
+    in_one_process = len(DRIFTS_MEASURED)
+    Simulation(small("simulation.workers=2"), tmp_path / "pool").run()
+    assert in_one_process == 4 and len(DRIFTS_MEASURED) == in_one_process  # a fit round's each
+    assert rows_without_wall(tmp_path / "pool") == rows_without_wall(tmp_path / "serial")
+    pooled, serial = (projections(tmp_path / name) for name in ("pool", "serial"))
+    assert pooled == serial and len(serial) == 4
+
+
+def projections(folder: Path) -> list[dict[str, Any]]:
+    """The run's drift projections, without the clients' names (each run's own pseudonyms)."""
+    records = [json.loads(line) for line in (folder / "drift.jsonl").read_text().splitlines()]
+    return [{key: value for key, value in record.items() if key != "clients"} for record in records]
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from typing import Any
 
+from shoal.aggregation import drift
 from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult
 from shoal.core.parameters import Parameters
 
@@ -79,3 +81,37 @@ class SlowAwayFromHome:
         if os.getpid() != self.home:
             time.sleep(self.seconds)
         return WhereaboutsClient(client_id)
+
+
+def where_doubled(value: int) -> tuple[int, int]:
+    """A side task: the process it ran in, and twice ``value``."""
+    return os.getpid(), 2 * value
+
+
+def fails_away_from_home(home: int) -> int:
+    """A side task that fails anywhere but in ``home`` (where it gives its process id)."""
+    if os.getpid() != home:
+        raise ArithmeticError("not at home")
+    return os.getpid()
+
+
+def fails_everywhere(reason: str) -> int:
+    raise ArithmeticError(reason)
+
+
+def exits_away_from_home(home: int) -> int:
+    """A side task that ends its process anywhere but in ``home``: a worker that dies."""
+    if os.getpid() != home:
+        os._exit(3)
+    return os.getpid()
+
+
+DRIFTS_MEASURED: list[int] = []
+"""The process ids where :func:`counted_drift_of_gram` ran in this process (tests patch it in)."""
+_drift_of_gram = drift.drift_of_gram  # the real one, taken before any test patches it
+
+
+def counted_drift_of_gram(*args: Any) -> drift.DriftReport:
+    """:func:`shoal.aggregation.drift.drift_of_gram`, counted in :data:`DRIFTS_MEASURED`."""
+    DRIFTS_MEASURED.append(os.getpid())
+    return _drift_of_gram(*args)

@@ -38,6 +38,7 @@ from scipy.linalg import lapack  # type: ignore[import-untyped]
 
 from shoal.aggregation.divergence import FloatMatrix, sample_coordinates
 from shoal.core.errors import StrategyError
+from shoal.core.later import Later, Offload, Ready, here
 
 DriftMethod = Literal["pca", "tsne"]
 DRIFT_METHODS: tuple[str, ...] = ("pca", "tsne")
@@ -156,19 +157,43 @@ def measure_drift(
     seed: int = 0,
 ) -> DriftReport:
     """The projection and clustering of ``updates`` (one row per client in ``client_ids``)."""
+    return drift_later(client_ids, updates, rule=rule, seed=seed).result()
+
+
+def drift_later(
+    client_ids: Sequence[str],
+    updates: FloatMatrix,
+    *,
+    rule: DriftRule | None = None,
+    seed: int = 0,
+    offload: Offload = here,
+) -> Later[DriftReport]:
+    """:func:`measure_drift`, whose work past the updates' Gram matrix is ``offload``'s: the
+    one product with the model's width is made here, where the updates are, and the rest
+    (the projection, the clustering, their scores), which reads an n x n matrix alone, may
+    run elsewhere (a simulation's idle worker) while this process goes on."""
     rule = rule or DriftRule()
     count = len(client_ids)
     if updates.ndim != 2 or updates.shape[0] != count:
         raise StrategyError("drift needs one update row per client")
     if count == 0:
-        return DriftReport(method=rule.method)
+        return Ready(DriftReport(method=rule.method))
     columns = sample_coordinates(updates, max_values=rule.max_values, seed=seed)
     # float32 through the one product with the model's width; float64 from the n x n Gram on
     matrix = (updates if columns is None else updates[:, columns]).astype(np.float32, copy=False)
+    return offload(drift_of_gram, tuple(client_ids), gram_of(unit_rows(matrix)), rule, seed)
+
+
+def drift_of_gram(
+    client_ids: Sequence[str], gram: Points, rule: DriftRule, seed: int
+) -> DriftReport:
+    """The drift of the updates whose directions' Gram matrix is ``gram`` (:func:`gram_of`
+    of their :func:`unit_rows`)."""
+    count = len(client_ids)
     # the rows in their principal axes: with t-SNE, every axis (every pairwise distance
     # kept); with PCA, the leading ones the plot and the clustering read
     axes = None if rule.method == "tsne" else CLUSTER_AXES
-    coordinates, variance, total = principal_coordinates(unit_rows(matrix), axes=axes, seed=seed)
+    coordinates, variance, total = gram_coordinates(gram, axes=axes, seed=seed)
     points: Points = coordinates[:, :2]
     shares = [float(v / total) if total > 0 else 0.0 for v in variance[:2]] + [0.0, 0.0]
     explained: tuple[float, float] | None = (shares[0], shares[1])
@@ -210,20 +235,27 @@ def unit_rows(matrix: Rows) -> Rows:
     return unit
 
 
-def principal_coordinates(
-    matrix: Rows, *, axes: int | None = None, seed: int = 0
+def gram_of(matrix: Rows) -> Points:
+    """The rows' Gram matrix (every two rows' dot product), in float64."""
+    gram: Points = (matrix @ matrix.T).astype(np.float64)
+    return gram
+
+
+def gram_coordinates(
+    gram: Points, *, axes: int | None = None, seed: int = 0
 ) -> tuple[Points, npt.NDArray[np.float64], float]:
-    """The centered rows in their principal axes, largest first, each axis's variance, and the
+    """The centered rows whose Gram matrix is ``gram`` (every two rows' dot product: n x n,
+    changed here) in their principal axes, largest first, each axis's variance, and the
     total variance over every axis.
 
-    Through the rows' Gram matrix (n x n), so the cost is n squared times the columns, not
-    the columns squared; with every axis, the coordinates keep every pairwise distance of the
-    rows. The Gram matrix is centered on both sides (J G J, J the centering matrix), which is
-    the centered rows' Gram matrix without a centered copy of the rows. ``axes``: only that
-    many leading axes; for a round of many clients they come from a randomized subspace
-    iteration (Halko, Martinsson and Tropp 2011) instead of the whole eigendecomposition.
+    Through the Gram matrix, the cost is n squared times the columns (in :func:`gram_of`),
+    not the columns squared; with every axis, the coordinates keep every pairwise distance
+    of the rows. The Gram matrix is centered on both sides (J G J, J the centering matrix),
+    which is the centered rows' Gram matrix without a centered copy of the rows. ``axes``:
+    only that many leading axes; for a round of many clients they come from a randomized
+    subspace iteration (Halko, Martinsson and Tropp 2011) instead of the whole
+    eigendecomposition.
     """
-    gram = (matrix @ matrix.T).astype(np.float64)
     count = gram.shape[0]
     means = np.add.reduce(gram, axis=0) / count
     gram -= means

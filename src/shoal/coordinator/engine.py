@@ -81,6 +81,7 @@ from shoal.core.errors import (
     SecurityError,
     StrategyError,
 )
+from shoal.core.later import Later, Offload, here
 from shoal.core.parameters import Parameters, Vector, all_finite
 from shoal.core.transforms import TransformState
 from shoal.governance.policy import Decision
@@ -104,16 +105,20 @@ class Guess:
         self.delta: Vector | None = None
         self.counted: Counted | None = None
         self.divergence: DivergenceReport | None = None
-        self.drift: DriftReport | None = None
+        self.drift: Later[DriftReport] | None = None
 
     def measure(self, engine: Coordinator, current: RoundBooks, delta: Vector) -> None:
-        """The divergence and drift of the round's counted updates against ``delta``."""
+        """The divergence and drift of the round's counted updates against ``delta``. The
+        drift first: its work past the updates' Gram matrix may run elsewhere meanwhile."""
         if current.counted and (engine.divergence is not None or engine.drift is not None):
             self.counted = counted_updates(current)  # a copy of the round's updates
+        counted, offload = self.counted, engine.offload
+        self.drift = round_drift(
+            current, rule=engine.drift, seed=engine.seed, counted=counted, offload=offload
+        )
         self.divergence = round_divergence(
             current, delta, rule=engine.divergence, seed=engine.seed, counted=self.counted
         )
-        self.drift = round_drift(current, rule=engine.drift, seed=engine.seed, counted=self.counted)
         self.delta = delta
 
 
@@ -163,6 +168,9 @@ class Coordinator:
         self.divergence = divergence  # None: no per-client divergence (divergence.enabled = false)
         self.drift = drift  # None: no drift projection (drift.enabled = false)
         self.telemetry = telemetry  # False: no per-client timings ([telemetry] enabled = false)
+        # where the drift's work past the updates' Gram matrix runs: here, at once, unless the
+        # shell lends a process the round leaves idle (a simulation's pool worker)
+        self.offload: Offload = here
         # under [clustering] start = "flagged" the model's layout picks the strategy: ``strategy``
         # for one model, per cluster once the model split (see shoal.coordinator.split)
         self.split = split
@@ -829,7 +837,7 @@ class Coordinator:
             self.parameters,
             delta,
             round_number=current.number,
-            drift=current.drift,
+            drift=None if current.drift is None else current.drift.result(),
             counted=counted,
             weights=current.counted_weights,
         )

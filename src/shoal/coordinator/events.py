@@ -18,6 +18,7 @@ import numpy.typing as npt
 from shoal.aggregation.divergence import DivergenceReport
 from shoal.aggregation.drift import DriftReport
 from shoal.core.errors import ProtocolError
+from shoal.core.later import Later
 from shoal.core.parameters import Parameters, Vector
 from shoal.secure.messages import ClientMessage, MaskedInputRequest, ServerRequest, Stage
 from shoal.tasks import (
@@ -330,11 +331,18 @@ class RoundSummary:
     excluded: Mapping[str, int] = field(default_factory=dict)
     fallback: FallbackReport | None = None  # what the round did when too much of it dropped
     divergence: DivergenceReport | None = None  # each counted update against the aggregate
-    drift: DriftReport | None = None  # the counted updates projected and clustered
+    # the counted updates projected and clustered: a report, or one still being measured
+    # elsewhere (a simulation's idle worker), which drift_report() waits for
+    drift: DriftReport | Later[DriftReport] | None = None
     cohort: tuple[str, ...] = ()  # every client the round asked (replacements included)
     clusters: Mapping[int, ClusterReport] = field(default_factory=dict)  # clustered FL
     fleet: FleetReport | None = None  # the clients' timings ([telemetry] enabled)
     split: ClusterSplit | None = None  # the model split into cluster models at this commit
+
+    def drift_report(self) -> DriftReport | None:
+        """The round's drift, waited for if it is still being measured elsewhere."""
+        drift = self.drift
+        return drift if drift is None or isinstance(drift, DriftReport) else drift.result()
 
 
 @dataclass(frozen=True, slots=True)

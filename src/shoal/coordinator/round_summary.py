@@ -14,11 +14,12 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.aggregation.divergence import DivergenceReport, DivergenceRule, measure_divergence
-from shoal.aggregation.drift import DriftReport, DriftRule, measure_drift
+from shoal.aggregation.drift import DriftReport, DriftRule, drift_later
 from shoal.coordinator.app import ClientMetrics, MetricsAggregation
 from shoal.coordinator.events import ClusterReport, FleetReport, RoundSummary
 from shoal.coordinator.homomorphic import CkksRound
 from shoal.coordinator.rounds import RoundBooks
+from shoal.core.later import Later, Offload, Ready, at_once, here
 from shoal.core.parameters import Vector
 
 log = logging.getLogger("shoal.coordinator")
@@ -69,7 +70,7 @@ def summarize(
         policy_denied=dict(sorted(current.policy_denied.items())),
         fallback=None if current.fallback is None else current.fallback.report(),
         divergence=current.divergence,
-        drift=current.drift,
+        drift=None if current.drift is None else at_once(current.drift),
         clusters={
             cluster: ClusterReport(books.clients, books.num_examples, books.means())
             for cluster, books in sorted(current.clusters.items())
@@ -138,20 +139,28 @@ def round_divergence(
 
 
 def round_drift(
-    current: RoundBooks, *, rule: DriftRule | None, seed: int, counted: Counted | None = None
-) -> DriftReport | None:
+    current: RoundBooks,
+    *,
+    rule: DriftRule | None,
+    seed: int,
+    counted: Counted | None = None,
+    offload: Offload = here,
+) -> Later[DriftReport] | None:
     """The projection and clustering of the counted updates (none under a secure round, which
-    the report says). ``seed``: the run's (the round's number is added); ``counted``:
-    :func:`counted_updates`, if the caller has them."""
+    the report says), their work past the updates' Gram matrix ``offload``'s
+    (:func:`~shoal.aggregation.drift.drift_later`). ``seed``: the run's (the round's number
+    is added); ``counted``: :func:`counted_updates`, if the caller has them."""
     if rule is None:
         return None
     protocol = _secure_protocol(current)
     if protocol is not None:
-        return DriftReport.unavailable(
-            f"the drift of single updates cannot be seen under {protocol}: only the sum is"
+        return Ready(
+            DriftReport.unavailable(
+                f"the drift of single updates cannot be seen under {protocol}: only the sum is"
+            )
         )
     names, updates = counted or counted_updates(current)
-    return measure_drift(names, updates, rule=rule, seed=seed + current.number)
+    return drift_later(names, updates, rule=rule, seed=seed + current.number, offload=offload)
 
 
 def _secure_protocol(current: RoundBooks) -> str | None:

@@ -16,6 +16,7 @@ from shoal.coordinator.homomorphic import CkksRound
 from shoal.coordinator.secure import SecureRound
 from shoal.coordinator.selection import cohort_size
 from shoal.core.errors import ConfigError
+from shoal.core.later import Later
 from shoal.core.parameters import Vector
 from shoal.tasks import Phase
 
@@ -174,7 +175,7 @@ class RoundBooks:
     counted: list[tuple[str, Vector]] = field(default_factory=list)
     counted_weights: list[float] = field(default_factory=list)  # kept while a split may come
     divergence: DivergenceReport | None = None
-    drift: DriftReport | None = None
+    drift: Later[DriftReport] | None = None  # measured here, or in a simulation's idle worker
     clusters: dict[int, ClusterBooks] = field(default_factory=dict)  # clustered FL, by cluster
     fleet: FleetBooks | None = None  # the clients' timings, with [telemetry] enabled
     split: ClusterSplit | None = None  # the model split into cluster models at the commit

@@ -99,8 +99,9 @@ def round_row(
     row.update(fleet_fields(summary, row, classes=classes))
     if fit and summary.divergence is not None:
         row.update(summary.divergence.row_fields())
-    if fit and summary.drift is not None:
-        row.update(summary.drift.row_fields())
+    drift = summary.drift_report() if fit else None  # waited for, if measured elsewhere
+    if drift is not None:
+        row.update(drift.row_fields())
     if summary.clusters:
         row.update(cluster_fields(summary))
     if summary.split is not None:
@@ -287,7 +288,7 @@ def drift_rule(config: Config) -> DriftRule | None:
 def drift_projection(summary: RoundSummary, *, names: Names) -> Row | None:
     """A fit round's record for ``drift.jsonl``, its clients under their round's pseudonyms
     (None: no projection in the round)."""
-    drift = summary.drift
+    drift = summary.drift_report()
     if drift is None or not drift.available or not drift.clients:
         return None
     named = [names.of(client, round_number=summary.round) for client in drift.clients]

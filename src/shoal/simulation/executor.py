@@ -9,6 +9,7 @@ own seed, so serial and parallel runs are bit-for-bit identical.
 from __future__ import annotations
 
 import atexit
+import collections
 import itertools
 import logging
 import math
@@ -23,8 +24,9 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import threadpoolctl
 
@@ -32,6 +34,7 @@ from shoal.client.api import Client, EvaluateConfig, FitConfig
 from shoal.client.handler import run_evaluate, run_fit
 from shoal.coordinator.selection import client_key
 from shoal.core.errors import RunError
+from shoal.core.later import Later, here
 from shoal.core.parameters import Layout, Parameters, Vector
 from shoal.core.pickling import pickled_by_fields
 from shoal.forkserver import forkserver_context
@@ -39,6 +42,7 @@ from shoal.simulation.balance import Balance
 from shoal.simulation.population import packed, unpacked
 
 log = logging.getLogger("shoal.simulation")
+T = TypeVar("T")
 
 ClientFactory = Callable[[str], Client]
 
@@ -88,11 +92,26 @@ def run_job(factory: ClientFactory, parameters: Parameters, job: Job) -> Outcome
 
 
 class Executor(Protocol):
-    """Runs batches of jobs; ``close`` releases any workers."""
+    """Runs batches of jobs; ``later`` runs the coordinator's side work (an
+    :data:`~shoal.core.later.Offload`: in a worker the round leaves idle, or here); ``close``
+    releases any workers."""
 
     def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]: ...
 
+    def later(self, function: Callable[..., T], /, *args: Any) -> Later[T]: ...
+
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SideTask:
+    """A function of the coordinator's and its arguments, for a worker to run between chunks."""
+
+    function: Callable[..., Any]
+    args: tuple[Any, ...]
+
+    def run(self) -> Any:
+        return self.function(*self.args)
 
 
 class ThreadsHeld:
@@ -126,6 +145,9 @@ class SerialExecutor:
 
     def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
         return [run_job(self.factory, parameters, job) for job in jobs]
+
+    def later(self, function: Callable[..., T], /, *args: Any) -> Later[T]:
+        return here(function, *args)  # one process: no other to lend
 
     def close(self) -> None:
         self._threads.release()
@@ -219,7 +241,8 @@ def _serve(connection: Connection, packed_factory: bytes, search_path: Sequence[
         if chunk is None:
             return
         try:  # sent as one message, pickled whole before any of it is written
-            connection.send((True, _run_chunk(*chunk)))
+            reply = chunk.run() if isinstance(chunk, SideTask) else _run_chunk(*chunk)
+            connection.send((True, reply))
         except BaseException as exc:  # run_job keeps a client's own failures: this is ours
             connection.send((False, _failure(exc)))
 
@@ -250,18 +273,21 @@ class WorkerProcess:
     """
 
     def __init__(self, context: ForkServerContext, packed_factory: bytes, search_path: list[str]):
-        here, there = context.Pipe()
+        mine, theirs = context.Pipe()
         # not a daemon, as ProcessPoolExecutor's workers are not: a client may start processes
         # of its own (a PyTorch DataLoader's workers)
-        self._process = context.Process(target=_serve, args=(there, packed_factory, search_path))
+        self._process = context.Process(target=_serve, args=(theirs, packed_factory, search_path))
         self._process.start()
-        there.close()  # the worker's end lives in the worker alone: its exit closes the pipe
-        self._connection = here
-        self._replies = 1  # its start
+        theirs.close()  # the worker's end lives in the worker alone: its exit closes the pipe
+        self._connection = mine
+        # whoever waits for each reply still to come, in order: None for a chunk's (or the
+        # start's), read by result(); a side task's Later, which its own result() settles
+        self._awaited: collections.deque[WorkerLater[Any] | None] = collections.deque([None])
+        self._chunk_replies: collections.deque[tuple[bool, object]] = collections.deque()
         # stopped at the latest when this is collected, or when Python exits: registered after
         # multiprocessing's own exit function, which waits for every child, this runs before
         # it (closed, the pipe ends the worker's wait for a chunk)
-        self._stop = weakref.finalize(self, _stop_worker, self._process, here)
+        self._stop = weakref.finalize(self, _stop_worker, self._process, mine)
         atexit.register(self._stop)
 
     def submit(self, vector: Vector, layout: Layout, jobs: Sequence[Job]) -> None:
@@ -269,31 +295,61 @@ class WorkerProcess:
             self._connection.send((vector, layout, list(jobs)))
         except OSError as exc:  # a worker that died took its end of the pipe with it
             raise self._died() from exc
-        self._replies += 1
+        self._awaited.append(None)
+
+    def submit_task(self, task: SideTask) -> Later[Any]:
+        """Run ``task`` once this worker is done with what it has; its value comes later (at
+        once, from here, for a task that does not pickle)."""
+        try:
+            message = ForkingPickler.dumps(task)
+        except Exception:  # a function not importable by name (a lambda, a closure)
+            return here(task.run)
+        later: WorkerLater[Any] = WorkerLater(self, task)
+        try:
+            self._connection.send_bytes(message)  # read by the worker's recv() as it is
+        except OSError as exc:
+            raise self._died() from exc
+        self._awaited.append(later)
+        return later
 
     def answered(self) -> bool:
-        """Whether the next reply is here already (reading it would not wait)."""
+        """Whether the next chunk's reply is here already (reading it would not wait)."""
         try:
-            return self._connection.poll()
-        except (EOFError, OSError):
+            while not self._chunk_replies:
+                if not self._connection.poll():
+                    return False
+                self.read_reply()  # a side task's, ahead of it
+            return True
+        except (RunError, EOFError, OSError):
             return True  # dead: reading says so at once
 
     def result(self) -> object:
-        """The next reply: a chunk's outcomes (or None, the worker's start)."""
-        self._replies -= 1
-        try:
-            ok, value = self._connection.recv()
-        except (EOFError, OSError) as exc:
-            raise self._died() from exc
+        """The next chunk's reply: its outcomes (or None, the worker's start)."""
+        while not self._chunk_replies:
+            self.read_reply()
+        ok, value = self._chunk_replies.popleft()
         if not ok:
             raise RunError(f"a simulation worker process failed: {value}")
         return value
 
+    def read_reply(self) -> None:
+        """Read the next reply and hand it to whoever waits for it."""
+        try:
+            reply = self._connection.recv()
+        except (EOFError, OSError) as exc:
+            raise self._died() from exc
+        awaited = self._awaited.popleft()
+        if awaited is None:
+            self._chunk_replies.append(reply)
+        else:
+            awaited.settle(reply)
+
     def close(self) -> None:
         try:
-            # a chunk still under way (the batch was interrupted): its reply, unread
-            while self._replies > 0 and self._connection.poll(_CLOSE_WAIT_S):
-                self.result()
+            # a chunk or a side task still under way (the batch was interrupted, a side
+            # task's value never asked for): its reply, unread
+            while self._awaited and self._connection.poll(_CLOSE_WAIT_S):
+                self.read_reply()
             self._connection.send(None)
         except (RunError, OSError):
             pass  # dead, failing or stuck: it is stopped below all the same
@@ -307,6 +363,34 @@ class WorkerProcess:
             f"{self._process.exitcode} while working: the run stops here; rerun with "
             "simulation.workers = 0 to see the failure in this process"
         )
+
+
+class WorkerLater(Generic[T]):
+    """A side task's value from a worker (:meth:`WorkerProcess.submit_task`). Where the task
+    failed there, or the worker died, the task runs here instead: its value is the same
+    (the task is a pure function of its arguments) and so is its error, raised here."""
+
+    __slots__ = ("_reply", "_task", "_worker")
+
+    def __init__(self, worker: WorkerProcess, task: SideTask) -> None:
+        self._worker = worker
+        self._task = task
+        self._reply: tuple[bool, object] | None = None
+
+    def settle(self, reply: tuple[bool, object]) -> None:
+        self._reply = reply
+
+    def result(self) -> T:
+        while self._reply is None:
+            try:
+                self._worker.read_reply()
+            except RunError:  # the worker is gone; the next batch says so
+                self._reply = (False, None)
+        ok, value = self._reply
+        if not ok:
+            value = self._task.run()
+            self._reply = (True, value)
+        return cast(T, value)
 
 
 class ProcessExecutor:
@@ -351,6 +435,7 @@ class ProcessExecutor:
         # chunks sized to each process's speed; a worker's time includes its pipe's round trip
         self.balance = Balance(workers)
         self._round_trip_s = [0.0] * workers
+        self._next_side = itertools.count()  # side tasks go to the workers in turn
 
     def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
         if not jobs:
@@ -382,6 +467,14 @@ class ProcessExecutor:
             self.balance.observe(index, jobs=count, seconds=seconds + self._round_trip_s[index])
             outcomes.append(chunk_outcomes)
         return in_job_order(jobs, outcomes)
+
+    def later(self, function: Callable[..., T], /, *args: Any) -> Later[T]:
+        """``function(*args)`` in a worker process, once it is done with its chunk: between a
+        round's batches the workers wait, and the coordinator's side work (the drift's) runs
+        there while this process goes on with the round."""
+        worker = self._workers[next(self._next_side) % len(self._workers)]
+        later: Later[T] = worker.submit_task(SideTask(function, args))
+        return later
 
     def close(self) -> None:
         try:
