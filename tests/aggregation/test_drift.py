@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
@@ -9,10 +13,14 @@ from hypothesis import strategies as st
 from sklearn.metrics import silhouette_score
 
 from shoal.aggregation.drift import (
+    SENT_WHOLE_UP_TO,
     DriftReport,
     DriftRule,
     _seeds_listed,
     _seeds_numpy,
+    drift_later,
+    drift_of_gram,
+    drift_of_rows,
     measure_drift,
     pairwise_distances,
     silhouette,
@@ -20,6 +28,7 @@ from shoal.aggregation.drift import (
     unit_rows,
 )
 from shoal.core.errors import StrategyError
+from shoal.core.later import Later, Ready
 
 
 def names(count: int) -> list[str]:
@@ -194,3 +203,31 @@ def test_the_seeding_over_lists_picks_the_seeds_numpy_picks(
     listed = _seeds_listed(squared.tolist(), first, draws[1:].tolist())
     assert listed == _seeds_numpy(squared, first, draws[1:])
     assert len(listed) == clusters and all(0 <= seed < count for seed in listed)
+
+
+def test_what_goes_to_an_offload_is_the_rows_while_small_and_their_gram_past_that() -> None:
+    sent: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+    def offload(function: Callable[..., Any], /, *args: Any) -> Later[Any]:
+        sent.append((function, args))
+        return Ready(function(*pickle.loads(pickle.dumps(args))))  # as a worker gets them
+
+    small = populations(3, 3, size=50)
+    wide = populations(4, 4, size=SENT_WHOLE_UP_TO // 8 + 1)  # one value past the bound
+    rule = DriftRule()
+    for updates in (small, wide):
+        later = drift_later(names(len(updates)), updates, rule=rule, seed=7, offload=offload)
+        assert later.result() == measure_drift(names(len(updates)), updates, rule=rule, seed=7)
+    (whole, rows), (gram_only, grams) = sent
+    assert whole is drift_of_rows and rows[1].shape == small.shape
+    assert gram_only is drift_of_gram and grams[1].shape == (8, 8)
+    assert drift_later([], np.zeros((0, 0), np.float32), offload=offload).result() == DriftReport()
+    assert len(sent) == 2  # nothing to send for no updates
+
+
+def test_a_rule_pickles_by_its_fields_and_is_checked_again_when_unpickled() -> None:
+    rule = DriftRule(method="tsne", max_clusters=6, bimodal_threshold=0.5, max_values=9)
+    assert pickle.loads(pickle.dumps(rule)) == rule
+    forged = pickle.dumps(rule).replace(b"tsne", b"umap")
+    with pytest.raises(StrategyError, match="unknown drift method"):
+        pickle.loads(forged)

@@ -233,6 +233,8 @@ def test_side_work_that_fails_in_a_worker_is_done_here_with_the_same_value_or_er
         assert pool.later(fails_away_from_home, os.getpid()).result() == os.getpid()
         with pytest.raises(ArithmeticError, match="broken here too"):
             pool.later(fails_everywhere, "broken here too").result()
+        # a function a worker cannot import by name: here, at once
+        assert pool.later(lambda: os.getpid()).result() == os.getpid()
     finally:
         pool.close()
 

@@ -13,6 +13,7 @@ import collections
 import itertools
 import logging
 import math
+import pickle
 import signal
 import sys
 import time
@@ -24,7 +25,6 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, cast
 
@@ -112,6 +112,9 @@ class SideTask:
 
     def run(self) -> Any:
         return self.function(*self.args)
+
+    def __reduce__(self) -> tuple[type[SideTask], tuple[Any, ...]]:
+        return SideTask, (self.function, self.args)  # not the slotted dataclass's state
 
 
 class ThreadsHeld:
@@ -301,7 +304,7 @@ class WorkerProcess:
         """Run ``task`` once this worker is done with what it has; its value comes later (at
         once, from here, for a task that does not pickle)."""
         try:
-            message = ForkingPickler.dumps(task)
+            message = pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)  # no handles in it
         except Exception:  # a function not importable by name (a lambda, a closure)
             return here(task.run)
         later: WorkerLater[Any] = WorkerLater(self, task)
