@@ -225,9 +225,11 @@ def test_what_goes_to_an_offload_is_the_rows_while_small_and_their_gram_past_tha
     assert len(sent) == 2  # nothing to send for no updates
 
 
-def test_a_rule_pickles_by_its_fields_and_is_checked_again_when_unpickled() -> None:
+def test_a_rule_and_a_report_pickle_by_their_fields_and_a_rule_is_checked_again() -> None:
     rule = DriftRule(method="tsne", max_clusters=6, bimodal_threshold=0.5, max_values=9)
     assert pickle.loads(pickle.dumps(rule)) == rule
+    for report in (measure_drift(names(9), populations(5, 4)), DriftReport.unavailable("why")):
+        assert pickle.loads(pickle.dumps(report)) == report
     forged = pickle.dumps(rule).replace(b"tsne", b"umap")
     with pytest.raises(StrategyError, match="unknown drift method"):
         pickle.loads(forged)

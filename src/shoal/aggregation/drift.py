@@ -128,6 +128,10 @@ class DriftReport:
     bimodal: bool = False
     reason: str | None = None
 
+    def __reduce__(self) -> tuple[type[DriftReport], tuple[Any, ...]]:
+        # by its fields: from a simulation's worker each round (see DriftRule.__reduce__)
+        return DriftReport, tuple(getattr(self, name) for name in self.__slots__)
+
     @classmethod
     def unavailable(cls, reason: str) -> DriftReport:
         return cls(reason=reason)
