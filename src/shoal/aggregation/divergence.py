@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.core.errors import StrategyError
+from shoal.core.pickling import pickled_by_fields
 from shoal.core.quantiles import median_of_sorted, ordered, quantile_of_sorted
 
 FloatMatrix = npt.NDArray[np.float32]
@@ -45,6 +46,7 @@ MAD_FLOOR = 0.1
 MEASURES = ("l2_to_aggregate", "cosine_to_aggregate", "l2_to_median", "cosine_to_median")
 
 
+@pickled_by_fields  # to a simulation's worker each round, its report back
 @dataclass(frozen=True, slots=True)
 class DivergenceRule:
     """When a client's update counts as an outlier of its round.
@@ -71,6 +73,7 @@ class DivergenceRule:
             raise StrategyError("min_clients and max_values must be at least 1")
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class ClientDivergence:
     """One client's distances in one round, and whether the rule flagged it."""
@@ -94,6 +97,7 @@ class ClientDivergence:
         }
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class DivergenceReport:
     """A round's divergence: per client, or why it cannot exist (``reason``)."""

@@ -103,6 +103,7 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+@pickled_by_fields  # to a worker, each round
 @dataclass(frozen=True, slots=True)
 class SideTask:
     """A function of the coordinator's and its arguments, for a worker to run between chunks."""
@@ -112,9 +113,6 @@ class SideTask:
 
     def run(self) -> Any:
         return self.function(*self.args)
-
-    def __reduce__(self) -> tuple[type[SideTask], tuple[Any, ...]]:
-        return SideTask, (self.function, self.args)  # not the slotted dataclass's state
 
 
 class ThreadsHeld:
