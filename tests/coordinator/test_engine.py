@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from shoal.aggregation import measures
 from shoal.aggregation.divergence import DivergenceRule
 from shoal.aggregation.drift import DriftRule
 from shoal.aggregation.strategy import make_strategy
@@ -30,7 +31,6 @@ from shoal.coordinator import (
     SendFitTask,
     StartRound,
     UpdateReceived,
-    round_summary,
 )
 from shoal.coordinator.events import Authentication
 from shoal.coordinator.policy import Submission, UpdatePolicy
@@ -632,14 +632,16 @@ def test_a_measure_that_breaks_on_a_denied_update_never_fails_the_round(
 ) -> None:
     # the work beside the policy's query sees every update, the denied ones too: a measure
     # that cannot take a hostile one must cost that work, never the round
-    real = round_summary.drift_later
+    real = measures.measure_drift
+    hostile: list[bool] = []
 
     def fragile(names: Sequence[str], updates: np.ndarray, **options: object) -> object:
-        if np.abs(updates).max() > 1e20:
+        hostile.append(bool(np.abs(updates).max() > 1e20))
+        if hostile[-1]:
             raise np.linalg.LinAlgError("did not converge")
         return real(names, updates, **options)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(round_summary, "drift_later", fragile)
+    monkeypatch.setattr(measures, "measure_drift", fragile)
     rng = np.random.default_rng(5)
     values = [rng.normal(size=SIZE).astype(np.float32) for _ in range(6)]
     values[4] = np.full(SIZE, 1e30, np.float32)  # denied: above the norm bound
@@ -652,5 +654,6 @@ def test_a_measure_that_breaks_on_a_denied_update_never_fails_the_round(
     )
     assert summary.drift is not None and summary.drift.available
     assert len(summary.drift.clients) == 5  # measured on the allowed updates alone
+    assert hostile[0] and not hostile[-1]  # the guess met the hostile update, then not
     np.testing.assert_array_equal(model, unhurried)
     assert summary == expected

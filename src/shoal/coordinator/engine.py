@@ -54,8 +54,7 @@ from shoal.coordinator.policy import (
 from shoal.coordinator.round_summary import (
     Counted,
     counted_updates,
-    round_divergence,
-    round_drift,
+    round_measures,
     summarize,
 )
 from shoal.coordinator.rounds import (
@@ -104,20 +103,22 @@ class Guess:
     def __init__(self) -> None:
         self.delta: Vector | None = None
         self.counted: Counted | None = None
-        self.divergence: DivergenceReport | None = None
+        self.divergence: Later[DivergenceReport] | None = None
         self.drift: Later[DriftReport] | None = None
 
     def measure(self, engine: Coordinator, current: RoundBooks, delta: Vector) -> None:
-        """The divergence and drift of the round's counted updates against ``delta``. The
-        drift first: its work past the updates' Gram matrix may run elsewhere meanwhile."""
+        """The divergence and drift of the round's counted updates against ``delta``: where
+        the shell lends an idle process (``engine.offload``), made there meanwhile."""
         if current.counted and (engine.divergence is not None or engine.drift is not None):
             self.counted = counted_updates(current)  # a copy of the round's updates
-        counted, offload = self.counted, engine.offload
-        self.drift = round_drift(
-            current, rule=engine.drift, seed=engine.seed, counted=counted, offload=offload
-        )
-        self.divergence = round_divergence(
-            current, delta, rule=engine.divergence, seed=engine.seed, counted=self.counted
+        self.divergence, self.drift = round_measures(
+            current,
+            delta,
+            divergence=engine.divergence,
+            drift=engine.drift,
+            seed=engine.seed,
+            counted=self.counted,
+            offload=engine.offload,
         )
         self.delta = delta
 
@@ -168,8 +169,8 @@ class Coordinator:
         self.divergence = divergence  # None: no per-client divergence (divergence.enabled = false)
         self.drift = drift  # None: no drift projection (drift.enabled = false)
         self.telemetry = telemetry  # False: no per-client timings ([telemetry] enabled = false)
-        # where the drift's work past the updates' Gram matrix runs: here, at once, unless the
-        # shell lends a process the round leaves idle (a simulation's pool worker)
+        # where the divergence and drift are measured: here, at once, unless the shell lends
+        # a process the round leaves idle (a simulation's pool worker)
         self.offload: Offload = here
         # under [clustering] start = "flagged" the model's layout picks the strategy: ``strategy``
         # for one model, per cluster once the model split (see shoal.coordinator.split)

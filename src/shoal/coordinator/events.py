@@ -330,7 +330,9 @@ class RoundSummary:
     # clients the eligibility policy turned away during the round, by criterion (the shell's tally)
     excluded: Mapping[str, int] = field(default_factory=dict)
     fallback: FallbackReport | None = None  # what the round did when too much of it dropped
-    divergence: DivergenceReport | None = None  # each counted update against the aggregate
+    # each counted update against the aggregate: a report, or one still being measured
+    # elsewhere (a simulation's idle worker), which divergence_report() waits for
+    divergence: DivergenceReport | Later[DivergenceReport] | None = None
     # the counted updates projected and clustered: a report, or one still being measured
     # elsewhere (a simulation's idle worker), which drift_report() waits for
     drift: DriftReport | Later[DriftReport] | None = None
@@ -338,6 +340,11 @@ class RoundSummary:
     clusters: Mapping[int, ClusterReport] = field(default_factory=dict)  # clustered FL
     fleet: FleetReport | None = None  # the clients' timings ([telemetry] enabled)
     split: ClusterSplit | None = None  # the model split into cluster models at this commit
+
+    def divergence_report(self) -> DivergenceReport | None:
+        """The round's divergence, waited for if it is still being measured elsewhere."""
+        report = self.divergence
+        return report if report is None or isinstance(report, DivergenceReport) else report.result()
 
     def drift_report(self) -> DriftReport | None:
         """The round's drift, waited for if it is still being measured elsewhere."""

@@ -145,7 +145,7 @@ class RunPlaybook:
     def after_fit(self, summary: RoundSummary, row: Row, *, version: int) -> Row:
         """Judge the version a fit round committed (``row`` is its metrics row, NaN kept);
         returns the row's ``playbook`` field."""
-        report = summary.divergence
+        report = summary.divergence_report()
         flagged = report.flagged if report is not None and report.available else None
         self.suspects.append(Suspects(summary.round, flagged, summary.participants))
         facts = VersionFacts.from_row(row, evaluation=self.evaluation)

@@ -63,7 +63,7 @@ class RoundRecords:
         """Keep who counted in a fit round, under their round's pseudonyms, with divergence."""
         if summary.phase is not Phase.FIT or not summary.participants:
             return
-        report = summary.divergence
+        report = summary.divergence_report()
         measured = {} if report is None else {entry.client_id: entry for entry in report.clients}
         entries = []
         for client_id in summary.participants:

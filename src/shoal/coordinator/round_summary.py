@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 from shoal.aggregation.divergence import DivergenceReport, DivergenceRule, measure_divergence
 from shoal.aggregation.drift import DriftReport, DriftRule, drift_later
+from shoal.aggregation.measures import measures_later, sent_together
 from shoal.coordinator.app import ClientMetrics, MetricsAggregation
 from shoal.coordinator.events import ClusterReport, FleetReport, RoundSummary
 from shoal.coordinator.homomorphic import CkksRound
@@ -69,7 +70,7 @@ def summarize(
         policy_decisions=current.policy_decisions,
         policy_denied=dict(sorted(current.policy_denied.items())),
         fallback=None if current.fallback is None else current.fallback.report(),
-        divergence=current.divergence,
+        divergence=None if current.divergence is None else at_once(current.divergence),
         drift=None if current.drift is None else at_once(current.drift),
         clusters={
             cluster: ClusterReport(books.clients, books.num_examples, books.means())
@@ -136,6 +137,40 @@ def round_divergence(
         return DivergenceReport()
     names, updates = counted or counted_updates(current)
     return measure_divergence(names, updates, aggregate, rule=rule, seed=seed + current.number)
+
+
+def round_measures(
+    current: RoundBooks,
+    aggregate: Vector,
+    *,
+    divergence: DivergenceRule | None,
+    drift: DriftRule | None,
+    seed: int,
+    counted: Counted | None = None,
+    offload: Offload = here,
+) -> tuple[Later[DivergenceReport] | None, Later[DriftReport] | None]:
+    """The round's divergence and drift (:func:`round_divergence`, :func:`round_drift`).
+    Where both are on, the round's updates were seen in the clear, and they are few enough
+    to send (:func:`~shoal.aggregation.measures.sent_together`), both are one task of
+    ``offload``'s, the updates sent once."""
+    plain = bool(current.counted) and _secure_protocol(current) is None
+    if divergence is not None and drift is not None and plain:
+        names, updates = counted or counted_updates(current)
+        if sent_together(updates):
+            return measures_later(
+                names,
+                updates,
+                aggregate,
+                divergence=divergence,
+                drift=drift,
+                seed=seed + current.number,
+                offload=offload,
+            )
+    report = round_divergence(current, aggregate, rule=divergence, seed=seed, counted=counted)
+    return (
+        None if report is None else Ready(report),
+        round_drift(current, rule=drift, seed=seed, counted=counted, offload=offload),
+    )
 
 
 def round_drift(

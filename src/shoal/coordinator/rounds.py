@@ -174,8 +174,9 @@ class RoundBooks:
     # the counted updates, for divergence and drift (let go of once both are measured)
     counted: list[tuple[str, Vector]] = field(default_factory=list)
     counted_weights: list[float] = field(default_factory=list)  # kept while a split may come
-    divergence: DivergenceReport | None = None
-    drift: Later[DriftReport] | None = None  # measured here, or in a simulation's idle worker
+    # measured here, or in a simulation's idle worker
+    divergence: Later[DivergenceReport] | None = None
+    drift: Later[DriftReport] | None = None
     clusters: dict[int, ClusterBooks] = field(default_factory=dict)  # clustered FL, by cluster
     fleet: FleetBooks | None = None  # the clients' timings, with [telemetry] enabled
     split: ClusterSplit | None = None  # the model split into cluster models at the commit

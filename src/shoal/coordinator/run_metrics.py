@@ -97,8 +97,9 @@ def round_row(
     row.update(extra)
     row.update(clients_metrics(summary, row))
     row.update(fleet_fields(summary, row, classes=classes))
-    if fit and summary.divergence is not None:
-        row.update(summary.divergence.row_fields())
+    divergence = summary.divergence_report() if fit else None  # waited for, as the drift
+    if divergence is not None:
+        row.update(divergence.row_fields())
     drift = summary.drift_report() if fit else None  # waited for, if measured elsewhere
     if drift is not None:
         row.update(drift.row_fields())

@@ -45,6 +45,18 @@ class Ready(Generic[T]):
         return self.value
 
 
+@dataclass(frozen=True, slots=True)
+class Part(Generic[T]):
+    """Item ``index`` of a tuple on its way (``whole``), which may carry several values."""
+
+    whole: Later[tuple[Any, ...]]
+    index: int
+
+    def result(self) -> T:
+        value: T = self.whole.result()[self.index]
+        return value
+
+
 def here(function: Callable[..., T], /, *args: Any) -> Later[T]:
     """The :data:`Offload` that does the work at once, in this process (its error is raised
     here and now)."""
