@@ -35,6 +35,7 @@ from shoal.coordinator import (
 from shoal.coordinator.events import Authentication
 from shoal.coordinator.policy import Submission, UpdatePolicy
 from shoal.core import ConfigError, IllegalTransition, Parameters, ProtocolError
+from shoal.core.later import Later, Offload, here
 from shoal.governance import Decision, PolicyBounds, PolicyEngine, UpdateFacts
 from shoal.governance.policy import _ALONE_BELOW_S, _PROBE_EVERY, facts_for
 from shoal.tasks import TRAIN_TIME_METRIC
@@ -514,7 +515,9 @@ class UnhurriedPolicy(FactsPolicy):
         return super().decide(round_number, submissions)
 
 
-def measured(policy: UpdatePolicy, values: list[np.ndarray]) -> tuple[np.ndarray, object]:
+def measured(
+    policy: UpdatePolicy, values: list[np.ndarray], offload: Offload = here
+) -> tuple[np.ndarray, object]:
     """The model after one round of ``values`` under ``policy``, and the round's summary."""
     coordinator = Coordinator(
         settings=RoundSettings(clients_per_round=len(values), quorum=0.5, deadline_s=100.0),
@@ -525,6 +528,7 @@ def measured(policy: UpdatePolicy, values: list[np.ndarray]) -> tuple[np.ndarray
         divergence=DivergenceRule(),
         drift=DriftRule(),
     )
+    coordinator.offload = offload
     clients = start(coordinator)
     actions: list[object] = []
     for index, (client, value) in enumerate(zip(clients, values, strict=False)):
@@ -656,4 +660,32 @@ def test_a_measure_that_breaks_on_a_denied_update_never_fails_the_round(
     assert len(summary.drift.clients) == 5  # measured on the allowed updates alone
     assert hostile[0] and not hostile[-1]  # the guess met the hostile update, then not
     np.testing.assert_array_equal(model, unhurried)
+    assert summary == expected
+
+
+@pytest.mark.parametrize("poisoned", [False, True])
+def test_measures_sent_elsewhere_start_before_the_policy_decides_and_change_nothing(
+    poisoned: bool,
+) -> None:
+    rng = np.random.default_rng(4)
+    values = [rng.normal(size=SIZE).astype(np.float32) for _ in range(6)]
+    if poisoned:  # denied: the measures sent for every update are thrown away
+        values[1] = np.full(SIZE, 1e30, np.float32)
+    policy = FactsPolicy()
+    order: list[str] = []
+
+    class Recorded(FactsPolicy):
+        def decide(self, *args: Any, **options: Any) -> list[Decision]:
+            order.append("policy")
+            return policy.decide(*args, **options)
+
+    def elsewhere(function: Callable[..., Any], /, *args: Any) -> Later[Any]:
+        order.append("measures")
+        return here(function, *args)  # a worker's value is the same (tests/simulation)
+
+    model, summary = measured(Recorded(), values, offload=elsewhere)
+    expected_model, expected = measured(FactsPolicy(), values)  # here: beside the query
+    assert order[:2] == ["measures", "policy"]
+    assert order.count("measures") == (2 if poisoned else 1)  # again for the allowed ones
+    np.testing.assert_array_equal(model, expected_model)
     assert summary == expected

@@ -478,7 +478,8 @@ class Coordinator:
 
         While the policy decides (its query leaves this thread free), the round's aggregate
         and what the commit measures of its updates are computed as though every update were
-        allowed, the usual case (:meth:`_guess`). The guess, returned, is the round when
+        allowed, the usual case (:meth:`_guess`); before it decides, where the measures go to
+        a process the shell lent (:attr:`offload`). The guess, returned, is the round when
         they all are; a denial throws it away, and the allowed updates are counted alone."""
         assert self.policy is not None
         pending = list(current.pending.items())
@@ -495,11 +496,13 @@ class Coordinator:
             for (client_id, entry), ratio in zip(pending, relative, strict=True)
         ]
         guess = Guess() if self._may_guess(current) else None
-        decisions = self.policy.decide(
-            current.number,
-            submissions,
-            meanwhile=None if guess is None else lambda: self._guess(current, pending, guess),
-        )
+        meanwhile = None if guess is None else lambda: self._guess(current, pending, guess)
+        if meanwhile is not None and self.offload is not here:
+            # the measures go to an idle process: started before the policy's work, they are
+            # done by the time the round needs them, and little is left here to do beside it
+            meanwhile()
+            meanwhile = None
+        decisions = self.policy.decide(current.number, submissions, meanwhile=meanwhile)
         allowed = all(decision.allowed for decision in decisions)
         if guess is not None and guess.delta is not None and allowed:  # the guess was the round
             for client_id, entry in pending:

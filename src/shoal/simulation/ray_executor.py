@@ -9,11 +9,11 @@ Ray, in a pool, or in one process.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from shoal.core.errors import MissingExtraError
-from shoal.core.later import Later, here
+from shoal.core.later import here
 from shoal.core.parameters import Layout, Parameters, Vector
 from shoal.simulation.executor import (
     ClientFactory,
@@ -25,8 +25,6 @@ from shoal.simulation.executor import (
     run_job,
     split_by_worker,
 )
-
-T = TypeVar("T")
 
 
 def _import_ray() -> Any:
@@ -89,9 +87,8 @@ class RayExecutor:
         ]
         return in_job_order(jobs, ray.get(pending))
 
-    def later(self, function: Callable[..., T], /, *args: Any) -> Later[T]:
-        # here: what a Ray task beside the actors would save is not measured, so none is sent
-        return here(function, *args)
+    # here: what a Ray task beside the actors would save is not measured, so none is sent
+    later = staticmethod(here)
 
     def close(self) -> None:
         try:
