@@ -258,3 +258,25 @@ def test_side_work_in_one_process_is_done_at_once() -> None:
             executor.later(fails_everywhere, "now")  # raised as it is asked: nothing to wait on
     finally:
         executor.close()
+
+
+def test_side_work_a_worker_cannot_import_is_done_here_and_the_worker_goes_on(
+    tmp_path: Path,
+) -> None:
+    # a function that pickles by name here but whose module the worker never saw (this
+    # process found it after the worker started): the worker says so and keeps serving
+    parameters = Parameters.from_arrays([np.zeros(3, np.float32)])
+    jobs = [Job(f"client-{index:03d}", FitConfig(round=1)) for index in range(6)]
+    pool = ProcessExecutor(WhereaboutsClient, workers=2)
+    (tmp_path / "found_later.py").write_text("import os\n\ndef pid():\n    return os.getpid()\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import found_later
+
+        assert pool.later(found_later.pid).result() == os.getpid()
+        pids = {outcome.metrics["pid"] for outcome in pool.run(parameters, jobs)}
+        assert len(pids) == 2  # the worker trained its chunk still
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("found_later", None)
+        pool.close()

@@ -235,13 +235,16 @@ def _serve(connection: Connection, packed_factory: bytes, search_path: Sequence[
     connection.send((True, None))
     while True:
         try:
-            chunk = connection.recv()
+            message = connection.recv_bytes()
         except EOFError:  # the coordinator is gone
             return
-        if chunk is None:
-            return
         try:  # sent as one message, pickled whole before any of it is written
-            reply = chunk.run() if isinstance(chunk, SideTask) else _run_chunk(*chunk)
+            # unpickled in here: a message naming what this worker cannot import (a side
+            # task's function from a module found after it started) fails alone
+            work = pickle.loads(message)
+            if work is None:
+                return
+            reply = work.run() if isinstance(work, SideTask) else _run_chunk(*work)
             connection.send((True, reply))
         except BaseException as exc:  # run_job keeps a client's own failures: this is ours
             connection.send((False, _failure(exc)))
