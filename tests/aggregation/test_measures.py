@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from shoal.aggregation.divergence import DivergenceRule, measure_divergence
-from shoal.aggregation.drift import SENT_WHOLE_UP_TO, DriftRule, measure_drift
-from shoal.aggregation.measures import measure_both, measures_later, sent_together
+from shoal.aggregation.drift import SENT_WHOLE_UP_TO, DriftRule, measure_drift, sent_together
+from shoal.aggregation.measures import measure_both, measures_later
 from shoal.core.later import Later, Ready, here
 
 

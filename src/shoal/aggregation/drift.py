@@ -190,9 +190,15 @@ def drift_later(
     columns = sample_coordinates(updates, max_values=rule.max_values, seed=seed)
     # float32 through the one product with the model's width; float64 from the n x n Gram on
     matrix = (updates if columns is None else updates[:, columns]).astype(np.float32, copy=False)
-    if matrix.size <= SENT_WHOLE_UP_TO:
+    if sent_together(matrix):
         return offload(drift_of_rows, tuple(client_ids), matrix, rule, seed)
     return offload(drift_of_gram, tuple(client_ids), gram_of(unit_rows(matrix)), rule, seed)
+
+
+def sent_together(updates: Rows) -> bool:
+    """Whether the updates are few enough values (:data:`SENT_WHOLE_UP_TO`) to go to another
+    process as they are."""
+    return updates.size <= SENT_WHOLE_UP_TO
 
 
 def drift_of_rows(

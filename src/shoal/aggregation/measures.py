@@ -1,7 +1,7 @@
 """A round's two measures of its updates at once: divergence and drift, from one copy of them.
 
 Both read every counted update of a plaintext fit round. Where the updates are few enough
-to send (:data:`~shoal.aggregation.drift.SENT_WHOLE_UP_TO` values), a simulation sends them
+to send (:func:`~shoal.aggregation.drift.sent_together`), a simulation sends them
 once to a worker that the round leaves idle, which makes both reports while the coordinator
 commits the round (:func:`measures_later`); each is what its own function gives here.
 """
@@ -19,7 +19,7 @@ from shoal.aggregation.divergence import (
     FloatMatrix,
     measure_divergence,
 )
-from shoal.aggregation.drift import SENT_WHOLE_UP_TO, DriftReport, DriftRule, measure_drift
+from shoal.aggregation.drift import DriftReport, DriftRule, measure_drift
 from shoal.core.later import Later, Offload, Part, Ready
 
 Measures = tuple[DivergenceReport, DriftReport]
@@ -41,11 +41,6 @@ def measure_both(
     )
 
 
-def sent_together(updates: FloatMatrix) -> bool:
-    """Whether the updates are few enough values to go to another process as they are."""
-    return updates.size <= SENT_WHOLE_UP_TO
-
-
 def measures_later(
     client_ids: Sequence[str],
     updates: FloatMatrix,
@@ -56,7 +51,8 @@ def measures_later(
     seed: int,
     offload: Offload,
 ) -> tuple[Later[DivergenceReport], Later[DriftReport]]:
-    """:func:`measure_both` as ``offload``'s work (call it where :func:`sent_together`)."""
+    """:func:`measure_both` as ``offload``'s work (call it where
+    :func:`~shoal.aggregation.drift.sent_together`)."""
     both = offload(measure_both, tuple(client_ids), updates, aggregate, divergence, drift, seed)
     if isinstance(both, Ready):  # done here: each report as it is
         return Ready(both.value[0]), Ready(both.value[1])

@@ -14,8 +14,8 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.aggregation.divergence import DivergenceReport, DivergenceRule, measure_divergence
-from shoal.aggregation.drift import DriftReport, DriftRule, drift_later
-from shoal.aggregation.measures import measures_later, sent_together
+from shoal.aggregation.drift import DriftReport, DriftRule, drift_later, sent_together
+from shoal.aggregation.measures import measures_later
 from shoal.coordinator.app import ClientMetrics, MetricsAggregation
 from shoal.coordinator.events import ClusterReport, FleetReport, RoundSummary
 from shoal.coordinator.homomorphic import CkksRound
@@ -151,7 +151,7 @@ def round_measures(
 ) -> tuple[Later[DivergenceReport] | None, Later[DriftReport] | None]:
     """The round's divergence and drift (:func:`round_divergence`, :func:`round_drift`).
     Where both are on, the round's updates were seen in the clear, and they are few enough
-    to send (:func:`~shoal.aggregation.measures.sent_together`), both are one task of
+    to send (:func:`~shoal.aggregation.drift.sent_together`), both are one task of
     ``offload``'s, the updates sent once."""
     plain = bool(current.counted) and _secure_protocol(current) is None
     if divergence is not None and drift is not None and plain:

@@ -473,8 +473,8 @@ class ProcessExecutor:
 
     def later(self, function: Callable[..., T], /, *args: Any) -> Later[T]:
         """``function(*args)`` in a worker process, once it is done with its chunk: between a
-        round's batches the workers wait, and the coordinator's side work (the drift's) runs
-        there while this process goes on with the round."""
+        round's batches the workers wait, and the coordinator's side work (a round's divergence
+        and drift) runs there while this process goes on with the round."""
         worker = self._workers[next(self._next_side) % len(self._workers)]
         later: Later[T] = worker.submit_task(SideTask(function, args))
         return later

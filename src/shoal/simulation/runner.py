@@ -300,7 +300,7 @@ class Simulation:
         """
         round_number, phase = play.round, play.phase
         config = lifecycle.round_config(play)
-        self.coordinator.offload = executor.later  # the drift's side work, in an idle worker
+        self.coordinator.offload = executor.later  # the round's measures, in an idle worker
         actions = self.coordinator.handle(
             StartRound(round_number, phase, now, candidates, config, self.identities)
         )
