@@ -16,7 +16,7 @@ once more without them where the environment sets ``PYTHONDONTWRITEBYTECODE``:
 each launch then compiles Shoal's own modules). The cost of the FL telemetry
 (the fleet figures of ``[telemetry]`` and the drift projection of ``[drift]``)
 is the run's seconds per round with both on over the same run with both off,
-the two runs taking turns round by round, in ``--repeats`` pairs: the median
+the two runs taking turns every ten rounds, in ``--repeats`` pairs: the median
 of the pairs' ratios; with the workload's pool (whose idle worker measures the
 drift past the updates' Gram matrix) and in one process.
 Prints one JSON object per workload.
@@ -173,15 +173,26 @@ def seconds_to_first_round_compiled(config_path: Path) -> float:
         return seconds_to_first_round(config_path, bytecode=Path(bytecode))
 
 
+TELEMETRY_TURN_ROUNDS = 10
+"""How many rounds each of a telemetry pair's two runs plays per turn. Two simulations whose
+pools take turns every round (two coordinator threads, two workers) made a side task's send
+(the round's measures, sent only with the telemetry on) take 0.5-0.8 ms at 100 clients and 10
+a round, against 0.10-0.15 ms in a run alone or in turns of ten rounds: the woken worker ran
+on the sending thread's core (with the threads and the workers pinned to separate cores the
+send took 0.12-0.18 ms in turns of one round too). That charged the telemetry a cost no run
+alone has. Ten rounds still pass well within the machine's spells of speed."""
+
+
 def telemetry_ratio(
     path: Path, *, rounds: int, repeats: int, in_process: bool
 ) -> tuple[float, float, list[float]]:
     """Seconds per round with the telemetry on and off, with the workload's own pool or
     ``in_process``, and the ratio of each of ``repeats`` pairs of runs. A pair's two runs
-    take turns round by round (two threads handing a baton back and forth, only one ever
-    running), so each round with the telemetry meets the machine as the round without it
-    met it a moment before: on a shared machine whose speed drifts by 10% from one run to
-    the next, two runs one after the other differ by more than the telemetry costs. Each
+    take turns every :data:`TELEMETRY_TURN_ROUNDS` rounds (two threads handing a baton back
+    and forth, only one ever running), so the rounds with the telemetry meet the machine as
+    the rounds without it met it a moment before: on a shared machine whose speed drifts by
+    10% from one run to the next, two runs one after the other differ by more than the
+    telemetry costs. Each
     run's figure is the median of its second half's rounds; the first figures returned are
     the medians over the pairs."""
     timings: dict[bool, list[float]] = {True: [], False: []}
@@ -192,7 +203,8 @@ def telemetry_ratio(
             for enabled in order
         ]
         players = [simulation_rounds(config) for config in configs]
-        for enabled, gaps in zip(order, _taking_turns(players), strict=True):
+        turns = _taking_turns(players, every=TELEMETRY_TURN_ROUNDS)
+        for enabled, gaps in zip(order, turns, strict=True):
             timings[enabled].append(float(np.median(gaps[len(gaps) // 2 :])))
     ratios = [on / off for on, off in zip(timings[True], timings[False], strict=True)]
     return float(np.median(timings[True])), float(np.median(timings[False])), ratios
@@ -204,14 +216,21 @@ def _telemetry_config(path: Path, *, rounds: int, enabled: bool, in_process: boo
     return load_config(path, [*overrides, f"telemetry.enabled={switch}", f"drift.enabled={switch}"])
 
 
-def _taking_turns(players: list[Player]) -> list[list[float]]:
-    """Play the players one round each in turn (two threads handing a baton back and forth,
-    only one ever running); each one's seconds per round (the time from being handed the
-    turn until its next round is done)."""
+def _taking_turns(players: list[Player], *, every: int = 1) -> list[list[float]]:
+    """Play the players ``every`` rounds each in turn (two threads handing a baton back and
+    forth, only one ever running); each one's seconds per round (the time from being handed
+    the turn, or from its round before, until its next round is done). A player that ends
+    (its rounds played, or failed) is passed over from then on; the first failure is raised
+    once every player has ended."""
     count = len(players)
     turns = [threading.Semaphore(0) for _ in players]
     gaps: list[list[float]] = [[] for _ in players]
     failures: list[BaseException] = []
+    ended = [False] * count  # written by the one player running, before it hands over
+
+    def next_after(index: int) -> int | None:
+        following = ((index + step) % count for step in range(1, count))
+        return next((other for other in following if not ended[other]), None)
 
     def play(index: int, player: Player, folder: Path) -> None:
         turns[index].acquire()
@@ -220,8 +239,10 @@ def _taking_turns(players: list[Player]) -> list[list[float]]:
         def round_done() -> None:
             nonlocal started
             gaps[index].append(time.perf_counter() - started)
-            turns[(index + 1) % count].release()
-            turns[index].acquire()
+            following = next_after(index)
+            if len(gaps[index]) % every == 0 and following is not None:
+                turns[following].release()
+                turns[index].acquire()
             started = time.perf_counter()
 
         try:
@@ -229,7 +250,10 @@ def _taking_turns(players: list[Player]) -> list[list[float]]:
         except BaseException as exc:  # the others must not wait for a turn that never comes
             failures.append(exc)
         finally:
-            turns[(index + 1) % count].release()
+            ended[index] = True
+            following = next_after(index)
+            if following is not None:
+                turns[following].release()
 
     with tempfile.TemporaryDirectory() as folder:
         threads = [
