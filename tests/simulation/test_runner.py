@@ -260,6 +260,31 @@ def test_the_run_enrolls_its_fleet_and_suspended_clients_are_never_selected(tmp_
     assert all(row["selected"] <= 3 for row in later)
 
 
+def test_clients_suspended_from_another_connection_during_a_run_are_barred_at_once(
+    tmp_path: Path,
+) -> None:
+    # the run keeps its reads of the barred clients and of their profiles between changes:
+    # an operator's suspension, committed through another connection while the run goes on,
+    # must bar them from the very next round
+    def after_round(row: dict[str, Any]) -> None:
+        if row["round"] != 2:
+            return
+        models = open_run_models(tmp_path)
+        try:
+            clients = ClientRegistry(models.database)
+            for record in clients.list(limit=100)[:17]:
+                clients.set_status(record.client_id, ClientStatus.SUSPENDED, "poisoned round 2")
+        finally:
+            models.database.close()
+
+    Simulation(small("run.rounds=4"), tmp_path).run(on_round=after_round)
+    fits = [row for row in rows_without_wall(tmp_path) if row["phase"] == "fit"]
+    assert all(row["committed"] for row in fits if row["round"] <= 2)
+    later = [row for row in fits if row["round"] > 2]
+    assert later and all(not row["committed"] for row in later)
+    assert all("eligible clients" in row["abort_reason"] for row in later)
+
+
 def test_the_policys_query_thread_ends_with_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

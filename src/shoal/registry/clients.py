@@ -35,12 +35,16 @@ from shoal.core.device import DeviceState
 from shoal.core.errors import NotFoundError, RegistryError, SecurityError
 from shoal.core.identifiers import check_client_id
 from shoal.registry.audit import AuditEvent, AuditLog
-from shoal.registry.database import Database
+from shoal.registry.database import ChangeMark, Database
 from shoal.registry.schema import ClientStatus, UtcDateTime, clients
 from shoal.registry.versioning import VERSION_COLUMNS, Component, Eligibility, version_key
 
 PUBLIC_KEY_BYTES = 32  # an Ed25519 public key
 SAMPLE_KEY_LIMIT = 2**63
+TABLE = "clients"  # the table whose changes a registry's kept reads watch
+PROFILES_KEPT = 65_536
+"""The most profiles a registry keeps between changes of the clients table (a fleet of a
+million devices would otherwise keep every one it ever read)."""
 
 _TRANSITIONS: dict[ClientStatus, frozenset[ClientStatus]] = {
     ClientStatus.ACTIVE: frozenset(ClientStatus),
@@ -270,6 +274,14 @@ class ClientRegistry:
 
     ``seed`` fixes the sample keys drawn at enrollment (for reproducible
     tests); by default they come from fresh OS entropy.
+
+    A run asks for the barred clients and for the profiles of a round's
+    clients every round, and they seldom change. On SQLite the registry
+    keeps its latest read of each with the database's change mark
+    (:meth:`~shoal.registry.database.Database.change_mark`) and serves it
+    again while the mark is the same: no other connection committed, and
+    this process changed no client (enrollments and status changes mark the
+    table as changed). On PostgreSQL every call reads.
     """
 
     def __init__(
@@ -279,6 +291,10 @@ class ClientRegistry:
         self.audit = AuditLog(database) if audit is None else audit  # enrollments, statuses
         self._rng = np.random.default_rng(seed)
         self._rng_lock = threading.Lock()
+        # the latest reads of the barred clients and of profiles, each with the database's
+        # change mark taken before it (see the class docstring)
+        self._barred: tuple[ChangeMark, frozenset[str]] | None = None
+        self._profiles: tuple[ChangeMark, dict[str, ClientProfile | None]] | None = None
 
     def new_sample_key(self) -> int:
         with self._rng_lock:
@@ -309,6 +325,7 @@ class ClientRegistry:
                 f"a public key must be {PUBLIC_KEY_BYTES} bytes (Ed25519), got {len(public_key)}"
             )
         with self.database.write() as connection:
+            self.database.changed(TABLE)
             inserted = connection.execute(
                 _insert_if_absent(connection)
                 .values(
@@ -370,6 +387,7 @@ class ClientRegistry:
         if not rows:
             return 0
         with self.database.write() as connection:
+            self.database.changed(TABLE)
             inserted = connection.execute(
                 _insert_if_absent(connection).returning(clients.c.client_id), rows
             )
@@ -382,8 +400,15 @@ class ClientRegistry:
 
     def barred(self) -> set[str]:
         """The ids of every client that is not ACTIVE (suspended or retired)."""
+        mark = self.database.change_mark(TABLE)
+        kept = self._barred
+        if mark is not None and kept is not None and kept[0] == mark:
+            return set(kept[1])
         with self.database.read() as connection:
-            return {row.client_id for row in connection.execute(_BARRED)}
+            barred = {row.client_id for row in connection.execute(_BARRED)}
+        if mark is not None:
+            self._barred = (mark, frozenset(barred))
+        return barred
 
     def get(self, client_id: str) -> ClientRecord:
         """The record of ``client_id`` (:class:`NotFoundError` when none)."""
@@ -405,9 +430,28 @@ class ClientRegistry:
         wanted = sorted(set(client_ids))
         if not wanted:
             return {}
-        with self.database.read() as connection:
-            rows = connection.execute(_PROFILES, {"wanted": wanted}).all()
-        return {row[0]: profile_from_row(row) for row in rows}
+        mark = self.database.change_mark(TABLE)
+        kept = self._profiles
+        known: dict[str, ClientProfile | None] = {}
+        if mark is not None and kept is not None and kept[0] == mark:
+            known = kept[1]
+        missing = [client_id for client_id in wanted if client_id not in known]
+        if missing:
+            with self.database.read() as connection:
+                rows = connection.execute(_PROFILES, {"wanted": missing}).all()
+            read = {row[0]: profile_from_row(row) for row in rows}
+            if mark is not None:
+                if len(known) + len(missing) > PROFILES_KEPT:
+                    known = {}
+                known.update({client_id: read.get(client_id) for client_id in missing})
+                self._profiles = (mark, known)
+            else:
+                known = {**read}
+        return {
+            client_id: profile
+            for client_id in wanted
+            if (profile := known.get(client_id)) is not None
+        }
 
     def list(
         self,
@@ -460,6 +504,7 @@ class ClientRegistry:
     ) -> ClientRecord:
         """Suspend, resume or retire a client; retirement is final."""
         with self.database.write() as connection:
+            self.database.changed(TABLE)
             current = _fetch(connection, client_id).status
             if status not in _TRANSITIONS[current]:
                 raise RegistryError(

@@ -20,6 +20,10 @@ transaction. A joined block that fails dooms the outer transaction: even if
 its caller catches the error, the outer block rolls back and raises, so no
 part of a failed write is ever committed.
 
+A reader may keep what it read of a table while the database's
+:meth:`Database.change_mark` for it stays the same (on SQLite: no other
+connection committed, and this process changed nothing of that table).
+
 A SQLite file's write-ahead log is copied back into the database (a
 checkpoint) by a thread of the :class:`Database`'s own, woken after each
 write transaction, rather than by the connection that commits: SQLite's
@@ -148,6 +152,9 @@ class Database:
     checkpointer: Checkpointer | None = field(default=None, compare=False)
     # the write transaction each thread holds open, which a nested read or write joins
     _open: threading.local = field(default_factory=threading.local, compare=False, repr=False)
+    # how many times this process changed each table that readers keep (see change_mark)
+    _changed: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+    _changed_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     @property
     def dialect(self) -> str:
@@ -178,21 +185,62 @@ class Database:
             with self._join(writes=True) as connection:
                 yield connection
             return
-        with self._transaction(immediate=True) as connection:
-            self._open.connection, self._open.doomed, self._open.awaited = connection, None, []
-            try:
-                yield connection
-                if self._open.doomed is not None:
-                    raise RegistryError(
-                        f"a write inside this transaction failed ({self._open.doomed}); "
-                        "nothing of the transaction was committed"
-                    )
-                for work in self._open.awaited:
-                    work.result()  # its error rolls the transaction back
-            finally:
-                self._open.connection = self._open.doomed = self._open.awaited = None
+        changed: set[str] = set()
+        try:
+            with self._transaction(immediate=True) as connection:
+                self._open.connection, self._open.doomed, self._open.awaited = connection, None, []
+                self._open.changed = changed
+                try:
+                    yield connection
+                    if self._open.doomed is not None:
+                        raise RegistryError(
+                            f"a write inside this transaction failed ({self._open.doomed}); "
+                            "nothing of the transaction was committed"
+                        )
+                    for work in self._open.awaited:
+                        work.result()  # its error rolls the transaction back
+                finally:
+                    self._open.connection = self._open.doomed = self._open.awaited = None
+                    self._open.changed = None
+        finally:  # committed or rolled back: the tables it changed count as changed again
+            for table in changed:
+                self._count_change(table)
         if self.checkpointer is not None:
             self.checkpointer.wake()  # the log's new pages go to the database off this path
+
+    def change_mark(self, table: str) -> ChangeMark | None:
+        """What tells whether ``table`` changed since: two equal marks mean that nothing was
+        committed to the database by another connection (another process, another thread)
+        and that this process changed nothing of ``table`` in between (its writers call
+        :meth:`changed`), so a read made after the first is still true. None where that
+        cannot be told: PostgreSQL (no such counter), and inside this thread's write
+        transaction (whose own changes are not committed yet).
+
+        SQLite's ``PRAGMA data_version`` counts the commits of other connections as one
+        connection sees them; it is asked on a connection of the pool, whose identity is
+        part of the mark (a mark taken on another connection never equals it)."""
+        if self.dialect != "sqlite" or self._joined() is not None:
+            return None
+        changed = self._changed.get(table, 0)
+        with self.engine.connect() as connection:
+            raw = connection.connection.dbapi_connection
+            assert raw is not None
+            version = raw.execute("PRAGMA data_version").fetchone()[0]
+        return ChangeMark(raw, int(version), changed)
+
+    def changed(self, table: str) -> None:
+        """This process is changing ``table``: marks taken before no longer equal later ones.
+        Inside a write transaction the table counts as changed again when it ends (a reader
+        on another thread may have read it meanwhile: committed or rolled back, what it
+        read is no longer a mark's)."""
+        self._count_change(table)
+        tables: set[str] | None = getattr(self._open, "changed", None)
+        if tables is not None:
+            tables.add(table)
+
+    def _count_change(self, table: str) -> None:
+        with self._changed_lock:  # never two bumps read the same count and write one more
+            self._changed[table] = self._changed.get(table, 0) + 1
 
     def commit_after(self, work: Future[Any] | None) -> None:
         """This thread's open write transaction commits only once ``work`` is done, and not at
@@ -256,6 +304,26 @@ class Database:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ChangeMark:
+    """A point in a SQLite database's history, as :meth:`Database.change_mark` takes it."""
+
+    connection: Any  # the pool's connection the commit counter was read on
+    data_version: int  # the commits of other connections it had seen
+    changed: int  # this process's changes of the table
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, ChangeMark)
+            and self.connection is other.connection
+            and self.data_version == other.data_version
+            and self.changed == other.changed
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.connection), self.data_version, self.changed))
 
 
 # The first of pg_advisory_xact_lock's two keys for Shoal's locks: "Shoa" in ASCII.
