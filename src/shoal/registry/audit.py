@@ -119,11 +119,14 @@ class SignedHead:
     signed_at: int
 
 
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)  # made once: json.dumps makes an encoder per call for any option not its default
+
+
 def canonical_json(value: Any) -> str:
     """The canonical encoding (as text): sorted keys, no whitespace, no NaN."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
+    return _CANONICAL.encode(value)
 
 
 def entry_hash(

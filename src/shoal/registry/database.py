@@ -420,12 +420,15 @@ class EncodedJSON:
         self.text = text
 
 
+_STRICT = json.JSONEncoder(allow_nan=False)  # what json.dumps(allow_nan=False) makes per call
+
+
 def strict_json(value: Any) -> str:
     """A JSON column's text: strict JSON (NaN and infinity refused, as PostgreSQL's ``json``
     refuses them), on SQLite as on PostgreSQL; an :class:`EncodedJSON`'s own text."""
     if isinstance(value, EncodedJSON):
         return value.text
-    return json.dumps(value, allow_nan=False)
+    return _STRICT.encode(value)
 
 
 def create_engine(url: sa.URL) -> Engine:

@@ -30,12 +30,15 @@ def clean_row(row: Row) -> Row:
     return cleaned
 
 
+_STRICT_SORTED = json.JSONEncoder(sort_keys=True, allow_nan=False)  # made once, not per row
+
+
 def strict_line(row: Row) -> str:
     """``row`` as one line of strict JSON, keys sorted, NaN and infinity as null: encoded as
     it is, and cleaned first only when the encoder refuses it (a row seldom holds NaN, and
     the walk costs more than the encoding)."""
     try:
-        return json.dumps(row, sort_keys=True, allow_nan=False)
+        return _STRICT_SORTED.encode(row)
     except ValueError:
         return json.dumps(clean_row(row), sort_keys=True)
 
