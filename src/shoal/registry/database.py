@@ -185,26 +185,19 @@ class Database:
             with self._join(writes=True) as connection:
                 yield connection
             return
-        changed: set[str] = set()
-        try:
-            with self._transaction(immediate=True) as connection:
-                self._open.connection, self._open.doomed, self._open.awaited = connection, None, []
-                self._open.changed = changed
-                try:
-                    yield connection
-                    if self._open.doomed is not None:
-                        raise RegistryError(
-                            f"a write inside this transaction failed ({self._open.doomed}); "
-                            "nothing of the transaction was committed"
-                        )
-                    for work in self._open.awaited:
-                        work.result()  # its error rolls the transaction back
-                finally:
-                    self._open.connection = self._open.doomed = self._open.awaited = None
-                    self._open.changed = None
-        finally:  # committed or rolled back: the tables it changed count as changed again
-            for table in changed:
-                self._count_change(table)
+        with self._transaction(immediate=True) as connection:
+            self._open.connection, self._open.doomed, self._open.awaited = connection, None, []
+            try:
+                yield connection
+                if self._open.doomed is not None:
+                    raise RegistryError(
+                        f"a write inside this transaction failed ({self._open.doomed}); "
+                        "nothing of the transaction was committed"
+                    )
+                for work in self._open.awaited:
+                    work.result()  # its error rolls the transaction back
+            finally:
+                self._open.connection = self._open.doomed = self._open.awaited = None
         if self.checkpointer is not None:
             self.checkpointer.wake()  # the log's new pages go to the database off this path
 
@@ -230,15 +223,9 @@ class Database:
 
     def changed(self, table: str) -> None:
         """This process is changing ``table``: marks taken before no longer equal later ones.
-        Inside a write transaction the table counts as changed again when it ends (a reader
-        on another thread may have read it meanwhile: committed or rolled back, what it
-        read is no longer a mark's)."""
-        self._count_change(table)
-        tables: set[str] | None = getattr(self._open, "changed", None)
-        if tables is not None:
-            tables.add(table)
-
-    def _count_change(self, table: str) -> None:
+        A change on another connection needs no more (its commit moves the commit counter of
+        every other connection, and none of them sees it before); this counts the changes
+        that a mark taken on the writing connection itself would miss."""
         with self._changed_lock:  # never two bumps read the same count and write one more
             self._changed[table] = self._changed.get(table, 0) + 1
 
@@ -306,24 +293,13 @@ class Database:
         self.close()
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(frozen=True, slots=True)
 class ChangeMark:
     """A point in a SQLite database's history, as :meth:`Database.change_mark` takes it."""
 
-    connection: Any  # the pool's connection the commit counter was read on
+    connection: Any  # the pool's connection the commit counter was read on (equal: the same)
     data_version: int  # the commits of other connections it had seen
     changed: int  # this process's changes of the table
-
-    def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, ChangeMark)
-            and self.connection is other.connection
-            and self.data_version == other.data_version
-            and self.changed == other.changed
-        )
-
-    def __hash__(self) -> int:
-        return hash((id(self.connection), self.data_version, self.changed))
 
 
 # The first of pg_advisory_xact_lock's two keys for Shoal's locks: "Shoa" in ASCII.
