@@ -515,6 +515,15 @@ class UnhurriedPolicy(FactsPolicy):
         return super().decide(round_number, submissions)
 
 
+def six_updates(seed: int, *, poisoned: int | None = None) -> list[np.ndarray]:
+    """Six random updates; the one at ``poisoned`` (if any) past every norm bound."""
+    rng = np.random.default_rng(seed)
+    values = [rng.normal(size=SIZE).astype(np.float32) for _ in range(6)]
+    if poisoned is not None:
+        values[poisoned] = np.full(SIZE, 1e30, np.float32)
+    return values
+
+
 def measured(
     policy: UpdatePolicy, values: list[np.ndarray], offload: Offload = here
 ) -> tuple[np.ndarray, object]:
@@ -540,10 +549,8 @@ def measured(
 def test_the_round_worked_out_beside_the_policys_query_is_the_round_worked_out_after_it(
     poisoned: bool,
 ) -> None:
-    rng = np.random.default_rng(3)
-    values = [rng.normal(size=SIZE).astype(np.float32) for _ in range(6)]
-    if poisoned:  # denied: the work done beside the query is thrown away
-        values[2] = np.full(SIZE, 1e30, np.float32)
+    # poisoned, denied: the work done beside the query is thrown away
+    values = six_updates(3, poisoned=2 if poisoned else None)
     beside, beside_summary = measured(FactsPolicy(), values)
     after, after_summary = measured(UnhurriedPolicy(), values)
     np.testing.assert_array_equal(beside, after)
@@ -646,9 +653,7 @@ def test_a_measure_that_breaks_on_a_denied_update_never_fails_the_round(
         return real(names, updates, **options)  # type: ignore[arg-type]
 
     monkeypatch.setattr(measures, "measure_drift", fragile)
-    rng = np.random.default_rng(5)
-    values = [rng.normal(size=SIZE).astype(np.float32) for _ in range(6)]
-    values[4] = np.full(SIZE, 1e30, np.float32)  # denied: above the norm bound
+    values = six_updates(5, poisoned=4)  # denied: above the norm bound
     model, summary = measured(FactsPolicy(), values)
     unhurried, expected = measured(UnhurriedPolicy(), values)  # never guesses
     assert (
@@ -667,10 +672,8 @@ def test_a_measure_that_breaks_on_a_denied_update_never_fails_the_round(
 def test_measures_sent_elsewhere_start_before_the_policy_decides_and_change_nothing(
     poisoned: bool,
 ) -> None:
-    rng = np.random.default_rng(4)
-    values = [rng.normal(size=SIZE).astype(np.float32) for _ in range(6)]
-    if poisoned:  # denied: the measures sent for every update are thrown away
-        values[1] = np.full(SIZE, 1e30, np.float32)
+    # poisoned, denied: the measures sent for every update are thrown away
+    values = six_updates(4, poisoned=1 if poisoned else None)
     policy = FactsPolicy()
     order: list[str] = []
 
