@@ -1,5 +1,5 @@
 """The run's policy: the facts of each update come from the run's registry, and every decision
-is logged before the engine acts on it."""
+is logged: a plaintext round's with the round's records, a sealed update's at once."""
 
 from __future__ import annotations
 
@@ -74,6 +74,10 @@ def test_every_decision_is_logged_with_its_facts(database: Database) -> None:
     policy = run_policy(database)
     policy.decide(1, [submitted("phone-1"), submitted("tablet-1", norm=1e9)])
     policy.decide(1, [])
+    assert PolicyDecisionLog(database).decisions("run-1") == []  # held for the round's records
+    assert policy.holding == 2
+    policy.write_held()
+    assert policy.holding == 0
     logged = PolicyDecisionLog(database).decisions("run-1")
     assert [(d.client_id, d.allowed) for d in logged] == [("phone-1", True), ("tablet-1", False)]
     assert [code for code, _ in logged[1].reasons] == ["client_not_active", "l2_norm_above_bound"]
@@ -92,6 +96,7 @@ def test_the_log_entries_made_beside_the_query_are_the_ones_made_after_it(
         policy.names = Pseudonyms(b"k" * 32, run_id="run-1")
         policy.run_id = run_id
         policy.decide(3, batch, meanwhile=beside)
+        policy.write_held()
         logs.append(PolicyDecisionLog(database).decisions(policy.run_id))
     after, made_beside = logs
     assert [(d.client_id, d.allowed, d.reasons, d.facts) for d in made_beside] == [
@@ -102,8 +107,10 @@ def test_the_log_entries_made_beside_the_query_are_the_ones_made_after_it(
     def broken() -> None:
         raise RuntimeError("the engine's own bug")
 
+    policy = run_policy(database)
     with pytest.raises(RuntimeError, match="own bug"):  # raised after the query, nothing logged
-        run_policy(database).decide(3, batch, meanwhile=broken)
+        policy.decide(3, batch, meanwhile=broken)
+    assert policy.holding == 0
     assert len(PolicyDecisionLog(database).decisions("run-1")) == 0
 
 
@@ -115,6 +122,48 @@ def test_a_sealed_update_is_decided_on_its_protocol_bounds(database: Database) -
     [decision] = policy.decide(1, [sealed])
     assert decision.allowed and decision.facts.l2_norm is None
     assert (decision.facts.l2_norm_bound, decision.facts.num_examples_bound) == (102.0, 1000)
+
+
+def test_a_sealed_decision_is_written_at_once_with_anything_held(database: Database) -> None:
+    # a sealed update is decided mid-round, when its client's first message arrives: its
+    # decision cannot wait for the round's records
+    policy = run_policy(database)
+    policy.decide(1, [submitted("phone-2")])
+    sealed = Submission("tablet-1", VERIFIED, sealed=True, l2_norm_bound=1.0)
+    policy.decide(2, [sealed])
+    assert policy.holding == 0
+    logged = PolicyDecisionLog(database).decisions("run-1")
+    assert [(d.round, d.client_id, d.allowed) for d in logged] == [
+        (1, "phone-2", True),
+        (2, "tablet-1", False),
+    ]
+
+
+def test_held_decisions_are_written_inside_the_callers_transaction(database: Database) -> None:
+    # written in a transaction that rolls back, they are held again, in their order
+    policy = run_policy(database)
+    policy.decide(1, [submitted("phone-1")])
+    policy.decide(2, [submitted("phone-2")])
+    held = policy.take_held()
+
+    def commit_that_fails() -> None:
+        with database.write():
+            policy.write(held)
+            raise RuntimeError("the commit failed")
+
+    with pytest.raises(RuntimeError, match="the commit failed"):
+        commit_that_fails()
+    policy.restore_held(held)
+    assert PolicyDecisionLog(database).decisions("run-1") == []
+    policy.decide(3, [submitted("tablet-1")])
+    with database.write():
+        policy.write_held()
+    logged = PolicyDecisionLog(database).decisions("run-1")
+    assert [(d.round, d.client_id) for d in logged] == [
+        (1, "phone-1"),
+        (2, "phone-2"),
+        (3, "tablet-1"),
+    ]
 
 
 @pytest.mark.parametrize(

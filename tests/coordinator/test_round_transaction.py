@@ -1,5 +1,6 @@
-"""A round's records are one registry transaction: its version, the audit log's selection and
-commit entries, the signed head and the participants commit together, or none of them does."""
+"""A round's records are one registry transaction: the policy's decisions on its updates, its
+version, the audit log's selection and commit entries, the signed head and the participants
+commit together, or none of them does."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from shoal.core.errors import RegistryError
 from shoal.governance.model_signing import PUBLIC_KEY_FILE, load_public_key
-from shoal.registry import verify_audit_log
+from shoal.registry import PolicyDecisionLog, verify_audit_log
 from shoal.registry.audit import AuditLog
 from shoal.registry.participation import ParticipationLog
 from shoal.simulation.runner import MODEL_NAME, Simulation, open_run_models
@@ -48,6 +49,9 @@ def test_a_failure_inside_a_round_s_records_leaves_none_of_them(
         ]
         head = AuditLog(models.database).heads()[-1]
         assert head.seq >= commit.seq  # round 1's commit was signed in its own transaction
+        decided = PolicyDecisionLog(models.database).decisions("shoal")
+        assert sorted({decision.round for decision in decided}) == [1]  # round 2's rolled back
+        assert len(decided) == 4
     finally:
         models.database.close()
 
@@ -59,5 +63,7 @@ def test_a_failure_inside_a_round_s_records_leaves_none_of_them(
         pinned = load_public_key(tmp_path / PUBLIC_KEY_FILE)
         assert verify_audit_log(models.database, pinned.verify_audit_head).intact
         assert [record.round for record in models.list(MODEL_NAME)] == [0, 1, 2, 3]
+        decided = PolicyDecisionLog(models.database).decisions("shoal")
+        assert [decision.round for decision in decided] == [1] * 4 + [2] * 4 + [3] * 4
     finally:
         models.database.close()

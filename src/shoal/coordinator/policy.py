@@ -4,9 +4,18 @@ The round engine knows what arrived (its norm, its claimed examples, how the
 shell authenticated it); the run knows who sent it (the client's registry
 record, its versions, its privacy budget left). :class:`RunPolicy` joins the
 two into :class:`~shoal.governance.policy.UpdateFacts`, asks the compiled
-policy, and keeps every decision in the registry's decision log before the
-engine acts on it. The run layer builds it, so that the simulator and the
-network coordinator apply the very same policy.
+policy, and keeps every decision in the registry's decision log. The run layer
+builds it, so that the simulator and the network coordinator apply the very
+same policy.
+
+Where the log is written: the decisions on a round's plaintext updates are
+taken as the round closes, and are held until the run writes the round's
+records (:meth:`RunPolicy.write_held`, called by
+:meth:`~shoal.coordinator.run.Run.close_round` inside its transaction): the
+version the updates built and the decisions it was built on commit together,
+or neither does, in one transaction instead of two. A sealed update's decision
+is taken mid-round, when its client's first message arrives, and is written at
+once (with anything still held).
 
 When the engine decides (see :mod:`shoal.coordinator.engine`): a plaintext
 round's updates are decided together, in one query, when the round
@@ -21,6 +30,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from shoal.config import VersionsSection
@@ -32,7 +42,7 @@ from shoal.governance.policy import Decision, PolicyEngine, UpdateFacts
 from shoal.governance.pseudonyms import Names
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import ClientRegistry, Database, DecisionRecord
-from shoal.registry.clients import ClientProfile
+from shoal.registry.clients import ClientProfile, utc_now
 from shoal.registry.decisions import PolicyDecisionLog, facts_json
 from shoal.registry.versioning import Requirement, unmet_requirements
 
@@ -108,6 +118,10 @@ def relative_norms(norms: Sequence[float]) -> list[float | None]:
     return [norm / median for norm in norms]
 
 
+Held = tuple[list[DecisionRecord], datetime]
+"""A batch of decisions held to be written, with the time they were taken."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Entry:
     """A decision's log entry before its verdict (see :meth:`RunPolicy.decide`)."""
@@ -151,6 +165,37 @@ class RunPolicy:
         self.privacy = privacy
         self.clients = ClientRegistry(database)
         self.log = PolicyDecisionLog(database, granularity_s=granularity_s)
+        self._held: list[Held] = []  # decisions not written yet
+
+    def write_held(self) -> None:
+        """Write the decisions held (see the module docstring); inside the caller's write
+        transaction, a part of it. They stay held if the write fails."""
+        held = self.take_held()
+        try:
+            self.write(held)
+        except BaseException:
+            self.restore_held(held)
+            raise
+
+    @property
+    def holding(self) -> int:
+        """How many decisions are held, not written yet."""
+        return sum(len(records) for records, _ in self._held)
+
+    def take_held(self) -> list[Held]:
+        """The decisions held, no longer held: a transaction writes them (:meth:`write`), and
+        its caller gives them back (:meth:`restore_held`) if it rolls back."""
+        held, self._held = self._held, []
+        return held
+
+    def restore_held(self, held: Sequence[Held]) -> None:
+        """Hold ``held`` again, before anything held since."""
+        self._held = [*held, *self._held]
+
+    def write(self, held: Sequence[Held]) -> None:
+        """Write ``held`` to the decision log, a statement per batch, each with its time."""
+        for records, decided_at in held:
+            self.log.record(records, now=decided_at)
 
     def decide(
         self,
@@ -191,12 +236,13 @@ class RunPolicy:
         decisions = self.engine.decide(round_number, batch, meanwhile=beside)
         if not entries:
             entries = [self._entry(facts, round_number) for facts in batch]
-        self.log.record(
-            [
-                entry.judged(decision, run_id=self.run_id, round_number=round_number)
-                for entry, decision in zip(entries, decisions, strict=True)
-            ]
-        )
+        records = [
+            entry.judged(decision, run_id=self.run_id, round_number=round_number)
+            for entry, decision in zip(entries, decisions, strict=True)
+        ]
+        self._held.append((records, utc_now()))
+        if any(submission.sealed for submission in submissions):  # mid-round: at once
+            self.write_held()
         for decision in decisions:
             if not decision.allowed:
                 reasons = "; ".join(str(reason) for reason in decision.reasons)

@@ -28,7 +28,8 @@ layer owns everything above it, so that each rule is written once:
 - each round's config from the server app;
 - the policy on every update (:mod:`shoal.coordinator.policy`): the engine
   asks it, with the facts of the run's registry, and its decisions are
-  logged and counted in the row;
+  counted in the row and logged in the round's transaction (a sealed
+  update's at once, mid-round);
 - the metrics row of a closed round with its fleet telemetry (drops,
   stragglers, cohort fairness by the device classes the shell names with
   :meth:`Run.classify`, bandwidth; :mod:`shoal.coordinator.telemetry`) and the
@@ -60,6 +61,7 @@ engine between the calls of a :class:`Run`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -213,6 +215,7 @@ class Run:
         )
         self.playbook: RunPlaybook | None = None  # [playbook], once the run is open
         self._previous: Parameters | None = None  # the model the next commit steps from
+        self._policy: RunPolicy | None = None  # the engine's, whose decisions the rounds write
 
     @property
     def names(self) -> Names:
@@ -351,6 +354,7 @@ class Run:
                 names=self.names,
                 granularity_s=self.config.metadata.timestamp_granularity_s,
             )
+        self._policy = policy
         return Coordinator(
             settings=parts.settings,
             strategy=parts.strategy,
@@ -598,7 +602,7 @@ class Run:
         records.suspend_culprits(summary)
         records.cohort_dropped(summary)
         if commit is None:
-            with self.store.transaction():
+            with self._round_transaction():
                 records.audit_selection(summary)
                 head = self.store.head()
                 row["model_version"] = None if head is None else head.version
@@ -616,10 +620,10 @@ class Run:
             )
         )
         row["model_step_l2"] = self._step_l2(commit.parameters)
-        # one transaction: the selection's entry, the version with the whole row (a crash
-        # before the row is written loses nothing), its participants, and the audit log's head
-        # signed over the commit's entry and all before it
-        with self.store.transaction():
+        # one transaction: the policy's decisions, the selection's entry, the version with the
+        # whole row (a crash before the row is written loses nothing), its participants, and
+        # the audit log's head signed over the commit's entry and all before it
+        with self._round_transaction():
             records.audit_selection(summary)
             record = self.store.commit(
                 commit.parameters,
@@ -639,6 +643,23 @@ class Run:
         if self.playbook is not None:  # its alerts fire after the round's records committed
             row["playbook"] = self.playbook.after_fit(summary, row, version=record.version)
         return row
+
+    @contextlib.contextmanager
+    def _round_transaction(self) -> Iterator[None]:
+        """The transaction of a closed round's records, the policy's decisions on its updates
+        written first inside it (:mod:`shoal.coordinator.policy`): held again if it rolls
+        back, for the next round's or the run's end."""
+        policy = self._policy
+        held = [] if policy is None else policy.take_held()
+        try:
+            with self.store.transaction():
+                if policy is not None:
+                    policy.write(held)
+                yield
+        except BaseException:
+            if policy is not None:
+                policy.restore_held(held)
+            raise
 
     def _step_l2(self, parameters: Parameters) -> float | None:
         """The L2 norm of the step from the model the round started from to ``parameters``
@@ -662,6 +683,8 @@ class Run:
     def finish(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The run's summary (the run-output contract), written to the store, and then the
         run's report (``[report] enabled``)."""
+        if self._policy is not None:  # held only where a round's transaction rolled back
+            self._policy.write_held()
         summary = run_summary(
             self.store,
             config=self.config,
