@@ -18,7 +18,10 @@ each launch then compiles Shoal's own modules). The cost of the FL telemetry
 is the run's seconds per round with both on over the same run with both off,
 the two runs taking turns every ten rounds, in ``--repeats`` pairs: the median
 of the pairs' ratios; with the workload's pool (whose idle worker measures the
-drift past the updates' Gram matrix) and in one process.
+drift past the updates' Gram matrix) and in one process. Beside it, the same runs'
+turns taken pair by pair (``*_by_turns``: each turn of ten rounds with the telemetry
+against the turn without it next to it in time, over the runs' second halves), with a
+bootstrap 95% interval of their median: ``--rounds`` and ``--repeats`` give more pairs.
 Prints one JSON object per workload.
 
     python benchmarks/simulation.py --rounds 60
@@ -185,7 +188,7 @@ alone has. Ten rounds still pass well within the machine's spells of speed."""
 
 def telemetry_ratio(
     path: Path, *, rounds: int, repeats: int, in_process: bool
-) -> tuple[float, float, list[float]]:
+) -> tuple[float, float, list[float], list[float]]:
     """Seconds per round with the telemetry on and off, with the workload's own pool or
     ``in_process``, and the ratio of each of ``repeats`` pairs of runs. A pair's two runs
     take turns every :data:`TELEMETRY_TURN_ROUNDS` rounds (two threads handing a baton back
@@ -194,8 +197,10 @@ def telemetry_ratio(
     10% from one run to the next, two runs one after the other differ by more than the
     telemetry costs. Each
     run's figure is the median of its second half's rounds; the first figures returned are
-    the medians over the pairs."""
+    the medians over the pairs, the last the ratio of each turn pair of the runs' second
+    halves (:func:`turn_pair_ratios`)."""
     timings: dict[bool, list[float]] = {True: [], False: []}
+    by_turns: list[float] = []
     for repeat in range(repeats):
         order = (True, False) if repeat % 2 == 0 else (False, True)  # who goes first
         configs = [
@@ -206,8 +211,36 @@ def telemetry_ratio(
         turns = _taking_turns(players, every=TELEMETRY_TURN_ROUNDS)
         for enabled, gaps in zip(order, turns, strict=True):
             timings[enabled].append(float(np.median(gaps[len(gaps) // 2 :])))
+        on, off = (turns[order.index(enabled)] for enabled in (True, False))
+        by_turns += turn_pair_ratios(on, off, every=TELEMETRY_TURN_ROUNDS)
     ratios = [on / off for on, off in zip(timings[True], timings[False], strict=True)]
-    return float(np.median(timings[True])), float(np.median(timings[False])), ratios
+    return float(np.median(timings[True])), float(np.median(timings[False])), ratios, by_turns
+
+
+def turn_pair_ratios(on: list[float], off: list[float], *, every: int) -> list[float]:
+    """The ratio of the median round of each turn of ``every`` rounds with the telemetry
+    (``on``, seconds per round in order) to that of the turn without it next to it in time
+    (``off``), over the second half of the turns (the first half makes the clients' data).
+    A pair of runs gives several such ratios, each of two stretches a few tenths of a second
+    apart: more samples of the same cost than the pair's one ratio, for an interval."""
+    turns = min(len(on), len(off)) // every
+    return [
+        float(np.median(on[turn * every : (turn + 1) * every]))
+        / float(np.median(off[turn * every : (turn + 1) * every]))
+        for turn in range(turns // 2, turns)
+    ]
+
+
+def median_interval(
+    values: list[float], *, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """A bootstrap 95% interval of the median of ``values`` (seeded: the same values give the
+    same interval)."""
+    data = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(data, size=(resamples, data.size)), axis=1)
+    low, high = np.quantile(medians, [0.025, 0.975])
+    return float(low), float(high)
 
 
 def _telemetry_config(path: Path, *, rounds: int, enabled: bool, in_process: bool) -> Config:
@@ -293,10 +326,10 @@ def measure(name: str, *, rounds: int, repeats: int = 5, sittings: int = 3) -> d
         serials.append(serial)
         serial_ratios.append(serial / baseline)
     _, whole_run, first_round = simulator_seconds_per_round(config)  # alone: the launch
-    with_telemetry, without_telemetry, telemetry_ratios = telemetry_ratio(
+    with_telemetry, without_telemetry, telemetry_ratios, telemetry_turns = telemetry_ratio(
         path, rounds=rounds, repeats=repeats, in_process=False
     )
-    with_in_process, without_in_process, in_process_ratios = telemetry_ratio(
+    with_in_process, without_in_process, in_process_ratios, in_process_turns = telemetry_ratio(
         path, rounds=rounds, repeats=repeats, in_process=True
     )
     return {
@@ -319,12 +352,26 @@ def measure(name: str, *, rounds: int, repeats: int = 5, sittings: int = 3) -> d
         "seconds_per_round_without_telemetry": round(without_telemetry, 5),
         "telemetry_ratio": round(float(np.median(telemetry_ratios)), 4),
         "telemetry_ratio_of_each_pair": [round(ratio, 4) for ratio in telemetry_ratios],
+        **_by_turns("telemetry_ratio", telemetry_turns),
         "seconds_per_round_in_process_with_telemetry": round(with_in_process, 5),
         "seconds_per_round_in_process_without_telemetry": round(without_in_process, 5),
         "telemetry_ratio_in_process": round(float(np.median(in_process_ratios)), 4),
         "telemetry_ratio_in_process_of_each_pair": [round(r, 4) for r in in_process_ratios],
+        **_by_turns("telemetry_ratio_in_process", in_process_turns),
         "seconds_from_launch_to_first_round": round(seconds_to_first_round_compiled(path), 3),
         "seconds_from_launch_to_first_round_compiling": round(seconds_to_first_round(path), 3),
+    }
+
+
+def _by_turns(prefix: str, ratios: list[float]) -> dict[str, Any]:
+    """The turn pairs' median ratio, its bootstrap 95% interval and their count."""
+    if not ratios:
+        return {}
+    low, high = median_interval(ratios)
+    return {
+        f"{prefix}_by_turns": round(float(np.median(ratios)), 4),
+        f"{prefix}_by_turns_interval": [round(low, 4), round(high, 4)],
+        f"{prefix}_turn_pairs": len(ratios),
     }
 
 

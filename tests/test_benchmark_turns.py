@@ -72,3 +72,21 @@ def test_a_run_that_fails_hands_the_turn_on_and_its_error_is_raised(
     with pytest.raises(RuntimeError, match="the run broke"):
         benchmark._taking_turns(players, every=1)
     assert order == ["A", "B", "B", "B", "B", "B"]
+
+
+def test_turn_pairs_compare_each_turn_with_the_turn_next_to_it(benchmark: ModuleType) -> None:
+    # two runs of 6 turns of 2 rounds; the second half's turns 3-5 are compared, turn by turn
+    on = [9.0, 9.0, 9.0, 9.0, 2.0, 2.0, 3.0, 3.0, 4.0, 8.0, 5.0, 5.0]
+    off = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 4.0, 6.0, 7.0]  # one round more
+    ratios = benchmark.turn_pair_ratios(on, off, every=2)
+    assert ratios == [3.0 / 2.0, 6.0 / 2.0, 5.0 / 5.0]
+
+
+def test_the_median_s_interval_holds_it_and_is_the_same_for_the_same_values(
+    benchmark: ModuleType,
+) -> None:
+    ratios = [1.0 + 0.01 * (i % 7) for i in range(60)]
+    low, high = benchmark.median_interval(ratios)
+    assert low <= 1.03 <= high and high - low < 0.05
+    assert benchmark.median_interval(ratios) == (low, high)
+    assert benchmark.median_interval([1.2] * 5) == (1.2, 1.2)
