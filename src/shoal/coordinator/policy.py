@@ -10,11 +10,11 @@ same policy.
 
 Where the log is written: the decisions on a round's plaintext updates are
 taken as the round closes, and are held until the run writes the round's
-records (:meth:`RunPolicy.write_held`, called by
-:meth:`~shoal.coordinator.run.Run.close_round` inside its transaction): the
-version the updates built and the decisions it was built on commit together,
-or neither does, in one transaction instead of two. A sealed update's decision
-is taken mid-round, when its client's first message arrives, and is written at
+records (:meth:`~shoal.coordinator.run.Run.close_round` writes them first
+inside its transaction, and holds them again if it rolls back): the version
+the updates built and the decisions it was built on commit together, or
+neither does, in one transaction instead of two. A sealed update's decision is
+taken mid-round, when its client's first message arrives, and is written at
 once (with anything still held).
 
 When the engine decides (see :mod:`shoal.coordinator.engine`): a plaintext
