@@ -208,11 +208,10 @@ def telemetry_ratio(
             for enabled in order
         ]
         players = [simulation_rounds(config) for config in configs]
-        turns = _taking_turns(players, every=TELEMETRY_TURN_ROUNDS)
-        for enabled, gaps in zip(order, turns, strict=True):
+        runs = dict(zip(order, _taking_turns(players, every=TELEMETRY_TURN_ROUNDS), strict=True))
+        for enabled, gaps in runs.items():
             timings[enabled].append(float(np.median(gaps[len(gaps) // 2 :])))
-        on, off = (turns[order.index(enabled)] for enabled in (True, False))
-        by_turns += turn_pair_ratios(on, off, every=TELEMETRY_TURN_ROUNDS)
+        by_turns += turn_pair_ratios(runs[True], runs[False], every=TELEMETRY_TURN_ROUNDS)
     ratios = [on / off for on, off in zip(timings[True], timings[False], strict=True)]
     return float(np.median(timings[True])), float(np.median(timings[False])), ratios, by_turns
 

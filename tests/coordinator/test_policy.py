@@ -75,9 +75,8 @@ def test_every_decision_is_logged_with_its_facts(database: Database) -> None:
     policy.decide(1, [submitted("phone-1"), submitted("tablet-1", norm=1e9)])
     policy.decide(1, [])
     assert PolicyDecisionLog(database).decisions("run-1") == []  # held for the round's records
-    assert policy.holding == 2
-    policy.write_held()
-    assert policy.holding == 0
+    policy.write(policy.take_held())
+    assert policy.take_held() == []
     logged = PolicyDecisionLog(database).decisions("run-1")
     assert [(d.client_id, d.allowed) for d in logged] == [("phone-1", True), ("tablet-1", False)]
     assert [code for code, _ in logged[1].reasons] == ["client_not_active", "l2_norm_above_bound"]
@@ -96,7 +95,7 @@ def test_the_log_entries_made_beside_the_query_are_the_ones_made_after_it(
         policy.names = Pseudonyms(b"k" * 32, run_id="run-1")
         policy.run_id = run_id
         policy.decide(3, batch, meanwhile=beside)
-        policy.write_held()
+        policy.write(policy.take_held())
         logs.append(PolicyDecisionLog(database).decisions(policy.run_id))
     after, made_beside = logs
     assert [(d.client_id, d.allowed, d.reasons, d.facts) for d in made_beside] == [
@@ -110,7 +109,7 @@ def test_the_log_entries_made_beside_the_query_are_the_ones_made_after_it(
     policy = run_policy(database)
     with pytest.raises(RuntimeError, match="own bug"):  # raised after the query, nothing logged
         policy.decide(3, batch, meanwhile=broken)
-    assert policy.holding == 0
+    assert policy.take_held() == []
     assert len(PolicyDecisionLog(database).decisions("run-1")) == 0
 
 
@@ -131,7 +130,7 @@ def test_a_sealed_decision_is_written_at_once_with_anything_held(database: Datab
     policy.decide(1, [submitted("phone-2")])
     sealed = Submission("tablet-1", VERIFIED, sealed=True, l2_norm_bound=1.0)
     policy.decide(2, [sealed])
-    assert policy.holding == 0
+    assert policy.take_held() == []
     logged = PolicyDecisionLog(database).decisions("run-1")
     assert [(d.round, d.client_id, d.allowed) for d in logged] == [
         (1, "phone-2", True),
@@ -140,30 +139,25 @@ def test_a_sealed_decision_is_written_at_once_with_anything_held(database: Datab
 
 
 def test_held_decisions_are_written_inside_the_callers_transaction(database: Database) -> None:
-    # written in a transaction that rolls back, they are held again, in their order
+    # a transaction that rolls back takes them with it: they were its round's
     policy = run_policy(database)
     policy.decide(1, [submitted("phone-1")])
-    policy.decide(2, [submitted("phone-2")])
-    held = policy.take_held()
 
     def commit_that_fails() -> None:
         with database.write():
-            policy.write(held)
+            policy.write(policy.take_held())
             raise RuntimeError("the commit failed")
 
     with pytest.raises(RuntimeError, match="the commit failed"):
         commit_that_fails()
-    policy.restore_held(held)
     assert PolicyDecisionLog(database).decisions("run-1") == []
+    assert policy.take_held() == []
+    policy.decide(2, [submitted("phone-2")])
     policy.decide(3, [submitted("tablet-1")])
     with database.write():
-        policy.write_held()
+        policy.write(policy.take_held())
     logged = PolicyDecisionLog(database).decisions("run-1")
-    assert [(d.round, d.client_id) for d in logged] == [
-        (1, "phone-1"),
-        (2, "phone-2"),
-        (3, "tablet-1"),
-    ]
+    assert [(d.round, d.client_id) for d in logged] == [(2, "phone-2"), (3, "tablet-1")]
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,11 @@ same policy.
 Where the log is written: the decisions on a round's plaintext updates are
 taken as the round closes, and are held until the run writes the round's
 records (:meth:`~shoal.coordinator.run.Run.close_round` writes them first
-inside its transaction, and holds them again if it rolls back): the version
-the updates built and the decisions it was built on commit together, or
-neither does, in one transaction instead of two. A sealed update's decision is
-taken mid-round, when its client's first message arrives, and is written at
-once (with anything still held).
+inside its transaction): the version the updates built and the decisions it
+was built on commit together, or neither does (a round that rolls back is
+decided again when it is played again), in one transaction instead of two.
+A sealed update's decision is taken mid-round, when its client's first message
+arrives, and is written at once (with anything still held).
 
 When the engine decides (see :mod:`shoal.coordinator.engine`): a plaintext
 round's updates are decided together, in one query, when the round
@@ -167,33 +167,15 @@ class RunPolicy:
         self.log = PolicyDecisionLog(database, granularity_s=granularity_s)
         self._held: list[Held] = []  # decisions not written yet
 
-    def write_held(self) -> None:
-        """Write the decisions held (see the module docstring); inside the caller's write
-        transaction, a part of it. They stay held if the write fails."""
-        held = self.take_held()
-        try:
-            self.write(held)
-        except BaseException:
-            self.restore_held(held)
-            raise
-
-    @property
-    def holding(self) -> int:
-        """How many decisions are held, not written yet."""
-        return sum(len(records) for records, _ in self._held)
-
     def take_held(self) -> list[Held]:
-        """The decisions held, no longer held: a transaction writes them (:meth:`write`), and
-        its caller gives them back (:meth:`restore_held`) if it rolls back."""
+        """The decisions held, no longer held: the round's transaction writes them
+        (:meth:`write`); if it rolls back, they go with the round's other records."""
         held, self._held = self._held, []
         return held
 
-    def restore_held(self, held: Sequence[Held]) -> None:
-        """Hold ``held`` again, before anything held since."""
-        self._held = [*held, *self._held]
-
     def write(self, held: Sequence[Held]) -> None:
-        """Write ``held`` to the decision log, a statement per batch, each with its time."""
+        """Write ``held`` to the decision log, a statement per batch, each with its time;
+        inside the caller's write transaction, a part of it."""
         for records, decided_at in held:
             self.log.record(records, now=decided_at)
 
@@ -242,7 +224,7 @@ class RunPolicy:
         ]
         self._held.append((records, utc_now()))
         if any(submission.sealed for submission in submissions):  # mid-round: at once
-            self.write_held()
+            self.write(self.take_held())
         for decision in decisions:
             if not decision.allowed:
                 reasons = "; ".join(str(reason) for reason in decision.reasons)

@@ -647,19 +647,11 @@ class Run:
     @contextlib.contextmanager
     def _round_transaction(self) -> Iterator[None]:
         """The transaction of a closed round's records, the policy's decisions on its updates
-        written first inside it (:mod:`shoal.coordinator.policy`): held again if it rolls
-        back, for the next round's or the run's end."""
-        policy = self._policy
-        held = [] if policy is None else policy.take_held()
-        try:
-            with self.store.transaction():
-                if policy is not None:
-                    policy.write(held)
-                yield
-        except BaseException:
-            if policy is not None:
-                policy.restore_held(held)
-            raise
+        written first inside it (:mod:`shoal.coordinator.policy`)."""
+        with self.store.transaction():
+            if self._policy is not None:
+                self._policy.write(self._policy.take_held())
+            yield
 
     def _step_l2(self, parameters: Parameters) -> float | None:
         """The L2 norm of the step from the model the round started from to ``parameters``
@@ -683,8 +675,6 @@ class Run:
     def finish(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The run's summary (the run-output contract), written to the store, and then the
         run's report (``[report] enabled``)."""
-        if self._policy is not None:  # held only where a round's transaction rolled back
-            self._policy.write_held()
         summary = run_summary(
             self.store,
             config=self.config,
