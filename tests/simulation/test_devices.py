@@ -61,6 +61,15 @@ def test_device_classes_follow_their_shares() -> None:
     assert 0.65 < share_a < 0.85
 
 
+def test_classes_of_names_each_clients_own_class_in_order() -> None:
+    classes = [DeviceClass(name="a", share=1.0), DeviceClass(name="b", share=1.0)]
+    devices = fleet(classes=classes)
+    asked = [IDS[7], IDS[3], IDS[7], IDS[150]]
+    assert devices.classes_of(asked) == [devices.device_class(c).name for c in asked]
+    assert {*devices.classes_of(IDS)} == {"a", "b"}
+    assert devices.classes_of([]) == []
+
+
 @pytest.mark.parametrize(("policy", "partial"), [("drop", False), ("partial", True)])
 def test_paper_stragglers_miss_the_deadline_or_send_partial_work(
     policy: str, partial: bool

@@ -33,6 +33,24 @@ def test_percentiles_of_nothing_are_none_and_ignore_non_finite_values() -> None:
     }
     fields = percentile_fields("x", np.array([1.0, math.nan, 3.0, math.inf]))
     assert fields["x_p50"] == 2.0
+    huge = percentile_fields("x", [1e308, 1e308, 5e307])  # finite, though their sum is not
+    assert huge == {"x_p50": 1e308, "x_p90": 1e308, "x_p99": 1e308}
+    assert percentile_fields("x", [3.0, -math.inf, 1.0])["x_p50"] == 2.0
+
+
+@given(
+    st.lists(
+        st.floats(-1e300, 1e300) | st.sampled_from([math.nan, math.inf, -math.inf]), max_size=30
+    )
+)
+def test_percentiles_are_numpys_over_the_finite_values(values: list[float]) -> None:
+    finite = [v for v in values if math.isfinite(v)]
+    fields = percentile_fields("x", values)
+    if not finite:
+        assert set(fields.values()) == {None}
+        return
+    expected = np.percentile(finite, [50, 90, 99])
+    assert [fields["x_p50"], fields["x_p90"], fields["x_p99"]] == expected.tolist()
 
 
 @given(seconds)

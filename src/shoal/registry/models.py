@@ -120,12 +120,14 @@ def _record(row: sa.Row[Any]) -> ModelRecord:
 def _check_metrics(metrics: Mapping[str, Any]) -> EncodedJSON:
     """``metrics`` as the strict JSON text the version stores, encoded once: the insert
     writes this text as it is (:func:`~shoal.registry.database.strict_json`)."""
-    for key, value in metrics.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise RegistryError(f"metric {key!r} is {value}: only finite numbers can be stored")
     try:  # what JSON cannot hold is refused here, NaN nested anywhere too
         return EncodedJSON(strict_json(metrics))
     except (TypeError, ValueError) as exc:
+        for key, value in metrics.items():  # a top-level one is named
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RegistryError(
+                    f"metric {key!r} is {value}: only finite numbers can be stored"
+                ) from None
         raise RegistryError(f"metrics must be finite JSON values: {exc}") from exc
 
 

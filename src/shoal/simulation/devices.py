@@ -92,8 +92,13 @@ class DeviceFleet:
         return self.settings.classes[int(self._codes[self.position(client_id)])]
 
     def classes_of(self, clients: Sequence[str]) -> list[str]:
-        """The device class name of each of ``clients`` (the run layer's fairness asks)."""
-        return [self.device_class(client).name for client in clients]
+        """The device class name of each of ``clients`` (the run layer's fairness asks, each
+        round): their codes looked up at once."""
+        if not clients:
+            return []
+        positions = np.fromiter(map(self.position, clients), np.int64, len(clients))
+        names = [device.name for device in self.settings.classes]
+        return [names[code] for code in self._codes[positions].tolist()]
 
     def population(self) -> dict[str, float]:
         """Each device class's share of the fleet (as drawn, not as configured)."""

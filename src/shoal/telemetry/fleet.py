@@ -21,6 +21,7 @@ coordinator write the very same fields:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,14 +44,23 @@ def percentile_fields(prefix: str, values: Iterable[float], *, suffix: str = "")
     """``{prefix}_p50{suffix}``, ``_p90`` and ``_p99`` of the finite ``values`` (None each
     when there are none): ``numpy.percentile``'s floats, over a sorted list
     (:mod:`shoal.core.quantiles`)."""
-    names = [f"{prefix}_p{q}{suffix}" for q in PERCENTILES]
-    finite = sorted(float(value) for value in values if math.isfinite(value))
+    names = _percentile_names(prefix, suffix)
+    given = list(values)
+    # a finite sum holds no NaN or infinity: the values sort as they are (else, or where the
+    # sum overflows, the non-finite ones are left out first)
+    finite = sorted(given if math.isfinite(sum(given)) else filter(math.isfinite, given))
     if not finite:
         return dict.fromkeys(names)
-    return {
-        name: quantile_of_sorted(finite, q / 100)
-        for name, q in zip(names, PERCENTILES, strict=True)
-    }
+    return {name: quantile_of_sorted(finite, q) for name, q in zip(names, _QUANTILES, strict=True)}
+
+
+_QUANTILES = tuple(q / 100 for q in PERCENTILES)
+
+
+@functools.cache
+def _percentile_names(prefix: str, suffix: str) -> tuple[str, ...]:
+    """The fields' names, made once per kind (each round asks for the same few)."""
+    return tuple(f"{prefix}_p{q}{suffix}" for q in PERCENTILES)
 
 
 def timing_fields(
