@@ -187,7 +187,7 @@ alone has. Ten rounds still pass well within the machine's spells of speed."""
 
 
 def telemetry_ratio(
-    path: Path, *, rounds: int, repeats: int, in_process: bool
+    path: Path, *, rounds: int, repeats: int, in_process: bool, control: bool = False
 ) -> tuple[float, float, list[float], list[float]]:
     """Seconds per round with the telemetry on and off, with the workload's own pool or
     ``in_process``, and the ratio of each of ``repeats`` pairs of runs. A pair's two runs
@@ -198,14 +198,19 @@ def telemetry_ratio(
     telemetry costs. Each
     run's figure is the median of its second half's rounds; the first figures returned are
     the medians over the pairs, the last the ratio of each turn pair of the runs' second
-    halves (:func:`turn_pair_ratios`)."""
+    halves (:func:`turn_pair_ratios`). ``control``: the run "with" the telemetry has it
+    off too (on in every second pair), so that the ratios show what the pairing measures of
+    two identical runs, the noise against which the telemetry's cost is read."""
     timings: dict[bool, list[float]] = {True: [], False: []}
     by_turns: list[float] = []
     for repeat in range(repeats):
         order = (True, False) if repeat % 2 == 0 else (False, True)  # who goes first
+        both = repeat // 2 % 2 == 1  # a control's state: off in two pairs, on in the next two
         configs = [
-            _telemetry_config(path, rounds=rounds, enabled=enabled, in_process=in_process)
-            for enabled in order
+            _telemetry_config(
+                path, rounds=rounds, enabled=both if control else with_it, in_process=in_process
+            )
+            for with_it in order
         ]
         players = [simulation_rounds(config) for config in configs]
         runs = dict(zip(order, _taking_turns(players, every=TELEMETRY_TURN_ROUNDS), strict=True))

@@ -90,3 +90,57 @@ def test_the_median_s_interval_holds_it_and_is_the_same_for_the_same_values(
     assert low <= 1.03 <= high and high - low < 0.05
     assert benchmark.median_interval(ratios) == (low, high)
     assert benchmark.median_interval([1.2] * 5) == (1.2, 1.2)
+
+
+def test_a_control_pairs_runs_in_the_same_state_and_the_real_pairing_does_not(
+    benchmark: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    states: list[tuple[bool, bool]] = []
+    made: list[bool] = []
+
+    def config(path: Path, *, rounds: int, enabled: bool, in_process: bool) -> bool:
+        made.append(enabled)
+        return enabled
+
+    def turns(players: list[object], *, every: int) -> list[list[float]]:
+        states.append((made[-2], made[-1]))
+        return [[1.0] * 40, [1.0] * 40]
+
+    monkeypatch.setattr(benchmark, "_telemetry_config", config)
+    monkeypatch.setattr(benchmark, "simulation_rounds", lambda config: config)
+    monkeypatch.setattr(benchmark, "_taking_turns", turns)
+    benchmark.telemetry_ratio(Path("w.toml"), rounds=40, repeats=4, in_process=False)
+    assert states == [(True, False), (False, True), (True, False), (False, True)]
+    states.clear()
+    *_, control_turns = benchmark.telemetry_ratio(
+        Path("w.toml"), rounds=40, repeats=4, in_process=False, control=True
+    )
+    assert states == [(False, False), (False, False), (True, True), (True, True)]
+    assert set(control_turns) == {1.0}
+
+
+@pytest.fixture(scope="module")
+def telemetry_cost() -> ModuleType:
+    path = BENCHMARK.with_name("telemetry_cost.py")
+    spec = importlib.util.spec_from_file_location("telemetry_cost_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_pooled_interval_widens_with_the_spread_between_invocations(
+    telemetry_cost: ModuleType,
+) -> None:
+    # the same values, spread inside each invocation or between invocations: pooled, both
+    # have one median, and the interval that draws the invocations too is the wider
+    within = [[1.0, 1.02, 1.04, 1.06, 1.08] for _ in range(6)]
+    between = [[1.0 + 0.02 * i] * 5 for i in range(5)] + [[1.04] * 5]
+    low_within, high_within = telemetry_cost.pooled_interval(within)
+    low_between, high_between = telemetry_cost.pooled_interval(between)
+    assert low_within <= 1.04 <= high_within and low_between <= 1.04 <= high_between
+    assert high_between - low_between > high_within - low_within
+    assert telemetry_cost.pooled_interval(within) == (low_within, high_within)  # seeded
+    assert telemetry_cost.pooled_interval([[1.1] * 3, [], [1.1]]) == (1.1, 1.1)
+    with pytest.raises(ValueError, match="no ratios"):
+        telemetry_cost.pooled_interval([[], []])
