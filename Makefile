@@ -40,6 +40,7 @@ test: lint typecheck
 bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/aggregation.py
 	$(BIN)/python benchmarks/simulation.py
+	$(BIN)/python benchmarks/telemetry_cost.py
 	$(BIN)/python benchmarks/registry.py
 	$(BIN)/python benchmarks/network.py
 	$(BIN)/python benchmarks/attestation.py

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -100,6 +102,23 @@ def test_projection_shapes_and_record() -> None:
         "drift_separation": report.separation,
         "drift_bimodal": True,
     }
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne"])
+def test_the_record_line_is_the_projection_in_key_order_wherever_it_was_encoded(
+    method: str,
+) -> None:
+    rule = DriftRule(method=method)  # type: ignore[arg-type]
+    report = measure_drift(names(9), populations(5, 4), rule=rule, seed=3)
+    called = [f"p-{index}" for index in range(9)]
+    line = report.record_line(4, called)
+    assert json.loads(line) == report.projection(4, called)
+    assert line == json.dumps(report.projection(4, called), sort_keys=True, allow_nan=False)
+    # the members travel with the report to the process that writes the line
+    travelled = pickle.loads(pickle.dumps(report))
+    assert travelled.encoded == report.encoded != "" and travelled.record_line(4, called) == line
+    # a report made without them (by hand, or by an older worker) encodes them itself
+    assert replace(report, encoded="").record_line(4, called) == line
 
 
 def test_tsne_projects_without_explained_variance() -> None:

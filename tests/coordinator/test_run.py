@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -105,8 +106,8 @@ class MemoryStore:
     def append_row(self, row: dict[str, Any]) -> None:
         self.row_list.append(dict(row))
 
-    def append_drift(self, record: dict[str, Any]) -> None:
-        self.drift_list.append(dict(record))
+    def append_drift(self, line: str) -> None:
+        self.drift_list.append(json.loads(line))
 
     def keep_drift(self, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
         self.drift_list = [record for record in self.drift_list if keep(record)]

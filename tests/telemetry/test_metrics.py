@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shoal.config import load_config
+from shoal.simulation.runner import Simulation
 from shoal.telemetry import MetricsLog
 from shoal.telemetry.metrics import clean_row, strict_line
 
@@ -35,6 +39,33 @@ def test_torn_last_line_is_skipped_and_truncate_keeps_what_it_is_told(tmp_path: 
     kept = log.truncate(lambda row: row["round"] <= 2)
     assert [row["round"] for row in kept] == [1, 2]
     assert log.path.read_text().count("\n") == 2
+
+
+def test_appends_keep_one_descriptor_that_follows_truncation_and_closes(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    before = len(os.listdir("/proc/self/fd"))
+    log.append({"round": 1})
+    log.append_line('{"round": 2}')
+    assert len(os.listdir("/proc/self/fd")) == before + 1  # one, kept from the first append
+    log.truncate(lambda row: row["round"] == 1)  # a new file: the next append goes there
+    log.append({"round": 3})
+    assert [row["round"] for row in log.rows()] == [1, 3]
+    log.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+    log.close()  # twice is nothing
+    log.append({"round": 4})  # reopened
+    assert [row["round"] for row in MetricsLog(log.path).rows()] == [1, 3, 4]
+    del log
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before  # collected: closed
+
+
+def test_a_run_closes_its_logs_when_it_ends(tmp_path: Path) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    config = load_config(None, ["run.rounds=2", "simulation.workers=0", "drift.enabled=true"])
+    Simulation(config, tmp_path / "run").run()
+    assert (tmp_path / "run" / "drift.jsonl").read_text().count("\n") == 2
+    assert len(os.listdir("/proc/self/fd")) <= before
 
 
 finite_or_not = st.one_of(

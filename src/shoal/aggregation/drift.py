@@ -26,10 +26,11 @@ from __future__ import annotations
 import bisect
 import functools
 import itertools
+import json
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -124,6 +125,9 @@ class DriftReport:
     separation: float | None = None  # the chosen clustering's silhouette
     bimodal: bool = False
     reason: str | None = None
+    # the record's members other than its round and clients, as JSON text, made where the
+    # drift was measured (a simulation's worker): "" to encode them from the fields
+    encoded: str = field(default="", compare=False, repr=False)
 
     @classmethod
     def unavailable(cls, reason: str) -> DriftReport:
@@ -156,6 +160,32 @@ class DriftReport:
                 None if self.explained_variance is None else list(self.explained_variance)
             ),
         }
+
+    def record_line(self, round_number: int, names: Sequence[str]) -> str:
+        """:meth:`projection` as one line of JSON, its keys in order: the members measured
+        elsewhere come encoded there (:attr:`encoded`), so that the coordinator's own thread
+        writes only the round and the clients' names around them."""
+        members = self.encoded or _record_members(
+            self.method, self.points, self.labels, self.explained_variance
+        )
+        return f'{{"clients": {_JSON.encode(list(names))}, {members}, "round": {round_number}}}'
+
+
+_JSON = json.JSONEncoder(allow_nan=False)  # made once, not per record
+
+
+def _record_members(
+    method: str,
+    points: Sequence[Sequence[float]],
+    labels: Sequence[int],
+    explained: Sequence[float] | None,
+) -> str:
+    """The JSON members of a drift record between its clients and its round, in key order."""
+    return (
+        f'"explained_variance": {_JSON.encode(None if explained is None else list(explained))}, '
+        f'"labels": {_JSON.encode(list(labels))}, "method": {_JSON.encode(method)}, '
+        f'"points": {_JSON.encode(points)}'
+    )
 
 
 def measure_drift(
@@ -244,6 +274,7 @@ def drift_of_gram(
         clusters=max(labels) + 1,
         separation=separation,
         bimodal=separation is not None and separation >= rule.bimodal_threshold,
+        encoded=_record_members(rule.method, listed, labels, explained),
     )
 
 

@@ -52,7 +52,12 @@ from shoal.registry import (
 from shoal.registry.database import lock_name
 from shoal.registry.models import model_lock
 from shoal.telemetry.metric_names import flatten_metrics
-from shoal.telemetry.metrics import METRICS_FILE, SUMMARY_FILE, MetricsLog, clean_row
+from shoal.telemetry.metrics import (
+    METRICS_FILE,
+    SUMMARY_FILE,
+    MetricsLog,
+    clean_row,
+)
 from shoal.telemetry.report import DRIFT_FILE, REPORT_FILE, load_run, write_report
 from shoal.telemetry.tracking import MlflowTracker
 
@@ -136,7 +141,9 @@ class RunStore(Protocol):
 
     def append_row(self, row: Row) -> None: ...
 
-    def append_drift(self, record: Row) -> None: ...
+    def append_drift(self, line: str) -> None:
+        """Append a round's drift record, one line of JSON, to ``drift.jsonl``."""
+        ...
 
     def keep_drift(self, keep: Callable[[Row], bool]) -> list[Row]: ...
 
@@ -290,8 +297,14 @@ class RunRecords:
         """Hand ``watcher`` every row from now on, as it is stored (recovered rows too)."""
         self._watchers.append(watcher)
 
-    def append_drift(self, record: Row) -> None:
-        self.drift.append(record)
+    def append_drift(self, line: str) -> None:
+        self.drift.append_line(line)
+
+    def close_logs(self) -> None:
+        """Close the descriptors of the run's appends (``metrics.jsonl`` and ``drift.jsonl``):
+        the shell's last step with the run folder."""
+        self.metrics.close()
+        self.drift.close()
 
     def keep_drift(self, keep: Callable[[Row], bool]) -> list[Row]:
         return self.drift.truncate(keep)

@@ -286,14 +286,14 @@ def drift_rule(config: Config) -> DriftRule | None:
     )
 
 
-def drift_projection(summary: RoundSummary, *, names: Names) -> Row | None:
-    """A fit round's record for ``drift.jsonl``, its clients under their round's pseudonyms
-    (None: no projection in the round)."""
+def drift_projection(summary: RoundSummary, *, names: Names) -> str | None:
+    """A fit round's record for ``drift.jsonl`` (one line of JSON), its clients under their
+    round's pseudonyms (None: no projection in the round)."""
     drift = summary.drift_report()
     if drift is None or not drift.available or not drift.clients:
         return None
     named = [names.of(client, round_number=summary.round) for client in drift.clients]
-    return drift.projection(summary.round, named)
+    return drift.record_line(summary.round, named)
 
 
 def _head_row(committed: list[Row], head: ModelRecord | None) -> Row:

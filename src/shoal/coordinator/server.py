@@ -135,9 +135,10 @@ class CoordinatorParts:
         return self.run.stop_reason
 
     def close(self) -> None:
-        """Release the registry database, the policy's and the blob store's threads, and the key
-        holder's channel."""
+        """Release the registry database, the policy's and the blob store's threads, the run
+        folder's logs and the key holder's channel."""
         self.run.parts.release()
+        self.records.close_logs()
         self.records.models.blobs.close()
         self.database.close()
         if self.key_holder is not None:

@@ -216,6 +216,7 @@ class Simulation:
                 records.end_tracking(finished=finished)  # may fail: the registry closes anyway
             finally:
                 self.parts.release()
+                records.close_logs()
                 models.blobs.close()
                 models.database.close()
 

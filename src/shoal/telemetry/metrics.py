@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,39 +49,50 @@ class MetricsLog:
 
     Rows are not fsynced: the row of every committed round is also stored in
     its model version, which is, so a resumed run rebuilds a lost last row.
+    The log appends through one descriptor of ``O_APPEND``, opened at its first
+    append and kept until :meth:`close` (or until the log is collected): opening
+    and closing the file for each row cost more than the write itself, which
+    a round pays for each log it appends to.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._descriptor: int | None = None
+        self._closer: weakref.finalize[Any, MetricsLog] | None = None
 
     def append(self, row: Row) -> None:
-        append_line(self.path, strict_line(row))
+        self.append_line(strict_line(row))
+
+    def append_line(self, line: str) -> None:
+        """Append ``line`` (one JSON value, no newline in it) and a newline in one write."""
+        if self._descriptor is None:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            self._descriptor = os.open(self.path, flags, 0o666)
+            self._closer = weakref.finalize(self, os.close, self._descriptor)
+        data = (line + "\n").encode()
+        written = os.write(self._descriptor, data)
+        while written < len(data):  # a regular file takes it all but on a full disk
+            written += os.write(self._descriptor, data[written:])
+
+    def close(self) -> None:
+        """Close the descriptor of the appends, if one is open (the next append opens one)."""
+        if self._closer is not None:
+            self._closer()
+        self._descriptor, self._closer = None, None
 
     def rows(self) -> list[Row]:
         """Every complete row; a line torn by a crash is skipped (see :func:`read_rows`)."""
         return read_rows(self.path)[0]
 
     def truncate(self, keep: Callable[[Row], bool]) -> list[Row]:
-        """Keep only the rows ``keep`` accepts (atomically); returns them."""
+        """Keep only the rows ``keep`` accepts (atomically); returns them. The appends go on
+        to the new file."""
         kept = [row for row in self.rows() if keep(row)]
         partial = self.path.with_name(self.path.name + ".partial")
         partial.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in kept))
+        self.close()
         partial.replace(self.path)
         return kept
-
-
-def append_line(path: Path, line: str) -> None:
-    """Append ``line`` and a newline to ``path`` (created when absent) in one write of
-    O_APPEND: a descriptor, not a text file object, whose setup costs more than the write
-    (a run appends a row or two each round)."""
-    data = (line + "\n").encode()
-    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        written = os.write(descriptor, data)
-        while written < len(data):  # a regular file takes it all but on a full disk
-            written += os.write(descriptor, data[written:])
-    finally:
-        os.close(descriptor)
 
 
 def read_rows(path: Path) -> tuple[list[Row], int]:
