@@ -22,6 +22,8 @@ drift past the updates' Gram matrix) and in one process. Beside it, the same run
 turns taken pair by pair (``*_by_turns``: each turn of ten rounds with the telemetry
 against the turn without it next to it in time, over the runs' second halves), with a
 bootstrap 95% interval of their median: ``--rounds`` and ``--repeats`` give more pairs.
+That interval holds one process's noise only: ``benchmarks/telemetry_cost.py`` pools the
+same pairing over fresh processes, beside a control, for the figure of record.
 Prints one JSON object per workload.
 
     python benchmarks/simulation.py --rounds 60
