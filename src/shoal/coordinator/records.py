@@ -52,12 +52,7 @@ from shoal.registry import (
 from shoal.registry.database import lock_name
 from shoal.registry.models import model_lock
 from shoal.telemetry.metric_names import flatten_metrics
-from shoal.telemetry.metrics import (
-    METRICS_FILE,
-    SUMMARY_FILE,
-    MetricsLog,
-    clean_row,
-)
+from shoal.telemetry.metrics import METRICS_FILE, SUMMARY_FILE, MetricsLog, clean_row
 from shoal.telemetry.report import DRIFT_FILE, REPORT_FILE, load_run, write_report
 from shoal.telemetry.tracking import MlflowTracker
 
