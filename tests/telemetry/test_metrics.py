@@ -43,29 +43,46 @@ def test_torn_last_line_is_skipped_and_truncate_keeps_what_it_is_told(tmp_path: 
 
 def test_appends_keep_one_descriptor_that_follows_truncation_and_closes(tmp_path: Path) -> None:
     log = MetricsLog(tmp_path / "metrics.jsonl")
-    before = len(os.listdir("/proc/self/fd"))
     log.append({"round": 1})
     log.append_line('{"round": 2}')
-    assert len(os.listdir("/proc/self/fd")) == before + 1  # one, kept from the first append
+    assert descriptors_of(log.path) == 1  # one, kept from the first append
     log.truncate(lambda row: row["round"] == 1)  # a new file: the next append goes there
+    assert descriptors_of(log.path) == 0
     log.append({"round": 3})
     assert [row["round"] for row in log.rows()] == [1, 3]
     log.close()
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert descriptors_of(log.path) == 0
     log.close()  # twice is nothing
     log.append({"round": 4})  # reopened
     assert [row["round"] for row in MetricsLog(log.path).rows()] == [1, 3, 4]
+    path = log.path
     del log
     gc.collect()
-    assert len(os.listdir("/proc/self/fd")) == before  # collected: closed
+    assert descriptors_of(path) == 0  # collected: closed
+
+
+def descriptors_of(path: Path) -> int:
+    """How many of this process's descriptors point at ``path``."""
+    return sum(1 for pointed in open_pointers() if pointed == os.path.realpath(path))
+
+
+def open_pointers() -> list[str]:
+    """What this process's descriptors point at."""
+    pointed = []
+    for descriptor in os.listdir("/proc/self/fd"):
+        try:
+            pointed.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        except OSError:  # the listing's own, closed by now
+            continue
+    return pointed
 
 
 def test_a_run_closes_its_logs_when_it_ends(tmp_path: Path) -> None:
-    before = len(os.listdir("/proc/self/fd"))
     config = load_config(None, ["run.rounds=2", "simulation.workers=0", "drift.enabled=true"])
     Simulation(config, tmp_path / "run").run()
+    logs = {os.path.realpath(tmp_path / "run" / name) for name in ("metrics.jsonl", "drift.jsonl")}
     assert (tmp_path / "run" / "drift.jsonl").read_text().count("\n") == 2
-    assert len(os.listdir("/proc/self/fd")) <= before
+    assert not logs & set(open_pointers())
 
 
 finite_or_not = st.one_of(
