@@ -148,23 +148,12 @@ class DriftReport:
             "drift_bimodal": self.bimodal,
         }
 
-    def projection(self, round_number: int, names: Sequence[str]) -> dict[str, Any]:
-        """The round's record in ``drift.jsonl``, its clients called ``names`` (in order)."""
-        return {
-            "round": round_number,
-            "method": self.method,
-            "points": [list(point) for point in self.points],
-            "labels": list(self.labels),
-            "clients": list(names),
-            "explained_variance": (
-                None if self.explained_variance is None else list(self.explained_variance)
-            ),
-        }
-
     def record_line(self, round_number: int, names: Sequence[str]) -> str:
-        """:meth:`projection` as one line of JSON, its keys in order: the members measured
-        elsewhere come encoded there (:attr:`encoded`), so that the coordinator's own thread
-        writes only the round and the clients' names around them."""
+        """The round's record in ``drift.jsonl``, its clients called ``names`` (in order), as
+        one line of JSON, its keys in order (``clients``, ``explained_variance``, ``labels``,
+        ``method``, ``points``, ``round``): the members measured elsewhere come encoded there
+        (:attr:`encoded`), so that the coordinator's own thread writes only the round and the
+        clients' names around them."""
         members = self.encoded or _record_members(
             self.method, self.points, self.labels, self.explained_variance
         )
