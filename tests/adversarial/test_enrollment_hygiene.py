@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,16 +21,14 @@ import grpc
 import pytest
 
 from shoal.client.link import Enroll, Enrollment
-from shoal.config import parse_config
-from shoal.coordinator.server import CoordinatorParts, build
-from shoal.coordinator.service import add_coordinator_service
+from shoal.coordinator.server import CoordinatorParts
 from shoal.core import DeviceState, ProtocolError
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport.grpc_link import GrpcLink
 from shoal.transport.messages import EnrollmentRequest, RejectCode
 from shoal.transport.signing import NO_ROUND, generate_client_key, new_nonce, sign_request
-from support.jobs import network_job
+from support.peers import served as served_job
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,21 +55,11 @@ HOSTILE_IDS = [
 ]
 
 
-@asynccontextmanager
-async def served(tmp_path: Path, tokens: list[Any]) -> AsyncIterator[tuple[str, CoordinatorParts]]:
+def served(
+    tmp_path: Path, tokens: list[Any]
+) -> AbstractAsyncContextManager[tuple[str, CoordinatorParts]]:
     """The coordinator ``shoal coordinator serve`` builds, its service on 127.0.0.1."""
-    sections = network_job(tmp_path, run_id=RUN, token=TOKEN, clients=2, per_round=2)
-    sections["coordinator"]["enrollment_tokens"] = tokens
-    parts = build(parse_config(sections))
-    server = grpc.aio.server()
-    add_coordinator_service(parts.service, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}", parts
-    finally:
-        await server.stop(None)
-        parts.close()
+    return served_job(tmp_path, run_id=RUN, tokens=tokens)
 
 
 def forged_enroll(client_id: str, token: str, **device: str) -> bytes:

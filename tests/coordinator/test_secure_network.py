@@ -256,17 +256,18 @@ def test_a_secure_round_over_grpc_survives_a_stalled_client(tmp_path: Path) -> N
         load_or_create_enrollment(tmp_path / f"c{index}", generate_client_key)
         for index in range(CLIENTS)
     ]
-    plaintext_from: list[str] = []  # who handed the driver a plaintext update
+    plaintext_from: list[str] = []  # who began a plaintext upload (screened before its bytes)
 
     async def body(deployment: Deployment) -> dict[str, RejectCode | None]:
         driver = deployment.driver
-        original = driver.submit_update
+        original = driver.screen_upload
 
-        def spy(client_id: str, *args: Any) -> Any:
-            plaintext_from.append(client_id)
-            return original(client_id, *args)
+        def spy(client_id: str, round_number: int, *, secure: bool = False) -> Any:
+            if not secure:
+                plaintext_from.append(client_id)
+            return original(client_id, round_number, secure=secure)
 
-        driver.submit_update = spy  # type: ignore[method-assign]
+        driver.screen_upload = spy  # type: ignore[method-assign]
         links = [
             GrpcLink(deployment.target, credentials=deployment.credentials, enrollment_token=TOKEN)
             for _ in enrollments

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -270,7 +271,8 @@ def test_bad_input_gets_a_code_and_the_coordinator_keeps_serving(tmp_path: Path)
                         offers[name] = outcome
             name = next(iter(offers))
             private, base = keys[name], offers[name].model_sha256  # type: ignore[attr-defined]
-            good = Parameters.from_arrays([np.zeros(650, np.float32)]).to_bytes()
+            model = deployment.driver.coordinator.parameters
+            good = model.with_vector(np.zeros(len(model), np.float32)).to_bytes()
 
             stranger = serde.encode_check_in_request(DeviceState())
             reply = await stub.CheckIn(signed(stranger, generate_client_key()[0], "mallory"))
@@ -302,7 +304,7 @@ def test_bad_input_gets_a_code_and_the_coordinator_keeps_serving(tmp_path: Path)
             codes["wrong shape"] = await upload(
                 stub, header_for(private, name, wrong_shape, base), wrong_shape
             )
-            nan = Parameters.from_arrays([np.full(650, np.nan, np.float32)]).to_bytes()
+            nan = model.with_vector(np.full(len(model), np.nan, np.float32)).to_bytes()
             other = next(n for n in offers if n != name)
             codes["nan"] = await upload(stub, header_for(keys[other], other, nan, base), nan)
             codes["wrong round"] = await upload(
@@ -385,12 +387,16 @@ def test_an_issued_token_admits_one_new_client_and_restarts_use_none(tmp_path: P
 def test_garbage_after_a_good_header_is_malformed_and_the_service_serves_on(
     tmp_path: Path,
 ) -> None:
-    """The servicer parses every part of an upload itself: a corrupt second part is refused."""
+    """The servicer parses every part of an upload itself: a corrupt second part of a cohort
+    member's upload (whose bytes the round takes in) is refused."""
 
     async def body(deployment: Deployment) -> tuple[Any, RejectCode | None]:
         async with grpc.aio.secure_channel(deployment.target, deployment.credentials) as channel:
             stub = pb_grpc.CoordinatorStub(channel)
             private = await enroll(stub, "alice")
+            runner = asyncio.create_task(deployment.driver.run())
+            while not hasattr(deployment.driver.check_in("alice"), "model_sha256"):
+                await asyncio.sleep(0.02)
             base, _ = deployment.service.model_bytes.current()
             payload = b"x" * 10
             opening = pb.UpdatePart(header=header_for(private, "alice", payload, base))
@@ -408,9 +414,14 @@ def test_garbage_after_a_good_header_is_malformed_and_the_service_serves_on(
                 "alice",
             )
             reply = serde.decode_heartbeat_response(await stub.Heartbeat(alive))
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
         return verdict, reply.verdict.code
 
-    verdict, still_serving = asyncio.run(with_coordinator(tmp_path, body, rounds=1))
+    verdict, still_serving = asyncio.run(
+        with_coordinator(tmp_path, body, rounds=1, clients_per_round=1)
+    )
     assert verdict.code is RejectCode.MALFORMED
     assert "8 bytes that do not parse as a protobuf UpdatePart" in verdict.detail
     assert still_serving is None
@@ -438,7 +449,8 @@ def test_an_update_the_versioning_matrix_no_longer_accepts_is_refused(tmp_path: 
             VersionMatrix(deployment.clients.database).require(
                 "digits-mlp", Component.APP, minimum="9.0"
             )
-            good = Parameters.from_arrays([np.zeros(650, np.float32)]).to_bytes()
+            model = deployment.driver.coordinator.parameters
+            good = model.with_vector(np.zeros(len(model), np.float32)).to_bytes()
             refused = await upload(stub, header_for(keys["alice"], "alice", good, base), good)
             reply = await stub.CheckIn(
                 signed(serde.encode_check_in_request(DeviceState()), keys["alice"], "alice")

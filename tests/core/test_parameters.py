@@ -126,6 +126,21 @@ def test_layout_validation() -> None:
         Parameters.from_arrays([np.array(["text"])])
 
 
+def test_a_layouts_difference_names_the_first_tensor_that_differs() -> None:
+    model = Layout((TensorSpec("w", (10, 64)), TensorSpec("b", (10,))))
+    assert model.difference(model) is None
+    assert model.difference(Layout(model.specs)) is None
+    swapped = Layout((TensorSpec("b", (10,)), TensorSpec("w", (10, 64))))
+    assert model.difference(swapped) == (
+        "tensor 0 is 'w' [10, 64] float32 where 'b' [10] float32 was expected"
+    )
+    reshaped = Layout((TensorSpec("w", (64, 10)), TensorSpec("b", (10,))))
+    assert "tensor 0 is 'w' [10, 64]" in str(model.difference(reshaped))
+    wider = Layout((TensorSpec("w", (10, 64), "float64"), TensorSpec("b", (10,))))
+    assert "float32 where 'w' [10, 64] float64" in str(model.difference(wider))
+    assert model.difference(Layout(model.specs[:1])) == "2 tensors where 1 were expected"
+
+
 def test_stack_vectors() -> None:
     items = [Parameters.from_arrays([np.full(3, value)]) for value in range(4)]
     assert stack_vectors(items).shape == (4, 3)

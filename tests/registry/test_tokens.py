@@ -107,6 +107,34 @@ def test_a_revoked_token_is_refused(tokens: EnrollmentTokens) -> None:
     assert tokens.list() == [revoked]  # kept, for audit
 
 
+def test_checking_a_token_says_what_redeeming_would_and_uses_nothing(
+    tokens: EnrollmentTokens,
+) -> None:
+    """What an enrollment asks before it remembers a request: the same refusals as a
+    redemption, reason for reason, and not one use taken."""
+    bound = tokens.issue(client_id="hospital-7", expires_in=timedelta(hours=1), now=NOW)
+    revoked = tokens.issue(expires_in=WEEK, now=NOW)
+    tokens.revoke(token_id_of(revoked), now=NOW)
+    cases = [
+        ("never-issued", "hospital-7", NOW),
+        (bound, "hospital-8", NOW),
+        (bound, "hospital-7", NOW + timedelta(hours=1)),
+        (revoked, "hospital-7", NOW),
+    ]
+    for token, client_id, when in cases:
+        with pytest.raises(SecurityError) as checked:
+            tokens.check(token, client_id=client_id, now=when)
+        with pytest.raises(SecurityError) as redeemed:
+            tokens.redeem(token, client_id=client_id, now=when)
+        assert str(checked.value) == str(redeemed.value)
+    for _ in range(3):
+        tokens.check(bound, client_id="hospital-7", now=NOW)
+    assert tokens.get(token_id_of(bound)).uses_left == 1
+    tokens.redeem(bound, client_id="hospital-7", now=NOW)
+    with pytest.raises(SecurityError, match="used up"):
+        tokens.check(bound, client_id="hospital-7", now=NOW)
+
+
 @pytest.mark.parametrize("bad", ["", "x" * 257, "almost" + "A" * 26])
 def test_malformed_or_unknown_tokens_are_unknown(tokens: EnrollmentTokens, bad: str) -> None:
     tokens.issue(expires_in=WEEK, now=NOW)

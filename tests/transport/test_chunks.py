@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import safetensors.numpy
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,7 +23,6 @@ from shoal.transport.chunks import (
     assemble_chunks,
     chunk_payload,
     decode_parameters,
-    decode_update,
 )
 from shoal.transport.messages import Chunk
 
@@ -160,7 +160,7 @@ def model() -> Parameters:
 
 def test_a_payload_decodes_to_its_float32_vector() -> None:
     params = model()
-    vector = decode_update(params.to_bytes())
+    vector = decode_parameters(params.to_bytes()).vector
     assert vector.dtype == np.float32
     np.testing.assert_array_equal(vector, params.vector)
     assert decode_parameters(params.to_bytes(), expected_sha256=params.sha256()).layout == (
@@ -170,7 +170,7 @@ def test_a_payload_decodes_to_its_float32_vector() -> None:
 
 def test_an_empty_model_decodes() -> None:
     empty = Parameters.from_arrays([])
-    assert decode_update(empty.to_bytes()).size == 0
+    assert decode_parameters(empty.to_bytes()).vector.size == 0
 
 
 def test_a_payload_for_another_model_fails_its_hash() -> None:
@@ -196,20 +196,51 @@ def safetensors_with_header(header: object) -> bytes:
 )
 def test_malformed_bytes_are_a_protocol_error(data: bytes) -> None:
     with pytest.raises(ProtocolError, match="malformed parameters payload"):
-        decode_update(data)
+        decode_parameters(data)
+
+
+def with_layout(layout: str, values: int = 4) -> bytes:
+    """A safetensors payload of one float32 tensor ``w`` whose Shoal layout says ``layout``."""
+    return safetensors.numpy.save(
+        {"w": np.zeros(values, np.float32)}, metadata={"format": "shoal", "shoal.layout": layout}
+    )
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        '[["w",[1e400],"float32"]]',  # an infinite dimension: int() overflowed
+        '[["w",[4.0],"float32"]]',
+        '[["w",[true],"float32"]]',
+        '[["w",["4"],"float32"]]',
+        '[["w",[-4],"float32"]]',
+        '[["w",[4],"float32","extra"]]',
+        '[["w",4,"float32"]]',
+        '[[7,[4],"float32"]]',
+        '{"w":[4]}',
+        "[" * 100_000 + "]" * 100_000,  # nesting deeper than the parser's recursion
+        '[["w",[4],"no-such-dtype"]]',
+    ],
+)
+def test_a_hostile_layout_is_a_protocol_error(layout: str) -> None:
+    """What an uploader writes in a payload's layout is refused as malformed, whatever it is:
+    before, an infinite dimension raised OverflowError and deep nesting RecursionError, which
+    no caller caught."""
+    with pytest.raises(ProtocolError, match="malformed parameters payload"):
+        decode_parameters(with_layout(layout))
 
 
 def test_a_tampered_tensor_fails_the_embedded_hash() -> None:
     data = bytearray(model().to_bytes())
     data[-1] ^= 0x40
     with pytest.raises(IntegrityError):
-        decode_update(bytes(data))
+        decode_parameters(bytes(data))
 
 
 @given(st.binary(max_size=200))
 def test_random_bytes_never_escape_as_foreign_errors(data: bytes) -> None:
     with pytest.raises((ProtocolError, IntegrityError)):
-        decode_update(data)
+        decode_parameters(data)
 
 
 @given(st.integers(min_value=0, max_value=400), st.binary(min_size=1, max_size=8))
@@ -218,7 +249,7 @@ def test_corrupting_a_valid_payload_gives_a_shoal_error(position: int, noise: by
     position %= len(data)
     data[position : position + len(noise)] = noise
     with contextlib.suppress(ProtocolError, IntegrityError):  # anything else escapes
-        decode_update(bytes(data))
+        decode_parameters(bytes(data))
 
 
 def test_an_upload_is_hashed_once_on_each_side(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -250,6 +281,6 @@ def test_an_upload_is_hashed_once_on_each_side(monkeypatch: pytest.MonkeyPatch) 
     assembler = ChunkAssembler(max_bytes=2**20, expected_sha256=digest)
     for part in parts[1:]:
         assembler.add(serde.chunk_of(part))
-    vector = decode_update(assembler.finish())
+    vector = decode_parameters(assembler.finish()).vector
     assert [size for size in hashed if size >= 50_000] == [len(payload)]
     np.testing.assert_array_equal(vector, update.vector)

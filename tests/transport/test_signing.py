@@ -173,18 +173,18 @@ def test_the_encoding_is_unambiguous(first: tuple[str, str], second: tuple[str, 
 def test_a_fresh_request_passes_once_and_its_replay_is_refused(keys: tuple[bytes, bytes]) -> None:
     guard = ReplayGuard(window_s=60)
     auth = make_auth(keys[0])
-    guard.check(auth, now=NOW)
+    guard.check(auth, key=keys[1], now=NOW)
     with pytest.raises(SecurityError, match="replayed"):
-        guard.check(auth, now=NOW + 1)
-    guard.check(make_auth(keys[0]), now=NOW + 1)  # a new nonce is fine
+        guard.check(auth, key=keys[1], now=NOW + 1)
+    guard.check(make_auth(keys[0]), key=keys[1], now=NOW + 1)  # a new nonce is fine
     assert len(guard) == 2
 
 
 def test_the_same_nonce_from_another_client_is_its_own(keys: tuple[bytes, bytes]) -> None:
     guard = ReplayGuard(window_s=60)
     auth = make_auth(keys[0])
-    guard.check(auth, now=NOW)
-    guard.check(dataclasses.replace(auth, client_id="client-2"), now=NOW)
+    guard.check(auth, key=keys[1], now=NOW)
+    guard.check(dataclasses.replace(auth, client_id="client-2"), key=keys[1], now=NOW)
 
 
 @pytest.mark.parametrize("offset", [-60.001, 60.001, -1e6, 1e6])
@@ -193,40 +193,55 @@ def test_a_timestamp_outside_the_window_is_refused(
 ) -> None:
     guard = ReplayGuard(window_s=60)
     with pytest.raises(SecurityError, match="outside"):
-        guard.check(make_auth(keys[0], timestamp=NOW + offset), now=NOW)
+        guard.check(make_auth(keys[0], timestamp=NOW + offset), key=keys[1], now=NOW)
     assert len(guard) == 0
 
 
 @pytest.mark.parametrize("offset", [-60.0, 0.0, 60.0])
 def test_the_window_edges_are_inside(keys: tuple[bytes, bytes], offset: float) -> None:
-    ReplayGuard(window_s=60).check(make_auth(keys[0], timestamp=NOW + offset), now=NOW)
+    ReplayGuard(window_s=60).check(make_auth(keys[0], timestamp=NOW + offset), key=keys[1], now=NOW)
 
 
 def test_a_replay_after_the_window_is_refused_by_its_timestamp(keys: tuple[bytes, bytes]) -> None:
     guard = ReplayGuard(window_s=60)
     auth = make_auth(keys[0])
-    guard.check(auth, now=NOW)
+    guard.check(auth, key=keys[1], now=NOW)
     with pytest.raises(SecurityError, match="outside"):
-        guard.check(auth, now=NOW + 61)
+        guard.check(auth, key=keys[1], now=NOW + 61)
 
 
 def test_expiry_frees_the_memory_of_old_nonces(keys: tuple[bytes, bytes]) -> None:
     guard = ReplayGuard(window_s=60)
     for step in range(100):
-        guard.check(make_auth(keys[0], timestamp=NOW + step), now=NOW + step)
+        guard.check(make_auth(keys[0], timestamp=NOW + step), key=keys[1], now=NOW + step)
     assert len(guard) == 61  # the requests of the last 60 s, both ends included
     guard.expire(now=NOW + 1000)
     assert len(guard) == 0
     assert not guard._seen  # no empty per-client sets are left behind
 
 
+def test_a_strangers_key_never_uses_up_a_clients_share(keys: tuple[bytes, bytes]) -> None:
+    """Requests that name a client's id but verified with another key (an enrollment's own,
+    say) are the stranger's: the client's own requests still pass, nonce and all."""
+    guard = ReplayGuard(window_s=60, max_per_client=3)
+    _, stranger = generate_client_key()
+    auth = make_auth(keys[0])
+    for _ in range(3):
+        guard.check(make_auth(keys[0]), key=stranger, now=NOW)
+    with pytest.raises(SecurityError, match="more than 3"):
+        guard.check(make_auth(keys[0]), key=stranger, now=NOW)
+    guard.check(auth, key=keys[1], now=NOW)
+    with pytest.raises(SecurityError, match="replayed"):
+        guard.check(auth, key=keys[1], now=NOW)
+
+
 def test_one_client_cannot_fill_the_guard(keys: tuple[bytes, bytes]) -> None:
     guard = ReplayGuard(window_s=60, max_per_client=3)
     for _ in range(3):
-        guard.check(make_auth(keys[0]), now=NOW)
+        guard.check(make_auth(keys[0]), key=keys[1], now=NOW)
     with pytest.raises(SecurityError, match="more than 3"):
-        guard.check(make_auth(keys[0]), now=NOW)
-    guard.check(make_auth(keys[0], client_id="client-2"), now=NOW)
+        guard.check(make_auth(keys[0]), key=keys[1], now=NOW)
+    guard.check(make_auth(keys[0], client_id="client-2"), key=keys[1], now=NOW)
 
 
 @pytest.mark.parametrize("window", [0.0, -1.0, float("inf"), float("nan")])

@@ -75,7 +75,7 @@ class MiniCoordinator(pb_grpc.CoordinatorServicer):
         except SecurityError as exc:
             return Verdict.reject(RejectCode.BAD_SIGNATURE, str(exc))
         try:
-            self.guard.check(auth, now=time.time())
+            self.guard.check(auth, key=key, now=time.time())
         except SecurityError as exc:
             return Verdict.reject(RejectCode.REPLAYED, str(exc))
         serde.decode_heartbeat_request(request)

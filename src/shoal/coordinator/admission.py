@@ -24,7 +24,7 @@ from shoal.core.errors import NotFoundError, ProtocolError, SecurityError
 from shoal.governance.attestation import AttestationGate, AttestationRefused, Binding, Evidence
 from shoal.registry import ClientRecord, ClientRegistry, ClientStatus, EnrollmentTokens, ListedToken
 from shoal.transport import serde
-from shoal.transport.messages import RejectCode
+from shoal.transport.messages import EnrollmentRequest, RejectCode
 from shoal.transport.signing import ReplayGuard, RequestAuth
 
 
@@ -70,40 +70,81 @@ class Admission:
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
 
-    def authenticate(
-        self, message: Any, *, public_key: bytes | None = None, this_run: bool = False
-    ) -> RequestAuth:
-        """The verified auth of a request; ``this_run`` also requires it to name our run."""
-        with malformed():
-            auth = serde.decode_auth(message)
-        if public_key is None:
-            record = self.client(auth.client_id)
-            public_key = record.public_key
-            if public_key is None:
-                raise Refused(RejectCode.UNKNOWN_CLIENT, "the client has no enrolled key")
-        try:
-            serde.verify_message(message, public_key)
-        except (SecurityError, ProtocolError) as exc:
-            raise Refused(RejectCode.BAD_SIGNATURE, str(exc)) from exc
-        try:
-            self.replay.check(auth, now=self.clock())
-        except SecurityError as exc:
-            raise Refused(RejectCode.REPLAYED, str(exc)) from exc
-        if this_run and auth.run_id != self.run_id:
-            raise Refused(RejectCode.WRONG_ROUND, f"this coordinator runs {self.run_id}")
-        return auth
+    def authenticate(self, message: Any, *, this_run: bool = False) -> RequestAuth:
+        """The verified auth of an enrolled, active client's request; ``this_run`` also
+        requires it to name our run."""
+        return self.authenticate_client(message, this_run=this_run)[0]
 
     def authenticate_client(
         self, message: Any, *, this_run: bool = False
     ) -> tuple[RequestAuth, ClientRecord]:
-        """The verified auth of an enrolled client's request, and its record (read once)."""
+        """The verified auth of an enrolled, active client's request, and its record (read
+        once). Whether a client is suspended is told only to a request its key signed."""
         with malformed():
-            client_id = serde.decode_auth(message).client_id
-        record = self.client(client_id)
+            auth = serde.decode_auth(message)
+        try:
+            record = self.clients.get(auth.client_id)
+        except NotFoundError as exc:
+            raise Refused(
+                RejectCode.UNKNOWN_CLIENT, f"no enrolled client {auth.client_id!r}"
+            ) from exc
         if record.public_key is None:
             raise Refused(RejectCode.UNKNOWN_CLIENT, "the client has no enrolled key")
-        auth = self.authenticate(message, public_key=record.public_key, this_run=this_run)
+        self._verify(message, record.public_key)
+        if record.status is not ClientStatus.ACTIVE:
+            raise Refused(RejectCode.SUSPENDED, f"the client is {record.status.value.lower()}")
+        self._fresh(auth, record.public_key, this_run=this_run)
         return auth, record
+
+    def authenticate_enrollment(self, message: Any, enrollment: EnrollmentRequest) -> RequestAuth:
+        """The verified auth of an enrollment, signed with the key it enrolls.
+
+        The signature proves only that the sender holds that key, not that the
+        client id is its: so before its nonce is remembered (see
+        :class:`~shoal.transport.signing.ReplayGuard`), the id must be enrolled
+        with that very key (a restart), or the token must be good for the id
+        now (BAD_TOKEN). Only then is an id taken by another key refused
+        (BAD_SIGNATURE): a sender without a token learns nothing of who is
+        enrolled, and no one can use up a client's requests by naming it.
+        """
+        with malformed():
+            auth = serde.decode_auth(message)
+        key = enrollment.public_key
+        self._verify(message, key)
+        try:
+            known: bytes | None = self.clients.get(auth.client_id).public_key
+        except NotFoundError:
+            known = None
+        if known != key:
+            try:
+                self.tokens.check(
+                    enrollment.enrollment_token, client_id=auth.client_id, now=self.now()
+                )
+            except SecurityError as exc:
+                raise Refused(RejectCode.BAD_TOKEN, str(exc)) from exc
+            if known is not None:
+                raise Refused(
+                    RejectCode.BAD_SIGNATURE,
+                    f"client {auth.client_id!r} is enrolled with another public key",
+                )
+        self._fresh(auth, key, this_run=False)
+        return auth
+
+    def _verify(self, message: Any, public_key: bytes) -> None:
+        try:
+            serde.verify_message(message, public_key)
+        except (SecurityError, ProtocolError) as exc:
+            raise Refused(RejectCode.BAD_SIGNATURE, str(exc)) from exc
+
+    def _fresh(self, auth: RequestAuth, public_key: bytes, *, this_run: bool) -> None:
+        """Refuse a replayed or stale request (its signature verified with ``public_key``),
+        and with ``this_run``, one that names another run."""
+        try:
+            self.replay.check(auth, key=public_key, now=self.clock())
+        except SecurityError as exc:
+            raise Refused(RejectCode.REPLAYED, str(exc)) from exc
+        if this_run and auth.run_id != self.run_id:
+            raise Refused(RejectCode.WRONG_ROUND, f"this coordinator runs {self.run_id}")
 
     def attest(
         self,
@@ -145,16 +186,6 @@ class Admission:
         except NotFoundError:
             return False
         return True
-
-    def client(self, client_id: str) -> ClientRecord:
-        """The record of an enrolled, active client."""
-        try:
-            record = self.clients.get(client_id)
-        except NotFoundError as exc:
-            raise Refused(RejectCode.UNKNOWN_CLIENT, f"no enrolled client {client_id!r}") from exc
-        if record.status is not ClientStatus.ACTIVE:
-            raise Refused(RejectCode.SUSPENDED, f"the client is {record.status.value.lower()}")
-        return record
 
     def admit(self, client_id: str, token: str) -> None:
         """Let a client enroll: enrolled with a key (a restart), or with a token it redeems.

@@ -91,6 +91,7 @@ from shoal.tasks import (
 )
 
 log = logging.getLogger("shoal.coordinator")
+_FINISHED = "the job has finished"
 
 OnClosed = Callable[[RoundSummary, CommitVersion | None], Awaitable[None]]
 """Told each closed round and its new model (if any); the next round starts once it returns."""
@@ -217,6 +218,15 @@ class RoundDriver:
         )
         return self._submit(client_id, event)
 
+    def screen_upload(
+        self, client_id: str, round_number: int, *, secure: bool = False
+    ) -> RejectSubmission | None:
+        """The rejection a training result of ``client_id`` for ``round_number`` would get
+        whatever it holds (see :meth:`Coordinator.screen_upload`), or None."""
+        if self.coordinator.state is RoundState.FINISHED:
+            return RejectSubmission(client_id, round_number, RejectReason.LATE, _FINISHED)
+        return self.coordinator.screen_upload(client_id, round_number, secure=secure)
+
     def submit_evaluation(
         self,
         client_id: str,
@@ -245,9 +255,7 @@ class RoundDriver:
         upload) withdraws nothing, so it cannot swallow that next offer.
         """
         if self.coordinator.state is RoundState.FINISHED:
-            return RejectSubmission(
-                client_id, round_number, RejectReason.LATE, "the job has finished"
-            )
+            return RejectSubmission(client_id, round_number, RejectReason.LATE, _FINISHED)
         offer = self._offers.get(client_id)
         if offer is not None and (offer.round, offer_stage(offer)) == (round_number, message.stage):
             del self._offers[client_id]
@@ -265,9 +273,7 @@ class RoundDriver:
         round stands), from outside the cohort, or repeated.
         """
         if self.coordinator.state is RoundState.FINISHED:
-            return RejectSubmission(
-                client_id, round_number, RejectReason.LATE, "the job has finished"
-            )
+            return RejectSubmission(client_id, round_number, RejectReason.LATE, _FINISHED)
         actions = self._apply(ClientFailed(client_id, round_number, self._now(), reason))
         rejection = next((a for a in actions if isinstance(a, RejectSubmission)), None)
         if rejection is None:
@@ -351,9 +357,7 @@ class RoundDriver:
         self, client_id: str, event: UpdateReceived | EvaluationReceived
     ) -> RejectSubmission | None:
         if self.coordinator.state is RoundState.FINISHED:
-            return RejectSubmission(
-                client_id, event.round, RejectReason.LATE, "the job has finished"
-            )
+            return RejectSubmission(client_id, event.round, RejectReason.LATE, _FINISHED)
         actions = self._apply(event)
         offer = self._offers.get(client_id)
         if offer is not None and offer.round == event.round:  # a late result keeps today's offer

@@ -398,14 +398,29 @@ class Coordinator:
         )
         return RejectSubmission(client_id, round_number, reason, detail)
 
+    def screen_upload(
+        self, client_id: str, round_number: int, *, secure: bool = False
+    ) -> RejectSubmission | None:
+        """The rejection a training result from ``client_id`` for ``round_number`` gets now,
+        whatever it holds (counted as any rejection is), or None: a shell asks this before it
+        takes a large upload in, and the result is screened again when it arrives.
+        ``secure``: a secure round's message (several per client), not a plaintext update."""
+        rejection = self._screen(client_id, round_number, Phase.FIT, once=not secure)
+        if rejection is not None:
+            return rejection
+        if secure and self._require_round().secure is None:
+            detail = "this round does not aggregate securely"
+            return self._reject(client_id, round_number, RejectReason.WRONG_PHASE, detail)
+        if not secure and self._require_round().secure is not None:
+            detail = "this round aggregates securely: a plaintext update is refused"
+            return self._reject(client_id, round_number, RejectReason.INVALID_UPDATE, detail)
+        return None
+
     def _receive_update(self, event: UpdateReceived) -> list[Action]:
-        rejection = self._screen(event.client_id, event.round, Phase.FIT)
+        rejection = self.screen_upload(event.client_id, event.round)
         if rejection is not None:
             return [rejection]
         current = self._require_round()
-        if current.secure is not None:
-            detail = "this round aggregates securely: a plaintext update is refused"
-            return [self._reject(event.client_id, event.round, RejectReason.INVALID_UPDATE, detail)]
         metrics = self._timed(current, event.client_id, event.now, event.metrics)
         problem = update_problem(
             event.update, num_examples=event.num_examples, size=len(self.parameters)
@@ -690,13 +705,11 @@ class Coordinator:
     # --- secure rounds -----------------------------------------------------------------
 
     def _receive_secure(self, event: SecureMessageReceived) -> list[Action]:
-        rejection = self._screen(event.client_id, event.round, Phase.FIT, once=False)
+        rejection = self.screen_upload(event.client_id, event.round, secure=True)
         if rejection is not None:
             return [rejection]
         current = self._require_round()
-        if current.secure is None:
-            detail = "this round does not aggregate securely"
-            return [self._reject(event.client_id, event.round, RejectReason.WRONG_PHASE, detail)]
+        assert current.secure is not None  # screen_upload refused a message of a plain round
         denied = self._screen_sealed(current, event)
         if denied is not None:
             return denied

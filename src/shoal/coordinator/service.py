@@ -4,8 +4,10 @@ Each RPC follows the same path: parse the bytes that arrived and decode the
 message (malformed → MALFORMED: registered with :func:`add_coordinator_service`,
 the service gets every request as bytes, so grpc never parses one itself),
 then ask :class:`~shoal.coordinator.admission.Admission` to find the client
-(UNKNOWN_CLIENT, SUSPENDED), verify its Ed25519 signature over the request
-(BAD_SIGNATURE) and refuse a replayed nonce or a stale timestamp (REPLAYED),
+(UNKNOWN_CLIENT), verify its Ed25519 signature over the request
+(BAD_SIGNATURE), then its status (SUSPENDED, told only to its key's holder),
+and refuse a replayed nonce or a stale timestamp (REPLAYED; nonces are kept
+per client and key, so a stranger's requests cannot use up a client's),
 and, when the job requires attestation, check the evidence an enrollment or
 a check-in carries (UNATTESTED, with the problem: missing, modified,
 untrusted key, not allowed, revoked...), and only then act. A check-in is
@@ -64,11 +66,23 @@ from shoal.registry import (
     SelectionCriteria,
     Selector,
 )
-from shoal.tasks import CheckInAnswer, ModelVersion, RetryLater, RunFinished, SecureOffer
+from shoal.tasks import (
+    CheckInAnswer,
+    ModelVersion,
+    RejectSubmission,
+    RetryLater,
+    RunFinished,
+    SecureOffer,
+)
 from shoal.telemetry.refusals import RefusalLog
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
-from shoal.transport.chunks import ChunkAssembler, PayloadTooLarge, chunk_payload, decode_update
+from shoal.transport.chunks import (
+    ChunkAssembler,
+    PayloadTooLarge,
+    chunk_payload,
+    decode_parameters,
+)
 from shoal.transport.messages import (
     CheckInOutcome,
     Credentials,
@@ -84,6 +98,7 @@ from shoal.transport.messages import (
     Verdict,
 )
 from shoal.transport.rpc import RpcObserver, add_bytes_servicer
+from shoal.transport.signing import RequestAuth
 
 log = logging.getLogger("shoal.coordinator")
 
@@ -127,6 +142,14 @@ class ServiceSettings:
             ListedToken(token=token) if isinstance(token, str) else token
             for token in self.enrollment_tokens
         ]
+
+
+class Screened(Exception):
+    """An upload the round refused before its bytes were taken in: its rejection answers it."""
+
+    def __init__(self, rejection: RejectSubmission) -> None:
+        super().__init__(rejection.detail)
+        self.rejection = rejection
 
 
 class ModelBytes:
@@ -208,6 +231,7 @@ class CoordinatorService:
         )
         self.model_bytes = ModelBytes(driver, versions)  # the run's committed HEAD, signed
         self.refusals: Counter[str] = Counter()
+        self._uploading: set[str] = set()  # the clients whose update is being taken in
         self.refusal_log = refusal_log or RefusalLog(log)
 
     def _refused(self, rpc: str, refusal: Refused, context: Context) -> Verdict:
@@ -225,7 +249,7 @@ class CoordinatorService:
             with malformed(ProtocolError, RegistryError):  # NotFoundError cannot arise here
                 message = serde.parse(pb.EnrollRequest, request)
                 enrollment = serde.decode_enroll_request(message)
-                auth = self.admission.authenticate(message, public_key=enrollment.public_key)
+                auth = self.admission.authenticate_enrollment(message, enrollment)
                 # before a token is redeemed: unattested code uses up no enrollment
                 self.admission.attest(auth, enrollment.public_key, enrollment.evidence)
                 self.admission.admit(auth.client_id, enrollment.enrollment_token)
@@ -354,13 +378,16 @@ class CoordinatorService:
                 message = serde.parse(pb.FetchModelRequest, request)
                 self.admission.authenticate(message)
                 wanted = serde.decode_fetch_model_request(message)
+            sha, data = self.model_bytes.current()
+            if wanted.version_id == sha and wanted.offset > len(data):
+                detail = f"offset {wanted.offset} is past the end of the model's {len(data)} bytes"
+                raise Refused(RejectCode.MALFORMED, detail)
         except Refused as refusal:
             verdict = self._refused("FetchModel", refusal, context)
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, f"{refusal.code.value}: {verdict.detail}"
             )
             return
-        sha, data = self.model_bytes.current()
         if wanted.version_id != sha:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, "wrong_model_hash: not the current model"
@@ -376,6 +403,8 @@ class CoordinatorService:
             verdict = await self._submit(request_iterator)
         except Refused as refusal:
             verdict = self._refused("SubmitUpdate", refusal, context)
+        except Screened as screened:
+            verdict = serde.verdict_of(screened.rejection)
         return serde.encode_submit_update_response(verdict)
 
     async def _submit(self, parts: AsyncIterator[bytes]) -> Verdict:
@@ -390,14 +419,22 @@ class CoordinatorService:
                 RejectCode.WRONG_MODEL_HASH, "the update is not relative to the current model"
             )
         payload = await self._payload(
-            parts, pb.UpdatePart, sha256=header.payload_sha256, size=header.total_size
+            parts,
+            pb.UpdatePart,
+            auth,
+            header.round,
+            sha256=header.payload_sha256,
+            size=header.total_size,
         )
         with malformed(ProtocolError, IntegrityError):
-            update = decode_update(payload)
+            update = decode_parameters(payload)
+        mismatch = update.layout.difference(self.driver.coordinator.parameters.layout)
+        if mismatch is not None:  # its values would land in other tensors' places
+            raise Refused(RejectCode.INVALID_UPDATE, f"not the model's tensors: {mismatch}")
         rejection = self.driver.submit_update(  # its signature checked out: VERIFIED
             auth.client_id,
             header.round,
-            update,
+            update.vector,
             header.num_examples,
             dict(header.metrics),
             Authentication.VERIFIED,
@@ -408,16 +445,28 @@ class CoordinatorService:
         self,
         parts: AsyncIterator[bytes],
         part_type: type[serde.UploadPart],
+        auth: RequestAuth,
+        round_number: int,
         *,
         sha256: str,
         size: int,
     ) -> bytes:
-        """The verified bytes of an upload's chunks, within the size limit."""
+        """The verified bytes of an upload's chunks, within the size limit, taken in only
+        while what they carry could count (:class:`Screened` otherwise) and one upload of a
+        client at a time: a stranger to the round, a late or a repeated result, or a client's
+        parallel streams would otherwise each hold up to ``max_update_bytes`` of memory."""
         if size > self.settings.max_update_bytes:
             raise Refused(RejectCode.OVERSIZED, f"{size} bytes is over the limit")
+        secure = part_type is pb.SecureMessagePart
+        early = self.driver.screen_upload(auth.client_id, round_number, secure=secure)
+        if early is not None:
+            raise Screened(early)
+        if auth.client_id in self._uploading:
+            raise Refused(RejectCode.DUPLICATE, "an upload of this client is under way")
         assembler = ChunkAssembler(
             max_bytes=self.settings.max_update_bytes, expected_sha256=sha256, expected_size=size
         )
+        self._uploading.add(auth.client_id)
         try:
             with malformed(ProtocolError, IntegrityError):
                 async for part in parts:
@@ -425,6 +474,8 @@ class CoordinatorService:
                 return assembler.finish()
         except PayloadTooLarge as exc:
             raise Refused(RejectCode.OVERSIZED, str(exc)) from exc
+        finally:
+            self._uploading.discard(auth.client_id)
 
     async def SubmitSecureMessage(  # noqa: N802
         self, request_iterator: AsyncIterator[bytes], context: Context
@@ -433,6 +484,8 @@ class CoordinatorService:
             verdict = await self._submit_secure(request_iterator)
         except Refused as refusal:
             verdict = self._refused("SubmitSecureMessage", refusal, context)
+        except Screened as screened:
+            verdict = serde.verdict_of(screened.rejection)
         return serde.encode_submit_secure_message_response(verdict)
 
     async def _submit_secure(self, parts: AsyncIterator[bytes]) -> Verdict:
@@ -442,7 +495,12 @@ class CoordinatorService:
             auth = self.admission.authenticate(header_message, this_run=True)
             header = serde.decode_secure_message_header(header_message)
         frame = await self._payload(
-            parts, pb.SecureMessagePart, sha256=header.payload_sha256, size=header.total_size
+            parts,
+            pb.SecureMessagePart,
+            auth,
+            header.round,
+            sha256=header.payload_sha256,
+            size=header.total_size,
         )
         with malformed():
             message = serde.decode_client_message(frame)
@@ -462,6 +520,11 @@ class CoordinatorService:
                 message = serde.parse(pb.ReportEvaluationRequest, request)
                 auth = self.admission.authenticate(message, this_run=True)
                 report = serde.decode_evaluation_report(message)
+            current_sha, _ = self.model_bytes.current()
+            if report.model_sha256 != current_sha:  # as an update's base must be
+                detail = "the evaluation is not of the current model"
+                raise Refused(RejectCode.WRONG_MODEL_HASH, detail)
+            with malformed():
                 rejection = self.driver.submit_evaluation(
                     auth.client_id,
                     report.round,

@@ -92,15 +92,44 @@ class Layout:
             separators=(",", ":"),
         )
 
+    def difference(self, other: Layout) -> str | None:
+        """The first way ``other`` names other tensors than this layout (their number, a name,
+        a shape or a dtype, in order), or None when the two are the same."""
+        if len(self.specs) != len(other.specs):
+            return f"{len(self.specs)} tensors where {len(other.specs)} were expected"
+        for index, (mine, theirs) in enumerate(zip(self.specs, other.specs, strict=True)):
+            if mine != theirs:
+                return (
+                    f"tensor {index} is {mine.name!r} {list(mine.shape)} {mine.dtype} where "
+                    f"{theirs.name!r} {list(theirs.shape)} {theirs.dtype} was expected"
+                )
+        return None
+
     @classmethod
     def from_json(cls, text: str) -> Layout:
+        """The layout :meth:`to_json` wrote: a list of ``[name, [dims...], dtype]``, each
+        dimension a JSON integer (anything else is refused with a :class:`ModelError`)."""
         try:
             rows = json.loads(text)
-            return cls(
-                tuple(TensorSpec(str(n), tuple(int(d) for d in s), str(t)) for n, s, t in rows)
-            )
-        except (ValueError, TypeError) as exc:
-            raise ModelError(f"malformed layout: {exc}") from exc
+        except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: deep nesting
+            raise ModelError(f"malformed layout: {str(exc)[:200]}") from None
+        if not isinstance(rows, list):
+            raise ModelError("malformed layout: not a list of [name, shape, dtype]")
+        specs = []
+        for index, row in enumerate(rows):
+            if not (
+                isinstance(row, list)
+                and len(row) == 3
+                and isinstance(row[0], str)
+                and isinstance(row[1], list)
+                and all(type(dim) is int for dim in row[1])
+                and isinstance(row[2], str)
+            ):
+                raise ModelError(
+                    f"malformed layout: entry {index} is not [name, [integers], dtype]"
+                )
+            specs.append(TensorSpec(row[0], tuple(row[1]), row[2]))
+        return cls(tuple(specs))
 
     @classmethod
     def of_arrays(

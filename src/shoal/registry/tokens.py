@@ -204,21 +204,11 @@ class EnrollmentTokens:
         unknown, revoked, expired, used up or bound to another client id;
         nothing is consumed then.
         """
-        _check_client_id(client_id)
-        now = require_aware(now or utc_now(), "now")
-        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_CHARS:
-            raise SecurityError("unknown enrollment token")
-        digest = token_sha256(token)
+        digest, now = _digest_of(token, client_id=client_id, now=now)
         table = enrollment_tokens
         consume = (
             sa.update(table)
-            .where(
-                table.c.token_sha256 == digest,
-                table.c.revoked_at.is_(None),
-                table.c.expires_at > now,
-                table.c.uses_left > 0,
-                sa.or_(table.c.client_id.is_(None), table.c.client_id == client_id),
-            )
+            .where(*_redeemable(digest, client_id=client_id, now=now))
             .values(uses_left=table.c.uses_left - 1, last_used_at=now, last_used_by=client_id)
             .returning(*table.c)
         )
@@ -227,6 +217,17 @@ class EnrollmentTokens:
             if row is None:
                 raise _refusal(connection, digest, client_id=client_id, now=now)
             return _record(row)
+
+    def check(self, token: str, *, client_id: str, now: datetime | None = None) -> None:
+        """Whether :meth:`redeem` would take ``token`` for ``client_id`` now, using nothing:
+        raises what it would raise. (A use can still be gone by the time it redeems.)"""
+        digest, now = _digest_of(token, client_id=client_id, now=now)
+        query = sa.select(enrollment_tokens.c.token_sha256).where(
+            *_redeemable(digest, client_id=client_id, now=now)
+        )
+        with self.database.read() as connection:
+            if connection.execute(query).first() is None:
+                raise _refusal(connection, digest, client_id=client_id, now=now)
 
     def sync_listed(
         self, listed: Sequence[ListedToken], *, now: datetime | None = None
@@ -343,6 +344,28 @@ def _store_listed(
             uses_left=max(entry.max_uses - used, 0),
             expires_at=entry.expiry(row.created_at),
         )
+    )
+
+
+def _digest_of(token: str, *, client_id: str, now: datetime | None) -> tuple[str, datetime]:
+    """The token's sha256 and the time of a redemption (refused at once for a token no stored
+    one can be)."""
+    _check_client_id(client_id)
+    now = require_aware(now or utc_now(), "now")
+    if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_CHARS:
+        raise SecurityError("unknown enrollment token")
+    return token_sha256(token), now
+
+
+def _redeemable(digest: str, *, client_id: str, now: datetime) -> tuple[Any, ...]:
+    """What a token must be for ``client_id`` to redeem one of its uses at ``now``."""
+    table = enrollment_tokens
+    return (
+        table.c.token_sha256 == digest,
+        table.c.revoked_at.is_(None),
+        table.c.expires_at > now,
+        table.c.uses_left > 0,
+        sa.or_(table.c.client_id.is_(None), table.c.client_id == client_id),
     )
 
 

@@ -36,7 +36,6 @@ from shoal.transport.chunks import (
     assemble_chunks,
     chunk_payload,
     decode_parameters,
-    decode_update,
 )
 from shoal.transport.messages import (
     ED25519_PUBLIC_KEY_BYTES,
@@ -206,7 +205,6 @@ __all__ = [
     "decode_submit_secure_message_response",
     "decode_submit_update_response",
     "decode_task",
-    "decode_update",
     "decode_update_header",
     "decode_verdict",
     "encode_auth",

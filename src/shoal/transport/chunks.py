@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Iterable, Iterator
 
 from shoal.core.errors import IntegrityError, ModelError, ProtocolError
-from shoal.core.parameters import Parameters, Vector
+from shoal.core.parameters import Parameters
 from shoal.transport.messages import Chunk
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
@@ -171,11 +171,3 @@ def decode_parameters(data: bytes, *, expected_sha256: str | None = None) -> Par
         raise
     except ModelError as exc:
         raise ProtocolError(f"malformed parameters payload: {exc}") from exc
-
-
-def decode_update(data: bytes) -> Vector:
-    """The float32 update vector of an uploaded payload (see :func:`decode_parameters`).
-
-    Whether it fits the model (shape, finite values) is the coordinator's call.
-    """
-    return decode_parameters(data).vector

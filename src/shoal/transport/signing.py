@@ -221,8 +221,14 @@ class ReplayGuard:
     also absorbs clock skew between client and coordinator). A nonce is
     remembered only while its request could still be fresh, so memory is
     bounded by the requests of one window; ``max_per_client`` caps what one
-    client can make the guard hold. Call :meth:`check` only after the
-    signature verified, so that forged requests cannot fill the cache.
+    signer can make the guard hold. Nonces are kept per signer: the client id
+    together with the public key that verified the request, which is all a
+    signature proves. Call :meth:`check` only after the signature verified
+    with ``key``, and only for a key the caller trusts for that id (the
+    enrolled one, or an enrollment's own once its token is good), so that
+    forged requests cannot fill the cache, and a stranger's requests that
+    name a client's id, signed with the stranger's key, never use up that
+    client's share.
     """
 
     def __init__(self, *, window_s: float = 300.0, max_per_client: int = 4096) -> None:
@@ -232,22 +238,24 @@ class ReplayGuard:
             raise ValueError(f"max_per_client must be >= 1, got {max_per_client}")
         self.window_s = float(window_s)
         self.max_per_client = max_per_client
-        self._seen: dict[str, set[bytes]] = {}
-        self._expiries: list[tuple[float, str, bytes]] = []
+        self._seen: dict[tuple[str, bytes], set[bytes]] = {}
+        self._expiries: list[tuple[float, tuple[str, bytes], bytes]] = []
 
     def __len__(self) -> int:
         """How many nonces the guard holds now."""
         return len(self._expiries)
 
-    def check(self, auth: RequestAuth, *, now: float) -> None:
-        """Accept and remember ``auth``'s nonce, or raise ``SecurityError``."""
+    def check(self, auth: RequestAuth, *, key: bytes, now: float) -> None:
+        """Accept and remember ``auth``'s nonce, or raise ``SecurityError``; ``key``: the
+        public key its signature verified with."""
         self.expire(now=now)
         if abs(now - auth.timestamp) > self.window_s:
             raise SecurityError(
                 f"request from {auth.client_id!r} signed at {auth.timestamp:.3f} is outside "
                 f"the {self.window_s:g} s window around {now:.3f} (replayed, or a clock is off)"
             )
-        nonces = self._seen.setdefault(auth.client_id, set())
+        signer = (auth.client_id, bytes(key))
+        nonces = self._seen.setdefault(signer, set())
         if auth.nonce in nonces:
             raise SecurityError(f"replayed request: {auth.client_id!r} already used this nonce")
         if len(nonces) >= self.max_per_client:
@@ -256,13 +264,13 @@ class ReplayGuard:
                 f"within {self.window_s:g} s"
             )
         nonces.add(auth.nonce)
-        heappush(self._expiries, (auth.timestamp + self.window_s, auth.client_id, auth.nonce))
+        heappush(self._expiries, (auth.timestamp + self.window_s, signer, auth.nonce))
 
     def expire(self, *, now: float) -> None:
         """Forget the nonces whose requests can no longer pass the time window."""
         while self._expiries and self._expiries[0][0] < now:
-            _, client_id, nonce = heappop(self._expiries)
-            nonces = self._seen[client_id]
+            _, signer, nonce = heappop(self._expiries)
+            nonces = self._seen[signer]
             nonces.discard(nonce)
             if not nonces:
-                del self._seen[client_id]
+                del self._seen[signer]
