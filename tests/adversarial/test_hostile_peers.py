@@ -35,7 +35,7 @@ import pytest
 import safetensors.numpy
 
 from shoal.coordinator.server import CoordinatorParts
-from shoal.core import Parameters
+from shoal.core import Parameters, SecurityError
 from shoal.registry import ClientStatus
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
@@ -317,3 +317,38 @@ def test_an_evaluation_of_another_model_is_refused(tmp_path: Path) -> None:
             return code(trained.verdict), other, own
 
     assert asyncio.run(body()) == ("accepted", "wrong_model_hash", "accepted")
+
+
+def test_an_enrollment_that_loses_its_id_keeps_its_token_use(tmp_path: Path) -> None:
+    """Two coordinators on one registry: the other one enrolls the id with another key after
+    this one redeemed the token and before it enrolls. The registry refuses the enrollment (a
+    known id with another key) and the token use, taken in the same transaction, is given
+    back; before, it was gone for good."""
+
+    async def body() -> tuple[str, int, int, int]:
+        async with (
+            served(tmp_path, run_id=RUN, tokens=[{"token": TOKEN, "max_uses": 3}]) as (
+                target,
+                parts,
+            ),
+            grpc.aio.insecure_channel(target) as channel,
+        ):
+            tokens = parts.service.admission.tokens
+            (listed,) = tokens.list()
+
+            def taken(client_id: str, *args: Any, **kwargs: Any) -> Any:
+                raise SecurityError(f"client {client_id!r} is enrolled with another public key")
+
+            parts.service.clients.enroll = taken  # type: ignore[method-assign]
+            verdict = (await Peer(channel, "site-9", run_id=RUN).enroll(TOKEN)).verdict
+            return (
+                code(verdict),
+                listed.uses_left,
+                tokens.get(listed.token_id).uses_left,
+                parts.clients.count(),
+            )
+
+    refused, before, after, enrolled = asyncio.run(body())
+    assert refused == "bad_signature"
+    assert after == before == 3
+    assert enrolled == 0

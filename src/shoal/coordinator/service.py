@@ -252,8 +252,11 @@ class CoordinatorService:
                 auth = self.admission.authenticate_enrollment(message, enrollment)
                 # before a token is redeemed: unattested code uses up no enrollment
                 self.admission.attest(auth, enrollment.public_key, enrollment.evidence)
-                self.admission.admit(auth.client_id, enrollment.enrollment_token)
-                self._enroll(auth.client_id, enrollment)
+                # one transaction: an enrollment that fails (the id taken meanwhile, by a
+                # coordinator beside this one on the same registry) gives its token use back
+                with self.clients.database.write():
+                    self.admission.admit(auth.client_id, enrollment.enrollment_token)
+                    self._enroll(auth.client_id, enrollment)
         except Refused as refusal:
             verdict = self._refused("Enroll", refusal, context)
             return serde.encode_enroll_response(EnrollReply(verdict))
