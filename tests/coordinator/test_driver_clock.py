@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 from collections.abc import Callable
@@ -97,3 +98,61 @@ def test_a_round_closes_at_its_deadline_in_virtual_time_without_sleeping() -> No
     assert commit is not None
     np.testing.assert_allclose(commit.parameters.vector, 1.0)
     assert isinstance(driver.check_in("a"), RunFinished)
+
+
+def test_a_waiting_round_lists_its_clients_again_once_enough_newcomers_came() -> None:
+    """A round short of k clients reads the registry again after k clients it did not list
+    have checked in, not at every check-in: before, a round waiting for 1,000 clients listed
+    them all at each of their check-ins, and most of the first round of a 1,000-client
+    deployment went to that."""
+    coordinator = Coordinator(
+        settings=RoundSettings(
+            clients_per_round=50, over_selection=1.0, quorum=1.0, deadline_s=3600.0
+        ),
+        strategy=make_strategy("fedavg"),
+        parameters=Parameters.from_arrays([np.zeros(SIZE, np.float32)]),
+        seed=1,
+    )
+    seen: list[str] = []
+    listings: list[int] = []  # how many clients each listing found
+
+    def candidates() -> list[str]:
+        listings.append(len(seen))
+        return list(seen)
+
+    async def on_closed(summary: RoundSummary, commit: CommitVersion | None) -> None:
+        pass
+
+    driver = RoundDriver(
+        coordinator,
+        DriverSettings(retry_after_s=600.0, clock=VirtualClock()),  # no listing on a beat here
+        plays=schedule(rounds=1),
+        candidates=candidates,
+        on_closed=on_closed,
+    )
+
+    async def scenario() -> list[Any]:
+        job = asyncio.create_task(driver.run())
+        await asyncio.sleep(0)  # the round lists nobody and waits for 50
+        for index in range(20):  # 20 arrive: the round, 50 short, lists nobody again
+            seen.append(f"c{index}")
+            driver.check_in(f"c{index}")
+            await asyncio.sleep(0)
+        for index in range(20):  # the same 20 again: no newcomer among them
+            driver.check_in(f"c{index}")
+            await asyncio.sleep(0)
+        for index in range(20, 50):  # 30 newcomers: after the 30th, it lists again
+            seen.append(f"c{index}")
+            driver.check_in(f"c{index}")
+            await asyncio.sleep(0)
+        for _ in range(5):  # the round starts
+            await asyncio.sleep(0)
+        offers = [driver.check_in(f"c{index}") for index in range(50)]
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+        return offers
+
+    offers = asyncio.run(scenario())
+    assert listings == [0, 50]
+    assert all(isinstance(offer, TaskOffer) for offer in offers)

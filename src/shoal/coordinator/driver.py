@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -92,6 +92,23 @@ from shoal.tasks import (
 
 log = logging.getLogger("shoal.coordinator")
 _FINISHED = "the job has finished"
+
+
+@dataclass(slots=True)
+class Awaited:
+    """What a round waiting for clients needs before it lists them again: ``short``
+    newcomers, clients it did not list the last time (one it listed adds nothing)."""
+
+    listed: frozenset[str]
+    short: int
+    newcomers: set[str] = field(default_factory=set)
+
+    def arrived(self, client_id: str) -> bool:
+        """Note a check-in; whether the round should list its clients again now."""
+        if client_id not in self.listed:
+            self.newcomers.add(client_id)
+        return len(self.newcomers) >= self.short
+
 
 OnClosed = Callable[[RoundSummary, CommitVersion | None], Awaitable[None]]
 """Told each closed round and its new model (if any); the next round starts once it returns."""
@@ -165,7 +182,8 @@ class RoundDriver:
         self._timers: dict[Stage | None, tuple[float, Any]] = {}  # by stage
         self._closed: asyncio.Future[RoundSummary] | None = None
         self._commit: CommitVersion | None = None
-        self._arrivals = asyncio.Event()
+        self._arrivals = asyncio.Event()  # set when a waiting round should list clients again
+        self._awaited: Awaited | None = None  # what a round waiting for clients needs
         self._sha_of: tuple[Parameters, str] | None = None
         self._excluded: dict[str, set[str]] = {}  # this round's: criterion -> clients turned away
 
@@ -177,7 +195,9 @@ class RoundDriver:
         A client of a secure round between two stages comes back within
         ``SECURE_STAGE_RETRY_S``, so that a stage does not cost a full retry interval.
         """
-        self._arrivals.set()
+        awaited = self._awaited
+        if awaited is None or awaited.arrived(client_id):
+            self._arrivals.set()
         if self.finished is not None:
             return self.finished
         offer = self._offers.get(client_id)
@@ -317,39 +337,48 @@ class RoundDriver:
         return summary
 
     async def _admitted(self, play: Play) -> Admission:
-        """Wait, without polling on a fixed beat, until the run layer admits the round."""
-        logged: str | None = None
-        while True:
-            admission = self._admission(play)
-            if admission.wait is None:
-                return admission
-            if admission.wait != logged:  # once per reason, not once per check-in
-                log.info("%s", admission.wait)
-                logged = admission.wait
-            self._arrivals.clear()
-            try:
-                await asyncio.wait_for(self._arrivals.wait(), timeout=self.settings.retry_after_s)
-            except TimeoutError:
-                continue  # eligibility can also change with time (a client's last check-in ages)
+        """Wait, without polling on a fixed beat, until the run layer admits the round.
 
-    def _admission(self, play: Play) -> Admission:
+        The clients are listed again (a read of the registry) once as many newcomers as the
+        round is short of have checked in, or every ``retry_after_s``: not at every check-in,
+        which for a round waiting on a thousand clients was a thousand listings a second.
+        """
+        logged: str | None = None
+        try:
+            while True:
+                admission, listed = self._admission(play)
+                if admission.wait is None:
+                    return admission
+                if admission.wait != logged:  # once per reason, not once per check-in
+                    log.info("%s", admission.wait)
+                    logged = admission.wait
+                self._awaited = Awaited(frozenset(listed), admission.short)
+                self._arrivals.clear()
+                try:
+                    await asyncio.wait_for(
+                        self._arrivals.wait(), timeout=self.settings.retry_after_s
+                    )
+                except TimeoutError:
+                    continue  # eligibility also changes with time (a client's last check-in ages)
+        finally:
+            self._awaited = None
+
+    def _admission(self, play: Play) -> tuple[Admission, tuple[str, ...]]:
+        """The run layer's answer for ``play``, and the clients listed for it."""
         try:
             listed = tuple(self._candidates())
         except RegistryError as exc:  # the population cannot be established: wait, never guess
-            return Admission(
-                (),
-                wait=f"round {play.round} waits: the registry cannot list "
-                f"the eligible clients ({exc})",
+            wait = (
+                f"round {play.round} waits: the registry cannot list the eligible clients ({exc})"
             )
+            return Admission((), wait=wait), ()
         if self._admit is not None:
-            return self._admit(play, listed)
+            return self._admit(play, listed), listed
         needed = self.coordinator.settings.quorum_count(play.phase)
         if len(listed) < needed:
-            return Admission(
-                listed,
-                wait=f"round {play.round} waits: {len(listed)} eligible clients, {needed} needed",
-            )
-        return Admission(listed)
+            wait = f"round {play.round} waits: {len(listed)} eligible clients, {needed} needed"
+            return Admission(listed, wait=wait, short=needed - len(listed)), listed
+        return Admission(listed), listed
 
     # --- actions -----------------------------------------------------------------------------
 

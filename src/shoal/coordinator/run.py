@@ -125,12 +125,15 @@ class Admission:
     """Whether a round may start with the clients a shell found eligible, and with whom.
 
     ``wait``: too few to start (the live shell waits for more; the simulator
-    plays the round, which the engine aborts); ``stop``: training stops.
+    plays the round, which the engine aborts); ``short``: with ``wait``, how many
+    more eligible clients it needs (1 where any newcomer may change the answer);
+    ``stop``: training stops.
     """
 
     candidates: tuple[str, ...]
     wait: str | None = None
     stop: str | None = None
+    short: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -549,7 +552,7 @@ class Run:
                 privacy.saw_population(len(candidates))
             purpose = ", to establish the population privacy is accounted for" if privacy else ""
             wait = f"round {play.round} waits: {len(candidates)} eligible clients, {needed} needed"
-            return Admission(candidates, wait=wait + purpose)
+            return Admission(candidates, wait=wait + purpose, short=needed - len(candidates))
         reason = None
         if privacy is not None:
             reason = privacy.before_round(play.round, population=len(candidates))
