@@ -12,6 +12,13 @@ row's figures at ``step=round`` (:func:`tracked_metrics`), and at the end the
 summary, the report and the final model (:meth:`RunRecords.end_tracking`).
 :meth:`RunRecords.watch` hands every row, as it is stored, to an observer
 (a coordinator's Prometheus metrics).
+
+A run folder is held by one process while a run uses it: :meth:`RunRecords.open`,
+as both shells open their run's records, holds the folder
+(:func:`~shoal.core.folders.hold_folder`) before it reads or writes anything
+there, and :meth:`RunRecords.close` lets it go last. A second process, resuming
+the same run or serving the same state folder, is refused in one line: two
+writers would commit rounds twice and rewrite ``metrics.jsonl`` under each other.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Any, Protocol
 
 from shoal.config import Config, config_to_dict
 from shoal.core.errors import NotFoundError
+from shoal.core.folders import FolderHold, hold_folder
 from shoal.core.parameters import Parameters
 from shoal.governance.model_signing import (
     PUBLIC_KEY_FILE,
@@ -161,8 +169,10 @@ class RunRecords:
         model: str,
         signer: VersionSigner | None = None,
         head_signer: HeadSigner | None = None,
+        hold: FolderHold | None = None,
     ) -> None:
         self.folder = Path(folder)
+        self.hold = hold  # this process's hold on the folder, let go by close()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.models = models
         self.signer = signer  # signs each version once, as it is committed
@@ -176,6 +186,48 @@ class RunRecords:
         self._watchers: list[Callable[[Row], None]] = []
         self._log_model = True  # [tracking] log_model, read when tracking starts
         self._suspended: dict[str, str] = {}  # simulated clients caught cheating
+
+    @classmethod
+    def open(
+        cls,
+        folder: str | Path,
+        config: Config,
+        *,
+        what: str,
+        registries: Callable[[], tuple[ModelRegistry, ClientRegistry]],
+        model: str,
+    ) -> RunRecords:
+        """The records of the run in ``folder``, as both shells open them: the folder held by
+        this process alone (else one :class:`~shoal.core.errors.RunError`, ``what`` naming
+        it) before anything in it is read or written, then its signing key
+        (:func:`run_signer`) and ``registries`` opened. :meth:`close` lets all of it go."""
+        hold = hold_folder(folder, what=what)
+        try:
+            signer = run_signer(config, hold.folder)
+            models, clients = registries()
+        except BaseException:
+            hold.release()
+            raise
+        return cls(
+            hold.folder,
+            models,
+            clients,
+            model=model,
+            signer=signer,
+            head_signer=signer.audit_head,
+            hold=hold,
+        )
+
+    def close(self) -> None:
+        """The shell's last step with the run folder: close its logs and registries, then let
+        the folder go to the next process (even when closing failed)."""
+        try:
+            self.close_logs()
+            self.models.blobs.close()
+            self.database.close()
+        finally:
+            if self.hold is not None:
+                self.hold.release()
 
     @property
     def database(self) -> Database:

@@ -53,7 +53,7 @@ import numpy.typing as npt
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shoal.client.app import ClientContext
-from shoal.config import Config
+from shoal.config import Config, CoordinatorSection
 from shoal.coordinator.app import resolve_apps
 from shoal.coordinator.candidates import SEEN_WITHIN, Candidates, Fleet
 from shoal.coordinator.driver import Decrypt, DriverSettings, RoundDriver
@@ -63,7 +63,7 @@ from shoal.coordinator.events import (
     RoundSummary,
 )
 from shoal.coordinator.homomorphic import CKKS
-from shoal.coordinator.records import RunRecords, run_signer
+from shoal.coordinator.records import RunRecords
 from shoal.coordinator.run import Run, RunParts
 from shoal.coordinator.secure import enrolled_identities
 from shoal.coordinator.service import (
@@ -138,9 +138,7 @@ class CoordinatorParts:
         """Release the registry database, the policy's and the blob store's threads, the run
         folder's logs and the key holder's channel."""
         self.run.parts.release()
-        self.records.close_logs()
-        self.records.models.blobs.close()
-        self.database.close()
+        self.records.close()  # the state folder's logs and registries, then its hold
         if self.key_holder is not None:
             self.key_holder.close()
 
@@ -191,24 +189,19 @@ def build(
         if key_holder is not None:
             key_holder.close()
         raise
-    database = registry_location(state_dir, section.registry_url).open()
-    models = ModelRegistry(database, BlobStore(blob_location(state_dir, section.blob_url)))
-    clients = ClientRegistry(database)
     try:
-        signer = run_signer(config, state_dir)
+        records = RunRecords.open(  # the state folder is this process's until parts.close()
+            state_dir,
+            config,
+            what="coordinator.state_dir",
+            registries=lambda: _registries(state_dir, section),
+            model=config.run.name,
+        )
     except BaseException:
-        database.close()
         if key_holder is not None:
             key_holder.close()
         raise
-    records = RunRecords(
-        state_dir,
-        models,
-        clients,
-        model=config.run.name,
-        signer=signer,
-        head_signer=signer.audit_head,
-    )
+    database, models, clients = records.database, records.models, records.clients
     metrics = CoordinatorMetrics() if metrics is None else metrics
     records.watch(metrics.observe_row)  # from the first row stored, a resume's recovered ones too
     try:
@@ -233,7 +226,7 @@ def build(
             log.info("resuming run %s at round %d", config.run.name, run.first_round)
         records.start_tracking(config)
     except BaseException:
-        database.close()
+        records.close()
         if key_holder is not None:
             key_holder.close()
         raise
@@ -299,6 +292,15 @@ def build(
     return CoordinatorParts(
         database, models, clients, driver, service, run, records, privacy, key_holder, metrics
     )
+
+
+def _registries(
+    state_dir: Path, section: CoordinatorSection
+) -> tuple[ModelRegistry, ClientRegistry]:
+    """The model and client registries of a coordinator (``registry_url``, ``blob_url``)."""
+    database = registry_location(state_dir, section.registry_url).open()
+    models = ModelRegistry(database, BlobStore(blob_location(state_dir, section.blob_url)))
+    return models, ClientRegistry(database)
 
 
 def _first_context(config: Config) -> ClientContext:

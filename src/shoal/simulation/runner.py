@@ -31,7 +31,7 @@ from shoal.coordinator.events import (
     SendFitTask,
     StartRound,
 )
-from shoal.coordinator.records import CONFIG_FILE, RunRecords, run_signer
+from shoal.coordinator.records import CONFIG_FILE, RunRecords
 from shoal.coordinator.run import EVALUATION_UPLOAD_BYTES, Run, RunParts
 from shoal.coordinator.schedule import Play
 from shoal.coordinator.setup import (
@@ -152,31 +152,27 @@ class Simulation:
     def run(self, *, on_round: RoundCallback | None = None) -> dict[str, Any]:
         """Play every remaining round; returns the summary also written to summary.json."""
         started = time.perf_counter()
-        writable_folder(self.out, what="run folder")
-        signer = run_signer(self.config, self.out)  # a run folder's versions are signed too
-        models = open_run_models(self.out)
-        records = RunRecords(
+        records = RunRecords.open(  # the folder is this process's until records.close()
             self.out,
-            models,
-            ClientRegistry(models.database, audit=models.audit),
-            model=MODEL_NAME,
-            signer=signer,
-            head_signer=signer.audit_head,
-        )
-        lifecycle = Run(
             self.config,
-            app=self.apps.server,
-            store=records,
-            parts=self.parts,
-            architecture=self.apps.architecture,
-            privacy=self.privacy,
-            resume=self.resume,
-            where=str(self.out),
+            what="run folder",
+            registries=lambda: run_registries(self.out),
+            model=MODEL_NAME,
         )
-        self.lifecycle = lifecycle  # a secure round reports its key holder's answers to it
-        lifecycle.classify(self.fleet)  # the device classes of the fleet, for cohort fairness
         finished = False
         try:
+            lifecycle = Run(
+                self.config,
+                app=self.apps.server,
+                store=records,
+                parts=self.parts,
+                architecture=self.apps.architecture,
+                privacy=self.privacy,
+                resume=self.resume,
+                where=str(self.out),
+            )
+            self.lifecycle = lifecycle  # a secure round reports its key holder's answers to it
+            lifecycle.classify(self.fleet)  # the device classes of the fleet, for cohort fairness
             self._coordinator = lifecycle.open(self.population.first_client)
             self.model_bytes = lifecycle.model_bytes
             self._clients = records.clients
@@ -216,9 +212,7 @@ class Simulation:
                 records.end_tracking(finished=finished)  # may fail: the registry closes anyway
             finally:
                 self.parts.release()
-                records.close_logs()
-                models.blobs.close()
-                models.database.close()
+                records.close()
 
     def _attack_metrics(self) -> AttackMetrics | None:
         """What an attacked run measures (None: no ``[[attack]]``)."""
@@ -488,6 +482,12 @@ def open_run_models(run_dir: str | Path) -> ModelRegistry:
     return ModelRegistry(
         database, BlobStore(blob_location(folder, None), durable=False), audit=audit
     )
+
+
+def run_registries(run_dir: str | Path) -> tuple[ModelRegistry, ClientRegistry]:
+    """The model and client registries of a run folder, as a simulation keeps them."""
+    models = open_run_models(run_dir)
+    return models, ClientRegistry(models.database, audit=models.audit)
 
 
 def final_parameters(run_dir: str | Path) -> Parameters:
