@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from shoal.cli import app
 from shoal.dashboard.state import RunReader
 from shoal.telemetry.report import load_run
+from support.user_errors import EXIT_ENVIRONMENT, invoke, one_line_error
 
 DEEP = "[" * 100_000 + "]" * 100_000  # past the JSON parser's recursion limit
 HOSTILE = '"><script>alert(1)</script><a href="javascript:alert(2)">x</a>'
@@ -82,7 +84,7 @@ def test_a_summary_or_drift_record_of_another_shape_is_left_out(tmp_path: Path) 
         summary='{"final_accuracy": ' + DEEP + "}",
     )
     run = load_run(folder)
-    assert run.summary == {} and len(run.drift) == 4
+    assert run.summary == {} and len(run.drift) == 3  # round "x" is no round
     assert "Drift" in report(folder, tmp_path / "report.html")
 
 
@@ -133,3 +135,63 @@ def test_a_line_being_written_costs_no_warning(
     with caplog.at_level(logging.WARNING):
         assert [entry["round"] for entry in load_run(folder).rows] == [1]
     assert caplog.text == ""
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished two-round simulation, copied by each test that spoils it."""
+    base = tmp_path_factory.mktemp("run")
+    (base / "job.toml").write_text(
+        "[run]\nrounds = 2\n[data]\nnum_clients = 6\n[round]\nclients_per_round = 3\n"
+        "[evaluation]\nevery = 1\nclients = 3\n[simulation]\nworkers = 0\n"
+        "[report]\nenabled = false\n"
+    )
+    result = invoke("simulate", base / "job.toml", "-q", "--out", base / "run")
+    assert result.exit_code == 0, result.output
+    return base / "run"
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "drift.jsonl"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "{}",
+        '{"round": "x", "phase": "fit"}',
+        '{"round": null, "phase": "fit"}',
+        '{"round": true, "phase": "fit"}',
+        '{"round": 1.5, "phase": "fit"}',
+        "[1]",
+    ],
+)
+def test_a_resume_refuses_a_line_that_is_not_a_row_naming_it(
+    finished_run: Path, tmp_path: Path, name: str, line: str
+) -> None:
+    """A resume rewrites both files: a KeyError or TypeError traceback before, and what it
+    cannot read must not be dropped silently. ``shoal report`` leaves the line out."""
+    folder = tmp_path / "run"
+    shutil.copytree(finished_run, folder)
+    before = (folder / name).read_text() if (folder / name).exists() else ""
+    (folder / name).write_text(before + line + "\n")
+    result = invoke("simulate", "--resume", folder, "--rounds", "3", "-q")
+    number = before.count("\n") + 1
+    one_line_error(result, code=EXIT_ENVIRONMENT, contains=(f"{name}: line {number} is not a row",))
+    assert (folder / name).read_text() == before + line + "\n"  # kept for the user to mend
+    assert [row["round"] for row in load_run(folder).rows] == [1, 1, 2, 2]  # committed, kept
+
+
+def test_a_row_carries_an_integer_round_and_its_phase_for_report_and_resume(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    lines = [
+        json.dumps(row(1)),
+        json.dumps({"round": 2}),
+        json.dumps({"round": True, "phase": "fit"}),
+        json.dumps(row(3)),
+    ]
+    folder = run_folder(tmp_path / "run", lines, drift=["{}", json.dumps({"round": 1})])
+    with caplog.at_level(logging.WARNING):
+        run = load_run(folder)
+    assert [entry["round"] for entry in run.rows] == [1, 3]
+    assert [entry["round"] for entry in run.drift] == [1]
+    assert "metrics.jsonl: 2 lines left out" in caplog.text and "first at line 2" in caplog.text
+    assert "drift.jsonl: 1 line left out" in caplog.text

@@ -9,6 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner, Result
 
 from shoal.cli import app
+from support.user_errors import EXIT_ENVIRONMENT, one_line_error
 
 
 def shoal(*args: str | Path) -> Result:
@@ -47,3 +48,14 @@ def test_a_folder_that_is_not_a_run_is_one_line(tmp_path: Path) -> None:
 def test_report_needs_a_run(tmp_path: Path) -> None:
     result = shoal("report", "--out", tmp_path / "r.html")
     assert result.exit_code == 2
+
+
+def test_a_folder_as_the_output_is_one_line_naming_it(tmp_path: Path) -> None:
+    """It said ``Is a directory: out.partial`` and left ``out.partial`` behind."""
+    run = run_folder(tmp_path / "a", 0.2)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = shoal("report", run, "--out", out)
+    one_line_error(result, code=EXIT_ENVIRONMENT, contains=(f"is a folder, not a file: {out}",))
+    assert ".partial" not in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a", "out"]

@@ -7,30 +7,32 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shoal.config import load_config
+from shoal.core.errors import RunError
 from shoal.simulation.runner import Simulation
 from shoal.telemetry import MetricsLog
-from shoal.telemetry.metrics import clean_row, strict_line
+from shoal.telemetry.metrics import clean_row, read_rows, strict_line
 
 
 def test_append_and_read_back(tmp_path: Path) -> None:
     log = MetricsLog(tmp_path / "metrics.jsonl")
     assert log.rows() == []
-    log.append({"round": 1, "loss": float("nan"), "nested": {"x": float("inf")}})
-    log.append({"round": 2, "loss": 0.5})
+    log.append({"round": 1, "phase": "fit", "loss": float("nan"), "nested": {"x": float("inf")}})
+    log.append({"round": 2, "phase": "fit", "loss": 0.5})
     assert log.rows() == [
-        {"round": 1, "loss": None, "nested": {"x": None}},
-        {"round": 2, "loss": 0.5},
+        {"round": 1, "phase": "fit", "loss": None, "nested": {"x": None}},
+        {"round": 2, "phase": "fit", "loss": 0.5},
     ]
     for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
         json.loads(line)  # strict JSON: no NaN literals
 
 
 def test_torn_last_line_is_skipped_and_truncate_keeps_what_it_is_told(tmp_path: Path) -> None:
-    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log = MetricsLog(tmp_path / "drift.jsonl")
     for round_number in range(1, 5):
         log.append({"round": round_number})
     with log.path.open("a") as handle:
@@ -42,7 +44,7 @@ def test_torn_last_line_is_skipped_and_truncate_keeps_what_it_is_told(tmp_path: 
 
 
 def test_appends_keep_one_descriptor_that_follows_truncation_and_closes(tmp_path: Path) -> None:
-    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log = MetricsLog(tmp_path / "drift.jsonl")
     log.append({"round": 1})
     log.append_line('{"round": 2}')
     assert descriptors_of(log.path) == 1  # one, kept from the first append
@@ -100,3 +102,29 @@ finite_or_not = st.one_of(
 )
 def test_a_line_is_the_cleaned_rows_encoding_whether_or_not_it_holds_nan(row: dict) -> None:
     assert strict_line(row) == json.dumps(clean_row(row), sort_keys=True)
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["{}", '{"round": "1", "phase": "fit"}', '{"round": true, "phase": "fit"}', '{"round": 1}',
+     '{"round": 1.0, "phase": "fit"}', '{"round": 1, "phase": null}', "[1]", "not json"],
+)  # fmt: skip
+def test_a_line_without_a_rows_round_and_phase_is_left_out_and_never_rewritten(
+    tmp_path: Path, line: str
+) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(f'{{"round": 1, "phase": "fit"}}\n{line}\n{{"round": 2, "phase": "fit"}}\n')
+    assert read_rows(path) == ([{"round": 1, "phase": "fit"}, {"round": 2, "phase": "fit"}], [2])
+    log = MetricsLog(path)
+    assert [row["round"] for row in log.rows()] == [1, 2]
+    text = path.read_text()
+    with pytest.raises(RunError, match=r"metrics\.jsonl: line 2 is not a row"):
+        log.truncate(lambda row: True)
+    assert path.read_text() == text and not path.with_name("metrics.jsonl.partial").exists()
+
+
+def test_a_drift_record_needs_only_its_integer_round(tmp_path: Path) -> None:
+    path = tmp_path / "drift.jsonl"
+    path.write_text('{"round": 1}\n{"round": false}\n\n{"round": 3, "points": []}\n{"round"')
+    assert read_rows(path) == ([{"round": 1}, {"round": 3, "points": []}], [2])
+    assert read_rows(tmp_path / "missing.jsonl") == ([], [])  # the empty case

@@ -35,6 +35,7 @@ from shoal.cli.operator import (
     _when,
 )
 from shoal.core.errors import ModelError, NotFoundError, RegistryError
+from shoal.core.files import write_whole
 from shoal.core.parameters import Parameters
 from shoal.core.torch_interop import import_torch, state_dict_from_parameters
 from shoal.registry import (
@@ -378,16 +379,11 @@ def export_model(
 
 
 def _write_file(out: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``out`` whole or not at all: into a partial file, renamed when complete."""
-    partial = out.with_name(out.name + ".partial")
+    """Write ``out`` whole or not at all (:func:`write_whole`), or one ModelError."""
     try:
-        with partial.open("wb") as handle:
-            write(handle)
-        partial.replace(out)
+        write_whole(out, write)
     except OSError as exc:
         raise ModelError(f"cannot write {out}: {exc.strerror or exc}") from exc
-    finally:
-        partial.unlink(missing_ok=True)  # gone already when the write succeeded
 
 
 # --- clients -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from shoal.cli.app import app, quiet_logging, user_errors
 from shoal.client.app import app_search_path, with_config_folder
-from shoal.config import Config, load_config, parse_config
+from shoal.config import Config, apply_overrides, config_to_dict, load_config, parse_config
 from shoal.core.errors import ConfigError
 from shoal.simulation.runner import Simulation, load_run_config
 
@@ -31,11 +31,8 @@ def _resolve(
     changed = [item for item in overrides if not item.startswith("run.rounds=")]
     if changed:
         raise ConfigError(f"--resume can only change run.rounds, not {', '.join(changed)}")
-    base = load_run_config(resume)
-    data = base.model_dump(mode="json", exclude_none=True)
-    for item in overrides:
-        data["run"]["rounds"] = int(item.split("=", 1)[1])
-    return parse_config(data), resume
+    data = config_to_dict(load_run_config(resume))
+    return parse_config(apply_overrides(data, overrides)), resume
 
 
 @app.command()

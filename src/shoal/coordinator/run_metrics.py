@@ -218,17 +218,17 @@ def run_summary(
     head is signed first, so that the summary names the run's last entry."""
     rows = store.rows()
     fits = [row for row in rows if row["phase"] == "fit"]
-    committed = [row for row in fits if row["committed"]]
+    committed = [row for row in fits if row.get("committed")]
     head = store.head()
     last = _head_row(committed, head)
     evaluations = [
         row
         for row in rows
-        if row["phase"] == "evaluate" and row["committed"] and not rolled_back(row)
+        if row["phase"] == "evaluate" and row.get("committed") and not rolled_back(row)
     ]
     final_accuracy = last.get("test_accuracy")
     if final_accuracy is None and evaluations:
-        final_accuracy = evaluations[-1]["accuracy"]
+        final_accuracy = evaluations[-1].get("accuracy")
     head = store.head()
     audit_head = store.sign_audit_head()  # the run's last entries, signed at its end
     summary: dict[str, Any] = {
@@ -237,9 +237,9 @@ def run_summary(
         "final_accuracy": final_accuracy,
         "final_loss": last.get("loss"),
         "final_test_loss": last.get("test_loss"),
-        "final_federated_accuracy": evaluations[-1]["accuracy"] if evaluations else None,
+        "final_federated_accuracy": evaluations[-1].get("accuracy") if evaluations else None,
         "wall_time_s": max((row.get("wall_time_s", 0.0) for row in rows), default=0.0),
-        "virtual_time_s": rows[-1]["virtual_time_s"] if rows else 0.0,
+        "virtual_time_s": rows[-1].get("virtual_time_s", 0.0) if rows else 0.0,
         "num_parameters": num_parameters,
         "bytes_up": sum(row.get("bytes_up", 0) for row in rows),
         "bytes_down": sum(row.get("bytes_down", 0) for row in rows),

@@ -25,6 +25,7 @@ versions stay, for audit, and the next commit branches from the new HEAD.
 from __future__ import annotations
 
 import builtins
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -106,7 +107,7 @@ def _record(row: sa.Row[Any]) -> ModelRecord:
         created_at=row.created_at,
         status=row.status,
         architecture_version=row.architecture_version,
-        metrics=dict(row.metrics),
+        metrics=_stored_metrics(row),
         status_reason=row.status_reason,
         status_changed_at=row.status_changed_at,
         signed=(
@@ -115,6 +116,22 @@ def _record(row: sa.Row[Any]) -> ModelRecord:
             else VersionSignature(row.run_id or "", row.signing_key_id or "", row.signature)
         ),
     )
+
+
+def _stored_metrics(row: sa.Row[Any]) -> dict[str, Any]:
+    """A version's metrics, read from its column's text (:data:`_VERSIONS`): a value that is
+    not a JSON object (a registry edited by hand, or corrupt) is one RegistryError naming the
+    version, not a traceback from every command that reads it."""
+    try:
+        metrics = json.loads(row.metrics)
+    except (TypeError, ValueError, RecursionError):
+        metrics = None
+    if not isinstance(metrics, dict):
+        raise RegistryError(
+            f"model {row.name!r} version {row.version}: its metrics are not a JSON object "
+            "(the registry is corrupt)"
+        )
+    return metrics
 
 
 def _check_metrics(metrics: Mapping[str, Any]) -> EncodedJSON:
@@ -238,11 +255,7 @@ class ModelRegistry:
 
     def list(self, name: str) -> builtins.list[ModelRecord]:
         """Every version of ``name``, oldest first (empty for an unknown name)."""
-        query = (
-            sa.select(model_versions)
-            .where(model_versions.c.name == name)
-            .order_by(model_versions.c.version)
-        )
+        query = _VERSIONS.where(model_versions.c.name == name).order_by(model_versions.c.version)
         with self.database.read() as connection:
             return [_record(row) for row in connection.execute(query)]
 
@@ -358,14 +371,19 @@ def _refuse_bad(record: ModelRecord) -> ModelRecord:
 
 def _fetch(connection: Connection, name: str, version: int) -> ModelRecord:
     row = connection.execute(
-        sa.select(model_versions).where(
-            model_versions.c.name == name, model_versions.c.version == version
-        )
+        _VERSIONS.where(model_versions.c.name == name, model_versions.c.version == version)
     ).first()
     if row is None:
         raise NotFoundError(f"model {name!r} has no version {version}")
     return _record(row)
 
+
+# a version's row with its metrics as text, parsed by _stored_metrics: the JSON column's own
+# parsing would raise from inside SQLAlchemy on a value that is not JSON
+_VERSIONS: sa.Select[Any] = sa.select(
+    *(column for column in model_versions.c if column.name != "metrics"),
+    sa.cast(model_versions.c.metrics, sa.Text).label("metrics"),
+)
 
 # statements of every commit, built once: building one costs more than running it
 _NEWEST = sa.select(sa.func.max(model_versions.c.version)).where(

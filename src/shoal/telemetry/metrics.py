@@ -1,4 +1,11 @@
-"""The run's metrics log: one JSON object per round and phase in ``metrics.jsonl``."""
+"""The run's metrics log: one JSON object per round and phase in ``metrics.jsonl``.
+
+A line is a row when it is a JSON object holding what every row of its file
+holds (:data:`ROW_FIELDS`): an integer ``round`` in each file, and the
+``phase`` as text in ``metrics.jsonl``. Readers of a folder that may come from
+someone else (``shoal report``, the dashboard) leave the other lines out; a
+rewrite (:meth:`MetricsLog.truncate`, on a resume) refuses to drop them.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +13,25 @@ import json
 import math
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from shoal.core.errors import RunError
 
 Row = dict[str, Any]
 
 METRICS_FILE = "metrics.jsonl"  # in a run folder: the rows
+DRIFT_FILE = "drift.jsonl"  # in a run folder: each fit round's drift projection
 SUMMARY_FILE = "summary.json"  # in a run folder: the final figures
+
+# what every row of a file carries, with its exact type (a bool is no round number)
+ROUND_FIELDS: Mapping[str, type] = {"round": int}
+ROW_FIELDS: Mapping[str, Mapping[str, type]] = {
+    METRICS_FILE: {"round": int, "phase": str},
+    DRIFT_FILE: ROUND_FIELDS,
+}
+_TYPE_NAMES = {int: "an integer", str: "text"}
 
 
 def _clean(value: Any) -> Any:
@@ -81,13 +99,20 @@ class MetricsLog:
         self._descriptor, self._closer = None, None
 
     def rows(self) -> list[Row]:
-        """Every complete row; a line torn by a crash is skipped (see :func:`read_rows`)."""
+        """Every row; a line that is not one, or is torn, is left out (:func:`read_rows`)."""
         return read_rows(self.path)[0]
 
     def truncate(self, keep: Callable[[Row], bool]) -> list[Row]:
         """Keep only the rows ``keep`` accepts (atomically); returns them. The appends go on
-        to the new file."""
-        kept = [row for row in self.rows() if keep(row)]
+        to the new file. A line that is not a row (but a torn last one) is refused, as one
+        :class:`RunError` naming the file and the line: rewriting the file would lose it."""
+        rows, left_out = read_rows(self.path)
+        if left_out:
+            raise RunError(
+                f"{self.path}: line {left_out[0]} is not a row ({describe_row(self.path)}): "
+                "mend or remove it"
+            )
+        kept = [row for row in rows if keep(row)]
         partial = self.path.with_name(self.path.name + ".partial")
         partial.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in kept))
         self.close()
@@ -95,24 +120,47 @@ class MetricsLog:
         return kept
 
 
-def read_rows(path: Path) -> tuple[list[Row], int]:
-    """The JSON objects of a JSON-lines file (none when it is missing), and how many lines were
-    left out: not JSON, not an object, or nested past the parser's depth. A last line without
-    its newline that is not a row (being written, or torn by a crash) is left out uncounted."""
+def row_fields(path: Path) -> Mapping[str, type]:
+    """What every row of the run file ``path`` carries (an integer ``round`` in any other)."""
+    return ROW_FIELDS.get(path.name, ROUND_FIELDS)
+
+
+def describe_row(path: Path) -> str:
+    """What a row of ``path`` is, in words: ``a JSON object with round as an integer``."""
+    fields = " and ".join(
+        f"{name} as {_TYPE_NAMES[kind]}" for name, kind in row_fields(path).items()
+    )
+    return f"a JSON object with {fields}"
+
+
+def read_rows(path: Path) -> tuple[list[Row], list[int]]:
+    """The rows of a run's JSON-lines file (none when it is missing), and the numbers (from 1)
+    of the lines left out: not JSON, not an object, nested past the parser's depth, or without
+    what every row of the file carries (:func:`row_fields`). A last line without its newline
+    that is not a row (being written, or torn by a crash) is left out unnumbered."""
     if not path.exists():
-        return [], 0
+        return [], []
     *lines, last = path.read_text(errors="replace").split("\n")
-    rows = [row for row in map(_object, lines) if row is not None]
-    skipped = sum(1 for line in lines if line.strip()) - len(rows)
-    if (row := _object(last)) is not None:
+    fields = row_fields(path)
+    rows: list[Row] = []
+    left_out: list[int] = []
+    for number, line in enumerate(lines, start=1):
+        row = _row(line, fields)
+        if row is not None:
+            rows.append(row)
+        elif line.strip():
+            left_out.append(number)
+    if (row := _row(last, fields)) is not None:
         rows.append(row)
-    return rows, skipped
+    return rows, left_out
 
 
-def _object(line: str) -> Row | None:
-    """The JSON object on ``line``, or None."""
+def _row(line: str, fields: Mapping[str, type]) -> Row | None:
+    """The row on ``line``, or None: a JSON object with each of ``fields`` of its exact type."""
     try:
         row = json.loads(line)
     except (ValueError, RecursionError):
         return None
-    return row if isinstance(row, dict) else None
+    if not isinstance(row, dict):
+        return None
+    return row if all(type(row.get(name)) is kind for name, kind in fields.items()) else None

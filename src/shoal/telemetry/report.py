@@ -6,8 +6,9 @@
 writes the page: inline CSS and SVG, no script, no external reference,
 every string from a run escaped. The live dashboard draws the same figures.
 
-A run folder may come from someone else: a line that is not a JSON object
-is left out with a warning, a summary that is not one is left out, and
+A run folder may come from someone else: a line that is not a row (a JSON
+object with an integer ``round``, see :mod:`shoal.telemetry.metrics`) is
+left out with a warning, a summary that is not one is left out, and
 every figure is drawn however large or small. Its files are read where
 they point (a symlinked ``metrics.jsonl`` too, as ``cat`` would): only the
 figures a row names are drawn, so a file that is not the run's shows
@@ -19,17 +20,25 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 from shoal.core.errors import RunError
-from shoal.telemetry.metrics import METRICS_FILE, SUMMARY_FILE, Row, read_rows
+from shoal.core.files import write_whole
+from shoal.telemetry.metrics import (
+    DRIFT_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    Row,
+    describe_row,
+    read_rows,
+)
 from shoal.telemetry.plots import Figure, RunData, figures
 from shoal.telemetry.svg import escape, format_number
 
 logger = logging.getLogger(__name__)
 
-DRIFT_FILE = "drift.jsonl"
 REPORT_FILE = "report.html"
 
 __all__ = [
@@ -57,16 +66,21 @@ def load_run(folder: Path, *, name: str | None = None) -> RunData:
         folder=folder,
         rows=tuple(_read_rows(metrics)),
         summary=_read_summary(folder / SUMMARY_FILE),
-        drift=tuple(sorted(_read_rows(folder / DRIFT_FILE), key=_round_of)),
+        drift=tuple(sorted(_read_rows(folder / DRIFT_FILE), key=itemgetter("round"))),
     )
 
 
 def _read_rows(path: Path) -> list[Row]:
     """A JSON-lines file's rows; the lines that are not rows cost one warning."""
-    rows, skipped = read_rows(path)
-    if skipped:
+    rows, left_out = read_rows(path)
+    if left_out:
         logger.warning(
-            "%s: %d line%s left out (not a JSON object)", path, skipped, "" if skipped == 1 else "s"
+            "%s: %d line%s left out (not %s), the first at line %d",
+            path,
+            len(left_out),
+            "" if len(left_out) == 1 else "s",
+            describe_row(path),
+            left_out[0],
         )
     return rows
 
@@ -90,11 +104,6 @@ def _read_summary(path: Path) -> dict[str, Any]:
         logger.warning("%s is not JSON (the run may be writing it): left out", path)
         return {}
     return summary if isinstance(summary, dict) else {}
-
-
-def _round_of(record: Row) -> int:
-    value = record.get("round")
-    return value if isinstance(value, int) else 0
 
 
 # --- the page --------------------------------------------------------------------------------
@@ -131,14 +140,14 @@ section svg { max-width: 100%; height: auto; border: 1px solid #eee; }
 
 
 def write_report(runs: Sequence[RunData], out: Path) -> Path:
-    """Write the report of ``runs`` to ``out`` (atomically; its folder is made); returns it."""
+    """Write the report of ``runs`` to ``out`` (whole or not at all, :func:`write_whole`; its
+    folder is made); returns it. An OSError names ``out``: a folder there, say."""
     if not runs:
         raise RunError("a report needs at least one run")
     out = Path(out)
+    page = render(runs).encode()
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text(render(runs), encoding="utf-8")
-    partial.replace(out)
+    write_whole(out, lambda handle: handle.write(page))
     return out
 
 
