@@ -18,7 +18,15 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from shoal.core.errors import ConfigError
 from shoal.core.limits import (
@@ -35,6 +43,21 @@ from shoal.core.settings import format_validation_error, read_toml
 from shoal.core.sharing import threshold_fraction_problem
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+MIN_NOISE_MULTIPLIER = 1e-6
+
+
+def _zero_or_audible(value: float | None) -> float | None:
+    """A noise multiplier is 0 (no noise) or at least :data:`MIN_NOISE_MULTIPLIER`."""
+    if value is not None and 0 < value < MIN_NOISE_MULTIPLIER:
+        raise ValueError(
+            f"a noise multiplier is 0 (none) or at least {MIN_NOISE_MULTIPLIER:g}: below it the "
+            "noise protects next to nothing, and the accountant's 1 / z^2 leaves float range "
+            "near 0"
+        )
+    return value
+
+
+NoiseMultiplier = Annotated[float, Field(ge=0), AfterValidator(_zero_or_audible)]
 DEFAULT_STATE_DIR = "coordinator-state"  # where a coordinator keeps its registries and blobs
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
@@ -48,6 +71,8 @@ _FEATURES = Limit(65_536, "an example of the built-in data is a dense float32 ve
 _CLASSES = Limit(10_000, "the built-in models keep one output per class for every example")
 MAX_MODEL_PARAMETERS = 2**26
 """The built-in NumPy models' size (256 MiB as float32): bigger ones are a user's app (PyTorch)."""
+MAX_CANARY_COPIES = 1_000_000
+"""The most canary records (count x repeats) a holder keeps: about 256 MiB of 64-feature rows."""
 MAX_CLIENT_DATA_BYTES = 2**26
 """The most memory one client's built-in (Gaussian) examples may take: 64 MiB."""
 
@@ -73,6 +98,18 @@ class RunSection(_Section):
     name: str = "shoal"
     seed: int = Field(0, ge=0)
     rounds: Annotated[int, Field(ge=1), _ROUNDS] = 10
+
+    @field_validator("name")
+    @classmethod
+    def _usable_name(cls, name: str) -> str:
+        """The run's name names its folder, its model in the registry and its MLflow run."""
+        if not 1 <= len(name) <= 128:
+            raise ValueError("a run name has 1 to 128 characters")
+        if not name.isprintable() or any(mark in name for mark in "/\\") or name in (".", ".."):
+            raise ValueError(
+                "a run name is printable characters without '/' or '\\' (it names a folder)"
+            )
+        return name
 
 
 class DataSection(_Section):
@@ -162,7 +199,7 @@ class ClientSection(_Section):
     # record-level DP-SGD: per-example clipping and Gaussian noise in every local step
     dp_sgd: bool = False
     dp_sgd_clip_norm: PositiveFloat = 1.0
-    dp_sgd_noise_multiplier: Annotated[float, Field(ge=0)] = 1.0
+    dp_sgd_noise_multiplier: NoiseMultiplier = 1.0
     dp_sgd_delta: Annotated[float, Field(gt=0, lt=1)] | None = None  # unset: 1 / examples
     # the coordinator's model-signing public key (PEM) a deployed client pins: it trains
     # only on versions signed by it (`shoal client run --coordinator-key` overrides it)
@@ -329,7 +366,15 @@ class DevicesSection(_Section):
     """
 
     classes: list[DeviceClass] = Field(default_factory=_default_device_classes, min_length=1)
-    speed_jitter: Annotated[float, Field(ge=0)] = 0.3
+    speed_jitter: Annotated[
+        float,
+        Field(ge=0),
+        Limit(
+            10.0,
+            "a device's speed is divided by a lognormal draw of this sigma: past 10, "
+            "draws leave float range",
+        ),
+    ] = 0.3
     straggler_fraction: Fraction = 0.0
     straggler_policy: Literal["drop", "partial"] = "drop"
     # the training examples a device is timed by when its app does not say (ClientApp.num_examples)
@@ -590,7 +635,7 @@ class PrivacySection(_Section):
     placement: Literal["none", "central", "local", "distributed"] = "none"
     epsilon: PositiveFloat | None = None  # the run's budget: training stops before it is spent
     delta: Annotated[float, Field(gt=0, lt=1)] | None = None  # unset: 1 / population
-    noise_multiplier: Annotated[float, Field(ge=0)] | None = None  # unset: calibrated to epsilon
+    noise_multiplier: NoiseMultiplier | None = None  # unset: calibrated to epsilon
     clip_norm: PositiveFloat = 1.0
     adaptive_clipping: bool = False
     target_quantile: Annotated[float, Field(gt=0, lt=1)] = 0.5
@@ -604,7 +649,7 @@ class PrivacySection(_Section):
     client_epsilon: PositiveFloat | None = None  # a client past it is no longer selected
     # a deployed client refuses a local or distributed DP task whose noise, over a cohort of
     # clients_per_round, is below this multiple of the clip norm (the coordinator sends both)
-    client_min_noise_multiplier: Annotated[float, Field(ge=0)] = 0.1
+    client_min_noise_multiplier: NoiseMultiplier = 0.1
     # False: seeded noise and DP cohorts, reproducible and predictable: simulations only
     secure_noise: bool = True
     alert_command: str | None = None  # run when the budget is exhausted (event JSON on stdin)
@@ -871,6 +916,17 @@ class CanariesSection(_Section):
     distribution: Literal["skewnorm", "normal"] = "skewnorm"  # for the extrapolated exposure
     every_version: bool = False  # also measure each committed version (a column of metrics)
 
+    @model_validator(mode="after")
+    def _copies_fit_in_memory(self) -> CanariesSection:
+        copies = self.count * self.repeats
+        if copies > MAX_CANARY_COPIES:
+            raise ValueError(
+                f"count * repeats = {copies:,} canary copies is above the limit of "
+                f"{MAX_CANARY_COPIES:,}: a holder keeps every copy of every canary in memory "
+                "at once, as examples of the built-in data"
+            )
+        return self
+
 
 BUILTIN_CLIENT_APP = "shoal.apps.builtin:client_app"
 BUILTIN_SERVER_APP = "shoal.apps.builtin:server_app"
@@ -1040,6 +1096,8 @@ class Config(_Section):
 
 def parse_config(data: Mapping[str, Any]) -> Config:
     """Validate a mapping (as read from TOML) into a :class:`Config`."""
+    if not isinstance(data, Mapping):  # a run folder's config.json may hold anything
+        raise ConfigError(f"a config is a table of sections, not {type(data).__name__}")
     try:
         return Config.model_validate(dict(data))
     except ValidationError as exc:

@@ -11,7 +11,10 @@ population of any size.
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -74,6 +77,13 @@ def test_a_registry_number_past_its_range_is_a_usage_error(
          "--simulated"),
         (["client", "run", "--coordinator", "127.0.0.1:1", "--state-dir", "client", "--insecure",
           "--partition-index", "0", "--num-partitions", "2000000"], "--num-partitions"),
+        # gRPC took 99999 as port 34463, and retried a portless address forever, silently
+        (["client", "run", "--coordinator", "127.0.0.1:99999", "--state-dir", "client",
+          "--insecure"], "--coordinator"),
+        (["client", "run", "--coordinator", "nonsense", "--state-dir", "client", "--insecure"],
+         "--coordinator"),
+        (["client", "run", "--coordinator", "127.0.0.1:0", "--state-dir", "client", "--insecure"],
+         "--coordinator"),
     ],
 )  # fmt: skip
 def test_a_number_past_what_a_command_can_do_is_a_usage_error(args: list[str], option: str) -> None:
@@ -158,3 +168,48 @@ def test_a_missing_extra_is_one_line_naming_it(
         args = [*args, "--state-dir", str(run_folder)]
     one_line_error(invoke(*args), code=EXIT_ENVIRONMENT, contains=(extra,))
     assert not Path("m.pt").exists()
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"x"', "null"])
+def test_resuming_a_folder_whose_config_is_not_a_table_is_one_line(
+    run_folder: Path, tmp_path: Path, text: str
+) -> None:
+    """JSON, but not a config: a TypeError or ValueError from inside the parser before."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_folder, copy)
+    (copy / "config.json").write_text(text)
+    result = invoke("simulate", "--resume", copy, "--rounds", "2")
+    one_line_error(result, code=EXIT_CONFIG, contains=("a config is a table of sections",))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("abc", "run.rounds: Input should be a valid integer"),
+        ("1.5", "run.rounds: Input should be a valid integer"),
+        ("0", "run.rounds: Input should be greater than or equal to 1"),
+        (HUGE, f"run.rounds = {HUGE} is above the limit"),
+    ],
+)
+def test_resume_parses_its_run_rounds_as_any_set_is_parsed(
+    run_folder: Path, value: str, expected: str
+) -> None:
+    """``--set run.rounds=abc`` on a resume was a ValueError traceback from int()."""
+    result = invoke("simulate", "--resume", run_folder, "--set", f"run.rounds={value}")
+    one_line_error(result, code=EXIT_CONFIG, contains=(expected,))
+
+
+@pytest.mark.parametrize("metrics", ["[1]", "not json", '"text"', "null"])
+def test_a_registry_version_whose_metrics_are_not_an_object_is_one_line(
+    run_folder: Path, tmp_path: Path, metrics: str
+) -> None:
+    """``models list``, a resume (and the dashboard) read HEAD: a TypeError or a
+    JSONDecodeError traceback from every one of them."""
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(run_folder, corrupt)
+    with closing(sqlite3.connect(corrupt / "registry" / "registry.db")) as database:
+        database.execute("update model_versions set metrics = ?", (metrics,))
+        database.commit()
+    expected = ("model 'global' version ", "its metrics are not a JSON object")
+    for args in (["models", "list", "--state-dir", corrupt], ["simulate", "--resume", corrupt]):
+        one_line_error(invoke(*args), code=EXIT_ENVIRONMENT, contains=expected)

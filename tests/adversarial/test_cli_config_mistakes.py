@@ -117,6 +117,7 @@ def test_a_model_of_477_gib_is_refused_before_anything_runs(tmp_path: Path) -> N
         ("coordinator.max_update_mb=1e9", "coordinator.max_update_mb"),
         ("secure_aggregation.max_weight=36893488147419103232", "secure_aggregation.max_weight"),
         ("data.samples_per_client=10_000_000", "data.samples_per_client"),
+        ("devices.speed_jitter=1e10", "devices.speed_jitter"),  # a ZeroDivisionError later
     ],
 )
 def test_a_size_beyond_its_limit_says_the_limit_and_why(
@@ -164,6 +165,29 @@ def test_a_number_that_is_not_finite_is_refused_from_set(
 ) -> None:
     line = one_line_error(invoke(*simulate(tmp_path, f"{key}={value}")), code=EXIT_CONFIG)
     assert f"{key} = " in line and "must be finite" in line
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # each passed the config before and raised from deep inside the run
+        (['run.name="a\\u0000b"'], "run.name: a run name is printable characters"),  # NUL
+        (["run.name='../elsewhere'"], "without '/'"),  # and a run folder outside runs/
+        (["data.test_fraction=0.004"], "data.test_fraction = 0.004 leaves 8 of digits' 1797"),
+        (["data.test_fraction=0.999999"], "use 0.006 to 0.994"),  # scikit-learn's ValueError
+        (["client.dp_sgd=true", "client.dp_sgd_noise_multiplier=1e-300"],
+         "client.dp_sgd_noise_multiplier: a noise multiplier is 0 (none) or at least 1e-06"),
+        (["privacy.placement='central'", "privacy.noise_multiplier=1e-300"],
+         "privacy.noise_multiplier: a noise multiplier is 0"),  # ZeroDivisionError
+        (["canaries.enabled=true", "canaries.count=10000", "canaries.repeats=10000"],
+         "count * repeats = 100,000,000 canary copies is above the limit"),  # 23.8 GiB asked
+    ],
+)  # fmt: skip
+def test_a_value_the_run_cannot_work_with_is_one_line(
+    tmp_path: Path, overrides: list[str], expected: str
+) -> None:
+    line = one_line_error(invoke(*simulate(tmp_path, *overrides)), code=EXIT_CONFIG)
+    assert expected in line
 
 
 def test_a_learning_rate_of_inf_in_a_file_is_refused(tmp_path: Path) -> None:

@@ -234,3 +234,23 @@ def test_the_pinned_ca_of_a_client_missing_or_not_pem_is_one_line(tmp_path: Path
         "--ca", tmp_path / "certs" / "ca.pem", "--partition-index", "0",
     )  # fmt: skip
     one_line_error(result, code=EXIT_ENVIRONMENT, contains=CERTIFICATE_FAULTS[how])
+
+
+def test_a_busy_dashboard_port_is_an_environment_error(tmp_path: Path, busy_port: int) -> None:
+    """As for coordinator.listen: the option may be right, the machine refuses (it said
+    exit 2, a config mistake, before)."""
+    result = invoke("dashboard", "--state-dir", tmp_path, "--port", str(busy_port))
+    one_line_error(result, code=EXIT_ENVIRONMENT, contains=(f"--port {busy_port}", BUSY))
+
+
+def test_a_busy_metrics_port_is_an_environment_error(job: Path, busy_port: int) -> None:
+    command = [
+        "coordinator",
+        "serve",
+        "--config",
+        job,
+        "--set",
+        f"coordinator.metrics_port={busy_port}",
+    ]
+    result = run_shoal(*command, cwd=job.parent, timeout=90)
+    one_line_error(result, code=EXIT_ENVIRONMENT, contains=(f"127.0.0.1:{busy_port}", BUSY))

@@ -345,7 +345,10 @@ def test_bad_option_values_exit_2(state: State, args: tuple[str, ...], named: st
     ("args", "code", "named"),
     [
         (("--days", "0"), 2, "--days"),
-        (("--host", "a b"), 1, "not a host name or IP address: 'a b'"),
+        (("--host", "a b"), 2, "not a host name or IP address: 'a b'"),
+        (("--host", ""), 2, "not a host name or IP address: ''"),  # a cryptography traceback
+        (("--host", "-a"), 2, "not a host name or IP address: '-a'"),
+        (("--host", "localhost", "--host", "a..b"), 2, "'a..b'"),  # checked before any key
         ((), 2, "--out"),
     ],
 )

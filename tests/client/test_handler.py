@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -93,3 +94,28 @@ def test_a_simulated_secure_round_refuses_a_nan_update_before_masking(tmp_path: 
     summary = Simulation(config, tmp_path, client_app=app, server_app=builtin.server_app).run()
     assert summary["rounds_completed"] == 1  # the honest five still add up
     assert summary["final_accuracy"] is not None
+
+
+@pytest.mark.parametrize(
+    ("metrics", "refusal"),
+    [
+        ({5: 1.0}, "a metric's name is text, got int 5"),  # an AttributeError in the row before
+        ({"big": 10**400}, "metric 'big' = 1000"),  # an OverflowError in the engine before
+        ({"nested": {"big": -(10**400)}}, "metric 'nested.big'"),
+        ([("loss", 1.0)], "metrics are a mapping"),
+    ],
+)
+def test_metrics_no_run_could_record_are_refused_where_the_app_makes_them(
+    metrics: Any, refusal: str
+) -> None:
+    """In the user's own fit or evaluate, as a ClientError the round reports as the client's
+    failure with its reason, not in the coordinator's row afterwards."""
+    with pytest.raises(ClientError, match=refusal):
+        FitResult([np.zeros(2)], 1, metrics)
+    with pytest.raises(ClientError, match=refusal):
+        EvaluateResult(0.5, 1, metrics)
+
+
+def test_metrics_of_every_recordable_kind_pass() -> None:
+    metrics = {"loss": 1, "f1": np.float32(0.5), "ok": True, "nan": float("nan"), "note": "x"}
+    assert FitResult([np.zeros(2)], 1, metrics).metrics == metrics

@@ -152,6 +152,21 @@ def test_the_server_app_initial_model_comes_first(models: ModelRegistry) -> None
     np.testing.assert_array_equal(engine.parameters.vector, 7.0)
 
 
+def test_a_list_of_arrays_from_initial_parameters_is_the_model(models: ModelRegistry) -> None:
+    """As a FitResult takes one: before, a list raised AttributeError deep in the engine."""
+    app = ServerApp(initial_parameters=lambda context: [np.full(3, 7.0, np.float32)])
+    engine = make_run(MemoryStore(models), app=app).open(initial)
+    np.testing.assert_array_equal(engine.parameters.vector, 7.0)
+
+
+@pytest.mark.parametrize("made", [None, 3.0, {"w": np.zeros(3)}])
+def test_an_initial_model_of_another_kind_is_one_line(models: ModelRegistry, made: Any) -> None:
+    app = ServerApp(initial_parameters=lambda context: made)
+    with pytest.raises(RunError, match=f"initial_parameters returned {type(made).__name__}: give"):
+        make_run(MemoryStore(models), app=app).open(initial)
+    assert models.names() == []  # nothing was committed
+
+
 def make_run(
     store: MemoryStore,
     *,

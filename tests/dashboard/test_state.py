@@ -63,7 +63,7 @@ def test_the_fragment_escapes_the_run_and_marks_good_and_bad(private_run: Path) 
         dashboard.close()
     assert revision == again  # nothing changed, nothing to swap
     assert "<script>" not in fragment and "&lt;script&gt;" in fragment
-    assert "&lt;b&gt;run&lt;/b&gt;" in fragment  # the run's name, escaped
+    assert "&lt;b&gt;run&lt;i&gt;&amp;amp;" in fragment  # the run's name, escaped
     assert '<dd id="current-round">2</dd>' in fragment
     assert re.search(r'class="status bad">BAD<', fragment)
     assert re.search(r'class="status good">GOOD<', fragment)

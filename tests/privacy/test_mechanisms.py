@@ -73,6 +73,8 @@ def test_noise_split_follows_andrew_et_al() -> None:
     assert split_noise(noise_multiplier=1.0, count_std=0.0).update_multiplier == 1.0
     with pytest.raises(ConfigError, match="must exceed half"):
         split_noise(noise_multiplier=5.0, count_std=1.0)
+    with pytest.raises(ConfigError, match="must exceed half"):  # an OverflowError before
+        split_noise(noise_multiplier=1.0, count_std=1e-300)
 
 
 @pytest.mark.parametrize("quantile", [0.3, 0.5, 0.8])

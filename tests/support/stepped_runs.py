@@ -10,7 +10,7 @@ from typing import Any
 from shoal.config import Config, parse_config
 from shoal.simulation.runner import Simulation
 
-RUN_NAME = "live-<b>run</b>"  # markup in a name the pages must escape
+RUN_NAME = "live-<b>run<i>&amp;"  # markup in a name the pages must escape (no "/": a folder)
 CLASSES = ("steady", "budget")
 
 

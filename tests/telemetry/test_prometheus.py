@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shoal.core.errors import ConfigError
+from shoal.core.errors import TransportError
 from shoal.telemetry.prometheus import (
     MAX_LABEL_VALUES,
     OTHER,
@@ -125,7 +125,7 @@ def test_metrics_are_served_over_http_and_the_port_is_released() -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
             text = answer.read().decode()
         assert 'shoal_round_accuracy{phase="evaluate"} 0.9' in text
-        with pytest.raises(ConfigError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+        with pytest.raises(TransportError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             serve_metrics(metrics.registry, host="127.0.0.1", port=port)  # taken
     finally:
         endpoint.close()

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from shoal.core.errors import SecurityError
+from shoal.core.errors import ConfigError, SecurityError
 from shoal.governance import key_id_of, load_public_key, load_signing_key
 from shoal.transport.certs import (
     CertificateFiles,
@@ -145,10 +145,29 @@ def test_existing_files_are_not_overwritten(tmp_path: Path) -> None:
     assert second.ca.private_key.read_bytes() != ca_before
 
 
-@pytest.mark.parametrize("hosts", [(), ("bad host",)])
-def test_bad_hosts_are_refused(tmp_path: Path, hosts: tuple[str, ...]) -> None:
-    with pytest.raises(SecurityError):
-        init_certificates(tmp_path, hosts=hosts)
+def test_no_host_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SecurityError, match="at least one host"):
+        init_certificates(tmp_path, hosts=())
+
+
+@pytest.mark.parametrize(
+    "host", ["bad host", "", ".", "-a", "a-", "a..b", "x" * 64, "a_b.example", "\u202elocal"]
+)
+def test_bad_hosts_are_refused_before_anything_is_written(tmp_path: Path, host: str) -> None:
+    """Each is a name no TLS client could match; the empty one and non-ASCII ones used to
+    raise from inside cryptography."""
+    with pytest.raises(ConfigError, match="not a host name or IP address"):
+        init_certificates(tmp_path / "certs", hosts=("localhost", host))
+    assert not (tmp_path / "certs").exists()
+
+
+def test_a_non_ascii_host_name_is_certified_in_its_idna_form(tmp_path: Path) -> None:
+    deployment = init_certificates(tmp_path, hosts=("bücher.example",))
+    store = Store([load(deployment.ca.certificate)])
+    verifier = (
+        PolicyBuilder().store(store).build_server_verifier(x509.DNSName("xn--bcher-kva.example"))
+    )
+    verifier.verify(load(deployment.server.certificate), [])
 
 
 @pytest.mark.parametrize("client_id", ["", "x" * 65])

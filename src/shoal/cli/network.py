@@ -26,7 +26,7 @@ from shoal.client.app import (
 from shoal.client.runtime import ClientRuntime, load_or_create_enrollment
 from shoal.config import MAX_CLIENTS, load_config
 from shoal.core.errors import ConfigError, ShoalError
-from shoal.core.limits import MAX_PORT
+from shoal.core.limits import MAX_PORT, split_host_port
 from shoal.dashboard import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, open_dashboard
 from shoal.governance import ManifestAttester, SignedManifest
 from shoal.governance.model_signing import PinnedKey
@@ -157,11 +157,26 @@ def privacy_line(row: dict[str, Any]) -> str | None:
     return f"      privacy: {spent}, {noise}, clip norm {row['clip_norm']:.4g}"
 
 
+def _coordinator_address(address: str) -> str:
+    """``--coordinator`` as given, once it is a HOST:PORT a client can connect to (gRPC would
+    take port 99999 modulo 65536 and retry a portless one forever, saying nothing)."""
+    try:
+        _, port = split_host_port(address)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if port == 0:
+        raise typer.BadParameter(f"port 0 names no coordinator, got {address!r}")
+    return address
+
+
 @client_app.command("run")
 @user_errors
 def client_run_command(
     coordinator: Annotated[
-        str, typer.Option("--coordinator", help="HOST:PORT of the coordinator.")
+        str,
+        typer.Option(
+            "--coordinator", help="HOST:PORT of the coordinator.", callback=_coordinator_address
+        ),
     ],
     state_dir: Annotated[Path, typer.Option("--state-dir", help="Where the enrollment is kept.")],
     config_path: Annotated[

@@ -9,6 +9,7 @@ relative to the received ones), the number of examples and metrics; an
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,30 @@ class FitResult:
     def __post_init__(self) -> None:
         if self.num_examples < 0:
             raise ClientError(f"num_examples must be >= 0, got {self.num_examples}")
+        check_metrics(self.metrics)
+
+
+def check_metrics(metrics: object, *, prefix: str = "") -> None:
+    """Refuse (:class:`ClientError`) metrics no run could record: a name that is not text, or
+    a number past a float's range (``10**400``). A nested mapping is checked likewise; values
+    of other kinds are left out downstream, as before."""
+    if not isinstance(metrics, Mapping):
+        raise ClientError(
+            f"metrics are a mapping of names to numbers, got {type(metrics).__name__}"
+        )
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            shown = repr(name)[:40]
+            raise ClientError(f"a metric's name is text, got {type(name).__name__} {shown}")
+        if isinstance(value, Mapping):
+            check_metrics(value, prefix=f"{prefix}{name}.")
+        elif isinstance(value, numbers.Real):
+            try:
+                float(value)
+            except OverflowError:
+                raise ClientError(
+                    f"metric {prefix + name!r} = {str(value)[:40]}... is past a float's range"
+                ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +83,7 @@ class EvaluateResult:
     def __post_init__(self) -> None:
         if self.num_examples < 0:
             raise ClientError(f"num_examples must be >= 0, got {self.num_examples}")
+        check_metrics(self.metrics)
 
 
 class Client(ABC):

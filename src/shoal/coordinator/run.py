@@ -311,18 +311,27 @@ class Run:
 
     def _initial_model(self, first_client: Callable[[], Client]) -> Parameters:
         make = self.app.initial_parameters
+        where = "server app's initial_parameters" if make is not None else "first client"
         try:
             if make is not None:
-                return make(ServerContext(config=self.config, options=self.config.app.options))
-            return first_client().get_parameters()
+                made = make(ServerContext(config=self.config, options=self.config.app.options))
+            else:
+                made = first_client().get_parameters()
         except ShoalError:
             raise
         except Exception as exc:  # the user's code: one clear line, not a traceback
-            where = "server app's initial_parameters" if make is not None else "first client"
             raise RunError(
                 f"the initial model could not be made (the {where} raised "
                 f"{type(exc).__name__}: {exc})"
             ) from exc
+        if isinstance(made, Parameters):
+            return made
+        if isinstance(made, list | tuple):  # arrays in the model's order, as a FitResult takes
+            return Parameters.from_arrays(made)
+        raise RunError(
+            f"the {where} returned {type(made).__name__}: give a shoal Parameters, or a list "
+            "of arrays in the model's order"
+        )
 
     def _check_clusters(self, parameters: Parameters) -> None:
         """Refuse to resume a model stacked for another ``[clustering] clusters`` (under

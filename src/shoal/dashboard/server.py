@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from shoal.core.errors import ConfigError, ShoalError
+from shoal.core.errors import ConfigError, ShoalError, TransportError
 from shoal.core.serving import (
     MAX_CONNECTIONS,
     REQUEST_TIMEOUT_S,
@@ -175,8 +175,8 @@ class DashboardServer(BoundedThreadingMixIn, HTTPServer):
                 request_timeout_s=request_timeout_s,
                 max_connections=max_connections,
             )
-        except OSError as exc:
-            raise ConfigError(
+        except OSError as exc:  # an environment problem (exit 1), as for coordinator.listen
+            raise TransportError(
                 f"--{options}port {port}: the dashboard cannot listen on {host}: "
                 f"{exc.strerror or exc}"
             ) from exc

@@ -107,7 +107,10 @@ def split_noise(*, noise_multiplier: float, count_std: float) -> NoiseSplit:
         raise ConfigError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
     if count_std <= 0 or noise_multiplier == 0:
         return NoiseSplit(noise_multiplier, 0.0)
-    remaining = noise_multiplier**-2 - (2 * count_std) ** -2
+    # compared before the powers: a tiny count_std's (2 sigma_b)^-2 would leave float range
+    remaining = (
+        0.0 if 2 * count_std <= noise_multiplier else (noise_multiplier**-2 - (2 * count_std) ** -2)
+    )
     if remaining <= 0:
         raise ConfigError(
             f"a clipped-count noise of std {count_std} would take the whole noise multiplier "

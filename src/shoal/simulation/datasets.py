@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from shoal.core.errors import DataError
+from shoal.core.errors import ConfigError, DataError
 
 FloatArray = npt.NDArray[np.float32]
 LabelArray = npt.NDArray[np.int64]
@@ -99,6 +99,16 @@ def load_digits_split(*, test_fraction: float = 0.25, seed: int) -> tuple[Datase
     bunch = load_digits()
     features = (np.asarray(bunch.data, dtype=np.float64) / 16.0).astype(np.float32)
     labels = np.asarray(bunch.target, dtype=np.int64)
+    total, classes = len(labels), 10
+    tested = math.ceil(test_fraction * total)  # how scikit-learn rounds a fractional test size
+    if not classes <= tested <= total - classes:
+        low, high = classes / total, 1 - classes / total
+        raise ConfigError(
+            f"data.test_fraction = {test_fraction:g} leaves {tested} of digits' {total} "
+            f"examples to test on and {total - tested} to train on; a split stratified by "
+            f"label needs at least {classes} in each: use {math.ceil(low * 1000) / 1000:g} "
+            f"to {math.floor(high * 1000) / 1000:g}"
+        )
     train_x, test_x, train_y, test_y = train_test_split(
         features, labels, test_size=test_fraction, stratify=labels, random_state=seed
     )

@@ -51,7 +51,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
-from shoal.core.errors import ConfigError
+from shoal.core.errors import TransportError
 from shoal.core.serving import (
     MAX_CONNECTIONS,
     REQUEST_TIMEOUT_S,
@@ -390,7 +390,8 @@ def serve_metrics(
             max_connections=max_connections,
         )
     except OSError as exc:
-        raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+        # an environment problem (exit 1), as for coordinator.listen: the setting may be right
+        raise TransportError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
     server.set_app(app)
     thread = Thread(target=server.serve_forever, name="shoal-metrics", daemon=True)
     thread.start()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shoal.core.errors import SecurityError
+from shoal.core.errors import ConfigError, SecurityError
 from shoal.core.folders import writable_folder
 from shoal.core.identifiers import check_client_id
 from shoal.governance.model_signing import (
@@ -105,6 +106,7 @@ def init_certificates(
     """
     if not hosts:
         raise SecurityError("a server certificate needs at least one host name or address")
+    names = [_general_name(host) for host in hosts]  # before a key is made or a file written
     folder = writable_folder(out_dir, what="certificate folder")
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Shoal deployment CA")])
@@ -116,10 +118,11 @@ def init_certificates(
         .sign(ca_key, hashes.SHA256())
     )
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0][:_MAX_COMMON_NAME])])
+    common_name = str(names[0].value)[:_MAX_COMMON_NAME]
+    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     server_cert = (
         _leaf_builder(server_name, ca_cert, ca_key, server_key.public_key(), days=days)
-        .add_extension(x509.SubjectAlternativeName([_general_name(h) for h in hosts]), False)
+        .add_extension(x509.SubjectAlternativeName(names), False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -306,13 +309,27 @@ def _key_usage(*, certificate_sign: bool) -> x509.KeyUsage:
     )
 
 
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
 def _general_name(host: str) -> x509.GeneralName:
+    """``host`` as a subjectAltName: an IP address, else a DNS name (a non-ASCII one in its
+    IDNA form); :class:`ConfigError` for anything a TLS client could never match."""
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
-        if not host or any(c.isspace() for c in host):
-            raise SecurityError(f"not a host name or IP address: {host!r}") from None
-        return x509.DNSName(host)
+        pass
+    try:
+        ascii_name = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        ascii_name = ""
+    labels = ascii_name.removeprefix("*.").split(".")
+    if len(ascii_name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise ConfigError(
+            f"not a host name or IP address: {host!r} (a host name is dot-separated labels of "
+            "letters, digits and '-', none starting or ending with '-')"
+        )
+    return x509.DNSName(ascii_name)
 
 
 # --- files -------------------------------------------------------------------------------
