@@ -355,6 +355,13 @@ def test_a_file_that_is_not_utf8_toml_is_one_line(
     assert "\n" not in str(caught.value)
 
 
+def test_a_utf8_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """As Notepad saves one: it was 'Invalid statement (line 1, column 1)' before."""
+    path = tmp_path / "job.toml"
+    path.write_bytes(b"\xef\xbb\xbf[run]\nname = 'bom'\nrounds = 3\n")
+    assert (load_config(path).run.name, load_config(path).run.rounds) == ("bom", 3)
+
+
 def test_a_folder_is_not_a_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is a folder, not a config file"):
         load_config(tmp_path)

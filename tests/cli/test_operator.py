@@ -280,6 +280,10 @@ def test_a_silo_is_named_as_a_client_id(tmp_path: Path) -> None:
     assert not keys.exists()
     result = shoal("keyholder", "init", "--dir", tmp_path / "kh", "-k", "2", "--silo", "../x=00")
     assert result.exit_code == 2 and "a client id is 1 to 128 ASCII" in result.output
+    # one key per silo: a second entry would have replaced the first's key in the file
+    result = shoal("keyholder", "silo-keys", "--out", keys, "--silo", "a", "--silo", "a")
+    assert result.exit_code == 2 and "silo 'a' is given twice" in result.output
+    assert not keys.exists()
 
 
 @pytest.mark.parametrize("command", ["show", "suspend", "resume"])

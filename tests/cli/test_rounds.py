@@ -85,6 +85,14 @@ def test_an_unknown_round_or_folder_is_one_line(run: Path, tmp_path: Path) -> No
     assert empty.exit_code == 1 and "metrics.jsonl" in empty.output
 
 
+def test_another_runs_id_gets_none_of_this_folders_rows(run: Path) -> None:
+    """The folder's metrics are its own run's: they were shown under any --run-id given."""
+    other = shoal("rounds", "show", "1", "--state-dir", run, "--run-id", "another-run")
+    assert other.exit_code == 1 and "run 'another-run' has no round 1" in other.output
+    own = shoal("rounds", "show", "1", "--state-dir", run, "--json")
+    assert own.exit_code == 0 and json.loads(own.stdout)["rows"]
+
+
 def test_each_playbook_step_by_hand(run: Path) -> None:
     """An operator marks round 3's version BAD, rolls back with a reason, suspends a client."""
     state = ("--state-dir", run, "--actor", "oncall")

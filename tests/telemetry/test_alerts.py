@@ -203,7 +203,10 @@ def test_fire_isolates_a_raising_hook(caplog: pytest.LogCaptureFixture) -> None:
     assert [str(failure) for failure in failures] == ["webhook refused"]
     assert before.received == after.received == [ALERT]
     [error] = alert_errors(caplog)
-    assert "failed on budget_exhausted" in error
+    assert "failed on budget_exhausted: RuntimeError: webhook refused" in error
+    # one line: the user's hook failed, not the run (its traceback is kept for debug level)
+    [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.exc_info is None and "\n" not in record.getMessage()
 
 
 def test_fire_with_no_hooks_does_nothing() -> None:

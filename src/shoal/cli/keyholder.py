@@ -150,8 +150,10 @@ def silo_keys_command(
     from shoal.simulation.population import client_name
 
     names = [*(silo or []), *(client_name(index) for index in range(simulated))]
-    for name in names:
+    for index, name in enumerate(names):
         check_client_id(name, error=ConfigError)  # a silo enrolls under its name
+        if name in names[:index]:  # one key file entry per silo: a second would replace it
+            raise ConfigError(f"--silo: silo {name!r} is given twice")
     if not names:
         raise ConfigError("--silo or --simulated: name at least one silo")
     if out.exists():

@@ -34,6 +34,7 @@ from shoal.cli.operator import (
     _print_json,
 )
 from shoal.core.errors import ConfigError, NotFoundError
+from shoal.dashboard.state import read_json, run_ids_of
 from shoal.governance.pseudonyms import PREFIX, PSEUDONYM_KEY_FILE, Pseudonyms
 from shoal.registry import ClientRegistry, Database
 from shoal.registry.decisions import DecisionRecord, PolicyDecisionLog
@@ -105,6 +106,8 @@ def show_round(
     rows = [row for row in _rows(state_dir) if row.get("round") == round_number]
     with _database(state_dir, registry) as database:
         run = run_id or _only_run(database)
+        if run not in run_ids_of(read_json(state_dir / "config.json") or {}):
+            rows = []  # the folder's rows are its own run's, not this one's
         participants = ParticipationLog(database).round(run, round_number)
         decisions = PolicyDecisionLog(database).decisions(run, round_number=round_number)
         if not rows and not participants and not decisions:

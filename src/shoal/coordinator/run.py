@@ -250,7 +250,7 @@ class Run:
         if head is None and self.resume is True:
             raise RunError(f"{self.where} holds no committed version to resume from")
         if head is not None and self.resume is False:
-            raise RunError(f"{self.where} already holds a run; use --resume or another --out")
+            raise RunError(f"{self.where} already holds a run: resume it, or use another folder")
         if head is None:
             coordinator = self._start(self._initial_parameters(first_client))
         else:
@@ -393,7 +393,7 @@ class Run:
 
     def _start(self, initial: Parameters) -> Coordinator:
         if self.store.rows():
-            raise RunError(f"{self.where} already holds a run; use --resume or another --out")
+            raise RunError(f"{self.where} already holds a run: resume it, or use another folder")
         self.store.write_config(config_to_dict(self.config))
         coordinator = self._engine(initial)
         self.store.commit(

@@ -29,7 +29,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file; a file that is missing, unreadable, not UTF-8 or not TOML is a
     ConfigError (TOML's own message gives the line and column)."""
     try:
-        return tomllib.loads(Path(path).read_bytes().decode("utf-8"))
+        # utf-8-sig: a byte-order mark, as some editors write one, is not TOML's first key
+        return tomllib.loads(Path(path).read_bytes().decode("utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except IsADirectoryError:

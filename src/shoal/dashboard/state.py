@@ -82,11 +82,16 @@ class Snapshot:
         return next((row for row in reversed(self.rows) if row.get("phase") == phase), None)
 
     def run_ids(self) -> list[str]:
-        """The ids the run's privacy budget may be kept under: a coordinator's run_id, then a
-        simulation's run name."""
-        coordinator = self.config.get("coordinator") or {}
-        names = [coordinator.get("run_id"), (self.config.get("run") or {}).get("name")]
-        return [str(name) for name in dict.fromkeys(names) if name]
+        """The ids the run's privacy budget may be kept under (see :func:`run_ids_of`)."""
+        return run_ids_of(self.config)
+
+
+def run_ids_of(config: Mapping[str, Any]) -> list[str]:
+    """The ids a run folder's run is kept under in its registry, from its ``config.json``: a
+    coordinator's run_id, then a simulation's run name."""
+    coordinator = config.get("coordinator") or {}
+    names = [coordinator.get("run_id"), (config.get("run") or {}).get("name")]
+    return [str(name) for name in dict.fromkeys(names) if name]
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -297,5 +297,6 @@ class RunPrivacy:
         for hook in self.hooks:
             try:
                 hook(round_number, epsilon, reason)
-            except Exception:  # an alert hook's failure never stops the run
-                log.exception("a privacy alert hook failed")
+            except Exception as exc:  # an alert hook's failure never stops the run
+                log.error("a privacy alert hook failed: %s: %s", type(exc).__name__, exc)
+                log.debug("the privacy alert hook's traceback", exc_info=exc)

@@ -346,7 +346,11 @@ def fire(hooks: Iterable[AlertHook], alert: Alert) -> list[Exception]:
             hook(alert)
         except Exception as exc:
             failures.append(exc)
-            logger.error("alert hook %r failed on %s", hook, alert.kind, exc_info=exc)
+            # one line (the user's hook, not the run, failed); its traceback at debug level
+            logger.error(
+                "alert hook %r failed on %s: %s: %s", hook, alert.kind, type(exc).__name__, exc
+            )
+            logger.debug("alert hook %r's traceback", hook, exc_info=exc)
     return failures
 
 
