@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from shoal.apps import builtin
-from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult
+from shoal.client.api import (
+    Client,
+    EvaluateConfig,
+    EvaluateResult,
+    FitConfig,
+    FitResult,
+    fit_update,
+)
 from shoal.client.app import ClientApp, ClientContext
 from shoal.client.handler import run_evaluate, run_fit, secure_contribution
 from shoal.core import ClientError, Parameters
@@ -119,3 +126,22 @@ def test_metrics_no_run_could_record_are_refused_where_the_app_makes_them(
 def test_metrics_of_every_recordable_kind_pass() -> None:
     metrics = {"loss": 1, "f1": np.float32(0.5), "ok": True, "nan": float("nan"), "note": "x"}
     assert FitResult([np.zeros(2)], 1, metrics).metrics == metrics
+
+
+def test_a_fit_result_of_the_models_values_in_other_tensors_is_refused() -> None:
+    """The same number of values as the model, but its tensors swapped or reshaped: before,
+    only the count was compared, and the values landed in other tensors' places (in a
+    simulation and from a deployed client alike, which sends them in the model's layout)."""
+    model = Parameters.from_arrays([np.zeros((3, 2)), np.zeros(4)], names=["w", "b"])
+    swapped = [np.ones(4), np.ones((3, 2))]
+    with pytest.raises(
+        ClientError, match=r"tensor 0 of shape \[4\] where the model's 'w' is \[3, 2\]"
+    ):
+        fit_update(FitResult(swapped, 1), model)
+    with pytest.raises(ClientError, match="tensor 0 of shape"):
+        fit_update(FitResult(Parameters.from_arrays([np.ones(10)]), 1), model)
+    with pytest.raises(ClientError, match="fit returned 9 values, the model has 10"):
+        fit_update(FitResult([np.ones(9)], 1), model)
+    # the model's shapes in its order, under any names: as before
+    renamed = Parameters.from_arrays([np.ones((3, 2)), np.ones(4)])
+    np.testing.assert_array_equal(fit_update(FitResult(renamed, 1), model).vector, 1.0)

@@ -105,24 +105,33 @@ class Client(ABC):
 def fit_update(result: FitResult, received: Parameters) -> Parameters:
     """The update (local minus received) that a fit result stands for.
 
-    Raises ``ClientError`` when the result's shape does not match the model.
+    Raises ``ClientError`` when the result's tensors are not the model's shapes, in the
+    model's order (the same number of values in other tensors would land in other
+    tensors' places).
     """
     if isinstance(result.parameters, Parameters):
         local = result.parameters
-        if local.layout.size != received.layout.size:
-            raise ClientError(
-                f"fit returned {local.layout.size} values, the model has {received.layout.size}"
-            )
-        vector = local.vector
     else:
         try:
-            vector = Parameters.from_arrays(list(result.parameters)).vector
+            local = Parameters.from_arrays(list(result.parameters))
         except Exception as exc:
             raise ClientError(f"fit returned arrays that cannot be flattened: {exc}") from exc
-        if vector.size != received.layout.size:
+    if local.layout.size != received.layout.size:
+        raise ClientError(
+            f"fit returned {local.layout.size} values, the model has {received.layout.size}"
+        )
+    given = [spec.shape for spec in local.layout.specs]
+    for index, (shape, spec) in enumerate(zip(given, received.layout.specs, strict=False)):
+        if shape != spec.shape:
             raise ClientError(
-                f"fit returned {vector.size} values, the model has {received.layout.size}"
+                f"fit returned tensor {index} of shape {list(shape)} where the model's "
+                f"{spec.name!r} is {list(spec.shape)}: give the model's tensors in its order"
             )
+    if len(given) != len(received.layout.specs):
+        raise ClientError(
+            f"fit returned {len(given)} tensors, the model has {len(received.layout.specs)}"
+        )
+    vector = local.vector
     if result.is_update:
         return received.with_vector(np.array(vector, dtype=np.float32))
     return received.with_vector(vector - received.vector)
