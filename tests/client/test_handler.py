@@ -138,10 +138,12 @@ def test_a_fit_result_of_the_models_values_in_other_tensors_is_refused() -> None
         ClientError, match=r"tensor 0 of shape \[4\] where the model's 'w' is \[3, 2\]"
     ):
         fit_update(FitResult(swapped, 1), model)
-    with pytest.raises(ClientError, match="tensor 0 of shape"):
-        fit_update(FitResult(Parameters.from_arrays([np.ones(10)]), 1), model)
+    with pytest.raises(ClientError, match=r"tensor 0 of shape \[2, 5\]"):
+        fit_update(FitResult([np.ones((2, 5))], 1), model)
     with pytest.raises(ClientError, match="fit returned 9 values, the model has 10"):
         fit_update(FitResult([np.ones(9)], 1), model)
-    # the model's shapes in its order, under any names: as before
+    # the model's shapes in its order, under any names, or one flat vector: as before
     renamed = Parameters.from_arrays([np.ones((3, 2)), np.ones(4)])
     np.testing.assert_array_equal(fit_update(FitResult(renamed, 1), model).vector, 1.0)
+    flat = fit_update(FitResult([np.arange(10.0)], 1, is_update=True), model)
+    np.testing.assert_array_equal(flat.vector, np.arange(10.0))

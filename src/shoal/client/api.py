@@ -34,8 +34,9 @@ class FitResult:
     """A client's answer to ``fit``.
 
     Give ``parameters`` (the new local model, as ``Parameters`` or a list of
-    arrays in the model's order) or, with ``is_update=True``, the update
-    relative to the parameters received.
+    arrays of the model's shapes in its order, or one flat vector of all its
+    values) or, with ``is_update=True``, the update relative to the parameters
+    received.
     """
 
     parameters: Parameters | Sequence[np.ndarray]
@@ -106,8 +107,8 @@ def fit_update(result: FitResult, received: Parameters) -> Parameters:
     """The update (local minus received) that a fit result stands for.
 
     Raises ``ClientError`` when the result's tensors are not the model's shapes, in the
-    model's order (the same number of values in other tensors would land in other
-    tensors' places).
+    model's order, or one flat vector of all its values (the same number of values in other
+    tensors would land in other tensors' places).
     """
     if isinstance(result.parameters, Parameters):
         local = result.parameters
@@ -121,6 +122,8 @@ def fit_update(result: FitResult, received: Parameters) -> Parameters:
             f"fit returned {local.layout.size} values, the model has {received.layout.size}"
         )
     given = [spec.shape for spec in local.layout.specs]
+    if given == [(received.layout.size,)]:
+        given = [spec.shape for spec in received.layout.specs]  # one flat vector, in its order
     for index, (shape, spec) in enumerate(zip(given, received.layout.specs, strict=False)):
         if shape != spec.shape:
             raise ClientError(
