@@ -406,15 +406,13 @@ class Coordinator:
         takes a large upload in, and the result is screened again when it arrives.
         ``secure``: a secure round's message (several per client), not a plaintext update."""
         rejection = self._screen(client_id, round_number, Phase.FIT, once=not secure)
-        if rejection is not None:
+        if rejection is not None or secure == (self._require_round().secure is not None):
             return rejection
-        if secure and self._require_round().secure is None:
+        if secure:
             detail = "this round does not aggregate securely"
             return self._reject(client_id, round_number, RejectReason.WRONG_PHASE, detail)
-        if not secure and self._require_round().secure is not None:
-            detail = "this round aggregates securely: a plaintext update is refused"
-            return self._reject(client_id, round_number, RejectReason.INVALID_UPDATE, detail)
-        return None
+        detail = "this round aggregates securely: a plaintext update is refused"
+        return self._reject(client_id, round_number, RejectReason.INVALID_UPDATE, detail)
 
     def _receive_update(self, event: UpdateReceived) -> list[Action]:
         rejection = self.screen_upload(event.client_id, event.round)

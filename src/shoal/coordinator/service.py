@@ -98,7 +98,6 @@ from shoal.transport.messages import (
     Verdict,
 )
 from shoal.transport.rpc import RpcObserver, add_bytes_servicer
-from shoal.transport.signing import RequestAuth
 
 log = logging.getLogger("shoal.coordinator")
 
@@ -424,7 +423,7 @@ class CoordinatorService:
         payload = await self._payload(
             parts,
             pb.UpdatePart,
-            auth,
+            auth.client_id,
             header.round,
             sha256=header.payload_sha256,
             size=header.total_size,
@@ -448,7 +447,7 @@ class CoordinatorService:
         self,
         parts: AsyncIterator[bytes],
         part_type: type[serde.UploadPart],
-        auth: RequestAuth,
+        client_id: str,
         round_number: int,
         *,
         sha256: str,
@@ -461,15 +460,15 @@ class CoordinatorService:
         if size > self.settings.max_update_bytes:
             raise Refused(RejectCode.OVERSIZED, f"{size} bytes is over the limit")
         secure = part_type is pb.SecureMessagePart
-        early = self.driver.screen_upload(auth.client_id, round_number, secure=secure)
+        early = self.driver.screen_upload(client_id, round_number, secure=secure)
         if early is not None:
             raise Screened(early)
-        if auth.client_id in self._uploading:
+        if client_id in self._uploading:
             raise Refused(RejectCode.DUPLICATE, "an upload of this client is under way")
         assembler = ChunkAssembler(
             max_bytes=self.settings.max_update_bytes, expected_sha256=sha256, expected_size=size
         )
-        self._uploading.add(auth.client_id)
+        self._uploading.add(client_id)
         try:
             with malformed(ProtocolError, IntegrityError):
                 async for part in parts:
@@ -478,7 +477,7 @@ class CoordinatorService:
         except PayloadTooLarge as exc:
             raise Refused(RejectCode.OVERSIZED, str(exc)) from exc
         finally:
-            self._uploading.discard(auth.client_id)
+            self._uploading.discard(client_id)
 
     async def SubmitSecureMessage(  # noqa: N802
         self, request_iterator: AsyncIterator[bytes], context: Context
@@ -500,7 +499,7 @@ class CoordinatorService:
         frame = await self._payload(
             parts,
             pb.SecureMessagePart,
-            auth,
+            auth.client_id,
             header.round,
             sha256=header.payload_sha256,
             size=header.total_size,

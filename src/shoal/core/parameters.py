@@ -93,8 +93,8 @@ class Layout:
         )
 
     def difference(self, other: Layout) -> str | None:
-        """The first way ``other`` names other tensors than this layout (their number, a name,
-        a shape or a dtype, in order), or None when the two are the same."""
+        """The first way this layout differs from ``other``, the expected one (the number of
+        tensors, then a name, a shape or a dtype, in order), or None when the two are the same."""
         if len(self.specs) != len(other.specs):
             return f"{len(self.specs)} tensors where {len(other.specs)} were expected"
         for index, (mine, theirs) in enumerate(zip(self.specs, other.specs, strict=True)):

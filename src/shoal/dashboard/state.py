@@ -64,8 +64,7 @@ class Snapshot:
     @property
     def current_round(self) -> int | None:
         """The round of the newest row (None before the first round closes)."""
-        rounds = [row.get("round") for row in self.rows]
-        return max((n for n in rounds if type(n) is int), default=None)  # not a bool, not text
+        return max((row["round"] for row in self.rows), default=None)  # rows: read_rows's
 
     @property
     def finished(self) -> bool:
