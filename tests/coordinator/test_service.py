@@ -322,7 +322,7 @@ def test_bad_input_gets_a_code_and_the_coordinator_keeps_serving(tmp_path: Path)
     codes = asyncio.run(with_coordinator(tmp_path, body, rounds=1))
     assert codes == {
         "unknown client": RejectCode.UNKNOWN_CLIENT,
-        "forged signature": RejectCode.BAD_SIGNATURE,
+        "forged signature": RejectCode.UNKNOWN_CLIENT,  # as an unknown id: nothing to enumerate
         "replayed": RejectCode.REPLAYED,
         "wrong model hash": RejectCode.WRONG_MODEL_HASH,
         "oversized": RejectCode.OVERSIZED,

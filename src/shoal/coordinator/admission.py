@@ -25,7 +25,7 @@ from shoal.governance.attestation import AttestationGate, AttestationRefused, Bi
 from shoal.registry import ClientRecord, ClientRegistry, ClientStatus, EnrollmentTokens, ListedToken
 from shoal.transport import serde
 from shoal.transport.messages import EnrollmentRequest, RejectCode
-from shoal.transport.signing import ReplayGuard, RequestAuth
+from shoal.transport.signing import ReplayGuard, RequestAuth, generate_client_key
 
 
 class Refused(Exception):
@@ -45,6 +45,12 @@ def malformed(*kinds: type[Exception]) -> Iterator[None]:
         yield
     except caught as exc:
         raise Refused(RejectCode.MALFORMED, str(exc) or "an empty request") from exc
+
+
+# Whether an id is enrolled is told to no one: an unknown id, one without a key and a request
+# its key did not sign get one answer, after one signature check each.
+_STAND_IN_KEY = generate_client_key()[1]
+_NOT_ENROLLED = "no client is enrolled with this id and the key that signed the request"
 
 
 class Admission:
@@ -79,21 +85,24 @@ class Admission:
         self, message: Any, *, this_run: bool = False
     ) -> tuple[RequestAuth, ClientRecord]:
         """The verified auth of an enrolled, active client's request, and its record (read
-        once). Whether a client is suspended is told only to a request its key signed."""
+        once). Whether a client is enrolled, and whether it is suspended, is told only to a
+        request its key signed: to anyone else, every id is UNKNOWN_CLIENT."""
         with malformed():
             auth = serde.decode_auth(message)
         try:
-            record = self.clients.get(auth.client_id)
-        except NotFoundError as exc:
-            raise Refused(
-                RejectCode.UNKNOWN_CLIENT, f"no enrolled client {auth.client_id!r}"
-            ) from exc
-        if record.public_key is None:
-            raise Refused(RejectCode.UNKNOWN_CLIENT, "the client has no enrolled key")
-        self._verify(message, record.public_key)
+            record: ClientRecord | None = self.clients.get(auth.client_id)
+        except NotFoundError:
+            record = None
+        key = None if record is None else record.public_key
+        try:  # a stand-in key for an unknown id: the same work, and the same answer
+            serde.verify_message(message, _STAND_IN_KEY if key is None else key)
+        except (SecurityError, ProtocolError):
+            key = None
+        if record is None or key is None:
+            raise Refused(RejectCode.UNKNOWN_CLIENT, _NOT_ENROLLED)
         if record.status is not ClientStatus.ACTIVE:
             raise Refused(RejectCode.SUSPENDED, f"the client is {record.status.value.lower()}")
-        self._fresh(auth, record.public_key, this_run=this_run)
+        self._fresh(auth, key, this_run=this_run)
         return auth, record
 
     def authenticate_enrollment(self, message: Any, enrollment: EnrollmentRequest) -> RequestAuth:
