@@ -4,8 +4,10 @@ Each RPC follows the same path: parse the bytes that arrived and decode the
 message (malformed → MALFORMED: registered with :func:`add_coordinator_service`,
 the service gets every request as bytes, so grpc never parses one itself),
 then ask :class:`~shoal.coordinator.admission.Admission` to find the client
-(UNKNOWN_CLIENT), verify its Ed25519 signature over the request
-(BAD_SIGNATURE), then its status (SUSPENDED, told only to its key's holder),
+and verify its Ed25519 signature over the request (UNKNOWN_CLIENT for an id
+not enrolled and for a request its key did not sign alike, so that no one
+learns which ids are enrolled), then its status (SUSPENDED, told only to its
+key's holder),
 and refuse a replayed nonce or a stale timestamp (REPLAYED; nonces are kept
 per client and key, so a stranger's requests cannot use up a client's),
 and, when the job requires attestation, check the evidence an enrollment or
@@ -32,6 +34,7 @@ that pin the coordinator's key to check.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -122,6 +125,11 @@ def _no_policy() -> SelectionCriteria:
 class ServiceSettings:
     """What the service enforces beyond the protocol.
 
+    An upload whose next part does not arrive within ``upload_idle_s`` is
+    dropped (LATE), and so is one whose round closes while it streams: a
+    stalled stream would otherwise hold its bytes, and its client's turn to
+    upload, until its connection ends.
+
     ``enrollment_tokens`` are the config's (a bare secret has the default
     uses and lifetime of :class:`ListedToken`); they are redeemed from the
     registry like issued ones, so their uses are counted and they expire.
@@ -133,6 +141,7 @@ class ServiceSettings:
     run_id: str
     enrollment_tokens: Collection[str | ListedToken]
     max_update_bytes: int = 64 * 2**20
+    upload_idle_s: float = 60.0  # the longest wait for an upload's next part
     criteria: Callable[[], SelectionCriteria] = _no_policy
     attestation: AttestationGate | None = None  # None: clients need not attest
 
@@ -409,7 +418,8 @@ class CoordinatorService:
             verdict = serde.verdict_of(screened.rejection)
         return serde.encode_submit_update_response(verdict)
 
-    async def _submit(self, parts: AsyncIterator[bytes]) -> Verdict:
+    async def _submit(self, stream: AsyncIterator[bytes]) -> Verdict:
+        parts = self._paced(stream)
         with malformed(ProtocolError, StopAsyncIteration):
             header_message = serde.header_of(serde.parse(pb.UpdatePart, await anext(parts)))
             auth, record = self.admission.authenticate_client(header_message, this_run=True)
@@ -454,9 +464,10 @@ class CoordinatorService:
         size: int,
     ) -> bytes:
         """The verified bytes of an upload's chunks, within the size limit, taken in only
-        while what they carry could count (:class:`Screened` otherwise) and one upload of a
-        client at a time: a stranger to the round, a late or a repeated result, or a client's
-        parallel streams would otherwise each hold up to ``max_update_bytes`` of memory."""
+        while what they carry could count (:class:`Screened` otherwise, at the header and
+        again after each chunk) and one upload of a client at a time: a stranger to the
+        round, a late or a repeated result, or a client's parallel streams would otherwise
+        each hold up to ``max_update_bytes`` of memory. ``parts`` come :meth:`_paced`."""
         if size > self.settings.max_update_bytes:
             raise Refused(RejectCode.OVERSIZED, f"{size} bytes is over the limit")
         secure = part_type is pb.SecureMessagePart
@@ -473,11 +484,28 @@ class CoordinatorService:
             with malformed(ProtocolError, IntegrityError):
                 async for part in parts:
                     assembler.add(serde.chunk_of(serde.parse(part_type, part)))
+                    late = self.driver.screen_upload(client_id, round_number, secure=secure)
+                    if late is not None:  # the round closed while it streamed
+                        raise Screened(late)
                 return assembler.finish()
         except PayloadTooLarge as exc:
             raise Refused(RejectCode.OVERSIZED, str(exc)) from exc
         finally:
             self._uploading.discard(client_id)
+
+    async def _paced(self, parts: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """``parts`` as they arrive, each within ``upload_idle_s`` of the one before (of the
+        call, for the first): a stream that stalls longer is refused as LATE."""
+        idle = self.settings.upload_idle_s
+        while True:
+            try:
+                part = await asyncio.wait_for(anext(parts), idle)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                detail = f"no part of the upload arrived for {idle:g} s: it is dropped"
+                raise Refused(RejectCode.LATE, detail) from None
+            yield part
 
     async def SubmitSecureMessage(  # noqa: N802
         self, request_iterator: AsyncIterator[bytes], context: Context
@@ -490,7 +518,8 @@ class CoordinatorService:
             verdict = serde.verdict_of(screened.rejection)
         return serde.encode_submit_secure_message_response(verdict)
 
-    async def _submit_secure(self, parts: AsyncIterator[bytes]) -> Verdict:
+    async def _submit_secure(self, stream: AsyncIterator[bytes]) -> Verdict:
+        parts = self._paced(stream)
         with malformed(ProtocolError, StopAsyncIteration):
             first = serde.parse(pb.SecureMessagePart, await anext(parts))
             header_message = serde.secure_header_of(first)
