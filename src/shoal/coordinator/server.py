@@ -63,6 +63,7 @@ from shoal.coordinator.events import (
     RoundSummary,
 )
 from shoal.coordinator.homomorphic import CKKS
+from shoal.coordinator.nonces import NonceJournal
 from shoal.coordinator.records import RunRecords
 from shoal.coordinator.run import Run, RunParts
 from shoal.coordinator.secure import enrolled_identities
@@ -128,6 +129,7 @@ class CoordinatorParts:
     privacy: RunPrivacy | None = None
     key_holder: KeyHolderClient | None = None  # a homomorphic job's connection to its key holder
     metrics: CoordinatorMetrics = field(default_factory=CoordinatorMetrics)  # for /metrics
+    nonces: NonceJournal | None = None  # the replay guard's nonces, kept across a restart
 
     @property
     def stop_reason(self) -> str | None:
@@ -137,6 +139,8 @@ class CoordinatorParts:
     def close(self) -> None:
         """Release the registry database, the policy's and the blob store's threads, the run
         folder's logs and the key holder's channel."""
+        if self.nonces is not None:
+            self.nonces.close()
         self.run.parts.release()
         self.records.close()  # the state folder's logs and registries, then its hold
         if self.key_holder is not None:
@@ -288,9 +292,27 @@ def build(
         versions=records.head,  # each task names the committed version and its signature
         refusal_log=RefusalLog(log, counter=metrics.refused),
     )
+    try:  # a request captured before a restart is refused after it too
+        nonces = NonceJournal.open(state_dir, service.admission.replay, now=clock())
+    except BaseException:
+        run.parts.release()
+        records.close()
+        if key_holder is not None:
+            key_holder.close()
+        raise
     count_fleet()  # who the registry last saw, before the first round
     return CoordinatorParts(
-        database, models, clients, driver, service, run, records, privacy, key_holder, metrics
+        database,
+        models,
+        clients,
+        driver,
+        service,
+        run,
+        records,
+        privacy,
+        key_holder,
+        metrics,
+        nonces,
     )
 
 

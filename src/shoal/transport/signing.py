@@ -21,6 +21,7 @@ import hmac
 import math
 import secrets
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from heapq import heappop, heappush
 
@@ -213,6 +214,16 @@ def _load_private(private_key: bytes) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(private_key)
 
 
+@dataclass(frozen=True, slots=True)
+class Remembered:
+    """A nonce the :class:`ReplayGuard` holds: whose (client id and key) and until when."""
+
+    expires: float  # seconds since the epoch: the request's timestamp plus the window
+    client_id: str
+    key: bytes
+    nonce: bytes
+
+
 class ReplayGuard:
     """Refuses a request whose nonce was seen before or whose timestamp is not recent.
 
@@ -229,9 +240,20 @@ class ReplayGuard:
     forged requests cannot fill the cache, and a stranger's requests that
     name a client's id, signed with the stranger's key, never use up that
     client's share.
+
+    What the guard holds lives in memory; ``on_remember`` gets each nonce as
+    it is accepted, and :meth:`restore` takes them back, so that a store of
+    them (the coordinator's journal) keeps a restart from accepting a request
+    captured before it.
     """
 
-    def __init__(self, *, window_s: float = 300.0, max_per_client: int = 4096) -> None:
+    def __init__(
+        self,
+        *,
+        window_s: float = 300.0,
+        max_per_client: int = 4096,
+        on_remember: Callable[[Remembered], None] | None = None,
+    ) -> None:
         if not (window_s > 0 and math.isfinite(window_s)):
             raise ValueError(f"window_s must be positive and finite, got {window_s}")
         if max_per_client < 1:
@@ -240,6 +262,7 @@ class ReplayGuard:
         self.max_per_client = max_per_client
         self._seen: dict[tuple[str, bytes], set[bytes]] = {}
         self._expiries: list[tuple[float, tuple[str, bytes], bytes]] = []
+        self.on_remember = on_remember
 
     def __len__(self) -> int:
         """How many nonces the guard holds now."""
@@ -263,8 +286,32 @@ class ReplayGuard:
                 f"{auth.client_id!r} sent more than {self.max_per_client} requests "
                 f"within {self.window_s:g} s"
             )
-        nonces.add(auth.nonce)
-        heappush(self._expiries, (auth.timestamp + self.window_s, signer, auth.nonce))
+        self._remember(auth.timestamp + self.window_s, signer, auth.nonce)
+        if self.on_remember is not None:
+            self.on_remember(Remembered(auth.timestamp + self.window_s, *signer, auth.nonce))
+
+    def _remember(self, expires: float, signer: tuple[str, bytes], nonce: bytes) -> None:
+        self._seen.setdefault(signer, set()).add(nonce)
+        heappush(self._expiries, (expires, signer, nonce))
+
+    def remembered(self) -> list[Remembered]:
+        """Every nonce the guard holds, soonest to expire first."""
+        return [
+            Remembered(expires, *signer, nonce) for expires, signer, nonce in sorted(self._expiries)
+        ]
+
+    def restore(self, entries: Iterable[Remembered], *, now: float) -> int:
+        """Hold ``entries`` again (those not expired at ``now``, each once, whatever the
+        per-client cap: they were accepted); how many were taken. ``on_remember`` is not
+        called for them."""
+        taken = 0
+        for entry in entries:
+            signer = (entry.client_id, bytes(entry.key))
+            if entry.expires < now or entry.nonce in self._seen.get(signer, ()):
+                continue
+            self._remember(entry.expires, signer, bytes(entry.nonce))
+            taken += 1
+        return taken
 
     def expire(self, *, now: float) -> None:
         """Forget the nonces whose requests can no longer pass the time window."""
