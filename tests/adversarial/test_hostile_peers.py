@@ -7,8 +7,9 @@ Each attack was reproduced against the coordinator before its fix:
   replay guard (4,096 requests in 300 s): the client's own check-ins were then
   refused as replayed, for as long as the stranger kept it up. Tokenless
   enrollments under new ids grew the guard without bound.
-- Whether a client was suspended, and whether an id was enrolled, was told to
-  anyone who named it.
+- Whether a client was suspended, and whether an id was enrolled (a forged
+  request of an enrolled id was ``bad_signature``, of a free one
+  ``unknown_client``), was told to anyone who named it.
 - A download from past the model's end, and an upload whose layout had an
   infinite dimension or nesting deeper than the JSON parser's recursion,
   raised out of the service (gRPC UNKNOWN, a traceback, nothing counted).
@@ -17,7 +18,8 @@ Each attack was reproduced against the coordinator before its fix:
   tensors' places.
 - A client outside the round, or a cohort member on parallel streams, had
   up to ``max_update_bytes`` held in memory per stream before the round
-  looked at who sent it.
+  looked at who sent it; a stream that stalled held its bytes, and its
+  client's turn to upload, until its connection ended.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +125,10 @@ def test_a_clients_status_is_told_only_to_its_keys_holder(tmp_path: Path) -> Non
         return strangers, own, nobodys
 
     strangers, own, nobodys = asyncio.run(body())
-    assert strangers == "bad_signature"  # not "suspended": the stranger holds no key of it
+    # not "suspended", nor anything that tells an enrolled id from a free one: the stranger
+    # holds no key of it (before, an enrolled id's forged request was "bad_signature")
+    assert strangers == nobodys == "unknown_client"
     assert own == "suspended"
-    assert nobodys == "unknown_client"
 
 
 def test_a_download_past_the_models_end_is_refused_and_counted(
@@ -276,6 +280,63 @@ def test_no_one_holds_memory_with_an_upload_the_round_would_refuse(tmp_path: Pat
         "second stream": "duplicate",
         "first stream": "accepted",
     }
+
+
+def test_a_stalled_upload_is_dropped_and_its_client_can_upload_again(tmp_path: Path) -> None:
+    """A cohort member whose upload stops after its first chunk held those bytes, and its
+    turn to upload (every later stream of it was a duplicate), until its connection ended:
+    now the stream is dropped once no part arrives for ``upload_idle_s``, and so is a
+    stream that stalls before its header."""
+
+    async def body() -> dict[str, str]:
+        async with (
+            one_round(tmp_path, clients=1) as (target, parts),
+            grpc.aio.insecure_channel(target) as channel,
+        ):
+            service = parts.service
+            service.settings = replace(service.settings, upload_idle_s=0.5)
+            peer = Peer(channel, "site-0", run_id=RUN)
+            assert (await peer.enroll(TOKEN)).verdict.accepted
+            task = await peer.task()
+            model = parts.driver.coordinator.parameters
+            payload = model.with_vector(np.zeros(len(model), np.float32)).to_bytes()
+            never = asyncio.Event()
+            stalled_upload = await asyncio.wait_for(
+                peer.upload(peer.update_header(task, payload), stalled(payload, never)), 10
+            )
+            held = sorted(service._uploading)
+
+            async def nothing() -> AsyncIterator[bytes]:
+                await never.wait()
+                yield b""
+
+            silent = service.SubmitUpdate(nothing(), _Context())
+            silent_verdict = (await asyncio.wait_for(silent, 10)).verdict
+            again = await asyncio.wait_for(
+                peer.upload(peer.update_header(task, payload), chunks_of(payload)), 10
+            )
+            return {
+                "stalled": code(stalled_upload.verdict),
+                "detail": stalled_upload.verdict.detail,
+                "held after": ",".join(held) or "none",
+                "no header": code(silent_verdict),
+                "again": code(again.verdict),
+            }
+
+    assert asyncio.run(body()) == {
+        "stalled": "late",
+        "detail": "no part of the upload arrived for 0.5 s: it is dropped",
+        "held after": "none",
+        "no header": "late",
+        "again": "accepted",
+    }
+
+
+class _Context:
+    """What the service asks of a call's context when it refuses one."""
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
 
 
 def test_an_evaluation_of_another_model_is_refused(tmp_path: Path) -> None:
