@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ import pytest
 
 from shoal.config import load_config
 from shoal.coordinator.server import build
+from shoal.core.errors import RunError
 from shoal.simulation import Simulation
 from shoal.simulation.runner import MODEL_NAME, open_run_models
 from shoal.transport.certs import init_certificates
@@ -185,3 +187,57 @@ def test_a_coordinator_state_dir_is_one_coordinator_s(tmp_path: Path) -> None:
     finally:
         parts.close()
     build(load_config(job)).close()  # closed: the next coordinator opens the folder
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shared_registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A registry URL two coordinators with their own state folders are given."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'shared.db'}"
+        return
+    raw = os.environ.get("SHOAL_TEST_POSTGRES_URL")
+    if not raw:
+        pytest.skip("SHOAL_TEST_POSTGRES_URL is not set")
+    import sqlalchemy as sa
+
+    from shoal.registry.database import resolve_database_url
+
+    schema = f"shoal_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(resolve_database_url(raw))
+    with admin.begin() as connection:
+        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        url = resolve_database_url(raw).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as connection:
+            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def test_one_registry_runs_a_model_for_one_coordinator(
+    tmp_path: Path, shared_registry: str
+) -> None:
+    """Two coordinators with their own state folders and one registry (``registry_url``) both
+    committed the model's versions on one HEAD before; the second is refused now, and a
+    coordinator of another run name is not."""
+    init_certificates(tmp_path / "certs")
+
+    def job(name: str, state: str) -> Path:
+        path = tmp_path / f"{state}.toml"
+        path.write_text(
+            f'[run]\nname = "{name}"\n[data]\nnum_clients = 4\n[round]\nclients_per_round = 2\n'
+            f'[coordinator]\nstate_dir = "{tmp_path / state}"\n'
+            f'certificates = "{tmp_path / "certs"}"\nregistry_url = "{shared_registry}"\n'
+            f'blob_url = "{tmp_path / "blobs"}"\n'
+        )
+        return path
+
+    parts = build(load_config(job("digits", "first")))
+    try:
+        with pytest.raises(RunError, match=f"model 'digits' of the registry {IN_USE}"):
+            build(load_config(job("digits", "second")))
+        build(load_config(job("another", "third"))).close()
+    finally:
+        parts.close()
+    build(load_config(job("digits", "second"))).close()  # the first let the model go

@@ -19,6 +19,10 @@ as both shells open their run's records, holds the folder
 there, and :meth:`RunRecords.close` lets it go last. A second process, resuming
 the same run or serving the same state folder, is refused in one line: two
 writers would commit rounds twice and rewrite ``metrics.jsonl`` under each other.
+So is one whose registry (``registry_url``, shared) holds the same model for a
+process with another state folder (:meth:`~shoal.registry.database.Database.hold`:
+an advisory lock on PostgreSQL): its commits would interleave with the
+first's on one HEAD.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shoal.config import Config, config_to_dict
-from shoal.core.errors import NotFoundError
+from shoal.core.errors import NotFoundError, RunError
 from shoal.core.folders import FolderHold, hold_folder
 from shoal.core.parameters import Parameters
 from shoal.governance.model_signing import (
@@ -57,7 +61,7 @@ from shoal.registry import (
     SignedHead,
     VersionSigner,
 )
-from shoal.registry.database import lock_name
+from shoal.registry.database import Held, lock_name
 from shoal.registry.models import model_lock
 from shoal.telemetry.metric_names import flatten_metrics
 from shoal.telemetry.metrics import METRICS_FILE, SUMMARY_FILE, MetricsLog, clean_row
@@ -170,9 +174,11 @@ class RunRecords:
         signer: VersionSigner | None = None,
         head_signer: HeadSigner | None = None,
         hold: FolderHold | None = None,
+        held: Held | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.hold = hold  # this process's hold on the folder, let go by close()
+        self.held = held  # and on the model in its registry
         self.folder.mkdir(parents=True, exist_ok=True)
         self.models = models
         self.signer = signer  # signs each version once, as it is committed
@@ -208,6 +214,13 @@ class RunRecords:
         except BaseException:
             hold.release()
             raise
+        try:  # a registry another state folder's coordinator runs this model in
+            held = models.database.hold(f"model/{model}", what=f"model {model!r} of the registry")
+        except BaseException:
+            models.blobs.close()
+            models.database.close()
+            hold.release()
+            raise
         return cls(
             hold.folder,
             models,
@@ -216,6 +229,7 @@ class RunRecords:
             signer=signer,
             head_signer=signer.audit_head,
             hold=hold,
+            held=held,
         )
 
     def close(self) -> None:
@@ -224,6 +238,8 @@ class RunRecords:
         try:
             self.close_logs()
             self.models.blobs.close()
+            if self.held is not None:
+                self.held.release()
             self.database.close()
         finally:
             if self.hold is not None:
@@ -335,8 +351,7 @@ class RunRecords:
 
     def append_row(self, row: Row) -> None:
         self.metrics.append(row)
-        if self.tracker is not None:
-            self.tracker.log_round(row["round"], metrics=tracked_metrics(row))
+        self.track_row(row)
         for watcher in self._watchers:
             watcher(row)
 
@@ -390,6 +405,23 @@ class RunRecords:
         )
         saved.write_text(self.tracker.run_id + "\n")
         self.tracker.log_params(config_to_dict(config), resumed=resume is not None)
+
+    def track_row(self, row: Row) -> None:
+        """Log a stored row to the MLflow run. A tracking store that fails mid-run costs one
+        warning and the rest of the run's tracking, never the run: its records (rows, summary,
+        registry) are the truth, and a resume reopens the MLflow run from the saved id."""
+        if self.tracker is None:
+            return
+        try:
+            self.tracker.log_round(row["round"], metrics=tracked_metrics(row))
+        except RunError as exc:
+            logger.warning(
+                "MLflow tracking stops at round %d, the run goes on (its records are in %s): %s",
+                row["round"],
+                self.folder,
+                exc,
+            )
+            self.tracker = None  # no request more: each would wait for the server again
 
     def end_tracking(self, *, finished: bool) -> None:
         """Close the run's MLflow run; a finished run first attaches ``summary.json``,

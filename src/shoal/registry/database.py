@@ -35,11 +35,14 @@ threshold the background one keeps the log well under.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,7 +56,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
-from shoal.core.errors import ConfigError, MissingExtraError, RegistryError
+from shoal.core.errors import ConfigError, MissingExtraError, RegistryError, RunError
 from shoal.core.folders import writable_folder
 
 DEFAULT_FILE_NAME = "registry.db"
@@ -275,6 +278,39 @@ class Database:
         except SQLAlchemyError as exc:
             raise translate_error(exc, url=self.url) from exc
 
+    def hold(self, name: str, *, what: str) -> Held:
+        """Hold ``name`` in this database for this process alone, until :meth:`Held.release`
+        or the process ends (``kill -9`` included); one :class:`RunError` naming ``what`` when
+        another process holds it.
+
+        On PostgreSQL a session-level advisory lock on a connection of its own
+        (the server lets it go when that connection drops); on a SQLite file,
+        an ``flock`` on a file beside it named after ``name``; an in-memory
+        database is this process's already.
+        """
+        if self.dialect == "postgresql":
+            return _hold_advisory(self, name, what=what)
+        path = self.engine.url.database
+        if path in (None, "", ":memory:"):
+            return Held(lambda: None)
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        lock = Path(str(path)).with_name(f"{Path(str(path)).name}.hold-{digest}")
+        try:
+            descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise RunError(f"{what}: {lock} cannot be locked: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(descriptor)
+            if isinstance(exc, BlockingIOError):
+                raise RunError(
+                    f"{what} is in use by another shoal process ({self.url}): "
+                    "wait for it to end, or use another run name"
+                ) from None
+            raise RunError(f"{what}: {lock} cannot be locked: {exc.strerror or exc}") from exc
+        return Held(lambda: os.close(descriptor))
+
     def close(self) -> None:
         """Close every pooled connection (and stop the background checkpointer)."""
         if self.checkpointer is not None:
@@ -304,6 +340,70 @@ class ChangeMark:
 
 # The first of pg_advisory_xact_lock's two keys for Shoal's locks: "Shoa" in ASCII.
 ADVISORY_LOCK_CLASS = 0x53686F61
+
+
+class Held:
+    """A name :meth:`Database.hold` holds for this process; releasing twice is a no-op."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
+
+    @property
+    def held(self) -> bool:
+        return self._release is not None
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+_HOLDER = sa.text(
+    "SELECT a.pid, a.client_addr, a.application_name FROM pg_locks l "
+    "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+    "AND l.granted AND l.classid::bigint = (:lock_class)::bigint & 4294967295 "
+    "AND l.objid::bigint = hashtext(current_schema() || :name)::bigint & 4294967295 "
+    "AND l.objsubid = 2 LIMIT 1"
+)
+
+
+def _hold_advisory(database: Database, name: str, *, what: str) -> Held:
+    """A PostgreSQL session-level advisory lock on ``name``, on a connection of its own."""
+    key = {"lock_class": ADVISORY_LOCK_CLASS, "name": f"/hold/{name}"}
+    try:
+        connection = database.engine.connect()
+        try:
+            taken = connection.execute(
+                sa.text(
+                    "SELECT pg_try_advisory_lock(:lock_class, hashtext(current_schema() || :name))"
+                ),
+                key,
+            ).scalar()
+            holder = None if taken else connection.execute(_HOLDER, key).first()
+            connection.commit()
+        except BaseException:
+            connection.close()
+            raise
+    except SQLAlchemyError as exc:
+        raise translate_error(exc, url=database.url) from exc
+    if not taken:
+        connection.close()
+        by = (
+            ""
+            if holder is None
+            else f" (PostgreSQL backend {holder[0]}, from {holder[1] or 'a local socket'})"
+        )
+        raise RunError(
+            f"{what} is in use by another shoal process{by} in {database.url}: "
+            "wait for it to end, or use another run name"
+        )
+
+    def release() -> None:
+        # the pool would keep the session, and the lock with it: end the session
+        connection.invalidate()
+        connection.close()
+
+    return Held(release)
 
 
 def lock_name(connection: Connection, name: str) -> None:
