@@ -116,6 +116,9 @@ class MemoryStore:
     def write_config(self, config: Mapping[str, Any]) -> None:
         self.config = dict(config)
 
+    def read_config(self) -> Mapping[str, Any] | None:
+        return self.config
+
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         self.summary = dict(summary)
 

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 from shoal.config import Config, config_to_dict
 from shoal.core.errors import NotFoundError, RunError
+from shoal.core.files import write_whole
 from shoal.core.folders import FolderHold, hold_folder
 from shoal.core.parameters import Parameters
 from shoal.governance.model_signing import (
@@ -155,6 +156,11 @@ class RunStore(Protocol):
     def keep_drift(self, keep: Callable[[Row], bool]) -> list[Row]: ...
 
     def write_config(self, config: Mapping[str, Any]) -> None: ...
+
+    def read_config(self) -> Mapping[str, Any] | None:
+        """The config the run was last started with, as :meth:`write_config` wrote it (None:
+        none was written)."""
+        ...
 
     def write_summary(self, summary: Mapping[str, Any]) -> None: ...
 
@@ -372,7 +378,23 @@ class RunRecords:
         return self.drift.truncate(keep)
 
     def write_config(self, config: Mapping[str, Any]) -> None:
-        (self.folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        text = (json.dumps(config, indent=2) + "\n").encode()
+        write_whole(self.folder / CONFIG_FILE, lambda handle: handle.write(text))
+
+    def read_config(self) -> Mapping[str, Any] | None:
+        path = self.folder / CONFIG_FILE
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise RunError(
+                f"{path} cannot be read ({exc}): restore it, or remove it to take the job's "
+                "config as the run's"
+            ) from None
+        if not isinstance(config, dict):
+            raise RunError(f"{path} does not hold a config (a JSON object)")
+        return config
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         text = json.dumps(clean_row(dict(summary)), indent=2, sort_keys=True)

@@ -62,6 +62,7 @@ engine between the calls of a :class:`Run`.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ import numpy as np
 
 from shoal.aggregation.strategy import Strategy
 from shoal.client.api import Client
-from shoal.config import Config, config_to_dict
+from shoal.config import Config, config_to_dict, parse_config
 from shoal.coordinator.app import ServerApp, ServerContext, split_round_config
 from shoal.coordinator.eligibility import DeviceFacts, EligibilityPolicy, Mask, requirements_of
 from shoal.coordinator.engine import Coordinator
@@ -111,6 +112,40 @@ from shoal.registry import ModelRecord, Requirement, SelectionCriteria
 from shoal.registry.participation import ParticipationLog
 from shoal.tasks import Phase
 from shoal.telemetry.alerts import AlertHook, alert_hooks
+
+# What a restart cannot change (config keys, or the sections they start): the shape of the
+# model, how updates combine and the server optimizer's state, the privacy accounting, the
+# secure protocol and its keys, and the run id that clients sign. (The clusters' models are
+# checked against HEAD's stack itself: _check_clusters.)
+FIXED_FOR_THE_RUN = (
+    "model.",
+    "strategy.",
+    "privacy.",
+    "secure_aggregation.",
+    "coordinator.run_id",
+)
+
+
+def config_changes(
+    before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = ""
+) -> Iterator[tuple[str, Any, Any]]:
+    """(dotted key, before, after) for each value that differs, tables walked into (both
+    whole dumps of a config, None values kept)."""
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            yield from config_changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            yield f"{prefix}{key}", old, new
+
+
+def _listed(changes: list[tuple[str, Any, Any]]) -> str:
+    def shown(value: Any) -> str:
+        text = "unset" if value is None else json.dumps(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    return ", ".join(f"{key} ({shown(old)}, now {shown(new)})" for key, old, new in changes)
+
 
 log = logging.getLogger("shoal.run")
 
@@ -406,6 +441,7 @@ class Run:
         return coordinator
 
     def _restore(self, head: ModelRecord) -> Coordinator:
+        self._check_job()
         reached, rolled_back_from = head.round, None
         if self.config.playbook.enabled:  # a BAD HEAD is rolled back; its round stays played
             head, reached, rolled_back_from = resume_point(self.store, head)
@@ -442,6 +478,30 @@ class Run:
             + ([] if bad is None else [float(bad.metrics.get("virtual_time_s") or 0.0)])
         )
         return self._engine(parameters, state)
+
+    def _check_job(self) -> None:
+        """Refuse a restart whose job changed what the run's records depend on (ConfigError,
+        naming each key); take any other change, and keep it as the run's config."""
+        stored = self.store.read_config()
+        try:  # a key the stored config lacks (another Shoal's) is its default, as there
+            before = None if stored is None else parse_config(stored).model_dump(mode="json")
+        except ConfigError as exc:
+            log.warning("the run's stored config is not one this Shoal reads (%s)", exc)
+            before = None
+        if before is None:  # none that can be compared: the job's becomes the run's
+            self.store.write_config(config_to_dict(self.config))
+            return
+        changes = list(config_changes(before, self.config.model_dump(mode="json")))
+        fixed = [change for change in changes if change[0].startswith(FIXED_FOR_THE_RUN)]
+        if fixed:
+            raise ConfigError(
+                f"{self.where} holds a run started with another job: {_listed(fixed)}; a "
+                "restart keeps what the run's versions, privacy ledger and secure rounds depend "
+                "on: start a new run (another folder, or another run.name) to change them"
+            )
+        if changes:
+            log.info("the job changed since the run last started: %s", _listed(changes))
+            self.store.write_config(config_to_dict(self.config))
 
     # --- the schedule ----------------------------------------------------------------------
 
