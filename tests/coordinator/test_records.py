@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from shoal.simulation.runner import MODEL_NAME, open_run_models
 from shoal.transport.grpc_link import GrpcLink
 from shoal.transport.signing import generate_client_key
 from support.jobs import bare_config, digits_client, network_job
+from support.tracking_server import RUN_ID, TrackingServer, unset_http_settings
 
 SMALL = [
     "data.num_clients=8",
@@ -149,6 +151,47 @@ def test_a_resumed_simulation_stays_one_mlflow_run_with_every_figure_and_the_fin
         assert models.head(MODEL_NAME).version == 5  # type: ignore[union-attr]
     finally:
         models.database.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_tracking_server_that_goes_away_mid_run_costs_one_warning_not_the_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("mlflow")
+    unset_http_settings(monkeypatch)  # the tracker's own, undone after the test
+    with TrackingServer() as server:
+
+        def after_round(row: dict[str, Any]) -> None:
+            if row["round"] == 1:
+                server.go_away()
+
+        config = bare_config([*SMALL, "run.rounds=3", f"tracking.tracking_uri={server.uri}"])
+        with caplog.at_level(logging.WARNING, logger="shoal.coordinator.records"):
+            summary = Simulation(config, tmp_path).run(on_round=after_round)
+    # the run went on, every record of it kept: rows, summary, registry
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["round"], row["phase"]) for row in rows] == [
+        (1, "fit"),
+        (2, "fit"),
+        (2, "evaluate"),
+        (3, "fit"),
+    ]
+    assert summary["rounds_completed"] == 3
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    models = open_run_models(tmp_path)
+    try:
+        assert models.head(MODEL_NAME).version == 3  # type: ignore[union-attr]
+    finally:
+        models.database.close()
+    # one warning of Shoal's (urllib3 logs its retries), at the first row the server missed;
+    # no request after it
+    [warning] = [record for record in caplog.records if record.name.startswith("shoal.")]
+    message = warning.getMessage()
+    assert message.startswith("MLflow tracking stops at round 2, the run goes on")
+    assert f"MLflow could not log metrics at {server.uri}" in message and "\n" not in message
+    assert {step for _, step, _ in server.metrics} == {1}
+    assert "runs/update" not in server.calls  # nor an attempt to end the run
+    assert (tmp_path / "mlflow-run-id").read_text().strip() == RUN_ID  # a resume reopens it
 
 
 def test_a_coordinator_records_its_run_as_a_simulation_does(tmp_path: Path) -> None:

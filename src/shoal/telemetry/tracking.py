@@ -28,6 +28,22 @@ start and end) are floored to ``timestamp_granularity_s`` seconds
 (``[metadata]``): a metrics reader learns when a round was logged only to
 that granularity.
 
+An http(s) tracking server is checked once, when the tracker is created: a
+TCP connection to it (or to the proxy that the environment names for it)
+must open within ``CONNECT_TIMEOUT_S`` seconds, else one
+:class:`~shoal.core.errors.RunError` names the URI and the cause, at once
+rather than after MLflow's retries. MLflow's client has no per-client
+setting for those retries (7, with backoff: about four minutes before a
+dead server's error) or for its request timeout (120 s): it reads them from
+environment variables at each request. So creating a tracker of an http(s)
+URI sets ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (2),
+``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR`` (1) and ``MLFLOW_HTTP_REQUEST_TIMEOUT``
+(10 s) in ``os.environ`` (:data:`HTTP_REQUEST_LIMITS`), each one only where
+the user has not set it, for the rest of the process and every MLflow
+client in it: a request to a server that went away fails in seconds (a
+refused connection), or in about half a minute (a server that never
+answers).
+
 MLflow's own log lines (its ``mlflow`` logger and the ``alembic`` logger of
 its store's migrations) keep MLflow's levels unless
 :func:`set_mlflow_log_level` asks for another: the ``shoal`` command holds
@@ -40,9 +56,13 @@ import hashlib
 import json
 import logging
 import numbers
+import os
+import socket
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -61,6 +81,14 @@ MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter's value
 MAX_TAG_CHARS = 8000  # and on a tag's
 PARAMS_PER_BATCH = 100  # and on the parameters of one log_batch call
 METRICS_PER_BATCH = 1000  # and on its metrics
+
+CONNECT_TIMEOUT_S = 5.0  # the reachability check of an http(s) tracking server
+DEFAULT_PORTS = {"http": 80, "https": 443}  # the schemes of a tracking server
+HTTP_REQUEST_LIMITS = {  # MLflow's HTTP settings, where the user set none (MLflow's: 7, 2, 120)
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 _T = TypeVar("_T")
@@ -104,6 +132,58 @@ def import_mlflow() -> Any:
 def default_tracking_uri(folder: str | Path) -> str:
     """The tracking URI of the SQLite store kept in a run folder."""
     return f"sqlite:///{(Path(folder) / DEFAULT_STORE_NAME).resolve()}"
+
+
+def check_reachable(uri: str, *, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise :class:`RunError` naming ``uri`` and the cause unless a TCP connection to its
+    server opens within ``timeout_s`` seconds: to the proxy instead, where the environment
+    names one for it (``HTTPS_PROXY``, ``NO_PROXY``: as MLflow's ``requests`` reads them).
+
+    >>> check_reachable("http://127.0.0.1:9")  # doctest: +SKIP
+    Traceback (most recent call last):
+    shoal.core.errors.RunError: MLflow tracking server http://127.0.0.1:9 is not reachable: ...
+    """
+    host, port, via = _first_hop(urllib.parse.urlsplit(uri))
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        cause = f"no answer in {timeout_s:g} s" if isinstance(exc, TimeoutError) else exc.strerror
+        raise RunError(
+            f"MLflow tracking server {uri} is not reachable: {cause or exc} ({host}:{port}{via})"
+        ) from exc
+
+
+def limit_http_requests() -> None:
+    """Bound MLflow's HTTP retries, backoff and request timeout from now on, in the whole
+    process (:data:`HTTP_REQUEST_LIMITS`), each one that the user did not set."""
+    for name, value in HTTP_REQUEST_LIMITS.items():
+        os.environ.setdefault(name, value)
+
+
+def _first_hop(parts: urllib.parse.SplitResult) -> tuple[str, int, str]:
+    """(host, port, a note naming the proxy or nothing) where a request to ``parts`` goes first."""
+    host, port = _address(parts)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(host):
+        return host, port, ""
+    proxy_parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return (*_address(proxy_parts), f" through the proxy {proxy}")
+
+
+def _address(parts: urllib.parse.SplitResult) -> tuple[str, int]:
+    """The host and port of an http(s) URL (the scheme's port by default)."""
+    url = parts.geturl()
+    if parts.scheme not in DEFAULT_PORTS:
+        raise ConfigError(f"{url} is not an http(s) URL")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{url} has an invalid port: {exc}") from exc
+    if not parts.hostname:
+        raise ConfigError(f"{url} names no host")
+    return parts.hostname, port or DEFAULT_PORTS[parts.scheme]
 
 
 def flatten_params(params: Mapping[str, Any], *, prefix: str = "") -> dict[str, str]:
@@ -162,6 +242,9 @@ class MlflowTracker:
             )
         self.granularity_ms = 1000 * timestamp_granularity_s
         mlflow = import_mlflow()
+        if urllib.parse.urlsplit(uri).scheme in DEFAULT_PORTS:  # a server: fail fast, and bounded
+            check_reachable(uri)
+            limit_http_requests()
         artifact_location = None
         if store_folder is not None:
             store_folder.mkdir(parents=True, exist_ok=True)
