@@ -10,6 +10,8 @@ coordinator's key: :func:`run_signer`) and the client registry. With
 is kept in the folder so that a resumed run stays that one MLflow run: each
 row's figures at ``step=round`` (:func:`tracked_metrics`), and at the end the
 summary, the report and the final model (:meth:`RunRecords.end_tracking`).
+A tracking store that fails in the middle of the run costs one warning and
+the rest of its tracking (:meth:`RunRecords.track_row`), not the run.
 :meth:`RunRecords.watch` hands every row, as it is stored, to an observer
 (a coordinator's Prometheus metrics).
 
