@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import get_args, get_origin
+from typing import Annotated, get_args, get_origin
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, ValidationError
 
 from shoal.config import (
     Config,
+    _Section,
     apply_overrides,
     config_to_dict,
     default_config_path,
@@ -17,6 +18,8 @@ from shoal.config import (
     parse_config,
 )
 from shoal.core import ConfigError
+from shoal.privacy import calibrate_noise_multiplier
+from shoal.privacy.budget import plan_privacy
 
 
 def test_empty_config_is_valid_with_defaults(tmp_path: Path) -> None:
@@ -402,3 +405,113 @@ def test_clustering_that_starts_when_flagged_needs_clusters_and_the_drift() -> N
             load_config(None, overrides)
         assert "drift.enabled = true" in str(error.value) and got in str(error.value)
         assert "\n" not in str(error.value)
+
+
+# --- a boolean is no number -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+@pytest.mark.parametrize("key", [*FLOAT_KEYS, *INT_KEYS])
+def test_a_boolean_is_no_number_in_any_section(key: str, value: str) -> None:
+    """Lax pydantic took ``run.rounds = true`` for 1 round; every number refuses a boolean."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [f"{key}={value}"])
+    kind = "a valid number" if key in FLOAT_KEYS else "a valid integer"
+    assert str(caught.value) == f"{key}: Input should be {kind}"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "devices.classes=[{name='a', share=true}]",
+            "devices.classes.0.share: Input should be a valid number",
+        ),
+        ("devices.time_zones={'0'=true}", "devices.time_zones: Input should be a valid number"),
+        (
+            "devices.classes=[{name='a', share=1.0, states={charging_hours=[true, 7.0]}}]",
+            "devices.classes.0.states.charging_hours: Input should be a valid number",
+        ),
+    ],
+)
+def test_a_boolean_is_no_number_in_a_table_or_a_list_either(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [override])
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"trigger": [1, True]}, "attack.0.trigger: Input should be a valid integer"),
+        ({"until_round": False}, "attack.0.until_round: Input should be a valid integer"),
+        ({"fraction": True}, "attack.0.fraction: Input should be a valid number"),
+    ],
+)
+def test_a_boolean_is_no_number_in_an_attack_entry(entry: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"attack": [{"kind": "backdoor", "fraction": 0.1} | entry]})
+    assert str(caught.value) == message
+
+
+def test_a_boolean_key_and_a_key_that_takes_a_boolean_keep_taking_one() -> None:
+    assert load_config(None, ["evaluation.centralized=false"]).evaluation.centralized is False
+
+    class Flexible(_Section):
+        either: bool | int = 0
+        maybe: Annotated[int, Field(ge=0)] | bool | None = None
+        count: Annotated[int, Field(ge=0)] | None = None
+
+    assert Flexible(either=True, maybe=False).either is True
+    assert Flexible(either=3, maybe=4).maybe == 4
+    with pytest.raises(ValidationError, match="Input should be a valid integer"):
+        Flexible(count=True)
+
+
+# --- the privacy budget: a target epsilon that means something, calibrated quickly --------------
+
+
+def test_a_target_epsilon_past_its_bound_is_refused_in_one_line() -> None:
+    """``privacy.epsilon = 1e300`` spent minutes calibrating the noise before the run."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["privacy.placement='central'", "privacy.epsilon=1e300"])
+    message = str(caught.value)
+    assert message.startswith("privacy.epsilon = 1e+300 is above the limit of 100: ")
+    assert "\n" not in message and len(message.partition(": ")[2]) > 10  # the why
+
+
+def test_a_delta_past_its_bound_is_refused_in_one_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["privacy.placement='central'", "privacy.epsilon=1", "privacy.delta=0.9"])
+    message = str(caught.value)
+    assert message.startswith("privacy.delta = 0.9 is above the limit of 0.5: ")
+    assert "\n" not in message
+
+
+@pytest.mark.timeout(60)
+def test_a_target_epsilon_just_under_its_bound_calibrates() -> None:
+    config = load_config(None, ["privacy.placement='central'", "privacy.epsilon=99.9"])
+    privacy, cohort = config.privacy, config.round.clients_per_round
+    plan = plan_privacy(privacy, population=100, cohort=cohort, rounds=config.run.rounds)
+    accountant = plan.accountant()
+    step = plan.step()
+    spent = accountant.epsilon_after(
+        delta=plan.delta,
+        noise_multiplier=plan.noise_multiplier,
+        sampling_rate=step.sampling_rate,
+        sample_size=step.sample_size,
+        population=step.population,
+        steps=config.run.rounds,
+    )
+    assert plan.noise_multiplier > 0 and spent <= 99.9
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("target", "tolerance"), [(1e300, 0.01), (1.0, 1e-300)])
+def test_the_noise_calibration_search_is_bounded(target: float, tolerance: float) -> None:
+    """Past the config's bound (a caller of the function): a few dozen steps at most, and no
+    noise below the least the search tries."""
+    noise = calibrate_noise_multiplier(
+        target_epsilon=target, delta=1e-5, rounds=10, sampling_rate=0.1, tolerance=tolerance
+    )
+    assert noise >= 2.0**-10

@@ -5,8 +5,9 @@ message names the key and what is allowed. Every section has defaults, so an
 empty file is a valid (small) run.
 
 Every number is checked the same way, whatever its section: a float must be
-finite (``inf`` and ``nan`` are refused), an integer must fit in 64 bits, and
-a size-like key has an upper bound that says why it exists (a
+finite (``inf`` and ``nan`` are refused), an integer must fit in 64 bits,
+neither is a boolean (lax pydantic reads ``true`` as 1), and a size-like key
+has an upper bound that says why it exists (a
 :class:`~shoal.core.limits.Limit`), as do the built-in model and data as a
 whole (:data:`MAX_MODEL_PARAMETERS`, :data:`MAX_CLIENT_DATA_BYTES`).
 """
@@ -14,9 +15,10 @@ whole (:data:`MAX_MODEL_PARAMETERS`, :data:`MAX_CLIENT_DATA_BYTES`).
 from __future__ import annotations
 
 import datetime as dt
+import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -24,9 +26,11 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticKnownError
 
 from shoal.core.errors import ConfigError
 from shoal.core.limits import (
@@ -69,6 +73,16 @@ _ROUNDS = Limit(1_000_000, "each round stores a model version; a million is past
 _EXAMPLES = Limit(1_000_000, "the built-in data makes a client's examples in memory at once")
 _FEATURES = Limit(65_536, "an example of the built-in data is a dense float32 vector")
 _CLASSES = Limit(10_000, "the built-in models keep one output per class for every example")
+_EPSILON = Limit(
+    100,
+    "a client changes the odds of anything the run releases by at most e^epsilon: past 100 "
+    "that bounds nothing (the usual budgets are 1 to 10)",
+)
+_DELTA = Limit(
+    0.5,
+    "delta is the chance that the epsilon guarantee fails outright: past 1/2 it fails more "
+    "often than it holds (the usual delta is below 1 / population)",
+)
 MAX_MODEL_PARAMETERS = 2**26
 """The built-in NumPy models' size (256 MiB as float32): bigger ones are a user's app (PyTorch)."""
 MAX_CANARY_COPIES = 1_000_000
@@ -77,11 +91,67 @@ MAX_CLIENT_DATA_BYTES = 2**26
 """The most memory one client's built-in (Gaussian) examples may take: 64 MiB."""
 
 
+def _scalar_kinds(annotation: Any) -> list[Any]:
+    """The members of ``annotation``: its union's, each without ``Annotated``, a ``Literal``'s
+    values as their types."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _scalar_kinds(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [kind for member in get_args(annotation) for kind in _scalar_kinds(member)]
+    if origin is Literal:
+        return [type(value) for value in get_args(annotation)]
+    return [annotation]
+
+
+_NumberError = Literal["int_type", "float_type"]  # pydantic's own, for a value of another type
+
+
+def _boolean_for_a_number(annotation: Any, value: Any) -> _NumberError | None:
+    """The pydantic error type (``int_type``, ``float_type``) when ``value`` holds a boolean
+    where ``annotation`` wants a number and takes no boolean, in a list or a table too; else
+    None. Lax pydantic would read ``true`` as 1 (``run.rounds = true`` ran one round)."""
+    kinds = _scalar_kinds(annotation)
+    if isinstance(value, bool):
+        if bool in kinds or Any in kinds:
+            return None
+        return "float_type" if float in kinds else "int_type" if int in kinds else None
+    for kind in kinds:
+        for item_annotation, item in _items(kind, value):
+            error = _boolean_for_a_number(item_annotation, item)
+            if error is not None:
+                return error
+    return None
+
+
+def _items(annotation: Any, value: Any) -> Iterable[tuple[Any, Any]]:
+    """Each item of ``value`` with the annotation it is validated against, where ``value`` is
+    the list, tuple or table that ``annotation`` wants; nothing otherwise."""
+    origin, arguments = get_origin(annotation), get_args(annotation)
+    if isinstance(value, dict) and origin is dict:
+        return ((arguments[1], item) for item in value.values())
+    if not (isinstance(value, list | tuple) and origin in (list, tuple) and arguments):
+        return ()
+    if origin is tuple and arguments[-1] is not Ellipsis:  # tuple[float, float]: by position
+        return zip(arguments, value, strict=False)  # a wrong length is pydantic's to refuse
+    return ((arguments[0], item) for item in value)
+
+
 class _Section(BaseModel):
     # allow_inf_nan=False: every float of every section is finite, from a file or from --set
     model_config = ConfigDict(
         extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """A number of the config is never a boolean: ``true`` is no count and no rate."""
+        field = None if info.field_name is None else cls.model_fields.get(info.field_name)
+        error = None if field is None else _boolean_for_a_number(field.annotation, value)
+        if error is not None:
+            raise PydanticKnownError(error)  # pydantic's own "Input should be a valid integer"
+        return value
 
     @field_validator("*")
     @classmethod
@@ -633,8 +703,9 @@ class PrivacySection(_Section):
     """[privacy]: user-level differential privacy, with the budget as a resource."""
 
     placement: Literal["none", "central", "local", "distributed"] = "none"
-    epsilon: PositiveFloat | None = None  # the run's budget: training stops before it is spent
-    delta: Annotated[float, Field(gt=0, lt=1)] | None = None  # unset: 1 / population
+    # the run's budget: training stops before it is spent
+    epsilon: Annotated[float, Field(gt=0), _EPSILON] | None = None
+    delta: Annotated[float, Field(gt=0), _DELTA] | None = None  # unset: 1 / population
     noise_multiplier: NoiseMultiplier | None = None  # unset: calibrated to epsilon
     clip_norm: PositiveFloat = 1.0
     adaptive_clipping: bool = False
@@ -935,9 +1006,11 @@ BUILTIN_SERVER_APP = "shoal.apps.builtin:server_app"
 class AppSection(_Section):
     """[app]: the user's code, ``MODULE:ATTRIBUTE`` (see ``shoal.client.app``, ``coordinator.app``).
 
-    The folder of the config file and the current directory are importable.
-    ``server`` unset: the built-in server side with the built-in client app,
-    every default with any other.
+    The apps are imported from the config file's folder first, then from the
+    folders of ``path`` (a relative one is found from the config file's folder,
+    as ``[policy] files`` are), then from the current directory. ``server``
+    unset: the built-in server side with the built-in client app, every
+    default with any other.
     """
 
     client: str = BUILTIN_CLIENT_APP

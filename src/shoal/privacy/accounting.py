@@ -56,6 +56,7 @@ DEFAULT_PLD_DISCRETIZATION = 1e-4
 _FORMAT = 1
 _LARGEST_NOISE_MULTIPLIER = 2.0**20
 _SMALLEST_NOISE_MULTIPLIER = 2.0**-10
+_MOST_BISECTIONS = 64  # past 53, a float's bits, a bracket can no longer narrow
 
 
 def _dp_accounting() -> Any:
@@ -447,7 +448,10 @@ def calibrate_noise_multiplier(
     """The smallest noise multiplier whose ε after ``rounds`` steps is at most the target.
 
     The answer is within a relative ``tolerance`` of the exact one and never
-    below it: ε(answer) ≤ target < ε(answer * (1 - tolerance)).
+    below it: ε(answer) ≤ target < ε(answer * (1 - tolerance)). The search is
+    bounded, whatever the target: it tries no noise below 2^-10 (a target that
+    less noise meets, as a huge ε, gets that much) nor above 2^20, and halves
+    the bracket at most 64 times (a float has 53 bits to halve).
 
     >>> round(calibrate_noise_multiplier(
     ...     target_epsilon=1.0, delta=1e-5, rounds=100, sampling_rate=0.01), 2)
@@ -475,21 +479,26 @@ def calibrate_noise_multiplier(
         return epsilon <= target
 
     low, high = _bracket(meets_target)
-    while high - low > tolerance * high:
+    for _ in range(_MOST_BISECTIONS):
+        if high - low <= tolerance * high:
+            break
         middle = (low + high) / 2
         low, high = (low, middle) if meets_target(middle) else (middle, high)
     return high
 
 
 def _bracket(meets_target: Callable[[float], bool]) -> tuple[float, float]:
-    """(low, high): high meets the target and low does not; found by doubling or halving."""
+    """(low, high): high meets the target and low does not; found by doubling or halving.
+    Where even the smallest noise tried meets it, both are that noise (nothing to bisect)."""
     if meets_target(1.0):
         high = 1.0
         while high > _SMALLEST_NOISE_MULTIPLIER:
             if not meets_target(high / 2):
                 return high / 2, high
             high /= 2
-        return 0.0, high  # no noise at all spends an infinite epsilon
+        # an ε target this loose: bisecting towards 0 would run to float underflow, each step
+        # slower than the last (the accountant works hard on near-noiseless steps)
+        return high, high
     low = 1.0
     while not meets_target(2 * low):
         low *= 2
