@@ -13,6 +13,7 @@ import collections
 import itertools
 import logging
 import math
+import os
 import pickle
 import signal
 import sys
@@ -397,10 +398,14 @@ class WorkerLater(Generic[T]):
 
 
 class ProcessExecutor:
-    """Spreads each batch over ``workers`` shares: ``workers - 1`` worker processes and this
-    process, one chunk each (:func:`split_by_worker`), sized so that each takes about as long
-    (:attr:`balance`: each process's seconds per job lately, a worker's with its pipe's round
-    trip; at 100 clients and 10 a round, this process ends up training 9 of the 10).
+    """Spreads each batch over up to ``workers`` shares: up to ``workers - 1`` worker processes
+    and this process, one chunk each (:func:`split_by_worker`), sized so that each takes about
+    as long (:attr:`balance`: each process's seconds per job lately, a worker's with its pipe's
+    round trip; at 100 clients and 10 a round, this process ends up training 9 of the 10).
+
+    One worker starts with the pool (an app that does not load in a worker says so at once);
+    the others start when a batch first has a job for each of them: ``workers = 1024``
+    with batches of 10 jobs (10 clients a round) starts 9 worker processes, not 1023.
 
     This process trains its own chunk while the workers train theirs: it would otherwise
     wait for them, and its chunk needs no hop to a process and back, nor a process woken
@@ -420,31 +425,32 @@ class ProcessExecutor:
     ) -> None:
         if workers < 2:
             raise ValueError(f"a pool needs 2 or more workers (this process is one), got {workers}")
-        context = forkserver_context()  # already running when `shoal simulate` started it
+        self._context = forkserver_context()  # already running when `shoal simulate` started it
         self.factory = factory
         self.workers = workers
-        packed_factory, path = packed(factory, search_path)
+        self._packed_factory, self._search_path = packed(factory, search_path)
         self._workers: list[WorkerProcess] = []
-        try:
-            with _main_without_phantom_file():
-                for _ in range(workers - 1):
-                    self._workers.append(WorkerProcess(context, packed_factory, path))
-                for worker in self._workers:
-                    worker.result()  # started, the app unpacked
-        except BaseException:
-            self._shut_down()
-            raise
-        self._threads = ThreadsHeld(torch=False)
         # chunks sized to each process's speed; a worker's time includes its pipe's round trip
-        self.balance = Balance(workers)
-        self._round_trip_s = [0.0] * workers
+        # (both grow with the workers)
+        self.balance = Balance(1)
+        self._round_trip_s = [0.0]
+        self._start_workers(1)
+        self._threads = ThreadsHeld(torch=False)
         self._next_side = itertools.count()  # side tasks go to the workers in turn
+
+    @property
+    def worker_processes(self) -> int:
+        """How many worker processes this pool started beside this process: one at first,
+        then as many as its largest batch had jobs for, up to ``workers - 1``."""
+        return len(self._workers)
 
     def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
         if not jobs:
             return []
+        self._start_workers(min(self.workers, len(jobs)) - 1)  # this process takes a job too
         sizes = self.balance.sizes(len(jobs))
-        mine, *theirs = split_by_worker(jobs, workers=self.workers, sizes=sizes)
+        shares = len(self._workers) + 1
+        mine, *theirs = split_by_worker(jobs, workers=shares, sizes=sizes)
         busy = []
         submitted = time.perf_counter()
         for index, (worker, chunk) in enumerate(zip(self._workers, theirs, strict=True), 1):
@@ -480,10 +486,40 @@ class ProcessExecutor:
         return later
 
     def close(self) -> None:
+        if self.worker_processes + 1 < self.workers:
+            log.info(
+                "simulation.workers = %d: %d of the %d processes ran (this one among them), "
+                "no batch had jobs for more",
+                self.workers,
+                self.worker_processes + 1,
+                self.workers,
+            )
         try:
             self._shut_down()
         finally:
             self._threads.release()
+
+    def _start_workers(self, count: int) -> None:
+        """Start worker processes until ``count`` run beside this one; the chunks are even
+        again until every process is timed. One that fails to start fails this call."""
+        if count <= len(self._workers):
+            return
+        started: list[WorkerProcess] = []
+        try:
+            with _main_without_phantom_file():
+                for _ in range(count - len(self._workers)):
+                    started.append(
+                        WorkerProcess(self._context, self._packed_factory, self._search_path)
+                    )
+                for worker in started:
+                    worker.result()  # started, the app unpacked
+        except BaseException:
+            for worker in started:
+                worker.close()
+            raise
+        self._workers.extend(started)
+        self.balance = Balance(len(self._workers) + 1)
+        self._round_trip_s.extend([0.0] * len(started))
 
     def _shut_down(self) -> None:
         for worker in self._workers:
@@ -525,12 +561,31 @@ def make_executor(
     ray_address: str | None = None,
     search_path: Sequence[str | Path] = (),
 ) -> Executor:
-    """Ray actors with ``backend="ray"``; else, for ``workers`` >= 2, ``workers - 1`` worker
-    processes beside this one, and in-process execution below that."""
+    """Ray actors with ``backend="ray"``; else, for ``workers`` >= 2, up to ``workers - 1``
+    worker processes beside this one, and in-process execution below that.
+
+    A local pool is no wider than this machine's CPUs (:func:`os.cpu_count`): a process past
+    them only waits for a core. Its workers start as batches have jobs for them
+    (:class:`ProcessExecutor`)."""
     if backend == "ray":
         from shoal.simulation.ray_executor import RayExecutor
 
         return RayExecutor(factory, workers=max(1, workers), address=ray_address)
+    workers = _within_cpus(workers)
     if workers >= 2:
         return ProcessExecutor(factory, workers=workers, search_path=search_path)
     return SerialExecutor(factory)
+
+
+def _within_cpus(workers: int) -> int:
+    """``workers``, or this machine's CPU count where that is fewer (and known); logged."""
+    cpus = os.cpu_count()
+    if cpus is None or workers <= cpus:
+        return workers
+    log.info(
+        "simulation.workers = %d, but this machine has %d CPUs: the pool uses %d processes",
+        workers,
+        cpus,
+        cpus,
+    )
+    return cpus
