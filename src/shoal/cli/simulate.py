@@ -87,6 +87,8 @@ def simulate(
         if resume is not None:
             raise ConfigError("--resume keeps the run's own seed; do not pass --seed")
         extra.append(f"run.seed={seed}")
+    if out is not None and resume is not None:
+        raise ConfigError("--resume continues the run in its own folder; do not pass --out")
     config, resume_dir = _resolve(config_path, resume, extra)
     config = with_config_folder(config, config_path)
     folder = (

@@ -24,7 +24,8 @@ accepts::
     app = ClientApp(client_fn, device_state=device_state)
 
 Modules are looked up on ``sys.path`` and, before it, in the folder that
-holds the job's config and in the current directory, so ``my_app.py`` next
+holds the job's config, the folders of its ``[app] path`` (a relative one
+from the config's folder) and the current directory, so ``my_app.py`` next
 to ``job.toml`` needs no ``PYTHONPATH``.
 """
 
@@ -175,7 +176,8 @@ def load_attribute(spec: str, *, search_path: Iterable[str | Path] = ()) -> Any:
         raise ConfigError(
             f"cannot import the app module {module_name!r} (searched {searched} and sys.path): "
             f"put {module_name.split('.')[0]}.py next to the job's config or in the current "
-            "directory, or add its folder to PYTHONPATH"
+            "directory, or list its folder in [app] path (relative to the config's folder) "
+            "or PYTHONPATH"
         ) from exc
     except Exception as exc:  # the user's module raised while importing
         raise ConfigError(f"the app module {module_name!r} failed to import: {exc}") from exc
@@ -217,18 +219,19 @@ def parse_options(items: Iterable[str]) -> dict[str, str]:
 
 
 def with_config_folder(config: Config, config_path: str | Path | None) -> Config:
-    """``config`` whose ``[app] path`` starts with its file's folder and whose ``[policy]
-    files`` are found from it (both kept for a resume)."""
+    """``config`` whose ``[app] path`` starts with its file's folder and whose relative
+    ``[app] path`` folders and ``[policy] files`` are found from it, whatever the current
+    directory (all kept absolute, for a resume)."""
     if config_path is None:
         return config
     folder = Path(config_path).resolve().parent
     files = [str(folder / name) for name in config.policy.files]  # an absolute name stays
     policy = config.policy.model_copy(update={"files": files})
-    config = config.model_copy(update={"policy": policy})
-    if str(folder) in config.app.path:
-        return config
-    section = config.app.model_copy(update={"path": [str(folder), *config.app.path]})
-    return config.model_copy(update={"app": section})
+    folders = [str(folder / name) for name in config.app.path]  # an absolute folder stays
+    if str(folder) not in folders:
+        folders.insert(0, str(folder))
+    section = config.app.model_copy(update={"path": folders})
+    return config.model_copy(update={"policy": policy, "app": section})
 
 
 def app_search_path(config: Config) -> list[str]:
