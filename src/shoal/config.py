@@ -588,6 +588,10 @@ class CoordinatorSection(_Section):
     max_update_mb: Annotated[
         float, Field(gt=0), Limit(65_536, "the coordinator holds each update whole in memory")
     ] = 64.0
+    # the longest wait for an upload's next part: a stalled stream holds what it sent
+    upload_idle_s: Annotated[
+        float, Field(gt=0), Limit(3600, "a stalled upload holds its bytes for that long")
+    ] = 60.0
     retry_after_s: PositiveFloat = 2.0
     grace_s: Annotated[float, Field(ge=0)] = 5.0
     # after the last round, how long check-ins are still answered "the run has finished"

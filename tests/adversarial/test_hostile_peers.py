@@ -28,7 +28,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -290,11 +289,10 @@ def test_a_stalled_upload_is_dropped_and_its_client_can_upload_again(tmp_path: P
 
     async def body() -> dict[str, str]:
         async with (
-            one_round(tmp_path, clients=1) as (target, parts),
+            one_round(tmp_path, clients=1, coordinator={"upload_idle_s": 0.5}) as (target, parts),
             grpc.aio.insecure_channel(target) as channel,
         ):
             service = parts.service
-            service.settings = replace(service.settings, upload_idle_s=0.5)
             peer = Peer(channel, "site-0", run_id=RUN)
             assert (await peer.enroll(TOKEN)).verdict.accepted
             task = await peer.task()

@@ -279,6 +279,7 @@ def build(
         run_id=section.run_id,
         enrollment_tokens=listed_tokens_from_config(section),
         max_update_bytes=int(section.max_update_mb * 2**20),
+        upload_idle_s=section.upload_idle_s,
         criteria=run.selection_criteria,  # at a check-in, itself a sighting: no seen_within
         attestation=attestation,
     )
