@@ -18,8 +18,14 @@ def shoal(*args: str | Path) -> Result:
 
 def run_folder(folder: Path, accuracy: float) -> Path:
     folder.mkdir()
-    rows = [
-        {"round": n, "phase": "fit", "accuracy": accuracy * n, "virtual_time_s": 10.0 * n}
+    rows = [  # a central evaluation's accuracy, in both columns, as the run writes it
+        {
+            "round": n,
+            "phase": "fit",
+            "accuracy": accuracy * n,
+            "test_accuracy": accuracy * n,
+            "virtual_time_s": 10.0 * n,
+        }
         for n in (1, 2, 3)
     ]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -91,6 +91,16 @@ from shoal.tasks import Phase, RejectReason, RejectSubmission, split_train_time
 
 log = logging.getLogger("shoal.coordinator")
 
+MAX_ROUND_METRIC_NAMES = 256
+"""The most metric names a round books from its clients' results, all together. Each name
+is a field of the round's row, a metric of its MLflow step and a key of the version's stored
+metrics; a result carries at most 64 (the wire's ``MAX_METRICS``), so a cohort of 1,000
+clients naming their own would make a row of 64,000. Past it a result's new names are left
+out and the result still counts: refusing it would let a few clients that name metrics
+first have every other client's result refused."""
+ALWAYS_BOOKED = frozenset({"loss", "accuracy", CLUSTER_METRIC})
+"""The names the round itself reads, booked past :data:`MAX_ROUND_METRIC_NAMES` too."""
+
 
 class Guess:
     """What a round's commit computes from its counted updates: the aggregate (the model's
@@ -128,6 +138,20 @@ def failure_reason(reason: str) -> str:
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
     line = lines[-1] if lines else "no reason given"
     return line if len(line) <= 200 else line[:197] + "..."
+
+
+def metric_names_left_out(
+    metrics: Mapping[str, Any], booked: Mapping[str, Any], *, limit: int = MAX_ROUND_METRIC_NAMES
+) -> list[str]:
+    """The names of ``metrics`` new to a round that has ``booked`` some, past the ``limit`` of
+    names it books (those of :data:`ALWAYS_BOOKED` are never left out, and take no room).
+
+    >>> metric_names_left_out({"loss": 1.0, "f1": 0.5, "auc": 0.7}, {"x": 1.0}, limit=2)
+    ['auc']
+    """
+    new = [name for name in metrics if name not in booked and name not in ALWAYS_BOOKED]
+    room = max(limit - len(booked.keys() - ALWAYS_BOOKED), 0)
+    return new[room:]
 
 
 def _failed(current: RoundBooks, client_id: str, reason: str) -> None:
@@ -190,6 +214,7 @@ class Coordinator:
         self.rejections: Counter[str] = Counter()
         self.last_round: int | None = None
         self._round: RoundBooks | None = None
+        self._names_full: tuple[int, Phase] | None = None  # the last round that left names out
 
     # --- the one entry point ---------------------------------------------------------
 
@@ -611,7 +636,12 @@ class Coordinator:
             )
             return [rejection, *self._maybe_close(event.now)]
         accuracy = metrics.get("accuracy")
-        if current.fleet is not None and isinstance(accuracy, int | float):
+        # a NaN or infinite accuracy would be its device class's, and the fairness gap's
+        if (
+            current.fleet is not None
+            and isinstance(accuracy, int | float)
+            and math.isfinite(accuracy)
+        ):
             current.fleet.evaluations[event.client_id] = (event.num_examples, float(accuracy))
         metrics = {**metrics, "loss": event.loss}
         self._book(current, event.client_id, event.num_examples, metrics)
@@ -620,6 +650,7 @@ class Coordinator:
     def _book(self, current: RoundBooks, client_id: str, num_examples: int, metrics: Any) -> None:
         current.reported.add(client_id)
         current.num_examples += num_examples
+        metrics = self._bounded(current, metrics)
         if current.phase in self.metrics_aggregation:
             current.client_metrics.append((num_examples, dict(metrics)))
         if self.strategy.clusters > 1:  # a clustered client's metrics count for its cluster
@@ -632,6 +663,25 @@ class Coordinator:
             if isinstance(value, int | float) and math.isfinite(value):
                 total = current.metric_sums.get(name, 0.0)
                 current.metric_sums[name] = total + float(value) * num_examples
+
+    def _bounded(self, current: RoundBooks, metrics: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``metrics`` without the new names past :data:`MAX_ROUND_METRIC_NAMES` (the round's
+        names are its sums'); the first result of a round to lose some is logged."""
+        left_out = metric_names_left_out(metrics, current.metric_sums)
+        if not left_out:
+            return metrics
+        if self._names_full != (current.number, current.phase):
+            self._names_full = (current.number, current.phase)
+            log.warning(
+                "round %d keeps %d metric names of its clients: the new ones of its later "
+                "results are left out (%d of this one, such as %r)",
+                current.number,
+                MAX_ROUND_METRIC_NAMES,
+                len(left_out),
+                left_out[0][:40],
+            )
+        dropped = set(left_out)
+        return {name: value for name, value in metrics.items() if name not in dropped}
 
     def _collecting(self, round_number: int) -> RoundBooks | None:
         """The round in progress if it is ``round_number`` and still collecting."""

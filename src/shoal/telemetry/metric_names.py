@@ -48,6 +48,9 @@ RUN_FIGURES = frozenset(
         *("fairness", "fairness_gap", "participation_gap", "battery_drain"),
         *("epsilon", "delta", "noise_multiplier", "clip_norm", "next_clip_norm"),
         *("population", "sampling_rate", "cluster_sizes", "cluster_accuracy", "cluster_loss"),
+        # read back as the run's own: a client's number there broke the run's summary (a
+        # playbook verdict) and the coordinator's round notes (a split)
+        *("playbook", "clustered_split", "model_step_l2"),
     }
 )
 """The names of a row's own figures (see :func:`is_run_figure`)."""

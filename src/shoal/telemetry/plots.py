@@ -132,7 +132,9 @@ def _accuracy_and_loss(x: str, unit: str) -> list[LinePlot]:
             f"Accuracy by {unit}",
             "accuracy",
             (
-                Line("central test", field("accuracy", "fit")),
+                # the test_ column: a fit row's accuracy is the clients' where no central
+                # evaluation ran, and a client chooses it
+                Line("central test", field("test_accuracy", "fit")),
                 Line("federated evaluation", field("accuracy", "evaluate")),
             ),
             x=x,
