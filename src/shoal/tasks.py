@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.core.errors import ClientError, ProtocolError
+from shoal.core.limits import MAX_LOCAL_EPOCHS
 from shoal.core.pickling import pickled_by_fields
 from shoal.registry import VersionSignature
 from shoal.secure.messages import ServerRequest, Stage
@@ -86,12 +87,17 @@ class FitConfig:
     def __post_init__(self) -> None:
         if self.epochs <= 0 or not math.isfinite(self.epochs):
             raise ClientError(f"epochs must be positive, got {self.epochs}")
+        if self.epochs > MAX_LOCAL_EPOCHS:
+            raise ClientError(
+                f"epochs = {self.epochs:g} is above the limit of {MAX_LOCAL_EPOCHS:,} "
+                "local passes in one round"
+            )
         if self.batch_size < 0:
             raise ClientError(f"batch_size must be >= 0 (0 is full batch), got {self.batch_size}")
-        if self.learning_rate <= 0:
-            raise ClientError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.proximal_mu < 0:
-            raise ClientError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):  # NaN fails too
+            raise ClientError(f"learning_rate must be finite and > 0, got {self.learning_rate}")
+        if not (self.proximal_mu >= 0 and math.isfinite(self.proximal_mu)):
+            raise ClientError(f"proximal_mu must be finite and >= 0, got {self.proximal_mu}")
 
 
 @pickled_by_fields  # a simulation sends one per client and round to its workers
@@ -126,7 +132,8 @@ class TaskOffer:
     ``secure``: the client trains, then answers it (``submit_secure``) with
     its masked update; the plaintext update never leaves the client.
     ``model`` names the committed version the model is, with its signature
-    (None where the coordinator named none: an unsigned model).
+    (None where the coordinator named none: an unsigned model), and
+    ``model_size_bytes`` the size of its download (None: not announced).
     """
 
     round: int
@@ -136,6 +143,7 @@ class TaskOffer:
     deadline_in_s: float
     secure: FitRequest | None = None
     model: ModelVersion | None = None
+    model_size_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,7 @@ from shoal.transport.messages import (
     Task,
     UpdateHeader,
     Verdict,
+    one_line,
 )
 from shoal.transport.signing import generate_client_key
 
@@ -68,6 +69,9 @@ COUNT = st.integers(min_value=0, max_value=2**63 - 1)
 ROUND = st.integers(min_value=0, max_value=2**63 - 1)
 PRINTABLE = st.text(  # a metric's name, a device's texts: printable, as on the wire
     st.characters(categories=["L", "N", "P", "S"], include_characters=" "), min_size=1, max_size=40
+)
+LINE = st.text(  # a coordinator's text as a client keeps it: one printable line
+    st.characters(categories=["L", "N", "P", "S"], include_characters=" "), max_size=40
 )
 METRICS = st.dictionaries(PRINTABLE, FINITE, max_size=4)
 EXTRAS = st.dictionaries(
@@ -91,7 +95,7 @@ device_states = st.builds(
 )
 model_refs = st.builds(ModelRef, NAME, SHA, COUNT)
 reject_codes = st.sampled_from(RejectCode)
-verdicts = st.one_of(st.builds(Verdict.accept, TEXT), st.builds(Verdict.reject, reject_codes, TEXT))
+verdicts = st.one_of(st.builds(Verdict.accept, LINE), st.builds(Verdict.reject, reject_codes, LINE))
 
 
 @st.composite
@@ -141,7 +145,7 @@ def test_enroll_request_round_trips(state: DeviceState, key: bytes, token: str) 
     assert round_trip(serde.encode_enroll_request, serde.decode_enroll_request, request) == request
 
 
-@given(NAME, st.one_of(st.none(), st.floats(min_value=1, max_value=1e12)), TEXT)
+@given(NAME, st.one_of(st.none(), st.floats(min_value=1, max_value=1e12)), LINE)
 def test_enroll_reply_round_trips(client_id: str, expires_at: float | None, detail: str) -> None:
     accepted = EnrollReply(Verdict.accept(detail), Credentials(client_id, expires_at))
     refused = EnrollReply(Verdict.reject(RejectCode.BAD_TOKEN, detail))
@@ -157,10 +161,31 @@ def test_task_round_trips(task: Task) -> None:
     assert decoded == task
 
 
-@given(st.one_of(st.builds(RetryAfter, SECONDS, TEXT), st.builds(Rejected, reject_codes, TEXT)))
+@given(st.one_of(st.builds(RetryAfter, SECONDS, LINE), st.builds(Rejected, reject_codes, LINE)))
 def test_other_check_in_outcomes_round_trip(outcome: RetryAfter | Rejected) -> None:
     decoded = round_trip(serde.encode_check_in_response, serde.decode_check_in_response, outcome)
     assert decoded == outcome
+
+
+@given(st.text(max_size=300))
+def test_a_coordinators_texts_reach_the_client_as_one_printable_line(text: str) -> None:
+    """A newline or an escape sequence would forge a line of the client's log, or drive its
+    terminal; the empty text stays empty."""
+    answers = [
+        serde.decode_check_in_response(
+            pb.CheckInResponse(retry_after=pb.RetryAfter(seconds=1, reason=text))
+        ).reason,
+        serde.decode_check_in_response(
+            pb.CheckInResponse(rejected=pb.Rejected(code=pb.REJECT_CODE_SUSPENDED, detail=text))
+        ).detail,
+        serde.decode_verdict(pb.Verdict(accepted=True, detail=text)).detail,
+        serde.decode_verdict(
+            pb.Verdict(accepted=False, code=pb.REJECT_CODE_LATE, detail=text)
+        ).detail,
+    ]
+    for answer in answers:
+        assert answer == one_line(text)
+        assert answer.isprintable() and len(answer) <= 256
 
 
 @given(verdicts)
@@ -312,6 +337,11 @@ def test_a_task_whose_phase_and_config_disagree_is_malformed() -> None:
         ("epochs", 0.0, "epochs"),
         ("learning_rate", -1.0, "learning_rate"),
         ("epochs", float("nan"), "epochs"),
+        ("epochs", 1e9, "above the limit of 10,000"),
+        ("learning_rate", float("inf"), "learning_rate"),
+        ("learning_rate", float("nan"), "learning_rate"),
+        ("proximal_mu", float("nan"), "proximal_mu"),
+        ("proximal_mu", float("inf"), "proximal_mu"),
     ],
 )
 def test_a_fit_config_out_of_range_is_malformed(field: str, value: float, match: str) -> None:

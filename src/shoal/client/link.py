@@ -70,9 +70,14 @@ class CheckIn(Request[CheckInAnswer]):
 
 @dataclass(frozen=True, slots=True)
 class FetchModel(Request[Parameters]):
-    """Download the global model with this sha256 (verified on arrival)."""
+    """Download the global model with this sha256 (verified on arrival).
+
+    ``size_bytes`` is the size its task announced: a download that declares
+    another is refused before a byte of it is kept (None: any size the link accepts).
+    """
 
     sha256: str
+    size_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ Ed25519 key) in a state folder so that a restart of the device or of the
 coordinator loses nothing, checks in with its device state (asked fresh of
 ``device_state`` at enrollment and at every check-in; should that fail, the
 last versions it reported with every other fact unknown), honours the
-coordinator's "retry after N seconds", backs off exponentially with jitter
+coordinator's "retry after N seconds" (up to an hour), backs off exponentially with jitter
 on network errors (capped at a few seconds, so that it is back soon after a
 coordinator restarts), downloads and verifies the global model only when it
 changed, trains in a worker thread, and uploads the result. The transport is
@@ -256,7 +256,7 @@ class ClientRuntime:
                 return
             if isinstance(answer, RetryLater):
                 self._told(answer.reason)
-                await self._pause(answer.seconds * self._rng.uniform(0.8, 1.2))
+                await self._pause(_retry_delay(answer.seconds) * self._rng.uniform(0.8, 1.2))
                 continue
             self._told(None)
             await self._serve(answer)
@@ -407,7 +407,8 @@ class ClientRuntime:
         self._verify(offer)  # a refused model is not even downloaded
         if self._model is None or self._model[0] != offer.model_sha256:
             # the link checks that the weights hash to the sha256 asked for: the signed one
-            model = await self._retrying(lambda: self._send(FetchModel(offer.model_sha256)))
+            fetch = FetchModel(offer.model_sha256, offer.model_size_bytes)
+            model = await self._retrying(lambda: self._send(fetch))
             self._model = (offer.model_sha256, model)
         return self._model[1]
 
@@ -447,6 +448,24 @@ class ClientRuntime:
 
 
 _NOT_NOW = ("not eligible", "incompatible")  # a wait the user should hear of
+
+MAX_RETRY_AFTER_S = 3600.0
+"""The longest a client waits between check-ins (before its jitter of 20%), whatever the
+coordinator asks: a "retry after 10**9 s" (a unit mistaken, or a hostile coordinator) kept a
+client away for good, even from the coordinator fixed and restarted; an hour apart, check-ins
+cost nothing."""
+
+
+def _retry_delay(seconds: float) -> float:
+    """The coordinator's "retry after", at most :data:`MAX_RETRY_AFTER_S`."""
+    if seconds > MAX_RETRY_AFTER_S:
+        log.warning(
+            "the coordinator asked to wait %.3g s; checking in again in %.0f s",
+            seconds,
+            MAX_RETRY_AFTER_S,
+        )
+        return MAX_RETRY_AFTER_S
+    return seconds
 
 
 def _versions_only(state: DeviceState) -> DeviceState:

@@ -36,6 +36,11 @@ INT64_MAX = 2**63 - 1
 
 MAX_PORT = 65535
 
+MAX_LOCAL_EPOCHS = 10_000
+"""The most local passes one round may ask of a client: a job's ``[client] epochs`` is bounded
+by it, and a client refuses a task that asks for more (``epochs = 1e9`` from a broken or hostile
+coordinator kept a deployed client training for good)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Limit:

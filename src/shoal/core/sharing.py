@@ -37,6 +37,13 @@ MAX_ROUND_FAILURE = 0.05
 
 _COMPLETE_UP_TO = 32
 
+MAX_NEIGHBOURS = 1024
+"""The most neighbours a SecAgg+ client shares its secrets among. Sharing costs it time and
+memory in the square of its neighbours (t ~ k / 2 coefficients at k points): 19,000 neighbours,
+which fit in one 4 MiB check-in answer, took a client 23 s and 1.4 GB each round, where 1,024
+take 0.03 s. The default degree is at most 40 up to 10**6 clients (about 2 log2 n, after Bell
+et al.), and the complete graph fits up to 1,025 clients."""
+
 
 def graph_degree(num_nodes: int, degree: int) -> int:
     """The neighbours each node really gets: odd degree over odd n adds one; at most n - 1."""

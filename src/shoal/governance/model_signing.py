@@ -122,8 +122,9 @@ class PinnedKey:
         if signed is None or not signed.signature:
             raise SecurityError(f"version {version} of {name!r} is not signed")
         if signed.key_id != self.key_id:
+            claimed = repr(signed.key_id) if signed.key_id else "(none)"  # the sender's text
             raise SecurityError(
-                f"version {version} of {name!r} is signed by key {signed.key_id or '(none)'}, "
+                f"version {version} of {name!r} is signed by key {claimed}, "
                 f"not by the pinned key {self.key_id}"
             )
         if len(signed.signature) != _SIGNATURE_BYTES:

@@ -16,7 +16,8 @@ with sign +1 when u < v and -1 otherwise, so pairwise masks cancel in the sum
 and the server can remove the rest only with enough shares.
 
 It does not trust the server (see :mod:`shoal.secure.consistency`): it
-refuses a threshold below the safe floor, signs its advertised keys and
+refuses a threshold below the safe floor and more neighbours than
+:data:`~shoal.core.sharing.MAX_NEIGHBOURS`, signs its advertised keys and
 checks its neighbours' signatures, checks each share it receives against
 its dealer's digest, signs one survivor set per round, and reveals shares
 only once at least t of the clients it knows signed that very set: a seed
@@ -34,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.core.errors import IllegalTransition, ProtocolError, SecurityError
-from shoal.core.sharing import minimum_threshold
+from shoal.core.sharing import MAX_NEIGHBOURS, minimum_threshold
 from shoal.privacy.noise import NoiseSource
 from shoal.secure.consistency import (
     IdentityKey,
@@ -196,6 +197,11 @@ class SecAggClient:
 
     def _advertise(self, request: AdvertiseKeysRequest) -> KeysAdvertised:
         threshold, neighbours = request.session.threshold, len(request.neighbours)
+        if neighbours > MAX_NEIGHBOURS:
+            raise ProtocolError(
+                f"{neighbours} neighbours are more than the {MAX_NEIGHBOURS} a client shares "
+                "its secrets among"
+            )
         if neighbours + 1 < threshold:
             raise ProtocolError(f"{neighbours} neighbours cannot hold a {threshold}-of-n sharing")
         floor = minimum_threshold(neighbours)

@@ -57,6 +57,7 @@ from shoal.transport.messages import (
     Task,
     UpdateHeader,
     Verdict,
+    one_line,
 )
 from shoal.transport.signing import NO_ROUND, new_nonce
 
@@ -131,8 +132,8 @@ class GrpcLink:
     async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
         try:
             return await call()
-        except grpc.aio.AioRpcError as exc:
-            detail = f"{exc.code().name}: {exc.details()}"
+        except grpc.aio.AioRpcError as exc:  # the details are the server's text: one line
+            detail = f"{exc.code().name}: {one_line(exc.details() or '')}"
             if exc.code() is grpc.StatusCode.NOT_FOUND:
                 raise NotFoundError(detail) from exc  # gone for good: retrying will not help
             if exc.code() is grpc.StatusCode.PERMISSION_DENIED:
@@ -191,6 +192,7 @@ class GrpcLink:
                 outcome.deadline_in_s,
                 outcome.secure,
                 outcome.model.version,
+                outcome.model.size_bytes,
             )
         if isinstance(outcome, SecureTask):
             self.run_id = outcome.run_id
@@ -206,7 +208,8 @@ class GrpcLink:
     async def _fetch_model(self, enrollment: Enrollment, request: FetchModel) -> Parameters:
         message = serde.encode_fetch_model_request(ModelRequest(request.sha256))
         self._sign(message, enrollment)
-        assembler = ChunkAssembler(max_bytes=self.max_model_bytes)
+        # the size its task announced: a stream declaring another is refused at its first chunk
+        assembler = ChunkAssembler(max_bytes=self.max_model_bytes, expected_size=request.size_bytes)
 
         async def download() -> bytes:
             async for chunk in self._stub.FetchModel(message, timeout=self.timeout_s):

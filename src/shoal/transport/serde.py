@@ -329,11 +329,13 @@ def encode_verdict(verdict: Verdict) -> pb.Verdict:
 
 
 def decode_verdict(message: pb.Verdict) -> Verdict:
+    """A coordinator's verdict; its detail is one printable line (a client logs and shows it)."""
+    detail = one_line(message.detail)
     if message.accepted:
         if message.code != pb.REJECT_CODE_UNSPECIFIED:
             raise ProtocolError("an accepted verdict carries a reject code")
-        return Verdict.accept(message.detail)
-    return Verdict.reject(decode_reject_code(message.code), message.detail)
+        return Verdict.accept(detail)
+    return Verdict.reject(decode_reject_code(message.code), detail)
 
 
 def verdict_of(rejection: RejectSubmission | None) -> Verdict:
@@ -581,15 +583,18 @@ def encode_check_in_response(outcome: CheckInOutcome) -> pb.CheckInResponse:
 
 
 def decode_check_in_response(message: pb.CheckInResponse) -> CheckInOutcome:
+    """What a check-in got; every text in it is one printable line (a client logs and shows it:
+    a newline or an escape sequence from a coordinator would forge lines or drive the terminal)."""
     kind = message.WhichOneof("outcome")
     if kind == "task" and message.task.phase == pb.PHASE_SECURE_AGGREGATION:
         return decode_secure_task(message.task)
     if kind == "task":
         return decode_task(message.task)
     if kind == "retry_after":
-        return RetryAfter(message.retry_after.seconds, message.retry_after.reason)
+        return RetryAfter(message.retry_after.seconds, one_line(message.retry_after.reason))
     if kind == "rejected":
-        return Rejected(decode_reject_code(message.rejected.code), message.rejected.detail)
+        detail = one_line(message.rejected.detail)
+        return Rejected(decode_reject_code(message.rejected.code), detail)
     if kind == "run_finished":
         return RunFinished(one_line(message.run_finished.reason))
     raise ProtocolError("a check-in response has no outcome")
