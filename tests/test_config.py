@@ -515,3 +515,18 @@ def test_the_noise_calibration_search_is_bounded(target: float, tolerance: float
         target_epsilon=target, delta=1e-5, rounds=10, sampling_rate=0.1, tolerance=tolerance
     )
     assert noise >= 2.0**-10
+
+
+@pytest.mark.parametrize(
+    ("override", "limit"),
+    [
+        ("secure_aggregation.degree=1025", "1,024"),
+        ("coordinator.retry_after_s=3601", "3,600"),
+        ("client.epochs=10001", "10,000"),
+    ],
+)
+def test_a_job_asks_no_more_than_its_clients_accept(override: str, limit: str) -> None:
+    """What a deployed client refuses of a task (more neighbours, a longer wait, more local
+    passes) is refused in the job first, naming the bound."""
+    with pytest.raises(ConfigError, match=f"above the limit of {limit}"):
+        load_config(None, [override])

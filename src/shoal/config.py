@@ -35,7 +35,9 @@ from pydantic_core import PydanticKnownError
 from shoal.core.errors import ConfigError
 from shoal.core.limits import (
     INT64_MAX,
+    MAX_LOCAL_EPOCHS,
     MAX_PORT,
+    MAX_RETRY_AFTER_S,
     Limit,
     above_limit,
     is_loopback,
@@ -44,7 +46,7 @@ from shoal.core.limits import (
 )
 from shoal.core.settings import apply_overrides as apply_settings_overrides
 from shoal.core.settings import format_validation_error, read_toml
-from shoal.core.sharing import threshold_fraction_problem
+from shoal.core.sharing import MAX_NEIGHBOURS, threshold_fraction_problem
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 MIN_NOISE_MULTIPLIER = 1e-6
@@ -261,7 +263,9 @@ class StrategySection(_Section):
 class ClientSection(_Section):
     """[client]: local training on every client."""
 
-    epochs: Annotated[float, Field(gt=0), Limit(10_000, "local passes in one round")] = 1.0
+    epochs: Annotated[
+        float, Field(gt=0), Limit(MAX_LOCAL_EPOCHS, "a client refuses a task that asks more")
+    ] = 1.0
     batch_size: Annotated[
         int, Field(ge=0), Limit(2**32 - 1, "a batch size travels as a 32-bit unsigned integer")
     ] = 16  # 0: the full batch
@@ -592,7 +596,9 @@ class CoordinatorSection(_Section):
     upload_idle_s: Annotated[
         float, Field(gt=0), Limit(3600, "a stalled upload holds its bytes for that long")
     ] = 60.0
-    retry_after_s: PositiveFloat = 2.0
+    retry_after_s: Annotated[
+        float, Field(gt=0), Limit(MAX_RETRY_AFTER_S, "a client waits no longer between check-ins")
+    ] = 2.0
     grace_s: Annotated[float, Field(ge=0)] = 5.0
     # after the last round, how long check-ins are still answered "the run has finished"
     linger_s: Annotated[float, Field(ge=0)] = 10.0
@@ -671,7 +677,14 @@ class SecureAggregationSection(_Section):
     """[secure_aggregation]: the coordinator learns only the sum (SecAgg+, or CKKS across silos)."""
 
     protocol: Literal["none", "secagg+", "ckks"] = "none"
-    degree: int | None = Field(None, ge=1)  # neighbours per client; unset: about 2 log2 n
+    degree: (  # neighbours per client; unset: about 2 log2 n
+        Annotated[
+            int,
+            Field(ge=1),
+            Limit(MAX_NEIGHBOURS, "a client refuses to share its secrets among more"),
+        ]
+        | None
+    ) = None
     reconstruction_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5  # the floor: 0.5
     clip: PositiveFloat = 4.0
     bits: int | None = Field(None, ge=1, le=31)  # unset: the most the cohort size allows

@@ -81,6 +81,7 @@ from shoal.core.errors import (
 )
 from shoal.core.folders import writable_folder
 from shoal.core.identifiers import check_client_id
+from shoal.core.limits import MAX_RETRY_AFTER_S
 from shoal.core.parameters import Parameters
 from shoal.governance.attestation import Attester
 from shoal.governance.model_signing import PinnedKey
@@ -448,12 +449,6 @@ class ClientRuntime:
 
 
 _NOT_NOW = ("not eligible", "incompatible")  # a wait the user should hear of
-
-MAX_RETRY_AFTER_S = 3600.0
-"""The longest a client waits between check-ins (before its jitter of 20%), whatever the
-coordinator asks: a "retry after 10**9 s" (a unit mistaken, or a hostile coordinator) kept a
-client away for good, even from the coordinator fixed and restarted; an hour apart, check-ins
-cost nothing."""
 
 
 def _retry_delay(seconds: float) -> float:

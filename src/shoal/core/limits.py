@@ -41,6 +41,12 @@ MAX_LOCAL_EPOCHS = 10_000
 by it, and a client refuses a task that asks for more (``epochs = 1e9`` from a broken or hostile
 coordinator kept a deployed client training for good)."""
 
+MAX_RETRY_AFTER_S = 3600
+"""The longest a client waits between check-ins (before its jitter of 20%), whatever the
+coordinator asks: a "retry after 10**9 s" (a unit mistaken, or a hostile coordinator) kept a
+client away for good, even from the coordinator fixed and restarted; an hour apart, check-ins
+cost nothing. A job's ``coordinator.retry_after_s`` is bounded by it."""
+
 
 @dataclass(frozen=True, slots=True)
 class Limit:
