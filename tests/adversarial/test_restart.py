@@ -82,8 +82,8 @@ async def life(config: Config, *, enrolling: bool, seconds: int) -> list[dict[st
     """One life of the coordinator: the phones check in every second; then kill -9.
 
     Returns what each second's check-ins were answered. Nothing is flushed or
-    closed gracefully at the end (only the database file and the state folder's hold
-    are let go, as the OS lets them go).
+    closed gracefully at the end (only the database file and the holds on the state
+    folder and the model are let go, as the OS lets them go).
     """
     parts = build(config, clock=now)
     job = asyncio.create_task(parts.driver.run())
@@ -99,8 +99,10 @@ async def life(config: Config, *, enrolling: bool, seconds: int) -> list[dict[st
         job.cancel()  # kill -9: no graceful stop, no flush of what was buffered
         await asyncio.gather(job, return_exceptions=True)
         parts.database.close()
-        assert parts.records.hold is not None
-        parts.records.hold.release()  # as the OS lets a killed process's hold on its folder go
+        assert parts.records.hold is not None and parts.records.held is not None
+        # as the OS lets a killed process's holds on its folder and its model go
+        parts.records.hold.release()
+        parts.records.held.release()
     return answers
 
 
