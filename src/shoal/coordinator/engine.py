@@ -63,6 +63,7 @@ from shoal.coordinator.rounds import (
     PendingUpdate,
     RoundBooks,
     RoundSettings,
+    add_metrics,
 )
 from shoal.coordinator.secure import (
     SecureSettings,
@@ -659,10 +660,7 @@ class Coordinator:
             metrics.pop(CLUSTER_METRIC, None)
             if cluster is not None:
                 current.clusters.setdefault(cluster, ClusterBooks()).add(num_examples, metrics)
-        for name, value in metrics.items():
-            if isinstance(value, int | float) and math.isfinite(value):
-                total = current.metric_sums.get(name, 0.0)
-                current.metric_sums[name] = total + float(value) * num_examples
+        add_metrics(current.metric_sums, current.metric_weights, num_examples, metrics)
 
     def _bounded(self, current: RoundBooks, metrics: Mapping[str, Any]) -> Mapping[str, Any]:
         """``metrics`` without the new names past :data:`MAX_ROUND_METRIC_NAMES` (the round's
@@ -812,6 +810,7 @@ class Coordinator:
         loss = result.decoded.mean_loss()
         if loss is not None and self.privacy is None:  # under DP the clients withhold their loss
             current.metric_sums["loss"] = loss * current.num_examples
+            current.metric_weights.pop("loss", None)  # the decoded mean: over all examples
         if self.privacy is not None:  # every client weighed one: the decoded sum is the sum
             total = result.decoded.weighted_sum
             return self._aggregate_and_commit(current, now, mean=self._private_mean(total, 0.0))
@@ -925,6 +924,7 @@ class Coordinator:
         assert self.privacy is not None
         current = self._require_round()
         current.metric_sums["dp_clip_norm"] = self.privacy.clip.clip_norm * current.num_examples
+        current.metric_weights.pop("dp_clip_norm", None)
         return self.privacy.private_mean(
             total, unclipped=unclipped, denominator=current.denominator
         )

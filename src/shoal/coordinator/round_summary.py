@@ -19,7 +19,7 @@ from shoal.aggregation.measures import measures_later
 from shoal.coordinator.app import ClientMetrics, MetricsAggregation
 from shoal.coordinator.events import ClusterReport, FleetReport, RoundSummary
 from shoal.coordinator.homomorphic import CkksRound
-from shoal.coordinator.rounds import RoundBooks
+from shoal.coordinator.rounds import RoundBooks, metric_means
 from shoal.core.later import Later, Offload, Ready, at_once, here
 from shoal.core.parameters import Vector
 
@@ -44,9 +44,7 @@ def summarize(
     the clients' metrics for the round's phase (None: the example-weighted means only);
     ``deadline_s``: a round's deadline (a secure round's, per stage)."""
     weight = current.num_examples
-    metrics = (
-        {name: total / weight for name, total in current.metric_sums.items()} if weight else {}
-    )
+    metrics = metric_means(current.metric_sums, current.metric_weights, weight)
     if aggregate is not None and current.client_metrics:
         metrics = {**metrics, **app_metrics(aggregate, current.client_metrics)}
     return RoundSummary(

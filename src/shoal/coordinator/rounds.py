@@ -76,18 +76,41 @@ class ClusterBooks:
     clients: int = 0
     num_examples: int = 0
     metric_sums: dict[str, float] = field(default_factory=dict)
+    metric_weights: dict[str, float] = field(default_factory=dict)
 
     def add(self, num_examples: int, metrics: Mapping[str, float]) -> None:
         self.clients += 1
         self.num_examples += num_examples
-        for name, value in metrics.items():
-            if isinstance(value, int | float) and math.isfinite(value):
-                self.metric_sums[name] = self.metric_sums.get(name, 0.0) + value * num_examples
+        add_metrics(self.metric_sums, self.metric_weights, num_examples, metrics)
 
     def means(self) -> dict[str, float]:
-        """Each metric's mean over the cluster's clients, weighted by examples."""
-        weight = self.num_examples
-        return {name: total / weight for name, total in self.metric_sums.items()} if weight else {}
+        """Each metric's mean over the cluster's clients that reported it, by examples."""
+        return metric_means(self.metric_sums, self.metric_weights, self.num_examples)
+
+
+def add_metrics(
+    sums: dict[str, float],
+    weights: dict[str, float],
+    num_examples: int,
+    metrics: Mapping[str, Any],
+) -> None:
+    """Add a result's finite numeric ``metrics``, weighted by its examples, to ``sums``, and
+    its examples to the ``weights`` of each name it reported."""
+    for name, value in metrics.items():
+        if isinstance(value, int | float) and math.isfinite(value):
+            sums[name] = sums.get(name, 0.0) + float(value) * num_examples
+            weights[name] = weights.get(name, 0.0) + num_examples
+
+
+def metric_means(
+    sums: Mapping[str, float], weights: Mapping[str, float], num_examples: int
+) -> dict[str, float]:
+    """Each metric's mean over the results that reported it, weighted by their examples: a
+    result without the metric (or with NaN there) does not pull it towards 0. A sum without
+    weights of its own (the round's, set whole) is over all ``num_examples``."""
+    if not num_examples:
+        return {}
+    return {name: total / (weights.get(name) or num_examples) for name, total in sums.items()}
 
 
 @dataclass(slots=True)
@@ -156,6 +179,7 @@ class RoundBooks:
     num_examples: int = 0
     loss_sum: float = 0.0
     metric_sums: dict[str, float] = field(default_factory=dict)
+    metric_weights: dict[str, float] = field(default_factory=dict)  # the examples of each name
     client_metrics: list[tuple[int, Mapping[str, float]]] = field(default_factory=list)
     config: Mapping[str, Any] = field(default_factory=dict)  # the app's round config
     unclipped: int = 0  # user-level DP: updates that were within the clip norm
