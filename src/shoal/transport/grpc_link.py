@@ -6,14 +6,23 @@ asked for), signs each request with the client's Ed25519 key, streams the
 model down and the update (or a secure round's SecAgg+ reply) up in chunks,
 reports a task it gives up on at once (so its round need not wait for it),
 and turns every gRPC failure into a :class:`TransportError` the runtime retries.
+
+A request's deadline is ``timeout_s`` (60 s). A stream's is per part: each
+chunk of the model must arrive, and each chunk of an upload must be taken
+by the coordinator, within ``timeout_s`` of the one before (and its answer
+within ``timeout_s`` of the last), so a large model crosses a slow link as
+long as it keeps moving, where one deadline for the whole stream made a
+model of more than a minute's transfer impossible to download or upload.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -140,6 +149,41 @@ class GrpcLink:
                 raise SecurityError(detail) from exc
             raise TransportError(detail) from exc
 
+    async def _within(self, step: Awaitable[T], what: str) -> T:
+        """``step``, if it is done within ``timeout_s``; else a :class:`TransportError`."""
+        try:
+            return await asyncio.wait_for(step, self.timeout_s)
+        except TimeoutError:
+            raise TransportError(f"{what} did not come within {self.timeout_s:g} s") from None
+
+    async def _paced(self, method: Callable[[Iterator[Any]], Any], parts: Iterable[Any]) -> Any:
+        """The answer to the upload of ``parts`` by the client-streaming ``method``: each part
+        taken by the coordinator, and then the answer given, within ``timeout_s`` of the one
+        before, however long the whole takes (a :class:`TransportError` otherwise)."""
+        moved = time.monotonic()
+
+        def fed() -> Iterator[Any]:  # gRPC takes the next part once the last one is written
+            nonlocal moved
+            for part in parts:
+                moved = time.monotonic()
+                yield part
+            moved = time.monotonic()
+
+        call = method(fed())
+        answer = asyncio.ensure_future(call)
+        try:
+            while not answer.done():
+                left = moved + self.timeout_s - time.monotonic()
+                if left <= 0:
+                    raise TransportError(f"the upload made no progress for {self.timeout_s:g} s")
+                await asyncio.wait({answer}, timeout=left)
+            return answer.result()
+        finally:
+            if not answer.done():
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await answer
+
     # --- the one method of a link -----------------------------------------------------------
 
     async def handle(self, enrollment: Enrollment, request: Request[T]) -> T:
@@ -212,8 +256,15 @@ class GrpcLink:
         assembler = ChunkAssembler(max_bytes=self.max_model_bytes, expected_size=request.size_bytes)
 
         async def download() -> bytes:
-            async for chunk in self._stub.FetchModel(message, timeout=self.timeout_s):
-                assembler.add(serde.decode_chunk(chunk))
+            call = self._stub.FetchModel(message)  # no deadline for the whole: one per chunk
+            try:
+                while True:
+                    chunk = await self._within(call.read(), "the model's next chunk")
+                    if chunk is grpc.aio.EOF:
+                        break
+                    assembler.add(serde.decode_chunk(cast(Any, chunk)))
+            finally:
+                call.cancel()  # nothing, once the stream ended
             return assembler.finish()
 
         return decode_parameters(await self._call(download), expected_sha256=request.sha256)
@@ -234,7 +285,7 @@ class GrpcLink:
         )
         self._sign(header, enrollment, round_number=offer.round)
         parts = serde.update_parts(header, payload)
-        response = await self._call(lambda: self._stub.SubmitUpdate(parts, timeout=self.timeout_s))
+        response = await self._call(lambda: self._paced(self._stub.SubmitUpdate, parts))
         return _rejection(enrollment, offer.round, serde.decode_submit_update_response(response))
 
     async def _submit_secure(self, enrollment: Enrollment, request: SubmitSecure) -> Submitted:
@@ -247,9 +298,7 @@ class GrpcLink:
         )
         self._sign(header, enrollment, round_number=reply.round)
         parts = serde.secure_message_parts(header, frame)
-        response = await self._call(
-            lambda: self._stub.SubmitSecureMessage(parts, timeout=self.timeout_s)
-        )
+        response = await self._call(lambda: self._paced(self._stub.SubmitSecureMessage, parts))
         verdict = serde.decode_submit_secure_message_response(response)
         return _rejection(enrollment, reply.round, verdict)
 
