@@ -44,6 +44,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/registry.py
 	$(BIN)/python benchmarks/network.py
 	$(BIN)/python benchmarks/attestation.py
+	$(BIN)/python benchmarks/replay_journal.py
 	$(BIN)/python benchmarks/canary_exposure.py
 	$(BIN)/python benchmarks/robustness.py --workers 2
 
