@@ -188,6 +188,13 @@ def load_or_create_enrollment(
     return enrollment
 
 
+UNREADABLE_RETRY_S = 30.0
+"""How long a client waits to check in again after an answer it could not read (a task out of
+bounds, a message of another protocol): a coordinator's bug made every client of a fleet exit,
+and under a supervisor restart into the same answer; it now waits, and goes on once the
+coordinator is fixed."""
+
+
 class ClientRuntime:
     """Runs one client against a coordinator until ``stop()`` or ``max_tasks`` tasks."""
 
@@ -205,8 +212,10 @@ class ClientRuntime:
         privacy_floor: PrivacyFloor | None = None,
         coordinator_key: PinnedKey | None = None,
         attester: Attester | None = None,
+        unreadable_retry_s: float = UNREADABLE_RETRY_S,
     ) -> None:
         self.client = client
+        self.unreadable_retry_s = unreadable_retry_s
         self.coordinator_key = coordinator_key  # None: models are not verified (warned once)
         self.attester = attester  # evidence of the code it runs, for each enrollment and check-in
         self.privacy_floor = privacy_floor  # the DP its own job requires, whatever a task says
@@ -225,6 +234,7 @@ class ClientRuntime:
         self._on_event = on_event  # one line per enrollment, task and failure (the CLI prints)
         self._last_state: DeviceState | None = None
         self._waiting: str | None = None  # the last reason the coordinator gave for a wait
+        self._unreadable: str | None = None  # the last answer this client could not read
 
     def stop(self) -> None:
         self._stopping.set()
@@ -232,7 +242,9 @@ class ClientRuntime:
     async def run(self, *, max_tasks: int | None = None) -> None:
         """Enroll, then serve tasks until the run finishes, ``stop()`` or ``max_tasks``.
 
-        Network errors are retried with backoff, never fatal.
+        Network errors are retried with backoff, never fatal; so is a check-in's answer
+        this client cannot read (a coordinator's bug, or a hostile one): it is told once,
+        and the client checks in again ``unreadable_retry_s`` later.
         """
         try:
             await self._serve_until_stopped(max_tasks)
@@ -248,9 +260,15 @@ class ClientRuntime:
         await self._retrying(lambda: self._send(Enroll(self._device(), self.attester)))
         self._event(f"enrolled as {self.enrollment.client_id}")
         while not self._stopping.is_set() and (max_tasks is None or self.tasks_done < max_tasks):
-            answer = await self._retrying(
-                lambda: self._send(CheckIn(self._device(), self.attester))
-            )
+            try:
+                answer = await self._retrying(
+                    lambda: self._send(CheckIn(self._device(), self.attester))
+                )
+            except ProtocolError as exc:  # a whole fleet down for a coordinator's bad answer
+                self._cannot_read(str(exc))
+                await self._pause(self.unreadable_retry_s * self._rng.uniform(0.8, 1.2))
+                continue
+            self._unreadable = None
             if isinstance(answer, RunFinished):
                 self.finished = answer
                 self._event(f"the run has finished: {answer.reason}")
@@ -273,6 +291,13 @@ class ClientRuntime:
             return _versions_only(self._last_state)
         self._last_state = state
         return state
+
+    def _cannot_read(self, problem: str) -> None:
+        """Say, once per problem, that the coordinator's answer was refused unread."""
+        if problem != self._unreadable:
+            log.warning("the coordinator's answer cannot be used: %s", problem)
+            self._event(f"the coordinator's answer cannot be used: {problem}")
+        self._unreadable = problem
 
     def _told(self, reason: str | None) -> None:
         """Show why the coordinator keeps the client waiting, once per reason."""
