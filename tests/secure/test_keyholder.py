@@ -32,6 +32,7 @@ from shoal.secure.keyholder import (
     ContributionReceipt,
     KeyHolder,
     check_receipts,
+    check_sum_form,
     csprng_standard_normal,
     read_silo_keys,
     receipt_message,
@@ -438,6 +439,18 @@ def test_a_tampered_aggregate_is_refused_and_does_not_burn_the_round(holder: Key
             receipts=contribution.receipts_of(),
         )
     decrypt(holder, contribution, round=1)
+
+
+def test_check_sum_form_takes_a_sum_of_fresh_ciphertexts_only(holder: KeyHolder) -> None:
+    public, params = holder.public_context(), holder.policy.params
+    slots = params.slot_count
+    long = contribute(public, round=1, silos=["silo-0", "silo-1"], length=slots + 1)
+    check_sum_form(public, params, long.aggregate(public))
+    check_sum_form(public, params, EncryptedVector(0, ()))  # the empty vector: no ciphertext
+    first = long.aggregate(public).chunks[:1]
+    for length, expected in ((slots + 1, 2), (2**40, 2**28)):  # never allocated nor listed
+        with pytest.raises(ProtocolError, match=f"takes {expected} ciphertexts of {slots} slots"):
+            check_sum_form(public, params, EncryptedVector(length, first))
 
 
 def test_csprng_standard_normal() -> None:

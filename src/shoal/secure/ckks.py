@@ -281,7 +281,7 @@ def _chunk_sizes(length: int, slot_count: int) -> list[int]:
     return [min(slot_count, length - start) for start in range(0, length, slot_count)]
 
 
-def _read_chunks(context: Any, vector: EncryptedVector) -> list[Any]:
+def read_ciphertexts(context: Any, vector: EncryptedVector) -> list[Any]:
     """Each chunk as a CKKSVector of the context, checked against the expected layout."""
     ts = _tenseal()
     sizes = _chunk_sizes(vector.length, slot_count_of(context))
@@ -353,7 +353,7 @@ class EncryptedSum:
         """Add ``vector``; ``ProtocolError`` on a length mismatch, ``SecurityError`` if invalid."""
         if self.length is not None and vector.length != self.length:
             raise ProtocolError(f"cannot add a vector of {vector.length} to a sum of {self.length}")
-        incoming = _read_chunks(self._context, vector)
+        incoming = read_ciphertexts(self._context, vector)
         if self.length is None:
             self._sum, self.length = incoming, vector.length
         else:
@@ -402,7 +402,7 @@ def decrypt_vector(secret_context: bytes, vector: EncryptedVector) -> npt.NDArra
         raise SecurityError("this context holds no secret key: only the key holder can decrypt")
     result = np.empty(vector.length, dtype=np.float64)
     slots = slot_count_of(context)
-    for index, ciphertext in enumerate(_read_chunks(context, vector)):
+    for index, ciphertext in enumerate(read_ciphertexts(context, vector)):
         try:
             values = ciphertext.decrypt()
         except _TENSEAL_ERRORS as exc:

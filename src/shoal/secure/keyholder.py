@@ -31,7 +31,12 @@ from the OS CSPRNG to every decrypted value ("noise flooding"), by default
 with standard deviation 2^-16 (about 1.5e-5), some 2^9 times the CKKS error
 of a ten-silo sum at the default 2^40 scale, so the exact error the attack
 needs is hidden. Raise ``global_scale_bits`` and the noise together for a
-wider margin.
+wider margin. The noise is sized for that scale, so the key holder decrypts
+only what adding the silos' ciphertexts gives (:func:`check_sum_form`: their
+scale, their level, two polynomials): a ciphertext encrypted at scale 2 would
+come back with its error 2^39 times less hidden. A ciphertext crafted by
+hand in that form cannot be told from a sum, and is decrypted: a coordinator
+that sends one is not honest, and out of scope (above).
 
 Folder layout (``KeyHolder.init``)::
 
@@ -72,6 +77,8 @@ from shoal.secure.ckks import (
     decrypt_vector,
     generate_keys,
     length_prefixed,
+    load_context,
+    read_ciphertexts,
 )
 
 RECEIPT_CONTEXT = b"shoal.v1/he-contribution-receipt\x00"
@@ -443,6 +450,24 @@ class KeyHolder:
         """Every decryption so far, oldest first, read from the journal."""
         return _read_journal(self.directory / JOURNAL)
 
+    def check_request(
+        self, *, run_id: str, round: int, receipts: Sequence[ContributionReceipt]
+    ) -> tuple[str, ...]:
+        """The contributing silos, or the refusal :meth:`decrypt_aggregate` would raise for
+        these receipts; cheap (no ciphertext is read), so a server calls it first.
+        """
+        _check_identifier(run_id, "run id")
+        _check_round(round)
+        silos = check_receipts(
+            self.policy.silos,
+            run_id=run_id,
+            round=round,
+            receipts=receipts,
+            min_contributors=self.policy.min_contributors,
+        )
+        self._refuse_if_decrypted(run_id, round)  # again under the lock, before decrypting
+        return silos
+
     def decrypt_aggregate(
         self,
         *,
@@ -457,21 +482,10 @@ class KeyHolder:
         (run, round) was decrypted before; ``ProtocolError`` or
         ``SecurityError`` when the aggregate is malformed.
         """
-        _check_identifier(run_id, "run id")
-        _check_round(round)
-        silos = check_receipts(
-            self.policy.silos,
-            run_id=run_id,
-            round=round,
-            receipts=receipts,
-            min_contributors=self.policy.min_contributors,
-        )
+        silos = self.check_request(run_id=run_id, round=round, receipts=receipts)
+        check_sum_form(self._public, self.policy.params, aggregate)
         with self._exclusive():
-            if any((r.run_id, r.round) == (run_id, round) for r in self.decrypted_rounds()):
-                raise SecurityError(
-                    f"run {run_id!r} round {round} was decrypted already: one decryption per "
-                    "round (a second, over other silos, would reveal their difference)"
-                )
+            self._refuse_if_decrypted(run_id, round)
             values = decrypt_vector(self._secret, aggregate)
             if self.policy.decryption_noise_std > 0:
                 values += self.policy.decryption_noise_std * csprng_standard_normal(len(values))
@@ -486,6 +500,13 @@ class KeyHolder:
             _append_journal(self.directory / JOURNAL, record)
         return values
 
+    def _refuse_if_decrypted(self, run_id: str, round: int) -> None:
+        if any((r.run_id, r.round) == (run_id, round) for r in self.decrypted_rounds()):
+            raise SecurityError(
+                f"run {run_id!r} round {round} was decrypted already: one decryption per "
+                "round (a second, over other silos, would reveal their difference)"
+            )
+
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
         with self._lock:
@@ -495,6 +516,54 @@ class KeyHolder:
                 yield
             finally:
                 os.close(descriptor)  # releases the flock
+
+
+def check_sum_form(
+    public_context: bytes, params: CkksParameters, aggregate: EncryptedVector
+) -> None:
+    """Refuse an aggregate that adding the silos' fresh ciphertexts cannot have given.
+
+    Such a sum has one ciphertext per ``slot_count`` values, each of two
+    polynomials at the first level of the modulus chain, at scale
+    2^global_scale_bits exactly, the scale the flooding noise is sized for.
+    A wrong layout raises ``ProtocolError``, any other form ``SecurityError``;
+    neither allocates the vector (2^40 values in one ciphertext is a refusal).
+    """
+    expected = -(-aggregate.length // params.slot_count)
+    if len(aggregate.chunks) != expected:
+        raise ProtocolError(
+            f"a vector of {aggregate.length} values takes {expected} ciphertexts of "
+            f"{params.slot_count} slots, got {len(aggregate.chunks)}"
+        )
+    context = load_context(public_context)
+    chain = context.seal_context().data
+    first_level = chain.first_context_data().chain_index()
+    for index, vector in enumerate(read_ciphertexts(context, aggregate)):
+        problem = _form_problem(vector.data.ciphertext(), chain, params, first_level=first_level)
+        if problem:
+            raise SecurityError(
+                f"ciphertext {index} {problem}: an aggregate of the silos' ciphertexts is "
+                "refused in any other form (the flooding noise is sized for that one)"
+            )
+
+
+def _form_problem(
+    ciphertexts: Sequence[Any], chain: Any, params: CkksParameters, *, first_level: int
+) -> str | None:
+    """What differs from a sum of fresh ciphertexts (TenSEAL's SEAL bindings), if anything."""
+    if len(ciphertexts) != 1:
+        return f"holds {len(ciphertexts)} SEAL ciphertexts, not 1"
+    (ciphertext,) = ciphertexts
+    if ciphertext.scale != 2.0**params.global_scale_bits:
+        mantissa, exponent = math.frexp(ciphertext.scale)
+        shown = f"2^{exponent - 1}" if mantissa == 0.5 else f"{ciphertext.scale:.6g}"
+        return f"has scale {shown}, not the consortium's 2^{params.global_scale_bits}"
+    level = chain.get_context_data(ciphertext.parms_id()).chain_index()
+    if level != first_level:
+        return f"is at chain index {level}, not the first level's {first_level}"
+    if ciphertext.size() != 2:
+        return f"has {ciphertext.size()} polynomials, not 2"
+    return None
 
 
 def csprng_standard_normal(count: int) -> npt.NDArray[np.float64]:

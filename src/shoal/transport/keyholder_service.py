@@ -8,6 +8,11 @@ generic handlers with bytes in and bytes out (no protobuf schema to share):
   round, the encrypted aggregate, the receipts); the plaintext sum as
   little-endian float64.
 
+The server reads a ``Decrypt`` in order of cost: the framing, at most one
+receipt per registered silo, the receipts' signatures and the journal, and
+only then the aggregate, whose parse costs about a microsecond per
+ciphertext (20 MB of empty ones took 3 s) and whose decryption far more.
+
 Refusals are counted and their log lines limited per peer (as the
 coordinator's are) and keep their meaning across the wire: ``SecurityError`` travels as
 ``PERMISSION_DENIED``, ``ProtocolError`` as ``INVALID_ARGUMENT``, any other
@@ -25,10 +30,10 @@ import logging
 import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TypeAlias
+from typing import NoReturn, TypeAlias
 
 import grpc
 import numpy as np
@@ -69,12 +74,16 @@ _MAX_ID_BYTES = 256
 
 @dataclass(frozen=True, slots=True)
 class DecryptRequest:
-    """What ``Decrypt`` carries."""
+    """What ``Decrypt`` carries; the aggregate stays bytes until :meth:`aggregate` parses it."""
 
     run_id: str
     round: int
-    aggregate: EncryptedVector
+    encoded_aggregate: bytes = field(repr=False)
     receipts: tuple[ContributionReceipt, ...]
+
+    def aggregate(self) -> EncryptedVector:
+        """The encrypted sum; ``ProtocolError`` if its bytes are not an encrypted vector."""
+        return EncryptedVector.from_bytes(self.encoded_aggregate)
 
 
 def encode_decrypt_request(
@@ -96,8 +105,12 @@ def encode_decrypt_request(
     return b"".join(parts)
 
 
-def decode_decrypt_request(data: bytes) -> DecryptRequest:
-    """Parse :func:`encode_decrypt_request`; malformed input raises ``ProtocolError``."""
+def decode_decrypt_request(data: bytes, *, max_receipts: int = _MAX_RECEIPTS) -> DecryptRequest:
+    """Parse :func:`encode_decrypt_request` but the aggregate; ``ProtocolError`` if malformed.
+
+    A server passes its number of silos as ``max_receipts``: a request with
+    more receipts is refused before they are read.
+    """
     reader = FrameReader(data, "a decrypt request")
     reader.expect(_REQUEST_MAGIC)
     try:
@@ -105,10 +118,13 @@ def decode_decrypt_request(data: bytes) -> DecryptRequest:
     except UnicodeDecodeError as exc:
         raise ProtocolError("the run id of a decrypt request is not UTF-8") from exc
     (round_number,) = reader.unpack(_ROUND)
-    aggregate = EncryptedVector.from_bytes(reader.field(max_bytes=2**31))
+    aggregate = reader.field(max_bytes=2**31)
     (count,) = reader.unpack(_COUNT)
-    if count > _MAX_RECEIPTS:
-        raise ProtocolError(f"a decrypt request carries at most {_MAX_RECEIPTS} receipts")
+    if count > max_receipts:
+        raise ProtocolError(
+            f"a decrypt request carries at most {max_receipts} receipts (one per registered "
+            f"silo), got {count}"
+        )
     receipts = tuple(
         ContributionReceipt.from_bytes(reader.field(max_bytes=_MAX_RECEIPT_BYTES))
         for _ in range(count)
@@ -143,33 +159,39 @@ class _Handlers:
 
     def public_context(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         if request:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PublicContext takes an empty request")
+            self._refuse(
+                context, "PublicContext", ProtocolError("PublicContext takes an empty request")
+            )
         return self.holder.public_context()
 
     def decrypt(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         try:
-            parsed = decode_decrypt_request(request)
+            parsed = decode_decrypt_request(request, max_receipts=len(self.holder.silos))
+            self.holder.check_request(
+                run_id=parsed.run_id, round=parsed.round, receipts=parsed.receipts
+            )
             values = self.holder.decrypt_aggregate(
                 run_id=parsed.run_id,
                 round=parsed.round,
-                aggregate=parsed.aggregate,
+                aggregate=parsed.aggregate(),
                 receipts=parsed.receipts,
             )
         except ShoalError as exc:
-            code = next(code for kind, code in _STATUS_OF_ERROR if isinstance(exc, kind))
-            reason = code.name.lower()
-            self.refusals.refused(
-                peer=context.peer(), rpc="Decrypt", reason=reason, detail=str(exc)
-            )
-            context.abort(code, str(exc))
+            self._refuse(context, "Decrypt", exc)
         log.info(
-            "decrypted run %s round %d for %s (%d silos)",
+            "decrypted run %r round %d for %s (%d silos)",
             parsed.run_id,
             parsed.round,
             context.peer(),
             len(parsed.receipts),
         )
         return np.asarray(values, dtype="<f8").tobytes()
+
+    def _refuse(self, context: grpc.ServicerContext, rpc: str, error: ShoalError) -> NoReturn:
+        code = next(code for kind, code in _STATUS_OF_ERROR if isinstance(error, kind))
+        reason = code.name.lower()
+        self.refusals.refused(peer=context.peer(), rpc=rpc, reason=reason, detail=str(error))
+        context.abort(code, str(error))
 
 
 class KeyHolderServer:
