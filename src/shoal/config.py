@@ -697,15 +697,30 @@ class SecureAggregationSection(_Section):
     # A degree whose rounds would abort more often than 5% at this dropout is refused.
     expected_dropout: Fraction | None = None
     # ckks: the key holder (unset: one made in the run folder; else the address of
-    # `shoal keyholder serve`), the CA that pins it, the silos' receipt keys, its minimum
+    # `shoal keyholder serve`), the CA that pins it, the coordinator's client certificate
+    # and key for a key holder that requires mutual TLS, the silos' receipt keys, its minimum
     key_holder: str | None = None
     key_holder_ca: str | None = None
+    key_holder_certificate: str | None = None
+    key_holder_key: str | None = None
     silo_keys: str | None = None
     min_contributors: int = Field(2, ge=2)
 
     @property
     def enabled(self) -> bool:
         return self.protocol != "none"
+
+    @model_validator(mode="after")
+    def _client_certificate_whole(self) -> SecureAggregationSection:
+        """A client certificate for the key holder comes with its key and the CA it pins."""
+        if (self.key_holder_certificate is None) != (self.key_holder_key is None):
+            raise ValueError(
+                "key_holder_certificate and key_holder_key: give both (the coordinator's "
+                "certificate for a key holder that requires mutual TLS, and its key), or neither"
+            )
+        if self.key_holder_certificate is not None and self.key_holder_ca is None:
+            raise ValueError("key_holder_certificate needs key_holder_ca (mutual TLS is TLS)")
+        return self
 
     @field_validator("reconstruction_threshold")
     @classmethod

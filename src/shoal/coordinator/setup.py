@@ -23,6 +23,7 @@ from shoal.privacy.run import RunPrivacy
 from shoal.registry import AllowedBuilds, Database, ListedToken
 from shoal.secure.quantization import Quantization
 from shoal.tasks import Phase
+from shoal.transport.certs import CertificateFiles
 from shoal.transport.keyholder_service import KeyHolderClient
 
 
@@ -206,7 +207,10 @@ def connect_key_holder(section: SecureAggregationSection) -> KeyHolderClient:
     """A connection to ``secure_aggregation.key_holder`` (a ``shoal keyholder serve``).
 
     A key holder on another machine must be reached over TLS with its CA
-    pinned (``key_holder_ca``); only a loopback one may go in plaintext.
+    pinned (``key_holder_ca``); only a loopback one may go in plaintext. One
+    that requires mutual TLS (``shoal keyholder serve --mutual-tls``) gets
+    the coordinator's certificate (``key_holder_certificate`` and
+    ``key_holder_key``, issued by that CA).
     """
     address = section.key_holder
     if address is None:
@@ -217,8 +221,16 @@ def connect_key_holder(section: SecureAggregationSection) -> KeyHolderClient:
             f"secure_aggregation.key_holder = {address!r} is not on this machine: "
             "set secure_aggregation.key_holder_ca to pin its certificate"
         )
+    client_certificate = (
+        None
+        if section.key_holder_certificate is None or section.key_holder_key is None
+        else CertificateFiles(Path(section.key_holder_certificate), Path(section.key_holder_key))
+    )
     client = KeyHolderClient(
-        address, ca=section.key_holder_ca, insecure=section.key_holder_ca is None
+        address,
+        ca=section.key_holder_ca,
+        client_certificate=client_certificate,
+        insecure=section.key_holder_ca is None,
     )
     try:
         client.wait_ready(timeout_s=10.0)
