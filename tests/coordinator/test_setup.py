@@ -101,3 +101,13 @@ def test_a_client_certificate_for_the_key_holder_comes_whole(
 ) -> None:
     with pytest.raises(ConfigError, match=problem):
         parse_config({"secure_aggregation": {"protocol": "ckks", **keys}})
+
+
+def test_a_short_listed_token_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """A listed token is a secret the operator chose: "demo" can be guessed online."""
+    section = parse_config({"coordinator": {"enrollment_tokens": ["demo", "x" * 16]}}).coordinator
+    with caplog.at_level("WARNING", "shoal.coordinator"):
+        listed_tokens_from_config(section)
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert "enrollment_tokens[0] has 4 characters" in warning
+    assert "demo" not in warning  # the secret itself is never logged

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -58,10 +59,28 @@ def strategy_for(config: Config, app: ServerApp) -> Strategy:
         raise ConfigError(f"clustering.clusters: {exc}") from None
 
 
+log = logging.getLogger("shoal.coordinator")
+
+
+WEAK_TOKEN_CHARS = 16
+"""A listed enrollment token shorter than this is warned about: each guess is one enrollment
+request, and none is throttled (``shoal clients enroll`` issues 128-bit random tokens)."""
+
+
 def listed_tokens_from_config(section: CoordinatorSection) -> list[ListedToken]:
-    """``enrollment_tokens``, each with the registry's default uses and lifetime where unset."""
+    """``enrollment_tokens``, each with the registry's default uses and lifetime where unset;
+    one shorter than :data:`WEAK_TOKEN_CHARS` is warned about."""
     listed = []
-    for entry in section.enrollment_tokens:
+    for index, entry in enumerate(section.enrollment_tokens):
+        if len(entry.token) < WEAK_TOKEN_CHARS:
+            log.warning(
+                "coordinator.enrollment_tokens[%d] has %d characters: a short secret can be "
+                "guessed online, one enrollment request a guess; use %d or more random "
+                "characters, or tokens from `shoal clients enroll`",
+                index,
+                len(entry.token),
+                WEAK_TOKEN_CHARS,
+            )
         limits: dict[str, Any] = {}
         if entry.max_uses is not None:
             limits["max_uses"] = entry.max_uses
