@@ -176,3 +176,44 @@ def test_the_shoal_command_leaves_tls12_nothing_unless_told(given: str | None, k
         check=True,
     )
     assert result.stdout.split() == [kept, "True"]  # set, and grpc imported after it
+
+
+HANDSHAKE_PROBE = """
+import socket, sys, tempfile, time
+from concurrent import futures
+import shoal.cli
+import grpc
+from shoal.transport.certs import init_certificates, load_server_credentials
+
+certs = init_certificates(tempfile.mkdtemp())
+server = grpc.server(futures.ThreadPoolExecutor(2))
+port = server.add_secure_port("127.0.0.1:0", load_server_credentials(certs.server))
+server.start()
+for _ in range(20):  # a plaintext peer: each connection a failed TLS handshake
+    with socket.create_connection(("127.0.0.1", port)) as peer:
+        peer.sendall(b"GET / HTTP/1.1\\r\\n\\r\\n")
+time.sleep(0.5)
+server.stop(None)
+"""
+
+
+@pytest.mark.parametrize(("given", "lines"), [(None, 0), ("INFO", 20)])
+def test_failed_handshakes_do_not_flood_the_shoal_commands_log(
+    given: str | None, lines: int
+) -> None:
+    """Each failed TLS handshake was one INFO line of gRPC's core on stderr, with no limit:
+    any peer that reached the port could flood the log. An operator's own setting wins."""
+    environment = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    if given is not None:
+        environment["GRPC_VERBOSITY"] = given
+    environment["PYTHONPATH"] = SOURCE
+    result = subprocess.run(
+        [sys.executable, "-c", HANDSHAKE_PROBE],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=60,
+        check=True,
+    )
+    failed = [line for line in result.stderr.splitlines() if "Handshake failed" in line]
+    assert len(failed) >= lines if lines else failed == []

@@ -8,6 +8,10 @@ import sys
 # to negotiate, so the coordinator and clients speak TLS 1.3 only. It must be
 # set before grpc is imported; an operator's own setting wins.
 os.environ.setdefault("GRPC_SSL_CIPHER_SUITES", "ECDHE-PSK-CHACHA20-POLY1305")
+# gRPC's core logs every failed TLS handshake at INFO, one stderr line each and no limit: any
+# peer that reaches the port (a port scan, a plaintext client) could flood the log. Shoal
+# logs its own refusals, rate-limited; the core says only its errors. Before grpc's import too.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 # `shoal simulate` with a process pool: its workers' forkserver imports Shoal on another core
 # while this process does the same below (shoal.forkserver imports nothing of Shoal's)
