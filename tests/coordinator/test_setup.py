@@ -70,7 +70,7 @@ def test_a_key_holder_that_requires_mutual_tls_gets_the_coordinators_certificate
     ) as server:
         section = {"protocol": "ckks", "key_holder": server.address, "key_holder_ca": ca}
         anonymous = parse_config({"secure_aggregation": section}).secure_aggregation
-        with pytest.raises(TransportError):
+        with pytest.raises(TransportError, match="the client certificate if it requires mutual"):
             connect_key_holder(anonymous).close()
         with_certificate = parse_config(
             {

@@ -306,6 +306,7 @@ class KeyHolderClient:
         if client_certificate is not None and ca is None:
             raise ConfigError("a client certificate (mutual TLS) needs the CA to pin")
         options = _message_options(max_message_bytes)
+        self._tls = None if ca is None else ("mutual" if client_certificate else "server")
         if ca is None:
             self._channel = grpc.insecure_channel(address, options=options)
         else:
@@ -321,8 +322,14 @@ class KeyHolderClient:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError as exc:
+            hint = (
+                ""
+                if self._tls is None
+                else " (or its TLS handshake failed: check the pinned CA, and the client "
+                "certificate if it requires mutual TLS)"
+            )
             raise TransportError(
-                f"the key holder at {self.address} is not reachable after {timeout_s} s"
+                f"the key holder at {self.address} is not reachable after {timeout_s} s{hint}"
             ) from exc
 
     def public_context(self) -> bytes:
