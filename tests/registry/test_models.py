@@ -16,6 +16,7 @@ from shoal.core import IntegrityError, NotFoundError, Parameters, RegistryError
 from shoal.governance import ModelSigner, PinnedKey, generate_signing_key, key_id_of
 from shoal.registry import BlobStore, Database, ModelRegistry, ModelStatus, VersionSignature
 from shoal.registry import blobs as blobs_module
+from shoal.registry.models import HeadMoved
 
 NOW = datetime(2026, 3, 20, 10, 0, tzinfo=UTC)
 ARCH = "mlp-v1"
@@ -342,3 +343,16 @@ def test_a_commit_alone_writes_its_blob_before_it_takes_the_write_lock(
     kinds = [entry.kind for entry in registry.audit.entries()]
     assert kinds.index("probe") < kinds.index("commit")
     assert registry.head("digits") == record
+
+
+def test_a_commit_built_on_a_version_no_longer_head_is_refused(registry: ModelRegistry) -> None:
+    """A run that trained from version 2 while an operator rolled HEAD back to 1 must not
+    store its version as 1's child: nothing is stored, and the refusal names both."""
+    for value in range(3):
+        commit(registry, value)
+    registry.rollback("digits", 1, reason="round 2 looked poisoned", now=NOW)
+    with pytest.raises(HeadMoved, match="HEAD of digits is version 1, not version 2") as moved:
+        commit(registry, 3, expected_head=2)
+    assert (moved.value.expected, moved.value.head) == (2, 1)
+    assert [record.version for record in registry.list("digits")] == [0, 1, 2]
+    assert commit(registry, 3, expected_head=1) == 3  # built on HEAD: stored

@@ -121,7 +121,11 @@ class RunStore(Protocol):
         metrics: Row,
         state: bytes,
         architecture: str,
-    ) -> Committed: ...
+        built_on: int | None = None,
+    ) -> Committed:
+        """Commit a version; ``built_on``: the version it was trained from, which must still
+        be HEAD (:class:`~shoal.registry.models.HeadMoved` otherwise, nothing stored)."""
+        ...
 
     def sign(self, record: ModelRecord) -> ModelRecord: ...
 
@@ -278,6 +282,7 @@ class RunRecords:
         metrics: Row,
         state: bytes,
         architecture: str,
+        built_on: int | None = None,
     ) -> Committed:
         record = self.models.commit(
             self.model,
@@ -287,6 +292,7 @@ class RunRecords:
             metrics=clean_row(metrics),
             state=state,
             signer=self.signer,
+            expected_head=built_on,
         )
         return Committed(record.version, record.sha256)
 

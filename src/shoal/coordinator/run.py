@@ -109,6 +109,7 @@ from shoal.governance.pseudonyms import Names
 from shoal.privacy.coordinator import check_private_strategy
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import ModelRecord, Requirement, SelectionCriteria
+from shoal.registry.models import HeadMoved
 from shoal.registry.participation import ParticipationLog
 from shoal.tasks import Phase
 from shoal.telemetry.alerts import AlertHook, alert_hooks
@@ -253,6 +254,7 @@ class Run:
         )
         self.playbook: RunPlaybook | None = None  # [playbook], once the run is open
         self._previous: Parameters | None = None  # the model the next commit steps from
+        self._built_on: int | None = None  # its version: HEAD, unless moved outside the run
         self._policy: RunPolicy | None = None  # the engine's, whose decisions the rounds write
 
     @property
@@ -295,6 +297,8 @@ class Run:
         self.model_bytes = len(coordinator.parameters.to_bytes())
         self._coordinator = coordinator
         self._previous = coordinator.parameters
+        opened = self.store.head()
+        self._built_on = None if opened is None else opened.version
         self._open_playbook()
         return coordinator
 
@@ -321,6 +325,7 @@ class Run:
         state = template if saved is None else state_from_bytes(template, saved)
         self.coordinator.restore(parameters, state)
         self._previous = parameters
+        self._built_on = record.version
         self.model_bytes = len(parameters.to_bytes())
 
     @property
@@ -695,21 +700,31 @@ class Run:
         # one transaction: the policy's decisions, the selection's entry, the version with the
         # whole row (a crash before the row is written loses nothing), its participants, and
         # the audit log's head signed over the commit's entry and all before it
-        with self._round_transaction():
-            records.audit_selection(summary)
-            record = self.store.commit(
-                commit.parameters,
-                round_number=commit.round,
-                metrics=row,
-                state=state_to_bytes(self.coordinator.optimizer_state),
-                architecture=self.architecture,
-            )
-            records.record_participants(summary, version=record.version)
-            if summary.split is not None:
-                records.audit_split(summary.split, version=record.version)
-            self.store.sign_audit_head()
+        try:
+            with self._round_transaction():
+                records.audit_selection(summary)
+                record = self.store.commit(
+                    commit.parameters,
+                    round_number=commit.round,
+                    metrics=row,
+                    state=state_to_bytes(self.coordinator.optimizer_state),
+                    architecture=self.architecture,
+                    built_on=self._built_on,
+                )
+                records.record_participants(summary, version=record.version)
+                if summary.split is not None:
+                    records.audit_split(summary.split, version=record.version)
+                self.store.sign_audit_head()
+        except HeadMoved as moved:  # an operator's rollback (or unlearning) while the run ran
+            raise RunError(
+                f"{self.where}: HEAD moved to version {moved.head} outside this run, which "
+                f"trained round {commit.round} from version {moved.expected}: the round is not "
+                "committed (its weights would carry what the rollback took out); restart the "
+                f"run (--resume, or the coordinator) to go on from version {moved.head}"
+            ) from None
         row.update(model_version=record.version, sha256=record.sha256)
         self._previous = commit.parameters
+        self._built_on = record.version
         if summary.split is not None:  # the stack weighs k times more from the next round on
             self.model_bytes = len(commit.parameters.to_bytes())
         if self.playbook is not None:  # its alerts fire after the round's records committed

@@ -153,6 +153,18 @@ def model_lock(name: str) -> str:
     return f"model:{name}"
 
 
+class HeadMoved(RegistryError):
+    """HEAD is not the version a commit was built from: it moved meanwhile (a rollback)."""
+
+    def __init__(self, name: str, *, expected: int, head: int | None) -> None:
+        super().__init__(
+            f"HEAD of {name} is version {head}, not version {expected} that the new version "
+            "was built from"
+        )
+        self.expected = expected
+        self.head = head
+
+
 class ModelRegistry:
     """Every version of every model, with rows in ``database`` and blobs in ``blobs``.
 
@@ -180,6 +192,7 @@ class ModelRegistry:
         state: bytes | None = None,
         now: datetime | None = None,
         signer: VersionSigner | None = None,
+        expected_head: int | None = None,
     ) -> ModelRecord:
         """Store a new version of ``name`` and move HEAD to it.
 
@@ -187,6 +200,9 @@ class ModelRegistry:
         version). Version numbers start at 0 and grow by one per model.
         ``signer`` signs the version (its number, round and sha256) in the
         same transaction: a stored version is signed from its first moment.
+        ``expected_head``: the version the new one was built from; when HEAD is
+        another now (someone rolled it back meanwhile), :class:`HeadMoved` and
+        nothing is stored.
         """
         if not name or len(name) > 128:
             raise RegistryError(f"a model name has 1 to 128 characters, got {name!r}")
@@ -207,6 +223,8 @@ class ModelRegistry:
             lock_name(connection, model_lock(name))
             if parent == "head":
                 head = _head_version(connection, name)
+                if expected_head is not None and head != expected_head:
+                    raise HeadMoved(name, expected=expected_head, head=head)
             else:
                 head = parent
                 if parent is not None:
