@@ -19,6 +19,7 @@ from shoal.coordinator.run import Run, RunParts
 from shoal.coordinator.unlearning import unlearn_deployment
 from shoal.core import Parameters
 from shoal.core.errors import ConfigError, NotFoundError, RunError
+from shoal.core.folders import hold_folder
 from shoal.governance.pseudonyms import Pseudonyms
 from shoal.registry import (
     BlobStore,
@@ -188,3 +189,20 @@ def test_unknown_client_missing_key_and_missing_run(state: Path, tmp_path: Path)
         models.database.close()
     with pytest.raises(RunError, match="holds no coordinator run"):
         unlearn_deployment(tmp_path / "nothing", "client-a", actor="ops")
+
+
+def test_unlearning_refuses_a_state_folder_a_coordinator_serves(state: Path) -> None:
+    """The module's rule, "run it while the coordinator is stopped", was the operator's to
+    keep: a coordinator serving the folder holds it, and unlearning now refuses at once."""
+    with (
+        hold_folder(state, what="coordinator.state_dir"),  # the running coordinator's hold
+        pytest.raises(RunError, match="is in use by another shoal process"),
+    ):
+        unlearn_deployment(state, "client-a", actor="ops")
+    models = open_models(state)
+    try:  # nothing changed
+        assert ClientRegistry(models.database).get("client-a").status is ClientStatus.ACTIVE
+    finally:
+        models.database.close()
+    report = unlearn_deployment(state, "client-a", actor="ops")  # stopped: it goes ahead
+    assert report.first_participation is not None

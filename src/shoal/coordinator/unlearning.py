@@ -6,7 +6,10 @@ coordinator's state folder (its registry, blobs, ``pseudonym.key`` and the
 resume: ``shoal coordinator serve`` restarts from HEAD, now the version
 before the client's first participation, and plays the rounds from there on
 the same schedule with the client barred (RETIRED). Run it while the
-coordinator is stopped: a running one would commit on top of the old HEAD.
+coordinator is stopped: the state folder is held while it runs, so a
+running coordinator (which holds it) makes it refuse in one line. (A
+coordinator that somehow ran beside it would not commit on top of the old
+HEAD either: its next commit is refused, HEAD having moved.)
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from shoal.config import Config, parse_config
 from shoal.coordinator.records import CONFIG_FILE
 from shoal.core.errors import RunError
+from shoal.core.folders import hold_folder
 from shoal.governance.unlearning import PRIVACY_NOTE, UnlearningReport, forget, run_names
 from shoal.registry import (
     BlobStore,
@@ -56,24 +60,27 @@ def unlearn_deployment(
     folder = Path(state_dir)
     config = deployment_config(folder)
     section = config.coordinator
-    database = registry_location(folder, registry_url or section.registry_url).open()
-    blobs = BlobStore(blob_location(folder, blob_url or section.blob_url))
-    try:
-        models = ModelRegistry(database, blobs)
-        report = forget(
-            models=models,
-            clients=ClientRegistry(database),
-            participation=ParticipationLog(
-                database, granularity_s=config.metadata.timestamp_granularity_s
-            ),
-            names=run_names(folder, run_id=section.run_id, pseudonyms=config.metadata.pseudonyms),
-            model=config.run.name,
-            run_id=section.run_id,
-            client_id=client_id,
-            actor=actor,
-        )
-    finally:
-        database.close()
+    with hold_folder(folder, what="coordinator.state_dir"):  # no coordinator serves it now
+        database = registry_location(folder, registry_url or section.registry_url).open()
+        blobs = BlobStore(blob_location(folder, blob_url or section.blob_url))
+        try:
+            models = ModelRegistry(database, blobs)
+            report = forget(
+                models=models,
+                clients=ClientRegistry(database),
+                participation=ParticipationLog(
+                    database, granularity_s=config.metadata.timestamp_granularity_s
+                ),
+                names=run_names(
+                    folder, run_id=section.run_id, pseudonyms=config.metadata.pseudonyms
+                ),
+                model=config.run.name,
+                run_id=section.run_id,
+                client_id=client_id,
+                actor=actor,
+            )
+        finally:
+            database.close()
     if report.needs_recomputing:
         report = replace(
             report,
