@@ -38,6 +38,7 @@ from shoal.core.limits import (
     MAX_LOCAL_EPOCHS,
     MAX_PORT,
     MAX_RETRY_AFTER_S,
+    MAX_RUN_ID_CHARS,
     Limit,
     above_limit,
     is_loopback,
@@ -578,7 +579,7 @@ class CoordinatorSection(_Section):
     """[coordinator]: the network coordinator of ``shoal coordinator serve``."""
 
     listen: str = "127.0.0.1:50051"
-    run_id: str = Field("run-1", min_length=1, max_length=128)
+    run_id: str = Field("run-1", min_length=1, max_length=MAX_RUN_ID_CHARS)
     state_dir: str = DEFAULT_STATE_DIR
     certificates: str | None = None
     # the Ed25519 key (PEM) every committed version is signed with; unset: the deployment's

@@ -96,3 +96,13 @@ def test_a_digest_for_every_share_and_signatures_of_their_size() -> None:
         UnmaskRequest(4, {1: b"short"})
     with pytest.raises(ProtocolError, match="empty"):
         ConsistencyRequest(4, frozenset())
+
+
+def test_a_session_naming_a_run_id_past_the_limit_is_malformed() -> None:
+    """A hostile coordinator's 4 MB run id was kept, one per signed round, by the client."""
+    quantization = Quantization(clip=2.5, bits=12, max_weight=7)
+    SessionConfig("r" * 128, 4, 9, 100, 5, quantization)
+    for run_id in ("", "r" * 129, "r" * 4 * 2**20):
+        with pytest.raises(ProtocolError, match="run id has 1 to 128 characters") as refused:
+            SessionConfig(run_id, 4, 9, 100, 5, quantization)
+        assert len(str(refused.value)) < 100

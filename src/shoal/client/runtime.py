@@ -188,6 +188,11 @@ def load_or_create_enrollment(
     return enrollment
 
 
+MAX_SIGNED_ROUNDS = 100_000
+"""The secure rounds whose survivor sets a client remembers signing (and refuses to take part
+in again): the latest, a few megabytes at most, where every round of a long-lived process was
+kept."""
+
 UNREADABLE_RETRY_S = 30.0
 """How long a client waits to check in again after an answer it could not read (a task out of
 bounds, a message of another protocol): a coordinator's bug made every client of a fleet exit,
@@ -227,7 +232,8 @@ class ClientRuntime:
         self._rng = random.Random(seed)
         self._model: tuple[str, Parameters] | None = None
         self._secure: SecAggClient | None = None  # this client's side of the current secure round
-        self._signed_rounds: set[tuple[str, int]] = set()  # (run, round): survivor sets signed
+        # (run, round): survivor sets signed, the latest MAX_SIGNED_ROUNDS (oldest first)
+        self._signed_rounds: dict[tuple[str, int], None] = {}
         self._stopping = asyncio.Event()
         self.tasks_done = 0
         self.finished: RunFinished | None = None  # the coordinator said the run is over
@@ -353,7 +359,9 @@ class ClientRuntime:
             await self._give_up(offer, f"secure aggregation refused: {exc}")
             return
         if isinstance(reply, SurvivorsSigned) and session.session is not None:
-            self._signed_rounds.add((session.session.run_id, reply.round))
+            self._signed_rounds[(session.session.run_id, reply.round)] = None
+            if len(self._signed_rounds) > MAX_SIGNED_ROUNDS:  # one a secure round, for good
+                del self._signed_rounds[next(iter(self._signed_rounds))]
         await self._upload(offer.round, lambda: self._send(SubmitSecure(reply)))
 
     def _protected(self, request: FitRequest) -> _Protected:

@@ -41,6 +41,10 @@ MAX_LOCAL_EPOCHS = 10_000
 by it, and a client refuses a task that asks for more (``epochs = 1e9`` from a broken or hostile
 coordinator kept a deployed client training for good)."""
 
+MAX_RUN_ID_CHARS = 128
+"""The longest run id (``coordinator.run_id``): every signed request and secure session names it,
+and a client refuses a session naming a longer one (4 MB ones were kept per signed round)."""
+
 MAX_RETRY_AFTER_S = 3600
 """The longest a client waits between check-ins (before its jitter of 20%), whatever the
 coordinator asks: a "retry after 10**9 s" (a unit mistaken, or a hostile coordinator) kept a

@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.core.errors import ProtocolError
+from shoal.core.limits import MAX_RUN_ID_CHARS
 from shoal.secure.consistency import (
     DIGEST_BYTES,
     SHARE_DIGEST_BYTES,
@@ -76,6 +77,10 @@ class SessionConfig:
     quantization: Quantization
 
     def __post_init__(self) -> None:
+        if not 1 <= len(self.run_id) <= MAX_RUN_ID_CHARS:
+            raise ProtocolError(
+                f"a session's run id has 1 to {MAX_RUN_ID_CHARS} characters, got {len(self.run_id)}"
+            )
         if self.round < 0 or self.num_nodes < 1 or self.vector_length < 0:
             raise ProtocolError(f"malformed secure-aggregation session {self}")
         if self.threshold < 1:
