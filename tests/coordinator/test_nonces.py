@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,17 @@ def test_the_file_is_rewritten_before_it_grows_past_twice_the_live_nonces(tmp_pa
     record = sizes[0] / 100  # about: the first second's records, and the file's header
     assert max(sizes) < record * (2 * 1100 + 1024 + 100)
     assert len(reopened(tmp_path, now=NOW + 39)) == len(guard)
+
+
+def test_a_journal_that_fails_is_one_warning_not_one_per_request(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    guard = ReplayGuard()
+    journal = NonceJournal.open(tmp_path, guard, now=NOW)
+    assert journal._descriptor is not None
+    os.close(journal._descriptor)  # as a disk that went away
+    with caplog.at_level(logging.WARNING, "shoal.coordinator"):
+        for _ in range(5):
+            accept(guard)  # each request still passes the guard in memory
+    assert len(guard) == 5
+    assert len(caplog.records) == 1 and "in memory only" in caplog.records[0].getMessage()

@@ -24,6 +24,7 @@ a reboot mostly outlasts in a 300 s window.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -116,8 +117,9 @@ class NonceJournal:
             raise RunError(f"{path} cannot be written: {exc.strerror or exc}") from exc
 
     def append(self, entry: Remembered) -> None:
-        """Keep ``entry`` (the guard's ``on_remember``); a file that refuses it costs a warning,
-        not the request: the guard in memory still refuses its replay until a restart."""
+        """Keep ``entry`` (the guard's ``on_remember``). A file that refuses it costs one
+        warning and the journal, not the request: the guard in memory still refuses replays
+        until a restart (and a warning per request would flood the log)."""
         if self._descriptor is None:
             return
         try:
@@ -126,7 +128,13 @@ class NonceJournal:
             if self._appended > self._live + _MARGIN:
                 self.compact()
         except (OSError, RunError) as exc:
-            log.warning("the replay guard's journal %s failed: %s", self.path, exc)
+            log.warning(
+                "the replay guard's journal %s failed (%s): nonces are kept in memory only "
+                "until a restart",
+                self.path,
+                exc,
+            )
+            self.close()
 
     def compact(self) -> None:
         """Rewrite the file with only the nonces the guard still holds."""
@@ -138,8 +146,9 @@ class NonceJournal:
         self._live, self._appended = len(self.guard), 0
 
     def close(self) -> None:
-        if self._descriptor is not None:
-            os.close(self._descriptor)
-            self._descriptor = None
+        descriptor, self._descriptor = self._descriptor, None
+        if descriptor is not None:
+            with contextlib.suppress(OSError):  # a file that failed: nothing more to keep
+                os.close(descriptor)
         if self.guard.on_remember == self.append:
             self.guard.on_remember = None
