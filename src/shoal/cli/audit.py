@@ -79,7 +79,7 @@ def show_audit(
     as_json: AsJson = False,
 ) -> None:
     """List the audit log's entries, oldest first."""
-    with _database(state_dir, registry) as database:
+    with _database(state_dir, registry, read_only=True) as database:
         entries = AuditLog(database).entries(kind=kind, since_seq=since_seq, limit=limit)
     if as_json:
         _print_json([_entry_json(entry) for entry in entries])
@@ -122,7 +122,7 @@ def verify_audit(
     covered by no signature: the line says how many.
     """
     pinned = load_public_key(public_key or state_dir / PUBLIC_KEY_FILE)
-    with _database(state_dir, registry) as database:
+    with _database(state_dir, registry, read_only=True) as database:
         report = verify_audit_log(database, pinned.verify_audit_head)
     if as_json:
         problem = report.problem

@@ -106,7 +106,7 @@ def list_clients(
     as_json: AsJson = False,
 ) -> None:
     """Enrolled clients, by id."""
-    with _database(state_dir, registry) as database:
+    with _database(state_dir, registry, read_only=True) as database:
         records = ClientRegistry(database).list(
             status=status, device_class=device_class, limit=limit
         )
@@ -148,7 +148,7 @@ def show_client(
     as_json: AsJson = False,
 ) -> None:
     """Every field of one client."""
-    with _database(state_dir, registry) as database:
+    with _database(state_dir, registry, read_only=True) as database:
         record = ClientRegistry(database).get(client_id)
     _print_client(record, as_json=as_json)
 

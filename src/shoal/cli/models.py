@@ -98,7 +98,7 @@ def list_models(
     as_json: AsJson = False,
 ) -> None:
     """Every version of every model (or of --name), oldest first, HEAD marked."""
-    with _database(state_dir, registry) as database:
+    with _database(state_dir, registry, read_only=True) as database:
         models = ModelRegistry(database, BlobStore(blob_location(state_dir, blobs)))
         rows: list[tuple[ModelRecord, bool]] = []
         for model in [name] if name is not None else models.names():
@@ -146,7 +146,7 @@ def show_model(
     as_json: AsJson = False,
 ) -> None:
     """Every field of one model version, its metrics included."""
-    with _database(state_dir, registry) as database:
+    with _database(state_dir, registry, read_only=True) as database:
         models = ModelRegistry(database, BlobStore(blob_location(state_dir, blobs)))
         record = models.get(name, version)
         head = models.head(name)
@@ -347,7 +347,7 @@ def export_model(
     number = _version_or_head(version)
     if out.exists() and not force:
         raise ModelError(f"{out} exists: refusing to overwrite it (pass --force)")
-    with _database(state_dir, registry) as database:
+    with _database(state_dir, registry, read_only=True) as database:
         models = ModelRegistry(database, BlobStore(blob_location(state_dir, blobs)))
         record = models.head(name) if number is None else models.get(name, number)
         if record is None:

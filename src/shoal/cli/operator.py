@@ -95,8 +95,14 @@ _STATUS_STYLE = {
 
 
 @contextmanager
-def _database(state_dir: Path, url: str | None, *, must_exist: bool = True) -> Iterator[Database]:
-    database = registry_location(state_dir, url).open(must_exist=must_exist)
+def _database(
+    state_dir: Path, url: str | None, *, must_exist: bool = True, read_only: bool = False
+) -> Iterator[Database]:
+    """The registry, opened as the coordinator opens it; ``read_only`` (every command that only
+    reads) neither migrates nor takes SQLite's write lock, so that it never waits on, nor makes
+    wait, the writes of a coordinator that is running."""
+    location = registry_location(state_dir, url)
+    database = location.open(must_exist=must_exist, read_only=read_only)
     try:
         yield database
     finally:

@@ -104,7 +104,7 @@ def show_round(
 ) -> None:
     """Round N: its rows, its participants with their divergence, and the policy's decisions."""
     rows = [row for row in _rows(state_dir) if row.get("round") == round_number]
-    with _database(state_dir, registry) as database:
+    with _database(state_dir, registry, read_only=True) as database:
         run = run_id or _only_run(database)
         if run not in run_ids_of(read_json(state_dir / "config.json") or {}):
             rows = []  # the folder's rows are its own run's, not this one's

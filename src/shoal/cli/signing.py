@@ -69,7 +69,7 @@ def verify_model(
     """
     number = _version_or_head(version)
     pinned = load_public_key(public_key or state_dir / PUBLIC_KEY_FILE)
-    with _database(state_dir, registry) as database:
+    with _database(state_dir, registry, read_only=True) as database:
         models = ModelRegistry(database, BlobStore(blob_location(state_dir, blobs)))
         record = models.head(name) if number is None else models.get(name, number)
         if record is None:
