@@ -436,13 +436,15 @@ class Run:
             raise RunError(f"{self.where} already holds a run: resume it, or use another folder")
         self.store.write_config(config_to_dict(self.config))
         coordinator = self._engine(initial)
-        self.store.commit(
-            initial,
-            round_number=0,
-            metrics={"virtual_time_s": 0.0},
-            state=state_to_bytes(coordinator.optimizer_state),
-            architecture=self.architecture,
-        )
+        with self.store.transaction():  # version 0 and a signed head over its entry, as a round's
+            self.store.commit(
+                initial,
+                round_number=0,
+                metrics={"virtual_time_s": 0.0},
+                state=state_to_bytes(coordinator.optimizer_state),
+                architecture=self.architecture,
+            )
+            self.store.sign_audit_head()
         return coordinator
 
     def _restore(self, head: ModelRecord) -> Coordinator:
