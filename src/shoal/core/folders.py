@@ -18,6 +18,7 @@ import fcntl
 import os
 import tempfile
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -87,23 +88,36 @@ def hold_folder(path: str | Path, *, what: str) -> FolderHold:
     """
     folder = writable_folder(path, what=what)
     lock_path = folder / LOCK_FILE
+    descriptor = lock_exclusively(
+        lock_path,
+        what=f"{what} {folder}",
+        in_use=lambda: (
+            f"{what} {folder} is in use by another shoal process{_holder(lock_path)}: "
+            "wait for it to end, or use another folder"
+        ),
+    )
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"{os.getpid()}\n".encode())  # who holds it, for the refused
+    return FolderHold(folder, descriptor)
+
+
+def lock_exclusively(lock_path: Path, *, what: str, in_use: Callable[[], str]) -> int:
+    """A descriptor of ``lock_path`` (made when missing) under this process's exclusive,
+    non-blocking ``flock``, which the OS lets go when the descriptor closes or the process
+    ends. Held by another process: one :class:`RunError` of ``in_use()``; a file that cannot
+    be opened or locked: one naming ``what``."""
     try:
         descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        raise RunError(f"{what} {folder} cannot be locked: {exc.strerror or exc}") from exc
+        raise RunError(f"{what} cannot be locked: {exc.strerror or exc}") from exc
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(descriptor)
         if isinstance(exc, BlockingIOError):
-            raise RunError(
-                f"{what} {folder} is in use by another shoal process{_holder(lock_path)}: "
-                "wait for it to end, or use another folder"
-            ) from None
-        raise RunError(f"{what} {folder} cannot be locked: {exc.strerror or exc}") from exc
-    os.ftruncate(descriptor, 0)
-    os.write(descriptor, f"{os.getpid()}\n".encode())  # who holds it, for the refused
-    return FolderHold(folder, descriptor)
+            raise RunError(in_use()) from None
+        raise RunError(f"{what} cannot be locked: {exc.strerror or exc}") from exc
+    return descriptor
 
 
 def _holder(lock_path: Path) -> str:

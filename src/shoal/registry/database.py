@@ -35,7 +35,6 @@ threshold the background one keeps the log well under.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -57,7 +56,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from shoal.core.errors import ConfigError, MissingExtraError, RegistryError, RunError
-from shoal.core.folders import writable_folder
+from shoal.core.folders import lock_exclusively, writable_folder
 
 DEFAULT_FILE_NAME = "registry.db"
 BUSY_TIMEOUT_S = 30.0
@@ -295,20 +294,14 @@ class Database:
             return Held(lambda: None)
         digest = hashlib.sha256(name.encode()).hexdigest()[:16]
         lock = Path(str(path)).with_name(f"{Path(str(path)).name}.hold-{digest}")
-        try:
-            descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise RunError(f"{what}: {lock} cannot be locked: {exc.strerror or exc}") from exc
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(descriptor)
-            if isinstance(exc, BlockingIOError):
-                raise RunError(
-                    f"{what} is in use by another shoal process ({self.url}): "
-                    "wait for it to end, or use another run name"
-                ) from None
-            raise RunError(f"{what}: {lock} cannot be locked: {exc.strerror or exc}") from exc
+        descriptor = lock_exclusively(
+            lock,
+            what=f"{what}: {lock}",
+            in_use=lambda: (
+                f"{what} is in use by another shoal process ({self.url}): "
+                "wait for it to end, or use another run name"
+            ),
+        )
         return Held(lambda: os.close(descriptor))
 
     def close(self) -> None:
