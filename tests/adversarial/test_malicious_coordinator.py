@@ -190,6 +190,18 @@ async def client_of(
         await server.stop(None)
 
 
+def played(coordinator: Scripted, tmp_path: Path, **options: Any) -> ClientRuntime:
+    """A real client runtime (``options`` as for :func:`client_of`) run against
+    ``coordinator`` until the run ends; the runtime, for what it recorded."""
+
+    async def play() -> ClientRuntime:
+        async with client_of(coordinator, tmp_path, **options) as runtime:
+            await asyncio.wait_for(runtime.run(), timeout=20)
+            return runtime
+
+    return asyncio.run(play())
+
+
 def task(
     *,
     fit: pb.FitConfig | None = None,
@@ -234,14 +246,9 @@ def test_a_task_asking_for_absurd_training_is_never_trained_on(
     client = Recording()
     events: list[str] = []
 
-    async def attack() -> None:
-        coordinator = Scripted([task(fit=fit), task(fit=fit)])  # then "the run has finished"
-        async with client_of(
-            coordinator, tmp_path, client=client, unreadable_retry_s=0.01, on_event=events.append
-        ) as runtime:
-            await asyncio.wait_for(runtime.run(), timeout=20)
-
-    asyncio.run(attack())  # not fatal: before, the client exited, a fleet with it
+    coordinator = Scripted([task(fit=fit), task(fit=fit)])  # then "the run has finished"
+    # not fatal: before, the client exited, a fleet with it
+    played(coordinator, tmp_path, client=client, unreadable_retry_s=0.01, on_event=events.append)
     assert client.fits == []
     refused = [event for event in events if "answer cannot be used" in event]
     assert len(refused) == 1 and named in refused[0]  # told once for the same answer
@@ -252,11 +259,7 @@ def test_the_most_epochs_a_task_may_ask_are_trained(tmp_path: Path) -> None:
     client = Recording()
     fit = pb.FitConfig(epochs=MAX_LOCAL_EPOCHS, batch_size=0, learning_rate=1e-3, proximal_mu=0)
 
-    async def serve() -> None:
-        async with client_of(Scripted([task(fit=fit)]), tmp_path, client=client) as runtime:
-            await asyncio.wait_for(runtime.run(), timeout=20)
-
-    asyncio.run(serve())
+    played(Scripted([task(fit=fit)]), tmp_path, client=client)
     assert [config.epochs for config in client.fits] == [MAX_LOCAL_EPOCHS]
 
 
@@ -267,29 +270,20 @@ def test_the_most_epochs_a_task_may_ask_are_trained(tmp_path: Path) -> None:
 def test_a_retry_after_of_years_is_an_hour_at_most(
     tmp_path: Path, seconds: float, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def attack() -> list[float]:
-        coordinator = Scripted([retry(seconds), task()])
-        async with client_of(coordinator, tmp_path, runtime=Pauses) as runtime:
-            await asyncio.wait_for(runtime.run(), timeout=20)
-            assert runtime.finished is not None and runtime.tasks_done == 1
-            assert isinstance(runtime, Pauses)
-            return runtime.pauses
-
     with caplog.at_level(logging.WARNING, logger="shoal.client"):
-        [pause] = asyncio.run(attack())
+        runtime = played(Scripted([retry(seconds), task()]), tmp_path, runtime=Pauses)
+    assert runtime.finished is not None and runtime.tasks_done == 1
+    assert isinstance(runtime, Pauses)
+    [pause] = runtime.pauses
     assert 0.8 * MAX_RETRY_AFTER_S <= pause <= 1.2 * MAX_RETRY_AFTER_S  # with its jitter
     assert any("checking in again in 3600 s" in record.getMessage() for record in caplog.records)
 
 
 @pytest.mark.parametrize("seconds", [0.0, 2.0, MAX_RETRY_AFTER_S])
 def test_a_retry_after_within_the_hour_is_honoured(tmp_path: Path, seconds: float) -> None:
-    async def serve() -> list[float]:
-        async with client_of(Scripted([retry(seconds)]), tmp_path, runtime=Pauses) as runtime:
-            await asyncio.wait_for(runtime.run(), timeout=20)
-            assert isinstance(runtime, Pauses)
-            return runtime.pauses
-
-    [pause] = asyncio.run(serve())
+    runtime = played(Scripted([retry(seconds)]), tmp_path, runtime=Pauses)
+    assert isinstance(runtime, Pauses)
+    [pause] = runtime.pauses
     assert 0.8 * seconds <= pause <= 1.2 * seconds
 
 
@@ -308,13 +302,8 @@ def test_a_download_larger_than_announced_is_refused_at_its_first_chunk(tmp_path
 
     client = Recording()
 
-    async def attack() -> Scripted:
-        coordinator = Scripted([task()], fetch=flood)
-        async with client_of(coordinator, tmp_path, client=client) as runtime:
-            await asyncio.wait_for(runtime.run(), timeout=20)
-        return coordinator
-
-    coordinator = asyncio.run(attack())
+    coordinator = Scripted([task()], fetch=flood)
+    played(coordinator, tmp_path, client=client)
     announced = len(MODEL.to_bytes())
     [failure] = coordinator.failures
     assert failure == f"model refused: chunks declare {total} bytes, expected {announced}"
@@ -324,13 +313,8 @@ def test_a_download_larger_than_announced_is_refused_at_its_first_chunk(tmp_path
 def test_the_model_of_the_announced_size_is_trained_on(tmp_path: Path) -> None:
     client = Recording()
 
-    async def serve() -> Scripted:
-        coordinator = Scripted([task()])
-        async with client_of(coordinator, tmp_path, client=client) as runtime:
-            await asyncio.wait_for(runtime.run(), timeout=20)
-        return coordinator
-
-    coordinator = asyncio.run(serve())
+    coordinator = Scripted([task()])
+    played(coordinator, tmp_path, client=client)
     assert coordinator.failures == [] and len(client.fits) == 1
     assert coordinator.calls.count("SubmitUpdate") == 1
 
@@ -350,13 +334,8 @@ def _advertise(neighbours: int) -> pb.CheckInResponse:
 def test_a_session_of_too_many_neighbours_is_refused_before_any_key_leaves(
     tmp_path: Path, neighbours: int
 ) -> None:
-    async def attack() -> Scripted:
-        coordinator = Scripted([_advertise(neighbours)])
-        async with client_of(coordinator, tmp_path) as runtime:
-            await asyncio.wait_for(runtime.run(), timeout=20)
-        return coordinator
-
-    coordinator = asyncio.run(attack())
+    coordinator = Scripted([_advertise(neighbours)])
+    played(coordinator, tmp_path)
     assert "SubmitSecureMessage" not in coordinator.calls
     [failure] = coordinator.failures
     assert failure == (
@@ -366,13 +345,8 @@ def test_a_session_of_too_many_neighbours_is_refused_before_any_key_leaves(
 
 
 def test_a_session_of_the_most_neighbours_is_joined(tmp_path: Path) -> None:
-    async def serve() -> Scripted:
-        coordinator = Scripted([_advertise(MAX_NEIGHBOURS)])
-        async with client_of(coordinator, tmp_path) as runtime:
-            await asyncio.wait_for(runtime.run(), timeout=20)
-        return coordinator
-
-    coordinator = asyncio.run(serve())
+    coordinator = Scripted([_advertise(MAX_NEIGHBOURS)])
+    played(coordinator, tmp_path)
     assert coordinator.failures == [] and "SubmitSecureMessage" in coordinator.calls
 
 
@@ -407,16 +381,12 @@ def test_a_coordinators_words_never_forge_a_line_of_the_clients_log(
     )
     events: list[str] = []
 
-    async def attack() -> None:
-        pinned = PinnedKey.of(signer.private_key.public_key())
-        async with client_of(
-            coordinator, tmp_path, runtime=Pauses, on_event=events.append, coordinator_key=pinned
-        ) as runtime:
-            await asyncio.wait_for(runtime.run(), timeout=20)
-            assert runtime.tasks_done == 1
-
+    pinned = PinnedKey.of(signer.private_key.public_key())
     with caplog.at_level(logging.INFO):
-        asyncio.run(attack())
+        runtime = played(
+            coordinator, tmp_path, runtime=Pauses, on_event=events.append, coordinator_key=pinned
+        )
+    assert runtime.tasks_done == 1
     lines = events + [record.getMessage() for record in caplog.records]
     for source in ("not eligible now", "too old", "UNAVAILABLE: down", "signed by key", "late"):
         assert any(source in line and "round 9" in line for line in lines), source

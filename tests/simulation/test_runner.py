@@ -25,7 +25,7 @@ from shoal.simulation.runner import (
     load_run_config,
     open_run_models,
 )
-from support.jobs import bare_config
+from support.jobs import bare_config, rows_without_wall
 from support.whereabouts import DRIFTS_MEASURED, counted_drift_of_gram
 
 DESIGN_ROW_KEYS = {
@@ -51,13 +51,6 @@ def small(*overrides: str) -> Config:
         "availability=0.9}]",
     ]
     return bare_config([*base, *overrides])
-
-
-def rows_without_wall(folder: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    for row in rows:
-        row.pop("wall_time_s")
-    return rows
 
 
 def test_run_writes_the_design_outputs(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@ has CPUs: ``simulation.workers = 1024`` on 10 clients a round started 1023 proce
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from shoal.simulation import runner
 from shoal.simulation.executor import Executor, ProcessExecutor, SerialExecutor, make_executor
 from shoal.simulation.runner import Simulation, final_parameters
-from support.jobs import bare_config
+from support.jobs import bare_config, rows_without_wall
 from support.whereabouts import WhereaboutsClient
 
 
@@ -28,13 +27,6 @@ def small(*overrides: str) -> Any:
         "devices.classes=[{name='a', share=1.0, dropout=0.1}]",
     ]
     return bare_config([*base, *overrides])
-
-
-def rows_without_wall(folder: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    for row in rows:
-        row.pop("wall_time_s")
-    return rows
 
 
 def test_a_pool_of_64_on_4_clients_a_round_starts_3_workers_and_runs_the_same(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,15 @@ def digits_client(index: int, clients: int) -> Client:
         client_id=f"client-{index}", partition_index=index, num_partitions=clients, config=config
     )
     return client_app(context)
+
+
+def rows_without_wall(folder: Path) -> list[dict[str, Any]]:
+    """A run folder's ``metrics.jsonl`` rows without their wall time: what a deterministic run
+    repeats bit for bit, however fast it went."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("wall_time_s")
+    return rows
 
 
 def bare_config(overrides: Iterable[str] = ()) -> Config:
