@@ -13,6 +13,7 @@ from tests.support.jobs import bare_config
 import shoal
 from shoal.config import Config
 from shoal.core.errors import NotFoundError, RunError
+from shoal.core.folders import hold_folder
 from shoal.governance.model_signing import PUBLIC_KEY_FILE, load_public_key
 from shoal.governance.pseudonyms import Pseudonyms
 from shoal.registry import ClientRegistry, ClientStatus, ModelStatus, verify_audit_log
@@ -181,3 +182,20 @@ def test_unknown_client_and_folder_without_a_run(full_run: Path, tmp_path: Path)
         shoal.unlearn(full_run, "client-99999", actor="eve")
     with pytest.raises(RunError, match="not a Shoal run folder"):
         shoal.unlearn(tmp_path, "client-00001", actor="eve")
+
+
+def test_unlearning_refuses_a_run_folder_another_process_runs(
+    full_run: Path, tmp_path: Path
+) -> None:
+    """As on a deployment: a resume of the run holds its folder, and unlearning, which moves
+    its HEAD, refuses at once instead of racing it."""
+    folder = tmp_path / "busy"
+    shutil.copytree(full_run, folder)
+    client = middle_client(participation(folder))
+    head = final_parameters(folder).sha256()
+    with (
+        hold_folder(folder, what="run folder"),  # the resume's hold
+        pytest.raises(RunError, match="is in use by another shoal process"),
+    ):
+        shoal.unlearn(folder, client, actor="frank", retrain=False)
+    assert final_parameters(folder).sha256() == head  # nothing moved

@@ -27,6 +27,7 @@ import numpy as np
 from shoal.client.app import app_search_path
 from shoal.config import Config
 from shoal.core.errors import NotFoundError, RunError
+from shoal.core.folders import hold_folder
 from shoal.governance.unlearning import PRIVACY_NOTE, UnlearningReport, forget, run_names
 from shoal.registry import ClientRegistry, ModelRegistry
 from shoal.registry.participation import ParticipationLog
@@ -77,7 +78,8 @@ def unlearn(
     if client_id not in simulation.population.client_ids:
         count = len(simulation.population.client_ids)
         raise NotFoundError(f"the run in {folder} has no client {client_id!r} ({count} clients)")
-    report = _forget(simulation, config, folder, client_id, actor=actor or default_actor())
+    with hold_folder(folder, what="run folder"):  # not while a resume of the run runs
+        report = _forget(simulation, config, folder, client_id, actor=actor or default_actor())
     if report.needs_recomputing and retrain:
         simulation.run(on_round=on_round)
         report = _retrained(report, folder)
