@@ -11,7 +11,8 @@ Each attack was reproduced against the coordinator before its fix:
   request of an enrolled id was ``bad_signature``, of a free one
   ``unknown_client``), was told to anyone who named it.
 - A download from past the model's end, and an upload whose layout had an
-  infinite dimension or nesting deeper than the JSON parser's recursion,
+  infinite dimension, nesting deeper than the JSON parser's recursion or a
+  dtype numpy parses as Python (","),
   raised out of the service (gRPC UNKNOWN, a traceback, nothing counted).
 - An update whose tensors were not the model's (another order, another dtype)
   was flattened by its own layout and aggregated: its values landed in other
@@ -201,6 +202,10 @@ def test_an_update_of_other_tensors_than_the_models_is_refused(
                 "deep nesting": foreign(
                     {"w": np.zeros(size, np.float32)}, "[" * 100_000 + "]" * 100_000
                 ),
+                # numpy reads "," through Python's parser: a SyntaxError raised out of the service
+                "a structured dtype": foreign(
+                    {"w": np.zeros(size, np.float32)}, f'[["w",[{size}],","]]'
+                ),
                 "the model's own": model.with_vector(np.zeros(size, np.float32)).to_bytes(),
             }
             verdicts = {}
@@ -217,8 +222,10 @@ def test_an_update_of_other_tensors_than_the_models_is_refused(
     assert code(verdicts["infinite dimension"]) == "malformed"
     assert code(verdicts["deep nesting"]) == "malformed"
     assert "malformed layout" in verdicts["deep nesting"].detail
+    assert code(verdicts["a structured dtype"]) == "malformed"
+    assert "not a number's" in verdicts["a structured dtype"].detail
     assert code(verdicts["the model's own"]) == "accepted"  # the refused ones did not count
-    assert refusals == {"invalid_update": 1, "malformed": 2}
+    assert refusals == {"invalid_update": 1, "malformed": 3}
     assert "Traceback" not in caplog.text
 
 

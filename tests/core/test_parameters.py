@@ -174,3 +174,16 @@ def test_all_within_on_the_edges() -> None:
     assert not all_within(np.full(3, 1e30, np.float32), bound=1e6)  # the attack of issue 11
     with pytest.raises(ValueError, match="bound"):
         all_within(ones, bound=float("inf"))
+
+
+@pytest.mark.parametrize("dtype", [",", "f4,f4", "(2,)f4", "O", "U10", "V8", "", "M8[s]"])
+def test_a_layouts_dtype_is_a_plain_numbers(dtype: str) -> None:
+    """A layout's dtype comes from a peer: numpy read "," through Python's parser (a
+    SyntaxError out of a decode) and "f4,f4" as a record; each is a ModelError now."""
+    with pytest.raises(ModelError, match="not a number's"):
+        TensorSpec("w", (2,), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "<f8", "int64", "uint8", "bool"])
+def test_the_dtypes_of_tensors_are_taken(dtype: str) -> None:
+    assert TensorSpec("w", (2,), dtype).dtype == dtype

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import safetensors.numpy
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from shoal.core.errors import IntegrityError, ProtocolError
@@ -244,6 +244,7 @@ def test_random_bytes_never_escape_as_foreign_errors(data: bytes) -> None:
 
 
 @given(st.integers(min_value=0, max_value=400), st.binary(min_size=1, max_size=8))
+@example(393, b",")  # a comma in the layout's dtype: numpy's parser raised a SyntaxError
 def test_corrupting_a_valid_payload_gives_a_shoal_error(position: int, noise: bytes) -> None:
     data = bytearray(model().to_bytes())
     position %= len(data)

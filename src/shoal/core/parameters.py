@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,23 @@ _LAYOUT_KEY = "shoal.layout"
 _FORMAT_KEY = "format"
 
 
+_DTYPE_CHARACTERS = frozenset(string.ascii_letters + string.digits + "<>=|")
+
+
+def _number_dtype(name: str) -> np.dtype[Any] | None:
+    """The plain numeric (or boolean) dtype ``name`` names, else None. A layout's dtype comes
+    from a peer: numpy reads ``","`` or ``"(2,)f4"`` as structured dtypes through Python's
+    parser (a ``SyntaxError`` out of a decode), and ``"O"`` as objects."""
+    if not name or not set(name) <= _DTYPE_CHARACTERS:
+        return None
+    try:
+        dtype = np.dtype(name)
+    except (TypeError, ValueError, SyntaxError):
+        return None
+    plain = dtype.fields is None and dtype.subdtype is None
+    return dtype if plain and (np.issubdtype(dtype, np.number) or dtype == np.bool_) else None
+
+
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
     """One named tensor inside a flat vector: its shape and original dtype."""
@@ -50,10 +68,10 @@ class TensorSpec:
             raise ModelError("a tensor needs a non-empty name")
         if any(dim < 0 for dim in self.shape):
             raise ModelError(f"tensor {self.name!r} has a negative dimension: {self.shape}")
-        try:
-            np.dtype(self.dtype)
-        except TypeError as exc:
-            raise ModelError(f"tensor {self.name!r} has an unknown dtype {self.dtype!r}") from exc
+        if _number_dtype(self.dtype) is None:
+            raise ModelError(
+                f"tensor {self.name!r} has a dtype that is not a number's: {self.dtype[:40]!r}"
+            )
 
     @property
     def size(self) -> int:
