@@ -488,6 +488,18 @@ def test_a_delta_past_its_bound_is_refused_in_one_line() -> None:
     assert "\n" not in message
 
 
+def test_a_delta_the_pld_accountant_cannot_resolve_is_refused_in_one_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            None,
+            ["privacy.placement='central'", "privacy.accountant='pld'", "privacy.delta=1e-16"],
+        )
+    message = str(caught.value)
+    assert "delta = 1e-16 is below the 1e-12" in message and "'rdp'" in message
+    assert "\n" not in message
+    assert load_config(None, ["privacy.accountant='rdp'", "privacy.delta=1e-16"])
+
+
 @pytest.mark.timeout(60)
 def test_a_target_epsilon_just_under_its_bound_calibrates() -> None:
     config = load_config(None, ["privacy.placement='central'", "privacy.epsilon=99.9"])

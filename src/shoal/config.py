@@ -39,9 +39,11 @@ from shoal.core.limits import (
     MAX_PORT,
     MAX_RETRY_AFTER_S,
     MAX_RUN_ID_CHARS,
+    PLD_SMALLEST_DELTA,
     Limit,
     above_limit,
     is_loopback,
+    pld_delta_problem,
     split_host_port,
     within_budget,
 )
@@ -762,6 +764,12 @@ class PrivacySection(_Section):
     @property
     def enabled(self) -> bool:
         return self.placement != "none"
+
+    @model_validator(mode="after")
+    def _delta_the_accountant_resolves(self) -> PrivacySection:
+        if self.accountant == "pld" and self.delta is not None and self.delta < PLD_SMALLEST_DELTA:
+            raise ValueError(pld_delta_problem(self.delta))
+        return self
 
 
 class PolicySection(_Section):

@@ -472,3 +472,45 @@ def test_epsilon_refuses_a_delta_outside_zero_one(delta: float) -> None:
 def test_the_accountant_refuses_bad_settings(kwargs: dict[str, object], name: str) -> None:
     with pytest.raises(ConfigError, match=name):
         PrivacyAccountant(**kwargs)  # type: ignore[arg-type]
+
+
+# --- what dp-accounting cannot resolve, and what it says while resolving ----------------------
+
+
+@pytest.mark.parametrize("delta", [1e-13, 1e-15, 1e-300])
+def test_pld_refuses_a_delta_its_truncated_tails_cannot_resolve(delta: float) -> None:
+    """PLD's ε was ``inf`` at any δ of 1e-15 or less (dp-accounting truncates each distribution's
+    tails at 1e-15), so calibration raised the noise until it jumped to a finite ε far below the
+    target: ε = 3 at δ = 1e-16 calibrated a noise multiplier of 484 (a spent ε of 0.0006)."""
+    accountant = PrivacyAccountant(method="pld", pld_discretization=COARSE)
+    accountant.compose(noise_multiplier=1.0, sampling_rate=0.1, steps=10)
+    with pytest.raises(ConfigError) as caught:
+        accountant.epsilon(delta=delta)
+    message = str(caught.value)
+    assert "1e-12" in message and "rdp" in message and "\n" not in message
+    with pytest.raises(ConfigError, match="1e-12"):
+        calibrate_noise_multiplier(
+            target_epsilon=3.0, delta=delta, rounds=10, sampling_rate=0.1, method="pld"
+        )
+
+
+def test_pld_resolves_a_delta_at_its_floor() -> None:
+    accountant = PrivacyAccountant(method="pld", pld_discretization=COARSE)
+    accountant.compose(noise_multiplier=1.0, sampling_rate=0.1, steps=100)
+    rdp = PrivacyAccountant()
+    rdp.compose(noise_multiplier=1.0, sampling_rate=0.1, steps=100)
+    assert 0 < accountant.epsilon(delta=1e-12) < rdp.epsilon(delta=1e-12)
+
+
+def test_orders_that_rdp_leaves_out_are_not_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """At a sampling rate of 0.1 and a noise multiplier of 1, dp-accounting's series for five
+    fractional orders does not converge: it leaves them out (the bound stays valid over the other
+    orders) and logged a warning for each, so one DP simulation's calibration printed hundreds."""
+    accountant = PrivacyAccountant()  # a mechanism of its own: one step's RDP is cached
+    accountant.compose(noise_multiplier=0.9871, sampling_rate=0.1, steps=100)
+    with caplog.at_level("DEBUG"):
+        epsilon = accountant.epsilon(delta=DELTA)
+    assert 0 < epsilon < math.inf
+    left_out = [record for record in caplog.records if "failed to converge" in record.getMessage()]
+    assert left_out, "dp-accounting no longer says so: this test checks nothing"
+    assert all(record.levelname == "DEBUG" for record in left_out)

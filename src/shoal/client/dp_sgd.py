@@ -44,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.core.errors import ClientError, ConfigError
+from shoal.privacy.accounting import PrivacyAccountant
 from shoal.privacy.noise import NoiseSource
 
 FloatArray = npt.NDArray[np.floating[Any]]
@@ -264,9 +265,6 @@ def record_level_epsilon(
     delta) conversion is dp-accounting's current one, tighter than the
     classic one of published tables.
     """
-    import dp_accounting  # type: ignore[import-untyped, unused-ignore]
-    from dp_accounting import rdp  # type: ignore[import-untyped, unused-ignore]
-
     if steps < 0 or not 0 <= sampling_rate <= 1 or not 0 < delta < 1:
         raise ConfigError("need steps >= 0, a sampling rate in [0, 1] and delta in (0, 1)")
     if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
@@ -275,12 +273,6 @@ def record_level_epsilon(
         return 0.0
     if noise_multiplier == 0:
         return math.inf
-    event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(
-            sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
-        ),
-        steps,
-    )
-    accountant = rdp.RdpAccountant()
-    accountant.compose(event)
-    return float(accountant.get_epsilon(delta))
+    accountant = PrivacyAccountant()  # RDP, Poisson sampling, the improved conversion
+    accountant.compose(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=steps)
+    return accountant.epsilon(delta=delta)

@@ -41,6 +41,20 @@ MAX_LOCAL_EPOCHS = 10_000
 by it, and a client refuses a task that asks for more (``epochs = 1e9`` from a broken or hostile
 coordinator kept a deployed client training for good)."""
 
+PLD_SMALLEST_DELTA = 1e-12
+"""The least δ the PLD accountant is asked about: dp-accounting truncates each privacy loss
+distribution's tails at 1e-15, and its ε is infinite at a δ of that order."""
+
+
+def pld_delta_problem(delta: float) -> str:
+    """Why the PLD accountant cannot account at ``delta``, below :data:`PLD_SMALLEST_DELTA`."""
+    return (
+        f"delta = {delta:g} is below the {PLD_SMALLEST_DELTA:g} that the PLD accountant "
+        "resolves (dp-accounting truncates its distributions' tails at 1e-15, and its epsilon "
+        "is infinite near that): use the accountant 'rdp' for a delta this small"
+    )
+
+
 MAX_RUN_ID_CHARS = 128
 """The longest run id (``coordinator.run_id``): every signed request and secure session names it,
 and a client refuses a session naming a longer one (4 MB ones were kept per signed round)."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import numbers
 from collections.abc import Callable
@@ -43,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.core.errors import ConfigError, RunError
+from shoal.core.limits import PLD_SMALLEST_DELTA, pld_delta_problem
 
 Method = Literal["rdp", "pld"]
 Sampling = Literal["poisson", "fixed"]
@@ -59,12 +61,27 @@ _SMALLEST_NOISE_MULTIPLIER = 2.0**-10
 _MOST_BISECTIONS = 64  # past 53, a float's bits, a bracket can no longer narrow
 
 
+@functools.cache
 def _dp_accounting() -> Any:
     # Importing dp-accounting costs about a second (it pulls in scipy.signal):
     # load it on first use so that `import shoal` stays quick.
     import dp_accounting  # type: ignore[import-untyped]
 
+    logging.getLogger("absl").addFilter(_left_out_order)
     return dp_accounting
+
+
+def _left_out_order(record: logging.LogRecord) -> bool:
+    """dp-accounting leaves out an RDP order whose series does not converge (its RDP is infinite,
+    so ε, the least over the other orders, stays a valid bound) and warns of each: at a sampling
+    rate of 0.1 and a noise multiplier near 1, five orders per step, so one calibration printed
+    hundreds of warnings. They are debug lines here."""
+    if record.levelno == logging.WARNING and str(record.msg).startswith(
+        "_compute_log_a_frac failed to converge"
+    ):
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+    return True
 
 
 # --- validation -----------------------------------------------------------------
@@ -415,6 +432,8 @@ class PrivacyAccountant:
         if self._cached is not None and self._cached[0] == (history, delta):
             return self._cached[1]
         if self._scheme.method == "pld":
+            if delta < PLD_SMALLEST_DELTA:
+                raise ConfigError(pld_delta_problem(delta))
             epsilon = _pld_epsilon(history, delta=delta, discretization=self._pld_discretization)
         else:
             conversion = self._scheme.conversion or "improved"
