@@ -599,6 +599,11 @@ class CoordinatorSection(_Section):
     upload_idle_s: Annotated[
         float, Field(gt=0), Limit(3600, "a stalled upload holds its bytes for that long")
     ] = 60.0
+    # calls served at once, more are told RESOURCE_EXHAUSTED (clients retry): each may hold a
+    # message of up to 1 MiB before it is authenticated, so this bounds strangers' memory
+    max_concurrent_rpcs: Annotated[
+        int, Field(ge=1), Limit(65_536, "each call may hold 1 MiB before it is authenticated")
+    ] = 1024
     retry_after_s: Annotated[
         float, Field(gt=0), Limit(MAX_RETRY_AFTER_S, "a client waits no longer between check-ins")
     ] = 2.0

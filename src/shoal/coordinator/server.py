@@ -107,6 +107,7 @@ from shoal.transport.certs import (
     CertificateFiles,
     load_server_credentials,
 )
+from shoal.transport.chunks import MAX_REQUEST_BYTES, MAX_STREAMS_PER_CONNECTION
 from shoal.transport.keyholder_service import KeyHolderClient
 from shoal.transport.listen import EXCLUSIVE_PORT, bind_server
 
@@ -430,10 +431,14 @@ async def serve(
     credentials = server_credentials(config, insecure=insecure)
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", 8 * 2**20),
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
             ("grpc.max_send_message_length", 8 * 2**20),
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
             EXCLUSIVE_PORT,
-        ]
+        ],
+        # each call may hold a message of up to MAX_REQUEST_BYTES before it is authenticated:
+        # this bounds what strangers' calls hold together (more are told RESOURCE_EXHAUSTED)
+        maximum_concurrent_rpcs=config.coordinator.max_concurrent_rpcs,
     )
     # the addresses first: one that cannot be bound is refused before the run is opened
     listen = config.coordinator.listen

@@ -25,6 +25,15 @@ from shoal.transport.messages import Chunk
 DEFAULT_CHUNK_SIZE = 256 * 1024
 """Bytes per chunk: well under gRPC's 4 MiB message limit, small enough to resume cheaply."""
 
+MAX_REQUEST_BYTES = 2**20
+"""The largest message a coordinator receives: a chunk with its part's header, or a check-in
+with its attestation evidence (64 KiB), fit with room to spare. gRPC holds a message whole
+before any handler sees it, so each stream of an unauthenticated peer could hold this much:
+at 8 MiB, 40 stalled streams of one peer held 310 MiB of the coordinator's memory."""
+
+MAX_STREAMS_PER_CONNECTION = 32
+"""Concurrent calls on one connection to a coordinator: a client makes a few at once."""
+
 
 class PayloadTooLarge(ProtocolError):
     """A payload is (or claims to be) larger than the receiver accepts."""
