@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import resource
 import socket
 import struct
 import subprocess
@@ -60,7 +61,8 @@ class Served:
 
 
 @contextmanager
-def serving(tmp_path: Path, *settings: str) -> Iterator[Served]:
+def serving(tmp_path: Path, *settings: str, open_files: int | None = None) -> Iterator[Served]:
+    """``shoal coordinator serve`` on 127.0.0.1; ``open_files``: started with that soft limit."""
     job = tmp_path / "job.toml"
     job.write_text(
         f"""
@@ -83,7 +85,13 @@ retry_after_s = 0.05
         command = [*SHOAL, "coordinator", "serve", "--config", str(job), "--insecure"]
         for setting in settings:
             command += ["--set", setting]
-        process = subprocess.Popen(command, stdout=out, stderr=out)
+
+        def limited() -> None:
+            if open_files is not None:
+                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, hard))
+
+        process = subprocess.Popen(command, stdout=out, stderr=out, preexec_fn=limited)
     try:
         deadline = time.monotonic() + 60
         while (found := re.search(r"\(port (\d+)\)", log.read_text())) is None:
@@ -283,3 +291,27 @@ def exhausted_or(port: int) -> str:
         if error.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
             raise
         return str(error.code().value[0])
+
+
+def test_a_silent_connection_is_let_go_and_the_open_files_limit_is_raised(
+    tmp_path: Path,
+) -> None:
+    """Each connection is a file descriptor: with the 1,024 a process is often given and gRPC's
+    120 s for a connection's start, a few hundred silent connections kept clients out (gRPC
+    retried its ``accept`` each second). Reproduced at a soft limit of 128: 200 silent
+    connections, and an honest enrollment timed out."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    with serving(tmp_path, open_files=256) as served:
+        limits = Path(f"/proc/{served.process.pid}/limits").read_text()
+        found = re.search(r"^Max open files\s+(\d+|unlimited)\s+(\d+|unlimited)", limits, re.M)
+        assert found is not None, limits
+        if hard != resource.RLIM_INFINITY and hard > 256:
+            assert found.group(1) == found.group(2) == str(hard)
+        silent = socket.create_connection(("127.0.0.1", served.port), timeout=30)
+        started = time.monotonic()
+        received = b""
+        while chunk := silent.recv(1 << 16):
+            received += chunk
+        silent.close()
+        assert time.monotonic() - started < 20  # gRPC's own: 120 s
+        assert b"handshake" in received.lower()  # its GOAWAY says why

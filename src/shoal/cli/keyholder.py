@@ -16,6 +16,7 @@ from shoal.cli.operator import AsJson, _console, _key_value_table, _print_json
 from shoal.config import MAX_CLIENTS
 from shoal.core.errors import ConfigError
 from shoal.core.identifiers import check_client_id
+from shoal.core.serving import raise_open_files_limit
 from shoal.secure.keyholder import read_silo_keys
 
 keyholder_app = typer.Typer(
@@ -208,6 +209,7 @@ def serve_command(
         stopping.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    raise_open_files_limit()  # each connection is a file descriptor
     try:
         server = serve_keyholder(
             directory,

@@ -27,6 +27,7 @@ from shoal.client.runtime import ClientRuntime, load_or_create_enrollment
 from shoal.config import MAX_CLIENTS, load_config
 from shoal.core.errors import ConfigError, ShoalError
 from shoal.core.limits import MAX_PORT, split_host_port
+from shoal.core.serving import raise_open_files_limit
 from shoal.dashboard import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, open_dashboard
 from shoal.governance import ManifestAttester, SignedManifest
 from shoal.governance.model_signing import PinnedKey
@@ -129,6 +130,7 @@ def serve_command(
         if first_round > 1:
             console.print(f"resuming run {config.run.name} at round {first_round}")
 
+    raise_open_files_limit()  # each connection is a file descriptor
     try:
         parts = asyncio.run(
             serve(

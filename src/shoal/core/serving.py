@@ -17,6 +17,7 @@ to loopback can refuse the names a DNS-rebinding page would send.
 from __future__ import annotations
 
 import logging
+import resource
 import threading
 from socketserver import BaseRequestHandler, ThreadingMixIn
 from typing import Any
@@ -103,3 +104,28 @@ def is_loopback(host: str) -> bool:
     """
     name = host.strip().strip("[]").lower()
     return name in LOOPBACK_NAMES or is_loopback_address(name)
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; returns the limit.
+
+    A server's every connection is a file descriptor, and so are the files it writes: at the
+    1,024 that many systems give a process by default, a few hundred silent connections made
+    a coordinator refuse honest clients (gRPC retries its ``accept`` each second) and could
+    fail its own commits. The hard limit is the operator's to set (systemd's
+    ``LimitNOFILE``, ``ulimit -Hn``); below 4,096 it is warned about.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as error:  # a sandbox may refuse: serve within the soft one
+            log.warning("could not raise the open files limit from %d to %d: %s", soft, hard, error)
+    if soft != resource.RLIM_INFINITY and soft < 4096:
+        log.warning(
+            "this process may open %d files: each connection takes one, so a few hundred "
+            "idle peers can keep clients out (raise the hard limit: ulimit -Hn, LimitNOFILE)",
+            soft,
+        )
+    return soft
