@@ -18,6 +18,9 @@ Each attack was reproduced against ``serve_keyholder`` before its fix:
   names) forged a second line in the key holder's log.
 - A malformed ``PublicContext`` request was refused without a log line or a
   count, unlike a malformed ``Decrypt``.
+- A stranger's calls were not bounded: gRPC takes as many streams per
+  connection as a peer opens, each holding up to 512 MiB before anything reads
+  it, and a silent connection was kept for 120 s.
 
 What held, and is kept by the last tests: garbage is one rate-limited log line
 per refusal, never a traceback; duplicated receipts, receipts of another
@@ -28,13 +31,17 @@ requests decrypt once.
 from __future__ import annotations
 
 import logging
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
 import numpy as np
 import pytest
 
@@ -42,6 +49,7 @@ from shoal.secure.ckks import EncryptedVector, encrypt_vector, load_context, sum
 from shoal.secure.keyholder import ContributionReceipt, KeyHolder, sign_receipt
 from shoal.transport.keyholder_service import (
     DECRYPT_METHOD,
+    MAX_KEYHOLDER_CALLS,
     PUBLIC_CONTEXT_METHOD,
     KeyHolderServer,
     encode_decrypt_request,
@@ -335,3 +343,22 @@ def test_receipt_tricks_are_refused_and_identical_requests_decrypt_once(
     for thread in threads:
         thread.join()
     assert sorted(outcomes) == ["PERMISSION_DENIED"] * 3 + ["decrypted"]
+
+
+def test_a_strangers_connection_gets_few_calls_and_a_silent_one_is_let_go(
+    server: KeyHolderServer,
+) -> None:
+    """Mutual TLS keeps strangers from calling at all; without it, they are bounded."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as speaking:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        speaking.sendall(conn.data_to_send())
+        conn.receive_data(speaking.recv(1 << 16))
+        assert conn.remote_settings.max_concurrent_streams == MAX_KEYHOLDER_CALLS == 8
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as silent:
+        started = time.monotonic()
+        received = b""
+        while chunk := silent.recv(1 << 16):
+            received += chunk
+        assert time.monotonic() - started < 20  # gRPC's own: 120 s
+        assert b"handshake" in received.lower()

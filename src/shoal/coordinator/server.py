@@ -107,13 +107,14 @@ from shoal.transport.certs import (
     CertificateFiles,
     load_server_credentials,
 )
-from shoal.transport.chunks import (
-    HANDSHAKE_TIMEOUT_S,
-    MAX_REQUEST_BYTES,
-    MAX_STREAMS_PER_CONNECTION,
-)
+from shoal.transport.chunks import MAX_REQUEST_BYTES
 from shoal.transport.keyholder_service import KeyHolderClient
-from shoal.transport.listen import EXCLUSIVE_PORT, bind_server
+from shoal.transport.listen import (
+    EXCLUSIVE_PORT,
+    MAX_STREAMS_PER_CONNECTION,
+    SILENT_CONNECTIONS_CLOSED,
+    bind_server,
+)
 
 log = logging.getLogger("shoal.coordinator")
 
@@ -438,7 +439,7 @@ async def serve(
             ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
             ("grpc.max_send_message_length", 8 * 2**20),
             ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
-            ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_TIMEOUT_S * 1000)),
+            SILENT_CONNECTIONS_CLOSED,
             EXCLUSIVE_PORT,
         ],
         # each call may hold a message of up to MAX_REQUEST_BYTES before it is authenticated:

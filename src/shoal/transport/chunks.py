@@ -31,13 +31,6 @@ with its attestation evidence (64 KiB), fit with room to spare. gRPC holds a mes
 before any handler sees it, so each stream of an unauthenticated peer could hold this much:
 at 8 MiB, 40 stalled streams of one peer held 310 MiB of the coordinator's memory."""
 
-MAX_STREAMS_PER_CONNECTION = 32
-"""Concurrent calls on one connection to a coordinator: a client makes a few at once."""
-
-HANDSHAKE_TIMEOUT_S = 10.0
-"""How long a new connection to a coordinator has to finish its TLS handshake and HTTP/2 start:
-gRPC's 120 s let a peer hold a file descriptor per silent connection for two minutes."""
-
 
 class PayloadTooLarge(ProtocolError):
     """A payload is (or claims to be) larger than the receiver accepts."""

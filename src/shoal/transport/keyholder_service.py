@@ -54,7 +54,7 @@ from shoal.transport.certs import (
     load_channel_credentials,
     load_server_credentials,
 )
-from shoal.transport.listen import EXCLUSIVE_PORT, bind_server
+from shoal.transport.listen import EXCLUSIVE_PORT, SILENT_CONNECTIONS_CLOSED, bind_server
 
 log = logging.getLogger("shoal.keyholder")
 
@@ -63,6 +63,9 @@ PUBLIC_CONTEXT_METHOD = f"/{SERVICE_NAME}/PublicContext"
 DECRYPT_METHOD = f"/{SERVICE_NAME}/Decrypt"
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 2**20
 """Room for the aggregate of about six million parameters (245 ciphertexts of 330 KB per 1M)."""
+
+MAX_KEYHOLDER_CALLS = 8
+"""Calls a key holder serves at once, on one connection and in all (more: RESOURCE_EXHAUSTED)."""
 
 _REQUEST_MAGIC = b"SHOALKHD\x01"
 _ROUND = struct.Struct(">q")
@@ -257,7 +260,15 @@ def serve_keyholder(
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="keyholder"),
         handlers=[generic],
-        options=[*_message_options(max_message_bytes), EXCLUSIVE_PORT],
+        options=[
+            *_message_options(max_message_bytes),
+            SILENT_CONNECTIONS_CLOSED,
+            ("grpc.max_concurrent_streams", MAX_KEYHOLDER_CALLS),
+            EXCLUSIVE_PORT,
+        ],
+        # a coordinator makes one call at a time; each call may hold a message of up to
+        # max_message_bytes before anything reads it (mutual TLS keeps strangers from calling)
+        maximum_concurrent_rpcs=MAX_KEYHOLDER_CALLS,
     )
     credentials = (
         None

@@ -9,7 +9,8 @@ same port would silently split the clients with the first.
 mistake), asks the operating system whether it can be bound
 (``TransportError``: the host does not resolve, the port is taken, the
 address is not this machine's), and only then gives it to gRPC. Servers
-are made with :data:`EXCLUSIVE_PORT` among their options.
+are made with :data:`EXCLUSIVE_PORT` and :data:`SILENT_CONNECTIONS_CLOSED` among their
+options.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ from shoal.core.limits import split_host_port
 
 EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
 """A gRPC server option: never share the port with another process."""
+
+HANDSHAKE_TIMEOUT_S = 10.0
+"""How long a new connection to a server has to finish its TLS handshake and HTTP/2 start:
+gRPC's own 120 s let a peer hold a file descriptor per silent connection for two minutes."""
+
+MAX_STREAMS_PER_CONNECTION = 32
+"""Concurrent calls on one connection to a coordinator: a client makes a few at once."""
+
+SILENT_CONNECTIONS_CLOSED = ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_TIMEOUT_S * 1000))
+"""A gRPC server option: :data:`HANDSHAKE_TIMEOUT_S`."""
 
 
 class _Bindable(Protocol):
