@@ -9,10 +9,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from shoal.client.app import load_client_app
+from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult
+from shoal.client.app import ClientContext, load_client_app
 from shoal.core import ConfigError
+from shoal.core.parameters import Parameters
 
 APP = '''
 import numpy as np
@@ -214,3 +217,65 @@ def test_a_failing_app_is_one_clear_error_not_a_traceback(tmp_path: Path) -> Non
     simulation = Simulation(config, tmp_path / "b", client_app=no_client)
     with pytest.raises(RunError, match="the first client raised KeyError"):
         simulation.run()
+
+
+class Shifting(Client):
+    """A model of its own shape (3 values), which the built-in app cannot train."""
+
+    def get_parameters(self) -> Parameters:
+        return Parameters.from_arrays([np.zeros(3, np.float32)])
+
+    def fit(self, parameters: Parameters, config: FitConfig) -> FitResult:
+        return FitResult(parameters.with_vector(parameters.vector + 1), 1, {})
+
+    def evaluate(self, parameters: Parameters, config: EvaluateConfig) -> EvaluateResult:
+        return EvaluateResult(0.0, 1, {})
+
+
+def shifting(context: ClientContext) -> Client:
+    return Shifting()
+
+
+def test_a_run_of_apps_given_as_objects_goes_on_only_with_them(tmp_path: Path) -> None:
+    """Apps given to ``shoal.simulate`` are not in the job it stores, so ``shoal simulate
+    --resume`` and ``shoal unlearn`` took the job's (the built-in app): every round failed on
+    the user's model (exit 0), and the unlearning first rolled HEAD back to version 0 and
+    marked every later version BAD. ``shoal.simulate(out=RUN, resume=True)`` went on with the
+    embedded default job, not the run's."""
+    from shoal import simulate
+    from shoal.simulation.runner import MODEL_NAME, open_run_models
+
+    job = {
+        "run": {"rounds": 2},
+        "data": {"num_clients": 3},
+        "round": {"clients_per_round": 3, "over_selection": 1.0},
+        "evaluation": {"every": 0},
+        "simulation": {"workers": 0},
+    }
+    run = tmp_path / "run"
+    simulate(job, client_app=shifting, out=run)
+
+    def versions() -> list[tuple[int, str]]:
+        models = open_run_models(run)
+        try:
+            head = models.head(MODEL_NAME)
+            listed = [(record.version, record.status.value) for record in models.list(MODEL_NAME)]
+            return [*listed, (-1 if head is None else head.version, "head")]
+        finally:
+            models.database.close()
+
+    before = versions()
+    with pytest.raises(ConfigError) as refused:
+        simulate(out=run, resume=True, rounds=3)
+    message = str(refused.value)
+    assert "test_apps:shifting" in message and "resume=True, client_app=" in message
+    resumed = shoal("simulate", "--resume", str(run), "--rounds", "3", cwd=tmp_path)
+    assert resumed.returncode == 2, resumed.stdout + resumed.stderr
+    assert "holds a run of the app" in resumed.stderr
+    unlearned = shoal("unlearn", "client-00001", "--out", str(run), cwd=tmp_path)
+    assert unlearned.returncode == 2, unlearned.stdout + unlearned.stderr
+    assert versions() == before  # nothing rolled back, nothing marked
+    result = simulate(out=run, resume=True, rounds=3, client_app=shifting)
+    assert result.summary["rounds_completed"] == 3
+    assert result.summary["clients"] == 3  # the run's own job: it went on with the default's 100
+    assert result.parameters.vector.tolist() == [3.0, 3.0, 3.0]

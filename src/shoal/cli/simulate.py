@@ -14,9 +14,9 @@ from rich.table import Table
 
 from shoal.cli.app import app, quiet_logging, user_errors
 from shoal.client.app import app_search_path, with_config_folder
-from shoal.config import Config, apply_overrides, config_to_dict, load_config, parse_config
+from shoal.config import Config, load_config
 from shoal.core.errors import ConfigError
-from shoal.simulation.runner import Simulation, load_run_config
+from shoal.simulation.runner import Simulation, resumed_config
 
 console = Console(highlight=False)
 
@@ -28,11 +28,7 @@ def _resolve(
         return load_config(config_path, overrides), None
     if config_path is not None:
         raise ConfigError("--resume takes the run's own config; do not pass CONFIG as well")
-    changed = [item for item in overrides if not item.startswith("run.rounds=")]
-    if changed:
-        raise ConfigError(f"--resume can only change run.rounds, not {', '.join(changed)}")
-    data = config_to_dict(load_run_config(resume))
-    return parse_config(apply_overrides(data, overrides)), resume
+    return resumed_config(resume, overrides), resume
 
 
 @app.command()

@@ -127,6 +127,21 @@ FIXED_FOR_THE_RUN = (
 )
 
 
+def check_same_app(head: ModelRecord, architecture: str, *, where: str) -> None:
+    """Refuse to go on with a run whose HEAD another app made (ConfigError): its versions are
+    that app's model, and this one would train on them or fail every round. Apps given to
+    ``shoal.simulate`` as objects are not in the job, so a ``--resume`` from the command line
+    resolved the job's own (the built-in) and trained it on the user's model."""
+    if head.architecture_version == architecture:
+        return
+    raise ConfigError(
+        f"{where} holds a run of the app {head.architecture_version!r}, not of this job's "
+        f"{architecture!r}: go on with its own app (the [app] it was started with; apps given "
+        "to shoal.simulate as objects: shoal.simulate(..., resume=True, client_app=..., "
+        "server_app=...), or shoal.unlearn(..., client_app=...) with them)"
+    )
+
+
 def config_changes(
     before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = ""
 ) -> Iterator[tuple[str, Any, Any]]:
@@ -448,6 +463,7 @@ class Run:
         return coordinator
 
     def _restore(self, head: ModelRecord) -> Coordinator:
+        check_same_app(head, self.architecture, where=self.where)
         self._check_job()
         reached, rolled_back_from = head.round, None
         if self.config.playbook.enabled:  # a BAD HEAD is rolled back; its round stays played

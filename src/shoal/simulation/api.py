@@ -6,7 +6,10 @@
 Apps defined in the notebook or a ``python -`` script work with the process
 pool too: they are sent to the workers by value. ``config`` may be a path to
 a TOML file, a mapping of sections, a :class:`~shoal.config.Config`, or None
-for the embedded default job of ``shoal simulate`` (the same defaults).
+for the embedded default job of ``shoal simulate`` (the same defaults); with
+``resume=True`` and an ``out`` folder, None is the run's own job, as for
+``shoal simulate --resume`` (``rounds`` may change). A run goes on only with
+the app its versions were made by: apps given as objects are given again.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 from shoal.client.app import app_search_path, with_config_folder
 from shoal.config import Config, apply_overrides, load_config, parse_config
 from shoal.core.parameters import Parameters
-from shoal.simulation.runner import Simulation, final_parameters
+from shoal.simulation.runner import Simulation, final_parameters, resumed_config
 from shoal.telemetry.metrics import MetricsLog
 
 Row = dict[str, Any]
@@ -65,7 +68,10 @@ def simulate(
     ``out`` is the run folder (default ``runs/NAME-TIMESTAMP``, as the CLI).
     """
     extra = [*overrides, *([] if rounds is None else [f"run.rounds={rounds}"])]
-    job = job_config(config, extra)
+    if resume and config is None and out is not None:  # the run's own job, as the CLI's --resume
+        job = resumed_config(out, extra)
+    else:
+        job = job_config(config, extra)
     folder = Path(out) if out is not None else _default_folder(job)
     simulation = Simulation(
         job,

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.config import Config, parse_config
+from shoal.config import Config, apply_overrides, config_to_dict, parse_config
 from shoal.coordinator.app import resolve_apps
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import (
@@ -41,7 +41,7 @@ from shoal.coordinator.setup import (
     secure_settings_from_config,
     strategy_for,
 )
-from shoal.core.errors import RunError
+from shoal.core.errors import ConfigError, RunError
 from shoal.core.folders import writable_folder
 from shoal.core.parameters import Parameters
 from shoal.registry import (
@@ -468,6 +468,17 @@ def load_run_config(run_dir: str | Path) -> Config:
     except ValueError as exc:
         raise RunError(f"{path} is corrupt: {exc}") from exc
     return parse_config(data)
+
+
+def resumed_config(run_dir: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """The config a stopped run goes on with: its own, with at most ``run.rounds`` changed
+    (``shoal simulate --resume`` and ``shoal.simulate(out=..., resume=True)`` alike)."""
+    overrides = list(overrides)
+    changed = [item for item in overrides if not item.startswith("run.rounds=")]
+    if changed:
+        raise ConfigError(f"a resumed run can only change run.rounds, not {', '.join(changed)}")
+    data = config_to_dict(load_run_config(run_dir))
+    return parse_config(apply_overrides(data, overrides))
 
 
 def open_run_models(run_dir: str | Path) -> ModelRegistry:

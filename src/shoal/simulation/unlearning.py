@@ -26,6 +26,7 @@ import numpy as np
 
 from shoal.client.app import app_search_path
 from shoal.config import Config
+from shoal.coordinator.run import check_same_app
 from shoal.core.errors import NotFoundError, RunError
 from shoal.core.folders import hold_folder
 from shoal.governance.unlearning import PRIVACY_NOTE, UnlearningReport, forget, run_names
@@ -94,6 +95,9 @@ def _forget(
 ) -> UnlearningReport:
     models = open_run_models(folder)
     try:
+        head = models.head(MODEL_NAME)
+        if head is not None:  # before anything changes: the retraining must be the run's app's
+            check_same_app(head, simulation.apps.architecture, where=str(folder))
         clients = ClientRegistry(models.database)
         _enroll_if_new(simulation, clients, client_id)
         return forget(
