@@ -299,3 +299,59 @@ with grpc.secure_channel(sys.argv[1], grpc.ssl_channel_credentials(ca)) as chann
         health_pb2.HealthCheckRequest(service="shoal.v1.Coordinator"), timeout=20)
 print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 """
+
+
+def issue_client_certificate(job: Job, client_id: str) -> tuple[Path, str]:
+    """``shoal clients enroll --mtls``: the folder of the client's certificate, and its token."""
+    out = job.base / f"{client_id}-certs"
+    command = [
+        *SHOAL, "clients", "enroll", "--id", client_id, "--mtls", "--json",
+        "--ca-dir", str(job.base / "certs"), "--out", str(out),
+        "--state-dir", str(job.base / "state"),
+    ]  # fmt: skip
+    issued = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    return out, str(json.loads(issued.stdout)["token"])
+
+
+def start_silo(
+    job: Job, index: int, certificates: Path | None, token: str
+) -> subprocess.Popen[str]:
+    command = [
+        *SHOAL, "client", "run", "--coordinator", f"127.0.0.1:{job.port}",
+        "--config", str(job.config), "--state-dir", str(job.base / f"silo-{index}"),
+        "--token", token, "--ca", str(job.base / "certs" / "ca.pem"),
+        "--coordinator-key", str(job.base / "certs" / "model-signing.pub"),
+        "--client-id", f"silo-{index}", "--partition-index", str(index % 2),
+        "--num-partitions", "2",
+    ]  # fmt: skip
+    if certificates is not None:
+        command += ["--cert", str(certificates / "client.pem")]
+        command += ["--key", str(certificates / "client.key")]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_silos_with_their_certificates_train_under_mutual_tls(tmp_path: Path) -> None:
+    """``coordinator.mutual_tls`` had no client to serve: ``shoal client run`` could not
+    present the certificate ``shoal clients enroll --mtls`` issues, and a client without one
+    retried for ever without a word (its handshake refused: "Socket closed", at -v only)."""
+    job = make_job(
+        tmp_path, clients=2, rounds=1, target=2, deadline_s=20.0, extra="mutual_tls = true"
+    )
+    issued = [issue_client_certificate(job, f"silo-{index}") for index in range(2)]
+    coordinator = start_coordinator(job)
+    try:
+        wait_for(lambda: "listening" in coordinator_log(job), timeout=60, what="the coordinator")
+        stranger = start_silo(job, 2, None, issued[0][1])
+        try:
+            silos = [start_silo(job, i, folder, token) for i, (folder, token) in enumerate(issued)]
+            assert coordinator.wait(timeout=120) == 0, coordinator_log(job)
+            outputs = [silo.communicate(timeout=60)[0] for silo in silos]
+            assert [silo.returncode for silo in silos] == [0, 0], outputs
+        finally:
+            stranger.kill()
+        said = stranger.communicate(timeout=30)[0]
+    finally:
+        if coordinator.poll() is None:
+            coordinator.kill()
+    assert [round_number for _, round_number, _ in job.heads()] == [0, 1]
+    assert "coordinator unreachable after 3 tries (UNAVAILABLE" in said, said

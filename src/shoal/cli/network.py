@@ -208,6 +208,19 @@ def client_run_command(
     ca: Annotated[
         Path | None, typer.Option("--ca", help="The deployment CA to pin (ca.pem).")
     ] = None,
+    certificate: Annotated[
+        Path | None,
+        typer.Option(
+            "--cert",
+            metavar="FILE",
+            help="This client's certificate, for a coordinator with mutual TLS "
+            "(client.pem of `shoal clients enroll --mtls`); with --key.",
+        ),
+    ] = None,
+    certificate_key: Annotated[
+        Path | None,
+        typer.Option("--key", metavar="FILE", help="The private key of --cert (client.key)."),
+    ] = None,
     coordinator_key: Annotated[
         Path | None,
         typer.Option(
@@ -258,7 +271,7 @@ def client_run_command(
     enrollment and check-in attests the code installed here against it.
     """
     from shoal.secure.homomorphic import SiloCredentials
-    from shoal.transport.certs import load_channel_credentials
+    from shoal.transport.certs import CertificateFiles, load_channel_credentials
     from shoal.transport.grpc_link import GrpcLink
     from shoal.transport.signing import generate_client_key
 
@@ -266,6 +279,10 @@ def client_run_command(
         raise ConfigError("--ca: a client pins the deployment's CA; or pass --insecure explicitly")
     if (public_context is None) != (silo_keys is None):
         raise ConfigError("--public-context and --silo-keys: a silo needs both, or neither")
+    if (certificate is None) != (certificate_key is None):
+        raise ConfigError("--cert and --key: mutual TLS needs the certificate and its key")
+    if certificate is not None and ca is None:
+        raise ConfigError("--cert: mutual TLS is TLS: give the deployment's CA with --ca")
     config = with_config_folder(load_config(config_path), config_path)
     spec = app_spec or config.app.client
     pinned = pinned_coordinator_key(coordinator_key, config.client.coordinator_key, ca, insecure)
@@ -296,7 +313,12 @@ def client_run_command(
         silo = SiloCredentials.load(
             enrollment.client_id, public_context=public_context, silo_keys=silo_keys
         )
-    credentials = None if ca is None else load_channel_credentials(ca)
+    own = None if certificate is None or certificate_key is None else (certificate, certificate_key)
+    credentials = (
+        None
+        if ca is None
+        else load_channel_credentials(ca, CertificateFiles(*own) if own else None)
+    )
 
     def on_event(line: str) -> None:
         console.print(escape(line))

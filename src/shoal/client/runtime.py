@@ -465,14 +465,22 @@ class ClientRuntime:
         attempt = 0
         while True:
             try:
-                return await call()
+                answer = await call()
             except TransportError as exc:
                 if self._stopping.is_set():
                     raise _Stopped from exc
                 delay = self.backoff.delay(attempt, self._rng)
                 log.info("coordinator unreachable (%s); retrying in %.2fs", exc, delay)
                 attempt += 1
+                if _told_after(
+                    attempt
+                ):  # a wrong address or a refused handshake looked like a hang
+                    self._event(f"coordinator unreachable after {attempt} tries ({exc}); retrying")
                 await self._pause(delay)
+                continue
+            if attempt >= UNREACHABLE_TOLD_AFTER:
+                self._event("the coordinator answers again")
+            return answer
 
     async def _pause(self, seconds: float) -> None:
         try:
@@ -482,6 +490,16 @@ class ClientRuntime:
 
 
 _NOT_NOW = ("not eligible", "incompatible")  # a wait the user should hear of
+
+UNREACHABLE_TOLD_AFTER = 3
+"""Failed tries of one call before the client says the coordinator is unreachable (then again
+after twice as many, and so on): a few are a restart, more a wrong address or certificate."""
+
+
+def _told_after(attempt: int) -> bool:
+    """Whether ``attempt`` failed tries of one call are told (3, 6, 12, 24, ...)."""
+    ratio, rest = divmod(attempt, UNREACHABLE_TOLD_AFTER)
+    return rest == 0 and ratio > 0 and ratio & (ratio - 1) == 0
 
 
 def _retry_delay(seconds: float) -> float:
