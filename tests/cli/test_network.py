@@ -40,6 +40,7 @@ def test_the_demo_trains_a_round_over_tls(tmp_path: Path) -> None:
     rounds = [line.split() for line in result.stdout.splitlines() if " fit " in line]
     assert [(row[0], row[1], row[3]) for row in rounds] == [("1", "fit", "2")]  # both reported
     assert list(tmp_path.iterdir()) == []  # the demo keeps its files in a temporary folder
+    assert "WARNING" not in result.stdout + result.stderr  # its token was "demo", warned about
 
 
 def test_a_client_app_that_raises_is_one_config_error(tmp_path: Path) -> None:

@@ -279,3 +279,36 @@ def test_a_run_of_apps_given_as_objects_goes_on_only_with_them(tmp_path: Path) -
     assert result.summary["rounds_completed"] == 3
     assert result.summary["clients"] == 3  # the run's own job: it went on with the default's 100
     assert result.parameters.vector.tolist() == [3.0, 3.0, 3.0]
+
+
+UNGUARDED = """
+import shoal
+from shoal.apps.builtin import client_app
+
+shoal.simulate(
+    {"run": {"rounds": 1}, "data": {"num_clients": 4}, "round": {"clients_per_round": 4},
+     "simulation": {"workers": 2}},
+    client_app=client_app,
+    out="run",
+)
+"""
+
+
+@pytest.mark.slow
+def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path: Path) -> None:
+    """Each worker imports the script, which started the simulation again there: the worker
+    died on the run folder's lock and the run stopped with "rerun with workers = 0"."""
+    (tmp_path / "train.py").write_text(UNGUARDED)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "train.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "each worker imports train.py" in result.stderr.splitlines()[-1], result.stderr[-3000:]
+    assert 'if __name__ == "__main__":' in result.stderr.splitlines()[-1]

@@ -109,11 +109,11 @@ def manifest(
     out: Annotated[Path, typer.Option("--out", help="Where to write the signed manifest.")],
     app_spec: Annotated[
         str | None,
-        typer.Option("--app", help="MODULE:FUNCTION of the client app (default: [app] client)."),
+        typer.Option("--app", help="MODULE:FUNCTION of the client app (default: \\[app] client)."),
     ] = None,
     config_path: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="The job's TOML config (its [app] section)."),
+        typer.Option("--config", "-c", help="The job's TOML config (its \\[app] section)."),
     ] = None,
     label: Annotated[str, typer.Option("--label", help="A name for this release.")] = "",
     as_json: AsJson = False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -183,11 +184,11 @@ def client_run_command(
     state_dir: Annotated[Path, typer.Option("--state-dir", help="Where the enrollment is kept.")],
     config_path: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="The job's TOML config (its [app] section)."),
+        typer.Option("--config", "-c", help="The job's TOML config (its \\[app] section)."),
     ] = None,
     app_spec: Annotated[
         str | None,
-        typer.Option("--app", help="MODULE:ATTRIBUTE of the client app (default: [app] client)."),
+        typer.Option("--app", help="MODULE:ATTRIBUTE of the client app (default: \\[app] client)."),
     ] = None,
     partition_index: Annotated[
         int | None,
@@ -262,7 +263,7 @@ def client_run_command(
 ) -> None:
     """Enroll, then check in, train and upload until the run finishes (or N tasks).
 
-    The client app is the job config's [app] client (or --app); it is told
+    The client app is the job config's \\[app] client (or --app); it is told
     --partition-index, --num-partitions and the --option values. The device
     state it reports (a ClientApp's device_state) goes with the enrollment
     and every check-in; without one, every fact is reported unknown. A silo of a
@@ -413,8 +414,11 @@ def demo_network_command(
         base = Path(folder)
         init_certificates(base / "certs")
         config = base / "job.toml"
+        token = secrets.token_urlsafe(16)  # a secret of its own, as a deployment's would be
         config.write_text(
-            _demo_config(base, clients=clients, rounds=rounds, port=port, secure=secure)
+            _demo_config(
+                base, clients=clients, rounds=rounds, port=port, secure=secure, token=token
+            )
         )
         shoal = [sys.executable, "-m", "shoal"]
         coordinator = subprocess.Popen([*shoal, "coordinator", "serve", "--config", str(config)])
@@ -431,7 +435,7 @@ def demo_network_command(
                     "--state-dir",
                     str(base / f"client-{index}"),
                     "--token",
-                    "demo",
+                    token,
                     "--ca",
                     str(base / "certs" / "ca.pem"),
                     "--partition-index",
@@ -454,7 +458,9 @@ def demo_network_command(
             raise typer.Exit(code)
 
 
-def _demo_config(base: Path, *, clients: int, rounds: int, port: int, secure: bool) -> str:
+def _demo_config(
+    base: Path, *, clients: int, rounds: int, port: int, secure: bool, token: str
+) -> str:
     target = max(2, min(10, clients * 4 // 5))
     plain = f"""
 [run]
@@ -477,7 +483,7 @@ num_clients = {clients}
 listen = "127.0.0.1:{port}"
 state_dir = "{base / "state"}"
 certificates = "{base / "certs"}"
-enrollment_tokens = [{{ token = "demo", max_uses = {clients} }}]
+enrollment_tokens = [{{ token = "{token}", max_uses = {clients} }}]
 retry_after_s = 0.5
 linger_s = 5
 """

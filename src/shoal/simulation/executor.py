@@ -364,9 +364,24 @@ class WorkerProcess:
         self._process.join(timeout=1)
         return RunError(
             f"a simulation worker process (pid {self._process.pid}) exited with code "
-            f"{self._process.exitcode} while working: the run stops here; rerun with "
-            "simulation.workers = 0 to see the failure in this process"
+            f"{self._process.exitcode} while working: the run stops here; "
+            + (_unguarded_script_hint() or "rerun with simulation.workers = 0 to see the failure")
         )
+
+
+def _unguarded_script_hint() -> str | None:
+    """What to do when this process runs a script: each worker imports it (as Python's
+    process pools do), and one without a main guard starts the simulation again there (it
+    died on the run folder's lock, and "workers = 0" was the wrong advice)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    spec = getattr(main, "__spec__", None)
+    if path is None or not str(path).endswith(".py") or spec is not None:
+        return None  # `shoal`, `python -m ...`, a notebook or `python -`: nothing imported again
+    return (
+        f"each worker imports {Path(path).name}, so a script that starts a simulation must do "
+        'so under `if __name__ == "__main__":` (or set simulation.workers = 0)'
+    )
 
 
 class WorkerLater(Generic[T]):
