@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from shoal.core.errors import ClientError
-from shoal.core.parameters import Parameters
+from shoal.core.parameters import Parameters, untrained_zeroed
 from shoal.tasks import EvaluateConfig as EvaluateConfig
 from shoal.tasks import FitConfig as FitConfig
 
@@ -135,9 +135,8 @@ def fit_update(result: FitResult, received: Parameters) -> Parameters:
             f"fit returned {len(given)} tensors, the model has {len(received.layout.specs)}"
         )
     vector = local.vector
-    if result.is_update:
-        return received.with_vector(np.array(vector, dtype=np.float32))
-    return received.with_vector(vector - received.vector)
+    update = np.array(vector, np.float32) if result.is_update else vector - received.vector
+    return received.with_vector(untrained_zeroed(update, received.layout))
 
 
 @runtime_checkable

@@ -84,6 +84,12 @@ class Layout:
 
     specs: tuple[TensorSpec, ...]
     size: int = field(init=False, repr=False, compare=False)
+    untrained: tuple[tuple[int, int], ...] = field(init=False, repr=False, compare=False)
+    """The [start, end) of each tensor that is not floating point: an integer counter (BatchNorm's
+    ``num_batches_tracked``) or a boolean mask. Gradient descent trains none of them and an
+    average of them means nothing, so an update leaves them as they are (:func:`untrained_zeroed`):
+    BatchNorm's counter, a step count, dominated every update's norm (136 after 136 batches),
+    and the update policy, DP clipping and SecAgg+'s clip spent themselves on it."""
 
     def __post_init__(self) -> None:
         names = [spec.name for spec in self.specs]
@@ -91,6 +97,12 @@ class Layout:
             duplicated = sorted({name for name in names if names.count(name) > 1})
             raise ModelError(f"tensor names must be unique, repeated: {duplicated}")
         object.__setattr__(self, "size", sum(spec.size for spec in self.specs))
+        untrained = [
+            span
+            for spec, span in zip(self.specs, self.offsets(), strict=True)
+            if span[1] > span[0] and not np.issubdtype(np.dtype(spec.dtype), np.floating)
+        ]
+        object.__setattr__(self, "untrained", tuple(untrained))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -319,6 +331,17 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     header = json.loads(data[8 : 8 + header_size])
     metadata = header.get("__metadata__") or {}
     return {str(key): str(value) for key, value in metadata.items()}
+
+
+def untrained_zeroed(update: Vector, layout: Layout) -> Vector:
+    """``update`` with the layout's :attr:`~Layout.untrained` tensors' entries 0 (``update``
+    itself when it has none)."""
+    if not layout.untrained:
+        return update
+    update = update.copy()
+    for start, end in layout.untrained:
+        update[start:end] = 0
+    return update
 
 
 def all_finite(vector: npt.NDArray[np.floating[Any]]) -> bool:

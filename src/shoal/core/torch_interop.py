@@ -2,7 +2,9 @@
 
 Every entry of the state dict travels, buffers included (BatchNorm's running
 statistics and its int64 ``num_batches_tracked``): the flat vector is
-float32 and the layout remembers each tensor's dtype and shape. PyTorch is
+float32 and the layout remembers each tensor's dtype and shape. An entry
+that is not floating point is not trained: an update leaves it as it was
+(:attr:`~shoal.core.parameters.Layout.untrained`). PyTorch is
 imported inside the functions, so this module imports without it; calling
 them without PyTorch raises :class:`MissingExtraError`.
 
