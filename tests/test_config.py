@@ -394,17 +394,34 @@ def test_metrics_on_loopback_or_allowed_elsewhere() -> None:
     assert load_config(None, allowed).coordinator.metrics_host == "0.0.0.0"
 
 
-def test_clustering_that_starts_when_flagged_needs_clusters_and_the_drift() -> None:
+@pytest.mark.parametrize(
+    ("overrides", "fails", "holds"),
+    [
+        (["clustering.start='flagged'"], "clustering.clusters >= 2 (got 1)", "drift.enabled"),
+        (
+            ["clustering.start='flagged'", "clustering.clusters=2", "drift.enabled=false"],
+            "drift.enabled = true (got false)",
+            "clustering.clusters",
+        ),
+    ],
+)
+def test_clustering_that_starts_when_flagged_names_only_what_it_lacks(
+    overrides: list[str], fails: str, holds: str
+) -> None:
+    """With the drift off, "needs clusters >= 2 (got 2)" named a setting that was fine."""
     flagged = ["clustering.start='flagged'", "clustering.clusters=2"]
     assert load_config(None, flagged).clustering.start == "flagged"
-    for overrides, got in (
-        (["clustering.start='flagged'"], "(got 1)"),
-        ([*flagged, "drift.enabled=false"], "(got false)"),
-    ):
-        with pytest.raises(ConfigError, match=r"clustering\.clusters >= 2") as error:
-            load_config(None, overrides)
-        assert "drift.enabled = true" in str(error.value) and got in str(error.value)
-        assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    message = str(error.value)
+    assert fails in message and holds not in message and "\n" not in message
+
+
+def test_clustering_that_starts_when_flagged_names_both_when_both_are_missing() -> None:
+    overrides = ["clustering.start='flagged'", "drift.enabled=false"]
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert "clustering.clusters >= 2 (got 1) and drift.enabled = true" in str(error.value)
 
 
 # --- a boolean is no number -------------------------------------------------------------------
@@ -498,6 +515,25 @@ def test_a_delta_the_pld_accountant_cannot_resolve_is_refused_in_one_line() -> N
     assert "delta = 1e-16 is below the 1e-12" in message and "'rdp'" in message
     assert "\n" not in message
     assert load_config(None, ["privacy.accountant='rdp'", "privacy.delta=1e-16"])
+
+
+@pytest.mark.parametrize("placement", ["none", "central"])
+def test_the_pld_accountant_with_fixed_size_sampling_is_refused_naming_the_config_keys(
+    placement: str,
+) -> None:
+    """dp-accounting's own refusal said "use method 'rdp'", a key the config does not have,
+    and only once the run had started."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            None,
+            [f"privacy.placement='{placement}'", "privacy.epsilon=5", "privacy.accountant='pld'"],
+        )
+    message = str(caught.value)
+    assert message.startswith("privacy: accountant = 'pld' accounts no fixed-size sampling")
+    assert "set privacy.sampling = 'poisson', or privacy.accountant = 'rdp'" in message
+    assert "method" not in message and "\n" not in message
+    chosen = ["privacy.accountant='pld'", "privacy.sampling='poisson'"]
+    assert load_config(None, chosen).privacy.accountant == "pld"
 
 
 @pytest.mark.timeout(60)

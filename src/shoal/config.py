@@ -15,10 +15,11 @@ whole (:data:`MAX_MODEL_PARAMETERS`, :data:`MAX_CLIENT_DATA_BYTES`).
 from __future__ import annotations
 
 import datetime as dt
+import math
 import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -32,7 +33,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticKnownError
 
-from shoal.core.errors import ConfigError
+from shoal.core.errors import ConfigError, StrategyError
 from shoal.core.limits import (
     INT64_MAX,
     MAX_LOCAL_EPOCHS,
@@ -50,6 +51,9 @@ from shoal.core.limits import (
 from shoal.core.settings import apply_overrides as apply_settings_overrides
 from shoal.core.settings import format_validation_error, read_toml
 from shoal.core.sharing import MAX_NEIGHBOURS, threshold_fraction_problem
+
+if TYPE_CHECKING:
+    from shoal.aggregation.aggregators import Aggregator
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 MIN_NOISE_MULTIPLIER = 1e-6
@@ -299,6 +303,13 @@ class RoundSection(_Section):
     drop_fallback_at: Annotated[float, Field(ge=0, lt=1)] = 0.5
     drop_extend_s: PositiveFloat | None = None
     drop_reselect_min_left: Annotated[float, Field(gt=0, le=1)] = 0.5
+
+    @property
+    def fewest_updates(self) -> int:
+        """The fewest updates a fit round commits with: its quorum of ``clients_per_round``
+        (a round closes at the deadline with what came, and aborts below the quorum), as
+        the engine counts it (``RoundSettings.quorum_count``)."""
+        return max(1, math.ceil(self.quorum * self.clients_per_round - 1e-9))
 
 
 class EvaluationSection(_Section):
@@ -776,6 +787,18 @@ class PrivacySection(_Section):
             raise ValueError(pld_delta_problem(self.delta))
         return self
 
+    @model_validator(mode="after")
+    def _sampling_the_accountant_accounts(self) -> PrivacySection:
+        """Refused here, in the config's words: the accountant would refuse it at the first
+        fit round, naming its own arguments (method, sampling)."""
+        if self.accountant == "pld" and self.sampling == "fixed":
+            raise ValueError(
+                "accountant = 'pld' accounts no fixed-size sampling of clients (dp-accounting's "
+                "PLD has none), and privacy.sampling is 'fixed': set privacy.sampling = "
+                "'poisson', or privacy.accountant = 'rdp'"
+            )
+        return self
+
 
 class PolicySection(_Section):
     """[policy]: the Rego policy every update passes: the bundled default and the job's own files.
@@ -1193,14 +1216,44 @@ class Config(_Section):
                 "switch secure_aggregation and privacy off, or set clustering.clusters = 1"
             )
         clustering = self.clustering
-        if clustering.start == "flagged" and (clustering.clusters < 2 or not self.drift.enabled):
+        lacking = []  # only what fails: "clusters >= 2 (got 2)" sent users to a fine setting
+        if clustering.clusters < 2:
+            lacking.append(f"clustering.clusters >= 2 (got {clustering.clusters})")
+        if not self.drift.enabled:
+            lacking.append("drift.enabled = true (got false)")
+        if clustering.start == "flagged" and lacking:
             raise ValueError(
                 "clustering.start = 'flagged' splits the model when the drift flags distinct "
-                f"populations: it needs clustering.clusters >= 2 (got {clustering.clusters}) "
-                f"and drift.enabled = true (got {str(self.drift.enabled).lower()})"
+                f"populations: it needs {' and '.join(lacking)}"
             )
         if privacy.enabled and privacy.epsilon is None and privacy.noise_multiplier is None:
             raise ValueError("privacy: set epsilon (the budget) or noise_multiplier, or both")
+        return self
+
+    @model_validator(mode="after")
+    def _robust_rule_fits_the_round(self) -> Config:
+        """A robust aggregator can do its work with the fewest updates a round commits with:
+        else Krum would refuse that round only once every client of it has trained, and a
+        median or trimmed mean would be a plain mean."""
+        from shoal.aggregation.strategy import fewest_updates, make_strategy
+
+        if self.secure_aggregation.enabled or self.privacy.enabled:
+            return self  # both refuse every rule but the mean (shoal.coordinator.setup)
+        try:
+            strategy = make_strategy(
+                self.strategy.name, **self.strategy.model_dump(exclude={"name"})
+            )
+        except StrategyError:
+            return self  # refused where the strategy is built, naming the option
+        needed, closing = fewest_updates(strategy.aggregator), self.round.fewest_updates
+        if closing < needed:
+            raise ValueError(
+                f"strategy {strategy.name!r} needs at least {needed} updates a round "
+                f"({_what_the_rule_needs(strategy.aggregator)}), but a round may close with "
+                f"{closing} (round.quorum = {self.round.quorum:g} of round.clients_per_round = "
+                f"{self.round.clients_per_round}): raise those to close with {needed} or more"
+                f"{_or_fewer_needed(strategy.aggregator, closing)}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -1211,6 +1264,38 @@ class Config(_Section):
                 f"canaries.holders ({holders}) exceeds data.num_clients ({self.data.num_clients})"
             )
         return self
+
+
+def _what_the_rule_needs(rule: Aggregator) -> str:
+    """Why a robust aggregator needs the updates it does, in its own numbers."""
+    from shoal.aggregation.aggregators import Krum, TrimmedMean
+
+    if isinstance(rule, Krum):
+        selected = "auto, 1 at the least" if rule.num_selected is None else rule.num_selected
+        return f"2f + 2 < n - m, with f = {rule.num_byzantine} and m = {selected}"
+    if isinstance(rule, TrimmedMean):
+        return f"to trim one from each side at trim_ratio = {rule.trim_ratio:g}; fewer: a mean"
+    return "to outvote one attacker; the median of two is their mean"
+
+
+def _or_fewer_needed(rule: Aggregator, closing: int) -> str:
+    """The aggregator's settings that would fit a round of ``closing`` updates, if any do."""
+    from shoal.aggregation.aggregators import Krum, TrimmedMean
+
+    if isinstance(rule, Krum):
+        selected = 1 if rule.num_selected is None else rule.num_selected
+        byzantine = (closing - selected - 3) // 2  # the most f with 2f + m + 3 <= closing
+        fits = [f"f = {byzantine}"] if byzantine >= 0 else []
+        if rule.num_selected is None or rule.num_selected == 1:
+            keys = "strategy.num_byzantine"
+        else:
+            keys = "strategy.num_byzantine or strategy.num_selected"
+            if closing - 2 * rule.num_byzantine - 3 >= 1:
+                fits.append(f"m = {closing - 2 * rule.num_byzantine - 3}")
+        return f", or lower {keys}" + (f" ({' or '.join(fits)} fits)" if fits else "")
+    if isinstance(rule, TrimmedMean) and closing >= 3:  # 1 / closing stays below 1/2
+        return f", or raise strategy.trim_ratio to 1/{closing} or more"
+    return ""
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:

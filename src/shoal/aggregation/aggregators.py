@@ -246,12 +246,16 @@ def coordinate_median(updates: Sequence[Vector]) -> Vector:
     return result
 
 
+def trimmed_per_side(count: int, *, trim_ratio: float) -> int:
+    """How many of ``count`` values :func:`trimmed_mean` drops from each side."""
+    return math.floor(trim_ratio * count)
+
+
 def trimmed_mean(updates: Sequence[Vector], *, trim_ratio: float) -> Vector:
     """The coordinate-wise mean after dropping the ``floor(trim_ratio * K)`` extremes each side
     (each block sorted in place, as :func:`coordinate_median`; the kept values summed in
     float64, in order)."""
-    count = len(updates)
-    cut = math.floor(trim_ratio * count)
+    cut = trimmed_per_side(len(updates), trim_ratio=trim_ratio)
     result = np.empty(updates[0].size, dtype=np.float32)
     for columns, block in _column_blocks(updates):
         if cut:
@@ -274,6 +278,8 @@ class CoordinateMedian(_Buffered):
     """The coordinate-wise median: bounded by the honest values while f < K/2."""
 
     name: ClassVar[str] = "median"
+    fewest_updates: ClassVar[int] = 3
+    """The fewest updates whose median one attacker cannot move at will (of 2: their mean)."""
 
     def finalize(self, state: BufferState) -> Vector:
         return coordinate_median(_collected(state))
@@ -293,6 +299,17 @@ class TrimmedMean(_Buffered):
     def __post_init__(self) -> None:
         if not (isinstance(self.trim_ratio, numbers.Real) and 0 <= self.trim_ratio < 0.5):
             raise StrategyError(f"trim_ratio must lie in [0, 0.5), got {self.trim_ratio!r}")
+
+    @property
+    def fewest_updates(self) -> int:
+        """The fewest updates it trims one from each side of (1 at ``trim_ratio=0``, a mean);
+        below it, it is a plain mean."""
+        if self.trim_ratio == 0:
+            return 1
+        count = math.ceil(1 / self.trim_ratio)
+        while trimmed_per_side(count, trim_ratio=self.trim_ratio) < 1:  # 1 / ratio rounded down
+            count += 1
+        return count
 
     def finalize(self, state: BufferState) -> Vector:
         return trimmed_mean(_collected(state), trim_ratio=self.trim_ratio)
@@ -336,13 +353,19 @@ def krum_scores(squared_distances: Float64Matrix, *, num_byzantine: int) -> Floa
     return scores
 
 
+def krum_fewest_updates(*, num_byzantine: int, num_selected: int) -> int:
+    """The fewest updates n with 2f + 2 < n - m: 2f + m + 3."""
+    return 2 * num_byzantine + num_selected + 3
+
+
 def check_krum_condition(*, num_updates: int, num_byzantine: int, num_selected: int) -> None:
     """Raise unless 2f + 2 < n - m, the condition under which (Multi-)Krum is run."""
     n, f, m = num_updates, num_byzantine, num_selected
-    if not 2 * f + 2 < n - m:
+    fewest = krum_fewest_updates(num_byzantine=f, num_selected=m)
+    if n < fewest:
         raise StrategyError(
             f"Krum needs 2f + 2 < n - m, but f={f}, m={m}, n={n} gives {2 * f + 2} >= {n - m}: "
-            f"collect at least {2 * f + m + 3} updates, or lower f or m"
+            f"collect at least {fewest} updates, or lower f or m"
         )
 
 
@@ -412,6 +435,13 @@ class Krum(_Buffered):
     @property
     def name(self) -> str:
         return "krum" if self.num_selected == 1 else "multikrum"
+
+    @property
+    def fewest_updates(self) -> int:
+        """The fewest updates :meth:`finalize` aggregates (``num_selected=None`` selects one
+        at the least)."""
+        selected = 1 if self.num_selected is None else self.num_selected
+        return krum_fewest_updates(num_byzantine=self.num_byzantine, num_selected=selected)
 
     def selection(self, state: BufferState) -> tuple[int, ...]:
         """The indices, in arrival order numbering, of the updates Krum selects."""

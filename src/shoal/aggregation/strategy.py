@@ -142,6 +142,20 @@ def make_aggregator(
     return Krum(**{"num_byzantine": 1, "num_selected": None, **options})
 
 
+def fewest_updates(aggregator: Aggregator) -> int:
+    """The fewest updates a round must bring for ``aggregator`` to do its work: Krum's
+    2f + m + 3 (fewer, and it refuses the round), the 3 whose median outvotes one attacker,
+    the fewest a trimmed mean trims one from each side of (fewer, and it is a plain mean); 1
+    for the mean and for a rule of a user's own.
+
+    >>> fewest_updates(make_aggregator("krum", num_byzantine=2))
+    8
+    """
+    if isinstance(aggregator, Krum | TrimmedMean | CoordinateMedian):
+        return aggregator.fewest_updates
+    return 1
+
+
 def _make_optimizer(kind: str, options: dict[str, Any]) -> Transform:
     arguments = {_OPTIMIZER_ARGUMENT.get(key, key): value for key, value in options.items()}
     if kind == "sgd":

@@ -34,13 +34,13 @@ from shoal.cli.operator import (
     _print_json,
 )
 from shoal.core.errors import ConfigError, NotFoundError
-from shoal.dashboard.state import read_json, run_ids_of
+from shoal.dashboard.state import CONFIG_FILE, SIMULATED_MODEL, read_json
 from shoal.governance.pseudonyms import PREFIX, PSEUDONYM_KEY_FILE, Pseudonyms
-from shoal.registry import ClientRegistry, Database
+from shoal.registry import BlobStore, ClientRegistry, Database, ModelRegistry
 from shoal.registry.decisions import DecisionRecord, PolicyDecisionLog
-from shoal.registry.location import DEFAULT_STATE_DIR
+from shoal.registry.location import DEFAULT_STATE_DIR, blob_location
 from shoal.registry.participation import Participation, ParticipationLog
-from shoal.registry.schema import round_participants
+from shoal.registry.schema import policy_decisions, round_participants
 from shoal.telemetry.metrics import METRICS_FILE, MetricsLog
 
 rounds_app = typer.Typer(
@@ -105,13 +105,15 @@ def show_round(
     """Round N: its rows, its participants with their divergence, and the policy's decisions."""
     rows = [row for row in _rows(state_dir) if row.get("round") == round_number]
     with _database(state_dir, registry, read_only=True) as database:
-        run = run_id or _only_run(database)
-        if run not in run_ids_of(read_json(state_dir / "config.json") or {}):
+        own = folder_run(state_dir, database)
+        run = run_id or own or _only_run(database, state_dir)
+        if run != own:
             rows = []  # the folder's rows are its own run's, not this one's
         participants = ParticipationLog(database).round(run, round_number)
         decisions = PolicyDecisionLog(database).decisions(run, round_number=round_number)
         if not rows and not participants and not decisions:
-            raise NotFoundError(f"run {run!r} has no round {round_number} on record")
+            hint = "" if own is None or own == run else f" (this folder's run is {own!r})"
+            raise NotFoundError(f"run {run!r} has no round {round_number} on record{hint}")
         names = _resolver(database, state_dir, run, round_number) if resolve else None
     shown = {
         "run_id": run,
@@ -133,15 +135,51 @@ def _rows(state_dir: Path) -> list[dict[str, Any]]:
     return MetricsLog(path).rows()
 
 
-def _only_run(database: Database) -> str:
-    """The registry's one run with participants on record (else ask for --run-id)."""
+def simulated_run(state_dir: Path, database: Database) -> str | None:
+    """The run name of the simulation whose run folder ``state_dir`` is (its registry holds
+    the simulation's model, :data:`SIMULATED_MODEL`); None for a coordinator's state, or a
+    folder whose ``config.json`` names no run."""
+    run = _section(read_json(state_dir / CONFIG_FILE), "run").get("name")
+    if not isinstance(run, str) or not run:
+        return None
+    models = ModelRegistry(database, BlobStore(blob_location(state_dir, None)))
+    return run if SIMULATED_MODEL in models.names() else None
+
+
+def folder_run(state_dir: Path, database: Database) -> str | None:
+    """The id that the run of ``state_dir`` keeps its records under: a simulation's
+    ``run.name``, a coordinator's ``coordinator.run_id`` (a simulation's ``config.json`` holds
+    that key's default too, which names nothing); None when the folder names no run."""
+    simulated = simulated_run(state_dir, database)
+    if simulated is not None:
+        return simulated
+    run_id = _section(read_json(state_dir / CONFIG_FILE), "coordinator").get("run_id")
+    return run_id if isinstance(run_id, str) and run_id else None
+
+
+def _section(config: Mapping[str, Any] | None, name: str) -> Mapping[str, Any]:
+    """A section of a run folder's ``config.json``, empty where it is missing or malformed."""
+    section = None if config is None else config.get(name)
+    return section if isinstance(section, Mapping) else {}
+
+
+def _only_run(database: Database, state_dir: Path) -> str:
+    """The registry's one run with rounds on record (participants or policy decisions), for a
+    folder that names no run of its own; else ask for --run-id."""
     with database.read() as connection:
         runs = sorted(
-            connection.execute(sa.select(round_participants.c.run_id).distinct()).scalars()
+            {
+                *connection.execute(sa.select(round_participants.c.run_id).distinct()).scalars(),
+                *connection.execute(sa.select(policy_decisions.c.run_id).distinct()).scalars(),
+            }
         )
-    if len(runs) != 1:
-        found = ", ".join(runs) if runs else "none"
-        raise ConfigError(f"give --run-id: the registry holds participants of runs: {found}")
+    if not runs:
+        raise ConfigError(
+            f"give --run-id: {state_dir / CONFIG_FILE} names no run (it is missing or "
+            "malformed), and the registry recorded no participants or policy decisions"
+        )
+    if len(runs) > 1:
+        raise ConfigError(f"give --run-id: the registry holds rounds of runs {', '.join(runs)}")
     return str(runs[0])
 
 

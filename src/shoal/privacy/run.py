@@ -46,6 +46,14 @@ class ClosedRound(Protocol):
     def metrics(self) -> Mapping[str, float]: ...
 
 
+LARGEST_QUIET_DELTA = 1e-3
+"""The largest delta a run plans without a warning. (epsilon, delta)-DP allows a mechanism
+that publishes each client's data outright with probability delta, so a run of n clients may
+expose n * delta of them whole: the usual advice is delta well below 1 / n (Dwork and Roth
+2014, section 2.3; DP-FL deployments use 1e-5 to 1e-10). Past one in a thousand, a client's
+complete exposure is no longer a negligible chance. The default, 1 / population, crosses it
+below 1,000 clients, as tests and small simulations do: warned about, not refused."""
+
 # the metric of a committed version that holds the clip norm for the round after it
 NEXT_CLIP_NORM = "next_clip_norm"
 # the metric of a committed version that names the ledger's attempt that released it
@@ -205,6 +213,22 @@ class RunPrivacy:
             plan.delta,
             plan.noise_multiplier,
             plan.label,
+        )
+        if plan.delta > LARGEST_QUIET_DELTA:
+            self._warn_of_delta(plan)
+
+    def _warn_of_delta(self, plan: PrivacyPlan) -> None:
+        """One warning, where the run plans (see :data:`LARGEST_QUIET_DELTA`)."""
+        default = self.section.delta is None
+        log.warning(
+            "delta %.3g (%s) guarantees little: (epsilon, delta)-DP allows each client's data "
+            "to be published outright with probability delta, in expectation %.3g of the %d "
+            "eligible clients here; set privacy.delta well below 1 / population (1e-5 or so)%s",
+            plan.delta,
+            f"1 / {plan.population} eligible clients, the default" if default else "privacy.delta",
+            plan.delta * plan.population,
+            plan.population,
+            ", or train with more clients" if default else "",
         )
 
     def _round_generator(self, round_number: int) -> np.random.Generator:
