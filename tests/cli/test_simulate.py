@@ -105,7 +105,7 @@ def test_the_dropout_wave_example_shows_its_fallback(tmp_path: Path) -> None:
     settings = ["--set", "evaluation.every=0", "--set", "simulation.workers=0"]
     result = shoal("simulate", str(example), "--rounds", "3", "--out", str(out), *settings)
     assert result.returncode == 0, result.stderr
-    assert "fallback reselect: 14 of 26 dropped" in result.stdout
+    assert "fallback reselect when 14 of 26 had dropped" in result.stdout
     assert "alert cohort_dropped" in result.stderr  # the logging hook: never silent
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     wave = rows[2]

@@ -199,3 +199,16 @@ def test_unlearning_refuses_a_run_folder_another_process_runs(
     ):
         shoal.unlearn(folder, client, actor="frank", retrain=False)
     assert final_parameters(folder).sha256() == head  # nothing moved
+
+
+def test_a_retraining_whose_every_round_aborts_says_so_and_what_to_do(tmp_path: Path) -> None:
+    """Three clients, all of them in every round at quorum 1: without one, no round can
+    commit. The unlearning ended with HEAD at version 0 and nothing in its report said so."""
+    folder = tmp_path / "run"
+    everyone = ["data.num_clients=3", "round.quorum=1.0", "evaluation.every=0"]
+    Simulation(job(*everyone), folder).run()
+    report = shoal.unlearn(folder, "client-00001", actor="grace")
+    assert report.recomputed_rounds and report.new_head_version == report.restart_version
+    assert report.next_step is not None
+    assert report.next_step.startswith("every recomputed round aborted (")
+    assert "the quorum" in report.next_step and "--resume" in report.next_step

@@ -312,3 +312,30 @@ def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path: Path) -> Non
     assert result.returncode != 0
     assert "each worker imports train.py" in result.stderr.splitlines()[-1], result.stderr[-3000:]
     assert 'if __name__ == "__main__":' in result.stderr.splitlines()[-1]
+
+
+def test_a_server_apps_central_evaluation_follows_the_jobs_switch(tmp_path: Path) -> None:
+    """``evaluation.centralized = false`` was read by the built-in app alone: a user's server
+    app was still asked to evaluate every version."""
+    from shoal import ServerApp, simulate
+
+    asked: list[int] = []
+
+    def evaluate(parameters: Parameters, round_number: int) -> dict[str, float]:
+        asked.append(round_number)
+        return {"loss": 1.0, "accuracy": 0.5}
+
+    job = {
+        "run": {"rounds": 2},
+        "data": {"num_clients": 3},
+        "round": {"clients_per_round": 3, "over_selection": 1.0},
+        "evaluation": {"every": 0, "centralized": False},
+        "simulation": {"workers": 0},
+    }
+    server = ServerApp(evaluate=evaluate, architecture="shifting-v1")
+    result = simulate(job, client_app=shifting, server_app=server, out=tmp_path / "off")
+    assert asked == [] and result.summary["final_accuracy"] is None
+    job["evaluation"]["centralized"] = True
+    result = simulate(job, client_app=shifting, server_app=server, out=tmp_path / "on")
+    assert asked == [1, 2]  # each committed version
+    assert result.summary["final_accuracy"] == 0.5

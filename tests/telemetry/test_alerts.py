@@ -269,7 +269,8 @@ def test_a_cohort_drop_describes_itself_and_what_the_round_did() -> None:
     alert = cohort_dropped()
     assert alert.kind == "cohort_dropped"
     assert alert.summary == (
-        "7 of 13 clients dropped in round 3 (fit) of run run-7: 9 replacements asked; "
+        "7 of 13 clients had dropped in round 3 (fit) of run run-7 when the fallback took "
+        "over: 9 replacements asked; "
         "the round was committed"
     )
     assert alert.fields()["kind"] == "cohort_dropped" and alert.fields()["replacements"] == 9

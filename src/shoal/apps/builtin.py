@@ -334,7 +334,7 @@ def server_app(context: ServerContext) -> ServerApp:
 
     return ServerApp(
         initial_parameters=lambda _: scenario.initial_parameters(),
-        evaluate=evaluate if context.config.evaluation.centralized else None,
+        evaluate=evaluate,
         architecture=context.config.model.kind,
         test_data=scenario.central_test_data,
         probabilities=scenario.probabilities,

@@ -164,8 +164,8 @@ def round_notes(row: dict[str, Any]) -> list[str]:
         note = f" ({fallback['note']})" if fallback.get("note") else ""
         lines.append(
             escape(
-                f"      fallback {fallback['kind']}: {fallback['dropped']} of "
-                f"{fallback['cohort']} dropped{done}{note}"
+                f"      fallback {fallback['kind']} when {fallback['dropped']} of "
+                f"{fallback['cohort']} had dropped{done}{note}"
             )
         )
     split = row.get("clustered_split")
@@ -184,6 +184,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         "rounds_completed",
         "rounds_aborted",
         "final_accuracy",
+        "final_test_loss",
         "final_loss",
         "virtual_time_s",
         "wall_time_s",

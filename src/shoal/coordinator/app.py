@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +180,9 @@ def resolve_apps(
         server_app = ServerApp()  # a client app given as an object has no built-in server side
     else:
         server_app = load_server_app(section.server_spec, context, search_path=folders)
+    if not config.evaluation.centralized and server_app.evaluate is not None:
+        # the job's switch, for every app (only the built-in one read it)
+        server_app = replace(server_app, evaluate=None)
     architecture = server_app.architecture or _app_name(client, section.client)
     return ResolvedApps(client_app, server_app, architecture)
 

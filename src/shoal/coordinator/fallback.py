@@ -184,7 +184,7 @@ def after_drop(
         kind, fallback.kind, dropped, len(current.cohort), at=now, note=note
     )
     log.warning(
-        "%d of the %d clients of round %d (%s) dropped: fallback %s",
+        "%d of the %d clients of round %d (%s) have dropped: fallback %s",
         dropped,
         len(current.cohort),
         current.number,

@@ -139,12 +139,24 @@ def _retrained(report: UnlearningReport, folder: Path) -> UnlearningReport:
     # first participation too, when the version to return to is older than that: an aborted
     # round committed nothing)
     after = report.restart_round if report.restart_round is not None else 0
-    replayed = [
-        row["round"]
+    rows = [
+        row
         for row in MetricsLog(folder / "metrics.jsonl").rows()
         if row["phase"] == "fit" and row["round"] > after
     ]
-    return report.with_head(head, recomputed=replayed)
+    retrained = report.with_head(head, recomputed=[row["round"] for row in rows])
+    if rows and not any(row.get("committed") for row in rows):
+        # the client is forgotten, but HEAD is the model from before it: say so, and why
+        reasons = sorted({str(row.get("abort_reason")) for row in rows if row.get("abort_reason")})
+        retrained = replace(
+            retrained,
+            next_step=(
+                f"every recomputed round aborted ({'; '.join(reasons)[:300] or 'see metrics.jsonl'}"
+                f"): HEAD is version {head.version}, the model from before the client's first "
+                f"round; fix that and train on: shoal simulate --resume {folder} --rounds N"
+            ),
+        )
+    return retrained
 
 
 def _with_privacy_note(report: UnlearningReport) -> UnlearningReport:

@@ -153,8 +153,9 @@ class CohortDropped:
         outcome = "committed" if self.committed else "not committed"
         note = f" ({self.note})" if self.note else ""
         return (
-            f"{self.dropped} of {self.cohort} clients dropped in round {self.round} "
-            f"({self.phase}) of run {self.run_id}: {done}{note}; the round was {outcome}"
+            f"{self.dropped} of {self.cohort} clients had dropped in round {self.round} "
+            f"({self.phase}) of run {self.run_id} when the fallback took over: {done}{note}; "
+            f"the round was {outcome}"
         )
 
     def fields(self) -> dict[str, Any]:
