@@ -1,10 +1,14 @@
-"""A user's PyTorch model with BatchNorm: its integer counter travels but is not trained.
+"""A user's PyTorch model with BatchNorm: its counter is not trained, its statistics averaged.
 
 ``num_batches_tracked`` counts the batches a client trained on: its "update" was the
 round's step count (136 after 136 batches), which dominated the update's L2 norm. The
 default policy (an L2 bound of 100) refused every honest update of such a model, DP's
 clip spent itself on the counter, SecAgg+'s clip capped it, and the divergence and drift
 measures measured it. Reproduced with a two-layer model and batches of two.
+
+The running mean and variance were stepped by the server optimizer as weights are: FedAdam
+moved them by its learning rate whatever the clients measured, and a momentum carried past
+steps into them (FedAvgM drove a CNN's running variance to -0.84: NaN at evaluation).
 """
 
 from __future__ import annotations
@@ -16,9 +20,15 @@ import numpy as np
 import pytest
 
 from shoal import simulate
+from shoal.aggregation import make_strategy
 from shoal.client.api import FitConfig, fit_update
 from shoal.client.app import ClientContext
+from shoal.coordinator.engine import Coordinator
+from shoal.coordinator.events import RoundClosed, SendFitTask, StartRound, UpdateReceived
+from shoal.coordinator.rounds import RoundSettings
+from shoal.core.errors import ModelError
 from shoal.core.parameters import Layout, Parameters, TensorSpec, untrained_zeroed
+from shoal.tasks import Phase
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
@@ -114,3 +124,46 @@ def test_dp_noise_and_a_server_momentum_leave_the_counter_alone(tmp_path: Path) 
     result = simulate(job(**sections), client_app=client_fn, out=tmp_path / "run")
     assert result.summary["rounds_completed"] == 2, result.rows
     assert counters(result.parameters) == [0.0]  # before: noise and momentum moved it
+
+
+def test_a_torch_clients_floating_buffers_are_marked_statistics() -> None:
+    client = client_fn(ClientContext(client_id="c", partition_index=0, num_partitions=1))
+    layout = client.get_parameters().layout
+    marked = [spec.name for spec in layout.specs if spec.statistic]
+    assert marked == ["1.running_mean", "1.running_var"]
+    again = Layout.from_json(layout.to_json())
+    assert again == layout and again.statistics == layout.statistics
+    plain = Layout(tuple(TensorSpec(s.name, s.shape, s.dtype) for s in layout.specs))
+    assert plain.difference(layout) is None  # which are statistics is the model's to say
+    with pytest.raises(ModelError, match="malformed layout"):
+        Layout.from_json('[["w",[2],"float32","momentum"]]')
+
+
+def test_a_server_optimizer_steps_weights_and_averages_statistics() -> None:
+    layout = Layout((TensorSpec("w", (2,)), TensorSpec("mean", (2,), statistic=True)))
+    coordinator = Coordinator(
+        settings=RoundSettings(clients_per_round=2, quorum=1.0, deadline_s=100.0),
+        strategy=make_strategy("fedadam"),
+        parameters=Parameters.zeros(layout),
+        seed=3,
+    )
+    actions = coordinator.handle(StartRound(1, Phase.FIT, 0.0, ("a", "b")))
+    cohort = sorted(action.client_id for action in actions if isinstance(action, SendFitTask))
+    closing: list[object] = []
+    for client, update in zip(cohort, ([1.0, 1.0, 4.0, 2.0], [3.0, 3.0, 6.0, 4.0]), strict=True):
+        received = UpdateReceived(client, 1, 1.0, np.asarray(update, np.float32), 10, {})
+        closing = coordinator.handle(received)
+    assert any(isinstance(action, RoundClosed) for action in closing)
+    vector = coordinator.parameters.vector
+    np.testing.assert_allclose(vector[2:], [5.0, 3.0])  # the mean update, as it is
+    assert abs(vector[0]) < 1.0  # Adam's step: its learning rate, not the update's 2
+
+
+def test_a_batchnorm_model_trains_under_server_optimizers(tmp_path: Path) -> None:
+    for name in ("fedavgm", "fedadam"):
+        sections = {"strategy": {"name": name}, "run": {"rounds": 4}}
+        sections["playbook"] = {"enabled": False}
+        result = simulate(job(**sections), client_app=client_fn, out=tmp_path / name)
+        assert result.summary["rounds_completed"] == 4, result.rows
+        assert float(result.parameters.views()["1.running_var"].min()) > 0
+        assert counters(result.parameters) == [0.0]

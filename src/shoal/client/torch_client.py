@@ -56,6 +56,7 @@ from shoal.core.errors import ClientError, MissingExtraError, ModelError
 from shoal.core.parameters import Parameters
 from shoal.core.torch_interop import (
     import_torch,
+    module_statistics,
     parameters_from_state_dict,
     state_dict_from_parameters,
 )
@@ -127,7 +128,10 @@ class TorchClient(Client):
         self._num_train_examples = 0 if train_loader is None else _dataset_length(train_loader)
 
     def get_parameters(self) -> Parameters:
-        return parameters_from_state_dict(self.module.state_dict())
+        """The module's state dict, its floating-point buffers marked as statistics."""
+        return parameters_from_state_dict(
+            self.module.state_dict(), statistics=module_statistics(self.module)
+        )
 
     def set_parameters(self, parameters: Parameters) -> None:
         """Load ``parameters`` into the module, buffers included.

@@ -82,7 +82,13 @@ from shoal.core.errors import (
     StrategyError,
 )
 from shoal.core.later import Later, Offload, here
-from shoal.core.parameters import Parameters, Vector, all_finite, untrained_zeroed
+from shoal.core.parameters import (
+    Parameters,
+    Vector,
+    all_finite,
+    statistics_averaged,
+    untrained_zeroed,
+)
 from shoal.core.transforms import TransformState
 from shoal.governance.policy import Decision
 from shoal.privacy.coordinator import UNCLIPPED, DpCoordinator, check_private_strategy
@@ -871,8 +877,10 @@ class Coordinator:
             step, optimizer_state = self.strategy.server_optimizer.update(
                 delta, self.optimizer_state, self.parameters.vector
             )
-            # DP noise, or a client that ignored the rule, leave counters and masks as they are
-            step = untrained_zeroed(step, self.parameters.layout)
+            # running statistics are averaged; DP noise, or a client that ignored the rule,
+            # leave counters and masks as they are
+            layout = self.parameters.layout
+            step = untrained_zeroed(statistics_averaged(step, delta, layout), layout)
             vector = (self.parameters.vector + step).astype(np.float32, copy=False)
             if not all_finite(vector):
                 raise StrategyError("the aggregated model holds NaN or infinite values")

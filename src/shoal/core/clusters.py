@@ -16,11 +16,12 @@ blocks are zero) and names that cluster in its metrics (:data:`CLUSTER_METRIC`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from shoal.core.errors import ModelError
-from shoal.core.parameters import Layout, Parameters, TensorSpec, Vector
+from shoal.core.parameters import Layout, Parameters, Vector
 
 CLUSTER_METRIC = "cluster"
 """The metric in which a clustered client reports the cluster it chose (its index)."""
@@ -38,7 +39,7 @@ def stack_models(models: Sequence[Parameters]) -> Parameters:
     if any(model.layout != layout for model in models[1:]):
         raise ModelError("the cluster models must share one layout")
     specs = tuple(
-        TensorSpec(cluster_prefix(cluster) + spec.name, spec.shape, spec.dtype)
+        replace(spec, name=cluster_prefix(cluster) + spec.name)
         for cluster in range(len(models))
         for spec in layout.specs
     )
@@ -58,7 +59,7 @@ def split_models(parameters: Parameters, *, clusters: int) -> list[Parameters]:
             f"the model is not a stack of {clusters} cluster models (its tensors lack the "
             f"{prefix!r} prefix): was it trained with the same [clustering] clusters?"
         )
-    layout = Layout(tuple(TensorSpec(s.name[len(prefix) :], s.shape, s.dtype) for s in first))
+    layout = Layout(tuple(replace(s, name=s.name[len(prefix) :]) for s in first))
     for cluster in range(clusters):
         mine = specs[cluster * each : (cluster + 1) * each]
         if tuple(s.name for s in mine) != tuple(cluster_prefix(cluster) + n for n in layout.names):

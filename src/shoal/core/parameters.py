@@ -19,7 +19,7 @@ import json
 import math
 import string
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,9 @@ _SHA_KEY = "shoal.sha256"
 _LAYOUT_KEY = "shoal.layout"
 _FORMAT_KEY = "format"
 
+
+STATISTIC = "statistic"
+"""The mark of a :attr:`TensorSpec.statistic` in a layout's JSON (a fourth element)."""
 
 _DTYPE_CHARACTERS = frozenset(string.ascii_letters + string.digits + "<>=|")
 
@@ -57,11 +60,17 @@ def _number_dtype(name: str) -> np.dtype[Any] | None:
 
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
-    """One named tensor inside a flat vector: its shape and original dtype."""
+    """One named tensor inside a flat vector: its shape and original dtype.
+
+    ``statistic`` marks state that training measures rather than descends (BatchNorm's running
+    mean and variance): the coordinator averages it, and no server optimizer steps it (a server
+    momentum took a running variance to 15 times the data's; see :attr:`Layout.statistics`).
+    """
 
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
+    statistic: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -91,18 +100,31 @@ class Layout:
     BatchNorm's counter, a step count, dominated every update's norm (136 after 136 batches),
     and the update policy, DP clipping and SecAgg+'s clip spent themselves on it."""
 
+    statistics: tuple[tuple[int, int], ...] = field(init=False, repr=False, compare=False)
+    """The [start, end) of each floating-point tensor marked a :attr:`TensorSpec.statistic`:
+    the coordinator's step there is the clients' mean update (:func:`statistics_averaged`)."""
+
     def __post_init__(self) -> None:
         names = [spec.name for spec in self.specs]
         if len(set(names)) != len(names):
             duplicated = sorted({name for name in names if names.count(name) > 1})
             raise ModelError(f"tensor names must be unique, repeated: {duplicated}")
         object.__setattr__(self, "size", sum(spec.size for spec in self.specs))
-        untrained = [
-            span
-            for spec, span in zip(self.specs, self.offsets(), strict=True)
-            if span[1] > span[0] and not np.issubdtype(np.dtype(spec.dtype), np.floating)
-        ]
+        untrained, statistics = [], []
+        for spec, span in zip(self.specs, self.offsets(), strict=True):
+            if span[1] == span[0]:
+                continue
+            if not np.issubdtype(np.dtype(spec.dtype), np.floating):
+                untrained.append(span)
+            elif spec.statistic:
+                statistics.append(span)
         object.__setattr__(self, "untrained", tuple(untrained))
+        object.__setattr__(self, "statistics", tuple(statistics))
+
+    def with_statistics(self, names: Iterable[str]) -> Layout:
+        """This layout with the tensors ``names`` marked as statistics (others unmarked)."""
+        marked = set(names)
+        return Layout(tuple(replace(spec, statistic=spec.name in marked) for spec in self.specs))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -118,17 +140,21 @@ class Layout:
 
     def to_json(self) -> str:
         return json.dumps(
-            [[spec.name, list(spec.shape), spec.dtype] for spec in self.specs],
+            [
+                [spec.name, list(spec.shape), spec.dtype, *([STATISTIC] if spec.statistic else [])]
+                for spec in self.specs
+            ],
             separators=(",", ":"),
         )
 
     def difference(self, other: Layout) -> str | None:
         """The first way this layout differs from ``other``, the expected one (the number of
-        tensors, then a name, a shape or a dtype, in order), or None when the two are the same."""
+        tensors, then a name, a shape or a dtype, in order), or None when the two are the same.
+        Which tensors are statistics is the model's to say, not an update's: not compared."""
         if len(self.specs) != len(other.specs):
             return f"{len(self.specs)} tensors where {len(other.specs)} were expected"
         for index, (mine, theirs) in enumerate(zip(self.specs, other.specs, strict=True)):
-            if mine != theirs:
+            if (mine.name, mine.shape, mine.dtype) != (theirs.name, theirs.shape, theirs.dtype):
                 return (
                     f"tensor {index} is {mine.name!r} {list(mine.shape)} {mine.dtype} where "
                     f"{theirs.name!r} {list(theirs.shape)} {theirs.dtype} was expected"
@@ -149,16 +175,18 @@ class Layout:
         for index, row in enumerate(rows):
             if not (
                 isinstance(row, list)
-                and len(row) == 3
+                and len(row) in (3, 4)
                 and isinstance(row[0], str)
                 and isinstance(row[1], list)
                 and all(type(dim) is int for dim in row[1])
                 and isinstance(row[2], str)
+                and row[3:] in ([], [STATISTIC])
             ):
                 raise ModelError(
-                    f"malformed layout: entry {index} is not [name, [integers], dtype]"
+                    f"malformed layout: entry {index} is not [name, [integers], dtype] "
+                    f'(and "{STATISTIC}" for a statistic)'
                 )
-            specs.append(TensorSpec(row[0], tuple(row[1]), row[2]))
+            specs.append(TensorSpec(row[0], tuple(row[1]), row[2], statistic=len(row) == 4))
         return cls(tuple(specs))
 
     @classmethod
@@ -331,6 +359,18 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     header = json.loads(data[8 : 8 + header_size])
     metadata = header.get("__metadata__") or {}
     return {str(key): str(value) for key, value in metadata.items()}
+
+
+def statistics_averaged(step: Vector, mean: Vector, layout: Layout) -> Vector:
+    """A server optimizer's ``step`` with the layout's :attr:`~Layout.statistics` taken from the
+    clients' ``mean`` update: a running statistic is averaged, never stepped by a momentum
+    or an adaptive rate (``step`` itself when the layout has none)."""
+    if not layout.statistics:
+        return step
+    step = np.array(step, dtype=np.float32)
+    for start, end in layout.statistics:
+        step[start:end] = mean[start:end]
+    return step
 
 
 def untrained_zeroed(update: Vector, layout: Layout) -> Vector:

@@ -17,7 +17,7 @@ them without PyTorch raises :class:`MissingExtraError`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -39,12 +39,17 @@ def import_torch(feature: str) -> ModuleType:
     return torch
 
 
-def parameters_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Parameters:
+def parameters_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor], *, statistics: Iterable[str] = ()
+) -> Parameters:
     """Flatten a state dict (any device, any real dtype) into :class:`Parameters`, in its order.
 
     Tensors numpy cannot hold (bfloat16) are stored as float32 and recorded
     as float32; pass ``like`` to :func:`state_dict_from_parameters` to get
-    their dtype back.
+    their dtype back. ``statistics`` names the entries that are measured,
+    not trained (:func:`module_statistics`: BatchNorm's running mean and
+    variance): the coordinator averages them and steps them by no server
+    optimizer.
     """
     torch = import_torch("converting a PyTorch state dict")
     arrays = []
@@ -59,7 +64,25 @@ def parameters_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Parame
         if plain.dtype == torch.bfloat16:
             plain = plain.float()
         arrays.append(plain.numpy())
-    return Parameters.from_arrays(arrays, names=list(state_dict.keys()))
+    parameters = Parameters.from_arrays(arrays, names=list(state_dict.keys()))
+    marked = set(statistics)
+    if not marked:
+        return parameters
+    unknown = sorted(marked - set(state_dict))
+    if unknown:
+        raise ModelError(f"statistics {unknown[:5]} are not entries of the state dict")
+    return Parameters(parameters.vector, parameters.layout.with_statistics(marked))
+
+
+def module_statistics(module: torch.nn.Module) -> list[str]:
+    """The state dict entries of ``module`` that are floating-point buffers: what training
+    measures (BatchNorm's running mean and variance) rather than what it descends."""
+    state = module.state_dict()
+    return [
+        name
+        for name, buffer in module.named_buffers()
+        if name in state and buffer.is_floating_point()
+    ]
 
 
 def state_dict_from_parameters(
