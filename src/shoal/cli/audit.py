@@ -121,8 +121,9 @@ def verify_audit(
     bad signature) when it is not. Entries after the last signed head are
     covered by no signature: the line says how many.
     """
-    pinned = load_public_key(public_key or state_dir / PUBLIC_KEY_FILE)
     with _database(state_dir, registry, read_only=True) as database:
+        # the registry first: a folder without one is no state folder, whatever key it lacks
+        pinned = load_public_key(public_key or state_dir / PUBLIC_KEY_FILE)
         report = verify_audit_log(database, pinned.verify_audit_head)
     if as_json:
         problem = report.problem

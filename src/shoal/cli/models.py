@@ -12,6 +12,7 @@ from typing import Annotated, Any, BinaryIO
 
 import numpy as np
 import typer
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -56,6 +57,7 @@ app.add_typer(models_app, name="models")
 
 _FIRST_METRICS = ("accuracy", "loss")
 _SHOWN_METRICS = 3
+_UNBOUNDED = 10_000  # a terminal width no table needs: what measures a table's natural width
 
 
 def _model_json(record: ModelRecord, *, head: bool) -> dict[str, Any]:
@@ -78,8 +80,9 @@ def _model_json(record: ModelRecord, *, head: bool) -> dict[str, Any]:
 
 
 def _short_metrics(metrics: Mapping[str, Any]) -> str:
-    keys = [key for key in _FIRST_METRICS if key in metrics]
-    keys += sorted(key for key in metrics if key not in _FIRST_METRICS)
+    shown_keys = [key for key, value in metrics.items() if value is not None]  # None says nothing
+    keys = [key for key in _FIRST_METRICS if key in shown_keys]
+    keys += sorted(key for key in shown_keys if key not in _FIRST_METRICS)
     shown = []
     for key in keys[:_SHOWN_METRICS]:
         value = metrics[key]
@@ -109,28 +112,50 @@ def list_models(
     if as_json:
         _print_json([_model_json(record, head=is_head) for record, is_head in rows])
         return
-    table = Table(title="model versions", title_justify="left")
-    for column in ("", "name", "version", "round", "parent", "status", "sha256", "created (UTC)"):
-        numeric = column in ("version", "round")
-        table.add_column(column, justify="right" if numeric else "left", no_wrap=column != "name")
-    table.add_column("reason", overflow="fold")
+    console = _console()
+    console.print(_versions_table(rows, console) if rows else "no model versions in the registry")
+
+
+def _versions_table(rows: list[tuple[ModelRecord, bool]], console: Console) -> Table:
+    """The versions as an 80-column terminal still shows them whole: HEAD beside its version,
+    the reason beside the status, the name only when there are several, and the sha256 left
+    to ``show`` and ``--json``."""
+    names = sorted({record.name for record, _ in rows})
+    several = len(names) > 1
+    title = "model versions" if several else f"versions of model {names[0]}"
+    table = Table(title=Text(title), title_justify="left")
+    if several:
+        table.add_column("name", overflow="fold")
+    for column in ("version", "round", "parent"):
+        table.add_column(column, justify="right")
+    table.add_column("status", overflow="fold")
+    table.add_column("created (UTC)")
+    created = table.columns[-1]
     table.add_column("metrics", overflow="fold")
     for record, is_head in rows:
+        version = Text(str(record.version))
+        if is_head:
+            version.append(" HEAD", style="bold")
+        status = _status(record.status)
+        if record.status_reason:
+            status.append(f" ({record.status_reason})")
         table.add_row(
             *_cells(
-                Text("HEAD", style="bold") if is_head else "",
-                record.name,
-                str(record.version),
+                *([record.name] if several else []),
+                version,
                 str(record.round),
-                "-" if record.parent is None else str(record.parent),
-                _status(record.status),
-                record.sha256[:12],
+                record.parent,
+                status,
                 _when(record.created_at),
-                record.status_reason,
                 _short_metrics(record.metrics),
             )
         )
-    _console().print(table if rows else "no model versions in the registry")
+    unbounded = console.options.update_width(_UNBOUNDED)
+    if console.measure(table, options=unbounded).maximum > console.width:
+        # the time under the date: else rich narrows the widest columns (the metrics, the
+        # status) down to its width before it wraps it
+        created.max_width = len("YYYY-MM-DD")
+    return table
 
 
 @models_app.command("show")

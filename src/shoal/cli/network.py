@@ -99,7 +99,6 @@ def serve_command(
             options="dashboard-",
         ).start()
         announce(viewer, console)
-    print_header()
 
     def on_round(row: dict[str, Any]) -> None:
         console.print(format_row(row))
@@ -130,6 +129,7 @@ def serve_command(
             console.print(f"differential privacy: {config.privacy.placement}, {limit}")
         if first_round > 1:
             console.print(f"resuming run {config.run.name} at round {first_round}")
+        print_header()  # here, not before serving: a config error comes with no round table
 
     raise_open_files_limit()  # each connection is a file descriptor
     try:

@@ -5,12 +5,15 @@ run's ``--out``): the rows of ``metrics.jsonl``, and from its registry the
 round's participants as stored (per-round pseudonyms, under ``[metadata]``)
 with their divergence, and the update policy's decisions. ``--resolve``
 maps pseudonyms back to client ids with the folder's ``pseudonym.key`` and
-the client registry: only whoever can read that key can do it.
+the client registry: only whoever can read that key can do it. Another run
+in the registry (``--run-id``, with ``--registry URL`` for a shared one) has
+no rows in this folder: ``list`` shows what the registry holds of its rounds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -64,9 +67,38 @@ _LISTED = ("round", "phase", "committed", "model_version", "reported", "accuracy
 
 @rounds_app.command("list")
 @user_errors
-def list_rounds(state_dir: StateDir = DEFAULT_STATE_DIR, as_json: AsJson = False) -> None:
-    """Every round's row: its version, accuracy, loss, flagged clients and playbook verdict."""
-    rows = _rows(state_dir)
+def list_rounds(
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    registry: RegistryUrl = None,
+    run_id: RunId = None,
+    as_json: AsJson = False,
+) -> None:
+    """Every round's row: its version, accuracy, loss, flagged clients and playbook verdict.
+
+    The rows are the folder's own run's; another run in the registry (--run-id)
+    shows what the registry holds of each of its rounds: the version it
+    committed, its participants, the flagged ones and the updates the policy
+    denied.
+    """
+    if registry is None and run_id is None:  # the folder's own run: its metrics are the record
+        _print_rows(_rows(state_dir), state_dir, as_json=as_json)
+        return
+    with _database(state_dir, registry, read_only=True) as database:
+        own = folder_run(state_dir, database)
+        run = run_id or own or _only_run(database, state_dir)
+        recorded = [] if run == own else _recorded_rounds(database, run)
+    if run == own:
+        _print_rows(_rows(state_dir), state_dir, as_json=as_json)
+    elif not recorded:
+        hint = "" if own is None else f" (this folder's run is {own!r})"
+        raise NotFoundError(f"run {run!r} has no rounds on record{hint}")
+    elif as_json:
+        _print_json(recorded)
+    else:
+        _console().print(_recorded_table(run, recorded))
+
+
+def _print_rows(rows: list[dict[str, Any]], state_dir: Path, *, as_json: bool) -> None:
     if as_json:
         _print_json(rows)
         return
@@ -83,6 +115,42 @@ def list_rounds(state_dir: StateDir = DEFAULT_STATE_DIR, as_json: AsJson = False
             )
         )
     _console().print(table if rows else f"no rounds in {state_dir / METRICS_FILE}")
+
+
+def _recorded_rounds(database: Database, run_id: str) -> list[dict[str, Any]]:
+    """Each round of ``run_id`` that the registry holds participants or policy decisions of
+    (a run's rows are in its own folder only): the version it committed (None: it did not),
+    how many took part, how many of them were flagged, how many updates the policy denied."""
+    participation = ParticipationLog(database)
+    decided = PolicyDecisionLog(database).decisions(run_id)
+    denied = Counter(record.round for record in decided if not record.allowed)
+    rounds = sorted({*participation.rounds(run_id), *(record.round for record in decided)})
+    recorded = []
+    for number in rounds:
+        entries = participation.round(run_id, number)
+        version = entries[-1].model_version if entries else None
+        recorded.append(
+            {
+                "round": number,
+                "committed": version is not None,
+                "model_version": version,
+                "participants": len(entries),
+                "flagged": sum(1 for entry in entries if entry.flagged),
+                "denied": denied[number],
+            }
+        )
+    return recorded
+
+
+def _recorded_table(run_id: str, recorded: Iterable[Mapping[str, Any]]) -> Table:
+    table = Table(title=Text(f"rounds of run {run_id}"), title_justify="left")
+    columns = ("round", "committed", "model_version", "participants", "flagged", "denied")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "committed" else "right")
+    for row in recorded:
+        committed = "yes" if row["committed"] else Text("no", style="red")
+        table.add_row(*_cells(*(committed if key == "committed" else row[key] for key in columns)))
+    return table
 
 
 @rounds_app.command("show")
@@ -103,12 +171,12 @@ def show_round(
     as_json: AsJson = False,
 ) -> None:
     """Round N: its rows, its participants with their divergence, and the policy's decisions."""
-    rows = [row for row in _rows(state_dir) if row.get("round") == round_number]
     with _database(state_dir, registry, read_only=True) as database:
         own = folder_run(state_dir, database)
         run = run_id or own or _only_run(database, state_dir)
-        if run != own:
-            rows = []  # the folder's rows are its own run's, not this one's
+        # the folder's rows are its own run's; another run's are in no folder here
+        rows = _rows(state_dir) if run == own else []
+        rows = [row for row in rows if row.get("round") == round_number]
         participants = ParticipationLog(database).round(run, round_number)
         decisions = PolicyDecisionLog(database).decisions(run, round_number=round_number)
         if not rows and not participants and not decisions:

@@ -65,7 +65,9 @@ def simulate(
     quiet: Annotated[
         bool,
         typer.Option(
-            "--quiet", "-q", help="Print only the final summary; log only errors (MLflow's too)."
+            "--quiet",
+            "-q",
+            help="Print only the run folder and the final summary; log only errors (MLflow's too).",
         ),
     ] = False,
 ) -> None:
