@@ -140,6 +140,9 @@ def test_a_simulation_run_folder_is_signed_and_verifies(tmp_path: Path) -> None:
         result = shoal("models", "verify", "global", version, "--state-dir", tmp_path / "run")
         assert result.exit_code == 0, result.output
         assert "signature valid" in result.stdout
+        # signed for the run it is (its run.name, as its records name it), not for the
+        # coordinator's default run id: every simulation's versions claimed to be run-1's
+        assert f"run {config.run.name})" in result.stdout, result.stdout
 
 
 def job(tmp_path: Path, extra: str = "") -> Path:
@@ -241,3 +244,9 @@ def test_a_run_resumed_from_an_unsigned_head_signs_it(tmp_path: Path) -> None:
     for version in ("1", "2"):
         result = shoal("models", "verify", "global", version, "--state-dir", tmp_path / "run")
         assert result.exit_code == 0, result.output
+
+
+def test_verify_on_a_folder_without_a_registry_says_so_before_the_key(tmp_path: Path) -> None:
+    result = shoal("models", "verify", "global", "head", "--state-dir", tmp_path)
+    assert result.exit_code != 0
+    assert "no registry database at" in result.output  # it asked for model-signing.pub

@@ -68,8 +68,8 @@ def verify_model(
     the key's. A `shoal simulate` run folder is checked with --state-dir RUN.
     """
     number = _version_or_head(version)
-    pinned = load_public_key(public_key or state_dir / PUBLIC_KEY_FILE)
-    with _database(state_dir, registry, read_only=True) as database:
+    with _database(state_dir, registry, read_only=True) as database:  # "no registry" first
+        pinned = load_public_key(public_key or state_dir / PUBLIC_KEY_FILE)
         models = ModelRegistry(database, BlobStore(blob_location(state_dir, blobs)))
         record = models.head(name) if number is None else models.get(name, number)
         if record is None:

@@ -95,7 +95,7 @@ def simulate(
     simulation = Simulation(
         config, folder, resume=resume_dir is not None, search_path=app_search_path(config)
     )
-    console.print(f"run folder: {folder}")
+    console.print(f"run folder: {folder}", soft_wrap=True)  # a path whole, for scripts too
     summary = _run_with_progress(simulation, config, quiet=quiet)
     _print_summary(summary)
 

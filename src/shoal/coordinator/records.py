@@ -214,14 +214,16 @@ class RunRecords:
         what: str,
         registries: Callable[[], tuple[ModelRegistry, ClientRegistry]],
         model: str,
+        run_id: str,
     ) -> RunRecords:
         """The records of the run in ``folder``, as both shells open them: the folder held by
         this process alone (else one :class:`~shoal.core.errors.RunError`, ``what`` naming
         it) before anything in it is read or written, then its signing key
-        (:func:`run_signer`) and ``registries`` opened. :meth:`close` lets all of it go."""
+        (:func:`run_signer`, signing for ``run_id``) and ``registries`` opened. :meth:`close`
+        lets all of it go."""
         hold = hold_folder(folder, what=what)
         try:
-            signer = run_signer(config, hold.folder)
+            signer = run_signer(config, hold.folder, run_id=run_id)
             models, clients = registries()
         except BaseException:
             hold.release()
@@ -486,12 +488,13 @@ class RunRecords:
             )
 
 
-def run_signer(config: Config, folder: str | Path) -> ModelSigner:
+def run_signer(config: Config, folder: str | Path, *, run_id: str | None = None) -> ModelSigner:
     """What signs a run's versions, in both shells: the operator's key
     (``coordinator.signing_key``, else the deployment's ``model-signing.key``
     beside its certificates), or else the run folder's own, created (0600) on
-    first start; versions are signed for ``coordinator.run_id``. The key's public half is
-    kept in the run folder as ``model-signing.pub``."""
+    first start; versions are signed for ``run_id`` (the run's id as its records name it: a
+    simulation's ``run.name``, a coordinator's ``coordinator.run_id``, the default). The key's
+    public half is kept in the run folder as ``model-signing.pub``."""
     section = config.coordinator
     if section.signing_key is not None:
         key = load_signing_key(section.signing_key)
@@ -505,7 +508,7 @@ def run_signer(config: Config, folder: str | Path) -> ModelSigner:
     public = Path(folder) / PUBLIC_KEY_FILE  # what `shoal models verify` checks against
     if not public.exists() or public.read_bytes() != public_pem(key.public_key()):
         write_public_key(public, key.public_key())
-    return ModelSigner(key, run_id=section.run_id)
+    return ModelSigner(key, run_id=section.run_id if run_id is None else run_id)
 
 
 _TRACKED_AS = {"epsilon": "privacy_epsilon", "delta": "privacy_delta"}

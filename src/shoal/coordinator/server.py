@@ -206,6 +206,7 @@ def build(
             what="coordinator.state_dir",
             registries=lambda: _registries(state_dir, section),
             model=config.run.name,
+            run_id=section.run_id,
         )
     except BaseException:
         if key_holder is not None:

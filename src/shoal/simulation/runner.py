@@ -158,6 +158,7 @@ class Simulation:
             what="run folder",
             registries=lambda: run_registries(self.out),
             model=MODEL_NAME,
+            run_id=self.config.run.name,
         )
         finished = False
         try:
