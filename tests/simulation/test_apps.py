@@ -189,8 +189,11 @@ def test_why_clients_fail_is_in_each_row_and_under_each_round(tmp_path: Path) ->
     )
     (tmp_path / "job.toml").write_text(job)
     result = shoal("simulate", "job.toml", "--out", "run", "--rounds", "1", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # nothing trained: it exited 0
     assert "failed: 1 x ValueError: no data file for client 2" in result.stdout
+    said = result.stderr.strip().splitlines()[-1]
+    assert said.startswith("error: no fit round committed, 1 aborted: 1 x 0 of 4 reported")
+    assert "; clients failed: 1 x ValueError: no data file for client" in said
     [row] = [
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,8 +16,9 @@ from rich.table import Table
 from shoal.cli.app import app, quiet_logging, user_errors
 from shoal.client.app import app_search_path, with_config_folder
 from shoal.config import Config, load_config
-from shoal.core.errors import ConfigError
+from shoal.core.errors import ConfigError, RunError
 from shoal.simulation.runner import Simulation, resumed_config
+from shoal.telemetry.metrics import METRICS_FILE, MetricsLog
 
 console = Console(highlight=False)
 
@@ -98,6 +100,25 @@ def simulate(
     console.print(f"run folder: {folder}", soft_wrap=True)  # a path whole, for scripts too
     summary = _run_with_progress(simulation, config, quiet=quiet)
     _print_summary(summary)
+    if summary["rounds_completed"] == 0 and summary["rounds_aborted"] > 0:
+        raise RunError(_nothing_trained(folder, summary["rounds_aborted"]))
+
+
+def _nothing_trained(folder: Path, aborted: int) -> str:
+    """Why a run that played fit rounds committed none (exit 1: an app whose every client
+    fails, a quorum no cohort meets, exited 0 with the untrained model)."""
+    rows = [row for row in MetricsLog(folder / METRICS_FILE).rows() if row["phase"] == "fit"]
+    reasons = Counter(str(row.get("abort_reason")) for row in rows if row.get("abort_reason"))
+    failures: Counter[str] = Counter()
+    for row in rows:
+        failures.update(row.get("failures") or {})
+    why = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(2))
+    raised = "; ".join(f"{count} x {failure}" for failure, count in failures.most_common(2))
+    return (
+        f"no fit round committed, {aborted} aborted: {why or 'see metrics.jsonl'}"
+        + (f"; clients failed: {raised}" if raised else "")
+        + f"; the model in {folder} is the initial one"
+    )
 
 
 def _run_with_progress(simulation: Simulation, config: Config, *, quiet: bool) -> dict[str, Any]:
