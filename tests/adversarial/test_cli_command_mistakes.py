@@ -37,7 +37,7 @@ def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = invoke(
         "simulate", "-q", "--rounds", "1", "--out", folder, "--set", "data.num_clients=6",
         "--set", "round.clients_per_round=3", "--set", "evaluation.every=0",
-        "--set", "simulation.workers=0",
+        "--set", "simulation.workers=0", "--set", "round.deadline_s=600",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     return folder

@@ -37,6 +37,7 @@ SMALL_SETS = [
     "--set", "round.clients_per_round=3",
     "--set", "evaluation.every=0",
     "--set", "simulation.workers=0",
+    "--set", "round.deadline_s=600.0",
 ]  # fmt: skip
 HEADER = re.compile(r"^\s*round\s+phase\s+sel\s+rep", re.MULTILINE)
 

@@ -14,6 +14,7 @@ SMALL = [
     "--set", "round.clients_per_round=4",
     "--set", "evaluation.every=0",
     "--set", "simulation.workers=0",
+    "--set", "round.deadline_s=600",  # the default devices' digits take longer than 15 s
 ]  # fmt: skip
 
 

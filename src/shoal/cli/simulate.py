@@ -110,13 +110,17 @@ def _nothing_trained(folder: Path, aborted: int) -> str:
     rows = [row for row in MetricsLog(folder / METRICS_FILE).rows() if row["phase"] == "fit"]
     reasons = Counter(str(row.get("abort_reason")) for row in rows if row.get("abort_reason"))
     failures: Counter[str] = Counter()
+    drops: Counter[str] = Counter()
     for row in rows:
         failures.update(row.get("failures") or {})
+        drops.update(row.get("drops_by_reason") or {})
     why = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(2))
     raised = "; ".join(f"{count} x {failure}" for failure, count in failures.most_common(2))
+    dropped = ", ".join(f"{count} x {reason}" for reason, count in drops.most_common(3))
     return (
         f"no fit round committed, {aborted} aborted: {why or 'see metrics.jsonl'}"
         + (f"; clients failed: {raised}" if raised else "")
+        + (f"; clients dropped: {dropped}" if dropped and not raised else "")
         + f"; the model in {folder} is the initial one"
     )
 
