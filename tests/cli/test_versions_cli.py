@@ -1,4 +1,9 @@
-"""``shoal versions require`` on a simulated run folder: refused, since no simulation reads it."""
+"""``shoal versions require`` on a simulated run folder: the resumed simulation applies it.
+
+It was stored, and a resumed simulation went on selecting the clients it excludes: the
+simulation screened its devices with the job's entries alone, while a coordinator's registry
+selects with the matrix too.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from typer.testing import CliRunner, Result
 from shoal.cli import app
 from shoal.config import parse_config
 from shoal.registry import VersionMatrix, registry_location
-from shoal.simulation.runner import Simulation
+from shoal.simulation.runner import Simulation, load_run_config
 
 ARCHITECTURE = "shoal.apps.builtin:client_app"  # the built-in app's, as a coordinator names it
 SMALL: dict[str, Any] = {
@@ -40,24 +45,26 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_a_requirement_on_a_simulated_run_folder_is_refused_saying_where_it_goes(
+def test_a_requirement_on_a_simulated_run_folder_applies_when_it_resumes(
     simulated: Path,
 ) -> None:
-    """It was stored, and a resumed simulation went on selecting the clients it excludes."""
+    architecture = json.loads((simulated / "summary.json").read_text())["architecture"]
     result = shoal(
-        "versions", "require", ARCHITECTURE, "--component", "app", "--minimum", "2",
+        "versions", "require", architecture, "--component", "app", "--minimum", "99",
         "--state-dir", simulated,
     )  # fmt: skip
-    assert result.exit_code == 2, result.output
-    message = " ".join(result.output.split())
-    assert "is a simulation's run folder" in message
-    assert "[[versions.require]]" in message and "from_round" in message
-    assert "Traceback" not in result.output
-    assert stored_models(simulated) == []
+    assert result.exit_code == 0, result.output
+    assert stored_models(simulated) == [architecture]
+    config = load_run_config(simulated)
+    resumed = config.model_copy(update={"run": config.run.model_copy(update={"rounds": 2})})
+    Simulation(resumed, simulated, resume=True).run()
+    rows = [json.loads(line) for line in (simulated / "metrics.jsonl").read_text().splitlines()]
+    assert [row["committed"] for row in rows] == [True, False]  # no client runs app 99
+    assert rows[1]["excluded"]["versions"] > 0
 
 
 def test_the_jobs_own_requirement_is_what_a_simulation_applies(tmp_path: Path) -> None:
-    """What the refusal points to: the job's entries exclude the clients from their round on."""
+    """The job's own entries exclude the clients from their round on, as they did."""
     require = [{"component": "app", "minimum": "99", "from_round": 2}]
     job = {**SMALL, "run": {"name": "versions", "rounds": 2}, "versions": {"require": require}}
     Simulation(parse_config(job), tmp_path).run()
@@ -67,8 +74,7 @@ def test_the_jobs_own_requirement_is_what_a_simulation_applies(tmp_path: Path) -
 
 
 def test_a_coordinators_state_folder_still_takes_requirements(tmp_path: Path) -> None:
-    """A coordinator reads its registry's matrix at each selection: only a simulation's folder
-    is refused (a coordinator's config.json names a run too)."""
+    """A coordinator reads its registry's matrix at each selection."""
     (tmp_path / "config.json").write_text(json.dumps({"run": {"name": "served"}}))
     result = shoal(
         "versions", "require", ARCHITECTURE, "--component", "app", "--minimum", "2",

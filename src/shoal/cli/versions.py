@@ -8,12 +8,11 @@ coordinator uses and applies from its next check-in and selection on, while
 it runs: a client outside the matrix is told INCOMPATIBLE with the reason,
 is never selected, and its update is refused. A job's own
 ``[[versions.require]]`` entries apply beside these. A simulation reads
-only its job's entries, so ``require`` refuses a simulated run's folder.
+its run folder's matrix when it starts or resumes.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -31,9 +30,8 @@ from shoal.cli.operator import (
     _database,
     _print_json,
 )
-from shoal.cli.rounds import simulated_run
 from shoal.core.errors import ConfigError
-from shoal.registry import Component, Database, Requirement, VersionMatrix
+from shoal.registry import Component, Requirement, VersionMatrix
 from shoal.registry.location import DEFAULT_STATE_DIR
 from shoal.registry.versioning import MAX_MODEL_NAME
 
@@ -108,27 +106,12 @@ def require_versions(
         if not version or len(version) > 64:
             raise typer.BadParameter("a version has 1 to 64 characters", param_hint="--allowed")
     with _database(state_dir, registry, must_exist=False) as database:
-        if registry is None:
-            _refuse_a_simulation(state_dir, database)
         requirement = VersionMatrix(database).require(
             model, component, minimum=minimum, allowed=allowed or None
         )
         details = _requirement_json(model, requirement)
         _audit(database, actor).append("versions_require", subject=model, details=details)
     _print_requirements([_requirement_json(model, requirement)], as_json=as_json)
-
-
-def _refuse_a_simulation(state_dir: Path, database: Database) -> None:
-    """A simulation screens its devices with its job's requirements alone, and a resume keeps
-    the job's config: a requirement stored in its folder would be kept and never applied."""
-    run = simulated_run(state_dir, database)
-    if run is not None:
-        raise ConfigError(
-            f"{state_dir} is a simulation's run folder (run {run!r}), and a simulation applies "
-            "only its job's own version requirements: write this one as a [[versions.require]] "
-            "entry of the job (from_round = N for one that applies from round N on) and start "
-            "the run again"
-        )
 
 
 @versions_app.command("list")

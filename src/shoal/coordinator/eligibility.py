@@ -112,11 +112,17 @@ class EligibilityPolicy:
     """The job's eligibility rule; see the module docstring. ``model`` names it in reasons."""
 
     def __init__(
-        self, selection: SelectionSection, versions: VersionsSection, *, model: str = "global"
+        self,
+        selection: SelectionSection,
+        versions: VersionsSection,
+        *,
+        model: str = "global",
+        matrix: Sequence[Requirement] = (),
     ) -> None:
         self.selection = selection
         self.versions = versions
         self.model = model
+        self.matrix = tuple(matrix)  # the registry's requirements of the model, every round
         self._app_minimum = (
             None
             if selection.min_app_version is None
@@ -126,12 +132,17 @@ class EligibilityPolicy:
     def criteria(self, round_number: int) -> tuple[str, ...]:
         """The names of the criteria that apply in ``round_number``: the keys of ``excluded``."""
         names = self.selection.criteria()
-        return (*names, VERSIONS) if requirements_of(self.versions, round_number) else names
+        return (*names, VERSIONS) if self.requirements(round_number) else names
+
+    def requirements(self, round_number: int) -> tuple[Requirement, ...]:
+        """The version requirements of ``round_number``: the registry's matrix for the model
+        (``shoal versions require``), then the job's ``[[versions.require]]`` from their round."""
+        return (*self.matrix, *requirements_of(self.versions, round_number))
 
     @property
     def active(self) -> bool:
         """Whether any criterion may ever exclude a device."""
-        return bool(self.selection.criteria() or self.versions.require)
+        return bool(self.selection.criteria() or self.versions.require or self.matrix)
 
     def failures(self, facts: DeviceFacts, *, round_number: int) -> dict[str, Mask]:
         """For each criterion that applies, the mask of the devices it excludes."""
@@ -168,7 +179,7 @@ class EligibilityPolicy:
 
     def _versions_fail(self, facts: DeviceFacts, round_number: int) -> Mask:
         failing = np.zeros(len(facts), dtype=bool)
-        for requirement in requirements_of(self.versions, round_number):
+        for requirement in self.requirements(round_number):
             failing |= self._failing(requirement, facts)
         return failing
 

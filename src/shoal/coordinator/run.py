@@ -108,7 +108,7 @@ from shoal.governance.policy import PolicyEngine
 from shoal.governance.pseudonyms import Names
 from shoal.privacy.coordinator import check_private_strategy
 from shoal.privacy.run import RunPrivacy
-from shoal.registry import ModelRecord, Requirement, SelectionCriteria
+from shoal.registry import ModelRecord, Requirement, SelectionCriteria, VersionMatrix
 from shoal.registry.models import HeadMoved
 from shoal.registry.participation import ParticipationLog
 from shoal.tasks import Phase
@@ -259,7 +259,12 @@ class Run:
         self.wall_offset = 0.0  # wall time already spent, by earlier processes
         self.stop_reason: str | None = None
         self.model_bytes = 0
-        self.eligibility = EligibilityPolicy(config.selection, config.versions, model=architecture)
+        self.eligibility = EligibilityPolicy(  # the matrix as the run (re)starts: a simulation's
+            config.selection,  # screening (a coordinator's registry selects with it itself)
+            config.versions,
+            model=architecture,
+            matrix=VersionMatrix(store.database).requirements(architecture),
+        )
         self._screened: Row | None = None  # the screened play's counts, until its row
         self._coordinator: Coordinator | None = None
         self._bars: list[Callable[[], Iterable[str]]] = []  # the shell's own sources of bars
