@@ -15,7 +15,6 @@ whole (:data:`MAX_MODEL_PARAMETERS`, :data:`MAX_CLIENT_DATA_BYTES`).
 from __future__ import annotations
 
 import datetime as dt
-import math
 import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -45,6 +44,7 @@ from shoal.core.limits import (
     above_limit,
     is_loopback,
     pld_delta_problem,
+    quorum_count,
     split_host_port,
     within_budget,
 )
@@ -308,8 +308,8 @@ class RoundSection(_Section):
     def fewest_updates(self) -> int:
         """The fewest updates a fit round commits with: its quorum of ``clients_per_round``
         (a round closes at the deadline with what came, and aborts below the quorum), as
-        the engine counts it (``RoundSettings.quorum_count``)."""
-        return max(1, math.ceil(self.quorum * self.clients_per_round - 1e-9))
+        the engine counts it."""
+        return quorum_count(self.quorum, self.clients_per_round)
 
 
 class EvaluationSection(_Section):

@@ -75,10 +75,12 @@ server = "constant_app:server_app"
 """
 
 
-def shoal(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def python(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """This Python in ``cwd`` without PYTHONPATH: only the folders Shoal adds can be imported."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.run(
-        [sys.executable, "-m", "shoal", *args],
+        [sys.executable, *args],
+        input=stdin,
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -86,6 +88,10 @@ def shoal(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         timeout=240,
         check=False,
     )
+
+
+def shoal(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return python("-m", "shoal", *args, cwd=cwd)
 
 
 @pytest.mark.slow
@@ -143,17 +149,7 @@ print(result.summary["rounds_completed"], result.parameters.vector.tolist(), len
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_script_on_stdin_simulates_its_own_classes(tmp_path: Path, workers: int) -> None:
     script = SCRIPT.replace("WORKERS", str(workers)).replace("OUT", repr(str(tmp_path / "r")))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, "-"],
-        input=textwrap.dedent(script),
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    result = python("-", stdin=textwrap.dedent(script), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[0] == "2 [2.0, 2.0] 2"
 
@@ -302,16 +298,7 @@ def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path: Path) -> Non
     """Each worker imports the script, which started the simulation again there: the worker
     died on the run folder's lock and the run stopped with "rerun with workers = 0"."""
     (tmp_path / "train.py").write_text(UNGUARDED)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, "train.py"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    result = python("train.py", cwd=tmp_path)
     assert result.returncode != 0
     assert "each worker imports train.py" in result.stderr.splitlines()[-1], result.stderr[-3000:]
     assert 'if __name__ == "__main__":' in result.stderr.splitlines()[-1]

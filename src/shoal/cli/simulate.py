@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +15,7 @@ from rich.table import Table
 from shoal.cli.app import app, quiet_logging, user_errors
 from shoal.client.app import app_search_path, with_config_folder
 from shoal.config import Config, load_config
+from shoal.coordinator.run_metrics import why_aborted
 from shoal.core.errors import ConfigError, RunError
 from shoal.simulation.runner import Simulation, resumed_config
 from shoal.telemetry.metrics import METRICS_FILE, MetricsLog
@@ -107,21 +107,10 @@ def simulate(
 def _nothing_trained(folder: Path, aborted: int) -> str:
     """Why a run that played fit rounds committed none (exit 1: an app whose every client
     fails, a quorum no cohort meets, exited 0 with the untrained model)."""
-    rows = [row for row in MetricsLog(folder / METRICS_FILE).rows() if row["phase"] == "fit"]
-    reasons = Counter(str(row.get("abort_reason")) for row in rows if row.get("abort_reason"))
-    failures: Counter[str] = Counter()
-    drops: Counter[str] = Counter()
-    for row in rows:
-        failures.update(row.get("failures") or {})
-        drops.update(row.get("drops_by_reason") or {})
-    why = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(2))
-    raised = "; ".join(f"{count} x {failure}" for failure, count in failures.most_common(2))
-    dropped = ", ".join(f"{count} x {reason}" for reason, count in drops.most_common(3))
+    why = why_aborted(MetricsLog(folder / METRICS_FILE).rows())
     return (
-        f"no fit round committed, {aborted} aborted: {why or 'see metrics.jsonl'}"
-        + (f"; clients failed: {raised}" if raised else "")
-        + (f"; clients dropped: {dropped}" if dropped and not raised else "")
-        + f"; the model in {folder} is the initial one"
+        f"no fit round committed, {aborted} aborted: {why}; "
+        f"the model in {folder} is the initial one"
     )
 
 

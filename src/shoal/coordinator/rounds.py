@@ -17,6 +17,7 @@ from shoal.coordinator.secure import SecureRound
 from shoal.coordinator.selection import cohort_size
 from shoal.core.errors import ConfigError
 from shoal.core.later import Later
+from shoal.core.limits import quorum_count
 from shoal.core.parameters import Vector
 from shoal.tasks import Phase
 
@@ -55,7 +56,7 @@ class RoundSettings:
         return self.clients_per_round if phase is Phase.FIT else self.evaluation_clients
 
     def quorum_count(self, phase: Phase) -> int:
-        return max(1, math.ceil(self.quorum * self.target(phase) - 1e-9))
+        return quorum_count(self.quorum, self.target(phase))
 
 
 @dataclass(frozen=True, slots=True)

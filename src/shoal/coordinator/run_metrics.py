@@ -264,6 +264,26 @@ def run_summary(
     return summary
 
 
+def why_aborted(rows: Iterable[Row]) -> str:
+    """Why fit ``rows`` committed nothing, in one line: their most frequent abort reasons, then
+    what the clients raised or, if none raised, why they dropped."""
+    fits = [row for row in rows if row.get("phase") == "fit"]
+    reasons = Counter(str(row["abort_reason"]) for row in fits if row.get("abort_reason"))
+    failures: Counter[str] = Counter()
+    drops: Counter[str] = Counter()
+    for row in fits:
+        failures.update(row.get("failures") or {})
+        drops.update(row.get("drops_by_reason") or {})
+    why = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(2))
+    raised = "; ".join(f"{count} x {failure}" for failure, count in failures.most_common(2))
+    dropped = ", ".join(f"{count} x {reason}" for reason, count in drops.most_common(3))
+    return (
+        (why or "see metrics.jsonl")
+        + (f"; clients failed: {raised}" if raised else "")
+        + (f"; clients dropped: {dropped}" if dropped and not raised else "")
+    )
+
+
 def divergence_rule(config: Config) -> DivergenceRule | None:
     """The job's ``[divergence]`` rule; None when it is off."""
     section = config.divergence

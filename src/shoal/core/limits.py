@@ -22,6 +22,7 @@ this machine only.
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,12 @@ def pld_delta_problem(delta: float) -> str:
         "resolves (dp-accounting truncates its distributions' tails at 1e-15, and its epsilon "
         "is infinite near that): use the accountant 'rdp' for a delta this small"
     )
+
+
+def quorum_count(quorum: float, cohort: int) -> int:
+    """The fewest of a ``cohort`` whose results let a round commit at ``quorum`` (a share of
+    it): the engine's count and the config's check of what a round may close with."""
+    return max(1, math.ceil(quorum * cohort - 1e-9))
 
 
 MAX_RUN_ID_CHARS = 128

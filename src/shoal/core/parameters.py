@@ -64,7 +64,7 @@ class TensorSpec:
 
     ``statistic`` marks state that training measures rather than descends (BatchNorm's running
     mean and variance): the coordinator averages it, and no server optimizer steps it (a server
-    momentum took a running variance to 15 times the data's; see :attr:`Layout.statistics`).
+    momentum drove a running variance below 0; see :attr:`Layout.statistics`).
     """
 
     name: str

@@ -27,6 +27,7 @@ import numpy as np
 from shoal.client.app import app_search_path
 from shoal.config import Config
 from shoal.coordinator.run import check_same_app
+from shoal.coordinator.run_metrics import why_aborted
 from shoal.core.errors import NotFoundError, RunError
 from shoal.core.folders import hold_folder
 from shoal.governance.unlearning import PRIVACY_NOTE, UnlearningReport, forget, run_names
@@ -147,13 +148,12 @@ def _retrained(report: UnlearningReport, folder: Path) -> UnlearningReport:
     retrained = report.with_head(head, recomputed=[row["round"] for row in rows])
     if rows and not any(row.get("committed") for row in rows):
         # the client is forgotten, but HEAD is the model from before it: say so, and why
-        reasons = sorted({str(row.get("abort_reason")) for row in rows if row.get("abort_reason")})
         retrained = replace(
             retrained,
             next_step=(
-                f"every recomputed round aborted ({'; '.join(reasons)[:300] or 'see metrics.jsonl'}"
-                f"): HEAD is version {head.version}, the model from before the client's first "
-                f"round; fix that and train on: shoal simulate --resume {folder} --rounds N"
+                f"every recomputed round aborted ({why_aborted(rows)}): HEAD is version "
+                f"{head.version}, the model from before the client's first round; fix that "
+                f"and train on: shoal simulate --resume {folder} --rounds N"
             ),
         )
     return retrained
