@@ -106,7 +106,8 @@ def test_a_layouts_untrained_tensors_are_its_integers_and_booleans() -> None:
     np.testing.assert_array_equal(untrained_zeroed(update, layout), [1, 2, 0, 0, 0, 0, 7])
     assert update[2] == 3  # a copy: the caller's vector is its own
     plain = Layout((TensorSpec("w", (2,), "float32"),))
-    assert untrained_zeroed(update[:2], plain) is not None and plain.untrained == ()
+    unchanged = update[:2]
+    assert untrained_zeroed(unchanged, plain) is unchanged and plain.untrained == ()
 
 
 def test_a_batchnorm_model_trains_under_the_default_policy(tmp_path: Path) -> None:

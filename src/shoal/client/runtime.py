@@ -472,9 +472,8 @@ class ClientRuntime:
                 delay = self.backoff.delay(attempt, self._rng)
                 log.info("coordinator unreachable (%s); retrying in %.2fs", exc, delay)
                 attempt += 1
-                if _told_after(
-                    attempt
-                ):  # a wrong address or a refused handshake looked like a hang
+                # said, where a wrong address or a refused handshake looked like a hang
+                if _told_after(attempt):
                     self._event(f"coordinator unreachable after {attempt} tries ({exc}); retrying")
                 await self._pause(delay)
                 continue
