@@ -1103,6 +1103,41 @@ class AppSection(_Section):
         return self.server
 
 
+_DIGITS = frozenset({"digits"})
+_SYNTHETIC = frozenset({"synthetic", "synthetic_iid"})
+_DATA_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    # a [data] key of the built-in data: the datasets it applies to, and (digits) the partitions
+    "partition": (_DIGITS, frozenset()),
+    "dirichlet_alpha": (_DIGITS, frozenset({"dirichlet"})),
+    "shards_per_client": (_DIGITS, frozenset({"shards"})),
+    "power_law_exponent": (_DIGITS, frozenset({"power_law"})),
+    "min_samples": (_DIGITS, frozenset({"dirichlet", "power_law"})),
+    "test_fraction": (_DIGITS, frozenset()),
+    "local_eval_fraction": (_DIGITS | {"gaussian"}, frozenset()),
+    "synthetic_alpha": (frozenset({"synthetic"}), frozenset()),
+    "synthetic_beta": (frozenset({"synthetic"}), frozenset()),
+    "max_samples_per_client": (_SYNTHETIC, frozenset()),
+    "samples_per_client": (frozenset({"gaussian"}), frozenset()),
+    "num_features": (frozenset({"gaussian"}), frozenset()),
+    "num_classes": (frozenset({"gaussian"}), frozenset()),
+}
+_DATASET_KEYS_WHY = {
+    "digits": "digits has 64 features and 10 classes, split across clients by data.partition",
+    "gaussian": (
+        "each gaussian client draws its own data.samples_per_client examples (IID), with "
+        "data.local_eval_fraction of them held out"
+    ),
+    "synthetic": (
+        "FedProx's devices draw their own examples and held-out share, skewed by "
+        "synthetic_alpha and synthetic_beta, at most max_samples_per_client each"
+    ),
+    "synthetic_iid": (
+        "FedProx's IID devices share one model and draw their own examples and held-out share, "
+        "at most max_samples_per_client each"
+    ),
+}
+
+
 class Config(_Section):
     """A whole run: every section with its defaults."""
 
@@ -1182,6 +1217,31 @@ class Config(_Section):
                 raise ValueError(
                     f"attack.{index}.target_label ({label}) is not below the {count} classes "
                     "(set num_classes for an app with other labels)"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _data_keys_apply(self) -> Config:
+        """A [data] key the built-in data would ignore is refused when changed from its default
+        (a user's client app reads the config as it likes, so its keys are its own)."""
+        if self.app.client != BUILTIN_CLIENT_APP:
+            return self
+        data = self.data
+        for key in sorted(_DATA_KEYS):
+            value = getattr(data, key)
+            if value == DataSection.model_fields[key].default:
+                continue
+            datasets, partitions = _DATA_KEYS[key]
+            if data.dataset not in datasets:
+                raise ValueError(
+                    f"data.{key} = {value!r} does not apply to the {data.dataset} dataset: "
+                    f"{_DATASET_KEYS_WHY[data.dataset]}"
+                )
+            if partitions and data.partition not in partitions:
+                named = " or ".join(repr(partition) for partition in sorted(partitions))
+                raise ValueError(
+                    f"data.{key} = {value!r} applies to data.partition = {named}, "
+                    f"not {data.partition!r}"
                 )
         return self
 

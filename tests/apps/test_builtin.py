@@ -15,7 +15,7 @@ from support.jobs import bare_config
         ["data.dataset=digits"],
         ["data.dataset=gaussian"],
         ["data.dataset=synthetic"],
-        ["data.dataset=synthetic_iid", "data.synthetic_alpha=0", "data.synthetic_beta=0"],
+        ["data.dataset=synthetic_iid"],
     ],
 )
 def test_example_counts_match_the_data_and_build_none_of_it(data: list[str]) -> None:

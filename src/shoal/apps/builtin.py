@@ -238,10 +238,11 @@ class DataScenario:
     @functools.cached_property
     def _synthetic(self) -> SyntheticFederation:
         data = self.config.data
-        return SyntheticFederation(
-            alpha=data.synthetic_alpha,
-            beta=data.synthetic_beta,
-            iid=data.dataset == "synthetic_iid",
+        iid = data.dataset == "synthetic_iid"
+        return SyntheticFederation(  # the IID devices share one model: no alpha or beta
+            alpha=0.0 if iid else data.synthetic_alpha,
+            beta=0.0 if iid else data.synthetic_beta,
+            iid=iid,
             num_devices=data.num_clients,
             seed=self.config.run.seed,
             max_samples=data.max_samples_per_client,
