@@ -156,6 +156,24 @@ def test_twenty_clients_and_one_killed_mid_run(tmp_path: Path) -> None:
     assert rounds == [0, 1, 2, 3, 4], coordinator_log(job)
 
 
+def test_a_served_run_whose_every_round_aborts_exits_1_with_why(tmp_path: Path) -> None:
+    job = make_job(tmp_path, clients=2, rounds=1, target=2, deadline_s=30.0, quorum=1.0)
+    job.config.write_text(
+        job.config.read_text().replace("learning_rate = 0.2", "learning_rate = 1e30")
+    )  # every update denied
+    with clients_running(job):
+        coordinator = start_coordinator(job)
+        try:
+            assert coordinator.wait(timeout=120) == 1, coordinator_log(job)  # it exited 0
+        finally:
+            if coordinator.poll() is None:
+                coordinator.kill()
+    said = coordinator_log(job).strip().splitlines()[-1]
+    assert said.startswith("error: no fit round committed, 1 aborted: 1 x "), said
+    assert "policy denied: l2_norm_above_bound" in said and str(job.base / "state") in said
+    assert [round_number for _, round_number, _ in job.heads()] == [0]  # the initial model
+
+
 def test_kill_9_mid_round_then_restart_finishes_and_loses_nothing(tmp_path: Path) -> None:
     job = make_job(tmp_path, clients=5, rounds=5, target=4, deadline_s=10.0)
     with clients_running(job):

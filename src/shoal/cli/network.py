@@ -26,7 +26,7 @@ from shoal.client.app import (
 )
 from shoal.client.runtime import ClientRuntime, load_or_create_enrollment
 from shoal.config import MAX_CLIENTS, load_config
-from shoal.core.errors import ConfigError, ShoalError
+from shoal.core.errors import ConfigError, RunError, ShoalError
 from shoal.core.limits import MAX_PORT, split_host_port
 from shoal.core.serving import raise_open_files_limit
 from shoal.dashboard import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, open_dashboard
@@ -147,6 +147,8 @@ def serve_command(
             viewer.close()
     if parts.stop_reason is not None:
         console.print(f"training stopped: {escape(parts.stop_reason)}")
+    if parts.run.nothing_committed is not None:
+        raise RunError(f"{parts.run.nothing_committed} (run folder {config.coordinator.state_dir})")
 
 
 def privacy_line(row: dict[str, Any]) -> str | None:

@@ -15,10 +15,8 @@ from rich.table import Table
 from shoal.cli.app import app, quiet_logging, user_errors
 from shoal.client.app import app_search_path, with_config_folder
 from shoal.config import Config, load_config
-from shoal.coordinator.run_metrics import why_aborted
 from shoal.core.errors import ConfigError, RunError
 from shoal.simulation.runner import Simulation, resumed_config
-from shoal.telemetry.metrics import METRICS_FILE, MetricsLog
 
 console = Console(highlight=False)
 
@@ -100,18 +98,9 @@ def simulate(
     console.print(f"run folder: {folder}", soft_wrap=True)  # a path whole, for scripts too
     summary = _run_with_progress(simulation, config, quiet=quiet)
     _print_summary(summary)
-    if summary["rounds_completed"] == 0 and summary["rounds_aborted"] > 0:
-        raise RunError(_nothing_trained(folder, summary["rounds_aborted"]))
-
-
-def _nothing_trained(folder: Path, aborted: int) -> str:
-    """Why a run that played fit rounds committed none (exit 1: an app whose every client
-    fails, a quorum no cohort meets, exited 0 with the untrained model)."""
-    why = why_aborted(MetricsLog(folder / METRICS_FILE).rows())
-    return (
-        f"no fit round committed, {aborted} aborted: {why}; "
-        f"the model in {folder} is the initial one"
-    )
+    why = None if simulation.lifecycle is None else simulation.lifecycle.nothing_committed
+    if why is not None:
+        raise RunError(f"{why} (run folder {folder})")
 
 
 def _run_with_progress(simulation: Simulation, config: Config, *, quiet: bool) -> dict[str, Any]:

@@ -94,6 +94,7 @@ from shoal.coordinator.run_metrics import (
     drift_rule,
     round_row,
     run_summary,
+    why_aborted,
 )
 from shoal.coordinator.schedule import Play, evaluation_due, schedule
 from shoal.coordinator.secure import SecureSettings, check_secure_strategy
@@ -258,6 +259,10 @@ class Run:
         self.virtual_start = 0.0  # virtual time already spent (simulation)
         self.wall_offset = 0.0  # wall time already spent, by earlier processes
         self.stop_reason: str | None = None
+        # why a finished run that played fit rounds committed none, in one line (both shells
+        # exit 1 on it: an app whose every client fails, or a quorum no cohort meets, ended as
+        # if it had trained); None when a round committed, none was played, or it goes on
+        self.nothing_committed: str | None = None
         self.model_bytes = 0
         self.eligibility = EligibilityPolicy(  # the matrix as the run (re)starts: a simulation's
             config.selection,  # screening (a coordinator's registry selects with it itself)
@@ -796,4 +801,9 @@ class Run:
         )
         if self.config.report.enabled:
             self.store.write_report()
+        if summary["rounds_aborted"] and not summary["rounds_completed"]:
+            self.nothing_committed = (
+                f"no fit round committed, {summary['rounds_aborted']} aborted: "
+                f"{why_aborted(self.store.rows())}; the model is the initial one"
+            )
         return summary
