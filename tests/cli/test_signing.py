@@ -16,6 +16,7 @@ from typer.testing import CliRunner, Result
 
 from shoal.cli import app
 from shoal.core import Parameters
+from shoal.core.errors import SecurityError
 from shoal.governance import (
     ModelSigner,
     generate_signing_key,
@@ -24,7 +25,7 @@ from shoal.governance import (
     write_public_key,
 )
 from shoal.registry import BlobStore, ModelRegistry, open_database
-from shoal.registry.schema import model_versions
+from shoal.registry.schema import audit_heads, model_versions
 from shoal.simulation import Simulation
 from support.jobs import bare_config
 
@@ -225,25 +226,89 @@ def test_the_operator_s_key_is_used_and_a_missing_one_is_one_line(tmp_path: Path
     assert "cannot read the model-signing key" in line
 
 
-def test_a_run_resumed_from_an_unsigned_head_signs_it(tmp_path: Path) -> None:
-    """A run folder from a Shoal before signing: its HEAD is signed when the run resumes."""
-    overrides = ["data.num_clients=4", "round.clients_per_round=4", "simulation.workers=0"]
-    Simulation(bare_config([*overrides, "run.rounds=1"]), tmp_path / "run").run()
-    database = open_database(None, folder=tmp_path / "run" / "registry")
+RESUMED = ["data.num_clients=4", "round.clients_per_round=4", "simulation.workers=0"]
+
+
+def _run_of_one_round(folder: Path) -> None:
+    Simulation(bare_config([*RESUMED, "run.rounds=1"]), folder).run()
+
+
+def _edit_head(folder: Path, *, weights_to: float | None, unsign: bool, unsign_all: bool) -> str:
+    """What a writer of the registry, without the signing key, does to HEAD (version 1): its
+    weights swapped for ``weights_to`` everywhere (blob and sha256), its signature cleared,
+    or every signature and signed audit head cleared (a registry before signing looks so)."""
+    database = open_database(None, folder=folder / "registry")
     try:
+        models = ModelRegistry(database, BlobStore(str(folder / "blobs")))
+        head = models.head("global")
+        assert head is not None and head.version == 1
+        values: dict[str, object] = {}
+        if weights_to is not None:
+            honest = models.load("global", 1)
+            forged = honest.with_vector(np.full_like(honest.vector, weights_to))
+            values |= {"blob": models.blobs.put(forged.to_bytes()), "sha256": forged.sha256()}
+        if unsign:
+            values |= {"signature": None, "signing_key_id": None, "run_id": None}
         with database.write() as connection:
-            connection.execute(
-                sa.update(model_versions).values(signature=None, signing_key_id=None)
-            )
+            if values:
+                connection.execute(
+                    sa.update(model_versions).where(model_versions.c.version == 1).values(values)
+                )
+            if unsign_all:
+                connection.execute(
+                    sa.update(model_versions).values(signature=None, signing_key_id=None)
+                )
+                connection.execute(sa.delete(audit_heads))
+        record = models.get("global", 1)
+        return record.sha256
     finally:
         database.close()
+
+
+def test_a_run_resumed_from_a_registry_before_signing_signs_its_head(tmp_path: Path) -> None:
+    """A run folder from a Shoal before signing (nothing in it signed): its HEAD is signed when
+    the run resumes, and the versions after it are signed as they are committed."""
+    _run_of_one_round(tmp_path / "run")
+    _edit_head(tmp_path / "run", weights_to=None, unsign=False, unsign_all=True)
     unsigned = shoal("models", "verify", "global", "1", "--state-dir", tmp_path / "run")
     assert "is not signed" in error_line(unsigned)
-    resumed = Simulation(bare_config([*overrides, "run.rounds=2"]), tmp_path / "run", resume=True)
-    resumed.run()
+    Simulation(bare_config([*RESUMED, "run.rounds=2"]), tmp_path / "run", resume=True).run()
     for version in ("1", "2"):
         result = shoal("models", "verify", "global", version, "--state-dir", tmp_path / "run")
         assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("unsign", "refusal"),
+    [
+        (True, "version 1 of 'global', HEAD, is not signed, in a registry whose versions are"),
+        (False, "version 1 of 'global' (round 1, run 'shoal', sha256 bbbad9ac491e...) does not"),
+    ],
+)
+def test_a_head_forged_in_the_registry_is_never_trained_on_or_signed(
+    tmp_path: Path, unsign: bool, refusal: str
+) -> None:
+    """A registry writer swaps HEAD's weights (blob and sha256) and clears its signature, as a
+    version from before signing looks, or leaves the signature: the resumed run signed the
+    forged weights, its next version was signed over them and pinned clients trained on
+    them; or it trained on them under a signature that no longer matched."""
+    folder = tmp_path / "run"
+    _run_of_one_round(folder)
+    forged = _edit_head(folder, weights_to=7.0, unsign=unsign, unsign_all=False)
+    resumed = Simulation(bare_config([*RESUMED, "run.rounds=2"]), folder, resume=True)
+    with pytest.raises(SecurityError) as refused:
+        resumed.run()
+    assert refusal in str(refused.value)
+    database = open_database(None, folder=folder / "registry")
+    try:
+        versions = ModelRegistry(database, BlobStore(str(folder / "blobs"))).list("global")
+    finally:
+        database.close()
+    assert [record.version for record in versions] == [0, 1]  # nothing trained on it
+    head = versions[1]
+    assert head.sha256 == forged and (head.signed is None) == unsign  # nor signed
+    verified = shoal("models", "verify", "global", "1", "--state-dir", folder)
+    assert verified.exit_code != 0
 
 
 def test_verify_on_a_folder_without_a_registry_says_so_before_the_key(tmp_path: Path) -> None:

@@ -62,7 +62,7 @@ class MemoryStore:
             state=fields["state"],
         )
 
-    def sign(self, record: ModelRecord) -> ModelRecord:
+    def vouch(self, record: ModelRecord) -> ModelRecord:
         return record  # this store holds no key
 
     def version(self, number: int) -> ModelRecord:

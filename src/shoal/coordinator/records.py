@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shoal.config import Config, config_to_dict
-from shoal.core.errors import NotFoundError, RunError
+from shoal.core.errors import NotFoundError, RunError, SecurityError
 from shoal.core.files import write_whole
 from shoal.core.folders import FolderHold, hold_folder
 from shoal.core.parameters import Parameters
@@ -46,6 +46,7 @@ from shoal.governance.model_signing import (
     PUBLIC_KEY_FILE,
     SIGNING_KEY_FILE,
     ModelSigner,
+    PinnedKey,
     load_or_create_signing_key,
     load_signing_key,
     public_pem,
@@ -127,7 +128,10 @@ class RunStore(Protocol):
         be HEAD (:class:`~shoal.registry.models.HeadMoved` otherwise, nothing stored)."""
         ...
 
-    def sign(self, record: ModelRecord) -> ModelRecord: ...
+    def vouch(self, record: ModelRecord) -> ModelRecord:
+        """The HEAD a run resumes from, its signature checked (a ``SecurityError`` when it is
+        not the run key's); an unsigned one signed where nothing else is."""
+        ...
 
     def version(self, number: int) -> ModelRecord: ...
 
@@ -185,6 +189,7 @@ class RunRecords:
         model: str,
         signer: VersionSigner | None = None,
         head_signer: HeadSigner | None = None,
+        pinned: PinnedKey | None = None,
         hold: FolderHold | None = None,
         held: Held | None = None,
     ) -> None:
@@ -195,6 +200,7 @@ class RunRecords:
         self.models = models
         self.signer = signer  # signs each version once, as it is committed
         self.head_signer = head_signer  # signs the audit log's head at each commit and the end
+        self.pinned = pinned  # the signer's public key: what a resumed HEAD must verify with
         self.audit: AuditLog = models.audit
         self.clients = clients
         self.model = model
@@ -242,6 +248,7 @@ class RunRecords:
             model=model,
             signer=signer,
             head_signer=signer.audit_head,
+            pinned=PinnedKey.of(signer.private_key.public_key()),
             hold=hold,
             held=held,
         )
@@ -298,11 +305,29 @@ class RunRecords:
         )
         return Committed(record.version, record.sha256)
 
-    def sign(self, record: ModelRecord) -> ModelRecord:
-        """Sign a version committed unsigned (the HEAD a run resumes from, made by a Shoal
-        before signing); without a signer, the version as it is."""
-        if self.signer is None:
+    def vouch(self, record: ModelRecord) -> ModelRecord:
+        """``record``, the HEAD a run resumes from, once its signature is this run's key's over
+        the sha256 its blob was checked against (a ``SecurityError`` otherwise): a version
+        changed in the registry, behind the coordinator's back, is never trained on, offered,
+        or signed again. An unsigned version is signed here only in a registry where nothing
+        is signed yet (one made by a Shoal before signing). Without a signer, as it is."""
+        if self.signer is None or self.pinned is None:
             return record
+        if record.signed is not None:
+            self.pinned.verify(
+                record.signed,
+                name=record.name,
+                version=record.version,
+                round=record.round,
+                sha256=record.sha256,
+            )
+            return record
+        if self.models.holds_signatures():
+            raise SecurityError(
+                f"version {record.version} of {record.name!r}, HEAD, is not signed, in a registry "
+                "whose versions are: it was changed outside Shoal (shoal audit verify, shoal "
+                "models verify); roll back to a version that verifies (shoal models rollback)"
+            )
         return self.models.sign(self.model, record.version, self.signer)
 
     def version(self, number: int) -> ModelRecord:

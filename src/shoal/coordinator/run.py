@@ -478,10 +478,9 @@ class Run:
         reached, rolled_back_from = head.round, None
         if self.config.playbook.enabled:  # a BAD HEAD is rolled back; its round stays played
             head, reached, rolled_back_from = resume_point(self.store, head)
-        parameters, saved = self.store.load(head)
+        parameters, saved = self.store.load(head)  # its blob checked against its sha256
+        head = self.store.vouch(head)  # and that sha256 against the run key's signature
         self._check_clusters(parameters)
-        if head.signed is None:  # committed by a Shoal before signing: clients need it signed
-            head = self.store.sign(head)
         template = self.parts.strategy.server_optimizer.init(parameters.vector)
         state = template if saved is None else state_from_bytes(template, saved)
         if self.privacy is not None:

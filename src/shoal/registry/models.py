@@ -42,7 +42,7 @@ from shoal.registry.blobs import BlobStore
 from shoal.registry.clients import require_aware, utc_now
 from shoal.registry.database import Database, EncodedJSON, lock_name, strict_json
 from shoal.registry.rows import insert_rows
-from shoal.registry.schema import ModelStatus, model_heads, model_versions
+from shoal.registry.schema import ModelStatus, audit_heads, model_heads, model_versions
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +301,18 @@ class ModelRegistry:
         """The opaque state stored with a version (verified), or None if it has none."""
         record = self.get(name, version)
         return None if record.state_blob is None else self.blobs.get(record.state_blob)
+
+    def holds_signatures(self) -> bool:
+        """Whether anything in the registry is signed: a version of any model, or the audit
+        log's head. A registry made by a Shoal before signing holds neither."""
+        with self.database.read() as connection:
+            signed = sa.select(model_versions.c.version).where(
+                model_versions.c.signature.is_not(None)
+            )
+            heads = sa.select(audit_heads.c.seq)
+            return any(
+                connection.execute(query.limit(1)).first() is not None for query in (signed, heads)
+            )
 
     def sign(self, name: str, version: int, signer: VersionSigner) -> ModelRecord:
         """Sign a version committed unsigned (by a Shoal before signing), once its blob checks
