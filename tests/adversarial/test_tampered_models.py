@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult
-from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
+from shoal.client.runtime import Backoff, ClientRuntime, RunPin, load_or_create_enrollment
 from shoal.config import parse_config
 from shoal.coordinator.server import CoordinatorParts, build
 from shoal.coordinator.service import (
@@ -28,10 +28,16 @@ from shoal.coordinator.service import (
     ModelBytes,
     add_coordinator_service,
 )
+from shoal.core.errors import SecurityError
 from shoal.core.parameters import Parameters
-from shoal.governance.model_signing import ModelSigner, generate_signing_key, load_public_key
+from shoal.governance.model_signing import (
+    ModelSigner,
+    PinnedKey,
+    generate_signing_key,
+    load_public_key,
+)
 from shoal.registry import VersionSignature
-from shoal.tasks import CheckInAnswer
+from shoal.tasks import CheckInAnswer, ModelVersion, Phase, TaskOffer
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport.certs import (
@@ -117,6 +123,24 @@ def another_key_claiming_the_pinned_id(ref: ModelRef, data: bytes, signer: Model
     return _reversion(ref, signed=claimed), data
 
 
+ANOTHER_RUN = "another-run"
+
+
+def another_runs_version(ref: ModelRef, data: bytes, signer: ModelSigner) -> Served:
+    """A version the pinned key signed for another run (the deployment's key signs every run),
+    served as a task of that run: its signature verifies."""
+    honest = Parameters.from_bytes(data)
+    theirs = honest.with_vector(honest.vector - 0.25)
+    payload = theirs.to_bytes()
+    sha = theirs.sha256()
+    signed = ModelSigner(signer.private_key, run_id=ANOTHER_RUN)(
+        name=RUN, version=7, round=6, sha256=sha
+    )
+    assert ref.version is not None
+    version = dataclasses.replace(ref.version, version=7, round=6, signed=signed)
+    return ModelRef(sha, sha, len(payload), version), payload
+
+
 def signature_missing(ref: ModelRef, data: bytes, signer: ModelSigner) -> Served:
     return _reversion(ref, signed=None), data
 
@@ -148,6 +172,8 @@ class TamperingService(CoordinatorService):
         self.served[model.sha256] = payload
         if payload != data:
             self.tampered_sha256.add(Parameters.from_bytes(payload).sha256())
+        if self.tamper is another_runs_version:  # the task's run too
+            return dataclasses.replace(outcome, model=model, run_id=ANOTHER_RUN)
         return dataclasses.replace(outcome, model=model)
 
     async def FetchModel(  # noqa: N802
@@ -182,7 +208,7 @@ class Watched(Client):
 
 
 async def _serve_and_train(
-    tmp_path: Path, tamper: Tamper | None
+    tmp_path: Path, tamper: Tamper | None, *, deadline_s: float = 30.0
 ) -> tuple[list[dict[str, Any]], list[str], set[str]]:
     certificates = init_certificates(tmp_path / "certs")
     sections = network_job(
@@ -192,7 +218,7 @@ async def _serve_and_train(
         clients=CLIENTS,
         per_round=CLIENTS,
         run={"name": RUN, "rounds": 2},
-        round={"quorum": 1.0, "deadline_s": 30.0},
+        round={"quorum": 1.0, "deadline_s": deadline_s},
     )
     sections["coordinator"]["certificates"] = str(tmp_path / "certs")
     config = parse_config(sections)
@@ -218,6 +244,8 @@ async def _serve_and_train(
             backoff=Backoff(0.01, 0.1),
             seed=index,
             coordinator_key=pinned,
+            trains_for=RunPin(RUN, RUN),  # its job's, as `shoal client run --config` pins
+            unreadable_retry_s=0.2,  # a task refused and offered again: the wait before the next
         )
         for index, link in enumerate(links)
     ]
@@ -263,6 +291,39 @@ def test_a_client_refuses_a_tampered_model_says_why_and_trains_on_the_honest_one
     assert count == CLIENTS  # every client told the coordinator why
     assert fits[2]["committed"] and fits[2]["reported"] == CLIENTS  # the honest model
     assert len(trained) == CLIENTS and not set(trained) & tampered
+
+
+def test_a_client_refuses_a_version_its_key_signed_for_another_run(tmp_path: Path) -> None:
+    """The deployment's key signs every run's versions: a man in the middle served one of
+    another run, as a task of that run, and the pinned clients trained on it (the coordinator
+    then refused their updates, for the wrong run)."""
+    rows, trained, tampered = asyncio.run(
+        _serve_and_train(tmp_path, another_runs_version, deadline_s=4.0)
+    )
+    fits = {row["round"]: row for row in rows if row["phase"] == "fit"}
+    assert not fits[1]["committed"] and fits[1]["reported"] == 0
+    assert fits[2]["committed"] and fits[2]["reported"] == CLIENTS  # the honest model
+    assert len(trained) == CLIENTS and not set(trained) & tampered
+
+
+def test_a_client_without_its_jobs_run_keeps_the_first_signed_tasks_run() -> None:
+    runtime = ClientRuntime(Watched(digits_client(0, 2), []), None, None)  # type: ignore[arg-type]
+    signer = ModelSigner(generate_signing_key(), run_id=RUN)
+    runtime.coordinator_key = PinnedKey.of(signer.private_key.public_key())
+
+    def offer(run_id: str, name: str) -> TaskOffer:
+        signed = ModelSigner(signer.private_key, run_id=run_id)(
+            name=name, version=1, round=1, sha256="ab" * 32
+        )
+        version = ModelVersion(name, 1, 1, signed)
+        return TaskOffer(1, Phase.FIT, FitConfig(1), "ab" * 32, 60.0, model=version)
+
+    runtime._verify(offer(RUN, RUN))
+    assert runtime.trains_for == RunPin(RUN, RUN)
+    runtime._verify(offer(RUN, RUN))
+    for run_id, name in [(ANOTHER_RUN, RUN), (RUN, "another-model")]:
+        with pytest.raises(SecurityError, match=f"this client trains '{RUN}' of run '{RUN}'"):
+            runtime._verify(offer(run_id, name))
 
 
 def test_an_honest_coordinator_serves_signed_versions_the_pinned_clients_train_on(

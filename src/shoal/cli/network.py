@@ -24,7 +24,7 @@ from shoal.client.app import (
     parse_options,
     with_config_folder,
 )
-from shoal.client.runtime import ClientRuntime, load_or_create_enrollment
+from shoal.client.runtime import ClientRuntime, RunPin, load_or_create_enrollment
 from shoal.config import MAX_CLIENTS, load_config
 from shoal.core.errors import ConfigError, RunError, ShoalError
 from shoal.core.limits import MAX_PORT, split_host_port
@@ -345,6 +345,11 @@ def client_run_command(
             on_event=on_event,
             privacy_floor=PrivacyFloor.of(config),
             coordinator_key=pinned,
+            # the job's run and model (the coordinator names its model by run.name); without
+            # --config, the first signed task's
+            trains_for=(
+                None if config_path is None else RunPin(config.coordinator.run_id, config.run.name)
+            ),
             attester=attester,
         )
         try:

@@ -52,7 +52,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from shoal.client.api import Client, EvaluateConfig, FitConfig
 from shoal.client.handler import run_evaluate, run_fit, secure_contribution
@@ -197,7 +197,15 @@ UNREADABLE_RETRY_S = 30.0
 """How long a client waits to check in again after an answer it could not read (a task out of
 bounds, a message of another protocol): a coordinator's bug made every client of a fleet exit,
 and under a supervisor restart into the same answer; it now waits, and goes on once the
-coordinator is fixed."""
+coordinator is fixed. A task whose model it refused, offered again (its report never reached the
+round: a man in the middle's task of another run), is waited out as long."""
+
+
+class RunPin(NamedTuple):
+    """The run and model a client trains: the signed versions it accepts are theirs."""
+
+    run_id: str
+    model: str
 
 
 class ClientRuntime:
@@ -216,12 +224,16 @@ class ClientRuntime:
         on_event: Callable[[str], None] | None = None,
         privacy_floor: PrivacyFloor | None = None,
         coordinator_key: PinnedKey | None = None,
+        trains_for: RunPin | None = None,
         attester: Attester | None = None,
         unreadable_retry_s: float = UNREADABLE_RETRY_S,
     ) -> None:
         self.client = client
         self.unreadable_retry_s = unreadable_retry_s
         self.coordinator_key = coordinator_key  # None: models are not verified (warned once)
+        # the run and model whose signed versions it trains on: its job's, else the first
+        # task's (a version the same key signed for another run is refused)
+        self.trains_for = trains_for
         self.attester = attester  # evidence of the code it runs, for each enrollment and check-in
         self.privacy_floor = privacy_floor  # the DP its own job requires, whatever a task says
         self.silo = silo  # a silo of a homomorphic consortium: its context and receipt key
@@ -241,6 +253,7 @@ class ClientRuntime:
         self._last_state: DeviceState | None = None
         self._waiting: str | None = None  # the last reason the coordinator gave for a wait
         self._unreadable: str | None = None  # the last answer this client could not read
+        self._refused: tuple[int, str] | None = None  # the last (round, model) it refused
 
     def stop(self) -> None:
         self._stopping.set()
@@ -328,6 +341,11 @@ class ClientRuntime:
             log.info("task of round %d is stale: %s", offer.round, exc)
             return
         except (SecurityError, IntegrityError, ProtocolError) as exc:  # never trained on
+            refused = (offer.round, offer.model_sha256)
+            if refused == self._refused:  # offered again: the report never reached its round
+                await self._pause(self.unreadable_retry_s)
+                return
+            self._refused = refused
             await self._give_up(offer, f"model refused: {exc}")  # the coordinator learns why
             return
         started = time.perf_counter()
@@ -460,6 +478,16 @@ class ClientRuntime:
             round=version.round,
             sha256=offer.model_sha256,
         )
+        assert version.signed is not None  # verify refuses an unsigned version
+        offered = RunPin(version.signed.run_id, version.name)
+        if self.trains_for is None:
+            self.trains_for = offered  # the first signed task's run: this process's run
+        elif offered != self.trains_for:
+            raise SecurityError(
+                f"the task's model is {offered.model!r} of run {offered.run_id!r}, signed by "
+                f"the pinned key for that run; this client trains {self.trains_for.model!r} "
+                f"of run {self.trains_for.run_id!r}"
+            )
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         attempt = 0
