@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from shoal.aggregation.strategy import PRESETS
-from shoal.config import default_config_path, load_config
+from shoal.config import config_to_dict, default_config_path, load_config, parse_config
 from shoal.simulation.runner import Simulation
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.toml"))
@@ -17,6 +18,21 @@ def test_every_preset_has_an_example() -> None:
     names = {path.stem for path in EXAMPLES}
     assert {f"digits-{preset}" for preset in PRESETS} <= names
     assert {"fedprox-synthetic", "overhead-100", "overhead-1000"} <= names
+
+
+JOBS = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*/job.toml"))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [*EXAMPLES, *JOBS, default_config_path()],
+    ids=lambda path: f"{path.parent.name}/{path.stem}",
+)
+def test_a_runs_config_json_reads_back_as_the_same_config(path: Path) -> None:
+    """What --resume and unlearning read: config.json holds every default, which no section
+    may take for a key the user set (a run with [[attack]] could not be resumed)."""
+    config = load_config(path)
+    assert parse_config(json.loads(json.dumps(config_to_dict(config)))) == config
 
 
 @pytest.mark.parametrize("path", [*EXAMPLES, default_config_path()], ids=lambda path: path.stem)

@@ -885,6 +885,11 @@ _ATTACK_KEYS: dict[str, frozenset[str]] = {
 }
 
 
+def _default_of(section: type[BaseModel], key: str) -> Any:
+    """The default value of ``section``'s field ``key`` (a factory's, made)."""
+    return section.model_fields[key].get_default(call_default_factory=True)
+
+
 class AttackEntry(_Section):
     """One ``[[attack]]`` entry: simulated attackers (simulation only; see
     :mod:`shoal.simulation.attacks`).
@@ -931,7 +936,11 @@ class AttackEntry(_Section):
                 f"attack.until_round ({self.until_round}) comes before from_round "
                 f"({self.from_round})"
             )
-        stray = sorted(self.model_fields_set - _ATTACK_KEYS[self.kind] - _ATTACK_COMMON)
+        stray = [  # a run's config.json holds every default: only a changed value is stray
+            key
+            for key in sorted(self.model_fields_set - _ATTACK_KEYS[self.kind] - _ATTACK_COMMON)
+            if getattr(self, key) != _default_of(AttackEntry, key)
+        ]
         if stray:
             raise ValueError(f"attack.{stray[0]} does not apply to a {self.kind} attack")
         if len(set(self.trigger)) != len(self.trigger):
@@ -1229,7 +1238,7 @@ class Config(_Section):
         data = self.data
         for key in sorted(_DATA_KEYS):
             value = getattr(data, key)
-            if value == DataSection.model_fields[key].default:
+            if value == _default_of(DataSection, key):
                 continue
             datasets, partitions = _DATA_KEYS[key]
             if data.dataset not in datasets:
