@@ -172,9 +172,47 @@ def test_unlearning_twice_is_harmless_and_a_retired_client_stays_retired(
     first = shoal.unlearn(folder, client, actor="carol", retrain=False)
     assert first.needs_recomputing and not first.retrained
     assert first.new_head_version == first.restart_version
-    again = shoal.unlearn(folder, client, actor="dave")
-    assert not again.needs_recomputing  # HEAD no longer descends from its rounds
+    again = shoal.unlearn(folder, client, actor="dave")  # the same report, now retrained
+    assert again.retrained and again.old_head_version == first.old_head_version
     assert again.superseded_versions == first.superseded_versions
+    first_round = first.first_participation
+    assert first_round is not None
+    assert again.recomputed_rounds == tuple(range(first_round, ROUNDS + 1))
+    thrice = shoal.unlearn(folder, client, actor="erin")  # done: nothing moves
+    assert thrice.new_head_sha256 == again.new_head_sha256 == final_parameters(folder).sha256()
+    assert thrice.recomputed_rounds == again.recomputed_rounds
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_retraining_goes_on_where_it_stopped(full_run: Path, tmp_path: Path) -> None:
+    """Unlearning again after its retraining stopped (a kill, an operator's rollback) said
+    "nothing to recompute", exited 0 and left HEAD half-trained."""
+    folder = tmp_path / "interrupted"
+    shutil.copytree(full_run, folder)
+    client = middle_client(participation(folder))
+    old_head = final_parameters(folder).sha256()
+
+    def stop_after_a_commit(row: dict[str, object]) -> None:
+        if row["phase"] == "fit" and row["committed"]:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        shoal.unlearn(folder, client, actor="frank", on_round=stop_after_a_commit)
+    report = shoal.unlearn(folder, client, actor="frank")
+    run_without(tmp_path / "never", client)
+    assert report.retrained and report.old_head_sha256 == old_head
+    assert report.new_head_sha256 == final_parameters(tmp_path / "never").sha256()
+    assert report.first_participation is not None
+    assert report.recomputed_rounds == tuple(range(report.first_participation, ROUNDS + 1))
+    models = open_run_models(folder)
+    try:
+        rollbacks = AuditLog(models.database).entries(kind="rollback")
+    finally:
+        models.database.close()
+    assert len(rollbacks) == 1  # the retraining went on; it did not start over
 
 
 def test_unknown_client_and_folder_without_a_run(full_run: Path, tmp_path: Path) -> None:

@@ -193,10 +193,13 @@ def forget(
     """
     at = require_aware(now or utc_now(), "now")
     _require_enrolled(clients, client_id)  # everything is found before anything changes
-    head = models.head(model)
-    if head is None:
+    current = models.head(model)
+    if current is None:
         raise NotFoundError(f"model {model!r} has no version: nothing to unlearn from")
     records = models.list(model)
+    # unlearned before (the retraining interrupted, or done): the same report, from the HEAD
+    # that first unlearning started from, and HEAD left where the retraining reached
+    head = _first_unlearned_head(models, model=model, client_id=client_id) or current
     chain = lineage(records, head)
     on_lineage = {record.version for record in chain}
     played = participated_versions(participation, names, run_id=run_id, client_id=client_id)
@@ -223,11 +226,32 @@ def forget(
         target = restart_point(chain, before_round=rounds[0], tainted=superseded)
         report = replace(report, restart_version=target.version, restart_round=target.round)
     retire(clients, client_id, actor=actor)
-    if target is not None:
+    if target is not None and not _retraining_from(records, current, target, superseded):
         models.rollback(model, target.version, now=at)
     _mark_superseded(models, model, superseded, actor=actor, now=at)
-    report = report.with_head(models.head(model) or head)
+    report = report.with_head(models.head(model) or current)
     return replace(report, audit=audit_unlearning(report, AuditLog(models.database)))
+
+
+def _first_unlearned_head(
+    models: ModelRegistry, *, model: str, client_id: str
+) -> ModelRecord | None:
+    """The HEAD the client's first unlearning of ``model`` started from (None: never
+    unlearned), as the audit log recorded it."""
+    for entry in models.audit.entries(kind="unlearn"):
+        details = entry.details
+        if entry.subject == client_id and details.get("model") == model:
+            return models.get(model, int(details["old_head_version"]))
+    return None
+
+
+def _retraining_from(
+    records: Iterable[ModelRecord], head: ModelRecord, target: ModelRecord, tainted: set[int]
+) -> bool:
+    """Whether ``head`` is ``target`` or was trained on from it without the client's updates:
+    the retraining of an earlier unlearning, which goes on from there."""
+    chain = [record.version for record in lineage(records, head)]
+    return target.version in chain and not set(chain[chain.index(target.version) :]) & tainted
 
 
 def _require_enrolled(clients: ClientRegistry, client_id: str) -> None:
