@@ -64,7 +64,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -107,6 +107,7 @@ from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
 from shoal.governance.policy import PolicyEngine
 from shoal.governance.pseudonyms import Names
+from shoal.governance.unlearning import lineage
 from shoal.privacy.coordinator import check_private_strategy
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import ModelRecord, Requirement, SelectionCriteria, VersionMatrix
@@ -126,6 +127,25 @@ FIXED_FOR_THE_RUN = (
     "secure_aggregation.",
     "coordinator.run_id",
 )
+
+
+def _first_round_off(
+    rows: Iterable[Row], chain: Sequence[ModelRecord], *, until: int
+) -> int | None:
+    """The first round up to ``until`` whose row committed a version off ``chain`` (HEAD's
+    lineage): a branch HEAD left; None when every such row is on it."""
+    on_chain = {record.version for record in chain}
+    return min(
+        (
+            row["round"]
+            for row in rows
+            if row["phase"] == "fit"
+            and row.get("committed")
+            and row["round"] <= until
+            and row.get("model_version") not in on_chain
+        ),
+        default=None,
+    )
 
 
 def check_same_app(head: ModelRecord, architecture: str, *, where: str) -> None:
@@ -488,15 +508,21 @@ class Run:
             # versions past HEAD were released on a branch HEAD left: replaying them spends again
             self.privacy.resume_at(head, self.store.versions())
         log.info("resuming from version %d (round %d)", head.version, head.round)
-        rows = self.store.keep_rows(lambda row: row["round"] <= reached)
-        self.store.keep_drift(lambda record: record["round"] <= reached)
+        # rows of a branch HEAD is not on (an operator rolled back to another branch) are
+        # left out from the first round they played; HEAD's lineage gives its own rows back
+        chain = lineage(self.store.versions(), head)
+        diverged = _first_round_off(self.store.rows(), chain, until=head.round)
+        kept = reached if diverged is None else diverged - 1
+        rows = self.store.keep_rows(lambda row: row["round"] <= kept)
+        self.store.keep_drift(lambda record: record["round"] <= kept)
         self.wall_offset = max((row.get("wall_time_s", 0.0) for row in rows), default=0.0)
-        if head.round > 0 and not any(row["round"] == head.round for row in rows):
-            # the crash came between committing the version and recording its row
-            recovered = {**head.metrics, "model_version": head.version, "sha256": head.sha256}
-            if self.config.playbook.enabled:
-                recovered["playbook"] = verdict_of(head)
-            self.store.append_row({**recovered, "wall_time_s": self.wall_offset})
+        played = {row["round"] for row in rows if row["phase"] == "fit"}
+        for record in chain:
+            if record.round > 0 and record.round not in played:
+                # (the crash came between committing HEAD and recording its row)
+                recovered = self._recovered_row(record)
+                self.store.append_row(recovered)
+                rows.append(recovered)
         bad = rolled_back_from
         if bad is not None and not any(row.get("model_version") == bad.version for row in rows):
             self.store.append_row({**recovered_row(bad, head), "wall_time_s": self.wall_offset})
@@ -510,6 +536,14 @@ class Run:
             + ([] if bad is None else [float(bad.metrics.get("virtual_time_s") or 0.0)])
         )
         return self._engine(parameters, state)
+
+    def _recovered_row(self, record: ModelRecord) -> Row:
+        """The row of a version's round as the version keeps it (the whole row but its wall
+        time, given the run's latest)."""
+        recovered = {**record.metrics, "model_version": record.version, "sha256": record.sha256}
+        if self.config.playbook.enabled:
+            recovered["playbook"] = verdict_of(record)
+        return {**recovered, "wall_time_s": self.wall_offset}
 
     def _check_job(self) -> None:
         """Refuse a restart whose job changed what the run's records depend on (ConfigError,
