@@ -224,3 +224,33 @@ def test_the_example_attack_is_caught_with_the_attack_module(tmp_path: Path) -> 
     attackers = Attackers(config, [f"client-{index:05d}" for index in range(20)])
     suspended = suspended_of(tmp_path)
     assert suspended and all(attackers.attack_of(client) for client in suspended)
+
+
+def test_an_operators_bad_head_made_again_on_resume_is_never_committed(tmp_path: Path) -> None:
+    """An operator marks HEAD BAD: the resume rolls back to its GOOD parent and plays its round
+    again, on the same seeds and clients: the same weights, byte for byte, were committed as
+    a new version, marked GOOD, and trained on."""
+    Simulation(poisoned_job(attackers=(), rounds=3), tmp_path).run()
+    models = open_run_models(tmp_path)
+    try:
+        head = models.head(MODEL_NAME)
+        assert head is not None and head.version == 3
+        models.mark(MODEL_NAME, 3, ModelStatus.BAD, reason="an operator's suspicion")
+    finally:
+        models.database.close()
+    summary = Simulation(poisoned_job(attackers=(), rounds=4), tmp_path, resume=True).run()
+    assert summary["stop_reason"] == (
+        "round 3 made the weights of version 3, marked BAD (an operator's suspicion), again: "
+        "suspend the clients behind it (shoal clients suspend) or change the job, then resume"
+    )
+    replayed = rows_of(tmp_path)[-1]
+    assert replayed["round"] == 3 and not replayed["committed"]
+    assert replayed["abort_reason"].startswith("made the weights of version 3")
+    models = open_run_models(tmp_path)
+    try:
+        versions = models.list(MODEL_NAME)
+        head = models.head(MODEL_NAME)
+    finally:
+        models.database.close()
+    assert [v.version for v in versions] == [0, 1, 2, 3]  # nothing committed
+    assert head is not None and head.version == 2  # the GOOD parent: round 4 never played

@@ -230,8 +230,10 @@ def mark_model(
     console.print(f"{name} version {version}: {status.value} ({reason})", markup=False)
     if is_head and status is ModelStatus.BAD:
         console.print(
-            f"version {version} is HEAD: new rounds still build on it until "
-            f"`shoal models rollback {name} VERSION` moves HEAD to a good version",
+            f"version {version} is HEAD: a run resumed with [playbook] on goes back to its "
+            "newest GOOD ancestor first; with it off, new rounds build on it until "
+            f"`shoal models rollback {name} VERSION`. A round that makes its weights again is "
+            "not committed: suspend the clients behind it (shoal clients suspend)",
             markup=False,
             style="yellow",
         )

@@ -110,7 +110,13 @@ from shoal.governance.pseudonyms import Names
 from shoal.governance.unlearning import lineage
 from shoal.privacy.coordinator import check_private_strategy
 from shoal.privacy.run import RunPrivacy
-from shoal.registry import ModelRecord, Requirement, SelectionCriteria, VersionMatrix
+from shoal.registry import (
+    ModelRecord,
+    ModelStatus,
+    Requirement,
+    SelectionCriteria,
+    VersionMatrix,
+)
 from shoal.registry.models import HeadMoved
 from shoal.registry.participation import ParticipationLog
 from shoal.tasks import Phase
@@ -300,6 +306,9 @@ class Run:
         self.playbook: RunPlaybook | None = None  # [playbook], once the run is open
         self._previous: Parameters | None = None  # the model the next commit steps from
         self._built_on: int | None = None  # its version: HEAD, unless moved outside the run
+        # the BAD versions' weights (sha256: version) when the run opened: a round that makes
+        # them again is not committed (an operator's BAD HEAD, replayed after its rollback)
+        self._bad: dict[str, ModelRecord] = {}
         self._policy: RunPolicy | None = None  # the engine's, whose decisions the rounds write
 
     @property
@@ -510,7 +519,9 @@ class Run:
         log.info("resuming from version %d (round %d)", head.version, head.round)
         # rows of a branch HEAD is not on (an operator rolled back to another branch) are
         # left out from the first round they played; HEAD's lineage gives its own rows back
-        chain = lineage(self.store.versions(), head)
+        versions = self.store.versions()
+        self._bad = {v.sha256: v for v in versions if v.status is ModelStatus.BAD}
+        chain = lineage(versions, head)
         diverged = _first_round_off(self.store.rows(), chain, until=head.round)
         kept = reached if diverged is None else diverged - 1
         rows = self.store.keep_rows(lambda row: row["round"] <= kept)
@@ -609,7 +620,10 @@ class Run:
         return (*self.config.selection.criteria(), "versions")
 
     def _stops_before(self, round_number: int) -> bool:
-        """A locked privacy budget ends training before the shell looks for clients."""
+        """A stop a round decided, or a locked privacy budget, ends training before the shell
+        looks for clients."""
+        if self.stop_reason is not None:
+            return True
         reason = None if self.privacy is None else self.privacy.locked()
         return reason is not None and self._stop(round_number, reason)
 
@@ -739,6 +753,18 @@ class Run:
         records = self.records
         records.suspend_culprits(summary)
         records.cohort_dropped(summary)
+        twin = (
+            None if commit is None or not self._bad else self._bad.get(commit.parameters.sha256())
+        )
+        if twin is not None:  # never committed, nor trained on: training stops
+            why = f"the weights of version {twin.version}, marked BAD ({twin.status_reason})"
+            self._stop(
+                summary.round + 1,
+                f"round {summary.round} made {why}, again: suspend the clients behind it "
+                "(shoal clients suspend) or change the job, then resume",
+            )
+            row.update(committed=False, abort_reason=f"made {why}, again")
+            commit = None
         if commit is None:
             with self._round_transaction():
                 records.audit_selection(summary)
