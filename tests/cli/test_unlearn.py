@@ -66,10 +66,12 @@ def test_unlearn_prints_the_report_and_retrains(run_dir: Path, tmp_path: Path) -
     assert report["recomputed_rounds"] == [2, 3] and report["actor"] == "alice"
     assert report["old_head_sha256"] == before != report["new_head_sha256"]
     assert final_parameters(folder).sha256() == report["new_head_sha256"]
-    again = invoke("unlearn", client, "--out", folder)
+    again = invoke("unlearn", client, "--out", folder, "--json")  # done: the same report
     assert again.exit_code == 0, again.stderr
-    assert f"unlearning {client}" in again.stdout
-    assert "nothing to recompute" in again.stdout
+    repeated = json.loads(again.stdout)
+    for key in ("old_head_sha256", "new_head_sha256", "recomputed_rounds", "first_participation"):
+        assert repeated[key] == report[key]
+    assert final_parameters(folder).sha256() == report["new_head_sha256"]
 
 
 def test_mistakes_are_one_line(run_dir: Path, tmp_path: Path) -> None:
