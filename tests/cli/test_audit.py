@@ -91,6 +91,55 @@ def test_a_one_byte_edit_of_any_entry_fails_verify_naming_it(run: Path, column: 
             connection.commit()
 
 
+@pytest.mark.parametrize(
+    ("edit", "found"),
+    [
+        (  # another model's weights under HEAD, its sha256 too, signature kept
+            "UPDATE model_versions SET sha256 = '{other_sha}', blob = '{other_blob}' "
+            "WHERE version = 2",
+            "global version 2's sha256 is '{other_sha}'; its commit entry records",
+        ),
+        (  # HEAD moved with no rollback on record
+            "UPDATE model_heads SET version = 1",
+            "HEAD of global is version 1; this entry moved it to version 2",
+        ),
+        (  # a better accuracy for HEAD
+            "UPDATE model_versions SET metrics = json_set(metrics, '$.loss', 0.001) "
+            "WHERE version = 2",
+            "global version 2's metrics are not those it committed",
+        ),
+        (
+            "UPDATE model_versions SET status = 'BAD' WHERE version = 1",
+            "global version 1 is BAD; its last entry made it",
+        ),
+        ("DELETE FROM model_versions WHERE version = 1", "global version 1 is gone"),
+        (  # a version slipped in with no commit entry
+            "INSERT INTO model_versions SELECT {copy_of_2_as_3} FROM model_versions "
+            "WHERE version = 2",
+            "global version 3 has no commit entry",
+        ),
+    ],
+)
+def test_a_registry_edit_the_log_contradicts_fails_verify(run: Path, edit: str, found: str) -> None:
+    """What a registry writer without the key changes beside an intact log: the log said
+    intact, and models verify (over the row's own sha256) said valid for all but the first."""
+    with sqlite3.connect(run / "registry" / "registry.db") as connection:
+        other_sha, other_blob = connection.execute(
+            "SELECT sha256, blob FROM model_versions WHERE version = 0"
+        ).fetchone()
+        columns = [row[1] for row in connection.execute("PRAGMA table_info(model_versions)")]
+        as_3 = {"version": "3", "round": "round + 1", "parent": "2"}
+        copy = ", ".join(as_3.get(column, column) for column in columns)
+        facts = {"other_sha": other_sha, "other_blob": other_blob, "copy_of_2_as_3": copy}
+        connection.execute(edit.format(**facts))
+        connection.commit()
+    result = shoal("audit", "verify", "--state-dir", run)
+    assert result.exit_code == 1, result.output
+    line = result.stdout.strip()
+    assert line.startswith("audit log TAMPERED: entry ") and " contradicted: " in line, line
+    assert found.format(**facts) in line, line
+
+
 def test_operator_commands_record_who_ran_them(run: Path) -> None:
     marked = shoal(
         "models",

@@ -129,6 +129,12 @@ def canonical_json(value: Any) -> str:
     return _CANONICAL.encode(value)
 
 
+def metrics_digest(text: str) -> str:
+    """The sha256 of a version's stored metrics (JSON ``text``) in canonical form: what its
+    commit entry records, and ``shoal audit verify`` checks the stored row against."""
+    return hashlib.sha256(canonical_json(json.loads(text)).encode()).hexdigest()
+
+
 def entry_hash(
     *,
     seq: int,

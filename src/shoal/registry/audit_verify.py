@@ -13,7 +13,11 @@ entry and what is wrong with it:
 - ``bad_signature``: a head signature is not the coordinator's over
   ``(seq, hash)``;
 - ``unsigned``: a model commit that no signed head covers (the run layer
-  signs the head right after every commit: its heads were deleted).
+  signs the head right after every commit: its heads were deleted);
+- ``contradicted``: the model registry disagrees with the entries the log
+  holds of it: a version's round, parent, sha256, metrics or status is not
+  what its commit and marks recorded, a version is gone, a version has no
+  commit entry, or HEAD is not where the last commit or rollback moved it.
 
 A hash chain alone proves nothing against someone who can rewrite the
 whole table: the signed heads do. Entries after the last signed head are
@@ -24,7 +28,7 @@ the log's tail rewritten, without detection.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +41,10 @@ from shoal.registry.audit import (
     canonical_json,
     entry_hash,
     head_from_row,
+    metrics_digest,
 )
 from shoal.registry.database import Database
-from shoal.registry.schema import audit_heads, audit_log
+from shoal.registry.schema import audit_heads, audit_log, model_heads, model_versions
 
 HeadVerifier = Callable[[SignedHead], None]
 """Raises (a :class:`~shoal.core.errors.ShoalError`) unless a head's signature is the
@@ -136,6 +141,7 @@ def verify_audit_log(database: Database, verifier: HeadVerifier) -> AuditReport:
             ]
         except (TypeError, ValueError) as exc:  # a seq or a time no longer a number
             raise RegistryError(f"the audit log cannot be read (tampered?): {exc}") from exc
+        registry = _registry(connection)  # in the log's transaction: a commit meanwhile is not
     problems = [p for p in (check_chain(rows),) if p is not None]
     signed_seq, head_problem = _check_heads(rows, heads, verifier)
     if head_problem is None:
@@ -143,7 +149,114 @@ def verify_audit_log(database: Database, verifier: HeadVerifier) -> AuditReport:
     if head_problem is not None:
         problems.append(head_problem)
     first = min(problems, key=lambda problem: problem.seq) if problems else None
+    if first is None:  # the entries are the log's own: the registry must agree with them
+        first = _contradicted(rows, *registry)
     return AuditReport(entries=len(rows), signed_seq=signed_seq, problem=first)
+
+
+_MOVES_HEAD = {"commit", "rollback"}
+
+
+_Versions = dict[tuple[str, int], sa.Row[Any]]
+
+
+def _registry(connection: sa.Connection) -> tuple[_Versions, dict[str, int]]:
+    """Every model version (by name and number) and every model's HEAD, as stored."""
+    try:
+        versions = {
+            (str(v.name), int(v.version)): v for v in connection.execute(sa.select(model_versions))
+        }
+        heads = {str(h.name): int(h.version) for h in connection.execute(sa.select(model_heads))}
+    except (TypeError, ValueError) as exc:  # a column no longer of its type
+        raise RegistryError(f"the model registry cannot be read (tampered?): {exc}") from exc
+    return versions, heads
+
+
+def _contradicted(
+    rows: Sequence[_Stored], versions: _Versions, stored_heads: Mapping[str, int]
+) -> AuditProblem | None:
+    """The first entry the model registry contradicts (see the module docstring), or None."""
+    commits: dict[tuple[str, int], tuple[int, dict[str, Any]]] = {}
+    statuses: dict[tuple[str, int], tuple[int, str]] = {}
+    heads: dict[str, tuple[int, int]] = {}
+    for row in rows:
+        fields = row.fields
+        if fields is None:  # the chain's check names it
+            continue
+        name, at, number = str(fields["subject"]).rpartition("@v")
+        kind, details = fields["kind"], fields["details"]
+        if kind not in {*_MOVES_HEAD, "mark"} or not at or not number.isdigit():
+            continue
+        key = (name, int(number))
+        if kind == "commit":
+            commits[key] = (row.seq, details)
+            statuses[key] = (row.seq, str(details.get("status")))
+        elif kind == "mark":
+            statuses[key] = (row.seq, str(details.get("to")))
+        if kind in _MOVES_HEAD:
+            heads[name] = (row.seq, key[1])
+    problems = [
+        problem
+        for key, (seq, details) in commits.items()
+        if (problem := _version_problem(key, seq, details, versions.get(key), statuses))
+    ]
+    first_logged: dict[str, int] = {}
+    for model, version in sorted(commits):
+        first_logged.setdefault(model, version)
+    problems += [
+        AuditProblem(len(rows), "contradicted", f"{model} version {version} has no commit entry")
+        for model, version in versions
+        if model in first_logged
+        and version > first_logged[model]
+        and (model, version) not in commits
+    ]
+    problems += [
+        AuditProblem(
+            seq,
+            "contradicted",
+            f"HEAD of {model} is version {stored_heads.get(model)}; this entry moved it to "
+            f"version {version}",
+        )
+        for model, (seq, version) in heads.items()
+        if stored_heads.get(model) != version
+    ]
+    return min(problems, key=lambda problem: problem.seq, default=None)
+
+
+def _version_problem(
+    key: tuple[str, int],
+    seq: int,
+    details: Mapping[str, Any],
+    stored: sa.Row[Any] | None,
+    statuses: Mapping[tuple[str, int], tuple[int, str]],
+) -> AuditProblem | None:
+    """What of version ``key`` as ``stored`` its commit entry (at ``seq``) and its latest
+    status entry contradict, or None."""
+    name, number = key
+    if stored is None:
+        return AuditProblem(seq, "contradicted", f"{name} version {number} is gone")
+    for field in ("round", "parent", "sha256"):
+        if field in details and details[field] != getattr(stored, field):
+            return AuditProblem(
+                seq,
+                "contradicted",
+                f"{name} version {number}'s {field} is {getattr(stored, field)!r}; its commit "
+                f"entry records {details[field]!r}",
+            )
+    digest = details.get("metrics_sha256")  # (a commit entry before the digest: none)
+    if digest is not None and digest != metrics_digest(json.dumps(stored.metrics)):
+        return AuditProblem(
+            seq, "contradicted", f"{name} version {number}'s metrics are not those it committed"
+        )
+    status_seq, status = statuses[key]
+    stored_status = getattr(stored.status, "value", stored.status)
+    if status != stored_status:
+        return AuditProblem(
+            status_seq,
+            "contradicted",
+            f"{name} version {number} is {stored_status}; its last entry made it {status}",
+        )
+    return None
 
 
 def check_chain(rows: Sequence[_Stored]) -> AuditProblem | None:

@@ -37,7 +37,7 @@ from sqlalchemy.engine import Connection
 
 from shoal.core.errors import NotFoundError, RegistryError
 from shoal.core.parameters import Parameters
-from shoal.registry.audit import AuditEvent, AuditLog
+from shoal.registry.audit import AuditEvent, AuditLog, metrics_digest
 from shoal.registry.blobs import BlobStore
 from shoal.registry.clients import require_aware, utc_now
 from shoal.registry.database import Database, EncodedJSON, lock_name, strict_json
@@ -263,6 +263,7 @@ class ModelRegistry:
             _move_head(connection, name, record.version, created_at)
             details = {"round": round, "parent": head, "sha256": sha256, "status": status.value}
             details["signing_key_id"] = None if signed is None else signed.key_id
+            details["metrics_sha256"] = metrics_digest(encoded.text)
             self._audit(connection, "commit", name, version, details)
             return record  # as stored: no need to read it back
 
