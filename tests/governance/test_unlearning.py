@@ -64,9 +64,9 @@ def participation(folder: Path) -> dict[str, list[int]]:
         models.database.close()
 
 
-def run_without(folder: Path, client_id: str) -> None:
+def run_without(folder: Path, client_id: str, *overrides: str) -> None:
     """The never-included run: the same job with ``client_id`` retired before round 1."""
-    simulation = Simulation(job(), folder)
+    simulation = Simulation(job(*overrides), folder)
     models = open_run_models(folder)
     try:
         clients = ClientRegistry(models.database)
@@ -113,11 +113,13 @@ def test_the_unlearned_model_is_the_never_included_model_bit_for_bit(
     assert np.array_equal(unlearned.vector, never.vector)
     assert unlearned.sha256() == never.sha256() == report.new_head_sha256
     assert unlearned.sha256() != old_head.sha256  # the client did count
-    # exactly the rounds from the first participation on were recomputed
+    # exactly the rounds from the first that asked it (an evaluation's, or its first
+    # participation) on were recomputed
     assert report.first_participation == first
     assert report.participated_rounds == tuple(rounds[client])
-    assert report.recomputed_rounds == tuple(range(first, ROUNDS + 1))
-    assert report.restart_round == first - 1 and report.retrained
+    start = min(first, report.first_asked or first)
+    assert report.recomputed_rounds == tuple(range(start, ROUNDS + 1))
+    assert report.restart_round == start - 1 and report.retrained
     assert report.old_head_version == old_head.version and report.old_head_sha256 == old_head.sha256
     assert report.old_head_accuracy is not None and report.new_head_accuracy is not None
     # the old branch stays, marked BAD; the new branch starts at the restart version
@@ -150,6 +152,51 @@ def test_the_unlearned_model_is_the_never_included_model_bit_for_bit(
     assert final_parameters(folder).sha256() == report.new_head_sha256
 
 
+SURPLUS = ("round.over_selection=1.67", "evaluation.every=1")  # 5 asked for 3; every round
+
+
+def asked_only(folder: Path) -> dict[str, int]:
+    """Clients some round asked and did not count before their first counted round (or
+    ever), with that round."""
+    models = open_run_models(folder)
+    try:
+        log = ParticipationLog(models.database)
+        names = Pseudonyms.in_folder(folder, run_id="forget")
+        asked: dict[str, int] = {}
+        for round_number in log.asked_rounds("forget"):
+            for client in ClientNames(CLIENTS):
+                pseudonym = names.of(client, round_number=round_number)
+                if log.asked("forget", [pseudonym]) and client not in asked:
+                    asked[client] = round_number
+    finally:
+        models.database.close()
+    counted = participation(folder)
+    return {
+        client: first
+        for client, first in asked.items()
+        if client not in counted or first < counted[client][0]
+    }
+
+
+def test_a_client_asked_and_not_counted_is_unlearned_bit_for_bit(tmp_path: Path) -> None:
+    """Over-selection asks more clients than it counts, and an evaluation round asks its
+    own: removing a client asked in such a round changes its draw. The restart went before
+    its first counted round only, and the model differed from the never-included run."""
+    full = tmp_path / "full"
+    Simulation(job(*SURPLUS), full).run()
+    candidates = sorted(asked_only(full).items(), key=lambda item: item[1])
+    assert candidates, "5 asked for 3 a round: some client was asked and not counted first"
+    for client, first_asked in candidates[:2]:
+        folder = tmp_path / client
+        shutil.copytree(full, folder)
+        report = shoal.unlearn(folder, client, actor="grace")
+        assert report.first_asked == first_asked and report.needs_recomputing
+        assert report.restart_round is not None and report.restart_round < first_asked
+        run_without(tmp_path / f"never-{client}", client, *SURPLUS)
+        never = final_parameters(tmp_path / f"never-{client}").sha256()
+        assert report.new_head_sha256 == final_parameters(folder).sha256() == never
+
+
 def test_a_client_that_never_trained_needs_no_recomputation(full_run: Path, tmp_path: Path) -> None:
     folder = tmp_path / "idle"
     shutil.copytree(full_run, folder)
@@ -175,9 +222,8 @@ def test_unlearning_twice_is_harmless_and_a_retired_client_stays_retired(
     again = shoal.unlearn(folder, client, actor="dave")  # the same report, now retrained
     assert again.retrained and again.old_head_version == first.old_head_version
     assert again.superseded_versions == first.superseded_versions
-    first_round = first.first_participation
-    assert first_round is not None
-    assert again.recomputed_rounds == tuple(range(first_round, ROUNDS + 1))
+    assert first.restart_round is not None
+    assert again.recomputed_rounds == tuple(range(first.restart_round + 1, ROUNDS + 1))
     thrice = shoal.unlearn(folder, client, actor="erin")  # done: nothing moves
     assert thrice.new_head_sha256 == again.new_head_sha256 == final_parameters(folder).sha256()
     assert thrice.recomputed_rounds == again.recomputed_rounds
@@ -205,8 +251,8 @@ def test_an_interrupted_retraining_goes_on_where_it_stopped(full_run: Path, tmp_
     run_without(tmp_path / "never", client)
     assert report.retrained and report.old_head_sha256 == old_head
     assert report.new_head_sha256 == final_parameters(tmp_path / "never").sha256()
-    assert report.first_participation is not None
-    assert report.recomputed_rounds == tuple(range(report.first_participation, ROUNDS + 1))
+    assert report.restart_round is not None
+    assert report.recomputed_rounds == tuple(range(report.restart_round + 1, ROUNDS + 1))
     models = open_run_models(folder)
     try:
         rollbacks = AuditLog(models.database).entries(kind="rollback")

@@ -22,6 +22,7 @@ _SHOWN = (
     "actor",
     "participated_rounds",
     "first_participation",
+    "first_asked",
     "restart_version",
     "restart_round",
     "superseded_versions",
@@ -106,7 +107,9 @@ def _print_report(report: UnlearningReport) -> None:
         table.add_row(key, escape("-" if value is None else str(value)))
     console.print(table)
     if not report.needs_recomputing:
-        console.print("the client counted in no round of the current model: nothing to recompute")
+        console.print(
+            "no round of the current model counted or asked the client: nothing to recompute"
+        )
     for line in (report.next_step, report.privacy_note):
         if line:
             console.print(escape(line))

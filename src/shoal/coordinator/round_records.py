@@ -60,7 +60,17 @@ class RoundRecords:
         )
 
     def record_participants(self, summary: RoundSummary, *, version: int | None) -> None:
-        """Keep who counted in a fit round, under their round's pseudonyms, with divergence."""
+        """Keep who counted in a fit round, under their round's pseudonyms, with divergence,
+        and who any round asked and did not count."""
+        counted = set(summary.participants) if summary.phase is Phase.FIT else set()
+        asked = [client for client in summary.cohort if client not in counted]
+        if asked:  # (unlearning replays a round that asked the client, counted or not)
+            self.participation.record_asked(
+                self.run_id,
+                summary.round,
+                phase=summary.phase.value,
+                participants=[self.names.of(c, round_number=summary.round) for c in asked],
+            )
         if summary.phase is not Phase.FIT or not summary.participants:
             return
         report = summary.divergence_report()

@@ -79,7 +79,13 @@ from shoal.coordinator.eligibility import DeviceFacts, EligibilityPolicy, Mask, 
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import CommitVersion, RoundSummary
 from shoal.coordinator.fallback import candidates_wanted
-from shoal.coordinator.playbook import RunPlaybook, recovered_row, resume_point, verdict_of
+from shoal.coordinator.playbook import (
+    PLAYBOOK,
+    RunPlaybook,
+    recovered_row,
+    resume_point,
+    verdict_of,
+)
 from shoal.coordinator.policy import RunPolicy
 from shoal.coordinator.records import RunStore
 from shoal.coordinator.round_records import RoundRecords
@@ -107,7 +113,7 @@ from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
 from shoal.governance.policy import PolicyEngine
 from shoal.governance.pseudonyms import Names
-from shoal.governance.unlearning import lineage
+from shoal.governance.unlearning import SUPERSEDED, lineage
 from shoal.privacy.coordinator import check_private_strategy
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import (
@@ -152,6 +158,13 @@ def _first_round_off(
         ),
         default=None,
     )
+
+
+def _an_operators_bad(record: ModelRecord) -> bool:
+    """Whether ``record`` is BAD by an operator's verdict (not the playbook's, nor
+    unlearning's)."""
+    reason = record.status_reason or ""
+    return record.status is ModelStatus.BAD and not reason.startswith((PLAYBOOK, SUPERSEDED))
 
 
 def check_same_app(head: ModelRecord, architecture: str, *, where: str) -> None:
@@ -306,8 +319,10 @@ class Run:
         self.playbook: RunPlaybook | None = None  # [playbook], once the run is open
         self._previous: Parameters | None = None  # the model the next commit steps from
         self._built_on: int | None = None  # its version: HEAD, unless moved outside the run
-        # the BAD versions' weights (sha256: version) when the run opened: a round that makes
-        # them again is not committed (an operator's BAD HEAD, replayed after its rollback)
+        # the weights (sha256: version) an operator marked BAD, when the run opened: a round
+        # that makes them again is not committed (an operator's BAD HEAD, replayed after its
+        # rollback). The playbook's own verdicts it reaches again itself, on the same figures;
+        # unlearning's are of weights a replay without the client does not make.
         self._bad: dict[str, ModelRecord] = {}
         self._policy: RunPolicy | None = None  # the engine's, whose decisions the rounds write
 
@@ -520,7 +535,7 @@ class Run:
         # rows of a branch HEAD is not on (an operator rolled back to another branch) are
         # left out from the first round they played; HEAD's lineage gives its own rows back
         versions = self.store.versions()
-        self._bad = {v.sha256: v for v in versions if v.status is ModelStatus.BAD}
+        self._bad = {v.sha256: v for v in versions if _an_operators_bad(v)}
         chain = lineage(versions, head)
         diverged = _first_round_off(self.store.rows(), chain, until=head.round)
         kept = reached if diverged is None else diverged - 1
@@ -551,7 +566,13 @@ class Run:
     def _recovered_row(self, record: ModelRecord) -> Row:
         """The row of a version's round as the version keeps it (the whole row but its wall
         time, given the run's latest)."""
-        recovered = {**record.metrics, "model_version": record.version, "sha256": record.sha256}
+        recovered = {
+            "round": record.round,
+            "phase": "fit",  # (a version's metrics are its fit round's row)
+            **record.metrics,
+            "model_version": record.version,
+            "sha256": record.sha256,
+        }
         if self.config.playbook.enabled:
             recovered["playbook"] = verdict_of(record)
         return {**recovered, "wall_time_s": self.wall_offset}

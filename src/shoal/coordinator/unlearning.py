@@ -86,7 +86,7 @@ def unlearn_deployment(
             report,
             next_step=(
                 f"the next `shoal coordinator serve` resumes from version "
-                f"{report.restart_version} and trains rounds {report.first_participation} "
+                f"{report.restart_version} and trains rounds {(report.restart_round or 0) + 1} "
                 f"to {config.run.rounds} again without the client"
             ),
         )

@@ -61,6 +61,7 @@ class UnlearningReport:
     at: str
     participated_rounds: tuple[int, ...]
     first_participation: int | None
+    first_asked: int | None  # the first round that asked it and did not count it
     restart_version: int | None
     restart_round: int | None
     old_head_version: int
@@ -78,8 +79,9 @@ class UnlearningReport:
 
     @property
     def needs_recomputing(self) -> bool:
-        """Whether the client counted in a round on the lineage (and HEAD was rolled back)."""
-        return self.first_participation is not None
+        """Whether HEAD went back before a round of the lineage that counted the client, or
+        asked it (its draw was another without the client)."""
+        return self.restart_version is not None
 
     def with_head(self, head: ModelRecord, *, recomputed: Iterable[int] = ()) -> UnlearningReport:
         """The report with HEAD as it is now (after retraining: ``recomputed`` its rounds)."""
@@ -102,6 +104,9 @@ class UnlearningReport:
         path = Path(folder) / f"{REPORT_PREFIX}{self.client_id}.json"
         path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
         return path
+
+
+SUPERSEDED = "superseded by unlearning"  # how unlearning's BAD marks begin their reason
 
 
 def central_accuracy(record: ModelRecord) -> float | None:
@@ -157,6 +162,30 @@ def participated_versions(
     return found
 
 
+def asked_rounds(
+    participation: ParticipationLog, names: Names | None, *, run_id: str, client_id: str
+) -> list[int]:
+    """The rounds on record that asked ``client_id`` and did not count it, on any branch."""
+    rounds = participation.asked_rounds(run_id)
+    if not rounds:
+        return []
+    if names is None:
+        raise ConfigError(
+            f"the run's rounds are kept under pseudonyms, but {PSEUDONYM_KEY_FILE} "
+            "is missing: the client's rounds cannot be found"
+        )
+    pseudonyms = {
+        names.of(client_id, round_number=round_number): round_number for round_number in rounds
+    }
+    return sorted(
+        {
+            round_number
+            for round_number, participant in participation.asked(run_id, pseudonyms)
+            if pseudonyms[participant] == round_number  # a pseudonym names one round only
+        }
+    )
+
+
 def tainted_versions(records: Iterable[ModelRecord], seeds: Iterable[int]) -> set[int]:
     """The versions built on ``seeds`` (themselves included), on every branch."""
     children: dict[int, list[int]] = {}
@@ -204,6 +233,15 @@ def forget(
     on_lineage = {record.version for record in chain}
     played = participated_versions(participation, names, run_id=run_id, client_id=client_id)
     rounds = sorted(r for r, versions in played.items() if versions & on_lineage)
+    # a round that asked the client and did not count it drew differently with it (over-
+    # selection, a drop, an evaluation): replayed too (on any branch up to HEAD: at worst a
+    # round more is replayed, each the same without the client)
+    asked = [
+        r
+        for r in asked_rounds(participation, names, run_id=run_id, client_id=client_id)
+        if r <= head.round
+    ]
+    first = min([*rounds[:1], *asked[:1]], default=None)
     committed = {version for versions in played.values() for version in versions}
     superseded = tainted_versions(records, (v for v in committed if v is not None))
     report = UnlearningReport(
@@ -214,6 +252,7 @@ def forget(
         at=at.isoformat(),
         participated_rounds=tuple(rounds),
         first_participation=rounds[0] if rounds else None,
+        first_asked=asked[0] if asked else None,
         restart_version=None,
         restart_round=None,
         old_head_version=head.version,
@@ -222,11 +261,12 @@ def forget(
         superseded_versions=tuple(sorted(superseded)),
     )
     target = None
-    if rounds:
-        target = restart_point(chain, before_round=rounds[0], tainted=superseded)
+    if first is not None:
+        target = restart_point(chain, before_round=first, tainted=superseded)
         report = replace(report, restart_version=target.version, restart_round=target.round)
     retire(clients, client_id, actor=actor)
-    if target is not None and not _retraining_from(records, current, target, superseded):
+    again = head is not current and _retraining_from(records, current, target, superseded)
+    if target is not None and not again:
         models.rollback(model, target.version, now=at)
     _mark_superseded(models, model, superseded, actor=actor, now=at)
     report = report.with_head(models.head(model) or current)
@@ -246,10 +286,15 @@ def _first_unlearned_head(
 
 
 def _retraining_from(
-    records: Iterable[ModelRecord], head: ModelRecord, target: ModelRecord, tainted: set[int]
+    records: Iterable[ModelRecord],
+    head: ModelRecord,
+    target: ModelRecord | None,
+    tainted: set[int],
 ) -> bool:
     """Whether ``head`` is ``target`` or was trained on from it without the client's updates:
     the retraining of an earlier unlearning, which goes on from there."""
+    if target is None:
+        return False
     chain = [record.version for record in lineage(records, head)]
     return target.version in chain and not set(chain[chain.index(target.version) :]) & tainted
 
@@ -284,7 +329,7 @@ def _mark_superseded(
     own reason); the reason does not name the client: model rows are read more widely."""
     for version in sorted(versions):
         if models.get(model, version).status is not ModelStatus.BAD:
-            reason = f"superseded by unlearning ({actor}): built on an unlearned client's updates"
+            reason = f"{SUPERSEDED} ({actor}): built on an unlearned client's updates"
             models.mark(model, version, ModelStatus.BAD, reason=reason, now=now)
 
 

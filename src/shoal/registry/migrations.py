@@ -330,6 +330,20 @@ def _number_privacy_attempts(op: Operations) -> None:
         batch.create_primary_key("pk_privacy_rounds", ["run_id", "attempt", "round"])
 
 
+def _create_round_asked(op: Operations) -> None:
+    op.create_table(
+        "round_asked",
+        sa.Column("entry_id", decision_id_type(), nullable=False, autoincrement=True),
+        sa.Column("run_id", sa.String(128), nullable=False),
+        sa.Column("round", sa.Integer, nullable=False),
+        sa.Column("phase", sa.String(16), nullable=False),
+        sa.Column("participant", sa.String(128), nullable=False),
+        sa.Column("recorded_at", UtcDateTime, nullable=False),
+        sa.PrimaryKeyConstraint("entry_id", name="pk_round_asked"),
+    )
+    op.create_index("ix_round_asked_run_id_participant", "round_asked", ["run_id", "participant"])
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "client registry and versioning matrix", _create_client_registry),
     Migration(2, "model registry", _create_model_registry),
@@ -352,6 +366,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "privacy rounds keyed by attempt: replayed rounds are new releases",
         _number_privacy_attempts,
     ),
+    Migration(16, "the clients each round asked and did not count", _create_round_asked),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

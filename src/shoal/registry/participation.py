@@ -16,6 +16,7 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -23,7 +24,7 @@ from shoal.core.errors import RegistryError
 from shoal.registry.clients import coarsen, require_aware, utc_now
 from shoal.registry.database import Database
 from shoal.registry.rows import insert_rows
-from shoal.registry.schema import round_participants
+from shoal.registry.schema import round_asked, round_participants
 
 _IN_CHUNK = 500  # names per IN (...) list: within every backend's parameter limits
 
@@ -117,14 +118,72 @@ class ParticipationLog:
                 found.extend(_entry(row) for row in rows)
         return sorted(found, key=lambda entry: (entry.round, entry.model_version or 0))
 
+    def record_asked(
+        self,
+        run_id: str,
+        round_number: int,
+        *,
+        phase: str,
+        participants: Collection[str],
+        now: datetime | None = None,
+    ) -> int:
+        """Keep who ``round_number`` asked and did not count (one statement; none: none)."""
+        if not participants:
+            return 0
+        at = coarsen(require_aware(now or utc_now(), "now"), granularity_s=self.granularity_s)
+        rows = [
+            {
+                "run_id": run_id,
+                "round": round_number,
+                "phase": phase,
+                "participant": participant,
+                "recorded_at": at,
+            }
+            for participant in sorted(participants)
+        ]
+        with self.database.write() as connection:
+            insert_rows(connection, round_asked, rows)
+        return len(rows)
+
+    def asked(self, run_id: str, participants: Collection[str]) -> list[tuple[int, str]]:
+        """(round, participant) of every round of ``run_id`` that asked one of
+        ``participants`` and did not count it, on any branch, by round."""
+        return sorted(self._named(round_asked, run_id, participants, round_asked.c.round))
+
+    def asked_rounds(self, run_id: str) -> list[int]:
+        """The rounds of ``run_id`` that asked a client they did not count, in order."""
+        return self._rounds(round_asked, run_id)
+
     def rounds(self, run_id: str) -> list[int]:
         """The fit rounds of ``run_id`` with participants on record, in order."""
-        table = round_participants
+        return self._rounds(round_participants, run_id)
+
+    def _rounds(self, table: sa.Table, run_id: str) -> list[int]:
         with self.database.read() as connection:
             rows = connection.execute(
                 sa.select(table.c.round).where(table.c.run_id == run_id).distinct()
             ).all()
         return sorted(int(row.round) for row in rows)
+
+    def _named(
+        self, table: sa.Table, run_id: str, participants: Collection[str], *columns: Any
+    ) -> list[Any]:
+        """``columns`` (then the participant) of ``table``'s rows of ``run_id`` naming one of
+        ``participants``."""
+        names = sorted(set(participants))
+        found: list[Any] = []
+        with self.database.read() as connection:
+            for start in range(0, len(names), _IN_CHUNK):
+                chunk = names[start : start + _IN_CHUNK]
+                found.extend(
+                    tuple(row)
+                    for row in connection.execute(
+                        sa.select(*columns, table.c.participant).where(
+                            table.c.run_id == run_id, table.c.participant.in_(chunk)
+                        )
+                    )
+                )
+        return found
 
 
 def _number(value: float | None) -> float | None:

@@ -325,6 +325,21 @@ round_participants = sa.Table(
     sa.Index("ix_round_participants_run_id_participant", "run_id", "participant"),
 )
 
+# one row per client a round asked and did not count (a fit round's surplus, drops and
+# failures; every client an evaluation round asked), under its round's pseudonym: removing it
+# from the population changes that round's draw, which unlearning must replay
+round_asked = sa.Table(
+    "round_asked",
+    metadata,
+    sa.Column("entry_id", decision_id_type(), primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(128), nullable=False),
+    sa.Column("round", sa.Integer, nullable=False),
+    sa.Column("phase", sa.String(16), nullable=False),
+    sa.Column("participant", sa.String(128), nullable=False),
+    sa.Column("recorded_at", UtcDateTime, nullable=False),
+    sa.Index("ix_round_asked_run_id_participant", "run_id", "participant"),
+)
+
 # the audit log (shoal.registry.audit): append-only, each entry hash-chained to the one before;
 # times are whole Unix seconds (floored to the log's granularity), hashed as they are stored
 audit_log = sa.Table(
