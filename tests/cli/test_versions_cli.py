@@ -82,3 +82,27 @@ def test_a_coordinators_state_folder_still_takes_requirements(tmp_path: Path) ->
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert stored_models(tmp_path) == [ARCHITECTURE]
+
+
+def test_a_requirement_on_a_model_name_or_in_a_new_folder_is_told(
+    simulated: Path, tmp_path: Path
+) -> None:
+    """`versions require global` took the model's name, which the matrix never matches (it
+    keys on the architecture), and a mistyped folder got a registry of its own, both silently."""
+    architecture = json.loads((simulated / "summary.json").read_text())["architecture"]
+    named = shoal(
+        "versions", "require", "global", "--component", "app", "--minimum", "2",
+        "--state-dir", simulated, "--json",
+    )  # fmt: skip
+    assert named.exit_code == 0, named.output
+    assert json.loads(named.stdout)[0]["model"] == "global"  # stdout stays the JSON
+    assert "no version in the registry is of model architecture 'global'" in named.stderr
+    assert f"architectures: {architecture})" in named.stderr
+    fresh = shoal(
+        "versions", "require", architecture, "--component", "app", "--minimum", "2",
+        "--state-dir", tmp_path / "typo",
+    )  # fmt: skip
+    assert fresh.exit_code == 0, fresh.output
+    assert "no registry was at " in fresh.stderr and "made one" in fresh.stderr
+    clear = shoal("versions", "clear", "global", "--state-dir", simulated)
+    assert clear.exit_code == 0, clear.output

@@ -32,7 +32,8 @@ from shoal.cli.operator import (
 )
 from shoal.core.errors import ConfigError
 from shoal.registry import Component, Requirement, VersionMatrix
-from shoal.registry.location import DEFAULT_STATE_DIR
+from shoal.registry.location import DEFAULT_STATE_DIR, registry_location
+from shoal.registry.models import stored_architectures
 from shoal.registry.versioning import MAX_MODEL_NAME
 
 versions_app = typer.Typer(
@@ -105,13 +106,27 @@ def require_versions(
     for version in allowed or []:
         if not version or len(version) > 64:
             raise typer.BadParameter("a version has 1 to 64 characters", param_hint="--allowed")
+    location = registry_location(state_dir, registry)
+    new = location.sqlite_file is not None and not location.sqlite_file.is_file()
     with _database(state_dir, registry, must_exist=False) as database:
         requirement = VersionMatrix(database).require(
             model, component, minimum=minimum, allowed=allowed or None
         )
         details = _requirement_json(model, requirement)
         _audit(database, actor).append("versions_require", subject=model, details=details)
+        architectures = stored_architectures(database)
     _print_requirements([_requirement_json(model, requirement)], as_json=as_json)
+    if new:  # ahead of the coordinator's first start, or a mistyped folder
+        warning = f"no registry was at {location.sqlite_file}: made one, holding this requirement"
+    elif architectures and model not in architectures:
+        named = ", ".join(sorted(architectures))
+        warning = (
+            f"no version in the registry is of model architecture {model!r} (its versions' "
+            f"architectures: {named}): the matrix keys on the architecture, not a model's name"
+        )
+    else:
+        return
+    typer.secho(f"warning: {warning}", fg="yellow", err=True)  # beside --json's stdout
 
 
 @versions_app.command("list")

@@ -148,6 +148,14 @@ def _check_metrics(metrics: Mapping[str, Any]) -> EncodedJSON:
         raise RegistryError(f"metrics must be finite JSON values: {exc}") from exc
 
 
+def stored_architectures(database: Database) -> set[str]:
+    """The model architectures the registry's versions declare (what the versioning matrix
+    keys on)."""
+    with database.read() as connection:
+        query = sa.select(model_versions.c.architecture_version).distinct()
+        return {str(value) for value in connection.execute(query).scalars()}
+
+
 def model_lock(name: str) -> str:
     """The lock a change of model ``name``'s versions or HEAD takes (:func:`lock_name`)."""
     return f"model:{name}"
