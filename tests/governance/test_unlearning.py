@@ -12,7 +12,7 @@ from tests.support.jobs import bare_config
 
 import shoal
 from shoal.config import Config
-from shoal.core.errors import NotFoundError, RunError
+from shoal.core.errors import NotFoundError, RegistryError, RunError
 from shoal.core.folders import hold_folder
 from shoal.governance.model_signing import PUBLIC_KEY_FILE, load_public_key
 from shoal.governance.pseudonyms import Pseudonyms
@@ -144,6 +144,13 @@ def test_the_unlearned_model_is_the_never_included_model_bit_for_bit(
     finally:
         models.database.close()
     assert client not in participation(folder)
+    models = open_run_models(folder)
+    try:  # a version that holds the client's updates stays BAD: no mark lifts it
+        with pytest.raises(RegistryError, match="superseded by unlearning: its weights hold"):
+            models.mark(MODEL_NAME, superseded[-1], ModelStatus.GOOD, reason="oops")
+        assert models.get(MODEL_NAME, superseded[-1]).status is ModelStatus.BAD
+    finally:
+        models.database.close()
     written = json.loads((folder / f"unlearning-{client}.json").read_text())
     assert written["recomputed_rounds"] == list(report.recomputed_rounds)
     assert written["audit"]["kind"] == "unlearn" and written["audit"]["actor"] == "alice"

@@ -113,7 +113,7 @@ from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
 from shoal.governance.policy import PolicyEngine
 from shoal.governance.pseudonyms import Names
-from shoal.governance.unlearning import SUPERSEDED, lineage
+from shoal.governance.unlearning import lineage
 from shoal.privacy.coordinator import check_private_strategy
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import (
@@ -123,7 +123,7 @@ from shoal.registry import (
     SelectionCriteria,
     VersionMatrix,
 )
-from shoal.registry.models import HeadMoved
+from shoal.registry.models import SUPERSEDED, HeadMoved
 from shoal.registry.participation import ParticipationLog
 from shoal.tasks import Phase
 from shoal.telemetry.alerts import AlertHook, alert_hooks

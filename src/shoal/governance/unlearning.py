@@ -31,6 +31,7 @@ from shoal.governance.pseudonyms import PSEUDONYM_KEY_FILE, Names, PlainNames, P
 from shoal.registry import ClientRegistry, ClientStatus, ModelRecord, ModelRegistry, ModelStatus
 from shoal.registry.audit import AuditLog
 from shoal.registry.clients import require_aware, utc_now
+from shoal.registry.models import SUPERSEDED
 from shoal.registry.participation import ParticipationLog
 
 log = logging.getLogger("shoal.unlearning")
@@ -104,9 +105,6 @@ class UnlearningReport:
         path = Path(folder) / f"{REPORT_PREFIX}{self.client_id}.json"
         path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
         return path
-
-
-SUPERSEDED = "superseded by unlearning"  # how unlearning's BAD marks begin their reason
 
 
 def central_accuracy(record: ModelRecord) -> float | None:

@@ -148,6 +148,11 @@ def _check_metrics(metrics: Mapping[str, Any]) -> EncodedJSON:
         raise RegistryError(f"metrics must be finite JSON values: {exc}") from exc
 
 
+SUPERSEDED = "superseded by unlearning"
+"""How unlearning's BAD marks begin their reason: such a version holds a forgotten client's
+updates, and stays BAD."""
+
+
 def stored_architectures(database: Database) -> set[str]:
     """The model architectures the registry's versions declare (what the versioning matrix
     keys on)."""
@@ -357,7 +362,17 @@ class ModelRegistry:
         """
         changed_at = require_aware(now or utc_now(), "now")
         with self.database.write() as connection:
-            before = _fetch(connection, name, version).status
+            record = _fetch(connection, name, version)
+            before = record.status
+            if (
+                before is ModelStatus.BAD
+                and status is not ModelStatus.BAD
+                and (record.status_reason or "").startswith(SUPERSEDED)
+            ):
+                raise RegistryError(
+                    f"version {version} of {name!r} was {SUPERSEDED}: its weights hold a "
+                    "forgotten client's updates, and it stays BAD"
+                )
             connection.execute(
                 sa.update(model_versions)
                 .where(model_versions.c.name == name, model_versions.c.version == version)
