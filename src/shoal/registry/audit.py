@@ -129,10 +129,10 @@ def canonical_json(value: Any) -> str:
     return _CANONICAL.encode(value)
 
 
-def metrics_digest(text: str) -> str:
-    """The sha256 of a version's stored metrics (JSON ``text``) in canonical form: what its
-    commit entry records, and ``shoal audit verify`` checks the stored row against."""
-    return hashlib.sha256(canonical_json(json.loads(text)).encode()).hexdigest()
+def metrics_digest(metrics: Mapping[str, Any]) -> str:
+    """The sha256 of a version's metrics in canonical form: what its commit entry records,
+    and ``shoal audit verify`` checks the stored row (read back as JSON) against."""
+    return hashlib.sha256(canonical_json(metrics).encode()).hexdigest()
 
 
 def entry_hash(

@@ -244,7 +244,7 @@ def _version_problem(
                 f"entry records {details[field]!r}",
             )
     digest = details.get("metrics_sha256")  # (a commit entry before the digest: none)
-    if digest is not None and digest != metrics_digest(json.dumps(stored.metrics)):
+    if digest is not None and digest != metrics_digest(stored.metrics):
         return AuditProblem(
             seq, "contradicted", f"{name} version {number}'s metrics are not those it committed"
         )

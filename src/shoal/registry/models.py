@@ -276,7 +276,7 @@ class ModelRegistry:
             _move_head(connection, name, record.version, created_at)
             details = {"round": round, "parent": head, "sha256": sha256, "status": status.value}
             details["signing_key_id"] = None if signed is None else signed.key_id
-            details["metrics_sha256"] = metrics_digest(encoded.text)
+            details["metrics_sha256"] = metrics_digest(metrics or {})
             self._audit(connection, "commit", name, version, details)
             return record  # as stored: no need to read it back
 
