@@ -8,16 +8,27 @@ import itertools
 import json
 import threading
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 
 from shoal.core.errors import RegistryError
+from shoal.core.parameters import Parameters
 from shoal.governance.model_signing import ModelSigner, PinnedKey, generate_signing_key
-from shoal.registry import AuditEvent, AuditLog, Database, verify_audit_log
+from shoal.registry import (
+    AuditEvent,
+    AuditLog,
+    BlobStore,
+    Database,
+    ModelRegistry,
+    ModelStatus,
+    verify_audit_log,
+)
 from shoal.registry.audit import GENESIS_HASH, canonical_json, entry_hash
-from shoal.registry.schema import audit_heads, audit_log
+from shoal.registry.schema import audit_heads, audit_log, model_heads, model_versions
 
 KEY = generate_signing_key()
 SIGNER = ModelSigner(KEY, run_id="run-1")
@@ -320,3 +331,50 @@ def test_a_head_signed_by_another_key_is_caught(database: Database) -> None:
     assert (
         problem is not None and problem.kind == "bad_signature" and "pinned key" in problem.detail
     )
+
+
+def test_the_registry_is_held_against_the_log_on_each_backend(
+    database: Database, tmp_path: Path
+) -> None:
+    """`contradicted`: a version's metrics, sha256 or status, or HEAD, changed beside an
+    intact, signed log (PostgreSQL's JSON and enum columns read back as SQLite's do)."""
+    models = ModelRegistry(database, BlobStore(str(tmp_path / "blobs")))
+    for value in (0.0, 1.0):
+        models.commit(
+            "net",
+            Parameters.from_arrays([np.full(3, value)], names=["w"]),
+            round=int(value),
+            architecture_version="arch",
+            metrics={"loss": 1.5 - value, "fleet": {"p50": [0.1, 0.2]}, "tag": "x"},
+        )
+    models.mark("net", 1, ModelStatus.GOOD, reason="fine")
+    models.audit.sign_head(SIGNER.audit_head, now=NOW)
+    assert verify(database).intact
+    one = model_versions.c.version == 1
+    metrics = {"loss": 0.5, "fleet": {"p50": [0.1, 0.2]}, "tag": "x"}
+    edits: list[tuple[Any, Any, str]] = [
+        (
+            sa.update(model_versions).where(one).values(metrics={**metrics, "loss": 0.001}),
+            sa.update(model_versions).where(one).values(metrics=metrics),
+            "net version 1's metrics are not those it committed",
+        ),
+        (
+            sa.update(model_versions).where(one).values(status=ModelStatus.CANDIDATE),
+            sa.update(model_versions).where(one).values(status=ModelStatus.GOOD),
+            "net version 1 is CANDIDATE; its last entry made it GOOD",
+        ),
+        (
+            sa.update(model_heads).values(version=0),
+            sa.update(model_heads).values(version=1),
+            "HEAD of net is version 0; this entry moved it to version 1",
+        ),
+    ]
+    for edit, undo, found in edits:
+        with database.write() as connection:
+            connection.execute(edit)
+        report = verify(database)
+        assert report.problem is not None and report.problem.kind == "contradicted", report
+        assert found in report.problem.detail
+        with database.write() as connection:  # put back: the next edit is alone
+            connection.execute(undo)
+        assert verify(database).intact
