@@ -145,19 +145,22 @@ def participated_versions(
     rounds = participation.rounds(run_id)
     if not rounds:
         return {}
-    if names is None:
-        raise ConfigError(
-            f"the run's participation is kept under pseudonyms, but {PSEUDONYM_KEY_FILE} "
-            "is missing: the client's rounds cannot be found"
-        )
-    pseudonyms = {
-        names.of(client_id, round_number=round_number): round_number for round_number in rounds
-    }
+    pseudonyms = _pseudonyms(names, client_id, rounds)
     found: dict[int, set[int | None]] = {}
     for entry in participation.find(run_id, pseudonyms):
         if pseudonyms[entry.participant] == entry.round:  # a pseudonym names one round only
             found.setdefault(entry.round, set()).add(entry.model_version)
     return found
+
+
+def _pseudonyms(names: Names | None, client_id: str, rounds: Iterable[int]) -> dict[str, int]:
+    """``client_id``'s pseudonym in each of ``rounds``, naming its round."""
+    if names is None:
+        raise ConfigError(
+            f"the run's rounds are kept under pseudonyms, but {PSEUDONYM_KEY_FILE} "
+            "is missing: the client's rounds cannot be found"
+        )
+    return {names.of(client_id, round_number=round_number): round_number for round_number in rounds}
 
 
 def asked_rounds(
@@ -167,14 +170,7 @@ def asked_rounds(
     rounds = participation.asked_rounds(run_id)
     if not rounds:
         return []
-    if names is None:
-        raise ConfigError(
-            f"the run's rounds are kept under pseudonyms, but {PSEUDONYM_KEY_FILE} "
-            "is missing: the client's rounds cannot be found"
-        )
-    pseudonyms = {
-        names.of(client_id, round_number=round_number): round_number for round_number in rounds
-    }
+    pseudonyms = _pseudonyms(names, client_id, rounds)
     return sorted(
         {
             round_number
