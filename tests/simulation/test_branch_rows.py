@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shoal.config import Config
+from shoal.config import Config, load_config
 from shoal.simulation.runner import MODEL_NAME, Simulation, open_run_models
 from support.jobs import bare_config
 
@@ -54,3 +54,19 @@ def test_rows_after_a_rollback_to_another_branch_are_that_branchs(tmp_path: Path
         json.loads(line)["round"] for line in (folder / "drift.jsonl").read_text().splitlines()
     ]
     assert drift == [1, 2, 3, 7]  # branch B's projections left; A's are not kept with versions
+
+
+def test_a_crash_resume_keeps_the_rounds_the_playbook_rolled_back(tmp_path: Path) -> None:
+    """The playbook's BAD versions lie off HEAD's lineage, below HEAD's round, and the run went
+    on from the next round: a resume took their rows for an abandoned branch's and cut the
+    run's history from the first of them."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "poisoning.toml"
+    config = load_config(example, ["run.rounds=22", "simulation.workers=0"])
+    folder = tmp_path / "run"
+    Simulation(config, folder).run()
+    before = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert any((row.get("playbook") or {}).get("verdict") == "bad" for row in before)
+    more = load_config(example, ["run.rounds=23", "simulation.workers=0"])
+    Simulation(more, folder, resume=True).run()
+    after = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert after[: len(before)] == before and after[-1]["round"] == 23

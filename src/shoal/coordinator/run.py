@@ -144,9 +144,12 @@ FIXED_FOR_THE_RUN = (
 def _first_round_off(
     rows: Iterable[Row], chain: Sequence[ModelRecord], *, until: int
 ) -> int | None:
-    """The first round up to ``until`` whose row committed a version off ``chain`` (HEAD's
-    lineage): a branch HEAD left; None when every such row is on it."""
+    """The first round up to ``until`` that ``chain`` (HEAD's lineage) played again, its row
+    naming a version off it: a branch HEAD left; None when there is none. (A round whose
+    version the playbook rolled back, the run going on with the next round, is the lineage's
+    history: the lineage has no version of that round.)"""
     on_chain = {record.version for record in chain}
+    rounds_on_chain = {record.round for record in chain}
     return min(
         (
             row["round"]
@@ -154,6 +157,7 @@ def _first_round_off(
             if row["phase"] == "fit"
             and row.get("committed")
             and row["round"] <= until
+            and row["round"] in rounds_on_chain
             and row.get("model_version") not in on_chain
         ),
         default=None,
