@@ -15,6 +15,7 @@ whole (:data:`MAX_MODEL_PARAMETERS`, :data:`MAX_CLIENT_DATA_BYTES`).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
     from shoal.aggregation.aggregators import Aggregator
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+log = logging.getLogger(__name__)
+
 MIN_NOISE_MULTIPLIER = 1e-6
 
 
@@ -1231,8 +1234,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _data_keys_apply(self) -> Config:
-        """A [data] key the built-in data would ignore is refused when changed from its default
-        (a user's client app reads the config as it likes, so its keys are its own)."""
+        """A [data] key the built-in data ignores, changed from its default, is said to be
+        ignored (a warning: a run whose stored config holds one still resumes; a user's client
+        app reads the config as it likes, so its keys are its own)."""
         if self.app.client != BUILTIN_CLIENT_APP:
             return self
         data = self.data
@@ -1242,15 +1246,21 @@ class Config(_Section):
                 continue
             datasets, partitions = _DATA_KEYS[key]
             if data.dataset not in datasets:
-                raise ValueError(
-                    f"data.{key} = {value!r} does not apply to the {data.dataset} dataset: "
-                    f"{_DATASET_KEYS_WHY[data.dataset]}"
+                log.warning(
+                    "data.%s = %r is ignored: it does not apply to the %s dataset: %s",
+                    key,
+                    value,
+                    data.dataset,
+                    _DATASET_KEYS_WHY[data.dataset],
                 )
-            if partitions and data.partition not in partitions:
+            elif partitions and data.partition not in partitions:
                 named = " or ".join(repr(partition) for partition in sorted(partitions))
-                raise ValueError(
-                    f"data.{key} = {value!r} applies to data.partition = {named}, "
-                    f"not {data.partition!r}"
+                log.warning(
+                    "data.%s = %r is ignored: it applies to data.partition = %s, not %r",
+                    key,
+                    value,
+                    named,
+                    data.partition,
                 )
         return self
 
