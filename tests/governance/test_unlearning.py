@@ -146,8 +146,9 @@ def test_the_unlearned_model_is_the_never_included_model_bit_for_bit(
     assert client not in participation(folder)
     models = open_run_models(folder)
     try:  # a version that holds the client's updates stays BAD: no mark lifts it
-        with pytest.raises(RegistryError, match="superseded by unlearning: its weights hold"):
-            models.mark(MODEL_NAME, superseded[-1], ModelStatus.GOOD, reason="oops")
+        for status in (ModelStatus.GOOD, ModelStatus.BAD):  # a BAD re-mark took its reason
+            with pytest.raises(RegistryError, match="superseded by unlearning: its weights hold"):
+                models.mark(MODEL_NAME, superseded[-1], status, reason="oops")
         assert models.get(MODEL_NAME, superseded[-1]).status is ModelStatus.BAD
     finally:
         models.database.close()
@@ -303,3 +304,28 @@ def test_a_retraining_whose_every_round_aborts_says_so_and_what_to_do(tmp_path: 
     assert report.next_step is not None
     assert report.next_step.startswith("every recomputed round aborted (")
     assert "the quorum" in report.next_step and "--resume" in report.next_step
+
+
+def test_a_version_bad_already_is_superseded_for_good_too(full_run: Path, tmp_path: Path) -> None:
+    """A version the playbook had marked BAD kept only that reason, and a mark lifted it."""
+    folder = tmp_path / "playbook-bad"
+    shutil.copytree(full_run, folder)
+    client = middle_client(participation(folder))
+    models = open_run_models(folder)
+    try:
+        head = models.head(MODEL_NAME)
+        assert head is not None
+        models.mark(MODEL_NAME, head.version, ModelStatus.BAD, reason="playbook: loss")
+    finally:
+        models.database.close()
+    report = shoal.unlearn(folder, client, actor="heidi", retrain=False)
+    assert head.version in report.superseded_versions
+    models = open_run_models(folder)
+    try:
+        reason = models.get(MODEL_NAME, head.version).status_reason or ""
+        assert reason.startswith("superseded by unlearning (heidi)")
+        assert reason.endswith("BAD before: playbook: loss")
+        with pytest.raises(RegistryError, match="superseded by unlearning"):
+            models.mark(MODEL_NAME, head.version, ModelStatus.GOOD, reason="lift")
+    finally:
+        models.database.close()

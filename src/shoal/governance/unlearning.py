@@ -319,12 +319,18 @@ def restart_point(chain: list[ModelRecord], *, before_round: int, tainted: set[i
 def _mark_superseded(
     models: ModelRegistry, model: str, versions: Iterable[int], *, actor: str, now: datetime
 ) -> None:
-    """Mark BAD the versions built on the unlearned client's updates (BAD ones keep their
-    own reason); the reason does not name the client: model rows are read more widely."""
+    """Mark BAD the versions built on the unlearned client's updates, for good (a BAD one's
+    reason kept after it); the reason does not name the client: model rows are read more
+    widely."""
     for version in sorted(versions):
-        if models.get(model, version).status is not ModelStatus.BAD:
-            reason = f"{SUPERSEDED} ({actor}): built on an unlearned client's updates"
-            models.mark(model, version, ModelStatus.BAD, reason=reason, now=now)
+        record = models.get(model, version)
+        before = record.status_reason or ""
+        if record.status is ModelStatus.BAD and before.startswith(SUPERSEDED):
+            continue  # unlearned before: its verdict stays
+        reason = f"{SUPERSEDED} ({actor}): built on an unlearned client's updates"
+        if record.status is ModelStatus.BAD:  # (the playbook's, an operator's): kept beside it
+            reason = f"{reason}; BAD before: {before}"
+        models.mark(model, version, ModelStatus.BAD, reason=reason, now=now)
 
 
 def audit_unlearning(report: UnlearningReport, audit: AuditLog) -> dict[str, Any]:

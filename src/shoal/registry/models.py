@@ -364,14 +364,10 @@ class ModelRegistry:
         with self.database.write() as connection:
             record = _fetch(connection, name, version)
             before = record.status
-            if (
-                before is ModelStatus.BAD
-                and status is not ModelStatus.BAD
-                and (record.status_reason or "").startswith(SUPERSEDED)
-            ):
-                raise RegistryError(
+            if before is ModelStatus.BAD and (record.status_reason or "").startswith(SUPERSEDED):
+                raise RegistryError(  # (a BAD re-mark would take the reason that keeps it)
                     f"version {version} of {name!r} was {SUPERSEDED}: its weights hold a "
-                    "forgotten client's updates, and it stays BAD"
+                    "forgotten client's updates, and its verdict stays"
                 )
             connection.execute(
                 sa.update(model_versions)
