@@ -329,3 +329,25 @@ def test_a_version_bad_already_is_superseded_for_good_too(full_run: Path, tmp_pa
             models.mark(MODEL_NAME, head.version, ModelStatus.GOOD, reason="lift")
     finally:
         models.database.close()
+
+
+def test_a_run_without_pseudonyms_unlearns_bit_for_bit(tmp_path: Path) -> None:
+    """Stored under the plain id, one name for every round: the lookup kept one round per name,
+    found none of the client's but its last, and said there was nothing to recompute."""
+    plain = ("metadata.pseudonyms=false",)
+    full = tmp_path / "full"
+    Simulation(job(*plain), full).run()
+    models = open_run_models(full)
+    try:
+        log = ParticipationLog(models.database)
+        rounds: dict[str, list[int]] = {}
+        for round_number in range(1, ROUNDS + 1):
+            for entry in log.round("forget", round_number):
+                rounds.setdefault(entry.participant, []).append(round_number)
+    finally:
+        models.database.close()
+    client = next(c for c, played in sorted(rounds.items()) if len(played) >= 2)
+    report = shoal.unlearn(full, client, actor="ivan")
+    assert report.participated_rounds == tuple(rounds[client])
+    run_without(tmp_path / "never", client, *plain)
+    assert report.new_head_sha256 == final_parameters(tmp_path / "never").sha256()

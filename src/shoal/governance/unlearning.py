@@ -148,19 +148,23 @@ def participated_versions(
     pseudonyms = _pseudonyms(names, client_id, rounds)
     found: dict[int, set[int | None]] = {}
     for entry in participation.find(run_id, pseudonyms):
-        if pseudonyms[entry.participant] == entry.round:  # a pseudonym names one round only
+        if entry.round in pseudonyms[entry.participant]:  # a pseudonym names its round only
             found.setdefault(entry.round, set()).add(entry.model_version)
     return found
 
 
-def _pseudonyms(names: Names | None, client_id: str, rounds: Iterable[int]) -> dict[str, int]:
-    """``client_id``'s pseudonym in each of ``rounds``, naming its round."""
+def _pseudonyms(names: Names | None, client_id: str, rounds: Iterable[int]) -> dict[str, set[int]]:
+    """``client_id``'s name in each of ``rounds``, with the rounds it names: one each for a
+    per-round pseudonym, every round for the plain id (``[metadata] pseudonyms = false``)."""
     if names is None:
         raise ConfigError(
             f"the run's rounds are kept under pseudonyms, but {PSEUDONYM_KEY_FILE} "
             "is missing: the client's rounds cannot be found"
         )
-    return {names.of(client_id, round_number=round_number): round_number for round_number in rounds}
+    named: dict[str, set[int]] = {}
+    for round_number in rounds:
+        named.setdefault(names.of(client_id, round_number=round_number), set()).add(round_number)
+    return named
 
 
 def asked_rounds(
@@ -175,7 +179,7 @@ def asked_rounds(
         {
             round_number
             for round_number, participant in participation.asked(run_id, pseudonyms)
-            if pseudonyms[participant] == round_number  # a pseudonym names one round only
+            if round_number in pseudonyms[participant]  # a pseudonym names its round only
         }
     )
 
