@@ -237,6 +237,24 @@ def test_unlearning_twice_is_harmless_and_a_retired_client_stays_retired(
     assert thrice.recomputed_rounds == again.recomputed_rounds
 
 
+def test_unlearning_again_leaves_an_operators_rollback_further_back(
+    full_run: Path, tmp_path: Path
+) -> None:
+    """HEAD moved forward, from the operator's version 0 to the restart version."""
+    folder = tmp_path / "further"
+    shutil.copytree(full_run, folder)
+    client = middle_client(participation(folder))
+    first = shoal.unlearn(folder, client, actor="judy", retrain=False)
+    assert first.restart_version is not None and first.restart_version > 0
+    models = open_run_models(folder)
+    try:
+        models.rollback(MODEL_NAME, 0, reason="start over")
+    finally:
+        models.database.close()
+    again = shoal.unlearn(folder, client, actor="judy", retrain=False)
+    assert again.new_head_version == 0
+
+
 class Interrupted(Exception):
     pass
 

@@ -264,7 +264,9 @@ def forget(
         report = replace(report, restart_version=target.version, restart_round=target.round)
     retire(clients, client_id, actor=actor)
     again = head is not current and _retraining_from(records, current, target, superseded)
-    if target is not None and not again:
+    # HEAD already at or before the restart (an operator rolled back further): left there
+    before = target is not None and current in lineage(records, target)
+    if target is not None and not again and not before:
         models.rollback(model, target.version, now=at)
     _mark_superseded(models, model, superseded, actor=actor, now=at)
     report = report.with_head(models.head(model) or current)
