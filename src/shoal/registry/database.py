@@ -169,14 +169,16 @@ class Database:
         return self.engine.url.render_as_string(hide_password=True)
 
     @contextmanager
-    def read(self) -> Iterator[Connection]:
+    def read(self, *, snapshot: bool = False) -> Iterator[Connection]:
         """A transaction for queries; committed (a no-op) when the block ends. Inside this
-        thread's write transaction, that transaction (its own changes visible)."""
+        thread's write transaction, that transaction (its own changes visible). ``snapshot``:
+        every query of the block sees the same commits (PostgreSQL's REPEATABLE READ; its
+        default gives each statement its own; a SQLite read transaction is one already)."""
         if self._joined() is not None:
             with self._join(writes=False) as connection:
                 yield connection
             return
-        with self._transaction(immediate=False) as connection:
+        with self._transaction(immediate=False, snapshot=snapshot) as connection:
             yield connection
 
     @contextmanager
@@ -267,11 +269,13 @@ class Database:
             self._open.doomed = f"{type(exc).__name__}: {exc}"[:200]
 
     @contextmanager
-    def _transaction(self, *, immediate: bool) -> Iterator[Connection]:
+    def _transaction(self, *, immediate: bool, snapshot: bool = False) -> Iterator[Connection]:
         try:
             with self.engine.connect() as connection:
                 if immediate:
                     connection = connection.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+                if snapshot and self.dialect == "postgresql":
+                    connection = connection.execution_options(isolation_level="REPEATABLE READ")
                 with connection.begin():
                     yield connection
         except SQLAlchemyError as exc:
