@@ -64,6 +64,7 @@ from shoal.registry import (
     ModelStatus,
     SignedHead,
     VersionSigner,
+    verify_audit_log,
 )
 from shoal.registry.database import Held, lock_name
 from shoal.registry.models import model_lock
@@ -309,26 +310,51 @@ class RunRecords:
         """``record``, the HEAD a run resumes from, once its signature is this run's key's over
         the sha256 its blob was checked against (a ``SecurityError`` otherwise): a version
         changed in the registry, behind the coordinator's back, is never trained on, offered,
-        or signed again. An unsigned version is signed here only in a registry where nothing
-        is signed yet (one made by a Shoal before signing). Without a signer, as it is."""
-        if self.signer is None or self.pinned is None:
+        or signed again. An unsigned version is signed here only where nothing in the registry
+        is signed yet (one made by a Shoal before signing), or where the audit log, intact
+        under this key's signed heads, recorded its commit unsigned with this very sha256 (a
+        version from before signing, rolled back to). Without a signer, as it is."""
+        pinned = self.pinned
+        if self.signer is None or pinned is None:
             return record
         if record.signed is not None:
-            self.pinned.verify(
-                record.signed,
-                name=record.name,
-                version=record.version,
-                round=record.round,
-                sha256=record.sha256,
-            )
+            try:
+                pinned.verify(
+                    record.signed,
+                    name=record.name,
+                    version=record.version,
+                    round=record.round,
+                    sha256=record.sha256,
+                )
+            except SecurityError as exc:
+                if record.signed.key_id == pinned.key_id:
+                    raise
+                raise SecurityError(  # a legitimate key change, or not: say what would do
+                    f"{exc}: the run's signing key is another than the one that signed HEAD "
+                    "(coordinator.signing_key, the deployment's or the run folder's "
+                    "model-signing.key): resume with that key"
+                ) from None
             return record
-        if self.models.holds_signatures():
+        if self.models.holds_signatures() and not self._committed_unsigned(record):
             raise SecurityError(
                 f"version {record.version} of {record.name!r}, HEAD, is not signed, in a registry "
                 "whose versions are: it was changed outside Shoal (shoal audit verify, shoal "
                 "models verify); roll back to a version that verifies (shoal models rollback)"
             )
         return self.models.sign(self.model, record.version, self.signer)
+
+    def _committed_unsigned(self, record: ModelRecord) -> bool:
+        """Whether the audit log, intact and held by this run's key, recorded ``record``'s
+        commit unsigned (a Shoal before signing) with the sha256 the version holds."""
+        assert self.pinned is not None
+        if not verify_audit_log(self.database, self.pinned.verify_audit_head).intact:
+            return False
+        subject = f"{record.name}@v{record.version}"
+        for entry in self.audit.entries(kind="commit"):
+            if entry.subject == subject:  # its first commit entry: the version's own
+                details = entry.details
+                return details.get("signing_key_id") is None and details["sha256"] == record.sha256
+        return False
 
     def version(self, number: int) -> ModelRecord:
         return self.models.get(self.model, number)
