@@ -171,11 +171,11 @@ def asked_only(folder: Path) -> dict[str, int]:
         log = ParticipationLog(models.database)
         names = Pseudonyms.in_folder(folder, run_id="forget")
         asked: dict[str, int] = {}
-        for round_number in log.asked_rounds("forget"):
+        for round_number in log.asked_rounds("forget"):  # (resolved here, on their own)
             for client in ClientNames(CLIENTS):
                 pseudonym = names.of(client, round_number=round_number)
-                if log.asked("forget", [pseudonym]) and client not in asked:
-                    asked[client] = round_number
+                if (round_number, pseudonym) in log.asked("forget", [pseudonym]):
+                    asked.setdefault(client, round_number)
     finally:
         models.database.close()
     counted = participation(folder)

@@ -226,7 +226,8 @@ def forget(
     records = models.list(model)
     # unlearned before (the retraining interrupted, or done): the same report, from the HEAD
     # that first unlearning started from, and HEAD left where the retraining reached
-    head = _first_unlearned_head(models, model=model, client_id=client_id) or current
+    earlier = _first_unlearned_head(models, model=model, client_id=client_id)
+    head = earlier or current
     chain = lineage(records, head)
     on_lineage = {record.version for record in chain}
     played = participated_versions(participation, names, run_id=run_id, client_id=client_id)
@@ -263,7 +264,7 @@ def forget(
         target = restart_point(chain, before_round=first, tainted=superseded)
         report = replace(report, restart_version=target.version, restart_round=target.round)
     retire(clients, client_id, actor=actor)
-    again = head is not current and _retraining_from(records, current, target, superseded)
+    again = earlier is not None and _retraining_from(records, current, target, superseded)
     # HEAD already at or before the restart (an operator rolled back further): left there
     before = target is not None and current in lineage(records, target)
     if target is not None and not again and not before:

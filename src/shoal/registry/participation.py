@@ -106,16 +106,8 @@ class ParticipationLog:
 
     def find(self, run_id: str, participants: Collection[str]) -> list[Participation]:
         """Every row of ``run_id`` naming one of ``participants``, oldest first."""
-        names = sorted(set(participants))
-        table = round_participants
-        found: list[Participation] = []
-        with self.database.read() as connection:
-            for start in range(0, len(names), _IN_CHUNK):
-                chunk = names[start : start + _IN_CHUNK]
-                rows = connection.execute(
-                    sa.select(table).where(table.c.run_id == run_id, table.c.participant.in_(chunk))
-                ).all()
-                found.extend(_entry(row) for row in rows)
+        rows = self._naming(round_participants, run_id, participants, round_participants)
+        found = [_entry(row) for row in rows]
         return sorted(found, key=lambda entry: (entry.round, entry.model_version or 0))
 
     def record_asked(
@@ -148,7 +140,9 @@ class ParticipationLog:
     def asked(self, run_id: str, participants: Collection[str]) -> list[tuple[int, str]]:
         """(round, participant) of every round of ``run_id`` that asked one of
         ``participants`` and did not count it, on any branch, by round."""
-        return sorted(self._named(round_asked, run_id, participants, round_asked.c.round))
+        columns = (round_asked.c.round, round_asked.c.participant)
+        rows = self._naming(round_asked, run_id, participants, *columns)
+        return sorted((int(row.round), str(row.participant)) for row in rows)
 
     def asked_rounds(self, run_id: str) -> list[int]:
         """The rounds of ``run_id`` that asked a client they did not count, in order."""
@@ -165,24 +159,20 @@ class ParticipationLog:
             ).all()
         return sorted(int(row.round) for row in rows)
 
-    def _named(
+    def _naming(
         self, table: sa.Table, run_id: str, participants: Collection[str], *columns: Any
-    ) -> list[Any]:
-        """``columns`` (then the participant) of ``table``'s rows of ``run_id`` naming one of
-        ``participants``."""
+    ) -> list[sa.Row[Any]]:
+        """``columns`` of ``table``'s rows of ``run_id`` naming one of ``participants``, a
+        statement per chunk of names."""
         names = sorted(set(participants))
-        found: list[Any] = []
+        found: list[sa.Row[Any]] = []
         with self.database.read() as connection:
             for start in range(0, len(names), _IN_CHUNK):
                 chunk = names[start : start + _IN_CHUNK]
-                found.extend(
-                    tuple(row)
-                    for row in connection.execute(
-                        sa.select(*columns, table.c.participant).where(
-                            table.c.run_id == run_id, table.c.participant.in_(chunk)
-                        )
-                    )
+                query = sa.select(*columns).where(
+                    table.c.run_id == run_id, table.c.participant.in_(chunk)
                 )
+                found.extend(connection.execute(query))
         return found
 
 
