@@ -45,15 +45,39 @@ def test_one_slow_chunk_moves_the_shares_a_little() -> None:
     assert balance.seconds_per_job == (1.0, pytest.approx(4.0))
 
 
+def test_a_batch_started_ahead_leaves_this_process_what_it_can_do_after_its_other_work() -> None:
+    """This process (the first) is busy for a while before it trains a batch started ahead:
+    its chunk is sized to end when the workers' do, none where they end first."""
+    balance = Balance(2)
+    balance.observe(0, jobs=10, seconds=0.010)  # 1 ms a job
+    balance.observe(1, jobs=10, seconds=0.010)
+    assert balance.sizes(10, ahead=True) == [5, 5]  # not busy yet: nothing to count
+    balance.observe_busy(0.004)
+    assert balance.sizes(10) == [5, 5]  # a batch asked for at once
+    assert balance.sizes(10, ahead=True) == [3, 7]  # 4 ms, then 3 jobs; the worker's 7
+    balance.observe_busy(0.050)  # busy longer than the worker's whole batch
+    # smoothed, 0.3 of the way to 50 ms: busy 17.8 ms, then 41 jobs; the worker's 59
+    assert balance.sizes(100, ahead=True) == [41, 59]
+    for _ in range(20):
+        balance.observe_busy(0.050)
+    assert balance.sizes(10, ahead=True) == [1, 9]  # one still, to be timed again
+    assert balance.sizes(1, ahead=True) == [0, 1]
+
+
 @given(
     seconds=st.lists(st.floats(1e-6, 10.0), min_size=1, max_size=5),
     count=st.integers(0, 500),
+    busy=st.one_of(st.none(), st.floats(0.0, 100.0)),
 )
-def test_the_sizes_add_up_to_the_batch(seconds: list[float], count: int) -> None:
+def test_the_sizes_add_up_to_the_batch(
+    seconds: list[float], count: int, busy: float | None
+) -> None:
     balance = Balance(len(seconds))
     for index, value in enumerate(seconds):
         balance.observe(index, jobs=1, seconds=value)
-    sizes = balance.sizes(count)
+    if busy is not None:
+        balance.observe_busy(busy)
+    sizes = balance.sizes(count, ahead=busy is not None)
     assert sizes is not None and sum(sizes) == count and min(sizes) >= 0
     if count >= len(seconds):
         assert min(sizes) >= 1

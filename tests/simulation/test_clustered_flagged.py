@@ -16,6 +16,7 @@ import pytest
 
 import shoal
 from shoal.config import load_config
+from shoal.coordinator.run import Run
 from shoal.core.clusters import stacked_clusters
 from shoal.core.parameters import Parameters
 from shoal.governance.model_signing import PUBLIC_KEY_FILE, load_public_key
@@ -153,22 +154,31 @@ def test_a_resume_before_the_split_goes_on_with_one_model_and_splits_later(
 
 
 def test_a_rollback_to_a_version_before_the_split_returns_to_one_model(
-    tmp_path: Path, app: Any
+    tmp_path: Path, app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The playbook's path: HEAD rolled back to version 0, the engine restored from it; the
-    next round trains the one model again, and the drift splits it again."""
+    """The playbook's path: HEAD rolled back to version 0 as round 2 closes, the engine
+    restored from it (the next round not started ahead, as for a BAD verdict); the next round
+    trains the one model again, and the drift splits it again."""
     seen: dict[int, tuple[int | None, int]] = {}
+    close_round = Run.close_round
+
+    def closing(self: Run, summary: Any, commit: Any, extra: Any, *, ahead: Any = None) -> Any:
+        if summary.round != 2:
+            return close_round(self, summary, commit, extra, ahead=ahead)
+        row = close_round(self, summary, commit, extra)
+        engine = self.coordinator
+        seen[2] = (stacked_clusters(engine.parameters), engine.strategy.clusters)
+        record = self.store.rollback(0, "a test's rollback across the split")
+        self._roll_engine_back(record)
+        seen[0] = (stacked_clusters(engine.parameters), engine.strategy.clusters)
+        return row
 
     def after(simulation: Simulation, row: dict[str, Any]) -> None:
-        engine = simulation.coordinator
-        seen[row["round"]] = (stacked_clusters(engine.parameters), engine.strategy.clusters)
-        if row["round"] == 2:
-            lifecycle = simulation.lifecycle
-            assert lifecycle is not None
-            record = lifecycle.store.rollback(0, "a test's rollback across the split")
-            lifecycle._roll_engine_back(record)
-            seen[0] = (stacked_clusters(engine.parameters), engine.strategy.clusters)
+        if row["round"] != 2:
+            engine = simulation.coordinator
+            seen[row["round"]] = (stacked_clusters(engine.parameters), engine.strategy.clusters)
 
+    monkeypatch.setattr(Run, "close_round", closing)
     simulate(tmp_path, "run.rounds=3", "playbook.enabled=false", on_round=after)
     assert seen[1] == seen[2] == (2, 2)  # split in round 1
     assert seen[0] == (None, 1)  # rolled back: one model, one strategy

@@ -1,8 +1,11 @@
 """The run layer's poisoned-model playbook: judge each committed version; mark, roll back, suspend.
 
-After a fit round commits a version (and, where the federated evaluation is
-the one watched, after an evaluation round of HEAD), the detector of
-:mod:`shoal.governance.playbook` judges it against the last GOOD version:
+A fit round's version is judged as it commits (and, where the federated evaluation is
+the one watched, HEAD after an evaluation round of it): the detector of
+:mod:`shoal.governance.playbook` judges it against the last GOOD version, on the facts of
+its metrics row, before the commit (:meth:`RunPlaybook.judge_fit`: a version that will be
+rolled back gives the next round no head start), and the verdict is carried out after it
+(:meth:`RunPlaybook.after_fit`):
 
 - GOOD: the version is marked GOOD and becomes the reference;
 - PENDING: nothing fired but nothing evaluated it yet: it stays CANDIDATE
@@ -52,6 +55,20 @@ Row = dict[str, Any]
 REFERENCE_WINDOW = 10  # GOOD versions whose median step and divergence are the reference
 PLAYBOOK = "playbook: "  # how the playbook's verdicts and rollbacks begin their reason
 Restore = Callable[[ModelRecord], None]
+
+
+@dataclass(frozen=True, slots=True)
+class FitJudgement:
+    """A fit round's version judged on the facts of its row, before it commits."""
+
+    facts: VersionFacts
+    judgement: Judgement
+
+    @property
+    def rolls_back(self) -> bool:
+        """Whether carrying it out rolls HEAD back (and suspends clients): the next round
+        then starts from another version, maybe without some of its cohort."""
+        return self.judgement.verdict is Verdict.BAD
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,16 +159,21 @@ class RunPlaybook:
 
     # --- a closed round --------------------------------------------------------------------
 
-    def after_fit(self, summary: RoundSummary, row: Row, *, version: int) -> Row:
-        """Judge the version a fit round committed (``row`` is its metrics row, NaN kept);
+    def judge_fit(self, row: Row) -> FitJudgement:
+        """The verdict on the version a fit round is committing (``row`` is its metrics row,
+        NaN kept), for :meth:`after_fit` to carry out once it has committed."""
+        facts = VersionFacts.from_row(row, evaluation=self.evaluation)
+        return FitJudgement(facts, judge_version(facts, self._reference(), rule=self.rule))
+
+    def after_fit(
+        self, summary: RoundSummary, row: Row, *, version: int, judged: FitJudgement
+    ) -> Row:
+        """Carry out the verdict ``judged`` on ``version``, which a fit round just committed;
         returns the row's ``playbook`` field."""
         report = summary.divergence_report()
         flagged = report.flagged if report is not None and report.available else None
         self.suspects.append(Suspects(summary.round, flagged, summary.participants))
-        facts = VersionFacts.from_row(row, evaluation=self.evaluation)
-        return self._apply(
-            judge_version(facts, self._reference(), rule=self.rule), facts, version, row
-        )
+        return self._apply(judged.judgement, judged.facts, version, row)
 
     def after_evaluation(self, row: Row) -> Row | None:
         """Judge HEAD on a federated evaluation round's ``row``, where that is the evaluation

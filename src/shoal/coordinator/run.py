@@ -35,7 +35,12 @@ layer owns everything above it, so that each rule is written once:
   :meth:`Run.classify`, bandwidth; :mod:`shoal.coordinator.telemetry`) and the
   central evaluation (:mod:`shoal.coordinator.run_metrics`), and the version committed with
   that row before anyone is offered the new model; the drift projection
-  of each fit round (``drift.jsonl``, cut back to HEAD on a resume);
+  of each fit round (``drift.jsonl``, cut back to HEAD on a resume). A shell whose clients
+  are its own (the simulator's) may start the next round while the version commits
+  (``ahead`` of :meth:`Run.close_round`): its cohort drawn, its training under way in the
+  shell's processes; none of its results reaches the engine before the commit, and none
+  ever does if the commit fails. Not when the playbook judges the version BAD (its
+  rollback and suspensions change the next round);
 - the round's records (:mod:`shoal.coordinator.round_records`): its
   participants and their divergence, the audit log's entries (who took
   part, a key holder's decryptions), the suspension of a secure round's
@@ -210,6 +215,8 @@ def _listed(changes: list[tuple[str, Any, Any]]) -> str:
 log = logging.getLogger("shoal.run")
 
 Row = dict[str, Any]
+Ahead = Callable[[Row], object]
+"""A shell's start of the next round, given the closing round's row (:meth:`Run.close_round`)."""
 # how far apart the cluster models of version 0 start, in RMS values of the initial model (or
 # absolute, for a zero model): enough for the clients' losses to tell them apart in round 1
 CLUSTER_SPREAD = 0.1
@@ -753,12 +760,21 @@ class Run:
     # --- a closed round ------------------------------------------------------------------
 
     def close_round(
-        self, summary: RoundSummary, commit: CommitVersion | None, extra: Mapping[str, Any]
+        self,
+        summary: RoundSummary,
+        commit: CommitVersion | None,
+        extra: Mapping[str, Any],
+        *,
+        ahead: Ahead | None = None,
     ) -> Row:
         """The round's metrics row, its version committed with it; the shell records the row.
 
         ``extra`` holds what only the shell knows (wall time, the simulator's
-        stragglers and bytes); it overrides the defaults.
+        stragglers and bytes); it overrides the defaults. ``ahead``: the shell's start of
+        the next round, called with the row once nothing left of this round can change
+        what the next one does, before the version commits; only where the round commits a
+        version that the playbook does not roll back (see the module's docstring). The
+        shell feeds the engine nothing of that round before this returns.
         """
         row = round_row(
             summary,
@@ -809,6 +825,11 @@ class Run:
             )
         )
         row["model_step_l2"] = self._step_l2(commit.parameters)
+        if summary.split is not None:  # the stack weighs k times more from the next round on
+            self.model_bytes = len(commit.parameters.to_bytes())
+        verdict = None if self.playbook is None else self.playbook.judge_fit(row)
+        if ahead is not None and (verdict is None or not verdict.rolls_back):
+            ahead(row)
         # one transaction: the policy's decisions, the selection's entry, the version with the
         # whole row (a crash before the row is written loses nothing), its participants, and
         # the audit log's head signed over the commit's entry and all before it
@@ -837,10 +858,10 @@ class Run:
         row.update(model_version=record.version, sha256=record.sha256)
         self._previous = commit.parameters
         self._built_on = record.version
-        if summary.split is not None:  # the stack weighs k times more from the next round on
-            self.model_bytes = len(commit.parameters.to_bytes())
-        if self.playbook is not None:  # its alerts fire after the round's records committed
-            row["playbook"] = self.playbook.after_fit(summary, row, version=record.version)
+        if self.playbook is not None and verdict is not None:  # after the records committed
+            row["playbook"] = self.playbook.after_fit(
+                summary, row, version=record.version, judged=verdict
+            )
         return row
 
     @contextlib.contextmanager

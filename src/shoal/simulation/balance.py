@@ -16,6 +16,15 @@ True
 >>> balance.observe(1, jobs=5, seconds=0.015)
 >>> balance.sizes(10)
 [6, 4]
+
+A batch started ahead (:meth:`shoal.simulation.executor.ProcessExecutor.start`) finds the first
+process, the coordinator's, busy with other work for a while before it trains its chunk (the
+last round's records, committing): its chunk is then sized to end with the others', counting
+that head start (the time it was busy lately, :meth:`Balance.observe_busy`).
+
+>>> balance.observe_busy(0.012)  # busy 12 ms, then 4 jobs of 2 ms; the other 6 of 3 ms
+>>> balance.sizes(10, ahead=True)
+[4, 6]
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ class Balance:
             raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
         self.smoothing = smoothing
         self._seconds_per_job: list[float | None] = [None] * processes
+        self._busy_s: float | None = None
 
     @property
     def seconds_per_job(self) -> tuple[float | None, ...]:
@@ -45,21 +55,36 @@ class Balance:
         """Process ``process`` did ``jobs`` jobs in ``seconds`` (no jobs: nothing learned)."""
         if jobs <= 0 or not seconds >= 0:
             return
-        latest = max(seconds, 1e-9) / jobs
-        before = self._seconds_per_job[process]
-        self._seconds_per_job[process] = (
-            latest if before is None else before + self.smoothing * (latest - before)
+        self._seconds_per_job[process] = self._smoothed(
+            self._seconds_per_job[process], max(seconds, 1e-9) / jobs
         )
 
-    def sizes(self, count: int) -> list[int] | None:
+    @property
+    def busy(self) -> float:
+        """The seconds the first process spent on other work before it trained its chunk of a
+        batch started ahead, lately (0 until one was)."""
+        return self._busy_s or 0.0
+
+    def observe_busy(self, seconds: float) -> None:
+        """The first process turned to its chunk of a batch started ahead ``seconds`` after
+        the batch started."""
+        if seconds >= 0:
+            self._busy_s = self._smoothed(self._busy_s, seconds)
+
+    def _smoothed(self, before: float | None, latest: float) -> float:
+        return latest if before is None else before + self.smoothing * (latest - before)
+
+    def sizes(self, count: int, *, ahead: bool = False) -> list[int] | None:
         """How many of ``count`` jobs each process gets, in proportion to its speed, at least
         one each while there are enough (so that each is timed again); None until every
-        process was timed (even chunks)."""
+        process was timed (even chunks). ``ahead``: the first process starts on its chunk
+        only after its other work (:attr:`busy`), and its chunk is sized so that it ends
+        with the others'."""
         timed = self._seconds_per_job
         if any(seconds is None for seconds in timed):
             return None
         speeds = [1.0 / seconds for seconds in timed if seconds is not None]
-        exact = [count * speed / sum(speeds) for speed in speeds]
+        exact = _shares(count, speeds, head_start=self.busy if ahead else 0.0)
         sizes = [int(share) for share in exact]
         # the jobs left by rounding down go to the largest remainders, the first of equal ones
         by_remainder = sorted(range(len(exact)), key=lambda i: sizes[i] - exact[i])
@@ -71,3 +96,15 @@ class Balance:
                     sizes[sizes.index(max(sizes))] -= 1
                     sizes[index] = 1
         return sizes
+
+
+def _shares(count: int, speeds: list[float], *, head_start: float) -> list[float]:
+    """``count`` jobs shared among processes of ``speeds`` (jobs a second) so that all end
+    together, the first starting ``head_start`` seconds late (none for it when the others end
+    first)."""
+    total = sum(speeds)
+    end = (count + head_start * speeds[0]) / total  # when all end, the first one included
+    if end > head_start or len(speeds) == 1:
+        return [max(0.0, end - head_start) * speeds[0], *(end * speed for speed in speeds[1:])]
+    others = total - speeds[0]
+    return [0.0, *(count * speed / others for speed in speeds[1:])]

@@ -4,6 +4,11 @@ An executor takes the global parameters and a batch of jobs and returns one
 outcome per job, in order. A client that raises is an outcome with an error,
 never a crash. Results do not depend on the executor: every job carries its
 own seed, so serial and parallel runs are bit-for-bit identical.
+
+A batch can be started before its outcomes are asked for (:meth:`Executor.start`): a pool
+hands its workers their chunks at once, and this process trains its own chunk when the
+outcomes are asked for. The simulator starts a round's batch while the round before it
+commits its records (:meth:`shoal.coordinator.run.Run.close_round`, ``ahead``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from shoal.client.api import Client, EvaluateConfig, FitConfig
 from shoal.client.handler import run_evaluate, run_fit
 from shoal.coordinator.selection import client_key
 from shoal.core.errors import RunError
-from shoal.core.later import Later, here
+from shoal.core.later import Later, Ready, here
 from shoal.core.parameters import Layout, Parameters, Vector
 from shoal.core.pickling import pickled_by_fields
 from shoal.forkserver import forkserver_context
@@ -97,7 +102,18 @@ class Executor(Protocol):
     :data:`~shoal.core.later.Offload`: in a worker the round leaves idle, or here); ``close``
     releases any workers."""
 
-    def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]: ...
+    def start(
+        self, parameters: Parameters, jobs: Sequence[Job], *, ahead: bool = False
+    ) -> Later[list[Outcome]]:
+        """Start a batch: the outcomes, in the jobs' order, come from the returned value's
+        ``result()``, which this process must ask for before it starts another batch.
+        ``ahead``: this process has other work to do before it asks (a pool then gives it a
+        smaller chunk of its own)."""
+        ...
+
+    def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
+        """A batch started and its outcomes taken at once."""
+        ...
 
     def later(self, function: Callable[..., T], /, *args: Any) -> Later[T]: ...
 
@@ -145,6 +161,12 @@ class SerialExecutor:
         self.factory = factory
         self._threads = ThreadsHeld(torch=True)
 
+    def start(
+        self, parameters: Parameters, jobs: Sequence[Job], *, ahead: bool = False
+    ) -> Later[list[Outcome]]:
+        del ahead  # one process: every job waits for whatever it does first
+        return _Deferred(lambda: self.run(parameters, jobs))
+
     def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
         return [run_job(self.factory, parameters, job) for job in jobs]
 
@@ -152,6 +174,21 @@ class SerialExecutor:
 
     def close(self) -> None:
         self._threads.release()
+
+
+class _Deferred(Generic[T]):
+    """A value made when it is first asked for (and kept)."""
+
+    __slots__ = ("_make", "_value")
+
+    def __init__(self, make: Callable[[], T]) -> None:
+        self._make: Callable[[], T] | None = make
+        self._value: T | None = None
+
+    def result(self) -> T:
+        if self._make is not None:
+            self._value, self._make = self._make(), None
+        return cast(T, self._value)
 
 
 def _limit_torch_threads() -> int | None:
@@ -452,6 +489,7 @@ class ProcessExecutor:
         self._start_workers(1)
         self._threads = ThreadsHeld(torch=False)
         self._next_side = itertools.count()  # side tasks go to the workers in turn
+        self._open = False  # a batch started, its outcomes not yet taken
 
     @property
     def worker_processes(self) -> int:
@@ -459,11 +497,17 @@ class ProcessExecutor:
         then as many as its largest batch had jobs for, up to ``workers - 1``."""
         return len(self._workers)
 
-    def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
+    def start(
+        self, parameters: Parameters, jobs: Sequence[Job], *, ahead: bool = False
+    ) -> Later[list[Outcome]]:
+        """Hand the workers their chunks now; this process trains its own when the outcomes
+        are asked for (``ahead``: sized for the time it was busy before asking, lately)."""
+        if self._open:
+            raise RunError("a batch is under way: take its outcomes before starting another")
         if not jobs:
-            return []
+            return Ready([])
         self._start_workers(min(self.workers, len(jobs)) - 1)  # this process takes a job too
-        sizes = self.balance.sizes(len(jobs))
+        sizes = self.balance.sizes(len(jobs), ahead=ahead)
         shares = len(self._workers) + 1
         mine, *theirs = split_by_worker(jobs, workers=shares, sizes=sizes)
         busy = []
@@ -472,7 +516,26 @@ class ProcessExecutor:
             if chunk:
                 worker.submit(parameters.vector, parameters.layout, chunk)
                 busy.append((index, worker, len(chunk)))
+        self._open = True
+        return _Deferred(lambda: self._finish(parameters, jobs, mine, busy, submitted, ahead))
+
+    def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
+        return self.start(parameters, jobs).result()
+
+    def _finish(
+        self,
+        parameters: Parameters,
+        jobs: Sequence[Job],
+        mine: Sequence[Job],
+        busy: Sequence[tuple[int, WorkerProcess, int]],
+        submitted: float,
+        ahead: bool,
+    ) -> list[Outcome]:
+        """This process's chunk trained, the workers' outcomes read: the batch's outcomes."""
+        self._open = False
         started = time.perf_counter()
+        if ahead:
+            self.balance.observe_busy(started - submitted)
         with _one_torch_thread():
             trained = [run_job(self.factory, parameters, job) for job in mine]
         self.balance.observe(0, jobs=len(mine), seconds=time.perf_counter() - started)

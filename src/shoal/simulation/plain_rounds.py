@@ -7,6 +7,10 @@ only for the results the coordinator will actually receive, batched over
 the executor's workers. The engine's fallback
 (:mod:`shoal.coordinator.fallback`) may ask replacements, which get
 attempts of their own from the moment they are asked, or move the deadline.
+
+A round is started (:meth:`PlainRoundPlayer.start`: its tasks' attempts planned, the batch its
+first result needs under way) before it is played (:meth:`PlainRoundPlayer.play`), so that
+its training can run while the round before commits its records.
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ from shoal.coordinator.events import (
     SendFitTask,
     UpdateReceived,
 )
-from shoal.coordinator.run import Run
+from shoal.coordinator.run import Ahead, Run
 from shoal.core.errors import RunError
+from shoal.core.later import Later
 from shoal.simulation.devices import Attempt
 from shoal.simulation.dropouts import DROPPED_REASON
-from shoal.simulation.executor import Executor, Outcome
+from shoal.simulation.executor import Executor, Job, Outcome
 from shoal.tasks import TRAIN_TIME_METRIC, Phase
 
 if TYPE_CHECKING:
@@ -87,11 +92,21 @@ class PlainRoundPlayer:
         self.uploads = 0
         self.reported_drops = 0
         self._order = itertools.count()
+        self._first: tuple[list[Job], Later[list[Outcome]]] | None = None
 
-    def play(self, actions: list[Action], now: float) -> dict[str, Any]:
-        """Carry out the round's first actions, then deliver everything until it closes."""
-        commit: CommitVersion | None = None
+    def start(self, actions: list[Action], now: float, *, ahead: bool = False) -> None:
+        """Carry out the round's first actions and start the batch of training its first
+        result needs (``ahead``: while this process commits the round before)."""
         self._carry_out(actions, now)
+        jobs = self._needed(None)
+        if jobs:
+            coordinator = self.simulation.coordinator
+            self._first = jobs, self.executor.start(coordinator.parameters, jobs, ahead=ahead)
+
+    def play(self, ahead: Ahead | None = None) -> dict[str, Any]:
+        """Deliver everything until the round closes; its row (``ahead`` is given to the
+        round's close, :meth:`shoal.coordinator.run.Run.close_round`)."""
+        commit: CommitVersion | None = None
         coordinator = self.simulation.coordinator
         while self.queue:
             delivery = heapq.heappop(self.queue)
@@ -115,7 +130,7 @@ class PlainRoundPlayer:
             commit = next((a for a in actions if isinstance(a, CommitVersion)), commit)
             closed = next((a.summary for a in actions if isinstance(a, RoundClosed)), None)
             if closed is not None:
-                return self._close(closed, commit)
+                return self._close(closed, commit, ahead)
             self._carry_out(actions, delivery.at)
         raise RunError(f"round {self.round} never closed")  # the deadline always closes it
 
@@ -141,26 +156,48 @@ class PlainRoundPlayer:
         heapq.heappush(self.queue, _Delivery(at, next(self._order), client_id, dropped))
 
     def _compute(self, delivery: _Delivery) -> None:
-        """Train the results that will be needed next (by the deadline), as one parallel batch."""
+        """Train the results that will be needed next (by the deadline), as one parallel
+        batch: the one started with the round, where it trained them (the first result's,
+        unless drops asked replacements that come first), and what it left out."""
+        jobs = self._needed(delivery)
+        if self._first is not None:
+            (_, batch), self._first = self._first, None
+            needed = {job.client_id for job in jobs}
+            for outcome in batch.result():
+                if outcome.client_id in needed:
+                    self.outcomes[outcome.client_id] = outcome
+            jobs = [job for job in jobs if job.client_id not in self.outcomes]
+            if not jobs:
+                return
+        for outcome in self.executor.run(self.simulation.coordinator.parameters, jobs):
+            self.outcomes[outcome.client_id] = outcome
+
+    def _needed(self, delivery: _Delivery | None) -> list[Job]:
+        """The jobs of the results needed next: those arriving by the deadline, first to
+        arrive first, as many as the round still needs; ``delivery`` is one taken from the
+        queue already."""
         answered = sum(1 for outcome in self.outcomes.values() if outcome.error is None)
         still_needed = max(1, self.simulation.settings.target(self.phase) - answered)
         waiting = sorted(
             d
-            for d in [delivery, *self.queue]
+            for d in ([*self.queue] if delivery is None else [delivery, *self.queue])
             if d.client_id
             and not d.dropped
             and d.client_id not in self.outcomes
             and d.at <= self.deadline
         )
         simulation = self.simulation
-        jobs = [
+        return [
             simulation.job_for(self.tasks[d.client_id], self.attempts[d.client_id])
             for d in waiting[:still_needed]
         ]
-        for outcome in self.executor.run(simulation.coordinator.parameters, jobs):
-            self.outcomes[outcome.client_id] = outcome
 
-    def _close(self, closed: RoundSummary, commit: CommitVersion | None) -> dict[str, Any]:
+    def _close(
+        self, closed: RoundSummary, commit: CommitVersion | None, ahead: Ahead | None
+    ) -> dict[str, Any]:
+        if self._first is not None:  # closed before its first result (drops aborted it)
+            (_, batch), self._first = self._first, None
+            batch.result()  # the executor's batch taken, its outcomes not the round's
         counted = set(closed.participants)
         if self.phase is Phase.FIT:
             self.simulation.record_level.add_all(
@@ -175,7 +212,7 @@ class PlainRoundPlayer:
             self.reported_drops,
             model=None if commit is None else commit.parameters,
         )
-        return self.lifecycle.close_round(closed, commit, fields)
+        return self.lifecycle.close_round(closed, commit, fields, ahead=ahead)
 
 
 def _result_event(outcome: Outcome, round_number: int, at: float, *, train_s: float) -> Event:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from shoal.core.errors import MissingExtraError
-from shoal.core.later import here
+from shoal.core.later import Later, Ready, here
 from shoal.core.parameters import Layout, Parameters, Vector
 from shoal.simulation.executor import (
     ClientFactory,
@@ -74,9 +74,14 @@ class RayExecutor:
         self._actors = [actor.remote(factory) for _ in range(workers)]
         self._threads = ThreadsHeld(torch=False)  # the actors' cores are theirs
 
-    def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
+    def start(
+        self, parameters: Parameters, jobs: Sequence[Job], *, ahead: bool = False
+    ) -> Later[list[Outcome]]:
+        """The actors get their chunks now (``ahead`` changes nothing: this process trains
+        none); the outcomes are waited for when asked."""
+        del ahead
         if not jobs:
-            return []
+            return Ready([])
         ray = self._ray
         vector = ray.put(parameters.vector)
         chunks = split_by_worker(jobs, workers=len(self._actors))
@@ -85,7 +90,10 @@ class RayExecutor:
             for actor, chunk in zip(self._actors, chunks, strict=True)
             if chunk
         ]
-        return in_job_order(jobs, ray.get(pending))
+        return _Gathered(ray, jobs, pending)
+
+    def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
+        return self.start(parameters, jobs).result()
 
     # here: what a Ray task beside the actors would save is not measured, so none is sent
     later = staticmethod(here)
@@ -98,3 +106,13 @@ class RayExecutor:
                 self._ray.shutdown()
         finally:
             self._threads.release()
+
+
+class _Gathered:
+    """The outcomes of the chunks Ray runs, in the jobs' order, once they are asked for."""
+
+    def __init__(self, ray: Any, jobs: Sequence[Job], pending: list[Any]) -> None:
+        self._ray, self._jobs, self._pending = ray, jobs, pending
+
+    def result(self) -> list[Outcome]:
+        return in_job_order(self._jobs, self._ray.get(self._pending))

@@ -10,6 +10,7 @@ the executor's workers. Nothing sleeps, and the same seed gives the same run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -32,7 +33,7 @@ from shoal.coordinator.events import (
     StartRound,
 )
 from shoal.coordinator.records import CONFIG_FILE, RunRecords
-from shoal.coordinator.run import EVALUATION_UPLOAD_BYTES, Run, RunParts
+from shoal.coordinator.run import EVALUATION_UPLOAD_BYTES, Ahead, Run, RunParts
 from shoal.coordinator.schedule import Play
 from shoal.coordinator.setup import (
     policy_from_config,
@@ -71,6 +72,9 @@ from shoal.simulation.secure_rounds import (
 from shoal.tasks import Phase
 
 RoundCallback = Callable[[dict[str, Any]], None]
+StartedRound = Callable[[Ahead | None], dict[str, Any]]
+"""A round started (:meth:`Simulation.start_round`): called, it plays the rest and returns its
+metrics row; its close calls the :data:`~shoal.coordinator.run.Ahead` given, if any."""
 
 log = logging.getLogger("shoal.simulation")
 
@@ -180,14 +184,10 @@ class Simulation:
             self._enroll_fleet(lifecycle, records.clients, at=lifecycle.virtual_start)
             self._replay_drains(records.rows())
             records.start_tracking(self.config)
-            now = lifecycle.virtual_start
             with self._executor() as executor:
-                for play in lifecycle.plays():
-                    listed = candidates(lifecycle, self.fleet, play, at=now)
-                    admission = lifecycle.admit(play, listed)
-                    if admission.stop is not None:
-                        break  # the privacy budget: training stops
-                    row = self._play(lifecycle, executor, play, admission.candidates, now)
+                plays = _Plays(self, lifecycle, executor)
+                for started_round in plays.rounds():
+                    row = started_round(plays.ahead)
                     row["wall_time_s"] = round(
                         lifecycle.wall_offset + time.perf_counter() - started, 6
                     )
@@ -196,7 +196,7 @@ class Simulation:
                     self.model_bytes = lifecycle.model_bytes  # a split model weighs k times more
                     if on_round is not None:
                         on_round(row)
-                    now = row["virtual_time_s"]
+                    plays.now = row["virtual_time_s"]
             attacked = self.attack_metrics
             summary = lifecycle.finish(
                 {
@@ -282,15 +282,19 @@ class Simulation:
 
     # --- one round ------------------------------------------------------------------------
 
-    def _play(
+    def start_round(
         self,
         lifecycle: Run,
         executor: Executor,
         play: Play,
         candidates: tuple[str, ...],
         now: float,
-    ) -> dict[str, Any]:
-        """Run one round in virtual time; returns its metrics row (without wall time).
+        *,
+        ahead: bool = False,
+    ) -> StartedRound:
+        """Start one round in virtual time: its cohort drawn, its first batch of training
+        under way (``ahead``: while this process commits the round before). The round
+        returned plays the rest and gives its metrics row (without wall time).
 
         Too few ``candidates`` are no reason to wait here: the engine aborts the round.
         """
@@ -302,13 +306,18 @@ class Simulation:
         )
         closed = _closed(actions)
         if closed is not None:
-            return lifecycle.close_round(closed, None, self.shell_fields(closed, {}, 0))
+            fields = self.shell_fields(closed, {}, 0)
+            return lambda _: lifecycle.close_round(closed, None, fields)
         if phase is Phase.FIT and self.coordinator.secure is not None:
             self.enroll_cohort(
                 (a.client_id for a in actions if isinstance(a, SendFitTask | SendEvaluateTask)), now
             )
-            return self._play_secure(lifecycle, executor, round_number, actions, now)
-        return PlainRoundPlayer(self, lifecycle, executor, round_number, phase).play(actions, now)
+            return functools.partial(
+                self._play_secure, lifecycle, executor, round_number, actions, now
+            )
+        player = PlainRoundPlayer(self, lifecycle, executor, round_number, phase)
+        player.start(actions, now, ahead=ahead)
+        return player.play
 
     def _play_secure(
         self,
@@ -317,6 +326,7 @@ class Simulation:
         round_number: int,
         actions: list[Action],
         now: float,
+        ahead: Ahead | None,
     ) -> dict[str, Any]:
         player = SecureRoundPlayer(self, executor, round_number)
         summary, commit = player.play(actions, now)
@@ -331,7 +341,7 @@ class Simulation:
             ),
             **secure_row_fields(summary, traffic),
         }
-        return lifecycle.close_round(summary, commit, fields)
+        return lifecycle.close_round(summary, commit, fields, ahead=ahead)
 
     def plan_attempt(
         self, task: SendFitTask | SendEvaluateTask, now: float, deadline: float
@@ -453,6 +463,70 @@ class Simulation:
                 "devices": {client: amount for client, amount in drained.items() if amount > 0},
             }
         }
+
+
+class _Plays:
+    """The run's rounds, each started before it is played: the next one while the round
+    before commits its version, where the run layer calls for that (:meth:`ahead`), else once
+    the round before is recorded.
+
+    An error of a start made ahead is raised once the round before is recorded: what that
+    round committed stays committed.
+    """
+
+    def __init__(self, simulation: Simulation, lifecycle: Run, executor: Executor) -> None:
+        self.simulation = simulation
+        self.lifecycle = lifecycle
+        self.executor = executor
+        self.now = lifecycle.virtual_start  # when the last round closed, in virtual time
+        self._schedule = lifecycle.plays()
+        self._taken: Play | None = None  # taken from the schedule ahead, not started
+        self._next: StartedRound | None = None  # started ahead
+        self._failed: Exception | None = None  # the start made ahead failed
+        self._stopped = False  # the privacy budget refused a round: training stops
+
+    def rounds(self) -> Iterator[StartedRound]:
+        """Each round of the run, started."""
+        while True:
+            if self._failed is not None:
+                raise self._failed
+            started, self._next = self._next, None
+            if started is None and not self._stopped:
+                play = self._take()
+                started = None if play is None else self._start(play, at=self.now, ahead=False)
+            if started is None:
+                return
+            yield started
+
+    def ahead(self, row: dict[str, Any]) -> None:
+        """Start the next round now (the run layer calls this while the round before,
+        whose ``row`` this is, commits its version). A secure round gains nothing from it:
+        it is taken from the schedule and started once the round before is recorded."""
+        try:
+            play = self._take()
+            if play is None:
+                return
+            if play.phase is Phase.FIT and self.simulation.coordinator.secure is not None:
+                self._taken = play
+                return
+            self.simulation.model_bytes = self.lifecycle.model_bytes  # a split's, already
+            self._next = self._start(play, at=row["virtual_time_s"], ahead=True)
+        except Exception as exc:  # raised after the round before is recorded
+            self._failed = exc
+
+    def _take(self) -> Play | None:
+        play, self._taken = self._taken, None
+        return next(self._schedule, None) if play is None else play
+
+    def _start(self, play: Play, *, at: float, ahead: bool) -> StartedRound | None:
+        listed = candidates(self.lifecycle, self.simulation.fleet, play, at=at)
+        admission = self.lifecycle.admit(play, listed)
+        if admission.stop is not None:
+            self._stopped = True  # the privacy budget: training stops
+            return None
+        return self.simulation.start_round(
+            self.lifecycle, self.executor, play, admission.candidates, at, ahead=ahead
+        )
 
 
 def _closed(actions: Sequence[Action]) -> RoundSummary | None:

@@ -1,0 +1,166 @@
+"""The next round started while the round before commits (``ahead`` of ``Run.close_round``):
+its training runs in the pool meanwhile, but nothing of it reaches the engine before the
+commit, nothing of it is recorded when the commit fails, and what the round before committed
+stays committed when the start fails."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import shoal
+from shoal.config import Config, load_config
+from shoal.coordinator.app import ServerApp
+from shoal.coordinator.engine import Coordinator
+from shoal.coordinator.events import Event, UpdateReceived
+from shoal.coordinator.records import RunRecords
+from shoal.core.errors import RegistryError, RunError
+from shoal.simulation.executor import ProcessExecutor
+from shoal.simulation.runner import MODEL_NAME, Simulation, open_run_models
+from support.jobs import bare_config
+
+ROUNDS = 4
+
+
+def job(*overrides: str) -> Config:
+    return bare_config(
+        [
+            f"run.rounds={ROUNDS}",
+            "data.num_clients=20",
+            "round.clients_per_round=5",
+            "round.deadline_s=600",
+            "evaluation.every=0",
+            "simulation.workers=2",
+            *overrides,
+        ]
+    )
+
+
+@pytest.fixture
+def timeline(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """What happened, in order: ("started ahead", round) for each batch a pool started ahead,
+    ("update", round) for each update the engine received, ("committed", round) for each
+    version committed (its transaction ended)."""
+    events: list[tuple[str, int]] = []
+    start, handle, commit = ProcessExecutor.start, Coordinator.handle, RunRecords.commit
+
+    def starting(self: ProcessExecutor, parameters: Any, jobs: Any, *, ahead: bool = False) -> Any:
+        if ahead:
+            events.append(("started ahead", jobs[0].config.round))
+        return start(self, parameters, jobs, ahead=ahead)
+
+    def handling(self: Coordinator, event: Event) -> Any:
+        if isinstance(event, UpdateReceived):
+            events.append(("update", event.round))
+        return handle(self, event)
+
+    def committing(self: RunRecords, *args: Any, round_number: int, **kwargs: Any) -> Any:
+        record = commit(self, *args, round_number=round_number, **kwargs)
+        with self.transaction():
+            pass  # joined: the round's transaction; this marks where its statements end
+        events.append(("committed", round_number))
+        return record
+
+    monkeypatch.setattr(ProcessExecutor, "start", starting)
+    monkeypatch.setattr(Coordinator, "handle", handling)
+    monkeypatch.setattr(RunRecords, "commit", committing)
+    return events
+
+
+def metrics_rounds(folder: Path) -> list[int]:
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["round"] for line in lines]
+
+
+def committed_rounds(folder: Path) -> list[int]:
+    models = open_run_models(folder)
+    try:
+        return [record.round for record in models.list(MODEL_NAME)]
+    finally:
+        models.database.close()
+
+
+def test_the_next_round_trains_while_the_version_commits_and_is_received_after(
+    tmp_path: Path, timeline: list[tuple[str, int]]
+) -> None:
+    Simulation(job(), tmp_path / "run").run()
+    ahead = [number for what, number in timeline if what == "started ahead"]
+    assert ahead == list(range(2, ROUNDS + 1))  # every round after the first
+    for number in range(2, ROUNDS + 1):
+        started = timeline.index(("started ahead", number))
+        committed = timeline.index(("committed", number - 1))
+        first_update = timeline.index(("update", number))
+        assert started < committed < first_update  # trained meanwhile, received after
+
+
+def test_a_commit_that_fails_records_nothing_of_the_round_started_ahead(
+    tmp_path: Path, timeline: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commit = RunRecords.commit  # the timeline's
+
+    def failing(self: RunRecords, *args: Any, round_number: int, **kwargs: Any) -> Any:
+        if round_number == 2:
+            raise RegistryError("the disk is full")
+        return commit(self, *args, round_number=round_number, **kwargs)
+
+    monkeypatch.setattr(RunRecords, "commit", failing)
+    with pytest.raises(RegistryError, match="the disk is full"):
+        Simulation(job(), tmp_path / "run").run()
+    assert ("started ahead", 3) in timeline  # round 3 trained while round 2 failed to commit
+    assert ("update", 3) not in timeline  # and none of it reached the engine
+    assert metrics_rounds(tmp_path / "run") == [1]
+    assert committed_rounds(tmp_path / "run") == [0, 1]
+
+
+def test_a_round_that_cannot_start_leaves_the_round_before_committed(tmp_path: Path) -> None:
+    """The next round's start fails while the round before commits: that round commits, is
+    recorded, and then the run stops on the start's error."""
+
+    def fit_config(round_number: int) -> dict[str, Any]:
+        if round_number == 3:
+            raise ValueError("no schedule past round 2")
+        return {"learning_rate": 0.1}
+
+    with pytest.raises(RunError, match="fit config failed in round 3: no schedule past round 2"):
+        shoal.simulate(job(), server_app=ServerApp(fit_config=fit_config), out=tmp_path / "run")
+    assert metrics_rounds(tmp_path / "run") == [1, 2]
+    assert committed_rounds(tmp_path / "run") == [0, 1, 2]
+
+
+def test_a_round_aborted_before_its_first_result_gives_its_batch_back(tmp_path: Path) -> None:
+    """Round 2 aborts on its drops before any result arrives, its batch started (and trained)
+    all the same: the pool takes that batch's outcomes, and the rounds after it go on."""
+    config = job(
+        "round.drop_fallback='abort'",
+        "devices.classes=[{name='slow', share=1.0, examples_per_second=10.0}]",
+        "devices.dropout_waves=[{round=2, dropout=0.6}]",
+    )
+    Simulation(config, tmp_path / "run").run()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [(row["round"], row["committed"]) for row in rows] == [
+        (1, True),
+        (2, False),
+        (3, True),
+        (4, True),
+    ]
+    assert rows[1]["reported"] == 0
+
+
+def test_the_round_after_a_version_the_playbook_rolls_back_starts_after_the_rollback(
+    tmp_path: Path, timeline: list[tuple[str, int]]
+) -> None:
+    """The playbook's BAD verdict rolls HEAD back and suspends clients as its round closes:
+    the round after it is not started ahead (the engine, mid-round, could not be restored)."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "poisoning.toml"
+    config = load_config(example, ["run.rounds=22", "simulation.workers=2"])
+    Simulation(config, tmp_path / "run").run()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    bad = [row["round"] for row in rows if (row.get("playbook") or {}).get("verdict") == "bad"]
+    assert bad and rows[-1]["round"] == 22
+    started_ahead = {number for what, number in timeline if what == "started ahead"}
+    assert started_ahead and all(number + 1 not in started_ahead for number in bad)
