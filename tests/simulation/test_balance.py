@@ -55,11 +55,10 @@ def test_a_batch_started_ahead_leaves_this_process_what_it_can_do_after_its_othe
     balance.observe_busy(0.004)
     assert balance.sizes(10) == [5, 5]  # a batch asked for at once
     assert balance.sizes(10, ahead=True) == [3, 7]  # 4 ms, then 3 jobs; the worker's 7
-    balance.observe_busy(0.050)  # busy longer than the worker's whole batch
-    # smoothed, 0.3 of the way to 50 ms: busy 17.8 ms, then 41 jobs; the worker's 59
-    assert balance.sizes(100, ahead=True) == [41, 59]
-    for _ in range(20):
-        balance.observe_busy(0.050)
+    balance.observe_busy(0.500)  # one long pause (a caller's callback): not the next round's
+    assert balance.sizes(10, ahead=True) == [3, 7]
+    for _ in range(2):
+        balance.observe_busy(0.050)  # busy longer than the worker's whole batch, lately
     assert balance.sizes(10, ahead=True) == [1, 9]  # one still, to be timed again
     assert balance.sizes(1, ahead=True) == [0, 1]
 

@@ -13,7 +13,10 @@ taken as the round closes, and are held until the run writes the round's
 records (:meth:`~shoal.coordinator.run.Run.close_round` writes them first
 inside its transaction): the version the updates built and the decisions it
 was built on commit together, or neither does (a round that rolls back is
-decided again when it is played again), in one transaction instead of two.
+decided again when it is played again), in one transaction instead of two. The
+decisions become the log's records (each client under its round's pseudonym, the
+facts encoded) only there, off the path between the round's last result and its
+commit.
 A sealed update's decision is taken mid-round, when its client's first message
 arrives, and is written at once (with anything still held).
 
@@ -31,7 +34,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 from shoal.config import VersionsSection
 from shoal.coordinator.eligibility import requirements_of
@@ -118,28 +121,15 @@ def relative_norms(norms: Sequence[float]) -> list[float | None]:
     return [norm / median for norm in norms]
 
 
-Held = tuple[list[DecisionRecord], datetime]
-"""A batch of decisions held to be written, with the time they were taken."""
-
-
 @dataclass(frozen=True, slots=True)
-class _Entry:
-    """A decision's log entry before its verdict (see :meth:`RunPolicy.decide`)."""
+class Held:
+    """A batch of a round's decisions held to be written, with the time they were taken; its
+    log records are made when it is written (:meth:`RunPolicy.write`), in the round's
+    transaction, which a simulation's next round trains beside."""
 
-    client_id: str  # as the log names it
-    facts: dict[str, Any]
-    facts_json: str
-
-    def judged(self, decision: Decision, *, run_id: str, round_number: int) -> DecisionRecord:
-        return DecisionRecord(
-            run_id=run_id,
-            round=round_number,
-            client_id=self.client_id,
-            allowed=decision.allowed,
-            reasons=tuple((reason.code, reason.detail) for reason in decision.reasons),
-            facts=self.facts,
-            facts_json=self.facts_json,
-        )
+    round: int
+    decisions: list[Decision]
+    decided_at: datetime
 
 
 class RunPolicy:
@@ -176,8 +166,9 @@ class RunPolicy:
     def write(self, held: Sequence[Held]) -> None:
         """Write ``held`` to the decision log, a statement per batch, each with its time;
         inside the caller's write transaction, a part of it."""
-        for records, decided_at in held:
-            self.log.record(records, now=decided_at)
+        for batch in held:
+            records = [self._record(decision, batch.round) for decision in batch.decisions]
+            self.log.record(records, now=batch.decided_at)
 
     def decide(
         self,
@@ -205,24 +196,8 @@ class RunPolicy:
             )
             for submission in submissions
         ]
-        entries: list[_Entry] = []
-        beside = None
-        if meanwhile is not None:  # the log's side of each decision, made beside the query too
-
-            def beside() -> None:
-                try:
-                    meanwhile()
-                finally:
-                    entries[:] = [self._entry(facts, round_number) for facts in batch]
-
-        decisions = self.engine.decide(round_number, batch, meanwhile=beside)
-        if not entries:
-            entries = [self._entry(facts, round_number) for facts in batch]
-        records = [
-            entry.judged(decision, run_id=self.run_id, round_number=round_number)
-            for entry, decision in zip(entries, decisions, strict=True)
-        ]
-        self._held.append((records, utc_now()))
+        decisions = self.engine.decide(round_number, batch, meanwhile=meanwhile)
+        self._held.append(Held(round_number, decisions, utc_now()))
         if any(submission.sealed for submission in submissions):  # mid-round: at once
             self.write(self.take_held())
         for decision in decisions:
@@ -236,15 +211,23 @@ class RunPolicy:
                 )
         return decisions
 
-    def _entry(self, facts: UpdateFacts, round_number: int) -> _Entry:
-        """An update's decision as the log keeps it, but for the verdict: the client under its
-        round's pseudonym, the facts encoded."""
-        record = facts.as_record()
-        name = facts.client_id
+    def _record(self, decision: Decision, round_number: int) -> DecisionRecord:
+        """A decision as the log keeps it: the client under its round's pseudonym, the facts
+        encoded."""
+        facts = decision.facts.as_record()
+        name = decision.facts.client_id
         if self.names is not None:
-            name = self.names.of(facts.client_id, round_number=round_number)
-            record["client_id"] = name
-        return _Entry(name, record, facts_json(record))
+            name = self.names.of(name, round_number=round_number)
+            facts["client_id"] = name
+        return DecisionRecord(
+            run_id=self.run_id,
+            round=round_number,
+            client_id=name,
+            allowed=decision.allowed,
+            reasons=tuple((reason.code, reason.detail) for reason in decision.reasons),
+            facts=facts,
+            facts_json=facts_json(facts),
+        )
 
     def _facts(
         self,

@@ -20,7 +20,9 @@ True
 A batch started ahead (:meth:`shoal.simulation.executor.ProcessExecutor.start`) finds the first
 process, the coordinator's, busy with other work for a while before it trains its chunk (the
 last round's records, committing): its chunk is then sized to end with the others', counting
-that head start (the time it was busy lately, :meth:`Balance.observe_busy`).
+that head start (the median of the last :data:`BUSY_WINDOW` times it was busy,
+:meth:`Balance.observe_busy`: one long pause, such as a caller that waited in its
+``on_round`` callback, says nothing of the next round's commit).
 
 >>> balance.observe_busy(0.012)  # busy 12 ms, then 4 jobs of 2 ms; the other 6 of 3 ms
 >>> balance.sizes(10, ahead=True)
@@ -29,10 +31,15 @@ that head start (the time it was busy lately, :meth:`Balance.observe_busy`).
 
 from __future__ import annotations
 
+import collections
+import statistics
+
 SMOOTHING = 0.3
 """The weight of a chunk's timing against the ones before it: one slow chunk (the machine busy
 for a moment) moves the shares a little, a process that stays slower moves them within a few
 batches."""
+BUSY_WINDOW = 5
+"""How many of the first process's latest busy times its head start is the median of."""
 
 
 class Balance:
@@ -45,7 +52,7 @@ class Balance:
             raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
         self.smoothing = smoothing
         self._seconds_per_job: list[float | None] = [None] * processes
-        self._busy_s: float | None = None
+        self._busy_s: collections.deque[float] = collections.deque(maxlen=BUSY_WINDOW)
 
     @property
     def seconds_per_job(self) -> tuple[float | None, ...]:
@@ -55,24 +62,24 @@ class Balance:
         """Process ``process`` did ``jobs`` jobs in ``seconds`` (no jobs: nothing learned)."""
         if jobs <= 0 or not seconds >= 0:
             return
-        self._seconds_per_job[process] = self._smoothed(
-            self._seconds_per_job[process], max(seconds, 1e-9) / jobs
+        latest = max(seconds, 1e-9) / jobs
+        before = self._seconds_per_job[process]
+        self._seconds_per_job[process] = (
+            latest if before is None else before + self.smoothing * (latest - before)
         )
 
     @property
     def busy(self) -> float:
-        """The seconds the first process spent on other work before it trained its chunk of a
-        batch started ahead, lately (0 until one was)."""
-        return self._busy_s or 0.0
+        """The seconds the first process spends on other work before it trains its chunk of a
+        batch started ahead: the median of its latest (the lower of the two middle ones; 0
+        until one was started)."""
+        return statistics.median_low(self._busy_s) if self._busy_s else 0.0
 
     def observe_busy(self, seconds: float) -> None:
         """The first process turned to its chunk of a batch started ahead ``seconds`` after
         the batch started."""
         if seconds >= 0:
-            self._busy_s = self._smoothed(self._busy_s, seconds)
-
-    def _smoothed(self, before: float | None, latest: float) -> float:
-        return latest if before is None else before + self.smoothing * (latest - before)
+            self._busy_s.append(seconds)
 
     def sizes(self, count: int, *, ahead: bool = False) -> list[int] | None:
         """How many of ``count`` jobs each process gets, in proportion to its speed, at least
