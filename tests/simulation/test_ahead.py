@@ -12,12 +12,15 @@ from typing import Any
 import pytest
 
 import shoal
-from shoal.config import Config, load_config
+from shoal.config import Config, load_config, parse_config
 from shoal.coordinator.app import ServerApp
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import Event, UpdateReceived
 from shoal.coordinator.records import RunRecords
 from shoal.core.errors import RegistryError, RunError
+from shoal.registry.audit import AuditLog
+from shoal.registry.privacy import PrivacyLedger
+from shoal.simulation import executor
 from shoal.simulation.executor import ProcessExecutor
 from shoal.simulation.runner import MODEL_NAME, Simulation, open_run_models
 from support.jobs import bare_config
@@ -164,3 +167,133 @@ def test_the_round_after_a_version_the_playbook_rolls_back_starts_after_the_roll
     assert bad and rows[-1]["round"] == 22
     started_ahead = {number for what, number in timeline if what == "started ahead"}
     assert started_ahead and all(number + 1 not in started_ahead for number in bad)
+
+
+def audit_entries(folder: Path) -> list[tuple[str, str]]:
+    models = open_run_models(folder)
+    try:
+        return [(entry.kind, entry.subject) for entry in AuditLog(models.database).entries()]
+    finally:
+        models.database.close()
+
+
+def cross_device(*overrides: str) -> Config:
+    """A fleet larger than a round examines: each cohort is enrolled when first asked."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "cross-device-eligibility.toml"
+    return load_config(
+        example,
+        [
+            "round.clients_per_round=10",
+            "evaluation.every=0",
+            "simulation.workers=2",
+            *overrides,
+        ],
+    )
+
+
+def test_a_cohort_started_ahead_is_enrolled_after_the_round_before_commits(
+    tmp_path: Path, timeline: list[tuple[str, int]]
+) -> None:
+    Simulation(cross_device("run.rounds=3"), tmp_path / "run").run()
+    entries = audit_entries(tmp_path / "run")
+    enrolled = [index for index, (kind, _) in enumerate(entries) if kind == "enroll"]
+    assert len(enrolled) == 3 and ("started ahead", 3) in timeline
+    for number, at in enumerate(enrolled[1:], 2):  # each after its round before's commit
+        assert entries.index(("commit", f"{MODEL_NAME}@v{number - 1}")) < at
+
+
+def test_a_failed_commit_leaves_the_next_cohort_unenrolled(
+    tmp_path: Path, timeline: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commit = RunRecords.commit  # the timeline's
+
+    def failing(self: RunRecords, *args: Any, round_number: int, **kwargs: Any) -> Any:
+        if round_number == 2:
+            raise RegistryError("the disk is full")
+        return commit(self, *args, round_number=round_number, **kwargs)
+
+    monkeypatch.setattr(RunRecords, "commit", failing)
+    with pytest.raises(RegistryError, match="the disk is full"):
+        Simulation(cross_device("run.rounds=4"), tmp_path / "run").run()
+    assert ("started ahead", 3) in timeline
+    kinds = [kind for kind, _ in audit_entries(tmp_path / "run")]
+    assert kinds.count("enroll") == 2  # rounds 1 and 2: round 3's cohort never was
+
+
+def dp_job() -> Config:
+    """Central DP whose budget refuses a round before the sixth; its noise seeded, so that
+    every run of it is the same run."""
+    return parse_config(
+        {
+            "run": {"rounds": 6, "seed": 1},
+            "data": {"num_clients": 60},
+            "round": {"clients_per_round": 10, "deadline_s": 600},
+            "evaluation": {"every": 0},
+            "simulation": {"workers": 2},
+            "privacy": {
+                "placement": "central",
+                "noise_multiplier": 1.0,
+                "epsilon": 2.5,
+                "secure_noise": False,
+            },
+        }
+    )
+
+
+def privacy_lock(folder: Path, run_id: str) -> str | None:
+    models = open_run_models(folder)
+    try:
+        return PrivacyLedger(models.database).locked(run_id)
+    finally:
+        models.database.close()
+
+
+@pytest.mark.filterwarnings("ignore::shoal.privacy.noise.InsecureNoiseWarning")
+def test_the_budget_refuses_a_round_only_after_the_round_before_commits(
+    tmp_path: Path, timeline: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Asked ahead, a round the budget would refuse is neither started nor refused: the
+    refusal (which locks the data and alerts) follows the round before's commit, and none
+    comes where that commit fails."""
+    config = dp_job()
+    Simulation(config, tmp_path / "whole").run()
+    *_, last = metrics_rounds(tmp_path / "whole")
+    assert 2 < last < 6 and metrics_rounds(tmp_path / "whole") == list(range(1, last + 1))
+    assert (lock := privacy_lock(tmp_path / "whole", config.run.name))
+    assert f"round {last + 1} would spend" in lock
+    assert ("started ahead", last) in timeline and ("started ahead", last + 1) not in timeline
+
+    commit = RunRecords.commit
+
+    def failing(self: RunRecords, *args: Any, round_number: int, **kwargs: Any) -> Any:
+        if round_number == last:
+            raise RegistryError("the disk is full")
+        return commit(self, *args, round_number=round_number, **kwargs)
+
+    monkeypatch.setattr(RunRecords, "commit", failing)
+    with pytest.raises(RegistryError, match="the disk is full"):
+        Simulation(config, tmp_path / "failed").run()
+    assert privacy_lock(tmp_path / "failed", config.run.name) is None
+
+
+def test_an_aborted_round_trains_nothing_more_for_its_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round that aborts before its first result drops its batch: this process trains
+    none of it (the workers' replies are read and thrown away)."""
+    trained: list[int] = []
+    run_job = executor.run_job
+
+    def counting(factory: Any, parameters: Any, job: Any) -> Any:
+        trained.append(job.config.round)
+        return run_job(factory, parameters, job)
+
+    monkeypatch.setattr(executor, "run_job", counting)
+    config = job(
+        "simulation.workers=0",
+        "round.drop_fallback='abort'",
+        "devices.classes=[{name='slow', share=1.0, examples_per_second=10.0}]",
+        "devices.dropout_waves=[{round=2, dropout=0.6}]",
+    )
+    Simulation(config, tmp_path / "run").run()
+    assert 2 not in trained and {1, 3, 4} <= set(trained)

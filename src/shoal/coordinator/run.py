@@ -229,13 +229,16 @@ class Admission:
     ``wait``: too few to start (the live shell waits for more; the simulator
     plays the round, which the engine aborts); ``short``: with ``wait``, how many
     more eligible clients it needs (1 where any newcomer may change the answer);
-    ``stop``: training stops.
+    ``stop``: training stops; ``later``: asked ahead, while the round before commits, and
+    only answered once it has (the privacy budget would refuse the round, and that refusal,
+    which locks the data, must follow the round before's records).
     """
 
     candidates: tuple[str, ...]
     wait: str | None = None
     stop: str | None = None
     short: int = 1
+    later: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -717,13 +720,15 @@ class Run:
             self._screened = {"excluded": screening.excluded, "examined": len(facts)}
         return screening.eligible
 
-    def admit(self, play: Play, listed: Iterable[str]) -> Admission:
+    def admit(self, play: Play, listed: Iterable[str], *, ahead: bool = False) -> Admission:
         """Whether ``play`` may start with the clients the shell ``listed`` as eligible.
 
         Under DP they are a fit round's whole eligible population: its size
         sets the sampling rate the round is accounted at (and, in the first
         round, delta and the noise), so a round with fewer than the quorum
         waits rather than account a population it cannot establish.
+        ``ahead``: asked while the round before commits (:meth:`close_round`); a round the
+        privacy budget would refuse is answered ``later``, once it has.
         """
         candidates = self.eligible(listed)
         needed = self.parts.settings.quorum_count(play.phase)
@@ -736,6 +741,8 @@ class Run:
             return Admission(candidates, wait=wait + purpose, short=needed - len(candidates))
         reason = None
         if privacy is not None:
+            if ahead and privacy.refuses(population=len(candidates)):
+                return Admission(candidates, later=True)
             reason = privacy.before_round(play.round, population=len(candidates))
         if reason is not None and self._stop(play.round, reason):
             return Admission(candidates, stop=reason)

@@ -233,6 +233,27 @@ class PrivacyBudgetKeeper:
     def locked(self) -> str | None:
         return self.ledger.locked(self.run_id)
 
+    def refuses(self, *, population: int | None = None) -> bool:
+        """Whether :meth:`before_round` would refuse the next round now (the data locked, or
+        the budget overspent); nothing is recorded, nothing locked."""
+        if self.ledger.locked(self.run_id) is not None:
+            return True
+        budget = self.plan.budget
+        return budget is not None and self._epsilon_after(self.plan.step(population)) > budget
+
+    def _epsilon_after(self, step: Step) -> float:
+        """The run's epsilon once a round of ``step`` is spent (inf without a budget: not
+        computed)."""
+        if self.plan.budget is None:
+            return math.inf
+        return self.accountant.epsilon_after(
+            delta=self.plan.delta,
+            noise_multiplier=self.plan.noise_multiplier,
+            sampling_rate=step.sampling_rate,
+            sample_size=step.sample_size,
+            population=step.population,
+        )
+
     def before_round(self, round_number: int, *, population: int | None = None) -> str | None:
         """None if the round may run; else why not (the run is then locked, with that reason).
 
@@ -243,16 +264,8 @@ class PrivacyBudgetKeeper:
         if locked is not None:
             return locked
         step = self._steps[round_number] = self.plan.step(population)
-        if self.plan.budget is None:
-            return None
-        after = self.accountant.epsilon_after(
-            delta=self.plan.delta,
-            noise_multiplier=self.plan.noise_multiplier,
-            sampling_rate=step.sampling_rate,
-            sample_size=step.sample_size,
-            population=step.population,
-        )
-        if after <= self.plan.budget:
+        after = self._epsilon_after(step)
+        if self.plan.budget is None or after <= self.plan.budget:
             return None
         reason = (
             f"round {round_number} would spend epsilon {after:.4g} of a budget of "

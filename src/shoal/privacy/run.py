@@ -175,6 +175,11 @@ class RunPrivacy:
         self.locked_reason = None if budget is None else budget.lock_reason
         return self.locked_reason
 
+    def refuses(self, *, population: int) -> bool:
+        """Whether :meth:`before_round` would refuse the next fit round now, or cannot tell yet
+        (no round planned the run's privacy); nothing is recorded, nothing locked."""
+        return self._keeper is None or self._keeper.refuses(population=population)
+
     def before_round(self, round_number: int, *, population: int) -> str | None:
         """None if the fit round may run with a cohort drawn from ``population``; else why not.
 

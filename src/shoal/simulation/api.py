@@ -10,6 +10,12 @@ for the embedded default job of ``shoal simulate`` (the same defaults); with
 ``resume=True`` and an ``out`` folder, None is the run's own job, as for
 ``shoal simulate --resume`` (``rounds`` may change). A run goes on only with
 the app its versions were made by: apps given as objects are given again.
+
+``on_round`` gets each round's metrics row once it is recorded. By then the next round
+may have started (its config asked of the server app, its cohort drawn, its training
+under way while the round's version committed): a row is for watching the run. To steer
+the next round, use the server app, whose ``fit_config``, ``fit_metrics`` and ``evaluate``
+run before it starts.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from shoal.client.api import Client, EvaluateConfig, FitConfig
 from shoal.client.handler import run_evaluate, run_fit
 from shoal.coordinator.selection import client_key
 from shoal.core.errors import RunError
-from shoal.core.later import Later, Ready, here
+from shoal.core.later import Later, here
 from shoal.core.parameters import Layout, Parameters, Vector
 from shoal.core.pickling import pickled_by_fields
 from shoal.forkserver import forkserver_context
@@ -97,18 +97,28 @@ def run_job(factory: ClientFactory, parameters: Parameters, job: Job) -> Outcome
         return Outcome(job.client_id, error=detail)
 
 
+class Batch(Protocol):
+    """A batch of jobs under way (:meth:`Executor.start`)."""
+
+    def result(self) -> list[Outcome]:
+        """The outcomes, in the jobs' order (this process trains its own share now)."""
+        ...
+
+    def drop(self) -> None:
+        """The outcomes are not needed: nothing more is trained for them here, and what
+        the workers send back is read and thrown away."""
+        ...
+
+
 class Executor(Protocol):
     """Runs batches of jobs; ``later`` runs the coordinator's side work (an
     :data:`~shoal.core.later.Offload`: in a worker the round leaves idle, or here); ``close``
     releases any workers."""
 
-    def start(
-        self, parameters: Parameters, jobs: Sequence[Job], *, ahead: bool = False
-    ) -> Later[list[Outcome]]:
-        """Start a batch: the outcomes, in the jobs' order, come from the returned value's
-        ``result()``, which this process must ask for before it starts another batch.
-        ``ahead``: this process has other work to do before it asks (a pool then gives it a
-        smaller chunk of its own)."""
+    def start(self, parameters: Parameters, jobs: Sequence[Job], *, ahead: bool = False) -> Batch:
+        """Start a batch: the outcomes come from the returned batch, which this process
+        must take (or drop) before it starts another. ``ahead``: this process has other work
+        to do before it asks (a pool then gives it a smaller chunk of its own)."""
         ...
 
     def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
@@ -161,9 +171,7 @@ class SerialExecutor:
         self.factory = factory
         self._threads = ThreadsHeld(torch=True)
 
-    def start(
-        self, parameters: Parameters, jobs: Sequence[Job], *, ahead: bool = False
-    ) -> Later[list[Outcome]]:
+    def start(self, parameters: Parameters, jobs: Sequence[Job], *, ahead: bool = False) -> Batch:
         del ahead  # one process: every job waits for whatever it does first
         return _Deferred(lambda: self.run(parameters, jobs))
 
@@ -176,19 +184,29 @@ class SerialExecutor:
         self._threads.release()
 
 
-class _Deferred(Generic[T]):
-    """A value made when it is first asked for (and kept)."""
+class _Deferred:
+    """A batch whose outcomes are made when they are first asked for (and kept); ``drop``
+    makes none."""
 
-    __slots__ = ("_make", "_value")
+    __slots__ = ("_dropped", "_make", "_outcomes")
 
-    def __init__(self, make: Callable[[], T]) -> None:
-        self._make: Callable[[], T] | None = make
-        self._value: T | None = None
+    def __init__(
+        self, make: Callable[[], list[Outcome]], dropped: Callable[[], object] | None = None
+    ) -> None:
+        self._make: Callable[[], list[Outcome]] | None = make
+        self._dropped = dropped
+        self._outcomes: list[Outcome] = []
 
-    def result(self) -> T:
+    def result(self) -> list[Outcome]:
         if self._make is not None:
-            self._value, self._make = self._make(), None
-        return cast(T, self._value)
+            self._outcomes, self._make = self._make(), None
+        return self._outcomes
+
+    def drop(self) -> None:
+        if self._make is not None:
+            self._make = None
+            if self._dropped is not None:
+                self._dropped()
 
 
 def _limit_torch_threads() -> int | None:
@@ -497,15 +515,13 @@ class ProcessExecutor:
         then as many as its largest batch had jobs for, up to ``workers - 1``."""
         return len(self._workers)
 
-    def start(
-        self, parameters: Parameters, jobs: Sequence[Job], *, ahead: bool = False
-    ) -> Later[list[Outcome]]:
+    def start(self, parameters: Parameters, jobs: Sequence[Job], *, ahead: bool = False) -> Batch:
         """Hand the workers their chunks now; this process trains its own when the outcomes
         are asked for (``ahead``: sized for the time it was busy before asking, lately)."""
         if self._open:
             raise RunError("a batch is under way: take its outcomes before starting another")
         if not jobs:
-            return Ready([])
+            return _Deferred(list)
         self._start_workers(min(self.workers, len(jobs)) - 1)  # this process takes a job too
         sizes = self.balance.sizes(len(jobs), ahead=ahead)
         shares = len(self._workers) + 1
@@ -517,10 +533,19 @@ class ProcessExecutor:
                 worker.submit(parameters.vector, parameters.layout, chunk)
                 busy.append((index, worker, len(chunk)))
         self._open = True
-        return _Deferred(lambda: self._finish(parameters, jobs, mine, busy, submitted, ahead))
+        return _Deferred(
+            lambda: self._finish(parameters, jobs, mine, busy, submitted, ahead),
+            dropped=lambda: self._drop(busy),
+        )
 
     def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
         return self.start(parameters, jobs).result()
+
+    def _drop(self, busy: Sequence[tuple[int, WorkerProcess, int]]) -> None:
+        """A batch's outcomes unneeded: the workers' read and thrown away, none trained here."""
+        self._open = False
+        for _, worker, _ in busy:
+            worker.result()
 
     def _finish(
         self,

@@ -38,10 +38,9 @@ from shoal.coordinator.events import (
 )
 from shoal.coordinator.run import Ahead, Run
 from shoal.core.errors import RunError
-from shoal.core.later import Later
 from shoal.simulation.devices import Attempt
 from shoal.simulation.dropouts import DROPPED_REASON
-from shoal.simulation.executor import Executor, Job, Outcome
+from shoal.simulation.executor import Batch, Executor, Job, Outcome
 from shoal.tasks import TRAIN_TIME_METRIC, Phase
 
 if TYPE_CHECKING:
@@ -92,12 +91,14 @@ class PlainRoundPlayer:
         self.uploads = 0
         self.reported_drops = 0
         self._order = itertools.count()
-        self._first: tuple[list[Job], Later[list[Outcome]]] | None = None
+        self._first: tuple[list[Job], Batch] | None = None
+        self._unenrolled: list[tuple[list[str], float]] = []  # see start()
 
     def start(self, actions: list[Action], now: float, *, ahead: bool = False) -> None:
         """Carry out the round's first actions and start the batch of training its first
-        result needs (``ahead``: while this process commits the round before)."""
-        self._carry_out(actions, now)
+        result needs (``ahead``: while this process commits the round before, whose records
+        the cohort's enrolment must follow: it waits for :meth:`play`)."""
+        self._carry_out(actions, now, enroll=not ahead)
         jobs = self._needed(None)
         if jobs:
             coordinator = self.simulation.coordinator
@@ -108,6 +109,9 @@ class PlainRoundPlayer:
         round's close, :meth:`shoal.coordinator.run.Run.close_round`)."""
         commit: CommitVersion | None = None
         coordinator = self.simulation.coordinator
+        for names, at in self._unenrolled:  # a round started ahead: after the one before
+            self.simulation.enroll_cohort(names, at)
+        self._unenrolled.clear()
         while self.queue:
             delivery = heapq.heappop(self.queue)
             if not delivery.client_id:
@@ -134,15 +138,20 @@ class PlainRoundPlayer:
             self._carry_out(actions, delivery.at)
         raise RunError(f"round {self.round} never closed")  # the deadline always closes it
 
-    def _carry_out(self, actions: Sequence[Action], now: float) -> None:
-        """Plan the attempts of new tasks; queue a (new) deadline."""
+    def _carry_out(self, actions: Sequence[Action], now: float, *, enroll: bool = True) -> None:
+        """Plan the attempts of new tasks and enroll their clients (or keep them for later,
+        without ``enroll``); queue a (new) deadline."""
         for action in actions:
             if isinstance(action, ScheduleDeadline):
                 self.deadline = action.at
                 self._push(action.at, "")
         tasks = [a for a in actions if isinstance(a, SendFitTask | SendEvaluateTask)]
         if tasks:  # the round's first members, or replacements
-            self.simulation.enroll_cohort((task.client_id for task in tasks), now)
+            names = [task.client_id for task in tasks]
+            if enroll:
+                self.simulation.enroll_cohort(names, now)
+            else:
+                self._unenrolled.append((names, now))
         for task in tasks:
             client = task.client_id
             self.tasks[client] = task
@@ -197,7 +206,7 @@ class PlainRoundPlayer:
     ) -> dict[str, Any]:
         if self._first is not None:  # closed before its first result (drops aborted it)
             (_, batch), self._first = self._first, None
-            batch.result()  # the executor's batch taken, its outcomes not the round's
+            batch.drop()
         counted = set(closed.participants)
         if self.phase is Phase.FIT:
             self.simulation.record_level.add_all(

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from shoal.core.errors import MissingExtraError
-from shoal.core.later import Later, Ready, here
+from shoal.core.later import here
 from shoal.core.parameters import Layout, Parameters, Vector
 from shoal.simulation.executor import (
+    Batch,
     ClientFactory,
     Job,
     Outcome,
@@ -74,15 +75,13 @@ class RayExecutor:
         self._actors = [actor.remote(factory) for _ in range(workers)]
         self._threads = ThreadsHeld(torch=False)  # the actors' cores are theirs
 
-    def start(
-        self, parameters: Parameters, jobs: Sequence[Job], *, ahead: bool = False
-    ) -> Later[list[Outcome]]:
+    def start(self, parameters: Parameters, jobs: Sequence[Job], *, ahead: bool = False) -> Batch:
         """The actors get their chunks now (``ahead`` changes nothing: this process trains
         none); the outcomes are waited for when asked."""
         del ahead
-        if not jobs:
-            return Ready([])
         ray = self._ray
+        if not jobs:
+            return _Gathered(ray, jobs, [])
         vector = ray.put(parameters.vector)
         chunks = split_by_worker(jobs, workers=len(self._actors))
         pending = [
@@ -115,4 +114,9 @@ class _Gathered:
         self._ray, self._jobs, self._pending = ray, jobs, pending
 
     def result(self) -> list[Outcome]:
-        return in_job_order(self._jobs, self._ray.get(self._pending))
+        chunks: list[list[Outcome]] = self._ray.get(self._pending) if self._pending else []
+        return in_job_order(self._jobs, chunks)
+
+    def drop(self) -> None:
+        """Nothing to read: the actors finish their chunks, and their outcomes go unread."""
+        self._pending = []

@@ -154,7 +154,9 @@ class Simulation:
     # --- public ---------------------------------------------------------------------------
 
     def run(self, *, on_round: RoundCallback | None = None) -> dict[str, Any]:
-        """Play every remaining round; returns the summary also written to summary.json."""
+        """Play every remaining round; returns the summary also written to summary.json.
+        ``on_round`` gets each round's row once it is recorded, when the next round may
+        have started already (:class:`_Plays`)."""
         started = time.perf_counter()
         records = RunRecords.open(  # the folder is this process's until records.close()
             self.out,
@@ -520,7 +522,10 @@ class _Plays:
 
     def _start(self, play: Play, *, at: float, ahead: bool) -> StartedRound | None:
         listed = candidates(self.lifecycle, self.simulation.fleet, play, at=at)
-        admission = self.lifecycle.admit(play, listed)
+        admission = self.lifecycle.admit(play, listed, ahead=ahead)
+        if admission.later:  # asked again once the round before is recorded
+            self._taken = play
+            return None
         if admission.stop is not None:
             self._stopped = True  # the privacy budget: training stops
             return None
