@@ -73,6 +73,18 @@ def timeline(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     return events
 
 
+def fail_commit(monkeypatch: pytest.MonkeyPatch, *, of_round: int) -> None:
+    """The commit of round ``of_round``'s version fails (the timeline still sees the others)."""
+    commit = RunRecords.commit
+
+    def failing(self: RunRecords, *args: Any, round_number: int, **kwargs: Any) -> Any:
+        if round_number == of_round:
+            raise RegistryError("the disk is full")
+        return commit(self, *args, round_number=round_number, **kwargs)
+
+    monkeypatch.setattr(RunRecords, "commit", failing)
+
+
 def metrics_rounds(folder: Path) -> list[int]:
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["round"] for line in lines]
@@ -102,14 +114,7 @@ def test_the_next_round_trains_while_the_version_commits_and_is_received_after(
 def test_a_commit_that_fails_records_nothing_of_the_round_started_ahead(
     tmp_path: Path, timeline: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    commit = RunRecords.commit  # the timeline's
-
-    def failing(self: RunRecords, *args: Any, round_number: int, **kwargs: Any) -> Any:
-        if round_number == 2:
-            raise RegistryError("the disk is full")
-        return commit(self, *args, round_number=round_number, **kwargs)
-
-    monkeypatch.setattr(RunRecords, "commit", failing)
+    fail_commit(monkeypatch, of_round=2)
     with pytest.raises(RegistryError, match="the disk is full"):
         Simulation(job(), tmp_path / "run").run()
     assert ("started ahead", 3) in timeline  # round 3 trained while round 2 failed to commit
@@ -205,14 +210,7 @@ def test_a_cohort_started_ahead_is_enrolled_after_the_round_before_commits(
 def test_a_failed_commit_leaves_the_next_cohort_unenrolled(
     tmp_path: Path, timeline: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    commit = RunRecords.commit  # the timeline's
-
-    def failing(self: RunRecords, *args: Any, round_number: int, **kwargs: Any) -> Any:
-        if round_number == 2:
-            raise RegistryError("the disk is full")
-        return commit(self, *args, round_number=round_number, **kwargs)
-
-    monkeypatch.setattr(RunRecords, "commit", failing)
+    fail_commit(monkeypatch, of_round=2)
     with pytest.raises(RegistryError, match="the disk is full"):
         Simulation(cross_device("run.rounds=4"), tmp_path / "run").run()
     assert ("started ahead", 3) in timeline
@@ -263,14 +261,7 @@ def test_the_budget_refuses_a_round_only_after_the_round_before_commits(
     assert f"round {last + 1} would spend" in lock
     assert ("started ahead", last) in timeline and ("started ahead", last + 1) not in timeline
 
-    commit = RunRecords.commit
-
-    def failing(self: RunRecords, *args: Any, round_number: int, **kwargs: Any) -> Any:
-        if round_number == last:
-            raise RegistryError("the disk is full")
-        return commit(self, *args, round_number=round_number, **kwargs)
-
-    monkeypatch.setattr(RunRecords, "commit", failing)
+    fail_commit(monkeypatch, of_round=last)
     with pytest.raises(RegistryError, match="the disk is full"):
         Simulation(config, tmp_path / "failed").run()
     assert privacy_lock(tmp_path / "failed", config.run.name) is None

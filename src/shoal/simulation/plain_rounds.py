@@ -91,7 +91,7 @@ class PlainRoundPlayer:
         self.uploads = 0
         self.reported_drops = 0
         self._order = itertools.count()
-        self._first: tuple[list[Job], Batch] | None = None
+        self._first: Batch | None = None  # the batch started with the round, not yet taken
         self._unenrolled: list[tuple[list[str], float]] = []  # see start()
 
     def start(self, actions: list[Action], now: float, *, ahead: bool = False) -> None:
@@ -102,7 +102,7 @@ class PlainRoundPlayer:
         jobs = self._needed(None)
         if jobs:
             coordinator = self.simulation.coordinator
-            self._first = jobs, self.executor.start(coordinator.parameters, jobs, ahead=ahead)
+            self._first = self.executor.start(coordinator.parameters, jobs, ahead=ahead)
 
     def play(self, ahead: Ahead | None = None) -> dict[str, Any]:
         """Deliver everything until the round closes; its row (``ahead`` is given to the
@@ -170,7 +170,7 @@ class PlainRoundPlayer:
         unless drops asked replacements that come first), and what it left out."""
         jobs = self._needed(delivery)
         if self._first is not None:
-            (_, batch), self._first = self._first, None
+            batch, self._first = self._first, None
             needed = {job.client_id for job in jobs}
             for outcome in batch.result():
                 if outcome.client_id in needed:
@@ -205,8 +205,8 @@ class PlainRoundPlayer:
         self, closed: RoundSummary, commit: CommitVersion | None, ahead: Ahead | None
     ) -> dict[str, Any]:
         if self._first is not None:  # closed before its first result (drops aborted it)
-            (_, batch), self._first = self._first, None
-            batch.drop()
+            self._first.drop()
+            self._first = None
         counted = set(closed.participants)
         if self.phase is Phase.FIT:
             self.simulation.record_level.add_all(
