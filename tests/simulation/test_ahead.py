@@ -267,11 +267,13 @@ def test_the_budget_refuses_a_round_only_after_the_round_before_commits(
     assert privacy_lock(tmp_path / "failed", config.run.name) is None
 
 
+@pytest.mark.parametrize("workers", [0, 2])
 def test_an_aborted_round_trains_nothing_more_for_its_batch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
 ) -> None:
     """A round that aborts before its first result drops its batch: this process trains
-    none of it (the workers' replies are read and thrown away)."""
+    none of it (a worker's replies are read and thrown away), and the batch cannot be
+    read after that."""
     trained: list[int] = []
     run_job = executor.run_job
 
@@ -281,7 +283,7 @@ def test_an_aborted_round_trains_nothing_more_for_its_batch(
 
     monkeypatch.setattr(executor, "run_job", counting)
     config = job(
-        "simulation.workers=0",
+        f"simulation.workers={workers}",
         "round.drop_fallback='abort'",
         "devices.classes=[{name='slow', share=1.0, examples_per_second=10.0}]",
         "devices.dropout_waves=[{round=2, dropout=0.6}]",

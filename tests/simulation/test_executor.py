@@ -49,6 +49,29 @@ def test_a_raising_client_is_an_errored_outcome() -> None:
     assert outcome.update is None
 
 
+def test_a_dropped_batch_cannot_be_read_and_the_pool_goes_on() -> None:
+    """A batch dropped with side tasks queued before, between and after: each side task's
+    value and the next batch's outcomes come back to their own askers."""
+    scenario = DataScenario(bare_config(["data.num_clients=8", "round.clients_per_round=4"]))
+    parameters = scenario.initial_parameters()
+    jobs = [Job(client, FitConfig(round=1)) for client in scenario.client_ids[:4]]
+    pool = ProcessExecutor(scenario.build_client, workers=2)
+    try:
+        before = pool.later(sum, [1, 2])
+        batch = pool.start(parameters, jobs)
+        between = pool.later(sum, [3, 4])
+        batch.drop()
+        with pytest.raises(RunError, match="after it was dropped"):
+            batch.result()
+        after = pool.later(sum, [5, 6])
+        outcomes = pool.run(parameters, jobs)
+        assert [outcome.client_id for outcome in outcomes] == [job.client_id for job in jobs]
+        assert all(outcome.error is None for outcome in outcomes)
+        assert (before.result(), between.result(), after.result()) == (3, 7, 11)
+    finally:
+        pool.close()
+
+
 def test_serial_and_process_executors_agree() -> None:
     scenario = DataScenario(bare_config(["data.num_clients=8", "round.clients_per_round=4"]))
     parameters = scenario.initial_parameters()

@@ -186,7 +186,7 @@ class SerialExecutor:
 
 class _Deferred:
     """A batch whose outcomes are made when they are first asked for (and kept); ``drop``
-    makes none."""
+    makes none, and asking for them after it is an error."""
 
     __slots__ = ("_dropped", "_make", "_outcomes")
 
@@ -195,11 +195,13 @@ class _Deferred:
     ) -> None:
         self._make: Callable[[], list[Outcome]] | None = make
         self._dropped = dropped
-        self._outcomes: list[Outcome] = []
+        self._outcomes: list[Outcome] | None = None
 
     def result(self) -> list[Outcome]:
         if self._make is not None:
             self._outcomes, self._make = self._make(), None
+        if self._outcomes is None:
+            raise RunError("a batch's outcomes were asked for after it was dropped")
         return self._outcomes
 
     def drop(self) -> None:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from shoal.core.errors import MissingExtraError
+from shoal.core.errors import MissingExtraError, RunError
 from shoal.core.later import here
 from shoal.core.parameters import Layout, Parameters, Vector
 from shoal.simulation.executor import (
@@ -111,12 +111,15 @@ class _Gathered:
     """The outcomes of the chunks Ray runs, in the jobs' order, once they are asked for."""
 
     def __init__(self, ray: Any, jobs: Sequence[Job], pending: list[Any]) -> None:
-        self._ray, self._jobs, self._pending = ray, jobs, pending
+        self._ray, self._jobs = ray, jobs
+        self._pending: list[Any] | None = pending
 
     def result(self) -> list[Outcome]:
+        if self._pending is None:
+            raise RunError("a batch's outcomes were asked for after it was dropped")
         chunks: list[list[Outcome]] = self._ray.get(self._pending) if self._pending else []
         return in_job_order(self._jobs, chunks)
 
     def drop(self) -> None:
         """Nothing to read: the actors finish their chunks, and their outcomes go unread."""
-        self._pending = []
+        self._pending = None
