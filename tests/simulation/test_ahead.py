@@ -5,7 +5,9 @@ stays committed when the start fails."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from shoal.coordinator.app import ServerApp
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import Event, UpdateReceived
 from shoal.coordinator.records import RunRecords
+from shoal.coordinator.run import Run
 from shoal.core.errors import RegistryError, RunError
 from shoal.registry.audit import AuditLog
 from shoal.registry.privacy import PrivacyLedger
@@ -46,9 +49,11 @@ def job(*overrides: str) -> Config:
 def timeline(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     """What happened, in order: ("started ahead", round) for each batch a pool started ahead,
     ("update", round) for each update the engine received, ("committed", round) for each
-    version committed (its transaction ended)."""
+    version whose round's transaction ended."""
     events: list[tuple[str, int]] = []
-    start, handle, commit = ProcessExecutor.start, Coordinator.handle, RunRecords.commit
+    start, handle, close_round = ProcessExecutor.start, Coordinator.handle, Run.close_round
+    round_transaction = Run._round_transaction
+    committing: list[int] = []  # the round whose version close_round is committing
 
     def starting(self: ProcessExecutor, parameters: Any, jobs: Any, *, ahead: bool = False) -> Any:
         if ahead:
@@ -60,21 +65,26 @@ def timeline(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
             events.append(("update", event.round))
         return handle(self, event)
 
-    def committing(self: RunRecords, *args: Any, round_number: int, **kwargs: Any) -> Any:
-        record = commit(self, *args, round_number=round_number, **kwargs)
-        with self.transaction():
-            pass  # joined: the round's transaction; this marks where its statements end
-        events.append(("committed", round_number))
-        return record
+    def closing(self: Run, summary: Any, commit: Any, extra: Any, *, ahead: Any = None) -> Any:
+        committing[:] = [] if commit is None else [summary.round]
+        return close_round(self, summary, commit, extra, ahead=ahead)
+
+    @contextlib.contextmanager
+    def transaction(self: Run) -> Iterator[None]:
+        with round_transaction(self):
+            yield
+        if committing:
+            events.append(("committed", committing.pop()))
 
     monkeypatch.setattr(ProcessExecutor, "start", starting)
     monkeypatch.setattr(Coordinator, "handle", handling)
-    monkeypatch.setattr(RunRecords, "commit", committing)
+    monkeypatch.setattr(Run, "close_round", closing)
+    monkeypatch.setattr(Run, "_round_transaction", transaction)
     return events
 
 
 def fail_commit(monkeypatch: pytest.MonkeyPatch, *, of_round: int) -> None:
-    """The commit of round ``of_round``'s version fails (the timeline still sees the others)."""
+    """The commit of round ``of_round``'s version fails."""
     commit = RunRecords.commit
 
     def failing(self: RunRecords, *args: Any, round_number: int, **kwargs: Any) -> Any:

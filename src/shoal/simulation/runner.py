@@ -195,7 +195,6 @@ class Simulation:
                     )
                     row.update(self.canaries.row_fields(self.coordinator.parameters, row))
                     lifecycle.record(row)
-                    self.model_bytes = lifecycle.model_bytes  # a split model weighs k times more
                     if on_round is not None:
                         on_round(row)
                     plays.now = row["virtual_time_s"]
@@ -511,7 +510,6 @@ class _Plays:
             if play.phase is Phase.FIT and self.simulation.coordinator.secure is not None:
                 self._taken = play
                 return
-            self.simulation.model_bytes = self.lifecycle.model_bytes  # a split's, already
             self._next = self._start(play, at=row["virtual_time_s"], ahead=True)
         except Exception as exc:  # raised after the round before is recorded
             self._failed = exc
@@ -521,6 +519,7 @@ class _Plays:
         return next(self._schedule, None) if play is None else play
 
     def _start(self, play: Play, *, at: float, ahead: bool) -> StartedRound | None:
+        self.simulation.model_bytes = self.lifecycle.model_bytes  # a split model weighs k more
         listed = candidates(self.lifecycle, self.simulation.fleet, play, at=at)
         admission = self.lifecycle.admit(play, listed, ahead=ahead)
         if admission.later:  # asked again once the round before is recorded
