@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -187,32 +186,6 @@ def test_a_coordinator_state_dir_is_one_coordinator_s(tmp_path: Path) -> None:
     finally:
         parts.close()
     build(load_config(job)).close()  # closed: the next coordinator opens the folder
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def shared_registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A registry URL two coordinators with their own state folders are given."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'shared.db'}"
-        return
-    raw = os.environ.get("SHOAL_TEST_POSTGRES_URL")
-    if not raw:
-        pytest.skip("SHOAL_TEST_POSTGRES_URL is not set")
-    import sqlalchemy as sa
-
-    from shoal.registry.database import resolve_database_url
-
-    schema = f"shoal_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(resolve_database_url(raw))
-    with admin.begin() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        url = resolve_database_url(raw).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as connection:
-            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def test_one_registry_runs_a_model_for_one_coordinator(

@@ -5,6 +5,7 @@ fails with the reason."""
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner, Result
 
 from shoal.cli import app
+from shoal.coordinator.records import AUDIT_ANCHOR_FILE
 from shoal.core import Parameters
 from shoal.core.errors import SecurityError
 from shoal.governance import (
@@ -266,10 +268,12 @@ def _edit_head(folder: Path, *, weights_to: float | None, unsign: bool, unsign_a
 
 
 def test_a_run_resumed_from_a_registry_before_signing_signs_its_head(tmp_path: Path) -> None:
-    """A run folder from a Shoal before signing (nothing in it signed): its HEAD is signed when
-    the run resumes, and the versions after it are signed as they are committed."""
+    """A run folder from a Shoal before signing (nothing in it signed, and no anchor of its
+    audit log kept beside it): its HEAD is signed when the run resumes, and the versions after
+    it are signed as they are committed."""
     _run_of_one_round(tmp_path / "run")
     _edit_head(tmp_path / "run", weights_to=None, unsign=False, unsign_all=True)
+    (tmp_path / "run" / AUDIT_ANCHOR_FILE).unlink()  # a Shoal before signing kept none
     unsigned = shoal("models", "verify", "global", "1", "--state-dir", tmp_path / "run")
     assert "is not signed" in error_line(unsigned)
     Simulation(bare_config([*RESUMED, "run.rounds=2"]), tmp_path / "run", resume=True).run()
@@ -279,22 +283,26 @@ def test_a_run_resumed_from_a_registry_before_signing_signs_its_head(tmp_path: P
 
 
 @pytest.mark.parametrize(
-    ("unsign", "refusal"),
+    ("unsign", "unsign_all", "refusal"),
     [
-        (True, "version 1 of 'global', HEAD, is not signed, in a registry whose versions are"),
-        (False, "version 1 of 'global' (round 1, run 'shoal', sha256 bbbad9ac491e...) does not"),
+        (True, False, "version 1 of 'global', HEAD, is not signed, in a registry whose versions"),
+        (False, False, "version 1 of 'global' (round 1, run 'shoal', sha256 bbbad9ac491e...) does"),
+        (True, True, "its signatures were removed or the registry was put back to a copy older"),
     ],
 )
 def test_a_head_forged_in_the_registry_is_never_trained_on_or_signed(
-    tmp_path: Path, unsign: bool, refusal: str
+    tmp_path: Path, unsign: bool, unsign_all: bool, refusal: str
 ) -> None:
     """A registry writer swaps HEAD's weights (blob and sha256) and clears its signature, as a
     version from before signing looks, or leaves the signature: the resumed run signed the
     forged weights, its next version was signed over them and pinned clients trained on
-    them; or it trained on them under a signature that no longer matched."""
+    them; or it trained on them under a signature that no longer matched. Or the writer
+    clears every signature and signed audit head too, as a whole registry from before signing
+    looks: the resumed run signed the forged weights as its HEAD. The run folder keeps its
+    audit log's last signed head (outside the registry), which the stripped log lacks."""
     folder = tmp_path / "run"
     _run_of_one_round(folder)
-    forged = _edit_head(folder, weights_to=7.0, unsign=unsign, unsign_all=False)
+    forged = _edit_head(folder, weights_to=7.0, unsign=unsign, unsign_all=unsign_all)
     resumed = Simulation(bare_config([*RESUMED, "run.rounds=2"]), folder, resume=True)
     with pytest.raises(SecurityError) as refused:
         resumed.run()
@@ -315,3 +323,31 @@ def test_verify_on_a_folder_without_a_registry_says_so_before_the_key(tmp_path: 
     result = shoal("models", "verify", "global", "head", "--state-dir", tmp_path)
     assert result.exit_code != 0
     assert "no registry database at" in result.output  # it asked for model-signing.pub
+
+
+def test_a_registry_put_back_to_an_older_copy_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    """A registry writer puts back a copy taken some rounds ago (every signature in it valid):
+    the run resumed from the old HEAD and trained those rounds again, silently undoing what
+    was done since (an unlearning, a rollback). It is refused, naming the file to remove where
+    an operator restored the copy on purpose; removed, the run resumes from the copy."""
+    folder = tmp_path / "run"
+    _run_of_one_round(folder)
+    copy = tmp_path / "copy"
+    for part in ("registry", "blobs"):
+        shutil.copytree(folder / part, copy / part)
+    Simulation(bare_config([*RESUMED, "run.rounds=3"]), folder, resume=True).run()
+    for part in ("registry", "blobs"):
+        shutil.rmtree(folder / part)
+        shutil.copytree(copy / part, folder / part)
+    resumed = Simulation(bare_config([*RESUMED, "run.rounds=3"]), folder, resume=True)
+    with pytest.raises(SecurityError) as refused:
+        resumed.run()
+    message = str(refused.value)
+    assert "older than this run folder's record of it" in message
+    assert str(folder / AUDIT_ANCHOR_FILE) in message
+    (folder / AUDIT_ANCHOR_FILE).unlink()  # the operator's restore, on purpose
+    played: list[int] = []
+    Simulation(bare_config([*RESUMED, "run.rounds=3"]), folder, resume=True).run(
+        on_round=lambda row: played.append(row["round"])
+    )
+    assert played == [2, 3]  # from the copy's HEAD, version 1

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ from shoal.registry import (
     ModelStatus,
     SignedHead,
     VersionSigner,
+    holds_signed_head,
     verify_audit_log,
 )
 from shoal.registry.database import Held, lock_name
@@ -77,6 +79,12 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 MLFLOW_RUN_FILE = "mlflow-run-id"
+AUDIT_ANCHOR_FILE = "audit-anchor.json"
+"""In a run folder: the last head of the registry's audit log that the run signed and committed,
+kept outside the registry (:meth:`RunRecords.vouch` checks that the registry still holds it)."""
+ANCHOR_EVERY_S = 60.0
+"""How often a run keeps its latest signed head in :data:`AUDIT_ANCHOR_FILE`: at a process's
+first commit, then at most this often, and when it closes the folder."""
 
 Row = dict[str, Any]
 
@@ -211,6 +219,10 @@ class RunRecords:
         self._watchers: list[Callable[[Row], None]] = []
         self._log_model = True  # [tracking] log_model, read when tracking starts
         self._suspended: dict[str, str] = {}  # simulated clients caught cheating
+        self._signing: list[SignedHead] = []  # heads signed in the open transaction
+        self._signed: SignedHead | None = None  # the latest head signed and committed
+        self._anchored: SignedHead | None = None  # the one this process last kept in the folder
+        self._anchored_at = 0.0  # when (time.monotonic)
 
     @classmethod
     def open(
@@ -259,6 +271,7 @@ class RunRecords:
         the folder go to the next process (even when closing failed)."""
         try:
             self.close_logs()
+            self._anchor(force=True)
             self.models.blobs.close()
             if self.held is not None:
                 self.held.release()
@@ -317,6 +330,7 @@ class RunRecords:
         pinned = self.pinned
         if self.signer is None or pinned is None:
             return record
+        anchor = self._read_anchor()
         if record.signed is not None:
             try:
                 pinned.verify(
@@ -334,7 +348,9 @@ class RunRecords:
                     "(coordinator.signing_key, the deployment's or the run folder's "
                     "model-signing.key): resume with that key"
                 ) from None
+            self._check_anchor(anchor, pinned)
             return record
+        self._check_anchor(anchor, pinned)  # before signing anything: a stripped registry
         if self.models.holds_signatures() and not self._committed_unsigned(record):
             raise SecurityError(
                 f"version {record.version} of {record.name!r}, HEAD, is not signed, in a registry "
@@ -342,6 +358,71 @@ class RunRecords:
                 "models verify); roll back to a version that verifies (shoal models rollback)"
             )
         return self.models.sign(self.model, record.version, self.signer)
+
+    def _check_anchor(self, anchor: SignedHead | None, pinned: PinnedKey) -> None:
+        """Refuse a registry whose audit log no longer holds the head this run folder kept of
+        it (:data:`AUDIT_ANCHOR_FILE`): its signatures were removed (a registry before signing
+        looks so, and its HEAD would be signed as it stands), or it was put back to an older
+        copy (its HEAD valid, but rounds and rollbacks since undone). A folder without the
+        file (a Shoal before it) is taken as it is."""
+        if anchor is None:
+            return
+        path = self.folder / AUDIT_ANCHOR_FILE
+        if anchor.key_id != pinned.key_id:
+            raise SecurityError(
+                f"{path} was signed by key {anchor.key_id}, not the run's signing key "
+                f"{pinned.key_id} (coordinator.signing_key, the deployment's or the run "
+                "folder's model-signing.key): resume with that key"
+            )
+        problem = holds_signed_head(self.database, anchor, pinned.verify_audit_head)
+        if problem is not None:
+            raise SecurityError(
+                f"the registry's audit log no longer holds the head this run signed at entry "
+                f"{anchor.seq} ({problem}): its signatures were removed or the registry was put "
+                f"back to a copy older than this run folder's record of it ({path}); if you "
+                "restored the registry on purpose, remove that file and resume"
+            )
+
+    def _read_anchor(self) -> SignedHead | None:
+        """The head kept in :data:`AUDIT_ANCHOR_FILE` (None: the folder holds none)."""
+        path = self.folder / AUDIT_ANCHOR_FILE
+        try:
+            kept = json.loads(path.read_text(encoding="utf-8"))
+            return SignedHead(
+                seq=int(kept["seq"]),
+                hash=str(kept["hash"]),
+                key_id=str(kept["key_id"]),
+                signature=bytes.fromhex(kept["signature"]),
+                signed_at=int(kept["signed_at"]),
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise SecurityError(
+                f"cannot read {path} ({type(exc).__name__}: {exc}): the run folder's record of "
+                "its registry's audit log; if you restored the registry on purpose, remove "
+                "that file and resume"
+            ) from None
+
+    def _anchor(self, *, force: bool = False) -> None:
+        """Keep the latest head signed and committed in :data:`AUDIT_ANCHOR_FILE`: a process's
+        first, then every :data:`ANCHOR_EVERY_S` (``force``: now, as the folder is closed)."""
+        head = self._signed
+        if head is None or head == self._anchored:
+            return
+        now = time.monotonic()
+        if not force and self._anchored is not None and now - self._anchored_at < ANCHOR_EVERY_S:
+            return
+        kept = {
+            "seq": head.seq,
+            "hash": head.hash,
+            "key_id": head.key_id,
+            "signature": head.signature.hex(),
+            "signed_at": head.signed_at,
+        }
+        text = json.dumps(kept, indent=2) + "\n"
+        write_whole(self.folder / AUDIT_ANCHOR_FILE, lambda out: out.write(text.encode()))
+        self._anchored, self._anchored_at = head, now
 
     def _committed_unsigned(self, record: ModelRecord) -> bool:
         """Whether the audit log, intact and held by this run's key, recorded ``record``'s
@@ -396,17 +477,35 @@ class RunRecords:
         self.audit.append(kind, subject=subject, details=details)
 
     def sign_audit_head(self) -> SignedHead | None:
-        """Sign the audit log's head with the coordinator's key (None: no key, or no entry)."""
-        return None if self.head_signer is None else self.audit.sign_head(self.head_signer)
+        """Sign the audit log's head with the coordinator's key (None: no key, or no entry);
+        once committed, the run folder keeps it (:data:`AUDIT_ANCHOR_FILE`)."""
+        if self.head_signer is None:
+            return None
+        head = self.audit.sign_head(self.head_signer)
+        if head is not None:
+            if self.database.writing():  # kept once the transaction commits
+                self._signing.append(head)
+            else:
+                self._signed = head
+                self._anchor()
+        return head
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """One registry transaction for what the block records (a round's version, its audit
         entries and head signature, its participants): all of it commits, or none. The model's
         lock is taken first, as a commit alone takes it, so the audit lock stays the last."""
-        with self.database.write() as connection:
-            lock_name(connection, model_lock(self.model))
-            yield
+        try:
+            with self.database.write() as connection:
+                lock_name(connection, model_lock(self.model))
+                yield
+        except BaseException:
+            self._signing.clear()  # rolled back: no head of it is the registry's
+            raise
+        if self._signing and not self.database.writing():
+            self._signed = self._signing[-1]
+            self._signing.clear()
+            self._anchor()
 
     # --- rows, config, summary ---------------------------------------------------------------
 

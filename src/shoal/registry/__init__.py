@@ -22,7 +22,13 @@ from shoal.registry.audit import (
     SignedHead,
     head_message,
 )
-from shoal.registry.audit_verify import AuditProblem, AuditReport, HeadVerifier, verify_audit_log
+from shoal.registry.audit_verify import (
+    AuditProblem,
+    AuditReport,
+    HeadVerifier,
+    holds_signed_head,
+    verify_audit_log,
+)
 from shoal.registry.blobs import BlobStore
 from shoal.registry.clients import (
     ClientRecord,
@@ -111,6 +117,7 @@ __all__ = [
     "apply_migrations",
     "blob_location",
     "head_message",
+    "holds_signed_head",
     "open_database",
     "registry_location",
     "token_id_of",

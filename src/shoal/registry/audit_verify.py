@@ -154,6 +154,41 @@ def verify_audit_log(database: Database, verifier: HeadVerifier) -> AuditReport:
     return AuditReport(entries=len(rows), signed_seq=signed_seq, problem=first)
 
 
+def holds_signed_head(database: Database, head: SignedHead, verifier: HeadVerifier) -> str | None:
+    """Why the log in ``database`` no longer holds ``head`` (a head signed over its entry, as
+    kept outside the registry), or None where it does: the entry at its seq, still of its hash
+    and intact, and a head signed at that seq over that hash that ``verifier`` accepts.
+
+    A writer of the registry without the signing key can neither keep such a head while
+    changing the entries it covers, nor make one: a log stripped of its signatures, or put back
+    to a copy older than ``head``, does not hold it."""
+    with database.read(snapshot=True) as connection:
+        try:
+            entry = connection.execute(
+                sa.select(audit_log).where(audit_log.c.seq == head.seq)
+            ).first()
+            signed = connection.execute(
+                sa.select(audit_heads).where(audit_heads.c.seq == head.seq)
+            ).first()
+            stored = None if entry is None else _stored(entry)
+            kept = None if signed is None else head_from_row(signed)
+        except (TypeError, ValueError) as exc:  # a column no longer of its type
+            raise RegistryError(f"the audit log cannot be read (tampered?): {exc}") from exc
+    if stored is None:
+        return f"it holds no entry {head.seq}"
+    if stored.hash != head.hash or not stored.intact:
+        return f"its entry {head.seq} is another than the one signed"
+    if kept is None:
+        return f"no head is signed at its entry {head.seq}"
+    if kept.hash != head.hash:
+        return f"the head signed at its entry {head.seq} is over another hash"
+    try:
+        verifier(kept)
+    except ShoalError as exc:
+        return str(exc)
+    return None
+
+
 _MOVES_HEAD = {"commit", "rollback"}
 
 

@@ -244,6 +244,11 @@ class Database:
         else:
             self._open.awaited.append(work)
 
+    def writing(self) -> bool:
+        """Whether this thread holds a write transaction open (what it writes now commits only
+        when that transaction does)."""
+        return self._joined() is not None
+
     def _joined(self) -> Connection | None:
         connection: Connection | None = getattr(self._open, "connection", None)
         return connection
