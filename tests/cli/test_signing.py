@@ -4,8 +4,10 @@ fails with the reason."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -287,7 +289,7 @@ def test_a_run_resumed_from_a_registry_before_signing_signs_its_head(tmp_path: P
     [
         (True, False, "version 1 of 'global', HEAD, is not signed, in a registry whose versions"),
         (False, False, "version 1 of 'global' (round 1, run 'shoal', sha256 bbbad9ac491e...) does"),
-        (True, True, "its signatures were removed or the registry was put back to a copy older"),
+        (True, True, "changed outside Shoal (its signatures removed, its HEAD moved, or put back"),
     ],
 )
 def test_a_head_forged_in_the_registry_is_never_trained_on_or_signed(
@@ -351,3 +353,52 @@ def test_a_registry_put_back_to_an_older_copy_is_refused_with_what_to_do(tmp_pat
         on_round=lambda row: played.append(row["round"])
     )
     assert played == [2, 3]  # from the copy's HEAD, version 1
+
+
+def _registry_file(folder: Path) -> Path:
+    [path] = [path for path in (folder / "registry").iterdir() if path.suffix == ".db"]
+    return path
+
+
+def _resumed_rounds(folder: Path) -> list[int]:
+    played: list[int] = []
+    Simulation(bare_config([*RESUMED, "run.rounds=3"]), folder, resume=True).run(
+        on_round=lambda row: played.append(row["round"])
+    )
+    return played
+
+
+def test_an_older_copy_with_the_anchored_rows_copied_in_is_refused(tmp_path: Path) -> None:
+    """An older copy put back with the anchored entry and its signed head copied into it from
+    the current registry: the anchor's own rows were all the check read, and the run resumed
+    from the old HEAD, playing its rounds again. The whole log must link."""
+    folder = tmp_path / "run"
+    _run_of_one_round(folder)
+    copy = tmp_path / "copy"
+    for part in ("registry", "blobs"):
+        shutil.copytree(folder / part, copy / part)
+    assert _resumed_rounds(folder) == [2, 3]
+    seq = json.loads((folder / AUDIT_ANCHOR_FILE).read_text())["seq"]
+    with contextlib.closing(sqlite3.connect(_registry_file(folder))) as current:
+        entry = current.execute("SELECT * FROM audit_log WHERE seq = ?", (seq,)).fetchone()
+        head = current.execute("SELECT * FROM audit_heads WHERE seq = ?", (seq,)).fetchone()
+    for part in ("registry", "blobs"):
+        shutil.rmtree(folder / part)
+        shutil.copytree(copy / part, folder / part)
+    with contextlib.closing(sqlite3.connect(_registry_file(folder))) as old, old:
+        old.execute(f"INSERT INTO audit_log VALUES ({', '.join('?' * len(entry))})", entry)
+        old.execute(f"INSERT INTO audit_heads VALUES ({', '.join('?' * len(head))})", head)
+    with pytest.raises(SecurityError, match=r"its entry \d+ is deleted: missing: the log jumps"):
+        _resumed_rounds(folder)
+
+
+def test_a_head_moved_back_behind_the_log_s_back_is_refused(tmp_path: Path) -> None:
+    """HEAD moved back to an earlier version, every signature and entry left as they were:
+    the run resumed from it and played the rounds after it again (an unlearning or a rollback
+    since then undone as silently). HEAD must be where the log's last commit put it."""
+    folder = tmp_path / "run"
+    Simulation(bare_config([*RESUMED, "run.rounds=3"]), folder).run()
+    with contextlib.closing(sqlite3.connect(_registry_file(folder))) as registry, registry:
+        registry.execute("UPDATE model_heads SET version = 1 WHERE name = 'global'")
+    with pytest.raises(SecurityError, match="HEAD of global is version 1; this entry moved it"):
+        _resumed_rounds(folder)

@@ -270,8 +270,8 @@ class RunRecords:
         """The shell's last step with the run folder: close its logs and registries, then let
         the folder go to the next process (even when closing failed)."""
         try:
+            self._anchor(force=True)  # a failure to is a warning: the rest closes anyway
             self.close_logs()
-            self._anchor(force=True)
             self.models.blobs.close()
             if self.held is not None:
                 self.held.release()
@@ -350,21 +350,22 @@ class RunRecords:
                 ) from None
             self._check_anchor(anchor, pinned)
             return record
-        self._check_anchor(anchor, pinned)  # before signing anything: a stripped registry
         if self.models.holds_signatures() and not self._committed_unsigned(record):
             raise SecurityError(
                 f"version {record.version} of {record.name!r}, HEAD, is not signed, in a registry "
                 "whose versions are: it was changed outside Shoal (shoal audit verify, shoal "
                 "models verify); roll back to a version that verifies (shoal models rollback)"
             )
+        self._check_anchor(anchor, pinned)  # before signing anything: a stripped registry
         return self.models.sign(self.model, record.version, self.signer)
 
     def _check_anchor(self, anchor: SignedHead | None, pinned: PinnedKey) -> None:
-        """Refuse a registry whose audit log no longer holds the head this run folder kept of
-        it (:data:`AUDIT_ANCHOR_FILE`): its signatures were removed (a registry before signing
-        looks so, and its HEAD would be signed as it stands), or it was put back to an older
-        copy (its HEAD valid, but rounds and rollbacks since undone). A folder without the
-        file (a Shoal before it) is taken as it is."""
+        """Refuse a registry that did not grow from the head this run folder kept of it
+        (:data:`AUDIT_ANCHOR_FILE`; :func:`~shoal.registry.holds_signed_head`): its signatures
+        removed (a registry before signing looks so, and its HEAD would be signed as it
+        stands), put back to an older copy, or its HEAD moved behind the log's back (every
+        signature valid, but rounds, rollbacks and unlearning since undone). A folder without
+        the file (a Shoal before it) is taken as it is."""
         if anchor is None:
             return
         path = self.folder / AUDIT_ANCHOR_FILE
@@ -377,10 +378,10 @@ class RunRecords:
         problem = holds_signed_head(self.database, anchor, pinned.verify_audit_head)
         if problem is not None:
             raise SecurityError(
-                f"the registry's audit log no longer holds the head this run signed at entry "
-                f"{anchor.seq} ({problem}): its signatures were removed or the registry was put "
-                f"back to a copy older than this run folder's record of it ({path}); if you "
-                "restored the registry on purpose, remove that file and resume"
+                f"the registry is not the one this run left at audit entry {anchor.seq} "
+                f"({problem}): it was changed outside Shoal (its signatures removed, its HEAD "
+                f"moved, or put back to a copy older than this run folder's record of it, "
+                f"{path}); if you restored the registry on purpose, remove that file and resume"
             )
 
     def _read_anchor(self) -> SignedHead | None:
@@ -421,7 +422,17 @@ class RunRecords:
             "signed_at": head.signed_at,
         }
         text = json.dumps(kept, indent=2) + "\n"
-        write_whole(self.folder / AUDIT_ANCHOR_FILE, lambda out: out.write(text.encode()))
+        try:
+            write_whole(self.folder / AUDIT_ANCHOR_FILE, lambda out: out.write(text.encode()))
+        except OSError as exc:  # a weaker check at the next resume, not a lost round
+            logger.warning(
+                "could not keep the audit log's head %d in %s (%s): a resume checks the "
+                "registry against the one kept before",
+                head.seq,
+                exc.filename or self.folder / AUDIT_ANCHOR_FILE,
+                exc.strerror or exc,
+            )
+            return
         self._anchored, self._anchored_at = head, now
 
     def _committed_unsigned(self, record: ModelRecord) -> bool:
@@ -482,7 +493,8 @@ class RunRecords:
         if self.head_signer is None:
             return None
         head = self.audit.sign_head(self.head_signer)
-        if head is not None:
+        # (a head another coordinator of a shared registry signed at this seq is not ours)
+        if head is not None and self.pinned is not None and head.key_id == self.pinned.key_id:
             if self.database.writing():  # kept once the transaction commits
                 self._signing.append(head)
             else:

@@ -155,28 +155,37 @@ def verify_audit_log(database: Database, verifier: HeadVerifier) -> AuditReport:
 
 
 def holds_signed_head(database: Database, head: SignedHead, verifier: HeadVerifier) -> str | None:
-    """Why the log in ``database`` no longer holds ``head`` (a head signed over its entry, as
-    kept outside the registry), or None where it does: the entry at its seq, still of its hash
-    and intact, and a head signed at that seq over that hash that ``verifier`` accepts.
+    """Why the registry in ``database`` did not grow from ``head`` (a head signed over its
+    entry, kept outside the registry), or None where it did: its whole log links from the first
+    entry on, each entry untouched; the entry at ``head``'s seq is still of its hash, under a
+    head signed there over that hash that ``verifier`` accepts; and the model registry agrees
+    with the log (each version as its commit recorded it, each HEAD where the last commit or
+    rollback moved it).
 
     A writer of the registry without the signing key can neither keep such a head while
-    changing the entries it covers, nor make one: a log stripped of its signatures, or put back
-    to a copy older than ``head``, does not hold it."""
-    with database.read(snapshot=True) as connection:
+    changing the entries it covers, nor make one: a log stripped of its signatures, put back to
+    a copy older than ``head`` (with the anchored rows copied in or not), or a HEAD moved behind
+    the log's back does not pass. Only the head at ``head``'s seq is verified: a registry that
+    several coordinators share holds heads that other keys signed."""
+    with database.read(snapshot=True) as connection:  # a coordinator may commit meanwhile
         try:
-            entry = connection.execute(
-                sa.select(audit_log).where(audit_log.c.seq == head.seq)
-            ).first()
+            rows = [
+                _stored(row)
+                for row in connection.execute(sa.select(audit_log).order_by(audit_log.c.seq))
+            ]
             signed = connection.execute(
                 sa.select(audit_heads).where(audit_heads.c.seq == head.seq)
             ).first()
-            stored = None if entry is None else _stored(entry)
             kept = None if signed is None else head_from_row(signed)
-        except (TypeError, ValueError) as exc:  # a column no longer of its type
+        except (TypeError, ValueError) as exc:  # a seq or a time no longer a number
             raise RegistryError(f"the audit log cannot be read (tampered?): {exc}") from exc
-    if stored is None:
+        registry = _registry(connection)
+    broken = check_chain(rows)
+    if broken is not None:
+        return f"its entry {broken.seq} is {broken.kind}: {broken.detail}"
+    if len(rows) < head.seq:
         return f"it holds no entry {head.seq}"
-    if stored.hash != head.hash or not stored.intact:
+    if rows[head.seq - 1].hash != head.hash:
         return f"its entry {head.seq} is another than the one signed"
     if kept is None:
         return f"no head is signed at its entry {head.seq}"
@@ -186,6 +195,9 @@ def holds_signed_head(database: Database, head: SignedHead, verifier: HeadVerifi
         verifier(kept)
     except ShoalError as exc:
         return str(exc)
+    contradicted = _contradicted(rows, *registry)
+    if contradicted is not None:
+        return f"its entry {contradicted.seq} is contradicted: {contradicted.detail}"
     return None
 
 
