@@ -618,6 +618,14 @@ class CoordinatorSection(_Section):
     max_concurrent_rpcs: Annotated[
         int, Field(ge=1), Limit(65_536, "each call may hold 1 MiB before it is authenticated")
     ] = 1024
+    # enrollment tokens the registry does not know that one address (an IPv6 /64) may send
+    # within the window; past them its enrollments are refused untried until the window moves
+    enrollment_guesses: Annotated[
+        int, Field(ge=1), Limit(1_000_000, "each is a guess at a token, unthrottled past it")
+    ] = 10
+    enrollment_guess_window_s: Annotated[
+        float, Field(gt=0), Limit(86_400, "a longer wait locks out an address's clients too")
+    ] = 60.0
     retry_after_s: Annotated[
         float, Field(gt=0), Limit(MAX_RETRY_AFTER_S, "a client waits no longer between check-ins")
     ] = 2.0

@@ -22,7 +22,7 @@ import pytest
 
 from shoal.client.link import Enroll, Enrollment
 from shoal.coordinator.server import CoordinatorParts
-from shoal.core import DeviceState, ProtocolError
+from shoal.core import DeviceState, ProtocolError, TransportError
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport.grpc_link import GrpcLink
@@ -274,3 +274,58 @@ def test_a_known_client_without_a_key_cannot_be_claimed_without_a_token(tmp_path
     assert claimed[0] == RejectCode.BAD_TOKEN.value
     assert redeemed == ("accepted", "")
     assert stolen[0] != "accepted"
+
+
+def test_online_token_guessing_is_throttled_by_address_and_the_right_guess_waits_too(
+    tmp_path: Path,
+) -> None:
+    """A stranger tries tokens as fast as the service answers (each unknown token a verdict
+    of its own): a short listed secret fell to it. Past ``coordinator.enrollment_guesses``
+    unknown tokens from one address within the window, that address is refused before its
+    token is tried (the right token included, which is then not used up), RESOURCE_EXHAUSTED,
+    which the real client's link raises as a failure it retries, until the window moves on.
+    Tokens the registry knows (used up, here) are no guesses and never count."""
+    secret, spent = "pilot-9f3k", "used-once-token"
+    now = [1_000.0]
+
+    async def body() -> dict[str, Any]:
+        async with (
+            served_job(
+                tmp_path,
+                run_id=RUN,
+                tokens=[secret, {"token": spent, "max_uses": 1}],
+                coordinator={"enrollment_guesses": 3, "enrollment_guess_window_s": 60.0},
+            ) as (target, parts),
+            grpc.aio.insecure_channel(target) as channel,
+        ):
+            parts.service.guesses.clock = lambda: now[0]  # the window, in virtual time
+            seen: dict[str, Any] = {}
+            seen["spent"] = [await enroll(channel, f"used-{i}", spent) for i in range(6)]
+            seen["guesses"] = [await enroll(channel, f"g-{i}", f"guess-{i}") for i in range(3)]
+            seen["right"] = await enroll(channel, "site-1", secret)
+            private, public = generate_client_key()
+            link = GrpcLink(target, credentials=None, enrollment_token=secret)
+            try:
+                with pytest.raises(TransportError, match="RESOURCE_EXHAUSTED"):
+                    await link.handle(Enrollment("site-2", private, public), Enroll(DeviceState()))
+                now[0] += 59.0
+                seen["still"] = await enroll(channel, "site-1", secret)
+                now[0] += 1.5  # the first guess left the window
+                seen["after"] = await enroll(channel, "site-1", secret)
+                await link.handle(Enrollment("site-2", private, public), Enroll(DeviceState()))
+            finally:
+                await link.close()
+            seen["enrolled"] = sorted(record.client_id for record in parts.clients.list())
+            seen["throttled"] = parts.service.refusals["throttled"]
+            return seen
+
+    seen = asyncio.run(body())
+    assert [code for code, _ in seen["spent"]] == ["accepted"] + [RejectCode.BAD_TOKEN.value] * 5
+    assert [detail for _, detail in seen["guesses"]] == ["unknown enrollment token"] * 3
+    code, detail = seen["right"]
+    assert code == "grpc RESOURCE_EXHAUSTED"
+    assert detail == "too many unknown enrollment tokens from 127.0.0.1: retry in 60 s"
+    assert seen["still"] == ("grpc RESOURCE_EXHAUSTED", detail.replace("60 s", "1 s"))
+    assert seen["after"][0] == "accepted"
+    assert seen["enrolled"] == ["site-1", "site-2", "used-0"]
+    assert seen["throttled"] == 3

@@ -22,7 +22,14 @@ from typing import Any
 
 from shoal.core.errors import NotFoundError, ProtocolError, SecurityError
 from shoal.governance.attestation import AttestationGate, AttestationRefused, Binding, Evidence
-from shoal.registry import ClientRecord, ClientRegistry, ClientStatus, EnrollmentTokens, ListedToken
+from shoal.registry import (
+    ClientRecord,
+    ClientRegistry,
+    ClientStatus,
+    EnrollmentTokens,
+    ListedToken,
+    UnknownTokenError,
+)
 from shoal.transport import serde
 from shoal.transport.messages import EnrollmentRequest, RejectCode
 from shoal.transport.signing import ReplayGuard, RequestAuth, generate_client_key
@@ -31,10 +38,16 @@ from shoal.transport.signing import ReplayGuard, RequestAuth, generate_client_ke
 class Refused(Exception):
     """A request that must be answered with ``code``; caught inside the service."""
 
-    def __init__(self, code: RejectCode, detail: str) -> None:
+    def __init__(self, code: RejectCode, detail: str, *, guess: bool = False) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
+        self.guess = guess  # an enrollment token the registry does not know (see guesses.py)
+
+
+def _bad_token(error: SecurityError) -> Refused:
+    """The refusal of a token the registry would not redeem (a guess, where it knows none)."""
+    return Refused(RejectCode.BAD_TOKEN, str(error), guess=isinstance(error, UnknownTokenError))
 
 
 @contextmanager
@@ -130,7 +143,7 @@ class Admission:
                     enrollment.enrollment_token, client_id=auth.client_id, now=self.now()
                 )
             except SecurityError as exc:
-                raise Refused(RejectCode.BAD_TOKEN, str(exc)) from exc
+                raise _bad_token(exc) from exc
             if known is not None:
                 raise Refused(
                     RejectCode.BAD_SIGNATURE,
@@ -210,4 +223,4 @@ class Admission:
         try:
             self.tokens.redeem(token, client_id=client_id, now=self.now())
         except SecurityError as exc:
-            raise Refused(RejectCode.BAD_TOKEN, str(exc)) from exc
+            raise _bad_token(exc) from exc

@@ -289,6 +289,8 @@ def build(
         upload_idle_s=section.upload_idle_s,
         criteria=run.selection_criteria,  # at a check-in, itself a sighting: no seen_within
         attestation=attestation,
+        enrollment_guesses=section.enrollment_guesses,
+        enrollment_guess_window_s=section.enrollment_guess_window_s,
     )
     service = CoordinatorService(
         driver,

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection
@@ -49,6 +50,7 @@ from shoal.config import SelectionSection
 from shoal.coordinator.admission import Admission, Refused, malformed
 from shoal.coordinator.driver import RoundDriver
 from shoal.coordinator.events import Authentication
+from shoal.coordinator.guesses import GuessThrottle, guess_source
 from shoal.core.device import DeviceState
 from shoal.core.errors import (
     IntegrityError,
@@ -105,6 +107,8 @@ from shoal.transport.rpc import RpcObserver, add_bytes_servicer
 log = logging.getLogger("shoal.coordinator")
 
 HEARTBEAT_EVERY_S = 30.0
+THROTTLED = "throttled"
+"""The reason an enrollment refused untried is counted under (:mod:`shoal.coordinator.guesses`)."""
 # What a check-in can change only by re-enrolling (a write); power and network are batched.
 _STABLE_FIELDS = (
     "device_class",
@@ -144,6 +148,9 @@ class ServiceSettings:
     upload_idle_s: float = 60.0  # the longest wait for an upload's next part
     criteria: Callable[[], SelectionCriteria] = _no_policy
     attestation: AttestationGate | None = None  # None: clients need not attest
+    # unknown enrollment tokens one address may send within the window (see guesses.py)
+    enrollment_guesses: int = 10
+    enrollment_guess_window_s: float = 60.0
 
     def listed_tokens(self) -> list[ListedToken]:
         return [
@@ -239,6 +246,11 @@ class CoordinatorService:
         )
         self.model_bytes = ModelBytes(driver, versions)  # the run's committed HEAD, signed
         self.refusals: Counter[str] = Counter()
+        self.guesses = GuessThrottle(
+            limit=settings.enrollment_guesses,
+            window_s=settings.enrollment_guess_window_s,
+            clock=clock,
+        )
         self._uploading: set[str] = set()  # the clients whose update is being taken in
         self.refusal_log = refusal_log or RefusalLog(log)
 
@@ -253,6 +265,17 @@ class CoordinatorService:
     # --- RPCs ----------------------------------------------------------------------------------
 
     async def Enroll(self, request: bytes, context: Context) -> pb.EnrollResponse:  # noqa: N802
+        source = guess_source(context.peer())
+        wait_s = self.guesses.wait_s(source)
+        if wait_s > 0:  # refused before its token is tried: a right guess enrolls no one now
+            detail = (
+                f"too many unknown enrollment tokens from {source}: retry in {math.ceil(wait_s)} s"
+            )
+            self.refusals[THROTTLED] += 1
+            self.refusal_log.refused(
+                peer=context.peer(), rpc="Enroll", reason=THROTTLED, detail=detail
+            )
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, detail)
         try:
             with malformed(ProtocolError, RegistryError):  # NotFoundError cannot arise here
                 message = serde.parse(pb.EnrollRequest, request)
@@ -266,6 +289,8 @@ class CoordinatorService:
                     self.admission.admit(auth.client_id, enrollment.enrollment_token)
                     self._enroll(auth.client_id, enrollment)
         except Refused as refusal:
+            if refusal.guess:
+                self.guesses.guessed(source)
             verdict = self._refused("Enroll", refusal, context)
             return serde.encode_enroll_response(EnrollReply(verdict))
         return serde.encode_enroll_response(

@@ -64,7 +64,9 @@ log = logging.getLogger("shoal.coordinator")
 
 WEAK_TOKEN_CHARS = 16
 """A listed enrollment token shorter than this is warned about: each guess is one enrollment
-request, and none is throttled (``shoal clients enroll`` issues 128-bit random tokens)."""
+request, throttled only per address (``coordinator.enrollment_guesses``: a guesser with many
+addresses guesses that much faster), and ``shoal clients enroll`` issues 128-bit random
+tokens."""
 
 
 def listed_tokens_from_config(section: CoordinatorSection) -> list[ListedToken]:

@@ -55,6 +55,7 @@ from shoal.registry.tokens import (
     EnrollmentTokens,
     ListedToken,
     TokenState,
+    UnknownTokenError,
     token_id_of,
 )
 from shoal.registry.versioning import (
@@ -111,6 +112,7 @@ __all__ = [
     "SignedHead",
     "TokenOrigin",
     "TokenState",
+    "UnknownTokenError",
     "VersionMatrix",
     "VersionSignature",
     "VersionSigner",

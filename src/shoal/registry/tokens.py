@@ -369,6 +369,11 @@ def _redeemable(digest: str, *, client_id: str, now: datetime) -> tuple[Any, ...
     )
 
 
+class UnknownTokenError(SecurityError):
+    """A token the registry does not know at all (not one used up, expired, revoked or bound to
+    another id): to an enrollment service, a guess."""
+
+
 def _refusal(
     connection: Connection, digest: str, *, client_id: str, now: datetime
 ) -> SecurityError:
@@ -377,7 +382,7 @@ def _refusal(
         sa.select(enrollment_tokens).where(enrollment_tokens.c.token_sha256 == digest)
     ).first()
     if row is None:
-        return SecurityError("unknown enrollment token")
+        return UnknownTokenError("unknown enrollment token")
     record = _record(row)
     name = f"enrollment token {record.token_id}"
     state = record.state(now)

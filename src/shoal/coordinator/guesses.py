@@ -1,0 +1,107 @@
+"""Online guessing of enrollment tokens, throttled by the address it comes from.
+
+Each Enroll request names a token; one that the registry does not know at all is a guess (a
+known token that is used up, expired, revoked or bound to another id is not: its holder was
+given it). A listed token is often a short secret an operator typed, and without a limit a
+stranger could try tokens as fast as the service answers. :class:`GuessThrottle` lets each
+source make ``limit`` guesses within ``window_s``; past that, the source's enrollments are
+refused *before* their token is tried (``RESOURCE_EXHAUSTED``, which a client retries with
+backoff) until its oldest guess leaves the window. Refusing without trying matters: were the
+token still tried, a right guess would still enroll, and the limit would limit nothing.
+
+A source is a peer's host (:func:`guess_source`): an IPv4 address, an IPv6 address's /64 (the
+block one machine is usually given, whose addresses it can change at will), or the peer string
+as it is. Honest clients behind one address with a stranger guessing share the wait; they hold
+a right token, so they never count against it themselves. The table holds at most
+``most_sources`` sources (the least recently guessing dropped first): a guesser that spreads
+over more addresses than that is no longer tracked, and the README says so.
+
+>>> throttle = GuessThrottle(limit=2, window_s=60.0, clock=iter([0.0, 1.0, 2.0]).__next__)
+>>> throttle.guessed("10.0.0.7"); throttle.guessed("10.0.0.7")
+>>> throttle.wait_s("10.0.0.7")
+58.0
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+from shoal.core.errors import ConfigError
+from shoal.telemetry.refusals import peer_host
+
+IPV6_BLOCK = 64
+"""The prefix length under which IPv6 addresses count as one source."""
+MOST_SOURCES = 100_000
+"""The most sources a throttle tracks at once."""
+
+
+def guess_source(peer: str) -> str:
+    """The source a gRPC peer string's guesses count against (see the module docstring)."""
+    host = peer_host(peer)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # an IPv4 peer of a dual-stack socket
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{host}/{IPV6_BLOCK}", strict=False))
+    return str(address)
+
+
+class GuessThrottle:
+    """At most ``limit`` unknown tokens per source within ``window_s`` seconds of ``clock``."""
+
+    def __init__(
+        self,
+        *,
+        limit: int,
+        window_s: float,
+        clock: Callable[[], float],
+        most_sources: int = MOST_SOURCES,
+    ) -> None:
+        if limit < 1 or not window_s > 0 or most_sources < 1:
+            raise ConfigError(
+                "a guess throttle needs limit >= 1, window_s > 0 and most_sources >= 1, got "
+                f"{limit}, {window_s} and {most_sources}"
+            )
+        self.limit = limit
+        self.window_s = window_s
+        self.clock = clock
+        self.most_sources = most_sources
+        self._guesses: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def wait_s(self, source: str) -> float:
+        """Seconds until ``source`` may try a token again (0: now)."""
+        now = self.clock()
+        times = self._recent(source, now)
+        if times is None or len(times) < self.limit:
+            return 0.0
+        return max(0.0, times[-self.limit] + self.window_s - now)
+
+    def guessed(self, source: str) -> None:
+        """``source`` named a token the registry does not know."""
+        now = self.clock()
+        times = self._recent(source, now)
+        if times is None:
+            times = self._guesses[source] = deque()
+            while len(self._guesses) > self.most_sources:
+                self._guesses.popitem(last=False)
+        times.append(now)
+        while len(times) > self.limit:  # older ones no longer decide any wait
+            times.popleft()
+        self._guesses.move_to_end(source)
+
+    def _recent(self, source: str, now: float) -> deque[float] | None:
+        """``source``'s guesses within the window (None: none is kept)."""
+        times = self._guesses.get(source)
+        if times is None:
+            return None
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        if not times:
+            del self._guesses[source]
+            return None
+        return times
