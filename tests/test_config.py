@@ -121,6 +121,11 @@ def test_overrides_do_not_touch_the_input() -> None:
             "devices.classes.0.dropot: unknown key (did you mean dropout?)",
         ),
         ("run.rounds=0", "run.rounds: Input should be greater than or equal to 1"),
+        (
+            "coordinator.trusted_proxies=['10.0.0.0/8', 'proxy.local']",
+            "coordinator.trusted_proxies: not an address or CIDR block: 'proxy.local' does not",
+        ),
+        ("coordinator.enrollment_guesses=0", "coordinator.enrollment_guesses: Input should be"),
         ("round.over_selection=0.9", "round.over_selection"),
         (
             "policy.max_examples=0",

@@ -15,6 +15,7 @@ whole (:data:`MAX_MODEL_PARAMETERS`, :data:`MAX_CLIENT_DATA_BYTES`).
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import logging
 import types
 from collections.abc import Iterable, Mapping
@@ -618,14 +619,17 @@ class CoordinatorSection(_Section):
     max_concurrent_rpcs: Annotated[
         int, Field(ge=1), Limit(65_536, "each call may hold 1 MiB before it is authenticated")
     ] = 1024
-    # enrollment tokens the registry does not know that one address (an IPv6 /64) may send
-    # within the window; past them its enrollments are refused untried until the window moves
+    # bad enrollment tokens one address (an IPv6 /64) may send within the window; past them
+    # its enrollments are refused untried until the window moves (coordinator/guesses.py)
     enrollment_guesses: Annotated[
         int, Field(ge=1), Limit(1_000_000, "each is a guess at a token, unthrottled past it")
     ] = 10
     enrollment_guess_window_s: Annotated[
         float, Field(gt=0), Limit(86_400, "a longer wait locks out an address's clients too")
     ] = 60.0
+    # the proxies in front of the service (addresses or CIDR blocks) whose x-forwarded-for
+    # names the client's address; any other peer's header is ignored
+    trusted_proxies: list[str] = Field(default_factory=list)
     retry_after_s: Annotated[
         float, Field(gt=0), Limit(MAX_RETRY_AFTER_S, "a client waits no longer between check-ins")
     ] = 2.0
@@ -660,6 +664,16 @@ class CoordinatorSection(_Section):
         if len(set(secrets)) != len(secrets):
             raise ValueError("each token may be listed once")
         return tokens
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, proxies: list[str]) -> list[str]:
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"not an address or CIDR block: {exc}") from None
+        return proxies
 
     @field_validator("listen")
     @classmethod

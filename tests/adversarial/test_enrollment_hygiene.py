@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from shoal.client.link import Enroll, Enrollment
+from shoal.coordinator.guesses import guess_source
 from shoal.coordinator.server import CoordinatorParts
 from shoal.core import DeviceState, ProtocolError, TransportError
 from shoal.transport import serde
@@ -94,12 +95,19 @@ def forged_enroll(client_id: str, token: str, **device: str) -> bytes:
 
 
 async def enroll(
-    channel: grpc.aio.Channel, client_id: str, token: str, **device: str
+    channel: grpc.aio.Channel,
+    client_id: str,
+    token: str,
+    *,
+    forwarded_for: str | None = None,
+    **device: str,
 ) -> tuple[str, str]:
-    """(code, detail) of an enrollment: ``accepted``, a reject code, or the gRPC status."""
+    """(code, detail) of an enrollment: ``accepted``, a reject code, or the gRPC status;
+    ``forwarded_for``: the ``x-forwarded-for`` a proxy (or a liar) adds."""
+    metadata = None if forwarded_for is None else (("x-forwarded-for", forwarded_for),)
     try:
         request = forged_enroll(client_id, token, **device)
-        raw = await channel.unary_unary(ENROLL)(request, timeout=10)
+        raw = await channel.unary_unary(ENROLL)(request, timeout=10, metadata=metadata)
     except grpc.aio.AioRpcError as error:
         return f"grpc {error.code().name}", error.details() or ""
     reply = serde.decode_enroll_response(serde.parse(pb.EnrollResponse, raw))
@@ -279,12 +287,13 @@ def test_a_known_client_without_a_key_cannot_be_claimed_without_a_token(tmp_path
 def test_online_token_guessing_is_throttled_by_address_and_the_right_guess_waits_too(
     tmp_path: Path,
 ) -> None:
-    """A stranger tries tokens as fast as the service answers (each unknown token a verdict
-    of its own): a short listed secret fell to it. Past ``coordinator.enrollment_guesses``
-    unknown tokens from one address within the window, that address is refused before its
-    token is tried (the right token included, which is then not used up), RESOURCE_EXHAUSTED,
-    which the real client's link raises as a failure it retries, until the window moves on.
-    Tokens the registry knows (used up, here) are no guesses and never count."""
+    """A stranger tries tokens as fast as the service answers (each bad token a verdict of its
+    own): a short listed secret fell to it. Past ``coordinator.enrollment_guesses`` bad tokens
+    from one address within the window (a used-up one counts: it answers too), that address is
+    refused before its token is tried (the right token included, which is then not used up),
+    RESOURCE_EXHAUSTED, which the real client's link raises as a failure it retries, until the
+    window moves on. An enrolled client rejoining with its key (a restart) tries no token and
+    is not held up."""
     secret, spent = "pilot-9f3k", "used-once-token"
     now = [1_000.0]
 
@@ -300,17 +309,20 @@ def test_online_token_guessing_is_throttled_by_address_and_the_right_guess_waits
         ):
             parts.service.guesses.clock = lambda: now[0]  # the window, in virtual time
             seen: dict[str, Any] = {}
-            seen["spent"] = [await enroll(channel, f"used-{i}", spent) for i in range(6)]
-            seen["guesses"] = [await enroll(channel, f"g-{i}", f"guess-{i}") for i in range(3)]
-            seen["right"] = await enroll(channel, "site-1", secret)
-            private, public = generate_client_key()
             link = GrpcLink(target, credentials=None, enrollment_token=secret)
+            early = Enrollment("early", *generate_client_key())
+            await link.handle(early, Enroll(DeviceState()))
+            seen["spent"] = [await enroll(channel, f"used-{i}", spent) for i in range(2)]
+            seen["guesses"] = [await enroll(channel, f"g-{i}", f"guess-{i}") for i in range(2)]
+            seen["right"] = await enroll(channel, "site-1", secret)
+            await link.handle(early, Enroll(DeviceState()))  # rejoining with its key: no token
+            private, public = generate_client_key()
             try:
                 with pytest.raises(TransportError, match="RESOURCE_EXHAUSTED"):
                     await link.handle(Enrollment("site-2", private, public), Enroll(DeviceState()))
                 now[0] += 59.0
                 seen["still"] = await enroll(channel, "site-1", secret)
-                now[0] += 1.5  # the first guess left the window
+                now[0] += 1.5  # the first bad token left the window
                 seen["after"] = await enroll(channel, "site-1", secret)
                 await link.handle(Enrollment("site-2", private, public), Enroll(DeviceState()))
             finally:
@@ -320,12 +332,62 @@ def test_online_token_guessing_is_throttled_by_address_and_the_right_guess_waits
             return seen
 
     seen = asyncio.run(body())
-    assert [code for code, _ in seen["spent"]] == ["accepted"] + [RejectCode.BAD_TOKEN.value] * 5
-    assert [detail for _, detail in seen["guesses"]] == ["unknown enrollment token"] * 3
+    assert [code for code, _ in seen["spent"]] == ["accepted", RejectCode.BAD_TOKEN.value]
+    assert [detail for _, detail in seen["guesses"]] == ["unknown enrollment token"] * 2
     code, detail = seen["right"]
     assert code == "grpc RESOURCE_EXHAUSTED"
-    assert detail == "too many unknown enrollment tokens from 127.0.0.1: retry in 60 s"
+    assert detail == "too many bad enrollment tokens from 127.0.0.1: retry in 60 s"
     assert seen["still"] == ("grpc RESOURCE_EXHAUSTED", detail.replace("60 s", "1 s"))
     assert seen["after"][0] == "accepted"
-    assert seen["enrolled"] == ["site-1", "site-2", "used-0"]
+    assert seen["enrolled"] == ["early", "site-1", "site-2", "used-0"]
     assert seen["throttled"] == 3
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_behind_a_trusted_proxy_each_forwarded_address_guesses_apart(
+    tmp_path: Path, trusted: bool
+) -> None:
+    """Behind a proxy every call comes from the proxy: one guesser locked every client out.
+    A proxy in ``coordinator.trusted_proxies`` has its ``x-forwarded-for`` read, so another
+    address behind it still enrolls; a peer that is not one has its header ignored, so a
+    guesser that names a new address with each call is still one source."""
+    secret = "pilot-9f3k"
+
+    async def body() -> list[tuple[str, str]]:
+        async with (
+            served_job(
+                tmp_path,
+                run_id=RUN,
+                tokens=[secret],
+                coordinator={
+                    "enrollment_guesses": 2,
+                    "trusted_proxies": ["127.0.0.0/8"] if trusted else [],
+                },
+            ) as (target, _),
+            grpc.aio.insecure_channel(target) as channel,
+        ):
+            guesses = [
+                await enroll(channel, f"g-{i}", f"guess-{i}", forwarded_for="203.0.113.9")
+                for i in range(2)
+            ]
+            # a hop put before the proxy's own is the caller's word, not the proxy's
+            guesses.append(
+                await enroll(channel, "g-9", "guess-9", forwarded_for="198.51.100.1, 203.0.113.9")
+            )
+            other = await enroll(channel, "site-1", secret, forwarded_for="203.0.113.77")
+            return [*guesses, other]
+
+    codes = [code for code, _ in asyncio.run(body())]
+    refused = "grpc RESOURCE_EXHAUSTED"
+    if trusted:
+        assert codes == ["bad_token", "bad_token", refused, "accepted"]
+    else:
+        assert codes == ["bad_token", "bad_token", refused, refused]
+
+
+def test_grpc_s_ipv6_peers_count_as_their_64_block() -> None:
+    """gRPC writes an IPv6 peer percent-encoded (``ipv6:%5B...%5D:port``): read as it was,
+    every address of a machine's /64 was a source of its own."""
+    assert guess_source("ipv6:%5B2001:db8:1:2::7%5D:443") == "2001:db8:1:2::/64"
+    assert guess_source("ipv6:%5B2001:db8:1:2:ffff::1%5D:9") == "2001:db8:1:2::/64"
+    assert guess_source("ipv4:10.0.0.7:5123") == "10.0.0.7"

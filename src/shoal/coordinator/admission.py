@@ -28,7 +28,6 @@ from shoal.registry import (
     ClientStatus,
     EnrollmentTokens,
     ListedToken,
-    UnknownTokenError,
 )
 from shoal.transport import serde
 from shoal.transport.messages import EnrollmentRequest, RejectCode
@@ -38,16 +37,10 @@ from shoal.transport.signing import ReplayGuard, RequestAuth, generate_client_ke
 class Refused(Exception):
     """A request that must be answered with ``code``; caught inside the service."""
 
-    def __init__(self, code: RejectCode, detail: str, *, guess: bool = False) -> None:
+    def __init__(self, code: RejectCode, detail: str) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
-        self.guess = guess  # an enrollment token the registry does not know (see guesses.py)
-
-
-def _bad_token(error: SecurityError) -> Refused:
-    """The refusal of a token the registry would not redeem (a guess, where it knows none)."""
-    return Refused(RejectCode.BAD_TOKEN, str(error), guess=isinstance(error, UnknownTokenError))
 
 
 @contextmanager
@@ -118,8 +111,18 @@ class Admission:
         self._fresh(auth, key, this_run=this_run)
         return auth, record
 
-    def authenticate_enrollment(self, message: Any, enrollment: EnrollmentRequest) -> RequestAuth:
+    def authenticate_enrollment(
+        self,
+        message: Any,
+        enrollment: EnrollmentRequest,
+        *,
+        before_token: Callable[[], None] | None = None,
+    ) -> RequestAuth:
         """The verified auth of an enrollment, signed with the key it enrolls.
+
+        ``before_token`` runs before a token is tried, and may refuse the request (a source
+        that guessed too often, :mod:`shoal.coordinator.guesses`): an enrolled client that
+        rejoins with its key tries none, and is not held up.
 
         The signature proves only that the sender holds that key, not that the
         client id is its: so before its nonce is remembered (see
@@ -138,12 +141,14 @@ class Admission:
         except NotFoundError:
             known = None
         if known != key:
+            if before_token is not None:
+                before_token()
             try:
                 self.tokens.check(
                     enrollment.enrollment_token, client_id=auth.client_id, now=self.now()
                 )
             except SecurityError as exc:
-                raise _bad_token(exc) from exc
+                raise Refused(RejectCode.BAD_TOKEN, str(exc)) from exc
             if known is not None:
                 raise Refused(
                     RejectCode.BAD_SIGNATURE,
@@ -223,4 +228,4 @@ class Admission:
         try:
             self.tokens.redeem(token, client_id=client_id, now=self.now())
         except SecurityError as exc:
-            raise _bad_token(exc) from exc
+            raise Refused(RejectCode.BAD_TOKEN, str(exc)) from exc

@@ -1,20 +1,24 @@
 """Online guessing of enrollment tokens, throttled by the address it comes from.
 
-Each Enroll request names a token; one that the registry does not know at all is a guess (a
-known token that is used up, expired, revoked or bound to another id is not: its holder was
-given it). A listed token is often a short secret an operator typed, and without a limit a
-stranger could try tokens as fast as the service answers. :class:`GuessThrottle` lets each
-source make ``limit`` guesses within ``window_s``; past that, the source's enrollments are
-refused *before* their token is tried (``RESOURCE_EXHAUSTED``, which a client retries with
-backoff) until its oldest guess leaves the window. Refusing without trying matters: were the
-token still tried, a right guess would still enroll, and the limit would limit nothing.
+Each Enroll request that needs a token names one, and the answer tells whether it is good:
+a bad one (unknown, used up, expired, revoked, or bound to another client id) is a guess. A
+listed token is often a short secret an operator typed, and without a limit a stranger could
+try tokens (or, holding a token bound to an id, ids) as fast as the service answers.
+:class:`GuessThrottle` lets each source make ``limit`` guesses within ``window_s``; past that,
+the source's enrollments are refused *before* their token is tried (``RESOURCE_EXHAUSTED``,
+which a client retries with backoff) until its oldest guess leaves the window. Refusing
+without trying matters: were the token still tried, a right guess would still enroll, and the
+limit would limit nothing. An enrolled client rejoining with its key (a restart) tries no
+token and is never held up.
 
 A source is a peer's host (:func:`guess_source`): an IPv4 address, an IPv6 address's /64 (the
 block one machine is usually given, whose addresses it can change at will), or the peer string
-as it is. Honest clients behind one address with a stranger guessing share the wait; they hold
-a right token, so they never count against it themselves. The table holds at most
-``most_sources`` sources (the least recently guessing dropped first): a guesser that spreads
-over more addresses than that is no longer tracked, and the README says so.
+as it is. Behind a proxy every peer is the proxy: a proxy listed in ``trusted_proxies`` has its
+``x-forwarded-for`` header read instead (the address it received the call from, its last
+entry), and any other peer's header is ignored, so a guesser cannot name another source.
+Honest clients behind one address with a guesser share its wait, for as long as it keeps
+guessing. The table lives in this process (a restart starts it empty) and holds at most
+``most_sources`` sources, the least recently guessing dropped first.
 
 >>> throttle = GuessThrottle(limit=2, window_s=60.0, clock=iter([0.0, 1.0, 2.0]).__next__)
 >>> throttle.guessed("10.0.0.7"); throttle.guessed("10.0.0.7")
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 from shoal.core.errors import ConfigError
 from shoal.telemetry.refusals import peer_host
@@ -37,9 +41,49 @@ MOST_SOURCES = 100_000
 """The most sources a throttle tracks at once."""
 
 
-def guess_source(peer: str) -> str:
-    """The source a gRPC peer string's guesses count against (see the module docstring)."""
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+FORWARDED_FOR = "x-forwarded-for"
+
+
+def trusted_networks(proxies: Iterable[str]) -> tuple[Network, ...]:
+    """The networks of ``coordinator.trusted_proxies`` (addresses or CIDR blocks)."""
+    try:
+        return tuple(ipaddress.ip_network(proxy, strict=False) for proxy in proxies)
+    except ValueError as exc:
+        raise ConfigError(f"coordinator.trusted_proxies: {exc}") from None
+
+
+def guess_source(
+    peer: str,
+    metadata: Iterable[tuple[str, str | bytes]] = (),
+    trusted: Sequence[Network] = (),
+) -> str:
+    """The source a call's guesses count against: its gRPC ``peer``, or, where that peer is a
+    ``trusted`` proxy, the address its ``x-forwarded-for`` in ``metadata`` names last (see
+    the module docstring)."""
     host = peer_host(peer)
+    if trusted and _within(host, trusted):
+        forwarded = [
+            value
+            for key, value in metadata
+            if key.lower() == FORWARDED_FOR and isinstance(value, str)
+        ]
+        hops = [hop.strip() for hop in ",".join(forwarded).split(",") if hop.strip()]
+        if hops:
+            host = hops[-1].strip("[]")
+    return _block(host)
+
+
+def _within(host: str, networks: Sequence[Network]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def _block(host: str) -> str:
+    """An IPv4 address as it is, an IPv6 address as its /64, anything else whole."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:

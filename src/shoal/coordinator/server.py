@@ -62,6 +62,7 @@ from shoal.coordinator.events import (
     RequestDecryption,
     RoundSummary,
 )
+from shoal.coordinator.guesses import trusted_networks
 from shoal.coordinator.homomorphic import CKKS
 from shoal.coordinator.nonces import NonceJournal
 from shoal.coordinator.records import RunRecords
@@ -291,6 +292,7 @@ def build(
         attestation=attestation,
         enrollment_guesses=section.enrollment_guesses,
         enrollment_guess_window_s=section.enrollment_guess_window_s,
+        trusted_proxies=trusted_networks(section.trusted_proxies),
     )
     service = CoordinatorService(
         driver,

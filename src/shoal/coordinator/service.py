@@ -50,7 +50,7 @@ from shoal.config import SelectionSection
 from shoal.coordinator.admission import Admission, Refused, malformed
 from shoal.coordinator.driver import RoundDriver
 from shoal.coordinator.events import Authentication
-from shoal.coordinator.guesses import GuessThrottle, guess_source
+from shoal.coordinator.guesses import GuessThrottle, Network, guess_source
 from shoal.core.device import DeviceState
 from shoal.core.errors import (
     IntegrityError,
@@ -148,15 +148,21 @@ class ServiceSettings:
     upload_idle_s: float = 60.0  # the longest wait for an upload's next part
     criteria: Callable[[], SelectionCriteria] = _no_policy
     attestation: AttestationGate | None = None  # None: clients need not attest
-    # unknown enrollment tokens one address may send within the window (see guesses.py)
+    # bad enrollment tokens one address may send within the window (see guesses.py), and the
+    # proxies whose x-forwarded-for names the address
     enrollment_guesses: int = 10
     enrollment_guess_window_s: float = 60.0
+    trusted_proxies: tuple[Network, ...] = ()
 
     def listed_tokens(self) -> list[ListedToken]:
         return [
             ListedToken(token=token) if isinstance(token, str) else token
             for token in self.enrollment_tokens
         ]
+
+
+class _Throttled(Exception):
+    """An enrollment refused before its token is tried (:mod:`shoal.coordinator.guesses`)."""
 
 
 class Screened(Exception):
@@ -246,10 +252,10 @@ class CoordinatorService:
         )
         self.model_bytes = ModelBytes(driver, versions)  # the run's committed HEAD, signed
         self.refusals: Counter[str] = Counter()
-        self.guesses = GuessThrottle(
+        self.guesses = GuessThrottle(  # on its own clock: a stepped wall clock moves no window
             limit=settings.enrollment_guesses,
             window_s=settings.enrollment_guess_window_s,
-            clock=clock,
+            clock=time.monotonic,
         )
         self._uploading: set[str] = set()  # the clients whose update is being taken in
         self.refusal_log = refusal_log or RefusalLog(log)
@@ -265,22 +271,24 @@ class CoordinatorService:
     # --- RPCs ----------------------------------------------------------------------------------
 
     async def Enroll(self, request: bytes, context: Context) -> pb.EnrollResponse:  # noqa: N802
-        source = guess_source(context.peer())
-        wait_s = self.guesses.wait_s(source)
-        if wait_s > 0:  # refused before its token is tried: a right guess enrolls no one now
-            detail = (
-                f"too many unknown enrollment tokens from {source}: retry in {math.ceil(wait_s)} s"
-            )
-            self.refusals[THROTTLED] += 1
-            self.refusal_log.refused(
-                peer=context.peer(), rpc="Enroll", reason=THROTTLED, detail=detail
-            )
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, detail)
+        source = guess_source(
+            context.peer(), context.invocation_metadata() or (), self.settings.trusted_proxies
+        )
+
+        def before_token() -> None:  # refused before its token is tried: a right guess waits
+            wait_s = self.guesses.wait_s(source)
+            if wait_s > 0:
+                raise _Throttled(
+                    f"too many bad enrollment tokens from {source}: retry in {math.ceil(wait_s)} s"
+                )
+
         try:
             with malformed(ProtocolError, RegistryError):  # NotFoundError cannot arise here
                 message = serde.parse(pb.EnrollRequest, request)
                 enrollment = serde.decode_enroll_request(message)
-                auth = self.admission.authenticate_enrollment(message, enrollment)
+                auth = self.admission.authenticate_enrollment(
+                    message, enrollment, before_token=before_token
+                )
                 # before a token is redeemed: unattested code uses up no enrollment
                 self.admission.attest(auth, enrollment.public_key, enrollment.evidence)
                 # one transaction: an enrollment that fails (the id taken meanwhile, by a
@@ -289,10 +297,16 @@ class CoordinatorService:
                     self.admission.admit(auth.client_id, enrollment.enrollment_token)
                     self._enroll(auth.client_id, enrollment)
         except Refused as refusal:
-            if refusal.guess:
+            if refusal.code is RejectCode.BAD_TOKEN:
                 self.guesses.guessed(source)
             verdict = self._refused("Enroll", refusal, context)
             return serde.encode_enroll_response(EnrollReply(verdict))
+        except _Throttled as throttled:
+            self.refusals[THROTTLED] += 1
+            self.refusal_log.refused(
+                peer=context.peer(), rpc="Enroll", reason=THROTTLED, detail=str(throttled)
+            )
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(throttled))
         return serde.encode_enroll_response(
             EnrollReply(Verdict.accept(), Credentials(auth.client_id))
         )

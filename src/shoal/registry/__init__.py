@@ -55,7 +55,6 @@ from shoal.registry.tokens import (
     EnrollmentTokens,
     ListedToken,
     TokenState,
-    UnknownTokenError,
     token_id_of,
 )
 from shoal.registry.versioning import (
@@ -112,7 +111,6 @@ __all__ = [
     "SignedHead",
     "TokenOrigin",
     "TokenState",
-    "UnknownTokenError",
     "VersionMatrix",
     "VersionSignature",
     "VersionSigner",

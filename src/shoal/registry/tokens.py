@@ -369,11 +369,6 @@ def _redeemable(digest: str, *, client_id: str, now: datetime) -> tuple[Any, ...
     )
 
 
-class UnknownTokenError(SecurityError):
-    """A token the registry does not know at all (not one used up, expired, revoked or bound to
-    another id): to an enrollment service, a guess."""
-
-
 def _refusal(
     connection: Connection, digest: str, *, client_id: str, now: datetime
 ) -> SecurityError:
@@ -382,7 +377,7 @@ def _refusal(
         sa.select(enrollment_tokens).where(enrollment_tokens.c.token_sha256 == digest)
     ).first()
     if row is None:
-        return UnknownTokenError("unknown enrollment token")
+        return SecurityError("unknown enrollment token")
     record = _record(row)
     name = f"enrollment token {record.token_id}"
     state = record.state(now)

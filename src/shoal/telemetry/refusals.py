@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -42,14 +43,15 @@ class _Window:
 
 
 def peer_host(peer: str) -> str:
-    """The host of a gRPC peer string (``ipv4:10.0.0.7:5123`` -> ``10.0.0.7``).
+    """The host of a gRPC peer string (``ipv4:10.0.0.7:5123`` -> ``10.0.0.7``;
+    ``ipv6:%5B::1%5D:5123``, as gRPC writes an IPv6 peer, percent-encoded -> ``::1``).
 
     Each connection comes from a new port, so the limit is kept per host;
     a string of another form is kept whole.
     """
     kind, _, address = peer.partition(":")
     if kind in ("ipv4", "ipv6") and ":" in address:
-        return address.rpartition(":")[0].strip("[]")
+        return unquote(address).rpartition(":")[0].strip("[]")
     return peer
 
 
