@@ -23,7 +23,7 @@ import pytest
 from shoal.client.link import Enroll, Enrollment
 from shoal.coordinator.guesses import guess_source
 from shoal.coordinator.server import CoordinatorParts
-from shoal.core import DeviceState, ProtocolError, TransportError
+from shoal.core import BusyError, DeviceState, ProtocolError
 from shoal.transport import serde
 from shoal.transport._generated import coordinator_pb2 as pb
 from shoal.transport.grpc_link import GrpcLink
@@ -318,7 +318,7 @@ def test_online_token_guessing_is_throttled_by_address_and_the_right_guess_waits
             await link.handle(early, Enroll(DeviceState()))  # rejoining with its key: no token
             private, public = generate_client_key()
             try:
-                with pytest.raises(TransportError, match="RESOURCE_EXHAUSTED"):
+                with pytest.raises(BusyError, match="RESOURCE_EXHAUSTED"):  # retried
                     await link.handle(Enrollment("site-2", private, public), Enroll(DeviceState()))
                 now[0] += 59.0
                 seen["still"] = await enroll(channel, "site-1", secret)

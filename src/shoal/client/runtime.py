@@ -70,6 +70,7 @@ from shoal.client.link import (
 )
 from shoal.core.device import DeviceState
 from shoal.core.errors import (
+    BusyError,
     ClientError,
     ConfigError,
     IntegrityError,
@@ -498,11 +499,12 @@ class ClientRuntime:
                 if self._stopping.is_set():
                     raise _Stopped from exc
                 delay = self.backoff.delay(attempt, self._rng)
-                log.info("coordinator unreachable (%s); retrying in %.2fs", exc, delay)
+                state = "refusing calls for now" if isinstance(exc, BusyError) else "unreachable"
+                log.info("coordinator %s (%s); retrying in %.2fs", state, exc, delay)
                 attempt += 1
                 # said, where a wrong address or a refused handshake looked like a hang
                 if _told_after(attempt):
-                    self._event(f"coordinator unreachable after {attempt} tries ({exc}); retrying")
+                    self._event(f"coordinator {state} after {attempt} tries ({exc}); retrying")
                 await self._pause(delay)
                 continue
             if attempt >= UNREACHABLE_TOLD_AFTER:

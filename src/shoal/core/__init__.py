@@ -2,6 +2,7 @@
 
 from shoal.core.device import DeviceState
 from shoal.core.errors import (
+    BusyError,
     ClientError,
     ConfigError,
     DataError,
@@ -47,6 +48,7 @@ from shoal.core.transforms import (
 __all__ = [
     "CLIENT_ID_PATTERN",
     "MAX_CLIENT_ID_CHARS",
+    "BusyError",
     "ClientError",
     "ConfigError",
     "DataError",

@@ -78,6 +78,12 @@ class TransportError(ShoalError):
     listened on."""
 
 
+class BusyError(TransportError):
+    """The peer answered, but refuses calls for now (gRPC's ``RESOURCE_EXHAUSTED``: too many
+    calls at once, or too many bad enrollment tokens from this address): retried like an
+    unreachable peer, and said so."""
+
+
 class SecurityError(ShoalError):
     """A signature, certificate, credential or nonce is not acceptable."""
 

@@ -39,7 +39,7 @@ from shoal.client.link import (
     Submitted,
     SubmitUpdate,
 )
-from shoal.core.errors import NotFoundError, SecurityError, TransportError
+from shoal.core.errors import BusyError, NotFoundError, SecurityError, TransportError
 from shoal.core.parameters import Parameters
 from shoal.governance.attestation import Attester, Binding, Evidence
 from shoal.secure.serde import encode_message
@@ -147,6 +147,8 @@ class GrpcLink:
                 raise NotFoundError(detail) from exc  # gone for good: retrying will not help
             if exc.code() is grpc.StatusCode.PERMISSION_DENIED:
                 raise SecurityError(detail) from exc
+            if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise BusyError(detail) from exc
             raise TransportError(detail) from exc
 
     async def _within(self, step: Awaitable[T], what: str) -> T:
