@@ -96,7 +96,7 @@ def _block(host: str) -> str:
 
 
 class GuessThrottle:
-    """At most ``limit`` unknown tokens per source within ``window_s`` seconds of ``clock``."""
+    """At most ``limit`` bad tokens per source within ``window_s`` seconds of ``clock``."""
 
     def __init__(
         self,
@@ -126,7 +126,7 @@ class GuessThrottle:
         return max(0.0, times[-self.limit] + self.window_s - now)
 
     def guessed(self, source: str) -> None:
-        """``source`` named a token the registry does not know."""
+        """``source`` named a bad token (see the module docstring)."""
         now = self.clock()
         times = self._recent(source, now)
         if times is None:

@@ -80,8 +80,8 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 MLFLOW_RUN_FILE = "mlflow-run-id"
 AUDIT_ANCHOR_FILE = "audit-anchor.json"
-"""In a run folder: the last head of the registry's audit log that the run signed and committed,
-kept outside the registry (:meth:`RunRecords.vouch` checks that the registry still holds it)."""
+"""In a run folder: the last head of the registry's audit log that the run's key signed and that
+committed, kept outside the registry (:meth:`RunRecords.vouch` checks the registry against it)."""
 ANCHOR_EVERY_S = 60.0
 """How often a run keeps its latest signed head in :data:`AUDIT_ANCHOR_FILE`: at a process's
 first commit, then at most this often, and when it closes the folder."""
@@ -270,7 +270,7 @@ class RunRecords:
         """The shell's last step with the run folder: close its logs and registries, then let
         the folder go to the next process (even when closing failed)."""
         try:
-            self._anchor(force=True)  # a failure to is a warning: the rest closes anyway
+            self._anchor(force=True)  # a failed write is a warning: the rest closes anyway
             self.close_logs()
             self.models.blobs.close()
             if self.held is not None:
