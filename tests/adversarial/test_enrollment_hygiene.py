@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from shoal.client.link import Enroll, Enrollment
-from shoal.coordinator.guesses import guess_source
+from shoal.coordinator.guesses import guess_source, trusted_networks
 from shoal.coordinator.server import CoordinatorParts
 from shoal.core import BusyError, DeviceState, ProtocolError
 from shoal.transport import serde
@@ -307,6 +307,7 @@ def test_online_token_guessing_is_throttled_by_address_and_the_right_guess_waits
             ) as (target, parts),
             grpc.aio.insecure_channel(target) as channel,
         ):
+            assert parts.service.guesses.clock is time.monotonic  # no stepped wall clock
             parts.service.guesses.clock = lambda: now[0]  # the window, in virtual time
             seen: dict[str, Any] = {}
             link = GrpcLink(target, credentials=None, enrollment_token=secret)
@@ -361,7 +362,8 @@ def test_behind_a_trusted_proxy_each_forwarded_address_guesses_apart(
                 tokens=[secret],
                 coordinator={
                     "enrollment_guesses": 2,
-                    "trusted_proxies": ["127.0.0.0/8"] if trusted else [],
+                    # untrusted: a proxy is listed, but not the one the calls come from
+                    "trusted_proxies": ["127.0.0.0/8"] if trusted else ["10.0.0.0/8"],
                 },
             ) as (target, _),
             grpc.aio.insecure_channel(target) as channel,
@@ -391,3 +393,18 @@ def test_grpc_s_ipv6_peers_count_as_their_64_block() -> None:
     assert guess_source("ipv6:%5B2001:db8:1:2::7%5D:443") == "2001:db8:1:2::/64"
     assert guess_source("ipv6:%5B2001:db8:1:2:ffff::1%5D:9") == "2001:db8:1:2::/64"
     assert guess_source("ipv4:10.0.0.7:5123") == "10.0.0.7"
+
+
+@pytest.mark.parametrize(
+    ("hop", "source"),
+    [
+        ("203.0.113.9:40001", "203.0.113.9"),  # a port: each connection was a source
+        ("[2001:db8::1]:40001", "2001:db8::/64"),
+        ("2001:db8::1", "2001:db8::/64"),
+        ("not-an-address", "127.0.0.1"),  # no address: the proxy's own count
+        ("203.0.113.9, unknown", "127.0.0.1"),
+    ],
+)
+def test_a_forwarded_hop_counts_by_its_address_alone(hop: str, source: str) -> None:
+    trusted = trusted_networks(["127.0.0.0/8"])
+    assert guess_source("ipv4:127.0.0.1:5", [("x-forwarded-for", hop)], trusted) == source

@@ -55,6 +55,9 @@ class Peer:
     def peer(self) -> str:
         return "ipv4:127.0.0.1:1"
 
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()  # no proxy's x-forwarded-for
+
 
 def signed(message: Any, client_id: str) -> bytes:
     """The bytes of ``message`` signed by ``client_id``, as they arrive at the service."""

@@ -285,15 +285,16 @@ def test_a_run_resumed_from_a_registry_before_signing_signs_its_head(tmp_path: P
 
 
 @pytest.mark.parametrize(
-    ("unsign", "unsign_all", "refusal"),
+    ("unsign", "unsign_all", "anchored", "refusal"),
     [
-        (True, False, "version 1 of 'global', HEAD, is not signed, in a registry whose versions"),
-        (False, False, "version 1 of 'global' (round 1, run 'shoal', sha256 bbbad9ac491e...) does"),
-        (True, True, "changed outside Shoal (its signatures removed, its HEAD moved, or put back"),
+        (True, False, False, "version 1 of 'global', HEAD, is not signed, in a registry whose"),
+        (False, False, False, "version 1 of 'global' (round 1, run 'shoal', sha256 bbbad9ac491e"),
+        (False, False, True, "(its entry 4 is contradicted: global version 1's sha256 is"),
+        (True, True, True, "changed outside Shoal (its signatures removed, its HEAD moved, or"),
     ],
 )
 def test_a_head_forged_in_the_registry_is_never_trained_on_or_signed(
-    tmp_path: Path, unsign: bool, unsign_all: bool, refusal: str
+    tmp_path: Path, unsign: bool, unsign_all: bool, anchored: bool, refusal: str
 ) -> None:
     """A registry writer swaps HEAD's weights (blob and sha256) and clears its signature, as a
     version from before signing looks, or leaves the signature: the resumed run signed the
@@ -301,10 +302,14 @@ def test_a_head_forged_in_the_registry_is_never_trained_on_or_signed(
     them; or it trained on them under a signature that no longer matched. Or the writer
     clears every signature and signed audit head too, as a whole registry from before signing
     looks: the resumed run signed the forged weights as its HEAD. The run folder keeps its
-    audit log's last signed head (outside the registry), which the stripped log lacks."""
+    audit log's last signed head (outside the registry), which the stripped log lacks, and
+    against which the forged HEAD is told first; a folder without it (a Shoal before it) is
+    refused by HEAD's own signature check."""
     folder = tmp_path / "run"
     _run_of_one_round(folder)
     forged = _edit_head(folder, weights_to=7.0, unsign=unsign, unsign_all=unsign_all)
+    if not anchored:
+        (folder / AUDIT_ANCHOR_FILE).unlink()
     resumed = Simulation(bare_config([*RESUMED, "run.rounds=2"]), folder, resume=True)
     with pytest.raises(SecurityError) as refused:
         resumed.run()
@@ -388,7 +393,7 @@ def test_an_older_copy_with_the_anchored_rows_copied_in_is_refused(tmp_path: Pat
     with contextlib.closing(sqlite3.connect(_registry_file(folder))) as old, old:
         old.execute(f"INSERT INTO audit_log VALUES ({', '.join('?' * len(entry))})", entry)
         old.execute(f"INSERT INTO audit_heads VALUES ({', '.join('?' * len(head))})", head)
-    with pytest.raises(SecurityError, match=r"its entry \d+ is deleted: missing: the log jumps"):
+    with pytest.raises(SecurityError, match=r"its entry \d+ is missing or moved"):
         _resumed_rounds(folder)
 
 
@@ -402,3 +407,42 @@ def test_a_head_moved_back_behind_the_log_s_back_is_refused(tmp_path: Path) -> N
         registry.execute("UPDATE model_heads SET version = 1 WHERE name = 'global'")
     with pytest.raises(SecurityError, match="HEAD of global is version 1; this entry moved it"):
         _resumed_rounds(folder)
+
+
+def test_a_head_moved_onto_a_bad_version_is_refused_before_the_playbook_rolls_it_back(
+    tmp_path: Path,
+) -> None:
+    """An operator marks an old version BAD; a registry writer then moves HEAD onto it. The
+    resume's playbook rolled HEAD back from it (an honest entry of its own, written first),
+    and the check after that found a log that agreed: rounds played again. The registry is
+    checked before anything is written on it."""
+    folder = tmp_path / "run"
+    Simulation(bare_config([*RESUMED, "run.rounds=4"]), folder).run()
+    marked = shoal("models", "mark", "global", "2", "bad", "--reason", "ops", "--state-dir", folder)
+    assert marked.exit_code == 0, marked.output
+    with contextlib.closing(sqlite3.connect(_registry_file(folder))) as registry, registry:
+        registry.execute("UPDATE model_heads SET version = 2 WHERE name = 'global'")
+        rollbacks = registry.execute("SELECT count(*) FROM audit_log WHERE kind = 'rollback'")
+        before = rollbacks.fetchone()
+    with pytest.raises(SecurityError, match="HEAD of global is version 2; this entry moved it"):
+        _resumed_rounds(folder)
+    with contextlib.closing(sqlite3.connect(_registry_file(folder))) as registry:
+        rollbacks = registry.execute("SELECT count(*) FROM audit_log WHERE kind = 'rollback'")
+        assert rollbacks.fetchone() == before  # nothing written on it
+
+
+def test_a_run_whose_anchor_cannot_be_written_goes_on_and_says_so_once_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The anchor is a defence, not a record of the run: where it cannot be written (a folder
+    in its place, here) the run commits every round, warns at its first try and at its end
+    (not at every round), and closes its folder."""
+    folder = tmp_path / "run"
+    (folder / AUDIT_ANCHOR_FILE).mkdir(parents=True)
+    with caplog.at_level("WARNING", logger="shoal.coordinator.records"):
+        summary = Simulation(bare_config([*RESUMED, "run.rounds=4"]), folder).run()
+    assert summary["rounds_completed"] == 4
+    warned = [r for r in caplog.records if "could not keep the audit log's head" in r.message]
+    assert len(warned) == 2  # the first commit's, and the close's
+    (folder / AUDIT_ANCHOR_FILE).rmdir()
+    assert _resumed_rounds(folder) == []  # the folder was let go; nothing is left to play

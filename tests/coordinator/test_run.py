@@ -62,6 +62,9 @@ class MemoryStore:
             state=fields["state"],
         )
 
+    def check_anchor(self) -> None:
+        return None  # this store holds no key, and so no anchor
+
     def vouch(self, record: ModelRecord) -> ModelRecord:
         return record  # this store holds no key
 

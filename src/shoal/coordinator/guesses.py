@@ -14,8 +14,10 @@ token and is never held up.
 A source is a peer's host (:func:`guess_source`): an IPv4 address, an IPv6 address's /64 (the
 block one machine is usually given, whose addresses it can change at will), or the peer string
 as it is. Behind a proxy every peer is the proxy: a proxy listed in ``trusted_proxies`` has its
-``x-forwarded-for`` header read instead (the address it received the call from, its last
-entry), and any other peer's header is ignored, so a guesser cannot name another source.
+``x-forwarded-for`` header read instead (the address it received the call from, which it must
+append as the header's last entry, as Envoy and nginx's ``$proxy_add_x_forwarded_for`` do; a
+port is dropped, and a last entry that is no address counts against the proxy itself), and any
+other peer's header is ignored, so a guesser cannot name another source.
 Honest clients behind one address with a guesser share its wait, for as long as it keeps
 guessing. The table lives in this process (a restart starts it empty) and holds at most
 ``most_sources`` sources, the least recently guessing dropped first.
@@ -69,9 +71,25 @@ def guess_source(
             if key.lower() == FORWARDED_FOR and isinstance(value, str)
         ]
         hops = [hop.strip() for hop in ",".join(forwarded).split(",") if hop.strip()]
-        if hops:
-            host = hops[-1].strip("[]")
+        # where the proxy named no address its last hop, the call counts against the proxy:
+        # a caller's own text (a port, a name) never makes a source of its own
+        address = _hop_address(hops[-1]) if hops else None
+        if address is not None:
+            host = address
     return _block(host)
+
+
+def _hop_address(hop: str) -> str | None:
+    """The IP address an ``x-forwarded-for`` hop names (``203.0.113.9``, ``203.0.113.9:4001``,
+    ``2001:db8::1`` or ``[2001:db8::1]:4001``), or None where it names none."""
+    if hop.startswith("["):
+        hop = hop[1 : hop.find("]")] if "]" in hop else ""
+    elif hop.count(":") == 1:  # an IPv4 address and its port
+        hop = hop.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(hop))
+    except ValueError:
+        return None
 
 
 def _within(host: str, networks: Sequence[Network]) -> bool:

@@ -137,6 +137,11 @@ class RunStore(Protocol):
         be HEAD (:class:`~shoal.registry.models.HeadMoved` otherwise, nothing stored)."""
         ...
 
+    def check_anchor(self) -> None:
+        """Refuse (a ``SecurityError``) a registry that did not grow from the audit head the run
+        folder kept of it; first on a resume, before anything is read from it or written."""
+        ...
+
     def vouch(self, record: ModelRecord) -> ModelRecord:
         """The HEAD a run resumes from, its signature checked (a ``SecurityError`` when it is
         not the run key's); an unsigned one signed where nothing else is."""
@@ -222,7 +227,7 @@ class RunRecords:
         self._signing: list[SignedHead] = []  # heads signed in the open transaction
         self._signed: SignedHead | None = None  # the latest head signed and committed
         self._anchored: SignedHead | None = None  # the one this process last kept in the folder
-        self._anchored_at = 0.0  # when (time.monotonic)
+        self._tried_at: float | None = None  # when it last tried to (time.monotonic)
 
     @classmethod
     def open(
@@ -330,7 +335,6 @@ class RunRecords:
         pinned = self.pinned
         if self.signer is None or pinned is None:
             return record
-        anchor = self._read_anchor()
         if record.signed is not None:
             try:
                 pinned.verify(
@@ -348,7 +352,6 @@ class RunRecords:
                     "(coordinator.signing_key, the deployment's or the run folder's "
                     "model-signing.key): resume with that key"
                 ) from None
-            self._check_anchor(anchor, pinned)
             return record
         if self.models.holds_signatures() and not self._committed_unsigned(record):
             raise SecurityError(
@@ -356,17 +359,20 @@ class RunRecords:
                 "whose versions are: it was changed outside Shoal (shoal audit verify, shoal "
                 "models verify); roll back to a version that verifies (shoal models rollback)"
             )
-        self._check_anchor(anchor, pinned)  # before signing anything: a stripped registry
         return self.models.sign(self.model, record.version, self.signer)
 
-    def _check_anchor(self, anchor: SignedHead | None, pinned: PinnedKey) -> None:
+    def check_anchor(self) -> None:
         """Refuse a registry that did not grow from the head this run folder kept of it
         (:data:`AUDIT_ANCHOR_FILE`; :func:`~shoal.registry.holds_signed_head`): its signatures
-        removed (a registry before signing looks so, and its HEAD would be signed as it
-        stands), put back to an older copy, or its HEAD moved behind the log's back (every
-        signature valid, but rounds, rollbacks and unlearning since undone). A folder without
-        the file (a Shoal before it) is taken as it is."""
-        if anchor is None:
+        removed (a registry before signing looks so, and :meth:`vouch` would sign its HEAD as
+        it stands), put back to an older copy, or its HEAD moved with no log entry to say so
+        (every signature valid, but rounds, rollbacks and unlearning since undone). A run
+        resumes only after it: a playbook's rollback, say, must not be written on such a
+        registry first. A folder without the file (a Shoal before it), or a run without a
+        signing key, is taken as it is."""
+        pinned = self.pinned
+        anchor = self._read_anchor()
+        if anchor is None or self.signer is None or pinned is None:
             return
         path = self.folder / AUDIT_ANCHOR_FILE
         if anchor.key_id != pinned.key_id:
@@ -412,8 +418,9 @@ class RunRecords:
         if head is None or head == self._anchored:
             return
         now = time.monotonic()
-        if not force and self._anchored is not None and now - self._anchored_at < ANCHOR_EVERY_S:
+        if not force and self._tried_at is not None and now - self._tried_at < ANCHOR_EVERY_S:
             return
+        self._tried_at = now  # a write that fails is tried again a minute later, not each round
         kept = {
             "seq": head.seq,
             "hash": head.hash,
@@ -433,7 +440,7 @@ class RunRecords:
                 exc.strerror or exc,
             )
             return
-        self._anchored, self._anchored_at = head, now
+        self._anchored = head
 
     def _committed_unsigned(self, record: ModelRecord) -> bool:
         """Whether the audit log, intact and held by this run's key, recorded ``record``'s

@@ -531,6 +531,7 @@ class Run:
         return coordinator
 
     def _restore(self, head: ModelRecord) -> Coordinator:
+        self.store.check_anchor()  # before anything is written on it (a playbook's rollback)
         check_same_app(head, self.architecture, where=self.where)
         self._check_job()
         reached, rolled_back_from = head.round, None
