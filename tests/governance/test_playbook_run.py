@@ -9,13 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-import sqlalchemy as sa
 
 from shoal.config import parse_config
+from shoal.coordinator.records import RunRecords
 from shoal.core.settings import read_toml
 from shoal.core.transforms import state_to_bytes
 from shoal.registry import ClientRegistry, ClientStatus, ModelStatus
-from shoal.registry.schema import model_heads
 from shoal.simulation.runner import MODEL_NAME, Simulation, open_run_models
 from shoal.telemetry.alerts import ModelRolledBack
 from support import boosting_app
@@ -176,32 +175,43 @@ def test_a_resume_after_the_rollback_goes_on_from_the_good_version(tmp_path: Pat
     assert summary["rounds_completed"] == POISONED_FROM + 2
 
 
+class _Killed(BaseException):
+    """The process dying at that very point (nothing after it runs, no handler catches it)."""
+
+
 def test_a_crash_between_the_mark_and_the_rollback_is_completed_on_resume(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    Simulation(poisoned_job(rounds=POISONED_FROM), tmp_path).run()
-    bad = rows_of(tmp_path)[-1]
+    """The process dies after the playbook marked the version BAD and before it rolled HEAD
+    back (the test used to fake that state by moving HEAD back in SQL after the rollback, which
+    a resume now refuses as a registry changed outside Shoal: no crash leaves a rollback entry
+    whose HEAD move is undone)."""
+
+    def killed(self: RunRecords, number: int, reason: str) -> None:
+        raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunRecords, "rollback", killed)
+        with pytest.raises(_Killed):
+            Simulation(poisoned_job(rounds=POISONED_FROM), tmp_path).run()
     models = open_run_models(tmp_path)
-    try:  # HEAD back on the BAD version, as if the process died before rolling back
-        with models.database.write() as connection:
-            connection.execute(
-                sa.update(model_heads)
-                .where(model_heads.c.name == MODEL_NAME)
-                .values(version=bad["model_version"])
-            )
+    try:
+        bad = models.head(MODEL_NAME)
+        versions = models.list(MODEL_NAME)
     finally:
         models.database.close()
+    assert bad is not None and bad.status is ModelStatus.BAD  # marked, HEAD still on it
+    good = max(v.version for v in versions if v.status is ModelStatus.GOOD)
     Simulation(poisoned_job(rounds=POISONED_FROM + 1), tmp_path, resume=True).run()
     models = open_run_models(tmp_path)
     try:
         head = models.head(MODEL_NAME)
     finally:
         models.database.close()
-    good = bad["playbook"]["rolled_back_to"]
     # the BAD version is left: HEAD is the GOOD one or trains on from it (the next round may be
     # caught too: an attacker the divergence measure did not flag in round 4 is in round 5)
     assert head is not None and good in (head.version, head.parent)
-    assert head.version != bad["model_version"]
+    assert head.version != bad.version
     assert [row["round"] for row in rows_of(tmp_path)] == list(range(1, POISONED_FROM + 2))
 
 
