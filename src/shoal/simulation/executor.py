@@ -173,7 +173,7 @@ class SerialExecutor:
 
     def start(self, parameters: Parameters, jobs: Sequence[Job], *, ahead: bool = False) -> Batch:
         del ahead  # one process: every job waits for whatever it does first
-        return _Deferred(lambda: self.run(parameters, jobs))
+        return Deferred(lambda: self.run(parameters, jobs))
 
     def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
         return [run_job(self.factory, parameters, job) for job in jobs]
@@ -184,7 +184,7 @@ class SerialExecutor:
         self._threads.release()
 
 
-class _Deferred:
+class Deferred:
     """A batch whose outcomes are made when they are first asked for (and kept); ``drop``
     makes none, and asking for them after it is an error."""
 
@@ -523,7 +523,7 @@ class ProcessExecutor:
         if self._open:
             raise RunError("a batch is under way: take its outcomes before starting another")
         if not jobs:
-            return _Deferred(list)
+            return Deferred(list)
         self._start_workers(min(self.workers, len(jobs)) - 1)  # this process takes a job too
         sizes = self.balance.sizes(len(jobs), ahead=ahead)
         shares = len(self._workers) + 1
@@ -535,7 +535,7 @@ class ProcessExecutor:
                 worker.submit(parameters.vector, parameters.layout, chunk)
                 busy.append((index, worker, len(chunk)))
         self._open = True
-        return _Deferred(
+        return Deferred(
             lambda: self._finish(parameters, jobs, mine, busy, submitted, ahead),
             dropped=lambda: self._drop(busy),
         )

@@ -12,12 +12,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from shoal.core.errors import MissingExtraError, RunError
+from shoal.core.errors import MissingExtraError
 from shoal.core.later import here
 from shoal.core.parameters import Layout, Parameters, Vector
 from shoal.simulation.executor import (
     Batch,
     ClientFactory,
+    Deferred,
     Job,
     Outcome,
     ThreadsHeld,
@@ -81,7 +82,7 @@ class RayExecutor:
         del ahead
         ray = self._ray
         if not jobs:
-            return _Gathered(ray, jobs, [])
+            return Deferred(list)
         vector = ray.put(parameters.vector)
         chunks = split_by_worker(jobs, workers=len(self._actors))
         pending = [
@@ -89,7 +90,8 @@ class RayExecutor:
             for actor, chunk in zip(self._actors, chunks, strict=True)
             if chunk
         ]
-        return _Gathered(ray, jobs, pending)
+        # dropped, nothing is read: the actors finish their chunks, their outcomes unread
+        return Deferred(lambda: in_job_order(jobs, ray.get(pending)))
 
     def run(self, parameters: Parameters, jobs: Sequence[Job]) -> list[Outcome]:
         return self.start(parameters, jobs).result()
@@ -105,21 +107,3 @@ class RayExecutor:
                 self._ray.shutdown()
         finally:
             self._threads.release()
-
-
-class _Gathered:
-    """The outcomes of the chunks Ray runs, in the jobs' order, once they are asked for."""
-
-    def __init__(self, ray: Any, jobs: Sequence[Job], pending: list[Any]) -> None:
-        self._ray, self._jobs = ray, jobs
-        self._pending: list[Any] | None = pending
-
-    def result(self) -> list[Outcome]:
-        if self._pending is None:
-            raise RunError("a batch's outcomes were asked for after it was dropped")
-        chunks: list[list[Outcome]] = self._ray.get(self._pending) if self._pending else []
-        return in_job_order(self._jobs, chunks)
-
-    def drop(self) -> None:
-        """Nothing to read: the actors finish their chunks, and their outcomes go unread."""
-        self._pending = None
