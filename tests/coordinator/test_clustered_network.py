@@ -56,7 +56,7 @@ def job(tmp_path: Path) -> Config:
             clients=CLIENTS,
             per_round=CLIENTS,
             run={"rounds": ROUNDS, "seed": 0},
-            round={"deadline_s": 60.0},
+            round={"deadline_s": 60.0, "quorum": 1.0},  # no round starts before all enroll
             client={"epochs": 2, "batch_size": 16, "learning_rate": 0.2},
             app={"client": "app:client_fn"},
             clustering={"clusters": 2, "start": "flagged"},
