@@ -34,6 +34,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticKnownError
 
+from shoal.core.compression import Compression
 from shoal.core.errors import ConfigError, StrategyError
 from shoal.core.limits import (
     INT64_MAX,
@@ -825,6 +826,26 @@ class PrivacySection(_Section):
         return self
 
 
+class CompressionSection(_Section):
+    """[compression]: how each client encodes its update on the way up
+    (:mod:`shoal.core.compression`): ``int8`` (4x smaller), ``ternary`` (about 20x) or
+    ``topk`` (the ``fraction`` of values largest in magnitude, their positions Golomb-Rice
+    coded; a client adds what it left out to its next update). The coordinator decodes every
+    upload before the policy and the aggregate see it; a round that aggregates securely
+    sends its update masked or encrypted, never compressed."""
+
+    kind: Literal["none", "int8", "ternary", "topk"] = "none"
+    fraction: Annotated[float, Field(gt=0, le=1)] = 0.01
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+    def codec(self) -> Compression:
+        """The codec each fit task asks its client for."""
+        return Compression(self.kind, self.fraction)
+
+
 class PolicySection(_Section):
     """[policy]: the Rego policy every update passes: the bundled default and the job's own files.
 
@@ -1194,6 +1215,7 @@ class Config(_Section):
     selection: SelectionSection = SelectionSection()
     versions: VersionsSection = VersionsSection()
     policy: PolicySection = PolicySection()
+    compression: CompressionSection = CompressionSection()
     alerts: AlertsSection = AlertsSection()
     divergence: DivergenceSection = DivergenceSection()
     drift: DriftSection = DriftSection()
@@ -1309,6 +1331,12 @@ class Config(_Section):
             raise ValueError(
                 "privacy.sampling = 'poisson' draws cohorts of no fixed size, which fixed "
                 "secure_aggregation.bits could overflow: leave bits unset (fitted each round)"
+            )
+        if self.compression.enabled and secure.enabled:
+            raise ValueError(
+                f"compression.kind = {self.compression.kind!r} encodes each update in the "
+                "clear, and secure aggregation masks or encrypts the whole update instead: "
+                "set compression.kind = 'none', or secure_aggregation.protocol = 'none'"
             )
         if self.clustering.clusters > 1 and (secure.enabled or privacy.enabled):
             raise ValueError(

@@ -20,6 +20,8 @@ from shoal.client.api import (
 from shoal.client.app import ClientApp, ClientContext
 from shoal.client.handler import run_evaluate, run_fit, secure_contribution
 from shoal.core import ClientError, Parameters
+from shoal.core.compression import EXTRAS_KEY as COMPRESSION_KEY
+from shoal.core.compression import Compression, decode
 from shoal.privacy.coordinator import CLIP_NORM
 from shoal.simulation import Simulation
 from support.jobs import bare_config
@@ -147,3 +149,51 @@ def test_a_fit_result_of_the_models_values_in_other_tensors_is_refused() -> None
     np.testing.assert_array_equal(fit_update(FitResult(renamed, 1), model).vector, 1.0)
     flat = fit_update(FitResult([np.arange(10.0)], 1, is_update=True), model)
     np.testing.assert_array_equal(flat.vector, np.arange(10.0))
+
+
+# --- compressed uploads ------------------------------------------------------------------------
+
+
+def squeezed_task(spec: str, *, seed: int = 7, **extras: Any) -> FitConfig:
+    return FitConfig(round=1, seed=seed, extras={COMPRESSION_KEY: spec, **extras})
+
+
+@pytest.mark.parametrize("spec", ["int8", "ternary", "topk:0.5"])
+def test_a_compressed_update_leaves_as_the_coordinator_will_decode_it(spec: str) -> None:
+    fit = run_fit(Fixed([1, -2, 3, 0.5]), MODEL, squeezed_task(spec))
+    assert fit.payload is not None
+    codec = Compression.parse(spec)
+    np.testing.assert_array_equal(fit.update, decode(fit.payload, codec, size=4))
+    again = run_fit(Fixed([1, -2, 3, 0.5]), MODEL, squeezed_task(spec))
+    assert again.payload == fit.payload  # the task's seed draws the rounding
+
+
+def test_a_top_k_client_adds_what_its_last_upload_left_out() -> None:
+    first = run_fit(Fixed([1, -2, 3, 0.5]), MODEL, squeezed_task("topk:0.5"))
+    np.testing.assert_array_equal(first.update, [0, -2, 3, 0])
+    assert first.residual is not None
+    np.testing.assert_array_equal(first.residual, [1, 0, 0, 0.5])
+    second = run_fit(
+        Fixed([1.5, -2, 3, 0.5]), MODEL, squeezed_task("topk:0.5"), residual=first.residual
+    )
+    np.testing.assert_array_equal(second.update, [2.5, 0, 3, 0])  # 1.5 and the 1 left out
+    assert second.residual is not None
+    np.testing.assert_array_equal(second.residual, [0, -2, 0, 1])
+
+
+def test_a_quantized_upload_keeps_no_residual() -> None:
+    fit = run_fit(Fixed([1, -2, 3, 0.5]), MODEL, squeezed_task("int8"), residual=np.ones(4))
+    assert fit.residual is None  # unbiased: nothing to carry
+
+
+def test_under_user_level_dp_the_clipped_update_is_what_is_compressed() -> None:
+    task = squeezed_task("topk:0.5", **{CLIP_NORM: 1.0})
+    fit = run_fit(Fixed([3, 4, 0, 0]), MODEL, task)
+    np.testing.assert_allclose(fit.update, [0.6, 0.8, 0, 0], rtol=1e-6)  # clipped to 1, then
+    assert fit.residual is not None and not fit.residual.any()  # both kept
+
+
+@pytest.mark.parametrize("spec", ["gzip", "topk:2", 5])
+def test_a_task_naming_a_codec_the_client_cannot_use_is_its_error(spec: Any) -> None:
+    with pytest.raises(ClientError, match="upload codec this client cannot use"):
+        run_fit(Fixed([1, 2, 3, 4]), MODEL, squeezed_task(spec))

@@ -90,13 +90,15 @@ async def serve_to_digits_clients(
     timeout_s: float = 90,
     client_of: Callable[[int, int], Client] = digits_client,
     search_path: Sequence[str | Path] = (),
+    link_of: Callable[[int, str], GrpcLink] | None = None,
 ) -> CoordinatorParts:
     """Serve ``config`` in this process (plaintext gRPC on 127.0.0.1) to ``clients`` digits
     clients, each a :class:`ClientRuntime` over a real channel, until the job ends.
 
     ``on_ready`` gets the coordinator's port once it listens, after the clients started;
     ``wrap`` changes each digits client (one that fails on cue...); ``client_of`` makes
-    client ``index`` of ``clients`` (another app's); ``search_path``: where the job's apps are.
+    client ``index`` of ``clients`` (another app's); ``search_path``: where the job's apps are;
+    ``link_of`` makes client ``index``'s link to an address (one that records, or tampers).
     """
     runtimes: list[ClientRuntime] = []
     links: list[GrpcLink] = []
@@ -104,7 +106,12 @@ async def serve_to_digits_clients(
 
     def started(port: int, first_round: int) -> None:
         for index in range(clients):
-            link = GrpcLink(f"127.0.0.1:{port}", credentials=None, enrollment_token=token)
+            address = f"127.0.0.1:{port}"
+            link = (
+                GrpcLink(address, credentials=None, enrollment_token=token)
+                if link_of is None
+                else link_of(index, address)
+            )
             enrollment = load_or_create_enrollment(tmp_path / f"c{index}", generate_client_key)
             client = client_of(index, clients)
             runtime = ClientRuntime(

@@ -9,16 +9,25 @@ checks the same things before anything leaves it:
   user-level DP clipped (and, for local DP, noised) on the device, with
   noise from the CSPRNG (``seeded_noise`` is the simulator's alone: nothing
   in a task can ask for it);
+- where the task names a codec (:mod:`shoal.core.compression`), the update is
+  encoded for the upload, and what leaves is exactly what the coordinator will
+  decode: the outcome's update is the decoded one, its payload the bytes; a
+  top-k client keeps what it left out (``residual``) and adds it to its next
+  update (error feedback);
 - a secure round's :func:`secure_contribution` carries that update, the weight
   and the DP noise share into masking (SecAgg+) or encryption (CKKS).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from shoal.client.api import Client, EvaluateConfig, FitConfig, fit_update
-from shoal.core.errors import ClientError
+from shoal.core.compression import EXTRAS_KEY as COMPRESSION_KEY
+from shoal.core.compression import Compression, decode, encode, with_feedback
+from shoal.core.errors import ClientError, ConfigError
 from shoal.core.parameters import Parameters, Vector, all_finite
 from shoal.privacy.client import (
     client_noise,
@@ -33,12 +42,16 @@ from shoal.secure.client import Contribution
 
 @dataclass(frozen=True, slots=True)
 class FitOutcome:
-    """What may leave the device after training: the update, its weight and metrics."""
+    """What may leave the device after training: the update, its weight and metrics; where
+    the task named a codec, the ``payload`` that carries the update (``update`` is what it
+    decodes to) and the ``residual`` the client keeps for its next update."""
 
     update: Vector
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
     noise: NoiseSource | None = None  # the task's DP noise, for a secure round's noise share
+    payload: bytes | None = None
+    residual: Vector | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,18 +64,54 @@ class EvaluateOutcome:
 
 
 def run_fit(
-    client: Client, parameters: Parameters, config: FitConfig, *, seeded_noise: bool = False
+    client: Client,
+    parameters: Parameters,
+    config: FitConfig,
+    *,
+    seeded_noise: bool = False,
+    residual: Vector | None = None,
 ) -> FitOutcome:
-    """Train, and make the update fit to leave the device (see the module docstring)."""
+    """Train, and make the update fit to leave the device (see the module docstring);
+    ``residual``: what this client's last compressed upload left out."""
     result = client.fit(parameters, config)
     update = fit_update(result, parameters).vector
     if not all_finite(update):
         raise ClientError("the update holds NaN or infinite values")
     if CLIP_NORM not in config.extras:
-        return FitOutcome(update, result.num_examples, dict(result.metrics))
-    noise = _noise(config, seeded=seeded_noise)  # user-level DP: clip on the device
-    private, metrics = privatize_update(update, config.extras, result.metrics, noise=noise)
-    return FitOutcome(private, result.num_examples, metrics, noise)
+        outcome = FitOutcome(update, result.num_examples, dict(result.metrics))
+    else:
+        noise = _noise(config, seeded=seeded_noise)  # user-level DP: clip on the device
+        private, metrics = privatize_update(update, config.extras, result.metrics, noise=noise)
+        outcome = FitOutcome(private, result.num_examples, metrics, noise)
+    return _compressed(outcome, config, residual=residual)
+
+
+def task_codec(config: FitConfig) -> Compression:
+    """The codec ``config`` asks the update to be uploaded with (``none``: as it is)."""
+    spec = config.extras.get(COMPRESSION_KEY)
+    if spec is None:
+        return Compression()
+    try:
+        return Compression.parse(spec)
+    except ConfigError as exc:
+        raise ClientError(
+            f"the task asks for an upload codec this client cannot use: {exc}"
+        ) from exc
+
+
+def _compressed(outcome: FitOutcome, config: FitConfig, *, residual: Vector | None) -> FitOutcome:
+    """``outcome`` with its update encoded as the task asks: the payload, what it decodes to,
+    and (top-k) what it left out. The rounding is drawn from the task's seed, as the
+    coordinator's own draws are: a run replays its uploads bit for bit."""
+    codec = task_codec(config)
+    if not codec.enabled:
+        return outcome
+    target = with_feedback(outcome.update, residual) if codec.kind == "topk" else outcome.update
+    rounding = np.random.default_rng([config.seed % 2**64, _ROUNDING])
+    payload = encode(target, codec, rng=rounding)
+    sent = decode(payload, codec, size=len(target))
+    left = target - sent if codec.kind == "topk" else None
+    return replace(outcome, update=sent, payload=payload, residual=left)
 
 
 def run_evaluate(client: Client, parameters: Parameters, config: EvaluateConfig) -> EvaluateOutcome:
@@ -90,6 +139,9 @@ def secure_contribution(
         noise_std=distributed_noise_std(config.extras),
         noise=noise,
     )
+
+
+_ROUNDING = 0x726F756E  # the stream of a task's seed that rounds its compressed update
 
 
 def _noise(config: FitConfig, *, seeded: bool) -> NoiseSource:

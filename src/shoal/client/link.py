@@ -82,12 +82,15 @@ class FetchModel(Request[Parameters]):
 
 @dataclass(frozen=True, slots=True)
 class SubmitUpdate(Request[Submitted]):
-    """A fit task's update (local minus global), its weight and metrics."""
+    """A fit task's update (local minus global), its weight and metrics; compressed, the
+    ``payload`` that goes up in its place, in the task's ``codec``."""
 
     offer: TaskOffer
     update: Parameters
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
+    payload: bytes | None = None
+    codec: str = ""
 
 
 @dataclass(frozen=True, slots=True)

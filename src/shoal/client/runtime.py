@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 from shoal.client.api import Client, EvaluateConfig, FitConfig
-from shoal.client.handler import run_evaluate, run_fit, secure_contribution
+from shoal.client.handler import run_evaluate, run_fit, secure_contribution, task_codec
 from shoal.client.link import (
     CheckIn,
     CoordinatorLink,
@@ -83,7 +83,7 @@ from shoal.core.errors import (
 from shoal.core.folders import writable_folder
 from shoal.core.identifiers import check_client_id
 from shoal.core.limits import MAX_RETRY_AFTER_S
-from shoal.core.parameters import Parameters
+from shoal.core.parameters import Parameters, Vector
 from shoal.governance.attestation import Attester
 from shoal.governance.model_signing import PinnedKey
 from shoal.privacy.client import PrivacyFloor
@@ -255,6 +255,7 @@ class ClientRuntime:
         self._waiting: str | None = None  # the last reason the coordinator gave for a wait
         self._unreadable: str | None = None  # the last answer this client could not read
         self._refused: tuple[int, str] | None = None  # the last (round, model) it refused
+        self._residual: Vector | None = None  # what its last top-k upload left out
 
     def stop(self) -> None:
         self._stopping.set()
@@ -436,13 +437,19 @@ class ClientRuntime:
             if not isinstance(offer.config, FitConfig):
                 raise ClientError("a training task came without a FitConfig")
             started = time.perf_counter()
-            fit = run_fit(self.client, model, offer.config)
+            fit = run_fit(self.client, model, offer.config, residual=self._residual)
             metrics = {**fit.metrics, TRAIN_TIME_METRIC: time.perf_counter() - started}
             if protected is not None:  # a secure round: only the masked or encrypted input leaves
                 reply = protected.reply(secure_contribution(fit, offer.config))
                 return SubmitSecure(reply), fit.num_examples
             update = model.with_vector(fit.update)
-            return SubmitUpdate(offer, update, fit.num_examples, metrics), fit.num_examples
+            if fit.payload is not None:  # compressed: it goes up, whatever the answer
+                self._residual = fit.residual
+            codec = task_codec(offer.config).spec if fit.payload is not None else ""
+            upload = SubmitUpdate(
+                offer, update, fit.num_examples, metrics, payload=fit.payload, codec=codec
+            )
+            return upload, fit.num_examples
         config = (
             offer.config
             if isinstance(offer.config, EvaluateConfig)

@@ -228,13 +228,23 @@ class RoundDriver:
         num_examples: int,
         metrics: Mapping[str, float],
         authentication: Authentication = Authentication.NONE,
+        *,
+        upload_bytes: int | None = None,
     ) -> RejectSubmission | None:
         """A client's training result; returns the rejection, or None if it counted.
 
-        ``authentication``: how the caller knows the sender (the service: VERIFIED).
+        ``authentication``: how the caller knows the sender (the service: VERIFIED);
+        ``upload_bytes``: what its upload took on the wire.
         """
         event = UpdateReceived(
-            client_id, round_number, self._now(), update, num_examples, metrics, authentication
+            client_id,
+            round_number,
+            self._now(),
+            update,
+            num_examples,
+            metrics,
+            authentication,
+            upload_bytes,
         )
         return self._submit(client_id, event)
 

@@ -75,6 +75,7 @@ from shoal.coordinator.split import SplitRule, single_layout
 from shoal.coordinator.state import RoundState, Step, Trigger, next_state
 from shoal.coordinator.validation import cluster_problem, count_problem, update_problem
 from shoal.core.clusters import CLUSTER_METRIC, chosen_cluster
+from shoal.core.compression import EXTRAS_KEY as COMPRESSION_KEY
 from shoal.core.errors import (
     IllegalTransition,
     ProtocolError,
@@ -365,6 +366,9 @@ class Coordinator:
         chosen, extras = split_round_config(current.config)
         if self.privacy is not None:  # the DP settings are the coordinator's, never the app's
             extras = {**extras, **self.privacy.fit_extras()}
+        extras.pop(COMPRESSION_KEY, None)  # and so is the codec (a secure round sends none)
+        if settings.compression.enabled and current.secure is None:
+            extras = {**extras, COMPRESSION_KEY: settings.compression.spec}
         config = FitConfig(
             round=round_number,
             epochs=chosen.get("epochs", settings.epochs),
@@ -451,6 +455,8 @@ class Coordinator:
         if rejection is not None:
             return [rejection]
         current = self._require_round()
+        if event.upload_bytes is not None:
+            current.upload_bytes = (current.upload_bytes or 0) + event.upload_bytes
         metrics = self._timed(current, event.client_id, event.now, event.metrics)
         problem = update_problem(
             event.update, num_examples=event.num_examples, size=len(self.parameters)

@@ -91,6 +91,7 @@ class UpdateReceived:
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
     authentication: Authentication = Authentication.NONE
+    upload_bytes: int | None = None  # what its upload took on the wire (None: not told)
 
     def __post_init__(self) -> None:
         check_round(self.round)
@@ -99,6 +100,8 @@ class UpdateReceived:
             raise ProtocolError(f"num_examples must be >= 0, got {self.num_examples}")
         if not isinstance(self.update, np.ndarray):
             raise ProtocolError("an update must be a numpy array")
+        if self.upload_bytes is not None and self.upload_bytes < 0:
+            raise ProtocolError(f"upload_bytes must be >= 0, got {self.upload_bytes}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +343,7 @@ class RoundSummary:
     clusters: Mapping[int, ClusterReport] = field(default_factory=dict)  # clustered FL
     fleet: FleetReport | None = None  # the clients' timings ([telemetry] enabled)
     split: ClusterSplit | None = None  # the model split into cluster models at this commit
+    upload_bytes: int | None = None  # what its uploads took on the wire, where each told
 
     def divergence_report(self) -> DivergenceReport | None:
         """The round's divergence, waited for if it is still being measured elsewhere."""

@@ -77,6 +77,7 @@ def summarize(
         cohort=tuple(sorted(current.cohort)),
         fleet=fleet_report(current, now=now, committed=committed, deadline_s=deadline_s),
         split=current.split,
+        upload_bytes=current.upload_bytes,
     )
 
 

@@ -15,6 +15,7 @@ from shoal.coordinator.fallback import DropFallback, FallbackBooks
 from shoal.coordinator.homomorphic import CkksRound
 from shoal.coordinator.secure import SecureRound
 from shoal.coordinator.selection import cohort_size
+from shoal.core.compression import Compression
 from shoal.core.errors import ConfigError
 from shoal.core.later import Later
 from shoal.core.limits import quorum_count
@@ -27,7 +28,8 @@ class RoundSettings:
     """How rounds run: cohort sizes, quorum, deadlines, the clients' training, the most
     examples an evaluation may claim as its weight (``max_examples_per_client``; an update's
     bounds are the policy's, :mod:`shoal.governance.policy`), and what a round does when too
-    much of its cohort drops (``fallback``)."""
+    much of its cohort drops (``fallback``), and the codec a plaintext fit round's clients
+    upload with (``compression``)."""
 
     clients_per_round: int
     over_selection: float = 1.3
@@ -39,6 +41,7 @@ class RoundSettings:
     learning_rate: float = 0.05
     max_examples_per_client: int = 10_000_000
     fallback: DropFallback = field(default_factory=DropFallback)  # when half the cohort drops
+    compression: Compression = field(default_factory=Compression)
 
     def __post_init__(self) -> None:
         cohort_size(target=self.clients_per_round, over_selection=self.over_selection)
@@ -205,6 +208,7 @@ class RoundBooks:
     clusters: dict[int, ClusterBooks] = field(default_factory=dict)  # clustered FL, by cluster
     fleet: FleetBooks | None = None  # the clients' timings, with [telemetry] enabled
     split: ClusterSplit | None = None  # the model split into cluster models at the commit
+    upload_bytes: int | None = None  # the uploads' bytes on the wire, once one told its size
 
     @property
     def accounted(self) -> int:

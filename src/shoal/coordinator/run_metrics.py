@@ -87,7 +87,9 @@ def round_row(
         "virtual_time_s": summary.closed_at,
         "model_version": None,
         "bytes_down": model_bytes * summary.selected,
-        "bytes_up": summary.reported * (model_bytes if fit else EVALUATION_UPLOAD_BYTES),
+        "bytes_up": summary.upload_bytes
+        if fit and summary.upload_bytes is not None
+        else summary.reported * (model_bytes if fit else EVALUATION_UPLOAD_BYTES),
     }
     if screened is not None:
         row.update(screened)

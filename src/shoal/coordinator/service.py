@@ -51,13 +51,16 @@ from shoal.coordinator.admission import Admission, Refused, malformed
 from shoal.coordinator.driver import RoundDriver
 from shoal.coordinator.events import Authentication
 from shoal.coordinator.guesses import GuessThrottle, Network, guess_source
+from shoal.core.compression import decode
 from shoal.core.device import DeviceState
 from shoal.core.errors import (
     IntegrityError,
+    ModelError,
     ProtocolError,
     RegistryError,
     SecurityError,
 )
+from shoal.core.parameters import Vector
 from shoal.governance.attestation import AttestationGate
 from shoal.registry import (
     TRANSIENT_CRITERIA,
@@ -101,6 +104,7 @@ from shoal.transport.messages import (
     SecureTask,
     Task,
     Verdict,
+    one_line,
 )
 from shoal.transport.rpc import RpcObserver, add_bytes_servicer
 
@@ -477,20 +481,35 @@ class CoordinatorService:
             sha256=header.payload_sha256,
             size=header.total_size,
         )
-        with malformed(ProtocolError, IntegrityError):
-            update = decode_parameters(payload)
-        mismatch = update.layout.difference(self.driver.coordinator.parameters.layout)
-        if mismatch is not None:  # its values would land in other tensors' places
-            raise Refused(RejectCode.INVALID_UPDATE, f"not the model's tensors: {mismatch}")
         rejection = self.driver.submit_update(  # its signature checked out: VERIFIED
             auth.client_id,
             header.round,
-            update.vector,
+            self._update_vector(header.codec, payload),
             header.num_examples,
             dict(header.metrics),
             Authentication.VERIFIED,
+            upload_bytes=len(payload),
         )
         return serde.verdict_of(rejection)
+
+    def _update_vector(self, codec: str, payload: bytes) -> Vector:
+        """The update an upload's ``payload`` carries: safetensors of the model's tensors, or
+        (``codec``) the bytes of the codec the coordinator's tasks ask for, and no other."""
+        model = self.driver.coordinator.parameters
+        if not codec:
+            with malformed(ProtocolError, IntegrityError):
+                update = decode_parameters(payload)
+            mismatch = update.layout.difference(model.layout)
+            if mismatch is not None:  # its values would land in other tensors' places
+                raise Refused(RejectCode.INVALID_UPDATE, f"not the model's tensors: {mismatch}")
+            return update.vector
+        asked = self.driver.coordinator.settings.compression
+        if not asked.enabled or codec != asked.spec:
+            takes = f"{asked.spec} or safetensors" if asked.enabled else "safetensors only"
+            detail = f"the update is encoded {one_line(codec)[:40]!r}; this run takes {takes}"
+            raise Refused(RejectCode.INVALID_UPDATE, detail)
+        with malformed(ModelError):
+            return decode(payload, asked, size=len(model))
 
     async def _payload(
         self,

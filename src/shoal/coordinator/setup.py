@@ -129,6 +129,7 @@ def round_settings_from_config(config: Config, *, population: int | None = None)
         learning_rate=config.client.learning_rate,
         max_examples_per_client=config.policy.max_examples,
         fallback=drop_fallback_from_config(config),
+        compression=config.compression.codec(),
     )
 
 

@@ -1,5 +1,7 @@
-"""Shoal's core: parameters, update transforms, client ids and the error hierarchy."""
+"""Shoal's core: parameters, update transforms, upload codecs, client ids and the error
+hierarchy."""
 
+from shoal.core.compression import Compression
 from shoal.core.device import DeviceState
 from shoal.core.errors import (
     BusyError,
@@ -50,6 +52,7 @@ __all__ = [
     "MAX_CLIENT_ID_CHARS",
     "BusyError",
     "ClientError",
+    "Compression",
     "ConfigError",
     "DataError",
     "DeviceState",

@@ -158,8 +158,11 @@ class DeviceFleet:
         num_examples: int,
         epochs: float,
         model_bytes: int,
+        upload_bytes: int | None = None,
     ) -> Attempt:
-        """When the client's update arrives, with how much work, or whether it drops."""
+        """When the client's update arrives, with how much work, or whether it drops
+        (``upload_bytes``: its update's upload, where a codec makes it other than the
+        model's ``model_bytes``)."""
         rng, device = self._behaviour(client_id, round_number)
         dropped = paper_straggler = False
         paper_share = 1.0
@@ -171,7 +174,7 @@ class DeviceFleet:
         if dropped:
             return Attempt(client_id, None, epochs, dropped=True, straggler=False)
         window = deadline_at - start
-        transfer = self._transfer_time(device, model_bytes)
+        transfer = self._transfer_time(device, model_bytes, upload_bytes)
         compute = epochs * num_examples / speed
         arrival = start + transfer + compute
         busy = min(compute, max(window - transfer, 0.0)) if self._drains(client_id) else 0.0
@@ -241,10 +244,10 @@ class DeviceFleet:
         return device.examples_per_second * factor / jitter
 
     @staticmethod
-    def _transfer_time(device: DeviceClass, model_bytes: int) -> float:
-        bits = model_bytes * 8
+    def _transfer_time(device: DeviceClass, model_bytes: int, upload_bytes: int | None) -> float:
+        up = model_bytes if upload_bytes is None else upload_bytes
         return (
             2 * device.latency_s
-            + bits / (device.download_mbps * 1e6)
-            + bits / (device.upload_mbps * 1e6)
+            + model_bytes * 8 / (device.download_mbps * 1e6)
+            + up * 8 / (device.upload_mbps * 1e6)
         )

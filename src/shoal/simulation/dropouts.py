@@ -52,14 +52,20 @@ def dropped_in_wave(
 
 
 def task_duration(
-    device: DeviceClass, *, num_examples: int, epochs: float, model_bytes: int
+    device: DeviceClass,
+    *,
+    num_examples: int,
+    epochs: float,
+    model_bytes: int,
+    upload_bytes: int | None = None,
 ) -> float:
-    """How long a task takes a device of its class, nominally: both transfers and the work."""
-    bits = model_bytes * 8
+    """How long a task takes a device of its class, nominally: both transfers and the work
+    (``upload_bytes``: the upload, where a codec makes it other than ``model_bytes``)."""
+    up = model_bytes if upload_bytes is None else upload_bytes
     transfers = (
         2 * device.latency_s
-        + bits / (device.download_mbps * 1e6)
-        + bits / (device.upload_mbps * 1e6)
+        + model_bytes * 8 / (device.download_mbps * 1e6)
+        + up * 8 / (device.upload_mbps * 1e6)
     )
     return transfers + epochs * num_examples / device.examples_per_second
 

@@ -60,17 +60,21 @@ class Job:
 
     ``seeded_noise``: the client's DP noise from the task's seed, reproducible;
     the simulator's choice (``privacy.secure_noise = false``), never a task's.
+    ``residual``: what the client's last compressed upload left out (its device's own
+    memory, which the simulator keeps for it).
     """
 
     client_id: str
     config: FitConfig | EvaluateConfig
     seeded_noise: bool = False
+    residual: Vector | None = None
 
 
 @pickled_by_fields  # to and from the workers, each round
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """One client's answer: an update, or a loss, or the error it raised."""
+    """One client's answer: an update, or a loss, or the error it raised; a compressed
+    update's upload size and the residual its client keeps."""
 
     client_id: str
     num_examples: int = 0
@@ -78,6 +82,8 @@ class Outcome:
     loss: float = math.nan
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    upload_bytes: int | None = None  # None: the update as it is (the model's size)
+    residual: Vector | None = None
 
 
 def run_job(factory: ClientFactory, parameters: Parameters, job: Job) -> Outcome:
@@ -85,8 +91,21 @@ def run_job(factory: ClientFactory, parameters: Parameters, job: Job) -> Outcome
     try:
         client = factory(job.client_id)
         if isinstance(job.config, FitConfig):
-            fit = run_fit(client, parameters, job.config, seeded_noise=job.seeded_noise)
-            return Outcome(job.client_id, fit.num_examples, update=fit.update, metrics=fit.metrics)
+            fit = run_fit(
+                client,
+                parameters,
+                job.config,
+                seeded_noise=job.seeded_noise,
+                residual=job.residual,
+            )
+            return Outcome(
+                job.client_id,
+                fit.num_examples,
+                update=fit.update,
+                metrics=fit.metrics,
+                upload_bytes=None if fit.payload is None else len(fit.payload),
+                residual=fit.residual,
+            )
         evaluation = run_evaluate(client, parameters, job.config)
         return Outcome(
             job.client_id, evaluation.num_examples, loss=evaluation.loss, metrics=evaluation.metrics

@@ -89,6 +89,7 @@ class PlainRoundPlayer:
         self.queue: list[_Delivery] = []
         self.deadline = 0.0
         self.uploads = 0
+        self.uploaded_bytes = 0  # a fit round's uploads, each its payload's size
         self.reported_drops = 0
         self._order = itertools.count()
         self._first: Batch | None = None  # the batch started with the round, not yet taken
@@ -127,6 +128,11 @@ class PlainRoundPlayer:
                     self._compute(delivery)
                 self.uploads += 1
                 outcome = self.outcomes[delivery.client_id]
+                self.uploaded_bytes += (
+                    self.simulation.model_bytes
+                    if outcome.upload_bytes is None
+                    else outcome.upload_bytes
+                )
                 attempt = self.attempts[delivery.client_id]
                 actions = coordinator.handle(
                     _result_event(outcome, self.round, delivery.at, train_s=attempt.train_s)
@@ -173,12 +179,14 @@ class PlainRoundPlayer:
             batch, self._first = self._first, None
             needed = {job.client_id for job in jobs}
             for outcome in batch.result():
+                self.simulation.keep_residual(outcome)  # the device trained, whether needed or not
                 if outcome.client_id in needed:
                     self.outcomes[outcome.client_id] = outcome
             jobs = [job for job in jobs if job.client_id not in self.outcomes]
             if not jobs:
                 return
         for outcome in self.executor.run(self.simulation.coordinator.parameters, jobs):
+            self.simulation.keep_residual(outcome)
             self.outcomes[outcome.client_id] = outcome
 
     def _needed(self, delivery: _Delivery | None) -> list[Job]:
@@ -220,6 +228,7 @@ class PlainRoundPlayer:
             self.uploads,
             self.reported_drops,
             model=None if commit is None else commit.parameters,
+            uploaded_bytes=self.uploaded_bytes if self.phase is Phase.FIT else None,
         )
         return self.lifecycle.close_round(closed, commit, fields, ahead=ahead)
 

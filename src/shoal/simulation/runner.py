@@ -42,9 +42,10 @@ from shoal.coordinator.setup import (
     secure_settings_from_config,
     strategy_for,
 )
+from shoal.core.compression import EXTRAS_KEY as COMPRESSION_KEY
 from shoal.core.errors import ConfigError, RunError
 from shoal.core.folders import writable_folder
-from shoal.core.parameters import Parameters
+from shoal.core.parameters import Parameters, Vector
 from shoal.registry import (
     AuditLog,
     BlobStore,
@@ -60,7 +61,7 @@ from shoal.simulation.consortium import Consortium
 from shoal.simulation.device_states import simulated_state
 from shoal.simulation.devices import Attempt, DeviceFleet
 from shoal.simulation.dropouts import drop_time, dropped_in_wave, task_duration
-from shoal.simulation.executor import Executor, Job, make_executor
+from shoal.simulation.executor import Executor, Job, Outcome, make_executor
 from shoal.simulation.plain_rounds import PlainRoundPlayer
 from shoal.simulation.population import Population, client_index
 from shoal.simulation.record_privacy import RecordLevelLedger
@@ -139,6 +140,8 @@ class Simulation:
         self.identities = SimulatedIdentities(self.population.client_ids)  # SecAgg+'s PKI
         self._coordinator: Coordinator | None = None
         self.model_bytes = 0
+        self.compression = config.compression.codec()  # of the plaintext fit rounds' uploads
+        self.residuals: dict[str, Vector] = {}  # what each top-k client's last upload left out
         self.record_level = RecordLevelLedger()  # record-level DP-SGD, when clients run it
         self._enrolled_whole = False  # a large fleet enrolls each client when first selected
         self._clients: ClientRegistry | None = None
@@ -368,6 +371,7 @@ class Simulation:
                 num_examples=self.population.num_train_examples(task.client_id),
                 epochs=task.config.epochs,
                 model_bytes=self.model_bytes,
+                upload_bytes=self.upload_bytes(task),
             )
         return self.fleet.plan_evaluate(
             task.client_id,
@@ -390,6 +394,7 @@ class Simulation:
             ),
             epochs=task.config.epochs if isinstance(task, SendFitTask) else 1 / 3,
             model_bytes=self.model_bytes,
+            upload_bytes=self.upload_bytes(task) if fit else None,
         )
         return drop_time(
             seed=self.config.run.seed,
@@ -401,11 +406,25 @@ class Simulation:
         )
 
     def job_for(self, task: SendFitTask | SendEvaluateTask, attempt: Attempt) -> Job:
-        """The executor's job for ``task``, with the epochs the attempt could afford."""
+        """The executor's job for ``task``, with the epochs the attempt could afford (and,
+        for a top-k upload, what the client's last one left out)."""
         config: Any = task.config
         if isinstance(task, SendFitTask) and attempt.epochs != task.config.epochs:
             config = dataclasses.replace(task.config, epochs=attempt.epochs)
-        return Job(task.client_id, config, seeded_noise=self.seeded_noise)
+        residual = self.residuals.get(task.client_id) if isinstance(task, SendFitTask) else None
+        return Job(task.client_id, config, seeded_noise=self.seeded_noise, residual=residual)
+
+    def upload_bytes(self, task: SendFitTask | SendEvaluateTask) -> int | None:
+        """The bytes of ``task``'s update on the device's uplink, where the task names a codec
+        (None: the model's size)."""
+        if not isinstance(task, SendFitTask) or COMPRESSION_KEY not in task.config.extras:
+            return None
+        return self.compression.payload_size(len(task.parameters))
+
+    def keep_residual(self, outcome: Outcome) -> None:
+        """A client's outcome is in: a top-k client keeps what its upload left out."""
+        if outcome.residual is not None:
+            self.residuals[outcome.client_id] = outcome.residual
 
     # --- what only the simulator knows of a round -------------------------------------------
 
@@ -417,13 +436,15 @@ class Simulation:
         reported_drops: int = 0,
         *,
         model: Parameters | None = None,
+        uploaded_bytes: int | None = None,
     ) -> dict[str, Any]:
         """The row's fields that the device fleet decides: drops, stragglers, uploads, and the
         battery each device that trained drained (replayed when the run resumes); with
         ``[[attack]]``, a fit round's attackers and ``model``'s backdoor success rate.
 
         ``reported_drops``: the drops the coordinator was told of (counted in ``failed``);
-        ``model``: the version the round commits (None: it commits none).
+        ``model``: the version the round commits (None: it commits none);
+        ``uploaded_bytes``: what a fit round's uploads took (None: each the model's size).
         """
         fit = summary.phase is Phase.FIT
         fields = self._drained(summary, attempts) if fit else {}
@@ -446,7 +467,9 @@ class Simulation:
             )
             if self.config.devices.straggler_policy == "partial"
             else 0,
-            "bytes_up": uploads * (self.model_bytes if fit else EVALUATION_UPLOAD_BYTES),
+            "bytes_up": uploaded_bytes
+            if uploaded_bytes is not None
+            else uploads * (self.model_bytes if fit else EVALUATION_UPLOAD_BYTES),
         }
 
     def _drained(self, summary: RoundSummary, attempts: dict[str, Attempt]) -> dict[str, Any]:

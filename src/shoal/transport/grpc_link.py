@@ -273,7 +273,11 @@ class GrpcLink:
 
     async def _submit_update(self, enrollment: Enrollment, request: SubmitUpdate) -> Submitted:
         offer = request.offer
-        payload = request.update.to_bytes(content_sha256=False)  # hashed once, below
+        payload = (  # hashed once, below
+            request.update.to_bytes(content_sha256=False)
+            if request.payload is None
+            else request.payload
+        )
         header = serde.encode_update_header(
             UpdateHeader(
                 round=offer.round,
@@ -283,6 +287,7 @@ class GrpcLink:
                 total_size=len(payload),
                 base_model_sha256=offer.model_sha256,
                 metrics=request.metrics,
+                codec=request.codec if request.payload is not None else "",
             )
         )
         self._sign(header, enrollment, round_number=offer.round)

@@ -321,6 +321,7 @@ class UpdateHeader:
     total_size: int
     base_model_sha256: str
     metrics: Mapping[str, float] = field(default_factory=dict)
+    codec: str = ""  # the payload's codec (shoal.core.compression); empty: safetensors
 
     def __post_init__(self) -> None:
         check_round(self.round)
@@ -330,6 +331,7 @@ class UpdateHeader:
         _check_count(self.total_size, "total size")
         check_sha256_hex(self.base_model_sha256, "base model sha256")
         _check_metrics(self.metrics)
+        _check_text(self.codec, "codec")
 
 
 @dataclass(frozen=True, slots=True)

@@ -647,6 +647,7 @@ def encode_update_header(header: UpdateHeader) -> pb.UpdateHeader:
             payload_sha256=header.payload_sha256,
             total_size=header.total_size,
             base_model_sha256=header.base_model_sha256,
+            codec=header.codec,
         ),
         "update header",
     )
@@ -662,6 +663,7 @@ def decode_update_header(message: pb.UpdateHeader) -> UpdateHeader:
         total_size=message.total_size,
         base_model_sha256=message.base_model_sha256,
         metrics=dict(message.metrics),
+        codec=message.codec,
     )
 
 

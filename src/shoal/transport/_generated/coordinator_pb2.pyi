@@ -850,17 +850,20 @@ class UpdateHeader(_message.Message):
     PAYLOAD_SHA256_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     BASE_MODEL_SHA256_FIELD_NUMBER: _builtins.int
+    CODEC_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     """equal to auth.round"""
     run_id: _builtins.str
     """equal to auth.run_id"""
     num_examples: _builtins.int
     payload_sha256: _builtins.str
-    """sha256 of the safetensors bytes that follow"""
+    """sha256 of the payload bytes that follow"""
     total_size: _builtins.int
     """their length"""
     base_model_sha256: _builtins.str
     """the model the update is relative to"""
+    codec: _builtins.str
+    """empty: the payload is safetensors; else the task's codec"""
     @_builtins.property
     def auth(self) -> Global___RequestAuth: ...
     @_builtins.property
@@ -876,10 +879,11 @@ class UpdateHeader(_message.Message):
         payload_sha256: _builtins.str = ...,
         total_size: _builtins.int = ...,
         base_model_sha256: _builtins.str = ...,
+        codec: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "base_model_sha256", b"base_model_sha256", "metrics", b"metrics", "num_examples", b"num_examples", "payload_sha256", b"payload_sha256", "round", b"round", "run_id", b"run_id", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "base_model_sha256", b"base_model_sha256", "codec", b"codec", "metrics", b"metrics", "num_examples", b"num_examples", "payload_sha256", b"payload_sha256", "round", b"round", "run_id", b"run_id", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
