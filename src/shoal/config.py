@@ -1332,6 +1332,12 @@ class Config(_Section):
                 "privacy.sampling = 'poisson' draws cohorts of no fixed size, which fixed "
                 "secure_aggregation.bits could overflow: leave bits unset (fitted each round)"
             )
+        if self.compression.kind == "topk" and self.clustering.clusters > 1:
+            raise ValueError(
+                "compression.kind = 'topk' keeps what a client left out for its next update, "
+                "which lands in the cluster it trained last when it chooses another: use "
+                "'int8' or 'ternary' with clustering.clusters > 1"
+            )
         if self.compression.enabled and secure.enabled:
             raise ValueError(
                 f"compression.kind = {self.compression.kind!r} encodes each update in the "

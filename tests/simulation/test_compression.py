@@ -9,7 +9,11 @@ from typing import Any
 
 import pytest
 
+from shoal.apps import builtin
+from shoal.client.api import Client
+from shoal.client.app import ClientApp, ClientContext
 from shoal.config import Config
+from shoal.core import ConfigError
 from shoal.core.compression import Compression
 from shoal.simulation.runner import Simulation
 from support.jobs import bare_config, rows_without_wall
@@ -36,9 +40,7 @@ def rows_of(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize(
-    ("codec", "fraction"), [("int8", 0.01), ("ternary", 0.01), ("topk", 0.05)]
-)
+@pytest.mark.parametrize(("codec", "fraction"), [("int8", 0.01), ("ternary", 0.01), ("topk", 0.05)])
 def test_a_round_counts_the_bytes_its_compressed_uploads_took(
     tmp_path: Path, codec: str, fraction: float
 ) -> None:
@@ -106,3 +108,32 @@ def test_a_slow_uplink_is_less_of_a_straggler_with_compressed_uploads(tmp_path: 
     squeezed = [row for row in rows_of(tmp_path / "t") if row["phase"] == "fit"]
     assert all(row["stragglers"] == 5 and not row["committed"] for row in dense)
     assert all(row["stragglers"] == 0 and row["committed"] for row in squeezed)
+
+
+def failing_first_client(context: ClientContext) -> Client:
+    """Client 0 raises on every fit: its failure report uploads no update."""
+    client = builtin.client_app(context)
+    if context.partition_index == 0:
+
+        def broken(*args: object) -> Any:
+            raise MemoryError("device out of memory")
+
+        client.fit = broken  # type: ignore[method-assign]
+    return client
+
+
+def test_a_client_that_fails_counts_no_upload(tmp_path: Path) -> None:
+    config = job("data.num_clients=5", "compression.kind='int8'", "round.quorum=0.5")
+    app = ClientApp(failing_first_client, num_examples=builtin.client_app.num_examples)
+    Simulation(config, tmp_path, client_app=app, server_app=builtin.server_app).run()
+    fits = [row for row in rows_of(tmp_path) if row["phase"] == "fit"]
+    payload = config.compression.codec().payload_size(VALUES)
+    assert all(row["reported"] == 4 and row["bytes_up"] == 4 * payload for row in fits)
+
+
+def test_the_config_refuses_top_k_with_clusters_and_any_codec_with_secure_sums() -> None:
+    with pytest.raises(ConfigError, match="lands in the cluster it trained last"):
+        job("compression.kind='topk'", "clustering.clusters=2")
+    job("compression.kind='int8'", "clustering.clusters=2")  # no residual: no cluster to miss
+    with pytest.raises(ConfigError, match="secure aggregation masks or encrypts the whole"):
+        job("compression.kind='int8'", "secure_aggregation.protocol='secagg+'")

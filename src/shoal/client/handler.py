@@ -26,7 +26,7 @@ import numpy as np
 
 from shoal.client.api import Client, EvaluateConfig, FitConfig, fit_update
 from shoal.core.compression import EXTRAS_KEY as COMPRESSION_KEY
-from shoal.core.compression import Compression, decode, encode, with_feedback
+from shoal.core.compression import Compression, decode, encode, rescaled, with_feedback
 from shoal.core.errors import ClientError, ConfigError
 from shoal.core.parameters import Parameters, Vector, all_finite
 from shoal.privacy.client import (
@@ -35,7 +35,7 @@ from shoal.privacy.client import (
     privatize_update,
     uniform_weight,
 )
-from shoal.privacy.coordinator import CLIP_NORM
+from shoal.privacy.coordinator import CLIP_NORM, LOCAL_NOISE_STD
 from shoal.privacy.noise import NoiseSource
 from shoal.secure.client import Contribution
 
@@ -52,6 +52,7 @@ class FitOutcome:
     noise: NoiseSource | None = None  # the task's DP noise, for a secure round's noise share
     payload: bytes | None = None
     residual: Vector | None = None
+    codec: str = ""  # the payload's codec (its spec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +109,27 @@ def _compressed(outcome: FitOutcome, config: FitConfig, *, residual: Vector | No
         return outcome
     target = with_feedback(outcome.update, residual) if codec.kind == "topk" else outcome.update
     rounding = np.random.default_rng([config.seed % 2**64, _ROUNDING])
-    payload = encode(target, codec, rng=rounding)
+    payload = _within_clip(encode(target, codec, rng=rounding), codec, config, len(target))
     sent = decode(payload, codec, size=len(target))
     left = target - sent if codec.kind == "topk" else None
-    return replace(outcome, update=sent, payload=payload, residual=left)
+    return replace(outcome, update=sent, payload=payload, residual=left, codec=codec.spec)
+
+
+_CLIP_MARGIN = 1 - 2**-20  # float32 rounding of the scaled payload stays under the norm
+
+
+def _within_clip(payload: bytes, codec: Compression, config: FitConfig, size: int) -> bytes:
+    """``payload`` decoding to no more than the task's DP clip norm, where the coordinator
+    clips what it decodes (central DP): a quantized update's rounding can raise its norm past
+    the clip (a ternary one's by about 1.7 times), and the coordinator's clip would then
+    shrink it and count it as clipped, biasing the mean and the adaptive clip norm."""
+    clip_norm = config.extras.get(CLIP_NORM)
+    if not isinstance(clip_norm, int | float) or LOCAL_NOISE_STD in config.extras:
+        return payload  # no DP, or noised here: the coordinator does not clip it
+    norm = float(np.linalg.norm(decode(payload, codec, size=size).astype(np.float64)))
+    if norm <= clip_norm:
+        return payload
+    return rescaled(payload, codec, factor=clip_norm / norm * _CLIP_MARGIN)
 
 
 def run_evaluate(client: Client, parameters: Parameters, config: EvaluateConfig) -> EvaluateOutcome:

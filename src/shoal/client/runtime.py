@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 from shoal.client.api import Client, EvaluateConfig, FitConfig
-from shoal.client.handler import run_evaluate, run_fit, secure_contribution, task_codec
+from shoal.client.handler import run_evaluate, run_fit, secure_contribution
 from shoal.client.link import (
     CheckIn,
     CoordinatorLink,
@@ -445,9 +445,8 @@ class ClientRuntime:
             update = model.with_vector(fit.update)
             if fit.payload is not None:  # compressed: it goes up, whatever the answer
                 self._residual = fit.residual
-            codec = task_codec(offer.config).spec if fit.payload is not None else ""
             upload = SubmitUpdate(
-                offer, update, fit.num_examples, metrics, payload=fit.payload, codec=codec
+                offer, update, fit.num_examples, metrics, payload=fit.payload, codec=fit.codec
             )
             return upload, fit.num_examples
         config = (

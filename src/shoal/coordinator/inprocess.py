@@ -81,6 +81,7 @@ class InProcessLink:
                     request.num_examples,
                     request.metrics,
                     Authentication.IN_PROCESS,
+                    upload_bytes=None if request.payload is None else len(request.payload),
                 )
             case SubmitEvaluation():
                 answer = driver.submit_evaluation(

@@ -160,6 +160,24 @@ def decode(payload: bytes, compression: Compression, *, size: int) -> Vector:
     return _decode_topk(body, size, most=compression.kept(size))
 
 
+def rescaled(payload: bytes, compression: Compression, *, factor: float) -> bytes:
+    """``payload`` (made by :func:`encode`) decoding to ``factor`` (0 to 1) times what it
+    decoded to: its scales, or its top-k values, times ``factor``; nothing else changes (a
+    client clipping what it sends to a DP clip norm, past the codec's rounding)."""
+    if not 0 <= factor <= 1:
+        raise ValueError(f"a payload is scaled down, by 0 to 1, not {factor}")
+    _, _, size = _HEADER.unpack_from(payload)
+    if compression.kind == "topk":
+        (kept, _, _) = _TOPK_HEADER.unpack_from(payload, _HEADER.size)
+        start = len(payload) - 4 * kept
+        part = slice(start, len(payload))
+    else:
+        start = _HEADER.size
+        part = slice(start, start + 4 * -(-size // BLOCK))
+    values = np.frombuffer(payload[part], dtype="<f4") * np.float32(factor)
+    return payload[:start] + values.astype("<f4").tobytes() + payload[part.stop :]
+
+
 def with_feedback(update: Vector, residual: Vector | None) -> Vector:
     """``update`` plus what the client's earlier compressed uploads left out (error
     feedback): a value too small to be sent this round adds up until it is."""

@@ -32,6 +32,7 @@ from shoal.simulation.device_states import (
     hashed_uniform,
     simulated_state,
 )
+from shoal.simulation.dropouts import transfer_time
 from shoal.telemetry.fleet import population_shares
 
 _MIN_PARTIAL_SHARE = 0.05
@@ -174,7 +175,7 @@ class DeviceFleet:
         if dropped:
             return Attempt(client_id, None, epochs, dropped=True, straggler=False)
         window = deadline_at - start
-        transfer = self._transfer_time(device, model_bytes, upload_bytes)
+        transfer = transfer_time(device, model_bytes=model_bytes, upload_bytes=upload_bytes)
         compute = epochs * num_examples / speed
         arrival = start + transfer + compute
         busy = min(compute, max(window - transfer, 0.0)) if self._drains(client_id) else 0.0
@@ -242,12 +243,3 @@ class DeviceFleet:
             jitter = float(rng.lognormal(0.0, self.settings.speed_jitter))
         factor = float(self._factors[self.position(client_id)])
         return device.examples_per_second * factor / jitter
-
-    @staticmethod
-    def _transfer_time(device: DeviceClass, model_bytes: int, upload_bytes: int | None) -> float:
-        up = model_bytes if upload_bytes is None else upload_bytes
-        return (
-            2 * device.latency_s
-            + model_bytes * 8 / (device.download_mbps * 1e6)
-            + up * 8 / (device.upload_mbps * 1e6)
-        )

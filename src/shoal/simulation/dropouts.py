@@ -61,13 +61,21 @@ def task_duration(
 ) -> float:
     """How long a task takes a device of its class, nominally: both transfers and the work
     (``upload_bytes``: the upload, where a codec makes it other than ``model_bytes``)."""
+    transfers = transfer_time(device, model_bytes=model_bytes, upload_bytes=upload_bytes)
+    return transfers + epochs * num_examples / device.examples_per_second
+
+
+def transfer_time(
+    device: DeviceClass, *, model_bytes: int, upload_bytes: int | None = None
+) -> float:
+    """Seconds a device of its class takes to download the model and upload its result (the
+    model's size again, or ``upload_bytes``), each way with its latency."""
     up = model_bytes if upload_bytes is None else upload_bytes
-    transfers = (
+    return (
         2 * device.latency_s
         + model_bytes * 8 / (device.download_mbps * 1e6)
         + up * 8 / (device.upload_mbps * 1e6)
     )
-    return transfers + epochs * num_examples / device.examples_per_second
 
 
 def drop_time(

@@ -128,11 +128,7 @@ class PlainRoundPlayer:
                     self._compute(delivery)
                 self.uploads += 1
                 outcome = self.outcomes[delivery.client_id]
-                self.uploaded_bytes += (
-                    self.simulation.model_bytes
-                    if outcome.upload_bytes is None
-                    else outcome.upload_bytes
-                )
+                self.uploaded_bytes += _upload_bytes(outcome, self.simulation.model_bytes)
                 attempt = self.attempts[delivery.client_id]
                 actions = coordinator.handle(
                     _result_event(outcome, self.round, delivery.at, train_s=attempt.train_s)
@@ -231,6 +227,14 @@ class PlainRoundPlayer:
             uploaded_bytes=self.uploaded_bytes if self.phase is Phase.FIT else None,
         )
         return self.lifecycle.close_round(closed, commit, fields, ahead=ahead)
+
+
+def _upload_bytes(outcome: Outcome, model_bytes: int) -> int:
+    """What a delivered outcome took on the uplink: its payload, or the whole model; a
+    failure report, nothing counted."""
+    if outcome.error is not None:
+        return 0
+    return model_bytes if outcome.upload_bytes is None else outcome.upload_bytes
 
 
 def _result_event(outcome: Outcome, round_number: int, at: float, *, train_s: float) -> Event:
