@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, too
 from benchmarks.model_signing import best_ms
 from shoal.config import load_config
 from shoal.core.compression import Compression, decode, encode
