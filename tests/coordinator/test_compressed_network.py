@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ import pytest
 
 from shoal.client.link import Submitted, SubmitUpdate
 from shoal.config import Config, parse_config
-from shoal.core.compression import Compression, encode
+from shoal.coordinator import service
+from shoal.core.compression import Compression, decode, encode
 from shoal.tasks import RejectReason, RejectSubmission
 from shoal.transport.grpc_link import GrpcLink
 from support.jobs import network_job, serve_to_digits_clients
@@ -196,3 +198,20 @@ def test_a_compressed_upload_to_a_run_that_asks_for_none_is_refused(tmp_path: Pa
     [fit] = [row for row in rows if row["phase"] == "fit"]
     assert fit["committed"] and fit["reported"] == 2
     assert all(request.codec == "" for link in links[1:] for request, _ in link.sent)
+
+
+def test_uploads_are_decoded_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode holds the thread it runs on: on the loop, every other call would wait."""
+    threads: list[str] = []
+
+    def decode_where(payload: bytes, compression: Compression, *, size: int) -> Any:
+        threads.append(threading.current_thread().name)
+        return decode(payload, compression, size=size)
+
+    monkeypatch.setattr(service, "decode", decode_where)
+    config = job(tmp_path, clients=2, compression={"kind": "int8"}, rounds=1)
+    rows, _ = serve_recording(tmp_path, config, clients=2)
+    assert rows[0]["committed"] and len(threads) == 2
+    assert threading.main_thread().name not in threads
