@@ -15,7 +15,7 @@ from shoal.client.app import ClientApp, ClientContext
 from shoal.config import Config
 from shoal.core import ConfigError
 from shoal.core.compression import Compression
-from shoal.simulation.runner import Simulation
+from shoal.simulation.runner import RESIDUALS_FILE, Simulation
 from support.jobs import bare_config, rows_without_wall
 
 VALUES = 650  # the default softmax model: 64 x 10 weights and 10 biases
@@ -137,3 +137,22 @@ def test_the_config_refuses_top_k_with_clusters_and_any_codec_with_secure_sums()
     job("compression.kind='int8'", "clustering.clusters=2")  # no residual: no cluster to miss
     with pytest.raises(ConfigError, match="secure aggregation masks or encrypts the whole"):
         job("compression.kind='int8'", "secure_aggregation.protocol='secagg+'")
+
+
+def test_a_resumed_top_k_run_repeats_an_uninterrupted_one(tmp_path: Path) -> None:
+    options = ("compression.kind='topk'", "compression.fraction=0.05")
+    Simulation(job(*options, "run.rounds=6"), tmp_path / "whole").run()
+    Simulation(job(*options, "run.rounds=3"), tmp_path / "parts").run()
+    Simulation(job(*options, "run.rounds=6"), tmp_path / "parts", resume=True).run()
+    assert rows_without_wall(tmp_path / "parts") == rows_without_wall(tmp_path / "whole")
+
+
+def test_a_resume_without_its_residuals_starts_them_at_zero_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    options = ("compression.kind='topk'", "compression.fraction=0.05")
+    Simulation(job(*options, "run.rounds=3"), tmp_path).run()
+    (tmp_path / RESIDUALS_FILE).write_bytes(b"not a zip")
+    Simulation(job(*options, "run.rounds=4"), tmp_path, resume=True).run()
+    assert "the top-k residuals of round 3 are not there" in caplog.text
+    assert [row["round"] for row in rows_of(tmp_path) if row["phase"] == "fit"] == [1, 2, 3, 4]

@@ -44,6 +44,7 @@ from shoal.coordinator.setup import (
 )
 from shoal.core.compression import EXTRAS_KEY as COMPRESSION_KEY
 from shoal.core.errors import ConfigError, RunError
+from shoal.core.files import write_whole
 from shoal.core.folders import writable_folder
 from shoal.core.parameters import Parameters, Vector
 from shoal.registry import (
@@ -80,6 +81,8 @@ metrics row; its close calls the :data:`~shoal.coordinator.run.Ahead` given, if 
 log = logging.getLogger("shoal.simulation")
 
 MODEL_NAME = "global"
+RESIDUALS_FILE = "residuals.npz"
+"""What each simulated top-k client left out of its uploads, as of the run's last fit row."""
 SIMULATOR = "simulator"  # the actor of the audit log's entries a simulation makes
 
 
@@ -188,6 +191,7 @@ class Simulation:
             self._clients = records.clients
             self._enroll_fleet(lifecycle, records.clients, at=lifecycle.virtual_start)
             self._replay_drains(records.rows())
+            self._load_residuals(records.rows())
             records.start_tracking(self.config)
             with self._executor() as executor:
                 plays = _Plays(self, lifecycle, executor)
@@ -198,6 +202,7 @@ class Simulation:
                     )
                     row.update(self.canaries.row_fields(self.coordinator.parameters, row))
                     lifecycle.record(row)
+                    self._save_residuals(row)
                     if on_round is not None:
                         on_round(row)
                     plays.now = row["virtual_time_s"]
@@ -268,6 +273,43 @@ class Simulation:
             drain = row.get("battery_drain") or {"at": 0.0, "devices": {}}
             for client, amount in drain["devices"].items():
                 self.fleet.replay_drain(client, at=float(drain["at"]), amount=float(amount))
+
+    def _save_residuals(self, row: dict[str, Any]) -> None:
+        """Keep what each top-k client left out beside the run, after each fit round's row
+        (its devices' memory): a resumed run goes on from it, as an uninterrupted one does."""
+        if self.compression.kind != "topk" or row["phase"] != Phase.FIT.value:
+            return
+        arrays = {f"client:{client}": residual for client, residual in self.residuals.items()}
+        arrays["round"] = np.array([row["round"]], dtype=np.int64)
+        write_whole(
+            self.out / RESIDUALS_FILE,
+            lambda handle: np.savez(handle, allow_pickle=False, **arrays),
+        )
+
+    def _load_residuals(self, rows: Sequence[dict[str, Any]]) -> None:
+        """The residuals saved with the run's last fit row, where a resumed top-k run has
+        them; else every client starts at zero, as a restarted device does (warned)."""
+        fits = [row["round"] for row in rows if row["phase"] == Phase.FIT.value]
+        if self.compression.kind != "topk" or not fits:
+            return
+        path = self.out / RESIDUALS_FILE
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                if int(saved["round"][0]) != fits[-1]:
+                    raise ValueError(f"they are of round {int(saved['round'][0])}")
+                self.residuals = {
+                    name.removeprefix("client:"): saved[name].astype(np.float32)
+                    for name in saved.files
+                    if name.startswith("client:")
+                }
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            log.warning(
+                "%s: the top-k residuals of round %d are not there (%s): every client's "
+                "starts at zero, and the run does not repeat an uninterrupted one",
+                path,
+                fits[-1],
+                exc,
+            )
 
     @contextmanager
     def _executor(self) -> Iterator[Executor]:
