@@ -222,3 +222,13 @@ def test_a_locally_noised_update_is_sent_as_rounded() -> None:
     magnitudes = np.abs(fit.update)
     assert np.all((magnitudes == 0) | np.isclose(magnitudes, 0.8, rtol=1e-6))
     assert float(np.linalg.norm(fit.update)) > 1.0  # both rounded to 0.8: not scaled back
+
+
+def test_under_central_dp_what_the_clip_takes_is_not_carried_to_the_next_upload() -> None:
+    """Clipped to 1 and added to a residual of 10, the target's norm is over 10: the payload
+    is scaled back to 1, and only what top-k left out (nothing here) is kept."""
+    residual = np.array([10, 0, 0, 0], np.float32)
+    task = squeezed_task("topk:0.5", **{CLIP_NORM: 1.0})
+    fit = run_fit(Fixed([3, 4, 0, 0]), MODEL, task, residual=residual)
+    assert float(np.linalg.norm(fit.update)) <= 1.0
+    assert fit.residual is not None and not fit.residual.any()

@@ -35,9 +35,12 @@ from shoal.coordinator import (
 from shoal.coordinator.events import Authentication
 from shoal.coordinator.policy import Submission, UpdatePolicy
 from shoal.core import ConfigError, IllegalTransition, Parameters, ProtocolError
+from shoal.core.compression import Compression
 from shoal.core.later import Later, Offload, here
 from shoal.governance import Decision, PolicyBounds, PolicyEngine, UpdateFacts
 from shoal.governance.policy import _ALONE_BELOW_S, _PROBE_EVERY, facts_for
+from shoal.privacy.coordinator import CLIP_NORM, LOCAL_NOISE_STD, DpCoordinator, DpSettings
+from shoal.privacy.noise import NoiseSource
 from shoal.tasks import TRAIN_TIME_METRIC
 
 CANDIDATES = tuple(f"c{index:02d}" for index in range(30))
@@ -692,3 +695,37 @@ def test_measures_sent_elsewhere_start_before_the_policy_decides_and_change_noth
     assert order.count("measures") == (2 if poisoned else 1)  # again for the allowed ones
     np.testing.assert_array_equal(model, expected_model)
     assert summary == expected
+
+
+# --- what a fit task asks of its client ------------------------------------------------------
+
+
+def fit_extras(coordinator: Coordinator, config: dict[str, Any]) -> dict[str, Any]:
+    actions = coordinator.handle(StartRound(1, Phase.FIT, 10.0, CANDIDATES, config))
+    extras = {frozenset(a.config.extras.items()) for a in actions if isinstance(a, SendFitTask)}
+    [only] = extras
+    return dict(only)
+
+
+def test_the_upload_codec_and_the_dp_settings_are_the_coordinators_never_the_apps() -> None:
+    """A server app's round config naming a codec or DP noise is overridden, not obeyed."""
+    app = {"upload_codec": "topk:1.0", LOCAL_NOISE_STD: 0.0, "app_key": 1}
+    coordinator = Coordinator(
+        settings=RoundSettings(
+            clients_per_round=5, deadline_s=100.0, compression=Compression("int8")
+        ),
+        strategy=make_strategy("fedavg"),
+        parameters=Parameters.from_arrays([np.zeros(SIZE)]),
+        seed=7,
+        privacy=DpCoordinator(
+            DpSettings("central", 1.0, 0.5, clients_per_round=5, min_clients=4),
+            NoiseSource.secure(),
+        ),
+    )
+    assert fit_extras(coordinator, app) == {
+        "upload_codec": "int8",
+        CLIP_NORM: 0.5,
+        "app_key": 1,
+    }
+    plain = make()  # no codec asked: none sent, whatever the app says
+    assert fit_extras(plain, app) == {LOCAL_NOISE_STD: 0.0, "app_key": 1}

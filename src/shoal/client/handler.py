@@ -109,9 +109,10 @@ def _compressed(outcome: FitOutcome, config: FitConfig, *, residual: Vector | No
         return outcome
     target = with_feedback(outcome.update, residual) if codec.kind == "topk" else outcome.update
     rounding = np.random.default_rng([config.seed % 2**64, _ROUNDING])
-    payload = _within_clip(encode(target, codec, rng=rounding), codec, config, len(target))
+    payload = encode(target, codec, rng=rounding)
+    left = target - decode(payload, codec, size=len(target)) if codec.kind == "topk" else None
+    payload = _within_clip(payload, codec, config, len(target))  # what was scaled away is gone
     sent = decode(payload, codec, size=len(target))
-    left = target - sent if codec.kind == "topk" else None
     return replace(outcome, update=sent, payload=payload, residual=left, codec=codec.spec)
 
 
@@ -122,7 +123,9 @@ def _within_clip(payload: bytes, codec: Compression, config: FitConfig, size: in
     """``payload`` decoding to no more than the task's DP clip norm, where the coordinator
     clips what it decodes (central DP): a quantized update's rounding can raise its norm past
     the clip (a ternary one's by about 1.7 times), and the coordinator's clip would then
-    shrink it and count it as clipped, biasing the mean and the adaptive clip norm."""
+    count it as clipped, raising the adaptive clip norm (and its noise) round after round.
+    The residual is what the codec left out, before this: what the clip takes is not sent
+    later either (added back, it grew round after round)."""
     clip_norm = config.extras.get(CLIP_NORM)
     if not isinstance(clip_norm, int | float) or LOCAL_NOISE_STD in config.extras:
         return payload  # no DP, or noised here: the coordinator does not clip it

@@ -92,7 +92,12 @@ from shoal.core.parameters import (
 )
 from shoal.core.transforms import TransformState
 from shoal.governance.policy import Decision
-from shoal.privacy.coordinator import UNCLIPPED, DpCoordinator, check_private_strategy
+from shoal.privacy.coordinator import (
+    DP_TASK_KEYS,
+    UNCLIPPED,
+    DpCoordinator,
+    check_private_strategy,
+)
 from shoal.secure.messages import StaleMessage
 from shoal.secure.server import Aborted, SumReady
 from shoal.tasks import Phase, RejectReason, RejectSubmission, split_train_time
@@ -365,6 +370,7 @@ class Coordinator:
         round_number = current.number
         chosen, extras = split_round_config(current.config)
         if self.privacy is not None:  # the DP settings are the coordinator's, never the app's
+            extras = {key: value for key, value in extras.items() if key not in DP_TASK_KEYS}
             extras = {**extras, **self.privacy.fit_extras()}
         extras.pop(COMPRESSION_KEY, None)  # and so is the codec (a secure round sends none)
         if settings.compression.enabled and current.secure is None:

@@ -112,6 +112,9 @@ log = logging.getLogger("shoal.coordinator")
 
 HEARTBEAT_EVERY_S = 30.0
 THROTTLED = "throttled"
+DECODES_AT_ONCE = 2
+"""Uploads parsed or decoded at once, each in a thread with a dense copy of the model: a
+burst of a thousand uploads waits its turn instead of holding a thousand copies."""
 """The reason an enrollment refused untried is counted under (:mod:`shoal.coordinator.guesses`)."""
 # What a check-in can change only by re-enrolling (a write); power and network are batched.
 _STABLE_FIELDS = (
@@ -262,6 +265,7 @@ class CoordinatorService:
             clock=time.monotonic,
         )
         self._uploading: set[str] = set()  # the clients whose update is being taken in
+        self._decoding = asyncio.Semaphore(DECODES_AT_ONCE)
         self.refusal_log = refusal_log or RefusalLog(log)
 
     def _refused(self, rpc: str, refusal: Refused, context: Context) -> Verdict:
@@ -481,9 +485,11 @@ class CoordinatorService:
             sha256=header.payload_sha256,
             size=header.total_size,
         )
-        # decoded in a thread: a large update's parse or a codec's decode (0.2 s for ten
-        # million ternary values) would hold every other call on the event loop meanwhile
-        update = await asyncio.to_thread(self._update_vector, header.codec, payload)
+        # decoded in a thread: a large update's parse or a codec's decode (0.1 s for ten
+        # million ternary values) would hold every other call on the event loop meanwhile;
+        # a few at once, each holding a dense copy of the model
+        async with self._decoding:
+            update = await asyncio.to_thread(self._update_vector, header.codec, payload)
         rejection = self.driver.submit_update(  # its signature checked out: VERIFIED
             auth.client_id,
             header.round,

@@ -49,6 +49,8 @@ CLIP_NORM = "dp_clip_norm"
 LOCAL_NOISE_STD = "dp_local_noise_std"
 DISTRIBUTED_NOISE_STD = "dp_distributed_noise_std"
 UNCLIPPED = "dp_unclipped"  # what a client reports back: 1.0 if its update was within the norm
+DP_TASK_KEYS = frozenset({CLIP_NORM, LOCAL_NOISE_STD, DISTRIBUTED_NOISE_STD})
+"""What a fit task's DP is made of: the coordinator's alone, never a server app's round config."""
 
 
 @dataclass(frozen=True, slots=True)
