@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shoal.client.app import ClientApp, ClientContext, device_state_of
+from shoal.client.app import ClientApp, ClientContext, device_state_of, load_attribute
 from shoal.core import ConfigError, DeviceState
 
 CONTEXT = ClientContext(client_id="phone-1", options={"charging": "yes"})
@@ -61,3 +63,19 @@ def test_a_provider_that_raises_is_one_clear_error() -> None:
     app = ClientApp(lambda context: None, device_state=broken)  # type: ignore[arg-type, return-value]
     with pytest.raises(ConfigError, match="provider failed: OSError: no battery service"):
         app.report_device_state(CONTEXT)
+
+
+def test_two_jobs_whose_apps_share_a_module_name_each_get_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two jobs in one process (a notebook), each with its own ``app.py``: the second job
+    got the first one's module, silently, from ``sys.modules``."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "app", raising=False)
+    for job in ("first", "second"):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "app.py").write_text(f"NAME = {job!r}\n")
+    assert load_attribute("app:NAME", search_path=[tmp_path / "first"]) == "first"
+    assert load_attribute("app:NAME", search_path=[tmp_path / "second"]) == "second"
+    assert load_attribute("app:NAME", search_path=[tmp_path / "first"]) == "first"
+    monkeypatch.delitem(sys.modules, "app", raising=False)

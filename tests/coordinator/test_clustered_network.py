@@ -39,12 +39,14 @@ ROUNDS = 3
 @pytest.fixture
 def day_night() -> Iterator[Any]:
     sys.path.insert(0, str(EXAMPLE))
+    sys.modules.pop("app", None)  # another example's app.py, imported by a test before
     try:
         import app  # the example's own module
 
         yield app
     finally:
         sys.path.remove(str(EXAMPLE))
+        sys.modules.pop("app", None)
 
 
 def job(tmp_path: Path) -> Config:

@@ -23,12 +23,14 @@ SMALL = ["run.rounds=6", "evaluation.every=3", "round.clients_per_round=10"]
 @pytest.fixture(scope="module")
 def app() -> Any:
     sys.path.insert(0, str(EXAMPLE))
+    sys.modules.pop("app", None)  # another example's app.py, imported by a test before
     try:
         import app as day_night  # the example's own module
 
         yield day_night
     finally:
         sys.path.remove(str(EXAMPLE))
+        sys.modules.pop("app", None)
 
 
 def simulate(folder: Path, *overrides: str, resume: bool = False) -> dict[str, Any]:

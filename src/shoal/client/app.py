@@ -167,6 +167,7 @@ def load_attribute(spec: str, *, search_path: Iterable[str | Path] = ()) -> Any:
     if not separator or not module_name or not attribute:
         raise ConfigError(f"an app is MODULE:ATTRIBUTE, got {spec!r}")
     folders = add_search_path(search_path)
+    _forget_shadowed(module_name.split(".")[0], folders)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -190,16 +191,43 @@ def load_attribute(spec: str, *, search_path: Iterable[str | Path] = ()) -> Any:
 
 
 def add_search_path(search_path: Iterable[str | Path]) -> list[str]:
-    """Put the folders first on ``sys.path`` (once each); returns them as strings."""
+    """Put the folders first on ``sys.path``, in order (once each, moved to the front where
+    an earlier job put them further back); returns them as strings."""
     folders: list[str] = []
     for folder in search_path:
         text = str(Path(folder).resolve())
         if text not in folders:
             folders.append(text)
     for text in reversed(folders):
-        if text not in sys.path:
-            sys.path.insert(0, text)
+        while text in sys.path:
+            sys.path.remove(text)
+        sys.path.insert(0, text)
     return folders
+
+
+def _forget_shadowed(top: str, folders: Iterable[str]) -> None:
+    """Forget the module ``top`` (and its submodules) where it was imported from another file
+    than the one the job's ``folders`` hold: two jobs in one process (a notebook, a test run)
+    whose apps are both ``app.py`` in their own folders would otherwise both get the first
+    one's, silently."""
+    loaded = sys.modules.get(top)
+    if loaded is None:
+        return
+    wanted = next(
+        (
+            candidate
+            for folder in folders
+            for candidate in (Path(folder) / f"{top}.py", Path(folder) / top / "__init__.py")
+            if candidate.is_file()
+        ),
+        None,
+    )
+    origin = getattr(loaded, "__file__", None)
+    if wanted is None or (origin is not None and Path(origin).resolve() == wanted.resolve()):
+        return
+    for name in [name for name in sys.modules if name == top or name.startswith(f"{top}.")]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
 
 
 def load_client_app(spec: str, *, search_path: Iterable[str | Path] = ()) -> ClientApp:
