@@ -87,7 +87,7 @@ def run_fit(
     return _compressed(outcome, config, residual=residual)
 
 
-def task_codec(config: FitConfig) -> Compression:
+def _task_codec(config: FitConfig) -> Compression:
     """The codec ``config`` asks the update to be uploaded with (``none``: as it is)."""
     spec = config.extras.get(COMPRESSION_KEY)
     if spec is None:
@@ -104,23 +104,26 @@ def _compressed(outcome: FitOutcome, config: FitConfig, *, residual: Vector | No
     """``outcome`` with its update encoded as the task asks: the payload, what it decodes to,
     and (top-k) what it left out. The rounding is drawn from the task's seed, as the
     coordinator's own draws are: a run replays its uploads bit for bit."""
-    codec = task_codec(config)
+    codec = _task_codec(config)
     if not codec.enabled:
         return outcome
     target = with_feedback(outcome.update, residual) if codec.kind == "topk" else outcome.update
     rounding = np.random.default_rng([config.seed % 2**64, _ROUNDING])
     payload = encode(target, codec, rng=rounding)
-    left = target - decode(payload, codec, size=len(target)) if codec.kind == "topk" else None
-    payload = _within_clip(payload, codec, config, len(target))  # what was scaled away is gone
-    sent = decode(payload, codec, size=len(target))
+    decoded = decode(payload, codec, size=len(target))
+    left = target - decoded if codec.kind == "topk" else None
+    payload, sent = _within_clip(payload, decoded, codec, config)  # what it scales away is gone
     return replace(outcome, update=sent, payload=payload, residual=left, codec=codec.spec)
 
 
 _CLIP_MARGIN = 1 - 2**-20  # float32 rounding of the scaled payload stays under the norm
 
 
-def _within_clip(payload: bytes, codec: Compression, config: FitConfig, size: int) -> bytes:
-    """``payload`` decoding to no more than the task's DP clip norm, where the coordinator
+def _within_clip(
+    payload: bytes, decoded: Vector, codec: Compression, config: FitConfig
+) -> tuple[bytes, Vector]:
+    """``payload`` (which decodes to ``decoded``) decoding to no more than the task's DP clip
+    norm, and what it decodes to, where the coordinator
     clips what it decodes (central DP): a quantized update's rounding can raise its norm past
     the clip (a ternary one's by about 1.7 times), and the coordinator's clip would then
     count it as clipped, raising the adaptive clip norm (and its noise) round after round.
@@ -128,11 +131,12 @@ def _within_clip(payload: bytes, codec: Compression, config: FitConfig, size: in
     later either (added back, it grew round after round)."""
     clip_norm = config.extras.get(CLIP_NORM)
     if not isinstance(clip_norm, int | float) or LOCAL_NOISE_STD in config.extras:
-        return payload  # no DP, or noised here: the coordinator does not clip it
-    norm = float(np.linalg.norm(decode(payload, codec, size=size).astype(np.float64)))
+        return payload, decoded  # no DP, or noised here: the coordinator does not clip it
+    norm = float(np.linalg.norm(decoded.astype(np.float64)))
     if norm <= clip_norm:
-        return payload
-    return rescaled(payload, codec, factor=clip_norm / norm * _CLIP_MARGIN)
+        return payload, decoded
+    payload = rescaled(payload, codec, factor=clip_norm / norm * _CLIP_MARGIN)
+    return payload, decode(payload, codec, size=len(decoded))
 
 
 def run_evaluate(client: Client, parameters: Parameters, config: EvaluateConfig) -> EvaluateOutcome:
