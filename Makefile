@@ -19,7 +19,7 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 # to the CPU build, so that the extra's range installs nothing more)
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install --quiet -e ".[dev,torch,ray,he,mlflow,postgres,datasets]"
+	$(BIN)/pip install --quiet -e ".[dev,torch,ray,he,mlflow,postgres,datasets,wasm]"
 	touch $@ $(VENV)/.core
 
 run: $(VENV)/.core

@@ -2,7 +2,8 @@
 
 The order, low to high (DESIGN.md 15): core, and beside it forkserver (the simulation
 pool's process server, which imports nothing of Shoal's, so that the command line can start
-it before its own imports); datasets (users' data, partitioned);
+it before its own imports); datasets (users' data, partitioned) and features (the portable
+feature modules that turn a client's raw records into features);
 aggregation and telemetry; config; registry; privacy and secure; governance (the
 update policy, signed models, attestation); tasks (the types
 shared by client, coordinator and transport); client; transport; coordinator;
@@ -21,7 +22,7 @@ import pytest
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "shoal"
 LAYERS = [
     {"core", "forkserver"},
-    {"datasets"},
+    {"datasets", "features"},
     {"aggregation", "telemetry"},
     {"config"},
     {"registry"},

@@ -17,6 +17,7 @@ PACKAGES = [
     "shoal.core",
     "shoal.dashboard",
     "shoal.datasets",
+    "shoal.features",
     "shoal.governance",
     "shoal.simulation",
     "shoal.telemetry",

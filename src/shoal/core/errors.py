@@ -9,6 +9,7 @@
     │   └── IllegalTransition  the round state machine refused an event
     ├── ClientError            a client failed while fitting or evaluating
     ├── DataError              a dataset or partition request cannot be met
+    │   └── FeatureError       a feature module failed on records
     ├── RunError               a run folder is missing, corrupt or incompatible
     ├── RegistryError          the client or model registry refused or failed a request
     │   └── NotFoundError      no such client or model version
@@ -59,6 +60,12 @@ class ClientError(ShoalError):
 
 class DataError(ShoalError):
     """A dataset or partitioning request cannot be satisfied."""
+
+
+class FeatureError(DataError):
+    """A feature module could not compute the features of records (a trap, its own failure
+    code, an output that is not finite). Its text may carry what the module computed from the
+    records: a client keeps it in its own log."""
 
 
 class RunError(ShoalError):
