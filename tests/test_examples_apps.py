@@ -14,6 +14,7 @@ import pytest
 from support.documents import (
     ROOT,
     SHOAL,
+    Deployment,
     deploy,
     fenced_blocks,
     free_port,
@@ -109,28 +110,37 @@ def deployment_commands(readme: Path) -> list[list[str]]:
     return shell_commands(block)
 
 
-def test_the_pytorch_cnn_deploys_over_tls_as_its_readme_says(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
-    example = tmp_path / "pytorch-cnn"  # the app and its deployment config, unchanged
+def deployed(
+    tmp_path: Path, name: str, files: tuple[str, ...], readme_port: int
+) -> tuple[Path, Deployment]:
+    """Example ``name``'s ``files``, unchanged, deployed as its README says (a CA, a
+    coordinator and three clients over TLS), on a free port, for two rounds: the folder and
+    the deployment's outcome."""
+    example = tmp_path / name
     example.mkdir()
-    for name in ("app.py", "deploy.toml"):
-        shutil.copy(EXAMPLES / "pytorch-cnn" / name, example / name)
+    for file in files:
+        shutil.copy(EXAMPLES / name / file, example / file)
     port = free_port()
-    commands = deployment_commands(EXAMPLES / "pytorch-cnn" / "README.md")
+    commands = deployment_commands(EXAMPLES / name / "README.md")
     assert [command[len(SHOAL) : len(SHOAL) + 2] for command in commands] == [
         ["certs", "init"],
         ["coordinator", "serve"],
         *[["client", "run"]] * 3,
     ]
     certs, serve, *clients = [
-        [arg.replace("127.0.0.1:50061", f"127.0.0.1:{port}") for arg in command]
+        [arg.replace(f"127.0.0.1:{readme_port}", f"127.0.0.1:{port}") for arg in command]
         for command in commands
     ]
     made = run(certs, cwd=example)
     assert made.returncode == 0, made.stderr
     serve += ["--set", f'coordinator.listen="127.0.0.1:{port}"', "--set", "run.rounds=2"]
     serve += ["--set", "coordinator.linger_s=5"]
-    deployment = deploy(serve, clients, cwd=example)
+    return example, deploy(serve, clients, cwd=example)
+
+
+def test_the_pytorch_cnn_deploys_over_tls_as_its_readme_says(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    example, deployment = deployed(tmp_path, "pytorch-cnn", ("app.py", "deploy.toml"), 50061)
     output = deployment.output
     assert deployment.codes == [0, 0, 0, 0], output  # told the run is over, the clients leave
     state = example / "coordinator-state"
@@ -143,3 +153,25 @@ def test_the_pytorch_cnn_deploys_over_tls_as_its_readme_says(tmp_path: Path) -> 
     summary = summary_of(state)
     assert summary["rounds_completed"] == 2 and summary["architecture"] == "digits-cnn-v1"
     assert json.loads((state / "config.json").read_text())["run"]["name"] == "pytorch-cnn"
+
+
+def test_the_portable_features_deploy_over_tls_as_their_readme_says(tmp_path: Path) -> None:
+    """Three phone processes and a coordinator over TLS: the coordinator records the module's
+    sha256 with every version, and each phone (which has the job's module file, so pins it)
+    computes with the module it fetched; then the registry gives the module back."""
+    pytest.importorskip("wasmtime")
+    files = ("app.py", "deploy.toml", "features.wat")
+    example, deployment = deployed(tmp_path, "portable-features", files, 50062)
+    output = deployment.output
+    assert deployment.codes == [0, 0, 0, 0], output
+    assert output.count("feature module phone-context 1.0.0") == 3, output  # each phone's line
+    state = example / "coordinator-state"
+    rows = [json.loads(line) for line in (state / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["round"], row["committed"]) for row in rows] == [(1, True), (2, True)], output
+    assert all(0.5 < row["test_accuracy"] <= 1 for row in rows)  # the server's features too
+    exported = run(
+        [*SHOAL, "models", "features", "portable-features", "head", "--out", "served.wasm"],
+        cwd=example,
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert (example / "served.wasm").read_bytes()[:4] == b"\0asm"

@@ -54,6 +54,7 @@ from shoal.core.limits import (
 from shoal.core.settings import apply_overrides as apply_settings_overrides
 from shoal.core.settings import format_validation_error, read_toml
 from shoal.core.sharing import MAX_NEIGHBOURS, threshold_fraction_problem
+from shoal.features import FeatureLimits
 
 if TYPE_CHECKING:
     from shoal.aggregation.aggregators import Aggregator
@@ -846,6 +847,36 @@ class CompressionSection(_Section):
         return Compression(self.kind, self.fraction)
 
 
+class FeaturesSection(_Section):
+    """[features]: the run's portable feature module (:mod:`shoal.features`): WebAssembly
+    that computes every client's features from its raw records, the same bits on every
+    platform. ``module`` is a ``.wasm`` binary (or ``.wat`` text), relative to the config
+    file's folder; the coordinator records its sha256 with every model version (signed with
+    it) and ships the module to deployed clients, which refuse a task or a module of any
+    other. ``sha256`` pins the module: the run refuses to start, and a deployed client to
+    train, with any other. The limits bound each batch of records the module computes, and
+    what a deployed client spends compiling a module the coordinator sent."""
+
+    def limits(self) -> FeatureLimits:
+        """The limits a feature module runs (and a peer's compiles) within."""
+        return FeatureLimits(
+            fuel_per_record=self.fuel_per_record,
+            memory_bytes=self.memory_mb * 2**20,
+            batch_records=self.batch_records,
+            compile_seconds=self.compile_seconds,
+            compile_memory_bytes=self.compile_memory_mb * 2**20,
+        )
+
+    module: Annotated[str, Field(min_length=1)] | None = None
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    fuel_per_record: int = Field(100_000, ge=1, le=10**9)
+    memory_mb: int = Field(64, ge=1, le=4096)
+    batch_records: int = Field(4096, ge=1, le=1_000_000)
+    # what compiling a module from the coordinator may take on a deployed client
+    compile_seconds: int = Field(30, ge=1, le=3600)
+    compile_memory_mb: int = Field(2048, ge=256, le=65536)
+
+
 class PolicySection(_Section):
     """[policy]: the Rego policy every update passes: the bundled default and the job's own files.
 
@@ -1216,6 +1247,7 @@ class Config(_Section):
     versions: VersionsSection = VersionsSection()
     policy: PolicySection = PolicySection()
     compression: CompressionSection = CompressionSection()
+    features: FeaturesSection = FeaturesSection()
     alerts: AlertsSection = AlertsSection()
     divergence: DivergenceSection = DivergenceSection()
     drift: DriftSection = DriftSection()

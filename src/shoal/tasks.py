@@ -122,6 +122,7 @@ class ModelVersion:
     version: int
     round: int
     signed: VersionSignature | None = None
+    features_sha256: str | None = None  # the run's feature module, signed with the version
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,9 @@ runs, over the real gRPC link. Each attack was reproduced before its fix:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -97,9 +99,11 @@ class Scripted:
         *,
         fetch: Fetch = _honest_model,
         verdict: pb.Verdict | None = None,
+        features: bytes | None = None,
     ) -> None:
         self.answers = list(answers)
         self.fetch = fetch
+        self.features = features  # the feature module it serves (None: the run has none)
         self.verdict = verdict or pb.Verdict(accepted=True)
         self.calls: list[str] = []
         self.failures: list[str] = []
@@ -119,6 +123,16 @@ class Scripted:
         self.calls.append("FetchModel")
         async for chunk in self.fetch(pb.FetchModelRequest.FromString(request), context):
             yield chunk
+
+    async def FetchFeatures(  # noqa: N802
+        self, request: bytes, context: Any
+    ) -> AsyncIterator[pb.Chunk]:
+        self.calls.append("FetchFeatures")
+        if self.features is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no_features: the run has none")
+            return
+        for chunk in chunk_payload(self.features):
+            yield serde.encode_chunk(chunk)
 
     async def SubmitUpdate(  # noqa: N802
         self, request: AsyncIterator[bytes], context: Any
@@ -207,15 +221,17 @@ def task(
     fit: pb.FitConfig | None = None,
     signer: ModelSigner | None = None,
     key_id: str | None = None,
+    features: str | None = None,
 ) -> pb.CheckInResponse:
     """A fit task of round 1 on :data:`MODEL` (its size and sha256 as announced), its version
-    signed by ``signer``, under ``key_id`` if given."""
+    signed by ``signer`` (with the feature module ``features``), under ``key_id`` if given."""
     sha = MODEL.sha256()
     model = pb.ModelRef(version_id=sha, sha256=sha, size_bytes=len(MODEL.to_bytes()))
     if signer is not None:
-        signed = signer(name=RUN, version=1, round=0, sha256=sha)
+        signed = signer(name=RUN, version=1, round=0, sha256=sha, features=features)
         model.name, model.version, model.signature = RUN, 1, signed.signature
         model.key_id = signed.key_id if key_id is None else key_id
+        model.features_sha256 = features or ""
     message = pb.Task(round=1, run_id=RUN, phase=pb.PHASE_FIT, model=model, deadline_in_s=60)
     message.fit.CopyFrom(fit or pb.FitConfig(epochs=1, batch_size=8, learning_rate=0.1))
     return pb.CheckInResponse(task=message)
@@ -392,3 +408,112 @@ def test_a_coordinators_words_never_forge_a_line_of_the_clients_log(
         assert any(source in line and "round 9" in line for line in lines), source
     for line in lines:
         assert line.isprintable(), repr(line)
+
+
+HOSTILE_MODULES = {
+    # a module that would reach the host: refused before a byte of it runs
+    "imports": (
+        '(import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))',
+        "model refused: .*imports wasi_snapshot_preview1.fd_write",
+    ),
+    # a module that never returns: stopped by its fuel, the client is not held
+    "loops": ("", "the feature module failed"),
+}
+
+
+def hostile_module(kind: str) -> bytes:
+    """A feature module with a valid manifest whose ``shoal_extract`` loops forever, or that
+    imports a host function."""
+    wasmtime = pytest.importorskip("wasmtime")
+    from shoal.features import FeatureManifest, with_manifest
+
+    imports, _ = HOSTILE_MODULES[kind]
+    body = "(loop $forever (br $forever))" if kind == "loops" else ""
+    wat = f"""(module {imports}
+      (memory (export "memory") 1)
+      (func (export "shoal_alloc") (param i32) (result i32) i32.const 8)
+      (func (export "shoal_extract") (param i32 i32 i32) (result i32) {body} i32.const 0))"""
+    manifest = FeatureManifest(name="hostile", version="1.0.0", inputs=("x",), outputs=("y",))
+    return with_manifest(bytes(wasmtime.wat2wasm(wat)), manifest)
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_MODULES))
+def test_a_hostile_feature_module_is_stopped_and_never_trained_with(
+    tmp_path: Path, kind: str
+) -> None:
+    """A coordinator signs and ships a feature module that imports a host function, or one
+    that loops forever: the client refuses the first before running it, stops the second at
+    its fuel, never trains, and tells the coordinator its task failed (and why, as far as
+    that says nothing of its records); it goes on serving."""
+    from shoal.client.features import FeatureSource
+    from shoal.features import FeatureLimits, FeatureModule
+
+    built: list[FeatureModule | None] = []
+
+    def build(module: FeatureModule | None) -> Client:
+        built.append(module)
+        assert module is not None
+        module.extract(np.zeros((4, 1)))  # what an app does with its raw records
+        return Recording()
+
+    module = hostile_module(kind)
+    signer = ModelSigner(generate_signing_key(), run_id=RUN)
+    signed = task(signer=signer, features=hashlib.sha256(module).hexdigest())
+    coordinator = Scripted([signed], features=module)
+    source = FeatureSource(build, limits=FeatureLimits(fuel_per_record=10_000, fuel_base=100_000))
+    pinned = PinnedKey.of(signer.private_key.public_key())
+    runtime = played(coordinator, tmp_path, client=source, coordinator_key=pinned)  # type: ignore[arg-type]
+    assert runtime.tasks_done == 0 and "SubmitUpdate" not in coordinator.calls
+    [reason] = coordinator.failures
+    assert re.search(HOSTILE_MODULES[kind][1], reason), reason
+    assert len(built) == (0 if kind == "imports" else 1)
+
+
+SECRET = (271828182.0, 31415926.0)  # a phone's raw record: an account number, a place
+
+
+def spying_module() -> bytes:
+    """A feature module that fails on purpose with what it read: the first input as its
+    failure code, the second scaled into an output too large for float32."""
+    wasmtime = pytest.importorskip("wasmtime")
+    from shoal.features import FeatureManifest, with_manifest
+
+    wat = """(module (memory (export "memory") 1)
+      (func (export "shoal_alloc") (param i32) (result i32) i32.const 1024)
+      (func (export "shoal_extract") (param $in i32) (param $out i32) (param $n i32) (result i32)
+        (f64.store (local.get $out) (f64.mul (f64.const 1e300) (f64.load offset=8 (local.get $in))))
+        (i32.trunc_f64_s (f64.load (local.get $in)))))"""
+    manifest = FeatureManifest(name="spy", version="1", inputs=("account", "place"), outputs=("f",))
+    return with_manifest(bytes(wasmtime.wat2wasm(wat)), manifest)
+
+
+def test_what_a_feature_module_computes_never_reaches_the_coordinator_in_a_failure(
+    tmp_path: Path,
+) -> None:
+    """The coordinator signs a module that fails with the values it read (its failure code, an
+    output in the error's text): the client reports that its feature module failed, and no
+    more. Only its update leaves it, under the protections the round has."""
+    from shoal.client.features import FeatureSource
+    from shoal.features import FeatureModule
+
+    class Lazy(Recording):  # an app that computes its features when asked to train
+        def __init__(self, module: FeatureModule | None) -> None:
+            super().__init__()
+            self.module = module
+
+        def fit(self, parameters: Parameters, config: FitConfig) -> FitResult:
+            assert self.module is not None
+            self.module.extract(np.array([SECRET]))
+            return super().fit(parameters, config)
+
+    spy = spying_module()
+    signer = ModelSigner(generate_signing_key(), run_id=RUN)
+    digest = FeatureModule.from_bytes(spy).sha256
+    coordinator = Scripted([task(signer=signer, features=digest)], features=spy)
+    pinned = PinnedKey.of(signer.private_key.public_key())
+    played(coordinator, tmp_path, client=FeatureSource(Lazy), coordinator_key=pinned)  # type: ignore[arg-type]
+    assert len(coordinator.failures) == 1
+    [reason] = coordinator.failures
+    assert "feature module failed" in reason
+    for value in ("271828182", "31415926", "3.14159"):
+        assert value not in reason

@@ -46,6 +46,39 @@ def test_different_facts_never_share_an_encoding(a: Facts, b: Facts) -> None:
     assert (encode(a) == encode(b)) == (a == b)
 
 
+@given(facts, st.none() | shas, facts, st.none() | shas)
+def test_a_feature_module_is_part_of_the_encoding(
+    a: Facts, a_features: str | None, b: Facts, b_features: str | None
+) -> None:
+    def encode(f: Facts, features: str | None) -> bytes:
+        return version_message(
+            run_id=f[0], name=f[1], version=f[2], round=f[3], sha256=f[4], features=features
+        )
+
+    same = encode(a, a_features) == encode(b, b_features)
+    assert same == ((a, a_features) == (b, b_features))
+
+
+def test_a_version_without_a_feature_module_keeps_the_message_it_always_had() -> None:
+    """Versions signed before feature modules existed verify as they did: no module, no tail."""
+    message = version_message(run_id="r", **FACTS)
+    assert message.endswith(bytes.fromhex(SHA))
+    assert version_message(run_id="r", **FACTS, features="cd" * 32).startswith(message)
+
+
+def test_the_feature_module_signed_with_a_version_is_the_only_one_that_verifies() -> None:
+    """A task whose version names another module than the one signed (a coordinator or a
+    peer that swaps it), or none, or a module where none was signed: refused."""
+    module = "cd" * 32
+    signed = SIGNER(**FACTS, features=module)
+    PINNED.verify(signed, **FACTS, features=module)
+    for claimed in (None, "ef" * 32):
+        with pytest.raises(SecurityError, match="does not match its signature"):
+            PINNED.verify(signed, **FACTS, features=claimed)
+    with pytest.raises(SecurityError, match="does not match its signature"):
+        PINNED.verify(SIGNER(**FACTS), **FACTS, features=module)
+
+
 def test_the_message_is_domain_separated_from_request_signatures() -> None:
     message = version_message(run_id="r", **FACTS)
     assert not message.startswith(SIGNING_CONTEXT)

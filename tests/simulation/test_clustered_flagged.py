@@ -31,12 +31,14 @@ FLAGGED = "clustering.start='flagged'"
 @pytest.fixture(scope="module")
 def app() -> Iterator[Any]:
     sys.path.insert(0, str(EXAMPLE))
+    sys.modules.pop("app", None)  # another example's app.py, imported by a test before
     try:
         import app as day_night  # the example's own module
 
         yield day_night
     finally:
         sys.path.remove(str(EXAMPLE))
+        sys.modules.pop("app", None)
 
 
 def simulate(

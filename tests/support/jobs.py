@@ -11,9 +11,11 @@ from typing import Any
 from shoal.apps import client_app
 from shoal.client.api import Client
 from shoal.client.app import ClientContext
+from shoal.client.features import FeatureSource
 from shoal.client.runtime import Backoff, ClientRuntime, load_or_create_enrollment
 from shoal.config import Config, apply_overrides, parse_config
 from shoal.coordinator.server import CoordinatorParts, serve
+from shoal.governance.model_signing import PUBLIC_KEY_FILE, load_public_key
 from shoal.transport.grpc_link import GrpcLink
 from shoal.transport.signing import generate_client_key
 
@@ -88,19 +90,24 @@ async def serve_to_digits_clients(
     on_ready: Callable[[int], None] | None = None,
     wrap: Callable[[Client], Client] | None = None,
     timeout_s: float = 90,
-    client_of: Callable[[int, int], Client] = digits_client,
+    client_of: Callable[[int, int], Client | FeatureSource] = digits_client,
     search_path: Sequence[str | Path] = (),
     link_of: Callable[[int, str], GrpcLink] | None = None,
+    pin_key: bool = False,
+    runtimes_out: list[ClientRuntime] | None = None,
 ) -> CoordinatorParts:
     """Serve ``config`` in this process (plaintext gRPC on 127.0.0.1) to ``clients`` digits
     clients, each a :class:`ClientRuntime` over a real channel, until the job ends.
 
     ``on_ready`` gets the coordinator's port once it listens, after the clients started;
     ``wrap`` changes each digits client (one that fails on cue...); ``client_of`` makes
-    client ``index`` of ``clients`` (another app's); ``search_path``: where the job's apps are;
-    ``link_of`` makes client ``index``'s link to an address (one that records, or tampers).
+    client ``index`` of ``clients`` (another app's, or a :class:`FeatureSource` that builds it
+    once the run's feature module is fetched); ``search_path``: where the job's apps are;
+    ``link_of`` makes client ``index``'s link to an address (one that records, or tampers);
+    ``pin_key``: every client pins the coordinator's model-signing key; ``runtimes_out`` gets
+    the runtimes.
     """
-    runtimes: list[ClientRuntime] = []
+    runtimes: list[ClientRuntime] = [] if runtimes_out is None else runtimes_out
     links: list[GrpcLink] = []
     tasks: list[asyncio.Task[None]] = []
 
@@ -114,12 +121,19 @@ async def serve_to_digits_clients(
             )
             enrollment = load_or_create_enrollment(tmp_path / f"c{index}", generate_client_key)
             client = client_of(index, clients)
+            if wrap is not None and isinstance(client, Client):
+                client = wrap(client)
             runtime = ClientRuntime(
-                client if wrap is None else wrap(client),
+                client,
                 link,
                 enrollment,
                 backoff=Backoff(0.01, 0.1),
                 seed=index,
+                coordinator_key=(
+                    load_public_key(Path(config.coordinator.state_dir) / PUBLIC_KEY_FILE)
+                    if pin_key
+                    else None
+                ),
             )
             links.append(link)
             runtimes.append(runtime)

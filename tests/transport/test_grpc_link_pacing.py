@@ -67,7 +67,7 @@ class Slow:
     async def _unused(self, request: Any, context: Any) -> Any:
         raise NotImplementedError
 
-    Enroll = CheckIn = SubmitSecureMessage = _unused
+    Enroll = CheckIn = SubmitSecureMessage = FetchFeatures = _unused
     ReportEvaluation = Heartbeat = ReportFailure = _unused
 
 

@@ -342,6 +342,14 @@ def _version_or_head(text: str) -> int | None:
     return int(text)
 
 
+def _version_record(models: ModelRegistry, name: str, number: int | None) -> ModelRecord:
+    """Version ``number`` of ``name`` (None: its HEAD); a NotFoundError when there is none."""
+    record = models.head(name) if number is None else models.get(name, number)
+    if record is None:
+        raise NotFoundError(f"no model named {name!r} in the registry")
+    return record
+
+
 @models_app.command("export")
 @user_errors
 def export_model(
@@ -376,9 +384,7 @@ def export_model(
         raise ModelError(f"{out} exists: refusing to overwrite it (pass --force)")
     with _database(state_dir, registry, read_only=True) as database:
         models = ModelRegistry(database, BlobStore(blob_location(state_dir, blobs)))
-        record = models.head(name) if number is None else models.get(name, number)
-        if record is None:
-            raise NotFoundError(f"no model named {name!r} in the registry")
+        record = _version_record(models, name, number)
         blob = models.blobs.get(record.blob)
     parameters = Parameters.from_bytes(blob, expected_sha256=record.sha256)  # refuses corruption
     convert = _CONVERTERS.get(export_format)

@@ -8,6 +8,8 @@ import secrets
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,19 +19,23 @@ from rich.markup import escape
 from shoal.cli.app import app, user_errors
 from shoal.cli.dashboard import announce
 from shoal.cli.simulate import console, format_row, print_header, round_notes
+from shoal.client.api import Client
 from shoal.client.app import (
     ClientContext,
     app_search_path,
     load_client_app,
     parse_options,
+    run_features,
     with_config_folder,
 )
+from shoal.client.features import FeatureSource
 from shoal.client.runtime import ClientRuntime, RunPin, load_or_create_enrollment
-from shoal.config import MAX_CLIENTS, load_config
+from shoal.config import MAX_CLIENTS, Config, load_config
 from shoal.core.errors import ConfigError, RunError, ShoalError
 from shoal.core.limits import MAX_PORT, split_host_port
 from shoal.core.serving import raise_open_files_limit
 from shoal.dashboard import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, open_dashboard
+from shoal.features import FeatureModule
 from shoal.governance import ManifestAttester, SignedManifest
 from shoal.governance.model_signing import PinnedKey
 from shoal.privacy.client import PrivacyFloor
@@ -304,13 +310,19 @@ def client_run_command(
         seed=config.run.seed,
         config=config,
     )
-    try:
-        client = app(context)
-    except ShoalError:
-        raise
-    except Exception as exc:  # the user's factory: one clear line, not a traceback
-        raise ConfigError(f"the client app failed: {type(exc).__name__}: {exc}") from exc
     app.report_device_state(context)  # a provider that cannot answer is refused before enrolling
+    source = _feature_source(config, lambda module: app(replace(context, features=module)))
+    if source.prebuilt is None:
+        console.print(
+            "the job's feature module is not on this machine: the coordinator's is used "
+            + ("(as pinned by features.sha256)" if source.pinned else "(as signed with its model)")
+        )
+    elif source.prebuilt[0] is not None:
+        local = source.prebuilt[0]
+        console.print(
+            f"feature module {escape(local.name)} {escape(local.version)} "
+            f"(sha256 {local.sha256[:16]}...), pinned"
+        )
     silo = None
     if public_context is not None and silo_keys is not None:
         silo = SiloCredentials.load(
@@ -337,7 +349,7 @@ def client_run_command(
     async def main() -> None:
         link = GrpcLink(coordinator, credentials=credentials, enrollment_token=token)
         runtime = ClientRuntime(
-            client,
+            source,  # the app, built once the run's feature module is fetched and checked
             link,
             enrollment,
             device_state=lambda: app.report_device_state(context),  # fresh at every check-in
@@ -358,6 +370,33 @@ def client_run_command(
             await link.close()
 
     asyncio.run(main())
+
+
+def _feature_source(
+    config: Config, build: Callable[[FeatureModule | None], Client]
+) -> FeatureSource:
+    """How a deployed client gets its feature module: the coordinator's, checked against
+    ``[features] sha256``, else against the job's own ``[features] module`` when this machine
+    has it (the client then computes with no other), else the one signed with each task.
+
+    The app is built now, before the client enrolls (an app that fails is one line, at
+    once), with the job's own module, or with none when the job names none; only a client
+    whose job names a module it does not have waits for the coordinator's to build it."""
+    section = config.features
+    limits = section.limits()
+    local = None
+    if section.module is not None and Path(section.module).exists():
+        local = run_features(config)  # checked against features.sha256 when it pins one
+    elif section.module is not None or section.sha256 is not None:  # the coordinator's, later
+        return FeatureSource(build, limits=limits, pinned=section.sha256)
+    try:
+        client = build(local)
+    except ShoalError:
+        raise
+    except Exception as exc:  # the user's factory: one clear line, not a traceback
+        raise ConfigError(f"the client app failed: {type(exc).__name__}: {exc}") from exc
+    pinned = section.sha256 or (None if local is None else local.sha256)
+    return FeatureSource(build, limits=limits, pinned=pinned, prebuilt=(local, client))
 
 
 def pinned_coordinator_key(

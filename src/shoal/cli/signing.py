@@ -1,10 +1,12 @@
-"""``shoal models verify`` and ``shoal coordinator key``: checking signed model versions.
+"""``shoal models verify``, ``shoal models features`` and ``shoal coordinator key``: checking
+signed model versions.
 
 The coordinator signs every version it commits (see
 :mod:`shoal.governance.model_signing`); ``shoal coordinator key`` prints or
 exports its public key, for clients to pin, and ``shoal models verify``
 checks a stored version against it: the weights must hash to the recorded
-sha256, and the signature must be the key's over the version's facts.
+sha256, and the signature must be the key's over the version's facts. ``shoal models
+features`` writes the feature module a version was trained with, once the same checks hold.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Annotated
 import typer
 
 from shoal.cli.app import user_errors
-from shoal.cli.models import _version_or_head, models_app
+from shoal.cli.models import _version_or_head, _version_record, _write_file, models_app
 from shoal.cli.network import coordinator_app
 from shoal.cli.operator import (
     AsJson,
@@ -28,9 +30,10 @@ from shoal.cli.operator import (
 )
 from shoal.config import load_config
 from shoal.coordinator.records import run_signer
-from shoal.core.errors import IntegrityError, NotFoundError, SecurityError
+from shoal.core.errors import IntegrityError, ModelError, NotFoundError, SecurityError
 from shoal.core.folders import writable_folder
 from shoal.core.parameters import Parameters
+from shoal.features import read_manifest
 from shoal.governance.model_signing import (
     PUBLIC_KEY_FILE,
     PinnedKey,
@@ -71,9 +74,7 @@ def verify_model(
     with _database(state_dir, registry, read_only=True) as database:  # "no registry" first
         pinned = load_public_key(public_key or state_dir / PUBLIC_KEY_FILE)
         models = ModelRegistry(database, BlobStore(blob_location(state_dir, blobs)))
-        record = models.head(name) if number is None else models.get(name, number)
-        if record is None:
-            raise NotFoundError(f"no model named {name!r} in the registry")
+        record = _version_record(models, name, number)
         sha256 = _stored_sha256(models, record)
     _check(pinned, record, sha256)
     assert record.signed is not None  # _check refuses an unsigned version
@@ -98,6 +99,74 @@ def verify_model(
     )
 
 
+@models_app.command("features")
+@user_errors
+def export_features(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Model name.")],
+    version: Annotated[
+        str,
+        typer.Argument(
+            metavar="VERSION",
+            help="Version number, or head for the version new rounds build on.",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", metavar="FILE", help="The .wasm file to write.")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing FILE.")] = False,
+    public_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--public-key",
+            metavar="FILE",
+            show_default="--state-dir/model-signing.pub",
+            help="The coordinator's public key (PEM) the version's signature is checked against.",
+        ),
+    ] = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    registry: RegistryUrl = None,
+    blobs: BlobUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Write the feature module a version was trained with to FILE: the version's signature
+    checked against the coordinator's key (it covers the weights and the module's sha256),
+    and the module against that sha256. What serves the model then computes the same
+    features its clients did."""
+    number = _version_or_head(version)
+    if out.exists() and not force:
+        raise ModelError(f"{out} exists: refusing to overwrite it (pass --force)")
+    with _database(state_dir, registry, read_only=True) as database:
+        pinned = load_public_key(public_key or state_dir / PUBLIC_KEY_FILE)
+        models = ModelRegistry(database, BlobStore(blob_location(state_dir, blobs)))
+        record = _version_record(models, name, number)
+        sha256 = record.features_sha256
+        if sha256 is None:
+            raise NotFoundError(
+                f"version {record.version} of {name!r} was trained without a feature module"
+            )
+        _check(pinned, record, _stored_sha256(models, record))  # the module's sha256 signed
+        data = models.blobs.get(sha256)  # checked against the sha256 it is stored by
+    manifest = read_manifest(data)
+    _write_file(out, lambda handle: handle.write(data))
+    if as_json:
+        _print_json(
+            {
+                "name": name,
+                "version": record.version,
+                "out": str(out),
+                "features_sha256": sha256,
+                "features": {"name": manifest.name, "version": manifest.version},
+                "inputs": list(manifest.inputs),
+                "outputs": list(manifest.outputs),
+            }
+        )
+        return
+    _console().print(
+        f"wrote the feature module {manifest.name} {manifest.version} of {name} version "
+        f"{record.version} ({len(manifest.inputs)} inputs, {len(manifest.outputs)} features) "
+        f"to {out}",
+        markup=False,
+    )
+
+
 def _stored_sha256(models: ModelRegistry, record: ModelRecord) -> str:
     """The sha256 of the weights as stored now (recomputed, never the recorded one)."""
     try:
@@ -115,7 +184,12 @@ def _check(pinned: PinnedKey, record: ModelRecord, sha256: str) -> None:
             f"hash to {sha256[:16]}..., the version records {record.sha256[:16]}..."
         )
     pinned.verify(
-        record.signed, name=record.name, version=record.version, round=record.round, sha256=sha256
+        record.signed,
+        name=record.name,
+        version=record.version,
+        round=record.round,
+        sha256=sha256,
+        features=record.features_sha256,
     )
 
 

@@ -44,6 +44,7 @@ from shoal.client.clustered import ClusteredClient
 from shoal.config import Config
 from shoal.core.device import DeviceState
 from shoal.core.errors import ConfigError, ProtocolError
+from shoal.features import FeatureModule
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +56,9 @@ class ClientContext:
     deployed client, what ``shoal client run --partition-index/--num-partitions``
     gave (None when not given). ``options`` are the job's ``[app] options``
     with the command line's ``--option key=value`` on top. ``seed`` is the
-    run's seed, ``config`` the whole job config.
+    run's seed, ``config`` the whole job config. ``features`` is the run's feature module
+    (``[features]``; None without one): what turns the client's raw records into the
+    model's features, the same module on every client, simulated or deployed.
     """
 
     client_id: str
@@ -64,6 +67,7 @@ class ClientContext:
     options: Mapping[str, str] = field(default_factory=dict)
     seed: int = 0
     config: Config = field(default_factory=Config)
+    features: FeatureModule | None = None
 
     def require_partition(self) -> tuple[int, int]:
         """``(partition_index, num_partitions)``; a ConfigError when the client was not placed."""
@@ -248,20 +252,49 @@ def parse_options(items: Iterable[str]) -> dict[str, str]:
 
 def with_config_folder(config: Config, config_path: str | Path | None) -> Config:
     """``config`` whose ``[app] path`` starts with its file's folder and whose relative
-    ``[app] path`` folders and ``[policy] files`` are found from it, whatever the current
-    directory (all kept absolute, for a resume)."""
+    ``[app] path`` folders, ``[policy] files`` and ``[features] module`` are found from it,
+    whatever the current directory (all kept absolute, for a resume)."""
     if config_path is None:
         return config
     folder = Path(config_path).resolve().parent
     files = [str(folder / name) for name in config.policy.files]  # an absolute name stays
     policy = config.policy.model_copy(update={"files": files})
+    module = config.features.module
+    features = config.features.model_copy(
+        update={"module": None if module is None else str(folder / module)}
+    )
     folders = [str(folder / name) for name in config.app.path]  # an absolute folder stays
     if str(folder) not in folders:
         folders.insert(0, str(folder))
     section = config.app.model_copy(update={"path": folders})
-    return config.model_copy(update={"policy": policy, "app": section})
+    return config.model_copy(update={"policy": policy, "app": section, "features": features})
 
 
 def app_search_path(config: Config) -> list[str]:
     """Where a job's apps are imported from first: ``[app] path``, then the current directory."""
     return [*config.app.path, str(Path.cwd())]
+
+
+def run_features(config: Config) -> FeatureModule | None:
+    """The job's feature module (``[features] module``, checked and within its limits); None
+    when the job names none. A module that does not hash to ``[features] sha256`` is refused."""
+    section = config.features
+    if section.module is None:
+        if section.sha256 is not None:
+            raise ConfigError("features.sha256 pins a module, and features.module names none")
+        return None
+    try:
+        module = FeatureModule.load(section.module, limits=section.limits())
+    except OSError as exc:
+        raise ConfigError(f"features.module: cannot read {section.module}: {exc}") from exc
+    check_pinned_features(module, section.sha256)
+    return module
+
+
+def check_pinned_features(module: FeatureModule, pinned: str | None) -> None:
+    """A ConfigError unless ``module`` is the pinned one (any module when none is pinned)."""
+    if pinned is not None and module.sha256 != pinned:
+        raise ConfigError(
+            f"the feature module {module.name} {module.version} has sha256 {module.sha256}, "
+            f"and features.sha256 pins {pinned}"
+        )

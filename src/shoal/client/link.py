@@ -81,9 +81,18 @@ class FetchModel(Request[Parameters]):
 
 
 @dataclass(frozen=True, slots=True)
+class FetchFeatures(Request[bytes | None]):
+    """Download the run's feature module: the one with ``sha256`` (verified on arrival), or,
+    with None, the run's, whichever it is. The answer is None when the run has none."""
+
+    sha256: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SubmitUpdate(Request[Submitted]):
     """A fit task's update (local minus global), its weight and metrics; compressed, the
-    ``payload`` that goes up in its place, in the task's ``codec``."""
+    ``payload`` that goes up in its place, in the task's ``codec``. ``features_sha256``:
+    the feature module the client computed its features with (None: none)."""
 
     offer: TaskOffer
     update: Parameters
@@ -91,23 +100,27 @@ class SubmitUpdate(Request[Submitted]):
     metrics: Mapping[str, float] = field(default_factory=dict)
     payload: bytes | None = None
     codec: str = ""
+    features_sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class SubmitEvaluation(Request[Submitted]):
-    """An evaluation task's loss, examples and metrics."""
+    """An evaluation task's loss, examples and metrics (``features_sha256`` as an update's)."""
 
     offer: TaskOffer
     loss: float
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
+    features_sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class SubmitSecure(Request[Submitted]):
-    """A secure round's reply: keys, shares, the masked or encrypted input, unmask shares."""
+    """A secure round's reply: keys, shares, the masked or encrypted input, unmask shares
+    (``features_sha256`` as an update's)."""
 
     message: SecureReply
+    features_sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,12 +55,14 @@ from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 from shoal.client.api import Client, EvaluateConfig, FitConfig
+from shoal.client.features import FeatureSource
 from shoal.client.handler import run_evaluate, run_fit, secure_contribution
 from shoal.client.link import (
     CheckIn,
     CoordinatorLink,
     Enroll,
     Enrollment,
+    FetchFeatures,
     FetchModel,
     ReportFailure,
     Request,
@@ -73,6 +75,7 @@ from shoal.core.errors import (
     BusyError,
     ClientError,
     ConfigError,
+    FeatureError,
     IntegrityError,
     NotFoundError,
     ProtocolError,
@@ -84,6 +87,7 @@ from shoal.core.folders import writable_folder
 from shoal.core.identifiers import check_client_id
 from shoal.core.limits import MAX_RETRY_AFTER_S
 from shoal.core.parameters import Parameters, Vector
+from shoal.features import FeatureModule
 from shoal.governance.attestation import Attester
 from shoal.governance.model_signing import PinnedKey
 from shoal.privacy.client import PrivacyFloor
@@ -214,7 +218,7 @@ class ClientRuntime:
 
     def __init__(
         self,
-        client: Client,
+        client: Client | FeatureSource,
         link: CoordinatorLink,
         enrollment: Enrollment,
         *,
@@ -228,8 +232,14 @@ class ClientRuntime:
         trains_for: RunPin | None = None,
         attester: Attester | None = None,
         unreadable_retry_s: float = UNREADABLE_RETRY_S,
+        features: FeatureModule | None = None,
     ) -> None:
-        self.client = client
+        # a FeatureSource: the app, built once the run's feature module is fetched and checked
+        self._source = client if isinstance(client, FeatureSource) else None
+        self._client = None if isinstance(client, FeatureSource) else client
+        self.features = features  # the module its client computes features with (None: none)
+        if isinstance(client, FeatureSource) and client.prebuilt is not None:
+            self.features, self._client = client.prebuilt
         self.unreadable_retry_s = unreadable_retry_s
         self.coordinator_key = coordinator_key  # None: models are not verified (warned once)
         # the run and model whose signed versions it trains on: its job's, else the first
@@ -259,6 +269,46 @@ class ClientRuntime:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    @property
+    def client(self) -> Client:
+        """The client that trains (a :class:`FeatureSource`'s, once built)."""
+        if self._client is None:
+            raise ClientError("the client is built once the run's feature module is known")
+        return self._client
+
+    async def _use_features(self, sha256: str | None) -> None:
+        """Have the client compute with the feature module ``sha256`` (None: none), the one a
+        task names (signed with its model version when the coordinator's key is pinned): with
+        a :class:`FeatureSource`, fetched by that sha256, checked, and the client built with
+        it. A client built without a source refuses any other (``SecurityError``: its
+        features are not the model's)."""
+        current = None if self.features is None else self.features.sha256
+        source = self._source
+        if source is None:
+            if sha256 != current:
+                raise SecurityError(
+                    f"feature skew: the task's model is trained on the features of "
+                    f"{_named(sha256)}, and this client computes {_named(current)}"
+                )
+            return
+        if self._client is not None and sha256 == current:
+            return
+        data = None
+        if sha256 is not None:
+            data = await self._retrying(lambda: self._send(FetchFeatures(sha256)))
+        module = source.module(data, expected=sha256)
+        if self._client is not None and (None if module is None else module.sha256) == current:
+            return  # the client built with this very module already
+        if module is not None:
+            self._event(
+                f"feature module {module.name} {module.version} (sha256 {module.sha256[:16]}...)"
+            )
+        try:
+            built = source.build(module)
+        except Exception as exc:  # the app, with the task's module: this task fails, not the client
+            raise ClientError(f"the client app failed: {type(exc).__name__}: {exc}") from exc
+        self.features, self._client = module, built
 
     async def run(self, *, max_tasks: int | None = None) -> None:
         """Enroll, then serve tasks until the run finishes, ``stop()`` or ``max_tasks``.
@@ -302,7 +352,9 @@ class ClientRuntime:
             await self._serve(answer)
 
     def _device(self) -> DeviceState:
-        """The device's state now; if the provider fails, what is still known of it."""
+        """The device's state now; if the provider fails, what is still known of it. Its
+        feature extractor's version, unless the provider says, is the feature module's (the
+        versioning matrix's ``feature_extractor`` component)."""
         try:
             state = self.device_state()
         except Exception as exc:  # the user's provider: the client keeps serving
@@ -310,6 +362,8 @@ class ClientRuntime:
             if self._last_state is None:
                 raise
             return _versions_only(self._last_state)
+        if self.features is not None and state.feature_extractor_version is None:
+            state = replace(state, feature_extractor_version=self.features.version)
         self._last_state = state
         return state
 
@@ -350,11 +404,14 @@ class ClientRuntime:
             self._refused = refused
             await self._give_up(offer, f"model refused: {exc}")  # the coordinator learns why
             return
+        except ClientError as exc:  # its app could not be built with the task's feature module
+            await self._give_up(offer, _reported(exc))
+            return
         started = time.perf_counter()
         try:
             outcome, examples = await asyncio.to_thread(self._work, offer, model, protected)
         except Exception as exc:  # the user's model failed: tell the coordinator, keep going
-            await self._give_up(offer, str(exc) or type(exc).__name__)
+            await self._give_up(offer, _reported(exc))
             return
         seconds = time.perf_counter() - started
         self._event(
@@ -441,12 +498,18 @@ class ClientRuntime:
             metrics = {**fit.metrics, TRAIN_TIME_METRIC: time.perf_counter() - started}
             if protected is not None:  # a secure round: only the masked or encrypted input leaves
                 reply = protected.reply(secure_contribution(fit, offer.config))
-                return SubmitSecure(reply), fit.num_examples
+                return SubmitSecure(reply, self._features_sha256()), fit.num_examples
             update = model.with_vector(fit.update)
             if fit.payload is not None:  # compressed: it goes up, whatever the answer
                 self._residual = fit.residual
             upload = SubmitUpdate(
-                offer, update, fit.num_examples, metrics, payload=fit.payload, codec=fit.codec
+                offer,
+                update,
+                fit.num_examples,
+                metrics,
+                payload=fit.payload,
+                codec=fit.codec,
+                features_sha256=self._features_sha256(),
             )
             return upload, fit.num_examples
         config = (
@@ -457,13 +520,20 @@ class ClientRuntime:
         started = time.perf_counter()
         evaluation = run_evaluate(self.client, model, config)
         metrics = {**evaluation.metrics, TRAIN_TIME_METRIC: time.perf_counter() - started}
-        submission = SubmitEvaluation(offer, evaluation.loss, evaluation.num_examples, metrics)
+        submission = SubmitEvaluation(
+            offer,
+            evaluation.loss,
+            evaluation.num_examples,
+            metrics,
+            features_sha256=self._features_sha256(),
+        )
         return submission, evaluation.num_examples
 
     async def _model_for(self, offer: TaskOffer) -> Parameters:
         """The global model of the task: the cached one, or a download verified by its sha256,
         and by the coordinator's signature when its key is pinned (``SecurityError`` if not)."""
         self._verify(offer)  # a refused model is not even downloaded
+        await self._use_features(None if offer.model is None else offer.model.features_sha256)
         if self._model is None or self._model[0] != offer.model_sha256:
             # the link checks that the weights hash to the sha256 asked for: the signed one
             fetch = FetchModel(offer.model_sha256, offer.model_size_bytes)
@@ -484,6 +554,7 @@ class ClientRuntime:
             version=version.version,
             round=version.round,
             sha256=offer.model_sha256,
+            features=version.features_sha256,
         )
         assert version.signed is not None  # verify refuses an unsigned version
         offered = RunPin(version.signed.run_id, version.name)
@@ -495,6 +566,9 @@ class ClientRuntime:
                 f"the pinned key for that run; this client trains {self.trains_for.model!r} "
                 f"of run {self.trains_for.run_id!r}"
             )
+
+    def _features_sha256(self) -> str | None:
+        return None if self.features is None else self.features.sha256
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         attempt = 0
@@ -547,6 +621,24 @@ def _retry_delay(seconds: float) -> float:
         )
         return MAX_RETRY_AFTER_S
     return seconds
+
+
+def _reported(exc: BaseException) -> str:
+    """What the coordinator is told of a task that failed: the error, but not a feature
+    module's (its code, its outputs or a record index are what the coordinator's module
+    computed from the records: a channel around secure aggregation and DP), which stays in
+    this client's log."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, FeatureError):
+            log.warning("the feature module failed: %s", cause)
+            return "the feature module failed on this client's records (see the client's log)"
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
+
+
+def _named(sha256: str | None) -> str:
+    return "no feature module" if sha256 is None else f"the feature module {sha256[:16]}..."
 
 
 def _versions_only(state: DeviceState) -> DeviceState:

@@ -39,10 +39,17 @@ from typing import Any
 import numpy as np
 
 from shoal.aggregation.strategy import Strategy
-from shoal.client.app import ClientApp, as_client_app, load_attribute, load_client_app
+from shoal.client.app import (
+    ClientApp,
+    as_client_app,
+    load_attribute,
+    load_client_app,
+    run_features,
+)
 from shoal.config import Config
 from shoal.core.errors import ConfigError
 from shoal.core.parameters import Parameters
+from shoal.features import FeatureModule
 
 ClientMetrics = Sequence[tuple[int, Mapping[str, float]]]
 """Each reporting client's (number of examples, metrics) in one round."""
@@ -58,10 +65,13 @@ TASK_SETTINGS = ("epochs", "batch_size", "learning_rate", "proximal_mu")
 
 @dataclass(frozen=True, slots=True)
 class ServerContext:
-    """What a server app factory is told: the job's config and the ``[app] options``."""
+    """What a server app factory is told: the job's config, the ``[app] options``, and the
+    run's feature module (``[features]``; None: none), which a central evaluation computes
+    its records' features with, as every client does."""
 
     config: Config = field(default_factory=Config)
     options: Mapping[str, str] = field(default_factory=dict)
+    features: FeatureModule | None = None
 
     @property
     def seed(self) -> int:
@@ -151,11 +161,13 @@ def split_round_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[
 
 @dataclass(frozen=True, slots=True)
 class ResolvedApps:
-    """A job's client and server apps, loaded, and the architecture its versions record."""
+    """A job's client and server apps, loaded, the architecture its versions record, and the
+    feature module its clients compute their features with (``[features]``; None: none)."""
 
     client: ClientApp
     server: ServerApp
     architecture: str
+    features: FeatureModule | None = None
 
 
 def resolve_apps(
@@ -173,7 +185,8 @@ def resolve_apps(
         if client is None
         else as_client_app(client)
     )
-    context = ServerContext(config=config, options=section.options)
+    features = run_features(config)
+    context = ServerContext(config=config, options=section.options, features=features)
     if server is not None:
         server_app = as_server_app(server, context)
     elif client is not None and section.server is None:
@@ -184,7 +197,7 @@ def resolve_apps(
         # the job's switch, for every app (only the built-in one read it)
         server_app = replace(server_app, evaluate=None)
     architecture = server_app.architecture or _app_name(client, section.client)
-    return ResolvedApps(client_app, server_app, architecture)
+    return ResolvedApps(client_app, server_app, architecture, features)
 
 
 def _app_name(client: Any, spec: str) -> str:

@@ -15,6 +15,7 @@ from shoal.client.link import (
     CheckIn,
     Enroll,
     Enrollment,
+    FetchFeatures,
     FetchModel,
     ReportFailure,
     Request,
@@ -27,6 +28,7 @@ from shoal.coordinator.events import Authentication
 from shoal.core.device import DeviceState
 from shoal.core.errors import IntegrityError, NotFoundError, TransportError
 from shoal.core.parameters import Parameters
+from shoal.features import FeatureModule
 
 T = TypeVar("T")
 
@@ -34,9 +36,10 @@ T = TypeVar("T")
 class InProcessLink:
     """A :class:`~shoal.client.link.CoordinatorLink` that calls ``driver`` directly.
 
-    ``models`` returns the global model with a given sha256 (the model store).
-    ``failure_rate`` makes that share of calls raise TransportError, drawn
-    from ``rng``, to exercise the runtime's retries.
+    ``models`` returns the global model with a given sha256 (the model store);
+    ``features`` is the run's feature module (None: none). ``failure_rate``
+    makes that share of calls raise TransportError, drawn from ``rng``, to
+    exercise the runtime's retries.
     """
 
     def __init__(
@@ -46,9 +49,11 @@ class InProcessLink:
         *,
         failure_rate: float = 0.0,
         rng: random.Random | None = None,
+        features: FeatureModule | None = None,
     ) -> None:
         self.driver = driver
         self.models = models
+        self.features = features
         self.failure_rate = failure_rate
         self.rng = rng or random.Random(0)
         self.enrolled: dict[str, DeviceState] = {}
@@ -73,6 +78,8 @@ class InProcessLink:
                 answer = driver.check_in(client)
             case FetchModel():
                 answer = self._model(request.sha256)
+            case FetchFeatures():
+                answer = self._features(request.sha256)
             case SubmitUpdate():
                 answer = driver.submit_update(
                     client,
@@ -100,6 +107,14 @@ class InProcessLink:
             case _:
                 raise TypeError(f"not a request this link carries: {request!r}")
         return cast(T, answer)
+
+    def _features(self, sha256: str | None) -> bytes | None:
+        module = self.features
+        if module is None and sha256 is None:
+            return None
+        if module is None or sha256 not in (None, module.sha256):
+            raise NotFoundError(f"the coordinator has no feature module {sha256}")
+        return module.wasm
 
     def _model(self, sha256: str) -> Parameters:
         try:

@@ -132,9 +132,15 @@ class RunStore(Protocol):
         state: bytes,
         architecture: str,
         built_on: int | None = None,
+        features: str | None = None,
     ) -> Committed:
         """Commit a version; ``built_on``: the version it was trained from, which must still
-        be HEAD (:class:`~shoal.registry.models.HeadMoved` otherwise, nothing stored)."""
+        be HEAD (:class:`~shoal.registry.models.HeadMoved` otherwise, nothing stored);
+        ``features``: the sha256 of the feature module it was trained with (kept already)."""
+        ...
+
+    def keep(self, data: bytes) -> str:
+        """Store ``data`` (the run's feature module) as a blob beside the versions; its sha256."""
         ...
 
     def check_anchor(self) -> None:
@@ -311,6 +317,7 @@ class RunRecords:
         state: bytes,
         architecture: str,
         built_on: int | None = None,
+        features: str | None = None,
     ) -> Committed:
         record = self.models.commit(
             self.model,
@@ -321,8 +328,12 @@ class RunRecords:
             state=state,
             signer=self.signer,
             expected_head=built_on,
+            features_sha256=features,
         )
         return Committed(record.version, record.sha256)
+
+    def keep(self, data: bytes) -> str:
+        return self.models.blobs.put(data)
 
     def vouch(self, record: ModelRecord) -> ModelRecord:
         """``record``, the HEAD a run resumes from, once its signature is this run's key's over
@@ -343,6 +354,7 @@ class RunRecords:
                     version=record.version,
                     round=record.round,
                     sha256=record.sha256,
+                    features=record.features_sha256,
                 )
             except SecurityError as exc:
                 if record.signed.key_id == pinned.key_id:

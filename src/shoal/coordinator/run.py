@@ -116,6 +116,7 @@ from shoal.core.clusters import perturbed_stack, split_models, stacked_clusters
 from shoal.core.errors import ConfigError, ModelError, RunError, ShoalError
 from shoal.core.parameters import Parameters
 from shoal.core.transforms import state_from_bytes, state_to_bytes
+from shoal.features import FeatureModule
 from shoal.governance.policy import PolicyEngine
 from shoal.governance.pseudonyms import Names
 from shoal.governance.unlearning import lineage
@@ -188,6 +189,24 @@ def check_same_app(head: ModelRecord, architecture: str, *, where: str) -> None:
         f"{architecture!r}: go on with its own app (the [app] it was started with; apps given "
         "to shoal.simulate as objects: shoal.simulate(..., resume=True, client_app=..., "
         "server_app=...), or shoal.unlearn(..., client_app=...) with them)"
+    )
+
+
+def check_same_features(head: ModelRecord, features: FeatureModule | None, *, where: str) -> None:
+    """Refuse to go on with a run whose HEAD was trained on another feature module's features
+    (ConfigError): the model's inputs would silently change meaning (feature skew)."""
+    sha256 = None if features is None else features.sha256
+    if head.features_sha256 == sha256:
+        return
+    held = (
+        "no feature module"
+        if head.features_sha256 is None
+        else f"the feature module {head.features_sha256[:16]}..."
+    )
+    wanted = "none" if features is None else f"{features.name} {features.version} ({sha256})"
+    raise ConfigError(
+        f"{where} holds a run trained with {held}, and this job's [features] module is "
+        f"{wanted}: go on with the module the run was started with, or start a new run"
     )
 
 
@@ -292,12 +311,15 @@ class Run:
         resume: bool | None = None,
         where: str = "the run folder",
         run_id: str | None = None,
+        features: FeatureModule | None = None,
     ) -> None:
         self.config = config
         self.app = app
         self.store = store
         self.parts = parts
         self.architecture = architecture
+        self.features = features  # recorded, signed, with every version it trains
+        self.features_sha256 = None if features is None else features.sha256
         self.privacy = privacy
         self.resume = resume
         self.where = where
@@ -437,7 +459,10 @@ class Run:
         where = "server app's initial_parameters" if make is not None else "first client"
         try:
             if make is not None:
-                made = make(ServerContext(config=self.config, options=self.config.app.options))
+                context = ServerContext(
+                    config=self.config, options=self.config.app.options, features=self.features
+                )
+                made = make(context)
             else:
                 made = first_client().get_parameters()
         except ShoalError:
@@ -518,6 +543,8 @@ class Run:
         if self.store.rows():
             raise RunError(f"{self.where} already holds a run: resume it, or use another folder")
         self.store.write_config(config_to_dict(self.config))
+        if self.features is not None:  # kept where its versions are: a blob, by its sha256
+            self.store.keep(self.features.wasm)
         coordinator = self._engine(initial)
         with self.store.transaction():  # version 0 and a signed head over its entry, as a round's
             self.store.commit(
@@ -526,6 +553,7 @@ class Run:
                 metrics={"virtual_time_s": 0.0},
                 state=state_to_bytes(coordinator.optimizer_state),
                 architecture=self.architecture,
+                features=self.features_sha256,
             )
             self.store.sign_audit_head()
         return coordinator
@@ -533,6 +561,7 @@ class Run:
     def _restore(self, head: ModelRecord) -> Coordinator:
         self.store.check_anchor()  # before anything is written on it (a playbook's rollback)
         check_same_app(head, self.architecture, where=self.where)
+        check_same_features(head, self.features, where=self.where)
         self._check_job()
         reached, rolled_back_from = head.round, None
         if self.config.playbook.enabled:  # a BAD HEAD is rolled back; its round stays played
@@ -851,6 +880,7 @@ class Run:
                     state=state_to_bytes(self.coordinator.optimizer_state),
                     architecture=self.architecture,
                     built_on=self._built_on,
+                    features=self.features_sha256,
                 )
                 records.record_participants(summary, version=record.version)
                 if summary.split is not None:

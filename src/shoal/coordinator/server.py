@@ -86,6 +86,7 @@ from shoal.coordinator.setup import (
 from shoal.coordinator.telemetry import RegistryClasses
 from shoal.core.errors import ConfigError
 from shoal.core.folders import writable_folder
+from shoal.features import FeatureModule
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import (
     BlobStore,
@@ -229,11 +230,12 @@ def build(
             privacy=privacy,
             where=str(state_dir),
             run_id=section.run_id,
+            features=apps.features,
         )
         run.classify(RegistryClasses(clients))  # the device classes the clients reported
         if attestation is not None:  # a client refused attestation is selected for no round
             run.bar(attestation.refused)
-        coordinator = run.open(lambda: apps.client(_first_context(config)))
+        coordinator = run.open(lambda: apps.client(_first_context(config, apps.features)))
         if run.first_round > 1:
             log.info("resuming run %s at round %d", config.run.name, run.first_round)
         records.start_tracking(config)
@@ -303,6 +305,7 @@ def build(
         clock=clock,
         versions=records.head,  # each task names the committed version and its signature
         refusal_log=RefusalLog(log, counter=metrics.refused),
+        features=apps.features,
     )
     try:  # a request captured before a restart is refused after it too
         nonces = NonceJournal.open(state_dir, service.admission.replay, now=clock())
@@ -337,7 +340,7 @@ def _registries(
     return models, ClientRegistry(database)
 
 
-def _first_context(config: Config) -> ClientContext:
+def _first_context(config: Config, features: FeatureModule | None) -> ClientContext:
     """Where the coordinator's own client of the app stands (for the initial model)."""
     return ClientContext(
         client_id="coordinator",
@@ -346,6 +349,7 @@ def _first_context(config: Config) -> ClientContext:
         options=config.app.options,
         seed=config.run.seed,
         config=config,
+        features=features,
     )
 
 

@@ -61,6 +61,7 @@ from shoal.core.errors import (
     SecurityError,
 )
 from shoal.core.parameters import Vector
+from shoal.features import FeatureModule
 from shoal.governance.attestation import AttestationGate
 from shoal.registry import (
     TRANSIENT_CRITERIA,
@@ -74,6 +75,8 @@ from shoal.registry import (
     SelectionCriteria,
     Selector,
 )
+from shoal.secure.homomorphic import EncryptedUpdate
+from shoal.secure.messages import MaskedInput
 from shoal.tasks import (
     CheckInAnswer,
     ModelVersion,
@@ -214,7 +217,9 @@ class ModelBytes:
             head = self.versions()
             if head is None or head.sha256 != sha:
                 return None
-            version = ModelVersion(head.name, head.version, head.round, head.signed)
+            version = ModelVersion(
+                head.name, head.version, head.round, head.signed, head.features_sha256
+            )
         self._reference = ModelRef(sha, sha, len(data), version)
         return self._reference
 
@@ -240,8 +245,10 @@ class CoordinatorService:
         clock: Callable[[], float] = time.time,
         refusal_log: RefusalLog | None = None,
         versions: Callable[[], ModelRecord | None] | None = None,
+        features: FeatureModule | None = None,
     ) -> None:
         self.driver = driver
+        self.features = features  # the run's feature module, which every client must use
         self.clients = clients
         self.settings = settings
         self.selector = selector or Selector(clients)
@@ -454,6 +461,57 @@ class CoordinatorService:
         for chunk in chunk_payload(data, start=wanted.offset):
             yield serde.encode_chunk(chunk)
 
+    async def FetchFeatures(  # noqa: N802
+        self, request: bytes, context: Context
+    ) -> AsyncIterator[pb.Chunk]:
+        module = self.features
+        try:
+            with malformed():
+                message = serde.parse(pb.FetchFeaturesRequest, request)
+                self.admission.authenticate(message)
+                wanted = serde.decode_fetch_features_request(message)
+            if module is not None and wanted.offset > len(module.wasm):
+                detail = (
+                    f"offset {wanted.offset} is past the end of the feature module's "
+                    f"{len(module.wasm)} bytes"
+                )
+                raise Refused(RejectCode.MALFORMED, detail)
+        except Refused as refusal:
+            verdict = self._refused("FetchFeatures", refusal, context)
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"{refusal.code.value}: {verdict.detail}"
+            )
+            return
+        if module is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no_features: the run has none")
+            return
+        if wanted.sha256 is not None and wanted.sha256 != module.sha256:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, "wrong_features_hash: not the run's feature module"
+            )
+            return
+        for chunk in chunk_payload(module.wasm, start=wanted.offset):
+            yield serde.encode_chunk(chunk)
+
+    def _check_features(
+        self, client_id: str, round_number: int, features_sha256: str | None
+    ) -> None:
+        """Refuse a result computed with another feature module than the run's (or with one,
+        when the run has none): its features are not the model's (feature skew). The client
+        fails its round too: asked again, it would compute with the same module."""
+        module = self.features
+        if features_sha256 == (None if module is None else module.sha256):
+            return
+        claimed = "no feature module" if features_sha256 is None else f"{features_sha256[:16]}..."
+        expected = (
+            "none"
+            if module is None
+            else f"{module.name} {module.version} ({module.sha256[:16]}...)"
+        )
+        detail = f"feature skew: computed with {claimed}; the run's feature module is {expected}"
+        self.driver.report_failure(client_id, round_number, detail)
+        raise Refused(RejectCode.INCOMPATIBLE, detail)
+
     async def SubmitUpdate(  # noqa: N802
         self, request_iterator: AsyncIterator[bytes], context: Context
     ) -> pb.SubmitUpdateResponse:
@@ -477,6 +535,8 @@ class CoordinatorService:
             raise Refused(
                 RejectCode.WRONG_MODEL_HASH, "the update is not relative to the current model"
             )
+        # before a byte of the payload
+        self._check_features(auth.client_id, header.round, header.features_sha256)
         payload = await self._payload(
             parts,
             pb.UpdatePart,
@@ -605,6 +665,8 @@ class CoordinatorService:
         if message.round != header.round:
             detail = f"a message of round {message.round} under a header of round {header.round}"
             raise Refused(RejectCode.MALFORMED, detail)
+        if isinstance(message, MaskedInput | EncryptedUpdate):  # what its features computed
+            self._check_features(auth.client_id, header.round, header.features_sha256)
         rejection = self.driver.submit_secure(
             auth.client_id, header.round, message, Authentication.VERIFIED
         )
@@ -622,6 +684,7 @@ class CoordinatorService:
             if report.model_sha256 != current_sha:  # as an update's base must be
                 detail = "the evaluation is not of the current model"
                 raise Refused(RejectCode.WRONG_MODEL_HASH, detail)
+            self._check_features(auth.client_id, report.round, report.features_sha256)
             with malformed():
                 rejection = self.driver.submit_evaluation(
                     auth.client_id,

@@ -41,12 +41,21 @@ MODEL_SIGNING_CONTEXT = b"shoal.v1/model-version\x00"
 SIGNING_KEY_FILE = "model-signing.key"
 PUBLIC_KEY_FILE = "model-signing.pub"
 KEY_ID_HEX = 16
+FEATURES_MARKER = b"\x01"  # a version message's feature module follows
 _SIGNATURE_BYTES = 64
 
 
-def version_message(*, run_id: str, name: str, version: int, round: int, sha256: str) -> bytes:
-    """The exact bytes a version signature covers (see the module docstring)."""
+def version_message(
+    *, run_id: str, name: str, version: int, round: int, sha256: str, features: str | None = None
+) -> bytes:
+    """The exact bytes a version signature covers (see the module docstring); a version
+    trained with a feature module ends with a marker byte and the module's sha256 (one
+    without ends at the weights' sha256, as before feature modules)."""
     check_sha256_hex(sha256, "model sha256")
+    tail = b""
+    if features is not None:
+        check_sha256_hex(features, "feature module sha256")
+        tail = FEATURES_MARKER + bytes.fromhex(features)
     return b"".join(
         (
             MODEL_SIGNING_CONTEXT,
@@ -55,6 +64,7 @@ def version_message(*, run_id: str, name: str, version: int, round: int, sha256:
             struct.pack(">q", version),
             struct.pack(">q", round),
             bytes.fromhex(sha256),
+            tail,
         )
     )
 
@@ -82,9 +92,16 @@ class ModelSigner:
     def __post_init__(self) -> None:
         object.__setattr__(self, "key_id", key_id_of(self.private_key.public_key()))
 
-    def __call__(self, *, name: str, version: int, round: int, sha256: str) -> VersionSignature:
+    def __call__(
+        self, *, name: str, version: int, round: int, sha256: str, features: str | None = None
+    ) -> VersionSignature:
         message = version_message(
-            run_id=self.run_id, name=name, version=version, round=round, sha256=sha256
+            run_id=self.run_id,
+            name=name,
+            version=version,
+            round=round,
+            sha256=sha256,
+            features=features,
         )
         return VersionSignature(self.run_id, self.key_id, self.private_key.sign(message))
 
@@ -112,12 +129,14 @@ class PinnedKey:
         version: int,
         round: int,
         sha256: str,
+        features: str | None = None,
     ) -> None:
         """Raise ``SecurityError`` with the reason unless ``signed`` is this key's over the facts.
 
         ``signed.run_id`` is the run the verifier expects (a client: the run
         of its task); a signature made for any other run, name, version,
-        round or weights does not verify.
+        round, weights or feature module (``features``, its sha256; None: a
+        version trained without one) does not verify.
         """
         if signed is None or not signed.signature:
             raise SecurityError(f"version {version} of {name!r} is not signed")
@@ -133,7 +152,12 @@ class PinnedKey:
                 f"got {len(signed.signature)}"
             )
         message = version_message(
-            run_id=signed.run_id, name=name, version=version, round=round, sha256=sha256
+            run_id=signed.run_id,
+            name=name,
+            version=version,
+            round=round,
+            sha256=sha256,
+            features=features,
         )
         try:
             self.public_key.verify(signed.signature, message)
@@ -141,7 +165,7 @@ class PinnedKey:
             raise SecurityError(
                 f"version {version} of {name!r} (round {round}, run {signed.run_id!r}, "
                 f"sha256 {sha256[:12]}...) does not match its signature: tampered, or "
-                "signed for another version, round or run"
+                "signed for another version, round, run or feature module"
             ) from exc
 
     def verify_audit_head(self, head: SignedHead) -> None:

@@ -254,6 +254,11 @@ def _add_model_signatures(op: Operations) -> None:
     op.add_column("model_versions", sa.Column("signature", sa.LargeBinary))
 
 
+def _add_version_features(op: Operations) -> None:
+    # versions of runs without a feature module (and all before them) stay NULL
+    op.add_column("model_versions", sa.Column("features_sha256", sa.String(64)))
+
+
 def _create_attestation_allow_list(op: Operations) -> None:
     op.create_table(
         "attestation_allow_list",
@@ -367,6 +372,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         _number_privacy_attempts,
     ),
     Migration(16, "the clients each round asked and did not count", _create_round_asked),
+    Migration(17, "the feature module each model version was trained with", _add_version_features),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -55,9 +55,12 @@ class VersionSignature:
 
 
 class VersionSigner(Protocol):
-    """Signs a version's facts once its number is known (inside the commit's transaction)."""
+    """Signs a version's facts once its number is known (inside the commit's transaction);
+    ``features`` is given for a version trained with a feature module only."""
 
-    def __call__(self, *, name: str, version: int, round: int, sha256: str) -> VersionSignature: ...
+    def __call__(
+        self, *, name: str, version: int, round: int, sha256: str, features: str | None = None
+    ) -> VersionSignature: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +81,7 @@ class ModelRecord:
     status_reason: str | None = None
     status_changed_at: datetime | None = None
     signed: VersionSignature | None = None
+    features_sha256: str | None = None  # the feature module it was trained with (a blob)
 
 
 _INSERTED = (
@@ -92,6 +96,7 @@ _INSERTED = (
     "metrics",
     "status",
     "architecture_version",
+    "features_sha256",
 )
 
 
@@ -115,7 +120,14 @@ def _record(row: sa.Row[Any]) -> ModelRecord:
             if row.signature is None
             else VersionSignature(row.run_id or "", row.signing_key_id or "", row.signature)
         ),
+        features_sha256=row.features_sha256,
     )
+
+
+def _features(sha256: str | None) -> dict[str, str]:
+    """A signer's ``features`` argument: given only for a version trained with a module (a
+    signer written before feature modules signs every other version as it did)."""
+    return {} if sha256 is None else {"features": sha256}
 
 
 def _stored_metrics(row: sa.Row[Any]) -> dict[str, Any]:
@@ -206,6 +218,7 @@ class ModelRegistry:
         now: datetime | None = None,
         signer: VersionSigner | None = None,
         expected_head: int | None = None,
+        features_sha256: str | None = None,
     ) -> ModelRecord:
         """Store a new version of ``name`` and move HEAD to it.
 
@@ -215,7 +228,8 @@ class ModelRegistry:
         same transaction: a stored version is signed from its first moment.
         ``expected_head``: the version the new one was built from; when HEAD is
         another now (someone rolled it back meanwhile), :class:`HeadMoved` and
-        nothing is stored.
+        nothing is stored. ``features_sha256``: the feature module the version was
+        trained with (its blob stored already), signed with it.
         """
         if not name or len(name) > 128:
             raise RegistryError(f"a model name has 1 to 128 characters, got {name!r}")
@@ -248,7 +262,13 @@ class ModelRegistry:
             signed = (
                 None
                 if signer is None
-                else signer(name=name, version=version, round=round, sha256=sha256)
+                else signer(
+                    name=name,
+                    version=version,
+                    round=round,
+                    sha256=sha256,
+                    **_features(features_sha256),
+                )
             )
             record = ModelRecord(
                 name=name,
@@ -263,6 +283,7 @@ class ModelRegistry:
                 architecture_version=architecture_version,
                 metrics=dict(metrics or {}),
                 signed=signed,
+                features_sha256=features_sha256,
             )
             row = {field: getattr(record, field) for field in _INSERTED}
             row["metrics"] = encoded  # the text already made, not the dict encoded again
@@ -277,6 +298,8 @@ class ModelRegistry:
             details = {"round": round, "parent": head, "sha256": sha256, "status": status.value}
             details["signing_key_id"] = None if signed is None else signed.key_id
             details["metrics_sha256"] = metrics_digest(metrics or {})
+            if features_sha256 is not None:
+                details["features_sha256"] = features_sha256
             self._audit(connection, "commit", name, version, details)
             return record  # as stored: no need to read it back
 
@@ -337,7 +360,13 @@ class ModelRegistry:
             record = _fetch(connection, name, version)
             if record.signed is not None:
                 return record
-            signed = signer(name=name, version=version, round=record.round, sha256=record.sha256)
+            signed = signer(
+                name=name,
+                version=version,
+                round=record.round,
+                sha256=record.sha256,
+                **_features(record.features_sha256),
+            )
             connection.execute(
                 sa.update(model_versions)
                 .where(model_versions.c.name == name, model_versions.c.version == version)

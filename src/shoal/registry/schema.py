@@ -191,6 +191,8 @@ model_versions = sa.Table(
     sa.Column("run_id", sa.String(128)),
     sa.Column("signing_key_id", sa.String(64)),
     sa.Column("signature", sa.LargeBinary),
+    # the sha256 of the run's feature module (a blob), signed with the version; NULL: none
+    sa.Column("features_sha256", sa.String(64)),
     sa.ForeignKeyConstraint(["name", "parent"], ["model_versions.name", "model_versions.version"]),
 )
 

@@ -23,6 +23,7 @@ from shoal.client.api import Client
 from shoal.client.app import ClientApp, ClientContext, add_search_path
 from shoal.config import Config
 from shoal.core.errors import ConfigError, DataError
+from shoal.features import FeatureModule
 from shoal.simulation.attacks import Attackers
 
 
@@ -95,10 +96,17 @@ class AppClients:
     (:mod:`shoal.simulation.attacks`), in whatever process builds it.
     """
 
-    def __init__(self, app: ClientApp, config: Config, options: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        app: ClientApp,
+        config: Config,
+        options: Mapping[str, str],
+        features: FeatureModule | None = None,
+    ) -> None:
         self.app = app
         self.config = config
         self.options = dict(options)
+        self.features = features  # sent by value once per worker, compiled there once
         self.attackers = Attackers(config, ClientNames(config.data.num_clients))
 
     def context(self, client_id: str) -> ClientContext:
@@ -113,6 +121,7 @@ class AppClients:
             options=self.options,
             seed=self.config.run.seed,
             config=self.config,
+            features=self.features,
         )
 
     def __call__(self, client_id: str) -> Client:
@@ -123,10 +132,16 @@ class AppClients:
 class Population:
     """The clients of a simulation; see the module docstring."""
 
-    def __init__(self, app: ClientApp, config: Config, options: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        app: ClientApp,
+        config: Config,
+        options: Mapping[str, str],
+        features: FeatureModule | None = None,
+    ) -> None:
         self.app = app
         self.config = config
-        self.clients = AppClients(app, config, options)
+        self.clients = AppClients(app, config, options, features)
         self.client_ids = ClientNames(config.data.num_clients)
 
     def num_train_examples(self, client_id: str) -> int:

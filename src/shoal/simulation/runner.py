@@ -112,7 +112,9 @@ class Simulation:
         self.apps = resolve_apps(
             config, client=client_app, server=server_app, search_path=self.search_path
         )
-        self.population = Population(self.apps.client, config, config.app.options)
+        self.population = Population(
+            self.apps.client, config, config.app.options, self.apps.features
+        )
         self.canaries = Canaries.of_run(config, self.apps.server, self.population.clients)
         self.population.check_attacks()
         self.attack_metrics = self._attack_metrics()
@@ -183,6 +185,7 @@ class Simulation:
                 privacy=self.privacy,
                 resume=self.resume,
                 where=str(self.out),
+                features=self.apps.features,
             )
             self.lifecycle = lifecycle  # a secure round reports its key holder's answers to it
             lifecycle.classify(self.fleet)  # the device classes of the fleet, for cohort fairness

@@ -31,6 +31,7 @@ from shoal.client.link import (
     CheckIn,
     Enroll,
     Enrollment,
+    FetchFeatures,
     FetchModel,
     ReportFailure,
     Request,
@@ -41,6 +42,7 @@ from shoal.client.link import (
 )
 from shoal.core.errors import BusyError, NotFoundError, SecurityError, TransportError
 from shoal.core.parameters import Parameters
+from shoal.features import FeatureLimits
 from shoal.governance.attestation import Attester, Binding, Evidence
 from shoal.secure.serde import encode_message
 from shoal.tasks import (
@@ -59,6 +61,7 @@ from shoal.transport.messages import (
     EnrollmentRequest,
     EvaluationReport,
     FailureReport,
+    FeaturesRequest,
     ModelRequest,
     RetryAfter,
     SecureMessageHeader,
@@ -199,6 +202,8 @@ class GrpcLink:
                 answer = await self._check_in(enrollment, request)
             case FetchModel():
                 answer = await self._fetch_model(enrollment, request)
+            case FetchFeatures():
+                answer = await self._fetch_features(enrollment, request)
             case SubmitUpdate():
                 answer = await self._submit_update(enrollment, request)
             case SubmitEvaluation():
@@ -256,12 +261,20 @@ class GrpcLink:
         self._sign(message, enrollment)
         # the size its task announced: a stream declaring another is refused at its first chunk
         assembler = ChunkAssembler(max_bytes=self.max_model_bytes, expected_size=request.size_bytes)
+        data = await self._download(self._stub.FetchModel, message, assembler, "the model")
+        return decode_parameters(data, expected_sha256=request.sha256)
+
+    async def _download(
+        self, method: Callable[[Any], Any], message: Any, assembler: ChunkAssembler, what: str
+    ) -> bytes:
+        """The payload the server-streaming ``method`` sends for ``message``, assembled and
+        checked; no deadline for the whole, ``timeout_s`` for each chunk."""
 
         async def download() -> bytes:
-            call = self._stub.FetchModel(message)  # no deadline for the whole: one per chunk
+            call = method(message)
             try:
                 while True:
-                    chunk = await self._within(call.read(), "the model's next chunk")
+                    chunk = await self._within(call.read(), f"{what}'s next chunk")
                     if chunk is grpc.aio.EOF:
                         break
                     assembler.add(serde.decode_chunk(cast(Any, chunk)))
@@ -269,7 +282,25 @@ class GrpcLink:
                 call.cancel()  # nothing, once the stream ended
             return assembler.finish()
 
-        return decode_parameters(await self._call(download), expected_sha256=request.sha256)
+        return await self._call(download)
+
+    async def _fetch_features(self, enrollment: Enrollment, request: FetchFeatures) -> bytes | None:
+        """The run's feature module's bytes, checked against the sha256 asked for; None when
+        the run has none (asked without a sha256: the coordinator's NOT_FOUND says so)."""
+        message = serde.encode_fetch_features_request(FeaturesRequest(request.sha256))
+        self._sign(message, enrollment)
+        # the data hashes to the declared sha256, which must be the one asked for
+        assembler = ChunkAssembler(
+            max_bytes=FeatureLimits().max_module_bytes, expected_sha256=request.sha256
+        )
+        try:
+            return await self._download(
+                self._stub.FetchFeatures, message, assembler, "the feature module"
+            )
+        except NotFoundError:
+            if request.sha256 is None:
+                return None
+            raise
 
     async def _submit_update(self, enrollment: Enrollment, request: SubmitUpdate) -> Submitted:
         offer = request.offer
@@ -288,6 +319,7 @@ class GrpcLink:
                 base_model_sha256=offer.model_sha256,
                 metrics=request.metrics,
                 codec=request.codec if request.payload is not None else "",
+                features_sha256=request.features_sha256,
             )
         )
         self._sign(header, enrollment, round_number=offer.round)
@@ -300,7 +332,11 @@ class GrpcLink:
         frame = encode_message(reply)
         header = serde.encode_secure_message_header(
             SecureMessageHeader(
-                reply.round, self.run_id, hashlib.sha256(frame).hexdigest(), len(frame)
+                reply.round,
+                self.run_id,
+                hashlib.sha256(frame).hexdigest(),
+                len(frame),
+                request.features_sha256,
             )
         )
         self._sign(header, enrollment, round_number=reply.round)
@@ -321,6 +357,7 @@ class GrpcLink:
                 num_examples=request.num_examples,
                 model_sha256=offer.model_sha256,
                 metrics=request.metrics,
+                features_sha256=request.features_sha256,
             )
         )
         self._sign(message, enrollment, round_number=offer.round)

@@ -291,6 +291,20 @@ class ModelRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class FeaturesRequest:
+    """Ask for the run's feature module: the one with ``sha256`` (None: the run's, whichever
+    it is), from ``offset`` on."""
+
+    sha256: str | None = None
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sha256 is not None:
+            check_sha256_hex(self.sha256, "feature module sha256")
+        _check_count(self.offset, "offset")
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """A piece of a byte payload; each chunk repeats the payload's total size and sha256."""
 
@@ -322,6 +336,7 @@ class UpdateHeader:
     base_model_sha256: str
     metrics: Mapping[str, float] = field(default_factory=dict)
     codec: str = ""  # the payload's codec (shoal.core.compression); empty: safetensors
+    features_sha256: str | None = None  # the feature module the client computed with
 
     def __post_init__(self) -> None:
         check_round(self.round)
@@ -332,6 +347,8 @@ class UpdateHeader:
         check_sha256_hex(self.base_model_sha256, "base model sha256")
         _check_metrics(self.metrics)
         _check_text(self.codec, "codec")
+        if self.features_sha256 is not None:
+            check_sha256_hex(self.features_sha256, "feature module sha256")
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,12 +359,15 @@ class SecureMessageHeader:
     run_id: str
     payload_sha256: str
     total_size: int
+    features_sha256: str | None = None  # the feature module the client computed with
 
     def __post_init__(self) -> None:
         check_round(self.round)
         _check_text(self.run_id, "run id", required=True)
         check_sha256_hex(self.payload_sha256, "payload sha256")
         _check_count(self.total_size, "total size")
+        if self.features_sha256 is not None:
+            check_sha256_hex(self.features_sha256, "feature module sha256")
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,6 +380,7 @@ class EvaluationReport:
     num_examples: int
     model_sha256: str
     metrics: Mapping[str, float] = field(default_factory=dict)
+    features_sha256: str | None = None  # the feature module the client computed with
 
     def __post_init__(self) -> None:
         check_round(self.round)
@@ -367,6 +388,8 @@ class EvaluationReport:
         _check_count(self.num_examples, "num_examples")
         check_sha256_hex(self.model_sha256, "model sha256")
         _check_metrics(self.metrics)
+        if self.features_sha256 is not None:
+            check_sha256_hex(self.features_sha256, "feature module sha256")
 
 
 @dataclass(frozen=True, slots=True)

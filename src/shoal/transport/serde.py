@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError, Message
 
 from shoal.client.api import EvaluateConfig, FitConfig
 from shoal.core.device import DeviceState
+from shoal.core.digests import check_sha256_hex
 from shoal.core.errors import ClientError, ProtocolError
 from shoal.governance.attestation import Evidence
 from shoal.registry import VersionSignature
@@ -40,6 +41,7 @@ from shoal.transport.messages import (
     EnrollReply,
     EvaluationReport,
     FailureReport,
+    FeaturesRequest,
     HeartbeatReply,
     ModelRef,
     ModelRequest,
@@ -59,6 +61,7 @@ AuthenticatedRequest = (
     pb.EnrollRequest
     | pb.CheckInRequest
     | pb.FetchModelRequest
+    | pb.FetchFeaturesRequest
     | pb.UpdateHeader
     | pb.SecureMessageHeader
     | pb.ReportEvaluationRequest
@@ -449,6 +452,7 @@ def encode_model_ref(model: ModelRef) -> pb.ModelRef:
     version = model.version
     if version is not None:
         message.name, message.version, message.round = version.name, version.version, version.round
+        message.features_sha256 = version.features_sha256 or ""
         if version.signed is not None:
             message.key_id = version.signed.key_id
             message.signature = version.signed.signature
@@ -462,7 +466,10 @@ def decode_model_ref(message: pb.ModelRef, *, run_id: str) -> ModelRef:
         signed = None
         if message.signature or message.key_id:
             signed = VersionSignature(run_id, message.key_id, message.signature)
-        version = ModelVersion(message.name, message.version, message.round, signed)
+        features = message.features_sha256 or None
+        if features is not None:
+            check_sha256_hex(features, "feature module sha256")
+        version = ModelVersion(message.name, message.version, message.round, signed, features)
     return ModelRef(message.version_id, message.sha256, message.size_bytes, version)
 
 
@@ -611,6 +618,14 @@ def decode_fetch_model_request(message: pb.FetchModelRequest) -> ModelRequest:
     return ModelRequest(message.version_id, message.offset)
 
 
+def encode_fetch_features_request(request: FeaturesRequest) -> pb.FetchFeaturesRequest:
+    return pb.FetchFeaturesRequest(sha256=request.sha256 or "", offset=request.offset)
+
+
+def decode_fetch_features_request(message: pb.FetchFeaturesRequest) -> FeaturesRequest:
+    return FeaturesRequest(message.sha256 or None, message.offset)
+
+
 def encode_chunk(chunk: Chunk) -> pb.Chunk:
     return pb.Chunk(
         offset=chunk.offset, total_size=chunk.total_size, sha256=chunk.sha256, data=chunk.data
@@ -648,6 +663,7 @@ def encode_update_header(header: UpdateHeader) -> pb.UpdateHeader:
             total_size=header.total_size,
             base_model_sha256=header.base_model_sha256,
             codec=header.codec,
+            features_sha256=header.features_sha256 or "",
         ),
         "update header",
     )
@@ -664,6 +680,7 @@ def decode_update_header(message: pb.UpdateHeader) -> UpdateHeader:
         base_model_sha256=message.base_model_sha256,
         metrics=dict(message.metrics),
         codec=message.codec,
+        features_sha256=message.features_sha256 or None,
     )
 
 
@@ -707,6 +724,7 @@ def encode_secure_message_header(header: SecureMessageHeader) -> pb.SecureMessag
         run_id=header.run_id,
         payload_sha256=header.payload_sha256,
         total_size=header.total_size,
+        features_sha256=header.features_sha256 or "",
     )
 
 
@@ -717,6 +735,7 @@ def decode_secure_message_header(message: pb.SecureMessageHeader) -> SecureMessa
         run_id=message.run_id,
         payload_sha256=message.payload_sha256,
         total_size=message.total_size,
+        features_sha256=message.features_sha256 or None,
     )
 
 
@@ -744,6 +763,7 @@ def encode_evaluation_report(report: EvaluationReport) -> pb.ReportEvaluationReq
             num_examples=report.num_examples,
             metrics={str(name): float(value) for name, value in report.metrics.items()},
             model_sha256=report.model_sha256,
+            features_sha256=report.features_sha256 or "",
         ),
         "evaluation report",
     )
@@ -758,6 +778,7 @@ def decode_evaluation_report(message: pb.ReportEvaluationRequest) -> EvaluationR
         num_examples=message.num_examples,
         model_sha256=message.model_sha256,
         metrics=dict(message.metrics),
+        features_sha256=message.features_sha256 or None,
     )
 
 

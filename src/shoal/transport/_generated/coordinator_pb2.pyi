@@ -521,6 +521,7 @@ class ModelRef(_message.Message):
     ROUND_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    FEATURES_SHA256_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     sha256: _builtins.str
     """content hash of the parameters"""
@@ -536,6 +537,10 @@ class ModelRef(_message.Message):
     """the signing key's id (16 hex digits); empty when unsigned"""
     signature: _builtins.bytes
     """Ed25519, 64 bytes; empty when unsigned"""
+    features_sha256: _builtins.str
+    """the sha256 of the run's feature module (FetchFeatures), signed with the version;
+    empty: the run has none
+    """
     def __init__(
         self,
         *,
@@ -547,10 +552,11 @@ class ModelRef(_message.Message):
         round: _builtins.int = ...,
         key_id: _builtins.str = ...,
         signature: _builtins.bytes = ...,
+        features_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "name", b"name", "round", b"round", "sha256", b"sha256", "signature", b"signature", "size_bytes", b"size_bytes", "version", b"version", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features_sha256", b"features_sha256", "key_id", b"key_id", "name", b"name", "round", b"round", "sha256", b"sha256", "signature", b"signature", "size_bytes", b"size_bytes", "version", b"version", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -817,6 +823,36 @@ class FetchModelRequest(_message.Message):
 Global___FetchModelRequest: _TypeAlias = FetchModelRequest  # noqa: Y015
 
 @_typing.final
+class FetchFeaturesRequest(_message.Message):
+    """--- FetchFeatures ---------------------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTH_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    """the module a task named; empty: the run's, whichever it is"""
+    offset: _builtins.int
+    """resume a broken download from this byte"""
+    @_builtins.property
+    def auth(self) -> Global___RequestAuth: ...
+    def __init__(
+        self,
+        *,
+        auth: Global___RequestAuth | None = ...,
+        sha256: _builtins.str = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "offset", b"offset", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchFeaturesRequest: _TypeAlias = FetchFeaturesRequest  # noqa: Y015
+
+@_typing.final
 class UpdateHeader(_message.Message):
     """--- SubmitUpdate ----------------------------------------------------------------"""
 
@@ -851,6 +887,7 @@ class UpdateHeader(_message.Message):
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     BASE_MODEL_SHA256_FIELD_NUMBER: _builtins.int
     CODEC_FIELD_NUMBER: _builtins.int
+    FEATURES_SHA256_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     """equal to auth.round"""
     run_id: _builtins.str
@@ -864,6 +901,8 @@ class UpdateHeader(_message.Message):
     """the model the update is relative to"""
     codec: _builtins.str
     """empty: the payload is safetensors; else the task's codec"""
+    features_sha256: _builtins.str
+    """the feature module the client computed with; empty: none"""
     @_builtins.property
     def auth(self) -> Global___RequestAuth: ...
     @_builtins.property
@@ -880,10 +919,11 @@ class UpdateHeader(_message.Message):
         total_size: _builtins.int = ...,
         base_model_sha256: _builtins.str = ...,
         codec: _builtins.str = ...,
+        features_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "base_model_sha256", b"base_model_sha256", "codec", b"codec", "metrics", b"metrics", "num_examples", b"num_examples", "payload_sha256", b"payload_sha256", "round", b"round", "run_id", b"run_id", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "base_model_sha256", b"base_model_sha256", "codec", b"codec", "features_sha256", b"features_sha256", "metrics", b"metrics", "num_examples", b"num_examples", "payload_sha256", b"payload_sha256", "round", b"round", "run_id", b"run_id", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -948,6 +988,7 @@ class SecureMessageHeader(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     PAYLOAD_SHA256_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    FEATURES_SHA256_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     """equal to auth.round and to the frame's own round"""
     run_id: _builtins.str
@@ -956,6 +997,8 @@ class SecureMessageHeader(_message.Message):
     """sha256 of the SecAgg+ frame that follows"""
     total_size: _builtins.int
     """its length"""
+    features_sha256: _builtins.str
+    """the feature module the client computed with; empty: none"""
     @_builtins.property
     def auth(self) -> Global___RequestAuth: ...
     def __init__(
@@ -966,10 +1009,11 @@ class SecureMessageHeader(_message.Message):
         run_id: _builtins.str = ...,
         payload_sha256: _builtins.str = ...,
         total_size: _builtins.int = ...,
+        features_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "payload_sha256", b"payload_sha256", "round", b"round", "run_id", b"run_id", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "features_sha256", b"features_sha256", "payload_sha256", b"payload_sha256", "round", b"round", "run_id", b"run_id", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1056,6 +1100,7 @@ class ReportEvaluationRequest(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     MODEL_SHA256_FIELD_NUMBER: _builtins.int
+    FEATURES_SHA256_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     """equal to auth.round"""
     run_id: _builtins.str
@@ -1064,6 +1109,8 @@ class ReportEvaluationRequest(_message.Message):
     num_examples: _builtins.int
     model_sha256: _builtins.str
     """the model that was evaluated"""
+    features_sha256: _builtins.str
+    """the feature module the client computed with; empty: none"""
     @_builtins.property
     def auth(self) -> Global___RequestAuth: ...
     @_builtins.property
@@ -1078,10 +1125,11 @@ class ReportEvaluationRequest(_message.Message):
         num_examples: _builtins.int = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         model_sha256: _builtins.str = ...,
+        features_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "loss", b"loss", "metrics", b"metrics", "model_sha256", b"model_sha256", "num_examples", b"num_examples", "round", b"round", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "features_sha256", b"features_sha256", "loss", b"loss", "metrics", b"metrics", "model_sha256", b"model_sha256", "num_examples", b"num_examples", "round", b"round", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -49,6 +49,11 @@ class CoordinatorStub:
                 request_serializer=shoal_dot_v1_dot_coordinator__pb2.FetchModelRequest.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_coordinator__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.FetchFeatures = channel.unary_stream(
+                '/shoal.v1.Coordinator/FetchFeatures',
+                request_serializer=shoal_dot_v1_dot_coordinator__pb2.FetchFeaturesRequest.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_coordinator__pb2.Chunk.FromString,
+                _registered_method=True)
         self.SubmitUpdate = channel.stream_unary(
                 '/shoal.v1.Coordinator/SubmitUpdate',
                 request_serializer=shoal_dot_v1_dot_coordinator__pb2.UpdatePart.SerializeToString,
@@ -96,6 +101,13 @@ class CoordinatorServicer:
 
     def FetchModel(self, request, context):
         """Download a global model as a stream of chunks of its safetensors bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchFeatures(self, request, context):
+        """Download the run's feature module (WebAssembly) as a stream of chunks of its bytes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,6 +166,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'FetchModel': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchModel,
                     request_deserializer=shoal_dot_v1_dot_coordinator__pb2.FetchModelRequest.FromString,
+                    response_serializer=shoal_dot_v1_dot_coordinator__pb2.Chunk.SerializeToString,
+            ),
+            'FetchFeatures': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchFeatures,
+                    request_deserializer=shoal_dot_v1_dot_coordinator__pb2.FetchFeaturesRequest.FromString,
                     response_serializer=shoal_dot_v1_dot_coordinator__pb2.Chunk.SerializeToString,
             ),
             'SubmitUpdate': grpc.stream_unary_rpc_method_handler(
@@ -262,6 +279,33 @@ class Coordinator:
             target,
             '/shoal.v1.Coordinator/FetchModel',
             shoal_dot_v1_dot_coordinator__pb2.FetchModelRequest.SerializeToString,
+            shoal_dot_v1_dot_coordinator__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchFeatures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.v1.Coordinator/FetchFeatures',
+            shoal_dot_v1_dot_coordinator__pb2.FetchFeaturesRequest.SerializeToString,
             shoal_dot_v1_dot_coordinator__pb2.Chunk.FromString,
             options,
             channel_credentials,

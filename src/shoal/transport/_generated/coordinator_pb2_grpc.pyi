@@ -66,6 +66,8 @@ class CoordinatorStub:
     """Report the device's state; receive a task, a time to come back, or a refusal."""
     FetchModel: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.FetchModelRequest, _coordinator_pb2.Chunk]
     """Download a global model as a stream of chunks of its safetensors bytes."""
+    FetchFeatures: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.FetchFeaturesRequest, _coordinator_pb2.Chunk]
+    """Download the run's feature module (WebAssembly) as a stream of chunks of its bytes."""
     SubmitUpdate: _grpc.StreamUnaryMultiCallable[_coordinator_pb2.UpdatePart, _coordinator_pb2.SubmitUpdateResponse]
     """Upload a training result: an UpdateHeader first, then the payload's chunks."""
     SubmitSecureMessage: _grpc.StreamUnaryMultiCallable[_coordinator_pb2.SecureMessagePart, _coordinator_pb2.SubmitSecureMessageResponse]
@@ -92,6 +94,8 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """Report the device's state; receive a task, a time to come back, or a refusal."""
     FetchModel: _aio.UnaryStreamMultiCallable[_coordinator_pb2.FetchModelRequest, _coordinator_pb2.Chunk]  # type: ignore[assignment]
     """Download a global model as a stream of chunks of its safetensors bytes."""
+    FetchFeatures: _aio.UnaryStreamMultiCallable[_coordinator_pb2.FetchFeaturesRequest, _coordinator_pb2.Chunk]  # type: ignore[assignment]
+    """Download the run's feature module (WebAssembly) as a stream of chunks of its bytes."""
     SubmitUpdate: _aio.StreamUnaryMultiCallable[_coordinator_pb2.UpdatePart, _coordinator_pb2.SubmitUpdateResponse]  # type: ignore[assignment]
     """Upload a training result: an UpdateHeader first, then the payload's chunks."""
     SubmitSecureMessage: _aio.StreamUnaryMultiCallable[_coordinator_pb2.SecureMessagePart, _coordinator_pb2.SubmitSecureMessageResponse]  # type: ignore[assignment]
@@ -133,6 +137,14 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_coordinator_pb2.Chunk], _abc.AsyncIterator[_coordinator_pb2.Chunk]]:
         """Download a global model as a stream of chunks of its safetensors bytes."""
+
+    @_abc_1.abstractmethod
+    def FetchFeatures(
+        self,
+        request: _coordinator_pb2.FetchFeaturesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_coordinator_pb2.Chunk], _abc.AsyncIterator[_coordinator_pb2.Chunk]]:
+        """Download the run's feature module (WebAssembly) as a stream of chunks of its bytes."""
 
     @_abc_1.abstractmethod
     def SubmitUpdate(

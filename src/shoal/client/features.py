@@ -1,0 +1,56 @@
+"""A deployed client's feature module: fetched from its coordinator, checked, and its app built
+with it (see docs/portable-features.md).
+
+A client app that turns raw records into features with the run's module
+(``context.features``) cannot be built before the client knows the module.
+:class:`FeatureSource` is how ``shoal client run`` hands the runtime its app
+instead of a built client: once enrolled, the runtime asks the coordinator for
+the run's module, checks it (the ABI, and the pin when the client has one), and
+builds the client with it. Every task then names the module the coordinator
+signed with the task's model version; a task naming another is refused unless
+the source can fetch and check that one (a pinned client refuses any other).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shoal.client.api import Client
+from shoal.core.errors import ConfigError, SecurityError
+from shoal.features import FeatureLimits, FeatureModule
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureSource:
+    """The app to build once the run's feature module is known, the limits a module runs
+    within here, the module's sha256 this client accepts (None: the one the coordinator
+    signs with each model version), and the client already built with the module it was
+    built with (``prebuilt``: its own copy, or none), kept while the run's is that one."""
+
+    build: Callable[[FeatureModule | None], Client]
+    limits: FeatureLimits = field(default_factory=FeatureLimits)
+    pinned: str | None = None
+    prebuilt: tuple[FeatureModule | None, Client] | None = None
+
+    def module(self, data: bytes | None, *, expected: str | None) -> FeatureModule | None:
+        """The module of ``data`` (None: the run has none), checked: its ABI, the sha256 the
+        task named (``expected``), and the pin. A ``SecurityError`` names what is wrong."""
+        if data is None:
+            if self.pinned is not None:
+                raise SecurityError(
+                    f"the run has no feature module, and this client pins {self.pinned[:16]}..."
+                )
+            return None
+        sha256 = hashlib.sha256(data).hexdigest()  # before a byte of it is compiled
+        for wanted, what in ((expected, "the task names"), (self.pinned, "this client pins")):
+            if wanted is not None and sha256 != wanted:
+                raise SecurityError(
+                    f"the coordinator's feature module has sha256 {sha256[:16]}..., and "
+                    f"{what} {wanted[:16]}..."
+                )
+        try:  # compiled in a child process, within the compile limits
+            return FeatureModule.from_bytes(data, limits=self.limits, isolated=True)
+        except ConfigError as exc:
+            raise SecurityError(f"the coordinator's feature module is refused: {exc}") from exc
