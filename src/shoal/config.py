@@ -874,7 +874,7 @@ class FeaturesSection(_Section):
     batch_records: int = Field(4096, ge=1, le=1_000_000)
     # what compiling a module from the coordinator may take on a deployed client
     compile_seconds: int = Field(30, ge=1, le=3600)
-    compile_memory_mb: int = Field(2048, ge=256, le=65536)
+    compile_memory_mb: int = Field(2048, ge=512, le=65536)
 
 
 class PolicySection(_Section):

@@ -123,8 +123,10 @@ class TamperingLink(GrpcLink):
         self.module = module
         self.claims = claims
         self.answers: list[Submitted] = []
+        self.fetched = 0
 
     async def _fetch_features(self, enrollment: Any, request: FetchFeatures) -> bytes | None:
+        self.fetched += 1
         real = await super()._fetch_features(enrollment, request)
         return real if self.module is None else self.module
 
@@ -245,13 +247,14 @@ def test_a_client_that_pins_another_module_trains_with_none_of_the_runs(
     tmp_path: Path,
 ) -> None:
     """Client 1 pins a module (its job's ``[features] sha256``, or its own copy of the
-    module) that is not the run's: it refuses every task before it compiles the module, says
+    module) that is not the run's: it refuses every task before it downloads the module, says
     why, and the run goes on with the others."""
     config = job(tmp_path, rounds=1, quorum=0.6, deadline_s=6)
-    rows, runtimes, _ = serve(tmp_path, config, pinned={1: other_module().sha256})
+    rows, runtimes, links = serve(tmp_path, config, pinned={1: other_module().sha256})
     [fit] = [row for row in rows if row["phase"] == "fit"]
     assert fit["committed"] and fit["reported"] == CLIENTS - 1
     assert runtimes[1].tasks_done == 0 and runtimes[1].features is None
+    assert links[1].fetched == 0  # refused by the sha256 its task names: never downloaded
     assert sum(fit["failures"].values()) >= 1, fit["failures"]  # its refusal, at once
 
 

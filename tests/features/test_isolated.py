@@ -10,6 +10,8 @@ ten gigabytes).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -75,9 +77,34 @@ def test_a_compile_bomb_is_stopped_at_its_time_limit() -> None:
 
 
 def test_a_compile_bomb_is_stopped_at_its_memory_limit() -> None:
-    limits = FeatureLimits(compile_seconds=60, compile_memory_bytes=300 * 2**20)
-    with pytest.raises(ConfigError, match=r"300 MiB .*compile_memory_mb"):
+    """At the least memory the config allows, an honest module compiles; the bomb does not."""
+    limits = FeatureLimits(compile_seconds=60, compile_memory_bytes=512 * 2**20)
+    honest = module_bytes(DOUBLE, "(func)")  # a module of its own: not compiled here before
+    FeatureModule.from_bytes(honest, limits=limits, isolated=True)
+    with pytest.raises(ConfigError, match=r"512 MiB .*compile_memory_mb.*compiler stopped"):
         FeatureModule.from_bytes(compile_bomb(), limits=limits, isolated=True)
+
+
+def test_a_compiler_that_cannot_start_is_not_the_modules_fault(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No wasmtime where the child looks (an install without the extra): an OSError saying
+    so, which a deployed client reports as a refused task and goes on."""
+    monkeypatch.setattr("sys.path", ["/nonexistent"])
+    with pytest.raises(OSError, match="could not start"):
+        FeatureModule.from_bytes(module_bytes(DOUBLE, "(func) (func)"), isolated=True)
+
+
+def test_the_compiler_ignores_the_folder_and_environment_it_is_started_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``resource.py`` in the current folder, or ``PYTHONPATH``, would otherwise be what the
+    child imports to set its own limits."""
+    (tmp_path / "resource.py").write_text("raise SystemExit(9)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    module = FeatureModule.from_bytes(module_bytes(DOUBLE, "(func) (func) (func)"), isolated=True)
+    assert module.extract(np.array([[2.0]]))[0, 0] == 4.0
 
 
 def test_a_client_checks_the_sha256_before_it_compiles(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shoal.client.api import Client
-from shoal.core.errors import ConfigError, SecurityError
+from shoal.core.errors import ConfigError, MissingExtraError, SecurityError
 from shoal.features import FeatureLimits, FeatureModule
 
 
@@ -54,3 +54,13 @@ class FeatureSource:
             return FeatureModule.from_bytes(data, limits=self.limits, isolated=True)
         except ConfigError as exc:
             raise SecurityError(f"the coordinator's feature module is refused: {exc}") from exc
+        except (MissingExtraError, OSError) as exc:  # this client cannot run one at all
+            raise SecurityError(f"this client cannot run a feature module: {exc}") from exc
+
+    def refuses(self, sha256: str | None) -> str | None:
+        """Why the module ``sha256`` (None: none) is refused before it is downloaded: it is
+        not the one this client pins (None: it is not refused)."""
+        if self.pinned is None or sha256 == self.pinned:
+            return None
+        named = "no feature module" if sha256 is None else f"the feature module {sha256[:16]}..."
+        return f"the task names {named}, and this client pins {self.pinned[:16]}..."

@@ -294,6 +294,9 @@ class ClientRuntime:
             return
         if self._client is not None and sha256 == current:
             return
+        refused = source.refuses(sha256)
+        if refused is not None:  # not even downloaded
+            raise SecurityError(refused)
         data = None
         if sha256 is not None:
             data = await self._retrying(lambda: self._send(FetchFeatures(sha256)))
