@@ -58,6 +58,7 @@ def job(
     quorum: float = 1.0,
     deadline_s: float = 60,
     protocol: str = "none",
+    **sections: dict[str, Any],
 ) -> Config:
     secure = {} if protocol == "none" else {"secure_aggregation": {"protocol": protocol}}
     return parse_config(
@@ -73,6 +74,7 @@ def job(
             features={"module": str(EXAMPLE / "features.wat")},
             app={"client": "app:client_fn", "server": "app:server_app"},
             **secure,
+            **sections,
         )
     )
 
@@ -231,6 +233,21 @@ def test_served_clients_fetch_the_run_module_and_every_version_records_it(
     assert extractor_versions(tmp_path) == [module.version] * CLIENTS
 
 
+def test_clients_without_the_module_meet_a_feature_extractor_requirement(
+    tmp_path: Path,
+) -> None:
+    """A job that requires feature extractor 1.0.0: clients that do not have the module yet
+    report the version of the run's (its manifest, read, not compiled), are selected, and
+    then compute with the module their task names (before, none was ever selected)."""
+    require = {"require": [{"component": "feature_extractor", "minimum": "1.0.0"}]}
+    config = job(tmp_path, rounds=1, versions=require)
+    rows, runtimes, _ = serve(tmp_path, config)
+    [fit] = [row for row in rows if row["phase"] == "fit"]
+    assert fit["committed"] and fit["reported"] == CLIENTS
+    assert extractor_versions(tmp_path) == ["1.0.0"] * CLIENTS
+    assert all(runtime.tasks_done == 1 for runtime in runtimes)
+
+
 def test_a_client_refuses_a_module_other_than_the_one_signed_with_the_model(
     tmp_path: Path,
 ) -> None:
@@ -254,7 +271,9 @@ def test_a_client_that_pins_another_module_trains_with_none_of_the_runs(
     [fit] = [row for row in rows if row["phase"] == "fit"]
     assert fit["committed"] and fit["reported"] == CLIENTS - 1
     assert runtimes[1].tasks_done == 0 and runtimes[1].features is None
-    assert links[1].fetched == 0  # refused by the sha256 its task names: never downloaded
+    # it asked for its pinned module once (to say its version: the run has another), and
+    # refused each task by the sha256 it names, never downloading the run's module
+    assert links[1].fetched == 1
     assert sum(fit["failures"].values()) >= 1, fit["failures"]  # its refusal, at once
 
 

@@ -87,7 +87,7 @@ from shoal.core.folders import writable_folder
 from shoal.core.identifiers import check_client_id
 from shoal.core.limits import MAX_RETRY_AFTER_S
 from shoal.core.parameters import Parameters, Vector
-from shoal.features import FeatureModule
+from shoal.features import FeatureModule, read_manifest
 from shoal.governance.attestation import Attester
 from shoal.governance.model_signing import PinnedKey
 from shoal.privacy.client import PrivacyFloor
@@ -240,6 +240,9 @@ class ClientRuntime:
         self.features = features  # the module its client computes features with (None: none)
         if isinstance(client, FeatureSource) and client.prebuilt is not None:
             self.features, self._client = client.prebuilt
+        # before a task names the run's module: the version its manifest says, read (never
+        # compiled or run) from the module the coordinator says is the run's
+        self._announced: str | None = None
         self.unreadable_retry_s = unreadable_retry_s
         self.coordinator_key = coordinator_key  # None: models are not verified (warned once)
         # the run and model whose signed versions it trains on: its job's, else the first
@@ -276,6 +279,25 @@ class ClientRuntime:
         if self._client is None:
             raise ClientError("the client is built once the run's feature module is known")
         return self._client
+
+    async def _announce_features(self) -> None:
+        """A client with no module yet reports the version of the run's (the versioning
+        matrix's ``feature_extractor``: a requirement on it would otherwise keep it out until
+        a task it is never offered). Only the manifest is read: the module is not compiled,
+        nor trusted for anything else; a task names the one the client computes with. A client
+        that pins a module asks for that one only (the coordinator has it, or not)."""
+        assert self._source is not None
+        pinned = self._source.pinned
+        try:
+            data = await self._retrying(lambda: self._send(FetchFeatures(pinned)))
+        except NotFoundError:  # the run's is not the pinned one: nothing to announce
+            return
+        if data is None:
+            return
+        try:
+            self._announced = read_manifest(data).version
+        except ConfigError as exc:  # not a module the client would take anyway
+            log.warning("the run's feature module has no readable manifest: %s", exc)
 
     async def _use_features(self, sha256: str | None) -> None:
         """Have the client compute with the feature module ``sha256`` (None: none), the one a
@@ -333,6 +355,8 @@ class ClientRuntime:
             )
         await self._retrying(lambda: self._send(Enroll(self._device(), self.attester)))
         self._event(f"enrolled as {self.enrollment.client_id}")
+        if self._source is not None and self._client is None:
+            await self._announce_features()
         while not self._stopping.is_set() and (max_tasks is None or self.tasks_done < max_tasks):
             try:
                 answer = await self._retrying(
@@ -365,8 +389,9 @@ class ClientRuntime:
             if self._last_state is None:
                 raise
             return _versions_only(self._last_state)
-        if self.features is not None and state.feature_extractor_version is None:
-            state = replace(state, feature_extractor_version=self.features.version)
+        version = self._announced if self.features is None else self.features.version
+        if version is not None and state.feature_extractor_version is None:
+            state = replace(state, feature_extractor_version=version)
         self._last_state = state
         return state
 
