@@ -4,9 +4,9 @@ WebAssembly module computes on every phone and on the server alike.
 Each phone holds raw records (``timestamp_ms``, ``latitude``, ``longitude``,
 ``battery_level``) and whether the user opened the notification sent then. The
 app never computes a feature itself: it gives its raw records to the run's
-feature module (``context.features``, the job's ``[features] module``, which a
-deployed phone gets from the coordinator, checked against the sha256 signed with
-each model version) and trains a NumPy softmax regression on what comes back.
+feature module (``context.features``, the job's ``[features] module``: a deployed
+phone's own copy, pinned, or the coordinator's, checked against the sha256 signed
+with each model version) and trains a NumPy softmax regression on what comes back.
 The coordinator's central evaluation computes its held-out records' features
 with the same module. ``features.wat`` is the module; ``reference.py`` says
 what each feature is.

@@ -3,10 +3,12 @@ version and ships it; deployed clients build their app with it, and refuse any o
 
 Each client is a :class:`ClientRuntime` over a real channel on 127.0.0.1 that pins the
 coordinator's model-signing key and builds the example app (``examples/portable-features``)
-from a :class:`FeatureSource`, as ``shoal client run`` does: the module comes from the
-coordinator. The attacks: a coordinator (or a network peer) that serves another module than
-the one it signed; a client that pins another module; a client whose results claim another
-module than the run's (feature skew); a resume with another module.
+from a :class:`FeatureSource`, as ``shoal client run`` does for a job whose module is not
+on its machine: the module comes from the coordinator (a client with its own copy, pinned,
+is the TLS deployment of tests/test_examples_apps.py). The attacks: a coordinator (or a
+network peer) that serves another module than the one it signed; a client that pins another
+module; a client whose results claim another module than the run's (feature skew); a resume
+with another module.
 """
 
 from __future__ import annotations

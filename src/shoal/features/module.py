@@ -71,14 +71,18 @@ class FeatureLimits:
         for field in fields(self):
             value = getattr(self, field.name)
             if type(value) is not int or value <= 0:
-                raise ConfigError(f"[features] {field.name} must be a positive integer: {value!r}")
+                raise ConfigError(
+                    f"feature limit {field.name} must be a positive integer: {value!r}"
+                )
         if self.memory_bytes > _LARGEST_MEMORY:
             raise ConfigError(
-                f"[features] memory_bytes = {self.memory_bytes:,} is over the 4 GiB that a "
-                "32-bit WebAssembly memory addresses"
+                f"a feature module's memory cap of {self.memory_bytes:,} bytes is over the "
+                "4 GiB that a 32-bit WebAssembly memory addresses"
             )
         if self.fuel_base + self.fuel_per_record * self.batch_records >= 2**64:
-            raise ConfigError("[features] fuel_base + fuel_per_record * batch_records is 2**64+")
+            raise ConfigError(
+                "feature limits: fuel_base + fuel_per_record * batch_records is 2**64+"
+            )
 
 
 _DEFAULT_LIMITS = FeatureLimits()
@@ -99,8 +103,8 @@ class FeatureModule:
     ) -> None:
         if len(wasm) > limits.max_module_bytes:
             raise ConfigError(
-                f"feature module of {len(wasm):,} bytes is over [features] max_module_bytes "
-                f"= {limits.max_module_bytes:,}"
+                f"feature module of {len(wasm):,} bytes is over the limit on a module's size, "
+                f"{limits.max_module_bytes:,} bytes"
             )
         self.wasm = bytes(wasm)
         self.sha256 = hashlib.sha256(self.wasm).hexdigest()
@@ -409,7 +413,7 @@ def _check_interface(compiled: wasmtime.Module, label: str, limits: FeatureLimit
     if memory.limits.min * memory.page_size > limits.memory_bytes:
         raise ConfigError(
             f"feature module {label} starts with {memory.limits.min * memory.page_size:,} bytes "
-            f"of memory, over [features] memory_bytes = {limits.memory_bytes:,}"
+            f"of memory, over its cap of {limits.memory_bytes:,} bytes ([features] memory_mb)"
         )
     for name, (params, results) in _SIGNATURES.items():
         function = exports.get(name)
