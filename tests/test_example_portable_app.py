@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import shoal
 from shoal.cli import app as cli
 from shoal.core.errors import ConfigError
+from shoal.dashboard import Dashboard, RunReader
 from shoal.features import FeatureModule
 from shoal.registry import BlobStore, ModelRecord, ModelRegistry
 from shoal.registry.location import blob_location, registry_location
@@ -56,6 +57,12 @@ def test_the_example_learns_from_features_its_module_computes(tmp_path: Path) ->
     recorded = versions(tmp_path / "run")
     assert len(recorded) == 6 and {v.features_sha256 for v in recorded} == {module.sha256}
     assert all(v.signed is not None for v in recorded)
+    dashboard = Dashboard(RunReader(tmp_path / "run"))  # the operator's view shows it too
+    try:
+        _, _, shown = dashboard.state()
+    finally:
+        dashboard.close()
+    assert shown.count(f"<td>{module.sha256[:12]}</td>") == len(recorded)
 
 
 def test_clients_in_worker_processes_compute_the_same_bits(tmp_path: Path) -> None:

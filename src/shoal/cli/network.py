@@ -192,7 +192,11 @@ def client_run_command(
     state_dir: Annotated[Path, typer.Option("--state-dir", help="Where the enrollment is kept.")],
     config_path: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="The job's TOML config (its \\[app] section)."),
+        typer.Option(
+            "--config",
+            "-c",
+            help="The job's TOML config (its \\[app], \\[features] and \\[client] sections).",
+        ),
     ] = None,
     app_spec: Annotated[
         str | None,
@@ -277,7 +281,10 @@ def client_run_command(
     and every check-in; without one, every fact is reported unknown. A silo of a
     homomorphic (CKKS) consortium also gives --public-context and --silo-keys:
     it encrypts its updates under that context only. With --manifest, every
-    enrollment and check-in attests the code installed here against it.
+    enrollment and check-in attests the code installed here against it. With
+    the job's \\[features] module on this machine, the app computes with that
+    copy and no other; else with the module each task names, from the
+    coordinator, checked against the sha256 signed with the task's model.
     """
     from shoal.secure.homomorphic import SiloCredentials
     from shoal.transport.certs import CertificateFiles, load_channel_credentials

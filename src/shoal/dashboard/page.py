@@ -158,7 +158,17 @@ def _versions(snapshot: Snapshot) -> str:
     )
     header = "".join(
         f"<th>{name}</th>"
-        for name in ("", "version", "round", "status", "reason", "accuracy", "sha256", "created")
+        for name in (
+            "",
+            "version",
+            "round",
+            "status",
+            "reason",
+            "accuracy",
+            "sha256",
+            "features",
+            "created",
+        )
     )
     return (
         f'<section id="versions"><h2>model versions of {escape(snapshot.model)}{more}</h2>'
@@ -176,6 +186,7 @@ def _version_row(record: ModelRecord, *, head: bool) -> str:
         record.status_reason or "",
         formatted(record.metrics.get("accuracy"), ".2%"),
         record.sha256[:12],
+        "" if record.features_sha256 is None else record.features_sha256[:12],  # its module
         f"{record.created_at:%Y-%m-%d %H:%M:%S}",
     )
     return (
