@@ -107,6 +107,7 @@ class Scripted:
         self.verdict = verdict or pb.Verdict(accepted=True)
         self.calls: list[str] = []
         self.failures: list[str] = []
+        self.extractors: list[str] = []  # the feature extractor version of each check-in
 
     async def Enroll(self, request: bytes, context: Any) -> pb.EnrollResponse:  # noqa: N802
         self.calls.append("Enroll")
@@ -115,6 +116,9 @@ class Scripted:
 
     async def CheckIn(self, request: bytes, context: Any) -> pb.CheckInResponse:  # noqa: N802
         self.calls.append("CheckIn")
+        self.extractors.append(
+            pb.CheckInRequest.FromString(request).device.feature_extractor_version
+        )
         return self.answers.pop(0) if self.answers else FINISHED
 
     async def FetchModel(  # noqa: N802
@@ -467,6 +471,25 @@ def test_a_hostile_feature_module_is_stopped_and_never_trained_with(
     [reason] = coordinator.failures
     assert re.search(HOSTILE_MODULES[kind][1], reason), reason
     assert len(built) == (0 if kind == "imports" else 1)
+
+
+def test_the_run_module_a_client_announces_is_read_never_compiled_or_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before any task, a client without a module asks for the run's to report its version:
+    a coordinator that answers with a module no version signs (one that imports the host)
+    gets its version reported, and nothing of it compiled, run, or built into the app."""
+    from shoal.client.features import FeatureSource
+    from shoal.features import FeatureModule
+
+    compiled: list[bytes] = []
+    monkeypatch.setattr(FeatureModule, "__init__", lambda self, wasm, **_: compiled.append(wasm))
+    built: list[object] = []
+    coordinator = Scripted([], features=hostile_module("imports"))
+    runtime = played(coordinator, tmp_path, client=FeatureSource(built.append))  # type: ignore[arg-type]
+    assert coordinator.calls[:3] == ["Enroll", "FetchFeatures", "CheckIn"]
+    assert coordinator.extractors == ["1.0.0"]  # its manifest's version, reported
+    assert compiled == [] and built == [] and runtime.features is None
 
 
 SECRET = (271828182.0, 31415926.0)  # a phone's raw record: an account number, a place

@@ -108,17 +108,19 @@ def test_the_compiler_ignores_the_folder_and_environment_it_is_started_from(
 
 
 def test_a_client_checks_the_sha256_before_it_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A module that is not the one a task names, or the one pinned, is refused by its hash:
-    a bomb is never handed to the compiler."""
+    """A download that is not the module its task names (or sent where the task names none)
+    is refused by its hash, and a module that is not the pinned one is refused before it is
+    downloaded: a bomb is never handed to the compiler."""
     compiled: list[bytes] = []
     monkeypatch.setattr(
         FeatureModule, "from_bytes", classmethod(lambda cls, data, **_: compiled.append(data))
     )
     bomb = compile_bomb(locals_=10, branches=10)
-    source = FeatureSource(lambda module: None, pinned="ab" * 32)  # type: ignore[arg-type,return-value]
+    source = FeatureSource(lambda module: None)  # type: ignore[arg-type,return-value]
     for expected in (None, "cd" * 32):
-        with pytest.raises(SecurityError, match="sha256"):
+        with pytest.raises(SecurityError, match="the task names"):
             source.module(bomb, expected=expected)
-    with pytest.raises(SecurityError, match="the task names"):
-        FeatureSource(lambda module: None).module(bomb, expected="cd" * 32)  # type: ignore[arg-type,return-value]
+    pinned = FeatureSource(lambda module: None, pinned="ab" * 32)  # type: ignore[arg-type,return-value]
+    assert pinned.refuses("cd" * 32) is not None and pinned.refuses(None) is not None
+    assert pinned.refuses("ab" * 32) is None
     assert compiled == []

@@ -44,21 +44,23 @@ from shoal.governance.model_signing import (
 from shoal.registry import BlobStore, ModelRecord, ModelRegistry, blob_location
 from shoal.registry.location import DEFAULT_STATE_DIR
 
+PublicKeyFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--public-key",
+        metavar="FILE",
+        show_default="--state-dir/model-signing.pub",
+        help="The coordinator's public key (PEM) the version's signature is checked against.",
+    ),
+]
+
 
 @models_app.command("verify")
 @user_errors
 def verify_model(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Model name.")],
     version: Annotated[str, typer.Argument(metavar="VERSION", help="Version number, or head.")],
-    public_key: Annotated[
-        Path | None,
-        typer.Option(
-            "--public-key",
-            metavar="FILE",
-            show_default="--state-dir/model-signing.pub",
-            help="The coordinator's public key (PEM) to check against.",
-        ),
-    ] = None,
+    public_key: PublicKeyFile = None,
     state_dir: StateDir = DEFAULT_STATE_DIR,
     registry: RegistryUrl = None,
     blobs: BlobUrl = None,
@@ -112,15 +114,7 @@ def export_features(
     ],
     out: Annotated[Path, typer.Option("--out", metavar="FILE", help="The .wasm file to write.")],
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing FILE.")] = False,
-    public_key: Annotated[
-        Path | None,
-        typer.Option(
-            "--public-key",
-            metavar="FILE",
-            show_default="--state-dir/model-signing.pub",
-            help="The coordinator's public key (PEM) the version's signature is checked against.",
-        ),
-    ] = None,
+    public_key: PublicKeyFile = None,
     state_dir: StateDir = DEFAULT_STATE_DIR,
     registry: RegistryUrl = None,
     blobs: BlobUrl = None,

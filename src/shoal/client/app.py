@@ -283,18 +283,10 @@ def run_features(config: Config) -> FeatureModule | None:
         if section.sha256 is not None:
             raise ConfigError("features.sha256 pins a module, and features.module names none")
         return None
-    try:
-        module = FeatureModule.load(section.module, limits=section.limits())
-    except OSError as exc:
-        raise ConfigError(f"features.module: cannot read {section.module}: {exc}") from exc
-    check_pinned_features(module, section.sha256)
-    return module
-
-
-def check_pinned_features(module: FeatureModule, pinned: str | None) -> None:
-    """A ConfigError unless ``module`` is the pinned one (any module when none is pinned)."""
-    if pinned is not None and module.sha256 != pinned:
+    module = FeatureModule.load(section.module, limits=section.limits())  # ConfigError if not
+    if section.sha256 is not None and module.sha256 != section.sha256:
         raise ConfigError(
             f"the feature module {module.name} {module.version} has sha256 {module.sha256}, "
-            f"and features.sha256 pins {pinned}"
+            f"and features.sha256 pins {section.sha256}"
         )
+    return module

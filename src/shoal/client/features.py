@@ -35,21 +35,19 @@ class FeatureSource:
     prebuilt: tuple[FeatureModule | None, Client] | None = None
 
     def module(self, data: bytes | None, *, expected: str | None) -> FeatureModule | None:
-        """The module of ``data`` (None: the run has none), checked: its ABI, the sha256 the
-        task named (``expected``), and the pin. A ``SecurityError`` names what is wrong."""
+        """The module of ``data``, the bytes downloaded for the module a task names
+        (``expected``, which :meth:`refuses` let through; None: the task names none), checked:
+        its sha256 against ``expected`` before a byte of it is compiled, then its ABI. A
+        ``SecurityError`` names what is wrong."""
         if data is None:
-            if self.pinned is not None:
-                raise SecurityError(
-                    f"the run has no feature module, and this client pins {self.pinned[:16]}..."
-                )
             return None
-        sha256 = hashlib.sha256(data).hexdigest()  # before a byte of it is compiled
-        for wanted, what in ((expected, "the task names"), (self.pinned, "this client pins")):
-            if wanted is not None and sha256 != wanted:
-                raise SecurityError(
-                    f"the coordinator's feature module has sha256 {sha256[:16]}..., and "
-                    f"{what} {wanted[:16]}..."
-                )
+        sha256 = hashlib.sha256(data).hexdigest()
+        if sha256 != expected:
+            named = "none" if expected is None else f"{expected[:16]}..."
+            raise SecurityError(
+                f"the coordinator's feature module has sha256 {sha256[:16]}..., and the task "
+                f"names {named}"
+            )
         try:  # compiled in a child process, within the compile limits
             return FeatureModule.from_bytes(data, limits=self.limits, isolated=True)
         except ConfigError as exc:

@@ -323,8 +323,6 @@ class ClientRuntime:
         if sha256 is not None:
             data = await self._retrying(lambda: self._send(FetchFeatures(sha256)))
         module = source.module(data, expected=sha256)
-        if self._client is not None and (None if module is None else module.sha256) == current:
-            return  # the client built with this very module already
         if module is not None:
             self._event(
                 f"feature module {module.name} {module.version} (sha256 {module.sha256[:16]}...)"

@@ -319,7 +319,6 @@ class Run:
         self.parts = parts
         self.architecture = architecture
         self.features = features  # recorded, signed, with every version it trains
-        self.features_sha256 = None if features is None else features.sha256
         self.privacy = privacy
         self.resume = resume
         self.where = where
@@ -361,6 +360,11 @@ class Run:
         # unlearning's are of weights a replay without the client does not make.
         self._bad: dict[str, ModelRecord] = {}
         self._policy: RunPolicy | None = None  # the engine's, whose decisions the rounds write
+
+    @property
+    def features_sha256(self) -> str | None:
+        """The sha256 of the run's feature module, which each version records (None: none)."""
+        return None if self.features is None else self.features.sha256
 
     @property
     def names(self) -> Names:
