@@ -22,7 +22,7 @@ import pytest
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "shoal"
 LAYERS = [
     {"core", "forkserver"},
-    {"datasets", "features"},
+    {"datasets", "features", "preprocessing"},
     {"aggregation", "telemetry"},
     {"config"},
     {"registry"},

@@ -18,6 +18,7 @@ PACKAGES = [
     "shoal.dashboard",
     "shoal.datasets",
     "shoal.features",
+    "shoal.preprocessing",
     "shoal.governance",
     "shoal.simulation",
     "shoal.telemetry",

@@ -55,6 +55,8 @@ from shoal.core.settings import apply_overrides as apply_settings_overrides
 from shoal.core.settings import format_validation_error, read_toml
 from shoal.core.sharing import MAX_NEIGHBOURS, threshold_fraction_problem
 from shoal.features import FeatureLimits
+from shoal.preprocessing import MAX_FEATURES as MAX_STATISTICS_FEATURES
+from shoal.preprocessing import FeatureBounds
 
 if TYPE_CHECKING:
     from shoal.aggregation.aggregators import Aggregator
@@ -877,6 +879,40 @@ class FeaturesSection(_Section):
     compile_memory_mb: int = Field(2048, ge=512, le=65536)
 
 
+class StatisticsSection(_Section):
+    """[statistics]: the run computes its clients' feature statistics (pass 1 of federated
+    preprocessing, :mod:`shoal.preprocessing`) instead of training a model. Each client's
+    app gives its records' features (``local_features()``); every value is clipped into
+    its feature's ``low`` and ``high`` (a number for every feature, or a list of one a
+    feature; ``features`` counts them where both are numbers), and the coordinator averages
+    the clients' moments weighted by their records, under ``[secure_aggregation]`` without
+    seeing any client's. The run's one round writes ``statistics.json`` (each feature's
+    mean, variance and standard deviation) in the run folder, for a training run's
+    ``[preprocessing] statistics``."""
+
+    enabled: bool = False
+    features: Annotated[int, Field(ge=1, le=MAX_STATISTICS_FEATURES)] | None = None
+    low: float | list[float] = 0.0
+    high: float | list[float] = 1.0
+
+    def bounds(self) -> FeatureBounds:
+        """Each feature's bounds (a ConfigError when they are not one low and high a feature)."""
+        return FeatureBounds.of(self.low, self.high, features=self.features)
+
+
+class PreprocessingSection(_Section):
+    """[preprocessing]: pass 2 of federated preprocessing. ``statistics`` names a statistics
+    run's ``statistics.json`` (or its run folder), relative to the config file's folder; the
+    coordinator sends the scaler they give (each feature's mean and standard deviation) with
+    every task, and each client standardizes its features with it (``config.scaler``; the
+    built-in NumPy clients do so themselves), as the central evaluation does
+    (``ServerContext.scaler``). ``sha256`` pins the file; a run records the sha256 of the
+    one it started with and resumes with no other."""
+
+    statistics: Annotated[str, Field(min_length=1)] | None = None
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+
 class PolicySection(_Section):
     """[policy]: the Rego policy every update passes: the bundled default and the job's own files.
 
@@ -1248,6 +1284,8 @@ class Config(_Section):
     policy: PolicySection = PolicySection()
     compression: CompressionSection = CompressionSection()
     features: FeaturesSection = FeaturesSection()
+    statistics: StatisticsSection = StatisticsSection()
+    preprocessing: PreprocessingSection = PreprocessingSection()
     alerts: AlertsSection = AlertsSection()
     divergence: DivergenceSection = DivergenceSection()
     drift: DriftSection = DriftSection()
@@ -1293,6 +1331,30 @@ class Config(_Section):
                 bytes_each=each,
                 what="a client's examples would need",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _statistics_run(self) -> Config:
+        """A statistics run has bounds one a feature, plays one round, and averages the
+        clients' moments as they are: no setting of a training run that would change them."""
+        section = self.statistics
+        if not section.enabled:
+            return self
+        try:
+            section.bounds()
+        except ConfigError as exc:
+            raise ValueError(f"statistics: {exc}") from None
+        conflicts = [
+            (self.run.rounds != 1, "run.rounds = 1: its one round is the statistics"),
+            (self.strategy != StrategySection(), "no [strategy]: the moments are averaged"),
+            (self.privacy.enabled, "no [privacy]: private statistics are not built"),
+            (self.compression.enabled, "no [compression]: the moments go up whole"),
+            (self.clustering.clusters != 1, "no [clustering]: one population's statistics"),
+            (self.preprocessing.statistics is not None, "no [preprocessing]: it is pass 2's"),
+        ]
+        wrong = [why for conflict, why in conflicts if conflict]
+        if wrong:
+            raise ValueError(f"a statistics run ([statistics] enabled) needs {'; '.join(wrong)}")
         return self
 
     @model_validator(mode="after")

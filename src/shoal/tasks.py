@@ -20,6 +20,7 @@ from typing import Any
 from shoal.core.errors import ClientError, ProtocolError
 from shoal.core.limits import MAX_LOCAL_EPOCHS
 from shoal.core.pickling import pickled_by_fields
+from shoal.preprocessing import Scaler, scaler_of
 from shoal.registry import VersionSignature
 from shoal.secure.messages import ServerRequest, Stage
 from shoal.secure.serde import FitRequest
@@ -99,6 +100,12 @@ class FitConfig:
         if not (self.proximal_mu >= 0 and math.isfinite(self.proximal_mu)):
             raise ClientError(f"proximal_mu must be finite and >= 0, got {self.proximal_mu}")
 
+    @property
+    def scaler(self) -> Scaler | None:
+        """The run's feature scaler (``[preprocessing]``): standardize the local features
+        with ``config.scaler.transform(x)`` before training; None when the run has none."""
+        return scaler_of(self.extras)
+
 
 @pickled_by_fields  # a simulation sends one per client and round to its workers
 @dataclass(frozen=True, slots=True)
@@ -108,6 +115,11 @@ class EvaluateConfig:
     round: int
     batch_size: int = 0
     extras: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def scaler(self) -> Scaler | None:
+        """The run's feature scaler (``[preprocessing]``), as :attr:`FitConfig.scaler`."""
+        return scaler_of(self.extras)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,8 +32,11 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
+
+import numpy as np
 
 from shoal.aggregation.aggregators import (
     Aggregator,
@@ -75,7 +78,11 @@ class Strategy:
     ``proximal_mu`` is a client-side setting: clients add (μ/2)|w - w_global|²
     to their local loss (Li et al. 2020); 0 turns it off. ``clusters`` above
     1: clustered FL (:func:`clustered`), the model is that many cluster
-    models stacked and the aggregator runs per cluster.
+    models stacked and the aggregator runs per cluster. ``local_check``: what a
+    client's local model (the global one plus its update) must satisfy, the
+    reason it does not or None; the engine refuses a plaintext update that
+    fails it (a statistics run's moments that no records give,
+    :class:`~shoal.preprocessing.MomentsCheck`).
     """
 
     name: str
@@ -83,6 +90,7 @@ class Strategy:
     server_optimizer: Transform
     proximal_mu: float = 0.0
     clusters: int = 1
+    local_check: Callable[[np.ndarray], str | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -326,17 +326,25 @@ client_app = ClientApp(_client, num_examples=_num_examples)
 
 
 def server_app(context: ServerContext) -> ServerApp:
-    """The built-in server app: the model's seeded initial parameters, the central test set."""
+    """The built-in server app: the model's seeded initial parameters, the central test set
+    (standardized by the run's scaler, as every client's data is)."""
     scenario = scenario_of(context.config)
+    scaler = context.scaler
+
+    @functools.cache
+    def test_data() -> tuple[Features, Labels]:
+        features, labels = scenario.central_test_data()
+        return (features if scaler is None else scaler.transform(features)), labels
 
     def evaluate(parameters: Parameters, round_number: int) -> dict[str, float]:
-        loss, accuracy = scenario.evaluate_centrally(parameters)
-        return {"loss": loss, "accuracy": accuracy}
+        features, labels = test_data()
+        loss, accuracy = scenario.model.evaluate(parameters.vector, features, labels)
+        return {"loss": float(loss), "accuracy": float(accuracy)}
 
     return ServerApp(
         initial_parameters=lambda _: scenario.initial_parameters(),
         evaluate=evaluate,
         architecture=context.config.model.kind,
-        test_data=scenario.central_test_data,
+        test_data=test_data,
         probabilities=scenario.probabilities,
     )

@@ -30,6 +30,7 @@ from shoal.client.numpy_models import (
     count_steps,
     local_sgd,
 )
+from shoal.client.statistics import LocalFeatures, StatisticsClient
 from shoal.client.torch_client import TorchClient
 
 __all__ = [
@@ -41,12 +42,14 @@ __all__ = [
     "EvaluateResult",
     "FitConfig",
     "FitResult",
+    "LocalFeatures",
     "LocalTrainingResult",
     "NumpyClient",
     "NumpyModel",
     "PerExampleGradientModel",
     "PoissonBatches",
     "SoftmaxRegression",
+    "StatisticsClient",
     "TorchClient",
     "TransformableData",
     "count_steps",

@@ -41,6 +41,7 @@ from typing import Any
 
 from shoal.client.api import Client
 from shoal.client.clustered import ClusteredClient
+from shoal.client.statistics import StatisticsClient
 from shoal.config import Config
 from shoal.core.device import DeviceState
 from shoal.core.errors import ConfigError, ProtocolError
@@ -142,12 +143,16 @@ class ClientApp:
 
     def __call__(self, context: ClientContext) -> Client:
         """The app's client for ``context``; under ``[clustering] clusters`` above 1, wrapped
-        to train and be evaluated as one of the cluster models (:mod:`shoal.client.clustered`)."""
+        to train and be evaluated as one of the cluster models (:mod:`shoal.client.clustered`);
+        in a statistics run, to count its features (:mod:`shoal.client.statistics`)."""
         client = self.client_fn(context)
         if not isinstance(client, Client):
             raise ConfigError(
                 f"the client app returned {type(client).__name__}, not a shoal Client"
             )
+        statistics = context.config.statistics
+        if statistics.enabled:  # counted, never trained: the config refuses clusters with it
+            return StatisticsClient(client, statistics.bounds())
         clusters = context.config.clustering.clusters
         return client if clusters == 1 else ClusteredClient(client, clusters=clusters)
 
@@ -252,8 +257,9 @@ def parse_options(items: Iterable[str]) -> dict[str, str]:
 
 def with_config_folder(config: Config, config_path: str | Path | None) -> Config:
     """``config`` whose ``[app] path`` starts with its file's folder and whose relative
-    ``[app] path`` folders, ``[policy] files`` and ``[features] module`` are found from it,
-    whatever the current directory (all kept absolute, for a resume)."""
+    ``[app] path`` folders, ``[policy] files``, ``[features] module`` and ``[preprocessing]
+    statistics`` are found from it, whatever the current directory (all kept absolute, for a
+    resume)."""
     if config_path is None:
         return config
     folder = Path(config_path).resolve().parent
@@ -263,11 +269,22 @@ def with_config_folder(config: Config, config_path: str | Path | None) -> Config
     features = config.features.model_copy(
         update={"module": None if module is None else str(folder / module)}
     )
+    statistics = config.preprocessing.statistics
+    preprocessing = config.preprocessing.model_copy(
+        update={"statistics": None if statistics is None else str(folder / statistics)}
+    )
     folders = [str(folder / name) for name in config.app.path]  # an absolute folder stays
     if str(folder) not in folders:
         folders.insert(0, str(folder))
     section = config.app.model_copy(update={"path": folders})
-    return config.model_copy(update={"policy": policy, "app": section, "features": features})
+    return config.model_copy(
+        update={
+            "policy": policy,
+            "app": section,
+            "features": features,
+            "preprocessing": preprocessing,
+        }
+    )
 
 
 def app_search_path(config: Config) -> list[str]:

@@ -44,6 +44,7 @@ from shoal.client.dp_sgd import (
 )
 from shoal.core.errors import ClientError, DataError
 from shoal.core.parameters import Layout, Parameters, TensorSpec
+from shoal.preprocessing import Scaler
 
 FloatArray = npt.NDArray[np.floating[Any]]
 LabelArray = npt.NDArray[np.int64]
@@ -582,6 +583,7 @@ class NumpyClient(Client):
         if parameters is None:
             parameters = model.init_parameters(np.random.default_rng(init_seed))
         self._parameters = parameters
+        self._scaled_by: tuple[Scaler, FloatArray, FloatArray | None] | None = None
 
     def get_parameters(self) -> Parameters:
         return self._parameters
@@ -597,12 +599,38 @@ class NumpyClient(Client):
             dp_sgd=self.dp_sgd,
         )
 
+    def local_features(self) -> FloatArray:
+        """The training records' features as given, before any scaler (a statistics run
+        counts them: :mod:`shoal.client.statistics`)."""
+        return self.train_x
+
+    def _scaled(self, scaler: Scaler | None) -> tuple[FloatArray, FloatArray | None]:
+        """The training and evaluation features standardized by the task's ``scaler``
+        (``[preprocessing]``), computed once a scaler; as given without one."""
+        eval_x = None if self.eval_data is None else self.eval_data[0]
+        if scaler is None:
+            return self.train_x, eval_x
+        if self._scaled_by is not None and self._scaled_by[0] is scaler:
+            return self._scaled_by[1], self._scaled_by[2]
+        if scaler.features != self.train_x.shape[1]:
+            raise ClientError(
+                f"the run's scaler standardizes {scaler.features} features, this client's "
+                f"records have {self.train_x.shape[1]}"
+            )
+        scaled = (
+            scaler.transform(self.train_x),
+            None if eval_x is None else scaler.transform(eval_x),
+        )
+        self._scaled_by = (scaler, *scaled)
+        return scaled
+
     def fit(self, parameters: Parameters, config: FitConfig) -> FitResult:
         self._check_layout(parameters)
+        train_x, _ = self._scaled(config.scaler)
         result = local_sgd(
             self.model,
             parameters,
-            self.train_x,
+            train_x,
             self.train_y,
             epochs=config.epochs,
             batch_size=config.batch_size,
@@ -624,7 +652,9 @@ class NumpyClient(Client):
         self._check_layout(parameters)
         if self.eval_data is None or len(self.eval_data[1]) == 0:
             return EvaluateResult(loss=0.0, num_examples=0, metrics={})
-        eval_x, eval_y = self.eval_data
+        _, eval_x = self._scaled(config.scaler)
+        eval_y = self.eval_data[1]
+        assert eval_x is not None
         loss, share = self.model.evaluate(parameters.vector, eval_x, eval_y)
         return EvaluateResult(loss=loss, num_examples=len(eval_y), metrics={"accuracy": share})
 

@@ -60,6 +60,7 @@ from shoal.core.torch_interop import (
     parameters_from_state_dict,
     state_dict_from_parameters,
 )
+from shoal.preprocessing import Scaler
 
 if TYPE_CHECKING:
     import torch
@@ -126,6 +127,8 @@ class TorchClient(Client):
         self.optimizer_factory = optimizer_factory
         self._steps_per_epoch = 0 if train_loader is None else _loader_length(train_loader)
         self._num_train_examples = 0 if train_loader is None else _dataset_length(train_loader)
+        self._scaler: Scaler | None = None  # the task's ([preprocessing]), for its batches
+        self._scaling: tuple[Scaler, torch.Tensor, torch.Tensor] | None = None
 
     def get_parameters(self) -> Parameters:
         """The module's state dict, its floating-point buffers marked as statistics."""
@@ -159,10 +162,22 @@ class TorchClient(Client):
             for name, tensor in self.module.state_dict().items()
         }
 
+    def local_features(self) -> np.ndarray:
+        """The train loader's inputs, one row a record (each flattened), as given: what a
+        statistics run counts (:mod:`shoal.client.statistics`)."""
+        if self.train_loader is None:
+            raise ClientError("this TorchClient has no train loader: it has no records")
+        rows = [
+            inputs.detach().to("cpu").reshape(int(inputs.shape[0]), -1).double().numpy()
+            for inputs, _ in self.train_loader
+        ]
+        return np.concatenate(rows) if rows else np.zeros((0, 0))
+
     def fit(self, parameters: Parameters, config: FitConfig) -> FitResult:
         loader = self.train_loader
         if loader is None:
             raise ClientError("this TorchClient has no train loader: it only evaluates")
+        self._scaler = config.scaler
         self.set_parameters(parameters)
         num_steps = max(1, round(config.epochs * self._steps_per_epoch))
         dp_metrics: dict[str, float] = {}
@@ -184,6 +199,7 @@ class TorchClient(Client):
 
     def evaluate(self, parameters: Parameters, config: EvaluateConfig) -> EvaluateResult:
         """Mean loss over the eval loader, and accuracy when outputs are class scores."""
+        self._scaler = config.scaler
         self.set_parameters(parameters)
         if self.eval_loader is None:
             return EvaluateResult(loss=0.0, num_examples=0, metrics={})
@@ -283,7 +299,7 @@ class TorchClient(Client):
         while step < num_steps:
             for inputs, targets in loader:
                 optimizer.zero_grad(set_to_none=True)
-                loss = self.loss_fn(module(inputs.to(device)), targets.to(device))
+                loss = self.loss_fn(module(self._inputs(inputs, device)), targets.to(device))
                 loss.backward()  # type: ignore[no-untyped-call]
                 after_backward()
                 optimizer.step()
@@ -294,6 +310,29 @@ class TorchClient(Client):
                 if step == num_steps:
                     break
         return total_loss / counted if counted else 0.0
+
+    def _inputs(self, inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A batch's inputs on ``device``, standardized by the task's scaler (each record
+        flattened to the scaler's features, then given its shape back)."""
+        inputs = inputs.to(device)
+        scaler = self._scaler
+        if scaler is None:
+            return inputs
+        flat = inputs.reshape(int(inputs.shape[0]), -1)
+        if flat.shape[1] != scaler.features:
+            raise ClientError(
+                f"the run's scaler standardizes {scaler.features} features, this client's "
+                f"records have {flat.shape[1]}"
+            )
+        held = self._scaling
+        if held is None or held[0] is not scaler or held[1].device != flat.device:
+            import torch
+
+            mean = torch.as_tensor(scaler.mean, dtype=torch.float64, device=flat.device)
+            scale = torch.as_tensor(scaler.scale, dtype=torch.float64, device=flat.device)
+            held = self._scaling = (scaler, mean, scale)
+        standardized = (flat.double() - held[1]) / held[2]
+        return standardized.to(inputs.dtype).reshape(inputs.shape)
 
     def _optimizer(self, config: FitConfig) -> torch.optim.Optimizer:
         if self.optimizer_factory is not None:
@@ -313,7 +352,7 @@ class TorchClient(Client):
         try:
             with torch.no_grad():
                 for inputs, targets in loader:
-                    outputs = module(inputs.to(device))
+                    outputs = module(self._inputs(inputs, device))
                     targets = targets.to(device)
                     batch = int(targets.shape[0])
                     total_loss += float(self.loss_fn(outputs, targets)) * batch

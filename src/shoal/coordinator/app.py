@@ -30,6 +30,8 @@ A server app is named ``MODULE:ATTRIBUTE`` in the job's ``[app]`` section
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -38,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.aggregation.strategy import Strategy
+from shoal.aggregation.strategy import Strategy, make_strategy
 from shoal.client.app import (
     ClientApp,
     as_client_app,
@@ -48,8 +50,9 @@ from shoal.client.app import (
 )
 from shoal.config import Config
 from shoal.core.errors import ConfigError
-from shoal.core.parameters import Parameters
+from shoal.core.parameters import Layout, Parameters
 from shoal.features import FeatureModule
+from shoal.preprocessing import MomentsCheck, Scaler, moments_layout, read_statistics
 
 ClientMetrics = Sequence[tuple[int, Mapping[str, float]]]
 """Each reporting client's (number of examples, metrics) in one round."""
@@ -59,19 +62,24 @@ CentralEvaluation = Callable[[Parameters, int], Mapping[str, float]]
 TestData = Callable[[], tuple[np.ndarray, np.ndarray]]
 ClassProbabilities = Callable[[Parameters, np.ndarray], np.ndarray]
 
+log = logging.getLogger("shoal.coordinator")
+
 TASK_SETTINGS = ("epochs", "batch_size", "learning_rate", "proximal_mu")
 """Keys of a round config that replace the task's own settings; the rest go into its extras."""
 
 
 @dataclass(frozen=True, slots=True)
 class ServerContext:
-    """What a server app factory is told: the job's config, the ``[app] options``, and the
+    """What a server app factory is told: the job's config, the ``[app] options``, the
     run's feature module (``[features]``; None: none), which a central evaluation computes
-    its records' features with, as every client does."""
+    its records' features with, as every client does, and the run's scaler
+    (``[preprocessing]``; None: none), which it standardizes them with, as every client
+    does with the one its tasks carry."""
 
     config: Config = field(default_factory=Config)
     options: Mapping[str, str] = field(default_factory=dict)
     features: FeatureModule | None = None
+    scaler: Scaler | None = None
 
     @property
     def seed(self) -> int:
@@ -159,15 +167,70 @@ def split_round_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[
     return settings, extras
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Preprocessing:
+    """A training run's pass 2 (``[preprocessing]``): the scaler its statistics give, and
+    the sha256 of the statistics file they were read from."""
+
+    scaler: Scaler
+    sha256: str
+
+
+def run_preprocessing(config: Config) -> Preprocessing | None:
+    """The job's preprocessing (``[preprocessing] statistics``, read and checked); None when
+    the job names no statistics. A file that does not hash to ``[preprocessing] sha256`` is
+    refused."""
+    section = config.preprocessing
+    if section.statistics is None:
+        if section.sha256 is not None:
+            raise ConfigError(
+                "preprocessing.sha256 pins statistics, and preprocessing.statistics names none"
+            )
+        return None
+    statistics, sha256 = read_statistics(section.statistics)
+    if section.sha256 is not None and sha256 != section.sha256:
+        raise ConfigError(
+            f"the feature statistics {section.statistics} have sha256 {sha256}, and "
+            f"preprocessing.sha256 pins {section.sha256}"
+        )
+    return Preprocessing(statistics.scaler(), sha256)
+
+
+STATISTICS_ARCHITECTURE = "feature-statistics"
+"""What a statistics run's versions record as their architecture: the moments of its features."""
+
+
+def statistics_server_app(config: Config) -> ServerApp:
+    """The server side of a statistics run (``[statistics] enabled``): the moments start at
+    zero, and are the clients' mean weighted by their records, each client's checked."""
+    bounds = config.statistics.bounds()
+    strategy = replace(
+        make_strategy("fedavg"),
+        name=STATISTICS_ARCHITECTURE,
+        local_check=MomentsCheck(bounds.features),
+    )
+    return ServerApp(
+        initial_parameters=functools.partial(_zero_moments, moments_layout(bounds.features)),
+        strategy=strategy,
+        architecture=STATISTICS_ARCHITECTURE,
+    )
+
+
+def _zero_moments(layout: Layout, context: ServerContext) -> Parameters:
+    return Parameters.zeros(layout)
+
+
 @dataclass(frozen=True, slots=True)
 class ResolvedApps:
-    """A job's client and server apps, loaded, the architecture its versions record, and the
-    feature module its clients compute their features with (``[features]``; None: none)."""
+    """A job's client and server apps, loaded, the architecture its versions record, the
+    feature module its clients compute their features with (``[features]``; None: none),
+    and the scaler they standardize them with (``[preprocessing]``; None: none)."""
 
     client: ClientApp
     server: ServerApp
     architecture: str
     features: FeatureModule | None = None
+    preprocessing: Preprocessing | None = None
 
 
 def resolve_apps(
@@ -186,8 +249,18 @@ def resolve_apps(
         else as_client_app(client)
     )
     features = run_features(config)
-    context = ServerContext(config=config, options=section.options, features=features)
-    if server is not None:
+    preprocessing = run_preprocessing(config)
+    context = ServerContext(
+        config=config,
+        options=section.options,
+        features=features,
+        scaler=None if preprocessing is None else preprocessing.scaler,
+    )
+    if config.statistics.enabled:  # Shoal's own server side: the moments' mean
+        if server is not None or section.server is not None:
+            log.info("a statistics run's server side is Shoal's: the app's server is not used")
+        server_app = statistics_server_app(config)
+    elif server is not None:
         server_app = as_server_app(server, context)
     elif client is not None and section.server is None:
         server_app = ServerApp()  # a client app given as an object has no built-in server side
@@ -197,7 +270,7 @@ def resolve_apps(
         # the job's switch, for every app (only the built-in one read it)
         server_app = replace(server_app, evaluate=None)
     architecture = server_app.architecture or _app_name(client, section.client)
-    return ResolvedApps(client_app, server_app, architecture, features)
+    return ResolvedApps(client_app, server_app, architecture, features, preprocessing)
 
 
 def _app_name(client: Any, spec: str) -> str:

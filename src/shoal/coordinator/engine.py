@@ -469,6 +469,9 @@ class Coordinator:
         )
         if problem is None and self.strategy.clusters > 1:
             problem = cluster_problem(event.update, event.metrics, clusters=self.strategy.clusters)
+        check = self.strategy.local_check
+        if problem is None and check is not None:
+            problem = check(self.parameters.vector + event.update)
         if problem is not None:
             _failed(current, event.client_id, "rejected:invalid_update")
             current.failures[failure_reason(f"invalid update: {problem}")] += 1

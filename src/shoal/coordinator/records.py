@@ -54,6 +54,7 @@ from shoal.governance.model_signing import (
     write_public_key,
 )
 from shoal.governance.pseudonyms import Pseudonyms
+from shoal.preprocessing import STATISTICS_FILE
 from shoal.registry import (
     AuditLog,
     ClientRegistry,
@@ -193,6 +194,10 @@ class RunStore(Protocol):
         ...
 
     def write_summary(self, summary: Mapping[str, Any]) -> None: ...
+
+    def write_statistics(self, text: str) -> None:
+        """Write a statistics run's ``statistics.json`` (:mod:`shoal.preprocessing`)."""
+        ...
 
     def write_report(self) -> None: ...
 
@@ -590,6 +595,10 @@ class RunRecords:
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         text = json.dumps(clean_row(dict(summary)), indent=2, sort_keys=True)
         (self.folder / SUMMARY_FILE).write_text(text + "\n")
+
+    def write_statistics(self, text: str) -> None:
+        data = text.encode()
+        write_whole(self.folder / STATISTICS_FILE, lambda handle: handle.write(data))
 
     def write_report(self) -> None:
         """Write the run folder's ``report.html``; a folder that refuses it costs a warning,

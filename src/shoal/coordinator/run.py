@@ -79,7 +79,7 @@ import numpy as np
 from shoal.aggregation.strategy import Strategy
 from shoal.client.api import Client
 from shoal.config import Config, config_to_dict, parse_config
-from shoal.coordinator.app import ServerApp, ServerContext, split_round_config
+from shoal.coordinator.app import Preprocessing, ServerApp, ServerContext, split_round_config
 from shoal.coordinator.eligibility import DeviceFacts, EligibilityPolicy, Mask, requirements_of
 from shoal.coordinator.engine import Coordinator
 from shoal.coordinator.events import CommitVersion, RoundSummary
@@ -120,6 +120,7 @@ from shoal.features import FeatureModule
 from shoal.governance.policy import PolicyEngine
 from shoal.governance.pseudonyms import Names
 from shoal.governance.unlearning import lineage
+from shoal.preprocessing import SCALER_KEY, STATISTICS_FILE, FeatureStatistics
 from shoal.privacy.coordinator import check_private_strategy
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import (
@@ -144,6 +145,8 @@ FIXED_FOR_THE_RUN = (
     "privacy.",
     "secure_aggregation.",
     "coordinator.run_id",
+    "statistics.",
+    "preprocessing.sha256",
 )
 
 
@@ -312,13 +315,20 @@ class Run:
         where: str = "the run folder",
         run_id: str | None = None,
         features: FeatureModule | None = None,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
+        if preprocessing is not None:  # the run keeps the sha256 of its statistics: a resume
+            # with any others is refused (FIXED_FOR_THE_RUN), pinned or not
+            pinned = config.preprocessing.model_copy(update={"sha256": preprocessing.sha256})
+            config = config.model_copy(update={"preprocessing": pinned})
         self.config = config
         self.app = app
         self.store = store
         self.parts = parts
         self.architecture = architecture
         self.features = features  # recorded, signed, with every version it trains
+        self.preprocessing = preprocessing  # its scaler sent with every task
+        self._scaler_text = None if preprocessing is None else preprocessing.scaler.text()
         self.privacy = privacy
         self.resume = resume
         self.where = where
@@ -464,7 +474,10 @@ class Run:
         try:
             if make is not None:
                 context = ServerContext(
-                    config=self.config, options=self.config.app.options, features=self.features
+                    config=self.config,
+                    options=self.config.app.options,
+                    features=self.features,
+                    scaler=None if self.preprocessing is None else self.preprocessing.scaler,
                 )
                 made = make(context)
             else:
@@ -783,19 +796,23 @@ class Run:
         return Admission(candidates)
 
     def round_config(self, play: Play) -> dict[str, Any]:
-        """The server app's config for this round (checked: a bad one stops the run clearly)."""
+        """The server app's config for this round (checked: a bad one stops the run clearly),
+        with the run's scaler (``[preprocessing]``), which is the run's, never the app's."""
         make = self.app.fit_config if play.phase is Phase.FIT else self.app.evaluate_config
-        if make is None:
-            return {}
+        config: dict[str, Any] = {}
         try:
-            config = dict(make(play.round))
-            split_round_config(config)
+            if make is not None:
+                config = dict(make(play.round))
+                split_round_config(config)
         except ConfigError as exc:
             raise RunError(f"the server app's {play.phase.value} config: {exc}") from exc
         except Exception as exc:
             raise RunError(
                 f"the server app's {play.phase.value} config failed in round {play.round}: {exc}"
             ) from exc
+        config.pop(SCALER_KEY, None)
+        if self._scaler_text is not None:
+            config[SCALER_KEY] = self._scaler_text
         return config
 
     # --- a closed round ------------------------------------------------------------------
@@ -937,6 +954,8 @@ class Run:
     def finish(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The run's summary (the run-output contract), written to the store, and then the
         run's report (``[report] enabled``)."""
+        if self.config.statistics.enabled:
+            extra = {**(extra or {}), "statistics": self._write_statistics()}
         summary = run_summary(
             self.store,
             config=self.config,
@@ -954,3 +973,26 @@ class Run:
                 f"{why_aborted(self.store.rows())}; the model is the initial one"
             )
         return summary
+
+    def _write_statistics(self) -> dict[str, Any] | None:
+        """A statistics run's end: the statistics HEAD's moments give, written to the store
+        (``statistics.json``); their summary, or None when no round committed any."""
+        head = self.store.head()
+        if head is None or head.round == 0:
+            return None
+        reported = head.metrics.get("reported")
+        examples = head.metrics.get("num_examples")
+        statistics = FeatureStatistics.from_moments(
+            self.coordinator.parameters.vector,
+            self.config.statistics.bounds(),
+            examples=examples if isinstance(examples, int) else None,
+            clients=reported if isinstance(reported, int) else None,
+        )
+        self.store.write_statistics(statistics.to_text())
+        return {
+            "file": STATISTICS_FILE,
+            "features": statistics.features,
+            "examples": statistics.examples,
+            "clients": statistics.clients,
+            "model_version": head.version,
+        }

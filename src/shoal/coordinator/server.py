@@ -231,6 +231,7 @@ def build(
             where=str(state_dir),
             run_id=section.run_id,
             features=apps.features,
+            preprocessing=apps.preprocessing,
         )
         run.classify(RegistryClasses(clients))  # the device classes the clients reported
         if attestation is not None:  # a client refused attestation is selected for no round

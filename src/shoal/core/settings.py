@@ -49,8 +49,13 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 def format_validation_error(error: ValidationError, *, root: type[BaseModel]) -> str:
     """The first error of ``error`` (raised validating ``root``) as one line naming its key."""
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"]) or "config"
+    errors = error.errors()
+    first = errors[0]
+    tagged = next((at for at, part in enumerate(first["loc"]) if _union_tag(part)), None)
+    if tagged is not None:  # a union's members each failed: the one that got furthest says why
+        members = [e for e in errors if e["loc"][:tagged] == first["loc"][:tagged]]
+        first = max(members, key=lambda e: len(e["loc"]))
+    location = ".".join(str(part) for part in first["loc"] if not _union_tag(part)) or "config"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == ABOVE_LIMIT:
         context = first.get("ctx", {})
@@ -63,6 +68,12 @@ def format_validation_error(error: ValidationError, *, root: type[BaseModel]) ->
     if first["type"] in {"literal_error", "enum"}:
         return f"{location}: {message}, got {first.get('input')!r}"
     return f"{location}: {message}"
+
+
+def _union_tag(part: object) -> bool:
+    """Whether a part of an error's location names the member of a union it was checked
+    against (``low: float | list[float]`` fails at ``statistics.low.float``), not a key."""
+    return isinstance(part, str) and (part in {"float", "int", "str", "bool"} or "[" in part)
 
 
 def apply_overrides(

@@ -186,6 +186,7 @@ class Simulation:
                 resume=self.resume,
                 where=str(self.out),
                 features=self.apps.features,
+                preprocessing=self.apps.preprocessing,
             )
             self.lifecycle = lifecycle  # a secure round reports its key holder's answers to it
             lifecycle.classify(self.fleet)  # the device classes of the fleet, for cohort fairness

@@ -1,0 +1,140 @@
+"""The scaler a training run sends with every task: each feature's mean and scale.
+
+A client standardizes its features with it (``(x - mean) / scale``) before it trains
+or evaluates, so every client, and the coordinator's central evaluation, feeds the
+model the same transformation of the same raw values. It travels in a task's extras
+under :data:`SCALER_KEY` as compact JSON text; :attr:`shoal.tasks.FitConfig.scaler`
+reads it back (once per text: a client sees the same text every round).
+
+>>> scaler = Scaler([10.0, 0.0], [2.0, 1.0])
+>>> scaler.transform([[12.0, 3.0]]).tolist()
+[[1.0, 3.0]]
+>>> Scaler.parse(scaler.text()).mean.tolist()
+[10.0, 0.0]
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from shoal.core.errors import ClientError, DataError
+
+SCALER_KEY = "shoal_scaler"
+"""The task extras key a run's scaler travels under (the coordinator's, never an app's)."""
+
+MAX_SCALER_FEATURES = 65_536
+MAX_SCALER_TEXT = MAX_SCALER_FEATURES * 2 * 26 + 64  # two shortest round-trip floats a feature
+
+Array = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Scaler:
+    """Each feature's ``mean`` and ``scale`` (its standard deviation; 1 where that was 0)."""
+
+    mean: Array
+    scale: Array
+
+    def __init__(self, mean: npt.ArrayLike, scale: npt.ArrayLike) -> None:
+        means = _vector(mean, "mean")
+        scales = _vector(scale, "scale")
+        if means.shape != scales.shape:
+            raise DataError(
+                f"a scaler has {means.size} means and {scales.size} scales: one of each a feature"
+            )
+        if not (scales > 0).all():
+            index = int(np.flatnonzero(~(scales > 0))[0])
+            raise DataError(f"a scaler's scale is positive, feature {index}'s is {scales[index]}")
+        object.__setattr__(self, "mean", means)
+        object.__setattr__(self, "scale", scales)
+
+    @property
+    def features(self) -> int:
+        return int(self.mean.size)
+
+    def transform(self, features: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """``features`` (records in rows, one column a feature) standardized, as float32."""
+        values = np.asarray(features)
+        if values.ndim == 0 or values.shape[-1] != self.features:
+            raise DataError(
+                f"the scaler standardizes {self.features} features, the data has shape "
+                f"{list(values.shape)} (records in rows, one column a feature)"
+            )
+        if not np.issubdtype(values.dtype, np.number):
+            raise DataError(f"the scaler standardizes numbers, the data is {values.dtype}")
+        return ((values - self.mean) / self.scale).astype(np.float32)
+
+    def text(self) -> str:
+        """The scaler as compact JSON (each float the shortest text that reads back exactly)."""
+        return json.dumps(
+            {"mean": self.mean.tolist(), "scale": self.scale.tolist()}, separators=(",", ":")
+        )
+
+    @classmethod
+    def parse(cls, text: str) -> Scaler:
+        """The scaler ``text`` holds (:meth:`text`); a DataError says what is wrong with it."""
+        if len(text) > MAX_SCALER_TEXT:
+            raise DataError(f"a scaler's text is {len(text):,} characters, over the limit")
+        try:
+            data = json.loads(text, parse_constant=_no_constant)
+        except ValueError as exc:
+            raise DataError(f"a scaler is JSON text: {exc}") from None
+        if not isinstance(data, dict) or set(data) != {"mean", "scale"}:
+            raise DataError('a scaler is a JSON object of "mean" and "scale" only')
+        return cls(_numbers(data["mean"], "mean"), _numbers(data["scale"], "scale"))
+
+
+def scaler_of(extras: Mapping[str, Any]) -> Scaler | None:
+    """The scaler a task's ``extras`` carry (None: the run has none); a ClientError when the
+    coordinator sent one this client cannot use."""
+    text = extras.get(SCALER_KEY)
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise ClientError(f"the task's scaler is {type(text).__name__}, not text")
+    try:
+        return _parsed(text)
+    except DataError as exc:
+        raise ClientError(f"the task's scaler cannot be used: {exc}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(text: str) -> Scaler:
+    return Scaler.parse(text)
+
+
+def _vector(values: npt.ArrayLike, what: str) -> Array:
+    try:
+        array = np.array(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"a scaler's {what} is numbers: {exc}") from None
+    if array.ndim != 1 or not 1 <= array.size <= MAX_SCALER_FEATURES:
+        raise DataError(
+            f"a scaler's {what} is a list of 1 to {MAX_SCALER_FEATURES:,} numbers, "
+            f"got shape {list(array.shape)}"
+        )
+    if not np.isfinite(array).all():
+        raise DataError(f"a scaler's {what} holds NaN or infinite values")
+    return array
+
+
+def _numbers(values: object, what: str) -> Sequence[float]:
+    if not isinstance(values, list) or not all(
+        isinstance(value, int | float) and not isinstance(value, bool) for value in values
+    ):
+        raise DataError(f'a scaler\'s "{what}" is a list of numbers')
+    if not all(math.isfinite(value) for value in values):
+        raise DataError(f"a scaler's \"{what}\" holds a number past a float's range")
+    return values
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")

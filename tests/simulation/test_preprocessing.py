@@ -1,0 +1,264 @@
+"""Federated preprocessing in simulation, on examples/federated-preprocessing: pass 1's
+statistics are the pooled statistics of every client's records (in the clear and under
+SecAgg+), a client sending moments no records give is refused, and pass 2 standardizes every
+client's data and the central evaluation with them, with no other scaler, resumed or not."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import shoal
+from shoal.client.api import FitConfig, FitResult
+from shoal.client.app import ClientContext, load_attribute
+from shoal.client.statistics import StatisticsClient
+from shoal.config import config_to_dict, load_config, parse_config
+from shoal.core.errors import ConfigError
+from shoal.preprocessing import SCALER_KEY, FeatureBounds, MomentsCheck, read_statistics
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "federated-preprocessing"
+STATISTICS = EXAMPLE / "statistics.toml"
+TRAIN = EXAMPLE / "train.toml"
+
+
+@pytest.fixture(autouse=True)
+def _own_app_module() -> Iterator[None]:
+    """The example's ``app.py`` is imported as ``app``, as other examples' are."""
+    sys.modules.pop("app", None)
+    yield
+    sys.modules.pop("app", None)
+
+
+def pooled_features(clients: int = 6) -> np.ndarray:
+    """Every hospital's training records, as the example's app gives them."""
+    client_fn = load_attribute("app:client_fn", search_path=[EXAMPLE])
+    config = load_config(STATISTICS)
+    shares = [
+        client_fn(ClientContext(f"h{i}", i, clients, config=config)).local_features()
+        for i in range(clients)
+    ]
+    return np.concatenate(shares).astype(np.float64)
+
+
+def bounds() -> FeatureBounds:
+    return load_config(STATISTICS).statistics.bounds()
+
+
+def statistics_run(out: Path, *overrides: str) -> shoal.SimulationResult:
+    return shoal.simulate(STATISTICS, out=out, overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "mean_error", "variance_error"),
+    [("none", 1e-6, 4e-7), ("secagg+", 2e-5, 2e-5)],  # of the range, and of its square
+)
+def test_pass_one_gives_the_pooled_statistics_of_every_clients_records(
+    tmp_path: Path, protocol: str, mean_error: float, variance_error: float
+) -> None:
+    result = statistics_run(tmp_path / "stats", f"secure_aggregation.protocol='{protocol}'")
+    statistics, _ = read_statistics(tmp_path / "stats")
+    pooled = np.clip(pooled_features(), bounds().low, bounds().high)
+    width = bounds().width
+    assert (np.abs(statistics.mean - pooled.mean(axis=0)) <= mean_error * width).all()
+    assert (np.abs(statistics.variance - pooled.var(axis=0)) <= variance_error * width**2).all()
+    assert (statistics.examples, statistics.clients) == (len(pooled), 6)
+    assert result.summary["statistics"] == {
+        "file": "statistics.json",
+        "features": 30,
+        "examples": len(pooled),
+        "clients": 6,
+        "model_version": 1,
+    }
+    assert result.summary["architecture"] == "feature-statistics"
+    assert result.summary["secure_aggregation"] == protocol
+
+
+def test_moments_no_records_give_are_refused_and_count_for_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One hospital sends every mean at the top of its range with no spread: moments no
+    records give, which a plaintext round checks (under SecAgg+ no one sees them)."""
+    plain = "secure_aggregation.protocol='none'"
+    quorum = "round.quorum=0.8"  # five of six commit
+    statistics_run(tmp_path / "honest", plain)
+    honest, _ = read_statistics(tmp_path / "honest")
+    original = StatisticsClient.fit
+    forger: list[int] = []  # the task seed of the first client asked: the forger
+
+    def forging(self: StatisticsClient, parameters: Any, config: FitConfig) -> FitResult:
+        result = original(self, parameters, config)
+        if forger and config.seed != forger[0]:
+            return result
+        forger[:] = [config.seed]
+        forged = np.concatenate([np.ones(30), np.zeros(30)]).astype(np.float32)
+        return FitResult(parameters.with_vector(forged), result.num_examples)
+
+    monkeypatch.setattr(StatisticsClient, "fit", forging)
+    refused = statistics_run(tmp_path / "refused", plain, quorum)
+    row = refused.rows[-1]
+    assert row["rejected"].get("invalid_update") == 1 and row["reported"] == 5
+    assert any("its mean square is below its squared mean" in f for f in row["failures"])
+    statistics, _ = read_statistics(tmp_path / "refused")
+    assert statistics.clients == 5
+    assert (statistics.mean < honest.mean + 0.05 * bounds().width).all()  # none of the forgery
+
+    # without the check, the forgery moves every mean toward the top of its range
+    monkeypatch.setattr(MomentsCheck, "__call__", lambda self, moments: None)
+    forger.clear()
+    poisoned = statistics_run(tmp_path / "poisoned", plain, quorum)
+    assert poisoned.rows[-1]["reported"] == 6
+    skewed, _ = read_statistics(tmp_path / "poisoned")
+    assert (skewed.mean > honest.mean + 0.05 * bounds().width).all()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("run.rounds=3", "run.rounds = 1"),
+        ("strategy.name='fedadam'", "no \\[strategy\\]"),
+        ("privacy.placement='central'", "no \\[privacy\\]"),
+        ("compression.kind='int8'", "no \\[compression\\]"),
+        ("clustering.clusters=2", "no \\[clustering\\]"),
+        ("preprocessing.statistics='runs/other'", "no \\[preprocessing\\]"),
+        ("statistics.low=[0.0, 0.0, 0.0]", "lists of 3 values"),
+    ],
+)
+def test_a_statistics_run_refuses_what_would_change_its_moments(
+    override: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(STATISTICS, [override])
+
+
+def test_an_app_whose_clients_give_no_features_is_named(tmp_path: Path) -> None:
+    class Opaque(shoal.client.Client):  # type: ignore[misc]
+        def get_parameters(self) -> Any: ...
+        def fit(self, parameters: Any, config: Any) -> Any: ...
+        def evaluate(self, parameters: Any, config: Any) -> Any: ...
+
+    with pytest.raises(ConfigError, match="Opaque has no local_features\\(\\) method"):
+        StatisticsClient(Opaque(), bounds())
+
+
+# --- pass 2 -----------------------------------------------------------------------------
+
+
+def train(tmp_path: Path, statistics: Path | None, *overrides: str, **kwargs: Any) -> Any:
+    job = tomllib.loads(TRAIN.read_text())
+    job["app"]["path"] = [str(EXAMPLE)]
+    if statistics is None:
+        job.pop("preprocessing")
+    else:
+        job["preprocessing"]["statistics"] = str(statistics)
+    return shoal.simulate(job, out=tmp_path / "train", overrides=overrides, **kwargs)
+
+
+def test_pass_two_standardizes_every_client_and_the_central_evaluation(tmp_path: Path) -> None:
+    statistics_run(tmp_path / "stats")
+    statistics, sha256 = read_statistics(tmp_path / "stats")
+    client_fn = load_attribute("app:client_fn", search_path=[EXAMPLE])
+    seen: list[Any] = []
+
+    def recording(context: ClientContext) -> Any:
+        client = client_fn(context)
+        fit = client.fit
+
+        def recorded_fit(parameters: Any, config: FitConfig) -> FitResult:
+            seen.append(config.scaler)
+            return fit(parameters, config)
+
+        client.fit = recorded_fit
+        return client
+
+    result = train(tmp_path, tmp_path / "stats", "run.rounds=5", client_app=recording)
+    assert len(seen) == 30 and all(scaler is seen[0] for scaler in seen)
+    expected = statistics.scaler()
+    assert seen[0].mean.tolist() == expected.mean.tolist()
+    assert seen[0].scale.tolist() == expected.scale.tolist()
+    stored = json.loads((tmp_path / "train" / "config.json").read_text())
+    assert stored["preprocessing"]["sha256"] == sha256  # recorded, pinned or not
+    assert result.summary["final_accuracy"] >= 0.95
+
+
+def test_standardized_training_learns_where_raw_training_does_not(tmp_path: Path) -> None:
+    statistics_run(tmp_path / "stats")
+    standardized = train(tmp_path / "a", tmp_path / "stats")
+    raw = train(tmp_path / "b", None, "playbook.enabled=false")
+    assert standardized.summary["final_accuracy"] >= 0.95
+    assert raw.summary["final_accuracy"] <= 0.8  # one learning rate for areas and fractions
+
+
+def test_a_server_app_cannot_send_a_scaler_of_its_own(tmp_path: Path) -> None:
+    statistics_run(tmp_path / "stats")
+    server_app = load_attribute("app:server_app", search_path=[EXAMPLE])
+    forged = shoal.preprocessing.Scaler(np.zeros(30), np.full(30, 1e6)).text()
+
+    def meddling(context: shoal.ServerContext) -> shoal.ServerApp:
+        from dataclasses import replace
+
+        return replace(server_app(context), fit_config=lambda _: {SCALER_KEY: forged})
+
+    seen: list[Any] = []
+    client_fn = load_attribute("app:client_fn", search_path=[EXAMPLE])
+
+    def recording(context: ClientContext) -> Any:
+        client = client_fn(context)
+        fit = client.fit
+        client.fit = lambda parameters, config: (
+            seen.append(config.extras) or fit(parameters, config)
+        )
+        return client
+
+    train(
+        tmp_path / "with",
+        tmp_path / "stats",
+        "run.rounds=1",
+        client_app=recording,
+        server_app=meddling,
+    )
+    assert seen and all(extras[SCALER_KEY] != forged for extras in seen)
+    seen.clear()
+    train(tmp_path / "without", None, "run.rounds=1", client_app=recording, server_app=meddling)
+    assert seen and all(SCALER_KEY not in extras for extras in seen)
+
+
+def test_a_run_resumes_only_with_the_statistics_it_started_with(tmp_path: Path) -> None:
+    statistics_run(tmp_path / "stats")
+    train(tmp_path, tmp_path / "stats", "run.rounds=2")
+    train(tmp_path, tmp_path / "stats", "run.rounds=3", resume=True)  # the same file: goes on
+    path = tmp_path / "stats" / "statistics.json"
+    data = json.loads(path.read_text())
+    data["mean"][0] += 1.0
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"preprocessing\.sha256"):
+        train(tmp_path, tmp_path / "stats", "run.rounds=4", resume=True)
+
+
+def test_a_pin_refuses_other_statistics(tmp_path: Path) -> None:
+    statistics_run(tmp_path / "stats")
+    _, sha256 = read_statistics(tmp_path / "stats")
+    train(
+        tmp_path / "pinned", tmp_path / "stats", "run.rounds=1", f"preprocessing.sha256='{sha256}'"
+    )
+    other = "0" * 64
+    with pytest.raises(ConfigError, match=f"preprocessing.sha256 pins {other}"):
+        train(
+            tmp_path / "other",
+            tmp_path / "stats",
+            "run.rounds=1",
+            f"preprocessing.sha256='{other}'",
+        )
+
+
+@pytest.mark.parametrize("path", [STATISTICS, TRAIN], ids=lambda path: path.stem)
+def test_the_examples_jobs_read_back_from_config_json(path: Path) -> None:
+    """What a resume reads: config.json holds the bounds and the statistics file as given."""
+    config = load_config(path)
+    assert parse_config(json.loads(json.dumps(config_to_dict(config)))) == config
