@@ -75,13 +75,13 @@ class FeatureBounds:
     @classmethod
     def of(
         cls,
-        low: float | Sequence[float],
-        high: float | Sequence[float],
+        low: float | Sequence[float] | npt.NDArray[np.floating[Any]],
+        high: float | Sequence[float] | npt.NDArray[np.floating[Any]],
         *,
         features: int | None = None,
     ) -> FeatureBounds:
-        """Bounds from a number each (``features`` of them) or a list each."""
-        lists = [len(side) for side in (low, high) if isinstance(side, Sequence)]
+        """Bounds from a number each (``features`` of them) or a list (or array) each."""
+        lists = [int(np.size(side)) for side in (low, high) if np.ndim(side) > 0]
         count = features if features is not None else (lists[0] if lists else None)
         if count is None:
             raise ConfigError("give the number of features, or low or high as a list")
@@ -138,7 +138,9 @@ def local_moments(features: npt.ArrayLike, bounds: FeatureBounds) -> tuple[np.nd
             "the local features hold NaN or infinite values: impute or drop them before a "
             "statistics run"
         )
-    scaled = (np.clip(values, bounds.low, bounds.high) - bounds.low) / bounds.width
+    scaled = np.clip(values, bounds.low, bounds.high, out=values)  # in place: one copy in all
+    scaled -= bounds.low
+    scaled /= bounds.width
     mean = np.add.reduce(scaled, axis=0) / records
     square = np.einsum("ij,ij->j", scaled, scaled) / records
     return np.concatenate([mean, square]).astype(np.float32), records
