@@ -1341,9 +1341,12 @@ class Config(_Section):
         if not section.enabled:
             return self
         try:
-            section.bounds()
+            features = section.bounds().features
         except ConfigError as exc:
             raise ValueError(f"statistics: {exc}") from None
+        # every moment lies in [0, 1]: a client's vector is as long as sqrt(2 * features)
+        largest = (2 * features) ** 0.5
+        secure = self.secure_aggregation
         conflicts = [
             (self.run.rounds != 1, "run.rounds = 1: its one round is the statistics"),
             (self.strategy != StrategySection(), "no [strategy]: the moments are averaged"),
@@ -1351,6 +1354,15 @@ class Config(_Section):
             (self.compression.enabled, "no [compression]: the moments go up whole"),
             (self.clustering.clusters != 1, "no [clustering]: one population's statistics"),
             (self.preprocessing.statistics is not None, "no [preprocessing]: it is pass 2's"),
+            (
+                secure.protocol == "secagg+" and secure.clip < 1,
+                "secure_aggregation.clip >= 1: every moment lies in [0, 1]",
+            ),
+            (
+                self.policy.enabled and self.policy.max_l2_norm < largest,
+                f"policy.max_l2_norm >= {largest:.6g}: the moments of {features} features "
+                "may be that long",
+            ),
         ]
         wrong = [why for conflict, why in conflicts if conflict]
         if wrong:

@@ -129,6 +129,8 @@ def test_moments_no_records_give_are_refused_and_count_for_nothing(
         ("clustering.clusters=2", "no \\[clustering\\]"),
         ("preprocessing.statistics='runs/other'", "no \\[preprocessing\\]"),
         ("statistics.low=[0.0, 0.0, 0.0]", "lists of 3 values"),
+        ("secure_aggregation.clip=0.5", "clip >= 1: every moment lies in"),
+        ("policy.max_l2_norm=7.0", "max_l2_norm >= 7.74597: the moments of 30 features"),
     ],
 )
 def test_a_statistics_run_refuses_what_would_change_its_moments(
@@ -136,6 +138,7 @@ def test_a_statistics_run_refuses_what_would_change_its_moments(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(STATISTICS, [override])
+    load_config(STATISTICS, ["policy.max_l2_norm=7.75", "secure_aggregation.clip=1.0"])
 
 
 def test_an_app_whose_clients_give_no_features_is_named(tmp_path: Path) -> None:

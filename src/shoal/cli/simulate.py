@@ -210,4 +210,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if summary.get("secure_aggregation", "none") != "none":
         table.add_row("secure_aggregation", str(summary["secure_aggregation"]))
         table.add_row("clients_recovered", str(summary.get("clients_recovered", 0)))
+    statistics = summary.get("statistics")
+    if isinstance(statistics, dict):  # a statistics run ([statistics]): what it counted
+        table.add_row(
+            "statistics",
+            f"{statistics['file']}: {statistics['features']} features, "
+            f"{statistics['examples']} records of {statistics['clients']} clients",
+        )
     console.print(table)
