@@ -154,8 +154,9 @@ def statistics_file(tmp_path: Path) -> Path:
     return tmp_path / "pass-1" / "state" / "statistics.json"
 
 
+@pytest.mark.parametrize("protocol", ["none", "secagg+"])
 def test_a_served_training_run_sends_its_scaler_with_every_task(
-    tmp_path: Path, statistics_file: Path
+    tmp_path: Path, statistics_file: Path, protocol: str
 ) -> None:
     statistics, sha256 = read_statistics(statistics_file)
     config = job(
@@ -164,6 +165,7 @@ def test_a_served_training_run_sends_its_scaler_with_every_task(
         "train.toml",
         preprocessing={"statistics": str(statistics_file)},
         run={"rounds": 4},
+        secure_aggregation={"protocol": protocol},
     )
     seen: list[Any] = []
     rows = serve(tmp_path, config, seen=seen)
