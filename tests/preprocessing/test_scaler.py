@@ -53,6 +53,9 @@ def test_a_task_carries_its_scaler_to_the_client() -> None:
         ('{"mean": ["1"], "scale": [1]}', "is a list of numbers"),
         ('{"mean": [true], "scale": [1]}', "is a list of numbers"),
         ('{"mean": [[1]], "scale": [[1]]}', "is a list of numbers"),
+        ("[" * 200_000, "RecursionError"),  # deeper than the parser goes
+        ('{"mean": [' + "9" * 400 + '], "scale": [1]}', "past a float's range"),  # an int
+        ('{"mean": [0], "scale": [5e-324]}', "its inverse finite"),  # would divide to inf
     ],
 )
 def test_a_hostile_scaler_is_one_client_error(text: str, message: str) -> None:

@@ -189,7 +189,16 @@ def test_a_statistics_file_that_cannot_be_used_is_refused_in_one_line(
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("text", ["{", '{"format": NaN}', "[1, 2]"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{",
+        '{"format": NaN}',
+        "[1, 2]",
+        "[" * 200_000,
+        '{"format": "shoal-feature-statistics/1", "low": [' + "9" * 400 + "]}",
+    ],
+)
 def test_a_file_that_is_not_statistics_is_refused(tmp_path: Path, text: str) -> None:
     path = tmp_path / "statistics.json"
     path.write_text(text)

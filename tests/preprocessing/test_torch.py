@@ -97,3 +97,14 @@ def test_a_scaler_of_other_features_is_a_client_error() -> None:
     with pytest.raises(ClientError, match="standardizes 2 features, this client's records have 3"):
         client.fit(client.get_parameters(), FitConfig(round=1, extras={SCALER_KEY: text}))
     assert isinstance(client.get_parameters(), Parameters)
+
+
+def test_integer_inputs_are_standardized_as_floats() -> None:
+    """uint8 pixels and int64 counts: standardized, they are fractions, not integers."""
+    for dtype in (torch.uint8, torch.int64):
+        client = torch_client(ClientContext("c", 0, CLIENTS))
+        inputs = torch.tensor([[0, 255, 10], [255, 0, 20]], dtype=dtype)
+        client._scaler = Scaler([127.5, 127.5, 15.0], [127.5, 127.5, 5.0])
+        standardized = client._inputs(inputs, torch.device("cpu"))
+        assert standardized.dtype == torch.get_default_dtype()
+        assert standardized.tolist() == [[-1.0, 1.0, -1.0], [1.0, -1.0, 1.0]]

@@ -332,7 +332,10 @@ class TorchClient(Client):
             scale = torch.as_tensor(scaler.scale, dtype=torch.float64, device=flat.device)
             held = self._scaling = (scaler, mean, scale)
         standardized = (flat.double() - held[1]) / held[2]
-        return standardized.to(inputs.dtype).reshape(inputs.shape)
+        import torch  # integer inputs (uint8 pixels, counts) become the default float type
+
+        dtype = inputs.dtype if inputs.is_floating_point() else torch.get_default_dtype()
+        return standardized.to(dtype).reshape(inputs.shape)
 
     def _optimizer(self, config: FitConfig) -> torch.optim.Optimizer:
         if self.optimizer_factory is not None:

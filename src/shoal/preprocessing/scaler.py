@@ -50,9 +50,14 @@ class Scaler:
             raise DataError(
                 f"a scaler has {means.size} means and {scales.size} scales: one of each a feature"
             )
-        if not (scales > 0).all():
-            index = int(np.flatnonzero(~(scales > 0))[0])
-            raise DataError(f"a scaler's scale is positive, feature {index}'s is {scales[index]}")
+        with np.errstate(divide="ignore", over="ignore"):
+            usable = (scales > 0) & np.isfinite(1.0 / scales)  # 5e-324 would divide to inf
+        if not usable.all():
+            index = int(np.flatnonzero(~usable)[0])
+            raise DataError(
+                f"a scaler's scale is positive and its inverse finite, feature {index}'s is "
+                f"{scales[index]}"
+            )
         object.__setattr__(self, "mean", means)
         object.__setattr__(self, "scale", scales)
 
@@ -85,8 +90,8 @@ class Scaler:
             raise DataError(f"a scaler's text is {len(text):,} characters, over the limit")
         try:
             data = json.loads(text, parse_constant=_no_constant)
-        except ValueError as exc:
-            raise DataError(f"a scaler is JSON text: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # "[[[[...": too deep for the parser
+            raise DataError(f"a scaler is JSON text: {type(exc).__name__}: {exc}") from None
         if not isinstance(data, dict) or set(data) != {"mean", "scale"}:
             raise DataError('a scaler is a JSON object of "mean" and "scale" only')
         return cls(_numbers(data["mean"], "mean"), _numbers(data["scale"], "scale"))
@@ -131,9 +136,17 @@ def _numbers(values: object, what: str) -> Sequence[float]:
         isinstance(value, int | float) and not isinstance(value, bool) for value in values
     ):
         raise DataError(f'a scaler\'s "{what}" is a list of numbers')
-    if not all(math.isfinite(value) for value in values):
+    if not all(_finite(value) for value in values):
         raise DataError(f"a scaler's \"{what}\" holds a number past a float's range")
     return values
+
+
+def _finite(value: float) -> bool:
+    """Whether ``value`` is a finite float (an integer of 400 digits is not one)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _no_constant(name: str) -> float:

@@ -286,7 +286,7 @@ def read_statistics(path: str | Path) -> tuple[FeatureStatistics, str]:
     try:
         parsed = json.loads(data, parse_constant=_no_constant)
         statistics = FeatureStatistics.from_dict(parsed, where=str(file))
-    except (ValueError, DataError) as exc:
+    except (ValueError, RecursionError, DataError) as exc:
         raise ConfigError(f"the feature statistics {file} cannot be used: {exc}") from None
     return statistics, hashlib.sha256(data).hexdigest()
 
@@ -297,9 +297,13 @@ def _floats(data: Mapping[str, Any], key: str) -> list[float]:
         isinstance(value, int | float) and not isinstance(value, bool) for value in values
     ):
         raise DataError(f"{key!r} is a list of numbers")
-    if not all(math.isfinite(value) for value in values):
+    try:
+        floats = [float(value) for value in values]
+    except OverflowError:  # an integer of 400 digits
+        floats = [math.inf]
+    if not all(math.isfinite(value) for value in floats):
         raise DataError(f"{key!r} holds a number past a float's range")
-    return [float(value) for value in values]
+    return floats
 
 
 def _no_constant(name: str) -> float:
