@@ -1359,6 +1359,11 @@ class Config(_Section):
                 "secure_aggregation.clip >= 1: every moment lies in [0, 1]",
             ),
             (
+                secure.protocol == "secagg+" and secure.bits is not None and secure.bits < 16,
+                "secure_aggregation.bits >= 16 (or unset: the most the cohort allows): fewer "
+                "round the moments past use",
+            ),
+            (
                 self.policy.enabled and self.policy.max_l2_norm < largest,
                 f"policy.max_l2_norm >= {largest:.6g}: the moments of {features} features "
                 "may be that long",

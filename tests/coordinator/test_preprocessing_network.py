@@ -60,13 +60,17 @@ def job(tmp_path: Path, name: str, example: str, **sections: dict[str, Any]) -> 
     )
 
 
-def hospitals(config: Config, seen: list[Any] | None = None) -> Callable[[int, int], Any]:
-    """Hospital ``index``'s client as ``shoal client run`` builds it (through the ClientApp);
-    ``seen`` gets the extras of every task it trains on."""
+def hospitals(
+    config: Config, seen: list[Any] | None = None, copies: dict[int, Config] | None = None
+) -> Callable[[int, int], Any]:
+    """Hospital ``index``'s client as ``shoal client run`` builds it (through the ClientApp,
+    from its own copy of the job: ``copies[index]``, else the coordinator's); ``seen`` gets
+    the extras of every task it trains on."""
     app = as_client_app(load_attribute("app:client_fn", search_path=[EXAMPLE]))
 
     def client_of(index: int, clients: int) -> Any:
-        client = app(ClientContext(f"hospital-{index}", index, clients, config=config))
+        own = (copies or {}).get(index, config)
+        client = app(ClientContext(f"hospital-{index}", index, clients, config=own))
         if seen is not None:
             fit = client.fit
 
@@ -109,6 +113,7 @@ def serve(
     *,
     seen: list[Any] | None = None,
     link_of: Callable[[int, str], GrpcLink] | None = None,
+    copies: dict[int, Config] | None = None,
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     asyncio.run(
@@ -118,7 +123,7 @@ def serve(
             clients=CLIENTS,
             token=TOKEN,
             on_round=rows.append,
-            client_of=hospitals(config, seen),
+            client_of=hospitals(config, seen, copies),
             search_path=[EXAMPLE],
             link_of=link_of,
             pin_key=True,
@@ -145,6 +150,31 @@ def test_a_served_statistics_run_under_secagg_counts_every_deployed_clients_reco
     summary = json.loads((state / "summary.json").read_text())
     assert summary["statistics"]["examples"] == len(pooled)
     assert summary["architecture"] == "feature-statistics"
+
+
+def test_a_hospital_whose_copy_of_the_job_has_other_bounds_counts_on_the_runs(
+    tmp_path: Path,
+) -> None:
+    """Hospital 0's job file halves every upper bound (a stale or edited copy): it clips and
+    scales with the bounds its tasks carry, and the statistics are every hospital's."""
+    config = job(tmp_path, "hospital-statistics", "statistics.toml")
+    high = config.statistics.high
+    assert isinstance(high, list)
+    stale = config.model_copy(
+        update={
+            "statistics": config.statistics.model_copy(
+                update={"high": [value / 2 for value in high]}
+            )
+        }
+    )
+    rows = serve(tmp_path, config, copies={0: stale})
+    assert rows[-1]["committed"] and rows[-1]["reported"] == CLIENTS
+    statistics, _ = read_statistics(tmp_path / "state")
+    features = [hospitals(config)(index, CLIENTS).client.local_features() for index in range(4)]
+    bounds = config.statistics.bounds()
+    pooled = np.clip(np.concatenate(features).astype(np.float64), bounds.low, bounds.high)
+    assert (np.abs(statistics.mean - pooled.mean(axis=0)) <= 2e-5 * bounds.width).all()
+    assert (np.abs(statistics.variance - pooled.var(axis=0)) <= 2e-5 * bounds.width**2).all()
 
 
 @pytest.fixture

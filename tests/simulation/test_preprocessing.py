@@ -75,6 +75,7 @@ def test_pass_one_gives_the_pooled_statistics_of_every_clients_records(
         "features": 30,
         "examples": len(pooled),
         "clients": HOSPITALS,
+        "unresolved": 0,
         "model_version": 1,
     }
     assert result.summary["architecture"] == "feature-statistics"
@@ -119,6 +120,92 @@ def test_moments_no_records_give_are_refused_and_count_for_nothing(
     assert (skewed.mean > honest.mean + 0.05 * bounds().width).all()
 
 
+def forge(
+    monkeypatch: pytest.MonkeyPatch, moments: np.ndarray | None = None, records: int | None = None
+) -> None:
+    """The first hospital asked sends ``moments`` and claims ``records`` (each, when given,
+    in place of its own); the others count honestly."""
+    original = StatisticsClient.fit
+    forger: list[int] = []
+
+    def forging(self: StatisticsClient, parameters: Any, config: FitConfig) -> FitResult:
+        result = original(self, parameters, config)
+        if forger and config.seed != forger[0]:
+            return result
+        forger[:] = [config.seed]
+        vector = parameters.with_vector(moments) if moments is not None else result.parameters
+        return FitResult(vector, result.num_examples if records is None else records)
+
+    monkeypatch.setattr(StatisticsClient, "fit", forging)
+
+
+def test_a_claimed_record_count_past_the_policys_cap_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the clear, plausible moments with ten million claimed records would be the whole
+    population: [policy] max_examples is the cap a statistics job sets on one client."""
+    plain = ["secure_aggregation.protocol='none'", "round.quorum=0.6"]
+    statistics_run(tmp_path / "honest", *plain)
+    honest, _ = read_statistics(tmp_path / "honest")
+    top = np.concatenate([np.full(30, 0.99), np.full(30, 0.985)]).astype(np.float32)  # valid
+    forge(monkeypatch, top, records=10_000_000)
+    denied = statistics_run(tmp_path / "capped", *plain, "policy.max_examples=1000")
+    assert denied.rows[-1]["policy_denied"] == {"examples_above_cap": 1}
+    capped, _ = read_statistics(tmp_path / "capped")
+    assert capped.clients == HOSPITALS - 1 and capped.examples < 1000
+    assert (capped.mean < honest.mean + 0.05 * bounds().width).all()
+    statistics_run(tmp_path / "uncapped", *plain)  # the default cap: ten million
+    uncapped, _ = read_statistics(tmp_path / "uncapped")
+    assert (uncapped.mean > 0.95 * bounds().high).all()  # the forger is the population
+
+
+def test_a_client_past_max_weight_refuses_rather_than_bias_the_secure_sum(
+    tmp_path: Path,
+) -> None:
+    """SecAgg+ counts a client as at most max_weight records: the hospital with 169 refuses
+    to be counted as 150 (its reason in the row), and the statistics are the others'."""
+    result = statistics_run(
+        tmp_path / "stats", "secure_aggregation.max_weight=150", "round.quorum=0.6"
+    )
+    row = result.rows[-1]
+    assert row["committed"] and row["reported"] == HOSPITALS - 1
+    assert any(
+        "holds 169 examples" in reason and "max_weight = 150" in reason
+        for reason in row["failures"]
+    )
+    statistics, _ = read_statistics(tmp_path / "stats")
+    assert (statistics.clients, statistics.examples) == (2, 77 + 96)
+    others = np.clip(pooled_features()[169:], bounds().low, bounds().high)
+    assert (np.abs(statistics.mean - others.mean(axis=0)) <= 1e-6 * bounds().width).all()
+
+
+def test_moments_outside_the_bounds_under_secagg_leave_no_statistics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under SecAgg+ no one checks one hospital's moments: a mean of 4 (in units of the
+    range) with no spread reaches the sum, whose average no records give. The run writes no
+    statistics (the CLI exits 1), rather than the clipped means and zero spread it makes."""
+    forged = np.concatenate([np.full(30, 4.0), np.zeros(30)]).astype(np.float32)
+    forge(monkeypatch, forged)
+    result = statistics_run(tmp_path / "stats")
+    assert result.rows[-1]["committed"]
+    assert result.summary["statistics"] is None
+    assert not (tmp_path / "stats" / "statistics.json").exists()
+
+
+def test_features_whose_spread_the_bounds_do_not_resolve_are_named(tmp_path: Path) -> None:
+    """A radius bounded by 40 million instead of 40: its variance is below what float32
+    moments resolve; the file and the summary name it."""
+    high = load_config(STATISTICS).statistics.high
+    assert isinstance(high, list)
+    wide = [4e7, *high[1:]]
+    result = statistics_run(tmp_path / "stats", f"statistics.high={wide}")
+    statistics, _ = read_statistics(tmp_path / "stats")
+    assert statistics.unresolved == [0]
+    assert json.loads((tmp_path / "stats" / "statistics.json").read_text())["unresolved"] == [0]
+    assert result.summary["statistics"]["unresolved"] == 1
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -131,6 +218,7 @@ def test_moments_no_records_give_are_refused_and_count_for_nothing(
         ("statistics.low=[0.0, 0.0, 0.0]", "lists of 3 values"),
         ("secure_aggregation.clip=0.5", "clip >= 1: every moment lies in"),
         ("policy.max_l2_norm=7.0", "max_l2_norm >= 7.74597: the moments of 30 features"),
+        ("secure_aggregation.bits=12", "bits >= 16"),
     ],
 )
 def test_a_statistics_run_refuses_what_would_change_its_moments(

@@ -29,6 +29,7 @@ from shoal.core.compression import EXTRAS_KEY as COMPRESSION_KEY
 from shoal.core.compression import Compression, decode, encode, rescaled, with_feedback
 from shoal.core.errors import ClientError, ConfigError
 from shoal.core.parameters import Parameters, Vector, all_finite
+from shoal.preprocessing import BOUNDS_KEY
 from shoal.privacy.client import (
     client_noise,
     distributed_noise_std,
@@ -163,6 +164,7 @@ def secure_contribution(
         uniform_weight=uniform_weight(config.extras),
         noise_std=distributed_noise_std(config.extras),
         noise=noise,
+        exact_weight=BOUNDS_KEY in config.extras,  # a statistics run's moments
     )
 
 

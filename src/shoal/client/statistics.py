@@ -6,8 +6,10 @@ FL wraps it), in simulation and on deployed clients alike. Its ``fit`` takes the
 records' features from the app's client (:class:`LocalFeatures`), never trains, and
 returns their moments (:func:`shoal.preprocessing.local_moments`) weighted by the
 record count; they leave the device as any update does (masked or encrypted under
-secure aggregation). Only the features an app's client gives are counted: raw ones,
-before any scaler.
+secure aggregation). The bounds it clips and scales with are the ones each task carries
+(the coordinator's, :data:`~shoal.preprocessing.BOUNDS_KEY`): a client whose copy of the
+job says otherwise still counts on the run's scale. Only the features an app's client gives
+are counted: raw ones, before any scaler.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 from shoal.client.api import Client, EvaluateConfig, EvaluateResult, FitConfig, FitResult
 from shoal.core.errors import ClientError, ConfigError, DataError
 from shoal.core.parameters import Parameters
-from shoal.preprocessing import FeatureBounds, local_moments, moments_layout
+from shoal.preprocessing import FeatureBounds, bounds_of, local_moments, moments_layout
 
 
 @runtime_checkable
@@ -49,14 +51,21 @@ class StatisticsClient(Client):
         return Parameters.zeros(self.layout)
 
     def fit(self, parameters: Parameters, config: FitConfig) -> FitResult:
-        if parameters.layout != self.layout:
+        bounds = bounds_of(config.extras)  # the coordinator's, not this copy of the job's
+        if bounds is None:
+            raise ClientError(
+                "the task carries no feature bounds: this client counts its features for a "
+                "statistics run alone"
+            )
+        layout = moments_layout(bounds.features)
+        if parameters.layout != layout:
             raise ClientError(
                 f"the task's model has {len(parameters)} values, the moments of "
-                f"{self.bounds.features} features are {self.layout.size}"
+                f"{bounds.features} features are {layout.size}"
             )
         try:
             features = self.client.local_features()
-            moments, records = local_moments(features, self.bounds)
+            moments, records = local_moments(features, bounds)
         except DataError as exc:
             raise ClientError(str(exc)) from None
         if records == 0:

@@ -193,6 +193,13 @@ def run_preprocessing(config: Config) -> Preprocessing | None:
             f"the feature statistics {section.statistics} have sha256 {sha256}, and "
             f"preprocessing.sha256 pins {section.sha256}"
         )
+    if statistics.unresolved:
+        log.warning(
+            "the feature statistics name %d features whose spread their bounds did not resolve "
+            "(%s): each is scaled by what was measured, maybe far off, or by 1",
+            len(statistics.unresolved),
+            ", ".join(map(str, statistics.unresolved[:10])),
+        )
     return Preprocessing(statistics.scaler(), sha256)
 
 

@@ -120,7 +120,15 @@ from shoal.features import FeatureModule
 from shoal.governance.policy import PolicyEngine
 from shoal.governance.pseudonyms import Names
 from shoal.governance.unlearning import lineage
-from shoal.preprocessing import SCALER_KEY, STATISTICS_FILE, FeatureStatistics
+from shoal.preprocessing import (
+    AGGREGATE_TOLERANCE,
+    BOUNDS_KEY,
+    SCALER_KEY,
+    STATISTICS_FILE,
+    FeatureStatistics,
+    MomentsCheck,
+)
+from shoal.preprocessing.statistics import RESOLUTION
 from shoal.privacy.coordinator import check_private_strategy
 from shoal.privacy.run import RunPrivacy
 from shoal.registry import (
@@ -329,6 +337,9 @@ class Run:
         self.features = features  # recorded, signed, with every version it trains
         self.preprocessing = preprocessing  # its scaler sent with every task
         self._scaler_text = None if preprocessing is None else preprocessing.scaler.text()
+        # a statistics run's bounds go with its tasks: each client clips and scales with the
+        # coordinator's, whatever its own copy of the job says
+        self._bounds_text = config.statistics.bounds().text() if config.statistics.enabled else None
         self.privacy = privacy
         self.resume = resume
         self.where = where
@@ -345,7 +356,8 @@ class Run:
         self.stop_reason: str | None = None
         # why a finished run that played fit rounds committed none, in one line (both shells
         # exit 1 on it: an app whose every client fails, or a quorum no cohort meets, ended as
-        # if it had trained); None when a round committed, none was played, or it goes on
+        # if it had trained), or why a statistics run wrote no statistics; None when a round
+        # committed, none was played, or it goes on
         self.nothing_committed: str | None = None
         self.model_bytes = 0
         self.eligibility = EligibilityPolicy(  # the matrix as the run (re)starts: a simulation's
@@ -797,7 +809,8 @@ class Run:
 
     def round_config(self, play: Play) -> dict[str, Any]:
         """The server app's config for this round (checked: a bad one stops the run clearly),
-        with the run's scaler (``[preprocessing]``), which is the run's, never the app's."""
+        with the run's scaler (``[preprocessing]``) or a statistics run's bounds, which are the
+        run's, never the app's."""
         make = self.app.fit_config if play.phase is Phase.FIT else self.app.evaluate_config
         config: dict[str, Any] = {}
         try:
@@ -810,9 +823,10 @@ class Run:
             raise RunError(
                 f"the server app's {play.phase.value} config failed in round {play.round}: {exc}"
             ) from exc
-        config.pop(SCALER_KEY, None)
-        if self._scaler_text is not None:
-            config[SCALER_KEY] = self._scaler_text
+        for key, text in ((SCALER_KEY, self._scaler_text), (BOUNDS_KEY, self._bounds_text)):
+            config.pop(key, None)
+            if text is not None:
+                config[key] = text
         return config
 
     # --- a closed round ------------------------------------------------------------------
@@ -980,19 +994,37 @@ class Run:
         head = self.store.head()
         if head is None or head.round == 0:
             return None
+        bounds = self.config.statistics.bounds()
+        moments = self.coordinator.parameters.vector
+        problem = MomentsCheck(bounds.features, AGGREGATE_TOLERANCE)(moments)
+        if problem is not None:  # a client sent moments no records give, where none checks one
+            self.nothing_committed = (
+                f"the cohort's averaged moments are ones no records give ({problem}): a client "
+                "sent moments outside its bounds under secure aggregation; no statistics written"
+            )
+            return None
         reported = head.metrics.get("reported")
         examples = head.metrics.get("num_examples")
         statistics = FeatureStatistics.from_moments(
-            self.coordinator.parameters.vector,
-            self.config.statistics.bounds(),
+            moments,
+            bounds,
             examples=examples if isinstance(examples, int) else None,
             clients=reported if isinstance(reported, int) else None,
         )
         self.store.write_statistics(statistics.to_text())
+        unresolved = statistics.unresolved
+        if unresolved:
+            log.warning(
+                "features %s: a spread below what their bounds resolve (a variance under %g of "
+                "the squared range): narrow their bounds, or they are constant",
+                ", ".join(map(str, unresolved[:10])) + (" ..." if len(unresolved) > 10 else ""),
+                RESOLUTION,
+            )
         return {
             "file": STATISTICS_FILE,
             "features": statistics.features,
             "examples": statistics.examples,
             "clients": statistics.clients,
+            "unresolved": len(unresolved),
             "model_version": head.version,
         }

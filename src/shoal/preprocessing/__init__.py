@@ -12,17 +12,22 @@ evaluating (see docs/federated-preprocessing.md).
 
 from shoal.preprocessing.scaler import SCALER_KEY, Scaler, scaler_of
 from shoal.preprocessing.statistics import (
+    AGGREGATE_TOLERANCE,
+    BOUNDS_KEY,
     MAX_FEATURES,
     STATISTICS_FILE,
     FeatureBounds,
     FeatureStatistics,
     MomentsCheck,
+    bounds_of,
     local_moments,
     moments_layout,
     read_statistics,
 )
 
 __all__ = [
+    "AGGREGATE_TOLERANCE",
+    "BOUNDS_KEY",
     "MAX_FEATURES",
     "SCALER_KEY",
     "STATISTICS_FILE",
@@ -30,6 +35,7 @@ __all__ = [
     "FeatureStatistics",
     "MomentsCheck",
     "Scaler",
+    "bounds_of",
     "local_moments",
     "moments_layout",
     "read_statistics",

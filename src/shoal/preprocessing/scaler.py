@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.core.errors import ClientError, DataError
+from shoal.preprocessing._json import floats, loads
 
 SCALER_KEY = "shoal_scaler"
 """The task extras key a run's scaler travels under (the coordinator's, never an app's)."""
@@ -88,13 +88,13 @@ class Scaler:
         """The scaler ``text`` holds (:meth:`text`); a DataError says what is wrong with it."""
         if len(text) > MAX_SCALER_TEXT:
             raise DataError(f"a scaler's text is {len(text):,} characters, over the limit")
-        try:
-            data = json.loads(text, parse_constant=_no_constant)
-        except (ValueError, RecursionError) as exc:  # "[[[[...": too deep for the parser
-            raise DataError(f"a scaler is JSON text: {type(exc).__name__}: {exc}") from None
+        data = loads(text, what="a scaler")
         if not isinstance(data, dict) or set(data) != {"mean", "scale"}:
             raise DataError('a scaler is a JSON object of "mean" and "scale" only')
-        return cls(_numbers(data["mean"], "mean"), _numbers(data["scale"], "scale"))
+        return cls(
+            floats(data["mean"], what='a scaler\'s "mean"'),
+            floats(data["scale"], what='a scaler\'s "scale"'),
+        )
 
 
 def scaler_of(extras: Mapping[str, Any]) -> Scaler | None:
@@ -129,25 +129,3 @@ def _vector(values: npt.ArrayLike, what: str) -> Array:
     if not np.isfinite(array).all():
         raise DataError(f"a scaler's {what} holds NaN or infinite values")
     return array
-
-
-def _numbers(values: object, what: str) -> Sequence[float]:
-    if not isinstance(values, list) or not all(
-        isinstance(value, int | float) and not isinstance(value, bool) for value in values
-    ):
-        raise DataError(f'a scaler\'s "{what}" is a list of numbers')
-    if not all(_finite(value) for value in values):
-        raise DataError(f"a scaler's \"{what}\" holds a number past a float's range")
-    return values
-
-
-def _finite(value: float) -> bool:
-    """Whether ``value`` is a finite float (an integer of 400 digits is not one)."""
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
-def _no_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number JSON allows")

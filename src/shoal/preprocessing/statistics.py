@@ -21,9 +21,9 @@ result no records could give (:class:`MomentsCheck`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,15 +32,26 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from shoal.core.errors import ConfigError, DataError
+from shoal.core.errors import ClientError, ConfigError, DataError
 from shoal.core.parameters import Layout, TensorSpec
-from shoal.preprocessing.scaler import MAX_SCALER_FEATURES, Scaler
+from shoal.preprocessing._json import floats, loads
+from shoal.preprocessing.scaler import MAX_SCALER_FEATURES, MAX_SCALER_TEXT, Scaler
 
 MAX_FEATURES = MAX_SCALER_FEATURES
 STATISTICS_FILE = "statistics.json"
+BOUNDS_KEY = "shoal_statistics_bounds"
+"""The task extras key a statistics run's feature bounds travel under: each client clips and
+scales with the coordinator's bounds, never with those of its own copy of the job."""
 FORMAT = "shoal-feature-statistics/1"
 _MAX_FILE_BYTES = 64 * 2**20
 _TOLERANCE = 1e-6  # float32 rounding of a client's moments, well inside it
+AGGREGATE_TOLERANCE = 1e-4
+"""How far the cohort's averaged moments may stray outside what records give before the run
+refuses them (a secure sum's rounding stays within about 1e-7; a client that sent moments
+outside [0, 1] under secure aggregation, where no one checks one client's, moves them more)."""
+RESOLUTION = 1e-6
+"""The smallest variance, as a share of the squared range, that float32 moments resolve to
+within a few percent: a feature whose variance is below it is named ``unresolved``."""
 
 Array = npt.NDArray[np.float64]
 
@@ -102,6 +113,44 @@ class FeatureBounds:
     def width(self) -> Array:
         return self.high - self.low
 
+    def text(self) -> str:
+        """The bounds as compact JSON: what a statistics run's tasks carry (:data:`BOUNDS_KEY`)."""
+        return json.dumps(
+            {"low": self.low.tolist(), "high": self.high.tolist()}, separators=(",", ":")
+        )
+
+    @classmethod
+    def parse(cls, text: str) -> FeatureBounds:
+        """The bounds ``text`` holds (:meth:`text`); a DataError says what is wrong with it."""
+        if len(text) > MAX_SCALER_TEXT:
+            raise DataError(f"the bounds' text is {len(text):,} characters, over the limit")
+        data = loads(text, what="the bounds")
+        if not isinstance(data, dict) or set(data) != {"low", "high"}:
+            raise DataError('the bounds are a JSON object of "low" and "high" only')
+        try:
+            return cls(floats(data["low"], what='"low"'), floats(data["high"], what='"high"'))
+        except ConfigError as exc:
+            raise DataError(str(exc)) from None
+
+
+def bounds_of(extras: Mapping[str, Any]) -> FeatureBounds | None:
+    """The feature bounds a statistics run's task carries (None: not a statistics run's); a
+    ClientError when the coordinator sent bounds this client cannot use."""
+    text = extras.get(BOUNDS_KEY)
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise ClientError(f"the task's feature bounds are {type(text).__name__}, not text")
+    try:
+        return _parsed_bounds(text)
+    except DataError as exc:
+        raise ClientError(f"the task's feature bounds cannot be used: {exc}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_bounds(text: str) -> FeatureBounds:
+    return FeatureBounds.parse(text)
+
 
 def moments_layout(features: int) -> Layout:
     """A statistics run's model: each feature's mean of ``u`` and of ``u**2``. Both are marked
@@ -149,9 +198,12 @@ def local_moments(features: npt.ArrayLike, bounds: FeatureBounds) -> tuple[np.nd
 @dataclass(frozen=True, slots=True)
 class MomentsCheck:
     """What a client's moments must satisfy (each mean and mean square in [0, 1], the mean
-    square between the mean's square and the mean): the reason a vector fails, or None."""
+    square between the mean's square and the mean), within ``tolerance``: the reason a vector
+    fails, or None. The cohort's averaged moments satisfy it too, up to a secure sum's
+    rounding (:data:`AGGREGATE_TOLERANCE`)."""
 
     features: int
+    tolerance: float = _TOLERANCE
 
     def __call__(self, moments: np.ndarray) -> str | None:
         count = self.features
@@ -159,12 +211,13 @@ class MomentsCheck:
             return f"the moments have shape {list(moments.shape)}, the run counts {count} features"
         mean = moments[:count].astype(np.float64)
         square = moments[count:].astype(np.float64)
-        outside = -_TOLERANCE, 1 + _TOLERANCE
+        tolerance = self.tolerance
+        outside = -tolerance, 1 + tolerance
         checks = (
             ((mean < outside[0]) | (mean > outside[1]), "its mean is outside [0, 1]"),
             ((square < outside[0]) | (square > outside[1]), "its mean square is outside [0, 1]"),
-            (square < mean * mean - _TOLERANCE, "its mean square is below its squared mean"),
-            (square > mean + _TOLERANCE, "its mean square is above its mean"),
+            (square < mean * mean - tolerance, "its mean square is below its squared mean"),
+            (square > mean + tolerance, "its mean square is above its mean"),
         )
         for wrong, why in checks:
             if wrong.any():
@@ -195,6 +248,14 @@ class FeatureStatistics:
     @property
     def std(self) -> Array:
         return np.sqrt(self.variance)
+
+    @property
+    def unresolved(self) -> list[int]:
+        """The features whose variance is below what the moments resolve (:data:`RESOLUTION`
+        of the squared range): their bounds are too wide for their spread (or the feature is
+        constant); their standard deviation may be far off, or 0 (scaled by 1)."""
+        width = self.bounds.width
+        return [int(i) for i in np.flatnonzero(self.variance < RESOLUTION * width * width)]
 
     @classmethod
     def from_moments(
@@ -240,6 +301,7 @@ class FeatureStatistics:
             "mean": self.mean.tolist(),
             "variance": self.variance.tolist(),
             "std": self.std.tolist(),
+            "unresolved": self.unresolved,
         }
 
     def to_text(self) -> str:
@@ -255,11 +317,13 @@ class FeatureStatistics:
         """Statistics as :meth:`to_dict` wrote them; a DataError names what is wrong."""
         if not isinstance(data, Mapping) or data.get("format") != FORMAT:
             raise DataError(f"{where} are not Shoal feature statistics (format {FORMAT!r})")
+        low, high, mean, variance = (
+            floats(data.get(key), what=repr(key)) for key in ("low", "high", "mean", "variance")
+        )
         try:
-            bounds = FeatureBounds(_floats(data, "low"), _floats(data, "high"))
+            bounds = FeatureBounds(low, high)
         except ConfigError as exc:
             raise DataError(f"{where}: {exc}") from None
-        mean, variance = _floats(data, "mean"), _floats(data, "variance")
         if len(mean) != bounds.features or len(variance) != bounds.features:
             raise DataError(f"{where}: mean and variance are {bounds.features} values each")
         if any(value < 0 for value in variance):
@@ -284,27 +348,7 @@ def read_statistics(path: str | Path) -> tuple[FeatureStatistics, str]:
     if len(data) > _MAX_FILE_BYTES:
         raise ConfigError(f"the feature statistics {file} are over {_MAX_FILE_BYTES:,} bytes")
     try:
-        parsed = json.loads(data, parse_constant=_no_constant)
-        statistics = FeatureStatistics.from_dict(parsed, where=str(file))
-    except (ValueError, RecursionError, DataError) as exc:
+        statistics = FeatureStatistics.from_dict(loads(data, what="it"), where=str(file))
+    except DataError as exc:
         raise ConfigError(f"the feature statistics {file} cannot be used: {exc}") from None
     return statistics, hashlib.sha256(data).hexdigest()
-
-
-def _floats(data: Mapping[str, Any], key: str) -> list[float]:
-    values = data.get(key)
-    if not isinstance(values, list) or not all(
-        isinstance(value, int | float) and not isinstance(value, bool) for value in values
-    ):
-        raise DataError(f"{key!r} is a list of numbers")
-    try:
-        floats = [float(value) for value in values]
-    except OverflowError:  # an integer of 400 digits
-        floats = [math.inf]
-    if not all(math.isfinite(value) for value in floats):
-        raise DataError(f"{key!r} holds a number past a float's range")
-    return floats
-
-
-def _no_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number JSON allows")

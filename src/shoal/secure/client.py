@@ -34,7 +34,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from shoal.core.errors import IllegalTransition, ProtocolError, SecurityError
+from shoal.core.errors import ClientError, IllegalTransition, ProtocolError, SecurityError
 from shoal.core.sharing import MAX_NEIGHBOURS, minimum_threshold
 from shoal.privacy.noise import NoiseSource
 from shoal.secure.consistency import (
@@ -112,6 +112,9 @@ class Contribution:
     Under user-level DP every client weighs the same (``uniform_weight``), and
     under distributed DP it adds discrete Gaussian noise of ``noise_std`` (in
     the update's units) after quantization, from ``noise`` (a CSPRNG by default).
+    ``exact_weight``: the client refuses to contribute rather than be counted as
+    fewer examples than it has (the session's ``max_weight`` caps a weight): a
+    statistics run's moments, whose weighted mean a capped weight would bias.
     """
 
     update: npt.NDArray[np.float32]
@@ -120,6 +123,7 @@ class Contribution:
     uniform_weight: bool = False
     noise_std: float = 0.0
     noise: NoiseSource | None = None
+    exact_weight: bool = False
 
 
 class SecAggClient:
@@ -308,6 +312,12 @@ class SecAggClient:
             held[sender] = _share_from_bytes(plaintext)
         self._held_shares.update(held)
         quantization = session.quantization
+        if contribution.exact_weight and contribution.num_examples > quantization.max_weight:
+            raise ClientError(
+                f"this client holds {contribution.num_examples:,} examples and the secure sum "
+                f"counts at most secure_aggregation.max_weight = {quantization.max_weight:,} "
+                "a client: raise max_weight above the largest client's count"
+            )
         vector = quantization.encode(
             contribution.update,
             num_examples=(

@@ -38,7 +38,7 @@ from shoal.coordinator.events import (
     SendSecureRequest,
 )
 from shoal.coordinator.selection import Stream, client_key, round_rng
-from shoal.core.errors import ProtocolError, RunError, SecurityError, TransportError
+from shoal.core.errors import ClientError, ProtocolError, RunError, SecurityError, TransportError
 from shoal.secure.client import Contribution, SecAggClient
 from shoal.secure.consistency import IdentityKey
 from shoal.secure.homomorphic import EncryptionRequest, SiloCredentials
@@ -202,6 +202,9 @@ class SecureRoundPlayer:
                 reply = self._client(task.client_id).handle(task.secure, contribution)
             except (ProtocolError, SecurityError):
                 continue  # a tampered share: the device leaves the round
+            except ClientError as exc:  # it cannot contribute (a weight past max_weight): it says
+                self._push(arrives_at, _failure_event(task.client_id, self.round, str(exc)))
+                continue
             self.traffic.masked_inputs += 1
             self._send(task.client_id, reply, arrives_at)
 
