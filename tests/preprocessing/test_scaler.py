@@ -41,8 +41,8 @@ def test_a_task_carries_its_scaler_to_the_client() -> None:
     ("text", "message"),
     [
         ("not json", "is JSON text"),
-        ("[1, 2]", 'object of "mean" and "scale" only'),
-        ('{"mean": [1], "scale": [1], "shift": [0]}', 'object of "mean" and "scale" only'),
+        ("[1, 2]", "object of 'mean' and 'scale' only"),
+        ('{"mean": [1], "scale": [1], "shift": [0]}', "object of 'mean' and 'scale' only"),
         ('{"mean": [NaN], "scale": [1]}', "is JSON text"),
         ('{"mean": [Infinity], "scale": [1]}', "is JSON text"),
         ('{"mean": [1e999], "scale": [1]}', "past a float's range"),
@@ -65,7 +65,7 @@ def test_a_hostile_scaler_is_one_client_error(text: str, message: str) -> None:
 
 
 def test_a_scaler_that_is_not_text_is_refused() -> None:
-    with pytest.raises(ClientError, match="the task's scaler is int, not text"):
+    with pytest.raises(ClientError, match="the task's scaler came as int, not text"):
         scaler_of({SCALER_KEY: 7})
 
 

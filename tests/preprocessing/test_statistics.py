@@ -12,12 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal.core.errors import ConfigError, DataError
+from shoal.core.errors import ClientError, ConfigError, DataError
 from shoal.preprocessing import (
+    BOUNDS_KEY,
     STATISTICS_FILE,
     FeatureBounds,
     FeatureStatistics,
     MomentsCheck,
+    bounds_of,
     local_moments,
     moments_layout,
     read_statistics,
@@ -209,3 +211,36 @@ def test_a_file_that_is_not_statistics_is_refused(tmp_path: Path, text: str) -> 
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"statistics\.json cannot be read: No such file"):
         read_statistics(tmp_path)
+
+
+def test_a_tasks_bounds_read_back_and_hostile_ones_are_one_client_error() -> None:
+    assert bounds_of({BOUNDS_KEY: BOUNDS.text()}).high.tolist() == BOUNDS.high.tolist()
+    assert bounds_of({}) is None
+    for text, message in [
+        ("[" * 200_000, "RecursionError"),
+        ('{"low": [0], "high": [0]}', "feature 0's bounds must be finite with high above low"),
+        ('{"low": [0], "high": [1], "x": 1}', "object of 'low' and 'high' only"),
+        ('{"low": [0], "high": [1e999]}', "past a float's range"),
+    ]:
+        with pytest.raises(ClientError, match=message):
+            bounds_of({BOUNDS_KEY: text})
+    with pytest.raises(ClientError, match="came as int, not text"):
+        bounds_of({BOUNDS_KEY: 3})
+
+
+def test_a_statistics_client_counts_only_with_the_bounds_its_task_carries() -> None:
+    from shoal.client import NumpyClient, SoftmaxRegression, StatisticsClient
+    from shoal.tasks import FitConfig
+
+    data = (np.array([[5.0, 0.0, 2550.0]]), np.array([0]))
+    client = StatisticsClient(
+        NumpyClient(SoftmaxRegression(num_features=3, num_classes=2), train_data=data), BOUNDS
+    )
+    with pytest.raises(ClientError, match="the task carries no feature bounds"):
+        client.fit(client.get_parameters(), FitConfig(round=1))
+    narrow = FeatureBounds.of(0.0, [20.0, 10.0, 10_000.0])  # the coordinator's, not its own
+    result = client.fit(
+        client.get_parameters(), FitConfig(round=1, extras={BOUNDS_KEY: narrow.text()})
+    )
+    assert result.num_examples == 1
+    assert list(result.parameters.vector[:3]) == pytest.approx([0.25, 0.0, 0.255])

@@ -15,7 +15,6 @@ reads it back (once per text: a client sees the same text every round).
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from shoal.core.errors import ClientError, DataError
-from shoal.preprocessing._json import floats, loads
+from shoal.core.errors import DataError
+from shoal.preprocessing._json import cached, floats, from_extras, object_of
 
 SCALER_KEY = "shoal_scaler"
 """The task extras key a run's scaler travels under (the coordinator's, never an app's)."""
@@ -86,11 +85,7 @@ class Scaler:
     @classmethod
     def parse(cls, text: str) -> Scaler:
         """The scaler ``text`` holds (:meth:`text`); a DataError says what is wrong with it."""
-        if len(text) > MAX_SCALER_TEXT:
-            raise DataError(f"a scaler's text is {len(text):,} characters, over the limit")
-        data = loads(text, what="a scaler")
-        if not isinstance(data, dict) or set(data) != {"mean", "scale"}:
-            raise DataError('a scaler is a JSON object of "mean" and "scale" only')
+        data = object_of(text, what="a scaler", keys=("mean", "scale"), limit=MAX_SCALER_TEXT)
         return cls(
             floats(data["mean"], what='a scaler\'s "mean"'),
             floats(data["scale"], what='a scaler\'s "scale"'),
@@ -100,20 +95,10 @@ class Scaler:
 def scaler_of(extras: Mapping[str, Any]) -> Scaler | None:
     """The scaler a task's ``extras`` carry (None: the run has none); a ClientError when the
     coordinator sent one this client cannot use."""
-    text = extras.get(SCALER_KEY)
-    if text is None:
-        return None
-    if not isinstance(text, str):
-        raise ClientError(f"the task's scaler is {type(text).__name__}, not text")
-    try:
-        return _parsed(text)
-    except DataError as exc:
-        raise ClientError(f"the task's scaler cannot be used: {exc}") from None
+    return from_extras(extras, SCALER_KEY, what="the task's scaler", parse=_parsed)
 
 
-@functools.lru_cache(maxsize=8)
-def _parsed(text: str) -> Scaler:
-    return Scaler.parse(text)
+_parsed = cached(Scaler.parse)
 
 
 def _vector(values: npt.ArrayLike, what: str) -> Array:

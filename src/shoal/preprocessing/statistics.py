@@ -21,7 +21,6 @@ result no records could give (:class:`MomentsCheck`).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -32,9 +31,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from shoal.core.errors import ClientError, ConfigError, DataError
+from shoal.core.errors import ConfigError, DataError
 from shoal.core.parameters import Layout, TensorSpec
-from shoal.preprocessing._json import floats, loads
+from shoal.preprocessing._json import cached, floats, from_extras, loads, object_of
 from shoal.preprocessing.scaler import MAX_SCALER_FEATURES, MAX_SCALER_TEXT, Scaler
 
 MAX_FEATURES = MAX_SCALER_FEATURES
@@ -122,11 +121,7 @@ class FeatureBounds:
     @classmethod
     def parse(cls, text: str) -> FeatureBounds:
         """The bounds ``text`` holds (:meth:`text`); a DataError says what is wrong with it."""
-        if len(text) > MAX_SCALER_TEXT:
-            raise DataError(f"the bounds' text is {len(text):,} characters, over the limit")
-        data = loads(text, what="the bounds")
-        if not isinstance(data, dict) or set(data) != {"low", "high"}:
-            raise DataError('the bounds are a JSON object of "low" and "high" only')
+        data = object_of(text, what="the bounds", keys=("low", "high"), limit=MAX_SCALER_TEXT)
         try:
             return cls(floats(data["low"], what='"low"'), floats(data["high"], what='"high"'))
         except ConfigError as exc:
@@ -136,20 +131,10 @@ class FeatureBounds:
 def bounds_of(extras: Mapping[str, Any]) -> FeatureBounds | None:
     """The feature bounds a statistics run's task carries (None: not a statistics run's); a
     ClientError when the coordinator sent bounds this client cannot use."""
-    text = extras.get(BOUNDS_KEY)
-    if text is None:
-        return None
-    if not isinstance(text, str):
-        raise ClientError(f"the task's feature bounds are {type(text).__name__}, not text")
-    try:
-        return _parsed_bounds(text)
-    except DataError as exc:
-        raise ClientError(f"the task's feature bounds cannot be used: {exc}") from None
+    return from_extras(extras, BOUNDS_KEY, what="the task's feature bounds", parse=_parsed_bounds)
 
 
-@functools.lru_cache(maxsize=8)
-def _parsed_bounds(text: str) -> FeatureBounds:
-    return FeatureBounds.parse(text)
+_parsed_bounds = cached(FeatureBounds.parse)
 
 
 def moments_layout(features: int) -> Layout:
