@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shoal.preprocessing import read_statistics
+from shoal.preprocessing import Scaler, read_statistics
 from support.documents import ROOT, SHOAL, deploy, fenced_blocks, free_port, run, shell_commands
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -81,3 +81,11 @@ def test_both_passes_deploy_over_tls_as_the_readme_says(tmp_path: Path) -> None:
     assert fits[-1]["test_accuracy"] >= 0.9  # standardized on the coordinator too
     stored = json.loads((state / "config.json").read_text())
     assert stored["preprocessing"]["sha256"] == read_statistics(folder / "runs" / "statistics")[1]
+    readme = (EXAMPLE / "README.md").read_text()
+    command = "shoal models scaler hospital-model head --out scaler.json --state-dir runs/model"
+    assert command in readme
+    exported = run(shell_commands(command)[0], cwd=folder)
+    assert exported.returncode == 0, exported.stderr
+    scaler = Scaler.parse((folder / "scaler.json").read_text())
+    expected = read_statistics(folder / "runs" / "statistics")[0].scaler()
+    assert scaler.text() == expected.text()

@@ -135,6 +135,7 @@ class ModelVersion:
     round: int
     signed: VersionSignature | None = None
     features_sha256: str | None = None  # the run's feature module, signed with the version
+    preprocessing_sha256: str | None = None  # the scaler its tasks carry, signed with it
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ import pytest
 from shoal.client.app import ClientContext, as_client_app, load_attribute
 from shoal.client.link import CheckIn, ReportFailure
 from shoal.config import Config, load_config, parse_config
-from shoal.preprocessing import SCALER_KEY, read_statistics
+from shoal.preprocessing import SCALER_KEY, Scaler, read_statistics
 from shoal.tasks import CheckInAnswer, TaskOffer
 from shoal.transport.grpc_link import GrpcLink
 from support.jobs import network_job, serve_to_digits_clients
@@ -114,6 +114,7 @@ def serve(
     seen: list[Any] | None = None,
     link_of: Callable[[int, str], GrpcLink] | None = None,
     copies: dict[int, Config] | None = None,
+    pin_key: bool = True,
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     asyncio.run(
@@ -126,7 +127,7 @@ def serve(
             client_of=hospitals(config, seen, copies),
             search_path=[EXAMPLE],
             link_of=link_of,
-            pin_key=True,
+            pin_key=pin_key,
             timeout_s=120,
         )
     )
@@ -207,11 +208,30 @@ def test_a_served_training_run_sends_its_scaler_with_every_task(
     assert stored["preprocessing"]["sha256"] == sha256
 
 
+def other_scaler(statistics_file: Path) -> str:
+    """A well-formed scaler, not the run's: every scale ten times the statistics' own."""
+    scaler = read_statistics(statistics_file)[0].scaler()
+    return Scaler(scaler.mean, scaler.scale * 10).text()
+
+
+@pytest.mark.parametrize(
+    ("pinned", "forged", "reason"),
+    [
+        (True, "other", "is not the one signed with version"),
+        (True, '{"mean":[0],"scale":[0]}', "is not the one signed with version"),
+        (False, '{"mean":[0],"scale":[0]}', "the task's scaler cannot be used: a scaler's scale"),
+    ],
+    ids=["pinned-valid-other", "pinned-malformed", "unpinned-malformed"],
+)
 def test_a_scaler_changed_on_the_way_is_refused_and_the_client_goes_on(
-    tmp_path: Path, statistics_file: Path
+    tmp_path: Path, statistics_file: Path, pinned: bool, forged: str, reason: str
 ) -> None:
-    """One hospital's tasks arrive with a scaler that divides by zero: it refuses each of
-    them (one line, reported at once), trains on none, and stays up until the run ends."""
+    """One hospital's tasks arrive with another scaler than the run's: a client that pins the
+    coordinator's key refuses any scaler but the one signed with the task's model version
+    (another valid one would train it on another scale, silently); one that pins none still
+    refuses a scaler it cannot use. Each refusal is one line reported at once; the hospital
+    trains on none of them and stays up until the run ends."""
+    scaler = other_scaler(statistics_file) if forged == "other" else forged
     config = job(
         tmp_path,
         "hospital-model",
@@ -225,19 +245,11 @@ def test_a_scaler_changed_on_the_way_is_refused_and_the_client_goes_on(
     def link_of(index: int, address: str) -> GrpcLink:
         if index != 0:
             return GrpcLink(address, credentials=None, enrollment_token=TOKEN)
-        link = TamperingLink(
-            address,
-            credentials=None,
-            enrollment_token=TOKEN,
-            scaler='{"mean":[0],"scale":[0]}',
-        )
+        link = TamperingLink(address, credentials=None, enrollment_token=TOKEN, scaler=scaler)
         made.append(link)
         return link
 
-    rows = serve(tmp_path, config, link_of=link_of)
+    rows = serve(tmp_path, config, link_of=link_of, pin_key=pinned)
     assert all(row["committed"] and row["reported"] == CLIENTS - 1 for row in rows)
     (tampered,) = made
-    assert tampered.failures and all(
-        "the task's scaler cannot be used: a scaler's scale is positive" in reason
-        for reason in tampered.failures
-    )
+    assert tampered.failures and all(reason in failure for failure in tampered.failures)

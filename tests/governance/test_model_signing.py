@@ -79,6 +79,49 @@ def test_the_feature_module_signed_with_a_version_is_the_only_one_that_verifies(
         PINNED.verify(SIGNER(**FACTS), **FACTS, features=module)
 
 
+@given(facts, st.none() | shas, st.none() | shas, facts, st.none() | shas, st.none() | shas)
+def test_a_scaler_is_part_of_the_encoding(
+    a: Facts,
+    a_features: str | None,
+    a_scaler: str | None,
+    b: Facts,
+    b_features: str | None,
+    b_scaler: str | None,
+) -> None:
+    """The module and the scaler each have their marker: a module's sha256 never reads as a
+    scaler's, nor the other way round."""
+
+    def encode(f: Facts, features: str | None, scaler: str | None) -> bytes:
+        return version_message(
+            run_id=f[0],
+            name=f[1],
+            version=f[2],
+            round=f[3],
+            sha256=f[4],
+            features=features,
+            preprocessing=scaler,
+        )
+
+    same = encode(a, a_features, a_scaler) == encode(b, b_features, b_scaler)
+    assert same == ((a, a_features, a_scaler) == (b, b_features, b_scaler))
+
+
+def test_the_scaler_signed_with_a_version_is_the_only_one_that_verifies() -> None:
+    scaler = "cd" * 32
+    signed = SIGNER(**FACTS, preprocessing=scaler)
+    PINNED.verify(signed, **FACTS, preprocessing=scaler)
+    assert version_message(run_id="r", **FACTS, preprocessing=scaler).startswith(
+        version_message(run_id="r", **FACTS)  # a version without one signs as it always did
+    )
+    for claimed in (None, "ef" * 32):
+        with pytest.raises(SecurityError, match="feature module or scaler"):
+            PINNED.verify(signed, **FACTS, preprocessing=claimed)
+    with pytest.raises(SecurityError, match="does not match its signature"):
+        PINNED.verify(SIGNER(**FACTS), **FACTS, preprocessing=scaler)
+    with pytest.raises(SecurityError):  # a module's sha256 is not a scaler's
+        PINNED.verify(SIGNER(**FACTS, features=scaler), **FACTS, preprocessing=scaler)
+
+
 def test_the_message_is_domain_separated_from_request_signatures() -> None:
     message = version_message(run_id="r", **FACTS)
     assert not message.startswith(SIGNING_CONTEXT)

@@ -22,6 +22,8 @@ from shoal.client.statistics import StatisticsClient
 from shoal.config import config_to_dict, load_config, parse_config
 from shoal.core.errors import ConfigError
 from shoal.preprocessing import SCALER_KEY, FeatureBounds, MomentsCheck, read_statistics
+from shoal.registry import BlobStore, ModelRegistry
+from shoal.registry.location import blob_location, registry_location
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "federated-preprocessing"
 STATISTICS = EXAMPLE / "statistics.toml"
@@ -277,6 +279,17 @@ def test_pass_two_standardizes_every_client_and_the_central_evaluation(tmp_path:
     stored = json.loads((tmp_path / "train" / "config.json").read_text())
     assert stored["preprocessing"]["sha256"] == sha256  # recorded, pinned or not
     assert result.summary["final_accuracy"] >= 0.95
+    # every version records the scaler its tasks carried (a blob), signed with it
+    folder = tmp_path / "train"
+    database = registry_location(folder, None).open()
+    try:
+        registry = ModelRegistry(database, BlobStore(blob_location(folder, None)))
+        versions = registry.list("global")
+        assert len(versions) == 6
+        assert {version.preprocessing_sha256 for version in versions} == {expected.sha256}
+        assert registry.blobs.get(expected.sha256) == expected.text().encode()
+    finally:
+        database.close()
 
 
 def test_standardized_training_learns_where_raw_training_does_not(tmp_path: Path) -> None:
@@ -330,7 +343,7 @@ def test_a_run_resumes_only_with_the_statistics_it_started_with(tmp_path: Path) 
     data = json.loads(path.read_text())
     data["mean"][0] += 1.0
     path.write_text(json.dumps(data))
-    with pytest.raises(ConfigError, match=r"preprocessing\.sha256"):
+    with pytest.raises(ConfigError, match=r"this job.s \[preprocessing\] gives the scaler"):
         train(tmp_path, tmp_path / "stats", "run.rounds=4", resume=True)
 
 

@@ -41,6 +41,7 @@ from shoal.governance.model_signing import (
     public_pem,
     write_public_key,
 )
+from shoal.preprocessing import Scaler
 from shoal.registry import BlobStore, ModelRecord, ModelRegistry, blob_location
 from shoal.registry.location import DEFAULT_STATE_DIR
 
@@ -161,6 +162,63 @@ def export_features(
     )
 
 
+@models_app.command("scaler")
+@user_errors
+def export_scaler(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Model name.")],
+    version: Annotated[
+        str,
+        typer.Argument(
+            metavar="VERSION",
+            help="Version number, or head for the version new rounds build on.",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", metavar="FILE", help="The JSON file to write.")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing FILE.")] = False,
+    public_key: PublicKeyFile = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    registry: RegistryUrl = None,
+    blobs: BlobUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Write the scaler a version's tasks carried (\\[preprocessing]) to FILE, as JSON
+    ({"mean": [...], "scale": [...]}): the version's signature checked against the
+    coordinator's key (it covers the weights and the scaler's sha256), and the scaler against
+    that sha256. What serves the model then standardizes its inputs as its clients did."""
+    number = _version_or_head(version)
+    if out.exists() and not force:
+        raise ModelError(f"{out} exists: refusing to overwrite it (pass --force)")
+    with _database(state_dir, registry, read_only=True) as database:
+        pinned = load_public_key(public_key or state_dir / PUBLIC_KEY_FILE)
+        models = ModelRegistry(database, BlobStore(blob_location(state_dir, blobs)))
+        record = _version_record(models, name, number)
+        sha256 = record.preprocessing_sha256
+        if sha256 is None:
+            raise NotFoundError(
+                f"version {record.version} of {name!r} was trained without a scaler"
+            )
+        _check(pinned, record, _stored_sha256(models, record))  # the scaler's sha256 signed
+        data = models.blobs.get(sha256)  # checked against the sha256 it is stored by
+    scaler = Scaler.parse(data.decode())
+    _write_file(out, lambda handle: handle.write(data + b"\n"))
+    if as_json:
+        _print_json(
+            {
+                "name": name,
+                "version": record.version,
+                "out": str(out),
+                "preprocessing_sha256": sha256,
+                "features": scaler.features,
+            }
+        )
+        return
+    _console().print(
+        f"wrote the scaler of {name} version {record.version} ({scaler.features} features) "
+        f"to {out}",
+        markup=False,
+    )
+
+
 def _stored_sha256(models: ModelRegistry, record: ModelRecord) -> str:
     """The sha256 of the weights as stored now (recomputed, never the recorded one)."""
     try:
@@ -184,6 +242,7 @@ def _check(pinned: PinnedKey, record: ModelRecord, sha256: str) -> None:
         round=record.round,
         sha256=sha256,
         features=record.features_sha256,
+        preprocessing=record.preprocessing_sha256,
     )
 
 

@@ -90,6 +90,8 @@ from shoal.core.parameters import Parameters, Vector
 from shoal.features import FeatureModule, read_manifest
 from shoal.governance.attestation import Attester
 from shoal.governance.model_signing import PinnedKey
+from shoal.preprocessing import SCALER_KEY
+from shoal.preprocessing.scaler import sha256_text
 from shoal.privacy.client import PrivacyFloor
 from shoal.secure.client import Contribution, SecAggClient
 from shoal.secure.consistency import IdentityKey
@@ -568,7 +570,9 @@ class ClientRuntime:
         return self._model[1]
 
     def _verify(self, offer: TaskOffer) -> None:
-        """The pinned key's signature over the task's model version and its weights' sha256."""
+        """The pinned key's signature over the task's model version, its weights' sha256, and
+        the scaler the task carries (``[preprocessing]``): a scaler changed on the way, or
+        carried by a task whose version was signed without one, is refused."""
         if self.coordinator_key is None:
             return
         version = offer.model
@@ -581,8 +585,18 @@ class ClientRuntime:
             round=version.round,
             sha256=offer.model_sha256,
             features=version.features_sha256,
+            preprocessing=version.preprocessing_sha256,
         )
         assert version.signed is not None  # verify refuses an unsigned version
+        carried = offer.config.extras.get(SCALER_KEY)
+        scaler = sha256_text(carried) if isinstance(carried, str) else None
+        if (carried is not None and scaler is None) or scaler != version.preprocessing_sha256:
+            shown = "none" if carried is None else (scaler or "not text")[:16]
+            signed = (version.preprocessing_sha256 or "none")[:16]
+            raise SecurityError(
+                f"the task's scaler ({shown}) is not the one signed with version "
+                f"{version.version} of {version.name!r} ({signed}): changed on the way"
+            )
         offered = RunPin(version.signed.run_id, version.name)
         if self.trains_for is None:
             self.trains_for = offered  # the first signed task's run: this process's run

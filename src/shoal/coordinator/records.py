@@ -134,14 +134,17 @@ class RunStore(Protocol):
         architecture: str,
         built_on: int | None = None,
         features: str | None = None,
+        preprocessing: str | None = None,
     ) -> Committed:
         """Commit a version; ``built_on``: the version it was trained from, which must still
         be HEAD (:class:`~shoal.registry.models.HeadMoved` otherwise, nothing stored);
-        ``features``: the sha256 of the feature module it was trained with (kept already)."""
+        ``features``: the sha256 of the feature module it was trained with, ``preprocessing``
+        the sha256 of the scaler its tasks carried (each kept already)."""
         ...
 
     def keep(self, data: bytes) -> str:
-        """Store ``data`` (the run's feature module) as a blob beside the versions; its sha256."""
+        """Store ``data`` (the run's feature module, or its scaler) as a blob beside the
+        versions; its sha256."""
         ...
 
     def check_anchor(self) -> None:
@@ -323,6 +326,7 @@ class RunRecords:
         architecture: str,
         built_on: int | None = None,
         features: str | None = None,
+        preprocessing: str | None = None,
     ) -> Committed:
         record = self.models.commit(
             self.model,
@@ -334,6 +338,7 @@ class RunRecords:
             signer=self.signer,
             expected_head=built_on,
             features_sha256=features,
+            preprocessing_sha256=preprocessing,
         )
         return Committed(record.version, record.sha256)
 
@@ -360,6 +365,7 @@ class RunRecords:
                     round=record.round,
                     sha256=record.sha256,
                     features=record.features_sha256,
+                    preprocessing=record.preprocessing_sha256,
                 )
             except SecurityError as exc:
                 if record.signed.key_id == pinned.key_id:

@@ -221,6 +221,21 @@ def check_same_features(head: ModelRecord, features: FeatureModule | None, *, wh
     )
 
 
+def check_same_scaler(head: ModelRecord, sha256: str | None, *, where: str) -> None:
+    """Refuse to go on with a run whose HEAD's tasks carried another scaler (ConfigError): the
+    model's inputs would silently change scale."""
+    if head.preprocessing_sha256 == sha256:
+        return
+    held, wanted = (
+        "no scaler" if value is None else f"the scaler {value[:16]}..."
+        for value in (head.preprocessing_sha256, sha256)
+    )
+    raise ConfigError(
+        f"{where} holds a run whose tasks carried {held}, and this job's [preprocessing] gives "
+        f"{wanted}: go on with the statistics the run was started with, or start a new run"
+    )
+
+
 def config_changes(
     before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = ""
 ) -> Iterator[tuple[str, Any, Any]]:
@@ -387,6 +402,12 @@ class Run:
     def features_sha256(self) -> str | None:
         """The sha256 of the run's feature module, which each version records (None: none)."""
         return None if self.features is None else self.features.sha256
+
+    @property
+    def preprocessing_sha256(self) -> str | None:
+        """The sha256 of the scaler the run's tasks carry, which each version records and its
+        signature covers (None: none)."""
+        return None if self.preprocessing is None else self.preprocessing.scaler.sha256
 
     @property
     def names(self) -> Names:
@@ -574,6 +595,8 @@ class Run:
         self.store.write_config(config_to_dict(self.config))
         if self.features is not None:  # kept where its versions are: a blob, by its sha256
             self.store.keep(self.features.wasm)
+        if self._scaler_text is not None:  # the scaler too: what served models standardize with
+            self.store.keep(self._scaler_text.encode())
         coordinator = self._engine(initial)
         with self.store.transaction():  # version 0 and a signed head over its entry, as a round's
             self.store.commit(
@@ -583,6 +606,7 @@ class Run:
                 state=state_to_bytes(coordinator.optimizer_state),
                 architecture=self.architecture,
                 features=self.features_sha256,
+                preprocessing=self.preprocessing_sha256,
             )
             self.store.sign_audit_head()
         return coordinator
@@ -591,6 +615,7 @@ class Run:
         self.store.check_anchor()  # before anything is written on it (a playbook's rollback)
         check_same_app(head, self.architecture, where=self.where)
         check_same_features(head, self.features, where=self.where)
+        check_same_scaler(head, self.preprocessing_sha256, where=self.where)
         self._check_job()
         reached, rolled_back_from = head.round, None
         if self.config.playbook.enabled:  # a BAD HEAD is rolled back; its round stays played
@@ -916,6 +941,7 @@ class Run:
                     architecture=self.architecture,
                     built_on=self._built_on,
                     features=self.features_sha256,
+                    preprocessing=self.preprocessing_sha256,
                 )
                 records.record_participants(summary, version=record.version)
                 if summary.split is not None:

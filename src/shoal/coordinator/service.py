@@ -218,7 +218,12 @@ class ModelBytes:
             if head is None or head.sha256 != sha:
                 return None
             version = ModelVersion(
-                head.name, head.version, head.round, head.signed, head.features_sha256
+                head.name,
+                head.version,
+                head.round,
+                head.signed,
+                head.features_sha256,
+                head.preprocessing_sha256,
             )
         self._reference = ModelRef(sha, sha, len(data), version)
         return self._reference

@@ -42,20 +42,32 @@ SIGNING_KEY_FILE = "model-signing.key"
 PUBLIC_KEY_FILE = "model-signing.pub"
 KEY_ID_HEX = 16
 FEATURES_MARKER = b"\x01"  # a version message's feature module follows
+PREPROCESSING_MARKER = b"\x02"  # a version message's scaler follows (after any module)
 _SIGNATURE_BYTES = 64
 
 
 def version_message(
-    *, run_id: str, name: str, version: int, round: int, sha256: str, features: str | None = None
+    *,
+    run_id: str,
+    name: str,
+    version: int,
+    round: int,
+    sha256: str,
+    features: str | None = None,
+    preprocessing: str | None = None,
 ) -> bytes:
     """The exact bytes a version signature covers (see the module docstring); a version
-    trained with a feature module ends with a marker byte and the module's sha256 (one
-    without ends at the weights' sha256, as before feature modules)."""
+    trained with a feature module goes on with a marker byte and the module's sha256, and
+    one whose tasks carried a scaler (``[preprocessing]``) with another marker and the
+    scaler's sha256 (a version with neither ends at the weights' sha256, as before them)."""
     check_sha256_hex(sha256, "model sha256")
     tail = b""
     if features is not None:
         check_sha256_hex(features, "feature module sha256")
         tail = FEATURES_MARKER + bytes.fromhex(features)
+    if preprocessing is not None:
+        check_sha256_hex(preprocessing, "scaler sha256")
+        tail += PREPROCESSING_MARKER + bytes.fromhex(preprocessing)
     return b"".join(
         (
             MODEL_SIGNING_CONTEXT,
@@ -93,7 +105,14 @@ class ModelSigner:
         object.__setattr__(self, "key_id", key_id_of(self.private_key.public_key()))
 
     def __call__(
-        self, *, name: str, version: int, round: int, sha256: str, features: str | None = None
+        self,
+        *,
+        name: str,
+        version: int,
+        round: int,
+        sha256: str,
+        features: str | None = None,
+        preprocessing: str | None = None,
     ) -> VersionSignature:
         message = version_message(
             run_id=self.run_id,
@@ -102,6 +121,7 @@ class ModelSigner:
             round=round,
             sha256=sha256,
             features=features,
+            preprocessing=preprocessing,
         )
         return VersionSignature(self.run_id, self.key_id, self.private_key.sign(message))
 
@@ -130,13 +150,15 @@ class PinnedKey:
         round: int,
         sha256: str,
         features: str | None = None,
+        preprocessing: str | None = None,
     ) -> None:
         """Raise ``SecurityError`` with the reason unless ``signed`` is this key's over the facts.
 
         ``signed.run_id`` is the run the verifier expects (a client: the run
         of its task); a signature made for any other run, name, version,
-        round, weights or feature module (``features``, its sha256; None: a
-        version trained without one) does not verify.
+        round, weights, feature module (``features``, its sha256; None: a
+        version trained without one) or scaler (``preprocessing``, its sha256;
+        None: none) does not verify.
         """
         if signed is None or not signed.signature:
             raise SecurityError(f"version {version} of {name!r} is not signed")
@@ -158,6 +180,7 @@ class PinnedKey:
             round=round,
             sha256=sha256,
             features=features,
+            preprocessing=preprocessing,
         )
         try:
             self.public_key.verify(signed.signature, message)
@@ -165,7 +188,7 @@ class PinnedKey:
             raise SecurityError(
                 f"version {version} of {name!r} (round {round}, run {signed.run_id!r}, "
                 f"sha256 {sha256[:12]}...) does not match its signature: tampered, or "
-                "signed for another version, round, run or feature module"
+                "signed for another version, round, run, feature module or scaler"
             ) from exc
 
     def verify_audit_head(self, head: SignedHead) -> None:

@@ -15,6 +15,7 @@ reads it back (once per text: a client sees the same text every round).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -82,6 +83,11 @@ class Scaler:
             {"mean": self.mean.tolist(), "scale": self.scale.tolist()}, separators=(",", ":")
         )
 
+    @property
+    def sha256(self) -> str:
+        """The sha256 of :meth:`text`: what a model version's signature covers of it."""
+        return sha256_text(self.text())
+
     @classmethod
     def parse(cls, text: str) -> Scaler:
         """The scaler ``text`` holds (:meth:`text`); a DataError says what is wrong with it."""
@@ -90,6 +96,11 @@ class Scaler:
             floats(data["mean"], what='a scaler\'s "mean"'),
             floats(data["scale"], what='a scaler\'s "scale"'),
         )
+
+
+def sha256_text(text: str) -> str:
+    """The sha256 of a task's scaler text, as a client hashes what it received."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def scaler_of(extras: Mapping[str, Any]) -> Scaler | None:

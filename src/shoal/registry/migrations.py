@@ -259,6 +259,11 @@ def _add_version_features(op: Operations) -> None:
     op.add_column("model_versions", sa.Column("features_sha256", sa.String(64)))
 
 
+def _add_version_preprocessing(op: Operations) -> None:
+    # versions of runs without a scaler (and all before them) stay NULL
+    op.add_column("model_versions", sa.Column("preprocessing_sha256", sa.String(64)))
+
+
 def _create_attestation_allow_list(op: Operations) -> None:
     op.create_table(
         "attestation_allow_list",
@@ -373,6 +378,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(16, "the clients each round asked and did not count", _create_round_asked),
     Migration(17, "the feature module each model version was trained with", _add_version_features),
+    Migration(18, "the scaler each model version's tasks carried", _add_version_preprocessing),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -56,10 +56,18 @@ class VersionSignature:
 
 class VersionSigner(Protocol):
     """Signs a version's facts once its number is known (inside the commit's transaction);
-    ``features`` is given for a version trained with a feature module only."""
+    ``features`` is given for a version trained with a feature module only, ``preprocessing``
+    for one whose tasks carried a scaler only."""
 
     def __call__(
-        self, *, name: str, version: int, round: int, sha256: str, features: str | None = None
+        self,
+        *,
+        name: str,
+        version: int,
+        round: int,
+        sha256: str,
+        features: str | None = None,
+        preprocessing: str | None = None,
     ) -> VersionSignature: ...
 
 
@@ -82,6 +90,7 @@ class ModelRecord:
     status_changed_at: datetime | None = None
     signed: VersionSignature | None = None
     features_sha256: str | None = None  # the feature module it was trained with (a blob)
+    preprocessing_sha256: str | None = None  # the scaler its tasks carried (a blob)
 
 
 _INSERTED = (
@@ -97,6 +106,7 @@ _INSERTED = (
     "status",
     "architecture_version",
     "features_sha256",
+    "preprocessing_sha256",
 )
 
 
@@ -121,13 +131,16 @@ def _record(row: sa.Row[Any]) -> ModelRecord:
             else VersionSignature(row.run_id or "", row.signing_key_id or "", row.signature)
         ),
         features_sha256=row.features_sha256,
+        preprocessing_sha256=row.preprocessing_sha256,
     )
 
 
-def _features(sha256: str | None) -> dict[str, str]:
-    """A signer's ``features`` argument: given only for a version trained with a module (a
-    signer written before feature modules signs every other version as it did)."""
-    return {} if sha256 is None else {"features": sha256}
+def _inputs(features: str | None, preprocessing: str | None) -> dict[str, str]:
+    """A signer's ``features`` and ``preprocessing`` arguments: each given only for a version
+    trained with a module, or whose tasks carried a scaler (a signer written before either
+    signs every other version as it did)."""
+    given = {"features": features, "preprocessing": preprocessing}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def _stored_metrics(row: sa.Row[Any]) -> dict[str, Any]:
@@ -219,6 +232,7 @@ class ModelRegistry:
         signer: VersionSigner | None = None,
         expected_head: int | None = None,
         features_sha256: str | None = None,
+        preprocessing_sha256: str | None = None,
     ) -> ModelRecord:
         """Store a new version of ``name`` and move HEAD to it.
 
@@ -229,7 +243,8 @@ class ModelRegistry:
         ``expected_head``: the version the new one was built from; when HEAD is
         another now (someone rolled it back meanwhile), :class:`HeadMoved` and
         nothing is stored. ``features_sha256``: the feature module the version was
-        trained with (its blob stored already), signed with it.
+        trained with (its blob stored already), signed with it; ``preprocessing_sha256``: the
+        scaler its tasks carried (its blob stored already), signed with it.
         """
         if not name or len(name) > 128:
             raise RegistryError(f"a model name has 1 to 128 characters, got {name!r}")
@@ -267,7 +282,7 @@ class ModelRegistry:
                     version=version,
                     round=round,
                     sha256=sha256,
-                    **_features(features_sha256),
+                    **_inputs(features_sha256, preprocessing_sha256),
                 )
             )
             record = ModelRecord(
@@ -284,6 +299,7 @@ class ModelRegistry:
                 metrics=dict(metrics or {}),
                 signed=signed,
                 features_sha256=features_sha256,
+                preprocessing_sha256=preprocessing_sha256,
             )
             row = {field: getattr(record, field) for field in _INSERTED}
             row["metrics"] = encoded  # the text already made, not the dict encoded again
@@ -300,6 +316,8 @@ class ModelRegistry:
             details["metrics_sha256"] = metrics_digest(metrics or {})
             if features_sha256 is not None:
                 details["features_sha256"] = features_sha256
+            if preprocessing_sha256 is not None:
+                details["preprocessing_sha256"] = preprocessing_sha256
             self._audit(connection, "commit", name, version, details)
             return record  # as stored: no need to read it back
 
@@ -365,7 +383,7 @@ class ModelRegistry:
                 version=version,
                 round=record.round,
                 sha256=record.sha256,
-                **_features(record.features_sha256),
+                **_inputs(record.features_sha256, record.preprocessing_sha256),
             )
             connection.execute(
                 sa.update(model_versions)

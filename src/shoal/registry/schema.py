@@ -193,6 +193,8 @@ model_versions = sa.Table(
     sa.Column("signature", sa.LargeBinary),
     # the sha256 of the run's feature module (a blob), signed with the version; NULL: none
     sa.Column("features_sha256", sa.String(64)),
+    # the sha256 of the scaler its tasks carried ([preprocessing]; a blob), signed with it
+    sa.Column("preprocessing_sha256", sa.String(64)),
     sa.ForeignKeyConstraint(["name", "parent"], ["model_versions.name", "model_versions.version"]),
 )
 

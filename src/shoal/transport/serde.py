@@ -453,6 +453,7 @@ def encode_model_ref(model: ModelRef) -> pb.ModelRef:
     if version is not None:
         message.name, message.version, message.round = version.name, version.version, version.round
         message.features_sha256 = version.features_sha256 or ""
+        message.preprocessing_sha256 = version.preprocessing_sha256 or ""
         if version.signed is not None:
             message.key_id = version.signed.key_id
             message.signature = version.signed.signature
@@ -469,7 +470,12 @@ def decode_model_ref(message: pb.ModelRef, *, run_id: str) -> ModelRef:
         features = message.features_sha256 or None
         if features is not None:
             check_sha256_hex(features, "feature module sha256")
-        version = ModelVersion(message.name, message.version, message.round, signed, features)
+        scaler = message.preprocessing_sha256 or None
+        if scaler is not None:
+            check_sha256_hex(scaler, "scaler sha256")
+        version = ModelVersion(
+            message.name, message.version, message.round, signed, features, scaler
+        )
     return ModelRef(message.version_id, message.sha256, message.size_bytes, version)
 
 

@@ -522,6 +522,7 @@ class ModelRef(_message.Message):
     KEY_ID_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     FEATURES_SHA256_FIELD_NUMBER: _builtins.int
+    PREPROCESSING_SHA256_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     sha256: _builtins.str
     """content hash of the parameters"""
@@ -541,6 +542,10 @@ class ModelRef(_message.Message):
     """the sha256 of the run's feature module (FetchFeatures), signed with the version;
     empty: the run has none
     """
+    preprocessing_sha256: _builtins.str
+    """the sha256 of the scaler text the task's config carries ([preprocessing]), signed with
+    the version; empty: the run has none
+    """
     def __init__(
         self,
         *,
@@ -553,10 +558,11 @@ class ModelRef(_message.Message):
         key_id: _builtins.str = ...,
         signature: _builtins.bytes = ...,
         features_sha256: _builtins.str = ...,
+        preprocessing_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["features_sha256", b"features_sha256", "key_id", b"key_id", "name", b"name", "round", b"round", "sha256", b"sha256", "signature", b"signature", "size_bytes", b"size_bytes", "version", b"version", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features_sha256", b"features_sha256", "key_id", b"key_id", "name", b"name", "preprocessing_sha256", b"preprocessing_sha256", "round", b"round", "sha256", b"sha256", "signature", b"signature", "size_bytes", b"size_bytes", "version", b"version", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
