@@ -212,9 +212,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
         table.add_row("clients_recovered", str(summary.get("clients_recovered", 0)))
     statistics = summary.get("statistics")
     if isinstance(statistics, dict):  # a statistics run ([statistics]): what it counted
+        unresolved = statistics.get("unresolved") or 0
         table.add_row(
             "statistics",
             f"{statistics['file']}: {statistics['features']} features, "
-            f"{statistics['examples']} records of {statistics['clients']} clients",
+            f"{statistics['examples']} records of {statistics['clients']} clients"
+            + (f", {unresolved} unresolved" if unresolved else ""),
         )
     console.print(table)

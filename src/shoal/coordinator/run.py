@@ -108,7 +108,7 @@ from shoal.coordinator.run_metrics import (
     why_aborted,
 )
 from shoal.coordinator.schedule import Play, evaluation_due, schedule
-from shoal.coordinator.secure import SecureSettings, check_secure_strategy
+from shoal.coordinator.secure import SECAGG_PLUS, SecureSettings, check_secure_strategy
 from shoal.coordinator.selection import PrivateSampler, cohort_size
 from shoal.coordinator.split import SplitRule
 from shoal.coordinator.telemetry import DeviceClasses, UnknownClasses
@@ -457,8 +457,8 @@ class Run:
     def _open_playbook(self) -> None:
         section = self.config.playbook
         head = self.store.head()
-        if not section.enabled or head is None:
-            return
+        if not section.enabled or head is None or self.config.statistics.enabled:
+            return  # (a statistics run's one version is moments: nothing to judge or roll back)
         self.playbook = RunPlaybook(
             section,
             store=self.store,
@@ -1022,20 +1022,23 @@ class Run:
             return None
         bounds = self.config.statistics.bounds()
         moments = self.coordinator.parameters.vector
-        problem = MomentsCheck(bounds.features, AGGREGATE_TOLERANCE)(moments)
-        if problem is not None:  # a client sent moments no records give, where none checks one
-            self.nothing_committed = (
-                f"the cohort's averaged moments are ones no records give ({problem}): a client "
-                "sent moments outside its bounds under secure aggregation; no statistics written"
-            )
-            return None
         reported = head.metrics.get("reported")
         examples = head.metrics.get("num_examples")
+        rounding = self._secure_rounding(head)
+        problem = MomentsCheck(bounds.features, AGGREGATE_TOLERANCE + rounding)(moments)
+        if problem is not None:  # past the secure sum's own rounding: a client's doing
+            self.nothing_committed = (
+                f"the cohort's averaged moments are ones no records give ({problem}), beyond "
+                "what the secure sum rounds: a client sent moments outside its bounds under "
+                "secure aggregation; no statistics written"
+            )
+            return None
         statistics = FeatureStatistics.from_moments(
             moments,
             bounds,
             examples=examples if isinstance(examples, int) else None,
             clients=reported if isinstance(reported, int) else None,
+            resolution=max(RESOLUTION, 10 * rounding),
         )
         self.store.write_statistics(statistics.to_text())
         unresolved = statistics.unresolved
@@ -1044,7 +1047,7 @@ class Run:
                 "features %s: a spread below what their bounds resolve (a variance under %g of "
                 "the squared range): narrow their bounds, or they are constant",
                 ", ".join(map(str, unresolved[:10])) + (" ..." if len(unresolved) > 10 else ""),
-                RESOLUTION,
+                statistics.resolution,
             )
         return {
             "file": STATISTICS_FILE,
@@ -1054,3 +1057,20 @@ class Run:
             "unresolved": len(unresolved),
             "model_version": head.version,
         }
+
+    def _secure_rounding(self, head: ModelRecord) -> float:
+        """How far a SecAgg+ sum's fixed point may move the averaged moments (a bound, not
+        an estimate): each of the ``K`` contributors rounds its weighted value by at most one
+        step, and the mean divides by the total weight; a mean square's error and twice the
+        mean's add up to three times that. 0 in the clear, and under CKKS (float64)."""
+        secure, metrics = self.parts.secure, head.metrics
+        if secure is None or secure.protocol != SECAGG_PLUS:
+            return 0.0
+        counts = [metrics.get(key) for key in ("selected", "reported", "num_examples")]
+        given = [count for count in counts if isinstance(count, int) and count > 0]
+        if len(given) != len(counts):
+            return 0.0
+        selected, reported, examples = given
+        quantization = secure.quantization_for(selected)
+        total_weight = examples / quantization.max_weight  # no honest client is capped
+        return 3 * reported * quantization.step() / total_weight

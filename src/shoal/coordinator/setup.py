@@ -145,8 +145,13 @@ def drop_fallback_from_config(config: Config) -> DropFallback:
 
 
 def policy_from_config(config: Config) -> PolicyEngine | None:
-    """The job's compiled ``[policy]`` (None when disabled); a bad file is a ConfigError."""
-    return PolicyEngine.from_config(config.policy)
+    """The job's compiled ``[policy]`` (None when disabled); a bad file is a ConfigError. A
+    statistics run's has no bound relative to the round's median: a client whose records
+    differ from the others' is what statistics count, never an outlier to refuse."""
+    section = config.policy
+    if config.statistics.enabled:
+        section = section.model_copy(update={"max_relative_l2_norm": 1e300})  # (none)
+    return PolicyEngine.from_config(section)
 
 
 def run_privacy(config: Config, settings: RoundSettings, *, run_id: str) -> RunPrivacy | None:

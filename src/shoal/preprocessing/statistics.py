@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +225,7 @@ class FeatureStatistics:
     variance: Array
     examples: int | None = None
     clients: int | None = None
+    resolution: float = RESOLUTION  # the smallest variance resolved, a share of the squared range
 
     @property
     def features(self) -> int:
@@ -236,11 +237,12 @@ class FeatureStatistics:
 
     @property
     def unresolved(self) -> list[int]:
-        """The features whose variance is below what the moments resolve (:data:`RESOLUTION`
-        of the squared range): their bounds are too wide for their spread (or the feature is
-        constant); their standard deviation may be far off, or 0 (scaled by 1)."""
+        """The features whose variance is below what the moments resolve (``resolution`` of
+        the squared range: :data:`RESOLUTION` for float32 moments, more where a secure sum's
+        fixed point rounds coarser): their bounds are too wide for their spread (or the feature
+        is constant); their standard deviation may be far off, or 0 (scaled by 1)."""
         width = self.bounds.width
-        return [int(i) for i in np.flatnonzero(self.variance < RESOLUTION * width * width)]
+        return [int(i) for i in np.flatnonzero(self.variance < self.resolution * width * width)]
 
     @classmethod
     def from_moments(
@@ -250,6 +252,7 @@ class FeatureStatistics:
         *,
         examples: int | None = None,
         clients: int | None = None,
+        resolution: float = RESOLUTION,
     ) -> FeatureStatistics:
         """The statistics the averaged moments give (each clipped into [0, 1] first: a secure
         sum's rounding may leave one a step outside)."""
@@ -268,6 +271,7 @@ class FeatureStatistics:
             width * width * np.maximum(square - mean * mean, 0.0),
             examples,
             clients,
+            resolution,
         )
 
     def scaler(self) -> Scaler:
@@ -286,6 +290,7 @@ class FeatureStatistics:
             "mean": self.mean.tolist(),
             "variance": self.variance.tolist(),
             "std": self.std.tolist(),
+            "resolution": self.resolution,
             "unresolved": self.unresolved,
         }
 
@@ -316,7 +321,11 @@ class FeatureStatistics:
         counts = [data.get(key) for key in ("examples", "clients")]
         if any(c is not None and (isinstance(c, bool) or not isinstance(c, int)) for c in counts):
             raise DataError(f"{where}: examples and clients are whole numbers")
-        return cls(bounds, np.array(mean), np.array(variance), counts[0], counts[1])
+        (resolution,) = floats([data.get("resolution", RESOLUTION)], what="'resolution'")
+        if not 0 < resolution <= 1:
+            raise DataError(f"{where}: the resolution is a share of the squared range, in (0, 1]")
+        statistics = cls(bounds, np.array(mean), np.array(variance), counts[0], counts[1])
+        return replace(statistics, resolution=resolution)
 
 
 def read_statistics(path: str | Path) -> tuple[FeatureStatistics, str]:

@@ -313,10 +313,10 @@ class SecAggClient:
         self._held_shares.update(held)
         quantization = session.quantization
         if contribution.exact_weight and contribution.num_examples > quantization.max_weight:
-            raise ClientError(
-                f"this client holds {contribution.num_examples:,} examples and the secure sum "
-                f"counts at most secure_aggregation.max_weight = {quantization.max_weight:,} "
-                "a client: raise max_weight above the largest client's count"
+            raise ClientError(  # its count stays here: the secure sum masks it for a reason
+                "this client holds more examples than the secure sum counts of one client "
+                f"(secure_aggregation.max_weight = {quantization.max_weight:,}): raise "
+                "max_weight above the largest client's count"
             )
         vector = quantization.encode(
             contribution.update,
