@@ -117,7 +117,7 @@ def test_a_version_without_a_module_says_so(tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code != 0
-    assert "trained without a feature module" in result.output
+    assert "records no feature module" in result.output
     assert not (tmp_path / "x.wasm").exists()
 
 

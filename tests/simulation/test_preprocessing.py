@@ -5,6 +5,7 @@ client's data and the central evaluation with them, with no other scaler, resume
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import tomllib
@@ -441,3 +442,40 @@ def test_an_honest_secure_cohort_of_very_unequal_wards_passes_the_aggregate_chec
     assert 2 in statistics.unresolved  # the constant column
     width = statistics.bounds.width
     assert (np.abs(statistics.mean - pooled_wards(seed).mean(axis=0)) <= 1e-3 * width).all()
+
+
+def scaler_cli(folder: Path, out: Path, version: str = "head") -> Any:
+    from typer.testing import CliRunner
+
+    from shoal.cli import app as cli
+
+    command = ["models", "scaler", "global", version, "--out", str(out), "--state-dir", str(folder)]
+    return CliRunner().invoke(cli, command)
+
+
+def test_shoal_models_scaler_writes_the_signed_bytes_and_checks_first(tmp_path: Path) -> None:
+    """What serves a model gets the scaler its tasks carried, byte for byte the signed text;
+    a version's row whose scaler was taken out is a signature failure, never "none"."""
+    import sqlite3
+
+    statistics_run(tmp_path / "stats")
+    train(tmp_path, tmp_path / "stats", "run.rounds=1")
+    folder, out = tmp_path / "train", tmp_path / "scaler.json"
+    exported = scaler_cli(folder, out)
+    assert exported.exit_code == 0, exported.output
+    expected = read_statistics(tmp_path / "stats")[0].scaler()
+    assert out.read_bytes() == expected.text().encode()
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == expected.sha256
+
+    statistics_folder = tmp_path / "stats"
+    none = scaler_cli(statistics_folder, tmp_path / "none.json")
+    assert none.exit_code != 0 and "records no scaler" in none.output
+    assert not (tmp_path / "none.json").exists()
+
+    database = sqlite3.connect(folder / "registry" / "registry.db")
+    database.execute("UPDATE model_versions SET preprocessing_sha256 = NULL")
+    database.commit()
+    database.close()
+    tampered = scaler_cli(folder, tmp_path / "tampered.json")
+    assert tampered.exit_code != 0 and "does not match its signature" in tampered.output
+    assert not (tmp_path / "tampered.json").exists()

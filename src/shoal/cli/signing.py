@@ -132,12 +132,14 @@ def export_features(
         pinned = load_public_key(public_key or state_dir / PUBLIC_KEY_FILE)
         models = ModelRegistry(database, BlobStore(blob_location(state_dir, blobs)))
         record = _version_record(models, name, number)
+        # the signature first: a row whose module was taken out does not say "none" unchecked
+        _check(pinned, record, _stored_sha256(models, record))  # the module's sha256 signed
         sha256 = record.features_sha256
         if sha256 is None:
             raise NotFoundError(
-                f"version {record.version} of {name!r} was trained without a feature module"
+                f"version {record.version} of {name!r} records no feature module (its "
+                "signature covers none)"
             )
-        _check(pinned, record, _stored_sha256(models, record))  # the module's sha256 signed
         data = models.blobs.get(sha256)  # checked against the sha256 it is stored by
     manifest = read_manifest(data)
     _write_file(out, lambda handle: handle.write(data))
@@ -192,15 +194,17 @@ def export_scaler(
         pinned = load_public_key(public_key or state_dir / PUBLIC_KEY_FILE)
         models = ModelRegistry(database, BlobStore(blob_location(state_dir, blobs)))
         record = _version_record(models, name, number)
+        # the signature first: a row whose scaler was taken out does not say "none" unchecked
+        _check(pinned, record, _stored_sha256(models, record))  # the scaler's sha256 signed
         sha256 = record.preprocessing_sha256
         if sha256 is None:
             raise NotFoundError(
-                f"version {record.version} of {name!r} was trained without a scaler"
+                f"version {record.version} of {name!r} records no scaler (its signature covers "
+                "none: trained without [preprocessing], or before Shoal signed scalers)"
             )
-        _check(pinned, record, _stored_sha256(models, record))  # the scaler's sha256 signed
         data = models.blobs.get(sha256)  # checked against the sha256 it is stored by
     scaler = Scaler.parse(data.decode())
-    _write_file(out, lambda handle: handle.write(data + b"\n"))
+    _write_file(out, lambda handle: handle.write(data))  # the signed bytes, as they are
     if as_json:
         _print_json(
             {

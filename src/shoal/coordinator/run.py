@@ -232,7 +232,9 @@ def check_same_scaler(head: ModelRecord, sha256: str | None, *, where: str) -> N
     )
     raise ConfigError(
         f"{where} holds a run whose tasks carried {held}, and this job's [preprocessing] gives "
-        f"{wanted}: go on with the statistics the run was started with, or start a new run"
+        f"{wanted}: go on with the statistics the run was started with, or start a new run "
+        "(if the job did not change, HEAD's row did: shoal models verify; a run started before "
+        "Shoal signed scalers records none and cannot go on with one)"
     )
 
 
