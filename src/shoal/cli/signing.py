@@ -11,6 +11,8 @@ features`` writes the feature module a version was trained with, once the same c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -125,22 +127,16 @@ def export_features(
     checked against the coordinator's key (it covers the weights and the module's sha256),
     and the module against that sha256. What serves the model then computes the same
     features its clients did."""
-    number = _version_or_head(version)
-    if out.exists() and not force:
-        raise ModelError(f"{out} exists: refusing to overwrite it (pass --force)")
-    with _database(state_dir, registry, read_only=True) as database:
-        pinned = load_public_key(public_key or state_dir / PUBLIC_KEY_FILE)
-        models = ModelRegistry(database, BlobStore(blob_location(state_dir, blobs)))
-        record = _version_record(models, name, number)
-        # the signature first: a row whose module was taken out does not say "none" unchecked
-        _check(pinned, record, _stored_sha256(models, record))  # the module's sha256 signed
-        sha256 = record.features_sha256
-        if sha256 is None:
-            raise NotFoundError(
-                f"version {record.version} of {name!r} records no feature module (its "
-                "signature covers none)"
-            )
-        data = models.blobs.get(sha256)  # checked against the sha256 it is stored by
+    record, data = _signed_input(
+        name,
+        version,
+        out=out,
+        force=force,
+        source=_Source(public_key, state_dir, registry, blobs),
+        recorded=lambda record: record.features_sha256,
+        none="records no feature module (its signature covers none)",
+    )
+    sha256 = record.features_sha256
     manifest = read_manifest(data)
     _write_file(out, lambda handle: handle.write(data))
     if as_json:
@@ -187,22 +183,19 @@ def export_scaler(
     ({"mean": [...], "scale": [...]}): the version's signature checked against the
     coordinator's key (it covers the weights and the scaler's sha256), and the scaler against
     that sha256. What serves the model then standardizes its inputs as its clients did."""
-    number = _version_or_head(version)
-    if out.exists() and not force:
-        raise ModelError(f"{out} exists: refusing to overwrite it (pass --force)")
-    with _database(state_dir, registry, read_only=True) as database:
-        pinned = load_public_key(public_key or state_dir / PUBLIC_KEY_FILE)
-        models = ModelRegistry(database, BlobStore(blob_location(state_dir, blobs)))
-        record = _version_record(models, name, number)
-        # the signature first: a row whose scaler was taken out does not say "none" unchecked
-        _check(pinned, record, _stored_sha256(models, record))  # the scaler's sha256 signed
-        sha256 = record.preprocessing_sha256
-        if sha256 is None:
-            raise NotFoundError(
-                f"version {record.version} of {name!r} records no scaler (its signature covers "
-                "none: trained without [preprocessing], or before Shoal signed scalers)"
-            )
-        data = models.blobs.get(sha256)  # checked against the sha256 it is stored by
+    record, data = _signed_input(
+        name,
+        version,
+        out=out,
+        force=force,
+        source=_Source(public_key, state_dir, registry, blobs),
+        recorded=lambda record: record.preprocessing_sha256,
+        none=(
+            "records no scaler (its signature covers none: trained without [preprocessing], "
+            "or before Shoal signed scalers)"
+        ),
+    )
+    sha256 = record.preprocessing_sha256
     scaler = Scaler.parse(data.decode())
     _write_file(out, lambda handle: handle.write(data))  # the signed bytes, as they are
     if as_json:
@@ -221,6 +214,45 @@ def export_scaler(
         f"to {out}",
         markup=False,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """Where a command reads the registry, and the key it checks signatures with."""
+
+    public_key: Path | None
+    state_dir: Path
+    registry: str | None
+    blobs: str | None
+
+
+def _signed_input(
+    name: str,
+    version: str,
+    *,
+    out: Path,
+    force: bool,
+    source: _Source,
+    recorded: Callable[[ModelRecord], str | None],
+    none: str,
+) -> tuple[ModelRecord, bytes]:
+    """A version and the blob of what its signature covers beside its weights (its feature
+    module or its scaler: the sha256 ``recorded`` reads of it): the signature checked first,
+    so that a row whose sha256 was taken out is a signature failure, never "none" (``none``
+    says what the version records when its signature covers nothing)."""
+    number = _version_or_head(version)
+    if out.exists() and not force:
+        raise ModelError(f"{out} exists: refusing to overwrite it (pass --force)")
+    state_dir = source.state_dir
+    with _database(state_dir, source.registry, read_only=True) as database:
+        pinned = load_public_key(source.public_key or state_dir / PUBLIC_KEY_FILE)
+        models = ModelRegistry(database, BlobStore(blob_location(state_dir, source.blobs)))
+        record = _version_record(models, name, number)
+        _check(pinned, record, _stored_sha256(models, record))  # what the version signs
+        sha256 = recorded(record)
+        if sha256 is None:
+            raise NotFoundError(f"version {record.version} of {name!r} {none}")
+        return record, models.blobs.get(sha256)  # checked against the sha256 it is stored by
 
 
 def _stored_sha256(models: ModelRegistry, record: ModelRecord) -> str:
