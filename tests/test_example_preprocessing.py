@@ -68,6 +68,7 @@ def test_both_passes_deploy_over_tls_as_the_readme_says(tmp_path: Path) -> None:
 
     counted = deploy(first[1] + at, first[2:], cwd=folder)
     assert counted.codes == [0, 0, 0, 0], counted.output  # told the run is over, all leave
+    assert "statistics: runs/statistics/statistics.json: 30 features" in counted.output
     statistics, _ = read_statistics(folder / "runs" / "statistics")
     assert statistics.clients == 3 and statistics.examples is not None
     assert (statistics.std > 0).all() and np.isfinite(statistics.mean).all()

@@ -38,6 +38,7 @@ from shoal.dashboard import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, open_dashboar
 from shoal.features import FeatureModule
 from shoal.governance import ManifestAttester, SignedManifest
 from shoal.governance.model_signing import PinnedKey
+from shoal.preprocessing import STATISTICS_FILE, read_statistics
 from shoal.privacy.client import PrivacyFloor
 
 coordinator_app = typer.Typer(help="Run the network coordinator.", no_args_is_help=True)
@@ -155,6 +156,15 @@ def serve_command(
         console.print(f"training stopped: {escape(parts.stop_reason)}")
     if parts.run.nothing_committed is not None:
         raise RunError(f"{parts.run.nothing_committed} (run folder {config.coordinator.state_dir})")
+    if config.statistics.enabled:  # what the statistics run counted, and where it wrote it
+        path = Path(config.coordinator.state_dir) / STATISTICS_FILE
+        statistics, _ = read_statistics(path)
+        unresolved = len(statistics.unresolved)
+        console.print(
+            f"statistics: {escape(str(path))}: {statistics.features} features, "
+            f"{statistics.examples} records of {statistics.clients} clients"
+            + (f", {unresolved} unresolved" if unresolved else "")
+        )
 
 
 def privacy_line(row: dict[str, Any]) -> str | None:
