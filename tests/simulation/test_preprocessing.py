@@ -22,6 +22,7 @@ from shoal.client.app import ClientContext, load_attribute
 from shoal.client.statistics import StatisticsClient
 from shoal.config import config_to_dict, load_config, parse_config
 from shoal.core.errors import ConfigError
+from shoal.dashboard import Dashboard, RunReader
 from shoal.preprocessing import SCALER_KEY, FeatureBounds, MomentsCheck, read_statistics
 from shoal.registry import BlobStore, ModelRegistry
 from shoal.registry.location import blob_location, registry_location
@@ -291,6 +292,12 @@ def test_pass_two_standardizes_every_client_and_the_central_evaluation(tmp_path:
         assert registry.blobs.get(expected.sha256) == expected.text().encode()
     finally:
         database.close()
+    dashboard = Dashboard(RunReader(folder))  # the operator's view shows it too
+    try:
+        _, _, shown = dashboard.state()
+    finally:
+        dashboard.close()
+    assert shown.count(f"<td>{expected.sha256[:12]}</td>") == len(versions)
 
 
 def test_standardized_training_learns_where_raw_training_does_not(tmp_path: Path) -> None:

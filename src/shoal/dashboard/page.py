@@ -167,6 +167,7 @@ def _versions(snapshot: Snapshot) -> str:
             "accuracy",
             "sha256",
             "features",
+            "scaler",
             "created",
         )
     )
@@ -187,6 +188,7 @@ def _version_row(record: ModelRecord, *, head: bool) -> str:
         formatted(record.metrics.get("accuracy"), ".2%"),
         record.sha256[:12],
         "" if record.features_sha256 is None else record.features_sha256[:12],  # its module
+        "" if record.preprocessing_sha256 is None else record.preprocessing_sha256[:12],
         f"{record.created_at:%Y-%m-%d %H:%M:%S}",
     )
     return (
