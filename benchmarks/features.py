@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, too
-from benchmarks.model_signing import best_ms
+from benchmarks.model_signing import best_ms, paired_rounds, steady_round_s
 from shoal.client.app import ClientContext
 from shoal.coordinator.app import ServerContext
 from shoal.features import FeatureManifest, FeatureModule, with_manifest
@@ -150,23 +149,17 @@ def training(
     def per_round(**apps: Any) -> tuple[float, float]:
         with tempfile.TemporaryDirectory() as folder:
             result = simulate(EXAMPLE / "job.toml", out=Path(folder) / "run", rounds=rounds, **apps)
-        walls = [row["wall_time_s"] for row in result.rows if row["phase"] == "fit"]
-        steps = np.diff([0.0, *walls])
-        return statistics.median(steps[len(steps) // 2 :]), result.summary["final_accuracy"]
+        return steady_round_s(result.rows), result.summary["final_accuracy"]
 
     pairs = []
     for _ in range(pairs_count):  # taking turns: the machine's spells fall on both alike
         numpy_s, numpy_accuracy = per_round(client_app=client_fn, server_app=server_app)
         wasm_s, wasm_accuracy = per_round()
         pairs.append((numpy_s, wasm_s))
-    ratios = [wasm_s / numpy_s for numpy_s, wasm_s in pairs]
     return {
         "measure": "training",
         "rounds": rounds,
-        "numpy_round_ms": round(statistics.median(p[0] for p in pairs) * 1e3, 2),
-        "wasm_round_ms": round(statistics.median(p[1] for p in pairs) * 1e3, 2),
-        "ratio": round(statistics.median(ratios), 3),
-        "pairs": [round(ratio, 3) for ratio in ratios],
+        **paired_rounds(pairs, baseline="numpy", measured="wasm"),
         "accuracy": {"numpy": numpy_accuracy, "wasm": wasm_accuracy},
     }
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +46,27 @@ def best_ms(
             run()
             kept.append(time.perf_counter() - started)
     return min(times[0]) * 1e3, min(times[1]) * 1e3
+
+
+def steady_round_s(rows: Sequence[Mapping[str, Any]]) -> float:
+    """The median seconds a fit round took over the second half of a run's rows."""
+    walls = [row["wall_time_s"] for row in rows if row["phase"] == "fit"]
+    steps = np.diff([0.0, *walls])
+    return float(statistics.median(steps[len(steps) // 2 :]))
+
+
+def paired_rounds(
+    pairs: Sequence[tuple[float, float]], *, baseline: str, measured: str
+) -> dict[str, Any]:
+    """Turns' (baseline, measured) seconds a round: each one's median in milliseconds, the
+    median of the turns' ratios, and every turn's."""
+    ratios = [measured_s / baseline_s for baseline_s, measured_s in pairs]
+    return {
+        f"{baseline}_round_ms": round(statistics.median(p[0] for p in pairs) * 1e3, 2),
+        f"{measured}_round_ms": round(statistics.median(p[1] for p in pairs) * 1e3, 2),
+        "ratio": round(statistics.median(ratios), 3),
+        "pairs": [round(ratio, 3) for ratio in ratios],
+    }
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, too
-from benchmarks.model_signing import best_ms
+from benchmarks.model_signing import best_ms, paired_rounds, steady_round_s
 from shoal.preprocessing import FeatureBounds, local_moments
 from shoal.simulation.api import simulate
 
@@ -115,9 +115,7 @@ def statistics_run(*, hospitals: int, pairs_count: int) -> list[dict[str, Any]]:
 def training(*, rounds: int, pairs_count: int) -> dict[str, Any]:
     def per_round(config: dict[str, Any], folder: Path) -> tuple[float, float]:
         result = simulate(config, out=folder)
-        walls = [row["wall_time_s"] for row in result.rows if row["phase"] == "fit"]
-        steps = np.diff([0.0, *walls])
-        return statistics.median(steps[len(steps) // 2 :]), result.summary["final_accuracy"]
+        return steady_round_s(result.rows), result.summary["final_accuracy"]
 
     pairs = []
     with tempfile.TemporaryDirectory() as folder:
@@ -132,14 +130,10 @@ def training(*, rounds: int, pairs_count: int) -> dict[str, Any]:
             raw_s, raw_accuracy = per_round(raw, Path(folder) / f"raw-{turn}")
             scaled_s, scaled_accuracy = per_round(scaled, Path(folder) / f"scaled-{turn}")
             pairs.append((raw_s, scaled_s))
-    ratios = [scaled_s / raw_s for raw_s, scaled_s in pairs]
     return {
         "measure": "training",
         "rounds": rounds,
-        "raw_round_ms": round(statistics.median(p[0] for p in pairs) * 1e3, 2),
-        "scaled_round_ms": round(statistics.median(p[1] for p in pairs) * 1e3, 2),
-        "ratio": round(statistics.median(ratios), 3),
-        "pairs": [round(ratio, 3) for ratio in ratios],
+        **paired_rounds(pairs, baseline="raw", measured="scaled"),
         "accuracy": {"raw": raw_accuracy, "scaled": scaled_accuracy},
     }
 

@@ -245,6 +245,7 @@ def test_coordinator_serve_prints_the_round_header_after_it_is_ready(
 
     class Stopped:
         stop_reason = None
+        summary = None  # (a statistics run's summary names what it counted)
 
         class run:  # noqa: N801 (the parts' run layer, as serve returns it)
             nothing_committed = None

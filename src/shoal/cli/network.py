@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from shoal.cli.app import app, user_errors
 from shoal.cli.dashboard import announce
-from shoal.cli.simulate import console, format_row, print_header, round_notes
+from shoal.cli.simulate import console, format_row, print_header, round_notes, statistics_line
 from shoal.client.api import Client
 from shoal.client.app import (
     ClientContext,
@@ -38,7 +38,6 @@ from shoal.dashboard import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, open_dashboar
 from shoal.features import FeatureModule
 from shoal.governance import ManifestAttester, SignedManifest
 from shoal.governance.model_signing import PinnedKey
-from shoal.preprocessing import STATISTICS_FILE, read_statistics
 from shoal.privacy.client import PrivacyFloor
 
 coordinator_app = typer.Typer(help="Run the network coordinator.", no_args_is_help=True)
@@ -156,15 +155,10 @@ def serve_command(
         console.print(f"training stopped: {escape(parts.stop_reason)}")
     if parts.run.nothing_committed is not None:
         raise RunError(f"{parts.run.nothing_committed} (run folder {config.coordinator.state_dir})")
-    if config.statistics.enabled:  # what the statistics run counted, and where it wrote it
-        path = Path(config.coordinator.state_dir) / STATISTICS_FILE
-        statistics, _ = read_statistics(path)
-        unresolved = len(statistics.unresolved)
-        console.print(
-            f"statistics: {escape(str(path))}: {statistics.features} features, "
-            f"{statistics.examples} records of {statistics.clients} clients"
-            + (f", {unresolved} unresolved" if unresolved else "")
-        )
+    if parts.summary is not None:  # a statistics run: what it counted, as its summary says
+        counted = statistics_line(parts.summary, folder=Path(config.coordinator.state_dir))
+        if counted is not None:
+            console.print(f"statistics: {escape(counted)}")
 
 
 def privacy_line(row: dict[str, Any]) -> str | None:

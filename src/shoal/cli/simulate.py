@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -210,13 +211,22 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if summary.get("secure_aggregation", "none") != "none":
         table.add_row("secure_aggregation", str(summary["secure_aggregation"]))
         table.add_row("clients_recovered", str(summary.get("clients_recovered", 0)))
-    statistics = summary.get("statistics")
-    if isinstance(statistics, dict):  # a statistics run ([statistics]): what it counted
-        unresolved = statistics.get("unresolved") or 0
-        table.add_row(
-            "statistics",
-            f"{statistics['file']}: {statistics['features']} features, "
-            f"{statistics['examples']} records of {statistics['clients']} clients"
-            + (f", {unresolved} unresolved" if unresolved else ""),
-        )
+    counted = statistics_line(summary)
+    if counted is not None:
+        table.add_row("statistics", counted)
     console.print(table)
+
+
+def statistics_line(summary: Mapping[str, Any], *, folder: Path | None = None) -> str | None:
+    """What a statistics run ([statistics]) counted and the file it wrote (in ``folder``,
+    when given), from its summary; None for any other run."""
+    statistics = summary.get("statistics")
+    if not isinstance(statistics, Mapping):
+        return None
+    file = statistics["file"] if folder is None else str(folder / statistics["file"])
+    unresolved = statistics.get("unresolved") or 0
+    return (
+        f"{file}: {statistics['features']} features, "
+        f"{statistics['examples']} records of {statistics['clients']} clients"
+        + (f", {unresolved} unresolved" if unresolved else "")
+    )

@@ -128,6 +128,7 @@ from shoal.preprocessing import (
     FeatureStatistics,
     MomentsCheck,
 )
+from shoal.preprocessing.scaler import sha256_text
 from shoal.preprocessing.statistics import RESOLUTION
 from shoal.privacy.coordinator import check_private_strategy
 from shoal.privacy.run import RunPrivacy
@@ -354,6 +355,8 @@ class Run:
         self.features = features  # recorded, signed, with every version it trains
         self.preprocessing = preprocessing  # its scaler sent with every task
         self._scaler_text = None if preprocessing is None else preprocessing.scaler.text()
+        # what every version records and signs of it: hashed once, not at every commit
+        self._scaler_sha256 = None if self._scaler_text is None else sha256_text(self._scaler_text)
         # a statistics run's bounds go with its tasks: each client clips and scales with the
         # coordinator's, whatever its own copy of the job says
         self._bounds_text = config.statistics.bounds().text() if config.statistics.enabled else None
@@ -409,7 +412,7 @@ class Run:
     def preprocessing_sha256(self) -> str | None:
         """The sha256 of the scaler the run's tasks carry, which each version records and its
         signature covers (None: none)."""
-        return None if self.preprocessing is None else self.preprocessing.scaler.sha256
+        return self._scaler_sha256
 
     @property
     def names(self) -> Names:

@@ -138,6 +138,7 @@ class CoordinatorParts:
     key_holder: KeyHolderClient | None = None  # a homomorphic job's connection to its key holder
     metrics: CoordinatorMetrics = field(default_factory=CoordinatorMetrics)  # for /metrics
     nonces: NonceJournal | None = None  # the replay guard's nonces, kept across a restart
+    summary: dict[str, Any] | None = None  # the run's, once it finished (summary.json)
 
     @property
     def stop_reason(self) -> str | None:
@@ -487,7 +488,7 @@ async def serve(
     try:
         await asyncio.wait({job, stop}, return_when=asyncio.FIRST_COMPLETED)
         if job.done() and not job.cancelled() and job.exception() is None:
-            parts.run.finish()
+            parts.summary = parts.run.finish()
             finished = True
             reason = parts.stop_reason
             ending = "the run is complete" if reason is None else f"training stopped: {reason}"

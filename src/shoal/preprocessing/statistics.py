@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -324,8 +324,7 @@ class FeatureStatistics:
         (resolution,) = floats([data.get("resolution", RESOLUTION)], what="'resolution'")
         if not 0 < resolution <= 1:
             raise DataError(f"{where}: the resolution is a share of the squared range, in (0, 1]")
-        statistics = cls(bounds, np.array(mean), np.array(variance), counts[0], counts[1])
-        return replace(statistics, resolution=resolution)
+        return cls(bounds, np.array(mean), np.array(variance), counts[0], counts[1], resolution)
 
 
 def read_statistics(path: str | Path) -> tuple[FeatureStatistics, str]:
